@@ -1,0 +1,448 @@
+/* lib.S — routines shared by the micro-guests (64-bit, ring 0).
+ *
+ * Calling convention: System V (arguments in %rdi, %rsi, %rdx; %rax, %rcx, %rdx, %rsi, %rdi and %r8–%r11
+ * may be clobbered; %rbx, %rbp and %r12–%r15 are preserved).
+ *
+ * Contents: COM1 output (serial_*), poweroff, the IDT (idt_set_gate, idt_init, idt_pointer for other CPUs),
+ * CMOS access (cmos_read/cmos_write), 8259 set-up (pic_init), the PIT (pit_set_periodic, and a polled time
+ * base: pit_ticks_start/pit_ticks/delay_us), the local APIC (lapic_id, lapic_enable, lapic_eoi) and ACPI
+ * table look-up (acpi_find_rsdp, acpi_find_table).
+ */
+    .set COM1, 0x3f8
+    .set ACPI_PM1A_CNT, 0x604       /* PIIX4-style PM1a control, as SeaBIOS programs it in QEMU -M pc */
+    .set ISA_DEBUG_EXIT, 0xf4       /* QEMU's isa-debug-exit device, when present */
+
+    .text
+    .code64
+
+/* serial_putc(%dil = byte): waits for the transmitter holding register, then writes the byte. */
+    .globl serial_putc
+serial_putc:
+    movw $COM1 + 5, %dx
+1:  inb %dx, %al
+    testb $0x20, %al
+    jz 1b
+    movw $COM1, %dx
+    movb %dil, %al
+    outb %al, %dx
+    ret
+
+/* serial_puts(%rdi = NUL-terminated string) */
+    .globl serial_puts
+serial_puts:
+    pushq %rbx
+    movq %rdi, %rbx
+1:  movzbl (%rbx), %edi
+    testb %dil, %dil
+    jz 2f
+    call serial_putc
+    incq %rbx
+    jmp 1b
+2:  popq %rbx
+    ret
+
+/* serial_puthex(%rdi = value, %rsi = number of hex digits, 1..16), most significant digit first. */
+    .globl serial_puthex
+serial_puthex:
+    pushq %rbx
+    pushq %r12
+    movq %rdi, %rbx
+    movq %rsi, %r12
+1:  decq %r12
+    js 2f
+    leal (,%r12d,4), %ecx
+    movq %rbx, %rdi
+    shrq %cl, %rdi
+    andl $0xf, %edi
+    movzbl hex_digits(%rdi), %edi
+    call serial_putc
+    jmp 1b
+2:  popq %r12
+    popq %rbx
+    ret
+
+/* serial_putdec(%rdi = unsigned value) */
+    .globl serial_putdec
+serial_putdec:
+    pushq %rbx
+    subq $32, %rsp
+    movq %rdi, %rax
+    leaq 31(%rsp), %rbx
+    movb $0, (%rbx)
+    movq $10, %rcx
+1:  xorl %edx, %edx
+    divq %rcx
+    addb $'0', %dl
+    decq %rbx
+    movb %dl, (%rbx)
+    testq %rax, %rax
+    jnz 1b
+    movq %rbx, %rdi
+    call serial_puts
+    addq $32, %rsp
+    popq %rbx
+    ret
+
+/* poweroff(): ACPI S5 through PM1a control, then QEMU's debug-exit port; never returns. */
+    .globl poweroff
+poweroff:
+    movw $ACPI_PM1A_CNT, %dx
+    movw $0x2000, %ax               /* SLP_EN, SLP_TYP 0 (the _S5 type Porthole and QEMU declare) */
+    outw %ax, %dx
+    movw $ISA_DEBUG_EXIT, %dx
+    xorl %eax, %eax
+    outb %al, %dx
+    cli
+1:  hlt
+    jmp 1b
+
+/* idt_set_gate(%rdi = vector, %rsi = handler): a present 64-bit interrupt gate, ring 0. */
+    .globl idt_set_gate
+idt_set_gate:
+    shlq $4, %rdi
+    leaq idt(%rdi), %rdi
+    movw %si, (%rdi)                /* offset 15:0 */
+    movw $0x08, 2(%rdi)             /* code selector */
+    movw $0x8E00, 4(%rdi)           /* present, DPL 0, interrupt gate */
+    movq %rsi, %rax
+    shrq $16, %rax
+    movw %ax, 6(%rdi)               /* offset 31:16 */
+    shrq $16, %rax
+    movl %eax, 8(%rdi)              /* offset 63:32 */
+    movl $0, 12(%rdi)
+    ret
+
+/* idt_init(): every exception vector (0–31) reports itself on COM1; loads the IDT. */
+    .globl idt_init
+idt_init:
+    pushq %rbx
+    xorl %ebx, %ebx
+1:  movq %rbx, %rdi
+    movq %rbx, %rsi
+    shlq $4, %rsi
+    addq $exception_stubs, %rsi
+    call idt_set_gate
+    incl %ebx
+    cmpl $32, %ebx
+    jb 1b
+    lidt idt_pointer
+    popq %rbx
+    ret
+
+/* One 16-byte stub per exception vector; vectors without an error code push a 0 in its place. */
+    .p2align 4
+exception_stubs:
+    .set vector, 0
+    .rept 32
+    .p2align 4
+    .if (vector == 8) || (vector >= 10 && vector <= 14) || (vector == 17) || (vector == 21) || (vector == 29) || (vector == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vector
+    jmp exception_common
+    .set vector, vector + 1
+    .endr
+
+/* Stack: vector, error code, rip, cs, rflags, rsp, ss. Prints them, then triple-faults on purpose so
+   the VMM (or QEMU with -no-reboot) reports a crashed guest instead of a clean power-off. */
+exception_common:
+    movq %rsp, %rbx
+    leaq msg_exception(%rip), %rdi
+    call serial_puts
+    movq (%rbx), %rdi
+    movl $2, %esi
+    call serial_puthex
+    leaq msg_error(%rip), %rdi
+    call serial_puts
+    movq 8(%rbx), %rdi
+    movl $8, %esi
+    call serial_puthex
+    leaq msg_rip(%rip), %rdi
+    call serial_puts
+    movq 16(%rbx), %rdi
+    movl $16, %esi
+    call serial_puthex
+    movl $'\n', %edi
+    call serial_putc
+    lidt null_idt_pointer
+    ud2
+
+/* ---- CMOS / RTC (index port 0x70, data port 0x71; bit 7 of the index, the NMI mask, is left clear) ---- */
+
+/* cmos_read(%dil = register) -> %al (zero-extended into %eax) */
+    .globl cmos_read
+cmos_read:
+    movl %edi, %eax
+    andb $0x7f, %al
+    outb %al, $0x70
+    xorl %eax, %eax
+    inb $0x71, %al
+    ret
+
+/* cmos_write(%dil = register, %sil = value) */
+    .globl cmos_write
+cmos_write:
+    movl %edi, %eax
+    andb $0x7f, %al
+    outb %al, $0x70
+    movl %esi, %eax
+    outb %al, $0x71
+    ret
+
+/* ---- Legacy interrupt controllers and the PIT ---- */
+
+/* pic_init(%dil = master mask, %sil = slave mask): both 8259s re-initialised, IRQ 0-7 -> vectors
+   0x20-0x27, IRQ 8-15 -> 0x28-0x2F, cascade on IRQ 2, 8086 mode, then the given masks (1 = masked). */
+    .globl pic_init
+pic_init:
+    movb $0x11, %al                 /* ICW1: edge, cascade, ICW4 follows */
+    outb %al, $0x20
+    outb %al, $0xA0
+    movb $0x20, %al                 /* ICW2: vector base */
+    outb %al, $0x21
+    movb $0x28, %al
+    outb %al, $0xA1
+    movb $0x04, %al                 /* ICW3: slave on IRQ 2 / slave id 2 */
+    outb %al, $0x21
+    movb $0x02, %al
+    outb %al, $0xA1
+    movb $0x01, %al                 /* ICW4: 8086 mode, normal EOI */
+    outb %al, $0x21
+    outb %al, $0xA1
+    movl %edi, %eax                 /* OCW1: masks */
+    outb %al, $0x21
+    movl %esi, %eax
+    outb %al, $0xA1
+    ret
+
+/* pit_set_periodic(%edi = divisor, 1..65536 where 65536 is passed as 0): PIT channel 0 in mode 2
+   (rate generator), binary, low byte then high byte. IRQ0 fires at 1193182 / divisor Hz. */
+    .globl pit_set_periodic
+pit_set_periodic:
+    movb $0x34, %al                 /* channel 0, lobyte/hibyte, mode 2, binary */
+    outb %al, $0x43
+    movl %edi, %eax
+    outb %al, $0x40
+    movb %ah, %al
+    outb %al, $0x40
+    ret
+
+/* pit_ticks_start(): makes PIT channel 0 a free-running time base (mode 2, reload 65536, one wrap per
+   ~54.9 ms) for pit_ticks(). Its IRQ0 must stay masked or interrupts disabled while it is used. */
+    .globl pit_ticks_start
+pit_ticks_start:
+    xorl %edi, %edi
+    call pit_set_periodic
+    call pit_read_counter
+    movw %ax, pit_last(%rip)
+    movq $0, pit_total(%rip)
+    ret
+
+/* pit_ticks() -> %rax: PIT input-clock ticks (1193182 per second) since pit_ticks_start(). Must be called
+   at least once every ~50 ms, or wraps of the 16-bit counter are missed. Not for concurrent callers. */
+    .globl pit_ticks
+pit_ticks:
+    call pit_read_counter
+    movzwl pit_last(%rip), %ecx
+    movw %ax, pit_last(%rip)
+    subl %eax, %ecx                 /* the counter counts down: elapsed = last - now (mod 65536) */
+    movzwl %cx, %ecx
+    addq %rcx, pit_total(%rip)
+    movq pit_total(%rip), %rax
+    ret
+
+/* pit_read_counter() -> %eax: channel 0's current count, latched */
+pit_read_counter:
+    xorl %eax, %eax                 /* counter latch command, channel 0 */
+    outb %al, $0x43
+    inb $0x40, %al
+    movb %al, %cl
+    inb $0x40, %al
+    movb %al, %ah
+    movb %cl, %al
+    movzwl %ax, %eax
+    ret
+
+/* delay_us(%rdi = microseconds): busy-waits on pit_ticks(); needs pit_ticks_start() first. */
+    .globl delay_us
+delay_us:
+    pushq %rbx
+    pushq %r12
+    imulq $1193182, %rdi, %rax
+    movl $1000000, %ecx
+    xorl %edx, %edx
+    divq %rcx
+    movq %rax, %r12                 /* ticks to wait */
+    call pit_ticks
+    movq %rax, %rbx                 /* start */
+1:  call pit_ticks
+    subq %rbx, %rax
+    cmpq %r12, %rax
+    jb 1b
+    popq %r12
+    popq %rbx
+    ret
+
+/* ---- Local APIC (xAPIC MMIO at 0xFEE00000) ---- */
+    .set LAPIC, 0xFEE00000
+
+/* lapic_id() -> %eax: this CPU's APIC id (ID register bits 31:24) */
+    .globl lapic_id
+lapic_id:
+    movl $LAPIC, %eax               /* above 2 GiB: no 32-bit absolute addressing, use a base register */
+    movl 0x20(%rax), %eax
+    shrl $24, %eax
+    ret
+
+/* lapic_enable(): software-enables this CPU's local APIC (spurious vector 0xFF), TPR 0, and puts it in
+   virtual-wire mode: LINT0 ExtINT (so the 8259's INTR still reaches the CPU), LINT1 NMI. The LVTs are
+   written after the enable because a software-disabled APIC forces their mask bits. */
+    .globl lapic_enable
+lapic_enable:
+    movl $LAPIC, %eax
+    movl $0x1FF, 0xF0(%rax)         /* spurious interrupt vector register: enable | vector 0xFF */
+    movl $0, 0x80(%rax)             /* task priority 0 */
+    movl $0x700, 0x350(%rax)        /* LVT LINT0: ExtINT, unmasked, edge */
+    movl $0x400, 0x360(%rax)        /* LVT LINT1: NMI */
+    ret
+
+/* lapic_eoi() */
+    .globl lapic_eoi
+lapic_eoi:
+    movl $LAPIC, %eax
+    movl $0, 0xB0(%rax)
+    ret
+
+/* ---- ACPI ---- */
+
+/* acpi_find_rsdp() -> %rax: physical address of a valid RSDP (signature and 20-byte checksum), or 0.
+   Tries hvm_start_info.rsdp_paddr (offset 32) first, then scans 0xE0000-0xFFFFF on 16-byte boundaries. */
+    .globl acpi_find_rsdp
+acpi_find_rsdp:
+    pushq %rbx
+    movq pvh_start_info(%rip), %rax
+    testq %rax, %rax
+    jz 1f
+    movq 32(%rax), %rbx             /* hvm_start_info.rsdp_paddr */
+    testq %rbx, %rbx
+    jz 1f
+    movq %rbx, %rdi
+    call rsdp_valid
+    testl %eax, %eax
+    jnz 3f
+1:  movl $0xE0000, %ebx
+2:  movq %rbx, %rdi
+    call rsdp_valid
+    testl %eax, %eax
+    jnz 3f
+    addq $16, %rbx
+    cmpq $0x100000, %rbx
+    jb 2b
+    xorl %ebx, %ebx
+3:  movq %rbx, %rax
+    popq %rbx
+    ret
+
+/* rsdp_valid(%rdi = address) -> %eax = 1 when "RSD PTR " with a zero checksum over 20 bytes is there */
+rsdp_valid:
+    movabsq $0x2052545020445352, %rax  /* "RSD PTR " */
+    cmpq %rax, (%rdi)
+    jne 1f
+    movl $20, %esi
+    call acpi_checksum
+    testb %al, %al
+    jnz 1f
+    movl $1, %eax
+    ret
+1:  xorl %eax, %eax
+    ret
+
+/* acpi_checksum(%rdi = address, %rsi = length) -> %al = byte sum (0 when valid) */
+acpi_checksum:
+    xorl %eax, %eax
+1:  testq %rsi, %rsi
+    jz 2f
+    addb (%rdi), %al
+    incq %rdi
+    decq %rsi
+    jmp 1b
+2:  ret
+
+/* acpi_find_table(%edi = 4-byte signature, e.g. 0x43495041 for "APIC") -> %rax: physical address of the
+   first table with that signature in the XSDT (when the RSDP has revision >= 2 and an XSDT address) or
+   the RSDT, or 0. Table checksums are not checked; the caller reads the header's length itself. */
+    .globl acpi_find_table
+acpi_find_table:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    movl %edi, %r12d                /* signature */
+    call acpi_find_rsdp
+    testq %rax, %rax
+    jz 9f
+    movl $4, %r14d                  /* entry size: RSDT 4 */
+    movl 16(%rax), %ebx             /* RSDT address */
+    cmpb $2, 15(%rax)               /* revision */
+    jb 1f
+    movq 24(%rax), %rcx             /* XSDT address */
+    testq %rcx, %rcx
+    jz 1f
+    movq %rcx, %rbx
+    movl $8, %r14d
+1:  testq %rbx, %rbx
+    jz 9f
+    movl 4(%rbx), %r13d             /* length of the RSDT/XSDT */
+    addq %rbx, %r13                 /* end */
+    addq $36, %rbx                  /* first entry, after the header */
+2:  leaq (%rbx,%r14), %rax
+    cmpq %r13, %rax
+    ja 9f
+    movl (%rbx), %eax
+    cmpl $8, %r14d
+    jne 3f
+    movq (%rbx), %rax
+3:  testq %rax, %rax
+    jz 4f
+    cmpl %r12d, (%rax)
+    je 8f
+4:  addq %r14, %rbx
+    jmp 2b
+9:  xorl %eax, %eax
+8:  popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+    .section .bss
+    .p2align 3
+pit_total:
+    .skip 8
+pit_last:
+    .skip 8
+
+    .section .rodata
+hex_digits:
+    .ascii "0123456789abcdef"
+msg_exception:
+    .asciz "\nPORTHOLE-GUEST-EXCEPTION vector=0x"
+msg_error:
+    .asciz " error=0x"
+msg_rip:
+    .asciz " rip=0x"
+    .p2align 3
+    .globl idt_pointer
+idt_pointer:
+    .word 256 * 16 - 1
+    .quad idt
+null_idt_pointer:
+    .word 0
+    .quad 0
+
+    .section .bss
+    .p2align 12
+    .globl idt
+idt:
+    .skip 256 * 16

@@ -1,0 +1,34 @@
+//! Porthole's micro-guests, built from `asm/` by this crate's build script.
+//!
+//! Each guest is a PVH ELF file: `porthole-vmm --kernel FILE` and `qemu-system-x86_64 -kernel FILE` boot
+//! the very same file. Guests are ring-0 only and small, because a nested (PVM) KVM emulates every guest
+//! instruction (see ARCHITECTURE.md).
+
+use std::path::PathBuf;
+
+include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+
+/// Every guest, as (name, path of its ELF file).
+pub fn all() -> impl Iterator<Item = (&'static str, PathBuf)> {
+    GUESTS.iter().map(|(name, path)| (*name, PathBuf::from(path)))
+}
+
+/// The ELF file of the guest `name` (the stem of `asm/NAME.S`).
+///
+/// # Panics
+/// If there is no such guest: a test naming a missing guest is a bug in the test.
+pub fn path(name: &str) -> PathBuf {
+    GUESTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, p)| PathBuf::from(p))
+        .unwrap_or_else(|| panic!("no micro-guest named {name:?}; the guests are {:?}", names()))
+}
+
+/// The names of every guest.
+pub fn names() -> Vec<&'static str> {
+    GUESTS.iter().map(|(n, _)| *n).collect()
+}
+
+/// The marker a guest prints when an exception reaches the start-up stub's IDT.
+pub const EXCEPTION_MARKER: &str = "PORTHOLE-GUEST-EXCEPTION";

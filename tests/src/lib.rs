@@ -1,0 +1,1 @@
+//! Helpers shared by Porthole's end-to-end tests.

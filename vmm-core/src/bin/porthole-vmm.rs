@@ -1,0 +1,158 @@
+//! `porthole-vmm`: runs exactly one VM on KVM.
+//!
+//! Exit status: 0 the guest powered off; 1 the VMM failed (bad arguments or configuration, KVM
+//! unavailable, set-up error); 2 the guest crashed (triple fault, emulation failure); 3 powered off by
+//! the host (forced stop, or a graceful stop that timed out); 4 the guest reset the machine with
+//! `--no-reboot`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use vmm_core::{SerialSink, Vm, VmConfig};
+
+/// Runs one virtual machine on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "porthole-vmm", version, about, after_help = "Exit status: 0 guest powered off, 1 VMM error, \
+2 guest crashed, 3 powered off by the host, 4 guest reset with --no-reboot.")]
+struct Cli {
+    /// Kernel to boot: a Linux bzImage (boot protocol 2.10+) or an ELF with a PVH entry note.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory in MiB [default: 256].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Where COM1 goes: stdio, file:PATH or none [default: stdio].
+    #[arg(long, value_name = "SINK")]
+    serial: Option<String>,
+    /// Control socket: unix:PATH.
+    #[arg(long, value_name = "unix:PATH")]
+    control: Option<String>,
+    /// A JSON VM configuration (vmm_core::VmConfig); the options above override its fields.
+    #[arg(long, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+    /// VM name, for logs.
+    #[arg(long)]
+    name: Option<String>,
+    /// Exit (status 4) when the guest resets the machine instead of rebooting it.
+    #[arg(long)]
+    no_reboot: bool,
+    /// How long a graceful stop waits before forcing the VM off, in milliseconds [default: 10000].
+    #[arg(long, value_name = "MS")]
+    stop_timeout_ms: Option<u64>,
+    /// Do not install seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
+    let mut config = match (&cli.config, &cli.kernel) {
+        (Some(path), _) => VmConfig::from_file(path)?,
+        (None, Some(kernel)) => {
+            let mut c = VmConfig::new(kernel);
+            c.serial = SerialSink::Stdio;
+            c
+        }
+        (None, None) => bail!("nothing to boot: give --kernel PATH or --config FILE.json"),
+    };
+    if let Some(kernel) = &cli.kernel {
+        config.boot.kernel = kernel.clone();
+    }
+    if let Some(initrd) = &cli.initrd {
+        config.boot.initrd = Some(initrd.clone());
+    }
+    if let Some(cmdline) = &cli.cmdline {
+        config.boot.cmdline = cmdline.clone();
+    }
+    if let Some(memory) = cli.memory {
+        config.memory_mib = memory;
+    }
+    if let Some(cpus) = cli.cpus {
+        config.vcpus = cpus;
+    }
+    if let Some(serial) = &cli.serial {
+        config.serial = serial.parse()?;
+    }
+    if let Some(control) = &cli.control {
+        let path = control
+            .strip_prefix("unix:")
+            .filter(|p| !p.is_empty())
+            .with_context(|| format!("--control {control:?}: expected unix:PATH"))?;
+        config.control_socket = Some(PathBuf::from(path));
+    }
+    if let Some(name) = &cli.name {
+        config.name = name.clone();
+    }
+    if cli.no_reboot {
+        config.no_reboot = true;
+    }
+    if let Some(ms) = cli.stop_timeout_ms {
+        config.stop_timeout_ms = ms;
+    }
+    Ok(config)
+}
+
+fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
+    let config = config_from(&cli)?;
+    let control = config.control_socket.clone();
+    let mut vm = Vm::new(config)?;
+    if cli.no_seccomp {
+        vm.disable_seccomp();
+    }
+    if let Some(path) = control {
+        let listener =
+            vmm_core::control::bind(&path).with_context(|| format!("cannot listen on control socket {path:?}"))?;
+        vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
+            .context("cannot start the control socket thread")?;
+    }
+    Ok(vm.run()?)
+}
+
+/// The error and its causes, leaving out a cause whose text its parent already shows.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(reason) => {
+            if reason.exit_code() != 0 {
+                eprintln!("porthole-vmm: {reason}");
+            }
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("porthole-vmm: error: {}", describe(&e));
+            ExitCode::from(1)
+        }
+    }
+}

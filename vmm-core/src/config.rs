@@ -1,0 +1,305 @@
+//! `VmConfig`: everything needed to build one VM, and its validation.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::CMDLINE_MAX;
+
+/// Fewest MiB of guest memory we accept: the kernel loads at 1 MiB and needs room above it.
+pub const MIN_MEMORY_MIB: u64 = 4;
+/// Most vCPUs a VM can have: xAPIC ids are 8 bits and 0xFF is the broadcast id.
+pub const MAX_VCPUS: u32 = 254;
+
+/// The description of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Name shown in logs and process titles.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// What the VM boots.
+    pub boot: BootSource,
+    /// Where the guest's COM1 output goes (and, for stdio, where its input comes from).
+    #[serde(default)]
+    pub serial: SerialSink,
+    /// Unix socket path of the control socket, if any.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// When the guest resets the machine, stop instead of rebooting it.
+    #[serde(default)]
+    pub no_reboot: bool,
+    /// How long a graceful `stop` waits for the guest before powering it off by force, in milliseconds.
+    #[serde(default = "default_stop_timeout_ms")]
+    pub stop_timeout_ms: u64,
+}
+
+/// A kernel booted directly: a Linux bzImage (boot protocol 2.10 or later) or an ELF with a PVH entry note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// Where COM1 output goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "path")]
+pub enum SerialSink {
+    /// The VMM's standard output; standard input feeds the guest.
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded (still counted).
+    #[default]
+    None,
+}
+
+impl std::str::FromStr for SerialSink {
+    type Err = ConfigError;
+
+    /// Parses the command-line form: `stdio`, `file:PATH` or `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(SerialSink::Stdio),
+            "none" => Ok(SerialSink::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialSink::File(PathBuf::from(path))),
+                _ => Err(ConfigError::SerialSink(s.to_owned())),
+            },
+        }
+    }
+}
+
+fn default_name() -> String {
+    "vm".to_owned()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory_mib() -> u64 {
+    256
+}
+fn default_stop_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("VM name {0:?} is invalid: use 1-63 letters, digits, '-', '_' or '.', not starting with '.'")]
+    Name(String),
+    #[error("a VM needs at least 1 vCPU")]
+    NoVcpus,
+    #[error("{asked} vCPUs asked for, but at most {max} are supported here")]
+    TooManyVcpus { asked: u32, max: u32 },
+    #[error("{0} MiB of memory is too little: a VM needs at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+    #[error("{asked} MiB of memory asked for, but this host has only {host} MiB")]
+    MemoryTooLarge { asked: u64, host: u64 },
+    #[error("{what} {path:?} cannot be used: {reason}")]
+    File { what: &'static str, path: PathBuf, reason: String },
+    #[error("the kernel command line is {0} bytes long; at most {max} fit", max = CMDLINE_MAX - 1)]
+    CmdlineTooLong(usize),
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("serial sink {0:?} is not one of stdio, file:PATH, none")]
+    SerialSink(String),
+    #[error("configuration file {path:?}: {reason}")]
+    ConfigFile { path: PathBuf, reason: String },
+}
+
+/// Whether `name` is a valid VM name (1–63 of `[A-Za-z0-9._-]`, not starting with `.`).
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File { what, path: path.to_owned(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// Physical memory of this host in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            name: default_name(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            boot: BootSource { kernel: kernel.into(), initrd: None, cmdline: String::new() },
+            serial: SerialSink::None,
+            control_socket: None,
+            no_reboot: false,
+            stop_timeout_ms: default_stop_timeout_ms(),
+        }
+    }
+
+    /// Reads a JSON configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError::ConfigFile { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Checks everything that can be checked before touching KVM. `max_vcpus` is what KVM allows here.
+    pub fn validate(&self, max_vcpus: u32) -> Result<(), ConfigError> {
+        if !is_valid_name(&self.name) {
+            return Err(ConfigError::Name(self.name.clone()));
+        }
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        let max = max_vcpus.min(MAX_VCPUS);
+        if self.vcpus > max {
+            return Err(ConfigError::TooManyVcpus { asked: self.vcpus, max });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(host) = host_memory_mib()
+            && self.memory_mib > host
+        {
+            return Err(ConfigError::MemoryTooLarge { asked: self.memory_mib, host });
+        }
+        check_file("kernel", &self.boot.kernel)?;
+        if let Some(initrd) = &self.boot.initrd {
+            check_file("initrd", initrd)?;
+        }
+        if self.boot.cmdline.len() >= CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong(self.boot.cmdline.len()));
+        }
+        if self.boot.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_kernel() -> (VmConfig, tempfile_path::TempFile) {
+        let file = tempfile_path::TempFile::new(b"kernel");
+        (VmConfig::new(file.path()), file)
+    }
+
+    /// A tiny temporary file, removed on drop (no extra crate needed).
+    mod tempfile_path {
+        use std::path::{Path, PathBuf};
+        pub struct TempFile(PathBuf);
+        impl TempFile {
+            pub fn new(bytes: &[u8]) -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "porthole-config-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&path, bytes).unwrap();
+                TempFile(path)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let (config, _f) = config_with_kernel();
+        assert_eq!(config.validate(8), Ok(()));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason() {
+        let (base, _f) = config_with_kernel();
+        let mut c = base.clone();
+        c.vcpus = 0;
+        assert_eq!(c.validate(8), Err(ConfigError::NoVcpus));
+        c.vcpus = 9;
+        assert_eq!(c.validate(8), Err(ConfigError::TooManyVcpus { asked: 9, max: 8 }));
+        let mut c = base.clone();
+        c.memory_mib = 0;
+        assert_eq!(c.validate(8), Err(ConfigError::MemoryTooSmall(0)));
+        c.memory_mib = u64::MAX >> 20;
+        assert!(matches!(c.validate(8), Err(ConfigError::MemoryTooLarge { .. })));
+        let mut c = base.clone();
+        c.boot.kernel = "/nonexistent/kernel".into();
+        let err = c.validate(8).unwrap_err();
+        assert!(err.to_string().contains("No such file"), "{err}");
+        let mut c = base.clone();
+        c.boot.kernel = "/".into();
+        assert!(c.validate(8).unwrap_err().to_string().contains("not a regular file"));
+        let mut c = base.clone();
+        c.boot.cmdline = "x".repeat(CMDLINE_MAX);
+        assert_eq!(c.validate(8), Err(ConfigError::CmdlineTooLong(CMDLINE_MAX)));
+        let mut c = base;
+        c.name = "../etc".into();
+        assert!(matches!(c.validate(8), Err(ConfigError::Name(_))));
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "web1", "db_2.prod", "A-b", &"x".repeat(63)] {
+            assert!(is_valid_name(good), "{good}");
+        }
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(64), "é"] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serial_sink_parses_the_command_line_form() {
+        assert_eq!("stdio".parse(), Ok(SerialSink::Stdio));
+        assert_eq!("none".parse(), Ok(SerialSink::None));
+        assert_eq!("file:/tmp/x".parse(), Ok(SerialSink::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialSink>().is_err());
+        assert!("tcp:1".parse::<SerialSink>().is_err());
+    }
+
+    #[test]
+    fn json_round_trip_and_unknown_fields() {
+        let (c, _f) = config_with_kernel();
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&text).unwrap(), c);
+        let minimal: VmConfig = serde_json::from_str(r#"{"boot":{"kernel":"/k"}}"#).unwrap();
+        assert_eq!(minimal.vcpus, 1);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"boot":{"kernel":"/k"},"bogus":1}"#).is_err());
+    }
+}

@@ -1,0 +1,239 @@
+//! The control socket: one JSON object per line in each direction over a Unix socket.
+//!
+//! Requests: `{"cmd":"status"}`, `pause`, `resume`, `reset`, `stop` (ACPI power button, then forced off
+//! after the stop timeout), `poweroff` (forced), `counters`. Every reply has `"ok"`; failures carry
+//! `"error"`. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
+//! are served at once.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::counters::CountersSnapshot;
+use crate::vm::{RunState, VmHandle};
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 4096;
+/// Most simultaneous control connections.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Reset,
+    Stop,
+    Poweroff,
+    Counters,
+}
+
+/// The reply to a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<CountersSnapshot>,
+    /// For `pause`: microseconds until every vCPU had stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_after_us: Option<u64>,
+    /// For `stop`: whether the guest had enabled the ACPI power-button event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acpi_power_button_enabled: Option<bool>,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub state: RunState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub uptime_ms: u64,
+    pub boots: u64,
+    pub pid: u32,
+}
+
+fn ok() -> Response {
+    Response { ok: true, ..Response::default() }
+}
+
+fn failure(error: String) -> Response {
+    Response { ok: false, error: Some(error), ..Response::default() }
+}
+
+/// Carries out one request.
+pub fn handle(vm: &VmHandle, request: &Request) -> Response {
+    match request {
+        Request::Status => {
+            let counters = vm.counters();
+            Response {
+                status: Some(Status {
+                    name: vm.name.clone(),
+                    state: vm.state(),
+                    vcpus: vm.vcpus,
+                    memory_mib: vm.memory_mib,
+                    uptime_ms: counters.uptime_ms,
+                    boots: counters.boots,
+                    pid: std::process::id(),
+                }),
+                ..ok()
+            }
+        }
+        Request::Pause => match vm.pause() {
+            Ok(took) => Response { paused_after_us: Some(took.as_micros() as u64), ..ok() },
+            Err(e) => failure(format!("pause did not complete: {e}")),
+        },
+        Request::Resume => {
+            vm.resume();
+            ok()
+        }
+        Request::Reset => {
+            vm.reset();
+            ok()
+        }
+        Request::Stop => Response { acpi_power_button_enabled: Some(vm.stop()), ..ok() },
+        Request::Poweroff => {
+            vm.power_off();
+            ok()
+        }
+        Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
+    }
+}
+
+fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream.take(u64::MAX));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_LINE {
+            let reply = failure(format!("request longer than {MAX_LINE} bytes"));
+            writer.write_all(&serde_json::to_vec(&reply).unwrap_or_default())?;
+            writer.write_all(b"\n")?;
+            return Ok(());
+        }
+        let reply = match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => handle(vm, &request),
+            Err(e) => failure(format!("bad request: {e}")),
+        };
+        let mut bytes = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        bytes.push(b'\n');
+        writer.write_all(&bytes)?;
+    }
+}
+
+/// Serves the control socket on `listener` in background threads, for as long as the process lives.
+/// With `filter`, each thread applies the VMM seccomp filter before serving.
+pub fn spawn_server(listener: UnixListener, vm: Arc<VmHandle>, filter: bool) -> std::io::Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
+            log::error!("control socket: cannot apply the seccomp filter ({e}); not serving");
+            return;
+        }
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                let mut s = stream;
+                let reply = failure(format!("too many control connections (at most {MAX_CONNECTIONS})"));
+                let _ = s.write_all(&serde_json::to_vec(&reply).unwrap_or_default());
+                let _ = s.write_all(b"\n");
+                continue;
+            }
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+            active.fetch_add(1, Ordering::AcqRel);
+            let (conn_vm, conn_active) = (vm.clone(), active.clone());
+            let spawned = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                let _ = serve_connection(&conn_vm, stream);
+                conn_active.fetch_sub(1, Ordering::AcqRel);
+            });
+            if spawned.is_err() {
+                active.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Binds the control socket at `path` (replacing a stale socket file, never another kind of file).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// A client of the control socket (used by portholed and the tests).
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control socket sent an unreadable reply: {0}")]
+    Reply(#[from] serde_json::Error),
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+    #[error("the VMM closed the control connection")]
+    Closed,
+}
+
+impl ControlClient {
+    pub fn connect(path: &Path) -> Result<Self, ControlError> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(ControlClient { reader: BufReader::new(stream.try_clone()?), writer: stream })
+    }
+
+    /// Sends a request and waits for its reply; a reply with `ok: false` becomes an error.
+    pub fn request(&mut self, request: &Request) -> Result<Response, ControlError> {
+        let mut bytes = serde_json::to_vec(request)?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes)?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(ControlError::Closed);
+        }
+        let reply: Response = serde_json::from_str(&line)?;
+        if reply.ok { Ok(reply) } else { Err(ControlError::Refused(reply.error.unwrap_or_default())) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_use_the_documented_wire_form() {
+        assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"cmd":"pause"}"#);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"counters"}"#).unwrap(), Request::Counters);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"pause","x":1}"#).is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! ACPI fixed-hardware power management: the PM1a event block (status + enable) at 0x600 and the PM1a
+//! control block at 0x604, where QEMU's PIIX4 has them. The guest powers off by writing SLP_EN with the
+//! sleep type the DSDT's `\_S5` names; the host asks for a graceful stop by "pressing" the power button
+//! (PWRBTN_STS, raising the SCI if the guest enabled the event).
+
+use super::{BusDevice, IrqLine, MachineControl, MachineRequest};
+
+pub const PM1A_EVT_PORT: u16 = 0x600;
+pub const PM1A_EVT_LEN: u64 = 4;
+pub const PM1A_CNT_PORT: u16 = 0x604;
+pub const PM1A_CNT_LEN: u64 = 2;
+/// The SCI's ISA IRQ (and GSI).
+pub const SCI_IRQ: u32 = 9;
+/// The sleep type of S5 (soft-off) in the DSDT.
+pub const SLP_TYP_S5: u16 = 0;
+
+const PWRBTN: u16 = 1 << 8;
+const SCI_EN: u16 = 1 << 0;
+const SLP_EN: u16 = 1 << 13;
+
+/// PM1a status and enable registers.
+pub struct Pm1Event {
+    status: u16,
+    enable: u16,
+    sci: IrqLine,
+}
+
+impl Pm1Event {
+    pub fn new(sci: IrqLine) -> Self {
+        Pm1Event { status: 0, enable: 0, sci }
+    }
+
+    /// Presses the power button. Returns whether the guest has enabled the power-button event, i.e.
+    /// whether anyone will notice.
+    pub fn press_power_button(&mut self) -> bool {
+        self.status |= PWRBTN;
+        let noticed = self.enable & PWRBTN != 0;
+        if noticed {
+            self.sci.trigger();
+        }
+        noticed
+    }
+
+    fn registers(&self) -> [u8; 4] {
+        let mut r = [0; 4];
+        r[0..2].copy_from_slice(&self.status.to_le_bytes());
+        r[2..4].copy_from_slice(&self.enable.to_le_bytes());
+        r
+    }
+}
+
+impl BusDevice for Pm1Event {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let regs = self.registers();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = regs.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut clear = [0u8; 2];
+        let mut enable = self.enable.to_le_bytes();
+        for (i, &byte) in data.iter().enumerate() {
+            match offset as usize + i {
+                at @ 0..=1 => clear[at] = byte,
+                at @ 2..=3 => enable[at - 2] = byte,
+                _ => {}
+            }
+        }
+        self.status &= !u16::from_le_bytes(clear); // write one to clear
+        let was = self.enable;
+        self.enable = u16::from_le_bytes(enable);
+        if self.enable & !was & self.status != 0 {
+            self.sci.trigger();
+        }
+    }
+}
+
+/// PM1a control register.
+pub struct Pm1Control {
+    value: u16,
+    machine: MachineControl,
+}
+
+impl Pm1Control {
+    pub fn new(machine: MachineControl) -> Self {
+        Pm1Control { value: SCI_EN, machine }
+    }
+}
+
+impl BusDevice for Pm1Control {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let regs = self.value.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = regs.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut regs = self.value.to_le_bytes();
+        for (i, &byte) in data.iter().enumerate() {
+            if let Some(r) = regs.get_mut(offset as usize + i) {
+                *r = byte;
+            }
+        }
+        let value = u16::from_le_bytes(regs);
+        // SCI_EN stays set (ACPI mode only); SLP_EN is write-only.
+        self.value = (value & !SLP_EN) | SCI_EN;
+        if value & SLP_EN != 0 && (value >> 10) & 7 == SLP_TYP_S5 {
+            self.machine.request(MachineRequest::PowerOff);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn slp_en_with_s5_powers_off() {
+        let machine = MachineControl::new().unwrap();
+        let mut cnt = Pm1Control::new(machine.clone());
+        let mut v = [0; 2];
+        cnt.read(0, &mut v);
+        assert_eq!(u16::from_le_bytes(v) & SCI_EN, SCI_EN);
+        cnt.write(0, &(5u16 << 10).to_le_bytes()); // type only, no SLP_EN
+        assert_eq!(machine.take(), MachineRequest::None);
+        cnt.write(0, &(3u16 << 10 | SLP_EN).to_le_bytes()); // S3: not declared, ignored
+        assert_eq!(machine.take(), MachineRequest::None);
+        cnt.write(0, &0x2000u16.to_le_bytes());
+        assert_eq!(machine.take(), MachineRequest::PowerOff);
+    }
+
+    #[test]
+    fn power_button_sets_status_and_raises_the_sci_when_enabled() {
+        let sci = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut evt = Pm1Event::new(sci.clone());
+        assert!(!evt.press_power_button(), "not enabled yet");
+        assert!(sci.eventfd().read().is_err(), "no SCI while disabled");
+        // Enabling with the status already set raises the SCI.
+        evt.write(2, &PWRBTN.to_le_bytes());
+        assert_eq!(sci.eventfd().read().unwrap(), 1);
+        let mut status = [0; 2];
+        evt.read(0, &mut status);
+        assert_eq!(u16::from_le_bytes(status), PWRBTN);
+        evt.write(0, &PWRBTN.to_le_bytes()); // write one to clear
+        evt.read(0, &mut status);
+        assert_eq!(u16::from_le_bytes(status), 0);
+        assert!(evt.press_power_button());
+        assert_eq!(sci.eventfd().read().unwrap(), 1);
+        let mut all = [0; 4];
+        evt.read(0, &mut all);
+        assert_eq!(all, [0, 1, 0, 1]);
+    }
+}

@@ -1,0 +1,153 @@
+//! Seccomp filters (seccompiler), applied once set-up is done.
+//!
+//! - vCPU threads: KVM_RUN and the few KVM reads used to report a crash, eventfd and serial writes,
+//!   futexes, memory for error messages, signal return (the kick), thread exit.
+//! - The VMM's other threads (event loop, control socket): what running, rebooting (a new KVM VM, memory
+//!   and vCPU threads) and answering the control socket needs; no exec, no opening of files or sockets,
+//!   no ptrace, no mounts.
+//!
+//! A thread that makes any other system call kills the process (`SECCOMP_RET_KILL_PROCESS`).
+
+use std::collections::BTreeMap;
+
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_translation};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+
+const KVMIO: u32 = 0xAE;
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
+
+/// Why a filter could not be built or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("building a filter: {0}")]
+    Build(#[from] seccompiler::BackendError),
+    #[error("applying a filter: {0}")]
+    Apply(#[from] seccompiler::Error),
+}
+
+fn allow(calls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
+    calls.iter().map(|&c| (c, vec![])).collect()
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
+    Ok(filter.try_into()?)
+}
+
+/// System calls every thread of ours may make: memory, futexes, time, signals, logging, exit.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_mprotect,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Dropping a file descriptor (a vCPU's, at the end of a boot).
+    libc::SYS_close,
+    libc::SYS_fcntl,
+];
+
+/// The filter of a vCPU thread.
+pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules = allow(COMMON);
+    let ioctl_is = |cmd: u64| -> Result<SeccompRule, SeccompError> {
+        Ok(SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)?])?)
+    };
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            ioctl_is(u64::from(KVM_RUN()))?,
+            ioctl_is(u64::from(KVM_GET_REGS()))?,
+            ioctl_is(u64::from(KVM_GET_SREGS()))?,
+            ioctl_is(u64::from(KVM_TRANSLATE()))?,
+        ],
+    );
+    compile(rules)
+}
+
+/// The filter of the event loop and the control socket threads.
+pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
+    let mut calls = COMMON.to_vec();
+    calls.extend_from_slice(&[
+        // Event loop and rebuilding the machine on reboot.
+        libc::SYS_ioctl,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_eventfd2,
+        libc::SYS_lseek,
+        libc::SYS_pread64,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        // Threads: vCPUs per boot, control connections; kicking vCPUs; their own filters.
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_seccomp,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigaction,
+        libc::SYS_getrandom,
+        // Control socket connections (the listener is bound before the filter applies).
+        libc::SYS_accept4,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        libc::SYS_getsockopt,
+        libc::SYS_setsockopt,
+    ]);
+    compile(allow(&calls))
+}
+
+/// Applies the VMM filter to the calling thread (and so to the threads it starts afterwards).
+pub fn apply_vmm_filter() -> Result<(), SeccompError> {
+    seccompiler::apply_filter(&vmm_filter()?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile() {
+        assert!(!vcpu_filter().unwrap().is_empty());
+        assert!(!vmm_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn kvm_ioctl_numbers_match_the_kernel_abi() {
+        assert_eq!(KVM_RUN(), 0xAE80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_AE81);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_AE83);
+        assert_eq!(KVM_TRANSLATE(), 0xC018_AE85);
+    }
+}

@@ -1,0 +1,320 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, and the pause/kick machinery.
+//!
+//! A vCPU is stopped by setting a flag and sending its thread a real-time signal whose handler sets
+//! `kvm_run.immediate_exit`, so KVM_RUN returns (or never enters) even if the signal lands between the
+//! flag check and the ioctl.
+
+use std::cell::Cell;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::counters::{Counters, bump};
+use crate::devices::bus::lock;
+use crate::devices::{Bus, MachineControl, MachineRequest};
+
+thread_local! {
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
+    IMMEDIATE_EXIT.with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is this thread's kvm_run.immediate_exit, valid while the vCPU lives
+            // (it is cleared before the VcpuFd is dropped).
+            unsafe { p.write_volatile(1) };
+        }
+    });
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> c_int {
+    libc::SIGRTMIN()
+}
+
+/// Installs the kick signal's handler (once per process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    paused: bool,
+    exiting: bool,
+    parked: usize,
+    threads: Vec<libc::pthread_t>,
+}
+
+/// Pauses, resumes and stops the vCPU threads of the current boot. Outlives reboots.
+#[derive(Debug, Default)]
+pub struct RunControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+    /// Set whenever the vCPUs must look at `state` (paused or exiting), so the hot loop checks an atomic.
+    attention: AtomicBool,
+}
+
+/// Why a pause did not complete.
+#[derive(Debug, thiserror::Error)]
+#[error("{parked} of {total} vCPUs stopped within {waited:?}")]
+pub struct PauseTimeout {
+    pub parked: usize,
+    pub total: usize,
+    pub waited: Duration,
+}
+
+impl RunControl {
+    fn kick_all(state: &RunState) {
+        for &t in &state.threads {
+            // SAFETY: the thread ids belong to vCPU threads that are joined only after `exiting` is set
+            // and `threads` cleared under the same lock.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Registers the threads of a new boot.
+    pub fn start_boot(&self, threads: Vec<libc::pthread_t>) {
+        let mut s = lock(&self.state);
+        s.exiting = false;
+        s.parked = 0;
+        s.threads = threads;
+        self.attention.store(s.paused, Ordering::Release);
+    }
+
+    /// Stops every vCPU and waits until all are parked; returns how long that took.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration, PauseTimeout> {
+        let start = Instant::now();
+        let mut s = lock(&self.state);
+        s.paused = true;
+        self.attention.store(true, Ordering::Release);
+        while s.parked < s.threads.len() && !s.exiting {
+            Self::kick_all(&s);
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(PauseTimeout { parked: s.parked, total: s.threads.len(), waited });
+            }
+            s = self.changed.wait_timeout(s, Duration::from_millis(2)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut s = lock(&self.state);
+        s.paused = false;
+        self.attention.store(s.exiting, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        lock(&self.state).paused
+    }
+
+    /// Makes every vCPU thread of this boot leave its loop.
+    pub fn stop_boot(&self) {
+        let mut s = lock(&self.state);
+        s.exiting = true;
+        self.attention.store(true, Ordering::Release);
+        Self::kick_all(&s);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread when `attention` is set: parks while paused; returns whether to exit.
+    fn checkpoint(&self) -> bool {
+        let mut s = lock(&self.state);
+        while s.paused && !s.exiting {
+            s.parked += 1;
+            self.changed.notify_all();
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.parked -= 1;
+        }
+        s.exiting
+    }
+
+    /// Called by a vCPU thread as it exits, so kicks stop targeting it.
+    fn thread_done(&self) {
+        let mut s = lock(&self.state);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        s.threads.retain(|&t| t != me);
+        self.changed.notify_all();
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct Vcpu {
+    pub index: u32,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub mem: GuestMemoryMmap,
+    pub machine: MachineControl,
+    pub counters: Arc<Counters>,
+    pub run: Arc<RunControl>,
+    pub crash: Arc<Mutex<Option<String>>>,
+}
+
+impl Vcpu {
+    fn crash(&self, reason: String) {
+        log::error!("vCPU {}: {reason}", self.index);
+        lock(&self.crash).get_or_insert(reason);
+        self.machine.request(MachineRequest::Crash);
+    }
+
+    /// Describes where the vCPU is: RIP, mode and the instruction bytes there.
+    fn where_am_i(&self) -> String {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return "registers unreadable".into();
+        };
+        let linear = sregs.cs.base.wrapping_add(regs.rip);
+        let mut text = format!("rip={:#x} cs.base={:#x} cr0={:#x} efer={:#x}", regs.rip, sregs.cs.base, sregs.cr0, sregs.efer);
+        let physical = if sregs.cr0 & (1 << 31) != 0 {
+            self.fd.translate_gva(linear).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
+        } else {
+            Some(linear)
+        };
+        let mut bytes = [0u8; 15];
+        match physical.map(|pa| self.mem.read_slice(&mut bytes, GuestAddress(pa))) {
+            Some(Ok(())) => {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                text.push_str(&format!(" instruction bytes: {}", hex.join(" ")));
+            }
+            _ => text.push_str(" instruction bytes: unreadable"),
+        }
+        text
+    }
+
+    /// Handles port I/O from the raw kvm_run area: `count` items of `size` bytes (string I/O has count > 1).
+    fn port_io(&mut self) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the active union field.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let count = io.count as usize;
+        if !matches!(size, 1 | 2 | 4) || count == 0 || count * size > 4096 {
+            return;
+        }
+        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        // SAFETY: the kernel places the data inside the mmap'd kvm_run area (at most one page after it).
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), count * size) };
+        let port = u64::from(io.port);
+        if u32::from(io.direction) == KVM_EXIT_IO_IN {
+            bump(&self.counters.exits_io_in);
+            for item in data.chunks_exact_mut(size) {
+                self.pio.read(port, item);
+            }
+        } else {
+            bump(&self.counters.exits_io_out);
+            for item in data.chunks_exact(size) {
+                self.pio.write(port, item);
+            }
+        }
+    }
+
+    /// Runs the vCPU until the machine stops, resets or crashes.
+    pub fn run_loop(mut self) {
+        IMMEDIATE_EXIT.with(|p| p.set(&mut self.fd.get_kvm_run().immediate_exit));
+        loop {
+            if self.run.attention.load(Ordering::Acquire) && self.run.checkpoint() {
+                break;
+            }
+            if self.machine.is_pending() {
+                // A reset, power-off or crash is being handled: wait to be told to exit.
+                if self.run.checkpoint_until_exit() {
+                    break;
+                }
+            }
+            let start = Instant::now();
+            let result = self.fd.run();
+            let elapsed = start.elapsed().as_nanos() as u64;
+            self.counters.vcpu_run_ns.fetch_add(elapsed, Ordering::Relaxed);
+            match result {
+                Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => self.port_io(),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    bump(&self.counters.exits_mmio_read);
+                    self.mmio.read(addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    bump(&self.counters.exits_mmio_write);
+                    self.mmio.write(addr, data);
+                }
+                Ok(VcpuExit::Hlt) => bump(&self.counters.exits_hlt),
+                Ok(VcpuExit::Shutdown) => {
+                    bump(&self.counters.exits_shutdown);
+                    let at = self.where_am_i();
+                    self.crash(format!("triple fault (the guest shut the CPU down) at {at}"));
+                }
+                Ok(VcpuExit::InternalError) => {
+                    bump(&self.counters.exits_internal_error);
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    let kind = match internal.suberror {
+                        1 => "emulation failure: KVM cannot emulate an instruction",
+                        2 => "simultaneous exceptions",
+                        3 => "delivery event failure",
+                        _ => "internal error",
+                    };
+                    let ndata = (internal.ndata as usize).min(internal.data.len());
+                    let data: Vec<String> = internal.data[..ndata].iter().map(|d| format!("{d:#x}")).collect();
+                    let at = self.where_am_i();
+                    self.crash(format!(
+                        "KVM {kind} (suberror {}, data [{}]) at {at}",
+                        internal.suberror,
+                        data.join(", ")
+                    ));
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    bump(&self.counters.exits_system_event);
+                    match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => self.machine.request(MachineRequest::PowerOff),
+                        KVM_SYSTEM_EVENT_RESET => self.machine.request(MachineRequest::Reset),
+                        KVM_SYSTEM_EVENT_CRASH => self.crash("the guest reported a crash (system event)".into()),
+                        other => log::warn!("vCPU {}: ignoring system event {other}", self.index),
+                    }
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    bump(&self.counters.exits_other);
+                    self.crash(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"));
+                }
+                Ok(VcpuExit::Intr) => bump(&self.counters.exits_interrupted),
+                Ok(_) => bump(&self.counters.exits_other),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    bump(&self.counters.exits_interrupted);
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    self.crash(format!("KVM_RUN failed: {e}"));
+                }
+            }
+        }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        self.run.thread_done();
+    }
+}
+
+impl RunControl {
+    /// Waits (parked) until the boot is stopped; returns true then.
+    fn checkpoint_until_exit(&self) -> bool {
+        let mut s = lock(&self.state);
+        while !s.exiting {
+            s.parked += 1;
+            self.changed.notify_all();
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.parked -= 1;
+        }
+        true
+    }
+}

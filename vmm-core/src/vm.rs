@@ -1,0 +1,554 @@
+//! One VM: assembled step by step from a [`VmConfig`] (KVM → memory → irqchip and PIT → devices → ACPI →
+//! kernel → vCPUs), run until the guest powers off, crashes or is stopped, and rebuilt on guest reset.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, BootFiles};
+use crate::config::{ConfigError, SerialSink, VmConfig};
+use crate::counters::{Counters, CountersSnapshot};
+use crate::cpu::{self, CpuError};
+use crate::devices::acpi_pm::{self, Pm1Control, Pm1Event};
+use crate::devices::bus::{UnhandledCounts, lock};
+use crate::devices::debug_port::{POST_CODE_PORT, PostCode};
+use crate::devices::i8042::{self, I8042};
+use crate::devices::reset_control::{RESET_PORT, ResetControl};
+use crate::devices::rtc::{RTC_PORT, Rtc};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, Serial, SerialOutput, SerialStats};
+use crate::devices::{Bus, BusDevice, BusError, IrqLine, MachineControl, MachineRequest};
+use crate::layout;
+use crate::seccomp;
+use crate::vcpu::{self, RunControl, Vcpu};
+
+/// Why a VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user use /dev/kvm? add it to the kvm group)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM failed to {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u64, reason: String },
+    #[error("cannot open {what} {path:?}: {source}")]
+    Open { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot load the kernel: {0}")]
+    Boot(#[from] BootError),
+    #[error("cannot set up a vCPU: {0}")]
+    Cpu(#[from] CpuError),
+    #[error("cannot write the ACPI tables: {0}")]
+    Acpi(#[from] crate::acpi::AcpiError),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error("cannot install seccomp filters: {0}")]
+    Seccomp(#[from] seccomp::SeccompError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered itself off (ACPI S5, or a graceful stop it honoured).
+    PowerOff,
+    /// The guest crashed: triple fault, an instruction KVM cannot emulate, or a failed entry.
+    GuestCrash(String),
+    /// The host stopped it by force (forced power-off, or a graceful stop that timed out).
+    ForcedStop,
+    /// The guest reset the machine and the VM was configured not to reboot.
+    Reset,
+}
+
+impl ExitReason {
+    /// The process exit status `porthole-vmm` uses for this outcome (1 is kept for VMM errors).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff => 0,
+            ExitReason::GuestCrash(_) => 2,
+            ExitReason::ForcedStop => 3,
+            ExitReason::Reset => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => write!(f, "the guest powered off"),
+            ExitReason::GuestCrash(why) => write!(f, "the guest crashed: {why}"),
+            ExitReason::ForcedStop => write!(f, "the VM was powered off by the host"),
+            ExitReason::Reset => write!(f, "the guest reset the machine (rebooting is off)"),
+        }
+    }
+}
+
+/// The guest interrupt lines of the platform devices, kept across reboots (their eventfds are registered
+/// with each new KVM VM).
+struct Irqs {
+    com1: IrqLine,
+    keyboard: IrqLine,
+    mouse: IrqLine,
+    sci: IrqLine,
+}
+
+impl Irqs {
+    fn new() -> std::io::Result<Self> {
+        let line = || EventFd::new(libc::EFD_NONBLOCK).map(IrqLine::new);
+        Ok(Irqs { com1: line()?, keyboard: line()?, mouse: line()?, sci: line()? })
+    }
+
+    fn register(&self, vm: &VmFd) -> Result<(), VmError> {
+        for (line, gsi) in [
+            (&self.com1, COM1_IRQ),
+            (&self.keyboard, i8042::KEYBOARD_IRQ),
+            (&self.mouse, i8042::MOUSE_IRQ),
+            (&self.sci, acpi_pm::SCI_IRQ),
+        ] {
+            vm.register_irqfd(line.eventfd(), gsi).map_err(kvm_err("route a device interrupt (irqfd)"))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the control socket and the event loop share with a running VM. Outlives reboots.
+pub struct VmHandle {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    started: Instant,
+    stop_timeout: Duration,
+    run: Arc<RunControl>,
+    machine: MachineControl,
+    counters: Arc<Counters>,
+    serial_stats: Arc<SerialStats>,
+    pio_unhandled: Arc<UnhandledCounts>,
+    mmio_unhandled: Arc<UnhandledCounts>,
+    post_code: Arc<AtomicU64>,
+    /// The power button of the current boot.
+    pm1_event: Mutex<Option<Arc<Mutex<Pm1Event>>>>,
+    /// The i8042 of the current boot, for keyboard and mouse input.
+    i8042: Mutex<Option<Arc<Mutex<I8042>>>>,
+    /// When a graceful stop turns into a forced one.
+    stop_deadline: Mutex<Option<Instant>>,
+    /// Wakes the event loop when `stop_deadline` changes.
+    loop_wake: EventFd,
+}
+
+/// The state the control socket reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+impl VmHandle {
+    pub fn state(&self) -> RunState {
+        if lock(&self.stop_deadline).is_some() {
+            RunState::Stopping
+        } else if self.run.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops every vCPU; returns how long it took until all were stopped.
+    pub fn pause(&self) -> Result<Duration, vcpu::PauseTimeout> {
+        self.run.pause(Duration::from_secs(1))
+    }
+
+    pub fn resume(&self) {
+        self.run.resume();
+    }
+
+    /// Resets the machine (as the reset button does).
+    pub fn reset(&self) {
+        self.machine.request(MachineRequest::Reset);
+    }
+
+    /// Pulls the plug.
+    pub fn power_off(&self) {
+        self.machine.request(MachineRequest::ForceOff);
+    }
+
+    /// Presses the ACPI power button and powers off by force if the guest has not powered off within the
+    /// stop timeout. Returns whether the guest had enabled the power-button event. A paused VM is resumed
+    /// so that it can react.
+    pub fn stop(&self) -> bool {
+        let noticed = lock(&self.pm1_event).as_ref().map(|pm| lock(pm).press_power_button()).unwrap_or(false);
+        lock(&self.stop_deadline).get_or_insert(Instant::now() + self.stop_timeout);
+        self.run.resume();
+        let _ = self.loop_wake.write(1);
+        noticed
+    }
+
+    /// Queues scan-code bytes from the keyboard.
+    pub fn keyboard_input(&self, bytes: &[u8]) {
+        if let Some(dev) = lock(&self.i8042).as_ref() {
+            lock(dev).keyboard_input(bytes);
+        }
+    }
+
+    pub fn counters(&self) -> CountersSnapshot {
+        let mut s = self.counters.snapshot();
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        s.unhandled_pio_reads = l(&self.pio_unhandled.reads);
+        s.unhandled_pio_writes = l(&self.pio_unhandled.writes);
+        s.unhandled_mmio_reads = l(&self.mmio_unhandled.reads);
+        s.unhandled_mmio_writes = l(&self.mmio_unhandled.writes);
+        s.serial_bytes_out = l(&self.serial_stats.bytes_out);
+        s.serial_bytes_in = l(&self.serial_stats.bytes_in);
+        s.serial_bytes_lost = l(&self.serial_stats.lost_out);
+        s.last_post_code = l(&self.post_code);
+        s.uptime_ms = self.uptime().as_millis() as u64;
+        s
+    }
+}
+
+/// A VM and everything that outlives its reboots.
+pub struct Vm {
+    config: VmConfig,
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+    files: BootFiles,
+    handle: Arc<VmHandle>,
+    crash: Arc<Mutex<Option<String>>>,
+    serial: Arc<Mutex<Serial>>,
+    rtc: Arc<Mutex<Rtc>>,
+    irqs: Irqs,
+    seccomp: bool,
+    /// Standard input bytes read but not yet taken by the UART.
+    pending_input: Vec<u8>,
+}
+
+/// One boot of the VM: the KVM VM and its vCPU threads.
+struct Boot {
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Vm {
+    /// Validates `config`, opens KVM and the boot files. Nothing runs yet.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        config.validate(kvm.get_max_vcpus() as u32)?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
+        let open = |what, path: &std::path::Path| {
+            File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
+        };
+        let files = BootFiles {
+            kernel: open("the kernel", &config.boot.kernel)?,
+            initrd: config.boot.initrd.as_deref().map(|p| open("the initrd", p)).transpose()?,
+            cmdline: config.boot.cmdline.clone(),
+        };
+        let output = match &config.serial {
+            SerialSink::Stdio => SerialOutput::Stdout(std::io::stdout()),
+            SerialSink::File(path) => SerialOutput::File(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmError::Open { what: "the serial log", path: path.clone(), source })?,
+            ),
+            SerialSink::None => SerialOutput::Discard,
+        };
+        let irqs = Irqs::new().map_err(io_err("create interrupt eventfds"))?;
+        let serial_stats = Arc::new(SerialStats::new().map_err(io_err("create the serial eventfd"))?);
+        let serial = Arc::new(Mutex::new(Serial::new(irqs.com1.clone(), output, serial_stats.clone())));
+        let rtc = Arc::new(Mutex::new(Rtc::new(config.memory_bytes(), config.vcpus)));
+        let handle = Arc::new(VmHandle {
+            name: config.name.clone(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            started: Instant::now(),
+            stop_timeout: Duration::from_millis(config.stop_timeout_ms),
+            run: Arc::new(RunControl::default()),
+            machine: MachineControl::new().map_err(io_err("create the machine eventfd"))?,
+            counters: Arc::new(Counters::default()),
+            serial_stats,
+            pio_unhandled: Arc::default(),
+            mmio_unhandled: Arc::default(),
+            post_code: Arc::default(),
+            pm1_event: Mutex::new(None),
+            i8042: Mutex::new(None),
+            stop_deadline: Mutex::new(None),
+            loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
+        });
+        Ok(Vm {
+            config,
+            kvm,
+            supported_cpuid,
+            files,
+            handle,
+            crash: Arc::default(),
+            serial,
+            rtc,
+            irqs,
+            seccomp: true,
+            pending_input: Vec::new(),
+        })
+    }
+
+    /// Turns the seccomp filters off (for debugging a VMM that a filter kills).
+    pub fn disable_seccomp(&mut self) {
+        self.seccomp = false;
+    }
+
+    /// The handle the control socket uses.
+    pub fn handle(&self) -> Arc<VmHandle> {
+        self.handle.clone()
+    }
+
+    fn create_kvm_vm(&self) -> Result<VmFd, VmError> {
+        let vm = self.kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        vm.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("set the TSS address"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP).map_err(kvm_err("set the identity map address"))?;
+        vm.create_irq_chip().map_err(kvm_err("create the in-kernel PIC and IOAPIC"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+        Ok(vm)
+    }
+
+    fn create_memory(&self, vm: &VmFd) -> Result<GuestMemoryMmap, VmError> {
+        let mib = self.config.memory_mib;
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(self.config.memory_bytes())
+            .into_iter()
+            .map(|(start, size)| (GuestAddress(start), size as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which outlives the KVM VM (both are
+            // dropped together in `Boot`, the VM first).
+            unsafe { vm.set_user_memory_region(slot_region) }.map_err(kvm_err("map guest memory"))?;
+        }
+        Ok(mem)
+    }
+
+    fn build_buses(&self, machine: &MachineControl) -> Result<(Bus, Bus), VmError> {
+        let h = &self.handle;
+        let mut pio = Bus::with_counts(h.pio_unhandled.clone());
+        let mmio = Bus::with_counts(h.mmio_unhandled.clone());
+        let i8042 = Arc::new(Mutex::new(I8042::new(self.irqs.keyboard.clone(), self.irqs.mouse.clone(), machine.clone())));
+        let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
+        let devices: [(Arc<Mutex<dyn BusDevice>>, u16, u64); 7] = [
+            (self.serial.clone(), COM1_PORT, 8),
+            (self.rtc.clone(), RTC_PORT, 2),
+            (i8042.clone(), i8042::I8042_DATA_PORT, 5),
+            (pm1_event.clone(), acpi_pm::PM1A_EVT_PORT, acpi_pm::PM1A_EVT_LEN),
+            (Arc::new(Mutex::new(Pm1Control::new(machine.clone()))), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
+            (Arc::new(Mutex::new(ResetControl::new(machine.clone()))), RESET_PORT, 1),
+            (Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))), POST_CODE_PORT, 1),
+        ];
+        for (device, port, len) in devices {
+            pio.insert(device, u64::from(port), len)?;
+        }
+        *lock(&h.pm1_event) = Some(pm1_event);
+        *lock(&h.i8042) = Some(i8042);
+        Ok((pio, mmio))
+    }
+
+    /// Builds and starts one boot of the machine.
+    fn boot(&mut self) -> Result<Boot, VmError> {
+        let vm = self.create_kvm_vm()?;
+        let mem = self.create_memory(&vm)?;
+        self.irqs.register(&vm)?;
+        let machine = self.handle.machine.clone();
+        let (pio, mmio) = self.build_buses(&machine)?;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
+        let entry = boot::load(&mem, &mut self.files, self.config.memory_bytes(), rsdp)?;
+        cpu::write_boot_tables(&mem, entry)?;
+
+        let mut vcpus = Vec::new();
+        for index in 0..self.config.vcpus {
+            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
+            cpu::setup_common(&fd, &self.supported_cpuid, index, self.config.vcpus)?;
+            if index == 0 {
+                cpu::setup_boot_registers(&fd, entry)?;
+            }
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                machine: machine.clone(),
+                counters: self.handle.counters.clone(),
+                run: self.handle.run.clone(),
+                crash: self.crash.clone(),
+            });
+        }
+        vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
+        let filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
+        let mut threads = Vec::new();
+        for v in vcpus {
+            let filter = filter.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.index))
+                .spawn(move || {
+                    if let Some(filter) = filter
+                        && let Err(e) = seccompiler::apply_filter(&filter)
+                    {
+                        v.machine.request(MachineRequest::Crash);
+                        log::error!("vCPU {}: cannot apply its seccomp filter: {e}", v.index);
+                        return;
+                    }
+                    v.run_loop();
+                })
+                .map_err(io_err("start a vCPU thread"))?;
+            threads.push(thread);
+        }
+        self.handle.run.start_boot(threads.iter().map(|t| t.as_pthread_t()).collect());
+        self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
+        Ok(Boot { _vm: vm, _mem: mem, threads })
+    }
+
+    /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
+    fn feed_serial(&mut self) -> bool {
+        if self.pending_input.is_empty() {
+            return true;
+        }
+        let taken = lock(&self.serial).enqueue_input(&self.pending_input);
+        self.pending_input.drain(..taken);
+        self.pending_input.is_empty()
+    }
+
+    /// Waits for the current boot to end; returns what ended it.
+    fn event_loop(&mut self) -> Result<MachineRequest, VmError> {
+        const MACHINE: u64 = 1;
+        const LOOP_WAKE: u64 = 2;
+        const STDIN: u64 = 3;
+        const SERIAL_DRAINED: u64 = 4;
+        let epoll = Epoll::new().map_err(io_err("create the event loop"))?;
+        let add = |fd: i32, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
+        add(self.handle.machine.wake_fd().as_raw_fd(), MACHINE).map_err(io_err("watch machine requests"))?;
+        add(self.handle.loop_wake.as_raw_fd(), LOOP_WAKE).map_err(io_err("watch the control socket"))?;
+        let serial_stats = self.handle.serial_stats.clone();
+        add(serial_stats.input_drained.as_raw_fd(), SERIAL_DRAINED).map_err(io_err("watch the serial FIFO"))?;
+        let stdin = std::io::stdin();
+        let mut stdin_watched = self.config.serial == SerialSink::Stdio && add(stdin.as_raw_fd(), STDIN).is_ok();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let timeout = match *lock(&self.handle.stop_deadline) {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32,
+                None => -1,
+            };
+            if timeout == 0 {
+                log::warn!("{}: the guest did not power off within the stop timeout; forcing it off", self.config.name);
+                return Ok(MachineRequest::ForceOff);
+            }
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("wait for events")(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    MACHINE => {
+                        let _ = self.handle.machine.wake_fd().read();
+                        let request = self.handle.machine.take();
+                        if request != MachineRequest::None {
+                            return Ok(request);
+                        }
+                    }
+                    LOOP_WAKE => {
+                        let _ = self.handle.loop_wake.read();
+                    }
+                    SERIAL_DRAINED => {
+                        let _ = serial_stats.input_drained.read();
+                        if self.feed_serial() && stdin_watched {
+                            let _ = epoll.ctl(ControlOperation::Add, stdin.as_raw_fd(), EpollEvent::new(EventSet::IN, STDIN));
+                        }
+                    }
+                    STDIN => {
+                        let mut buf = [0u8; 256];
+                        match stdin.lock().read(&mut buf) {
+                            Ok(0) | Err(_) => {
+                                let _ = epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
+                                stdin_watched = false;
+                            }
+                            Ok(n) => {
+                                self.pending_input.extend_from_slice(&buf[..n]);
+                                if !self.feed_serial() {
+                                    // The FIFO is full: stop reading until the guest drains it.
+                                    let _ = epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Runs the VM until it ends. Guest resets rebuild the machine (unless `no_reboot`).
+    pub fn run(&mut self) -> Result<ExitReason, VmError> {
+        if self.seccomp {
+            seccomp::apply_vmm_filter()?;
+        }
+        loop {
+            let boot = self.boot()?;
+            let outcome = self.event_loop();
+            self.handle.run.stop_boot();
+            for t in boot.threads {
+                let _ = t.join();
+            }
+            *lock(&self.handle.pm1_event) = None;
+            *lock(&self.handle.i8042) = None;
+            let reason = match outcome? {
+                MachineRequest::Reset if !self.config.no_reboot => {
+                    log::info!("{}: guest reset; rebooting", self.config.name);
+                    // A stop in progress still applies to the next boot.
+                    continue;
+                }
+                MachineRequest::Reset => ExitReason::Reset,
+                MachineRequest::PowerOff => ExitReason::PowerOff,
+                MachineRequest::Crash => {
+                    ExitReason::GuestCrash(lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into()))
+                }
+                MachineRequest::ForceOff | MachineRequest::None => ExitReason::ForcedStop,
+            };
+            return Ok(reason);
+        }
+    }
+}
