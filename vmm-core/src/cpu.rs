@@ -146,7 +146,7 @@ fn bytemuck_regs(regs: &mut [std::os::raw::c_char]) -> &mut [u8] {
 }
 
 // Boot GDT: 0x08 32-bit code (PVH), 0x10 64-bit code (__BOOT_CS), 0x18 data (__BOOT_DS), 0x20 TSS.
-const GDT: [u64; 5] = [0, 0x00CF_9B00_0000_FFFF, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF, 0x0080_8B00_0000_0067];
+const GDT: [u64; 5] = [0, 0x00CF_9B00_0000_FFFF, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF, 0x0000_8B00_0000_0067];
 const CODE32: u16 = 0x08;
 const CODE64: u16 = 0x10;
 const DATA: u16 = 0x18;

@@ -168,7 +168,7 @@ pub struct Vcpu {
 
 impl Vcpu {
     fn crash(&self, reason: String) {
-        log::error!("vCPU {}: {reason}", self.index);
+        log::debug!("vCPU {}: {reason}", self.index);
         lock(&self.crash).get_or_insert(reason);
         self.machine.request(MachineRequest::Crash);
     }

@@ -50,6 +50,9 @@ struct Cli {
     /// How long a graceful stop waits before forcing the VM off, in milliseconds [default: 10000].
     #[arg(long, value_name = "MS")]
     stop_timeout_ms: Option<u64>,
+    /// When the VM ends, write its final counters (JSON) to this file.
+    #[arg(long, value_name = "PATH")]
+    counters_file: Option<PathBuf>,
     /// Do not install seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -109,13 +112,25 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     if cli.no_seccomp {
         vm.disable_seccomp();
     }
+    let handle = vm.handle();
+    // Opened now: once the VM runs, the seccomp filter forbids opening files.
+    let counters_file = match &cli.counters_file {
+        Some(path) => Some(std::fs::File::create(path).with_context(|| format!("cannot create {path:?}"))?),
+        None => None,
+    };
     if let Some(path) = control {
         let listener =
             vmm_core::control::bind(&path).with_context(|| format!("cannot listen on control socket {path:?}"))?;
         vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
             .context("cannot start the control socket thread")?;
     }
-    Ok(vm.run()?)
+    let reason = vm.run()?;
+    if let Some(mut file) = counters_file {
+        use std::io::Write;
+        serde_json::to_writer_pretty(&mut file, &handle.counters()).context("cannot write the counters file")?;
+        file.flush().context("cannot write the counters file")?;
+    }
+    Ok(reason)
 }
 
 /// The error and its causes, leaving out a cause whose text its parent already shows.

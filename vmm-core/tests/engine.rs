@@ -1,0 +1,374 @@
+//! The engine on the real KVM: each test runs `porthole-vmm` in a child process with a micro-guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm_core::control::{ControlClient, Request};
+use vmm_core::vm::RunState;
+
+const VMM: &str = env!("CARGO_BIN_EXE_porthole-vmm");
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn guest(name: &str) -> PathBuf {
+    porthole_guests::path(name)
+}
+
+/// A scratch directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("porthole-engine-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits for `child` for at most `limit`; kills it past that (and fails the test).
+fn wait(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "porthole-vmm still running after {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn vmm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(VMM);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    wait(vmm(args).spawn().unwrap(), LIMIT)
+}
+
+fn run_guest(name: &str, extra: &[&str]) -> Output {
+    let kernel = guest(name);
+    let mut args = vec!["--kernel", kernel.to_str().unwrap(), "--memory", "64"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status\nstdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn hello_prints_its_marker_and_powers_off() {
+    let out = run_guest("hello", &[]);
+    assert_exit(&out, 0);
+    assert_eq!(text(&out.stdout), "PORTHOLE-GUEST-OK\n");
+}
+
+#[test]
+fn every_vcpu_reports_its_apic_id() {
+    for cpus in [1u32, 2, 4] {
+        let out = run_guest("smp", &["--cpus", &cpus.to_string()]);
+        assert_exit(&out, 0);
+        let stdout = text(&out.stdout);
+        for id in 0..cpus {
+            assert!(stdout.contains(&format!("PORTHOLE-CPU apic={id}\n")), "cpus={cpus}: {stdout}");
+        }
+        assert!(stdout.contains(&format!("PORTHOLE-SMP-OK cpus={cpus}\n")), "cpus={cpus}: {stdout}");
+    }
+}
+
+#[test]
+fn pit_and_lapic_timer_interrupts_arrive() {
+    let out = run_guest("timer", &[]);
+    assert_exit(&out, 0);
+    assert!(text(&out.stdout).contains("PORTHOLE-TIMER-OK pit=10 lapic=10"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn rtc_reads_the_host_date() {
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let out = run_guest("rtc", &[]);
+    assert_exit(&out, 0);
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("PORTHOLE-RTC ")).unwrap_or_else(|| panic!("{stdout}"));
+    let stamp = &line["PORTHOLE-RTC ".len()..];
+    let num = |range: std::ops::Range<usize>| -> u32 { stamp[range].parse().unwrap() };
+    let t = vmm_core::devices::rtc::DateTime {
+        year: i64::from(num(0..4)),
+        month: num(5..7),
+        day: num(8..10),
+        hour: num(11..13),
+        minute: num(14..16),
+        second: num(17..19),
+    };
+    let skew = t.to_unix() - before;
+    assert!((-2..=120).contains(&skew), "guest RTC {stamp} is {skew} s away from the host clock");
+}
+
+#[test]
+fn i8042_reset_reboots_the_guest_and_nvram_survives() {
+    let out = run_guest("reboot", &[]);
+    assert_exit(&out, 0);
+    assert_eq!(text(&out.stdout), "PORTHOLE-BOOT 1\nPORTHOLE-BOOT 2\nPORTHOLE-REBOOT-OK\n");
+}
+
+#[test]
+fn no_reboot_turns_a_reset_into_exit_status_4() {
+    let out = run_guest("reboot", &["--no-reboot"]);
+    assert_exit(&out, 4);
+    assert_eq!(text(&out.stdout), "PORTHOLE-BOOT 1\n");
+    assert!(text(&out.stderr).contains("reset"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_triple_fault_is_a_crash_with_the_instruction_bytes() {
+    let out = run_guest("fault", &[]);
+    assert_exit(&out, 2);
+    assert!(text(&out.stdout).contains("PORTHOLE-GUEST-EXCEPTION vector=0x06"), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("triple fault") && stderr.contains("instruction bytes: 0f 0b"), "{stderr}");
+}
+
+#[test]
+fn a_hostile_guest_is_survived_and_counted() {
+    let dir = Scratch::new("hostile");
+    let counters = dir.path("counters.json");
+    let out = run_guest("hostile", &["--counters-file", counters.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    assert!(text(&out.stdout).contains("PORTHOLE-HOSTILE-OK"), "{}", text(&out.stdout));
+    let c: vmm_core::counters::CountersSnapshot =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    // Tens of thousands of ports nobody claims, and 4096 writes and reads each to unmapped MMIO.
+    assert!(c.unhandled_pio_writes > 60_000, "{c:?}");
+    assert!(c.unhandled_pio_reads > 60_000, "{c:?}");
+    assert!(c.unhandled_mmio_writes >= 4096 && c.unhandled_mmio_reads >= 4096, "{c:?}");
+    assert!(c.exits_io_out > c.unhandled_pio_writes, "{c:?}");
+    assert_eq!(c.boots, 1);
+}
+
+/// A ticker guest behind a control socket, its serial going to a file.
+struct Ticker {
+    _dir: Scratch,
+    child: Option<Child>,
+    serial: PathBuf,
+    control: PathBuf,
+}
+
+impl Ticker {
+    fn start(extra: &[&str]) -> Ticker {
+        let dir = Scratch::new(&format!("ticker-{}", extra.len()));
+        let serial = dir.path("serial.log");
+        let control = dir.path("control.sock");
+        let kernel = guest("ticker");
+        let serial_arg = format!("file:{}", serial.display());
+        let control_arg = format!("unix:{}", control.display());
+        let mut args =
+            vec!["--kernel", kernel.to_str().unwrap(), "--memory", "64", "--serial", &serial_arg, "--control", &control_arg];
+        args.extend_from_slice(extra);
+        let child = vmm(&args).spawn().unwrap();
+        let t = Ticker { _dir: dir, child: Some(child), serial, control };
+        t.wait_for(|s| s.contains("PORTHOLE-TICK 2\n"));
+        t
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn wait_for(&self, what: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        while !what(&self.output()) {
+            assert!(start.elapsed() < LIMIT, "guest output so far:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn client(&self) -> ControlClient {
+        ControlClient::connect(&self.control).unwrap()
+    }
+
+    fn finish(mut self) -> Output {
+        wait(self.child.take().unwrap(), LIMIT)
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn ticks(output: &str) -> usize {
+    output.lines().filter(|l| l.starts_with("PORTHOLE-TICK ")).count()
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let t = Ticker::start(&[]);
+    let mut c = t.client();
+    let paused = c.request(&Request::Pause).unwrap();
+    let took = paused.paused_after_us.unwrap();
+    assert!(took < 1_000_000, "pause answered, so it took under its 1 s limit: {took} us");
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().state, RunState::Paused);
+    let frozen = t.output();
+    std::thread::sleep(Duration::from_millis(400)); // 4 ticks' worth
+    assert_eq!(t.output(), frozen, "no guest output while paused");
+    c.request(&Request::Resume).unwrap();
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().state, RunState::Running);
+    let before = ticks(&frozen);
+    t.wait_for(|s| ticks(s) >= before + 2);
+    c.request(&Request::Poweroff).unwrap();
+    let out = t.finish();
+    assert_exit(&out, 3);
+}
+
+#[test]
+fn counters_and_status_reflect_the_running_guest() {
+    let t = Ticker::start(&["--name", "ticker-vm", "--cpus", "2"]);
+    let mut c = t.client();
+    let status = c.request(&Request::Status).unwrap().status.unwrap();
+    assert_eq!((status.name.as_str(), status.vcpus, status.memory_mib, status.boots), ("ticker-vm", 2, 64, 1));
+    assert_eq!(status.pid, t.child.as_ref().unwrap().id());
+    let first = c.request(&Request::Counters).unwrap().counters.unwrap();
+    t.wait_for(|s| ticks(s) >= 5);
+    let second = c.request(&Request::Counters).unwrap().counters.unwrap();
+    assert!(second.exits_io_out > first.exits_io_out, "{first:?} -> {second:?}");
+    assert!(second.serial_bytes_out > first.serial_bytes_out);
+    assert!(second.vcpu_run_ns > 0 && second.uptime_ms >= first.uptime_ms);
+    let written = t.output().len() as u64;
+    let third = c.request(&Request::Counters).unwrap().counters.unwrap();
+    assert!(third.serial_bytes_out >= written, "every byte in the log was counted");
+    // Unknown requests are refused with a reason, and the connection keeps working.
+    let mut raw = std::os::unix::net::UnixStream::connect(&t.control).unwrap();
+    use std::io::{BufRead, Write};
+    raw.write_all(b"{\"cmd\":\"explode\"}\nnot json\n").unwrap();
+    let mut lines = std::io::BufReader::new(raw).lines();
+    for _ in 0..2 {
+        let reply: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(reply["ok"], false);
+        assert!(reply["error"].as_str().unwrap().contains("bad request"));
+    }
+    c.request(&Request::Poweroff).unwrap();
+    assert_exit(&t.finish(), 3);
+}
+
+#[test]
+fn reset_over_the_control_socket_reboots() {
+    let t = Ticker::start(&[]);
+    let mut c = t.client();
+    c.request(&Request::Reset).unwrap();
+    t.wait_for(|s| s.matches("PORTHOLE-TICKER-START").count() == 2);
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().boots, 2);
+    c.request(&Request::Poweroff).unwrap();
+    assert_exit(&t.finish(), 3);
+}
+
+#[test]
+fn a_stop_the_guest_ignores_is_forced_after_the_timeout() {
+    let t = Ticker::start(&["--stop-timeout-ms", "300"]);
+    let mut c = t.client();
+    let reply = c.request(&Request::Stop).unwrap();
+    assert_eq!(reply.acpi_power_button_enabled, Some(false), "the ticker has no ACPI driver");
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().state, RunState::Stopping);
+    let out = t.finish();
+    assert_exit(&out, 3);
+    assert!(text(&out.stderr).contains("powered off by the host"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn vcpu_and_control_threads_run_under_seccomp() {
+    let t = Ticker::start(&["--cpus", "2"]);
+    let _c = t.client();
+    let pid = t.child.as_ref().unwrap().id();
+    let mut filtered = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap().trim().to_owned();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let mode = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap().split_whitespace().nth(1).unwrap().to_owned();
+        filtered.push((name, mode));
+    }
+    for (name, mode) in &filtered {
+        assert_eq!(mode, "2", "thread {name} is not under a seccomp filter: {filtered:?}");
+    }
+    assert!(filtered.iter().filter(|(n, _)| n.starts_with("vcpu")).count() == 2, "{filtered:?}");
+    assert!(filtered.iter().any(|(n, _)| n == "control"), "{filtered:?}");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let text_file = Scratch::new("badinput");
+    let notes = text_file.path("notes.txt");
+    std::fs::write(&notes, "this is not a kernel\n".repeat(50)).unwrap();
+    let hello = guest("hello");
+    let hello = hello.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--kernel", "/nonexistent/vmlinuz"], "No such file"),
+        (vec!["--kernel", notes.to_str().unwrap()], "neither an ELF file with a PVH entry note nor a Linux bzImage"),
+        (vec!["--kernel", hello, "--memory", "0"], "too little"),
+        (vec!["--kernel", hello, "--memory", "1000000000"], "this host has only"),
+        (vec!["--kernel", hello, "--cpus", "0"], "at least 1 vCPU"),
+        (vec!["--kernel", hello, "--cpus", "100000"], "vCPUs asked for"),
+        (vec!["--kernel", hello, "--serial", "tcp:1"], "serial sink"),
+        (vec!["--kernel", hello, "--control", "/tmp/x"], "expected unix:PATH"),
+        (vec![], "nothing to boot"),
+        (vec!["--frobnicate"], "unexpected argument"),
+    ];
+    for (args, expected) in cases {
+        let out = run(&args);
+        assert_exit(&out, 1);
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_json_config_file_boots_too() {
+    let dir = Scratch::new("config");
+    let config = dir.path("vm.json");
+    let serial = dir.path("serial.log");
+    let json = serde_json::json!({
+        "name": "from-json",
+        "vcpus": 2,
+        "memory_mib": 32,
+        "boot": { "kernel": guest("smp") },
+        "serial": { "kind": "file", "path": serial },
+    });
+    std::fs::write(&config, json.to_string()).unwrap();
+    let out = run(&["--config", config.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    assert!(std::fs::read_to_string(&serial).unwrap().contains("PORTHOLE-SMP-OK cpus=2"));
+    let _ = Path::new(VMM);
+}
