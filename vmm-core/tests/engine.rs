@@ -1,8 +1,10 @@
 //! The engine on the real KVM: each test runs `porthole-vmm` in a child process with a micro-guest.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use porthole_tests::{Scratch, text, wait, wait_until};
 
 use vmm_core::control::{ControlClient, Request};
 use vmm_core::vm::RunState;
@@ -12,47 +14,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn guest(name: &str) -> PathBuf {
     porthole_guests::path(name)
-}
-
-/// A scratch directory removed at the end of the test.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("porthole-engine-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Waits for `child` for at most `limit`; kills it past that (and fails the test).
-fn wait(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "porthole-vmm still running after {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn vmm(args: &[&str]) -> Command {
@@ -70,10 +31,6 @@ fn run_guest(name: &str, extra: &[&str]) -> Output {
     let mut args = vec!["--kernel", kernel.to_str().unwrap(), "--memory", "64"];
     args.extend_from_slice(extra);
     run(&args)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn assert_exit(out: &Output, code: i32) {
@@ -205,11 +162,7 @@ impl Ticker {
     }
 
     fn wait_for(&self, what: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        while !what(&self.output()) {
-            assert!(start.elapsed() < LIMIT, "guest output so far:\n{}", self.output());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(LIMIT, || what(&self.output()), || format!("guest output so far:\n{}", self.output()));
     }
 
     fn client(&self) -> ControlClient {
@@ -370,5 +323,4 @@ fn a_json_config_file_boots_too() {
     let out = run(&["--config", config.to_str().unwrap()]);
     assert_exit(&out, 0);
     assert!(std::fs::read_to_string(&serial).unwrap().contains("PORTHOLE-SMP-OK cpus=2"));
-    let _ = Path::new(VMM);
 }
