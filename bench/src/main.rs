@@ -1,1 +1,327 @@
-fn main() {}
+//! `porthole-bench`: runs Porthole and a peer (QEMU from Debian's qemu-system-x86) on the same input in the
+//! same run and prints ratios (Porthole / QEMU; below 1.0 means Porthole is faster or smaller).
+//!
+//! Benchmarks:
+//! - `boot`: process start → first serial byte of the `hello` micro-guest (QEMU: `-M microvm`, same PVH file).
+//! - `memory`: resident memory of an idle VM with 256 MiB of guest RAM (the `idle` guest), after its marker.
+//! - `concurrent`: N VMs of 64 MiB started at once; time until every one printed its marker.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "porthole-bench",
+    about = "Porthole benchmarks against QEMU, as ratios"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Option<Bench>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Process start to first serial byte (median of RUNS runs each).
+    Boot {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Resident memory of an idle 256 MiB VM.
+    Memory,
+    /// VMS VMs of 64 MiB started concurrently: time until all printed their marker.
+    Concurrent {
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+    },
+    /// Every benchmark with its defaults.
+    All,
+}
+
+/// The two programs compared.
+#[derive(Debug, Clone, Copy)]
+enum Engine {
+    Porthole,
+    Qemu,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Porthole => "porthole-vmm",
+            Engine::Qemu => "qemu-system-x86_64 -M microvm",
+        }
+    }
+
+    fn command(self, kernel: &Path, memory_mib: u32) -> anyhow::Result<Command> {
+        let mut cmd = match self {
+            Engine::Porthole => {
+                let vmm = sibling("porthole-vmm")?;
+                let mut c = Command::new(vmm);
+                c.arg("--kernel").arg(kernel).args([
+                    "--memory",
+                    &memory_mib.to_string(),
+                    "--serial",
+                    "stdio",
+                ]);
+                c
+            }
+            Engine::Qemu => {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args([
+                    "-M",
+                    "microvm",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                ])
+                .args([
+                    "-m",
+                    &memory_mib.to_string(),
+                    "-display",
+                    "none",
+                    "-nodefaults",
+                    "-no-reboot",
+                ])
+                .args([
+                    "-serial",
+                    "stdio",
+                    "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                    "-kernel",
+                ])
+                .arg(kernel);
+                c
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        Ok(cmd)
+    }
+}
+
+/// A binary next to this one (the same cargo profile folder).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built (cargo build --release -p vmm-core)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Starts `cmd` and reports when its standard output first contains `marker`.
+fn start_and_wait_for(
+    mut cmd: Command,
+    marker: &'static str,
+    limit: Duration,
+) -> anyhow::Result<(Child, Duration)> {
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if marker.is_empty() || seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                let _ = tx.send(start.elapsed());
+                // Keep draining so the guest never blocks on a full pipe.
+                while matches!(stdout.read(&mut buf), Ok(n) if n > 0) {}
+                return;
+            }
+        }
+    });
+    match rx.recv_timeout(limit) {
+        Ok(t) => Ok((child, t)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?}: no {marker:?} within {limit:?}")
+        }
+    }
+}
+
+fn finish(mut child: Child) {
+    if child.wait_timeout_or_kill(Duration::from_secs(10)).is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+trait WaitTimeout {
+    fn wait_timeout_or_kill(&mut self, limit: Duration) -> std::io::Result<()>;
+}
+
+impl WaitTimeout for Child {
+    fn wait_timeout_or_kill(&mut self, limit: Duration) -> std::io::Result<()> {
+        let start = Instant::now();
+        while self.try_wait()?.is_none() {
+            if start.elapsed() > limit {
+                self.kill()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn bench_boot(runs: usize) -> anyhow::Result<()> {
+    let kernel = porthole_guests::path("hello");
+    println!("boot: process start -> first serial byte of `hello` (median of {runs} runs)");
+    let mut medians = Vec::new();
+    for engine in [Engine::Porthole, Engine::Qemu] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let (child, t) =
+                start_and_wait_for(engine.command(&kernel, 64)?, "", Duration::from_secs(60))?;
+            finish(child);
+            times.push(t);
+        }
+        let m = median(times.clone());
+        let (min, max) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+        println!(
+            "  {:<32} median {:8.2} ms   min {:8.2}   max {:8.2}",
+            engine.name(),
+            ms(m),
+            ms(*min),
+            ms(*max)
+        );
+        medians.push(m);
+    }
+    println!(
+        "  ratio porthole/qemu: {:.3} (goal <= 0.3)",
+        medians[0].as_secs_f64() / medians[1].as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Resident and proportional set size of a process, in KiB.
+fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let field = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let rss = field(&status, "VmRSS:").context("no VmRSS")?;
+    Ok((rss, field(&rollup, "Pss:").unwrap_or(rss)))
+}
+
+fn bench_memory() -> anyhow::Result<()> {
+    let kernel = porthole_guests::path("idle");
+    println!("memory: idle VM with 256 MiB guest RAM (`idle` guest), 500 ms after its marker");
+    let mut rss = Vec::new();
+    for engine in [Engine::Porthole, Engine::Qemu] {
+        let (mut child, _) = start_and_wait_for(
+            engine.command(&kernel, 256)?,
+            "PORTHOLE-IDLE",
+            Duration::from_secs(60),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        let (r, p) = memory_kib(child.id())?;
+        let _ = child.kill();
+        let _ = child.wait();
+        println!(
+            "  {:<32} RSS {:8.2} MiB   PSS {:8.2} MiB",
+            engine.name(),
+            r as f64 / 1024.0,
+            p as f64 / 1024.0
+        );
+        rss.push(r);
+    }
+    println!(
+        "  ratio porthole/qemu (RSS): {:.3} (goal <= 0.2; overhead goal <= 5 MiB)",
+        rss[0] as f64 / rss[1] as f64
+    );
+    Ok(())
+}
+
+fn bench_concurrent(vms: usize) -> anyhow::Result<()> {
+    let kernel = porthole_guests::path("hello");
+    println!(
+        "concurrent: {vms} VMs of 64 MiB started at once, until every one printed PORTHOLE-GUEST-OK"
+    );
+    let mut totals = Vec::new();
+    for engine in [Engine::Porthole, Engine::Qemu] {
+        let start = Instant::now();
+        let handles: Vec<_> = (0..vms)
+            .map(|_| {
+                let cmd = engine.command(&kernel, 64);
+                std::thread::spawn(move || {
+                    start_and_wait_for(cmd?, "PORTHOLE-GUEST-OK", Duration::from_secs(120))
+                })
+            })
+            .collect();
+        let mut children = Vec::new();
+        for h in handles {
+            let (child, _) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("a starter thread panicked"))??;
+            children.push(child);
+        }
+        let total = start.elapsed();
+        for c in children {
+            finish(c);
+        }
+        println!(
+            "  {:<32} all {vms} markers after {:8.2} ms",
+            engine.name(),
+            ms(total)
+        );
+        totals.push(total);
+    }
+    println!(
+        "  ratio porthole/qemu: {:.3}",
+        totals[0].as_secs_f64() / totals[1].as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bench = cli.bench.unwrap_or(Bench::All);
+    println!(
+        "porthole-bench {} on {} CPUs",
+        env!("CARGO_PKG_VERSION"),
+        std::thread::available_parallelism()?
+    );
+    match bench {
+        Bench::Boot { runs } => bench_boot(runs),
+        Bench::Memory => bench_memory(),
+        Bench::Concurrent { vms } => bench_concurrent(vms),
+        Bench::All => {
+            bench_boot(20)?;
+            bench_memory()?;
+            bench_concurrent(20)
+        }
+    }
+}

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_translation};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
 };
 
 const KVMIO: u32 = 0xAE;
@@ -35,7 +36,12 @@ fn allow(calls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
     Ok(filter.try_into()?)
 }
 
@@ -71,7 +77,12 @@ const COMMON: &[i64] = &[
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules = allow(COMMON);
     let ioctl_is = |cmd: u64| -> Result<SeccompRule, SeccompError> {
-        Ok(SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)?])?)
+        Ok(SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            cmd,
+        )?])?)
     };
     rules.insert(
         libc::SYS_ioctl,

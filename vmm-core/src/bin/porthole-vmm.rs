@@ -14,8 +14,13 @@ use vmm_core::{SerialSink, Vm, VmConfig};
 
 /// Runs one virtual machine on KVM.
 #[derive(Debug, Parser)]
-#[command(name = "porthole-vmm", version, about, after_help = "Exit status: 0 guest powered off, 1 VMM error, \
-2 guest crashed, 3 powered off by the host, 4 guest reset with --no-reboot.")]
+#[command(
+    name = "porthole-vmm",
+    version,
+    about,
+    after_help = "Exit status: 0 guest powered off, 1 VMM error, \
+2 guest crashed, 3 powered off by the host, 4 guest reset with --no-reboot."
+)]
 struct Cli {
     /// Kernel to boot: a Linux bzImage (boot protocol 2.10+) or an ELF with a PVH entry note.
     #[arg(long, value_name = "PATH")]
@@ -115,19 +120,22 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     let handle = vm.handle();
     // Opened now: once the VM runs, the seccomp filter forbids opening files.
     let counters_file = match &cli.counters_file {
-        Some(path) => Some(std::fs::File::create(path).with_context(|| format!("cannot create {path:?}"))?),
+        Some(path) => {
+            Some(std::fs::File::create(path).with_context(|| format!("cannot create {path:?}"))?)
+        }
         None => None,
     };
     if let Some(path) = control {
-        let listener =
-            vmm_core::control::bind(&path).with_context(|| format!("cannot listen on control socket {path:?}"))?;
+        let listener = vmm_core::control::bind(&path)
+            .with_context(|| format!("cannot listen on control socket {path:?}"))?;
         vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
             .context("cannot start the control socket thread")?;
     }
     let reason = vm.run()?;
     if let Some(mut file) = counters_file {
         use std::io::Write;
-        serde_json::to_writer_pretty(&mut file, &handle.counters()).context("cannot write the counters file")?;
+        serde_json::to_writer_pretty(&mut file, &handle.counters())
+            .context("cannot write the counters file")?;
         file.flush().context("cannot write the counters file")?;
     }
     Ok(reason)

@@ -64,7 +64,12 @@ struct Keyboard {
 
 impl Keyboard {
     fn reset(&mut self) {
-        *self = Keyboard { scanning: true, scancode_set: 2, awaiting: None, leds: 0 };
+        *self = Keyboard {
+            scanning: true,
+            scancode_set: 2,
+            awaiting: None,
+            leds: 0,
+        };
     }
 
     /// Answers one byte the guest sent to the keyboard.
@@ -89,7 +94,7 @@ impl Keyboard {
                 self.awaiting = Some(byte);
                 vec![ACK]
             }
-            0xEE => vec![0xEE], // echo
+            0xEE => vec![0xEE],            // echo
             0xF2 => vec![ACK, 0xAB, 0x83], // identify: MF2 keyboard
             0xF4 => {
                 self.scanning = true;
@@ -134,7 +139,11 @@ struct Mouse {
 
 impl Mouse {
     fn reset(&mut self) {
-        *self = Mouse { sample_rate: 100, resolution: 2, ..Mouse::default() };
+        *self = Mouse {
+            sample_rate: 100,
+            resolution: 2,
+            ..Mouse::default()
+        };
     }
 
     fn command(&mut self, byte: u8) -> Vec<u8> {
@@ -166,7 +175,9 @@ impl Mouse {
                 vec![ACK]
             }
             0xE9 => {
-                let status = (u8::from(self.streaming) << 5) | (u8::from(self.scaling_2to1) << 4) | (self.buttons & 7);
+                let status = (u8::from(self.streaming) << 5)
+                    | (u8::from(self.scaling_2to1) << 4)
+                    | (self.buttons & 7);
                 vec![ACK, status, self.resolution, self.sample_rate]
             }
             0xEA | 0xF0 | 0xEC | 0xEE => vec![ACK],
@@ -264,7 +275,9 @@ impl I8042 {
         if self.output.is_some() {
             return;
         }
-        let Some(&(_, source)) = self.queue.front() else { return };
+        let Some(&(_, source)) = self.queue.front() else {
+            return;
+        };
         // A disabled port holds its bytes back.
         let blocked = match source {
             Source::Keyboard => self.config & CFG_KBD_DISABLED != 0,
@@ -278,7 +291,9 @@ impl I8042 {
         self.output = Some((byte, source));
         match source {
             Source::Mouse if self.config & CFG_AUX_INT != 0 => self.mouse_irq.trigger(),
-            Source::Keyboard | Source::Controller if self.config & CFG_KBD_INT != 0 => self.keyboard_irq.trigger(),
+            Source::Keyboard | Source::Controller if self.config & CFG_KBD_INT != 0 => {
+                self.keyboard_irq.trigger()
+            }
             _ => {}
         }
     }
@@ -439,7 +454,12 @@ mod tests {
         let kbd_irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mouse_irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let machine = MachineControl::new().unwrap();
-        Rig { dev: I8042::new(kbd_irq.clone(), mouse_irq.clone(), machine.clone()), kbd_irq, mouse_irq, machine }
+        Rig {
+            dev: I8042::new(kbd_irq.clone(), mouse_irq.clone(), machine.clone()),
+            kbd_irq,
+            mouse_irq,
+            machine,
+        }
     }
 
     fn cmd(dev: &mut I8042, c: u8) {
@@ -517,7 +537,10 @@ mod tests {
         assert_eq!(drain(&mut r.dev), vec![ACK]);
         r.dev.mouse_input(5, 3, -1, 1);
         assert_ne!(status(&mut r.dev) & STATUS_AUX_OBF, 0);
-        assert_eq!(drain(&mut r.dev), vec![0x08 | 0x20 | 1, 5, (-3i8) as u8, 0xFF]);
+        assert_eq!(
+            drain(&mut r.dev),
+            vec![0x08 | 0x20 | 1, 5, (-3i8) as u8, 0xFF]
+        );
     }
 
     #[test]
