@@ -39,6 +39,11 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         vms: usize,
     },
+    /// Control-socket pause: time until every vCPU stopped, over ROUNDS pause/resume rounds.
+    Pause {
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+    },
     /// Every benchmark with its defaults.
     All,
 }
@@ -306,6 +311,37 @@ fn bench_concurrent(vms: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_pause(rounds: usize) -> anyhow::Result<()> {
+    use vmm_core::control::{ControlClient, Request};
+    let dir = std::env::temp_dir().join(format!("porthole-bench-pause-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("control.sock");
+    let mut cmd = Engine::Porthole.command(&porthole_guests::path("ticker"), 64)?;
+    cmd.args(["--cpus", "2", "--control"]).arg(format!("unix:{}", socket.display()));
+    let (mut child, _) = start_and_wait_for(cmd, "PORTHOLE-TICK 1", Duration::from_secs(60))?;
+    let mut client = ControlClient::connect(&socket)?;
+    let mut took = Vec::new();
+    for _ in 0..rounds {
+        let reply = client.request(&Request::Pause)?;
+        took.push(Duration::from_micros(reply.paused_after_us.unwrap_or_default()));
+        client.request(&Request::Resume)?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    took.sort();
+    println!("pause: control-socket pause of 2 running vCPUs (`ticker`), {rounds} rounds");
+    println!(
+        "  porthole-vmm                     p50 {:8.3} ms   p99 {:8.3} ms   max {:8.3} ms (goal <= 50 ms)",
+        ms(took[took.len() / 2]),
+        ms(took[(took.len() * 99 / 100).min(took.len() - 1)]),
+        ms(*took.last().unwrap())
+    );
+    println!("  (QEMU's pause goes through QMP and is not compared here)");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bench = cli.bench.unwrap_or(Bench::All);
@@ -318,10 +354,12 @@ fn main() -> anyhow::Result<()> {
         Bench::Boot { runs } => bench_boot(runs),
         Bench::Memory => bench_memory(),
         Bench::Concurrent { vms } => bench_concurrent(vms),
+        Bench::Pause { rounds } => bench_pause(rounds),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
-            bench_concurrent(20)
+            bench_concurrent(20)?;
+            bench_pause(50)
         }
     }
 }
