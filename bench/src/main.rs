@@ -317,13 +317,16 @@ fn bench_pause(rounds: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("control.sock");
     let mut cmd = Engine::Porthole.command(&porthole_guests::path("ticker"), 64)?;
-    cmd.args(["--cpus", "2", "--control"]).arg(format!("unix:{}", socket.display()));
+    cmd.args(["--cpus", "2", "--control"])
+        .arg(format!("unix:{}", socket.display()));
     let (mut child, _) = start_and_wait_for(cmd, "PORTHOLE-TICK 1", Duration::from_secs(60))?;
     let mut client = ControlClient::connect(&socket)?;
     let mut took = Vec::new();
     for _ in 0..rounds {
         let reply = client.request(&Request::Pause)?;
-        took.push(Duration::from_micros(reply.paused_after_us.unwrap_or_default()));
+        took.push(Duration::from_micros(
+            reply.paused_after_us.unwrap_or_default(),
+        ));
         client.request(&Request::Resume)?;
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -87,10 +87,10 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     rules.insert(
         libc::SYS_ioctl,
         vec![
-            ioctl_is(u64::from(KVM_RUN()))?,
-            ioctl_is(u64::from(KVM_GET_REGS()))?,
-            ioctl_is(u64::from(KVM_GET_SREGS()))?,
-            ioctl_is(u64::from(KVM_TRANSLATE()))?,
+            ioctl_is(KVM_RUN())?,
+            ioctl_is(KVM_GET_REGS())?,
+            ioctl_is(KVM_GET_SREGS())?,
+            ioctl_is(KVM_TRANSLATE())?,
         ],
     );
     compile(rules)

@@ -274,6 +274,9 @@ pub struct Vm {
     pending_input: Vec<u8>,
 }
 
+/// A device as the buses hold it.
+type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
 /// One boot of the VM: the KVM VM and its vCPU threads.
 struct Boot {
     _vm: VmFd,
@@ -433,7 +436,7 @@ impl Vm {
             machine.clone(),
         )));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
-        let devices: [(Arc<Mutex<dyn BusDevice>>, u16, u64); 7] = [
+        let devices: [(SharedDevice, u16, u64); 7] = [
             (self.serial.clone(), COM1_PORT, 8),
             (self.rtc.clone(), RTC_PORT, 2),
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),

@@ -22,7 +22,10 @@
  *                  move the ACPI PM base (and so break the power-off) or disable devices.
  * Reads are done everywhere (no port resets the machine on a read).
  *
- * Cost: about 150 000 port exits and 8192 MMIO exits; see the report that added this guest for timings.
+ * Cost: about 150 000 port exits and 8192 MMIO exits. Measured under QEMU 7.2 -M pc on this machine's
+ * nested KVM (PVM): 1.8-2.6 s from START to OK (outb ~0.45 s, outw + outl ~0.35 s, inb ~1.0 s, MMIO ~0.1 s).
+ * Under QEMU -M pc the write to 0xB2 (APM) raises an SMI that PVM cannot inject: QEMU prints "KVM: injection
+ * failed, SMI lost" and the guest carries on.
  */
     .set SEED, 0x50544831           /* "PTH1" */
     .set MMIO_BASE, 0xD0000000

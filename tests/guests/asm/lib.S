@@ -264,11 +264,15 @@ pit_read_counter:
     movzwl %ax, %eax
     ret
 
-/* delay_us(%rdi = microseconds): busy-waits on pit_ticks(); needs pit_ticks_start() first. */
+/* delay_us(%rdi = microseconds): busy-waits on pit_ticks(); needs pit_ticks_start() first. So that a dead
+   PIT cannot hang a guest, it also gives up after %rdi + 1000 polls (a poll is three port accesses, which
+   take well over 1 us each even with hardware virtualization). */
     .globl delay_us
 delay_us:
     pushq %rbx
     pushq %r12
+    pushq %r13
+    leaq 1000(%rdi), %r13           /* poll budget */
     imulq $1193182, %rdi, %rax
     movl $1000000, %ecx
     xorl %edx, %edx
@@ -279,7 +283,10 @@ delay_us:
 1:  call pit_ticks
     subq %rbx, %rax
     cmpq %r12, %rax
-    jb 1b
+    jae 2f
+    decq %r13
+    jnz 1b
+2:  popq %r13
     popq %r12
     popq %rbx
     ret

@@ -78,7 +78,9 @@ guest_main:
     movl $0x000C4600 | (TRAMPOLINE >> 12), %edi
     call send_ipi
 
-    /* Wait for the APs: at most 2 s. */
+    /* Wait for the APs: at most 2 s by the PIT, and at most 2 000 000 polls should the PIT be dead. */
+    pushq %r13
+    movl $2000000, %r13d
     call pit_ticks
     movq %rax, %rbx
 5:  movl cpus_seen(%rip), %eax
@@ -87,8 +89,11 @@ guest_main:
     call pit_ticks
     subq %rbx, %rax
     cmpq $2 * PIT_HZ, %rax
-    jb 5b
-6:  /* 100 ms more: a CPU the MADT did not count would show up as seen > expected. */
+    jae 6f
+    decl %r13d
+    jnz 5b
+6:  popq %r13
+    /* 100 ms more: a CPU the MADT did not count would show up as seen > expected. */
     movl $100000, %edi
     call delay_us
 

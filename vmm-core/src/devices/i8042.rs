@@ -341,12 +341,8 @@ impl I8042 {
             0xD2 => self.pending = Some(PendingWrite::KeyboardOutput),
             0xD3 => self.pending = Some(PendingWrite::MouseOutput),
             0xD4 => self.pending = Some(PendingWrite::ToMouse),
-            0xF0..=0xFF => {
-                // Pulse output lines; bit 0 low pulses the CPU reset line.
-                if cmd & 1 == 0 {
-                    self.machine.request(MachineRequest::Reset);
-                }
-            }
+            // Pulse output lines; bit 0 low pulses the CPU reset line.
+            0xF0..=0xFF if cmd & 1 == 0 => self.machine.request(MachineRequest::Reset),
             _ => {}
         }
     }
