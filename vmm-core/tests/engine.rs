@@ -181,10 +181,16 @@ struct Ticker {
 
 impl Ticker {
     fn start(extra: &[&str]) -> Ticker {
-        let dir = Scratch::new(&format!("ticker-{}", extra.len()));
+        let t = Self::start_guest("ticker", extra);
+        t.wait_for(|s| s.contains("PORTHOLE-TICK 2\n"));
+        t
+    }
+
+    fn start_guest(name: &str, extra: &[&str]) -> Ticker {
+        let dir = Scratch::new(&format!("{name}-{}", extra.len()));
         let serial = dir.path("serial.log");
         let control = dir.path("control.sock");
-        let kernel = guest("ticker");
+        let kernel = guest(name);
         let serial_arg = format!("file:{}", serial.display());
         let control_arg = format!("unix:{}", control.display());
         let mut args = vec![
@@ -199,14 +205,12 @@ impl Ticker {
         ];
         args.extend_from_slice(extra);
         let child = vmm(&args).spawn().unwrap();
-        let t = Ticker {
+        Ticker {
             _dir: dir,
             child: Some(child),
             serial,
             control,
-        };
-        t.wait_for(|s| s.contains("PORTHOLE-TICK 2\n"));
-        t
+        }
     }
 
     fn output(&self) -> String {
@@ -225,8 +229,14 @@ impl Ticker {
         ControlClient::connect(&self.control).unwrap()
     }
 
-    fn finish(mut self) -> Output {
-        wait(self.child.take().unwrap(), LIMIT)
+    fn finish(self) -> Output {
+        self.finish_with_log().0
+    }
+
+    /// Waits for the VM to end; returns its output and the serial log.
+    fn finish_with_log(mut self) -> (Output, String) {
+        let out = wait(self.child.take().unwrap(), LIMIT);
+        (out, self.output())
     }
 }
 
@@ -355,6 +365,17 @@ fn a_stop_the_guest_ignores_is_forced_after_the_timeout() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn a_graceful_stop_reaches_an_acpi_aware_guest_which_powers_off() {
+    let t = Ticker::start_guest("acpi-button", &["--stop-timeout-ms", "30000"]);
+    t.wait_for(|s| s.contains("PORTHOLE-ACPI-READY"));
+    let reply = t.client().request(&Request::Stop).unwrap();
+    assert_eq!(reply.acpi_power_button_enabled, Some(true));
+    let (out, log) = t.finish_with_log();
+    assert_exit(&out, 0);
+    assert!(log.contains("PORTHOLE-ACPI-POWER-BUTTON"), "{log}");
 }
 
 #[test]
