@@ -67,6 +67,18 @@ const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xAA55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const XEN_HVM_START_MAGIC: u32 = 0x336E_C578;
 
+/// A linear framebuffer described to Linux through `boot_params.screen_info` (VIDEO_TYPE_VLFB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearFramebuffer {
+    pub base: u64,
+    pub size: u64,
+    pub width: u16,
+    pub height: u16,
+}
+
+const VIDEO_TYPE_VLFB: u8 = 0x23;
+const VIDEO_CAPABILITY_64BIT_BASE: u32 = 1 << 1;
+
 /// Loads the kernel, initrd and command line into `mem`, writes the boot structures of the kernel's
 /// protocol, and returns the entry.
 pub fn load(
@@ -74,6 +86,7 @@ pub fn load(
     files: &mut BootFiles,
     mem_bytes: u64,
     rsdp: u64,
+    fb: Option<LinearFramebuffer>,
 ) -> Result<Entry, BootError> {
     let mut magic = [0u8; 4];
     files
@@ -109,7 +122,7 @@ pub fn load(
             kernel_end,
             low_ram_end.min(layout::INITRD_MAX_END),
         )?;
-        write_pvh_start_info(mem, &files.cmdline, initrd, &e820, rsdp)?;
+        write_pvh_start_info(mem, initrd, &e820, rsdp)?;
         Ok(Entry::Pvh {
             rip: entry.raw_value(),
         })
@@ -137,7 +150,7 @@ pub fn load(
             .min(u64::from(header.initrd_addr_max) + 1)
             .min(layout::INITRD_MAX_END);
         let initrd = load_initrd(mem, files, kernel_end, limit)?;
-        write_zero_page(mem, header, &files.cmdline, initrd, &e820, rsdp)?;
+        write_zero_page(mem, header, &files.cmdline, initrd, &e820, rsdp, fb)?;
         Ok(Entry::Linux64 {
             rip: loaded.kernel_load.raw_value() + 0x200,
         })
@@ -182,12 +195,10 @@ fn load_initrd(
 
 fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
-    cmdline: &str,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
     rsdp: u64,
 ) -> Result<(), BootError> {
-    let _ = cmdline;
     let entries = &e820[..e820.len().min(layout::MEMMAP_MAX_ENTRIES)];
     for (i, e) in entries.iter().enumerate() {
         let at = layout::PVH_MEMMAP + i as u64 * 24;
@@ -229,8 +240,26 @@ fn write_zero_page(
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
     rsdp: u64,
+    fb: Option<LinearFramebuffer>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
+    if let Some(fb) = fb {
+        let si = &mut params.screen_info;
+        si.orig_video_isVGA = VIDEO_TYPE_VLFB;
+        si.lfb_width = fb.width;
+        si.lfb_height = fb.height;
+        si.lfb_depth = 32;
+        si.lfb_linelength = fb.width * 4;
+        si.lfb_base = fb.base as u32;
+        si.ext_lfb_base = (fb.base >> 32) as u32;
+        si.capabilities = VIDEO_CAPABILITY_64BIT_BASE;
+        si.lfb_size = (fb.size >> 16) as u32; // in 64 KiB units
+        (si.red_size, si.red_pos, si.green_size, si.green_pos) = (8, 16, 8, 8);
+        (si.blue_size, si.blue_pos, si.rsvd_size, si.rsvd_pos) = (8, 0, 8, 24);
+        si.orig_video_cols = 80;
+        si.orig_video_lines = 25;
+        si.orig_video_points = 16;
+    }
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
     hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     hdr.header = KERNEL_HDR_MAGIC;
@@ -273,7 +302,7 @@ mod tests {
     fn pvh_guest_loads_with_start_info() {
         let mem = mem();
         let mut f = files(&porthole_guests::path("hello"));
-        let entry = load(&mem, &mut f, 64 << 20, 0xE0000).unwrap();
+        let entry = load(&mem, &mut f, 64 << 20, 0xE0000, None).unwrap();
         assert!(matches!(entry, Entry::Pvh { rip } if rip >= layout::HIGH_RAM_START));
         let magic: u32 = mem.read_obj(GuestAddress(layout::PVH_START_INFO)).unwrap();
         assert_eq!(magic, XEN_HVM_START_MAGIC);
@@ -295,7 +324,7 @@ mod tests {
             std::env::temp_dir().join(format!("porthole-initrd-test-{}", std::process::id()));
         std::fs::write(&initrd, vec![0x5A; 10_000]).unwrap();
         f.initrd = Some(File::open(&initrd).unwrap());
-        load(&mem, &mut f, 64 << 20, 0).unwrap();
+        load(&mem, &mut f, 64 << 20, 0, None).unwrap();
         std::fs::remove_file(&initrd).unwrap();
         let modules: u32 = mem
             .read_obj(GuestAddress(layout::PVH_START_INFO + 12))
@@ -314,7 +343,7 @@ mod tests {
     fn text_file_is_not_a_kernel() {
         let path = std::env::temp_dir().join(format!("porthole-notakernel-{}", std::process::id()));
         std::fs::write(&path, "just some text, certainly no kernel\n".repeat(100)).unwrap();
-        let err = load(&mem(), &mut files(&path), 64 << 20, 0).unwrap_err();
+        let err = load(&mem(), &mut files(&path), 64 << 20, 0, None).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, BootError::NotAKernel(_)), "{err}");
     }

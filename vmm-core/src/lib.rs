@@ -11,6 +11,7 @@ pub mod control;
 pub mod counters;
 pub mod cpu;
 pub mod devices;
+pub mod display;
 pub mod layout;
 pub mod seccomp;
 pub mod vcpu;

@@ -11,12 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, MmapRegion,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,11 +29,15 @@ use crate::cpu::{self, CpuError};
 use crate::devices::acpi_pm::{self, Pm1Control, Pm1Event};
 use crate::devices::bus::{UnhandledCounts, lock};
 use crate::devices::debug_port::{POST_CODE_PORT, PostCode};
+use crate::devices::dispi::{DISPI_INDEX_PORT, DISPI_PORT_LEN, Dispi};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::reset_control::{RESET_PORT, ResetControl};
 use crate::devices::rtc::{RTC_PORT, Rtc};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, Serial, SerialOutput, SerialStats};
+use crate::devices::vga::{VGA_PORT, VGA_PORT_LEN, Vga};
 use crate::devices::{Bus, BusDevice, BusError, IrqLine, MachineControl, MachineRequest};
+use crate::display::refresh::{BootView, Refresher};
+use crate::display::{self, Screen};
 use crate::layout;
 use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
@@ -272,6 +277,14 @@ pub struct Vm {
     seccomp: bool,
     /// Standard input bytes read but not yet taken by the UART.
     pending_input: Vec<u8>,
+    /// Keeps the console screen up to date.
+    refresher: Arc<Refresher>,
+}
+
+/// The display devices of one boot.
+struct DisplayDevices {
+    dispi: Arc<Mutex<Dispi>>,
+    vga: Arc<Mutex<Vga>>,
 }
 
 /// A device as the buses hold it.
@@ -279,8 +292,9 @@ type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 /// One boot of the VM: the KVM VM and its vCPU threads.
 struct Boot {
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
+    _vram: Arc<GuestRegionMmap>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -364,6 +378,7 @@ impl Vm {
             irqs,
             seccomp: true,
             pending_input: Vec::new(),
+            refresher: Refresher::new(Screen::new()),
         })
     }
 
@@ -375,6 +390,16 @@ impl Vm {
     /// The handle the control socket uses.
     pub fn handle(&self) -> Arc<VmHandle> {
         self.handle.clone()
+    }
+
+    /// The console screen (what RFB clients show).
+    pub fn screen(&self) -> Arc<Screen> {
+        self.refresher.screen.clone()
+    }
+
+    /// The refresher, for the benchmark frame source that writes video memory from the host.
+    pub fn refresher(&self) -> Arc<Refresher> {
+        self.refresher.clone()
     }
 
     fn create_kvm_vm(&self) -> Result<VmFd, VmError> {
@@ -426,7 +451,11 @@ impl Vm {
         Ok(mem)
     }
 
-    fn build_buses(&self, machine: &MachineControl) -> Result<(Bus, Bus), VmError> {
+    fn build_buses(
+        &self,
+        machine: &MachineControl,
+        display: &DisplayDevices,
+    ) -> Result<(Bus, Bus), VmError> {
         let h = &self.handle;
         let mut pio = Bus::with_counts(h.pio_unhandled.clone());
         let mmio = Bus::with_counts(h.mmio_unhandled.clone());
@@ -436,7 +465,9 @@ impl Vm {
             machine.clone(),
         )));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
-        let devices: [(SharedDevice, u16, u64); 7] = [
+        let devices: [(SharedDevice, u16, u64); 9] = [
+            (display.dispi.clone(), DISPI_INDEX_PORT, DISPI_PORT_LEN),
+            (display.vga.clone(), VGA_PORT, VGA_PORT_LEN),
             (self.serial.clone(), COM1_PORT, 8),
             (self.rtc.clone(), RTC_PORT, 2),
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),
@@ -469,16 +500,79 @@ impl Vm {
         Ok((pio, mmio))
     }
 
+    /// Video memory: its own memslot at the framebuffer address, with KVM's dirty-page log on.
+    fn create_vram(&self, vm: &VmFd, slot: u32) -> Result<Arc<GuestRegionMmap>, VmError> {
+        let mib = display::VRAM_BYTES >> 20;
+        let region = MmapRegion::new(display::VRAM_BYTES as usize)
+            .ok()
+            .and_then(|m| GuestRegionMmap::new(m, GuestAddress(display::LFB_BASE)))
+            .ok_or_else(|| VmError::Memory {
+                mib,
+                reason: "cannot map video memory".into(),
+            })?;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory {
+                mib,
+                reason: e.to_string(),
+            })?;
+        let slot_region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: display::LFB_BASE,
+            memory_size: display::VRAM_BYTES,
+            userspace_addr: host as u64,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+        };
+        // SAFETY: the region lives in `Boot`, dropped after the KVM VM.
+        unsafe { vm.set_user_memory_region(slot_region) }.map_err(kvm_err("map video memory"))?;
+        Ok(Arc::new(region))
+    }
+
     /// Builds and starts one boot of the machine.
     fn boot(&mut self) -> Result<Boot, VmError> {
-        let vm = self.create_kvm_vm()?;
+        let vm = Arc::new(self.create_kvm_vm()?);
         let mem = self.create_memory(&vm)?;
+        let vram = self.create_vram(&vm, mem.num_regions() as u32)?;
         self.irqs.register(&vm)?;
         let machine = self.handle.machine.clone();
-        let (pio, mmio) = self.build_buses(&machine)?;
+        let version = self.refresher.registers_version.clone();
+        let display = DisplayDevices {
+            dispi: Arc::new(Mutex::new(Dispi::new(
+                display::MAX_WIDTH as u16,
+                display::MAX_HEIGHT as u16,
+                display::VRAM_BYTES,
+                version.clone(),
+            ))),
+            vga: Arc::new(Mutex::new(Vga::new(version))),
+        };
+        let (pio, mmio) = self.build_buses(&machine, &display)?;
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
-        let entry = boot::load(&mem, &mut self.files, self.config.memory_bytes(), rsdp)?;
+        let fb = boot::LinearFramebuffer {
+            base: display::LFB_BASE,
+            size: display::VRAM_BYTES,
+            width: display::DEFAULT_WIDTH as u16,
+            height: display::DEFAULT_HEIGHT as u16,
+        };
+        let entry = boot::load(
+            &mem,
+            &mut self.files,
+            self.config.memory_bytes(),
+            rsdp,
+            Some(fb),
+        )?;
+        if let boot::Entry::Linux64 { .. } = entry {
+            // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
+            lock(&display.dispi).set_mode(fb.width, fb.height, 32);
+        }
+        self.refresher.attach(BootView {
+            vm: vm.clone(),
+            ram: mem.clone(),
+            vram: vram.clone(),
+            vram_slot: mem.num_regions() as u32,
+            dispi: display.dispi.clone(),
+            vga: display.vga.clone(),
+        });
         cpu::write_boot_tables(&mem, entry)?;
 
         let mut vcpus = Vec::new();
@@ -533,6 +627,7 @@ impl Vm {
         Ok(Boot {
             _vm: vm,
             _mem: mem,
+            _vram: vram,
             threads,
         })
     }
@@ -646,6 +741,28 @@ impl Vm {
 
     /// Runs the VM until it ends. Guest resets rebuild the machine (unless `no_reboot`).
     pub fn run(&mut self) -> Result<ExitReason, VmError> {
+        let refresher = self.refresher.clone();
+        let filter = self.seccomp;
+        let display_thread = std::thread::Builder::new()
+            .name("display".into())
+            .spawn(move || {
+                if filter && let Err(e) = seccomp::apply_vmm_filter() {
+                    log::error!(
+                        "display: cannot apply the seccomp filter ({e}); the console stays blank"
+                    );
+                    return;
+                }
+                refresher.run();
+            })
+            .map_err(io_err("start the display thread"))?;
+        let result = self.run_boots();
+        self.refresher.detach();
+        self.refresher.stop();
+        let _ = display_thread.join();
+        result
+    }
+
+    fn run_boots(&mut self) -> Result<ExitReason, VmError> {
         if self.seccomp {
             seccomp::apply_vmm_filter()?;
         }
@@ -656,6 +773,7 @@ impl Vm {
             for t in boot.threads {
                 let _ = t.join();
             }
+            self.refresher.detach();
             *lock(&self.handle.pm1_event) = None;
             *lock(&self.handle.i8042) = None;
             let reason = match outcome? {

@@ -6,7 +6,8 @@
  * Contents: COM1 output (serial_*), poweroff, the IDT (idt_set_gate, idt_init, idt_pointer for other CPUs),
  * CMOS access (cmos_read/cmos_write), 8259 set-up (pic_init), the PIT (pit_set_periodic, and a polled time
  * base: pit_ticks_start/pit_ticks/delay_us), the local APIC (lapic_id, lapic_enable, lapic_eoi) and ACPI
- * table look-up (acpi_find_rsdp, acpi_find_table).
+ * table look-up (acpi_find_rsdp, acpi_find_table), the display (fb_base, vbe_read/vbe_write, vbe_set_mode)
+ * and the VGA text screen (vga_text_clear, vga_set_cursor, crtc_write); serial_putsdec for signed values.
  */
     .set COM1, 0x3f8
     .set ACPI_PM1A_CNT, 0x604       /* PIIX4-style PM1a control, as SeaBIOS programs it in QEMU -M pc */
@@ -89,6 +90,12 @@ poweroff:
     movw $ACPI_PM1A_CNT, %dx
     movw $0x2000, %ax               /* SLP_EN, SLP_TYP 0 (the _S5 type Porthole and QEMU declare) */
     outw %ax, %dx
+    /* QEMU acts on S5 asynchronously: give it time (~50000 port reads, tens of ms) before the debug-exit
+       fallback, which would otherwise win the race and exit with status 1. */
+    movl $50000, %ecx
+2:  inb $0x80, %al
+    decl %ecx
+    jnz 2b
     movw $ISA_DEBUG_EXIT, %dx
     xorl %eax, %eax
     outb %al, %dx
@@ -420,6 +427,181 @@ acpi_find_table:
 8:  popq %r14
     popq %r13
     popq %r12
+    popq %rbx
+    ret
+
+/* serial_putsdec(%rdi = signed value): "-" then the magnitude for negative values. */
+    .globl serial_putsdec
+serial_putsdec:
+    pushq %rbx
+    movq %rdi, %rbx
+    testq %rbx, %rbx
+    jns 1f
+    movl $'-', %edi
+    call serial_putc
+    negq %rbx
+1:  movq %rbx, %rdi
+    call serial_putdec
+    popq %rbx
+    ret
+
+/* ---- Display: Bochs VBE "DISPI" registers and the linear framebuffer ---- */
+    .set VBE_INDEX, 0x1CE
+    .set VBE_DATA, 0x1CF
+    .set FB_FALLBACK, 0xE0000000    /* the fixed Bochs LFB address, used when no PCI display answers */
+
+/* vbe_write(%edi = register index, %esi = 16-bit value) */
+    .globl vbe_write
+vbe_write:
+    movw $VBE_INDEX, %dx
+    movl %edi, %eax
+    outw %ax, %dx
+    movw $VBE_DATA, %dx
+    movl %esi, %eax
+    outw %ax, %dx
+    ret
+
+/* vbe_read(%edi = register index) -> %eax (16 bits, zero-extended) */
+    .globl vbe_read
+vbe_read:
+    movw $VBE_INDEX, %dx
+    movl %edi, %eax
+    outw %ax, %dx
+    movw $VBE_DATA, %dx
+    inw %dx, %ax
+    movzwl %ax, %eax
+    ret
+
+/* vbe_set_mode(%edi = XRES, %esi = YRES): ID <- 0xB0C5 (newest interface), ENABLE <- 0, XRES, YRES,
+   BPP <- 32, then ENABLE <- 0x41 (enabled | LFB; memory cleared). Pixels are then 0x00RRGGBB, 32-bit
+   little-endian, stride XRES * 4, at fb_base(). The ENABLE write is the one on which porthole-vmm's
+   console leaves VGA text mode. Returns the ID register as read back after the ID write in %eax. */
+    .globl vbe_set_mode
+vbe_set_mode:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    movl %edi, %r12d
+    movl %esi, %r13d
+    xorl %edi, %edi                 /* 0: ID */
+    movl $0xB0C5, %esi
+    call vbe_write
+    xorl %edi, %edi
+    call vbe_read
+    movl %eax, %ebx
+    movl $4, %edi                   /* ENABLE <- 0 while the mode changes */
+    xorl %esi, %esi
+    call vbe_write
+    movl $1, %edi                   /* XRES */
+    movl %r12d, %esi
+    call vbe_write
+    movl $2, %edi                   /* YRES */
+    movl %r13d, %esi
+    call vbe_write
+    movl $3, %edi                   /* BPP */
+    movl $32, %esi
+    call vbe_write
+    movl $4, %edi                   /* ENABLE <- enabled | LFB */
+    movl $0x41, %esi
+    call vbe_write
+    movl %ebx, %eax
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* fb_base() -> %rax: physical (= virtual, identity map) address of the linear framebuffer. Scans PCI bus 0
+   devices 0-31, function 0, through configuration mechanism #1 (0xCF8/0xCFC) for the Bochs/QEMU display
+   (vendor 0x1234, device 0x1111) and returns its BAR0 with the low 4 bits masked; it also sets the
+   device's memory-space enable bit, and if BAR0 is unassigned (0) it assigns 0xE0000000 first. With no
+   such device (no PCI at all: reads give 0xFFFFFFFF) it returns the fixed Bochs address 0xE0000000. */
+    .globl fb_base
+fb_base:
+    xorl %ecx, %ecx                 /* device number */
+1:  movl %ecx, %eax
+    shll $11, %eax
+    orl $0x80000000, %eax           /* enable | bus 0 | device | function 0 | register 0 */
+    movl %eax, %r8d
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    inl %dx, %eax
+    cmpl $0x11111234, %eax          /* device 0x1111 << 16 | vendor 0x1234 */
+    je 2f
+    incl %ecx
+    cmpl $32, %ecx
+    jb 1b
+    movl $FB_FALLBACK, %eax
+    ret
+2:  leal 0x10(%r8), %eax            /* BAR0 */
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    inl %dx, %eax
+    andl $0xFFFFFFF0, %eax
+    jnz 3f
+    movl $FB_FALLBACK, %eax         /* unassigned: give it the Bochs address */
+    outl %eax, %dx
+3:  movl %eax, %r9d
+    leal 0x04(%r8), %eax            /* command register (low 16 bits; status above is write-1-to-clear) */
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    inl %dx, %eax
+    movzwl %ax, %eax
+    orl $0x2, %eax                  /* memory space enable */
+    outl %eax, %dx
+    movl %r9d, %eax                 /* zero-extended into %rax */
+    ret
+
+/* ---- VGA text screen: 80x25 cells at 0xB8000, CRTC at 0x3D4/0x3D5 ---- */
+    .set VGA_TEXT, 0xB8000
+    .set CRTC_INDEX, 0x3D4
+
+/* vga_text_clear(): every one of the 2000 cells <- 0x0720 (space, light grey on black), display start
+   address (CRTC 0x0C/0x0D) <- 0, cursor shape (CRTC 0x0A/0x0B) <- scan lines 14-15, enabled. */
+    .globl vga_text_clear
+vga_text_clear:
+    movl $VGA_TEXT, %edi
+    movl $2000, %ecx
+    movw $0x0720, %ax
+    rep stosw
+    movl $0x0C, %edi                /* display start address high <- 0 */
+    xorl %esi, %esi
+    call crtc_write
+    movl $0x0D, %edi                /* display start address low <- 0 */
+    xorl %esi, %esi
+    call crtc_write
+    movl $0x0A, %edi                /* cursor start <- scan line 14, bit 5 clear: cursor shown */
+    movl $0x0E, %esi
+    call crtc_write
+    movl $0x0B, %edi                /* cursor end <- scan line 15 */
+    movl $0x0F, %esi
+    jmp crtc_write
+
+/* crtc_write(%dil = CRTC register index, %sil = value): two byte writes, index to 0x3D4, value to 0x3D5 */
+    .globl crtc_write
+crtc_write:
+    movw $CRTC_INDEX, %dx
+    movl %edi, %eax
+    outb %al, %dx
+    incw %dx
+    movl %esi, %eax
+    outb %al, %dx
+    ret
+
+/* vga_set_cursor(%edi = cell index, row * 80 + column): CRTC 0x0E (high byte), 0x0F (low byte) */
+    .globl vga_set_cursor
+vga_set_cursor:
+    pushq %rbx
+    movl %edi, %ebx
+    movl $0x0E, %edi
+    movl %ebx, %esi
+    shrl $8, %esi
+    call crtc_write
+    movl $0x0F, %edi
+    movl %ebx, %esi
+    call crtc_write
     popq %rbx
     ret
 

@@ -4,10 +4,12 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod debug_port;
+pub mod dispi;
 pub mod i8042;
 pub mod reset_control;
 pub mod rtc;
 pub mod serial;
+pub mod vga;
 
 pub use bus::{Bus, BusDevice, BusError};
 

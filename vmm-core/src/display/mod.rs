@@ -1,0 +1,318 @@
+//! The console screen: what the guest shows, as 0x00RRGGBB pixels, plus the damage each viewer has not
+//! seen yet.
+//!
+//! A refresher thread (see [`refresh`]) keeps the [`Frame`] in step with the guest: VGA text (guest RAM at
+//! 0xB8000, drawn with an 8×16 font) until the guest enables a graphics mode through the DISPI registers,
+//! then the linear framebuffer, where KVM's dirty-page log on the framebuffer's memslot plus a comparison
+//! against the frame find what changed, so an idle screen costs almost nothing. Each viewer (an RFB client)
+//! is a [`Viewer`] that collects damage rectangles; a slow viewer only accumulates a larger region, so it
+//! never slows the guest or other viewers.
+
+pub mod font;
+pub mod refresh;
+pub mod text;
+
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use crate::devices::bus::lock;
+
+/// Guest physical address of the linear framebuffer (the Bochs VBE default).
+pub const LFB_BASE: u64 = 0xE000_0000;
+/// Video memory: enough for 1920×1080 at 32 bpp, twice over for panning.
+pub const VRAM_BYTES: u64 = 16 << 20;
+/// The mode Linux gets through `screen_info`, and the largest the DISPI registers accept.
+pub const DEFAULT_WIDTH: u32 = 1280;
+pub const DEFAULT_HEIGHT: u32 = 800;
+pub const MAX_WIDTH: u32 = 1920;
+pub const MAX_HEIGHT: u32 = 1080;
+/// Most rectangles a viewer keeps before merging them into their bounding box.
+pub const MAX_RECTS: usize = 64;
+
+/// A rectangle in frame coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+impl Rect {
+    pub fn new(x: u32, y: u32, w: u32, h: u32) -> Self {
+        Rect { x, y, w, h }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.w == 0 || self.h == 0
+    }
+
+    pub fn right(&self) -> u32 {
+        self.x + self.w
+    }
+
+    pub fn bottom(&self) -> u32 {
+        self.y + self.h
+    }
+
+    /// The smallest rectangle holding both.
+    pub fn union(&self, other: &Rect) -> Rect {
+        let (x, y) = (self.x.min(other.x), self.y.min(other.y));
+        Rect::new(
+            x,
+            y,
+            self.right().max(other.right()) - x,
+            self.bottom().max(other.bottom()) - y,
+        )
+    }
+
+    /// The part of `self` inside `other`, if any.
+    pub fn intersect(&self, other: &Rect) -> Option<Rect> {
+        let (x, y) = (self.x.max(other.x), self.y.max(other.y));
+        let (r, b) = (
+            self.right().min(other.right()),
+            self.bottom().min(other.bottom()),
+        );
+        (r > x && b > y).then(|| Rect::new(x, y, r - x, b - y))
+    }
+
+    fn touches(&self, other: &Rect) -> bool {
+        self.x <= other.right()
+            && other.x <= self.right()
+            && self.y <= other.bottom()
+            && other.y <= self.bottom()
+    }
+}
+
+/// The picture: `width × height` pixels, 0x00RRGGBB.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u32>,
+}
+
+impl Frame {
+    pub fn new(width: u32, height: u32) -> Self {
+        Frame {
+            width,
+            height,
+            pixels: vec![0; (width * height) as usize],
+        }
+    }
+
+    pub fn bounds(&self) -> Rect {
+        Rect::new(0, 0, self.width, self.height)
+    }
+
+    /// The pixels of `r` (which must lie inside the frame), row by row.
+    pub fn copy_rect(&self, r: &Rect, out: &mut Vec<u32>) {
+        out.clear();
+        for y in r.y..r.bottom() {
+            let start = (y * self.width + r.x) as usize;
+            out.extend_from_slice(&self.pixels[start..start + r.w as usize]);
+        }
+    }
+}
+
+/// What a viewer has not seen yet.
+#[derive(Debug, Default)]
+pub struct Damage {
+    pub rects: Vec<Rect>,
+    /// The frame changed size since the viewer last looked.
+    pub resized: bool,
+    /// Set when the viewer must stop (the VM is going away).
+    pub closed: bool,
+}
+
+impl Damage {
+    /// Adds `r`, merging touching rectangles and collapsing to a bounding box past [`MAX_RECTS`].
+    pub fn add(&mut self, r: Rect) {
+        if r.is_empty() {
+            return;
+        }
+        let mut merged = r;
+        self.rects.retain(|old| {
+            if old.touches(&merged) {
+                merged = merged.union(old);
+                false
+            } else {
+                true
+            }
+        });
+        self.rects.push(merged);
+        if self.rects.len() > MAX_RECTS {
+            let all = self
+                .rects
+                .iter()
+                .skip(1)
+                .fold(self.rects[0], |a, b| a.union(b));
+            self.rects = vec![all];
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rects.is_empty() && !self.resized && !self.closed
+    }
+
+    pub fn take(&mut self) -> Damage {
+        std::mem::take(self)
+    }
+}
+
+/// One viewer's mailbox.
+#[derive(Debug, Default)]
+pub struct Viewer {
+    pub damage: Mutex<Damage>,
+    pub wake: Condvar,
+}
+
+impl Viewer {
+    fn push(&self, f: impl FnOnce(&mut Damage)) {
+        f(&mut lock(&self.damage));
+        self.wake.notify_all();
+    }
+
+    /// Wakes whoever waits on this viewer (for reasons other than damage).
+    pub fn poke(&self) {
+        let _guard = lock(&self.damage);
+        self.wake.notify_all();
+    }
+
+    /// Waits until there is damage or `timeout` passes; returns the damage guard.
+    pub fn wait(&self, timeout: Duration) -> std::sync::MutexGuard<'_, Damage> {
+        let guard = lock(&self.damage);
+        if !guard.is_empty() {
+            return guard;
+        }
+        self.wake
+            .wait_timeout(guard, timeout)
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+}
+
+/// The screen shared by the refresher and every viewer.
+#[derive(Debug, Default)]
+pub struct Screen {
+    frame: RwLock<Frame>,
+    viewers: Mutex<Vec<Weak<Viewer>>>,
+    /// Set when a viewer joins, so the refresher reads everything once.
+    full_refresh: std::sync::atomic::AtomicBool,
+}
+
+impl Screen {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Screen {
+            frame: RwLock::new(Frame::new(640, 400)),
+            ..Screen::default()
+        })
+    }
+
+    /// Registers a viewer; it starts with the whole frame as damage.
+    pub fn subscribe(&self) -> Arc<Viewer> {
+        let viewer = Arc::new(Viewer::default());
+        viewer.push(|d| d.add(self.read().bounds()));
+        lock(&self.viewers).push(Arc::downgrade(&viewer));
+        self.full_refresh
+            .store(true, std::sync::atomic::Ordering::Release);
+        viewer
+    }
+
+    /// How many viewers are connected.
+    pub fn viewer_count(&self) -> usize {
+        let mut viewers = lock(&self.viewers);
+        viewers.retain(|v| v.strong_count() > 0);
+        viewers.len()
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Frame> {
+        self.frame.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Frame> {
+        self.frame.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn broadcast(&self, f: impl Fn(&mut Damage)) {
+        let mut viewers = lock(&self.viewers);
+        viewers.retain(|v| match v.upgrade() {
+            Some(viewer) => {
+                viewer.push(&f);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Tells every viewer about changed rectangles.
+    pub fn damage(&self, rects: &[Rect]) {
+        if !rects.is_empty() {
+            self.broadcast(|d| rects.iter().for_each(|r| d.add(*r)));
+        }
+    }
+
+    /// Replaces the frame with one of another size (all black) and tells every viewer.
+    pub fn resize(&self, width: u32, height: u32) {
+        *self.write() = Frame::new(width, height);
+        self.broadcast(|d| {
+            d.rects.clear();
+            d.resized = true;
+            d.add(Rect::new(0, 0, width, height));
+        });
+    }
+
+    /// Tells every viewer to stop.
+    pub fn close(&self) {
+        self.broadcast(|d| d.closed = true);
+    }
+
+    fn take_full_refresh(&self) -> bool {
+        self.full_refresh
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damage_merges_touching_rects_and_stays_bounded() {
+        let mut d = Damage::default();
+        d.add(Rect::new(0, 0, 10, 10));
+        d.add(Rect::new(10, 0, 10, 10)); // touches: merged
+        assert_eq!(d.rects, vec![Rect::new(0, 0, 20, 10)]);
+        d.add(Rect::new(100, 100, 5, 5));
+        assert_eq!(d.rects.len(), 2);
+        for i in 0..1000 {
+            d.add(Rect::new(200 + i * 3, 300, 1, 1));
+        }
+        assert!(d.rects.len() <= MAX_RECTS);
+        let all = d.rects.iter().fold(d.rects[0], |a, b| a.union(b));
+        assert!(
+            all.intersect(&Rect::new(0, 0, 1, 1)).is_some() && all.right() >= 200 + 999 * 3 + 1
+        );
+    }
+
+    #[test]
+    fn viewers_get_damage_until_dropped() {
+        let screen = Screen::new();
+        let v = screen.subscribe();
+        assert_eq!(
+            lock(&v.damage).take().rects,
+            vec![Rect::new(0, 0, 640, 400)]
+        );
+        screen.damage(&[Rect::new(1, 2, 3, 4)]);
+        assert_eq!(
+            v.wait(Duration::from_millis(1)).take().rects,
+            vec![Rect::new(1, 2, 3, 4)]
+        );
+        screen.resize(800, 600);
+        let d = v.wait(Duration::from_millis(1)).take();
+        assert!(d.resized);
+        assert_eq!(screen.viewer_count(), 1);
+        drop(v);
+        assert_eq!(screen.viewer_count(), 0);
+    }
+}
