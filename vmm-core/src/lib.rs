@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod devices;
 pub mod display;
 pub mod layout;
+pub mod rfb;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

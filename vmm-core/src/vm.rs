@@ -177,10 +177,22 @@ pub struct VmHandle {
     pm1_event: Mutex<Option<Arc<Mutex<Pm1Event>>>>,
     /// The i8042 of the current boot, for keyboard and mouse input.
     i8042: Mutex<Option<Arc<Mutex<I8042>>>>,
+    /// The last pointer position and buttons an RFB client sent.
+    pointer: Mutex<Option<(u16, u16, u8)>>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
     loop_wake: EventFd,
+}
+
+impl crate::rfb::Input for VmHandle {
+    fn key(&self, key: crate::rfb::keymap::Key, down: bool) {
+        VmHandle::key(self, key, down);
+    }
+
+    fn pointer(&self, x: u16, y: u16, buttons: u8) {
+        VmHandle::pointer(self, x, y, buttons);
+    }
 }
 
 /// The state the control socket reports.
@@ -244,6 +256,32 @@ impl VmHandle {
     pub fn keyboard_input(&self, bytes: &[u8]) {
         if let Some(dev) = lock(&self.i8042).as_ref() {
             lock(dev).keyboard_input(bytes);
+        }
+    }
+
+    /// Presses or releases a key of the PS/2 keyboard.
+    pub fn key(&self, key: crate::rfb::keymap::Key, down: bool) {
+        if let Some(dev) = lock(&self.i8042).as_ref() {
+            lock(dev).key(key, down);
+        }
+    }
+
+    /// Moves the PS/2 mouse to an absolute console position (sent as the movement since the last one)
+    /// with RFB's button mask (1 left, 2 middle, 4 right, 8/16 wheel up/down).
+    pub fn pointer(&self, x: u16, y: u16, mask: u8) {
+        let mut last = lock(&self.pointer);
+        let (lx, ly, lmask) = last.unwrap_or((x, y, 0));
+        *last = Some((x, y, mask));
+        drop(last);
+        let (dx, dy) = (i32::from(x) - i32::from(lx), i32::from(y) - i32::from(ly));
+        let pressed = mask & !lmask;
+        let dz = if pressed & 8 != 0 { -1 } else if pressed & 16 != 0 { 1 } else { 0 };
+        let buttons = (mask & 1) | ((mask & 4) >> 1) | ((mask & 2) << 1);
+        if dx == 0 && dy == 0 && dz == 0 && mask & 7 == lmask & 7 {
+            return;
+        }
+        if let Some(dev) = lock(&self.i8042).as_ref() {
+            lock(dev).mouse_input(dx, dy, dz, buttons);
         }
     }
 
@@ -362,6 +400,7 @@ impl Vm {
             post_code: Arc::default(),
             pm1_event: Mutex::new(None),
             i8042: Mutex::new(None),
+            pointer: Mutex::new(None),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(io_err("create the loop eventfd"))?,

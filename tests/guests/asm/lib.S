@@ -559,7 +559,7 @@ fb_base:
     .set CRTC_INDEX, 0x3D4
 
 /* vga_text_clear(): every one of the 2000 cells <- 0x0720 (space, light grey on black), display start
-   address (CRTC 0x0C/0x0D) <- 0, cursor shape (CRTC 0x0A/0x0B) <- scan lines 14-15, enabled. */
+   address (CRTC 0x0C/0x0D) <- 0, cursor shape (CRTC 0x0A/0x0B) <- scan lines 13-14, enabled. */
     .globl vga_text_clear
 vga_text_clear:
     movl $VGA_TEXT, %edi
@@ -572,11 +572,11 @@ vga_text_clear:
     movl $0x0D, %edi                /* display start address low <- 0 */
     xorl %esi, %esi
     call crtc_write
-    movl $0x0A, %edi                /* cursor start <- scan line 14, bit 5 clear: cursor shown */
-    movl $0x0E, %esi
+    movl $0x0A, %edi                /* cursor start <- scan line 13, bit 5 clear: cursor shown */
+    movl $0x0D, %esi
     call crtc_write
-    movl $0x0B, %edi                /* cursor end <- scan line 15 */
-    movl $0x0F, %esi
+    movl $0x0B, %edi                /* cursor end <- scan line 14 (the BIOS's mode-3 underline) */
+    movl $0x0E, %esi
     jmp crtc_write
 
 /* crtc_write(%dil = CRTC register index, %sil = value): two byte writes, index to 0x3D4, value to 0x3D5 */

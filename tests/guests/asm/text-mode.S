@@ -3,7 +3,7 @@
  *
  * Screen contents (row r, column c is cell r * 80 + c, at 0xB8000 + 2 * cell):
  *   every cell first cleared to 0x20 ' ' with attribute 0x07 (vga_text_clear: also display start
- *   address 0 and cursor shape scan lines 14-15, enabled), then
+ *   address 0 and cursor shape scan lines 13-14, enabled, as the BIOS sets mode 3), then
  *   row 0, columns 0-17:   "PORTHOLE TEXT MODE", attribute 0x1F (white on blue)
  *   rows 1-4:              character codes 0..255 in order, attribute 0x07 (light grey on black):
  *                          code k is at cell 80 + k (codes 0-79 on row 1, 80-159 row 2, 160-239 row 3,

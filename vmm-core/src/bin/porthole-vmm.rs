@@ -43,6 +43,12 @@ struct Cli {
     /// Control socket: unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     control: Option<String>,
+    /// Serve the console over RFB (VNC) on unix:PATH or tcp:ADDR:PORT; may be given more than once.
+    #[arg(long, value_name = "LISTEN")]
+    vnc: Vec<String>,
+    /// File whose first line is the VNC password (VncAuth; only its first 8 bytes count).
+    #[arg(long, value_name = "FILE")]
+    vnc_password: Option<PathBuf>,
     /// A JSON VM configuration (vmm_core::VmConfig); the options above override its fields.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
@@ -131,6 +137,19 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
         vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
             .context("cannot start the control socket thread")?;
     }
+    let listeners = vnc_listeners(&cli)?;
+    if !listeners.is_empty() {
+        let config = vmm_core::rfb::ServerConfig {
+            password: cli.vnc_password.as_deref().map(vnc_password).transpose()?,
+            name: format!("Porthole: {}", handle.name),
+        };
+        for listener in listeners {
+            vmm_core::rfb::spawn(listener, vm.screen(), handle.clone(), config.clone(), !cli.no_seccomp)
+                .context("cannot start the VNC server")?;
+        }
+    } else if cli.vnc_password.is_some() {
+        bail!("--vnc-password needs --vnc");
+    }
     let reason = vm.run()?;
     if let Some(mut file) = counters_file {
         use std::io::Write;
@@ -139,6 +158,35 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
         file.flush().context("cannot write the counters file")?;
     }
     Ok(reason)
+}
+
+/// Binds the RFB listeners given with --vnc.
+fn vnc_listeners(cli: &Cli) -> anyhow::Result<Vec<vmm_core::rfb::Listener>> {
+    use vmm_core::rfb::Listener;
+    cli.vnc
+        .iter()
+        .map(|spec| {
+            if let Some(path) = spec.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+                let listener = vmm_core::control::bind(std::path::Path::new(path))
+                    .with_context(|| format!("cannot listen for VNC on {path:?}"))?;
+                Ok(Listener::Unix(listener))
+            } else if let Some(addr) = spec.strip_prefix("tcp:").filter(|a| !a.is_empty()) {
+                let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen for VNC on {addr}"))?;
+                Ok(Listener::Tcp(listener))
+            } else {
+                bail!("--vnc {spec:?}: expected unix:PATH or tcp:ADDR:PORT")
+            }
+        })
+        .collect()
+}
+
+fn vnc_password(path: &std::path::Path) -> anyhow::Result<[u8; 8]> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the VNC password file {path:?}"))?;
+    let password = text.lines().next().unwrap_or("");
+    if password.is_empty() {
+        bail!("the VNC password file {path:?} is empty");
+    }
+    Ok(vmm_core::rfb::auth::key_from_password(password.as_bytes()))
 }
 
 /// The error and its causes, leaving out a cause whose text its parent already shows.

@@ -381,6 +381,20 @@ impl I8042 {
         }
     }
 
+    /// Queues the scan codes of a key press or release, in the keyboard's scan code set as the guest sees
+    /// it: set 1 when the controller translates (the default) or the keyboard is in set 1, else set 2.
+    pub fn key(&mut self, key: crate::rfb::keymap::Key, down: bool) {
+        use crate::rfb::keymap::{set1_bytes, set2_bytes};
+        let bytes = if self.config & CFG_TRANSLATE != 0 || self.keyboard.scancode_set == 1 {
+            Some(set1_bytes(key, down))
+        } else {
+            set2_bytes(key, down)
+        };
+        if let Some(bytes) = bytes {
+            self.keyboard_input(&bytes);
+        }
+    }
+
     /// Queues a mouse movement/button report, if the mouse is streaming.
     pub fn mouse_input(&mut self, dx: i32, dy: i32, dz: i32, buttons: u8) {
         if self.mouse.streaming {
@@ -537,6 +551,22 @@ mod tests {
             drain(&mut r.dev),
             vec![0x08 | 0x20 | 1, 5, (-3i8) as u8, 0xFF]
         );
+    }
+
+    #[test]
+    fn keys_arrive_in_set_1_when_translated_and_set_2_when_not() {
+        let mut r = rig();
+        r.dev.key(0x1E, true);
+        r.dev.key(0xE048, false);
+        assert_eq!(drain(&mut r.dev), vec![0x1E, 0xE0, 0xC8]);
+        cmd(&mut r.dev, 0x60);
+        data(&mut r.dev, CFG_KBD_INT | CFG_SYS); // translation off
+        r.dev.key(0x1E, false);
+        assert_eq!(drain(&mut r.dev), vec![0xF0, 0x1C]);
+        data(&mut r.dev, 0xF5); // disable scanning
+        drain(&mut r.dev);
+        r.dev.key(0x1E, true);
+        assert!(drain(&mut r.dev).is_empty(), "a disabled keyboard sends nothing");
     }
 
     #[test]

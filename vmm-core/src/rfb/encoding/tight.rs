@@ -1,0 +1,151 @@
+//! Tight encoding (7): fill for single-colour rectangles, JPEG when the client asked for a quality level
+//! (and takes 32-bit true colour), otherwise the basic "copy" filter through zlib stream 0. Rectangles must
+//! be at most 2048 pixels wide; `split` cuts larger ones.
+
+use super::ZStream;
+use crate::display::Rect;
+use crate::rfb::pixel::PixelFormat;
+
+const FILL: u8 = 0x80;
+const JPEG: u8 = 0x90;
+const MIN_TO_COMPRESS: usize = 12;
+/// Largest width, and largest area, of one Tight rectangle.
+pub const MAX_WIDTH: u32 = 2048;
+pub const MAX_AREA: u32 = 65536;
+
+/// The per-connection state: four zlib streams (we use stream 0) and the JPEG quality, if any.
+pub struct TightState {
+    pub stream: ZStream,
+    pub jpeg_quality: Option<u8>,
+}
+
+impl TightState {
+    pub fn new(compress_level: u32) -> Self {
+        TightState { stream: ZStream::new(compress_level), jpeg_quality: None }
+    }
+}
+
+/// Cuts `r` into pieces Tight accepts.
+pub fn split(r: Rect) -> Vec<Rect> {
+    let mut pieces = Vec::new();
+    let mut x = r.x;
+    while x < r.right() {
+        let w = (r.right() - x).min(MAX_WIDTH);
+        let rows = (MAX_AREA / w).max(1);
+        let mut y = r.y;
+        while y < r.bottom() {
+            let h = (r.bottom() - y).min(rows);
+            pieces.push(Rect::new(x, y, w, h));
+            y += h;
+        }
+        x += w;
+    }
+    pieces
+}
+
+/// Whether TPIXEL is three bytes (red, green, blue) for this format.
+fn tpixel_rgb(pf: &PixelFormat) -> bool {
+    pf.bits_per_pixel == 32 && pf.depth == 24 && pf.red_max == 255 && pf.green_max == 255 && pf.blue_max == 255
+}
+
+fn put_tpixels(pixels: &[u32], pf: &PixelFormat, out: &mut Vec<u8>) {
+    if tpixel_rgb(pf) {
+        out.reserve(pixels.len() * 3);
+        for p in pixels {
+            out.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, *p as u8]);
+        }
+    } else {
+        pf.put_all(pixels, out);
+    }
+}
+
+/// Appends a compact length: 7 bits in each of the first two bytes (high bit = more follows), 8 in the
+/// third, so at most 2^22 - 1.
+pub fn put_compact_len(len: usize, out: &mut Vec<u8>) {
+    let len = len.min((1 << 22) - 1);
+    if len <= 0x7F {
+        out.push(len as u8);
+    } else if len <= 0x3FFF {
+        out.extend_from_slice(&[(len & 0x7F) as u8 | 0x80, (len >> 7) as u8]);
+    } else {
+        out.extend_from_slice(&[(len & 0x7F) as u8 | 0x80, ((len >> 7) & 0x7F) as u8 | 0x80, (len >> 14) as u8]);
+    }
+}
+
+pub fn encode(
+    pixels: &[u32],
+    width: usize,
+    height: usize,
+    pf: &PixelFormat,
+    st: &mut TightState,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) {
+    let first = pixels[0];
+    if pixels.iter().all(|p| *p == first) {
+        out.push(FILL);
+        put_tpixels(&[first], pf, out);
+        return;
+    }
+    if let Some(quality) = st.jpeg_quality
+        && tpixel_rgb(pf)
+        && width >= 16
+        && height >= 16
+    {
+        scratch.clear();
+        scratch.reserve(pixels.len() * 3);
+        for p in pixels {
+            scratch.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, *p as u8]);
+        }
+        let mut jpeg = Vec::new();
+        let encoder = jpeg_encoder::Encoder::new(&mut jpeg, quality);
+        if encoder.encode(scratch, width as u16, height as u16, jpeg_encoder::ColorType::Rgb).is_ok() {
+            out.push(JPEG);
+            put_compact_len(jpeg.len(), out);
+            out.extend_from_slice(&jpeg);
+            return;
+        }
+    }
+    // Basic compression, stream 0, no filter.
+    out.push(0x00);
+    scratch.clear();
+    put_tpixels(pixels, pf, scratch);
+    if scratch.len() < MIN_TO_COMPRESS {
+        out.extend_from_slice(scratch);
+        return;
+    }
+    let mut compressed = Vec::new();
+    st.stream.deflate(scratch, &mut compressed);
+    put_compact_len(compressed.len(), out);
+    out.extend_from_slice(&compressed);
+}
+
+/// The JPEG quality for a Tight quality level 0–9.
+pub fn jpeg_quality(level: u8) -> u8 {
+    [15, 29, 41, 42, 62, 77, 79, 86, 92, 100][usize::from(level.min(9))]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_lengths() {
+        for (len, bytes) in [(0usize, vec![0u8]), (127, vec![0x7F]), (128, vec![0x80, 0x01]), (16383, vec![0xFF, 0x7F]), (16384, vec![0x80, 0x80, 0x01]), (4_194_303, vec![0xFF, 0xFF, 0xFF])] {
+            let mut out = Vec::new();
+            put_compact_len(len, &mut out);
+            assert_eq!(out, bytes, "{len}");
+        }
+    }
+
+    #[test]
+    fn fill_and_split() {
+        let mut st = TightState::new(6);
+        let mut out = Vec::new();
+        encode(&[0x102030; 64], 8, 8, &PixelFormat::SERVER, &mut st, &mut Vec::new(), &mut out);
+        assert_eq!(out, [FILL, 0x10, 0x20, 0x30]);
+        let pieces = split(Rect::new(0, 0, 3000, 100));
+        assert!(pieces.iter().all(|p| p.w <= MAX_WIDTH && p.w * p.h <= MAX_AREA));
+        assert_eq!(pieces.iter().map(|p| p.w * p.h).sum::<u32>(), 300_000);
+    }
+}

@@ -1,0 +1,715 @@
+//! The RFB (VNC) server of a VM (RFC 6143): versions 3.3, 3.7 and 3.8; security None and VncAuth;
+//! encodings Raw, Hextile, Zlib, ZRLE and Tight (with JPEG at a client-chosen quality); pseudo-encodings
+//! DesktopSize, ExtendedDesktopSize, QEMU extended key events, Fence and ContinuousUpdates. Several
+//! clients at once, each with a reader thread (input, requests) and a writer thread (updates), so a slow
+//! client only delays itself: its damage merges while it is busy, nothing queues up.
+
+pub mod auth;
+pub mod encoding;
+pub mod keymap;
+pub mod pixel;
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::devices::bus::lock;
+use crate::display::{Rect, Screen, Viewer};
+use encoding::tight::TightState;
+use encoding::{ZStream, tight};
+use keymap::Key;
+use pixel::PixelFormat;
+
+/// Most clients served at once.
+pub const MAX_CLIENTS: usize = 32;
+/// Most encodings a SetEncodings message may list.
+const MAX_ENCODINGS: usize = 1024;
+/// Most bytes of cut text accepted (and discarded: the guest has no clipboard agent).
+const MAX_CUT_TEXT: usize = 1 << 20;
+const FENCE_REQUEST: u32 = 1 << 31;
+const FENCE_FLAGS_SUPPORTED: u32 = 0b111; // BlockBefore, BlockAfter, SyncNext
+
+/// Where key and pointer events go.
+pub trait Input: Send + Sync {
+    fn key(&self, key: Key, down: bool);
+    fn pointer(&self, x: u16, y: u16, buttons: u8);
+}
+
+/// Server settings.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// The VncAuth DES key; None serves security type None.
+    pub password: Option<[u8; 8]>,
+    /// The desktop name clients show.
+    pub name: String,
+}
+
+/// A listening socket.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)?;
+                s.set_nodelay(true)
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves `listener` in background threads for as long as the process lives. With `filter`, every thread
+/// runs under the VMM's seccomp filter.
+pub fn spawn(
+    listener: Listener,
+    screen: Arc<Screen>,
+    input: Arc<dyn Input>,
+    config: ServerConfig,
+    filter: bool,
+) -> io::Result<()> {
+    let config = Arc::new(config);
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new().name("rfb-listen".into()).spawn(move || {
+        if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
+            log::error!("RFB server: cannot apply the seccomp filter ({e}); not serving");
+            return;
+        }
+        loop {
+            let stream = match &listener {
+                Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            };
+            let Ok(stream) = stream else {
+                std::thread::sleep(Duration::from_millis(10)); // e.g. out of file descriptors
+                continue;
+            };
+            let (screen, input, config, active) = (screen.clone(), input.clone(), config.clone(), active.clone());
+            let count = active.fetch_add(1, Ordering::AcqRel) + 1;
+            let spawned = std::thread::Builder::new().name("rfb-client".into()).spawn(move || {
+                if let Err(e) = serve(stream, &screen, input, &config, count > MAX_CLIENTS) {
+                    log::debug!("RFB client ended: {e}");
+                }
+                active.fetch_sub(1, Ordering::AcqRel);
+            });
+            if spawned.is_err() {
+                log::warn!("RFB server: cannot start a client thread");
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn read_u8(s: &mut impl Read) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn read_u16(s: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+
+fn read_u32(s: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn skip(s: &mut impl Read, n: usize) -> io::Result<()> {
+    io::copy(&mut s.take(n as u64), &mut io::sink())?;
+    Ok(())
+}
+
+fn protocol_error(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+fn write_reason(out: &mut Vec<u8>, reason: &str) {
+    out.extend_from_slice(&(reason.len() as u32).to_be_bytes());
+    out.extend_from_slice(reason.as_bytes());
+}
+
+/// Protocol minor version agreed with the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Version {
+    V3,
+    V7,
+    V8,
+}
+
+fn handshake(stream: &mut Stream, config: &ServerConfig, refuse: bool) -> io::Result<()> {
+    stream.write_all(b"RFB 003.008\n")?;
+    let mut v = [0u8; 12];
+    stream.read_exact(&mut v)?;
+    if &v[0..4] != b"RFB " || v[7] != b'.' || v[11] != b'\n' {
+        return Err(protocol_error("not an RFB client"));
+    }
+    let number = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|t| t.parse::<u32>().ok());
+    let (major, minor) = (number(&v[4..7]), number(&v[8..11]));
+    let version = match (major, minor) {
+        (Some(3), Some(7)) => Version::V7,
+        (Some(3), Some(m)) if m >= 8 => Version::V8,
+        (Some(3), Some(_)) => Version::V3,
+        _ => return Err(protocol_error("unsupported RFB version")),
+    };
+    let mut out = Vec::new();
+    if refuse {
+        let reason = format!("too many clients (at most {MAX_CLIENTS})");
+        if version == Version::V3 {
+            out.extend_from_slice(&0u32.to_be_bytes());
+        } else {
+            out.push(0);
+        }
+        write_reason(&mut out, &reason);
+        stream.write_all(&out)?;
+        return Err(protocol_error(reason));
+    }
+    let offered: u8 = if config.password.is_some() { 2 } else { 1 };
+    let chosen = if version == Version::V3 {
+        stream.write_all(&u32::from(offered).to_be_bytes())?;
+        offered
+    } else {
+        stream.write_all(&[1, offered])?;
+        read_u8(stream)?
+    };
+    let fail = |stream: &mut Stream, reason: &str| -> io::Result<()> {
+        let mut out = 1u32.to_be_bytes().to_vec();
+        if version == Version::V8 {
+            write_reason(&mut out, reason);
+        }
+        stream.write_all(&out)?;
+        Err(protocol_error(reason.to_owned()))
+    };
+    if chosen != offered {
+        return fail(stream, "security type not offered");
+    }
+    if let Some(key) = &config.password {
+        let challenge = auth::challenge();
+        stream.write_all(&challenge)?;
+        let mut answer = [0u8; 16];
+        stream.read_exact(&mut answer)?;
+        if !auth::matches(&answer, &auth::response(key, &challenge)) {
+            std::thread::sleep(Duration::from_millis(300)); // slow down guessing
+            return fail(stream, "authentication failed");
+        }
+        stream.write_all(&0u32.to_be_bytes())?;
+    } else if version == Version::V8 {
+        stream.write_all(&0u32.to_be_bytes())?;
+    }
+    let _shared = read_u8(stream)?; // every client shares the screen
+    Ok(())
+}
+
+/// What the reader tells the writer.
+#[derive(Debug)]
+struct ClientState {
+    pf: PixelFormat,
+    encodings: Vec<i32>,
+    jpeg_quality: Option<u8>,
+    compress_level: u32,
+    /// A pending FramebufferUpdateRequest: (incremental, area).
+    request: Option<(bool, Rect)>,
+    continuous: Option<Rect>,
+    send_end_of_continuous: bool,
+    send_server_fence: bool,
+    fence_replies: Vec<(u32, Vec<u8>)>,
+    ext_key_ack: bool,
+    desktop_size_reply: Option<u16>,
+    closed: bool,
+}
+
+impl ClientState {
+    fn supports(&self, encoding: i32) -> bool {
+        self.encodings.contains(&encoding)
+    }
+}
+
+struct Shared {
+    state: Mutex<ClientState>,
+    changed: Condvar,
+    viewer: Arc<Viewer>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut ClientState)) {
+        f(&mut lock(&self.state));
+        self.changed.notify_all();
+        self.viewer.poke();
+    }
+}
+
+fn serve(mut stream: Stream, screen: &Arc<Screen>, input: Arc<dyn Input>, config: &ServerConfig, refuse: bool) -> io::Result<()> {
+    stream.set_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(30)))?;
+    handshake(&mut stream, config, refuse)?;
+    let viewer = screen.subscribe();
+    let (width, height) = {
+        let f = screen.read();
+        (f.width, f.height)
+    };
+    let mut init = Vec::new();
+    init.extend_from_slice(&(width as u16).to_be_bytes());
+    init.extend_from_slice(&(height as u16).to_be_bytes());
+    init.extend_from_slice(&PixelFormat::SERVER.to_bytes());
+    write_reason(&mut init, &config.name);
+    stream.write_all(&init)?;
+    // After the handshake, a client may stay silent for as long as it likes.
+    stream.set_timeouts(None, Some(Duration::from_secs(30)))?;
+
+    let shared = Arc::new(Shared {
+        state: Mutex::new(ClientState {
+            pf: PixelFormat::SERVER,
+            encodings: Vec::new(),
+            jpeg_quality: None,
+            compress_level: 6,
+            request: None,
+            continuous: None,
+            send_end_of_continuous: false,
+            send_server_fence: false,
+            fence_replies: Vec::new(),
+            ext_key_ack: false,
+            desktop_size_reply: None,
+            closed: false,
+        }),
+        changed: Condvar::new(),
+        viewer,
+    });
+    let writer_stream = stream.try_clone()?;
+    let writer_shared = shared.clone();
+    let writer_screen = screen.clone();
+    let writer = std::thread::Builder::new().name("rfb-writer".into()).spawn(move || {
+        let mut w = Writer::new(writer_stream, writer_shared.clone(), writer_screen, (width, height));
+        if let Err(e) = w.run() {
+            log::debug!("RFB writer ended: {e}");
+        }
+        writer_shared.update(|s| s.closed = true);
+        w.stream.shutdown();
+    })?;
+    let result = read_messages(&mut stream, &shared, input.as_ref());
+    shared.update(|s| s.closed = true);
+    stream.shutdown();
+    let _ = writer.join();
+    result
+}
+
+fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io::Result<()> {
+    loop {
+        let kind = match read_u8(stream) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if lock(&shared.state).closed {
+            return Ok(());
+        }
+        match kind {
+            0 => {
+                skip(stream, 3)?;
+                let mut b = [0u8; 16];
+                stream.read_exact(&mut b)?;
+                let pf = PixelFormat::from_bytes(&b).ok_or_else(|| protocol_error("unsupported pixel format"))?;
+                shared.update(|s| s.pf = pf);
+            }
+            2 => {
+                skip(stream, 1)?;
+                let n = usize::from(read_u16(stream)?);
+                if n > MAX_ENCODINGS {
+                    return Err(protocol_error("too many encodings"));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(read_u32(stream)? as i32);
+                }
+                shared.update(|s| {
+                    let had = |e: i32| s.encodings.contains(&e);
+                    if list.contains(&encoding::FENCE) && !had(encoding::FENCE) {
+                        s.send_server_fence = true;
+                    }
+                    if list.contains(&encoding::CONTINUOUS_UPDATES) && !had(encoding::CONTINUOUS_UPDATES) {
+                        s.send_end_of_continuous = true;
+                    }
+                    if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT) && !had(encoding::QEMU_EXTENDED_KEY_EVENT) {
+                        s.ext_key_ack = true;
+                    }
+                    s.jpeg_quality = list
+                        .iter()
+                        .find(|e| (encoding::TIGHT_QUALITY_0..=encoding::TIGHT_QUALITY_9).contains(e))
+                        .map(|e| tight::jpeg_quality((e - encoding::TIGHT_QUALITY_0) as u8));
+                    if let Some(level) =
+                        list.iter().find(|e| (encoding::COMPRESS_LEVEL_0..=encoding::COMPRESS_LEVEL_9).contains(e))
+                    {
+                        s.compress_level = (level - encoding::COMPRESS_LEVEL_0) as u32;
+                    }
+                    s.encodings = list;
+                });
+            }
+            3 => {
+                let incremental = read_u8(stream)? != 0;
+                let r = Rect::new(
+                    u32::from(read_u16(stream)?),
+                    u32::from(read_u16(stream)?),
+                    u32::from(read_u16(stream)?),
+                    u32::from(read_u16(stream)?),
+                );
+                shared.update(|s| {
+                    s.request = Some(match s.request {
+                        Some((inc, old)) => (inc && incremental, old.union(&r)),
+                        None => (incremental, r),
+                    });
+                });
+            }
+            4 => {
+                let down = read_u8(stream)? != 0;
+                skip(stream, 2)?;
+                let keysym = read_u32(stream)?;
+                if let Some(key) = keymap::keysym_to_key(keysym) {
+                    input.key(key, down);
+                }
+            }
+            5 => {
+                let mask = read_u8(stream)?;
+                let (x, y) = (read_u16(stream)?, read_u16(stream)?);
+                input.pointer(x, y, mask);
+            }
+            6 => {
+                skip(stream, 3)?;
+                let len = (read_u32(stream)? as i32).unsigned_abs() as usize;
+                if len > MAX_CUT_TEXT {
+                    return Err(protocol_error("cut text too long"));
+                }
+                skip(stream, len)?;
+            }
+            150 => {
+                let enable = read_u8(stream)? != 0;
+                let r = Rect::new(
+                    u32::from(read_u16(stream)?),
+                    u32::from(read_u16(stream)?),
+                    u32::from(read_u16(stream)?),
+                    u32::from(read_u16(stream)?),
+                );
+                shared.update(|s| {
+                    if enable {
+                        s.continuous = Some(r);
+                    } else {
+                        s.continuous = None;
+                        s.send_end_of_continuous = true;
+                    }
+                });
+            }
+            248 => {
+                skip(stream, 3)?;
+                let flags = read_u32(stream)?;
+                let len = usize::from(read_u8(stream)?);
+                if len > 64 {
+                    return Err(protocol_error("fence payload too long"));
+                }
+                let mut payload = vec![0u8; len];
+                stream.read_exact(&mut payload)?;
+                if flags & FENCE_REQUEST != 0 {
+                    shared.update(|s| s.fence_replies.push((flags & FENCE_FLAGS_SUPPORTED, payload)));
+                }
+            }
+            251 => {
+                skip(stream, 5)?; // padding, width, height
+                let screens = usize::from(read_u8(stream)?);
+                skip(stream, 1 + screens * 16)?;
+                // The guest decides its resolution; tell the client its request was refused.
+                shared.update(|s| s.desktop_size_reply = Some(1));
+            }
+            255 => {
+                let sub = read_u8(stream)?;
+                if sub != 0 {
+                    return Err(protocol_error(format!("unknown QEMU client message {sub}")));
+                }
+                let down = read_u16(stream)? != 0;
+                let keysym = read_u32(stream)?;
+                let keycode = read_u32(stream)?;
+                if let Some(key) = keymap::qemu_keycode_to_key(keycode).or_else(|| keymap::keysym_to_key(keysym)) {
+                    input.key(key, down);
+                }
+            }
+            other => return Err(protocol_error(format!("unknown client message type {other}"))),
+        }
+    }
+}
+
+/// Per-connection encoder state and the update loop.
+struct Writer {
+    stream: Stream,
+    shared: Arc<Shared>,
+    screen: Arc<Screen>,
+    /// The size the client believes the screen has.
+    client_size: (u32, u32),
+    zlib: ZStream,
+    zrle: ZStream,
+    tight: TightState,
+    pixels: Vec<u32>,
+    scratch: Vec<u8>,
+}
+
+/// Settings copied out of the shared state for one update.
+struct UpdatePlan {
+    pf: PixelFormat,
+    encoding: i32,
+    request: Option<(bool, Rect)>,
+    continuous: Option<Rect>,
+    resize_encoding: Option<i32>,
+    ext_key_ack: bool,
+    desktop_size_reply: Option<u16>,
+}
+
+impl Writer {
+    fn new(stream: Stream, shared: Arc<Shared>, screen: Arc<Screen>, client_size: (u32, u32)) -> Self {
+        Writer {
+            stream,
+            shared,
+            screen,
+            client_size,
+            zlib: ZStream::new(6),
+            zrle: ZStream::new(6),
+            tight: TightState::new(6),
+            pixels: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Sends control messages; returns the plan for an update if one may be sent now.
+    fn next_plan(&mut self) -> io::Result<Option<UpdatePlan>> {
+        let mut out = Vec::new();
+        let plan = {
+            let mut s = lock(&self.shared.state);
+            if s.closed {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed"));
+            }
+            if std::mem::take(&mut s.send_server_fence) {
+                out.extend_from_slice(&[248, 0, 0, 0]);
+                out.extend_from_slice(&(FENCE_REQUEST | FENCE_FLAGS_SUPPORTED).to_be_bytes());
+                out.push(0);
+            }
+            for (flags, payload) in s.fence_replies.drain(..) {
+                out.extend_from_slice(&[248, 0, 0, 0]);
+                out.extend_from_slice(&flags.to_be_bytes());
+                out.push(payload.len() as u8);
+                out.extend_from_slice(&payload);
+            }
+            if std::mem::take(&mut s.send_end_of_continuous) {
+                out.push(150);
+            }
+            let pending_pseudo = s.ext_key_ack || s.desktop_size_reply.is_some();
+            if s.request.is_none() && s.continuous.is_none() {
+                None
+            } else {
+                let encoding = s
+                    .encodings
+                    .iter()
+                    .copied()
+                    .find(|e| [encoding::TIGHT, encoding::ZRLE, encoding::HEXTILE, encoding::ZLIB, encoding::RAW].contains(e))
+                    .unwrap_or(encoding::RAW);
+                let resize_encoding = if s.supports(encoding::EXTENDED_DESKTOP_SIZE) {
+                    Some(encoding::EXTENDED_DESKTOP_SIZE)
+                } else if s.supports(encoding::DESKTOP_SIZE) {
+                    Some(encoding::DESKTOP_SIZE)
+                } else {
+                    None
+                };
+                self.tight.jpeg_quality = s.jpeg_quality;
+                let _ = pending_pseudo;
+                Some(UpdatePlan {
+                    pf: s.pf,
+                    encoding,
+                    request: s.request,
+                    continuous: s.continuous,
+                    resize_encoding,
+                    ext_key_ack: std::mem::take(&mut s.ext_key_ack),
+                    desktop_size_reply: s.desktop_size_reply.take(),
+                })
+            }
+        };
+        if !out.is_empty() {
+            self.stream.write_all(&out)?;
+        }
+        Ok(plan)
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            let Some(plan) = self.next_plan()? else {
+                let s = lock(&self.shared.state);
+                if !s.closed && s.request.is_none() && s.continuous.is_none() && !s.send_server_fence && s.fence_replies.is_empty() && !s.send_end_of_continuous {
+                    let _ = self.shared.changed.wait_timeout(s, Duration::from_millis(500));
+                }
+                continue;
+            };
+            let full_request = plan.request.filter(|(incremental, _)| !incremental).map(|(_, r)| r);
+            let pseudo = plan.ext_key_ack || plan.desktop_size_reply.is_some();
+            let damage = {
+                let mut d = if full_request.is_some() || pseudo {
+                    lock(&self.shared.viewer.damage)
+                } else {
+                    self.shared.viewer.wait(Duration::from_millis(200))
+                };
+                d.take()
+            };
+            if damage.closed {
+                return Ok(());
+            }
+            let mut rects = damage.rects;
+            if let Some(r) = full_request {
+                rects.push(r);
+            }
+            if rects.is_empty() && !damage.resized && !pseudo {
+                continue;
+            }
+            self.send_update(&plan, rects, damage.resized)?;
+        }
+    }
+
+    fn send_update(&mut self, plan: &UpdatePlan, rects: Vec<Rect>, resized: bool) -> io::Result<()> {
+        let frame = self.screen.read();
+        let mut out = Vec::with_capacity(64 * 1024);
+        out.extend_from_slice(&[0, 0, 0, 0]); // type, padding, rectangle count (patched below)
+        let mut count: u16 = 0;
+        let header = |out: &mut Vec<u8>, r: &Rect, encoding: i32| {
+            for v in [r.x, r.y, r.w, r.h] {
+                out.extend_from_slice(&(v as u16).to_be_bytes());
+            }
+            out.extend_from_slice(&encoding.to_be_bytes());
+        };
+        let size_now = (frame.width, frame.height);
+        if (resized || size_now != self.client_size) && let Some(enc) = plan.resize_encoding {
+            self.client_size = size_now;
+            let r = Rect::new(0, 0, size_now.0, size_now.1);
+            Self::resize_rect(&mut out, &r, enc, 0, 0);
+            count += 1;
+        }
+        if let Some(status) = plan.desktop_size_reply
+            && plan.resize_encoding == Some(encoding::EXTENDED_DESKTOP_SIZE)
+        {
+            let r = Rect::new(1, u32::from(status), self.client_size.0, self.client_size.1);
+            Self::resize_rect(&mut out, &r, encoding::EXTENDED_DESKTOP_SIZE, 1, status);
+            count += 1;
+        }
+        if plan.ext_key_ack {
+            header(&mut out, &Rect::new(0, 0, 0, 0), encoding::QEMU_EXTENDED_KEY_EVENT);
+            count += 1;
+        }
+        // Only what the client can see, and only inside what it asked for (or its continuous region).
+        let visible = Rect::new(0, 0, self.client_size.0.min(frame.width), self.client_size.1.min(frame.height));
+        let area = match (plan.request.map(|(_, r)| r), plan.continuous) {
+            (Some(a), Some(b)) => a.union(&b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => visible,
+        };
+        let mut pieces = Vec::new();
+        for r in rects.iter().filter_map(|r| r.intersect(&visible)).filter_map(|r| r.intersect(&area)) {
+            if plan.encoding == encoding::TIGHT {
+                pieces.extend(tight::split(r));
+            } else {
+                pieces.push(r);
+            }
+        }
+        for r in &pieces {
+            if count == u16::MAX {
+                break;
+            }
+            frame.copy_rect(r, &mut self.pixels);
+            header(&mut out, r, plan.encoding);
+            let (w, h) = (r.w as usize, r.h as usize);
+            match plan.encoding {
+                encoding::TIGHT => tight::encode(&self.pixels, w, h, &plan.pf, &mut self.tight, &mut self.scratch, &mut out),
+                encoding::ZRLE => {
+                    encoding::zrle::encode(&self.pixels, w, h, &plan.pf, &mut self.zrle, &mut self.scratch, &mut out)
+                }
+                encoding::HEXTILE => encoding::hextile::encode(&self.pixels, w, h, &plan.pf, &mut out),
+                encoding::ZLIB => encoding::zlib::encode(&self.pixels, &plan.pf, &mut self.zlib, &mut self.scratch, &mut out),
+                _ => encoding::raw::encode(&self.pixels, &plan.pf, &mut out),
+            }
+            count += 1;
+        }
+        drop(frame);
+        if count == 0 {
+            return Ok(());
+        }
+        out[2..4].copy_from_slice(&count.to_be_bytes());
+        {
+            let mut s = lock(&self.shared.state);
+            // The request is answered; a newer one may have arrived meanwhile and is kept.
+            if s.request == plan.request {
+                s.request = None;
+            }
+        }
+        self.stream.write_all(&out)
+    }
+
+    fn resize_rect(out: &mut Vec<u8>, r: &Rect, encoding: i32, reason: u16, status: u16) {
+        if encoding == encoding::EXTENDED_DESKTOP_SIZE {
+            for v in [u32::from(reason), u32::from(status), r.w, r.h] {
+                out.extend_from_slice(&(v as u16).to_be_bytes());
+            }
+            out.extend_from_slice(&encoding.to_be_bytes());
+            out.extend_from_slice(&[1, 0, 0, 0]); // one screen
+            out.extend_from_slice(&0u32.to_be_bytes()); // id
+            out.extend_from_slice(&[0, 0, 0, 0]); // x, y
+            out.extend_from_slice(&(r.w as u16).to_be_bytes());
+            out.extend_from_slice(&(r.h as u16).to_be_bytes());
+            out.extend_from_slice(&0u32.to_be_bytes()); // flags
+        } else {
+            for v in [0, 0, r.w, r.h] {
+                out.extend_from_slice(&(v as u16).to_be_bytes());
+            }
+            out.extend_from_slice(&encoding.to_be_bytes());
+        }
+    }
+}
