@@ -1,6 +1,8 @@
 //! Helpers shared by Porthole's end-to-end tests: scratch folders, child processes with time limits,
 //! the workspace's built binaries, QEMU and Xvfb.
 
+pub mod rfb;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

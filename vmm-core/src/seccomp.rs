@@ -6,7 +6,8 @@
 //!   and vCPU threads) and answering the control socket needs; no exec, no opening of files or sockets,
 //!   no ptrace, no mounts.
 //!
-//! A thread that makes any other system call kills the process (`SECCOMP_RET_KILL_PROCESS`).
+//! A thread that makes any other system call kills the process (`SECCOMP_RET_KILL_PROCESS`), except
+//! `open`/`openat`, which fail with EACCES (see [`no_open_filter`]).
 
 use std::collections::BTreeMap;
 
@@ -109,6 +110,8 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
         libc::SYS_eventfd2,
         libc::SYS_lseek,
         libc::SYS_pread64,
+        libc::SYS_open,
+        libc::SYS_openat,
         libc::SYS_fstat,
         libc::SYS_newfstatat,
         libc::SYS_statx,
@@ -138,8 +141,23 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
     compile(allow(&calls))
 }
 
+/// A second filter that makes `open`/`openat` fail with EACCES instead of killing the process: glibc
+/// opens /sys files internally (e.g. to size malloc arenas when many threads start), and it copes with
+/// the failure. Nothing of ours opens files after set-up.
+pub fn no_open_filter() -> Result<BpfProgram, SeccompError> {
+    let rules = allow(&[libc::SYS_open, libc::SYS_openat]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
 /// Applies the VMM filter to the calling thread (and so to the threads it starts afterwards).
 pub fn apply_vmm_filter() -> Result<(), SeccompError> {
+    seccompiler::apply_filter(&no_open_filter()?)?;
     seccompiler::apply_filter(&vmm_filter()?)?;
     Ok(())
 }

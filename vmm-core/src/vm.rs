@@ -275,7 +275,13 @@ impl VmHandle {
         drop(last);
         let (dx, dy) = (i32::from(x) - i32::from(lx), i32::from(y) - i32::from(ly));
         let pressed = mask & !lmask;
-        let dz = if pressed & 8 != 0 { -1 } else if pressed & 16 != 0 { 1 } else { 0 };
+        let dz = if pressed & 8 != 0 {
+            -1
+        } else if pressed & 16 != 0 {
+            1
+        } else {
+            0
+        };
         let buttons = (mask & 1) | ((mask & 4) >> 1) | ((mask & 2) << 1);
         if dx == 0 && dy == 0 && dz == 0 && mask & 7 == lmask & 7 {
             return;

@@ -144,8 +144,14 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
             name: format!("Porthole: {}", handle.name),
         };
         for listener in listeners {
-            vmm_core::rfb::spawn(listener, vm.screen(), handle.clone(), config.clone(), !cli.no_seccomp)
-                .context("cannot start the VNC server")?;
+            vmm_core::rfb::spawn(
+                listener,
+                vm.screen(),
+                handle.clone(),
+                config.clone(),
+                !cli.no_seccomp,
+            )
+            .context("cannot start the VNC server")?;
         }
     } else if cli.vnc_password.is_some() {
         bail!("--vnc-password needs --vnc");
@@ -171,7 +177,8 @@ fn vnc_listeners(cli: &Cli) -> anyhow::Result<Vec<vmm_core::rfb::Listener>> {
                     .with_context(|| format!("cannot listen for VNC on {path:?}"))?;
                 Ok(Listener::Unix(listener))
             } else if let Some(addr) = spec.strip_prefix("tcp:").filter(|a| !a.is_empty()) {
-                let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen for VNC on {addr}"))?;
+                let listener = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen for VNC on {addr}"))?;
                 Ok(Listener::Tcp(listener))
             } else {
                 bail!("--vnc {spec:?}: expected unix:PATH or tcp:ADDR:PORT")
@@ -181,7 +188,8 @@ fn vnc_listeners(cli: &Cli) -> anyhow::Result<Vec<vmm_core::rfb::Listener>> {
 }
 
 fn vnc_password(path: &std::path::Path) -> anyhow::Result<[u8; 8]> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the VNC password file {path:?}"))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the VNC password file {path:?}"))?;
     let password = text.lines().next().unwrap_or("");
     if password.is_empty() {
         bail!("the VNC password file {path:?} is empty");
@@ -205,6 +213,10 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    // A fixed number of malloc arenas: glibc would otherwise size them by reading /sys when many threads
+    // start (one per RFB client), which the seccomp filter does not allow.
+    // SAFETY: mallopt only changes allocator tuning; it is called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 4) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -566,7 +566,10 @@ mod tests {
         data(&mut r.dev, 0xF5); // disable scanning
         drain(&mut r.dev);
         r.dev.key(0x1E, true);
-        assert!(drain(&mut r.dev).is_empty(), "a disabled keyboard sends nothing");
+        assert!(
+            drain(&mut r.dev).is_empty(),
+            "a disabled keyboard sends nothing"
+        );
     }
 
     #[test]

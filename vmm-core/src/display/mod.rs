@@ -199,6 +199,10 @@ pub struct Screen {
     viewers: Mutex<Vec<Weak<Viewer>>>,
     /// Set when a viewer joins, so the refresher reads everything once.
     full_refresh: std::sync::atomic::AtomicBool,
+    /// Counts finished refreshes, so a new viewer can wait for an up-to-date frame.
+    refreshes: Mutex<u64>,
+    refreshed: Condvar,
+    viewer_joined: Condvar,
 }
 
 impl Screen {
@@ -216,7 +220,16 @@ impl Screen {
         lock(&self.viewers).push(Arc::downgrade(&viewer));
         self.full_refresh
             .store(true, std::sync::atomic::Ordering::Release);
+        self.viewer_joined.notify_all();
         viewer
+    }
+
+    /// Lets the idle refresher sleep until a viewer joins (or `timeout`).
+    fn wait_for_viewer(&self, timeout: Duration) {
+        let viewers = lock(&self.viewers);
+        if viewers.iter().all(|v| v.strong_count() == 0) {
+            let _ = self.viewer_joined.wait_timeout(viewers, timeout);
+        }
     }
 
     /// How many viewers are connected.
@@ -265,6 +278,22 @@ impl Screen {
     /// Tells every viewer to stop.
     pub fn close(&self) {
         self.broadcast(|d| d.closed = true);
+    }
+
+    /// Called by the refresher after each refresh.
+    fn refreshed(&self) {
+        *lock(&self.refreshes) += 1;
+        self.refreshed.notify_all();
+    }
+
+    /// Waits (at most `timeout`) until the refresher has refreshed the screen once more, so that a new
+    /// viewer starts from the guest's current mode and picture.
+    pub fn wait_for_refresh(&self, timeout: Duration) {
+        let guard = lock(&self.refreshes);
+        let start = *guard;
+        let _ = self
+            .refreshed
+            .wait_timeout_while(guard, timeout, |n| *n == start);
     }
 
     fn take_full_refresh(&self) -> bool {

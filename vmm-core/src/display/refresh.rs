@@ -112,7 +112,7 @@ impl Refresher {
             let start = Instant::now();
             if self.screen.viewer_count() == 0 {
                 shown = Shown::Nothing; // redraw everything for the next viewer
-                std::thread::sleep(Duration::from_millis(50));
+                self.screen.wait_for_viewer(Duration::from_millis(200));
                 continue;
             }
             if self.screen.take_full_refresh() {
@@ -124,6 +124,7 @@ impl Refresher {
                     shown = self.refresh(view, shown, &mut text_state, &mut row_buf);
                 }
             }
+            self.screen.refreshed();
             self.busy_ns
                 .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
             std::thread::sleep(REFRESH_INTERVAL.saturating_sub(start.elapsed()));

@@ -1,0 +1,390 @@
+//! The console of `porthole-vmm`: the framebuffer and VGA text mode over RFB, with our test client and
+//! with real peers (vncsnapshot), keyboard and mouse input into the guest, VncAuth, and hostile clients.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use porthole_tests::rfb::{HandshakeError, RfbClient};
+use porthole_tests::{Scratch, run, text, wait_until, workspace_bin};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A VM with its console on a Unix socket and its serial in a file.
+struct ConsoleVm {
+    dir: Scratch,
+    child: Child,
+    serial: PathBuf,
+    vnc: PathBuf,
+}
+
+impl ConsoleVm {
+    fn start(guest: &str, extra: &[&str], marker: &str) -> ConsoleVm {
+        let dir = Scratch::new(guest);
+        let serial = dir.path("serial.log");
+        let vnc = dir.path("vnc.sock");
+        let child = Command::new(workspace_bin("porthole-vmm"))
+            .arg("--kernel")
+            .arg(porthole_guests::path(guest))
+            .args(["--memory", "64"])
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--vnc")
+            .arg(format!("unix:{}", vnc.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let vm = ConsoleVm {
+            dir,
+            child,
+            serial,
+            vnc,
+        };
+        vm.wait_for(marker);
+        vm
+    }
+
+    fn output(&self) -> String {
+        text(&std::fs::read(&self.serial).unwrap_or_default())
+    }
+
+    fn wait_for(&self, what: &str) {
+        wait_until(
+            LIMIT,
+            || self.output().contains(what),
+            || format!("waiting for {what:?}; serial:\n{}", self.output()),
+        );
+    }
+
+    fn client(&self) -> RfbClient {
+        RfbClient::connect(&self.vnc, None).unwrap_or_else(|e| panic!("cannot connect: {e:?}"))
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for ConsoleVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// fb-pattern's picture (see tests/guests/asm/fb-pattern.S).
+fn pattern(x: u32, y: u32) -> u32 {
+    const BARS: [u32; 8] = [
+        0xFFFFFF, 0xFFFF00, 0x00FFFF, 0x00FF00, 0xFF00FF, 0xFF0000, 0x0000FF, 0x000000,
+    ];
+    if y < 400 {
+        BARS[(x / 160) as usize]
+    } else {
+        let (r, g, b) = (
+            ((7 * x) ^ (3 * y)) & 0xFF,
+            ((3 * x) ^ (7 * y)) & 0xFF,
+            (x ^ y) & 0xFF,
+        );
+        (r << 16) | (g << 8) | b
+    }
+}
+
+#[test]
+fn fb_pattern_arrives_pixel_exact_over_raw() {
+    let vm = ConsoleVm::start("fb-pattern", &[], "PORTHOLE-FB-PATTERN-READY 1280x800");
+    let mut c = vm.client();
+    c.set_encodings(&[0, -223]).unwrap();
+    c.full_frame().unwrap();
+    assert_eq!((c.width, c.height), (1280, 800));
+    let mut wrong = 0;
+    for y in 0..800 {
+        for x in 0..1280 {
+            if c.pixel(x, y) != pattern(x, y) {
+                wrong += 1;
+            }
+        }
+    }
+    assert_eq!(
+        wrong,
+        0,
+        "pixels differ from the pattern, e.g. (700,500): {:06x} vs {:06x}",
+        c.pixel(700, 500),
+        pattern(700, 500)
+    );
+    assert!(c.name.contains("vm"), "desktop name {:?}", c.name);
+}
+
+#[test]
+fn vncsnapshot_decodes_every_encoding() {
+    let vm = ConsoleVm::start(
+        "fb-pattern",
+        &["--vnc", "tcp:127.0.0.1:0"],
+        "PORTHOLE-FB-PATTERN-READY",
+    );
+    // vncsnapshot speaks TCP only: find the port porthole-vmm bound.
+    let port = tcp_port_of(vm.child.id());
+    for encoding in ["raw", "hextile", "zlib", "zrle", "tight"] {
+        let jpg = vm.dir.path(&format!("{encoding}.jpg"));
+        let out = run(
+            Command::new("vncsnapshot")
+                .args([
+                    "-quality",
+                    "100",
+                    "-encodings",
+                    encoding,
+                    &format!("127.0.0.1::{port}"),
+                ])
+                .arg(&jpg),
+            LIMIT,
+        );
+        assert!(out.status.success(), "{encoding}: {}", text(&out.stderr));
+        // The snapshot is a JPEG: compare with a tolerance, at points away from colour edges.
+        let ppm = vm.dir.path(&format!("{encoding}.ppm"));
+        let convert = run(Command::new("convert").arg(&jpg).arg(&ppm), LIMIT);
+        assert!(convert.status.success(), "{}", text(&convert.stderr));
+        let image = read_ppm(&ppm);
+        assert_eq!((image.0, image.1), (1280, 800), "{encoding}");
+        for (x, y) in [
+            (80, 100),
+            (240, 200),
+            (400, 300),
+            (560, 50),
+            (720, 350),
+            (880, 10),
+            (1040, 390),
+            (1200, 200),
+        ] {
+            let got = image.2[(y * 1280 + x) as usize];
+            let want = pattern(x, y);
+            for shift in [16, 8, 0] {
+                let (a, b) = (
+                    ((got >> shift) & 0xFF) as i32,
+                    ((want >> shift) & 0xFF) as i32,
+                );
+                assert!(
+                    (a - b).abs() <= 24,
+                    "{encoding} at ({x},{y}): {got:06x} vs {want:06x}"
+                );
+            }
+        }
+    }
+}
+
+fn tcp_port_of(pid: u32) -> u16 {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+            return u16::from_str_radix(f[1].split(':').nth(1).unwrap(), 16).unwrap();
+        }
+    }
+    panic!("porthole-vmm {pid} listens on no TCP port");
+}
+
+/// (width, height, pixels) of a binary PPM.
+fn read_ppm(path: &std::path::Path) -> (u32, u32, Vec<u32>) {
+    let data = std::fs::read(path).unwrap();
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while fields.len() < 4 {
+        while data[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        let start = at;
+        while !data[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        fields.push(String::from_utf8_lossy(&data[start..at]).into_owned());
+    }
+    at += 1;
+    let (w, h): (u32, u32) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    let pixels = data[at..]
+        .chunks_exact(3)
+        .map(|p| u32::from(p[0]) << 16 | u32::from(p[1]) << 8 | u32::from(p[2]))
+        .collect();
+    (w, h, pixels)
+}
+
+#[test]
+fn text_mode_shows_glyphs_in_their_cells() {
+    use vmm_core::display::{font, text};
+    let vm = ConsoleVm::start("text-mode", &[], "PORTHOLE-TEXT-READY");
+    let mut c = vm.client();
+    c.set_encodings(&[0, -223]).unwrap();
+    c.full_frame().unwrap();
+    assert_eq!((c.width, c.height), (text::WIDTH, text::HEIGHT));
+    let check_cell = |c: &RfbClient, col: u32, row: u32, ch: u8, attr: u8| {
+        let glyph = font::glyphs()[usize::from(ch)];
+        let (fg, bg) = (
+            text::PALETTE[usize::from(attr & 15)],
+            text::PALETTE[usize::from(attr >> 4)],
+        );
+        for (line, bits) in glyph.iter().enumerate() {
+            for x in 0..8 {
+                let want = if bits & (1 << x) != 0 { fg } else { bg };
+                let got = c.pixel(col * 8 + x, row * 16 + line as u32);
+                assert_eq!(
+                    got, want,
+                    "cell ({col},{row}) {:?} line {line} x {x}",
+                    ch as char
+                );
+            }
+        }
+    };
+    for (i, ch) in b"PORTHOLE TEXT MODE".iter().enumerate() {
+        check_cell(&c, i as u32, 0, *ch, 0x1F);
+    }
+    for k in [b'A', b'z', b'0', 0xB0, 0xDB, 0xE1] {
+        let cell = 80 + u32::from(k);
+        check_cell(&c, cell % 80, cell / 80, k, 0x07);
+    }
+    for (i, ch) in b"bottom line".iter().enumerate() {
+        check_cell(&c, i as u32, 24, *ch, 0x4E);
+    }
+}
+
+#[test]
+fn keys_and_mouse_reach_the_guest() {
+    let vm = ConsoleVm::start("kbd-echo", &[], "PORTHOLE-KBD-READY");
+    let mut c = vm.client();
+    c.set_encodings(&[0, -258]).unwrap();
+    // A keysym ('a') and a QEMU extended key event (keypad Enter, XT 0x9C).
+    c.key(u32::from(b'a'), true).unwrap();
+    c.key(u32::from(b'a'), false).unwrap();
+    vm.wait_for("PORTHOLE-KEY 9e");
+    c.qemu_key(0xFF8D, 0x9C, true).unwrap();
+    c.qemu_key(0xFF8D, 0x9C, false).unwrap();
+    vm.wait_for("PORTHOLE-KEY 9c");
+    let keys: Vec<String> = vm
+        .output()
+        .lines()
+        .filter_map(|l| l.strip_prefix("PORTHOLE-KEY ").map(str::to_owned))
+        .collect();
+    assert_eq!(keys, ["1e", "9e", "e0", "1c", "e0", "9c"]);
+    // The server acknowledged QEMU extended key events.
+    c.request(false).unwrap();
+    c.read_update().unwrap();
+    assert!(c.acknowledged.contains(&-258));
+    // Pointer: move 10 right and 5 down, then press the left button.
+    c.pointer(100, 100, 0).unwrap();
+    c.pointer(110, 105, 0).unwrap();
+    c.pointer(110, 105, 1).unwrap();
+    vm.wait_for("PORTHOLE-MOUSE b=1");
+    let mouse: Vec<String> = vm
+        .output()
+        .lines()
+        .filter(|l| l.starts_with("PORTHOLE-MOUSE"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        mouse,
+        [
+            "PORTHOLE-MOUSE b=0 dx=10 dy=-5",
+            "PORTHOLE-MOUSE b=1 dx=0 dy=0"
+        ]
+    );
+}
+
+#[test]
+fn vnc_auth_accepts_the_password_and_refuses_others() {
+    let dir = Scratch::new("vncauth");
+    let password = dir.path("password");
+    std::fs::write(&password, "s3cret!\n").unwrap();
+    let vm = ConsoleVm::start(
+        "text-mode",
+        &["--vnc-password", password.to_str().unwrap()],
+        "PORTHOLE-TEXT-READY",
+    );
+    let mut good = RfbClient::connect(&vm.vnc, Some("s3cret!")).expect("right password");
+    good.set_encodings(&[0]).unwrap();
+    good.full_frame().unwrap();
+    match RfbClient::connect(&vm.vnc, Some("guess")) {
+        Err(HandshakeError::Refused(reason)) => {
+            assert!(reason.contains("authentication failed"), "{reason}")
+        }
+        other => panic!("a wrong password was not refused: {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn hostile_clients_do_not_hurt_the_vm_or_other_clients() {
+    let mut vm = ConsoleVm::start("kbd-echo", &[], "PORTHOLE-KBD-READY");
+    let mut good = vm.client();
+    good.set_encodings(&[0]).unwrap();
+    good.full_frame().unwrap();
+    let send = |bytes: &[u8]| {
+        let mut s = UnixStream::connect(&vm.vnc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut version = [0u8; 12];
+        s.read_exact(&mut version).unwrap();
+        let _ = s.write_all(bytes);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink); // the server closes it (or we time out)
+    };
+    let handshake: &[u8] = b"RFB 003.008\n\x01\x01";
+    let after = |tail: &[u8]| [handshake, tail].concat();
+    send(b"HTTP/1.1 GET /\r\n\r\n"); // not RFB at all
+    send(b"RFB 003.008\n\x07"); // a security type never offered
+    send(&after(&[0x42])); // unknown message type
+    send(&after(&[2, 0, 0xFF, 0xFF])); // 65535 encodings announced
+    send(&after(&[6, 0, 0, 0, 0x7F, 0xFF, 0xFF, 0xFF])); // 2 GiB of cut text announced
+    send(&after(&[248, 0, 0, 0, 0x80, 0, 0, 0, 200])); // fence payload over 64 bytes
+    send(&after(&[
+        0, 0, 0, 0, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ])); // colour-map pixel format
+    send(&after(&[
+        3, 0, 0xFF, 0xF0, 0xFF, 0xF0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ])); // an absurd update request
+    send(&after(&[4, 1])); // a truncated key event
+    for _ in 0..1000 {
+        drop(UnixStream::connect(&vm.vnc).unwrap()); // connect and vanish
+    }
+    assert!(vm.running(), "the VM died");
+    // The well-behaved client still works, and input still reaches the guest.
+    good.key(u32::from(b'q'), true).unwrap();
+    good.key(u32::from(b'q'), false).unwrap();
+    vm.wait_for("PORTHOLE-KEY 90");
+    std::thread::sleep(Duration::from_millis(200)); // the echo reaches the screen within a refresh
+    good.full_frame().unwrap();
+    let rss = vm.rss_kib();
+    assert!(rss < 200 * 1024, "porthole-vmm grew to {rss} KiB");
+    // And new clients are still welcome.
+    let mut fresh = vm.client();
+    fresh.set_encodings(&[0]).unwrap();
+    fresh.full_frame().unwrap();
+    let differing = fresh
+        .pixels
+        .iter()
+        .zip(&good.pixels)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differing, 0, "two clients see different screens");
+}
