@@ -10,6 +10,9 @@ pub const RAW: i32 = 0;
 pub const DESKTOP_SIZE: i32 = -223;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
 
+/// One rectangle of an update: (encoding, x, y, width, height).
+pub type UpdateRect = (i32, u32, u32, u32, u32);
+
 /// A connected client and its copy of the screen (0x00RRGGBB).
 pub struct RfbClient {
     pub stream: UnixStream,
@@ -141,7 +144,7 @@ impl RfbClient {
 
     /// Reads server messages until one framebuffer update has been applied; returns its rectangles as
     /// (encoding, x, y, w, h). Only Raw pixel data is understood.
-    pub fn read_update(&mut self) -> io::Result<Vec<(i32, u32, u32, u32, u32)>> {
+    pub fn read_update(&mut self) -> io::Result<Vec<UpdateRect>> {
         loop {
             let mut kind = [0u8; 1];
             self.stream.read_exact(&mut kind)?;

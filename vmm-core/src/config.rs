@@ -38,6 +38,12 @@ pub struct VmConfig {
     /// How long a graceful `stop` waits for the guest before powering it off by force, in milliseconds.
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
+    /// Where the console's RFB (VNC) server listens; none serves no console.
+    #[serde(default)]
+    pub vnc: Vec<crate::rfb::ListenAddress>,
+    /// A file whose first line is the VNC password (VncAuth); without it the console needs no password.
+    #[serde(default)]
+    pub vnc_password_file: Option<PathBuf>,
 }
 
 /// A kernel booted directly: a Linux bzImage (boot protocol 2.10 or later) or an ELF with a PVH entry note.
@@ -120,6 +126,8 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("serial sink {0:?} is not one of stdio, file:PATH, none")]
     SerialSink(String),
+    #[error("a VNC password was given without a VNC listen address (--vnc)")]
+    PasswordWithoutVnc,
     #[error("configuration file {path:?}: {reason}")]
     ConfigFile { path: PathBuf, reason: String },
 }
@@ -171,6 +179,8 @@ impl VmConfig {
             control_socket: None,
             no_reboot: false,
             stop_timeout_ms: default_stop_timeout_ms(),
+            vnc: Vec::new(),
+            vnc_password_file: None,
         }
     }
 
@@ -219,6 +229,16 @@ impl VmConfig {
         }
         if self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        if let Some(path) = &self.vnc_password_file {
+            if self.vnc.is_empty() {
+                return Err(ConfigError::PasswordWithoutVnc);
+            }
+            crate::rfb::password_key(path).map_err(|e| ConfigError::File {
+                what: "VNC password file",
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }

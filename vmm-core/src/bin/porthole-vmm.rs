@@ -113,12 +113,22 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     if let Some(ms) = cli.stop_timeout_ms {
         config.stop_timeout_ms = ms;
     }
+    for spec in &cli.vnc {
+        config.vnc.push(
+            spec.parse()
+                .map_err(|e: String| anyhow::anyhow!("--vnc {e}"))?,
+        );
+    }
+    if let Some(path) = &cli.vnc_password {
+        config.vnc_password_file = Some(path.clone());
+    }
     Ok(config)
 }
 
 fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     let config = config_from(&cli)?;
     let control = config.control_socket.clone();
+    let (vnc, vnc_password) = (config.vnc.clone(), config.vnc_password_file.clone());
     let mut vm = Vm::new(config)?;
     if cli.no_seccomp {
         vm.disable_seccomp();
@@ -137,24 +147,28 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
         vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
             .context("cannot start the control socket thread")?;
     }
-    let listeners = vnc_listeners(&cli)?;
-    if !listeners.is_empty() {
-        let config = vmm_core::rfb::ServerConfig {
-            password: cli.vnc_password.as_deref().map(vnc_password).transpose()?,
+    if !vnc.is_empty() {
+        let server = vmm_core::rfb::ServerConfig {
+            password: vnc_password
+                .as_deref()
+                .map(vmm_core::rfb::password_key)
+                .transpose()?,
             name: format!("Porthole: {}", handle.name),
         };
-        for listener in listeners {
+        for address in &vnc {
+            let shown = String::from(address.clone());
+            let listener = address
+                .bind()
+                .with_context(|| format!("cannot listen for VNC on {shown}"))?;
             vmm_core::rfb::spawn(
                 listener,
                 vm.screen(),
                 handle.clone(),
-                config.clone(),
+                server.clone(),
                 !cli.no_seccomp,
             )
             .context("cannot start the VNC server")?;
         }
-    } else if cli.vnc_password.is_some() {
-        bail!("--vnc-password needs --vnc");
     }
     let reason = vm.run()?;
     if let Some(mut file) = counters_file {
@@ -164,37 +178,6 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
         file.flush().context("cannot write the counters file")?;
     }
     Ok(reason)
-}
-
-/// Binds the RFB listeners given with --vnc.
-fn vnc_listeners(cli: &Cli) -> anyhow::Result<Vec<vmm_core::rfb::Listener>> {
-    use vmm_core::rfb::Listener;
-    cli.vnc
-        .iter()
-        .map(|spec| {
-            if let Some(path) = spec.strip_prefix("unix:").filter(|p| !p.is_empty()) {
-                let listener = vmm_core::control::bind(std::path::Path::new(path))
-                    .with_context(|| format!("cannot listen for VNC on {path:?}"))?;
-                Ok(Listener::Unix(listener))
-            } else if let Some(addr) = spec.strip_prefix("tcp:").filter(|a| !a.is_empty()) {
-                let listener = std::net::TcpListener::bind(addr)
-                    .with_context(|| format!("cannot listen for VNC on {addr}"))?;
-                Ok(Listener::Tcp(listener))
-            } else {
-                bail!("--vnc {spec:?}: expected unix:PATH or tcp:ADDR:PORT")
-            }
-        })
-        .collect()
-}
-
-fn vnc_password(path: &std::path::Path) -> anyhow::Result<[u8; 8]> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the VNC password file {path:?}"))?;
-    let password = text.lines().next().unwrap_or("");
-    if password.is_empty() {
-        bail!("the VNC password file {path:?} is empty");
-    }
-    Ok(vmm_core::rfb::auth::key_from_password(password.as_bytes()))
 }
 
 /// The error and its causes, leaving out a cause whose text its parent already shows.

@@ -47,6 +47,67 @@ pub struct ServerConfig {
     pub name: String,
 }
 
+/// Where the RFB server listens: `unix:PATH` or `tcp:ADDR:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ListenAddress {
+    Unix(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+            Ok(ListenAddress::Unix(path.into()))
+        } else if let Some(addr) = s.strip_prefix("tcp:").filter(|a| a.contains(':')) {
+            Ok(ListenAddress::Tcp(addr.to_owned()))
+        } else {
+            Err(format!("{s:?} is not unix:PATH or tcp:ADDR:PORT"))
+        }
+    }
+}
+
+impl TryFrom<String> for ListenAddress {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<ListenAddress> for String {
+    fn from(a: ListenAddress) -> String {
+        match a {
+            ListenAddress::Unix(p) => format!("unix:{}", p.display()),
+            ListenAddress::Tcp(a) => format!("tcp:{a}"),
+        }
+    }
+}
+
+impl ListenAddress {
+    /// Binds it (a Unix socket gets mode 0600; a stale socket file is replaced).
+    pub fn bind(&self) -> io::Result<Listener> {
+        match self {
+            ListenAddress::Unix(path) => crate::control::bind(path).map(Listener::Unix),
+            ListenAddress::Tcp(addr) => TcpListener::bind(addr).map(Listener::Tcp),
+        }
+    }
+}
+
+/// Reads a VNC password file (its first line) into the DES key VncAuth uses.
+pub fn password_key(path: &std::path::Path) -> io::Result<[u8; 8]> {
+    let text = std::fs::read_to_string(path)?;
+    let password = text.lines().next().unwrap_or("");
+    if password.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the password is empty",
+        ));
+    }
+    Ok(auth::key_from_password(password.as_bytes()))
+}
+
 /// A listening socket.
 pub enum Listener {
     Unix(UnixListener),
@@ -56,6 +117,30 @@ pub enum Listener {
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::ListenAddress;
+
+    #[test]
+    fn listen_addresses_parse_and_print() {
+        assert_eq!(
+            "unix:/tmp/a".parse(),
+            Ok(ListenAddress::Unix("/tmp/a".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:5900".parse(),
+            Ok(ListenAddress::Tcp("127.0.0.1:5900".into()))
+        );
+        for bad in ["unix:", "tcp:5900", "udp:1:2", ""] {
+            assert!(bad.parse::<ListenAddress>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            String::from(ListenAddress::Tcp("[::1]:1".into())),
+            "tcp:[::1]:1"
+        );
+    }
 }
 
 impl Stream {
