@@ -31,12 +31,7 @@ mod tests {
 
     #[test]
     fn host_info_round_trips_and_refuses_unknown_fields() {
-        let info = HostInfo {
-            hostname: "h".into(),
-            version: VERSION.into(),
-            cpus: 2,
-            memory_mib: 1024,
-        };
+        let info = HostInfo { hostname: "h".into(), version: VERSION.into(), cpus: 2, memory_mib: 1024 };
         let text = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<HostInfo>(&text).unwrap(), info);
         let extra = text.replace('}', ",\"x\":1}");

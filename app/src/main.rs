@@ -12,10 +12,7 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             "--help" | "-h" => {
-                println!(
-                    "porthole {}\nUsage: porthole [--version] [--help]",
-                    porthole_api::VERSION
-                );
+                println!("porthole {}\nUsage: porthole [--version] [--help]", porthole_api::VERSION);
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?}; see porthole --help"),
@@ -29,10 +26,6 @@ fn main() -> anyhow::Result<()> {
             .with_min_inner_size([640.0, 400.0]),
         ..Default::default()
     };
-    eframe::run_native(
-        "Porthole",
-        options,
-        Box::new(|_cc| Ok(Box::new(shell::Shell::default()))),
-    )
-    .map_err(|e| anyhow!("could not open the Porthole window: {e}"))
+    eframe::run_native("Porthole", options, Box::new(|_cc| Ok(Box::new(shell::Shell::default()))))
+        .map_err(|e| anyhow!("could not open the Porthole window: {e}"))
 }

@@ -8,14 +8,11 @@ pub struct Shell {
 
 impl eframe::App for Shell {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        egui::Panel::left("hosts")
-            .resizable(true)
-            .default_size(200.0)
-            .show(ui, |ui| {
-                ui.heading("Hosts");
-                ui.separator();
-                let _ = ui.selectable_label(true, "Local");
-            });
+        egui::Panel::left("hosts").resizable(true).default_size(200.0).show(ui, |ui| {
+            ui.heading("Hosts");
+            ui.separator();
+            let _ = ui.selectable_label(true, "Local");
+        });
         egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.label("Filter");

@@ -16,10 +16,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "porthole-bench",
-    about = "Porthole benchmarks against QEMU, as ratios"
-)]
+#[command(name = "porthole-bench", about = "Porthole benchmarks against QEMU, as ratios")]
 struct Cli {
     #[command(subcommand)]
     bench: Option<Bench>,
@@ -68,45 +65,19 @@ impl Engine {
             Engine::Porthole => {
                 let vmm = sibling("porthole-vmm")?;
                 let mut c = Command::new(vmm);
-                c.arg("--kernel").arg(kernel).args([
-                    "--memory",
-                    &memory_mib.to_string(),
-                    "--serial",
-                    "stdio",
-                ]);
+                c.arg("--kernel").arg(kernel).args(["--memory", &memory_mib.to_string(), "--serial", "stdio"]);
                 c
             }
             Engine::Qemu => {
                 let mut c = Command::new("qemu-system-x86_64");
-                c.args([
-                    "-M",
-                    "microvm",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host,-arch-capabilities",
-                ])
-                .args([
-                    "-m",
-                    &memory_mib.to_string(),
-                    "-display",
-                    "none",
-                    "-nodefaults",
-                    "-no-reboot",
-                ])
-                .args([
-                    "-serial",
-                    "stdio",
-                    "-device",
-                    "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                    "-kernel",
-                ])
-                .arg(kernel);
+                c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+                    .args(["-m", &memory_mib.to_string(), "-display", "none", "-nodefaults", "-no-reboot"])
+                    .args(["-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
+                    .arg(kernel);
                 c
             }
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
         Ok(cmd)
     }
 }
@@ -115,24 +86,15 @@ impl Engine {
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     if !path.exists() {
-        bail!(
-            "{} is not built (cargo build --release -p vmm-core)",
-            path.display()
-        );
+        bail!("{} is not built (cargo build --release -p vmm-core)", path.display());
     }
     Ok(path)
 }
 
 /// Starts `cmd` and reports when its standard output first contains `marker`.
-fn start_and_wait_for(
-    mut cmd: Command,
-    marker: &'static str,
-    limit: Duration,
-) -> anyhow::Result<(Child, Duration)> {
+fn start_and_wait_for(mut cmd: Command, marker: &'static str, limit: Duration) -> anyhow::Result<(Child, Duration)> {
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
     let mut stdout = child.stdout.take().context("no stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -202,38 +164,23 @@ fn bench_boot(runs: usize) -> anyhow::Result<()> {
     for engine in [Engine::Porthole, Engine::Qemu] {
         let mut times = Vec::new();
         for _ in 0..runs {
-            let (child, t) =
-                start_and_wait_for(engine.command(&kernel, 64)?, "", Duration::from_secs(60))?;
+            let (child, t) = start_and_wait_for(engine.command(&kernel, 64)?, "", Duration::from_secs(60))?;
             finish(child);
             times.push(t);
         }
         let m = median(times.clone());
         let (min, max) = (times.iter().min().unwrap(), times.iter().max().unwrap());
-        println!(
-            "  {:<32} median {:8.2} ms   min {:8.2}   max {:8.2}",
-            engine.name(),
-            ms(m),
-            ms(*min),
-            ms(*max)
-        );
+        println!("  {:<32} median {:8.2} ms   min {:8.2}   max {:8.2}", engine.name(), ms(m), ms(*min), ms(*max));
         medians.push(m);
     }
-    println!(
-        "  ratio porthole/qemu: {:.3} (goal <= 0.3)",
-        medians[0].as_secs_f64() / medians[1].as_secs_f64()
-    );
+    println!("  ratio porthole/qemu: {:.3} (goal <= 0.3)", medians[0].as_secs_f64() / medians[1].as_secs_f64());
     Ok(())
 }
 
 /// Resident and proportional set size of a process, in KiB.
 fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let field = |text: &str, name: &str| -> Option<u64> {
-        text.lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        text.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
     };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -246,68 +193,44 @@ fn bench_memory() -> anyhow::Result<()> {
     println!("memory: idle VM with 256 MiB guest RAM (`idle` guest), 500 ms after its marker");
     let mut rss = Vec::new();
     for engine in [Engine::Porthole, Engine::Qemu] {
-        let (mut child, _) = start_and_wait_for(
-            engine.command(&kernel, 256)?,
-            "PORTHOLE-IDLE",
-            Duration::from_secs(60),
-        )?;
+        let (mut child, _) =
+            start_and_wait_for(engine.command(&kernel, 256)?, "PORTHOLE-IDLE", Duration::from_secs(60))?;
         std::thread::sleep(Duration::from_millis(500));
         let (r, p) = memory_kib(child.id())?;
         let _ = child.kill();
         let _ = child.wait();
-        println!(
-            "  {:<32} RSS {:8.2} MiB   PSS {:8.2} MiB",
-            engine.name(),
-            r as f64 / 1024.0,
-            p as f64 / 1024.0
-        );
+        println!("  {:<32} RSS {:8.2} MiB   PSS {:8.2} MiB", engine.name(), r as f64 / 1024.0, p as f64 / 1024.0);
         rss.push(r);
     }
-    println!(
-        "  ratio porthole/qemu (RSS): {:.3} (goal <= 0.2; overhead goal <= 5 MiB)",
-        rss[0] as f64 / rss[1] as f64
-    );
+    println!("  ratio porthole/qemu (RSS): {:.3} (goal <= 0.2; overhead goal <= 5 MiB)", rss[0] as f64 / rss[1] as f64);
     Ok(())
 }
 
 fn bench_concurrent(vms: usize) -> anyhow::Result<()> {
     let kernel = porthole_guests::path("hello");
-    println!(
-        "concurrent: {vms} VMs of 64 MiB started at once, until every one printed PORTHOLE-GUEST-OK"
-    );
+    println!("concurrent: {vms} VMs of 64 MiB started at once, until every one printed PORTHOLE-GUEST-OK");
     let mut totals = Vec::new();
     for engine in [Engine::Porthole, Engine::Qemu] {
         let start = Instant::now();
         let handles: Vec<_> = (0..vms)
             .map(|_| {
                 let cmd = engine.command(&kernel, 64);
-                std::thread::spawn(move || {
-                    start_and_wait_for(cmd?, "PORTHOLE-GUEST-OK", Duration::from_secs(120))
-                })
+                std::thread::spawn(move || start_and_wait_for(cmd?, "PORTHOLE-GUEST-OK", Duration::from_secs(120)))
             })
             .collect();
         let mut children = Vec::new();
         for h in handles {
-            let (child, _) = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("a starter thread panicked"))??;
+            let (child, _) = h.join().map_err(|_| anyhow::anyhow!("a starter thread panicked"))??;
             children.push(child);
         }
         let total = start.elapsed();
         for c in children {
             finish(c);
         }
-        println!(
-            "  {:<32} all {vms} markers after {:8.2} ms",
-            engine.name(),
-            ms(total)
-        );
+        println!("  {:<32} all {vms} markers after {:8.2} ms", engine.name(), ms(total));
         totals.push(total);
     }
-    println!(
-        "  ratio porthole/qemu: {:.3}",
-        totals[0].as_secs_f64() / totals[1].as_secs_f64()
-    );
+    println!("  ratio porthole/qemu: {:.3}", totals[0].as_secs_f64() / totals[1].as_secs_f64());
     Ok(())
 }
 
@@ -317,16 +240,13 @@ fn bench_pause(rounds: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("control.sock");
     let mut cmd = Engine::Porthole.command(&porthole_guests::path("ticker"), 64)?;
-    cmd.args(["--cpus", "2", "--control"])
-        .arg(format!("unix:{}", socket.display()));
+    cmd.args(["--cpus", "2", "--control"]).arg(format!("unix:{}", socket.display()));
     let (mut child, _) = start_and_wait_for(cmd, "PORTHOLE-TICK 1", Duration::from_secs(60))?;
     let mut client = ControlClient::connect(&socket)?;
     let mut took = Vec::new();
     for _ in 0..rounds {
         let reply = client.request(&Request::Pause)?;
-        took.push(Duration::from_micros(
-            reply.paused_after_us.unwrap_or_default(),
-        ));
+        took.push(Duration::from_micros(reply.paused_after_us.unwrap_or_default()));
         client.request(&Request::Resume)?;
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -348,11 +268,7 @@ fn bench_pause(rounds: usize) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bench = cli.bench.unwrap_or(Bench::All);
-    println!(
-        "porthole-bench {} on {} CPUs",
-        env!("CARGO_PKG_VERSION"),
-        std::thread::available_parallelism()?
-    );
+    println!("porthole-bench {} on {} CPUs", env!("CARGO_PKG_VERSION"), std::thread::available_parallelism()?);
     match bench {
         Bench::Boot { runs } => bench_boot(runs),
         Bench::Memory => bench_memory(),

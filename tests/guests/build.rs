@@ -12,22 +12,12 @@ fn run(cmd: &mut Command) {
         panic!("cannot run {shown}: {e}\nthe micro-guests need GNU binutils (as, ld): apt-get install binutils")
     });
     if !out.status.success() {
-        panic!(
-            "{shown} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        panic!("{shown} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 }
 
 fn assemble(source: &Path, object: &Path, include: &Path) {
-    run(Command::new("as")
-        .arg("--64")
-        .arg("-I")
-        .arg(include)
-        .arg("-o")
-        .arg(object)
-        .arg(source));
+    run(Command::new("as").arg("--64").arg("-I").arg(include).arg("-o").arg(object).arg(source));
 }
 
 fn main() {
@@ -60,27 +50,14 @@ fn main() {
         let elf = out.join(format!("{name}.elf"));
         assemble(&dir.join(format!("{name}.S")), &object, &dir);
         run(Command::new("ld")
-            .args([
-                "-m",
-                "elf_x86_64",
-                "-z",
-                "noexecstack",
-                "--no-warn-rwx-segments",
-                "-T",
-            ])
+            .args(["-m", "elf_x86_64", "-z", "noexecstack", "--no-warn-rwx-segments", "-T"])
             .arg(dir.join("guest.ld"))
             .arg("-o")
             .arg(&elf)
             .args(&shared)
             .arg(&object));
-        table.push_str(&format!(
-            "    ({name:?}, {:?}),\n",
-            elf.display().to_string()
-        ));
+        table.push_str(&format!("    ({name:?}, {:?}),\n", elf.display().to_string()));
     }
-    std::fs::write(
-        out.join("guests.rs"),
-        format!("pub const GUESTS: &[(&str, &str)] = &[\n{table}];\n"),
-    )
-    .expect("write guests.rs");
+    std::fs::write(out.join("guests.rs"), format!("pub const GUESTS: &[(&str, &str)] = &[\n{table}];\n"))
+        .expect("write guests.rs");
 }

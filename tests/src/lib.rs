@@ -15,8 +15,7 @@ impl Scratch {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("porthole-test-{tag}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("porthole-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create a scratch folder");
         Scratch(dir)
@@ -76,11 +75,7 @@ pub fn text(bytes: &[u8]) -> String {
 pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool, what: impl Fn() -> String) {
     let start = Instant::now();
     while !condition() {
-        assert!(
-            start.elapsed() < limit,
-            "gave up after {limit:?}: {}",
-            what()
-        );
+        assert!(start.elapsed() < limit, "gave up after {limit:?}: {}", what());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -95,47 +90,23 @@ pub fn target_dir() -> PathBuf {
 /// A binary of the workspace, built by `cargo build --workspace --bins` (./x test does that first).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let path = target_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace --bins` (./x test does)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` (./x test does)", path.display());
     path
 }
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
 }
 
 /// A QEMU command line for a micro-guest with KVM: `machine` is "pc" or "microvm".
 pub fn qemu(machine: &str, kernel: &Path, cpus: u32) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        machine,
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "64",
-    ])
-    .args([
-        "-smp",
-        &cpus.to_string(),
-        "-display",
-        "none",
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-    .arg("-kernel")
-    .arg(kernel);
+    cmd.args(["-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+        .args(["-smp", &cpus.to_string(), "-display", "none", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-kernel")
+        .arg(kernel);
     cmd
 }
 
@@ -148,21 +119,12 @@ pub struct Xvfb {
 impl Xvfb {
     pub fn start(width: u32, height: u32) -> Xvfb {
         for n in 90..140 {
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-                || Path::new(&format!("/tmp/.X{n}-lock")).exists()
-            {
+            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&format!("/tmp/.X{n}-lock")).exists() {
                 continue;
             }
             let display = format!(":{n}");
             let mut child = Command::new("Xvfb")
-                .args([
-                    &display,
-                    "-screen",
-                    "0",
-                    &format!("{width}x{height}x24"),
-                    "-nolisten",
-                    "tcp",
-                ])
+                .args([&display, "-screen", "0", &format!("{width}x{height}x24"), "-nolisten", "tcp"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

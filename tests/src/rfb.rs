@@ -6,7 +6,13 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use flate2::{Decompress, FlushDecompress};
+
 pub const RAW: i32 = 0;
+pub const HEXTILE: i32 = 5;
+pub const ZLIB: i32 = 6;
+pub const TIGHT: i32 = 7;
+pub const ZRLE: i32 = 16;
 pub const DESKTOP_SIZE: i32 = -223;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
 
@@ -22,6 +28,46 @@ pub struct RfbClient {
     pub name: String,
     /// Pseudo-encodings the server has acknowledged with a rectangle.
     pub acknowledged: Vec<i32>,
+    /// Bytes received in framebuffer updates.
+    pub bytes_received: u64,
+    zlib: Decompress,
+    zrle: Decompress,
+    tight: [Decompress; 4],
+}
+
+/// Inflates exactly one sync-flushed chunk of a persistent zlib stream.
+fn inflate(d: &mut Decompress, data: &[u8], expected: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(expected);
+    let mut at = 0;
+    while out.len() < expected {
+        out.reserve(expected - out.len() + 1);
+        let (before_in, before_out) = (d.total_in(), d.total_out());
+        d.decompress_vec(&data[at..], &mut out, FlushDecompress::Sync).map_err(io::Error::other)?;
+        at += (d.total_in() - before_in) as usize;
+        if d.total_in() == before_in && d.total_out() == before_out {
+            break;
+        }
+    }
+    if out.len() != expected {
+        return Err(io::Error::other(format!("zlib data inflated to {} bytes, expected {expected}", out.len())));
+    }
+    Ok(out)
+}
+
+fn compact_len(s: &mut impl Read) -> io::Result<usize> {
+    let mut len = 0usize;
+    for i in 0..3 {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        if i == 2 {
+            return Ok(len | usize::from(b[0]) << 14);
+        }
+        len |= usize::from(b[0] & 0x7F) << (7 * i);
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    Ok(len)
 }
 
 fn read_u16(s: &mut impl Read) -> io::Result<u16> {
@@ -65,9 +111,7 @@ impl RfbClient {
             let len = read_u32(&mut s)? as usize;
             let mut reason = vec![0u8; len.min(4096)];
             s.read_exact(&mut reason)?;
-            return Err(HandshakeError::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
+            return Err(HandshakeError::Refused(String::from_utf8_lossy(&reason).into_owned()));
         }
         let mut types = vec![0u8; usize::from(count[0])];
         s.read_exact(&mut types)?;
@@ -83,9 +127,7 @@ impl RfbClient {
             let len = read_u32(&mut s)? as usize;
             let mut reason = vec![0u8; len.min(4096)];
             s.read_exact(&mut reason)?;
-            return Err(HandshakeError::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
+            return Err(HandshakeError::Refused(String::from_utf8_lossy(&reason).into_owned()));
         }
         s.write_all(&[1])?; // shared
         let (width, height) = (u32::from(read_u16(&mut s)?), u32::from(read_u16(&mut s)?));
@@ -102,6 +144,10 @@ impl RfbClient {
             pixels: vec![0; (width * height) as usize],
             name: String::from_utf8_lossy(&name).into_owned(),
             acknowledged: Vec::new(),
+            bytes_received: 0,
+            zlib: Decompress::new(true),
+            zrle: Decompress::new(true),
+            tight: [Decompress::new(true), Decompress::new(true), Decompress::new(true), Decompress::new(true)],
         })
     }
 
@@ -158,9 +204,7 @@ impl RfbClient {
                     self.stream.read_exact(&mut payload)?;
                 }
                 other => {
-                    return Err(io::Error::other(format!(
-                        "unexpected server message {other}"
-                    )));
+                    return Err(io::Error::other(format!("unexpected server message {other}")));
                 }
             }
         }
@@ -180,20 +224,31 @@ impl RfbClient {
                 RAW => {
                     let mut data = vec![0u8; (w * h * 4) as usize];
                     self.stream.read_exact(&mut data)?;
+                    self.bytes_received += data.len() as u64;
                     for row in 0..h {
                         for col in 0..w {
                             let at = ((row * w + col) * 4) as usize;
-                            let p = u32::from_le_bytes([
-                                data[at],
-                                data[at + 1],
-                                data[at + 2],
-                                data[at + 3],
-                            ]);
-                            self.pixels[((y + row) * self.width + x + col) as usize] =
-                                p & 0xFF_FFFF;
+                            let p = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
+                            self.pixels[((y + row) * self.width + x + col) as usize] = p & 0xFF_FFFF;
                         }
                     }
                 }
+                HEXTILE => self.hextile(x, y, w, h)?,
+                ZLIB => {
+                    let len = read_u32(&mut self.stream)? as usize;
+                    let mut data = vec![0u8; len];
+                    self.stream.read_exact(&mut data)?;
+                    self.bytes_received += len as u64 + 4;
+                    let raw = inflate(&mut self.zlib, &data, (w * h * 4) as usize)?;
+                    self.put_pixels(
+                        x,
+                        y,
+                        w,
+                        &raw.chunks_exact(4).map(|p| u32::from_le_bytes([p[0], p[1], p[2], 0])).collect::<Vec<_>>(),
+                    );
+                }
+                ZRLE => self.zrle(x, y, w, h)?,
+                TIGHT => self.tight(x, y, w, h)?,
                 DESKTOP_SIZE => {
                     self.width = w;
                     self.height = h;
@@ -207,6 +262,233 @@ impl RfbClient {
         Ok(rects)
     }
 
+    fn put_pixels(&mut self, x: u32, y: u32, w: u32, pixels: &[u32]) {
+        for (i, p) in pixels.iter().enumerate() {
+            let (col, row) = (i as u32 % w, i as u32 / w);
+            self.pixels[((y + row) * self.width + x + col) as usize] = p & 0xFF_FFFF;
+        }
+    }
+
+    fn pixel32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.stream.read_exact(&mut b)?;
+        self.bytes_received += 4;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], 0]))
+    }
+
+    fn hextile(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
+        let (mut bg, mut fg) = (0u32, 0u32);
+        for ty in (y..y + h).step_by(16) {
+            for tx in (x..x + w).step_by(16) {
+                let (tw, th) = ((x + w - tx).min(16), (y + h - ty).min(16));
+                let mut sub = [0u8; 1];
+                self.stream.read_exact(&mut sub)?;
+                self.bytes_received += 1;
+                let sub = sub[0];
+                if sub & 1 != 0 {
+                    let mut tile = Vec::with_capacity((tw * th) as usize);
+                    for _ in 0..tw * th {
+                        tile.push(self.pixel32()?);
+                    }
+                    self.put_pixels(tx, ty, tw, &tile);
+                    continue;
+                }
+                if sub & 2 != 0 {
+                    bg = self.pixel32()?;
+                }
+                self.put_pixels(tx, ty, tw, &vec![bg; (tw * th) as usize]);
+                if sub & 4 != 0 {
+                    fg = self.pixel32()?;
+                }
+                if sub & 8 != 0 {
+                    let mut n = [0u8; 1];
+                    self.stream.read_exact(&mut n)?;
+                    for _ in 0..n[0] {
+                        let colour = if sub & 16 != 0 { self.pixel32()? } else { fg };
+                        let mut xy = [0u8; 2];
+                        self.stream.read_exact(&mut xy)?;
+                        let (sx, sy, sw, sh) = (
+                            u32::from(xy[0] >> 4),
+                            u32::from(xy[0] & 15),
+                            u32::from(xy[1] >> 4) + 1,
+                            u32::from(xy[1] & 15) + 1,
+                        );
+                        for r in 0..sh {
+                            for c in 0..sw {
+                                self.pixels[((ty + sy + r) * self.width + tx + sx + c) as usize] = colour;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn zrle(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
+        let len = read_u32(&mut self.stream)? as usize;
+        let mut data = vec![0u8; len];
+        self.stream.read_exact(&mut data)?;
+        self.bytes_received += len as u64 + 4;
+        // The inflated size is not known up front: inflate what this chunk holds.
+        let mut out = Vec::new();
+        let mut at = 0;
+        loop {
+            out.reserve(256 * 1024);
+            let before = (self.zrle.total_in(), self.zrle.total_out());
+            self.zrle.decompress_vec(&data[at..], &mut out, FlushDecompress::Sync).map_err(io::Error::other)?;
+            at += (self.zrle.total_in() - before.0) as usize;
+            if at == data.len() && out.len() < out.capacity() {
+                break;
+            }
+            if (self.zrle.total_in(), self.zrle.total_out()) == before {
+                break;
+            }
+        }
+        let mut r = &out[..];
+        let cpixel = |r: &mut &[u8]| -> io::Result<u32> {
+            let mut b = [0u8; 3];
+            r.read_exact(&mut b)?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], 0]))
+        };
+        for ty in (y..y + h).step_by(64) {
+            for tx in (x..x + w).step_by(64) {
+                let (tw, th) = ((x + w - tx).min(64), (y + h - ty).min(64));
+                let n = (tw * th) as usize;
+                let mut sub = [0u8; 1];
+                r.read_exact(&mut sub)?;
+                let sub = sub[0];
+                let mut tile = Vec::with_capacity(n);
+                match sub {
+                    0 => {
+                        for _ in 0..n {
+                            tile.push(cpixel(&mut r)?);
+                        }
+                    }
+                    1 => tile = vec![cpixel(&mut r)?; n],
+                    2..=16 => {
+                        let palette: Vec<u32> = (0..sub).map(|_| cpixel(&mut r)).collect::<io::Result<_>>()?;
+                        let bits = match sub {
+                            2 => 1,
+                            3..=4 => 2,
+                            _ => 4,
+                        };
+                        for _ in 0..th {
+                            let (mut byte, mut left) = (0u8, 0);
+                            for _ in 0..tw {
+                                if left == 0 {
+                                    let mut b = [0u8; 1];
+                                    r.read_exact(&mut b)?;
+                                    (byte, left) = (b[0], 8);
+                                }
+                                let index = byte >> (8 - bits);
+                                byte <<= bits;
+                                left -= bits;
+                                tile.push(
+                                    *palette
+                                        .get(usize::from(index))
+                                        .ok_or_else(|| io::Error::other("palette index"))?,
+                                );
+                            }
+                        }
+                    }
+                    128 | 130..=255 => {
+                        let palette: Vec<u32> = if sub == 128 {
+                            Vec::new()
+                        } else {
+                            (0..sub - 128).map(|_| cpixel(&mut r)).collect::<io::Result<_>>()?
+                        };
+                        while tile.len() < n {
+                            let (colour, run) = if sub == 128 {
+                                (cpixel(&mut r)?, true)
+                            } else {
+                                let mut b = [0u8; 1];
+                                r.read_exact(&mut b)?;
+                                (
+                                    *palette
+                                        .get(usize::from(b[0] & 0x7F))
+                                        .ok_or_else(|| io::Error::other("palette index"))?,
+                                    b[0] & 0x80 != 0,
+                                )
+                            };
+                            let mut count = 1;
+                            if run {
+                                loop {
+                                    let mut b = [0u8; 1];
+                                    r.read_exact(&mut b)?;
+                                    count += usize::from(b[0]);
+                                    if b[0] != 255 {
+                                        break;
+                                    }
+                                }
+                            }
+                            tile.extend(std::iter::repeat_n(colour, count.min(n - tile.len())));
+                        }
+                    }
+                    other => return Err(io::Error::other(format!("ZRLE subencoding {other}"))),
+                }
+                self.put_pixels(tx, ty, tw, &tile);
+            }
+        }
+        Ok(())
+    }
+
+    fn tight(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
+        let mut c = [0u8; 1];
+        self.stream.read_exact(&mut c)?;
+        let control = c[0];
+        for i in 0..4 {
+            if control & (1 << i) != 0 {
+                self.tight[i] = Decompress::new(true);
+            }
+        }
+        let rgb = |b: &[u8]| u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        match control >> 4 {
+            8 => {
+                let mut b = [0u8; 3];
+                self.stream.read_exact(&mut b)?;
+                self.bytes_received += 4;
+                self.put_pixels(x, y, w, &vec![rgb(&b); (w * h) as usize]);
+            }
+            9 => {
+                let len = compact_len(&mut self.stream)?;
+                let mut data = vec![0u8; len];
+                self.stream.read_exact(&mut data)?;
+                self.bytes_received += len as u64 + 4;
+                let mut decoder = jpeg_decoder::Decoder::new(&data[..]);
+                let decoded = decoder.decode().map_err(io::Error::other)?;
+                self.put_pixels(x, y, w, &decoded.chunks_exact(3).map(rgb).collect::<Vec<_>>());
+            }
+            basic if basic < 8 => {
+                if control & 0x40 != 0 {
+                    let mut filter = [0u8; 1];
+                    self.stream.read_exact(&mut filter)?;
+                    if filter[0] != 0 {
+                        return Err(io::Error::other(format!(
+                            "Tight filter {} not supported by the test client",
+                            filter[0]
+                        )));
+                    }
+                }
+                let size = (w * h * 3) as usize;
+                let raw = if size < 12 {
+                    let mut data = vec![0u8; size];
+                    self.stream.read_exact(&mut data)?;
+                    data
+                } else {
+                    let len = compact_len(&mut self.stream)?;
+                    let mut data = vec![0u8; len];
+                    self.stream.read_exact(&mut data)?;
+                    self.bytes_received += len as u64;
+                    inflate(&mut self.tight[usize::from(basic & 3)], &data, size)?
+                };
+                self.put_pixels(x, y, w, &raw.chunks_exact(3).map(rgb).collect::<Vec<_>>());
+            }
+            other => return Err(io::Error::other(format!("Tight compression {other:#x}"))),
+        }
+        Ok(())
+    }
+
     /// Asks for the whole screen and reads updates until every pixel has arrived.
     pub fn full_frame(&mut self) -> io::Result<()> {
         self.request(false)?;
@@ -217,7 +499,7 @@ impl RfbClient {
                 if encoding == DESKTOP_SIZE {
                     covered = 0;
                     self.request(false)?;
-                } else if encoding == RAW {
+                } else if [RAW, HEXTILE, ZLIB, ZRLE, TIGHT].contains(&encoding) {
                     covered += u64::from(w) * u64::from(h);
                 }
             }

@@ -18,10 +18,8 @@ fn the_window_opens_and_paints_under_xvfb() {
         .spawn()
         .expect("start porthole");
     let tree = || {
-        let out = run(
-            Command::new("xwininfo").args(["-root", "-tree", "-display", &x.display]),
-            Duration::from_secs(10),
-        );
+        let out =
+            run(Command::new("xwininfo").args(["-root", "-tree", "-display", &x.display]), Duration::from_secs(10));
         text(&out.stdout)
     };
     wait_until(
@@ -33,25 +31,12 @@ fn the_window_opens_and_paints_under_xvfb() {
     std::thread::sleep(Duration::from_millis(1500));
     let out = run(
         Command::new("convert")
-            .args([
-                "x:root",
-                "-crop",
-                "1100x700+0+0",
-                "-format",
-                "%[fx:mean]\n",
-                "info:",
-            ])
+            .args(["x:root", "-crop", "1100x700+0+0", "-format", "%[fx:mean]\n", "info:"])
             .env("DISPLAY", &x.display),
         Duration::from_secs(30),
     );
-    let mean: f64 = text(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("convert said: {}", text(&out.stderr)));
-    assert!(
-        mean > 0.05,
-        "the window area is black (mean {mean}): nothing was painted"
-    );
+    let mean: f64 = text(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("convert said: {}", text(&out.stderr)));
+    assert!(mean > 0.05, "the window area is black (mean {mean}): nothing was painted");
     assert!(app.try_wait().unwrap().is_none(), "porthole exited");
     let _ = app.kill();
     let _ = app.wait();

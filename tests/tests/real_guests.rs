@@ -20,10 +20,7 @@ fn cache() -> PathBuf {
 
 fn hardware_virtualization() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
-        })
+        .map(|c| c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm"))))
         .unwrap_or(false)
 }
 
@@ -39,26 +36,15 @@ fn boot(
     let serial = dir.path("serial.log");
     let cache = cache();
     let kernel = cache.join(kernel);
-    assert!(
-        kernel.exists(),
-        "{} missing: run ./x fetch-guests",
-        kernel.display()
-    );
+    assert!(kernel.exists(), "{} missing: run ./x fetch-guests", kernel.display());
     let mut cmd = Command::new(workspace_bin("porthole-vmm"));
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "512", "--cmdline", cmdline]);
-    cmd.arg("--serial")
-        .arg(format!("file:{}", serial.display()));
+    cmd.arg("--kernel").arg(&kernel).args(["--memory", "512", "--cmdline", cmdline]);
+    cmd.arg("--serial").arg(format!("file:{}", serial.display()));
     if let Some(initrd) = initrd {
         cmd.arg("--initrd").arg(cache.join(initrd));
     }
     let start = Instant::now();
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status.code();
@@ -76,12 +62,7 @@ fn boot(
         let _ = e.read_to_string(&mut stderr);
     }
     let log = text(&std::fs::read(&serial).unwrap_or_default());
-    let furthest = log
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("(no serial output)")
-        .to_owned();
+    let furthest = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no serial output)").to_owned();
     println!(
         "REAL-GUEST {label}: {} after {:.1} s; {} serial bytes; furthest line: {furthest}",
         match status {
@@ -107,19 +88,10 @@ fn check_linux(label: &str, kernel: &str) {
     );
     assert_ne!(status, Some(1), "porthole-vmm itself failed");
     if hardware_virtualization() {
-        assert!(
-            log.contains("PORTHOLE-LINUX-OK"),
-            "{label} did not reach /init on hardware virtualization"
-        );
-        assert_eq!(
-            status,
-            Some(0),
-            "{label}: the kernel should power the VM off"
-        );
+        assert!(log.contains("PORTHOLE-LINUX-OK"), "{label} did not reach /init on hardware virtualization");
+        assert_eq!(status, Some(0), "{label}: the kernel should power the VM off");
     } else {
-        println!(
-            "REAL-GUEST {label}: no VT-x/AMD-V here (nested PVM KVM): recorded, not required to pass"
-        );
+        println!("REAL-GUEST {label}: no VT-x/AMD-V here (nested PVM KVM): recorded, not required to pass");
     }
 }
 
@@ -139,18 +111,10 @@ fn debian_kernel_bzimage_with_busybox_initramfs() {
 #[ignore = "real-guest tier: run with ./x test-real"]
 fn memtest86plus_as_a_linux_kernel() {
     // memtest86+ 6 carries a Linux boot header; its screen needs the console work, serial shows progress.
-    let (status, log, _) = boot(
-        "memtest86+",
-        "memtest86+x64.bin",
-        None,
-        "console=ttyS0,115200",
-        Duration::from_secs(60),
-    );
+    let (status, log, _) =
+        boot("memtest86+", "memtest86+x64.bin", None, "console=ttyS0,115200", Duration::from_secs(60));
     assert_ne!(status, Some(1), "porthole-vmm itself failed");
     if hardware_virtualization() {
-        assert!(
-            !log.is_empty(),
-            "memtest86+ printed nothing on the serial console"
-        );
+        assert!(!log.is_empty(), "memtest86+ printed nothing on the serial console");
     }
 }

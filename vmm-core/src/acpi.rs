@@ -30,12 +30,7 @@ fn dsdt() -> Vec<u8> {
     let mut table = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE, OEM_REVISION);
     let s5 = aml::Name::new(
         "_S5_".into(),
-        &aml::Package::new(vec![
-            &(SLP_TYP_S5 as u8),
-            &(SLP_TYP_S5 as u8),
-            &aml::ZERO,
-            &aml::ZERO,
-        ]),
+        &aml::Package::new(vec![&(SLP_TYP_S5 as u8), &(SLP_TYP_S5 as u8), &aml::ZERO, &aml::ZERO]),
     );
     let mut bytes = Vec::new();
     s5.to_aml_bytes(&mut bytes);
@@ -65,27 +60,11 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     b.pm1_evt_len = 4;
     b.pm1a_cnt_blk = u32::from(PM1A_CNT_PORT).into();
     b.pm1_cnt_len = 2;
-    b.x_pm1a_evt_blk = gas::GAS::new(
-        gas::AddressSpace::SystemIo,
-        32,
-        0,
-        gas::AccessSize::WordAccess,
-        PM1A_EVT_PORT.into(),
-    );
-    b.x_pm1a_cnt_blk = gas::GAS::new(
-        gas::AddressSpace::SystemIo,
-        16,
-        0,
-        gas::AccessSize::WordAccess,
-        PM1A_CNT_PORT.into(),
-    );
-    b.reset_reg = gas::GAS::new(
-        gas::AddressSpace::SystemIo,
-        8,
-        0,
-        gas::AccessSize::ByteAccess,
-        RESET_PORT.into(),
-    );
+    b.x_pm1a_evt_blk =
+        gas::GAS::new(gas::AddressSpace::SystemIo, 32, 0, gas::AccessSize::WordAccess, PM1A_EVT_PORT.into());
+    b.x_pm1a_cnt_blk =
+        gas::GAS::new(gas::AddressSpace::SystemIo, 16, 0, gas::AccessSize::WordAccess, PM1A_CNT_PORT.into());
+    b.reset_reg = gas::GAS::new(gas::AddressSpace::SystemIo, 8, 0, gas::AccessSize::ByteAccess, RESET_PORT.into());
     b.reset_value = RESET_VALUE;
     // IA-PC boot architecture: legacy devices and an 8042 are present; no VGA probing restrictions.
     b.iapc_boot_arch = 0x0003u16.into();

@@ -23,15 +23,10 @@ pub enum Entry {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot read {what}: {source}")]
-    Read {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Read { what: &'static str, source: std::io::Error },
     #[error("the kernel is neither an ELF file with a PVH entry note nor a Linux bzImage ({0})")]
     NotAKernel(String),
-    #[error(
-        "the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); only PVH ELF kernels boot directly"
-    )]
+    #[error("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); only PVH ELF kernels boot directly")]
     NoPvhEntry,
     #[error("cannot load the ELF kernel: {0}")]
     Elf(linux_loader::loader::Error),
@@ -39,9 +34,7 @@ pub enum BootError {
     OldBootProtocol { major: u16, minor: u16 },
     #[error("the bzImage has no 64-bit entry point (XLF_KERNEL_64)")]
     No64BitEntry,
-    #[error(
-        "the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel"
-    )]
+    #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel")]
     InitrdTooLarge { size: u64, limit: u64 },
     #[error("the kernel ends at {end:#x}, beyond guest memory")]
     KernelTooLarge { end: u64 },
@@ -89,15 +82,9 @@ pub fn load(
     fb: Option<LinearFramebuffer>,
 ) -> Result<Entry, BootError> {
     let mut magic = [0u8; 4];
-    files
-        .kernel
-        .seek(SeekFrom::Start(0))
-        .map_err(read_error("the kernel"))?;
+    files.kernel.seek(SeekFrom::Start(0)).map_err(read_error("the kernel"))?;
     let is_elf = files.kernel.read_exact(&mut magic).is_ok() && magic == ELF_MAGIC;
-    files
-        .kernel
-        .seek(SeekFrom::Start(0))
-        .map_err(read_error("the kernel"))?;
+    files.kernel.seek(SeekFrom::Start(0)).map_err(read_error("the kernel"))?;
 
     let high = Some(GuestAddress(layout::HIGH_RAM_START));
     let low_ram_end = mem_bytes.min(layout::MMIO_HOLE_START);
@@ -116,28 +103,16 @@ pub fn load(
         if kernel_end > low_ram_end {
             return Err(BootError::KernelTooLarge { end: kernel_end });
         }
-        let initrd = load_initrd(
-            mem,
-            files,
-            kernel_end,
-            low_ram_end.min(layout::INITRD_MAX_END),
-        )?;
+        let initrd = load_initrd(mem, files, kernel_end, low_ram_end.min(layout::INITRD_MAX_END))?;
         write_pvh_start_info(mem, initrd, &e820, rsdp)?;
-        Ok(Entry::Pvh {
-            rip: entry.raw_value(),
-        })
+        Ok(Entry::Pvh { rip: entry.raw_value() })
     } else {
-        let loaded = BzImage::load(mem, None, &mut files.kernel, high)
-            .map_err(|e| BootError::NotAKernel(e.to_string()))?;
-        let header = loaded
-            .setup_header
-            .ok_or_else(|| BootError::NotAKernel("no setup header".into()))?;
+        let loaded =
+            BzImage::load(mem, None, &mut files.kernel, high).map_err(|e| BootError::NotAKernel(e.to_string()))?;
+        let header = loaded.setup_header.ok_or_else(|| BootError::NotAKernel("no setup header".into()))?;
         let version = header.version;
         if version < 0x020A {
-            return Err(BootError::OldBootProtocol {
-                major: version >> 8,
-                minor: version & 0xFF,
-            });
+            return Err(BootError::OldBootProtocol { major: version >> 8, minor: version & 0xFF });
         }
         if header.xloadflags & XLF_KERNEL_64 == 0 {
             return Err(BootError::No64BitEntry);
@@ -146,14 +121,10 @@ pub fn load(
         if kernel_end > low_ram_end {
             return Err(BootError::KernelTooLarge { end: kernel_end });
         }
-        let limit = low_ram_end
-            .min(u64::from(header.initrd_addr_max) + 1)
-            .min(layout::INITRD_MAX_END);
+        let limit = low_ram_end.min(u64::from(header.initrd_addr_max) + 1).min(layout::INITRD_MAX_END);
         let initrd = load_initrd(mem, files, kernel_end, limit)?;
         write_zero_page(mem, header, &files.cmdline, initrd, &e820, rsdp, fb)?;
-        Ok(Entry::Linux64 {
-            rip: loaded.kernel_load.raw_value() + 0x200,
-        })
+        Ok(Entry::Linux64 { rip: loaded.kernel_load.raw_value() + 0x200 })
     }
 }
 
@@ -176,16 +147,9 @@ fn load_initrd(
     let Some(initrd) = files.initrd.as_mut() else {
         return Ok(None);
     };
-    let size = initrd
-        .seek(SeekFrom::End(0))
-        .map_err(read_error("the initrd"))?;
-    initrd
-        .seek(SeekFrom::Start(0))
-        .map_err(read_error("the initrd"))?;
-    let start = limit
-        .checked_sub(size)
-        .map(|s| s & !0xFFF)
-        .filter(|&s| s >= kernel_end.next_multiple_of(0x1000));
+    let size = initrd.seek(SeekFrom::End(0)).map_err(read_error("the initrd"))?;
+    initrd.seek(SeekFrom::Start(0)).map_err(read_error("the initrd"))?;
+    let start = limit.checked_sub(size).map(|s| s & !0xFFF).filter(|&s| s >= kernel_end.next_multiple_of(0x1000));
     let Some(start) = start else {
         return Err(BootError::InitrdTooLarge { size, limit });
     };
@@ -217,14 +181,7 @@ fn write_pvh_start_info(
     mem.write_obj(1u32, GuestAddress(info + 4))?; // version 1: has the memory map
     mem.write_obj(0u32, GuestAddress(info + 8))?; // flags
     mem.write_obj(u32::from(initrd.is_some()), GuestAddress(info + 12))?;
-    mem.write_obj(
-        if initrd.is_some() {
-            layout::PVH_MODLIST
-        } else {
-            0
-        },
-        GuestAddress(info + 16),
-    )?;
+    mem.write_obj(if initrd.is_some() { layout::PVH_MODLIST } else { 0 }, GuestAddress(info + 16))?;
     mem.write_obj(layout::CMDLINE, GuestAddress(info + 24))?;
     mem.write_obj(rsdp, GuestAddress(info + 32))?;
     mem.write_obj(layout::PVH_MEMMAP, GuestAddress(info + 40))?;
@@ -291,11 +248,7 @@ mod tests {
     }
 
     fn files(kernel: &std::path::Path) -> BootFiles {
-        BootFiles {
-            kernel: File::open(kernel).unwrap(),
-            initrd: None,
-            cmdline: "console=ttyS0".into(),
-        }
+        BootFiles { kernel: File::open(kernel).unwrap(), initrd: None, cmdline: "console=ttyS0".into() }
     }
 
     #[test]
@@ -306,13 +259,10 @@ mod tests {
         assert!(matches!(entry, Entry::Pvh { rip } if rip >= layout::HIGH_RAM_START));
         let magic: u32 = mem.read_obj(GuestAddress(layout::PVH_START_INFO)).unwrap();
         assert_eq!(magic, XEN_HVM_START_MAGIC);
-        let rsdp: u64 = mem
-            .read_obj(GuestAddress(layout::PVH_START_INFO + 32))
-            .unwrap();
+        let rsdp: u64 = mem.read_obj(GuestAddress(layout::PVH_START_INFO + 32)).unwrap();
         assert_eq!(rsdp, 0xE0000);
         let mut cmdline = [0u8; 14];
-        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE))
-            .unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE)).unwrap();
         assert_eq!(&cmdline, b"console=ttyS0\0");
     }
 
@@ -320,15 +270,12 @@ mod tests {
     fn initrd_is_placed_high_and_listed_as_a_module() {
         let mem = mem();
         let mut f = files(&porthole_guests::path("hello"));
-        let initrd =
-            std::env::temp_dir().join(format!("porthole-initrd-test-{}", std::process::id()));
+        let initrd = std::env::temp_dir().join(format!("porthole-initrd-test-{}", std::process::id()));
         std::fs::write(&initrd, vec![0x5A; 10_000]).unwrap();
         f.initrd = Some(File::open(&initrd).unwrap());
         load(&mem, &mut f, 64 << 20, 0, None).unwrap();
         std::fs::remove_file(&initrd).unwrap();
-        let modules: u32 = mem
-            .read_obj(GuestAddress(layout::PVH_START_INFO + 12))
-            .unwrap();
+        let modules: u32 = mem.read_obj(GuestAddress(layout::PVH_START_INFO + 12)).unwrap();
         assert_eq!(modules, 1);
         let addr: u64 = mem.read_obj(GuestAddress(layout::PVH_MODLIST)).unwrap();
         let size: u64 = mem.read_obj(GuestAddress(layout::PVH_MODLIST + 8)).unwrap();

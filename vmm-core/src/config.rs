@@ -102,9 +102,7 @@ fn default_stop_timeout_ms() -> u64 {
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error(
-        "VM name {0:?} is invalid: use 1-63 letters, digits, '-', '_' or '.', not starting with '.'"
-    )]
+    #[error("VM name {0:?} is invalid: use 1-63 letters, digits, '-', '_' or '.', not starting with '.'")]
     Name(String),
     #[error("a VM needs at least 1 vCPU")]
     NoVcpus,
@@ -115,11 +113,7 @@ pub enum ConfigError {
     #[error("{asked} MiB of memory asked for, but this host has only {host} MiB")]
     MemoryTooLarge { asked: u64, host: u64 },
     #[error("{what} {path:?} cannot be used: {reason}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    File { what: &'static str, path: PathBuf, reason: String },
     #[error("the kernel command line is {0} bytes long; at most {max} fit", max = CMDLINE_MAX - 1)]
     CmdlineTooLong(usize),
     #[error("the kernel command line contains a NUL byte")]
@@ -136,17 +130,11 @@ pub enum ConfigError {
 pub fn is_valid_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
-    let err = |reason: String| ConfigError::File {
-        what,
-        path: path.to_owned(),
-        reason,
-    };
+    let err = |reason: String| ConfigError::File { what, path: path.to_owned(), reason };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
     if !meta.is_file() {
         return Err(err("not a regular file".into()));
@@ -170,11 +158,7 @@ impl VmConfig {
             name: default_name(),
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
-            boot: BootSource {
-                kernel: kernel.into(),
-                initrd: None,
-                cmdline: String::new(),
-            },
+            boot: BootSource { kernel: kernel.into(), initrd: None, cmdline: String::new() },
             serial: SerialSink::None,
             control_socket: None,
             no_reboot: false,
@@ -186,10 +170,7 @@ impl VmConfig {
 
     /// Reads a JSON configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError::ConfigFile {
-            path: path.to_owned(),
-            reason,
-        };
+        let err = |reason: String| ConfigError::ConfigFile { path: path.to_owned(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         serde_json::from_str(&text).map_err(|e| err(e.to_string()))
     }
@@ -204,10 +185,7 @@ impl VmConfig {
         }
         let max = max_vcpus.min(MAX_VCPUS);
         if self.vcpus > max {
-            return Err(ConfigError::TooManyVcpus {
-                asked: self.vcpus,
-                max,
-            });
+            return Err(ConfigError::TooManyVcpus { asked: self.vcpus, max });
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
@@ -215,10 +193,7 @@ impl VmConfig {
         if let Some(host) = host_memory_mib()
             && self.memory_mib > host
         {
-            return Err(ConfigError::MemoryTooLarge {
-                asked: self.memory_mib,
-                host,
-            });
+            return Err(ConfigError::MemoryTooLarge { asked: self.memory_mib, host });
         }
         check_file("kernel", &self.boot.kernel)?;
         if let Some(initrd) = &self.boot.initrd {
@@ -298,30 +273,19 @@ mod tests {
         c.vcpus = 0;
         assert_eq!(c.validate(8), Err(ConfigError::NoVcpus));
         c.vcpus = 9;
-        assert_eq!(
-            c.validate(8),
-            Err(ConfigError::TooManyVcpus { asked: 9, max: 8 })
-        );
+        assert_eq!(c.validate(8), Err(ConfigError::TooManyVcpus { asked: 9, max: 8 }));
         let mut c = base.clone();
         c.memory_mib = 0;
         assert_eq!(c.validate(8), Err(ConfigError::MemoryTooSmall(0)));
         c.memory_mib = u64::MAX >> 20;
-        assert!(matches!(
-            c.validate(8),
-            Err(ConfigError::MemoryTooLarge { .. })
-        ));
+        assert!(matches!(c.validate(8), Err(ConfigError::MemoryTooLarge { .. })));
         let mut c = base.clone();
         c.boot.kernel = "/nonexistent/kernel".into();
         let err = c.validate(8).unwrap_err();
         assert!(err.to_string().contains("No such file"), "{err}");
         let mut c = base.clone();
         c.boot.kernel = "/".into();
-        assert!(
-            c.validate(8)
-                .unwrap_err()
-                .to_string()
-                .contains("not a regular file")
-        );
+        assert!(c.validate(8).unwrap_err().to_string().contains("not a regular file"));
         let mut c = base.clone();
         c.boot.cmdline = "x".repeat(CMDLINE_MAX);
         assert_eq!(c.validate(8), Err(ConfigError::CmdlineTooLong(CMDLINE_MAX)));

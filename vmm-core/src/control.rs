@@ -66,18 +66,11 @@ pub struct Status {
 }
 
 fn ok() -> Response {
-    Response {
-        ok: true,
-        ..Response::default()
-    }
+    Response { ok: true, ..Response::default() }
 }
 
 fn failure(error: String) -> Response {
-    Response {
-        ok: false,
-        error: Some(error),
-        ..Response::default()
-    }
+    Response { ok: false, error: Some(error), ..Response::default() }
 }
 
 /// Carries out one request.
@@ -99,10 +92,7 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
             }
         }
         Request::Pause => match vm.pause() {
-            Ok(took) => Response {
-                paused_after_us: Some(took.as_micros() as u64),
-                ..ok()
-            },
+            Ok(took) => Response { paused_after_us: Some(took.as_micros() as u64), ..ok() },
             Err(e) => failure(format!("pause did not complete: {e}")),
         },
         Request::Resume => {
@@ -113,18 +103,12 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
             vm.reset();
             ok()
         }
-        Request::Stop => Response {
-            acpi_power_button_enabled: Some(vm.stop()),
-            ..ok()
-        },
+        Request::Stop => Response { acpi_power_button_enabled: Some(vm.stop()), ..ok() },
         Request::Poweroff => {
             vm.power_off();
             ok()
         }
-        Request::Counters => Response {
-            counters: Some(vm.counters()),
-            ..ok()
-        },
+        Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
     }
 }
 
@@ -134,9 +118,7 @@ fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)?;
+        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
@@ -158,44 +140,34 @@ fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
 
 /// Serves the control socket on `listener` in background threads, for as long as the process lives.
 /// With `filter`, each thread applies the VMM seccomp filter before serving.
-pub fn spawn_server(
-    listener: UnixListener,
-    vm: Arc<VmHandle>,
-    filter: bool,
-) -> std::io::Result<()> {
+pub fn spawn_server(listener: UnixListener, vm: Arc<VmHandle>, filter: bool) -> std::io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
-                log::error!("control socket: cannot apply the seccomp filter ({e}); not serving");
-                return;
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
+            log::error!("control socket: cannot apply the seccomp filter ({e}); not serving");
+            return;
+        }
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                let mut s = stream;
+                let reply = failure(format!("too many control connections (at most {MAX_CONNECTIONS})"));
+                let _ = s.write_all(&serde_json::to_vec(&reply).unwrap_or_default());
+                let _ = s.write_all(b"\n");
+                continue;
             }
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-                    let mut s = stream;
-                    let reply = failure(format!(
-                        "too many control connections (at most {MAX_CONNECTIONS})"
-                    ));
-                    let _ = s.write_all(&serde_json::to_vec(&reply).unwrap_or_default());
-                    let _ = s.write_all(b"\n");
-                    continue;
-                }
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
-                active.fetch_add(1, Ordering::AcqRel);
-                let (conn_vm, conn_active) = (vm.clone(), active.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || {
-                        let _ = serve_connection(&conn_vm, stream);
-                        conn_active.fetch_sub(1, Ordering::AcqRel);
-                    });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::AcqRel);
-                }
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+            active.fetch_add(1, Ordering::AcqRel);
+            let (conn_vm, conn_active) = (vm.clone(), active.clone());
+            let spawned = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                let _ = serve_connection(&conn_vm, stream);
+                conn_active.fetch_sub(1, Ordering::AcqRel);
+            });
+            if spawned.is_err() {
+                active.fetch_sub(1, Ordering::AcqRel);
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -236,10 +208,7 @@ impl ControlClient {
     pub fn connect(path: &Path) -> Result<Self, ControlError> {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(ControlClient {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        })
+        Ok(ControlClient { reader: BufReader::new(stream.try_clone()?), writer: stream })
     }
 
     /// Sends a request and waits for its reply; a reply with `ok: false` becomes an error.
@@ -252,11 +221,7 @@ impl ControlClient {
             return Err(ControlError::Closed);
         }
         let reply: Response = serde_json::from_str(&line)?;
-        if reply.ok {
-            Ok(reply)
-        } else {
-            Err(ControlError::Refused(reply.error.unwrap_or_default()))
-        }
+        if reply.ok { Ok(reply) } else { Err(ControlError::Refused(reply.error.unwrap_or_default())) }
     }
 }
 
@@ -266,14 +231,8 @@ mod tests {
 
     #[test]
     fn requests_use_the_documented_wire_form() {
-        assert_eq!(
-            serde_json::to_string(&Request::Pause).unwrap(),
-            r#"{"cmd":"pause"}"#
-        );
-        assert_eq!(
-            serde_json::from_str::<Request>(r#"{"cmd":"counters"}"#).unwrap(),
-            Request::Counters
-        );
+        assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"cmd":"pause"}"#);
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"counters"}"#).unwrap(), Request::Counters);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
     }
 }

@@ -11,11 +11,7 @@ use crate::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
     #[error("KVM refused {what} of vCPU {index}: {source}")]
-    Kvm {
-        what: &'static str,
-        index: u32,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, index: u32, source: kvm_ioctls::Error },
     #[error("cannot write boot page tables or GDT: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("cannot build the MSR list: {0}")]
@@ -23,11 +19,7 @@ pub enum CpuError {
 }
 
 fn kvm(what: &'static str, index: u32) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
-    move |source| CpuError::Kvm {
-        what,
-        index,
-        source,
-    }
+    move |source| CpuError::Kvm { what, index, source }
 }
 
 // CPUID feature bits we change.
@@ -104,11 +96,7 @@ const MSR_IA32_MISC_ENABLE: u32 = 0x1A0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2FF;
 
 fn boot_msrs() -> Result<Msrs, CpuError> {
-    let entry = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     Msrs::from_entries(&[
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -131,38 +119,22 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
 /// Configures everything common to every vCPU: CPUID, MSRs, LINT0 as ExtINT (the 8259s) and LINT1 as NMI.
-pub fn setup_common(
-    vcpu: &VcpuFd,
-    supported: &CpuId,
-    index: u32,
-    count: u32,
-) -> Result<(), CpuError> {
-    vcpu.set_cpuid2(&cpuid_for(supported, index, count))
-        .map_err(kvm("CPUID", index))?;
+pub fn setup_common(vcpu: &VcpuFd, supported: &CpuId, index: u32, count: u32) -> Result<(), CpuError> {
+    vcpu.set_cpuid2(&cpuid_for(supported, index, count)).map_err(kvm("CPUID", index))?;
     let msrs = boot_msrs()?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm("MSRs", index))?;
     if set != msrs.as_slice().len() {
-        log::warn!(
-            "vCPU {index}: KVM set {set} of {} boot MSRs",
-            msrs.as_slice().len()
-        );
+        log::warn!("vCPU {index}: KVM set {set} of {} boot MSRs", msrs.as_slice().len());
     }
     let mut lapic = vcpu.get_lapic().map_err(kvm("reading the LAPIC", index))?;
-    for (reg, mode) in [
-        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
-        (APIC_LVT_LINT1, APIC_MODE_NMI),
-    ] {
+    for (reg, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
         let bytes: &mut [u8] = bytemuck_regs(&mut lapic.regs[reg..reg + 4]);
         let value = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
         let value = (value & !0x700 & !(1 << 16)) | (mode << 8);
         bytes.copy_from_slice(&value.to_le_bytes());
     }
     vcpu.set_lapic(&lapic).map_err(kvm("the LAPIC", index))?;
-    let fpu = kvm_fpu {
-        fcw: 0x37F,
-        mxcsr: 0x1F80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37F, mxcsr: 0x1F80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(kvm("FPU state", index))?;
     Ok(())
 }
@@ -174,13 +146,7 @@ fn bytemuck_regs(regs: &mut [std::os::raw::c_char]) -> &mut [u8] {
 }
 
 // Boot GDT: 0x08 32-bit code (PVH), 0x10 64-bit code (__BOOT_CS), 0x18 data (__BOOT_DS), 0x20 TSS.
-const GDT: [u64; 5] = [
-    0,
-    0x00CF_9B00_0000_FFFF,
-    0x00AF_9B00_0000_FFFF,
-    0x00CF_9300_0000_FFFF,
-    0x0000_8B00_0000_0067,
-];
+const GDT: [u64; 5] = [0, 0x00CF_9B00_0000_FFFF, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF, 0x0000_8B00_0000_0067];
 const CODE32: u16 = 0x08;
 const CODE64: u16 = 0x10;
 const DATA: u16 = 0x18;
@@ -237,9 +203,7 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: Entry) -> Result<(), CpuE
 
 /// Puts the boot vCPU at the kernel's entry as its protocol requires.
 pub fn setup_boot_registers(vcpu: &VcpuFd, entry: Entry) -> Result<(), CpuError> {
-    let mut sregs: kvm_sregs = vcpu
-        .get_sregs()
-        .map_err(kvm("reading special registers", 0))?;
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("reading special registers", 0))?;
     sregs.gdt.base = layout::BOOT_GDT;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = layout::BOOT_IDT;
@@ -251,10 +215,7 @@ pub fn setup_boot_registers(vcpu: &VcpuFd, entry: Entry) -> Result<(), CpuError>
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = segment(TSS);
-    let mut regs = kvm_regs {
-        rflags: 0x2,
-        ..Default::default()
-    };
+    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
     match entry {
         Entry::Pvh { rip } => {
             sregs.cs = segment(CODE32);
@@ -274,8 +235,7 @@ pub fn setup_boot_registers(vcpu: &VcpuFd, entry: Entry) -> Result<(), CpuError>
             regs.rsi = layout::ZERO_PAGE;
         }
     }
-    vcpu.set_sregs(&sregs)
-        .map_err(kvm("special registers", 0))?;
+    vcpu.set_sregs(&sregs).map_err(kvm("special registers", 0))?;
     vcpu.set_regs(&regs).map_err(kvm("registers", 0))?;
     Ok(())
 }
@@ -287,15 +247,9 @@ mod tests {
     #[test]
     fn gdt_descriptors_decode_to_flat_segments() {
         let code64 = segment(CODE64);
-        assert_eq!(
-            (code64.base, code64.limit, code64.l, code64.db, code64.type_),
-            (0, 0xFFFF_FFFF, 1, 0, 0xB)
-        );
+        assert_eq!((code64.base, code64.limit, code64.l, code64.db, code64.type_), (0, 0xFFFF_FFFF, 1, 0, 0xB));
         let code32 = segment(CODE32);
-        assert_eq!(
-            (code32.l, code32.db, code32.present, code32.s),
-            (0, 1, 1, 1)
-        );
+        assert_eq!((code32.l, code32.db, code32.present, code32.s), (0, 1, 1, 1));
         let data = segment(DATA);
         assert_eq!((data.type_, data.limit, data.g), (3, 0xFFFF_FFFF, 1));
         let tss = segment(TSS);
@@ -305,19 +259,13 @@ mod tests {
     #[test]
     fn cpuid_carries_apic_ids_and_topology() {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .unwrap();
+        let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
         let c = cpuid_for(&supported, 3, 4);
         let leaf1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xFF, 4);
         assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
-        if let Some(leaf7) = c
-            .as_slice()
-            .iter()
-            .find(|e| e.function == 7 && e.index == 0)
-        {
+        if let Some(leaf7) = c.as_slice().iter().find(|e| e.function == 7 && e.index == 0) {
             assert_eq!(leaf7.edx & LEAF7_EDX_ARCH_CAPABILITIES, 0);
         }
     }

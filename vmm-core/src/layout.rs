@@ -57,10 +57,7 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= MMIO_HOLE_START {
         vec![(0, mem_bytes)]
     } else {
-        vec![
-            (0, MMIO_HOLE_START),
-            (RAM_ABOVE_4G, mem_bytes - MMIO_HOLE_START),
-        ]
+        vec![(0, MMIO_HOLE_START), (RAM_ABOVE_4G, mem_bytes - MMIO_HOLE_START)]
     }
 }
 
@@ -83,38 +80,18 @@ pub enum E820Kind {
 /// The e820 map of a guest with `mem_bytes` of memory.
 pub fn e820_map(mem_bytes: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry {
-            addr: 0,
-            size: EBDA_START,
-            kind: E820Kind::Ram,
-        },
-        E820Entry {
-            addr: EBDA_START,
-            size: HIGH_RAM_START - EBDA_START,
-            kind: E820Kind::Reserved,
-        },
+        E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram },
+        E820Entry { addr: EBDA_START, size: HIGH_RAM_START - EBDA_START, kind: E820Kind::Reserved },
     ];
     for (start, size) in ram_regions(mem_bytes) {
         let start = start.max(HIGH_RAM_START);
-        let end = if start >= RAM_ABOVE_4G {
-            start + size
-        } else {
-            size.min(MMIO_HOLE_START)
-        };
+        let end = if start >= RAM_ABOVE_4G { start + size } else { size.min(MMIO_HOLE_START) };
         if end > start {
-            map.push(E820Entry {
-                addr: start,
-                size: end - start,
-                kind: E820Kind::Ram,
-            });
+            map.push(E820Entry { addr: start, size: end - start, kind: E820Kind::Ram });
         }
     }
     // The IOAPIC..top of 4 GiB range holds the APICs and KVM's private pages: tell the guest it is taken.
-    map.push(E820Entry {
-        addr: IOAPIC_BASE,
-        size: RAM_ABOVE_4G - IOAPIC_BASE,
-        kind: E820Kind::Reserved,
-    });
+    map.push(E820Entry { addr: IOAPIC_BASE, size: RAM_ABOVE_4G - IOAPIC_BASE, kind: E820Kind::Reserved });
     map.sort_by_key(|e| e.addr);
     map
 }
@@ -127,43 +104,19 @@ mod tests {
     fn small_guest_has_one_region_and_a_reserved_bios_area() {
         assert_eq!(ram_regions(64 << 20), vec![(0, 64 << 20)]);
         let map = e820_map(64 << 20);
-        assert_eq!(
-            map[0],
-            E820Entry {
-                addr: 0,
-                size: EBDA_START,
-                kind: E820Kind::Ram
-            }
-        );
+        assert_eq!(map[0], E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram });
         assert_eq!(map[1].kind, E820Kind::Reserved);
-        assert_eq!(
-            map[2],
-            E820Entry {
-                addr: HIGH_RAM_START,
-                size: (64 << 20) - HIGH_RAM_START,
-                kind: E820Kind::Ram
-            }
-        );
+        assert_eq!(map[2], E820Entry { addr: HIGH_RAM_START, size: (64 << 20) - HIGH_RAM_START, kind: E820Kind::Ram });
     }
 
     #[test]
     fn large_guest_continues_above_4g() {
         let mem = 5u64 << 30;
-        assert_eq!(
-            ram_regions(mem),
-            vec![(0, MMIO_HOLE_START), (RAM_ABOVE_4G, mem - MMIO_HOLE_START)]
-        );
+        assert_eq!(ram_regions(mem), vec![(0, MMIO_HOLE_START), (RAM_ABOVE_4G, mem - MMIO_HOLE_START)]);
         let map = e820_map(mem);
-        let usable: u64 = map
-            .iter()
-            .filter(|e| e.kind == E820Kind::Ram)
-            .map(|e| e.size)
-            .sum();
+        let usable: u64 = map.iter().filter(|e| e.kind == E820Kind::Ram).map(|e| e.size).sum();
         assert_eq!(usable, mem - (HIGH_RAM_START - EBDA_START));
-        assert!(
-            map.iter()
-                .any(|e| e.addr == RAM_ABOVE_4G && e.kind == E820Kind::Ram)
-        );
+        assert!(map.iter().any(|e| e.addr == RAM_ABOVE_4G && e.kind == E820Kind::Ram));
         // No overlaps.
         for pair in map.windows(2) {
             assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{pair:?}");

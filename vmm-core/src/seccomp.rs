@@ -13,8 +13,7 @@ use std::collections::BTreeMap;
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_translation};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 const KVMIO: u32 = 0xAE;
@@ -37,12 +36,7 @@ fn allow(calls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?;
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }
 
@@ -78,21 +72,11 @@ const COMMON: &[i64] = &[
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules = allow(COMMON);
     let ioctl_is = |cmd: u64| -> Result<SeccompRule, SeccompError> {
-        Ok(SeccompRule::new(vec![SeccompCondition::new(
-            1,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            cmd,
-        )?])?)
+        Ok(SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)?])?)
     };
     rules.insert(
         libc::SYS_ioctl,
-        vec![
-            ioctl_is(KVM_RUN())?,
-            ioctl_is(KVM_GET_REGS())?,
-            ioctl_is(KVM_GET_SREGS())?,
-            ioctl_is(KVM_TRANSLATE())?,
-        ],
+        vec![ioctl_is(KVM_RUN())?, ioctl_is(KVM_GET_REGS())?, ioctl_is(KVM_GET_SREGS())?, ioctl_is(KVM_TRANSLATE())?],
     );
     compile(rules)
 }
@@ -146,12 +130,8 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
 /// the failure. Nothing of ours opens files after set-up.
 pub fn no_open_filter() -> Result<BpfProgram, SeccompError> {
     let rules = allow(&[libc::SYS_open, libc::SYS_openat]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
-    )?;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32), TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }
 

@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -105,17 +103,9 @@ impl RunControl {
             Self::kick_all(&s);
             let waited = start.elapsed();
             if waited >= timeout {
-                return Err(PauseTimeout {
-                    parked: s.parked,
-                    total: s.threads.len(),
-                    waited,
-                });
+                return Err(PauseTimeout { parked: s.parked, total: s.threads.len(), waited });
             }
-            s = self
-                .changed
-                .wait_timeout(s, Duration::from_millis(2))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.changed.wait_timeout(s, Duration::from_millis(2)).unwrap_or_else(|p| p.into_inner()).0;
         }
         Ok(start.elapsed())
     }
@@ -189,16 +179,10 @@ impl Vcpu {
             return "registers unreadable".into();
         };
         let linear = sregs.cs.base.wrapping_add(regs.rip);
-        let mut text = format!(
-            "rip={:#x} cs.base={:#x} cr0={:#x} efer={:#x}",
-            regs.rip, sregs.cs.base, sregs.cr0, sregs.efer
-        );
+        let mut text =
+            format!("rip={:#x} cs.base={:#x} cr0={:#x} efer={:#x}", regs.rip, sregs.cs.base, sregs.cr0, sregs.efer);
         let physical = if sregs.cr0 & (1 << 31) != 0 {
-            self.fd
-                .translate_gva(linear)
-                .ok()
-                .filter(|t| t.valid != 0)
-                .map(|t| t.physical_address)
+            self.fd.translate_gva(linear).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
         } else {
             Some(linear)
         };
@@ -225,9 +209,7 @@ impl Vcpu {
         }
         let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
         // SAFETY: the kernel places the data inside the mmap'd kvm_run area (at most one page after it).
-        let data = unsafe {
-            std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), count * size)
-        };
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), count * size) };
         let port = u64::from(io.port);
         if u32::from(io.direction) == KVM_EXIT_IO_IN {
             bump(&self.counters.exits_io_in);
@@ -258,9 +240,7 @@ impl Vcpu {
             let start = Instant::now();
             let result = self.fd.run();
             let elapsed = start.elapsed().as_nanos() as u64;
-            self.counters
-                .vcpu_run_ns
-                .fetch_add(elapsed, Ordering::Relaxed);
+            self.counters.vcpu_run_ns.fetch_add(elapsed, Ordering::Relaxed);
             match result {
                 Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => self.port_io(),
                 Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -275,9 +255,7 @@ impl Vcpu {
                 Ok(VcpuExit::Shutdown) => {
                     bump(&self.counters.exits_shutdown);
                     let at = self.where_am_i();
-                    self.crash(format!(
-                        "triple fault (the guest shut the CPU down) at {at}"
-                    ));
+                    self.crash(format!("triple fault (the guest shut the CPU down) at {at}"));
                 }
                 Ok(VcpuExit::InternalError) => {
                     bump(&self.counters.exits_internal_error);
@@ -291,10 +269,7 @@ impl Vcpu {
                         _ => "internal error",
                     };
                     let ndata = (internal.ndata as usize).min(internal.data.len());
-                    let data: Vec<String> = internal.data[..ndata]
-                        .iter()
-                        .map(|d| format!("{d:#x}"))
-                        .collect();
+                    let data: Vec<String> = internal.data[..ndata].iter().map(|d| format!("{d:#x}")).collect();
                     let at = self.where_am_i();
                     self.crash(format!(
                         "KVM {kind} (suberror {}, data [{}]) at {at}",
@@ -307,17 +282,13 @@ impl Vcpu {
                     match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => self.machine.request(MachineRequest::PowerOff),
                         KVM_SYSTEM_EVENT_RESET => self.machine.request(MachineRequest::Reset),
-                        KVM_SYSTEM_EVENT_CRASH => {
-                            self.crash("the guest reported a crash (system event)".into())
-                        }
+                        KVM_SYSTEM_EVENT_CRASH => self.crash("the guest reported a crash (system event)".into()),
                         other => log::warn!("vCPU {}: ignoring system event {other}", self.index),
                     }
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     bump(&self.counters.exits_other);
-                    self.crash(format!(
-                        "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
-                    ));
+                    self.crash(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"));
                 }
                 Ok(VcpuExit::Intr) => bump(&self.counters.exits_interrupted),
                 Ok(_) => bump(&self.counters.exits_other),

@@ -16,8 +16,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress, MmapRegion,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+    MmapRegion,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -47,23 +47,14 @@ use crate::vcpu::{self, RunControl, Vcpu};
 pub enum VmError {
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
-    #[error(
-        "cannot open /dev/kvm: {0} (is KVM enabled, and may this user use /dev/kvm? add it to the kvm group)"
-    )]
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user use /dev/kvm? add it to the kvm group)")]
     OpenKvm(kvm_ioctls::Error),
     #[error("KVM failed to {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Memory { mib: u64, reason: String },
     #[error("cannot open {what} {path:?}: {source}")]
-    Open {
-        what: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Open { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot load the kernel: {0}")]
     Boot(#[from] BootError),
     #[error("cannot set up a vCPU: {0}")]
@@ -73,10 +64,7 @@ pub enum VmError {
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
     #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, source: std::io::Error },
     #[error("cannot install seccomp filters: {0}")]
     Seccomp(#[from] seccomp::SeccompError),
 }
@@ -137,12 +125,7 @@ struct Irqs {
 impl Irqs {
     fn new() -> std::io::Result<Self> {
         let line = || EventFd::new(libc::EFD_NONBLOCK).map(IrqLine::new);
-        Ok(Irqs {
-            com1: line()?,
-            keyboard: line()?,
-            mouse: line()?,
-            sci: line()?,
-        })
+        Ok(Irqs { com1: line()?, keyboard: line()?, mouse: line()?, sci: line()? })
     }
 
     fn register(&self, vm: &VmFd) -> Result<(), VmError> {
@@ -152,8 +135,7 @@ impl Irqs {
             (&self.mouse, i8042::MOUSE_IRQ),
             (&self.sci, acpi_pm::SCI_IRQ),
         ] {
-            vm.register_irqfd(line.eventfd(), gsi)
-                .map_err(kvm_err("route a device interrupt (irqfd)"))?;
+            vm.register_irqfd(line.eventfd(), gsi).map_err(kvm_err("route a device interrupt (irqfd)"))?;
         }
         Ok(())
     }
@@ -242,10 +224,7 @@ impl VmHandle {
     /// stop timeout. Returns whether the guest had enabled the power-button event. A paused VM is resumed
     /// so that it can react.
     pub fn stop(&self) -> bool {
-        let noticed = lock(&self.pm1_event)
-            .as_ref()
-            .map(|pm| lock(pm).press_power_button())
-            .unwrap_or(false);
+        let noticed = lock(&self.pm1_event).as_ref().map(|pm| lock(pm).press_power_button()).unwrap_or(false);
         lock(&self.stop_deadline).get_or_insert(Instant::now() + self.stop_timeout);
         self.run.resume();
         let _ = self.loop_wake.write(1);
@@ -347,49 +326,30 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         config.validate(kvm.get_max_vcpus() as u32)?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("report its supported CPUID"))?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
         let open = |what, path: &std::path::Path| {
-            File::open(path).map_err(|source| VmError::Open {
-                what,
-                path: path.to_owned(),
-                source,
-            })
+            File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
         };
         let files = BootFiles {
             kernel: open("the kernel", &config.boot.kernel)?,
-            initrd: config
-                .boot
-                .initrd
-                .as_deref()
-                .map(|p| open("the initrd", p))
-                .transpose()?,
+            initrd: config.boot.initrd.as_deref().map(|p| open("the initrd", p)).transpose()?,
             cmdline: config.boot.cmdline.clone(),
         };
         let output = match &config.serial {
             SerialSink::Stdio => SerialOutput::Stdout(std::io::stdout()),
             SerialSink::File(path) => SerialOutput::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::Open {
-                        what: "the serial log",
-                        path: path.clone(),
-                        source,
-                    })?,
+                std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|source| VmError::Open {
+                    what: "the serial log",
+                    path: path.clone(),
+                    source,
+                })?,
             ),
             SerialSink::None => SerialOutput::Discard,
         };
         let irqs = Irqs::new().map_err(io_err("create interrupt eventfds"))?;
-        let serial_stats =
-            Arc::new(SerialStats::new().map_err(io_err("create the serial eventfd"))?);
-        let serial = Arc::new(Mutex::new(Serial::new(
-            irqs.com1.clone(),
-            output,
-            serial_stats.clone(),
-        )));
+        let serial_stats = Arc::new(SerialStats::new().map_err(io_err("create the serial eventfd"))?);
+        let serial = Arc::new(Mutex::new(Serial::new(irqs.com1.clone(), output, serial_stats.clone())));
         let rtc = Arc::new(Mutex::new(Rtc::new(config.memory_bytes(), config.vcpus)));
         let handle = Arc::new(VmHandle {
             name: config.name.clone(),
@@ -408,8 +368,7 @@ impl Vm {
             i8042: Mutex::new(None),
             pointer: Mutex::new(None),
             stop_deadline: Mutex::new(None),
-            loop_wake: EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(io_err("create the loop eventfd"))?,
+            loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
         });
         Ok(Vm {
             config,
@@ -449,18 +408,11 @@ impl Vm {
 
     fn create_kvm_vm(&self) -> Result<VmFd, VmError> {
         let vm = self.kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        vm.set_tss_address(layout::KVM_TSS as usize)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP)
-            .map_err(kvm_err("set the identity map address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create the in-kernel PIC and IOAPIC"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(kvm_err("create the in-kernel PIT"))?;
+        vm.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("set the TSS address"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP).map_err(kvm_err("set the identity map address"))?;
+        vm.create_irq_chip().map_err(kvm_err("create the in-kernel PIC and IOAPIC"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
         Ok(vm)
     }
 
@@ -470,17 +422,11 @@ impl Vm {
             .into_iter()
             .map(|(start, size)| (GuestAddress(start), size as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-            mib,
-            reason: e.to_string(),
-        })?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
-                .map_err(|e| VmError::Memory {
-                    mib,
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
             let slot_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -490,25 +436,17 @@ impl Vm {
             };
             // SAFETY: the region is a live mmap owned by `mem`, which outlives the KVM VM (both are
             // dropped together in `Boot`, the VM first).
-            unsafe { vm.set_user_memory_region(slot_region) }
-                .map_err(kvm_err("map guest memory"))?;
+            unsafe { vm.set_user_memory_region(slot_region) }.map_err(kvm_err("map guest memory"))?;
         }
         Ok(mem)
     }
 
-    fn build_buses(
-        &self,
-        machine: &MachineControl,
-        display: &DisplayDevices,
-    ) -> Result<(Bus, Bus), VmError> {
+    fn build_buses(&self, machine: &MachineControl, display: &DisplayDevices) -> Result<(Bus, Bus), VmError> {
         let h = &self.handle;
         let mut pio = Bus::with_counts(h.pio_unhandled.clone());
         let mmio = Bus::with_counts(h.mmio_unhandled.clone());
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            self.irqs.keyboard.clone(),
-            self.irqs.mouse.clone(),
-            machine.clone(),
-        )));
+        let i8042 =
+            Arc::new(Mutex::new(I8042::new(self.irqs.keyboard.clone(), self.irqs.mouse.clone(), machine.clone())));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
         let devices: [(SharedDevice, u16, u64); 9] = [
             (display.dispi.clone(), DISPI_INDEX_PORT, DISPI_PORT_LEN),
@@ -516,26 +454,10 @@ impl Vm {
             (self.serial.clone(), COM1_PORT, 8),
             (self.rtc.clone(), RTC_PORT, 2),
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),
-            (
-                pm1_event.clone(),
-                acpi_pm::PM1A_EVT_PORT,
-                acpi_pm::PM1A_EVT_LEN,
-            ),
-            (
-                Arc::new(Mutex::new(Pm1Control::new(machine.clone()))),
-                acpi_pm::PM1A_CNT_PORT,
-                acpi_pm::PM1A_CNT_LEN,
-            ),
-            (
-                Arc::new(Mutex::new(ResetControl::new(machine.clone()))),
-                RESET_PORT,
-                1,
-            ),
-            (
-                Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))),
-                POST_CODE_PORT,
-                1,
-            ),
+            (pm1_event.clone(), acpi_pm::PM1A_EVT_PORT, acpi_pm::PM1A_EVT_LEN),
+            (Arc::new(Mutex::new(Pm1Control::new(machine.clone()))), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
+            (Arc::new(Mutex::new(ResetControl::new(machine.clone()))), RESET_PORT, 1),
+            (Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))), POST_CODE_PORT, 1),
         ];
         for (device, port, len) in devices {
             pio.insert(device, u64::from(port), len)?;
@@ -551,16 +473,10 @@ impl Vm {
         let region = MmapRegion::new(display::VRAM_BYTES as usize)
             .ok()
             .and_then(|m| GuestRegionMmap::new(m, GuestAddress(display::LFB_BASE)))
-            .ok_or_else(|| VmError::Memory {
-                mib,
-                reason: "cannot map video memory".into(),
-            })?;
+            .ok_or_else(|| VmError::Memory { mib, reason: "cannot map video memory".into() })?;
         let host = region
             .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| VmError::Memory {
-                mib,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
         let slot_region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: display::LFB_BASE,
@@ -599,13 +515,7 @@ impl Vm {
             width: display::DEFAULT_WIDTH as u16,
             height: display::DEFAULT_HEIGHT as u16,
         };
-        let entry = boot::load(
-            &mem,
-            &mut self.files,
-            self.config.memory_bytes(),
-            rsdp,
-            Some(fb),
-        )?;
+        let entry = boot::load(&mem, &mut self.files, self.config.memory_bytes(), rsdp, Some(fb))?;
         if let boot::Entry::Linux64 { .. } = entry {
             // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
             lock(&display.dispi).set_mode(fb.width, fb.height, 32);
@@ -622,9 +532,7 @@ impl Vm {
 
         let mut vcpus = Vec::new();
         for index in 0..self.config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("create a vCPU"))?;
+            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
             cpu::setup_common(&fd, &self.supported_cpuid, index, self.config.vcpus)?;
             if index == 0 {
                 cpu::setup_boot_registers(&fd, entry)?;
@@ -642,11 +550,7 @@ impl Vm {
             });
         }
         vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
-        let filter = if self.seccomp {
-            Some(seccomp::vcpu_filter()?)
-        } else {
-            None
-        };
+        let filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
         let mut threads = Vec::new();
         for v in vcpus {
             let filter = filter.clone();
@@ -665,16 +569,9 @@ impl Vm {
                 .map_err(io_err("start a vCPU thread"))?;
             threads.push(thread);
         }
-        self.handle
-            .run
-            .start_boot(threads.iter().map(|t| t.as_pthread_t()).collect());
+        self.handle.run.start_boot(threads.iter().map(|t| t.as_pthread_t()).collect());
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
-        Ok(Boot {
-            _vm: vm,
-            _mem: mem,
-            _vram: vram,
-            threads,
-        })
+        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, threads })
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
@@ -694,37 +591,23 @@ impl Vm {
         const STDIN: u64 = 3;
         const SERIAL_DRAINED: u64 = 4;
         let epoll = Epoll::new().map_err(io_err("create the event loop"))?;
-        let add = |fd: i32, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        add(self.handle.machine.wake_fd().as_raw_fd(), MACHINE)
-            .map_err(io_err("watch machine requests"))?;
-        add(self.handle.loop_wake.as_raw_fd(), LOOP_WAKE)
-            .map_err(io_err("watch the control socket"))?;
+        let add = |fd: i32, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
+        add(self.handle.machine.wake_fd().as_raw_fd(), MACHINE).map_err(io_err("watch machine requests"))?;
+        add(self.handle.loop_wake.as_raw_fd(), LOOP_WAKE).map_err(io_err("watch the control socket"))?;
         let serial_stats = self.handle.serial_stats.clone();
-        add(serial_stats.input_drained.as_raw_fd(), SERIAL_DRAINED)
-            .map_err(io_err("watch the serial FIFO"))?;
+        add(serial_stats.input_drained.as_raw_fd(), SERIAL_DRAINED).map_err(io_err("watch the serial FIFO"))?;
         let stdin = std::io::stdin();
-        let mut stdin_watched =
-            self.config.serial == SerialSink::Stdio && add(stdin.as_raw_fd(), STDIN).is_ok();
+        let mut stdin_watched = self.config.serial == SerialSink::Stdio && add(stdin.as_raw_fd(), STDIN).is_ok();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let timeout = match *lock(&self.handle.stop_deadline) {
-                Some(deadline) => deadline
-                    .saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(i32::MAX as u128) as i32,
+                Some(deadline) => {
+                    deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32
+                }
                 None => -1,
             };
             if timeout == 0 {
-                log::warn!(
-                    "{}: the guest did not power off within the stop timeout; forcing it off",
-                    self.config.name
-                );
+                log::warn!("{}: the guest did not power off within the stop timeout; forcing it off", self.config.name);
                 return Ok(MachineRequest::ForceOff);
             }
             let n = match epoll.wait(timeout, &mut events) {
@@ -758,22 +641,15 @@ impl Vm {
                         let mut buf = [0u8; 256];
                         match stdin.lock().read(&mut buf) {
                             Ok(0) | Err(_) => {
-                                let _ = epoll.ctl(
-                                    ControlOperation::Delete,
-                                    stdin.as_raw_fd(),
-                                    EpollEvent::default(),
-                                );
+                                let _ = epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
                                 stdin_watched = false;
                             }
                             Ok(n) => {
                                 self.pending_input.extend_from_slice(&buf[..n]);
                                 if !self.feed_serial() {
                                     // The FIFO is full: stop reading until the guest drains it.
-                                    let _ = epoll.ctl(
-                                        ControlOperation::Delete,
-                                        stdin.as_raw_fd(),
-                                        EpollEvent::default(),
-                                    );
+                                    let _ =
+                                        epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
                                 }
                             }
                         }
@@ -792,9 +668,7 @@ impl Vm {
             .name("display".into())
             .spawn(move || {
                 if filter && let Err(e) = seccomp::apply_vmm_filter() {
-                    log::error!(
-                        "display: cannot apply the seccomp filter ({e}); the console stays blank"
-                    );
+                    log::error!("display: cannot apply the seccomp filter ({e}); the console stays blank");
                     return;
                 }
                 refresher.run();
@@ -829,11 +703,9 @@ impl Vm {
                 }
                 MachineRequest::Reset => ExitReason::Reset,
                 MachineRequest::PowerOff => ExitReason::PowerOff,
-                MachineRequest::Crash => ExitReason::GuestCrash(
-                    lock(&self.crash)
-                        .take()
-                        .unwrap_or_else(|| "unknown reason".into()),
-                ),
+                MachineRequest::Crash => {
+                    ExitReason::GuestCrash(lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into()))
+                }
                 MachineRequest::ForceOff | MachineRequest::None => ExitReason::ForcedStop,
             };
             return Ok(reason);

@@ -18,10 +18,7 @@ fn guest(name: &str) -> PathBuf {
 
 fn vmm(args: &[&str]) -> Command {
     let mut cmd = Command::new(VMM);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 
@@ -60,15 +57,9 @@ fn every_vcpu_reports_its_apic_id() {
         assert_exit(&out, 0);
         let stdout = text(&out.stdout);
         for id in 0..cpus {
-            assert!(
-                stdout.contains(&format!("PORTHOLE-CPU apic={id}\n")),
-                "cpus={cpus}: {stdout}"
-            );
+            assert!(stdout.contains(&format!("PORTHOLE-CPU apic={id}\n")), "cpus={cpus}: {stdout}");
         }
-        assert!(
-            stdout.contains(&format!("PORTHOLE-SMP-OK cpus={cpus}\n")),
-            "cpus={cpus}: {stdout}"
-        );
+        assert!(stdout.contains(&format!("PORTHOLE-SMP-OK cpus={cpus}\n")), "cpus={cpus}: {stdout}");
     }
 }
 
@@ -76,26 +67,16 @@ fn every_vcpu_reports_its_apic_id() {
 fn pit_and_lapic_timer_interrupts_arrive() {
     let out = run_guest("timer", &[]);
     assert_exit(&out, 0);
-    assert!(
-        text(&out.stdout).contains("PORTHOLE-TIMER-OK pit=10 lapic=10"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("PORTHOLE-TIMER-OK pit=10 lapic=10"), "{}", text(&out.stdout));
 }
 
 #[test]
 fn rtc_reads_the_host_date() {
-    let before = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let out = run_guest("rtc", &[]);
     assert_exit(&out, 0);
     let stdout = text(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("PORTHOLE-RTC "))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let line = stdout.lines().find(|l| l.starts_with("PORTHOLE-RTC ")).unwrap_or_else(|| panic!("{stdout}"));
     let stamp = &line["PORTHOLE-RTC ".len()..];
     let num = |range: std::ops::Range<usize>| -> u32 { stamp[range].parse().unwrap() };
     let t = vmm_core::devices::rtc::DateTime {
@@ -107,20 +88,14 @@ fn rtc_reads_the_host_date() {
         second: num(17..19),
     };
     let skew = t.to_unix() - before;
-    assert!(
-        (-2..=120).contains(&skew),
-        "guest RTC {stamp} is {skew} s away from the host clock"
-    );
+    assert!((-2..=120).contains(&skew), "guest RTC {stamp} is {skew} s away from the host clock");
 }
 
 #[test]
 fn i8042_reset_reboots_the_guest_and_nvram_survives() {
     let out = run_guest("reboot", &[]);
     assert_exit(&out, 0);
-    assert_eq!(
-        text(&out.stdout),
-        "PORTHOLE-BOOT 1\nPORTHOLE-BOOT 2\nPORTHOLE-REBOOT-OK\n"
-    );
+    assert_eq!(text(&out.stdout), "PORTHOLE-BOOT 1\nPORTHOLE-BOOT 2\nPORTHOLE-REBOOT-OK\n");
 }
 
 #[test]
@@ -135,16 +110,9 @@ fn no_reboot_turns_a_reset_into_exit_status_4() {
 fn a_triple_fault_is_a_crash_with_the_instruction_bytes() {
     let out = run_guest("fault", &[]);
     assert_exit(&out, 2);
-    assert!(
-        text(&out.stdout).contains("PORTHOLE-GUEST-EXCEPTION vector=0x06"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("PORTHOLE-GUEST-EXCEPTION vector=0x06"), "{}", text(&out.stdout));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("triple fault") && stderr.contains("instruction bytes: 0f 0b"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("triple fault") && stderr.contains("instruction bytes: 0f 0b"), "{stderr}");
 }
 
 #[test]
@@ -153,20 +121,13 @@ fn a_hostile_guest_is_survived_and_counted() {
     let counters = dir.path("counters.json");
     let out = run_guest("hostile", &["--counters-file", counters.to_str().unwrap()]);
     assert_exit(&out, 0);
-    assert!(
-        text(&out.stdout).contains("PORTHOLE-HOSTILE-OK"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("PORTHOLE-HOSTILE-OK"), "{}", text(&out.stdout));
     let c: vmm_core::counters::CountersSnapshot =
         serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
     // Tens of thousands of ports nobody claims, and 4096 writes and reads each to unmapped MMIO.
     assert!(c.unhandled_pio_writes > 60_000, "{c:?}");
     assert!(c.unhandled_pio_reads > 60_000, "{c:?}");
-    assert!(
-        c.unhandled_mmio_writes >= 4096 && c.unhandled_mmio_reads >= 4096,
-        "{c:?}"
-    );
+    assert!(c.unhandled_mmio_writes >= 4096 && c.unhandled_mmio_reads >= 4096, "{c:?}");
     assert!(c.exits_io_out > c.unhandled_pio_writes, "{c:?}");
     assert_eq!(c.boots, 1);
 }
@@ -205,12 +166,7 @@ impl Ticker {
         ];
         args.extend_from_slice(extra);
         let child = vmm(&args).spawn().unwrap();
-        Ticker {
-            _dir: dir,
-            child: Some(child),
-            serial,
-            control,
-        }
+        Ticker { _dir: dir, child: Some(child), serial, control }
     }
 
     fn output(&self) -> String {
@@ -218,11 +174,7 @@ impl Ticker {
     }
 
     fn wait_for(&self, what: impl Fn(&str) -> bool) {
-        wait_until(
-            LIMIT,
-            || what(&self.output()),
-            || format!("guest output so far:\n{}", self.output()),
-        );
+        wait_until(LIMIT, || what(&self.output()), || format!("guest output so far:\n{}", self.output()));
     }
 
     fn client(&self) -> ControlClient {
@@ -250,10 +202,7 @@ impl Drop for Ticker {
 }
 
 fn ticks(output: &str) -> usize {
-    output
-        .lines()
-        .filter(|l| l.starts_with("PORTHOLE-TICK "))
-        .count()
+    output.lines().filter(|l| l.starts_with("PORTHOLE-TICK ")).count()
 }
 
 #[test]
@@ -262,22 +211,13 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     let mut c = t.client();
     let paused = c.request(&Request::Pause).unwrap();
     let took = paused.paused_after_us.unwrap();
-    assert!(
-        took < 1_000_000,
-        "pause answered, so it took under its 1 s limit: {took} us"
-    );
-    assert_eq!(
-        c.request(&Request::Status).unwrap().status.unwrap().state,
-        RunState::Paused
-    );
+    assert!(took < 1_000_000, "pause answered, so it took under its 1 s limit: {took} us");
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().state, RunState::Paused);
     let frozen = t.output();
     std::thread::sleep(Duration::from_millis(400)); // 4 ticks' worth
     assert_eq!(t.output(), frozen, "no guest output while paused");
     c.request(&Request::Resume).unwrap();
-    assert_eq!(
-        c.request(&Request::Status).unwrap().status.unwrap().state,
-        RunState::Running
-    );
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().state, RunState::Running);
     let before = ticks(&frozen);
     t.wait_for(|s| ticks(s) >= before + 2);
     c.request(&Request::Poweroff).unwrap();
@@ -290,39 +230,24 @@ fn counters_and_status_reflect_the_running_guest() {
     let t = Ticker::start(&["--name", "ticker-vm", "--cpus", "2"]);
     let mut c = t.client();
     let status = c.request(&Request::Status).unwrap().status.unwrap();
-    assert_eq!(
-        (
-            status.name.as_str(),
-            status.vcpus,
-            status.memory_mib,
-            status.boots
-        ),
-        ("ticker-vm", 2, 64, 1)
-    );
+    assert_eq!((status.name.as_str(), status.vcpus, status.memory_mib, status.boots), ("ticker-vm", 2, 64, 1));
     assert_eq!(status.pid, t.child.as_ref().unwrap().id());
     let first = c.request(&Request::Counters).unwrap().counters.unwrap();
     t.wait_for(|s| ticks(s) >= 5);
     let second = c.request(&Request::Counters).unwrap().counters.unwrap();
-    assert!(
-        second.exits_io_out > first.exits_io_out,
-        "{first:?} -> {second:?}"
-    );
+    assert!(second.exits_io_out > first.exits_io_out, "{first:?} -> {second:?}");
     assert!(second.serial_bytes_out > first.serial_bytes_out);
     assert!(second.vcpu_run_ns > 0 && second.uptime_ms >= first.uptime_ms);
     let written = t.output().len() as u64;
     let third = c.request(&Request::Counters).unwrap().counters.unwrap();
-    assert!(
-        third.serial_bytes_out >= written,
-        "every byte in the log was counted"
-    );
+    assert!(third.serial_bytes_out >= written, "every byte in the log was counted");
     // Unknown requests are refused with a reason, and the connection keeps working.
     let mut raw = std::os::unix::net::UnixStream::connect(&t.control).unwrap();
     use std::io::{BufRead, Write};
     raw.write_all(b"{\"cmd\":\"explode\"}\nnot json\n").unwrap();
     let mut lines = std::io::BufReader::new(raw).lines();
     for _ in 0..2 {
-        let reply: serde_json::Value =
-            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
         assert_eq!(reply["ok"], false);
         assert!(reply["error"].as_str().unwrap().contains("bad request"));
     }
@@ -336,10 +261,7 @@ fn reset_over_the_control_socket_reboots() {
     let mut c = t.client();
     c.request(&Request::Reset).unwrap();
     t.wait_for(|s| s.matches("PORTHOLE-TICKER-START").count() == 2);
-    assert_eq!(
-        c.request(&Request::Status).unwrap().status.unwrap().boots,
-        2
-    );
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().boots, 2);
     c.request(&Request::Poweroff).unwrap();
     assert_exit(&t.finish(), 3);
 }
@@ -349,22 +271,11 @@ fn a_stop_the_guest_ignores_is_forced_after_the_timeout() {
     let t = Ticker::start(&["--stop-timeout-ms", "300"]);
     let mut c = t.client();
     let reply = c.request(&Request::Stop).unwrap();
-    assert_eq!(
-        reply.acpi_power_button_enabled,
-        Some(false),
-        "the ticker has no ACPI driver"
-    );
-    assert_eq!(
-        c.request(&Request::Status).unwrap().status.unwrap().state,
-        RunState::Stopping
-    );
+    assert_eq!(reply.acpi_power_button_enabled, Some(false), "the ticker has no ACPI driver");
+    assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().state, RunState::Stopping);
     let out = t.finish();
     assert_exit(&out, 3);
-    assert!(
-        text(&out.stderr).contains("powered off by the host"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("powered off by the host"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -386,35 +297,16 @@ fn vcpu_and_control_threads_run_under_seccomp() {
     let mut filtered = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
-        let name = std::fs::read_to_string(task.join("comm"))
-            .unwrap()
-            .trim()
-            .to_owned();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap().trim().to_owned();
         let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let mode = status
-            .lines()
-            .find(|l| l.starts_with("Seccomp:"))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_owned();
+        let mode =
+            status.lines().find(|l| l.starts_with("Seccomp:")).unwrap().split_whitespace().nth(1).unwrap().to_owned();
         filtered.push((name, mode));
     }
     for (name, mode) in &filtered {
-        assert_eq!(
-            mode, "2",
-            "thread {name} is not under a seccomp filter: {filtered:?}"
-        );
+        assert_eq!(mode, "2", "thread {name} is not under a seccomp filter: {filtered:?}");
     }
-    assert!(
-        filtered
-            .iter()
-            .filter(|(n, _)| n.starts_with("vcpu"))
-            .count()
-            == 2,
-        "{filtered:?}"
-    );
+    assert!(filtered.iter().filter(|(n, _)| n.starts_with("vcpu")).count() == 2, "{filtered:?}");
     assert!(filtered.iter().any(|(n, _)| n == "control"), "{filtered:?}");
 }
 
@@ -427,25 +319,13 @@ fn bad_input_is_refused_with_a_clear_message() {
     let hello = hello.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--kernel", "/nonexistent/vmlinuz"], "No such file"),
-        (
-            vec!["--kernel", notes.to_str().unwrap()],
-            "neither an ELF file with a PVH entry note nor a Linux bzImage",
-        ),
+        (vec!["--kernel", notes.to_str().unwrap()], "neither an ELF file with a PVH entry note nor a Linux bzImage"),
         (vec!["--kernel", hello, "--memory", "0"], "too little"),
-        (
-            vec!["--kernel", hello, "--memory", "1000000000"],
-            "this host has only",
-        ),
+        (vec!["--kernel", hello, "--memory", "1000000000"], "this host has only"),
         (vec!["--kernel", hello, "--cpus", "0"], "at least 1 vCPU"),
-        (
-            vec!["--kernel", hello, "--cpus", "100000"],
-            "vCPUs asked for",
-        ),
+        (vec!["--kernel", hello, "--cpus", "100000"], "vCPUs asked for"),
         (vec!["--kernel", hello, "--serial", "tcp:1"], "serial sink"),
-        (
-            vec!["--kernel", hello, "--control", "/tmp/x"],
-            "expected unix:PATH",
-        ),
+        (vec!["--kernel", hello, "--control", "/tmp/x"], "expected unix:PATH"),
         (vec![], "nothing to boot"),
         (vec!["--frobnicate"], "unexpected argument"),
     ];
@@ -453,10 +333,7 @@ fn bad_input_is_refused_with_a_clear_message() {
         let out = run(&args);
         assert_exit(&out, 1);
         let stderr = text(&out.stderr);
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: expected {expected:?} in:\n{stderr}"
-        );
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
     }
 }
 
@@ -475,9 +352,5 @@ fn a_json_config_file_boots_too() {
     std::fs::write(&config, json.to_string()).unwrap();
     let out = run(&["--config", config.to_str().unwrap()]);
     assert_exit(&out, 0);
-    assert!(
-        std::fs::read_to_string(&serial)
-            .unwrap()
-            .contains("PORTHOLE-SMP-OK cpus=2")
-    );
+    assert!(std::fs::read_to_string(&serial).unwrap().contains("PORTHOLE-SMP-OK cpus=2"));
 }

@@ -10,9 +10,7 @@ include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 
 /// Every guest, as (name, path of its ELF file).
 pub fn all() -> impl Iterator<Item = (&'static str, PathBuf)> {
-    GUESTS
-        .iter()
-        .map(|(name, path)| (*name, PathBuf::from(path)))
+    GUESTS.iter().map(|(name, path)| (*name, PathBuf::from(path)))
 }
 
 /// The ELF file of the guest `name` (the stem of `asm/NAME.S`).
@@ -24,12 +22,7 @@ pub fn path(name: &str) -> PathBuf {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, p)| PathBuf::from(p))
-        .unwrap_or_else(|| {
-            panic!(
-                "no micro-guest named {name:?}; the guests are {:?}",
-                names()
-            )
-        })
+        .unwrap_or_else(|| panic!("no micro-guest named {name:?}; the guests are {:?}", names()))
 }
 
 /// The names of every guest.

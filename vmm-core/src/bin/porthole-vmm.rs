@@ -114,10 +114,7 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
         config.stop_timeout_ms = ms;
     }
     for spec in &cli.vnc {
-        config.vnc.push(
-            spec.parse()
-                .map_err(|e: String| anyhow::anyhow!("--vnc {e}"))?,
-        );
+        config.vnc.push(spec.parse().map_err(|e: String| anyhow::anyhow!("--vnc {e}"))?);
     }
     if let Some(path) = &cli.vnc_password {
         config.vnc_password_file = Some(path.clone());
@@ -136,45 +133,31 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     let handle = vm.handle();
     // Opened now: once the VM runs, the seccomp filter forbids opening files.
     let counters_file = match &cli.counters_file {
-        Some(path) => {
-            Some(std::fs::File::create(path).with_context(|| format!("cannot create {path:?}"))?)
-        }
+        Some(path) => Some(std::fs::File::create(path).with_context(|| format!("cannot create {path:?}"))?),
         None => None,
     };
     if let Some(path) = control {
-        let listener = vmm_core::control::bind(&path)
-            .with_context(|| format!("cannot listen on control socket {path:?}"))?;
+        let listener =
+            vmm_core::control::bind(&path).with_context(|| format!("cannot listen on control socket {path:?}"))?;
         vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
             .context("cannot start the control socket thread")?;
     }
     if !vnc.is_empty() {
         let server = vmm_core::rfb::ServerConfig {
-            password: vnc_password
-                .as_deref()
-                .map(vmm_core::rfb::password_key)
-                .transpose()?,
+            password: vnc_password.as_deref().map(vmm_core::rfb::password_key).transpose()?,
             name: format!("Porthole: {}", handle.name),
         };
         for address in &vnc {
             let shown = String::from(address.clone());
-            let listener = address
-                .bind()
-                .with_context(|| format!("cannot listen for VNC on {shown}"))?;
-            vmm_core::rfb::spawn(
-                listener,
-                vm.screen(),
-                handle.clone(),
-                server.clone(),
-                !cli.no_seccomp,
-            )
-            .context("cannot start the VNC server")?;
+            let listener = address.bind().with_context(|| format!("cannot listen for VNC on {shown}"))?;
+            vmm_core::rfb::spawn(listener, vm.screen(), handle.clone(), server.clone(), !cli.no_seccomp)
+                .context("cannot start the VNC server")?;
         }
     }
     let reason = vm.run()?;
     if let Some(mut file) = counters_file {
         use std::io::Write;
-        serde_json::to_writer_pretty(&mut file, &handle.counters())
-            .context("cannot write the counters file")?;
+        serde_json::to_writer_pretty(&mut file, &handle.counters()).context("cannot write the counters file")?;
         file.flush().context("cannot write the counters file")?;
     }
     Ok(reason)

@@ -27,11 +27,7 @@ pub struct Pm1Event {
 
 impl Pm1Event {
     pub fn new(sci: IrqLine) -> Self {
-        Pm1Event {
-            status: 0,
-            enable: 0,
-            sci,
-        }
+        Pm1Event { status: 0, enable: 0, sci }
     }
 
     /// Presses the power button. Returns whether the guest has enabled the power-button event, i.e.
@@ -88,10 +84,7 @@ pub struct Pm1Control {
 
 impl Pm1Control {
     pub fn new(machine: MachineControl) -> Self {
-        Pm1Control {
-            value: SCI_EN,
-            machine,
-        }
+        Pm1Control { value: SCI_EN, machine }
     }
 }
 

@@ -49,23 +49,12 @@ impl Bus {
 
     /// A bus that adds its unhandled accesses to `unhandled`.
     pub fn with_counts(unhandled: Arc<UnhandledCounts>) -> Self {
-        Bus {
-            ranges: BTreeMap::new(),
-            unhandled,
-        }
+        Bus { ranges: BTreeMap::new(), unhandled }
     }
 
     /// Places `device` at `[base, base + len)`.
-    pub fn insert(
-        &mut self,
-        device: Arc<Mutex<dyn BusDevice>>,
-        base: u64,
-        len: u64,
-    ) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::BadRange { base, len })?;
+    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange { base, len })?;
         if let Some((&other, range)) = self.ranges.range(..end).next_back()
             && other + range.len > base
         {
@@ -139,8 +128,7 @@ mod tests {
     #[test]
     fn dispatches_by_range_and_counts_the_rest() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Scratch::default())), 0x10, 4)
-            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Scratch::default())), 0x10, 4).unwrap();
         assert!(bus.write(0x11, &[7, 8]));
         let mut two = [0; 2];
         assert!(bus.read(0x11, &mut two));
@@ -159,22 +147,10 @@ mod tests {
         let mut bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Scratch::default())) as Arc<Mutex<dyn BusDevice>>;
         bus.insert(dev(), 0x10, 4).unwrap();
-        assert!(matches!(
-            bus.insert(dev(), 0x12, 4),
-            Err(BusError::Overlap { other: 0x10, .. })
-        ));
-        assert!(matches!(
-            bus.insert(dev(), 0x0E, 4),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(dev(), 0x20, 0),
-            Err(BusError::BadRange { .. })
-        ));
-        assert!(matches!(
-            bus.insert(dev(), u64::MAX, 2),
-            Err(BusError::BadRange { .. })
-        ));
+        assert!(matches!(bus.insert(dev(), 0x12, 4), Err(BusError::Overlap { other: 0x10, .. })));
+        assert!(matches!(bus.insert(dev(), 0x0E, 4), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(dev(), 0x20, 0), Err(BusError::BadRange { .. })));
+        assert!(matches!(bus.insert(dev(), u64::MAX, 2), Err(BusError::BadRange { .. })));
         bus.insert(dev(), 0x14, 4).unwrap();
         bus.insert(dev(), 0x0C, 4).unwrap();
     }

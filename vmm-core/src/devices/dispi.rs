@@ -60,14 +60,7 @@ impl Dispi {
         regs[INDEX_ID] = DISPI_ID5;
         regs[INDEX_BPP] = 32;
         regs[INDEX_VIDEO_MEMORY_64K] = (vram_bytes >> 16).min(u64::from(u16::MAX)) as u16;
-        Dispi {
-            index: 0,
-            regs,
-            max_width,
-            max_height,
-            vram_bytes,
-            version,
-        }
+        Dispi { index: 0, regs, max_width, max_height, vram_bytes, version }
     }
 
     /// Sets a mode as firmware would before handing over to an OS (for Linux booted with a VLFB).
@@ -94,17 +87,11 @@ impl Dispi {
         let bytes_pp = u32::from(r[INDEX_BPP]) / 8;
         let virt_width = u32::from(r[INDEX_VIRT_WIDTH]).max(width);
         let stride = virt_width * bytes_pp;
-        let offset = u64::from(r[INDEX_Y_OFFSET]) * u64::from(stride)
-            + u64::from(r[INDEX_X_OFFSET]) * u64::from(bytes_pp);
+        let offset =
+            u64::from(r[INDEX_Y_OFFSET]) * u64::from(stride) + u64::from(r[INDEX_X_OFFSET]) * u64::from(bytes_pp);
         // The visible area must lie inside video memory.
         let end = offset + u64::from(stride) * u64::from(height - 1) + u64::from(width * bytes_pp);
-        (end <= self.vram_bytes).then_some(GraphicsMode {
-            width,
-            height,
-            bpp: u32::from(r[INDEX_BPP]),
-            stride,
-            offset,
-        })
+        (end <= self.vram_bytes).then_some(GraphicsMode { width, height, bpp: u32::from(r[INDEX_BPP]), stride, offset })
     }
 
     fn write_register(&mut self, index: usize, value: u16) {
@@ -113,13 +100,7 @@ impl Dispi {
             INDEX_ID => r[INDEX_ID] = value.clamp(0xB0C0, DISPI_ID5),
             INDEX_XRES => r[INDEX_XRES] = value.min(self.max_width),
             INDEX_YRES => r[INDEX_YRES] = value.min(self.max_height),
-            INDEX_BPP => {
-                r[INDEX_BPP] = if [8, 15, 16, 24, 32].contains(&value) {
-                    value
-                } else {
-                    32
-                }
-            }
+            INDEX_BPP => r[INDEX_BPP] = if [8, 15, 16, 24, 32].contains(&value) { value } else { 32 },
             INDEX_ENABLE => {
                 r[INDEX_ENABLE] = value & (ENABLED | LFB_ENABLED | NO_CLEAR_MEM);
                 if value & ENABLED != 0 {
@@ -199,16 +180,7 @@ mod tests {
         set(&mut d, 3, 32);
         assert_eq!(d.mode(), None, "not enabled yet");
         set(&mut d, 4, ENABLED | LFB_ENABLED);
-        assert_eq!(
-            d.mode(),
-            Some(GraphicsMode {
-                width: 1280,
-                height: 800,
-                bpp: 32,
-                stride: 5120,
-                offset: 0
-            })
-        );
+        assert_eq!(d.mode(), Some(GraphicsMode { width: 1280, height: 800, bpp: 32, stride: 5120, offset: 0 }));
         assert_eq!(get(&mut d, 10), 256, "16 MiB of video memory");
         set(&mut d, 9, 10); // pan down 10 lines
         assert_eq!(d.mode().unwrap().offset, 51_200);

@@ -64,12 +64,7 @@ struct Keyboard {
 
 impl Keyboard {
     fn reset(&mut self) {
-        *self = Keyboard {
-            scanning: true,
-            scancode_set: 2,
-            awaiting: None,
-            leds: 0,
-        };
+        *self = Keyboard { scanning: true, scancode_set: 2, awaiting: None, leds: 0 };
     }
 
     /// Answers one byte the guest sent to the keyboard.
@@ -139,11 +134,7 @@ struct Mouse {
 
 impl Mouse {
     fn reset(&mut self) {
-        *self = Mouse {
-            sample_rate: 100,
-            resolution: 2,
-            ..Mouse::default()
-        };
+        *self = Mouse { sample_rate: 100, resolution: 2, ..Mouse::default() };
     }
 
     fn command(&mut self, byte: u8) -> Vec<u8> {
@@ -175,9 +166,7 @@ impl Mouse {
                 vec![ACK]
             }
             0xE9 => {
-                let status = (u8::from(self.streaming) << 5)
-                    | (u8::from(self.scaling_2to1) << 4)
-                    | (self.buttons & 7);
+                let status = (u8::from(self.streaming) << 5) | (u8::from(self.scaling_2to1) << 4) | (self.buttons & 7);
                 vec![ACK, status, self.resolution, self.sample_rate]
             }
             0xEA | 0xF0 | 0xEC | 0xEE => vec![ACK],
@@ -291,9 +280,7 @@ impl I8042 {
         self.output = Some((byte, source));
         match source {
             Source::Mouse if self.config & CFG_AUX_INT != 0 => self.mouse_irq.trigger(),
-            Source::Keyboard | Source::Controller if self.config & CFG_KBD_INT != 0 => {
-                self.keyboard_irq.trigger()
-            }
+            Source::Keyboard | Source::Controller if self.config & CFG_KBD_INT != 0 => self.keyboard_irq.trigger(),
             _ => {}
         }
     }
@@ -464,12 +451,7 @@ mod tests {
         let kbd_irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mouse_irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let machine = MachineControl::new().unwrap();
-        Rig {
-            dev: I8042::new(kbd_irq.clone(), mouse_irq.clone(), machine.clone()),
-            kbd_irq,
-            mouse_irq,
-            machine,
-        }
+        Rig { dev: I8042::new(kbd_irq.clone(), mouse_irq.clone(), machine.clone()), kbd_irq, mouse_irq, machine }
     }
 
     fn cmd(dev: &mut I8042, c: u8) {
@@ -547,10 +529,7 @@ mod tests {
         assert_eq!(drain(&mut r.dev), vec![ACK]);
         r.dev.mouse_input(5, 3, -1, 1);
         assert_ne!(status(&mut r.dev) & STATUS_AUX_OBF, 0);
-        assert_eq!(
-            drain(&mut r.dev),
-            vec![0x08 | 0x20 | 1, 5, (-3i8) as u8, 0xFF]
-        );
+        assert_eq!(drain(&mut r.dev), vec![0x08 | 0x20 | 1, 5, (-3i8) as u8, 0xFF]);
     }
 
     #[test]
@@ -566,10 +545,7 @@ mod tests {
         data(&mut r.dev, 0xF5); // disable scanning
         drain(&mut r.dev);
         r.dev.key(0x1E, true);
-        assert!(
-            drain(&mut r.dev).is_empty(),
-            "a disabled keyboard sends nothing"
-        );
+        assert!(drain(&mut r.dev).is_empty(), "a disabled keyboard sends nothing");
     }
 
     #[test]

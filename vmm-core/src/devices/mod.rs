@@ -54,12 +54,7 @@ impl MachineControl {
     pub fn request(&self, request: MachineRequest) {
         if self
             .pending
-            .compare_exchange(
-                MachineRequest::None as u8,
-                request as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
+            .compare_exchange(MachineRequest::None as u8, request as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             let _ = self.wake.write(1);
@@ -68,10 +63,7 @@ impl MachineControl {
 
     /// Takes the pending request, leaving none.
     pub fn take(&self) -> MachineRequest {
-        match self
-            .pending
-            .swap(MachineRequest::None as u8, Ordering::AcqRel)
-        {
+        match self.pending.swap(MachineRequest::None as u8, Ordering::AcqRel) {
             1 => MachineRequest::Reset,
             2 => MachineRequest::PowerOff,
             3 => MachineRequest::Crash,

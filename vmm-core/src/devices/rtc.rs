@@ -110,10 +110,7 @@ pub struct Rtc {
 }
 
 fn host_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 impl Rtc {
@@ -132,24 +129,17 @@ impl Rtc {
         nvram[0x15] = 0x80;
         nvram[0x16] = 0x02;
         // Extended memory above 1 MiB in KiB (at most 0xFFFF), in both the legacy and the POST copy.
-        let ext_kib =
-            ((mem_bytes.min(0xC000_0000).saturating_sub(1 << 20)) >> 10).min(0xFFFF) as u16;
+        let ext_kib = ((mem_bytes.min(0xC000_0000).saturating_sub(1 << 20)) >> 10).min(0xFFFF) as u16;
         nvram[0x17..0x19].copy_from_slice(&ext_kib.to_le_bytes());
         nvram[0x30..0x32].copy_from_slice(&ext_kib.to_le_bytes());
         // Memory above 16 MiB (below 4 GiB) in 64 KiB units.
-        let above_16m =
-            ((mem_bytes.min(0xC000_0000).saturating_sub(16 << 20)) >> 16).min(0xFFFF) as u16;
+        let above_16m = ((mem_bytes.min(0xC000_0000).saturating_sub(16 << 20)) >> 16).min(0xFFFF) as u16;
         nvram[0x34..0x36].copy_from_slice(&above_16m.to_le_bytes());
         // Memory above 4 GiB in 64 KiB units (24 bits).
         let above_4g = (mem_bytes.saturating_sub(0xC000_0000) >> 16).min(0xFF_FFFF) as u32;
         nvram[0x5B..0x5E].copy_from_slice(&above_4g.to_le_bytes()[..3]);
         nvram[0x5F] = vcpus.saturating_sub(1).min(255) as u8;
-        Rtc {
-            index: 0,
-            nvram,
-            offset: 0,
-            now,
-        }
+        Rtc { index: 0, nvram, offset: 0, now }
     }
 
     fn binary(&self) -> bool {
@@ -161,11 +151,7 @@ impl Rtc {
     }
 
     fn decode(&self, v: u8) -> u32 {
-        if self.binary() {
-            u32::from(v)
-        } else {
-            from_bcd(v)
-        }
+        if self.binary() { u32::from(v) } else { from_bcd(v) }
     }
 
     /// The guest's current time.
@@ -182,11 +168,7 @@ impl Rtc {
                 if self.nvram[STATUS_B] & B_24H != 0 {
                     self.encode(t.hour)
                 } else {
-                    let h12 = if t.hour.is_multiple_of(12) {
-                        12
-                    } else {
-                        t.hour % 12
-                    };
+                    let h12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
                     self.encode(h12) | if t.hour >= 12 { 0x80 } else { 0 }
                 }
             }
@@ -280,25 +262,10 @@ mod tests {
     #[test]
     fn civil_conversions_round_trip() {
         let t = DateTime::from_unix(NOW);
-        assert_eq!(
-            t,
-            DateTime {
-                year: 2026,
-                month: 11,
-                day: 27,
-                hour: 6,
-                minute: 41,
-                second: 19
-            }
-        );
+        assert_eq!(t, DateTime { year: 2026, month: 11, day: 27, hour: 6, minute: 41, second: 19 });
         assert_eq!(t.to_unix(), NOW);
         assert_eq!(t.weekday(), 6, "Friday");
-        for secs in [
-            0,
-            951_782_400,   /* 2000-02-29 */
-            4_102_444_800, /* 2100-01-01 */
-            -86_400,
-        ] {
+        for secs in [0, 951_782_400 /* 2000-02-29 */, 4_102_444_800 /* 2100-01-01 */, -86_400] {
             assert_eq!(DateTime::from_unix(secs).to_unix(), secs);
         }
         assert_eq!(DateTime::from_unix(951_782_400).day, 29);
@@ -342,11 +309,7 @@ mod tests {
         let mut r = rtc();
         set(&mut r, 0x40, 0xAB);
         assert_eq!(get(&mut r, 0x40), 0xAB);
-        assert_eq!(
-            get(&mut r, 0x80 | 0x40),
-            0xAB,
-            "bit 7 of the index masks NMIs"
-        );
+        assert_eq!(get(&mut r, 0x80 | 0x40), 0xAB, "bit 7 of the index masks NMIs");
         let above_16m = u16::from_le_bytes([get(&mut r, 0x34), get(&mut r, 0x35)]);
         assert_eq!(above_16m, ((256 - 16) << 20 >> 16) as u16);
         assert_eq!(get(&mut r, 0x5F), 1);

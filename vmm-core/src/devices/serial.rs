@@ -89,10 +89,7 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(irq: IrqLine, output: SerialOutput, stats: Arc<SerialStats>) -> Self {
-        Serial {
-            uart: vm_superio::Serial::with_events(irq, Events(stats.clone()), output),
-            stats,
-        }
+        Serial { uart: vm_superio::Serial::with_events(irq, Events(stats.clone()), output), stats }
     }
 
     /// Queues input for the guest; returns how many bytes fitted in the FIFO.
@@ -141,11 +138,7 @@ mod tests {
     fn serial() -> (Serial, Arc<SerialStats>, IrqLine) {
         let stats = Arc::new(SerialStats::new().unwrap());
         let irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        (
-            Serial::new(irq.clone(), SerialOutput::Discard, stats.clone()),
-            stats,
-            irq,
-        )
+        (Serial::new(irq.clone(), SerialOutput::Discard, stats.clone()), stats, irq)
     }
 
     #[test]

@@ -39,12 +39,7 @@ impl Vga {
         let mut crtc = [0u8; 0x19];
         crtc[0x0A] = 0x0D; // cursor start line (a two-line underline, as the BIOS sets it)
         crtc[0x0B] = 0x0E; // cursor end line
-        Vga {
-            crtc_index: 0,
-            crtc,
-            retrace: 0,
-            version,
-        }
+        Vga { crtc_index: 0, crtc, retrace: 0, version }
     }
 
     pub fn cursor(&self) -> TextCursor {
@@ -52,11 +47,7 @@ impl Vga {
         let start = u16::from_be_bytes([self.crtc[0x0C], self.crtc[0x0D]]);
         let (first, last) = (self.crtc[0x0A], self.crtc[0x0B]);
         let disabled = first & 0x20 != 0;
-        TextCursor {
-            position,
-            lines: (!disabled).then_some((first & 0x1F, last & 0x1F)),
-            start,
-        }
+        TextCursor { position, lines: (!disabled).then_some((first & 0x1F, last & 0x1F)), start }
     }
 }
 
@@ -68,11 +59,7 @@ impl BusDevice for Vga {
         }
         data[0] = match offset {
             CRTC_INDEX => self.crtc_index,
-            CRTC_DATA => self
-                .crtc
-                .get(usize::from(self.crtc_index))
-                .copied()
-                .unwrap_or(0xFF),
+            CRTC_DATA => self.crtc.get(usize::from(self.crtc_index)).copied().unwrap_or(0xFF),
             INPUT_STATUS_1 => {
                 // Alternate display-enable and vertical-retrace bits on every read.
                 self.retrace ^= 0x09;

@@ -58,15 +58,8 @@ mod tests {
         let g = glyphs();
         assert_eq!(g[0], [0; 16]);
         assert_eq!(g[b' ' as usize], [0; 16]);
-        for code in [
-            b'A', b'z', b'0', 0xC9, /* ╔ */
-            0xDB, /* █ */
-            0xE1, /* ß */
-        ] {
-            assert!(
-                g[code as usize].iter().any(|r| *r != 0),
-                "glyph {code:#x} is empty"
-            );
+        for code in [b'A', b'z', b'0', 0xC9 /* ╔ */, 0xDB /* █ */, 0xE1 /* ß */] {
+            assert!(g[code as usize].iter().any(|r| *r != 0), "glyph {code:#x} is empty");
         }
         assert_eq!(g[0xDB], [0xFF; 16], "full block");
         assert_ne!(g[b'A' as usize], g[b'B' as usize]);

@@ -58,29 +58,18 @@ impl Rect {
     /// The smallest rectangle holding both.
     pub fn union(&self, other: &Rect) -> Rect {
         let (x, y) = (self.x.min(other.x), self.y.min(other.y));
-        Rect::new(
-            x,
-            y,
-            self.right().max(other.right()) - x,
-            self.bottom().max(other.bottom()) - y,
-        )
+        Rect::new(x, y, self.right().max(other.right()) - x, self.bottom().max(other.bottom()) - y)
     }
 
     /// The part of `self` inside `other`, if any.
     pub fn intersect(&self, other: &Rect) -> Option<Rect> {
         let (x, y) = (self.x.max(other.x), self.y.max(other.y));
-        let (r, b) = (
-            self.right().min(other.right()),
-            self.bottom().min(other.bottom()),
-        );
+        let (r, b) = (self.right().min(other.right()), self.bottom().min(other.bottom()));
         (r > x && b > y).then(|| Rect::new(x, y, r - x, b - y))
     }
 
     fn touches(&self, other: &Rect) -> bool {
-        self.x <= other.right()
-            && other.x <= self.right()
-            && self.y <= other.bottom()
-            && other.y <= self.bottom()
+        self.x <= other.right() && other.x <= self.right() && self.y <= other.bottom() && other.y <= self.bottom()
     }
 }
 
@@ -94,11 +83,7 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(width: u32, height: u32) -> Self {
-        Frame {
-            width,
-            height,
-            pixels: vec![0; (width * height) as usize],
-        }
+        Frame { width, height, pixels: vec![0; (width * height) as usize] }
     }
 
     pub fn bounds(&self) -> Rect {
@@ -142,11 +127,7 @@ impl Damage {
         });
         self.rects.push(merged);
         if self.rects.len() > MAX_RECTS {
-            let all = self
-                .rects
-                .iter()
-                .skip(1)
-                .fold(self.rects[0], |a, b| a.union(b));
+            let all = self.rects.iter().skip(1).fold(self.rects[0], |a, b| a.union(b));
             self.rects = vec![all];
         }
     }
@@ -185,10 +166,7 @@ impl Viewer {
         if !guard.is_empty() {
             return guard;
         }
-        self.wake
-            .wait_timeout(guard, timeout)
-            .unwrap_or_else(|p| p.into_inner())
-            .0
+        self.wake.wait_timeout(guard, timeout).unwrap_or_else(|p| p.into_inner()).0
     }
 }
 
@@ -207,10 +185,7 @@ pub struct Screen {
 
 impl Screen {
     pub fn new() -> Arc<Self> {
-        Arc::new(Screen {
-            frame: RwLock::new(Frame::new(640, 400)),
-            ..Screen::default()
-        })
+        Arc::new(Screen { frame: RwLock::new(Frame::new(640, 400)), ..Screen::default() })
     }
 
     /// Registers a viewer; it starts with the whole frame as damage.
@@ -218,8 +193,7 @@ impl Screen {
         let viewer = Arc::new(Viewer::default());
         viewer.push(|d| d.add(self.read().bounds()));
         lock(&self.viewers).push(Arc::downgrade(&viewer));
-        self.full_refresh
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.full_refresh.store(true, std::sync::atomic::Ordering::Release);
         self.viewer_joined.notify_all();
         viewer
     }
@@ -291,14 +265,11 @@ impl Screen {
     pub fn wait_for_refresh(&self, timeout: Duration) {
         let guard = lock(&self.refreshes);
         let start = *guard;
-        let _ = self
-            .refreshed
-            .wait_timeout_while(guard, timeout, |n| *n == start);
+        let _ = self.refreshed.wait_timeout_while(guard, timeout, |n| *n == start);
     }
 
     fn take_full_refresh(&self) -> bool {
-        self.full_refresh
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        self.full_refresh.swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
@@ -326,15 +297,9 @@ mod tests {
     fn viewers_get_damage_until_dropped() {
         let screen = Screen::new();
         let v = screen.subscribe();
-        assert_eq!(
-            lock(&v.damage).take().rects,
-            vec![Rect::new(0, 0, 640, 400)]
-        );
+        assert_eq!(lock(&v.damage).take().rects, vec![Rect::new(0, 0, 640, 400)]);
         screen.damage(&[Rect::new(1, 2, 3, 4)]);
-        assert_eq!(
-            v.wait(Duration::from_millis(1)).take().rects,
-            vec![Rect::new(1, 2, 3, 4)]
-        );
+        assert_eq!(v.wait(Duration::from_millis(1)).take().rects, vec![Rect::new(1, 2, 3, 4)]);
         screen.resize(800, 600);
         let d = v.wait(Duration::from_millis(1)).take();
         assert!(d.resized);

@@ -89,10 +89,7 @@ impl Refresher {
             return false;
         };
         if offset + bytes.len() as u64 > VRAM_BYTES
-            || view
-                .vram
-                .write_slice(bytes, MemoryRegionAddress(offset))
-                .is_err()
+            || view.vram.write_slice(bytes, MemoryRegionAddress(offset)).is_err()
         {
             return false;
         }
@@ -125,19 +122,12 @@ impl Refresher {
                 }
             }
             self.screen.refreshed();
-            self.busy_ns
-                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.busy_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
             std::thread::sleep(REFRESH_INTERVAL.saturating_sub(start.elapsed()));
         }
     }
 
-    fn refresh(
-        &self,
-        view: &BootView,
-        shown: Shown,
-        text_state: &mut TextState,
-        row_buf: &mut Vec<u8>,
-    ) -> Shown {
+    fn refresh(&self, view: &BootView, shown: Shown, text_state: &mut TextState, row_buf: &mut Vec<u8>) -> Shown {
         let mode = lock(&view.dispi).mode();
         match mode {
             None => {
@@ -150,9 +140,7 @@ impl Refresher {
             }
             Some(mode) => {
                 let full = shown != Shown::Graphics(mode);
-                if full
-                    && !matches!(shown, Shown::Graphics(m) if (m.width, m.height) == (mode.width, mode.height))
-                {
+                if full && !matches!(shown, Shown::Graphics(m) if (m.width, m.height) == (mode.width, mode.height)) {
                     self.screen.resize(mode.width, mode.height);
                 }
                 self.refresh_graphics(view, mode, full, row_buf);
@@ -165,17 +153,10 @@ impl Refresher {
         let cursor = lock(&view.vga).cursor();
         let mut bytes = vec![0u8; text::CELLS * 2];
         let start = text::TEXT_BUFFER + u64::from(cursor.start) * 2;
-        if view
-            .ram
-            .read_slice(&mut bytes, GuestAddress(start))
-            .is_err()
-        {
+        if view.ram.read_slice(&mut bytes, GuestAddress(start)).is_err() {
             return;
         }
-        let cells: Vec<u16> = bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let cells: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let rects = {
             let mut frame = self.screen.write();
             if (frame.width, frame.height) != (text::WIDTH, text::HEIGHT) {
@@ -189,14 +170,8 @@ impl Refresher {
     /// Which rows of the visible area have dirty pages (all of them when `full`).
     fn dirty_rows(&self, view: &BootView, mode: GraphicsMode, full: bool) -> Vec<bool> {
         // Reading the log also clears it, so it is read even for a full refresh.
-        let kvm_log = view
-            .vm
-            .get_dirty_log(view.vram_slot, VRAM_BYTES as usize)
-            .unwrap_or_default();
-        let host_log = std::mem::replace(
-            &mut *lock(&self.host_dirty),
-            vec![0; (VRAM_BYTES / PAGE / 64) as usize],
-        );
+        let kvm_log = view.vm.get_dirty_log(view.vram_slot, VRAM_BYTES as usize).unwrap_or_default();
+        let host_log = std::mem::replace(&mut *lock(&self.host_dirty), vec![0; (VRAM_BYTES / PAGE / 64) as usize]);
         let mut rows = vec![full; mode.height as usize];
         if full {
             return rows;
@@ -212,10 +187,7 @@ impl Refresher {
                 if word & (1 << bit) == 0 {
                     continue;
                 }
-                let (start, end) = (
-                    (i as u64 * 64 + bit) * PAGE,
-                    (i as u64 * 64 + bit + 1) * PAGE,
-                );
+                let (start, end) = ((i as u64 * 64 + bit) * PAGE, (i as u64 * 64 + bit + 1) * PAGE);
                 if end <= mode.offset || start >= visible_end {
                     continue;
                 }
@@ -229,13 +201,7 @@ impl Refresher {
         rows
     }
 
-    fn refresh_graphics(
-        &self,
-        view: &BootView,
-        mode: GraphicsMode,
-        full: bool,
-        row_buf: &mut Vec<u8>,
-    ) {
+    fn refresh_graphics(&self, view: &BootView, mode: GraphicsMode, full: bool, row_buf: &mut Vec<u8>) {
         let rows = self.dirty_rows(view, mode, full);
         let bytes_pp = (mode.bpp / 8) as usize;
         let width = mode.width as usize;
@@ -253,11 +219,7 @@ impl Refresher {
             for y in band_rows.clone().filter(|y| rows[*y as usize]) {
                 row_buf.resize(width * bytes_pp, 0);
                 let at = mode.offset + u64::from(y) * u64::from(mode.stride);
-                if view
-                    .vram
-                    .read_slice(row_buf, MemoryRegionAddress(at))
-                    .is_err()
-                {
+                if view.vram.read_slice(row_buf, MemoryRegionAddress(at)).is_err() {
                     continue;
                 }
                 let line = &mut frame.pixels[y as usize * width..(y as usize + 1) * width];
@@ -304,18 +266,11 @@ mod tests {
 
     #[test]
     fn vram_region_reads_back_what_was_written() {
-        let region: GuestRegionMmap = GuestRegionMmap::new(
-            vm_memory::MmapRegion::new(4 * PAGE as usize).unwrap(),
-            GuestAddress(0),
-        )
-        .unwrap();
-        region
-            .write_slice(&[9, 8, 7], MemoryRegionAddress(5000))
-            .unwrap();
+        let region: GuestRegionMmap =
+            GuestRegionMmap::new(vm_memory::MmapRegion::new(4 * PAGE as usize).unwrap(), GuestAddress(0)).unwrap();
+        region.write_slice(&[9, 8, 7], MemoryRegionAddress(5000)).unwrap();
         let mut b = [0u8; 3];
-        region
-            .read_slice(&mut b, MemoryRegionAddress(5000))
-            .unwrap();
+        region.read_slice(&mut b, MemoryRegionAddress(5000)).unwrap();
         assert_eq!(b, [9, 8, 7]);
         assert_eq!(region.len(), 4 * PAGE);
     }

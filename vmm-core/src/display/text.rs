@@ -15,8 +15,8 @@ pub const TEXT_BUFFER: u64 = 0xB8000;
 
 /// The 16 text colours (0x00RRGGBB).
 pub const PALETTE: [u32; 16] = [
-    0x000000, 0x0000AA, 0x00AA00, 0x00AAAA, 0xAA0000, 0xAA00AA, 0xAA5500, 0xAAAAAA, 0x555555,
-    0x5555FF, 0x55FF55, 0x55FFFF, 0xFF5555, 0xFF55FF, 0xFFFF55, 0xFFFFFF,
+    0x000000, 0x0000AA, 0x00AA00, 0x00AAAA, 0xAA0000, 0xAA00AA, 0xAA5500, 0xAAAAAA, 0x555555, 0x5555FF, 0x55FF55,
+    0x55FFFF, 0xFF5555, 0xFF55FF, 0xFFFF55, 0xFFFFFF,
 ];
 
 /// Draws one cell: `cell` is character | attribute << 8; `cursor` the cursor's scan lines if it is here.
@@ -28,14 +28,10 @@ pub fn draw_cell(frame: &mut Frame, index: usize, cell: u16, cursor: Option<(u8,
     let glyph = &glyphs()[usize::from(ch)];
     let width = frame.width as usize;
     for (line, bits) in glyph.iter().enumerate() {
-        let in_cursor =
-            cursor.is_some_and(|(first, last)| (first as usize..=last as usize).contains(&line));
+        let in_cursor = cursor.is_some_and(|(first, last)| (first as usize..=last as usize).contains(&line));
         let y = row * GLYPH_HEIGHT + line;
         let start = y * width + col * GLYPH_WIDTH;
-        for (x, px) in frame.pixels[start..start + GLYPH_WIDTH]
-            .iter_mut()
-            .enumerate()
-        {
+        for (x, px) in frame.pixels[start..start + GLYPH_WIDTH].iter_mut().enumerate() {
             let on = bits & (1 << x) != 0;
             *px = if on ^ in_cursor { fg } else { bg };
         }
@@ -109,11 +105,7 @@ mod tests {
     use super::*;
 
     fn cursor_at(position: u16) -> TextCursor {
-        TextCursor {
-            position,
-            lines: Some((14, 15)),
-            start: 0,
-        }
+        TextCursor { position, lines: Some((14, 15)), start: 0 }
     }
 
     #[test]
@@ -122,24 +114,13 @@ mod tests {
         let mut cells = vec![0x0720u16; CELLS];
         cells[81] = u16::from(b'A') | 0x1F << 8; // row 1, column 1: white on blue
         let mut state = TextState::default();
-        let rects = state.update(
-            &cells,
-            TextCursor {
-                lines: None,
-                ..cursor_at(0)
-            },
-            &mut frame,
-        );
+        let rects = state.update(&cells, TextCursor { lines: None, ..cursor_at(0) }, &mut frame);
         assert_eq!(rects.len(), ROWS, "first update redraws every row");
         let glyph = glyphs()[b'A' as usize];
         for (line, bits) in glyph.iter().enumerate() {
             for x in 0..8 {
                 let px = frame.pixels[(16 + line) * WIDTH as usize + 8 + x];
-                let expected = if bits & (1 << x) != 0 {
-                    0xFFFFFF
-                } else {
-                    0x0000AA
-                };
+                let expected = if bits & (1 << x) != 0 { 0xFFFFFF } else { 0x0000AA };
                 assert_eq!(px, expected, "line {line} x {x}");
             }
         }
@@ -151,21 +132,12 @@ mod tests {
         let mut cells = vec![0x0720u16; CELLS];
         let mut state = TextState::default();
         state.update(&cells, cursor_at(0), &mut frame);
-        assert!(
-            state.update(&cells, cursor_at(0), &mut frame).is_empty(),
-            "nothing changed"
-        );
+        assert!(state.update(&cells, cursor_at(0), &mut frame).is_empty(), "nothing changed");
         cells[5] = 0x0741;
         cells[6] = 0x0742;
-        assert_eq!(
-            state.update(&cells, cursor_at(0), &mut frame),
-            vec![Rect::new(40, 0, 16, 16)]
-        );
+        assert_eq!(state.update(&cells, cursor_at(0), &mut frame), vec![Rect::new(40, 0, 16, 16)]);
         let moved = state.update(&cells, cursor_at(80 * 2 + 3), &mut frame);
-        assert_eq!(
-            moved,
-            vec![Rect::new(0, 0, 8, 16), Rect::new(24, 32, 8, 16)]
-        );
+        assert_eq!(moved, vec![Rect::new(0, 0, 8, 16), Rect::new(24, 32, 8, 16)]);
         // The cursor block inverts the cell's last two lines.
         assert_eq!(frame.pixels[(32 + 15) * WIDTH as usize + 24], PALETTE[7]);
     }

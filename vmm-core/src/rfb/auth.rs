@@ -30,9 +30,7 @@ pub fn challenge() -> [u8; 16] {
     let n = unsafe { libc::getrandom(c.as_mut_ptr().cast(), c.len(), 0) };
     if n != c.len() as isize {
         // Never hand out a predictable challenge: mix in the time as a last resort.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         c[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
     }
     c
@@ -52,10 +50,7 @@ mod tests {
         // DES of an all-zero block under the all-zero key is 8CA64DE9C1B123A7 (a standard test vector).
         let r = response(&[0; 8], &[0; 16]);
         assert_eq!(&r[..8], &[0x8C, 0xA6, 0x4D, 0xE9, 0xC1, 0xB1, 0x23, 0xA7]);
-        assert_eq!(
-            key_from_password(b"\x01\x80"),
-            [0x80, 0x01, 0, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(key_from_password(b"\x01\x80"), [0x80, 0x01, 0, 0, 0, 0, 0, 0]);
         assert_ne!(challenge(), challenge());
         assert!(matches(&r, &r) && !matches(&r, &[1; 16]));
     }

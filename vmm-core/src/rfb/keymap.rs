@@ -19,11 +19,7 @@ fn ascii_key(c: u8) -> Option<Key> {
         return Some(0x39);
     }
     for (plain, shifted, first) in ROWS {
-        if let Some(i) = plain
-            .iter()
-            .position(|&p| p == c)
-            .or_else(|| shifted.iter().position(|&p| p == c))
-        {
+        if let Some(i) = plain.iter().position(|&p| p == c).or_else(|| shifted.iter().position(|&p| p == c)) {
             return Some(first + i as u16);
         }
     }
@@ -45,43 +41,43 @@ pub fn keysym_to_key(keysym: u32) -> Option<Key> {
         0xFFE3 => 0x1D,                                     // Control_L
         0xFFE4 => EXTENDED | 0x1D,                          // Control_R
         0xFFE9 | 0xFFE7 => 0x38,                            // Alt_L, Meta_L
-        0xFFEA | 0xFFE8 | 0xFE03 => EXTENDED | 0x38, // Alt_R, Meta_R, ISO_Level3_Shift (AltGr)
-        0xFFEB => EXTENDED | 0x5B,                   // Super_L
-        0xFFEC => EXTENDED | 0x5C,                   // Super_R
-        0xFF67 => EXTENDED | 0x5D,                   // Menu
-        0xFFE5 => 0x3A,                              // Caps_Lock
-        0xFF7F => 0x45,                              // Num_Lock
-        0xFF14 => 0x46,                              // Scroll_Lock
-        0xFF61 | 0xFF15 => PRINT_SCREEN,             // Print, Sys_Req
+        0xFFEA | 0xFFE8 | 0xFE03 => EXTENDED | 0x38,        // Alt_R, Meta_R, ISO_Level3_Shift (AltGr)
+        0xFFEB => EXTENDED | 0x5B,                          // Super_L
+        0xFFEC => EXTENDED | 0x5C,                          // Super_R
+        0xFF67 => EXTENDED | 0x5D,                          // Menu
+        0xFFE5 => 0x3A,                                     // Caps_Lock
+        0xFF7F => 0x45,                                     // Num_Lock
+        0xFF14 => 0x46,                                     // Scroll_Lock
+        0xFF61 | 0xFF15 => PRINT_SCREEN,                    // Print, Sys_Req
         0xFFBE..=0xFFC7 => 0x3B + (keysym - 0xFFBE) as u16, // F1..F10
-        0xFFC8 => 0x57,                              // F11
-        0xFFC9 => 0x58,                              // F12
-        0xFF50 => EXTENDED | 0x47,                   // Home
-        0xFF51 => EXTENDED | 0x4B,                   // Left
-        0xFF52 => EXTENDED | 0x48,                   // Up
-        0xFF53 => EXTENDED | 0x4D,                   // Right
-        0xFF54 => EXTENDED | 0x50,                   // Down
-        0xFF55 => EXTENDED | 0x49,                   // Page_Up
-        0xFF56 => EXTENDED | 0x51,                   // Page_Down
-        0xFF57 => EXTENDED | 0x4F,                   // End
-        0xFF63 => EXTENDED | 0x52,                   // Insert
-        0xFFFF => EXTENDED | 0x53,                   // Delete
-        0xFF8D => EXTENDED | 0x1C,                   // KP_Enter
-        0xFFAF => EXTENDED | 0x35,                   // KP_Divide
-        0xFFAA => 0x37,                              // KP_Multiply
-        0xFFAD => 0x4A,                              // KP_Subtract
-        0xFFAB => 0x4E,                              // KP_Add
-        0xFFAE | 0xFF9F => 0x53,                     // KP_Decimal, KP_Delete
-        0xFFB7 | 0xFF95 => 0x47,                     // KP_7, KP_Home
-        0xFFB8 | 0xFF97 => 0x48,                     // KP_8, KP_Up
-        0xFFB9 | 0xFF9A => 0x49,                     // KP_9, KP_Prior
-        0xFFB4 | 0xFF96 => 0x4B,                     // KP_4, KP_Left
-        0xFFB5 | 0xFF9D => 0x4C,                     // KP_5, KP_Begin
-        0xFFB6 | 0xFF98 => 0x4D,                     // KP_6, KP_Right
-        0xFFB1 | 0xFF9C => 0x4F,                     // KP_1, KP_End
-        0xFFB2 | 0xFF99 => 0x50,                     // KP_2, KP_Down
-        0xFFB3 | 0xFF9B => 0x51,                     // KP_3, KP_Next
-        0xFFB0 | 0xFF9E => 0x52,                     // KP_0, KP_Insert
+        0xFFC8 => 0x57,                                     // F11
+        0xFFC9 => 0x58,                                     // F12
+        0xFF50 => EXTENDED | 0x47,                          // Home
+        0xFF51 => EXTENDED | 0x4B,                          // Left
+        0xFF52 => EXTENDED | 0x48,                          // Up
+        0xFF53 => EXTENDED | 0x4D,                          // Right
+        0xFF54 => EXTENDED | 0x50,                          // Down
+        0xFF55 => EXTENDED | 0x49,                          // Page_Up
+        0xFF56 => EXTENDED | 0x51,                          // Page_Down
+        0xFF57 => EXTENDED | 0x4F,                          // End
+        0xFF63 => EXTENDED | 0x52,                          // Insert
+        0xFFFF => EXTENDED | 0x53,                          // Delete
+        0xFF8D => EXTENDED | 0x1C,                          // KP_Enter
+        0xFFAF => EXTENDED | 0x35,                          // KP_Divide
+        0xFFAA => 0x37,                                     // KP_Multiply
+        0xFFAD => 0x4A,                                     // KP_Subtract
+        0xFFAB => 0x4E,                                     // KP_Add
+        0xFFAE | 0xFF9F => 0x53,                            // KP_Decimal, KP_Delete
+        0xFFB7 | 0xFF95 => 0x47,                            // KP_7, KP_Home
+        0xFFB8 | 0xFF97 => 0x48,                            // KP_8, KP_Up
+        0xFFB9 | 0xFF9A => 0x49,                            // KP_9, KP_Prior
+        0xFFB4 | 0xFF96 => 0x4B,                            // KP_4, KP_Left
+        0xFFB5 | 0xFF9D => 0x4C,                            // KP_5, KP_Begin
+        0xFFB6 | 0xFF98 => 0x4D,                            // KP_6, KP_Right
+        0xFFB1 | 0xFF9C => 0x4F,                            // KP_1, KP_End
+        0xFFB2 | 0xFF99 => 0x50,                            // KP_2, KP_Down
+        0xFFB3 | 0xFF9B => 0x51,                            // KP_3, KP_Next
+        0xFFB0 | 0xFF9E => 0x52,                            // KP_0, KP_Insert
         _ => return None,
     };
     Some(key)
@@ -206,28 +202,16 @@ const SET2: &[(u16, u8)] = &[
 /// The bytes a keyboard sends for `key` in scan code set 1.
 pub fn set1_bytes(key: Key, down: bool) -> Vec<u8> {
     if key == PRINT_SCREEN {
-        return if down {
-            vec![0xE0, 0x2A, 0xE0, 0x37]
-        } else {
-            vec![0xE0, 0xB7, 0xE0, 0xAA]
-        };
+        return if down { vec![0xE0, 0x2A, 0xE0, 0x37] } else { vec![0xE0, 0xB7, 0xE0, 0xAA] };
     }
     let code = (key & 0x7F) as u8 | if down { 0 } else { 0x80 };
-    if key & EXTENDED != 0 {
-        vec![0xE0, code]
-    } else {
-        vec![code]
-    }
+    if key & EXTENDED != 0 { vec![0xE0, code] } else { vec![code] }
 }
 
 /// The bytes a keyboard sends for `key` in scan code set 2 (None for keys without a set-2 code here).
 pub fn set2_bytes(key: Key, down: bool) -> Option<Vec<u8>> {
     if key == PRINT_SCREEN {
-        return Some(if down {
-            vec![0xE0, 0x12, 0xE0, 0x7C]
-        } else {
-            vec![0xE0, 0xF0, 0x7C, 0xE0, 0xF0, 0x12]
-        });
+        return Some(if down { vec![0xE0, 0x12, 0xE0, 0x7C] } else { vec![0xE0, 0xF0, 0x7C, 0xE0, 0xF0, 0x12] });
     }
     let code = SET2.iter().find(|(k, _)| *k == key)?.1;
     let mut bytes = Vec::with_capacity(3);
@@ -265,20 +249,14 @@ mod tests {
         assert_eq!(set1_bytes(EXTENDED | 0x48, false), [0xE0, 0xC8]);
         assert_eq!(set2_bytes(0x1E, true), Some(vec![0x1C]));
         assert_eq!(set2_bytes(0x1E, false), Some(vec![0xF0, 0x1C]));
-        assert_eq!(
-            set2_bytes(EXTENDED | 0x48, false),
-            Some(vec![0xE0, 0xF0, 0x75])
-        );
+        assert_eq!(set2_bytes(EXTENDED | 0x48, false), Some(vec![0xE0, 0xF0, 0x75]));
         assert_eq!(qemu_keycode_to_key(0x9C), Some(EXTENDED | 0x1C));
         assert_eq!(qemu_keycode_to_key(0x1E), Some(0x1E));
         assert_eq!(qemu_keycode_to_key(0x1234), None);
         // Every key we can produce from a keysym has a set-2 code.
         for keysym in (0x20..0x7F).chain(0xFF00..=0xFFFF) {
             if let Some(key) = keysym_to_key(keysym) {
-                assert!(
-                    set2_bytes(key, true).is_some(),
-                    "keysym {keysym:#x} -> key {key:#x}"
-                );
+                assert!(set2_bytes(key, true).is_some(), "keysym {keysym:#x} -> key {key:#x}");
             }
         }
     }

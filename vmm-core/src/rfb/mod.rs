@@ -25,6 +25,10 @@ use pixel::PixelFormat;
 
 /// Most clients served at once.
 pub const MAX_CLIENTS: usize = 32;
+/// Most connections in their handshake at once; more are closed straight away.
+pub const MAX_HANDSHAKES: usize = 64;
+/// How long a client may take for its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most encodings a SetEncodings message may list.
 const MAX_ENCODINGS: usize = 1024;
 /// Most bytes of cut text accepted (and discarded: the guest has no clipboard agent).
@@ -100,10 +104,7 @@ pub fn password_key(path: &std::path::Path) -> io::Result<[u8; 8]> {
     let text = std::fs::read_to_string(path)?;
     let password = text.lines().next().unwrap_or("");
     if password.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "the password is empty",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "the password is empty"));
     }
     Ok(auth::key_from_password(password.as_bytes()))
 }
@@ -125,21 +126,12 @@ mod listen_tests {
 
     #[test]
     fn listen_addresses_parse_and_print() {
-        assert_eq!(
-            "unix:/tmp/a".parse(),
-            Ok(ListenAddress::Unix("/tmp/a".into()))
-        );
-        assert_eq!(
-            "tcp:127.0.0.1:5900".parse(),
-            Ok(ListenAddress::Tcp("127.0.0.1:5900".into()))
-        );
+        assert_eq!("unix:/tmp/a".parse(), Ok(ListenAddress::Unix("/tmp/a".into())));
+        assert_eq!("tcp:127.0.0.1:5900".parse(), Ok(ListenAddress::Tcp("127.0.0.1:5900".into())));
         for bad in ["unix:", "tcp:5900", "udp:1:2", ""] {
             assert!(bad.parse::<ListenAddress>().is_err(), "{bad}");
         }
-        assert_eq!(
-            String::from(ListenAddress::Tcp("[::1]:1".into())),
-            "tcp:[::1]:1"
-        );
+        assert_eq!(String::from(ListenAddress::Tcp("[::1]:1".into())), "tcp:[::1]:1");
     }
 }
 
@@ -204,47 +196,55 @@ pub fn spawn(
     filter: bool,
 ) -> io::Result<()> {
     let config = Arc::new(config);
-    let active = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("rfb-listen".into())
-        .spawn(move || {
-            if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
-                log::error!("RFB server: cannot apply the seccomp filter ({e}); not serving");
-                return;
+    let counts = Arc::new(Counts::default());
+    std::thread::Builder::new().name("rfb-listen".into()).spawn(move || {
+        if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
+            log::error!("RFB server: cannot apply the seccomp filter ({e}); not serving");
+            return;
+        }
+        loop {
+            let stream = match &listener {
+                Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            };
+            let Ok(stream) = stream else {
+                std::thread::sleep(Duration::from_millis(10)); // e.g. out of file descriptors
+                continue;
+            };
+            if counts.handshaking.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                counts.handshaking.fetch_sub(1, Ordering::AcqRel);
+                continue; // dropped: too many connections at once
             }
-            loop {
-                let stream = match &listener {
-                    Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
-                    Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-                };
-                let Ok(stream) = stream else {
-                    std::thread::sleep(Duration::from_millis(10)); // e.g. out of file descriptors
-                    continue;
-                };
-                let (screen, input, config, active) = (
-                    screen.clone(),
-                    input.clone(),
-                    config.clone(),
-                    active.clone(),
-                );
-                let count = active.fetch_add(1, Ordering::AcqRel) + 1;
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("rfb-client".into())
-                        .spawn(move || {
-                            if let Err(e) =
-                                serve(stream, &screen, input, &config, count > MAX_CLIENTS)
-                            {
-                                log::debug!("RFB client ended: {e}");
-                            }
-                            active.fetch_sub(1, Ordering::AcqRel);
-                        });
-                if spawned.is_err() {
-                    log::warn!("RFB server: cannot start a client thread");
+            let (screen, input, config, thread_counts) =
+                (screen.clone(), input.clone(), config.clone(), counts.clone());
+            let spawned = std::thread::Builder::new().name("rfb-client".into()).spawn(move || {
+                if let Err(e) = serve(stream, &screen, input, &config, &thread_counts) {
+                    log::debug!("RFB client ended: {e}");
                 }
+            });
+            if spawned.is_err() {
+                counts.handshaking.fetch_sub(1, Ordering::AcqRel);
+                log::warn!("RFB server: cannot start a client thread");
             }
-        })?;
+        }
+    })?;
     Ok(())
+}
+
+/// Connections in their handshake, and established sessions.
+#[derive(Debug, Default)]
+struct Counts {
+    handshaking: AtomicUsize,
+    sessions: AtomicUsize,
+}
+
+/// Decrements a counter when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn read_u8(s: &mut impl Read) -> io::Result<u8> {
@@ -294,11 +294,7 @@ fn handshake(stream: &mut Stream, config: &ServerConfig, refuse: bool) -> io::Re
     if &v[0..4] != b"RFB " || v[7] != b'.' || v[11] != b'\n' {
         return Err(protocol_error("not an RFB client"));
     }
-    let number = |b: &[u8]| {
-        std::str::from_utf8(b)
-            .ok()
-            .and_then(|t| t.parse::<u32>().ok())
-    };
+    let number = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|t| t.parse::<u32>().ok());
     let (major, minor) = (number(&v[4..7]), number(&v[8..11]));
     let version = match (major, minor) {
         (Some(3), Some(7)) => Version::V7,
@@ -397,10 +393,14 @@ fn serve(
     screen: &Arc<Screen>,
     input: Arc<dyn Input>,
     config: &ServerConfig,
-    refuse: bool,
+    counts: &Counts,
 ) -> io::Result<()> {
-    stream.set_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(30)))?;
+    let handshaking = Slot(&counts.handshaking);
+    let refuse = counts.sessions.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS;
+    let _session = Slot(&counts.sessions);
+    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT))?;
     handshake(&mut stream, config, refuse)?;
+    drop(handshaking);
     let viewer = screen.subscribe();
     // Start from the guest's current mode, not from what the screen showed when nobody watched.
     screen.wait_for_refresh(Duration::from_millis(250));
@@ -439,21 +439,14 @@ fn serve(
     let writer_stream = stream.try_clone()?;
     let writer_shared = shared.clone();
     let writer_screen = screen.clone();
-    let writer = std::thread::Builder::new()
-        .name("rfb-writer".into())
-        .spawn(move || {
-            let mut w = Writer::new(
-                writer_stream,
-                writer_shared.clone(),
-                writer_screen,
-                (width, height),
-            );
-            if let Err(e) = w.run() {
-                log::debug!("RFB writer ended: {e}");
-            }
-            writer_shared.update(|s| s.closed = true);
-            w.stream.shutdown();
-        })?;
+    let writer = std::thread::Builder::new().name("rfb-writer".into()).spawn(move || {
+        let mut w = Writer::new(writer_stream, writer_shared.clone(), writer_screen, (width, height));
+        if let Err(e) = w.run() {
+            log::debug!("RFB writer ended: {e}");
+        }
+        writer_shared.update(|s| s.closed = true);
+        w.stream.shutdown();
+    })?;
     let result = read_messages(&mut stream, &shared, input.as_ref());
     shared.update(|s| s.closed = true);
     stream.shutdown();
@@ -476,8 +469,7 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
                 skip(stream, 3)?;
                 let mut b = [0u8; 16];
                 stream.read_exact(&mut b)?;
-                let pf = PixelFormat::from_bytes(&b)
-                    .ok_or_else(|| protocol_error("unsupported pixel format"))?;
+                let pf = PixelFormat::from_bytes(&b).ok_or_else(|| protocol_error("unsupported pixel format"))?;
                 shared.update(|s| s.pf = pf);
             }
             2 => {
@@ -495,25 +487,19 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
                     if list.contains(&encoding::FENCE) && !had(encoding::FENCE) {
                         s.send_server_fence = true;
                     }
-                    if list.contains(&encoding::CONTINUOUS_UPDATES)
-                        && !had(encoding::CONTINUOUS_UPDATES)
-                    {
+                    if list.contains(&encoding::CONTINUOUS_UPDATES) && !had(encoding::CONTINUOUS_UPDATES) {
                         s.send_end_of_continuous = true;
                     }
-                    if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT)
-                        && !had(encoding::QEMU_EXTENDED_KEY_EVENT)
-                    {
+                    if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT) && !had(encoding::QEMU_EXTENDED_KEY_EVENT) {
                         s.ext_key_ack = true;
                     }
                     s.jpeg_quality = list
                         .iter()
-                        .find(|e| {
-                            (encoding::TIGHT_QUALITY_0..=encoding::TIGHT_QUALITY_9).contains(e)
-                        })
+                        .find(|e| (encoding::TIGHT_QUALITY_0..=encoding::TIGHT_QUALITY_9).contains(e))
                         .map(|e| tight::jpeg_quality((e - encoding::TIGHT_QUALITY_0) as u8));
-                    if let Some(level) = list.iter().find(|e| {
-                        (encoding::COMPRESS_LEVEL_0..=encoding::COMPRESS_LEVEL_9).contains(e)
-                    }) {
+                    if let Some(level) =
+                        list.iter().find(|e| (encoding::COMPRESS_LEVEL_0..=encoding::COMPRESS_LEVEL_9).contains(e))
+                    {
                         s.compress_level = (level - encoding::COMPRESS_LEVEL_0) as u32;
                     }
                     s.encodings = list;
@@ -582,10 +568,7 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
                 let mut payload = vec![0u8; len];
                 stream.read_exact(&mut payload)?;
                 if flags & FENCE_REQUEST != 0 {
-                    shared.update(|s| {
-                        s.fence_replies
-                            .push((flags & FENCE_FLAGS_SUPPORTED, payload))
-                    });
+                    shared.update(|s| s.fence_replies.push((flags & FENCE_FLAGS_SUPPORTED, payload)));
                 }
             }
             251 => {
@@ -603,16 +586,12 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
                 let down = read_u16(stream)? != 0;
                 let keysym = read_u32(stream)?;
                 let keycode = read_u32(stream)?;
-                if let Some(key) =
-                    keymap::qemu_keycode_to_key(keycode).or_else(|| keymap::keysym_to_key(keysym))
-                {
+                if let Some(key) = keymap::qemu_keycode_to_key(keycode).or_else(|| keymap::keysym_to_key(keysym)) {
                     input.key(key, down);
                 }
             }
             other => {
-                return Err(protocol_error(format!(
-                    "unknown client message type {other}"
-                )));
+                return Err(protocol_error(format!("unknown client message type {other}")));
             }
         }
     }
@@ -644,12 +623,7 @@ struct UpdatePlan {
 }
 
 impl Writer {
-    fn new(
-        stream: Stream,
-        shared: Arc<Shared>,
-        screen: Arc<Screen>,
-        client_size: (u32, u32),
-    ) -> Self {
+    fn new(stream: Stream, shared: Arc<Shared>, screen: Arc<Screen>, client_size: (u32, u32)) -> Self {
         Writer {
             stream,
             shared,
@@ -694,14 +668,7 @@ impl Writer {
                     .iter()
                     .copied()
                     .find(|e| {
-                        [
-                            encoding::TIGHT,
-                            encoding::ZRLE,
-                            encoding::HEXTILE,
-                            encoding::ZLIB,
-                            encoding::RAW,
-                        ]
-                        .contains(e)
+                        [encoding::TIGHT, encoding::ZRLE, encoding::HEXTILE, encoding::ZLIB, encoding::RAW].contains(e)
                     })
                     .unwrap_or(encoding::RAW);
                 let resize_encoding = if s.supports(encoding::EXTENDED_DESKTOP_SIZE) {
@@ -741,17 +708,11 @@ impl Writer {
                     && s.fence_replies.is_empty()
                     && !s.send_end_of_continuous
                 {
-                    let _ = self
-                        .shared
-                        .changed
-                        .wait_timeout(s, Duration::from_millis(500));
+                    let _ = self.shared.changed.wait_timeout(s, Duration::from_millis(500));
                 }
                 continue;
             };
-            let full_request = plan
-                .request
-                .filter(|(incremental, _)| !incremental)
-                .map(|(_, r)| r);
+            let full_request = plan.request.filter(|(incremental, _)| !incremental).map(|(_, r)| r);
             let pseudo = plan.ext_key_ack || plan.desktop_size_reply.is_some();
             let damage = {
                 let mut d = if full_request.is_some() || pseudo {
@@ -764,10 +725,7 @@ impl Writer {
             if damage.closed {
                 return Ok(());
             }
-            let mut merged = crate::display::Damage {
-                rects: damage.rects,
-                ..Default::default()
-            };
+            let mut merged = crate::display::Damage { rects: damage.rects, ..Default::default() };
             if let Some(r) = full_request {
                 merged.add(r);
             }
@@ -779,12 +737,7 @@ impl Writer {
         }
     }
 
-    fn send_update(
-        &mut self,
-        plan: &UpdatePlan,
-        rects: Vec<Rect>,
-        resized: bool,
-    ) -> io::Result<()> {
+    fn send_update(&mut self, plan: &UpdatePlan, rects: Vec<Rect>, resized: bool) -> io::Result<()> {
         let frame = self.screen.read();
         let mut out = Vec::with_capacity(64 * 1024);
         out.extend_from_slice(&[0, 0, 0, 0]); // type, padding, rectangle count (patched below)
@@ -812,31 +765,18 @@ impl Writer {
             count += 1;
         }
         if plan.ext_key_ack {
-            header(
-                &mut out,
-                &Rect::new(0, 0, 0, 0),
-                encoding::QEMU_EXTENDED_KEY_EVENT,
-            );
+            header(&mut out, &Rect::new(0, 0, 0, 0), encoding::QEMU_EXTENDED_KEY_EVENT);
             count += 1;
         }
         // Only what the client can see, and only inside what it asked for (or its continuous region).
-        let visible = Rect::new(
-            0,
-            0,
-            self.client_size.0.min(frame.width),
-            self.client_size.1.min(frame.height),
-        );
+        let visible = Rect::new(0, 0, self.client_size.0.min(frame.width), self.client_size.1.min(frame.height));
         let area = match (plan.request.map(|(_, r)| r), plan.continuous) {
             (Some(a), Some(b)) => a.union(&b),
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => visible,
         };
         let mut pieces = Vec::new();
-        for r in rects
-            .iter()
-            .filter_map(|r| r.intersect(&visible))
-            .filter_map(|r| r.intersect(&area))
-        {
+        for r in rects.iter().filter_map(|r| r.intersect(&visible)).filter_map(|r| r.intersect(&area)) {
             if plan.encoding == encoding::TIGHT {
                 pieces.extend(tight::split(r));
             } else {
@@ -851,34 +791,16 @@ impl Writer {
             header(&mut out, r, plan.encoding);
             let (w, h) = (r.w as usize, r.h as usize);
             match plan.encoding {
-                encoding::TIGHT => tight::encode(
-                    &self.pixels,
-                    w,
-                    h,
-                    &plan.pf,
-                    &mut self.tight,
-                    &mut self.scratch,
-                    &mut out,
-                ),
-                encoding::ZRLE => encoding::zrle::encode(
-                    &self.pixels,
-                    w,
-                    h,
-                    &plan.pf,
-                    &mut self.zrle,
-                    &mut self.scratch,
-                    &mut out,
-                ),
-                encoding::HEXTILE => {
-                    encoding::hextile::encode(&self.pixels, w, h, &plan.pf, &mut out)
+                encoding::TIGHT => {
+                    tight::encode(&self.pixels, w, h, &plan.pf, &mut self.tight, &mut self.scratch, &mut out)
                 }
-                encoding::ZLIB => encoding::zlib::encode(
-                    &self.pixels,
-                    &plan.pf,
-                    &mut self.zlib,
-                    &mut self.scratch,
-                    &mut out,
-                ),
+                encoding::ZRLE => {
+                    encoding::zrle::encode(&self.pixels, w, h, &plan.pf, &mut self.zrle, &mut self.scratch, &mut out)
+                }
+                encoding::HEXTILE => encoding::hextile::encode(&self.pixels, w, h, &plan.pf, &mut out),
+                encoding::ZLIB => {
+                    encoding::zlib::encode(&self.pixels, &plan.pf, &mut self.zlib, &mut self.scratch, &mut out)
+                }
                 _ => encoding::raw::encode(&self.pixels, &plan.pf, &mut out),
             }
             count += 1;

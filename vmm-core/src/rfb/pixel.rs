@@ -62,9 +62,7 @@ impl PixelFormat {
             blue_shift: b[12],
         };
         let bits = u32::from(pf.bits_per_pixel);
-        let fits = |max: u16, shift: u8| {
-            u32::from(shift) < bits && (u64::from(max) << shift) < (1u64 << bits)
-        };
+        let fits = |max: u16, shift: u8| u32::from(shift) < bits && (u64::from(max) << shift) < (1u64 << bits);
         (pf.true_colour
             && matches!(pf.bits_per_pixel, 8 | 16 | 32)
             && fits(pf.red_max, pf.red_shift)
@@ -121,16 +119,11 @@ impl PixelFormat {
             return None;
         }
         let top = |max: u16, shift: u8| (u64::from(max) << shift) >> 24;
-        let all_low = [
-            (self.red_max, self.red_shift),
-            (self.green_max, self.green_shift),
-            (self.blue_max, self.blue_shift),
-        ]
-        .iter()
-        .all(|(m, s)| top(*m, *s) == 0);
-        let all_high = [self.red_shift, self.green_shift, self.blue_shift]
-            .iter()
-            .all(|s| *s >= 8);
+        let all_low =
+            [(self.red_max, self.red_shift), (self.green_max, self.green_shift), (self.blue_max, self.blue_shift)]
+                .iter()
+                .all(|(m, s)| top(*m, *s) == 0);
+        let all_high = [self.red_shift, self.green_shift, self.blue_shift].iter().all(|s| *s >= 8);
         if all_low {
             Some(CompactSide::Low)
         } else if all_high {
@@ -144,18 +137,10 @@ impl PixelFormat {
     #[inline]
     pub fn put_compact(&self, rgb: u32, side: Option<CompactSide>, out: &mut Vec<u8>) {
         let v = self.value(rgb);
-        let bytes = if self.big_endian {
-            v.to_be_bytes()
-        } else {
-            v.to_le_bytes()
-        };
+        let bytes = if self.big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
         match (side, self.big_endian) {
-            (Some(CompactSide::Low), false) | (Some(CompactSide::High), true) => {
-                out.extend_from_slice(&bytes[0..3])
-            }
-            (Some(CompactSide::Low), true) | (Some(CompactSide::High), false) => {
-                out.extend_from_slice(&bytes[1..4])
-            }
+            (Some(CompactSide::Low), false) | (Some(CompactSide::High), true) => out.extend_from_slice(&bytes[0..3]),
+            (Some(CompactSide::Low), true) | (Some(CompactSide::High), false) => out.extend_from_slice(&bytes[1..4]),
             (None, _) => self.put(rgb, out),
         }
     }

@@ -35,9 +35,7 @@ pub struct ZStream {
 
 impl ZStream {
     pub fn new(level: u32) -> Self {
-        ZStream {
-            compress: Compress::new(Compression::new(level.min(9)), true),
-        }
+        ZStream { compress: Compress::new(Compression::new(level.min(9)), true) }
     }
 
     /// Compresses `input` and appends the compressed bytes to `out`.
@@ -47,11 +45,7 @@ impl ZStream {
             out.reserve(input.len() - consumed + 64 + input.len() / 1000);
             let before_in = self.compress.total_in();
             // Only fails on a corrupted stream state, which our use cannot produce; stop if it does.
-            if self
-                .compress
-                .compress_vec(&input[consumed..], out, FlushCompress::Sync)
-                .is_err()
-            {
+            if self.compress.compress_vec(&input[consumed..], out, FlushCompress::Sync).is_err() {
                 return;
             }
             consumed += (self.compress.total_in() - before_in) as usize;
@@ -75,8 +69,7 @@ pub(crate) mod tests {
         loop {
             out.reserve(64 * 1024);
             let before = d.total_in();
-            d.decompress_vec(&data[at..], &mut out, FlushDecompress::Sync)
-                .unwrap();
+            d.decompress_vec(&data[at..], &mut out, FlushDecompress::Sync).unwrap();
             at += (d.total_in() - before) as usize;
             if at == data.len() && out.len() < out.capacity() {
                 return out;

@@ -21,10 +21,7 @@ pub struct TightState {
 
 impl TightState {
     pub fn new(compress_level: u32) -> Self {
-        TightState {
-            stream: ZStream::new(compress_level),
-            jpeg_quality: None,
-        }
+        TightState { stream: ZStream::new(compress_level), jpeg_quality: None }
     }
 }
 
@@ -48,11 +45,7 @@ pub fn split(r: Rect) -> Vec<Rect> {
 
 /// Whether TPIXEL is three bytes (red, green, blue) for this format.
 fn tpixel_rgb(pf: &PixelFormat) -> bool {
-    pf.bits_per_pixel == 32
-        && pf.depth == 24
-        && pf.red_max == 255
-        && pf.green_max == 255
-        && pf.blue_max == 255
+    pf.bits_per_pixel == 32 && pf.depth == 24 && pf.red_max == 255 && pf.green_max == 255 && pf.blue_max == 255
 }
 
 fn put_tpixels(pixels: &[u32], pf: &PixelFormat, out: &mut Vec<u8>) {
@@ -75,11 +68,7 @@ pub fn put_compact_len(len: usize, out: &mut Vec<u8>) {
     } else if len <= 0x3FFF {
         out.extend_from_slice(&[(len & 0x7F) as u8 | 0x80, (len >> 7) as u8]);
     } else {
-        out.extend_from_slice(&[
-            (len & 0x7F) as u8 | 0x80,
-            ((len >> 7) & 0x7F) as u8 | 0x80,
-            (len >> 14) as u8,
-        ]);
+        out.extend_from_slice(&[(len & 0x7F) as u8 | 0x80, ((len >> 7) & 0x7F) as u8 | 0x80, (len >> 14) as u8]);
     }
 }
 
@@ -110,15 +99,7 @@ pub fn encode(
         }
         let mut jpeg = Vec::new();
         let encoder = jpeg_encoder::Encoder::new(&mut jpeg, quality);
-        if encoder
-            .encode(
-                scratch,
-                width as u16,
-                height as u16,
-                jpeg_encoder::ColorType::Rgb,
-            )
-            .is_ok()
-        {
+        if encoder.encode(scratch, width as u16, height as u16, jpeg_encoder::ColorType::Rgb).is_ok() {
             out.push(JPEG);
             put_compact_len(jpeg.len(), out);
             out.extend_from_slice(&jpeg);
@@ -168,22 +149,10 @@ mod tests {
     fn fill_and_split() {
         let mut st = TightState::new(6);
         let mut out = Vec::new();
-        encode(
-            &[0x102030; 64],
-            8,
-            8,
-            &PixelFormat::SERVER,
-            &mut st,
-            &mut Vec::new(),
-            &mut out,
-        );
+        encode(&[0x102030; 64], 8, 8, &PixelFormat::SERVER, &mut st, &mut Vec::new(), &mut out);
         assert_eq!(out, [FILL, 0x10, 0x20, 0x30]);
         let pieces = split(Rect::new(0, 0, 3000, 100));
-        assert!(
-            pieces
-                .iter()
-                .all(|p| p.w <= MAX_WIDTH && p.w * p.h <= MAX_AREA)
-        );
+        assert!(pieces.iter().all(|p| p.w <= MAX_WIDTH && p.w * p.h <= MAX_AREA));
         assert_eq!(pieces.iter().map(|p| p.w * p.h).sum::<u32>(), 300_000);
     }
 }

@@ -3,13 +3,7 @@
 use super::ZStream;
 use crate::rfb::pixel::PixelFormat;
 
-pub fn encode(
-    pixels: &[u32],
-    pf: &PixelFormat,
-    stream: &mut ZStream,
-    scratch: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-) {
+pub fn encode(pixels: &[u32], pf: &PixelFormat, stream: &mut ZStream, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
     scratch.clear();
     pf.put_all(pixels, scratch);
     let at = out.len();

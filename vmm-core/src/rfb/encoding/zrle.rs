@@ -99,10 +99,7 @@ mod tests {
         out.clear();
         // Two colours, 3 pixels per row, 1 bit each: rows 0b010 and 0b101, padded to a byte.
         encode_tile(&[0, 0xFFFFFF, 0, 0xFFFFFF, 0, 0xFFFFFF], 3, &pf, &mut out);
-        assert_eq!(
-            out,
-            [2, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0b0100_0000, 0b1010_0000]
-        );
+        assert_eq!(out, [2, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0b0100_0000, 0b1010_0000]);
         out.clear();
         let many: Vec<u32> = (0..17).collect();
         encode_tile(&many, 17, &pf, &mut out);
