@@ -13,6 +13,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+mod console;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -40,6 +42,17 @@ enum Bench {
     Pause {
         #[arg(long, default_value_t = 50)]
         rounds: usize,
+    },
+    /// The console pipeline at 1920x1080 fed from the host side (dirty tracking -> encoder -> RFB -> client).
+    Console {
+        /// Seconds per content and encoding.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// Key press -> echoed glyph on the console (kbd-echo guest), Porthole vs QEMU's VNC server.
+    Keys {
+        #[arg(long, default_value_t = 40)]
+        presses: usize,
     },
     /// Every benchmark with its defaults.
     All,
@@ -274,11 +287,15 @@ fn main() -> anyhow::Result<()> {
         Bench::Memory => bench_memory(),
         Bench::Concurrent { vms } => bench_concurrent(vms),
         Bench::Pause { rounds } => bench_pause(rounds),
+        Bench::Console { seconds } => console::run(seconds),
+        Bench::Keys { presses } => console::keys(presses),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
             bench_concurrent(20)?;
-            bench_pause(50)
+            bench_pause(50)?;
+            console::run(2.0)?;
+            console::keys(40)
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use flate2::{Decompress, FlushDecompress};
 
 pub const RAW: i32 = 0;
+pub const COPY_RECT: i32 = 1;
 pub const HEXTILE: i32 = 5;
 pub const ZLIB: i32 = 6;
 pub const TIGHT: i32 = 7;
@@ -22,6 +23,7 @@ pub type UpdateRect = (i32, u32, u32, u32, u32);
 /// A connected client and its copy of the screen (0x00RRGGBB).
 pub struct RfbClient {
     pub stream: UnixStream,
+    reader: io::BufReader<UnixStream>,
     pub width: u32,
     pub height: u32,
     pub pixels: Vec<u32>,
@@ -138,6 +140,7 @@ impl RfbClient {
         let mut name = vec![0u8; len];
         s.read_exact(&mut name)?;
         Ok(RfbClient {
+            reader: io::BufReader::with_capacity(1 << 20, s.try_clone()?),
             stream: s,
             width,
             height,
@@ -193,15 +196,15 @@ impl RfbClient {
     pub fn read_update(&mut self) -> io::Result<Vec<UpdateRect>> {
         loop {
             let mut kind = [0u8; 1];
-            self.stream.read_exact(&mut kind)?;
+            self.reader.read_exact(&mut kind)?;
             match kind[0] {
                 0 => break,
                 150 => continue, // EndOfContinuousUpdates
                 248 => {
                     let mut head = [0u8; 8];
-                    self.stream.read_exact(&mut head)?;
+                    self.reader.read_exact(&mut head)?;
                     let mut payload = vec![0u8; usize::from(head[7])];
-                    self.stream.read_exact(&mut payload)?;
+                    self.reader.read_exact(&mut payload)?;
                 }
                 other => {
                     return Err(io::Error::other(format!("unexpected server message {other}")));
@@ -209,21 +212,21 @@ impl RfbClient {
             }
         }
         let mut pad = [0u8; 1];
-        self.stream.read_exact(&mut pad)?;
-        let n = read_u16(&mut self.stream)?;
+        self.reader.read_exact(&mut pad)?;
+        let n = read_u16(&mut self.reader)?;
         let mut rects = Vec::new();
         for _ in 0..n {
             let (x, y, w, h) = (
-                u32::from(read_u16(&mut self.stream)?),
-                u32::from(read_u16(&mut self.stream)?),
-                u32::from(read_u16(&mut self.stream)?),
-                u32::from(read_u16(&mut self.stream)?),
+                u32::from(read_u16(&mut self.reader)?),
+                u32::from(read_u16(&mut self.reader)?),
+                u32::from(read_u16(&mut self.reader)?),
+                u32::from(read_u16(&mut self.reader)?),
             );
-            let encoding = read_u32(&mut self.stream)? as i32;
+            let encoding = read_u32(&mut self.reader)? as i32;
             match encoding {
                 RAW => {
                     let mut data = vec![0u8; (w * h * 4) as usize];
-                    self.stream.read_exact(&mut data)?;
+                    self.reader.read_exact(&mut data)?;
                     self.bytes_received += data.len() as u64;
                     for row in 0..h {
                         for col in 0..w {
@@ -233,11 +236,21 @@ impl RfbClient {
                         }
                     }
                 }
+                COPY_RECT => {
+                    let (sx, sy) = (u32::from(read_u16(&mut self.reader)?), u32::from(read_u16(&mut self.reader)?));
+                    self.bytes_received += 4;
+                    let mut moved = Vec::with_capacity((w * h) as usize);
+                    for row in 0..h {
+                        let at = ((sy + row) * self.width + sx) as usize;
+                        moved.extend_from_slice(&self.pixels[at..at + w as usize]);
+                    }
+                    self.put_pixels(x, y, w, &moved);
+                }
                 HEXTILE => self.hextile(x, y, w, h)?,
                 ZLIB => {
-                    let len = read_u32(&mut self.stream)? as usize;
+                    let len = read_u32(&mut self.reader)? as usize;
                     let mut data = vec![0u8; len];
-                    self.stream.read_exact(&mut data)?;
+                    self.reader.read_exact(&mut data)?;
                     self.bytes_received += len as u64 + 4;
                     let raw = inflate(&mut self.zlib, &data, (w * h * 4) as usize)?;
                     self.put_pixels(
@@ -271,7 +284,7 @@ impl RfbClient {
 
     fn pixel32(&mut self) -> io::Result<u32> {
         let mut b = [0u8; 4];
-        self.stream.read_exact(&mut b)?;
+        self.reader.read_exact(&mut b)?;
         self.bytes_received += 4;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], 0]))
     }
@@ -282,7 +295,7 @@ impl RfbClient {
             for tx in (x..x + w).step_by(16) {
                 let (tw, th) = ((x + w - tx).min(16), (y + h - ty).min(16));
                 let mut sub = [0u8; 1];
-                self.stream.read_exact(&mut sub)?;
+                self.reader.read_exact(&mut sub)?;
                 self.bytes_received += 1;
                 let sub = sub[0];
                 if sub & 1 != 0 {
@@ -302,11 +315,11 @@ impl RfbClient {
                 }
                 if sub & 8 != 0 {
                     let mut n = [0u8; 1];
-                    self.stream.read_exact(&mut n)?;
+                    self.reader.read_exact(&mut n)?;
                     for _ in 0..n[0] {
                         let colour = if sub & 16 != 0 { self.pixel32()? } else { fg };
                         let mut xy = [0u8; 2];
-                        self.stream.read_exact(&mut xy)?;
+                        self.reader.read_exact(&mut xy)?;
                         let (sx, sy, sw, sh) = (
                             u32::from(xy[0] >> 4),
                             u32::from(xy[0] & 15),
@@ -326,9 +339,9 @@ impl RfbClient {
     }
 
     fn zrle(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
-        let len = read_u32(&mut self.stream)? as usize;
+        let len = read_u32(&mut self.reader)? as usize;
         let mut data = vec![0u8; len];
-        self.stream.read_exact(&mut data)?;
+        self.reader.read_exact(&mut data)?;
         self.bytes_received += len as u64 + 4;
         // The inflated size is not known up front: inflate what this chunk holds.
         let mut out = Vec::new();
@@ -435,7 +448,7 @@ impl RfbClient {
 
     fn tight(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
         let mut c = [0u8; 1];
-        self.stream.read_exact(&mut c)?;
+        self.reader.read_exact(&mut c)?;
         let control = c[0];
         for i in 0..4 {
             if control & (1 << i) != 0 {
@@ -446,14 +459,14 @@ impl RfbClient {
         match control >> 4 {
             8 => {
                 let mut b = [0u8; 3];
-                self.stream.read_exact(&mut b)?;
+                self.reader.read_exact(&mut b)?;
                 self.bytes_received += 4;
                 self.put_pixels(x, y, w, &vec![rgb(&b); (w * h) as usize]);
             }
             9 => {
-                let len = compact_len(&mut self.stream)?;
+                let len = compact_len(&mut self.reader)?;
                 let mut data = vec![0u8; len];
-                self.stream.read_exact(&mut data)?;
+                self.reader.read_exact(&mut data)?;
                 self.bytes_received += len as u64 + 4;
                 let mut decoder = jpeg_decoder::Decoder::new(&data[..]);
                 let decoded = decoder.decode().map_err(io::Error::other)?;
@@ -462,7 +475,7 @@ impl RfbClient {
             basic if basic < 8 => {
                 if control & 0x40 != 0 {
                     let mut filter = [0u8; 1];
-                    self.stream.read_exact(&mut filter)?;
+                    self.reader.read_exact(&mut filter)?;
                     if filter[0] != 0 {
                         return Err(io::Error::other(format!(
                             "Tight filter {} not supported by the test client",
@@ -473,12 +486,12 @@ impl RfbClient {
                 let size = (w * h * 3) as usize;
                 let raw = if size < 12 {
                     let mut data = vec![0u8; size];
-                    self.stream.read_exact(&mut data)?;
+                    self.reader.read_exact(&mut data)?;
                     data
                 } else {
-                    let len = compact_len(&mut self.stream)?;
+                    let len = compact_len(&mut self.reader)?;
                     let mut data = vec![0u8; len];
-                    self.stream.read_exact(&mut data)?;
+                    self.reader.read_exact(&mut data)?;
                     self.bytes_received += len as u64;
                     inflate(&mut self.tight[usize::from(basic & 3)], &data, size)?
                 };

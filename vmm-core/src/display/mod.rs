@@ -103,6 +103,9 @@ impl Frame {
 /// What a viewer has not seen yet.
 #[derive(Debug, Default)]
 pub struct Damage {
+    /// The whole frame scrolled by this many rows (positive: content moved up) before `rects` changed;
+    /// sent as a CopyRect. Only recorded for a viewer with nothing else pending.
+    pub scroll: Option<i32>,
     pub rects: Vec<Rect>,
     /// The frame changed size since the viewer last looked.
     pub resized: bool,
@@ -133,7 +136,7 @@ impl Damage {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rects.is_empty() && !self.resized && !self.closed
+        self.rects.is_empty() && self.scroll.is_none() && !self.resized && !self.closed
     }
 
     pub fn take(&mut self) -> Damage {
@@ -237,6 +240,19 @@ impl Screen {
         if !rects.is_empty() {
             self.broadcast(|d| rects.iter().for_each(|r| d.add(*r)));
         }
+    }
+
+    /// Tells every viewer the whole frame moved by `dy` rows: as a copy for a viewer with nothing pending,
+    /// as whole-frame damage otherwise.
+    pub fn scroll(&self, dy: i32) {
+        let bounds = self.read().bounds();
+        self.broadcast(|d| {
+            if d.is_empty() {
+                d.scroll = Some(dy);
+            } else {
+                d.add(bounds);
+            }
+        });
     }
 
     /// Replaces the frame with one of another size (all black) and tells every viewer.

@@ -1,0 +1,340 @@
+//! Console benchmarks.
+//!
+//! `console`: a VM (the `idle` guest) whose video memory is written from the host at full speed through
+//! the refresher's host-write path (so the dirty-page tracking, tile comparison, encoders and RFB server are
+//! exactly the production ones), watched by a client over the Unix socket that decodes every update.
+//! Lock-step: write a frame, request, receive and decode it, repeat. The refresher runs at 60 Hz, so 60
+//! frames/s is the ceiling; CPU per frame shows the headroom.
+//!
+//! `keys`: the `kbd-echo` guest echoes each key on its text screen; the time from sending a key to the
+//! update that shows it, on porthole-vmm and on QEMU's VNC server with the same guest.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use porthole_tests::rfb::{RfbClient, TIGHT};
+use vmm_core::{SerialSink, Vm, VmConfig};
+
+const WIDTH: u32 = 1920;
+const HEIGHT: u32 = 1080;
+
+/// CPU time (user + system) of this process's threads whose names start with one of `prefixes`.
+fn threads_cpu(prefixes: &[&str]) -> Duration {
+    let mut ticks = 0u64;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !prefixes.iter().any(|p| comm.trim().starts_with(p)) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the parenthesised name: state is 3rd; utime 14th, stime 15th.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// CPU time of the calling thread.
+fn this_thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// What the frame source draws.
+#[derive(Debug, Clone, Copy)]
+enum Content {
+    /// A static desktop with a 400x300 window moving 8 pixels per frame.
+    Desktop,
+    /// A full screen of text lines scrolling up by one 16-pixel line per frame.
+    ScrollingText,
+    /// A 1280x720 area of blocky, changing noise (like decoded video).
+    Video,
+}
+
+struct Source {
+    frame: Vec<u32>,
+    n: u32,
+}
+
+fn hash(mut v: u32) -> u32 {
+    v ^= v >> 16;
+    v = v.wrapping_mul(0x7FEB_352D);
+    v ^= v >> 15;
+    v = v.wrapping_mul(0x846C_A68B);
+    v ^ (v >> 16)
+}
+
+impl Source {
+    fn new() -> Self {
+        let mut frame = vec![0u32; (WIDTH * HEIGHT) as usize];
+        for (i, p) in frame.iter_mut().enumerate() {
+            let (x, y) = (i as u32 % WIDTH, i as u32 / WIDTH);
+            *p = ((x * 255 / WIDTH) << 16) | ((y * 255 / HEIGHT) << 8) | 0x60; // a desktop gradient
+        }
+        Source { frame, n: 0 }
+    }
+
+    /// Draws the next frame; returns the rows that changed.
+    fn next(&mut self, content: Content) -> std::ops::Range<u32> {
+        self.n += 1;
+        let n = self.n;
+        match content {
+            Content::Desktop => {
+                let (w, h) = (400u32, 300u32);
+                let x0 = (n * 8) % (WIDTH - w);
+                let y0 = 200;
+                for y in y0..y0 + h {
+                    let row = &mut self.frame[(y * WIDTH) as usize..((y + 1) * WIDTH) as usize];
+                    for (x, p) in row.iter_mut().enumerate() {
+                        let x = x as u32;
+                        let inside = x >= x0 && x < x0 + w;
+                        *p = if inside {
+                            if y < y0 + 24 {
+                                0x3050A0
+                            } else if (x + y).is_multiple_of(7) {
+                                0x202020
+                            } else {
+                                0xF0F0F0
+                            }
+                        } else {
+                            ((x * 255 / WIDTH) << 16) | ((y * 255 / HEIGHT) << 8) | 0x60
+                        };
+                    }
+                }
+                y0..y0 + h
+            }
+            Content::ScrollingText => {
+                for y in 0..HEIGHT {
+                    let line = y / 16 + n;
+                    let row = &mut self.frame[(y * WIDTH) as usize..((y + 1) * WIDTH) as usize];
+                    for (x, p) in row.iter_mut().enumerate() {
+                        let x = x as u32;
+                        let ch = hash(line * 251 + x / 8);
+                        let ink =
+                            !ch.is_multiple_of(5) && (hash(ch ^ ((y % 16) << 3) ^ (x % 8)) & 3) == 0 && y % 16 < 13;
+                        *p = if ink { 0x101010 } else { 0xFFFFFF };
+                    }
+                }
+                0..HEIGHT
+            }
+            Content::Video => {
+                let (x0, y0) = (320u32, 180u32);
+                for y in y0..y0 + 720 {
+                    let row = &mut self.frame[(y * WIDTH) as usize..((y + 1) * WIDTH) as usize];
+                    for x in x0..x0 + 1280 {
+                        let v = hash((x / 4) ^ (y / 4) << 12 ^ n << 24);
+                        let base = ((x + n * 3) & 0xFF) << 16 | ((y + n) & 0xFF) << 8 | 0x40;
+                        row[x as usize] = base ^ (v & 0x0F0F0F);
+                    }
+                }
+                y0..y0 + 720
+            }
+        }
+    }
+
+    fn rows_bytes(&self, rows: std::ops::Range<u32>) -> Vec<u8> {
+        self.frame[(rows.start * WIDTH) as usize..(rows.end * WIDTH) as usize]
+            .iter()
+            .flat_map(|p| p.to_le_bytes())
+            .collect()
+    }
+}
+
+pub fn run(seconds: f64) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("porthole-bench-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("vnc.sock");
+    let mut config = VmConfig::new(porthole_guests::path("idle"));
+    config.memory_mib = 64;
+    config.serial = SerialSink::None;
+    config.vnc.push(format!("unix:{}", socket.display()).parse().map_err(anyhow::Error::msg)?);
+    let mut vm = Vm::new(config)?;
+    let (screen, refresher, handle) = (vm.screen(), vm.refresher(), vm.handle());
+    let listener = vmm_core::rfb::ListenAddress::Unix(socket.clone()).bind()?;
+    let server = vmm_core::rfb::ServerConfig { password: None, name: "bench".into() };
+    vmm_core::rfb::spawn(listener, screen, handle.clone(), server, true)?;
+    std::thread::Builder::new().name("vm".into()).spawn(move || vm.run())?;
+    let start = Instant::now();
+    while !refresher.host_set_mode(WIDTH as u16, HEIGHT as u16) {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the VM did not boot");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "console: {WIDTH}x{HEIGHT}, host-side frame source -> dirty tracking -> encoder -> RFB (Unix socket) -> decoding client"
+    );
+    println!(
+        "  {:<15} {:<10} {:>8} {:>12} {:>14} {:>14}",
+        "content", "encoding", "frames/s", "KiB/frame", "server ms/frm", "client ms/frm"
+    );
+    let encodings: [(&str, Vec<i32>); 6] = [
+        ("raw", vec![0]),
+        ("zlib", vec![6]),
+        ("hextile", vec![5]),
+        ("zrle", vec![16]),
+        ("tight", vec![TIGHT]),
+        ("tight+jpeg6", vec![TIGHT, -26]),
+    ];
+    let mut source = Source::new();
+    for content in [Content::Desktop, Content::ScrollingText, Content::Video] {
+        for (name, encoding) in &encodings {
+            let mut client = RfbClient::connect(&socket, None).map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
+            let mut list = encoding.clone();
+            list.extend_from_slice(&[1, -223]); // CopyRect, DesktopSize
+            client.set_encodings(&list)?;
+            // Start from the current picture.
+            let all = source.rows_bytes(0..HEIGHT);
+            refresher.host_write(0, &all);
+            client.full_frame()?;
+            let (server0, client0, bytes0) =
+                (threads_cpu(&["display", "rfb-"]), this_thread_cpu(), client.bytes_received);
+            let t0 = Instant::now();
+            let mut frames = 0u32;
+            while t0.elapsed().as_secs_f64() < seconds {
+                let rows = source.next(content);
+                let offset = u64::from(rows.start) * u64::from(WIDTH) * 4;
+                if !refresher.host_write(offset, &source.rows_bytes(rows)) {
+                    bail!("the VM went away");
+                }
+                client.request(true)?;
+                while client.read_update()?.is_empty() {
+                    client.request(true)?;
+                }
+                frames += 1;
+            }
+            let elapsed = t0.elapsed().as_secs_f64();
+            let server = threads_cpu(&["display", "rfb-"]) - server0;
+            let client_cpu = this_thread_cpu() - client0;
+            // The last frame must have arrived intact (lossless encodings).
+            if !name.contains("jpeg") {
+                std::thread::sleep(Duration::from_millis(50));
+                client.full_frame()?;
+                let wrong = client.pixels.iter().zip(&source.frame).filter(|(a, b)| a != b).count();
+                if wrong != 0 {
+                    bail!("{name}: {wrong} pixels differ from the source");
+                }
+            }
+            println!(
+                "  {:<15} {:<10} {:>8.1} {:>12.1} {:>14.2} {:>14.2}",
+                format!("{content:?}"),
+                name,
+                f64::from(frames) / elapsed,
+                (client.bytes_received - bytes0) as f64 / f64::from(frames) / 1024.0,
+                server.as_secs_f64() * 1000.0 / f64::from(frames),
+                client_cpu.as_secs_f64() * 1000.0 / f64::from(frames),
+            );
+        }
+    }
+    handle.power_off();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Sends `presses` keys to a kbd-echo console and returns the delay until the echo arrived, each.
+fn key_latencies(socket: &Path, presses: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut client = RfbClient::connect(socket, None).map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
+    client.set_encodings(&[0, -223])?;
+    client.full_frame()?;
+    let mut delays = Vec::new();
+    for i in 0..presses {
+        let keysym = u32::from(b'a' + (i % 26) as u8);
+        let before = client.pixels.clone();
+        let t0 = Instant::now();
+        client.key(keysym, true)?;
+        client.key(keysym, false)?;
+        // Wait for the update that shows the echo.
+        loop {
+            client.request(true)?;
+            client.read_update()?;
+            if client.pixels != before {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("no echo within 10 s");
+            }
+        }
+        delays.push(t0.elapsed());
+        // Let the release's echo land too, then resynchronise with a full (always answered) update.
+        std::thread::sleep(Duration::from_millis(50));
+        client.full_frame()?;
+    }
+    Ok(delays)
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(60) {
+            bail!("{} never listened", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+pub fn keys(presses: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("porthole-bench-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let guest = porthole_guests::path("kbd-echo");
+    println!("keys: key press -> echoed glyph in the client (kbd-echo guest, {presses} presses, Raw)");
+    let mut results = Vec::new();
+    for engine in ["porthole-vmm", "qemu-system-x86_64 -M pc -vga std"] {
+        let socket = dir.join(format!("{}.sock", results.len()));
+        let serial = dir.join(format!("{}.log", results.len()));
+        let mut cmd = if engine.starts_with("porthole") {
+            let mut c = Command::new(std::env::current_exe()?.with_file_name("porthole-vmm"));
+            c.arg("--kernel").arg(&guest).args(["--memory", "64", "--vnc"]).arg(format!("unix:{}", socket.display()));
+            c.arg("--serial").arg(format!("file:{}", serial.display()));
+            c
+        } else {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64", "-vga", "std"])
+                .args(["-display", "none", "-nodefaults", "-no-reboot", "-vnc"])
+                .arg(format!("unix:{}", socket.display()))
+                .arg("-serial")
+                .arg(format!("file:{}", serial.display()))
+                .arg("-kernel")
+                .arg(&guest);
+            c
+        };
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context(engine)?;
+        wait_for_socket(&socket, &mut child)?;
+        let start = Instant::now();
+        while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-KBD-READY") {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("{engine}: kbd-echo never got ready");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut delays = key_latencies(&socket, presses);
+        let _ = child.kill();
+        let _ = child.wait();
+        let delays = delays.as_mut().map_err(|e| anyhow::anyhow!("{engine}: {e}"))?;
+        delays.sort();
+        let (p50, p99) = (percentile(delays, 50), percentile(delays, 99));
+        println!("  {engine:<34} p50 {:8.2} ms   p99 {:8.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+        results.push(p50);
+    }
+    println!(
+        "  ratio porthole/qemu (p50): {:.3} (goal p99 <= 10 ms; guest code is emulated here)",
+        results[0].as_secs_f64() / results[1].as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
