@@ -164,6 +164,45 @@ fn vncsnapshot_decodes_every_encoding() {
     }
 }
 
+#[test]
+fn gvncviewer_shows_the_pattern() {
+    let vm = ConsoleVm::start("fb-pattern", &["--vnc", "tcp:127.0.0.1:0"], "PORTHOLE-FB-PATTERN-READY");
+    // gvncviewer addresses servers by display number: port - 5900 (the kernel's ports are above 32768).
+    let port = tcp_port_of(vm.child.id());
+    let x = porthole_tests::Xvfb::start(1600, 1000);
+    let mut viewer = Command::new("gvncviewer")
+        .arg(format!("127.0.0.1:{}", port - 5900))
+        .env("DISPLAY", &x.display)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gvncviewer (apt-get install gvncviewer)");
+    // Count the pure yellow pixels of the second colour bar (160x400 = 64000 in the guest) on the X screen.
+    let yellow = || {
+        let shot = vm.dir.path("screen.ppm");
+        run(Command::new("import").args(["-window", "root"]).arg(&shot).env("DISPLAY", &x.display), LIMIT);
+        let (_, _, pixels) = read_ppm(&shot);
+        pixels.iter().filter(|p| **p == 0xFFFF00).count()
+    };
+    wait_until(LIMIT, || yellow() >= 60_000, || format!("gvncviewer shows {} yellow pixels", yellow()));
+    let _ = viewer.kill();
+    let _ = viewer.wait();
+}
+
+#[test]
+fn vncdotool_types_keys_that_the_guest_receives() {
+    let vncdotool = porthole_tests::repo_root().join("target/venv/bin/vncdotool");
+    assert!(vncdotool.exists(), "{} missing: ./x test installs it", vncdotool.display());
+    let vm = ConsoleVm::start("kbd-echo", &["--vnc", "tcp:127.0.0.1:0"], "PORTHOLE-KBD-READY");
+    let port = tcp_port_of(vm.child.id());
+    let out = run(Command::new(&vncdotool).args(["-s", &format!("127.0.0.1::{port}"), "type", "abc"]), LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    vm.wait_for("PORTHOLE-KEY ae");
+    let keys: Vec<String> =
+        vm.output().lines().filter_map(|l| l.strip_prefix("PORTHOLE-KEY ").map(str::to_owned)).collect();
+    assert_eq!(keys, ["1e", "9e", "30", "b0", "2e", "ae"]);
+}
+
 fn tcp_port_of(pid: u32) -> u16 {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
