@@ -16,6 +16,7 @@ pub const TIGHT: i32 = 7;
 pub const ZRLE: i32 = 16;
 pub const DESKTOP_SIZE: i32 = -223;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
+pub const CURSOR: i32 = -239;
 
 /// One rectangle of an update: (encoding, x, y, width, height).
 pub type UpdateRect = (i32, u32, u32, u32, u32);
@@ -32,6 +33,8 @@ pub struct RfbClient {
     pub acknowledged: Vec<i32>,
     /// Bytes received in framebuffer updates.
     pub bytes_received: u64,
+    /// The last cursor shape received: (width, height, pixels then mask).
+    pub cursor: Option<(u32, u32, Vec<u8>)>,
     zlib: Decompress,
     zrle: Decompress,
     tight: [Decompress; 4],
@@ -148,6 +151,7 @@ impl RfbClient {
             name: String::from_utf8_lossy(&name).into_owned(),
             acknowledged: Vec::new(),
             bytes_received: 0,
+            cursor: None,
             zlib: Decompress::new(true),
             zrle: Decompress::new(true),
             tight: [Decompress::new(true), Decompress::new(true), Decompress::new(true), Decompress::new(true)],
@@ -268,6 +272,11 @@ impl RfbClient {
                     self.pixels = vec![0; (w * h) as usize];
                 }
                 QEMU_EXTENDED_KEY_EVENT => self.acknowledged.push(encoding),
+                CURSOR => {
+                    let mut shape = vec![0u8; (w * h * 4 + w.div_ceil(8) * h) as usize];
+                    self.reader.read_exact(&mut shape)?;
+                    self.cursor = Some((w, h, shape));
+                }
                 other => return Err(io::Error::other(format!("unexpected encoding {other}"))),
             }
             rects.push((encoding, x, y, w, h));

@@ -291,6 +291,15 @@ fn keys_and_mouse_reach_the_guest() {
     c.request(false).unwrap();
     c.read_update().unwrap();
     assert!(c.acknowledged.contains(&-258));
+    // A client that takes the Cursor pseudo-encoding gets the pointer shape: an 11x19 arrow, tip opaque.
+    c.set_encodings(&[0, -258, -239]).unwrap();
+    c.request(false).unwrap();
+    c.read_update().unwrap();
+    let (w, h, shape) = c.cursor.clone().expect("a cursor shape");
+    assert_eq!((w, h), (11, 19));
+    let mask = &shape[(w * h * 4) as usize..];
+    assert_eq!(mask[0] & 0x80, 0x80, "the tip is opaque");
+    assert_eq!(mask[0] & 0x40, 0, "right of the tip is transparent");
     // Pointer: move 10 right and 5 down, then press the left button.
     c.pointer(100, 100, 0).unwrap();
     c.pointer(110, 105, 0).unwrap();
@@ -344,6 +353,14 @@ fn hostile_clients_do_not_hurt_the_vm_or_other_clients() {
     send(&after(&[0, 0, 0, 0, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])); // colour-map pixel format
     send(&after(&[3, 0, 0xFF, 0xF0, 0xFF, 0xF0, 0xFF, 0xFF, 0xFF, 0xFF])); // an absurd update request
     send(&after(&[4, 1])); // a truncated key event
+    // A slow client: asks for full screens and never reads them. Its writer blocks on its own socket only.
+    let mut slow = UnixStream::connect(&vm.vnc).unwrap();
+    let mut version = [0u8; 12];
+    slow.read_exact(&mut version).unwrap();
+    slow.write_all(handshake).unwrap();
+    for _ in 0..200 {
+        slow.write_all(&[3, 0, 0, 0, 0, 0, 0x02, 0x80, 0x01, 0x90]).unwrap();
+    }
     for _ in 0..1000 {
         drop(UnixStream::connect(&vm.vnc).unwrap()); // connect and vanish
     }
@@ -356,6 +373,7 @@ fn hostile_clients_do_not_hurt_the_vm_or_other_clients() {
     good.full_frame().unwrap();
     let rss = vm.rss_kib();
     assert!(rss < 200 * 1024, "porthole-vmm grew to {rss} KiB");
+    drop(slow);
     // And new clients are still welcome (once the storm's connections are gone).
     let mut fresh = None;
     wait_until(

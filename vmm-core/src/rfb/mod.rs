@@ -39,6 +39,53 @@ const FENCE_REQUEST: u32 = 1 << 31;
 const DEFAULT_COMPRESS_LEVEL: u32 = 1;
 const FENCE_FLAGS_SUPPORTED: u32 = 0b111; // BlockBefore, BlockAfter, SyncNext
 
+/// The pointer shape sent to clients that take the Cursor pseudo-encoding (an arrow, hotspot at its tip):
+/// `#` black, `o` white, space transparent.
+const ARROW: [&str; 19] = [
+    "#          ",
+    "##         ",
+    "#o#        ",
+    "#oo#       ",
+    "#ooo#      ",
+    "#oooo#     ",
+    "#ooooo#    ",
+    "#oooooo#   ",
+    "#ooooooo#  ",
+    "#oooooooo# ",
+    "#ooooo#####",
+    "#oo#oo#    ",
+    "#o# #oo#   ",
+    "##  #oo#   ",
+    "#    #oo#  ",
+    "     #oo#  ",
+    "      #oo# ",
+    "      #oo# ",
+    "       ##  ",
+];
+
+/// Appends the Cursor pseudo-rectangle of the arrow in the client's pixel format.
+fn put_cursor(pf: &PixelFormat, out: &mut Vec<u8>) {
+    let (w, h) = (ARROW[0].len(), ARROW.len());
+    for v in [0u16, 0, w as u16, h as u16] {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out.extend_from_slice(&encoding::CURSOR.to_be_bytes());
+    for row in ARROW {
+        for c in row.bytes() {
+            pf.put(if c == b'o' { 0xFFFFFF } else { 0 }, out);
+        }
+    }
+    for row in ARROW {
+        let mut mask = vec![0u8; w.div_ceil(8)];
+        for (x, c) in row.bytes().enumerate() {
+            if c != b' ' {
+                mask[x / 8] |= 0x80 >> (x % 8);
+            }
+        }
+        out.extend_from_slice(&mask);
+    }
+}
+
 /// Where key and pointer events go.
 pub trait Input: Send + Sync {
     fn key(&self, key: Key, down: bool);
@@ -614,6 +661,7 @@ struct Writer {
     scratch: Vec<u8>,
     /// Once compressed data went out, the zlib streams (and their level) must continue as they are.
     streams_started: bool,
+    cursor_sent: bool,
 }
 
 /// Settings copied out of the shared state for one update.
@@ -624,6 +672,8 @@ struct UpdatePlan {
     continuous: Option<Rect>,
     resize_encoding: Option<i32>,
     copy_rect: bool,
+    cursor: bool,
+    last_rect: bool,
     ext_key_ack: bool,
     desktop_size_reply: Option<u16>,
 }
@@ -639,6 +689,7 @@ impl Writer {
             zrle: ZStream::new(DEFAULT_COMPRESS_LEVEL),
             tight: TightState::new(DEFAULT_COMPRESS_LEVEL),
             streams_started: false,
+            cursor_sent: false,
             pixels: Vec::new(),
             scratch: Vec::new(),
         }
@@ -699,6 +750,8 @@ impl Writer {
                     continuous: s.continuous,
                     resize_encoding,
                     copy_rect: s.supports(encoding::COPY_RECT),
+                    cursor: s.supports(encoding::CURSOR),
+                    last_rect: s.supports(encoding::LAST_RECT),
                     ext_key_ack: std::mem::take(&mut s.ext_key_ack),
                     desktop_size_reply: s.desktop_size_reply.take(),
                 })
@@ -726,7 +779,8 @@ impl Writer {
                 continue;
             };
             let full_request = plan.request.filter(|(incremental, _)| !incremental).map(|(_, r)| r);
-            let pseudo = plan.ext_key_ack || plan.desktop_size_reply.is_some();
+            let cursor_due = plan.cursor && !self.cursor_sent;
+            let pseudo = plan.ext_key_ack || plan.desktop_size_reply.is_some() || cursor_due;
             let damage = {
                 let mut d = if full_request.is_some() || pseudo {
                     lock(&self.shared.viewer.damage)
@@ -787,6 +841,11 @@ impl Writer {
             header(&mut out, &Rect::new(0, 0, 0, 0), encoding::QEMU_EXTENDED_KEY_EVENT);
             count += 1;
         }
+        if plan.cursor && !self.cursor_sent {
+            put_cursor(&plan.pf, &mut out);
+            self.cursor_sent = true;
+            count += 1;
+        }
         // Only what the client can see, and only inside what it asked for (or its continuous region).
         let visible = Rect::new(0, 0, self.client_size.0.min(frame.width), self.client_size.1.min(frame.height));
         if let Some(dy) = scroll {
@@ -815,10 +874,14 @@ impl Writer {
                 pieces.push(r);
             }
         }
+        // With LastRect the count need not fit 16 bits: 0xFFFF, then a LastRect rectangle ends the update.
+        let open_count = plan.last_rect && usize::from(count) + pieces.len() >= usize::from(u16::MAX);
+        let mut sent: usize = usize::from(count);
         for r in &pieces {
-            if count == u16::MAX {
+            if !open_count && sent >= usize::from(u16::MAX - 1) {
                 break;
             }
+            sent += 1;
             frame.copy_rect(r, &mut self.pixels);
             header(&mut out, r, plan.encoding);
             let (w, h) = (r.w as usize, r.h as usize);
@@ -835,12 +898,17 @@ impl Writer {
                 }
                 _ => encoding::raw::encode(&self.pixels, &plan.pf, &mut out),
             }
-            count += 1;
         }
         drop(frame);
-        if count == 0 {
+        if sent == 0 {
             return Ok(());
         }
+        let count = if open_count {
+            header(&mut out, &Rect::new(0, 0, 0, 0), encoding::LAST_RECT);
+            u16::MAX
+        } else {
+            sent as u16
+        };
         out[2..4].copy_from_slice(&count.to_be_bytes());
         self.streams_started = true;
         {
