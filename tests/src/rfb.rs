@@ -8,15 +8,9 @@ use std::time::Duration;
 
 use flate2::{Decompress, FlushDecompress};
 
-pub const RAW: i32 = 0;
-pub const COPY_RECT: i32 = 1;
-pub const HEXTILE: i32 = 5;
-pub const ZLIB: i32 = 6;
-pub const TIGHT: i32 = 7;
-pub const ZRLE: i32 = 16;
-pub const DESKTOP_SIZE: i32 = -223;
-pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
-pub const CURSOR: i32 = -239;
+pub use vmm_core::rfb::encoding::{
+    COPY_RECT, CURSOR, DESKTOP_SIZE, HEXTILE, QEMU_EXTENDED_KEY_EVENT, RAW, TIGHT, ZLIB, ZRLE,
+};
 
 /// One rectangle of an update: (encoding, x, y, width, height).
 pub type UpdateRect = (i32, u32, u32, u32, u32);

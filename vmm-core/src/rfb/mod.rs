@@ -315,6 +315,14 @@ fn read_u32(s: &mut impl Read) -> io::Result<u32> {
     Ok(u32::from_be_bytes(b))
 }
 
+/// Reads x, y, width, height (four big-endian u16).
+fn read_rect(s: &mut impl Read) -> io::Result<Rect> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    let v = |i: usize| u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+    Ok(Rect::new(v(0), v(2), v(4), v(6)))
+}
+
 fn skip(s: &mut impl Read, n: usize) -> io::Result<()> {
     io::copy(&mut s.take(n as u64), &mut io::sink())?;
     Ok(())
@@ -557,12 +565,7 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
             }
             3 => {
                 let incremental = read_u8(stream)? != 0;
-                let r = Rect::new(
-                    u32::from(read_u16(stream)?),
-                    u32::from(read_u16(stream)?),
-                    u32::from(read_u16(stream)?),
-                    u32::from(read_u16(stream)?),
-                );
+                let r = read_rect(stream)?;
                 shared.update(|s| {
                     s.request = Some(match s.request {
                         Some((inc, old)) => (inc && incremental, old.union(&r)),
@@ -593,12 +596,7 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
             }
             150 => {
                 let enable = read_u8(stream)? != 0;
-                let r = Rect::new(
-                    u32::from(read_u16(stream)?),
-                    u32::from(read_u16(stream)?),
-                    u32::from(read_u16(stream)?),
-                    u32::from(read_u16(stream)?),
-                );
+                let r = read_rect(stream)?;
                 shared.update(|s| {
                     if enable {
                         s.continuous = Some(r);

@@ -11,10 +11,7 @@ pub fn encode(pixels: &[u32], width: usize, height: usize, pf: &PixelFormat, out
     for ty in (0..height).step_by(16) {
         for tx in (0..width).step_by(16) {
             let (tw, th) = ((width - tx).min(16), (height - ty).min(16));
-            tile.clear();
-            for y in ty..ty + th {
-                tile.extend_from_slice(&pixels[y * width + tx..y * width + tx + tw]);
-            }
+            super::copy_tile(pixels, width, tx, ty, tw, th, &mut tile);
             let first = tile[0];
             if tile.iter().all(|p| *p == first) {
                 if background == Some(first) {

@@ -28,6 +28,14 @@ pub const TIGHT_QUALITY_9: i32 = -23;
 pub const COMPRESS_LEVEL_0: i32 = -256;
 pub const COMPRESS_LEVEL_9: i32 = -247;
 
+/// Copies the `tw × th` tile at (`tx`, `ty`) of a `width`-pixel-wide rectangle into `tile`.
+pub fn copy_tile(pixels: &[u32], width: usize, tx: usize, ty: usize, tw: usize, th: usize, tile: &mut Vec<u32>) {
+    tile.clear();
+    for y in ty..ty + th {
+        tile.extend_from_slice(&pixels[y * width + tx..y * width + tx + tw]);
+    }
+}
+
 /// A persistent zlib stream, flushed with Z_SYNC_FLUSH after every rectangle as RFB requires.
 pub struct ZStream {
     compress: Compress,

@@ -72,10 +72,7 @@ pub fn encode(
     for ty in (0..height).step_by(TILE) {
         for tx in (0..width).step_by(TILE) {
             let (tw, th) = ((width - tx).min(TILE), (height - ty).min(TILE));
-            tile.clear();
-            for y in ty..ty + th {
-                tile.extend_from_slice(&pixels[y * width + tx..y * width + tx + tw]);
-            }
+            super::copy_tile(pixels, width, tx, ty, tw, th, &mut tile);
             encode_tile(&tile, tw, pf, scratch);
         }
     }
