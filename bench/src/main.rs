@@ -54,6 +54,11 @@ enum Bench {
         #[arg(long, default_value_t = 40)]
         presses: usize,
     },
+    /// The guest-driven animation (fb-anim) on porthole-vmm and QEMU: guest frames/s and client updates/s.
+    Anim {
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+    },
     /// Every benchmark with its defaults.
     All,
 }
@@ -289,13 +294,15 @@ fn main() -> anyhow::Result<()> {
         Bench::Pause { rounds } => bench_pause(rounds),
         Bench::Console { seconds } => console::run(seconds),
         Bench::Keys { presses } => console::keys(presses),
+        Bench::Anim { seconds } => console::anim(seconds),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
             bench_concurrent(20)?;
             bench_pause(50)?;
             console::run(2.0)?;
-            console::keys(40)
+            console::keys(40)?;
+            console::anim(20.0)
         }
     }
 }
