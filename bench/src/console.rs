@@ -395,8 +395,8 @@ pub fn anim(seconds: f64) -> anyhow::Result<()> {
             std::fs::read_to_string(&serial)
                 .unwrap_or_default()
                 .lines()
-                .filter_map(|l| l.strip_prefix("PORTHOLE-FB-FRAME ")?.trim().parse().ok())
-                .last()
+                .rev()
+                .find_map(|l| l.strip_prefix("PORTHOLE-FB-FRAME ")?.trim().parse().ok())
                 .unwrap_or(0)
         };
         let mut client = RfbClient::connect(&socket, None).map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
