@@ -390,3 +390,120 @@ fn hostile_clients_do_not_hurt_the_vm_or_other_clients() {
     let differing = fresh.pixels.iter().zip(&good.pixels).filter(|(a, b)| a != b).count();
     assert_eq!(differing, 0, "two clients see different screens");
 }
+
+/// Reads exactly `n` bytes.
+fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).unwrap();
+    b
+}
+
+/// Handshakes at an older protocol version by hand; returns the stream after ServerInit.
+fn old_handshake(vm: &ConsoleVm, version: &[u8; 12]) -> UnixStream {
+    let mut s = UnixStream::connect(&vm.vnc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(read_n(&mut s, 12), b"RFB 003.008\n");
+    s.write_all(version).unwrap();
+    if version == b"RFB 003.003\n" {
+        assert_eq!(read_n(&mut s, 4), [0, 0, 0, 1], "3.3: the server picks None");
+    } else {
+        assert_eq!(read_n(&mut s, 2), [1, 1], "3.7: one type offered, None");
+        s.write_all(&[1]).unwrap(); // no SecurityResult follows None in 3.7
+    }
+    s.write_all(&[1]).unwrap(); // ClientInit: shared
+    let init = read_n(&mut s, 24);
+    assert_eq!(u16::from_be_bytes([init[0], init[1]]), 640, "text mode width");
+    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
+    read_n(&mut s, name_len);
+    s
+}
+
+#[test]
+fn rfb_3_3_and_3_7_clients_are_served() {
+    let vm = ConsoleVm::start("text-mode", &[], "PORTHOLE-TEXT-READY");
+    for version in [b"RFB 003.003\n", b"RFB 003.007\n"] {
+        let mut s = old_handshake(&vm, version);
+        s.write_all(&[3, 0, 0, 0, 0, 0, 0, 8, 0, 16]).unwrap(); // 8x16 top-left cell, non-incremental
+        let head = read_n(&mut s, 4 + 12);
+        assert_eq!(head[0], 0, "a framebuffer update");
+        assert_eq!(&head[12..16], &0i32.to_be_bytes(), "Raw by default");
+        let pixels = read_n(&mut s, 8 * 16 * 4);
+        assert!(pixels.chunks_exact(4).any(|p| p[..3] == [0xFF, 0xFF, 0xFF]), "the 'P' of row 0 in white");
+    }
+}
+
+#[test]
+fn fence_and_continuous_updates() {
+    let vm = ConsoleVm::start("kbd-echo", &[], "PORTHOLE-KBD-READY");
+    let mut c = vm.client();
+    let mut s = c.stream.try_clone().unwrap();
+    c.set_encodings(&[0, -312, -313]).unwrap();
+    // The server announces Fence with a ServerFence and ContinuousUpdates with EndOfContinuousUpdates.
+    let fence = read_n(&mut s, 9);
+    assert_eq!(fence[0], 248);
+    assert_ne!(u32::from_be_bytes([fence[4], fence[5], fence[6], fence[7]]) & (1 << 31), 0, "a fence request");
+    assert_eq!(read_n(&mut s, 1), [150], "EndOfContinuousUpdates");
+    // A client fence with the request bit comes back with the same payload and the request bit cleared.
+    s.write_all(&[248, 0, 0, 0, 0x80, 0, 0, 0x01, 3, b'a', b'b', b'c']).unwrap();
+    let reply = read_n(&mut s, 12);
+    assert_eq!(reply, [248, 0, 0, 0, 0, 0, 0, 0x01, 3, b'a', b'b', b'c']);
+    // Continuous updates for the whole text screen: a key's echo arrives with no update request.
+    s.write_all(&[150, 1, 0, 0, 0, 0, 0x02, 0x80, 0x01, 0x90]).unwrap();
+    c.read_update().unwrap(); // the initial damage (the whole screen)
+    c.key(u32::from(b'z'), true).unwrap();
+    vm.wait_for("PORTHOLE-KEY 2c");
+    let rects = c.read_update().unwrap();
+    assert!(!rects.is_empty(), "an update without asking for one");
+    // Disabling them is acknowledged with another EndOfContinuousUpdates.
+    s.write_all(&[150, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut seen_end = false;
+    let mut byte = [0u8; 1];
+    while !seen_end && s.read_exact(&mut byte).is_ok() {
+        if byte[0] == 150 {
+            seen_end = true;
+        } else if byte[0] == 0 {
+            // Another update may have been in flight: skip it through the client.
+            let mut rest = [0u8; 3];
+            s.read_exact(&mut rest).unwrap();
+            for _ in 0..u16::from_be_bytes([rest[1], rest[2]]) {
+                let h = read_n(&mut s, 12);
+                let (w, hh) = (u16::from_be_bytes([h[4], h[5]]) as usize, u16::from_be_bytes([h[6], h[7]]) as usize);
+                read_n(&mut s, w * hh * 4);
+            }
+        }
+    }
+    assert!(seen_end, "no EndOfContinuousUpdates after disabling");
+}
+
+#[test]
+fn extended_desktop_size_announces_mode_changes_and_refuses_client_resizes() {
+    let vm = ConsoleVm::start("fb-pattern", &[], "PORTHOLE-FB-PATTERN-READY");
+    let mut c = vm.client();
+    let mut s = c.stream.try_clone().unwrap();
+    assert_eq!((c.width, c.height), (1280, 800));
+    c.set_encodings(&[0, -308]).unwrap();
+    // SetDesktopSize 800x600, one screen: refused (the guest decides its mode), reported as status 1.
+    let mut m = vec![251, 0, 0x03, 0x20, 0x02, 0x58, 1, 0];
+    m.extend_from_slice(&[0; 16]);
+    s.write_all(&m).unwrap();
+    s.write_all(&[3, 1, 0, 0, 0, 0, 0x05, 0x00, 0x03, 0x20]).unwrap(); // incremental request
+    let head = read_n(&mut s, 4);
+    assert_eq!(head[0], 0);
+    let mut found = false;
+    for _ in 0..u16::from_be_bytes([head[2], head[3]]) {
+        let r = read_n(&mut s, 12);
+        let encoding = i32::from_be_bytes([r[8], r[9], r[10], r[11]]);
+        if encoding == -308 {
+            let (reason, status) = (u16::from_be_bytes([r[0], r[1]]), u16::from_be_bytes([r[2], r[3]]));
+            assert_eq!((reason, status), (1, 1), "client-requested change, prohibited");
+            assert_eq!(read_n(&mut s, 4)[0], 1, "one screen");
+            read_n(&mut s, 16);
+            found = true;
+        } else {
+            let (w, h) = (u16::from_be_bytes([r[4], r[5]]) as usize, u16::from_be_bytes([r[6], r[7]]) as usize);
+            read_n(&mut s, w * h * 4);
+        }
+    }
+    assert!(found, "no ExtendedDesktopSize reply");
+}

@@ -255,12 +255,22 @@ impl Screen {
         });
     }
 
-    /// Replaces the frame with one of another size (all black) and tells every viewer.
+    /// Replaces the frame with one of another size (all black) and tells every viewer; at the same size it
+    /// only marks everything damaged (the picture will be redrawn).
     pub fn resize(&self, width: u32, height: u32) {
-        *self.write() = Frame::new(width, height);
+        let same = {
+            let mut frame = self.write();
+            let same = (frame.width, frame.height) == (width, height);
+            if !same {
+                *frame = Frame::new(width, height);
+            }
+            same
+        };
         self.broadcast(|d| {
-            d.rects.clear();
-            d.resized = true;
+            if !same {
+                d.rects.clear();
+                d.resized = true;
+            }
             d.add(Rect::new(0, 0, width, height));
         });
     }

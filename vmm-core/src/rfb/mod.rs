@@ -462,10 +462,13 @@ fn serve(
     let viewer = screen.subscribe();
     // Start from the guest's current mode, not from what the screen showed when nobody watched.
     screen.wait_for_refresh(Duration::from_millis(250));
-    lock(&viewer.damage).add(screen.read().bounds());
+    // ServerInit carries the current size, so a resize that happened before it is no news to this client.
     let (width, height) = {
-        let f = screen.read();
-        (f.width, f.height)
+        let mut damage = lock(&viewer.damage);
+        let bounds = screen.read().bounds();
+        damage.resized = false;
+        damage.add(bounds);
+        (bounds.w, bounds.h)
     };
     let mut init = Vec::new();
     init.extend_from_slice(&(width as u16).to_be_bytes());
