@@ -38,6 +38,9 @@ pub struct VmConfig {
     /// How long a graceful `stop` waits for the guest before powering it off by force, in milliseconds.
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
+    /// The screen: the graphics mode a Linux guest is started in (it can change it later).
+    #[serde(default)]
+    pub display: DisplayConfig,
     /// Where the console's RFB (VNC) server listens; none serves no console.
     #[serde(default)]
     pub vnc: Vec<crate::rfb::ListenAddress>,
@@ -55,6 +58,20 @@ pub struct BootSource {
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: String,
+}
+
+/// The screen's start-up graphics mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisplayConfig {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Default for DisplayConfig {
+    fn default() -> Self {
+        DisplayConfig { width: crate::display::DEFAULT_WIDTH, height: crate::display::DEFAULT_HEIGHT }
+    }
 }
 
 /// Where COM1 output goes.
@@ -120,6 +137,12 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("serial sink {0:?} is not one of stdio, file:PATH, none")]
     SerialSink(String),
+    #[error(
+        "display {width}x{height} is not supported: widths 320-{max_w} in steps of 8, heights 200-{max_h}",
+        max_w = crate::display::MAX_WIDTH,
+        max_h = crate::display::MAX_HEIGHT
+    )]
+    Display { width: u32, height: u32 },
     #[error("a VNC password was given without a VNC listen address (--vnc)")]
     PasswordWithoutVnc,
     #[error("configuration file {path:?}: {reason}")]
@@ -163,6 +186,7 @@ impl VmConfig {
             control_socket: None,
             no_reboot: false,
             stop_timeout_ms: default_stop_timeout_ms(),
+            display: DisplayConfig::default(),
             vnc: Vec::new(),
             vnc_password_file: None,
         }
@@ -204,6 +228,13 @@ impl VmConfig {
         }
         if self.boot.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        let (w, h) = (self.display.width, self.display.height);
+        if !(320..=crate::display::MAX_WIDTH).contains(&w)
+            || !(200..=crate::display::MAX_HEIGHT).contains(&h)
+            || w % 8 != 0
+        {
+            return Err(ConfigError::Display { width: w, height: h });
         }
         if let Some(path) = &self.vnc_password_file {
             if self.vnc.is_empty() {
@@ -289,6 +320,11 @@ mod tests {
         let mut c = base.clone();
         c.boot.cmdline = "x".repeat(CMDLINE_MAX);
         assert_eq!(c.validate(8), Err(ConfigError::CmdlineTooLong(CMDLINE_MAX)));
+        let mut c = base.clone();
+        c.display.width = 4000;
+        assert!(matches!(c.validate(8), Err(ConfigError::Display { .. })));
+        c.display.width = 1021;
+        assert!(matches!(c.validate(8), Err(ConfigError::Display { .. })));
         let mut c = base;
         c.name = "../etc".into();
         assert!(matches!(c.validate(8), Err(ConfigError::Name(_))));

@@ -512,8 +512,8 @@ impl Vm {
         let fb = boot::LinearFramebuffer {
             base: display::LFB_BASE,
             size: display::VRAM_BYTES,
-            width: display::DEFAULT_WIDTH as u16,
-            height: display::DEFAULT_HEIGHT as u16,
+            width: self.config.display.width as u16,
+            height: self.config.display.height as u16,
         };
         let entry = boot::load(&mem, &mut self.files, self.config.memory_bytes(), rsdp, Some(fb))?;
         if let boot::Entry::Linux64 { .. } = entry {

@@ -61,6 +61,9 @@ struct Cli {
     /// How long a graceful stop waits before forcing the VM off, in milliseconds [default: 10000].
     #[arg(long, value_name = "MS")]
     stop_timeout_ms: Option<u64>,
+    /// The screen's start-up graphics mode for Linux guests, WIDTHxHEIGHT [default: 1280x800].
+    #[arg(long, value_name = "WxH")]
+    display: Option<String>,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -112,6 +115,13 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     }
     if let Some(ms) = cli.stop_timeout_ms {
         config.stop_timeout_ms = ms;
+    }
+    if let Some(mode) = &cli.display {
+        let (w, h) = mode
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+            .with_context(|| format!("--display {mode:?}: expected WIDTHxHEIGHT, e.g. 1280x800"))?;
+        config.display = vmm_core::config::DisplayConfig { width: w, height: h };
     }
     for spec in &cli.vnc {
         config.vnc.push(spec.parse().map_err(|e: String| anyhow::anyhow!("--vnc {e}"))?);
