@@ -718,7 +718,6 @@ impl Writer {
             if std::mem::take(&mut s.send_end_of_continuous) {
                 out.push(150);
             }
-            let pending_pseudo = s.ext_key_ack || s.desktop_size_reply.is_some();
             if s.request.is_none() && s.continuous.is_none() {
                 None
             } else {
@@ -743,7 +742,6 @@ impl Writer {
                     self.tight = TightState::new(s.compress_level);
                 }
                 self.tight.jpeg_quality = s.jpeg_quality;
-                let _ = pending_pseudo;
                 Some(UpdatePlan {
                     pf: s.pf,
                     encoding,
