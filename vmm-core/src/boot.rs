@@ -287,6 +287,35 @@ mod tests {
     }
 
     #[test]
+    fn linux_gets_a_vesa_framebuffer_in_screen_info() {
+        let mem = mem();
+        let fb = LinearFramebuffer { base: 0xE000_0000, size: 16 << 20, width: 1280, height: 800 };
+        let e820 = layout::e820_map(64 << 20);
+        write_zero_page(
+            &mem,
+            setup_header::default(),
+            "console=tty0",
+            Some((0x300_0000, 1000)),
+            &e820,
+            0xE0000,
+            Some(fb),
+        )
+        .unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
+        let si = params.screen_info;
+        assert_eq!(si.orig_video_isVGA, VIDEO_TYPE_VLFB);
+        assert_eq!((si.lfb_width, si.lfb_height, si.lfb_depth, si.lfb_linelength), (1280, 800, 32, 5120));
+        assert_eq!((si.lfb_base, si.ext_lfb_base, si.lfb_size), (0xE000_0000, 0, 256));
+        assert_eq!((si.red_pos, si.green_pos, si.blue_pos, si.red_size), (16, 8, 0, 8));
+        let hdr = params.hdr;
+        assert_eq!((hdr.ramdisk_image, hdr.ramdisk_size, hdr.cmd_line_ptr), (0x300_0000, 1000, layout::CMDLINE as u32));
+        assert_eq!(hdr.type_of_loader, KERNEL_LOADER_OTHER);
+        let (rsdp, entries) = (params.acpi_rsdp_addr, params.e820_entries);
+        assert_eq!(rsdp, 0xE0000);
+        assert_eq!(usize::from(entries), e820.len());
+    }
+
+    #[test]
     fn text_file_is_not_a_kernel() {
         let path = std::env::temp_dir().join(format!("porthole-notakernel-{}", std::process::id()));
         std::fs::write(&path, "just some text, certainly no kernel\n".repeat(100)).unwrap();
