@@ -299,6 +299,43 @@ fn wait_for_socket(path: &Path, child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The two console servers compared: porthole-vmm and QEMU (`-M pc -vga std`, its VNC server).
+const CONSOLE_ENGINES: [&str; 2] = ["porthole-vmm", "qemu-system-x86_64 -M pc -vga std"];
+
+/// Starts `guest` on engine `index` of [`CONSOLE_ENGINES`] with its console on `socket` and its serial in
+/// `serial`, and waits until the guest printed `marker`.
+fn start_console_vm(index: usize, guest: &Path, socket: &Path, serial: &Path, marker: &str) -> anyhow::Result<Child> {
+    let engine = CONSOLE_ENGINES[index];
+    let mut cmd = if index == 0 {
+        let mut c = Command::new(std::env::current_exe()?.with_file_name("porthole-vmm"));
+        c.arg("--kernel").arg(guest).args(["--memory", "64", "--vnc"]).arg(format!("unix:{}", socket.display()));
+        c.arg("--serial").arg(format!("file:{}", serial.display()));
+        c
+    } else {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64", "-vga", "std"])
+            .args(["-display", "none", "-nodefaults", "-no-reboot", "-vnc"])
+            .arg(format!("unix:{}", socket.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(guest);
+        c
+    };
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context(engine)?;
+    wait_for_socket(socket, &mut child)?;
+    let start = Instant::now();
+    while !std::fs::read_to_string(serial).unwrap_or_default().contains(marker) {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{engine}: the guest never printed {marker}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
@@ -309,34 +346,10 @@ pub fn keys(presses: usize) -> anyhow::Result<()> {
     let guest = porthole_guests::path("kbd-echo");
     println!("keys: key press -> echoed glyph in the client (kbd-echo guest, {presses} presses, Raw)");
     let mut results = Vec::new();
-    for engine in ["porthole-vmm", "qemu-system-x86_64 -M pc -vga std"] {
-        let socket = dir.join(format!("{}.sock", results.len()));
-        let serial = dir.join(format!("{}.log", results.len()));
-        let mut cmd = if engine.starts_with("porthole") {
-            let mut c = Command::new(std::env::current_exe()?.with_file_name("porthole-vmm"));
-            c.arg("--kernel").arg(&guest).args(["--memory", "64", "--vnc"]).arg(format!("unix:{}", socket.display()));
-            c.arg("--serial").arg(format!("file:{}", serial.display()));
-            c
-        } else {
-            let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64", "-vga", "std"])
-                .args(["-display", "none", "-nodefaults", "-no-reboot", "-vnc"])
-                .arg(format!("unix:{}", socket.display()))
-                .arg("-serial")
-                .arg(format!("file:{}", serial.display()))
-                .arg("-kernel")
-                .arg(&guest);
-            c
-        };
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context(engine)?;
-        wait_for_socket(&socket, &mut child)?;
-        let start = Instant::now();
-        while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-KBD-READY") {
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("{engine}: kbd-echo never got ready");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    for (i, engine) in CONSOLE_ENGINES.into_iter().enumerate() {
+        let socket = dir.join(format!("{i}.sock"));
+        let serial = dir.join(format!("{i}.log"));
+        let mut child = start_console_vm(i, &guest, &socket, &serial, "PORTHOLE-KBD-READY")?;
         let mut delays = key_latencies(&socket, presses);
         let _ = child.kill();
         let _ = child.wait();
@@ -363,34 +376,10 @@ pub fn anim(seconds: f64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let guest = porthole_guests::path("fb-anim");
     println!("anim: fb-anim (full-screen repaint per frame), {seconds} s, Raw over a Unix socket");
-    for (i, engine) in ["porthole-vmm", "qemu-system-x86_64 -M pc -vga std"].into_iter().enumerate() {
+    for (i, engine) in CONSOLE_ENGINES.into_iter().enumerate() {
         let socket = dir.join(format!("{i}.sock"));
         let serial = dir.join(format!("{i}.log"));
-        let mut cmd = if i == 0 {
-            let mut c = Command::new(std::env::current_exe()?.with_file_name("porthole-vmm"));
-            c.arg("--kernel").arg(&guest).args(["--memory", "64", "--vnc"]).arg(format!("unix:{}", socket.display()));
-            c.arg("--serial").arg(format!("file:{}", serial.display()));
-            c
-        } else {
-            let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64", "-vga", "std"])
-                .args(["-display", "none", "-nodefaults", "-no-reboot", "-vnc"])
-                .arg(format!("unix:{}", socket.display()))
-                .arg("-serial")
-                .arg(format!("file:{}", serial.display()))
-                .arg("-kernel")
-                .arg(&guest);
-            c
-        };
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context(engine)?;
-        wait_for_socket(&socket, &mut child)?;
-        let start = Instant::now();
-        while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-FB-ANIM-START") {
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("{engine}: fb-anim never started");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = start_console_vm(i, &guest, &socket, &serial, "PORTHOLE-FB-ANIM-START")?;
         let frames_drawn = || -> u64 {
             std::fs::read_to_string(&serial)
                 .unwrap_or_default()
