@@ -17,15 +17,7 @@ guest_main:
     movl $0x29, %edi
     leaq sci_irq(%rip), %rsi
     call idt_set_gate
-    movl $0x27, %edi                /* spurious IRQ 7 */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0x2F, %edi                /* spurious IRQ 15 */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0xFF, %edi                /* APIC spurious vector */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
+    call spurious_irqs_install
     call lapic_enable               /* virtual wire: the 8259's INTR reaches the CPU */
     movl $0xFB, %edi                /* master: only the cascade (IRQ 2) */
     movl $0xFD, %esi                /* slave: only IRQ 9 */
@@ -58,9 +50,6 @@ sci_irq:
     outb %al, $0x20
     popq %rdx
     popq %rax
-    iretq
-
-spurious_irq:
     iretq
 
     .section .rodata

@@ -96,15 +96,7 @@ guest_main:
     movl $0x2C, %edi
     leaq mouse_irq(%rip), %rsi
     call idt_set_gate
-    movl $0x27, %edi                /* spurious IRQ 7: no EOI */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0x2F, %edi                /* spurious IRQ 15: EOI to the master only */
-    leaq spurious_slave_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0xFF, %edi                /* APIC spurious vector */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
+    call spurious_irqs_install
     call lapic_enable
     movl $0xF9, %edi                /* master: IRQ1 and the cascade (IRQ2) */
     movl $0xEF, %esi                /* slave: IRQ12 */
@@ -303,14 +295,6 @@ mouse_irq:
     popq %rdx
     popq %rcx
     popq %rax
-    iretq
-
-spurious_slave_irq:
-    pushq %rax
-    movb $0x20, %al
-    outb %al, $0x20
-    popq %rax
-spurious_irq:
     iretq
 
     .section .rodata

@@ -199,6 +199,28 @@ cmos_write:
 
 /* ---- Legacy interrupt controllers and the PIT ---- */
 
+/* spurious_irqs_install(): gates for the interrupts nobody asked for: the 8259s' spurious IRQ 7 (no EOI)
+   and IRQ 15 (EOI to the master only) and the local APIC's spurious vector 0xFF (no EOI). */
+    .globl spurious_irqs_install
+spurious_irqs_install:
+    movl $0x27, %edi
+    leaq spurious_irq(%rip), %rsi
+    call idt_set_gate
+    movl $0x2F, %edi
+    leaq spurious_slave_irq(%rip), %rsi
+    call idt_set_gate
+    movl $0xFF, %edi
+    leaq spurious_irq(%rip), %rsi
+    jmp idt_set_gate
+
+spurious_slave_irq:
+    pushq %rax
+    movb $0x20, %al
+    outb %al, $0x20
+    popq %rax
+spurious_irq:
+    iretq
+
 /* pic_init(%dil = master mask, %sil = slave mask): both 8259s re-initialised, IRQ 0-7 -> vectors
    0x20-0x27, IRQ 8-15 -> 0x28-0x2F, cascade on IRQ 2, 8086 mode, then the given masks (1 = masked). */
     .globl pic_init

@@ -17,12 +17,7 @@ guest_main:
     movl $0x20, %edi
     leaq tick_irq(%rip), %rsi
     call idt_set_gate
-    movl $0x27, %edi                /* spurious IRQ 7: no EOI */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0xFF, %edi                /* APIC spurious vector */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
+    call spurious_irqs_install
     call lapic_enable               /* virtual wire: the 8259's INTR reaches the CPU */
     movl $0xFE, %edi                /* only IRQ0 */
     movl $0xFF, %esi
@@ -54,9 +49,6 @@ tick_irq:
     movb $0x20, %al                 /* EOI to the master 8259 */
     outb %al, $0x20
     popq %rax
-    iretq
-
-spurious_irq:
     iretq
 
     .section .rodata

@@ -24,20 +24,12 @@ guest_main:
     movl $0x20, %edi
     leaq pit_irq(%rip), %rsi
     call idt_set_gate
-    movl $0x27, %edi                /* spurious IRQ 7: no EOI */
-    leaq spurious_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0x2F, %edi                /* spurious IRQ 15: EOI to the master only */
-    leaq spurious_slave_irq(%rip), %rsi
-    call idt_set_gate
+    call spurious_irqs_install
     movl $0x30, %edi
     leaq lapic_timer_irq(%rip), %rsi
     call idt_set_gate
     movl $0x31, %edi
     leaq watchdog_irq(%rip), %rsi
-    call idt_set_gate
-    movl $0xFF, %edi                /* APIC spurious vector: no EOI */
-    leaq spurious_irq(%rip), %rsi
     call idt_set_gate
 
     call lapic_enable
@@ -152,14 +144,6 @@ watchdog_irq:
     movl $LAPIC, %eax
     movl $0, 0xB0(%rax)
     popq %rax
-    iretq
-
-spurious_slave_irq:
-    pushq %rax
-    movb $0x20, %al
-    outb %al, $0x20
-    popq %rax
-spurious_irq:
     iretq
 
     .section .rodata
