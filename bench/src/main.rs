@@ -5,6 +5,7 @@
 //! - `boot`: process start → first serial byte of the `hello` micro-guest (QEMU: `-M microvm`, same PVH file).
 //! - `memory`: resident memory of an idle VM with 256 MiB of guest RAM (the `idle` guest), after its marker.
 //! - `concurrent`: N VMs of 64 MiB started at once; time until every one printed its marker.
+//! - `disk-backend`, `disk-guest`: see `disk.rs`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod console;
+mod disk;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -57,6 +59,11 @@ enum Bench {
     /// The guest-driven animation (fb-anim) on porthole-vmm and QEMU: guest frames/s and client updates/s.
     Anim {
         #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+    },
+    /// The virtio-blk device back end fed from the host side, against plain pread.
+    DiskBackend {
+        #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
     /// Every benchmark with its defaults.
@@ -295,6 +302,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Console { seconds } => console::run(seconds),
         Bench::Keys { presses } => console::keys(presses),
         Bench::Anim { seconds } => console::anim(seconds),
+        Bench::DiskBackend { seconds } => disk::backend(seconds),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -302,7 +310,8 @@ fn main() -> anyhow::Result<()> {
             bench_pause(50)?;
             console::run(2.0)?;
             console::keys(40)?;
-            console::anim(20.0)
+            console::anim(20.0)?;
+            disk::backend(2.0)
         }
     }
 }

@@ -28,7 +28,7 @@ set -euo pipefail
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
 CACHE=${PORTHOLE_GUEST_CACHE:-$REPO_ROOT/target/real-guests}
-MANIFEST_FORMAT="# porthole real-guests manifest v1"
+MANIFEST_FORMAT="# porthole real-guests manifest v2"
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
@@ -542,6 +542,16 @@ for m in $MOD_FILES; do
     fi
 done
 say "PORTHOLE-BLOCK \$(\$BB ls /sys/block 2>/dev/null | \$BB tr '\n' ' ')"
+# Disks the test attached (virtio-blk): size, serial, a checksum of the first 4 KiB; on vda also a write
+# of a marker to sector 1, flushed, which the test then finds in the image file.
+for d in vda vdb; do
+    [ -b /dev/\$d ] || continue
+    sum=\$(\$BB dd if=/dev/\$d bs=4096 count=1 2>/dev/null | \$BB md5sum | \$BB cut -d' ' -f1)
+    say "PORTHOLE-DISK \$d sectors=\$(\$BB cat /sys/block/\$d/size) serial=\$(\$BB cat /sys/block/\$d/serial 2>/dev/null) md5=\$sum"
+done
+if [ -b /dev/vda ] && [ "\$(\$BB cat /sys/block/vda/ro)" = 0 ]; then
+    echo PORTHOLE-WROTE-THIS | \$BB dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null && say "PORTHOLE-DISK-WRITTEN vda"
+fi
 say "PORTHOLE-POWEROFF"
 \$BB sync
 \$BB poweroff -f

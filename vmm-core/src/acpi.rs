@@ -34,8 +34,62 @@ fn dsdt() -> Vec<u8> {
     );
     let mut bytes = Vec::new();
     s5.to_aml_bytes(&mut bytes);
+    pci_root().to_aml_bytes(&mut bytes);
     table.append_slice(&bytes);
     table.as_slice().to_vec()
+}
+
+/// `\_SB.PCI0`: the PCI root bridge (configuration mechanism #1, bus 0, the I/O ports outside 0xCF8–0xCFF
+/// and the MMIO hole as windows) and its `_PRT`, which wires INTA# of every slot to the GSI the VMM uses
+/// ([`crate::pci::slot_gsi`]; level-triggered, active-low as ACPI defaults GSI routing).
+fn pci_root() -> impl Aml {
+    struct PciRoot;
+    impl Aml for PciRoot {
+        fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+            let bus = aml::AddressSpace::new_bus_number(0u16, 0xFFu16);
+            let config_ports = aml::IO::new(0xCF8, 0xCF8, 1, 8);
+            let low_ports = aml::AddressSpace::new_io(0u16, 0xCF7u16, None);
+            let high_ports = aml::AddressSpace::new_io(0xD00u16, 0xFFFFu16, None);
+            let legacy_vga = aml::AddressSpace::new_memory(
+                aml::AddressSpaceCacheable::NotCacheable,
+                true,
+                0xA_0000u32,
+                0xB_FFFFu32,
+                None,
+            );
+            let window = aml::AddressSpace::new_memory(
+                aml::AddressSpaceCacheable::NotCacheable,
+                true,
+                crate::pci::MMIO_WINDOW_START as u32,
+                (crate::pci::MMIO_WINDOW_END - 1) as u32,
+                None,
+            );
+            let crs =
+                aml::ResourceTemplate::new(vec![&bus, &config_ports, &low_ports, &high_ports, &legacy_vga, &window]);
+            let routes: Vec<(u32, u32)> = (0..crate::pci::SLOTS)
+                .map(|slot| (((slot as u32) << 16) | 0xFFFF, crate::pci::slot_gsi(slot)))
+                .collect();
+            let entries: Vec<aml::Package> = routes
+                .iter()
+                .map(|(address, gsi)| aml::Package::new(vec![address, &aml::ZERO, &aml::ZERO, gsi]))
+                .collect();
+            let prt = aml::Package::new(entries.iter().map(|p| p as &dyn Aml).collect());
+            aml::Device::new(
+                "_SB_.PCI0".into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+                    &aml::Name::new("_ADR".into(), &aml::ZERO),
+                    &aml::Name::new("_SEG".into(), &aml::ZERO),
+                    &aml::Name::new("_UID".into(), &aml::ZERO),
+                    &aml::Name::new("_BBN".into(), &aml::ZERO),
+                    &aml::Name::new("_CRS".into(), &crs),
+                    &aml::Name::new("_PRT".into(), &prt),
+                ],
+            )
+            .to_aml_bytes(sink);
+        }
+    }
+    PciRoot
 }
 
 /// The FACS (firmware control structure): required by non-hardware-reduced ACPI; nothing in it is used.

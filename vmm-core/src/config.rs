@@ -47,6 +47,71 @@ pub struct VmConfig {
     /// A file whose first line is the VNC password (VncAuth); without it the console needs no password.
     #[serde(default)]
     pub vnc_password_file: Option<PathBuf>,
+    /// Disks and removable drives (virtio-blk on PCI), in the order the guest finds them.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+}
+
+/// Most drives a VM can have (each is a PCI device with its own interrupt line).
+pub const MAX_DRIVES: usize = 8;
+/// Longest drive serial number (virtio-blk's GET_ID answer).
+pub const MAX_SERIAL: usize = 20;
+
+/// A disk (a raw image) or a removable drive (an ISO or nothing; always read-only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// The image; a removable drive may start empty.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Media can be attached and ejected while the VM runs (a CD/DVD drive).
+    #[serde(default)]
+    pub removable: bool,
+    /// What the guest reads as the serial number (up to 20 printable ASCII characters); by default the
+    /// drive's id ("disk0", "cdrom0", …).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+impl std::str::FromStr for DriveConfig {
+    type Err = ConfigError;
+
+    /// Parses the `--disk` form: `PATH[,readonly][,serial=S]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::DriveSpec(s.to_owned()))?;
+        let mut drive = DriveConfig { path: Some(PathBuf::from(path)), ..DriveConfig::default() };
+        for option in parts {
+            match option.split_once('=') {
+                None if option == "readonly" || option == "ro" => drive.read_only = true,
+                Some(("serial", serial)) => drive.serial = Some(serial.to_owned()),
+                _ => return Err(ConfigError::DriveSpec(s.to_owned())),
+            }
+        }
+        Ok(drive)
+    }
+}
+
+impl DriveConfig {
+    /// A removable drive holding `path` (or empty).
+    pub fn removable(path: Option<PathBuf>) -> Self {
+        DriveConfig { path, read_only: true, removable: true, serial: None }
+    }
+}
+
+/// The ids the drives of a configuration get: "disk0", "disk1", … and "cdrom0", … for removable ones.
+pub fn drive_ids(drives: &[DriveConfig]) -> Vec<String> {
+    let (mut disks, mut cdroms) = (0, 0);
+    drives
+        .iter()
+        .map(|d| {
+            let (kind, n) = if d.removable { ("cdrom", &mut cdroms) } else { ("disk", &mut disks) };
+            *n += 1;
+            format!("{kind}{}", *n - 1)
+        })
+        .collect()
 }
 
 /// A kernel booted directly: a Linux bzImage (boot protocol 2.10 or later) or an ELF with a PVH entry note.
@@ -147,6 +212,14 @@ pub enum ConfigError {
     PasswordWithoutVnc,
     #[error("configuration file {path:?}: {reason}")]
     ConfigFile { path: PathBuf, reason: String },
+    #[error("drive {0:?} is not PATH[,readonly][,serial=S]")]
+    DriveSpec(String),
+    #[error("{0} drives asked for; at most {MAX_DRIVES} are supported")]
+    TooManyDrives(usize),
+    #[error("drive {0} has no image (only a removable drive may start empty)")]
+    DriveWithoutImage(String),
+    #[error("drive {drive}: serial {serial:?} must be at most {MAX_SERIAL} printable ASCII characters")]
+    DriveSerial { drive: String, serial: String },
 }
 
 /// Whether `name` is a valid VM name (1–63 of `[A-Za-z0-9._-]`, not starting with `.`).
@@ -163,6 +236,20 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
         return Err(err("not a regular file".into()));
     }
     std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn check_image(id: &str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        what: "disk image",
+        path: path.to_owned(),
+        reason: format!("{id}: {reason}"),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(err("not a regular file or block device".into()));
+    }
     Ok(())
 }
 
@@ -189,6 +276,7 @@ impl VmConfig {
             display: DisplayConfig::default(),
             vnc: Vec::new(),
             vnc_password_file: None,
+            drives: Vec::new(),
         }
     }
 
@@ -245,6 +333,21 @@ impl VmConfig {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+        }
+        if self.drives.len() > MAX_DRIVES {
+            return Err(ConfigError::TooManyDrives(self.drives.len()));
+        }
+        for (drive, id) in self.drives.iter().zip(drive_ids(&self.drives)) {
+            match &drive.path {
+                Some(path) => check_image(&id, path)?,
+                None if drive.removable => {}
+                None => return Err(ConfigError::DriveWithoutImage(id)),
+            }
+            if let Some(serial) = &drive.serial
+                && (serial.len() > MAX_SERIAL || !serial.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+            {
+                return Err(ConfigError::DriveSerial { drive: id, serial: serial.clone() });
+            }
         }
         Ok(())
     }
@@ -328,6 +431,31 @@ mod tests {
         let mut c = base;
         c.name = "../etc".into();
         assert!(matches!(c.validate(8), Err(ConfigError::Name(_))));
+    }
+
+    #[test]
+    fn drives_parse_and_validate() {
+        let (base, f) = config_with_kernel();
+        let d: DriveConfig = "/a.img,readonly,serial=XY-1".parse().unwrap();
+        assert_eq!(
+            d,
+            DriveConfig { path: Some("/a.img".into()), read_only: true, removable: false, serial: Some("XY-1".into()) }
+        );
+        assert!("".parse::<DriveConfig>().is_err());
+        assert!("/a.img,rw=1".parse::<DriveConfig>().is_err());
+        let mut c = base.clone();
+        let image = f.path().to_owned();
+        c.drives = vec![DriveConfig { path: Some(image.clone()), ..Default::default() }, DriveConfig::removable(None)];
+        assert_eq!(c.validate(8), Ok(()));
+        assert_eq!(drive_ids(&c.drives), ["disk0", "cdrom0"]);
+        c.drives.push(DriveConfig::default());
+        assert_eq!(c.validate(8), Err(ConfigError::DriveWithoutImage("disk1".into())));
+        c.drives[2] = DriveConfig { path: Some("/nonexistent.img".into()), ..Default::default() };
+        assert!(c.validate(8).unwrap_err().to_string().contains("disk1: No such file"));
+        c.drives[2] = DriveConfig { path: Some(image), serial: Some("x".repeat(21)), ..Default::default() };
+        assert!(matches!(c.validate(8), Err(ConfigError::DriveSerial { .. })));
+        c.drives = vec![DriveConfig::removable(None); MAX_DRIVES + 1];
+        assert_eq!(c.validate(8), Err(ConfigError::TooManyDrives(MAX_DRIVES + 1)));
     }
 
     #[test]

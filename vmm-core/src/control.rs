@@ -1,8 +1,9 @@
 //! The control socket: one JSON object per line in each direction over a Unix socket.
 //!
 //! Requests: `{"cmd":"status"}`, `pause`, `resume`, `reset`, `stop` (ACPI power button, then forced off
-//! after the stop timeout), `poweroff` (forced), `counters`. Every reply has `"ok"`; failures carry
-//! `"error"`. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
+//! after the stop timeout), `poweroff` (forced), `counters`, `{"cmd":"attach-media","path":P}` and
+//! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`). Every reply has
+//! `"ok"`; failures carry `"error"`. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::counters::CountersSnapshot;
+use crate::disk::DriveStatus;
 use crate::vm::{RunState, VmHandle};
 
 /// Longest request line accepted.
@@ -33,6 +35,19 @@ pub enum Request {
     Stop,
     Poweroff,
     Counters,
+    /// Inserts an image (read-only) into a removable drive.
+    #[serde(rename = "attach-media")]
+    AttachMedia {
+        path: std::path::PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drive: Option<String>,
+    },
+    /// Empties a removable drive.
+    #[serde(rename = "eject-media")]
+    EjectMedia {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drive: Option<String>,
+    },
 }
 
 /// The reply to a request.
@@ -51,6 +66,9 @@ pub struct Response {
     /// For `stop`: whether the guest had enabled the ACPI power-button event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acpi_power_button_enabled: Option<bool>,
+    /// For `attach-media` and `eject-media`: the drive afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drive: Option<DriveStatus>,
 }
 
 /// What `status` reports.
@@ -63,6 +81,8 @@ pub struct Status {
     pub uptime_ms: u64,
     pub boots: u64,
     pub pid: u32,
+    #[serde(default)]
+    pub drives: Vec<DriveStatus>,
 }
 
 fn ok() -> Response {
@@ -87,6 +107,7 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
                     uptime_ms: counters.uptime_ms,
                     boots: counters.boots,
                     pid: std::process::id(),
+                    drives: vm.drives(),
                 }),
                 ..ok()
             }
@@ -109,6 +130,14 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
             ok()
         }
         Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
+        Request::AttachMedia { path, drive } => match vm.attach_media(drive.as_deref(), path) {
+            Ok(status) => Response { drive: Some(status), ..ok() },
+            Err(e) => failure(e.to_string()),
+        },
+        Request::EjectMedia { drive } => match vm.eject_media(drive.as_deref()) {
+            Ok(status) => Response { drive: Some(status), ..ok() },
+            Err(e) => failure(e.to_string()),
+        },
     }
 }
 
@@ -143,7 +172,7 @@ fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
 pub fn spawn_server(listener: UnixListener, vm: Arc<VmHandle>, filter: bool) -> std::io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name("control".into()).spawn(move || {
-        if filter && let Err(e) = crate::seccomp::apply_vmm_filter() {
+        if filter && let Err(e) = crate::seccomp::apply_control_filter() {
             log::error!("control socket: cannot apply the seccomp filter ({e}); not serving");
             return;
         }
@@ -234,5 +263,13 @@ mod tests {
         assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"cmd":"pause"}"#);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"counters"}"#).unwrap(), Request::Counters);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::AttachMedia { path: "/a.iso".into(), drive: None }).unwrap(),
+            r#"{"cmd":"attach-media","path":"/a.iso"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"eject-media","drive":"cdrom1"}"#).unwrap(),
+            Request::EjectMedia { drive: Some("cdrom1".into()) }
+        );
     }
 }

@@ -11,11 +11,14 @@ pub mod control;
 pub mod counters;
 pub mod cpu;
 pub mod devices;
+pub mod disk;
 pub mod display;
 pub mod layout;
+pub mod pci;
 pub mod rfb;
 pub mod seccomp;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use config::{BootSource, ConfigError, SerialSink, VmConfig};

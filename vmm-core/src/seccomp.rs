@@ -94,6 +94,12 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
         libc::SYS_eventfd2,
         libc::SYS_lseek,
         libc::SYS_pread64,
+        // Disk I/O threads (started by the event-loop thread at each boot).
+        libc::SYS_pwrite64,
+        libc::SYS_fdatasync,
+        libc::SYS_fsync,
+        // Opening media (control threads; see `control_open_filter`).
+        libc::SYS_flock,
         libc::SYS_open,
         libc::SYS_openat,
         libc::SYS_fstat,
@@ -135,6 +141,34 @@ pub fn no_open_filter() -> Result<BpfProgram, SeccompError> {
     Ok(filter.try_into()?)
 }
 
+/// The control threads' variant of [`no_open_filter`]: they may open files read-only (media for
+/// `attach-media`), nothing that writes, creates or truncates.
+pub fn read_only_open_filter() -> Result<BpfProgram, SeccompError> {
+    // One rule per flag that writes; any of them set makes the open fail.
+    let writing = |flags_arg: u8| -> Result<Vec<SeccompRule>, SeccompError> {
+        [libc::O_WRONLY, libc::O_RDWR, libc::O_CREAT, libc::O_TRUNC, libc::O_APPEND]
+            .into_iter()
+            .map(|flag| {
+                let flag = flag as u64;
+                let cond =
+                    SeccompCondition::new(flags_arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(flag), flag)?;
+                Ok(SeccompRule::new(vec![cond])?)
+            })
+            .collect()
+    };
+    let rules = BTreeMap::from([(libc::SYS_open, writing(1)?), (libc::SYS_openat, writing(2)?)]);
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32), TargetArch::x86_64)?;
+    Ok(filter.try_into()?)
+}
+
+/// Applies the control threads' filters: the VMM filter, with read-only opens allowed.
+pub fn apply_control_filter() -> Result<(), SeccompError> {
+    seccompiler::apply_filter(&read_only_open_filter()?)?;
+    seccompiler::apply_filter(&vmm_filter()?)?;
+    Ok(())
+}
+
 /// Applies the VMM filter to the calling thread (and so to the threads it starts afterwards).
 pub fn apply_vmm_filter() -> Result<(), SeccompError> {
     seccompiler::apply_filter(&no_open_filter()?)?;
@@ -150,6 +184,7 @@ mod tests {
     fn filters_compile() {
         assert!(!vcpu_filter().unwrap().is_empty());
         assert!(!vmm_filter().unwrap().is_empty());
+        assert!(!read_only_open_filter().unwrap().is_empty());
     }
 
     #[test]

@@ -31,16 +31,20 @@ use crate::devices::bus::{UnhandledCounts, lock};
 use crate::devices::debug_port::{POST_CODE_PORT, PostCode};
 use crate::devices::dispi::{DISPI_INDEX_PORT, DISPI_PORT_LEN, Dispi};
 use crate::devices::i8042::{self, I8042};
-use crate::devices::reset_control::{RESET_PORT, ResetControl};
 use crate::devices::rtc::{RTC_PORT, Rtc};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, Serial, SerialOutput, SerialStats};
 use crate::devices::vga::{VGA_PORT, VGA_PORT_LEN, Vga};
 use crate::devices::{Bus, BusDevice, BusError, IrqLine, MachineControl, MachineRequest};
+use crate::disk::{DiskError, Drive, DriveStatus};
 use crate::display::refresh::{BootView, Refresher};
 use crate::display::{self, Screen};
 use crate::layout;
+use crate::pci::{self, PciBus, PciConfigPorts, PciMmioWindow};
 use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
+use crate::virtio::VirtioInterrupt;
+use crate::virtio::block::VirtioBlock;
+use crate::virtio::pci::VirtioPci;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,10 @@ pub enum VmError {
     Io { what: &'static str, source: std::io::Error },
     #[error("cannot install seccomp filters: {0}")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("{0}")]
+    Disk(#[from] DiskError),
+    #[error("PCI: {0}")]
+    Pci(#[from] pci::PciError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -165,6 +173,8 @@ pub struct VmHandle {
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
     loop_wake: EventFd,
+    /// The VM's drives (they outlive reboots).
+    drives: Vec<Arc<Drive>>,
 }
 
 impl crate::rfb::Input for VmHandle {
@@ -270,6 +280,36 @@ impl VmHandle {
         }
     }
 
+    /// The drives and their media.
+    pub fn drives(&self) -> Vec<DriveStatus> {
+        self.drives.iter().map(|d| d.status()).collect()
+    }
+
+    /// The removable drive `id`, or the first removable drive.
+    fn removable_drive(&self, id: Option<&str>) -> Result<&Arc<Drive>, DiskError> {
+        match id {
+            Some(id) => self.drives.iter().find(|d| d.id == id).ok_or_else(|| DiskError::NoSuchDrive(id.to_owned())),
+            None => self.drives.iter().find(|d| d.removable).ok_or(DiskError::NoRemovableDrive),
+        }
+    }
+
+    /// Puts the image at `path` (read-only) into a removable drive, replacing its media; the guest is told.
+    pub fn attach_media(&self, drive: Option<&str>, path: &std::path::Path) -> Result<DriveStatus, DiskError> {
+        let drive = self.removable_drive(drive)?;
+        if !drive.removable {
+            return Err(DiskError::NotRemovable { drive: drive.id.clone() });
+        }
+        drive.change_media(Some(Drive::open_media(path, true)?))?;
+        Ok(drive.status())
+    }
+
+    /// Empties a removable drive; the guest is told.
+    pub fn eject_media(&self, drive: Option<&str>) -> Result<DriveStatus, DiskError> {
+        let drive = self.removable_drive(drive)?;
+        drive.change_media(None)?;
+        Ok(drive.status())
+    }
+
     pub fn counters(&self) -> CountersSnapshot {
         let mut s = self.counters.snapshot();
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -319,6 +359,10 @@ struct Boot {
     _mem: GuestMemoryMmap,
     _vram: Arc<GuestRegionMmap>,
     threads: Vec<JoinHandle<()>>,
+    /// The PCI devices; dropping them stops their I/O threads.
+    _pci: Arc<PciBus>,
+    /// Their interrupts, whose resample fds the event loop serves.
+    interrupts: Vec<Arc<VirtioInterrupt>>,
 }
 
 impl Vm {
@@ -347,6 +391,12 @@ impl Vm {
             ),
             SerialSink::None => SerialOutput::Discard,
         };
+        let mut drives = Vec::new();
+        for (d, id) in config.drives.iter().zip(crate::config::drive_ids(&config.drives)) {
+            let media = d.path.as_deref().map(|p| Drive::open_media(p, d.read_only || d.removable)).transpose()?;
+            let serial = d.serial.clone().unwrap_or_else(|| id.clone());
+            drives.push(Arc::new(Drive::new(id, d.read_only, d.removable, serial, media)));
+        }
         let irqs = Irqs::new().map_err(io_err("create interrupt eventfds"))?;
         let serial_stats = Arc::new(SerialStats::new().map_err(io_err("create the serial eventfd"))?);
         let serial = Arc::new(Mutex::new(Serial::new(irqs.com1.clone(), output, serial_stats.clone())));
@@ -369,6 +419,7 @@ impl Vm {
             pointer: Mutex::new(None),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
+            drives,
         });
         Ok(Vm {
             config,
@@ -441,10 +492,39 @@ impl Vm {
         Ok(mem)
     }
 
-    fn build_buses(&self, machine: &MachineControl, display: &DisplayDevices) -> Result<(Bus, Bus), VmError> {
+    /// The PCI bus: the host bridge and a virtio-blk device per drive, each with INTA# on its own GSI.
+    fn build_pci(&self, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<(PciBus, Vec<Arc<VirtioInterrupt>>), VmError> {
+        let mut bus = PciBus::new(self.handle.mmio_unhandled.clone());
+        let mut interrupts = Vec::new();
+        for drive in &self.handle.drives {
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create a disk interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let block = VirtioBlock::new(drive.clone(), interrupt.clone()).map_err(io_err("start a disk's threads"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let device = VirtioPci::new(block, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()));
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
+        }
+        Ok((bus, interrupts))
+    }
+
+    fn build_buses(
+        &self,
+        machine: &MachineControl,
+        display: &DisplayDevices,
+        pci: &Arc<PciBus>,
+    ) -> Result<(Bus, Bus), VmError> {
         let h = &self.handle;
         let mut pio = Bus::with_counts(h.pio_unhandled.clone());
-        let mmio = Bus::with_counts(h.mmio_unhandled.clone());
+        let mut mmio = Bus::with_counts(h.mmio_unhandled.clone());
+        mmio.insert(
+            Arc::new(Mutex::new(PciMmioWindow::new(pci.clone()))),
+            pci::MMIO_WINDOW_START,
+            pci::MMIO_WINDOW_END - pci::MMIO_WINDOW_START,
+        )?;
         let i8042 =
             Arc::new(Mutex::new(I8042::new(self.irqs.keyboard.clone(), self.irqs.mouse.clone(), machine.clone())));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
@@ -456,7 +536,11 @@ impl Vm {
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),
             (pm1_event.clone(), acpi_pm::PM1A_EVT_PORT, acpi_pm::PM1A_EVT_LEN),
             (Arc::new(Mutex::new(Pm1Control::new(machine.clone()))), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
-            (Arc::new(Mutex::new(ResetControl::new(machine.clone()))), RESET_PORT, 1),
+            (
+                Arc::new(Mutex::new(PciConfigPorts::new(pci.clone(), machine.clone()))),
+                pci::CONFIG_ADDRESS_PORT,
+                pci::CONFIG_PORTS_LEN,
+            ),
             (Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))), POST_CODE_PORT, 1),
         ];
         for (device, port, len) in devices {
@@ -506,7 +590,9 @@ impl Vm {
             ))),
             vga: Arc::new(Mutex::new(Vga::new(version))),
         };
-        let (pio, mmio) = self.build_buses(&machine, &display)?;
+        let (pci_bus, interrupts) = self.build_pci(&vm, &mem)?;
+        let pci_bus = Arc::new(pci_bus);
+        let (pio, mmio) = self.build_buses(&machine, &display, &pci_bus)?;
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
         let fb = boot::LinearFramebuffer {
@@ -571,7 +657,7 @@ impl Vm {
         }
         self.handle.run.start_boot(threads.iter().map(|t| t.as_pthread_t()).collect());
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
-        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, threads })
+        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, threads, _pci: pci_bus, interrupts })
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
@@ -585,17 +671,22 @@ impl Vm {
     }
 
     /// Waits for the current boot to end; returns what ended it.
-    fn event_loop(&mut self) -> Result<MachineRequest, VmError> {
+    fn event_loop(&mut self, interrupts: &[Arc<VirtioInterrupt>]) -> Result<MachineRequest, VmError> {
         const MACHINE: u64 = 1;
         const LOOP_WAKE: u64 = 2;
         const STDIN: u64 = 3;
         const SERIAL_DRAINED: u64 = 4;
+        /// Tokens from here on are the resample fds of `interrupts`.
+        const RESAMPLE: u64 = 16;
         let epoll = Epoll::new().map_err(io_err("create the event loop"))?;
         let add = |fd: i32, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(self.handle.machine.wake_fd().as_raw_fd(), MACHINE).map_err(io_err("watch machine requests"))?;
         add(self.handle.loop_wake.as_raw_fd(), LOOP_WAKE).map_err(io_err("watch the control socket"))?;
         let serial_stats = self.handle.serial_stats.clone();
         add(serial_stats.input_drained.as_raw_fd(), SERIAL_DRAINED).map_err(io_err("watch the serial FIFO"))?;
+        for (i, interrupt) in interrupts.iter().enumerate() {
+            add(interrupt.resample_fd().as_raw_fd(), RESAMPLE + i as u64).map_err(io_err("watch a PCI interrupt"))?;
+        }
         let stdin = std::io::stdin();
         let mut stdin_watched = self.config.serial == SerialSink::Stdio && add(stdin.as_raw_fd(), STDIN).is_ok();
         let mut events = vec![EpollEvent::default(); 8];
@@ -654,6 +745,11 @@ impl Vm {
                             }
                         }
                     }
+                    token if token >= RESAMPLE => {
+                        if let Some(interrupt) = interrupts.get((token - RESAMPLE) as usize) {
+                            interrupt.resample();
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -687,7 +783,7 @@ impl Vm {
         }
         loop {
             let boot = self.boot()?;
-            let outcome = self.event_loop();
+            let outcome = self.event_loop(&boot.interrupts);
             self.handle.run.stop_boot();
             for t in boot.threads {
                 let _ = t.join();

@@ -64,6 +64,13 @@ struct Cli {
     /// The screen's start-up graphics mode for Linux guests, WIDTHxHEIGHT [default: 1280x800].
     #[arg(long, value_name = "WxH")]
     display: Option<String>,
+    /// A disk: a raw image, PATH[,readonly][,serial=S]; may be given more than once (disk0, disk1, …).
+    #[arg(long, value_name = "PATH[,readonly]")]
+    disk: Vec<String>,
+    /// A removable CD/DVD drive (read-only) holding the ISO at PATH, or empty without PATH; media can be
+    /// changed at run time with the control socket's attach-media / eject-media. May be repeated.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    cdrom: Vec<String>,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -128,6 +135,13 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     }
     if let Some(path) = &cli.vnc_password {
         config.vnc_password_file = Some(path.clone());
+    }
+    for spec in &cli.disk {
+        config.drives.push(spec.parse().with_context(|| format!("--disk {spec:?}"))?);
+    }
+    for path in &cli.cdrom {
+        let media = (!path.is_empty()).then(|| PathBuf::from(path));
+        config.drives.push(vmm_core::config::DriveConfig::removable(media));
     }
     Ok(config)
 }

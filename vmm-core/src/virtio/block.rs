@@ -1,0 +1,740 @@
+//! virtio-blk (virtio 1.2 §5.2): one request queue, served off the vCPU threads by a queue thread that
+//! validates each descriptor chain and a small pool of I/O threads that move bytes between the image and
+//! guest memory directly (no bounce buffers: memory use does not depend on what the guest posts).
+//!
+//! Validation: a chain whose structure is broken (a loop, a `next` beyond the queue, a bad indirect
+//! table, no device-writable status byte, an avail index that jumps past the queue, more descriptors
+//! than `seg_max` allows) puts the device in the NEEDS_RESET state and it stops serving until the driver
+//! resets it. A well-formed request that asks for something impossible (memory outside the guest's RAM,
+//! sectors past the end, a write to a read-only disk, buffers in the wrong direction, a short header)
+//! completes with VIRTIO_BLK_S_IOERR; an unknown type with VIRTIO_BLK_S_UNSUPP.
+
+use std::collections::VecDeque;
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, VirtioDevice, VirtioInterrupt};
+use crate::devices::bus::lock;
+use crate::disk::{Drive, SECTOR_SIZE};
+
+/// Virtio device ID of a block device.
+pub const DEVICE_TYPE: u16 = 2;
+/// The request queue's largest size.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request the driver may use (the header and status take two descriptors).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Threads doing disk I/O per device: how many requests can be in flight at once.
+pub const IO_THREADS: usize = 4;
+
+/// One validated request, waiting for an I/O thread.
+struct Job {
+    epoch: u64,
+    head: u16,
+    mem: GuestMemoryMmap,
+    status: GuestAddress,
+    kind: Kind,
+}
+
+enum Kind {
+    Read {
+        sector: u64,
+        segments: Vec<(GuestAddress, u32)>,
+    },
+    Write {
+        sector: u64,
+        segments: Vec<(GuestAddress, u32)>,
+    },
+    Flush,
+    GetId {
+        address: GuestAddress,
+        len: u32,
+    },
+    /// Well-formed but impossible: completes with IOERR.
+    Invalid(&'static str),
+    Unsupported(u32),
+}
+
+/// The queue while the driver is up.
+struct Active {
+    queue: Queue,
+    mem: GuestMemoryMmap,
+}
+
+#[derive(Default)]
+struct State {
+    active: Option<Active>,
+    /// Bumps on every activation and reset: jobs of an older epoch are dropped untouched.
+    epoch: u64,
+    jobs: VecDeque<Job>,
+    /// Jobs queued or being executed.
+    in_flight: usize,
+}
+
+/// What the queue thread, the I/O threads and the transport share.
+struct Shared {
+    drive: Arc<Drive>,
+    interrupt: Arc<VirtioInterrupt>,
+    /// The driver's queue notifications (a KVM ioeventfd).
+    notify: EventFd,
+    /// Wakes the queue thread on activation and shutdown.
+    wake: EventFd,
+    state: Mutex<State>,
+    /// Signalled when a job is queued (and at shutdown).
+    work: Condvar,
+    /// Signalled when `in_flight` drops to zero.
+    idle: Condvar,
+    shutdown: AtomicBool,
+}
+
+/// A virtio-blk device serving one [`Drive`].
+pub struct VirtioBlock {
+    shared: Arc<Shared>,
+    max_sizes: [u16; 1],
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl VirtioBlock {
+    /// A device for `drive`, raising `interrupt`; starts its (idle) threads, which inherit the caller's
+    /// seccomp filter.
+    pub fn new(drive: Arc<Drive>, interrupt: Arc<VirtioInterrupt>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            drive,
+            interrupt,
+            notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        let mut block = VirtioBlock { shared: shared.clone(), max_sizes: [QUEUE_SIZE], threads: Vec::new() };
+        let s = shared.clone();
+        block.threads.push(std::thread::Builder::new().name("blk-queue".into()).spawn(move || s.queue_thread())?);
+        for _ in 0..IO_THREADS {
+            let s = shared.clone();
+            block.threads.push(std::thread::Builder::new().name("blk-io".into()).spawn(move || s.io_thread())?);
+        }
+        Ok(block)
+    }
+
+    pub fn drive(&self) -> &Arc<Drive> {
+        &self.shared.drive
+    }
+
+    fn config_bytes(&self) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b[0..8].copy_from_slice(&self.shared.drive.sectors().to_le_bytes());
+        b[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        b[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        b[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        b
+    }
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX);
+        if self.shared.drive.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.max_sizes
+    }
+
+    fn queue_event(&self, _index: usize) -> &EventFd {
+        &self.shared.notify
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.config_bytes();
+        let start = offset as usize;
+        match bytes.get(start..start + data.len()) {
+            Some(b) => data.copy_from_slice(b),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing is writable (VIRTIO_BLK_F_CONFIG_WCE is not offered).
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.shared.drive.generation()
+    }
+
+    fn activate(&mut self, activation: Activation) {
+        let Some(queue) = activation.queues.into_iter().next() else { return };
+        {
+            let mut state = lock(&self.shared.state);
+            state.epoch += 1;
+            state.active = Some(Active { queue, mem: activation.mem });
+        }
+        self.shared.drive.set_listener(Some(self.shared.interrupt.clone()));
+        let _ = self.shared.wake.write(1);
+    }
+
+    fn reset(&mut self) {
+        self.shared.drive.set_listener(None);
+        self.shared.stop_serving();
+    }
+}
+
+impl Drop for VirtioBlock {
+    fn drop(&mut self) {
+        self.shared.drive.set_listener(None);
+        self.shared.stop_serving();
+        self.shared.shutdown.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
+        self.shared.work.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why a chain cannot be served at all.
+#[derive(Debug, PartialEq, Eq)]
+enum Malformed {
+    Empty,
+    Unterminated,
+    TooLong,
+    NoStatus,
+}
+
+impl Shared {
+    /// Stops serving the queue: drops queued jobs and waits for those being executed.
+    fn stop_serving(&self) {
+        let mut state = lock(&self.state);
+        state.active = None;
+        state.epoch += 1;
+        let dropped = state.jobs.len();
+        state.jobs.clear();
+        state.in_flight -= dropped;
+        while state.in_flight > 0 {
+            state = self.idle.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn queue_thread(&self) {
+        const NOTIFY: u64 = 1;
+        const WAKE: u64 = 2;
+        let Ok(epoll) = Epoll::new() else {
+            log::error!("virtio-blk: cannot create the queue thread's epoll; the disk stays idle");
+            return;
+        };
+        for (fd, token) in [(self.notify.as_raw_fd(), NOTIFY), (self.wake.as_raw_fd(), WAKE)] {
+            if epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).is_err() {
+                log::error!("virtio-blk: cannot watch the queue notifications; the disk stays idle");
+                return;
+            }
+        }
+        let mut events = [EpollEvent::default(); 2];
+        while !self.shutdown.load(Ordering::Acquire) {
+            match epoll.wait(-1, &mut events) {
+                Ok(n) => {
+                    for e in &events[..n] {
+                        let _ = if e.data() == NOTIFY { self.notify.read() } else { self.wake.read() };
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio-blk: the queue thread cannot wait: {e}");
+                    return;
+                }
+            }
+            // Take new requests, run one of them here (one thread hop less for a lone request), repeat
+            // until there is nothing left to take or run.
+            loop {
+                self.take_requests();
+                match self.next_job() {
+                    Some(job) => self.complete(job),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Moves every available chain to the job list, or marks the device broken.
+    fn take_requests(&self) {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let epoch = state.epoch;
+        let Some(active) = state.active.as_mut() else { return };
+        if self.interrupt.needs_reset() {
+            return;
+        }
+        let mem = active.mem.clone();
+        let mut queued = 0;
+        let broken = 'serve: loop {
+            let _ = active.queue.disable_notification(&mem);
+            loop {
+                // An avail index more than a queue's worth ahead is a driver bug (or an attack).
+                match active.queue.avail_idx(&mem, Ordering::Acquire) {
+                    Ok(avail) if (avail - Wrapping(active.queue.next_avail())).0 <= active.queue.size() => {}
+                    _ => {
+                        log::warn!(
+                            "{}: the avail index jumped past the queue; the device needs a reset",
+                            self.drive.id
+                        );
+                        break 'serve true;
+                    }
+                }
+                let Some(chain) = active.queue.pop_descriptor_chain(&mem) else { break };
+                match parse(chain, &mem) {
+                    Ok((head, status, kind)) => {
+                        state.jobs.push_back(Job { epoch, head, mem: mem.clone(), status, kind });
+                        queued += 1;
+                    }
+                    Err(why) => {
+                        log::warn!("{}: malformed request ({why:?}); the device needs a reset", self.drive.id);
+                        break 'serve true;
+                    }
+                }
+            }
+            match active.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break false,
+                Err(_) => break true,
+            }
+        };
+        state.in_flight += queued;
+        drop(guard);
+        // The queue thread runs one job itself; the I/O threads take the others.
+        for _ in 1..queued {
+            self.work.notify_one();
+        }
+        if broken {
+            self.interrupt.mark_needs_reset();
+        }
+    }
+
+    /// Takes the next job of the current epoch (dropping stale ones), or none.
+    fn pop_job(&self, state: &mut State) -> Option<Job> {
+        while let Some(job) = state.jobs.pop_front() {
+            if job.epoch == state.epoch {
+                return Some(job);
+            }
+            state.in_flight -= 1;
+        }
+        if state.in_flight == 0 {
+            self.idle.notify_all();
+        }
+        None
+    }
+
+    fn next_job(&self) -> Option<Job> {
+        self.pop_job(&mut lock(&self.state))
+    }
+
+    fn io_thread(&self) {
+        loop {
+            let job = {
+                let mut state = lock(&self.state);
+                loop {
+                    if let Some(job) = self.pop_job(&mut state) {
+                        break job;
+                    }
+                    if self.shutdown.load(Ordering::Acquire) {
+                        return;
+                    }
+                    state = self.work.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            self.complete(job);
+        }
+    }
+
+    /// Executes a job and puts it in the used ring (unless the device was reset meanwhile).
+    fn complete(&self, job: Job) {
+        let (status, written) = self.execute(&job);
+        let _ = job.mem.write_obj(status as u8, job.status);
+        let mut state = lock(&self.state);
+        let mut notify = false;
+        if state.epoch == job.epoch
+            && let Some(active) = state.active.as_mut()
+            && active.queue.add_used(&job.mem, job.head, written + 1).is_ok()
+        {
+            notify = active.queue.needs_notification(&job.mem).unwrap_or(true);
+        }
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            self.idle.notify_all();
+        }
+        drop(state);
+        if notify {
+            self.interrupt.signal_used();
+        }
+    }
+
+    /// Carries out a job; returns the status and how many bytes of guest memory it wrote.
+    fn execute(&self, job: &Job) -> (u32, u32) {
+        match &job.kind {
+            Kind::Read { sector, segments } => self.transfer(&job.mem, *sector, segments, false),
+            Kind::Write { sector, segments } => {
+                if self.drive.read_only {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                self.transfer(&job.mem, *sector, segments, true)
+            }
+            Kind::Flush => match self.drive.media() {
+                Some(m) => match m.backend.flush() {
+                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                    Err(e) => {
+                        log::warn!("{}: flush failed: {e}", self.drive.id);
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                },
+                None => (VIRTIO_BLK_S_IOERR, 0),
+            },
+            Kind::GetId { address, len } => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let serial = self.drive.serial.as_bytes();
+                let n = serial.len().min(id.len());
+                id[..n].copy_from_slice(&serial[..n]);
+                let len = (*len as usize).min(id.len());
+                match job.mem.write_slice(&id[..len], *address) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            Kind::Invalid(why) => {
+                log::debug!("{}: request refused: {why}", self.drive.id);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+            Kind::Unsupported(t) => {
+                log::debug!("{}: unsupported request type {t}", self.drive.id);
+                (VIRTIO_BLK_S_UNSUPP, 0)
+            }
+        }
+    }
+
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        segments: &[(GuestAddress, u32)],
+        write: bool,
+    ) -> (u32, u32) {
+        let Some(media) = self.drive.media() else { return (VIRTIO_BLK_S_IOERR, 0) };
+        let total: u64 = segments.iter().map(|&(_, len)| u64::from(len)).sum();
+        let start = sector.checked_mul(SECTOR_SIZE);
+        let in_range = start.and_then(|s| s.checked_add(total)).is_some_and(|end| end <= media.backend.size());
+        if !in_range || !total.is_multiple_of(SECTOR_SIZE) {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let mut offset = start.unwrap_or(0);
+        for &(address, len) in segments {
+            let Ok(slice) = mem.get_slice(address, len as usize) else { return (VIRTIO_BLK_S_IOERR, 0) };
+            let result =
+                if write { media.backend.write_at(&slice, offset) } else { media.backend.read_at(&slice, offset) };
+            if let Err(e) = result {
+                log::warn!("{}: {} at byte {offset} failed: {e}", self.drive.id, if write { "write" } else { "read" });
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            offset += u64::from(len);
+        }
+        (VIRTIO_BLK_S_OK, if write { 0 } else { total as u32 })
+    }
+}
+
+/// Validates a chain: header, data segments, status byte.
+fn parse(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+) -> Result<(u16, GuestAddress, Kind), Malformed> {
+    let head = chain.head_index();
+    let mut descriptors = Vec::new();
+    for d in chain {
+        if descriptors.len() == SEG_MAX as usize + 2 {
+            return Err(Malformed::TooLong);
+        }
+        descriptors.push(d);
+    }
+    let (Some(first), Some(last)) = (descriptors.first(), descriptors.last()) else { return Err(Malformed::Empty) };
+    if last.has_next() {
+        // The iterator stopped early: a loop, a `next` beyond the table, or an unreadable descriptor.
+        return Err(Malformed::Unterminated);
+    }
+    if descriptors.len() < 2
+        || !last.is_write_only()
+        || last.len() == 0
+        || !GuestMemoryBackend::check_range(mem, last.addr(), 1)
+    {
+        return Err(Malformed::NoStatus);
+    }
+    let status = last.addr();
+    let data = &descriptors[1..descriptors.len() - 1];
+    if first.is_write_only() || first.len() < 16 {
+        return Ok((head, status, Kind::Invalid("the request header is short or device-writable")));
+    }
+    let Ok(header) = mem.read_obj::<[u8; 16]>(first.addr()) else {
+        return Ok((head, status, Kind::Invalid("the request header is outside guest memory")));
+    };
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+    ]);
+    let segments = || data.iter().map(|d| (d.addr(), d.len())).collect::<Vec<_>>();
+    let all_writable = data.iter().all(|d| d.is_write_only());
+    let kind = match kind {
+        VIRTIO_BLK_T_IN if all_writable => Kind::Read { sector, segments: segments() },
+        VIRTIO_BLK_T_OUT if data.iter().all(|d| !d.is_write_only()) => Kind::Write { sector, segments: segments() },
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => Kind::Invalid("data buffers point the wrong way"),
+        VIRTIO_BLK_T_FLUSH => Kind::Flush,
+        VIRTIO_BLK_T_GET_ID => match data.first() {
+            Some(d) if d.is_write_only() => Kind::GetId { address: d.addr(), len: d.len() },
+            _ => Kind::Invalid("GET_ID without a device-writable buffer"),
+        },
+        other => Kind::Unsupported(other),
+    };
+    Ok((head, status, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::disk::Media;
+    use crate::virtio::host_driver::{Desc, HostBlockDriver, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+
+    const WAIT: Duration = Duration::from_secs(5);
+    const SHORT: Duration = Duration::from_millis(200);
+
+    struct Image {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl Image {
+        fn new(name: &str, sectors: usize) -> Image {
+            let dir = std::env::temp_dir().join(format!("porthole-blk-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("disk.img");
+            let bytes: Vec<u8> = (0..sectors * 512).map(|i| (i / 512 + i % 251) as u8).collect();
+            std::fs::write(&path, bytes).unwrap();
+            Image { dir, path }
+        }
+        fn bytes(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn driver(image: &Image, read_only: bool) -> HostBlockDriver {
+        let media = Drive::open_media(&image.path, read_only).unwrap();
+        let drive = Arc::new(Drive::new("disk0".into(), read_only, false, "PORTHOLE-SN".into(), Some(media)));
+        HostBlockDriver::new(drive, 32, 64 * 1024).unwrap()
+    }
+
+    fn one(d: &mut HostBlockDriver, slot: u16, kind: u32, sector: u64, len: u32) -> (u8, u32) {
+        d.post(slot, kind, sector, len);
+        d.kick();
+        let done = d.completions(WAIT);
+        assert_eq!(done.len(), 1, "one completion");
+        assert_eq!(done[0].0, slot * 3, "the head of the chain");
+        (d.request_status(slot), done[0].1)
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_identifies() {
+        let image = Image::new("rw", 64);
+        let mut d = driver(&image, false);
+        assert_eq!(d.capacity(), 64);
+        let (status, len) = one(&mut d, 0, T_IN, 3, 1024);
+        assert_eq!((status, len), (0, 1025));
+        let mut got = vec![0u8; 1024];
+        d.mem.read_slice(&mut got, d.data_address(0)).unwrap();
+        assert_eq!(got, image.bytes()[3 * 512..5 * 512]);
+        d.mem.write_slice(&[0x5A; 2048], d.data_address(1)).unwrap();
+        assert_eq!(one(&mut d, 1, T_OUT, 10, 2048), (0, 1));
+        assert_eq!(one(&mut d, 2, T_FLUSH, 0, 0), (0, 1));
+        let file = image.bytes();
+        assert_eq!(file.len(), 64 * 512);
+        assert!(file[10 * 512..14 * 512].iter().all(|&b| b == 0x5A));
+        assert_eq!(one(&mut d, 3, T_GET_ID, 0, 20), (0, 21));
+        let mut id = [0u8; 20];
+        d.mem.read_slice(&mut id, d.data_address(3)).unwrap();
+        assert_eq!(&id[..11], b"PORTHOLE-SN");
+        assert_eq!(one(&mut d, 4, 99, 0, 512), (VIRTIO_BLK_S_UNSUPP as u8, 1));
+    }
+
+    #[test]
+    fn impossible_requests_fail_with_ioerr_and_never_grow_the_image() {
+        let image = Image::new("range", 16);
+        let mut d = driver(&image, false);
+        let ioerr = (VIRTIO_BLK_S_IOERR as u8, 1);
+        assert_eq!(one(&mut d, 0, T_OUT, 15, 1024), ioerr, "past the end");
+        assert_eq!(one(&mut d, 1, T_IN, u64::MAX / 256, 512), ioerr, "sector overflow");
+        assert_eq!(one(&mut d, 2, T_IN, 0, 100), ioerr, "not whole sectors");
+        // A data buffer outside guest memory, and one far too long.
+        d.write_desc(1, Desc { addr: 0x40_0000_0000, len: 512, flags: 2 | 1, next: 2 });
+        d.write_desc(0, Desc { addr: 0x1_0000, len: 16, flags: 1, next: 1 });
+        d.write_desc(2, Desc { addr: 0x2_0000, len: 1, flags: 2, next: 0 });
+        d.mem.write_slice(&[0u8; 16], GuestAddress(0x1_0000)).unwrap();
+        d.publish(0, 1);
+        assert_eq!(d.completions(WAIT), [(0, 1)]);
+        assert_eq!(d.request_status(0), VIRTIO_BLK_S_IOERR as u8);
+        d.write_desc(1, Desc { addr: d.data_address(0).0, len: 0xFFFF_FE00, flags: 2 | 1, next: 2 });
+        d.publish(0, 1);
+        assert_eq!(d.completions(WAIT), [(0, 1)]);
+        assert_eq!(d.request_status(0), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(image.bytes().len(), 16 * 512);
+        assert_eq!(d.status() & 0x40, 0, "the device still works");
+        assert_eq!(one(&mut d, 5, T_IN, 0, 512).0, 0);
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes() {
+        let image = Image::new("ro", 8);
+        let before = image.bytes();
+        let mut d = driver(&image, true);
+        assert_ne!(d.device.device().features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(one(&mut d, 0, T_OUT, 0, 512), (VIRTIO_BLK_S_IOERR as u8, 1));
+        assert_eq!(one(&mut d, 1, T_IN, 0, 512), (0, 513));
+        assert_eq!(image.bytes(), before);
+    }
+
+    #[test]
+    fn requests_run_concurrently_and_all_complete() {
+        let image = Image::new("many", 256);
+        let mut d = driver(&image, false);
+        for slot in 0..8 {
+            d.post(slot, T_IN, u64::from(slot) * 8, 4096);
+        }
+        d.kick();
+        let mut done = Vec::new();
+        while done.len() < 8 {
+            let got = d.completions(WAIT);
+            assert!(!got.is_empty(), "completions stalled at {}", done.len());
+            done.extend(got);
+        }
+        done.sort();
+        assert_eq!(done, (0..8).map(|s| (s * 3, 4097)).collect::<Vec<_>>());
+        let file = image.bytes();
+        for slot in 0..8u16 {
+            let mut got = vec![0u8; 4096];
+            d.mem.read_slice(&mut got, d.data_address(slot)).unwrap();
+            let start = usize::from(slot) * 8 * 512;
+            assert_eq!(got, file[start..start + 4096]);
+        }
+    }
+
+    /// Malformed chains: the device says it needs a reset and serves nothing more until it gets one.
+    #[test]
+    fn malformed_chains_break_the_device_until_reset() {
+        let image = Image::new("hostile", 16);
+        let mut d = driver(&image, false);
+        let header = Desc { addr: 0x1_0000, len: 16, flags: 1, next: 1 };
+        let status = Desc { addr: 0x2_0000, len: 1, flags: 2, next: 0 };
+        type Case = fn(&mut HostBlockDriver, Desc, Desc);
+        let cases: [(&str, Case); 7] = [
+            ("loop", |d, h, _| {
+                d.write_desc(0, h);
+                d.write_desc(1, Desc { addr: 0x3_0000, len: 512, flags: 1 | 2, next: 0 });
+                d.publish(0, 1);
+            }),
+            ("next beyond the queue", |d, h, _| {
+                d.write_desc(0, Desc { next: 0xFFFF, ..h });
+                d.publish(0, 1);
+            }),
+            ("head beyond the queue", |d, _, _| d.publish(32 + 5, 1)),
+            ("read-only status", |d, h, s| {
+                d.write_desc(0, h);
+                d.write_desc(1, Desc { flags: 0, ..s });
+                d.publish(0, 1);
+            }),
+            ("bogus indirect table", |d, _, _| {
+                d.write_desc(0, Desc { addr: 0x10_0000, len: 0x1000_0000, flags: 4, next: 0 });
+                d.publish(0, 1);
+            }),
+            ("indirect table outside memory", |d, _, _| {
+                d.write_desc(0, Desc { addr: 0x40_0000_0000, len: 48, flags: 4, next: 0 });
+                d.publish(0, 1);
+            }),
+            ("avail index jump", |d, h, s| {
+                d.write_desc(0, h);
+                d.write_desc(1, s);
+                d.publish(0, 1000);
+            }),
+        ];
+        for (name, case) in cases {
+            d.init();
+            case(&mut d, header, status);
+            assert_eq!(d.completions(SHORT), [], "{name}: nothing completes");
+            assert_eq!(d.status() & 0x40, 0x40, "{name}: NEEDS_RESET");
+            assert_eq!(d.read_isr() & 2, 2, "{name}: a configuration interrupt");
+            // Broken: a good request is not served either.
+            d.post(1, T_IN, 0, 512);
+            d.kick();
+            assert_eq!(d.completions(SHORT), [], "{name}: the device stays stopped");
+            d.init();
+            assert_eq!(d.status() & 0x40, 0, "{name}: reset clears NEEDS_RESET");
+            assert_eq!(one(&mut d, 1, T_IN, 0, 512).0, 0, "{name}: serves again after reset");
+        }
+    }
+
+    #[test]
+    fn media_changes_reach_the_driver() {
+        let iso_a = Image::new("media-a", 8);
+        let iso_b = Image::new("media-b", 32);
+        let drive = Arc::new(Drive::new("cdrom0".into(), true, true, String::new(), None));
+        let mut d = HostBlockDriver::new(drive.clone(), 16, 4096).unwrap();
+        assert_eq!(d.capacity(), 0);
+        assert_eq!(one(&mut d, 0, T_IN, 0, 512).0, VIRTIO_BLK_S_IOERR as u8, "no media");
+        let generation = |d: &mut HostBlockDriver| {
+            let mut b = [0u8];
+            crate::pci::PciDevice::bar_read(&mut d.device, 0, 0x15, &mut b);
+            b[0]
+        };
+        let g0 = generation(&mut d);
+        drive.change_media(Some(Drive::open_media(&iso_a.path, true).unwrap())).unwrap();
+        assert_eq!(d.read_isr() & 2, 2, "config change interrupt");
+        assert_ne!(generation(&mut d), g0);
+        assert_eq!(d.capacity(), 8);
+        assert_eq!(one(&mut d, 1, T_IN, 0, 512), (0, 513));
+        drive.change_media(None).unwrap();
+        assert_eq!(d.capacity(), 0);
+        assert_eq!(one(&mut d, 2, T_IN, 0, 512).0, VIRTIO_BLK_S_IOERR as u8);
+        let media_b: Media = Drive::open_media(&iso_b.path, true).unwrap();
+        drive.change_media(Some(media_b)).unwrap();
+        assert_eq!(d.capacity(), 32);
+        assert_eq!(one(&mut d, 3, T_IN, 31, 512), (0, 513));
+        let mut got = vec![0u8; 512];
+        d.mem.read_slice(&mut got, d.data_address(3)).unwrap();
+        assert_eq!(got, iso_b.bytes()[31 * 512..]);
+        assert_eq!(one(&mut d, 4, T_OUT, 0, 512).0, VIRTIO_BLK_S_IOERR as u8, "media is read-only");
+    }
+}
