@@ -25,6 +25,7 @@ pub struct Counters {
 
 /// A point-in-time copy of every counter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CountersSnapshot {
     pub exits_io_in: u64,
     pub exits_io_out: u64,
@@ -47,6 +48,16 @@ pub struct CountersSnapshot {
     pub serial_bytes_lost: u64,
     pub last_post_code: u64,
     pub uptime_ms: u64,
+    /// Disk requests completed, over every drive.
+    pub disk_reads: u64,
+    pub disk_writes: u64,
+    pub disk_flushes: u64,
+    pub disk_bytes_read: u64,
+    pub disk_bytes_written: u64,
+    /// Requests that completed with an error status.
+    pub disk_errors: u64,
+    /// Malformed descriptor chains (each put its device into NEEDS_RESET).
+    pub disk_malformed: u64,
 }
 
 impl Counters {

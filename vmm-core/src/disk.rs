@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vm_memory::VolatileSlice;
@@ -180,6 +180,18 @@ pub fn create_raw_image(path: &Path, size: u64) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// What a drive has served (every boot together).
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
 /// Media in a drive.
 #[derive(Clone)]
 pub struct Media {
@@ -200,6 +212,7 @@ pub struct Drive {
     generation: AtomicU32,
     /// The interrupt of the device serving the drive in the current boot, once its driver is up.
     listener: Mutex<Option<Arc<VirtioInterrupt>>>,
+    pub stats: DiskStats,
 }
 
 /// What the control socket reports about a drive.
@@ -224,6 +237,7 @@ impl Drive {
             media: RwLock::new(media),
             generation: AtomicU32::new(0),
             listener: Mutex::new(None),
+            stats: DiskStats::default(),
         }
     }
 

@@ -322,6 +322,16 @@ impl VmHandle {
         s.serial_bytes_lost = l(&self.serial_stats.lost_out);
         s.last_post_code = l(&self.post_code);
         s.uptime_ms = self.uptime().as_millis() as u64;
+        for d in &self.drives {
+            let st = &d.stats;
+            s.disk_reads += l(&st.reads);
+            s.disk_writes += l(&st.writes);
+            s.disk_flushes += l(&st.flushes);
+            s.disk_bytes_read += l(&st.bytes_read);
+            s.disk_bytes_written += l(&st.bytes_written);
+            s.disk_errors += l(&st.errors);
+            s.disk_malformed += l(&st.malformed);
+        }
         s
     }
 }

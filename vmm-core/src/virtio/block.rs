@@ -297,10 +297,7 @@ impl Shared {
                 match active.queue.avail_idx(&mem, Ordering::Acquire) {
                     Ok(avail) if (avail - Wrapping(active.queue.next_avail())).0 <= active.queue.size() => {}
                     _ => {
-                        log::warn!(
-                            "{}: the avail index jumped past the queue; the device needs a reset",
-                            self.drive.id
-                        );
+                        self.malformed("the avail index jumped past the queue");
                         break 'serve true;
                     }
                 }
@@ -311,7 +308,7 @@ impl Shared {
                         queued += 1;
                     }
                     Err(why) => {
-                        log::warn!("{}: malformed request ({why:?}); the device needs a reset", self.drive.id);
+                        self.malformed(&format!("malformed request ({why:?})"));
                         break 'serve true;
                     }
                 }
@@ -369,9 +366,32 @@ impl Shared {
         }
     }
 
+    /// Counts a driver error; the first of each drive is logged as a warning (a guest could otherwise
+    /// flood the log), the others at debug level.
+    fn malformed(&self, what: &str) {
+        let first = self.drive.stats.malformed.fetch_add(1, Ordering::Relaxed) == 0;
+        let level = if first { log::Level::Warn } else { log::Level::Debug };
+        log::log!(level, "{}: {what}; the device needs a reset (guest driver error)", self.drive.id);
+    }
+
     /// Executes a job and puts it in the used ring (unless the device was reset meanwhile).
     fn complete(&self, job: Job) {
         let (status, written) = self.execute(&job);
+        let stats = &self.drive.stats;
+        let count = |c: &std::sync::atomic::AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
+        match (&job.kind, status) {
+            (_, s) if s != VIRTIO_BLK_S_OK => count(&stats.errors, 1),
+            (Kind::Read { .. }, _) => {
+                count(&stats.bytes_read, u64::from(written));
+                count(&stats.reads, 1)
+            }
+            (Kind::Write { segments, .. }, _) => {
+                count(&stats.bytes_written, segments.iter().map(|&(_, len)| u64::from(len)).sum());
+                count(&stats.writes, 1)
+            }
+            (Kind::Flush, _) => count(&stats.flushes, 1),
+            _ => 0,
+        };
         let _ = job.mem.write_obj(status as u8, job.status);
         let mut state = lock(&self.state);
         let mut notify = false;

@@ -1,0 +1,338 @@
+//! Storage on the real KVM: the `virtio-blk` micro-guest (a polling virtio 1.x PCI block driver in
+//! assembly, driven by words on its command line) against porthole-vmm's virtio-blk devices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use porthole_tests::{Scratch, text, wait, wait_until};
+use vmm_core::control::{ControlClient, Request};
+
+const VMM: &str = env!("CARGO_BIN_EXE_porthole-vmm");
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// 32-bit FNV-1a, as the guest computes it.
+fn fnv(bytes: &[u8]) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in bytes {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// What the guest's `write=S,N,SEED` puts in byte j of sector s.
+fn pattern(sector: usize, seed: usize) -> Vec<u8> {
+    (0..512).map(|j| ((sector * 7 + j + seed) & 0xFF) as u8).collect()
+}
+
+/// An image of `sectors` sectors whose bytes all differ from any write pattern's neighbours.
+fn image(dir: &Scratch, name: &str, sectors: usize, salt: u8) -> (PathBuf, Vec<u8>) {
+    let bytes: Vec<u8> = (0..sectors * 512).map(|i| ((i * 13 + i / 512) as u8) ^ salt).collect();
+    let path = dir.path(name);
+    std::fs::write(&path, &bytes).unwrap();
+    (path, bytes)
+}
+
+fn vmm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(VMM);
+    let kernel = porthole_guests::path("virtio-blk");
+    cmd.arg("--kernel").arg(kernel).args(["--memory", "64"]).args(args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    wait(vmm(args).spawn().unwrap(), LIMIT)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_ok(out: &Output) -> String {
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert!(stdout.ends_with("BLK done\n"), "{stdout}");
+    stdout
+}
+
+#[test]
+fn the_guest_driver_reads_identifies_writes_and_flushes() {
+    let dir = Scratch::new("blk-rw");
+    let (path, before) = image(&dir, "d0.img", 64, 0);
+    let disk = format!("{},serial=PORTHOLE-D0", s(&path));
+    let out = run(&["--disk", &disk, "--cmdline", "id read=0,1 read=5,3 write=1,4,9 flush read=1,4"]);
+    let stdout = assert_ok(&out);
+    assert!(stdout.contains("BLK found=1\n"), "{stdout}");
+    assert!(stdout.contains("capacity=64 ro=0"), "{stdout}");
+    assert!(stdout.contains("BLK id disk=0 status=0 id=PORTHOLE-D0\n"), "{stdout}");
+    let read0 = format!("BLK read disk=0 sector=0 count=1 status=0 sum={}\n", fnv(&before[..512]));
+    assert!(stdout.contains(&read0), "{stdout}\nexpected {read0}");
+    let read5 = format!("BLK read disk=0 sector=5 count=3 status=0 sum={}\n", fnv(&before[5 * 512..8 * 512]));
+    assert!(stdout.contains(&read5), "{stdout}\nexpected {read5}");
+    assert!(stdout.contains("BLK write disk=0 sector=1 count=4 status=0\n"), "{stdout}");
+    assert!(stdout.contains("BLK flush disk=0 status=0\n"), "{stdout}");
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(after.len(), before.len(), "the image keeps its size");
+    let written: Vec<u8> = (1..5).flat_map(|sector| pattern(sector, 9)).collect();
+    assert_eq!(after[512..5 * 512], written[..], "sectors 1-4 hold the pattern");
+    assert_eq!(after[..512], before[..512]);
+    assert_eq!(after[5 * 512..], before[5 * 512..], "nothing else changed");
+    let reread = format!("BLK read disk=0 sector=1 count=4 status=0 sum={}\n", fnv(&written));
+    assert!(stdout.contains(&reread), "the guest reads back what it wrote: {stdout}");
+}
+
+#[test]
+fn a_read_only_disk_fails_writes_with_an_error_status() {
+    let dir = Scratch::new("blk-ro");
+    let (path, before) = image(&dir, "ro.img", 16, 0x55);
+    let disk = format!("{},readonly", s(&path));
+    let out = run(&["--disk", &disk, "--cmdline", "write=0,2,1 flush read=0,1"]);
+    let stdout = assert_ok(&out);
+    assert!(stdout.contains("capacity=16 ro=1"), "{stdout}");
+    assert!(stdout.contains("BLK write disk=0 sector=0 count=2 status=1\n"), "{stdout}");
+    assert!(stdout.contains(&format!("status=0 sum={}", fnv(&before[..512]))), "{stdout}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the image is untouched");
+}
+
+#[test]
+fn requests_past_the_end_fail_and_never_grow_the_image() {
+    let dir = Scratch::new("blk-end");
+    let (path, before) = image(&dir, "small.img", 8, 1);
+    let out = run(&["--disk", s(&path), "--cmdline", "write=7,2,3 read=8,1 write=7,1,3"]);
+    let stdout = assert_ok(&out);
+    assert!(stdout.contains("BLK write disk=0 sector=7 count=2 status=1\n"), "{stdout}");
+    assert!(stdout.contains("BLK read disk=0 sector=8 count=1 status=1"), "{stdout}");
+    assert!(stdout.contains("BLK write disk=0 sector=7 count=1 status=0\n"), "the last sector is writable: {stdout}");
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(after.len(), 8 * 512);
+    assert_eq!(after[..7 * 512], before[..7 * 512]);
+    assert_eq!(after[7 * 512..], pattern(7, 3)[..]);
+}
+
+/// The interrupt path: INTA# through the IOAPIC (irqfd with resample) rather than polling.
+#[test]
+fn completions_raise_the_pci_interrupt() {
+    let dir = Scratch::new("blk-irq");
+    let (path, before) = image(&dir, "irq.img", 8, 7);
+    let out = run(&["--disk", s(&path), "--cmdline", "irq-read=3 irq-read=4"]);
+    let stdout = assert_ok(&out);
+    for sector in [3, 4] {
+        let line = format!("status=0 interrupts=1 sum={}\n", fnv(&before[sector * 512..(sector + 1) * 512]));
+        assert!(stdout.contains(&line), "{stdout}\nexpected {line}");
+    }
+}
+
+/// A running VM with a control socket; its serial output goes to a file.
+struct Running {
+    dir: Scratch,
+    child: Option<Child>,
+    serial: PathBuf,
+    control: PathBuf,
+}
+
+impl Running {
+    fn start(tag: &str, args: &[&str]) -> Running {
+        let dir = Scratch::new(tag);
+        let serial = dir.path("serial.log");
+        let control = dir.path("control.sock");
+        let mut cmd = vmm(args);
+        cmd.arg("--serial").arg(format!("file:{}", serial.display()));
+        cmd.arg("--control").arg(format!("unix:{}", control.display()));
+        let child = cmd.spawn().unwrap();
+        Running { dir, child: Some(child), serial, control }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn wait_for(&self, what: impl Fn(&str) -> bool) -> String {
+        wait_until(LIMIT, || what(&self.output()), || format!("guest output so far:\n{}", self.output()));
+        self.output()
+    }
+
+    fn client(&self) -> ControlClient {
+        wait_until(LIMIT, || self.control.exists(), || "no control socket".into());
+        ControlClient::connect(&self.control).unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The guest writes and flushes one sector at a time; the VMM is killed with SIGKILL mid-way. Every sector
+/// whose flush the guest saw complete is in the file, every flush reached fdatasync (the counters say so),
+/// and the file did not grow.
+#[test]
+fn flushed_writes_survive_kill_9() {
+    let dir = Scratch::new("blk-crash");
+    let (path, before) = image(&dir, "crash.img", 64, 3);
+    let words: Vec<String> = (0..48).flat_map(|s| [format!("write={s},1,42"), "flush".into()]).collect();
+    let cmdline = words.join(" ") + " hang";
+    let vm = Running::start("blk-crash-vm", &["--disk", s(&path), "--cmdline", &cmdline]);
+    let flushed = |out: &str| out.lines().filter(|l| l.starts_with("BLK flush disk=0 status=0")).count();
+    vm.wait_for(|out| flushed(out) >= 12);
+    let counters = vm.client().request(&Request::Counters).unwrap().counters.unwrap();
+    let mut vm = vm;
+    let mut child = vm.child.take().unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    let out = vm.output();
+    let done = flushed(&out);
+    assert!(done >= 12, "{out}");
+    assert!(counters.disk_flushes >= 12 && counters.disk_writes >= 12, "{counters:?}");
+    assert_eq!(counters.disk_errors, 0, "{counters:?}");
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(after.len(), before.len(), "nothing was written past the image's end");
+    for sector in 0..done {
+        assert_eq!(after[sector * 512..(sector + 1) * 512], pattern(sector, 42)[..], "flushed sector {sector}");
+    }
+    for sector in done + 1..64 {
+        assert_eq!(
+            after[sector * 512..(sector + 1) * 512],
+            before[sector * 512..(sector + 1) * 512],
+            "sector {sector}"
+        );
+    }
+    drop(dir);
+}
+
+/// Malformed chains (a loop, a huge length, memory outside RAM, a head or next beyond the queue, a
+/// read-only status, a bogus indirect table, an avail index jump, …): the device fails the request or
+/// marks itself NEEDS_RESET, the VMM survives, the other disk keeps working and a reset revives the first.
+#[test]
+fn malformed_chains_break_only_their_device_until_reset() {
+    let dir = Scratch::new("blk-hostile");
+    let (d0, b0) = image(&dir, "d0.img", 32, 9);
+    let (d1, b1) = image(&dir, "d1.img", 32, 10);
+    let counters = dir.path("counters.json");
+    let out = run(&[
+        "--disk",
+        s(&d0),
+        "--disk",
+        s(&d1),
+        "--counters-file",
+        s(&counters),
+        "--cmdline",
+        "hostile read=0,1 disk=1 read=0,1",
+    ]);
+    let stdout = assert_ok(&out);
+    let case = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("BLK hostile case={name} ")))
+            .unwrap_or_else(|| panic!("no {name} case in:\n{stdout}"))
+            .to_owned()
+    };
+    // Structural errors: nothing completes and the device asks for a reset (status bit 0x40).
+    for name in ["loop", "badhead", "badnext", "rostatus", "indirect", "availjump"] {
+        let line = case(name);
+        assert!(line.ends_with("used=0 status=255 devstatus=4f"), "{line}");
+    }
+    // Impossible but well-formed requests: an error status, the device keeps going.
+    for name in ["huge", "outside", "shortheader", "writeread"] {
+        let line = case(name);
+        assert!(line.ends_with("used=1 status=1 devstatus=0f"), "{line}");
+    }
+    assert!(
+        stdout.contains(&format!("BLK read disk=0 sector=0 count=1 status=0 sum={}\n", fnv(&b0[..512]))),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("BLK read disk=1 sector=0 count=1 status=0 sum={}\n", fnv(&b1[..512]))),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(&d0).unwrap(), b0, "no hostile request wrote to the image");
+    let c: vmm_core::counters::CountersSnapshot =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    assert_eq!(c.disk_malformed, 6, "{c:?}");
+    let warnings = text(&out.stderr).matches("guest driver error").count();
+    assert_eq!(warnings, 1, "one warning per drive, the rest at debug level: {}", text(&out.stderr));
+}
+
+/// attach-media / eject-media on a running VM: the guest sees each change through a configuration
+/// interrupt, reads the new media, gets errors while the drive is empty.
+#[test]
+fn media_can_be_attached_ejected_and_swapped_while_running() {
+    let dir = Scratch::new("blk-media");
+    let (iso_a, a) = image(&dir, "a.iso", 40, 0x21);
+    let (iso_b, b) = image(&dir, "b.iso", 12, 0x42);
+    let vm = Running::start(
+        "blk-media-vm",
+        &["--cdrom", "--cmdline", "read=0,1 wait-media read=0,1 wait-media read=0,1 wait-media read=0,1 read=39,1"],
+    );
+    vm.wait_for(|o| o.contains("BLK read disk=0 sector=0 count=1 status=1"));
+    assert!(vm.output().contains("capacity=0 ro=1"), "{}", vm.output());
+    let mut c = vm.client();
+    let status = c.request(&Request::Status).unwrap().status.unwrap();
+    assert_eq!(status.drives.len(), 1);
+    assert_eq!((status.drives[0].id.as_str(), status.drives[0].media.as_ref()), ("cdrom0", None));
+
+    let attached = c.request(&Request::AttachMedia { path: iso_a.clone(), drive: None }).unwrap();
+    assert_eq!(attached.drive.unwrap().media.as_deref(), Some(iso_a.as_path()));
+    let out = vm.wait_for(|o| o.matches("BLK read").count() >= 2);
+    assert!(out.contains("BLK media disk=0 capacity=40\n"), "{out}");
+    assert!(out.contains(&format!("sector=0 count=1 status=0 sum={}\n", fnv(&a[..512]))), "{out}");
+
+    let ejected = c.request(&Request::EjectMedia { drive: Some("cdrom0".into()) }).unwrap();
+    assert_eq!(ejected.drive.unwrap().media, None);
+    let out = vm.wait_for(|o| o.matches("BLK read").count() >= 3);
+    assert!(out.contains("BLK media disk=0 capacity=0\n"), "{out}");
+    assert_eq!(out.matches("count=1 status=1").count(), 2, "reads of an empty drive fail: {out}");
+
+    c.request(&Request::AttachMedia { path: iso_b.clone(), drive: None }).unwrap();
+    let out = vm.wait_for(|o| o.contains("BLK done"));
+    assert!(out.contains("BLK media disk=0 capacity=12\n"), "{out}");
+    let reads: Vec<&str> = out.lines().filter(|l| l.starts_with("BLK read")).collect();
+    assert!(reads[3].ends_with(&format!("sector=0 count=1 status=0 sum={}", fnv(&b[..512]))), "{out}");
+    // Sector 39 existed on the first ISO, not on this one.
+    assert!(reads[4].starts_with("BLK read disk=0 sector=39 count=1 status=1"), "{out}");
+
+    // Refusals come back as clear errors, and the VM is unharmed.
+    let missing = c.request(&Request::AttachMedia { path: vm.dir.path("none.iso"), drive: None }).unwrap_err();
+    assert!(
+        missing.to_string().contains("cannot open disk image") && missing.to_string().contains("none.iso"),
+        "{missing}"
+    );
+    let wrong = c.request(&Request::EjectMedia { drive: Some("disk7".into()) }).unwrap_err();
+    assert!(wrong.to_string().contains("no drive named \"disk7\""), "{wrong}");
+}
+
+#[test]
+fn fixed_disks_refuse_media_changes() {
+    let dir = Scratch::new("blk-fixed");
+    let (path, _) = image(&dir, "fixed.img", 8, 0);
+    let vm = Running::start("blk-fixed-vm", &["--disk", s(&path), "--cmdline", "hang"]);
+    vm.wait_for(|o| o.contains("BLK hang"));
+    let mut c = vm.client();
+    let e = c.request(&Request::EjectMedia { drive: Some("disk0".into()) }).unwrap_err();
+    assert!(e.to_string().contains("drive disk0 is not removable"), "{e}");
+    let e = c.request(&Request::EjectMedia { drive: None }).unwrap_err();
+    assert!(e.to_string().contains("no removable drive"), "{e}");
+}
+
+#[test]
+fn bad_disk_options_are_refused_with_the_reason() {
+    let dir = Scratch::new("blk-options");
+    let (path, _) = image(&dir, "x.img", 8, 0);
+    let cases: [(&[&str], &str); 4] = [
+        (&["--disk", "/nonexistent/disk.img"], "disk0: No such file"),
+        (&["--disk", "x.img,fast"], "is not PATH[,readonly][,serial=S]"),
+        (&["--disk", s(&path), "--cdrom", s(&path)], "is in use by another VM"),
+        (&["--disk", &format!("{},serial=this-serial-is-far-too-long", s(&path))], "at most 20"),
+    ];
+    for (args, message) in cases {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(text(&out.stderr).contains(message), "{args:?}: {}", text(&out.stderr));
+    }
+}
