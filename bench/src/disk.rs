@@ -196,3 +196,90 @@ pub fn backend(seconds: f64) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Runs the `virtio-blk` guest with `cmdline` on one engine; returns the time between each
+/// `BLK bench-start KIND` and `BLK bench-end KIND ... errors=0` pair, by kind.
+fn guest_run(qemu: bool, image: &Path, cmdline: &str) -> anyhow::Result<Vec<(String, Duration)>> {
+    use std::io::BufRead;
+    let kernel = porthole_guests::path("virtio-blk");
+    let mut cmd = if qemu {
+        let mut c = std::process::Command::new("qemu-system-x86_64");
+        c.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"])
+            .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel"])
+            .arg(&kernel)
+            .args(["-append", cmdline, "-drive"])
+            .arg(format!("if=none,id=d0,file={},format=raw,readonly=on", image.display()))
+            .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+        c
+    } else {
+        let mut c = std::process::Command::new(crate::sibling("porthole-vmm")?);
+        c.arg("--kernel").arg(&kernel).args(["--memory", "64", "--serial", "stdio", "--cmdline", cmdline]);
+        c.arg("--disk").arg(format!("{},readonly", image.display()));
+        c
+    };
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut starts = Vec::new();
+    let mut results = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        let now = Instant::now();
+        if let Some(rest) = line.strip_prefix("BLK bench-start ") {
+            starts.push((rest.split_whitespace().next().unwrap_or_default().to_owned(), now));
+        } else if let Some(rest) = line.strip_prefix("BLK bench-end ") {
+            if !line.ends_with("errors=0") {
+                bail!("{line}");
+            }
+            let kind = rest.split_whitespace().next().unwrap_or_default();
+            let (_, start) = starts.iter().rev().find(|(k, _)| k == kind).context("bench-end without start")?;
+            results.push((kind.to_owned(), now - *start));
+        } else if line.starts_with("BLK done") || line.starts_with("BLK timeout") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(results)
+}
+
+pub fn guest(seq: u32, rand: u32) -> anyhow::Result<()> {
+    let path = image(&scratch_dir()?)?;
+    let cmdline = format!("bench-seq={seq} bench-rand={rand}");
+    println!(
+        "disk guest: the virtio-blk micro-guest's polling driver, {seq} x 1 MiB sequential and {rand} x 4 KiB random reads, \
+         256 MiB raw image, porthole-vmm vs QEMU virtio-blk-pci (-M pc), same run, median of 3"
+    );
+    // Warm the page cache, then alternate the engines and keep each one's median of three runs.
+    pread_rate(&path, &PATTERNS[2], 0.5)?;
+    let (mut porthole_runs, mut qemu_runs) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        porthole_runs.push(guest_run(false, &path, &cmdline)?);
+        qemu_runs.push(guest_run(true, &path, &cmdline)?);
+    }
+    let median = |runs: &[Vec<(String, Duration)>]| -> Vec<(String, Duration)> {
+        (0..runs[0].len())
+            .map(|i| {
+                let mut times: Vec<Duration> = runs.iter().map(|r| r[i].1).collect();
+                times.sort();
+                (runs[0][i].0.clone(), times[times.len() / 2])
+            })
+            .collect()
+    };
+    let (porthole, qemu) = (median(&porthole_runs), median(&qemu_runs));
+    for ((kind, ours), (_, theirs)) in porthole.iter().zip(&qemu) {
+        let (count, unit, bytes) = if kind == "seq" { (seq, "MiB/s", 1u64 << 20) } else { (rand, "IOPS", 4096) };
+        let rate = |d: &Duration| f64::from(count) / d.as_secs_f64();
+        let shown = |d: &Duration| if kind == "seq" { rate(d) * bytes as f64 / f64::from(1u32 << 20) } else { rate(d) };
+        println!(
+            "  {:<6} porthole {:>9.0} {unit} ({:>7.1} ms)   qemu {:>9.0} {unit} ({:>7.1} ms)   ratio porthole/qemu {:.2} (goal >= 0.9)",
+            kind,
+            shown(ours),
+            ours.as_secs_f64() * 1e3,
+            shown(theirs),
+            theirs.as_secs_f64() * 1e3,
+            shown(ours) / shown(theirs)
+        );
+    }
+    Ok(())
+}

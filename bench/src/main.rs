@@ -66,6 +66,13 @@ enum Bench {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// The virtio-blk micro-guest's reads on porthole-vmm and QEMU (same guest, image and run).
+    DiskGuest {
+        #[arg(long, default_value_t = 400)]
+        seq: u32,
+        #[arg(long, default_value_t = 4000)]
+        rand: u32,
+    },
     /// Every benchmark with its defaults.
     All,
 }
@@ -303,6 +310,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Keys { presses } => console::keys(presses),
         Bench::Anim { seconds } => console::anim(seconds),
         Bench::DiskBackend { seconds } => disk::backend(seconds),
+        Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -311,7 +319,8 @@ fn main() -> anyhow::Result<()> {
             console::run(2.0)?;
             console::keys(40)?;
             console::anim(20.0)?;
-            disk::backend(2.0)
+            disk::backend(2.0)?;
+            disk::guest(400, 4000)
         }
     }
 }
