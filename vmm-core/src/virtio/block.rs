@@ -82,6 +82,9 @@ struct State {
     jobs: VecDeque<Job>,
     /// Jobs queued or being executed.
     in_flight: usize,
+    /// Taking requests stopped because a queue's worth was in flight; the next completion wakes the
+    /// queue thread.
+    throttled: bool,
 }
 
 /// What the queue thread, the I/O threads and the transport share.
@@ -235,6 +238,7 @@ impl Shared {
         let dropped = state.jobs.len();
         state.jobs.clear();
         state.in_flight -= dropped;
+        state.throttled = false;
         while state.in_flight > 0 {
             state = self.idle.wait(state).unwrap_or_else(|p| p.into_inner());
         }
@@ -293,6 +297,12 @@ impl Shared {
         let broken = 'serve: loop {
             let _ = active.queue.disable_notification(&mem);
             loop {
+                // At most a queue's worth of requests in flight, whatever the driver does (a driver that
+                // re-posts descriptors before they complete could otherwise queue jobs without end).
+                if state.in_flight + queued >= usize::from(active.queue.size()) {
+                    state.throttled = true;
+                    break 'serve false;
+                }
                 // An avail index more than a queue's worth ahead is a driver bug (or an attack).
                 match active.queue.avail_idx(&mem, Ordering::Acquire) {
                     Ok(avail) if (avail - Wrapping(active.queue.next_avail())).0 <= active.queue.size() => {}
@@ -405,7 +415,11 @@ impl Shared {
         if state.in_flight == 0 {
             self.idle.notify_all();
         }
+        let resume = std::mem::take(&mut state.throttled);
         drop(state);
+        if resume {
+            let _ = self.wake.write(1);
+        }
         if notify {
             self.interrupt.signal_used();
         }
@@ -724,6 +738,45 @@ mod tests {
             assert_eq!(d.status() & 0x40, 0, "{name}: reset clears NEEDS_RESET");
             assert_eq!(one(&mut d, 1, T_IN, 0, 512).0, 0, "{name}: serves again after reset");
         }
+    }
+
+    /// A backend that takes its time, so that requests pile up.
+    struct Slow;
+    impl crate::disk::DiskBackend for Slow {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, _buf: &vm_memory::VolatileSlice<'_>, _offset: u64) -> std::io::Result<()> {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        }
+        fn write_at(&self, _buf: &vm_memory::VolatileSlice<'_>, _offset: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A driver that re-posts the same chain as fast as it can: never more than a queue's worth of
+    /// requests is held, and once the avail index runs too far ahead the device stops.
+    #[test]
+    fn requests_in_flight_are_bounded_by_the_queue_size() {
+        let media = Media { path: "slow".into(), backend: Arc::new(Slow) };
+        let drive = Arc::new(Drive::new("disk0".into(), false, false, String::new(), Some(media)));
+        let mut d = HostBlockDriver::new(drive, 32, 4096).unwrap();
+        d.post(0, T_IN, 0, 512);
+        let mut most = 0;
+        for _ in 0..200 {
+            d.publish(0, 1);
+            most = most.max(lock(&d.device.device().shared.state).in_flight);
+        }
+        std::thread::sleep(SHORT);
+        most = most.max(lock(&d.device.device().shared.state).in_flight);
+        assert!(most <= 32, "{most} requests in flight");
+        assert_eq!(d.status() & 0x40, 0x40, "the runaway avail index broke the device");
+        d.init();
+        assert_eq!(lock(&d.device.device().shared.state).in_flight, 0, "the reset waited for every request");
     }
 
     #[test]
