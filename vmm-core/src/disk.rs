@@ -96,55 +96,34 @@ impl RawImage {
     }
 }
 
-impl DiskBackend for RawImage {
-    fn size(&self) -> u64 {
-        self.size
-    }
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Read,
+    Write,
+}
 
-    fn read_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
-        let guard = buf.ptr_guard_mut();
-        let (ptr, len) = (guard.as_ptr(), buf.len());
+impl RawImage {
+    /// pread/pwrite of `len` bytes at `ptr`, retried until done.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped (and, for reads, writable) for the duration of the call.
+    unsafe fn positional_io(&self, direction: Direction, ptr: *mut u8, len: usize, offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < len {
-            // SAFETY: `ptr..ptr+len` is guest memory that `buf` keeps mapped; pread writes at most
-            // `len - done` bytes at `ptr + done`.
+            let (fd, at, left, pos) =
+                (self.file.as_raw_fd(), ptr.wrapping_add(done), len - done, (offset + done as u64) as libc::off_t);
+            // SAFETY: the caller guarantees `at..at + left` is mapped; the kernel writes (pread) or reads
+            // (pwrite) at most `left` bytes there.
             let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    ptr.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the image file shrank")),
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
+                match direction {
+                    Direction::Read => libc::pread(fd, at.cast(), left, pos),
+                    Direction::Write => libc::pwrite(fd, at.cast(), left, pos),
                 }
-                n => done += n as usize,
-            }
-        }
-        Ok(())
-    }
-
-    fn write_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
-        let guard = buf.ptr_guard();
-        let (ptr, len) = (guard.as_ptr(), buf.len());
-        let mut done = 0;
-        while done < len {
-            // SAFETY: `ptr..ptr+len` is guest memory that `buf` keeps mapped; pwrite only reads it.
-            let n = unsafe {
-                libc::pwrite(
-                    self.file.as_raw_fd(),
-                    ptr.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as libc::off_t,
-                )
             };
             match n {
+                0 if direction == Direction::Read => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the image file shrank"));
+                }
                 0 => return Err(io::Error::new(io::ErrorKind::WriteZero, "the image file took no bytes")),
                 n if n < 0 => {
                     let e = io::Error::last_os_error();
@@ -156,6 +135,24 @@ impl DiskBackend for RawImage {
             }
         }
         Ok(())
+    }
+}
+
+impl DiskBackend for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: `guard` keeps `buf.len()` bytes of guest memory mapped at its pointer for the call.
+        unsafe { self.positional_io(Direction::Read, guard.as_ptr(), buf.len(), offset) }
+    }
+
+    fn write_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
+        let guard = buf.ptr_guard();
+        // SAFETY: as above; pwrite only reads the memory.
+        unsafe { self.positional_io(Direction::Write, guard.as_ptr().cast_mut(), buf.len(), offset) }
     }
 
     fn flush(&self) -> io::Result<()> {

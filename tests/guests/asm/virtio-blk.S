@@ -1004,9 +1004,16 @@ cmd_wait_media:
     call newline
     jmp cmd_ok
 
-/* bench-seq=N / bench-rand=N: %r12 requests left, %r13 errors, %r14 sector / xorshift state, %r15 N */
+/* bench-seq=N / bench-rand=N: %r12 requests left, %r13 errors, %r14 sector (seq) or xorshift state (rand),
+   %r15 N; bench_mode 0 = sequential 1 MiB reads, 1 = random 4 KiB reads */
 cmd_bench_seq:
     SAVE
+    movl $0, bench_mode(%rip)
+    jmp bench_common
+cmd_bench_rand:
+    SAVE
+    movl $1, bench_mode(%rip)
+bench_common:
     movl $1, %edx
     leaq args(%rip), %rcx
     call parse_args
@@ -1017,56 +1024,31 @@ cmd_bench_seq:
     jz cmd_ok
     movq args(%rip), %r15
     leaq msg_bench_start_seq(%rip), %rdi
+    leaq msg_bench_start_rand(%rip), %rax
+    cmpl $0, bench_mode(%rip)
+    cmovne %rax, %rdi
     movq %r15, %rsi
     call put_kv
     call newline
     movq %r15, %r12
     xorl %r13d, %r13d
     xorl %r14d, %r14d
+    movabsq $0x9E3779B97F4A7C15, %rax
+    cmpl $0, bench_mode(%rip)
+    cmovne %rax, %r14
 1:  testq %r12, %r12
     jz 3f
-    leaq MAX_SECTORS(%r14), %rax
+    cmpl $0, bench_mode(%rip)
+    jne 6f
+    leaq MAX_SECTORS(%r14), %rax    /* sequential: 1 MiB at %r14, wrapping before the capacity */
     cmpq D_CAP(%rbx), %rax
-    jbe 2f
-    xorl %r14d, %r14d               /* wrap before the capacity */
-2:  movl $T_IN, %edi
-    movq %r14, %rsi
-    leaq data_buf(%rip), %rdx
+    jbe 7f
+    xorl %r14d, %r14d
+7:  movq %r14, %rsi
+    addq $MAX_SECTORS, %r14
     movl $BUF_SIZE, %ecx
-    movl $F_WRITE, %r8d
-    call request
-    testl %eax, %eax
-    js 4f
-    jz 5f
-    incq %r13
-5:  addq $MAX_SECTORS, %r14
-    decq %r12
-    jmp 1b
-4:  addq %r12, %r13                 /* timeout: this and the rest failed */
-3:  leaq msg_bench_end_seq(%rip), %rdi
-    jmp bench_end
-
-cmd_bench_rand:
-    SAVE
-    movl $1, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
-    call cur_ready
-    testl %eax, %eax
-    jz cmd_ok
-    movq args(%rip), %r15
-    leaq msg_bench_start_rand(%rip), %rdi
-    movq %r15, %rsi
-    call put_kv
-    call newline
-    movq %r15, %r12
-    xorl %r13d, %r13d
-    movabsq $0x9E3779B97F4A7C15, %r14
-1:  testq %r12, %r12
-    jz 3f
-    movq %r14, %rax                 /* xorshift64: x ^= x << 13; x ^= x >> 7; x ^= x << 17 */
+    jmp 2f
+6:  movq %r14, %rax                 /* random: xorshift64: x ^= x << 13; x ^= x >> 7; x ^= x << 17 */
     shlq $13, %rax
     xorq %rax, %r14
     movq %r14, %rax
@@ -1079,14 +1061,14 @@ cmd_bench_rand:
     shrq $3, %rcx                   /* 4 KiB blocks */
     xorl %esi, %esi
     testq %rcx, %rcx
-    jz 2f
+    jz 8f
     movq %r14, %rax
     xorl %edx, %edx
     divq %rcx
     leaq (,%rdx,8), %rsi            /* block * 8 sectors */
+8:  movl $4096, %ecx
 2:  movl $T_IN, %edi
     leaq data_buf(%rip), %rdx
-    movl $4096, %ecx
     movl $F_WRITE, %r8d
     call request
     testl %eax, %eax
@@ -1095,8 +1077,11 @@ cmd_bench_rand:
     incq %r13
 5:  decq %r12
     jmp 1b
-4:  addq %r12, %r13
-3:  leaq msg_bench_end_rand(%rip), %rdi
+4:  addq %r12, %r13                 /* timeout: this and the rest failed */
+3:  leaq msg_bench_end_seq(%rip), %rdi
+    leaq msg_bench_end_rand(%rip), %rax
+    cmpl $0, bench_mode(%rip)
+    cmovne %rax, %rdi
 bench_end:
     movq %r15, %rsi
     call put_kv
@@ -1471,6 +1456,8 @@ ramp:
     .section .data
     .p2align 2
 disk_sel:
+    .long 0
+bench_mode:
     .long 0
 
     .section .bss
