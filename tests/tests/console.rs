@@ -507,3 +507,34 @@ fn extended_desktop_size_announces_mode_changes_and_refuses_client_resizes() {
     }
     assert!(found, "no ExtendedDesktopSize reply");
 }
+
+/// `--vnc-view-only`: the client sees the screen, its keys and pointer never reach the guest; a full
+/// console on the same VM still types.
+#[test]
+fn a_view_only_console_drops_input() {
+    let dir = Scratch::new("view-only");
+    let view = dir.path("view.sock");
+    let vm =
+        ConsoleVm::start("kbd-echo", &["--vnc-view-only", &format!("unix:{}", view.display())], "PORTHOLE-KBD-READY");
+    let mut viewer = RfbClient::connect(&view, None).unwrap();
+    viewer.set_encodings(&[0]).unwrap();
+    viewer.request(false).unwrap();
+    viewer.read_update().unwrap();
+    viewer.key(u32::from(b'a'), true).unwrap();
+    viewer.key(u32::from(b'a'), false).unwrap();
+    viewer.pointer(10, 10, 1).unwrap();
+    viewer.pointer(20, 20, 0).unwrap();
+    // The same key from the full console arrives; the viewer's never did (input is handled in order per
+    // client, and the viewer's was sent first).
+    let mut full = vm.client();
+    full.key(u32::from(b'b'), true).unwrap();
+    full.key(u32::from(b'b'), false).unwrap();
+    vm.wait_for("PORTHOLE-KEY b0");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = vm.output();
+    assert!(
+        !out.contains("PORTHOLE-KEY 1e") && !out.contains("PORTHOLE-MOUSE"),
+        "viewer input reached the guest:\n{out}"
+    );
+    drop(dir);
+}

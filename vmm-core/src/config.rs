@@ -44,6 +44,9 @@ pub struct VmConfig {
     /// Where the console's RFB (VNC) server listens; none serves no console.
     #[serde(default)]
     pub vnc: Vec<crate::rfb::ListenAddress>,
+    /// Where the console is served view-only: the screen, with keyboard and mouse input dropped.
+    #[serde(default)]
+    pub vnc_view_only: Vec<crate::rfb::ListenAddress>,
     /// A file whose first line is the VNC password (VncAuth); without it the console needs no password.
     #[serde(default)]
     pub vnc_password_file: Option<PathBuf>,
@@ -275,6 +278,7 @@ impl VmConfig {
             stop_timeout_ms: default_stop_timeout_ms(),
             display: DisplayConfig::default(),
             vnc: Vec::new(),
+            vnc_view_only: Vec::new(),
             vnc_password_file: None,
             drives: Vec::new(),
         }
@@ -325,7 +329,7 @@ impl VmConfig {
             return Err(ConfigError::Display { width: w, height: h });
         }
         if let Some(path) = &self.vnc_password_file {
-            if self.vnc.is_empty() {
+            if self.vnc.is_empty() && self.vnc_view_only.is_empty() {
                 return Err(ConfigError::PasswordWithoutVnc);
             }
             crate::rfb::password_key(path).map_err(|e| ConfigError::File {

@@ -110,6 +110,15 @@ impl ExitReason {
     }
 }
 
+/// What `porthole-vmm --exit-file` records when the VM ends.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitRecord {
+    /// The process exit status (see [`ExitReason::exit_code`]; 1 for a VMM error).
+    pub exit_code: i32,
+    /// Why, in words.
+    pub reason: String,
+}
+
 impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -358,3 +358,22 @@ fn a_json_config_file_boots_too() {
     assert_exit(&out, 0);
     assert!(std::fs::read_to_string(&serial).unwrap().contains("PORTHOLE-SMP-OK cpus=2"));
 }
+
+/// `--exit-file`: a supervisor that is not the VMM's parent learns why the VM ended.
+#[test]
+fn the_exit_file_records_why_the_vm_ended() {
+    let dir = Scratch::new("exit-file");
+    let file = dir.path("exit.json");
+    for (guest, code, why) in [("hello", 0, "the guest powered off"), ("fault", 2, "the guest crashed: triple fault")] {
+        let out = run_guest(guest, &["--exit-file", file.to_str().unwrap()]);
+        assert_exit(&out, code);
+        let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(record.exit_code, code);
+        assert!(record.reason.starts_with(why), "{record:?}");
+    }
+    let out = run(&["--kernel", "/nonexistent/kernel", "--exit-file", file.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(record.exit_code, 1);
+    assert!(record.reason.starts_with("VMM error") && record.reason.contains("/nonexistent/kernel"), "{record:?}");
+}

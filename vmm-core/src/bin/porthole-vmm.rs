@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -46,6 +47,13 @@ struct Cli {
     /// Serve the console over RFB (VNC) on unix:PATH or tcp:ADDR:PORT; may be given more than once.
     #[arg(long, value_name = "LISTEN")]
     vnc: Vec<String>,
+    /// Like --vnc, but view-only: clients see the screen, their keyboard and mouse input is dropped.
+    #[arg(long, value_name = "LISTEN")]
+    vnc_view_only: Vec<String>,
+    /// When the VM ends, write why (JSON: exit_code, reason) to this file (for a supervisor that is not the
+    /// VMM's parent, e.g. a restarted portholed).
+    #[arg(long, value_name = "PATH")]
+    exit_file: Option<PathBuf>,
     /// File whose first line is the VNC password (VncAuth; only its first 8 bytes count).
     #[arg(long, value_name = "FILE")]
     vnc_password: Option<PathBuf>,
@@ -133,6 +141,9 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     for spec in &cli.vnc {
         config.vnc.push(spec.parse().map_err(|e: String| anyhow::anyhow!("--vnc {e}"))?);
     }
+    for spec in &cli.vnc_view_only {
+        config.vnc_view_only.push(spec.parse().map_err(|e: String| anyhow::anyhow!("--vnc-view-only {e}"))?);
+    }
     if let Some(path) = &cli.vnc_password {
         config.vnc_password_file = Some(path.clone());
     }
@@ -149,7 +160,8 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
 fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     let config = config_from(&cli)?;
     let control = config.control_socket.clone();
-    let (vnc, vnc_password) = (config.vnc.clone(), config.vnc_password_file.clone());
+    let (vnc, vnc_view_only, vnc_password) =
+        (config.vnc.clone(), config.vnc_view_only.clone(), config.vnc_password_file.clone());
     let mut vm = Vm::new(config)?;
     if cli.no_seccomp {
         vm.disable_seccomp();
@@ -166,15 +178,17 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
         vmm_core::control::spawn_server(listener, vm.handle(), !cli.no_seccomp)
             .context("cannot start the control socket thread")?;
     }
-    if !vnc.is_empty() {
+    if !vnc.is_empty() || !vnc_view_only.is_empty() {
         let server = vmm_core::rfb::ServerConfig {
             password: vnc_password.as_deref().map(vmm_core::rfb::password_key).transpose()?,
             name: format!("Porthole: {}", handle.name),
         };
-        for address in &vnc {
+        let full: Arc<dyn vmm_core::rfb::Input> = handle.clone();
+        let none: Arc<dyn vmm_core::rfb::Input> = Arc::new(vmm_core::rfb::NoInput);
+        for (address, input) in vnc.iter().map(|a| (a, &full)).chain(vnc_view_only.iter().map(|a| (a, &none))) {
             let shown = String::from(address.clone());
             let listener = address.bind().with_context(|| format!("cannot listen for VNC on {shown}"))?;
-            vmm_core::rfb::spawn(listener, vm.screen(), handle.clone(), server.clone(), !cli.no_seccomp)
+            vmm_core::rfb::spawn(listener, vm.screen(), input.clone(), server.clone(), !cli.no_seccomp)
                 .context("cannot start the VNC server")?;
         }
     }
@@ -216,16 +230,33 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match run(cli) {
+    // Created now: once the VM runs, the seccomp filter forbids opening files.
+    let exit_file = match cli.exit_file.as_ref().map(|p| std::fs::File::create(p).map(|f| (p.clone(), f))).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("porthole-vmm: error: cannot create the exit file: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let record = match run(cli) {
         Ok(reason) => {
             if reason.exit_code() != 0 {
                 eprintln!("porthole-vmm: {reason}");
             }
-            ExitCode::from(reason.exit_code() as u8)
+            vmm_core::vm::ExitRecord { exit_code: reason.exit_code(), reason: reason.to_string() }
         }
         Err(e) => {
-            eprintln!("porthole-vmm: error: {}", describe(&e));
-            ExitCode::from(1)
+            let why = describe(&e);
+            eprintln!("porthole-vmm: error: {why}");
+            vmm_core::vm::ExitRecord { exit_code: 1, reason: format!("VMM error: {why}") }
+        }
+    };
+    if let Some((path, mut file)) = exit_file {
+        let written =
+            serde_json::to_writer(&mut file, &record).map_err(std::io::Error::from).and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            eprintln!("porthole-vmm: cannot write the exit file {path:?}: {e}");
         }
     }
+    ExitCode::from(record.exit_code as u8)
 }

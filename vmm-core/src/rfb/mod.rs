@@ -92,6 +92,14 @@ pub trait Input: Send + Sync {
     fn pointer(&self, x: u16, y: u16, buttons: u8);
 }
 
+/// The input of a view-only console: everything is dropped.
+pub struct NoInput;
+
+impl Input for NoInput {
+    fn key(&self, _key: Key, _down: bool) {}
+    fn pointer(&self, _x: u16, _y: u16, _buttons: u8) {}
+}
+
 /// Server settings.
 #[derive(Debug, Clone, Default)]
 pub struct ServerConfig {
