@@ -1,0 +1,435 @@
+//! `Client`: the one way to talk to a host — the local daemon over its Unix socket, or a remote one over
+//! HTTPS with an API token, its certificate pinned by SHA-256 fingerprint (or checked against the
+//! system's roots). Errors are typed: an API error carries the daemon's status, code and message.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{
+    API_PREFIX, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, SerialOutput, Stats, Task, UpdateVm,
+    Vm,
+};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon answered with an error.
+    #[error("{message} (HTTP {status}, {code})")]
+    Api { status: u16, code: String, message: String },
+    #[error("cannot talk to {target}: {source}")]
+    Http { target: String, source: reqwest::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("WebSocket: {0}")]
+    WebSocket(String),
+    #[error("the daemon's answer is not what the API says: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Target {
+    Unix(PathBuf),
+    Https { authority: String, tls: Arc<rustls::ClientConfig> },
+}
+
+/// A connection to one host's daemon.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    target: Target,
+}
+
+/// A lifecycle action (`POST /vms/{id}/{action}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Poweroff,
+    Reset,
+    Pause,
+    Resume,
+}
+
+impl Action {
+    fn path(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Poweroff => "poweroff",
+            Action::Reset => "reset",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+        }
+    }
+}
+
+/// Accepts exactly the certificate whose SHA-256 is pinned (self-signed daemons).
+#[derive(Debug)]
+struct Pinned {
+    sha256: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("the server's certificate does not match the pinned fingerprint".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Parses a SHA-256 fingerprint: 64 hex digits, colons and case ignored.
+pub fn parse_fingerprint(s: &str) -> Option<Vec<u8>> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(hex.to_ascii_lowercase()).ok()?;
+    (bytes.len() == 32).then_some(bytes)
+}
+
+fn tls_config(pinned: Option<&str>) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let config = match pinned {
+        Some(fp) => {
+            let sha256 = parse_fingerprint(fp)
+                .ok_or_else(|| ClientError::Tls(format!("{fp:?} is not a SHA-256 fingerprint (64 hex digits)")))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned { sha256, provider }))
+                .with_no_client_auth()
+        }
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for path in ["/etc/ssl/certs/ca-certificates.crt"] {
+                use rustls::pki_types::pem::PemObject;
+                if let Ok(certs) = rustls::pki_types::CertificateDer::pem_file_iter(path) {
+                    for c in certs.flatten() {
+                        let _ = roots.add(c);
+                    }
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(config)
+}
+
+impl Client {
+    /// The local daemon on its Unix socket.
+    pub fn unix(socket: &Path) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .build()
+            .map_err(|source| ClientError::Http { target: socket.display().to_string(), source })?;
+        Ok(Client {
+            http,
+            base: format!("http://localhost{API_PREFIX}"),
+            token: None,
+            target: Target::Unix(socket.to_owned()),
+        })
+    }
+
+    /// A remote daemon at `authority` (`host:port`) over HTTPS with `token`; `pinned_sha256` pins its
+    /// certificate (as `portholed --listen` prints it), else the system's CA roots must vouch for it.
+    pub fn https(authority: &str, token: &str, pinned_sha256: Option<&str>) -> Result<Self, ClientError> {
+        let tls = tls_config(pinned_sha256)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls.clone())
+            .build()
+            .map_err(|source| ClientError::Http { target: authority.to_owned(), source })?;
+        Ok(Client {
+            http,
+            base: format!("https://{authority}{API_PREFIX}"),
+            token: Some(token.to_owned()),
+            target: Target::Https { authority: authority.to_owned(), tls: Arc::new(tls) },
+        })
+    }
+
+    fn target_name(&self) -> String {
+        match &self.target {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Https { authority, .. } => authority.clone(),
+        }
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let response =
+            request.send().await.map_err(|source| ClientError::Http { target: self.target_name(), source })?;
+        let status = response.status();
+        if status.is_success() || status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => ClientError::Api { status: status.as_u16(), code: b.error, message: b.message },
+            Err(_) => ClientError::Api { status: status.as_u16(), code: "unknown".into(), message: text },
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(request).await?;
+        let bytes =
+            response.bytes().await.map_err(|source| ClientError::Http { target: self.target_name(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn call_json<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(self.request(method, path).json(body)).await
+    }
+
+    pub async fn host(&self) -> Result<HostInfo, ClientError> {
+        self.call(self.request(Method::GET, "/host")).await
+    }
+
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(self.request(Method::GET, "/openapi.json")).await
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, ClientError> {
+        self.call(self.request(Method::GET, "/vms")).await
+    }
+
+    pub async fn create_vm(&self, vm: &CreateVm) -> Result<Vm, ClientError> {
+        self.call_json(Method::POST, "/vms", vm).await
+    }
+
+    pub async fn vm(&self, id: &str) -> Result<Vm, ClientError> {
+        self.call(self.request(Method::GET, &format!("/vms/{id}"))).await
+    }
+
+    pub async fn update_vm(&self, id: &str, change: &UpdateVm) -> Result<Vm, ClientError> {
+        self.call_json(Method::PATCH, &format!("/vms/{id}"), change).await
+    }
+
+    pub async fn delete_vm(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/vms/{id}"))).await.map(|_| ())
+    }
+
+    pub async fn action(&self, id: &str, action: Action) -> Result<Vm, ClientError> {
+        self.call(self.request(Method::POST, &format!("/vms/{id}/{}", action.path()))).await
+    }
+
+    /// Graceful shutdown (ACPI power button, forced off after `timeout_s`): a task to poll.
+    pub async fn shutdown(&self, id: &str, timeout_s: u64) -> Result<Task, ClientError> {
+        self.call(self.request(Method::POST, &format!("/vms/{id}/shutdown?timeout_s={timeout_s}"))).await
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Task, ClientError> {
+        self.call(self.request(Method::GET, &format!("/tasks/{id}"))).await
+    }
+
+    pub async fn tasks(&self) -> Result<Vec<Task>, ClientError> {
+        self.call(self.request(Method::GET, "/tasks")).await
+    }
+
+    /// Puts a library image in the VM's CD/DVD drive (`None` ejects).
+    pub async fn change_media(&self, id: &str, image: Option<&str>) -> Result<Vm, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/media"), &MediaChange { image: image.map(str::to_owned) })
+            .await
+    }
+
+    pub async fn serial(&self, id: &str, lines: usize) -> Result<SerialOutput, ClientError> {
+        self.call(self.request(Method::GET, &format!("/vms/{id}/serial?lines={lines}"))).await
+    }
+
+    pub async fn stats(&self, id: &str, since_ms: u64, minutes: bool) -> Result<Stats, ClientError> {
+        let resolution = if minutes { "min" } else { "s" };
+        self.call(self.request(Method::GET, &format!("/vms/{id}/stats?since={since_ms}&resolution={resolution}"))).await
+    }
+
+    pub async fn console_ticket(&self, id: &str) -> Result<ConsoleTicket, ClientError> {
+        self.call(self.request(Method::POST, &format!("/vms/{id}/console"))).await
+    }
+
+    pub async fn images(&self) -> Result<Vec<Image>, ClientError> {
+        self.call(self.request(Method::GET, "/images")).await
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/images/{name}"))).await.map(|_| ())
+    }
+
+    /// Uploads the file at `path` as image `name`, streaming it; `progress(sent, total)` is called as bytes
+    /// go out.
+    pub async fn upload_image(
+        &self,
+        name: &str,
+        path: &Path,
+        progress: impl Fn(u64, u64) + Send + Sync + 'static,
+    ) -> Result<Image, ClientError> {
+        let mut file = tokio::fs::File::open(path).await?;
+        let total = file.metadata().await?.len();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        let file = tokio::fs::File::open(path).await?;
+        let progress = Arc::new(progress);
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stream = futures_util::stream::unfold((file, vec![0u8; 256 * 1024]), |(mut file, mut buf)| async move {
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => Some((Ok::<_, std::io::Error>(bytes_of(&buf[..n])), (file, buf))),
+                Err(e) => Some((Err(e), (file, buf))),
+            }
+        })
+        .map(move |chunk| {
+            if let Ok(c) = &chunk {
+                let now = sent.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed) + c.len() as u64;
+                progress(now, total);
+            }
+            chunk
+        });
+        let request = self
+            .request(Method::PUT, &format!("/images/{name}"))
+            .header(reqwest::header::CONTENT_LENGTH, total)
+            .header("x-porthole-sha256", sha256)
+            .body(reqwest::Body::wrap_stream(stream));
+        self.call(request).await
+    }
+
+    /// Opens the console of VM `id`: a fresh ticket, the WebSocket, and a byte stream carrying RFB (the
+    /// WebSocket framing is handled by a background task).
+    pub async fn console(&self, id: &str) -> Result<tokio::io::DuplexStream, ClientError> {
+        let ticket = self.console_ticket(id).await?;
+        self.console_with_ticket(&ticket.path).await
+    }
+
+    /// Opens `GET path` (from a [`ConsoleTicket`]) as a WebSocket and returns the RFB byte stream.
+    pub async fn console_with_ticket(&self, path: &str) -> Result<tokio::io::DuplexStream, ClientError> {
+        let ws_err = |e: tokio_tungstenite::tungstenite::Error| ClientError::WebSocket(e.to_string());
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        match &self.target {
+            Target::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                let (ws, _) =
+                    tokio_tungstenite::client_async(format!("ws://localhost{path}"), stream).await.map_err(ws_err)?;
+                tokio::spawn(pump(ws, theirs));
+            }
+            Target::Https { authority, tls } => {
+                let tcp = tokio::net::TcpStream::connect(authority).await?;
+                let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).trim_matches(['[', ']']);
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| ClientError::Tls(format!("{host:?}: {e}")))?;
+                let tls_stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await?;
+                let (ws, _) = tokio_tungstenite::client_async(format!("wss://{authority}{path}"), tls_stream)
+                    .await
+                    .map_err(ws_err)?;
+                tokio::spawn(pump(ws, theirs));
+            }
+        }
+        Ok(ours)
+    }
+}
+
+fn bytes_of(b: &[u8]) -> Vec<u8> {
+    b.to_vec()
+}
+
+/// Moves bytes between a WebSocket (binary frames) and one end of a duplex pipe until either side closes.
+async fn pump<S>(ws: tokio_tungstenite::WebSocketStream<S>, io: tokio::io::DuplexStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let inbound = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            match msg {
+                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.send(Message::Close(None)).await;
+    };
+    tokio::select! {
+        _ = inbound => {}
+        _ = outbound => {}
+    }
+}

@@ -1,0 +1,236 @@
+//! Request and response bodies of the host API (`/api/v1`). Every body refuses unknown fields, so a typo in
+//! a request is an error rather than a silently ignored setting.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What a VM is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Defined, not running (never started, shut down, or powered off).
+    Stopped,
+    /// Its process is starting.
+    Starting,
+    Running,
+    Paused,
+    /// A graceful shutdown is in progress.
+    Stopping,
+    /// Its process ended on its own with an error, a guest crash, or was killed; see `last_exit`.
+    Crashed,
+}
+
+/// How a VM's process last ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExitInfo {
+    /// The process exit status, if known (a killed process has none).
+    pub exit_code: Option<i32>,
+    /// Why, in words ("the guest powered off", "killed by signal 9", …).
+    pub reason: String,
+    /// The last lines the guest printed on its serial console.
+    #[serde(default)]
+    pub serial_tail: Vec<String>,
+}
+
+/// What a VM boots. Without one it cannot start until firmware boot (SeaBIOS) arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    /// A kernel from the image library (its name), or, for admins, an absolute path on the host.
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size of the VM's disk in bytes (0: none).
+    pub disk_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// The image in the VM's CD/DVD drive, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<String>,
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// Seconds since the VM's process started (running or paused VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_s: Option<u64>,
+}
+
+/// `POST /vms`. The smallest valid body is `{"name": "web1", "vcpus": 1, "memory_mib": 64}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size of the disk created with the VM (sparse raw image), in GiB; 0 for none. Default 8.
+    #[serde(default = "default_disk_gib")]
+    pub disk_gib: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// An image of the library to put in the CD/DVD drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<String>,
+}
+
+/// Default disk size of a new VM.
+pub const DEFAULT_DISK_GIB: u64 = 8;
+
+fn default_disk_gib() -> u64 {
+    DEFAULT_DISK_GIB
+}
+
+impl CreateVm {
+    /// The smallest request: a name, vCPUs and memory; everything else default.
+    pub fn new(name: impl Into<String>, vcpus: u32, memory_mib: u64) -> Self {
+        CreateVm { name: name.into(), vcpus, memory_mib, disk_gib: DEFAULT_DISK_GIB, boot: None, media: None }
+    }
+}
+
+/// `PATCH /vms/{id}`: the fields to change (only while the VM is stopped, except `name`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVm {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Replaces the boot source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+}
+
+/// `POST /vms/{id}/media`: put an image of the library in the CD/DVD drive, or eject (`image: null`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MediaChange {
+    pub image: Option<String>,
+}
+
+/// `POST /vms/{id}/console`: a one-shot ticket for `GET /api/v1/console?ticket=` (a WebSocket whose binary
+/// frames carry the VM's RFB stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleTicket {
+    pub ticket: String,
+    /// Seconds the ticket stays valid (at most 30).
+    pub expires_in_s: u64,
+    /// The path to open, ticket included.
+    pub path: String,
+    /// Whether the console takes input (viewers get a view-only console).
+    pub input: bool,
+    /// On the local Unix socket only: the VM's RFB socket, for a direct connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rfb_socket: Option<String>,
+}
+
+/// `GET /vms/{id}/serial`: the last lines the guest printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SerialOutput {
+    pub lines: Vec<String>,
+}
+
+/// One sample of a VM's resource use.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatSample {
+    /// Milliseconds since the Unix epoch.
+    pub t_ms: u64,
+    /// CPU time of the VM's process over the interval, in percent of one CPU.
+    pub cpu_percent: f64,
+    /// Resident memory of the VM's process.
+    pub memory_bytes: u64,
+    pub disk_read_bps: f64,
+    pub disk_write_bps: f64,
+    pub net_rx_bps: f64,
+    pub net_tx_bps: f64,
+}
+
+/// `GET /vms/{id}/stats?since=T_MS&resolution=s|min`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    /// Seconds between samples (1: the last hour; 60: the last day).
+    pub interval_s: u64,
+    pub samples: Vec<StatSample>,
+}
+
+/// An image in the host's library (ISOs, kernels, initrds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub name: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+/// A long operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    pub id: String,
+    /// What it does ("upload debian.iso", "shutdown web1").
+    pub what: String,
+    pub state: TaskState,
+    /// Bytes (or steps) done and expected, when it makes sense.
+    pub done: u64,
+    pub total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// Every error reply: a stable code and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `too_large`, `internal`, …
+    pub error: String,
+    pub message: String,
+}
+
+/// Roles of API tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// List, stats, serial and view-only consoles.
+    Viewer,
+    /// Viewer + lifecycle, consoles with input, media.
+    Operator,
+    /// Everything: create, update, delete, images, tokens.
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!("role {s:?} is not admin, operator or viewer")),
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! The host: every VM's definition (from the store) and, for running ones, its `porthole-vmm` process.
+//!
+//! Each running VM has a folder in the runtime dir (`<runtime>/vms/<id>/`) with its control socket, its
+//! console sockets (full and view-only), its serial log, its pid file and the exit record the VMM writes
+//! when it ends. VM processes run in their own process group and outlive the daemon; a restarted daemon
+//! re-adopts them from their pid files. A process's end is noticed through a pidfd.
+
+use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use porthole_api::{BootSpec, ExitInfo, Vm, VmState};
+use vmm_core::control::{ControlClient, Request, Response};
+
+use crate::store::{Store, VmRecord};
+
+/// Why a request on the host failed; `server.rs` maps these to HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("no VM {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The run-time side of a VM.
+#[derive(Debug, Default)]
+struct Runtime {
+    state: Option<VmState>,
+    pid: Option<u32>,
+    started: Option<Instant>,
+    last_exit: Option<ExitInfo>,
+    /// The host asked it to stop: its end is a normal stop, not a crash.
+    stop_requested: bool,
+    /// Whether we spawned it (and so can collect its exit status) or adopted it.
+    own_child: bool,
+}
+
+struct Entry {
+    record: VmRecord,
+    rt: Runtime,
+}
+
+/// Files of a running VM.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    pub fn vnc(&self) -> PathBuf {
+        self.dir.join("vnc.sock")
+    }
+    pub fn vnc_view_only(&self) -> PathBuf {
+        self.dir.join("vnc-view.sock")
+    }
+    pub fn serial(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    fn pid(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+    fn exit(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    fn log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
+pub struct Host {
+    pub store: Store,
+    vmm: PathBuf,
+    runtime_dir: PathBuf,
+    vms: Mutex<BTreeMap<String, Entry>>,
+    pub problems: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The last `n` lines of a serial log (reads at most its last 64 KiB).
+pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    let mut bytes = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_owned()).collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // probably cut in the middle
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether `pid` is a porthole-vmm serving the run folder `dir`.
+fn is_our_vmm(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let exe_ok = args.first().is_some_and(|a| a.ends_with(b"porthole-vmm"));
+    let control = format!("unix:{}", dir.join("control.sock").display());
+    exe_ok && args.contains(&control.as_bytes())
+}
+
+impl Host {
+    /// Loads the store and re-adopts VM processes that outlived a previous daemon.
+    pub fn open(data_dir: &Path, runtime_dir: &Path, vmm: PathBuf) -> Result<Arc<Host>, HostError> {
+        let store = Store::open(data_dir).map_err(|e| HostError::Internal(e.to_string()))?;
+        let loaded = store.load();
+        let vms =
+            loaded.vms.into_values().map(|r| (r.id.clone(), Entry { record: r, rt: Runtime::default() })).collect();
+        let host = Arc::new(Host {
+            store,
+            vmm,
+            runtime_dir: runtime_dir.to_owned(),
+            vms: Mutex::new(vms),
+            problems: loaded.problems,
+        });
+        host.adopt();
+        Ok(host)
+    }
+
+    pub fn run_files(&self, id: &str) -> RunFiles {
+        RunFiles { dir: self.runtime_dir.join("vms").join(id) }
+    }
+
+    fn adopt(self: &Arc<Self>) {
+        let ids: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        for id in ids {
+            let files = self.run_files(&id);
+            let Some(pid) = std::fs::read_to_string(files.pid()).ok().and_then(|s| s.trim().parse::<u32>().ok()) else {
+                continue;
+            };
+            if !is_our_vmm(pid, &files.dir) {
+                // The process is gone (or the pid was reused): its exit record says how it ended.
+                let exit = self.exit_info(&files, None, false);
+                let _ = std::fs::remove_file(files.pid());
+                let mut vms = lock(&self.vms);
+                if let Some(e) = vms.get_mut(&id) {
+                    e.rt.state = Some(if exit.exit_code.is_some_and(|c| c == 0 || c == 3) {
+                        VmState::Stopped
+                    } else {
+                        VmState::Crashed
+                    });
+                    e.rt.last_exit = Some(exit);
+                }
+                continue;
+            }
+            let state = match control(&files.control(), &Request::Status) {
+                Ok(r) => match r.status.map(|s| s.state) {
+                    Some(vmm_core::vm::RunState::Paused) => VmState::Paused,
+                    Some(vmm_core::vm::RunState::Stopping) => VmState::Stopping,
+                    _ => VmState::Running,
+                },
+                Err(_) => VmState::Running,
+            };
+            log::info!("re-adopted VM {id} (pid {pid}, {state:?})");
+            {
+                let mut vms = lock(&self.vms);
+                if let Some(e) = vms.get_mut(&id) {
+                    e.rt = Runtime {
+                        state: Some(state),
+                        pid: Some(pid),
+                        started: Some(Instant::now()),
+                        own_child: false,
+                        ..Runtime::default()
+                    };
+                }
+            }
+            self.watch(id, pid);
+        }
+    }
+
+    /// Every VM, in id order.
+    pub fn list(&self) -> Vec<Vm> {
+        lock(&self.vms).values().map(view).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Vm, HostError> {
+        lock(&self.vms).get(id).map(view).ok_or_else(|| HostError::NotFound(id.to_owned()))
+    }
+
+    pub fn record(&self, id: &str) -> Result<VmRecord, HostError> {
+        lock(&self.vms).get(id).map(|e| e.record.clone()).ok_or_else(|| HostError::NotFound(id.to_owned()))
+    }
+
+    /// The pid of a running VM's process.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        lock(&self.vms).get(id).and_then(|e| e.rt.pid)
+    }
+
+    /// Running VMs and their pids.
+    pub fn running(&self) -> Vec<(String, u32)> {
+        lock(&self.vms).iter().filter_map(|(id, e)| Some((id.clone(), e.rt.pid?))).collect()
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.vms).len()
+    }
+
+    /// Adds a new VM (its disk must already exist when `disk_bytes` > 0).
+    pub fn insert(&self, record: VmRecord) -> Result<Vm, HostError> {
+        let mut vms = lock(&self.vms);
+        if vms.values().any(|e| e.record.name == record.name) {
+            return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
+        }
+        self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
+        let entry = Entry { record, rt: Runtime::default() };
+        let vm = view(&entry);
+        vms.insert(entry.record.id.clone(), entry);
+        Ok(vm)
+    }
+
+    /// Changes a VM's definition with `change` (which may refuse); saves it.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut VmRecord, bool) -> Result<(), HostError>,
+    ) -> Result<Vm, HostError> {
+        let mut vms = lock(&self.vms);
+        let names: Vec<(String, String)> = vms.iter().map(|(i, e)| (i.clone(), e.record.name.clone())).collect();
+        let entry = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
+        let mut record = entry.record.clone();
+        change(&mut record, entry.rt.pid.is_some())?;
+        if names.iter().any(|(i, n)| i != id && *n == record.name) {
+            return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
+        }
+        self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
+        entry.record = record;
+        Ok(view(entry))
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), HostError> {
+        let mut vms = lock(&self.vms);
+        let entry = vms.get(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
+        if entry.rt.pid.is_some() {
+            return Err(HostError::Conflict("the VM is running: power it off first".into()));
+        }
+        self.store.delete(id).map_err(|e| HostError::Internal(e.to_string()))?;
+        vms.remove(id);
+        let _ = std::fs::remove_dir_all(self.run_files(id).dir);
+        Ok(())
+    }
+
+    /// Resolves an image name (or, for admins, an absolute path) to a file.
+    pub fn resolve_image(&self, name: &str, allow_paths: bool) -> Result<PathBuf, HostError> {
+        if name.starts_with('/') {
+            if !allow_paths {
+                return Err(HostError::BadRequest("only admins may boot from host paths; use an image name".into()));
+            }
+            return Ok(PathBuf::from(name));
+        }
+        let path = self
+            .store
+            .image_path(name)
+            .ok_or_else(|| HostError::BadRequest(format!("{name:?} is not a valid image name")))?;
+        if !path.is_file() {
+            return Err(HostError::BadRequest(format!("no image {name:?} in the library")));
+        }
+        Ok(path)
+    }
+
+    /// Starts a stopped VM; returns once its control socket answers.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+        let record = self.record(id)?;
+        let boot: BootSpec = record.boot.clone().ok_or_else(|| {
+            HostError::Conflict(
+                "the VM has nothing to boot: set boot.kernel (an image of the library); firmware boot comes later"
+                    .into(),
+            )
+        })?;
+        let kernel = self.resolve_image(&boot.kernel, true)?;
+        let initrd = boot.initrd.as_deref().map(|i| self.resolve_image(i, true)).transpose()?;
+        let media = record.media.as_deref().map(|m| self.resolve_image(m, false)).transpose()?;
+        let files = self.run_files(id);
+        {
+            let mut vms = lock(&self.vms);
+            let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
+            if e.rt.pid.is_some() {
+                return Err(HostError::Conflict(format!(
+                    "the VM is {:?} already",
+                    e.rt.state.unwrap_or(VmState::Running)
+                )));
+            }
+            e.rt = Runtime { state: Some(VmState::Starting), last_exit: e.rt.last_exit.take(), ..Runtime::default() };
+        }
+        let _ = std::fs::remove_dir_all(&files.dir);
+        let spawned = (|| -> std::io::Result<u32> {
+            std::fs::create_dir_all(&files.dir)?;
+            let log = std::fs::File::create(files.log())?;
+            let mut cmd = std::process::Command::new(&self.vmm);
+            cmd.arg("--name").arg(&record.name).arg("--kernel").arg(&kernel);
+            if let Some(initrd) = &initrd {
+                cmd.arg("--initrd").arg(initrd);
+            }
+            cmd.args(["--cmdline", &boot.cmdline]);
+            cmd.args(["--memory", &record.memory_mib.to_string(), "--cpus", &record.vcpus.to_string()]);
+            cmd.arg("--serial").arg(format!("file:{}", files.serial().display()));
+            cmd.arg("--control").arg(format!("unix:{}", files.control().display()));
+            cmd.arg("--vnc").arg(format!("unix:{}", files.vnc().display()));
+            cmd.arg("--vnc-view-only").arg(format!("unix:{}", files.vnc_view_only().display()));
+            cmd.arg("--exit-file").arg(files.exit());
+            cmd.args(["--stop-timeout-ms", "30000"]);
+            if record.disk_bytes > 0 {
+                cmd.arg("--disk").arg(self.store.disk_path(id));
+            }
+            match &media {
+                Some(m) => cmd.arg("--cdrom").arg(m),
+                None => cmd.arg("--cdrom"),
+            };
+            cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            // Its own process group: signals to the daemon's group (Ctrl-C, systemd stop) do not reach it.
+            cmd.process_group(0);
+            let child = cmd.spawn()?;
+            let pid = child.id();
+            // Dropping the handle neither kills nor reaps: `ended` reaps the child with waitpid.
+            crate::store::write_atomic(&files.pid(), pid.to_string().as_bytes())?;
+            Ok(pid)
+        })();
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                let mut vms = lock(&self.vms);
+                if let Some(en) = vms.get_mut(id) {
+                    en.rt.state = Some(VmState::Crashed);
+                    en.rt.last_exit = Some(ExitInfo {
+                        exit_code: None,
+                        reason: format!("cannot start porthole-vmm: {e}"),
+                        serial_tail: vec![],
+                    });
+                }
+                return Err(HostError::Internal(format!("cannot start porthole-vmm: {e}")));
+            }
+        };
+        {
+            let mut vms = lock(&self.vms);
+            if let Some(e) = vms.get_mut(id) {
+                e.rt.pid = Some(pid);
+                e.rt.own_child = true;
+                e.rt.started = Some(Instant::now());
+            }
+        }
+        self.watch(id.to_owned(), pid);
+        // Running once the control socket answers (or ended, which the watcher records).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let control_path = files.control();
+            let up = tokio::task::spawn_blocking(move || control(&control_path, &Request::Status).is_ok())
+                .await
+                .unwrap_or(false);
+            {
+                let mut vms = lock(&self.vms);
+                let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
+                if e.rt.pid != Some(pid) {
+                    let why = e.rt.last_exit.as_ref().map(|x| x.reason.clone()).unwrap_or_default();
+                    return Err(HostError::Internal(format!("the VM ended while starting: {why}")));
+                }
+                if up {
+                    if e.rt.state == Some(VmState::Starting) {
+                        e.rt.state = Some(VmState::Running);
+                    }
+                    return Ok(view(e));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HostError::Internal("the VM process did not open its control socket within 15 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (in a task) for process `pid` of VM `id` to end, then records how it ended.
+    fn watch(self: &Arc<Self>, id: String, pid: u32) {
+        let host = self.clone();
+        tokio::spawn(async move {
+            // SAFETY: the OwnedFd is a pidfd that the AsyncFd owns and keeps open for its lifetime.
+            let fd = pidfd_open(pid).and_then(|fd| unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+                    .map_err(|e| e.into())
+            });
+            match fd {
+                Ok(fd) => {
+                    let _ = fd.readable().await;
+                }
+                Err(_) => {
+                    // No pidfd (the process is already gone, or an old kernel): poll.
+                    while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            host.ended(&id, pid);
+        });
+    }
+
+    fn ended(&self, id: &str, pid: u32) {
+        let own = lock(&self.vms).get(id).is_some_and(|e| e.rt.own_child && e.rt.pid == Some(pid));
+        let mut status = None;
+        if own {
+            let mut raw = 0;
+            // SAFETY: reaping our own child; `raw` receives its status.
+            if unsafe { libc::waitpid(pid as i32, &mut raw, 0) } == pid as i32 {
+                status = Some(raw);
+            }
+        }
+        let files = self.run_files(id);
+        let exit = self.exit_info(&files, status, own);
+        let _ = std::fs::remove_file(files.pid());
+        let mut vms = lock(&self.vms);
+        let Some(e) = vms.get_mut(id) else { return };
+        if e.rt.pid != Some(pid) {
+            return;
+        }
+        let clean =
+            exit.exit_code.is_some_and(|c| c == 0 || c == 3) || (e.rt.stop_requested && exit.exit_code.is_some());
+        log::info!("VM {id} ended: {}", exit.reason);
+        e.rt = Runtime {
+            state: Some(if clean { VmState::Stopped } else { VmState::Crashed }),
+            last_exit: Some(exit),
+            ..Runtime::default()
+        };
+    }
+
+    fn exit_info(&self, files: &RunFiles, status: Option<i32>, own: bool) -> ExitInfo {
+        let serial_tail = tail_lines(&files.serial(), 10);
+        let record: Option<vmm_core::vm::ExitRecord> =
+            std::fs::read(files.exit()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(r) = record {
+            return ExitInfo { exit_code: Some(r.exit_code), reason: r.reason, serial_tail };
+        }
+        let reason = match status {
+            Some(s) if libc::WIFSIGNALED(s) => format!("the VM process was killed by signal {}", libc::WTERMSIG(s)),
+            Some(s) if libc::WIFEXITED(s) => format!("the VM process exited with status {}", libc::WEXITSTATUS(s)),
+            _ if own => "the VM process ended without an exit record".into(),
+            _ => "the VM process ended without an exit record (killed?)".into(),
+        };
+        ExitInfo { exit_code: None, reason, serial_tail }
+    }
+
+    /// Sends a control request to a running VM.
+    pub async fn control(&self, id: &str, request: Request) -> Result<Response, HostError> {
+        if self.pid(id).is_none() {
+            self.record(id)?;
+            return Err(HostError::Conflict("the VM is not running".into()));
+        }
+        let path = self.run_files(id).control();
+        tokio::task::spawn_blocking(move || control(&path, &request))
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?
+            .map_err(|e| match e {
+                vmm_core::control::ControlError::Refused(why) => HostError::BadRequest(why),
+                other => HostError::Internal(format!("the VM's control socket: {other}")),
+            })
+    }
+
+    /// Records the state a lifecycle request leads to.
+    pub fn set_state(&self, id: &str, state: VmState, stop_requested: bool) {
+        if let Some(e) = lock(&self.vms).get_mut(id)
+            && e.rt.pid.is_some()
+        {
+            e.rt.state = Some(state);
+            e.rt.stop_requested |= stop_requested;
+        }
+    }
+
+    /// Waits until VM `id` has no process (or `limit` passes); returns whether it stopped.
+    pub async fn wait_stopped(&self, id: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.pid(id).is_none() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// One control request on a fresh connection.
+pub fn control(path: &Path, request: &Request) -> Result<Response, vmm_core::control::ControlError> {
+    ControlClient::connect(path)?.request(request)
+}
+
+fn view(e: &Entry) -> Vm {
+    let r = &e.record;
+    Vm {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        disk_bytes: r.disk_bytes,
+        boot: r.boot.clone(),
+        media: r.media.clone(),
+        state: e.rt.state.unwrap_or(VmState::Stopped),
+        last_exit: e.rt.last_exit.clone(),
+        uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
+    }
+}

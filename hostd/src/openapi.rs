@@ -1,0 +1,233 @@
+//! The OpenAPI 3.1 document `GET /api/v1/openapi.json` serves: the contract of the host API. Paths come
+//! from the table below (kept beside the router; a test checks that both list the same routes); schemas
+//! are generated from the `porthole-api` types by schemars, so they cannot drift from the code.
+
+use serde_json::{Value, json};
+
+/// (method, path under /api/v1, summary, least role, request body schema, success status, response schema)
+pub type Route =
+    (&'static str, &'static str, &'static str, &'static str, Option<&'static str>, u16, Option<&'static str>);
+
+pub const ROUTES: &[Route] = &[
+    ("get", "/host", "What the host is and holds", "viewer", None, 200, Some("HostInfo")),
+    ("get", "/openapi.json", "This document", "none", None, 200, None),
+    ("get", "/vms", "The VMs the caller may see", "viewer", None, 200, Some("VmList")),
+    ("post", "/vms", "Create a VM (and its disk)", "admin", Some("CreateVm"), 201, Some("Vm")),
+    ("get", "/vms/{id}", "One VM", "viewer", None, 200, Some("Vm")),
+    ("patch", "/vms/{id}", "Change a VM (hardware only while stopped)", "admin", Some("UpdateVm"), 200, Some("Vm")),
+    ("delete", "/vms/{id}", "Delete a stopped VM and its disk", "admin", None, 204, None),
+    ("post", "/vms/{id}/start", "Start; returns once the VM runs", "operator", None, 200, Some("Vm")),
+    (
+        "post",
+        "/vms/{id}/shutdown",
+        "ACPI power button, forced off after ?timeout_s (default 30); a task",
+        "operator",
+        None,
+        202,
+        Some("Task"),
+    ),
+    ("post", "/vms/{id}/poweroff", "Pull the plug", "operator", None, 200, Some("Vm")),
+    ("post", "/vms/{id}/reset", "Reset button", "operator", None, 200, Some("Vm")),
+    ("post", "/vms/{id}/pause", "Stop every vCPU", "operator", None, 200, Some("Vm")),
+    ("post", "/vms/{id}/resume", "Continue", "operator", None, 200, Some("Vm")),
+    (
+        "post",
+        "/vms/{id}/media",
+        "Insert a library image into the CD/DVD drive, or eject (image: null)",
+        "operator",
+        Some("MediaChange"),
+        200,
+        Some("Vm"),
+    ),
+    (
+        "post",
+        "/vms/{id}/console",
+        "A one-shot console ticket (30 s); viewers get view-only consoles",
+        "viewer",
+        None,
+        200,
+        Some("ConsoleTicket"),
+    ),
+    (
+        "get",
+        "/vms/{id}/serial",
+        "The last ?lines (100, at most 1000) of serial output",
+        "viewer",
+        None,
+        200,
+        Some("SerialOutput"),
+    ),
+    (
+        "get",
+        "/vms/{id}/serial/stream",
+        "WebSocket: serial output as text frames from now on",
+        "viewer",
+        None,
+        101,
+        None,
+    ),
+    (
+        "get",
+        "/vms/{id}/stats",
+        "Samples newer than ?since (ms); ?resolution=s (1 h) or min (1 day)",
+        "viewer",
+        None,
+        200,
+        Some("Stats"),
+    ),
+    ("get", "/console", "WebSocket (?ticket=): binary frames carry the VM's RFB stream", "ticket", None, 101, None),
+    ("get", "/images", "The image library", "viewer", None, 200, Some("ImageList")),
+    (
+        "put",
+        "/images/{name}",
+        "Upload (streamed; Content-Length and X-Porthole-Sha256 required)",
+        "admin",
+        None,
+        201,
+        Some("Image"),
+    ),
+    ("delete", "/images/{name}", "Delete an image no VM uses", "admin", None, 204, None),
+    ("get", "/tasks", "Long operations (uploads, shutdowns) and their progress", "viewer", None, 200, Some("TaskList")),
+    ("get", "/tasks/{id}", "One task", "viewer", None, 200, Some("Task")),
+];
+
+fn schema<T: schemars::JsonSchema>() -> Value {
+    let mut v = serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null);
+    // Nested definitions move to components; references are rewritten to point there.
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("$schema");
+        obj.remove("$defs");
+    }
+    rewrite_refs(&mut v);
+    v
+}
+
+fn defs<T: schemars::JsonSchema>() -> Vec<(String, Value)> {
+    let v = serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null);
+    v.get("$defs")
+        .and_then(|d| d.as_object())
+        .map(|d| {
+            d.iter()
+                .map(|(k, v)| {
+                    let mut v = v.clone();
+                    rewrite_refs(&mut v);
+                    (k.clone(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn rewrite_refs(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(r)) = map.get_mut("$ref")
+                && let Some(name) = r.strip_prefix("#/$defs/")
+            {
+                *r = format!("#/components/schemas/{name}");
+            }
+            for child in map.values_mut() {
+                rewrite_refs(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(rewrite_refs),
+        _ => {}
+    }
+}
+
+/// The document.
+pub fn document() -> Value {
+    use porthole_api::*;
+    let mut schemas = serde_json::Map::new();
+    macro_rules! add {
+        ($($t:ty),*) => {$(
+            schemas.insert(stringify!($t).to_owned(), schema::<$t>());
+            for (k, v) in defs::<$t>() {
+                schemas.entry(k).or_insert(v);
+            }
+        )*};
+    }
+    add!(HostInfo, Vm, CreateVm, UpdateVm, MediaChange, ConsoleTicket, SerialOutput, Stats, Image, Task, ErrorBody);
+    let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
+    schemas.insert("VmList".into(), list("Vm"));
+    schemas.insert("ImageList".into(), list("Image"));
+    schemas.insert("TaskList".into(), list("Task"));
+
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, role, request, status, response) in ROUTES {
+        let mut op = json!({
+            "summary": summary,
+            "x-porthole-role": role,
+            "responses": {
+                "default": {
+                    "description": "An error: 400 bad input, 401 no or bad token, 403 role or VM not allowed, 404, 409 state conflict, 413 too large",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+                }
+            }
+        });
+        let ok = match response {
+            Some(s) => {
+                json!({"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{s}")}}}})
+            }
+            None => json!({"description": if *status == 101 { "Switching protocols (WebSocket)" } else { "OK" }}),
+        };
+        op["responses"][status.to_string()] = ok;
+        if let Some(r) = request {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{r}")}}}});
+        }
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+        }
+        if *role == "none" || *role == "ticket" {
+            op["security"] = json!([]);
+        }
+        paths.entry(path.to_string()).or_insert_with(|| json!({}))[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Porthole host API",
+            "version": porthole_api::VERSION,
+            "description": "portholed: the VMs of one host. Local: HTTP on a Unix socket (owner only). Remote: HTTPS with Authorization: Bearer TOKEN; roles viewer < operator < admin, optionally limited to some VMs."
+        },
+        "servers": [{"url": porthole_api::API_PREFIX}],
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+        },
+        "security": [{"bearer": []}],
+        "paths": paths
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_and_schema_is_in_the_document() {
+        let doc = document();
+        for (method, path, ..) in ROUTES {
+            assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        }
+        for name in ["Vm", "CreateVm", "VmState", "BootSpec", "ExitInfo", "ErrorBody", "Task", "TaskState"] {
+            assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
+        }
+        let text = doc.to_string();
+        assert!(!text.contains("#/$defs/"), "every reference points into components");
+        // The smallest create body's required fields are exactly name, vcpus, memory_mib.
+        let mut required: Vec<&str> = doc["components"]["schemas"]["CreateVm"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        required.sort();
+        assert_eq!(required, ["memory_mib", "name", "vcpus"]);
+    }
+}

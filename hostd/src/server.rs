@@ -1,0 +1,843 @@
+//! The HTTP API (`/api/v1`, axum): routes, who may call them, and errors as JSON `{error, message}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use porthole_api::{
+    ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, Role, SerialOutput, Stats as StatsBody, Task,
+    TaskState, UpdateVm, Vm, VmState,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmm_core::control::Request;
+
+use crate::auth::{Principal, Tokens};
+use crate::host::{Host, HostError, tail_lines};
+use crate::stats::Stats;
+use crate::store::{VmRecord, is_valid_name, now_ms, random_hex};
+
+/// How long a console ticket stays valid.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(30);
+/// Finished tasks kept for polling.
+const TASKS_KEPT: usize = 200;
+
+/// Where a connection came from.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// The local Unix socket, with the peer's user id.
+    Unix {
+        uid: Option<u32>,
+    },
+    Tcp(SocketAddr),
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Peer::Unix { uid: stream.io().peer_cred().ok().map(|c| c.uid()) }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        Peer::Tcp(*stream.remote_addr())
+    }
+}
+
+struct Ticket {
+    vm: String,
+    input: bool,
+    expires: Instant,
+}
+
+/// Everything the handlers share.
+pub struct App {
+    pub host: Arc<Host>,
+    pub tokens: Arc<Tokens>,
+    pub stats: Arc<Stats>,
+    pub data_dir: PathBuf,
+    pub upload_limit: u64,
+    tickets: Mutex<HashMap<String, Ticket>>,
+    tasks: Mutex<BTreeMap<String, Task>>,
+}
+
+type AppState = Arc<App>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error reply.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: self.code.to_owned(), message: self.message };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        match e {
+            HostError::NotFound(id) => ApiError::not_found(format!("no VM {id:?}")),
+            HostError::Conflict(m) => ApiError::conflict(m),
+            HostError::BadRequest(m) => ApiError::bad(m),
+            HostError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, "bad_request", e.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<ConnectInfo<Peer>>().map(|c| &c.0) {
+            Some(Peer::Unix { uid }) => {
+                // SAFETY: getuid has no arguments and cannot fail.
+                let me = unsafe { libc::getuid() };
+                if *uid == Some(me) {
+                    Ok(Principal::local_owner())
+                } else {
+                    Err(ApiError::forbidden("only the user who runs the daemon may use its Unix socket"))
+                }
+            }
+            Some(Peer::Tcp(addr)) => {
+                let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                let token = header
+                    .and_then(|h| h.strip_prefix("Bearer "))
+                    .ok_or_else(|| ApiError::unauthorized("an API token is needed: Authorization: Bearer TOKEN"))?;
+                app.tokens.check(token.trim()).ok_or_else(|| {
+                    log::info!("{addr}: refused an unknown or revoked token");
+                    ApiError::unauthorized("the token is unknown or revoked")
+                })
+            }
+            None => Err(ApiError::unauthorized("unknown connection")),
+        }
+    }
+}
+
+fn require(p: &Principal, role: Role) -> ApiResult<()> {
+    if p.role >= role {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            format!("this needs the {role:?} role; token {:?} is {:?}", p.name, p.role).to_lowercase(),
+        ))
+    }
+}
+
+fn require_vm(p: &Principal, role: Role, id: &str) -> ApiResult<()> {
+    require(p, role)?;
+    if p.may_see(id) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!("token {:?} has no access to VM {id:?}", p.name)))
+    }
+}
+
+impl App {
+    pub fn new(
+        host: Arc<Host>,
+        tokens: Arc<Tokens>,
+        stats: Arc<Stats>,
+        data_dir: PathBuf,
+        upload_limit: u64,
+    ) -> Arc<Self> {
+        Arc::new(App {
+            host,
+            tokens,
+            stats,
+            data_dir,
+            upload_limit,
+            tickets: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn new_task(&self, what: String, total: u64) -> String {
+        let id = random_hex(8);
+        let mut tasks = lock(&self.tasks);
+        if tasks.len() >= TASKS_KEPT {
+            let done: Vec<String> = tasks
+                .iter()
+                .filter(|(_, t)| t.state != TaskState::Running)
+                .map(|(k, _)| k.clone())
+                .take(tasks.len() / 2)
+                .collect();
+            for k in done {
+                tasks.remove(&k);
+            }
+        }
+        tasks.insert(id.clone(), Task { id: id.clone(), what, state: TaskState::Running, done: 0, total, error: None });
+        id
+    }
+
+    fn update_task(&self, id: &str, f: impl FnOnce(&mut Task)) {
+        if let Some(t) = lock(&self.tasks).get_mut(id) {
+            f(t);
+        }
+    }
+
+    fn task(&self, id: &str) -> Option<Task> {
+        lock(&self.tasks).get(id).cloned()
+    }
+}
+
+/// The API's routes (`/api/v1/...`), as the OpenAPI document lists them.
+pub fn router(app: AppState) -> Router {
+    let api = Router::new()
+        .route("/host", get(host_info))
+        .route("/openapi.json", get(openapi))
+        .route("/vms", get(list_vms).post(create_vm))
+        .route("/vms/{id}", get(get_vm).patch(update_vm).delete(delete_vm))
+        .route("/vms/{id}/{action}", post(vm_action))
+        .route("/vms/{id}/media", post(change_media))
+        .route("/vms/{id}/console", post(console_ticket))
+        .route("/vms/{id}/serial", get(serial))
+        .route("/vms/{id}/serial/stream", get(serial_stream))
+        .route("/vms/{id}/stats", get(stats))
+        .route("/console", get(console))
+        .route("/images", get(list_images))
+        .route("/images/{name}", put(upload_image).delete(delete_image))
+        .route("/tasks", get(list_tasks))
+        .route("/tasks/{id}", get(get_task));
+    Router::new()
+        .nest(porthole_api::API_PREFIX, api)
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint (the API lives under /api/v1; see /api/v1/openapi.json)")
+        })
+        .with_state(app)
+}
+
+async fn host_info(State(app): State<AppState>, p: Principal) -> ApiResult<Json<HostInfo>> {
+    require(&p, Role::Viewer)?;
+    let free = {
+        let path = std::ffi::CString::new(app.data_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } == 0 { s.f_bavail * s.f_frsize } else { 0 }
+    };
+    Ok(Json(HostInfo {
+        hostname: crate::tls::hostname().unwrap_or_else(|| "localhost".into()),
+        version: porthole_api::VERSION.into(),
+        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        memory_mib: vmm_core::config::host_memory_mib().unwrap_or(0),
+        free_disk_bytes: free,
+        vms: app.host.count() as u64,
+        problems: app.host.problems.clone(),
+    }))
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+async fn list_vms(State(app): State<AppState>, p: Principal) -> ApiResult<Json<Vec<Vm>>> {
+    require(&p, Role::Viewer)?;
+    Ok(Json(app.host.list().into_iter().filter(|v| p.may_see(&v.id)).collect()))
+}
+
+async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Vm>> {
+    require_vm(&p, Role::Viewer, &id)?;
+    Ok(Json(app.host.get(&id)?))
+}
+
+fn check_shape(vcpus: u32, memory_mib: u64) -> ApiResult<()> {
+    if vcpus == 0 || vcpus > vmm_core::config::MAX_VCPUS {
+        return Err(ApiError::bad(format!("vcpus must be 1-{}", vmm_core::config::MAX_VCPUS)));
+    }
+    if memory_mib < vmm_core::config::MIN_MEMORY_MIB {
+        return Err(ApiError::bad(format!("memory_mib must be at least {}", vmm_core::config::MIN_MEMORY_MIB)));
+    }
+    if let Some(host) = vmm_core::config::host_memory_mib()
+        && memory_mib > host
+    {
+        return Err(ApiError::bad(format!("memory_mib {memory_mib} is more than this host has ({host} MiB)")));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> ApiResult<()> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "name {name:?} is invalid: use 1-63 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+/// Most a new disk may be (64 TiB).
+const MAX_DISK_GIB: u64 = 64 * 1024;
+
+async fn create_vm(
+    State(app): State<AppState>,
+    p: Principal,
+    body: Result<Json<CreateVm>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    require(&p, Role::Admin)?;
+    let Json(req) = body?;
+    check_name(&req.name)?;
+    check_shape(req.vcpus, req.memory_mib)?;
+    if req.disk_gib > MAX_DISK_GIB {
+        return Err(ApiError::bad(format!("disk_gib must be at most {MAX_DISK_GIB}")));
+    }
+    if let Some(boot) = &req.boot {
+        app.host.resolve_image(&boot.kernel, p.role == Role::Admin)?;
+        if let Some(initrd) = &boot.initrd {
+            app.host.resolve_image(initrd, p.role == Role::Admin)?;
+        }
+    }
+    if let Some(media) = &req.media {
+        app.host.resolve_image(media, false)?;
+    }
+    if app.host.list().iter().any(|v| v.name == req.name) {
+        return Err(ApiError::conflict(format!("a VM named {:?} exists already", req.name)));
+    }
+    let id = random_hex(6);
+    let record = VmRecord {
+        id: id.clone(),
+        name: req.name,
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        disk_bytes: req.disk_gib << 30,
+        boot: req.boot,
+        media: req.media,
+        created_ms: now_ms(),
+    };
+    let dir = app.host.store.vm_dir(&id);
+    let made = (|| {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HostError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        if record.disk_bytes > 0 {
+            vmm_core::disk::create_raw_image(&app.host.store.disk_path(&id), record.disk_bytes)
+                .map_err(|e| HostError::Internal(e.to_string()))?;
+        }
+        app.host.insert(record)
+    })();
+    match made {
+        Ok(vm) => Ok((StatusCode::CREATED, Json(vm))),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e.into())
+        }
+    }
+}
+
+async fn update_vm(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<UpdateVm>, JsonRejection>,
+) -> ApiResult<Json<Vm>> {
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(req) = body?;
+    if let Some(name) = &req.name {
+        check_name(name)?;
+    }
+    let record = app.host.record(&id)?;
+    check_shape(req.vcpus.unwrap_or(record.vcpus), req.memory_mib.unwrap_or(record.memory_mib))?;
+    if let Some(boot) = &req.boot {
+        app.host.resolve_image(&boot.kernel, true)?;
+    }
+    let vm = app.host.update(&id, |r, running| {
+        if running && (req.vcpus.is_some() || req.memory_mib.is_some() || req.boot.is_some()) {
+            return Err(HostError::Conflict("vcpus, memory and boot change only while the VM is stopped".into()));
+        }
+        if let Some(n) = req.name {
+            r.name = n;
+        }
+        if let Some(v) = req.vcpus {
+            r.vcpus = v;
+        }
+        if let Some(m) = req.memory_mib {
+            r.memory_mib = m;
+        }
+        if let Some(b) = req.boot {
+            r.boot = Some(b);
+        }
+        Ok(())
+    })?;
+    Ok(Json(vm))
+}
+
+async fn delete_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    require_vm(&p, Role::Admin, &id)?;
+    app.host.delete(&id)?;
+    app.stats.forget(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ShutdownQuery {
+    /// Seconds to wait before forcing the VM off (default 30, at most 300).
+    timeout_s: Option<u64>,
+}
+
+async fn vm_action(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<ShutdownQuery>,
+) -> ApiResult<Response> {
+    require_vm(&p, Role::Operator, &id)?;
+    let host = &app.host;
+    match action.as_str() {
+        "start" => Ok(Json(host.start(&id).await?).into_response()),
+        "pause" => {
+            host.control(&id, Request::Pause).await?;
+            host.set_state(&id, VmState::Paused, false);
+            Ok(Json(host.get(&id)?).into_response())
+        }
+        "resume" => {
+            host.control(&id, Request::Resume).await?;
+            host.set_state(&id, VmState::Running, false);
+            Ok(Json(host.get(&id)?).into_response())
+        }
+        "reset" => {
+            host.control(&id, Request::Reset).await?;
+            Ok(Json(host.get(&id)?).into_response())
+        }
+        "poweroff" => {
+            host.set_state(&id, VmState::Stopping, true);
+            host.control(&id, Request::Poweroff).await?;
+            host.wait_stopped(&id, Duration::from_secs(10)).await;
+            Ok(Json(host.get(&id)?).into_response())
+        }
+        "shutdown" => {
+            let timeout = Duration::from_secs(q.timeout_s.unwrap_or(30).clamp(1, 300));
+            host.set_state(&id, VmState::Stopping, true);
+            host.control(&id, Request::Stop).await?;
+            let task = app.new_task(format!("shut down {id}"), 1);
+            let (app2, task2, id2) = (app.clone(), task.clone(), id.clone());
+            tokio::spawn(async move {
+                let stopped = app2.host.wait_stopped(&id2, timeout).await;
+                if !stopped {
+                    // The guest ignored the power button: force it off.
+                    let _ = app2.host.control(&id2, Request::Poweroff).await;
+                    app2.host.wait_stopped(&id2, Duration::from_secs(10)).await;
+                }
+                app2.update_task(&task2, |t| {
+                    t.done = 1;
+                    t.state = TaskState::Done;
+                    if !stopped {
+                        t.error = Some(format!("the guest did not shut down within {timeout:?}; it was powered off"));
+                    }
+                });
+            });
+            Ok((StatusCode::ACCEPTED, Json(app.task(&task))).into_response())
+        }
+        other => {
+            Err(ApiError::not_found(format!("no action {other:?}: start, shutdown, poweroff, reset, pause, resume")))
+        }
+    }
+}
+
+async fn change_media(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<MediaChange>, JsonRejection>,
+) -> ApiResult<Json<Vm>> {
+    require_vm(&p, Role::Operator, &id)?;
+    let Json(req) = body?;
+    let path = req.image.as_deref().map(|i| app.host.resolve_image(i, false)).transpose()?;
+    if app.host.pid(&id).is_some() {
+        let request = match path {
+            Some(path) => Request::AttachMedia { path, drive: None },
+            None => Request::EjectMedia { drive: None },
+        };
+        app.host.control(&id, request).await?;
+    }
+    Ok(Json(app.host.update(&id, |r, _| {
+        r.media = req.image;
+        Ok(())
+    })?))
+}
+
+async fn console_ticket(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConsoleTicket>> {
+    require_vm(&p, Role::Viewer, &id)?;
+    if app.host.pid(&id).is_none() {
+        app.host.get(&id)?;
+        return Err(ApiError::conflict("the VM is not running"));
+    }
+    let input = p.role >= Role::Operator;
+    let ticket = random_hex(24);
+    {
+        let mut tickets = lock(&app.tickets);
+        let now = Instant::now();
+        tickets.retain(|_, t| t.expires > now);
+        tickets.insert(ticket.clone(), Ticket { vm: id.clone(), input, expires: now + TICKET_LIFETIME });
+    }
+    let files = app.host.run_files(&id);
+    let socket = if input { files.vnc() } else { files.vnc_view_only() };
+    Ok(Json(ConsoleTicket {
+        path: format!("{}/console?ticket={ticket}", porthole_api::API_PREFIX),
+        ticket,
+        expires_in_s: TICKET_LIFETIME.as_secs(),
+        input,
+        rfb_socket: p.local.then(|| socket.display().to_string()),
+    }))
+}
+
+#[derive(Deserialize)]
+struct TicketQuery {
+    ticket: String,
+}
+
+/// `GET /console?ticket=`: the ticket is the credential (one use, 30 s).
+async fn console(
+    State(app): State<AppState>,
+    Query(q): Query<TicketQuery>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let ticket = lock(&app.tickets).remove(&q.ticket);
+    let ticket = match ticket {
+        Some(t) if t.expires > Instant::now() => t,
+        Some(_) => return Err(ApiError::unauthorized("the console ticket has expired")),
+        None => return Err(ApiError::unauthorized("unknown or already used console ticket")),
+    };
+    let files = app.host.run_files(&ticket.vm);
+    let socket = if ticket.input { files.vnc() } else { files.vnc_view_only() };
+    let rfb = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|e| ApiError::conflict(format!("cannot reach the VM's console: {e}")))?;
+    Ok(ws.on_upgrade(move |ws| proxy_rfb(ws, rfb)))
+}
+
+/// Carries RFB between the WebSocket (binary frames) and the VM's console socket.
+async fn proxy_rfb(ws: WebSocket, rfb: tokio::net::UnixStream) {
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut rfb_rx, mut rfb_tx) = rfb.into_split();
+    let to_vm = async {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            match msg {
+                Message::Binary(b) if rfb_tx.write_all(&b).await.is_err() => break,
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = rfb_tx.shutdown().await;
+    };
+    let to_client = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rfb_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.send(Message::Close(None)).await;
+    };
+    tokio::select! {
+        _ = to_vm => {}
+        _ = to_client => {}
+    }
+}
+
+#[derive(Deserialize)]
+struct LinesQuery {
+    lines: Option<usize>,
+}
+
+async fn serial(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    Query(q): Query<LinesQuery>,
+) -> ApiResult<Json<SerialOutput>> {
+    require_vm(&p, Role::Viewer, &id)?;
+    app.host.get(&id)?;
+    let lines = tail_lines(&app.host.run_files(&id).serial(), q.lines.unwrap_or(100).min(1000));
+    Ok(Json(SerialOutput { lines }))
+}
+
+/// A WebSocket of text frames: the serial output from now on.
+async fn serial_stream(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    require_vm(&p, Role::Viewer, &id)?;
+    app.host.get(&id)?;
+    let path = app.host.run_files(&id).serial();
+    Ok(ws.on_upgrade(move |mut ws| async move {
+        let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        loop {
+            tokio::select! {
+                msg = ws.recv() => {
+                    if !matches!(msg, Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Text(_) | Message::Binary(_)))) {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    if len < offset {
+                        offset = 0; // truncated by the size limit
+                    }
+                    if len > offset {
+                        let chunk = read_range(&path, offset, (len - offset).min(64 * 1024));
+                        offset += chunk.len() as u64;
+                        if ws.send(Message::Text(String::from_utf8_lossy(&chunk).into_owned().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
+fn read_range(path: &std::path::Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let _ = f.take(len).read_to_end(&mut bytes);
+    }
+    bytes
+}
+
+#[derive(Deserialize)]
+struct StatsQuery {
+    /// Only samples newer than this (ms since the epoch).
+    since: Option<u64>,
+    /// `s` (1 s samples, the last hour) or `min` (1 min samples, the last day).
+    resolution: Option<String>,
+}
+
+async fn stats(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    Query(q): Query<StatsQuery>,
+) -> ApiResult<Json<StatsBody>> {
+    require_vm(&p, Role::Viewer, &id)?;
+    app.host.get(&id)?;
+    let minutes = match q.resolution.as_deref() {
+        None | Some("s") => false,
+        Some("min") => true,
+        Some(other) => return Err(ApiError::bad(format!("resolution {other:?} is not s or min"))),
+    };
+    Ok(Json(StatsBody {
+        interval_s: if minutes { 60 } else { 1 },
+        samples: app.stats.samples(&id, q.since.unwrap_or(0), minutes),
+    }))
+}
+
+fn image_sha256(path: &std::path::Path) -> String {
+    // Cached next to the library in a sidecar written at upload; computed for files put there by hand.
+    let sidecar =
+        path.with_file_name(format!(".{}.sha256", path.file_name().and_then(|n| n.to_str()).unwrap_or_default()));
+    if let Ok(s) = std::fs::read_to_string(&sidecar) {
+        return s.trim().to_owned();
+    }
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let mut h = Sha256::new();
+    if std::io::copy(&mut f, &mut h).is_err() {
+        return String::new();
+    }
+    let sum = hex::encode(h.finalize());
+    let _ = crate::store::write_atomic(&sidecar, sum.as_bytes());
+    sum
+}
+
+async fn list_images(State(app): State<AppState>, p: Principal) -> ApiResult<Json<Vec<Image>>> {
+    require(&p, Role::Viewer)?;
+    let host = app.host.clone();
+    let images = tokio::task::spawn_blocking(move || {
+        host.store
+            .images()
+            .into_iter()
+            .map(|(name, size)| {
+                let sha256 = image_sha256(&host.store.images_dir().join(&name));
+                Image { name, size_bytes: size, sha256 }
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(Json(images))
+}
+
+/// `PUT /images/{name}` with `Content-Length` and `X-Porthole-Sha256`: streamed to a temp file, checked,
+/// then renamed into the library. Progress shows as a task (`GET /tasks`).
+async fn upload_image(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    require(&p, Role::Admin)?;
+    let path = app.host.store.image_path(&name).ok_or_else(|| {
+        ApiError::bad(format!(
+            "image name {name:?} is invalid: 1-63 letters, digits, '-', '_', '.', not starting with '.'"
+        ))
+    })?;
+    let length: u64 =
+        headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).ok_or_else(
+            || ApiError::new(StatusCode::LENGTH_REQUIRED, "length_required", "an upload needs Content-Length"),
+        )?;
+    let expected = headers
+        .get("x-porthole-sha256")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| ApiError::bad("an upload needs X-Porthole-Sha256: the file's SHA-256 in hex"))?;
+    if length > app.upload_limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("{length} bytes is more than the upload limit of {} bytes", app.upload_limit),
+        ));
+    }
+    if path.exists() {
+        return Err(ApiError::conflict(format!("an image named {name:?} exists already")));
+    }
+    let task = app.new_task(format!("upload {name}"), length);
+    let tmp = app.host.store.images_dir().join(format!(".{name}.upload-{}", random_hex(4)));
+    let result = receive(&app, &task, body, &tmp, length, &expected).await;
+    let finish = match result {
+        Ok(()) => std::fs::rename(&tmp, &path)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+        Err(e) => Err(e),
+    };
+    match finish {
+        Ok(()) => {
+            let sidecar = app.host.store.images_dir().join(format!(".{name}.sha256"));
+            let _ = crate::store::write_atomic(&sidecar, expected.as_bytes());
+            app.update_task(&task, |t| t.state = TaskState::Done);
+            Ok((StatusCode::CREATED, Json(Image { name, size_bytes: length, sha256: expected })))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            app.update_task(&task, |t| {
+                t.state = TaskState::Failed;
+                t.error = Some(e.message.clone());
+            });
+            Err(e)
+        }
+    }
+}
+
+async fn receive(
+    app: &App,
+    task: &str,
+    body: axum::body::Body,
+    tmp: &std::path::Path,
+    length: u64,
+    expected: &str,
+) -> ApiResult<()> {
+    let internal = |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+    let mut file = tokio::fs::File::create(tmp).await.map_err(internal)?;
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad(format!("the upload broke off: {e}")))?;
+        received += chunk.len() as u64;
+        if received > length {
+            return Err(ApiError::bad("the upload is longer than its Content-Length"));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(internal)?;
+        app.update_task(task, |t| t.done = received);
+    }
+    if received != length {
+        return Err(ApiError::bad(format!("the upload ended after {received} of {length} bytes")));
+    }
+    file.sync_all().await.map_err(internal)?;
+    let got = hex::encode(hasher.finalize());
+    if got != expected {
+        return Err(ApiError::bad(format!("SHA-256 mismatch: the upload is {got}, X-Porthole-Sha256 said {expected}")));
+    }
+    Ok(())
+}
+
+async fn delete_image(State(app): State<AppState>, p: Principal, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    require(&p, Role::Admin)?;
+    let path =
+        app.host.store.image_path(&name).ok_or_else(|| ApiError::bad(format!("image name {name:?} is invalid")))?;
+    if app.host.list().iter().any(|v| {
+        v.media.as_deref() == Some(name.as_str())
+            || v.boot.as_ref().is_some_and(|b| b.kernel == name || b.initrd.as_deref() == Some(name.as_str()))
+    }) {
+        return Err(ApiError::conflict(format!("image {name:?} is used by a VM")));
+    }
+    std::fs::remove_file(&path).map_err(|_| ApiError::not_found(format!("no image {name:?}")))?;
+    let _ = std::fs::remove_file(app.host.store.images_dir().join(format!(".{name}.sha256")));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_tasks(State(app): State<AppState>, p: Principal) -> ApiResult<Json<Vec<Task>>> {
+    require(&p, Role::Viewer)?;
+    Ok(Json(lock(&app.tasks).values().cloned().collect()))
+}
+
+async fn get_task(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+    require(&p, Role::Viewer)?;
+    app.task(&id).map(Json).ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))
+}

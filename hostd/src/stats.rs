@@ -1,0 +1,195 @@
+//! Resource samples of running VMs: once a second, CPU time and resident memory of each VM process (from
+//! /proc) and its disk counters (from its control socket), kept for an hour at 1 s and for a day at 1 min.
+//! The sampler also keeps serial logs bounded: past 1 MiB a log is truncated (the VMM appends, so it just
+//! goes on at the start).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use porthole_api::StatSample;
+use vmm_core::control::{ControlClient, Request};
+
+use crate::host::Host;
+use crate::store::now_ms;
+
+const SECONDS_KEPT: usize = 3600;
+const MINUTES_KEPT: usize = 1440;
+/// A serial log longer than this is truncated.
+pub const SERIAL_LOG_LIMIT: u64 = 1 << 20;
+
+#[derive(Default)]
+struct History {
+    seconds: VecDeque<StatSample>,
+    minutes: VecDeque<StatSample>,
+    /// Samples of the minute being filled.
+    minute: Vec<StatSample>,
+}
+
+/// Previous raw readings of one VM process.
+struct Last {
+    pid: u32,
+    t_ms: u64,
+    cpu_ticks: u64,
+    disk_read: u64,
+    disk_written: u64,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    histories: Mutex<HashMap<String, History>>,
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is 0; utime is 11, stime 12.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn average(samples: &[StatSample]) -> StatSample {
+    let n = samples.len().max(1) as f64;
+    let sum = |f: fn(&StatSample) -> f64| samples.iter().map(f).sum::<f64>() / n;
+    StatSample {
+        t_ms: samples.last().map(|s| s.t_ms).unwrap_or(0),
+        cpu_percent: sum(|s| s.cpu_percent),
+        memory_bytes: (sum(|s| s.memory_bytes as f64)) as u64,
+        disk_read_bps: sum(|s| s.disk_read_bps),
+        disk_write_bps: sum(|s| s.disk_write_bps),
+        net_rx_bps: sum(|s| s.net_rx_bps),
+        net_tx_bps: sum(|s| s.net_tx_bps),
+    }
+}
+
+impl Stats {
+    /// Samples of VM `id` newer than `since_ms`: at 1 s (`minutes` false) or 1 min.
+    pub fn samples(&self, id: &str, since_ms: u64, minutes: bool) -> Vec<StatSample> {
+        let histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = histories.get(id) else { return Vec::new() };
+        let source = if minutes { &h.minutes } else { &h.seconds };
+        source.iter().filter(|s| s.t_ms > since_ms).copied().collect()
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.histories.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    fn push(&self, id: &str, sample: StatSample) {
+        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        let h = histories.entry(id.to_owned()).or_default();
+        h.seconds.push_back(sample);
+        if h.seconds.len() > SECONDS_KEPT {
+            h.seconds.pop_front();
+        }
+        h.minute.push(sample);
+        if h.minute.len() >= 60 {
+            let m = average(&h.minute);
+            h.minute.clear();
+            h.minutes.push_back(m);
+            if h.minutes.len() > MINUTES_KEPT {
+                h.minutes.pop_front();
+            }
+        }
+    }
+
+    /// Runs the sampler in its own thread for as long as the daemon lives.
+    pub fn spawn(self: &Arc<Self>, host: Arc<Host>) {
+        let stats = self.clone();
+        let _ = std::thread::Builder::new().name("stats".into()).spawn(move || {
+            let ticks_per_s = {
+                // SAFETY: sysconf has no memory arguments.
+                let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+                if t > 0 { t as f64 } else { 100.0 }
+            };
+            let mut last: HashMap<String, Last> = HashMap::new();
+            let mut clients: HashMap<String, (u32, ControlClient)> = HashMap::new();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let running = host.running();
+                last.retain(|id, _| running.iter().any(|(r, _)| r == id));
+                clients.retain(|id, (pid, _)| running.iter().any(|(r, p)| r == id && p == pid));
+                for (id, pid) in running {
+                    let files = host.run_files(&id);
+                    truncate_if_long(&files.serial());
+                    let (Some(ticks), Some(rss)) = (cpu_ticks(pid), rss_bytes(pid)) else { continue };
+                    let counters = {
+                        if !clients.contains_key(&id)
+                            && let Ok(c) = ControlClient::connect(&files.control())
+                        {
+                            clients.insert(id.clone(), (pid, c));
+                        }
+                        match clients.get_mut(&id).map(|(_, c)| c.request(&Request::Counters)) {
+                            Some(Ok(r)) => r.counters,
+                            _ => {
+                                clients.remove(&id);
+                                None
+                            }
+                        }
+                    };
+                    let (read, written) = counters.map(|c| (c.disk_bytes_read, c.disk_bytes_written)).unwrap_or((0, 0));
+                    let t_ms = now_ms();
+                    if let Some(prev) = last.get(&id).filter(|p| p.pid == pid && t_ms > p.t_ms) {
+                        let dt = (t_ms - prev.t_ms) as f64 / 1000.0;
+                        stats.push(
+                            &id,
+                            StatSample {
+                                t_ms,
+                                cpu_percent: ticks.saturating_sub(prev.cpu_ticks) as f64 / ticks_per_s / dt * 100.0,
+                                memory_bytes: rss,
+                                disk_read_bps: read.saturating_sub(prev.disk_read) as f64 / dt,
+                                disk_write_bps: written.saturating_sub(prev.disk_written) as f64 / dt,
+                                net_rx_bps: 0.0,
+                                net_tx_bps: 0.0,
+                            },
+                        );
+                    }
+                    last.insert(id, Last { pid, t_ms, cpu_ticks: ticks, disk_read: read, disk_written: written });
+                }
+            }
+        });
+    }
+}
+
+fn truncate_if_long(path: &Path) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > SERIAL_LOG_LIMIT)
+        && let Ok(f) = std::fs::OpenOptions::new().write(true).open(path)
+    {
+        let _ = f.set_len(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minute_of_seconds_becomes_one_minute_sample_and_history_is_bounded() {
+        let stats = Stats::default();
+        for i in 0..(SECONDS_KEPT as u64 + 120) {
+            let s = StatSample {
+                t_ms: i * 1000 + 1,
+                cpu_percent: 50.0,
+                memory_bytes: 1000,
+                disk_read_bps: i as f64,
+                disk_write_bps: 0.0,
+                net_rx_bps: 0.0,
+                net_tx_bps: 0.0,
+            };
+            stats.push("vm", s);
+        }
+        assert_eq!(stats.samples("vm", 0, false).len(), SECONDS_KEPT);
+        let minutes = stats.samples("vm", 0, true);
+        assert_eq!(minutes.len(), (SECONDS_KEPT + 120) / 60);
+        assert_eq!(minutes[0].cpu_percent, 50.0);
+        assert_eq!(minutes[0].disk_read_bps, 29.5, "the mean of 0..60");
+        assert_eq!(stats.samples("vm", 3_700_000, false).len(), 20);
+    }
+}

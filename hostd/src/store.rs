@@ -1,0 +1,258 @@
+//! The VM store: one folder per VM under `<data>/vms/<id>/` holding `vm.json` (its definition) and its
+//! disk, and the image library under `<data>/images/`. Every file write is atomic (temp file, fsync,
+//! rename, fsync of the folder); a file that cannot be read is reported and skipped, never deleted.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use porthole_api::BootSpec;
+use serde::{Deserialize, Serialize};
+
+/// A VM's definition as stored in `vm.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size of `disk0.img` (0: the VM has no disk).
+    pub disk_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// Image in the CD/DVD drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<String>,
+    pub created_ms: u64,
+}
+
+/// Why the store refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {path:?}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { what, path: path.to_owned(), source }
+}
+
+/// Writes `bytes` to `path` so that a crash at any point leaves the old file or the new one, never a mix:
+/// a temp file in the same folder, fsync, rename over `path`, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::other("no parent folder"))?;
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| io::Error::other("bad file name"))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", random_hex(6)));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        crash_point("after-temp-write");
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Fault injection for the power-loss test: with `PORTHOLED_CRASH_AT=<point>` in the environment the
+/// daemon dies (SIGKILL, no clean-up) when it reaches that point of a write.
+fn crash_point(point: &str) {
+    if std::env::var_os("PORTHOLED_CRASH_AT").is_some_and(|p| p == point) {
+        // SAFETY: raising a signal at ourselves.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
+/// `n` random bytes as hex.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("the kernel's random source");
+    hex::encode(bytes)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Whether `name` is a valid VM or image name: 1–63 of letters, digits, `-`, `_`, `.`, not starting with
+/// `.` (so never `..`, never a path).
+pub fn is_valid_name(name: &str) -> bool {
+    vmm_core::config::is_valid_name(name)
+}
+
+/// The store on disk.
+pub struct Store {
+    vms_dir: PathBuf,
+    images_dir: PathBuf,
+}
+
+/// What loading found.
+pub struct Loaded {
+    pub vms: BTreeMap<String, VmRecord>,
+    /// Files that could not be used, with the reason (reported, left in place).
+    pub problems: Vec<String>,
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let store = Store { vms_dir: data_dir.join("vms"), images_dir: data_dir.join("images") };
+        for dir in [&store.vms_dir, &store.images_dir] {
+            std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        }
+        Ok(store)
+    }
+
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.vms_dir.join(id)
+    }
+
+    pub fn disk_path(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("disk0.img")
+    }
+
+    pub fn images_dir(&self) -> &Path {
+        &self.images_dir
+    }
+
+    /// Reads every VM definition; unreadable ones are reported and skipped. Temp files that a crash left
+    /// behind (never the real definition) are removed.
+    pub fn load(&self) -> Loaded {
+        let mut loaded = Loaded { vms: BTreeMap::new(), problems: Vec::new() };
+        let entries = match std::fs::read_dir(&self.vms_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                loaded.problems.push(format!("cannot read {}: {e}", self.vms_dir.display()));
+                return loaded;
+            }
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            if let Ok(files) = std::fs::read_dir(&dir) {
+                for f in files.flatten() {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(".vm.json.tmp-") {
+                        log::info!("removing {} (an unfinished write)", f.path().display());
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+            }
+            let file = dir.join("vm.json");
+            let record = std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<VmRecord>(&b).map_err(|e| e.to_string()));
+            match record {
+                Ok(r) if Some(r.id.as_str()) == dir.file_name().and_then(|n| n.to_str()) && is_valid_name(&r.name) => {
+                    loaded.vms.insert(r.id.clone(), r);
+                }
+                Ok(r) => {
+                    loaded.problems.push(format!("{}: id {:?} or name {:?} does not fit", file.display(), r.id, r.name))
+                }
+                Err(e) => loaded.problems.push(format!("{}: {e} (skipped, left in place)", file.display())),
+            }
+        }
+        for p in &loaded.problems {
+            log::warn!("store: {p}");
+        }
+        loaded
+    }
+
+    /// Writes a VM's definition (creating its folder).
+    pub fn save(&self, record: &VmRecord) -> Result<(), StoreError> {
+        let dir = self.vm_dir(&record.id);
+        std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        let file = dir.join("vm.json");
+        let bytes = serde_json::to_vec_pretty(record).expect("a VmRecord serializes");
+        write_atomic(&file, &bytes).map_err(io_err("cannot write", &file))
+    }
+
+    /// Deletes a VM's folder: its definition and its disk.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.vm_dir(id);
+        std::fs::remove_dir_all(&dir).map_err(io_err("cannot delete", &dir))
+    }
+
+    /// The library's images, by name.
+    pub fn images(&self) -> Vec<(String, u64)> {
+        let mut images: Vec<(String, u64)> = std::fs::read_dir(&self.images_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_owned();
+                let meta = e.metadata().ok()?;
+                (meta.is_file() && is_valid_name(&name)).then_some((name, meta.len()))
+            })
+            .collect();
+        images.sort();
+        images
+    }
+
+    /// The path of image `name`, if it is a valid name.
+    pub fn image_path(&self, name: &str) -> Option<PathBuf> {
+        is_valid_name(name).then(|| self.images_dir.join(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("portholed-store-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn record(id: &str, name: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disk_bytes: 0,
+            boot: None,
+            media: None,
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn saves_loads_and_reports_broken_files_without_deleting_them() {
+        let dir = scratch("load");
+        let store = Store::open(&dir).unwrap();
+        store.save(&record("aaaa", "web1")).unwrap();
+        store.save(&record("bbbb", "db")).unwrap();
+        std::fs::create_dir_all(store.vm_dir("cccc")).unwrap();
+        std::fs::write(store.vm_dir("cccc").join("vm.json"), b"{ not json").unwrap();
+        std::fs::write(store.vm_dir("aaaa").join(".vm.json.tmp-123"), b"half a wri").unwrap();
+        let loaded = store.load();
+        assert_eq!(loaded.vms.keys().collect::<Vec<_>>(), ["aaaa", "bbbb"]);
+        assert_eq!(loaded.problems.len(), 1, "{:?}", loaded.problems);
+        assert!(loaded.problems[0].contains("cccc"));
+        assert!(store.vm_dir("cccc").join("vm.json").exists(), "never deleted");
+        assert!(!store.vm_dir("aaaa").join(".vm.json.tmp-123").exists(), "leftover temp files go");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files() {
+        let dir = scratch("atomic");
+        let f = dir.join("x.json");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two, longer").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two, longer");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temp file left");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
