@@ -34,6 +34,8 @@ pub enum ClientError {
     WebSocket(String),
     #[error("the daemon's answer is not what the API says: {0}")]
     Decode(String),
+    #[error("the file is {size} bytes; this host takes uploads of at most {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
 }
 
 impl ClientError {
@@ -324,6 +326,11 @@ impl Client {
     ) -> Result<Image, ClientError> {
         let mut file = tokio::fs::File::open(path).await?;
         let total = file.metadata().await?.len();
+        let limit = self.host().await?.upload_limit_bytes;
+        if total > limit {
+            // The daemon would refuse it after the headers; do not send gigabytes to learn that.
+            return Err(ClientError::TooLarge { size: total, limit });
+        }
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {

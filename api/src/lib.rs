@@ -38,6 +38,9 @@ pub struct HostInfo {
     /// Store files the daemon could not read (reported, left in place).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Largest image upload the daemon takes, in bytes.
+    #[serde(default)]
+    pub upload_limit_bytes: u64,
 }
 
 #[cfg(test)]
@@ -54,6 +57,7 @@ mod tests {
             free_disk_bytes: 1,
             vms: 0,
             problems: vec![],
+            upload_limit_bytes: 1,
         };
         let text = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<HostInfo>(&text).unwrap(), info);

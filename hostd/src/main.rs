@@ -46,6 +46,9 @@ struct Cli {
     /// The VM engine [default: porthole-vmm next to portholed, else on PATH].
     #[arg(long, value_name = "PATH")]
     vmm: Option<PathBuf>,
+    /// How long a console ticket stays valid, in seconds (1-30).
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
+    console_ticket_s: u64,
     /// Largest image upload, in bytes [default: 16 GiB].
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 30)]
     upload_limit: u64,
@@ -162,7 +165,14 @@ async fn serve(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
     let stats = Arc::new(stats::Stats::default());
     stats.spawn(host.clone());
     let tokens = Arc::new(auth::Tokens::new(&dirs.data));
-    let app = server::App::new(host, tokens, stats, dirs.data.clone(), cli.upload_limit);
+    let app = server::App::new(
+        host,
+        tokens,
+        stats,
+        dirs.data.clone(),
+        cli.upload_limit,
+        std::time::Duration::from_secs(cli.console_ticket_s),
+    );
     let router = server::router(app);
 
     let socket = cli.socket.clone().unwrap_or_else(|| dirs.runtime.join("portholed.sock"));

@@ -29,8 +29,6 @@ use crate::host::{Host, HostError, tail_lines};
 use crate::stats::Stats;
 use crate::store::{VmRecord, is_valid_name, now_ms, random_hex};
 
-/// How long a console ticket stays valid.
-pub const TICKET_LIFETIME: Duration = Duration::from_secs(30);
 /// Finished tasks kept for polling.
 const TASKS_KEPT: usize = 200;
 
@@ -69,6 +67,8 @@ pub struct App {
     pub stats: Arc<Stats>,
     pub data_dir: PathBuf,
     pub upload_limit: u64,
+    /// How long a console ticket stays valid (at most 30 s).
+    ticket_lifetime: Duration,
     tickets: Mutex<HashMap<String, Ticket>>,
     tasks: Mutex<BTreeMap<String, Task>>,
 }
@@ -194,6 +194,7 @@ impl App {
         stats: Arc<Stats>,
         data_dir: PathBuf,
         upload_limit: u64,
+        ticket_lifetime: Duration,
     ) -> Arc<Self> {
         Arc::new(App {
             host,
@@ -201,6 +202,7 @@ impl App {
             stats,
             data_dir,
             upload_limit,
+            ticket_lifetime,
             tickets: Mutex::new(HashMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
         })
@@ -277,6 +279,7 @@ async fn host_info(State(app): State<AppState>, p: Principal) -> ApiResult<Json<
         free_disk_bytes: free,
         vms: app.host.count() as u64,
         problems: app.host.problems.clone(),
+        upload_limit_bytes: app.upload_limit,
     }))
 }
 
@@ -523,14 +526,14 @@ async fn console_ticket(
         let mut tickets = lock(&app.tickets);
         let now = Instant::now();
         tickets.retain(|_, t| t.expires > now);
-        tickets.insert(ticket.clone(), Ticket { vm: id.clone(), input, expires: now + TICKET_LIFETIME });
+        tickets.insert(ticket.clone(), Ticket { vm: id.clone(), input, expires: now + app.ticket_lifetime });
     }
     let files = app.host.run_files(&id);
     let socket = if input { files.vnc() } else { files.vnc_view_only() };
     Ok(Json(ConsoleTicket {
         path: format!("{}/console?ticket={ticket}", porthole_api::API_PREFIX),
         ticket,
-        expires_in_s: TICKET_LIFETIME.as_secs(),
+        expires_in_s: app.ticket_lifetime.as_secs(),
         input,
         rfb_socket: p.local.then(|| socket.display().to_string()),
     }))

@@ -1,0 +1,619 @@
+//! portholed end to end: the real daemon, real sockets (Unix and HTTPS), real `porthole-vmm` processes
+//! running micro-guests, driven through `porthole_api::Client` and raw HTTP.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use porthole_api::client::Action;
+use porthole_api::{Client, ClientError, CreateVm, TaskState, UpdateVm, Vm, VmState};
+use porthole_tests::{Scratch, text, wait_until, workspace_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A daemon on its own data and runtime dirs (kept across restarts of the daemon).
+struct Daemon {
+    data: PathBuf,
+    run: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// `host:port` and certificate fingerprint of the HTTPS listener.
+    remote: Option<(String, String)>,
+}
+
+impl Daemon {
+    fn start(dir: &Scratch, listen: bool, extra: &[&str]) -> Daemon {
+        Self::start_with_env(dir, listen, extra, &[])
+    }
+
+    fn start_with_env(dir: &Scratch, listen: bool, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let (data, run) = (dir.path("data"), dir.path("run"));
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = dir.path(&format!("portholed-{n}.log"));
+        let mut cmd = Command::new(workspace_bin("portholed"));
+        cmd.arg("--data-dir").arg(&data).arg("--runtime-dir").arg(&run);
+        cmd.arg("--vmm").arg(workspace_bin("porthole-vmm"));
+        if listen {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra).envs(env.iter().copied());
+        let log_file = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
+        let child = cmd.spawn().unwrap();
+        let mut d = Daemon { data, run, log, child: Some(child), remote: None };
+        wait_until(LIMIT, || d.log_text().contains("local API on"), || format!("daemon log:\n{}", d.log_text()));
+        if listen {
+            wait_until(LIMIT, || d.log_text().contains("remote API on"), || format!("daemon log:\n{}", d.log_text()));
+            let line = d.log_text().lines().find(|l| l.contains("remote API on")).unwrap().to_owned();
+            let authority = line.split("https://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+            let fp = line.split("sha256 ").nth(1).unwrap().trim_end_matches(')').to_owned();
+            d.remote = Some((authority, fp));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run.join("portholed.sock")
+    }
+
+    fn local(&self) -> Client {
+        Client::unix(&self.socket()).unwrap()
+    }
+
+    fn remote(&self, token: &str) -> Client {
+        let (authority, fp) = self.remote.as_ref().expect("started with --listen");
+        Client::https(authority, token, Some(fp)).unwrap()
+    }
+
+    fn token(&self, name: &str, role: &str, vms: &[&str]) -> String {
+        let mut cmd = Command::new(workspace_bin("portholed"));
+        cmd.arg("--data-dir").arg(&self.data).arg("--runtime-dir").arg(&self.run);
+        cmd.args(["token", "create", "--name", name, "--role", role]);
+        for vm in vms {
+            cmd.args(["--vm", vm]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    }
+
+    fn token_command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(workspace_bin("portholed"))
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--runtime-dir")
+            .arg(&self.run)
+            .arg("token")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // VM processes outlive their daemon by design: end the ones this test's daemon started.
+        for entry in std::fs::read_dir(self.run.join("vms")).into_iter().flatten().flatten() {
+            let Some(pid) =
+                std::fs::read_to_string(entry.path().join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if text(&cmdline).contains(&entry.path().display().to_string()) {
+                // SAFETY: kill(2) of a VM process this test's daemon started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Powers off every VM of `client` (VM processes outlive the daemon, so tests clean up after themselves).
+async fn power_off_all(client: &Client) {
+    for vm in client.list_vms().await.unwrap_or_default() {
+        if matches!(vm.state, VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping) {
+            let _ = client.action(&vm.id, Action::Poweroff).await;
+        }
+    }
+}
+
+fn guest(name: &str) -> String {
+    porthole_guests::path(name).display().to_string()
+}
+
+async fn wait_serial(c: &Client, id: &str, marker: &str) -> Vec<String> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let lines = c.serial(id, 100).await.unwrap().lines;
+        if lines.iter().any(|l| l.contains(marker)) {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "no {marker:?} in the serial output: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let vm = c.vm(id).await.unwrap();
+        if vm.state == state {
+            return vm;
+        }
+        assert!(Instant::now() < deadline, "VM never reached {state:?}: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// RFB over the console stream: version, security None, init, then one full framebuffer update (Raw).
+async fn rfb_first_update(stream: &mut tokio::io::DuplexStream) -> (u16, u16, usize) {
+    let mut version = [0u8; 12];
+    stream.read_exact(&mut version).await.unwrap();
+    assert_eq!(&version, b"RFB 003.008\n");
+    stream.write_all(b"RFB 003.008\n").await.unwrap();
+    let n = stream.read_u8().await.unwrap();
+    let mut types = vec![0u8; n as usize];
+    stream.read_exact(&mut types).await.unwrap();
+    assert!(types.contains(&1), "security None offered: {types:?}");
+    stream.write_all(&[1]).await.unwrap();
+    assert_eq!(stream.read_u32().await.unwrap(), 0, "security result OK");
+    stream.write_all(&[1]).await.unwrap(); // shared
+    let (w, h) = (stream.read_u16().await.unwrap(), stream.read_u16().await.unwrap());
+    let mut pf = [0u8; 16];
+    stream.read_exact(&mut pf).await.unwrap();
+    let name_len = stream.read_u32().await.unwrap();
+    let mut name = vec![0u8; name_len as usize];
+    stream.read_exact(&mut name).await.unwrap();
+    let mut req = vec![3u8, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&w.to_be_bytes());
+    req.extend_from_slice(&h.to_be_bytes());
+    stream.write_all(&req).await.unwrap();
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[0], 0, "a FramebufferUpdate");
+    let rects = u16::from_be_bytes([header[2], header[3]]);
+    let mut pixels = 0usize;
+    for _ in 0..rects {
+        let mut r = [0u8; 12];
+        stream.read_exact(&mut r).await.unwrap();
+        let (rw, rh) = (u16::from_be_bytes([r[4], r[5]]) as usize, u16::from_be_bytes([r[6], r[7]]) as usize);
+        assert_eq!(i32::from_be_bytes([r[8], r[9], r[10], r[11]]), 0, "Raw (no SetEncodings sent)");
+        let mut data = vec![0u8; rw * rh * 4];
+        stream.read_exact(&mut data).await.unwrap();
+        pixels += rw * rh;
+    }
+    (w, h, pixels)
+}
+
+/// The whole life of a VM through one client: create, start, serial, pause/resume, a console with one
+/// framebuffer update, graceful shutdown (the guest honours the ACPI power button), delete.
+async fn lifecycle(c: &Client, name: &str, kernel: &str) {
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: kernel.into(), initrd: None, cmdline: String::new() }),
+            ..CreateVm::new(name, 1, 64)
+        })
+        .await
+        .unwrap();
+    assert_eq!((vm.state, vm.disk_bytes), (VmState::Stopped, porthole_api::DEFAULT_DISK_GIB << 30));
+    let id = vm.id.clone();
+    assert_eq!(c.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+    wait_serial(c, &id, "PORTHOLE-ACPI-READY").await;
+    assert_eq!(c.action(&id, Action::Pause).await.unwrap().state, VmState::Paused);
+    assert_eq!(c.vm(&id).await.unwrap().state, VmState::Paused);
+    assert_eq!(c.action(&id, Action::Resume).await.unwrap().state, VmState::Running);
+    let mut console = c.console(&id).await.unwrap();
+    let (w, h, pixels) = rfb_first_update(&mut console).await;
+    assert_eq!(pixels, usize::from(w) * usize::from(h), "the first update covers the screen");
+    drop(console);
+    let task = c.shutdown(&id, 30).await.unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while c.task(&task.id).await.unwrap().state == TaskState::Running {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vm = c.vm(&id).await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped, "{vm:?}");
+    let exit = vm.last_exit.unwrap();
+    assert_eq!(exit.exit_code, Some(0), "{exit:?}");
+    assert!(exit.serial_tail.iter().any(|l| l.contains("PORTHOLE-ACPI-POWER-BUTTON")), "{exit:?}");
+    c.delete_vm(&id).await.unwrap();
+    assert_eq!(c.vm(&id).await.unwrap_err().status(), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lifecycle_over_the_unix_socket() {
+    let dir = Scratch::new("daemon-unix");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let host = c.host().await.unwrap();
+    assert_eq!(host.version, porthole_api::VERSION);
+    lifecycle(&c, "local1", &guest("acpi-button")).await;
+    // The local owner's ticket names the RFB socket for a direct connection.
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: guest("acpi-button"), initrd: None, cmdline: String::new() }),
+            disk_gib: 0,
+            ..CreateVm::new("local2", 1, 64)
+        })
+        .await
+        .unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let ticket = c.console_ticket(&vm.id).await.unwrap();
+    assert!(ticket.input && ticket.rfb_socket.as_deref().is_some_and(|s| Path::new(s).exists()), "{ticket:?}");
+    power_off_all(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lifecycle_over_https_with_a_token() {
+    let dir = Scratch::new("daemon-https");
+    let d = Daemon::start(&dir, true, &[]);
+    let admin = d.remote(&d.token("ci-admin", "admin", &[]));
+    // Remote users boot images of the library, uploaded through the API.
+    let elf = porthole_guests::path("acpi-button");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p = progress.clone();
+    let image = admin
+        .upload_image("acpi-button.elf", &elf, move |sent, _| p.store(sent, std::sync::atomic::Ordering::Relaxed))
+        .await
+        .unwrap();
+    let size = std::fs::metadata(&elf).unwrap().len();
+    assert_eq!(image.size_bytes, size);
+    assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), size, "the progress callback saw every byte");
+    assert_eq!(admin.images().await.unwrap(), std::slice::from_ref(&image));
+    lifecycle(&admin, "remote1", "acpi-button.elf").await;
+    // A host path is refused to non-admins, and an unknown image to everyone.
+    let bad = admin
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: "nope.elf".into(), initrd: None, cmdline: String::new() }),
+            ..CreateVm::new("x", 1, 64)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.status(), Some(400), "{bad}");
+    // The OpenAPI document is served and names every route.
+    let doc = admin.openapi().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/vms/{id}/console"]["post"].is_object());
+}
+
+async fn status_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u16 {
+    r.expect_err("should be refused").status().expect("an API error")
+}
+
+/// Raw HTTPS without the API client: for requests the client would not send (no token at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_is_checked_for_every_caller() {
+    let dir = Scratch::new("daemon-access");
+    let d = Daemon::start(&dir, true, &["--console-ticket-s", "1"]);
+    let local = d.local();
+    let kernel = guest("acpi-button");
+    let make = |name: &'static str| {
+        let kernel = kernel.clone();
+        let local = local.clone();
+        async move {
+            local
+                .create_vm(&CreateVm {
+                    boot: Some(porthole_api::BootSpec { kernel, initrd: None, cmdline: String::new() }),
+                    disk_gib: 0,
+                    ..CreateVm::new(name, 1, 64)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = (make("vm-a").await, make("vm-b").await);
+    local.action(&a.id, Action::Start).await.unwrap();
+
+    // No token, a wrong one: 401.
+    assert_eq!(status_of(d.remote("").list_vms().await).await, 401);
+    assert_eq!(status_of(d.remote("pht_0000").list_vms().await).await, 401);
+    // A viewer reads but may not act.
+    let viewer = d.remote(&d.token("viewer", "viewer", &[]));
+    assert_eq!(viewer.list_vms().await.unwrap().len(), 2);
+    assert_eq!(status_of(viewer.action(&a.id, Action::Pause).await).await, 403);
+    assert_eq!(status_of(viewer.create_vm(&CreateVm::new("v", 1, 64)).await).await, 403);
+    // Its console is view-only.
+    let t = viewer.console_ticket(&a.id).await.unwrap();
+    assert!(!t.input && t.rfb_socket.is_none(), "{t:?}");
+    // An operator acts on its VM, not on another, and does not even see the other.
+    let op = d.remote(&d.token("op-a", "operator", &[&a.id]));
+    assert_eq!(op.action(&a.id, Action::Pause).await.unwrap().state, VmState::Paused);
+    op.action(&a.id, Action::Resume).await.unwrap();
+    assert_eq!(status_of(op.action(&b.id, Action::Start).await).await, 403);
+    assert_eq!(status_of(op.vm(&b.id).await).await, 403);
+    assert_eq!(
+        op.list_vms().await.unwrap().iter().map(|v| v.id.clone()).collect::<Vec<_>>(),
+        std::slice::from_ref(&a.id)
+    );
+    assert_eq!(status_of(op.update_vm(&a.id, &UpdateVm { vcpus: Some(2), ..Default::default() }).await).await, 403);
+    // Revoked: 401 at once, without restarting the daemon.
+    let out = d.token_command(&["revoke", "op-a"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(status_of(op.list_vms().await).await, 401);
+    let listed = text(&d.token_command(&["list"]).stdout);
+    assert!(listed.contains("viewer") && !listed.contains("op-a") && !listed.contains("pht_"), "{listed}");
+
+    // Tickets: one use only; expired ones refused.
+    let admin = d.remote(&d.token("admin", "admin", &[]));
+    let ticket = admin.console_ticket(&a.id).await.unwrap();
+    let mut s = admin.console_with_ticket(&ticket.path).await.unwrap();
+    let mut v = [0u8; 12];
+    s.read_exact(&mut v).await.unwrap();
+    assert_eq!(&v, b"RFB 003.008\n");
+    let reused = admin.console_with_ticket(&ticket.path).await;
+    assert!(reused.is_err(), "a ticket works once");
+    let ticket = admin.console_ticket(&a.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(admin.console_with_ticket(&ticket.path).await.is_err(), "an expired ticket is refused");
+
+    // Plain HTTP on the TLS port: no HTTP answer, the connection is closed.
+    let (authority, _) = d.remote.clone().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    tcp.write_all(b"GET /api/v1/host HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut answer)).await;
+    assert!(!text(&answer).contains("HTTP/1.1 200"), "{}", text(&answer));
+    // A certificate that is not the pinned one is refused.
+    let wrong = Client::https(&authority, "x", Some(&"00".repeat(32))).unwrap();
+    assert!(matches!(wrong.host().await, Err(ClientError::Http { .. })));
+
+    // Another user on the Unix socket: the socket (0600) and its folder (0700) keep them out; and were
+    // they opened up, the daemon checks the peer's uid itself.
+    let nobody = |socket: &Path| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
+            .arg(format!(
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect({:?})\nexcept OSError as e:\n print('refused', e.errno); sys.exit(0)\ns.sendall(b'GET /api/v1/vms HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\nprint(s.recv(200).decode(errors='replace'))",
+                socket.display().to_string()
+            ))
+            .output()
+            .unwrap()
+    };
+    let out = nobody(&d.socket());
+    assert!(text(&out.stdout).contains("refused 13"), "{} {}", text(&out.stdout), text(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&d.run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = nobody(&d.socket());
+    assert!(text(&out.stdout).contains("403"), "{} {}", text(&out.stdout), text(&out.stderr));
+    power_off_all(&local).await;
+}
+
+/// Malformed and abusive requests get a clear 4xx JSON error and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let dir = Scratch::new("daemon-input");
+    let d = Daemon::start(&dir, false, &["--upload-limit", "4096"]);
+    let c = d.local();
+    c.create_vm(&CreateVm { disk_gib: 0, ..CreateVm::new("keep", 1, 64) }).await.unwrap();
+    let snapshot = || {
+        let mut files: Vec<String> = walk(&d.data).into_iter().map(|p| p.display().to_string()).collect();
+        files.sort();
+        files
+    };
+    let before = snapshot();
+    let raw = |method: &str, path: &str, body: &str| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\nb={:?}.encode()\ns.sendall(b'{method} /api/v1{path} HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\nConnection: close\\r\\nContent-Length: '+str(len(b)).encode()+b'\\r\\n\\r\\n'+b)\nout=b''\nwhile True:\n  d=s.recv(65536)\n  if not d: break\n  out+=d\nprint(out.decode(errors='replace'))",
+                d.socket().display().to_string(),
+                body
+            ))
+            .output()
+            .unwrap()
+    };
+    let host_mib = c.host().await.unwrap().memory_mib;
+    let cases = [
+        ("POST", "/vms", "{\"name\": \"a\", ".to_owned(), "400"),
+        ("POST", "/vms", r#"{"name":"a","vcpus":1,"memory_mib":64,"colour":"red"}"#.to_owned(), "400"),
+        ("POST", "/vms", r#"{"name":"a","vcpus":0,"memory_mib":64}"#.to_owned(), "400"),
+        ("POST", "/vms", format!(r#"{{"name":"a","vcpus":1,"memory_mib":{}}}"#, host_mib + 1024), "400"),
+        ("POST", "/vms", r#"{"name":"a/b","vcpus":1,"memory_mib":64}"#.to_owned(), "400"),
+        ("POST", "/vms", r#"{"name":"..","vcpus":1,"memory_mib":64}"#.to_owned(), "400"),
+        ("POST", "/vms", r#"{"name":"keep","vcpus":1,"memory_mib":64}"#.to_owned(), "409"),
+        ("POST", "/vms", r#"{"name":"a","vcpus":1,"memory_mib":64,"disk_gib":99999999}"#.to_owned(), "400"),
+        ("PATCH", "/vms/nope", r#"{"vcpus":2}"#.to_owned(), "404"),
+        ("POST", "/vms/nope/start", String::new(), "404"),
+        ("PUT", "/images/..%2F..%2Fetc%2Fpasswd", "x".to_owned(), "400"),
+        ("GET", "/nothing", String::new(), "404"),
+    ];
+    for (method, path, body, status) in &cases {
+        let out = text(&raw(method, path, body).stdout);
+        let first = out.lines().next().unwrap_or_default();
+        assert!(first.contains(status), "{method} {path} {body}: {out}");
+        assert!(out.contains("\"error\":") && out.contains("\"message\":"), "a JSON error body: {out}");
+    }
+    // Uploads: a wrong checksum, and one over the limit.
+    let file = dir.path("small.iso");
+    std::fs::write(&file, vec![7u8; 1000]).unwrap();
+    let bad_sum = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.sendall(b'PUT /api/v1/images/small.iso HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\nX-Porthole-Sha256: {}\\r\\nContent-Length: 1000\\r\\n\\r\\n'+bytes([7])*1000)\nprint(s.recv(4096).decode())",
+            d.socket().display().to_string(),
+            "ab".repeat(32)
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        text(&bad_sum.stdout).contains("400") && text(&bad_sum.stdout).contains("SHA-256 mismatch"),
+        "{}",
+        text(&bad_sum.stdout)
+    );
+    let big = dir.path("big.iso");
+    std::fs::write(&big, vec![1u8; 5000]).unwrap();
+    // The client knows the limit and does not send a doomed body; the daemon refuses one anyway (413).
+    let e = c.upload_image("big.iso", &big, |_, _| {}).await.unwrap_err();
+    assert!(matches!(e, ClientError::TooLarge { size: 5000, limit: 4096 }), "{e}");
+    let too_big = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.sendall(b'PUT /api/v1/images/big.iso HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\nX-Porthole-Sha256: {}\\r\\nContent-Length: 5000\\r\\n\\r\\n')\nprint(s.recv(4096).decode())",
+            d.socket().display().to_string(),
+            "ab".repeat(32)
+        ))
+        .output()
+        .unwrap();
+    assert!(text(&too_big.stdout).contains("413"), "{}", text(&too_big.stdout));
+    let ok = c.upload_image("small.iso", &file, |_, _| {}).await.unwrap();
+    assert_eq!(ok.size_bytes, 1000);
+    c.delete_image("small.iso").await.unwrap();
+    assert_eq!(snapshot(), before, "nothing in the store changed");
+    assert_eq!(c.list_vms().await.unwrap().len(), 1);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if !p.to_string_lossy().contains("/tls/") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// kill -9 of the daemon while a VM runs: the VM keeps running and the restarted daemon re-adopts it.
+/// kill -9 of a VM: reported crashed with the reason. A crash between the temp write and the rename of a
+/// definition: the old definition, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_survived() {
+    let dir = Scratch::new("daemon-faults");
+    let mut d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: guest("ticker"), initrd: None, cmdline: String::new() }),
+            disk_gib: 1,
+            ..CreateVm::new("survivor", 1, 64)
+        })
+        .await
+        .unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    c.action(&vm.id, Action::Pause).await.unwrap();
+    let vmm_pid =
+        std::fs::read_to_string(d.run.join("vms").join(&vm.id).join("pid")).unwrap().trim().parse::<i32>().unwrap();
+    d.kill9();
+    assert!(Path::new(&format!("/proc/{vmm_pid}")).exists(), "the VM outlives the daemon");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let adopted = c.vm(&vm.id).await.unwrap();
+    assert_eq!(adopted.state, VmState::Paused, "re-adopted with its state: {adopted:?}");
+    c.action(&vm.id, Action::Resume).await.unwrap();
+    wait_serial(&c, &vm.id, "PORTHOLE-TICK").await;
+    // Kill the adopted VM: crashed, without an exit record.
+    // SAFETY: kill(2) of the VM process this test started (through the daemon).
+    unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
+    let crashed = wait_state(&c, &vm.id, VmState::Crashed).await;
+    assert!(crashed.last_exit.as_ref().unwrap().reason.contains("without an exit record"), "{crashed:?}");
+    // A VM the daemon started itself: the signal is known.
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let pid =
+        std::fs::read_to_string(d.run.join("vms").join(&vm.id).join("pid")).unwrap().trim().parse::<i32>().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let crashed = wait_state(&c, &vm.id, VmState::Crashed).await;
+    assert!(crashed.last_exit.as_ref().unwrap().reason.contains("killed by signal 9"), "{crashed:?}");
+    drop(c);
+    drop(d);
+
+    // Power loss in the middle of a definition write.
+    let d = Daemon::start_with_env(&dir, false, &[], &[("PORTHOLED_CRASH_AT", "after-temp-write")]);
+    let c = d.local();
+    let renamed = c.update_vm(&vm.id, &UpdateVm { name: Some("renamed".into()), ..Default::default() }).await;
+    assert!(renamed.is_err(), "the daemon died in the middle of the write");
+    let mut d = d;
+    let _ = d.child.take().unwrap().wait();
+    let tmp_left = walk(&d.data).iter().any(|p| p.to_string_lossy().contains(".vm.json.tmp-"));
+    assert!(tmp_left, "the crash left the temp file behind");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.vm(&vm.id).await.unwrap();
+    assert_eq!(vm.name, "survivor", "the old definition, whole");
+    assert!(c.host().await.unwrap().problems.is_empty());
+    assert!(!walk(&d.data).iter().any(|p| p.to_string_lossy().contains(".vm.json.tmp-")));
+    let _ = d.pid();
+}
+
+/// 100 clients for 30 s of mixed reads against 200 VM definitions: no errors, bounded memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_clients_read_for_thirty_seconds() {
+    let dir = Scratch::new("daemon-load");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(
+            c.create_vm(&CreateVm { disk_gib: 0, ..CreateVm::new(format!("load{i:03}"), 1, 64) }).await.unwrap().id,
+        );
+    }
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    };
+    let start_rss = rss(d.pid());
+    let ids = std::sync::Arc::new(ids);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tasks = Vec::new();
+    for n in 0..100 {
+        let (c, ids) = (c.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0u64, Vec::new());
+            let mut i = n;
+            while Instant::now() < deadline {
+                let r = match i % 4 {
+                    0 => c.list_vms().await.map(|v| assert_eq!(v.len(), 200)),
+                    1 => c.vm(&ids[i % ids.len()]).await.map(|_| ()),
+                    2 => c.host().await.map(|_| ()),
+                    _ => c.stats(&ids[i % ids.len()], 0, false).await.map(|_| ()),
+                };
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => errors.push(e.to_string()),
+                }
+                i += 7;
+            }
+            (ok, errors)
+        }));
+    }
+    let (mut ok, mut errors) = (0, Vec::new());
+    for t in tasks {
+        let (o, e) = t.await.unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    let end_rss = rss(d.pid());
+    println!("load: {ok} requests in 30 s ({:.0}/s), daemon RSS {start_rss} -> {end_rss} KiB", ok as f64 / 30.0);
+    assert!(errors.is_empty(), "{} errors, first: {:?}", errors.len(), errors.first());
+    assert!(ok > 1000, "{ok}");
+    assert!(end_rss < start_rss + 64 * 1024, "memory grew from {start_rss} to {end_rss} KiB");
+}
