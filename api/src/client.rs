@@ -375,14 +375,36 @@ impl Client {
 
     /// Opens `GET path` (from a [`ConsoleTicket`]) as a WebSocket and returns the RFB byte stream.
     pub async fn console_with_ticket(&self, path: &str) -> Result<tokio::io::DuplexStream, ClientError> {
+        let ws = self.websocket(path).await?;
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        tokio::spawn(pump(ws, theirs));
+        Ok(ours)
+    }
+
+    /// The serial output of VM `id` from now on, as it arrives (a WebSocket behind a channel; the channel
+    /// closes when the stream ends).
+    pub async fn serial_stream(&self, id: &str) -> Result<tokio::sync::mpsc::Receiver<String>, ClientError> {
+        let mut ws = self.websocket(&format!("{API_PREFIX}/vms/{id}/serial/stream")).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(t) = msg
+                    && tx.send(t.to_string()).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// A WebSocket to `path` (absolute, with the API prefix), with the token when there is one.
+    async fn websocket(&self, path: &str) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let ws_err = |e: tokio_tungstenite::tungstenite::Error| ClientError::WebSocket(e.to_string());
-        let (ours, theirs) = tokio::io::duplex(256 * 1024);
-        match &self.target {
+        let (stream, url): (Box<dyn Io>, String) = match &self.target {
             Target::Unix(socket) => {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                let (ws, _) =
-                    tokio_tungstenite::client_async(format!("ws://localhost{path}"), stream).await.map_err(ws_err)?;
-                tokio::spawn(pump(ws, theirs));
+                (Box::new(tokio::net::UnixStream::connect(socket).await?), format!("ws://localhost{path}"))
             }
             Target::Https { authority, tls } => {
                 let tcp = tokio::net::TcpStream::connect(authority).await?;
@@ -390,15 +412,34 @@ impl Client {
                 let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                     .map_err(|e| ClientError::Tls(format!("{host:?}: {e}")))?;
                 let tls_stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await?;
-                let (ws, _) = tokio_tungstenite::client_async(format!("wss://{authority}{path}"), tls_stream)
-                    .await
-                    .map_err(ws_err)?;
-                tokio::spawn(pump(ws, theirs));
+                (Box::new(tls_stream), format!("wss://{authority}{path}"))
             }
+        };
+        let mut request = url.into_client_request().map_err(ws_err)?;
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::Tls("the token is not a valid header".into()))?;
+            request.headers_mut().insert(reqwest::header::AUTHORIZATION, value);
         }
-        Ok(ours)
+        let (ws, response) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) => {
+                let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+                match serde_json::from_str::<ErrorBody>(&body) {
+                    Ok(b) => ClientError::Api { status: r.status().as_u16(), code: b.error, message: b.message },
+                    Err(_) => ClientError::Api { status: r.status().as_u16(), code: "unknown".into(), message: body },
+                }
+            }
+            other => ws_err(other),
+        })?;
+        let _ = response;
+        Ok(ws)
     }
 }
+
+/// A byte stream a WebSocket can run over (Unix socket or TLS).
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 fn bytes_of(b: &[u8]) -> Vec<u8> {
     b.to_vec()
@@ -427,7 +468,7 @@ where
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                    if ws_tx.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
                         break;
                     }
                 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod console;
+mod daemon;
 mod disk;
 use clap::{Parser, Subcommand};
 
@@ -72,6 +73,16 @@ enum Bench {
         seq: u32,
         #[arg(long, default_value_t = 4000)]
         rand: u32,
+    },
+    /// portholed: GET /vms with 200 VMs under 100 concurrent clients (HTTPS with wrk, and the Unix socket).
+    DaemonApi {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// A VM console through portholed's WebSocket proxy vs the VM's RFB socket directly.
+    ConsoleProxy {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
     },
     /// Every benchmark with its defaults.
     All,
@@ -311,6 +322,8 @@ fn main() -> anyhow::Result<()> {
         Bench::Anim { seconds } => console::anim(seconds),
         Bench::DiskBackend { seconds } => disk::backend(seconds),
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
+        Bench::DaemonApi { seconds } => daemon::api(seconds),
+        Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -320,7 +333,9 @@ fn main() -> anyhow::Result<()> {
             console::keys(40)?;
             console::anim(20.0)?;
             disk::backend(2.0)?;
-            disk::guest(400, 4000)
+            disk::guest(400, 4000)?;
+            daemon::api(10)?;
+            daemon::console_proxy(5.0)
         }
     }
 }

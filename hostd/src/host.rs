@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,11 @@ pub struct Host {
     vmm: PathBuf,
     runtime_dir: PathBuf,
     vms: Mutex<BTreeMap<String, Entry>>,
+    /// Bumps whenever `vms` may change (see `vms_mut`).
+    generation: AtomicU64,
+    /// `GET /vms` for callers who see every VM, serialized once per change (and once a second, for uptimes).
+    list_cache: Mutex<Option<(u64, u64, bytes::Bytes)>>,
+    started: Instant,
     pub problems: Vec<String>,
 }
 
@@ -139,6 +145,9 @@ impl Host {
             vmm,
             runtime_dir: runtime_dir.to_owned(),
             vms: Mutex::new(vms),
+            generation: AtomicU64::new(0),
+            list_cache: Mutex::new(None),
+            started: Instant::now(),
             problems: loaded.problems,
         });
         host.adopt();
@@ -160,7 +169,7 @@ impl Host {
                 // The process is gone (or the pid was reused): its exit record says how it ended.
                 let exit = self.exit_info(&files, None, false);
                 let _ = std::fs::remove_file(files.pid());
-                let mut vms = lock(&self.vms);
+                let mut vms = self.vms_mut();
                 if let Some(e) = vms.get_mut(&id) {
                     e.rt.state = Some(if exit.exit_code.is_some_and(|c| c == 0 || c == 3) {
                         VmState::Stopped
@@ -181,7 +190,7 @@ impl Host {
             };
             log::info!("re-adopted VM {id} (pid {pid}, {state:?})");
             {
-                let mut vms = lock(&self.vms);
+                let mut vms = self.vms_mut();
                 if let Some(e) = vms.get_mut(&id) {
                     e.rt = Runtime {
                         state: Some(state),
@@ -194,6 +203,32 @@ impl Host {
             }
             self.watch(id, pid);
         }
+    }
+
+    /// The VM table for changing it: marks every cached view stale.
+    fn vms_mut(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        let guard = lock(&self.vms);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        guard
+    }
+
+    /// Every VM as JSON (what `GET /vms` returns to a caller who sees all VMs), cached until something
+    /// changes or the second (of the uptimes) turns.
+    pub fn list_json(&self) -> bytes::Bytes {
+        let second = self.started.elapsed().as_secs();
+        let vms = lock(&self.vms);
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut cache = lock(&self.list_cache);
+        if let Some((g, s, bytes)) = cache.as_ref()
+            && *g == generation
+            && *s == second
+        {
+            return bytes.clone();
+        }
+        let list: Vec<Vm> = vms.values().map(view).collect();
+        let bytes = bytes::Bytes::from(serde_json::to_vec(&list).unwrap_or_default());
+        *cache = Some((generation, second, bytes.clone()));
+        bytes
     }
 
     /// Every VM, in id order.
@@ -225,7 +260,7 @@ impl Host {
 
     /// Adds a new VM (its disk must already exist when `disk_bytes` > 0).
     pub fn insert(&self, record: VmRecord) -> Result<Vm, HostError> {
-        let mut vms = lock(&self.vms);
+        let mut vms = self.vms_mut();
         if vms.values().any(|e| e.record.name == record.name) {
             return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
         }
@@ -242,7 +277,7 @@ impl Host {
         id: &str,
         change: impl FnOnce(&mut VmRecord, bool) -> Result<(), HostError>,
     ) -> Result<Vm, HostError> {
-        let mut vms = lock(&self.vms);
+        let mut vms = self.vms_mut();
         let names: Vec<(String, String)> = vms.iter().map(|(i, e)| (i.clone(), e.record.name.clone())).collect();
         let entry = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         let mut record = entry.record.clone();
@@ -256,7 +291,7 @@ impl Host {
     }
 
     pub fn delete(&self, id: &str) -> Result<(), HostError> {
-        let mut vms = lock(&self.vms);
+        let mut vms = self.vms_mut();
         let entry = vms.get(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         if entry.rt.pid.is_some() {
             return Err(HostError::Conflict("the VM is running: power it off first".into()));
@@ -299,7 +334,7 @@ impl Host {
         let media = record.media.as_deref().map(|m| self.resolve_image(m, false)).transpose()?;
         let files = self.run_files(id);
         {
-            let mut vms = lock(&self.vms);
+            let mut vms = self.vms_mut();
             let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
             if e.rt.pid.is_some() {
                 return Err(HostError::Conflict(format!(
@@ -345,7 +380,7 @@ impl Host {
         let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
-                let mut vms = lock(&self.vms);
+                let mut vms = self.vms_mut();
                 if let Some(en) = vms.get_mut(id) {
                     en.rt.state = Some(VmState::Crashed);
                     en.rt.last_exit = Some(ExitInfo {
@@ -358,7 +393,7 @@ impl Host {
             }
         };
         {
-            let mut vms = lock(&self.vms);
+            let mut vms = self.vms_mut();
             if let Some(e) = vms.get_mut(id) {
                 e.rt.pid = Some(pid);
                 e.rt.own_child = true;
@@ -374,7 +409,7 @@ impl Host {
                 .await
                 .unwrap_or(false);
             {
-                let mut vms = lock(&self.vms);
+                let mut vms = self.vms_mut();
                 let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
                 if e.rt.pid != Some(pid) {
                     let why = e.rt.last_exit.as_ref().map(|x| x.reason.clone()).unwrap_or_default();
@@ -431,7 +466,7 @@ impl Host {
         let files = self.run_files(id);
         let exit = self.exit_info(&files, status, own);
         let _ = std::fs::remove_file(files.pid());
-        let mut vms = lock(&self.vms);
+        let mut vms = self.vms_mut();
         let Some(e) = vms.get_mut(id) else { return };
         if e.rt.pid != Some(pid) {
             return;
@@ -480,7 +515,7 @@ impl Host {
 
     /// Records the state a lifecycle request leads to.
     pub fn set_state(&self, id: &str, state: VmState, stop_requested: bool) {
-        if let Some(e) = lock(&self.vms).get_mut(id)
+        if let Some(e) = self.vms_mut().get_mut(id)
             && e.rt.pid.is_some()
         {
             e.rt.state = Some(state);

@@ -287,9 +287,13 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
-async fn list_vms(State(app): State<AppState>, p: Principal) -> ApiResult<Json<Vec<Vm>>> {
+async fn list_vms(State(app): State<AppState>, p: Principal) -> ApiResult<Response> {
     require(&p, Role::Viewer)?;
-    Ok(Json(app.host.list().into_iter().filter(|v| p.may_see(&v.id)).collect()))
+    if p.vms.is_none() {
+        let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+        return Ok((json, app.host.list_json()).into_response());
+    }
+    Ok(Json(app.host.list().into_iter().filter(|v| p.may_see(&v.id)).collect::<Vec<Vm>>()).into_response())
 }
 
 async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Vm>> {
@@ -579,12 +583,13 @@ async fn proxy_rfb(ws: WebSocket, rfb: tokio::net::UnixStream) {
         let _ = rfb_tx.shutdown().await;
     };
     let to_client = async {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Whatever the VM has sent so far (up to 256 KiB) goes out as one frame.
+        let mut buf = vec![0u8; 256 * 1024];
         loop {
             match rfb_rx.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                    if ws_tx.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
                         break;
                     }
                 }

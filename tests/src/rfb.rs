@@ -98,7 +98,12 @@ impl From<io::Error> for HandshakeError {
 impl RfbClient {
     /// Connects with RFB 3.8; `password` answers VncAuth (with the DES key VNC derives from it).
     pub fn connect(path: &Path, password: Option<&str>) -> Result<RfbClient, HandshakeError> {
-        let mut s = UnixStream::connect(path)?;
+        Self::over(UnixStream::connect(path)?, password)
+    }
+
+    /// The same handshake over a stream that is already connected (e.g. one end of a socket pair bridged
+    /// to a WebSocket console).
+    pub fn over(mut s: UnixStream, password: Option<&str>) -> Result<RfbClient, HandshakeError> {
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut version = [0u8; 12];
         s.read_exact(&mut version)?;

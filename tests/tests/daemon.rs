@@ -262,6 +262,35 @@ async fn full_lifecycle_over_the_unix_socket() {
     c.action(&vm.id, Action::Start).await.unwrap();
     let ticket = c.console_ticket(&vm.id).await.unwrap();
     assert!(ticket.input && ticket.rfb_socket.as_deref().is_some_and(|s| Path::new(s).exists()), "{ticket:?}");
+    // The serial stream carries what the guest prints from now on: reset it and it boots again.
+    wait_serial(&c, &vm.id, "PORTHOLE-ACPI-READY").await;
+    let mut serial = c.serial_stream(&vm.id).await.unwrap();
+    c.action(&vm.id, Action::Reset).await.unwrap();
+    let mut seen = String::new();
+    while !seen.contains("PORTHOLE-ACPI-READY") {
+        let chunk = tokio::time::timeout(LIMIT, serial.recv()).await.expect("serial output").expect("stream open");
+        seen.push_str(&chunk);
+    }
+    // Stats arrive once a second.
+    let deadline = Instant::now() + LIMIT;
+    let samples = loop {
+        let s = c.stats(&vm.id, 0, false).await.unwrap();
+        if s.samples.len() >= 2 {
+            break s.samples;
+        }
+        assert!(Instant::now() < deadline, "no stats samples");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(samples.iter().all(|s| s.memory_bytes > 1 << 20 && s.cpu_percent >= 0.0), "{samples:?}");
+    // A running VM keeps its hardware and cannot be deleted; a new name is fine.
+    let e = c.update_vm(&vm.id, &UpdateVm { vcpus: Some(2), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(
+        c.update_vm(&vm.id, &UpdateVm { name: Some("renamed".into()), ..Default::default() }).await.unwrap().name,
+        "renamed"
+    );
+    assert_eq!(c.delete_vm(&vm.id).await.unwrap_err().status(), Some(409));
+    assert!(c.tasks().await.unwrap().iter().any(|t| t.what.starts_with("shut down") && t.state == TaskState::Done));
     power_off_all(&c).await;
 }
 
