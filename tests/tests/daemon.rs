@@ -321,6 +321,28 @@ async fn full_lifecycle_over_https_with_a_token() {
         .await
         .unwrap_err();
     assert_eq!(bad.status(), Some(400), "{bad}");
+    // Media: a library image goes into a running VM's CD/DVD drive and comes out again.
+    let vm = admin
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec {
+                kernel: "acpi-button.elf".into(),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            disk_gib: 0,
+            ..CreateVm::new("media1", 1, 64)
+        })
+        .await
+        .unwrap();
+    admin.action(&vm.id, Action::Start).await.unwrap();
+    assert_eq!(
+        admin.change_media(&vm.id, Some("acpi-button.elf")).await.unwrap().media.as_deref(),
+        Some("acpi-button.elf")
+    );
+    assert_eq!(admin.change_media(&vm.id, Some("missing.iso")).await.unwrap_err().status(), Some(400));
+    assert_eq!(admin.delete_image("acpi-button.elf").await.unwrap_err().status(), Some(409), "in use");
+    assert_eq!(admin.change_media(&vm.id, None).await.unwrap().media, None);
+    admin.action(&vm.id, Action::Poweroff).await.unwrap();
     // The OpenAPI document is served and names every route.
     let doc = admin.openapi().await.unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
