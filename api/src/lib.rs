@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod rfb;
 mod types;
 pub use client::{Client, ClientError};
 pub use types::*;

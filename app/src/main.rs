@@ -1,8 +1,7 @@
 //! `porthole`: the desktop app.
 
 use anyhow::anyhow;
-
-mod shell;
+use porthole::{PortholeApp, backend::Backend, daemon};
 
 fn main() -> anyhow::Result<()> {
     if let Some(arg) = std::env::args().nth(1) {
@@ -12,7 +11,11 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             "--help" | "-h" => {
-                println!("porthole {}\nUsage: porthole [--version] [--help]", porthole_api::VERSION);
+                println!(
+                    "porthole {}\nUsage: porthole [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
+                     for this user if it is not running; remote hosts come from ~/.config/porthole/settings.json.",
+                    porthole_api::VERSION
+                );
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?}; see porthole --help"),
@@ -26,6 +29,19 @@ fn main() -> anyhow::Result<()> {
             .with_min_inner_size([640.0, 400.0]),
         ..Default::default()
     };
-    eframe::run_native("Porthole", options, Box::new(|_cc| Ok(Box::new(shell::Shell::default()))))
-        .map_err(|e| anyhow!("could not open the Porthole window: {e}"))
+    eframe::run_native(
+        "Porthole",
+        options,
+        Box::new(|cc| {
+            let ctx = cc.egui_ctx.clone();
+            let backend = Backend::new(move || ctx.request_repaint())?;
+            if let Some(problem) = daemon::kvm_problem() {
+                backend.model().notify(format!("VMs cannot run here: {problem}"), true);
+            }
+            let app =
+                PortholeApp::new(backend, porthole::local_host(daemon::socket_path()), porthole::settings::path());
+            Ok(Box::new(app))
+        }),
+    )
+    .map_err(|e| anyhow!("could not open the Porthole window: {e}"))
 }

@@ -1,0 +1,750 @@
+//! An RFB (VNC) client: RFB 3.3/3.7/3.8, security None and VncAuth, 32-bit true colour, encodings Raw,
+//! CopyRect, Hextile, Zlib, ZRLE and Tight (with JPEG), pseudo-encodings DesktopSize, Cursor, LastRect and
+//! QEMU extended key events; key (keysym and scancode), pointer and cut-text input. Used by the GUI's console
+//! and by the tests.
+//!
+//! The server is not trusted: every rectangle is checked against the screen, every length is bounded, and
+//! decompression stops at the size the rectangle can hold, so a hostile server gets an error, never a panic
+//! or an unbounded allocation. (vnc-rs was the first choice; it has no Hextile, Zlib or QEMU extended key
+//! events and its encoding enum is closed, so the console would lose layout-independent keys.)
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use flate2::{Decompress, FlushDecompress};
+
+/// Encoding numbers (RFC 6143 §7.7 and the community registry).
+pub const RAW: i32 = 0;
+pub const COPY_RECT: i32 = 1;
+pub const HEXTILE: i32 = 5;
+pub const ZLIB: i32 = 6;
+pub const TIGHT: i32 = 7;
+pub const ZRLE: i32 = 16;
+pub const CURSOR: i32 = -239;
+pub const DESKTOP_SIZE: i32 = -223;
+pub const LAST_RECT: i32 = -224;
+pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
+/// Tight JPEG quality levels -32 (lowest) .. -23 (highest).
+pub const JPEG_QUALITY_6: i32 = -26;
+
+/// Largest screen accepted from a server.
+pub const MAX_SIDE: u32 = 8192;
+/// Largest compressed block, cut text or name accepted from a server.
+const MAX_BLOCK: usize = 64 << 20;
+const MAX_CUT_TEXT: usize = 1 << 20;
+
+/// One rectangle of an update: (encoding, x, y, width, height).
+pub type UpdateRect = (i32, u32, u32, u32, u32);
+
+/// A connected client and its copy of the screen (0x00RRGGBB).
+pub struct RfbClient {
+    /// The last text the server put on the clipboard.
+    pub cut_text: Option<String>,
+    pub stream: UnixStream,
+    reader: io::BufReader<UnixStream>,
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u32>,
+    pub name: String,
+    /// Pseudo-encodings the server has acknowledged with a rectangle.
+    pub acknowledged: Vec<i32>,
+    /// Bytes received in framebuffer updates.
+    pub bytes_received: u64,
+    /// The last cursor shape received: (width, height, pixels then mask).
+    pub cursor: Option<(u32, u32, Vec<u8>)>,
+    zlib: Decompress,
+    zrle: Decompress,
+    tight: [Decompress; 4],
+}
+
+/// Inflates exactly one sync-flushed chunk of a persistent zlib stream.
+fn inflate(d: &mut Decompress, data: &[u8], expected: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(expected);
+    let mut at = 0;
+    while out.len() < expected {
+        out.reserve(expected - out.len() + 1);
+        let (before_in, before_out) = (d.total_in(), d.total_out());
+        d.decompress_vec(&data[at..], &mut out, FlushDecompress::Sync).map_err(io::Error::other)?;
+        at += (d.total_in() - before_in) as usize;
+        if d.total_in() == before_in && d.total_out() == before_out {
+            break;
+        }
+    }
+    if out.len() != expected {
+        return Err(io::Error::other(format!("zlib data inflated to {} bytes, expected {expected}", out.len())));
+    }
+    Ok(out)
+}
+
+fn compact_len(s: &mut impl Read) -> io::Result<usize> {
+    let mut len = 0usize;
+    for i in 0..3 {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        if i == 2 {
+            return Ok(len | usize::from(b[0]) << 14);
+        }
+        len |= usize::from(b[0] & 0x7F) << (7 * i);
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    Ok(len)
+}
+
+/// Undoes Tight's gradient filter: each byte is the difference from left + up - up-left (clamped).
+fn gradient(diffs: &[u8], w: usize, h: usize) -> Vec<u32> {
+    let mut out = vec![[0u8; 3]; w * h];
+    for row in 0..h {
+        for col in 0..w {
+            let mut px = [0u8; 3];
+            for c in 0..3 {
+                let left = if col > 0 { i32::from(out[row * w + col - 1][c]) } else { 0 };
+                let up = if row > 0 { i32::from(out[(row - 1) * w + col][c]) } else { 0 };
+                let up_left = if row > 0 && col > 0 { i32::from(out[(row - 1) * w + col - 1][c]) } else { 0 };
+                let predicted = (left + up - up_left).clamp(0, 255) as u8;
+                px[c] = predicted.wrapping_add(diffs[(row * w + col) * 3 + c]);
+            }
+            out[row * w + col] = px;
+        }
+    }
+    out.iter().map(|p| u32::from(p[0]) << 16 | u32::from(p[1]) << 8 | u32::from(p[2])).collect()
+}
+
+/// Reads and drops `n` bytes.
+fn skip(s: &mut impl Read, n: usize) -> io::Result<()> {
+    let copied = io::copy(&mut s.take(n as u64), &mut io::sink())?;
+    if copied as usize == n { Ok(()) } else { Err(io::ErrorKind::UnexpectedEof.into()) }
+}
+
+/// Reads a length-prefixed block of at most MAX_BLOCK bytes.
+fn read_block(s: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+    if len > MAX_BLOCK {
+        return Err(io::Error::other(format!("a {len}-byte block from the server is too large")));
+    }
+    let mut data = vec![0u8; len];
+    s.read_exact(&mut data)?;
+    Ok(data)
+}
+
+fn read_u16(s: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+
+fn read_u32(s: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+/// Why a handshake failed.
+#[derive(Debug)]
+pub enum HandshakeError {
+    Io(io::Error),
+    /// The server refused, with its reason.
+    Refused(String),
+    /// The server wants VncAuth and no password was given.
+    PasswordNeeded,
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Io(e) => write!(f, "{e}"),
+            HandshakeError::Refused(why) => write!(f, "the server refused: {why}"),
+            HandshakeError::PasswordNeeded => write!(f, "the server needs a password"),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {}
+
+/// The VncAuth response: the challenge encrypted with DES, keyed by the first 8 bytes of the password with
+/// each byte's bits mirrored (RFC 6143 §7.2.2 and the VNC tradition it documents).
+pub fn vnc_auth_response(password: &[u8], challenge: &[u8; 16]) -> [u8; 16] {
+    use des::cipher::{BlockEncrypt, KeyInit};
+    let mut key = [0u8; 8];
+    for (k, p) in key.iter_mut().zip(password) {
+        *k = p.reverse_bits();
+    }
+    let cipher = des::Des::new(&key.into());
+    let mut out = *challenge;
+    for block in out.chunks_exact_mut(8) {
+        cipher.encrypt_block(block.into());
+    }
+    out
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        HandshakeError::Io(e)
+    }
+}
+
+impl RfbClient {
+    /// Connects with RFB 3.8; `password` answers VncAuth (with the DES key VNC derives from it).
+    pub fn connect(path: &Path, password: Option<&str>) -> Result<RfbClient, HandshakeError> {
+        Self::over(UnixStream::connect(path)?, password)
+    }
+
+    /// The same handshake over a stream that is already connected (e.g. one end of a socket pair bridged
+    /// to a WebSocket console). Speaks RFB 3.8, 3.7 or 3.3, whichever the server offers, and asks for
+    /// 32-bit little-endian true colour.
+    pub fn over(mut s: UnixStream, password: Option<&str>) -> Result<RfbClient, HandshakeError> {
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut version = [0u8; 12];
+        s.read_exact(&mut version)?;
+        let minor = match &version {
+            b"RFB 003.003\n" => 3,
+            b"RFB 003.007\n" => 7,
+            v if v.starts_with(b"RFB 003.") || v.starts_with(b"RFB 004.") || v.starts_with(b"RFB 005.") => 8,
+            _ => {
+                return Err(HandshakeError::Refused(format!(
+                    "not an RFB server: {:?}",
+                    String::from_utf8_lossy(&version)
+                )));
+            }
+        };
+        s.write_all(format!("RFB 003.00{minor}\n").as_bytes())?;
+        let refused = |s: &mut UnixStream| -> Result<RfbClient, HandshakeError> {
+            let len = (read_u32(s)? as usize).min(4096);
+            let mut reason = vec![0u8; len];
+            s.read_exact(&mut reason)?;
+            Err(HandshakeError::Refused(String::from_utf8_lossy(&reason).into_owned()))
+        };
+        let chosen = if minor == 3 {
+            match read_u32(&mut s)? {
+                0 => return refused(&mut s),
+                t @ (1 | 2) => t as u8,
+                other => return Err(HandshakeError::Refused(format!("unsupported security type {other}"))),
+            }
+        } else {
+            let mut count = [0u8; 1];
+            s.read_exact(&mut count)?;
+            if count[0] == 0 {
+                return refused(&mut s);
+            }
+            let mut types = vec![0u8; usize::from(count[0])];
+            s.read_exact(&mut types)?;
+            let chosen = if types.contains(&1) && password.is_none() {
+                1
+            } else if types.contains(&2) {
+                2
+            } else if types.contains(&1) {
+                1
+            } else {
+                return Err(HandshakeError::Refused(format!(
+                    "no security type this client speaks (offered {types:?})"
+                )));
+            };
+            s.write_all(&[chosen])?;
+            chosen
+        };
+        if chosen == 2 {
+            let Some(password) = password else { return Err(HandshakeError::PasswordNeeded) };
+            let mut challenge = [0u8; 16];
+            s.read_exact(&mut challenge)?;
+            s.write_all(&vnc_auth_response(password.as_bytes(), &challenge))?;
+        }
+        if (chosen == 2 || minor == 8) && read_u32(&mut s)? != 0 {
+            if minor == 8 {
+                return refused(&mut s);
+            }
+            return Err(HandshakeError::Refused("authentication failed".into()));
+        }
+        s.write_all(&[1])?; // shared
+        let (width, height) = (u32::from(read_u16(&mut s)?), u32::from(read_u16(&mut s)?));
+        if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
+            return Err(HandshakeError::Refused(format!("screen size {width}x{height} is not supported")));
+        }
+        let mut pf = [0u8; 16];
+        s.read_exact(&mut pf)?;
+        let len = (read_u32(&mut s)? as usize).min(4096);
+        let mut name = vec![0u8; len];
+        s.read_exact(&mut name)?;
+        // 32 bpp, depth 24, little-endian, true colour, 8 bits per channel at 16/8/0: 0x00RRGGBB words.
+        s.write_all(&[0, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])?;
+        Ok(RfbClient {
+            reader: io::BufReader::with_capacity(1 << 20, s.try_clone()?),
+            stream: s,
+            width,
+            height,
+            pixels: vec![0; (width * height) as usize],
+            name: String::from_utf8_lossy(&name).into_owned(),
+            cut_text: None,
+            acknowledged: Vec::new(),
+            bytes_received: 0,
+            cursor: None,
+            zlib: Decompress::new(true),
+            zrle: Decompress::new(true),
+            tight: [Decompress::new(true), Decompress::new(true), Decompress::new(true), Decompress::new(true)],
+        })
+    }
+
+    /// A second handle on the connection for sending input from another thread (each message is one
+    /// write of a few bytes).
+    pub fn input(&self) -> io::Result<UnixStream> {
+        self.stream.try_clone()
+    }
+
+    /// Sends text to the server's clipboard (ClientCutText, Latin-1; other characters become '?').
+    pub fn cut_text(&mut self, text: &str) -> io::Result<()> {
+        let latin1: Vec<u8> = text.chars().map(|c| if (c as u32) < 256 { c as u8 } else { b'?' }).collect();
+        let mut m = vec![6, 0, 0, 0];
+        m.extend_from_slice(&(latin1.len() as u32).to_be_bytes());
+        m.extend_from_slice(&latin1);
+        self.stream.write_all(&m)
+    }
+
+    pub fn set_encodings(&mut self, encodings: &[i32]) -> io::Result<()> {
+        let mut m = vec![2, 0];
+        m.extend_from_slice(&(encodings.len() as u16).to_be_bytes());
+        for e in encodings {
+            m.extend_from_slice(&e.to_be_bytes());
+        }
+        self.stream.write_all(&m)
+    }
+
+    pub fn request(&mut self, incremental: bool) -> io::Result<()> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&(self.width as u16).to_be_bytes());
+        m.extend_from_slice(&(self.height as u16).to_be_bytes());
+        self.stream.write_all(&m)
+    }
+
+    pub fn key(&mut self, keysym: u32, down: bool) -> io::Result<()> {
+        let mut m = vec![4, u8::from(down), 0, 0];
+        m.extend_from_slice(&keysym.to_be_bytes());
+        self.stream.write_all(&m)
+    }
+
+    pub fn qemu_key(&mut self, keysym: u32, keycode: u32, down: bool) -> io::Result<()> {
+        let mut m = vec![255, 0];
+        m.extend_from_slice(&u16::from(down).to_be_bytes());
+        m.extend_from_slice(&keysym.to_be_bytes());
+        m.extend_from_slice(&keycode.to_be_bytes());
+        self.stream.write_all(&m)
+    }
+
+    pub fn pointer(&mut self, x: u16, y: u16, buttons: u8) -> io::Result<()> {
+        let mut m = vec![5, buttons];
+        m.extend_from_slice(&x.to_be_bytes());
+        m.extend_from_slice(&y.to_be_bytes());
+        self.stream.write_all(&m)
+    }
+
+    /// Reads server messages until one framebuffer update has been applied; returns its rectangles as
+    /// (encoding, x, y, w, h). Bells, colour maps, fences and cut text (kept in `cut_text`) on the way are
+    /// consumed.
+    pub fn read_update(&mut self) -> io::Result<Vec<UpdateRect>> {
+        loop {
+            let mut kind = [0u8; 1];
+            self.reader.read_exact(&mut kind)?;
+            match kind[0] {
+                0 => break,
+                1 => {
+                    let mut head = [0u8; 5];
+                    self.reader.read_exact(&mut head)?;
+                    let n = u16::from_be_bytes([head[3], head[4]]);
+                    skip(&mut self.reader, usize::from(n) * 6)?;
+                }
+                2 => {}
+                3 => {
+                    let mut pad = [0u8; 3];
+                    self.reader.read_exact(&mut pad)?;
+                    let len = read_u32(&mut self.reader)? as usize;
+                    let keep = len.min(MAX_CUT_TEXT);
+                    let mut text = vec![0u8; keep];
+                    self.reader.read_exact(&mut text)?;
+                    skip(&mut self.reader, len - keep)?;
+                    self.cut_text = Some(text.iter().map(|&b| char::from(b)).collect());
+                }
+                150 => {}
+                248 => {
+                    let mut head = [0u8; 8];
+                    self.reader.read_exact(&mut head)?;
+                    skip(&mut self.reader, usize::from(head[7]))?;
+                }
+                other => {
+                    return Err(io::Error::other(format!("unexpected server message {other}")));
+                }
+            }
+        }
+        let mut pad = [0u8; 1];
+        self.reader.read_exact(&mut pad)?;
+        let n = read_u16(&mut self.reader)?;
+        let mut rects = Vec::new();
+        for _ in 0..n {
+            let (x, y, w, h) = (
+                u32::from(read_u16(&mut self.reader)?),
+                u32::from(read_u16(&mut self.reader)?),
+                u32::from(read_u16(&mut self.reader)?),
+                u32::from(read_u16(&mut self.reader)?),
+            );
+            let encoding = read_u32(&mut self.reader)? as i32;
+            let pixel_data = [RAW, COPY_RECT, HEXTILE, ZLIB, ZRLE, TIGHT].contains(&encoding);
+            if pixel_data && (x + w > self.width || y + h > self.height) {
+                return Err(io::Error::other(format!(
+                    "the server sent a {w}x{h} rectangle at {x},{y}, outside its {}x{} screen",
+                    self.width, self.height
+                )));
+            }
+            match encoding {
+                RAW => {
+                    let mut data = vec![0u8; (w * h * 4) as usize];
+                    self.reader.read_exact(&mut data)?;
+                    self.bytes_received += data.len() as u64;
+                    for row in 0..h {
+                        let start = ((y + row) * self.width + x) as usize;
+                        let line = &data[(row * w * 4) as usize..((row + 1) * w * 4) as usize];
+                        for (dst, p) in self.pixels[start..start + w as usize].iter_mut().zip(line.chunks_exact(4)) {
+                            *dst = u32::from_le_bytes([p[0], p[1], p[2], 0]);
+                        }
+                    }
+                }
+                COPY_RECT => {
+                    let (sx, sy) = (u32::from(read_u16(&mut self.reader)?), u32::from(read_u16(&mut self.reader)?));
+                    self.bytes_received += 4;
+                    if sx + w > self.width || sy + h > self.height {
+                        return Err(io::Error::other("CopyRect source outside the screen"));
+                    }
+                    let mut moved = Vec::with_capacity((w * h) as usize);
+                    for row in 0..h {
+                        let at = ((sy + row) * self.width + sx) as usize;
+                        moved.extend_from_slice(&self.pixels[at..at + w as usize]);
+                    }
+                    self.put_pixels(x, y, w, &moved);
+                }
+                HEXTILE => self.hextile(x, y, w, h)?,
+                ZLIB => {
+                    let len = read_u32(&mut self.reader)? as usize;
+                    let data = read_block(&mut self.reader, len)?;
+                    self.bytes_received += len as u64 + 4;
+                    let raw = inflate(&mut self.zlib, &data, (w * h * 4) as usize)?;
+                    self.put_pixels(
+                        x,
+                        y,
+                        w,
+                        &raw.chunks_exact(4).map(|p| u32::from_le_bytes([p[0], p[1], p[2], 0])).collect::<Vec<_>>(),
+                    );
+                }
+                ZRLE => self.zrle(x, y, w, h)?,
+                TIGHT => self.tight(x, y, w, h)?,
+                DESKTOP_SIZE => {
+                    if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+                        return Err(io::Error::other(format!("screen size {w}x{h} is not supported")));
+                    }
+                    self.width = w;
+                    self.height = h;
+                    self.pixels = vec![0; (w * h) as usize];
+                }
+                LAST_RECT => {
+                    rects.push((encoding, x, y, w, h));
+                    break;
+                }
+                QEMU_EXTENDED_KEY_EVENT => self.acknowledged.push(encoding),
+                CURSOR => {
+                    if w > 256 || h > 256 {
+                        return Err(io::Error::other(format!("a {w}x{h} cursor is too large")));
+                    }
+                    let mut shape = vec![0u8; (w * h * 4 + w.div_ceil(8) * h) as usize];
+                    self.reader.read_exact(&mut shape)?;
+                    self.cursor = Some((w, h, shape));
+                }
+                other => return Err(io::Error::other(format!("unexpected encoding {other}"))),
+            }
+            rects.push((encoding, x, y, w, h));
+        }
+        Ok(rects)
+    }
+
+    fn put_pixels(&mut self, x: u32, y: u32, w: u32, pixels: &[u32]) {
+        for (i, p) in pixels.iter().enumerate() {
+            let (col, row) = (i as u32 % w, i as u32 / w);
+            self.pixels[((y + row) * self.width + x + col) as usize] = p & 0xFF_FFFF;
+        }
+    }
+
+    fn pixel32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.reader.read_exact(&mut b)?;
+        self.bytes_received += 4;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], 0]))
+    }
+
+    fn hextile(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
+        let (mut bg, mut fg) = (0u32, 0u32);
+        for ty in (y..y + h).step_by(16) {
+            for tx in (x..x + w).step_by(16) {
+                let (tw, th) = ((x + w - tx).min(16), (y + h - ty).min(16));
+                let mut sub = [0u8; 1];
+                self.reader.read_exact(&mut sub)?;
+                self.bytes_received += 1;
+                let sub = sub[0];
+                if sub & 1 != 0 {
+                    let mut tile = Vec::with_capacity((tw * th) as usize);
+                    for _ in 0..tw * th {
+                        tile.push(self.pixel32()?);
+                    }
+                    self.put_pixels(tx, ty, tw, &tile);
+                    continue;
+                }
+                if sub & 2 != 0 {
+                    bg = self.pixel32()?;
+                }
+                self.put_pixels(tx, ty, tw, &vec![bg; (tw * th) as usize]);
+                if sub & 4 != 0 {
+                    fg = self.pixel32()?;
+                }
+                if sub & 8 != 0 {
+                    let mut n = [0u8; 1];
+                    self.reader.read_exact(&mut n)?;
+                    for _ in 0..n[0] {
+                        let colour = if sub & 16 != 0 { self.pixel32()? } else { fg };
+                        let mut xy = [0u8; 2];
+                        self.reader.read_exact(&mut xy)?;
+                        let (sx, sy, sw, sh) = (
+                            u32::from(xy[0] >> 4),
+                            u32::from(xy[0] & 15),
+                            u32::from(xy[1] >> 4) + 1,
+                            u32::from(xy[1] & 15) + 1,
+                        );
+                        if sx + sw > tw || sy + sh > th {
+                            return Err(io::Error::other("a Hextile subrectangle outside its tile"));
+                        }
+                        for r in 0..sh {
+                            for c in 0..sw {
+                                self.pixels[((ty + sy + r) * self.width + tx + sx + c) as usize] = colour;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn zrle(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
+        let len = read_u32(&mut self.reader)? as usize;
+        let data = read_block(&mut self.reader, len)?;
+        self.bytes_received += len as u64 + 4;
+        // The inflated size is not known up front: inflate what this chunk holds, but never more than the
+        // largest encoding of the rectangle (raw CPIXELs plus a subencoding byte per 64x64 tile).
+        let cap = (w * h * 3) as usize + ((w.div_ceil(64) * h.div_ceil(64)) as usize) + 4096;
+        let mut out = Vec::new();
+        let mut at = 0;
+        loop {
+            if out.len() > cap {
+                return Err(io::Error::other("ZRLE data inflates beyond its rectangle"));
+            }
+            out.reserve(256 * 1024);
+            let before = (self.zrle.total_in(), self.zrle.total_out());
+            self.zrle.decompress_vec(&data[at..], &mut out, FlushDecompress::Sync).map_err(io::Error::other)?;
+            at += (self.zrle.total_in() - before.0) as usize;
+            if at == data.len() && out.len() < out.capacity() {
+                break;
+            }
+            if (self.zrle.total_in(), self.zrle.total_out()) == before {
+                break;
+            }
+        }
+        let mut r = &out[..];
+        let cpixel = |r: &mut &[u8]| -> io::Result<u32> {
+            let mut b = [0u8; 3];
+            r.read_exact(&mut b)?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], 0]))
+        };
+        for ty in (y..y + h).step_by(64) {
+            for tx in (x..x + w).step_by(64) {
+                let (tw, th) = ((x + w - tx).min(64), (y + h - ty).min(64));
+                let n = (tw * th) as usize;
+                let mut sub = [0u8; 1];
+                r.read_exact(&mut sub)?;
+                let sub = sub[0];
+                let mut tile = Vec::with_capacity(n);
+                match sub {
+                    0 => {
+                        for _ in 0..n {
+                            tile.push(cpixel(&mut r)?);
+                        }
+                    }
+                    1 => tile = vec![cpixel(&mut r)?; n],
+                    2..=16 => {
+                        let palette: Vec<u32> = (0..sub).map(|_| cpixel(&mut r)).collect::<io::Result<_>>()?;
+                        let bits = match sub {
+                            2 => 1,
+                            3..=4 => 2,
+                            _ => 4,
+                        };
+                        for _ in 0..th {
+                            let (mut byte, mut left) = (0u8, 0);
+                            for _ in 0..tw {
+                                if left == 0 {
+                                    let mut b = [0u8; 1];
+                                    r.read_exact(&mut b)?;
+                                    (byte, left) = (b[0], 8);
+                                }
+                                let index = byte >> (8 - bits);
+                                byte <<= bits;
+                                left -= bits;
+                                tile.push(
+                                    *palette
+                                        .get(usize::from(index))
+                                        .ok_or_else(|| io::Error::other("palette index"))?,
+                                );
+                            }
+                        }
+                    }
+                    128 | 130..=255 => {
+                        let palette: Vec<u32> = if sub == 128 {
+                            Vec::new()
+                        } else {
+                            (0..sub - 128).map(|_| cpixel(&mut r)).collect::<io::Result<_>>()?
+                        };
+                        while tile.len() < n {
+                            let (colour, run) = if sub == 128 {
+                                (cpixel(&mut r)?, true)
+                            } else {
+                                let mut b = [0u8; 1];
+                                r.read_exact(&mut b)?;
+                                (
+                                    *palette
+                                        .get(usize::from(b[0] & 0x7F))
+                                        .ok_or_else(|| io::Error::other("palette index"))?,
+                                    b[0] & 0x80 != 0,
+                                )
+                            };
+                            let mut count = 1;
+                            if run {
+                                loop {
+                                    let mut b = [0u8; 1];
+                                    r.read_exact(&mut b)?;
+                                    count += usize::from(b[0]);
+                                    if b[0] != 255 {
+                                        break;
+                                    }
+                                }
+                            }
+                            tile.extend(std::iter::repeat_n(colour, count.min(n - tile.len())));
+                        }
+                    }
+                    other => return Err(io::Error::other(format!("ZRLE subencoding {other}"))),
+                }
+                self.put_pixels(tx, ty, tw, &tile);
+            }
+        }
+        Ok(())
+    }
+
+    fn tight(&mut self, x: u32, y: u32, w: u32, h: u32) -> io::Result<()> {
+        let mut c = [0u8; 1];
+        self.reader.read_exact(&mut c)?;
+        let control = c[0];
+        for i in 0..4 {
+            if control & (1 << i) != 0 {
+                self.tight[i] = Decompress::new(true);
+            }
+        }
+        let rgb = |b: &[u8]| u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        match control >> 4 {
+            8 => {
+                let mut b = [0u8; 3];
+                self.reader.read_exact(&mut b)?;
+                self.bytes_received += 4;
+                self.put_pixels(x, y, w, &vec![rgb(&b); (w * h) as usize]);
+            }
+            9 => {
+                let len = compact_len(&mut self.reader)?;
+                let data = read_block(&mut self.reader, len)?;
+                self.bytes_received += len as u64 + 4;
+                let mut decoder = jpeg_decoder::Decoder::new(&data[..]);
+                let decoded = decoder.decode().map_err(io::Error::other)?;
+                if decoded.len() != (w * h * 3) as usize {
+                    return Err(io::Error::other("a Tight JPEG does not match its rectangle"));
+                }
+                self.put_pixels(x, y, w, &decoded.chunks_exact(3).map(rgb).collect::<Vec<_>>());
+            }
+            basic if basic < 8 => {
+                let filter = if control & 0x40 != 0 {
+                    let mut f = [0u8; 1];
+                    self.reader.read_exact(&mut f)?;
+                    f[0]
+                } else {
+                    0
+                };
+                let mut palette = Vec::new();
+                if filter == 1 {
+                    let mut n = [0u8; 1];
+                    self.reader.read_exact(&mut n)?;
+                    let mut colours = vec![0u8; (usize::from(n[0]) + 1) * 3];
+                    self.reader.read_exact(&mut colours)?;
+                    palette = colours.chunks_exact(3).map(rgb).collect();
+                } else if filter > 2 {
+                    return Err(io::Error::other(format!("Tight filter {filter}")));
+                }
+                let size = match (filter, palette.len()) {
+                    (1, 2) => (w.div_ceil(8) * h) as usize,
+                    (1, _) => (w * h) as usize,
+                    _ => (w * h * 3) as usize,
+                };
+                let raw = if size < 12 {
+                    let mut data = vec![0u8; size];
+                    self.reader.read_exact(&mut data)?;
+                    data
+                } else {
+                    let len = compact_len(&mut self.reader)?;
+                    let data = read_block(&mut self.reader, len)?;
+                    self.bytes_received += len as u64;
+                    inflate(&mut self.tight[usize::from(basic & 3)], &data, size)?
+                };
+                let colour = |i: usize| palette.get(i).copied().ok_or_else(|| io::Error::other("Tight palette index"));
+                let pixels: Vec<u32> = match (filter, palette.len()) {
+                    (1, 2) => {
+                        let stride = w.div_ceil(8) as usize;
+                        (0..(w * h) as usize)
+                            .map(|i| {
+                                let (row, col) = (i / w as usize, i % w as usize);
+                                colour(usize::from(raw[row * stride + col / 8] >> (7 - col % 8) & 1))
+                            })
+                            .collect::<io::Result<_>>()?
+                    }
+                    (1, _) => raw.iter().map(|&b| colour(usize::from(b))).collect::<io::Result<_>>()?,
+                    (2, _) => gradient(&raw, w as usize, h as usize),
+                    _ => raw.chunks_exact(3).map(rgb).collect(),
+                };
+                self.put_pixels(x, y, w, &pixels);
+            }
+            other => return Err(io::Error::other(format!("Tight compression {other:#x}"))),
+        }
+        Ok(())
+    }
+
+    /// Asks for the whole screen and reads updates until every pixel has arrived.
+    pub fn full_frame(&mut self) -> io::Result<()> {
+        self.request(false)?;
+        let mut covered = 0u64;
+        let total = u64::from(self.width) * u64::from(self.height);
+        while covered < total {
+            for (encoding, _, _, w, h) in self.read_update()? {
+                if encoding == DESKTOP_SIZE {
+                    covered = 0;
+                    self.request(false)?;
+                } else if [RAW, HEXTILE, ZLIB, ZRLE, TIGHT].contains(&encoding) {
+                    covered += u64::from(w) * u64::from(h);
+                }
+            }
+            if covered < total {
+                self.request(true)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pixel(&self, x: u32, y: u32) -> u32 {
+        self.pixels[(y * self.width + x) as usize]
+    }
+}

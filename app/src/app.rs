@@ -1,0 +1,656 @@
+//! The main window: hosts on the left, the selected host's VMs (searchable) with the selected VM's details,
+//! consoles in tabs, the create wizard, the add-host dialog, and notices at the bottom.
+
+use std::path::PathBuf;
+
+use porthole_api::client::Action;
+use porthole_api::{BootSpec, Client, CreateVm, VmState};
+
+use crate::backend::{Backend, image_name};
+use crate::console::Console;
+use crate::settings::{RemoteHost, Settings};
+
+/// The create wizard's fields.
+#[derive(Debug, Clone)]
+pub struct Wizard {
+    pub host: usize,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub iso: String,
+}
+
+impl Wizard {
+    fn new(host: usize) -> Self {
+        Wizard {
+            host,
+            name: String::new(),
+            vcpus: 1,
+            memory_mib: 1024,
+            disk_gib: porthole_api::DEFAULT_DISK_GIB,
+            kernel: String::new(),
+            initrd: String::new(),
+            cmdline: String::new(),
+            iso: String::new(),
+        }
+    }
+
+    /// What is wrong with the fields (shown next to them, before Create is allowed).
+    pub fn problems(&self, host_memory_mib: Option<u64>, taken: &[String]) -> Vec<String> {
+        let mut p = Vec::new();
+        let name_ok = (1..=63).contains(&self.name.len())
+            && !self.name.starts_with('.')
+            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if self.name.is_empty() {
+            p.push("Give the VM a name.".to_owned());
+        } else if !name_ok {
+            p.push("A name is 1-63 letters, digits, '-', '_' or '.', not starting with '.'.".to_owned());
+        } else if taken.contains(&self.name) {
+            p.push(format!("There is a VM named {:?} already.", self.name));
+        }
+        if let Some(host) = host_memory_mib
+            && self.memory_mib > host
+        {
+            p.push(format!("The host has only {host} MiB of memory."));
+        }
+        if self.memory_mib < 4 {
+            p.push("A VM needs at least 4 MiB of memory.".to_owned());
+        }
+        if self.kernel.trim().is_empty() && self.iso.trim().is_empty() {
+            p.push("Choose what the VM boots: a Linux kernel (or PVH image), or an ISO.".to_owned());
+        }
+        if !self.kernel.trim().is_empty() && !std::path::Path::new(self.kernel.trim()).is_file() {
+            p.push(format!("No kernel file at {}.", self.kernel.trim()));
+        }
+        if !self.iso.trim().is_empty() && !std::path::Path::new(self.iso.trim()).is_file() {
+            p.push(format!("No ISO file at {}.", self.iso.trim()));
+        }
+        p
+    }
+}
+
+/// The add-host dialog's fields.
+#[derive(Debug, Clone, Default)]
+pub struct AddHost {
+    pub name: String,
+    pub address: String,
+    pub token: String,
+    pub fingerprint: String,
+}
+
+enum Tab {
+    Machines,
+    Console(usize),
+}
+
+pub struct PortholeApp {
+    pub backend: Backend,
+    settings_path: Option<PathBuf>,
+    settings: Settings,
+    /// Index of the first remote host in the backend's list (0 is the local host).
+    selected_host: usize,
+    selected_vm: Option<String>,
+    pub search: String,
+    pub wizard: Option<Wizard>,
+    pub add_host: Option<AddHost>,
+    confirm_delete: Option<(usize, String, String)>,
+    consoles: Vec<(usize, String, Console)>,
+    tab: Tab,
+}
+
+fn state_text(s: VmState) -> &'static str {
+    match s {
+        VmState::Stopped => "stopped",
+        VmState::Starting => "starting",
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::Stopping => "shutting down",
+        VmState::Crashed => "crashed",
+    }
+}
+
+impl PortholeApp {
+    /// The app with the local host (connected through `local`) and the remote hosts of the settings.
+    pub fn new(
+        backend: Backend,
+        local: impl FnOnce() -> Result<Client, String> + Send + 'static,
+        settings_path: Option<PathBuf>,
+    ) -> Self {
+        let (settings, problem) = match &settings_path {
+            Some(p) => crate::settings::load(p),
+            None => (Settings::default(), None),
+        };
+        if let Some(problem) = problem {
+            backend.model().notify(problem, true);
+        }
+        backend.add_host("Local".into(), "this computer".into(), local);
+        for r in &settings.remotes {
+            connect_remote(&backend, r);
+        }
+        PortholeApp {
+            backend,
+            settings_path,
+            settings,
+            selected_host: 0,
+            selected_vm: None,
+            search: String::new(),
+            wizard: None,
+            add_host: None,
+            confirm_delete: None,
+            consoles: Vec::new(),
+            tab: Tab::Machines,
+        }
+    }
+
+    /// Draws the whole window.
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        self.handle_drops(ui);
+        egui::Panel::left("hosts").resizable(true).default_size(200.0).show(ui, |ui| self.hosts_panel(ui));
+        egui::Panel::bottom("notices").show(ui, |ui| self.notices(ui));
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.horizontal(|ui| {
+                if ui.selectable_label(matches!(self.tab, Tab::Machines), "Machines").clicked() {
+                    self.tab = Tab::Machines;
+                }
+                let mut close = None;
+                for (i, (_, _, c)) in self.consoles.iter().enumerate() {
+                    if ui.selectable_label(matches!(self.tab, Tab::Console(j) if j == i), &c.title).clicked() {
+                        self.tab = Tab::Console(i);
+                    }
+                    if ui.small_button("×").on_hover_text(format!("Close {}", c.title)).clicked() {
+                        close = Some(i);
+                    }
+                }
+                if let Some(i) = close {
+                    self.consoles.remove(i);
+                    self.tab = Tab::Machines;
+                }
+            });
+            ui.separator();
+            match self.tab {
+                Tab::Console(i) if i < self.consoles.len() => self.consoles[i].2.show(ui),
+                _ => self.machines(ui),
+            }
+        });
+        self.wizard_window(ui.ctx());
+        self.add_host_window(ui.ctx());
+        self.delete_window(ui.ctx());
+    }
+
+    fn hosts_panel(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Hosts");
+        ui.separator();
+        let hosts: Vec<(usize, String, String)> = {
+            let m = self.backend.model();
+            m.hosts
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.name.is_empty())
+                .map(|(i, h)| {
+                    let state = match (&h.error, h.connected) {
+                        (Some(_), _) => "unreachable".to_owned(),
+                        (None, true) => format!("{} VMs", h.vms.len()),
+                        (None, false) => "connecting…".to_owned(),
+                    };
+                    (i, h.name.clone(), state)
+                })
+                .collect()
+        };
+        for (i, name, state) in hosts {
+            let label = format!("{name} — {state}");
+            if ui.selectable_label(self.selected_host == i, label).clicked() {
+                self.selected_host = i;
+                self.selected_vm = None;
+            }
+        }
+        ui.separator();
+        if ui.button("Add host…").clicked() {
+            self.add_host = Some(AddHost::default());
+        }
+        if self.selected_host > 0 && ui.button("Remove host").clicked() {
+            let name = self.backend.model().hosts.get(self.selected_host).map(|h| h.name.clone()).unwrap_or_default();
+            self.settings.remotes.retain(|r| r.name != name);
+            self.save_settings();
+            self.backend.remove_host(self.selected_host);
+            self.selected_host = 0;
+        }
+    }
+
+    fn notices(&mut self, ui: &mut egui::Ui) {
+        let (notice, progress) = {
+            let m = self.backend.model();
+            (m.notices.last().cloned(), m.progress.clone())
+        };
+        for p in progress {
+            ui.add(egui::ProgressBar::new(p.fraction).text(format!("{} {:.0}%", p.what, p.fraction * 100.0)));
+        }
+        match notice {
+            Some(n) if n.error => ui.colored_label(ui.visuals().error_fg_color, n.text),
+            Some(n) => ui.label(n.text),
+            None => ui.label("Ready."),
+        };
+    }
+
+    fn machines(&mut self, ui: &mut egui::Ui) {
+        let host = self.selected_host;
+        let (error, vms, info_mem) = {
+            let m = self.backend.model();
+            match m.hosts.get(host) {
+                Some(h) => (h.error.clone(), h.vms.clone(), h.info.as_ref().map(|i| i.memory_mib)),
+                None => (None, Vec::new(), None),
+            }
+        };
+        ui.horizontal(|ui| {
+            let label = ui.label("Search");
+            ui.add(egui::TextEdit::singleline(&mut self.search).hint_text("name or state")).labelled_by(label.id);
+            if ui.button("New VM…").clicked() {
+                self.wizard = Some(Wizard::new(host));
+            }
+        });
+        if let Some(e) = error {
+            ui.colored_label(ui.visuals().error_fg_color, format!("This host cannot be reached: {e}"));
+            return;
+        }
+        let needle = self.search.to_lowercase();
+        let shown: Vec<_> = vms
+            .iter()
+            .filter(|v| {
+                needle.is_empty() || v.name.to_lowercase().contains(&needle) || state_text(v.state).contains(&needle)
+            })
+            .collect();
+        if vms.is_empty() {
+            ui.add_space(20.0);
+            ui.vertical_centered(|ui| {
+                ui.label("No virtual machines on this host yet.");
+                ui.label("Create one with “New VM…”, or drop an ISO onto this window.");
+            });
+            return;
+        }
+        egui::Grid::new("vms").striped(true).num_columns(4).show(ui, |ui| {
+            ui.strong("Name");
+            ui.strong("State");
+            ui.strong("vCPUs");
+            ui.strong("Memory");
+            ui.end_row();
+            for v in &shown {
+                if ui.selectable_label(self.selected_vm.as_deref() == Some(v.id.as_str()), &v.name).clicked() {
+                    self.selected_vm = Some(v.id.clone());
+                    self.backend.load_serial(host, v.id.clone());
+                }
+                ui.label(state_text(v.state));
+                ui.label(v.vcpus.to_string());
+                ui.label(format!("{} MiB", v.memory_mib));
+                ui.end_row();
+            }
+        });
+        let _ = info_mem;
+        if let Some(vm) = self.selected_vm.as_ref().and_then(|id| vms.iter().find(|v| &v.id == id)).cloned() {
+            ui.separator();
+            self.details(ui, host, &vm);
+        }
+    }
+
+    fn details(&mut self, ui: &mut egui::Ui, host: usize, vm: &porthole_api::Vm) {
+        ui.heading(&vm.name);
+        egui::Grid::new("details").num_columns(2).show(ui, |ui| {
+            ui.label("State");
+            ui.label(state_text(vm.state));
+            ui.end_row();
+            ui.label("vCPUs");
+            ui.label(vm.vcpus.to_string());
+            ui.end_row();
+            ui.label("Memory");
+            ui.label(format!("{} MiB", vm.memory_mib));
+            ui.end_row();
+            ui.label("Disk");
+            ui.label(if vm.disk_bytes == 0 { "none".into() } else { format!("{} GiB", vm.disk_bytes >> 30) });
+            ui.end_row();
+            ui.label("Boots");
+            ui.label(vm.boot.as_ref().map(|b| b.kernel.clone()).unwrap_or_else(|| "nothing yet".into()));
+            ui.end_row();
+            ui.label("CD/DVD");
+            ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));
+            ui.end_row();
+        });
+        if let Some(exit) = &vm.last_exit {
+            ui.label(format!("Last stop: {}", exit.reason));
+        }
+        let id = vm.id.clone();
+        let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting);
+        ui.horizontal_wrapped(|ui| {
+            let act = |app: &Self, what: &str, action: Action| {
+                let id = id.clone();
+                app.backend.act(host, format!("{what} {}", vm.name), None, move |c| async move {
+                    c.action(&id, action).await
+                });
+            };
+            if ui.add_enabled(!running, egui::Button::new("Start")).clicked() {
+                act(self, "Start", Action::Start);
+            }
+            if ui.add_enabled(running, egui::Button::new("Shut down")).clicked() {
+                let id = id.clone();
+                self.backend.act(host, format!("Shut down {}", vm.name), None, move |c| async move {
+                    c.shutdown(&id, 60).await
+                });
+            }
+            if ui.add_enabled(running, egui::Button::new("Force off")).clicked() {
+                act(self, "Force off", Action::Poweroff);
+            }
+            if ui.add_enabled(running, egui::Button::new("Reset")).clicked() {
+                act(self, "Reset", Action::Reset);
+            }
+            if vm.state == VmState::Paused {
+                if ui.button("Resume").clicked() {
+                    act(self, "Resume", Action::Resume);
+                }
+            } else if ui.add_enabled(vm.state == VmState::Running, egui::Button::new("Pause")).clicked() {
+                act(self, "Pause", Action::Pause);
+            }
+            if ui.add_enabled(running, egui::Button::new("Open console")).clicked() {
+                self.open_console(host, vm);
+            }
+            if ui.button("Insert ISO…").clicked()
+                && let Some(path) = rfd::FileDialog::new().add_filter("Disc images", &["iso", "img"]).pick_file()
+            {
+                self.attach(host, &id, path);
+            }
+            if ui.add_enabled(vm.media.is_some(), egui::Button::new("Eject")).clicked() {
+                let id = id.clone();
+                self.backend.act(host, format!("Eject from {}", vm.name), None, move |c| async move {
+                    c.change_media(&id, None).await
+                });
+            }
+            if ui.add_enabled(!running, egui::Button::new("Delete…")).clicked() {
+                self.confirm_delete = Some((host, id.clone(), vm.name.clone()));
+            }
+        });
+        egui::CollapsingHeader::new("Serial output").default_open(false).show(ui, |ui| {
+            if ui.button("Refresh serial").clicked() {
+                self.backend.load_serial(host, id.clone());
+            }
+            let lines = match &self.backend.model().serial {
+                Some((h, v, lines)) if *h == host && *v == id => lines.clone(),
+                _ => Vec::new(),
+            };
+            egui::ScrollArea::vertical().max_height(200.0).stick_to_bottom(true).show(ui, |ui| {
+                for l in lines {
+                    ui.monospace(l);
+                }
+            });
+        });
+    }
+
+    /// Uploads an ISO to the host's library (if it is not there yet) and puts it in the VM's drive.
+    fn attach(&self, host: usize, id: &str, path: PathBuf) {
+        let id = id.to_owned();
+        let backend = self.backend.clone();
+        self.backend.upload_then(host, path, move |c, name| async move {
+            c.change_media(&id, Some(&name)).await?;
+            backend.model().notify(format!("{name} is in the drive"), false);
+            Ok(())
+        });
+    }
+
+    fn open_console(&mut self, host: usize, vm: &porthole_api::Vm) {
+        if let Some(i) = self.consoles.iter().position(|(h, id, c)| *h == host && *id == vm.id && !c.closed()) {
+            self.tab = Tab::Console(i);
+            return;
+        }
+        self.consoles.retain(|(h, id, _)| !(*h == host && *id == vm.id));
+        let Some(client) = self.backend.model().hosts.get(host).and_then(|h| h.client.clone()) else { return };
+        let id = vm.id.clone();
+        let runtime = self.backend.clone();
+        let connect = move || -> Result<porthole_api::rfb::RfbClient, String> {
+            let rt = runtime.runtime();
+            let ticket = rt.block_on(client.console_ticket(&id)).map_err(|e| e.to_string())?;
+            let stream = match ticket.rfb_socket {
+                // The local host hands out the VM's RFB socket: connect directly.
+                Some(socket) => std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?,
+                None => {
+                    // A remote console: the WebSocket, bridged to a socket pair for the RFB client.
+                    let ws = rt.block_on(client.console_with_ticket(&ticket.path)).map_err(|e| e.to_string())?;
+                    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+                    theirs.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    rt.spawn(async move {
+                        let mut ws = ws;
+                        if let Ok(mut theirs) = tokio::net::UnixStream::from_std(theirs) {
+                            let _ = tokio::io::copy_bidirectional(&mut ws, &mut theirs).await;
+                        }
+                    });
+                    ours
+                }
+            };
+            porthole_api::rfb::RfbClient::over(stream, None).map_err(|e| e.to_string())
+        };
+        let backend = self.backend.clone();
+        let console = Console::open(vm.name.clone(), connect, move || backend.repaint());
+        self.consoles.push((host, vm.id.clone(), console));
+        self.tab = Tab::Console(self.consoles.len() - 1);
+    }
+
+    fn handle_drops(&mut self, ui: &mut egui::Ui) {
+        let dropped = ui.ctx().input(|i| i.raw.dropped_files.clone());
+        for file in dropped {
+            let path = file.path().to_owned();
+            let is_image =
+                path.extension().is_some_and(|e| e.eq_ignore_ascii_case("iso") || e.eq_ignore_ascii_case("img"));
+            if !is_image {
+                self.backend.model().notify(format!("{} is not an ISO image: drop a .iso file", path.display()), true);
+                continue;
+            }
+            match (self.selected_vm.clone(), matches!(self.tab, Tab::Machines)) {
+                (Some(id), true) => self.attach(self.selected_host, &id, path),
+                _ => {
+                    let mut w = Wizard::new(self.selected_host);
+                    w.name = image_name(&path).trim_end_matches(".iso").to_owned();
+                    w.iso = path.display().to_string();
+                    self.wizard = Some(w);
+                }
+            }
+        }
+    }
+
+    fn wizard_window(&mut self, ctx: &egui::Context) {
+        let Some(w) = self.wizard.as_mut() else { return };
+        let (host_mem, taken) = {
+            let m = self.backend.model();
+            let h = m.hosts.get(w.host);
+            (
+                h.and_then(|h| h.info.as_ref().map(|i| i.memory_mib)),
+                h.map(|h| h.vms.iter().map(|v| v.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+            )
+        };
+        let mut open = true;
+        let mut create = false;
+        let mut cancel = false;
+        egui::Window::new("New virtual machine").open(&mut open).collapsible(false).show(ctx, |ui| {
+            egui::Grid::new("wizard").num_columns(2).show(ui, |ui| {
+                let l = ui.label("Name");
+                ui.text_edit_singleline(&mut w.name).labelled_by(l.id);
+                ui.end_row();
+                let l = ui.label("vCPUs");
+                ui.add(egui::DragValue::new(&mut w.vcpus).range(1..=64)).labelled_by(l.id);
+                ui.end_row();
+                let l = ui.label("Memory (MiB)");
+                let max = host_mem.unwrap_or(1 << 20);
+                ui.horizontal(|ui| {
+                    ui.add(egui::DragValue::new(&mut w.memory_mib).range(4..=max).speed(16)).labelled_by(l.id);
+                    if let Some(m) = host_mem {
+                        ui.weak(format!("of {m} MiB on this host"));
+                    }
+                });
+                ui.end_row();
+                let l = ui.label("Disk (GiB)");
+                ui.horizontal(|ui| {
+                    ui.add(egui::DragValue::new(&mut w.disk_gib).range(0..=65536)).labelled_by(l.id);
+                    ui.weak("0: no disk");
+                });
+                ui.end_row();
+                let l = ui.label("ISO");
+                ui.horizontal(|ui| {
+                    ui.text_edit_singleline(&mut w.iso).labelled_by(l.id);
+                    if ui.button("Browse ISO…").clicked()
+                        && let Some(p) = rfd::FileDialog::new().add_filter("Disc images", &["iso", "img"]).pick_file()
+                    {
+                        w.iso = p.display().to_string();
+                    }
+                });
+                ui.end_row();
+                let l = ui.label("Kernel");
+                ui.horizontal(|ui| {
+                    ui.text_edit_singleline(&mut w.kernel).labelled_by(l.id);
+                    if ui.button("Browse kernel…").clicked()
+                        && let Some(p) = rfd::FileDialog::new().pick_file()
+                    {
+                        w.kernel = p.display().to_string();
+                    }
+                });
+                ui.end_row();
+                let l = ui.label("Initrd");
+                ui.text_edit_singleline(&mut w.initrd).labelled_by(l.id);
+                ui.end_row();
+                let l = ui.label("Command line");
+                ui.text_edit_singleline(&mut w.cmdline).labelled_by(l.id);
+                ui.end_row();
+            });
+            let problems = w.problems(host_mem, &taken);
+            for p in &problems {
+                ui.colored_label(ui.visuals().warn_fg_color, p);
+            }
+            ui.separator();
+            ui.label(format!(
+                "Summary: {} with {} vCPU(s), {} MiB, {}, booting {}.",
+                if w.name.is_empty() { "a VM" } else { &w.name },
+                w.vcpus,
+                w.memory_mib,
+                if w.disk_gib == 0 { "no disk".to_owned() } else { format!("a {} GiB disk", w.disk_gib) },
+                if !w.kernel.trim().is_empty() { "the kernel" } else { "the ISO" }
+            ));
+            ui.horizontal(|ui| {
+                create = ui.add_enabled(problems.is_empty(), egui::Button::new("Create")).clicked();
+                cancel = ui.button("Cancel").clicked();
+            });
+        });
+        if create {
+            let w = self.wizard.take().expect("open");
+            self.create(w);
+        } else if cancel || !open {
+            self.wizard = None;
+        }
+    }
+
+    fn create(&mut self, w: Wizard) {
+        let mut request = CreateVm { disk_gib: w.disk_gib, ..CreateVm::new(w.name.clone(), w.vcpus, w.memory_mib) };
+        if !w.kernel.trim().is_empty() {
+            request.boot = Some(BootSpec {
+                kernel: w.kernel.trim().to_owned(),
+                initrd: Some(w.initrd.trim().to_owned()).filter(|s| !s.is_empty()),
+                cmdline: w.cmdline.clone(),
+            });
+        }
+        let done = format!("Created {}", w.name);
+        if w.iso.trim().is_empty() {
+            self.backend.act(w.host, format!("Create {}", w.name), Some(done), move |c| async move {
+                c.create_vm(&request).await
+            });
+        } else {
+            let backend = self.backend.clone();
+            self.backend.upload_then(w.host, PathBuf::from(w.iso.trim()), move |c, name| async move {
+                request.media = Some(name);
+                c.create_vm(&request).await?;
+                backend.model().notify(done, false);
+                Ok(())
+            });
+        }
+    }
+
+    fn add_host_window(&mut self, ctx: &egui::Context) {
+        let Some(a) = self.add_host.as_mut() else { return };
+        let mut open = true;
+        let mut connect = false;
+        egui::Window::new("Add a host").open(&mut open).collapsible(false).show(ctx, |ui| {
+            egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
+                for (label, value, hint) in [
+                    ("Host name", &mut a.name, "lab"),
+                    ("Address", &mut a.address, "lab.example.org:7443"),
+                    ("Token", &mut a.token, "from portholed token create"),
+                    ("Certificate fingerprint", &mut a.fingerprint, "SHA-256 printed by portholed --listen"),
+                ] {
+                    let l = ui.label(label);
+                    ui.add(egui::TextEdit::singleline(value).hint_text(hint)).labelled_by(l.id);
+                    ui.end_row();
+                }
+            });
+            let fingerprint_ok = porthole_api::client::parse_fingerprint(&a.fingerprint).is_some();
+            let ok =
+                !a.name.trim().is_empty() && a.address.contains(':') && !a.token.trim().is_empty() && fingerprint_ok;
+            if !fingerprint_ok && !a.fingerprint.is_empty() {
+                ui.colored_label(ui.visuals().warn_fg_color, "A fingerprint is 64 hex digits (colons allowed).");
+            }
+            connect = ui.add_enabled(ok, egui::Button::new("Connect")).clicked();
+        });
+        if connect {
+            let a = self.add_host.take().expect("open");
+            let remote = RemoteHost {
+                name: a.name.trim().to_owned(),
+                address: a.address.trim().to_owned(),
+                token: a.token.trim().to_owned(),
+                fingerprint: a.fingerprint.trim().to_owned(),
+            };
+            connect_remote(&self.backend, &remote);
+            self.settings.remotes.push(remote);
+            self.save_settings();
+        } else if !open {
+            self.add_host = None;
+        }
+    }
+
+    fn delete_window(&mut self, ctx: &egui::Context) {
+        let Some((host, id, name)) = self.confirm_delete.clone() else { return };
+        let mut answer = None;
+        egui::Window::new("Delete virtual machine").collapsible(false).show(ctx, |ui| {
+            ui.label(format!("Delete {name} and its disk? This cannot be undone."));
+            ui.horizontal(|ui| {
+                if ui.button("Delete VM and disk").clicked() {
+                    answer = Some(true);
+                }
+                if ui.button("Keep it").clicked() {
+                    answer = Some(false);
+                }
+            });
+        });
+        match answer {
+            Some(true) => {
+                self.confirm_delete = None;
+                self.selected_vm = None;
+                self.backend.act(
+                    host,
+                    format!("Delete {name}"),
+                    Some(format!("Deleted {name}")),
+                    move |c| async move { c.delete_vm(&id).await },
+                );
+            }
+            Some(false) => self.confirm_delete = None,
+            None => {}
+        }
+    }
+
+    fn save_settings(&self) {
+        if let Some(p) = &self.settings_path
+            && let Err(e) = crate::settings::save(p, &self.settings)
+        {
+            self.backend.model().notify(format!("cannot save the settings to {}: {e}", p.display()), true);
+        }
+    }
+}
+
+fn connect_remote(backend: &Backend, r: &RemoteHost) {
+    let (address, token, fingerprint) = (r.address.clone(), r.token.clone(), r.fingerprint.clone());
+    backend.add_host(r.name.clone(), r.address.clone(), move || {
+        Client::https(&address, &token, Some(&fingerprint)).map_err(|e| e.to_string())
+    });
+}

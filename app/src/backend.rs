@@ -1,0 +1,248 @@
+//! Everything that waits on the network or the disk runs here, off the UI thread: one tokio runtime, a
+//! poller per host (VM list and host info once a second) and one task per user action. Results land in the
+//! shared [`Model`] and the UI is woken with `request_repaint`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use porthole_api::{Client, HostInfo, Vm};
+
+/// A host in the sidebar.
+pub struct HostView {
+    pub name: String,
+    /// "local" or the remote address.
+    pub address: String,
+    pub client: Option<Client>,
+    pub info: Option<HostInfo>,
+    pub vms: Vec<Vm>,
+    /// Why the host cannot be reached (shown instead of its VMs).
+    pub error: Option<String>,
+    /// Whether the first answer came.
+    pub connected: bool,
+}
+
+/// A message for the user: what happened, and whether it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub text: String,
+    pub error: bool,
+}
+
+/// A long action in progress (an upload): what, and how far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub what: String,
+    pub fraction: f32,
+}
+
+#[derive(Default)]
+pub struct Model {
+    pub hosts: Vec<HostView>,
+    pub notices: Vec<Notice>,
+    pub progress: Vec<Progress>,
+    /// Serial lines of the VM whose details are open: (host, vm id, lines).
+    pub serial: Option<(usize, String, Vec<String>)>,
+}
+
+impl Model {
+    pub fn notify(&mut self, text: impl Into<String>, error: bool) {
+        self.notices.push(Notice { text: text.into(), error });
+        if self.notices.len() > 20 {
+            self.notices.remove(0);
+        }
+    }
+}
+
+/// The runtime, the model and a way to wake the UI.
+#[derive(Clone)]
+pub struct Backend {
+    runtime: Arc<tokio::runtime::Runtime>,
+    model: Arc<Mutex<Model>>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Backend {
+    pub fn new(repaint: impl Fn() + Send + Sync + 'static) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("porthole-net")
+            .build()?;
+        Ok(Backend { runtime: Arc::new(runtime), model: Arc::default(), repaint: Arc::new(repaint) })
+    }
+
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+
+    pub fn repaint(&self) {
+        (self.repaint)();
+    }
+
+    /// Adds a host and starts polling it. `connect` makes its client (it may start the local daemon), off the
+    /// UI thread.
+    pub fn add_host(
+        &self,
+        name: String,
+        address: String,
+        connect: impl FnOnce() -> Result<Client, String> + Send + 'static,
+    ) -> usize {
+        let index = {
+            let mut m = self.model();
+            m.hosts.push(HostView {
+                name,
+                address,
+                client: None,
+                info: None,
+                vms: Vec::new(),
+                error: None,
+                connected: false,
+            });
+            m.hosts.len() - 1
+        };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let client = match tokio::task::spawn_blocking(connect).await.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Some(h) = backend.model().hosts.get_mut(index) {
+                        h.error = Some(e);
+                    }
+                    backend.repaint();
+                    return;
+                }
+            };
+            if let Some(h) = backend.model().hosts.get_mut(index) {
+                h.client = Some(client.clone());
+            }
+            loop {
+                let (info, vms) = tokio::join!(client.host(), client.list_vms());
+                {
+                    let mut m = backend.model();
+                    let Some(h) = m.hosts.get_mut(index) else { return };
+                    if h.client.is_none() {
+                        return; // removed
+                    }
+                    match (info, vms) {
+                        (Ok(info), Ok(vms)) => {
+                            h.info = Some(info);
+                            h.vms = vms;
+                            h.error = None;
+                            h.connected = true;
+                        }
+                        (Err(e), _) | (_, Err(e)) => h.error = Some(e.to_string()),
+                    }
+                }
+                backend.repaint();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        index
+    }
+
+    /// Stops polling host `index` and forgets it (its slot stays, empty, so indexes do not move).
+    pub fn remove_host(&self, index: usize) {
+        if let Some(h) = self.model().hosts.get_mut(index) {
+            h.client = None;
+            h.vms.clear();
+            h.info = None;
+            h.name.clear();
+        }
+    }
+
+    /// Runs `action` with host `index`'s client; its error (or `done`, if given) becomes a notice, and the host
+    /// is polled again at once.
+    pub fn act<F, Fut, T>(&self, index: usize, what: String, done: Option<String>, action: F)
+    where
+        F: FnOnce(Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, porthole_api::ClientError>> + Send,
+        T: Send + 'static,
+    {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+            self.model().notify(format!("{what}: the host is not connected"), true);
+            return;
+        };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let result = action(client.clone()).await;
+            match result {
+                Ok(_) => {
+                    if let Some(done) = done {
+                        backend.model().notify(done, false);
+                    }
+                }
+                Err(e) => backend.model().notify(format!("{what} failed: {e}"), true),
+            }
+            if let Ok(vms) = client.list_vms().await
+                && let Some(h) = backend.model().hosts.get_mut(index)
+            {
+                h.vms = vms;
+            }
+            backend.repaint();
+        });
+    }
+
+    /// Fetches the serial lines of a VM into the model.
+    pub fn load_serial(&self, index: usize, id: String) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            if let Ok(out) = client.serial(&id, 200).await {
+                backend.model().serial = Some((index, id, out.lines));
+                backend.repaint();
+            }
+        });
+    }
+
+    /// Uploads `path` to host `index`'s library (with a progress bar), then runs `then` with the image name.
+    pub fn upload_then<F, Fut>(&self, index: usize, path: std::path::PathBuf, then: F)
+    where
+        F: FnOnce(Client, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), porthole_api::ClientError>> + Send,
+    {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let name = image_name(&path);
+        let backend = self.clone();
+        let what = format!("Uploading {name}");
+        self.model().progress.push(Progress { what: what.clone(), fraction: 0.0 });
+        self.runtime.spawn(async move {
+            let (b, w) = (backend.clone(), what.clone());
+            let uploaded = match client.images().await {
+                Ok(images) if images.iter().any(|i| i.name == name) => Ok(()),
+                _ => client
+                    .upload_image(&name, &path, move |sent, total| {
+                        if let Some(p) = b.model().progress.iter_mut().find(|p| p.what == w) {
+                            p.fraction = sent as f32 / total.max(1) as f32;
+                        }
+                        b.repaint();
+                    })
+                    .await
+                    .map(|_| ()),
+            };
+            backend.model().progress.retain(|p| p.what != what);
+            let result = match uploaded {
+                Ok(()) => then(client, name.clone()).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                backend.model().notify(format!("{what} failed: {e}"), true);
+            }
+            backend.repaint();
+        });
+    }
+}
+
+/// The library name an uploaded file gets: its file name, with characters the daemon refuses replaced.
+pub fn image_name(path: &std::path::Path) -> String {
+    let raw = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image.iso".into());
+    let mut name: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).take(63).collect();
+    while name.starts_with('.') {
+        name.remove(0);
+    }
+    if name.is_empty() { "image.iso".into() } else { name }
+}

@@ -1,0 +1,417 @@
+//! A VM console: an RFB session in its own thread (`porthole_api::rfb`), its screen in one egui texture
+//! of which only changed rectangles are uploaded, and keyboard and pointer input sent back. Keys go as QEMU
+//! extended key events (scancodes: layout-independent) when the server acknowledges them, else as keysyms.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use porthole_api::rfb::{self, RfbClient};
+
+/// What the session thread shares with the UI.
+#[derive(Default)]
+struct Frame {
+    width: u32,
+    height: u32,
+    pixels: Vec<u32>,
+    /// Changed area since the UI last looked: x0, y0, x1, y1.
+    dirty: Option<[u32; 4]>,
+    resized: bool,
+    state: String,
+    closed: bool,
+}
+
+struct Shared {
+    frame: Mutex<Frame>,
+    input: Mutex<Option<UnixStream>>,
+    scancodes: AtomicBool,
+}
+
+/// One console.
+pub struct Console {
+    pub title: String,
+    shared: Arc<Shared>,
+    texture: Option<egui::TextureHandle>,
+    /// Keyboard and pointer go to the guest.
+    grabbed: bool,
+    last_modifiers: egui::Modifiers,
+    last_pointer: Option<(u16, u16, u8)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Console {
+    /// Starts a session: `connect` (run in the session thread) returns the handshaken client.
+    pub fn open(
+        title: String,
+        connect: impl FnOnce() -> Result<RfbClient, String> + Send + 'static,
+        repaint: impl Fn() + Send + Sync + 'static,
+    ) -> Console {
+        let shared = Arc::new(Shared {
+            frame: Mutex::new(Frame { state: "Connecting…".into(), ..Frame::default() }),
+            input: Mutex::new(None),
+            scancodes: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let _ = std::thread::Builder::new().name("console".into()).spawn(move || {
+            let result = session(&s, connect, &repaint);
+            let mut f = lock(&s.frame);
+            f.closed = true;
+            f.state = match result {
+                Ok(()) => "The console closed.".into(),
+                Err(e) => format!("The console closed: {e}"),
+            };
+            drop(f);
+            repaint();
+        });
+        Console {
+            title,
+            shared,
+            texture: None,
+            grabbed: false,
+            last_modifiers: egui::Modifiers::NONE,
+            last_pointer: None,
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        if let Some(s) = lock(&self.shared.input).as_mut() {
+            let _ = s.write_all(bytes);
+        }
+    }
+
+    fn key(&self, keysym: u32, scancode: u32, down: bool) {
+        if self.shared.scancodes.load(Ordering::Relaxed) && scancode != 0 {
+            let mut m = vec![255, 0];
+            m.extend_from_slice(&u16::from(down).to_be_bytes());
+            m.extend_from_slice(&keysym.to_be_bytes());
+            m.extend_from_slice(&scancode.to_be_bytes());
+            self.send(&m);
+        } else {
+            let mut m = vec![4, u8::from(down), 0, 0];
+            m.extend_from_slice(&keysym.to_be_bytes());
+            self.send(&m);
+        }
+    }
+
+    /// Presses and releases a combination (modifiers first, released last).
+    pub fn send_combo(&self, keys: &[(u32, u32)]) {
+        for &(sym, code) in keys {
+            self.key(sym, code, true);
+        }
+        for &(sym, code) in keys.iter().rev() {
+            self.key(sym, code, false);
+        }
+    }
+
+    pub fn closed(&self) -> bool {
+        lock(&self.shared.frame).closed
+    }
+
+    /// Draws the console into `ui`, filling it (scaled to fit, aspect kept), and forwards input.
+    pub fn show(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            if ui.button("Send Ctrl+Alt+Del").clicked() {
+                self.send_combo(&[CTRL, ALT, (0xFFFF, 0xE053)]);
+            }
+            ui.menu_button("Send key", |ui| {
+                for n in 1..=12u32 {
+                    if ui.button(format!("Ctrl+Alt+F{n}")).clicked() {
+                        self.send_combo(&[CTRL, ALT, (0xFFBE + n - 1, function_scancode(n))]);
+                    }
+                }
+                if ui.button("Ctrl+Alt+Backspace").clicked() {
+                    self.send_combo(&[CTRL, ALT, (0xFF08, 0x0E)]);
+                }
+                if ui.button("PrintScreen").clicked() {
+                    self.send_combo(&[(0xFF61, 0xE037)]);
+                }
+            });
+            let fullscreen = ui.ctx().input(|i| i.viewport().fullscreen.unwrap_or(false));
+            if ui.button(if fullscreen { "Leave full screen" } else { "Full screen" }).clicked()
+                || ui.input(|i| i.key_pressed(egui::Key::F11))
+            {
+                ui.ctx().send_viewport_cmd(egui::ViewportCommand::Fullscreen(!fullscreen));
+            }
+            let f = lock(&self.shared.frame);
+            let status = if f.closed {
+                f.state.clone()
+            } else if self.grabbed {
+                format!("{}x{} — keyboard captured (Ctrl+Alt releases)", f.width, f.height)
+            } else if f.width > 0 {
+                format!("{}x{} — click the screen to type", f.width, f.height)
+            } else {
+                f.state.clone()
+            };
+            ui.label(status);
+        });
+        self.upload(ui.ctx());
+        let Some(texture) = self.texture.clone() else {
+            ui.centered_and_justified(|ui| ui.label(lock(&self.shared.frame).state.clone()));
+            return;
+        };
+        let [w, h] = texture.size();
+        let avail = ui.available_size();
+        let scale = (avail.x / w as f32).min(avail.y / h as f32).max(0.05);
+        let size = egui::vec2(w as f32 * scale, h as f32 * scale);
+        let response = ui
+            .add(egui::Image::new((texture.id(), size)).sense(egui::Sense::click_and_drag()))
+            .on_hover_text("The VM's screen");
+        if response.clicked() {
+            self.grabbed = true;
+        }
+        if self.grabbed {
+            self.forward_keys(ui);
+        }
+        if let Some(pos) = response.hover_pos() {
+            let x = ((pos.x - response.rect.min.x) / scale).clamp(0.0, (w - 1) as f32) as u16;
+            let y = ((pos.y - response.rect.min.y) / scale).clamp(0.0, (h - 1) as f32) as u16;
+            let buttons = ui.input(|i| {
+                let mut b = 0u8;
+                if i.pointer.primary_down() {
+                    b |= 1;
+                }
+                if i.pointer.middle_down() {
+                    b |= 2;
+                }
+                if i.pointer.secondary_down() {
+                    b |= 4;
+                }
+                b
+            });
+            let scroll = ui.input(|i| i.smooth_scroll_delta.y);
+            if self.last_pointer != Some((x, y, buttons)) || scroll != 0.0 {
+                let mut m = vec![5, buttons];
+                m.extend_from_slice(&x.to_be_bytes());
+                m.extend_from_slice(&y.to_be_bytes());
+                self.send(&m);
+                if scroll != 0.0 {
+                    let wheel = if scroll > 0.0 { 8 } else { 16 };
+                    for b in [buttons | wheel, buttons] {
+                        let mut m = vec![5, b];
+                        m.extend_from_slice(&x.to_be_bytes());
+                        m.extend_from_slice(&y.to_be_bytes());
+                        self.send(&m);
+                    }
+                }
+                self.last_pointer = Some((x, y, buttons));
+            }
+        }
+    }
+
+    /// Uploads what changed to the texture.
+    fn upload(&mut self, ctx: &egui::Context) {
+        let mut f = lock(&self.shared.frame);
+        if f.width == 0 {
+            return;
+        }
+        let (w, h) = (f.width as usize, f.height as usize);
+        let to_image = |pixels: &[u32], x0: usize, y0: usize, x1: usize, y1: usize| {
+            let mut rgba = Vec::with_capacity((x1 - x0) * (y1 - y0) * 4);
+            for y in y0..y1 {
+                for &p in &pixels[y * w + x0..y * w + x1] {
+                    rgba.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8, 255]);
+                }
+            }
+            egui::ColorImage::from_rgba_unmultiplied([x1 - x0, y1 - y0], &rgba)
+        };
+        let options = egui::TextureOptions::LINEAR;
+        if f.resized || self.texture.is_none() {
+            let image = to_image(&f.pixels, 0, 0, w, h);
+            self.texture = Some(ctx.load_texture("vm-console", image, options));
+            f.resized = false;
+            f.dirty = None;
+        } else if let (Some([x0, y0, x1, y1]), Some(t)) = (f.dirty.take(), self.texture.as_mut()) {
+            let image = to_image(&f.pixels, x0 as usize, y0 as usize, x1 as usize, y1 as usize);
+            t.set_partial([x0 as usize, y0 as usize], image, options);
+        }
+    }
+
+    fn forward_keys(&mut self, ui: &mut egui::Ui) {
+        let events = ui.input(|i| i.events.clone());
+        let modifiers = ui.input(|i| i.modifiers);
+        if modifiers.ctrl && modifiers.alt {
+            // The release combination: let go of the keyboard (and of the modifiers in the guest).
+            self.grabbed = false;
+            self.key(CTRL.0, CTRL.1, false);
+            self.key(ALT.0, ALT.1, false);
+            self.last_modifiers = egui::Modifiers::NONE;
+            return;
+        }
+        for (on, was, key) in [
+            (modifiers.shift, self.last_modifiers.shift, SHIFT),
+            (modifiers.ctrl, self.last_modifiers.ctrl, CTRL),
+            (modifiers.alt, self.last_modifiers.alt, ALT),
+        ] {
+            if on != was {
+                self.key(key.0, key.1, on);
+            }
+        }
+        self.last_modifiers = modifiers;
+        for e in events {
+            if let egui::Event::Key { key, pressed, repeat: false, modifiers, .. } = e
+                && let Some((sym, code)) = keymap(key, modifiers.shift)
+            {
+                self.key(sym, code, pressed);
+            }
+        }
+        // The guest has the keyboard: keep egui from acting on these keys.
+        ui.input_mut(|i| i.events.retain(|e| !matches!(e, egui::Event::Key { .. } | egui::Event::Text(_))));
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(s) = lock(&self.shared.input).take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Keysym and XT scancode of the modifiers.
+const SHIFT: (u32, u32) = (0xFFE1, 0x2A);
+const CTRL: (u32, u32) = (0xFFE3, 0x1D);
+const ALT: (u32, u32) = (0xFFE9, 0x38);
+
+fn function_scancode(n: u32) -> u32 {
+    match n {
+        1..=10 => 0x3A + n,
+        11 => 0x57,
+        _ => 0x58,
+    }
+}
+
+/// An egui key as (X11 keysym, XT scancode set 1, 0xE0-prefixed as 0xE0xx).
+pub fn keymap(key: egui::Key, shift: bool) -> Option<(u32, u32)> {
+    use egui::Key as K;
+    const LETTERS: [u32; 26] = [
+        0x1E, 0x30, 0x2E, 0x20, 0x12, 0x21, 0x22, 0x23, 0x17, 0x24, 0x25, 0x26, 0x32, 0x31, 0x18, 0x19, 0x10, 0x13,
+        0x1F, 0x14, 0x16, 0x2F, 0x11, 0x2D, 0x15, 0x2C,
+    ];
+    let name = key.name();
+    if name.len() == 1 {
+        let c = name.as_bytes()[0];
+        if c.is_ascii_uppercase() {
+            let sym = if shift { u32::from(c) } else { u32::from(c.to_ascii_lowercase()) };
+            return Some((sym, LETTERS[usize::from(c - b'A')]));
+        }
+    }
+    Some(match key {
+        K::Num1 => (u32::from(if shift { b'!' } else { b'1' }), 0x02),
+        K::Num2 => (u32::from(if shift { b'@' } else { b'2' }), 0x03),
+        K::Num3 => (u32::from(if shift { b'#' } else { b'3' }), 0x04),
+        K::Num4 => (u32::from(if shift { b'$' } else { b'4' }), 0x05),
+        K::Num5 => (u32::from(if shift { b'%' } else { b'5' }), 0x06),
+        K::Num6 => (u32::from(if shift { b'^' } else { b'6' }), 0x07),
+        K::Num7 => (u32::from(if shift { b'&' } else { b'7' }), 0x08),
+        K::Num8 => (u32::from(if shift { b'*' } else { b'8' }), 0x09),
+        K::Num9 => (u32::from(if shift { b'(' } else { b'9' }), 0x0A),
+        K::Num0 => (u32::from(if shift { b')' } else { b'0' }), 0x0B),
+        K::Minus => (u32::from(if shift { b'_' } else { b'-' }), 0x0C),
+        K::Equals => (u32::from(if shift { b'+' } else { b'=' }), 0x0D),
+        K::Backspace => (0xFF08, 0x0E),
+        K::Tab => (0xFF09, 0x0F),
+        K::OpenBracket => (u32::from(if shift { b'{' } else { b'[' }), 0x1A),
+        K::CloseBracket => (u32::from(if shift { b'}' } else { b']' }), 0x1B),
+        K::Enter => (0xFF0D, 0x1C),
+        K::Semicolon => (u32::from(if shift { b':' } else { b';' }), 0x27),
+        K::Quote => (u32::from(if shift { b'"' } else { b'\'' }), 0x28),
+        K::Backtick => (u32::from(if shift { b'~' } else { b'`' }), 0x29),
+        K::Backslash => (u32::from(if shift { b'|' } else { b'\\' }), 0x2B),
+        K::Comma => (u32::from(if shift { b'<' } else { b',' }), 0x33),
+        K::Period => (u32::from(if shift { b'>' } else { b'.' }), 0x34),
+        K::Slash => (u32::from(if shift { b'?' } else { b'/' }), 0x35),
+        K::Space => (0x20, 0x39),
+        K::Escape => (0xFF1B, 0x01),
+        K::F1 => (0xFFBE, 0x3B),
+        K::F2 => (0xFFBF, 0x3C),
+        K::F3 => (0xFFC0, 0x3D),
+        K::F4 => (0xFFC1, 0x3E),
+        K::F5 => (0xFFC2, 0x3F),
+        K::F6 => (0xFFC3, 0x40),
+        K::F7 => (0xFFC4, 0x41),
+        K::F8 => (0xFFC5, 0x42),
+        K::F9 => (0xFFC6, 0x43),
+        K::F10 => (0xFFC7, 0x44),
+        K::F12 => (0xFFC9, 0x58),
+        K::Insert => (0xFF63, 0xE052),
+        K::Delete => (0xFFFF, 0xE053),
+        K::Home => (0xFF50, 0xE047),
+        K::End => (0xFF57, 0xE04F),
+        K::PageUp => (0xFF55, 0xE049),
+        K::PageDown => (0xFF56, 0xE051),
+        K::ArrowLeft => (0xFF51, 0xE04B),
+        K::ArrowUp => (0xFF52, 0xE048),
+        K::ArrowRight => (0xFF53, 0xE04D),
+        K::ArrowDown => (0xFF54, 0xE050),
+        _ => return None,
+    })
+}
+
+/// The session thread: handshake, then follow the screen until it closes.
+fn session(
+    shared: &Shared,
+    connect: impl FnOnce() -> Result<RfbClient, String>,
+    repaint: &dyn Fn(),
+) -> Result<(), String> {
+    let mut client = connect()?;
+    let io = |e: std::io::Error| e.to_string();
+    *lock(&shared.input) = Some(client.input().map_err(io)?);
+    client
+        .set_encodings(&[
+            rfb::ZRLE,
+            rfb::HEXTILE,
+            rfb::ZLIB,
+            rfb::RAW,
+            rfb::COPY_RECT,
+            rfb::DESKTOP_SIZE,
+            rfb::LAST_RECT,
+            rfb::QEMU_EXTENDED_KEY_EVENT,
+        ])
+        .map_err(io)?;
+    client.full_frame().map_err(io)?;
+    {
+        let mut f = lock(&shared.frame);
+        f.width = client.width;
+        f.height = client.height;
+        f.pixels = client.pixels.clone();
+        f.resized = true;
+        f.state = format!("Connected to {}", client.name);
+    }
+    repaint();
+    loop {
+        client.request(true).map_err(io)?;
+        let rects = client.read_update().map_err(io)?;
+        if client.acknowledged.contains(&rfb::QEMU_EXTENDED_KEY_EVENT) {
+            shared.scancodes.store(true, Ordering::Relaxed);
+        }
+        let mut f = lock(&shared.frame);
+        if f.width != client.width || f.height != client.height {
+            f.width = client.width;
+            f.height = client.height;
+            f.pixels = client.pixels.clone();
+            f.resized = true;
+        } else {
+            let w = client.width;
+            for &(encoding, x, y, rw, rh) in &rects {
+                if rw == 0
+                    || rh == 0
+                    || ![rfb::RAW, rfb::COPY_RECT, rfb::HEXTILE, rfb::ZLIB, rfb::ZRLE, rfb::TIGHT].contains(&encoding)
+                {
+                    continue;
+                }
+                for row in y..y + rh {
+                    let at = (row * w + x) as usize;
+                    f.pixels[at..at + rw as usize].copy_from_slice(&client.pixels[at..at + rw as usize]);
+                }
+                let d = f.dirty.get_or_insert([x, y, x + rw, y + rh]);
+                *d = [d[0].min(x), d[1].min(y), d[2].max(x + rw), d[3].max(y + rh)];
+            }
+        }
+        drop(f);
+        repaint();
+    }
+}

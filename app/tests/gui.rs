@@ -1,0 +1,271 @@
+//! The window driven through its accessibility tree (egui_kittest), against a real `portholed` running real
+//! micro-guests: create a VM in the wizard, start it, open its console and send keys, put an ISO in its drive
+//! by dropping it, eject it, delete the VM; and the error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use porthole::PortholeApp;
+use porthole::backend::Backend;
+use porthole_tests::{Scratch, workspace_bin};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    run: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Scratch, extra: &[&str]) -> Daemon {
+        let run = dir.path("run");
+        let log = dir.path("portholed.log");
+        let child = Command::new(workspace_bin("portholed"))
+            .arg("--data-dir")
+            .arg(dir.path("data"))
+            .arg("--runtime-dir")
+            .arg(&run)
+            .arg("--vmm")
+            .arg(workspace_bin("porthole-vmm"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, socket: run.join("portholed.sock"), log, run };
+        let start = Instant::now();
+        while !d.log_text().contains("local API on")
+            || (extra.contains(&"--listen") && !d.log_text().contains("remote API on"))
+        {
+            assert!(start.elapsed() < Duration::from_secs(30), "daemon: {}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for entry in std::fs::read_dir(self.run.join("vms")).into_iter().flatten().flatten() {
+            if let Some(pid) =
+                std::fs::read_to_string(entry.path().join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&entry.path().display().to_string()) {
+                    // SAFETY: kill(2) of a VM process this test's daemon started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
+    let backend = Backend::new(|| {}).unwrap();
+    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
+    Harness::builder().with_size(egui::vec2(1200.0, 800.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+}
+
+/// Steps the UI until `cond` holds.
+fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        h.step();
+        if cond(h) {
+            return;
+        }
+        let notice = h.state().backend.model().notices.last().cloned();
+        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// A file dropped on the window, as a desktop would hand it over.
+#[derive(Debug)]
+struct Dropped(PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+fn disabled(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
+    use egui_kittest::kittest::NodeT;
+    h.get_by_label(label).accesskit_node().is_disabled()
+}
+
+fn has(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
+    h.query_all_by_label(label).next().is_some()
+}
+
+fn has_contains(h: &Harness<'static, PortholeApp>, part: &str) -> bool {
+    h.query_all_by_label_contains(part).next().is_some()
+}
+
+fn type_into(h: &mut Harness<'static, PortholeApp>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::TextInput, label).focus();
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, label).type_text(text);
+    h.step();
+}
+
+fn click(h: &mut Harness<'static, PortholeApp>, label: &str) {
+    h.get_by_label(label).click();
+    h.step();
+    h.step();
+}
+
+fn serial_of(d: &Daemon) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(d.run.join("vms")).into_iter().flatten().flatten() {
+        out.push_str(&std::fs::read_to_string(e.path().join("serial.log")).unwrap_or_default());
+    }
+    out
+}
+
+#[test]
+fn create_start_console_media_and_delete_through_the_window() {
+    let dir = Scratch::new("gui-flow");
+    let d = Daemon::start(&dir, &[]);
+    let mut h = app(&d.socket, dir.path("settings.json"));
+    wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
+    assert!(has_contains(&h, "No virtual machines on this host yet"));
+
+    // The wizard: inline validation first.
+    click(&mut h, "New VM…");
+    assert!(has(&h, "New virtual machine"));
+    type_into(&mut h, "Name", "bad/name");
+    assert!(has_contains(&h, "A name is 1-63 letters"));
+    assert!(disabled(&h, "Create"), "Create is disabled while the input is wrong");
+    h.get_by_role_and_label(Role::TextInput, "Name").focus();
+    h.step();
+    for _ in 0.."bad/name".len() {
+        h.key_press(egui::Key::Backspace);
+        h.step();
+    }
+    type_into(&mut h, "Name", "echo1");
+    let kernel = porthole_guests::path("kbd-echo").display().to_string();
+    type_into(&mut h, "Kernel", &kernel);
+    wait(&mut h, "a valid wizard", |h| !disabled(h, "Create"));
+    click(&mut h, "Create");
+    wait(&mut h, "the new VM in the list", |h| has(h, "echo1"));
+    assert!(has_contains(&h, "Created echo1"));
+
+    // Select it, start it, open its console.
+    click(&mut h, "echo1");
+    click(&mut h, "Start");
+    wait(&mut h, "running", |h| has(h, "running"));
+    wait(&mut h, "the guest's marker", |_| serial_of(&d).contains("PORTHOLE-KBD-READY"));
+    click(&mut h, "Open console");
+    wait(&mut h, "the console's screen", |h| has_contains(h, "click the screen to type"));
+    click(&mut h, "Send Ctrl+Alt+Del");
+    // kbd-echo prints every scan code it reads: Ctrl, Alt, then E0 53 (Delete), and their releases.
+    wait(&mut h, "Ctrl+Alt+Del in the guest", |_| {
+        let s = serial_of(&d);
+        [
+            "PORTHOLE-KEY 1d",
+            "PORTHOLE-KEY 38",
+            "PORTHOLE-KEY 53",
+            "PORTHOLE-KEY d3",
+            "PORTHOLE-KEY b8",
+            "PORTHOLE-KEY 9d",
+        ]
+        .iter()
+        .all(|k| s.contains(k))
+    });
+
+    // Back to the list; drop an ISO on the selected VM: uploaded to the library and put in its drive.
+    click(&mut h, "Machines");
+    let iso = dir.path("tools.iso");
+    std::fs::write(&iso, vec![0x42u8; 64 * 1024]).unwrap();
+    h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(iso.clone())));
+    wait(&mut h, "the ISO in the drive", |h| has(h, "tools.iso"));
+    click(&mut h, "Eject");
+    wait(&mut h, "an empty drive", |h| has(h, "empty"));
+    // Any other file gets a clear message.
+    let text = dir.path("notes.txt");
+    std::fs::write(&text, b"hi").unwrap();
+    h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(text)));
+    wait(&mut h, "the refusal", |h| has_contains(h, "is not an ISO image"));
+
+    // Force off, delete with confirmation.
+    click(&mut h, "Force off");
+    wait(&mut h, "stopped", |h| has(h, "stopped"));
+    click(&mut h, "Delete…");
+    click(&mut h, "Delete VM and disk");
+    wait(&mut h, "the VM gone", |h| has_contains(h, "No virtual machines on this host yet"));
+}
+
+#[test]
+fn errors_name_their_cause() {
+    let dir = Scratch::new("gui-errors");
+    // No daemon, and none can be started (the test binary has no portholed beside it and none is on PATH).
+    let mut h = {
+        let backend = Backend::new(|| {}).unwrap();
+        let socket = dir.path("nowhere/portholed.sock");
+        let app = PortholeApp::new(
+            backend,
+            move || {
+                porthole::daemon::ensure_running(&socket)
+                    .and_then(|_| porthole_api::Client::unix(&socket).map_err(|e| e.to_string()))
+            },
+            Some(dir.path("settings.json")),
+        );
+        Harness::builder()
+            .with_size(egui::vec2(1200.0, 800.0))
+            .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+    };
+    wait(&mut h, "the local host's error", |h| has_contains(h, "Local — unreachable"));
+    assert!(has_contains(&h, "This host cannot be reached"));
+
+    // A remote host with a viewer token: creating is refused with the daemon's reason.
+    let d = Daemon::start(&dir, &["--listen", "127.0.0.1:0"]);
+    let line = d.log_text().lines().find(|l| l.contains("remote API on")).unwrap().to_owned();
+    let address = line.split("https://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let fingerprint = line.split("sha256 ").nth(1).unwrap().trim_end_matches(')').to_owned();
+    let out = Command::new(workspace_bin("portholed"))
+        .arg("--data-dir")
+        .arg(dir.path("data"))
+        .arg("--runtime-dir")
+        .arg(dir.path("run"))
+        .args(["token", "create", "--name", "look", "--role", "viewer"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    click(&mut h, "Add host…");
+    type_into(&mut h, "Host name", "lab");
+    type_into(&mut h, "Address", &address);
+    type_into(&mut h, "Token", &token);
+    type_into(&mut h, "Certificate fingerprint", &fingerprint);
+    click(&mut h, "Connect");
+    wait(&mut h, "the remote host", |h| has(h, "lab — 0 VMs"));
+    let saved = std::fs::read_to_string(dir.path("settings.json")).unwrap();
+    assert!(saved.contains(&address), "the host is remembered: {saved}");
+    click(&mut h, "lab — 0 VMs");
+    click(&mut h, "New VM…");
+    type_into(&mut h, "Name", "nope");
+    type_into(&mut h, "Kernel", &porthole_guests::path("hello").display().to_string());
+    click(&mut h, "Create");
+    wait(&mut h, "the refusal", |h| has_contains(h, "Create nope failed") && has_contains(h, "viewer"));
+
+    // A damaged settings file: reported, kept aside, defaults used.
+    std::fs::write(dir.path("settings2.json"), b"{ broken").unwrap();
+    let h2 = app(&d.socket, dir.path("settings2.json"));
+    let notice = h2.state().backend.model().notices.last().cloned().unwrap();
+    assert!(notice.error && notice.text.contains("damaged"), "{notice:?}");
+}
