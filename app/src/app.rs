@@ -87,6 +87,86 @@ enum Tab {
     Console(usize),
 }
 
+/// A VNC server opened directly (`porthole vnc://HOST:PORT`, `vnc+unix:///PATH`, or "Connect to VNC server…").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VncTarget {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for VncTarget {
+    type Err = String;
+
+    /// `vnc://HOST[:PORT]` (port 5900 by default; `:N` below 100 is display N, port 5900 + N) or
+    /// `vnc+unix:///PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("vnc+unix://") {
+            if path.starts_with('/') {
+                return Ok(VncTarget::Unix(PathBuf::from(path)));
+            }
+        } else if let Some(rest) = s.strip_prefix("vnc://") {
+            let rest = rest.trim_end_matches('/');
+            if !rest.is_empty() {
+                let (host, port) = match rest.rsplit_once(':') {
+                    Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
+                        Ok(n) if n < 100 => (h.to_owned(), 5900 + n),
+                        Ok(n) => (h.to_owned(), n),
+                        Err(_) => return Err(format!("{s:?}: the port is not a number")),
+                    },
+                    _ => (rest.to_owned(), 5900),
+                };
+                return Ok(VncTarget::Tcp(format!("{host}:{port}")));
+            }
+        }
+        Err(format!("{s:?} is not vnc://HOST[:PORT] or vnc+unix:///PATH"))
+    }
+}
+
+impl VncTarget {
+    fn title(&self) -> String {
+        match self {
+            VncTarget::Tcp(a) => a.clone(),
+            VncTarget::Unix(p) => p.display().to_string(),
+        }
+    }
+
+    /// A connected stream: Unix directly; TCP bridged to a socket pair (the RFB client speaks over Unix
+    /// streams) by two copying threads.
+    fn connect(&self) -> Result<std::os::unix::net::UnixStream, String> {
+        match self {
+            VncTarget::Unix(p) => {
+                std::os::unix::net::UnixStream::connect(p).map_err(|e| format!("{}: {e}", p.display()))
+            }
+            VncTarget::Tcp(addr) => {
+                let tcp = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+                let _ = tcp.set_nodelay(true);
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+                let (mut t1, mut u1) =
+                    (tcp.try_clone().map_err(|e| e.to_string())?, theirs.try_clone().map_err(|e| e.to_string())?);
+                let (mut t2, mut u2) = (tcp, theirs);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut t1, &mut u1);
+                    let _ = u1.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u2, &mut t2);
+                    let _ = t2.shutdown(std::net::Shutdown::Both);
+                });
+                Ok(ours)
+            }
+        }
+    }
+}
+
+/// A console tab: a VM's (host index and VM id) or a VNC server's.
+struct ConsoleTab {
+    vm: Option<(usize, String)>,
+    target: Option<VncTarget>,
+    console: Console,
+    /// The password field shown when a server asks for one.
+    password: String,
+}
+
 pub struct PortholeApp {
     pub backend: Backend,
     settings_path: Option<PathBuf>,
@@ -98,7 +178,9 @@ pub struct PortholeApp {
     pub wizard: Option<Wizard>,
     pub add_host: Option<AddHost>,
     confirm_delete: Option<(usize, String, String)>,
-    consoles: Vec<(usize, String, Console)>,
+    consoles: Vec<ConsoleTab>,
+    /// The "Connect to VNC server…" dialog's address.
+    pub vnc_dialog: Option<String>,
     tab: Tab,
 }
 
@@ -142,6 +224,7 @@ impl PortholeApp {
             add_host: None,
             confirm_delete: None,
             consoles: Vec::new(),
+            vnc_dialog: None,
             tab: Tab::Machines,
         }
     }
@@ -157,7 +240,8 @@ impl PortholeApp {
                     self.tab = Tab::Machines;
                 }
                 let mut close = None;
-                for (i, (_, _, c)) in self.consoles.iter().enumerate() {
+                for (i, tab) in self.consoles.iter().enumerate() {
+                    let c = &tab.console;
                     if ui.selectable_label(matches!(self.tab, Tab::Console(j) if j == i), &c.title).clicked() {
                         self.tab = Tab::Console(i);
                     }
@@ -172,13 +256,40 @@ impl PortholeApp {
             });
             ui.separator();
             match self.tab {
-                Tab::Console(i) if i < self.consoles.len() => self.consoles[i].2.show(ui),
+                Tab::Console(i) if i < self.consoles.len() => self.console_tab(ui, i),
                 _ => self.machines(ui),
             }
         });
         self.wizard_window(ui.ctx());
         self.add_host_window(ui.ctx());
         self.delete_window(ui.ctx());
+        self.vnc_window(ui.ctx());
+    }
+
+    fn vnc_window(&mut self, ctx: &egui::Context) {
+        let Some(address) = self.vnc_dialog.as_mut() else { return };
+        let mut open = true;
+        let mut go = None;
+        egui::Window::new("Connect to a VNC server").open(&mut open).collapsible(false).show(ctx, |ui| {
+            let l = ui.label("Server");
+            ui.add(egui::TextEdit::singleline(address).hint_text("vnc://host:5901 or vnc+unix:///path/to/socket"))
+                .labelled_by(l.id);
+            let parsed = address.trim().parse::<VncTarget>();
+            if let Err(e) = &parsed
+                && !address.is_empty()
+            {
+                ui.colored_label(ui.visuals().warn_fg_color, e);
+            }
+            if ui.add_enabled(parsed.is_ok(), egui::Button::new("Open console")).clicked() {
+                go = parsed.ok();
+            }
+        });
+        if let Some(target) = go {
+            self.vnc_dialog = None;
+            self.open_vnc(target, None);
+        } else if !open {
+            self.vnc_dialog = None;
+        }
     }
 
     fn hosts_panel(&mut self, ui: &mut egui::Ui) {
@@ -210,6 +321,9 @@ impl PortholeApp {
         ui.separator();
         if ui.button("Add host…").clicked() {
             self.add_host = Some(AddHost::default());
+        }
+        if ui.button("Connect to VNC server…").clicked() {
+            self.vnc_dialog = Some(String::new());
         }
         if self.selected_host > 0 && ui.button("Remove host").clicked() {
             let name = self.backend.model().hosts.get(self.selected_host).map(|h| h.name.clone()).unwrap_or_default();
@@ -396,11 +510,12 @@ impl PortholeApp {
     }
 
     fn open_console(&mut self, host: usize, vm: &porthole_api::Vm) {
-        if let Some(i) = self.consoles.iter().position(|(h, id, c)| *h == host && *id == vm.id && !c.closed()) {
+        let this = Some((host, vm.id.clone()));
+        if let Some(i) = self.consoles.iter().position(|t| t.vm == this && !t.console.closed()) {
             self.tab = Tab::Console(i);
             return;
         }
-        self.consoles.retain(|(h, id, _)| !(*h == host && *id == vm.id));
+        self.consoles.retain(|t| t.vm != this);
         let Some(client) = self.backend.model().hosts.get(host).and_then(|h| h.client.clone()) else { return };
         let id = vm.id.clone();
         let runtime = self.backend.clone();
@@ -428,8 +543,51 @@ impl PortholeApp {
         };
         let backend = self.backend.clone();
         let console = Console::open(vm.name.clone(), connect, move || backend.repaint());
-        self.consoles.push((host, vm.id.clone(), console));
+        self.consoles.push(ConsoleTab { vm: this, target: None, console, password: String::new() });
         self.tab = Tab::Console(self.consoles.len() - 1);
+    }
+
+    /// Opens a console on any VNC server.
+    pub fn open_vnc(&mut self, target: VncTarget, password: Option<String>) {
+        let backend = self.backend.clone();
+        let t = target.clone();
+        let connect = move || -> Result<porthole_api::rfb::RfbClient, String> {
+            let stream = t.connect()?;
+            porthole_api::rfb::RfbClient::over(stream, password.as_deref()).map_err(|e| e.to_string())
+        };
+        let console = Console::open(target.title(), connect, move || backend.repaint());
+        let tab = ConsoleTab { vm: None, target: Some(target), console, password: String::new() };
+        match self.tab {
+            Tab::Console(i) if self.consoles.get(i).is_some_and(|c| c.target == tab.target) => self.consoles[i] = tab,
+            _ => {
+                self.consoles.push(tab);
+                self.tab = Tab::Console(self.consoles.len() - 1);
+            }
+        }
+    }
+
+    fn console_tab(&mut self, ui: &mut egui::Ui, i: usize) {
+        let tab = &mut self.consoles[i];
+        let status = tab.console.status();
+        let needs_password = tab.target.is_some()
+            && tab.console.closed()
+            && (status.contains("password") || status.contains("authentication"));
+        if needs_password {
+            let mut connect = None;
+            ui.label(tab.console.status());
+            ui.horizontal(|ui| {
+                let l = ui.label("Password");
+                let r = ui.add(egui::TextEdit::singleline(&mut tab.password).password(true)).labelled_by(l.id);
+                if ui.button("Connect").clicked() || (r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter))) {
+                    connect = Some((tab.target.clone().expect("a VNC target"), tab.password.clone()));
+                }
+            });
+            if let Some((target, password)) = connect {
+                self.open_vnc(target, Some(password));
+            }
+            return;
+        }
+        tab.console.show(ui);
     }
 
     fn handle_drops(&mut self, ui: &mut egui::Ui) {
@@ -653,4 +811,33 @@ fn connect_remote(backend: &Backend, r: &RemoteHost) {
     backend.add_host(r.name.clone(), r.address.clone(), move || {
         Client::https(&address, &token, Some(&fingerprint)).map_err(|e| e.to_string())
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vnc_addresses_parse() {
+        assert_eq!("vnc://lab:5901".parse(), Ok(VncTarget::Tcp("lab:5901".into())));
+        assert_eq!("vnc://lab:1".parse(), Ok(VncTarget::Tcp("lab:5901".into())), "display numbers");
+        assert_eq!("vnc://lab".parse(), Ok(VncTarget::Tcp("lab:5900".into())));
+        assert_eq!("vnc://[::1]:5905".parse(), Ok(VncTarget::Tcp("[::1]:5905".into())));
+        assert_eq!("vnc+unix:///run/vm.sock".parse(), Ok(VncTarget::Unix("/run/vm.sock".into())));
+        for bad in ["vnc://", "vnc://lab:x", "http://lab", "vnc+unix://relative"] {
+            assert!(bad.parse::<VncTarget>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_wizard_explains_what_is_wrong() {
+        let mut w = Wizard::new(0);
+        assert!(w.problems(Some(4096), &[]).iter().any(|p| p.contains("Give the VM a name")));
+        w.name = "web1".into();
+        w.memory_mib = 8192;
+        let p = w.problems(Some(4096), &["web1".into()]);
+        assert!(p.iter().any(|p| p.contains("named \"web1\" already")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("only 4096 MiB")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("Choose what the VM boots")), "{p:?}");
+    }
 }

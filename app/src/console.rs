@@ -111,6 +111,11 @@ impl Console {
         lock(&self.shared.frame).closed
     }
 
+    /// What the session is doing (or why it ended).
+    pub fn status(&self) -> String {
+        lock(&self.shared.frame).state.clone()
+    }
+
     /// Draws the console into `ui`, filling it (scaled to fit, aspect kept), and forwards input.
     pub fn show(&mut self, ui: &mut egui::Ui) {
         ui.horizontal(|ui| {
@@ -166,40 +171,55 @@ impl Console {
         if self.grabbed {
             self.forward_keys(ui);
         }
-        if let Some(pos) = response.hover_pos() {
-            let x = ((pos.x - response.rect.min.x) / scale).clamp(0.0, (w - 1) as f32) as u16;
-            let y = ((pos.y - response.rect.min.y) / scale).clamp(0.0, (h - 1) as f32) as u16;
-            let buttons = ui.input(|i| {
-                let mut b = 0u8;
-                if i.pointer.primary_down() {
-                    b |= 1;
+        // Pointer: every button transition and movement over the screen, in order (a quick click can press
+        // and release within one frame).
+        let to_fb = |pos: egui::Pos2| -> (u16, u16) {
+            (
+                ((pos.x - response.rect.min.x) / scale).clamp(0.0, (w - 1) as f32) as u16,
+                ((pos.y - response.rect.min.y) / scale).clamp(0.0, (h - 1) as f32) as u16,
+            )
+        };
+        let events = ui.input(|i| i.events.clone());
+        let mut buttons = self.last_pointer.map(|p| p.2).unwrap_or(0);
+        let mut last = self.last_pointer.map(|p| (p.0, p.1));
+        for e in events {
+            let (pos, change) = match e {
+                egui::Event::PointerMoved(pos) if response.rect.contains(pos) => (pos, None),
+                egui::Event::PointerButton { pos, button, pressed, .. } if response.rect.contains(pos) || !pressed => {
+                    let bit = match button {
+                        egui::PointerButton::Primary => 1,
+                        egui::PointerButton::Middle => 2,
+                        egui::PointerButton::Secondary => 4,
+                        _ => 0,
+                    };
+                    (pos, Some((bit, pressed)))
                 }
-                if i.pointer.middle_down() {
-                    b |= 2;
+                egui::Event::MouseWheel { delta, .. } if response.hovered() => {
+                    let (x, y) = last.unwrap_or((0, 0));
+                    let wheel = if delta.y > 0.0 { 8 } else { 16 };
+                    self.pointer_event(x, y, buttons | wheel);
+                    self.pointer_event(x, y, buttons);
+                    continue;
                 }
-                if i.pointer.secondary_down() {
-                    b |= 4;
-                }
-                b
-            });
-            let scroll = ui.input(|i| i.smooth_scroll_delta.y);
-            if self.last_pointer != Some((x, y, buttons)) || scroll != 0.0 {
-                let mut m = vec![5, buttons];
-                m.extend_from_slice(&x.to_be_bytes());
-                m.extend_from_slice(&y.to_be_bytes());
-                self.send(&m);
-                if scroll != 0.0 {
-                    let wheel = if scroll > 0.0 { 8 } else { 16 };
-                    for b in [buttons | wheel, buttons] {
-                        let mut m = vec![5, b];
-                        m.extend_from_slice(&x.to_be_bytes());
-                        m.extend_from_slice(&y.to_be_bytes());
-                        self.send(&m);
-                    }
-                }
-                self.last_pointer = Some((x, y, buttons));
+                _ => continue,
+            };
+            if let Some((bit, pressed)) = change {
+                buttons = if pressed { buttons | bit } else { buttons & !bit };
             }
+            let (x, y) = to_fb(pos);
+            self.pointer_event(x, y, buttons);
+            last = Some((x, y));
         }
+        if let Some((x, y)) = last {
+            self.last_pointer = Some((x, y, buttons));
+        }
+    }
+
+    fn pointer_event(&self, x: u16, y: u16, buttons: u8) {
+        let mut m = vec![5, buttons];
+        m.extend_from_slice(&x.to_be_bytes());
+        m.extend_from_slice(&y.to_be_bytes());
+        self.send(&m);
     }
 
     /// Uploads what changed to the texture.

@@ -4,15 +4,19 @@ use anyhow::anyhow;
 use porthole::{PortholeApp, backend::Backend, daemon};
 
 fn main() -> anyhow::Result<()> {
+    let mut vnc = None;
     if let Some(arg) = std::env::args().nth(1) {
         match arg.as_str() {
+            url if url.starts_with("vnc://") || url.starts_with("vnc+unix://") => {
+                vnc = Some(url.parse::<porthole::app::VncTarget>().map_err(|e| anyhow!(e))?);
+            }
             "--version" | "-V" => {
                 println!("porthole {}", porthole_api::VERSION);
                 return Ok(());
             }
             "--help" | "-h" => {
                 println!(
-                    "porthole {}\nUsage: porthole [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
+                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
                      for this user if it is not running; remote hosts come from ~/.config/porthole/settings.json.",
                     porthole_api::VERSION
                 );
@@ -38,8 +42,11 @@ fn main() -> anyhow::Result<()> {
             if let Some(problem) = daemon::kvm_problem() {
                 backend.model().notify(format!("VMs cannot run here: {problem}"), true);
             }
-            let app =
+            let mut app =
                 PortholeApp::new(backend, porthole::local_host(daemon::socket_path()), porthole::settings::path());
+            if let Some(target) = vnc {
+                app.open_vnc(target, None);
+            }
             Ok(Box::new(app))
         }),
     )

@@ -269,3 +269,73 @@ fn errors_name_their_cause() {
     let notice = h2.state().backend.model().notices.last().cloned().unwrap();
     assert!(notice.error && notice.text.contains("damaged"), "{notice:?}");
 }
+
+/// Porthole as a plain VNC client: a server with VncAuth; a wrong password is reported, the right one opens
+/// the console, and keys typed through it reach the guest.
+#[test]
+fn a_plain_vnc_console_asks_for_the_password() {
+    let dir = Scratch::new("gui-vnc");
+    let socket = dir.path("vnc.sock");
+    let password = dir.path("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let serial = dir.path("serial.log");
+    let mut vm = Command::new(workspace_bin("porthole-vmm"))
+        .arg("--kernel")
+        .arg(porthole_guests::path("kbd-echo"))
+        .args(["--memory", "64"])
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("--vnc")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--vnc-password")
+        .arg(&password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-KBD-READY") {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut h = {
+        let backend = Backend::new(|| {}).unwrap();
+        let app = PortholeApp::new(backend, || Err("no local host in this test".to_owned()), None);
+        Harness::builder()
+            .with_size(egui::vec2(1200.0, 800.0))
+            .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+    };
+    let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
+    h.state_mut().open_vnc(target, None);
+    wait(&mut h, "the password prompt", |h| has_contains(h, "needs a password"));
+    h.get_by_role_and_label(Role::PasswordInput, "Password").focus();
+    h.step();
+    h.get_by_role_and_label(Role::PasswordInput, "Password").type_text("wrong");
+    h.step();
+    click(&mut h, "Connect");
+    wait(&mut h, "the refusal", |h| has_contains(h, "authentication failed"));
+    h.get_by_role_and_label(Role::PasswordInput, "Password").focus();
+    h.step();
+    for _ in 0.."wrong".len() {
+        h.key_press(egui::Key::Backspace);
+        h.step();
+    }
+    h.get_by_role_and_label(Role::PasswordInput, "Password").type_text("s3cret");
+    h.step();
+    click(&mut h, "Connect");
+    wait(&mut h, "the console", |h| has_contains(h, "click the screen to type"));
+    // Click the screen to give it the keyboard, then type.
+    h.get_by_label("The VM's screen").click();
+    h.step();
+    h.key_press(egui::Key::A);
+    h.step();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-KEY 1e") {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", std::fs::read_to_string(&serial).unwrap_or_default());
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+}

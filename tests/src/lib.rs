@@ -129,6 +129,10 @@ pub struct Xvfb {
 
 impl Xvfb {
     pub fn start(width: u32, height: u32) -> Xvfb {
+        // Tests in one process start servers one at a time; other processes are told apart by the lock file,
+        // which holds the pid of the server that owns the display.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
         for n in 90..140 {
             if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&format!("/tmp/.X{n}-lock")).exists() {
                 continue;
@@ -143,7 +147,9 @@ impl Xvfb {
             let socket = format!("/tmp/.X11-unix/X{n}");
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
-                if Path::new(&socket).exists() {
+                let owner =
+                    std::fs::read_to_string(format!("/tmp/.X{n}-lock")).ok().and_then(|l| l.trim().parse::<u32>().ok());
+                if Path::new(&socket).exists() && owner == Some(child.id()) {
                     return Xvfb { child, display };
                 }
                 if child.try_wait().ok().flatten().is_some() {
