@@ -182,6 +182,8 @@ pub struct PortholeApp {
     /// The "Connect to VNC server…" dialog's address.
     pub vnc_dialog: Option<String>,
     tab: Tab,
+    /// When the open VM's stats were last fetched.
+    stats_fetched: Option<std::time::Instant>,
 }
 
 fn state_text(s: VmState) -> &'static str {
@@ -226,6 +228,7 @@ impl PortholeApp {
             consoles: Vec::new(),
             vnc_dialog: None,
             tab: Tab::Machines,
+            stats_fetched: None,
         }
     }
 
@@ -481,6 +484,18 @@ impl PortholeApp {
             if ui.add_enabled(!running, egui::Button::new("Delete…")).clicked() {
                 self.confirm_delete = Some((host, id.clone(), vm.name.clone()));
             }
+        });
+        egui::CollapsingHeader::new("Performance").default_open(false).show(ui, |ui| {
+            if self.stats_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
+                self.backend.load_stats(host, id.clone());
+                self.stats_fetched = Some(std::time::Instant::now());
+                ui.ctx().request_repaint_after(std::time::Duration::from_secs(1));
+            }
+            let samples = match &self.backend.model().stats {
+                Some((h, v, s)) if *h == host && *v == id => s.clone(),
+                _ => Vec::new(),
+            };
+            performance(ui, &samples);
         });
         egui::CollapsingHeader::new("Serial output").default_open(false).show(ui, |ui| {
             if ui.button("Refresh serial").clicked() {
@@ -803,6 +818,47 @@ impl PortholeApp {
         {
             self.backend.model().notify(format!("cannot save the settings to {}: {e}", p.display()), true);
         }
+    }
+}
+
+/// CPU, memory and disk graphs of the last hour (seconds before now on the x axis).
+fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
+    use egui_plot::{Legend, Line, Plot, PlotPoints};
+    let Some(last) = samples.last() else {
+        ui.label("No samples yet (the VM is not running, or it just started).");
+        return;
+    };
+    let t = |s: &porthole_api::StatSample| (s.t_ms as f64 - last.t_ms as f64) / 1000.0;
+    let series = |f: fn(&porthole_api::StatSample) -> f64| -> PlotPoints<'static> {
+        samples.iter().map(|s| [t(s), f(s)]).collect::<Vec<_>>().into()
+    };
+    ui.label(format!(
+        "CPU {:.1}%   memory {:.1} MiB   disk read {:.1} KiB/s, write {:.1} KiB/s",
+        last.cpu_percent,
+        last.memory_bytes as f64 / 1048576.0,
+        last.disk_read_bps / 1024.0,
+        last.disk_write_bps / 1024.0
+    ));
+    for (id, title, lines) in [
+        ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))]),
+        ("mem", "Memory (MiB)", vec![("memory", series(|s| s.memory_bytes as f64 / 1048576.0))]),
+        (
+            "disk",
+            "Disk (KiB/s)",
+            vec![("read", series(|s| s.disk_read_bps / 1024.0)), ("write", series(|s| s.disk_write_bps / 1024.0))],
+        ),
+        (
+            "net",
+            "Network (KiB/s)",
+            vec![("in", series(|s| s.net_rx_bps / 1024.0)), ("out", series(|s| s.net_tx_bps / 1024.0))],
+        ),
+    ] {
+        ui.label(title);
+        Plot::new(id).height(90.0).legend(Legend::default()).allow_scroll(false).show(ui, |plot| {
+            for (name, points) in lines {
+                plot.line(Line::new(name, points));
+            }
+        });
     }
 }
 

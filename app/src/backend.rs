@@ -42,6 +42,8 @@ pub struct Model {
     pub progress: Vec<Progress>,
     /// Serial lines of the VM whose details are open: (host, vm id, lines).
     pub serial: Option<(usize, String, Vec<String>)>,
+    /// Resource samples (1 s, the last hour) of the VM whose details are open.
+    pub stats: Option<(usize, String, Vec<porthole_api::StatSample>)>,
 }
 
 impl Model {
@@ -193,6 +195,18 @@ impl Backend {
         self.runtime.spawn(async move {
             if let Ok(out) = client.serial(&id, 200).await {
                 backend.model().serial = Some((index, id, out.lines));
+                backend.repaint();
+            }
+        });
+    }
+
+    /// Fetches the last hour of resource samples of a VM into the model.
+    pub fn load_stats(&self, index: usize, id: String) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            if let Ok(stats) = client.stats(&id, 0, false).await {
+                backend.model().stats = Some((index, id, stats.samples));
                 backend.repaint();
             }
         });

@@ -20,6 +20,8 @@ struct Frame {
     resized: bool,
     state: String,
     closed: bool,
+    /// Text the server put on its clipboard that the UI has not taken yet.
+    cut_text: Option<String>,
 }
 
 struct Shared {
@@ -37,6 +39,8 @@ pub struct Console {
     grabbed: bool,
     last_modifiers: egui::Modifiers,
     last_pointer: Option<(u16, u16, u8)>,
+    /// A paste into the guest was asked for: the next Paste event goes to the server's clipboard.
+    pasting: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,6 +78,7 @@ impl Console {
             grabbed: false,
             last_modifiers: egui::Modifiers::NONE,
             last_pointer: None,
+            pasting: false,
         }
     }
 
@@ -135,6 +140,13 @@ impl Console {
                     self.send_combo(&[(0xFF61, 0xE037)]);
                 }
             });
+            if ui.button("Paste into guest").on_hover_text("Put this computer's clipboard on the guest's").clicked() {
+                self.pasting = true;
+                ui.ctx().send_viewport_cmd(egui::ViewportCommand::RequestPaste);
+            }
+            if ui.button("Screenshot…").clicked() {
+                self.screenshot();
+            }
             let fullscreen = ui.ctx().input(|i| i.viewport().fullscreen.unwrap_or(false));
             if ui.button(if fullscreen { "Leave full screen" } else { "Full screen" }).clicked()
                 || ui.input(|i| i.key_pressed(egui::Key::F11))
@@ -154,6 +166,18 @@ impl Console {
             ui.label(status);
         });
         self.upload(ui.ctx());
+        // The guest's clipboard goes to this computer's; a requested paste goes to the guest's.
+        if let Some(text) = lock(&self.shared.frame).cut_text.take() {
+            ui.ctx().copy_text(text);
+        }
+        if self.pasting
+            && let Some(text) = ui.input(|i| {
+                i.events.iter().find_map(|e| if let egui::Event::Paste(t) = e { Some(t.clone()) } else { None })
+            })
+        {
+            self.pasting = false;
+            self.send_cut_text(&text);
+        }
         let Some(texture) = self.texture.clone() else {
             ui.centered_and_justified(|ui| ui.label(lock(&self.shared.frame).state.clone()));
             return;
@@ -212,6 +236,34 @@ impl Console {
         }
         if let Some((x, y)) = last {
             self.last_pointer = Some((x, y, buttons));
+        }
+    }
+
+    fn send_cut_text(&self, text: &str) {
+        let latin1: Vec<u8> = text.chars().map(|c| if (c as u32) < 256 { c as u8 } else { b'?' }).collect();
+        let mut m = vec![6, 0, 0, 0];
+        m.extend_from_slice(&(latin1.len() as u32).to_be_bytes());
+        m.extend_from_slice(&latin1);
+        self.send(&m);
+    }
+
+    /// Saves the screen as a PNG file the user picks.
+    fn screenshot(&self) {
+        let (w, h, rgba) = {
+            let f = lock(&self.shared.frame);
+            let rgba: Vec<u8> =
+                f.pixels.iter().flat_map(|p| [(p >> 16) as u8, (p >> 8) as u8, *p as u8, 255]).collect();
+            (f.width, f.height, rgba)
+        };
+        if w == 0 {
+            return;
+        }
+        let name = format!("{}.png", self.title.replace(['/', ' '], "_"));
+        let Some(path) = rfd::FileDialog::new().set_file_name(&name).add_filter("PNG", &["png"]).save_file() else {
+            return;
+        };
+        if let Err(e) = write_png(&path, w, h, &rgba) {
+            lock(&self.shared.frame).state = format!("Cannot save {}: {e}", path.display());
         }
     }
 
@@ -289,6 +341,17 @@ impl Drop for Console {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// Writes RGBA pixels as a PNG file.
+pub fn write_png(path: &std::path::Path, width: u32, height: u32, rgba: &[u8]) -> Result<(), String> {
+    let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(png::ColorType::Rgba);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    writer.write_image_data(rgba).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())
 }
 
 /// Keysym and XT scancode of the modifiers.
@@ -409,6 +472,9 @@ fn session(
             shared.scancodes.store(true, Ordering::Relaxed);
         }
         let mut f = lock(&shared.frame);
+        if let Some(text) = client.cut_text.take() {
+            f.cut_text = Some(text);
+        }
         if f.width != client.width || f.height != client.height {
             f.width = client.width;
             f.height = client.height;
@@ -433,5 +499,33 @@ fn session(
         }
         drop(f);
         repaint();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn screenshots_are_pngs_of_the_screen() {
+        let path = std::env::temp_dir().join(format!("porthole-shot-{}.png", std::process::id()));
+        let rgba: Vec<u8> = (0..4 * 3 * 2).map(|i| i as u8).collect();
+        write_png(&path, 3, 2, &rgba).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (3, 2));
+        assert_eq!(&buf[..info.buffer_size()], &rgba[..]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn keys_map_to_keysyms_and_scancodes() {
+        assert_eq!(keymap(egui::Key::A, false), Some((u32::from(b'a'), 0x1E)));
+        assert_eq!(keymap(egui::Key::A, true), Some((u32::from(b'A'), 0x1E)));
+        assert_eq!(keymap(egui::Key::Num1, true), Some((u32::from(b'!'), 0x02)));
+        assert_eq!(keymap(egui::Key::Delete, false), Some((0xFFFF, 0xE053)));
+        assert_eq!(keymap(egui::Key::F12, false), Some((0xFFC9, 0x58)));
     }
 }

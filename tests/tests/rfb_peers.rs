@@ -1,0 +1,229 @@
+//! Porthole's RFB client (`porthole_api::rfb`, the GUI's console) against real VNC servers: QEMU's (a
+//! micro-guest's framebuffer, compared with QEMU's own `screendump`; keys typed into `kbd-echo`), TigerVNC's
+//! Xvnc (a picture on the root window, compared with ImageMagick's capture of the same display; VncAuth with
+//! the right and a wrong password) and x11vnc (the same picture on an Xvfb display).
+
+use std::io::{BufRead, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use porthole_tests::rfb::{self, HandshakeError, RfbClient};
+use porthole_tests::{Scratch, Xvfb, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lossless(c: &mut RfbClient) {
+    c.set_encodings(&[rfb::ZRLE, rfb::HEXTILE, rfb::ZLIB, rfb::RAW, rfb::COPY_RECT, rfb::DESKTOP_SIZE]).unwrap();
+    c.full_frame().unwrap();
+}
+
+/// Reads a binary PPM (P6, maxval 255) into 0xRRGGBB pixels.
+fn read_ppm(path: &Path) -> (u32, u32, Vec<u32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while fields.len() < 4 {
+        while bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if bytes[at] == b'#' {
+            while bytes[at] != b'\n' {
+                at += 1;
+            }
+            continue;
+        }
+        let start = at;
+        while !bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        fields.push(String::from_utf8_lossy(&bytes[start..at]).into_owned());
+    }
+    assert_eq!(fields[0], "P6");
+    let (w, h): (u32, u32) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    let data = &bytes[at + 1..];
+    (w, h, data.chunks_exact(3).map(|p| u32::from(p[0]) << 16 | u32::from(p[1]) << 8 | u32::from(p[2])).collect())
+}
+
+fn differing(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x != y).count()
+}
+
+/// A QEMU monitor command over its Unix socket.
+fn monitor(path: &Path, command: &str) {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    let _ = r.read_line(&mut line); // banner
+    s.write_all(format!("{command}\n").as_bytes()).unwrap();
+    // The monitor echoes the command and prints a new prompt when done.
+    let mut seen = String::new();
+    while seen.matches("(qemu)").count() < 2 {
+        let mut buf = [0u8; 256];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+}
+
+fn qemu_with_vnc(dir: &Scratch, guest: &str) -> (Killed, PathBuf, PathBuf, PathBuf) {
+    let (vnc, mon, serial) = (dir.path("qemu-vnc.sock"), dir.path("qemu-mon.sock"), dir.path("qemu-serial.log"));
+    let mut cmd = Command::new("qemu-system-x86_64");
+    // QEMU's std VGA is the Bochs display the guests know.
+    cmd.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64", "-nodefaults", "-no-reboot"])
+        .args(["-display", "none", "-kernel"])
+        .arg(porthole_guests::path(guest))
+        .args(["-vga", "std", "-vnc"])
+        .arg(format!("unix:{}", vnc.display()))
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", mon.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()));
+    let child =
+        Killed(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start QEMU"));
+    (child, vnc, mon, serial)
+}
+
+#[test]
+fn qemus_vnc_server_frames_match_its_screendump_and_keys_arrive() {
+    let dir = Scratch::new("peer-qemu");
+    let (_qemu, vnc, mon, serial) = qemu_with_vnc(&dir, "fb-pattern");
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_until(LIMIT, || text().contains("PORTHOLE-FB-PATTERN-READY"), text);
+    let mut c = RfbClient::connect(&vnc, None).unwrap();
+    lossless(&mut c);
+    let dump = dir.path("screen.ppm");
+    monitor(&mon, &format!("screendump {}", dump.display()));
+    wait_until(
+        LIMIT,
+        || dump.exists() && std::fs::metadata(&dump).map(|m| m.len() > 0).unwrap_or(false),
+        || "no screendump".into(),
+    );
+    let (w, h, pixels) = read_ppm(&dump);
+    assert_eq!((c.width, c.height), (w, h));
+    assert_eq!(differing(&c.pixels, &pixels), 0, "the client's frame differs from QEMU's screendump");
+    drop(c);
+    drop(_qemu);
+
+    // Keys: QEMU acknowledges QEMU extended key events; kbd-echo prints what its keyboard sends.
+    let dir = Scratch::new("peer-qemu-keys");
+    let (_qemu, vnc, _mon, serial) = qemu_with_vnc(&dir, "kbd-echo");
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_until(LIMIT, || text().contains("PORTHOLE-KBD-READY"), text);
+    let mut c = RfbClient::connect(&vnc, None).unwrap();
+    c.set_encodings(&[rfb::RAW, rfb::QEMU_EXTENDED_KEY_EVENT]).unwrap();
+    c.request(false).unwrap();
+    c.read_update().unwrap();
+    assert!(c.acknowledged.contains(&rfb::QEMU_EXTENDED_KEY_EVENT));
+    c.qemu_key(u32::from(b'a'), 0x1E, true).unwrap();
+    c.qemu_key(u32::from(b'a'), 0x1E, false).unwrap();
+    c.key(u32::from(b'b'), true).unwrap();
+    c.key(u32::from(b'b'), false).unwrap();
+    wait_until(LIMIT, || text().contains("PORTHOLE-KEY b0"), text);
+    assert!(text().contains("PORTHOLE-KEY 1e") && text().contains("PORTHOLE-KEY 9e"), "{}", text());
+}
+
+/// Puts a test picture on display `display`'s root window and returns what ImageMagick captures of it.
+fn paint_root(display: &str, dir: &Scratch) -> (u32, u32, Vec<u32>) {
+    let picture = dir.path("picture.png");
+    let made = Command::new("convert")
+        .args([
+            "-size",
+            "320x200",
+            "gradient:#ff3300-#0033ff",
+            "(",
+            "-size",
+            "320x200",
+            "plasma:fractal",
+            ")",
+            "-append",
+        ])
+        .arg(&picture)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let shown =
+        Command::new("display").args(["-window", "root"]).arg(&picture).env("DISPLAY", display).output().unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let dump = dir.path("root.ppm");
+    let out = Command::new("convert").arg("x:root").arg(&dump).env("DISPLAY", display).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    read_ppm(&dump)
+}
+
+#[test]
+fn tigervnc_xvnc_frames_match_and_vnc_auth_works() {
+    let dir = Scratch::new("peer-xvnc");
+    let socket = dir.path("xvnc.sock");
+    let password = dir.path("passwd");
+    let out =
+        Command::new("vncpasswd").arg("-f").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"s3cret\n")?;
+            c.wait_with_output()
+        });
+    std::fs::write(&password, out.unwrap().stdout).unwrap();
+    let display = (150..190)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+        })
+        .map(|n| format!(":{n}"))
+        .unwrap();
+    let _xvnc = Killed(
+        Command::new("Xvnc")
+            .arg(&display)
+            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
+            .arg("-rfbunixpath")
+            .arg(&socket)
+            .args(["-SecurityTypes", "VncAuth", "-PasswordFile"])
+            .arg(&password)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Xvnc (apt-get install tigervnc-standalone-server)"),
+    );
+    wait_until(LIMIT, || socket.exists(), || "no Xvnc socket".into());
+    let (w, h, expected) = paint_root(&display, &dir);
+    match RfbClient::connect(&socket, Some("wrong")) {
+        Err(HandshakeError::Refused(why)) => assert!(!why.is_empty()),
+        other => panic!("a wrong password must be refused, got {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(RfbClient::connect(&socket, None), Err(HandshakeError::PasswordNeeded)));
+    let mut c = RfbClient::connect(&socket, Some("s3cret")).unwrap();
+    lossless(&mut c);
+    assert_eq!((c.width, c.height), (w, h));
+    assert_eq!(differing(&c.pixels, &expected), 0, "the client's frame differs from the X server's root window");
+}
+
+#[test]
+fn x11vnc_frames_match() {
+    let x = Xvfb::start(640, 480);
+    let dir = Scratch::new("peer-x11vnc");
+    let (w, h, expected) = paint_root(&x.display, &dir);
+    let socket = dir.path("x11vnc.sock");
+    let _server = Killed(
+        Command::new("x11vnc")
+            .args(["-display", &x.display, "-nopw", "-forever", "-shared", "-quiet", "-rfbport", "0", "-unixsock"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start x11vnc (apt-get install x11vnc)"),
+    );
+    wait_until(LIMIT, || socket.exists(), || "no x11vnc socket".into());
+    let mut c = RfbClient::connect(&socket, None).unwrap();
+    lossless(&mut c);
+    assert_eq!((c.width, c.height), (w, h));
+    assert_eq!(differing(&c.pixels, &expected), 0, "the client's frame differs from the X server's root window");
+}
