@@ -184,6 +184,8 @@ pub struct PortholeApp {
     tab: Tab,
     /// When the open VM's stats were last fetched.
     stats_fetched: Option<std::time::Instant>,
+    /// `PORTHOLE_FIRST_FRAME_FILE`: where to note when the first frame was drawn (benchmarks).
+    first_frame_report: Option<PathBuf>,
 }
 
 fn state_text(s: VmState) -> &'static str {
@@ -229,12 +231,30 @@ impl PortholeApp {
             vnc_dialog: None,
             tab: Tab::Machines,
             stats_fetched: None,
+            first_frame_report: std::env::var_os("PORTHOLE_FIRST_FRAME_FILE").map(PathBuf::from),
         }
     }
 
     /// Draws the whole window.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
+        if let Some(path) = self.first_frame_report.take() {
+            // For `porthole-bench gui`: when the first frame was laid out, in ms since the process started.
+            let _ = std::fs::write(path, format!("{}\n", crate::started().elapsed().as_secs_f64() * 1000.0));
+        }
         self.handle_drops(ui);
+        let wanted = self.backend.model().open_console.take();
+        if let Some((host, id)) = wanted {
+            let vm = self.backend.model().hosts.get(host).and_then(|h| h.vms.iter().find(|v| v.id == id).cloned());
+            match vm {
+                Some(vm) => {
+                    self.selected_host = host;
+                    self.selected_vm = Some(id);
+                    self.open_console(host, &vm);
+                }
+                // Not in the list yet: try again next frame.
+                None => self.backend.model().open_console = Some((host, id)),
+            }
+        }
         egui::Panel::left("hosts").resizable(true).default_size(200.0).show(ui, |ui| self.hosts_panel(ui));
         egui::Panel::bottom("notices").show(ui, |ui| self.notices(ui));
         egui::CentralPanel::default().show(ui, |ui| {
@@ -354,11 +374,11 @@ impl PortholeApp {
 
     fn machines(&mut self, ui: &mut egui::Ui) {
         let host = self.selected_host;
-        let (error, vms, info_mem) = {
+        let (error, vms, cpu) = {
             let m = self.backend.model();
             match m.hosts.get(host) {
-                Some(h) => (h.error.clone(), h.vms.clone(), h.info.as_ref().map(|i| i.memory_mib)),
-                None => (None, Vec::new(), None),
+                Some(h) => (h.error.clone(), h.vms.clone(), h.cpu.clone()),
+                None => (None, Vec::new(), Default::default()),
             }
         };
         ui.horizontal(|ui| {
@@ -384,14 +404,24 @@ impl PortholeApp {
             ui.vertical_centered(|ui| {
                 ui.label("No virtual machines on this host yet.");
                 ui.label("Create one with “New VM…”, or drop an ISO onto this window.");
+                if host == 0
+                    && let Some(demo) = crate::demo_guest()
+                    && ui
+                        .button("Create a demo VM")
+                        .on_hover_text("A tiny VM with an animated screen that echoes your keys")
+                        .clicked()
+                {
+                    self.create_demo(demo);
+                }
             });
             return;
         }
-        egui::Grid::new("vms").striped(true).num_columns(4).show(ui, |ui| {
+        egui::Grid::new("vms").striped(true).num_columns(5).show(ui, |ui| {
             ui.strong("Name");
             ui.strong("State");
             ui.strong("vCPUs");
             ui.strong("Memory");
+            ui.strong("CPU");
             ui.end_row();
             for v in &shown {
                 if ui.selectable_label(self.selected_vm.as_deref() == Some(v.id.as_str()), &v.name).clicked() {
@@ -401,10 +431,15 @@ impl PortholeApp {
                 ui.label(state_text(v.state));
                 ui.label(v.vcpus.to_string());
                 ui.label(format!("{} MiB", v.memory_mib));
+                match cpu.get(&v.id) {
+                    Some(history) if !history.is_empty() => sparkline(ui, history, &v.name),
+                    _ => {
+                        ui.label("");
+                    }
+                }
                 ui.end_row();
             }
         });
-        let _ = info_mem;
         if let Some(vm) = self.selected_vm.as_ref().and_then(|id| vms.iter().find(|v| &v.id == id)).cloned() {
             ui.separator();
             self.details(ui, host, &vm);
@@ -716,6 +751,23 @@ impl PortholeApp {
         }
     }
 
+    /// Creates, starts and opens the console of the demo VM.
+    fn create_demo(&self, kernel: PathBuf) {
+        let backend = self.backend.clone();
+        let request = CreateVm {
+            disk_gib: 0,
+            boot: Some(BootSpec { kernel: kernel.display().to_string(), initrd: None, cmdline: String::new() }),
+            ..CreateVm::new("demo", 1, 64)
+        };
+        self.backend.act(0, "Create the demo VM".into(), None, move |c| async move {
+            let vm = c.create_vm(&request).await?;
+            c.action(&vm.id, Action::Start).await?;
+            backend.model().open_console = Some((0, vm.id.clone()));
+            backend.model().notify("The demo VM runs: click its screen and type", false);
+            Ok(())
+        });
+    }
+
     fn create(&mut self, w: Wizard) {
         let mut request = CreateVm { disk_gib: w.disk_gib, ..CreateVm::new(w.name.clone(), w.vcpus, w.memory_mib) };
         if !w.kernel.trim().is_empty() {
@@ -819,6 +871,26 @@ impl PortholeApp {
             self.backend.model().notify(format!("cannot save the settings to {}: {e}", p.display()), true);
         }
     }
+}
+
+/// A small line of the last minute's CPU use, with the latest value.
+fn sparkline(ui: &mut egui::Ui, history: &std::collections::VecDeque<f32>, name: &str) {
+    ui.horizontal(|ui| {
+        let (rect, response) = ui.allocate_exact_size(egui::vec2(80.0, 16.0), egui::Sense::hover());
+        let top = history.iter().copied().fold(100.0f32, f32::max);
+        let n = (history.len().max(2) - 1) as f32;
+        let points: Vec<egui::Pos2> = history
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                egui::pos2(rect.left() + rect.width() * i as f32 / n, rect.bottom() - rect.height() * v / top)
+            })
+            .collect();
+        ui.painter().line(points, egui::Stroke::new(1.0, ui.visuals().selection.bg_fill));
+        let last = history.back().copied().unwrap_or(0.0);
+        response.on_hover_text(format!("{name}: CPU {last:.0}% (last minute)"));
+        ui.label(format!("{last:.0}%"));
+    });
 }
 
 /// CPU, memory and disk graphs of the last hour (seconds before now on the x axis).

@@ -19,6 +19,8 @@ pub struct HostView {
     pub error: Option<String>,
     /// Whether the first answer came.
     pub connected: bool,
+    /// The last minute of each running VM's CPU use (percent of one CPU, one sample a second).
+    pub cpu: std::collections::HashMap<String, std::collections::VecDeque<f32>>,
 }
 
 /// A message for the user: what happened, and whether it failed.
@@ -44,6 +46,8 @@ pub struct Model {
     pub serial: Option<(usize, String, Vec<String>)>,
     /// Resource samples (1 s, the last hour) of the VM whose details are open.
     pub stats: Option<(usize, String, Vec<porthole_api::StatSample>)>,
+    /// A console the UI should open (host, VM id), e.g. the demo VM's once it runs.
+    pub open_console: Option<(usize, String)>,
 }
 
 impl Model {
@@ -103,6 +107,7 @@ impl Backend {
                 vms: Vec::new(),
                 error: None,
                 connected: false,
+                cpu: Default::default(),
             });
             m.hosts.len() - 1
         };
@@ -121,25 +126,60 @@ impl Backend {
             if let Some(h) = backend.model().hosts.get_mut(index) {
                 h.client = Some(client.clone());
             }
+            // The newest sample seen per VM, so each poll asks only for what is new.
+            let mut seen: std::collections::HashMap<String, u64> = Default::default();
             loop {
                 let (info, vms) = tokio::join!(client.host(), client.list_vms());
-                {
+                let running: Vec<String> = match &vms {
+                    Ok(v) => v
+                        .iter()
+                        .filter(|v| matches!(v.state, porthole_api::VmState::Running | porthole_api::VmState::Paused))
+                        .map(|v| v.id.clone())
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                let mut fresh = Vec::new();
+                for id in running.iter().take(64) {
+                    let since = seen.get(id).copied().unwrap_or(0);
+                    if let Ok(stats) = client.stats(id, since, false).await
+                        && let Some(last) = stats.samples.last()
+                    {
+                        seen.insert(id.clone(), last.t_ms);
+                        fresh
+                            .push((id.clone(), stats.samples.iter().map(|s| s.cpu_percent as f32).collect::<Vec<_>>()));
+                    }
+                }
+                seen.retain(|id, _| running.contains(id));
+                let changed = {
                     let mut m = backend.model();
                     let Some(h) = m.hosts.get_mut(index) else { return };
                     if h.client.is_none() {
                         return; // removed
                     }
+                    let before = (h.info.clone(), h.vms.clone(), h.error.clone(), h.cpu.clone());
                     match (info, vms) {
                         (Ok(info), Ok(vms)) => {
                             h.info = Some(info);
                             h.vms = vms;
                             h.error = None;
                             h.connected = true;
+                            h.cpu.retain(|id, _| running.contains(id));
+                            for (id, values) in fresh {
+                                let history = h.cpu.entry(id).or_default();
+                                history.extend(values);
+                                while history.len() > 60 {
+                                    history.pop_front();
+                                }
+                            }
                         }
                         (Err(e), _) | (_, Err(e)) => h.error = Some(e.to_string()),
                     }
+                    before != (h.info.clone(), h.vms.clone(), h.error.clone(), h.cpu.clone())
+                };
+                // An idle window stays idle: repaint only when the host's picture changed.
+                if changed {
+                    backend.repaint();
                 }
-                backend.repaint();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });

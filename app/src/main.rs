@@ -4,6 +4,7 @@ use anyhow::anyhow;
 use porthole::{PortholeApp, backend::Backend, daemon};
 
 fn main() -> anyhow::Result<()> {
+    porthole::started();
     let mut vnc = None;
     if let Some(arg) = std::env::args().nth(1) {
         match arg.as_str() {

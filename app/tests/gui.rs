@@ -342,3 +342,19 @@ fn a_plain_vnc_console_asks_for_the_password() {
     let _ = vm.kill();
     let _ = vm.wait();
 }
+
+/// First run: with no VMs the window offers the demo VM; it starts, its console opens, and typed keys reach it.
+#[test]
+fn the_demo_vm_is_one_click_away() {
+    let dir = Scratch::new("gui-demo");
+    let d = Daemon::start(&dir, &[]);
+    let mut h = app(&d.socket, dir.path("settings.json"));
+    wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
+    click(&mut h, "Create a demo VM");
+    wait(&mut h, "the demo's console", |h| has_contains(h, "click the screen to type"));
+    wait(&mut h, "the demo's marker", |_| serial_of(&d).contains("PORTHOLE-DEMO-READY"));
+    h.get_by_label("The VM's screen").click();
+    h.step();
+    h.key_press(egui::Key::A);
+    wait(&mut h, "the key in the demo", |_| serial_of(&d).contains("PORTHOLE-KEY 1e"));
+}

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 mod console;
 mod daemon;
 mod disk;
+mod gui;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -83,6 +84,11 @@ enum Bench {
     ConsoleProxy {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+    },
+    /// The GUI under Xvfb: launch → first frame, idle CPU with an open console.
+    Gui {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// Every benchmark with its defaults.
     All,
@@ -324,6 +330,7 @@ fn main() -> anyhow::Result<()> {
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
         Bench::DaemonApi { seconds } => daemon::api(seconds),
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
+        Bench::Gui { runs } => gui::run(runs),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -335,7 +342,8 @@ fn main() -> anyhow::Result<()> {
             disk::backend(2.0)?;
             disk::guest(400, 4000)?;
             daemon::api(10)?;
-            daemon::console_proxy(5.0)
+            daemon::console_proxy(5.0)?;
+            gui::run(5)
         }
     }
 }

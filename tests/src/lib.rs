@@ -134,7 +134,15 @@ impl Xvfb {
         static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
         for n in 90..140 {
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&format!("/tmp/.X{n}-lock")).exists() {
+            let lock = format!("/tmp/.X{n}-lock");
+            // A lock whose server is gone (killed without clean-up) is stale: clear it and its socket.
+            if let Some(pid) = std::fs::read_to_string(&lock).ok().and_then(|l| l.trim().parse::<u32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_file(&lock);
+                let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{n}"));
+            }
+            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&lock).exists() {
                 continue;
             }
             let display = format!(":{n}");
@@ -166,6 +174,16 @@ impl Xvfb {
 
 impl Drop for Xvfb {
     fn drop(&mut self) {
+        // SIGTERM first: the server removes its lock file and socket on the way out.
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
