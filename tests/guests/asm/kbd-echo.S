@@ -202,43 +202,6 @@ hex_cell:
     stosw
     ret
 
-/* kbc_command(%dil = command): waits for the input buffer to empty (status bit 1), writes port 0x64 */
-kbc_command:
-    call kbc_wait_write
-    movl %edi, %eax
-    outb %al, $KBC_STATUS
-    ret
-
-/* kbc_write_data(%dil = byte): waits for the input buffer to empty, writes port 0x60 */
-kbc_write_data:
-    call kbc_wait_write
-    movl %edi, %eax
-    outb %al, $KBC_DATA
-    ret
-
-/* kbc_wait_write(): polls status bit 1 clear, at most POLLS times; preserves %rdi */
-kbc_wait_write:
-    movl $POLLS, %ecx
-1:  inb $KBC_STATUS, %al
-    testb $2, %al
-    jz 2f
-    decl %ecx
-    jnz 1b
-2:  ret
-
-/* kbc_read() -> %eax: the next byte from port 0x60 once status bit 0 is set, or -1 after POLLS polls */
-kbc_read:
-    movl $POLLS, %ecx
-1:  inb $KBC_STATUS, %al
-    testb $1, %al
-    jnz 2f
-    decl %ecx
-    jnz 1b
-    movl $-1, %eax
-    ret
-2:  xorl %eax, %eax
-    inb $KBC_DATA, %al
-    ret
 
 /* kbc_drain: called by both IRQ handlers with %rax, %rcx, %rdx saved. Queues every byte the controller
    holds (at most 16): entry = byte | 0x100 when status bit 5 (aux) was set. A full queue drops the byte. */

@@ -576,6 +576,53 @@ fb_base:
     movl %r9d, %eax                 /* zero-extended into %rax */
     ret
 
+/* ---- i8042 keyboard controller (ports 0x60 data, 0x64 status/command), polled with a budget ---- */
+    .set KBC_DATA, 0x60
+    .set KBC_STATUS, 0x64
+    .set POLLS, 20000               /* poll budget per wait (each poll is a port read) */
+
+/* kbc_command(%dil = command): waits for the input buffer to empty (status bit 1), writes port 0x64 */
+    .globl kbc_command
+kbc_command:
+    call kbc_wait_write
+    movl %edi, %eax
+    outb %al, $KBC_STATUS
+    ret
+
+/* kbc_write_data(%dil = byte): waits for the input buffer to empty, writes port 0x60 */
+    .globl kbc_write_data
+kbc_write_data:
+    call kbc_wait_write
+    movl %edi, %eax
+    outb %al, $KBC_DATA
+    ret
+
+/* kbc_wait_write(): polls status bit 1 clear, at most POLLS times; preserves %rdi */
+    .globl kbc_wait_write
+kbc_wait_write:
+    movl $POLLS, %ecx
+1:  inb $KBC_STATUS, %al
+    testb $2, %al
+    jz 2f
+    decl %ecx
+    jnz 1b
+2:  ret
+
+/* kbc_read() -> %eax: the next byte from port 0x60 once status bit 0 is set, or -1 after POLLS polls */
+    .globl kbc_read
+kbc_read:
+    movl $POLLS, %ecx
+1:  inb $KBC_STATUS, %al
+    testb $1, %al
+    jnz 2f
+    decl %ecx
+    jnz 1b
+    movl $-1, %eax
+    ret
+2:  xorl %eax, %eax
+    inb $KBC_DATA, %al
+    ret
+
 /* ---- VGA text screen: 80x25 cells at 0xB8000, CRTC at 0x3D4/0x3D5 ---- */
     .set VGA_TEXT, 0xB8000
     .set CRTC_INDEX, 0x3D4
