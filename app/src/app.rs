@@ -306,6 +306,15 @@ impl PortholeApp {
             if ui.add_enabled(parsed.is_ok(), egui::Button::new("Open console")).clicked() {
                 go = parsed.ok();
             }
+            if !self.settings.recent_vnc.is_empty() {
+                ui.separator();
+                ui.label("Recent");
+                for recent in &self.settings.recent_vnc {
+                    if ui.link(recent).clicked() {
+                        go = recent.parse().ok();
+                    }
+                }
+            }
         });
         if let Some(target) = go {
             self.vnc_dialog = None;
@@ -597,8 +606,18 @@ impl PortholeApp {
         self.tab = Tab::Console(self.consoles.len() - 1);
     }
 
-    /// Opens a console on any VNC server.
+    /// Opens a console on any VNC server (and remembers the address, never the password).
     pub fn open_vnc(&mut self, target: VncTarget, password: Option<String>) {
+        let address = match &target {
+            VncTarget::Tcp(a) => format!("vnc://{a}"),
+            VncTarget::Unix(p) => format!("vnc+unix://{}", p.display()),
+        };
+        if self.settings.recent_vnc.first() != Some(&address) {
+            self.settings.recent_vnc.retain(|a| *a != address);
+            self.settings.recent_vnc.insert(0, address);
+            self.settings.recent_vnc.truncate(10);
+            self.save_settings();
+        }
         let backend = self.backend.clone();
         let t = target.clone();
         let connect = move || -> Result<porthole_api::rfb::RfbClient, String> {
@@ -637,6 +656,33 @@ impl PortholeApp {
             }
             return;
         }
+        if tab.console.closed() {
+            // The session ended (the VM stopped, the server went away): offer to connect again.
+            let mut again = false;
+            ui.horizontal(|ui| {
+                ui.label(tab.console.status());
+                again = ui.button("Reconnect").clicked();
+            });
+            if again {
+                let (vm, target) = (tab.vm.clone(), tab.target.clone());
+                match (vm, target) {
+                    (Some((host, id)), _) => {
+                        let vm = self
+                            .backend
+                            .model()
+                            .hosts
+                            .get(host)
+                            .and_then(|h| h.vms.iter().find(|v| v.id == id).cloned());
+                        if let Some(vm) = vm {
+                            self.open_console(host, &vm);
+                        }
+                    }
+                    (None, Some(target)) => self.open_vnc(target, None),
+                    (None, None) => {}
+                }
+            }
+            return;
+        }
         tab.console.show(ui);
     }
 
@@ -650,8 +696,14 @@ impl PortholeApp {
                 self.backend.model().notify(format!("{} is not an ISO image: drop a .iso file", path.display()), true);
                 continue;
             }
-            match (self.selected_vm.clone(), matches!(self.tab, Tab::Machines)) {
-                (Some(id), true) => self.attach(self.selected_host, &id, path),
+            // Onto a VM's console: into that VM's drive.
+            let console_vm = match self.tab {
+                Tab::Console(i) => self.consoles.get(i).and_then(|t| t.vm.clone()),
+                Tab::Machines => None,
+            };
+            match (self.selected_vm.clone(), matches!(self.tab, Tab::Machines), console_vm) {
+                (_, _, Some((host, id))) => self.attach(host, &id, path),
+                (Some(id), true, None) => self.attach(self.selected_host, &id, path),
                 _ => {
                     let mut w = Wizard::new(self.selected_host);
                     w.name = image_name(&path).trim_end_matches(".iso").to_owned();

@@ -22,6 +22,9 @@ pub struct RemoteHost {
 pub struct Settings {
     #[serde(default)]
     pub remotes: Vec<RemoteHost>,
+    /// VNC servers opened directly, newest first (addresses only; passwords are never stored).
+    #[serde(default)]
+    pub recent_vnc: Vec<String>,
 }
 
 /// Where the settings live.
@@ -88,6 +91,7 @@ mod tests {
                 token: "t".into(),
                 fingerprint: "ab".into(),
             }],
+            recent_vnc: vec!["vnc://lab:5901".into()],
         };
         save(&path, &s).unwrap();
         assert_eq!(load(&path), (s, None));

@@ -358,3 +358,25 @@ fn the_demo_vm_is_one_click_away() {
     h.key_press(egui::Key::A);
     wait(&mut h, "the key in the demo", |_| serial_of(&d).contains("PORTHOLE-KEY 1e"));
 }
+
+/// A remote host that cannot be reached shows its error and does not hold up the local one.
+#[test]
+fn an_unreachable_remote_host_does_not_block_the_local_one() {
+    let dir = Scratch::new("gui-unreachable");
+    let d = Daemon::start(&dir, &[]);
+    let settings = dir.path("settings.json");
+    std::fs::write(
+        &settings,
+        format!(
+            r#"{{"remotes":[{{"name":"gone","address":"127.0.0.1:1","token":"x","fingerprint":"{}"}}]}}"#,
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let mut h = app(&d.socket, settings);
+    wait(&mut h, "both hosts", |h| has(h, "Local — 0 VMs") && has(h, "gone — unreachable"));
+    click(&mut h, "gone — unreachable");
+    assert!(has_contains(&h, "This host cannot be reached"));
+    click(&mut h, "Local — 0 VMs");
+    assert!(has_contains(&h, "No virtual machines on this host yet"));
+}
