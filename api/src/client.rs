@@ -131,6 +131,73 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
     }
 }
 
+/// Accepts any certificate and remembers the leaf's SHA-256: for showing a new host's fingerprint to the user
+/// before it is pinned. Nothing is sent over such a connection.
+#[derive(Debug)]
+struct Recorder {
+    seen: std::sync::Mutex<Option<String>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(hex::encode(Sha256::digest(end_entity.as_ref())));
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The SHA-256 fingerprint of the certificate `authority` (`host:port`) presents, for the user to compare
+/// with what `portholed --listen` printed before pinning it.
+pub async fn fetch_fingerprint(authority: &str) -> Result<String, ClientError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let recorder = Arc::new(Recorder { seen: std::sync::Mutex::new(None), provider: provider.clone() });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(recorder.clone())
+        .with_no_client_auth();
+    let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect(authority))
+        .await
+        .map_err(|_| {
+            ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{authority}: no answer")))
+        })??;
+    let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).trim_matches(['[', ']']);
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| ClientError::Tls(e.to_string()))?;
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let seen = recorder.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    seen.ok_or_else(|| ClientError::Tls("the server sent no certificate".into()))
+}
+
 /// Parses a SHA-256 fingerprint: 64 hex digits, colons and case ignored.
 pub fn parse_fingerprint(s: &str) -> Option<Vec<u8>> {
     let hex: String = s.chars().filter(|c| *c != ':').collect();

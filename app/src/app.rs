@@ -862,6 +862,27 @@ impl PortholeApp {
                     ui.end_row();
                 }
             });
+            ui.horizontal(|ui| {
+                let can = a.address.contains(':');
+                if ui.add_enabled(can, egui::Button::new("Fetch fingerprint")).clicked() {
+                    let address = a.address.trim().to_owned();
+                    let backend = self.backend.clone();
+                    self.backend.runtime().spawn(async move {
+                        let result = porthole_api::client::fetch_fingerprint(&address).await;
+                        let mut m = backend.model();
+                        match result {
+                            Ok(fp) => m.fetched_fingerprint = Some(fp),
+                            Err(e) => m.notify(format!("cannot reach {address}: {e}"), true),
+                        }
+                        drop(m);
+                        backend.repaint();
+                    });
+                }
+                ui.weak("compare it with what portholed --listen printed before connecting");
+            });
+            if let Some(fp) = self.backend.model().fetched_fingerprint.take() {
+                a.fingerprint = fp;
+            }
             let fingerprint_ok = porthole_api::client::parse_fingerprint(&a.fingerprint).is_some();
             let ok =
                 !a.name.trim().is_empty() && a.address.contains(':') && !a.token.trim().is_empty() && fingerprint_ok;

@@ -48,6 +48,8 @@ pub struct Model {
     pub stats: Option<(usize, String, Vec<porthole_api::StatSample>)>,
     /// A console the UI should open (host, VM id), e.g. the demo VM's once it runs.
     pub open_console: Option<(usize, String)>,
+    /// The certificate fingerprint the add-host dialog fetched, for the user to check.
+    pub fetched_fingerprint: Option<String>,
 }
 
 impl Model {

@@ -254,7 +254,12 @@ fn errors_name_their_cause() {
     type_into(&mut h, "Host name", "lab");
     type_into(&mut h, "Address", &address);
     type_into(&mut h, "Token", &token);
-    type_into(&mut h, "Certificate fingerprint", &fingerprint);
+    // The fingerprint is fetched from the host and shown for comparison with what portholed printed.
+    click(&mut h, "Fetch fingerprint");
+    wait(&mut h, "the fetched fingerprint", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Certificate fingerprint").and_then(|n| n.value()).as_deref()
+            == Some(fingerprint.as_str())
+    });
     click(&mut h, "Connect");
     wait(&mut h, "the remote host", |h| has(h, "lab — 0 VMs"));
     let saved = std::fs::read_to_string(dir.path("settings.json")).unwrap();
