@@ -88,7 +88,7 @@ enum Tab {
 }
 
 /// A VNC server opened directly (`porthole vnc://HOST:PORT`, `vnc+unix:///PATH`, or "Connect to VNC server…").
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum VncTarget {
     Tcp(String),
     Unix(PathBuf),
@@ -165,6 +165,8 @@ struct ConsoleTab {
     console: Console,
     /// The password field shown when a server asks for one.
     password: String,
+    /// Shown in a window of its own instead of the tab.
+    detached: bool,
 }
 
 pub struct PortholeApp {
@@ -235,6 +237,11 @@ impl PortholeApp {
         }
     }
 
+    /// The selected host and VM.
+    pub fn selection(&self) -> (usize, Option<String>) {
+        (self.selected_host, self.selected_vm.clone())
+    }
+
     /// Draws the whole window.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         if let Some(path) = self.first_frame_report.take() {
@@ -283,6 +290,7 @@ impl PortholeApp {
                 _ => self.machines(ui),
             }
         });
+        self.console_windows(ui.ctx());
         self.wizard_window(ui.ctx());
         self.add_host_window(ui.ctx());
         self.delete_window(ui.ctx());
@@ -602,7 +610,7 @@ impl PortholeApp {
         };
         let backend = self.backend.clone();
         let console = Console::open(vm.name.clone(), connect, move || backend.repaint());
-        self.consoles.push(ConsoleTab { vm: this, target: None, console, password: String::new() });
+        self.consoles.push(ConsoleTab { vm: this, target: None, console, password: String::new(), detached: false });
         self.tab = Tab::Console(self.consoles.len() - 1);
     }
 
@@ -625,7 +633,7 @@ impl PortholeApp {
             porthole_api::rfb::RfbClient::over(stream, password.as_deref()).map_err(|e| e.to_string())
         };
         let console = Console::open(target.title(), connect, move || backend.repaint());
-        let tab = ConsoleTab { vm: None, target: Some(target), console, password: String::new() };
+        let tab = ConsoleTab { vm: None, target: Some(target), console, password: String::new(), detached: false };
         match self.tab {
             Tab::Console(i) if self.consoles.get(i).is_some_and(|c| c.target == tab.target) => self.consoles[i] = tab,
             _ => {
@@ -683,7 +691,33 @@ impl PortholeApp {
             }
             return;
         }
+        if tab.detached {
+            ui.label(format!("{} is shown in its own window.", tab.console.title));
+            if ui.button("Bring back into this tab").clicked() {
+                tab.detached = false;
+            }
+            return;
+        }
+        if ui.button("Open in a window").clicked() {
+            tab.detached = true;
+        }
         tab.console.show(ui);
+    }
+
+    /// Consoles moved into windows of their own (closing the window brings the console back to its tab).
+    fn console_windows(&mut self, ctx: &egui::Context) {
+        for tab in self.consoles.iter_mut().filter(|t| t.detached) {
+            let id = egui::ViewportId::from_hash_of(("console", &tab.vm, &tab.target, &tab.console.title));
+            let builder =
+                egui::ViewportBuilder::default().with_title(&tab.console.title).with_inner_size([1024.0, 700.0]);
+            let close = ctx.show_viewport_immediate(id, builder, |ui, _class| {
+                egui::CentralPanel::default().show(ui, |ui| tab.console.show(ui));
+                ui.ctx().input(|i| i.viewport().close_requested())
+            });
+            if close {
+                tab.detached = false;
+            }
+        }
     }
 
     fn handle_drops(&mut self, ui: &mut egui::Ui) {

@@ -86,7 +86,25 @@ fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harnes
             return;
         }
         let notice = h.state().backend.model().notices.last().cloned();
-        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}");
+        let vms: Vec<(String, Option<String>, String)> = h
+            .state()
+            .backend
+            .model()
+            .hosts
+            .iter()
+            .flat_map(|host| {
+                host.vms.iter().map(|v| (v.name.clone(), v.media.clone(), format!("{:?}", v.state))).collect::<Vec<_>>()
+            })
+            .collect();
+        let present: Vec<&str> = ["Machines", "echo1", "CD/DVD", "Start", "Force off", "Performance", "Serial output"]
+            .into_iter()
+            .filter(|l| has(h, l))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {what}; last notice: {notice:?}; VMs: {vms:?}; labels present: {present:?}; selection {:?}",
+            h.state().selection()
+        );
         std::thread::sleep(Duration::from_millis(30));
     }
 }
@@ -333,6 +351,11 @@ fn a_plain_vnc_console_asks_for_the_password() {
     h.step();
     click(&mut h, "Connect");
     wait(&mut h, "the console", |h| has_contains(h, "click the screen to type"));
+    // The console moves into a window of its own and back into its tab.
+    click(&mut h, "Open in a window");
+    wait(&mut h, "the console window", |h| has_contains(h, "is shown in its own window"));
+    click(&mut h, "Bring back into this tab");
+    wait(&mut h, "the console back in its tab", |h| !has_contains(h, "is shown in its own window"));
     // Click the screen to give it the keyboard, then type.
     h.get_by_label("The VM's screen").click();
     h.step();
