@@ -85,14 +85,23 @@ impl Action {
     }
 }
 
-/// Accepts exactly the certificate whose SHA-256 is pinned (self-signed daemons).
+/// What the certificate verifier does with the server's leaf certificate.
 #[derive(Debug)]
-struct Pinned {
-    sha256: Vec<u8>,
+enum Check {
+    /// Accept exactly the certificate with this SHA-256 (self-signed daemons).
+    Pinned(Vec<u8>),
+    /// Accept any certificate and remember its SHA-256 (to show a new host's fingerprint to the user before
+    /// it is pinned; nothing is sent over such a connection).
+    Record(std::sync::Mutex<Option<String>>),
+}
+
+#[derive(Debug)]
+struct CertificateCheck {
+    check: Check,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for Pinned {
+impl rustls::client::danger::ServerCertVerifier for CertificateCheck {
     fn verify_server_cert(
         &self,
         end_entity: &rustls::pki_types::CertificateDer<'_>,
@@ -101,54 +110,16 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
         _ocsp_response: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("the server's certificate does not match the pinned fingerprint".into()))
+        let digest = Sha256::digest(end_entity.as_ref());
+        match &self.check {
+            Check::Pinned(sha256) if digest.as_slice() == sha256.as_slice() => {}
+            Check::Pinned(_) => {
+                return Err(rustls::Error::General(
+                    "the server's certificate does not match the pinned fingerprint".into(),
+                ));
+            }
+            Check::Record(seen) => *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(hex::encode(digest)),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Accepts any certificate and remembers the leaf's SHA-256: for showing a new host's fingerprint to the user
-/// before it is pinned. Nothing is sent over such a connection.
-#[derive(Debug)]
-struct Recorder {
-    seen: std::sync::Mutex<Option<String>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(hex::encode(Sha256::digest(end_entity.as_ref())));
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
@@ -179,7 +150,8 @@ impl rustls::client::danger::ServerCertVerifier for Recorder {
 /// with what `portholed --listen` printed before pinning it.
 pub async fn fetch_fingerprint(authority: &str) -> Result<String, ClientError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let recorder = Arc::new(Recorder { seen: std::sync::Mutex::new(None), provider: provider.clone() });
+    let recorder =
+        Arc::new(CertificateCheck { check: Check::Record(std::sync::Mutex::new(None)), provider: provider.clone() });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
@@ -194,7 +166,10 @@ pub async fn fetch_fingerprint(authority: &str) -> Result<String, ClientError> {
     let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).trim_matches(['[', ']']);
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| ClientError::Tls(e.to_string()))?;
     tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
-    let seen = recorder.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let seen = match &recorder.check {
+        Check::Record(seen) => seen.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        Check::Pinned(_) => None,
+    };
     seen.ok_or_else(|| ClientError::Tls("the server sent no certificate".into()))
 }
 
@@ -216,7 +191,7 @@ fn tls_config(pinned: Option<&str>) -> Result<rustls::ClientConfig, ClientError>
                 .ok_or_else(|| ClientError::Tls(format!("{fp:?} is not a SHA-256 fingerprint (64 hex digits)")))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned { sha256, provider }))
+                .with_custom_certificate_verifier(Arc::new(CertificateCheck { check: Check::Pinned(sha256), provider }))
                 .with_no_client_auth()
         }
         None => {
