@@ -285,6 +285,12 @@ impl RfbClient {
         })
     }
 
+    /// How long a read may wait (the handshake uses 30 s). A viewer of a still screen waits indefinitely:
+    /// `None`.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+
     /// A second handle on the connection for sending input from another thread (each message is one
     /// write of a few bytes).
     pub fn input(&self) -> io::Result<UnixStream> {

@@ -711,8 +711,12 @@ impl PortholeApp {
             let builder =
                 egui::ViewportBuilder::default().with_title(&tab.console.title).with_inner_size([1024.0, 700.0]);
             let close = ctx.show_viewport_immediate(id, builder, |ui, _class| {
-                egui::CentralPanel::default().show(ui, |ui| tab.console.show(ui));
-                ui.ctx().input(|i| i.viewport().close_requested())
+                let mut back = false;
+                egui::CentralPanel::default().show(ui, |ui| {
+                    back = ui.button("Back to the tab").clicked();
+                    tab.console.show(ui);
+                });
+                back || ui.ctx().input(|i| i.viewport().close_requested())
             });
             if close {
                 tab.detached = false;

@@ -442,6 +442,8 @@ fn session(
 ) -> Result<(), String> {
     let mut client = connect()?;
     let io = |e: std::io::Error| e.to_string();
+    // A still screen sends nothing for as long as it stays still: wait for updates without a deadline.
+    client.set_read_timeout(None).map_err(io)?;
     *lock(&shared.input) = Some(client.input().map_err(io)?);
     client
         .set_encodings(&[

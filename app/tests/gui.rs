@@ -334,13 +334,15 @@ fn a_plain_vnc_console_asks_for_the_password() {
     };
     let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
     h.state_mut().open_vnc(target, None);
-    wait(&mut h, "the password prompt", |h| has_contains(h, "needs a password"));
+    let prompt =
+        |h: &Harness<'static, PortholeApp>| h.query_by_role_and_label(Role::PasswordInput, "Password").is_some();
+    wait(&mut h, "the password prompt", |h| has_contains(h, "needs a password") && prompt(h));
     h.get_by_role_and_label(Role::PasswordInput, "Password").focus();
     h.step();
     h.get_by_role_and_label(Role::PasswordInput, "Password").type_text("wrong");
     h.step();
     click(&mut h, "Connect");
-    wait(&mut h, "the refusal", |h| has_contains(h, "authentication failed"));
+    wait(&mut h, "the refusal", |h| has_contains(h, "authentication failed") && prompt(h));
     h.get_by_role_and_label(Role::PasswordInput, "Password").focus();
     h.step();
     for _ in 0.."wrong".len() {
@@ -354,7 +356,7 @@ fn a_plain_vnc_console_asks_for_the_password() {
     // The console moves into a window of its own and back into its tab.
     click(&mut h, "Open in a window");
     wait(&mut h, "the console window", |h| has_contains(h, "is shown in its own window"));
-    click(&mut h, "Bring back into this tab");
+    click(&mut h, "Back to the tab");
     wait(&mut h, "the console back in its tab", |h| !has_contains(h, "is shown in its own window"));
     // Click the screen to give it the keyboard, then type.
     h.get_by_label("The VM's screen").click();
