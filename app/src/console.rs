@@ -30,8 +30,20 @@ struct Shared {
     scancodes: AtomicBool,
 }
 
+/// How the screen fits the space it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scaling {
+    /// Scaled to fit, smoothed.
+    Fit,
+    /// The largest whole multiple that fits (or the fitting fraction), sharp pixels.
+    Sharp,
+    /// One screen pixel per window pixel, with scroll bars.
+    Actual,
+}
+
 /// One console.
 pub struct Console {
+    pub scaling: Scaling,
     pub title: String,
     shared: Arc<Shared>,
     texture: Option<egui::TextureHandle>,
@@ -72,6 +84,7 @@ impl Console {
             repaint();
         });
         Console {
+            scaling: Scaling::Fit,
             title,
             shared,
             texture: None,
@@ -144,6 +157,23 @@ impl Console {
                 self.pasting = true;
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::RequestPaste);
             }
+            let before = self.scaling;
+            egui::ComboBox::from_label("Scale")
+                .selected_text(match self.scaling {
+                    Scaling::Fit => "Fit (smooth)",
+                    Scaling::Sharp => "Fit (sharp)",
+                    Scaling::Actual => "1:1",
+                })
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.scaling, Scaling::Fit, "Fit (smooth)");
+                    ui.selectable_value(&mut self.scaling, Scaling::Sharp, "Fit (sharp)");
+                    ui.selectable_value(&mut self.scaling, Scaling::Actual, "1:1");
+                });
+            if self.scaling != before {
+                // Smooth and sharp sampling are texture options: upload the screen again.
+                self.texture = None;
+                lock(&self.shared.frame).resized = true;
+            }
             if ui.button("Screenshot…").clicked() {
                 self.screenshot();
             }
@@ -184,11 +214,20 @@ impl Console {
         };
         let [w, h] = texture.size();
         let avail = ui.available_size();
-        let scale = (avail.x / w as f32).min(avail.y / h as f32).max(0.05);
+        let fit = (avail.x / w as f32).min(avail.y / h as f32).max(0.05);
+        let scale = match self.scaling {
+            Scaling::Fit => fit,
+            Scaling::Sharp if fit >= 1.0 => fit.floor(),
+            Scaling::Sharp => fit,
+            Scaling::Actual => 1.0,
+        };
         let size = egui::vec2(w as f32 * scale, h as f32 * scale);
-        let response = ui
-            .add(egui::Image::new((texture.id(), size)).sense(egui::Sense::click_and_drag()))
-            .on_hover_text("The VM's screen");
+        let image = egui::Image::new((texture.id(), size)).sense(egui::Sense::click_and_drag());
+        let response = match self.scaling {
+            Scaling::Actual => egui::ScrollArea::both().show(ui, |ui| ui.add(image)).inner,
+            _ => ui.add(image),
+        }
+        .on_hover_text("The VM's screen");
         if response.clicked() {
             self.grabbed = true;
         }
@@ -290,7 +329,8 @@ impl Console {
             }
             egui::ColorImage::from_rgba_unmultiplied([x1 - x0, y1 - y0], &rgba)
         };
-        let options = egui::TextureOptions::LINEAR;
+        let options =
+            if self.scaling == Scaling::Fit { egui::TextureOptions::LINEAR } else { egui::TextureOptions::NEAREST };
         if f.resized || self.texture.is_none() {
             let image = to_image(&f.pixels, 0, 0, w, h);
             self.texture = Some(ctx.load_texture("vm-console", image, options));

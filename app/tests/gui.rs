@@ -358,6 +358,16 @@ fn a_plain_vnc_console_asks_for_the_password() {
     wait(&mut h, "the console window", |h| has_contains(h, "is shown in its own window"));
     click(&mut h, "Back to the tab");
     wait(&mut h, "the console back in its tab", |h| !has_contains(h, "is shown in its own window"));
+    // Every scaling keeps the screen (and input) working.
+    for mode in ["1:1", "Fit (sharp)", "Fit (smooth)"] {
+        h.get_by_label_contains("Scale").click();
+        h.step();
+        h.step();
+        h.get_all_by_label(mode).last().expect("the scale menu").click();
+        h.step();
+        h.step();
+        assert!(has(&h, "The VM's screen") || has_contains(&h, "click the screen to type"), "{mode}");
+    }
     // Click the screen to give it the keyboard, then type.
     h.get_by_label("The VM's screen").click();
     h.step();
