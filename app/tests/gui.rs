@@ -3,7 +3,7 @@
 //! by dropping it, eject it, delete the VM; and the error paths.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
@@ -11,65 +11,8 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
 use porthole::backend::Backend;
+use porthole_tests::daemon::Daemon;
 use porthole_tests::{Scratch, workspace_bin};
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    run: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Scratch, extra: &[&str]) -> Daemon {
-        let run = dir.path("run");
-        let log = dir.path("portholed.log");
-        let child = Command::new(workspace_bin("portholed"))
-            .arg("--data-dir")
-            .arg(dir.path("data"))
-            .arg("--runtime-dir")
-            .arg(&run)
-            .arg("--vmm")
-            .arg(workspace_bin("porthole-vmm"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, socket: run.join("portholed.sock"), log, run };
-        let start = Instant::now();
-        while !d.log_text().contains("local API on")
-            || (extra.contains(&"--listen") && !d.log_text().contains("remote API on"))
-        {
-            assert!(start.elapsed() < Duration::from_secs(30), "daemon: {}", d.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for entry in std::fs::read_dir(self.run.join("vms")).into_iter().flatten().flatten() {
-            if let Some(pid) =
-                std::fs::read_to_string(entry.path().join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&entry.path().display().to_string()) {
-                    // SAFETY: kill(2) of a VM process this test's daemon started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
-}
 
 fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
     let backend = Backend::new(|| {}).unwrap();
@@ -159,8 +102,8 @@ fn serial_of(d: &Daemon) -> String {
 #[test]
 fn create_start_console_media_and_delete_through_the_window() {
     let dir = Scratch::new("gui-flow");
-    let d = Daemon::start(&dir, &[]);
-    let mut h = app(&d.socket, dir.path("settings.json"));
+    let d = Daemon::start(&dir, false, &[]);
+    let mut h = app(&d.socket(), dir.path("settings.json"));
     wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
     assert!(has_contains(&h, "No virtual machines on this host yet"));
 
@@ -255,19 +198,9 @@ fn errors_name_their_cause() {
     assert!(has_contains(&h, "This host cannot be reached"));
 
     // A remote host with a viewer token: creating is refused with the daemon's reason.
-    let d = Daemon::start(&dir, &["--listen", "127.0.0.1:0"]);
-    let line = d.log_text().lines().find(|l| l.contains("remote API on")).unwrap().to_owned();
-    let address = line.split("https://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-    let fingerprint = line.split("sha256 ").nth(1).unwrap().trim_end_matches(')').to_owned();
-    let out = Command::new(workspace_bin("portholed"))
-        .arg("--data-dir")
-        .arg(dir.path("data"))
-        .arg("--runtime-dir")
-        .arg(dir.path("run"))
-        .args(["token", "create", "--name", "look", "--role", "viewer"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let d = Daemon::start(&dir, true, &[]);
+    let (address, fingerprint) = d.remote.clone().unwrap();
+    let token = d.token("look", "viewer", &[]);
     click(&mut h, "Add host…");
     type_into(&mut h, "Host name", "lab");
     type_into(&mut h, "Address", &address);
@@ -291,7 +224,7 @@ fn errors_name_their_cause() {
 
     // A damaged settings file: reported, kept aside, defaults used.
     std::fs::write(dir.path("settings2.json"), b"{ broken").unwrap();
-    let h2 = app(&d.socket, dir.path("settings2.json"));
+    let h2 = app(&d.socket(), dir.path("settings2.json"));
     let notice = h2.state().backend.model().notices.last().cloned().unwrap();
     assert!(notice.error && notice.text.contains("damaged"), "{notice:?}");
 }
@@ -387,8 +320,8 @@ fn a_plain_vnc_console_asks_for_the_password() {
 #[test]
 fn the_demo_vm_is_one_click_away() {
     let dir = Scratch::new("gui-demo");
-    let d = Daemon::start(&dir, &[]);
-    let mut h = app(&d.socket, dir.path("settings.json"));
+    let d = Daemon::start(&dir, false, &[]);
+    let mut h = app(&d.socket(), dir.path("settings.json"));
     wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
     click(&mut h, "Create a demo VM");
     wait(&mut h, "the demo's console", |h| has_contains(h, "click the screen to type"));
@@ -403,7 +336,7 @@ fn the_demo_vm_is_one_click_away() {
 #[test]
 fn an_unreachable_remote_host_does_not_block_the_local_one() {
     let dir = Scratch::new("gui-unreachable");
-    let d = Daemon::start(&dir, &[]);
+    let d = Daemon::start(&dir, false, &[]);
     let settings = dir.path("settings.json");
     std::fs::write(
         &settings,
@@ -413,7 +346,7 @@ fn an_unreachable_remote_host_does_not_block_the_local_one() {
         ),
     )
     .unwrap();
-    let mut h = app(&d.socket, settings);
+    let mut h = app(&d.socket(), settings);
     wait(&mut h, "both hosts", |h| has(h, "Local — 0 VMs") && has(h, "gone — unreachable"));
     click(&mut h, "gone — unreachable");
     assert!(has_contains(&h, "This host cannot be reached"));

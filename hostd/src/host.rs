@@ -91,9 +91,7 @@ pub struct Host {
     pub problems: Vec<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use vmm_core::devices::bus::lock;
 
 /// The last `n` lines of a serial log (reads at most its last 64 KiB).
 pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {

@@ -75,9 +75,7 @@ pub struct App {
 
 type AppState = Arc<App>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use vmm_core::devices::bus::lock;
 
 /// An error reply.
 #[derive(Debug)]

@@ -1,6 +1,7 @@
 //! Helpers shared by Porthole's end-to-end tests: scratch folders, child processes with time limits,
 //! the workspace's built binaries, QEMU and Xvfb.
 
+pub mod daemon;
 pub mod rfb;
 
 use std::path::{Path, PathBuf};
