@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    API_PREFIX, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, SerialOutput, Stats, Task, UpdateVm,
-    Vm,
+    API_PREFIX, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, SerialInput, SerialOutput, Stats,
+    Task, UpdateVm, Vm,
 };
 
 /// Why a call failed.
@@ -339,6 +339,20 @@ impl Client {
 
     pub async fn serial(&self, id: &str, lines: usize) -> Result<SerialOutput, ClientError> {
         self.call(self.request(Method::GET, &format!("/vms/{id}/serial?lines={lines}"))).await
+    }
+
+    /// Types `text` into the running VM's serial port.
+    pub async fn serial_input(&self, id: &str, text: &str) -> Result<(), ClientError> {
+        let body = SerialInput { text: text.to_owned() };
+        self.send(self.request(Method::POST, &format!("/vms/{id}/serial/input")).json(&body)).await.map(|_| ())
+    }
+
+    /// A PNG of the running VM's screen at most `width` pixels wide.
+    pub async fn screenshot(&self, id: &str, width: u32) -> Result<Vec<u8>, ClientError> {
+        let response = self.send(self.request(Method::GET, &format!("/vms/{id}/screenshot?width={width}"))).await?;
+        let bytes =
+            response.bytes().await.map_err(|source| ClientError::Http { target: self.target_name(), source })?;
+        Ok(bytes.to_vec())
     }
 
     pub async fn stats(&self, id: &str, since_ms: u64, minutes: bool) -> Result<Stats, ClientError> {

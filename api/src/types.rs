@@ -66,6 +66,9 @@ pub struct Vm {
     /// Seconds since the VM's process started (running or paused VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<u64>,
+    /// Free-form labels for grouping and search ("web", "test", …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// `POST /vms`. The smallest valid body is `{"name": "web1", "vcpus": 1, "memory_mib": 64}`.
@@ -83,6 +86,12 @@ pub struct CreateVm {
     /// An image of the library to put in the CD/DVD drive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<String>,
+    /// An image of the library to copy as the VM's disk instead of creating an empty one (`disk_gib` is then
+    /// ignored; the library's image stays unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// Default disk size of a new VM.
@@ -95,7 +104,16 @@ fn default_disk_gib() -> u64 {
 impl CreateVm {
     /// The smallest request: a name, vCPUs and memory; everything else default.
     pub fn new(name: impl Into<String>, vcpus: u32, memory_mib: u64) -> Self {
-        CreateVm { name: name.into(), vcpus, memory_mib, disk_gib: DEFAULT_DISK_GIB, boot: None, media: None }
+        CreateVm {
+            name: name.into(),
+            vcpus,
+            memory_mib,
+            disk_gib: DEFAULT_DISK_GIB,
+            boot: None,
+            media: None,
+            disk_image: None,
+            tags: Vec::new(),
+        }
     }
 }
 
@@ -112,7 +130,25 @@ pub struct UpdateVm {
     /// Replaces the boot source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootSpec>,
+    /// Replaces the tags (any time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
 }
+
+/// `POST /vms/{id}/serial/input`: text typed into the VM's serial console (a running VM's COM1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SerialInput {
+    /// At most 4000 bytes per request; a line ending is sent only if it is part of the text.
+    pub text: String,
+}
+
+/// Longest `SerialInput::text`.
+pub const SERIAL_INPUT_MAX: usize = 4000;
+
+/// Most tags a VM may carry, and the longest tag.
+pub const MAX_TAGS: usize = 16;
+pub const MAX_TAG_LEN: usize = 32;
 
 /// `POST /vms/{id}/media`: put an image of the library in the CD/DVD drive, or eject (`image: null`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -559,5 +559,6 @@ fn view(e: &Entry) -> Vm {
         state: e.rt.state.unwrap_or(VmState::Stopped),
         last_exit: e.rt.last_exit.clone(),
         uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
+        tags: r.tags.clone(),
     }
 }

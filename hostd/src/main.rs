@@ -5,6 +5,7 @@
 mod auth;
 mod host;
 mod openapi;
+mod screenshot;
 mod server;
 mod stats;
 mod store;

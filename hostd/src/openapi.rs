@@ -67,6 +67,24 @@ pub const ROUTES: &[Route] = &[
         None,
     ),
     (
+        "post",
+        "/vms/{id}/serial/input",
+        "Type text into the running VM's serial port",
+        "operator",
+        Some("SerialInput"),
+        204,
+        None,
+    ),
+    (
+        "get",
+        "/vms/{id}/screenshot",
+        "PNG of the running VM's screen, at most ?width (320) pixels wide",
+        "viewer",
+        None,
+        200,
+        None,
+    ),
+    (
         "get",
         "/vms/{id}/stats",
         "Samples newer than ?since (ms); ?resolution=s (1 h) or min (1 day)",
@@ -147,7 +165,20 @@ pub fn document() -> Value {
             }
         )*};
     }
-    add!(HostInfo, Vm, CreateVm, UpdateVm, MediaChange, ConsoleTicket, SerialOutput, Stats, Image, Task, ErrorBody);
+    add!(
+        HostInfo,
+        Vm,
+        CreateVm,
+        UpdateVm,
+        MediaChange,
+        ConsoleTicket,
+        SerialInput,
+        SerialOutput,
+        Stats,
+        Image,
+        Task,
+        ErrorBody
+    );
     let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
     schemas.insert("VmList".into(), list("Vm"));
     schemas.insert("ImageList".into(), list("Image"));

@@ -16,8 +16,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
-    ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, Role, SerialOutput, Stats as StatsBody, Task,
-    TaskState, UpdateVm, Vm, VmState,
+    ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, Role, SerialInput, SerialOutput,
+    Stats as StatsBody, Task, TaskState, UpdateVm, Vm, VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -247,6 +247,8 @@ pub fn router(app: AppState) -> Router {
         .route("/vms/{id}/console", post(console_ticket))
         .route("/vms/{id}/serial", get(serial))
         .route("/vms/{id}/serial/stream", get(serial_stream))
+        .route("/vms/{id}/serial/input", post(serial_input))
+        .route("/vms/{id}/screenshot", get(screenshot))
         .route("/vms/{id}/stats", get(stats))
         .route("/console", get(console))
         .route("/images", get(list_images))
@@ -324,6 +326,27 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
+/// Tags in canonical form (sorted, no duplicates), or why they are refused.
+fn check_tags(tags: &[String]) -> ApiResult<Vec<String>> {
+    use porthole_api::{MAX_TAG_LEN, MAX_TAGS};
+    let mut out: Vec<String> = Vec::new();
+    for t in tags {
+        if t.is_empty() || t.len() > MAX_TAG_LEN || !t.chars().all(|c| c.is_alphanumeric() || "-_.:".contains(c)) {
+            return Err(ApiError::bad(format!(
+                "tag {t:?} is invalid: use 1-{MAX_TAG_LEN} letters, digits, '-', '_', '.' or ':'"
+            )));
+        }
+        if !out.contains(t) {
+            out.push(t.clone());
+        }
+    }
+    if out.len() > MAX_TAGS {
+        return Err(ApiError::bad(format!("at most {MAX_TAGS} tags")));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Most a new disk may be (64 TiB).
 const MAX_DISK_GIB: u64 = 64 * 1024;
 
@@ -348,6 +371,8 @@ async fn create_vm(
     if let Some(media) = &req.media {
         app.host.resolve_image(media, false)?;
     }
+    let tags = check_tags(&req.tags)?;
+    let disk_image = req.disk_image.as_deref().map(|i| app.host.resolve_image(i, false)).transpose()?;
     if app.host.list().iter().any(|v| v.name == req.name) {
         return Err(ApiError::conflict(format!("a VM named {:?} exists already", req.name)));
     }
@@ -357,21 +382,36 @@ async fn create_vm(
         name: req.name,
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
-        disk_bytes: req.disk_gib << 30,
+        disk_bytes: if disk_image.is_some() { 0 } else { req.disk_gib << 30 },
         boot: req.boot,
         media: req.media,
         created_ms: now_ms(),
+        tags,
     };
     let dir = app.host.store.vm_dir(&id);
-    let made = (|| {
+    let disk = app.host.store.disk_path(&id);
+    let host = app.host.clone();
+    let made_dir = dir.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        let dir = made_dir;
+        let mut record = record;
         std::fs::create_dir_all(&dir)
             .map_err(|e| HostError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        if record.disk_bytes > 0 {
-            vmm_core::disk::create_raw_image(&app.host.store.disk_path(&id), record.disk_bytes)
+        if let Some(source) = disk_image {
+            // A copy (sparse where the file system can: copy_file_range), so the library's image stays a
+            // template that other VMs can start from too.
+            record.disk_bytes = std::fs::copy(&source, &disk).map_err(|e| {
+                HostError::Internal(format!("cannot copy {} to {}: {e}", source.display(), disk.display()))
+            })?;
+        } else if record.disk_bytes > 0 {
+            vmm_core::disk::create_raw_image(&disk, record.disk_bytes)
                 .map_err(|e| HostError::Internal(e.to_string()))?;
         }
-        app.host.insert(record)
-    })();
+        host.insert(record)
+    })
+    .await
+    .map_err(|e| HostError::Internal(e.to_string()))
+    .and_then(|r| r);
     match made {
         Ok(vm) => Ok((StatusCode::CREATED, Json(vm))),
         Err(e) => {
@@ -397,6 +437,7 @@ async fn update_vm(
     if let Some(boot) = &req.boot {
         app.host.resolve_image(&boot.kernel, true)?;
     }
+    let tags = req.tags.as_deref().map(check_tags).transpose()?;
     let vm = app.host.update(&id, |r, running| {
         if running && (req.vcpus.is_some() || req.memory_mib.is_some() || req.boot.is_some()) {
             return Err(HostError::Conflict("vcpus, memory and boot change only while the VM is stopped".into()));
@@ -412,6 +453,9 @@ async fn update_vm(
         }
         if let Some(b) = req.boot {
             r.boot = Some(b);
+        }
+        if let Some(t) = tags {
+            r.tags = t;
         }
         Ok(())
     })?;
@@ -653,6 +697,50 @@ async fn serial_stream(
             }
         }
     }))
+}
+
+/// Types text into a running VM's serial port.
+async fn serial_input(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<SerialInput>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    require_vm(&p, Role::Operator, &id)?;
+    let Json(req) = body?;
+    if req.text.len() > porthole_api::SERIAL_INPUT_MAX {
+        return Err(ApiError::bad(format!("text is longer than {} bytes", porthole_api::SERIAL_INPUT_MAX)));
+    }
+    app.host.control(&id, Request::SerialInput { data: req.text }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ScreenshotQuery {
+    /// Widest result in pixels (default 320, at most 1920); the screen is scaled down, never up.
+    width: Option<u32>,
+}
+
+/// A PNG of a running VM's screen (for thumbnails).
+async fn screenshot(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    Query(q): Query<ScreenshotQuery>,
+) -> ApiResult<Response> {
+    require_vm(&p, Role::Viewer, &id)?;
+    if app.host.pid(&id).is_none() {
+        app.host.record(&id)?;
+        return Err(ApiError::conflict("the VM is not running"));
+    }
+    let socket = app.host.run_files(&id).vnc_view_only();
+    let width = q.width.unwrap_or(320);
+    let png = tokio::task::spawn_blocking(move || crate::screenshot::capture(&socket, width))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "image/png"), (axum::http::header::CACHE_CONTROL, "no-store")], png)
+        .into_response())
 }
 
 fn read_range(path: &std::path::Path, offset: u64, len: u64) -> Vec<u8> {

@@ -552,3 +552,75 @@ async fn a_hundred_clients_read_for_thirty_seconds() {
     assert!(ok > 1000, "{ok}");
     assert!(end_rss < start_rss + 64 * 1024, "memory grew from {start_rss} to {end_rss} KiB");
 }
+
+/// Decodes a PNG into (width, height, RGB bytes).
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// What the GUI's rows, serial tab and wizard use: screenshots (thumbnails), typing into the serial port,
+/// tags, and a library image copied as a new VM's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbnails_serial_typing_tags_and_image_disks() {
+    let dir = Scratch::new("daemon-extras");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: guest("demo"), initrd: None, cmdline: String::new() }),
+            disk_gib: 0,
+            tags: vec!["web".into(), "demo".into(), "web".into()],
+            ..CreateVm::new("demo", 1, 64)
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.tags, ["demo", "web"], "tags are kept sorted, without duplicates");
+    // Not running: no screenshot, no serial input.
+    assert_eq!(c.screenshot(&vm.id, 160).await.unwrap_err().status(), Some(409));
+    assert_eq!(c.serial_input(&vm.id, "x").await.unwrap_err().status(), Some(409));
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_serial(&c, &vm.id, "PORTHOLE-DEMO-READY").await;
+
+    // A thumbnail: 640x480 scaled to 160x120, the demo's dark blue background in its corner.
+    let (w, h, rgb) = decode_png(&c.screenshot(&vm.id, 160).await.unwrap());
+    assert_eq!((w, h), (160, 120));
+    assert_eq!(&rgb[..3], &[0x1E, 0x2A, 0x3A], "top-left pixel is the demo's background");
+    // Asking for more than the screen gives the screen itself, never enlarged.
+    assert_eq!(decode_png(&c.screenshot(&vm.id, 5000).await.unwrap()).0, 640);
+
+    // Typing into the serial port: the demo echoes what it reads.
+    c.serial_input(&vm.id, "hello porthole\r").await.unwrap();
+    wait_serial(&c, &vm.id, "hello porthole").await;
+    let e = c.serial_input(&vm.id, &"x".repeat(porthole_api::SERIAL_INPUT_MAX + 1)).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+
+    // Tags change any time; bad ones are refused.
+    let vm2 = c.update_vm(&vm.id, &UpdateVm { tags: Some(vec!["prod".into()]), ..Default::default() }).await.unwrap();
+    assert_eq!(vm2.tags, ["prod"]);
+    for bad in ["", "has space", &"t".repeat(33)] {
+        let e = c.update_vm(&vm.id, &UpdateVm { tags: Some(vec![bad.into()]), ..Default::default() }).await;
+        assert_eq!(e.unwrap_err().status(), Some(400), "tag {bad:?}");
+    }
+    assert_eq!(c.vm(&vm.id).await.unwrap().tags, ["prod"]);
+
+    // A library image as the disk of a new VM: copied, the library's file unchanged.
+    let image = dir.path("base.img");
+    let content: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&image, &content).unwrap();
+    c.upload_image("base.img", &image, |_, _| {}).await.unwrap();
+    let from_image =
+        c.create_vm(&CreateVm { disk_image: Some("base.img".into()), ..CreateVm::new("cloned", 1, 64) }).await.unwrap();
+    assert_eq!(from_image.disk_bytes, content.len() as u64);
+    let disk = d.data.join("vms").join(&from_image.id).join("disk0.img");
+    assert!(std::fs::read(&disk).unwrap() == content, "the VM's disk is a copy of the image");
+    std::fs::write(&disk, b"changed").unwrap();
+    assert!(std::fs::read(d.data.join("images/base.img")).unwrap() == content, "the library image is unchanged");
+    let e = c.create_vm(&CreateVm { disk_image: Some("missing.img".into()), ..CreateVm::new("x", 1, 64) }).await;
+    assert_eq!(e.unwrap_err().status(), Some(400));
+    power_off_all(&c).await;
+}

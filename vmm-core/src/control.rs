@@ -2,7 +2,8 @@
 //!
 //! Requests: `{"cmd":"status"}`, `pause`, `resume`, `reset`, `stop` (ACPI power button, then forced off
 //! after the stop timeout), `poweroff` (forced), `counters`, `{"cmd":"attach-media","path":P}` and
-//! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`). Every reply has
+//! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`), and
+//! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits). Every reply has
 //! `"ok"`; failures carry `"error"`. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
 
@@ -47,6 +48,11 @@ pub enum Request {
     EjectMedia {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drive: Option<String>,
+    },
+    /// Types text into the serial port (COM1), as if on a terminal attached to it.
+    #[serde(rename = "serial-input")]
+    SerialInput {
+        data: String,
     },
 }
 
@@ -136,6 +142,10 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
         },
         Request::EjectMedia { drive } => match vm.eject_media(drive.as_deref()) {
             Ok(status) => Response { drive: Some(status), ..ok() },
+            Err(e) => failure(e.to_string()),
+        },
+        Request::SerialInput { data } => match vm.serial_input(data.as_bytes()) {
+            Ok(()) => ok(),
             Err(e) => failure(e.to_string()),
         },
     }

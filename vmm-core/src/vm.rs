@@ -75,6 +75,8 @@ pub enum VmError {
     Disk(#[from] DiskError),
     #[error("PCI: {0}")]
     Pci(#[from] pci::PciError),
+    #[error("the guest is not reading its serial port ({waiting} bytes of input still wait)")]
+    SerialInputFull { waiting: usize },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -184,7 +186,12 @@ pub struct VmHandle {
     loop_wake: EventFd,
     /// The VM's drives (they outlive reboots).
     drives: Vec<Arc<Drive>>,
+    /// Serial input from the control socket, waiting for the event loop to feed it to the UART.
+    serial_input: Mutex<Vec<u8>>,
 }
+
+/// Most bytes of serial input from the control socket that may wait for the guest to read them.
+pub const SERIAL_INPUT_MAX: usize = 16 * 1024;
 
 impl crate::rfb::Input for VmHandle {
     fn key(&self, key: crate::rfb::keymap::Key, down: bool) {
@@ -248,6 +255,20 @@ impl VmHandle {
         self.run.resume();
         let _ = self.loop_wake.write(1);
         noticed
+    }
+
+    /// Queues bytes for the serial port; the event loop feeds them to the UART as the guest reads. Refused
+    /// when more than [`SERIAL_INPUT_MAX`] bytes would be waiting (a guest that does not read its serial port).
+    pub fn serial_input(&self, bytes: &[u8]) -> Result<(), VmError> {
+        {
+            let mut queue = lock(&self.serial_input);
+            if queue.len() + bytes.len() > SERIAL_INPUT_MAX {
+                return Err(VmError::SerialInputFull { waiting: queue.len() });
+            }
+            queue.extend_from_slice(bytes);
+        }
+        let _ = self.loop_wake.write(1);
+        Ok(())
     }
 
     /// Queues scan-code bytes from the keyboard.
@@ -439,6 +460,7 @@ impl Vm {
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
+            serial_input: Mutex::new(Vec::new()),
         });
         Ok(Vm {
             config,
@@ -680,13 +702,22 @@ impl Vm {
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
+    /// Moves waiting input (stdin's, then the control socket's) into the UART's FIFO; returns whether all of
+    /// it fitted.
     fn feed_serial(&mut self) -> bool {
-        if self.pending_input.is_empty() {
-            return true;
+        loop {
+            if self.pending_input.is_empty() {
+                self.pending_input = std::mem::take(&mut *lock(&self.handle.serial_input));
+                if self.pending_input.is_empty() {
+                    return true;
+                }
+            }
+            let taken = lock(&self.serial).enqueue_input(&self.pending_input);
+            self.pending_input.drain(..taken);
+            if !self.pending_input.is_empty() {
+                return false;
+            }
         }
-        let taken = lock(&self.serial).enqueue_input(&self.pending_input);
-        self.pending_input.drain(..taken);
-        self.pending_input.is_empty()
     }
 
     /// Waits for the current boot to end; returns what ended it.
@@ -736,6 +767,10 @@ impl Vm {
                     }
                     LOOP_WAKE => {
                         let _ = self.handle.loop_wake.read();
+                        if !self.feed_serial() && stdin_watched {
+                            // The FIFO is full: stdin waits until the guest drains it.
+                            let _ = epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
+                        }
                     }
                     SERIAL_DRAINED => {
                         let _ = serial_stats.input_drained.read();

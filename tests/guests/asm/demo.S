@@ -22,12 +22,14 @@
  *   `PORTHOLE-KEY xx`           one per keyboard byte read from port 0x60 (status bit 5 clear), two
  *                               lower-case hex digits, exactly as kbd-echo (`sendkey a`: 1e then 9e)
  *   `PORTHOLE-DEMO-FRAME <n>`   after every 32nd animation frame (decimal: 32, 64, ...)
+ * Bytes received on COM1 are echoed back on COM1 (CR as CR LF, DEL as BS SP BS), like a terminal.
  * It never powers off by itself: it runs until the host stops it.
  */
     .set XRES, 640
     .set YRES, 480
     .set STRIDE, XRES * 4
     .set PIT_DIVISOR, 39773         /* 1193182 / 39773 = 30.0 Hz */
+    .set COM1, 0x3f8
     .set KBC_DATA, 0x60
     .set KBC_STATUS, 0x64           /* read: status; write: command */
     .set POLLS, 20000               /* poll budget per i8042 wait (each poll is a port read) */
@@ -169,7 +171,16 @@ guest_main:
     movl ticks(%rip), %r13d
     xorl %r14d, %r14d
 main_loop:
-    cli
+    movw $COM1 + 5, %dx             /* serial input: echoed back as typed (polled; the PIT tick wakes us) */
+    inb %dx, %al
+    testb $1, %al
+    jz 0f
+    movw $COM1, %dx
+    inb %dx, %al
+    movzbl %al, %edi
+    call serial_echo
+    jmp main_loop
+0:  cli
     movl ring_tail(%rip), %eax
     cmpl ring_head(%rip), %eax
     jne 1f
@@ -208,6 +219,23 @@ main_loop:
     movl $'\n', %edi
     call serial_putc
     jmp main_loop
+
+/* serial_echo(%edi = byte from COM1): writes it back; a carriage return becomes CR LF, DEL (0x7f) erases the
+   previous character on a terminal (BS, space, BS). */
+serial_echo:
+    cmpl $'\r', %edi
+    jne 1f
+    call serial_putc
+    movl $'\n', %edi
+    jmp serial_putc
+1:  cmpl $0x7f, %edi
+    jne 2f
+    movl $8, %edi
+    call serial_putc
+    movl $' ', %edi
+    call serial_putc
+    movl $8, %edi
+2:  jmp serial_putc
 
 /* handle_key(%edi = byte from port 0x60): reports it on COM1, then acts on it (%r14 is the 0xE0 flag). */
 handle_key:
