@@ -226,6 +226,7 @@ mod tests {
             boot: None,
             media: None,
             created_ms: 1,
+            tags: Vec::new(),
         }
     }
 
