@@ -10,6 +10,9 @@ use crate::backend::{Backend, image_name};
 use crate::console::Console;
 use crate::settings::{RemoteHost, Settings};
 
+mod machines;
+pub use machines::GroupBy;
+
 /// The create wizard's fields.
 #[derive(Debug, Clone)]
 pub struct Wizard {
@@ -22,6 +25,22 @@ pub struct Wizard {
     pub initrd: String,
     pub cmdline: String,
     pub iso: String,
+    /// The disk: a new empty one (`disk_gib`, 0 for none) or a copy of this library image.
+    pub disk_image: Option<String>,
+    /// Comma-separated tags.
+    pub tags: String,
+}
+
+/// Tags typed as "web, prod" → ["web", "prod"].
+pub fn parse_tags(text: &str) -> Vec<String> {
+    text.split([',', ' ']).map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect()
+}
+
+/// Why a tag would be refused by the daemon.
+fn tag_problem(tag: &str) -> Option<String> {
+    let ok = tag.len() <= porthole_api::MAX_TAG_LEN && tag.chars().all(|c| c.is_alphanumeric() || "-_.:".contains(c));
+    (!ok)
+        .then(|| format!("Tag {tag:?}: use up to {} letters, digits, '-', '_', '.' or ':'.", porthole_api::MAX_TAG_LEN))
 }
 
 impl Wizard {
@@ -36,6 +55,8 @@ impl Wizard {
             initrd: String::new(),
             cmdline: String::new(),
             iso: String::new(),
+            disk_image: None,
+            tags: String::new(),
         }
     }
 
@@ -69,6 +90,14 @@ impl Wizard {
         if !self.iso.trim().is_empty() && !std::path::Path::new(self.iso.trim()).is_file() {
             p.push(format!("No ISO file at {}.", self.iso.trim()));
         }
+        if self.disk_image.as_deref() == Some("") {
+            p.push("Choose the library image to copy as the disk.".to_owned());
+        }
+        let tags = parse_tags(&self.tags);
+        p.extend(tags.iter().filter_map(|t| tag_problem(t)));
+        if tags.len() > porthole_api::MAX_TAGS {
+            p.push(format!("At most {} tags.", porthole_api::MAX_TAGS));
+        }
         p
     }
 }
@@ -76,6 +105,8 @@ impl Wizard {
 /// The add-host dialog's fields.
 #[derive(Debug, Clone, Default)]
 pub struct AddHost {
+    /// The name of the host being edited (None: adding a new one).
+    pub editing: Option<String>,
     pub name: String,
     pub address: String,
     pub token: String,
@@ -188,6 +219,16 @@ pub struct PortholeApp {
     stats_fetched: Option<std::time::Instant>,
     /// `PORTHOLE_FIRST_FRAME_FILE`: where to note when the first frame was drawn (benchmarks).
     first_frame_report: Option<PathBuf>,
+    pub group_by: GroupBy,
+    /// VMs ticked in the list, (host, VM id), for actions on several at once.
+    pub checked: std::collections::BTreeSet<(usize, String)>,
+    thumbnails: machines::Thumbnails,
+    /// The serial console's input line.
+    pub serial_line: String,
+    /// The tags field of the open VM's details: (host, VM id, text).
+    tags_edit: Option<(usize, String, String)>,
+    /// When the open VM's serial output was last fetched.
+    serial_fetched: Option<std::time::Instant>,
 }
 
 fn state_text(s: VmState) -> &'static str {
@@ -234,6 +275,12 @@ impl PortholeApp {
             tab: Tab::Machines,
             stats_fetched: None,
             first_frame_report: std::env::var_os("PORTHOLE_FIRST_FRAME_FILE").map(PathBuf::from),
+            group_by: GroupBy::default(),
+            checked: Default::default(),
+            thumbnails: Default::default(),
+            serial_line: String::new(),
+            tags_edit: None,
+            serial_fetched: None,
         }
     }
 
@@ -365,6 +412,18 @@ impl PortholeApp {
         if ui.button("Connect to VNC server…").clicked() {
             self.vnc_dialog = Some(String::new());
         }
+        if self.selected_host > 0 && ui.button("Edit host…").clicked() {
+            let name = self.backend.model().hosts.get(self.selected_host).map(|h| h.name.clone()).unwrap_or_default();
+            if let Some(r) = self.settings.remotes.iter().find(|r| r.name == name) {
+                self.add_host = Some(AddHost {
+                    editing: Some(r.name.clone()),
+                    name: r.name.clone(),
+                    address: r.address.clone(),
+                    token: r.token.clone(),
+                    fingerprint: r.fingerprint.clone(),
+                });
+            }
+        }
         if self.selected_host > 0 && ui.button("Remove host").clicked() {
             let name = self.backend.model().hosts.get(self.selected_host).map(|h| h.name.clone()).unwrap_or_default();
             self.settings.remotes.retain(|r| r.name != name);
@@ -380,87 +439,18 @@ impl PortholeApp {
             (m.notices.last().cloned(), m.progress.clone())
         };
         for p in progress {
-            ui.add(egui::ProgressBar::new(p.fraction).text(format!("{} {:.0}%", p.what, p.fraction * 100.0)));
+            ui.horizontal(|ui| {
+                if ui.button("Cancel upload").on_hover_text(format!("Stop: {}", p.what)).clicked() {
+                    self.backend.cancel_upload(&p.what);
+                }
+                ui.add(egui::ProgressBar::new(p.fraction).text(format!("{} {:.0}%", p.what, p.fraction * 100.0)));
+            });
         }
         match notice {
             Some(n) if n.error => ui.colored_label(ui.visuals().error_fg_color, n.text),
             Some(n) => ui.label(n.text),
             None => ui.label("Ready."),
         };
-    }
-
-    fn machines(&mut self, ui: &mut egui::Ui) {
-        let host = self.selected_host;
-        let (error, vms, cpu) = {
-            let m = self.backend.model();
-            match m.hosts.get(host) {
-                Some(h) => (h.error.clone(), h.vms.clone(), h.cpu.clone()),
-                None => (None, Vec::new(), Default::default()),
-            }
-        };
-        ui.horizontal(|ui| {
-            let label = ui.label("Search");
-            ui.add(egui::TextEdit::singleline(&mut self.search).hint_text("name or state")).labelled_by(label.id);
-            if ui.button("New VM…").clicked() {
-                self.wizard = Some(Wizard::new(host));
-            }
-        });
-        if let Some(e) = error {
-            ui.colored_label(ui.visuals().error_fg_color, format!("This host cannot be reached: {e}"));
-            return;
-        }
-        let needle = self.search.to_lowercase();
-        let shown: Vec<_> = vms
-            .iter()
-            .filter(|v| {
-                needle.is_empty() || v.name.to_lowercase().contains(&needle) || state_text(v.state).contains(&needle)
-            })
-            .collect();
-        if vms.is_empty() {
-            ui.add_space(20.0);
-            ui.vertical_centered(|ui| {
-                ui.label("No virtual machines on this host yet.");
-                ui.label("Create one with “New VM…”, or drop an ISO onto this window.");
-                if host == 0
-                    && let Some(demo) = crate::demo_guest()
-                    && ui
-                        .button("Create a demo VM")
-                        .on_hover_text("A tiny VM with an animated screen that echoes your keys")
-                        .clicked()
-                {
-                    self.create_demo(demo);
-                }
-            });
-            return;
-        }
-        egui::Grid::new("vms").striped(true).num_columns(5).show(ui, |ui| {
-            ui.strong("Name");
-            ui.strong("State");
-            ui.strong("vCPUs");
-            ui.strong("Memory");
-            ui.strong("CPU");
-            ui.end_row();
-            for v in &shown {
-                if ui.selectable_label(self.selected_vm.as_deref() == Some(v.id.as_str()), &v.name).clicked() {
-                    self.selected_vm = Some(v.id.clone());
-                    self.backend.load_serial(host, v.id.clone());
-                }
-                ui.label(state_text(v.state));
-                ui.label(v.vcpus.to_string());
-                ui.label(format!("{} MiB", v.memory_mib));
-                match cpu.get(&v.id) {
-                    Some(history) if !history.is_empty() => sparkline(ui, history, &v.name),
-                    _ => {
-                        ui.label("");
-                    }
-                }
-                ui.end_row();
-            }
-        });
-        if let Some(vm) = self.selected_vm.as_ref().and_then(|id| vms.iter().find(|v| &v.id == id)).cloned() {
-            ui.separator();
-            self.details(ui, host, &vm);
-        }
     }
 
     fn details(&mut self, ui: &mut egui::Ui, host: usize, vm: &porthole_api::Vm) {
@@ -483,6 +473,28 @@ impl PortholeApp {
             ui.end_row();
             ui.label("CD/DVD");
             ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));
+            ui.end_row();
+            let l = ui.label("Tags");
+            ui.horizontal(|ui| {
+                let current = vm.tags.join(", ");
+                let edit = match &mut self.tags_edit {
+                    Some((h, v, text)) if *h == host && *v == vm.id => text,
+                    other => &mut other.insert((host, vm.id.clone(), current.clone())).2,
+                };
+                ui.add(egui::TextEdit::singleline(edit).hint_text("web, prod").desired_width(160.0)).labelled_by(l.id);
+                let tags = parse_tags(edit);
+                let problem = tags.iter().find_map(|t| tag_problem(t));
+                if *edit != current && ui.add_enabled(problem.is_none(), egui::Button::new("Save tags")).clicked() {
+                    let id = vm.id.clone();
+                    let change = porthole_api::UpdateVm { tags: Some(tags), ..Default::default() };
+                    self.backend.act(host, format!("Tag {}", vm.name), None, move |c| async move {
+                        c.update_vm(&id, &change).await
+                    });
+                }
+                if let Some(p) = problem {
+                    ui.colored_label(ui.visuals().warn_fg_color, p);
+                }
+            });
             ui.end_row();
         });
         if let Some(exit) = &vm.last_exit {
@@ -549,17 +561,43 @@ impl PortholeApp {
             };
             performance(ui, &samples);
         });
-        egui::CollapsingHeader::new("Serial output").default_open(false).show(ui, |ui| {
-            if ui.button("Refresh serial").clicked() {
+        egui::CollapsingHeader::new("Serial console").default_open(false).show(ui, |ui| {
+            // While open, the output is fetched once a second.
+            if running && self.serial_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
                 self.backend.load_serial(host, id.clone());
+                self.serial_fetched = Some(std::time::Instant::now());
+                ui.ctx().request_repaint_after(std::time::Duration::from_secs(1));
             }
             let lines = match &self.backend.model().serial {
                 Some((h, v, lines)) if *h == host && *v == id => lines.clone(),
                 _ => Vec::new(),
             };
-            egui::ScrollArea::vertical().max_height(200.0).stick_to_bottom(true).show(ui, |ui| {
+            egui::ScrollArea::vertical().id_salt("serial").max_height(200.0).stick_to_bottom(true).show(ui, |ui| {
                 for l in lines {
                     ui.monospace(l);
+                }
+            });
+            ui.horizontal(|ui| {
+                let l = ui.label("Type into the serial console");
+                let r = ui.add_enabled(
+                    vm.state == VmState::Running,
+                    egui::TextEdit::singleline(&mut self.serial_line).hint_text("a line, sent with Enter"),
+                );
+                let r = r.labelled_by(l.id);
+                let enter = r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+                if (ui.add_enabled(vm.state == VmState::Running, egui::Button::new("Send line")).clicked() || enter)
+                    && vm.state == VmState::Running
+                {
+                    let text = format!("{}\r", std::mem::take(&mut self.serial_line));
+                    let (id, backend) = (id.clone(), self.backend.clone());
+                    self.backend.act(host, format!("Type into {}", vm.name), None, move |c| async move {
+                        c.serial_input(&id, &text).await?;
+                        // The guest echoes after a moment: fetch the output again.
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        backend.load_serial(host, id);
+                        Ok(())
+                    });
+                    r.request_focus();
                 }
             });
         });
@@ -744,6 +782,7 @@ impl PortholeApp {
                 (Some(id), true, None) => self.attach(self.selected_host, &id, path),
                 _ => {
                     let mut w = Wizard::new(self.selected_host);
+                    self.backend.load_images(self.selected_host);
                     w.name = image_name(&path).trim_end_matches(".iso").to_owned();
                     w.iso = path.display().to_string();
                     self.wizard = Some(w);
@@ -754,12 +793,14 @@ impl PortholeApp {
 
     fn wizard_window(&mut self, ctx: &egui::Context) {
         let Some(w) = self.wizard.as_mut() else { return };
-        let (host_mem, taken) = {
+        let (host_mem, free_disk, taken, images) = {
             let m = self.backend.model();
             let h = m.hosts.get(w.host);
             (
                 h.and_then(|h| h.info.as_ref().map(|i| i.memory_mib)),
+                h.and_then(|h| h.info.as_ref().map(|i| i.free_disk_bytes)),
                 h.map(|h| h.vms.iter().map(|v| v.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+                m.images.get(&w.host).cloned().unwrap_or_default(),
             )
         };
         let mut open = true;
@@ -782,10 +823,57 @@ impl PortholeApp {
                     }
                 });
                 ui.end_row();
-                let l = ui.label("Disk (GiB)");
+                let l = ui.label("Disk");
                 ui.horizontal(|ui| {
-                    ui.add(egui::DragValue::new(&mut w.disk_gib).range(0..=65536)).labelled_by(l.id);
-                    ui.weak("0: no disk");
+                    let text = match &w.disk_image {
+                        None if w.disk_gib == 0 => "no disk".to_owned(),
+                        None => "new empty disk".to_owned(),
+                        Some(_) => "copy of a library image".to_owned(),
+                    };
+                    egui::ComboBox::from_id_salt("disk-kind")
+                        .selected_text(text)
+                        .show_ui(ui, |ui| {
+                            if ui.selectable_label(w.disk_image.is_none() && w.disk_gib > 0, "new empty disk").clicked()
+                            {
+                                w.disk_image = None;
+                                w.disk_gib = w.disk_gib.max(1);
+                            }
+                            if ui.selectable_label(w.disk_image.is_none() && w.disk_gib == 0, "no disk").clicked() {
+                                w.disk_image = None;
+                                w.disk_gib = 0;
+                            }
+                            if ui.selectable_label(w.disk_image.is_some(), "copy of a library image").clicked() {
+                                w.disk_image.get_or_insert_default();
+                            }
+                        })
+                        .response
+                        .labelled_by(l.id);
+                    match &mut w.disk_image {
+                        None if w.disk_gib > 0 => {
+                            let l = ui.label("Size (GiB)");
+                            ui.add(egui::DragValue::new(&mut w.disk_gib).range(1..=65536)).labelled_by(l.id);
+                            if let Some(free) = free_disk {
+                                ui.weak(format!("{} GiB free on this host (the file grows as written)", free >> 30));
+                            }
+                        }
+                        None => {}
+                        Some(image) => {
+                            let l = ui.label("Image");
+                            egui::ComboBox::from_id_salt("disk-image")
+                                .selected_text(if image.is_empty() { "choose…" } else { image.as_str() })
+                                .show_ui(ui, |ui| {
+                                    for i in &images {
+                                        let text = format!("{} ({} MiB)", i.name, i.size_bytes >> 20);
+                                        ui.selectable_value(image, i.name.clone(), text);
+                                    }
+                                    if images.is_empty() {
+                                        ui.label("The library is empty: upload an image first (drop it on a VM).");
+                                    }
+                                })
+                                .response
+                                .labelled_by(l.id);
+                        }
+                    }
                 });
                 ui.end_row();
                 let l = ui.label("ISO");
@@ -814,6 +902,9 @@ impl PortholeApp {
                 let l = ui.label("Command line");
                 ui.text_edit_singleline(&mut w.cmdline).labelled_by(l.id);
                 ui.end_row();
+                let l = ui.label("Tags");
+                ui.add(egui::TextEdit::singleline(&mut w.tags).hint_text("web, prod")).labelled_by(l.id);
+                ui.end_row();
             });
             let problems = w.problems(host_mem, &taken);
             for p in &problems {
@@ -825,7 +916,11 @@ impl PortholeApp {
                 if w.name.is_empty() { "a VM" } else { &w.name },
                 w.vcpus,
                 w.memory_mib,
-                if w.disk_gib == 0 { "no disk".to_owned() } else { format!("a {} GiB disk", w.disk_gib) },
+                match &w.disk_image {
+                    Some(i) => format!("a copy of {i} as its disk"),
+                    None if w.disk_gib == 0 => "no disk".to_owned(),
+                    None => format!("a new {} GiB disk", w.disk_gib),
+                },
                 if !w.kernel.trim().is_empty() { "the kernel" } else { "the ISO" }
             ));
             ui.horizontal(|ui| {
@@ -859,7 +954,12 @@ impl PortholeApp {
     }
 
     fn create(&mut self, w: Wizard) {
-        let mut request = CreateVm { disk_gib: w.disk_gib, ..CreateVm::new(w.name.clone(), w.vcpus, w.memory_mib) };
+        let mut request = CreateVm {
+            disk_gib: w.disk_gib,
+            disk_image: w.disk_image.clone(),
+            tags: parse_tags(&w.tags),
+            ..CreateVm::new(w.name.clone(), w.vcpus, w.memory_mib)
+        };
         if !w.kernel.trim().is_empty() {
             request.boot = Some(BootSpec {
                 kernel: w.kernel.trim().to_owned(),
@@ -887,7 +987,8 @@ impl PortholeApp {
         let Some(a) = self.add_host.as_mut() else { return };
         let mut open = true;
         let mut connect = false;
-        egui::Window::new("Add a host").open(&mut open).collapsible(false).show(ctx, |ui| {
+        let title = if a.editing.is_some() { "Edit host" } else { "Add a host" };
+        egui::Window::new(title).open(&mut open).collapsible(false).show(ctx, |ui| {
             egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
                 for (label, value, hint) in [
                     ("Host name", &mut a.name, "lab"),
@@ -922,8 +1023,17 @@ impl PortholeApp {
                 a.fingerprint = fp;
             }
             let fingerprint_ok = porthole_api::client::parse_fingerprint(&a.fingerprint).is_some();
-            let ok =
-                !a.name.trim().is_empty() && a.address.contains(':') && !a.token.trim().is_empty() && fingerprint_ok;
+            let name_taken = self.settings.remotes.iter().any(|r| r.name == a.name.trim())
+                && a.editing.as_deref() != Some(a.name.trim())
+                || a.name.trim() == "Local";
+            if name_taken {
+                ui.colored_label(ui.visuals().warn_fg_color, "There is a host with this name already.");
+            }
+            let ok = !a.name.trim().is_empty()
+                && !name_taken
+                && a.address.contains(':')
+                && !a.token.trim().is_empty()
+                && fingerprint_ok;
             if !fingerprint_ok && !a.fingerprint.is_empty() {
                 ui.colored_label(ui.visuals().warn_fg_color, "A fingerprint is 64 hex digits (colons allowed).");
             }
@@ -937,8 +1047,22 @@ impl PortholeApp {
                 token: a.token.trim().to_owned(),
                 fingerprint: a.fingerprint.trim().to_owned(),
             };
-            connect_remote(&self.backend, &remote);
-            self.settings.remotes.push(remote);
+            if let Some(old) = &a.editing {
+                // Editing: the old connection goes, the new one comes in its place in the settings.
+                let index = self.backend.model().hosts.iter().skip(1).position(|h| h.name == *old).map(|i| i + 1);
+                if let Some(i) = index {
+                    self.backend.remove_host(i);
+                }
+                match self.settings.remotes.iter_mut().find(|r| r.name == *old) {
+                    Some(r) => *r = remote.clone(),
+                    None => self.settings.remotes.push(remote.clone()),
+                }
+                self.selected_host = connect_remote(&self.backend, &remote);
+                self.selected_vm = None;
+            } else {
+                connect_remote(&self.backend, &remote);
+                self.settings.remotes.push(remote);
+            }
             self.save_settings();
         } else if !open {
             self.add_host = None;
@@ -1045,11 +1169,12 @@ fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
     }
 }
 
-fn connect_remote(backend: &Backend, r: &RemoteHost) {
+/// Adds remote host `r` to the backend; returns its index.
+fn connect_remote(backend: &Backend, r: &RemoteHost) -> usize {
     let (address, token, fingerprint) = (r.address.clone(), r.token.clone(), r.fingerprint.clone());
     backend.add_host(r.name.clone(), r.address.clone(), move || {
         Client::https(&address, &token, Some(&fingerprint)).map_err(|e| e.to_string())
-    });
+    })
 }
 
 #[cfg(test)]

@@ -50,6 +50,12 @@ pub struct Model {
     pub open_console: Option<(usize, String)>,
     /// The certificate fingerprint the add-host dialog fetched, for the user to check.
     pub fetched_fingerprint: Option<String>,
+    /// Screenshots fetched for the VM list, waiting to become textures: ((host, VM id), picture).
+    pub thumbnails: Vec<((usize, String), egui::ColorImage)>,
+    /// Each host's image library (fetched for the create wizard).
+    pub images: std::collections::HashMap<usize, Vec<porthole_api::Image>>,
+    /// Uploads in progress, by their progress text, to cancel them.
+    pub uploads: std::collections::HashMap<String, tokio::task::AbortHandle>,
 }
 
 impl Model {
@@ -230,6 +236,47 @@ impl Backend {
         });
     }
 
+    /// Fetches a small screenshot of a running VM for its row in the list (`width` pixels wide).
+    pub fn fetch_thumbnail(&self, index: usize, id: String, width: u32) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            // A VM that stopped meanwhile, or an older daemon: no thumbnail, and no message either.
+            let Ok(png) = client.screenshot(&id, width).await else { return };
+            if let Some(image) = decode_png(&png) {
+                backend.model().thumbnails.push(((index, id), image));
+                backend.repaint();
+            }
+        });
+    }
+
+    /// Fetches host `index`'s image library into the model.
+    pub fn load_images(&self, index: usize) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            match client.images().await {
+                Ok(images) => {
+                    backend.model().images.insert(index, images);
+                }
+                Err(e) => backend.model().notify(format!("cannot list the host's images: {e}"), true),
+            }
+            backend.repaint();
+        });
+    }
+
+    /// Stops an upload in progress (the daemon discards what it received).
+    pub fn cancel_upload(&self, what: &str) {
+        let mut m = self.model();
+        if let Some(handle) = m.uploads.remove(what) {
+            handle.abort();
+            m.progress.retain(|p| p.what != what);
+            m.notify(format!("{what}: cancelled"), false);
+        }
+        drop(m);
+        self.repaint();
+    }
+
     /// Fetches the serial lines of a VM into the model.
     pub fn load_serial(&self, index: usize, id: String) {
         let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
@@ -264,8 +311,12 @@ impl Backend {
         let name = image_name(&path);
         let backend = self.clone();
         let what = format!("Uploading {name}");
-        self.model().progress.push(Progress { what: what.clone(), fraction: 0.0 });
-        self.runtime.spawn(async move {
+        // The model stays locked until the task's abort handle is recorded, so the task (which takes the lock
+        // when it ends) cannot finish before it.
+        let mut model = self.model();
+        model.progress.push(Progress { what: what.clone(), fraction: 0.0 });
+        let key = what.clone();
+        let task = self.runtime.spawn(async move {
             let (b, w) = (backend.clone(), what.clone());
             let uploaded = match client.images().await {
                 Ok(images) if images.iter().any(|i| i.name == name) => Ok(()),
@@ -279,7 +330,11 @@ impl Backend {
                     .await
                     .map(|_| ()),
             };
-            backend.model().progress.retain(|p| p.what != what);
+            {
+                let mut m = backend.model();
+                m.progress.retain(|p| p.what != what);
+                m.uploads.remove(&what);
+            }
             let result = match uploaded {
                 Ok(()) => then(client, name.clone()).await,
                 Err(e) => Err(e),
@@ -289,6 +344,27 @@ impl Backend {
             }
             backend.repaint();
         });
+        model.uploads.insert(key, task.abort_handle());
+    }
+}
+
+/// Decodes a PNG (RGB or RGBA, 8 bits) into an egui image; `None` for anything else.
+pub fn decode_png(bytes: &[u8]) -> Option<egui::ColorImage> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().ok()?;
+    let (w, h) = (reader.info().width as usize, reader.info().height as usize);
+    if w == 0 || h == 0 || w > 4096 || h > 4096 {
+        return None;
+    }
+    let mut buf = vec![0; reader.output_buffer_size()?];
+    let info = reader.next_frame(&mut buf).ok()?;
+    if info.bit_depth != png::BitDepth::Eight {
+        return None;
+    }
+    let data = &buf[..info.buffer_size()];
+    match info.color_type {
+        png::ColorType::Rgb => Some(egui::ColorImage::from_rgb([w, h], data)),
+        png::ColorType::Rgba => Some(egui::ColorImage::from_rgba_unmultiplied([w, h], data)),
+        _ => None,
     }
 }
 

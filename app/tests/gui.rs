@@ -39,7 +39,7 @@ fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harnes
                 host.vms.iter().map(|v| (v.name.clone(), v.media.clone(), format!("{:?}", v.state))).collect::<Vec<_>>()
             })
             .collect();
-        let present: Vec<&str> = ["Machines", "echo1", "CD/DVD", "Start", "Force off", "Performance", "Serial output"]
+        let present: Vec<&str> = ["Machines", "echo1", "CD/DVD", "Start", "Force off", "Performance", "Serial console"]
             .into_iter()
             .filter(|l| has(h, l))
             .collect();
@@ -87,6 +87,16 @@ fn type_into(h: &mut Harness<'static, PortholeApp>, label: &str, text: &str) {
 
 fn click(h: &mut Harness<'static, PortholeApp>, label: &str) {
     h.get_by_label(label).click();
+    h.step();
+    h.step();
+}
+
+/// Opens the combo box labelled `label` and picks `choice`.
+fn combo(h: &mut Harness<'static, PortholeApp>, label: &str, choice: &str) {
+    h.get_by_role_and_label(Role::ComboBox, label).click();
+    h.step();
+    h.step();
+    h.get_all_by_label(choice).last().expect("the choice").click();
     h.step();
     h.step();
 }
@@ -195,7 +205,7 @@ fn errors_name_their_cause() {
             .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
     };
     wait(&mut h, "the local host's error", |h| has_contains(h, "Local — unreachable"));
-    assert!(has_contains(&h, "This host cannot be reached"));
+    assert!(has_contains(&h, "cannot be reached"));
 
     // A remote host with a viewer token: creating is refused with the daemon's reason.
     let d = Daemon::start(&dir, true, &[]);
@@ -221,6 +231,14 @@ fn errors_name_their_cause() {
     type_into(&mut h, "Kernel", &porthole_guests::path("hello").display().to_string());
     click(&mut h, "Create");
     wait(&mut h, "the refusal", |h| has_contains(h, "Create nope failed") && has_contains(h, "viewer"));
+    // Edit the host: a new name (the connection is made again, the settings follow).
+    click(&mut h, "Edit host…");
+    assert!(has(&h, "Edit host"));
+    type_into(&mut h, "Host name", "2");
+    click(&mut h, "Connect");
+    wait(&mut h, "the renamed host", |h| has(h, "lab2 — 0 VMs") && !has(h, "lab — 0 VMs"));
+    let saved = std::fs::read_to_string(dir.path("settings.json")).unwrap();
+    assert!(saved.contains("\"lab2\"") && !saved.contains("\"lab\""), "{saved}");
 
     // A damaged settings file: reported, kept aside, defaults used.
     std::fs::write(dir.path("settings2.json"), b"{ broken").unwrap();
@@ -349,7 +367,131 @@ fn an_unreachable_remote_host_does_not_block_the_local_one() {
     let mut h = app(&d.socket(), settings);
     wait(&mut h, "both hosts", |h| has(h, "Local — 0 VMs") && has(h, "gone — unreachable"));
     click(&mut h, "gone — unreachable");
-    assert!(has_contains(&h, "This host cannot be reached"));
+    assert!(has_contains(&h, "cannot be reached"));
     click(&mut h, "Local — 0 VMs");
     assert!(has_contains(&h, "No virtual machines on this host yet"));
+}
+
+/// The list with several VMs: thumbnails of running ones, grouping by tag and by host, search by tag,
+/// multi-select start and force-off, tags edited in the details, typing into the serial console, a library
+/// image as a new VM's disk, and an upload cancelled half-way.
+#[test]
+fn the_list_groups_selects_and_shows_thumbnails() {
+    let dir = Scratch::new("gui-list");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = d.local();
+    let boot = |guest: &str| {
+        Some(porthole_api::BootSpec {
+            kernel: porthole_guests::path(guest).display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        })
+    };
+    let make = |name: &str, guest: &str, tags: &[&str]| {
+        let req = porthole_api::CreateVm {
+            boot: boot(guest),
+            disk_gib: 0,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..porthole_api::CreateVm::new(name, 1, 64)
+        };
+        rt.block_on(c.create_vm(&req)).unwrap().id
+    };
+    let demo = make("show", "demo", &["web"]);
+    make("idle1", "idle", &["web", "db"]);
+    make("idle2", "idle", &[]);
+    let image = dir.path("base.img");
+    std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+    rt.block_on(c.upload_image("base.img", &image, |_, _| {})).unwrap();
+    rt.block_on(c.action(&demo, porthole_api::client::Action::Start)).unwrap();
+
+    let mut h = app(&d.socket(), dir.path("settings.json"));
+    wait(&mut h, "the three VMs", |h| has(h, "Local — 3 VMs"));
+    // The running VM's row gets a thumbnail of its screen (640x480 → 128x96).
+    wait(&mut h, "a thumbnail", |h| h.state().thumbnail_size(0, &demo) == Some([128, 96]));
+    assert!(has(&h, "show screen"));
+
+    // Tick two stopped VMs and start both at once, then force both off.
+    click(&mut h, "Select idle1");
+    click(&mut h, "Select idle2");
+    wait(&mut h, "the selection bar", |h| has(h, "Start selected (2)"));
+    click(&mut h, "Start selected (2)");
+    let states = |h: &Harness<'static, PortholeApp>| -> Vec<(String, porthole_api::VmState)> {
+        h.state().backend.model().hosts[0].vms.iter().map(|v| (v.name.clone(), v.state)).collect()
+    };
+    let running = |h: &Harness<'static, PortholeApp>, name: &str| {
+        states(h).iter().any(|(n, s)| n == name && *s == porthole_api::VmState::Running)
+    };
+    wait(&mut h, "both started", |h| running(h, "idle1") && running(h, "idle2"));
+    click(&mut h, "Force off selected (2)");
+    wait(&mut h, "both stopped", |h| !running(h, "idle1") && !running(h, "idle2"));
+    click(&mut h, "Clear selection");
+    assert!(!has_contains(&h, "selected ("));
+
+    // Group by tag: a VM with two tags is under both; untagged ones together.
+    combo(&mut h, "Group by", "tag");
+    wait(&mut h, "tag groups", |h| has(h, "web (2)") && has(h, "db (1)") && has(h, "untagged (1)"));
+    combo(&mut h, "Group by", "host");
+    wait(&mut h, "host groups", |h| has(h, "Local (3)"));
+    combo(&mut h, "Group by", "nothing");
+    // Search matches tags too.
+    type_into(&mut h, "Search", "db");
+    wait(&mut h, "the search", |h| has(h, "idle1") && !has(h, "idle2") && !has(h, "show"));
+    h.get_by_role_and_label(Role::TextInput, "Search").focus();
+    h.step();
+    for _ in 0..2 {
+        h.key_press(egui::Key::Backspace);
+        h.step();
+    }
+
+    // The demo's details: a new tag, and a line typed into its serial console (the demo echoes it).
+    click(&mut h, "show");
+    type_into(&mut h, "Tags", ", blue");
+    click(&mut h, "Save tags");
+    wait(&mut h, "the new tag", |h| {
+        h.state().backend.model().hosts[0].vms.iter().any(|v| v.name == "show" && v.tags == ["blue", "web"])
+    });
+    click(&mut h, "Serial console");
+    type_into(&mut h, "Type into the serial console", "hello from the window");
+    click(&mut h, "Send line");
+    wait(&mut h, "the echo", |_| serial_of(&d).contains("hello from the window"));
+    wait(&mut h, "the echo in the window", |h| has_contains(h, "hello from the window"));
+
+    // An upload cancelled half-way leaves nothing in the library.
+    // (The daemon's side of an upload broken off half-way is checked in tests/tests/daemon.rs.)
+    let big = dir.path("big.iso");
+    std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+    h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(big)));
+    wait(&mut h, "the upload under way", |h| has(h, "Cancel upload"));
+    h.get_by_label("Cancel upload").click_accesskit();
+    h.step();
+    wait(&mut h, "the cancellation", |h| has_contains(h, "cancelled"));
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(d.data.join("images"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("big.iso"))
+            .collect()
+    };
+    let start = Instant::now();
+    while !leftovers().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "partial upload left behind: {:?}", leftovers());
+        h.step();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A new VM whose disk is a copy of the library image.
+    click(&mut h, "New VM…");
+    type_into(&mut h, "Name", "cloned");
+    type_into(&mut h, "Kernel", &porthole_guests::path("hello").display().to_string());
+    combo(&mut h, "Disk", "copy of a library image");
+    assert!(disabled(&h, "Create"), "no image chosen yet");
+    combo(&mut h, "Image", "base.img (1 MiB)");
+    wait(&mut h, "a valid wizard", |h| !disabled(h, "Create"));
+    click(&mut h, "Create");
+    wait(&mut h, "the cloned VM", |h| {
+        h.state().backend.model().hosts[0].vms.iter().any(|v| v.name == "cloned" && v.disk_bytes == 1 << 20)
+    });
+    rt.block_on(c.action(&demo, porthole_api::client::Action::Poweroff)).unwrap();
 }

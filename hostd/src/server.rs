@@ -853,7 +853,11 @@ async fn upload_image(
     }
     let task = app.new_task(format!("upload {name}"), length);
     let tmp = app.host.store.images_dir().join(format!(".{name}.upload-{}", random_hex(4)));
+    // If the client goes away mid-upload the server drops this handler: the guard still removes the partial
+    // file and fails the task.
+    let guard = AbandonedUpload { app: app.clone(), task: task.clone(), tmp: Some(tmp.clone()) };
     let result = receive(&app, &task, body, &tmp, length, &expected).await;
+    guard.disarm();
     let finish = match result {
         Ok(()) => std::fs::rename(&tmp, &path)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
@@ -873,6 +877,31 @@ async fn upload_image(
                 t.error = Some(e.message.clone());
             });
             Err(e)
+        }
+    }
+}
+
+/// Cleans up after an upload whose handler was dropped before it finished.
+struct AbandonedUpload {
+    app: AppState,
+    task: String,
+    tmp: Option<PathBuf>,
+}
+
+impl AbandonedUpload {
+    fn disarm(mut self) {
+        self.tmp = None;
+    }
+}
+
+impl Drop for AbandonedUpload {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(&tmp);
+            self.app.update_task(&self.task, |t| {
+                t.state = TaskState::Failed;
+                t.error = Some("the client went away before the upload was complete".into());
+            });
         }
     }
 }

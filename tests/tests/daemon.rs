@@ -413,6 +413,24 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .output()
         .unwrap();
     assert!(text(&too_big.stdout).contains("413"), "{}", text(&too_big.stdout));
+    // An upload broken off half-way (the client went away): the partial file goes, the task says why.
+    let broken = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import socket,time\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.sendall(b'PUT /api/v1/images/half.iso HTTP/1.1\\r\\nHost: x\\r\\nX-Porthole-Sha256: {}\\r\\nContent-Length: 3000\\r\\n\\r\\n'+bytes([7])*1000)\ntime.sleep(0.5)\ns.close()",
+            d.socket().display().to_string(),
+            "ab".repeat(32)
+        ))
+        .status()
+        .unwrap();
+    assert!(broken.success());
+    let deadline = Instant::now() + LIMIT;
+    while snapshot() != before {
+        assert!(Instant::now() < deadline, "the partial upload stayed: {:?}", snapshot());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let task = c.tasks().await.unwrap().into_iter().find(|t| t.what == "upload half.iso").expect("the upload's task");
+    assert_eq!(task.state, TaskState::Failed, "{task:?}");
     let ok = c.upload_image("small.iso", &file, |_, _| {}).await.unwrap();
     assert_eq!(ok.size_bytes, 1000);
     c.delete_image("small.iso").await.unwrap();

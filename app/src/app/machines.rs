@@ -1,0 +1,435 @@
+//! The VM list: search, grouping by host or tag, live thumbnails of the visible rows, multi-select with
+//! start/stop for the selection, and the selected VM's details below.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use porthole_api::client::Action;
+use porthole_api::{Vm, VmState};
+
+use super::{PortholeApp, Wizard, sparkline, state_text};
+
+/// How the list is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupBy {
+    /// The selected host's VMs, one list.
+    #[default]
+    Nothing,
+    /// Every host's VMs, under a heading per host.
+    Host,
+    /// The selected host's VMs under a heading per tag (a VM with two tags is under both).
+    Tag,
+}
+
+impl GroupBy {
+    fn text(self) -> &'static str {
+        match self {
+            GroupBy::Nothing => "nothing",
+            GroupBy::Host => "host",
+            GroupBy::Tag => "tag",
+        }
+    }
+}
+
+/// Thumbnails are this wide on screen (fetched at twice that for sharp HiDPI rendering).
+const THUMB_WIDTH: f32 = 64.0;
+/// How often a visible running VM's thumbnail is refreshed.
+const THUMB_EVERY: Duration = Duration::from_secs(3);
+
+/// A row's thumbnail: the last picture and when the next was asked for.
+#[derive(Default)]
+pub struct Thumbnails {
+    textures: HashMap<(usize, String), egui::TextureHandle>,
+    requested: HashMap<(usize, String), Instant>,
+}
+
+impl Thumbnails {
+    /// Turns fetched pictures into textures.
+    fn take_new(&mut self, ctx: &egui::Context, fresh: Vec<((usize, String), egui::ColorImage)>) {
+        for (key, image) in fresh {
+            match self.textures.get_mut(&key) {
+                Some(t) => t.set(image, egui::TextureOptions::LINEAR),
+                None => {
+                    let name = format!("thumbnail-{}-{}", key.0, key.1);
+                    self.textures.insert(key, ctx.load_texture(name, image, egui::TextureOptions::LINEAR));
+                }
+            }
+        }
+    }
+
+    /// Whether a row's thumbnail is due (and notes that it is being fetched).
+    fn due(&mut self, key: &(usize, String)) -> bool {
+        let due = self.requested.get(key).is_none_or(|t| t.elapsed() >= THUMB_EVERY);
+        if due {
+            self.requested.insert(key.clone(), Instant::now());
+        }
+        due
+    }
+}
+
+/// Whether `vm` matches the search text (name, state or a tag, case-insensitive).
+pub fn matches(vm: &Vm, needle: &str) -> bool {
+    let needle = needle.trim().to_lowercase();
+    needle.is_empty()
+        || vm.name.to_lowercase().contains(&needle)
+        || state_text(vm.state).contains(&needle)
+        || vm.tags.iter().any(|t| t.to_lowercase().contains(&needle))
+}
+
+/// The groups to show: (heading, rows of (host, VM)); one group without a heading when not grouping.
+pub fn groups(by: GroupBy, rows: Vec<(usize, String, Vm)>) -> Vec<(String, Vec<(usize, Vm)>)> {
+    match by {
+        GroupBy::Nothing => vec![(String::new(), rows.into_iter().map(|(h, _, v)| (h, v)).collect())],
+        GroupBy::Host => {
+            let mut out: Vec<(String, Vec<(usize, Vm)>)> = Vec::new();
+            for (host, name, vm) in rows {
+                match out.last_mut() {
+                    Some((n, list)) if *n == name => list.push((host, vm)),
+                    _ => out.push((name, vec![(host, vm)])),
+                }
+            }
+            out
+        }
+        GroupBy::Tag => {
+            let mut by_tag: BTreeMap<String, Vec<(usize, Vm)>> = BTreeMap::new();
+            let mut untagged = Vec::new();
+            for (host, _, vm) in rows {
+                if vm.tags.is_empty() {
+                    untagged.push((host, vm));
+                } else {
+                    for t in &vm.tags {
+                        by_tag.entry(t.clone()).or_default().push((host, vm.clone()));
+                    }
+                }
+            }
+            let mut out: Vec<_> = by_tag.into_iter().collect();
+            if !untagged.is_empty() {
+                out.push(("untagged".into(), untagged));
+            }
+            out
+        }
+    }
+}
+
+fn is_running(vm: &Vm) -> bool {
+    matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting)
+}
+
+impl PortholeApp {
+    /// The size of the thumbnail shown for a VM's row, if one arrived (for tests).
+    pub fn thumbnail_size(&self, host: usize, id: &str) -> Option<[usize; 2]> {
+        self.thumbnails.textures.get(&(host, id.to_owned())).map(|t| t.size())
+    }
+
+    pub(super) fn machines(&mut self, ui: &mut egui::Ui) {
+        let host = self.selected_host;
+        let fresh = std::mem::take(&mut self.backend.model().thumbnails);
+        self.thumbnails.take_new(ui.ctx(), fresh);
+        // (host index, host name, error, VMs, CPU histories) of the hosts shown.
+        let shown_hosts: Vec<usize> = if self.group_by == GroupBy::Host {
+            let m = self.backend.model();
+            m.hosts.iter().enumerate().filter(|(_, h)| !h.name.is_empty()).map(|(i, _)| i).collect()
+        } else {
+            vec![host]
+        };
+        let (errors, rows, cpu) = {
+            let m = self.backend.model();
+            let mut errors = Vec::new();
+            let mut rows = Vec::new();
+            let mut cpu = HashMap::new();
+            for &i in &shown_hosts {
+                let Some(h) = m.hosts.get(i) else { continue };
+                if let Some(e) = &h.error {
+                    errors.push((h.name.clone(), e.clone()));
+                }
+                for v in &h.vms {
+                    rows.push((i, h.name.clone(), v.clone()));
+                }
+                for (id, history) in &h.cpu {
+                    cpu.insert((i, id.clone()), history.clone());
+                }
+            }
+            (errors, rows, cpu)
+        };
+        let total = rows.len();
+        ui.horizontal(|ui| {
+            let label = ui.label("Search");
+            ui.add(egui::TextEdit::singleline(&mut self.search).hint_text("name, state or tag")).labelled_by(label.id);
+            let label = ui.label("Group by");
+            egui::ComboBox::from_id_salt("group-by")
+                .selected_text(self.group_by.text())
+                .show_ui(ui, |ui| {
+                    for g in [GroupBy::Nothing, GroupBy::Host, GroupBy::Tag] {
+                        ui.selectable_value(&mut self.group_by, g, g.text());
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+            if ui.button("New VM…").clicked() {
+                self.wizard = Some(Wizard::new(host));
+                self.backend.load_images(host);
+            }
+        });
+        for (name, e) in &errors {
+            ui.colored_label(ui.visuals().error_fg_color, format!("{name} cannot be reached: {e}"));
+        }
+        if !errors.is_empty() && total == 0 && self.group_by != GroupBy::Host {
+            return;
+        }
+        if total == 0 {
+            ui.add_space(20.0);
+            ui.vertical_centered(|ui| {
+                ui.label("No virtual machines on this host yet.");
+                ui.label("Create one with “New VM…”, or drop an ISO onto this window.");
+                if host == 0
+                    && let Some(demo) = crate::demo_guest()
+                    && ui
+                        .button("Create a demo VM")
+                        .on_hover_text("A tiny VM with an animated screen that echoes your keys")
+                        .clicked()
+                {
+                    self.create_demo(demo);
+                }
+            });
+            return;
+        }
+        // The multi-selection only holds VMs that still exist.
+        let present: BTreeSet<(usize, String)> = rows.iter().map(|(h, _, v)| (*h, v.id.clone())).collect();
+        self.checked.retain(|k| present.contains(k));
+        self.selection_actions(ui, &rows);
+
+        let shown: Vec<_> = rows.iter().filter(|(_, _, v)| matches(v, &self.search)).cloned().collect();
+        if shown.is_empty() {
+            ui.label(format!("No VM matches “{}”.", self.search.trim()));
+        }
+        let groups = groups(self.group_by, shown);
+        let mut clicked: Option<(usize, String)> = None;
+        let mut thumbs_wanted = Vec::new();
+        let list_height = (ui.available_height() * 0.45).max(120.0);
+        egui::ScrollArea::vertical().id_salt("vm-list").max_height(list_height).auto_shrink([false, true]).show(
+            ui,
+            |ui| {
+                let group_by = self.group_by.text();
+                for (gi, (heading, members)) in groups.iter().enumerate() {
+                    let mut grid = |ui: &mut egui::Ui| {
+                        egui::Grid::new(("vms", gi)).striped(true).num_columns(8).show(ui, |ui| {
+                            ui.label("");
+                            ui.label("");
+                            ui.strong("Name");
+                            ui.strong("State");
+                            ui.strong("vCPUs");
+                            ui.strong("Memory");
+                            ui.strong("CPU");
+                            ui.strong("Tags");
+                            ui.end_row();
+                            for (h, v) in members {
+                                let key = (*h, v.id.clone());
+                                let mut on = self.checked.contains(&key);
+                                let r = ui.checkbox(&mut on, "");
+                                r.widget_info(|| {
+                                    egui::WidgetInfo::selected(
+                                        egui::Role::CheckBox,
+                                        true,
+                                        on,
+                                        format!("Select {}", v.name),
+                                    )
+                                });
+                                if r.changed() {
+                                    if on {
+                                        self.checked.insert(key.clone());
+                                    } else {
+                                        self.checked.remove(&key);
+                                    }
+                                }
+                                self.thumbnail_cell(ui, &key, v, &mut thumbs_wanted);
+                                let selected =
+                                    self.selected_host == *h && self.selected_vm.as_deref() == Some(v.id.as_str());
+                                if ui.selectable_label(selected, &v.name).clicked() {
+                                    clicked = Some(key.clone());
+                                }
+                                ui.label(state_text(v.state));
+                                ui.label(v.vcpus.to_string());
+                                ui.label(format!("{} MiB", v.memory_mib));
+                                match cpu.get(&key) {
+                                    Some(history) if !history.is_empty() => sparkline(ui, history, &v.name),
+                                    _ => {
+                                        ui.label("");
+                                    }
+                                }
+                                ui.label(v.tags.join(", "));
+                                ui.end_row();
+                            }
+                        });
+                    };
+                    if heading.is_empty() {
+                        grid(ui);
+                    } else {
+                        egui::CollapsingHeader::new(format!("{heading} ({})", members.len()))
+                            .id_salt(("group", group_by, heading))
+                            .default_open(true)
+                            .show(ui, grid);
+                    }
+                }
+            },
+        );
+        for (h, id) in thumbs_wanted {
+            self.backend.fetch_thumbnail(h, id, (THUMB_WIDTH * 2.0) as u32);
+        }
+        if let Some((h, id)) = clicked {
+            self.selected_host = h;
+            self.selected_vm = Some(id.clone());
+            self.backend.load_serial(h, id);
+        }
+        let selected = self.selected_vm.as_ref().and_then(|id| {
+            rows.iter().find(|(h, _, v)| *h == self.selected_host && &v.id == id).map(|(_, _, v)| v.clone())
+        });
+        if let Some(vm) = selected {
+            ui.separator();
+            egui::ScrollArea::vertical().id_salt("vm-details").show(ui, |ui| self.details(ui, self.selected_host, &vm));
+        }
+    }
+
+    /// The thumbnail cell of a row: the last picture of a running VM; a new one is asked for every few
+    /// seconds while the row is on screen.
+    fn thumbnail_cell(&mut self, ui: &mut egui::Ui, key: &(usize, String), vm: &Vm, wanted: &mut Vec<(usize, String)>) {
+        let size = egui::vec2(THUMB_WIDTH, THUMB_WIDTH * 0.75);
+        let running = matches!(vm.state, VmState::Running | VmState::Paused);
+        let (rect, response) = ui.allocate_exact_size(size, egui::Sense::hover());
+        response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Image, true, format!("{} screen", vm.name)));
+        if !running {
+            self.thumbnails.textures.remove(key);
+            ui.painter().rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+            return;
+        }
+        match self.thumbnails.textures.get(key) {
+            Some(t) => {
+                let ts = t.size_vec2();
+                let fit = (size.x / ts.x).min(size.y / ts.y);
+                let shown = egui::Rect::from_center_size(rect.center(), ts * fit);
+                ui.painter().image(
+                    t.id(),
+                    shown,
+                    egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+                    egui::Color32::WHITE,
+                );
+            }
+            None => {
+                ui.painter().rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+            }
+        }
+        if ui.is_rect_visible(rect) {
+            if self.thumbnails.due(key) {
+                wanted.push(key.clone());
+            }
+            // Come back when the next picture is due (only while thumbnails are on screen).
+            ui.ctx().request_repaint_after(THUMB_EVERY);
+        }
+    }
+
+    /// "Start selected", "Shut down selected", … for the ticked VMs.
+    fn selection_actions(&mut self, ui: &mut egui::Ui, rows: &[(usize, String, Vm)]) {
+        if self.checked.is_empty() {
+            return;
+        }
+        let picked: Vec<(usize, Vm)> = rows
+            .iter()
+            .filter(|(h, _, v)| self.checked.contains(&(*h, v.id.clone())))
+            .map(|(h, _, v)| (*h, v.clone()))
+            .collect();
+        let startable: Vec<_> = picked.iter().filter(|(_, v)| !is_running(v)).cloned().collect();
+        let running: Vec<_> = picked.iter().filter(|(_, v)| is_running(v)).cloned().collect();
+        ui.horizontal(|ui| {
+            ui.label(format!("{} selected:", picked.len()));
+            if ui
+                .add_enabled(!startable.is_empty(), egui::Button::new(format!("Start selected ({})", startable.len())))
+                .clicked()
+            {
+                for (h, v) in &startable {
+                    let id = v.id.clone();
+                    self.backend.act(*h, format!("Start {}", v.name), None, move |c| async move {
+                        c.action(&id, Action::Start).await
+                    });
+                }
+            }
+            if ui
+                .add_enabled(!running.is_empty(), egui::Button::new(format!("Shut down selected ({})", running.len())))
+                .clicked()
+            {
+                for (h, v) in &running {
+                    let id = v.id.clone();
+                    self.backend.act(*h, format!("Shut down {}", v.name), None, move |c| async move {
+                        c.shutdown(&id, 60).await
+                    });
+                }
+            }
+            if ui
+                .add_enabled(!running.is_empty(), egui::Button::new(format!("Force off selected ({})", running.len())))
+                .clicked()
+            {
+                for (h, v) in &running {
+                    let id = v.id.clone();
+                    self.backend.act(*h, format!("Force off {}", v.name), None, move |c| async move {
+                        c.action(&id, Action::Poweroff).await
+                    });
+                }
+            }
+            if ui.button("Clear selection").clicked() {
+                self.checked.clear();
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, tags: &[&str]) -> Vm {
+        Vm {
+            id: name.into(),
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disk_bytes: 0,
+            boot: None,
+            media: None,
+            state: VmState::Stopped,
+            last_exit: None,
+            uptime_s: None,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn grouping_by_tag_lists_a_vm_under_each_of_its_tags() {
+        let rows = vec![
+            (0, "Local".to_owned(), vm("a", &["web", "prod"])),
+            (0, "Local".to_owned(), vm("b", &[])),
+            (1, "lab".to_owned(), vm("c", &["web"])),
+        ];
+        let g = groups(GroupBy::Tag, rows.clone());
+        let names: Vec<(String, Vec<String>)> =
+            g.iter().map(|(t, m)| (t.clone(), m.iter().map(|(_, v)| v.name.clone()).collect())).collect();
+        assert_eq!(
+            names,
+            [
+                ("prod".to_owned(), vec!["a".to_owned()]),
+                ("web".to_owned(), vec!["a".to_owned(), "c".to_owned()]),
+                ("untagged".to_owned(), vec!["b".to_owned()])
+            ]
+        );
+        let by_host = groups(GroupBy::Host, rows.clone());
+        assert_eq!(by_host.iter().map(|(h, m)| (h.as_str(), m.len())).collect::<Vec<_>>(), [("Local", 2), ("lab", 1)]);
+        assert_eq!(groups(GroupBy::Nothing, rows)[0].1.len(), 3);
+    }
+
+    #[test]
+    fn search_matches_names_states_and_tags() {
+        let v = vm("web-1", &["Production"]);
+        assert!(matches(&v, "WEB"));
+        assert!(matches(&v, "stopped"));
+        assert!(matches(&v, "product"));
+        assert!(matches(&v, "  "));
+        assert!(!matches(&v, "db"));
+    }
+}
