@@ -1,6 +1,7 @@
 //! An RFB (VNC) client: RFB 3.3/3.7/3.8, security None and VncAuth, 32-bit true colour, encodings Raw,
-//! CopyRect, Hextile, Zlib, ZRLE and Tight (with JPEG), pseudo-encodings DesktopSize, Cursor, LastRect and
-//! QEMU extended key events; key (keysym and scancode), pointer and cut-text input. Used by the GUI's console
+//! CopyRect, Hextile, Zlib, ZRLE and Tight (with JPEG), pseudo-encodings DesktopSize, ExtendedDesktopSize
+//! (the client can ask for a screen size), Cursor, LastRect, QEMU extended key events and the extended
+//! clipboard (UTF-8 text); key (keysym and scancode), pointer and cut-text input. Used by the GUI's console
 //! and by the tests.
 //!
 //! The server is not trusted: every rectangle is checked against the screen, every length is bounded, and
@@ -26,6 +27,74 @@ pub const CURSOR: i32 = -239;
 pub const DESKTOP_SIZE: i32 = -223;
 pub const LAST_RECT: i32 = -224;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
+/// The client may ask for another screen size (SetDesktopSize); the server reports sizes and screens.
+pub const EXTENDED_DESKTOP_SIZE: i32 = -308;
+/// Clipboard in any format, UTF-8 text, compressed, fetched on demand (0xC0A1E5CE).
+pub const EXTENDED_CLIPBOARD: i32 = 0xC0A1_E5CE_u32 as i32;
+
+/// Extended clipboard flags: the text format, and the actions.
+const CLIP_TEXT: u32 = 1;
+const CLIP_CAPS: u32 = 1 << 24;
+const CLIP_REQUEST: u32 = 1 << 25;
+const CLIP_PEEK: u32 = 1 << 26;
+const CLIP_NOTIFY: u32 = 1 << 27;
+const CLIP_PROVIDE: u32 = 1 << 28;
+/// Largest clipboard text this client takes or offers (the limit it announces).
+pub const MAX_CLIPBOARD: usize = 1 << 20;
+
+/// Where the extended clipboard stands: what the server asked for or offered that the client has not
+/// answered yet (see [`RfbClient::clipboard_replies`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClipboardState {
+    /// The server speaks the extended clipboard (it sent its capabilities).
+    pub extended: bool,
+    /// Our capabilities are still to be sent.
+    caps_due: bool,
+    /// The server has new text: ask for it.
+    offered: bool,
+    /// The server wants our text.
+    requested: bool,
+}
+
+/// SetDesktopSize: one screen (`id`, as the server named it) covering `width` x `height`.
+pub fn set_desktop_size_message(screen_id: u32, width: u16, height: u16) -> Vec<u8> {
+    let mut m = vec![251, 0];
+    m.extend_from_slice(&width.to_be_bytes());
+    m.extend_from_slice(&height.to_be_bytes());
+    m.extend_from_slice(&[1, 0]);
+    m.extend_from_slice(&screen_id.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&width.to_be_bytes());
+    m.extend_from_slice(&height.to_be_bytes());
+    m.extend_from_slice(&0u32.to_be_bytes());
+    m
+}
+
+/// An extended ClientCutText message: the flags and the payload after them.
+fn clipboard_message(flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![6, 0, 0, 0];
+    m.extend_from_slice(&(-((payload.len() + 4) as i32)).to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// "This client has new text on its clipboard" (the server asks for it when someone pastes).
+pub fn clipboard_notify_message() -> Vec<u8> {
+    clipboard_message(CLIP_NOTIFY | CLIP_TEXT, &[])
+}
+
+/// The clipboard's text, compressed, in answer to a request.
+pub fn clipboard_provide_message(text: &str) -> Vec<u8> {
+    let mut raw = text.replace("\r\n", "\n").replace('\n', "\r\n").into_bytes();
+    raw.truncate(MAX_CLIPBOARD - 1);
+    raw.push(0);
+    let mut plain = (raw.len() as u32).to_be_bytes().to_vec();
+    plain.extend_from_slice(&raw);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    let _ = z.write_all(&plain);
+    clipboard_message(CLIP_PROVIDE | CLIP_TEXT, &z.finish().unwrap_or_default())
+}
 /// Tight JPEG quality levels -32 (lowest) .. -23 (highest).
 pub const JPEG_QUALITY_6: i32 = -26;
 
@@ -50,6 +119,11 @@ pub struct RfbClient {
     pub name: String,
     /// Pseudo-encodings the server has acknowledged with a rectangle.
     pub acknowledged: Vec<i32>,
+    /// The id of the server's first screen (ExtendedDesktopSize), for SetDesktopSize.
+    pub screen_id: u32,
+    /// The status of the server's answer to our last SetDesktopSize (0: done), if one came.
+    pub resize_status: Option<u32>,
+    pub clipboard: ClipboardState,
     /// Bytes received in framebuffer updates.
     pub bytes_received: u64,
     /// The last cursor shape received: (width, height, pixels then mask).
@@ -277,6 +351,9 @@ impl RfbClient {
             name: String::from_utf8_lossy(&name).into_owned(),
             cut_text: None,
             acknowledged: Vec::new(),
+            screen_id: 0,
+            resize_status: None,
+            clipboard: ClipboardState::default(),
             bytes_received: 0,
             cursor: None,
             zlib: Decompress::new(true),
@@ -304,6 +381,80 @@ impl RfbClient {
         m.extend_from_slice(&(latin1.len() as u32).to_be_bytes());
         m.extend_from_slice(&latin1);
         self.stream.write_all(&m)
+    }
+
+    /// Asks the server for a screen of `width` x `height` (needs [`EXTENDED_DESKTOP_SIZE`] acknowledged).
+    pub fn set_desktop_size(&mut self, width: u16, height: u16) -> io::Result<()> {
+        self.stream.write_all(&set_desktop_size_message(self.screen_id, width, height))
+    }
+
+    /// The extended-clipboard messages the client owes the server now: its capabilities (once), a request
+    /// for text the server offered, and `ours` if the server asked for it. Clears what they answer.
+    pub fn clipboard_replies(&mut self, ours: Option<&str>) -> Vec<Vec<u8>> {
+        let c = &mut self.clipboard;
+        let mut out = Vec::new();
+        if c.caps_due {
+            c.caps_due = false;
+            // One size per format announced: text only.
+            out.push(clipboard_message(
+                CLIP_CAPS | CLIP_REQUEST | CLIP_PEEK | CLIP_NOTIFY | CLIP_PROVIDE | CLIP_TEXT,
+                &(MAX_CLIPBOARD as u32).to_be_bytes(),
+            ));
+        }
+        if c.offered {
+            c.offered = false;
+            out.push(clipboard_message(CLIP_REQUEST | CLIP_TEXT, &[]));
+        }
+        if c.requested {
+            c.requested = false;
+            if let Some(text) = ours {
+                out.push(clipboard_provide_message(text));
+            }
+        }
+        out
+    }
+
+    /// Sends [`RfbClient::clipboard_replies`] on this client's own stream.
+    pub fn answer_clipboard(&mut self, ours: Option<&str>) -> io::Result<()> {
+        for m in self.clipboard_replies(ours) {
+            self.stream.write_all(&m)?;
+        }
+        Ok(())
+    }
+
+    /// Reads an extended ServerCutText payload of `len` bytes.
+    fn extended_clipboard(&mut self, len: usize) -> io::Result<()> {
+        if len < 4 {
+            return Err(io::Error::other("an extended clipboard message without flags"));
+        }
+        let data = read_block(&mut self.reader, len)?;
+        let flags = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+        let c = &mut self.clipboard;
+        if flags & CLIP_CAPS != 0 {
+            c.extended = true;
+            c.caps_due = true;
+        } else if flags & CLIP_PROVIDE != 0 {
+            if flags & CLIP_TEXT == 0 {
+                return Ok(());
+            }
+            // A zlib stream of (u32 length, data) per format, text first; text is UTF-8, CRLF, NUL-ended.
+            let mut z = flate2::read::ZlibDecoder::new(&data[4..]).take(MAX_CLIPBOARD as u64 + 4);
+            let size = read_u32(&mut z)? as usize;
+            if size > MAX_CLIPBOARD {
+                return Err(io::Error::other(format!("{size} bytes of clipboard text is too much")));
+            }
+            let mut text = vec![0u8; size];
+            z.read_exact(&mut text)?;
+            let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+            self.cut_text = Some(String::from_utf8_lossy(&text[..end]).replace("\r\n", "\n"));
+        } else if flags & CLIP_REQUEST != 0 && flags & CLIP_TEXT != 0 {
+            c.requested = true;
+        } else if flags & CLIP_NOTIFY != 0 && flags & CLIP_TEXT != 0 {
+            c.offered = true;
+        } else if flags & CLIP_PEEK != 0 {
+            // "What do you have?": nothing new to announce until the user copies something.
+        }
+        Ok(())
     }
 
     pub fn set_encodings(&mut self, encodings: &[i32]) -> io::Result<()> {
@@ -344,8 +495,9 @@ impl RfbClient {
     }
 
     /// Reads server messages until one framebuffer update has been applied; returns its rectangles as
-    /// (encoding, x, y, w, h). Bells, colour maps, fences and cut text (kept in `cut_text`) on the way are
-    /// consumed.
+    /// (encoding, x, y, w, h). Bells, colour maps and fences on the way are consumed. Clipboard text (kept in
+    /// `cut_text`) and extended clipboard messages (see [`RfbClient::clipboard_replies`]) return at once with
+    /// no rectangles.
     pub fn read_update(&mut self) -> io::Result<Vec<UpdateRect>> {
         loop {
             let mut kind = [0u8; 1];
@@ -362,12 +514,20 @@ impl RfbClient {
                 3 => {
                     let mut pad = [0u8; 3];
                     self.reader.read_exact(&mut pad)?;
-                    let len = read_u32(&mut self.reader)? as usize;
+                    let len = read_u32(&mut self.reader)? as i32;
+                    if len < 0 {
+                        self.extended_clipboard(len.unsigned_abs() as usize)?;
+                        // The caller may owe an answer (the server waits for it): return before the next
+                        // update, which on a still screen may never come.
+                        return Ok(Vec::new());
+                    }
+                    let len = len as usize;
                     let keep = len.min(MAX_CUT_TEXT);
                     let mut text = vec![0u8; keep];
                     self.reader.read_exact(&mut text)?;
                     skip(&mut self.reader, len - keep)?;
                     self.cut_text = Some(text.iter().map(|&b| char::from(b)).collect());
+                    return Ok(Vec::new());
                 }
                 150 => {}
                 248 => {
@@ -440,6 +600,32 @@ impl RfbClient {
                 }
                 ZRLE => self.zrle(x, y, w, h)?,
                 TIGHT => self.tight(x, y, w, h)?,
+                EXTENDED_DESKTOP_SIZE => {
+                    // x: why (0 server, 1 this client's request, 2 another client's), y: status for a request.
+                    let mut head = [0u8; 4];
+                    self.reader.read_exact(&mut head)?;
+                    for i in 0..head[0] {
+                        let mut screen = [0u8; 16];
+                        self.reader.read_exact(&mut screen)?;
+                        if i == 0 {
+                            self.screen_id = u32::from_be_bytes([screen[0], screen[1], screen[2], screen[3]]);
+                        }
+                    }
+                    if !self.acknowledged.contains(&encoding) {
+                        self.acknowledged.push(encoding);
+                    }
+                    if x == 1 {
+                        self.resize_status = Some(y);
+                    }
+                    if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+                        return Err(io::Error::other(format!("screen size {w}x{h} is not supported")));
+                    }
+                    if (w, h) != (self.width, self.height) {
+                        self.width = w;
+                        self.height = h;
+                        self.pixels = vec![0; (w * h) as usize];
+                    }
+                }
                 DESKTOP_SIZE => {
                     if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
                         return Err(io::Error::other(format!("screen size {w}x{h} is not supported")));
@@ -736,7 +922,7 @@ impl RfbClient {
         let total = u64::from(self.width) * u64::from(self.height);
         while covered < total {
             for (encoding, _, _, w, h) in self.read_update()? {
-                if encoding == DESKTOP_SIZE {
+                if encoding == DESKTOP_SIZE || encoding == EXTENDED_DESKTOP_SIZE {
                     covered = 0;
                     self.request(false)?;
                 } else if [RAW, HEXTILE, ZLIB, ZRLE, TIGHT].contains(&encoding) {

@@ -28,6 +28,13 @@ struct Shared {
     frame: Mutex<Frame>,
     input: Mutex<Option<UnixStream>>,
     scancodes: AtomicBool,
+    /// The server takes SetDesktopSize (ExtendedDesktopSize acknowledged); its first screen's id.
+    resizable: AtomicBool,
+    screen_id: std::sync::atomic::AtomicU32,
+    /// The server speaks the extended clipboard (UTF-8, on demand).
+    extended_clipboard: AtomicBool,
+    /// Text this side put on the guest's clipboard, handed over when the server asks for it.
+    clipboard_out: Mutex<Option<String>>,
 }
 
 /// How the screen fits the space it has.
@@ -39,6 +46,8 @@ pub enum Scaling {
     Sharp,
     /// One screen pixel per window pixel, with scroll bars.
     Actual,
+    /// The guest's screen is resized to the space the console has (servers with ExtendedDesktopSize).
+    Resize,
 }
 
 /// One console.
@@ -53,6 +62,10 @@ pub struct Console {
     last_pointer: Option<(u16, u16, u8)>,
     /// A paste into the guest was asked for: the next Paste event goes to the server's clipboard.
     pasting: bool,
+    /// Resize mode: the size the console area asks for and since when (sent once it holds for a moment),
+    /// and the last size sent.
+    resize_wanted: Option<((u16, u16), std::time::Instant)>,
+    resize_sent: Option<(u16, u16)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,6 +83,10 @@ impl Console {
             frame: Mutex::new(Frame { state: "Connecting…".into(), ..Frame::default() }),
             input: Mutex::new(None),
             scancodes: AtomicBool::new(false),
+            resizable: AtomicBool::new(false),
+            screen_id: Default::default(),
+            extended_clipboard: AtomicBool::new(false),
+            clipboard_out: Mutex::new(None),
         });
         let s = shared.clone();
         let _ = std::thread::Builder::new().name("console".into()).spawn(move || {
@@ -92,6 +109,8 @@ impl Console {
             last_modifiers: egui::Modifiers::NONE,
             last_pointer: None,
             pasting: false,
+            resize_wanted: None,
+            resize_sent: None,
         }
     }
 
@@ -158,17 +177,26 @@ impl Console {
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::RequestPaste);
             }
             let before = self.scaling;
+            let resizable = self.shared.resizable.load(Ordering::Relaxed);
             egui::ComboBox::from_label("Scale")
                 .selected_text(match self.scaling {
                     Scaling::Fit => "Fit (smooth)",
                     Scaling::Sharp => "Fit (sharp)",
                     Scaling::Actual => "1:1",
+                    Scaling::Resize => "Resize guest to window",
                 })
                 .show_ui(ui, |ui| {
                     ui.selectable_value(&mut self.scaling, Scaling::Fit, "Fit (smooth)");
                     ui.selectable_value(&mut self.scaling, Scaling::Sharp, "Fit (sharp)");
                     ui.selectable_value(&mut self.scaling, Scaling::Actual, "1:1");
+                    ui.add_enabled_ui(resizable, |ui| {
+                        ui.selectable_value(&mut self.scaling, Scaling::Resize, "Resize guest to window")
+                            .on_disabled_hover_text("This server cannot change its screen size");
+                    });
                 });
+            if self.scaling == Scaling::Resize && before != Scaling::Resize {
+                self.resize_sent = None;
+            }
             if self.scaling != before {
                 // Smooth and sharp sampling are texture options: upload the screen again.
                 self.texture = None;
@@ -214,9 +242,12 @@ impl Console {
         };
         let [w, h] = texture.size();
         let avail = ui.available_size();
+        if self.scaling == Scaling::Resize {
+            self.follow_window(ui, avail, (w, h));
+        }
         let fit = (avail.x / w as f32).min(avail.y / h as f32).max(0.05);
         let scale = match self.scaling {
-            Scaling::Fit => fit,
+            Scaling::Fit | Scaling::Resize => fit,
             Scaling::Sharp if fit >= 1.0 => fit.floor(),
             Scaling::Sharp => fit,
             Scaling::Actual => 1.0,
@@ -278,7 +309,45 @@ impl Console {
         }
     }
 
+    /// Resize mode: asks the server for a screen the size of the console area (in physical pixels) once the
+    /// area has kept its size for a moment (a window being dragged bigger sends one request, not hundreds).
+    fn follow_window(&mut self, ui: &egui::Ui, avail: egui::Vec2, current: (usize, usize)) {
+        const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+        let ppp = ui.ctx().pixels_per_point();
+        let want = (
+            (avail.x * ppp).floor().clamp(64.0, rfb::MAX_SIDE as f32) as u16,
+            (avail.y * ppp).floor().clamp(64.0, rfb::MAX_SIDE as f32) as u16,
+        );
+        if (usize::from(want.0), usize::from(want.1)) == current || self.resize_sent == Some(want) {
+            self.resize_wanted = None;
+            return;
+        }
+        match self.resize_wanted {
+            Some((size, since)) if size == want => {
+                if since.elapsed() >= SETTLE {
+                    let id = self.shared.screen_id.load(Ordering::Relaxed);
+                    self.send(&rfb::set_desktop_size_message(id, want.0, want.1));
+                    self.resize_sent = Some(want);
+                    self.resize_wanted = None;
+                } else {
+                    ui.ctx().request_repaint_after(SETTLE - since.elapsed());
+                }
+            }
+            _ => {
+                self.resize_wanted = Some((want, std::time::Instant::now()));
+                ui.ctx().request_repaint_after(SETTLE);
+            }
+        }
+    }
+
+    /// Puts `text` on the guest's clipboard: announced on the extended clipboard (the server fetches it when
+    /// someone pastes; any Unicode), else sent as Latin-1 cut text.
     fn send_cut_text(&self, text: &str) {
+        if self.shared.extended_clipboard.load(Ordering::Relaxed) {
+            *lock(&self.shared.clipboard_out) = Some(text.to_owned());
+            self.send(&rfb::clipboard_notify_message());
+            return;
+        }
         let latin1: Vec<u8> = text.chars().map(|c| if (c as u32) < 256 { c as u8 } else { b'?' }).collect();
         let mut m = vec![6, 0, 0, 0];
         m.extend_from_slice(&(latin1.len() as u32).to_be_bytes());
@@ -495,6 +564,8 @@ fn session(
             rfb::DESKTOP_SIZE,
             rfb::LAST_RECT,
             rfb::QEMU_EXTENDED_KEY_EVENT,
+            rfb::EXTENDED_DESKTOP_SIZE,
+            rfb::EXTENDED_CLIPBOARD,
         ])
         .map_err(io)?;
     client.full_frame().map_err(io)?;
@@ -512,6 +583,22 @@ fn session(
         let rects = client.read_update().map_err(io)?;
         if client.acknowledged.contains(&rfb::QEMU_EXTENDED_KEY_EVENT) {
             shared.scancodes.store(true, Ordering::Relaxed);
+        }
+        if client.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE) {
+            shared.screen_id.store(client.screen_id, Ordering::Relaxed);
+            shared.resizable.store(true, Ordering::Relaxed);
+        }
+        if client.clipboard.extended {
+            shared.extended_clipboard.store(true, Ordering::Relaxed);
+        }
+        // Clipboard answers go out under the input lock, so they never interleave with a key event.
+        let replies = client.clipboard_replies(lock(&shared.clipboard_out).as_deref());
+        if !replies.is_empty()
+            && let Some(s) = lock(&shared.input).as_mut()
+        {
+            for m in replies {
+                s.write_all(&m).map_err(io)?;
+            }
         }
         let mut f = lock(&shared.frame);
         if let Some(text) = client.cut_text.take() {

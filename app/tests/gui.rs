@@ -495,3 +495,121 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     });
     rt.block_on(c.action(&demo, porthole_api::client::Action::Poweroff)).unwrap();
 }
+
+/// The console against TigerVNC's Xvnc: "Resize guest to window" makes the X screen the console's size, and
+/// Unicode text crosses the extended clipboard both ways (X's side read and written with xclip).
+#[test]
+fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
+    let dir = Scratch::new("gui-xvnc");
+    let socket = dir.path("xvnc.sock");
+    let display = (230..270)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+        })
+        .map(|n| format!(":{n}"))
+        .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _xvnc = Killed(
+        Command::new("Xvnc")
+            .arg(&display)
+            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
+            .arg("-rfbunixpath")
+            .arg(&socket)
+            .args(["-SecurityTypes", "None"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Xvnc (apt-get install tigervnc-standalone-server)"),
+    );
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no Xvnc socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let x_size = || {
+        let out = Command::new("xdpyinfo").args(["-display", &display]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| {
+                l.trim().strip_prefix("dimensions:").map(|d| d.split_whitespace().next().unwrap_or("").to_owned())
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(x_size(), "640x480");
+    let mut h = {
+        let backend = Backend::new(|| {}).unwrap();
+        let app = PortholeApp::new(backend, || Err("no local host in this test".to_owned()), None);
+        Harness::builder()
+            .with_size(egui::vec2(1200.0, 800.0))
+            .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+    };
+    let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
+    h.state_mut().open_vnc(target, None);
+    wait(&mut h, "the console", |h| has_contains(h, "640x480 — click the screen to type"));
+
+    // Resize: once the console area has kept its size for a moment the X screen takes it.
+    h.get_by_label_contains("Scale").click();
+    h.step();
+    h.step();
+    h.get_all_by_label("Resize guest to window").last().expect("the scale menu").click();
+    h.step();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        h.step();
+        let size = x_size();
+        if size != "640x480" && has_contains(&h, &format!("{size} — click the screen to type")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the X screen stayed {size}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // X → this computer's clipboard.
+    let from_x = "grüße ✓ 日本 from X";
+    let mut owner = Command::new("xclip")
+        .args(["-quiet", "-selection", "clipboard", "-display", &display])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xclip (apt-get install xclip)");
+    std::io::Write::write_all(&mut owner.stdin.take().unwrap(), from_x.as_bytes()).unwrap();
+    let _owner = Killed(owner);
+    wait(&mut h, "X's text on this computer's clipboard", |h| {
+        h.output().platform_output.commands.iter().any(|c| matches!(c, egui::OutputCommand::CopyText(t) if t == from_x))
+    });
+
+    // This computer's clipboard → X: "Paste into guest", then an X program pastes it.
+    let ours = "from the window ✓ ünïcode";
+    click(&mut h, "Paste into guest");
+    h.event(egui::Event::Paste(ours.to_owned()));
+    h.step();
+    let reader = std::thread::spawn({
+        let display = display.clone();
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = Command::new("timeout")
+                    .args(["10", "xclip", "-o", "-selection", "clipboard", "-display", &display])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                if text == ours || Instant::now() > deadline {
+                    return text;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    while !reader.is_finished() {
+        h.step();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(reader.join().unwrap(), ours);
+}

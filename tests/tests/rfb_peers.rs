@@ -221,3 +221,110 @@ fn tigervnc_xvnc_frames_match_and_vnc_auth_works() {
     assert_eq!((c.width, c.height), (w, h));
     assert_eq!(differing(&c.pixels, &expected), 0, "the client's frame differs from the X server's root window");
 }
+
+/// Reads updates until `done` holds (a read that times out just asks again), answering the extended
+/// clipboard on the way with `ours`.
+fn pump(c: &mut RfbClient, ours: Option<&str>, what: &str, mut done: impl FnMut(&mut RfbClient) -> bool) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    loop {
+        c.answer_clipboard(ours).unwrap();
+        if done(c) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "waiting for {what}");
+        c.request(true).unwrap();
+        match c.read_update() {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+    }
+}
+
+/// The screen size follows the client (ExtendedDesktopSize + SetDesktopSize, what the console's "Resize
+/// guest" uses), and UTF-8 text crosses the extended clipboard both ways (X's clipboard read and written
+/// with xclip).
+#[test]
+fn tigervnc_xvnc_resizes_to_the_client_and_shares_the_clipboard() {
+    let dir = Scratch::new("peer-xvnc-extended");
+    let socket = dir.path("xvnc.sock");
+    let display = (190..230)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+        })
+        .map(|n| format!(":{n}"))
+        .unwrap();
+    let _xvnc = Killed(
+        Command::new("Xvnc")
+            .arg(&display)
+            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
+            .arg("-rfbunixpath")
+            .arg(&socket)
+            .args(["-SecurityTypes", "None"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Xvnc (apt-get install tigervnc-standalone-server)"),
+    );
+    wait_until(LIMIT, || socket.exists(), || "no Xvnc socket".into());
+    let mut c = RfbClient::connect(&socket, None).unwrap();
+    c.set_encodings(&[
+        rfb::ZRLE,
+        rfb::RAW,
+        rfb::COPY_RECT,
+        rfb::DESKTOP_SIZE,
+        rfb::EXTENDED_DESKTOP_SIZE,
+        rfb::EXTENDED_CLIPBOARD,
+    ])
+    .unwrap();
+    c.full_frame().unwrap();
+    assert!(c.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE), "{:?}", c.acknowledged);
+
+    // Resize: the X screen follows.
+    c.set_desktop_size(800, 600).unwrap();
+    pump(&mut c, None, "the new size", |c| (c.width, c.height) == (800, 600));
+    assert_eq!(c.resize_status, Some(0), "the server accepted the size");
+    let info = Command::new("xdpyinfo").args(["-display", &display]).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("800x600 pixels"), "xdpyinfo: the X screen is 800x600");
+    c.full_frame().unwrap();
+
+    // X → client: text copied on the X side arrives whole (not Latin-1).
+    let from_x = "grüße ✓ 日本 from X\nline two";
+    let mut owner = Command::new("xclip")
+        .args(["-quiet", "-selection", "clipboard", "-display", &display])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xclip (apt-get install xclip)");
+    owner.stdin.take().unwrap().write_all(from_x.as_bytes()).unwrap();
+    let _owner = Killed(owner);
+    pump(&mut c, None, "X's clipboard", |c| c.cut_text.as_deref() == Some(from_x));
+    assert!(c.clipboard.extended, "the server offered the extended clipboard");
+
+    // Client → X: announce new text; X's paste asks for it, and gets it.
+    let ours = "from porthole ✓ ünïcode\nsecond line";
+    c.set_read_timeout(None).unwrap();
+    c.stream.write_all(&rfb::clipboard_notify_message()).unwrap();
+    let reader = std::thread::spawn({
+        let display = display.clone();
+        move || {
+            // Xvnc owns the selection once it has heard of our text; its answer waits for ours.
+            let deadline = std::time::Instant::now() + LIMIT;
+            loop {
+                let out = Command::new("timeout")
+                    .args(["10", "xclip", "-o", "-selection", "clipboard", "-display", &display])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                if text == ours || std::time::Instant::now() > deadline {
+                    return text;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    pump(&mut c, Some(ours), "X's paste", |_| reader.is_finished());
+    assert_eq!(reader.join().unwrap(), ours);
+}
