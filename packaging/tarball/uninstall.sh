@@ -32,10 +32,16 @@ fi
 while read -r f; do
     case "$f" in "$PREFIX"/*) rm -f "$f" ;; esac
 done <"$MANIFEST"
+# update-desktop-database's cache: dropped with the last launcher, refreshed otherwise.
+apps=$PREFIX/share/applications
+if [ -d "$apps" ]; then
+    if [ -z "$(find "$apps" -mindepth 1 ! -name mimeinfo.cache | head -n 1)" ]; then
+        rm -f "$apps/mimeinfo.cache"
+    elif command -v update-desktop-database >/dev/null 2>&1; then
+        update-desktop-database -q "$apps" 2>/dev/null || true
+    fi
+fi
 dirs=$(while read -r f; do d=$(dirname "$f"); while [ "${#d}" -gt "${#PREFIX}" ]; do echo "$d"; d=$(dirname "$d"); done; done <"$MANIFEST" | sort -u -r)
 rm -f "$MANIFEST"
 for d in $dirs "$PREFIX/lib/porthole"; do rmdir "$d" 2>/dev/null || true; done
-if command -v update-desktop-database >/dev/null 2>&1 && [ -d "$PREFIX/share/applications" ]; then
-    update-desktop-database -q "$PREFIX/share/applications" 2>/dev/null || true
-fi
 echo "Porthole removed from $PREFIX."
