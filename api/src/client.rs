@@ -213,7 +213,16 @@ fn tls_config(pinned: Option<&str>) -> Result<rustls::ClientConfig, ClientError>
 impl Client {
     /// The local daemon on its Unix socket.
     pub fn unix(socket: &Path) -> Result<Self, ClientError> {
+        // A Unix socket never speaks TLS: hand reqwest a TLS setup with no roots, so it does not go looking
+        // for the system's CA certificates (a machine without them could not even reach its own daemon).
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let no_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(no_tls)
             .unix_socket(socket)
             .build()
             .map_err(|source| ClientError::Http { target: socket.display().to_string(), source })?;

@@ -780,15 +780,19 @@ impl PortholeApp {
             match (self.selected_vm.clone(), matches!(self.tab, Tab::Machines), console_vm) {
                 (_, _, Some((host, id))) => self.attach(host, &id, path),
                 (Some(id), true, None) => self.attach(self.selected_host, &id, path),
-                _ => {
-                    let mut w = Wizard::new(self.selected_host);
-                    self.backend.load_images(self.selected_host);
-                    w.name = image_name(&path).trim_end_matches(".iso").to_owned();
-                    w.iso = path.display().to_string();
-                    self.wizard = Some(w);
-                }
+                _ => self.new_vm_from_iso(&path),
             }
         }
+    }
+
+    /// Opens the create wizard for the selected host with `iso` as the boot media (a dropped ISO, or
+    /// `porthole FILE.iso` from the desktop's "Open with").
+    pub fn new_vm_from_iso(&mut self, iso: &std::path::Path) {
+        let mut w = Wizard::new(self.selected_host);
+        self.backend.load_images(self.selected_host);
+        w.name = image_name(iso).trim_end_matches(".iso").to_owned();
+        w.iso = iso.display().to_string();
+        self.wizard = Some(w);
     }
 
     fn wizard_window(&mut self, ctx: &egui::Context) {

@@ -6,10 +6,18 @@ use porthole::{PortholeApp, backend::Backend, daemon};
 fn main() -> anyhow::Result<()> {
     porthole::started();
     let mut vnc = None;
+    let mut iso = None;
     if let Some(arg) = std::env::args().nth(1) {
         match arg.as_str() {
             url if url.starts_with("vnc://") || url.starts_with("vnc+unix://") => {
                 vnc = Some(url.parse::<porthole::app::VncTarget>().map_err(|e| anyhow!(e))?);
+            }
+            file if std::path::Path::new(file).is_file() => {
+                let path = std::path::PathBuf::from(file);
+                let is_image =
+                    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("iso") || e.eq_ignore_ascii_case("img"));
+                anyhow::ensure!(is_image, "{file} is not an ISO image (.iso or .img)");
+                iso = Some(std::fs::canonicalize(&path).unwrap_or(path));
             }
             "--version" | "-V" => {
                 println!("porthole {}", porthole_api::VERSION);
@@ -17,8 +25,10 @@ fn main() -> anyhow::Result<()> {
             }
             "--help" | "-h" => {
                 println!(
-                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
-                     for this user if it is not running; remote hosts come from ~/.config/porthole/settings.json.",
+                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH | FILE.iso] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
+                     for this user if it is not running; remote hosts come from ~/.config/porthole/settings.json.\n\
+                     vnc://HOST[:PORT], vnc+unix:///PATH  open a console on that VNC server\n\
+                     FILE.iso                           open the New VM wizard with this ISO as its boot media",
                     porthole_api::VERSION
                 );
                 return Ok(());
@@ -47,6 +57,9 @@ fn main() -> anyhow::Result<()> {
                 PortholeApp::new(backend, porthole::local_host(daemon::socket_path()), porthole::settings::path());
             if let Some(target) = vnc {
                 app.open_vnc(target, None);
+            }
+            if let Some(iso) = iso {
+                app.new_vm_from_iso(&iso);
             }
             Ok(Box::new(app))
         }),
