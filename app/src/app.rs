@@ -229,6 +229,8 @@ pub struct PortholeApp {
     tags_edit: Option<(usize, String, String)>,
     /// When the open VM's serial output was last fetched.
     serial_fetched: Option<std::time::Instant>,
+    /// `porthole --console NAME`: the local VM whose console to open once the list has arrived.
+    console_by_name: Option<String>,
 }
 
 fn state_text(s: VmState) -> &'static str {
@@ -281,7 +283,19 @@ impl PortholeApp {
             serial_line: String::new(),
             tags_edit: None,
             serial_fetched: None,
+            console_by_name: None,
         }
+    }
+
+    /// Opens the console of the local VM named `name` as soon as the local host's list has it (`porthole
+    /// --console NAME`, like `virt-viewer NAME`).
+    pub fn open_console_by_name(&mut self, name: String) {
+        self.console_by_name = Some(name);
+    }
+
+    /// Console screen changes shown so far, over every console (for the frame statistics).
+    pub fn console_frames_shown(&self) -> u64 {
+        self.consoles.iter().map(|t| t.console.frames_shown).sum()
     }
 
     /// The selected host and VM.
@@ -296,6 +310,24 @@ impl PortholeApp {
             let _ = std::fs::write(path, format!("{}\n", crate::started().elapsed().as_secs_f64() * 1000.0));
         }
         self.handle_drops(ui);
+        if let Some(name) = self.console_by_name.take() {
+            let mut m = self.backend.model();
+            let local =
+                m.hosts.first().map(|h| (h.connected, h.error.clone(), h.vms.iter().find(|v| v.name == name).cloned()));
+            match local {
+                Some((_, _, Some(vm))) if matches!(vm.state, VmState::Running | VmState::Paused) => {
+                    m.open_console = Some((0, vm.id));
+                }
+                Some((_, _, Some(_))) => m.notify(format!("{name} is not running: start it to see its console"), true),
+                Some((true, _, None)) => m.notify(format!("There is no VM named {name} on this computer"), true),
+                Some((_, Some(_), None)) => {} // the host's own error is shown
+                _ => {
+                    drop(m);
+                    self.console_by_name = Some(name); // not connected yet: look again next frame
+                    ui.ctx().request_repaint_after(std::time::Duration::from_millis(100));
+                }
+            }
+        }
         let wanted = self.backend.model().open_console.take();
         if let Some((host, id)) = wanted {
             let vm = self.backend.model().hosts.get(host).and_then(|h| h.vms.iter().find(|v| v.id == id).cloned());

@@ -66,6 +66,8 @@ pub struct Console {
     /// and the last size sent.
     resize_wanted: Option<((u16, u16), std::time::Instant)>,
     resize_sent: Option<(u16, u16)>,
+    /// Screen changes uploaded to the texture so far (frames shown).
+    pub frames_shown: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,6 +113,7 @@ impl Console {
             pasting: false,
             resize_wanted: None,
             resize_sent: None,
+            frames_shown: 0,
         }
     }
 
@@ -405,9 +408,11 @@ impl Console {
             self.texture = Some(ctx.load_texture("vm-console", image, options));
             f.resized = false;
             f.dirty = None;
+            self.frames_shown += 1;
         } else if let (Some([x0, y0, x1, y1]), Some(t)) = (f.dirty.take(), self.texture.as_mut()) {
             let image = to_image(&f.pixels, x0 as usize, y0 as usize, x1 as usize, y1 as usize);
             t.set_partial([x0 as usize, y0 as usize], image, options);
+            self.frames_shown += 1;
         }
     }
 

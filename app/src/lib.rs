@@ -29,8 +29,62 @@ pub fn started() -> std::time::Instant {
 }
 
 impl eframe::App for PortholeApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         PortholeApp::ui(self, ui);
+        if let Some(stats) = frame_stats() {
+            let shown = self.console_frames_shown();
+            stats.lock().unwrap_or_else(|p| p.into_inner()).frame(frame.info().cpu_usage, shown);
+        }
+    }
+}
+
+/// `PORTHOLE_FRAME_STATS=FILE` (for `porthole-bench gui`): once a second a line "console_frames ui_frames
+/// cpu_ms_mean cpu_ms_p95" is appended to FILE: console screen changes shown, frames drawn, and the CPU time
+/// of those frames (eframe's measure: the app's UI code, tessellation and painting).
+pub struct FrameStats {
+    path: std::path::PathBuf,
+    since: std::time::Instant,
+    cpu_ms: Vec<f32>,
+    shown_at_start: Option<u64>,
+}
+
+fn frame_stats() -> Option<&'static std::sync::Mutex<FrameStats>> {
+    static STATS: std::sync::OnceLock<Option<std::sync::Mutex<FrameStats>>> = std::sync::OnceLock::new();
+    STATS
+        .get_or_init(|| {
+            std::env::var_os("PORTHOLE_FRAME_STATS").map(|p| {
+                std::sync::Mutex::new(FrameStats {
+                    path: p.into(),
+                    since: std::time::Instant::now(),
+                    cpu_ms: Vec::new(),
+                    shown_at_start: None,
+                })
+            })
+        })
+        .as_ref()
+}
+
+impl FrameStats {
+    fn frame(&mut self, cpu_s: Option<f32>, shown: u64) {
+        let start = *self.shown_at_start.get_or_insert(shown);
+        self.cpu_ms.extend(cpu_s.map(|s| s * 1000.0));
+        if self.since.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        let frames = self.cpu_ms.len().max(1);
+        self.cpu_ms.sort_by(f32::total_cmp);
+        let mean = self.cpu_ms.iter().sum::<f32>() / frames as f32;
+        let p95 = self.cpu_ms.get(frames * 95 / 100).or(self.cpu_ms.last()).copied().unwrap_or(0.0);
+        let secs = self.since.elapsed().as_secs_f32();
+        let line =
+            format!("{:.1} {:.1} {mean:.2} {p95:.2}\n", (shown - start) as f32 / secs, self.cpu_ms.len() as f32 / secs);
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+        self.since = std::time::Instant::now();
+        self.cpu_ms.clear();
+        self.shown_at_start = Some(shown);
     }
 }
 

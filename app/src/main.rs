@@ -7,8 +7,14 @@ fn main() -> anyhow::Result<()> {
     porthole::started();
     let mut vnc = None;
     let mut iso = None;
-    if let Some(arg) = std::env::args().nth(1) {
+    let mut console = None;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(arg) = args.first() {
         match arg.as_str() {
+            "--console" => {
+                let name = args.get(1).ok_or_else(|| anyhow!("--console needs the name of a local VM"))?;
+                console = Some(name.clone());
+            }
             url if url.starts_with("vnc://") || url.starts_with("vnc+unix://") => {
                 vnc = Some(url.parse::<porthole::app::VncTarget>().map_err(|e| anyhow!(e))?);
             }
@@ -25,10 +31,11 @@ fn main() -> anyhow::Result<()> {
             }
             "--help" | "-h" => {
                 println!(
-                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH | FILE.iso] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
+                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH | FILE.iso | --console NAME] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
                      for this user if it is not running; remote hosts come from ~/.config/porthole/settings.json.\n\
                      vnc://HOST[:PORT], vnc+unix:///PATH  open a console on that VNC server\n\
-                     FILE.iso                           open the New VM wizard with this ISO as its boot media",
+                     FILE.iso                           open the New VM wizard with this ISO as its boot media\n\
+                     --console NAME                     open the console of this computer's VM NAME",
                     porthole_api::VERSION
                 );
                 return Ok(());
@@ -60,6 +67,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(iso) = iso {
                 app.new_vm_from_iso(&iso);
+            }
+            if let Some(name) = console {
+                app.open_console_by_name(name);
             }
             Ok(Box::new(app))
         }),

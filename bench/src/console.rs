@@ -53,7 +53,7 @@ fn this_thread_cpu() -> Duration {
 
 /// What the frame source draws.
 #[derive(Debug, Clone, Copy)]
-enum Content {
+pub enum Content {
     /// A static desktop with a 400x300 window moving 8 pixels per frame.
     Desktop,
     /// A full screen of text lines scrolling up by one 16-pixel line per frame.
@@ -62,8 +62,8 @@ enum Content {
     Video,
 }
 
-struct Source {
-    frame: Vec<u32>,
+pub struct Source {
+    pub frame: Vec<u32>,
     n: u32,
 }
 
@@ -76,7 +76,7 @@ fn hash(mut v: u32) -> u32 {
 }
 
 impl Source {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let mut frame = vec![0u32; (WIDTH * HEIGHT) as usize];
         for (i, p) in frame.iter_mut().enumerate() {
             let (x, y) = (i as u32 % WIDTH, i as u32 / WIDTH);
@@ -86,7 +86,7 @@ impl Source {
     }
 
     /// Draws the next frame; returns the rows that changed.
-    fn next(&mut self, content: Content) -> std::ops::Range<u32> {
+    pub fn next(&mut self, content: Content) -> std::ops::Range<u32> {
         self.n += 1;
         let n = self.n;
         match content {
@@ -143,7 +143,7 @@ impl Source {
         }
     }
 
-    fn rows_bytes(&self, rows: std::ops::Range<u32>) -> Vec<u8> {
+    pub fn rows_bytes(&self, rows: std::ops::Range<u32>) -> Vec<u8> {
         self.frame[(rows.start * WIDTH) as usize..(rows.end * WIDTH) as usize]
             .iter()
             .flat_map(|p| p.to_le_bytes())
@@ -151,17 +151,18 @@ impl Source {
     }
 }
 
-pub fn run(seconds: f64) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("porthole-bench-console-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("vnc.sock");
+/// An in-process VM (the `idle` guest) whose 1920x1080 screen the host writes, served on `socket` by the
+/// production RFB server.
+pub fn fed_vm(
+    socket: &Path,
+) -> anyhow::Result<(std::sync::Arc<vmm_core::display::refresh::Refresher>, std::sync::Arc<vmm_core::VmHandle>)> {
     let mut config = VmConfig::new(porthole_guests::path("idle"));
     config.memory_mib = 64;
     config.serial = SerialSink::None;
     config.vnc.push(format!("unix:{}", socket.display()).parse().map_err(anyhow::Error::msg)?);
     let mut vm = Vm::new(config)?;
     let (screen, refresher, handle) = (vm.screen(), vm.refresher(), vm.handle());
-    let listener = vmm_core::rfb::ListenAddress::Unix(socket.clone()).bind()?;
+    let listener = vmm_core::rfb::ListenAddress::Unix(socket.to_owned()).bind()?;
     let server = vmm_core::rfb::ServerConfig { password: None, name: "bench".into() };
     vmm_core::rfb::spawn(listener, screen, handle.clone(), server, true)?;
     std::thread::Builder::new().name("vm".into()).spawn(move || vm.run())?;
@@ -172,6 +173,14 @@ pub fn run(seconds: f64) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    Ok((refresher, handle))
+}
+
+pub fn run(seconds: f64) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("porthole-bench-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("vnc.sock");
+    let (refresher, handle) = fed_vm(&socket)?;
     // Idle: a client watching an unchanging screen, an incremental request always pending.
     {
         let mut client = RfbClient::connect(&socket, None).map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;

@@ -1,15 +1,16 @@
-//! The real `porthole` window under Xvfb: it opens and paints; as a VNC client it shows a VM's screen (the
-//! `fb-pattern` guest's colour bars, found in a screenshot of the display) and types into it (xdotool keys
-//! reach the `kbd-echo` guest).
+//! The real `porthole` window under Xvfb with a real local daemon: it opens and paints; it shows a
+//! daemon-run VM's screen (the `fb-pattern` guest's colour bars, found in a screenshot of the display) and
+//! types into it (xdotool keys reach the `kbd-echo` guest).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use porthole_tests::daemon::Daemon;
 use porthole_tests::{Scratch, Xvfb, run, text, wait_until, workspace_bin};
 
-/// `porthole` on display `x`, with its settings, data and daemon kept inside `dir`.
-fn porthole(x: &Xvfb, dir: &Scratch, args: &[&str]) -> Child {
+/// `porthole` on display `x` talking to the daemon on `socket`, with its settings and data inside `dir`.
+fn porthole(x: &Xvfb, dir: &Scratch, socket: &Path, args: &[&str]) -> Child {
     Command::new(workspace_bin("porthole"))
         .args(args)
         .env("DISPLAY", &x.display)
@@ -17,28 +18,17 @@ fn porthole(x: &Xvfb, dir: &Scratch, args: &[&str]) -> Child {
         .env("XDG_RUNTIME_DIR", dir.dir())
         .env("XDG_CONFIG_HOME", dir.path("config"))
         .env("XDG_DATA_HOME", dir.path("data"))
-        .env("PORTHOLE_SOCKET", dir.path("run/portholed.sock"))
+        .env("PORTHOLE_SOCKET", socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start porthole")
 }
 
-/// Ends the app and the local daemon it started (found by its runtime dir, inside `dir`).
-fn finish(mut app: Child, dir: &Scratch) {
+fn finish(mut app: Child) {
     assert!(app.try_wait().unwrap().is_none(), "porthole exited");
     let _ = app.kill();
     let _ = app.wait();
-    let marker = dir.path("run").display().to_string();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("portholed") && cmdline.contains(&marker) {
-            // SAFETY: kill(2) of the daemon this test's app started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 fn wait_for_window(x: &Xvfb) {
@@ -65,25 +55,6 @@ fn screenshot(x: &Xvfb) -> (usize, usize, Vec<u32>) {
     (w, h, rgb.chunks_exact(3).map(|p| u32::from(p[0]) << 16 | u32::from(p[1]) << 8 | u32::from(p[2])).collect())
 }
 
-fn vm(guest: &str, dir: &Scratch) -> (Child, std::path::PathBuf, std::path::PathBuf) {
-    let (socket, serial) = (dir.path(&format!("{guest}.sock")), dir.path(&format!("{guest}.log")));
-    let child = Command::new(workspace_bin("porthole-vmm"))
-        .arg("--kernel")
-        .arg(porthole_guests::path(guest))
-        .args(["--memory", "64"])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("--vnc")
-        .arg(format!("unix:{}", socket.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until(Duration::from_secs(30), || socket.exists(), || "no VNC socket".into());
-    (child, socket, serial)
-}
-
 fn serial_text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -92,7 +63,8 @@ fn serial_text(p: &Path) -> String {
 fn the_window_opens_and_paints_under_xvfb() {
     let x = Xvfb::start(1280, 800);
     let dir = Scratch::new("gui");
-    let app = porthole(&x, &dir, &[]);
+    let d = Daemon::start(&dir, false, &[]);
+    let app = porthole(&x, &dir, &d.socket(), &[]);
     wait_for_window(&x);
     // Give it a few frames, then look at the screen: the window's panels are not the black root window.
     std::thread::sleep(Duration::from_millis(1500));
@@ -104,21 +76,38 @@ fn the_window_opens_and_paints_under_xvfb() {
     );
     let mean: f64 = text(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("convert said: {}", text(&out.stderr)));
     assert!(mean > 0.05, "the window area is black (mean {mean}): nothing was painted");
-    finish(app, &dir);
+    finish(app);
 }
 
+/// The window against a real local daemon: `porthole --console NAME` opens a daemon-run VM's console the
+/// way the GUI does (ticket, the VM's RFB socket); the fb-pattern guest's colour bars appear in a
+/// screenshot of the display, and keys and a click typed with xdotool reach the kbd-echo guest.
 #[test]
 fn the_window_shows_a_vm_screen_and_types_into_it() {
     let x = Xvfb::start(1280, 800);
     let dir = Scratch::new("gui-console");
-    // fb-pattern: eight colour bars over the top half of a 1280x800 screen.
-    let (mut pattern_vm, socket, serial) = vm("fb-pattern", &dir);
-    wait_until(
-        Duration::from_secs(30),
-        || serial_text(&serial).contains("PORTHOLE-FB-PATTERN-READY"),
-        || serial_text(&serial),
-    );
-    let app = porthole(&x, &dir, &[&format!("vnc+unix://{}", socket.display())]);
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = d.local();
+    let start_vm = |name: &str, guest: &str, marker: &str| {
+        let req = porthole_api::CreateVm {
+            boot: Some(porthole_api::BootSpec {
+                kernel: porthole_guests::path(guest).display().to_string(),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            disk_gib: 0,
+            ..porthole_api::CreateVm::new(name, 1, 64)
+        };
+        let vm = rt.block_on(c.create_vm(&req)).unwrap();
+        rt.block_on(c.action(&vm.id, porthole_api::client::Action::Start)).unwrap();
+        let serial = d.run.join("vms").join(&vm.id).join("serial.log");
+        wait_until(Duration::from_secs(30), || serial_text(&serial).contains(marker), || serial_text(&serial));
+        serial
+    };
+    // fb-pattern: eight colour bars over the top half of its screen.
+    start_vm("pattern", "fb-pattern", "PORTHOLE-FB-PATTERN-READY");
+    let app = porthole(&x, &dir, &d.socket(), &["--console", "pattern"]);
     wait_for_window(&x);
     let bars = [0xFFFF00u32, 0x00FFFF, 0x00FF00, 0xFF00FF, 0xFF0000, 0x0000FF];
     wait_until(
@@ -129,18 +118,11 @@ fn the_window_shows_a_vm_screen_and_types_into_it() {
         },
         || "the colour bars never appeared in the window".into(),
     );
-    finish(app, &dir);
-    let _ = pattern_vm.kill();
-    let _ = pattern_vm.wait();
+    finish(app);
 
     // kbd-echo: click the console to give it the keyboard, type; the guest reports the scan codes.
-    let (mut echo_vm, socket, serial) = vm("kbd-echo", &dir);
-    wait_until(
-        Duration::from_secs(30),
-        || serial_text(&serial).contains("PORTHOLE-KBD-READY"),
-        || serial_text(&serial),
-    );
-    let app = porthole(&x, &dir, &[&format!("vnc+unix://{}", socket.display())]);
+    let serial = start_vm("echo", "kbd-echo", "PORTHOLE-KBD-READY");
+    let app = porthole(&x, &dir, &d.socket(), &["--console", "echo"]);
     wait_for_window(&x);
     std::thread::sleep(Duration::from_millis(1500));
     let xdo =
@@ -159,7 +141,8 @@ fn the_window_shows_a_vm_screen_and_types_into_it() {
         },
         || format!("typed keys never reached the guest:\n{}", serial_text(&serial)),
     );
-    finish(app, &dir);
-    let _ = echo_vm.kill();
-    let _ = echo_vm.wait();
+    finish(app);
+    for vm in rt.block_on(c.list_vms()).unwrap() {
+        let _ = rt.block_on(c.action(&vm.id, porthole_api::client::Action::Poweroff));
+    }
 }

@@ -149,6 +149,8 @@ impl PortholeApp {
                     cpu.insert((i, id.clone()), history.clone());
                 }
             }
+            // A stable order whatever order the hosts list them in: by host, then name.
+            rows.sort_by(|a, b| (a.0, &a.2.name).cmp(&(b.0, &b.2.name)));
             (errors, rows, cpu)
         };
         let total = rows.len();
