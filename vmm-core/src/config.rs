@@ -24,8 +24,12 @@ pub struct VmConfig {
     /// Guest memory in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
-    /// What the VM boots.
-    pub boot: BootSource,
+    /// A kernel booted directly (PVH or Linux boot protocol); exactly one of this and `firmware`.
+    #[serde(default)]
+    pub boot: Option<BootSource>,
+    /// Firmware boot: SeaBIOS at the reset vector, booting from the CD/DVD drives and disks.
+    #[serde(default)]
+    pub firmware: Option<FirmwareConfig>,
     /// Where the guest's COM1 output goes (and, for stdio, where its input comes from).
     #[serde(default)]
     pub serial: SerialSink,
@@ -128,6 +132,87 @@ pub struct BootSource {
     pub cmdline: String,
 }
 
+/// Firmware (BIOS) boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareConfig {
+    /// The BIOS image (SeaBIOS's `bios.bin`: 128 or 256 KiB), mapped below 4 GiB with its last 128 KiB
+    /// also below 1 MiB.
+    pub bios: PathBuf,
+    /// The VGA BIOS for the display (SeaBIOS's `vgabios-stdvga.bin`); by default the one next to `bios`.
+    #[serde(default)]
+    pub vga_bios: Option<PathBuf>,
+    /// Where the firmware's debug console (port 0x402) is written.
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Offer the boot menu ("Press ESC for boot menu").
+    #[serde(default)]
+    pub boot_menu: bool,
+    /// Which kinds of drives to boot from, in order [default: CD/DVD, then disk].
+    #[serde(default = "default_boot_order")]
+    pub boot_order: Vec<BootDevice>,
+}
+
+/// A kind of drive the firmware may boot from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    Cdrom,
+    Disk,
+}
+
+fn default_boot_order() -> Vec<BootDevice> {
+    vec![BootDevice::Cdrom, BootDevice::Disk]
+}
+
+impl std::str::FromStr for BootDevice {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cdrom" | "cd" | "dvd" => Ok(BootDevice::Cdrom),
+            "disk" | "hd" => Ok(BootDevice::Disk),
+            other => Err(ConfigError::BootDevice(other.to_owned())),
+        }
+    }
+}
+
+/// Where Debian's `seabios` package puts its images.
+pub const SYSTEM_SEABIOS_DIR: &str = "/usr/share/seabios";
+
+/// SeaBIOS's `bios.bin`: `PORTHOLE_SEABIOS_DIR`, else the system's (Debian's `seabios` package), else the
+/// package unpacked into the cache (`~/.cache/porthole/seabios`, what `./x fetch-guests` fills).
+pub fn find_seabios() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("PORTHOLE_SEABIOS_DIR") {
+        dirs.push(d.into());
+    }
+    dirs.push(SYSTEM_SEABIOS_DIR.into());
+    if let Some(home) = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
+    }) {
+        dirs.push(home.join("porthole/seabios/usr/share/seabios"));
+    }
+    dirs.into_iter().map(|d| d.join("bios.bin")).find(|p| p.is_file())
+}
+
+impl FirmwareConfig {
+    /// SeaBIOS from `dir` (its `bios.bin` and `vgabios-stdvga.bin`).
+    pub fn seabios(dir: &Path) -> Self {
+        FirmwareConfig {
+            bios: dir.join("bios.bin"),
+            vga_bios: None,
+            log: None,
+            boot_menu: false,
+            boot_order: default_boot_order(),
+        }
+    }
+
+    /// The VGA BIOS to use.
+    pub fn vga_bios_path(&self) -> PathBuf {
+        self.vga_bios.clone().unwrap_or_else(|| self.bios.with_file_name("vgabios-stdvga.bin"))
+    }
+}
+
 /// The screen's start-up graphics mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +274,14 @@ fn default_stop_timeout_ms() -> u64 {
 pub enum ConfigError {
     #[error("VM name {0:?} is invalid: use 1-63 letters, digits, '-', '_' or '.', not starting with '.'")]
     Name(String),
+    #[error("nothing to boot: give a kernel or firmware")]
+    NothingToBoot,
+    #[error("a VM boots either a kernel directly or its firmware, not both")]
+    KernelAndFirmware,
+    #[error("the BIOS image {path:?} is {size} bytes; SeaBIOS images are 128 or 256 KiB")]
+    BiosSize { path: PathBuf, size: u64 },
+    #[error("boot device {0:?} is unknown: use cdrom or disk")]
+    BootDevice(String),
     #[error("a VM needs at least 1 vCPU")]
     NoVcpus,
     #[error("{asked} vCPUs asked for, but at most {max} are supported here")]
@@ -271,7 +364,8 @@ impl VmConfig {
             name: default_name(),
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
-            boot: BootSource { kernel: kernel.into(), initrd: None, cmdline: String::new() },
+            boot: Some(BootSource { kernel: kernel.into(), initrd: None, cmdline: String::new() }),
+            firmware: None,
             serial: SerialSink::None,
             control_socket: None,
             no_reboot: false,
@@ -311,15 +405,32 @@ impl VmConfig {
         {
             return Err(ConfigError::MemoryTooLarge { asked: self.memory_mib, host });
         }
-        check_file("kernel", &self.boot.kernel)?;
-        if let Some(initrd) = &self.boot.initrd {
-            check_file("initrd", initrd)?;
-        }
-        if self.boot.cmdline.len() >= CMDLINE_MAX {
-            return Err(ConfigError::CmdlineTooLong(self.boot.cmdline.len()));
-        }
-        if self.boot.cmdline.contains('\0') {
-            return Err(ConfigError::CmdlineNul);
+        match (&self.boot, &self.firmware) {
+            (Some(boot), None) => {
+                check_file("kernel", &boot.kernel)?;
+                if let Some(initrd) = &boot.initrd {
+                    check_file("initrd", initrd)?;
+                }
+                if boot.cmdline.len() >= CMDLINE_MAX {
+                    return Err(ConfigError::CmdlineTooLong(boot.cmdline.len()));
+                }
+                if boot.cmdline.contains('\0') {
+                    return Err(ConfigError::CmdlineNul);
+                }
+            }
+            (None, Some(fw)) => {
+                check_file("BIOS image", &fw.bios)?;
+                let size = std::fs::metadata(&fw.bios).map(|m| m.len()).unwrap_or(0);
+                if !(size == 128 << 10 || size == 256 << 10) {
+                    return Err(ConfigError::BiosSize { path: fw.bios.clone(), size });
+                }
+                check_file("VGA BIOS", &fw.vga_bios_path())?;
+                if fw.boot_order.is_empty() {
+                    return Err(ConfigError::BootDevice(String::new()));
+                }
+            }
+            (None, None) => return Err(ConfigError::NothingToBoot),
+            (Some(_), Some(_)) => return Err(ConfigError::KernelAndFirmware),
         }
         let (w, h) = (self.display.width, self.display.height);
         if !(320..=crate::display::MAX_WIDTH).contains(&w)
@@ -418,14 +529,14 @@ mod tests {
         c.memory_mib = u64::MAX >> 20;
         assert!(matches!(c.validate(8), Err(ConfigError::MemoryTooLarge { .. })));
         let mut c = base.clone();
-        c.boot.kernel = "/nonexistent/kernel".into();
+        c.boot.as_mut().unwrap().kernel = "/nonexistent/kernel".into();
         let err = c.validate(8).unwrap_err();
         assert!(err.to_string().contains("No such file"), "{err}");
         let mut c = base.clone();
-        c.boot.kernel = "/".into();
+        c.boot.as_mut().unwrap().kernel = "/".into();
         assert!(c.validate(8).unwrap_err().to_string().contains("not a regular file"));
         let mut c = base.clone();
-        c.boot.cmdline = "x".repeat(CMDLINE_MAX);
+        c.boot.as_mut().unwrap().cmdline = "x".repeat(CMDLINE_MAX);
         assert_eq!(c.validate(8), Err(ConfigError::CmdlineTooLong(CMDLINE_MAX)));
         let mut c = base.clone();
         c.display.width = 4000;

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod devices;
 pub mod disk;
 pub mod display;
+pub mod firmware;
 pub mod layout;
 pub mod pci;
 pub mod rfb;

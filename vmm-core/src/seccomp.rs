@@ -1,7 +1,8 @@
 //! Seccomp filters (seccompiler), applied once set-up is done.
 //!
-//! - vCPU threads: KVM_RUN and the few KVM reads used to report a crash, eventfd and serial writes,
-//!   futexes, memory for error messages, signal return (the kick), thread exit.
+//! - vCPU threads: KVM_RUN and the few KVM reads used to report a crash, moving ioeventfds and the video
+//!   memory slot when the guest moves a PCI BAR, eventfd and serial writes, futexes, memory for error
+//!   messages, signal return (the kick), thread exit.
 //! - The VMM's other threads (event loop, control socket): what running, rebooting (a new KVM VM, memory
 //!   and vCPU threads) and answering the control socket needs; no exec, no opening of files or sockets,
 //!   no ptrace, no mounts.
@@ -11,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_ioeventfd, kvm_regs, kvm_sregs, kvm_translation, kvm_userspace_memory_region};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
@@ -21,6 +22,10 @@ vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 vmm_sys_util::ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
+// A guest (its firmware, usually) that moves a BAR makes its vCPU thread move the device's notify
+// ioeventfds or the video memory slot.
+vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
 
 /// Why a filter could not be built or applied.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +81,14 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     };
     rules.insert(
         libc::SYS_ioctl,
-        vec![ioctl_is(KVM_RUN())?, ioctl_is(KVM_GET_REGS())?, ioctl_is(KVM_GET_SREGS())?, ioctl_is(KVM_TRANSLATE())?],
+        vec![
+            ioctl_is(KVM_RUN())?,
+            ioctl_is(KVM_GET_REGS())?,
+            ioctl_is(KVM_GET_SREGS())?,
+            ioctl_is(KVM_TRANSLATE())?,
+            ioctl_is(KVM_IOEVENTFD())?,
+            ioctl_is(KVM_SET_USER_MEMORY_REGION())?,
+        ],
     );
     compile(rules)
 }
@@ -193,5 +205,7 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_AE81);
         assert_eq!(KVM_GET_SREGS(), 0x8138_AE83);
         assert_eq!(KVM_TRANSLATE(), 0xC018_AE85);
+        assert_eq!(KVM_IOEVENTFD(), 0x4040_AE79);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_AE46);
     }
 }

@@ -16,7 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
     MmapRegion,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -77,6 +77,14 @@ pub enum VmError {
     Pci(#[from] pci::PciError),
     #[error("the guest is not reading its serial port ({waiting} bytes of input still wait)")]
     SerialInputFull { waiting: usize },
+    #[error("firmware: {0}")]
+    Firmware(#[from] crate::firmware::FirmwareError),
+}
+
+/// What a boot starts: a kernel loaded directly, or firmware at the reset vector.
+enum Start {
+    Kernel(BootFiles),
+    Firmware(crate::firmware::FirmwareImages),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -371,7 +379,7 @@ pub struct Vm {
     config: VmConfig,
     kvm: Kvm,
     supported_cpuid: CpuId,
-    files: BootFiles,
+    start: Start,
     handle: Arc<VmHandle>,
     crash: Arc<Mutex<Option<String>>>,
     serial: Arc<Mutex<Serial>>,
@@ -382,6 +390,28 @@ pub struct Vm {
     pending_input: Vec<u8>,
     /// Keeps the console screen up to date.
     refresher: Arc<Refresher>,
+}
+
+/// The BIOS image as a read-only memory slot at `address` (guest writes to it exit and are dropped).
+fn map_rom(vm: &VmFd, slot: u32, address: u64, image: &[u8]) -> Result<GuestRegionMmap, VmError> {
+    let kib = image.len() as u64 >> 10;
+    let err = |reason: String| VmError::Memory { mib: kib.div_ceil(1024), reason: format!("BIOS image: {reason}") };
+    let region = MmapRegion::new(image.len())
+        .ok()
+        .and_then(|m| GuestRegionMmap::new(m, GuestAddress(address)))
+        .ok_or_else(|| err("cannot map it".into()))?;
+    region.write_slice(image, MemoryRegionAddress(0)).map_err(|e| err(e.to_string()))?;
+    let host = region.get_host_address(MemoryRegionAddress(0)).map_err(|e| err(e.to_string()))?;
+    let slot_region = kvm_userspace_memory_region {
+        slot,
+        guest_phys_addr: address,
+        memory_size: image.len() as u64,
+        userspace_addr: host as u64,
+        flags: kvm_bindings::KVM_MEM_READONLY,
+    };
+    // SAFETY: the region lives in `Boot`, dropped after the KVM VM.
+    unsafe { vm.set_user_memory_region(slot_region) }.map_err(kvm_err("map the BIOS image"))?;
+    Ok(region)
 }
 
 /// The display devices of one boot.
@@ -398,6 +428,8 @@ struct Boot {
     _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     _vram: Arc<GuestRegionMmap>,
+    /// The BIOS image's read-only slot below 4 GiB (firmware boots).
+    _rom: Option<GuestRegionMmap>,
     threads: Vec<JoinHandle<()>>,
     /// The PCI devices; dropping them stops their I/O threads.
     _pci: Arc<PciBus>,
@@ -415,10 +447,14 @@ impl Vm {
         let open = |what, path: &std::path::Path| {
             File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
         };
-        let files = BootFiles {
-            kernel: open("the kernel", &config.boot.kernel)?,
-            initrd: config.boot.initrd.as_deref().map(|p| open("the initrd", p)).transpose()?,
-            cmdline: config.boot.cmdline.clone(),
+        let start = match (&config.boot, &config.firmware) {
+            (Some(boot), _) => Start::Kernel(BootFiles {
+                kernel: open("the kernel", &boot.kernel)?,
+                initrd: boot.initrd.as_deref().map(|p| open("the initrd", p)).transpose()?,
+                cmdline: boot.cmdline.clone(),
+            }),
+            (None, Some(fw)) => Start::Firmware(crate::firmware::FirmwareImages::load(fw)?),
+            (None, None) => return Err(ConfigError::NothingToBoot.into()),
         };
         let output = match &config.serial {
             SerialSink::Stdio => SerialOutput::Stdout(std::io::stdout()),
@@ -441,6 +477,9 @@ impl Vm {
         let serial_stats = Arc::new(SerialStats::new().map_err(io_err("create the serial eventfd"))?);
         let serial = Arc::new(Mutex::new(Serial::new(irqs.com1.clone(), output, serial_stats.clone())));
         let rtc = Arc::new(Mutex::new(Rtc::new(config.memory_bytes(), config.vcpus)));
+        if let Start::Firmware(fw) = &start {
+            fw.set_boot_order(&mut lock(&rtc));
+        }
         let handle = Arc::new(VmHandle {
             name: config.name.clone(),
             vcpus: config.vcpus,
@@ -466,7 +505,7 @@ impl Vm {
             config,
             kvm,
             supported_cpuid,
-            files,
+            start,
             handle,
             crash: Arc::default(),
             serial,
@@ -533,8 +572,16 @@ impl Vm {
         Ok(mem)
     }
 
-    /// The PCI bus: the host bridge and a virtio-blk device per drive, each with INTA# on its own GSI.
-    fn build_pci(&self, vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<(PciBus, Vec<Arc<VirtioInterrupt>>), VmError> {
+    /// The PCI bus: the host bridge, a virtio-blk device per drive (each with INTA# on its own GSI), then the
+    /// display (its video memory slot `vram_slot` follows BAR 0).
+    fn build_pci(
+        &self,
+        vm: &Arc<VmFd>,
+        mem: &GuestMemoryMmap,
+        display: &DisplayDevices,
+        vram: &Arc<GuestRegionMmap>,
+        vram_slot: u32,
+    ) -> Result<(PciBus, Vec<Arc<VirtioInterrupt>>), VmError> {
         let mut bus = PciBus::new(self.handle.mmio_unhandled.clone());
         let mut interrupts = Vec::new();
         for drive in &self.handle.drives {
@@ -549,6 +596,38 @@ impl Vm {
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }
+        let host = vram
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory { mib: display::VRAM_BYTES >> 20, reason: e.to_string() })?
+            as u64;
+        let (kvm_vm, version) = (vm.clone(), self.refresher.registers_version.clone());
+        let move_vram = Box::new(move |address: u64| {
+            let region = kvm_userspace_memory_region {
+                slot: vram_slot,
+                guest_phys_addr: address,
+                memory_size: display::VRAM_BYTES,
+                userspace_addr: host,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+            };
+            // SAFETY: the same live mapping as before (owned by `Boot`), only at another guest address.
+            match unsafe { kvm_vm.set_user_memory_region(region) } {
+                Ok(()) => log::debug!("video memory moved to {address:#x}"),
+                Err(e) => log::warn!("cannot move video memory to {address:#x}: {e}"),
+            }
+            // The dirty log starts afresh: have the console compare everything once.
+            version.fetch_add(1, Ordering::Release);
+        });
+        let slot = bus.free_slot()?;
+        let mmio = bus.allocate_bar(pci::std_vga::MMIO_BAR_SIZE)?;
+        let vga = pci::std_vga::StdVga::new(
+            display.dispi.clone(),
+            display.vga.clone(),
+            display::LFB_BASE,
+            display::VRAM_BYTES,
+            mmio,
+            move_vram,
+        );
+        bus.insert(slot, Arc::new(Mutex::new(vga)))?;
         Ok((bus, interrupts))
     }
 
@@ -593,6 +672,8 @@ impl Vm {
     }
 
     /// Video memory: its own memslot at the framebuffer address, with KVM's dirty-page log on.
+    ///
+    /// (See also [`map_rom`] for the firmware image.)
     fn create_vram(&self, vm: &VmFd, slot: u32) -> Result<Arc<GuestRegionMmap>, VmError> {
         let mib = display::VRAM_BYTES >> 20;
         let region = MmapRegion::new(display::VRAM_BYTES as usize)
@@ -631,37 +712,65 @@ impl Vm {
             ))),
             vga: Arc::new(Mutex::new(Vga::new(version))),
         };
-        let (pci_bus, interrupts) = self.build_pci(&vm, &mem)?;
+        let vram_slot = mem.num_regions() as u32;
+        let (pci_bus, interrupts) = self.build_pci(&vm, &mem, &display, &vram, vram_slot)?;
         let pci_bus = Arc::new(pci_bus);
-        let (pio, mmio) = self.build_buses(&machine, &display, &pci_bus)?;
-        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-        let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
-        let fb = boot::LinearFramebuffer {
-            base: display::LFB_BASE,
-            size: display::VRAM_BYTES,
-            width: self.config.display.width as u16,
-            height: self.config.display.height as u16,
+        let (mut pio, mmio) = self.build_buses(&machine, &display, &pci_bus)?;
+        let mut rom = None;
+        let entry = match &mut self.start {
+            Start::Kernel(files) => {
+                let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
+                let fb = boot::LinearFramebuffer {
+                    base: display::LFB_BASE,
+                    size: display::VRAM_BYTES,
+                    width: self.config.display.width as u16,
+                    height: self.config.display.height as u16,
+                };
+                let entry = boot::load(&mem, files, self.config.memory_bytes(), rsdp, Some(fb))?;
+                if let boot::Entry::Linux64 { .. } = entry {
+                    // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
+                    lock(&display.dispi).set_mode(fb.width, fb.height, 32);
+                }
+                Some(entry)
+            }
+            Start::Firmware(fw) => {
+                fw.copy_low(&mem)?;
+                rom = Some(map_rom(&vm, vram_slot + 1, fw.rom_address(), &fw.bios)?);
+                let fw_cfg = fw.fw_cfg(&mem, self.config.memory_bytes(), self.config.vcpus)?;
+                pio.insert(
+                    Arc::new(Mutex::new(fw_cfg)),
+                    u64::from(crate::devices::fw_cfg::FW_CFG_PORT),
+                    crate::devices::fw_cfg::FW_CFG_PORT_LEN,
+                )?;
+                let log = fw.log.as_ref().and_then(|f| f.try_clone().ok());
+                let debugcon = crate::devices::debugcon::DebugCon::new(
+                    log.map(|f| Box::new(f) as Box<dyn std::io::Write + Send>),
+                );
+                pio.insert(Arc::new(Mutex::new(debugcon)), u64::from(crate::devices::debugcon::DEBUGCON_PORT), 1)?;
+                None
+            }
         };
-        let entry = boot::load(&mem, &mut self.files, self.config.memory_bytes(), rsdp, Some(fb))?;
-        if let boot::Entry::Linux64 { .. } = entry {
-            // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
-            lock(&display.dispi).set_mode(fb.width, fb.height, 32);
-        }
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         self.refresher.attach(BootView {
             vm: vm.clone(),
             ram: mem.clone(),
             vram: vram.clone(),
-            vram_slot: mem.num_regions() as u32,
+            vram_slot,
             dispi: display.dispi.clone(),
             vga: display.vga.clone(),
         });
-        cpu::write_boot_tables(&mem, entry)?;
+        if let Some(entry) = entry {
+            cpu::write_boot_tables(&mem, entry)?;
+        }
 
         let mut vcpus = Vec::new();
         for index in 0..self.config.vcpus {
             let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
             cpu::setup_common(&fd, &self.supported_cpuid, index, self.config.vcpus)?;
-            if index == 0 {
+            // Firmware starts from the reset state KVM gives a new vCPU (CS:IP F000:FFF0, the reset vector).
+            if index == 0
+                && let Some(entry) = entry
+            {
                 cpu::setup_boot_registers(&fd, entry)?;
             }
             vcpus.push(Vcpu {
@@ -698,7 +807,7 @@ impl Vm {
         }
         self.handle.run.start_boot(threads.iter().map(|t| t.as_pthread_t()).collect());
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
-        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, threads, _pci: pci_bus, interrupts })
+        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, _rom: rom, threads, _pci: pci_bus, interrupts })
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.

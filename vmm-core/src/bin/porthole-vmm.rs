@@ -79,6 +79,22 @@ struct Cli {
     /// changed at run time with the control socket's attach-media / eject-media. May be repeated.
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
     cdrom: Vec<String>,
+    /// Boot firmware instead of a kernel: `bios` (SeaBIOS from the system, or the cache the tests fill) or
+    /// the path of a SeaBIOS bios.bin. Boots from the CD/DVD drives and disks (see --boot).
+    #[arg(long, value_name = "bios|PATH", conflicts_with = "kernel")]
+    firmware: Option<String>,
+    /// The VGA BIOS [default: vgabios-stdvga.bin next to the BIOS].
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    vga_bios: Option<PathBuf>,
+    /// Write the firmware's debug console (port 0x402) to this file.
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    firmware_log: Option<PathBuf>,
+    /// Boot order for firmware boot: cdrom, disk or both comma-separated [default: cdrom,disk].
+    #[arg(long, value_name = "ORDER", requires = "firmware")]
+    boot: Option<String>,
+    /// Offer the firmware's boot menu (ESC at "Press ESC for boot menu").
+    #[arg(long, requires = "firmware")]
+    boot_menu: bool,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -88,23 +104,57 @@ struct Cli {
 }
 
 fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
-    let mut config = match (&cli.config, &cli.kernel) {
-        (Some(path), _) => VmConfig::from_file(path)?,
-        (None, Some(kernel)) => {
+    let mut config = match (&cli.config, &cli.kernel, &cli.firmware) {
+        (Some(path), _, _) => VmConfig::from_file(path)?,
+        (None, Some(kernel), _) => {
             let mut c = VmConfig::new(kernel);
             c.serial = SerialSink::Stdio;
             c
         }
-        (None, None) => bail!("nothing to boot: give --kernel PATH or --config FILE.json"),
+        (None, None, Some(_)) => {
+            let mut c = VmConfig::new("");
+            c.boot = None;
+            c.serial = SerialSink::Stdio;
+            c
+        }
+        (None, None, None) => bail!("nothing to boot: give --kernel PATH, --firmware bios or --config FILE.json"),
     };
     if let Some(kernel) = &cli.kernel {
-        config.boot.kernel = kernel.clone();
+        config.boot.get_or_insert_with(|| vmm_core::config::BootSource {
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: String::new(),
+        });
     }
-    if let Some(initrd) = &cli.initrd {
-        config.boot.initrd = Some(initrd.clone());
+    if let Some(boot) = config.boot.as_mut() {
+        if let Some(kernel) = &cli.kernel {
+            boot.kernel = kernel.clone();
+        }
+        if let Some(initrd) = &cli.initrd {
+            boot.initrd = Some(initrd.clone());
+        }
+        if let Some(cmdline) = &cli.cmdline {
+            boot.cmdline = cmdline.clone();
+        }
+    } else if cli.initrd.is_some() || cli.cmdline.is_some() {
+        bail!("--initrd and --cmdline go with --kernel");
     }
-    if let Some(cmdline) = &cli.cmdline {
-        config.boot.cmdline = cmdline.clone();
+    if let Some(firmware) = &cli.firmware {
+        let bios = match firmware.as_str() {
+            "bios" => vmm_core::config::find_seabios()
+                .context("--firmware bios: no SeaBIOS found (apt-get install seabios, or give --firmware PATH/bios.bin)")?,
+            path => PathBuf::from(path),
+        };
+        let mut fw = vmm_core::config::FirmwareConfig::seabios(bios.parent().unwrap_or(std::path::Path::new(".")));
+        fw.bios = bios;
+        fw.vga_bios = cli.vga_bios.clone();
+        fw.log = cli.firmware_log.clone();
+        fw.boot_menu = cli.boot_menu;
+        if let Some(order) = &cli.boot {
+            fw.boot_order =
+                order.split(',').map(|d| d.trim().parse()).collect::<Result<_, _>>().map_err(anyhow::Error::from)?;
+        }
+        config.firmware = Some(fw);
     }
     if let Some(memory) = cli.memory {
         config.memory_mib = memory;

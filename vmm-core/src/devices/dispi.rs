@@ -16,6 +16,9 @@ pub const DISPI_ID5: u16 = 0xB0C5;
 pub const ENABLED: u16 = 0x01;
 pub const LFB_ENABLED: u16 = 0x40;
 pub const NO_CLEAR_MEM: u16 = 0x80;
+/// Written with the enable register: XRES, YRES and BPP then read back their maxima (how a VGA BIOS
+/// learns what the display can do).
+pub const GETCAPS: u16 = 0x02;
 
 const INDEX_ID: usize = 0;
 const INDEX_XRES: usize = 1;
@@ -52,6 +55,8 @@ pub struct Dispi {
     max_height: u16,
     vram_bytes: u64,
     version: Arc<AtomicU64>,
+    /// GETCAPS is set: the resolution and depth registers read their maxima.
+    caps: bool,
 }
 
 impl Dispi {
@@ -60,7 +65,7 @@ impl Dispi {
         regs[INDEX_ID] = DISPI_ID5;
         regs[INDEX_BPP] = 32;
         regs[INDEX_VIDEO_MEMORY_64K] = (vram_bytes >> 16).min(u64::from(u16::MAX)) as u16;
-        Dispi { index: 0, regs, max_width, max_height, vram_bytes, version }
+        Dispi { index: 0, regs, max_width, max_height, vram_bytes, version, caps: false }
     }
 
     /// Sets a mode as firmware would before handing over to an OS (for Linux booted with a VLFB).
@@ -94,7 +99,18 @@ impl Dispi {
         (end <= self.vram_bytes).then_some(GraphicsMode { width, height, bpp: u32::from(r[INDEX_BPP]), stride, offset })
     }
 
-    fn write_register(&mut self, index: usize, value: u16) {
+    /// Reads register `index` (as the data port does after the index port selected it).
+    pub fn read_register(&self, index: usize) -> u16 {
+        match index {
+            INDEX_XRES if self.caps => self.max_width,
+            INDEX_YRES if self.caps => self.max_height,
+            INDEX_BPP if self.caps => 32,
+            _ => self.regs.get(index).copied().unwrap_or(0),
+        }
+    }
+
+    /// Writes register `index`.
+    pub fn write_register(&mut self, index: usize, value: u16) {
         let r = &mut self.regs;
         match index {
             INDEX_ID => r[INDEX_ID] = value.clamp(0xB0C0, DISPI_ID5),
@@ -102,6 +118,7 @@ impl Dispi {
             INDEX_YRES => r[INDEX_YRES] = value.min(self.max_height),
             INDEX_BPP => r[INDEX_BPP] = if [8, 15, 16, 24, 32].contains(&value) { value } else { 32 },
             INDEX_ENABLE => {
+                self.caps = value & GETCAPS != 0;
                 r[INDEX_ENABLE] = value & (ENABLED | LFB_ENABLED | NO_CLEAR_MEM);
                 if value & ENABLED != 0 {
                     // Enabling resets the virtual size and panning, as Bochs does.
@@ -127,7 +144,7 @@ impl BusDevice for Dispi {
         data.fill(0);
         let value = match offset {
             0 => self.index,
-            1 => self.regs.get(usize::from(self.index)).copied().unwrap_or(0),
+            1 => self.read_register(usize::from(self.index)),
             _ => 0,
         };
         let bytes = value.to_le_bytes();

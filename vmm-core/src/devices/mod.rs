@@ -4,7 +4,9 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod debug_port;
+pub mod debugcon;
 pub mod dispi;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod reset_control;
 pub mod rtc;

@@ -142,6 +142,18 @@ impl Rtc {
         Rtc { index: 0, nvram, offset: 0, now }
     }
 
+    /// Sets a CMOS byte (what firmware set-up stores there, e.g. the boot order).
+    pub fn set_nvram(&mut self, index: u8, value: u8) {
+        if let Some(b) = self.nvram.get_mut(usize::from(index)) {
+            *b = value;
+        }
+    }
+
+    /// Reads a CMOS byte as stored.
+    pub fn nvram(&self, index: u8) -> u8 {
+        self.nvram.get(usize::from(index)).copied().unwrap_or(0)
+    }
+
     fn binary(&self) -> bool {
         self.nvram[STATUS_B] & B_BINARY != 0
     }

@@ -70,6 +70,12 @@ impl PciConfig {
         self.regs[REG_BAR0 + index] = address as u32;
     }
 
+    /// Declares a 32-bit prefetchable memory BAR (like [`add_memory_bar`](Self::add_memory_bar)).
+    pub fn add_prefetchable_memory_bar(&mut self, index: usize, size: u64, address: u64) {
+        self.add_memory_bar(index, size, address);
+        self.regs[REG_BAR0 + index] |= 1 << 3;
+    }
+
     /// Declares that the function raises INTA# on `line` (what firmware would write in the line register).
     pub fn set_interrupt(&mut self, line: u8) {
         self.regs[REG_INTERRUPT] = u32::from(line) | (1 << 8);

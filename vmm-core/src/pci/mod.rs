@@ -7,6 +7,7 @@
 //! values.
 
 pub mod config;
+pub mod std_vga;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,132 @@
+//! Pictures of the main screens, rendered headless (egui_kittest on wgpu: Mesa's lavapipe Vulkan here) and
+//! compared with the images checked in under `tests/snapshots/` (a few differing pixels are tolerated, for
+//! renderer rounding). After an intended change of the look: `UPDATE_SNAPSHOTS=1 cargo test -p porthole
+//! --test snapshots`, then look at the new images before committing them.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui_kittest::kittest::Queryable;
+use egui_kittest::{Harness, SnapshotOptions};
+use porthole::PortholeApp;
+use porthole::backend::Backend;
+use porthole_tests::daemon::Daemon;
+use porthole_tests::{Scratch, workspace_bin};
+
+fn harness(app: PortholeApp) -> Harness<'static, PortholeApp> {
+    Harness::builder()
+        .with_size(egui::vec2(1200.0, 800.0))
+        .wgpu()
+        .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+}
+
+fn local_app(socket: &Path, dir: &Scratch) -> Harness<'static, PortholeApp> {
+    let backend = Backend::new(|| {}).unwrap();
+    harness(PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(dir.path("settings.json"))))
+}
+
+fn offline_app() -> Harness<'static, PortholeApp> {
+    let backend = Backend::new(|| {}).unwrap();
+    harness(PortholeApp::new(backend, || Err("the local daemon is stopped".to_owned()), None))
+}
+
+fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond(h) {
+        assert!(Instant::now() < deadline, "waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // Let animations (collapsing headers, fades) settle before the picture.
+    for _ in 0..10 {
+        h.step();
+    }
+}
+
+fn has(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
+    h.query_all_by_label_contains(label).next().is_some()
+}
+
+fn snapshot(h: &mut Harness<'static, PortholeApp>, name: &str) {
+    // Up to 0.1% of the pixels may differ (antialiasing rounding between CPUs), each by the default threshold.
+    h.snapshot_options(name, &SnapshotOptions::new().failed_pixel_count_threshold(1200 * 800 / 1000));
+}
+
+#[test]
+fn snapshots_of_the_main_screens() {
+    let dir = Scratch::new("snapshots");
+    let d = Daemon::start(&dir, false, &[]);
+
+    // First run: no VMs, the demo offered.
+    let mut h = local_app(&d.socket(), &dir);
+    wait(&mut h, "the empty host", |h| has(h, "Local — 0 VMs"));
+    snapshot(&mut h, "first_run");
+
+    // The machine list: three tagged VMs (booting a library image, so no host paths show), one selected.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = d.local();
+    rt.block_on(c.upload_image("hello.elf", &porthole_guests::path("hello"), |_, _| {})).unwrap();
+    for (name, tags) in [("build-server", vec!["ci"]), ("web-1", vec!["prod", "web"]), ("web-2", vec!["web"])] {
+        let req = porthole_api::CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: "hello.elf".into(), initrd: None, cmdline: String::new() }),
+            tags: tags.into_iter().map(str::to_owned).collect(),
+            ..porthole_api::CreateVm::new(name, 2, 2048)
+        };
+        rt.block_on(c.create_vm(&req)).unwrap();
+    }
+    wait(&mut h, "the list", |h| has(h, "Local — 3 VMs"));
+    h.get_by_label("web-1").click();
+    wait(&mut h, "the details", |h| has(h, "Insert ISO…"));
+    snapshot(&mut h, "machine_list");
+    drop(h);
+
+    // The wizard's inline validation (a host without a daemon: no machine-specific figures in the picture).
+    let mut h = offline_app();
+    wait(&mut h, "the unreachable host", |h| has(h, "Local — unreachable"));
+    h.get_by_label("New VM…").click();
+    wait(&mut h, "the wizard", |h| has(h, "New virtual machine"));
+    h.get_by_role_and_label(Role::TextInput, "Name").focus();
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, "Name").type_text("bad/name");
+    wait(&mut h, "the complaint", |h| has(h, "A name is 1-63 letters"));
+    snapshot(&mut h, "wizard");
+    h.get_by_label("Cancel").click();
+    h.step();
+    h.get_by_label("Add host…").click();
+    wait(&mut h, "the add-host dialog", |h| has(h, "Add a host"));
+    snapshot(&mut h, "add_host");
+    drop(h);
+
+    // A console: the fb-pattern guest's colour bars, over a VNC socket.
+    // (A fixed socket path: the tab's title shows it.)
+    let socket = std::env::temp_dir().join("porthole-snapshot-console.sock");
+    let _ = std::fs::remove_file(&socket);
+    let serial = dir.path("serial.log");
+    let mut vm = Command::new(workspace_bin("porthole-vmm"))
+        .arg("--kernel")
+        .arg(porthole_guests::path("fb-pattern"))
+        .args(["--memory", "64"])
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("--vnc")
+        .arg(format!("unix:{}", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-FB-PATTERN-READY") {
+        assert!(start.elapsed() < Duration::from_secs(30), "fb-pattern did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut h = offline_app();
+    let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
+    h.state_mut().open_vnc(target, None);
+    wait(&mut h, "the console", |h| has(h, "click the screen to type"));
+    snapshot(&mut h, "console");
+    let _ = vm.kill();
+    let _ = vm.wait();
+}
