@@ -189,3 +189,50 @@ impl Drop for Xvfb {
         let _ = self.child.wait();
     }
 }
+
+/// The text on a VGA text-mode screen as an RFB client sees it (0x00RRGGBB pixels, 8x16 cells): each cell is
+/// matched against the console's own code page 437 glyphs (foreground = pixels that differ from the cell's
+/// top-left background pixel), so "the banner is on the screen" is checked glyph by glyph, not by OCR.
+/// Cells that match no glyph read as '?'. Returns one string per row, trailing blanks trimmed.
+pub fn screen_text(pixels: &[u32], width: u32, height: u32) -> Vec<String> {
+    use vmm_core::display::font::{GLYPH_HEIGHT, GLYPH_WIDTH, glyphs};
+    const CP437_PRINTABLE: std::ops::Range<usize> = 0x20..0x7F;
+    let (cols, rows) = (width as usize / GLYPH_WIDTH, height as usize / GLYPH_HEIGHT);
+    let font = glyphs();
+    let mut out = Vec::new();
+    for row in 0..rows {
+        let mut line = String::new();
+        for col in 0..cols {
+            let px = |x: usize, y: usize| pixels[(row * GLYPH_HEIGHT + y) * width as usize + col * GLYPH_WIDTH + x];
+            // Two colours at most: try each as the background; a blank cell has one.
+            let mut colours: Vec<u32> = Vec::new();
+            for y in 0..GLYPH_HEIGHT {
+                for x in 0..GLYPH_WIDTH {
+                    if !colours.contains(&px(x, y)) {
+                        colours.push(px(x, y));
+                    }
+                }
+            }
+            let found = if colours.len() == 1 {
+                Some(' ')
+            } else if colours.len() == 2 {
+                colours.iter().find_map(|&background| {
+                    let mut cell = [0u8; GLYPH_HEIGHT];
+                    for (y, bits) in cell.iter_mut().enumerate() {
+                        for x in 0..GLYPH_WIDTH {
+                            if px(x, y) != background {
+                                *bits |= 1 << x;
+                            }
+                        }
+                    }
+                    CP437_PRINTABLE.clone().find(|&c| font[c] == cell).map(|c| c as u8 as char)
+                })
+            } else {
+                None
+            };
+            line.push(found.unwrap_or('?'));
+        }
+        out.push(line.trim_end().to_owned());
+    }
+    out
+}

@@ -187,9 +187,10 @@ pub fn find_seabios() -> Option<PathBuf> {
         dirs.push(d.into());
     }
     dirs.push(SYSTEM_SEABIOS_DIR.into());
-    if let Some(home) = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
-    }) {
+    if let Some(home) = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+    {
         dirs.push(home.join("porthole/seabios/usr/share/seabios"));
     }
     dirs.into_iter().map(|d| d.join("bios.bin")).find(|p| p.is_file())

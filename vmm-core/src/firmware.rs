@@ -71,23 +71,16 @@ impl FirmwareImages {
         if vga_bios.len() > 256 << 10 {
             return Err(FirmwareError::VgaBiosSize(vga_bios.len()));
         }
-        let log = match &config.log {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| FirmwareError::Read { what: "the firmware log", path: path.clone(), source })?,
-            ),
-            None => None,
-        };
-        Ok(FirmwareImages {
-            bios,
-            vga_bios,
-            log,
-            boot_menu: config.boot_menu,
-            boot_order: config.boot_order.clone(),
-        })
+        let log =
+            match &config.log {
+                Some(path) => {
+                    Some(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|source| {
+                        FirmwareError::Read { what: "the firmware log", path: path.clone(), source }
+                    })?)
+                }
+                None => None,
+            };
+        Ok(FirmwareImages { bios, vga_bios, log, boot_menu: config.boot_menu, boot_order: config.boot_order.clone() })
     }
 
     /// Where the image sits below 4 GiB.

@@ -743,9 +743,8 @@ impl Vm {
                     crate::devices::fw_cfg::FW_CFG_PORT_LEN,
                 )?;
                 let log = fw.log.as_ref().and_then(|f| f.try_clone().ok());
-                let debugcon = crate::devices::debugcon::DebugCon::new(
-                    log.map(|f| Box::new(f) as Box<dyn std::io::Write + Send>),
-                );
+                let debugcon =
+                    crate::devices::debugcon::DebugCon::new(log.map(|f| Box::new(f) as Box<dyn std::io::Write + Send>));
                 pio.insert(Arc::new(Mutex::new(debugcon)), u64::from(crate::devices::debugcon::DEBUGCON_PORT), 1)?;
                 None
             }

@@ -141,8 +141,9 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     }
     if let Some(firmware) = &cli.firmware {
         let bios = match firmware.as_str() {
-            "bios" => vmm_core::config::find_seabios()
-                .context("--firmware bios: no SeaBIOS found (apt-get install seabios, or give --firmware PATH/bios.bin)")?,
+            "bios" => vmm_core::config::find_seabios().context(
+                "--firmware bios: no SeaBIOS found (apt-get install seabios, or give --firmware PATH/bios.bin)",
+            )?,
             path => PathBuf::from(path),
         };
         let mut fw = vmm_core::config::FirmwareConfig::seabios(bios.parent().unwrap_or(std::path::Path::new(".")));

@@ -71,8 +71,7 @@ pub struct FwCfg {
 impl FwCfg {
     /// An interface with its signature and id; `mem` enables DMA (without it only the ports work).
     pub fn new(mem: Option<GuestMemoryMmap>) -> Self {
-        let mut c =
-            FwCfg { items: BTreeMap::new(), files: Vec::new(), selected: 0, offset: 0, dma_high: 0, mem: None };
+        let mut c = FwCfg { items: BTreeMap::new(), files: Vec::new(), selected: 0, offset: 0, dma_high: 0, mem: None };
         c.items.insert(SIGNATURE, b"QEMU".to_vec());
         let id = ID_TRADITIONAL | if mem.is_some() { ID_DMA } else { 0 };
         c.items.insert(ID, id.to_le_bytes().to_vec());
@@ -94,7 +93,8 @@ impl FwCfg {
         if self.files.iter().any(|(n, _)| n == name) {
             return Err(FwCfgError::Duplicate(name.to_owned()));
         }
-        let selector = FILE_FIRST.checked_add(self.files.len() as u16).filter(|s| *s < 0x4000).ok_or(FwCfgError::Full)?;
+        let selector =
+            FILE_FIRST.checked_add(self.files.len() as u16).filter(|s| *s < 0x4000).ok_or(FwCfgError::Full)?;
         self.items.insert(selector, bytes);
         self.files.push((name.to_owned(), selector));
         self.rebuild_directory();

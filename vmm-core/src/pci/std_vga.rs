@@ -137,7 +137,14 @@ mod tests {
         let vga = Arc::new(Mutex::new(Vga::new(version)));
         let moved = Arc::new(Mutex::new(Vec::new()));
         let m = moved.clone();
-        let mut d = StdVga::new(dispi.clone(), vga, 0xE000_0000, 16 << 20, 0xC000_0000, Box::new(move |a| m.lock().unwrap().push(a)));
+        let mut d = StdVga::new(
+            dispi.clone(),
+            vga,
+            0xE000_0000,
+            16 << 20,
+            0xC000_0000,
+            Box::new(move |a| m.lock().unwrap().push(a)),
+        );
         assert_eq!(d.config().read(0), 0x1111_1234);
         assert_eq!(d.config().read(2) >> 8, 0x03_00_00);
         assert_eq!(d.config().read(4), 0xE000_0008, "BAR 0: prefetchable, at the framebuffer");
