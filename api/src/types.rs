@@ -33,7 +33,8 @@ pub struct ExitInfo {
     pub serial_tail: Vec<String>,
 }
 
-/// What a VM boots. Without one it cannot start until firmware boot (SeaBIOS) arrives.
+/// A kernel the VM boots directly. Without one the VM boots its firmware (SeaBIOS) from its CD/DVD drive,
+/// then its disk.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootSpec {

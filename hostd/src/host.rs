@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{BootSpec, ExitInfo, Vm, VmState};
+use porthole_api::{ExitInfo, Vm, VmState};
 use vmm_core::control::{ControlClient, Request, Response};
 
 use crate::store::{Store, VmRecord};
@@ -64,6 +64,11 @@ impl RunFiles {
     pub fn vnc_view_only(&self) -> PathBuf {
         self.dir.join("vnc-view.sock")
     }
+    /// The firmware's debug console (firmware boots).
+    pub fn firmware_log(&self) -> PathBuf {
+        self.dir.join("firmware.log")
+    }
+
     pub fn serial(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
@@ -321,14 +326,27 @@ impl Host {
     /// Starts a stopped VM; returns once its control socket answers.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
         let record = self.record(id)?;
-        let boot: BootSpec = record.boot.clone().ok_or_else(|| {
-            HostError::Conflict(
-                "the VM has nothing to boot: set boot.kernel (an image of the library); firmware boot comes later"
-                    .into(),
-            )
-        })?;
-        let kernel = self.resolve_image(&boot.kernel, true)?;
-        let initrd = boot.initrd.as_deref().map(|i| self.resolve_image(i, true)).transpose()?;
+        // A kernel boots directly; without one the VM boots its firmware (SeaBIOS), from the CD/DVD first.
+        let direct = match &record.boot {
+            Some(boot) => {
+                let kernel = self.resolve_image(&boot.kernel, true)?;
+                let initrd = boot.initrd.as_deref().map(|i| self.resolve_image(i, true)).transpose()?;
+                Some((kernel, initrd, boot.cmdline.clone()))
+            }
+            None => {
+                if record.media.is_none() && record.disk_bytes == 0 {
+                    return Err(HostError::Conflict(
+                        "the VM has nothing to boot: give it a kernel, an ISO in its CD/DVD drive, or a disk".into(),
+                    ));
+                }
+                if vmm_core::config::find_seabios().is_none() {
+                    return Err(HostError::Conflict(
+                        "booting from an ISO or a disk needs SeaBIOS on this host (apt-get install seabios)".into(),
+                    ));
+                }
+                None
+            }
+        };
         let media = record.media.as_deref().map(|m| self.resolve_image(m, false)).transpose()?;
         let files = self.run_files(id);
         {
@@ -347,11 +365,19 @@ impl Host {
             std::fs::create_dir_all(&files.dir)?;
             let log = std::fs::File::create(files.log())?;
             let mut cmd = std::process::Command::new(&self.vmm);
-            cmd.arg("--name").arg(&record.name).arg("--kernel").arg(&kernel);
-            if let Some(initrd) = &initrd {
-                cmd.arg("--initrd").arg(initrd);
+            cmd.arg("--name").arg(&record.name);
+            match &direct {
+                Some((kernel, initrd, cmdline)) => {
+                    cmd.arg("--kernel").arg(kernel);
+                    if let Some(initrd) = initrd {
+                        cmd.arg("--initrd").arg(initrd);
+                    }
+                    cmd.args(["--cmdline", cmdline]);
+                }
+                None => {
+                    cmd.args(["--firmware", "bios", "--boot", "cdrom,disk", "--firmware-log"]).arg(files.firmware_log());
+                }
             }
-            cmd.args(["--cmdline", &boot.cmdline]);
             cmd.args(["--memory", &record.memory_mib.to_string(), "--cpus", &record.vcpus.to_string()]);
             cmd.arg("--serial").arg(format!("file:{}", files.serial().display()));
             cmd.arg("--control").arg(format!("unix:{}", files.control().display()));
