@@ -501,7 +501,12 @@ impl PortholeApp {
             ui.label(if vm.disk_bytes == 0 { "none".into() } else { format!("{} GiB", vm.disk_bytes >> 30) });
             ui.end_row();
             ui.label("Boots");
-            ui.label(vm.boot.as_ref().map(|b| b.kernel.clone()).unwrap_or_else(|| "nothing yet".into()));
+            ui.label(
+                vm.boot
+                    .as_ref()
+                    .map(|b| b.kernel.clone())
+                    .unwrap_or_else(|| "firmware (SeaBIOS): CD/DVD, then disk".into()),
+            );
             ui.end_row();
             ui.label("CD/DVD");
             ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));

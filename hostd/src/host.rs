@@ -375,7 +375,8 @@ impl Host {
                     cmd.args(["--cmdline", cmdline]);
                 }
                 None => {
-                    cmd.args(["--firmware", "bios", "--boot", "cdrom,disk", "--firmware-log"]).arg(files.firmware_log());
+                    cmd.args(["--firmware", "bios", "--boot", "cdrom,disk", "--firmware-log"])
+                        .arg(files.firmware_log());
                 }
             }
             cmd.args(["--memory", &record.memory_mib.to_string(), "--cpus", &record.vcpus.to_string()]);

@@ -120,7 +120,7 @@ fn debian_kernel_bzimage_with_busybox_initramfs() {
 }
 
 /// Linux's virtio_pci + virtio_blk drivers on our PCI bus: a disk the test filled (read, identified, written
-/// and flushed by /init) and a removable drive holding the memtest86+ ISO.
+/// and flushed by /init) and a removable virtio-blk drive holding the memtest86+ ISO.
 #[test]
 #[ignore = "real-guest tier: run with ./x test-real"]
 fn debian_kernel_reads_and_writes_virtio_disks() {
@@ -129,7 +129,8 @@ fn debian_kernel_reads_and_writes_virtio_disks() {
     let content: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(&image, &content).unwrap();
     let iso = cache().join("memtest86+x64.iso");
-    let args = [std::ffi::OsStr::new("--disk"), image.as_os_str(), "--cdrom".as_ref(), iso.as_os_str()];
+    let removable = format!("{},removable", iso.display());
+    let args = [std::ffi::OsStr::new("--disk"), image.as_os_str(), "--disk".as_ref(), removable.as_ref()];
     let (status, log, _) = boot_with(
         "linux-disks",
         "vmlinux",
@@ -162,7 +163,7 @@ fn debian_kernel_reads_and_writes_virtio_disks() {
     let iso_bytes = std::fs::read(&iso).unwrap();
     let vda = format!("PORTHOLE-DISK vda sectors=16384 serial=disk0 md5={}", md5(&content[..4096]));
     let vdb =
-        format!("PORTHOLE-DISK vdb sectors={} serial=cdrom0 md5={}", iso_bytes.len() / 512, md5(&iso_bytes[..4096]));
+        format!("PORTHOLE-DISK vdb sectors={} serial=disk1 md5={}", iso_bytes.len() / 512, md5(&iso_bytes[..4096]));
     assert!(log.contains(&vda), "expected {vda:?} in:\n{log}");
     assert!(log.contains(&vdb), "expected {vdb:?} in:\n{log}");
     assert!(log.contains("PORTHOLE-DISK-WRITTEN vda"), "{log}");

@@ -64,7 +64,7 @@ pub const MAX_DRIVES: usize = 8;
 /// Longest drive serial number (virtio-blk's GET_ID answer).
 pub const MAX_SERIAL: usize = 20;
 
-/// A disk (a raw image) or a removable drive (an ISO or nothing; always read-only).
+/// A disk (a raw image on virtio-blk) or a CD/DVD drive (an ISO or nothing, on virtio-scsi; read-only).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
@@ -73,9 +73,13 @@ pub struct DriveConfig {
     pub path: Option<PathBuf>,
     #[serde(default)]
     pub read_only: bool,
-    /// Media can be attached and ejected while the VM runs (a CD/DVD drive).
+    /// Media can be attached and ejected while the VM runs (always so for a CD/DVD drive; a virtio-blk disk
+    /// may be removable too: the guest is told through a configuration change).
     #[serde(default)]
     pub removable: bool,
+    /// A CD/DVD-ROM drive (SCSI, on virtio-scsi) rather than a virtio-blk disk.
+    #[serde(default)]
+    pub cdrom: bool,
     /// What the guest reads as the serial number (up to 20 printable ASCII characters); by default the
     /// drive's id ("disk0", "cdrom0", …).
     #[serde(default)]
@@ -85,36 +89,44 @@ pub struct DriveConfig {
 impl std::str::FromStr for DriveConfig {
     type Err = ConfigError;
 
-    /// Parses the `--disk` form: `PATH[,readonly][,serial=S]`.
+    /// Parses the `--disk` form: `PATH[,readonly][,removable][,serial=S]` (a removable disk may start
+    /// empty: `,removable`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::DriveSpec(s.to_owned()))?;
-        let mut drive = DriveConfig { path: Some(PathBuf::from(path)), ..DriveConfig::default() };
+        let path = parts.next().unwrap_or_default();
+        let mut drive = DriveConfig { path: (!path.is_empty()).then(|| PathBuf::from(path)), ..DriveConfig::default() };
         for option in parts {
             match option.split_once('=') {
                 None if option == "readonly" || option == "ro" => drive.read_only = true,
+                None if option == "removable" => drive.removable = true,
                 Some(("serial", serial)) => drive.serial = Some(serial.to_owned()),
                 _ => return Err(ConfigError::DriveSpec(s.to_owned())),
             }
+        }
+        if drive.path.is_none() && !drive.removable {
+            return Err(ConfigError::DriveSpec(s.to_owned()));
+        }
+        if drive.removable {
+            drive.read_only = true; // media swapped in are ISOs and other images, opened read-only
         }
         Ok(drive)
     }
 }
 
 impl DriveConfig {
-    /// A removable drive holding `path` (or empty).
-    pub fn removable(path: Option<PathBuf>) -> Self {
-        DriveConfig { path, read_only: true, removable: true, serial: None }
+    /// A CD/DVD drive holding `path` (or empty).
+    pub fn cdrom(path: Option<PathBuf>) -> Self {
+        DriveConfig { path, read_only: true, removable: true, cdrom: true, serial: None }
     }
 }
 
-/// The ids the drives of a configuration get: "disk0", "disk1", … and "cdrom0", … for removable ones.
+/// The ids the drives of a configuration get: "disk0", "disk1", … and "cdrom0", … for CD/DVD drives.
 pub fn drive_ids(drives: &[DriveConfig]) -> Vec<String> {
     let (mut disks, mut cdroms) = (0, 0);
     drives
         .iter()
         .map(|d| {
-            let (kind, n) = if d.removable { ("cdrom", &mut cdroms) } else { ("disk", &mut disks) };
+            let (kind, n) = if d.cdrom { ("cdrom", &mut cdroms) } else { ("disk", &mut disks) };
             *n += 1;
             format!("{kind}{}", *n - 1)
         })
@@ -309,7 +321,7 @@ pub enum ConfigError {
     PasswordWithoutVnc,
     #[error("configuration file {path:?}: {reason}")]
     ConfigFile { path: PathBuf, reason: String },
-    #[error("drive {0:?} is not PATH[,readonly][,serial=S]")]
+    #[error("drive {0:?} is not PATH[,readonly][,removable][,serial=S]")]
     DriveSpec(String),
     #[error("{0} drives asked for; at most {MAX_DRIVES} are supported")]
     TooManyDrives(usize),
@@ -555,13 +567,21 @@ mod tests {
         let d: DriveConfig = "/a.img,readonly,serial=XY-1".parse().unwrap();
         assert_eq!(
             d,
-            DriveConfig { path: Some("/a.img".into()), read_only: true, removable: false, serial: Some("XY-1".into()) }
+            DriveConfig {
+                path: Some("/a.img".into()),
+                read_only: true,
+                removable: false,
+                cdrom: false,
+                serial: Some("XY-1".into())
+            }
         );
         assert!("".parse::<DriveConfig>().is_err());
+        let empty: DriveConfig = ",removable".parse().unwrap();
+        assert_eq!((empty.path, empty.removable, empty.read_only, empty.cdrom), (None, true, true, false));
         assert!("/a.img,rw=1".parse::<DriveConfig>().is_err());
         let mut c = base.clone();
         let image = f.path().to_owned();
-        c.drives = vec![DriveConfig { path: Some(image.clone()), ..Default::default() }, DriveConfig::removable(None)];
+        c.drives = vec![DriveConfig { path: Some(image.clone()), ..Default::default() }, DriveConfig::cdrom(None)];
         assert_eq!(c.validate(8), Ok(()));
         assert_eq!(drive_ids(&c.drives), ["disk0", "cdrom0"]);
         c.drives.push(DriveConfig::default());
@@ -570,7 +590,7 @@ mod tests {
         assert!(c.validate(8).unwrap_err().to_string().contains("disk1: No such file"));
         c.drives[2] = DriveConfig { path: Some(image), serial: Some("x".repeat(21)), ..Default::default() };
         assert!(matches!(c.validate(8), Err(ConfigError::DriveSerial { .. })));
-        c.drives = vec![DriveConfig::removable(None); MAX_DRIVES + 1];
+        c.drives = vec![DriveConfig::cdrom(None); MAX_DRIVES + 1];
         assert_eq!(c.validate(8), Err(ConfigError::TooManyDrives(MAX_DRIVES + 1)));
     }
 

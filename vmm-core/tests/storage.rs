@@ -273,14 +273,19 @@ fn media_can_be_attached_ejected_and_swapped_while_running() {
     let (iso_b, b) = image(&dir, "b.iso", 12, 0x42);
     let vm = Running::start(
         "blk-media-vm",
-        &["--cdrom", "--cmdline", "read=0,1 wait-media read=0,1 wait-media read=0,1 wait-media read=0,1 read=39,1"],
+        &[
+            "--disk",
+            ",removable",
+            "--cmdline",
+            "read=0,1 wait-media read=0,1 wait-media read=0,1 wait-media read=0,1 read=39,1",
+        ],
     );
     vm.wait_for(|o| o.contains("BLK read disk=0 sector=0 count=1 status=1"));
     assert!(vm.output().contains("capacity=0 ro=1"), "{}", vm.output());
     let mut c = vm.client();
     let status = c.request(&Request::Status).unwrap().status.unwrap();
     assert_eq!(status.drives.len(), 1);
-    assert_eq!((status.drives[0].id.as_str(), status.drives[0].media.as_ref()), ("cdrom0", None));
+    assert_eq!((status.drives[0].id.as_str(), status.drives[0].media.as_ref()), ("disk0", None));
 
     let attached = c.request(&Request::AttachMedia { path: iso_a.clone(), drive: None }).unwrap();
     assert_eq!(attached.drive.unwrap().media.as_deref(), Some(iso_a.as_path()));
@@ -288,7 +293,7 @@ fn media_can_be_attached_ejected_and_swapped_while_running() {
     assert!(out.contains("BLK media disk=0 capacity=40\n"), "{out}");
     assert!(out.contains(&format!("sector=0 count=1 status=0 sum={}\n", fnv(&a[..512]))), "{out}");
 
-    let ejected = c.request(&Request::EjectMedia { drive: Some("cdrom0".into()) }).unwrap();
+    let ejected = c.request(&Request::EjectMedia { drive: Some("disk0".into()) }).unwrap();
     assert_eq!(ejected.drive.unwrap().media, None);
     let out = vm.wait_for(|o| complete_reads(o) >= 3);
     assert!(out.contains("BLK media disk=0 capacity=0\n"), "{out}");
@@ -331,7 +336,7 @@ fn bad_disk_options_are_refused_with_the_reason() {
     let (path, _) = image(&dir, "x.img", 8, 0);
     let cases: [(&[&str], &str); 4] = [
         (&["--disk", "/nonexistent/disk.img"], "disk0: No such file"),
-        (&["--disk", "x.img,fast"], "is not PATH[,readonly][,serial=S]"),
+        (&["--disk", "x.img,fast"], "is not PATH[,readonly][,removable][,serial=S]"),
         (&["--disk", s(&path), "--cdrom", s(&path)], "is in use by another VM"),
         (&["--disk", &format!("{},serial=this-serial-is-far-too-long", s(&path))], "at most 20"),
     ];

@@ -203,7 +203,7 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     }
     for path in &cli.cdrom {
         let media = (!path.is_empty()).then(|| PathBuf::from(path));
-        config.drives.push(vmm_core::config::DriveConfig::removable(media));
+        config.drives.push(vmm_core::config::DriveConfig::cdrom(media));
     }
     Ok(config)
 }
