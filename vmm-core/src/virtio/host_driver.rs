@@ -1,36 +1,46 @@
-//! A virtio-blk driver that runs in the host: it drives a [`VirtioPci`]`<`[`VirtioBlock`]`>` through its
-//! BAR registers and a guest memory of its own, exactly as a guest driver would (no KVM needed). The unit
-//! tests use it to check the device, hostile chains included, and `porthole-bench disk` to measure the
-//! device back end at full host speed (guest code is instruction-emulated on our CI machines).
+//! Host-side virtio drivers: they drive a [`VirtioPci`] device through its BAR registers and a guest memory
+//! of their own, exactly as a guest driver would (no KVM needed). [`HostDriver`] brings any device up and
+//! moves descriptors through any of its queues; [`HostBlockDriver`] adds virtio-blk requests on top. The
+//! unit tests use them to check the devices, hostile chains included, and `porthole-bench disk` to
+//! measure the virtio-blk back end at full host speed (guest code is instruction-emulated on our CI
+//! machines).
 
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::VirtioInterrupt;
 use super::block::{QUEUE_SIZE, VirtioBlock};
 use super::pci::VirtioPci;
 use super::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
 };
+use super::{VirtioDevice, VirtioInterrupt};
 use crate::disk::Drive;
 use crate::pci::PciDevice;
 
-/// Guest-memory layout of the driver.
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x2000;
-const USED_RING: u64 = 0x3000;
+/// Guest-memory layout of the drivers: queue q's rings at RINGS + q * RING_STRIDE (descriptor table, then
+/// the avail ring a page on, then the used ring another page on), room for [`MAX_QUEUES`] queues of up to
+/// 256 entries below 0x1_0000.
+const RINGS: u64 = 0x1000;
+const RING_STRIDE: u64 = 0x3000;
+/// The most queues [`HostDriver`] sets up.
+pub const MAX_QUEUES: usize = 5;
+/// virtio-blk request headers and status bytes.
 const HEADERS: u64 = 0x1_0000;
 const STATUS: u64 = 0x2_0000;
 /// Data buffers: request slot i uses DATA + i * max_data.
 const DATA: u64 = 0x10_0000;
 /// Where the BAR sits (any address; nothing decodes it but us).
 const BAR: u64 = 0xC000_0000;
+/// Device configuration, within the BAR.
+const DEVICE_CONFIG: u64 = 0x2000;
 
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
 
 /// Request types (virtio-blk).
 pub const T_IN: u32 = 0;
@@ -47,31 +57,47 @@ pub struct Desc {
     pub next: u16,
 }
 
-/// The host-side driver of one virtio-blk device.
-pub struct HostBlockDriver {
-    pub device: VirtioPci<VirtioBlock>,
-    pub mem: GuestMemoryMmap,
-    interrupt: Arc<VirtioInterrupt>,
-    queue_size: u16,
-    max_data: u64,
+/// The driver's side of one queue.
+struct HostQueue {
+    /// 0: left disabled.
+    size: u16,
     avail_idx: u16,
     last_used: u16,
 }
 
-impl HostBlockDriver {
-    /// Builds the device for `drive` and brings it up (features, one queue of `queue_size`, DRIVER_OK), with
-    /// room for `queue_size / 3` requests (three descriptors each) of up to `max_data` bytes each.
-    pub fn new(drive: Arc<Drive>, queue_size: u16, max_data: u64) -> std::io::Result<Self> {
-        assert!(queue_size.is_power_of_two() && queue_size <= QUEUE_SIZE);
-        let slots = u64::from(queue_size / 3);
-        let mem_size = (DATA + slots * max_data).next_multiple_of(0x1000) as usize;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).map_err(std::io::Error::other)?;
-        let interrupt = Arc::new(VirtioInterrupt::new()?);
-        let block = VirtioBlock::new(drive, interrupt.clone())?;
-        let device = VirtioPci::new(block, BAR, 16, interrupt.clone(), mem.clone(), None);
-        let mut driver = HostBlockDriver { device, mem, interrupt, queue_size, max_data, avail_idx: 0, last_used: 0 };
+impl HostQueue {
+    fn desc_table(index: usize) -> u64 {
+        RINGS + index as u64 * RING_STRIDE
+    }
+    fn avail_ring(index: usize) -> u64 {
+        Self::desc_table(index) + 0x1000
+    }
+    fn used_ring(index: usize) -> u64 {
+        Self::desc_table(index) + 0x2000
+    }
+}
+
+/// The host-side driver of any virtio device: negotiation (every offered feature is accepted), queue
+/// set-up, descriptors, the avail and used rings, the ISR and the device configuration.
+pub struct HostDriver<D: VirtioDevice> {
+    pub device: VirtioPci<D>,
+    pub mem: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: Vec<HostQueue>,
+}
+
+impl<D: VirtioDevice> HostDriver<D> {
+    /// Puts `device` (raising `interrupt`) on the transport over `mem` and brings it up with queue i of
+    /// `queue_sizes[i]` entries (a power of two, at most 256; 0 leaves the queue disabled). `mem` must
+    /// hold the rings (below 0x1_0000).
+    pub fn new(device: D, interrupt: Arc<VirtioInterrupt>, mem: GuestMemoryMmap, queue_sizes: &[u16]) -> Self {
+        assert!(queue_sizes.len() <= MAX_QUEUES);
+        assert!(queue_sizes.iter().all(|&s| s == 0 || (s.is_power_of_two() && s <= 256)));
+        let device = VirtioPci::new(device, BAR, 16, interrupt.clone(), mem.clone(), None);
+        let queues = queue_sizes.iter().map(|&size| HostQueue { size, avail_idx: 0, last_used: 0 }).collect();
+        let mut driver = HostDriver { device, mem, interrupt, queues };
         driver.init();
-        Ok(driver)
+        driver
     }
 
     fn write_common(&mut self, offset: u64, data: &[u8]) {
@@ -84,7 +110,7 @@ impl HostBlockDriver {
         u64::from_le_bytes(b)
     }
 
-    /// Resets the device and brings it up again (a fresh queue).
+    /// Resets the device and brings it up again (fresh queues).
     pub fn init(&mut self) {
         self.write_common(0x14, &[0]);
         self.write_common(0x14, &[(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER) as u8]);
@@ -102,17 +128,25 @@ impl HostBlockDriver {
             &[(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK) as u8],
         );
         assert_ne!(self.read_common(0x14, 1) as u32 & VIRTIO_CONFIG_S_FEATURES_OK, 0, "features refused");
-        self.write_common(0x16, &0u16.to_le_bytes());
-        self.write_common(0x18, &self.queue_size.to_le_bytes());
-        self.write_common(0x20, &DESC_TABLE.to_le_bytes());
-        self.write_common(0x28, &AVAIL_RING.to_le_bytes());
-        self.write_common(0x30, &USED_RING.to_le_bytes());
-        // Zeroed rings, and used_event = 0 so that the device interrupts after every completion.
         let zeros = vec![0u8; 0x1000];
-        for ring in [AVAIL_RING, USED_RING] {
-            self.mem.write_slice(&zeros, GuestAddress(ring)).unwrap();
+        for index in 0..self.queues.len() {
+            let size = self.queues[index].size;
+            self.queues[index].avail_idx = 0;
+            self.queues[index].last_used = 0;
+            if size == 0 {
+                continue;
+            }
+            self.write_common(0x16, &(index as u16).to_le_bytes());
+            self.write_common(0x18, &size.to_le_bytes());
+            self.write_common(0x20, &HostQueue::desc_table(index).to_le_bytes());
+            self.write_common(0x28, &HostQueue::avail_ring(index).to_le_bytes());
+            self.write_common(0x30, &HostQueue::used_ring(index).to_le_bytes());
+            // Zeroed rings, and used_event = 0 so that the device interrupts after every completion.
+            for ring in [HostQueue::avail_ring(index), HostQueue::used_ring(index)] {
+                self.mem.write_slice(&zeros, GuestAddress(ring)).unwrap();
+            }
+            self.write_common(0x1C, &1u16.to_le_bytes());
         }
-        self.write_common(0x1C, &1u16.to_le_bytes());
         self.write_common(
             0x14,
             &[(VIRTIO_CONFIG_S_ACKNOWLEDGE
@@ -120,8 +154,6 @@ impl HostBlockDriver {
                 | VIRTIO_CONFIG_S_FEATURES_OK
                 | VIRTIO_CONFIG_S_DRIVER_OK) as u8],
         );
-        self.avail_idx = 0;
-        self.last_used = 0;
     }
 
     /// The device status register (NEEDS_RESET is 0x40).
@@ -129,10 +161,131 @@ impl HostBlockDriver {
         self.read_common(0x14, 1) as u8
     }
 
+    /// Reads the device configuration at `offset`.
+    pub fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        self.device.bar_read(0, DEVICE_CONFIG + offset, data);
+    }
+
+    /// Writes the device configuration at `offset`.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.device.bar_write(0, DEVICE_CONFIG + offset, data);
+    }
+
+    /// Writes descriptor `index` of queue `queue`.
+    pub fn write_desc(&self, queue: usize, index: u16, d: Desc) {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&d.len.to_le_bytes());
+        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&d.next.to_le_bytes());
+        let address = HostQueue::desc_table(queue) + u64::from(index) * 16;
+        self.mem.write_slice(&b, GuestAddress(address)).unwrap();
+    }
+
+    /// Puts `head` in the avail ring of `queue` without publishing it (see [`kick`](Self::kick)).
+    pub fn push_avail(&mut self, queue: usize, head: u16) {
+        let q = &mut self.queues[queue];
+        let slot = u64::from(q.avail_idx % q.size);
+        q.avail_idx = q.avail_idx.wrapping_add(1);
+        self.mem.write_obj(head, GuestAddress(HostQueue::avail_ring(queue) + 4 + slot * 2)).unwrap();
+    }
+
+    /// Publishes what [`push_avail`](Self::push_avail) queued on `queue` and notifies the device.
+    pub fn kick(&mut self, queue: usize) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        let idx = self.queues[queue].avail_idx;
+        self.mem.write_obj(idx, GuestAddress(HostQueue::avail_ring(queue) + 2)).unwrap();
+        self.device.bar_write(0, 0x3000 + 4 * queue as u64, &0u16.to_le_bytes());
+    }
+
+    /// Puts `head` in the avail ring of `queue` (advancing the index by `advance`, normally 1) and
+    /// notifies.
+    pub fn publish(&mut self, queue: usize, head: u16, advance: u16) {
+        self.push_avail(queue, head);
+        let q = &mut self.queues[queue];
+        q.avail_idx = q.avail_idx.wrapping_add(advance).wrapping_sub(1);
+        self.kick(queue);
+    }
+
+    /// Waits (up to `timeout`) for completions on `queue`; returns (descriptor head, used length) of each.
+    pub fn completions(&mut self, queue: usize, timeout: Duration) -> Vec<(u16, u32)> {
+        let deadline = std::time::Instant::now() + timeout;
+        let used_ring = HostQueue::used_ring(queue);
+        loop {
+            let used: u16 = self.mem.read_obj(GuestAddress(used_ring + 2)).unwrap();
+            let q = &mut self.queues[queue];
+            if used != q.last_used {
+                let mut done = Vec::new();
+                while q.last_used != used {
+                    let slot = u64::from(q.last_used % q.size);
+                    let id: u32 = self.mem.read_obj(GuestAddress(used_ring + 4 + slot * 8)).unwrap();
+                    let len: u32 = self.mem.read_obj(GuestAddress(used_ring + 8 + slot * 8)).unwrap();
+                    done.push((id as u16, len));
+                    q.last_used = q.last_used.wrapping_add(1);
+                }
+                // used_event: interrupt again after the next completion.
+                let used_event = HostQueue::avail_ring(queue) + 4 + 2 * u64::from(q.size);
+                self.mem.write_obj(q.last_used, GuestAddress(used_event)).unwrap();
+                return done;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Vec::new();
+            }
+            let mut pfd = libc::pollfd { fd: self.interrupt.line().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 100) as i32) };
+            let _ = self.interrupt.line().read();
+        }
+    }
+
+    /// Reads the ISR register (clearing it).
+    pub fn read_isr(&mut self) -> u8 {
+        let mut b = [0u8];
+        self.device.bar_read(0, 0x1000, &mut b);
+        b[0]
+    }
+}
+
+/// The host-side driver of one virtio-blk device (its one queue is queue 0 of a [`HostDriver`], which it
+/// dereferences to).
+pub struct HostBlockDriver {
+    driver: HostDriver<VirtioBlock>,
+    queue_size: u16,
+    max_data: u64,
+}
+
+impl Deref for HostBlockDriver {
+    type Target = HostDriver<VirtioBlock>;
+    fn deref(&self) -> &Self::Target {
+        &self.driver
+    }
+}
+
+impl DerefMut for HostBlockDriver {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.driver
+    }
+}
+
+impl HostBlockDriver {
+    /// Builds the device for `drive` and brings it up (features, one queue of `queue_size`, DRIVER_OK), with
+    /// room for `queue_size / 3` requests (three descriptors each) of up to `max_data` bytes each.
+    pub fn new(drive: Arc<Drive>, queue_size: u16, max_data: u64) -> std::io::Result<Self> {
+        assert!(queue_size.is_power_of_two() && queue_size <= QUEUE_SIZE);
+        let slots = u64::from(queue_size / 3);
+        let mem_size = (DATA + slots * max_data).next_multiple_of(0x1000) as usize;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).map_err(std::io::Error::other)?;
+        let interrupt = Arc::new(VirtioInterrupt::new()?);
+        let block = VirtioBlock::new(drive, interrupt.clone())?;
+        let driver = HostDriver::new(block, interrupt, mem, &[queue_size]);
+        Ok(HostBlockDriver { driver, queue_size, max_data })
+    }
+
     /// Capacity in sectors, from the device configuration.
     pub fn capacity(&mut self) -> u64 {
         let mut b = [0u8; 8];
-        self.device.bar_read(0, 0x2000, &mut b);
+        self.driver.read_config(0, &mut b);
         u64::from_le_bytes(b)
     }
 
@@ -143,22 +296,12 @@ impl HostBlockDriver {
 
     /// Writes descriptor `index`.
     pub fn write_desc(&self, index: u16, d: Desc) {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&d.len.to_le_bytes());
-        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&d.next.to_le_bytes());
-        self.mem.write_slice(&b, GuestAddress(DESC_TABLE + u64::from(index) * 16)).unwrap();
+        self.driver.write_desc(0, index, d);
     }
 
     /// Puts `head` in the avail ring (advancing the index by `advance`, normally 1) and notifies.
     pub fn publish(&mut self, head: u16, advance: u16) {
-        let slot = u64::from(self.avail_idx % self.queue_size);
-        self.mem.write_obj(head, GuestAddress(AVAIL_RING + 4 + slot * 2)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(advance);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2)).unwrap();
-        self.device.bar_write(0, 0x3000, &0u16.to_le_bytes());
+        self.driver.publish(0, head, advance);
     }
 
     /// Posts a well-formed request in slot `slot` (descriptors 3*slot..3*slot+2): header, `len` bytes of
@@ -184,16 +327,12 @@ impl HostBlockDriver {
             );
         }
         self.write_desc(base + 2, status);
-        let ring_slot = u64::from(self.avail_idx % self.queue_size);
-        self.mem.write_obj(base, GuestAddress(AVAIL_RING + 4 + ring_slot * 2)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.driver.push_avail(0, base);
     }
 
     /// Publishes what [`post`](Self::post) queued and notifies the device.
     pub fn kick(&mut self) {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2)).unwrap();
-        self.device.bar_write(0, 0x3000, &0u16.to_le_bytes());
+        self.driver.kick(0);
     }
 
     /// The status byte of slot `slot` (0xFF: not written).
@@ -203,39 +342,7 @@ impl HostBlockDriver {
 
     /// Waits (up to `timeout`) for completions; returns (descriptor head, used length) of each.
     pub fn completions(&mut self, timeout: Duration) -> Vec<(u16, u32)> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let used: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
-            if used != self.last_used {
-                let mut done = Vec::new();
-                while self.last_used != used {
-                    let slot = u64::from(self.last_used % self.queue_size);
-                    let id: u32 = self.mem.read_obj(GuestAddress(USED_RING + 4 + slot * 8)).unwrap();
-                    let len: u32 = self.mem.read_obj(GuestAddress(USED_RING + 8 + slot * 8)).unwrap();
-                    done.push((id as u16, len));
-                    self.last_used = self.last_used.wrapping_add(1);
-                }
-                // used_event: interrupt again after the next completion.
-                let used_event = AVAIL_RING + 4 + 2 * u64::from(self.queue_size);
-                self.mem.write_obj(self.last_used, GuestAddress(used_event)).unwrap();
-                return done;
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Vec::new();
-            }
-            let mut pfd = libc::pollfd { fd: self.interrupt.line().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 100) as i32) };
-            let _ = self.interrupt.line().read();
-        }
-    }
-
-    /// Reads the ISR register (clearing it).
-    pub fn read_isr(&mut self) -> u8 {
-        let mut b = [0u8];
-        self.device.bar_read(0, 0x1000, &mut b);
-        b[0]
+        self.driver.completions(0, timeout)
     }
 
     /// The drive the device serves.

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod host_driver;
 pub mod pci;
+pub mod scsi;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -111,7 +112,7 @@ pub struct Activation {
 
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2: block).
+    /// The virtio device ID (2: block, 8: SCSI host).
     fn device_type(&self) -> u16;
     /// Feature bits the device offers.
     fn features(&self) -> u64;
