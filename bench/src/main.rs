@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 mod console;
 mod daemon;
 mod disk;
+mod firmware;
 mod gui;
 use clap::{Parser, Subcommand};
 
@@ -88,6 +89,11 @@ enum Bench {
     /// The GUI under Xvfb: launch → first frame, idle CPU with an open console.
     Gui {
         #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Firmware boot: start → SeaBIOS boots the CD, → GRUB's guest runs; Porthole vs QEMU -M pc.
+    Firmware {
+        #[arg(long, default_value_t = 3)]
         runs: usize,
     },
     /// Every benchmark with its defaults.
@@ -331,6 +337,7 @@ fn main() -> anyhow::Result<()> {
         Bench::DaemonApi { seconds } => daemon::api(seconds),
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::Gui { runs } => gui::run(runs),
+        Bench::Firmware { runs } => firmware::run(runs),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -343,7 +350,8 @@ fn main() -> anyhow::Result<()> {
             disk::guest(400, 4000)?;
             daemon::api(10)?;
             daemon::console_proxy(5.0)?;
-            gui::run(5)
+            gui::run(5)?;
+            firmware::run(3)
         }
     }
 }

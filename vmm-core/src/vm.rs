@@ -45,6 +45,7 @@ use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
 use crate::virtio::block::VirtioBlock;
 use crate::virtio::pci::VirtioPci;
+use crate::virtio::scsi::VirtioScsi;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -584,16 +585,38 @@ impl Vm {
     ) -> Result<(PciBus, Vec<Arc<VirtioInterrupt>>), VmError> {
         let mut bus = PciBus::new(self.handle.mmio_unhandled.clone());
         let mut interrupts = Vec::new();
-        for drive in &self.handle.drives {
+        for (drive, config) in self.handle.drives.iter().zip(&self.config.drives) {
             let slot = bus.free_slot()?;
             let gsi = pci::slot_gsi(slot);
             let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create a disk interrupt eventfd"))?);
             vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
                 .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
-            let block = VirtioBlock::new(drive.clone(), interrupt.clone()).map_err(io_err("start a disk's threads"))?;
             let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
-            let device = VirtioPci::new(block, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()));
-            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            let device: Arc<Mutex<dyn pci::PciDevice>> = if config.cdrom {
+                // A CD/DVD drive: a SCSI CD-ROM on its own virtio-scsi controller (what SeaBIOS boots ISOs from).
+                let scsi =
+                    VirtioScsi::new(drive.clone(), interrupt.clone()).map_err(io_err("start a CD drive's thread"))?;
+                Arc::new(Mutex::new(VirtioPci::new(
+                    scsi,
+                    bar,
+                    gsi as u8,
+                    interrupt.clone(),
+                    mem.clone(),
+                    Some(vm.clone()),
+                )))
+            } else {
+                let block =
+                    VirtioBlock::new(drive.clone(), interrupt.clone()).map_err(io_err("start a disk's threads"))?;
+                Arc::new(Mutex::new(VirtioPci::new(
+                    block,
+                    bar,
+                    gsi as u8,
+                    interrupt.clone(),
+                    mem.clone(),
+                    Some(vm.clone()),
+                )))
+            };
+            bus.insert(slot, device)?;
             interrupts.push(interrupt);
         }
         let host = vram
