@@ -48,6 +48,11 @@ impl FirmwareVm {
             .stderr(Stdio::null())
             .spawn()
             .expect("start porthole-vmm");
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&vnc).is_err() {
+            assert!(start.elapsed() < LIMIT, "porthole-vmm never served its console");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         FirmwareVm { child, log, vnc }
     }
 
@@ -104,4 +109,86 @@ fn seabios_shows_its_banner_on_the_console_and_logs_its_boot() {
     }
     let screen = vm.wait_screen("the banner", |s| s.iter().any(|l| l.contains("No bootable device")));
     assert!(screen[0].starts_with("SeaBIOS (version 1."), "the banner on the first row:\n{}", screen.join("\n"));
+}
+
+/// Builds an ISO with the repository's script: `kind` is grub (GRUB booting `guest` by multiboot), plain (no
+/// El Torito boot record) or truncated (a GRUB ISO cut to its first 64 KiB).
+fn make_iso(dir: &Scratch, kind: &str, guest: Option<&str>) -> PathBuf {
+    let iso = dir.path(&format!("{kind}.iso"));
+    let mut cmd = Command::new("bash");
+    cmd.arg(porthole_tests::repo_root().join("tests/guests/iso/make-iso.sh")).arg(kind).arg(&iso);
+    if let Some(g) = guest {
+        cmd.arg(porthole_guests::path(g));
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "make-iso.sh {kind}: {}", String::from_utf8_lossy(&out.stderr));
+    iso
+}
+
+/// A truncated ISO, one without El Torito and a 0-byte file: the firmware says it cannot boot them, on the
+/// console and in its log, and the VMM keeps running (the guest is not the VMM's problem).
+#[test]
+fn broken_isos_end_in_no_bootable_device() {
+    let dir = Scratch::new("fw-broken");
+    let empty = dir.path("empty.iso");
+    std::fs::write(&empty, b"").unwrap();
+    let isos = [make_iso(&dir, "truncated", None), make_iso(&dir, "plain", None), empty];
+    let mut vms: Vec<FirmwareVm> = isos
+        .iter()
+        .enumerate()
+        .map(|(i, iso)| FirmwareVm::start(&dir, &format!("broken{i}"), &["--cdrom", &iso.display().to_string()]))
+        .collect();
+    for (vm, iso) in vms.iter_mut().zip(&isos) {
+        vm.wait_log("No bootable device");
+        let log = vm.log_text();
+        assert!(log.contains("Booting from DVD/CD..."), "{iso:?}: the CD was tried:\n{log}");
+        assert!(log.contains("Boot failed: Could not read from CDROM"), "{iso:?}:\n{log}");
+        let screen = vm.wait_screen("no bootable device", |s| s.iter().any(|l| l.starts_with("No bootable device.")));
+        assert!(screen.iter().any(|l| l.starts_with("Boot failed: Could not read from CDROM")), "{}", screen.join("\n"));
+        assert!(vm.child.try_wait().unwrap().is_none(), "porthole-vmm keeps running");
+    }
+}
+
+/// With the boot menu on, Esc on the console opens it and it lists the CD/DVD drive.
+#[test]
+fn the_boot_menu_lists_the_cd_drive() {
+    let dir = Scratch::new("fw-menu");
+    let iso = make_iso(&dir, "plain", None);
+    let mut vm = FirmwareVm::start(&dir, "menu", &["--boot-menu", "--cdrom", &iso.display().to_string()]);
+    vm.wait_screen("the boot menu prompt", |s| s.iter().any(|l| l.contains("Press ESC for boot menu")));
+    let mut c = RfbClient::connect(&vm.vnc, None).unwrap();
+    c.key(0xFF1B, true).unwrap();
+    c.key(0xFF1B, false).unwrap();
+    let screen = vm.wait_screen("the boot menu", |s| s.iter().any(|l| l.contains("Select boot device")));
+    assert!(
+        screen.iter().any(|l| l.starts_with("1. DVD/CD [virtio-scsi") && l.contains("PORTHOLE VIRTUAL DVD-ROM")),
+        "the CD drive is the first entry:\n{}",
+        screen.join("\n")
+    );
+}
+
+/// The slow tier: SeaBIOS boots a GRUB ISO from the virtio-scsi CD and GRUB loads the `hello` micro-guest
+/// (multiboot), which prints its marker on COM1. Real mode is emulated instruction by instruction on
+/// nested PVM KVM, so this takes minutes there.
+#[test]
+#[ignore = "slow tier (real mode under emulation): run with ./x test-real"]
+fn grub_from_an_iso_boots_a_micro_guest() {
+    let dir = Scratch::new("fw-grub");
+    let iso = make_iso(&dir, "grub", Some("hello"));
+    let serial = dir.path("grub.serial");
+    let mut vm = FirmwareVm::start(&dir, "grub", &["--cdrom", &iso.display().to_string()]);
+    let start = Instant::now();
+    vm.wait_log("Booting from DVD/CD...");
+    let to_cd = start.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).contains("PORTHOLE-GUEST-OK") {
+        assert!(Instant::now() < deadline, "no marker; screen:\n{}", vm.screen().join("\n"));
+        if vm.child.try_wait().unwrap().is_some() {
+            break; // hello powers off after its marker
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let serial_text = String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
+    assert!(serial_text.contains("PORTHOLE-GUEST-OK"), "serial:\n{serial_text}");
+    println!("REAL-GUEST grub-iso: CD boot after {to_cd:?}, marker after {:?}", start.elapsed());
 }

@@ -79,7 +79,9 @@ impl RawImage {
             let mut f = &file;
             io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(open_err)?
         };
-        if size < SECTOR_SIZE {
+        // A writable disk must hold at least a sector; read-only media may be anything, even empty (a blank
+        // or broken ISO: the guest sees no readable sector, and its firmware says so).
+        if size < SECTOR_SIZE && !read_only {
             return Err(DiskError::Empty { path: path.to_owned() });
         }
         let how = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
