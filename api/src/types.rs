@@ -70,6 +70,11 @@ pub struct Vm {
     /// Free-form labels for grouping and search ("web", "test", …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// A VM booting its firmware: the firmware's latest word on booting ("Booting from DVD/CD...",
+    /// "Boot failed: Could not read from CDROM (code 0004)", "No bootable device."). Only in
+    /// `GET /vms/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_status: Option<String>,
 }
 
 /// `POST /vms`. The smallest valid body is `{"name": "web1", "vcpus": 1, "memory_mib": 64}`.

@@ -99,6 +99,22 @@ pub struct Host {
 use vmm_core::devices::bus::lock;
 
 /// The last `n` lines of a serial log (reads at most its last 64 KiB).
+/// The firmware's latest line about booting in its debug log (the last 64 KiB are read).
+pub fn firmware_boot_status(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut bytes = Vec::new();
+    f.take(64 << 10).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with("Booting from") || l.starts_with("Boot failed") || l.starts_with("No bootable device"))
+        .map(str::to_owned)
+}
+
 pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
@@ -587,5 +603,6 @@ fn view(e: &Entry) -> Vm {
         last_exit: e.rt.last_exit.clone(),
         uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
         tags: r.tags.clone(),
+        boot_status: None,
     }
 }

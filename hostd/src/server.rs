@@ -298,7 +298,11 @@ async fn list_vms(State(app): State<AppState>, p: Principal) -> ApiResult<Respon
 
 async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Vm>> {
     require_vm(&p, Role::Viewer, &id)?;
-    Ok(Json(app.host.get(&id)?))
+    let mut vm = app.host.get(&id)?;
+    if vm.boot.is_none() && app.host.pid(&id).is_some() {
+        vm.boot_status = crate::host::firmware_boot_status(&app.host.run_files(&id).firmware_log());
+    }
+    Ok(Json(vm))
 }
 
 fn check_shape(vcpus: u32, memory_mib: u64) -> ApiResult<()> {

@@ -642,3 +642,43 @@ async fn thumbnails_serial_typing_tags_and_image_disks() {
     assert_eq!(e.unwrap_err().status(), Some(400));
     power_off_all(&c).await;
 }
+
+/// A VM with an ISO and no kernel boots its firmware: SeaBIOS tries the CD/DVD drive and the API says how
+/// far it got. A VM with nothing to boot is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iso_boots_the_firmware_and_the_api_says_how_far() {
+    let dir = Scratch::new("daemon-firmware");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let iso = dir.path("plain.iso");
+    let out = Command::new("bash")
+        .arg(porthole_tests::repo_root().join("tests/guests/iso/make-iso.sh"))
+        .arg("plain")
+        .arg(&iso)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.upload_image("plain.iso", &iso, |_, _| {}).await.unwrap();
+    let vm = c
+        .create_vm(&CreateVm { media: Some("plain.iso".into()), disk_gib: 0, ..CreateVm::new("installer", 1, 64) })
+        .await
+        .unwrap();
+    assert_eq!(c.action(&vm.id, Action::Start).await.unwrap().state, VmState::Running);
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        let status = c.vm(&vm.id).await.unwrap().boot_status;
+        if status.as_deref().is_some_and(|s| s.starts_with("No bootable device")) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the firmware never gave up: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.is_some());
+    let log = std::fs::read_to_string(d.run.join("vms").join(&vm.id).join("firmware.log")).unwrap();
+    assert!(log.contains("Booting from DVD/CD...") && log.contains("Could not read from CDROM"), "{log}");
+    assert_eq!(c.list_vms().await.unwrap()[0].boot_status, None, "lists leave it out");
+    let nothing = c.create_vm(&CreateVm { disk_gib: 0, ..CreateVm::new("empty", 1, 64) }).await.unwrap();
+    let e = c.action(&nothing.id, Action::Start).await.unwrap_err();
+    assert!(e.status() == Some(409) && e.to_string().contains("nothing to boot"), "{e}");
+    power_off_all(&c).await;
+}

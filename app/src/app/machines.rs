@@ -399,6 +399,7 @@ mod tests {
             last_exit: None,
             uptime_s: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            boot_status: None,
         }
     }
 
