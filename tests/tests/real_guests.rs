@@ -185,3 +185,152 @@ fn memtest86plus_as_a_linux_kernel() {
         assert!(!log.is_empty(), "memtest86+ printed nothing on the serial console");
     }
 }
+
+/// How far an ISO got on one engine.
+struct IsoRun {
+    /// The firmware's last "Booting from …" line.
+    firmware: String,
+    /// The milestones seen on the console, in order (porthole-vmm only: read glyph by glyph).
+    reached: Vec<String>,
+    /// The screen at the end: its size, and (text mode) its non-blank lines.
+    screen: String,
+    seconds: f64,
+}
+
+fn last_boot_line(log: &std::path::Path) -> String {
+    text(&std::fs::read(log).unwrap_or_default())
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Booting from") || l.starts_with("Boot failed") || l.starts_with("No bootable"))
+        .unwrap_or("(nothing yet)")
+        .to_owned()
+}
+
+/// Boots `iso` from a virtio-scsi CD on porthole-vmm's SeaBIOS, watching its console for `milestones`.
+fn iso_on_porthole(label: &str, iso: &std::path::Path, milestones: &[&str], limit: Duration) -> IsoRun {
+    use porthole_tests::rfb::{RAW, RfbClient};
+    let dir = Scratch::new(label);
+    let (log, vnc) = (dir.path("bios.log"), dir.path("vnc.sock"));
+    let mut child = Command::new(workspace_bin("porthole-vmm"))
+        .arg("--firmware")
+        .arg(cache().join("bios.bin"))
+        .arg("--firmware-log")
+        .arg(&log)
+        .arg("--cdrom")
+        .arg(iso)
+        .args(["--memory", "1024", "--serial", "none", "--vnc"])
+        .arg(format!("unix:{}", vnc.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut reached = Vec::new();
+    let mut screen = String::new();
+    while start.elapsed() < limit && reached.len() < milestones.len() {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(mut c) = RfbClient::connect(&vnc, None) else { continue };
+        if c.set_encodings(&[RAW]).and_then(|_| c.full_frame()).is_err() {
+            continue;
+        }
+        let rows = porthole_tests::screen_text(&c.pixels, c.width, c.height);
+        let lines: Vec<&String> = rows.iter().filter(|l| !l.trim().is_empty()).collect();
+        screen =
+            format!("{}x{}: {}", c.width, c.height, lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" | "));
+        while let Some(next) = milestones.get(reached.len())
+            && rows.iter().any(|l| l.contains(next))
+        {
+            reached.push((*next).to_owned());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    IsoRun { firmware: last_boot_line(&log), reached, screen, seconds: start.elapsed().as_secs_f64() }
+}
+
+/// The same ISO on QEMU (`-M pc`, the same bios.bin, a virtio-scsi CD, stdvga) for the record: the
+/// firmware's progress and the screen's size at the end (QEMU's VGA font differs, so no text).
+fn iso_on_qemu(label: &str, iso: &std::path::Path, limit: Duration) -> IsoRun {
+    let dir = Scratch::new(label);
+    let (log, monitor, dump) = (dir.path("bios.log"), dir.path("monitor.sock"), dir.path("screen.ppm"));
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "1024", "-vga", "std"])
+        .args(["-display", "none", "-nodefaults", "-bios"])
+        .arg(cache().join("bios.bin"))
+        .args(["-device", "virtio-scsi-pci,disable-legacy=on", "-device", "scsi-cd,drive=cd0", "-drive"])
+        .arg(format!("if=none,id=cd0,media=cdrom,readonly=on,file={}", iso.display()))
+        .arg("-debugcon")
+        .arg(format!("file:{}", log.display()))
+        .args(["-global", "isa-debugcon.iobase=0x402", "-monitor"])
+        .arg(format!("unix:{},server,nowait", monitor.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let start = Instant::now();
+    while start.elapsed() < limit && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut screen = "(QEMU ended)".to_owned();
+    if let Ok(mut m) = std::os::unix::net::UnixStream::connect(&monitor) {
+        use std::io::Write;
+        let _ = writeln!(m, "screendump {}", dump.display());
+        std::thread::sleep(Duration::from_secs(1));
+        if let Ok(bytes) = std::fs::read(&dump) {
+            let header: Vec<String> =
+                String::from_utf8_lossy(&bytes[..bytes.len().min(20)]).split_whitespace().map(str::to_owned).collect();
+            screen = format!(
+                "{}x{} screen",
+                header.get(1).cloned().unwrap_or_default(),
+                header.get(2).cloned().unwrap_or_default()
+            );
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    IsoRun { firmware: last_boot_line(&log), reached: Vec::new(), screen, seconds: start.elapsed().as_secs_f64() }
+}
+
+fn check_iso(label: &str, file: &str, milestones: &[&str]) {
+    let iso = cache().join(file);
+    assert!(iso.exists(), "{} missing: run ./x fetch-guests", iso.display());
+    let limit = Duration::from_secs(240);
+    let ours = iso_on_porthole(label, &iso, milestones, limit);
+    println!(
+        "REAL-GUEST {label} porthole-vmm: after {:.0} s: firmware {:?}; reached {:?} of {milestones:?}; screen {}",
+        ours.seconds, ours.firmware, ours.reached, ours.screen
+    );
+    let qemu = iso_on_qemu(&format!("{label}-qemu"), &iso, limit);
+    println!(
+        "REAL-GUEST {label} QEMU -M pc (same bios.bin, virtio-scsi CD): after {:.0} s: firmware {:?}; {}",
+        qemu.seconds, qemu.firmware, qemu.screen
+    );
+    assert!(ours.firmware.starts_with("Booting from"), "the firmware booted the CD: {:?}", ours.firmware);
+    if hardware_virtualization() {
+        assert_eq!(
+            ours.reached.len(),
+            milestones.len(),
+            "{label} must reach its first screen on hardware virtualization"
+        );
+    } else {
+        println!("REAL-GUEST {label}: no VT-x/AMD-V here (nested PVM KVM): recorded, not required to pass");
+    }
+}
+
+/// memtest86+'s ISO (El Torito) on SeaBIOS: its first screen.
+#[test]
+#[ignore = "real-guest tier: run with ./x test-real"]
+fn memtest86plus_iso_reaches_its_first_screen() {
+    check_iso("memtest-iso", "memtest86+x64.iso", &["Memtest86+"]);
+}
+
+/// The Debian installer (an ISO assembled from debian-installer-12-netboot-amd64 with ISOLINUX): the
+/// installer's first screen.
+#[test]
+#[ignore = "real-guest tier: run with ./x test-real"]
+fn debian_installer_iso_reaches_its_first_screen() {
+    check_iso("debian-installer-iso", "debian-installer.iso", &["ISOLINUX", "Select a language"]);
+}
