@@ -1,7 +1,8 @@
 //! Porthole's micro-guests, built from `asm/` by this crate's build script.
 //!
 //! Each guest is a PVH ELF file: `porthole-vmm --kernel FILE` and `qemu-system-x86_64 -kernel FILE` boot
-//! the very same file. Guests are ring-0 only and small, because a nested (PVM) KVM emulates every guest
+//! the very same file. It is also a Multiboot2 kernel, so GRUB's `multiboot2 FILE [ARGS]` boots it too
+//! (`iso/make-iso.sh grub` puts one on a BIOS-bootable CD). Guests are ring-0 only and small, because a nested (PVM) KVM emulates every guest
 //! instruction (see ARCHITECTURE.md).
 
 use std::path::PathBuf;
