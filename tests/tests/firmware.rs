@@ -144,7 +144,11 @@ fn broken_isos_end_in_no_bootable_device() {
         assert!(log.contains("Booting from DVD/CD..."), "{iso:?}: the CD was tried:\n{log}");
         assert!(log.contains("Boot failed: Could not read from CDROM"), "{iso:?}:\n{log}");
         let screen = vm.wait_screen("no bootable device", |s| s.iter().any(|l| l.starts_with("No bootable device.")));
-        assert!(screen.iter().any(|l| l.starts_with("Boot failed: Could not read from CDROM")), "{}", screen.join("\n"));
+        assert!(
+            screen.iter().any(|l| l.starts_with("Boot failed: Could not read from CDROM")),
+            "{}",
+            screen.join("\n")
+        );
         assert!(vm.child.try_wait().unwrap().is_none(), "porthole-vmm keeps running");
     }
 }
