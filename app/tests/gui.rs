@@ -20,6 +20,13 @@ fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
     Harness::builder().with_size(egui::vec2(1200.0, 800.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
 }
 
+/// The app with no local host (a plain VNC client).
+fn app_without_local_host() -> Harness<'static, PortholeApp> {
+    let backend = Backend::new(|| {}).unwrap();
+    let app = PortholeApp::new(backend, || Err("no local host in this test".to_owned()), None);
+    Harness::builder().with_size(egui::vec2(1200.0, 800.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+}
+
 /// Steps the UI until `cond` holds.
 fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -276,13 +283,7 @@ fn a_plain_vnc_console_asks_for_the_password() {
         assert!(start.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut h = {
-        let backend = Backend::new(|| {}).unwrap();
-        let app = PortholeApp::new(backend, || Err("no local host in this test".to_owned()), None);
-        Harness::builder()
-            .with_size(egui::vec2(1200.0, 800.0))
-            .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
-    };
+    let mut h = app_without_local_host();
     let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
     h.state_mut().open_vnc(target, None);
     let prompt =
@@ -502,36 +503,7 @@ fn the_list_groups_selects_and_shows_thumbnails() {
 fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
     let dir = Scratch::new("gui-xvnc");
     let socket = dir.path("xvnc.sock");
-    let display = (230..270)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })
-        .map(|n| format!(":{n}"))
-        .unwrap();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _xvnc = Killed(
-        Command::new("Xvnc")
-            .arg(&display)
-            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
-            .arg("-rfbunixpath")
-            .arg(&socket)
-            .args(["-SecurityTypes", "None"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Xvnc (apt-get install tigervnc-standalone-server)"),
-    );
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no Xvnc socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (_xvnc, display) = porthole_tests::xvnc(&socket, 230, &["-SecurityTypes", "None"]);
     let x_size = || {
         let out = Command::new("xdpyinfo").args(["-display", &display]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -542,13 +514,7 @@ fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
             .unwrap_or_default()
     };
     assert_eq!(x_size(), "640x480");
-    let mut h = {
-        let backend = Backend::new(|| {}).unwrap();
-        let app = PortholeApp::new(backend, || Err("no local host in this test".to_owned()), None);
-        Harness::builder()
-            .with_size(egui::vec2(1200.0, 800.0))
-            .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
-    };
+    let mut h = app_without_local_host();
     let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
     h.state_mut().open_vnc(target, None);
     wait(&mut h, "the console", |h| has_contains(h, "640x480 — click the screen to type"));
@@ -580,7 +546,7 @@ fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
         .spawn()
         .expect("xclip (apt-get install xclip)");
     std::io::Write::write_all(&mut owner.stdin.take().unwrap(), from_x.as_bytes()).unwrap();
-    let _owner = Killed(owner);
+    let _owner = porthole_tests::Killed(owner);
     wait(&mut h, "X's text on this computer's clipboard", |h| {
         h.output().platform_output.commands.iter().any(|c| matches!(c, egui::OutputCommand::CopyText(t) if t == from_x))
     });

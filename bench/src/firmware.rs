@@ -91,7 +91,7 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("porthole-bench-firmware-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let iso = grub_iso(&dir)?;
-    println!("firmware: SeaBIOS {} → GRUB ISO on a virtio-scsi CD → hello (multiboot), 64 MiB", bios.display());
+    println!("firmware: SeaBIOS {} → GRUB ISO on a virtio-scsi CD → hello (Multiboot2), 64 MiB", bios.display());
     let mut rows = Vec::new();
     for qemu in [false, true] {
         let mut cd = Vec::new();

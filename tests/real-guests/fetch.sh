@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch and prepare the real guests of the slower test tier (DESIGN.md §5 tier 6):
-# SeaBIOS, memtest86+, the current Debian 12 kernel (bzImage and a PVH-bootable ELF vmlinux)
-# and a busybox initramfs that prints PORTHOLE-LINUX-OK and powers off.
+# SeaBIOS, memtest86+, the current Debian 12 kernel (bzImage and a PVH-bootable ELF vmlinux),
+# a busybox initramfs that prints PORTHOLE-LINUX-OK and powers off, and a BIOS-bootable
+# Debian installer ISO (ISOLINUX starts the text-mode netboot installer at once).
 #
 # Everything comes from Debian packages fetched with `apt-get download` and unpacked with
 # `dpkg-deb -x` into a cache:
@@ -15,6 +16,10 @@
 #     vmlinuz               bzImage                                (linux-image-6.1.*-amd64)
 #     vmlinux               uncompressed ELF with the Xen PVH note (from vmlinuz)
 #     initramfs.cpio.gz     busybox-static + virtio modules
+#     debian-installer.iso  El Torito (no emulation) + isohybrid MBR: ISOLINUX boots the
+#                           installer's kernel and initrd.gz with no prompt, on the VGA text
+#                           console (debian-installer-12-netboot-amd64, isolinux,
+#                           syslinux-common; assembled with xorriso)
 #     manifest.txt          file, source package, version, sha256
 #
 # Once everything is cached and matches manifest.txt the script touches neither apt nor the
@@ -23,12 +28,14 @@
 #               are local; `apt-get update` runs only if they are missing) and rebuild what changed
 #   --check     only verify the cache; exit 1 if it is incomplete (never downloads)
 #   -h, --help  this text
+# Files that are built (vmlinux, initramfs.cpio.gz, debian-installer.iso) are reproducible: fixed
+# names, owners and mtimes (SOURCE_DATE_EPOCH, default 0), fixed ISO volume id.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
 CACHE=${PORTHOLE_GUEST_CACHE:-$REPO_ROOT/target/real-guests}
-MANIFEST_FORMAT="# porthole real-guests manifest v2"
+MANIFEST_FORMAT="# porthole real-guests manifest v3"
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
@@ -45,9 +52,14 @@ for arg in "$@"; do
 done
 
 # Files that must exist for the cache to count as complete (vgabios-*.bin etc. come on top).
-REQUIRED_FILES=(bios.bin vgabios-stdvga.bin memtest86+x64.bin memtest86+x64.iso vmlinuz vmlinux initramfs.cpio.gz)
+REQUIRED_FILES=(bios.bin vgabios-stdvga.bin memtest86+x64.bin memtest86+x64.iso vmlinuz vmlinux initramfs.cpio.gz
+    debian-installer.iso)
 # Modules for the initramfs; /init loads them in dependency order (worked out from their depends=).
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+# The Debian installer ISO: the netboot images (text-mode installer) and ISOLINUX.
+DI_PKG=debian-installer-12-netboot-amd64
+DI_PACKAGES=("$DI_PKG" isolinux syslinux-common)
+DI_VOLID=PORTHOLE_DEBIAN_INSTALLER
 
 log()  { printf '==> %s\n' "$*" >&2; }
 warn() { printf 'fetch.sh: warning: %s\n' "$*" >&2; }
@@ -263,7 +275,7 @@ record() {  # name package version
 # Without apt lists we can still work from cached .debs (offline); otherwise the lists are needed
 # (an `apt-get update`, here in the main shell so that it happens at most once).
 if ! apt_lists_present; then
-    for pkg in seabios memtest86+ busybox-static 'linux-image-6.1.*-amd64'; do
+    for pkg in seabios memtest86+ busybox-static 'linux-image-6.1.*-amd64' "${DI_PACKAGES[@]}"; do
         if [[ $REFRESH == 1 ]] || ! compgen -G "$CACHE/debs/${pkg}_*.deb" >/dev/null; then
             ensure_lists
             break
@@ -292,10 +304,10 @@ else
 fi
 [[ -n $KPKG ]] || die "cannot resolve the Debian 12 kernel package (linux-image-6.1.*-amd64) from linux-image-amd64"
 log "kernel package: $KPKG"
-apt_lists_present && apt_candidates seabios memtest86+ busybox-static "$KPKG"
+apt_lists_present && apt_candidates seabios memtest86+ busybox-static "$KPKG" "${DI_PACKAGES[@]}"
 
 declare -A DEB VER
-for pkg in seabios memtest86+ busybox-static "$KPKG"; do
+for pkg in seabios memtest86+ busybox-static "$KPKG" "${DI_PACKAGES[@]}"; do
     DEB[$pkg]=$(get_deb "$pkg")
     VER[$pkg]=$(deb_field "${DEB[$pkg]}" Version)
     unpack "$pkg" "${DEB[$pkg]}"
@@ -568,6 +580,50 @@ find "$IR" -exec touch -h -d "@$SDE" {} +
     gzip -9 -n > "$CACHE/.initramfs.cpio.gz.tmp"
 mv -f "$CACHE/.initramfs.cpio.gz.tmp" "$CACHE/initramfs.cpio.gz"
 record initramfs.cpio.gz "busybox-static+$KPKG" "${VER[busybox-static]}+${VER[$KPKG]}"
+
+# ---------------------------------------------------------------------------------------------
+# Debian installer ISO
+# ---------------------------------------------------------------------------------------------
+
+ensure_tool xorriso xorriso
+DI=$CACHE/root/$DI_PKG/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64
+ISOLINUX_BIN=$CACHE/root/isolinux/usr/lib/ISOLINUX/isolinux.bin
+ISOHDPFX=$CACHE/root/isolinux/usr/lib/ISOLINUX/isohdpfx.bin
+LDLINUX=$CACHE/root/syslinux-common/usr/lib/syslinux/modules/bios/ldlinux.c32
+for f in "$DI/linux" "$DI/initrd.gz" "$ISOLINUX_BIN" "$ISOHDPFX" "$LDLINUX"; do
+    [[ -f $f ]] || die "expected file ${f#"$CACHE/root/"} is missing from its package"
+done
+
+DIR=$CACHE/build/debian-installer
+rm -rf "$DIR"
+mkdir -p "$DIR/isolinux" "$DIR/install.amd"
+cp "$ISOLINUX_BIN" "$LDLINUX" "$DIR/isolinux/"
+cp "$DI/linux" "$DIR/install.amd/vmlinuz"
+cp "$DI/initrd.gz" "$DIR/install.amd/initrd.gz"
+# No menu, no prompt: straight into the installer. `nomodeset fb=false` keep it in VGA text mode
+# (no bochs-drm, no bterm), so its first screen is 80x25 text on the VGA console.
+cat > "$DIR/isolinux/isolinux.cfg" <<EOF
+# Porthole real-guest ISO (generated by tests/real-guests/fetch.sh from $DI_PKG ${VER[$DI_PKG]})
+default install
+prompt 0
+timeout 1
+label install
+    kernel /install.amd/vmlinuz
+    append initrd=/install.amd/initrd.gz nomodeset fb=false --- quiet
+EOF
+
+find "$DIR" -exec touch -h -d "@$SDE" {} +
+rm -f "$CACHE/.debian-installer.iso.tmp"
+SOURCE_DATE_EPOCH=$SDE xorriso -as mkisofs -quiet \
+    -o "$CACHE/.debian-installer.iso.tmp" \
+    -V "$DI_VOLID" -r -J \
+    -isohybrid-mbr "$ISOHDPFX" \
+    -b isolinux/isolinux.bin -c isolinux/boot.cat \
+    -no-emul-boot -boot-load-size 4 -boot-info-table \
+    "$DIR" >&2 || die "xorriso could not build debian-installer.iso"
+mv -f "$CACHE/.debian-installer.iso.tmp" "$CACHE/debian-installer.iso"
+record debian-installer.iso "$DI_PKG+isolinux+syslinux-common" \
+    "${VER[$DI_PKG]}+${VER[isolinux]}+${VER[syslinux-common]}"
 
 # ---------------------------------------------------------------------------------------------
 # manifest and summary

@@ -236,3 +236,44 @@ pub fn screen_text(pixels: &[u32], width: u32, height: u32) -> Vec<String> {
     }
     out
 }
+
+/// A child process, killed and reaped when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An X display number (":N", N from `from` on) that no server holds.
+pub fn free_display(from: u32) -> String {
+    (from..from + 100)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+        })
+        .map(|n| format!(":{n}"))
+        .expect("a free X display number")
+}
+
+/// TigerVNC's Xvnc (640x480, 24 bits) on a free display from `from` on, serving RFB on the Unix socket
+/// `socket` with the security arguments `security` (e.g. `["-SecurityTypes", "None"]`); returns once the
+/// socket exists, with the server and its display.
+pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (Killed, String) {
+    let display = free_display(from);
+    let server = Killed(
+        Command::new("Xvnc")
+            .arg(&display)
+            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
+            .arg("-rfbunixpath")
+            .arg(socket)
+            .args(security)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Xvnc (apt-get install tigervnc-standalone-server)"),
+    );
+    wait_until(Duration::from_secs(60), || socket.exists(), || "no Xvnc socket".into());
+    (server, display)
+}

@@ -7,22 +7,13 @@
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use porthole_tests::rfb::{self, HandshakeError, RfbClient};
-use porthole_tests::{Scratch, wait_until};
+use porthole_tests::{Killed, Scratch, free_display, wait_until, xvnc};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn lossless(c: &mut RfbClient) {
     c.set_encodings(&[rfb::ZRLE, rfb::HEXTILE, rfb::ZLIB, rfb::RAW, rfb::COPY_RECT, rfb::DESKTOP_SIZE]).unwrap();
@@ -190,26 +181,8 @@ fn tigervnc_xvnc_frames_match_and_vnc_auth_works() {
             c.wait_with_output()
         });
     std::fs::write(&password, out.unwrap().stdout).unwrap();
-    let display = (150..190)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })
-        .map(|n| format!(":{n}"))
-        .unwrap();
-    let _xvnc = Killed(
-        Command::new("Xvnc")
-            .arg(&display)
-            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
-            .arg("-rfbunixpath")
-            .arg(&socket)
-            .args(["-SecurityTypes", "VncAuth", "-PasswordFile"])
-            .arg(&password)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Xvnc (apt-get install tigervnc-standalone-server)"),
-    );
-    wait_until(LIMIT, || socket.exists(), || "no Xvnc socket".into());
+    let (_xvnc, display) =
+        xvnc(&socket, 150, &["-SecurityTypes", "VncAuth", "-PasswordFile", &password.display().to_string()]);
     let (w, h, expected) = paint_root(&display, &dir);
     match RfbClient::connect(&socket, Some("wrong")) {
         Err(HandshakeError::Refused(why)) => assert!(!why.is_empty()),
@@ -249,25 +222,7 @@ fn pump(c: &mut RfbClient, ours: Option<&str>, what: &str, mut done: impl FnMut(
 fn tigervnc_xvnc_resizes_to_the_client_and_shares_the_clipboard() {
     let dir = Scratch::new("peer-xvnc-extended");
     let socket = dir.path("xvnc.sock");
-    let display = (190..230)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })
-        .map(|n| format!(":{n}"))
-        .unwrap();
-    let _xvnc = Killed(
-        Command::new("Xvnc")
-            .arg(&display)
-            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
-            .arg("-rfbunixpath")
-            .arg(&socket)
-            .args(["-SecurityTypes", "None"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Xvnc (apt-get install tigervnc-standalone-server)"),
-    );
-    wait_until(LIMIT, || socket.exists(), || "no Xvnc socket".into());
+    let (_xvnc, display) = xvnc(&socket, 190, &["-SecurityTypes", "None"]);
     let mut c = RfbClient::connect(&socket, None).unwrap();
     c.set_encodings(&[
         rfb::ZRLE,
@@ -337,12 +292,7 @@ fn tigervnc_xvnc_resizes_to_the_client_and_shares_the_clipboard() {
 fn x11vnc_frames_match_the_display_and_vnc_auth_works() {
     let dir = Scratch::new("peer-x11vnc");
     let socket = dir.path("x11vnc.sock");
-    let display = (270..310)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })
-        .map(|n| format!(":{n}"))
-        .unwrap();
+    let display = free_display(270);
     let _xvfb = Killed(
         Command::new("Xvfb")
             .arg(&display)
