@@ -81,8 +81,11 @@ impl Wizard {
         if self.memory_mib < 4 {
             p.push("A VM needs at least 4 MiB of memory.".to_owned());
         }
-        if self.kernel.trim().is_empty() && self.iso.trim().is_empty() {
-            p.push("Choose what the VM boots: a Linux kernel (or PVH image), or an ISO.".to_owned());
+        if self.kernel.trim().is_empty() && self.iso.trim().is_empty() && self.disk_image.is_none() {
+            p.push(
+                "Choose what the VM boots: an ISO, a copy of a disk image, or a Linux kernel (or PVH image)."
+                    .to_owned(),
+            );
         }
         if !self.kernel.trim().is_empty() && !std::path::Path::new(self.kernel.trim()).is_file() {
             p.push(format!("No kernel file at {}.", self.kernel.trim()));

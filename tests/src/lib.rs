@@ -73,10 +73,12 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 /// Polls `condition` every 20 ms until it holds; panics with `what()` after `limit`.
-pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool, what: impl Fn() -> String) {
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool, what: impl FnOnce() -> String) {
     let start = Instant::now();
     while !condition() {
-        assert!(start.elapsed() < limit, "gave up after {limit:?}: {}", what());
+        if start.elapsed() >= limit {
+            panic!("gave up after {limit:?}: {}", what());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

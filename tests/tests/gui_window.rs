@@ -11,6 +11,7 @@ use porthole_tests::{Scratch, Xvfb, run, text, wait_until, workspace_bin};
 
 /// `porthole` on display `x` talking to the daemon on `socket`, with its settings and data inside `dir`.
 fn porthole(x: &Xvfb, dir: &Scratch, socket: &Path, args: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.path("porthole.log")).unwrap();
     Command::new(workspace_bin("porthole"))
         .args(args)
         .env("DISPLAY", &x.display)
@@ -19,8 +20,9 @@ fn porthole(x: &Xvfb, dir: &Scratch, socket: &Path, args: &[&str]) -> Child {
         .env("XDG_CONFIG_HOME", dir.path("config"))
         .env("XDG_DATA_HOME", dir.path("data"))
         .env("PORTHOLE_SOCKET", socket)
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start porthole")
 }
@@ -31,16 +33,27 @@ fn finish(mut app: Child) {
     let _ = app.wait();
 }
 
-fn wait_for_window(x: &Xvfb) {
+/// Waits for the app's window; if it never comes, says whether the app is still running and what it printed.
+fn wait_for_window(x: &Xvfb, app: &mut Child, dir: &Scratch) {
     let tree = || {
         let out =
             run(Command::new("xwininfo").args(["-root", "-tree", "-display", &x.display]), Duration::from_secs(10));
         text(&out.stdout)
     };
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         || tree().contains("\"Porthole\""),
-        || format!("no Porthole window:\n{}", tree()),
+        || {
+            format!(
+                "no Porthole window ({}); its log:\n{}\nwindows:\n{}",
+                match app.try_wait() {
+                    Ok(Some(status)) => format!("porthole exited: {status}"),
+                    _ => "porthole still running".to_owned(),
+                },
+                std::fs::read_to_string(dir.path("porthole.log")).unwrap_or_default(),
+                tree()
+            )
+        },
     );
 }
 
@@ -64,8 +77,8 @@ fn the_window_opens_and_paints_under_xvfb() {
     let x = Xvfb::start(1280, 800);
     let dir = Scratch::new("gui");
     let d = Daemon::start(&dir, false, &[]);
-    let app = porthole(&x, &dir, &d.socket(), &[]);
-    wait_for_window(&x);
+    let mut app = porthole(&x, &dir, &d.socket(), &[]);
+    wait_for_window(&x, &mut app, &dir);
     // Give it a few frames, then look at the screen: the window's panels are not the black root window.
     std::thread::sleep(Duration::from_millis(1500));
     let out = run(
@@ -107,8 +120,8 @@ fn the_window_shows_a_vm_screen_and_types_into_it() {
     };
     // fb-pattern: eight colour bars over the top half of its screen.
     start_vm("pattern", "fb-pattern", "PORTHOLE-FB-PATTERN-READY");
-    let app = porthole(&x, &dir, &d.socket(), &["--console", "pattern"]);
-    wait_for_window(&x);
+    let mut app = porthole(&x, &dir, &d.socket(), &["--console", "pattern"]);
+    wait_for_window(&x, &mut app, &dir);
     let bars = [0xFFFF00u32, 0x00FFFF, 0x00FF00, 0xFF00FF, 0xFF0000, 0x0000FF];
     wait_until(
         Duration::from_secs(60),
@@ -122,8 +135,8 @@ fn the_window_shows_a_vm_screen_and_types_into_it() {
 
     // kbd-echo: click the console to give it the keyboard, type; the guest reports the scan codes.
     let serial = start_vm("echo", "kbd-echo", "PORTHOLE-KBD-READY");
-    let app = porthole(&x, &dir, &d.socket(), &["--console", "echo"]);
-    wait_for_window(&x);
+    let mut app = porthole(&x, &dir, &d.socket(), &["--console", "echo"]);
+    wait_for_window(&x, &mut app, &dir);
     std::thread::sleep(Duration::from_millis(1500));
     let xdo =
         |args: &[&str]| run(Command::new("xdotool").args(args).env("DISPLAY", &x.display), Duration::from_secs(30));

@@ -192,12 +192,152 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> 
     Ok(rsdp_addr)
 }
 
+/// Offsets of the 64-bit FACS and DSDT addresses in the FADT (ACPI 6).
+const FADT_X_FIRMWARE_CTRL: usize = 132;
+const FADT_X_DSDT: usize = 140;
+/// XSDT entries start after the 36-byte header.
+const XSDT_ENTRIES: usize = 36;
+/// RSDP fields: XSDT address, checksum (first 20 bytes), extended checksum (all 36).
+const RSDP_XSDT: usize = 24;
+const RSDP_CHECKSUM: usize = 8;
+const RSDP_EXT_CHECKSUM: usize = 32;
+/// An SDT's checksum byte.
+const SDT_CHECKSUM: usize = 9;
+
+/// The same tables for firmware to install (QEMU's "linker/loader" fw_cfg files, which SeaBIOS executes):
+/// `etc/acpi/tables` (FACS, DSDT, FADT, MADT, XSDT, with addresses relative to the file's start),
+/// `etc/acpi/rsdp`, and `etc/table-loader`, the commands that place both files in guest memory, add the
+/// tables' address to every pointer and fix the checksums.
+pub struct FirmwareTables {
+    pub rsdp: Vec<u8>,
+    pub tables: Vec<u8>,
+    pub loader: Vec<u8>,
+}
+
+pub const TABLES_FILE: &str = "etc/acpi/tables";
+pub const RSDP_FILE: &str = "etc/acpi/rsdp";
+pub const LOADER_FILE: &str = "etc/table-loader";
+
+/// A 128-byte loader command.
+fn loader_command(command: u32, fields: &[&[u8]]) -> Vec<u8> {
+    let mut entry = command.to_le_bytes().to_vec();
+    for f in fields {
+        entry.extend_from_slice(f);
+    }
+    entry.resize(128, 0);
+    entry
+}
+
+/// A file name in the loader's fixed 56-byte field.
+fn loader_name(name: &str) -> Vec<u8> {
+    let mut field = name.as_bytes().to_vec();
+    field.resize(56, 0);
+    field
+}
+
+pub fn firmware_tables(vcpus: u8) -> FirmwareTables {
+    let mut tables: Vec<u8> = Vec::new();
+    let place = |tables: &mut Vec<u8>, bytes: &[u8], align: usize| {
+        tables.resize(tables.len().next_multiple_of(align), 0);
+        let at = tables.len();
+        tables.extend_from_slice(bytes);
+        at
+    };
+    // The FACS first: the allocation is 64-byte aligned, so it is too.
+    let facs_at = place(&mut tables, &facs(), 64);
+    let dsdt_at = place(&mut tables, &dsdt(), 16);
+    let fadt = fadt(dsdt_at as u64, facs_at as u64);
+    let fadt_at = place(&mut tables, &fadt, 16);
+    let madt = madt(vcpus);
+    let madt_at = place(&mut tables, &madt, 16);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
+    xsdt.add_entry(fadt_at as u64);
+    xsdt.add_entry(madt_at as u64);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let xsdt_at = place(&mut tables, &xsdt_bytes, 16);
+    let mut rsdp = Vec::new();
+    Rsdp::new(OEM_ID, xsdt_at as u64).to_aml_bytes(&mut rsdp);
+
+    let (t, r) = (loader_name(TABLES_FILE), loader_name(RSDP_FILE));
+    let u32le = |v: usize| (v as u32).to_le_bytes().to_vec();
+    let mut loader = Vec::new();
+    loader.extend(loader_command(1, &[&t, &64u32.to_le_bytes(), &[1]])); // ALLOCATE tables, HIGH
+    loader.extend(loader_command(1, &[&r, &16u32.to_le_bytes(), &[2]])); // ALLOCATE rsdp, FSEG
+    let mut pointer = |dest: &[u8], offset: usize| {
+        loader.extend(loader_command(2, &[dest, &t, &u32le(offset), &[8]])); // ADD_POINTER, 8 bytes
+    };
+    pointer(&t, fadt_at + FADT_X_FIRMWARE_CTRL);
+    pointer(&t, fadt_at + FADT_X_DSDT);
+    pointer(&t, xsdt_at + XSDT_ENTRIES);
+    pointer(&t, xsdt_at + XSDT_ENTRIES + 8);
+    pointer(&r, RSDP_XSDT);
+    for (at, len) in [(fadt_at, fadt.len()), (xsdt_at, xsdt_bytes.len())] {
+        loader.extend(loader_command(3, &[&t, &u32le(at + SDT_CHECKSUM), &u32le(at), &u32le(len)]));
+    }
+    loader.extend(loader_command(3, &[&r, &u32le(RSDP_CHECKSUM), &u32le(0), &u32le(20)]));
+    loader.extend(loader_command(3, &[&r, &u32le(RSDP_EXT_CHECKSUM), &u32le(0), &u32le(rsdp.len())]));
+    FirmwareTables { rsdp, tables, loader }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn checksum_ok(table: &[u8]) -> bool {
         table.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    /// Runs the loader the way firmware does, with the tables at `base` and the RSDP at `rsdp_base`.
+    fn run_loader(t: &FirmwareTables, base: u64, rsdp_base: u64) -> (Vec<u8>, Vec<u8>) {
+        let (mut tables, mut rsdp) = (t.tables.clone(), t.rsdp.clone());
+        for cmd in t.loader.chunks_exact(128) {
+            let name = |at: usize| String::from_utf8_lossy(&cmd[at..at + 56]).trim_end_matches('\0').to_owned();
+            let u32at = |at: usize| u32::from_le_bytes(cmd[at..at + 4].try_into().unwrap()) as usize;
+            match u32at(0) {
+                1 => {}
+                2 => {
+                    let (dest, src, offset) = (name(4), name(60), u32at(116));
+                    assert_eq!((src.as_str(), cmd[120]), (TABLES_FILE, 8));
+                    let file = if dest == TABLES_FILE { &mut tables } else { &mut rsdp };
+                    let v = u64::from_le_bytes(file[offset..offset + 8].try_into().unwrap()) + base;
+                    file[offset..offset + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                3 => {
+                    let file = if name(4) == TABLES_FILE { &mut tables } else { &mut rsdp };
+                    let (at, start, len) = (u32at(60), u32at(64), u32at(68));
+                    let sum = file[start..start + len].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+                    file[at] = file[at].wrapping_sub(sum);
+                }
+                other => panic!("unknown loader command {other}"),
+            }
+        }
+        let _ = rsdp_base;
+        (tables, rsdp)
+    }
+
+    #[test]
+    fn firmware_tables_relocate_with_the_loader() {
+        let t = firmware_tables(2);
+        assert_eq!(t.loader.len() % 128, 0);
+        let base = 0x3FF0_0000u64;
+        let (tables, rsdp) = run_loader(&t, base, 0xF_5000);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
+        let xsdt = (u64::from_le_bytes(rsdp[24..32].try_into().unwrap()) - base) as usize;
+        assert_eq!(&tables[xsdt..xsdt + 4], b"XSDT");
+        let len = u32::from_le_bytes(tables[xsdt + 4..xsdt + 8].try_into().unwrap()) as usize;
+        assert!(checksum_ok(&tables[xsdt..xsdt + len]));
+        let fadt = (u64::from_le_bytes(tables[xsdt + 36..xsdt + 44].try_into().unwrap()) - base) as usize;
+        assert_eq!(&tables[fadt..fadt + 4], b"FACP");
+        let flen = u32::from_le_bytes(tables[fadt + 4..fadt + 8].try_into().unwrap()) as usize;
+        assert!(checksum_ok(&tables[fadt..fadt + flen]));
+        let dsdt = (u64::from_le_bytes(tables[fadt + 140..fadt + 148].try_into().unwrap()) - base) as usize;
+        assert_eq!(&tables[dsdt..dsdt + 4], b"DSDT");
+        let facs = (u64::from_le_bytes(tables[fadt + 132..fadt + 140].try_into().unwrap()) - base) as usize;
+        assert_eq!(&tables[facs..facs + 4], b"FACS");
+        let madt = (u64::from_le_bytes(tables[xsdt + 44..xsdt + 52].try_into().unwrap()) - base) as usize;
+        assert_eq!(&tables[madt..madt + 4], b"APIC");
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! - The boot order, in the CMOS bytes QEMU's SeaBIOS reads (0x3D and the high nibble of 0x38: 2 hard disk,
 //!   3 CD-ROM).
 //!
-//! Not provided (yet): ACPI tables for the firmware to install (`etc/table-loader`); SeaBIOS then builds
-//! MP and SMBIOS tables only.
+//! - The machine's ACPI tables (the same as a direct boot's) as `etc/acpi/*` with the `etc/table-loader`
+//!   commands SeaBIOS runs to place and link them.
 
 use std::fs::File;
 use std::io::Read;
@@ -106,6 +106,12 @@ impl FirmwareImages {
         c.add_item(fw_cfg::IRQ0_OVERRIDE, vec![1]);
         c.add_file("etc/e820", fw_cfg::e820_file(&e820(mem_bytes)))?;
         c.add_file("etc/boot-menu-wait", BOOT_MENU_WAIT_MS.to_le_bytes().to_vec())?;
+        // The machine's ACPI tables, which SeaBIOS places and links (so the OS it boots can power off,
+        // reboot and find every CPU and the PCI interrupts, as after a direct boot).
+        let acpi = crate::acpi::firmware_tables(vcpus.min(255) as u8);
+        c.add_file(crate::acpi::RSDP_FILE, acpi.rsdp)?;
+        c.add_file(crate::acpi::TABLES_FILE, acpi.tables)?;
+        c.add_file(crate::acpi::LOADER_FILE, acpi.loader)?;
         // Named for the display's PCI id, so SeaBIOS runs it as that device's ROM and the VGA BIOS finds the
         // video memory where BAR 0 is.
         c.add_file("pci1234,1111.rom", self.vga_bios.clone())?;

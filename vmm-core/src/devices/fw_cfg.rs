@@ -120,6 +120,9 @@ impl FwCfg {
     }
 
     fn select(&mut self, selector: u16) {
+        if let Some((name, _)) = self.files.iter().find(|(_, s)| *s == selector) {
+            log::debug!("fw_cfg: the guest reads {name}");
+        }
         self.selected = selector;
         self.offset = 0;
     }
