@@ -221,7 +221,7 @@ fn iso_on_porthole(label: &str, iso: &std::path::Path, milestones: &[&str], limi
         .args(["--memory", "1024", "--serial", "none", "--vnc"])
         .arg(format!("unix:{}", vnc.display()))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("vmm.err")).unwrap())
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -246,6 +246,10 @@ fn iso_on_porthole(label: &str, iso: &std::path::Path, milestones: &[&str], limi
             reached.push((*next).to_owned());
         }
     }
+    if let Ok(Some(status)) = child.try_wait() {
+        let why = text(&std::fs::read(dir.path("vmm.err")).unwrap_or_default());
+        screen = format!("{screen}; porthole-vmm ended ({status}): {}", why.lines().last().unwrap_or_default());
+    }
     let _ = child.kill();
     let _ = child.wait();
     IsoRun { firmware: last_boot_line(&log), reached, screen, seconds: start.elapsed().as_secs_f64() }
@@ -267,7 +271,7 @@ fn iso_on_qemu(label: &str, iso: &std::path::Path, limit: Duration) -> IsoRun {
         .args(["-global", "isa-debugcon.iobase=0x402", "-monitor"])
         .arg(format!("unix:{},server,nowait", monitor.display()))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("qemu.err")).unwrap())
         .spawn()
         .expect("qemu-system-x86_64");
     let start = Instant::now();
@@ -289,6 +293,11 @@ fn iso_on_qemu(label: &str, iso: &std::path::Path, limit: Duration) -> IsoRun {
             );
         }
     }
+    // QEMU stops a VM whose instruction KVM cannot emulate but keeps running: say so.
+    let err = text(&std::fs::read(dir.path("qemu.err")).unwrap_or_default());
+    if let Some(line) = err.lines().find(|l| l.contains("KVM internal error") || l.contains("emulation failure")) {
+        screen = format!("{screen}; QEMU stopped the VM: {line}");
+    }
     let _ = child.kill();
     let _ = child.wait();
     IsoRun { firmware: last_boot_line(&log), reached: Vec::new(), screen, seconds: start.elapsed().as_secs_f64() }
@@ -297,7 +306,7 @@ fn iso_on_qemu(label: &str, iso: &std::path::Path, limit: Duration) -> IsoRun {
 fn check_iso(label: &str, file: &str, milestones: &[&str]) {
     let iso = cache().join(file);
     assert!(iso.exists(), "{} missing: run ./x fetch-guests", iso.display());
-    let limit = Duration::from_secs(240);
+    let limit = Duration::from_secs(120);
     let ours = iso_on_porthole(label, &iso, milestones, limit);
     println!(
         "REAL-GUEST {label} porthole-vmm: after {:.0} s: firmware {:?}; reached {:?} of {milestones:?}; screen {}",
