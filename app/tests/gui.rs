@@ -538,15 +538,7 @@ fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
 
     // X → this computer's clipboard.
     let from_x = "grüße ✓ 日本 from X";
-    let mut owner = Command::new("xclip")
-        .args(["-quiet", "-selection", "clipboard", "-display", &display])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("xclip (apt-get install xclip)");
-    std::io::Write::write_all(&mut owner.stdin.take().unwrap(), from_x.as_bytes()).unwrap();
-    let _owner = porthole_tests::Killed(owner);
+    let _owner = porthole_tests::set_x_clipboard(&display, from_x);
     wait(&mut h, "X's text on this computer's clipboard", |h| {
         h.output().platform_output.commands.iter().any(|c| matches!(c, egui::OutputCommand::CopyText(t) if t == from_x))
     });
@@ -556,23 +548,7 @@ fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
     click(&mut h, "Paste into guest");
     h.event(egui::Event::Paste(ours.to_owned()));
     h.step();
-    let reader = std::thread::spawn({
-        let display = display.clone();
-        move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let out = Command::new("timeout")
-                    .args(["10", "xclip", "-o", "-selection", "clipboard", "-display", &display])
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                if text == ours || Instant::now() > deadline {
-                    return text;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    });
+    let reader = porthole_tests::read_x_clipboard_until(&display, ours);
     while !reader.is_finished() {
         h.step();
         std::thread::sleep(Duration::from_millis(30));

@@ -279,3 +279,37 @@ pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (Killed, String) {
     wait_until(Duration::from_secs(60), || socket.exists(), || "no Xvnc socket".into());
     (server, display)
 }
+
+/// Puts `text` on display `display`'s CLIPBOARD selection (xclip owns it until the returned guard drops).
+pub fn set_x_clipboard(display: &str, text: &str) -> Killed {
+    use std::io::Write;
+    let mut owner = Command::new("xclip")
+        .args(["-quiet", "-selection", "clipboard", "-display", display])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xclip (apt-get install xclip)");
+    owner.stdin.take().expect("xclip's stdin").write_all(text.as_bytes()).expect("write to xclip");
+    Killed(owner)
+}
+
+/// Reads display `display`'s CLIPBOARD with xclip until it is `expected` (or a minute passed) in a thread:
+/// a paste from a VNC server's display may wait for the VNC client to hand the text over.
+pub fn read_x_clipboard_until(display: &str, expected: &str) -> std::thread::JoinHandle<String> {
+    let (display, expected) = (display.to_owned(), expected.to_owned());
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new("timeout")
+                .args(["10", "xclip", "-o", "-selection", "clipboard", "-display", &display])
+                .output()
+                .expect("xclip");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text == expected || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}

@@ -246,15 +246,7 @@ fn tigervnc_xvnc_resizes_to_the_client_and_shares_the_clipboard() {
 
     // X → client: text copied on the X side arrives whole (not Latin-1).
     let from_x = "grüße ✓ 日本 from X\nline two";
-    let mut owner = Command::new("xclip")
-        .args(["-quiet", "-selection", "clipboard", "-display", &display])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("xclip (apt-get install xclip)");
-    owner.stdin.take().unwrap().write_all(from_x.as_bytes()).unwrap();
-    let _owner = Killed(owner);
+    let _owner = porthole_tests::set_x_clipboard(&display, from_x);
     pump(&mut c, None, "X's clipboard", |c| c.cut_text.as_deref() == Some(from_x));
     assert!(c.clipboard.extended, "the server offered the extended clipboard");
 
@@ -262,24 +254,7 @@ fn tigervnc_xvnc_resizes_to_the_client_and_shares_the_clipboard() {
     let ours = "from porthole ✓ ünïcode\nsecond line";
     c.set_read_timeout(None).unwrap();
     c.stream.write_all(&rfb::clipboard_notify_message()).unwrap();
-    let reader = std::thread::spawn({
-        let display = display.clone();
-        move || {
-            // Xvnc owns the selection once it has heard of our text; its answer waits for ours.
-            let deadline = std::time::Instant::now() + LIMIT;
-            loop {
-                let out = Command::new("timeout")
-                    .args(["10", "xclip", "-o", "-selection", "clipboard", "-display", &display])
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                if text == ours || std::time::Instant::now() > deadline {
-                    return text;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    });
+    let reader = porthole_tests::read_x_clipboard_until(&display, ours);
     pump(&mut c, Some(ours), "X's paste", |_| reader.is_finished());
     assert_eq!(reader.join().unwrap(), ours);
 }
