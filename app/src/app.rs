@@ -234,6 +234,8 @@ pub struct PortholeApp {
     serial_fetched: Option<std::time::Instant>,
     /// `porthole --console NAME`: the local VM whose console to open once the list has arrived.
     console_by_name: Option<String>,
+    /// Where VMs were drawn last frame (list rows and the details), for dropped ISOs: (area, host, VM id).
+    drop_zones: Vec<(egui::Rect, usize, String)>,
 }
 
 fn state_text(s: VmState) -> &'static str {
@@ -287,6 +289,7 @@ impl PortholeApp {
             tags_edit: None,
             serial_fetched: None,
             console_by_name: None,
+            drop_zones: Vec::new(),
         }
     }
 
@@ -817,10 +820,19 @@ impl PortholeApp {
                 Tab::Console(i) => self.consoles.get(i).and_then(|t| t.vm.clone()),
                 Tab::Machines => None,
             };
-            match (self.selected_vm.clone(), matches!(self.tab, Tab::Machines), console_vm) {
-                (_, _, Some((host, id))) => self.attach(host, &id, path),
-                (Some(id), true, None) => self.attach(self.selected_host, &id, path),
-                _ => self.new_vm_from_iso(&path),
+            // Onto a VM's row or details: into that VM's drive; elsewhere: a new VM. Without a pointer position
+            // (some drop sources give none) the selected VM takes it.
+            let pointer = ui.ctx().input(|i| i.pointer.latest_pos());
+            let under = pointer.and_then(|p| self.drop_zones.iter().find(|(r, _, _)| r.contains(p)));
+            let target = match (console_vm, matches!(self.tab, Tab::Machines), under, pointer) {
+                (Some(vm), _, _, _) => Some(vm),
+                (None, true, Some((_, host, id)), _) => Some((*host, id.clone())),
+                (None, true, None, None) => self.selected_vm.clone().map(|id| (self.selected_host, id)),
+                _ => None,
+            };
+            match target {
+                Some((host, id)) => self.attach(host, &id, path),
+                None => self.new_vm_from_iso(&path),
             }
         }
     }

@@ -170,10 +170,12 @@ fn create_start_console_media_and_delete_through_the_window() {
         .all(|k| s.contains(k))
     });
 
-    // Back to the list; drop an ISO on the selected VM: uploaded to the library and put in its drive.
+    // Back to the list; drop an ISO on the VM's row: uploaded to the library and put in its drive.
     click(&mut h, "Machines");
     let iso = dir.path("tools.iso");
     std::fs::write(&iso, vec![0x42u8; 64 * 1024]).unwrap();
+    h.get_by_label("echo1 screen").hover();
+    h.step();
     h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(iso.clone())));
     wait(&mut h, "the ISO in the drive", |h| has(h, "tools.iso"));
     click(&mut h, "Eject");
@@ -458,10 +460,36 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     wait(&mut h, "the echo", |_| serial_of(&d).contains("hello from the window"));
     wait(&mut h, "the echo in the window", |h| has_contains(h, "hello from the window"));
 
+    // An ISO dropped on another VM's row goes into that VM's drive (not the selected one's).
+    let row_iso = dir.path("row.iso");
+    std::fs::write(&row_iso, vec![0x33u8; 256 * 1024]).unwrap();
+    h.get_by_label("idle2 screen").hover();
+    h.step();
+    h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(row_iso)));
+    let media_of = |h: &Harness<'static, PortholeApp>, name: &str| {
+        h.state().backend.model().hosts[0].vms.iter().find(|v| v.name == name).and_then(|v| v.media.clone())
+    };
+    wait(&mut h, "the ISO in idle2's drive", |h| media_of(h, "idle2").as_deref() == Some("row.iso"));
+    assert_eq!(media_of(&h, "show"), None, "the selected VM's drive is untouched");
+    // Dropped away from every VM (here on the hosts panel): the wizard opens with it.
+    let new_iso = dir.path("fresh-install.iso");
+    std::fs::write(&new_iso, vec![0x44u8; 128 * 1024]).unwrap();
+    h.get_by_label("Add host…").hover();
+    h.step();
+    h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(new_iso)));
+    wait(&mut h, "the wizard with the ISO", |h| {
+        h.query_by_role_and_label(Role::TextInput, "Name").and_then(|n| n.value()).as_deref() == Some("fresh-install")
+    });
+    wait(&mut h, "a valid wizard", |h| !disabled(h, "Create"));
+    click(&mut h, "Create");
+    wait(&mut h, "the new VM with its ISO", |h| media_of(h, "fresh-install").as_deref() == Some("fresh-install.iso"));
+
     // An upload cancelled half-way leaves nothing in the library.
     // (The daemon's side of an upload broken off half-way is checked in tests/tests/daemon.rs.)
     let big = dir.path("big.iso");
     std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+    h.get_by_label("show screen").hover();
+    h.step();
     h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(big)));
     wait(&mut h, "the upload under way", |h| has(h, "Cancel upload"));
     h.get_by_label("Cancel upload").click_accesskit();

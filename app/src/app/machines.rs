@@ -123,6 +123,7 @@ impl PortholeApp {
 
     pub(super) fn machines(&mut self, ui: &mut egui::Ui) {
         let host = self.selected_host;
+        self.drop_zones.clear();
         let fresh = std::mem::take(&mut self.backend.model().thumbnails);
         self.thumbnails.take_new(ui.ctx(), fresh);
         // (host index, host name, error, VMs, CPU histories) of the hosts shown.
@@ -258,7 +259,9 @@ impl PortholeApp {
                                         ui.label("");
                                     }
                                 }
-                                ui.label(v.tags.join(", "));
+                                let last = ui.label(v.tags.join(", "));
+                                // The whole row takes dropped ISOs for this VM.
+                                self.drop_zones.push((r.rect.union(last.rect), *h, v.id.clone()));
                                 ui.end_row();
                             }
                         });
@@ -287,7 +290,9 @@ impl PortholeApp {
         });
         if let Some(vm) = selected {
             ui.separator();
-            egui::ScrollArea::vertical().id_salt("vm-details").show(ui, |ui| self.details(ui, self.selected_host, &vm));
+            let host = self.selected_host;
+            let area = egui::ScrollArea::vertical().id_salt("vm-details").show(ui, |ui| self.details(ui, host, &vm));
+            self.drop_zones.push((area.inner_rect, host, vm.id.clone()));
         }
     }
 
