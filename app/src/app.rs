@@ -234,6 +234,8 @@ pub struct PortholeApp {
     serial_fetched: Option<std::time::Instant>,
     /// `porthole --console NAME`: the local VM whose console to open once the list has arrived.
     console_by_name: Option<String>,
+    /// When the open VM's firmware boot status was last fetched.
+    boot_status_fetched: Option<std::time::Instant>,
     /// Where VMs were drawn last frame (list rows and the details), for dropped ISOs: (area, host, VM id).
     drop_zones: Vec<(egui::Rect, usize, String)>,
 }
@@ -289,6 +291,7 @@ impl PortholeApp {
             tags_edit: None,
             serial_fetched: None,
             console_by_name: None,
+            boot_status_fetched: None,
             drop_zones: Vec::new(),
         }
     }
@@ -542,6 +545,21 @@ impl PortholeApp {
         });
         if let Some(exit) = &vm.last_exit {
             ui.label(format!("Last stop: {}", exit.reason));
+        }
+        // A firmware-booting VM: what its firmware says, refreshed every 2 s while the details are open.
+        if vm.boot.is_none() && matches!(vm.state, VmState::Running | VmState::Paused) {
+            if self.boot_status_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2)) {
+                self.backend.load_boot_status(host, vm.id.clone());
+                self.boot_status_fetched = Some(std::time::Instant::now());
+            }
+            ui.ctx().request_repaint_after(std::time::Duration::from_secs(2));
+            let status = match &self.backend.model().boot_status {
+                Some((h, id, text)) if *h == host && *id == vm.id => Some(text.clone()),
+                _ => None,
+            };
+            if let Some(text) = status {
+                ui.label(format!("Firmware: {text}"));
+            }
         }
         let id = vm.id.clone();
         let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting);

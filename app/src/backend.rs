@@ -44,6 +44,8 @@ pub struct Model {
     pub progress: Vec<Progress>,
     /// Serial lines of the VM whose details are open: (host, vm id, lines).
     pub serial: Option<(usize, String, Vec<String>)>,
+    /// The firmware's boot status of the VM whose details are open (firmware-booting VMs): (host, VM id, text).
+    pub boot_status: Option<(usize, String, String)>,
     /// Resource samples (1 s, the last hour) of the VM whose details are open.
     pub stats: Option<(usize, String, Vec<porthole_api::StatSample>)>,
     /// A console the UI should open (host, VM id), e.g. the demo VM's once it runs.
@@ -285,6 +287,26 @@ impl Backend {
             if let Ok(out) = client.serial(&id, 200).await {
                 backend.model().serial = Some((index, id, out.lines));
                 backend.repaint();
+            }
+        });
+    }
+
+    /// Fetches how far a firmware-booting VM's firmware got (`GET /vms/{id}`'s `boot_status`).
+    pub fn load_boot_status(&self, index: usize, id: String) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            if let Ok(vm) = client.vm(&id).await {
+                let changed = {
+                    let mut m = backend.model();
+                    let new = vm.boot_status.map(|s| (index, id, s));
+                    let changed = m.boot_status != new;
+                    m.boot_status = new;
+                    changed
+                };
+                if changed {
+                    backend.repaint();
+                }
             }
         });
     }

@@ -483,6 +483,18 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     wait(&mut h, "a valid wizard", |h| !disabled(h, "Create"));
     click(&mut h, "Create");
     wait(&mut h, "the new VM with its ISO", |h| media_of(h, "fresh-install").as_deref() == Some("fresh-install.iso"));
+    // It has no kernel: started, it boots its firmware, and the details say how far that got (this ISO is
+    // not bootable and the new disk is empty).
+    click(&mut h, "fresh-install");
+    click(&mut h, "Start");
+    wait(&mut h, "the firmware's verdict", |h| has_contains(h, "Firmware: No bootable device"));
+    click(&mut h, "Force off");
+    wait(&mut h, "stopped", |h| {
+        h.state().backend.model().hosts[0]
+            .vms
+            .iter()
+            .any(|v| v.name == "fresh-install" && v.state == porthole_api::VmState::Stopped)
+    });
 
     // An upload cancelled half-way leaves nothing in the library.
     // (The daemon's side of an upload broken off half-way is checked in tests/tests/daemon.rs.)
