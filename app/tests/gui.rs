@@ -425,7 +425,7 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     let running = |h: &Harness<'static, PortholeApp>, name: &str| {
         states(h).iter().any(|(n, s)| n == name && *s == porthole_api::VmState::Running)
     };
-    wait(&mut h, "both started", |h| running(h, "idle1") && running(h, "idle2"));
+    wait(&mut h, "both started", |h| running(h, "idle1") && running(h, "idle2") && has(h, "Force off selected (2)"));
     click(&mut h, "Force off selected (2)");
     wait(&mut h, "both stopped", |h| !running(h, "idle1") && !running(h, "idle2"));
     click(&mut h, "Clear selection");
@@ -485,7 +485,9 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     wait(&mut h, "the new VM with its ISO", |h| media_of(h, "fresh-install").as_deref() == Some("fresh-install.iso"));
     // It has no kernel: started, it boots its firmware, and the details say how far that got (this ISO is
     // not bootable and the new disk is empty).
+    wait(&mut h, "its row", |h| has(h, "fresh-install"));
     click(&mut h, "fresh-install");
+    wait(&mut h, "its details", |h| has_contains(h, "firmware (SeaBIOS)"));
     click(&mut h, "Start");
     wait(&mut h, "the firmware's verdict", |h| has_contains(h, "Firmware: No bootable device"));
     click(&mut h, "Force off");
