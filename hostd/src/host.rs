@@ -99,20 +99,13 @@ pub struct Host {
 use vmm_core::devices::bus::lock;
 
 /// The last `n` lines of a serial log (reads at most its last 64 KiB).
-/// The firmware's latest line about booting in its debug log (the last 64 KiB are read).
+/// The firmware's latest line about booting in its debug log (looked for in the log's tail).
 pub fn firmware_boot_status(log: &Path) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(log).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
-    let mut bytes = Vec::new();
-    f.take(64 << 10).read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    text.lines()
+    tail_lines(log, 1000)
+        .into_iter()
         .rev()
-        .map(str::trim)
+        .map(|l| l.trim().to_owned())
         .find(|l| l.starts_with("Booting from") || l.starts_with("Boot failed") || l.starts_with("No bootable device"))
-        .map(str::to_owned)
 }
 
 pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
