@@ -388,6 +388,13 @@ impl RfbClient {
         self.stream.write_all(&set_desktop_size_message(self.screen_id, width, height))
     }
 
+    /// Whether the client owes the server an extended-clipboard message (see
+    /// [`clipboard_replies`](Self::clipboard_replies)); cheap enough to ask after every update.
+    pub fn clipboard_owed(&self) -> bool {
+        let c = &self.clipboard;
+        c.caps_due || c.offered || c.requested
+    }
+
     /// The extended-clipboard messages the client owes the server now: its capabilities (once), a request
     /// for text the server offered, and `ours` if the server asked for it. Clears what they answer.
     pub fn clipboard_replies(&mut self, ours: Option<&str>) -> Vec<Vec<u8>> {

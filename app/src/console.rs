@@ -597,12 +597,12 @@ fn session(
             shared.extended_clipboard.store(true, Ordering::Relaxed);
         }
         // Clipboard answers go out under the input lock, so they never interleave with a key event.
-        let replies = client.clipboard_replies(lock(&shared.clipboard_out).as_deref());
-        if !replies.is_empty()
-            && let Some(s) = lock(&shared.input).as_mut()
-        {
-            for m in replies {
-                s.write_all(&m).map_err(io)?;
+        if client.clipboard_owed() {
+            let replies = client.clipboard_replies(lock(&shared.clipboard_out).as_deref());
+            if let Some(s) = lock(&shared.input).as_mut() {
+                for m in replies {
+                    s.write_all(&m).map_err(io)?;
+                }
             }
         }
         let mut f = lock(&shared.frame);
