@@ -3,7 +3,7 @@
 //! by dropping it, eject it, delete the VM; and the error paths.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
@@ -12,7 +12,7 @@ use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
 use porthole::backend::Backend;
 use porthole_tests::daemon::Daemon;
-use porthole_tests::{Scratch, workspace_bin};
+use porthole_tests::Scratch;
 
 fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
     let backend = Backend::new(|| {}).unwrap();
@@ -265,26 +265,13 @@ fn a_plain_vnc_console_asks_for_the_password() {
     let password = dir.path("password");
     std::fs::write(&password, "s3cret\n").unwrap();
     let serial = dir.path("serial.log");
-    let mut vm = Command::new(workspace_bin("porthole-vmm"))
-        .arg("--kernel")
-        .arg(porthole_guests::path("kbd-echo"))
-        .args(["--memory", "64"])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("--vnc")
-        .arg(format!("unix:{}", socket.display()))
-        .arg("--vnc-password")
-        .arg(&password)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-KBD-READY") {
-        assert!(start.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let vm = porthole_tests::vnc_vm(
+        "kbd-echo",
+        &socket,
+        &serial,
+        &["--vnc-password".as_ref(), password.as_os_str()],
+        "PORTHOLE-KBD-READY",
+    );
     let mut h = app_without_local_host();
     let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
     h.state_mut().open_vnc(target, None);
@@ -333,8 +320,7 @@ fn a_plain_vnc_console_asks_for_the_password() {
         h.step();
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = vm.kill();
-    let _ = vm.wait();
+    drop(vm);
 }
 
 /// First run: with no VMs the window offers the demo VM; it starts, its console opens, and typed keys reach it.

@@ -4,7 +4,6 @@
 //! --test snapshots`, then look at the new images before committing them.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
@@ -13,7 +12,7 @@ use egui_kittest::{Harness, SnapshotOptions};
 use porthole::PortholeApp;
 use porthole::backend::Backend;
 use porthole_tests::daemon::Daemon;
-use porthole_tests::{Scratch, workspace_bin};
+use porthole_tests::Scratch;
 
 fn harness(app: PortholeApp) -> Harness<'static, PortholeApp> {
     Harness::builder()
@@ -110,29 +109,11 @@ fn snapshot_of_a_console() {
     let socket = std::env::temp_dir().join("porthole-snapshot-console.sock");
     let _ = std::fs::remove_file(&socket);
     let serial = dir.path("serial.log");
-    let mut vm = Command::new(workspace_bin("porthole-vmm"))
-        .arg("--kernel")
-        .arg(porthole_guests::path("fb-pattern"))
-        .args(["--memory", "64"])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("--vnc")
-        .arg(format!("unix:{}", socket.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-FB-PATTERN-READY") {
-        assert!(start.elapsed() < Duration::from_secs(30), "fb-pattern did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let vm = porthole_tests::vnc_vm("fb-pattern", &socket, &serial, &[], "PORTHOLE-FB-PATTERN-READY");
     let mut h = offline_app();
     let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
     h.state_mut().open_vnc(target, None);
     wait(&mut h, "the console", |h| has(h, "click the screen to type"));
     snapshot(&mut h, "console");
-    let _ = vm.kill();
-    let _ = vm.wait();
+    drop(vm);
 }

@@ -313,3 +313,30 @@ pub fn read_x_clipboard_until(display: &str, expected: &str) -> std::thread::Joi
         }
     })
 }
+
+/// porthole-vmm running micro-guest `guest` (64 MiB) with its console on the Unix socket `socket`, its serial
+/// in `serial` and `extra` arguments; returns once the guest printed `marker`.
+pub fn vnc_vm(guest: &str, socket: &Path, serial: &Path, extra: &[&std::ffi::OsStr], marker: &str) -> Killed {
+    let vm = Killed(
+        Command::new(workspace_bin("porthole-vmm"))
+            .arg("--kernel")
+            .arg(porthole_guests::path(guest))
+            .args(["--memory", "64"])
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--vnc")
+            .arg(format!("unix:{}", socket.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start porthole-vmm"),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        || std::fs::read_to_string(serial).unwrap_or_default().contains(marker),
+        || format!("{guest} never printed {marker}: {}", std::fs::read_to_string(serial).unwrap_or_default()),
+    );
+    vm
+}
