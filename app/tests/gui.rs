@@ -11,8 +11,8 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
 use porthole::backend::Backend;
-use porthole_tests::daemon::Daemon;
 use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
 
 fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
     let backend = Backend::new(|| {}).unwrap();

@@ -11,8 +11,8 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use porthole::PortholeApp;
 use porthole::backend::Backend;
-use porthole_tests::daemon::Daemon;
 use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
 
 fn harness(app: PortholeApp) -> Harness<'static, PortholeApp> {
     Harness::builder()
