@@ -8,6 +8,8 @@
  * base: pit_ticks_start/pit_ticks/delay_us), the local APIC (lapic_id, lapic_enable, lapic_eoi) and ACPI
  * table look-up (acpi_find_rsdp, acpi_find_table), the display (fb_base, vbe_read/vbe_write, vbe_set_mode)
  * and the VGA text screen (vga_text_clear, vga_set_cursor, crtc_write); serial_putsdec for signed values.
+ * Exceptions either crash the guest on purpose after printing PORTHOLE-GUEST-EXCEPTION, or, once a guest
+ * points exception_fail_prefix at its FAIL marker, print that marker with the vector and power off.
  */
     .set COM1, 0x3f8
     .set ACPI_PM1A_CNT, 0x604       /* PIIX4-style PM1a control, as SeaBIOS programs it in QEMU -M pc */
@@ -152,9 +154,16 @@ exception_stubs:
     .endr
 
 /* Stack: vector, error code, rip, cs, rflags, rsp, ss. Prints them, then triple-faults on purpose so
-   the VMM (or QEMU with -no-reboot) reports a crashed guest instead of a clean power-off. */
+   the VMM (or QEMU with -no-reboot) reports a crashed guest instead of a clean power-off. A guest that set
+   exception_fail_prefix (a NUL-terminated marker such as "PORTHOLE-RING3-FAIL") gets
+   `<prefix> vector=0xVV error=0xEEEEEEEE rip=0x... cs=0x..` instead, and a clean power-off, so that its
+   own FAIL marker says what went wrong. */
+    .globl exception_common
 exception_common:
     movq %rsp, %rbx
+    movq exception_fail_prefix(%rip), %rdi
+    testq %rdi, %rdi
+    jnz exception_fail
     leaq msg_exception(%rip), %rdi
     call serial_puts
     movq (%rbx), %rdi
@@ -174,6 +183,37 @@ exception_common:
     call serial_putc
     lidt null_idt_pointer
     ud2
+
+exception_fail:                     /* %rdi = prefix, %rbx = the frame as above */
+    movq $0, exception_fail_prefix(%rip)    /* a fault while printing ends in the plain handler */
+    pushq %rdi
+    movl $'\n', %edi
+    call serial_putc
+    popq %rdi
+    call serial_puts
+    leaq msg_vector(%rip), %rdi
+    call serial_puts
+    movq (%rbx), %rdi
+    movl $2, %esi
+    call serial_puthex
+    leaq msg_error(%rip), %rdi
+    call serial_puts
+    movq 8(%rbx), %rdi
+    movl $8, %esi
+    call serial_puthex
+    leaq msg_rip(%rip), %rdi
+    call serial_puts
+    movq 16(%rbx), %rdi
+    movl $16, %esi
+    call serial_puthex
+    leaq msg_cs(%rip), %rdi
+    call serial_puts
+    movq 24(%rbx), %rdi
+    movl $2, %esi
+    call serial_puthex
+    movl $'\n', %edi
+    call serial_putc
+    jmp poweroff
 
 /* ---- CMOS / RTC (index port 0x70, data port 0x71; bit 7 of the index, the NMI mask, is left clear) ---- */
 
@@ -676,6 +716,9 @@ vga_set_cursor:
 
     .section .bss
     .p2align 3
+    .globl exception_fail_prefix
+exception_fail_prefix:              /* see exception_common; 0: crash on purpose */
+    .skip 8
 pit_total:
     .skip 8
 pit_last:
@@ -690,6 +733,10 @@ msg_error:
     .asciz " error=0x"
 msg_rip:
     .asciz " rip=0x"
+msg_vector:
+    .asciz " vector=0x"
+msg_cs:
+    .asciz " cs=0x"
     .p2align 3
     .globl idt_pointer
 idt_pointer:
