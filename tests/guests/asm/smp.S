@@ -4,19 +4,33 @@
  * `PORTHOLE-CPU apic=<id>` for itself, then wakes the application processors with INIT / SIPI / SIPI
  * (all-excluding-self shorthand). Each AP runs a real-mode trampoline copied to 0x8000 (SIPI vector 0x08),
  * goes protected -> long mode on start.S's GDT and page tables, takes its own stack from ap_stacks by an
- * atomic counter, prints `PORTHOLE-CPU apic=<id>` under a spinlock and parks (cli; hlt).
+ * atomic counter, prints `PORTHOLE-CPU apic=<id>` under a spinlock, does its share of the work below,
+ * checks in and parks (cli; hlt).
+ *
+ * The work, done by every CPU k (0 = the BSP, then the APs in the order they took their stacks):
+ *   - a sum: i*i for i = k*1000+1 .. (k+1)*1000 into its own slot work_sums[k];
+ *   - a contest: a barrier (each CPU counts itself in and spins until all the MADT announced are in, at
+ *     most 1 000 000 polls, so that the CPUs run the contest together), then 5000 `lock xadd` increments
+ *     of one shared counter; each CPU checks that the values xadd hands it strictly increase.
  * The BSP waits (at most 2 s, timed with the PIT) until all of them checked in, waits 100 ms more to catch
- * CPUs the MADT did not announce, and prints one of
- *     PORTHOLE-SMP-OK cpus=<n>
- *     PORTHOLE-SMP-FAIL expected=<n> seen=<m>      (n from the MADT, m = CPUs that printed, BSP included)
+ * CPUs the MADT did not announce, checks every slot against n(n+1)(2n+1)/6 differences and the counter
+ * against 5000 * CPUs, and prints one of
+ *     PORTHOLE-SMP-WORK sums=<n> counter=<5000 n>  then  PORTHOLE-SMP-OK cpus=<n>
+ *     PORTHOLE-SMP-FAIL expected=<n> seen=<m>      (n from the MADT, m = CPUs that checked in, BSP included)
+ *     PORTHOLE-SMP-FAIL sum cpu=<k> got=<s> want=<t>
+ *     PORTHOLE-SMP-FAIL counter=<c> want=<5000 n> xadd-order-errors=<e>
  *     PORTHOLE-SMP-FAIL no-madt
- * then powers off.
+ * then powers off. The work is small (about 30 000 instructions per CPU) so that an instruction-emulating
+ * KVM gets through it quickly too.
  */
     .set LAPIC, 0xFEE00000
     .set TRAMPOLINE, 0x8000         /* below 1 MiB, 4 KiB aligned: SIPI vector 0x08 */
     .set MAX_APS, 255
     .set AP_STACK_SIZE, 2048
     .set PIT_HZ, 1193182
+    .set SUM_RANGE, 1000            /* CPU k sums i*i over k*SUM_RANGE+1 .. (k+1)*SUM_RANGE */
+    .set INCREMENTS, 5000           /* lock xadd increments per CPU */
+    .set BARRIER_POLLS, 1000000
 
     .text
     .code64
@@ -51,8 +65,8 @@ guest_main:
     jz no_madt
 
     /* The BSP reports itself. */
+    movl %r12d, cpus_expected(%rip)
     call print_cpu
-    movl $1, cpus_seen(%rip)
 
     /* The trampoline goes below 1 MiB. */
     leaq ap_trampoline(%rip), %rsi
@@ -78,6 +92,11 @@ guest_main:
     movl $0x000C4600 | (TRAMPOLINE >> 12), %edi
     call send_ipi
 
+    /* The BSP's share of the work, with the APs. */
+    xorl %edi, %edi
+    call cpu_work
+    lock incl cpus_seen(%rip)
+
     /* Wait for the APs: at most 2 s by the PIT, and at most 2 000 000 polls should the PIT be dead. */
     pushq %r13
     movl $2000000, %r13d
@@ -101,6 +120,10 @@ guest_main:
     call lock_console
     cmpl %r12d, %ebx
     jne 7f
+    movl %ebx, %edi
+    call check_work
+    testl %eax, %eax
+    jnz 8f                          /* check_work printed the failure */
     leaq msg_ok(%rip), %rdi
     call serial_puts
     movl %ebx, %edi
@@ -126,6 +149,125 @@ no_madt:
     call serial_puts
     popq %r12
     popq %rbx
+    ret
+
+/* cpu_work(%edi = k): CPU k's sum into work_sums[k], then the barrier and its share of the contest. */
+cpu_work:
+    movl %edi, %esi
+    imull $SUM_RANGE, %esi, %ecx    /* i = k * SUM_RANGE + 1 .. (k + 1) * SUM_RANGE */
+    leal SUM_RANGE(%ecx), %edx
+    incl %ecx
+    xorl %eax, %eax
+1:  movq %rcx, %r8
+    imulq %rcx, %r8
+    addq %r8, %rax
+    incl %ecx
+    cmpl %edx, %ecx
+    jbe 1b
+    leaq work_sums(%rip), %rdx
+    movq %rax, (%rdx,%rsi,8)
+
+    lock incl contest_ready(%rip)   /* the barrier: bounded, the contest is correct without it too */
+    movl $BARRIER_POLLS, %ecx
+2:  movl contest_ready(%rip), %eax
+    cmpl cpus_expected(%rip), %eax
+    jae 3f
+    pause
+    decl %ecx
+    jnz 2b
+3:  movl $INCREMENTS, %ecx
+    movq $-1, %rdx                  /* the last value xadd handed us */
+4:  movl $1, %eax
+    lock xaddq %rax, contest_counter(%rip)
+    cmpq %rdx, %rax
+    jg 5f
+    lock incl xadd_order_errors(%rip)
+5:  movq %rax, %rdx
+    decl %ecx
+    jnz 4b
+    ret
+
+/* check_work(%edi = CPUs) -> %eax = 0 when every sum and the counter are right (PORTHOLE-SMP-WORK printed);
+   else prints PORTHOLE-SMP-FAIL without the line's end and returns 1. The caller holds the console lock. */
+check_work:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    movl %edi, %r12d
+    xorl %ebx, %ebx                 /* k */
+1:  cmpl %r12d, %ebx
+    jae 3f
+    leal 1(%ebx), %edi              /* want = S((k+1) * SUM_RANGE) - S(k * SUM_RANGE) */
+    imull $SUM_RANGE, %edi
+    call sum_of_squares
+    movq %rax, %r13
+    imull $SUM_RANGE, %ebx, %edi
+    call sum_of_squares
+    subq %rax, %r13
+    leaq work_sums(%rip), %rax
+    cmpq %r13, (%rax,%rbx,8)
+    jne 2f
+    incl %ebx
+    jmp 1b
+2:  leaq msg_fail_sum(%rip), %rdi
+    call serial_puts
+    movl %ebx, %edi
+    call serial_putdec
+    leaq msg_got(%rip), %rdi
+    call serial_puts
+    leaq work_sums(%rip), %rax
+    movq (%rax,%rbx,8), %rdi
+    call serial_putdec
+    leaq msg_want(%rip), %rdi
+    call serial_puts
+    movq %r13, %rdi
+    call serial_putdec
+    jmp 5f
+3:  imull $INCREMENTS, %r12d, %r13d
+    cmpq %r13, contest_counter(%rip)
+    jne 4f
+    cmpl $0, xadd_order_errors(%rip)
+    jne 4f
+    leaq msg_work(%rip), %rdi
+    call serial_puts
+    movl %r12d, %edi
+    call serial_putdec
+    leaq msg_counter(%rip), %rdi
+    call serial_puts
+    movq contest_counter(%rip), %rdi
+    call serial_putdec
+    movl $'\n', %edi
+    call serial_putc
+    xorl %eax, %eax
+    jmp 6f
+4:  leaq msg_fail_counter(%rip), %rdi
+    call serial_puts
+    movq contest_counter(%rip), %rdi
+    call serial_putdec
+    leaq msg_want(%rip), %rdi
+    call serial_puts
+    movq %r13, %rdi
+    call serial_putdec
+    leaq msg_order(%rip), %rdi
+    call serial_puts
+    movl xadd_order_errors(%rip), %edi
+    call serial_putdec
+5:  movl $1, %eax                   /* the caller ends the line */
+6:  popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* sum_of_squares(%edi = n) -> %rax = n(n+1)(2n+1)/6 */
+sum_of_squares:
+    movl %edi, %eax
+    leaq 1(%rax), %rcx
+    imulq %rcx, %rax
+    leaq 1(%rdi,%rdi), %rcx
+    imulq %rcx, %rax
+    xorl %edx, %edx
+    movl $6, %ecx
+    divq %rcx
     ret
 
 /* send_ipi(%edi = ICR low word): destination field 0 (the shorthand in %edi picks the targets), then
@@ -222,11 +364,14 @@ ap_long:
     cmpl $MAX_APS, %eax
     jae ap_park                     /* no stack left: park without reporting */
     incl %eax
+    movl %eax, %r12d                /* k: this AP's work slot (the BSP has 0) */
     imull $AP_STACK_SIZE, %eax
     leaq ap_stacks(%rip), %rsp
     addq %rax, %rsp                 /* top of slot n = ap_stacks + (n + 1) * size */
     lidt idt_pointer(%rip)          /* exceptions on APs report themselves too */
     call print_cpu
+    movl %r12d, %edi
+    call cpu_work
     lock incl cpus_seen(%rip)
 ap_park:
     cli
@@ -244,6 +389,20 @@ msg_seen:
     .asciz " seen="
 msg_no_madt:
     .asciz "PORTHOLE-SMP-FAIL no-madt\n"
+msg_work:
+    .asciz "PORTHOLE-SMP-WORK sums="
+msg_counter:
+    .asciz " counter="
+msg_fail_sum:
+    .asciz "PORTHOLE-SMP-FAIL sum cpu="
+msg_got:
+    .asciz " got="
+msg_want:
+    .asciz " want="
+msg_fail_counter:
+    .asciz "PORTHOLE-SMP-FAIL counter="
+msg_order:
+    .asciz " xadd-order-errors="
 
     .section .data
     .p2align 6
@@ -254,8 +413,21 @@ cpus_seen:
     .long 0
 ap_next:
     .long 0
+cpus_expected:
+    .long 0
+xadd_order_errors:
+    .long 0
+    .p2align 6
+contest_ready:
+    .long 0
+    .p2align 6
+contest_counter:
+    .quad 0
 
     .section .bss
+    .p2align 6
+work_sums:                          /* one slot per CPU, k = 0 .. MAX_APS */
+    .skip (MAX_APS + 1) * 8
     .p2align 4
 ap_stacks:
     .skip MAX_APS * AP_STACK_SIZE
