@@ -105,8 +105,18 @@ pub fn repo_root() -> PathBuf {
 /// A QEMU command line for a micro-guest with KVM: `machine` is "pc" (powers off through ACPI S5 only) or
 /// "microvm" (through the debug-exit device).
 pub fn qemu(machine: &str, kernel: &Path, cpus: u32) -> Command {
+    qemu_with(&["-enable-kvm", "-cpu", "host,-arch-capabilities"], machine, kernel, cpus)
+}
+
+/// The same command line as [`qemu`] with QEMU's software emulation (TCG, `-cpu max`) instead of KVM: for
+/// the micro-guests this machine's KVM cannot run (ring 3, XSAVE/XRSTOR).
+pub fn qemu_tcg(machine: &str, kernel: &Path, cpus: u32) -> Command {
+    qemu_with(&["-accel", "tcg", "-cpu", "max"], machine, kernel, cpus)
+}
+
+fn qemu_with(accel: &[&str], machine: &str, kernel: &Path, cpus: u32) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64"]).args([
+    cmd.args(["-M", machine]).args(accel).args(["-m", "64"]).args([
         "-smp",
         &cpus.to_string(),
         "-display",
