@@ -15,7 +15,9 @@
  * tries Multiboot 1 before PVH, and on an ELF64 file with a Multiboot 1 header it exits ("Cannot load
  * x86-64 image, give a 32bit one"); QEMU has no Multiboot2 loader, so it still boots the PVH note.
  *
- * Guests run in ring 0 only: this machine's KVM cannot emulate `int n` or an iretq to ring 3.
+ * Guests run in ring 0 only: this machine's KVM cannot emulate `int n` or an iretq to ring 3. The one
+ * exception, ring3.S, builds its own GDT, TSS and user pages, and runs on hardware virtualization or QEMU's
+ * TCG only.
  */
     .set PVH_ELFNOTE_PHYS32_ENTRY, 18
 

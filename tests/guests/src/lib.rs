@@ -2,8 +2,10 @@
 //!
 //! Each guest is a PVH ELF file: `porthole-vmm --kernel FILE` and `qemu-system-x86_64 -kernel FILE` boot
 //! the very same file. It is also a Multiboot2 kernel, so GRUB's `multiboot2 FILE [ARGS]` boots it too
-//! (`iso/make-iso.sh grub` puts one on a BIOS-bootable CD). Guests are ring-0 only and small, because a nested (PVM) KVM emulates every guest
-//! instruction (see ARCHITECTURE.md).
+//! (`iso/make-iso.sh grub` puts one on a BIOS-bootable CD). Guests are small and, but for `ring3`, ring-0 only,
+//! because a nested (PVM) KVM emulates every guest instruction (see ARCHITECTURE.md). `ring3` and `xsave` use what
+//! that KVM cannot emulate (`int n`, iretq to ring 3, FNINIT, XRSTOR): they are for hardware virtualization and
+//! QEMU's TCG only, and no test boots every guest of this table on one engine.
 
 use std::path::PathBuf;
 
