@@ -2,6 +2,7 @@
 //! the workspace's built binaries, QEMU and Xvfb.
 
 pub mod daemon;
+pub mod hw;
 pub mod rfb;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,44 @@
+#!/bin/busybox sh
+# /init of the hardware tier's L1 (tests/hw/build.sh): a Debian kernel under QEMU TCG with -cpu max, so
+# AMD SVM with nested paging is emulated and kvm-amd gives a real /dev/kvm. Loads the modules, brings up
+# the user-mode network (QEMU forwards host ports to it), runs the scenario the kernel command line
+# names (hw.scenario=NAME -> /hw/scenarios/NAME.sh) and powers off.
+#
+# Everything the scenario and its L2 guest print goes to this console (ttyS0), which the harness reads:
+# nothing in L1 polls a file for output, so nothing here can starve while L2 runs.
+export PATH=/hw/bin:/bin:/sbin:/usr/bin:/usr/sbin
+export LD_LIBRARY_PATH=/hw/lib
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs -o size=75% tmpfs /tmp
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+exec </dev/console >/dev/console 2>&1
+
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n1; }
+
+while read -r m; do
+    out=$(insmod "/lib/modules/$m" 2>&1) || echo "HW-L1-INSMOD-FAILED $m: $out"
+done </lib/modules/load-order
+
+if [ -c /dev/kvm ] && grep -qw svm /proc/cpuinfo; then
+    echo "HW-L1-KVM ok npt=$(grep -qw npt /proc/cpuinfo && echo yes || echo no)"
+else
+    echo "HW-L1-KVM missing: $(ls -l /dev/kvm 2>&1); flags: $(grep -m1 -o 'svm\|vmx' /proc/cpuinfo)"
+fi
+
+ip link set lo up
+ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+
+SCENARIO=$(arg hw.scenario)
+echo "HW-L1-UP scenario=$SCENARIO cpus=$(grep -c ^processor /proc/cpuinfo) mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo)kB"
+if [ -f "/hw/scenarios/$SCENARIO.sh" ]; then
+    cd /tmp
+    sh "/hw/scenarios/$SCENARIO.sh"
+    echo "HW-L1-END rc=$?"
+else
+    echo "HW-L1-END no scenario '$SCENARIO'"
+fi
+sync
+poweroff -f
+sleep 5

@@ -1,0 +1,109 @@
+#!/bin/busybox sh
+# /init of the hardware tier's L2 Linux guest (Debian's kernel + busybox; tests/hw/build.sh). It proves
+# what Linux's own drivers do with Porthole's devices and says so on the serial console (ttyS0), one
+# `PORTHOLE-...` line per fact, for the harness (tests/tests/hw.rs) to check:
+#
+#   hw.mode=quick   PORTHOLE-L2-INIT, then power off (boot timing; ISO and PVH boots)
+#   hw.mode=full    first boot: virtio-blk read (md5) and write + flush, the virtio-scsi CD (md5 of
+#                   /dev/sr0), a square drawn into /dev/fb0 through bochs-drm, a line typed on the PS/2
+#                   keyboard, PS/2 mouse packets, then `reboot -f`; second boot (seen on the disk): waits
+#                   for the ACPI power button and powers off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n1; }
+say() { echo "$*"; }
+off() { sync; poweroff -f; sleep 5; }
+MODE=$(arg hw.mode)
+
+if [ "$MODE" = quick ]; then
+    say "PORTHOLE-L2-INIT mode=quick kernel=$(uname -r)"
+    off
+fi
+
+while read -r m; do
+    out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
+done </lib/modules/load-order
+
+# wait_for PATH: devices appear asynchronously after their driver loads (at most ~60 s).
+wait_for() {
+    i=0
+    while [ ! -e "$1" ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
+    [ -e "$1" ]
+}
+
+wait_for /dev/vda || say "PORTHOLE-FAIL no /dev/vda"
+BOOT=1
+[ "$(dd if=/dev/vda bs=512 skip=16 count=1 2>/dev/null | head -c 5)" = BOOT1 ] && BOOT=2
+say "PORTHOLE-L2-INIT boot=$BOOT kernel=$(uname -r)"
+
+if [ $BOOT = 2 ]; then
+    # The ACPI power button (button.ko) is an input device: wait for its key, then power off.
+    ev=""
+    i=0
+    while [ -z "$ev" ] && [ $i -lt 300 ]; do
+        for d in /sys/class/input/input*; do
+            [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
+            for e in "$d"/event*; do [ -e "$e" ] && ev=/dev/$(basename "$e"); done
+        done
+        [ -n "$ev" ] || { sleep 0.2; i=$((i + 1)); }
+    done
+    wait_for "$ev" || say "PORTHOLE-FAIL no power button input device"
+    say "PORTHOLE-POWER-BUTTON-READY $ev"
+    dd if="$ev" bs=24 count=1 of=/dev/null 2>/dev/null
+    say "PORTHOLE-POWER-BUTTON-PRESSED"
+    off
+fi
+
+# virtio-blk: read, then write + flush (the harness finds the marker in the image afterwards).
+say "PORTHOLE-DISK md5=$(dd if=/dev/vda bs=65536 count=16 2>/dev/null | md5sum | cut -d' ' -f1) sectors=$(cat /sys/block/vda/size)"
+echo PORTHOLE-L2-WROTE-THIS | dd of=/dev/vda bs=512 seek=8 conv=sync,fsync 2>/dev/null && say "PORTHOLE-DISK-WRITTEN"
+
+# virtio-scsi CD/DVD: the whole medium.
+if wait_for /dev/sr0; then
+    say "PORTHOLE-CD md5=$(md5sum </dev/sr0 | cut -d' ' -f1) bytes=$(($(cat /sys/block/sr0/size) * 512))"
+else
+    say "PORTHOLE-FAIL no /dev/sr0"
+fi
+
+# bochs-drm's framebuffer: an orange (ff8040) 64x64 square at (64,64), fbcon unbound so that text cannot cover it.
+if wait_for /dev/fb0; then
+    for v in /sys/class/vtconsole/vtcon*; do
+        grep -q 'frame buffer' "$v/name" 2>/dev/null && echo 0 >"$v/bind"
+    done
+    FB=/sys/class/graphics/fb0
+    STRIDE=$(cat $FB/stride)
+    BPP=$(cat $FB/bits_per_pixel)
+    # XRGB8888 little endian: B=0x40 G=0x80 R=0xff X=0xff (no NUL byte for printf to trip on).
+    PIXEL='\100\200\377\377'
+    ROW=""
+    i=0
+    while [ $i -lt 64 ]; do ROW="$ROW$PIXEL"; i=$((i + 1)); done
+    y=64
+    while [ $y -lt 128 ]; do
+        printf "$ROW" | dd of=/dev/fb0 bs=256 seek=$(((y * STRIDE + 256) / 256)) count=1 conv=notrunc 2>/dev/null
+        y=$((y + 1))
+    done
+    say "PORTHOLE-FB-DRAWN name=$(cat $FB/name | tr ' ' _) mode=$(cat $FB/virtual_size) bpp=$BPP stride=$STRIDE x=64 y=64 w=64 h=64 rgb=ff8040"
+else
+    say "PORTHOLE-FAIL no /dev/fb0"
+fi
+
+# The PS/2 keyboard through the VT: a line typed on the console.
+say "PORTHOLE-KEYS-READY"
+if read -r -t 300 line </dev/tty1; then say "PORTHOLE-KEYS got=$line"; else say "PORTHOLE-KEYS none"; fi
+
+# The PS/2 mouse (psmouse) through mousedev: four 3-byte packets.
+wait_for /dev/input/mice
+say "PORTHOLE-MOUSE-READY $(cat /sys/bus/serio/devices/serio1/description 2>/dev/null | tr ' ' _)"
+say "PORTHOLE-MOUSE packets=$(dd if=/dev/input/mice bs=3 count=4 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+
+# Second boot next: mark it on the disk, then reboot without the init system.
+printf BOOT1 | dd of=/dev/vda bs=512 seek=16 conv=sync,fsync 2>/dev/null
+say "PORTHOLE-REBOOTING"
+sync
+reboot -f
+sleep 5

@@ -1,0 +1,340 @@
+//! The hardware-virtualization tier's machinery (`./x test-hw`, tests/tests/hw.rs): an L1 machine under
+//! QEMU TCG with `-cpu max` (AMD SVM with nested paging emulated, so kvm-amd gives a real `/dev/kvm`)
+//! that runs one scenario script from tests/hw/scenarios, and the host-side ends of its consoles.
+//!
+//! - Everything L1 and its L2 guest print arrives on L1's serial console, read here line by line with the
+//!   time each line arrived: the scenarios' `HW-...` lines, the guests' `PORTHOLE-...` lines.
+//! - L1's user-mode network forwards three host ports to L1 (RFB 5900, the L2 control socket 5901, the
+//!   daemon's API 5902; `socat` in L1 bridges the last two to their Unix sockets). [`UnixToTcp`] turns each
+//!   into a Unix socket here, so the suite's RFB, control and API clients work unchanged.
+//! - `PORTHOLE_HW=direct` runs the same scenario scripts on this host (its own CPU has `vmx` or `svm` and
+//!   `/dev/kvm`), without L1; `nested` forces L1; `auto` (the default) picks direct where it can.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::{Scratch, repo_root};
+
+/// Where `tests/hw/build.sh` leaves the images.
+pub fn hw_dir() -> PathBuf {
+    std::env::var_os("PORTHOLE_HW_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/hw"))
+}
+
+/// How the scenarios run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// On this host's own hardware virtualization.
+    Direct,
+    /// Inside an L1 under QEMU TCG.
+    Nested,
+}
+
+/// Whether this host's CPU has VT-x or AMD-V and a usable `/dev/kvm` (not a PVM KVM, which has neither flag).
+pub fn host_has_hardware_virtualization() -> bool {
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm"))))
+        .unwrap_or(false);
+    flags && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// The mode `PORTHOLE_HW` (direct | nested | auto) asks for.
+pub fn mode() -> Result<Mode, String> {
+    match std::env::var("PORTHOLE_HW").unwrap_or_default().as_str() {
+        "" | "auto" => Ok(if host_has_hardware_virtualization() { Mode::Direct } else { Mode::Nested }),
+        "nested" => Ok(Mode::Nested),
+        "direct" if host_has_hardware_virtualization() => Ok(Mode::Direct),
+        "direct" => Err("PORTHOLE_HW=direct, but this CPU has neither vmx nor svm with a usable /dev/kvm".into()),
+        other => Err(format!("PORTHOLE_HW={other:?}: expected direct, nested or auto")),
+    }
+}
+
+/// A free TCP port on loopback (bound and released: good enough for a test).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A Unix socket here whose every connection is a TCP connection to `127.0.0.1:port` (a port QEMU forwards
+/// into L1). Runs until the process ends.
+pub struct UnixToTcp {
+    pub path: PathBuf,
+}
+
+impl UnixToTcp {
+    pub fn start(path: PathBuf, port: u16) -> UnixToTcp {
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind a proxy socket");
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else { continue };
+                let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else { continue };
+                let (mut client, mut server) = (client, server);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client, &mut s2);
+                    let _ = s2.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        UnixToTcp { path }
+    }
+}
+
+/// What a scenario needs carried into L1 besides the base image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// QEMU, the peer (its binary, libraries and firmware).
+    Qemu,
+    /// memtest86+'s ISO and the Debian installer ISO.
+    Isos,
+}
+
+/// One line of the console, with the time it arrived.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub at: Instant,
+    pub text: String,
+}
+
+/// A running scenario: L1 (or, direct, the scenario script itself) and the host ends of its sockets.
+pub struct Machine {
+    child: Child,
+    lines: Receiver<Line>,
+    /// Every line so far (also written to `log_path`).
+    pub seen: Vec<Line>,
+    log: std::fs::File,
+    pub log_path: PathBuf,
+    pub started: Instant,
+    /// The L2 VM's RFB console, its control socket and the daemon's API, as Unix sockets here.
+    pub vnc: UnixToTcp,
+    pub control: UnixToTcp,
+    pub api: UnixToTcp,
+    _scratch: Scratch,
+    echo: bool,
+}
+
+impl Machine {
+    /// Starts `scenario` (tests/hw/scenarios/NAME.sh) in `mode`.
+    pub fn start(scenario: &str, pieces: &[Piece], mode: Mode) -> Result<Machine, String> {
+        let hw = hw_dir();
+        let scratch = Scratch::new(&format!("hw-{scenario}"));
+        let (vnc_port, ctl_port, api_port) = (free_port(), free_port(), free_port());
+        let logs = hw.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+        let log_path = logs.join(format!("{scenario}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+
+        let mut cmd = match mode {
+            Mode::Nested => {
+                // The initrd is the base archive with the scenario's pieces appended (Linux unpacks them all).
+                let initrd = scratch.path("l1-initrd.cpio");
+                let mut out = std::fs::File::create(&initrd).map_err(|e| e.to_string())?;
+                let mut parts = vec![hw.join("l1-base.cpio")];
+                parts.extend(pieces.iter().map(|p| match p {
+                    Piece::Qemu => hw.join("l1-qemu.cpio"),
+                    Piece::Isos => hw.join("l1-isos.cpio"),
+                }));
+                for part in &parts {
+                    let mut f = std::fs::File::open(part)
+                        .map_err(|e| format!("{}: {e} (run tests/hw/build.sh, or ./x test-hw)", part.display()))?;
+                    std::io::copy(&mut f, &mut out).map_err(|e| e.to_string())?;
+                }
+                drop(out);
+                let mut cmd = Command::new("qemu-system-x86_64");
+                cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &l1_memory_mib().to_string()]);
+                cmd.args(["-M", "pc", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"]);
+                cmd.args(["-monitor", "none"]);
+                cmd.arg("-kernel").arg(hw.join("l1-vmlinuz")).arg("-initrd").arg(&initrd);
+                cmd.args([
+                    "-append",
+                    &format!("console=ttyS0 quiet loglevel=3 panic=-1 hw.scenario={scenario}"),
+                    "-nic",
+                    &format!(
+                        "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{vnc_port}-:5900,\
+                         hostfwd=tcp:127.0.0.1:{ctl_port}-:5901,hostfwd=tcp:127.0.0.1:{api_port}-:5902"
+                    ),
+                ]);
+                cmd
+            }
+            Mode::Direct => {
+                let stage = stage_direct(&hw, &scratch)?;
+                let mut cmd = Command::new("sh");
+                cmd.arg(repo_root().join(format!("tests/hw/scenarios/{scenario}.sh")));
+                cmd.env("HW", &stage).current_dir(scratch.dir());
+                cmd.env(
+                    "PATH",
+                    format!("{}:{}", stage.join("bin").display(), std::env::var("PATH").unwrap_or_default()),
+                );
+                cmd.env("HW_VNC_LISTEN", format!("tcp:127.0.0.1:{vnc_port}"));
+                cmd.env("HW_CTL_PORT", ctl_port.to_string()).env("HW_API_PORT", api_port.to_string());
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Its own process group, so that ending it ends everything it started (direct mode's daemons).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| format!("start {cmd:?}: {e}"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match reader.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let text = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_owned();
+                            if tx.send(Line { at: Instant::now(), text }).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Machine {
+            child,
+            lines,
+            seen: Vec::new(),
+            log,
+            log_path,
+            started,
+            vnc: UnixToTcp::start(scratch.path("vnc.sock"), vnc_port),
+            control: UnixToTcp::start(scratch.path("control.sock"), ctl_port),
+            api: UnixToTcp::start(scratch.path("api.sock"), api_port),
+            _scratch: scratch,
+            echo: std::env::var_os("PORTHOLE_HW_VERBOSE").is_some(),
+        })
+    }
+
+    fn record(&mut self, line: Line) {
+        let _ = writeln!(self.log, "{:9.3} {}", line.at.duration_since(self.started).as_secs_f64(), line.text);
+        if self.echo {
+            eprintln!("    | {}", line.text);
+        }
+        self.seen.push(line);
+    }
+
+    /// Waits for a line containing `needle`, looking first at lines seen since index `from`. Fails when
+    /// `limit` passes, when L1 ends its scenario, or when the machine exits.
+    pub fn expect_from(&mut self, from: usize, needle: &str, limit: Duration) -> Result<Line, String> {
+        if let Some(l) = self.seen.iter().skip(from).find(|l| l.text.contains(needle)) {
+            return Ok(l.clone());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.min(Duration::from_secs(1))) {
+                Ok(line) => {
+                    let hit = line.text.contains(needle);
+                    let ended = line.text.contains("HW-L1-END") || line.text.contains("Kernel panic");
+                    self.record(line.clone());
+                    if hit {
+                        return Ok(line);
+                    }
+                    if ended {
+                        return Err(format!("the scenario ended without {needle:?}: {:?}", line.text));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!("the machine exited without {needle:?}"));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no {needle:?} within {} s", limit.as_secs()));
+            }
+        }
+    }
+
+    /// Waits for a line containing `needle` that arrives after every line seen so far.
+    pub fn expect(&mut self, needle: &str, limit: Duration) -> Result<Line, String> {
+        let from = self.seen.len();
+        self.expect_from(from, needle, limit)
+    }
+
+    /// The value of `key=VALUE` in a line.
+    pub fn field<'a>(line: &'a Line, key: &str) -> Option<&'a str> {
+        line.text.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    /// The last `n` lines seen, for a failure report.
+    pub fn tail(&self, n: usize) -> String {
+        let skip = self.seen.len().saturating_sub(n);
+        self.seen.iter().skip(skip).map(|l| format!("      | {}\n", l.text)).collect()
+    }
+
+    /// Waits for the machine to end on its own (L1 powers off after its scenario); fails if it does not
+    /// within `limit`. Either way it is ended when dropped.
+    pub fn finish(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            while let Ok(line) = self.lines.try_recv() {
+                self.record(line);
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.record(line);
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("did not end within {} s", limit.as_secs()))
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the process group this harness created for its own child.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// L1's memory: room for the base image and the QEMU piece in its tmpfs, L2 guests of up to 1 GiB and QEMU.
+fn l1_memory_mib() -> u64 {
+    std::env::var("PORTHOLE_HW_L1_MEMORY").ok().and_then(|m| m.parse().ok()).unwrap_or(3072)
+}
+
+/// For direct mode: a directory laid out like L1's /hw (bin/, guests/, share/, scenarios/), made of links to
+/// the host's binaries and the built guests.
+fn stage_direct(hw: &Path, scratch: &Scratch) -> Result<PathBuf, String> {
+    let stage = scratch.path("hw");
+    let link = |from: &Path, to: &Path| -> Result<(), String> {
+        std::fs::create_dir_all(to.parent().unwrap()).map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(from, to).map_err(|e| format!("link {}: {e}", to.display()))
+    };
+    let release = repo_root().join("target/release");
+    link(&release.join("porthole-vmm"), &stage.join("bin/porthole-vmm"))?;
+    link(&release.join("portholed"), &stage.join("bin/portholed"))?;
+    link(&hw.join("guests"), &stage.join("guests"))?;
+    link(&repo_root().join("tests/hw/scenarios"), &stage.join("scenarios"))?;
+    link(Path::new("/usr/share/qemu"), &stage.join("share/qemu"))?;
+    let seabios = crate::hw::seabios_dir().ok_or("no SeaBIOS: apt-get install seabios")?;
+    link(&seabios, &stage.join("share/seabios"))?;
+    Ok(stage)
+}
+
+/// Where a SeaBIOS bios.bin is (the system's, or the real-guest cache's).
+pub fn seabios_dir() -> Option<PathBuf> {
+    [PathBuf::from("/usr/share/seabios"), repo_root().join("target/real-guests")]
+        .into_iter()
+        .find(|d| d.join("bios.bin").exists())
+}

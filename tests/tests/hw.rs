@@ -1,0 +1,544 @@
+//! The hardware-virtualization tier (`./x test-hw [--all] [SCENARIO...]`; ARCHITECTURE.md "Hardware tier").
+//!
+//! Real guests on real KVM semantics on every machine: each scenario boots an L1 (Debian's kernel under
+//! QEMU TCG with `-cpu max`, which emulates AMD SVM with nested paging) that loads kvm-amd and runs
+//! porthole-vmm — and QEMU with KVM, the peer — on its `/dev/kvm`; or, on a host with VT-x/AMD-V, runs the
+//! same scenario scripts directly (`PORTHOLE_HW=direct|nested|auto`). Prints one
+//! `HW <scenario> PASS|FAIL (<seconds> s)` line per scenario, the boot-time ratios against QEMU, and the
+//! usual totals. Runs only when asked (`PORTHOLE_HW_TIER=1`, as `./x test` and `./x test-hw` set it):
+//! a plain `cargo test` skips it with that reason.
+//!
+//! Absolute times under TCG mean nothing: only ratios between engines in the same L1 are reported, and
+//! nothing here asserts on time; the limits are generous ceilings against hangs.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use porthole_tests::hw::{self, Machine, Mode, Piece};
+use porthole_tests::rfb::{RAW, RfbClient};
+
+const MIN: Duration = Duration::from_secs(60);
+
+struct Scenario {
+    name: &'static str,
+    what: &'static str,
+    pieces: &'static [Piece],
+    /// Only with `--all` (too slow for `./x test`).
+    all_only: bool,
+    /// The scenario script ends (and L1 powers off) by itself; otherwise the harness ends it when done.
+    ends_itself: bool,
+    run: fn(&mut Machine, &mut Report) -> Result<String, String>,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "micro",
+        what: "micro-guests: ring 3 (iretq, int, syscall), XSAVE across switches, SMP on 4 vCPUs",
+        pieces: &[],
+        all_only: false,
+        ends_itself: true,
+        run: micro,
+    },
+    Scenario {
+        name: "linux",
+        what: "Debian kernel (bzImage): virtio-blk, virtio-scsi CD, bochs-drm on RFB, PS/2 keys and mouse, reboot, ACPI off",
+        pieces: &[],
+        all_only: false,
+        ends_itself: true,
+        run: linux,
+    },
+    Scenario {
+        name: "boot-times",
+        what: "Debian kernel to /init: PVH and bzImage on porthole-vmm and QEMU (microvm, pc)",
+        pieces: &[Piece::Qemu],
+        all_only: false,
+        ends_itself: true,
+        run: boot_times,
+    },
+    Scenario {
+        name: "firmware",
+        what: "SeaBIOS -> GRUB ISO (virtio-scsi CD) -> Linux on porthole-vmm and QEMU -M pc",
+        pieces: &[Piece::Qemu],
+        all_only: false,
+        ends_itself: true,
+        run: firmware,
+    },
+    Scenario {
+        name: "daemon",
+        what: "portholed in L1: a VM from a library ISO, started, its screenshot shows the firmware",
+        pieces: &[],
+        all_only: false,
+        ends_itself: false,
+        run: daemon,
+    },
+    Scenario {
+        name: "memtest",
+        what: "SeaBIOS -> memtest86+'s ISO: its screen on the RFB console",
+        pieces: &[Piece::Isos],
+        all_only: true,
+        ends_itself: false,
+        run: memtest,
+    },
+    Scenario {
+        name: "installer",
+        what: "SeaBIOS -> the Debian installer ISO: its first question on the RFB console",
+        pieces: &[Piece::Isos],
+        all_only: true,
+        ends_itself: false,
+        run: installer,
+    },
+];
+
+/// Timings collected across scenarios: (engine run label, seconds from its start to the guest's marker).
+#[derive(Default)]
+struct Report {
+    times: Vec<(String, f64)>,
+}
+
+impl Report {
+    fn median(&self, label: &str) -> Option<f64> {
+        let mut v: Vec<f64> = self.times.iter().filter(|(l, _)| l == label).map(|(_, t)| *t).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all = args.iter().any(|a| a == "--all");
+    let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let chosen: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| if wanted.is_empty() { all || !s.all_only } else { wanted.iter().any(|w| *w == s.name) })
+        .collect();
+    if args.iter().any(|a| a == "--list") {
+        for s in SCENARIOS {
+            println!("{}: test{}", s.name, if s.all_only { " (--all)" } else { "" });
+        }
+        return;
+    }
+    if std::env::var_os("PORTHOLE_HW_TIER").is_none() {
+        println!("HW tier skipped: it runs with PORTHOLE_HW_TIER=1 (./x test, ./x test-hw)");
+        finish(0, 0, chosen.len());
+        return;
+    }
+    let mode = match hw::mode() {
+        Ok(m) => m,
+        Err(e) => {
+            println!("HW tier: {e}");
+            finish(0, chosen.len(), 0);
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "HW tier: {} scenario(s), {}",
+        chosen.len(),
+        match mode {
+            Mode::Direct => "directly on this host's hardware virtualization".to_owned(),
+            Mode::Nested => "nested: L1 under QEMU TCG -cpu max (AMD SVM + NPT emulated)".to_owned(),
+        }
+    );
+    if let Err(e) = build_images() {
+        println!("HW tier: cannot build its images: {e}");
+        finish(0, chosen.len(), 0);
+        std::process::exit(1);
+    }
+    let mut report = Report::default();
+    let (mut passed, mut failed) = (0, 0);
+    for s in &chosen {
+        let start = Instant::now();
+        let result = Machine::start(s.name, s.pieces, mode).and_then(|mut m| {
+            let r = (s.run)(&mut m, &mut report)
+                .map_err(|e| format!("{e}\n{}      (log: {})", m.tail(25), m.log_path.display()));
+            if r.is_err() || !s.ends_itself {
+                return r; // dropping the machine ends it
+            }
+            let end = m.finish(2 * MIN).map_err(|e| format!("L1 after the scenario: {e}\n{}", m.tail(10)));
+            r.and_then(|ok| end.map(|()| ok))
+        });
+        let secs = start.elapsed().as_secs_f64();
+        match result {
+            Ok(summary) => {
+                passed += 1;
+                println!("HW {} PASS ({secs:.0} s): {summary}", s.name);
+            }
+            Err(why) => {
+                failed += 1;
+                println!("HW {} FAIL ({secs:.0} s): {} — {why}", s.name, s.what);
+            }
+        }
+    }
+    print_ratios(&report);
+    finish(passed, failed, 0);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// Runs tests/hw/build.sh with this build's micro-guests (it rebuilds only what changed).
+fn build_images() -> Result<(), String> {
+    let micro = hw::hw_dir().with_file_name("hw-micro-guests");
+    std::fs::create_dir_all(&micro).map_err(|e| format!("{}: {e}", micro.display()))?;
+    for (name, path) in porthole_guests::all() {
+        let to = micro.join(format!("{name}.elf"));
+        let same = std::fs::read(&to).ok() == std::fs::read(&path).ok();
+        if !same {
+            std::fs::copy(&path, &to).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let script = porthole_tests::repo_root().join("tests/hw/build.sh");
+    let out =
+        Command::new("bash").arg(&script).arg("--micro-guests").arg(&micro).output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(())
+}
+
+/// The totals, as libtest prints them (so `./x test` adds them up) and as one closing line.
+fn finish(passed: usize, failed: usize, skipped: usize) {
+    println!(
+        "test result: {}. {passed} passed; {failed} failed; {skipped} ignored; 0 measured; 0 filtered out",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    println!("tests: {passed} passed, {failed} failed, {skipped} skipped");
+}
+
+fn print_ratios(r: &Report) {
+    let pairs = [
+        ("Linux direct boot, PVH", "porthole-pvh", &["qemu-microvm", "qemu-pc"][..]),
+        ("Linux direct boot, bzImage", "porthole-bzimage", &["qemu-pc", "qemu-microvm"][..]),
+        ("SeaBIOS -> GRUB ISO -> Linux", "porthole-firmware", &["qemu-pc-firmware"][..]),
+    ];
+    for (what, ours, peers) in pairs {
+        let Some(t) = r.median(ours) else { continue };
+        let best = peers.iter().filter_map(|p| r.median(p).map(|m| (*p, m))).min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((peer, q)) = best {
+            println!(
+                "HW-BENCH {what}: porthole-vmm {t:.1} s, QEMU best ({peer}) {q:.1} s: ratio {:.2} (goal <= 1.0)",
+                t / q
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+/// Waits for an engine run (`HW-START label` .. marker .. `HW-EXIT label rc=N`), records the time from start
+/// to the marker, and returns the exit status.
+fn timed_run(
+    m: &mut Machine,
+    r: &mut Report,
+    label: &str,
+    marker: &str,
+    limit: Duration,
+) -> Result<(f64, String), String> {
+    let start = m.expect(&format!("HW-START {label}"), limit)?;
+    let hit = m.expect(marker, limit).map_err(|e| format!("{label}: {e}"))?;
+    let secs = hit.at.duration_since(start.at).as_secs_f64();
+    r.times.push((label.to_owned(), secs));
+    let exit = m.expect(&format!("HW-EXIT {label} "), limit)?;
+    let rc = Machine::field(&exit, "rc").unwrap_or("?").to_owned();
+    Ok((secs, rc))
+}
+
+fn l1_up(m: &mut Machine) -> Result<(), String> {
+    let kvm = m.expect("HW-L1-KVM", 5 * MIN)?;
+    if !kvm.text.contains("HW-L1-KVM ok") {
+        return Err(format!("no hardware virtualization in L1: {}", kvm.text));
+    }
+    m.expect("HW-L1-UP", MIN)?;
+    Ok(())
+}
+
+fn micro(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let mut out = Vec::new();
+    for (guest, marker) in [("ring3", "PORTHOLE-RING3-"), ("xsave", "PORTHOLE-XSAVE-"), ("smp", "PORTHOLE-SMP-")] {
+        let label = format!("micro-{guest}");
+        let (_, rc) = timed_run(m, r, &label, marker, 5 * MIN)?;
+        let line = m.seen.iter().rev().find(|l| l.text.contains(marker)).map(|l| l.text.clone()).unwrap_or_default();
+        if !line.contains("-OK") || rc != "0" {
+            return Err(format!("{guest}: {line:?}, porthole-vmm exit {rc}"));
+        }
+        if guest == "smp" && !line.contains("cpus=4") {
+            return Err(format!("smp on 4 vCPUs: {line:?}"));
+        }
+        out.push(line.trim().to_owned());
+    }
+    Ok(out.join("; "))
+}
+
+fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let disk = m.expect("HW-DISK-MD5", MIN)?.text.split_whitespace().nth(1).unwrap_or_default().to_owned();
+    let cd = m.expect("HW-CD-MD5", MIN)?.text.split_whitespace().nth(1).unwrap_or_default().to_owned();
+    m.expect("HW-START porthole-bzimage", MIN)?;
+    m.expect("PORTHOLE-L2-INIT boot=1", 10 * MIN)?;
+    let line = m.expect("PORTHOLE-DISK md5=", 3 * MIN)?;
+    if Machine::field(&line, "md5") != Some(disk.as_str()) {
+        return Err(format!("virtio-blk read: L2 saw {line:?}, the image has md5 {disk}"));
+    }
+    m.expect("PORTHOLE-DISK-WRITTEN", 3 * MIN)?;
+    let line = m.expect("PORTHOLE-CD md5=", 3 * MIN)?;
+    if Machine::field(&line, "md5") != Some(cd.as_str()) {
+        return Err(format!("virtio-scsi CD: L2 read {line:?}, the ISO has md5 {cd}"));
+    }
+    let fb = m.expect("PORTHOLE-FB-DRAWN", 3 * MIN)?;
+    let mode = Machine::field(&fb, "mode").unwrap_or("?").to_owned();
+    let pixel = rfb_pixel_becomes(m, 96, 96, 0xFF8040, 2 * MIN)?;
+    m.expect("PORTHOLE-KEYS-READY", 2 * MIN)?;
+    type_line(m, "porthole42")?;
+    let keys = m.expect("PORTHOLE-KEYS ", 3 * MIN)?;
+    if Machine::field(&keys, "got") != Some("porthole42") {
+        return Err(format!("keys typed on the RFB console: the guest read {:?}", keys.text));
+    }
+    let ready = m.expect("PORTHOLE-MOUSE-READY", 2 * MIN)?.text;
+    let packets = move_mouse_until(m, "PORTHOLE-MOUSE packets=", 3 * MIN)?;
+    m.expect("PORTHOLE-REBOOTING", 2 * MIN)?;
+    m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
+    m.expect("PORTHOLE-POWER-BUTTON-READY", 5 * MIN)?;
+    control(m, &vmm_core::control::Request::Stop)?;
+    m.expect("PORTHOLE-POWER-BUTTON-PRESSED", 3 * MIN)?;
+    let exit = m.expect("HW-EXIT porthole-bzimage", 3 * MIN)?;
+    if Machine::field(&exit, "rc") != Some("0") {
+        return Err(format!("porthole-vmm after the guest's power-off: {}", exit.text));
+    }
+    let after = m.expect("HW-DISK-AFTER", MIN)?;
+    if !after.text.contains("PORTHOLE-L2-WROTE-THIS") {
+        return Err(format!("the flushed write is not in the image: {:?}", after.text));
+    }
+    let mouse_desc = ready.split_whitespace().nth(1).unwrap_or("?").to_owned();
+    Ok(format!(
+        "disk md5 {disk} read, write flushed and found; CD md5 {cd}; fb {mode} pixel {pixel:06x} on RFB; \
+         keys 'porthole42'; mouse ({mouse_desc}) {}; reboot -f -> second boot; power button -> off (exit 0)",
+        packets.trim()
+    ))
+}
+
+fn boot_times(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let mut out = Vec::new();
+    for _round in 0..2 {
+        for label in ["porthole-pvh", "qemu-microvm", "porthole-bzimage", "qemu-pc"] {
+            let (secs, rc) = timed_run(m, r, label, "PORTHOLE-L2-INIT mode=quick", 10 * MIN)?;
+            if rc != "0" {
+                return Err(format!("{label} reached /init but exited {rc} after the guest's power-off"));
+            }
+            out.push(format!("{label} {secs:.1}s"));
+        }
+    }
+    Ok(out.join(", "))
+}
+
+fn firmware(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let mut out = Vec::new();
+    for _round in 0..2 {
+        for label in ["porthole-firmware", "qemu-pc-firmware"] {
+            let (secs, rc) = timed_run(m, r, label, "PORTHOLE-L2-INIT mode=quick", 10 * MIN)?;
+            if rc != "0" {
+                return Err(format!("{label} reached /init but exited {rc} after the guest's power-off"));
+            }
+            out.push(format!("{label} {secs:.1}s"));
+        }
+    }
+    Ok(out.join(", "))
+}
+
+fn daemon(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
+    use porthole_api::client::Action;
+    use porthole_api::{Client, CreateVm, VmState};
+    l1_up(m)?;
+    m.expect("HW-START portholed", MIN)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let client = Client::unix(&m.api.path).map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let deadline = Instant::now() + 3 * MIN;
+        let host = loop {
+            match client.host().await {
+                Ok(h) => break h,
+                Err(e) if Instant::now() > deadline => return Err(format!("the daemon's API never answered: {e}")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
+        let images = client.images().await.map_err(|e| format!("GET /images: {e}"))?;
+        if !images.iter().any(|i| i.name == "linux.iso") {
+            return Err(format!("linux.iso is not in the library: {images:?}"));
+        }
+        let mut spec = CreateVm::new("grub-linux", 1, 512);
+        spec.media = Some("linux.iso".into());
+        spec.disk_gib = 1;
+        let vm = client.create_vm(&spec).await.map_err(|e| format!("create: {e}"))?;
+        client.action(&vm.id, Action::Start).await.map_err(|e| format!("start: {e}"))?;
+        let deadline = Instant::now() + 10 * MIN;
+        let status = loop {
+            let now = client.vm(&vm.id).await.map_err(|e| format!("GET /vms/{{id}}: {e}"))?;
+            if let Some(s) = now.boot_status.as_deref().filter(|s| s.contains("Booting from")) {
+                break s.to_owned();
+            }
+            if now.state != VmState::Running && now.state != VmState::Starting {
+                return Err(format!("the VM is {:?} before booting: {:?}", now.state, now.last_exit));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no 'Booting from' in the boot status: {:?}", now.boot_status));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let png = client.screenshot(&vm.id, 720).await.map_err(|e| format!("screenshot: {e}"))?;
+        let (w, h, lit) = png_summary(&png)?;
+        if lit == 0 {
+            return Err(format!("the screenshot ({w}x{h}) is blank"));
+        }
+        // The guest (GRUB -> Linux, quick mode) powers itself off; its serial log shows it reached /init.
+        let deadline = Instant::now() + 10 * MIN;
+        loop {
+            let serial = client.serial(&vm.id, 200).await.map_err(|e| format!("serial: {e}"))?;
+            if serial.lines.iter().any(|l| l.contains("PORTHOLE-L2-INIT")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no PORTHOLE-L2-INIT on the VM's serial: {:?}", serial.lines));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Ok(format!(
+            "host {} ({} CPUs); VM from linux.iso: boot status {status:?}; screenshot {w}x{h} with {lit} lit pixels; \
+             Linux reached /init",
+            host.hostname, host.cpus
+        ))
+    })
+}
+
+fn memtest(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let start = m.expect("HW-START porthole-memtest", MIN)?;
+    let row = screen_shows(m, &["Memtest86+"], 15 * MIN)?;
+    r.times.push(("porthole-memtest".into(), start.at.elapsed().as_secs_f64()));
+    Ok(format!("screen: {row:?}"))
+}
+
+fn installer(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let start = m.expect("HW-START porthole-installer", MIN)?;
+    let row = screen_shows(m, &["Choose language", "Select a language", "Low memory mode"], 20 * MIN)?;
+    r.times.push(("porthole-installer".into(), start.at.elapsed().as_secs_f64()));
+    if row.contains("Low memory") {
+        return Err(format!("the installer fell back to low memory mode: {row:?}"));
+    }
+    Ok(format!("first question: {row:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+/// Reads the RFB console's text (VGA text mode, glyph by glyph) until a row contains one of `needles`.
+fn screen_shows(m: &mut Machine, needles: &[&str], limit: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + limit;
+    let mut last = Vec::new();
+    loop {
+        if let Ok(mut c) = rfb(m) {
+            if c.full_frame().is_ok() {
+                last = porthole_tests::screen_text(&c.pixels, c.width, c.height);
+                if let Some(row) = last.iter().find(|row| needles.iter().any(|n| row.contains(n))) {
+                    return Ok(row.trim().to_owned());
+                }
+            }
+        }
+        // Keep reading L1's console meanwhile (and notice if the scenario ended).
+        match m.expect("\u{0}never", Duration::from_secs(5)) {
+            Err(e) if e.starts_with("no ") => {}
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        if Instant::now() > deadline {
+            let shown: Vec<&String> = last.iter().filter(|r| !r.trim().is_empty()).take(12).collect();
+            return Err(format!("none of {needles:?} on the screen within {} s; it shows {shown:?}", limit.as_secs()));
+        }
+    }
+}
+
+fn rfb(m: &Machine) -> Result<RfbClient, String> {
+    let deadline = Instant::now() + MIN;
+    loop {
+        match RfbClient::connect(&m.vnc.path, None) {
+            Ok(mut c) => {
+                c.set_encodings(&[RAW]).map_err(|e| e.to_string())?;
+                c.set_read_timeout(Some(MIN)).map_err(|e| e.to_string())?;
+                return Ok(c);
+            }
+            Err(e) if Instant::now() > deadline => return Err(format!("RFB console through L1: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Reads full frames until the pixel at (x, y) is `rgb` (the guest's framebuffer flush is asynchronous).
+fn rfb_pixel_becomes(m: &Machine, x: u32, y: u32, rgb: u32, limit: Duration) -> Result<u32, String> {
+    let deadline = Instant::now() + limit;
+    let mut c = rfb(m)?;
+    loop {
+        c.full_frame().map_err(|e| format!("RFB frame: {e}"))?;
+        let p = c.pixel(x, y) & 0xFF_FFFF;
+        if p == rgb {
+            return Ok(p);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "RFB pixel ({x},{y}) is {p:06x} on a {}x{} screen, expected {rgb:06x}",
+                c.width, c.height
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Types `text` and Return on the RFB console (X keysyms: ASCII letters and digits are their own).
+fn type_line(m: &Machine, text: &str) -> Result<(), String> {
+    let mut c = rfb(m)?;
+    for ch in text.chars().map(|c| c as u32).chain([0xFF0D]) {
+        c.key(ch, true).and_then(|()| c.key(ch, false)).map_err(|e| format!("RFB key: {e}"))?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Moves the RFB pointer back and forth until the guest reports `needle`.
+fn move_mouse_until(m: &mut Machine, needle: &str, limit: Duration) -> Result<String, String> {
+    let mut c = rfb(m)?;
+    let deadline = Instant::now() + limit;
+    let from = m.seen.len();
+    let mut step = 0u16;
+    loop {
+        step = step.wrapping_add(1);
+        let x = 100 + (step % 2) * 40;
+        c.pointer(x, 100 + (step % 3) * 30, 0).map_err(|e| format!("RFB pointer: {e}"))?;
+        match m.expect_from(from, needle, Duration::from_millis(700)) {
+            Ok(line) => return Ok(line.text.split_once(needle).map(|(_, p)| p.to_owned()).unwrap_or_default()),
+            Err(e) if e.starts_with("no ") && Instant::now() < deadline => {}
+            Err(e) => return Err(format!("PS/2 mouse: {e}")),
+        }
+    }
+}
+
+fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {
+    let deadline = Instant::now() + MIN;
+    loop {
+        match vmm_core::control::ControlClient::connect(&m.control.path).and_then(|mut c| c.request(request)) {
+            Ok(reply) if reply.ok => return Ok(()),
+            Ok(reply) => return Err(format!("control {request:?}: {reply:?}")),
+            Err(e) if Instant::now() > deadline => return Err(format!("control socket through L1: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// A PNG's size and how many of its pixels are not black.
+fn png_summary(bytes: &[u8]) -> Result<(u32, u32, usize), String> {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().map_err(|e| format!("screenshot PNG: {e}"))?;
+    let mut buf = vec![0; reader.output_buffer_size().ok_or("screenshot PNG: too large")?];
+    let info = reader.next_frame(&mut buf).map_err(|e| format!("screenshot PNG: {e}"))?;
+    let channels = info.color_type.samples();
+    let lit = buf[..info.buffer_size()].chunks(channels).filter(|p| p.iter().take(3).any(|&c| c > 40)).count();
+    Ok((info.width, info.height, lit))
+}
