@@ -217,13 +217,20 @@ pub fn setup_boot_registers(vcpu: &VcpuFd, entry: Entry) -> Result<(), CpuError>
     sregs.tr = segment(TSS);
     let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
     match entry {
-        Entry::Pvh { rip } => {
+        Entry::Pvh { rip } | Entry::Multiboot { rip, .. } => {
             sregs.cs = segment(CODE32);
             sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr4 = 0;
             sregs.efer = 0;
             regs.rip = rip;
-            regs.rbx = layout::PVH_START_INFO;
+            // Neither protocol defines %esp; see boot::Entry for why this stack.
+            regs.rsp = layout::BOOT_STACK_TOP;
+            if let Entry::Multiboot { eax, ebx, .. } = entry {
+                regs.rax = u64::from(eax);
+                regs.rbx = u64::from(ebx);
+            } else {
+                regs.rbx = layout::PVH_START_INFO;
+            }
         }
         Entry::Linux64 { rip } => {
             sregs.cs = segment(CODE64);
