@@ -131,4 +131,35 @@ mod tests {
             assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{pair:?}");
         }
     }
+
+    #[test]
+    fn boot_structures_and_the_boot_stack_do_not_overlap() {
+        let regions = [
+            ("GDT", BOOT_GDT, 32),
+            ("IDT", BOOT_IDT, 8),
+            ("Multiboot information", MULTIBOOT_INFO, MULTIBOOT_INFO_MAX as u64),
+            (
+                "PVH start info, modules and memory map",
+                PVH_START_INFO,
+                PVH_MEMMAP + 24 * MEMMAP_MAX_ENTRIES as u64 - PVH_START_INFO,
+            ),
+            ("zero page", ZERO_PAGE, 0x1000),
+            ("page tables", PML4, PD + 4 * 0x1000 - PML4),
+            ("command line", CMDLINE, CMDLINE_MAX as u64),
+            ("boot stack", BOOT_STACK_BOTTOM, BOOT_STACK_TOP - BOOT_STACK_BOTTOM),
+            ("ACPI tables", ACPI_START, ACPI_END - ACPI_START),
+        ];
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                assert!(a.1 + a.2 <= b.1 || b.1 + b.2 <= a.1, "{} overlaps {}", a.0, b.0);
+            }
+        }
+        // The stack is usable RAM below where kernels load.
+        let map = e820_map(64 << 20);
+        assert!(
+            map.iter()
+                .any(|e| e.kind == E820Kind::Ram && e.addr <= BOOT_STACK_BOTTOM && BOOT_STACK_TOP <= e.addr + e.size)
+        );
+        assert!(BOOT_STACK_TOP <= HIGH_RAM_START && BOOT_STACK_TOP.is_multiple_of(16));
+    }
 }

@@ -319,7 +319,10 @@ fn bad_input_is_refused_with_a_clear_message() {
     let hello = hello.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--kernel", "/nonexistent/vmlinuz"], "No such file"),
-        (vec!["--kernel", notes.to_str().unwrap()], "not a kernel: the file is text beginning \"this is not a kernel\""),
+        (
+            vec!["--kernel", notes.to_str().unwrap()],
+            "not a kernel: the file is text beginning \"this is not a kernel\"",
+        ),
         (vec!["--kernel", hello, "--memory", "0"], "too little"),
         (vec!["--kernel", hello, "--memory", "1000000000"], "this host has only"),
         (vec!["--kernel", hello, "--cpus", "0"], "at least 1 vCPU"),

@@ -241,14 +241,7 @@ pub fn copy_segment(
 ) -> Result<(), BootError> {
     file.seek(SeekFrom::Start(offset)).map_err(io)?;
     mem.read_exact_volatile_from(GuestAddress(paddr), file, filesz as usize)?;
-    let zeros = [0u8; 4096];
-    let mut at = filesz;
-    while at < memsz {
-        let n = (memsz - at).min(zeros.len() as u64);
-        mem.write_slice(&zeros[..n as usize], GuestAddress(paddr + at))?;
-        at += n;
-    }
-    Ok(())
+    zero(mem, paddr + filesz, memsz - filesz)
 }
 
 /// Loads every PT_LOAD segment at its physical address; returns the end of the highest one.
@@ -266,6 +259,26 @@ pub fn load(mem: &GuestMemoryMmap, file: &mut File, image: &Image, ram_end: u64)
         return Err(bad("no loadable segment"));
     }
     Ok(kernel_end)
+}
+
+/// Zeroes the part of every PT_LOAD segment beyond its file bytes (for segments linux-loader copied).
+pub fn zero_bss(mem: &GuestMemoryMmap, image: &Image, ram_end: u64) -> Result<(), BootError> {
+    for (i, p) in image.phdrs.iter().enumerate().filter(|(_, p)| p.kind == PT_LOAD && p.memsz > p.filesz) {
+        check_range(&format!("segment {i}"), p.paddr, p.memsz, ram_end)?;
+        zero(mem, p.paddr + p.filesz, p.memsz - p.filesz)?;
+    }
+    Ok(())
+}
+
+fn zero(mem: &GuestMemoryMmap, start: u64, len: u64) -> Result<(), BootError> {
+    let zeros = [0u8; 4096];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64);
+        mem.write_slice(&zeros[..n as usize], GuestAddress(start + at))?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Checks that `entry` lies inside one of the loaded segments.
