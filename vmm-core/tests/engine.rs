@@ -50,6 +50,20 @@ fn hello_prints_its_marker_and_powers_off() {
     assert_eq!(text(&out.stdout), "PORTHOLE-GUEST-OK\n");
 }
 
+/// The kernel formats beyond 64-bit PVH: an ELF32 PVH kernel, a Multiboot 1 ELF32 kernel (it checks the
+/// magic in %eax and the memory map at %ebx), and a kernel whose first instruction is a `call` (it needs
+/// the stack porthole-vmm starts PVH and Multiboot kernels with).
+#[test]
+fn elf32_pvh_multiboot1_and_stackless_kernels_boot() {
+    for (name, marker) in
+        [("pvh32", "PORTHOLE-PVH32-OK\n"), ("multiboot1", "PORTHOLE-MB1-OK\n"), ("nostack", "PORTHOLE-NOSTACK-OK\n")]
+    {
+        let out = run_guest(name, &[]);
+        assert_exit(&out, 0);
+        assert_eq!(text(&out.stdout), marker, "{name}");
+    }
+}
+
 #[test]
 fn every_vcpu_reports_its_apic_id() {
     for cpus in [1u32, 2, 4] {
