@@ -65,6 +65,16 @@ fn elf32_pvh_multiboot1_and_stackless_kernels_boot() {
 }
 
 #[test]
+fn help_lists_the_kernel_formats() {
+    let out = run(&["--help"]);
+    assert_exit(&out, 0);
+    let help = text(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for format in ["bzImage", "PVH ELF kernel (32- or 64-bit", "Multiboot 1 or Multiboot2"] {
+        assert!(help.contains(format), "{format} missing:\n{help}");
+    }
+}
+
+#[test]
 fn every_vcpu_reports_its_apic_id() {
     for cpus in [1u32, 2, 4] {
         let out = run_guest("smp", &["--cpus", &cpus.to_string()]);
