@@ -27,6 +27,10 @@ pub enum Entry {
     Multiboot { rip: u64, eax: u32, ebx: u32 },
     /// Linux 64-bit boot protocol: long mode, identity-mapped, %rsi = `boot_params`.
     Linux64 { rip: u64 },
+    /// Linux 32-bit boot protocol (a bzImage without a 64-bit entry, such as a 32-bit kernel or memtest86+'s
+    /// ia32 image): 32-bit protected mode, paging off, `__BOOT_CS` = 0x10 flat 32-bit code, %esi =
+    /// `boot_params`.
+    Linux32 { rip: u64 },
 }
 
 /// What the kernel file may be, for every message that refuses one.
@@ -47,8 +51,6 @@ pub enum BootError {
     BadMultiboot(String),
     #[error("the bzImage uses boot protocol {major}.{minor:02}; 2.10 or later is needed")]
     OldBootProtocol { major: u16, minor: u16 },
-    #[error("the bzImage has no 64-bit entry point (XLF_KERNEL_64)")]
-    No64BitEntry,
     #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel")]
     InitrdTooLarge { size: u64, limit: u64 },
     #[error("the kernel ends at {end:#x}, beyond guest memory")]
@@ -199,9 +201,6 @@ fn load_bzimage(
     if version < 0x020A {
         return Err(BootError::OldBootProtocol { major: version >> 8, minor: version & 0xFF });
     }
-    if header.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(BootError::No64BitEntry);
-    }
     let kernel_end = loaded.kernel_end;
     if kernel_end > low_ram_end {
         return Err(BootError::KernelTooLarge { end: kernel_end });
@@ -209,6 +208,10 @@ fn load_bzimage(
     let limit = low_ram_end.min(u64::from(header.initrd_addr_max) + 1).min(layout::INITRD_MAX_END);
     let initrd = load_initrd(mem, files, kernel_end, limit)?;
     write_zero_page(mem, header, &files.cmdline, initrd, e820, rsdp, fb)?;
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        // No 64-bit entry: the 32-bit one, at the start of the protected-mode code.
+        return Ok(Entry::Linux32 { rip: loaded.kernel_load.raw_value() });
+    }
     Ok(Entry::Linux64 { rip: loaded.kernel_load.raw_value() + 0x200 })
 }
 
@@ -829,6 +832,41 @@ mod tests {
         assert!(err.contains(expected), "expected {expected:?} in {err:?}");
     }
 
+    /// A bzImage: one setup sector after the boot sector, the protected-mode code at file offset 0x400.
+    fn bzimage(xloadflags: u16) -> Vec<u8> {
+        let mut v = vec![0u8; 0x400];
+        put(&mut v, 0x1F1, &[1]); // setup_sects
+        put(&mut v, 0x1FE, &0xAA55u16.to_le_bytes());
+        put(&mut v, 0x202, b"HdrS");
+        put(&mut v, 0x206, &0x020Cu16.to_le_bytes());
+        put(&mut v, 0x211, &[1]); // loadflags: LOADED_HIGH
+        put(&mut v, 0x214, &0x10_0000u32.to_le_bytes()); // code32_start
+        put(&mut v, 0x22C, &0x37FF_FFFFu32.to_le_bytes()); // initrd_addr_max
+        put(&mut v, 0x236, &xloadflags.to_le_bytes());
+        put(&mut v, 0x400, &CODE);
+        v.resize(0x800, 0x90);
+        v
+    }
+
+    #[test]
+    fn bzimages_enter_through_the_64_bit_entry_or_else_the_32_bit_one() {
+        for (xloadflags, expected) in [(1, Entry::Linux64 { rip: 0x10_0200 }), (0, Entry::Linux32 { rip: 0x10_0000 })] {
+            let mem = mem();
+            assert_eq!(load_bytes(&mem, &bzimage(xloadflags), 64 << 20).unwrap(), expected);
+            let code: [u8; 8] = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
+            assert_eq!(code, CODE);
+            let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
+            let hdr = params.hdr;
+            assert_eq!(
+                (hdr.header, hdr.type_of_loader, hdr.cmd_line_ptr),
+                (KERNEL_HDR_MAGIC, 0xFF, layout::CMDLINE as u32)
+            );
+        }
+        let mut old = bzimage(1);
+        put(&mut old, 0x206, &0x0209u16.to_le_bytes());
+        assert_err(&old, "boot protocol 2.09; 2.10 or later is needed");
+    }
+
     #[test]
     fn hostile_elf_headers_are_refused_cleanly() {
         let good = pvh_kernel(32);
@@ -842,7 +880,11 @@ mod tests {
         assert_err(&with(28, &near_end.to_le_bytes()), &format!("table at offset {near_end:#x} runs past the end"));
         assert_err(&with(28, &0xFFFF_FFF0u32.to_le_bytes()), "runs past the end of the file");
         assert_err(&with(42, &56u16.to_le_bytes()), "program header size 56, expected 32");
-        assert_err(&with(18, &40u16.to_le_bytes()), "machine 40");
+        assert_err(
+            &with(18, &183u16.to_le_bytes()),
+            "not a kernel: the file is an ELF32 file for machine 183 (AArch64)",
+        );
+        assert_err(&with(5, &[2]), "a big-endian ELF32 file");
         assert_err(&good[..30], "ends inside the ELF header");
         // Segment 0: offset past EOF, file size past EOF, address outside RAM, below 1 MiB, huge.
         let seg = 64;

@@ -109,7 +109,7 @@ pub fn parse(file: &mut File, size: u64) -> Result<Image, BootError> {
         other => return Err(bad(format!("unknown ELF class {other}"))),
     };
     if ehdr[5] != 1 {
-        return Err(bad("big-endian ELF file; x86 kernels are little-endian"));
+        return Err(BootError::NotAKernel(format!("a big-endian ELF{class} file (x86 kernels are little-endian)")));
     }
     let header_size = if class == 32 { 52 } else { 64 };
     if (len as u64) < header_size {
@@ -118,7 +118,16 @@ pub fn parse(file: &mut File, size: u64) -> Result<Image, BootError> {
     let kind = u16_at(&ehdr, 16);
     let machine = u16_at(&ehdr, 18);
     if machine != EM_386 && machine != EM_X86_64 {
-        return Err(bad(format!("ELF{class} file for machine {machine} (not i386 or x86-64)")));
+        let name = match machine {
+            8 => " (MIPS)",
+            20 | 21 => " (PowerPC)",
+            22 => " (s390)",
+            40 => " (ARM)",
+            183 => " (AArch64)",
+            243 => " (RISC-V)",
+            _ => "",
+        };
+        return Err(BootError::NotAKernel(format!("an ELF{class} file for machine {machine}{name}, not x86")));
     }
     let (entry, phoff, phentsize, phnum) = if class == 32 {
         (u64::from(u32_at(&ehdr, 24)), u64::from(u32_at(&ehdr, 28)), u16_at(&ehdr, 42), u16_at(&ehdr, 44))
