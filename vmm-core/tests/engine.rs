@@ -50,14 +50,17 @@ fn hello_prints_its_marker_and_powers_off() {
     assert_eq!(text(&out.stdout), "PORTHOLE-GUEST-OK\n");
 }
 
-/// The kernel formats beyond 64-bit PVH: an ELF32 PVH kernel, a Multiboot 1 ELF32 kernel (it checks the
-/// magic in %eax and the memory map at %ebx), and a kernel whose first instruction is a `call` (it needs
-/// the stack porthole-vmm starts PVH and Multiboot kernels with).
+/// The kernel formats beyond 64-bit PVH: an ELF32 PVH kernel, Multiboot 1 and Multiboot2 ELF32 kernels
+/// (they check the magic in %eax and the memory map at %ebx), and a kernel whose first instruction is a
+/// `call` (it needs the stack porthole-vmm starts PVH and Multiboot kernels with).
 #[test]
-fn elf32_pvh_multiboot1_and_stackless_kernels_boot() {
-    for (name, marker) in
-        [("pvh32", "PORTHOLE-PVH32-OK\n"), ("multiboot1", "PORTHOLE-MB1-OK\n"), ("nostack", "PORTHOLE-NOSTACK-OK\n")]
-    {
+fn elf32_pvh_multiboot_and_stackless_kernels_boot() {
+    for (name, marker) in [
+        ("pvh32", "PORTHOLE-PVH32-OK\n"),
+        ("multiboot1", "PORTHOLE-MB1-OK\n"),
+        ("multiboot2", "PORTHOLE-MB2-OK\n"),
+        ("nostack", "PORTHOLE-NOSTACK-OK\n"),
+    ] {
         let out = run_guest(name, &[]);
         assert_exit(&out, 0);
         assert_eq!(text(&out.stdout), marker, "{name}");
