@@ -66,7 +66,9 @@ fn main() {
         table.push_str(&format!("    ({name:?}, {:?}),\n", elf.display().to_string()));
     }
     let special = dir.join("special");
+    let normal = sources(&dir, &SHARED);
     for name in &sources(&special, &[]) {
+        assert!(!normal.contains(name), "asm/special/{name}.S and asm/{name}.S would both be the guest {name:?}");
         let object = out.join(format!("special-{name}.o"));
         let elf = out.join(format!("{name}.elf"));
         assemble(&special.join(format!("{name}.S")), &object, &special, "--32");
