@@ -1,5 +1,6 @@
-//! Loading what a VM boots: a PVH ELF kernel or a Linux bzImage, its initrd and command line, and the
-//! boot structures each protocol reads (PVH `hvm_start_info`; Linux `boot_params`, the "zero page").
+//! Loading what a VM boots: a PVH ELF kernel (32- or 64-bit), a Multiboot 1 or Multiboot2 kernel or a Linux
+//! bzImage, its initrd and command line, and the boot structures each protocol reads (PVH `hvm_start_info`;
+//! the Multiboot information; Linux `boot_params`, the "zero page").
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
