@@ -94,7 +94,7 @@ const VIDEO_CAPABILITY_64BIT_BASE: u32 = 1 << 1;
 /// protocol, and returns the entry.
 ///
 /// The kernel is recognised in this order: an ELF file with a Xen PVH entry note (ELF64 through linux-loader,
-/// ELF32 through [`elf`]), a Linux bzImage ("HdrS" at 0x202), a Multiboot 1 header in the first 8 KiB, a
+/// ELF32 through `boot/elf.rs`), a Linux bzImage ("HdrS" at 0x202), a Multiboot 1 header in the first 8 KiB, a
 /// Multiboot2 header in the first 32 KiB (ELF segments, or the header's load addresses).
 pub fn load(
     mem: &GuestMemoryMmap,
