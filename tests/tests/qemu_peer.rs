@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use porthole_tests::{qemu, run, text};
+use porthole_tests::{qemu, qemu_tcg, run, text};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -65,4 +65,18 @@ fn the_virtio_blk_guest_drives_qemus_virtio_blk_pci() {
     let after = std::fs::read(&image).unwrap();
     let expected: Vec<u8> = (1..3).flat_map(|s: usize| (0..512).map(move |j| ((s * 7 + j + 9) & 0xFF) as u8)).collect();
     assert_eq!(after[512..3 * 512], expected[..]);
+}
+
+/// The special guests that test porthole-vmm's kernel loaders (an ELF32 PVH kernel, a Multiboot 1 ELF32
+/// kernel, a kernel that `call`s before it has a stack) boot under QEMU's own loaders too, under TCG so
+/// that the check does not depend on this host's KVM.
+#[test]
+fn loader_guests_boot_under_qemu_pc_tcg() {
+    for (name, marker) in
+        [("pvh32", "PORTHOLE-PVH32-OK\n"), ("multiboot1", "PORTHOLE-MB1-OK\n"), ("nostack", "PORTHOLE-NOSTACK-OK\n")]
+    {
+        let out = run(&mut qemu_tcg("pc", &porthole_guests::path(name), 1), LIMIT);
+        assert_eq!(text(&out.stdout), marker, "{name}: {}", text(&out.stderr));
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+    }
 }

@@ -151,6 +151,8 @@ const CODE32: u16 = 0x08;
 const CODE64: u16 = 0x10;
 const DATA: u16 = 0x18;
 const TSS: u16 = 0x20;
+/// `__BOOT_CS` of the Linux 32-bit boot protocol; its GDT slot holds 32-bit code for that entry only.
+const LINUX32_BOOT_CS: u16 = 0x10;
 
 fn segment(selector: u16) -> kvm_segment {
     let d = GDT[usize::from(selector >> 3)];
@@ -186,6 +188,10 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: Entry) -> Result<(), CpuE
     for (i, d) in GDT.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(layout::BOOT_GDT + i as u64 * 8))?;
     }
+    if let Entry::Linux32 { .. } = entry {
+        // The 32-bit boot protocol wants __BOOT_CS (0x10) to be flat 32-bit code.
+        mem.write_obj(GDT[usize::from(CODE32 >> 3)], GuestAddress(layout::BOOT_GDT + u64::from(LINUX32_BOOT_CS)))?;
+    }
     mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT))?;
     if let Entry::Linux64 { .. } = entry {
         mem.write_obj(layout::PDPT | 0x3, GuestAddress(layout::PML4))?;
@@ -217,13 +223,28 @@ pub fn setup_boot_registers(vcpu: &VcpuFd, entry: Entry) -> Result<(), CpuError>
     sregs.tr = segment(TSS);
     let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
     match entry {
-        Entry::Pvh { rip } => {
+        Entry::Pvh { rip } | Entry::Multiboot { rip, .. } => {
             sregs.cs = segment(CODE32);
             sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr4 = 0;
             sregs.efer = 0;
             regs.rip = rip;
-            regs.rbx = layout::PVH_START_INFO;
+            // Neither protocol defines %esp; see boot::Entry for why this stack.
+            regs.rsp = layout::BOOT_STACK_TOP;
+            if let Entry::Multiboot { eax, ebx, .. } = entry {
+                regs.rax = u64::from(eax);
+                regs.rbx = u64::from(ebx);
+            } else {
+                regs.rbx = layout::PVH_START_INFO;
+            }
+        }
+        Entry::Linux32 { rip } => {
+            sregs.cs = kvm_segment { selector: LINUX32_BOOT_CS, ..segment(CODE32) };
+            sregs.cr0 = CR0_PE | CR0_ET;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rip = rip;
+            regs.rsi = layout::ZERO_PAGE;
         }
         Entry::Linux64 { rip } => {
             sregs.cs = segment(CODE64);

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0000  RAM (real-mode area; boot structures below)         usable up to 0x9_FC00
+//! 0x0007_0000    boot stack (PVH and Multiboot entries; %esp = 0x8_0000)
 //! 0x0009_FC00  EBDA / VGA / BIOS area                               reserved
 //! 0x000E_0000    ACPI tables (RSDP and the tables it points to)
 //! 0x0010_0000  RAM: the kernel is loaded here                        usable
@@ -13,6 +14,9 @@
 pub const BOOT_GDT: u64 = 0x500;
 /// Physical address of the (empty) boot IDT.
 pub const BOOT_IDT: u64 = 0x520;
+/// Multiboot 1 or Multiboot2 boot information (with its memory map and strings), up to `PVH_START_INFO`.
+pub const MULTIBOOT_INFO: u64 = 0x1000;
+pub const MULTIBOOT_INFO_MAX: usize = 0x5000;
 /// PVH `hvm_start_info`.
 pub const PVH_START_INFO: u64 = 0x6000;
 /// PVH module list (one entry: the initrd).
@@ -31,6 +35,11 @@ pub const PD: u64 = 0xB000;
 pub const CMDLINE: u64 = 0x2_0000;
 /// Largest command line we accept, including the NUL.
 pub const CMDLINE_MAX: usize = 4096;
+/// The stack a PVH or Multiboot kernel starts on: usable low RAM that no boot structure overlaps and no
+/// kernel segment may (segments load at 1 MiB or above). The protocols leave %esp undefined; QEMU's loaders
+/// leave a usable stack behind, and kernels that `call` before setting their own rely on it.
+pub const BOOT_STACK_BOTTOM: u64 = 0x7_0000;
+pub const BOOT_STACK_TOP: u64 = 0x8_0000;
 /// End of usable low memory; the EBDA and the legacy areas above it are reserved.
 pub const EBDA_START: u64 = 0x9_FC00;
 /// ACPI tables region (inside the reserved BIOS area, where Linux scans for the RSDP).
@@ -121,5 +130,36 @@ mod tests {
         for pair in map.windows(2) {
             assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{pair:?}");
         }
+    }
+
+    #[test]
+    fn boot_structures_and_the_boot_stack_do_not_overlap() {
+        let regions = [
+            ("GDT", BOOT_GDT, 32),
+            ("IDT", BOOT_IDT, 8),
+            ("Multiboot information", MULTIBOOT_INFO, MULTIBOOT_INFO_MAX as u64),
+            (
+                "PVH start info, modules and memory map",
+                PVH_START_INFO,
+                PVH_MEMMAP + 24 * MEMMAP_MAX_ENTRIES as u64 - PVH_START_INFO,
+            ),
+            ("zero page", ZERO_PAGE, 0x1000),
+            ("page tables", PML4, PD + 4 * 0x1000 - PML4),
+            ("command line", CMDLINE, CMDLINE_MAX as u64),
+            ("boot stack", BOOT_STACK_BOTTOM, BOOT_STACK_TOP - BOOT_STACK_BOTTOM),
+            ("ACPI tables", ACPI_START, ACPI_END - ACPI_START),
+        ];
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                assert!(a.1 + a.2 <= b.1 || b.1 + b.2 <= a.1, "{} overlaps {}", a.0, b.0);
+            }
+        }
+        // The stack is usable RAM below where kernels load.
+        let map = e820_map(64 << 20);
+        assert!(
+            map.iter()
+                .any(|e| e.kind == E820Kind::Ram && e.addr <= BOOT_STACK_BOTTOM && BOOT_STACK_TOP <= e.addr + e.size)
+        );
+        assert!(BOOT_STACK_TOP <= HIGH_RAM_START && BOOT_STACK_TOP.is_multiple_of(16));
     }
 }

@@ -750,7 +750,7 @@ impl Vm {
                     height: self.config.display.height as u16,
                 };
                 let entry = boot::load(&mem, files, self.config.memory_bytes(), rsdp, Some(fb))?;
-                if let boot::Entry::Linux64 { .. } = entry {
+                if let boot::Entry::Linux64 { .. } | boot::Entry::Linux32 { .. } = entry {
                     // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
                     lock(&display.dispi).set_mode(fb.width, fb.height, 32);
                 }

@@ -50,6 +50,33 @@ fn hello_prints_its_marker_and_powers_off() {
     assert_eq!(text(&out.stdout), "PORTHOLE-GUEST-OK\n");
 }
 
+/// The kernel formats beyond 64-bit PVH: an ELF32 PVH kernel, Multiboot 1 and Multiboot2 ELF32 kernels
+/// (they check the magic in %eax and the memory map at %ebx), and a kernel whose first instruction is a
+/// `call` (it needs the stack porthole-vmm starts PVH and Multiboot kernels with).
+#[test]
+fn elf32_pvh_multiboot_and_stackless_kernels_boot() {
+    for (name, marker) in [
+        ("pvh32", "PORTHOLE-PVH32-OK\n"),
+        ("multiboot1", "PORTHOLE-MB1-OK\n"),
+        ("multiboot2", "PORTHOLE-MB2-OK\n"),
+        ("nostack", "PORTHOLE-NOSTACK-OK\n"),
+    ] {
+        let out = run_guest(name, &[]);
+        assert_exit(&out, 0);
+        assert_eq!(text(&out.stdout), marker, "{name}");
+    }
+}
+
+#[test]
+fn help_lists_the_kernel_formats() {
+    let out = run(&["--help"]);
+    assert_exit(&out, 0);
+    let help = text(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for format in ["bzImage", "PVH ELF kernel (32- or 64-bit", "Multiboot 1 or Multiboot2"] {
+        assert!(help.contains(format), "{format} missing:\n{help}");
+    }
+}
+
 #[test]
 fn every_vcpu_reports_its_apic_id() {
     for cpus in [1u32, 2, 4] {
@@ -319,7 +346,10 @@ fn bad_input_is_refused_with_a_clear_message() {
     let hello = hello.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--kernel", "/nonexistent/vmlinuz"], "No such file"),
-        (vec!["--kernel", notes.to_str().unwrap()], "neither an ELF file with a PVH entry note nor a Linux bzImage"),
+        (
+            vec!["--kernel", notes.to_str().unwrap()],
+            "not a kernel: the file is text beginning \"this is not a kernel\"",
+        ),
         (vec!["--kernel", hello, "--memory", "0"], "too little"),
         (vec!["--kernel", hello, "--memory", "1000000000"], "this host has only"),
         (vec!["--kernel", hello, "--cpus", "0"], "at least 1 vCPU"),

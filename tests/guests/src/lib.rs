@@ -1,7 +1,8 @@
 //! Porthole's micro-guests, built from `asm/` by this crate's build script.
 //!
-//! Each guest is a PVH ELF file: `porthole-vmm --kernel FILE` and `qemu-system-x86_64 -kernel FILE` boot
-//! the very same file. It is also a Multiboot2 kernel, so GRUB's `multiboot2 FILE [ARGS]` boots it too
+//! Each guest is a PVH ELF file (the special guests from `asm/special/`, which test the kernel loaders, are
+//! ELF32 PVH, Multiboot 1 or Multiboot2 files; QEMU has no Multiboot2 loader): `porthole-vmm --kernel FILE`
+//! and `qemu-system-x86_64 -kernel FILE` boot the very same file. It is also a Multiboot2 kernel, so GRUB's `multiboot2 FILE [ARGS]` boots it too
 //! (`iso/make-iso.sh grub` puts one on a BIOS-bootable CD). Guests are small and, but for `ring3`, ring-0 only,
 //! because a nested (PVM) KVM emulates every guest instruction (see ARCHITECTURE.md). `ring3` and `xsave` use what
 //! that KVM cannot emulate (`int n`, iretq to ring 3, FNINIT, XRSTOR): they are for hardware virtualization and

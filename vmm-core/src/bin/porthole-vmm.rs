@@ -23,7 +23,9 @@ use vmm_core::{SerialSink, Vm, VmConfig};
 2 guest crashed, 3 powered off by the host, 4 guest reset with --no-reboot."
 )]
 struct Cli {
-    /// Kernel to boot: a Linux bzImage (boot protocol 2.10+) or an ELF with a PVH entry note.
+    /// Kernel to boot: a Linux bzImage (boot protocol 2.10+; 64- or 32-bit entry), a PVH ELF kernel (32- or 64-bit, with a Xen PHYS32_ENTRY note), or a Multiboot 1 or Multiboot2 kernel
+    /// (ELF, or a flat image whose header gives load addresses). --initrd becomes the PVH or Multiboot
+    /// module.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk.
