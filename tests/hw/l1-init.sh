@@ -27,6 +27,7 @@ else
     echo "HW-L1-KVM missing: $(ls -l /dev/kvm 2>&1); flags: $(grep -m1 -o 'svm\|vmx' /proc/cpuinfo)"
 fi
 
+hostname porthole-l1
 ip link set lo up
 ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 
