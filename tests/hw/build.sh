@@ -66,7 +66,7 @@ if [[ -f $STAMP ]] && [[ -z $(find "${INPUTS[@]}" -newer "$STAMP" -print -quit) 
     exit 0
 fi
 
-rm -rf "$OUT"
+rm -rf "$OUT/guests" "$OUT/work" "$OUT"/*.cpio "$OUT/l1-vmlinuz"   # logs/ stays
 mkdir -p "$OUT/guests"
 W=$OUT/work
 mkdir -p "$W"

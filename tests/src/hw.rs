@@ -148,7 +148,8 @@ impl Machine {
                 }
                 drop(out);
                 let mut cmd = Command::new("qemu-system-x86_64");
-                cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &l1_memory_mib().to_string()]);
+                let cpus = std::env::var("PORTHOLE_HW_L1_CPUS").unwrap_or_else(|_| "2".into());
+                cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &cpus, "-m", &l1_memory_mib().to_string()]);
                 cmd.args(["-M", "pc", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"]);
                 cmd.args(["-monitor", "none"]);
                 cmd.arg("-kernel").arg(hw.join("l1-vmlinuz")).arg("-initrd").arg(&initrd);
