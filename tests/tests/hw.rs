@@ -475,12 +475,12 @@ fn screen_shows(m: &mut Machine, wanted: &dyn Fn(&str) -> bool, limit: Duration)
     let deadline = Instant::now() + limit;
     let mut last = Vec::new();
     loop {
-        if let Ok(mut c) = rfb(m) {
-            if c.full_frame().is_ok() {
-                last = porthole_tests::screen_text(&c.pixels, c.width, c.height);
-                if let Some(row) = last.iter().find(|row| wanted(row)) {
-                    return Ok(row.trim().to_owned());
-                }
+        if let Ok(mut c) = rfb(m)
+            && c.full_frame().is_ok()
+        {
+            last = porthole_tests::screen_text(&c.pixels, c.width, c.height);
+            if let Some(row) = last.iter().find(|row| wanted(row)) {
+                return Ok(row.trim().to_owned());
             }
         }
         // Keep reading L1's console meanwhile (and notice if the scenario ended).
