@@ -166,9 +166,15 @@ impl Machine {
             }
             Mode::Direct => {
                 let stage = stage_direct(&hw, &scratch)?;
+                // The lines L1's /init prints around a scenario, so the host side is the same.
+                let script = repo_root().join(format!("tests/hw/scenarios/{scenario}.sh"));
                 let mut cmd = Command::new("sh");
-                cmd.arg(repo_root().join(format!("tests/hw/scenarios/{scenario}.sh")));
-                cmd.env("HW", &stage).current_dir(scratch.dir());
+                cmd.arg("-c").arg(format!(
+                    "echo 'HW-L1-KVM ok npt=direct'; echo 'HW-L1-UP scenario={scenario} direct'; \
+                     sh '{}'; echo \"HW-L1-END rc=$?\"",
+                    script.display()
+                ));
+                cmd.env("HW", &stage).env("HW_TMP", scratch.dir()).current_dir(scratch.dir());
                 cmd.env(
                     "PATH",
                     format!("{}:{}", stage.join("bin").display(), std::env::var("PATH").unwrap_or_default()),

@@ -2,6 +2,8 @@
 # on the host itself (HW = the staging directory the harness made). Everything goes to stdout, which is
 # L1's console or the harness's pipe: no file is polled.
 HW=${HW:-/hw}
+# Scratch space: L1's tmpfs, or the harness's scratch directory when direct.
+T=${HW_TMP:-/tmp}
 G=$HW/guests
 # Where the L2 VM's RFB console and control socket are reachable from the harness.
 VNC_LISTEN=${HW_VNC_LISTEN:-tcp:0.0.0.0:5900}

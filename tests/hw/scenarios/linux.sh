@@ -2,12 +2,12 @@
 # virtio-scsi CD, bochs-drm drawing on the RFB console, PS/2 keyboard and mouse from the RFB console,
 # `reboot -f` to a second boot, ACPI power button to power-off.
 . "${HW:=/hw}/scenarios/_lib.sh"
-DISK=/tmp/l2-disk.img
+DISK=$T/l2-disk.img
 dd if=/dev/urandom of=$DISK bs=1M count=8 2>/dev/null
 echo "HW-DISK-MD5 $(dd if=$DISK bs=65536 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
 echo "HW-CD-MD5 $(md5sum <"$G/data.iso" | cut -d' ' -f1) bytes=$(stat -c %s "$G/data.iso")"
-forward "$CTL_PORT" /tmp/l2-control.sock
+forward "$CTL_PORT" "$T/l2-control.sock"
 run porthole-bzimage porthole-vmm --name linux --memory 512 --kernel "$G/vmlinuz" \
     --initrd "$G/l2-initramfs.cpio.gz" --cmdline "$L2_CMDLINE hw.mode=full" \
-    --disk "$DISK" --cdrom "$G/data.iso" --vnc "$VNC_LISTEN" --control unix:/tmp/l2-control.sock
+    --disk "$DISK" --cdrom "$G/data.iso" --vnc "$VNC_LISTEN" --control "unix:$T/l2-control.sock"
 echo "HW-DISK-AFTER $(dd if=$DISK bs=512 skip=8 count=1 2>/dev/null | head -c 22)"

@@ -2,7 +2,7 @@
 # read by a shell loop in L1 while L2 runs. Each line the loop finds is echoed with its age so the harness
 # can tell whether the file or the loop lagged.
 . "${HW:=/hw}/scenarios/_lib.sh"
-LOG=/tmp/l2-serial.log
+LOG=$T/l2-serial.log
 : >"$LOG"
 (
     seen=0
