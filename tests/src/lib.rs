@@ -217,9 +217,29 @@ pub fn x_setup(s: &mut std::os::unix::net::UnixStream) -> bool {
     s.read_exact(&mut rest).is_ok()
 }
 
+/// An X server, stopped when dropped: SIGTERM first, so that it removes its lock file and socket on the way
+/// out (a killed one leaves them for the next start to clear).
+pub struct XServer(Child);
+
+impl Drop for XServer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// An Xvfb server (with `-noreset`) on a free display from :90 on, serving clients; stopped when dropped.
 pub struct Xvfb {
-    child: Child,
+    _server: XServer,
     pub display: String,
 }
 
@@ -235,24 +255,7 @@ impl Xvfb {
             },
             || true,
         );
-        Xvfb { child, display }
-    }
-}
-
-impl Drop for Xvfb {
-    fn drop(&mut self) {
-        // SIGTERM first: the server removes its lock file and socket on the way out.
-        // SAFETY: kill(2) of our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Xvfb { _server: XServer(child), display }
     }
 }
 
@@ -316,7 +319,7 @@ impl Drop for Killed {
 /// TigerVNC's Xvnc (640x480, 24 bits, `-noreset`) on a free display from `from` on, serving RFB on the Unix
 /// socket `socket` with the security arguments `security` (e.g. `["-SecurityTypes", "None"]`); returns once
 /// the socket exists and the X server serves clients, with the server and its display.
-pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (Killed, String) {
+pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (XServer, String) {
     let (child, display) = start_x_server(
         from..from + 100,
         |display| {
@@ -332,7 +335,7 @@ pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (Killed, String) {
         },
         || socket.exists(),
     );
-    (Killed(child), display)
+    (XServer(child), display)
 }
 
 /// Puts `text` on display `display`'s CLIPBOARD selection (xclip owns it until the returned guard drops).
