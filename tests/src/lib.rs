@@ -135,71 +135,138 @@ fn qemu_with(accel: &[&str], machine: &str, kernel: &Path, cpus: u32) -> Command
     cmd
 }
 
-/// An Xvfb server on a free display, stopped when dropped.
+/// Starts an X server on the first free display from `displays` with `command(":N")`, and returns it and
+/// its display once the server owns the display (its pid in the lock file), `ready()` holds and the server
+/// completes an X11 connection setup (`x_server_accepts`). A display whose server did not start (another
+/// process took it first) is skipped. Tests in one process start servers one at a time; other processes are
+/// told apart by the lock file.
+///
+/// Every server must run with `-noreset`: without it an X server resets whenever its last client
+/// disconnects, and the reset closes every connection still in its setup. In the GUI tests the display is
+/// polled with xwininfo while `porthole` starts, so each poll's exit reset the server and a `porthole`
+/// connecting at that moment lost its connection ("Failed to open connection to X server") on a busy machine.
+fn start_x_server(
+    displays: std::ops::Range<u32>,
+    command: impl Fn(&str) -> Command,
+    ready: impl Fn() -> bool,
+) -> (Child, String) {
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+    for n in displays.clone() {
+        let lock = format!("/tmp/.X{n}-lock");
+        let socket = x_socket(n);
+        let owner = || std::fs::read_to_string(&lock).ok().and_then(|l| l.trim().parse::<u32>().ok());
+        // A lock whose server is gone (killed without clean-up) is stale: clear it and its socket.
+        if let Some(pid) = owner()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(&lock);
+            let _ = std::fs::remove_file(&socket);
+        }
+        if socket.exists() || Path::new(&lock).exists() {
+            continue;
+        }
+        let display = format!(":{n}");
+        let mut cmd = command(&display);
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+            panic!("start {:?} (apt-get install xvfb tigervnc-standalone-server): {e}", cmd.get_program())
+        });
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if owner() == Some(child.id()) && ready() && x_server_accepts(n) {
+                return (child, display);
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break; // lost a race for this display; try the next one
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not start an X server on any display :{}-:{}", displays.start, displays.end - 1);
+}
+
+/// Whether the X server on display `:n` accepts a client: connects to its Unix socket and completes the
+/// X11 connection setup (`x_setup`). The socket and the lock file exist before the server serves; this is
+/// the server answering.
+pub fn x_server_accepts(n: u32) -> bool {
+    std::os::unix::net::UnixStream::connect(x_socket(n)).is_ok_and(|mut s| x_setup(&mut s))
+}
+
+/// The Unix socket of X display `:n`.
+pub fn x_socket(n: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/.X11-unix/X{n}"))
+}
+
+/// Whether the X server on display `display` (":N") keeps a client that is still in its connection setup
+/// when another client completes its setup and leaves. A server without `-noreset` resets when its last
+/// client leaves and drops the connections still in setup: a program connecting then fails to open the
+/// display (winit: "Failed to open connection to X server").
+pub fn x_server_keeps_a_connecting_client(display: &str) -> bool {
+    let n: u32 = display.trim_start_matches(':').parse().expect("a display :N");
+    let mut connecting = std::os::unix::net::UnixStream::connect(x_socket(n)).expect("connect to the X server");
+    // The server accepts connections in order: once the later client is served, the first one is accepted.
+    assert!(x_server_accepts(n), "the X server on {display} does not serve clients");
+    x_setup(&mut connecting)
+}
+
+/// Completes the X11 connection setup on `s`, a connection to an X server: true when the server accepts
+/// the client (the test servers let local clients in without authorization).
+pub fn x_setup(s: &mut std::os::unix::net::UnixStream) -> bool {
+    use std::io::{Read, Write};
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+    // Setup request: little-endian byte order, protocol 11.0, no authorization name or data.
+    let request = [b'l', 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut head = [0u8; 8];
+    if s.write_all(&request).is_err() || s.read_exact(&mut head).is_err() || head[0] != 1 {
+        return false;
+    }
+    // The rest of the reply: its length in 4-byte units (at most 256 KiB).
+    let mut rest = vec![0u8; usize::from(u16::from_le_bytes([head[6], head[7]])) * 4];
+    s.read_exact(&mut rest).is_ok()
+}
+
+/// An X server, stopped when dropped: SIGTERM first, so that it removes its lock file and socket on the way
+/// out (a killed one leaves them for the next start to clear).
+pub struct XServer(Child);
+
+impl Drop for XServer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An Xvfb server (with `-noreset`) on a free display from :90 on, serving clients; stopped when dropped.
 pub struct Xvfb {
-    child: Child,
+    _server: XServer,
     pub display: String,
 }
 
 impl Xvfb {
     pub fn start(width: u32, height: u32) -> Xvfb {
-        // Tests in one process start servers one at a time; other processes are told apart by the lock file,
-        // which holds the pid of the server that owns the display.
-        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
-        for n in 90..140 {
-            let lock = format!("/tmp/.X{n}-lock");
-            // A lock whose server is gone (killed without clean-up) is stale: clear it and its socket.
-            if let Some(pid) = std::fs::read_to_string(&lock).ok().and_then(|l| l.trim().parse::<u32>().ok())
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                let _ = std::fs::remove_file(&lock);
-                let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{n}"));
-            }
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&lock).exists() {
-                continue;
-            }
-            let display = format!(":{n}");
-            let mut child = Command::new("Xvfb")
-                .args([&display, "-screen", "0", &format!("{width}x{height}x24"), "-nolisten", "tcp"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start Xvfb (apt-get install xvfb)");
-            let socket = format!("/tmp/.X11-unix/X{n}");
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                let owner =
-                    std::fs::read_to_string(format!("/tmp/.X{n}-lock")).ok().and_then(|l| l.trim().parse::<u32>().ok());
-                if Path::new(&socket).exists() && owner == Some(child.id()) {
-                    return Xvfb { child, display };
-                }
-                if child.try_wait().ok().flatten().is_some() {
-                    break; // lost a race for this display; try the next one
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("could not start Xvfb on any display :90-:139");
-    }
-}
-
-impl Drop for Xvfb {
-    fn drop(&mut self) {
-        // SIGTERM first: the server removes its lock file and socket on the way out.
-        // SAFETY: kill(2) of our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let screen = format!("{width}x{height}x24");
+        let (child, display) = start_x_server(
+            90..140,
+            |display| {
+                let mut c = Command::new("Xvfb");
+                c.args([display, "-screen", "0", &screen, "-nolisten", "tcp", "-noreset"]);
+                c
+            },
+            || true,
+        );
+        Xvfb { _server: XServer(child), display }
     }
 }
 
@@ -260,35 +327,26 @@ impl Drop for Killed {
     }
 }
 
-/// An X display number (":N", N from `from` on) that no server holds.
-pub fn free_display(from: u32) -> String {
-    (from..from + 100)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })
-        .map(|n| format!(":{n}"))
-        .expect("a free X display number")
-}
-
-/// TigerVNC's Xvnc (640x480, 24 bits) on a free display from `from` on, serving RFB on the Unix socket
-/// `socket` with the security arguments `security` (e.g. `["-SecurityTypes", "None"]`); returns once the
-/// socket exists, with the server and its display.
-pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (Killed, String) {
-    let display = free_display(from);
-    let server = Killed(
-        Command::new("Xvnc")
-            .arg(&display)
-            .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp"])
-            .arg("-rfbunixpath")
-            .arg(socket)
-            .args(security)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Xvnc (apt-get install tigervnc-standalone-server)"),
+/// TigerVNC's Xvnc (640x480, 24 bits, `-noreset`) on a free display from `from` on, serving RFB on the Unix
+/// socket `socket` with the security arguments `security` (e.g. `["-SecurityTypes", "None"]`); returns once
+/// the socket exists and the X server serves clients, with the server and its display.
+pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (XServer, String) {
+    let (child, display) = start_x_server(
+        from..from + 100,
+        |display| {
+            // A socket left by an attempt on a display that was taken would read as this server's.
+            let _ = std::fs::remove_file(socket);
+            let mut c = Command::new("Xvnc");
+            c.arg(display)
+                .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp", "-noreset"])
+                .arg("-rfbunixpath")
+                .arg(socket)
+                .args(security);
+            c
+        },
+        || socket.exists(),
     );
-    wait_until(Duration::from_secs(60), || socket.exists(), || "no Xvnc socket".into());
-    (server, display)
+    (XServer(child), display)
 }
 
 /// Puts `text` on display `display`'s CLIPBOARD selection (xclip owns it until the returned guard drops).

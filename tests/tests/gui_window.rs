@@ -72,6 +72,17 @@ fn serial_text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
+/// The shared Xvfb does not reset when a client leaves: `porthole` connecting while the test's xwininfo
+/// (or xdotool, convert) exits keeps its connection.
+#[test]
+fn xvfb_keeps_a_connecting_client_when_another_leaves() {
+    let x = Xvfb::start(640, 480);
+    assert!(
+        porthole_tests::x_server_keeps_a_connecting_client(&x.display),
+        "Xvfb dropped a connection in its setup when another client left (it reset)"
+    );
+}
+
 #[test]
 fn the_window_opens_and_paints_under_xvfb() {
     let x = Xvfb::start(1280, 800);

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use porthole_tests::rfb::{self, HandshakeError, RfbClient};
-use porthole_tests::{Killed, Scratch, free_display, wait_until, xvnc};
+use porthole_tests::{Killed, Scratch, Xvfb, wait_until, xvnc};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -260,25 +260,15 @@ fn tigervnc_xvnc_resizes_to_the_client_and_shares_the_clipboard() {
 }
 
 /// x11vnc sharing an Xvfb display: frames match the display's own capture (every encoding the console
-/// uses); VncAuth with the right password works and a wrong one is refused. (Xvfb runs with -noreset: without
-/// it the X server resets when the capture program disconnects, before x11vnc connects, and the root window
-/// goes black: that, not the client, was the "black screen" seen earlier.)
+/// uses); VncAuth with the right password works and a wrong one is refused. (The shared Xvfb runs with
+/// -noreset: without it the X server resets when the capture program disconnects, before x11vnc connects,
+/// and the root window goes black: that, not the client, was the "black screen" seen earlier.)
 #[test]
 fn x11vnc_frames_match_the_display_and_vnc_auth_works() {
     let dir = Scratch::new("peer-x11vnc");
     let socket = dir.path("x11vnc.sock");
-    let display = free_display(270);
-    let _xvfb = Killed(
-        Command::new("Xvfb")
-            .arg(&display)
-            .args(["-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Xvfb (apt-get install xvfb)"),
-    );
-    let x_socket = format!("/tmp/.X11-unix/X{}", &display[1..]);
-    wait_until(LIMIT, || Path::new(&x_socket).exists(), || "no Xvfb".into());
+    let xvfb = Xvfb::start(640, 480);
+    let display = xvfb.display.clone();
     let (w, h, expected) = paint_root(&display, &dir);
     let password = dir.path("passwd");
     let stored = Command::new("x11vnc").args(["-storepasswd", "s3cret"]).arg(&password).output().unwrap();
