@@ -284,8 +284,10 @@ impl VmHandle {
         self.run.resume();
     }
 
-    /// Resets the machine (as the reset button does).
+    /// Resets the machine (as the reset button does); a crashed VM reboots (and is no longer reported as
+    /// crashed from now on).
     pub fn reset(&self) {
+        lock(&self.crashed).take();
         self.machine.request(MachineRequest::Reset);
     }
 

@@ -405,6 +405,7 @@ mod tests {
             uptime_s: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             boot_status: None,
+            crash: None,
         }
     }
 
