@@ -1047,6 +1047,8 @@ impl Vm {
                 (MachineRequest::Reset, _) if !self.config.no_reboot => {
                     log::info!("{}: reset; rebooting", self.config.name);
                     *lock(&self.handle.crashed) = None;
+                    // A crash that lost the race against the reset is forgotten with its boot.
+                    lock(&self.crash).take();
                     // A stop in progress still applies to the next boot.
                     continue;
                 }

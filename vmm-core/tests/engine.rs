@@ -391,8 +391,9 @@ fn a_crashed_guest_stays_until_sigterm_and_reset_reboots_it() {
         "fault",
         &["--exit-file", exit.to_str().unwrap(), "--counters-file", counters.to_str().unwrap()],
     );
+    // (None until the control socket is up, too.)
     let crashed = |vm: &Ticker| {
-        let status = vm.client().request(&Request::Status).unwrap().status.unwrap();
+        let status = ControlClient::connect(&vm.control).ok()?.request(&Request::Status).ok()?.status?;
         (status.state == RunState::Crashed).then_some(status)
     };
     let mut status = None;
