@@ -16,8 +16,23 @@ pub enum VmState {
     Paused,
     /// A graceful shutdown is in progress.
     Stopping,
-    /// Its process ended on its own with an error, a guest crash, or was killed; see `last_exit`.
+    /// The guest crashed (triple fault, an instruction the hypervisor cannot emulate, …): its process keeps
+    /// it, as QEMU does (vCPUs stopped; the console and screenshots still show its last screen), with the
+    /// report in `crash`, until `poweroff` or `shutdown` ends it (then `stopped`) or `reset` reboots it.
+    /// Without `crash`: its process ended on its own with an error or was killed; see `last_exit`.
     Crashed,
+}
+
+/// Why a VM's guest crashed, while its process keeps the crashed VM (see [`VmState::Crashed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CrashReport {
+    /// What the hypervisor saw, with the instruction pointer and the bytes there where known ("triple fault
+    /// (the guest shut the CPU down) at rip=0x100468 … instruction bytes: 0f 0b …").
+    pub reason: String,
+    /// The last lines the guest printed on its serial console.
+    #[serde(default)]
+    pub serial_tail: Vec<String>,
 }
 
 /// How a VM's process last ended.
@@ -64,6 +79,9 @@ pub struct Vm {
     pub state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<ExitInfo>,
+    /// While `state` is `crashed` and the crashed VM is kept: why the guest crashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<CrashReport>,
     /// Seconds since the VM's process started (running or paused VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uptime_s: Option<u64>,

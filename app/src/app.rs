@@ -324,7 +324,9 @@ impl PortholeApp {
             let local =
                 m.hosts.first().map(|h| (h.connected, h.error.clone(), h.vms.iter().find(|v| v.name == name).cloned()));
             match local {
-                Some((_, _, Some(vm))) if matches!(vm.state, VmState::Running | VmState::Paused) => {
+                Some((_, _, Some(vm)))
+                    if matches!(vm.state, VmState::Running | VmState::Paused) || vm.crash.is_some() =>
+                {
                     m.open_console = Some((0, vm.id));
                 }
                 Some((_, _, Some(_))) => m.notify(format!("{name} is not running: start it to see its console"), true),
@@ -543,7 +545,10 @@ impl PortholeApp {
             });
             ui.end_row();
         });
-        if let Some(exit) = &vm.last_exit {
+        if let Some(crash) = &vm.crash {
+            // The crashed VM is kept (its console still shows the last screen) until it is forced off.
+            ui.colored_label(ui.visuals().error_fg_color, format!("Crashed: {}", crash.reason));
+        } else if let Some(exit) = &vm.last_exit {
             ui.label(format!("Last stop: {}", exit.reason));
         }
         // A firmware-booting VM: what its firmware says, refreshed every 2 s while the details are open.
@@ -562,7 +567,8 @@ impl PortholeApp {
             }
         }
         let id = vm.id.clone();
-        let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting);
+        let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting)
+            || vm.crash.is_some();
         ui.horizontal_wrapped(|ui| {
             let act = |app: &Self, what: &str, action: Action| {
                 let id = id.clone();

@@ -583,3 +583,46 @@ fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
     }
     assert_eq!(reader.join().unwrap(), ours);
 }
+
+/// A crashed VM that its process keeps: the list and the details say "crashed", the details give the
+/// report, its thumbnail and console still show its last screen, and Force off ends it.
+#[test]
+fn a_crashed_vm_shows_its_report_and_its_console_still_opens() {
+    let dir = Scratch::new("gui-crash");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = d.local();
+    let req = porthole_api::CreateVm {
+        boot: Some(porthole_api::BootSpec {
+            kernel: porthole_guests::path("crash-screen").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        disk_gib: 0,
+        ..porthole_api::CreateVm::new("crasher", 1, 64)
+    };
+    let id = rt.block_on(c.create_vm(&req)).unwrap().id;
+    rt.block_on(c.action(&id, porthole_api::client::Action::Start)).unwrap();
+
+    let mut h = app(&d.socket(), dir.path("settings.json"));
+    wait(&mut h, "the VM", |h| has(h, "crasher"));
+    wait(&mut h, "crashed", |h| has(h, "crashed"));
+    wait(&mut h, "its last screen as a thumbnail", |h| h.state().thumbnail_size(0, &id) == Some([128, 96]));
+    select(&mut h, "crasher");
+    wait(&mut h, "the crash report", |h| has_contains(h, "Crashed: triple fault"));
+    assert!(disabled(&h, "Start"), "the crashed VM's process still holds it");
+    assert!(!disabled(&h, "Open console"));
+    click(&mut h, "Open console");
+    wait(&mut h, "the console's screen", |h| has_contains(h, "click the screen to type"));
+    click(&mut h, "Machines");
+    click(&mut h, "Force off");
+    wait(&mut h, "stopped", |h| has(h, "stopped"));
+    assert!(has_contains(&h, "Last stop: the guest crashed: triple fault"));
+}
+
+/// Clicks the first of the buttons labelled `name` (a VM has one in the sidebar and one in the list).
+fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
+    h.get_all_by_label(name).next().expect("the VM's button").click();
+    h.step();
+    h.step();
+}

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{ExitInfo, Vm, VmState};
+use porthole_api::{CrashReport, ExitInfo, Vm, VmState};
 use vmm_core::control::{ControlClient, Request, Response};
 
 use crate::store::{Store, VmRecord};
@@ -42,6 +42,8 @@ struct Runtime {
     stop_requested: bool,
     /// Whether we spawned it (and so can collect its exit status) or adopted it.
     own_child: bool,
+    /// The guest crashed and its process keeps it (see `Host::observe`).
+    crash: Option<CrashReport>,
 }
 
 struct Entry {
@@ -192,14 +194,14 @@ impl Host {
                 }
                 continue;
             }
-            let state = match control(&files.control(), &Request::Status) {
-                Ok(r) => match r.status.map(|s| s.state) {
-                    Some(vmm_core::vm::RunState::Paused) => VmState::Paused,
-                    Some(vmm_core::vm::RunState::Stopping) => VmState::Stopping,
-                    _ => VmState::Running,
-                },
-                Err(_) => VmState::Running,
+            let status = control(&files.control(), &Request::Status).ok().and_then(|r| r.status);
+            let state = match status.as_ref().map(|s| s.state) {
+                Some(vmm_core::vm::RunState::Paused) => VmState::Paused,
+                Some(vmm_core::vm::RunState::Stopping) => VmState::Stopping,
+                Some(vmm_core::vm::RunState::Crashed) => VmState::Crashed,
+                _ => VmState::Running,
             };
+            let crash = status.and_then(|s| s.crash).map(|reason| self.crash_report(&files, reason));
             log::info!("re-adopted VM {id} (pid {pid}, {state:?})");
             {
                 let mut vms = self.vms_mut();
@@ -209,6 +211,7 @@ impl Host {
                         pid: Some(pid),
                         started: Some(Instant::now()),
                         own_child: false,
+                        crash,
                         ..Runtime::default()
                     };
                 }
@@ -531,6 +534,50 @@ impl Host {
         ExitInfo { exit_code: None, reason, serial_tail }
     }
 
+    fn crash_report(&self, files: &RunFiles, reason: String) -> CrashReport {
+        CrashReport { reason, serial_tail: tail_lines(&files.serial(), 10) }
+    }
+
+    /// Takes in what VM `id`'s process (`pid`) says of itself (the stats sampler asks every second): a guest
+    /// that crashed makes the VM `crashed`, with the report, while its process keeps it; a crashed VM that
+    /// was reset runs again. Nothing changes while a stop the host asked for is under way.
+    pub fn observe(&self, id: &str, pid: u32, status: &vmm_core::control::Status) {
+        use vmm_core::vm::RunState;
+        let crashed = status.state == RunState::Crashed;
+        let changed = |e: &Entry| {
+            e.rt.pid == Some(pid)
+                && !e.rt.stop_requested
+                && if crashed { e.rt.crash.is_none() } else { e.rt.state == Some(VmState::Crashed) }
+        };
+        if !lock(&self.vms).get(id).is_some_and(changed) {
+            return;
+        }
+        let crash = crashed.then(|| self.crash_report(&self.run_files(id), status.crash.clone().unwrap_or_default()));
+        let mut vms = self.vms_mut();
+        let Some(e) = vms.get_mut(id).filter(|e| changed(e)) else { return };
+        if let Some(report) = &crash {
+            log::warn!("VM {id}: the guest crashed: {}", report.reason);
+        }
+        e.rt.state = Some(match status.state {
+            RunState::Crashed => VmState::Crashed,
+            RunState::Paused => VmState::Paused,
+            RunState::Stopping => VmState::Stopping,
+            RunState::Running => VmState::Running,
+        });
+        e.rt.crash = crash;
+    }
+
+    /// After a `reset`: a crashed VM reboots, so it runs again.
+    pub fn reset_done(&self, id: &str) {
+        if let Some(e) = self.vms_mut().get_mut(id)
+            && e.rt.pid.is_some()
+            && e.rt.state == Some(VmState::Crashed)
+        {
+            e.rt.state = Some(VmState::Running);
+            e.rt.crash = None;
+        }
+    }
+
     /// Sends a control request to a running VM.
     pub async fn control(&self, id: &str, request: Request) -> Result<Response, HostError> {
         if self.pid(id).is_none() {
@@ -594,6 +641,7 @@ fn view(e: &Entry) -> Vm {
         media: r.media.clone(),
         state: e.rt.state.unwrap_or(VmState::Stopped),
         last_exit: e.rt.last_exit.clone(),
+        crash: e.rt.crash.clone().filter(|_| e.rt.pid.is_some()),
         uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
         tags: r.tags.clone(),
         boot_status: None,

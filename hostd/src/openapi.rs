@@ -246,7 +246,9 @@ mod tests {
         for (method, path, ..) in ROUTES {
             assert!(doc["paths"][path][method].is_object(), "{method} {path}");
         }
-        for name in ["Vm", "CreateVm", "VmState", "BootSpec", "ExitInfo", "ErrorBody", "Task", "TaskState"] {
+        for name in
+            ["Vm", "CreateVm", "VmState", "BootSpec", "ExitInfo", "CrashReport", "ErrorBody", "Task", "TaskState"]
+        {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
         }
         let text = doc.to_string();

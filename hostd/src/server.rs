@@ -501,6 +501,7 @@ async fn vm_action(
         }
         "reset" => {
             host.control(&id, Request::Reset).await?;
+            host.reset_done(&id);
             Ok(Json(host.get(&id)?).into_response())
         }
         "poweroff" => {

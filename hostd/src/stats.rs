@@ -1,5 +1,6 @@
 //! Resource samples of running VMs: once a second, CPU time and resident memory of each VM process (from
-//! /proc) and its disk counters (from its control socket), kept for an hour at 1 s and for a day at 1 min.
+//! /proc) and its disk counters (from its control socket), kept for an hour at 1 s and for a day at 1 min;
+//! its state too, so a guest that crashed shows as `crashed` within a second (see `Host::observe`).
 //! The sampler also keeps serial logs bounded: past 1 MiB a log is truncated (the VMM appends, so it just
 //! goes on at the start).
 
@@ -134,6 +135,12 @@ impl Stats {
                             }
                         }
                     };
+                    // A guest that crashed (its process keeps it) makes the VM `crashed`; a reset one runs again.
+                    if let Some((_, c)) = clients.get_mut(&id)
+                        && let Ok(Some(status)) = c.request(&Request::Status).map(|r| r.status)
+                    {
+                        host.observe(&id, pid, &status);
+                    }
                     let (read, written) = counters.map(|c| (c.disk_bytes_read, c.disk_bytes_written)).unwrap_or((0, 0));
                     let t_ms = now_ms();
                     if let Some(prev) = last.get(&id).filter(|p| p.pid == pid && t_ms > p.t_ms) {

@@ -538,3 +538,47 @@ fn a_view_only_console_drops_input() {
     );
     drop(dir);
 }
+
+/// A guest that crashes keeps its last screen, as under QEMU: after the triple fault the console still
+/// serves the picture the guest drew (a client that connects only now gets it pixel-exact), the control
+/// socket says `crashed` with the reason, and `stop` ends the process with exit status 2 and the crash as
+/// the exit record's reason.
+#[test]
+fn a_crashed_guest_keeps_its_last_screen_until_stopped() {
+    use vmm_core::control::{ControlClient, Request};
+    const BANDS: [u32; 8] = [0xFFFFFF, 0xFFFF00, 0x00FFFF, 0x00FF00, 0xFF00FF, 0xFF0000, 0x0000FF, 0x000000];
+    let dir = Scratch::new("crash-screen-ctl");
+    let control = dir.path("control.sock");
+    let exit = dir.path("exit.json");
+    let control_arg = format!("unix:{}", control.display());
+    let mut vm = ConsoleVm::start(
+        "crash-screen",
+        &["--control", &control_arg, "--exit-file", exit.to_str().unwrap()],
+        "PORTHOLE-GUEST-EXCEPTION vector=0x06",
+    );
+    let status = || ControlClient::connect(&control).unwrap().request(&Request::Status).unwrap().status.unwrap();
+    wait_until(
+        LIMIT,
+        || status().state == vmm_core::vm::RunState::Crashed,
+        || format!("never reported crashed: {:?}", status()),
+    );
+    let report = status().crash.unwrap_or_default();
+    assert!(report.contains("triple fault") && report.contains("instruction bytes: 0f 0b"), "{report}");
+    assert!(vm.running());
+    for encoding in [0, 16] {
+        let mut c = vm.client();
+        c.set_encodings(&[encoding]).unwrap();
+        c.full_frame().unwrap();
+        assert_eq!((c.width, c.height), (640, 480));
+        let wrong = (0..480)
+            .flat_map(|y| (0..640).map(move |x| (x, y)))
+            .filter(|&(x, y)| c.pixel(x, y) != BANDS[(y / 60) as usize]);
+        assert_eq!(wrong.count(), 0, "encoding {encoding}: (320,130) is {:06x}", c.pixel(320, 130));
+    }
+    ControlClient::connect(&control).unwrap().request(&Request::Stop).unwrap();
+    wait_until(LIMIT, || !vm.running(), || "still running after stop".into());
+    assert_eq!(vm.child.wait().unwrap().code(), Some(2));
+    let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&exit).unwrap()).unwrap();
+    assert_eq!(record.exit_code, 2);
+    assert!(record.reason.starts_with("the guest crashed: triple fault"), "{record:?}");
+}

@@ -682,3 +682,62 @@ async fn an_iso_boots_the_firmware_and_the_api_says_how_far() {
     assert!(e.status() == Some(409) && e.to_string().contains("nothing to boot"), "{e}");
     power_off_all(&c).await;
 }
+
+/// A guest that crashes keeps its last screen, as under QEMU: the VM reads `crashed` with the report and
+/// the guest's last serial lines while its process lives on; its screenshot and console still show the
+/// picture it drew; pause is refused; a power-off ends it: `stopped`, the crash as the last exit's reason.
+/// (A reset of a crashed VM is tested on the engine: `a_crashed_guest_stays_until_sigterm_and_reset_reboots_it`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vm_keeps_its_screen_until_powered_off() {
+    const BANDS: [[u8; 3]; 8] = [
+        [255, 255, 255],
+        [255, 255, 0],
+        [0, 255, 255],
+        [0, 255, 0],
+        [255, 0, 255],
+        [255, 0, 0],
+        [0, 0, 255],
+        [0, 0, 0],
+    ];
+    let dir = Scratch::new("daemon-crash");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: guest("crash-screen"), initrd: None, cmdline: String::new() }),
+            disk_gib: 0,
+            ..CreateVm::new("crasher", 1, 64)
+        })
+        .await
+        .unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let crashed = wait_state(&c, &vm.id, VmState::Crashed).await;
+    let report = crashed.crash.as_ref().unwrap_or_else(|| panic!("no crash report: {crashed:?}"));
+    assert!(report.reason.contains("triple fault") && report.reason.contains("instruction bytes"), "{report:?}");
+    assert!(report.serial_tail.iter().any(|l| l.contains("PORTHOLE-CRASH-SCREEN-READY")), "{report:?}");
+    assert!(crashed.uptime_s.is_some() && crashed.last_exit.is_none(), "the process lives on: {crashed:?}");
+
+    // The screenshot: 640x480 box-filtered to 160x120, so each 60-row band is 15 rows of its exact colour.
+    let (w, h, rgb) = decode_png(&c.screenshot(&vm.id, 160).await.unwrap());
+    assert_eq!((w, h), (160, 120));
+    for (band, colour) in BANDS.iter().enumerate() {
+        for (x, y) in [(0, band * 15), (80, band * 15 + 7), (159, band * 15 + 14)] {
+            let i = (y * 160 + x) * 3;
+            assert_eq!(&rgb[i..i + 3], colour, "band {band} at ({x},{y})");
+        }
+    }
+    // The console: a full frame of the same screen.
+    let mut console = c.console(&vm.id).await.unwrap();
+    assert_eq!(rfb_first_update(&mut console).await, (640, 480, 640 * 480));
+    drop(console);
+    let e = c.action(&vm.id, Action::Pause).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("crashed"), "{e}");
+
+    let off = c.action(&vm.id, Action::Poweroff).await.unwrap();
+    let off = if off.state == VmState::Stopped { off } else { wait_state(&c, &vm.id, VmState::Stopped).await };
+    let exit = off.last_exit.as_ref().unwrap_or_else(|| panic!("{off:?}"));
+    assert_eq!(exit.exit_code, Some(2), "{off:?}");
+    assert!(exit.reason.starts_with("the guest crashed: triple fault"), "{off:?}");
+    assert!(off.crash.is_none(), "{off:?}");
+}

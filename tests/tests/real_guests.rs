@@ -49,7 +49,8 @@ fn boot_with(
     let kernel = cache.join(kernel);
     assert!(kernel.exists(), "{} missing: run ./x fetch-guests", kernel.display());
     let mut cmd = Command::new(workspace_bin("porthole-vmm"));
-    cmd.arg("--kernel").arg(&kernel).args(["--memory", "512", "--cmdline", cmdline]);
+    // A crash (an instruction this KVM cannot emulate) ends the run at once, with the reason.
+    cmd.arg("--kernel").arg(&kernel).args(["--memory", "512", "--cmdline", cmdline, "--exit-on-crash"]);
     cmd.arg("--serial").arg(format!("file:{}", serial.display()));
     if let Some(initrd) = initrd {
         cmd.arg("--initrd").arg(cache.join(initrd));
@@ -218,7 +219,7 @@ fn iso_on_porthole(label: &str, iso: &std::path::Path, milestones: &[&str], limi
         .arg(&log)
         .arg("--cdrom")
         .arg(iso)
-        .args(["--memory", "1024", "--serial", "none", "--vnc"])
+        .args(["--memory", "1024", "--serial", "none", "--exit-on-crash", "--vnc"])
         .arg(format!("unix:{}", vnc.display()))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path("vmm.err")).unwrap())

@@ -39,6 +39,10 @@ pub struct VmConfig {
     /// When the guest resets the machine, stop instead of rebooting it.
     #[serde(default)]
     pub no_reboot: bool,
+    /// When the guest crashes (triple fault, emulation failure), end the process at once instead of keeping
+    /// the crashed VM (its last screen and the crash report) until it is powered off.
+    #[serde(default)]
+    pub exit_on_crash: bool,
     /// How long a graceful `stop` waits for the guest before powering it off by force, in milliseconds.
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
@@ -382,6 +386,7 @@ impl VmConfig {
             serial: SerialSink::None,
             control_socket: None,
             no_reboot: false,
+            exit_on_crash: false,
             stop_timeout_ms: default_stop_timeout_ms(),
             display: DisplayConfig::default(),
             vnc: Vec::new(),

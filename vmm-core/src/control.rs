@@ -4,7 +4,8 @@
 //! after the stop timeout), `poweroff` (forced), `counters`, `{"cmd":"attach-media","path":P}` and
 //! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`), and
 //! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits). Every reply has
-//! `"ok"`; failures carry `"error"`. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
+//! `"ok"`; failures carry `"error"`. A crashed VM (state `crashed`, its report in `status.crash`) refuses
+//! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -89,6 +90,9 @@ pub struct Status {
     pub pid: u32,
     #[serde(default)]
     pub drives: Vec<DriveStatus>,
+    /// While the state is `crashed`: why (triple fault, emulation failure, … with RIP and instruction bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<String>,
 }
 
 fn ok() -> Response {
@@ -114,9 +118,13 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
                     boots: counters.boots,
                     pid: std::process::id(),
                     drives: vm.drives(),
+                    crash: vm.crash_report(),
                 }),
                 ..ok()
             }
+        }
+        Request::Pause | Request::Resume | Request::SerialInput { .. } if vm.crash_report().is_some() => {
+            failure("the guest has crashed: its vCPUs are stopped; reset the VM or power it off".into())
         }
         Request::Pause => match vm.pause() {
             Ok(took) => Response { paused_after_us: Some(took.as_micros() as u64), ..ok() },

@@ -130,6 +130,38 @@ pub struct ExitRecord {
     pub reason: String,
 }
 
+/// Written by the SIGTERM handler that [`end_on_sigterm`] installs; the event loop watches it.
+static TERM: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
+
+extern "C" fn term_handler(_: libc::c_int) {
+    if let Some(fd) = TERM.get() {
+        // An eventfd write is async-signal-safe (one write(2)); a full counter (EAGAIN) is ignored.
+        let _ = fd.write(1);
+    }
+}
+
+/// Makes SIGTERM end the VM as a forced power-off does, so its exit record and counters are still written:
+/// exit status 3 while the guest runs, 2 (with the crash report) once it has crashed. Call before the VM
+/// runs (the handler is installed once per process).
+pub fn end_on_sigterm() -> std::io::Result<()> {
+    if TERM.get().is_some() {
+        return Ok(());
+    }
+    let _ = TERM.set(EventFd::new(libc::EFD_NONBLOCK)?);
+    // SAFETY: a zeroed sigaction with an empty mask and a handler that only writes to an eventfd.
+    let installed = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = term_handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut())
+    };
+    if installed != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -197,6 +229,8 @@ pub struct VmHandle {
     drives: Vec<Arc<Drive>>,
     /// Serial input from the control socket, waiting for the event loop to feed it to the UART.
     serial_input: Mutex<Vec<u8>>,
+    /// The crash report while the VM is kept in its crashed state (vCPUs stopped, screen still served).
+    crashed: Mutex<Option<String>>,
 }
 
 /// Most bytes of serial input from the control socket that may wait for the guest to read them.
@@ -219,11 +253,16 @@ pub enum RunState {
     Running,
     Paused,
     Stopping,
+    /// The guest crashed: its vCPUs are stopped, its screen and the crash report stay until it is powered
+    /// off (or reset).
+    Crashed,
 }
 
 impl VmHandle {
     pub fn state(&self) -> RunState {
-        if lock(&self.stop_deadline).is_some() {
+        if lock(&self.crashed).is_some() {
+            RunState::Crashed
+        } else if lock(&self.stop_deadline).is_some() {
             RunState::Stopping
         } else if self.run.is_paused() {
             RunState::Paused
@@ -245,8 +284,10 @@ impl VmHandle {
         self.run.resume();
     }
 
-    /// Resets the machine (as the reset button does).
+    /// Resets the machine (as the reset button does); a crashed VM reboots (and is no longer reported as
+    /// crashed from now on).
     pub fn reset(&self) {
+        lock(&self.crashed).take();
         self.machine.request(MachineRequest::Reset);
     }
 
@@ -257,13 +298,22 @@ impl VmHandle {
 
     /// Presses the ACPI power button and powers off by force if the guest has not powered off within the
     /// stop timeout. Returns whether the guest had enabled the power-button event. A paused VM is resumed
-    /// so that it can react.
+    /// so that it can react. A crashed VM cannot react: it ends at once.
     pub fn stop(&self) -> bool {
         let noticed = lock(&self.pm1_event).as_ref().map(|pm| lock(pm).press_power_button()).unwrap_or(false);
         lock(&self.stop_deadline).get_or_insert(Instant::now() + self.stop_timeout);
+        if self.crash_report().is_some() {
+            self.machine.request(MachineRequest::ForceOff);
+            return false;
+        }
         self.run.resume();
         let _ = self.loop_wake.write(1);
         noticed
+    }
+
+    /// Why the guest crashed, while the VM is kept in its crashed state.
+    pub fn crash_report(&self) -> Option<String> {
+        lock(&self.crashed).clone()
     }
 
     /// Queues bytes for the serial port; the event loop feeds them to the UART as the guest reads. Refused
@@ -501,6 +551,7 @@ impl Vm {
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
             serial_input: Mutex::new(Vec::new()),
+            crashed: Mutex::new(None),
         });
         Ok(Vm {
             config,
@@ -857,6 +908,7 @@ impl Vm {
         const LOOP_WAKE: u64 = 2;
         const STDIN: u64 = 3;
         const SERIAL_DRAINED: u64 = 4;
+        const SIGTERM: u64 = 5;
         /// Tokens from here on are the resample fds of `interrupts`.
         const RESAMPLE: u64 = 16;
         let epoll = Epoll::new().map_err(io_err("create the event loop"))?;
@@ -867,6 +919,9 @@ impl Vm {
         add(serial_stats.input_drained.as_raw_fd(), SERIAL_DRAINED).map_err(io_err("watch the serial FIFO"))?;
         for (i, interrupt) in interrupts.iter().enumerate() {
             add(interrupt.resample_fd().as_raw_fd(), RESAMPLE + i as u64).map_err(io_err("watch a PCI interrupt"))?;
+        }
+        if let Some(term) = TERM.get() {
+            add(term.as_raw_fd(), SIGTERM).map_err(io_err("watch for SIGTERM"))?;
         }
         let stdin = std::io::stdin();
         let mut stdin_watched = self.config.serial == SerialSink::Stdio && add(stdin.as_raw_fd(), STDIN).is_ok();
@@ -930,6 +985,10 @@ impl Vm {
                             }
                         }
                     }
+                    SIGTERM => {
+                        log::warn!("{}: SIGTERM: powering the VM off", self.config.name);
+                        return Ok(MachineRequest::ForceOff);
+                    }
                     token if token >= RESAMPLE => {
                         if let Some(interrupt) = interrupts.get((token - RESAMPLE) as usize) {
                             interrupt.resample();
@@ -968,28 +1027,62 @@ impl Vm {
         }
         loop {
             let boot = self.boot()?;
-            let outcome = self.event_loop(&boot.interrupts);
+            let mut outcome = self.event_loop(&boot.interrupts);
             self.handle.run.stop_boot();
             for t in boot.threads {
                 let _ = t.join();
             }
-            self.refresher.detach();
             *lock(&self.handle.pm1_event) = None;
             *lock(&self.handle.i8042) = None;
-            let reason = match outcome? {
-                MachineRequest::Reset if !self.config.no_reboot => {
-                    log::info!("{}: guest reset; rebooting", self.config.name);
+            let mut crash = None;
+            if let Ok(MachineRequest::Crash) = outcome {
+                let report = lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into());
+                if !self.config.exit_on_crash {
+                    outcome = self.stay_crashed(&report, &boot.interrupts);
+                }
+                crash = Some(report);
+            }
+            self.refresher.detach();
+            let reason = match (outcome?, crash) {
+                (MachineRequest::Reset, _) if !self.config.no_reboot => {
+                    log::info!("{}: reset; rebooting", self.config.name);
+                    *lock(&self.handle.crashed) = None;
+                    // A crash that lost the race against the reset is forgotten with its boot.
+                    lock(&self.crash).take();
                     // A stop in progress still applies to the next boot.
                     continue;
                 }
-                MachineRequest::Reset => ExitReason::Reset,
-                MachineRequest::PowerOff => ExitReason::PowerOff,
-                MachineRequest::Crash => {
-                    ExitReason::GuestCrash(lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into()))
+                (MachineRequest::Reset, _) => ExitReason::Reset,
+                (_, Some(report)) => ExitReason::GuestCrash(report),
+                (MachineRequest::PowerOff, None) => ExitReason::PowerOff,
+                (MachineRequest::ForceOff | MachineRequest::Crash | MachineRequest::None, None) => {
+                    ExitReason::ForcedStop
                 }
-                MachineRequest::ForceOff | MachineRequest::None => ExitReason::ForcedStop,
             };
             return Ok(reason);
         }
+    }
+
+    /// Keeps a crashed VM, as QEMU does: its vCPUs are stopped (their threads have ended), its memory and
+    /// display stay, so the console keeps serving the last frame, and the control socket reports the crash,
+    /// until the VM is powered off, stopped, sent SIGTERM (all end it; the crash is its exit reason) or
+    /// reset (which reboots it). Returns the request that ended the wait.
+    fn stay_crashed(&mut self, report: &str, interrupts: &[Arc<VirtioInterrupt>]) -> Result<MachineRequest, VmError> {
+        // Drop what other vCPUs asked for between the crash and their end (a reset must not reboot a crashed
+        // guest behind the user's back); a forced power-off can only come from the host, and stands.
+        let _ = self.handle.machine.wake_fd().read();
+        if self.handle.machine.take() == MachineRequest::ForceOff {
+            return Ok(MachineRequest::ForceOff);
+        }
+        *lock(&self.handle.crashed) = Some(report.to_owned());
+        log::warn!(
+            "{}: the guest crashed: {report}; its vCPUs are stopped and its screen stays until it is powered off",
+            self.config.name
+        );
+        if lock(&self.handle.stop_deadline).is_some() {
+            // A stop was in progress: the guest will never finish it.
+            return Ok(MachineRequest::ForceOff);
+        }
+        self.event_loop(interrupts)
     }
 }

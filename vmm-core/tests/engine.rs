@@ -133,9 +133,10 @@ fn no_reboot_turns_a_reset_into_exit_status_4() {
     assert!(text(&out.stderr).contains("reset"), "{}", text(&out.stderr));
 }
 
+/// `--exit-on-crash`: the old behaviour, the process ends as soon as the guest crashes.
 #[test]
 fn a_triple_fault_is_a_crash_with_the_instruction_bytes() {
-    let out = run_guest("fault", &[]);
+    let out = run_guest("fault", &["--exit-on-crash"]);
     assert_exit(&out, 2);
     assert!(text(&out.stdout).contains("PORTHOLE-GUEST-EXCEPTION vector=0x06"), "{}", text(&out.stdout));
     let stderr = text(&out.stderr);
@@ -395,7 +396,7 @@ fn the_exit_file_records_why_the_vm_ended() {
     let dir = Scratch::new("exit-file");
     let file = dir.path("exit.json");
     for (guest, code, why) in [("hello", 0, "the guest powered off"), ("fault", 2, "the guest crashed: triple fault")] {
-        let out = run_guest(guest, &["--exit-file", file.to_str().unwrap()]);
+        let out = run_guest(guest, &["--exit-on-crash", "--exit-file", file.to_str().unwrap()]);
         assert_exit(&out, code);
         let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert_eq!(record.exit_code, code);
@@ -406,4 +407,73 @@ fn the_exit_file_records_why_the_vm_ended() {
     let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(record.exit_code, 1);
     assert!(record.reason.starts_with("VMM error") && record.reason.contains("/nonexistent/kernel"), "{record:?}");
+}
+
+/// A crashed guest is kept, as QEMU keeps it: status says `crashed` with the report, pause is refused, a
+/// `reset` reboots it (it crashes again), and SIGTERM then ends the process with exit status 2, the crash
+/// as the exit record's reason.
+#[test]
+fn a_crashed_guest_stays_until_sigterm_and_reset_reboots_it() {
+    let dir = Scratch::new("crash-stays");
+    let exit = dir.path("exit.json");
+    let counters = dir.path("counters.json");
+    let vm = Ticker::start_guest(
+        "fault",
+        &["--exit-file", exit.to_str().unwrap(), "--counters-file", counters.to_str().unwrap()],
+    );
+    // (None until the control socket is up, too.)
+    let crashed = |vm: &Ticker| {
+        let status = ControlClient::connect(&vm.control).ok()?.request(&Request::Status).ok()?.status?;
+        (status.state == RunState::Crashed).then_some(status)
+    };
+    let mut status = None;
+    wait_until(
+        LIMIT,
+        || {
+            status = crashed(&vm);
+            status.is_some()
+        },
+        || format!("never crashed:\n{}", vm.output()),
+    );
+    let status = status.unwrap();
+    let report = status.crash.unwrap();
+    assert!(report.contains("triple fault") && report.contains("instruction bytes: 0f 0b"), "{report}");
+    assert_eq!(status.boots, 1);
+    let refused = vm.client().request(&Request::Pause).unwrap_err().to_string();
+    assert!(refused.contains("crashed"), "{refused}");
+    // Still there, and not running the guest: the vCPU threads are gone.
+    assert!(!exit.exists() || std::fs::read(&exit).unwrap().is_empty(), "no exit record yet");
+
+    vm.client().request(&Request::Reset).unwrap();
+    wait_until(
+        LIMIT,
+        || vm.output().matches("PORTHOLE-FAULT-START").count() == 2 && crashed(&vm).is_some_and(|s| s.boots == 2),
+        || format!("no second boot and crash:\n{}", vm.output()),
+    );
+    let pid = vm.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = vm.finish();
+    assert_exit(&out, 2);
+    let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&exit).unwrap()).unwrap();
+    assert_eq!(record.exit_code, 2);
+    assert!(record.reason.starts_with("the guest crashed: triple fault"), "{record:?}");
+    let c: vmm_core::counters::CountersSnapshot =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    assert_eq!((c.boots, c.exits_shutdown), (2, 2), "{c:?}");
+}
+
+/// SIGTERM to a running VM is a forced power-off: exit status 3 and an exit record (not death by signal).
+#[test]
+fn sigterm_powers_a_running_vm_off() {
+    let dir = Scratch::new("sigterm");
+    let exit = dir.path("exit.json");
+    let vm = Ticker::start(&["--exit-file", exit.to_str().unwrap()]);
+    let pid = vm.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = vm.finish();
+    assert_exit(&out, 3);
+    let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&exit).unwrap()).unwrap();
+    assert_eq!(record, vmm_core::vm::ExitRecord { exit_code: 3, reason: "the VM was powered off by the host".into() });
 }

@@ -112,7 +112,7 @@ pub fn groups(by: GroupBy, rows: Vec<(usize, String, Vm)>) -> Vec<(String, Vec<(
 }
 
 fn is_running(vm: &Vm) -> bool {
-    matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting)
+    matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting) || vm.crash.is_some()
 }
 
 impl PortholeApp {
@@ -300,7 +300,8 @@ impl PortholeApp {
     /// seconds while the row is on screen.
     fn thumbnail_cell(&mut self, ui: &mut egui::Ui, key: &(usize, String), vm: &Vm, wanted: &mut Vec<(usize, String)>) {
         let size = egui::vec2(THUMB_WIDTH, THUMB_WIDTH * 0.75);
-        let running = matches!(vm.state, VmState::Running | VmState::Paused);
+        // A crashed VM that is kept shows its last screen.
+        let running = matches!(vm.state, VmState::Running | VmState::Paused) || vm.crash.is_some();
         let (rect, response) = ui.allocate_exact_size(size, egui::Sense::hover());
         response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Image, true, format!("{} screen", vm.name)));
         if !running {
@@ -405,6 +406,7 @@ mod tests {
             uptime_s: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             boot_status: None,
+            crash: None,
         }
     }
 

@@ -2,8 +2,13 @@
 //!
 //! Exit status: 0 the guest powered off; 1 the VMM failed (bad arguments or configuration, KVM
 //! unavailable, set-up error); 2 the guest crashed (triple fault, emulation failure); 3 powered off by
-//! the host (forced stop, or a graceful stop that timed out); 4 the guest reset the machine with
+//! the host (forced stop, a graceful stop that timed out, or SIGTERM); 4 the guest reset the machine with
 //! `--no-reboot`.
+//!
+//! A guest that crashes is kept, as QEMU keeps it: its vCPUs stop, the console keeps its last screen and the
+//! control socket reports `crashed` with the reason, until the VM is powered off (control `stop` or
+//! `poweroff`, or SIGTERM: exit status 2 then) or reset (it reboots). `--exit-on-crash` ends the process at
+//! once instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +25,8 @@ use vmm_core::{SerialSink, Vm, VmConfig};
     version,
     about,
     after_help = "Exit status: 0 guest powered off, 1 VMM error, \
-2 guest crashed, 3 powered off by the host, 4 guest reset with --no-reboot."
+2 guest crashed (once powered off: a crashed guest is kept until then, unless --exit-on-crash), \
+3 powered off by the host or SIGTERM, 4 guest reset with --no-reboot."
 )]
 struct Cli {
     /// Kernel to boot: a Linux bzImage (boot protocol 2.10+; 64- or 32-bit entry), a PVH ELF kernel (32- or 64-bit, with a Xen PHYS32_ENTRY note), or a Multiboot 1 or Multiboot2 kernel
@@ -68,6 +74,10 @@ struct Cli {
     /// Exit (status 4) when the guest resets the machine instead of rebooting it.
     #[arg(long)]
     no_reboot: bool,
+    /// Exit (status 2) as soon as the guest crashes, instead of keeping the crashed VM (its last screen and
+    /// the crash report) until it is powered off.
+    #[arg(long)]
+    exit_on_crash: bool,
     /// How long a graceful stop waits before forcing the VM off, in milliseconds [default: 10000].
     #[arg(long, value_name = "MS")]
     stop_timeout_ms: Option<u64>,
@@ -181,6 +191,9 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     if cli.no_reboot {
         config.no_reboot = true;
     }
+    if cli.exit_on_crash {
+        config.exit_on_crash = true;
+    }
     if let Some(ms) = cli.stop_timeout_ms {
         config.stop_timeout_ms = ms;
     }
@@ -220,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
         vm.disable_seccomp();
     }
     let handle = vm.handle();
+    vmm_core::vm::end_on_sigterm().context("cannot install the SIGTERM handler")?;
     // Opened now: once the VM runs, the seccomp filter forbids opening files.
     let counters_file = match &cli.counters_file {
         Some(path) => Some(std::fs::File::create(path).with_context(|| format!("cannot create {path:?}"))?),
