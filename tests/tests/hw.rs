@@ -87,6 +87,14 @@ const SCENARIOS: &[Scenario] = &[
         ends_itself: false,
         run: installer,
     },
+    Scenario {
+        name: "disk",
+        what: "an installed Debian from virtio-blk: SeaBIOS -> GRUB -> Linux -> systemd -> login on serial and VGA",
+        pieces: &[Piece::DebianDisk],
+        all_only: true,
+        ends_itself: false,
+        run: disk,
+    },
 ];
 
 /// Timings collected across scenarios: (engine run label, seconds from its start to the guest's marker).
@@ -429,6 +437,26 @@ fn installer(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     Ok(format!("first question: {row:?}"))
 }
 
+/// tests/hw/make-debian-disk.sh's image booted from L1's /dev/vda: GRUB's menu, Linux and systemd on serial,
+/// then the getty on ttyS0 (serial) and the one on tty1 (the VGA text console, read over RFB).
+fn disk(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let device = m.expect("HW-DISK-DEVICE", MIN)?.text;
+    let start = m.expect("HW-START porthole-disk", MIN)?;
+    let kernel = m.expect("Linux version", 20 * MIN)?;
+    let serial = m.expect("porthole-disk login:", 40 * MIN)?;
+    let row = screen_shows(m, &["login:"], 10 * MIN)?;
+    let since = |l: &hw::Line| l.at.duration_since(start.at).as_secs_f64();
+    let (to_kernel, to_serial) = (since(&kernel), since(&serial));
+    let to_screen = start.at.elapsed().as_secs_f64();
+    r.times.push(("porthole-disk".into(), to_serial));
+    Ok(format!(
+        "{}; Linux at {to_kernel:.0} s, serial {:?} at {to_serial:.0} s, screen {row:?} by {to_screen:.0} s",
+        device.trim(),
+        serial.text.trim()
+    ))
+}
+
 // ---------------------------------------------------------------------------------------------------
 
 /// Reads the RFB console's text (VGA text mode, glyph by glyph) until a row contains one of `needles`.
@@ -436,12 +464,12 @@ fn screen_shows(m: &mut Machine, needles: &[&str], limit: Duration) -> Result<St
     let deadline = Instant::now() + limit;
     let mut last = Vec::new();
     loop {
-        if let Ok(mut c) = rfb(m) {
-            if c.full_frame().is_ok() {
-                last = porthole_tests::screen_text(&c.pixels, c.width, c.height);
-                if let Some(row) = last.iter().find(|row| needles.iter().any(|n| row.contains(n))) {
-                    return Ok(row.trim().to_owned());
-                }
+        if let Ok(mut c) = rfb(m)
+            && c.full_frame().is_ok()
+        {
+            last = porthole_tests::screen_text(&c.pixels, c.width, c.height);
+            if let Some(row) = last.iter().find(|row| needles.iter().any(|n| row.contains(n))) {
+                return Ok(row.trim().to_owned());
             }
         }
         // Keep reading L1's console meanwhile (and notice if the scenario ended).
