@@ -202,7 +202,7 @@ done
 log "L1 base"
 L1=$W/l1
 busybox_root "$L1"
-install_modules "$L1" kvm-amd virtio_pci virtio_net
+install_modules "$L1" kvm-amd virtio_pci virtio_net virtio_blk
 cp "$SCRIPT_DIR/l1-init.sh" "$L1/init"
 chmod 755 "$L1/init"
 carry "$L1" "$RELEASE/porthole-vmm" hw/bin/porthole-vmm

@@ -94,7 +94,38 @@ pub enum Piece {
     Qemu,
     /// memtest86+'s ISO and the Debian installer ISO.
     Isos,
+    /// The installed Debian disk (tests/hw/make-debian-disk.sh) as L1's virtio-blk drive `/dev/vda`, with
+    /// QEMU's `snapshot=on` so the cached image stays clean (direct mode: a sparse copy, `HW_DISK`).
+    DebianDisk,
 }
+
+/// Where tests/hw/make-debian-disk.sh leaves the installed Debian disk.
+pub fn debian_disk() -> PathBuf {
+    std::env::var_os("PORTHOLE_HW_DISK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/hw-disk"))
+        .join("debian.img")
+}
+
+/// The pieces that are drives of L1 rather than archives appended to its initrd: their QEMU `-drive` values.
+fn l1_drives(pieces: &[Piece]) -> Result<Vec<String>, String> {
+    let mut drives = Vec::new();
+    for piece in pieces {
+        if *piece == Piece::DebianDisk {
+            let img = debian_disk();
+            if !img.is_file() {
+                return Err(format!("{}: missing (run tests/hw/make-debian-disk.sh as root)", img.display()));
+            }
+            // QEMU's option syntax doubles a comma inside a value.
+            let file = img.display().to_string().replace(',', ",,");
+            drives.push(format!("file={file},format=raw,if=virtio,snapshot=on"));
+        }
+    }
+    Ok(drives)
+}
+
+/// The longest console line kept whole; longer ones arrive in pieces of this size.
+const MAX_LINE: usize = 64 * 1024;
 
 /// One line of the console, with the time it arrived.
 #[derive(Debug, Clone)]
@@ -137,10 +168,12 @@ impl Machine {
                 let initrd = scratch.path("l1-initrd.cpio");
                 let mut out = std::fs::File::create(&initrd).map_err(|e| e.to_string())?;
                 let mut parts = vec![hw.join("l1-base.cpio")];
-                parts.extend(pieces.iter().map(|p| match p {
-                    Piece::Qemu => hw.join("l1-qemu.cpio"),
-                    Piece::Isos => hw.join("l1-isos.cpio"),
+                parts.extend(pieces.iter().filter_map(|p| match p {
+                    Piece::Qemu => Some(hw.join("l1-qemu.cpio")),
+                    Piece::Isos => Some(hw.join("l1-isos.cpio")),
+                    Piece::DebianDisk => None,
                 }));
+                let drives = l1_drives(pieces)?;
                 for part in &parts {
                     let mut f = std::fs::File::open(part)
                         .map_err(|e| format!("{}: {e} (run tests/hw/build.sh, or ./x test-hw)", part.display()))?;
@@ -162,6 +195,9 @@ impl Machine {
                          hostfwd=tcp:127.0.0.1:{ctl_port}-:5901,hostfwd=tcp:127.0.0.1:{api_port}-:5902"
                     ),
                 ]);
+                for drive in &drives {
+                    cmd.arg("-drive").arg(drive);
+                }
                 cmd
             }
             Mode::Direct => {
@@ -181,6 +217,21 @@ impl Machine {
                 );
                 cmd.env("HW_VNC_LISTEN", format!("tcp:127.0.0.1:{vnc_port}"));
                 cmd.env("HW_CTL_PORT", ctl_port.to_string()).env("HW_API_PORT", api_port.to_string());
+                if pieces.contains(&Piece::DebianDisk) {
+                    l1_drives(pieces)?;
+                    // The engine writes to its disk: give it a sparse copy, not the cached image.
+                    let copy = scratch.path("debian.img");
+                    let ok = Command::new("cp")
+                        .arg("--sparse=always")
+                        .arg(debian_disk())
+                        .arg(&copy)
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if !ok {
+                        return Err(format!("could not copy {} to {}", debian_disk().display(), copy.display()));
+                    }
+                    cmd.env("HW_DISK", &copy);
+                }
                 cmd
             }
         };
@@ -200,18 +251,31 @@ impl Machine {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match reader.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let text = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_owned();
-                            if tx.send(Line { at: Instant::now(), text }).is_err() {
-                                break;
-                            }
+                let mut line = Vec::new();
+                let send = |line: &mut Vec<u8>| {
+                    let text = String::from_utf8_lossy(line).trim_end_matches(['\r', '\n']).to_owned();
+                    line.clear();
+                    tx.send(Line { at: Instant::now(), text }).is_ok()
+                };
+                'read: loop {
+                    let chunk = match reader.fill_buf() {
+                        Ok([]) | Err(_) => break,
+                        Ok(chunk) => chunk.to_vec(),
+                    };
+                    reader.consume(chunk.len());
+                    for byte in chunk {
+                        line.push(byte);
+                        if (byte == b'\n' || line.len() >= MAX_LINE) && !send(&mut line) {
+                            break 'read;
                         }
                     }
+                    // A getty's prompt ("NAME login: ") waits for input without ending its line.
+                    if line.ends_with(b"login: ") && !send(&mut line) {
+                        break;
+                    }
+                }
+                if !line.is_empty() {
+                    send(&mut line);
                 }
             });
         }

@@ -95,6 +95,14 @@ const SCENARIOS: &[Scenario] = &[
         ends_itself: false,
         run: installer,
     },
+    Scenario {
+        name: "disk",
+        what: "an installed Debian from virtio-blk: SeaBIOS -> GRUB -> Linux -> systemd -> login on serial and VGA",
+        pieces: &[Piece::DebianDisk],
+        all_only: true,
+        ends_itself: false,
+        run: disk,
+    },
 ];
 
 /// Timings collected across scenarios: (engine run label, seconds from its start to the guest's marker).
@@ -466,6 +474,26 @@ fn installer(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         return Err(format!("the installer fell back to low memory mode: {row:?}"));
     }
     Ok(format!("first question: {row:?}"))
+}
+
+/// tests/hw/make-debian-disk.sh's image booted from L1's /dev/vda: GRUB's menu, Linux and systemd on serial,
+/// then the getty on ttyS0 (serial) and the one on tty1 (the VGA text console, read over RFB).
+fn disk(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let device = m.expect("HW-DISK-DEVICE", MIN)?.text;
+    let start = m.expect("HW-START porthole-disk", MIN)?;
+    let kernel = m.expect("Linux version", 20 * MIN)?;
+    let serial = m.expect("porthole-disk login:", 40 * MIN)?;
+    let row = screen_shows(m, &|row: &str| row.contains("login:"), 10 * MIN)?;
+    let since = |l: &hw::Line| l.at.duration_since(start.at).as_secs_f64();
+    let (to_kernel, to_serial) = (since(&kernel), since(&serial));
+    let to_screen = start.at.elapsed().as_secs_f64();
+    r.times.push(("porthole-disk".into(), to_serial));
+    Ok(format!(
+        "{}; Linux at {to_kernel:.0} s, serial {:?} at {to_serial:.0} s, screen {row:?} by {to_screen:.0} s",
+        device.trim(),
+        serial.text.trim()
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -347,6 +347,51 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A loop device over a file, detached when dropped.
+    struct LoopDevice(PathBuf);
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_a_raw_disk_of_its_size() {
+        // A block device needs a loop device: root and losetup. Without them there is nothing to open.
+        let dir = scratch("blockdev");
+        let path = dir.join("backing.img");
+        let content: Vec<u8> = (0..3u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let attached = std::process::Command::new("losetup").args(["-f", "--show"]).arg(&path).output();
+        let Some(dev) = attached
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        else {
+            eprintln!("skipped: no loop device (needs root and losetup)");
+            std::fs::remove_dir_all(dir).unwrap();
+            return;
+        };
+        let dev = LoopDevice(dev);
+        let image = RawImage::open(&dev.0, false).unwrap();
+        assert_eq!(image.size(), 3 << 20, "the size is the device's, found by seeking to its end");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        image.read_at(&mem.get_slice(GuestAddress(0x1000), 4096).unwrap(), 2 << 20).unwrap();
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert_eq!(got, content[2 << 20..(2 << 20) + 4096]);
+        mem.write_slice(&[0x5A; 512], GuestAddress(0x2000)).unwrap();
+        image.write_at(&mem.get_slice(GuestAddress(0x2000), 512).unwrap(), (3 << 20) - 512).unwrap();
+        image.flush().unwrap();
+        assert!(matches!(RawImage::open(&dev.0, false), Err(DiskError::Locked { .. })));
+        drop(image);
+        drop(dev);
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[(3 << 20) - 512..], &[0x5A; 512][..], "the write reached the backing file");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn only_removable_drives_change_media() {
         let dir = scratch("media");
