@@ -25,6 +25,19 @@ pub fn hw_dir() -> PathBuf {
     std::env::var_os("PORTHOLE_HW_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/hw"))
 }
 
+/// The QEMU that runs L1 (the L0): `PORTHOLE_HW_L0_QEMU`, else the one tests/hw/fetch-l0-qemu.sh unpacked
+/// (where the system's QEMU is older than 8.2 and so lacks the SVM XSETBV intercept), else the system's.
+pub fn l0_qemu() -> PathBuf {
+    if let Some(q) = std::env::var_os("PORTHOLE_HW_L0_QEMU") {
+        return PathBuf::from(q);
+    }
+    let dir = std::env::var_os("PORTHOLE_HW_L0_QEMU_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/hw-l0-qemu"));
+    let fetched = dir.join("usr/bin/qemu-system-x86_64");
+    if fetched.is_file() { fetched } else { PathBuf::from("qemu-system-x86_64") }
+}
+
 /// How the scenarios run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -180,7 +193,7 @@ impl Machine {
                     std::io::copy(&mut f, &mut out).map_err(|e| e.to_string())?;
                 }
                 drop(out);
-                let mut cmd = Command::new("qemu-system-x86_64");
+                let mut cmd = Command::new(l0_qemu());
                 let cpus = std::env::var("PORTHOLE_HW_L1_CPUS").unwrap_or_else(|_| "2".into());
                 cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &cpus, "-m", &l1_memory_mib().to_string()]);
                 cmd.args(["-M", "pc", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"]);
