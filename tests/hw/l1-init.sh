@@ -22,7 +22,7 @@ while read -r m; do
 done </lib/modules/load-order
 
 if [ -c /dev/kvm ] && grep -qw svm /proc/cpuinfo; then
-    echo "HW-L1-KVM ok npt=$(grep -qw npt /proc/cpuinfo && echo yes || echo no)"
+    echo "HW-L1-KVM ok npt=$(grep -qw npt /proc/cpuinfo && echo yes || echo no) features:$(for f in xsave avx avx2 x2apic; do grep -qw $f /proc/cpuinfo && printf ' %s' $f; done)"
 else
     echo "HW-L1-KVM missing: $(ls -l /dev/kvm 2>&1); flags: $(grep -m1 -o 'svm\|vmx' /proc/cpuinfo)"
 fi
