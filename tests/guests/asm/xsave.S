@@ -80,7 +80,7 @@ guest_main:
     andl $(1 << 0) | (1 << 24) | (1 << 25), %eax    /* FPU, FXSR, SSE */
     cmpl $(1 << 0) | (1 << 24) | (1 << 25), %eax
     jne no_sse
-    movl %ecx, %ebx                 /* leaf 1 ECX: bit 28 AVX */
+    movl %ecx, leaf1_ecx(%rip)      /* bit 28: AVX (CPUID 0xD below clobbers EBX/ECX) */
     movq %cr0, %rax
     andq $~((1 << 2) | (1 << 3)), %rax      /* EM, TS */
     orq $(1 << 1) | (1 << 5), %rax          /* MP, NE */
@@ -98,7 +98,7 @@ guest_main:
     cmpl $3, %ecx
     jne no_sse
     movl $3, %r12d                  /* x87 | SSE */
-    testl $1 << 28, %ebx
+    testl $1 << 28, leaf1_ecx(%rip)
     jz 1f
     testl $1 << 2, %eax
     jz 1f
@@ -765,6 +765,8 @@ name_mxcsr:
 
     .section .data
     .p2align 3
+leaf1_ecx:                          /* CPUID leaf 1 ECX */
+    .long 0
 have_avx:
     .long 0
 xcr0:
