@@ -24,22 +24,8 @@ fn kvm(what: &'static str, index: u32) -> impl FnOnce(kvm_ioctls::Error) -> CpuE
 
 // CPUID feature bits we change.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
-
-/// Adds to KVM's supported CPUID what KVM emulates but `KVM_GET_SUPPORTED_CPUID` leaves out: the LAPIC's
-/// TSC-deadline timer mode (reported through `KVM_CAP_TSC_DEADLINE_TIMER` instead, as it needs the in-kernel
-/// LAPIC, which every VM here has). Without it Linux calibrates the LAPIC timer against the PIT at boot
-/// (100 ms of ticks, and under nested virtualization often "APIC timer disabled due to verification
-/// failure", leaving every timer interrupt to the PIT, reprogrammed through port I/O).
-pub fn with_kvm_emulated(supported: &mut CpuId, tsc_deadline: bool) {
-    for e in supported.as_mut_slice() {
-        if e.function == 1 && tsc_deadline {
-            e.ecx |= LEAF1_ECX_TSC_DEADLINE;
-        }
-    }
-}
 
 /// Builds the CPUID of vCPU `index` of `count` from KVM's supported set: APIC ids, topology (one package,
 /// `count` cores, one thread each), the hypervisor bit, and without what we do not emulate (the
@@ -303,20 +289,5 @@ mod tests {
         if let Some(leaf7) = c.as_slice().iter().find(|e| e.function == 7 && e.index == 0) {
             assert_eq!(leaf7.edx & LEAF7_EDX_ARCH_CAPABILITIES, 0);
         }
-    }
-
-    #[test]
-    fn tsc_deadline_timer_is_offered_when_kvm_emulates_it() {
-        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-        let leaf1 = |c: &CpuId| c.as_slice().iter().find(|e| e.function == 1).map(|e| e.ecx).unwrap();
-        let mut with = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
-        let mut without = with.clone();
-        with_kvm_emulated(&mut with, true);
-        with_kvm_emulated(&mut without, false);
-        assert_ne!(leaf1(&cpuid_for(&with, 0, 1)) & LEAF1_ECX_TSC_DEADLINE, 0);
-        // Nothing else of leaf 1 changes, and without the capability the bit stays as KVM reported it.
-        assert_eq!(leaf1(&with) & !LEAF1_ECX_TSC_DEADLINE, leaf1(&without) & !LEAF1_ECX_TSC_DEADLINE);
-        let reported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
-        assert_eq!(leaf1(&without), leaf1(&reported));
     }
 }

@@ -447,9 +447,8 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         config.validate(kvm.get_max_vcpus() as u32)?;
-        let mut supported_cpuid =
+        let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
-        cpu::with_kvm_emulated(&mut supported_cpuid, kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer));
         let open = |what, path: &std::path::Path| {
             File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
         };
