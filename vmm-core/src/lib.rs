@@ -16,6 +16,7 @@ pub mod display;
 pub mod firmware;
 pub mod layout;
 pub mod pci;
+pub mod ram;
 pub mod rfb;
 pub mod seccomp;
 pub mod vcpu;

@@ -40,6 +40,7 @@ use crate::display::refresh::{BootView, Refresher};
 use crate::display::{self, Screen};
 use crate::layout;
 use crate::pci::{self, PciBus, PciConfigPorts, PciMmioWindow};
+use crate::ram::AlignedRam;
 use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
@@ -441,6 +442,9 @@ pub struct Vm {
     pending_input: Vec<u8>,
     /// Keeps the console screen up to date.
     refresher: Arc<Refresher>,
+    /// Guest RAM, mapped once and zeroed for each boot after the first. Last, so that it is unmapped after
+    /// everything else here is gone (every boot's users of the memory end with the boot).
+    ram: Vec<AlignedRam>,
 }
 
 /// The BIOS image as a read-only memory slot at `address` (guest writes to it exit and are dropped).
@@ -566,6 +570,7 @@ impl Vm {
             seccomp: true,
             pending_input: Vec::new(),
             refresher: Refresher::new(Screen::new()),
+            ram: Vec::new(),
         })
     }
 
@@ -599,13 +604,41 @@ impl Vm {
         Ok(vm)
     }
 
-    fn create_memory(&self, vm: &VmFd) -> Result<GuestMemoryMmap, VmError> {
+    /// Guest RAM for one boot: the VM's huge-page-aligned mappings ([`crate::ram`]), fresh for the first
+    /// boot and zeroed for each later one (the previous boot, and every thread that used its memory, has
+    /// ended by then).
+    fn create_memory(&mut self, vm: &VmFd) -> Result<GuestMemoryMmap, VmError> {
         let mib = self.config.memory_mib;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(self.config.memory_bytes())
-            .into_iter()
-            .map(|(start, size)| (GuestAddress(start), size as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+        let mem_err = |e: std::io::Error| VmError::Memory { mib, reason: e.to_string() };
+        let ranges = layout::ram_regions(self.config.memory_bytes());
+        if self.ram.is_empty() {
+            for &(_, size) in &ranges {
+                self.ram.push(AlignedRam::new(size as usize).map_err(mem_err)?);
+            }
+        } else {
+            for ram in &self.ram {
+                ram.zero().map_err(mem_err)?;
+            }
+        }
+        let mut regions = Vec::new();
+        for (&(start, _), ram) in ranges.iter().zip(&self.ram) {
+            // SAFETY: `ram` is a live read-write private anonymous mapping of `ram.len()` bytes, owned by this
+            // VM, which outlives every boot and so every user of this region (see the `ram` field).
+            let mapping = unsafe {
+                MmapRegion::build_raw(
+                    ram.addr(),
+                    ram.len(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
+            regions.push(
+                GuestRegionMmap::new(mapping, GuestAddress(start))
+                    .ok_or_else(|| VmError::Memory { mib, reason: "RAM region wraps around".into() })?,
+            );
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| VmError::Memory { mib, reason: e.to_string() })?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))

@@ -222,7 +222,8 @@ pub struct I8042 {
     pending: Option<PendingWrite>,
     /// The byte in the output buffer, and where it came from.
     output: Option<(u8, Source)>,
-    queue: VecDeque<(u8, Source)>,
+    /// Bytes waiting for the output buffer: (byte, source, written by the controller's 0xD2/0xD3 loopback).
+    queue: VecDeque<(u8, Source, bool)>,
     keyboard: Keyboard,
     mouse: Mouse,
     keyboard_irq: IrqLine,
@@ -253,8 +254,19 @@ impl I8042 {
     fn push(&mut self, bytes: &[u8], source: Source) {
         for &b in bytes {
             if self.queue.len() < QUEUE_LIMIT {
-                self.queue.push_back((b, source));
+                self.queue.push_back((b, source, false));
             }
+        }
+        self.fill_output();
+    }
+
+    /// A byte the controller writes into its output buffer as if `source` had sent it (commands 0xD2 and
+    /// 0xD3). The controller writes it itself, so a disabled port does not hold it back: Linux tests the
+    /// AUX loopback with the port disabled (its multiplexer probe) and, without an answer, polls the status
+    /// register 10,000 times before giving up.
+    fn push_looped(&mut self, byte: u8, source: Source) {
+        if self.queue.len() < QUEUE_LIMIT {
+            self.queue.push_back((byte, source, true));
         }
         self.fill_output();
     }
@@ -264,19 +276,20 @@ impl I8042 {
         if self.output.is_some() {
             return;
         }
-        let Some(&(_, source)) = self.queue.front() else {
+        let Some(&(_, source, looped)) = self.queue.front() else {
             return;
         };
         // A disabled port holds its bytes back.
-        let blocked = match source {
-            Source::Keyboard => self.config & CFG_KBD_DISABLED != 0,
-            Source::Mouse => self.config & CFG_AUX_DISABLED != 0,
-            Source::Controller => false,
-        };
+        let blocked = !looped
+            && match source {
+                Source::Keyboard => self.config & CFG_KBD_DISABLED != 0,
+                Source::Mouse => self.config & CFG_AUX_DISABLED != 0,
+                Source::Controller => false,
+            };
         if blocked {
             return;
         }
-        let (byte, source) = self.queue.pop_front().expect("front exists");
+        let (byte, source, _) = self.queue.pop_front().expect("front exists");
         self.output = Some((byte, source));
         match source {
             Source::Mouse if self.config & CFG_AUX_INT != 0 => self.mouse_irq.trigger(),
@@ -346,8 +359,8 @@ impl I8042 {
                     self.machine.request(MachineRequest::Reset);
                 }
             }
-            Some(PendingWrite::KeyboardOutput) => self.push(&[byte], Source::Keyboard),
-            Some(PendingWrite::MouseOutput) => self.push(&[byte], Source::Mouse),
+            Some(PendingWrite::KeyboardOutput) => self.push_looped(byte, Source::Keyboard),
+            Some(PendingWrite::MouseOutput) => self.push_looped(byte, Source::Mouse),
             Some(PendingWrite::ToMouse) => {
                 let reply = self.mouse.command(byte);
                 self.push(&reply, Source::Mouse);
@@ -568,6 +581,30 @@ mod tests {
         assert_eq!(status(&mut r.dev) & STATUS_OBF, 0, "keyboard port disabled");
         cmd(&mut r.dev, 0xAE);
         assert_eq!(drain(&mut r.dev).len(), QUEUE_LIMIT);
+    }
+
+    #[test]
+    fn loopback_answers_with_the_port_disabled() {
+        // Linux's multiplexer probe (after its AUX test left the port disabled): 0xA7, then 0xD3 0xF0 must
+        // come back at once from the AUX side, or it polls the status register 10,000 times.
+        let mut r = rig();
+        cmd(&mut r.dev, 0xA7);
+        cmd(&mut r.dev, 0xD3);
+        data(&mut r.dev, 0xF0);
+        assert_eq!(status(&mut r.dev) & (STATUS_OBF | STATUS_AUX_OBF), STATUS_OBF | STATUS_AUX_OBF);
+        assert_eq!(drain(&mut r.dev), vec![0xF0]);
+        // The same for the keyboard side (0xD2) with the keyboard port disabled, from the keyboard.
+        cmd(&mut r.dev, 0xAD);
+        cmd(&mut r.dev, 0xD2);
+        data(&mut r.dev, 0x5A);
+        assert_eq!(status(&mut r.dev) & (STATUS_OBF | STATUS_AUX_OBF), STATUS_OBF);
+        assert_eq!(drain(&mut r.dev), vec![0x5A]);
+        // Bytes from the devices themselves are still held while their port is disabled.
+        cmd(&mut r.dev, 0xD4);
+        data(&mut r.dev, 0xF2);
+        assert_eq!(status(&mut r.dev) & STATUS_OBF, 0);
+        cmd(&mut r.dev, 0xA8);
+        assert_eq!(drain(&mut r.dev), vec![ACK, 0]);
     }
 
     #[test]
