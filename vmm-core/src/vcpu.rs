@@ -417,4 +417,30 @@ mod tests {
         run.stop_boot();
         vcpu.join().unwrap();
     }
+
+    /// A pause that lands before the boot is opened (a VM paused right after it was started) holds the boot's
+    /// vCPUs before their first run, and the counts stay right: once resumed, they run and can be paused
+    /// again. (The parked count used to be zeroed under a vCPU already parked, which then underflowed it
+    /// on resume: a panic that ended the vCPU thread in debug builds.)
+    #[test]
+    fn a_pause_before_the_boot_opens_holds_its_vcpus_until_resumed() {
+        install_kick_handler().unwrap();
+        let run = Arc::new(RunControl::default());
+        run.pause(Duration::from_secs(60)).unwrap();
+        run.begin_boot(1);
+        let (go, wait) = std::sync::mpsc::channel();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let vcpu = vcpu_thread(run.clone(), wait, entered_tx);
+        go.send(()).unwrap();
+        run.pause(Duration::from_secs(60)).unwrap();
+        assert_eq!(lock(&run.state).parked, 1, "the vCPU parked before its first run");
+        assert!(entered.try_recv().is_err(), "the vCPU did not get past its entry while paused");
+        run.resume();
+        assert!(!entered.recv().unwrap(), "once resumed, the vCPU runs");
+        run.pause(Duration::from_secs(60)).unwrap();
+        assert_eq!(lock(&run.state).parked, 1);
+        run.resume();
+        run.stop_boot();
+        vcpu.join().unwrap();
+    }
 }
