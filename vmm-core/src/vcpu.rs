@@ -54,6 +54,9 @@ struct RunState {
     paused: bool,
     exiting: bool,
     parked: usize,
+    /// vCPU threads of the current boot that have not left their loop (started or not).
+    live: usize,
+    /// The threads of those that have started (only they can be in KVM_RUN, so only they are kicked).
     threads: Vec<libc::pthread_t>,
 }
 
@@ -78,19 +81,33 @@ pub struct PauseTimeout {
 impl RunControl {
     fn kick_all(state: &RunState) {
         for &t in &state.threads {
-            // SAFETY: the thread ids belong to vCPU threads that are joined only after `exiting` is set
-            // and `threads` cleared under the same lock.
+            // SAFETY: every id belongs to a live vCPU thread: each thread adds its own id (`enter`) and
+            // removes it (`thread_done`) under this lock before it ends, and threads are joined only after.
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }
 
-    /// Registers the threads of a new boot.
-    pub fn start_boot(&self, threads: Vec<libc::pthread_t>) {
+    /// Opens a new boot of `vcpus` vCPU threads. Called before any of them is spawned: a thread that starts
+    /// must never see the previous boot's `exiting` (it would leave at once and the new boot would have no
+    /// vCPU), and a pause must wait for threads that have not started yet.
+    pub fn begin_boot(&self, vcpus: usize) {
         let mut s = lock(&self.state);
         s.exiting = false;
         s.parked = 0;
-        s.threads = threads;
+        s.live = vcpus;
+        s.threads.clear();
         self.attention.store(s.paused, Ordering::Release);
+    }
+
+    /// Called by a vCPU thread before its first KVM_RUN: registers it for kicks, then parks while paused.
+    /// Returns whether to exit at once (the boot is already being stopped).
+    fn enter(&self) -> bool {
+        {
+            let mut s = lock(&self.state);
+            // SAFETY: pthread_self has no preconditions.
+            s.threads.push(unsafe { libc::pthread_self() });
+        }
+        self.attention.load(Ordering::Acquire) && self.checkpoint()
     }
 
     /// Stops every vCPU and waits until all are parked; returns how long that took.
@@ -99,11 +116,11 @@ impl RunControl {
         let mut s = lock(&self.state);
         s.paused = true;
         self.attention.store(true, Ordering::Release);
-        while s.parked < s.threads.len() && !s.exiting {
+        while s.parked < s.live && !s.exiting {
             Self::kick_all(&s);
             let waited = start.elapsed();
             if waited >= timeout {
-                return Err(PauseTimeout { parked: s.parked, total: s.threads.len(), waited });
+                return Err(PauseTimeout { parked: s.parked, total: s.live, waited });
             }
             s = self.changed.wait_timeout(s, Duration::from_millis(2)).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -143,12 +160,14 @@ impl RunControl {
         s.exiting
     }
 
-    /// Called by a vCPU thread as it exits, so kicks stop targeting it.
-    fn thread_done(&self) {
+    /// Called by a vCPU thread as it exits (also one that never entered its loop), so kicks stop targeting
+    /// it and a pause stops waiting for it.
+    pub fn thread_done(&self) {
         let mut s = lock(&self.state);
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         s.threads.retain(|&t| t != me);
+        s.live = s.live.saturating_sub(1);
         self.changed.notify_all();
     }
 }
@@ -227,6 +246,15 @@ impl Vcpu {
     /// Runs the vCPU until the machine stops, resets or crashes.
     pub fn run_loop(mut self) {
         IMMEDIATE_EXIT.with(|p| p.set(&mut self.fd.get_kvm_run().immediate_exit));
+        if !self.run.enter() {
+            self.guest_loop();
+        }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        self.run.thread_done();
+    }
+
+    /// Enters the guest again and again until the boot is stopped.
+    fn guest_loop(&mut self) {
         loop {
             if self.run.attention.load(Ordering::Acquire) && self.run.checkpoint() {
                 break;
@@ -301,8 +329,6 @@ impl Vcpu {
                 }
             }
         }
-        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
-        self.run.thread_done();
     }
 }
 
@@ -317,5 +343,104 @@ impl RunControl {
             s.parked -= 1;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a vCPU thread does with its RunControl, without KVM: waits for `go`, enters (reporting on
+    /// `entered` whether it was told to exit at once), then "runs the guest" (spins) until told to exit.
+    fn vcpu_thread(
+        run: Arc<RunControl>,
+        go: std::sync::mpsc::Receiver<()>,
+        entered: std::sync::mpsc::Sender<bool>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            go.recv().unwrap();
+            let at_once = run.enter();
+            entered.send(at_once).unwrap();
+            if !at_once {
+                while !(run.attention.load(Ordering::Acquire) && run.checkpoint()) {
+                    std::thread::yield_now();
+                }
+            }
+            run.thread_done();
+        })
+    }
+
+    /// Regression: after a reset the previous boot's stop stayed in force until the new boot's threads were
+    /// registered, which happened after they were spawned; a new vCPU thread that got to its first check
+    /// first (a loaded host) left at once, and the rebooted guest never ran (boots counted, no output).
+    #[test]
+    fn a_new_boots_vcpus_run_although_the_previous_boot_was_stopped() {
+        install_kick_handler().unwrap();
+        let run = Arc::new(RunControl::default());
+        for boot in 1..=3 {
+            run.begin_boot(1);
+            let (go, wait) = std::sync::mpsc::channel();
+            let (entered_tx, entered) = std::sync::mpsc::channel();
+            let vcpu = vcpu_thread(run.clone(), wait, entered_tx);
+            go.send(()).unwrap(); // the thread starts before anything else happens to this boot
+            assert!(!entered.recv().unwrap(), "boot {boot}: the new vCPU was told to exit before it ran");
+            // And it is still there: a pause finds it and it parks.
+            run.pause(Duration::from_secs(60)).unwrap();
+            assert_eq!(lock(&run.state).parked, 1, "boot {boot}: the vCPU is parked, not gone");
+            run.resume();
+            run.stop_boot();
+            vcpu.join().unwrap();
+        }
+    }
+
+    /// A pause that begins before a vCPU thread has started waits for it to park, rather than reporting every
+    /// vCPU stopped while one is about to run the guest.
+    #[test]
+    fn a_pause_waits_for_vcpus_that_have_not_started() {
+        install_kick_handler().unwrap();
+        let run = Arc::new(RunControl::default());
+        run.begin_boot(1);
+        let (go, wait) = std::sync::mpsc::channel();
+        let (entered_tx, _entered) = std::sync::mpsc::channel();
+        let vcpu = vcpu_thread(run.clone(), wait, entered_tx);
+        let pauser = {
+            let run = run.clone();
+            std::thread::spawn(move || run.pause(Duration::from_secs(60)))
+        };
+        while !run.is_paused() {
+            std::thread::yield_now();
+        }
+        go.send(()).unwrap();
+        pauser.join().unwrap().unwrap();
+        assert_eq!(lock(&run.state).parked, 1, "the late vCPU parked before the pause returned");
+        run.resume();
+        run.stop_boot();
+        vcpu.join().unwrap();
+    }
+
+    /// A pause that lands before the boot is opened (a VM paused right after it was started) holds the boot's
+    /// vCPUs before their first run, and the counts stay right: once resumed, they run and can be paused
+    /// again. (The parked count used to be zeroed under a vCPU already parked, which then underflowed it
+    /// on resume: a panic that ended the vCPU thread in debug builds.)
+    #[test]
+    fn a_pause_before_the_boot_opens_holds_its_vcpus_until_resumed() {
+        install_kick_handler().unwrap();
+        let run = Arc::new(RunControl::default());
+        run.pause(Duration::from_secs(60)).unwrap();
+        run.begin_boot(1);
+        let (go, wait) = std::sync::mpsc::channel();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let vcpu = vcpu_thread(run.clone(), wait, entered_tx);
+        go.send(()).unwrap();
+        run.pause(Duration::from_secs(60)).unwrap();
+        assert_eq!(lock(&run.state).parked, 1, "the vCPU parked before its first run");
+        assert!(entered.try_recv().is_err(), "the vCPU did not get past its entry while paused");
+        run.resume();
+        assert!(!entered.recv().unwrap(), "once resumed, the vCPU runs");
+        run.pause(Duration::from_secs(60)).unwrap();
+        assert_eq!(lock(&run.state).parked, 1);
+        run.resume();
+        run.stop_boot();
+        vcpu.join().unwrap();
     }
 }

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -893,6 +892,8 @@ impl Vm {
         }
         vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
         let filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
+        // Before any thread starts: the previous boot's stop must not reach this boot's vCPUs.
+        self.handle.run.begin_boot(vcpus.len());
         let mut threads = Vec::new();
         for v in vcpus {
             let filter = filter.clone();
@@ -904,6 +905,7 @@ impl Vm {
                     {
                         v.machine.request(MachineRequest::Crash);
                         log::error!("vCPU {}: cannot apply its seccomp filter: {e}", v.index);
+                        v.run.thread_done();
                         return;
                     }
                     v.run_loop();
@@ -911,7 +913,6 @@ impl Vm {
                 .map_err(io_err("start a vCPU thread"))?;
             threads.push(thread);
         }
-        self.handle.run.start_boot(threads.iter().map(|t| t.as_pthread_t()).collect());
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
         Ok(Boot { _vm: vm, _mem: mem, _vram: vram, _rom: rom, threads, _pci: pci_bus, interrupts })
     }
