@@ -292,6 +292,12 @@ impl Machine {
                 }
             });
         }
+        let vnc = UnixToTcp::start(scratch.path("vnc.sock"), vnc_port);
+        let echo = std::env::var_os("PORTHOLE_HW_VERBOSE").is_some();
+        if echo {
+            // Where to watch: `porthole vnc+unix://PATH` (or any VNC viewer) while the scenario runs.
+            eprintln!("    | {scenario}: the L2 console is at vnc+unix://{}", vnc.path.display());
+        }
         Ok(Machine {
             child,
             lines,
@@ -299,11 +305,11 @@ impl Machine {
             log,
             log_path,
             started,
-            vnc: UnixToTcp::start(scratch.path("vnc.sock"), vnc_port),
+            vnc,
             control: UnixToTcp::start(scratch.path("control.sock"), ctl_port),
             api: UnixToTcp::start(scratch.path("api.sock"), api_port),
             _scratch: scratch,
-            echo: std::env::var_os("PORTHOLE_HW_VERBOSE").is_some(),
+            echo,
         })
     }
 
