@@ -417,14 +417,7 @@ fn stage_direct(hw: &Path, scratch: &Scratch) -> Result<PathBuf, String> {
     link(&hw.join("guests"), &stage.join("guests"))?;
     link(&repo_root().join("tests/hw/scenarios"), &stage.join("scenarios"))?;
     link(Path::new("/usr/share/qemu"), &stage.join("share/qemu"))?;
-    let seabios = crate::hw::seabios_dir().ok_or("no SeaBIOS: apt-get install seabios")?;
-    link(&seabios, &stage.join("share/seabios"))?;
+    let bios = vmm_core::config::find_seabios().ok_or("no SeaBIOS: apt-get install seabios")?;
+    link(bios.parent().ok_or("SeaBIOS has no directory")?, &stage.join("share/seabios"))?;
     Ok(stage)
-}
-
-/// Where a SeaBIOS bios.bin is (the system's, or the real-guest cache's).
-pub fn seabios_dir() -> Option<PathBuf> {
-    [PathBuf::from("/usr/share/seabios"), repo_root().join("target/real-guests")]
-        .into_iter()
-        .find(|d| d.join("bios.bin").exists())
 }

@@ -18,12 +18,6 @@ fn cache() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/real-guests"))
 }
 
-fn hardware_virtualization() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm"))))
-        .unwrap_or(false)
-}
-
 /// Boots `kernel` with a time limit and reports what the serial console showed.
 fn boot(
     label: &str,
@@ -100,7 +94,7 @@ fn check_linux(label: &str, kernel: &str) {
         Duration::from_secs(180),
     );
     assert_ne!(status, Some(1), "porthole-vmm itself failed");
-    if hardware_virtualization() {
+    if porthole_tests::hw::host_has_hardware_virtualization() {
         assert!(log.contains("PORTHOLE-LINUX-OK"), "{label} did not reach /init on hardware virtualization");
         assert_eq!(status, Some(0), "{label}: the kernel should power the VM off");
     } else {
@@ -144,7 +138,7 @@ fn debian_kernel_reads_and_writes_virtio_disks() {
     for line in log.lines().filter(|l| l.starts_with("PORTHOLE-DISK") || l.starts_with("PORTHOLE-BLOCK")) {
         println!("REAL-GUEST linux-disks: {line}");
     }
-    if !hardware_virtualization() {
+    if !porthole_tests::hw::host_has_hardware_virtualization() {
         println!("REAL-GUEST linux-disks: no VT-x/AMD-V here (nested PVM KVM): recorded, not required to pass");
         return;
     }
@@ -182,7 +176,7 @@ fn memtest86plus_as_a_linux_kernel() {
     let (status, log, _) =
         boot("memtest86+", "memtest86+x64.bin", None, "console=ttyS0,115200", Duration::from_secs(60));
     assert_ne!(status, Some(1), "porthole-vmm itself failed");
-    if hardware_virtualization() {
+    if porthole_tests::hw::host_has_hardware_virtualization() {
         assert!(!log.is_empty(), "memtest86+ printed nothing on the serial console");
     }
 }
@@ -319,7 +313,7 @@ fn check_iso(label: &str, file: &str, milestones: &[&str]) {
         qemu.seconds, qemu.firmware, qemu.screen
     );
     assert!(ours.firmware.starts_with("Booting from"), "the firmware booted the CD: {:?}", ours.firmware);
-    if hardware_virtualization() {
+    if porthole_tests::hw::host_has_hardware_virtualization() {
         assert_eq!(
             ours.reached.len(),
             milestones.len(),
