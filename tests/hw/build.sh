@@ -4,7 +4,8 @@
 #   $OUT (default <repo>/target/hw)
 #     l1-vmlinuz        the L1 kernel: Debian's, the same one the L2 guests boot
 #     l1-base.cpio      L1 root: busybox, /init, the L1 modules (kvm, kvm-amd, virtio-net, ...),
-#                       porthole-vmm and portholed (release), socat, their shared libraries (ldd),
+#                       porthole-vmm and portholed (release), socat, passt (the user-mode network back
+#                       end) and dnsmasq (the net scenario's DNS server), their shared libraries (ldd),
 #                       the scenario scripts (tests/hw/scenarios) and the L2 guests under /hw/guests
 #     l1-qemu.cpio      QEMU (the peer) with its libraries and firmware, appended for the scenarios
 #                       that time it
@@ -53,12 +54,14 @@ BB=$CACHE/root/busybox-static/bin/busybox
 for f in "$BB" "$CACHE/vmlinuz" "$CACHE/vmlinux" "$RELEASE/porthole-vmm" "$RELEASE/portholed"; do
     [[ -e $f ]] || die "missing input $f"
 done
-for tool in socat qemu-system-x86_64 cpio grub-mkrescue xorriso depmod; do
-    command -v "$tool" >/dev/null || die "$tool is missing (apt-get install socat qemu-system-x86 cpio grub-pc-bin xorriso mtools kmod)"
+for tool in socat passt dnsmasq qemu-system-x86_64 cpio grub-mkrescue xorriso depmod; do
+    command -v "$tool" >/dev/null ||
+        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 cpio grub-pc-bin xorriso mtools kmod)"
 done
 
 # Rebuild only when an input changed.
-INPUTS=("$SCRIPT_DIR" "$CACHE/manifest.txt" "$RELEASE/porthole-vmm" "$RELEASE/portholed" "$(command -v qemu-system-x86_64)")
+INPUTS=("$SCRIPT_DIR" "$CACHE/manifest.txt" "$RELEASE/porthole-vmm" "$RELEASE/portholed" "$(command -v qemu-system-x86_64)"
+    "$(command -v passt)" "$(command -v dnsmasq)")
 [[ -n $MICRO ]] && INPUTS+=("$MICRO")
 STAMP=$OUT/.stamp
 if [[ -f $STAMP ]] && [[ -z $(find "${INPUTS[@]}" -newer "$STAMP" -print -quit) ]]; then
@@ -155,9 +158,11 @@ pack() {
 log "L2 initramfs"
 L2=$W/l2
 busybox_root "$L2"
-install_modules "$L2" virtio_pci virtio_blk virtio_scsi sr_mod bochs psmouse evdev button
+install_modules "$L2" virtio_pci virtio_blk virtio_scsi virtio_net sr_mod bochs psmouse evdev button
 cp "$SCRIPT_DIR/l2-init.sh" "$L2/init"
-chmod 755 "$L2/init"
+mkdir -p "$L2/etc/udhcpc"
+cp "$SCRIPT_DIR/l2-udhcpc.sh" "$L2/etc/udhcpc/default.script"
+chmod 755 "$L2/init" "$L2/etc/udhcpc/default.script"
 pack "$L2" "$OUT/guests/l2-initramfs.cpio.gz" gzip
 
 cp "$CACHE/vmlinuz" "$CACHE/vmlinux" "$OUT/guests/"
@@ -208,6 +213,8 @@ chmod 755 "$L1/init"
 carry "$L1" "$RELEASE/porthole-vmm" hw/bin/porthole-vmm
 carry "$L1" "$RELEASE/portholed" hw/bin/portholed
 carry "$L1" "$(command -v socat)" hw/bin/socat
+carry "$L1" "$(command -v passt)" hw/bin/passt
+carry "$L1" "$(command -v dnsmasq)" hw/bin/dnsmasq
 mkdir -p "$L1/hw/scenarios" "$L1/hw/guests" "$L1/hw/share/seabios"
 cp "$SCRIPT_DIR"/scenarios/*.sh "$L1/hw/scenarios/"
 cp "$CACHE"/bios.bin "$CACHE"/vgabios-stdvga.bin "$L1/hw/share/seabios/"

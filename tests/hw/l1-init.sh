@@ -33,10 +33,17 @@ ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route
 
 SCENARIO=$(arg hw.scenario)
 echo "HW-L1-UP scenario=$SCENARIO cpus=$(grep -c ^processor /proc/cpuinfo) mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo)kB"
-if [ -f "/hw/scenarios/$SCENARIO.sh" ]; then
-    cd /tmp
-    sh "/hw/scenarios/$SCENARIO.sh"
+# The scenario runs in a bind mount of this root moved on top of it (as switch_root does): passt (the
+# engine's user-mode network) isolates itself with pivot_root(2), which refuses a caller whose root is
+# the initramfs itself (rootfs has no parent mount), and with a user namespace, which the kernel refuses
+# to a chrooted caller; the moved mount is the namespace's root as seen from above, so neither applies.
+# /proc, /sys, /dev and /tmp come along (rbind).
+mkdir -p /l1root
+if [ -f "/hw/scenarios/$SCENARIO.sh" ] && mount -o rbind / /l1root && cd /l1root && mount --move /l1root /; then
+    chroot . sh -c 'cd /tmp && exec sh "/hw/scenarios/$0.sh"' "$SCENARIO"
     echo "HW-L1-END rc=$?"
+elif [ -f "/hw/scenarios/$SCENARIO.sh" ]; then
+    echo "HW-L1-END cannot bind-mount the root for the scenario"
 else
     echo "HW-L1-END no scenario '$SCENARIO'"
 fi

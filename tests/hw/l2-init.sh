@@ -8,6 +8,12 @@
 #                   /dev/sr0), a square drawn into /dev/fb0 through bochs-drm, a line typed on the PS/2
 #                   keyboard, PS/2 mouse packets, then `reboot -f`; second boot (seen on the disk): waits
 #                   for the ACPI power button and powers off.
+#   hw.mode=net     the network through virtio-net (tests/hw/scenarios/net.sh, which serves the other
+#                   ends in L1): which driver bound eth0, the DHCP lease (udhcpc, l2-udhcpc.sh) and the
+#                   MTU, a DNS name, an 8 MiB HTTP download and a 64 MiB one from L1's loopback through
+#                   the gateway address; then it serves the 64 MiB file back on port 80 (busybox httpd),
+#                   tells L1 so (a connection to its port 8083) and waits for L1's "bye" on port 81 (80 and
+#                   81 are forwarded from L1 ports) before powering off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -34,6 +40,39 @@ wait_for() {
     while [ ! -e "$1" ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
     [ -e "$1" ]
 }
+
+if [ "$MODE" = net ]; then
+    # The files L1 serves on its loopback (net.sh), reached through the gateway address.
+    HTTP_PORT=8080 READY_PORT=8083
+    wait_for /sys/class/net/eth0 || { say "PORTHOLE-FAIL no eth0: $(ls /sys/class/net | tr '\n' ' ')"; off; }
+    say "PORTHOLE-NET-DRIVER driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)") mac=$(cat /sys/class/net/eth0/address)"
+    ip link set lo up
+    ip link set eth0 up
+    if ! udhcpc -i eth0 -f -q -n -t 10 -T 3 -O mtu >/run/udhcpc.log 2>&1; then
+        say "PORTHOLE-FAIL udhcpc: $(tr '\n' '|' </run/udhcpc.log)"
+        off
+    fi
+    . /run/dhcp.env
+    GW=$DHCP_ROUTER
+    say "PORTHOLE-NET-DHCP ip=$DHCP_IP gw=$GW dns=$(echo $DHCP_DNS | tr ' ' ,) lease-mtu=${DHCP_MTU:-none} mtu=$(cat /sys/class/net/eth0/mtu)"
+    # busybox nslookup: "Name: porthole.test" then "Address: A" (the server's own lines come first).
+    addr=$(nslookup porthole.test 2>&1 | sed -n '/^Name:/,$s/^Address:[[:space:]]*\([0-9.]*\)$/\1/p' | head -n1)
+    say "PORTHOLE-NET-DNS name=porthole.test addr=${addr:-none}"
+    say "PORTHOLE-NET-HTTP md5=$(wget -q -O - "http://$GW:$HTTP_PORT/small.bin" | md5sum | cut -d' ' -f1)"
+    # 64 MiB from L1 (host -> guest); the harness times BEGIN -> END.
+    mkdir -p /run/www
+    say "PORTHOLE-NET-H2G-BEGIN"
+    wget -q -O /run/www/big.bin "http://$GW:$HTTP_PORT/big.bin"
+    say "PORTHOLE-NET-H2G-END rc=$?"
+    say "PORTHOLE-NET-H2G md5=$(md5sum </run/www/big.bin | cut -d' ' -f1) bytes=$(wc -c </run/www/big.bin)"
+    # ... and back (guest -> host), fetched by L1 through the forwarded port.
+    httpd -p 80 -h /run/www
+    say "PORTHOLE-NET-SERVING $(awk '/^Tcp: [0-9]/ {print "tcp-in-segs=" $11 " tcp-out-segs=" $12 " retrans=" $13}' /proc/net/snmp)"
+    echo ready | nc "$GW" $READY_PORT
+    nc -l -p 81 >/run/bye
+    say "PORTHOLE-NET-BYE got=$(head -c 16 /run/bye)"
+    off
+fi
 
 wait_for /dev/vda || say "PORTHOLE-FAIL no /dev/vda"
 BOOT=1

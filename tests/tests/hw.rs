@@ -64,6 +64,15 @@ const SCENARIOS: &[Scenario] = &[
         run: firmware,
     },
     Scenario {
+        name: "net",
+        what: "Debian kernel on virtio-net + passt at MTU 1500 and 9000: DHCP, DNS, HTTP, a forwarded port, \
+               64 MiB each way (md5), throughput against QEMU with the same passt",
+        pieces: &[Piece::Qemu],
+        all_only: false,
+        ends_itself: true,
+        run: net,
+    },
+    Scenario {
         name: "daemon",
         what: "portholed in L1: a VM from a library ISO, started, its screenshot shows the firmware",
         pieces: &[],
@@ -249,6 +258,23 @@ fn print_ratios(r: &Report) {
                 "HW-BENCH {what}: porthole-vmm {t:.1} s, QEMU best ({peer}) {q:.1} s: ratio {:.2} (goal <= 1.0)",
                 t / q
             );
+        }
+    }
+    // Throughput: the same bytes each way, so porthole/QEMU throughput is QEMU's time over ours.
+    let mib = NET_BYTES / 1048576.0;
+    for mtu in NET_MTUS {
+        for (dir, what) in [("h2g", "host -> guest"), ("g2h", "guest -> host")] {
+            let ours = r.median(&format!("net-{dir}-porthole-{mtu}"));
+            let peer = r.median(&format!("net-{dir}-qemu-{mtu}"));
+            if let (Some(t), Some(q)) = (ours, peer) {
+                println!(
+                    "HW-BENCH TCP {what} through passt, MTU {mtu}: porthole-vmm {:.1} MiB/s, QEMU {:.1} MiB/s: \
+                     ratio {:.2} (goal >= 1.0)",
+                    mib / t,
+                    mib / q,
+                    q / t
+                );
+            }
         }
     }
 }
@@ -513,6 +539,118 @@ fn disk(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         "{}; Linux at {to_kernel:.0} s, serial {:?} at {to_serial:.0} s, screen {row:?} by {to_screen:.0} s",
         device.trim(),
         serial.text.trim()
+    ))
+}
+
+/// The MTUs and engines of tests/hw/scenarios/net.sh, in its order (each engine run is labelled ENGINE-MTU).
+const NET_MTUS: [u32; 2] = [1500, 9000];
+const NET_ENGINES: [&str; 1] = ["qemu"];
+/// The bytes each way (net.sh's big.bin).
+const NET_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
+
+/// Issue 15 on a real guest: for each MTU and engine, the L2 guest's network facts (l2-init.sh hw.mode=net)
+/// against what L1 set up (net.sh), and the time of the 64 MiB transfer each way, from the console lines
+/// that bracket it (host -> guest: the guest's BEGIN/END; guest -> host: L1's).
+fn net(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let l1 = m.expect("HW-NET-L1 ", MIN)?;
+    let (ip, gw) = (net_field(&l1, "ip")?, net_field(&l1, "gw")?);
+    let files = m.expect("HW-NET-FILES ", 5 * MIN)?;
+    let (small, big) = (net_field(&files, "small")?, net_field(&files, "big")?);
+    let dns = m.expect("HW-NET-DNS ", MIN)?;
+    let (name, dns_addr) = (net_field(&dns, "name")?, net_field(&dns, "addr")?);
+    let mut out = vec![format!("L1 {ip} gw {gw}")];
+    for mtu in NET_MTUS {
+        for engine in NET_ENGINES {
+            let label = format!("{engine}-{mtu}");
+            let start = m.expect(&format!("HW-START {label}"), 10 * MIN)?;
+            let from = m.seen.len();
+            let fail = |what: String| format!("{label}: {what}");
+            let drv = m.expect_from(from, "PORTHOLE-NET-DRIVER", 10 * MIN).map_err(fail)?;
+            if Machine::field(&drv, "driver") != Some("virtio_net") {
+                return Err(fail(format!("eth0's driver: {:?}", drv.text)));
+            }
+            let lease = m.expect_from(from, "PORTHOLE-NET-DHCP", 3 * MIN).map_err(fail)?;
+            let mtu_s = mtu.to_string();
+            let want = [("ip", ip.as_str()), ("gw", gw.as_str()), ("lease-mtu", &mtu_s), ("mtu", &mtu_s)];
+            if let Some((k, v)) = want.iter().find(|(k, v)| Machine::field(&lease, k) != Some(v)) {
+                return Err(fail(format!("DHCP: {k} should be {v} (passt mirrors L1): {:?}", lease.text)));
+            }
+            let resolved = m.expect_from(from, "PORTHOLE-NET-DNS ", 3 * MIN).map_err(fail)?;
+            if Machine::field(&resolved, "addr") != Some(dns_addr.as_str()) {
+                return Err(fail(format!("{name} should resolve to {dns_addr}: {:?}", resolved.text)));
+            }
+            let http = m.expect_from(from, "PORTHOLE-NET-HTTP ", 3 * MIN).map_err(fail)?;
+            if Machine::field(&http, "md5") != Some(small.as_str()) {
+                return Err(fail(format!("8 MiB over HTTP from L1's loopback: {:?}, L1 has {small}", http.text)));
+            }
+            let h2g_begin = m.expect_from(from, "PORTHOLE-NET-H2G-BEGIN", 3 * MIN).map_err(fail)?;
+            let h2g_end = m.expect_from(from, "PORTHOLE-NET-H2G-END", 10 * MIN).map_err(fail)?;
+            let h2g = m.expect_from(from, "PORTHOLE-NET-H2G md5=", 3 * MIN).map_err(fail)?;
+            if Machine::field(&h2g_end, "rc") != Some("0") || Machine::field(&h2g, "md5") != Some(big.as_str()) {
+                return Err(fail(format!("64 MiB host -> guest: {:?} {:?}, L1 has {big}", h2g_end.text, h2g.text)));
+            }
+            let g2h_begin = m.expect_from(from, &format!("HW-NET-G2H-BEGIN {label}"), 5 * MIN).map_err(fail)?;
+            let g2h_end = m.expect_from(from, &format!("HW-NET-G2H-END {label}"), 10 * MIN).map_err(fail)?;
+            let g2h = m.expect_from(from, &format!("HW-NET-G2H {label} "), 3 * MIN).map_err(fail)?;
+            if Machine::field(&g2h_end, "rc") != Some("0") || Machine::field(&g2h, "md5") != Some(big.as_str()) {
+                return Err(fail(format!("64 MiB guest -> host through the forwarded port: {:?}", g2h.text)));
+            }
+            let bye = m.expect_from(from, "PORTHOLE-NET-BYE", 3 * MIN).map_err(fail)?;
+            if Machine::field(&bye, "got") != Some("bye") {
+                return Err(fail(format!("the forwarded port to the guest's nc: {:?}", bye.text)));
+            }
+            let mut nic = String::new();
+            if engine == "porthole" {
+                let line = m.expect_from(from, &format!("HW-NET-NICS {label} "), 3 * MIN).map_err(fail)?;
+                nic = nic_summary(&line.text, &ip, mtu).map_err(fail)?;
+            }
+            let exit = m.expect_from(from, &format!("HW-EXIT {label} "), 5 * MIN)?;
+            if Machine::field(&exit, "rc") != Some("0") {
+                return Err(fail(format!("the engine after the guest's power-off: {}", exit.text)));
+            }
+            let secs = |a: &hw::Line, b: &hw::Line| b.at.duration_since(a.at).as_secs_f64();
+            let (h2g_s, g2h_s) = (secs(&h2g_begin, &h2g_end), secs(&g2h_begin, &g2h_end));
+            r.times.push((format!("net-h2g-{label}"), h2g_s));
+            r.times.push((format!("net-g2h-{label}"), g2h_s));
+            let mib = NET_BYTES / 1048576.0;
+            out.push(format!(
+                "{label}: {} {:.1} MiB/s in, {:.1} MiB/s out{nic} in {:.0} s",
+                Machine::field(&lease, "ip").unwrap_or("?"),
+                mib / h2g_s,
+                mib / g2h_s,
+                exit.at.duration_since(start.at).as_secs_f64()
+            ));
+        }
+    }
+    Ok(format!("DHCP, DNS {name}, 8 MiB HTTP, forwarded ports, 64 MiB each way: {}", out.join("; ")))
+}
+
+fn net_field(line: &hw::Line, key: &str) -> Result<String, String> {
+    Machine::field(line, key).map(str::to_owned).ok_or_else(|| format!("no {key}= in {:?}", line.text))
+}
+
+/// Checks the engine's `nics` reply (HW-NET-NICS LABEL JSON) for the NIC the guest used.
+fn nic_summary(text: &str, ip: &str, mtu: u32) -> Result<String, String> {
+    let json = text.splitn(3, ' ').nth(2).unwrap_or_default();
+    let reply: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("nics reply {json:?}: {e}"))?;
+    let nic = reply["nics"].get(0).ok_or_else(|| format!("no NIC in {json}"))?;
+    let checks = [
+        ("attached", serde_json::json!(true)),
+        ("driver_ready", serde_json::json!(true)),
+        ("backend", serde_json::json!("user")),
+        ("mtu", serde_json::json!(mtu)),
+        ("ipv4", serde_json::json!(ip)),
+    ];
+    for (key, want) in checks {
+        if nic[key] != want {
+            return Err(format!("NIC status {key} is {}, expected {want}: {json}", nic[key]));
+        }
+    }
+    Ok(format!(
+        " (NIC rx {} / tx {} frames)",
+        nic["rx_frames"].as_u64().unwrap_or(0),
+        nic["tx_frames"].as_u64().unwrap_or(0)
     ))
 }
 

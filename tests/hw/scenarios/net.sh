@@ -1,0 +1,107 @@
+# Issue 15: the network of a real Linux guest through virtio-net and passt (the user-mode back end), and
+# TCP throughput guest <-> host against QEMU with the same passt. L1 plays the host: a DNS server
+# (dnsmasq) and an HTTP server (busybox httpd) on its loopback, which passt maps to the guest's gateway
+# address; the L2 guest (l2-init.sh hw.mode=net) takes a DHCP lease, resolves porthole.test, downloads
+# an 8 MiB and a 64 MiB file (host -> guest) and serves the 64 MiB one back on a forwarded port, which L1
+# fetches (guest -> host). Each engine runs at MTU 1500 and at a jumbo MTU. The harness checks the
+# guest's lines against HW-NET-* lines printed here and times both directions from its console.
+. "${HW:=/hw}/scenarios/_lib.sh"
+HTTP_PORT=8080       # L1's loopback: the files (the guest's gateway address:8080)
+FWD_HTTP=8081        # -> the guest's httpd, port 80
+FWD_BYE=8082         # -> the guest's `nc -l -p 81`, which ends its run
+READY_PORT=8083      # L1's loopback: the guest connects when it serves the file back
+L2_MEM=768
+MTUS="1500 9000"
+ENGINES=${HW_NET_ENGINES:-qemu}
+
+L1_IP=$(ip -4 -o addr show scope global | awk '{print $4; exit}' | cut -d/ -f1)
+L1_GW=$(ip -4 route show default | awk '{print $3; exit}')
+echo "HW-NET-L1 ip=${L1_IP:-none} gw=${L1_GW:-none} passt=$(command -v passt || echo missing)"
+
+# The files, served on L1's loopback only.
+WWW=$T/www
+mkdir -p "$WWW"
+dd if=/dev/urandom of="$WWW/small.bin" bs=1M count=8 2>/dev/null
+dd if=/dev/urandom of="$WWW/big.bin" bs=1M count=64 2>/dev/null
+echo "HW-NET-FILES small=$(md5sum <"$WWW/small.bin" | cut -d' ' -f1) big=$(md5sum <"$WWW/big.bin" | cut -d' ' -f1)"
+httpd -p "127.0.0.1:$HTTP_PORT" -h "$WWW"
+
+# DNS on L1's loopback. passt reads the host's resolv.conf: a loopback resolver is handed to the guest
+# as the gateway address, whose port 53 passt maps back to this loopback.
+DNS_ADDR=192.0.2.77
+dnsmasq --conf-file=/dev/null --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
+    --bind-interfaces --user=root --group=root --pid-file="$T/dnsmasq.pid" \
+    --address=/porthole.test/$DNS_ADDR >"$T/dnsmasq.log" 2>&1 &
+DNS_PID=$!
+echo "nameserver 127.0.0.1" >/etc/resolv.conf
+echo "HW-NET-DNS name=porthole.test addr=$DNS_ADDR server=127.0.0.1"
+
+L2_ARGS="$L2_CMDLINE hw.mode=net"
+
+# guest_side LABEL PID: while the engine (PID) runs: wait for the guest to say (a connection to L1's
+# READY_PORT) that its httpd serves the 64 MiB file behind the forwarded port, fetch it back (guest ->
+# host, timed by the harness from BEGIN to END), then say bye, which ends the guest.
+guest_side() {
+    label=$1 vmm=$2
+    rm -f "$T/ready"
+    socat -u "TCP-LISTEN:$READY_PORT,bind=127.0.0.1,reuseaddr" "OPEN:$T/ready,creat" &
+    ready=$!
+    while kill -0 $ready 2>/dev/null; do
+        kill -0 "$vmm" 2>/dev/null || { kill $ready; echo "HW-NET-G2H $label engine-exited"; return 1; }
+        sleep 2
+    done
+    echo "HW-NET-G2H-BEGIN $label"
+    wget -q -O "$T/g2h.bin" "http://127.0.0.1:$FWD_HTTP/big.bin"
+    echo "HW-NET-G2H-END $label rc=$?"
+    echo "HW-NET-G2H $label md5=$(md5sum <"$T/g2h.bin" | cut -d' ' -f1) bytes=$(wc -c <"$T/g2h.bin")"
+    rm -f "$T/g2h.bin"
+    echo bye | socat -u - "TCP:127.0.0.1:$FWD_BYE"
+}
+
+# porthole_net MTU: the guest on porthole-vmm with a user-mode NIC (the engine starts passt); L1 asks
+# its control socket for the NIC's status once the guest is served.
+porthole_net() {
+    mtu=$1 label=porthole-$1
+    ctl=$T/net-control.sock
+    rm -f "$ctl"
+    echo "HW-START $label"
+    porthole-vmm --name net --memory $L2_MEM --kernel "$G/vmlinuz" --initrd "$G/l2-initramfs.cpio.gz" \
+        --cmdline "$L2_ARGS" --control "unix:$ctl" \
+        --net "user,mtu=$mtu,fwd=tcp:$FWD_HTTP-80,fwd=tcp:$FWD_BYE-81" &
+    pid=$!
+    guest_side "$label" $pid && echo "HW-NET-NICS $label $(echo '{"cmd":"nics"}' | socat -t 5 - "UNIX-CONNECT:$ctl")"
+    wait $pid
+    echo "HW-EXIT $label rc=$?"
+}
+
+# qemu_net MTU: the same guest on QEMU (virtio-net-pci) with passt started here with the options the
+# engine gives it, over QEMU's stream netdev.
+qemu_net() {
+    mtu=$1 label=qemu-$1
+    sock=$T/passt.sock
+    rm -f "$sock"
+    passt -f -q -1 -s "$sock" --mtu "$mtu" -t "127.0.0.1/$FWD_HTTP:80" -t "127.0.0.1/$FWD_BYE:81" &
+    passt_pid=$!
+    i=0
+    while [ ! -S "$sock" ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
+    echo "HW-START $label"
+    # qemu_peer's options, run without the function so that $! is QEMU itself.
+    qemu-system-x86_64 -L "$HW/share/qemu" -enable-kvm -cpu host -nodefaults -no-reboot -display none \
+        -serial stdio -monitor none -M pc -m $L2_MEM -kernel "$G/vmlinuz" -initrd "$G/l2-initramfs.cpio.gz" \
+        -append "$L2_ARGS" -device virtio-net-pci,netdev=n0,romfile= \
+        -netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$sock" &
+    pid=$!
+    guest_side "$label" $pid
+    wait $pid
+    echo "HW-EXIT $label rc=$?"
+    # passt -1 ends with its client; if it is still there, it is stuck.
+    kill $passt_pid 2>/dev/null && echo "HW-NET-PASST $label was still running"
+    wait $passt_pid 2>/dev/null
+}
+
+for mtu in $MTUS; do
+    for engine in $ENGINES; do
+        "${engine}_net" "$mtu"
+    done
+done
+kill $DNS_PID 2>/dev/null
