@@ -1027,3 +1027,100 @@ mod tests {
         assert_eq!(offer.map(|a| a.to_string()), Some(offered));
     }
 }
+
+/// TAP and bridge back ends on a bridge the test creates (needs CAP_NET_ADMIN; skipped with the reason
+/// otherwise). Only an isolated test subnet on that bridge is used.
+#[cfg(test)]
+mod tap_tests {
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::net::{MacAddr, Nic, parse_net};
+    use crate::virtio::host_driver::HostNetDriver;
+
+    struct Bridge(String);
+
+    impl Bridge {
+        fn create() -> Result<Bridge, String> {
+            let name = format!("phbrt{}", std::process::id() % 100_000);
+            let ip = |args: &[&str]| {
+                let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+                if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
+            };
+            ip(&["link", "add", &name, "type", "bridge"])?;
+            let bridge = Bridge(name.clone());
+            ip(&["addr", "add", "10.213.77.1/24", "dev", &name])?;
+            ip(&["link", "set", &name, "up"])?;
+            Ok(bridge)
+        }
+    }
+
+    impl Drop for Bridge {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+
+    #[test]
+    fn a_missing_bridge_leaves_the_card_off_the_bus_with_the_reason() {
+        let config = parse_net("bridge:nosuchbr0").unwrap().unwrap();
+        let nic = Nic::open(&config, "net0".into(), "t", 0).unwrap();
+        let s = nic.status();
+        assert!(!s.attached);
+        assert!(s.error.unwrap().contains("bridge nosuchbr0 does not exist"));
+    }
+
+    #[test]
+    fn a_card_on_a_bridge_reaches_the_host_through_its_tap_device() {
+        let bridge = match Bridge::create() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("SKIP: cannot create a test bridge ({e}); needs root or CAP_NET_ADMIN");
+                return;
+            }
+        };
+        let config = parse_net(&format!("bridge:{}", bridge.0)).unwrap().unwrap();
+        let nic = Arc::new(Nic::open(&config, "net0".into(), "tap-test", 0).unwrap());
+        let status = nic.status();
+        assert!(status.attached, "{:?}", status.error);
+        let tap = status.tap.clone().unwrap();
+        assert!(
+            std::path::Path::new(&format!("/sys/class/net/{}/brif/{tap}", bridge.0)).exists(),
+            "{tap} is a port of {}",
+            bridge.0
+        );
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        d.post_rx(16);
+        // ARP who-has 10.213.77.1 (the bridge) tell 10.213.77.2.
+        let mac: MacAddr = nic.mac;
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&mac.0);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&mac.0);
+        arp.extend_from_slice(&[10, 213, 77, 2]);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[10, 213, 77, 1]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut reply = None;
+        while reply.is_none() && Instant::now() < deadline {
+            d.send(&arp);
+            for (f, _) in d.recv(Duration::from_millis(300)) {
+                if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == [10, 213, 77, 1] {
+                    reply = Some(f);
+                }
+            }
+            d.post_rx(16);
+            let _ = d.tx_room(Duration::ZERO);
+        }
+        let reply = reply.expect("the host answers the guest's ARP over the bridge");
+        assert_eq!(&reply[0..6], &mac.0, "addressed to the card");
+        assert_eq!(nic.status().ipv4.as_deref(), Some("10.213.77.2"));
+        drop(d);
+        drop(nic);
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
+            "the TAP device is removed with the card"
+        );
+    }
+}
