@@ -456,6 +456,17 @@ impl Shared {
         if io.tx_blocked {
             return (false, false);
         }
+        let result = self.transmit_batch(io, active, link_up);
+        if let Some(b) = io.backend.as_mut()
+            && b.wants_write()
+            && let Err(e) = b.flush()
+        {
+            self.backend_gone(io, e);
+        }
+        result
+    }
+
+    fn transmit_batch(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
         if let Some(b) = io.backend.as_mut()
             && b.wants_write()
         {
