@@ -544,7 +544,7 @@ fn disk(m: &mut Machine, r: &mut Report) -> Result<String, String> {
 
 /// The MTUs and engines of tests/hw/scenarios/net.sh, in its order (each engine run is labelled ENGINE-MTU).
 const NET_MTUS: [u32; 2] = [1500, 9000];
-const NET_ENGINES: [&str; 1] = ["qemu"];
+const NET_ENGINES: [&str; 2] = ["porthole", "qemu"];
 /// The bytes each way (net.sh's big.bin).
 const NET_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
 
@@ -630,28 +630,29 @@ fn net_field(line: &hw::Line, key: &str) -> Result<String, String> {
     Machine::field(line, key).map(str::to_owned).ok_or_else(|| format!("no {key}= in {:?}", line.text))
 }
 
-/// Checks the engine's `nics` reply (HW-NET-NICS LABEL JSON) for the NIC the guest used.
+/// Checks the engine's `nics` reply (`HW-NET-NICS LABEL JSON`) for the card the guest used: attached to passt,
+/// driver up, the MTU asked for, the forwards, and the address passt's DHCP gave the guest.
 fn nic_summary(text: &str, ip: &str, mtu: u32) -> Result<String, String> {
     let json = text.splitn(3, ' ').nth(2).unwrap_or_default();
     let reply: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("nics reply {json:?}: {e}"))?;
-    let nic = reply["nics"].get(0).ok_or_else(|| format!("no NIC in {json}"))?;
-    let checks = [
-        ("attached", serde_json::json!(true)),
-        ("driver_ready", serde_json::json!(true)),
-        ("backend", serde_json::json!("user")),
-        ("mtu", serde_json::json!(mtu)),
-        ("ipv4", serde_json::json!(ip)),
-    ];
-    for (key, want) in checks {
-        if nic[key] != want {
-            return Err(format!("NIC status {key} is {}, expected {want}: {json}", nic[key]));
-        }
+    let nics: Vec<vmm_core::net::NicStatus> = serde_json::from_value(reply["nics"].clone())
+        .map_err(|e| format!("nics reply {json:?}: {e}"))?;
+    let [nic] = nics.as_slice() else { return Err(format!("one NIC expected: {json}")) };
+    let ports: Vec<(u16, u16)> = nic.forwards.iter().map(|f| (f.host_port, f.guest_port)).collect();
+    let ok = nic.attached
+        && nic.error.is_none()
+        && nic.link_up
+        && nic.driver_ready
+        && nic.backend == "user"
+        && u32::from(nic.mtu) == mtu
+        && ports == [(8081, 80), (8082, 81)]
+        && nic.ipv4.as_deref() == Some(ip)
+        && nic.rx_frames > 0
+        && nic.tx_frames > 0;
+    if !ok {
+        return Err(format!("NIC status: expected attached user NIC, driver ready, mtu {mtu}, ipv4 {ip}: {json}"));
     }
-    Ok(format!(
-        " (NIC rx {} / tx {} frames)",
-        nic["rx_frames"].as_u64().unwrap_or(0),
-        nic["tx_frames"].as_u64().unwrap_or(0)
-    ))
+    Ok(format!(" ({} rx {} / tx {} frames)", nic.mac, nic.rx_frames, nic.tx_frames))
 }
 
 // ---------------------------------------------------------------------------------------------------

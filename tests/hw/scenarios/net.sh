@@ -12,7 +12,7 @@ FWD_BYE=8082         # -> the guest's `nc -l -p 81`, which ends its run
 READY_PORT=8083      # L1's loopback: the guest connects when it serves the file back
 L2_MEM=768
 MTUS="1500 9000"
-ENGINES=${HW_NET_ENGINES:-qemu}
+ENGINES="porthole qemu"
 
 L1_IP=$(ip -4 -o addr show scope global | awk '{print $4; exit}' | cut -d/ -f1)
 L1_GW=$(ip -4 route show default | awk '{print $3; exit}')
@@ -75,12 +75,13 @@ porthole_net() {
 }
 
 # qemu_net MTU: the same guest on QEMU (virtio-net-pci) with passt started here with the options the
-# engine gives it, over QEMU's stream netdev.
+# engine gives it (vmm-core/src/net.rs: --foreground --quiet --stderr --one-off, the MTU, the forwards),
+# over QEMU's stream netdev instead of the engine's socket pair.
 qemu_net() {
     mtu=$1 label=qemu-$1
     sock=$T/passt.sock
     rm -f "$sock"
-    passt -f -q -1 -s "$sock" --mtu "$mtu" -t "127.0.0.1/$FWD_HTTP:80" -t "127.0.0.1/$FWD_BYE:81" &
+    passt -f -q -e -1 -s "$sock" --mtu "$mtu" -t "127.0.0.1/$FWD_HTTP:80" -t "127.0.0.1/$FWD_BYE:81" &
     passt_pid=$!
     i=0
     while [ ! -S "$sock" ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
