@@ -12,6 +12,7 @@
 #     l1-isos.cpio      memtest86+'s ISO and the Debian installer ISO (the --all scenarios)
 #     guests/           what L2 boots: vmlinuz, vmlinux (PVH), l2-initramfs.cpio.gz, linux.iso
 #                       (SeaBIOS -> GRUB -> the same Linux), data.iso (read as /dev/sr0), micro-guests
+#     busybox           the same busybox, for direct mode's scenarios (L1 has it as /bin/busybox)
 #
 # The initrd QEMU gets is the concatenation of pieces (Linux unpacks every cpio archive in it), so a
 # scenario carries only what it runs. Uncompressed: TCG decompresses slowly, memory is plentiful.
@@ -69,8 +70,10 @@ if [[ -f $STAMP ]] && [[ -z $(find "${INPUTS[@]}" -newer "$STAMP" -print -quit) 
     exit 0
 fi
 
-rm -rf "$OUT/guests" "$OUT/work" "$OUT"/*.cpio "$OUT/l1-vmlinuz"   # logs/ stays
+rm -rf "$OUT/guests" "$OUT/work" "$OUT"/*.cpio "$OUT/l1-vmlinuz" "$OUT/busybox"   # logs/ stays
 mkdir -p "$OUT/guests"
+# Direct mode's scenarios use busybox's httpd and wget (tests/src/hw.rs links it into their bin/).
+cp "$BB" "$OUT/busybox"
 W=$OUT/work
 mkdir -p "$W"
 

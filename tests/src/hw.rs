@@ -414,6 +414,7 @@ fn stage_direct(hw: &Path, scratch: &Scratch) -> Result<PathBuf, String> {
     let release = repo_root().join("target/release");
     link(&release.join("porthole-vmm"), &stage.join("bin/porthole-vmm"))?;
     link(&release.join("portholed"), &stage.join("bin/portholed"))?;
+    link(&hw.join("busybox"), &stage.join("bin/busybox"))?;
     link(&hw.join("guests"), &stage.join("guests"))?;
     link(&repo_root().join("tests/hw/scenarios"), &stage.join("scenarios"))?;
     link(Path::new("/usr/share/qemu"), &stage.join("share/qemu"))?;

@@ -566,46 +566,46 @@ fn net(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             let start = m.expect(&format!("HW-START {label}"), 10 * MIN)?;
             let from = m.seen.len();
             let fail = |what: String| format!("{label}: {what}");
-            let drv = m.expect_from(from, "PORTHOLE-NET-DRIVER", 10 * MIN).map_err(fail)?;
+            let drv = net_step(m, from, &label, "PORTHOLE-NET-DRIVER", 10 * MIN)?;
             if Machine::field(&drv, "driver") != Some("virtio_net") {
                 return Err(fail(format!("eth0's driver: {:?}", drv.text)));
             }
-            let lease = m.expect_from(from, "PORTHOLE-NET-DHCP", 3 * MIN).map_err(fail)?;
+            let lease = net_step(m, from, &label, "PORTHOLE-NET-DHCP", 3 * MIN)?;
             let mtu_s = mtu.to_string();
             let want = [("ip", ip.as_str()), ("gw", gw.as_str()), ("lease-mtu", &mtu_s), ("mtu", &mtu_s)];
             if let Some((k, v)) = want.iter().find(|(k, v)| Machine::field(&lease, k) != Some(v)) {
                 return Err(fail(format!("DHCP: {k} should be {v} (passt mirrors L1): {:?}", lease.text)));
             }
-            let resolved = m.expect_from(from, "PORTHOLE-NET-DNS ", 3 * MIN).map_err(fail)?;
+            let resolved = net_step(m, from, &label, "PORTHOLE-NET-DNS ", 3 * MIN)?;
             if Machine::field(&resolved, "addr") != Some(dns_addr.as_str()) {
                 return Err(fail(format!("{name} should resolve to {dns_addr}: {:?}", resolved.text)));
             }
-            let http = m.expect_from(from, "PORTHOLE-NET-HTTP ", 3 * MIN).map_err(fail)?;
+            let http = net_step(m, from, &label, "PORTHOLE-NET-HTTP ", 3 * MIN)?;
             if Machine::field(&http, "md5") != Some(small.as_str()) {
                 return Err(fail(format!("8 MiB over HTTP from L1's loopback: {:?}, L1 has {small}", http.text)));
             }
-            let h2g_begin = m.expect_from(from, "PORTHOLE-NET-H2G-BEGIN", 3 * MIN).map_err(fail)?;
-            let h2g_end = m.expect_from(from, "PORTHOLE-NET-H2G-END", 10 * MIN).map_err(fail)?;
-            let h2g = m.expect_from(from, "PORTHOLE-NET-H2G md5=", 3 * MIN).map_err(fail)?;
+            let h2g_begin = net_step(m, from, &label, "PORTHOLE-NET-H2G-BEGIN", 3 * MIN)?;
+            let h2g_end = net_step(m, from, &label, "PORTHOLE-NET-H2G-END", 10 * MIN)?;
+            let h2g = net_step(m, from, &label, "PORTHOLE-NET-H2G md5=", 3 * MIN)?;
             if Machine::field(&h2g_end, "rc") != Some("0") || Machine::field(&h2g, "md5") != Some(big.as_str()) {
                 return Err(fail(format!("64 MiB host -> guest: {:?} {:?}, L1 has {big}", h2g_end.text, h2g.text)));
             }
-            let g2h_begin = m.expect_from(from, &format!("HW-NET-G2H-BEGIN {label}"), 5 * MIN).map_err(fail)?;
-            let g2h_end = m.expect_from(from, &format!("HW-NET-G2H-END {label}"), 10 * MIN).map_err(fail)?;
-            let g2h = m.expect_from(from, &format!("HW-NET-G2H {label} "), 3 * MIN).map_err(fail)?;
+            let g2h_begin = net_step(m, from, &label, &format!("HW-NET-G2H-BEGIN {label}"), 5 * MIN)?;
+            let g2h_end = net_step(m, from, &label, &format!("HW-NET-G2H-END {label}"), 10 * MIN)?;
+            let g2h = net_step(m, from, &label, &format!("HW-NET-G2H {label} "), 3 * MIN)?;
             if Machine::field(&g2h_end, "rc") != Some("0") || Machine::field(&g2h, "md5") != Some(big.as_str()) {
                 return Err(fail(format!("64 MiB guest -> host through the forwarded port: {:?}", g2h.text)));
             }
-            let bye = m.expect_from(from, "PORTHOLE-NET-BYE", 3 * MIN).map_err(fail)?;
+            let bye = net_step(m, from, &label, "PORTHOLE-NET-BYE", 3 * MIN)?;
             if Machine::field(&bye, "got") != Some("bye") {
                 return Err(fail(format!("the forwarded port to the guest's nc: {:?}", bye.text)));
             }
             let mut nic = String::new();
             if engine == "porthole" {
-                let line = m.expect_from(from, &format!("HW-NET-NICS {label} "), 3 * MIN).map_err(fail)?;
+                let line = net_step(m, from, &label, &format!("HW-NET-NICS {label} "), 3 * MIN)?;
                 nic = nic_summary(&line.text, &ip, mtu).map_err(fail)?;
             }
-            let exit = m.expect_from(from, &format!("HW-EXIT {label} "), 5 * MIN)?;
+            let exit = m.expect_from(from, &format!("HW-EXIT {label} "), 5 * MIN).map_err(fail)?;
             if Machine::field(&exit, "rc") != Some("0") {
                 return Err(fail(format!("the engine after the guest's power-off: {}", exit.text)));
             }
@@ -626,6 +626,25 @@ fn net(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     Ok(format!("DHCP, DNS {name}, 8 MiB HTTP, forwarded ports, 64 MiB each way: {}", out.join("; ")))
 }
 
+/// The first line from `from` containing `needle`, failing if this engine run (`label`) failed or ended
+/// before it: a `PORTHOLE-FAIL` from the guest, the run's `HW-EXIT` or L1 seeing the engine gone (the
+/// next run's lines must not stand in for this one's).
+fn net_step(m: &mut Machine, from: usize, label: &str, needle: &str, limit: Duration) -> Result<hw::Line, String> {
+    let hit = m.expect_from(from, needle, limit).map_err(|e| format!("{label}: {e}"))?;
+    let exit = format!("HW-EXIT {label} ");
+    let gone = format!("HW-NET-G2H {label} engine-exited");
+    let bad = m
+        .seen
+        .iter()
+        .skip(from)
+        .take_while(|l| !l.text.contains(needle))
+        .find(|l| l.text.contains("PORTHOLE-FAIL") || l.text.contains(&exit) || l.text.contains(&gone));
+    if let Some(bad) = bad {
+        return Err(format!("{label}: {} (before {needle:?})", bad.text));
+    }
+    Ok(hit)
+}
+
 fn net_field(line: &hw::Line, key: &str) -> Result<String, String> {
     Machine::field(line, key).map(str::to_owned).ok_or_else(|| format!("no {key}= in {:?}", line.text))
 }
@@ -635,8 +654,8 @@ fn net_field(line: &hw::Line, key: &str) -> Result<String, String> {
 fn nic_summary(text: &str, ip: &str, mtu: u32) -> Result<String, String> {
     let json = text.splitn(3, ' ').nth(2).unwrap_or_default();
     let reply: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("nics reply {json:?}: {e}"))?;
-    let nics: Vec<vmm_core::net::NicStatus> = serde_json::from_value(reply["nics"].clone())
-        .map_err(|e| format!("nics reply {json:?}: {e}"))?;
+    let nics: Vec<vmm_core::net::NicStatus> =
+        serde_json::from_value(reply["nics"].clone()).map_err(|e| format!("nics reply {json:?}: {e}"))?;
     let [nic] = nics.as_slice() else { return Err(format!("one NIC expected: {json}")) };
     let ports: Vec<(u16, u16)> = nic.forwards.iter().map(|f| (f.host_port, f.guest_port)).collect();
     let ok = nic.attached

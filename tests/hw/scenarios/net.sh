@@ -5,7 +5,28 @@
 # an 8 MiB and a 64 MiB file (host -> guest) and serves the 64 MiB one back on a forwarded port, which L1
 # fetches (guest -> host). Each engine runs at MTU 1500 and at a jumbo MTU. The harness checks the
 # guest's lines against HW-NET-* lines printed here and times both directions from its console.
+#
+# Direct mode (PORTHOLE_HW=direct, on a real host): the scenario moves into its own network and mount
+# namespaces (and a user namespace when not root) first, with a veth pair standing for L1's network, so
+# that its DNS server, ports and resolv.conf are its own and the host's stay untouched.
 . "${HW:=/hw}/scenarios/_lib.sh"
+if [ "$HW" != /hw ] && [ -z "$HW_NET_PRIVATE" ]; then
+    export HW_NET_PRIVATE=1
+    if [ "$(id -u)" = 0 ]; then
+        exec unshare --net --mount sh "$0"
+    fi
+    exec unshare --user --map-root-user --net --mount sh "$0"
+fi
+if [ -n "$HW_NET_PRIVATE" ]; then
+    ip link set lo up
+    # A link for passt to mirror: a veth pair (whatever the kernel has: dummy, TAP).
+    { ip link add hwnet0 type veth peer name hwnet1 && ip link set hwnet1 up; } ||
+        ip link add hwnet0 type dummy || ip tuntap add dev hwnet0 mode tap
+    ip link set hwnet0 up && ip addr add 10.0.2.15/24 dev hwnet0 && ip route add default via 10.0.2.2 dev hwnet0 ||
+        echo "HW-NET-DIRECT cannot make the private network"
+    : >"$T/resolv.conf"
+    mount --bind "$T/resolv.conf" /etc/resolv.conf || echo "HW-NET-DIRECT cannot bind-mount /etc/resolv.conf"
+fi
 HTTP_PORT=8080       # L1's loopback: the files (the guest's gateway address:8080)
 FWD_HTTP=8081        # -> the guest's httpd, port 80
 FWD_BYE=8082         # -> the guest's `nc -l -p 81`, which ends its run
@@ -14,8 +35,10 @@ L2_MEM=768
 MTUS="1500 9000"
 ENGINES="porthole qemu"
 
-L1_IP=$(ip -4 -o addr show scope global | awk '{print $4; exit}' | cut -d/ -f1)
+# passt mirrors the interface of the default route.
+L1_DEV=$(ip -4 route show default | awk '{print $5; exit}')
 L1_GW=$(ip -4 route show default | awk '{print $3; exit}')
+L1_IP=$(ip -4 -o addr show dev "$L1_DEV" scope global | awk '{print $4; exit}' | cut -d/ -f1)
 echo "HW-NET-L1 ip=${L1_IP:-none} gw=${L1_GW:-none} passt=$(command -v passt || echo missing)"
 
 # The files, served on L1's loopback only.
@@ -24,12 +47,12 @@ mkdir -p "$WWW"
 dd if=/dev/urandom of="$WWW/small.bin" bs=1M count=8 2>/dev/null
 dd if=/dev/urandom of="$WWW/big.bin" bs=1M count=64 2>/dev/null
 echo "HW-NET-FILES small=$(md5sum <"$WWW/small.bin" | cut -d' ' -f1) big=$(md5sum <"$WWW/big.bin" | cut -d' ' -f1)"
-httpd -p "127.0.0.1:$HTTP_PORT" -h "$WWW"
+busybox httpd -p "127.0.0.1:$HTTP_PORT" -h "$WWW"
 
 # DNS on L1's loopback. passt reads the host's resolv.conf: a loopback resolver is handed to the guest
 # as the gateway address, whose port 53 passt maps back to this loopback.
 DNS_ADDR=192.0.2.77
-dnsmasq --conf-file=/dev/null --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
+"$(command -v dnsmasq || echo /usr/sbin/dnsmasq)" --conf-file=/dev/null --keep-in-foreground --no-resolv --no-hosts --listen-address=127.0.0.1 \
     --bind-interfaces --user=root --group=root --pid-file="$T/dnsmasq.pid" \
     --address=/porthole.test/$DNS_ADDR >"$T/dnsmasq.log" 2>&1 &
 DNS_PID=$!
@@ -51,7 +74,7 @@ guest_side() {
         sleep 2
     done
     echo "HW-NET-G2H-BEGIN $label"
-    wget -q -O "$T/g2h.bin" "http://127.0.0.1:$FWD_HTTP/big.bin"
+    busybox wget -q -O "$T/g2h.bin" "http://127.0.0.1:$FWD_HTTP/big.bin"
     echo "HW-NET-G2H-END $label rc=$?"
     echo "HW-NET-G2H $label md5=$(md5sum <"$T/g2h.bin" | cut -d' ' -f1) bytes=$(wc -c <"$T/g2h.bin")"
     rm -f "$T/g2h.bin"
