@@ -67,7 +67,13 @@ if [ "$MODE" = net ]; then
     say "PORTHOLE-NET-H2G md5=$(md5sum </run/www/big.bin | cut -d' ' -f1) bytes=$(wc -c </run/www/big.bin)"
     # ... and back (guest -> host), fetched by L1 through the forwarded port.
     httpd -p 80 -h /run/www
-    say "PORTHOLE-NET-SERVING $(awk '/^Tcp: [0-9]/ {print "tcp-in-segs=" $11 " tcp-out-segs=" $12 " retrans=" $13}' /proc/net/snmp)"
+    # TCP segments so far, and what the guest's TCP threw away: data it already had (DelayedACKLost: a
+    # re-sent segment), or had no room for (zero window, receive queue full, out-of-order queue pruned).
+    tcp=$(awk '/^Tcp: [0-9]/ {print "tcp-in-segs=" $11 " tcp-out-segs=" $12 " retrans=" $13}' /proc/net/snmp)
+    ext=$(awk '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) k[i] = $i; n = 1; next }
+        for (i = 2; i <= NF; i++) v[k[i]] = $i }
+        END { print "dup-segs-in=" v["DelayedACKLost"] + 0 " dropped-segs-in=" v["TCPZeroWindowDrop"] + v["TCPRcvQDrop"] + v["TCPOFODrop"] + v["PruneCalled"] }' /proc/net/netstat)
+    say "PORTHOLE-NET-SERVING $tcp $ext"
     echo ready | nc "$GW" $READY_PORT
     nc -l -p 81 >/run/bye
     say "PORTHOLE-NET-BYE got=$(head -c 16 /run/bye)"

@@ -590,6 +590,13 @@ fn net(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             if Machine::field(&h2g_end, "rc") != Some("0") || Machine::field(&h2g, "md5") != Some(big.as_str()) {
                 return Err(fail(format!("64 MiB host -> guest: {:?} {:?}, L1 has {big}", h2g_end.text, h2g.text)));
             }
+            let serving = net_step(m, from, &label, "PORTHOLE-NET-SERVING", 3 * MIN)?;
+            let segs = format!(
+                "{} TCP segments in, {} re-sent, {} dropped",
+                Machine::field(&serving, "tcp-in-segs").unwrap_or("?"),
+                Machine::field(&serving, "dup-segs-in").unwrap_or("?"),
+                Machine::field(&serving, "dropped-segs-in").unwrap_or("?")
+            );
             let g2h_begin = net_step(m, from, &label, &format!("HW-NET-G2H-BEGIN {label}"), 5 * MIN)?;
             let g2h_end = net_step(m, from, &label, &format!("HW-NET-G2H-END {label}"), 10 * MIN)?;
             let g2h = net_step(m, from, &label, &format!("HW-NET-G2H {label} "), 3 * MIN)?;
@@ -615,7 +622,7 @@ fn net(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             r.times.push((format!("net-g2h-{label}"), g2h_s));
             let mib = NET_BYTES / 1048576.0;
             out.push(format!(
-                "{label}: {} {:.1} MiB/s in, {:.1} MiB/s out{nic} in {:.0} s",
+                "{label}: {} {:.1} MiB/s in ({segs}), {:.1} MiB/s out{nic} in {:.0} s",
                 Machine::field(&lease, "ip").unwrap_or("?"),
                 mib / h2g_s,
                 mib / g2h_s,
