@@ -61,9 +61,10 @@ echo "HW-NET-DNS name=porthole.test addr=$DNS_ADDR server=127.0.0.1"
 
 L2_ARGS="$L2_CMDLINE hw.mode=net"
 
-# guest_side LABEL PID: while the engine (PID) runs: wait for the guest to say (a connection to L1's
+# guest_side LABEL PID [CONTROL]: while the engine (PID) runs: wait for the guest to say (a connection to L1's
 # READY_PORT) that its httpd serves the 64 MiB file behind the forwarded port, fetch it back (guest ->
-# host, timed by the harness from BEGIN to END), then say bye, which ends the guest.
+# host, timed by the harness from BEGIN to END), ask the engine's CONTROL socket (if any) for its NICs,
+# then say bye, which ends the guest.
 guest_side() {
     label=$1 vmm=$2
     rm -f "$T/ready"
@@ -78,11 +79,13 @@ guest_side() {
     echo "HW-NET-G2H-END $label rc=$?"
     echo "HW-NET-G2H $label md5=$(md5sum <"$T/g2h.bin" | cut -d' ' -f1) bytes=$(wc -c <"$T/g2h.bin")"
     rm -f "$T/g2h.bin"
+    # The engine's view of the card while the guest still runs (porthole-vmm: its control socket).
+    [ -n "$3" ] && echo "HW-NET-NICS $label $(echo '{"cmd":"nics"}' | socat -t 5 - "UNIX-CONNECT:$3")"
     echo bye | socat -u - "TCP:127.0.0.1:$FWD_BYE"
 }
 
 # porthole_net MTU: the guest on porthole-vmm with a user-mode NIC (the engine starts passt); L1 asks
-# its control socket for the NIC's status once the guest is served.
+# its control socket for the NIC's status after the transfers, before the guest powers off.
 porthole_net() {
     mtu=$1 label=porthole-$1
     ctl=$T/net-control.sock
@@ -92,7 +95,7 @@ porthole_net() {
         --cmdline "$L2_ARGS" --control "unix:$ctl" \
         --net "user,mtu=$mtu,fwd=tcp:$FWD_HTTP-80,fwd=tcp:$FWD_BYE-81" &
     pid=$!
-    guest_side "$label" $pid && echo "HW-NET-NICS $label $(echo '{"cmd":"nics"}' | socat -t 5 - "UNIX-CONNECT:$ctl")"
+    guest_side "$label" $pid "$ctl"
     wait $pid
     echo "HW-EXIT $label rc=$?"
 }
