@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{CrashReport, ExitInfo, Vm, VmState};
+use porthole_api::{CrashReport, ExitInfo, NicSpec, NicStatus, Vm, VmState};
 use vmm_core::control::{ControlClient, Request, Response};
 
+use crate::net::{self, Others};
 use crate::store::{Store, VmRecord};
 
 /// Why a request on the host failed; `server.rs` maps these to HTTP statuses.
@@ -152,8 +153,24 @@ impl Host {
     pub fn open(data_dir: &Path, runtime_dir: &Path, vmm: PathBuf) -> Result<Arc<Host>, HostError> {
         let store = Store::open(data_dir).map_err(|e| HostError::Internal(e.to_string()))?;
         let loaded = store.load();
-        let vms =
+        let mut vms: BTreeMap<String, Entry> =
             loaded.vms.into_values().map(|r| (r.id.clone(), Entry { record: r, rt: Runtime::default() })).collect();
+        let mut problems = loaded.problems;
+        // Definitions from before networking get what a new VM gets: one user (NAT) card with an SSH forward.
+        let old: Vec<String> = vms.iter().filter(|(_, e)| e.record.nics.is_none()).map(|(i, _)| i.clone()).collect();
+        for id in old {
+            let nics = net::default_nics(&others_of(&vms, &id), &net::probe_port);
+            let Some(e) = vms.get_mut(&id) else { continue };
+            e.record.nics = Some(nics);
+            match store.save(&e.record) {
+                Ok(()) => log::info!(
+                    "VM {}: given a network card (user, NAT; {}) — it had none defined",
+                    e.record.name,
+                    e.record.nics().iter().flat_map(|n| &n.forwards).map(net::describe).collect::<Vec<_>>().join(", ")
+                ),
+                Err(err) => problems.push(format!("VM {}: cannot save its new network card: {err}", e.record.name)),
+            }
+        }
         let host = Arc::new(Host {
             store,
             vmm,
@@ -162,7 +179,7 @@ impl Host {
             generation: AtomicU64::new(0),
             list_cache: Mutex::new(None),
             started: Instant::now(),
-            problems: loaded.problems,
+            problems,
         });
         host.adopt();
         Ok(host)
@@ -273,12 +290,19 @@ impl Host {
         lock(&self.vms).len()
     }
 
+    /// What the VMs other than `id` hold (forwards, MACs).
+    pub fn others(&self, id: &str) -> Others {
+        others_of(&lock(&self.vms), id)
+    }
+
     /// Adds a new VM (its disk must already exist when `disk_bytes` > 0).
     pub fn insert(&self, record: VmRecord) -> Result<Vm, HostError> {
         let mut vms = self.vms_mut();
         if vms.values().any(|e| e.record.name == record.name) {
             return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
         }
+        // Another request may have taken a port or MAC since the cards were built.
+        recheck_nics(&record, &others_of(&vms, &record.id))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         let entry = Entry { record, rt: Runtime::default() };
         let vm = view(&entry);
@@ -300,6 +324,10 @@ impl Host {
         if names.iter().any(|(i, n)| i != id && *n == record.name) {
             return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
         }
+        if record.nics != entry.record.nics {
+            recheck_nics(&record, &others_of(&vms, id))?;
+        }
+        let entry = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         entry.record = record;
         Ok(view(entry))
@@ -335,9 +363,83 @@ impl Host {
         Ok(path)
     }
 
+    /// Before a start: every forward's host port must open. An automatic one (a new VM's SSH forward) whose
+    /// port another program took moves to the next free port of 2222-2299 (saved); any other is refused.
+    fn ready_forwards(&self, id: &str) -> Result<VmRecord, HostError> {
+        let mut vms = self.vms_mut();
+        let others = others_of(&vms, id);
+        let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
+        if e.rt.pid.is_some() {
+            return Ok(e.record.clone()); // `start` says it runs already
+        }
+        let mut nics = e.record.nics().to_vec();
+        let mut moved = Vec::new();
+        for n in 0..nics.len() {
+            for f in 0..nics[n].forwards.len() {
+                let forward = nics[n].forwards[f].clone();
+                let Err(why) = net::probe_port(&forward) else { continue };
+                let also: Vec<_> = nics.iter().flat_map(|c| &c.forwards).filter(|g| **g != forward).cloned().collect();
+                match forward.automatic.then(|| net::pick_port(&others, &also, &forward, &net::probe_port)).flatten() {
+                    Some(port) => {
+                        nics[n].forwards[f].host_port = port;
+                        moved.push(format!("{} ({why})", net::describe(&nics[n].forwards[f])));
+                    }
+                    None => {
+                        return Err(HostError::Conflict(format!(
+                            "network card {}: {why}: change the VM's port forward {}",
+                            nics[n].id,
+                            net::describe(&forward)
+                        )));
+                    }
+                }
+            }
+        }
+        if !moved.is_empty() {
+            let mut record = e.record.clone();
+            record.nics = Some(nics);
+            self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
+            log::info!("VM {}: moved automatic port forwards: {}", record.name, moved.join("; "));
+            e.record = record;
+        }
+        Ok(e.record.clone())
+    }
+
+    /// The network cards of a running VM as its process reports them (None: the VM does not run), or why they
+    /// cannot be had.
+    pub async fn nic_status(&self, id: &str) -> Option<Result<Vec<NicStatus>, String>> {
+        self.pid(id)?;
+        let control = self.run_files(id).control();
+        Some(
+            tokio::task::spawn_blocking(move || net::nics(&control))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("the VM process did not report its network cards: {e}"))),
+        )
+    }
+
+    /// Plugs in or pulls the virtual cable of a running VM's card `nic`.
+    pub async fn set_link(&self, id: &str, nic: &str, up: bool) -> Result<NicStatus, HostError> {
+        let record = self.record(id)?;
+        if !record.nics().iter().any(|n| n.id == nic) {
+            return Err(HostError::NotFound(format!("{id}/nics/{nic}")));
+        }
+        if self.pid(id).is_none() {
+            return Err(HostError::Conflict("the VM is not running: its cards' links are up when it starts".into()));
+        }
+        let control = self.run_files(id).control();
+        let nic = nic.to_owned();
+        tokio::task::spawn_blocking(move || net::set_link(&control, &nic, up))
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?
+            .map_err(|e| match e {
+                net::EngineError::Refused(why) => HostError::Conflict(why),
+                other => HostError::Internal(other.to_string()),
+            })
+    }
+
     /// Starts a stopped VM; returns once its control socket answers.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
-        let record = self.record(id)?;
+        let record = self.ready_forwards(id)?;
         // A kernel boots directly; without one the VM boots its firmware (SeaBIOS), from the CD/DVD first.
         let direct = match &record.boot {
             Some(boot) => {
@@ -401,6 +503,7 @@ impl Host {
             if record.disk_bytes > 0 {
                 cmd.arg("--disk").arg(self.store.disk_path(id));
             }
+            cmd.args(net::net_args(record.nics()));
             match &media {
                 Some(m) => cmd.arg("--cdrom").arg(m),
                 None => cmd.arg("--cdrom"),
@@ -645,5 +748,19 @@ fn view(e: &Entry) -> Vm {
         uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
         tags: r.tags.clone(),
         boot_status: None,
+        nics: r.nics().to_vec(),
+        nic_status: Vec::new(),
+        nic_status_error: None,
     }
+}
+
+/// What the VMs other than `id` of `vms` hold.
+fn others_of(vms: &BTreeMap<String, Entry>, id: &str) -> Others {
+    Others::of(vms.iter().filter(|(i, _)| *i != id).map(|(_, e)| (e.record.name.as_str(), e.record.nics())))
+}
+
+/// Checks a definition's cards against the other VMs (ports, MACs) once more, under the table's lock.
+fn recheck_nics(record: &VmRecord, others: &Others) -> Result<(), HostError> {
+    let specs: Vec<NicSpec> = record.nics().iter().map(NicSpec::from).collect();
+    net::build_nics(&specs, record.nics(), others, None).map(drop).map_err(HostError::Conflict)
 }

@@ -1,5 +1,5 @@
 //! Resource samples of running VMs: once a second, CPU time and resident memory of each VM process (from
-//! /proc) and its disk counters (from its control socket), kept for an hour at 1 s and for a day at 1 min;
+//! /proc) and its disk and network counters (from its control socket), kept for an hour at 1 s and for a day at 1 min;
 //! its state too, so a guest that crashed shows as `crashed` within a second (see `Host::observe`).
 //! The sampler also keeps serial logs bounded: past 1 MiB a log is truncated (the VMM appends, so it just
 //! goes on at the start).
@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use porthole_api::StatSample;
-use vmm_core::control::{ControlClient, Request};
+use serde_json::json;
 
 use crate::host::Host;
+use crate::net::EngineClient;
 use crate::store::now_ms;
 
 const SECONDS_KEPT: usize = 3600;
@@ -35,6 +36,8 @@ struct Last {
     cpu_ticks: u64,
     disk_read: u64,
     disk_written: u64,
+    net_rx: u64,
+    net_tx: u64,
 }
 
 #[derive(Default)]
@@ -111,7 +114,7 @@ impl Stats {
                 if t > 0 { t as f64 } else { 100.0 }
             };
             let mut last: HashMap<String, Last> = HashMap::new();
-            let mut clients: HashMap<String, (u32, ControlClient)> = HashMap::new();
+            let mut clients: HashMap<String, (u32, EngineClient)> = HashMap::new();
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let running = host.running();
@@ -123,12 +126,12 @@ impl Stats {
                     let (Some(ticks), Some(rss)) = (cpu_ticks(pid), rss_bytes(pid)) else { continue };
                     let counters = {
                         if !clients.contains_key(&id)
-                            && let Ok(c) = ControlClient::connect(&files.control())
+                            && let Ok(c) = EngineClient::connect(&files.control(), Duration::from_secs(10))
                         {
                             clients.insert(id.clone(), (pid, c));
                         }
-                        match clients.get_mut(&id).map(|(_, c)| c.request(&Request::Counters)) {
-                            Some(Ok(r)) => r.counters,
+                        match clients.get_mut(&id).map(|(_, c)| c.call(&json!({"cmd": "counters"}))) {
+                            Some(Ok(mut r)) => r.get_mut("counters").map(serde_json::Value::take),
                             _ => {
                                 clients.remove(&id);
                                 None
@@ -137,11 +140,16 @@ impl Stats {
                     };
                     // A guest that crashed (its process keeps it) makes the VM `crashed`; a reset one runs again.
                     if let Some((_, c)) = clients.get_mut(&id)
-                        && let Ok(Some(status)) = c.request(&Request::Status).map(|r| r.status)
+                        && let Ok(mut reply) = c.call(&json!({"cmd": "status"}))
+                        && let Some(status) = reply.get_mut("status").map(serde_json::Value::take)
+                        && let Ok(status) = serde_json::from_value::<vmm_core::control::Status>(status)
                     {
                         host.observe(&id, pid, &status);
                     }
-                    let (read, written) = counters.map(|c| (c.disk_bytes_read, c.disk_bytes_written)).unwrap_or((0, 0));
+                    let counter =
+                        |k: &str| counters.as_ref().and_then(|c| c.get(k)).and_then(|v| v.as_u64()).unwrap_or(0);
+                    let (read, written) = (counter("disk_bytes_read"), counter("disk_bytes_written"));
+                    let (net_rx, net_tx) = counters.as_ref().map(crate::net::net_bytes).unwrap_or((0, 0));
                     let t_ms = now_ms();
                     if let Some(prev) = last.get(&id).filter(|p| p.pid == pid && t_ms > p.t_ms) {
                         let dt = (t_ms - prev.t_ms) as f64 / 1000.0;
@@ -153,12 +161,14 @@ impl Stats {
                                 memory_bytes: rss,
                                 disk_read_bps: read.saturating_sub(prev.disk_read) as f64 / dt,
                                 disk_write_bps: written.saturating_sub(prev.disk_written) as f64 / dt,
-                                net_rx_bps: 0.0,
-                                net_tx_bps: 0.0,
+                                net_rx_bps: net_rx.saturating_sub(prev.net_rx) as f64 / dt,
+                                net_tx_bps: net_tx.saturating_sub(prev.net_tx) as f64 / dt,
                             },
                         );
                     }
-                    last.insert(id, Last { pid, t_ms, cpu_ticks: ticks, disk_read: read, disk_written: written });
+                    let now =
+                        Last { pid, t_ms, cpu_ticks: ticks, disk_read: read, disk_written: written, net_rx, net_tx };
+                    last.insert(id, now);
                 }
             }
         });
