@@ -628,9 +628,20 @@ impl Host {
         if let Some(r) = record {
             return ExitInfo { exit_code: Some(r.exit_code), reason: r.reason, serial_tail };
         }
+        // A process that refused its arguments (a forwarded port in use, …) said why on stderr, in its log.
+        let tail = tail_lines(&files.log(), 5);
+        let said = tail
+            .iter()
+            .rev()
+            .find(|l| l.to_ascii_lowercase().contains("error"))
+            .or_else(|| tail.iter().rev().find(|l| !l.trim().is_empty()))
+            .cloned();
         let reason = match status {
             Some(s) if libc::WIFSIGNALED(s) => format!("the VM process was killed by signal {}", libc::WTERMSIG(s)),
-            Some(s) if libc::WIFEXITED(s) => format!("the VM process exited with status {}", libc::WEXITSTATUS(s)),
+            Some(s) if libc::WIFEXITED(s) => match said {
+                Some(line) => format!("the VM process exited with status {}: {}", libc::WEXITSTATUS(s), line.trim()),
+                None => format!("the VM process exited with status {}", libc::WEXITSTATUS(s)),
+            },
             _ if own => "the VM process ended without an exit record".into(),
             _ => "the VM process ended without an exit record (killed?)".into(),
         };

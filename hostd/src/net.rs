@@ -14,6 +14,17 @@ use porthole_api::{
 };
 use serde_json::{Value, json};
 
+/// Tries a forward's host port: Ok if it can be opened now, else why not (see [`probe_port`]).
+pub type Probe<'a> = &'a dyn Fn(&PortForward) -> Result<(), String>;
+
+/// Checks of a card against the host: where its interfaces are listed (/sys/class/net), and how ports are
+/// tried.
+#[derive(Clone, Copy)]
+pub struct HostCheck<'a> {
+    pub sysfs: &'a Path,
+    pub probe: Probe<'a>,
+}
+
 /// What the other VMs of this daemon hold: their forwards and MACs, with their names for messages.
 #[derive(Debug, Default, Clone)]
 pub struct Others {
@@ -85,12 +96,7 @@ pub fn new_mac(taken: &[(String, String)]) -> String {
 
 /// The first port of 2222-2299 for a forward like `template` (its protocol, address and guest port) that no
 /// other VM's forward uses (nor one in `also`) and that can be opened now.
-pub fn pick_port(
-    others: &Others,
-    also: &[PortForward],
-    template: &PortForward,
-    probe: &dyn Fn(&PortForward) -> Result<(), String>,
-) -> Option<u16> {
+pub fn pick_port(others: &Others, also: &[PortForward], template: &PortForward, probe: Probe<'_>) -> Option<u16> {
     SSH_PORTS.into_iter().find(|&p| {
         let f = PortForward { host_port: p, ..template.clone() };
         !others.forwards.iter().any(|(_, o)| overlaps(o, &f))
@@ -100,7 +106,7 @@ pub fn pick_port(
 }
 
 /// A new VM's network: one `user` card with an automatic SSH forward (none if 2222-2299 are all taken).
-pub fn default_nics(others: &Others, probe: &dyn Fn(&PortForward) -> Result<(), String>) -> Vec<NicDefinition> {
+pub fn default_nics(others: &Others, probe: Probe<'_>) -> Vec<NicDefinition> {
     let ssh = PortForward { automatic: true, ..PortForward::tcp(SSH_PORTS.start().to_owned(), 22) };
     let forwards =
         pick_port(others, &[], &ssh, probe).map(|p| PortForward { host_port: p, ..ssh.clone() }).into_iter().collect();
@@ -136,7 +142,7 @@ pub fn build_nics(
     specs: &[NicSpec],
     current: &[NicDefinition],
     others: &Others,
-    check_host: Option<(&Path, &dyn Fn(&PortForward) -> Result<(), String>)>,
+    check_host: Option<HostCheck<'_>>,
 ) -> Result<Vec<NicDefinition>, String> {
     if specs.len() > MAX_NICS {
         return Err(format!("at most {MAX_NICS} network cards"));
@@ -182,8 +188,8 @@ pub fn build_nics(
                 if !is_valid_ifname(bridge) {
                     return Err(format!("network card {id}: {bridge:?} is not a valid bridge name"));
                 }
-                if let Some((sysfs, _)) = check_host
-                    && !bridge_exists(sysfs, bridge)
+                if let Some(check) = check_host
+                    && !bridge_exists(check.sysfs, bridge)
                 {
                     return Err(format!(
                         "network card {id}: this host has no bridge {bridge:?} (see `ip -br link show type bridge`)"
@@ -222,10 +228,10 @@ pub fn build_nics(
                 ));
             }
             let existing = current.iter().flat_map(|n| n.forwards.iter()).any(|c| c == f);
-            if let Some((_, probe)) = check_host
+            if let Some(check) = check_host
                 && !existing
             {
-                probe(f).map_err(|e| format!("network card {id}: {e}"))?;
+                (check.probe)(f).map_err(|e| format!("network card {id}: {e}"))?;
             }
         }
         out.push(NicDefinition { id, backend: spec.backend.clone(), mac, mtu, forwards: spec.forwards.clone() });
@@ -393,7 +399,7 @@ mod tests {
         let sysfs = std::env::temp_dir().join(format!("portholed-sysfs-{}", std::process::id()));
         std::fs::create_dir_all(sysfs.join("br0").join("bridge")).unwrap();
         std::fs::create_dir_all(sysfs.join("eth0")).unwrap();
-        let host: Option<(&Path, &dyn Fn(&PortForward) -> Result<(), String>)> = Some((&sysfs, &free));
+        let host = Some(HostCheck { sysfs: &sysfs, probe: &free });
         let others = Others {
             forwards: vec![("web".into(), PortForward::tcp(8080, 80))],
             macs: vec![("web".into(), "02:00:00:00:00:01".into())],
@@ -423,7 +429,7 @@ mod tests {
         assert!(refused(&[tap_fwd]).contains("need the user (NAT) back end"));
         // A port that cannot be opened is refused when it is new, not when the card already had it.
         let busy = |f: &PortForward| if f.host_port == 2222 { Err("in use".into()) } else { Ok(()) };
-        let busy_host: Option<(&Path, &dyn Fn(&PortForward) -> Result<(), String>)> = Some((&sysfs, &busy));
+        let busy_host = Some(HostCheck { sysfs: &sysfs, probe: &busy });
         let keep = build_nics(&[NicSpec::from(&current[0])], &current, &others, busy_host).unwrap();
         assert_eq!(keep, current);
         assert!(build_nics(&[user(vec![PortForward::tcp(2222, 22)])], &[], &others, busy_host).is_err());

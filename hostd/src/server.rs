@@ -328,7 +328,7 @@ fn build_nics(
             specs,
             current,
             &others,
-            Some((std::path::Path::new(SYSFS_NET), &crate::net::probe_port)),
+            Some(crate::net::HostCheck { sysfs: std::path::Path::new(SYSFS_NET), probe: &crate::net::probe_port }),
         )
         .map_err(ApiError::bad),
     }

@@ -1,0 +1,277 @@
+//! Networking through portholed: the default network card and its SSH forward, what the daemon refuses (and
+//! that a refusal changes nothing), definitions from before networking, and — with a running VM — the cards'
+//! state as the VM process reports it, the link switch and what may not change while the VM runs.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use porthole_api::client::Action;
+use porthole_api::{Client, CreateVm, NicBackend, NicSpec, PortForward, Protocol, SSH_PORTS, UpdateVm, Vm, VmState};
+use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn guest(name: &str) -> String {
+    porthole_guests::path(name).display().to_string()
+}
+
+/// A VM that boots micro-guest `kernel` (no disk), with `nics` (None: the default card).
+fn vm_request(name: &str, kernel: &str, nics: Option<Vec<NicSpec>>) -> CreateVm {
+    CreateVm {
+        boot: Some(porthole_api::BootSpec { kernel: guest(kernel), initrd: None, cmdline: String::new() }),
+        disk_gib: 0,
+        nics,
+        ..CreateVm::new(name, 1, 64)
+    }
+}
+
+/// One raw HTTP request on the daemon's Unix socket (for bodies the typed client cannot send): the status
+/// and the body.
+fn raw(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "{method} /api/v1{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+fn ssh_port(vm: &Vm) -> u16 {
+    assert_eq!(vm.nics.len(), 1, "{vm:?}");
+    let f = &vm.nics[0].forwards;
+    assert_eq!(f.len(), 1, "{vm:?}");
+    assert_eq!((f[0].protocol, f[0].guest_port, f[0].automatic), (Protocol::Tcp, 22, true), "{vm:?}");
+    assert_eq!(f[0].host_address.to_string(), "127.0.0.1");
+    f[0].host_port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_vms_get_a_nat_card_with_their_own_ssh_port() {
+    let dir = Scratch::new("net-default");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let a = c.create_vm(&vm_request("a", "idle", None)).await.unwrap();
+    let b = c.create_vm(&vm_request("b", "idle", None)).await.unwrap();
+    for vm in [&a, &b] {
+        let nic = &vm.nics[0];
+        assert_eq!((nic.id.as_str(), &nic.backend, nic.mtu), ("net0", &NicBackend::User, 1500), "{vm:?}");
+        assert!(porthole_api::is_valid_mac(&nic.mac) && nic.mac.starts_with("02:"), "locally administered: {vm:?}");
+        assert!(SSH_PORTS.contains(&ssh_port(vm)), "{vm:?}");
+    }
+    assert_ne!(ssh_port(&a), ssh_port(&b), "each VM its own SSH port");
+    assert_ne!(a.nics[0].mac, b.nics[0].mac);
+    // The definition is stored: the same after a restart of the daemon.
+    let mut d = d;
+    d.kill9();
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    assert_eq!(c.vm(&a.id).await.unwrap().nics, a.nics);
+    // No network, on request.
+    let none = c.create_vm(&vm_request("offline", "idle", Some(vec![]))).await.unwrap();
+    assert!(none.nics.is_empty(), "{none:?}");
+    // A bridge that does not exist is refused, and nothing is created.
+    let bridged = vec![NicSpec::new(NicBackend::Bridge { bridge: "nobr0".into() })];
+    let e = c.create_vm(&vm_request("bridged", "idle", Some(bridged))).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("no bridge \"nobr0\""), "{e}");
+    assert_eq!(c.list_vms().await.unwrap().len(), 3);
+    assert_eq!(std::fs::read_dir(d.data.join("vms")).unwrap().count(), 3, "no folder left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_network_changes_change_nothing() {
+    let dir = Scratch::new("net-refused");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let a = c.create_vm(&vm_request("a", "idle", None)).await.unwrap();
+    let b = c.create_vm(&vm_request("b", "idle", None)).await.unwrap();
+    let file = d.data.join("vms").join(&a.id).join("vm.json");
+    let stored = std::fs::read(&file).unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().port();
+    let with_forwards = |vm: &Vm, extra: Vec<PortForward>| {
+        let mut spec = NicSpec::from(&vm.nics[0]);
+        spec.forwards.extend(extra);
+        UpdateVm { nics: Some(vec![spec]), ..Default::default() }
+    };
+    let refusals: Vec<(UpdateVm, &str)> = vec![
+        (with_forwards(&a, vec![PortForward::tcp(busy, 80)]), "is in use by another program"),
+        (with_forwards(&a, vec![PortForward::tcp(ssh_port(&b), 80)]), "forwarded by VM \"b\""),
+        (with_forwards(&a, vec![PortForward::tcp(40001, 80), PortForward::tcp(40001, 81)]), "forwarded twice"),
+        (with_forwards(&a, vec![PortForward::tcp(ssh_port(&a), 2022)]), "forwarded twice"),
+        (
+            UpdateVm {
+                nics: Some(vec![NicSpec { mac: Some("03:00:00:00:00:01".into()), ..NicSpec::from(&a.nics[0]) }]),
+                ..Default::default()
+            },
+            "MAC \"03:00:00:00:00:01\" is invalid",
+        ),
+        (
+            UpdateVm {
+                nics: Some(vec![NicSpec { mtu: Some(65521), ..NicSpec::from(&a.nics[0]) }]),
+                ..Default::default()
+            },
+            "MTU 65521",
+        ),
+        (
+            UpdateVm {
+                nics: Some(vec![NicSpec::new(NicBackend::Bridge { bridge: "nobr0".into() })]),
+                ..Default::default()
+            },
+            "no bridge \"nobr0\"",
+        ),
+    ];
+    for (change, why) in refusals {
+        let e = c.update_vm(&a.id, &change).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{change:?}: {e}");
+        assert!(e.to_string().contains(why), "{change:?}: {e}");
+    }
+    // An unknown back end, and a forward with an unknown protocol: the body does not parse.
+    let path = format!("/vms/{}", a.id);
+    let (status, body) = raw(&d.socket(), "PATCH", &path, r#"{"nics":[{"backend":{"type":"vde"}}]}"#);
+    assert!(status == 400 && body.contains("unknown variant") && body.contains("vde"), "{status} {body}");
+    let sctp =
+        r#"{"nics":[{"backend":{"type":"user"},"forwards":[{"protocol":"sctp","host_port":1,"guest_port":1}]}]}"#;
+    assert_eq!(raw(&d.socket(), "PATCH", &path, sctp).0, 400);
+    assert_eq!(std::fs::read(&file).unwrap(), stored, "the definition is unchanged");
+    assert_eq!(c.vm(&a.id).await.unwrap().nics, a.nics);
+
+    // A good change: a UDP forward on all addresses and a bigger MTU; the MAC stays.
+    let mut spec = NicSpec::from(&a.nics[0]);
+    let dns =
+        PortForward { protocol: Protocol::Udp, host_address: "0.0.0.0".parse().unwrap(), ..PortForward::tcp(0, 53) };
+    let free = std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    spec.forwards.push(PortForward { host_port: free, ..dns });
+    spec.mtu = Some(9000);
+    spec.mac = None;
+    let changed = c.update_vm(&a.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
+    assert_eq!((changed.nics[0].mac.as_str(), changed.nics[0].mtu), (a.nics[0].mac.as_str(), 9000));
+    assert_eq!(changed.nics[0].forwards.len(), 2);
+    assert_eq!(c.vm(&a.id).await.unwrap().nics, changed.nics);
+    // The link of a stopped VM, or of a card it does not have.
+    let e = c.set_nic_link(&a.id, "net0", false).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(c.set_nic_link(&a.id, "net7", false).await.unwrap_err().status(), Some(404));
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_from_before_networking_get_a_nat_card() {
+    let dir = Scratch::new("net-old");
+    let mut d = Daemon::start(&dir, false, &[]);
+    let vm = d.local().create_vm(&vm_request("old", "idle", None)).await.unwrap();
+    d.kill9();
+    // The definition as an older daemon wrote it: no `nics`.
+    let file = d.data.join("vms").join(&vm.id).join("vm.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("nics");
+    std::fs::write(&file, serde_json::to_vec(&json).unwrap()).unwrap();
+    let d = Daemon::start(&dir, false, &[]);
+    let loaded = d.local().vm(&vm.id).await.unwrap();
+    assert!(SSH_PORTS.contains(&ssh_port(&loaded)));
+    assert_eq!(loaded.nics[0].backend, NicBackend::User);
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(stored["nics"][0]["mac"], loaded.nics[0].mac.as_str(), "the new card is saved: its MAC stays");
+    assert!(d.log_text().contains("given a network card"), "{}", d.log_text());
+}
+
+async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let vm = c.vm(id).await.unwrap();
+        if vm.state == state {
+            return vm;
+        }
+        assert!(Instant::now() < deadline, "VM never reached {state:?}: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Needs the engine's network cards (`--net`, `nics`, `set-link`) and passt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_reports_its_cards_and_keeps_its_forwards() {
+    let dir = Scratch::new("net-running");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&vm_request("runner", "idle", None)).await.unwrap();
+    let manual = c.create_vm(&vm_request("manual", "idle", Some(vec![NicSpec::new(NicBackend::User)]))).await.unwrap();
+    // Another program takes the automatic SSH port before the start: the forward moves to a free port.
+    let port = ssh_port(&vm);
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let running = c.action(&vm.id, Action::Start).await.unwrap();
+    assert_eq!(running.state, VmState::Running, "{running:?}");
+    let moved = ssh_port(&running);
+    assert_ne!(moved, port);
+    assert!(d.log_text().contains("moved automatic port forwards"), "{}", d.log_text());
+    // A manual forward whose port is taken: the start is refused with the reason.
+    let change = UpdateVm {
+        nics: Some(vec![NicSpec { forwards: vec![PortForward::tcp(40123, 8080)], ..NicSpec::from(&manual.nics[0]) }]),
+        ..Default::default()
+    };
+    c.update_vm(&manual.id, &change).await.unwrap();
+    let manual_squatter = std::net::TcpListener::bind("127.0.0.1:40123").unwrap();
+    let e = c.action(&manual.id, Action::Start).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("tcp port 40123 on 127.0.0.1 is in use"), "{e}");
+    assert_eq!(c.vm(&manual.id).await.unwrap().state, VmState::Stopped);
+    drop((squatter, manual_squatter));
+
+    // The card as the VM process reports it: attached (passt runs) or the reason it is not.
+    let deadline = Instant::now() + LIMIT;
+    let details = loop {
+        let v = c.vm(&vm.id).await.unwrap();
+        if !v.nic_status.is_empty() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no card state: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let nic = &details.nic_status[0];
+    assert_eq!((nic.id.as_str(), nic.mac.as_str()), ("net0", running.nics[0].mac.as_str()), "{nic:?}");
+    assert!(nic.link_up, "{nic:?}");
+    if nic.attached {
+        assert_eq!(nic.forwards.iter().map(|f| f.host_port).collect::<Vec<_>>(), [moved], "{nic:?}");
+        // passt holds the forwarded port.
+        assert!(std::net::TcpListener::bind(("127.0.0.1", moved)).is_err(), "passt listens on {moved}");
+    } else {
+        assert!(nic.error.as_deref().is_some_and(|e| !e.is_empty()), "a card that is not attached says why: {nic:?}");
+    }
+    // The virtual cable: pulled, plugged in again.
+    assert!(!c.set_nic_link(&vm.id, "net0", false).await.unwrap().link_up);
+    assert!(!c.vm(&vm.id).await.unwrap().nic_status[0].link_up);
+    assert!(c.set_nic_link(&vm.id, "net0", true).await.unwrap().link_up);
+    assert_eq!(c.set_nic_link(&vm.id, "nope", true).await.unwrap_err().status(), Some(404));
+    // Forwards and cards do not change while the VM runs; the same cards are fine.
+    let mut spec = NicSpec::from(&running.nics[0]);
+    spec.forwards.push(PortForward::tcp(40124, 80));
+    let e = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("passt opens them when the VM starts"), "{e}");
+    let e = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![]), ..Default::default() }).await.unwrap_err();
+    assert!(e.status() == Some(409) && e.to_string().contains("network cards change only while"), "{e}");
+    let same = UpdateVm { nics: Some(vec![NicSpec::from(&running.nics[0])]), ..Default::default() };
+    assert_eq!(c.update_vm(&vm.id, &same).await.unwrap().nics, running.nics);
+    // Network samples are part of the stats.
+    let deadline = Instant::now() + LIMIT;
+    while c.stats(&vm.id, 0, false).await.unwrap().samples.len() < 2 {
+        assert!(Instant::now() < deadline, "no stats samples");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    let stopped = wait_state(&c, &vm.id, VmState::Stopped).await;
+    assert!(stopped.nic_status.is_empty() && stopped.nic_status_error.is_none(), "{stopped:?}");
+    // Stopped, the forward change is taken; it applies at the next start.
+    let mut spec = NicSpec::from(&running.nics[0]);
+    spec.forwards.push(PortForward::tcp(40124, 80));
+    let changed = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
+    assert_eq!(changed.nics[0].forwards.len(), 2);
+}
