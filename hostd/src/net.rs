@@ -54,13 +54,13 @@ pub fn overlaps(a: &PortForward, b: &PortForward) -> bool {
         && (a.host_address == b.host_address || a.host_address.is_unspecified() || b.host_address.is_unspecified())
 }
 
-/// "tcp 127.0.0.1:2222 → 22"
+/// "tcp 127.0.0.1:2222 to guest port 22"
 pub fn describe(f: &PortForward) -> String {
     let addr = match f.host_address {
         IpAddr::V6(a) => format!("[{a}]"),
         a => a.to_string(),
     };
-    format!("{} {addr}:{} → guest port {}", f.protocol, f.host_port, f.guest_port)
+    format!("{} {addr}:{} to guest port {}", f.protocol, f.host_port, f.guest_port)
 }
 
 /// Whether the forward's host port can be opened now (by binding it for a moment); the reason when not.

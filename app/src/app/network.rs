@@ -42,7 +42,7 @@ pub(super) fn wizard_row(ui: &mut egui::Ui, w: &mut Wizard) {
             .labelled_by(l.id);
         match w.network {
             WizardNetwork::Nat => {
-                ui.weak("reaches what the host reaches; SSH is forwarded from a port of the host");
+                ui.weak("SSH is forwarded from a host port");
             }
             WizardNetwork::Bridge => {
                 let l = ui.label("Bridge name");
@@ -302,7 +302,7 @@ impl PortholeApp {
     /// The port forwards of card `i` (a `user` card): a table with remove buttons and a form to add one.
     fn forwards(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm, i: usize, running: bool) {
         let nic = &vm.nics[i];
-        ui.label("Port forwards (host → guest)");
+        ui.label("Port forwards (a host port to a guest port)");
         let mut remove = None;
         egui::Grid::new(("forwards", i)).striped(true).num_columns(5).show(ui, |ui| {
             for title in ["Protocol", "Host address", "Host port", "Guest port", ""] {
