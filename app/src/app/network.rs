@@ -256,10 +256,9 @@ impl PortholeApp {
                             s.tx_frames
                         ));
                         ui.end_row();
-                        let l = ui.label("Link");
+                        ui.label("Link");
                         let mut up = s.link_up;
                         let r = ui.add_enabled(s.attached, egui::Checkbox::new(&mut up, "Cable plugged in"));
-                        let r = r.labelled_by(l.id);
                         if r.changed() {
                             let (id, nic_id, backend) = (vm.id.clone(), nic.id.clone(), self.backend.clone());
                             let what =
