@@ -535,6 +535,7 @@ impl PortholeApp {
             ui.label("CD/DVD");
             ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));
             ui.end_row();
+            self.ssh_row(ui, host, vm);
             let l = ui.label("Tags");
             ui.horizontal(|ui| {
                 let current = vm.tags.join(", ");

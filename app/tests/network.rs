@@ -120,6 +120,7 @@ fn the_wizard_offers_nat_bridge_or_no_network_and_the_details_show_the_card() {
     wait(&mut h, "the VM without network", |h| vm_named(h, "offline").is_some());
     assert!(vm_named(&h, "offline").unwrap().nics.is_empty());
     select(&mut h, "offline");
+    click(&mut h, "Network");
     wait(&mut h, "its empty network section", |h| has(h, "No network card."));
     assert!(!disabled(&h, "Add a NAT card"));
 
@@ -127,6 +128,9 @@ fn the_wizard_offers_nat_bridge_or_no_network_and_the_details_show_the_card() {
     select(&mut h, "natvm");
     let ssh = format!("ssh -p {port} user@localhost");
     wait(&mut h, "the SSH command", |h| has(h, &ssh));
+    if !has_contains(&h, "MTU 1500") {
+        click(&mut h, "Network");
+    }
     assert!(has(&h, &vm.nics[0].mac));
     assert!(has_contains(&h, "NAT (user networking, passt), MTU 1500"));
     assert!(has_contains(&h, "not running (the card is set up when the VM starts)"));
@@ -168,6 +172,7 @@ fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
     create(&mut h, "runner", None, None);
     wait(&mut h, "the new VM", |h| vm_named(h, "runner").is_some());
     select(&mut h, "runner");
+    click(&mut h, "Network");
     click(&mut h, "Start");
     wait(&mut h, "running", |h| has(h, "running"));
     // The card's state as the VM process reports it: attached, or the reason it is not.

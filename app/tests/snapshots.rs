@@ -89,6 +89,10 @@ fn snapshots_of_the_host_screens() {
     h.get_by_label("web-1").click();
     wait(&mut h, "the details", |h| has(h, "Insert ISO…"));
     snapshot(&mut h, "machine_list");
+    // The selected VM's network section: its card and the port-forward form.
+    h.get_by_label("Network").click();
+    wait(&mut h, "the network section", |h| has(h, "Port forwards"));
+    snapshot(&mut h, "network_section");
 }
 
 #[test]

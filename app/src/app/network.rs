@@ -195,19 +195,38 @@ const RUNNING_REASON: &str =
     "Port forwards change while the VM is stopped: passt opens them when the VM starts. Shut it down first.";
 
 impl PortholeApp {
+    /// The "SSH" row of a VM's details grid (a VM with a forward to its port 22): the command, and a button
+    /// that copies it.
+    pub(super) fn ssh_row(&self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
+        let remote = if host > 0 { self.backend.model().hosts.get(host).map(|h| h.address.clone()) } else { None };
+        let Some((f, cmd)) =
+            vm.nics.iter().flat_map(|n| &n.forwards).find_map(|f| Some((f, ssh_command(f, remote.as_deref())?)))
+        else {
+            return;
+        };
+        ui.label("SSH");
+        ui.horizontal(|ui| {
+            ui.monospace(&cmd);
+            if ui.button("Copy SSH command").clicked() {
+                ui.ctx().copy_text(cmd.clone());
+                self.backend.model().notify(format!("Copied: {cmd}"), false);
+            }
+            if remote.is_some() && f.host_address.is_loopback() {
+                ui.weak(format!("(on {} of that host only: run it there, or forward from 0.0.0.0)", f.host_address));
+            }
+        });
+        ui.end_row();
+    }
+
     /// The "Network" section of a VM's details.
     pub(super) fn network_section(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
         let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting)
             || vm.crash.is_some();
-        let (details, remote) = {
-            let m = self.backend.model();
-            let details = match &m.details {
-                Some((h, id, d)) if *h == host && *id == vm.id => Some(d.clone()),
-                _ => None,
-            };
-            (details, (host > 0).then(|| m.hosts.get(host).map(|h| h.address.clone())).flatten())
+        let details = match &self.backend.model().details {
+            Some((h, id, d)) if *h == host && *id == vm.id => Some(d.clone()),
+            _ => None,
         };
-        egui::CollapsingHeader::new("Network").default_open(true).show(ui, |ui| {
+        egui::CollapsingHeader::new("Network").default_open(false).show(ui, |ui| {
             if vm.nics.is_empty() {
                 ui.horizontal(|ui| {
                     ui.label("No network card.");
@@ -272,24 +291,6 @@ impl PortholeApp {
                         ui.end_row();
                     }
                 });
-                for f in &nic.forwards {
-                    if let Some(cmd) = ssh_command(f, remote.as_deref()) {
-                        ui.horizontal(|ui| {
-                            ui.label("SSH");
-                            ui.monospace(&cmd);
-                            if ui.button("Copy SSH command").clicked() {
-                                ui.ctx().copy_text(cmd.clone());
-                                self.backend.model().notify(format!("Copied: {cmd}"), false);
-                            }
-                        });
-                        if remote.is_some() && f.host_address.is_loopback() {
-                            ui.weak(format!(
-                                "The forward listens on {} of that host only: run it there, or forward from 0.0.0.0.",
-                                f.host_address
-                            ));
-                        }
-                    }
-                }
                 if nic.backend == NicBackend::User {
                     self.forwards(ui, host, vm, i, running);
                 }
