@@ -437,8 +437,29 @@ impl Host {
             })
     }
 
-    /// Starts a stopped VM; returns once its control socket answers.
+    /// Starts a stopped VM; returns once its control socket answers. A forwarded port that another program
+    /// (another daemon's VM starting at the same moment) took between the check and the VM process's own
+    /// bind fails the start; an automatic forward then moves to a free port and the start is tried again.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+        let mut tries = 0;
+        loop {
+            match self.start_once(id).await {
+                Err(HostError::Conflict(why))
+                    if why.contains("is in use")
+                        && tries < 3
+                        && self
+                            .record(id)
+                            .is_ok_and(|r| r.nics().iter().flat_map(|n| &n.forwards).any(|f| f.automatic)) =>
+                {
+                    tries += 1;
+                    log::info!("VM {id}: {why}; trying again with the automatic forwards on free ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
         let record = self.ready_forwards(id)?;
         // A kernel boots directly; without one the VM boots its firmware (SeaBIOS), from the CD/DVD first.
         let direct = match &record.boot {
@@ -553,7 +574,13 @@ impl Host {
                 let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
                 if e.rt.pid != Some(pid) {
                     let why = e.rt.last_exit.as_ref().map(|x| x.reason.clone()).unwrap_or_default();
-                    return Err(HostError::Internal(format!("the VM ended while starting: {why}")));
+                    let why = format!("the VM ended while starting: {why}");
+                    // A port that is taken is the host's state, not the daemon's fault.
+                    return Err(if why.contains("is in use") {
+                        HostError::Conflict(why)
+                    } else {
+                        HostError::Internal(why)
+                    });
                 }
                 if up {
                     if e.rt.state == Some(VmState::Starting) {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use porthole_api::client::Action;
 use porthole_api::{Client, CreateVm, NicBackend, NicSpec, PortForward, Protocol, SSH_PORTS, UpdateVm, Vm, VmState};
-use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
+use porthole_tests::{Scratch, wait_until, workspace_bin};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -274,4 +274,58 @@ async fn a_running_vm_reports_its_cards_and_keeps_its_forwards() {
     spec.forwards.push(PortForward::tcp(40124, 80));
     let changed = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
     assert_eq!(changed.nics[0].forwards.len(), 2);
+}
+
+/// A daemon whose VM engine is `vmm` (a wrapper around the real one).
+fn daemon_with_vmm(dir: &Scratch, vmm: &Path) -> Daemon {
+    let (data, run, log) = (dir.path("data"), dir.path("run"), dir.path("portholed.log"));
+    let child = std::process::Command::new(workspace_bin("portholed"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--runtime-dir")
+        .arg(&run)
+        .arg("--vmm")
+        .arg(vmm)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon { data, run, log, child: Some(child), remote: None };
+    wait_until(LIMIT, || d.log_text().contains("local API on"), || format!("daemon log:\n{}", d.log_text()));
+    d
+}
+
+/// Needs the engine's network cards. Another program takes the SSH port between the daemon's check and the
+/// VM process's own bind (as another daemon's VM starting at the same moment would): the start is tried
+/// again, and the VM runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_loses_its_port_to_a_race_is_tried_again() {
+    let dir = Scratch::new("net-race");
+    // The first VM process holds the forwarded port itself (bound before it execs the engine), so the
+    // engine's own check fails; later ones run the engine as it is.
+    let wrapper = dir.path("vmm-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/usr/bin/env python3\nimport os, re, socket, sys\nreal = {real:?}\nmarker = {marker:?}\n\
+             if not os.path.exists(marker):\n    open(marker, 'w').close()\n\
+             \x20   m = re.search(r'fwd=tcp:127\\.0\\.0\\.1:(\\d+)-22', ' '.join(sys.argv))\n\
+             \x20   s = socket.socket()\n    s.bind(('127.0.0.1', int(m.group(1))))\n    s.listen()\n\
+             \x20   os.set_inheritable(s.fileno(), True)\nos.execv(real, [real] + sys.argv[1:])\n",
+            real = workspace_bin("porthole-vmm").display().to_string(),
+            marker = dir.path("taken-once").display().to_string(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = daemon_with_vmm(&dir, &wrapper);
+    let c = d.local();
+    let vm = c.create_vm(&vm_request("racer", "idle", None)).await.unwrap();
+    let running = c.action(&vm.id, Action::Start).await.unwrap();
+    assert_eq!(running.state, VmState::Running, "{running:?}");
+    assert!(dir.path("taken-once").exists(), "the first try lost its port");
+    let log = d.log_text();
+    assert!(log.contains("is in use") && log.contains("trying again"), "{log}");
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
