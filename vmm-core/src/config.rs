@@ -61,6 +61,9 @@ pub struct VmConfig {
     /// Disks and removable drives (virtio-blk on PCI), in the order the guest finds them.
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// Network cards (virtio-net on PCI), in the order the guest finds them.
+    #[serde(default)]
+    pub nics: Vec<crate::net::NicConfig>,
 }
 
 /// Most drives a VM can have (each is a PCI device with its own interrupt line).
@@ -327,6 +330,8 @@ pub enum ConfigError {
     ConfigFile { path: PathBuf, reason: String },
     #[error("drive {0:?} is not PATH[,readonly][,removable][,serial=S]")]
     DriveSpec(String),
+    #[error("network: {0}")]
+    Net(#[from] crate::net::NetError),
     #[error("{0} drives asked for; at most {MAX_DRIVES} are supported")]
     TooManyDrives(usize),
     #[error("drive {0} has no image (only a removable drive may start empty)")]
@@ -393,6 +398,7 @@ impl VmConfig {
             vnc_view_only: Vec::new(),
             vnc_password_file: None,
             drives: Vec::new(),
+            nics: Vec::new(),
         }
     }
 
@@ -470,6 +476,7 @@ impl VmConfig {
         if self.drives.len() > MAX_DRIVES {
             return Err(ConfigError::TooManyDrives(self.drives.len()));
         }
+        crate::net::validate_nics(&self.nics)?;
         for (drive, id) in self.drives.iter().zip(drive_ids(&self.drives)) {
             match &drive.path {
                 Some(path) => check_image(&id, path)?,

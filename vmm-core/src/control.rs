@@ -3,7 +3,9 @@
 //! Requests: `{"cmd":"status"}`, `pause`, `resume`, `reset`, `stop` (ACPI power button, then forced off
 //! after the stop timeout), `poweroff` (forced), `counters`, `{"cmd":"attach-media","path":P}` and
 //! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`), and
-//! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits). Every reply has
+//! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits), `nics`
+//! (the network cards' state and counters) and `{"cmd":"set-link","nic":ID,"up":BOOL}` (plug or unplug a
+//! card's cable; the guest is told). Every reply has
 //! `"ok"`; failures carry `"error"`. A crashed VM (state `crashed`, its report in `status.crash`) refuses
 //! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::counters::CountersSnapshot;
 use crate::disk::DriveStatus;
+use crate::net::NicStatus;
 use crate::vm::{RunState, VmHandle};
 
 /// Longest request line accepted.
@@ -55,6 +58,14 @@ pub enum Request {
     SerialInput {
         data: String,
     },
+    /// The network cards: back end, addresses, forwards, counters.
+    Nics,
+    /// Plugs (`up`) or unplugs a network card's cable.
+    #[serde(rename = "set-link")]
+    SetLink {
+        nic: String,
+        up: bool,
+    },
 }
 
 /// The reply to a request.
@@ -76,6 +87,9 @@ pub struct Response {
     /// For `attach-media` and `eject-media`: the drive afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drive: Option<DriveStatus>,
+    /// For `nics` (every card) and `set-link` (that card).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<NicStatus>>,
 }
 
 /// What `status` reports.
@@ -90,6 +104,8 @@ pub struct Status {
     pub pid: u32,
     #[serde(default)]
     pub drives: Vec<DriveStatus>,
+    #[serde(default)]
+    pub nics: Vec<NicStatus>,
     /// While the state is `crashed`: why (triple fault, emulation failure, … with RIP and instruction bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash: Option<String>,
@@ -118,6 +134,7 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
                     boots: counters.boots,
                     pid: std::process::id(),
                     drives: vm.drives(),
+                    nics: vm.nics(),
                     crash: vm.crash_report(),
                 }),
                 ..ok()
@@ -155,6 +172,11 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
         Request::SerialInput { data } => match vm.serial_input(data.as_bytes()) {
             Ok(()) => ok(),
             Err(e) => failure(e.to_string()),
+        },
+        Request::Nics => Response { nics: Some(vm.nics()), ..ok() },
+        Request::SetLink { nic, up } => match vm.set_link(nic, *up) {
+            Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+            Err(e) => failure(e),
         },
     }
 }

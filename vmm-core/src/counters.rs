@@ -58,6 +58,15 @@ pub struct CountersSnapshot {
     pub disk_errors: u64,
     /// Malformed descriptor chains (each put its device into NEEDS_RESET).
     pub disk_malformed: u64,
+    /// Network frames and bytes over every card: rx towards the guest, tx from it.
+    pub net_rx_frames: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_frames: u64,
+    pub net_tx_bytes: u64,
+    /// Frames dropped either way (no receive buffers for too long, link down, back end gone).
+    pub net_dropped: u64,
+    /// Malformed descriptor chains of network cards.
+    pub net_malformed: u64,
 }
 
 impl Counters {

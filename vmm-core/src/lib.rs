@@ -15,6 +15,7 @@ pub mod disk;
 pub mod display;
 pub mod firmware;
 pub mod layout;
+pub mod net;
 pub mod pci;
 pub mod ram;
 pub mod rfb;

@@ -44,6 +44,7 @@ use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
 use crate::virtio::block::VirtioBlock;
+use crate::virtio::net::VirtioNet;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::scsi::VirtioScsi;
 
@@ -227,6 +228,8 @@ pub struct VmHandle {
     loop_wake: EventFd,
     /// The VM's drives (they outlive reboots).
     drives: Vec<Arc<Drive>>,
+    /// The VM's network cards (they and their back ends outlive reboots).
+    nics: Vec<Arc<crate::net::Nic>>,
     /// Serial input from the control socket, waiting for the event loop to feed it to the UART.
     serial_input: Mutex<Vec<u8>>,
     /// The crash report while the VM is kept in its crashed state (vCPUs stopped, screen still served).
@@ -369,6 +372,21 @@ impl VmHandle {
         }
     }
 
+    /// The network cards and their state.
+    pub fn nics(&self) -> Vec<crate::net::NicStatus> {
+        self.nics.iter().map(|n| n.status()).collect()
+    }
+
+    /// Plugs or unplugs the cable of network card `id`.
+    pub fn set_link(&self, id: &str, up: bool) -> Result<crate::net::NicStatus, String> {
+        let nic = self.nics.iter().find(|n| n.id == id).ok_or_else(|| format!("no network card {id:?}"))?;
+        if !nic.attached() {
+            return Err(format!("network card {id:?} is not attached to the VM"));
+        }
+        nic.set_link(up);
+        Ok(nic.status())
+    }
+
     /// The drives and their media.
     pub fn drives(&self) -> Vec<DriveStatus> {
         self.drives.iter().map(|d| d.status()).collect()
@@ -420,6 +438,15 @@ impl VmHandle {
             s.disk_bytes_written += l(&st.bytes_written);
             s.disk_errors += l(&st.errors);
             s.disk_malformed += l(&st.malformed);
+        }
+        for n in &self.nics {
+            let st = &n.stats;
+            s.net_rx_frames += l(&st.rx_frames);
+            s.net_rx_bytes += l(&st.rx_bytes);
+            s.net_tx_frames += l(&st.tx_frames);
+            s.net_tx_bytes += l(&st.tx_bytes);
+            s.net_dropped += l(&st.rx_dropped) + l(&st.tx_dropped);
+            s.net_malformed += l(&st.malformed);
         }
         s
     }
@@ -527,6 +554,11 @@ impl Vm {
             let serial = d.serial.clone().unwrap_or_else(|| id.clone());
             drives.push(Arc::new(Drive::new(id, d.read_only, d.removable, serial, media)));
         }
+        // Back ends start now: spawning passt and opening TAP devices is impossible under the seccomp filters.
+        let mut nics = Vec::new();
+        for (i, (n, id)) in config.nics.iter().zip(crate::net::nic_ids(&config.nics)).enumerate() {
+            nics.push(Arc::new(crate::net::Nic::open(n, id, &config.name, i).map_err(ConfigError::from)?));
+        }
         let irqs = Irqs::new().map_err(io_err("create interrupt eventfds"))?;
         let serial_stats = Arc::new(SerialStats::new().map_err(io_err("create the serial eventfd"))?);
         let serial = Arc::new(Mutex::new(Serial::new(irqs.com1.clone(), output, serial_stats.clone())));
@@ -553,6 +585,7 @@ impl Vm {
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
+            nics,
             serial_input: Mutex::new(Vec::new()),
             crashed: Mutex::new(None),
         });
@@ -700,6 +733,19 @@ impl Vm {
                 )))
             };
             bus.insert(slot, device)?;
+            interrupts.push(interrupt);
+        }
+        for nic in self.handle.nics.iter().filter(|n| n.attached()) {
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create a network interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let net =
+                VirtioNet::new(nic.clone(), interrupt.clone()).map_err(io_err("start a network card's thread"))?;
+            let device = VirtioPci::new(net, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()));
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }
         let host = vram

@@ -91,6 +91,12 @@ struct Cli {
     /// changed at run time with the control socket's attach-media / eject-media. May be repeated.
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
     cdrom: Vec<String>,
+    /// A network card (virtio-net): BACKEND[,id=NAME][,mac=MAC][,mtu=N][,fwd=PROTO:[ADDR:]HOSTPORT-GUESTPORT]…
+    /// [,link=down] with BACKEND `user` (NAT through passt, no privileges; forwards bind loopback unless
+    /// an address is given), `tap:NAME`, `bridge:BR` (a new TAP device on bridge BR; both need
+    /// CAP_NET_ADMIN) or `none`. May be repeated (net0, net1, …).
+    #[arg(long, value_name = "BACKEND[,…]")]
+    net: Vec<String>,
     /// Boot firmware instead of a kernel: `bios` (SeaBIOS from the system, or the cache the tests fill) or
     /// the path of a SeaBIOS bios.bin. Boots from the CD/DVD drives and disks (see --boot).
     #[arg(long, value_name = "bios|PATH", conflicts_with = "kernel")]
@@ -219,6 +225,11 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     for path in &cli.cdrom {
         let media = (!path.is_empty()).then(|| PathBuf::from(path));
         config.drives.push(vmm_core::config::DriveConfig::cdrom(media));
+    }
+    for spec in &cli.net {
+        if let Some(nic) = vmm_core::net::parse_net(spec).with_context(|| format!("--net {spec:?}"))? {
+            config.nics.push(nic);
+        }
     }
     Ok(config)
 }

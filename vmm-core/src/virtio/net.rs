@@ -1,0 +1,763 @@
+//! virtio-net (virtio 1.2 §5.1): a receive and a transmit queue, served off the vCPU threads by one I/O
+//! thread per card, which moves frames between guest memory and the card's back end ([`crate::net`]).
+//!
+//! Features: VERSION_1, MAC, STATUS (link up/down from the control socket), MTU, MRG_RXBUF (a frame larger
+//! than one receive buffer spans several; their used entries are published together), EVENT_IDX and
+//! INDIRECT_DESC; with a back end that carries virtio-net headers (TAP) also checksum and TSO offloads both
+//! ways (the TAP device is told which ones the guest took).
+//!
+//! The guest is untrusted. A broken chain (a loop, a `next` beyond the queue, a receive buffer the device
+//! may not write, a transmit buffer it may not read, memory outside the guest's RAM, a frame shorter than
+//! its header or longer than [`MAX_FRAME`], an avail index that jumps past the queue) puts the device in
+//! NEEDS_RESET until the driver resets it; the VMM goes on. Host memory does not depend on the guest: one
+//! frame waits for receive buffers at most (the back end's socket buffers hold the rest); after
+//! [`RX_STALL`] without buffers, frames for the guest are dropped and counted.
+
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, VirtioDevice, VirtioInterrupt};
+use crate::devices::bus::lock;
+use crate::net::{Backend, MAX_FRAME, Nic, NicListener, VNET_HEADER_LEN};
+
+/// Virtio device ID of a network card.
+pub const DEVICE_TYPE: u16 = 1;
+/// Each queue's largest size.
+pub const QUEUE_SIZE: u16 = 256;
+/// Queue 0 receives (queue 1 transmits).
+const RX: usize = 0;
+/// How long a frame for the guest waits for receive buffers before frames are dropped.
+pub const RX_STALL: Duration = Duration::from_millis(250);
+/// Frames moved each way before the thread looks at the other direction.
+const BATCH: usize = 64;
+
+/// Why a chain cannot be served at all.
+#[derive(Debug, PartialEq, Eq)]
+enum Malformed {
+    Unterminated,
+    TooLong,
+    WrongDirection,
+    OutsideMemory,
+    TooShort,
+    AvailJump,
+}
+
+/// A receive chain the device took from the avail ring and holds until a frame fills it.
+struct RxChain {
+    head: u16,
+    segments: Vec<(GuestAddress, u32)>,
+    capacity: usize,
+}
+
+/// The queues while the driver is up.
+struct Active {
+    rx: Queue,
+    tx: Queue,
+    mem: GuestMemoryMmap,
+    mrg_rxbuf: bool,
+    event_idx: bool,
+    /// The used index at the last receive interrupt decision (EVENT_IDX).
+    rx_signalled: Wrapping<u16>,
+    /// Receive chains taken and not yet used.
+    rx_held: Vec<RxChain>,
+    /// The offload bits the guest accepted (told to the back end once).
+    guest_offloads: (bool, bool, bool, bool),
+}
+
+#[derive(Default)]
+struct State {
+    active: Option<Active>,
+    /// Bumps on every activation and reset.
+    epoch: u64,
+}
+
+/// What the I/O thread and the transport share.
+struct Shared {
+    nic: Arc<Nic>,
+    interrupt: Arc<VirtioInterrupt>,
+    rx_notify: EventFd,
+    tx_notify: EventFd,
+    /// Wakes the I/O thread: activation, reset, link changes, shutdown.
+    wake: Arc<EventFd>,
+    state: Mutex<State>,
+    shutdown: AtomicBool,
+}
+
+/// A virtio-net device serving one [`Nic`].
+pub struct VirtioNet {
+    shared: Arc<Shared>,
+    max_sizes: [u16; 2],
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VirtioNet {
+    /// A device for `nic`, raising `interrupt`; starts its (idle) I/O thread, which inherits the caller's
+    /// seccomp filter.
+    pub fn new(nic: Arc<Nic>, interrupt: Arc<VirtioInterrupt>) -> std::io::Result<Self> {
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        nic.set_listener(Some(NicListener { interrupt: interrupt.clone(), wake: wake.clone() }));
+        let shared = Arc::new(Shared {
+            nic,
+            interrupt,
+            rx_notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            tx_notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            wake,
+            state: Mutex::new(State::default()),
+            shutdown: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new().name("net-io".into()).spawn(move || s.io_thread())?;
+        Ok(VirtioNet { shared, max_sizes: [QUEUE_SIZE; 2], thread: Some(thread) })
+    }
+
+    pub fn nic(&self) -> &Arc<Nic> {
+        &self.shared.nic
+    }
+
+    fn config_bytes(&self) -> [u8; 12] {
+        let nic = &self.shared.nic;
+        let mut b = [0u8; 12];
+        b[0..6].copy_from_slice(&nic.mac.0);
+        let status = if nic.link_up() { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+        b[6..8].copy_from_slice(&status.to_le_bytes());
+        b[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        b[10..12].copy_from_slice(&nic.mtu.to_le_bytes());
+        b
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MTU)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+        if self.shared.nic.offloads() {
+            for bit in [
+                VIRTIO_NET_F_CSUM,
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_GUEST_ECN,
+                VIRTIO_NET_F_HOST_TSO4,
+                VIRTIO_NET_F_HOST_TSO6,
+                VIRTIO_NET_F_HOST_ECN,
+            ] {
+                f |= 1 << bit;
+            }
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.max_sizes
+    }
+
+    fn queue_event(&self, index: usize) -> &EventFd {
+        if index == RX { &self.shared.rx_notify } else { &self.shared.tx_notify }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.config_bytes();
+        let start = offset as usize;
+        match bytes.get(start..start + data.len()) {
+            Some(b) => data.copy_from_slice(b),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing is writable (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered; the MAC is the VMM's).
+    }
+
+    fn activate(&mut self, activation: Activation) {
+        let mut queues = activation.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else { return };
+        let f = activation.driver_features;
+        let has = |bit: u32| f & (1 << bit) != 0;
+        {
+            let mut state = lock(&self.shared.state);
+            state.epoch += 1;
+            state.active = Some(Active {
+                rx,
+                tx,
+                mem: activation.mem,
+                mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
+                event_idx: has(VIRTIO_RING_F_EVENT_IDX),
+                rx_signalled: Wrapping(0),
+                rx_held: Vec::new(),
+                guest_offloads: (
+                    has(VIRTIO_NET_F_GUEST_CSUM),
+                    has(VIRTIO_NET_F_GUEST_TSO4),
+                    has(VIRTIO_NET_F_GUEST_TSO6),
+                    has(VIRTIO_NET_F_GUEST_ECN),
+                ),
+            });
+        }
+        self.shared.nic.driver_ready.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
+    }
+
+    fn reset(&mut self) {
+        self.shared.stop_serving();
+    }
+}
+
+impl Drop for VirtioNet {
+    fn drop(&mut self) {
+        self.shared.nic.set_listener(None);
+        self.shared.stop_serving();
+        self.shared.shutdown.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The I/O thread's view of the back end: which directions wait on it.
+struct Io<'a> {
+    backend: Option<&'a mut Box<dyn Backend>>,
+    /// A frame for the guest that found no receive buffer (with its header), and since when.
+    pending: Vec<u8>,
+    has_pending: bool,
+    stalled_since: Option<Instant>,
+    /// The back end was full: transmit waits until it is writable.
+    tx_blocked: bool,
+    /// The epoch whose offloads the back end was told.
+    offloads_epoch: u64,
+    /// Frame staging for transmit (header included).
+    staging: Vec<u8>,
+}
+
+impl Shared {
+    fn stop_serving(&self) {
+        let mut state = lock(&self.state);
+        state.active = None;
+        state.epoch += 1;
+        self.nic.driver_ready.store(false, Ordering::Release);
+        drop(state);
+        let _ = self.wake.write(1);
+    }
+
+    /// Counts a driver error and breaks the device; the first of each card is logged as a warning.
+    fn malformed(&self, what: Malformed) {
+        let first = self.nic.stats.malformed.fetch_add(1, Ordering::Relaxed) == 0;
+        let level = if first { log::Level::Warn } else { log::Level::Debug };
+        log::log!(
+            level,
+            "{}: malformed descriptor chain ({what:?}); the device needs a reset (guest driver error)",
+            self.nic.id
+        );
+        self.interrupt.mark_needs_reset();
+    }
+
+    fn io_thread(&self) {
+        const RX_KICK: u64 = 1;
+        const TX_KICK: u64 = 2;
+        const WAKE: u64 = 3;
+        const BACKEND: u64 = 4;
+        const LOG: u64 = 5;
+        let mut guard = self.nic.backend();
+        let Ok(epoll) = Epoll::new() else {
+            log::error!("{}: cannot create the network thread's epoll; the card stays idle", self.nic.id);
+            return;
+        };
+        let add = |fd: RawFd, events: EventSet, token: u64| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)).map_err(|e| {
+                log::error!("{}: cannot watch a descriptor ({e}); the card stays idle", self.nic.id);
+            })
+        };
+        let fds = [
+            (self.rx_notify.as_raw_fd(), RX_KICK),
+            (self.tx_notify.as_raw_fd(), TX_KICK),
+            (self.wake.as_raw_fd(), WAKE),
+        ];
+        for (fd, token) in fds {
+            if add(fd, EventSet::IN, token).is_err() {
+                return;
+            }
+        }
+        let (backend_fd, log_fd) = match guard.as_ref() {
+            Some(b) => (Some(b.fd()), b.log_fd()),
+            None => (None, None),
+        };
+        let mut interest = EventSet::IN;
+        if let Some(fd) = backend_fd
+            && add(fd, interest, BACKEND).is_err()
+        {
+            return;
+        }
+        if let Some(fd) = log_fd {
+            let _ = add(fd, EventSet::IN, LOG);
+        }
+        let mut io = Io {
+            backend: guard.as_mut(),
+            pending: Vec::with_capacity(VNET_HEADER_LEN + MAX_FRAME),
+            has_pending: false,
+            stalled_since: None,
+            tx_blocked: false,
+            offloads_epoch: 0,
+            staging: vec![0; VNET_HEADER_LEN + MAX_FRAME],
+        };
+        let mut events = [EpollEvent::default(); 8];
+        while !self.shutdown.load(Ordering::Acquire) {
+            self.serve(&mut io);
+            // What to wait for on the back end: frames unless one already waits; room when a send was cut
+            // short or transmit is blocked.
+            if let (Some(fd), Some(b)) = (backend_fd, io.backend.as_ref()) {
+                let mut want = EventSet::empty();
+                if !io.has_pending {
+                    want |= EventSet::IN;
+                }
+                if io.tx_blocked || b.wants_write() {
+                    want |= EventSet::OUT;
+                }
+                if want != interest {
+                    let _ = epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(want, BACKEND));
+                    interest = want;
+                }
+            }
+            let timeout = match io.stalled_since {
+                Some(since) if io.has_pending => {
+                    RX_STALL.saturating_sub(since.elapsed()).as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+                _ => -1,
+            };
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("{}: the network thread cannot wait: {e}", self.nic.id);
+                    return;
+                }
+            };
+            for e in &events[..n] {
+                match e.data() {
+                    RX_KICK => {
+                        let _ = self.rx_notify.read();
+                    }
+                    TX_KICK => {
+                        let _ = self.tx_notify.read();
+                    }
+                    WAKE => {
+                        let _ = self.wake.read();
+                    }
+                    BACKEND if e.event_set().contains(EventSet::OUT) => io.tx_blocked = false,
+                    LOG => {
+                        if let Some(b) = io.backend.as_mut() {
+                            b.drain_log();
+                        }
+                        if e.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR)
+                            && let Some(fd) = log_fd
+                        {
+                            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Moves frames both ways until nothing more can move now.
+    fn serve(&self, io: &mut Io) {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let epoch = state.epoch;
+        let link_up = self.nic.link_up();
+        let broken = self.interrupt.needs_reset();
+        let active = state.active.as_mut().filter(|_| !broken);
+        if let (Some(a), Some(b)) = (active.as_ref(), io.backend.as_mut())
+            && io.offloads_epoch != epoch
+        {
+            let (csum, tso4, tso6, ecn) = a.guest_offloads;
+            b.set_guest_offloads(csum, tso4, tso6, ecn);
+            io.offloads_epoch = epoch;
+        }
+        let Some(active) = active else {
+            // No driver (or a broken one): frames for the guest have nowhere to go.
+            io.has_pending = false;
+            io.stalled_since = None;
+            self.drain_backend(io);
+            return;
+        };
+        let mut signal_tx = false;
+        let mut signal_rx = false;
+        loop {
+            let (sent, tx_more) = self.transmit(io, active, link_up);
+            signal_tx |= sent;
+            if self.interrupt.needs_reset() {
+                break;
+            }
+            let (received, rx_more) = self.receive(io, active, link_up);
+            signal_rx |= received;
+            if self.interrupt.needs_reset() || (!tx_more && !rx_more) {
+                break;
+            }
+        }
+        let tx_notify = signal_tx && active.tx.needs_notification(&active.mem).unwrap_or(true);
+        let rx_notify = signal_rx && rx_needs_notification(active);
+        drop(guard);
+        if tx_notify || rx_notify {
+            self.interrupt.signal_used();
+        }
+    }
+
+    /// Reads and drops every frame the back end has (counted): nothing can take them.
+    fn drain_backend(&self, io: &mut Io) {
+        let Some(b) = io.backend.as_mut() else { return };
+        loop {
+            match b.recv() {
+                Ok(Some(_)) => {
+                    self.nic.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.backend_gone(io, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn backend_gone(&self, io: &mut Io, e: std::io::Error) {
+        log::error!("{}: the network back end failed ({e}); the card has no network from now on", self.nic.id);
+        self.nic.set_failed(format!("the back end failed: {e}"));
+        io.backend = None;
+        io.has_pending = false;
+        io.tx_blocked = false;
+    }
+
+    /// Sends up to [`BATCH`] frames from the transmit queue. Returns whether chains were used and whether
+    /// more may be waiting.
+    fn transmit(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
+        if io.tx_blocked {
+            return (false, false);
+        }
+        if let Some(b) = io.backend.as_mut()
+            && b.wants_write()
+        {
+            if let Err(e) = b.flush() {
+                self.backend_gone(io, e);
+            } else if b.wants_write() {
+                io.tx_blocked = true;
+                return (false, false);
+            }
+        }
+        let mem = active.mem.clone();
+        let mut used = false;
+        for _ in 0..BATCH {
+            let _ = active.tx.disable_notification(&mem);
+            if !avail_within_queue(&active.tx, &mem) {
+                self.malformed(Malformed::AvailJump);
+                return (used, false);
+            }
+            let Some(chain) = active.tx.pop_descriptor_chain(&mem) else {
+                match active.tx.enable_notification(&mem) {
+                    Ok(true) => continue,
+                    _ => return (used, false),
+                }
+            };
+            let head = chain.head_index();
+            let len = match gather(chain, &mem, &mut io.staging) {
+                Ok(len) => len,
+                Err(why) => {
+                    self.malformed(why);
+                    return (used, false);
+                }
+            };
+            let frame = &io.staging[..len];
+            let stats = &self.nic.stats;
+            match io.backend.as_mut() {
+                Some(b) if link_up => {
+                    let skip = VNET_HEADER_LEN - b.header_len();
+                    match b.send(&frame[skip..]) {
+                        Ok(true) => {
+                            stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                            stats.tx_bytes.fetch_add((len - VNET_HEADER_LEN) as u64, Ordering::Relaxed);
+                            self.nic.snoop_tx(&frame[VNET_HEADER_LEN..]);
+                        }
+                        Ok(false) => {
+                            // Full: give the chain back and wait for room.
+                            active.tx.go_to_previous_position();
+                            io.tx_blocked = true;
+                            return (used, false);
+                        }
+                        Err(e) => {
+                            stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                            self.backend_gone(io, e);
+                        }
+                    }
+                }
+                _ => {
+                    stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if active.tx.add_used(&mem, head, 0).is_err() {
+                self.malformed(Malformed::OutsideMemory);
+                return (used, false);
+            }
+            used = true;
+        }
+        (used, true)
+    }
+
+    /// Delivers up to [`BATCH`] frames from the back end. Returns whether chains were used and whether
+    /// more may be waiting.
+    fn receive(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
+        let mut used = false;
+        for _ in 0..BATCH {
+            if !io.has_pending {
+                let Some(b) = io.backend.as_mut() else { return (used, false) };
+                let header_len = b.header_len();
+                let frame = match b.recv() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return (used, false),
+                    Err(e) => {
+                        self.backend_gone(io, e);
+                        return (used, false);
+                    }
+                };
+                if !link_up || frame.len() <= header_len {
+                    self.nic.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                io.pending.clear();
+                if header_len == 0 {
+                    io.pending.extend_from_slice(&[0; VNET_HEADER_LEN]);
+                }
+                io.pending.extend_from_slice(frame);
+                io.has_pending = true;
+            }
+            match self.deliver(active, &mut io.pending) {
+                Err(why) => {
+                    self.malformed(why);
+                    return (used, false);
+                }
+                Ok(Delivery::Delivered) => {
+                    io.has_pending = false;
+                    io.stalled_since = None;
+                    used = true;
+                }
+                Ok(Delivery::Dropped) => {
+                    io.has_pending = false;
+                    self.nic.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Delivery::NoBuffers) => {
+                    let since = *io.stalled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= RX_STALL {
+                        // The guest has not posted buffers for long: drop (counted) rather than stall passt.
+                        io.has_pending = false;
+                        self.nic.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // Ask for a kick when buffers come; if some came meanwhile, try again.
+                    match active.rx.enable_notification(&active.mem) {
+                        Ok(true) => continue,
+                        _ => return (used, false),
+                    }
+                }
+            }
+        }
+        (used, true)
+    }
+
+    /// Writes one frame (`frame` starts with its 12-byte virtio-net header) into receive chains.
+    fn deliver(&self, active: &mut Active, frame: &mut [u8]) -> Result<Delivery, Malformed> {
+        let need = frame.len();
+        let mem = active.mem.clone();
+        // Take chains until the frame fits (one chain only without MRG_RXBUF).
+        loop {
+            let have: usize = active.rx_held.iter().map(|c| c.capacity).sum();
+            if have >= need || (!active.mrg_rxbuf && !active.rx_held.is_empty()) {
+                break;
+            }
+            if active.rx_held.len() >= usize::from(active.rx.size()) {
+                // Every buffer of the queue held and still too small.
+                break;
+            }
+            if !avail_within_queue(&active.rx, &mem) {
+                return Err(Malformed::AvailJump);
+            }
+            let Some(chain) = active.rx.pop_descriptor_chain(&mem) else { return Ok(Delivery::NoBuffers) };
+            active.rx_held.push(rx_chain(chain, &mem)?);
+        }
+        let have: usize = active.rx_held.iter().map(|c| c.capacity).sum();
+        if have < need {
+            // One buffer too small for this frame (no MRG_RXBUF), or a whole queue too small: this frame
+            // cannot be delivered; the buffers stay for the next one.
+            return Ok(if active.mrg_rxbuf && active.rx_held.len() < usize::from(active.rx.size()) {
+                Delivery::NoBuffers
+            } else {
+                Delivery::Dropped
+            });
+        }
+        // How many chains the frame uses, and the header's num_buffers.
+        let mut count = 0;
+        let mut covered = 0;
+        while covered < need {
+            covered += active.rx_held[count].capacity;
+            count += 1;
+        }
+        frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+        let payload_len = need - VNET_HEADER_LEN;
+        let mut used = Vec::with_capacity(count);
+        let mut offset = 0;
+        for chain in active.rx_held.drain(..count) {
+            let mut written = 0u32;
+            for &(address, len) in &chain.segments {
+                if offset == need {
+                    break;
+                }
+                let n = (len as usize).min(need - offset);
+                mem.write_slice(&frame[offset..offset + n], address).map_err(|_| Malformed::OutsideMemory)?;
+                offset += n;
+                written += n as u32;
+            }
+            used.push((chain.head, written));
+        }
+        publish_used(&mut active.rx, &mem, &used)?;
+        let stats = &self.nic.stats;
+        stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+        stats.rx_bytes.fetch_add(payload_len as u64, Ordering::Relaxed);
+        self.nic.snoop_rx(&frame[VNET_HEADER_LEN..]);
+        Ok(Delivery::Delivered)
+    }
+}
+
+enum Delivery {
+    Delivered,
+    /// The frame cannot fit the guest's buffers: dropped (counted).
+    Dropped,
+    /// Not enough buffers posted yet.
+    NoBuffers,
+}
+
+/// An avail index more than a queue's worth ahead is a driver bug (or an attack).
+fn avail_within_queue(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    matches!(queue.avail_idx(mem, Ordering::Acquire),
+        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size())
+}
+
+/// Collects a chain's descriptors, checking each with `check`; at most a queue's worth.
+fn descriptors(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    write_only: bool,
+) -> Result<Vec<(GuestAddress, u32)>, Malformed> {
+    let mut segments = Vec::new();
+    let mut last_has_next = false;
+    for d in chain {
+        if segments.len() == usize::from(QUEUE_SIZE) {
+            return Err(Malformed::TooLong);
+        }
+        if d.is_write_only() != write_only {
+            return Err(Malformed::WrongDirection);
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(Malformed::OutsideMemory);
+        }
+        last_has_next = d.has_next();
+        segments.push((d.addr(), d.len()));
+    }
+    if last_has_next || segments.is_empty() {
+        // The iterator stopped early: a loop, a `next` beyond the table, or a bad indirect table.
+        return Err(Malformed::Unterminated);
+    }
+    Ok(segments)
+}
+
+fn rx_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<RxChain, Malformed> {
+    let head = chain.head_index();
+    let segments = descriptors(chain, mem, true)?;
+    let capacity: usize = segments.iter().map(|&(_, len)| len as usize).sum();
+    if capacity < VNET_HEADER_LEN {
+        return Err(Malformed::TooShort);
+    }
+    Ok(RxChain { head, segments, capacity })
+}
+
+/// Copies a transmit chain (header and frame) into `staging`; returns its length.
+fn gather(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    staging: &mut [u8],
+) -> Result<usize, Malformed> {
+    let segments = descriptors(chain, mem, false)?;
+    let total: usize = segments.iter().map(|&(_, len)| len as usize).sum();
+    if total > staging.len() {
+        return Err(Malformed::TooLong);
+    }
+    if total < VNET_HEADER_LEN + 14 {
+        return Err(Malformed::TooShort);
+    }
+    let mut offset = 0;
+    for (address, len) in segments {
+        let len = len as usize;
+        mem.read_slice(&mut staging[offset..offset + len], address).map_err(|_| Malformed::OutsideMemory)?;
+        offset += len;
+    }
+    Ok(total)
+}
+
+/// Puts `entries` in the used ring and then publishes them with one index store, so that a driver never
+/// sees part of a frame spread over several buffers.
+fn publish_used(queue: &mut Queue, mem: &GuestMemoryMmap, entries: &[(u16, u32)]) -> Result<(), Malformed> {
+    let ring = GuestAddress(queue.used_ring());
+    let size = queue.size();
+    let mut next = Wrapping(queue.next_used());
+    for &(head, len) in entries {
+        let slot = u64::from(next.0 % size);
+        let mut element = [0u8; 8];
+        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        element[4..].copy_from_slice(&len.to_le_bytes());
+        let at = ring.checked_add(4 + slot * 8).ok_or(Malformed::OutsideMemory)?;
+        mem.write_slice(&element, at).map_err(|_| Malformed::OutsideMemory)?;
+        next += Wrapping(1);
+    }
+    fence(Ordering::Release);
+    let idx_at = ring.checked_add(2).ok_or(Malformed::OutsideMemory)?;
+    mem.store(next.0.to_le(), idx_at, Ordering::Release).map_err(|_| Malformed::OutsideMemory)?;
+    queue.set_next_used(next.0);
+    Ok(())
+}
+
+/// Whether the receive queue's driver wants an interrupt for what was published since the last decision
+/// (virtio 1.2 §2.7.10: with EVENT_IDX, once the used index passes `used_event`).
+fn rx_needs_notification(active: &mut Active) -> bool {
+    let new = Wrapping(active.rx.next_used());
+    let old = std::mem::replace(&mut active.rx_signalled, new);
+    if !active.event_idx {
+        return true;
+    }
+    fence(Ordering::SeqCst);
+    let Some(used_event_at) = GuestAddress(active.rx.avail_ring()).checked_add(4 + 2 * u64::from(active.rx.size()))
+    else {
+        return true;
+    };
+    let Ok(used_event) = active.mem.read_obj::<u16>(used_event_at) else { return true };
+    let used_event = Wrapping(u16::from_le(used_event));
+    (new - used_event - Wrapping(1)) < (new - old)
+}
