@@ -61,6 +61,7 @@
  *                 who-has the router sent; waits 5 s for a used receive buffer and the interrupt:
  *                 `NET irq interrupted=<0|1: both came> interrupts=<count> arp=<0|1: the ARP reply arrived>`;
  *                 `NET irq error=bad-irq-line` when INTERRUPT_LINE > 23
+ *   hang          `NET hang`, then cli; hlt forever (so that a test can inspect the VMM meanwhile)
  *   anything else `NET bad-word <word>` (also malformed numbers or out-of-range arguments)
  * A command that needs the device when there is none or it failed prints `NET no-device`; arp, ping, udp
  * and irq need a DHCP lease first (`NET no-ip`) and ping and udp the router's MAC (ARP first, silently; a
@@ -1675,6 +1676,13 @@ hc_availjump:                       /* avail idx advanced by 1000 (every ring en
     movl $1000, %esi
     jmp tx_publish
 
+cmd_hang:
+    leaq msg_hang(%rip), %rdi
+    call serial_puts
+    cli
+1:  hlt
+    jmp 1b
+
 /* Shared epilogue of the command handlers (and guest_main) */
 cmd_ok:
     xorl %eax, %eax
@@ -1703,6 +1711,7 @@ cmd_table:
     .quad cmdn_hostile_one, cmd_hostile_one
     .quad cmdn_flood_wait, cmd_flood_wait
     .quad cmdn_irq, cmd_irq
+    .quad cmdn_hang, cmd_hang
     .quad 0, 0
 hostile_table:
     .quad hn_loop, hc_loop
@@ -1730,6 +1739,7 @@ cmdn_hostile:       .asciz "hostile"
 cmdn_hostile_one:   .asciz "hostile="
 cmdn_flood_wait:    .asciz "flood-wait="
 cmdn_irq:           .asciz "irq"
+cmdn_hang:          .asciz "hang"
 hn_loop:            .asciz "loop"
 hn_outside:         .asciz "outside"
 hn_writable:        .asciz "writable"
@@ -1755,6 +1765,7 @@ msg_nodev:          .asciz "NET no-device\n"
 msg_noip:           .asciz "NET no-ip\n"
 msg_badword:        .asciz "NET bad-word "
 msg_done:           .asciz "NET done\n"
+msg_hang:           .asciz "NET hang\n"
 msg_tx_timeout:     .asciz "NET tx-timeout\n"
 msg_dhcp_ip:        .asciz "NET dhcp ip="
 msg_server:         .asciz " server="
