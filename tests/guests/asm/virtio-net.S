@@ -48,8 +48,10 @@
  *   wait-link     `NET wait-link status=<s>`, then polls the ISR (reading clears it) and the config status
  *                 until the status changes (30 s at most): `NET link-changed status=<s> up=<0|1>
  *                 config-irq=<1 when ISR bit 1 was seen>`, or `NET wait-link timeout`
- *   hostile       malformed transmit chains, each on a freshly re-initialised device (no dev line), 300 ms
- *                 wait each: `NET hostile case=<name> used=<0|1> devstatus=<device_status, 2 hex>` for
+ *   hostile       malformed transmit chains, each on a freshly re-initialised device (no dev line); each
+ *                 waits until the device either completes it (the used idx moves) or sets NEEDS_RESET (0x40)
+ *                 in device_status (5 s at most), then 50 ms more so that what follows either settles:
+ *                 `NET hostile case=<name> used=<0|1> devstatus=<device_status, 2 hex>` for
  *                 loop outside writable huge short zero badhead badnext indirect availjump (see hc_*), then
  *                 a last re-initialisation and `NET hostile-done`
  *   hostile=NAME  the same for the one case NAME (QEMU 7.2 aborts on `short`: an assertion in iov_copy)
@@ -76,7 +78,6 @@
     .set TICKS_5S, 5 * 1193182
     .set TICKS_30S, 30 * 1193182
     .set TICKS_1S, 1193182
-    .set TICKS_300MS, 357955
     .set LAPIC, 0xFEE00000
     .set IRQ_VECTOR, 0x40
 
@@ -1592,9 +1593,11 @@ hostile_go:
     movl $HDR + 60, txq + 8(%rip)
     movl $0, txq + 12(%rip)
     call *8(%r14)                   /* spoils and publishes */
-    movl $TICKS_300MS, %edi
-    call tx_wait
-    movl %eax, %r13d
+    call hostile_wait
+    xorl %r13d, %r13d
+    movzwl txq + R_USED + 2(%rip), %eax
+    cmpw tx_used(%rip), %ax
+    setne %r13b
     leaq msg_hostile(%rip), %rdi
     call serial_puts
     movq %r15, %rdi
@@ -1619,6 +1622,33 @@ hostile_go:
     jmp cmd_ok
 4:  call net_print
     jmp cmd_ok
+
+/* hostile_wait(): until the transmit used idx moves or device_status has NEEDS_RESET, 5 s at most (the
+   idx and status are checked 64 times between PIT reads), then 50 ms more */
+hostile_wait:
+    pushq %rbx
+    pushq %r12
+    call pit_ticks
+    movq %rax, %rbx
+1:  movl $64, %r12d
+2:  movzwl txq + R_USED + 2(%rip), %eax
+    cmpw tx_used(%rip), %ax
+    jne 3f
+    movq vio(%rip), %rax
+    testb $0x40, C_STATUS(%rax)
+    jnz 3f
+    pause
+    decl %r12d
+    jnz 2b
+    call pit_ticks
+    subq %rbx, %rax
+    cmpq $TICKS_5S, %rax
+    jb 1b
+3:  movl $50000, %edi
+    call delay_us
+    popq %r12
+    popq %rbx
+    ret
 
 /* Hostile cases: descriptor 0 of the transmit queue is a well-formed 72-byte frame (header + ARP) that
    one field then spoils; published as avail entry 0 with idx + 1 unless said otherwise. */
