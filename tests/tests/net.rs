@@ -548,6 +548,10 @@ fn hostile_chains_are_refused_and_counted_by_porthole_vmm() {
     assert!(nic.tx_frames >= 4 && nic.rx_frames >= 3, "{nic:?}");
     let counters = c.request(&Request::Counters).unwrap().counters.unwrap();
     assert_eq!(counters.net_malformed, nic.malformed, "{counters:?}");
+    // The guest hangs and sends nothing more; frames to it may still arrive between the two requests.
+    assert_eq!((counters.net_tx_frames, counters.net_tx_bytes), (nic.tx_frames, nic.tx_bytes), "{counters:?}");
+    assert!(counters.net_rx_frames >= nic.rx_frames && counters.net_rx_bytes >= nic.rx_bytes, "{counters:?}");
+    assert_eq!(status.nics.len(), 1, "{status:?}");
     drop(guest);
 }
 
