@@ -579,7 +579,8 @@ fn porthole_vmm_drops_and_counts_a_flood_while_the_guest_posts_no_buffers() {
     eprintln!("porthole-vmm flood: {sent} datagrams sent, {received} frames received after the wait, {nic:?}");
     assert!(sent > 0 && received > 0, "sent {sent}, received {received}:\n{out}");
     assert!(nic.rx_dropped > 0, "nothing dropped: {nic:?}");
-    assert_eq!(counters.net_dropped, nic.rx_dropped + nic.tx_dropped, "{counters:?}");
+    // Requested after the card's status: what was still queued may have been dropped since.
+    assert!(counters.net_dropped >= nic.rx_dropped + nic.tx_dropped, "{counters:?}");
     assert!(nic.rx_frames >= received, "{nic:?}");
     drop(guest);
 }
