@@ -391,10 +391,11 @@ pub trait Backend: Send {
     fn drain_log(&mut self) {}
 }
 
-/// The passt back end: a child `passt` on one end of a Unix stream socket pair.
+/// The passt back end: a child `passt` on one end of a Unix stream socket pair (or any peer speaking passt's
+/// stream protocol on a connected socket: [`Passt::connected`]).
 pub struct Passt {
     socket: UnixStream,
-    child: Child,
+    child: Option<Child>,
     stderr: Option<std::process::ChildStderr>,
     nic: String,
     /// Received bytes: frames start at `start`, `end` is where the next read goes.
@@ -451,7 +452,7 @@ impl Passt {
         let stderr = child.stderr.take();
         let mut passt = Passt {
             socket: ours,
-            child,
+            child: Some(child),
             stderr,
             nic: nic.to_owned(),
             inbuf: vec![0; 2 * (MAX_FRAME + 4)].into_boxed_slice(),
@@ -467,8 +468,10 @@ impl Passt {
                 Ok((passt, address))
             }
             Err(why) => {
-                let _ = passt.child.kill();
-                let _ = passt.child.wait();
+                if let Some(child) = passt.child.as_mut() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
                 let mut said = String::new();
                 if let Some(mut e) = passt.stderr.take() {
                     let _ = e.read_to_string(&mut said);
@@ -492,7 +495,7 @@ impl Passt {
         self.socket.write_all(&framed).map_err(|e| format!("passt ended at once ({e})"))?;
         let deadline = Instant::now() + PASST_PROBE_TIMEOUT;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return Err(format!("passt ended at start ({status})"));
             }
             match self.recv_blocking() {
@@ -518,9 +521,25 @@ impl Passt {
         }
     }
 
-    /// The child's process id.
+    /// A back end on a socket already connected to a peer that speaks passt's protocol (a passt started by
+    /// someone else, or a test's or benchmark's own peer).
+    pub fn connected(socket: UnixStream, nic: &str) -> io::Result<Passt> {
+        socket.set_nonblocking(true)?;
+        Ok(Passt {
+            socket,
+            child: None,
+            stderr: None,
+            nic: nic.to_owned(),
+            inbuf: vec![0; 2 * (MAX_FRAME + 4)].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            outbuf: Vec::new(),
+        })
+    }
+
+    /// The child's process id (0 when passt is not our child).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 }
 

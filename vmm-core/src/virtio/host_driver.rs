@@ -350,3 +350,128 @@ impl HostBlockDriver {
         self.device.device().drive()
     }
 }
+
+/// Receive buffers of [`HostNetDriver`]: descriptor i of queue 0 is NET_RX + i * NET_RX_BUF.
+const NET_RX: u64 = 0x10_0000;
+/// Transmit buffers: descriptor i of queue 1 is NET_TX + i * NET_TX_BUF (room for the largest frame).
+const NET_TX: u64 = 0x80_0000;
+const NET_TX_BUF: u64 = 0x1_0020;
+
+/// The host-side driver of one virtio-net device: queue 0 receives into `rx_buf`-byte buffers, queue 1
+/// transmits. Every offered feature is accepted (MRG_RXBUF and EVENT_IDX included).
+pub struct HostNetDriver {
+    driver: HostDriver<super::net::VirtioNet>,
+    queue_size: u16,
+    rx_buf: u32,
+    /// Receive descriptors posted and not yet returned.
+    rx_posted: u16,
+    next_rx: u16,
+    next_tx: u16,
+    tx_outstanding: u16,
+}
+
+impl Deref for HostNetDriver {
+    type Target = HostDriver<super::net::VirtioNet>;
+    fn deref(&self) -> &Self::Target {
+        &self.driver
+    }
+}
+
+impl DerefMut for HostNetDriver {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.driver
+    }
+}
+
+impl HostNetDriver {
+    /// Builds the device for `nic` and brings it up with two queues of `queue_size`, receive buffers of
+    /// `rx_buf` bytes (none posted yet).
+    pub fn new(nic: Arc<crate::net::Nic>, queue_size: u16, rx_buf: u32) -> std::io::Result<Self> {
+        assert!(queue_size.is_power_of_two() && queue_size <= super::net::QUEUE_SIZE);
+        let mem_size = (NET_TX + u64::from(queue_size) * NET_TX_BUF).next_multiple_of(0x1000) as usize;
+        assert!(NET_RX + u64::from(queue_size) * u64::from(rx_buf) <= NET_TX);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).map_err(std::io::Error::other)?;
+        let interrupt = Arc::new(VirtioInterrupt::new()?);
+        let net = super::net::VirtioNet::new(nic, interrupt.clone())?;
+        let driver = HostDriver::new(net, interrupt, mem, &[queue_size, queue_size]);
+        Ok(HostNetDriver { driver, queue_size, rx_buf, rx_posted: 0, next_rx: 0, next_tx: 0, tx_outstanding: 0 })
+    }
+
+    /// Resets the device and brings it up again; nothing is posted.
+    pub fn reinit(&mut self) {
+        self.driver.init();
+        (self.rx_posted, self.next_rx, self.next_tx, self.tx_outstanding) = (0, 0, 0, 0);
+    }
+
+    /// Posts `count` receive buffers (at most the free ones) and notifies.
+    pub fn post_rx(&mut self, count: u16) {
+        let count = count.min(self.queue_size - self.rx_posted);
+        for _ in 0..count {
+            let i = self.next_rx % self.queue_size;
+            let addr = NET_RX + u64::from(i) * u64::from(self.rx_buf);
+            self.driver.write_desc(0, i, Desc { addr, len: self.rx_buf, flags: DESC_F_WRITE, next: 0 });
+            self.driver.push_avail(0, i);
+            self.next_rx = self.next_rx.wrapping_add(1);
+        }
+        self.rx_posted += count;
+        self.driver.kick(0);
+    }
+
+    /// Frames received within `timeout` (without their virtio-net header), merging buffers as the
+    /// header's `num_buffers` says. Returns the frames and every header's `num_buffers`.
+    pub fn recv(&mut self, timeout: Duration) -> Vec<(Vec<u8>, u16)> {
+        let used = self.driver.completions(0, timeout);
+        self.rx_posted -= used.len() as u16;
+        let mut frames = Vec::new();
+        let mut it = used.into_iter();
+        while let Some((head, len)) = it.next() {
+            let read = |head: u16, len: u32| {
+                let mut b = vec![0u8; len as usize];
+                let addr = NET_RX + u64::from(head) * u64::from(self.rx_buf);
+                self.driver.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+                b
+            };
+            let mut bytes = read(head, len);
+            let buffers = u16::from_le_bytes([bytes[10], bytes[11]]);
+            for _ in 1..buffers {
+                let Some((h, l)) = it.next() else { break };
+                bytes.extend_from_slice(&read(h, l));
+            }
+            frames.push((bytes[crate::net::VNET_HEADER_LEN..].to_vec(), buffers));
+        }
+        frames
+    }
+
+    /// Queues `frame` (an Ethernet frame; a zero header is put in front) on the transmit queue and
+    /// notifies. Returns the descriptor used.
+    pub fn send(&mut self, frame: &[u8]) -> u16 {
+        let i = self.next_tx % self.queue_size;
+        let addr = NET_TX + u64::from(i) * NET_TX_BUF;
+        let mut bytes = vec![0u8; crate::net::VNET_HEADER_LEN];
+        bytes.extend_from_slice(frame);
+        self.driver.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+        self.driver.write_desc(1, i, Desc { addr, len: bytes.len() as u32, flags: 0, next: 0 });
+        self.driver.push_avail(1, i);
+        self.next_tx = self.next_tx.wrapping_add(1);
+        self.tx_outstanding += 1;
+        self.driver.kick(1);
+        i
+    }
+
+    /// Whether the transmit queue has room for another frame; takes finished ones back (waiting up to
+    /// `timeout` when it is full).
+    pub fn tx_room(&mut self, timeout: Duration) -> bool {
+        let wait = if self.tx_outstanding == self.queue_size { timeout } else { Duration::ZERO };
+        self.tx_outstanding -= self.driver.completions(1, wait).len() as u16;
+        self.tx_outstanding < self.queue_size
+    }
+
+    /// The card's configuration space: MAC, status, MTU.
+    pub fn net_config(&mut self) -> ([u8; 6], u16, u16) {
+        let mut b = [0u8; 12];
+        self.driver.read_config(0, &mut b);
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&b[..6]);
+        (mac, u16::from_le_bytes([b[6], b[7]]), u16::from_le_bytes([b[10], b[11]]))
+    }
+}

@@ -761,3 +761,366 @@ fn rx_needs_notification(active: &mut Active) -> bool {
     let used_event = Wrapping(u16::from_le(used_event));
     (new - used_event - Wrapping(1)) < (new - old)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::net::{MAX_MTU, MacAddr, Passt};
+    use crate::virtio::VIRTIO_CONFIG_S_NEEDS_RESET;
+    use crate::virtio::host_driver::{DESC_F_NEXT, DESC_F_WRITE, Desc, HostNetDriver};
+
+    const MAC: MacAddr = MacAddr([0x02, 0, 0, 0x12, 0x34, 0x56]);
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A card on a socket whose other end the test holds, speaking passt's protocol.
+    fn card(mtu: u16) -> (Arc<Nic>, UnixStream) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let backend = Passt::connected(ours, "net0").unwrap();
+        peer.set_read_timeout(Some(WAIT)).unwrap();
+        (Arc::new(Nic::with_backend("net0", MAC, mtu, Box::new(backend))), peer)
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        f[..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&MAC.0);
+        f[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+        f
+    }
+
+    fn peer_send(peer: &mut UnixStream, f: &[u8]) {
+        peer.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+        peer.write_all(f).unwrap();
+    }
+
+    fn peer_recv(peer: &mut UnixStream) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        peer.read_exact(&mut len).unwrap();
+        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+        peer.read_exact(&mut f).unwrap();
+        f
+    }
+
+    #[test]
+    fn frames_cross_both_ways_and_are_counted() {
+        let (nic, mut peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        assert_eq!(d.net_config(), (MAC.0, 1, 1500));
+        d.post_rx(16);
+        let out = frame(1514, 1);
+        d.send(&out);
+        assert_eq!(peer_recv(&mut peer), out, "the guest's frame reaches the back end without the header");
+        let back = frame(60, 2);
+        peer_send(&mut peer, &back);
+        assert_eq!(d.recv(WAIT), vec![(back.clone(), 1)]);
+        let s = nic.status();
+        assert_eq!((s.tx_frames, s.tx_bytes, s.rx_frames, s.rx_bytes), (1, 1514, 1, 60));
+        assert!(s.driver_ready);
+    }
+
+    #[test]
+    fn a_jumbo_frame_spans_several_merged_buffers() {
+        let (nic, mut peer) = card(9000);
+        let mut d = HostNetDriver::new(nic, 16, 2048).unwrap();
+        d.post_rx(16);
+        let big = frame(9014, 3);
+        peer_send(&mut peer, &big);
+        let got = d.recv(WAIT);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, 5, "12 + 9014 bytes need five 2048-byte buffers");
+        assert_eq!(got[0].0, big);
+        // The largest frame there is, both ways (16 buffers of 2048 bytes cannot hold it: 8192-byte ones).
+        let (nic, mut peer) = card(MAX_MTU);
+        let mut d = HostNetDriver::new(nic, 16, 8192).unwrap();
+        d.post_rx(16);
+        let max = frame(MAX_FRAME, 4);
+        peer_send(&mut peer, &max);
+        let got = d.recv(WAIT);
+        assert_eq!((got.len(), got[0].0.len()), (1, MAX_FRAME));
+        assert!(got[0].0 == max);
+        d.send(&max);
+        assert!(peer_recv(&mut peer) == max);
+    }
+
+    #[test]
+    fn a_guest_that_posts_no_buffers_costs_one_frame_and_drops_are_counted() {
+        let (nic, mut peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        // Flood for longer than RX_STALL: the device first holds one frame, then drops.
+        let flood = frame(1514, 5);
+        let mut framed = (flood.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&flood);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < RX_STALL * 3 {
+            match peer.write(&framed) {
+                Ok(n) if n == framed.len() => sent += 1,
+                Ok(_) => panic!("the test writes whole frames"),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        std::thread::sleep(RX_STALL);
+        let dropped = nic.status().rx_dropped;
+        assert!(dropped > 0, "frames are dropped once the guest has posted nothing for {RX_STALL:?}");
+        assert!(dropped <= sent);
+        assert_eq!(nic.status().rx_frames, 0);
+        // Buffers come: frames flow again.
+        d.post_rx(16);
+        peer.set_nonblocking(false).unwrap();
+        peer_send(&mut peer, &frame(100, 6));
+        let mut got = Vec::new();
+        while got.len() < 16 {
+            let batch = d.recv(Duration::from_millis(500));
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch);
+        }
+        assert!(!got.is_empty(), "frames arrive once buffers are posted");
+    }
+
+    #[test]
+    fn link_down_drops_both_ways_and_tells_the_guest() {
+        let (nic, mut peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        d.post_rx(16);
+        let _ = d.read_isr();
+        nic.set_link(false);
+        assert_eq!(d.net_config().1, 0, "status: link down");
+        assert_eq!(d.read_isr() & 2, 2, "a configuration change interrupt");
+        let head = d.send(&frame(100, 7));
+        assert_eq!(d.completions(1, WAIT), vec![(head, 0)]);
+        peer_send(&mut peer, &frame(100, 8));
+        assert!(d.recv(Duration::from_millis(300)).is_empty());
+        let s = nic.status();
+        assert_eq!((s.tx_dropped, s.rx_dropped, s.tx_frames, s.rx_frames), (1, 1, 0, 0));
+        nic.set_link(true);
+        assert_eq!(d.net_config().1, 1);
+        let f = frame(100, 9);
+        peer_send(&mut peer, &f);
+        assert_eq!(d.recv(WAIT), vec![(f, 1)]);
+    }
+
+    #[test]
+    fn malformed_chains_break_the_device_until_reset_and_nothing_else() {
+        let (nic, mut peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        let cases: [(&str, &[Desc]); 5] = [
+            ("device-writable transmit buffer", &[Desc { addr: 0x80_0000, len: 100, flags: DESC_F_WRITE, next: 0 }]),
+            ("outside memory", &[Desc { addr: 0x4000_0000, len: 100, flags: 0, next: 0 }]),
+            ("loop", &[Desc { addr: 0x80_0000, len: 100, flags: DESC_F_NEXT, next: 0 }]),
+            ("shorter than a header", &[Desc { addr: 0x80_0000, len: 8, flags: 0, next: 0 }]),
+            ("next beyond the queue", &[Desc { addr: 0x80_0000, len: 100, flags: DESC_F_NEXT, next: 99 }]),
+        ];
+        for (n, (name, chain)) in cases.iter().enumerate() {
+            d.reinit();
+            for (i, desc) in chain.iter().enumerate() {
+                d.write_desc(1, i as u16, *desc);
+            }
+            d.publish(1, 0, 1);
+            let deadline = Instant::now() + WAIT;
+            while d.status() & VIRTIO_CONFIG_S_NEEDS_RESET as u8 == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_ne!(d.status() & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0, "{name}: NEEDS_RESET");
+            assert_eq!(nic.stats.malformed.load(Ordering::Relaxed), n as u64 + 1, "{name}: counted");
+        }
+        // A receive buffer the device may not write.
+        d.reinit();
+        d.write_desc(0, 0, Desc { addr: 0x10_0000, len: 2048, flags: 0, next: 0 });
+        d.publish(0, 0, 1);
+        peer_send(&mut peer, &frame(100, 10));
+        let deadline = Instant::now() + WAIT;
+        while d.status() & VIRTIO_CONFIG_S_NEEDS_RESET as u8 == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(d.status() & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0, "read-only receive buffer: NEEDS_RESET");
+        // After a reset the card works again.
+        d.reinit();
+        d.post_rx(4);
+        let f = frame(64, 11);
+        peer_send(&mut peer, &f);
+        let got = d.recv(WAIT);
+        assert!(got.iter().any(|(g, _)| *g == f), "the card works after the reset");
+        d.send(&f);
+        assert_eq!(peer_recv(&mut peer), f);
+    }
+
+    #[test]
+    fn an_avail_index_jump_breaks_the_device() {
+        let (nic, _peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        d.write_desc(1, 0, Desc { addr: 0x80_0000, len: 100, flags: 0, next: 0 });
+        d.publish(1, 0, 1000);
+        let deadline = Instant::now() + WAIT;
+        while d.status() & VIRTIO_CONFIG_S_NEEDS_RESET as u8 == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(d.status() & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0);
+        assert_eq!(nic.stats.malformed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_guests_address_is_learnt_from_its_arp() {
+        let (nic, mut peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&MAC.0);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&MAC.0);
+        arp.extend_from_slice(&[10, 0, 2, 15]);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[10, 0, 2, 2]);
+        d.send(&arp);
+        let _ = peer_recv(&mut peer);
+        assert_eq!(nic.status().ipv4.as_deref(), Some("10.0.2.15"));
+    }
+
+    #[test]
+    fn a_back_end_that_ends_leaves_the_card_without_network_and_says_so() {
+        let (nic, peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        d.post_rx(4);
+        drop(peer);
+        let deadline = Instant::now() + WAIT;
+        while nic.status().error.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(nic.status().error.is_some_and(|e| e.contains("back end failed")));
+        let head = d.send(&frame(100, 12));
+        assert_eq!(d.completions(1, WAIT), vec![(head, 0)], "the frame is taken back");
+        assert_eq!(nic.status().tx_dropped, 1);
+    }
+
+    /// The real passt: the card's DHCP DISCOVER gets passt's OFFER through the device.
+    #[test]
+    fn passt_answers_dhcp_through_the_device() {
+        if std::process::Command::new(crate::net::passt_binary()).arg("--version").output().is_err() {
+            eprintln!("SKIP: passt is not installed (apt-get install passt)");
+            return;
+        }
+        let config = crate::net::parse_net("user").unwrap().unwrap();
+        let nic = Arc::new(Nic::open(&config, "net0".into(), "dhcp-test", 0).unwrap());
+        let status = nic.status();
+        if !status.attached {
+            eprintln!("SKIP: passt cannot run here: {:?}", status.error);
+            return;
+        }
+        let offered = status.ipv4.clone().expect("passt's offer is known from the start-up probe");
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        d.post_rx(16);
+        d.send(&crate::net::dhcp::discover(nic.mac, 0x1234_5678));
+        let deadline = Instant::now() + WAIT;
+        let mut offer = None;
+        while offer.is_none() && Instant::now() < deadline {
+            for (f, _) in d.recv(Duration::from_millis(200)) {
+                offer = offer.or(crate::net::dhcp::parse_reply(&f, 0x1234_5678));
+            }
+            d.post_rx(16);
+        }
+        assert_eq!(offer.map(|a| a.to_string()), Some(offered));
+    }
+}
+
+/// TAP and bridge back ends on a bridge the test creates (needs CAP_NET_ADMIN; skipped with the reason
+/// otherwise). Only an isolated test subnet on that bridge is used.
+#[cfg(test)]
+mod tap_tests {
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::net::{MacAddr, Nic, parse_net};
+    use crate::virtio::host_driver::HostNetDriver;
+
+    struct Bridge(String);
+
+    impl Bridge {
+        fn create() -> Result<Bridge, String> {
+            let name = format!("phbrt{}", std::process::id() % 100_000);
+            let ip = |args: &[&str]| {
+                let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+                if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
+            };
+            ip(&["link", "add", &name, "type", "bridge"])?;
+            let bridge = Bridge(name.clone());
+            ip(&["addr", "add", "10.213.77.1/24", "dev", &name])?;
+            ip(&["link", "set", &name, "up"])?;
+            Ok(bridge)
+        }
+    }
+
+    impl Drop for Bridge {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+
+    #[test]
+    fn a_missing_bridge_leaves_the_card_off_the_bus_with_the_reason() {
+        let config = parse_net("bridge:nosuchbr0").unwrap().unwrap();
+        let nic = Nic::open(&config, "net0".into(), "t", 0).unwrap();
+        let s = nic.status();
+        assert!(!s.attached);
+        assert!(s.error.unwrap().contains("bridge nosuchbr0 does not exist"));
+    }
+
+    #[test]
+    fn a_card_on_a_bridge_reaches_the_host_through_its_tap_device() {
+        let bridge = match Bridge::create() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("SKIP: cannot create a test bridge ({e}); needs root or CAP_NET_ADMIN");
+                return;
+            }
+        };
+        let config = parse_net(&format!("bridge:{}", bridge.0)).unwrap().unwrap();
+        let nic = Arc::new(Nic::open(&config, "net0".into(), "tap-test", 0).unwrap());
+        let status = nic.status();
+        assert!(status.attached, "{:?}", status.error);
+        let tap = status.tap.clone().unwrap();
+        assert!(
+            std::path::Path::new(&format!("/sys/class/net/{}/brif/{tap}", bridge.0)).exists(),
+            "{tap} is a port of {}",
+            bridge.0
+        );
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        d.post_rx(16);
+        // ARP who-has 10.213.77.1 (the bridge) tell 10.213.77.2.
+        let mac: MacAddr = nic.mac;
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&mac.0);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&mac.0);
+        arp.extend_from_slice(&[10, 213, 77, 2]);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[10, 213, 77, 1]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut reply = None;
+        while reply.is_none() && Instant::now() < deadline {
+            d.send(&arp);
+            for (f, _) in d.recv(Duration::from_millis(300)) {
+                if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == [10, 213, 77, 1] {
+                    reply = Some(f);
+                }
+            }
+            d.post_rx(16);
+            let _ = d.tx_room(Duration::ZERO);
+        }
+        let reply = reply.expect("the host answers the guest's ARP over the bridge");
+        assert_eq!(&reply[0..6], &mac.0, "addressed to the card");
+        assert_eq!(nic.status().ipv4.as_deref(), Some("10.213.77.2"));
+        drop(d);
+        drop(nic);
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
+            "the TAP device is removed with the card"
+        );
+    }
+}
