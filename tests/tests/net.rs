@@ -626,3 +626,31 @@ fn porthole_vmm_link_down_and_up_from_the_control_socket() {
     assert!(wrong.to_string().contains("no network card \"net7\""), "{wrong}");
     drop(guest);
 }
+
+/// Without a working passt the VM still starts, without that card: the guest finds no virtio-net device,
+/// and the card's status says why. `--net none` is no card at all.
+#[test]
+fn porthole_vmm_starts_without_the_card_when_passt_cannot_run() {
+    let dir = Scratch::new("net-vmm-nopasst");
+    for (passt, reason) in [(dir.path("no-passt"), "passt is not installed"), ("/bin/false".into(), "passt ended")] {
+        let sock = dir.path("control.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(workspace_bin("porthole-vmm"));
+        cmd.env("PORTHOLE_PASST", &passt).arg("--kernel").arg(porthole_guests::path("virtio-net"));
+        cmd.args(["--memory", "64", "--net", "user", "--cmdline", "dhcp hang"]);
+        cmd.arg("--control").arg(format!("unix:{}", sock.display()));
+        let guest = Guest::spawn(cmd);
+        guest.wait_for("NET hang\n");
+        assert!(guest.output().starts_with("NET found=0\nNET no-device\n"), "{}", guest.context());
+        let nic = control(&sock).request(&Request::Nics).unwrap().nics.unwrap().remove(0);
+        assert!(!nic.attached, "{nic:?}");
+        let error = nic.error.clone().unwrap_or_default();
+        assert!(error.contains(reason), "{passt:?}: {nic:?}");
+    }
+    let sock = dir.path("control-none.sock");
+    let guest = vmm_guest("none", "hang", Some(&sock));
+    guest.wait_for("NET hang\n");
+    assert!(guest.output().starts_with("NET found=0\n"), "{}", guest.context());
+    let status = control(&sock).request(&Request::Status).unwrap().status.unwrap();
+    assert!(status.nics.is_empty(), "{status:?}");
+}
