@@ -3,8 +3,10 @@
  *
  * Start-up: PIT started as the time base (pit_ticks), 8259s remapped and fully masked, spurious gates set.
  * PCI bus 0, devices 0-31, function 0 are scanned for 1AF4:1042 (modern virtio-blk); up to 4 disks, numbered
- * 0.. in slot order. Per disk: command |= memory space | bus master; the capability list is walked for the
- * first vendor-specific capability (id 0x09) of cfg_type 1 common / 2 notify / 3 ISR / 4 device config; BARs
+ * 0.. in slot order. Per disk (the transport part is lib.S's virtio_pci_caps, virtio_reset and
+ * virtio_queue_setup, shared with virtio-net.S): command |= memory space | bus master; the capability list
+ * is walked for the first vendor-specific capability (id 0x09) of cfg_type 1 common / 2 notify / 3 ISR / 4
+ * device config; BARs
  * are read from config space (32-bit or 64-bit memory BARs; a 64-bit BAR with a non-zero upper dword, an
  * I/O BAR or an unassigned BAR is refused). Device init: reset (status <- 0, read back until 0), ACKNOWLEDGE,
  * DRIVER, features: only VIRTIO_F_VERSION_1 (bit 32) is accepted, FEATURES_OK (checked), queue 0 with
@@ -78,7 +80,6 @@
     .set TICKS_300MS, 357955
     .set FILL, 0xA5                 /* read buffer fill */
     .set LAPIC, 0xFEE00000
-    .set IOAPIC, 0xFEC00000
     .set IRQ_VECTOR, 0x40
 
     /* virtio_pci_common_cfg */
@@ -88,13 +89,6 @@
     .set C_GF, 0x0C
     .set C_STATUS, 0x14
     .set C_GENERATION, 0x15
-    .set C_QSELECT, 0x16
-    .set C_QSIZE, 0x18
-    .set C_QENABLE, 0x1C
-    .set C_QNOTIFYOFF, 0x1E
-    .set C_QDESC, 0x20
-    .set C_QDRIVER, 0x28
-    .set C_QDEVICE, 0x30
 
     /* Per-disk ring page (4 KiB): descriptor table, avail ring, used ring, request header, status byte */
     .set R_DESC, 0x000              /* 16 x 16 bytes */
