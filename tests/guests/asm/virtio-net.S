@@ -31,19 +31,20 @@
  * characters), left to right, numbers decimal. Addresses print as a.b.c.d, MACs as 6 two-digit hex bytes:
  *   init          reset and re-initialise the device; prints the `NET dev` line again
  *   nomrg         from now on decline MRG_RXBUF; re-initialises and prints the `NET dev` line
- *   dhcp          DHCPDISCOVER (broadcast, from the device's MAC, options 1 3 6 26 requested), waits 5 s
- *                 for the OFFER: `NET dhcp ip=<yiaddr> server=<option 54> [mask=<1>] [router=<3>] [dns=<6>]
- *                 [mtu=<26>]` (the first address of each list), then DHCPREQUEST for it, waits 5 s for the
- *                 ACK: `NET dhcp ack ip=<yiaddr>` (then the address is ours and the router the gateway), or
+ *   dhcp          DHCPDISCOVER (broadcast, from the device's MAC, options 1 3 6 26 requested), waits for
+ *                 the OFFER: `NET dhcp ip=<yiaddr> server=<option 54> [mask=<1>] [router=<3>] [dns=<6>]
+ *                 [mtu=<26>]` (the first address of each list), then DHCPREQUEST for it, waits for the ACK:
+ *                 `NET dhcp ack ip=<yiaddr>` (then the address is ours and the router the gateway), or
  *                 `NET dhcp nak`; `NET dhcp timeout` when an answer does not come
- *   arp           ARP who-has the router: `NET arp router=<ip> mac=<mac>` or `NET arp timeout` (5 s)
+ *   arp           ARP who-has the router: `NET arp router=<ip> mac=<mac>` or `NET arp timeout`
  *   ping          ICMP echo request (id 0x5048, 56 bytes 0..55) to the router: `NET ping from=<ip> seq=<n>
- *                 bytes=<echoed payload bytes>` or `NET ping timeout` (5 s)
+ *                 bytes=<echoed payload bytes>` or `NET ping timeout`
  *   udp=PORT,N    1 <= N <= 32000: one UDP datagram (from port 49152 + k, the k-th udp word) of N bytes,
- *                 byte j = (j + (j >> 8)) & 0xFF, to the router's PORT, IP DF set (no fragments): waits 5 s
- *                 for the datagram back from that port: `NET udp port=<P> sent=<N> reply=<bytes>
+ *                 byte j = (j + (j >> 8)) & 0xFF, to the router's PORT, IP DF set (no fragments); waits for
+ *                 the datagram back from that port: `NET udp port=<P> sent=<N> reply=<bytes>
  *                 buffers=<receive buffers the frame took> sum=<FNV-1a of the reply, 8 hex digits>`, or
  *                 `NET udp port=<P> sent=<N> timeout`
+ *                 (dhcp, arp, ping and udp wait 5 s for each answer, or what `wait=` set)
  *   link          `NET link status=<config status> up=<bit 0>`
  *   wait-link     `NET wait-link status=<s>`, then polls the ISR (reading clears it) and the config status
  *                 until the status changes (30 s at most): `NET link-changed status=<s> up=<0|1>
@@ -63,6 +64,8 @@
  *                 who-has the router sent; waits 5 s for a used receive buffer and the interrupt:
  *                 `NET irq interrupted=<0|1: both came> interrupts=<count> arp=<0|1: the ARP reply arrived>`;
  *                 `NET irq error=bad-irq-line` when INTERRUPT_LINE > 23
+ *   wait=MS       1 <= MS <= 60000: from now on dhcp, arp, ping and udp wait MS ms for each answer (5000
+ *                 at first), e.g. shorter before answers that are not to come
  *   hang          `NET hang`, then cli; hlt forever (so that a test can inspect the VMM meanwhile)
  *   anything else `NET bad-word <word>` (also malformed numbers or out-of-range arguments)
  * A command that needs the device when there is none or it failed prints `NET no-device`; arp, ping, udp
@@ -1003,7 +1006,7 @@ arp_resolve:
     testl %eax, %eax
     jz 1f
     leaq m_arp(%rip), %rdi
-    movl $TICKS_5S, %esi
+    movq rx_wait(%rip), %rsi
     jmp recv_match
 1:  movl $-1, %eax
     ret
@@ -1069,7 +1072,7 @@ cmd_dhcp:
     jz cmd_ok
     movb $2, dh_want(%rip)          /* OFFER */
     leaq m_dhcp(%rip), %rdi
-    movl $TICKS_5S, %esi
+    movq rx_wait(%rip), %rsi
     call recv_match
     testl %eax, %eax
     js 9f
@@ -1117,7 +1120,7 @@ cmd_dhcp:
     jz cmd_ok
     movb $5, dh_want(%rip)          /* ACK (or NAK) */
     leaq m_dhcp(%rip), %rdi
-    movl $TICKS_5S, %esi
+    movq rx_wait(%rip), %rsi
     call recv_match
     testl %eax, %eax
     js 9f
@@ -1202,7 +1205,7 @@ cmd_ping:
     testl %eax, %eax
     jz cmd_ok
     leaq m_icmp(%rip), %rdi
-    movl $TICKS_5S, %esi
+    movq rx_wait(%rip), %rsi
     call recv_match
     testl %eax, %eax
     js 2f
@@ -1302,7 +1305,7 @@ cmd_udp:
     testl %eax, %eax
     jz cmd_ok
     leaq m_udp(%rip), %rdi
-    movl $TICKS_5S, %esi
+    movq rx_wait(%rip), %rsi
     call recv_match
     movl %eax, %r14d
     leaq msg_udp_port(%rip), %rdi
@@ -1706,6 +1709,22 @@ hc_availjump:                       /* avail idx advanced by 1000 (every ring en
     movl $1000, %esi
     jmp tx_publish
 
+/* wait=MS: 1 <= MS <= 60000 */
+cmd_wait:
+    SAVE
+    movl $1, %edx
+    leaq args(%rip), %rcx
+    call parse_args
+    testl %eax, %eax
+    jnz cmd_bad
+    movq args(%rip), %rax
+    leaq -1(%rax), %rcx
+    cmpq $60000, %rcx
+    jae cmd_bad
+    imulq $1193, %rax, %rax         /* PIT ticks per ms (1193.182) */
+    movq %rax, rx_wait(%rip)
+    jmp cmd_ok
+
 cmd_hang:
     leaq msg_hang(%rip), %rdi
     call serial_puts
@@ -1742,6 +1761,7 @@ cmd_table:
     .quad cmdn_flood_wait, cmd_flood_wait
     .quad cmdn_irq, cmd_irq
     .quad cmdn_hang, cmd_hang
+    .quad cmdn_wait, cmd_wait
     .quad 0, 0
 hostile_table:
     .quad hn_loop, hc_loop
@@ -1770,6 +1790,7 @@ cmdn_hostile_one:   .asciz "hostile="
 cmdn_flood_wait:    .asciz "flood-wait="
 cmdn_irq:           .asciz "irq"
 cmdn_hang:          .asciz "hang"
+cmdn_wait:          .asciz "wait="
 hn_loop:            .asciz "loop"
 hn_outside:         .asciz "outside"
 hn_writable:        .asciz "writable"
@@ -1839,6 +1860,10 @@ err_reset:          .asciz "reset-timeout"
 err_version:        .asciz "no-version-1"
 err_features:       .asciz "features-rejected"
 err_noqueue:        .asciz "no-queue"
+
+    .section .data
+    .p2align 3
+rx_wait:            .quad TICKS_5S  /* how long dhcp, arp, ping and udp wait for an answer */
 
     .section .bss
     .p2align 3
