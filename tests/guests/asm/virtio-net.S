@@ -64,6 +64,7 @@
  *                 who-has the router sent; waits 5 s for a used receive buffer and the interrupt:
  *                 `NET irq interrupted=<0|1: both came> interrupts=<count> arp=<0|1: the ARP reply arrived>`;
  *                 `NET irq error=bad-irq-line` when INTERRUPT_LINE > 23
+ *   ip=A.B.C.D,R.R.R.R  a static address and router instead of a lease: `NET ip=<A> router=<R>`
  *   wait=MS       1 <= MS <= 60000: from now on dhcp, arp, ping and udp wait MS ms for each answer (5000
  *                 at first), e.g. shorter before answers that are not to come
  *   hang          `NET hang`, then cli; hlt forever (so that a test can inspect the VMM meanwhile)
@@ -1709,6 +1710,53 @@ hc_availjump:                       /* avail idx advanced by 1000 (every ring en
     movl $1000, %esi
     jmp tx_publish
 
+/* ip=A.B.C.D,R.R.R.R: the word's dots become commas in word_copy, then 8 numbers of at most 255 */
+cmd_ip:
+    SAVE
+    movq %rsi, %rcx
+    subq %rdi, %rcx
+    cmpq $63, %rcx
+    ja cmd_bad
+    leaq word_copy(%rip), %rdx
+    xorl %r8d, %r8d
+1:  cmpq %rcx, %r8
+    jae 2f
+    movb (%rdi,%r8), %al
+    cmpb $'.', %al
+    jne 3f
+    movb $',', %al
+3:  movb %al, (%rdx,%r8)
+    incq %r8
+    jmp 1b
+2:  leaq word_copy(%rip), %rdi
+    leaq (%rdi,%rcx), %rsi
+    movl $8, %edx
+    leaq args(%rip), %rcx
+    call parse_args
+    testl %eax, %eax
+    jnz cmd_bad
+    xorl %ecx, %ecx
+4:  movq args(,%rcx,8), %rax
+    cmpq $255, %rax
+    ja cmd_bad
+    movb %al, my_ip(%rcx)           /* my_ip and router_ip are adjacent */
+    incl %ecx
+    cmpl $8, %ecx
+    jb 4b
+    call need_ready
+    testl %eax, %eax
+    jz cmd_ok
+    movb $1, have_ip(%rip)
+    movb $0, have_router_mac(%rip)
+    leaq msg_ip(%rip), %rdi
+    leaq my_ip(%rip), %rsi
+    call put_ip
+    leaq msg_router(%rip), %rdi
+    leaq router_ip(%rip), %rsi
+    call put_ip
+    call newline
+    jmp cmd_ok
+
 /* wait=MS: 1 <= MS <= 60000 */
 cmd_wait:
     SAVE
@@ -1762,6 +1810,7 @@ cmd_table:
     .quad cmdn_irq, cmd_irq
     .quad cmdn_hang, cmd_hang
     .quad cmdn_wait, cmd_wait
+    .quad cmdn_ip, cmd_ip
     .quad 0, 0
 hostile_table:
     .quad hn_loop, hc_loop
@@ -1791,6 +1840,7 @@ cmdn_flood_wait:    .asciz "flood-wait="
 cmdn_irq:           .asciz "irq"
 cmdn_hang:          .asciz "hang"
 cmdn_wait:          .asciz "wait="
+cmdn_ip:            .asciz "ip="
 hn_loop:            .asciz "loop"
 hn_outside:         .asciz "outside"
 hn_writable:        .asciz "writable"
@@ -1824,6 +1874,7 @@ msg_mask:           .asciz " mask="
 msg_router:         .asciz " router="
 msg_dns:            .asciz " dns="
 msg_dhcp_ack:       .asciz "NET dhcp ack ip="
+msg_ip:             .asciz "NET ip="
 msg_dhcp_nak:       .asciz "NET dhcp nak\n"
 msg_dhcp_timeout:   .asciz "NET dhcp timeout\n"
 msg_arp_router:     .asciz "NET arp router="
@@ -1873,7 +1924,8 @@ rx_notify:          .skip 8
 tx_notify:          .skip 8
 dh_bootp:           .skip 8
 l4:                 .skip 8
-args:               .skip 2 * 8
+args:               .skip 8 * 8
+word_copy:          .skip 64
 cfg_addr:           .skip 4
 features:           .skip 4
 last_nbuf:          .skip 4
