@@ -6,6 +6,7 @@
 //! - `memory`: resident memory of an idle VM with 256 MiB of guest RAM (the `idle` guest), after its marker.
 //! - `concurrent`: N VMs of 64 MiB started at once; time until every one printed its marker.
 //! - `disk-backend`, `disk-guest`: see `disk.rs`.
+//! - `net-backend`: see `net.rs`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ mod daemon;
 mod disk;
 mod firmware;
 mod gui;
+mod net;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -66,6 +68,11 @@ enum Bench {
     },
     /// The virtio-blk device back end fed from the host side, against plain pread.
     DiskBackend {
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// The virtio-net device and its passt back end fed from the host side, against a socket-pair pump.
+    NetBackend {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
@@ -334,6 +341,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Anim { seconds } => console::anim(seconds),
         Bench::DiskBackend { seconds } => disk::backend(seconds),
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
+        Bench::NetBackend { seconds } => net::backend(seconds),
         Bench::DaemonApi { seconds } => daemon::api(seconds),
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::Gui { runs } => gui::run(runs),
@@ -348,6 +356,7 @@ fn main() -> anyhow::Result<()> {
             console::anim(20.0)?;
             disk::backend(2.0)?;
             disk::guest(400, 4000)?;
+            net::backend(2.0)?;
             daemon::api(10)?;
             daemon::console_proxy(5.0)?;
             gui::run(5)?;

@@ -10,7 +10,7 @@
 //! the VMM's seccomp filters forbid it.
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -366,14 +366,15 @@ pub trait Backend: Send {
     fn header_len(&self) -> usize;
     /// The next frame, if one has arrived; valid until the next call. Errors mean the back end is gone.
     fn recv(&mut self) -> io::Result<Option<&[u8]>>;
-    /// Sends one frame (with its header when [`Backend::header_len`] is not 0). `Ok(false)`: the back end is
-    /// full; the frame was not taken, try again once [`Backend::fd`] is writable.
+    /// Sends one frame (with its header when [`Backend::header_len`] is not 0), or queues it for
+    /// [`Backend::flush`]. `Ok(false)`: the back end is full; the frame was not taken, try again once
+    /// [`Backend::fd`] is writable.
     fn send(&mut self, frame: &[u8]) -> io::Result<bool>;
-    /// Bytes accepted but not yet written (a frame cut short by a full socket).
+    /// Bytes accepted but not yet written (queued frames, or a frame cut short by a full socket).
     fn wants_write(&self) -> bool {
         false
     }
-    /// Writes what [`Backend::wants_write`] holds.
+    /// Writes what [`Backend::send`] queued, as far as the back end takes it now.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -390,6 +391,10 @@ pub trait Backend: Send {
     /// Reads and logs what [`Backend::log_fd`] has.
     fn drain_log(&mut self) {}
 }
+
+/// Most bytes of frames from the guest gathered before they are written to passt (and so the most a
+/// full socket leaves waiting).
+const PASST_OUT_MAX: usize = 256 << 10;
 
 /// The passt back end: a child `passt` on one end of a Unix stream socket pair (or any peer speaking passt's
 /// stream protocol on a connected socket: [`Passt::connected`]).
@@ -479,9 +484,9 @@ impl Passt {
                 let said: Vec<&str> = said
                     .lines()
                     .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.contains("Changing to nobody"))
+                    .filter(|l| !l.is_empty() && !l.contains("Changing to nobody") && !l.ends_with("to syslog"))
                     .collect();
-                Err(if said.is_empty() { why } else { format!("{why}: passt said: {}", said.join("; ")) })
+                Err(if said.is_empty() { why } else { format!("passt could not start: {}", said.join("; ")) })
             }
         }
     }
@@ -597,28 +602,16 @@ impl Backend for Passt {
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<bool> {
-        if !self.outbuf.is_empty() {
+        // Frames are gathered and written together at the end of the device's batch (`flush`): one system
+        // call for many small frames.
+        if self.outbuf.len() + 4 + frame.len() > PASST_OUT_MAX {
             self.flush()?;
-            if !self.outbuf.is_empty() {
+            if self.outbuf.len() + 4 + frame.len() > PASST_OUT_MAX {
                 return Ok(false);
             }
         }
-        let head = (frame.len() as u32).to_be_bytes();
-        let total = head.len() + frame.len();
-        let written = loop {
-            match self.socket.write_vectored(&[IoSlice::new(&head), IoSlice::new(frame)]) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        };
-        if written < total {
-            // The stream must stay framed: keep the rest for the next writable moment.
-            let mut rest = head.to_vec();
-            rest.extend_from_slice(frame);
-            self.outbuf.extend_from_slice(&rest[written..]);
-        }
+        self.outbuf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        self.outbuf.extend_from_slice(frame);
         Ok(true)
     }
 
@@ -627,17 +620,20 @@ impl Backend for Passt {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        while !self.outbuf.is_empty() {
-            match self.socket.write(&self.outbuf) {
-                Ok(n) => {
-                    self.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        let mut written = 0;
+        let result = loop {
+            if written == self.outbuf.len() {
+                break Ok(());
             }
-        }
-        Ok(())
+            match self.socket.write(&self.outbuf[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.outbuf.drain(..written);
+        result
     }
 
     fn log_fd(&self) -> Option<RawFd> {

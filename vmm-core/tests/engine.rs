@@ -477,3 +477,127 @@ fn sigterm_powers_a_running_vm_off() {
     let record: vmm_core::vm::ExitRecord = serde_json::from_str(&std::fs::read_to_string(&exit).unwrap()).unwrap();
     assert_eq!(record, vmm_core::vm::ExitRecord { exit_code: 3, reason: "the VM was powered off by the host".into() });
 }
+
+/// The network cards of a running VM, from its control socket.
+fn nics(t: &Ticker) -> Vec<vmm_core::net::NicStatus> {
+    t.client().request(&Request::Nics).unwrap().nics.unwrap()
+}
+
+#[test]
+fn a_vm_whose_passt_is_missing_starts_without_that_card_and_says_why() {
+    // The environment variable reaches porthole-vmm only (it is set on the child).
+    let dir = Scratch::new("no-passt");
+    let serial = dir.path("serial.log");
+    let control = dir.path("control.sock");
+    let kernel = guest("ticker");
+    let mut child = vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--serial",
+        &format!("file:{}", serial.display()),
+        "--control",
+        &format!("unix:{}", control.display()),
+        "--net",
+        "user",
+        "--net",
+        "none",
+    ])
+    .env("PORTHOLE_PASST", "/nonexistent/passt")
+    .spawn()
+    .unwrap();
+    wait_until(
+        LIMIT,
+        || std::fs::read_to_string(&serial).unwrap_or_default().contains("PORTHOLE-TICK 2"),
+        || "the VM runs without its network card".into(),
+    );
+    let reply = ControlClient::connect(&control).unwrap().request(&Request::Nics).unwrap();
+    let nics = reply.nics.unwrap();
+    assert_eq!(nics.len(), 1, "`none` adds no card");
+    assert!(!nics[0].attached);
+    let error = nics[0].error.clone().unwrap();
+    assert!(error.contains("passt is not installed"), "{error}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_host_without_a_default_route_gives_a_vm_without_network_and_the_reason() {
+    // A network namespace of its own has only a loopback interface: passt refuses to start.
+    let probe = Command::new("unshare").args(["-n", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIP: cannot create a network namespace here (needs root: unshare -n)");
+        return;
+    }
+    if Command::new("passt").arg("--version").output().is_err() {
+        eprintln!("SKIP: passt is not installed (apt-get install passt)");
+        return;
+    }
+    let kernel = guest("hello");
+    let out = wait(
+        Command::new("unshare")
+            .args(["-n", VMM, "--kernel", kernel.to_str().unwrap(), "--memory", "64", "--net", "user"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        LIMIT,
+    );
+    assert_exit(&out, 0);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("net0: no network on this card: passt could not start"), "{stderr}");
+    assert!(stderr.contains("routable interface"), "passt's own reason is passed on: {stderr}");
+}
+
+#[test]
+fn a_forward_to_a_port_in_use_refuses_to_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = run_guest("hello", &["--net", &format!("user,fwd=tcp:{port}-22")]);
+    assert_exit(&out, 1);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&format!("tcp port {port} on 127.0.0.1 is in use")), "{stderr}");
+}
+
+#[test]
+fn bad_network_options_are_refused_with_the_reason() {
+    for (spec, says) in [
+        ("slirp", "network back end \"slirp\" is unknown"),
+        ("user,mtu=9", "MTU 9 is out of range"),
+        ("tap:t0,fwd=tcp:2222-22", "port forwards need the user back end"),
+        ("user,fwd=tcp:2222", "port forward \"tcp:2222\" is not"),
+    ] {
+        let out = run_guest("hello", &["--net", spec]);
+        assert_exit(&out, 1);
+        assert!(text(&out.stderr).contains(says), "{spec}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn a_card_passt_serves_is_reported_and_its_link_can_be_pulled() {
+    if Command::new("passt").arg("--version").output().is_err() {
+        eprintln!("SKIP: passt is not installed (apt-get install passt)");
+        return;
+    }
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let fwd = format!("user,mac=02:00:00:00:00:01,fwd=tcp:{port}-22");
+    let t = Ticker::start(&["--net", &fwd]);
+    let n = nics(&t);
+    assert_eq!(n.len(), 1);
+    assert!(n[0].attached, "{:?}", n[0].error);
+    assert_eq!((n[0].id.as_str(), n[0].backend.as_str(), n[0].mac.as_str()), ("net0", "user", "02:00:00:00:00:01"));
+    assert!(n[0].ipv4.is_some(), "passt's DHCP offer is known");
+    assert_eq!(n[0].forwards[0].host_port, port);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "passt listens on the forwarded port");
+    let reply = t.client().request(&Request::SetLink { nic: "net0".into(), up: false }).unwrap();
+    assert!(reply.ok && !reply.nics.unwrap()[0].link_up);
+    assert!(!nics(&t)[0].link_up);
+    let refused = t.client().request(&Request::SetLink { nic: "net9".into(), up: false }).unwrap_err();
+    assert!(refused.to_string().contains("no network card \"net9\""), "{refused}");
+    let status = t.client().request(&Request::Status).unwrap().status.unwrap();
+    assert_eq!(status.nics.len(), 1);
+}

@@ -8,6 +8,9 @@
  * base: pit_ticks_start/pit_ticks/delay_us), the local APIC (lapic_id, lapic_enable, lapic_eoi) and ACPI
  * table look-up (acpi_find_rsdp, acpi_find_table), the display (fb_base, vbe_read/vbe_write, vbe_set_mode)
  * and the VGA text screen (vga_text_clear, vga_set_cursor, crtc_write); serial_putsdec for signed values.
+ * For the device drivers (virtio-blk, virtio-net): command-line words (match, parse_args), put_kv, newline,
+ * fnv1a, ioapic_write, PCI configuration access (pci_read, pci_write, pci_find) and the virtio 1.x modern PCI
+ * transport (virtio_pci_caps, virtio_reset, virtio_queue_setup).
  * Exceptions either crash the guest on purpose after printing PORTHOLE-GUEST-EXCEPTION, or, once a guest
  * points exception_fail_prefix at its FAIL marker, print that marker with the vector and power off.
  */
@@ -714,6 +717,373 @@ vga_set_cursor:
     popq %rbx
     ret
 
+/* ---- Command-line words and output helpers shared by the device drivers (virtio-blk, virtio-net) ---- */
+
+/* match(%rdi = word, %rsi = word end, %rdx = command name) -> %rax = its arguments (after a name ending in
+   '=': prefix match) or the word end (other names: whole-word match), or 0 */
+    .globl match
+match:
+1:  movzbl (%rdx), %eax
+    testb %al, %al
+    jz 2f
+    cmpq %rsi, %rdi
+    jae 3f
+    cmpb (%rdi), %al
+    jne 3f
+    incq %rdi
+    incq %rdx
+    cmpb $'=', %al
+    jne 1b
+    movq %rdi, %rax
+    ret
+2:  cmpq %rsi, %rdi
+    jne 3f
+    movq %rdi, %rax
+    ret
+3:  xorl %eax, %eax
+    ret
+
+/* parse_args(%rdi = text, %rsi = end, %edx = count, %rcx = u64 output array) -> %eax = 0, or 1 when the
+   text is not exactly count comma-separated decimal numbers (each at most 18 digits) */
+    .globl parse_args
+parse_args:
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    movq %rsi, %r12
+    movl %edx, %r13d
+    movq %rcx, %r14
+1:  xorl %eax, %eax                 /* one number: value in %rax, digits in %ecx */
+    xorl %ecx, %ecx
+2:  movzbl (%rdi), %edx
+    subl $'0', %edx
+    cmpl $9, %edx
+    ja 3f
+    imulq $10, %rax
+    addq %rdx, %rax
+    incq %rdi
+    incl %ecx
+    cmpl $18, %ecx                  /* no overflow */
+    ja 9f
+    jmp 2b
+3:  testl %ecx, %ecx
+    jz 9f
+    movq %rax, (%r14)
+    addq $8, %r14
+    decl %r13d
+    jz 4f
+    cmpq %r12, %rdi
+    jae 9f
+    cmpb $',', (%rdi)
+    jne 9f
+    incq %rdi
+    jmp 1b
+4:  cmpq %r12, %rdi
+    jne 9f
+    xorl %eax, %eax
+    jmp 8f
+9:  movl $1, %eax
+8:  popq %r14
+    popq %r13
+    popq %r12
+    ret
+
+/* put_kv(%rdi = text, %rsi = value): the text, then the value in decimal */
+    .globl put_kv
+put_kv:
+    pushq %rsi
+    call serial_puts
+    popq %rdi
+    jmp serial_putdec
+
+/* newline(): '\n' on COM1 */
+    .globl newline
+newline:
+    movl $'\n', %edi
+    jmp serial_putc
+
+/* fnv1a(%rdi = data, %rsi = length) -> %eax: 32-bit FNV-1a. Instructions are expensive here (emulated), so
+   8 bytes are loaded at a time and each byte costs an xor and a multiply: h ^= byte only touches h's low
+   byte, so `xorb` of %cl/%ch/%dl/%dh into %al does it. The last length % 8 bytes go one at a time. */
+    .globl fnv1a
+fnv1a:
+    movl $0x811c9dc5, %eax
+    movq %rsi, %r8
+    andl $7, %r8d
+    shrq $3, %rsi
+    jz 2f
+1:  movl (%rdi), %ecx
+    movl 4(%rdi), %edx
+    xorb %cl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %ch, %al
+    imull $0x01000193, %eax, %eax
+    shrl $16, %ecx
+    xorb %cl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %ch, %al
+    imull $0x01000193, %eax, %eax
+    xorb %dl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %dh, %al
+    imull $0x01000193, %eax, %eax
+    shrl $16, %edx
+    xorb %dl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %dh, %al
+    imull $0x01000193, %eax, %eax
+    addq $8, %rdi
+    decq %rsi
+    jnz 1b
+2:  testl %r8d, %r8d
+    jz 4f
+3:  xorb (%rdi), %al
+    imull $0x01000193, %eax, %eax
+    incq %rdi
+    decl %r8d
+    jnz 3b
+4:  ret
+
+/* ioapic_write(%edi = register, %esi = value): the IOAPIC at 0xFEC00000 */
+    .globl ioapic_write
+ioapic_write:
+    movl $0xFEC00000, %eax
+    movl %edi, (%rax)
+    movl %esi, 0x10(%rax)
+    ret
+
+/* ---- PCI configuration mechanism #1 and the virtio 1.x modern PCI transport ---- */
+
+/* pci_read(%edi = config address, dword aligned) -> %eax; only %eax and %edx are touched */
+    .globl pci_read
+pci_read:
+    movl %edi, %eax
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    inl %dx, %eax
+    ret
+
+/* pci_write(%edi = config address, %esi = dword); only %eax and %edx are touched */
+    .globl pci_write
+pci_write:
+    movl %edi, %eax
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    movl %esi, %eax
+    outl %eax, %dx
+    ret
+
+/* pci_find(%edi = device << 16 | vendor, %esi = first device number) -> %eax = the config address of
+   register 0 (0x80000000 | slot << 11) of the first function 0 on bus 0 from that slot on with that id, or 0 */
+    .globl pci_find
+pci_find:
+    movl %edi, %r8d
+    movl %esi, %ecx
+1:  cmpl $32, %ecx
+    jae 2f
+    movl %ecx, %edi
+    shll $11, %edi
+    orl $0x80000000, %edi
+    call pci_read
+    cmpl %r8d, %eax
+    je 3f
+    incl %ecx
+    jmp 1b
+2:  xorl %edi, %edi
+3:  movl %edi, %eax
+    ret
+
+/* vpci_bar(%edi = BAR index, %esi = config address base) -> %rax = memory base, or 0 with %rcx = error text.
+   A 64-bit BAR must have its upper dword 0 (the guests identity-map only the first 4 GiB). */
+vpci_bar:
+    pushq %r12
+    pushq %r13
+    movl %edi, %r12d
+    movl %esi, %r13d
+    leaq err_badbar(%rip), %rcx
+    cmpl $5, %r12d
+    ja 9f
+    leal 0x10(%r13,%r12,4), %edi
+    call pci_read
+    movl %eax, %r8d
+    leaq err_iobar(%rip), %rcx
+    testb $1, %al
+    jnz 9f
+    andl $6, %eax
+    cmpl $4, %eax                   /* type 2: 64-bit */
+    jne 1f
+    leaq err_badbar(%rip), %rcx
+    cmpl $5, %r12d
+    je 9f
+    leal 0x14(%r13,%r12,4), %edi
+    call pci_read
+    leaq err_above4g(%rip), %rcx
+    testl %eax, %eax
+    jnz 9f
+1:  movl %r8d, %eax
+    andl $0xFFFFFFF0, %eax
+    leaq err_unassigned(%rip), %rcx
+    jz 9f
+    popq %r13
+    popq %r12
+    ret
+9:  xorl %eax, %eax
+    popq %r13
+    popq %r12
+    ret
+
+/* virtio_pci_caps(%edi = config address of register 0, %rsi = output {u64 common, notify, isr, device
+   config addresses; u32 notify_off_multiplier}) -> %rax = 0, or an error text (no-capabilities, bad-bar,
+   io-bar, bar-above-4g, bar-unassigned, missing-virtio-cap). Sets command |= memory space | bus master,
+   then walks the capability list (at most 48 entries) for the first vendor-specific capability (id 0x09)
+   of each cfg_type 1 common / 2 notify / 3 ISR / 4 device config. */
+    .globl virtio_pci_caps
+virtio_pci_caps:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movl %edi, %r12d
+    movq %rsi, %rbx
+    xorl %eax, %eax
+    movq %rax, 0(%rbx)
+    movq %rax, 8(%rbx)
+    movq %rax, 16(%rbx)
+    movq %rax, 24(%rbx)
+    movl %eax, 32(%rbx)
+    leal 0x04(%r12), %edi           /* command | status << 16 */
+    call pci_read
+    movl %eax, %r13d
+    movzwl %ax, %esi
+    orl $0x6, %esi                  /* memory space, bus master; status (W1C) written as 0 */
+    call pci_write
+    leaq err_nocaps(%rip), %rax
+    testl $0x100000, %r13d          /* status bit 4: capabilities list */
+    jz 9f
+    leal 0x34(%r12), %edi
+    call pci_read
+    movzbl %al, %r13d
+    andl $0xFC, %r13d               /* capability pointer */
+    movl $48, %r14d                 /* a looping list cannot hang us */
+1:  testl %r13d, %r13d
+    jz 3f
+    decl %r14d
+    jz 3f
+    leal (%r12,%r13), %edi
+    call pci_read                   /* id, next, length, cfg_type */
+    movl %eax, %r15d
+    shrl $8, %r15d
+    andl $0xFC, %r15d               /* next */
+    cmpb $0x09, %al                 /* vendor-specific */
+    jne 2f
+    shrl $24, %eax
+    cmpl $1, %eax
+    jb 2f
+    cmpl $4, %eax
+    ja 2f
+    movl %eax, %ebp                 /* cfg_type 1..4 -> output + (type - 1) * 8 */
+    cmpq $0, -8(%rbx,%rbp,8)
+    jne 2f                          /* only the first of each type */
+    leal 4(%r12,%r13), %edi
+    call pci_read
+    movzbl %al, %edi                /* bar */
+    movl %r12d, %esi
+    call vpci_bar
+    testq %rax, %rax
+    jz 8f
+    movq %rax, -8(%rbx,%rbp,8)
+    leal 8(%r12,%r13), %edi
+    call pci_read                   /* offset within the BAR */
+    addq %rax, -8(%rbx,%rbp,8)
+    cmpl $2, %ebp
+    jne 2f
+    leal 16(%r12,%r13), %edi
+    call pci_read
+    movl %eax, 32(%rbx)
+2:  movl %r15d, %r13d
+    jmp 1b
+3:  leaq err_missingcap(%rip), %rax
+    cmpq $0, 0(%rbx)
+    je 9f
+    cmpq $0, 8(%rbx)
+    je 9f
+    cmpq $0, 16(%rbx)
+    je 9f
+    cmpq $0, 24(%rbx)
+    je 9f
+    xorl %eax, %eax
+    jmp 9f
+8:  movq %rcx, %rax
+9:  popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    ret
+
+/* virtio_reset(%rdi = common configuration) -> %eax = 0 when device_status read back 0 after the reset
+   write (at most 100000 polls), 1 otherwise; then ACKNOWLEDGE | DRIVER is set (only on success). */
+    .globl virtio_reset
+virtio_reset:
+    movb $0, 0x14(%rdi)
+    movl $100000, %ecx
+1:  movb 0x14(%rdi), %al
+    testb %al, %al
+    jz 2f
+    pause
+    decl %ecx
+    jnz 1b
+    movl $1, %eax
+    ret
+2:  movb $0x01, 0x14(%rdi)          /* ACKNOWLEDGE */
+    movb $0x03, 0x14(%rdi)          /* | DRIVER */
+    xorl %eax, %eax
+    ret
+
+/* virtio_queue_setup(%rdi = common configuration, %esi = queue index, %edx = most entries wanted, %rcx =
+   4 KiB ring page, laid out as descriptors at 0x000 (up to 16), avail ring at 0x100, used ring at 0x200)
+   -> %eax = the queue size used (min(device size, wanted); 0: the device has no such queue, nothing done),
+   %edx = the queue's queue_notify_off. The page is cleared, the queue's addresses written (64-bit fields as
+   two 32-bit writes, low first) and queue_enable set. */
+    .globl virtio_queue_setup
+virtio_queue_setup:
+    movq %rcx, %r8
+    movw %si, 0x16(%rdi)            /* queue_select */
+    movzwl 0x18(%rdi), %eax         /* queue_size */
+    testl %eax, %eax
+    jz 2f
+    cmpl %edx, %eax
+    jbe 1f
+    movl %edx, %eax
+1:  movw %ax, 0x18(%rdi)
+    movl %eax, %r9d
+    movq %rdi, %r10
+    movq %r8, %rdi                  /* ring page cleared */
+    xorl %eax, %eax
+    movl $512, %ecx
+    rep stosq
+    movq %r8, %rax                  /* descriptor table */
+    movl %eax, 0x20(%r10)
+    shrq $32, %rax
+    movl %eax, 0x24(%r10)
+    leaq 0x100(%r8), %rax           /* driver area: the avail ring */
+    movl %eax, 0x28(%r10)
+    shrq $32, %rax
+    movl %eax, 0x2C(%r10)
+    leaq 0x200(%r8), %rax           /* device area: the used ring */
+    movl %eax, 0x30(%r10)
+    shrq $32, %rax
+    movl %eax, 0x34(%r10)
+    movzwl 0x1E(%r10), %edx         /* queue_notify_off */
+    movw $1, 0x1C(%r10)             /* queue_enable */
+    movl %r9d, %eax
+2:  ret
+
     .section .bss
     .p2align 3
     .globl exception_fail_prefix
@@ -737,6 +1107,13 @@ msg_vector:
     .asciz " vector=0x"
 msg_cs:
     .asciz " cs=0x"
+    .globl err_nocaps, err_badbar, err_iobar, err_above4g, err_unassigned, err_missingcap
+err_nocaps:         .asciz "no-capabilities"
+err_badbar:         .asciz "bad-bar"
+err_iobar:          .asciz "io-bar"
+err_above4g:        .asciz "bar-above-4g"
+err_unassigned:     .asciz "bar-unassigned"
+err_missingcap:     .asciz "missing-virtio-cap"
     .p2align 3
     .globl idt_pointer
 idt_pointer:

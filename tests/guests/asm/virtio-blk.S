@@ -3,8 +3,10 @@
  *
  * Start-up: PIT started as the time base (pit_ticks), 8259s remapped and fully masked, spurious gates set.
  * PCI bus 0, devices 0-31, function 0 are scanned for 1AF4:1042 (modern virtio-blk); up to 4 disks, numbered
- * 0.. in slot order. Per disk: command |= memory space | bus master; the capability list is walked for the
- * first vendor-specific capability (id 0x09) of cfg_type 1 common / 2 notify / 3 ISR / 4 device config; BARs
+ * 0.. in slot order. Per disk (the transport part is lib.S's virtio_pci_caps, virtio_reset and
+ * virtio_queue_setup, shared with virtio-net.S): command |= memory space | bus master; the capability list
+ * is walked for the first vendor-specific capability (id 0x09) of cfg_type 1 common / 2 notify / 3 ISR / 4
+ * device config; BARs
  * are read from config space (32-bit or 64-bit memory BARs; a 64-bit BAR with a non-zero upper dword, an
  * I/O BAR or an unassigned BAR is refused). Device init: reset (status <- 0, read back until 0), ACKNOWLEDGE,
  * DRIVER, features: only VIRTIO_F_VERSION_1 (bit 32) is accepted, FEATURES_OK (checked), queue 0 with
@@ -78,7 +80,6 @@
     .set TICKS_300MS, 357955
     .set FILL, 0xA5                 /* read buffer fill */
     .set LAPIC, 0xFEE00000
-    .set IOAPIC, 0xFEC00000
     .set IRQ_VECTOR, 0x40
 
     /* virtio_pci_common_cfg */
@@ -88,13 +89,6 @@
     .set C_GF, 0x0C
     .set C_STATUS, 0x14
     .set C_GENERATION, 0x15
-    .set C_QSELECT, 0x16
-    .set C_QSIZE, 0x18
-    .set C_QENABLE, 0x1C
-    .set C_QNOTIFYOFF, 0x1E
-    .set C_QDESC, 0x20
-    .set C_QDRIVER, 0x28
-    .set C_QDEVICE, 0x30
 
     /* Per-disk ring page (4 KiB): descriptor table, avail ring, used ring, request header, status byte */
     .set R_DESC, 0x000              /* 16 x 16 bytes */
@@ -220,90 +214,12 @@ words_done:
     call serial_puts
     jmp cmd_ok                      /* restores the callee-saved registers and returns: power-off */
 
-/* match(%rdi = word, %rsi = word end, %rdx = command name) -> %rax = its arguments (after a name ending in
-   '=': prefix match) or the word end (other names: whole-word match), or 0 */
-match:
-1:  movzbl (%rdx), %eax
-    testb %al, %al
-    jz 2f
-    cmpq %rsi, %rdi
-    jae 3f
-    cmpb (%rdi), %al
-    jne 3f
-    incq %rdi
-    incq %rdx
-    cmpb $'=', %al
-    jne 1b
-    movq %rdi, %rax
-    ret
-2:  cmpq %rsi, %rdi
-    jne 3f
-    movq %rdi, %rax
-    ret
-3:  xorl %eax, %eax
-    ret
-
-/* parse_args(%rdi = text, %rsi = end, %edx = count, %rcx = u64 output array) -> %eax = 0, or 1 when the
-   text is not exactly count comma-separated decimal numbers */
-parse_args:
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    movq %rsi, %r12
-    movl %edx, %r13d
-    movq %rcx, %r14
-1:  xorl %eax, %eax                 /* one number: value in %rax, digits in %ecx */
-    xorl %ecx, %ecx
-2:  movzbl (%rdi), %edx
-    subl $'0', %edx
-    cmpl $9, %edx
-    ja 3f
-    imulq $10, %rax
-    addq %rdx, %rax
-    incq %rdi
-    incl %ecx
-    cmpl $18, %ecx                  /* no overflow */
-    ja 9f
-    jmp 2b
-3:  testl %ecx, %ecx
-    jz 9f
-    movq %rax, (%r14)
-    addq $8, %r14
-    decl %r13d
-    jz 4f
-    cmpq %r12, %rdi
-    jae 9f
-    cmpb $',', (%rdi)
-    jne 9f
-    incq %rdi
-    jmp 1b
-4:  cmpq %r12, %rdi
-    jne 9f
-    xorl %eax, %eax
-    jmp 8f
-9:  movl $1, %eax
-8:  popq %r14
-    popq %r13
-    popq %r12
-    ret
-
 /* ---- Output helpers ---- */
-
-/* put_kv(%rdi = text, %rsi = value): the text, then the value in decimal */
-put_kv:
-    pushq %rsi
-    call serial_puts
-    popq %rdi
-    jmp serial_putdec
 
 /* put_disk(%rdi = text ending in "disk="): the text and %rbx's disk number */
 put_disk:
     movzwl D_INDEX(%rbx), %esi
     jmp put_kv
-
-newline:
-    movl $'\n', %edi
-    jmp serial_putc
 
 /* put_status(%esi = status) */
 put_status:
@@ -318,27 +234,6 @@ put_sum:
     popq %rdi
     movl $8, %esi
     jmp serial_puthex
-
-/* ---- PCI configuration mechanism #1 ---- */
-
-/* pci_read(%edi = config address, dword aligned) -> %eax; only %eax and %edx are touched */
-pci_read:
-    movl %edi, %eax
-    movw $0xCF8, %dx
-    outl %eax, %dx
-    movw $0xCFC, %dx
-    inl %dx, %eax
-    ret
-
-/* pci_write(%edi = config address, %esi = dword) */
-pci_write:
-    movl %edi, %eax
-    movw $0xCF8, %dx
-    outl %eax, %dx
-    movw $0xCFC, %dx
-    movl %esi, %eax
-    outl %eax, %dx
-    ret
 
 /* pci_scan(): fills disks[] with the first MAX_DISKS 1AF4:1042 functions 0 on bus 0, sets disk_count */
 pci_scan:
@@ -375,46 +270,6 @@ pci_scan:
     popq %rbx
     ret
 
-/* bar_address(%edi = BAR index, %esi = config address base; %rbx = disk) -> %rax = memory base, or 0 with
-   D_ERR set. A 64-bit BAR must have its upper dword 0 (the guest identity-maps only the first 4 GiB). */
-bar_address:
-    pushq %r12
-    pushq %r13
-    movl %edi, %r12d
-    movl %esi, %r13d
-    leaq err_badbar(%rip), %rcx
-    cmpl $5, %r12d
-    ja 9f
-    leal 0x10(%r13,%r12,4), %edi
-    call pci_read
-    movl %eax, %r8d
-    leaq err_iobar(%rip), %rcx
-    testb $1, %al
-    jnz 9f
-    andl $6, %eax
-    cmpl $4, %eax                   /* type 2: 64-bit */
-    jne 1f
-    leaq err_badbar(%rip), %rcx
-    cmpl $5, %r12d
-    je 9f
-    leal 0x14(%r13,%r12,4), %edi
-    call pci_read
-    leaq err_above4g(%rip), %rcx
-    testl %eax, %eax
-    jnz 9f
-1:  movl %r8d, %eax
-    andl $0xFFFFFFF0, %eax
-    leaq err_unassigned(%rip), %rcx
-    jz 9f
-    popq %r13
-    popq %r12
-    ret
-9:  movq %rcx, D_ERR(%rbx)
-    xorl %eax, %eax
-    popq %r13
-    popq %r12
-    ret
-
 /* ---- Device set-up ---- */
 
 /* disk_init(%rbx = disk): capabilities, reset and full initialisation (see the top of the file).
@@ -435,83 +290,17 @@ disk_init:
     leal 0x3C(%r12), %edi           /* INTERRUPT_LINE */
     call pci_read
     movb %al, D_IRQ(%rbx)
-    leal 0x04(%r12), %edi           /* command | status << 16 */
-    call pci_read
-    movl %eax, %r13d
-    movzwl %ax, %esi
-    orl $0x6, %esi                  /* memory space, bus master; status (W1C) written as 0 */
-    call pci_write
-    leaq err_nocaps(%rip), %rax
-    testl $0x100000, %r13d          /* status bit 4: capabilities list */
-    jz init_fail
-    leal 0x34(%r12), %edi
-    call pci_read
-    movzbl %al, %r13d
-    andl $0xFC, %r13d               /* capability pointer */
-    movl $48, %r14d                 /* at most 48 capabilities (a looping list cannot hang us) */
-cap_loop:
-    testl %r13d, %r13d
-    jz caps_done
-    decl %r14d
-    jz caps_done
-    leal (%r12,%r13), %edi
-    call pci_read                   /* id, next, length, cfg_type */
-    movl %eax, %r15d
-    shrl $8, %r15d
-    andl $0xFC, %r15d               /* next */
-    cmpb $0x09, %al                 /* vendor-specific */
-    jne cap_next
-    shrl $24, %eax
-    cmpl $1, %eax
-    jb cap_next
-    cmpl $4, %eax
-    ja cap_next
-    movl %eax, %ebp                 /* cfg_type 1..4 -> D_COMMON + (type - 1) * 8 = 8 + type * 8 */
-    cmpq $0, 8(%rbx,%rbp,8)
-    jne cap_next                    /* only the first of each type */
-    leal 4(%r12,%r13), %edi
-    call pci_read
-    movzbl %al, %edi                /* bar */
-    movl %r12d, %esi
-    call bar_address
+    movl %r12d, %edi
+    leaq D_COMMON(%rbx), %rsi       /* D_COMMON, D_NOTIFY, D_ISR, D_DEVCFG, D_NOTMUL */
+    call virtio_pci_caps
     testq %rax, %rax
-    jz init_fail_err
-    movq %rax, 8(%rbx,%rbp,8)
-    leal 8(%r12,%r13), %edi
-    call pci_read                   /* offset within the BAR */
-    addq %rax, 8(%rbx,%rbp,8)
-    cmpl $2, %ebp
-    jne cap_next
-    leal 16(%r12,%r13), %edi
-    call pci_read
-    movl %eax, D_NOTMUL(%rbx)
-cap_next:
-    movl %r15d, %r13d
-    jmp cap_loop
-caps_done:
-    leaq err_missingcap(%rip), %rax
-    cmpq $0, D_COMMON(%rbx)
-    je init_fail
-    cmpq $0, D_NOTIFY(%rbx)
-    je init_fail
-    cmpq $0, D_ISR(%rbx)
-    je init_fail
-    cmpq $0, D_DEVCFG(%rbx)
-    je init_fail
-
+    jnz init_fail
     movq D_COMMON(%rbx), %r12
-    movb $0, C_STATUS(%r12)         /* reset */
-    movl $100000, %ecx
-1:  movb C_STATUS(%r12), %al
-    testb %al, %al
-    jz 2f
-    pause
-    decl %ecx
-    jnz 1b
+    movq %r12, %rdi
+    call virtio_reset               /* reset, ACKNOWLEDGE, DRIVER */
+    testl %eax, %eax
     leaq err_reset(%rip), %rax
-    jmp init_fail
-2:  movb $0x01, C_STATUS(%r12)      /* ACKNOWLEDGE */
-    movb $0x03, C_STATUS(%r12)      /* | DRIVER */
+    jnz init_fail
     movl $0, C_DFSELECT(%r12)
     movl C_DF(%r12), %r13d          /* device features 0-31 */
     movl $1, C_DFSELECT(%r12)
@@ -531,39 +320,21 @@ caps_done:
     testb $0x08, %al
     leaq err_features(%rip), %rax
     jz init_failed_device
-    movw $0, C_QSELECT(%r12)
-    movzwl C_QSIZE(%r12), %eax
+    movq %r12, %rdi
+    xorl %esi, %esi                 /* queue 0 */
+    movl $QMAX, %edx
+    movq D_RING(%rbx), %rcx
+    call virtio_queue_setup
     testl %eax, %eax
     leaq err_noqueue(%rip), %rcx
     jz 3f
-    cmpl $QMAX, %eax
-    jbe 4f
-    movl $QMAX, %eax
-4:  movw %ax, C_QSIZE(%r12)
     movw %ax, D_QSIZE(%rbx)
     movq D_RING(%rbx), %r13
-    movq %r13, %rdi                 /* ring page cleared */
-    xorl %eax, %eax
-    movl $512, %ecx
-    rep stosq
     movw $1, R_AVAIL(%r13)          /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-    leaq R_DESC(%r13), %rax         /* 64-bit fields as two 32-bit writes, low first */
-    movl %eax, C_QDESC(%r12)
-    shrq $32, %rax
-    movl %eax, C_QDESC + 4(%r12)
-    leaq R_AVAIL(%r13), %rax
-    movl %eax, C_QDRIVER(%r12)
-    shrq $32, %rax
-    movl %eax, C_QDRIVER + 4(%r12)
-    leaq R_USED(%r13), %rax
-    movl %eax, C_QDEVICE(%r12)
-    shrq $32, %rax
-    movl %eax, C_QDEVICE + 4(%r12)
-    movzwl C_QNOTIFYOFF(%r12), %eax
+    movl %edx, %eax                 /* queue_notify_off */
     imull D_NOTMUL(%rbx), %eax
     addq D_NOTIFY(%rbx), %rax
     movq %rax, D_QNOTIFY(%rbx)
-    movw $1, C_QENABLE(%r12)
     movb $0x0F, C_STATUS(%r12)      /* | DRIVER_OK */
     movw $0, D_AVAIL(%rbx)
     movw $0, D_USED(%rbx)
@@ -576,7 +347,6 @@ init_failed_device:
     orb $0x80, C_STATUS(%r12)       /* FAILED */
 init_fail:
     movq %rax, D_ERR(%rbx)
-init_fail_err:
     movl $1, %eax
 init_out:
     popq %r15
@@ -756,38 +526,6 @@ request:
     call disk_print
 2:  movl $-1, %eax
     ret
-
-/* fnv1a(%rdi = data, %rsi = length, a multiple of 8) -> %eax: 32-bit FNV-1a. Instructions are expensive
-   here (emulated), so 8 bytes are loaded at a time and each byte costs an xor and a multiply: h ^= byte
-   only touches h's low byte, so `xorb` of %cl/%ch/%dl/%dh into %al does it. */
-fnv1a:
-    movl $0x811c9dc5, %eax
-    shrq $3, %rsi
-    jz 2f
-1:  movl (%rdi), %ecx
-    movl 4(%rdi), %edx
-    xorb %cl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %ch, %al
-    imull $0x01000193, %eax, %eax
-    shrl $16, %ecx
-    xorb %cl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %ch, %al
-    imull $0x01000193, %eax, %eax
-    xorb %dl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %dh, %al
-    imull $0x01000193, %eax, %eax
-    shrl $16, %edx
-    xorb %dl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %dh, %al
-    imull $0x01000193, %eax, %eax
-    addq $8, %rdi
-    decq %rsi
-    jnz 1b
-2:  ret
 
 /* ---- Commands: (%rdi = arguments, %rsi = word end) -> %eax = 0, or 1 for a bad word ---- */
 
@@ -1190,13 +928,6 @@ cmd_irq_read:
     call newline
     jmp cmd_ok
 
-/* ioapic_write(%edi = register, %esi = value) */
-ioapic_write:
-    movl $IOAPIC, %eax
-    movl %edi, (%rax)
-    movl %esi, 0x10(%rax)
-    ret
-
 /* Vector 0x40: reads the ISR (which deasserts the INTx line), counts, EOI. */
 blk_irq:
     pushq %rax
@@ -1434,12 +1165,6 @@ msg_hostile:        .asciz "BLK hostile case="
 msg_used:           .asciz " used="
 msg_devstatus:      .asciz " devstatus="
 msg_hostile_done:   .asciz "BLK hostile-done\n"
-err_nocaps:         .asciz "no-capabilities"
-err_badbar:         .asciz "bad-bar"
-err_iobar:          .asciz "io-bar"
-err_above4g:        .asciz "bar-above-4g"
-err_unassigned:     .asciz "bar-unassigned"
-err_missingcap:     .asciz "missing-virtio-cap"
 err_reset:          .asciz "reset-timeout"
 err_version:        .asciz "no-version-1"
 err_features:       .asciz "features-rejected"

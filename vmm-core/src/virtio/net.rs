@@ -456,6 +456,17 @@ impl Shared {
         if io.tx_blocked {
             return (false, false);
         }
+        let result = self.transmit_batch(io, active, link_up);
+        if let Some(b) = io.backend.as_mut()
+            && b.wants_write()
+            && let Err(e) = b.flush()
+        {
+            self.backend_gone(io, e);
+        }
+        result
+    }
+
+    fn transmit_batch(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
         if let Some(b) = io.backend.as_mut()
             && b.wants_write()
         {
@@ -766,7 +777,7 @@ fn rx_needs_notification(active: &mut Active) -> bool {
 mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use super::*;
@@ -950,6 +961,53 @@ mod tests {
         assert!(got.iter().any(|(g, _)| *g == f), "the card works after the reset");
         d.send(&f);
         assert_eq!(peer_recv(&mut peer), f);
+    }
+
+    #[test]
+    fn resets_in_the_middle_of_traffic_leave_a_working_card() {
+        let (nic, peer) = card(1500);
+        let mut d = HostNetDriver::new(nic.clone(), 64, 2048).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let (mut peer, stop) = (peer.try_clone().unwrap(), stop.clone());
+            std::thread::spawn(move || {
+                let f = frame(1000, 13);
+                while !stop.load(Ordering::Relaxed) {
+                    peer_send(&mut peer, &f);
+                }
+            })
+        };
+        let drain = {
+            let (mut peer, stop) = (peer.try_clone().unwrap(), stop.clone());
+            peer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = peer.read(&mut buf);
+                }
+            })
+        };
+        for round in 0..50u8 {
+            d.post_rx(64);
+            d.send_burst(&frame(200, round), 16);
+            let _ = d.recv_count(Duration::from_millis(20));
+            d.reinit();
+        }
+        d.post_rx(64);
+        let deadline = Instant::now() + WAIT;
+        while nic.status().rx_frames == 0 && Instant::now() < deadline {
+            let _ = d.recv_count(Duration::from_millis(50));
+        }
+        let before = nic.status().rx_frames;
+        let (frames, _) = d.recv_count(WAIT);
+        assert!(frames > 0, "frames still arrive after 50 resets (before: {before})");
+        assert_eq!(nic.status().malformed, 0, "resets are not driver errors");
+        stop.store(true, Ordering::Relaxed);
+        let _ = d.recv_count(Duration::from_millis(100));
+        drop(d);
+        drop(nic);
+        let _ = flood.join();
+        let _ = drain.join();
     }
 
     #[test]
