@@ -332,3 +332,54 @@ async fn a_start_that_loses_its_port_to_a_race_is_tried_again() {
     assert!(log.contains("is in use") && log.contains("trying again"), "{log}");
     c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
+
+/// Needs the engine's network cards and passt. The virtio-net micro-guest takes a DHCP lease through the NAT
+/// card: the daemon shows the guest's address and driver, and datagrams sent to a UDP forward reach the
+/// guest and show in the card's counters and in the network series of the stats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_on_the_nat_card_shows_its_address_and_traffic() {
+    let dir = Scratch::new("net-guest");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nic = NicSpec {
+        forwards: vec![PortForward { protocol: Protocol::Udp, ..PortForward::tcp(port, 9) }],
+        ..NicSpec::new(NicBackend::User)
+    };
+    let mut req = vm_request("talker", "virtio-net", Some(vec![nic]));
+    req.boot.as_mut().unwrap().cmdline = "dhcp hang".into();
+    let vm = c.create_vm(&req).await.unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let lease = loop {
+        let lines = c.serial(&vm.id, 100).await.unwrap().lines;
+        let ack = lines.iter().find_map(|l| l.split("NET dhcp ack ip=").nth(1).map(|ip| ip.trim().to_owned()));
+        if let Some(ip) = ack
+            && lines.iter().any(|l| l.contains("NET hang"))
+        {
+            break ip;
+        }
+        assert!(Instant::now() < deadline, "no lease: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let nic = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
+    assert!(nic.attached && nic.driver_ready, "{nic:?}");
+    assert_eq!(nic.ipv4.as_deref(), Some(lease.as_str()), "{nic:?}");
+    assert!(nic.tx_bytes > 0 && nic.rx_bytes > 0, "the DHCP exchange counted: {nic:?}");
+    // Datagrams to the forwarded port, until a stats sample shows them arriving.
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        sender.send_to(&[0x42; 200], ("127.0.0.1", port)).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let samples = c.stats(&vm.id, 0, false).await.unwrap().samples;
+        if samples.iter().any(|s| s.net_rx_bps > 0.0) {
+            assert!(samples.iter().all(|s| s.net_rx_bps >= 0.0 && s.net_tx_bps >= 0.0), "{samples:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no network traffic in the stats: {samples:?}");
+    }
+    let after = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
+    assert!(after.rx_bytes > nic.rx_bytes, "{nic:?} then {after:?}");
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+}
