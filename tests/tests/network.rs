@@ -383,3 +383,30 @@ async fn a_guest_on_the_nat_card_shows_its_address_and_traffic() {
     assert!(after.rx_bytes > nic.rx_bytes, "{nic:?} then {after:?}");
     c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
+
+/// Changing a VM's cards takes the admin role, like every change of its definition; the link switch, like
+/// the other run-time controls, the operator role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_changes_need_the_usual_rights() {
+    let dir = Scratch::new("net-rights");
+    let d = Daemon::start(&dir, true, &[]);
+    let vm = d.local().create_vm(&vm_request("guarded", "idle", None)).await.unwrap();
+    let change = UpdateVm { nics: Some(vec![]), ..Default::default() };
+    for role in ["viewer", "operator"] {
+        let c = d.remote(&d.token(role, role, &[]));
+        let e = c.update_vm(&vm.id, &change).await.unwrap_err();
+        assert_eq!(e.status(), Some(403), "{role}: {e}");
+        let e = c.create_vm(&vm_request("more", "idle", Some(vec![]))).await.unwrap_err();
+        assert_eq!(e.status(), Some(403), "{role}: {e}");
+    }
+    let viewer = d.remote(&d.token("v2", "viewer", &[]));
+    assert_eq!(viewer.set_nic_link(&vm.id, "net0", false).await.unwrap_err().status(), Some(403));
+    // An operator may use the switch (the VM is stopped: 409, past the role check).
+    let operator = d.remote(&d.token("o2", "operator", &[]));
+    assert_eq!(operator.set_nic_link(&vm.id, "net0", false).await.unwrap_err().status(), Some(409));
+    let elsewhere = d.remote(&d.token("other", "admin", &["nothing"]));
+    assert_eq!(elsewhere.update_vm(&vm.id, &change).await.unwrap_err().status(), Some(403));
+    let admin = d.remote(&d.token("boss", "admin", &[]));
+    assert!(admin.update_vm(&vm.id, &change).await.unwrap().nics.is_empty());
+    assert_eq!(viewer.vm(&vm.id).await.unwrap().nics, vec![], "viewers see the cards");
+}
