@@ -72,6 +72,7 @@ fn combo(h: &mut Harness<'static, PortholeApp>, label: &str, choice: &str) {
 
 /// Clicks the first of the buttons labelled `name` (a VM has one in the sidebar and one in the list).
 fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
+    wait(h, "the VM in the list", |h| has(h, name));
     h.get_all_by_label(name).next().expect("the VM's button").click();
     h.step();
     h.step();

@@ -1,18 +1,15 @@
 //! VM networking, the daemon's side: network cards of a definition (defaults, validation, MACs, the
 //! automatic SSH forward), the `--net` arguments `porthole-vmm` gets, and what the VM process reports about
-//! its cards over its control socket (`nics`, `set-link`, the network counters).
+//! its cards over its control socket (`nics`, `set-link`).
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
 use porthole_api::{
-    DEFAULT_MTU, MAX_FORWARDS, MAX_MTU, MAX_NICS, MIN_MTU, NicBackend, NicDefinition, NicSpec, NicStatus, PortForward,
-    Protocol, SSH_PORTS, is_valid_mac,
+    DEFAULT_MTU, MAX_FORWARDS, MAX_MTU, MAX_NICS, MIN_MTU, NicBackend, NicBackendKind, NicDefinition, NicSpec,
+    NicStatus, PortForward, Protocol, SSH_PORTS, is_valid_mac,
 };
-use serde_json::{Value, json};
+use vmm_core::control::{ControlClient, ControlError, Request};
 
 /// Tries a forward's host port: Ok if it can be opened now, else why not (see [`probe_port`]).
 pub type Probe<'a> = &'a dyn Fn(&PortForward) -> Result<(), String>;
@@ -286,81 +283,78 @@ pub enum EngineError {
     Io(String),
 }
 
-/// A connection to a VM process's control socket that speaks its wire form (one JSON object a line) for
-/// the requests of this module.
-pub struct EngineClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-/// Longest reply line read (a reply with many cards is a few KiB).
-const MAX_REPLY: u64 = 1 << 20;
-
-impl EngineClient {
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, EngineError> {
-        let io = |e: std::io::Error| EngineError::Io(e.to_string());
-        let stream = UnixStream::connect(path).map_err(io)?;
-        stream.set_read_timeout(Some(timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(timeout)).map_err(io)?;
-        Ok(EngineClient { reader: BufReader::new(stream.try_clone().map_err(io)?), writer: stream })
-    }
-
-    /// Sends one request; returns the reply (`ok: false` becomes `Refused`).
-    pub fn call(&mut self, request: &Value) -> Result<Value, EngineError> {
-        let io = |e: std::io::Error| EngineError::Io(e.to_string());
-        let mut line = serde_json::to_vec(request).map_err(|e| EngineError::Io(e.to_string()))?;
-        line.push(b'\n');
-        self.writer.write_all(&line).map_err(io)?;
-        let mut reply = Vec::new();
-        (&mut self.reader).take(MAX_REPLY).read_until(b'\n', &mut reply).map_err(io)?;
-        if reply.is_empty() {
-            return Err(EngineError::Io("closed without a reply".into()));
-        }
-        let reply: Value = serde_json::from_slice(&reply).map_err(|e| EngineError::Io(format!("bad reply: {e}")))?;
-        if reply.get("ok").and_then(Value::as_bool) == Some(true) {
-            Ok(reply)
-        } else {
-            Err(EngineError::Refused(reply.get("error").and_then(Value::as_str).unwrap_or("refused").to_owned()))
+impl From<ControlError> for EngineError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Refused(why) => EngineError::Refused(why),
+            other => EngineError::Io(other.to_string()),
         }
     }
 }
 
-/// The cards in a reply's `nics`.
-fn parse_nics(reply: &Value) -> Result<Vec<NicStatus>, EngineError> {
-    match reply.get("nics") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| EngineError::Io(format!("the VM process's network card report does not parse: {e}"))),
+/// A card's state as the API shows it, from the VM process's report.
+pub fn api_status(s: vmm_core::net::NicStatus) -> NicStatus {
+    NicStatus {
+        backend: match s.backend.as_str() {
+            "tap" => NicBackendKind::Tap,
+            "bridge" => NicBackendKind::Bridge,
+            _ => NicBackendKind::User,
+        },
+        mtu: u32::from(s.mtu),
+        forwards: s
+            .forwards
+            .into_iter()
+            .map(|f| PortForward {
+                protocol: match f.protocol {
+                    vmm_core::net::Protocol::Tcp => Protocol::Tcp,
+                    vmm_core::net::Protocol::Udp => Protocol::Udp,
+                },
+                host_address: f.host_address,
+                host_port: f.host_port,
+                guest_port: f.guest_port,
+                automatic: false,
+            })
+            .collect(),
+        id: s.id,
+        mac: s.mac,
+        attached: s.attached,
+        error: s.error,
+        link_up: s.link_up,
+        driver_ready: s.driver_ready,
+        tap: s.tap,
+        ipv4: s.ipv4,
+        ipv6: s.ipv6,
+        rx_frames: s.rx_frames,
+        rx_bytes: s.rx_bytes,
+        tx_frames: s.tx_frames,
+        tx_bytes: s.tx_bytes,
+        rx_dropped: s.rx_dropped,
+        tx_dropped: s.tx_dropped,
+        malformed: s.malformed,
     }
 }
 
 /// Every card of a running VM, as its process reports it.
 pub fn nics(control: &Path) -> Result<Vec<NicStatus>, EngineError> {
-    let reply = EngineClient::connect(control, Duration::from_secs(3))?.call(&json!({"cmd": "nics"}))?;
-    parse_nics(&reply)
+    let reply = ControlClient::connect(control)?.request(&Request::Nics)?;
+    Ok(reply.nics.unwrap_or_default().into_iter().map(api_status).collect())
 }
 
 /// Plugs card `nic` in or pulls its cable; returns the card's state.
 pub fn set_link(control: &Path, nic: &str, up: bool) -> Result<NicStatus, EngineError> {
-    let reply = EngineClient::connect(control, Duration::from_secs(3))?
-        .call(&json!({"cmd": "set-link", "nic": nic, "up": up}))?;
-    parse_nics(&reply)?
+    let reply = ControlClient::connect(control)?.request(&Request::SetLink { nic: nic.to_owned(), up })?;
+    reply
+        .nics
+        .unwrap_or_default()
         .into_iter()
         .find(|n| n.id == nic)
+        .map(api_status)
         .ok_or_else(|| EngineError::Io(format!("the VM process's reply has no card {nic:?}")))
-}
-
-/// The network byte counters of a `counters` reply: (towards the guest, from the guest); 0 when the VM
-/// process has none.
-pub fn net_bytes(counters: &Value) -> (u64, u64) {
-    let get = |k: &str| counters.get(k).and_then(Value::as_u64).unwrap_or(0);
-    (get("net_rx_bytes"), get("net_tx_bytes"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use porthole_api::NicBackendKind;
 
     fn free(_: &PortForward) -> Result<(), String> {
         Ok(())
@@ -479,18 +473,25 @@ mod tests {
     }
 
     #[test]
-    fn nic_reports_parse_from_the_wire_form() {
-        let reply = json!({"ok": true, "nics": [{"id":"net0","backend":"user","mac":"02:8a:00:00:00:01","mtu":1500,
-            "attached":false,"error":"passt: no default route","link_up":true,"driver_ready":false,"tap":null,
-            "forwards":[{"protocol":"tcp","host_address":"127.0.0.1","host_port":2222,"guest_port":22}],
-            "ipv4":null,"ipv6":null,"rx_frames":1,"rx_bytes":60,"tx_frames":2,"tx_bytes":120,"rx_dropped":0,
-            "tx_dropped":0,"malformed":0}]});
-        let nics = parse_nics(&reply).unwrap();
-        assert_eq!(nics[0].error.as_deref(), Some("passt: no default route"));
-        assert_eq!(nics[0].forwards, vec![PortForward::tcp(2222, 22)]);
-        assert_eq!(parse_nics(&json!({"ok": true})).unwrap(), vec![]);
-        assert_eq!(net_bytes(&json!({"net_rx_bytes": 5, "net_tx_bytes": 7})), (5, 7));
-        assert_eq!(net_bytes(&json!({"disk_reads": 1})), (0, 0));
+    fn the_vm_process_report_becomes_the_api_form() {
+        // The engine's reply, as the control socket sends it.
+        let wire = serde_json::json!({"id":"net0","backend":"bridge","mac":"02:8a:00:00:00:01","mtu":9000,
+            "attached":false,"error":"no bridge br9","link_up":true,"driver_ready":false,"tap":"ph0",
+            "forwards":[{"protocol":"udp","host_address":"0.0.0.0","host_port":5353,"guest_port":53}],
+            "ipv4":"192.0.2.2","ipv6":null,"rx_frames":1,"rx_bytes":60,"tx_frames":2,"tx_bytes":120,
+            "rx_dropped":3,"tx_dropped":4,"malformed":5});
+        let s = api_status(serde_json::from_value(wire).unwrap());
+        assert_eq!(
+            (s.backend, s.mtu, s.error.as_deref(), s.tap.as_deref()),
+            (NicBackendKind::Bridge, 9000, Some("no bridge br9"), Some("ph0"))
+        );
+        let f = &s.forwards[0];
+        assert_eq!(
+            (f.protocol, f.host_address.to_string(), f.host_port, f.guest_port),
+            (Protocol::Udp, "0.0.0.0".into(), 5353, 53)
+        );
+        assert_eq!((s.rx_bytes, s.tx_bytes, s.rx_dropped, s.tx_dropped, s.malformed), (60, 120, 3, 4, 5));
+        assert_eq!(s.ipv4.as_deref(), Some("192.0.2.2"));
     }
 
     #[test]

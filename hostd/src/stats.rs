@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use porthole_api::StatSample;
-use serde_json::json;
+use vmm_core::control::{ControlClient, Request};
 
 use crate::host::Host;
-use crate::net::EngineClient;
 use crate::store::now_ms;
 
 const SECONDS_KEPT: usize = 3600;
@@ -114,7 +113,7 @@ impl Stats {
                 if t > 0 { t as f64 } else { 100.0 }
             };
             let mut last: HashMap<String, Last> = HashMap::new();
-            let mut clients: HashMap<String, (u32, EngineClient)> = HashMap::new();
+            let mut clients: HashMap<String, (u32, ControlClient)> = HashMap::new();
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let running = host.running();
@@ -126,12 +125,12 @@ impl Stats {
                     let (Some(ticks), Some(rss)) = (cpu_ticks(pid), rss_bytes(pid)) else { continue };
                     let counters = {
                         if !clients.contains_key(&id)
-                            && let Ok(c) = EngineClient::connect(&files.control(), Duration::from_secs(10))
+                            && let Ok(c) = ControlClient::connect(&files.control())
                         {
                             clients.insert(id.clone(), (pid, c));
                         }
-                        match clients.get_mut(&id).map(|(_, c)| c.call(&json!({"cmd": "counters"}))) {
-                            Some(Ok(mut r)) => r.get_mut("counters").map(serde_json::Value::take),
+                        match clients.get_mut(&id).map(|(_, c)| c.request(&Request::Counters)) {
+                            Some(Ok(r)) => r.counters,
                             _ => {
                                 clients.remove(&id);
                                 None
@@ -140,16 +139,13 @@ impl Stats {
                     };
                     // A guest that crashed (its process keeps it) makes the VM `crashed`; a reset one runs again.
                     if let Some((_, c)) = clients.get_mut(&id)
-                        && let Ok(mut reply) = c.call(&json!({"cmd": "status"}))
-                        && let Some(status) = reply.get_mut("status").map(serde_json::Value::take)
-                        && let Ok(status) = serde_json::from_value::<vmm_core::control::Status>(status)
+                        && let Ok(Some(status)) = c.request(&Request::Status).map(|r| r.status)
                     {
                         host.observe(&id, pid, &status);
                     }
-                    let counter =
-                        |k: &str| counters.as_ref().and_then(|c| c.get(k)).and_then(|v| v.as_u64()).unwrap_or(0);
-                    let (read, written) = (counter("disk_bytes_read"), counter("disk_bytes_written"));
-                    let (net_rx, net_tx) = counters.as_ref().map(crate::net::net_bytes).unwrap_or((0, 0));
+                    let c = counters.unwrap_or_default();
+                    let (read, written, net_rx, net_tx) =
+                        (c.disk_bytes_read, c.disk_bytes_written, c.net_rx_bytes, c.net_tx_bytes);
                     let t_ms = now_ms();
                     if let Some(prev) = last.get(&id).filter(|p| p.pid == pid && t_ms > p.t_ms) {
                         let dt = (t_ms - prev.t_ms) as f64 / 1000.0;
