@@ -222,8 +222,13 @@ impl PortholeApp {
     pub(super) fn network_section(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
         let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting)
             || vm.crash.is_some();
+        // What the running VM reported (none once it stopped: an old report says nothing of the new state).
         let details = match &self.backend.model().details {
-            Some((h, id, d)) if *h == host && *id == vm.id => Some(d.clone()),
+            Some((h, id, d))
+                if *h == host && *id == vm.id && matches!(vm.state, VmState::Running | VmState::Paused) =>
+            {
+                Some(d.clone())
+            }
             _ => None,
         };
         egui::CollapsingHeader::new("Network").default_open(false).show(ui, |ui| {
