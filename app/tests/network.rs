@@ -179,6 +179,7 @@ fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
     // The card's state as the VM process reports it (passt must be installed).
     wait(&mut h, "the card's state", |h| has_contains(h, "attached, link up") || has_contains(h, "not attached"));
     assert!(!has_contains(&h, "not attached"), "passt runs for the card");
+    assert!(has(&h, "Guest address") && has_contains(&h, "frames), out "), "the card's report is shown");
     assert!(disabled(&h, "Add forward"), "forwards change while the VM is stopped");
     assert!(has_contains(&h, "passt opens them when the VM starts"));
     let port = vm_named(&h, "runner").unwrap().nics[0].forwards[0].host_port;
@@ -189,4 +190,6 @@ fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
     click(&mut h, "Force off");
     wait(&mut h, "stopped", |h| has(h, "stopped"));
     wait(&mut h, "the form enabled again", |h| !disabled(h, &format!("Remove forward tcp {port}")));
+    assert!(has_contains(&h, "not running (the card is set up when the VM starts)"));
+    assert!(!has(&h, "Guest address") && !has(&h, "Cable plugged in"), "no stale report of the stopped VM");
 }
