@@ -413,3 +413,64 @@ async fn network_changes_need_the_usual_rights() {
     assert!(admin.update_vm(&vm.id, &change).await.unwrap().nics.is_empty());
     assert_eq!(viewer.vm(&vm.id).await.unwrap().nics, vec![], "viewers see the cards");
 }
+
+/// A bridge of the host for a test (no address, no other member), removed when dropped.
+struct TestBridge(String);
+
+impl TestBridge {
+    fn create() -> Result<TestBridge, String> {
+        let name = format!("ptab{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+            }
+        };
+        ip(&["link", "add", &name, "type", "bridge"])?;
+        let bridge = TestBridge(name.clone());
+        ip(&["link", "set", &name, "up"])?;
+        Ok(bridge)
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// A VM on a bridge of the host through the daemon: the definition names the bridge, the running card is a
+/// TAP device on it, gone when the VM stops. Needs CAP_NET_ADMIN (skipped with the reason otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_on_a_host_bridge() {
+    let bridge = match TestBridge::create() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("SKIP: cannot create a test bridge ({e}); needs root or CAP_NET_ADMIN");
+            return;
+        }
+    };
+    let dir = Scratch::new("net-bridge");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let nics = vec![NicSpec::new(NicBackend::Bridge { bridge: bridge.0.clone() })];
+    let vm = c.create_vm(&vm_request("bridged", "idle", Some(nics))).await.unwrap();
+    assert_eq!(vm.nics[0].backend, NicBackend::Bridge { bridge: bridge.0.clone() });
+    assert!(vm.nics[0].forwards.is_empty());
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let nic = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
+    assert!(nic.attached && nic.backend == porthole_api::NicBackendKind::Bridge, "{nic:?}");
+    let tap = nic.tap.clone().expect("the TAP device's name");
+    let member = Path::new("/sys/class/net").join(&bridge.0).join("brif").join(&tap);
+    assert!(member.exists(), "{tap} is on {}: {nic:?}", bridge.0);
+    assert_eq!(nic.mac, vm.nics[0].mac);
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Stopped).await;
+    let deadline = Instant::now() + LIMIT;
+    while Path::new("/sys/class/net").join(&tap).exists() {
+        assert!(Instant::now() < deadline, "the TAP device {tap} stayed after the VM stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
