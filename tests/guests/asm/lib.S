@@ -9,7 +9,8 @@
  * table look-up (acpi_find_rsdp, acpi_find_table), the display (fb_base, vbe_read/vbe_write, vbe_set_mode)
  * and the VGA text screen (vga_text_clear, vga_set_cursor, crtc_write); serial_putsdec for signed values.
  * For the device drivers (virtio-blk, virtio-net; their shared definitions are in virtio.inc): command-line
- * words (run_words, the command-handler epilogue cmd_ok/cmd_bad, match, parse_args), put_kv, newline,
+ * words (run_words, the command-handler epilogue cmd_ok/cmd_bad, table_find, match, parse_args), put_kv,
+ * newline,
  * put_case, put_devstatus, driver_start, hang, wait_idx (a used ring's idx, timed), fnv1a, ioapic_write,
  * PCI configuration access (pci_read, pci_write, pci_find), the virtio 1.x modern PCI transport
  * (virtio_pci_caps, virtio_reset, virtio_features, virtio_queue_setup) and one interrupt-driven completion
@@ -820,7 +821,7 @@ run_words:
     pushq %r14
     pushq %r15
     pushq %rdx
-    movq %rdi, %r15                 /* %r12 word start, %r13 word end, %r14 table entry */
+    movq %rdi, %r15                 /* %r12 word start, %r13 word end */
     movq %rsi, %rbx
     movq pvh_start_info(%rip), %rax
     testq %rax, %rax
@@ -839,20 +840,15 @@ run_words:
 4:  incq %r13
     cmpb $' ', (%r13)               /* NUL, space and control characters end a word */
     ja 4b
-    movq %r15, %r14
-5:  movq (%r14), %rdx
-    testq %rdx, %rdx
-    jz 7f
-    movq %r12, %rdi
-    movq %r13, %rsi
-    call match
+    movq %r15, %rdi
+    movq %r12, %rsi
+    movq %r13, %rdx
+    call table_find
     testq %rax, %rax
-    jnz 6f
-    addq $16, %r14
-    jmp 5b
-6:  movq %rax, %rdi                 /* arguments */
+    jz 7f
+    movq %rdx, %rdi                 /* arguments */
     movq %r13, %rsi                 /* word end */
-    call *8(%r14)
+    call *8(%rax)
     testl %eax, %eax
     jz 8f
 7:  movq %rbx, %rdi                 /* bad word */
@@ -870,6 +866,36 @@ run_words:
     popq %r15
     popq %r14
     popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* table_find(%rdi = table of {u64 name, u64 value} entries ended by a 0 name, %rsi = word, %rdx = word end)
+   -> %rax = the first entry whose name matches the word (see match) with %rdx = match's result (the
+   arguments), or %rax = 0 */
+    .globl table_find
+table_find:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    movq %rdi, %rbx
+    movq %rsi, %r12
+    movq %rdx, %r13
+1:  movq (%rbx), %rdx
+    testq %rdx, %rdx
+    jz 3f
+    movq %r12, %rdi
+    movq %r13, %rsi
+    call match
+    testq %rax, %rax
+    jnz 2f
+    addq $16, %rbx
+    jmp 1b
+2:  movq %rax, %rdx
+    movq %rbx, %rax
+    jmp 4f
+3:  xorl %eax, %eax
+4:  popq %r13
     popq %r12
     popq %rbx
     ret

@@ -1395,44 +1395,33 @@ cmd_irq:
     call newline
     jmp cmd_ok
 
-/* hostile / hostile=NAME: %r14 table entry, %r13 used flag, %r12 NAME (0: every case), %rbx its end */
+/* hostile / hostile=NAME: %r14 table entry, %r13 used flag, %r12 cases left to run (-1: every case) */
 cmd_hostile_one:
     SAVE
-    movq %rdi, %r12
-    movq %rsi, %rbx
-    leaq hostile_table(%rip), %r14  /* a known case name? */
-5:  movq (%r14), %rdx
-    testq %rdx, %rdx
-    jz cmd_bad
-    movq %r12, %rdi
-    movq %rbx, %rsi
-    call match
+    movq %rsi, %rdx
+    movq %rdi, %rsi
+    leaq hostile_table(%rip), %rdi  /* a known case name? */
+    call table_find
     testq %rax, %rax
-    jnz hostile_go
-    addq $16, %r14
-    jmp 5b
+    jz cmd_bad
+    movq %rax, %r14
+    movl $1, %r12d
+    jmp hostile_go
 cmd_hostile:
     SAVE
-    xorl %r12d, %r12d
+    leaq hostile_table(%rip), %r14
+    movl $-1, %r12d                 /* every case */
 hostile_go:
     call need_ready
     testl %eax, %eax
     jz cmd_ok
-    leaq hostile_table(%rip), %r14
 1:  movq (%r14), %r15
     testq %r15, %r15
     jz 3f
-    testq %r12, %r12
-    jz 2f
-    movq %r12, %rdi
-    movq %rbx, %rsi
-    movq %r15, %rdx
-    call match
-    testq %rax, %rax
-    jnz 2f
-    addq $16, %r14
-    jmp 1b
-2:  call net_init
+    testl %r12d, %r12d
+    jz 3f
+    decl %r12d
+    call net_init
     testl %eax, %eax
     jnz 4f
     movl router_ip(%rip), %edi      /* a harmless frame to spoil: a 60-byte ARP who-has */
