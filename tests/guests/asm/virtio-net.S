@@ -673,6 +673,26 @@ frame_udp:
 
 /* ---- DHCP ---- */
 
+/* dh_exchange(%edi = DHCP message type to send (as dh_send), %esi = the type awaited (dh_want)) -> %eax =
+   1 when the answer came (in `frame`, parsed by m_dhcp), 0 when sending failed (`NET tx-timeout` printed),
+   -1 when no answer came within rx_wait */
+dh_exchange:
+    pushq %rsi
+    call dh_send
+    popq %rsi
+    testl %eax, %eax
+    jz 1f
+    movb %sil, dh_want(%rip)
+    leaq m_dhcp(%rip), %rdi
+    movq rx_wait(%rip), %rsi
+    call recv_match
+    testl %eax, %eax
+    js 2f
+    movl $1, %eax
+1:  ret
+2:  movl $-1, %eax
+    ret
+
 /* dh_send(%edi = DHCP message type, 1 DISCOVER or 3 REQUEST of offer_ip from offer_server) -> %eax as
    tx_send. A 300-byte BOOTP message, broadcast from 0.0.0.0:68 to 255.255.255.255:67. */
 dh_send:
@@ -976,14 +996,10 @@ cmd_dhcp:
     orl $0x4C485000, %eax           /* xid */
     movl %eax, dh_xid(%rip)
     movl $1, %edi                   /* DISCOVER */
-    call dh_send
+    movl $2, %esi                   /* OFFER */
+    call dh_exchange
     testl %eax, %eax
     jz cmd_ok
-    movb $2, dh_want(%rip)          /* OFFER */
-    leaq m_dhcp(%rip), %rdi
-    movq rx_wait(%rip), %rsi
-    call recv_match
-    testl %eax, %eax
     js 9f
     movq dh_bootp(%rip), %rax
     movl 16(%rax), %ecx             /* yiaddr */
@@ -1024,14 +1040,10 @@ cmd_dhcp:
     call put_kv
 5:  call newline
     movl $3, %edi                   /* REQUEST */
-    call dh_send
+    movl $5, %esi                   /* ACK (or NAK) */
+    call dh_exchange
     testl %eax, %eax
     jz cmd_ok
-    movb $5, dh_want(%rip)          /* ACK (or NAK) */
-    leaq m_dhcp(%rip), %rdi
-    movq rx_wait(%rip), %rsi
-    call recv_match
-    testl %eax, %eax
     js 9f
     cmpb $6, dh_type(%rip)
     jne 6f
