@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use porthole_tests::{Scratch, qemu, text, wait_until, workspace_bin};
+use porthole_tests::{Scratch, TestBridge, qemu, text, wait_until, workspace_bin};
 use vmm_core::control::{ControlClient, Request};
 use vmm_core::vm::RunState;
 
@@ -660,44 +660,13 @@ fn porthole_vmm_starts_without_the_card_when_passt_cannot_run() {
     assert!(status.nics.is_empty(), "{status:?}");
 }
 
-/// A test bridge with the host address 10.213.78.1/24 (an isolated subnet of its own), removed when
-/// dropped.
-struct Bridge(String);
-
-impl Bridge {
-    fn create() -> Result<Bridge, String> {
-        let name = format!("ptnb{}", std::process::id() % 100_000);
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-            if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), text(&out.stderr))) }
-        };
-        ip(&["link", "add", &name, "type", "bridge"])?;
-        let bridge = Bridge(name.clone());
-        ip(&["addr", "add", "10.213.78.1/24", "dev", &name])?;
-        ip(&["link", "set", &name, "up"])?;
-        Ok(bridge)
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-    }
-}
-
 /// The same guest on porthole-vmm's bridge back end (a TAP device the VMM creates on a bridge the test
 /// creates; needs CAP_NET_ADMIN, skipped with the reason otherwise): with a static address it finds the
 /// host's MAC by ARP and UDP datagrams to the host's address on the bridge come back intact from an echo
 /// server bound there, also by interrupt-driven receive; the card shows the address it saw.
 #[test]
 fn the_guest_reaches_the_host_over_a_bridge() {
-    let bridge = match Bridge::create() {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("SKIP: cannot create a test bridge ({e}); needs root or CAP_NET_ADMIN");
-            return;
-        }
-    };
+    let Some(bridge) = TestBridge::create_or_skip("10.213.78.1/24") else { return };
     let socket = UdpSocket::bind("10.213.78.1:0").expect("bind the echo server on the bridge's address");
     socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let port = socket.local_addr().unwrap().port();
@@ -714,7 +683,7 @@ fn the_guest_reaches_the_host_over_a_bridge() {
     let dir = Scratch::new("net-vmm-bridge");
     let sock = dir.path("control.sock");
     let cmdline = format!("ip=10.213.78.2,10.213.78.1 arp udp={port},100 udp={port},1400 irq hang");
-    let guest = vmm_guest(&format!("bridge:{},mac={MAC}", bridge.0), &cmdline, Some(&sock));
+    let guest = vmm_guest(&format!("bridge:{},mac={MAC}", bridge.name()), &cmdline, Some(&sock));
     guest.wait_for("NET hang\n");
     let nic = control(&sock).request(&Request::Nics).unwrap().nics.unwrap().remove(0);
     stop.store(true, Ordering::Relaxed);
@@ -735,6 +704,6 @@ fn the_guest_reaches_the_host_over_a_bridge() {
     assert_eq!(nic.backend, "bridge", "{nic:?}");
     assert_eq!(nic.ipv4.as_deref(), Some("10.213.78.2"), "{nic:?}");
     let tap = nic.tap.clone().expect("the TAP device's name");
-    assert!(Path::new(&format!("/sys/class/net/{}/brif/{tap}", bridge.0)).exists(), "{nic:?}");
+    assert!(Path::new(&format!("/sys/class/net/{}/brif/{tap}", bridge.name())).exists(), "{nic:?}");
     drop(guest);
 }

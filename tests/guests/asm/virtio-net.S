@@ -73,6 +73,7 @@
  * and irq need a DHCP lease first (`NET no-ip`) and ping and udp the router's MAC (ARP first, silently; a
  * failure prints `NET arp timeout`). Finally `NET done`, and guest_main returns (power-off).
  */
+    .include "virtio.inc"
     .set VIRTIO_NET_ID, 0x10411AF4  /* device 0x1041 << 16 | vendor 0x1AF4 */
     .set QMAX, 16
     .set RXBUF, 2048
@@ -82,22 +83,6 @@
     .set TICKS_5S, 5 * 1193182
     .set TICKS_30S, 30 * 1193182
     .set TICKS_1S, 1193182
-    .set LAPIC, 0xFEE00000
-    .set IRQ_VECTOR, 0x40
-
-    /* virtio_pci_common_cfg */
-    .set C_DFSELECT, 0x00
-    .set C_DF, 0x04
-    .set C_GFSELECT, 0x08
-    .set C_GF, 0x0C
-    .set C_STATUS, 0x14
-    .set C_GENERATION, 0x15
-
-    .set R_AVAIL, 0x100             /* queue page: descriptors at 0, avail ring, used ring (lib.S) */
-    .set R_USED, 0x200
-    .set F_NEXT, 1
-    .set F_WRITE, 2
-    .set F_INDIRECT, 4
 
     .set NF_MTU, 1 << 3
     .set NF_MAC, 1 << 5
@@ -112,24 +97,13 @@
     .set H_SERVER, 8
     .set H_MASK, 16
 
-    .macro SAVE
-    pushq %rbx
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    .endm
 
     .text
     .code64
     .globl guest_main
 guest_main:
     SAVE
-    call pit_ticks_start
-    call spurious_irqs_install
-    movl $0xFF, %edi
-    movl $0xFF, %esi
-    call pic_init
+    call driver_start
     movl $VIRTIO_NET_ID, %edi
     xorl %esi, %esi
     call pci_find
@@ -151,57 +125,11 @@ guest_main:
     call newline
     call net_print
 
-    /* Command line: %r12 word start, %r13 word end, %r14 command table entry. */
-2:  movq pvh_start_info(%rip), %rax
-    testq %rax, %rax
-    jz words_done
-    movq 24(%rax), %r12
-    testq %r12, %r12
-    jz words_done
-next_word:
-    movzbl (%r12), %eax
-    testb %al, %al
-    jz words_done
-    cmpb $' ', %al
-    ja 3f
-    incq %r12
-    jmp next_word
-3:  movq %r12, %r13
-4:  incq %r13
-    cmpb $' ', (%r13)
-    ja 4b
-    leaq cmd_table(%rip), %r14
-5:  movq (%r14), %rdx
-    testq %rdx, %rdx
-    jz bad_word
-    movq %r12, %rdi
-    movq %r13, %rsi
-    call match
-    testq %rax, %rax
-    jnz 6f
-    addq $16, %r14
-    jmp 5b
-6:  movq %rax, %rdi
-    movq %r13, %rsi
-    call *8(%r14)
-    testl %eax, %eax
-    jz 8f
-bad_word:
-    leaq msg_badword(%rip), %rdi
-    call serial_puts
-7:  movzbl (%r12), %edi
-    call serial_putc
-    incq %r12
-    cmpq %r13, %r12
-    jb 7b
-    call newline
-8:  movq %r13, %r12
-    jmp next_word
-
-words_done:
-    leaq msg_done(%rip), %rdi
-    call serial_puts
-    jmp cmd_ok
+2:  leaq cmd_table(%rip), %rdi      /* the command-line words */
+    leaq msg_badword(%rip), %rsi
+    leaq msg_done(%rip), %rdx
+    call run_words
+    jmp cmd_ok                      /* restores the callee-saved registers and returns: power-off */
 
 /* ---- Output helpers ---- */
 
@@ -268,28 +196,16 @@ net_init:
     testl %eax, %eax
     leaq err_reset(%rip), %rax
     jnz 8f
-    movl $0, C_DFSELECT(%r12)
-    movl C_DF(%r12), %ebx           /* device features 0-31 */
-    movl $1, C_DFSELECT(%r12)
-    movl C_DF(%r12), %eax           /* 32-63 */
-    testl $1, %eax                  /* VIRTIO_F_VERSION_1 */
-    leaq err_version(%rip), %rax
-    jz 7f
-    andl $WANT, %ebx
+    movq %r12, %rdi
+    movl $WANT, %esi
     cmpb $0, nomrg(%rip)
     je 1f
-    andl $~NF_MRG, %ebx
-1:  movl %ebx, features(%rip)
-    movl $0, C_GFSELECT(%r12)
-    movl %ebx, C_GF(%r12)
-    movl $1, C_GFSELECT(%r12)
-    movl $1, C_GF(%r12)
-    movb $0x0B, C_STATUS(%r12)      /* | FEATURES_OK */
-    movb C_STATUS(%r12), %al
-    testb $0x08, %al
-    leaq err_features(%rip), %rax
-    jz 7f
-    movq %r12, %rdi                 /* receive queue 0 */
+    movl $WANT & ~NF_MRG, %esi
+1:  call virtio_features
+    testq %rax, %rax
+    jnz 7f
+    movl %edx, features(%rip)
+    leaq vio(%rip), %rdi            /* receive queue 0 */
     xorl %esi, %esi
     movl $QMAX, %edx
     leaq rxq(%rip), %rcx
@@ -297,10 +213,8 @@ net_init:
     testl %eax, %eax
     jz 6f
     movw %ax, rx_size(%rip)
-    imull vio + 32(%rip), %edx
-    addq vio + 8(%rip), %rdx
     movq %rdx, rx_notify(%rip)
-    movq %r12, %rdi                 /* transmit queue 1 */
+    leaq vio(%rip), %rdi            /* transmit queue 1 */
     movl $1, %esi
     movl $QMAX, %edx
     leaq txq(%rip), %rcx
@@ -308,8 +222,6 @@ net_init:
     testl %eax, %eax
     jz 6f
     movw %ax, tx_size(%rip)
-    imull vio + 32(%rip), %edx
-    addq vio + 8(%rip), %rdx
     movq %rdx, tx_notify(%rip)
     movw $1, rxq + R_AVAIL(%rip)    /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
     movw $1, txq + R_AVAIL(%rip)
@@ -479,40 +391,6 @@ rx_post_all:
     jb 1b
     popq %rbx
     jmp rx_kick
-
-/* wait_idx(%rdi = address of a used ring's idx, %rsi = address of the driver's last-seen u16, %rdx =
-   timeout in PIT ticks) -> %eax = 1 as soon as they differ, 0 on timeout. The idx is checked 64 times
-   (with pause) between PIT reads. */
-wait_idx:
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    movq %rdi, %r14
-    movq %rsi, %r15
-    movq %rdx, %r12
-    call pit_ticks
-    movq %rax, %r13
-1:  movl $64, %ecx
-2:  movzwl (%r14), %eax
-    cmpw (%r15), %ax
-    jne 3f
-    pause
-    decl %ecx
-    jnz 2b
-    call pit_ticks
-    subq %r13, %rax
-    cmpq %r12, %rax
-    jb 1b
-    xorl %eax, %eax
-    jmp 4f
-3:  lfence                          /* used idx before the used entries and the buffers */
-    movl $1, %eax
-4:  popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    ret
 
 /* tx_publish(%edi = head descriptor, %esi = avail idx increment): avail entry, barrier, idx, barrier,
    notification of queue 1 */
@@ -795,6 +673,26 @@ frame_udp:
 
 /* ---- DHCP ---- */
 
+/* dh_exchange(%edi = DHCP message type to send (as dh_send), %esi = the type awaited (dh_want)) -> %eax =
+   1 when the answer came (in `frame`, parsed by m_dhcp), 0 when sending failed (`NET tx-timeout` printed),
+   -1 when no answer came within rx_wait */
+dh_exchange:
+    pushq %rsi
+    call dh_send
+    popq %rsi
+    testl %eax, %eax
+    jz 1f
+    movb %sil, dh_want(%rip)
+    leaq m_dhcp(%rip), %rdi
+    movq rx_wait(%rip), %rsi
+    call recv_match
+    testl %eax, %eax
+    js 2f
+    movl $1, %eax
+1:  ret
+2:  movl $-1, %eax
+    ret
+
 /* dh_send(%edi = DHCP message type, 1 DISCOVER or 3 REQUEST of offer_ip from offer_server) -> %eax as
    tx_send. A 300-byte BOOTP message, broadcast from 0.0.0.0:68 to 255.255.255.255:67. */
 dh_send:
@@ -1014,19 +912,35 @@ arp_resolve:
 
 /* ---- ICMP ---- */
 
-/* m_icmp(%rdi = frame, %esi = length): an echo reply from the router with our id and sequence */
-m_icmp:
+/* from_router(%rdi = frame, %esi = length, %edx = IP protocol) -> %rax = its transport header (l4, at
+   least 8 bytes per the IP header) when the frame is well-formed IPv4 of that protocol from router_ip, else 0 */
+from_router:
     pushq %rbx
+    pushq %rdx
     movq %rdi, %rbx
     call ip_parse
-    cmpl $1, %eax
+    popq %rdx
+    cmpl %edx, %eax
     jne 9f
     movl 26(%rbx), %eax
     cmpl router_ip(%rip), %eax
     jne 9f
     cmpl $8, l4_len(%rip)
     jb 9f
-    movq l4(%rip), %rdx
+    movq l4(%rip), %rax
+    popq %rbx
+    ret
+9:  xorl %eax, %eax
+    popq %rbx
+    ret
+
+/* m_icmp(%rdi = frame, %esi = length): an echo reply from the router with our id and sequence */
+m_icmp:
+    movl $1, %edx
+    call from_router
+    testq %rax, %rax
+    jz 9f
+    movq %rax, %rdx
     cmpb $0, (%rdx)                 /* echo reply */
     jne 9f
     cmpw $0x4850, 4(%rdx)           /* id 0x5048 */
@@ -1036,11 +950,25 @@ m_icmp:
     cmpw %ax, 6(%rdx)
     jne 9f
     movl $1, %eax
-    popq %rbx
     ret
 9:  xorl %eax, %eax
-    popq %rbx
     ret
+
+/* tx_to_router(%edi = IP protocol, %esi = IP payload length; the payload already in tx_frame + 34): the
+   IPv4 header (my_ip -> router_ip) and the Ethernet header (to router_mac), then tx_send of the frame ->
+   tx_send's %eax */
+tx_to_router:
+    pushq %rbx
+    leal 34(%rsi), %ebx             /* Ethernet 14 + IP 20 + payload */
+    movl router_ip(%rip), %edx
+    movl my_ip(%rip), %ecx
+    call frame_ip
+    leaq router_mac(%rip), %rdi
+    movl $0x0008, %esi
+    call frame_eth
+    movl %ebx, %edi
+    popq %rbx
+    jmp tx_send
 
 /* ---- Commands: (%rdi = arguments, %rsi = word end) -> %eax = 0, or 1 for a bad word ---- */
 
@@ -1068,14 +996,10 @@ cmd_dhcp:
     orl $0x4C485000, %eax           /* xid */
     movl %eax, dh_xid(%rip)
     movl $1, %edi                   /* DISCOVER */
-    call dh_send
+    movl $2, %esi                   /* OFFER */
+    call dh_exchange
     testl %eax, %eax
     jz cmd_ok
-    movb $2, dh_want(%rip)          /* OFFER */
-    leaq m_dhcp(%rip), %rdi
-    movq rx_wait(%rip), %rsi
-    call recv_match
-    testl %eax, %eax
     js 9f
     movq dh_bootp(%rip), %rax
     movl 16(%rax), %ecx             /* yiaddr */
@@ -1116,14 +1040,10 @@ cmd_dhcp:
     call put_kv
 5:  call newline
     movl $3, %edi                   /* REQUEST */
-    call dh_send
+    movl $5, %esi                   /* ACK (or NAK) */
+    call dh_exchange
     testl %eax, %eax
     jz cmd_ok
-    movb $5, dh_want(%rip)          /* ACK (or NAK) */
-    leaq m_dhcp(%rip), %rdi
-    movq rx_wait(%rip), %rsi
-    call recv_match
-    testl %eax, %eax
     js 9f
     cmpb $6, dh_type(%rip)
     jne 6f
@@ -1195,14 +1115,7 @@ cmd_ping:
     movw %ax, tx_frame + 36(%rip)
     movl $1, %edi
     movl $64, %esi
-    movl router_ip(%rip), %edx
-    movl my_ip(%rip), %ecx
-    call frame_ip
-    leaq router_mac(%rip), %rdi
-    movl $0x0008, %esi
-    call frame_eth
-    movl $98, %edi
-    call tx_send
+    call tx_to_router
     testl %eax, %eax
     jz cmd_ok
     leaq m_icmp(%rip), %rdi
@@ -1228,17 +1141,11 @@ cmd_ping:
 
 /* m_udp(%rdi = frame, %esi = length): UDP from the router's udp_dport to our udp_sport */
 m_udp:
-    pushq %rbx
-    movq %rdi, %rbx
-    call ip_parse
-    cmpl $17, %eax
-    jne 9f
-    movl 26(%rbx), %eax
-    cmpl router_ip(%rip), %eax
-    jne 9f
-    cmpl $8, l4_len(%rip)
-    jb 9f
-    movq l4(%rip), %rdx
+    movl $17, %edx
+    call from_router
+    testq %rax, %rax
+    jz 9f
+    movq %rax, %rdx
     movzwl (%rdx), %eax
     cmpw udp_dport(%rip), %ax
     jne 9f
@@ -1246,20 +1153,14 @@ m_udp:
     cmpw udp_sport(%rip), %ax
     jne 9f
     movl $1, %eax
-    popq %rbx
     ret
 9:  xorl %eax, %eax
-    popq %rbx
     ret
 
 /* udp=PORT,N: %r12 port, %r13 N */
 cmd_udp:
     SAVE
-    movl $2, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 2
     movq args(%rip), %r12
     leaq -1(%r12), %rax
     cmpq $65535, %rax
@@ -1295,14 +1196,7 @@ cmd_udp:
     call frame_udp
     movl $17, %edi
     leal 8(%r13), %esi
-    movl router_ip(%rip), %edx
-    movl my_ip(%rip), %ecx
-    call frame_ip
-    leaq router_mac(%rip), %rdi
-    movl $0x0008, %esi
-    call frame_eth
-    leal 42(%r13), %edi
-    call tx_send
+    call tx_to_router
     testl %eax, %eax
     jz cmd_ok
     leaq m_udp(%rip), %rdi
@@ -1414,11 +1308,7 @@ cmd_wait_link:
 /* flood-wait=MS: %r12 MS, %r13 start tick, %r14 frames */
 cmd_flood_wait:
     SAVE
-    movl $1, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 1
     movq args(%rip), %r12
     cmpq $60000, %r12
     ja cmd_bad
@@ -1474,42 +1364,22 @@ cmd_irq:
     leaq msg_irq_badline(%rip), %rdi
     call serial_puts
     jmp cmd_ok
-1:  movq vio + 16(%rip), %rax
-    movzbl (%rax), %eax             /* stale ISR bits cleared (the line deasserted) */
-    movl $0, irq_count(%rip)
-    movl $IRQ_VECTOR, %edi
-    leaq net_irq(%rip), %rsi
-    call idt_set_gate
-    call lapic_enable
-    leal 0x11(,%r12,2), %edi        /* redirection entry high: destination APIC id 0 */
-    xorl %esi, %esi
-    call ioapic_write
-    leal 0x10(,%r12,2), %edi        /* low: vector, fixed, physical, active high, level, unmasked */
-    movl $0x8000 | IRQ_VECTOR, %esi
-    call ioapic_write
+1:  movq vio + 16(%rip), %rsi
+    movzbl (%rsi), %eax             /* stale ISR bits cleared (the line deasserted) */
+    movl %r12d, %edi
+    call virtio_irq_arm
     movw $0, rxq + R_AVAIL(%rip)    /* interrupts wanted for receives */
     mfence
     movl router_ip(%rip), %edi
     call arp_build
     movl $60, %edi
     call tx_send
-    call pit_ticks
-    movq %rax, %r13
-    sti
-2:  movzwl rxq + R_USED + 2(%rip), %eax
-    cmpw rx_used(%rip), %ax
-    je 3f
-    cmpl $0, irq_count(%rip)
-    jne 4f
-3:  pause
-    call pit_ticks
-    subq %r13, %rax
-    cmpq $TICKS_5S, %rax
-    jb 2b
-4:  cli
-    leal 0x10(,%r12,2), %edi        /* masked again */
-    movl $0x18000 | IRQ_VECTOR, %esi
-    call ioapic_write
+    leaq rxq + R_USED + 2(%rip), %rdi
+    leaq rx_used(%rip), %rsi
+    movl $TICKS_5S, %edx
+    call irq_wait_idx
+    movl %r12d, %edi
+    call virtio_irq_disarm
     movw $1, rxq + R_AVAIL(%rip)    /* back to polling */
     xorl %r14d, %r14d
     movzwl rxq + R_USED + 2(%rip), %eax
@@ -1537,55 +1407,33 @@ cmd_irq:
     call newline
     jmp cmd_ok
 
-/* Vector 0x40: reads the ISR (which deasserts the INTx line), counts, EOI. */
-net_irq:
-    pushq %rax
-    movq vio + 16(%rip), %rax
-    movzbl (%rax), %eax
-    incl irq_count(%rip)
-    movl $LAPIC, %eax
-    movl $0, 0xB0(%rax)
-    popq %rax
-    iretq
-
-/* hostile / hostile=NAME: %r14 table entry, %r13 used flag, %r12 NAME (0: every case), %rbx its end */
+/* hostile / hostile=NAME: %r14 table entry, %r13 used flag, %r12 cases left to run (-1: every case) */
 cmd_hostile_one:
     SAVE
-    movq %rdi, %r12
-    movq %rsi, %rbx
-    leaq hostile_table(%rip), %r14  /* a known case name? */
-5:  movq (%r14), %rdx
-    testq %rdx, %rdx
-    jz cmd_bad
-    movq %r12, %rdi
-    movq %rbx, %rsi
-    call match
+    movq %rsi, %rdx
+    movq %rdi, %rsi
+    leaq hostile_table(%rip), %rdi  /* a known case name? */
+    call table_find
     testq %rax, %rax
-    jnz hostile_go
-    addq $16, %r14
-    jmp 5b
+    jz cmd_bad
+    movq %rax, %r14
+    movl $1, %r12d
+    jmp hostile_go
 cmd_hostile:
     SAVE
-    xorl %r12d, %r12d
+    leaq hostile_table(%rip), %r14
+    movl $-1, %r12d                 /* every case */
 hostile_go:
     call need_ready
     testl %eax, %eax
     jz cmd_ok
-    leaq hostile_table(%rip), %r14
 1:  movq (%r14), %r15
     testq %r15, %r15
     jz 3f
-    testq %r12, %r12
-    jz 2f
-    movq %r12, %rdi
-    movq %rbx, %rsi
-    movq %r15, %rdx
-    call match
-    testq %rax, %rax
-    jnz 2f
-    addq $16, %r14
-    jmp 1b
-2:  call net_init
+    testl %r12d, %r12d
+    jz 3f
+    decl %r12d
+    call net_init
     testl %eax, %eax
     jnz 4f
     movl router_ip(%rip), %edi      /* a harmless frame to spoil: a 60-byte ARP who-has */
@@ -1603,19 +1451,11 @@ hostile_go:
     cmpw tx_used(%rip), %ax
     setne %r13b
     leaq msg_hostile(%rip), %rdi
-    call serial_puts
-    movq %r15, %rdi
-    call serial_puts
-    leaq msg_used(%rip), %rdi
-    movl %r13d, %esi
-    call put_kv
-    leaq msg_devstatus(%rip), %rdi
-    call serial_puts
-    movq vio(%rip), %rax
-    movzbl C_STATUS(%rax), %edi
-    movl $2, %esi
-    call serial_puthex
-    call newline
+    movq %r15, %rsi
+    movl %r13d, %edx
+    call put_case
+    movq vio(%rip), %rdi
+    call put_devstatus
     addq $16, %r14
     jmp 1b
 3:  call net_init
@@ -1730,11 +1570,7 @@ cmd_ip:
     jmp 1b
 2:  leaq word_copy(%rip), %rdi
     leaq (%rdi,%rcx), %rsi
-    movl $8, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 8
     xorl %ecx, %ecx
 4:  movq args(,%rcx,8), %rax
     cmpq $255, %rax
@@ -1760,11 +1596,7 @@ cmd_ip:
 /* wait=MS: 1 <= MS <= 60000 */
 cmd_wait:
     SAVE
-    movl $1, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 1
     movq args(%rip), %rax
     leaq -1(%rax), %rcx
     cmpq $60000, %rcx
@@ -1775,23 +1607,7 @@ cmd_wait:
 
 cmd_hang:
     leaq msg_hang(%rip), %rdi
-    call serial_puts
-    cli
-1:  hlt
-    jmp 1b
-
-/* Shared epilogue of the command handlers (and guest_main) */
-cmd_ok:
-    xorl %eax, %eax
-    jmp 1f
-cmd_bad:
-    movl $1, %eax
-1:  popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbx
-    ret
+    jmp hang
 
     .section .rodata
     .p2align 3
@@ -1904,12 +1720,8 @@ msg_irq_interrupted: .asciz "NET irq interrupted="
 msg_interrupts:     .asciz " interrupts="
 msg_arpv:           .asciz " arp="
 msg_hostile:        .asciz "NET hostile case="
-msg_used:           .asciz " used="
-msg_devstatus:      .asciz " devstatus="
 msg_hostile_done:   .asciz "NET hostile-done\n"
 err_reset:          .asciz "reset-timeout"
-err_version:        .asciz "no-version-1"
-err_features:       .asciz "features-rejected"
 err_noqueue:        .asciz "no-queue"
 
     .section .data
@@ -1932,7 +1744,6 @@ last_nbuf:          .skip 4
 rx_frames:          .skip 4
 rx_len:             .skip 4
 l4_len:             .skip 4
-irq_count:          .skip 4
 dh_count:           .skip 4
 dh_xid:             .skip 4
 dh_have:            .skip 4
