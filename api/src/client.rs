@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    API_PREFIX, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, SerialInput, SerialOutput, Stats,
-    Task, UpdateVm, Vm,
+    API_PREFIX, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicStatus, SerialInput,
+    SerialOutput, Stats, Task, UpdateVm, Vm,
 };
 
 /// Why a call failed.
@@ -344,6 +344,11 @@ impl Client {
     pub async fn change_media(&self, id: &str, image: Option<&str>) -> Result<Vm, ClientError> {
         self.call_json(Method::POST, &format!("/vms/{id}/media"), &MediaChange { image: image.map(str::to_owned) })
             .await
+    }
+
+    /// Plugs a running VM's network card `nic` in (`up`) or pulls its virtual cable; returns the card's state.
+    pub async fn set_nic_link(&self, id: &str, nic: &str, up: bool) -> Result<NicStatus, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/nics/{nic}/link"), &LinkChange { up }).await
     }
 
     pub async fn serial(&self, id: &str, lines: usize) -> Result<SerialOutput, ClientError> {

@@ -65,4 +65,37 @@ mod tests {
         let extra = text.replace('}', ",\"x\":1}");
         assert!(serde_json::from_str::<HostInfo>(&extra).is_err());
     }
+
+    #[test]
+    fn nic_backends_and_forwards_have_their_documented_json_form() {
+        let nic: NicSpec = serde_json::from_str(r#"{"backend":{"type":"bridge","bridge":"br0"}}"#).unwrap();
+        assert_eq!(nic.backend, NicBackend::Bridge { bridge: "br0".into() });
+        let user: NicSpec = serde_json::from_str(r#"{"backend":{"type":"user"}}"#).unwrap();
+        assert_eq!(user.backend, NicBackend::User);
+        let e = serde_json::from_str::<NicSpec>(r#"{"backend":{"type":"vde"}}"#).unwrap_err().to_string();
+        assert!(e.contains("unknown variant") && e.contains("vde"), "{e}");
+        assert!(serde_json::from_str::<NicSpec>(r#"{"backend":{"type":"tap","name":"t","x":1}}"#).is_err());
+        let f: PortForward = serde_json::from_str(r#"{"protocol":"tcp","host_port":2222,"guest_port":22}"#).unwrap();
+        assert_eq!(f, PortForward::tcp(2222, 22), "the host address defaults to 127.0.0.1");
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"protocol":"tcp","host_address":"127.0.0.1","host_port":2222,"guest_port":22}"#
+        );
+        assert!(serde_json::from_str::<PortForward>(r#"{"protocol":"sctp","host_port":1,"guest_port":1}"#).is_err());
+        // An old stored definition or reply without the new fields still reads.
+        let d: NicDefinition =
+            serde_json::from_str(r#"{"id":"net0","backend":{"type":"user"},"mac":"02:00:00:00:00:01"}"#).unwrap();
+        assert_eq!((d.mtu, d.forwards.len()), (DEFAULT_MTU, 0));
+    }
+
+    #[test]
+    fn macs_must_be_unicast_hex() {
+        for good in ["02:8a:00:11:22:33", "52:54:00:AB:cd:ef"] {
+            assert!(is_valid_mac(good), "{good}");
+        }
+        for bad in ["01:00:5e:00:00:01", "00:00:00:00:00:00", "02:8a:00:11:22", "02:8a:00:11:22:3g", "028a00112233", ""]
+        {
+            assert!(!is_valid_mac(bad), "{bad}");
+        }
+    }
 }

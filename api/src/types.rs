@@ -93,6 +93,16 @@ pub struct Vm {
     /// `GET /vms/{id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_status: Option<String>,
+    /// The VM's network cards as defined (empty: no network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicDefinition>,
+    /// Only in `GET /vms/{id}` of a VM whose process runs: each network card as the VM process reports it
+    /// (attached or why not, link, the guest's addresses, forwards in effect, counters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nic_status: Vec<NicStatus>,
+    /// Only in `GET /vms/{id}` of a running VM: why `nic_status` is missing (the VM process did not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic_status_error: Option<String>,
 }
 
 /// `POST /vms`. The smallest valid body is `{"name": "web1", "vcpus": 1, "memory_mib": 64}`.
@@ -116,6 +126,10 @@ pub struct CreateVm {
     pub disk_image: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The VM's network cards. Absent: one `user` (NAT) card with an SSH forward from the first free host port
+    /// in 2222-2299 (on 127.0.0.1) to the guest's port 22. `[]`: no network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<NicSpec>>,
 }
 
 /// Default disk size of a new VM.
@@ -137,6 +151,7 @@ impl CreateVm {
             media: None,
             disk_image: None,
             tags: Vec::new(),
+            nics: None,
         }
     }
 }
@@ -157,6 +172,224 @@ pub struct UpdateVm {
     /// Replaces the tags (any time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
+    /// Replaces the network cards (only while the VM is stopped: port forwards take effect when it starts).
+    /// A card keeps its MAC address when the spec names its `id` and gives no `mac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<NicSpec>>,
+}
+
+/// How a network card reaches the outside.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NicBackend {
+    /// User-mode networking (NAT) through passt: the guest reaches whatever the host reaches, and port
+    /// forwards bring host ports to the guest. Needs no privileges.
+    User,
+    /// A new TAP device attached to the host's existing bridge `bridge`: the guest is on that network (needs
+    /// a daemon allowed to create TAP devices).
+    Bridge { bridge: String },
+    /// The host's TAP device `name` (created if missing).
+    Tap { name: String },
+}
+
+impl NicBackend {
+    pub fn kind(&self) -> NicBackendKind {
+        match self {
+            NicBackend::User => NicBackendKind::User,
+            NicBackend::Bridge { .. } => NicBackendKind::Bridge,
+            NicBackend::Tap { .. } => NicBackendKind::Tap,
+        }
+    }
+}
+
+/// The kind of a network card's back end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NicBackendKind {
+    User,
+    Tap,
+    Bridge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A host port whose traffic goes to a guest port (`user` cards only).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub protocol: Protocol,
+    /// The host address the port is opened on. Default 127.0.0.1 (this computer only).
+    #[serde(default = "default_host_address")]
+    pub host_address: std::net::IpAddr,
+    pub host_port: u16,
+    pub guest_port: u16,
+    /// Chosen by the daemon (the SSH forward of a new VM): if another program holds the port when the VM
+    /// starts, the daemon moves it to the next free port in 2222-2299.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub automatic: bool,
+}
+
+fn default_host_address() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+}
+
+impl PortForward {
+    /// A TCP forward from 127.0.0.1:`host_port` to `guest_port`.
+    pub fn tcp(host_port: u16, guest_port: u16) -> Self {
+        PortForward {
+            protocol: Protocol::Tcp,
+            host_address: default_host_address(),
+            host_port,
+            guest_port,
+            automatic: false,
+        }
+    }
+}
+
+/// Default MTU of a network card.
+pub const DEFAULT_MTU: u32 = 1500;
+/// Smallest and largest MTU.
+pub const MIN_MTU: u32 = 68;
+pub const MAX_MTU: u32 = 65520;
+/// Most network cards a VM may have.
+pub const MAX_NICS: usize = 8;
+/// Most port forwards of one card.
+pub const MAX_FORWARDS: usize = 32;
+/// The host ports the daemon picks a new VM's SSH forward from.
+pub const SSH_PORTS: std::ops::RangeInclusive<u16> = 2222..=2299;
+
+fn default_mtu() -> u32 {
+    DEFAULT_MTU
+}
+
+/// A network card as stored in the VM's definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicDefinition {
+    /// `net0`, `net1`, …: the name the VM process and the link route use.
+    pub id: String,
+    pub backend: NicBackend,
+    /// Generated once when the card is made (locally administered, unicast), then kept.
+    pub mac: String,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<PortForward>,
+}
+
+/// A network card in a request (`POST /vms`, `PATCH /vms/{id}`): what is left out is chosen by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// Default: `netN`, N its position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub backend: NicBackend,
+    /// `xx:xx:xx:xx:xx:xx`, unicast. Default: the card's current MAC (same `id`), else a new random
+    /// locally administered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// 68-65520, default 1500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// `user` cards only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<PortForward>,
+}
+
+impl NicSpec {
+    /// A card of back end `backend`, everything else default.
+    pub fn new(backend: NicBackend) -> Self {
+        NicSpec { id: None, backend, mac: None, mtu: None, forwards: Vec::new() }
+    }
+}
+
+impl From<&NicDefinition> for NicSpec {
+    /// The spec that keeps a card as it is (for editing it).
+    fn from(d: &NicDefinition) -> Self {
+        NicSpec {
+            id: Some(d.id.clone()),
+            backend: d.backend.clone(),
+            mac: Some(d.mac.clone()),
+            mtu: Some(d.mtu),
+            forwards: d.forwards.clone(),
+        }
+    }
+}
+
+/// A network card of a running VM as its process reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NicStatus {
+    pub id: String,
+    pub backend: NicBackendKind,
+    pub mac: String,
+    pub mtu: u32,
+    /// Whether the back end runs; when not, `error` says why (the VM runs without this card's network).
+    pub attached: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The virtual cable is plugged in.
+    pub link_up: bool,
+    /// The guest's driver has set the card up.
+    #[serde(default)]
+    pub driver_ready: bool,
+    /// `tap`/`bridge`: the host's TAP device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// The port forwards in effect.
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
+    /// The guest's addresses, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
+    /// Towards the guest.
+    #[serde(default)]
+    pub rx_frames: u64,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    /// From the guest.
+    #[serde(default)]
+    pub tx_frames: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    #[serde(default)]
+    pub rx_dropped: u64,
+    #[serde(default)]
+    pub tx_dropped: u64,
+    #[serde(default)]
+    pub malformed: u64,
+}
+
+/// `POST /vms/{id}/nics/{nic}/link`: plug the running VM's virtual cable in (`up: true`) or pull it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkChange {
+    pub up: bool,
+}
+
+/// Whether `mac` is `xx:xx:xx:xx:xx:xx` (hex) and unicast, not all zeros.
+pub fn is_valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let bytes: Option<Vec<u8>> = (parts.len() == 6)
+        .then(|| parts.iter().map(|p| if p.len() == 2 { u8::from_str_radix(p, 16).ok() } else { None }).collect())
+        .flatten();
+    bytes.is_some_and(|b| b[0] & 1 == 0 && b.iter().any(|&x| x != 0))
 }
 
 /// `POST /vms/{id}/serial/input`: text typed into the VM's serial console (a running VM's COM1).
@@ -217,7 +450,9 @@ pub struct StatSample {
     pub memory_bytes: u64,
     pub disk_read_bps: f64,
     pub disk_write_bps: f64,
+    /// Network bytes per second towards the guest (over every card).
     pub net_rx_bps: f64,
+    /// Network bytes per second from the guest.
     pub net_tx_bps: f64,
 }
 

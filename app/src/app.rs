@@ -11,7 +11,9 @@ use crate::console::Console;
 use crate::settings::{RemoteHost, Settings};
 
 mod machines;
+mod network;
 pub use machines::GroupBy;
+pub use network::{WizardNetwork, ssh_command};
 
 /// The create wizard's fields.
 #[derive(Debug, Clone)]
@@ -29,6 +31,9 @@ pub struct Wizard {
     pub disk_image: Option<String>,
     /// Comma-separated tags.
     pub tags: String,
+    pub network: WizardNetwork,
+    /// The host's bridge, for `WizardNetwork::Bridge`.
+    pub bridge: String,
 }
 
 /// Tags typed as "web, prod" → ["web", "prod"].
@@ -57,6 +62,8 @@ impl Wizard {
             iso: String::new(),
             disk_image: None,
             tags: String::new(),
+            network: WizardNetwork::Nat,
+            bridge: String::new(),
         }
     }
 
@@ -100,6 +107,9 @@ impl Wizard {
         p.extend(tags.iter().filter_map(|t| tag_problem(t)));
         if tags.len() > porthole_api::MAX_TAGS {
             p.push(format!("At most {} tags.", porthole_api::MAX_TAGS));
+        }
+        if self.network == WizardNetwork::Bridge && self.bridge.trim().is_empty() {
+            p.push("Name the host's bridge to attach the VM to (like br0).".to_owned());
         }
         p
     }
@@ -234,8 +244,10 @@ pub struct PortholeApp {
     serial_fetched: Option<std::time::Instant>,
     /// `porthole --console NAME`: the local VM whose console to open once the list has arrived.
     console_by_name: Option<String>,
-    /// When the open VM's firmware boot status was last fetched.
-    boot_status_fetched: Option<std::time::Instant>,
+    /// When the open running VM's details (firmware boot status, network state) were last fetched.
+    details_fetched: Option<std::time::Instant>,
+    /// The port-forward form of the network section.
+    forward_form: network::ForwardForm,
     /// Where VMs were drawn last frame (list rows and the details), for dropped ISOs: (area, host, VM id).
     drop_zones: Vec<(egui::Rect, usize, String)>,
 }
@@ -291,7 +303,8 @@ impl PortholeApp {
             tags_edit: None,
             serial_fetched: None,
             console_by_name: None,
-            boot_status_fetched: None,
+            details_fetched: None,
+            forward_form: Default::default(),
             drop_zones: Vec::new(),
         }
     }
@@ -522,6 +535,7 @@ impl PortholeApp {
             ui.label("CD/DVD");
             ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));
             ui.end_row();
+            self.ssh_row(ui, host, vm);
             let l = ui.label("Tags");
             ui.horizontal(|ui| {
                 let current = vm.tags.join(", ");
@@ -551,13 +565,16 @@ impl PortholeApp {
         } else if let Some(exit) = &vm.last_exit {
             ui.label(format!("Last stop: {}", exit.reason));
         }
-        // A firmware-booting VM: what its firmware says, refreshed every 2 s while the details are open.
-        if vm.boot.is_none() && matches!(vm.state, VmState::Running | VmState::Paused) {
-            if self.boot_status_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2)) {
-                self.backend.load_boot_status(host, vm.id.clone());
-                self.boot_status_fetched = Some(std::time::Instant::now());
+        // A running VM's details (what its firmware says, its network cards' state), refreshed every 2 s while
+        // they are open.
+        if matches!(vm.state, VmState::Running | VmState::Paused) {
+            if self.details_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2)) {
+                self.backend.load_details(host, vm.id.clone());
+                self.details_fetched = Some(std::time::Instant::now());
             }
             ui.ctx().request_repaint_after(std::time::Duration::from_secs(2));
+        }
+        if vm.boot.is_none() && matches!(vm.state, VmState::Running | VmState::Paused) {
             let status = match &self.backend.model().boot_status {
                 Some((h, id, text)) if *h == host && *id == vm.id => Some(text.clone()),
                 _ => None,
@@ -616,6 +633,7 @@ impl PortholeApp {
                 self.confirm_delete = Some((host, id.clone(), vm.name.clone()));
             }
         });
+        self.network_section(ui, host, vm);
         egui::CollapsingHeader::new("Performance").default_open(false).show(ui, |ui| {
             if self.stats_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
                 self.backend.load_stats(host, id.clone());
@@ -985,6 +1003,7 @@ impl PortholeApp {
                 let l = ui.label("Tags");
                 ui.add(egui::TextEdit::singleline(&mut w.tags).hint_text("web, prod")).labelled_by(l.id);
                 ui.end_row();
+                network::wizard_row(ui, w);
             });
             let problems = w.problems(host_mem, &taken);
             for p in &problems {
@@ -992,7 +1011,7 @@ impl PortholeApp {
             }
             ui.separator();
             ui.label(format!(
-                "Summary: {} with {} vCPU(s), {} MiB, {}, booting {}.",
+                "Summary: {} with {} vCPU(s), {} MiB, {}, {}, booting {}.",
                 if w.name.is_empty() { "a VM" } else { &w.name },
                 w.vcpus,
                 w.memory_mib,
@@ -1001,6 +1020,7 @@ impl PortholeApp {
                     None if w.disk_gib == 0 => "no disk".to_owned(),
                     None => format!("a new {} GiB disk", w.disk_gib),
                 },
+                network::wizard_summary(w),
                 if !w.kernel.trim().is_empty() { "the kernel" } else { "the ISO" }
             ));
             ui.horizontal(|ui| {
@@ -1038,6 +1058,7 @@ impl PortholeApp {
             disk_gib: w.disk_gib,
             disk_image: w.disk_image.clone(),
             tags: parse_tags(&w.tags),
+            nics: network::wizard_nics(&w),
             ..CreateVm::new(w.name.clone(), w.vcpus, w.memory_mib)
         };
         if !w.kernel.trim().is_empty() {
@@ -1208,7 +1229,7 @@ fn sparkline(ui: &mut egui::Ui, history: &std::collections::VecDeque<f32>, name:
     });
 }
 
-/// CPU, memory and disk graphs of the last hour (seconds before now on the x axis).
+/// CPU, memory, disk and network graphs of the last hour (seconds before now on the x axis).
 fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
     use egui_plot::{Legend, Line, Plot, PlotPoints};
     let Some(last) = samples.last() else {
@@ -1220,11 +1241,14 @@ fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
         samples.iter().map(|s| [t(s), f(s)]).collect::<Vec<_>>().into()
     };
     ui.label(format!(
-        "CPU {:.1}%   memory {:.1} MiB   disk read {:.1} KiB/s, write {:.1} KiB/s",
+        "CPU {:.1}%   memory {:.1} MiB   disk read {:.1} KiB/s, write {:.1} KiB/s   network in {:.1} KiB/s, out {:.1} \
+         KiB/s",
         last.cpu_percent,
         last.memory_bytes as f64 / 1048576.0,
         last.disk_read_bps / 1024.0,
-        last.disk_write_bps / 1024.0
+        last.disk_write_bps / 1024.0,
+        last.net_rx_bps / 1024.0,
+        last.net_tx_bps / 1024.0
     ));
     for (id, title, lines) in [
         ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))]),

@@ -46,6 +46,8 @@ pub struct Model {
     pub serial: Option<(usize, String, Vec<String>)>,
     /// The firmware's boot status of the VM whose details are open (firmware-booting VMs): (host, VM id, text).
     pub boot_status: Option<(usize, String, String)>,
+    /// `GET /vms/{id}` of the running VM whose details are open (its network cards' state): (host, VM id, VM).
+    pub details: Option<(usize, String, Vm)>,
     /// Resource samples (1 s, the last hour) of the VM whose details are open.
     pub stats: Option<(usize, String, Vec<porthole_api::StatSample>)>,
     /// A console the UI should open (host, VM id), e.g. the demo VM's once it runs.
@@ -291,17 +293,20 @@ impl Backend {
         });
     }
 
-    /// Fetches how far a firmware-booting VM's firmware got (`GET /vms/{id}`'s `boot_status`).
-    pub fn load_boot_status(&self, index: usize, id: String) {
+    /// Fetches `GET /vms/{id}` of a running VM: how far a firmware-booting VM's firmware got (`boot_status`)
+    /// and the state of its network cards.
+    pub fn load_details(&self, index: usize, id: String) {
         let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             if let Ok(vm) = client.vm(&id).await {
                 let changed = {
                     let mut m = backend.model();
-                    let new = vm.boot_status.map(|s| (index, id, s));
-                    let changed = m.boot_status != new;
-                    m.boot_status = new;
+                    let status = vm.boot_status.clone().map(|s| (index, id.clone(), s));
+                    let details = Some((index, id, vm));
+                    let changed = m.boot_status != status || m.details != details;
+                    m.boot_status = status;
+                    m.details = details;
                     changed
                 };
                 if changed {

@@ -68,10 +68,19 @@ fn snapshots_of_the_host_screens() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = d.local();
     rt.block_on(c.upload_image("hello.elf", &porthole_guests::path("hello"), |_, _| {})).unwrap();
-    for (name, tags) in [("build-server", vec!["ci"]), ("web-1", vec!["prod", "web"]), ("web-2", vec!["web"])] {
+    for (i, (name, tags)) in
+        [("build-server", vec!["ci"]), ("web-1", vec!["prod", "web"]), ("web-2", vec!["web"])].into_iter().enumerate()
+    {
+        // A NAT card with a fixed MAC and no forwards (a new VM's MAC is random and its SSH port depends on
+        // what else runs here).
+        let nic = porthole_api::NicSpec {
+            mac: Some(format!("02:00:00:00:00:{i:02x}")),
+            ..porthole_api::NicSpec::new(porthole_api::NicBackend::User)
+        };
         let req = porthole_api::CreateVm {
             boot: Some(porthole_api::BootSpec { kernel: "hello.elf".into(), initrd: None, cmdline: String::new() }),
             tags: tags.into_iter().map(str::to_owned).collect(),
+            nics: Some(vec![nic]),
             ..porthole_api::CreateVm::new(name, 2, 2048)
         };
         rt.block_on(c.create_vm(&req)).unwrap();
@@ -80,6 +89,10 @@ fn snapshots_of_the_host_screens() {
     h.get_by_label("web-1").click();
     wait(&mut h, "the details", |h| has(h, "Insert ISO…"));
     snapshot(&mut h, "machine_list");
+    // The selected VM's network section: its card and the port-forward form.
+    h.get_by_label("Network").click();
+    wait(&mut h, "the network section", |h| has(h, "Port forwards"));
+    snapshot(&mut h, "network_section");
 }
 
 #[test]

@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{CrashReport, ExitInfo, Vm, VmState};
+use porthole_api::{CrashReport, ExitInfo, NicSpec, NicStatus, Vm, VmState};
 use vmm_core::control::{ControlClient, Request, Response};
 
+use crate::net::{self, Others};
 use crate::store::{Store, VmRecord};
 
 /// Why a request on the host failed; `server.rs` maps these to HTTP statuses.
@@ -152,8 +153,24 @@ impl Host {
     pub fn open(data_dir: &Path, runtime_dir: &Path, vmm: PathBuf) -> Result<Arc<Host>, HostError> {
         let store = Store::open(data_dir).map_err(|e| HostError::Internal(e.to_string()))?;
         let loaded = store.load();
-        let vms =
+        let mut vms: BTreeMap<String, Entry> =
             loaded.vms.into_values().map(|r| (r.id.clone(), Entry { record: r, rt: Runtime::default() })).collect();
+        let mut problems = loaded.problems;
+        // Definitions from before networking get what a new VM gets: one user (NAT) card with an SSH forward.
+        let old: Vec<String> = vms.iter().filter(|(_, e)| e.record.nics.is_none()).map(|(i, _)| i.clone()).collect();
+        for id in old {
+            let nics = net::default_nics(&others_of(&vms, &id), &net::probe_port);
+            let Some(e) = vms.get_mut(&id) else { continue };
+            e.record.nics = Some(nics);
+            match store.save(&e.record) {
+                Ok(()) => log::info!(
+                    "VM {}: given a network card (user, NAT; {}) — it had none defined",
+                    e.record.name,
+                    e.record.nics().iter().flat_map(|n| &n.forwards).map(net::describe).collect::<Vec<_>>().join(", ")
+                ),
+                Err(err) => problems.push(format!("VM {}: cannot save its new network card: {err}", e.record.name)),
+            }
+        }
         let host = Arc::new(Host {
             store,
             vmm,
@@ -162,7 +179,7 @@ impl Host {
             generation: AtomicU64::new(0),
             list_cache: Mutex::new(None),
             started: Instant::now(),
-            problems: loaded.problems,
+            problems,
         });
         host.adopt();
         Ok(host)
@@ -273,12 +290,19 @@ impl Host {
         lock(&self.vms).len()
     }
 
+    /// What the VMs other than `id` hold (forwards, MACs).
+    pub fn others(&self, id: &str) -> Others {
+        others_of(&lock(&self.vms), id)
+    }
+
     /// Adds a new VM (its disk must already exist when `disk_bytes` > 0).
     pub fn insert(&self, record: VmRecord) -> Result<Vm, HostError> {
         let mut vms = self.vms_mut();
         if vms.values().any(|e| e.record.name == record.name) {
             return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
         }
+        // Another request may have taken a port or MAC since the cards were built.
+        recheck_nics(&record, &others_of(&vms, &record.id))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         let entry = Entry { record, rt: Runtime::default() };
         let vm = view(&entry);
@@ -300,6 +324,10 @@ impl Host {
         if names.iter().any(|(i, n)| i != id && *n == record.name) {
             return Err(HostError::Conflict(format!("a VM named {:?} exists already", record.name)));
         }
+        if record.nics != entry.record.nics {
+            recheck_nics(&record, &others_of(&vms, id))?;
+        }
+        let entry = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         entry.record = record;
         Ok(view(entry))
@@ -335,9 +363,104 @@ impl Host {
         Ok(path)
     }
 
-    /// Starts a stopped VM; returns once its control socket answers.
-    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+    /// Before a start: every forward's host port must open. An automatic one (a new VM's SSH forward) whose
+    /// port another program took moves to the next free port of 2222-2299 (saved); any other is refused.
+    fn ready_forwards(&self, id: &str) -> Result<VmRecord, HostError> {
+        let mut vms = self.vms_mut();
+        let others = others_of(&vms, id);
+        let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
+        if e.rt.pid.is_some() {
+            return Ok(e.record.clone()); // `start` says it runs already
+        }
+        let mut nics = e.record.nics().to_vec();
+        let mut moved = Vec::new();
+        for n in 0..nics.len() {
+            for f in 0..nics[n].forwards.len() {
+                let forward = nics[n].forwards[f].clone();
+                let Err(why) = net::probe_port(&forward) else { continue };
+                let also: Vec<_> = nics.iter().flat_map(|c| &c.forwards).filter(|g| **g != forward).cloned().collect();
+                match forward.automatic.then(|| net::pick_port(&others, &also, &forward, &net::probe_port)).flatten() {
+                    Some(port) => {
+                        nics[n].forwards[f].host_port = port;
+                        moved.push(format!("{} ({why})", net::describe(&nics[n].forwards[f])));
+                    }
+                    None => {
+                        return Err(HostError::Conflict(format!(
+                            "network card {}: {why}: change the VM's port forward {}",
+                            nics[n].id,
+                            net::describe(&forward)
+                        )));
+                    }
+                }
+            }
+        }
+        if !moved.is_empty() {
+            let mut record = e.record.clone();
+            record.nics = Some(nics);
+            self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
+            log::info!("VM {}: moved automatic port forwards: {}", record.name, moved.join("; "));
+            e.record = record;
+        }
+        Ok(e.record.clone())
+    }
+
+    /// The network cards of a running VM as its process reports them (None: the VM does not run), or why they
+    /// cannot be had.
+    pub async fn nic_status(&self, id: &str) -> Option<Result<Vec<NicStatus>, String>> {
+        self.pid(id)?;
+        let control = self.run_files(id).control();
+        Some(
+            tokio::task::spawn_blocking(move || net::nics(&control))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("the VM process did not report its network cards: {e}"))),
+        )
+    }
+
+    /// Plugs in or pulls the virtual cable of a running VM's card `nic`.
+    pub async fn set_link(&self, id: &str, nic: &str, up: bool) -> Result<NicStatus, HostError> {
         let record = self.record(id)?;
+        if !record.nics().iter().any(|n| n.id == nic) {
+            return Err(HostError::NotFound(format!("{id}/nics/{nic}")));
+        }
+        if self.pid(id).is_none() {
+            return Err(HostError::Conflict("the VM is not running: its cards' links are up when it starts".into()));
+        }
+        let control = self.run_files(id).control();
+        let nic = nic.to_owned();
+        tokio::task::spawn_blocking(move || net::set_link(&control, &nic, up))
+            .await
+            .map_err(|e| HostError::Internal(e.to_string()))?
+            .map_err(|e| match e {
+                net::EngineError::Refused(why) => HostError::Conflict(why),
+                other => HostError::Internal(other.to_string()),
+            })
+    }
+
+    /// Starts a stopped VM; returns once its control socket answers. A forwarded port that another program
+    /// (another daemon's VM starting at the same moment) took between the check and the VM process's own
+    /// bind fails the start; an automatic forward then moves to a free port and the start is tried again.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+        let mut tries = 0;
+        loop {
+            match self.start_once(id).await {
+                Err(HostError::Conflict(why))
+                    if why.contains("is in use")
+                        && tries < 3
+                        && self
+                            .record(id)
+                            .is_ok_and(|r| r.nics().iter().flat_map(|n| &n.forwards).any(|f| f.automatic)) =>
+                {
+                    tries += 1;
+                    log::info!("VM {id}: {why}; trying again with the automatic forwards on free ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+        let record = self.ready_forwards(id)?;
         // A kernel boots directly; without one the VM boots its firmware (SeaBIOS), from the CD/DVD first.
         let direct = match &record.boot {
             Some(boot) => {
@@ -401,6 +524,7 @@ impl Host {
             if record.disk_bytes > 0 {
                 cmd.arg("--disk").arg(self.store.disk_path(id));
             }
+            cmd.args(net::net_args(record.nics()));
             match &media {
                 Some(m) => cmd.arg("--cdrom").arg(m),
                 None => cmd.arg("--cdrom"),
@@ -450,7 +574,13 @@ impl Host {
                 let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
                 if e.rt.pid != Some(pid) {
                     let why = e.rt.last_exit.as_ref().map(|x| x.reason.clone()).unwrap_or_default();
-                    return Err(HostError::Internal(format!("the VM ended while starting: {why}")));
+                    let why = format!("the VM ended while starting: {why}");
+                    // A port that is taken is the host's state, not the daemon's fault.
+                    return Err(if why.contains("is in use") {
+                        HostError::Conflict(why)
+                    } else {
+                        HostError::Internal(why)
+                    });
                 }
                 if up {
                     if e.rt.state == Some(VmState::Starting) {
@@ -525,9 +655,20 @@ impl Host {
         if let Some(r) = record {
             return ExitInfo { exit_code: Some(r.exit_code), reason: r.reason, serial_tail };
         }
+        // A process that refused its arguments (a forwarded port in use, …) said why on stderr, in its log.
+        let tail = tail_lines(&files.log(), 5);
+        let said = tail
+            .iter()
+            .rev()
+            .find(|l| l.to_ascii_lowercase().contains("error"))
+            .or_else(|| tail.iter().rev().find(|l| !l.trim().is_empty()))
+            .cloned();
         let reason = match status {
             Some(s) if libc::WIFSIGNALED(s) => format!("the VM process was killed by signal {}", libc::WTERMSIG(s)),
-            Some(s) if libc::WIFEXITED(s) => format!("the VM process exited with status {}", libc::WEXITSTATUS(s)),
+            Some(s) if libc::WIFEXITED(s) => match said {
+                Some(line) => format!("the VM process exited with status {}: {}", libc::WEXITSTATUS(s), line.trim()),
+                None => format!("the VM process exited with status {}", libc::WEXITSTATUS(s)),
+            },
             _ if own => "the VM process ended without an exit record".into(),
             _ => "the VM process ended without an exit record (killed?)".into(),
         };
@@ -645,5 +786,19 @@ fn view(e: &Entry) -> Vm {
         uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
         tags: r.tags.clone(),
         boot_status: None,
+        nics: r.nics().to_vec(),
+        nic_status: Vec::new(),
+        nic_status_error: None,
     }
+}
+
+/// What the VMs other than `id` of `vms` hold.
+fn others_of(vms: &BTreeMap<String, Entry>, id: &str) -> Others {
+    Others::of(vms.iter().filter(|(i, _)| *i != id).map(|(_, e)| (e.record.name.as_str(), e.record.nics())))
+}
+
+/// Checks a definition's cards against the other VMs (ports, MACs) once more, under the table's lock.
+fn recheck_nics(record: &VmRecord, others: &Others) -> Result<(), HostError> {
+    let specs: Vec<NicSpec> = record.nics().iter().map(NicSpec::from).collect();
+    net::build_nics(&specs, record.nics(), others, None).map(drop).map_err(HostError::Conflict)
 }

@@ -4,6 +4,7 @@
 
 mod auth;
 mod host;
+mod net;
 mod openapi;
 mod screenshot;
 mod server;

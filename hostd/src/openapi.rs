@@ -14,7 +14,15 @@ pub const ROUTES: &[Route] = &[
     ("get", "/vms", "The VMs the caller may see", "viewer", None, 200, Some("VmList")),
     ("post", "/vms", "Create a VM (and its disk)", "admin", Some("CreateVm"), 201, Some("Vm")),
     ("get", "/vms/{id}", "One VM", "viewer", None, 200, Some("Vm")),
-    ("patch", "/vms/{id}", "Change a VM (hardware only while stopped)", "admin", Some("UpdateVm"), 200, Some("Vm")),
+    (
+        "patch",
+        "/vms/{id}",
+        "Change a VM (hardware and network cards only while stopped)",
+        "admin",
+        Some("UpdateVm"),
+        200,
+        Some("Vm"),
+    ),
     ("delete", "/vms/{id}", "Delete a stopped VM and its disk", "admin", None, 204, None),
     ("post", "/vms/{id}/start", "Start; returns once the VM runs", "operator", None, 200, Some("Vm")),
     (
@@ -38,6 +46,15 @@ pub const ROUTES: &[Route] = &[
         Some("MediaChange"),
         200,
         Some("Vm"),
+    ),
+    (
+        "post",
+        "/vms/{id}/nics/{nic}/link",
+        "Plug in (up: true) or pull the virtual cable of a running VM's network card",
+        "operator",
+        Some("LinkChange"),
+        200,
+        Some("NicStatus"),
     ),
     (
         "post",
@@ -171,6 +188,10 @@ pub fn document() -> Value {
         CreateVm,
         UpdateVm,
         MediaChange,
+        NicDefinition,
+        NicSpec,
+        NicStatus,
+        LinkChange,
         ConsoleTicket,
         SerialInput,
         SerialOutput,
@@ -246,9 +267,24 @@ mod tests {
         for (method, path, ..) in ROUTES {
             assert!(doc["paths"][path][method].is_object(), "{method} {path}");
         }
-        for name in
-            ["Vm", "CreateVm", "VmState", "BootSpec", "ExitInfo", "CrashReport", "ErrorBody", "Task", "TaskState"]
-        {
+        for name in [
+            "Vm",
+            "CreateVm",
+            "VmState",
+            "BootSpec",
+            "ExitInfo",
+            "CrashReport",
+            "ErrorBody",
+            "Task",
+            "TaskState",
+            "NicDefinition",
+            "NicSpec",
+            "NicBackend",
+            "NicStatus",
+            "PortForward",
+            "Protocol",
+            "LinkChange",
+        ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
         }
         let text = doc.to_string();

@@ -16,8 +16,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
-    ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, MediaChange, Role, SerialInput, SerialOutput,
-    Stats as StatsBody, Task, TaskState, UpdateVm, Vm, VmState,
+    ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicDefinition, NicSpec, NicStatus,
+    Role, SerialInput, SerialOutput, Stats as StatsBody, Task, TaskState, UpdateVm, Vm, VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -244,6 +244,7 @@ pub fn router(app: AppState) -> Router {
         .route("/vms/{id}", get(get_vm).patch(update_vm).delete(delete_vm))
         .route("/vms/{id}/{action}", post(vm_action))
         .route("/vms/{id}/media", post(change_media))
+        .route("/vms/{id}/nics/{nic}/link", post(set_nic_link))
         .route("/vms/{id}/console", post(console_ticket))
         .route("/vms/{id}/serial", get(serial))
         .route("/vms/{id}/serial/stream", get(serial_stream))
@@ -302,7 +303,52 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
     if vm.boot.is_none() && app.host.pid(&id).is_some() {
         vm.boot_status = crate::host::firmware_boot_status(&app.host.run_files(&id).firmware_log());
     }
+    match app.host.nic_status(&id).await {
+        Some(Ok(nics)) => vm.nic_status = nics,
+        Some(Err(why)) => vm.nic_status_error = Some(why),
+        None => {}
+    }
     Ok(Json(vm))
+}
+
+/// Where the host's network interfaces are listed (bridges have a `bridge` folder there).
+const SYSFS_NET: &str = "/sys/class/net";
+
+/// The cards a request asks for (`None`: the default card), checked against the host and the other VMs.
+fn build_nics(
+    app: &App,
+    id: &str,
+    specs: Option<&[NicSpec]>,
+    current: &[NicDefinition],
+) -> ApiResult<Vec<NicDefinition>> {
+    let others = app.host.others(id);
+    match specs {
+        None => Ok(crate::net::default_nics(&others, &crate::net::probe_port)),
+        Some(specs) => crate::net::build_nics(
+            specs,
+            current,
+            &others,
+            Some(crate::net::HostCheck { sysfs: std::path::Path::new(SYSFS_NET), probe: &crate::net::probe_port }),
+        )
+        .map_err(ApiError::bad),
+    }
+}
+
+/// `POST /vms/{id}/nics/{nic}/link`: the running VM's virtual cable, plugged in or pulled.
+async fn set_nic_link(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, nic)): Path<(String, String)>,
+    body: Result<Json<LinkChange>, JsonRejection>,
+) -> ApiResult<Json<NicStatus>> {
+    require_vm(&p, Role::Operator, &id)?;
+    let Json(req) = body?;
+    match app.host.set_link(&id, &nic, req.up).await {
+        Err(HostError::NotFound(_)) if app.host.record(&id).is_ok() => {
+            Err(ApiError::not_found(format!("VM {id:?} has no network card {nic:?}")))
+        }
+        other => Ok(Json(other?)),
+    }
 }
 
 fn check_shape(vcpus: u32, memory_mib: u64) -> ApiResult<()> {
@@ -381,6 +427,7 @@ async fn create_vm(
         return Err(ApiError::conflict(format!("a VM named {:?} exists already", req.name)));
     }
     let id = random_hex(6);
+    let nics = build_nics(&app, &id, req.nics.as_deref(), &[])?;
     let record = VmRecord {
         id: id.clone(),
         name: req.name,
@@ -391,6 +438,7 @@ async fn create_vm(
         media: req.media,
         created_ms: now_ms(),
         tags,
+        nics: Some(nics),
     };
     let dir = app.host.store.vm_dir(&id);
     let disk = app.host.store.disk_path(&id);
@@ -442,9 +490,28 @@ async fn update_vm(
         app.host.resolve_image(&boot.kernel, true)?;
     }
     let tags = req.tags.as_deref().map(check_tags).transpose()?;
+    let nics = match &req.nics {
+        None => None,
+        // A running VM's cards cannot change: say so before checking the new ones against the host.
+        Some(specs) if app.host.pid(&id).is_some() => {
+            let new =
+                crate::net::build_nics(specs, record.nics(), &app.host.others(&id), None).map_err(ApiError::bad)?;
+            if new != record.nics() {
+                return Err(ApiError::conflict(crate::net::running_change_reason(record.nics(), &new)));
+            }
+            Some(new)
+        }
+        Some(specs) => Some(build_nics(&app, &id, Some(specs), record.nics())?),
+    };
     let vm = app.host.update(&id, |r, running| {
         if running && (req.vcpus.is_some() || req.memory_mib.is_some() || req.boot.is_some()) {
             return Err(HostError::Conflict("vcpus, memory and boot change only while the VM is stopped".into()));
+        }
+        if let Some(new) = nics {
+            if running && new != r.nics() {
+                return Err(HostError::Conflict(crate::net::running_change_reason(r.nics(), &new)));
+            }
+            r.nics = Some(new);
         }
         if let Some(n) = req.name {
             r.name = n;

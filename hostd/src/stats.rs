@@ -1,5 +1,5 @@
 //! Resource samples of running VMs: once a second, CPU time and resident memory of each VM process (from
-//! /proc) and its disk counters (from its control socket), kept for an hour at 1 s and for a day at 1 min;
+//! /proc) and its disk and network counters (from its control socket), kept for an hour at 1 s and for a day at 1 min;
 //! its state too, so a guest that crashed shows as `crashed` within a second (see `Host::observe`).
 //! The sampler also keeps serial logs bounded: past 1 MiB a log is truncated (the VMM appends, so it just
 //! goes on at the start).
@@ -35,6 +35,8 @@ struct Last {
     cpu_ticks: u64,
     disk_read: u64,
     disk_written: u64,
+    net_rx: u64,
+    net_tx: u64,
 }
 
 #[derive(Default)]
@@ -141,7 +143,9 @@ impl Stats {
                     {
                         host.observe(&id, pid, &status);
                     }
-                    let (read, written) = counters.map(|c| (c.disk_bytes_read, c.disk_bytes_written)).unwrap_or((0, 0));
+                    let c = counters.unwrap_or_default();
+                    let (read, written, net_rx, net_tx) =
+                        (c.disk_bytes_read, c.disk_bytes_written, c.net_rx_bytes, c.net_tx_bytes);
                     let t_ms = now_ms();
                     if let Some(prev) = last.get(&id).filter(|p| p.pid == pid && t_ms > p.t_ms) {
                         let dt = (t_ms - prev.t_ms) as f64 / 1000.0;
@@ -153,12 +157,14 @@ impl Stats {
                                 memory_bytes: rss,
                                 disk_read_bps: read.saturating_sub(prev.disk_read) as f64 / dt,
                                 disk_write_bps: written.saturating_sub(prev.disk_written) as f64 / dt,
-                                net_rx_bps: 0.0,
-                                net_tx_bps: 0.0,
+                                net_rx_bps: net_rx.saturating_sub(prev.net_rx) as f64 / dt,
+                                net_tx_bps: net_tx.saturating_sub(prev.net_tx) as f64 / dt,
                             },
                         );
                     }
-                    last.insert(id, Last { pid, t_ms, cpu_ticks: ticks, disk_read: read, disk_written: written });
+                    let now =
+                        Last { pid, t_ms, cpu_ticks: ticks, disk_read: read, disk_written: written, net_rx, net_tx };
+                    last.insert(id, now);
                 }
             }
         });

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use porthole_api::BootSpec;
+use porthole_api::{BootSpec, NicDefinition};
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
@@ -29,6 +29,16 @@ pub struct VmRecord {
     pub created_ms: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The network cards (`[]`: no network). Absent only in definitions written before networking: those
+    /// get the default card when loaded (see `Host::open`).
+    #[serde(default)]
+    pub nics: Option<Vec<NicDefinition>>,
+}
+
+impl VmRecord {
+    pub fn nics(&self) -> &[NicDefinition] {
+        self.nics.as_deref().unwrap_or_default()
+    }
 }
 
 /// Why the store refused something.
@@ -227,6 +237,7 @@ mod tests {
             media: None,
             created_ms: 1,
             tags: Vec::new(),
+            nics: Some(Vec::new()),
         }
     }
 

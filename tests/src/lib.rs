@@ -9,6 +9,51 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A Linux bridge for network tests, with the host address given to `create` (an isolated test subnet of
+/// its own), removed when dropped. Creating one needs root or CAP_NET_ADMIN.
+pub struct TestBridge(String);
+
+impl TestBridge {
+    /// A new bridge `ptbr<pid>x<n>` with `host_cidr` (e.g. "10.213.77.1/24") as its address, up; or why it
+    /// could not be made.
+    pub fn create(host_cidr: &str) -> Result<TestBridge, String> {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ptbr{}x{}", std::process::id() % 100_000, n % 100);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), text(&out.stderr))) }
+        };
+        ip(&["link", "add", &name, "type", "bridge"])?;
+        let bridge = TestBridge(name.clone());
+        ip(&["addr", "add", host_cidr, "dev", &name])?;
+        ip(&["link", "set", &name, "up"])?;
+        Ok(bridge)
+    }
+
+    /// `create`, or None after printing the SKIP line with the reason (for tests that need the bridge).
+    pub fn create_or_skip(host_cidr: &str) -> Option<TestBridge> {
+        match TestBridge::create(host_cidr) {
+            Ok(bridge) => Some(bridge),
+            Err(e) => {
+                eprintln!("SKIP: cannot create a test bridge ({e}); needs root or CAP_NET_ADMIN");
+                None
+            }
+        }
+    }
+
+    /// The bridge's interface name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
 /// A scratch folder, removed when dropped.
 pub struct Scratch(PathBuf);
 

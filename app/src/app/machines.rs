@@ -407,6 +407,9 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             boot_status: None,
             crash: None,
+            nics: Vec::new(),
+            nic_status: Vec::new(),
+            nic_status_error: None,
         }
     }
 

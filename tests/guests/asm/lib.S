@@ -8,12 +8,20 @@
  * base: pit_ticks_start/pit_ticks/delay_us), the local APIC (lapic_id, lapic_enable, lapic_eoi) and ACPI
  * table look-up (acpi_find_rsdp, acpi_find_table), the display (fb_base, vbe_read/vbe_write, vbe_set_mode)
  * and the VGA text screen (vga_text_clear, vga_set_cursor, crtc_write); serial_putsdec for signed values.
+ * For the device drivers (virtio-blk, virtio-net; their shared definitions are in virtio.inc): command-line
+ * words (run_words, the command-handler epilogue cmd_ok/cmd_bad, table_find, match, parse_args), put_kv,
+ * newline,
+ * put_case, put_devstatus, driver_start, hang, wait_idx (a used ring's idx, timed), fnv1a, ioapic_write,
+ * PCI configuration access (pci_read, pci_write, pci_find), the virtio 1.x modern PCI transport
+ * (virtio_pci_caps, virtio_reset, virtio_features, virtio_queue_setup) and one interrupt-driven completion
+ * (virtio_irq_arm, irq_wait_idx, virtio_irq_disarm; the handler virtio_irq counts irq_count).
  * Exceptions either crash the guest on purpose after printing PORTHOLE-GUEST-EXCEPTION, or, once a guest
  * points exception_fail_prefix at its FAIL marker, print that marker with the vector and power off.
  */
     .set COM1, 0x3f8
     .set ACPI_PM1A_CNT, 0x604       /* PIIX4-style PM1a control, as SeaBIOS programs it in QEMU -M pc */
     .set ISA_DEBUG_EXIT, 0xf4       /* QEMU's isa-debug-exit device, when present */
+    .set VIRTIO_IRQ_VECTOR, 0x40    /* virtio_irq_arm */
 
     .text
     .code64
@@ -714,6 +722,669 @@ vga_set_cursor:
     popq %rbx
     ret
 
+/* ---- Command-line words and output helpers shared by the device drivers (virtio-blk, virtio-net) ---- */
+
+/* match(%rdi = word, %rsi = word end, %rdx = command name) -> %rax = its arguments (after a name ending in
+   '=': prefix match) or the word end (other names: whole-word match), or 0 */
+    .globl match
+match:
+1:  movzbl (%rdx), %eax
+    testb %al, %al
+    jz 2f
+    cmpq %rsi, %rdi
+    jae 3f
+    cmpb (%rdi), %al
+    jne 3f
+    incq %rdi
+    incq %rdx
+    cmpb $'=', %al
+    jne 1b
+    movq %rdi, %rax
+    ret
+2:  cmpq %rsi, %rdi
+    jne 3f
+    movq %rdi, %rax
+    ret
+3:  xorl %eax, %eax
+    ret
+
+/* parse_args(%rdi = text, %rsi = end, %edx = count, %rcx = u64 output array) -> %eax = 0, or 1 when the
+   text is not exactly count comma-separated decimal numbers (each at most 18 digits) */
+    .globl parse_args
+parse_args:
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    movq %rsi, %r12
+    movl %edx, %r13d
+    movq %rcx, %r14
+1:  xorl %eax, %eax                 /* one number: value in %rax, digits in %ecx */
+    xorl %ecx, %ecx
+2:  movzbl (%rdi), %edx
+    subl $'0', %edx
+    cmpl $9, %edx
+    ja 3f
+    imulq $10, %rax
+    addq %rdx, %rax
+    incq %rdi
+    incl %ecx
+    cmpl $18, %ecx                  /* no overflow */
+    ja 9f
+    jmp 2b
+3:  testl %ecx, %ecx
+    jz 9f
+    movq %rax, (%r14)
+    addq $8, %r14
+    decl %r13d
+    jz 4f
+    cmpq %r12, %rdi
+    jae 9f
+    cmpb $',', (%rdi)
+    jne 9f
+    incq %rdi
+    jmp 1b
+4:  cmpq %r12, %rdi
+    jne 9f
+    xorl %eax, %eax
+    jmp 8f
+9:  movl $1, %eax
+8:  popq %r14
+    popq %r13
+    popq %r12
+    ret
+
+/* put_kv(%rdi = text, %rsi = value): the text, then the value in decimal */
+    .globl put_kv
+put_kv:
+    pushq %rsi
+    call serial_puts
+    popq %rdi
+    jmp serial_putdec
+
+/* newline(): '\n' on COM1 */
+    .globl newline
+newline:
+    movl $'\n', %edi
+    jmp serial_putc
+
+/* run_words(%rdi = command table, %rsi = bad-word text, %rdx = final text): the kernel command line's words
+   (hvm_start_info.cmdline_paddr, offset 24; separated by spaces or control characters; none without a
+   start info or command line), left to right. The table is entries {u64 name, u64 handler}, ended by a 0
+   name; the first entry whose name matches the word (see match) is called with (%rdi = its arguments, %rsi
+   = word end) and returns %eax = 0, or 1 for a bad word. A bad word, or one no entry matches, prints the
+   text, the word and '\n'. After the last word the final text is printed. */
+    .globl run_words
+run_words:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    pushq %rdx
+    movq %rdi, %r15                 /* %r12 word start, %r13 word end */
+    movq %rsi, %rbx
+    movq pvh_start_info(%rip), %rax
+    testq %rax, %rax
+    jz 9f
+    movq 24(%rax), %r12             /* hvm_start_info.cmdline_paddr */
+    testq %r12, %r12
+    jz 9f
+1:  movzbl (%r12), %eax
+    testb %al, %al
+    jz 9f
+    cmpb $' ', %al
+    ja 3f
+    incq %r12                       /* separator */
+    jmp 1b
+3:  movq %r12, %r13
+4:  incq %r13
+    cmpb $' ', (%r13)               /* NUL, space and control characters end a word */
+    ja 4b
+    movq %r15, %rdi
+    movq %r12, %rsi
+    movq %r13, %rdx
+    call table_find
+    testq %rax, %rax
+    jz 7f
+    movq %rdx, %rdi                 /* arguments */
+    movq %r13, %rsi                 /* word end */
+    call *8(%rax)
+    testl %eax, %eax
+    jz 8f
+7:  movq %rbx, %rdi                 /* bad word */
+    call serial_puts
+2:  movzbl (%r12), %edi
+    call serial_putc
+    incq %r12
+    cmpq %r13, %r12
+    jb 2b
+    call newline
+8:  movq %r13, %r12
+    jmp 1b
+9:  popq %rdi
+    call serial_puts
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* table_find(%rdi = table of {u64 name, u64 value} entries ended by a 0 name, %rsi = word, %rdx = word end)
+   -> %rax = the first entry whose name matches the word (see match) with %rdx = match's result (the
+   arguments), or %rax = 0 */
+    .globl table_find
+table_find:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    movq %rdi, %rbx
+    movq %rsi, %r12
+    movq %rdx, %r13
+1:  movq (%rbx), %rdx
+    testq %rdx, %rdx
+    jz 3f
+    movq %r12, %rdi
+    movq %r13, %rsi
+    call match
+    testq %rax, %rax
+    jnz 2f
+    addq $16, %rbx
+    jmp 1b
+2:  movq %rax, %rdx
+    movq %rbx, %rax
+    jmp 4f
+3:  xorl %eax, %eax
+4:  popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* cmd_ok, cmd_bad: jumped to (not called) by a command handler that pushed %rbx, %r12, %r13, %r14, %r15 in
+   that order on entry (virtio.inc: SAVE): restores them and returns %eax = 0 (cmd_ok) or 1 (cmd_bad, a bad
+   word) to the handler's caller. */
+    .globl cmd_ok, cmd_bad
+cmd_ok:
+    xorl %eax, %eax
+    jmp 1f
+cmd_bad:
+    movl $1, %eax
+1:  popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* wait_idx(%rdi = address of a used ring's idx, %rsi = address of the driver's last-seen u16, %rdx =
+   timeout in PIT ticks) -> %eax = 1 as soon as they differ (then %edx = the idx seen), 0 on timeout. The
+   idx is checked 64 times (with pause) between PIT reads; needs pit_ticks_start() first. */
+    .globl wait_idx
+wait_idx:
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rdi, %r14
+    movq %rsi, %r15
+    movq %rdx, %r12
+    call pit_ticks
+    movq %rax, %r13
+1:  movl $64, %ecx
+2:  movzwl (%r14), %eax
+    cmpw (%r15), %ax
+    jne 3f
+    pause
+    decl %ecx
+    jnz 2b
+    call pit_ticks
+    subq %r13, %rax
+    cmpq %r12, %rax
+    jb 1b
+    xorl %eax, %eax
+    jmp 4f
+3:  lfence                          /* used idx before the used entries and the buffers */
+    movl %eax, %edx
+    movl $1, %eax
+4:  popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    ret
+
+/* put_case(%rdi = text, %rsi = case name, %edx = used flag): the text, the name, " used=" and the flag
+   (the start of a driver's `hostile case=` line) */
+    .globl put_case
+put_case:
+    pushq %rsi
+    pushq %rdx
+    call serial_puts
+    movq 8(%rsp), %rdi
+    call serial_puts
+    leaq msg_case_used(%rip), %rdi
+    popq %rsi
+    addq $8, %rsp
+    jmp put_kv
+
+/* put_devstatus(%rdi = virtio common configuration): " devstatus=", device_status in 2 hex digits, '\n' */
+    .globl put_devstatus
+put_devstatus:
+    pushq %rdi
+    leaq msg_case_devstatus(%rip), %rdi
+    call serial_puts
+    popq %rax
+    movzbl 0x14(%rax), %edi         /* device_status */
+    movl $2, %esi
+    call serial_puthex
+    jmp newline
+
+/* driver_start(): the start-up of the device drivers: the PIT as the time base (pit_ticks_start), the
+   spurious interrupt gates, both 8259s remapped to 0x20-0x2F and fully masked */
+    .globl driver_start
+driver_start:
+    call pit_ticks_start
+    call spurious_irqs_install
+    movl $0xFF, %edi
+    movl $0xFF, %esi
+    jmp pic_init
+
+/* hang(%rdi = text): prints the text, then cli; hlt forever (so that a test can inspect the VMM) */
+    .globl hang
+hang:
+    call serial_puts
+    cli
+1:  hlt
+    jmp 1b
+
+/* fnv1a(%rdi = data, %rsi = length) -> %eax: 32-bit FNV-1a. Instructions are expensive here (emulated), so
+   8 bytes are loaded at a time and each byte costs an xor and a multiply: h ^= byte only touches h's low
+   byte, so `xorb` of %cl/%ch/%dl/%dh into %al does it. The last length % 8 bytes go one at a time. */
+    .globl fnv1a
+fnv1a:
+    movl $0x811c9dc5, %eax
+    movq %rsi, %r8
+    andl $7, %r8d
+    shrq $3, %rsi
+    jz 2f
+1:  movl (%rdi), %ecx
+    movl 4(%rdi), %edx
+    xorb %cl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %ch, %al
+    imull $0x01000193, %eax, %eax
+    shrl $16, %ecx
+    xorb %cl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %ch, %al
+    imull $0x01000193, %eax, %eax
+    xorb %dl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %dh, %al
+    imull $0x01000193, %eax, %eax
+    shrl $16, %edx
+    xorb %dl, %al
+    imull $0x01000193, %eax, %eax
+    xorb %dh, %al
+    imull $0x01000193, %eax, %eax
+    addq $8, %rdi
+    decq %rsi
+    jnz 1b
+2:  testl %r8d, %r8d
+    jz 4f
+3:  xorb (%rdi), %al
+    imull $0x01000193, %eax, %eax
+    incq %rdi
+    decl %r8d
+    jnz 3b
+4:  ret
+
+/* ioapic_write(%edi = register, %esi = value): the IOAPIC at 0xFEC00000 */
+    .globl ioapic_write
+ioapic_write:
+    movl $0xFEC00000, %eax
+    movl %edi, (%rax)
+    movl %esi, 0x10(%rax)
+    ret
+
+/* ---- PCI configuration mechanism #1 and the virtio 1.x modern PCI transport ---- */
+
+/* pci_read(%edi = config address, dword aligned) -> %eax; only %eax and %edx are touched */
+    .globl pci_read
+pci_read:
+    movl %edi, %eax
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    inl %dx, %eax
+    ret
+
+/* pci_write(%edi = config address, %esi = dword); only %eax and %edx are touched */
+    .globl pci_write
+pci_write:
+    movl %edi, %eax
+    movw $0xCF8, %dx
+    outl %eax, %dx
+    movw $0xCFC, %dx
+    movl %esi, %eax
+    outl %eax, %dx
+    ret
+
+/* pci_find(%edi = device << 16 | vendor, %esi = first device number) -> %eax = the config address of
+   register 0 (0x80000000 | slot << 11) of the first function 0 on bus 0 from that slot on with that id, or 0 */
+    .globl pci_find
+pci_find:
+    movl %edi, %r8d
+    movl %esi, %ecx
+1:  cmpl $32, %ecx
+    jae 2f
+    movl %ecx, %edi
+    shll $11, %edi
+    orl $0x80000000, %edi
+    call pci_read
+    cmpl %r8d, %eax
+    je 3f
+    incl %ecx
+    jmp 1b
+2:  xorl %edi, %edi
+3:  movl %edi, %eax
+    ret
+
+/* vpci_bar(%edi = BAR index, %esi = config address base) -> %rax = memory base, or 0 with %rcx = error text.
+   A 64-bit BAR must have its upper dword 0 (the guests identity-map only the first 4 GiB). */
+vpci_bar:
+    pushq %r12
+    pushq %r13
+    movl %edi, %r12d
+    movl %esi, %r13d
+    leaq err_badbar(%rip), %rcx
+    cmpl $5, %r12d
+    ja 9f
+    leal 0x10(%r13,%r12,4), %edi
+    call pci_read
+    movl %eax, %r8d
+    leaq err_iobar(%rip), %rcx
+    testb $1, %al
+    jnz 9f
+    andl $6, %eax
+    cmpl $4, %eax                   /* type 2: 64-bit */
+    jne 1f
+    leaq err_badbar(%rip), %rcx
+    cmpl $5, %r12d
+    je 9f
+    leal 0x14(%r13,%r12,4), %edi
+    call pci_read
+    leaq err_above4g(%rip), %rcx
+    testl %eax, %eax
+    jnz 9f
+1:  movl %r8d, %eax
+    andl $0xFFFFFFF0, %eax
+    leaq err_unassigned(%rip), %rcx
+    jz 9f
+    popq %r13
+    popq %r12
+    ret
+9:  xorl %eax, %eax
+    popq %r13
+    popq %r12
+    ret
+
+/* virtio_pci_caps(%edi = config address of register 0, %rsi = output {u64 common, notify, isr, device
+   config addresses; u32 notify_off_multiplier}) -> %rax = 0, or an error text (no-capabilities, bad-bar,
+   io-bar, bar-above-4g, bar-unassigned, missing-virtio-cap). Sets command |= memory space | bus master,
+   then walks the capability list (at most 48 entries) for the first vendor-specific capability (id 0x09)
+   of each cfg_type 1 common / 2 notify / 3 ISR / 4 device config. */
+    .globl virtio_pci_caps
+virtio_pci_caps:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movl %edi, %r12d
+    movq %rsi, %rbx
+    xorl %eax, %eax
+    movq %rax, 0(%rbx)
+    movq %rax, 8(%rbx)
+    movq %rax, 16(%rbx)
+    movq %rax, 24(%rbx)
+    movl %eax, 32(%rbx)
+    leal 0x04(%r12), %edi           /* command | status << 16 */
+    call pci_read
+    movl %eax, %r13d
+    movzwl %ax, %esi
+    orl $0x6, %esi                  /* memory space, bus master; status (W1C) written as 0 */
+    call pci_write
+    leaq err_nocaps(%rip), %rax
+    testl $0x100000, %r13d          /* status bit 4: capabilities list */
+    jz 9f
+    leal 0x34(%r12), %edi
+    call pci_read
+    movzbl %al, %r13d
+    andl $0xFC, %r13d               /* capability pointer */
+    movl $48, %r14d                 /* a looping list cannot hang us */
+1:  testl %r13d, %r13d
+    jz 3f
+    decl %r14d
+    jz 3f
+    leal (%r12,%r13), %edi
+    call pci_read                   /* id, next, length, cfg_type */
+    movl %eax, %r15d
+    shrl $8, %r15d
+    andl $0xFC, %r15d               /* next */
+    cmpb $0x09, %al                 /* vendor-specific */
+    jne 2f
+    shrl $24, %eax
+    cmpl $1, %eax
+    jb 2f
+    cmpl $4, %eax
+    ja 2f
+    movl %eax, %ebp                 /* cfg_type 1..4 -> output + (type - 1) * 8 */
+    cmpq $0, -8(%rbx,%rbp,8)
+    jne 2f                          /* only the first of each type */
+    leal 4(%r12,%r13), %edi
+    call pci_read
+    movzbl %al, %edi                /* bar */
+    movl %r12d, %esi
+    call vpci_bar
+    testq %rax, %rax
+    jz 8f
+    movq %rax, -8(%rbx,%rbp,8)
+    leal 8(%r12,%r13), %edi
+    call pci_read                   /* offset within the BAR */
+    addq %rax, -8(%rbx,%rbp,8)
+    cmpl $2, %ebp
+    jne 2f
+    leal 16(%r12,%r13), %edi
+    call pci_read
+    movl %eax, 32(%rbx)
+2:  movl %r15d, %r13d
+    jmp 1b
+3:  leaq err_missingcap(%rip), %rax
+    cmpq $0, 0(%rbx)
+    je 9f
+    cmpq $0, 8(%rbx)
+    je 9f
+    cmpq $0, 16(%rbx)
+    je 9f
+    cmpq $0, 24(%rbx)
+    je 9f
+    xorl %eax, %eax
+    jmp 9f
+8:  movq %rcx, %rax
+9:  popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    ret
+
+/* virtio_reset(%rdi = common configuration) -> %eax = 0 when device_status read back 0 after the reset
+   write (at most 100000 polls), 1 otherwise; then ACKNOWLEDGE | DRIVER is set (only on success). */
+    .globl virtio_reset
+virtio_reset:
+    movb $0, 0x14(%rdi)
+    movl $100000, %ecx
+1:  movb 0x14(%rdi), %al
+    testb %al, %al
+    jz 2f
+    pause
+    decl %ecx
+    jnz 1b
+    movl $1, %eax
+    ret
+2:  movb $0x01, 0x14(%rdi)          /* ACKNOWLEDGE */
+    movb $0x03, 0x14(%rdi)          /* | DRIVER */
+    xorl %eax, %eax
+    ret
+
+/* virtio_features(%rdi = common configuration, %esi = driver feature bits 0-31 wanted) -> %rax = 0 with %edx
+   = the bits 0-31 negotiated (wanted & offered) and %ecx = the device's bits 0-31, or an error text:
+   no-version-1 (VIRTIO_F_VERSION_1, bit 32, not offered), features-rejected (FEATURES_OK did not stay set).
+   VERSION_1 is always accepted (the only bit above 31); FEATURES_OK is set on top of ACKNOWLEDGE | DRIVER. */
+    .globl virtio_features
+virtio_features:
+    movl $0, 0x00(%rdi)             /* device_feature_select */
+    movl 0x04(%rdi), %ecx           /* device features 0-31 */
+    movl $1, 0x00(%rdi)
+    movl 0x04(%rdi), %eax           /* 32-63 */
+    testl $1, %eax                  /* VIRTIO_F_VERSION_1 */
+    jz 8f
+    andl %ecx, %esi
+    movl $0, 0x08(%rdi)             /* driver_feature_select */
+    movl %esi, 0x0C(%rdi)
+    movl $1, 0x08(%rdi)
+    movl $1, 0x0C(%rdi)
+    movb $0x0B, 0x14(%rdi)          /* | FEATURES_OK */
+    movb 0x14(%rdi), %al
+    testb $0x08, %al
+    jz 9f
+    movl %esi, %edx
+    xorl %eax, %eax
+    ret
+8:  leaq err_version(%rip), %rax
+    ret
+9:  leaq err_features(%rip), %rax
+    ret
+
+/* ---- One interrupt-driven completion (INTx through the IOAPIC, vector VIRTIO_IRQ_VECTOR) ---- */
+
+/* virtio_irq_arm(%edi = IOAPIC pin (the device's INTERRUPT_LINE, <= 23), %rsi = its ISR register): irq_count
+   <- 0, the gate for virtio_irq, the local APIC enabled, the pin -> the vector, fixed, physical destination
+   APIC 0, active high, level, unmasked. Interrupts stay disabled (see irq_wait_idx). */
+    .globl virtio_irq_arm
+virtio_irq_arm:
+    pushq %rbx
+    movl %edi, %ebx
+    movq %rsi, irq_isr(%rip)
+    movl $0, irq_count(%rip)
+    movl $VIRTIO_IRQ_VECTOR, %edi
+    leaq virtio_irq(%rip), %rsi
+    call idt_set_gate
+    call lapic_enable
+    leal 0x11(,%rbx,2), %edi        /* redirection entry, high: destination APIC id 0 */
+    xorl %esi, %esi
+    call ioapic_write
+    leal 0x10(,%rbx,2), %edi        /* low: vector, fixed, physical, active high, level, unmasked */
+    movl $0x8000 | VIRTIO_IRQ_VECTOR, %esi
+    popq %rbx
+    jmp ioapic_write
+
+/* virtio_irq_disarm(%edi = IOAPIC pin): the pin's redirection entry masked again */
+    .globl virtio_irq_disarm
+virtio_irq_disarm:
+    leal 0x10(,%rdi,2), %edi
+    movl $0x18000 | VIRTIO_IRQ_VECTOR, %esi
+    jmp ioapic_write
+
+/* irq_wait_idx(%rdi = address of a used ring's idx, %rsi = address of the driver's last-seen u16, %rdx =
+   timeout in PIT ticks): with interrupts enabled, waits until the idx differs and an interrupt has come
+   (irq_count != 0), or the timeout; returns with interrupts disabled. The caller looks at both itself. */
+    .globl irq_wait_idx
+irq_wait_idx:
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rdi, %r14
+    movq %rsi, %r15
+    movq %rdx, %r12
+    call pit_ticks
+    movq %rax, %r13
+    sti
+2:  movzwl (%r14), %eax
+    cmpw (%r15), %ax
+    je 3f
+    cmpl $0, irq_count(%rip)
+    jne 4f
+3:  pause
+    call pit_ticks
+    subq %r13, %rax
+    cmpq %r12, %rax
+    jb 2b
+4:  cli
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    ret
+
+/* virtio_irq, vector VIRTIO_IRQ_VECTOR: reads the ISR (which deasserts the INTx line), counts, EOI. */
+virtio_irq:
+    pushq %rax
+    movq irq_isr(%rip), %rax
+    movzbl (%rax), %eax
+    incl irq_count(%rip)
+    movl $0xFEE00000, %eax          /* local APIC EOI */
+    movl $0, 0xB0(%rax)
+    popq %rax
+    iretq
+
+/* virtio_queue_setup(%rdi = the structures as virtio_pci_caps wrote them, %esi = queue index, %edx = most
+   entries wanted, %rcx = 4 KiB ring page, laid out as descriptors at 0x000 (up to 16), avail ring at 0x100,
+   used ring at 0x200) -> %eax = the queue size used (min(device size, wanted); 0: the device has no such
+   queue, nothing done), %rdx = the queue's notification address (notify structure + queue_notify_off *
+   notify_off_multiplier). The page is cleared, the queue's addresses written (64-bit fields as two 32-bit
+   writes, low first) and queue_enable set. */
+    .globl virtio_queue_setup
+virtio_queue_setup:
+    movq %rdi, %r11
+    movq (%rdi), %rdi               /* common configuration */
+    movq %rcx, %r8
+    movw %si, 0x16(%rdi)            /* queue_select */
+    movzwl 0x18(%rdi), %eax         /* queue_size */
+    testl %eax, %eax
+    jz 2f
+    cmpl %edx, %eax
+    jbe 1f
+    movl %edx, %eax
+1:  movw %ax, 0x18(%rdi)
+    movl %eax, %r9d
+    movq %rdi, %r10
+    movq %r8, %rdi                  /* ring page cleared */
+    xorl %eax, %eax
+    movl $512, %ecx
+    rep stosq
+    movq %r8, %rax                  /* descriptor table */
+    movl %eax, 0x20(%r10)
+    shrq $32, %rax
+    movl %eax, 0x24(%r10)
+    leaq 0x100(%r8), %rax           /* driver area: the avail ring */
+    movl %eax, 0x28(%r10)
+    shrq $32, %rax
+    movl %eax, 0x2C(%r10)
+    leaq 0x200(%r8), %rax           /* device area: the used ring */
+    movl %eax, 0x30(%r10)
+    shrq $32, %rax
+    movl %eax, 0x34(%r10)
+    movzwl 0x1E(%r10), %edx         /* queue_notify_off */
+    imull 32(%r11), %edx            /* * notify_off_multiplier */
+    addq 8(%r11), %rdx              /* + notify structure */
+    movw $1, 0x1C(%r10)             /* queue_enable */
+    movl %r9d, %eax
+2:  ret
+
     .section .bss
     .p2align 3
     .globl exception_fail_prefix
@@ -721,6 +1392,12 @@ exception_fail_prefix:              /* see exception_common; 0: crash on purpose
     .skip 8
 pit_total:
     .skip 8
+    .globl irq_isr, irq_count
+irq_isr:                            /* virtio_irq: the ISR register read */
+    .skip 8
+irq_count:                          /* virtio_irq: interrupts since virtio_irq_arm */
+    .skip 4
+    .p2align 3
 pit_last:
     .skip 8
 
@@ -737,6 +1414,20 @@ msg_vector:
     .asciz " vector=0x"
 msg_cs:
     .asciz " cs=0x"
+msg_case_used:
+    .asciz " used="
+msg_case_devstatus:
+    .asciz " devstatus="
+    .globl err_nocaps, err_badbar, err_iobar, err_above4g, err_unassigned, err_missingcap
+    .globl err_version, err_features
+err_version:        .asciz "no-version-1"
+err_features:       .asciz "features-rejected"
+err_nocaps:         .asciz "no-capabilities"
+err_badbar:         .asciz "bad-bar"
+err_iobar:          .asciz "io-bar"
+err_above4g:        .asciz "bar-above-4g"
+err_unassigned:     .asciz "bar-unassigned"
+err_missingcap:     .asciz "missing-virtio-cap"
     .p2align 3
     .globl idt_pointer
 idt_pointer:

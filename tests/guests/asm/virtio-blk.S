@@ -3,8 +3,10 @@
  *
  * Start-up: PIT started as the time base (pit_ticks), 8259s remapped and fully masked, spurious gates set.
  * PCI bus 0, devices 0-31, function 0 are scanned for 1AF4:1042 (modern virtio-blk); up to 4 disks, numbered
- * 0.. in slot order. Per disk: command |= memory space | bus master; the capability list is walked for the
- * first vendor-specific capability (id 0x09) of cfg_type 1 common / 2 notify / 3 ISR / 4 device config; BARs
+ * 0.. in slot order. Per disk (the transport part is lib.S's virtio_pci_caps, virtio_reset, virtio_features
+ * and virtio_queue_setup, shared with virtio-net.S): command |= memory space | bus master; the capability list
+ * is walked for the first vendor-specific capability (id 0x09) of cfg_type 1 common / 2 notify / 3 ISR / 4
+ * device config; BARs
  * are read from config space (32-bit or 64-bit memory BARs; a 64-bit BAR with a non-zero upper dword, an
  * I/O BAR or an unassigned BAR is refused). Device init: reset (status <- 0, read back until 0), ACKNOWLEDGE,
  * DRIVER, features: only VIRTIO_F_VERSION_1 (bit 32) is accepted, FEATURES_OK (checked), queue 0 with
@@ -69,6 +71,7 @@
  * then fails "Virtqueue size exceeded"); it completes outside with status 0 (the data goes to a bounce
  * buffer and is dropped) and writeread with status 0 (a 0-byte write; 1 on a read-only disk).
  */
+    .include "virtio.inc"
     .set VIRTIO_BLK_ID, 0x10421AF4  /* device 0x1042 << 16 | vendor 0x1AF4 */
     .set MAX_DISKS, 4
     .set QMAX, 16                   /* queue entries used at most */
@@ -77,36 +80,11 @@
     .set TICKS_5S, 5 * 1193182      /* PIT input-clock ticks */
     .set TICKS_300MS, 357955
     .set FILL, 0xA5                 /* read buffer fill */
-    .set LAPIC, 0xFEE00000
-    .set IOAPIC, 0xFEC00000
-    .set IRQ_VECTOR, 0x40
-
-    /* virtio_pci_common_cfg */
-    .set C_DFSELECT, 0x00
-    .set C_DF, 0x04
-    .set C_GFSELECT, 0x08
-    .set C_GF, 0x0C
-    .set C_STATUS, 0x14
-    .set C_GENERATION, 0x15
-    .set C_QSELECT, 0x16
-    .set C_QSIZE, 0x18
-    .set C_QENABLE, 0x1C
-    .set C_QNOTIFYOFF, 0x1E
-    .set C_QDESC, 0x20
-    .set C_QDRIVER, 0x28
-    .set C_QDEVICE, 0x30
-
-    /* Per-disk ring page (4 KiB): descriptor table, avail ring, used ring, request header, status byte */
-    .set R_DESC, 0x000              /* 16 x 16 bytes */
-    .set R_AVAIL, 0x100             /* flags, idx, ring[16], used_event */
-    .set R_USED, 0x200              /* flags, idx, ring[16] x {id, len}, avail_event */
+    /* Per-disk ring page (4 KiB): the queue (virtio.inc: R_DESC, R_AVAIL, R_USED), request header, status byte */
     .set R_HDR, 0x300
     .set R_STATUS, 0x310
 
-    /* Descriptor flags; request types */
-    .set F_NEXT, 1
-    .set F_WRITE, 2
-    .set F_INDIRECT, 4
+    /* Request types */
     .set T_IN, 0
     .set T_OUT, 1
     .set T_FLUSH, 4
@@ -133,25 +111,13 @@
     .set D_ERR, 80                  /* u64: error text, 0 when fine */
     .set DISK_SIZE, 128
 
-/* Every command handler saves all callee-saved registers the same way, so they share one epilogue. */
-    .macro SAVE
-    pushq %rbx
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    .endm
 
     .text
     .code64
     .globl guest_main
 guest_main:
     SAVE
-    call pit_ticks_start
-    call spurious_irqs_install
-    movl $0xFF, %edi                /* both 8259s masked (remapped to 0x20-0x2F) */
-    movl $0xFF, %esi
-    call pic_init
+    call driver_start
 
     call pci_scan
     leaq msg_found(%rip), %rdi
@@ -168,142 +134,18 @@ guest_main:
     decl %r12d
     jmp 1b
 
-    /* Command line: %r12 word start, %r13 word end, %r14 command table entry. */
-2:  movq pvh_start_info(%rip), %rax
-    testq %rax, %rax
-    jz words_done
-    movq 24(%rax), %r12             /* hvm_start_info.cmdline_paddr */
-    testq %r12, %r12
-    jz words_done
-next_word:
-    movzbl (%r12), %eax
-    testb %al, %al
-    jz words_done
-    cmpb $' ', %al
-    ja 3f
-    incq %r12                       /* separator */
-    jmp next_word
-3:  movq %r12, %r13
-4:  incq %r13
-    cmpb $' ', (%r13)               /* NUL, space and control characters end a word */
-    ja 4b
-    leaq cmd_table(%rip), %r14
-5:  movq (%r14), %rdx
-    testq %rdx, %rdx
-    jz bad_word
-    movq %r12, %rdi
-    movq %r13, %rsi
-    call match
-    testq %rax, %rax
-    jnz 6f
-    addq $16, %r14
-    jmp 5b
-6:  movq %rax, %rdi                 /* arguments */
-    movq %r13, %rsi                 /* word end */
-    call *8(%r14)
-    testl %eax, %eax
-    jz 8f
-bad_word:
-    leaq msg_badword(%rip), %rdi
-    call serial_puts
-7:  movzbl (%r12), %edi
-    call serial_putc
-    incq %r12
-    cmpq %r13, %r12
-    jb 7b
-    call newline
-8:  movq %r13, %r12
-    jmp next_word
-
-words_done:
-    leaq msg_done(%rip), %rdi
-    call serial_puts
+2:  leaq cmd_table(%rip), %rdi      /* the command-line words */
+    leaq msg_badword(%rip), %rsi
+    leaq msg_done(%rip), %rdx
+    call run_words
     jmp cmd_ok                      /* restores the callee-saved registers and returns: power-off */
 
-/* match(%rdi = word, %rsi = word end, %rdx = command name) -> %rax = its arguments (after a name ending in
-   '=': prefix match) or the word end (other names: whole-word match), or 0 */
-match:
-1:  movzbl (%rdx), %eax
-    testb %al, %al
-    jz 2f
-    cmpq %rsi, %rdi
-    jae 3f
-    cmpb (%rdi), %al
-    jne 3f
-    incq %rdi
-    incq %rdx
-    cmpb $'=', %al
-    jne 1b
-    movq %rdi, %rax
-    ret
-2:  cmpq %rsi, %rdi
-    jne 3f
-    movq %rdi, %rax
-    ret
-3:  xorl %eax, %eax
-    ret
-
-/* parse_args(%rdi = text, %rsi = end, %edx = count, %rcx = u64 output array) -> %eax = 0, or 1 when the
-   text is not exactly count comma-separated decimal numbers */
-parse_args:
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    movq %rsi, %r12
-    movl %edx, %r13d
-    movq %rcx, %r14
-1:  xorl %eax, %eax                 /* one number: value in %rax, digits in %ecx */
-    xorl %ecx, %ecx
-2:  movzbl (%rdi), %edx
-    subl $'0', %edx
-    cmpl $9, %edx
-    ja 3f
-    imulq $10, %rax
-    addq %rdx, %rax
-    incq %rdi
-    incl %ecx
-    cmpl $18, %ecx                  /* no overflow */
-    ja 9f
-    jmp 2b
-3:  testl %ecx, %ecx
-    jz 9f
-    movq %rax, (%r14)
-    addq $8, %r14
-    decl %r13d
-    jz 4f
-    cmpq %r12, %rdi
-    jae 9f
-    cmpb $',', (%rdi)
-    jne 9f
-    incq %rdi
-    jmp 1b
-4:  cmpq %r12, %rdi
-    jne 9f
-    xorl %eax, %eax
-    jmp 8f
-9:  movl $1, %eax
-8:  popq %r14
-    popq %r13
-    popq %r12
-    ret
-
 /* ---- Output helpers ---- */
-
-/* put_kv(%rdi = text, %rsi = value): the text, then the value in decimal */
-put_kv:
-    pushq %rsi
-    call serial_puts
-    popq %rdi
-    jmp serial_putdec
 
 /* put_disk(%rdi = text ending in "disk="): the text and %rbx's disk number */
 put_disk:
     movzwl D_INDEX(%rbx), %esi
     jmp put_kv
-
-newline:
-    movl $'\n', %edi
-    jmp serial_putc
 
 /* put_status(%esi = status) */
 put_status:
@@ -318,27 +160,6 @@ put_sum:
     popq %rdi
     movl $8, %esi
     jmp serial_puthex
-
-/* ---- PCI configuration mechanism #1 ---- */
-
-/* pci_read(%edi = config address, dword aligned) -> %eax; only %eax and %edx are touched */
-pci_read:
-    movl %edi, %eax
-    movw $0xCF8, %dx
-    outl %eax, %dx
-    movw $0xCFC, %dx
-    inl %dx, %eax
-    ret
-
-/* pci_write(%edi = config address, %esi = dword) */
-pci_write:
-    movl %edi, %eax
-    movw $0xCF8, %dx
-    outl %eax, %dx
-    movw $0xCFC, %dx
-    movl %esi, %eax
-    outl %eax, %dx
-    ret
 
 /* pci_scan(): fills disks[] with the first MAX_DISKS 1AF4:1042 functions 0 on bus 0, sets disk_count */
 pci_scan:
@@ -375,46 +196,6 @@ pci_scan:
     popq %rbx
     ret
 
-/* bar_address(%edi = BAR index, %esi = config address base; %rbx = disk) -> %rax = memory base, or 0 with
-   D_ERR set. A 64-bit BAR must have its upper dword 0 (the guest identity-maps only the first 4 GiB). */
-bar_address:
-    pushq %r12
-    pushq %r13
-    movl %edi, %r12d
-    movl %esi, %r13d
-    leaq err_badbar(%rip), %rcx
-    cmpl $5, %r12d
-    ja 9f
-    leal 0x10(%r13,%r12,4), %edi
-    call pci_read
-    movl %eax, %r8d
-    leaq err_iobar(%rip), %rcx
-    testb $1, %al
-    jnz 9f
-    andl $6, %eax
-    cmpl $4, %eax                   /* type 2: 64-bit */
-    jne 1f
-    leaq err_badbar(%rip), %rcx
-    cmpl $5, %r12d
-    je 9f
-    leal 0x14(%r13,%r12,4), %edi
-    call pci_read
-    leaq err_above4g(%rip), %rcx
-    testl %eax, %eax
-    jnz 9f
-1:  movl %r8d, %eax
-    andl $0xFFFFFFF0, %eax
-    leaq err_unassigned(%rip), %rcx
-    jz 9f
-    popq %r13
-    popq %r12
-    ret
-9:  movq %rcx, D_ERR(%rbx)
-    xorl %eax, %eax
-    popq %r13
-    popq %r12
-    ret
-
 /* ---- Device set-up ---- */
 
 /* disk_init(%rbx = disk): capabilities, reset and full initialisation (see the top of the file).
@@ -435,135 +216,37 @@ disk_init:
     leal 0x3C(%r12), %edi           /* INTERRUPT_LINE */
     call pci_read
     movb %al, D_IRQ(%rbx)
-    leal 0x04(%r12), %edi           /* command | status << 16 */
-    call pci_read
-    movl %eax, %r13d
-    movzwl %ax, %esi
-    orl $0x6, %esi                  /* memory space, bus master; status (W1C) written as 0 */
-    call pci_write
-    leaq err_nocaps(%rip), %rax
-    testl $0x100000, %r13d          /* status bit 4: capabilities list */
-    jz init_fail
-    leal 0x34(%r12), %edi
-    call pci_read
-    movzbl %al, %r13d
-    andl $0xFC, %r13d               /* capability pointer */
-    movl $48, %r14d                 /* at most 48 capabilities (a looping list cannot hang us) */
-cap_loop:
-    testl %r13d, %r13d
-    jz caps_done
-    decl %r14d
-    jz caps_done
-    leal (%r12,%r13), %edi
-    call pci_read                   /* id, next, length, cfg_type */
-    movl %eax, %r15d
-    shrl $8, %r15d
-    andl $0xFC, %r15d               /* next */
-    cmpb $0x09, %al                 /* vendor-specific */
-    jne cap_next
-    shrl $24, %eax
-    cmpl $1, %eax
-    jb cap_next
-    cmpl $4, %eax
-    ja cap_next
-    movl %eax, %ebp                 /* cfg_type 1..4 -> D_COMMON + (type - 1) * 8 = 8 + type * 8 */
-    cmpq $0, 8(%rbx,%rbp,8)
-    jne cap_next                    /* only the first of each type */
-    leal 4(%r12,%r13), %edi
-    call pci_read
-    movzbl %al, %edi                /* bar */
-    movl %r12d, %esi
-    call bar_address
+    movl %r12d, %edi
+    leaq D_COMMON(%rbx), %rsi       /* D_COMMON, D_NOTIFY, D_ISR, D_DEVCFG, D_NOTMUL */
+    call virtio_pci_caps
     testq %rax, %rax
-    jz init_fail_err
-    movq %rax, 8(%rbx,%rbp,8)
-    leal 8(%r12,%r13), %edi
-    call pci_read                   /* offset within the BAR */
-    addq %rax, 8(%rbx,%rbp,8)
-    cmpl $2, %ebp
-    jne cap_next
-    leal 16(%r12,%r13), %edi
-    call pci_read
-    movl %eax, D_NOTMUL(%rbx)
-cap_next:
-    movl %r15d, %r13d
-    jmp cap_loop
-caps_done:
-    leaq err_missingcap(%rip), %rax
-    cmpq $0, D_COMMON(%rbx)
-    je init_fail
-    cmpq $0, D_NOTIFY(%rbx)
-    je init_fail
-    cmpq $0, D_ISR(%rbx)
-    je init_fail
-    cmpq $0, D_DEVCFG(%rbx)
-    je init_fail
-
+    jnz init_fail
     movq D_COMMON(%rbx), %r12
-    movb $0, C_STATUS(%r12)         /* reset */
-    movl $100000, %ecx
-1:  movb C_STATUS(%r12), %al
-    testb %al, %al
-    jz 2f
-    pause
-    decl %ecx
-    jnz 1b
+    movq %r12, %rdi
+    call virtio_reset               /* reset, ACKNOWLEDGE, DRIVER */
+    testl %eax, %eax
     leaq err_reset(%rip), %rax
-    jmp init_fail
-2:  movb $0x01, C_STATUS(%r12)      /* ACKNOWLEDGE */
-    movb $0x03, C_STATUS(%r12)      /* | DRIVER */
-    movl $0, C_DFSELECT(%r12)
-    movl C_DF(%r12), %r13d          /* device features 0-31 */
-    movl $1, C_DFSELECT(%r12)
-    movl C_DF(%r12), %eax           /* device features 32-63 */
-    testl $1, %eax                  /* VIRTIO_F_VERSION_1 */
-    leaq err_version(%rip), %rax
-    jz init_failed_device
-    shrl $5, %r13d                  /* VIRTIO_BLK_F_RO */
-    andl $1, %r13d
-    movb %r13b, D_RO(%rbx)
-    movl $0, C_GFSELECT(%r12)       /* driver features: VERSION_1 only */
-    movl $0, C_GF(%r12)
-    movl $1, C_GFSELECT(%r12)
-    movl $1, C_GF(%r12)
-    movb $0x0B, C_STATUS(%r12)      /* | FEATURES_OK */
-    movb C_STATUS(%r12), %al
-    testb $0x08, %al
-    leaq err_features(%rip), %rax
-    jz init_failed_device
-    movw $0, C_QSELECT(%r12)
-    movzwl C_QSIZE(%r12), %eax
+    jnz init_fail
+    movq %r12, %rdi
+    xorl %esi, %esi                 /* driver features: VERSION_1 only */
+    call virtio_features
+    testq %rax, %rax
+    jnz init_failed_device
+    shrl $5, %ecx                   /* VIRTIO_BLK_F_RO */
+    andl $1, %ecx
+    movb %cl, D_RO(%rbx)
+    leaq D_COMMON(%rbx), %rdi       /* D_COMMON, D_NOTIFY, D_ISR, D_DEVCFG, D_NOTMUL */
+    xorl %esi, %esi                 /* queue 0 */
+    movl $QMAX, %edx
+    movq D_RING(%rbx), %rcx
+    call virtio_queue_setup
     testl %eax, %eax
     leaq err_noqueue(%rip), %rcx
     jz 3f
-    cmpl $QMAX, %eax
-    jbe 4f
-    movl $QMAX, %eax
-4:  movw %ax, C_QSIZE(%r12)
     movw %ax, D_QSIZE(%rbx)
     movq D_RING(%rbx), %r13
-    movq %r13, %rdi                 /* ring page cleared */
-    xorl %eax, %eax
-    movl $512, %ecx
-    rep stosq
     movw $1, R_AVAIL(%r13)          /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-    leaq R_DESC(%r13), %rax         /* 64-bit fields as two 32-bit writes, low first */
-    movl %eax, C_QDESC(%r12)
-    shrq $32, %rax
-    movl %eax, C_QDESC + 4(%r12)
-    leaq R_AVAIL(%r13), %rax
-    movl %eax, C_QDRIVER(%r12)
-    shrq $32, %rax
-    movl %eax, C_QDRIVER + 4(%r12)
-    leaq R_USED(%r13), %rax
-    movl %eax, C_QDEVICE(%r12)
-    shrq $32, %rax
-    movl %eax, C_QDEVICE + 4(%r12)
-    movzwl C_QNOTIFYOFF(%r12), %eax
-    imull D_NOTMUL(%rbx), %eax
-    addq D_NOTIFY(%rbx), %rax
-    movq %rax, D_QNOTIFY(%rbx)
-    movw $1, C_QENABLE(%r12)
+    movq %rdx, D_QNOTIFY(%rbx)
     movb $0x0F, C_STATUS(%r12)      /* | DRIVER_OK */
     movw $0, D_AVAIL(%rbx)
     movw $0, D_USED(%rbx)
@@ -576,7 +259,6 @@ init_failed_device:
     orb $0x80, C_STATUS(%r12)       /* FAILED */
 init_fail:
     movq %rax, D_ERR(%rbx)
-init_fail_err:
     movl $1, %eax
 init_out:
     popq %r15
@@ -705,33 +387,15 @@ publish:
 /* wait_used(%rbx, %rdi = timeout in PIT ticks) -> %eax = 1 when the used idx moved (D_USED updated), 0 on
    timeout. The used idx is checked 64 times (with pause) between PIT reads. */
 wait_used:
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    movq %rdi, %r12
-    movq D_RING(%rbx), %r14
-    call pit_ticks
-    movq %rax, %r13
-1:  movl $64, %ecx
-2:  movzwl R_USED + 2(%r14), %eax
-    cmpw D_USED(%rbx), %ax
-    jne 3f
-    pause
-    decl %ecx
-    jnz 2b
-    call pit_ticks
-    subq %r13, %rax
-    cmpq %r12, %rax
-    jb 1b
-    xorl %eax, %eax
-    jmp 4f
-3:  lfence                          /* used idx before the used entries and the buffers */
-    movw %ax, D_USED(%rbx)
-    movl $1, %eax
-4:  popq %r14
-    popq %r13
-    popq %r12
-    ret
+    movq %rdi, %rdx
+    movq D_RING(%rbx), %rdi
+    addq $R_USED + 2, %rdi
+    leaq D_USED(%rbx), %rsi
+    call wait_idx
+    testl %eax, %eax
+    jz 1f
+    movw %dx, D_USED(%rbx)
+1:  ret
 
 /* request(%rbx, same arguments as req_build) -> %eax = status byte, or -1 after a 5 s timeout (then
    `BLK timeout disk=<i>` is printed and the disk re-initialised) */
@@ -757,47 +421,11 @@ request:
 2:  movl $-1, %eax
     ret
 
-/* fnv1a(%rdi = data, %rsi = length, a multiple of 8) -> %eax: 32-bit FNV-1a. Instructions are expensive
-   here (emulated), so 8 bytes are loaded at a time and each byte costs an xor and a multiply: h ^= byte
-   only touches h's low byte, so `xorb` of %cl/%ch/%dl/%dh into %al does it. */
-fnv1a:
-    movl $0x811c9dc5, %eax
-    shrq $3, %rsi
-    jz 2f
-1:  movl (%rdi), %ecx
-    movl 4(%rdi), %edx
-    xorb %cl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %ch, %al
-    imull $0x01000193, %eax, %eax
-    shrl $16, %ecx
-    xorb %cl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %ch, %al
-    imull $0x01000193, %eax, %eax
-    xorb %dl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %dh, %al
-    imull $0x01000193, %eax, %eax
-    shrl $16, %edx
-    xorb %dl, %al
-    imull $0x01000193, %eax, %eax
-    xorb %dh, %al
-    imull $0x01000193, %eax, %eax
-    addq $8, %rdi
-    decq %rsi
-    jnz 1b
-2:  ret
-
 /* ---- Commands: (%rdi = arguments, %rsi = word end) -> %eax = 0, or 1 for a bad word ---- */
 
 cmd_disk:
     SAVE
-    movl $1, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 1
     movq args(%rip), %rax
     movl disk_count(%rip), %ecx
     cmpq %rcx, %rax
@@ -858,11 +486,7 @@ cmd_id:
 
 cmd_read:
     SAVE
-    movl $2, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 2
     movq args + 8(%rip), %r13       /* N */
     leaq -1(%r13), %rax
     cmpq $MAX_SECTORS, %rax
@@ -912,11 +536,7 @@ put_sector_count:
 
 cmd_write:
     SAVE
-    movl $3, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 3
     movq args + 8(%rip), %r13       /* N */
     leaq -1(%r13), %rax
     cmpq $MAX_SECTORS, %rax
@@ -979,10 +599,7 @@ cmd_flush:
 
 cmd_hang:
     leaq msg_hang(%rip), %rdi
-    call serial_puts
-    cli
-1:  hlt
-    jmp 1b
+    jmp hang
 
 cmd_wait_media:
     SAVE
@@ -1014,11 +631,7 @@ cmd_bench_rand:
     SAVE
     movl $1, bench_mode(%rip)
 bench_common:
-    movl $1, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 1
     call cur_ready
     testl %eax, %eax
     jz cmd_ok
@@ -1094,11 +707,7 @@ bench_end:
 /* irq-read=S: %r12 sector, %r13 IOAPIC pin, %r14 start tick */
 cmd_irq_read:
     SAVE
-    movl $1, %edx
-    leaq args(%rip), %rcx
-    call parse_args
-    testl %eax, %eax
-    jnz cmd_bad
+    ARGS 1
     movq args(%rip), %r12
     call cur_ready
     testl %eax, %eax
@@ -1111,19 +720,9 @@ cmd_irq_read:
     leaq msg_badline(%rip), %rdi
     call serial_puts
     jmp cmd_ok
-1:  movq D_ISR(%rbx), %rax
-    movq %rax, irq_isr(%rip)
-    movl $0, irq_count(%rip)
-    movl $IRQ_VECTOR, %edi
-    leaq blk_irq(%rip), %rsi
-    call idt_set_gate
-    call lapic_enable
-    leal 0x11(,%r13,2), %edi        /* redirection entry, high: destination APIC id 0 */
-    xorl %esi, %esi
-    call ioapic_write
-    leal 0x10(,%r13,2), %edi        /* low: vector, fixed, physical, active high, level, unmasked */
-    movl $0x8000 | IRQ_VECTOR, %esi
-    call ioapic_write
+1:  movl %r13d, %edi
+    movq D_ISR(%rbx), %rsi
+    call virtio_irq_arm
     leaq data_buf(%rip), %rdi
     movl $64, %ecx
     movabsq $0xA5A5A5A5A5A5A5A5, %rax /* FILL in every byte */
@@ -1139,24 +738,13 @@ cmd_irq_read:
     xorl %edi, %edi
     movl $1, %esi
     call publish                    /* (its mfence also orders the flags write) */
-    call pit_ticks
-    movq %rax, %r14
-    sti
-2:  movq D_RING(%rbx), %rax
-    movzwl R_USED + 2(%rax), %eax
-    cmpw D_USED(%rbx), %ax
-    je 3f
-    cmpl $0, irq_count(%rip)
-    jne 4f
-3:  pause
-    call pit_ticks
-    subq %r14, %rax
-    cmpq $TICKS_5S, %rax
-    jb 2b
-4:  cli
-    leal 0x10(,%r13,2), %edi        /* masked again */
-    movl $0x18000 | IRQ_VECTOR, %esi
-    call ioapic_write
+    movq D_RING(%rbx), %rdi
+    addq $R_USED + 2, %rdi
+    leaq D_USED(%rbx), %rsi
+    movl $TICKS_5S, %edx
+    call irq_wait_idx
+    movl %r13d, %edi
+    call virtio_irq_disarm
     movq D_RING(%rbx), %rax
     movw $1, R_AVAIL(%rax)          /* back to polling */
     movzwl R_USED + 2(%rax), %eax
@@ -1190,24 +778,6 @@ cmd_irq_read:
     call newline
     jmp cmd_ok
 
-/* ioapic_write(%edi = register, %esi = value) */
-ioapic_write:
-    movl $IOAPIC, %eax
-    movl %edi, (%rax)
-    movl %esi, 0x10(%rax)
-    ret
-
-/* Vector 0x40: reads the ISR (which deasserts the INTx line), counts, EOI. */
-blk_irq:
-    pushq %rax
-    movq irq_isr(%rip), %rax
-    movzbl (%rax), %eax
-    incl irq_count(%rip)
-    movl $LAPIC, %eax
-    movl $0, 0xB0(%rax)
-    popq %rax
-    iretq
-
 /* hostile: %r12 ring page (for the hc_* routines), %r13 used flag, %r14 table entry, %r15 case name */
 cmd_hostile:
     SAVE
@@ -1230,21 +800,13 @@ cmd_hostile:
     call wait_used
     movl %eax, %r13d
     leaq msg_hostile(%rip), %rdi
-    call serial_puts
-    movq %r15, %rdi
-    call serial_puts
-    leaq msg_used(%rip), %rdi
-    movl %r13d, %esi
-    call put_kv
+    movq %r15, %rsi
+    movl %r13d, %edx
+    call put_case
     movzbl R_STATUS(%r12), %esi
     call put_status
-    leaq msg_devstatus(%rip), %rdi
-    call serial_puts
-    movq D_COMMON(%rbx), %rax
-    movzbl C_STATUS(%rax), %edi
-    movl $2, %esi
-    call serial_puthex
-    call newline
+    movq D_COMMON(%rbx), %rdi
+    call put_devstatus
     addq $16, %r14
     jmp 2b
 3:  call disk_init
@@ -1255,19 +817,6 @@ cmd_hostile:
     jmp cmd_ok
 4:  call disk_print                 /* re-initialisation failed: the disk line says why */
     jmp cmd_ok
-
-/* Shared epilogue of the command handlers (and guest_main) */
-cmd_ok:
-    xorl %eax, %eax
-    jmp 1f
-cmd_bad:
-    movl $1, %eax
-1:  popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbx
-    ret
 
 /* Hostile cases: %rbx disk (freshly initialised), %r12 its ring page. Unless said otherwise the request
    is a well-formed one-sector read of sector 0 into the data buffer (header R, data W, status W) that one
@@ -1431,18 +980,8 @@ msg_irq_line:       .asciz "BLK irq disk="
 msg_badline:        .asciz " error=bad-irq-line\n"
 msg_interrupts:     .asciz " interrupts="
 msg_hostile:        .asciz "BLK hostile case="
-msg_used:           .asciz " used="
-msg_devstatus:      .asciz " devstatus="
 msg_hostile_done:   .asciz "BLK hostile-done\n"
-err_nocaps:         .asciz "no-capabilities"
-err_badbar:         .asciz "bad-bar"
-err_iobar:          .asciz "io-bar"
-err_above4g:        .asciz "bar-above-4g"
-err_unassigned:     .asciz "bar-unassigned"
-err_missingcap:     .asciz "missing-virtio-cap"
 err_reset:          .asciz "reset-timeout"
-err_version:        .asciz "no-version-1"
-err_features:       .asciz "features-rejected"
 err_noqueue:        .asciz "no-queue"
 
 /* 0, 1, ..., 255 three times: any 512-byte window is one sector of the write pattern */
@@ -1464,10 +1003,7 @@ bench_mode:
     .p2align 3
 disk_count:
     .skip 4
-irq_count:
-    .skip 4
-irq_isr:
-    .skip 8
+    .p2align 3
 args:
     .skip 3 * 8
     .p2align 6

@@ -1090,35 +1090,13 @@ mod tests {
 /// otherwise). Only an isolated test subnet on that bridge is used.
 #[cfg(test)]
 mod tap_tests {
-    use std::process::Command;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use porthole_tests::TestBridge;
+
     use crate::net::{MacAddr, Nic, parse_net};
     use crate::virtio::host_driver::HostNetDriver;
-
-    struct Bridge(String);
-
-    impl Bridge {
-        fn create() -> Result<Bridge, String> {
-            let name = format!("phbrt{}", std::process::id() % 100_000);
-            let ip = |args: &[&str]| {
-                let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-                if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
-            };
-            ip(&["link", "add", &name, "type", "bridge"])?;
-            let bridge = Bridge(name.clone());
-            ip(&["addr", "add", "10.213.77.1/24", "dev", &name])?;
-            ip(&["link", "set", &name, "up"])?;
-            Ok(bridge)
-        }
-    }
-
-    impl Drop for Bridge {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-        }
-    }
 
     #[test]
     fn a_missing_bridge_leaves_the_card_off_the_bus_with_the_reason() {
@@ -1131,22 +1109,16 @@ mod tap_tests {
 
     #[test]
     fn a_card_on_a_bridge_reaches_the_host_through_its_tap_device() {
-        let bridge = match Bridge::create() {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("SKIP: cannot create a test bridge ({e}); needs root or CAP_NET_ADMIN");
-                return;
-            }
-        };
-        let config = parse_net(&format!("bridge:{}", bridge.0)).unwrap().unwrap();
+        let Some(bridge) = TestBridge::create_or_skip("10.213.77.1/24") else { return };
+        let config = parse_net(&format!("bridge:{}", bridge.name())).unwrap().unwrap();
         let nic = Arc::new(Nic::open(&config, "net0".into(), "tap-test", 0).unwrap());
         let status = nic.status();
         assert!(status.attached, "{:?}", status.error);
         let tap = status.tap.clone().unwrap();
         assert!(
-            std::path::Path::new(&format!("/sys/class/net/{}/brif/{tap}", bridge.0)).exists(),
+            std::path::Path::new(&format!("/sys/class/net/{}/brif/{tap}", bridge.name())).exists(),
             "{tap} is a port of {}",
-            bridge.0
+            bridge.name()
         );
         let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
         d.post_rx(16);

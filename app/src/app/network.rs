@@ -1,0 +1,453 @@
+//! Networking in the window: the create wizard's network choice, and the network section of a VM's details
+//! (each card's MAC, back end and state — or why it is not attached —, the guest's address, the link switch,
+//! the SSH command with a copy button, and the port forwards with add and remove).
+
+use porthole_api::{NicBackend, NicDefinition, NicSpec, NicStatus, PortForward, Protocol, UpdateVm, Vm, VmState};
+
+use super::{PortholeApp, Wizard};
+
+/// The wizard's network choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WizardNetwork {
+    /// One user-mode (NAT) card; the daemon forwards a host port to the guest's SSH port.
+    #[default]
+    Nat,
+    /// One card on a bridge of the host (for remote hosts and system daemons).
+    Bridge,
+    None,
+}
+
+impl WizardNetwork {
+    fn text(self) -> &'static str {
+        match self {
+            WizardNetwork::Nat => "NAT (user networking)",
+            WizardNetwork::Bridge => "Bridge on the host",
+            WizardNetwork::None => "No network",
+        }
+    }
+}
+
+/// The wizard's "Network" row (in its grid).
+pub(super) fn wizard_row(ui: &mut egui::Ui, w: &mut Wizard) {
+    let l = ui.label("Network");
+    ui.horizontal(|ui| {
+        egui::ComboBox::from_id_salt("network")
+            .selected_text(w.network.text())
+            .show_ui(ui, |ui| {
+                for n in [WizardNetwork::Nat, WizardNetwork::Bridge, WizardNetwork::None] {
+                    ui.selectable_value(&mut w.network, n, n.text());
+                }
+            })
+            .response
+            .labelled_by(l.id);
+        match w.network {
+            WizardNetwork::Nat => {
+                ui.weak("SSH is forwarded from a host port");
+            }
+            WizardNetwork::Bridge => {
+                let l = ui.label("Bridge name");
+                ui.add(egui::TextEdit::singleline(&mut w.bridge).hint_text("br0").desired_width(80.0))
+                    .labelled_by(l.id);
+                ui.weak("the VM joins the bridge's network");
+            }
+            WizardNetwork::None => {
+                ui.weak("no network card");
+            }
+        }
+    });
+    ui.end_row();
+}
+
+/// The network part of the wizard's summary.
+pub(super) fn wizard_summary(w: &Wizard) -> String {
+    match w.network {
+        WizardNetwork::Nat => "NAT networking (SSH forwarded)".to_owned(),
+        WizardNetwork::Bridge => format!("a card on bridge {}", w.bridge.trim()),
+        WizardNetwork::None => "no network".to_owned(),
+    }
+}
+
+/// The create request's cards: `None` lets the daemon make its default NAT card with an SSH forward.
+pub(super) fn wizard_nics(w: &Wizard) -> Option<Vec<NicSpec>> {
+    match w.network {
+        WizardNetwork::Nat => None,
+        WizardNetwork::Bridge => Some(vec![NicSpec::new(NicBackend::Bridge { bridge: w.bridge.trim().to_owned() })]),
+        WizardNetwork::None => Some(Vec::new()),
+    }
+}
+
+/// The host part of a remote host's address (`lab.example:7443` → `lab.example`, `[::1]:7443` → `::1`).
+fn host_of(address: &str) -> &str {
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => address,
+    }
+}
+
+/// The command that reaches the guest's SSH server through `forward` (a TCP forward to guest port 22), from
+/// this computer: on the local host `localhost`, on a remote one (`remote`: its address) the host's name.
+pub fn ssh_command(forward: &PortForward, remote: Option<&str>) -> Option<String> {
+    if forward.protocol != Protocol::Tcp || forward.guest_port != 22 {
+        return None;
+    }
+    let a = forward.host_address;
+    let host = if !a.is_loopback() && !a.is_unspecified() {
+        a.to_string()
+    } else {
+        remote.map(|r| host_of(r).to_owned()).unwrap_or_else(|| "localhost".to_owned())
+    };
+    let port = if forward.host_port == 22 { String::new() } else { format!("-p {} ", forward.host_port) };
+    Some(format!("ssh {port}user@{host}"))
+}
+
+/// A card's back end in words.
+fn backend_text(b: &NicBackend) -> String {
+    match b {
+        NicBackend::User => "NAT (user networking, passt)".to_owned(),
+        NicBackend::Bridge { bridge } => format!("bridge {bridge}"),
+        NicBackend::Tap { name } => format!("TAP device {name}"),
+    }
+}
+
+/// What is known of a card's state, and whether it is a problem: from the running VM's report
+/// (`details`: its `GET /vms/{id}`), never silent about a card that is missing.
+pub fn nic_state(vm: &Vm, nic: &NicDefinition, details: Option<&Vm>) -> (String, bool) {
+    if !matches!(vm.state, VmState::Running | VmState::Paused) {
+        return ("not running (the card is set up when the VM starts)".to_owned(), false);
+    }
+    let Some(details) = details else { return ("asking the VM…".to_owned(), false) };
+    if let Some(e) = &details.nic_status_error {
+        return (format!("unknown: {e}"), true);
+    }
+    match details.nic_status.iter().find(|s| s.id == nic.id) {
+        None => ("not in the running VM (added after it started): it appears at the next start".to_owned(), true),
+        Some(s) if !s.attached => (
+            format!(
+                "not attached, the VM runs without it: {}",
+                s.error.as_deref().unwrap_or("the VM process gave no reason")
+            ),
+            true,
+        ),
+        Some(s) => {
+            let tap = s.tap.as_deref().map(|t| format!(" (TAP {t})")).unwrap_or_default();
+            let link = if s.link_up { "link up" } else { "link down (cable pulled)" };
+            let driver = if s.driver_ready { "guest driver ready" } else { "the guest has not set the card up yet" };
+            (format!("attached{tap}, {link}, {driver}"), false)
+        }
+    }
+}
+
+fn bytes_text(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// The add-a-forward form of the network section.
+#[derive(Debug, Clone)]
+pub struct ForwardForm {
+    /// (host, VM id, card id) the form is for.
+    key: (usize, String, String),
+    protocol: Protocol,
+    address: String,
+    host_port: String,
+    guest_port: String,
+}
+
+impl Default for ForwardForm {
+    fn default() -> Self {
+        ForwardForm {
+            key: Default::default(),
+            protocol: Protocol::Tcp,
+            address: "127.0.0.1".to_owned(),
+            host_port: String::new(),
+            guest_port: String::new(),
+        }
+    }
+}
+
+impl ForwardForm {
+    /// The forward the form describes, or what is wrong with it.
+    fn forward(&self) -> Result<PortForward, String> {
+        let port = |text: &str, what: &str| {
+            text.trim().parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| format!("The {what} is 1-65535."))
+        };
+        let host_address =
+            self.address.trim().parse().map_err(|_| format!("{:?} is not an IP address.", self.address.trim()))?;
+        Ok(PortForward {
+            protocol: self.protocol,
+            host_address,
+            host_port: port(&self.host_port, "host port")?,
+            guest_port: port(&self.guest_port, "guest port")?,
+            automatic: false,
+        })
+    }
+}
+
+/// Why forwards cannot change now.
+const RUNNING_REASON: &str =
+    "Port forwards change while the VM is stopped: passt opens them when the VM starts. Shut it down first.";
+
+impl PortholeApp {
+    /// The "SSH" row of a VM's details grid (a VM with a forward to its port 22): the command, and a button
+    /// that copies it.
+    pub(super) fn ssh_row(&self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
+        let remote = if host > 0 { self.backend.model().hosts.get(host).map(|h| h.address.clone()) } else { None };
+        let Some((f, cmd)) =
+            vm.nics.iter().flat_map(|n| &n.forwards).find_map(|f| Some((f, ssh_command(f, remote.as_deref())?)))
+        else {
+            return;
+        };
+        ui.label("SSH");
+        ui.horizontal(|ui| {
+            ui.monospace(&cmd);
+            if ui.button("Copy SSH command").clicked() {
+                ui.ctx().copy_text(cmd.clone());
+                self.backend.model().notify(format!("Copied: {cmd}"), false);
+            }
+            if remote.is_some() && f.host_address.is_loopback() {
+                ui.weak(format!("(on {} of that host only: run it there, or forward from 0.0.0.0)", f.host_address));
+            }
+        });
+        ui.end_row();
+    }
+
+    /// The "Network" section of a VM's details.
+    pub(super) fn network_section(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
+        let running = matches!(vm.state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting)
+            || vm.crash.is_some();
+        // What the running VM reported (none once it stopped: an old report says nothing of the new state).
+        let details = match &self.backend.model().details {
+            Some((h, id, d))
+                if *h == host && *id == vm.id && matches!(vm.state, VmState::Running | VmState::Paused) =>
+            {
+                Some(d.clone())
+            }
+            _ => None,
+        };
+        egui::CollapsingHeader::new("Network").default_open(false).show(ui, |ui| {
+            if vm.nics.is_empty() {
+                ui.horizontal(|ui| {
+                    ui.label("No network card.");
+                    if ui.add_enabled(!running, egui::Button::new("Add a NAT card")).clicked() {
+                        self.change_nics(host, vm, vec![NicSpec::new(NicBackend::User)]);
+                    }
+                    if running {
+                        ui.weak("Cards change while the VM is stopped.");
+                    }
+                });
+                return;
+            }
+            for (i, nic) in vm.nics.iter().enumerate() {
+                if vm.nics.len() > 1 {
+                    ui.strong(format!("Card {}", nic.id));
+                }
+                let status: Option<NicStatus> =
+                    details.as_ref().and_then(|d| d.nic_status.iter().find(|s| s.id == nic.id).cloned());
+                egui::Grid::new(("nic", i)).num_columns(2).show(ui, |ui| {
+                    ui.label("MAC");
+                    ui.monospace(&nic.mac);
+                    ui.end_row();
+                    ui.label("Back end");
+                    ui.label(format!("{}, MTU {}", backend_text(&nic.backend), nic.mtu));
+                    ui.end_row();
+                    ui.label("State");
+                    let (text, problem) = nic_state(vm, nic, details.as_ref());
+                    if problem {
+                        ui.colored_label(ui.visuals().error_fg_color, text);
+                    } else {
+                        ui.label(text);
+                    }
+                    ui.end_row();
+                    if let Some(s) = &status {
+                        ui.label("Guest address");
+                        let addresses: Vec<&str> =
+                            [&s.ipv4, &s.ipv6].into_iter().flatten().map(String::as_str).collect();
+                        ui.label(if addresses.is_empty() { "not known yet".to_owned() } else { addresses.join(", ") });
+                        ui.end_row();
+                        ui.label("Traffic");
+                        ui.label(format!(
+                            "in {} ({} frames), out {} ({} frames)",
+                            bytes_text(s.rx_bytes),
+                            s.rx_frames,
+                            bytes_text(s.tx_bytes),
+                            s.tx_frames
+                        ));
+                        ui.end_row();
+                        ui.label("Link");
+                        let mut up = s.link_up;
+                        let r = ui.add_enabled(s.attached, egui::Checkbox::new(&mut up, "Cable plugged in"));
+                        if r.changed() {
+                            let (id, nic_id, backend) = (vm.id.clone(), nic.id.clone(), self.backend.clone());
+                            let what =
+                                format!("{} the cable of {} {}", if up { "Plug in" } else { "Pull" }, vm.name, nic.id);
+                            self.backend.act(host, what, None, move |c| async move {
+                                let r = c.set_nic_link(&id, &nic_id, up).await;
+                                backend.load_details(host, id);
+                                r
+                            });
+                        }
+                        ui.end_row();
+                    }
+                });
+                if nic.backend == NicBackend::User {
+                    self.forwards(ui, host, vm, i, running);
+                }
+                ui.add_space(4.0);
+            }
+        });
+    }
+
+    /// The port forwards of card `i` (a `user` card): a table with remove buttons and a form to add one.
+    fn forwards(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm, i: usize, running: bool) {
+        let nic = &vm.nics[i];
+        ui.label("Port forwards (a host port to a guest port)");
+        let mut remove = None;
+        egui::Grid::new(("forwards", i)).striped(true).num_columns(5).show(ui, |ui| {
+            for title in ["Protocol", "Host address", "Host port", "Guest port", ""] {
+                ui.strong(title);
+            }
+            ui.end_row();
+            for (k, f) in nic.forwards.iter().enumerate() {
+                ui.label(f.protocol.to_string());
+                ui.label(f.host_address.to_string());
+                ui.label(if f.automatic { format!("{} (automatic)", f.host_port) } else { f.host_port.to_string() });
+                ui.label(f.guest_port.to_string());
+                let r = ui.add_enabled(!running, egui::Button::new("Remove"));
+                let label = format!("Remove forward {} {}", f.protocol, f.host_port);
+                r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, !running, &label));
+                if r.on_disabled_hover_text(RUNNING_REASON).clicked() {
+                    remove = Some(k);
+                }
+                ui.end_row();
+            }
+            if nic.forwards.is_empty() {
+                ui.weak("none");
+                ui.end_row();
+            }
+        });
+        let key = (host, vm.id.clone(), nic.id.clone());
+        if self.forward_form.key != key {
+            self.forward_form = ForwardForm { key, ..Default::default() };
+        }
+        let form = &mut self.forward_form;
+        let mut add = None;
+        ui.add_enabled_ui(!running, |ui| {
+            ui.horizontal(|ui| {
+                let l = ui.label("Protocol");
+                egui::ComboBox::from_id_salt(("forward-protocol", i))
+                    .selected_text(form.protocol.to_string())
+                    .width(50.0)
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut form.protocol, Protocol::Tcp, "tcp");
+                        ui.selectable_value(&mut form.protocol, Protocol::Udp, "udp");
+                    })
+                    .response
+                    .labelled_by(l.id);
+                let l = ui.label("Host address");
+                ui.add(egui::TextEdit::singleline(&mut form.address).desired_width(90.0)).labelled_by(l.id);
+                let l = ui.label("Host port");
+                ui.add(egui::TextEdit::singleline(&mut form.host_port).hint_text("8080").desired_width(50.0))
+                    .labelled_by(l.id);
+                let l = ui.label("Guest port");
+                ui.add(egui::TextEdit::singleline(&mut form.guest_port).hint_text("80").desired_width(50.0))
+                    .labelled_by(l.id);
+                let parsed = form.forward();
+                let filled = !form.host_port.trim().is_empty() || !form.guest_port.trim().is_empty();
+                if ui.add_enabled(parsed.is_ok(), egui::Button::new("Add forward")).clicked() {
+                    add = parsed.as_ref().ok().cloned();
+                }
+                if let (Err(e), true) = (&parsed, filled) {
+                    ui.colored_label(ui.visuals().warn_fg_color, e);
+                }
+            });
+        });
+        if running {
+            ui.weak(RUNNING_REASON);
+        }
+        let mut specs: Vec<NicSpec> = vm.nics.iter().map(NicSpec::from).collect();
+        if let Some(k) = remove {
+            specs[i].forwards.remove(k);
+            self.change_nics(host, vm, specs);
+        } else if let Some(f) = add {
+            specs[i].forwards.push(f);
+            self.forward_form.host_port.clear();
+            self.forward_form.guest_port.clear();
+            self.change_nics(host, vm, specs);
+        }
+    }
+
+    /// Asks the host to replace VM `vm`'s cards; its refusal (a port in use, …) becomes a notice.
+    fn change_nics(&self, host: usize, vm: &Vm, nics: Vec<NicSpec>) {
+        let id = vm.id.clone();
+        let change = UpdateVm { nics: Some(nics), ..Default::default() };
+        self.backend.act(host, format!("Change the network of {}", vm.name), None, move |c| async move {
+            c.update_vm(&id, &change).await
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ssh_command_names_the_right_host() {
+        let f = PortForward::tcp(2222, 22);
+        assert_eq!(ssh_command(&f, None).as_deref(), Some("ssh -p 2222 user@localhost"));
+        assert_eq!(ssh_command(&f, Some("lab.example:7443")).as_deref(), Some("ssh -p 2222 user@lab.example"));
+        assert_eq!(ssh_command(&f, Some("[fd00::1]:7443")).as_deref(), Some("ssh -p 2222 user@fd00::1"));
+        let on = PortForward { host_address: "192.0.2.7".parse().unwrap(), ..PortForward::tcp(22, 22) };
+        assert_eq!(ssh_command(&on, Some("lab:7443")).as_deref(), Some("ssh user@192.0.2.7"));
+        assert_eq!(ssh_command(&PortForward::tcp(8080, 80), None), None, "not SSH");
+    }
+
+    #[test]
+    fn the_forward_form_explains_what_is_wrong() {
+        let mut form = ForwardForm { host_port: "8080".into(), guest_port: "80".into(), ..Default::default() };
+        assert_eq!(form.forward(), Ok(PortForward::tcp(8080, 80)));
+        form.host_port = "0".into();
+        assert!(form.forward().unwrap_err().contains("host port"));
+        form.host_port = "8080".into();
+        form.address = "lab".into();
+        assert!(form.forward().unwrap_err().contains("not an IP address"));
+    }
+
+    #[test]
+    fn a_card_that_is_missing_or_detached_says_why() {
+        let nic = NicDefinition {
+            id: "net0".into(),
+            backend: NicBackend::User,
+            mac: "02:00:00:00:00:01".into(),
+            mtu: 1500,
+            forwards: vec![],
+        };
+        let vm: Vm = serde_json::from_value(serde_json::json!({
+            "id": "a", "name": "a", "vcpus": 1, "memory_mib": 64, "disk_bytes": 0, "state": "running"
+        }))
+        .unwrap();
+        assert_eq!(nic_state(&vm, &nic, None).0, "asking the VM…");
+        let mut details = vm.clone();
+        details.nic_status_error = Some("no answer".into());
+        assert_eq!(nic_state(&vm, &nic, Some(&details)), ("unknown: no answer".to_owned(), true));
+        details.nic_status_error = None;
+        assert!(nic_state(&vm, &nic, Some(&details)).0.contains("not in the running VM"));
+        details.nic_status = vec![
+            serde_json::from_value(serde_json::json!({
+                "id": "net0", "backend": "user", "mac": "02:00:00:00:00:01", "mtu": 1500, "attached": false,
+                "error": "passt is not installed", "link_up": true
+            }))
+            .unwrap(),
+        ];
+        let (text, problem) = nic_state(&vm, &nic, Some(&details));
+        assert!(problem && text.contains("passt is not installed"), "{text}");
+        let stopped = Vm { state: VmState::Stopped, ..vm };
+        assert!(!nic_state(&stopped, &nic, Some(&details)).1);
+    }
+}

@@ -1,0 +1,195 @@
+//! The window's networking, driven through its accessibility tree (egui_kittest) against a real `portholed`:
+//! the wizard's network choice, and a VM's network section (its card, the SSH command, port forwards added
+//! and removed, and — once the VM runs — the card's state and what cannot change while it runs).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use porthole::PortholeApp;
+use porthole::backend::Backend;
+use porthole_api::{NicBackend, Vm};
+use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
+
+fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
+    let backend = Backend::new(|| {}).unwrap();
+    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
+    Harness::builder().with_size(egui::vec2(1200.0, 1000.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+}
+
+/// Steps the UI until `cond` holds.
+fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        h.step();
+        if cond(h) {
+            return;
+        }
+        let notice = h.state().backend.model().notices.last().cloned();
+        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+fn has(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
+    h.query_all_by_label(label).next().is_some()
+}
+
+fn has_contains(h: &Harness<'static, PortholeApp>, part: &str) -> bool {
+    h.query_all_by_label_contains(part).next().is_some()
+}
+
+fn disabled(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
+    use egui_kittest::kittest::NodeT;
+    h.get_by_label(label).accesskit_node().is_disabled()
+}
+
+fn type_into(h: &mut Harness<'static, PortholeApp>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::TextInput, label).focus();
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, label).type_text(text);
+    h.step();
+}
+
+fn click(h: &mut Harness<'static, PortholeApp>, label: &str) {
+    h.get_by_label(label).click();
+    h.step();
+    h.step();
+}
+
+/// Opens the combo box labelled `label` and picks `choice`.
+fn combo(h: &mut Harness<'static, PortholeApp>, label: &str, choice: &str) {
+    h.get_by_role_and_label(Role::ComboBox, label).click();
+    h.step();
+    h.step();
+    h.get_all_by_label(choice).last().expect("the choice").click();
+    h.step();
+    h.step();
+}
+
+/// Clicks the first of the buttons labelled `name` (a VM has one in the sidebar and one in the list).
+fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
+    wait(h, "the VM in the list", |h| has(h, name));
+    h.get_all_by_label(name).next().expect("the VM's button").click();
+    h.step();
+    h.step();
+}
+
+/// Creates a VM named `name` in the wizard, with network `network` (the combo box's text; None: the default).
+fn create(h: &mut Harness<'static, PortholeApp>, name: &str, network: Option<&str>, bridge: Option<&str>) {
+    click(h, "New VM…");
+    type_into(h, "Name", name);
+    type_into(h, "Kernel", &porthole_guests::path("idle").display().to_string());
+    if let Some(n) = network {
+        combo(h, "Network", n);
+    }
+    if let Some(b) = bridge {
+        assert!(disabled(h, "Create"), "a bridge needs its name");
+        assert!(has_contains(h, "Name the host's bridge"));
+        type_into(h, "Bridge name", b);
+    }
+    wait(h, "a valid wizard", |h| !disabled(h, "Create"));
+    click(h, "Create");
+}
+
+fn vm_named(h: &Harness<'static, PortholeApp>, name: &str) -> Option<Vm> {
+    h.state().backend.model().hosts.first().and_then(|host| host.vms.iter().find(|v| v.name == name).cloned())
+}
+
+#[test]
+fn the_wizard_offers_nat_bridge_or_no_network_and_the_details_show_the_card() {
+    let dir = Scratch::new("gui-net");
+    let d = Daemon::start(&dir, false, &[]);
+    let mut h = app(&d.socket(), dir.path("settings.json"));
+    wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
+
+    // NAT, the default: one card with an SSH forward.
+    create(&mut h, "natvm", None, None);
+    wait(&mut h, "the new VM", |h| vm_named(h, "natvm").is_some());
+    let vm = vm_named(&h, "natvm").unwrap();
+    assert_eq!(vm.nics.len(), 1);
+    assert_eq!(vm.nics[0].backend, NicBackend::User);
+    let port = vm.nics[0].forwards[0].host_port;
+    // A bridge that the host does not have: the daemon's refusal is shown.
+    create(&mut h, "bridged", Some("Bridge on the host"), Some("nobr0"));
+    wait(&mut h, "the refusal", |h| has_contains(h, "Create bridged failed") && has_contains(h, "no bridge \"nobr0\""));
+    // No network.
+    create(&mut h, "offline", Some("No network"), None);
+    wait(&mut h, "the VM without network", |h| vm_named(h, "offline").is_some());
+    assert!(vm_named(&h, "offline").unwrap().nics.is_empty());
+    select(&mut h, "offline");
+    click(&mut h, "Network");
+    wait(&mut h, "its empty network section", |h| has(h, "No network card."));
+    assert!(!disabled(&h, "Add a NAT card"));
+
+    // The NAT VM's network section: MAC, back end, state, the SSH command.
+    select(&mut h, "natvm");
+    let ssh = format!("ssh -p {port} user@localhost");
+    wait(&mut h, "the SSH command", |h| has(h, &ssh));
+    if !has_contains(&h, "MTU 1500") {
+        click(&mut h, "Network");
+    }
+    assert!(has(&h, &vm.nics[0].mac));
+    assert!(has_contains(&h, "NAT (user networking, passt), MTU 1500"));
+    assert!(has_contains(&h, "not running (the card is set up when the VM starts)"));
+    assert!(has(&h, &format!("{port} (automatic)")));
+    click(&mut h, "Copy SSH command");
+    wait(&mut h, "the copy's notice", |h| has(h, &format!("Copied: {ssh}")));
+
+    // A forward added in the form, then removed.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    type_into(&mut h, "Host port", &free.to_string());
+    assert!(disabled(&h, "Add forward"), "the guest port is missing");
+    type_into(&mut h, "Guest port", "80");
+    assert!(!disabled(&h, "Add forward"));
+    click(&mut h, "Add forward");
+    let remove = format!("Remove forward tcp {free}");
+    wait(&mut h, "the new forward", |h| has(h, &remove));
+    let forwards = &vm_named(&h, "natvm").unwrap().nics[0].forwards;
+    assert!(forwards.iter().any(|f| f.host_port == free && f.guest_port == 80), "{forwards:?}");
+    // A forward the daemon refuses (the port is held by another program): its reason is shown.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().port();
+    type_into(&mut h, "Host port", &busy.to_string());
+    type_into(&mut h, "Guest port", "81");
+    click(&mut h, "Add forward");
+    wait(&mut h, "the refusal", |h| has_contains(h, &format!("tcp port {busy} on 127.0.0.1 is in use")));
+    click(&mut h, &remove);
+    wait(&mut h, "the forward gone", |h| !has(h, &remove));
+    assert_eq!(vm_named(&h, "natvm").unwrap().nics[0].forwards.len(), 1, "the SSH forward stays");
+    drop(held);
+}
+
+/// Needs passt (as the engine's network tests do).
+#[test]
+fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
+    let dir = Scratch::new("gui-net-run");
+    let d = Daemon::start(&dir, false, &[]);
+    let mut h = app(&d.socket(), dir.path("settings.json"));
+    wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
+    create(&mut h, "runner", None, None);
+    wait(&mut h, "the new VM", |h| vm_named(h, "runner").is_some());
+    select(&mut h, "runner");
+    click(&mut h, "Network");
+    click(&mut h, "Start");
+    wait(&mut h, "running", |h| has(h, "running"));
+    // The card's state as the VM process reports it (passt must be installed).
+    wait(&mut h, "the card's state", |h| has_contains(h, "attached, link up") || has_contains(h, "not attached"));
+    assert!(!has_contains(&h, "not attached"), "passt runs for the card");
+    assert!(has(&h, "Guest address") && has_contains(&h, "frames), out "), "the card's report is shown");
+    assert!(disabled(&h, "Add forward"), "forwards change while the VM is stopped");
+    assert!(has_contains(&h, "passt opens them when the VM starts"));
+    let port = vm_named(&h, "runner").unwrap().nics[0].forwards[0].host_port;
+    assert!(disabled(&h, &format!("Remove forward tcp {port}")));
+    h.get_by_role_and_label(Role::CheckBox, "Cable plugged in").click();
+    h.step();
+    wait(&mut h, "the link down", |h| has_contains(h, "link down (cable pulled)"));
+    click(&mut h, "Force off");
+    wait(&mut h, "stopped", |h| has(h, "stopped"));
+    wait(&mut h, "the form enabled again", |h| !disabled(h, &format!("Remove forward tcp {port}")));
+    assert!(has_contains(&h, "not running (the card is set up when the VM starts)"));
+    assert!(!has(&h, "Guest address") && !has(&h, "Cable plugged in"), "no stale report of the stopped VM");
+}
