@@ -46,6 +46,8 @@ if [ "$MODE" = net ]; then
     HTTP_PORT=8080 READY_PORT=8083
     wait_for /sys/class/net/eth0 || { say "PORTHOLE-FAIL no eth0: $(ls /sys/class/net | tr '\n' ' ')"; off; }
     say "PORTHOLE-NET-DRIVER driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)") mac=$(cat /sys/class/net/eth0/address)"
+    # How the card interrupts: MSI-X vectors per queue (virtioN-input.0 / -output.0) or a shared INTx line.
+    say "PORTHOLE-NET-IRQS $(grep virtio /proc/interrupts | awk '{print $NF "@" $(NF-2)}' | tr '\n' ' ')"
     ip link set lo up
     ip link set eth0 up
     if ! udhcpc -i eth0 -f -q -n -t 10 -T 3 -O mtu >/run/udhcpc.log 2>&1; then

@@ -1,7 +1,7 @@
 //! Seccomp filters (seccompiler), applied once set-up is done.
 //!
 //! - vCPU threads: KVM_RUN and the few KVM reads used to report a crash, moving ioeventfds and the video
-//!   memory slot when the guest moves a PCI BAR, eventfd and serial writes, futexes, memory for error
+//!   memory slot when the guest moves a PCI BAR, re-routing an MSI-X vector the guest programs, eventfd and serial writes, futexes, memory for error
 //!   messages, signal return (the kick), thread exit.
 //! - The VMM's other threads (event loop, control socket): what running, rebooting (a new KVM VM, memory
 //!   and vCPU threads) and answering the control socket needs; no exec, no opening of files or sockets,
@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_ioeventfd, kvm_regs, kvm_sregs, kvm_translation, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs, kvm_translation, kvm_userspace_memory_region};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
@@ -26,6 +26,8 @@ vmm_sys_util::ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
 // ioeventfds or the video memory slot.
 vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 vmm_sys_util::ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+// A guest that programs a device's MSI-X table makes its vCPU thread re-route that vector's GSI.
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 
 /// Why a filter could not be built or applied.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,7 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
             ioctl_is(KVM_TRANSLATE())?,
             ioctl_is(KVM_IOEVENTFD())?,
             ioctl_is(KVM_SET_USER_MEMORY_REGION())?,
+            ioctl_is(KVM_SET_GSI_ROUTING())?,
         ],
     );
     compile(rules)
@@ -207,5 +210,6 @@ mod tests {
         assert_eq!(KVM_TRANSLATE(), 0xC018_AE85);
         assert_eq!(KVM_IOEVENTFD(), 0x4040_AE79);
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_AE46);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_AE6A);
     }
 }

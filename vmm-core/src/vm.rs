@@ -38,6 +38,7 @@ use crate::disk::{DiskError, Drive, DriveStatus};
 use crate::display::refresh::{BootView, Refresher};
 use crate::display::{self, Screen};
 use crate::layout;
+use crate::pci::msix::GsiRouter;
 use crate::pci::{self, PciBus, PciConfigPorts, PciMmioWindow};
 use crate::ram::AlignedRam;
 use crate::seccomp;
@@ -701,6 +702,9 @@ impl Vm {
     ) -> Result<(PciBus, Vec<Arc<VirtioInterrupt>>), VmError> {
         let mut bus = PciBus::new(self.handle.mmio_unhandled.clone());
         let mut interrupts = Vec::new();
+        // MSI-X vectors of every device get GSIs (above the IOAPIC's) routed by one table.
+        let router = Arc::new(GsiRouter::new(vm.clone()));
+        let msi = || Some(router.clone());
         for (drive, config) in self.handle.drives.iter().zip(&self.config.drives) {
             let slot = bus.free_slot()?;
             let gsi = pci::slot_gsi(slot);
@@ -712,25 +716,17 @@ impl Vm {
                 // A CD/DVD drive: a SCSI CD-ROM on its own virtio-scsi controller (what SeaBIOS boots ISOs from).
                 let scsi =
                     VirtioScsi::new(drive.clone(), interrupt.clone()).map_err(io_err("start a CD drive's thread"))?;
-                Arc::new(Mutex::new(VirtioPci::new(
-                    scsi,
-                    bar,
-                    gsi as u8,
-                    interrupt.clone(),
-                    mem.clone(),
-                    Some(vm.clone()),
-                )))
+                let transport =
+                    VirtioPci::new(scsi, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                        .map_err(io_err("give a CD drive its MSI-X vectors"))?;
+                Arc::new(Mutex::new(transport))
             } else {
                 let block =
                     VirtioBlock::new(drive.clone(), interrupt.clone()).map_err(io_err("start a disk's threads"))?;
-                Arc::new(Mutex::new(VirtioPci::new(
-                    block,
-                    bar,
-                    gsi as u8,
-                    interrupt.clone(),
-                    mem.clone(),
-                    Some(vm.clone()),
-                )))
+                let transport =
+                    VirtioPci::new(block, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                        .map_err(io_err("give a disk its MSI-X vectors"))?;
+                Arc::new(Mutex::new(transport))
             };
             bus.insert(slot, device)?;
             interrupts.push(interrupt);
@@ -744,7 +740,8 @@ impl Vm {
             let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
             let net =
                 VirtioNet::new(nic.clone(), interrupt.clone()).map_err(io_err("start a network card's thread"))?;
-            let device = VirtioPci::new(net, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()));
+            let device = VirtioPci::new(net, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                .map_err(io_err("give a network card its MSI-X vectors"))?;
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }

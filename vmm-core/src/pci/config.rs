@@ -103,6 +103,13 @@ impl PciConfig {
         offset
     }
 
+    /// Lets the guest change `mask` bits of dword register `reg` (a capability's control bits).
+    pub fn set_writable(&mut self, reg: usize, mask: u32) {
+        if let Some(w) = self.writable.get_mut(reg) {
+            *w |= mask;
+        }
+    }
+
     fn set_byte(&mut self, offset: usize, value: u8) {
         let shift = (offset % 4) * 8;
         let reg = &mut self.regs[offset / 4];

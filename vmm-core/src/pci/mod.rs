@@ -7,6 +7,7 @@
 //! values.
 
 pub mod config;
+pub mod msix;
 pub mod std_vga;
 
 use std::sync::atomic::Ordering;

@@ -93,7 +93,8 @@ impl<D: VirtioDevice> HostDriver<D> {
     pub fn new(device: D, interrupt: Arc<VirtioInterrupt>, mem: GuestMemoryMmap, queue_sizes: &[u16]) -> Self {
         assert!(queue_sizes.len() <= MAX_QUEUES);
         assert!(queue_sizes.iter().all(|&s| s == 0 || (s.is_power_of_two() && s <= 256)));
-        let device = VirtioPci::new(device, BAR, 16, interrupt.clone(), mem.clone(), None);
+        let device = VirtioPci::new(device, BAR, 16, interrupt.clone(), mem.clone(), None, None)
+            .expect("without KVM, the transport needs nothing that can fail");
         let queues = queue_sizes.iter().map(|&size| HostQueue { size, avail_idx: 0, last_used: 0 }).collect();
         let mut driver = HostDriver { device, mem, interrupt, queues };
         driver.init();

@@ -9,7 +9,10 @@ pub mod net;
 pub mod pci;
 pub mod scsi;
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::pci::msix::Msix;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -24,16 +27,32 @@ pub use virtio_bindings::virtio_config::{
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
 
-/// A device's interrupt: the ISR status byte and the INTx line behind a KVM irqfd with a resample fd
-/// (level-triggered: KVM lowers the line at the guest's EOI and signals `resample`; the event loop then
-/// raises it again while the ISR still has bits set). Also carries the device's "needs reset" flag,
-/// which its I/O threads set when the driver breaks the rules.
-#[derive(Debug)]
+/// A device's interrupt: MSI-X vectors once the driver enables them (one per queue and one for
+/// configuration changes, as the driver assigns them), else the ISR status byte and the INTx line behind a
+/// KVM irqfd with a resample fd (level-triggered: KVM lowers the line at the guest's EOI and signals
+/// `resample`; the event loop then raises it again while the ISR still has bits set). Also carries the
+/// device's "needs reset" flag, which its I/O threads set when the driver breaks the rules.
 pub struct VirtioInterrupt {
     isr: AtomicU8,
     needs_reset: AtomicBool,
     line: EventFd,
     resample: EventFd,
+    /// The transport's MSI-X vectors (set once, by the transport).
+    msix: OnceLock<Arc<Msix>>,
+    /// The vector of configuration changes and of each queue ([`NO_VECTOR`]: none).
+    config_vector: AtomicU16,
+    queue_vectors: [AtomicU16; MAX_QUEUES],
+}
+
+/// "No MSI-X vector" in the vector registers.
+pub const NO_VECTOR: u16 = 0xFFFF;
+/// Most queues a device has here.
+pub const MAX_QUEUES: usize = 8;
+
+impl std::fmt::Debug for VirtioInterrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioInterrupt").field("isr", &self.isr).field("needs_reset", &self.needs_reset).finish()
+    }
 }
 
 impl VirtioInterrupt {
@@ -43,7 +62,40 @@ impl VirtioInterrupt {
             needs_reset: AtomicBool::new(false),
             line: EventFd::new(libc::EFD_NONBLOCK)?,
             resample: EventFd::new(libc::EFD_NONBLOCK)?,
+            msix: OnceLock::new(),
+            config_vector: AtomicU16::new(NO_VECTOR),
+            queue_vectors: std::array::from_fn(|_| AtomicU16::new(NO_VECTOR)),
         })
+    }
+
+    /// Gives the interrupt its transport's MSI-X vectors (once).
+    pub fn set_msix(&self, msix: Arc<Msix>) {
+        let _ = self.msix.set(msix);
+    }
+
+    /// The MSI-X vectors, when the driver has enabled them.
+    fn msix_enabled(&self) -> Option<&Arc<Msix>> {
+        self.msix.get().filter(|m| m.enabled())
+    }
+
+    /// The configuration-change vector, as the driver set it.
+    pub fn config_vector(&self) -> u16 {
+        self.config_vector.load(Ordering::Acquire)
+    }
+
+    pub fn set_config_vector(&self, vector: u16) {
+        self.config_vector.store(vector, Ordering::Release);
+    }
+
+    /// Queue `index`'s vector, as the driver set it.
+    pub fn queue_vector(&self, index: usize) -> u16 {
+        self.queue_vectors.get(index).map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
+    }
+
+    pub fn set_queue_vector(&self, index: usize, vector: u16) {
+        if let Some(v) = self.queue_vectors.get(index) {
+            v.store(vector, Ordering::Release);
+        }
     }
 
     /// The eventfd registered as the irqfd.
@@ -61,14 +113,47 @@ impl VirtioInterrupt {
         let _ = self.line.write(1);
     }
 
-    /// The device put buffers in a used ring.
+    /// The device put buffers in the used ring of queue `index`.
+    pub fn signal_queue(&self, index: usize) {
+        match self.msix_enabled() {
+            Some(msix) => {
+                let vector = self.queue_vector(index);
+                if vector != NO_VECTOR {
+                    msix.fire(vector);
+                }
+            }
+            None => self.raise(ISR_QUEUE),
+        }
+    }
+
+    /// The device put buffers in used rings (of any of its queues).
     pub fn signal_used(&self) {
-        self.raise(ISR_QUEUE);
+        match self.msix_enabled() {
+            Some(msix) => {
+                let mut fired = 0u64;
+                for v in &self.queue_vectors {
+                    let vector = v.load(Ordering::Acquire);
+                    if usize::from(vector) < 64 && fired & (1 << vector) == 0 {
+                        fired |= 1 << vector;
+                        msix.fire(vector);
+                    }
+                }
+            }
+            None => self.raise(ISR_QUEUE),
+        }
     }
 
     /// The device's configuration changed (or it needs a reset).
     pub fn signal_config(&self) {
-        self.raise(ISR_CONFIG);
+        match self.msix_enabled() {
+            Some(msix) => {
+                let vector = self.config_vector();
+                if vector != NO_VECTOR {
+                    msix.fire(vector);
+                }
+            }
+            None => self.raise(ISR_CONFIG),
+        }
     }
 
     /// The driver broke the rules: the device stops and says it needs a reset.
@@ -95,10 +180,15 @@ impl VirtioInterrupt {
         }
     }
 
-    /// Device reset: nothing pending, no longer broken.
+    /// Device reset: nothing pending, no longer broken, no vectors assigned (the MSI-X table and its
+    /// enable bit are the PCI function's, which a virtio reset leaves alone).
     pub fn reset(&self) {
         self.isr.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
+        self.config_vector.store(NO_VECTOR, Ordering::Release);
+        for v in &self.queue_vectors {
+            v.store(NO_VECTOR, Ordering::Release);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The virtio 1.x modern PCI transport (virtio 1.2 §4.1): vendor 0x1AF4, device 0x1040 + type, one 32-bit
-//! memory BAR holding the common configuration, the ISR byte, the device configuration and the notify
-//! area, each announced by a vendor-specific capability. INTA# only (no MSI-X yet).
+//! memory BAR holding the common configuration, the ISR byte, the device configuration, the notify area
+//! (each announced by a vendor-specific capability) and the MSI-X table and pending bits ([`Msix`]: one
+//! vector per queue plus one for configuration changes); INTA# until the driver enables MSI-X.
 //!
 //! Notifications are KVM ioeventfds on the notify addresses (moved with the BAR), so a guest's queue kick
 //! never leaves the kernel; a write that does reach us (before registration, or without KVM in unit tests)
@@ -12,19 +13,23 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Activation, VirtioDevice, VirtioInterrupt};
+use super::{Activation, NO_VECTOR, VirtioDevice, VirtioInterrupt};
 use super::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1};
 use crate::pci::PciDevice;
 use crate::pci::config::{PciConfig, PciId};
+use crate::pci::msix::{GsiRouter, Msix};
 
 /// BAR 0 layout.
-pub const BAR_SIZE: u64 = 0x4000;
+pub const BAR_SIZE: u64 = 0x8000;
 const COMMON_OFFSET: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
 const ISR_OFFSET: u64 = 0x1000;
 const DEVICE_OFFSET: u64 = 0x2000;
 const DEVICE_LEN: u64 = 0x1000;
 const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_LEN: u64 = 0x1000;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
 /// Queue n is notified at NOTIFY_OFFSET + n * NOTIFY_MULTIPLIER.
 const NOTIFY_MULTIPLIER: u32 = 4;
 
@@ -34,9 +39,6 @@ const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
 const VENDOR_CAPABILITY: u8 = 0x09;
-
-/// "No MSI-X vector" in the vector registers.
-const NO_VECTOR: u16 = 0xFFFF;
 
 /// Where the transport registers its notify ioeventfds (absent in unit tests).
 struct IoEvents {
@@ -60,6 +62,9 @@ pub struct VirtioPci<D: VirtioDevice> {
     queues: Vec<Queue>,
     /// Whether the device is serving (DRIVER_OK reached and the queues handed over).
     active: bool,
+    msix: Arc<Msix>,
+    /// The configuration register holding MSI-X's message control (upper half).
+    msix_reg: usize,
 }
 
 fn vendor_capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
@@ -72,7 +77,7 @@ fn vendor_capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Ve
 
 impl<D: VirtioDevice> VirtioPci<D> {
     /// `device` with its BAR at `bar_address` and INTA# on `gsi`. With `vm`, notifications are
-    /// registered as ioeventfds.
+    /// registered as ioeventfds; with `router`, MSI-X vectors are irqfds on GSIs of their own.
     pub fn new(
         device: D,
         bar_address: u64,
@@ -80,7 +85,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
         interrupt: Arc<VirtioInterrupt>,
         mem: GuestMemoryMmap,
         vm: Option<Arc<VmFd>>,
-    ) -> Self {
+        router: Option<Arc<GsiRouter>>,
+    ) -> std::io::Result<Self> {
         let device_type = device.device_type();
         let mut config = PciConfig::new(PciId {
             vendor: 0x1AF4,
@@ -105,6 +111,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
             queues_len * u64::from(NOTIFY_MULTIPLIER),
             &NOTIFY_MULTIPLIER.to_le_bytes(),
         ));
+        let msix = Arc::new(Msix::new(queues_len as usize + 1, router)?);
+        let msix_reg = config.add_capability(&msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32)) / 4;
+        // Enable and function mask (message control bits 15 and 14).
+        config.set_writable(msix_reg, 0xC000_0000);
+        interrupt.set_msix(msix.clone());
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -123,13 +134,20 @@ impl<D: VirtioDevice> VirtioPci<D> {
             queue_select: 0,
             queues,
             active: false,
+            msix,
+            msix_reg,
         };
         transport.update_io_events();
-        transport
+        Ok(transport)
     }
 
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// The MSI-X vectors.
+    pub fn msix(&self) -> &Arc<Msix> {
+        &self.msix
     }
 
     pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
@@ -230,6 +248,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.active = true;
     }
 
+    fn vector(&self, v: u16) -> u16 {
+        if usize::from(v) < self.msix.count() { v } else { NO_VECTOR }
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(usize::from(self.queue_select))
     }
@@ -251,7 +273,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         b[0x04..0x08].copy_from_slice(&features.to_le_bytes());
         b[0x08..0x0C].copy_from_slice(&self.driver_feature_select.to_le_bytes());
         b[0x0C..0x10].copy_from_slice(&driver_features.to_le_bytes());
-        b[0x10..0x12].copy_from_slice(&NO_VECTOR.to_le_bytes());
+        b[0x10..0x12].copy_from_slice(&self.interrupt.config_vector().to_le_bytes());
         b[0x12..0x14].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
         let needs_reset = if self.interrupt.needs_reset() { VIRTIO_CONFIG_S_NEEDS_RESET as u8 } else { 0 };
         b[0x14] = self.status | needs_reset;
@@ -259,7 +281,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         b[0x16..0x18].copy_from_slice(&self.queue_select.to_le_bytes());
         if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
             b[0x18..0x1A].copy_from_slice(&q.size().to_le_bytes());
-            b[0x1A..0x1C].copy_from_slice(&NO_VECTOR.to_le_bytes());
+            b[0x1A..0x1C].copy_from_slice(&self.interrupt.queue_vector(usize::from(self.queue_select)).to_le_bytes());
             b[0x1C..0x1E].copy_from_slice(&u16::from(q.ready()).to_le_bytes());
             b[0x1E..0x20].copy_from_slice(&self.queue_select.to_le_bytes());
             b[0x20..0x28].copy_from_slice(&q.desc_table().to_le_bytes());
@@ -284,7 +306,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 1 => self.driver_features = (self.driver_features & 0xFFFF_FFFF) | (u64::from(v32) << 32),
                 _ => {}
             },
-            (0x10, 2) | (0x1A, 2) => {} // MSI-X vectors: none; reads stay NO_VECTOR
+            // MSI-X vectors: a value beyond the table reads back NO_VECTOR (the driver then knows).
+            (0x10, 2) => self.interrupt.set_config_vector(self.vector(v16)),
+            (0x1A, 2) if usize::from(self.queue_select) < self.queues.len() => {
+                self.interrupt.set_queue_vector(usize::from(self.queue_select), self.vector(v16))
+            }
             (0x14, 1) => self.set_status(value as u8),
             (0x16, 2) => self.queue_select = v16,
             (0x18, 2) if queue_writable => {
@@ -324,6 +350,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
         self.config.write(reg, offset, data);
+        if reg == self.msix_reg {
+            self.msix.write_control((self.config.read(reg) >> 16) as u16);
+        }
         self.update_io_events();
     }
 
@@ -342,6 +371,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_OFFSET, data)
             }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self.msix.read_table(o - MSIX_TABLE_OFFSET, data),
+            o if o >= MSIX_PBA_OFFSET => self.msix.read_pba(o - MSIX_PBA_OFFSET, data),
             _ => {}
         }
     }
@@ -356,7 +387,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
                 self.device.write_config(o - DEVICE_OFFSET, data)
             }
-            o if o >= NOTIFY_OFFSET => {
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
                 let queue = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
                 if (queue as usize) < self.queues.len()
                     && (o - NOTIFY_OFFSET).is_multiple_of(u64::from(NOTIFY_MULTIPLIER))
