@@ -427,6 +427,10 @@ impl Passt {
     pub fn spawn(nic: &str, mac: MacAddr, mtu: u16, forwards: &[PortForward]) -> Result<(Passt, Ipv4Addr), String> {
         let (ours, theirs) = UnixStream::pair().map_err(|e| format!("cannot create a socket pair for passt: {e}"))?;
         let fd = theirs.as_raw_fd();
+        // passt writes frames for the guest without waiting and drops those a full socket refuses (the guest
+        // then sees a gap and TCP re-sends): give its end the large buffers passt gives the sockets QEMU
+        // connects (it sets none on a socket handed over with --fd).
+        grow_socket_buffers(fd);
         let binary = passt_binary();
         let mut command = Command::new(&binary);
         command
@@ -545,6 +549,31 @@ impl Passt {
     /// The child's process id (0 when passt is not our child).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+/// Bytes of socket buffer passt's end of the socket pair gets (what the kernel allows of it).
+const PASST_SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+fn grow_socket_buffers(fd: RawFd) {
+    for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
+        let size = PASST_SOCKET_BUFFER;
+        let set = |option| {
+            // SAFETY: setsockopt reads an int from a live local.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) == 0
+            }
+        };
+        // Beyond net.core.[wr]mem_max only with CAP_NET_ADMIN; else as much as that allows.
+        if !set(force) {
+            set(plain);
+        }
     }
 }
 
