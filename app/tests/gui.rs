@@ -14,6 +14,9 @@ use porthole::backend::Backend;
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
+mod common;
+use common::*;
+
 fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
     let backend = Backend::new(|| {}).unwrap();
     let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
@@ -70,42 +73,6 @@ impl egui::DroppedFile for Dropped {
     fn bytes(&self) -> Result<Vec<u8>, String> {
         std::fs::read(&self.0).map_err(|e| e.to_string())
     }
-}
-
-fn disabled(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
-    use egui_kittest::kittest::NodeT;
-    h.get_by_label(label).accesskit_node().is_disabled()
-}
-
-fn has(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
-    h.query_all_by_label(label).next().is_some()
-}
-
-fn has_contains(h: &Harness<'static, PortholeApp>, part: &str) -> bool {
-    h.query_all_by_label_contains(part).next().is_some()
-}
-
-fn type_into(h: &mut Harness<'static, PortholeApp>, label: &str, text: &str) {
-    h.get_by_role_and_label(Role::TextInput, label).focus();
-    h.step();
-    h.get_by_role_and_label(Role::TextInput, label).type_text(text);
-    h.step();
-}
-
-fn click(h: &mut Harness<'static, PortholeApp>, label: &str) {
-    h.get_by_label(label).click();
-    h.step();
-    h.step();
-}
-
-/// Opens the combo box labelled `label` and picks `choice`.
-fn combo(h: &mut Harness<'static, PortholeApp>, label: &str, choice: &str) {
-    h.get_by_role_and_label(Role::ComboBox, label).click();
-    h.step();
-    h.step();
-    h.get_all_by_label(choice).last().expect("the choice").click();
-    h.step();
-    h.step();
 }
 
 fn serial_of(d: &Daemon) -> String {
