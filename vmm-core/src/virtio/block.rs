@@ -8,6 +8,11 @@
 //! resets it. A well-formed request that asks for something impossible (memory outside the guest's RAM,
 //! sectors past the end, a write to a read-only disk, buffers in the wrong direction, a short header)
 //! completes with VIRTIO_BLK_S_IOERR; an unknown type with VIRTIO_BLK_S_UNSUPP.
+//!
+//! DISCARD and WRITE_ZEROES (offered on writable drives) carry up to [`MAX_DISCARD_SEG`] ranges; a range
+//! past the end or longer than the configuration allows, a payload that is not whole ranges, or too many
+//! ranges complete with IOERR; an unknown flag (or UNMAP on a DISCARD) with UNSUPP, as the specification
+//! asks. Every range is checked before any is carried out.
 
 use std::collections::VecDeque;
 use std::num::Wrapping;
@@ -17,9 +22,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -39,6 +45,16 @@ pub const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Threads doing disk I/O per device: how many requests can be in flight at once.
 pub const IO_THREADS: usize = 4;
+/// Ranges per DISCARD or WRITE_ZEROES request (max_discard_seg, max_write_zeroes_seg).
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Sectors per range of a DISCARD or WRITE_ZEROES request (max_discard_sectors, max_write_zeroes_sectors):
+/// 1 GiB.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// What a DISCARD should be aligned to, in sectors (discard_sector_alignment): 64 KiB, qcow2's usual
+/// cluster and more than a file system's block.
+pub const DISCARD_ALIGNMENT: u32 = 128;
+/// Bytes of one range (struct virtio_blk_discard_write_zeroes).
+const RANGE_BYTES: u32 = 16;
 
 /// One validated request, waiting for an I/O thread.
 struct Job {
@@ -62,6 +78,11 @@ enum Kind {
     GetId {
         address: GuestAddress,
         len: u32,
+    },
+    /// DISCARD (`zeroes` false) or WRITE_ZEROES: the ranges are in the data segments.
+    Ranges {
+        zeroes: bool,
+        segments: Vec<(GuestAddress, u32)>,
     },
     /// Well-formed but impossible: completes with IOERR.
     Invalid(&'static str),
@@ -144,6 +165,12 @@ impl VirtioBlock {
         b[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         b[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         b[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        b[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+        b[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes()); // max_discard_seg
+        b[44..48].copy_from_slice(&DISCARD_ALIGNMENT.to_le_bytes()); // discard_sector_alignment
+        b[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        b[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes()); // max_write_zeroes_seg
+        b[56] = 1; // write_zeroes_may_unmap
         b
     }
 }
@@ -161,6 +188,8 @@ impl VirtioDevice for VirtioBlock {
             | (1 << VIRTIO_RING_F_EVENT_IDX);
         if self.shared.drive.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
@@ -400,6 +429,7 @@ impl Shared {
                 count(&stats.writes, 1)
             }
             (Kind::Flush, _) => count(&stats.flushes, 1),
+            (Kind::Ranges { .. }, _) => count(&stats.discards, 1),
             _ => 0,
         };
         let _ = job.mem.write_obj(status as u8, job.status);
@@ -456,6 +486,7 @@ impl Shared {
                     Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
+            Kind::Ranges { zeroes, segments } => self.ranges(&job.mem, *zeroes, segments),
             Kind::Invalid(why) => {
                 log::debug!("{}: request refused: {why}", self.drive.id);
                 (VIRTIO_BLK_S_IOERR, 0)
@@ -465,6 +496,57 @@ impl Shared {
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
         }
+    }
+
+    /// A DISCARD or WRITE_ZEROES: reads and checks every range, then carries them out.
+    fn ranges(&self, mem: &GuestMemoryMmap, zeroes: bool, segments: &[(GuestAddress, u32)]) -> (u32, u32) {
+        let Some(media) = self.drive.media() else { return (VIRTIO_BLK_S_IOERR, 0) };
+        if self.drive.read_only {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let total: u64 = segments.iter().map(|&(_, len)| u64::from(len)).sum();
+        if total == 0 || !total.is_multiple_of(u64::from(RANGE_BYTES)) || total > u64::from(MAX_DISCARD_SEG * RANGE_BYTES)
+        {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        // At most MAX_DISCARD_SEG ranges: a bounded buffer, whatever the segments claim.
+        let mut payload = vec![0u8; total as usize];
+        let mut at = 0;
+        for &(address, len) in segments {
+            let len = len as usize;
+            if mem.read_slice(&mut payload[at..at + len], address).is_err() {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            at += len;
+        }
+        let mut ranges = Vec::new();
+        for r in payload.chunks_exact(RANGE_BYTES as usize) {
+            let sector = u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]);
+            let sectors = u32::from_le_bytes([r[8], r[9], r[10], r[11]]);
+            let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
+            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (!zeroes && flags != 0) {
+                return (VIRTIO_BLK_S_UNSUPP, 0);
+            }
+            let start = sector.checked_mul(SECTOR_SIZE);
+            let len = u64::from(sectors) * SECTOR_SIZE;
+            let end = start.and_then(|s| s.checked_add(len));
+            match (start, end) {
+                (Some(start), Some(end)) if end <= media.backend.size() && sectors <= MAX_DISCARD_SECTORS => {
+                    ranges.push((start, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0));
+                }
+                _ => return (VIRTIO_BLK_S_IOERR, 0),
+            }
+        }
+        for (start, len, unmap) in ranges {
+            let result =
+                if zeroes { media.backend.write_zeroes(start, len, unmap) } else { media.backend.discard(start, len) };
+            if let Err(e) = result {
+                let what = if zeroes { "write-zeroes" } else { "discard" };
+                log::warn!("{}: {what} of {len} bytes at byte {start} failed: {e}", self.drive.id);
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
+        (VIRTIO_BLK_S_OK, 0)
     }
 
     fn transfer(
@@ -540,6 +622,10 @@ fn parse(
         VIRTIO_BLK_T_OUT if data.iter().all(|d| !d.is_write_only()) => Kind::Write { sector, segments: segments() },
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => Kind::Invalid("data buffers point the wrong way"),
         VIRTIO_BLK_T_FLUSH => Kind::Flush,
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if data.iter().all(|d| !d.is_write_only()) => {
+            Kind::Ranges { zeroes: kind == VIRTIO_BLK_T_WRITE_ZEROES, segments: segments() }
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => Kind::Invalid("range buffers point the wrong way"),
         VIRTIO_BLK_T_GET_ID => match data.first() {
             Some(d) if d.is_write_only() => Kind::GetId { address: d.addr(), len: d.len() },
             _ => Kind::Invalid("GET_ID without a device-writable buffer"),
@@ -754,6 +840,12 @@ mod tests {
             Ok(())
         }
         fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> std::io::Result<()> {
             Ok(())
         }
     }
