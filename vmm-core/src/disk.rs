@@ -317,6 +317,10 @@ type ImagoAccess = imago::FormatAccess<ImagoFile>;
 pub struct Qcow2Image {
     access: RwLock<ImagoAccess>,
     size: u64,
+    /// The image file again (writable images), to punch holes where discarded clusters were: imago frees
+    /// them for reuse but leaves the file's blocks allocated.
+    punch: Option<File>,
+    cluster_size: u64,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -333,7 +337,11 @@ impl Qcow2Image {
     }
 
     fn from_file(path: &Path, file: File, read_only: bool, backing: &[PathBuf]) -> Result<Self, DiskError> {
-        check_qcow2_tables(path, &file)?;
+        let cluster_size = check_qcow2_tables(path, &file)?;
+        let punch = match read_only {
+            true => None,
+            false => Some(file.try_clone().map_err(|source| DiskError::Open { path: path.to_owned(), source })?),
+        };
         if backing.len() > MAX_BACKING_DEPTH {
             return Err(DiskError::BackingTooDeep { path: path.to_owned(), depth: backing.len() });
         }
@@ -366,7 +374,8 @@ impl Qcow2Image {
                 ImageFormat::Raw if below.is_some() => return Err(DiskError::BackingOnRaw { path: p.to_owned() }),
                 ImageFormat::Raw => {
                     use imago::FormatDriverBuilder;
-                    let raw = imago::raw::Raw::builder(storage).write(false).open(imago::DenyImplicitOpenGate::default());
+                    let raw =
+                        imago::raw::Raw::builder(storage).write(false).open(imago::DenyImplicitOpenGate::default());
                     imago::FormatAccess::new(raw.map_err(|e| image_err(p, format, &e))?)
                 }
                 ImageFormat::Qcow2 => open_qcow2(p, storage, false, below.take())?,
@@ -375,7 +384,41 @@ impl Qcow2Image {
         let storage = imago_storage(path, file, !read_only, ImageFormat::Qcow2)?;
         let access = open_qcow2(path, storage, !read_only, below)?;
         let size = access.size() - access.size() % SECTOR_SIZE;
-        Ok(Qcow2Image { access: RwLock::new(access), size })
+        Ok(Qcow2Image { access: RwLock::new(access), size, punch, cluster_size })
+    }
+
+    /// Discards `len` bytes at `offset` (they read as zeros afterwards) and gives the host the space of
+    /// every whole cluster of this image in the range that only this image's current state used (clusters
+    /// shared with an internal snapshot are not writable in place, and are left alone).
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut access = self.access_mut();
+        let mut freed = Vec::new();
+        if self.punch.is_some() && self.cluster_size > 0 {
+            let cs = self.cluster_size;
+            let (mut at, end) = (offset.next_multiple_of(cs), offset.saturating_add(len) / cs * cs);
+            while at < end {
+                let (mapping, n) = access.get_shallow_mapping(at, end - at)?;
+                if n == 0 {
+                    break;
+                }
+                if let imago::ShallowMapping::Raw { offset: host, writable: true, .. } = mapping {
+                    freed.push((host, n));
+                }
+                at += n;
+            }
+        }
+        access.discard_to_zero(offset, len)?;
+        if let Some(file) = &self.punch {
+            for (host, n) in freed {
+                let (Ok(host), Ok(n)) = (libc::off_t::try_from(host), libc::off_t::try_from(n)) else { continue };
+                // SAFETY: fallocate on a descriptor we own; no memory is passed. Advisory: the clusters
+                // are zero or free already, so a file system that cannot punch holes changes nothing.
+                unsafe {
+                    libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, host, n)
+                };
+            }
+        }
+        Ok(())
     }
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, ImagoAccess> {
@@ -390,7 +433,8 @@ impl Qcow2Image {
 /// Refuses a qcow2 image whose L1 or refcount table lies past the end of the file (a truncated image:
 /// imago would read the missing tables as zeros, i.e. an empty disk). Data clusters or L2 tables past the
 /// end are not looked for (that takes a walk of every L2 table); imago reads them as zeros.
-fn check_qcow2_tables(path: &Path, file: &File) -> Result<(), DiskError> {
+/// Returns the cluster size (0 when the file is not qcow2 at all: imago says what is wrong).
+fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     use std::os::unix::fs::FileExt;
     let broken = |reason: String| DiskError::Image { path: path.to_owned(), format: ImageFormat::Qcow2, reason };
     let mut h = [0u8; 64];
@@ -400,7 +444,7 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<(), DiskError> {
     }
     file.read_exact_at(&mut h, 0).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
     if h[..4] != QCOW2_MAGIC {
-        return Ok(()); // imago says what is wrong
+        return Ok(0); // imago says what is wrong
     }
     let be32 = |at: usize| u64::from(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]));
     let be64 = |at: usize| (be32(at) << 32) | be32(at + 4);
@@ -408,10 +452,7 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<(), DiskError> {
     if !(9..=21).contains(&cluster_bits) {
         return Err(broken(format!("cluster_bits {cluster_bits} is out of range")));
     }
-    let tables = [
-        ("L1 table", be64(40), be32(36) * 8),
-        ("refcount table", be64(48), be32(56) << cluster_bits),
-    ];
+    let tables = [("L1 table", be64(40), be32(36) * 8), ("refcount table", be64(48), be32(56) << cluster_bits)];
     for (what, offset, size) in tables {
         if offset.checked_add(size).is_none_or(|end| end > len) {
             return Err(broken(format!(
@@ -419,7 +460,7 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<(), DiskError> {
             )));
         }
     }
-    Ok(())
+    Ok(1 << cluster_bits)
 }
 
 fn image_err(path: &Path, format: ImageFormat, e: &io::Error) -> DiskError {
@@ -471,11 +512,11 @@ impl DiskBackend for Qcow2Image {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.access_mut().discard_to_zero(offset, len)
+        self.unmap(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        if unmap { self.access_mut().discard_to_zero(offset, len) } else { self.access().write_zeroes(offset, len) }
+        if unmap { self.unmap(offset, len) } else { self.access().write_zeroes(offset, len) }
     }
 }
 
@@ -621,7 +662,6 @@ impl Drive {
     }
 }
 
-
 /// qemu-img, the outside peer of the qcow2 tests.
 #[cfg(test)]
 pub(crate) mod qemu {
@@ -662,9 +702,7 @@ pub(crate) mod qemu {
 
     /// A pattern that differs in every sector, with a hole (zeros) in its second quarter.
     pub fn pattern(len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| if (len / 4..len / 2).contains(&i) { 0 } else { (i / 512 * 31 + i % 509) as u8 })
-            .collect()
+        (0..len).map(|i| if (len / 4..len / 2).contains(&i) { 0 } else { (i / 512 * 31 + i % 509) as u8 }).collect()
     }
 }
 
