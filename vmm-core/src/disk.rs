@@ -870,7 +870,7 @@ mod tests {
         assert_eq!(forced.size(), file_len - file_len % SECTOR_SIZE, "format=raw serves the file as it is");
         // A raw image given a backing file is refused; a raw file forced to qcow2 gets imago's reason.
         let raw = dir.join("d.raw");
-        assert!(matches!(open_image(&raw, true, None, &[q.clone()]), Err(DiskError::BackingOnRaw { .. })));
+        assert!(matches!(open_image(&raw, true, None, std::slice::from_ref(&q)), Err(DiskError::BackingOnRaw { .. })));
         let err = open_image(&raw, true, Some(ImageFormat::Qcow2), &[]).err().unwrap();
         assert!(matches!(err, DiskError::Image { .. }), "{err}");
         eprintln!("raw forced to qcow2: {err}");
@@ -970,7 +970,7 @@ mod tests {
         assert_eq!(read_all(image.as_ref()).unwrap(), qemu::pattern(1 << 20));
         drop(image);
         // Only part of it: the rest would be an implicit open.
-        let err = open_image(&top, false, None, &[mid.clone()]).err().unwrap();
+        let err = open_image(&top, false, None, std::slice::from_ref(&mid)).err().unwrap();
         assert!(matches!(err, DiskError::Image { .. }), "{err}");
         // The image itself, or a layer twice (through another name too), is a loop.
         let link = dir.join("link.qcow2");
