@@ -114,6 +114,7 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
         libc::SYS_preadv,
         libc::SYS_pwritev,
         libc::SYS_fallocate,
+        libc::SYS_fstatfs, // imago, when it opens a file (its discard alignment)
         libc::SYS_fdatasync,
         libc::SYS_fsync,
         // Opening media (control threads; see `control_open_filter`).

@@ -463,3 +463,26 @@ fn flushed_writes_to_qcow2_survive_kill_9() {
         assert!(after[sector * 512..(sector + 1) * 512].iter().all(|&b| b == 0), "sector {sector} was never written");
     }
 }
+
+/// qcow2 media attached through the control socket while the VM runs (the open happens under the control
+/// threads' seccomp filter): the guest reads what qemu-img put in it; an image naming a backing file is
+/// refused with the reason, and the VM carries on.
+#[test]
+fn qcow2_media_can_be_attached_while_running() {
+    let dir = Scratch::new("blk-qcow2-media");
+    let (raw, bytes) = image(&dir, "m.raw", 40, 0x33);
+    let q = dir.path("m.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", s(&raw), s(&q)]);
+    let evil = dir.path("evil.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw", s(&evil), "1M"]);
+    let vm =
+        Running::start("blk-qcow2-media-vm", &["--disk", ",removable", "--cmdline", "wait-media read=0,8 read=39,1"]);
+    let mut c = vm.client();
+    let err = c.request(&Request::AttachMedia { path: evil.clone(), drive: None }).unwrap_err();
+    assert!(err.to_string().contains("denied") && err.to_string().contains("/etc/shadow"), "{err}");
+    c.request(&Request::AttachMedia { path: q.clone(), drive: None }).unwrap();
+    let out = vm.wait_for(|o| o.contains("BLK done"));
+    assert!(out.contains("BLK media disk=0 capacity=40\n"), "{out}");
+    assert!(out.contains(&format!("sector=0 count=8 status=0 sum={}\n", fnv(&bytes[..8 * 512]))), "{out}");
+    assert!(out.contains(&format!("sector=39 count=1 status=0 sum={}\n", fnv(&bytes[39 * 512..]))), "{out}");
+}

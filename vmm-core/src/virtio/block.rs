@@ -1096,11 +1096,36 @@ mod tests {
             assert_eq!(nonzero, None, "{path:?}: discarded and zeroed ranges read as zeros");
             let after = used(path);
             eprintln!("{path:?}: {full} bytes used before, {after} after");
-            assert!(after + (4 << 20) <= full, "{path:?}: the 4 MiB unmapped came back ({full} -> {after})");
+            // Give or take a cluster of qcow2 metadata written meanwhile.
+            let slack = if path == &q { 64 << 10 } else { 0 };
+            assert!(after + (4 << 20) <= full + slack, "{path:?}: the 4 MiB unmapped came back ({full} -> {after})");
             assert_eq!(d.drive().stats.discards.load(Ordering::Relaxed), 3);
         }
         qemu::check(&q);
         qemu::img(&["compare", "-q", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), raw.to_str().unwrap()]);
+    }
+
+    /// A discard on an image with an internal snapshot (qemu-img snapshot -c) frees nothing the snapshot
+    /// still uses: the snapshot reads back whole, and qemu-img check finds the image clean.
+    #[test]
+    fn discards_leave_internal_snapshots_whole() {
+        let dir = Scratch::new("snapshot-discard");
+        let content = qemu::pattern(2 << 20);
+        let raw = dir.path("p.raw");
+        std::fs::write(&raw, &content).unwrap();
+        let q = dir.path("s.qcow2");
+        qemu::img(&["convert", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]);
+        qemu::img(&["snapshot", "-c", "before", q.to_str().unwrap()]);
+        let mut d = driver_on(&q, &[]);
+        assert_eq!(ranges(&mut d, T_DISCARD, &[(0, 4096, 0)]), 0);
+        assert_eq!(one(&mut d, 3, T_FLUSH, 0, 0), (0, 1));
+        assert!(read_disk(&mut d).iter().all(|&b| b == 0), "the active state reads as zeros");
+        drop(d);
+        qemu::check(&q);
+        let back = dir.path("back.raw");
+        let (qs, bs) = (q.to_str().unwrap(), back.to_str().unwrap());
+        qemu::img(&["convert", "-l", "snapshot.name=before", "-O", "raw", qs, bs]);
+        assert!(std::fs::read(&back).unwrap() == content, "the snapshot still holds the image as it was");
     }
 
     /// Malformed DISCARD / WRITE_ZEROES requests: IOERR or UNSUPP as the specification says, nothing
