@@ -369,6 +369,9 @@ impl Qcow2Image {
         let mut below: Option<ImagoAccess> = None;
         for (p, f) in layers.into_iter().rev() {
             let format = detect_format(&f).map_err(|source| DiskError::Open { path: p.to_owned(), source })?;
+            if format == ImageFormat::Qcow2 {
+                check_qcow2_tables(p, &f)?;
+            }
             let storage = imago_storage(p, f, false, format)?;
             below = Some(match format {
                 ImageFormat::Raw if below.is_some() => return Err(DiskError::BackingOnRaw { path: p.to_owned() }),
@@ -430,10 +433,11 @@ impl Qcow2Image {
     }
 }
 
-/// Refuses a qcow2 image whose L1 or refcount table lies past the end of the file (a truncated image:
-/// imago would read the missing tables as zeros, i.e. an empty disk). Data clusters or L2 tables past the
-/// end are not looked for (that takes a walk of every L2 table); imago reads them as zeros.
-/// Returns the cluster size (0 when the file is not qcow2 at all: imago says what is wrong).
+/// Refuses a truncated qcow2 image: its L1 or refcount table, an L2 table, or the start of a data or
+/// compressed cluster past the end of the file (imago reads whatever lies past the end as zeros, so a cut
+/// image would otherwise look like one whose data were zeroed). The walk reads every L2 table once (at most
+/// the file's own size). Returns the cluster size (0 when the file is not qcow2 at all: imago says what is
+/// wrong).
 fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     use std::os::unix::fs::FileExt;
     let broken = |reason: String| DiskError::Image { path: path.to_owned(), format: ImageFormat::Qcow2, reason };
@@ -452,6 +456,10 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     if !(9..=21).contains(&cluster_bits) {
         return Err(broken(format!("cluster_bits {cluster_bits} is out of range")));
     }
+    // QEMU's own limits on the tables (32 MiB of L1, 8 MiB of refcount table): nothing larger is read.
+    if be32(36) * 8 > 32 << 20 || be32(56) << cluster_bits > 8 << 20 {
+        return Err(broken(format!("its L1 ({} entries) or refcount table is larger than QEMU allows", be32(36))));
+    }
     let tables = [("L1 table", be64(40), be32(36) * 8), ("refcount table", be64(48), be32(56) << cluster_bits)];
     for (what, offset, size) in tables {
         if offset.checked_add(size).is_none_or(|end| end > len) {
@@ -460,7 +468,52 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
             )));
         }
     }
-    Ok(1 << cluster_bits)
+    let cluster_size = 1u64 << cluster_bits;
+    // Version 3 headers say whether L2 entries are extended (16 bytes, subcluster bitmaps after the entry).
+    let mut entry_size = 8;
+    if be32(4) >= 3 {
+        let mut v3 = [0u8; 8];
+        file.read_exact_at(&mut v3, 72).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+        if u64::from_be_bytes(v3) & (1 << 4) != 0 {
+            entry_size = 16;
+        }
+    }
+    const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    let read = |offset: u64, size: u64| -> Result<Vec<u8>, DiskError> {
+        let mut buf = vec![0u8; size as usize];
+        file.read_exact_at(&mut buf, offset).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+        Ok(buf)
+    };
+    let entries = |buf: &[u8], stride: usize| -> Vec<u64> {
+        buf.chunks_exact(stride).map(|e| u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])).collect()
+    };
+    let compressed_bits = 62 - (cluster_bits - 8);
+    for (i, l1) in entries(&read(be64(40), be32(36) * 8)?, 8).into_iter().enumerate() {
+        let l2 = l1 & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        if l2.checked_add(cluster_size).is_none_or(|end| end > len) {
+            return Err(broken(format!(
+                "L2 table {i} (at {l2}) lies past the end of the file ({len} bytes): truncated?"
+            )));
+        }
+        for (j, e) in entries(&read(l2, cluster_size)?, entry_size).into_iter().enumerate() {
+            let (what, host) = if e & (1 << 62) != 0 {
+                ("compressed cluster", e & ((1 << compressed_bits) - 1))
+            } else {
+                ("data cluster", e & OFFSET_MASK)
+            };
+            if host != 0 && host >= len {
+                let guest = ((i as u64 * (cluster_size / entry_size as u64)) + j as u64) * cluster_size;
+                return Err(broken(format!(
+                    "the {what} of guest offset {guest} (at {host}) lies past the end of the file ({len} bytes): \
+                     truncated?"
+                )));
+            }
+        }
+    }
+    Ok(cluster_size)
 }
 
 fn image_err(path: &Path, format: ImageFormat, e: &io::Error) -> DiskError {
@@ -943,9 +996,8 @@ mod tests {
         let err = open_image(&q, true, None, &[]).err().expect("a 100-byte qcow2 is refused");
         assert!(matches!(err, DiskError::Image { format: ImageFormat::Qcow2, .. }), "{err}");
         eprintln!("100 bytes: {err}");
-        // Its tables cut off: refused when opened (imago alone would read the missing tables as zeros).
-        // Data clusters cut off are not found at open: see `check_qcow2_tables`.
-        for len in [4096, 196_612] {
+        // Its tables or data cut off: refused when opened (imago alone would read what is missing as zeros).
+        for len in [4096, 196_612, full.len() / 2, full.len() - 65536] {
             std::fs::write(&q, &full[..len]).unwrap();
             let err = open_image(&q, false, None, &[]).err().expect("a qcow2 without its tables is refused");
             assert!(matches!(err, DiskError::Image { format: ImageFormat::Qcow2, .. }), "{err}");
