@@ -71,7 +71,7 @@ pub const MAX_DRIVES: usize = 8;
 /// Longest drive serial number (virtio-blk's GET_ID answer).
 pub const MAX_SERIAL: usize = 20;
 
-/// A disk (a raw image on virtio-blk) or a CD/DVD drive (an ISO or nothing, on virtio-scsi; read-only).
+/// A disk (a raw or qcow2 image on virtio-blk) or a CD/DVD drive (an ISO or nothing, on virtio-scsi; read-only).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
@@ -91,13 +91,20 @@ pub struct DriveConfig {
     /// drive's id ("disk0", "cdrom0", …).
     #[serde(default)]
     pub serial: Option<String>,
+    /// The image's format; by default the one its first bytes say (qcow2's magic, or raw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::disk::ImageFormat>,
+    /// A qcow2 image's backing chain as recorded by whoever made it, nearest first. Backing files named
+    /// inside an image are never opened on the image's word.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing: Vec<PathBuf>,
 }
 
 impl std::str::FromStr for DriveConfig {
     type Err = ConfigError;
 
-    /// Parses the `--disk` form: `PATH[,readonly][,removable][,serial=S]` (a removable disk may start
-    /// empty: `,removable`).
+    /// Parses the `--disk` form: `PATH[,readonly][,removable][,serial=S][,format=raw|qcow2][,backing=P]…`
+    /// (a removable disk may start empty: `,removable`; `backing=` once per layer, nearest first).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let path = parts.next().unwrap_or_default();
@@ -107,6 +114,10 @@ impl std::str::FromStr for DriveConfig {
                 None if option == "readonly" || option == "ro" => drive.read_only = true,
                 None if option == "removable" => drive.removable = true,
                 Some(("serial", serial)) => drive.serial = Some(serial.to_owned()),
+                Some(("format", f)) => {
+                    drive.format = Some(f.parse().map_err(|()| ConfigError::DriveSpec(s.to_owned()))?)
+                }
+                Some(("backing", b)) if !b.is_empty() => drive.backing.push(PathBuf::from(b)),
                 _ => return Err(ConfigError::DriveSpec(s.to_owned())),
             }
         }
@@ -123,7 +134,7 @@ impl std::str::FromStr for DriveConfig {
 impl DriveConfig {
     /// A CD/DVD drive holding `path` (or empty).
     pub fn cdrom(path: Option<PathBuf>) -> Self {
-        DriveConfig { path, read_only: true, removable: true, cdrom: true, serial: None }
+        DriveConfig { path, read_only: true, removable: true, cdrom: true, ..Default::default() }
     }
 }
 
@@ -328,7 +339,7 @@ pub enum ConfigError {
     PasswordWithoutVnc,
     #[error("configuration file {path:?}: {reason}")]
     ConfigFile { path: PathBuf, reason: String },
-    #[error("drive {0:?} is not PATH[,readonly][,removable][,serial=S]")]
+    #[error("drive {0:?} is not PATH[,readonly][,removable][,serial=S][,format=raw|qcow2][,backing=PATH]...")]
     DriveSpec(String),
     #[error("network: {0}")]
     Net(#[from] crate::net::NetError),
@@ -584,9 +595,15 @@ mod tests {
                 read_only: true,
                 removable: false,
                 cdrom: false,
-                serial: Some("XY-1".into())
+                serial: Some("XY-1".into()),
+                ..Default::default()
             }
         );
+        let d: DriveConfig = "/o.qcow2,format=qcow2,backing=/m.qcow2,backing=/b.img".parse().unwrap();
+        assert_eq!(d.format, Some(crate::disk::ImageFormat::Qcow2));
+        assert_eq!(d.backing, [PathBuf::from("/m.qcow2"), PathBuf::from("/b.img")]);
+        assert!("/o.img,format=vmdk".parse::<DriveConfig>().is_err());
+        assert!("/o.img,backing=".parse::<DriveConfig>().is_err());
         assert!("".parse::<DriveConfig>().is_err());
         let empty: DriveConfig = ",removable".parse().unwrap();
         assert_eq!((empty.path, empty.removable, empty.read_only, empty.cdrom), (None, true, true, false));

@@ -32,7 +32,45 @@ pub trait DiskBackend: Send + Sync {
     fn write_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Tells the image that `len` bytes at `offset` are no longer needed: their space may be freed, and
+    /// they read back as zeros afterwards (on a qcow2 overlay too: the backing image does not show through).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros; with `unmap`, their space may be freed as well.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
 }
+
+/// The on-disk formats Porthole serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            _ => Err(()),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// The first bytes of every qcow2 image.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+/// The longest backing chain accepted below an image.
+pub const MAX_BACKING_DEPTH: usize = 16;
 
 /// A raw image file: sector n of the guest is bytes n*512.. of the file. Never grows the file.
 #[derive(Debug)]
@@ -60,40 +98,100 @@ pub enum DiskError {
     NoSuchDrive(String),
     #[error("this VM has no removable drive")]
     NoRemovableDrive,
+    #[error("disk image {path:?} cannot be used as {format}: {reason}")]
+    Image { path: PathBuf, format: ImageFormat, reason: String },
+    #[error("disk image {path:?} is raw: a raw image has no backing file")]
+    BackingOnRaw { path: PathBuf },
+    #[error("the backing chain of {path:?} holds {path_again:?} twice (a loop)")]
+    BackingLoop { path: PathBuf, path_again: PathBuf },
+    #[error("the backing chain of {path:?} is {depth} images deep; at most {MAX_BACKING_DEPTH} are accepted")]
+    BackingTooDeep { path: PathBuf, depth: usize },
+}
+
+/// Opens `path` (read-write unless `read_only`), checks it is a regular file or block device of at least
+/// a sector (unless read-only) and locks it: shared when read-only, exclusive otherwise, so that two VMs
+/// cannot write one image. Returns the file and its size in bytes.
+fn open_locked(path: &Path, read_only: bool) -> Result<(File, u64), DiskError> {
+    let open_err = |source| DiskError::Open { path: path.to_owned(), source };
+    let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    let size = if meta.is_file() {
+        meta.len()
+    } else {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_block_device() {
+            return Err(DiskError::NotAFile { path: path.to_owned() });
+        }
+        let mut f = &file;
+        io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(open_err)?
+    };
+    // A writable disk must hold at least a sector; read-only media may be anything, even empty (a blank
+    // or broken ISO: the guest sees no readable sector, and its firmware says so).
+    if size < SECTOR_SIZE && !read_only {
+        return Err(DiskError::Empty { path: path.to_owned() });
+    }
+    let how = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            DiskError::Locked { path: path.to_owned() }
+        } else {
+            open_err(e)
+        });
+    }
+    Ok((file, size))
+}
+
+/// The format of an open image, from its first bytes: qcow2 when they are qcow2's magic, raw otherwise.
+fn detect_format(file: &File) -> io::Result<ImageFormat> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match file.read_at(&mut magic[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(if got == magic.len() && magic == QCOW2_MAGIC { ImageFormat::Qcow2 } else { ImageFormat::Raw })
+}
+
+/// The format of the image at `path` (qcow2 when it starts with qcow2's magic, raw otherwise).
+pub fn probe_format(path: &Path) -> Result<ImageFormat, DiskError> {
+    let file = File::open(path).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+    detect_format(&file).map_err(|source| DiskError::Open { path: path.to_owned(), source })
+}
+
+/// Opens the image at `path` as `format` (or the format its first bytes say), on `backing`: the backing
+/// chain below it as the caller recorded it, nearest first. A backing file named inside an image is
+/// never opened on the image's word: a qcow2 image whose header names one that `backing` does not give
+/// is refused.
+pub fn open_image(
+    path: &Path,
+    read_only: bool,
+    format: Option<ImageFormat>,
+    backing: &[PathBuf],
+) -> Result<Arc<dyn DiskBackend>, DiskError> {
+    let (file, size) = open_locked(path, read_only)?;
+    let format = match format {
+        Some(f) => f,
+        None => detect_format(&file).map_err(|source| DiskError::Open { path: path.to_owned(), source })?,
+    };
+    Ok(match format {
+        ImageFormat::Raw if !backing.is_empty() => return Err(DiskError::BackingOnRaw { path: path.to_owned() }),
+        ImageFormat::Raw => Arc::new(RawImage { file, size: size - size % SECTOR_SIZE }),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::from_file(path, file, read_only, backing)?),
+    })
 }
 
 impl RawImage {
     /// Opens `path` read-write, or read-only with `read_only`. The file is locked (shared when read-only,
     /// exclusive otherwise) so that two VMs cannot write one image.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
-        let open_err = |source| DiskError::Open { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        let size = if meta.is_file() {
-            meta.len()
-        } else {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_block_device() {
-                return Err(DiskError::NotAFile { path: path.to_owned() });
-            }
-            let mut f = &file;
-            io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(open_err)?
-        };
-        // A writable disk must hold at least a sector; read-only media may be anything, even empty (a blank
-        // or broken ISO: the guest sees no readable sector, and its firmware says so).
-        if size < SECTOR_SIZE && !read_only {
-            return Err(DiskError::Empty { path: path.to_owned() });
-        }
-        let how = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                DiskError::Locked { path: path.to_owned() }
-            } else {
-                open_err(e)
-            });
-        }
+        let (file, size) = open_locked(path, read_only)?;
         Ok(RawImage { file, size: size - size % SECTOR_SIZE })
     }
 }
@@ -160,6 +258,319 @@ impl DiskBackend for RawImage {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            other => return other,
+        }
+        // The file system zeroes no ranges: write zeros, a bounded buffer at a time.
+        const CHUNK: u64 = 64 * 1024;
+        let mut zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            // SAFETY: `zeros` is a live buffer of at least `n` bytes; pwrite only reads it.
+            unsafe { self.positional_io(Direction::Write, zeros.as_mut_ptr(), n, offset + done)? };
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl RawImage {
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        loop {
+            // SAFETY: fallocate on a descriptor we own; no memory is passed.
+            if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+type ImagoFile = imago::file::File;
+type ImagoAccess = imago::FormatAccess<ImagoFile>;
+
+/// A qcow2 image (on the `imago` crate), on the backing chain its opener gave. Reads and writes go
+/// between the image and guest memory directly; discards take the image for themselves (freeing clusters
+/// that a concurrent request could still be using is imago's documented hazard).
+pub struct Qcow2Image {
+    access: RwLock<ImagoAccess>,
+    size: u64,
+    /// The image file again (writable images), to punch holes where discarded clusters were: imago frees
+    /// them for reuse but leaves the file's blocks allocated.
+    punch: Option<File>,
+    cluster_size: u64,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image").field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image at `path` on the backing chain `backing` (nearest first; see [`open_image`]).
+    pub fn open(path: &Path, read_only: bool, backing: &[PathBuf]) -> Result<Self, DiskError> {
+        let (file, _) = open_locked(path, read_only)?;
+        Self::from_file(path, file, read_only, backing)
+    }
+
+    fn from_file(path: &Path, file: File, read_only: bool, backing: &[PathBuf]) -> Result<Self, DiskError> {
+        let cluster_size = check_qcow2_tables(path, &file)?;
+        let punch = match read_only {
+            true => None,
+            false => Some(file.try_clone().map_err(|source| DiskError::Open { path: path.to_owned(), source })?),
+        };
+        if backing.len() > MAX_BACKING_DEPTH {
+            return Err(DiskError::BackingTooDeep { path: path.to_owned(), depth: backing.len() });
+        }
+        // Every layer is a different file (device and inode), or the chain is a loop; found before any
+        // backing file is opened (or locked).
+        let id = |m: io::Result<std::fs::Metadata>, p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            m.map(|m| (m.dev(), m.ino())).map_err(|source| DiskError::Open { path: p.to_owned(), source })
+        };
+        let mut seen = vec![id(file.metadata(), path)?];
+        for p in backing {
+            let this = id(std::fs::metadata(p), p)?;
+            if seen.contains(&this) {
+                return Err(DiskError::BackingLoop { path: path.to_owned(), path_again: p.clone() });
+            }
+            seen.push(this);
+        }
+        let mut layers = Vec::new();
+        for p in backing {
+            let (f, _) = open_locked(p, true)?;
+            layers.push((p.as_path(), f));
+        }
+        // From the bottom up: each layer is opened on the one below it, and none may open anything on its
+        // own (implicit opens denied).
+        let mut below: Option<ImagoAccess> = None;
+        for (p, f) in layers.into_iter().rev() {
+            let format = detect_format(&f).map_err(|source| DiskError::Open { path: p.to_owned(), source })?;
+            if format == ImageFormat::Qcow2 {
+                check_qcow2_tables(p, &f)?;
+            }
+            let storage = imago_storage(p, f, false, format)?;
+            below = Some(match format {
+                ImageFormat::Raw if below.is_some() => return Err(DiskError::BackingOnRaw { path: p.to_owned() }),
+                ImageFormat::Raw => {
+                    use imago::FormatDriverBuilder;
+                    let raw =
+                        imago::raw::Raw::builder(storage).write(false).open(imago::DenyImplicitOpenGate::default());
+                    imago::FormatAccess::new(raw.map_err(|e| image_err(p, format, &e))?)
+                }
+                ImageFormat::Qcow2 => open_qcow2(p, storage, false, below.take())?,
+            });
+        }
+        let storage = imago_storage(path, file, !read_only, ImageFormat::Qcow2)?;
+        let access = open_qcow2(path, storage, !read_only, below)?;
+        let size = access.size() - access.size() % SECTOR_SIZE;
+        Ok(Qcow2Image { access: RwLock::new(access), size, punch, cluster_size })
+    }
+
+    /// Discards `len` bytes at `offset` (they read as zeros afterwards) and gives the host the space of
+    /// every whole cluster of this image in the range that only this image's current state used (clusters
+    /// shared with an internal snapshot are not writable in place, and are left alone).
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut access = self.access_mut();
+        let mut freed = Vec::new();
+        if self.punch.is_some() && self.cluster_size > 0 {
+            let cs = self.cluster_size;
+            let (mut at, end) = (offset.next_multiple_of(cs), offset.saturating_add(len) / cs * cs);
+            while at < end {
+                let (mapping, n) = access.get_shallow_mapping(at, end - at)?;
+                if n == 0 {
+                    break;
+                }
+                if let imago::ShallowMapping::Raw { offset: host, writable: true, .. } = mapping {
+                    freed.push((host, n));
+                }
+                at += n;
+            }
+        }
+        access.discard_to_zero(offset, len)?;
+        if let Some(file) = &self.punch {
+            for (host, n) in freed {
+                let (Ok(host), Ok(n)) = (libc::off_t::try_from(host), libc::off_t::try_from(n)) else { continue };
+                // SAFETY: fallocate on a descriptor we own; no memory is passed. Advisory: the clusters
+                // are zero or free already, so a file system that cannot punch holes changes nothing.
+                unsafe {
+                    libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, host, n)
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn access(&self) -> std::sync::RwLockReadGuard<'_, ImagoAccess> {
+        self.access.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn access_mut(&self) -> std::sync::RwLockWriteGuard<'_, ImagoAccess> {
+        self.access.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Refuses a truncated qcow2 image: its L1 or refcount table, an L2 table, or the start of a data or
+/// compressed cluster past the end of the file (imago reads whatever lies past the end as zeros, so a cut
+/// image would otherwise look like one whose data were zeroed). The walk reads every L2 table once (at most
+/// the file's own size). Returns the cluster size (0 when the file is not qcow2 at all: imago says what is
+/// wrong).
+fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
+    use std::os::unix::fs::FileExt;
+    let broken = |reason: String| DiskError::Image { path: path.to_owned(), format: ImageFormat::Qcow2, reason };
+    let mut h = [0u8; 64];
+    let len = file.metadata().map_err(|source| DiskError::Open { path: path.to_owned(), source })?.len();
+    if len < h.len() as u64 {
+        return Err(broken(format!("the file holds {len} bytes, less than a qcow2 header")));
+    }
+    file.read_exact_at(&mut h, 0).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+    if h[..4] != QCOW2_MAGIC {
+        return Ok(0); // imago says what is wrong
+    }
+    let be32 = |at: usize| u64::from(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]));
+    let be64 = |at: usize| (be32(at) << 32) | be32(at + 4);
+    let cluster_bits = be32(20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(broken(format!("cluster_bits {cluster_bits} is out of range")));
+    }
+    // QEMU's own limits on the tables (32 MiB of L1, 8 MiB of refcount table): nothing larger is read.
+    if be32(36) * 8 > 32 << 20 || be32(56) << cluster_bits > 8 << 20 {
+        return Err(broken(format!("its L1 ({} entries) or refcount table is larger than QEMU allows", be32(36))));
+    }
+    let tables = [("L1 table", be64(40), be32(36) * 8), ("refcount table", be64(48), be32(56) << cluster_bits)];
+    for (what, offset, size) in tables {
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(broken(format!(
+                "its {what} ({size} bytes at {offset}) lies past the end of the file ({len} bytes): truncated?"
+            )));
+        }
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    // Version 3 headers say whether L2 entries are extended (16 bytes, subcluster bitmaps after the entry).
+    let mut entry_size = 8;
+    if be32(4) >= 3 {
+        let mut v3 = [0u8; 8];
+        file.read_exact_at(&mut v3, 72).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+        if u64::from_be_bytes(v3) & (1 << 4) != 0 {
+            entry_size = 16;
+        }
+    }
+    const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    let read = |offset: u64, size: u64| -> Result<Vec<u8>, DiskError> {
+        let mut buf = vec![0u8; size as usize];
+        file.read_exact_at(&mut buf, offset).map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+        Ok(buf)
+    };
+    let entries = |buf: &[u8], stride: usize| -> Vec<u64> {
+        buf.chunks_exact(stride).map(|e| u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])).collect()
+    };
+    let compressed_bits = 62 - (cluster_bits - 8);
+    for (i, l1) in entries(&read(be64(40), be32(36) * 8)?, 8).into_iter().enumerate() {
+        let l2 = l1 & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        if l2.checked_add(cluster_size).is_none_or(|end| end > len) {
+            return Err(broken(format!(
+                "L2 table {i} (at {l2}) lies past the end of the file ({len} bytes): truncated?"
+            )));
+        }
+        for (j, e) in entries(&read(l2, cluster_size)?, entry_size).into_iter().enumerate() {
+            let (what, host) = if e & (1 << 62) != 0 {
+                ("compressed cluster", e & ((1 << compressed_bits) - 1))
+            } else {
+                ("data cluster", e & OFFSET_MASK)
+            };
+            if host != 0 && host >= len {
+                let guest = ((i as u64 * (cluster_size / entry_size as u64)) + j as u64) * cluster_size;
+                return Err(broken(format!(
+                    "the {what} of guest offset {guest} (at {host}) lies past the end of the file ({len} bytes): \
+                     truncated?"
+                )));
+            }
+        }
+    }
+    Ok(cluster_size)
+}
+
+fn image_err(path: &Path, format: ImageFormat, e: &io::Error) -> DiskError {
+    DiskError::Image { path: path.to_owned(), format, reason: e.to_string() }
+}
+
+fn imago_storage(path: &Path, file: File, writable: bool, format: ImageFormat) -> Result<ImagoFile, DiskError> {
+    let opts = imago::StorageOpenOptions::new().filename(path).write(writable);
+    ImagoFile::from_open_file(file, opts).map_err(|e| image_err(path, format, &e))
+}
+
+/// Opens a qcow2 layer on `backing` (when given) with every implicit open denied: a backing or data file
+/// named in the header that the caller did not give makes the open fail.
+fn open_qcow2(
+    path: &Path,
+    storage: ImagoFile,
+    writable: bool,
+    backing: Option<ImagoAccess>,
+) -> Result<ImagoAccess, DiskError> {
+    use imago::FormatDriverBuilder;
+    let mut builder = imago::qcow2::Qcow2::<ImagoFile>::builder(storage).write(writable);
+    if let Some(b) = backing {
+        builder = builder.backing(Some(b));
+    }
+    let qcow2 =
+        builder.open(imago::DenyImplicitOpenGate::default()).map_err(|e| image_err(path, ImageFormat::Qcow2, &e))?;
+    Ok(imago::FormatAccess::new(qcow2))
+}
+
+impl DiskBackend for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
+        let (iov, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice_one(buf);
+        self.access().readv(iov, offset)
+    }
+
+    fn write_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
+        let (iov, _guard) = imago::io_buffers::IoVector::from_volatile_slice_one(buf);
+        self.access().writev(iov, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let access = self.access();
+        access.flush()?;
+        access.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.unmap(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if unmap { self.unmap(offset, len) } else { self.access().write_zeroes(offset, len) }
+    }
 }
 
 /// Creates a sparse raw image of `size` bytes (rounded up to whole sectors) at `path`; refuses to
@@ -185,6 +596,8 @@ pub struct DiskStats {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    /// DISCARD and WRITE_ZEROES requests.
+    pub discards: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
@@ -241,8 +654,21 @@ impl Drive {
     }
 
     /// Opens the image at `path` for a drive (read-only for a removable one).
+    /// The format is the one its first bytes say (raw or qcow2); a qcow2 image that names a backing file
+    /// is refused (see [`Drive::open_media_on`]).
     pub fn open_media(path: &Path, read_only: bool) -> Result<Media, DiskError> {
-        Ok(Media { path: path.to_owned(), backend: Arc::new(RawImage::open(path, read_only)?) })
+        Self::open_media_on(path, read_only, None, &[])
+    }
+
+    /// Opens the image at `path` as `format` (or the detected one) on the backing chain `backing`
+    /// (nearest first), as [`open_image`] does.
+    pub fn open_media_on(
+        path: &Path,
+        read_only: bool,
+        format: Option<ImageFormat>,
+        backing: &[PathBuf],
+    ) -> Result<Media, DiskError> {
+        Ok(Media { path: path.to_owned(), backend: open_image(path, read_only, format, backing)? })
     }
 
     /// The media now in the drive.
@@ -286,6 +712,50 @@ impl Drive {
             size_bytes: media.as_ref().map(|m| m.backend.size()).unwrap_or(0),
             media: media.map(|m| m.path),
         }
+    }
+}
+
+/// qemu-img, the outside peer of the qcow2 tests.
+#[cfg(test)]
+pub(crate) mod qemu {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Runs `qemu-img ARGS`, which must succeed; returns its standard output.
+    pub fn img(args: &[&str]) -> String {
+        run("qemu-img", args)
+    }
+
+    /// Runs `qemu-io ARGS`, which must succeed.
+    pub fn io(args: &[&str]) -> String {
+        run("qemu-io", args)
+    }
+
+    fn run(tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool} cannot run ({e}): install qemu-utils (./x does)"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{tool} {args:?} failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
+    /// Whether `qemu-img check` finds the image clean.
+    pub fn check(path: &Path) {
+        img(&["check", path.to_str().unwrap()]);
+    }
+
+    /// The bytes the image takes on the host (`actual-size`).
+    pub fn actual_size(path: &Path) -> u64 {
+        let info: serde_json::Value =
+            serde_json::from_str(&img(&["info", "--output=json", "-U", path.to_str().unwrap()])).unwrap();
+        info["actual-size"].as_u64().unwrap()
+    }
+
+    /// A pattern that differs in every sector, with a hole (zeros) in its second quarter.
+    pub fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| if (len / 4..len / 2).contains(&i) { 0 } else { (i / 512 * 31 + i % 509) as u8 }).collect()
     }
 }
 
@@ -407,6 +877,170 @@ mod tests {
         assert_eq!(cd.status().media.as_deref(), Some(path.as_path()));
         cd.change_media(None).unwrap();
         assert_eq!((cd.sectors(), cd.generation()), (0, 2));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A qcow2 image of `content` made by qemu-img (`extra` options to `convert`).
+    fn qcow2_of(dir: &Path, name: &str, content: &[u8], extra: &[&str]) -> PathBuf {
+        let raw = dir.join(format!("{name}.raw"));
+        std::fs::write(&raw, content).unwrap();
+        let path = dir.join(format!("{name}.qcow2"));
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend([raw.to_str().unwrap(), path.to_str().unwrap()]);
+        qemu::img(&args);
+        path
+    }
+
+    fn read_all(image: &dyn DiskBackend) -> io::Result<Vec<u8>> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < image.size() {
+            let n = (image.size() - offset).min(0x10000);
+            image.read_at(&mem.get_slice(GuestAddress(0), n as usize).unwrap(), offset)?;
+            let mut chunk = vec![0u8; n as usize];
+            mem.read_slice(&mut chunk, GuestAddress(0)).unwrap();
+            out.extend(chunk);
+            offset += n;
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn the_format_is_detected_from_the_magic_and_can_be_forced() {
+        let dir = scratch("detect");
+        let content = qemu::pattern(1 << 20);
+        let q = qcow2_of(&dir, "d", &content, &[]);
+        assert_eq!(probe_format(&q).unwrap(), ImageFormat::Qcow2);
+        assert_eq!(probe_format(&dir.join("d.raw")).unwrap(), ImageFormat::Raw);
+        let image = open_image(&q, true, None, &[]).unwrap();
+        assert_eq!(image.size(), 1 << 20, "the virtual size, not the file's");
+        assert_eq!(read_all(image.as_ref()).unwrap(), content);
+        drop(image);
+        let forced = open_image(&q, true, Some(ImageFormat::Raw), &[]).unwrap();
+        let file_len = std::fs::metadata(&q).unwrap().len();
+        assert_eq!(forced.size(), file_len - file_len % SECTOR_SIZE, "format=raw serves the file as it is");
+        // A raw image given a backing file is refused; a raw file forced to qcow2 gets imago's reason.
+        let raw = dir.join("d.raw");
+        assert!(matches!(open_image(&raw, true, None, std::slice::from_ref(&q)), Err(DiskError::BackingOnRaw { .. })));
+        let err = open_image(&raw, true, Some(ImageFormat::Qcow2), &[]).err().unwrap();
+        assert!(matches!(err, DiskError::Image { .. }), "{err}");
+        eprintln!("raw forced to qcow2: {err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// inotify on one file: did anyone open it?
+    struct OpenWatch(std::os::fd::OwnedFd);
+
+    impl OpenWatch {
+        fn new(path: &Path) -> OpenWatch {
+            use std::os::fd::FromRawFd;
+            use std::os::unix::ffi::OsStrExt;
+            // SAFETY: plain syscalls; the path is a NUL-terminated copy.
+            unsafe {
+                let fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+                assert!(fd >= 0);
+                let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+                assert!(libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_OPEN | libc::IN_ACCESS) >= 0);
+                OpenWatch(std::os::fd::OwnedFd::from_raw_fd(fd))
+            }
+        }
+
+        fn touched(&self) -> bool {
+            let mut buf = [0u8; 4096];
+            // SAFETY: reads into a local buffer of its length.
+            unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 }
+        }
+    }
+
+    #[test]
+    fn a_backing_file_named_inside_an_image_is_never_opened() {
+        let dir = scratch("evil");
+        let secret = dir.join("secret.raw");
+        std::fs::write(&secret, vec![0x77u8; 1 << 20]).unwrap();
+        for target in [Path::new("/etc/shadow"), secret.as_path()] {
+            let evil = dir.join("evil.qcow2");
+            let _ = std::fs::remove_file(&evil);
+            let t = target.to_str().unwrap();
+            qemu::img(&["create", "-q", "-f", "qcow2", "-u", "-b", t, "-F", "raw", evil.to_str().unwrap(), "1M"]);
+            let watch = OpenWatch::new(target);
+            let err = open_image(&evil, false, None, &[]).err().expect("an image naming a backing file is refused");
+            let DiskError::Image { reason, .. } = &err else { panic!("{err}") };
+            assert!(reason.contains("denied") && reason.contains(t), "{err}");
+            if target == secret {
+                assert!(!watch.touched(), "the named backing file was opened");
+            }
+        }
+        // Given a backing file explicitly, the header's name is ignored: the unallocated clusters read from
+        // what the caller gave.
+        let decoy = dir.join("decoy.raw");
+        std::fs::write(&decoy, vec![0x11u8; 1 << 20]).unwrap();
+        let watch = OpenWatch::new(&secret);
+        let image = open_image(&dir.join("evil.qcow2"), false, None, &[decoy]).unwrap();
+        assert_eq!(read_all(image.as_ref()).unwrap(), vec![0x11u8; 1 << 20]);
+        assert!(!watch.touched(), "the named backing file was opened");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_or_broken_qcow2_gets_a_clear_error() {
+        let dir = scratch("truncated");
+        let content = qemu::pattern(4 << 20);
+        let q = qcow2_of(&dir, "t", &content, &[]);
+        let full = std::fs::read(&q).unwrap();
+        // The header cut short, or its tables missing: refused when opened.
+        std::fs::write(&q, &full[..100]).unwrap();
+        let err = open_image(&q, false, None, &[]).err().expect("a 100-byte qcow2 is refused");
+        assert!(matches!(err, DiskError::Empty { .. }), "{err}");
+        let err = open_image(&q, true, None, &[]).err().expect("a 100-byte qcow2 is refused");
+        assert!(matches!(err, DiskError::Image { format: ImageFormat::Qcow2, .. }), "{err}");
+        eprintln!("100 bytes: {err}");
+        // Its tables or data cut off: refused when opened (imago alone would read what is missing as zeros).
+        for len in [4096, 196_612, full.len() / 2, full.len() - 65536] {
+            std::fs::write(&q, &full[..len]).unwrap();
+            let err = open_image(&q, false, None, &[]).err().expect("a qcow2 without its tables is refused");
+            assert!(matches!(err, DiskError::Image { format: ImageFormat::Qcow2, .. }), "{err}");
+            assert!(err.to_string().contains("past the end of the file"), "{err}");
+            eprintln!("{len} bytes: {err}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn backing_loops_and_overlong_chains_are_refused() {
+        let dir = scratch("loops");
+        let base = qcow2_of(&dir, "base", &qemu::pattern(1 << 20), &[]);
+        let b = base.to_str().unwrap();
+        let mid = dir.join("mid.qcow2");
+        let top = dir.join("top.qcow2");
+        qemu::img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", mid.to_str().unwrap()]);
+        let m = mid.to_str().unwrap();
+        qemu::img(&["create", "-q", "-f", "qcow2", "-b", m, "-F", "qcow2", top.to_str().unwrap()]);
+        // The chain as recorded works.
+        let image = open_image(&top, false, None, &[mid.clone(), base.clone()]).unwrap();
+        assert_eq!(read_all(image.as_ref()).unwrap(), qemu::pattern(1 << 20));
+        drop(image);
+        // Only part of it: the rest would be an implicit open.
+        let err = open_image(&top, false, None, std::slice::from_ref(&mid)).err().unwrap();
+        assert!(matches!(err, DiskError::Image { .. }), "{err}");
+        // The image itself, or a layer twice (through another name too), is a loop.
+        let link = dir.join("link.qcow2");
+        std::fs::hard_link(&mid, &link).unwrap();
+        for chain in [vec![top.clone()], vec![mid.clone(), mid.clone()], vec![mid.clone(), link.clone(), base.clone()]]
+        {
+            let err = open_image(&top, false, None, &chain).err().unwrap();
+            assert!(matches!(err, DiskError::BackingLoop { .. }), "{chain:?}: {err}");
+        }
+        let deep = vec![base.clone(); MAX_BACKING_DEPTH + 1];
+        assert!(matches!(open_image(&top, false, None, &deep), Err(DiskError::BackingTooDeep { depth: 17, .. })));
+        // Locks: the open overlay holds its backing files shared, so none of them can be opened for writing.
+        let image = open_image(&top, false, None, &[mid.clone(), base.clone()]).unwrap();
+        assert!(matches!(open_image(&top, false, None, &[mid.clone(), base.clone()]), Err(DiskError::Locked { .. })));
+        assert!(matches!(open_image(&top, true, None, &[mid.clone(), base.clone()]), Err(DiskError::Locked { .. })));
+        assert!(matches!(open_image(&base, false, None, &[]), Err(DiskError::Locked { .. })));
+        let _reader = open_image(&base, true, None, &[]).unwrap();
+        drop(image);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

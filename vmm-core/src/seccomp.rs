@@ -111,6 +111,10 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
         libc::SYS_pread64,
         // Disk I/O threads (started by the event-loop thread at each boot).
         libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_fallocate,
+        libc::SYS_fstatfs, // imago, when it opens a file (its discard alignment)
         libc::SYS_fdatasync,
         libc::SYS_fsync,
         // Opening media (control threads; see `control_open_filter`).

@@ -551,7 +551,11 @@ impl Vm {
         };
         let mut drives = Vec::new();
         for (d, id) in config.drives.iter().zip(crate::config::drive_ids(&config.drives)) {
-            let media = d.path.as_deref().map(|p| Drive::open_media(p, d.read_only || d.removable)).transpose()?;
+            let media = d
+                .path
+                .as_deref()
+                .map(|p| Drive::open_media_on(p, d.read_only || d.removable, d.format, &d.backing))
+                .transpose()?;
             let serial = d.serial.clone().unwrap_or_else(|| id.clone());
             drives.push(Arc::new(Drive::new(id, d.read_only, d.removable, serial, media)));
         }

@@ -370,3 +370,119 @@ fn disks_survive_a_reset_without_leaking_threads() {
     assert_eq!(c.request(&Request::Status).unwrap().status.unwrap().boots, 4);
     assert_eq!(threads(), before, "every boot's device threads were joined");
 }
+
+/// Runs qemu-img (Debian's qemu-utils, the outside peer of the qcow2 tests), which must succeed.
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img cannot run ({e}): install qemu-utils (./x does)"));
+    assert!(out.status.success(), "qemu-img {args:?}: {}{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The guest's result lines (reads with their checksums, writes, flushes).
+fn results(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("BLK read") || l.starts_with("BLK write") || l.starts_with("BLK flush"))
+        .collect()
+}
+
+/// The same writes, reads and flushes on a raw image, on a qcow2 copy made by qemu-img (4 KiB clusters, so
+/// the writes allocate many) and on a qcow2 overlay whose backing file is given on the command line: the
+/// guest sees the same checksums on all three, and qemu-img finds the qcow2 images clean and equal to the raw.
+#[test]
+fn a_qcow2_disk_gives_the_guest_what_a_raw_one_does() {
+    let dir = Scratch::new("blk-qcow2");
+    let (raw, original) = image(&dir, "d.raw", 4096, 5);
+    let base = dir.path("base.raw");
+    std::fs::copy(&raw, &base).unwrap();
+    let q = dir.path("d.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", "-o", "cluster_size=4096", s(&raw), s(&q)]);
+    let overlay = dir.path("overlay.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "raw", s(&overlay)]);
+    let cmdline = "read=0,8 write=100,300,9 flush read=100,300 write=2000,16,5 read=1990,40 write=4090,6,1 \
+                   read=0,2048 read=2048,2048 flush";
+    let overlay_disk = format!("{},backing={}", s(&overlay), s(&base));
+    let mut seen = Vec::new();
+    for disk in [s(&raw), s(&q), &overlay_disk] {
+        let stdout = assert_ok(&run(&["--disk", disk, "--cmdline", cmdline]));
+        assert!(stdout.contains("capacity=4096 ro=0"), "{stdout}");
+        let lines: Vec<String> = results(&stdout).into_iter().map(str::to_owned).collect();
+        assert_eq!(lines.len(), 10, "{stdout}");
+        assert!(lines.iter().all(|l| l.contains("status=0")), "{stdout}");
+        seen.push(lines);
+    }
+    assert_eq!(seen[0], seen[1], "qcow2 and raw give the guest the same bytes");
+    assert_eq!(seen[0], seen[2], "an overlay and raw give the guest the same bytes");
+    qemu_img(&["check", s(&q)]);
+    qemu_img(&["check", s(&overlay)]);
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "raw", s(&q), s(&raw)]);
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "raw", s(&overlay), s(&raw)]);
+    assert_eq!(std::fs::read(&base).unwrap(), original, "the backing file is never written");
+    // A qcow2 image naming a backing file that is not given is refused before the guest starts.
+    let out = run(&["--disk", s(&overlay), "--cmdline", "read=0,1"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("denied"), "{}", text(&out.stderr));
+}
+
+/// As `flushed_writes_survive_kill_9`, on a qcow2 image whose every write allocates clusters: every
+/// flushed sector is in the image and `qemu-img check` finds it clean after the SIGKILL.
+#[test]
+fn flushed_writes_to_qcow2_survive_kill_9() {
+    let dir = Scratch::new("blk-qcow2-crash");
+    let q = dir.path("crash.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&q), "1M"]);
+    // Sectors 8 apart: a new 4 KiB cluster for each write.
+    let words: Vec<String> = (0..48).flat_map(|i| [format!("write={},1,42", i * 8), "flush".into()]).collect();
+    let cmdline = words.join(" ") + " hang";
+    let vm = Running::start("blk-qcow2-crash-vm", &["--disk", s(&q), "--cmdline", &cmdline]);
+    let flushed = |out: &str| out.lines().filter(|l| l.starts_with("BLK flush disk=0 status=0")).count();
+    vm.wait_for(|out| flushed(out) >= 12);
+    let mut vm = vm;
+    let mut child = vm.child.take().unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    let out = vm.output();
+    let done = flushed(&out);
+    assert!(done >= 12, "{out}");
+    qemu_img(&["check", s(&q)]);
+    let raw = dir.path("crash.raw");
+    qemu_img(&["convert", "-O", "raw", s(&q), s(&raw)]);
+    let after = std::fs::read(&raw).unwrap();
+    assert_eq!(after.len(), 1 << 20);
+    for i in 0..done {
+        let sector = i * 8;
+        assert_eq!(after[sector * 512..(sector + 1) * 512], pattern(sector, 42)[..], "flushed sector {sector}");
+    }
+    for i in done + 1..48 {
+        let sector = i * 8;
+        assert!(after[sector * 512..(sector + 1) * 512].iter().all(|&b| b == 0), "sector {sector} was never written");
+    }
+}
+
+/// qcow2 media attached through the control socket while the VM runs (the open happens under the control
+/// threads' seccomp filter): the guest reads what qemu-img put in it; an image naming a backing file is
+/// refused with the reason, and the VM carries on.
+#[test]
+fn qcow2_media_can_be_attached_while_running() {
+    let dir = Scratch::new("blk-qcow2-media");
+    let (raw, bytes) = image(&dir, "m.raw", 40, 0x33);
+    let q = dir.path("m.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", s(&raw), s(&q)]);
+    let evil = dir.path("evil.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw", s(&evil), "1M"]);
+    let vm =
+        Running::start("blk-qcow2-media-vm", &["--disk", ",removable", "--cmdline", "wait-media read=0,8 read=39,1"]);
+    let mut c = vm.client();
+    let err = c.request(&Request::AttachMedia { path: evil.clone(), drive: None }).unwrap_err();
+    assert!(err.to_string().contains("denied") && err.to_string().contains("/etc/shadow"), "{err}");
+    c.request(&Request::AttachMedia { path: q.clone(), drive: None }).unwrap();
+    let out = vm.wait_for(|o| o.contains("BLK done"));
+    assert!(out.contains("BLK media disk=0 capacity=40\n"), "{out}");
+    assert!(out.contains(&format!("sector=0 count=8 status=0 sum={}\n", fnv(&bytes[..8 * 512]))), "{out}");
+    assert!(out.contains(&format!("sector=39 count=1 status=0 sum={}\n", fnv(&bytes[39 * 512..]))), "{out}");
+}

@@ -84,7 +84,9 @@ struct Cli {
     /// The screen's start-up graphics mode for Linux guests, WIDTHxHEIGHT [default: 1280x800].
     #[arg(long, value_name = "WxH")]
     display: Option<String>,
-    /// A disk: a raw image, PATH[,readonly][,serial=S]; may be given more than once (disk0, disk1, …).
+    /// A disk: a raw or qcow2 image (detected; format=raw|qcow2 forces one), PATH[,readonly][,serial=S]
+    /// [,format=F][,backing=PATH]… (a qcow2 overlay's backing chain, nearest first; never taken from the
+    /// image itself); may be given more than once (disk0, disk1, …).
     #[arg(long, value_name = "PATH[,readonly]")]
     disk: Vec<String>,
     /// A removable CD/DVD drive (read-only) holding the ISO at PATH, or empty without PATH; media can be

@@ -47,6 +47,8 @@ pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
 
 /// A raw descriptor as the driver writes it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -321,7 +323,7 @@ impl HostBlockDriver {
             self.write_desc(base, Desc { addr: header, len: 16, flags: DESC_F_NEXT, next: base + 2 });
         } else {
             self.write_desc(base, Desc { addr: header, len: 16, flags: DESC_F_NEXT, next: base + 1 });
-            let write = if kind == T_OUT { 0 } else { DESC_F_WRITE };
+            let write = if matches!(kind, T_OUT | T_DISCARD | T_WRITE_ZEROES) { 0 } else { DESC_F_WRITE };
             self.write_desc(
                 base + 1,
                 Desc { addr: self.data_address(slot).0, len, flags: write | DESC_F_NEXT, next: base + 2 },
