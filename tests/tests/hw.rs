@@ -187,15 +187,28 @@ fn main() {
     let (mut passed, mut failed) = (0, 0);
     for s in &chosen {
         let start = Instant::now();
-        let result = Machine::start(s.name, s.pieces, mode).and_then(|mut m| {
-            let r = (s.run)(&mut m, &mut report)
-                .map_err(|e| format!("{e}\n{}      (log: {})", m.tail(25), m.log_path.display()));
-            if r.is_err() || !s.ends_itself {
-                return r; // dropping the machine ends it
-            }
-            let end = m.finish(2 * MIN).map_err(|e| format!("L1 after the scenario: {e}\n{}", m.tail(10)));
-            r.and_then(|ok| end.map(|()| ok))
-        });
+        let attempt = |report: &mut Report| {
+            Machine::start(s.name, s.pieces, mode).and_then(|mut m| {
+                let r = (s.run)(&mut m, report)
+                    .map_err(|e| format!("{e}\n{}      (log: {})", m.tail(25), m.log_path.display()));
+                if r.is_err() || !s.ends_itself {
+                    return r; // dropping the machine ends it
+                }
+                let end = m.finish(2 * MIN).map_err(|e| format!("L1 after the scenario: {e}\n{}", m.tail(10)));
+                r.and_then(|ok| end.map(|()| ok))
+            })
+        };
+        let mut result = attempt(&mut report);
+        // L1 is a kernel under QEMU TCG's emulated SVM: now and then it dies on its own (a kernel panic in
+        // whichever process ran, the QEMU peer's as well as ours, or the emulator ending without a word).
+        // Such a death says nothing of the scenario: it is run once more, and the result says so.
+        if let Err(why) = &result
+            && l1_died(why)
+        {
+            let first = why.lines().next().unwrap_or_default().to_owned();
+            println!("HW {}: L1 itself died ({first}); running the scenario once more", s.name);
+            result = attempt(&mut report).map(|summary| format!("{summary} (second try: the first L1 died: {first})"));
+        }
         let secs = start.elapsed().as_secs_f64();
         match result {
             Ok(summary) => {
@@ -213,6 +226,12 @@ fn main() {
     if failed > 0 {
         std::process::exit(1);
     }
+}
+
+/// Whether a scenario's failure is L1's own death: a kernel panic on its console, or the emulator
+/// ending without the scenario's end.
+fn l1_died(why: &str) -> bool {
+    why.contains("Kernel panic - not syncing") || why.contains("the machine exited without")
 }
 
 /// Runs tests/hw/build.sh with this build's micro-guests (it rebuilds only what changed).
