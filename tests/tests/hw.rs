@@ -68,7 +68,9 @@ const SCENARIOS: &[Scenario] = &[
         what: "Debian kernel on virtio-net + passt at MTU 1500 and 9000: DHCP, DNS, HTTP, a forwarded port, \
                64 MiB each way (md5), throughput against QEMU with the same passt",
         pieces: &[Piece::Qemu],
-        all_only: false,
+        // Out of the default set until a guest -> host transfer that stalled once (1 run in 10, 2026-12-05)
+        // is understood: `./x test-hw net` or `--all` runs it.
+        all_only: true,
         ends_itself: true,
         run: net,
     },
