@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    API_PREFIX, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicStatus, SerialInput,
-    SerialOutput, Stats, Task, UpdateVm, Vm,
+    API_PREFIX, CloneVm, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicStatus,
+    RevertSnapshot, SerialInput, SerialOutput, SnapshotTree, Stats, TakeSnapshot, Task, UpdateVm, Vm,
 };
 
 /// Why a call failed.
@@ -71,6 +71,8 @@ pub enum Action {
     Reset,
     Pause,
     Resume,
+    /// Save the running VM's state to disk and end its process; `Start` resumes it.
+    Suspend,
 }
 
 impl Action {
@@ -81,6 +83,7 @@ impl Action {
             Action::Reset => "reset",
             Action::Pause => "pause",
             Action::Resume => "resume",
+            Action::Suspend => "suspend",
         }
     }
 }
@@ -330,6 +333,31 @@ impl Client {
     /// Graceful shutdown (ACPI power button, forced off after `timeout_s`): a task to poll.
     pub async fn shutdown(&self, id: &str, timeout_s: u64) -> Result<Task, ClientError> {
         self.call(self.request(Method::POST, &format!("/vms/{id}/shutdown?timeout_s={timeout_s}"))).await
+    }
+
+    pub async fn snapshots(&self, id: &str) -> Result<SnapshotTree, ClientError> {
+        self.call(self.request(Method::GET, &format!("/vms/{id}/snapshots"))).await
+    }
+
+    /// Takes a snapshot: a task whose `result` is the new snapshot's id.
+    pub async fn take_snapshot(&self, id: &str, take: &TakeSnapshot) -> Result<Task, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/snapshots"), take).await
+    }
+
+    /// Reverts the VM to `snapshot` (`confirm` is required while it runs: its present state is lost).
+    pub async fn revert_snapshot(&self, id: &str, snapshot: &str, confirm: bool) -> Result<Task, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/snapshots/{snapshot}/revert"), &RevertSnapshot { confirm })
+            .await
+    }
+
+    /// Deletes `snapshot`, merging its disk layer where the tree needs it.
+    pub async fn delete_snapshot(&self, id: &str, snapshot: &str) -> Result<Task, ClientError> {
+        self.call(self.request(Method::DELETE, &format!("/vms/{id}/snapshots/{snapshot}"))).await
+    }
+
+    /// Clones VM (or template) `id`: a task whose `result` is the new VM's id.
+    pub async fn clone_vm(&self, id: &str, clone: &CloneVm) -> Result<Task, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/clone"), clone).await
     }
 
     pub async fn task(&self, id: &str) -> Result<Task, ClientError> {

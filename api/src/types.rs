@@ -21,6 +21,9 @@ pub enum VmState {
     /// report in `crash`, until `poweroff` or `shutdown` ends it (then `stopped`) or `reset` reboots it.
     /// Without `crash`: its process ended on its own with an error or was killed; see `last_exit`.
     Crashed,
+    /// Its running state (RAM, CPUs, devices) was saved to disk and its process ended ("suspend to disk");
+    /// `start` resumes it exactly where it was.
+    Suspended,
 }
 
 /// Why a VM's guest crashed, while its process keeps the crashed VM (see [`VmState::Crashed`]).
@@ -103,6 +106,55 @@ pub struct Vm {
     /// Only in `GET /vms/{id}` of a running VM: why `nic_status` is missing (the VM process did not answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nic_status_error: Option<String>,
+    /// The format of the VM's disk (absent: no disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_format: Option<DiskFormat>,
+    /// Bytes the VM's own disk files take on the host (its image and snapshot overlays; a linked clone's
+    /// base is not counted).
+    #[serde(default)]
+    pub disk_allocated_bytes: u64,
+    /// A template: it cannot start; it is cloned (full or linked) into new VMs.
+    #[serde(default)]
+    pub template: bool,
+    /// A linked clone: the id of the template (or VM) whose disk image this VM's disk is an overlay of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linked_to: Option<String>,
+    /// A VM made from a cloud image: what its NoCloud seed says (the seed drive is read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitInfo>,
+}
+
+/// The format of a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// QEMU's copy-on-write format: sparse, snapshots, linked clones (the default for new VMs).
+    #[default]
+    Qcow2,
+    /// A plain byte-for-byte image.
+    Raw,
+}
+
+/// `CreateVm::cloud_init`: what the NoCloud seed of a VM made from a cloud image tells cloud-init.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitSpec {
+    /// The guest's hostname (a valid host name label).
+    pub hostname: String,
+    /// The user created in the guest (with sudo), who logs in with the keys.
+    pub user: String,
+    /// OpenSSH public keys (`ssh-ed25519 AAAA… comment`) authorized for `user`.
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// `Vm::cloud_init`: the seed's facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitInfo {
+    pub hostname: String,
+    pub user: String,
+    /// cloud-init's instance id (new for each clone, so cloud-init runs again there).
+    pub instance_id: String,
 }
 
 /// `POST /vms`. The smallest valid body is `{"name": "web1", "vcpus": 1, "memory_mib": 64}`.
@@ -120,10 +172,18 @@ pub struct CreateVm {
     /// An image of the library to put in the CD/DVD drive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<String>,
-    /// An image of the library to copy as the VM's disk instead of creating an empty one (`disk_gib` is then
-    /// ignored; the library's image stays unchanged).
+    /// An image of the library (raw or qcow2) for the VM's disk instead of an empty one: copied, or with
+    /// `cloud_init`, used as the read-only base of a qcow2 overlay grown to `disk_gib` (when larger than the
+    /// image). The library's image stays unchanged either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_image: Option<String>,
+    /// The format of the disk created with the VM. Default: qcow2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_format: Option<DiskFormat>,
+    /// A VM from a cloud image (`disk_image` names it): a NoCloud seed (`cidata`) with this user, keys and
+    /// hostname is attached as a read-only drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// The VM's network cards. Absent: one `user` (NAT) card with an SSH forward from the first free host port
@@ -150,6 +210,8 @@ impl CreateVm {
             boot: None,
             media: None,
             disk_image: None,
+            disk_format: None,
+            cloud_init: None,
             tags: Vec::new(),
             nics: None,
         }
@@ -176,6 +238,71 @@ pub struct UpdateVm {
     /// A card keeps its MAC address when the spec names its `id` and gives no `mac`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,
+    /// Marks the VM as a template (only while it is stopped) or back as a VM (refused while linked clones
+    /// use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<bool>,
+}
+
+/// A snapshot of a VM: its disks at one moment, and with `with_state` its running machine too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub created_ms: u64,
+    /// The snapshot this one was taken on top of (`None`: the first of its branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The VM was running: RAM, CPUs and devices were saved too; reverting resumes it where it was.
+    pub with_state: bool,
+    /// Bytes this snapshot holds on the host (its disk layer and its saved state).
+    pub size_bytes: u64,
+}
+
+/// `GET /vms/{id}/snapshots`: the tree, and where the VM's present ("Now") hangs in it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotTree {
+    pub snapshots: Vec<Snapshot>,
+    /// The snapshot the VM's present state was taken on or reverted to (`None`: no snapshot yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
+}
+
+/// `POST /vms/{id}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TakeSnapshot {
+    /// 1–63 letters, digits, spaces, `-`, `_`, `.` (no `/`); unique per VM.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// For a running VM: save its RAM and devices too (default true); false takes its disks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with_state: Option<bool>,
+}
+
+/// `POST /vms/{id}/snapshots/{snapshot}/revert`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevertSnapshot {
+    /// Required for a running or paused VM, whose present state is lost: without it the revert is refused.
+    #[serde(default)]
+    pub confirm: bool,
+}
+
+/// `POST /vms/{id}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVm {
+    pub name: String,
+    /// A linked clone (a qcow2 overlay on the source's image, which becomes read-only while clones use it)
+    /// rather than a full (sparse) copy.
+    #[serde(default)]
+    pub linked: bool,
 }
 
 /// How a network card reaches the outside.
@@ -472,6 +599,27 @@ pub struct Image {
     pub name: String,
     pub size_bytes: u64,
     pub sha256: String,
+    /// What the file is, from its contents.
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// The disk size a guest sees (qcow2: from its header; otherwise the file's size).
+    #[serde(default)]
+    pub virtual_bytes: u64,
+    /// Bytes the file takes on the host (sparse files take less than their size).
+    #[serde(default)]
+    pub allocated_bytes: u64,
+}
+
+/// The kind of a library image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// An ISO 9660 CD/DVD image.
+    Iso,
+    Qcow2,
+    /// Anything else: a raw disk image, a kernel, an initrd.
+    #[default]
+    Raw,
 }
 
 /// A long operation.
@@ -487,6 +635,9 @@ pub struct Task {
     pub total: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What a finished task made: the new snapshot's id, the clone's VM id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

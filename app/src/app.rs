@@ -260,6 +260,7 @@ fn state_text(s: VmState) -> &'static str {
         VmState::Paused => "paused",
         VmState::Stopping => "shutting down",
         VmState::Crashed => "crashed",
+        VmState::Suspended => "suspended",
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{CrashReport, ExitInfo, NicSpec, NicStatus, Vm, VmState};
+use porthole_api::{CrashReport, DiskFormat, ExitInfo, NicSpec, NicStatus, Vm, VmState};
 use vmm_core::control::{ControlClient, Request, Response};
 
 use crate::net::{self, Others};
@@ -789,6 +789,11 @@ fn view(e: &Entry) -> Vm {
         nics: r.nics().to_vec(),
         nic_status: Vec::new(),
         nic_status_error: None,
+        disk_format: (r.disk_bytes > 0).then_some(DiskFormat::Raw),
+        disk_allocated_bytes: 0,
+        template: false,
+        linked_to: None,
+        cloud_init: None,
     }
 }
 

@@ -220,7 +220,10 @@ impl App {
                 tasks.remove(&k);
             }
         }
-        tasks.insert(id.clone(), Task { id: id.clone(), what, state: TaskState::Running, done: 0, total, error: None });
+        tasks.insert(
+            id.clone(),
+            Task { id: id.clone(), what, state: TaskState::Running, done: 0, total, error: None, result: None },
+        );
         id
     }
 
@@ -878,8 +881,10 @@ async fn list_images(State(app): State<AppState>, p: Principal) -> ApiResult<Jso
             .images()
             .into_iter()
             .map(|(name, size)| {
-                let sha256 = image_sha256(&host.store.images_dir().join(&name));
-                Image { name, size_bytes: size, sha256 }
+                let path = host.store.images_dir().join(&name);
+                let sha256 = image_sha256(&path);
+                let (format, virtual_bytes, allocated_bytes) = crate::store::image_facts(&path);
+                Image { name, size_bytes: size, sha256, format, virtual_bytes, allocated_bytes }
             })
             .collect()
     })
@@ -940,7 +945,10 @@ async fn upload_image(
             let sidecar = app.host.store.images_dir().join(format!(".{name}.sha256"));
             let _ = crate::store::write_atomic(&sidecar, expected.as_bytes());
             app.update_task(&task, |t| t.state = TaskState::Done);
-            Ok((StatusCode::CREATED, Json(Image { name, size_bytes: length, sha256: expected })))
+            let (format, virtual_bytes, allocated_bytes) =
+                crate::store::image_facts(&app.host.store.images_dir().join(&name));
+            let image = Image { name, size_bytes: length, sha256: expected, format, virtual_bytes, allocated_bytes };
+            Ok((StatusCode::CREATED, Json(image)))
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);

@@ -270,3 +270,23 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// What a library image is, from its contents: (format, size a guest sees, bytes it takes on the host).
+/// An unreadable file reads as raw with its file size.
+pub fn image_facts(path: &Path) -> (porthole_api::ImageFormat, u64, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mut file) = File::open(path) else { return (porthole_api::ImageFormat::Raw, 0, 0) };
+    let (len, allocated) = file.metadata().map(|m| (m.len(), m.blocks() * 512)).unwrap_or((0, 0));
+    let mut head = [0u8; 32];
+    if file.read_exact(&mut head).is_ok() && head[..4] == vmm_core::disk::QCOW2_MAGIC {
+        // The virtual size is the header's big-endian u64 at byte 24.
+        let size = u64::from_be_bytes(head[24..32].try_into().unwrap_or_default());
+        return (porthole_api::ImageFormat::Qcow2, size, allocated);
+    }
+    // ISO 9660: the primary volume descriptor's "CD001" at byte 32 769 (sector 16, offset 1).
+    let mut id = [0u8; 5];
+    let iso = file.seek(SeekFrom::Start(32_769)).is_ok() && file.read_exact(&mut id).is_ok() && &id == b"CD001";
+    let format = if iso { porthole_api::ImageFormat::Iso } else { porthole_api::ImageFormat::Raw };
+    (format, len, allocated)
+}

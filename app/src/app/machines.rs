@@ -410,6 +410,11 @@ mod tests {
             nics: Vec::new(),
             nic_status: Vec::new(),
             nic_status_error: None,
+            disk_format: None,
+            disk_allocated_bytes: 0,
+            template: false,
+            linked_to: None,
+            cloud_init: None,
         }
     }
 
