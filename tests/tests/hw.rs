@@ -622,7 +622,13 @@ fn net(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             let g2h_end = net_step(m, from, &label, &format!("HW-NET-G2H-END {label}"), 10 * MIN)?;
             let g2h = net_step(m, from, &label, &format!("HW-NET-G2H {label} "), 3 * MIN)?;
             if Machine::field(&g2h_end, "rc") != Some("0") || Machine::field(&g2h, "md5") != Some(big.as_str()) {
-                return Err(fail(format!("64 MiB guest -> host through the forwarded port: {:?}", g2h.text)));
+                let stall: Vec<&str> =
+                    m.seen.iter().skip(from).map(|l| l.text.as_str()).filter(|t| t.contains("STALL")).collect();
+                return Err(fail(format!(
+                    "64 MiB guest -> host through the forwarded port: {:?} {}",
+                    g2h.text,
+                    stall.join(" | ")
+                )));
             }
             let bye = net_step(m, from, &label, "PORTHOLE-NET-BYE", 3 * MIN)?;
             if Machine::field(&bye, "got") != Some("bye") {

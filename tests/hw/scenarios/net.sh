@@ -61,6 +61,26 @@ echo "HW-NET-DNS name=porthole.test addr=$DNS_ADDR server=127.0.0.1"
 
 L2_ARGS="$L2_CMDLINE hw.mode=net"
 
+STALL_S=90
+
+# stall_report LABEL [CONTROL]: the engine's NIC counters twice (do frames still move?), every passt's and
+# engine thread's state, and L1's TCP sockets with their queues.
+stall_report() {
+    for i in 1 2; do
+        [ -n "$2" ] && echo "HW-NET-STALL-NICS $1 $(echo '{"cmd":"nics"}' | socat -t 5 - "UNIX-CONNECT:$2")"
+        sleep 3
+    done
+    for p in /proc/[0-9]*; do
+        comm=$(cat "$p/comm" 2>/dev/null)
+        case "$comm" in passt*|porthole-vmm|qemu-system*) ;; *) continue ;; esac
+        for t in "$p"/task/*; do
+            echo "HW-NET-STALL-TASK $1 ${p#/proc/}/${t##*/} $(cat "$t/comm" 2>/dev/null)" \
+                "$(awk '/^State/ {print $2}' "$t/status" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
+        done
+    done
+    awk 'NR > 1 {print "HW-NET-STALL-TCP " $2, $3, "st=" $4, "queues=" $5}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
 # guest_side LABEL PID [CONTROL]: while the engine (PID) runs: wait for the guest to say (a connection to L1's
 # READY_PORT) that its httpd serves the 64 MiB file behind the forwarded port, fetch it back (guest ->
 # host, timed by the harness from BEGIN to END), ask the engine's CONTROL socket (if any) for its NICs,
@@ -75,7 +95,23 @@ guest_side() {
         sleep 2
     done
     echo "HW-NET-G2H-BEGIN $label"
-    busybox wget -q -O "$T/g2h.bin" "http://127.0.0.1:$FWD_HTTP/big.bin"
+    busybox wget -q -O "$T/g2h.bin" "http://127.0.0.1:$FWD_HTTP/big.bin" &
+    wget_pid=$!
+    # A transfer that makes no progress for STALL_S seconds is reported with what the engine, passt and
+    # L1's sockets say at that moment, and ended (the harness then sees a short file).
+    last=-1 still=0
+    while kill -0 $wget_pid 2>/dev/null; do
+        sleep 5
+        now=$(wc -c <"$T/g2h.bin" 2>/dev/null || echo 0)
+        if [ "$now" = "$last" ]; then still=$((still + 5)); else still=0 last=$now; fi
+        if [ $still -ge $STALL_S ]; then
+            echo "HW-NET-G2H-STALL $label bytes=$now still=${still}s"
+            stall_report "$label" "$3"
+            kill $wget_pid 2>/dev/null
+            break
+        fi
+    done
+    wait $wget_pid
     echo "HW-NET-G2H-END $label rc=$?"
     echo "HW-NET-G2H $label md5=$(md5sum <"$T/g2h.bin" | cut -d' ' -f1) bytes=$(wc -c <"$T/g2h.bin")"
     rm -f "$T/g2h.bin"
