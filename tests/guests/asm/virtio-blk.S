@@ -9,7 +9,8 @@
  * device config; BARs
  * are read from config space (32-bit or 64-bit memory BARs; a 64-bit BAR with a non-zero upper dword, an
  * I/O BAR or an unassigned BAR is refused). Device init: reset (status <- 0, read back until 0), ACKNOWLEDGE,
- * DRIVER, features: only VIRTIO_F_VERSION_1 (bit 32) is accepted, FEATURES_OK (checked), queue 0 with
+ * DRIVER, features: VIRTIO_F_VERSION_1 (bit 32), and VIRTIO_BLK_F_DISCARD (13) and VIRTIO_BLK_F_WRITE_ZEROES
+ * (14) when the device offers them, FEATURES_OK (checked), queue 0 with
  * min(queue_size, 16) entries in a static 4 KiB page per disk, queue_enable, DRIVER_OK. On a failure after
  * the reset, FAILED (0x80) is set. ro = device feature bit 5 (VIRTIO_BLK_F_RO); capacity = device config u64
  * at 0, read as two dwords inside a config_generation retry loop.
@@ -38,6 +39,10 @@
  *   write=S,N,SEED  1 <= N <= 2048; byte j of absolute sector s is (s*7 + j + SEED) & 0xFF:
  *                   `BLK write disk=<i> sector=<S> count=<N> status=<s>`
  *   flush           `BLK flush disk=<i> status=<s>`
+ *   discard=S,N     DISCARD (type 11) of N sectors from S, one segment {u64 S, u32 N, u32 flags 0}:
+ *                   `BLK discard disk=<i> sector=<S> count=<N> status=<s>` (UNSUPP when not negotiated)
+ *   zeroes=S,N,F    WRITE_ZEROES (type 13) the same way with flags F (1: UNMAP, the device may free the
+ *                   space): `BLK zeroes disk=<i> sector=<S> count=<N> status=<s>`
  *   hang            `BLK hang`, then cli; hlt forever
  *   wait-media      polls the ISR register (pause, no timeout) until bit 1 (config change); re-reads the
  *                   capacity: `BLK media disk=<i> capacity=<sectors>`
@@ -89,6 +94,8 @@
     .set T_OUT, 1
     .set T_FLUSH, 4
     .set T_GET_ID, 8
+    .set T_DISCARD, 11
+    .set T_WRITE_ZEROES, 13
 
     /* Per-disk state */
     .set D_CFG, 0                   /* u32: 0x80000000 | slot << 11 (config address of register 0); 0 = none */
@@ -228,7 +235,7 @@ disk_init:
     leaq err_reset(%rip), %rax
     jnz init_fail
     movq %r12, %rdi
-    xorl %esi, %esi                 /* driver features: VERSION_1 only */
+    movl $0x6000, %esi              /* driver features: VERSION_1, DISCARD and WRITE_ZEROES if offered */
     call virtio_features
     testq %rax, %rax
     jnz init_failed_device
@@ -597,6 +604,47 @@ cmd_flush:
     call newline
     jmp cmd_ok
 
+cmd_discard:
+    SAVE
+    movl $T_DISCARD, %r15d          /* request type */
+    leaq msg_discard(%rip), %r14    /* its message */
+    ARGS 2
+    movq $0, args + 16(%rip)        /* flags */
+    jmp 1f
+cmd_zeroes:
+    SAVE
+    movl $T_WRITE_ZEROES, %r15d
+    leaq msg_zeroes(%rip), %r14
+    ARGS 3
+1:    movq args(%rip), %r12           /* S */
+    movq args + 8(%rip), %r13       /* N, a u32 in the segment */
+    movq %r13, %rax
+    shrq $32, %rax
+    jnz cmd_bad
+    call cur_ready
+    testl %eax, %eax
+    jz cmd_ok
+    leaq data_buf(%rip), %rdx       /* the one segment */
+    movq %r12, (%rdx)
+    movl %r13d, 8(%rdx)
+    movq args + 16(%rip), %rax
+    movl %eax, 12(%rdx)
+    movl %r15d, %edi
+    xorl %esi, %esi                 /* the header's sector is unused */
+    movl $16, %ecx
+    xorl %r8d, %r8d                 /* device-readable */
+    call request
+    testl %eax, %eax
+    js cmd_ok
+    movl %eax, %r15d
+    movq %r14, %rdi
+    call put_disk
+    call put_sector_count
+    movl %r15d, %esi
+    call put_status
+    call newline
+    jmp cmd_ok
+
 cmd_hang:
     leaq msg_hang(%rip), %rdi
     jmp hang
@@ -905,6 +953,8 @@ cmd_table:
     .quad cmdn_read, cmd_read
     .quad cmdn_write, cmd_write
     .quad cmdn_flush, cmd_flush
+    .quad cmdn_discard, cmd_discard
+    .quad cmdn_zeroes, cmd_zeroes
     .quad cmdn_hang, cmd_hang
     .quad cmdn_wait_media, cmd_wait_media
     .quad cmdn_hostile, cmd_hostile
@@ -932,6 +982,8 @@ cmdn_read:          .asciz "read="
 cmdn_write:         .asciz "write="
 cmdn_flush:         .asciz "flush"
 cmdn_hang:          .asciz "hang"
+cmdn_discard:       .asciz "discard="
+cmdn_zeroes:        .asciz "zeroes="
 cmdn_wait_media:    .asciz "wait-media"
 cmdn_hostile:       .asciz "hostile"
 cmdn_bench_seq:     .asciz "bench-seq="
@@ -970,6 +1022,8 @@ msg_read:           .asciz "BLK read disk="
 msg_write:          .asciz "BLK write disk="
 msg_flush:          .asciz "BLK flush disk="
 msg_hang:           .asciz "BLK hang\n"
+msg_discard:        .asciz "BLK discard disk="
+msg_zeroes:         .asciz "BLK zeroes disk="
 msg_media:          .asciz "BLK media disk="
 msg_bench_start_seq:  .asciz "BLK bench-start seq n="
 msg_bench_end_seq:    .asciz "BLK bench-end seq n="
