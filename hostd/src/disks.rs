@@ -392,11 +392,12 @@ impl Host {
     async fn save_and_stop(&self, id: &str, file: &str) -> Result<(), HostError> {
         let control = self.run_files(id).control();
         let path = self.store.vm_dir(id).join(file);
+        let before = self.get(id)?.state;
         self.set_state(id, VmState::Stopping, true);
         let saved = tokio::task::spawn_blocking(move || save_state(&control, &path)).await.map_err(blocking_err)?;
         if let Err(why) = saved {
             // The VM runs on: the engine refused before stopping.
-            self.set_state(id, VmState::Running, false);
+            self.set_state(id, before, false);
             self.clear_stop_request(id);
             let _ = std::fs::remove_file(self.store.vm_dir(id).join(file));
             return Err(HostError::Conflict(why));
@@ -879,6 +880,41 @@ mod tests {
         std::fs::remove_file(dir.join("l1")).unwrap();
         assert!(repair(&dir, &mut r));
         assert!(r.snapshots.is_empty() && r.current_snapshot.is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A stand-in engine control socket: answers one request line with `reply`; returns the request.
+    fn fake_engine(path: &Path, reply: &'static str) -> std::thread::JoinHandle<String> {
+        use std::io::{BufRead, Write};
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+            (&stream).write_all(reply.as_bytes()).unwrap();
+            line
+        })
+    }
+
+    #[test]
+    fn save_state_speaks_the_engines_wire_form() {
+        let dir = std::env::temp_dir().join(format!("portholed-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("c.sock");
+        let engine = fake_engine(&sock, "{\"ok\":true,\"bytes\":123}\n");
+        save_state(&sock, Path::new("/x/vms/a/state-1.bin")).unwrap();
+        let sent: serde_json::Value = serde_json::from_str(&engine.join().unwrap()).unwrap();
+        assert_eq!(sent, serde_json::json!({"cmd": "save-state", "path": "/x/vms/a/state-1.bin", "then": "stop"}));
+        std::fs::remove_file(&sock).unwrap();
+        let engine = fake_engine(&sock, "{\"ok\":false,\"error\":\"a device cannot be saved\"}\n");
+        let e = save_state(&sock, Path::new("/s")).unwrap_err();
+        assert!(e.contains("could not save its state: a device cannot be saved"), "{e}");
+        engine.join().unwrap();
+        std::fs::remove_file(&sock).unwrap();
+        let engine = fake_engine(&sock, "garbage\n");
+        assert!(save_state(&sock, Path::new("/s")).unwrap_err().contains("garbage"));
+        engine.join().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 
