@@ -452,6 +452,11 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     }
     let be32 = |at: usize| u64::from(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]));
     let be64 = |at: usize| (be32(at) << 32) | be32(at + 4);
+    // imago 0.2 does not look at the encryption method: an encrypted image would serve its ciphertext.
+    if be32(32) != 0 {
+        let method = if be32(32) == 1 { "AES" } else { "LUKS" };
+        return Err(broken(format!("it is encrypted ({method}): Porthole does not read encrypted qcow2 images")));
+    }
     let cluster_bits = be32(20);
     if !(9..=21).contains(&cluster_bits) {
         return Err(broken(format!("cluster_bits {cluster_bits} is out of range")));
@@ -1201,6 +1206,18 @@ mod tests {
             assert!(err.to_string().contains("past the end of the file"), "{err}");
             eprintln!("{len} bytes: {err}");
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_encrypted_qcow2_is_refused() {
+        let dir = scratch("encrypted");
+        let enc = dir.join("enc.qcow2");
+        let e = enc.to_str().unwrap();
+        let key = ["--object", "secret,id=s0,data=abc", "-o", "encrypt.format=aes,encrypt.key-secret=s0"];
+        qemu::img(&[&["create", "-q", "-f", "qcow2"][..], &key, &[e, "1M"]].concat());
+        let err = open_image(&enc, true, None, &[]).err().expect("an encrypted image is refused");
+        assert!(err.to_string().contains("encrypted (AES)"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
