@@ -378,7 +378,32 @@ async fn library_imports_are_checked_and_cloud_images_get_an_overlay_and_a_seed(
         "1M",
     ]);
     assert!(r.status.success(), "{}", text(&r.stderr));
-    for (name, file, why) in [("cut.qcow2", &cut, "truncated"), ("evil.qcow2", &evil, "/etc/shadow")] {
+    // One encrypted (legacy AES: qemu-img can still write it), one with an external data file.
+    let enc = dir.path("enc.qcow2");
+    let r = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=abc",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        enc.to_str().unwrap(),
+        "1M",
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let external = dir.path("external.qcow2");
+    let data_file = format!("data_file={}", dir.path("external.raw").display());
+    let r = qemu_img(&["create", "-q", "-f", "qcow2", "-o", &data_file, external.to_str().unwrap(), "1M"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let mut reasons = Vec::new();
+    for (name, file, why) in [
+        ("cut.qcow2", &cut, "truncated"),
+        ("evil.qcow2", &evil, "/etc/shadow"),
+        ("enc.qcow2", &enc, ""),
+        ("external.qcow2", &external, ""),
+    ] {
         let e = c.upload_image(name, file, |_, _| {}).await.unwrap_err();
         assert_eq!(e.status(), Some(422), "{e}");
         assert!(e.to_string().contains(why) && e.to_string().contains("stand alone"), "{e}");
@@ -386,7 +411,9 @@ async fn library_imports_are_checked_and_cloud_images_get_an_overlay_and_a_seed(
         let tasks = c.tasks().await.unwrap();
         let t = tasks.iter().find(|t| t.what == format!("upload {name}")).unwrap();
         assert!(t.state == TaskState::Failed && t.error.as_deref().is_some_and(|m| m.contains(why)), "{t:?}");
+        reasons.push(e.to_string());
     }
+    eprintln!("refused uploads: {reasons:#?}");
     assert_eq!(c.images().await.unwrap().len(), 1);
 
     // A VM from the cloud image: a qcow2 overlay grown to disk_gib, the image below it read-only, a seed.
@@ -546,5 +573,41 @@ async fn snapshots_with_state_and_suspend_resume_the_guest() {
     assert_eq!(c.vm(&id).await.unwrap().state, VmState::Suspended, "kept across a daemon restart");
     assert_eq!(c.action(&id, Action::Start).await.unwrap().state, VmState::Running);
     assert!(!vm_dir(&d, &id).join("suspend.state").exists(), "a spent suspend state is deleted");
+    power_off_all(&c).await;
+}
+
+/// A VM defined before qcow2 (a `vm.json` without disk fields, its raw `disk0.img`) keeps working: loaded
+/// as raw, booted from its raw disk, cloned into qcow2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_from_before_qcow2_keeps_its_raw_disk() {
+    let dir = Scratch::new("disks-legacy");
+    let vm_dir = dir.path("data").join("vms").join("0123456789ab");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let old = serde_json::json!({
+        "id": "0123456789ab", "name": "old", "vcpus": 1, "memory_mib": 64, "disk_bytes": 4194304,
+        "boot": {"kernel": porthole_guests::path("virtio-blk").display().to_string(), "cmdline": "read=0,8"},
+        "created_ms": 1, "nics": []
+    });
+    std::fs::write(vm_dir.join("vm.json"), serde_json::to_vec(&old).unwrap()).unwrap();
+    let content: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
+    std::fs::write(vm_dir.join("disk0.img"), &content).unwrap();
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.vm("0123456789ab").await.unwrap();
+    assert_eq!((vm.disk_format, vm.disk_bytes), (Some(DiskFormat::Raw), 4 << 20));
+    let lines = run(&c, &vm.id, "write=8,8,5 flush read=0,8").await;
+    assert!(lines.iter().any(|l| l.starts_with("BLK disk=0") && l.contains("capacity=8192")), "{lines:#?}");
+    let disk = std::fs::read(vm_dir.join("disk0.img")).unwrap();
+    assert_eq!(disk.len(), content.len(), "still raw, same size");
+    assert_eq!(&disk[..4096], &content[..4096]);
+    assert_ne!(&disk[4096..8192], &content[4096..8192], "the guest wrote to it");
+    // Snapshots need qcow2: refused with the way there; a full clone is qcow2 with the same bytes.
+    let e =
+        c.take_snapshot(&vm.id, &TakeSnapshot { name: "x".into(), description: String::new(), with_state: None }).await;
+    let e = e.unwrap_err();
+    assert!(e.status() == Some(409) && e.to_string().contains("full clone"), "{e}");
+    let clone = done(&c, c.clone_vm(&vm.id, &CloneVm { name: "new".into(), linked: false }).await.unwrap()).await;
+    assert_eq!(c.vm(&clone).await.unwrap().disk_format, Some(DiskFormat::Qcow2));
+    assert!(same(&top(&d, &clone), &vm_dir.join("disk0.img")));
     power_off_all(&c).await;
 }
