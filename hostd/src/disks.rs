@@ -532,6 +532,12 @@ impl Host {
         let s = snapshot(&r, sid).cloned().ok_or_else(|| HostError::NotFound(format!("{id}/snapshots/{sid}")))?;
         needs_qcow2(&r)?;
         no_clones(&all, &r)?;
+        if r.template && s.state.is_some() {
+            return Err(HostError::Conflict(format!(
+                "snapshot {:?} holds a running machine, and a template never runs: make the VM a VM again first",
+                s.name
+            )));
+        }
         let running = self.pid(id).is_some();
         if (running || r.suspended.is_some()) && !confirm {
             let what = if running { "running" } else { "suspended" };
