@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{CrashReport, DiskFormat, ExitInfo, NicSpec, NicStatus, Vm, VmState};
+use porthole_api::{CloudInitInfo, CrashReport, ExitInfo, NicSpec, NicStatus, Vm, VmState};
 use vmm_core::control::{ControlClient, Request, Response};
 
 use crate::net::{self, Others};
@@ -97,6 +97,20 @@ pub struct Host {
     list_cache: Mutex<Option<(u64, u64, bytes::Bytes)>>,
     started: Instant,
     pub problems: Vec<String>,
+    /// VMs with a disk operation under way (snapshot, clone, suspend), and what it is.
+    busy: Mutex<BTreeMap<String, &'static str>>,
+}
+
+/// A VM's disk operation under way: others wait for its end (see `Host::begin`).
+pub struct Busy {
+    host: Arc<Host>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        lock(&self.host.busy).remove(&self.id);
+    }
 }
 
 use vmm_core::devices::bus::lock;
@@ -171,6 +185,19 @@ impl Host {
                 Err(err) => problems.push(format!("VM {}: cannot save its new network card: {err}", e.record.name)),
             }
         }
+        // Definitions from before qcow2: their disk is the raw disk0.img. A snapshot deletion that a daemon's
+        // end cut short is finished.
+        for e in vms.values_mut() {
+            let mut changed = false;
+            if let Some(d) = crate::disks::legacy_disk(&e.record) {
+                e.record.disk = Some(d);
+                changed = true;
+            }
+            changed |= crate::disks::repair(&store.vm_dir(&e.record.id), &mut e.record);
+            if changed && let Err(err) = store.save(&e.record) {
+                problems.push(format!("VM {}: cannot save its definition: {err}", e.record.name));
+            }
+        }
         let host = Arc::new(Host {
             store,
             vmm,
@@ -180,6 +207,7 @@ impl Host {
             list_cache: Mutex::new(None),
             started: Instant::now(),
             problems,
+            busy: Mutex::new(BTreeMap::new()),
         });
         host.adopt();
         Ok(host)
@@ -257,7 +285,7 @@ impl Host {
         {
             return bytes.clone();
         }
-        let list: Vec<Vm> = vms.values().map(view).collect();
+        let list: Vec<Vm> = vms.values().map(|e| view(e, &self.store)).collect();
         let bytes = bytes::Bytes::from(serde_json::to_vec(&list).unwrap_or_default());
         *cache = Some((generation, second, bytes.clone()));
         bytes
@@ -265,11 +293,11 @@ impl Host {
 
     /// Every VM, in id order.
     pub fn list(&self) -> Vec<Vm> {
-        lock(&self.vms).values().map(view).collect()
+        lock(&self.vms).values().map(|e| view(e, &self.store)).collect()
     }
 
     pub fn get(&self, id: &str) -> Result<Vm, HostError> {
-        lock(&self.vms).get(id).map(view).ok_or_else(|| HostError::NotFound(id.to_owned()))
+        lock(&self.vms).get(id).map(|e| view(e, &self.store)).ok_or_else(|| HostError::NotFound(id.to_owned()))
     }
 
     pub fn record(&self, id: &str) -> Result<VmRecord, HostError> {
@@ -305,7 +333,7 @@ impl Host {
         recheck_nics(&record, &others_of(&vms, &record.id))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         let entry = Entry { record, rt: Runtime::default() };
-        let vm = view(&entry);
+        let vm = view(&entry, &self.store);
         vms.insert(entry.record.id.clone(), entry);
         Ok(vm)
     }
@@ -330,7 +358,7 @@ impl Host {
         let entry = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         entry.record = record;
-        Ok(view(entry))
+        Ok(view(entry, &self.store))
     }
 
     pub fn delete(&self, id: &str) -> Result<(), HostError> {
@@ -338,6 +366,17 @@ impl Host {
         let entry = vms.get(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         if entry.rt.pid.is_some() {
             return Err(HostError::Conflict("the VM is running: power it off first".into()));
+        }
+        if let Some(what) = lock(&self.busy).get(id) {
+            return Err(HostError::Conflict(format!("the VM is busy ({what}): try again when that is done")));
+        }
+        let all: BTreeMap<String, VmRecord> = vms.iter().map(|(i, e)| (i.clone(), e.record.clone())).collect();
+        let clones = crate::disks::clones_of(&all, id);
+        if !clones.is_empty() {
+            return Err(HostError::Conflict(format!(
+                "the VM's disk is the base of linked clones (used by: {}): delete them first",
+                clones.join(", ")
+            )));
         }
         self.store.delete(id).map_err(|e| HostError::Internal(e.to_string()))?;
         vms.remove(id);
@@ -441,9 +480,18 @@ impl Host {
     /// (another daemon's VM starting at the same moment) took between the check and the VM process's own
     /// bind fails the start; an automatic forward then moves to a free port and the start is tried again.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+        if let Some(what) = lock(&self.busy).get(id) {
+            return Err(HostError::Conflict(format!("the VM is busy ({what}): start it when that is done")));
+        }
+        self.start_restoring(id, None).await
+    }
+
+    /// Starts VM `id`, from the machine state in `restore` when given (a snapshot's), else from its suspend
+    /// state when it is suspended (deleted once the VM runs), else from power-on.
+    pub async fn start_restoring(self: &Arc<Self>, id: &str, restore: Option<PathBuf>) -> Result<Vm, HostError> {
         let mut tries = 0;
         loop {
-            match self.start_once(id).await {
+            match self.start_once(id, restore.clone()).await {
                 Err(HostError::Conflict(why))
                     if why.contains("is in use")
                         && tries < 3
@@ -459,8 +507,27 @@ impl Host {
         }
     }
 
-    async fn start_once(self: &Arc<Self>, id: &str) -> Result<Vm, HostError> {
+    async fn start_once(self: &Arc<Self>, id: &str, restore: Option<PathBuf>) -> Result<Vm, HostError> {
         let record = self.ready_forwards(id)?;
+        if record.template {
+            return Err(HostError::Conflict(format!(
+                "VM {} is a template: templates never start; clone it (full or linked) and start the clone",
+                record.name
+            )));
+        }
+        let all = self.all_records();
+        let clones = crate::disks::clones_of(&all, id);
+        if !clones.is_empty() {
+            return Err(HostError::Conflict(format!(
+                "VM {}'s disk is the read-only base of linked clones (used by: {}): it cannot start while they \
+                 exist",
+                record.name,
+                clones.join(", ")
+            )));
+        }
+        let disk_arg = crate::disks::disk_arg(self, &all, &record)?;
+        let suspended = record.suspended.as_ref().map(|f| self.store.vm_dir(id).join(f));
+        let restore = restore.or(suspended.clone());
         // A kernel boots directly; without one the VM boots its firmware (SeaBIOS), from the CD/DVD first.
         let direct = match &record.boot {
             Some(boot) => {
@@ -521,8 +588,15 @@ impl Host {
             cmd.arg("--vnc-view-only").arg(format!("unix:{}", files.vnc_view_only().display()));
             cmd.arg("--exit-file").arg(files.exit());
             cmd.args(["--stop-timeout-ms", "30000"]);
-            if record.disk_bytes > 0 {
-                cmd.arg("--disk").arg(self.store.disk_path(id));
+            if let Some(disk) = &disk_arg {
+                cmd.arg("--disk").arg(disk);
+            }
+            if record.cloud_init.is_some() {
+                let seed = self.store.vm_dir(id).join(crate::disks::SEED);
+                cmd.arg("--disk").arg(format!("{},readonly,format=raw", seed.display()));
+            }
+            if let Some(state) = &restore {
+                cmd.arg("--restore").arg(state);
             }
             cmd.args(net::net_args(record.nics()));
             match &media {
@@ -586,7 +660,17 @@ impl Host {
                     if e.rt.state == Some(VmState::Starting) {
                         e.rt.state = Some(VmState::Running);
                     }
-                    return Ok(view(e));
+                    let vm = view(e, &self.store);
+                    drop(vms);
+                    if let Some(file) = &suspended {
+                        // Resumed: the suspend state is spent.
+                        self.update(id, |r, _| {
+                            r.suspended = None;
+                            Ok(())
+                        })?;
+                        let _ = std::fs::remove_file(file);
+                    }
+                    return Ok(self.get(id).unwrap_or(vm));
                 }
             }
             if Instant::now() > deadline {
@@ -758,6 +842,42 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Every VM's definition, by id.
+    pub(crate) fn all_records(&self) -> BTreeMap<String, VmRecord> {
+        lock(&self.vms).iter().map(|(i, e)| (i.clone(), e.record.clone())).collect()
+    }
+
+    /// Marks VM `id` busy with `what` (a disk operation) until the guard drops; refused while it is busy
+    /// already.
+    pub fn begin(self: &Arc<Self>, id: &str, what: &'static str) -> Result<Busy, HostError> {
+        let mut busy = lock(&self.busy);
+        if let Some(other) = busy.get(id) {
+            return Err(HostError::Conflict(format!("the VM is busy ({other}): try again when that is done")));
+        }
+        busy.insert(id.to_owned(), what);
+        Ok(Busy { host: self.clone(), id: id.to_owned() })
+    }
+
+    /// Forgets a stop request that did not happen (a refused save-state).
+    pub fn clear_stop_request(&self, id: &str) {
+        if let Some(e) = self.vms_mut().get_mut(id) {
+            e.rt.stop_requested = false;
+        }
+    }
+
+    /// Powers a running VM off and waits for its process to end.
+    pub async fn power_off(&self, id: &str) -> Result<(), HostError> {
+        self.set_state(id, VmState::Stopping, true);
+        self.control(id, Request::Poweroff).await?;
+        if self.wait_stopped(id, Duration::from_secs(30)).await {
+            Ok(())
+        } else {
+            Err(HostError::Internal("the VM process did not end within 30 s of its power-off".into()))
+        }
+    }
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -770,8 +890,13 @@ pub fn control(path: &Path, request: &Request) -> Result<Response, vmm_core::con
     ControlClient::connect(path)?.request(request)
 }
 
-fn view(e: &Entry) -> Vm {
+fn view(e: &Entry, store: &Store) -> Vm {
     let r = &e.record;
+    let state = match e.rt.state {
+        _ if e.rt.pid.is_none() && r.suspended.is_some() => VmState::Suspended,
+        Some(s) => s,
+        None => VmState::Stopped,
+    };
     Vm {
         id: r.id.clone(),
         name: r.name.clone(),
@@ -780,7 +905,7 @@ fn view(e: &Entry) -> Vm {
         disk_bytes: r.disk_bytes,
         boot: r.boot.clone(),
         media: r.media.clone(),
-        state: e.rt.state.unwrap_or(VmState::Stopped),
+        state,
         last_exit: e.rt.last_exit.clone(),
         crash: e.rt.crash.clone().filter(|_| e.rt.pid.is_some()),
         uptime_s: e.rt.started.filter(|_| e.rt.pid.is_some()).map(|s| s.elapsed().as_secs()),
@@ -789,11 +914,15 @@ fn view(e: &Entry) -> Vm {
         nics: r.nics().to_vec(),
         nic_status: Vec::new(),
         nic_status_error: None,
-        disk_format: (r.disk_bytes > 0).then_some(DiskFormat::Raw),
-        disk_allocated_bytes: 0,
-        template: false,
-        linked_to: None,
-        cloud_init: None,
+        disk_format: r.disk.as_ref().map(|d| d.format),
+        disk_allocated_bytes: crate::disks::disk_allocated(&store.vm_dir(&r.id), r),
+        template: r.template,
+        linked_to: r.linked_to.clone(),
+        cloud_init: r.cloud_init.as_ref().map(|c| CloudInitInfo {
+            hostname: c.hostname.clone(),
+            user: c.user.clone(),
+            instance_id: c.instance_id.clone(),
+        }),
     }
 }
 

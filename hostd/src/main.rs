@@ -3,6 +3,8 @@
 //! local user, HTTPS with API tokens for remote users (`--listen`).
 
 mod auth;
+mod cloud_init;
+mod disks;
 mod host;
 mod net;
 mod openapi;

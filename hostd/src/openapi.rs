@@ -40,6 +40,60 @@ pub const ROUTES: &[Route] = &[
     ("post", "/vms/{id}/resume", "Continue", "operator", None, 200, Some("Vm")),
     (
         "post",
+        "/vms/{id}/suspend",
+        "Save the running VM's state to disk and end its process (state suspended); start resumes it",
+        "operator",
+        None,
+        200,
+        Some("Vm"),
+    ),
+    (
+        "get",
+        "/vms/{id}/snapshots",
+        "The VM's snapshot tree and where Now hangs in it",
+        "viewer",
+        None,
+        200,
+        Some("SnapshotTree"),
+    ),
+    (
+        "post",
+        "/vms/{id}/snapshots",
+        "Take a snapshot (a running VM: with its machine state); a task whose result is the snapshot's id",
+        "operator",
+        Some("TakeSnapshot"),
+        202,
+        Some("Task"),
+    ),
+    (
+        "post",
+        "/vms/{id}/snapshots/{sid}/revert",
+        "Revert the VM's disk (and, for a snapshot with state, its running machine) to a snapshot; a task",
+        "operator",
+        Some("RevertSnapshot"),
+        202,
+        Some("Task"),
+    ),
+    (
+        "delete",
+        "/vms/{id}/snapshots/{sid}",
+        "Delete a snapshot (its layer merges into its single child layer); a task with progress",
+        "operator",
+        None,
+        202,
+        Some("Task"),
+    ),
+    (
+        "post",
+        "/vms/{id}/clone",
+        "Clone a stopped VM or template (full: sparse copy; linked: an overlay on its disk); a task whose result is the new VM's id",
+        "admin",
+        Some("CloneVm"),
+        202,
+        Some("Task"),
+    ),
+    (
+        "post",
         "/vms/{id}/media",
         "Insert a library image into the CD/DVD drive, or eject (image: null)",
         "operator",
@@ -198,7 +252,11 @@ pub fn document() -> Value {
         Stats,
         Image,
         Task,
-        ErrorBody
+        ErrorBody,
+        SnapshotTree,
+        TakeSnapshot,
+        RevertSnapshot,
+        CloneVm
     );
     let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
     schemas.insert("VmList".into(), list("Vm"));
@@ -212,7 +270,7 @@ pub fn document() -> Value {
             "x-porthole-role": role,
             "responses": {
                 "default": {
-                    "description": "An error: 400 bad input, 401 no or bad token, 403 role or VM not allowed, 404, 409 state conflict, 413 too large",
+                    "description": "An error: 400 bad input, 401 no or bad token, 403 role or VM not allowed, 404, 409 state conflict, 413 too large, 422 an unusable image",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
                 }
             }
@@ -284,6 +342,13 @@ mod tests {
             "PortForward",
             "Protocol",
             "LinkChange",
+            "SnapshotTree",
+            "Snapshot",
+            "TakeSnapshot",
+            "RevertSnapshot",
+            "CloneVm",
+            "DiskFormat",
+            "CloudInitSpec",
         ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
         }

@@ -16,8 +16,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
-    ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicDefinition, NicSpec, NicStatus,
-    Role, SerialInput, SerialOutput, Stats as StatsBody, Task, TaskState, UpdateVm, Vm, VmState,
+    CloneVm, ConsoleTicket, CreateVm, DiskFormat, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicDefinition,
+    NicSpec, NicStatus, RevertSnapshot, Role, SerialInput, SerialOutput, SnapshotTree, Stats as StatsBody,
+    TakeSnapshot, Task, TaskState, UpdateVm, Vm, VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -27,7 +28,7 @@ use vmm_core::control::Request;
 use crate::auth::{Principal, Tokens};
 use crate::host::{Host, HostError, tail_lines};
 use crate::stats::Stats;
-use crate::store::{VmRecord, is_valid_name, now_ms, random_hex};
+use crate::store::{Below, DiskRecord, VmRecord, is_valid_name, now_ms, random_hex};
 
 /// Finished tasks kept for polling.
 const TASKS_KEPT: usize = 200;
@@ -247,6 +248,10 @@ pub fn router(app: AppState) -> Router {
         .route("/vms/{id}", get(get_vm).patch(update_vm).delete(delete_vm))
         .route("/vms/{id}/{action}", post(vm_action))
         .route("/vms/{id}/media", post(change_media))
+        .route("/vms/{id}/snapshots", get(list_snapshots).post(take_snapshot))
+        .route("/vms/{id}/snapshots/{sid}", axum::routing::delete(delete_snapshot))
+        .route("/vms/{id}/snapshots/{sid}/revert", post(revert_snapshot))
+        .route("/vms/{id}/clone", post(clone_vm))
         .route("/vms/{id}/nics/{nic}/link", post(set_nic_link))
         .route("/vms/{id}/console", post(console_ticket))
         .route("/vms/{id}/serial", get(serial))
@@ -425,7 +430,19 @@ async fn create_vm(
         app.host.resolve_image(media, false)?;
     }
     let tags = check_tags(&req.tags)?;
+    let format = req.disk_format.unwrap_or_default();
     let disk_image = req.disk_image.as_deref().map(|i| app.host.resolve_image(i, false)).transpose()?;
+    if let Some(c) = &req.cloud_init {
+        if req.disk_image.is_none() {
+            return Err(ApiError::bad("cloud_init needs disk_image: the cloud image (raw or qcow2) from the library"));
+        }
+        if format == DiskFormat::Raw {
+            return Err(ApiError::bad(
+                "a VM from a cloud image has a qcow2 disk (an overlay on the image): disk_format raw cannot be had",
+            ));
+        }
+        crate::cloud_init::check(&c.hostname, &c.user, &c.ssh_authorized_keys).map_err(ApiError::bad)?;
+    }
     if app.host.list().iter().any(|v| v.name == req.name) {
         return Err(ApiError::conflict(format!("a VM named {:?} exists already", req.name)));
     }
@@ -442,25 +459,76 @@ async fn create_vm(
         created_ms: now_ms(),
         tags,
         nics: Some(nics),
+        disk: None,
+        snapshots: Vec::new(),
+        current_snapshot: None,
+        template: false,
+        linked_to: None,
+        cloud_init: None,
+        suspended: None,
     };
     let dir = app.host.store.vm_dir(&id);
-    let disk = app.host.store.disk_path(&id);
     let host = app.host.clone();
     let made_dir = dir.clone();
+    let (image_name, cloud_init, disk_gib) = (req.disk_image, req.cloud_init, req.disk_gib);
     let made = tokio::task::spawn_blocking(move || {
+        use vmm_core::disk;
         let dir = made_dir;
         let mut record = record;
+        let internal = |e: disk::DiskError| HostError::Internal(e.to_string());
         std::fs::create_dir_all(&dir)
             .map_err(|e| HostError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        if let Some(source) = disk_image {
-            // A copy (sparse where the file system can: copy_file_range), so the library's image stays a
-            // template that other VMs can start from too.
-            record.disk_bytes = std::fs::copy(&source, &disk).map_err(|e| {
-                HostError::Internal(format!("cannot copy {} to {}: {e}", source.display(), disk.display()))
-            })?;
-        } else if record.disk_bytes > 0 {
-            vmm_core::disk::create_raw_image(&disk, record.disk_bytes)
-                .map_err(|e| HostError::Internal(e.to_string()))?;
+        let file = match format {
+            DiskFormat::Qcow2 => crate::disks::QCOW2_DISK,
+            DiskFormat::Raw => crate::disks::RAW_DISK,
+        };
+        let target = dir.join(file);
+        match (disk_image, image_name, cloud_init) {
+            (Some(source), Some(name), Some(c)) => {
+                // The cloud image stays in the library, read-only under the VM's overlay (grown to disk_gib).
+                let image_format = disk::probe_format(&source).map_err(internal)?;
+                let size = disk::image_size(&source, &[])
+                    .map_err(|e| HostError::BadRequest(format!("image {name:?} cannot be used as a disk: {e}")))?;
+                let size = size.max(disk_gib << 30);
+                let relative = format!("../../images/{name}");
+                disk::create_qcow2(&target, size, Some((std::path::Path::new(&relative), image_format)))
+                    .map_err(internal)?;
+                let seed = crate::store::CloudInitRecord {
+                    hostname: c.hostname,
+                    user: c.user,
+                    ssh_authorized_keys: c.ssh_authorized_keys.iter().map(|k| k.trim().to_owned()).collect(),
+                    instance_id: crate::cloud_init::new_instance_id(),
+                };
+                crate::cloud_init::write_seed(&dir.join(crate::disks::SEED), &seed)
+                    .map_err(|e| HostError::Internal(format!("cannot write the cloud-init seed: {e}")))?;
+                record.cloud_init = Some(seed);
+                record.disk_bytes = size;
+                record.disk = Some(DiskRecord {
+                    format: DiskFormat::Qcow2,
+                    top: file.into(),
+                    below: Some(Below::Image { name }),
+                });
+            }
+            (Some(source), _, _) => {
+                // A sparse copy in the VM's format, so the library's image stays a template that other VMs can
+                // start from too.
+                let wanted = crate::disks::to_image_format(format);
+                disk::copy_image(&source, &[], &target, wanted, &mut |_, _| {}).map_err(|e| match e {
+                    disk::DiskError::Create { .. } => internal(e),
+                    other => HostError::BadRequest(format!("the image cannot be used as a disk: {other}")),
+                })?;
+                record.disk_bytes = disk::image_size(&target, &[]).map_err(internal)?;
+                record.disk = Some(DiskRecord { format, top: file.into(), below: None });
+            }
+            _ if record.disk_bytes > 0 => {
+                match format {
+                    DiskFormat::Qcow2 => disk::create_qcow2(&target, record.disk_bytes, None),
+                    DiskFormat::Raw => disk::create_raw_image(&target, record.disk_bytes),
+                }
+                .map_err(internal)?;
+                record.disk = Some(DiskRecord { format, top: file.into(), below: None });
+            }
+            _ => {}
         }
         host.insert(record)
     })
@@ -506,7 +574,24 @@ async fn update_vm(
         }
         Some(specs) => Some(build_nics(&app, &id, Some(specs), record.nics())?),
     };
+    let clones = crate::disks::clones_of(&app.host.records(), &id);
     let vm = app.host.update(&id, |r, running| {
+        if let Some(t) = req.template
+            && t != r.template
+        {
+            if running || r.suspended.is_some() {
+                return Err(HostError::Conflict(
+                    "only a stopped VM becomes a template or goes back to being a VM: power it off first".into(),
+                ));
+            }
+            if !t && !clones.is_empty() {
+                return Err(HostError::Conflict(format!(
+                    "linked clones use this template (used by: {}): it stays a template while they exist",
+                    clones.join(", ")
+                )));
+            }
+            r.template = t;
+        }
         if running && (req.vcpus.is_some() || req.memory_mib.is_some() || req.boot.is_some()) {
             return Err(HostError::Conflict("vcpus, memory and boot change only while the VM is stopped".into()));
         }
@@ -559,6 +644,22 @@ async fn vm_action(
     let host = &app.host;
     match action.as_str() {
         "start" => Ok(Json(host.start(&id).await?).into_response()),
+        "suspend" => {
+            host.suspend(&id).await?;
+            Ok(Json(host.get(&id)?).into_response())
+        }
+        "poweroff" if host.pid(&id).is_none() && host.record(&id)?.suspended.is_some() => {
+            // A suspended VM powered off: its saved state is dropped; it starts from power-on next time.
+            let file = host.record(&id)?.suspended;
+            host.update(&id, |r, _| {
+                r.suspended = None;
+                Ok(())
+            })?;
+            if let Some(f) = file {
+                let _ = std::fs::remove_file(host.store.vm_dir(&id).join(f));
+            }
+            Ok(Json(host.get(&id)?).into_response())
+        }
         "pause" => {
             host.control(&id, Request::Pause).await?;
             host.set_state(&id, VmState::Paused, false);
@@ -603,9 +704,9 @@ async fn vm_action(
             });
             Ok((StatusCode::ACCEPTED, Json(app.task(&task))).into_response())
         }
-        other => {
-            Err(ApiError::not_found(format!("no action {other:?}: start, shutdown, poweroff, reset, pause, resume")))
-        }
+        other => Err(ApiError::not_found(format!(
+            "no action {other:?}: start, shutdown, poweroff, reset, pause, resume, suspend"
+        ))),
     }
 }
 
@@ -935,6 +1036,10 @@ async fn upload_image(
     let guard = AbandonedUpload { app: app.clone(), task: task.clone(), tmp: Some(tmp.clone()) };
     let result = receive(&app, &task, body, &tmp, length, &expected).await;
     guard.disarm();
+    let result = match result {
+        Ok(()) => check_upload(tmp.clone()).await,
+        Err(e) => Err(e),
+    };
     let finish = match result {
         Ok(()) => std::fs::rename(&tmp, &path)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
@@ -959,6 +1064,149 @@ async fn upload_image(
             Err(e)
         }
     }
+}
+
+/// Refuses an uploaded qcow2 image that Porthole cannot use as it is: a damaged or truncated one, or one
+/// that needs other files (a backing file, an external data file) or a key (encryption). Library images
+/// stand alone.
+async fn check_upload(tmp: PathBuf) -> ApiResult<()> {
+    use vmm_core::disk::{self, DiskError, ImageFormat};
+    let checked = tokio::task::spawn_blocking(move || {
+        if disk::probe_format(&tmp).map_err(|e| e.to_string())? != ImageFormat::Qcow2 {
+            return Ok(());
+        }
+        disk::open_image(&tmp, true, Some(ImageFormat::Qcow2), &[]).map(drop).map_err(|e| match e {
+            DiskError::Image { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    checked.map_err(|why| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unusable_image",
+            format!(
+                "the upload is a qcow2 image that cannot be used: {why} (library images must stand alone: no backing \
+                 file, no external data file, no encryption)"
+            ),
+        )
+    })
+}
+
+/// Starts `job` as task `task` (`what`): 202 with the task; it ends `done` with the job's result, or
+/// `failed` with its error.
+fn spawn_job(app: &AppState, task: String, what: String, job: crate::disks::Job) -> (StatusCode, Json<Task>) {
+    let t = Task { id: task.clone(), what, state: TaskState::Running, done: 0, total: 0, error: None, result: None };
+    lock(&app.tasks).insert(task.clone(), t);
+    let app2 = app.clone();
+    let task2 = task.clone();
+    tokio::spawn(async move {
+        let result = job.await;
+        app2.update_task(&task2, |t| match result {
+            Ok(made) => {
+                t.state = TaskState::Done;
+                t.done = t.total.max(t.done);
+                t.result = made;
+            }
+            Err(e) => {
+                t.state = TaskState::Failed;
+                t.error = Some(e.to_string());
+            }
+        });
+    });
+    (
+        StatusCode::ACCEPTED,
+        Json(app.task(&task).unwrap_or_else(|| Task {
+            id: task,
+            what: String::new(),
+            state: TaskState::Running,
+            done: 0,
+            total: 0,
+            error: None,
+            result: None,
+        })),
+    )
+}
+
+fn progress_of(app: &AppState, task: &str) -> crate::disks::Progress {
+    let (app, task) = (app.clone(), task.to_owned());
+    Arc::new(move |done, total| {
+        app.update_task(&task, |t| {
+            t.done = done;
+            t.total = total;
+        })
+    })
+}
+
+async fn list_snapshots(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotTree>> {
+    require_vm(&p, Role::Viewer, &id)?;
+    Ok(Json(app.host.snapshot_tree(&id)?))
+}
+
+async fn take_snapshot(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<TakeSnapshot>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    require_vm(&p, Role::Operator, &id)?;
+    let Json(req) = body?;
+    let what = format!("snapshot {id}: {}", req.name);
+    let job = app.host.take_snapshot(&id, req.name, req.description, req.with_state)?;
+    Ok(spawn_job(&app, random_hex(8), what, job))
+}
+
+async fn revert_snapshot(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, sid)): Path<(String, String)>,
+    body: Result<Json<RevertSnapshot>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    require_vm(&p, Role::Operator, &id)?;
+    let Json(req) = body?;
+    let job = app.host.revert_snapshot(&id, &sid, req.confirm).map_err(snapshot_not_found)?;
+    Ok(spawn_job(&app, random_hex(8), format!("revert {id} to {sid}"), job))
+}
+
+async fn delete_snapshot(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, sid)): Path<(String, String)>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    require_vm(&p, Role::Operator, &id)?;
+    let task = random_hex(8);
+    let job = app.host.delete_snapshot(&id, &sid, progress_of(&app, &task)).map_err(snapshot_not_found)?;
+    Ok(spawn_job(&app, task, format!("delete snapshot {sid} of {id}"), job))
+}
+
+fn snapshot_not_found(e: HostError) -> ApiError {
+    match e {
+        HostError::NotFound(what) if what.contains("/snapshots/") => {
+            ApiError::not_found(format!("no snapshot {what:?}"))
+        }
+        other => other.into(),
+    }
+}
+
+async fn clone_vm(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<CloneVm>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Task>)> {
+    require(&p, Role::Admin)?;
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(req) = body?;
+    check_name(&req.name)?;
+    let task = random_hex(8);
+    let what = format!("{} clone of {id}: {}", if req.linked { "linked" } else { "full" }, req.name);
+    let job = app.host.clone_vm(&id, req.name, req.linked, progress_of(&app, &task))?;
+    Ok(spawn_job(&app, task, what, job))
 }
 
 /// Cleans up after an upload whose handler was dropped before it finished.
@@ -1029,6 +1277,13 @@ async fn delete_image(State(app): State<AppState>, p: Principal, Path(name): Pat
             || v.boot.as_ref().is_some_and(|b| b.kernel == name || b.initrd.as_deref() == Some(name.as_str()))
     }) {
         return Err(ApiError::conflict(format!("image {name:?} is used by a VM")));
+    }
+    let users = crate::disks::users_of_image(&app.host.records(), &name);
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "image {name:?} is the read-only base of VM disks (used by: {})",
+            users.join(", ")
+        )));
     }
     std::fs::remove_file(&path).map_err(|_| ApiError::not_found(format!("no image {name:?}")))?;
     let _ = std::fs::remove_file(app.host.store.images_dir().join(format!(".{name}.sha256")));

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use porthole_api::{BootSpec, NicDefinition};
+use porthole_api::{BootSpec, DiskFormat, NicDefinition};
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
@@ -33,6 +33,80 @@ pub struct VmRecord {
     /// get the default card when loaded (see `Host::open`).
     #[serde(default)]
     pub nics: Option<Vec<NicDefinition>>,
+    /// The disk's files (see `disks.rs`). Absent in definitions written before qcow2: their disk is the raw
+    /// `disk0.img` (filled in when loaded, see `Host::open`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRecord>,
+    /// The snapshot tree (each snapshot's disk layer is a file of the VM's folder).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// The snapshot the present disk layer ("Now") is an overlay of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_snapshot: Option<String>,
+    /// A template: it never starts; it is cloned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub template: bool,
+    /// A linked clone: the VM whose present disk layer its own disk is an overlay of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linked_to: Option<String>,
+    /// A VM from a cloud image: its NoCloud seed (`seed.iso` in its folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitRecord>,
+    /// Suspended to disk: the machine-state file (in the VM's folder) that the next start resumes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
+}
+
+/// A VM's disk: its present layer and what its bottom layer stands on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRecord {
+    /// The format of the VM's bottom layer (every layer above it is qcow2).
+    pub format: DiskFormat,
+    /// The present ("Now") layer: a file of the VM's folder, written by the running VM.
+    pub top: String,
+    /// What the bottom layer is an overlay of (none: it stands alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<Below>,
+}
+
+/// What a VM's bottom disk layer is an overlay of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Below {
+    /// An image of the library (a cloud image), read-only while the VM exists.
+    Image { name: String },
+    /// The present layer of another VM (a linked clone's template), read-only while the clone exists.
+    Vm { id: String },
+}
+
+/// A snapshot: the disk layer frozen when it was taken, and the machine state when it was taken running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub created_ms: u64,
+    /// The snapshot whose layer this one's layer is an overlay of (none: the bottom layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The frozen layer (a file of the VM's folder).
+    pub layer: String,
+    /// The machine-state file (a file of the VM's folder) of a snapshot taken while the VM ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+/// What a cloud image VM's seed says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitRecord {
+    pub hostname: String,
+    pub user: String,
+    pub ssh_authorized_keys: Vec<String>,
+    pub instance_id: String,
 }
 
 impl VmRecord {
@@ -125,10 +199,6 @@ impl Store {
         self.vms_dir.join(id)
     }
 
-    pub fn disk_path(&self, id: &str) -> PathBuf {
-        self.vm_dir(id).join("disk0.img")
-    }
-
     pub fn images_dir(&self) -> &Path {
         &self.images_dir
     }
@@ -215,6 +285,26 @@ impl Store {
     }
 }
 
+/// What a library image is, from its contents: (format, size a guest sees, bytes it takes on the host).
+/// An unreadable file reads as raw with its file size.
+pub fn image_facts(path: &Path) -> (porthole_api::ImageFormat, u64, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mut file) = File::open(path) else { return (porthole_api::ImageFormat::Raw, 0, 0) };
+    let (len, allocated) = file.metadata().map(|m| (m.len(), m.blocks() * 512)).unwrap_or((0, 0));
+    let mut head = [0u8; 32];
+    if file.read_exact(&mut head).is_ok() && head[..4] == vmm_core::disk::QCOW2_MAGIC {
+        // The virtual size is the header's big-endian u64 at byte 24.
+        let size = u64::from_be_bytes(head[24..32].try_into().unwrap_or_default());
+        return (porthole_api::ImageFormat::Qcow2, size, allocated);
+    }
+    // ISO 9660: the primary volume descriptor's "CD001" at byte 32 769 (sector 16, offset 1).
+    let mut id = [0u8; 5];
+    let iso = file.seek(SeekFrom::Start(32_769)).is_ok() && file.read_exact(&mut id).is_ok() && &id == b"CD001";
+    let format = if iso { porthole_api::ImageFormat::Iso } else { porthole_api::ImageFormat::Raw };
+    (format, len, allocated)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +328,13 @@ mod tests {
             created_ms: 1,
             tags: Vec::new(),
             nics: Some(Vec::new()),
+            disk: None,
+            snapshots: Vec::new(),
+            current_snapshot: None,
+            template: false,
+            linked_to: None,
+            cloud_init: None,
+            suspended: None,
         }
     }
 
@@ -269,24 +366,4 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temp file left");
         std::fs::remove_dir_all(dir).unwrap();
     }
-}
-
-/// What a library image is, from its contents: (format, size a guest sees, bytes it takes on the host).
-/// An unreadable file reads as raw with its file size.
-pub fn image_facts(path: &Path) -> (porthole_api::ImageFormat, u64, u64) {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::MetadataExt;
-    let Ok(mut file) = File::open(path) else { return (porthole_api::ImageFormat::Raw, 0, 0) };
-    let (len, allocated) = file.metadata().map(|m| (m.len(), m.blocks() * 512)).unwrap_or((0, 0));
-    let mut head = [0u8; 32];
-    if file.read_exact(&mut head).is_ok() && head[..4] == vmm_core::disk::QCOW2_MAGIC {
-        // The virtual size is the header's big-endian u64 at byte 24.
-        let size = u64::from_be_bytes(head[24..32].try_into().unwrap_or_default());
-        return (porthole_api::ImageFormat::Qcow2, size, allocated);
-    }
-    // ISO 9660: the primary volume descriptor's "CD001" at byte 32 769 (sector 16, offset 1).
-    let mut id = [0u8; 5];
-    let iso = file.seek(SeekFrom::Start(32_769)).is_ok() && file.read_exact(&mut id).is_ok() && &id == b"CD001";
-    let format = if iso { porthole_api::ImageFormat::Iso } else { porthole_api::ImageFormat::Raw };
-    (format, len, allocated)
 }

@@ -631,11 +631,18 @@ async fn thumbnails_serial_typing_tags_and_image_disks() {
     let content: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&image, &content).unwrap();
     c.upload_image("base.img", &image, |_, _| {}).await.unwrap();
-    let from_image =
-        c.create_vm(&CreateVm { disk_image: Some("base.img".into()), ..CreateVm::new("cloned", 1, 64) }).await.unwrap();
+    let from_image = c
+        .create_vm(&CreateVm {
+            disk_image: Some("base.img".into()),
+            disk_format: Some(porthole_api::DiskFormat::Raw),
+            ..CreateVm::new("cloned", 1, 64)
+        })
+        .await
+        .unwrap();
+    assert_eq!(from_image.disk_format, Some(porthole_api::DiskFormat::Raw));
     assert_eq!(from_image.disk_bytes, content.len() as u64);
     let disk = d.data.join("vms").join(&from_image.id).join("disk0.img");
-    assert!(std::fs::read(&disk).unwrap() == content, "the VM's disk is a copy of the image");
+    assert!(std::fs::read(&disk).unwrap() == content, "the VM's disk is a raw copy of the image (asked for)");
     std::fs::write(&disk, b"changed").unwrap();
     assert!(std::fs::read(d.data.join("images/base.img")).unwrap() == content, "the library image is unchanged");
     let e = c.create_vm(&CreateVm { disk_image: Some("missing.img".into()), ..CreateVm::new("x", 1, 64) }).await;

@@ -452,6 +452,11 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     }
     let be32 = |at: usize| u64::from(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]));
     let be64 = |at: usize| (be32(at) << 32) | be32(at + 4);
+    // imago 0.2 does not look at the encryption method: an encrypted image would serve its ciphertext.
+    if be32(32) != 0 {
+        let method = if be32(32) == 1 { "AES" } else { "LUKS" };
+        return Err(broken(format!("it is encrypted ({method}): Porthole does not read encrypted qcow2 images")));
+    }
     let cluster_bits = be32(20);
     if !(9..=21).contains(&cluster_bits) {
         return Err(broken(format!("cluster_bits {cluster_bits} is out of range")));
@@ -588,6 +593,203 @@ pub fn create_raw_image(path: &Path, size: u64) -> Result<(), DiskError> {
         return Err(create_err(e));
     }
     Ok(())
+}
+
+/// Creates a qcow2 image of `size` bytes (rounded up to whole sectors) at `path`, empty, or an overlay on
+/// `backing` (whose name, as given, and format are recorded in the header: a relative name is relative to
+/// the new image's folder, as QEMU reads it). Refuses to replace an existing file; a failed creation (a
+/// full disk) leaves no file behind.
+pub fn create_qcow2(path: &Path, size: u64, backing: Option<(&Path, ImageFormat)>) -> Result<(), DiskError> {
+    use imago::FormatCreateBuilder;
+    let create_err = |source| DiskError::Create { path: path.to_owned(), source };
+    if size == 0 {
+        return Err(create_err(io::Error::new(io::ErrorKind::InvalidInput, "the size is zero")));
+    }
+    let size = size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(create_err)?;
+    let made = (|| -> io::Result<()> {
+        let storage = ImagoFile::from_open_file(file, imago::StorageOpenOptions::new().filename(path).write(true))?;
+        let mut builder = imago::qcow2::Qcow2::<ImagoFile>::create_builder(storage).size(size);
+        if let Some((name, format)) = backing {
+            let name = name.to_str().ok_or_else(|| io::Error::other("the backing file's name is not UTF-8"))?;
+            builder = builder.backing(name.to_owned(), format.to_string());
+        }
+        builder.create()?;
+        File::open(path)?.sync_all()
+    })();
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        create_err(e)
+    })
+}
+
+/// An image opened through imago for copying and merging (see [`copy_image`] and [`commit_image`]): its
+/// files stay locked as [`open_image`] locks them while it lives.
+fn open_imago(path: &Path, writable: bool, backing: &[PathBuf]) -> Result<ImagoAccess, DiskError> {
+    match probe_format(path)? {
+        ImageFormat::Qcow2 => {
+            Ok(Qcow2Image::open(path, !writable, backing)?.access.into_inner().unwrap_or_else(|p| p.into_inner()))
+        }
+        ImageFormat::Raw if !backing.is_empty() => Err(DiskError::BackingOnRaw { path: path.to_owned() }),
+        ImageFormat::Raw => {
+            use imago::FormatDriverBuilder;
+            let (file, _) = open_locked(path, !writable)?;
+            let storage = imago_storage(path, file, writable, ImageFormat::Raw)?;
+            let raw = imago::raw::Raw::builder(storage)
+                .write(writable)
+                .open(imago::DenyImplicitOpenGate::default())
+                .map_err(|e| image_err(path, ImageFormat::Raw, &e))?;
+            Ok(imago::FormatAccess::new(raw))
+        }
+    }
+}
+
+/// Bytes moved at a time by copies and merges.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// How a copy or merge went wrong.
+fn copy_err(path: &Path, what: &str, e: io::Error) -> DiskError {
+    DiskError::Image { path: path.to_owned(), format: ImageFormat::Qcow2, reason: format!("{what}: {e}") }
+}
+
+/// Copies `data` (read from `from` at `offset`, `len` bytes, through `read`) into `to` at the same
+/// offset, a chunk at a time, skipping chunks that are all zeros when `skip_zeros` (the destination reads
+/// zeros there already).
+fn copy_range(
+    read: &dyn Fn(&mut [u8], u64) -> io::Result<()>,
+    to: &ImagoAccess,
+    offset: u64,
+    len: u64,
+    skip_zeros: bool,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut at = offset;
+    while at < offset + len {
+        let n = COPY_CHUNK.min(offset + len - at) as usize;
+        buf.resize(n, 0);
+        read(&mut buf[..n], at)?;
+        if !(skip_zeros && buf[..n].iter().all(|&b| b == 0)) {
+            to.write(&buf[..n], at)?;
+        }
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies the image at `src` (on its backing chain `src_backing`, nearest first), flattened, into a new
+/// image of `format` at `dst` of the same virtual size: only what the source holds is written (ranges that
+/// read as zeros in every layer are left unallocated), so the copy is as sparse as the source. `progress`
+/// hears (bytes of the virtual disk gone through, virtual size). A failed copy leaves no file behind.
+pub fn copy_image(
+    src: &Path,
+    src_backing: &[PathBuf],
+    dst: &Path,
+    format: ImageFormat,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), DiskError> {
+    let from = open_imago(src, false, src_backing)?;
+    let size = from.size() - from.size() % SECTOR_SIZE;
+    match format {
+        ImageFormat::Raw => create_raw_image(dst, size)?,
+        ImageFormat::Qcow2 => create_qcow2(dst, size, None)?,
+    }
+    let copied = (|| -> Result<(), DiskError> {
+        let to = open_imago(dst, true, &[])?;
+        let read = |buf: &mut [u8], at: u64| from.read(buf, at);
+        let mut buf = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let (mapping, n) = from.get_mapping(offset, size - offset).map_err(|e| copy_err(src, "reading", e))?;
+            if n == 0 {
+                break;
+            }
+            let data = !matches!(mapping, imago::Mapping::Zero { .. } | imago::Mapping::Eof { .. });
+            if data {
+                copy_range(&read, &to, offset, n, true, &mut buf).map_err(|e| copy_err(dst, "copying", e))?;
+            }
+            offset += n;
+            progress(offset, size);
+        }
+        to.flush().and_then(|()| to.sync()).map_err(|e| copy_err(dst, "flushing", e))
+    })();
+    copied.inspect_err(|_| {
+        let _ = std::fs::remove_file(dst);
+    })
+}
+
+/// Merges the qcow2 overlay `top` into its backing image `parent` (whose own backing chain is
+/// `parent_backing`, nearest first): every range that `top` holds (data, and zeros it records) is written
+/// into `parent`, which then reads as `top` did, so `top` can be dropped. Ranges `top` does not hold are left
+/// alone, so a merge cut short (a full disk) changes nothing that `top` shows, and can simply be run again.
+/// A `parent` smaller than `top` (qcow2) grows first. `progress` hears (bytes of `top` gone through, its
+/// virtual size).
+pub fn commit_image(
+    top: &Path,
+    parent: &Path,
+    parent_backing: &[PathBuf],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), DiskError> {
+    let to = open_imago(parent, true, parent_backing)?;
+    // The overlay alone, read-only: its own clusters are all that is read, so its backing is a stand-in
+    // that holds nothing (the real one is `parent`, open for writing above).
+    let (file, _) = open_locked(top, true)?;
+    if detect_format(&file).map_err(|source| DiskError::Open { path: top.to_owned(), source })? != ImageFormat::Qcow2 {
+        return Err(DiskError::Image {
+            path: top.to_owned(),
+            format: ImageFormat::Raw,
+            reason: "only a qcow2 overlay can be merged into its backing image".into(),
+        });
+    }
+    check_qcow2_tables(top, &file)?;
+    let nothing = {
+        use imago::FormatDriverBuilder;
+        use std::os::fd::FromRawFd;
+        let null = Path::new("(empty stand-in)");
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(c"porthole-empty".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(DiskError::Open { path: null.to_owned(), source: io::Error::last_os_error() });
+        }
+        // SAFETY: a fresh descriptor that we own: an empty anonymous file.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let storage = imago_storage(null, f, false, ImageFormat::Raw)?;
+        let raw = imago::raw::Raw::builder(storage)
+            .write(false)
+            .open(imago::DenyImplicitOpenGate::default())
+            .map_err(|e| image_err(null, ImageFormat::Raw, &e))?;
+        imago::FormatAccess::new(raw)
+    };
+    let storage = imago_storage(top, file, false, ImageFormat::Qcow2)?;
+    let from = open_qcow2(top, storage, false, Some(nothing))?;
+    let size = from.size();
+    if to.size() < size {
+        to.resize_grow(size, imago::format::PreallocateMode::None)
+            .map_err(|e| copy_err(parent, &format!("growing it to {size} bytes (the size of {})", top.display()), e))?;
+    }
+    let read = |buf: &mut [u8], at: u64| from.read(buf, at);
+    let mut buf = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let (mapping, n) = from.get_shallow_mapping(offset, size - offset).map_err(|e| copy_err(top, "reading", e))?;
+        if n == 0 {
+            break;
+        }
+        let result = match mapping {
+            imago::ShallowMapping::Indirect { .. } | imago::ShallowMapping::Eof { .. } => Ok(()),
+            imago::ShallowMapping::Zero { explicit: false, .. } => Ok(()),
+            imago::ShallowMapping::Zero { .. } => to.write_zeroes(offset, n),
+            _ => copy_range(&read, &to, offset, n, false, &mut buf),
+        };
+        result.map_err(|e| copy_err(parent, "merging", e))?;
+        offset += n;
+        progress(offset, size);
+    }
+    to.flush().and_then(|()| to.sync()).map_err(|e| copy_err(parent, "flushing", e))
+}
+
+/// The virtual size of the image at `path` on its backing chain `backing` (what a guest sees).
+pub fn image_size(path: &Path, backing: &[PathBuf]) -> Result<u64, DiskError> {
+    Ok(open_image(path, true, None, backing)?.size())
 }
 
 /// What a drive has served (every boot together).
@@ -1008,6 +1210,18 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_qcow2_is_refused() {
+        let dir = scratch("encrypted");
+        let enc = dir.join("enc.qcow2");
+        let e = enc.to_str().unwrap();
+        let key = ["--object", "secret,id=s0,data=abc", "-o", "encrypt.format=aes,encrypt.key-secret=s0"];
+        qemu::img(&[&["create", "-q", "-f", "qcow2"][..], &key, &[e, "1M"]].concat());
+        let err = open_image(&enc, true, None, &[]).err().expect("an encrypted image is refused");
+        assert!(err.to_string().contains("encrypted (AES)"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn backing_loops_and_overlong_chains_are_refused() {
         let dir = scratch("loops");
         let base = qcow2_of(&dir, "base", &qemu::pattern(1 << 20), &[]);
@@ -1041,6 +1255,138 @@ mod tests {
         assert!(matches!(open_image(&base, false, None, &[]), Err(DiskError::Locked { .. })));
         let _reader = open_image(&base, true, None, &[]).unwrap();
         drop(image);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn created_qcow2_images_pass_qemu_img_check_and_overlays_read_their_backing() {
+        let dir = scratch("create-qcow2");
+        let empty = dir.join("empty.qcow2");
+        create_qcow2(&empty, (1 << 30) + 1, None).unwrap();
+        qemu::check(&empty);
+        let info: serde_json::Value =
+            serde_json::from_str(&qemu::img(&["info", "--output=json", empty.to_str().unwrap()])).unwrap();
+        assert_eq!(info["virtual-size"].as_u64(), Some((1 << 30) + 512), "whole sectors");
+        assert!(qemu::actual_size(&empty) < 1 << 20, "a new image is small");
+        assert!(matches!(create_qcow2(&empty, 4096, None), Err(DiskError::Create { .. })), "never replaced");
+        // An overlay on a raw image, larger than it: the backing's name and format are in the header, the
+        // backing shows through, and past its end the overlay reads zeros.
+        let content = qemu::pattern(1 << 20);
+        std::fs::write(dir.join("base.raw"), &content).unwrap();
+        let over = dir.join("over.qcow2");
+        create_qcow2(&over, 2 << 20, Some((Path::new("base.raw"), ImageFormat::Raw))).unwrap();
+        qemu::check(&over);
+        let info: serde_json::Value =
+            serde_json::from_str(&qemu::img(&["info", "--output=json", over.to_str().unwrap()])).unwrap();
+        assert_eq!(info["backing-filename"].as_str(), Some("base.raw"));
+        assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+        let image = open_image(&over, false, None, &[dir.join("base.raw")]).unwrap();
+        assert_eq!(image.size(), 2 << 20);
+        let mut want = content.clone();
+        want.resize(2 << 20, 0);
+        assert_eq!(read_all(image.as_ref()).unwrap(), want);
+        drop(image);
+        // qemu-img reads the overlay the same way (it follows the recorded name).
+        std::fs::write(dir.join("want.raw"), &want).unwrap();
+        qemu::img(&["compare", "-q", over.to_str().unwrap(), dir.join("want.raw").to_str().unwrap()]);
+        assert!(matches!(create_qcow2(&dir.join("zero.qcow2"), 0, None), Err(DiskError::Create { .. })));
+        assert!(!dir.join("zero.qcow2").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A chain made by qemu-img: `base.qcow2` (the pattern, some clusters compressed), `mid.qcow2` on it
+    /// (a write and explicit zeros), `top.qcow2` on that (another write). Returns (base, mid, top).
+    fn qemu_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let base = qcow2_of(dir, "base", &qemu::pattern(4 << 20), &["-c"]);
+        let (mid, top) = (dir.join("mid.qcow2"), dir.join("top.qcow2"));
+        let (b, m, t) = (base.to_str().unwrap(), mid.to_str().unwrap(), top.to_str().unwrap());
+        qemu::img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", m]);
+        qemu::io(&["-c", "write -P 0x61 65536 200000", "-c", "write -z 1048576 131072", m]);
+        qemu::img(&["create", "-q", "-f", "qcow2", "-b", m, "-F", "qcow2", t]);
+        qemu::io(&[
+            "-c",
+            "write -P 0x62 100000 70000",
+            "-c",
+            "write -z 3145728 65536",
+            "-c",
+            "write -P 0x63 4128768 65536",
+            t,
+        ]);
+        (base, mid, top)
+    }
+
+    fn raw_of(path: &Path) -> Vec<u8> {
+        let out = path.with_extension("flat");
+        let _ = std::fs::remove_file(&out);
+        qemu::img(&["convert", "-O", "raw", path.to_str().unwrap(), out.to_str().unwrap()]);
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn copies_flatten_the_chain_sparsely_and_qemu_img_agrees() {
+        let dir = scratch("copy");
+        let (base, mid, top) = qemu_chain(&dir);
+        for format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+            let dst = dir.join(format!("copy.{format}"));
+            let mut seen = Vec::new();
+            copy_image(&top, &[mid.clone(), base.clone()], &dst, format, &mut |d, t| seen.push((d, t))).unwrap();
+            assert_eq!(seen.last(), Some(&(4 << 20, 4 << 20)), "progress ends at the size");
+            assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0));
+            if format == ImageFormat::Qcow2 {
+                qemu::check(&dst);
+            }
+            assert_eq!(probe_format(&dst).unwrap(), format);
+            qemu::img(&["compare", "-q", top.to_str().unwrap(), dst.to_str().unwrap()]);
+            // The source's zeros (its second quarter, the zeroed ranges) take no space in the copy.
+            assert!(qemu::actual_size(&dst) < (4 << 20) - (512 << 10), "{format}: {} bytes", qemu::actual_size(&dst));
+            assert!(matches!(
+                copy_image(&top, &[mid.clone(), base.clone()], &dst, format, &mut |_, _| {}),
+                Err(DiskError::Create { .. })
+            ));
+        }
+        // A failed copy (the source is refused) leaves nothing behind.
+        let err = copy_image(&top, &[], &dir.join("no.qcow2"), ImageFormat::Qcow2, &mut |_, _| {}).err().unwrap();
+        assert!(matches!(err, DiskError::Image { .. }), "{err}");
+        assert!(!dir.join("no.qcow2").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_commit_makes_the_parent_read_as_the_overlay_and_leaves_the_rest_alone() {
+        let dir = scratch("commit");
+        let (base, mid, top) = qemu_chain(&dir);
+        let (base_before, top_view) = (raw_of(&base), raw_of(&top));
+        let mut last = (0, 0);
+        commit_image(&top, &mid, std::slice::from_ref(&base), &mut |d, t| last = (d, t)).unwrap();
+        assert_eq!(last, (4 << 20, 4 << 20));
+        qemu::check(&mid);
+        assert_eq!(raw_of(&mid), top_view, "the parent now reads as the overlay did");
+        assert_eq!(raw_of(&top), top_view, "the overlay itself is unchanged");
+        assert_eq!(raw_of(&base), base_before, "the layer below the parent is untouched");
+        // Run again (as after an interrupted merge): the same result.
+        commit_image(&top, &mid, std::slice::from_ref(&base), &mut |_, _| {}).unwrap();
+        assert_eq!(raw_of(&mid), top_view);
+        // Into a raw parent, through Porthole's own reader.
+        let flat = dir.join("flat.raw");
+        std::fs::write(&flat, qemu::pattern(4 << 20)).unwrap();
+        let over = dir.join("over.qcow2");
+        create_qcow2(&over, 4 << 20, Some((Path::new("flat.raw"), ImageFormat::Raw))).unwrap();
+        qemu::io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 512 1048576",
+            "-c",
+            "write -z 2097152 4096",
+            over.to_str().unwrap(),
+        ]);
+        let view = raw_of(&over);
+        commit_image(&over, &flat, &[], &mut |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&flat).unwrap(), view);
+        // A raw file is no overlay.
+        assert!(commit_image(&flat, &mid, std::slice::from_ref(&base), &mut |_, _| {}).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

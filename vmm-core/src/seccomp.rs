@@ -114,7 +114,8 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
         libc::SYS_preadv,
         libc::SYS_pwritev,
         libc::SYS_fallocate,
-        libc::SYS_fstatfs, // imago, when it opens a file (its discard alignment)
+        libc::SYS_fstatfs,   // imago, when it opens a file (its discard alignment)
+        libc::SYS_ftruncate, // imago, when a qcow2 write allocates clusters past the end of the file
         libc::SYS_fdatasync,
         libc::SYS_fsync,
         // Opening media (control threads; see `control_open_filter`).
