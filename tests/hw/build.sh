@@ -55,9 +55,9 @@ BB=$CACHE/root/busybox-static/bin/busybox
 for f in "$BB" "$CACHE/vmlinuz" "$CACHE/vmlinux" "$RELEASE/porthole-vmm" "$RELEASE/portholed"; do
     [[ -e $f ]] || die "missing input $f"
 done
-for tool in socat passt dnsmasq qemu-system-x86_64 cpio grub-mkrescue xorriso depmod; do
+for tool in socat passt dnsmasq qemu-system-x86_64 qemu-img gcc cpio grub-mkrescue xorriso depmod; do
     command -v "$tool" >/dev/null ||
-        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 cpio grub-pc-bin xorriso mtools kmod)"
+        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 qemu-utils gcc cpio grub-pc-bin xorriso mtools kmod)"
 done
 
 # Rebuild only when an input changed.
@@ -163,6 +163,7 @@ L2=$W/l2
 busybox_root "$L2"
 install_modules "$L2" virtio_pci virtio_blk virtio_scsi virtio_net sr_mod bochs psmouse evdev button
 cp "$SCRIPT_DIR/l2-init.sh" "$L2/init"
+gcc -O2 -static -Wall -Werror -o "$L2/bin/blkbench" "$SCRIPT_DIR/blkbench.c"
 mkdir -p "$L2/etc/udhcpc"
 cp "$SCRIPT_DIR/l2-udhcpc.sh" "$L2/etc/udhcpc/default.script"
 chmod 755 "$L2/init" "$L2/etc/udhcpc/default.script"
@@ -198,6 +199,10 @@ find "$ISO" -exec touch -h -d @0 {} +
 SOURCE_DATE_EPOCH=0 grub-mkrescue -o "$OUT/guests/linux.iso" "$ISO" -- -volid PORTHOLE_LINUX >/dev/null 2>&1 ||
     die "grub-mkrescue failed (apt-get install grub-pc-bin grub-common xorriso mtools)"
 
+# bench.qcow2: the empty qcow2 disk (made by qemu-img, default 64 KiB clusters) that the disk-io scenario
+# copies fresh for each qcow2 run.
+qemu-img create -q -f qcow2 "$OUT/guests/bench.qcow2" 256M
+
 if [[ -n $MICRO ]]; then
     mkdir -p "$OUT/guests/micro"
     cp "$MICRO"/*.elf "$OUT/guests/micro/"
@@ -221,7 +226,7 @@ carry "$L1" "$(command -v dnsmasq)" hw/bin/dnsmasq
 mkdir -p "$L1/hw/scenarios" "$L1/hw/guests" "$L1/hw/share/seabios"
 cp "$SCRIPT_DIR"/scenarios/*.sh "$L1/hw/scenarios/"
 cp "$CACHE"/bios.bin "$CACHE"/vgabios-stdvga.bin "$L1/hw/share/seabios/"
-cp "$OUT"/guests/{vmlinuz,vmlinux,l2-initramfs.cpio.gz,data.iso,linux.iso} "$L1/hw/guests/"
+cp "$OUT"/guests/{vmlinuz,vmlinux,l2-initramfs.cpio.gz,data.iso,linux.iso,bench.qcow2} "$L1/hw/guests/"
 [[ -d $OUT/guests/micro ]] && cp -r "$OUT/guests/micro" "$L1/hw/guests/"
 pack "$L1" "$OUT/l1-base.cpio"
 cp "$CACHE/vmlinuz" "$OUT/l1-vmlinuz"

@@ -8,6 +8,9 @@
 #                   /dev/sr0), a square drawn into /dev/fb0 through bochs-drm, a line typed on the PS/2
 #                   keyboard, PS/2 mouse packets, then `reboot -f`; second boot (seen on the disk): waits
 #                   for the ACPI power button and powers off.
+#   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
+#                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
+#                   (tests/hw/scenarios/disk-io.sh runs it on raw and qcow2, porthole-vmm and QEMU).
 #   hw.mode=net     the network through virtio-net (tests/hw/scenarios/net.sh, which serves the other
 #                   ends in L1): which driver bound eth0, the DHCP lease (udhcpc, l2-udhcpc.sh) and the
 #                   MTU, a DNS name, an 8 MiB HTTP download and a 64 MiB one from L1's loopback through
@@ -40,6 +43,13 @@ wait_for() {
     while [ ! -e "$1" ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
     [ -e "$1" ]
 }
+
+if [ "$MODE" = blkbench ]; then
+    wait_for /dev/vda || { say "PORTHOLE-FAIL no /dev/vda"; off; }
+    say "PORTHOLE-BLKBENCH-BEGIN sectors=$(cat /sys/block/vda/size)"
+    blkbench /dev/vda "$(arg hw.mib)"
+    off
+fi
 
 if [ "$MODE" = net ]; then
     # The files L1 serves on its loopback (net.sh), reached through the gateway address.
