@@ -2,10 +2,9 @@
 //! `user-data` (a `#cloud-config` with the user, their SSH keys and the hostname) and `meta-data` (the
 //! instance id and hostname), which cloud-init finds by its label.
 //!
-//! Why ISO 9660 with Rock Ridge, written here: the image is a few sectors of fixed structures (no crate, no
-//! outside tool at run time); its ISO names stay within the standard (`USER_DATA.;1`) while the Rock Ridge
-//! `NM` entries give Linux (and every Rock Ridge reader: xorriso, 7z, libarchive) the exact names cloud-init
-//! reads. FAT would need long-file-name entries for the same names.
+//! The volume is made by `hadris-iso` with Rock Ridge: its ISO names stay within the standard while the
+//! Rock Ridge `NM` entries give Linux (and every Rock Ridge reader: xorriso, 7z, libarchive) the exact names
+//! cloud-init reads. (FAT, the other label cloud-init accepts, would need long-file-name entries.)
 //!
 //! Everything that goes into the YAML is checked strictly first (a host name label, a POSIX user name, OpenSSH
 //! public keys) and then written as a JSON string (a valid YAML double-quoted scalar), so no input can add
@@ -14,8 +13,6 @@
 use std::path::Path;
 
 use crate::store::CloudInitRecord;
-
-const SECTOR: usize = 2048;
 
 /// A new cloud-init instance id (each VM and each clone gets its own, so cloud-init runs once in each).
 pub fn new_instance_id() -> String {
@@ -119,132 +116,43 @@ pub fn meta_data(c: &CloudInitRecord) -> String {
 /// Writes the seed of `c` to `path` (atomically).
 pub fn write_seed(path: &Path, c: &CloudInitRecord) -> std::io::Result<()> {
     check(&c.hostname, &c.user, &c.ssh_authorized_keys).map_err(std::io::Error::other)?;
-    let files = [("meta-data", "META_DATA.;1", meta_data(c)), ("user-data", "USER_DATA.;1", user_data(c))];
-    crate::store::write_atomic(path, &iso9660("cidata", &files))
+    let files = [("meta-data", meta_data(c)), ("user-data", user_data(c))];
+    crate::store::write_atomic(path, &iso9660("cidata", &files)?)
 }
 
-fn both16(v: u16) -> [u8; 4] {
-    let (l, b) = (v.to_le_bytes(), v.to_be_bytes());
-    [l[0], l[1], b[0], b[1]]
-}
-
-fn both32(v: u32) -> [u8; 8] {
-    let (l, b) = (v.to_le_bytes(), v.to_be_bytes());
-    [l[0], l[1], l[2], l[3], b[0], b[1], b[2], b[3]]
-}
-
-/// A Rock Ridge `PX` entry (POSIX mode, links, owner root, serial number).
-fn px(mode: u32, links: u32, serial: u32) -> Vec<u8> {
-    let mut e = vec![b'P', b'X', 44, 1];
-    for v in [mode, links, 0, 0, serial] {
-        e.extend(both32(v));
-    }
-    e
-}
-
-/// A directory record (dates left unspecified: zeros).
-fn record(name: &[u8], extent: u32, size: u32, dir: bool, system_use: &[u8]) -> Vec<u8> {
-    let mut r = vec![0u8; 33];
-    r[2..10].copy_from_slice(&both32(extent));
-    r[10..18].copy_from_slice(&both32(size));
-    r[25] = if dir { 2 } else { 0 };
-    r[28..32].copy_from_slice(&both16(1));
-    r[32] = name.len() as u8;
-    r.extend_from_slice(name);
-    if name.len().is_multiple_of(2) {
-        r.push(0);
-    }
-    r.extend_from_slice(system_use);
-    if r.len() % 2 == 1 {
-        r.push(0);
-    }
-    r[0] = r.len() as u8;
-    r
-}
-
-fn padded(text: &str, len: usize) -> Vec<u8> {
-    let mut v = text.as_bytes().to_vec();
-    v.resize(len, b' ');
-    v
-}
-
-/// An ISO 9660 image labelled `label` with `files` (exact name, ISO name, contents; sorted by ISO name) in
-/// its root directory, with Rock Ridge names and modes.
-fn iso9660(label: &str, files: &[(&str, &str, String)]) -> Vec<u8> {
-    const PVD: usize = 16;
-    const L_TABLE: usize = 18;
-    const M_TABLE: usize = 19;
-    const ROOT: usize = 20;
-    let mut extents = Vec::new();
-    let mut next = ROOT + 1;
-    for (_, _, data) in files {
-        extents.push(next);
-        next += data.len().div_ceil(SECTOR).max(1);
-    }
-    let total = next;
-    let mut img = vec![0u8; total * SECTOR];
-
-    // The root directory: ".", "..", then the files.
-    let mut root = Vec::new();
-    let mut dot_su = vec![b'S', b'P', 7, 1, 0xBE, 0xEF, 0];
-    dot_su.extend(px(0o40555, 2, 1));
-    let (id, des, src) = (b"RRIP_1991A", b"ROCK RIDGE", b"PORTHOLE");
-    dot_su.extend([b'E', b'R', (8 + id.len() + des.len() + src.len()) as u8, 1, id.len() as u8]);
-    dot_su.extend([des.len() as u8, src.len() as u8, 1]);
-    dot_su.extend(id.iter().chain(des).chain(src));
-    root.extend(record(&[0], ROOT as u32, SECTOR as u32, true, &dot_su));
-    root.extend(record(&[1], ROOT as u32, SECTOR as u32, true, &px(0o40555, 2, 1)));
-    for (i, (name, iso_name, data)) in files.iter().enumerate() {
-        let mut su = vec![b'R', b'R', 5, 1, 0x09];
-        su.extend(px(0o100444, 1, 2 + i as u32));
-        su.extend([b'N', b'M', 5 + name.len() as u8, 1, 0]);
-        su.extend(name.as_bytes());
-        root.extend(record(iso_name.as_bytes(), extents[i] as u32, data.len() as u32, false, &su));
-    }
-    img[ROOT * SECTOR..ROOT * SECTOR + root.len()].copy_from_slice(&root);
-    for (i, (_, _, data)) in files.iter().enumerate() {
-        img[extents[i] * SECTOR..extents[i] * SECTOR + data.len()].copy_from_slice(data.as_bytes());
-    }
-
-    // The path tables: the root alone.
-    let mut l = vec![1u8, 0];
-    l.extend((ROOT as u32).to_le_bytes());
-    l.extend(1u16.to_le_bytes());
-    l.extend([0, 0]);
-    let mut m = vec![1u8, 0];
-    m.extend((ROOT as u32).to_be_bytes());
-    m.extend(1u16.to_be_bytes());
-    m.extend([0, 0]);
-    img[L_TABLE * SECTOR..L_TABLE * SECTOR + l.len()].copy_from_slice(&l);
-    img[M_TABLE * SECTOR..M_TABLE * SECTOR + m.len()].copy_from_slice(&m);
-
-    // The primary volume descriptor and the terminator.
-    let p = &mut img[PVD * SECTOR..(PVD + 1) * SECTOR];
-    p[0] = 1;
-    p[1..6].copy_from_slice(b"CD001");
-    p[6] = 1;
-    p[8..40].copy_from_slice(&padded("LINUX", 32));
-    p[40..72].copy_from_slice(&padded(label, 32));
-    p[80..88].copy_from_slice(&both32(total as u32));
-    p[120..124].copy_from_slice(&both16(1));
-    p[124..128].copy_from_slice(&both16(1));
-    p[128..132].copy_from_slice(&both16(SECTOR as u16));
-    p[132..140].copy_from_slice(&both32(10));
-    p[140..144].copy_from_slice(&(L_TABLE as u32).to_le_bytes());
-    p[148..152].copy_from_slice(&(M_TABLE as u32).to_be_bytes());
-    p[156..190].copy_from_slice(&record(&[0], ROOT as u32, SECTOR as u32, true, &[]));
-    for (at, len) in [(190, 128), (318, 128), (446, 128), (574, 128), (702, 37), (739, 37), (776, 37)] {
-        p[at..at + len].copy_from_slice(&padded("", len));
-    }
-    for at in [813, 830, 847, 864] {
-        p[at..at + 16].copy_from_slice(b"0000000000000000");
-    }
-    p[881] = 1;
-    let t = &mut img[(PVD + 1) * SECTOR..(PVD + 2) * SECTOR];
-    t[0] = 255;
-    t[1..6].copy_from_slice(b"CD001");
-    t[6] = 1;
-    img
+/// An ISO 9660 volume labelled `label` with `files` (name, contents) in its root, named by Rock Ridge.
+fn iso9660(label: &str, files: &[(&str, String)]) -> std::io::Result<Vec<u8>> {
+    use hadris_iso::read::PathSeparator;
+    use hadris_iso::rrip::RripOptions;
+    use hadris_iso::write::options::{BaseIsoLevel, CreationFeatures, IsoFormatOptions};
+    use hadris_iso::write::{File, InputFiles, IsoImageWriter};
+    let files = InputFiles {
+        path_separator: PathSeparator::ForwardSlash,
+        files: files
+            .iter()
+            .map(|(name, text)| File::File { name: (*name).to_owned().into(), contents: text.clone().into_bytes() })
+            .collect(),
+    };
+    let options = IsoFormatOptions {
+        volume_name: label.to_owned(),
+        system_id: None,
+        volume_set_id: None,
+        publisher_id: None,
+        preparer_id: None,
+        application_id: Some("PORTHOLE".to_owned()),
+        sector_size: 2048,
+        features: CreationFeatures {
+            filenames: BaseIsoLevel::Level1 { supports_lowercase: false, supports_rrip: true },
+            rock_ridge: Some(RripOptions::default()),
+            ..CreationFeatures::default()
+        },
+        path_separator: PathSeparator::ForwardSlash,
+        strict_charset: false,
+    };
+    let mut image = std::io::Cursor::new(Vec::new());
+    IsoImageWriter::create(&mut image, files, options)
+        .map_err(|e| std::io::Error::other(format!("cannot make the cloud-init seed volume: {e}")))?;
+    Ok(image.into_inner())
 }
 
 #[cfg(test)]
