@@ -592,7 +592,7 @@ fn disk(m: &mut Machine, r: &mut Report) -> Result<String, String> {
 
 /// The operations tests/hw/blkbench.c times, as it names them.
 const BLK_OPS: [&str; 4] = ["seq-write", "seq-read", "rand-read", "rand-write"];
-/// tests/hw/scenarios/disk-io.sh's runs, in its order, twice.
+/// tests/hw/scenarios/disk-io.sh's runs, in its order, three times (medians).
 const DISK_IO_RUNS: [&str; 4] = ["porthole-raw", "qemu-raw", "porthole-qcow2", "qemu-qcow2"];
 
 /// Issue 16's guest-driven disk benchmark: each run's `PORTHOLE-BLKBENCH` line (the guest's own timings,
@@ -600,7 +600,7 @@ const DISK_IO_RUNS: [&str; 4] = ["porthole-raw", "qemu-raw", "porthole-qcow2", "
 fn disk_io(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     l1_up(m)?;
     let mut out = Vec::new();
-    for round in 1..=2 {
+    for round in 1..=3 {
         for label in DISK_IO_RUNS {
             m.expect(&format!("HW-START {label}"), 10 * MIN)?;
             let line = m.expect("PORTHOLE-BLKBENCH ", 10 * MIN).map_err(|e| format!("{label}: {e}"))?;

@@ -18,7 +18,7 @@ fresh() {
 }
 
 # The order of DISK_IO_RUNS in tests/tests/hw.rs.
-for round in 1 2; do
+for round in 1 2 3; do
     for format in raw qcow2; do
         img=$(fresh $format)
         run "porthole-$format" porthole-vmm --name bench --memory 256 --kernel "$G/vmlinuz" \
