@@ -444,22 +444,22 @@ impl Host {
             return Err(HostError::Conflict(format!("VM {} has a snapshot named {name:?} already", r.name)));
         }
         let running = self.pid(id).is_some();
-        if running && with_state == Some(false) {
-            return Err(HostError::Conflict(
-                "the VM is running: stop the VM or take the snapshot with its state (with_state: true)".into(),
-            ));
-        }
         let busy = self.begin(id, "taking a snapshot")?;
         let host = self.clone();
         let id = id.to_owned();
         Ok(Box::pin(async move {
             let _busy = busy;
             let sid = random_hex(4);
+            if running && with_state == Some(false) {
+                // Disks only, live: the engine moves the running disk onto a new overlay.
+                host.freeze_top(&id, &sid, name, description, None, true).await?;
+                return Ok(Some(sid));
+            }
             let state = running.then(|| format!("state-{sid}.bin"));
             if let Some(file) = &state {
                 host.save_and_stop(&id, file).await?;
             }
-            let made = host.freeze_top(&id, &sid, name, description, state.clone()).await;
+            let made = host.freeze_top(&id, &sid, name, description, state.clone(), false).await;
             if let Err(e) = &made {
                 if let Some(file) = &state {
                     // The machine state is no use without its snapshot; the VM resumes from it on its old disk.
@@ -478,7 +478,9 @@ impl Host {
         }))
     }
 
-    /// The stopped VM's present layer becomes snapshot `sid`'s; a new empty overlay on it becomes Now.
+    /// The VM's present layer becomes snapshot `sid`'s; a new empty overlay on it becomes Now. A stopped
+    /// VM's overlay is made here; with `live`, the running VM's engine makes it and moves the disk onto it
+    /// (`switch-drive`, the vCPUs paused meanwhile).
     async fn freeze_top(
         &self,
         id: &str,
@@ -486,6 +488,7 @@ impl Host {
         name: String,
         description: String,
         state: Option<String>,
+        live: bool,
     ) -> Result<(), HostError> {
         let all = self.records();
         let r = all.get(id).cloned().ok_or_else(|| HostError::NotFound(id.to_owned()))?;
@@ -496,13 +499,26 @@ impl Host {
         let paths = chain(self, &all, &r, &own)?;
         let new = new_layer_name(&dir);
         let (new_path, top, format) = (dir.join(&new), d.top.clone(), top_format(&d, &r));
-        tokio::task::spawn_blocking(move || {
-            let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
-            vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&top), format)))
-        })
-        .await
-        .map_err(blocking_err)?
-        .map_err(disk_err)?;
+        if live {
+            let request = vmm_core::control::Request::SwitchDrive {
+                drive: "disk0".into(),
+                path: new_path,
+                backing_name: Some(top.into()),
+                backing: paths,
+            };
+            self.control(id, request).await.map_err(|e| match e {
+                HostError::BadRequest(why) => HostError::Conflict(format!("the running VM's disk: {why}")),
+                other => other,
+            })?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
+                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&top), format)))
+            })
+            .await
+            .map_err(blocking_err)?
+            .map_err(disk_err)?;
+        }
         let saved = self.update(id, |r, _| {
             let disk = r.disk.get_or_insert_with(|| d.clone());
             disk.top = new.clone();
@@ -519,6 +535,14 @@ impl Host {
             Ok(())
         });
         if let Err(e) = saved {
+            if live {
+                // The running VM writes into the new overlay already: it must stay.
+                log::error!("VM {id}: its disk moved onto {new}, but its definition could not be saved: {e}");
+                return Err(HostError::Internal(format!(
+                    "the running VM's disk moved onto a new layer ({new}) but its definition could not be saved \
+                     ({e}); stop the VM and free space before starting it again"
+                )));
+            }
             let _ = std::fs::remove_file(dir.join(&new));
             return Err(e);
         }

@@ -244,7 +244,8 @@ async fn snapshots_keep_every_snapshots_content_through_takes_reverts_and_merges
     // And the guest boots from what is left and reads s4's bytes.
     run(&c, &id, "read=50,8").await;
 
-    // A running VM: a revert needs confirmation; a disk-only snapshot is refused with the way out.
+    // A running VM: a revert needs confirmation; a disk-only snapshot is taken live (the engine moves the
+    // running disk onto a new overlay) and the VM runs on.
     let boot = BootSpec {
         kernel: porthole_guests::path("virtio-blk").display().to_string(),
         initrd: None,
@@ -254,14 +255,15 @@ async fn snapshots_keep_every_snapshots_content_through_takes_reverts_and_merges
     c.action(&id, Action::Start).await.unwrap();
     let e = c.revert_snapshot(&id, &s4, false).await.unwrap_err();
     assert!(e.status() == Some(409) && e.to_string().contains("confirm"), "{e}");
-    let e = c
-        .take_snapshot(
-            &id,
-            &TakeSnapshot { name: "disk only".into(), description: String::new(), with_state: Some(false) },
-        )
-        .await
-        .unwrap_err();
-    assert!(e.status() == Some(409) && e.to_string().contains("stop the VM"), "{e}");
+    let take_live = TakeSnapshot { name: "disk only".into(), description: String::new(), with_state: Some(false) };
+    let live = done(&c, c.take_snapshot(&id, &take_live).await.unwrap()).await;
+    assert_eq!(c.vm(&id).await.unwrap().state, VmState::Running, "a disk-only snapshot leaves the VM running");
+    let tree = c.snapshots(&id).await.unwrap();
+    assert_eq!(tree.current.as_deref(), Some(live.as_str()));
+    let info = tree.snapshots.iter().find(|s| s.id == live).unwrap();
+    assert!(!info.with_state && info.parent.as_deref() == Some(s4.as_str()), "{info:?}");
+    check(&layer(&d, &id, &live));
+    assert!(same(&layer(&d, &id, &live), &frozen("s4")), "the live snapshot holds what the disk held");
     let e = c.delete_snapshot(&id, &s4).await.unwrap_err();
     assert_eq!(e.status(), Some(409), "{e}");
     done(&c, c.revert_snapshot(&id, &s4, true).await.unwrap()).await;

@@ -47,6 +47,18 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drive: Option<String>,
     },
+    /// Moves a fixed disk, live, onto a new qcow2 overlay at `path` (created by the VMM; it must not exist):
+    /// a disk-only snapshot of the running VM, with the vCPUs paused meanwhile. `backing` is the drive's
+    /// image followed by its own backing chain (nearest first); `backing_name` what the overlay's header
+    /// records for the image (default: its path; e.g. a name relative to the overlay's folder).
+    #[serde(rename = "switch-drive")]
+    SwitchDrive {
+        drive: String,
+        path: std::path::PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backing_name: Option<std::path::PathBuf>,
+        backing: Vec<std::path::PathBuf>,
+    },
     /// Empties a removable drive.
     #[serde(rename = "eject-media")]
     EjectMedia {
@@ -78,7 +90,8 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<CountersSnapshot>,
-    /// For `pause`: microseconds until every vCPU had stopped.
+    /// For `pause`: microseconds until every vCPU had stopped. For `switch-drive`: microseconds the guest was
+    /// paused for the switch (pause, drain, flush, open, resume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_after_us: Option<u64>,
     /// For `stop`: whether the guest had enabled the ACPI power-button event.
@@ -165,6 +178,14 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
             Ok(status) => Response { drive: Some(status), ..ok() },
             Err(e) => failure(e.to_string()),
         },
+        Request::SwitchDrive { drive, path, backing_name, backing } => {
+            match vm.switch_drive_to_overlay(drive, path, backing_name.as_deref(), backing) {
+                Ok((status, paused)) => {
+                    Response { drive: Some(status), paused_after_us: Some(paused.as_micros() as u64), ..ok() }
+                }
+                Err(e) => failure(e),
+            }
+        }
         Request::EjectMedia { drive } => match vm.eject_media(drive.as_deref()) {
             Ok(status) => Response { drive: Some(status), ..ok() },
             Err(e) => failure(e.to_string()),

@@ -411,6 +411,35 @@ impl VmHandle {
         Ok(drive.status())
     }
 
+    /// Moves fixed disk `drive` onto a new qcow2 overlay `top` on its image (see
+    /// [`Drive::switch_to_overlay`]) with the vCPUs paused: a disk-only snapshot of the running VM. Returns
+    /// the drive's status and how long the guest was paused.
+    pub fn switch_drive_to_overlay(
+        &self,
+        drive: &str,
+        top: &std::path::Path,
+        backing_name: Option<&std::path::Path>,
+        backing: &[std::path::PathBuf],
+    ) -> Result<(DriveStatus, Duration), String> {
+        let drive = self
+            .drives
+            .iter()
+            .find(|d| d.id == drive)
+            .ok_or_else(|| DiskError::NoSuchDrive(drive.to_owned()).to_string())?;
+        let started = std::time::Instant::now();
+        let was_running = self.state() == RunState::Running;
+        if was_running && let Err(e) = self.pause() {
+            self.resume();
+            return Err(format!("cannot pause the VM for the switch: {e}"));
+        }
+        let switched = drive.switch_to_overlay(top, backing_name, backing);
+        if was_running {
+            self.resume();
+        }
+        switched.map_err(|e| e.to_string())?;
+        Ok((drive.status(), started.elapsed()))
+    }
+
     /// Empties a removable drive; the guest is told.
     pub fn eject_media(&self, drive: Option<&str>) -> Result<DriveStatus, DiskError> {
         let drive = self.removable_drive(drive)?;

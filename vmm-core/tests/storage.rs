@@ -558,3 +558,68 @@ fn discard_and_write_zeroes_give_space_back_on_raw_and_qcow2() {
         assert!(!(data && overlaps), "qcow2 still maps data in the discarded/zeroed MiBs: {entry}");
     }
 }
+
+/// A disk-only snapshot of a running VM: while the guest writes and flushes sector after sector, its
+/// qcow2 disk moves onto a new overlay (`switch-drive`, vCPUs paused meanwhile). The guest notices
+/// nothing (every request succeeds, it reads back everything it wrote); the old image holds exactly the
+/// writes made before the switch (a prefix of the sequence, at least those flushed by then) and the overlay
+/// the rest; both pass `qemu-img check`, and the chain reads as every write. A switch whose chain does not
+/// start with the drive's image is refused with the reason, and the VM carries on.
+#[test]
+fn a_running_disk_moves_onto_an_overlay_without_the_guest_noticing() {
+    let dir = Scratch::new("blk-switch");
+    let base = dir.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&base), "1M"]);
+    let top = dir.path("top.qcow2");
+    let writes = 80;
+    let mut words: Vec<String> = (0..writes).flat_map(|i| [format!("write={},1,7", i * 8), "flush".into()]).collect();
+    words.push(format!("read=0,{}", writes * 8));
+    let vm = Running::start("blk-switch-vm", &["--disk", s(&base), "--cmdline", &words.join(" ")]);
+    let flushed = |out: &str| out.lines().filter(|l| l.starts_with("BLK flush disk=0 status=0")).count();
+    vm.wait_for(|out| flushed(out) >= 10);
+    let mut c = vm.client();
+    let switch = |backing: PathBuf| Request::SwitchDrive {
+        drive: "disk0".into(),
+        path: top.clone(),
+        backing_name: Some("base.qcow2".into()),
+        backing: vec![backing],
+    };
+    let err = c.request(&switch(dir.path("other.qcow2"))).unwrap_err().to_string();
+    assert!(err.contains("backing chain starts with"), "{err}");
+    assert!(!top.exists(), "a refused switch makes no file");
+    let before = flushed(&vm.output());
+    let reply = c.request(&switch(base.clone())).unwrap();
+    assert_eq!(reply.drive.unwrap().media.as_deref(), Some(top.as_path()));
+    eprintln!("switch-drive: the guest was paused {} us", reply.paused_after_us.unwrap());
+    let out = vm.wait_for(|o| o.contains("BLK done"));
+    let lines = results(&out);
+    assert_eq!(lines.len(), 2 * writes + 1, "{out}");
+    assert!(lines.iter().all(|l| l.contains("status=0")), "every request succeeded: {out}");
+    let mut expect = vec![0u8; writes * 8 * 512];
+    for i in 0..writes {
+        expect[i * 8 * 512..(i * 8 + 1) * 512].copy_from_slice(&pattern(i * 8, 7));
+    }
+    let read = format!("BLK read disk=0 sector=0 count={} status=0 sum={}", writes * 8, fnv(&expect));
+    assert!(lines.contains(&read.as_str()), "the guest reads back every write: {out}\nexpected {read}");
+    drop(vm);
+    qemu_img(&["check", s(&base)]);
+    qemu_img(&["check", s(&top)]);
+    let as_raw = |from: &Path, name: &str, unsafe_alone: bool| {
+        let raw = dir.path(name);
+        // The old image alone (its overlay is not read): what it held when the switch happened.
+        let mut args = vec!["convert", "-O", "raw"];
+        if unsafe_alone {
+            args.extend(["-f", "qcow2"]);
+        }
+        args.extend([s(from), s(&raw)]);
+        qemu_img(&args);
+        std::fs::read(&raw).unwrap()
+    };
+    let old = as_raw(&base, "base.raw", true);
+    let all = as_raw(&top, "all.raw", false);
+    let written = |image: &[u8], i: usize| image[i * 8 * 512..(i * 8 + 1) * 512] == pattern(i * 8, 7)[..];
+    let in_old = (0..writes).take_while(|&i| written(&old, i)).count();
+    assert!(in_old >= before && in_old < writes, "the old image holds writes 0..{in_old}, flushed before: {before}");
+    assert!((in_old..writes).all(|i| old[i * 8 * 512..(i * 8 + 1) * 512].iter().all(|&b| b == 0)), "nothing after");
+    assert!((0..writes).all(|i| written(&all, i)), "the chain reads as every write");
+}

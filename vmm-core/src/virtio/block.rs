@@ -565,16 +565,18 @@ impl Shared {
         if !in_range || !total.is_multiple_of(SECTOR_SIZE) {
             return (VIRTIO_BLK_S_IOERR, 0);
         }
-        let mut offset = start.unwrap_or(0);
+        let offset = start.unwrap_or(0);
+        let mut slices = Vec::with_capacity(segments.len());
         for &(address, len) in segments {
             let Ok(slice) = mem.get_slice(address, len as usize) else { return (VIRTIO_BLK_S_IOERR, 0) };
-            let result =
-                if write { media.backend.write_at(&slice, offset) } else { media.backend.read_at(&slice, offset) };
-            if let Err(e) = result {
-                log::warn!("{}: {} at byte {offset} failed: {e}", self.drive.id, if write { "write" } else { "read" });
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-            offset += u64::from(len);
+            slices.push(slice);
+        }
+        // The whole request in one call (a qcow2 image allocates its clusters once).
+        let result =
+            if write { media.backend.writev_at(&slices, offset) } else { media.backend.readv_at(&slices, offset) };
+        if let Err(e) = result {
+            log::warn!("{}: {} at byte {offset} failed: {e}", self.drive.id, if write { "write" } else { "read" });
+            return (VIRTIO_BLK_S_IOERR, 0);
         }
         (VIRTIO_BLK_S_OK, if write { 0 } else { total as u32 })
     }
