@@ -49,6 +49,10 @@ use crate::virtio::net::VirtioNet;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::scsi::VirtioScsi;
 
+#[path = "vm_state.rs"]
+mod state;
+pub use state::{SaveReport, Then};
+
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -82,6 +86,8 @@ pub enum VmError {
     SerialInputFull { waiting: usize },
     #[error("firmware: {0}")]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error("{0}")]
+    State(#[from] crate::snapshot::StateError),
 }
 
 /// What a boot starts: a kernel loaded directly, or firmware at the reset vector.
@@ -109,6 +115,8 @@ pub enum ExitReason {
     ForcedStop,
     /// The guest reset the machine and the VM was configured not to reboot.
     Reset,
+    /// The VM's state was saved (control `save-state` with `"then": "stop"`) and the process ended.
+    Suspended,
 }
 
 impl ExitReason {
@@ -119,6 +127,7 @@ impl ExitReason {
             ExitReason::GuestCrash(_) => 2,
             ExitReason::ForcedStop => 3,
             ExitReason::Reset => 4,
+            ExitReason::Suspended => 5,
         }
     }
 }
@@ -171,6 +180,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestCrash(why) => write!(f, "the guest crashed: {why}"),
             ExitReason::ForcedStop => write!(f, "the VM was powered off by the host"),
             ExitReason::Reset => write!(f, "the guest reset the machine (rebooting is off)"),
+            ExitReason::Suspended => write!(f, "suspended: the VM's state was saved and the VM stopped"),
         }
     }
 }
@@ -235,6 +245,12 @@ pub struct VmHandle {
     serial_input: Mutex<Vec<u8>>,
     /// The crash report while the VM is kept in its crashed state (vCPUs stopped, screen still served).
     crashed: Mutex<Option<String>>,
+    /// A machine-state save for the event loop to carry out (see [`VmHandle::save_state`]).
+    save_request: Mutex<Option<state::SaveRequest>>,
+    /// Set while a save is in progress: the VM stays paused, other commands that change it are refused.
+    saving: std::sync::atomic::AtomicBool,
+    /// Set when a save ends the VM (`then: stop`): the VM's end is reported as suspended.
+    suspended: std::sync::atomic::AtomicBool,
 }
 
 /// Most bytes of serial input from the control socket that may wait for the guest to read them.
@@ -469,6 +485,10 @@ pub struct Vm {
     pending_input: Vec<u8>,
     /// Keeps the console screen up to date.
     refresher: Arc<Refresher>,
+    /// A machine state to start the first boot from instead of booting (`--restore`).
+    restore: Option<state::Restore>,
+    /// The MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
     /// Guest RAM, mapped once and zeroed for each boot after the first. Last, so that it is unmapped after
     /// everything else here is gone (every boot's users of the memory end with the boot).
     ram: Vec<AlignedRam>,
@@ -505,16 +525,27 @@ struct DisplayDevices {
 /// A device as the buses hold it.
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// The devices of one boot that keep state (besides the serial port and the RTC, which outlive boots).
+struct BootDevices {
+    display: DisplayDevices,
+    i8042: Arc<Mutex<I8042>>,
+    pm1_event: Arc<Mutex<Pm1Event>>,
+    pm1_control: Arc<Mutex<Pm1Control>>,
+    pci_ports: Arc<Mutex<PciConfigPorts>>,
+}
+
 /// One boot of the VM: the KVM VM and its vCPU threads.
 struct Boot {
-    _vm: Arc<VmFd>,
+    vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
-    _vram: Arc<GuestRegionMmap>,
+    vram: Arc<GuestRegionMmap>,
+    /// The devices whose state a machine-state file holds.
+    devices: BootDevices,
     /// The BIOS image's read-only slot below 4 GiB (firmware boots).
     _rom: Option<GuestRegionMmap>,
     threads: Vec<JoinHandle<()>>,
     /// The PCI devices; dropping them stops their I/O threads.
-    _pci: Arc<PciBus>,
+    pci: Arc<PciBus>,
     /// Their interrupts, whose resample fds the event loop serves.
     interrupts: Vec<Arc<VirtioInterrupt>>,
 }
@@ -526,6 +557,7 @@ impl Vm {
         config.validate(kvm.get_max_vcpus() as u32)?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
+        let msr_indices = kvm.get_msr_index_list().map_err(kvm_err("list the MSRs it saves"))?.as_slice().to_vec();
         let open = |what, path: &std::path::Path| {
             File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
         };
@@ -593,6 +625,9 @@ impl Vm {
             nics,
             serial_input: Mutex::new(Vec::new()),
             crashed: Mutex::new(None),
+            save_request: Mutex::new(None),
+            saving: Default::default(),
+            suspended: Default::default(),
         });
         Ok(Vm {
             config,
@@ -607,6 +642,8 @@ impl Vm {
             seccomp: true,
             pending_input: Vec::new(),
             refresher: Refresher::new(Screen::new()),
+            restore: None,
+            msr_indices: Arc::new(msr_indices),
             ram: Vec::new(),
         })
     }
@@ -787,9 +824,9 @@ impl Vm {
     fn build_buses(
         &self,
         machine: &MachineControl,
-        display: &DisplayDevices,
+        display: DisplayDevices,
         pci: &Arc<PciBus>,
-    ) -> Result<(Bus, Bus), VmError> {
+    ) -> Result<(Bus, Bus, BootDevices), VmError> {
         let h = &self.handle;
         let mut pio = Bus::with_counts(h.pio_unhandled.clone());
         let mut mmio = Bus::with_counts(h.mmio_unhandled.clone());
@@ -801,6 +838,8 @@ impl Vm {
         let i8042 =
             Arc::new(Mutex::new(I8042::new(self.irqs.keyboard.clone(), self.irqs.mouse.clone(), machine.clone())));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
+        let pm1_control = Arc::new(Mutex::new(Pm1Control::new(machine.clone())));
+        let pci_ports = Arc::new(Mutex::new(PciConfigPorts::new(pci.clone(), machine.clone())));
         let devices: [(SharedDevice, u16, u64); 9] = [
             (display.dispi.clone(), DISPI_INDEX_PORT, DISPI_PORT_LEN),
             (display.vga.clone(), VGA_PORT, VGA_PORT_LEN),
@@ -808,20 +847,16 @@ impl Vm {
             (self.rtc.clone(), RTC_PORT, 2),
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),
             (pm1_event.clone(), acpi_pm::PM1A_EVT_PORT, acpi_pm::PM1A_EVT_LEN),
-            (Arc::new(Mutex::new(Pm1Control::new(machine.clone()))), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
-            (
-                Arc::new(Mutex::new(PciConfigPorts::new(pci.clone(), machine.clone()))),
-                pci::CONFIG_ADDRESS_PORT,
-                pci::CONFIG_PORTS_LEN,
-            ),
+            (pm1_control.clone(), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
+            (pci_ports.clone(), pci::CONFIG_ADDRESS_PORT, pci::CONFIG_PORTS_LEN),
             (Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))), POST_CODE_PORT, 1),
         ];
         for (device, port, len) in devices {
             pio.insert(device, u64::from(port), len)?;
         }
-        *lock(&h.pm1_event) = Some(pm1_event);
-        *lock(&h.i8042) = Some(i8042);
-        Ok((pio, mmio))
+        *lock(&h.pm1_event) = Some(pm1_event.clone());
+        *lock(&h.i8042) = Some(i8042.clone());
+        Ok((pio, mmio, BootDevices { display, i8042, pm1_event, pm1_control, pci_ports }))
     }
 
     /// Video memory: its own memslot at the framebuffer address, with KVM's dirty-page log on.
@@ -868,9 +903,13 @@ impl Vm {
         let vram_slot = mem.num_regions() as u32;
         let (pci_bus, interrupts) = self.build_pci(&vm, &mem, &display, &vram, vram_slot)?;
         let pci_bus = Arc::new(pci_bus);
-        let (mut pio, mmio) = self.build_buses(&machine, &display, &pci_bus)?;
+        let (mut pio, mmio, devices) = self.build_buses(&machine, display, &pci_bus)?;
+        let display = &devices.display;
+        let restore = self.restore.take();
         let mut rom = None;
         let entry = match &mut self.start {
+            // Restoring: memory and registers come from the state, nothing is loaded.
+            Start::Kernel(_) if restore.is_some() => None,
             Start::Kernel(files) => {
                 let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
                 let fb = boot::LinearFramebuffer {
@@ -914,6 +953,9 @@ impl Vm {
         if let Some(entry) = entry {
             cpu::write_boot_tables(&mem, entry)?;
         }
+        if let Some(restore) = &restore {
+            self.restore_devices(restore, &vram, &devices, &pci_bus)?;
+        }
 
         let mut vcpus = Vec::new();
         for index in 0..self.config.vcpus {
@@ -936,6 +978,10 @@ impl Vm {
                 run: self.handle.run.clone(),
                 crash: self.crash.clone(),
             });
+        }
+        if let Some(restore) = &restore {
+            restore.apply_kvm(&vm, &vcpus)?;
+            log::info!("{}: restored from its saved state", self.config.name);
         }
         vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
         let filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
@@ -961,7 +1007,7 @@ impl Vm {
             threads.push(thread);
         }
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
-        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, _rom: rom, threads, _pci: pci_bus, interrupts })
+        Ok(Boot { vm, _mem: mem, vram, devices, _rom: rom, threads, pci: pci_bus, interrupts })
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
@@ -984,7 +1030,8 @@ impl Vm {
     }
 
     /// Waits for the current boot to end; returns what ended it.
-    fn event_loop(&mut self, interrupts: &[Arc<VirtioInterrupt>]) -> Result<MachineRequest, VmError> {
+    fn event_loop(&mut self, boot: &Boot) -> Result<MachineRequest, VmError> {
+        let interrupts = &boot.interrupts;
         const MACHINE: u64 = 1;
         const LOOP_WAKE: u64 = 2;
         const STDIN: u64 = 3;
@@ -1034,6 +1081,9 @@ impl Vm {
                     }
                     LOOP_WAKE => {
                         let _ = self.handle.loop_wake.read();
+                        if let Some(request) = lock(&self.handle.save_request).take() {
+                            self.serve_save(boot, request);
+                        }
                         if !self.feed_serial() && stdin_watched {
                             // The FIFO is full: stdin waits until the guest drains it.
                             let _ = epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
@@ -1107,10 +1157,10 @@ impl Vm {
             seccomp::apply_vmm_filter()?;
         }
         loop {
-            let boot = self.boot()?;
-            let mut outcome = self.event_loop(&boot.interrupts);
+            let mut boot = self.boot()?;
+            let mut outcome = self.event_loop(&boot);
             self.handle.run.stop_boot();
-            for t in boot.threads {
+            for t in std::mem::take(&mut boot.threads) {
                 let _ = t.join();
             }
             *lock(&self.handle.pm1_event) = None;
@@ -1119,7 +1169,7 @@ impl Vm {
             if let Ok(MachineRequest::Crash) = outcome {
                 let report = lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into());
                 if !self.config.exit_on_crash {
-                    outcome = self.stay_crashed(&report, &boot.interrupts);
+                    outcome = self.stay_crashed(&report, &boot);
                 }
                 crash = Some(report);
             }
@@ -1136,6 +1186,9 @@ impl Vm {
                 (MachineRequest::Reset, _) => ExitReason::Reset,
                 (_, Some(report)) => ExitReason::GuestCrash(report),
                 (MachineRequest::PowerOff, None) => ExitReason::PowerOff,
+                (MachineRequest::ForceOff, None) if self.handle.suspended.load(Ordering::Acquire) => {
+                    ExitReason::Suspended
+                }
                 (MachineRequest::ForceOff | MachineRequest::Crash | MachineRequest::None, None) => {
                     ExitReason::ForcedStop
                 }
@@ -1148,7 +1201,7 @@ impl Vm {
     /// display stay, so the console keeps serving the last frame, and the control socket reports the crash,
     /// until the VM is powered off, stopped, sent SIGTERM (all end it; the crash is its exit reason) or
     /// reset (which reboots it). Returns the request that ended the wait.
-    fn stay_crashed(&mut self, report: &str, interrupts: &[Arc<VirtioInterrupt>]) -> Result<MachineRequest, VmError> {
+    fn stay_crashed(&mut self, report: &str, boot: &Boot) -> Result<MachineRequest, VmError> {
         // Drop what other vCPUs asked for between the crash and their end (a reset must not reboot a crashed
         // guest behind the user's back); a forced power-off can only come from the host, and stands.
         let _ = self.handle.machine.wake_fd().read();
@@ -1164,6 +1217,6 @@ impl Vm {
             // A stop was in progress: the guest will never finish it.
             return Ok(MachineRequest::ForceOff);
         }
-        self.event_loop(interrupts)
+        self.event_loop(boot)
     }
 }

@@ -54,6 +54,18 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// A write at `offset` in memory BAR `bar`.
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// Its state for a machine-state file; a device that cannot be saved says so (and nothing is saved).
+    fn save_state(&self, _w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+        Err(crate::snapshot::StateError::Unsupported(format!(
+            "the PCI device {:04x}:{:04x} cannot be saved",
+            self.config().read(0) & 0xFFFF,
+            self.config().read(0) >> 16
+        )))
+    }
+    /// Loads what [`save_state`](Self::save_state) wrote.
+    fn restore_state(&mut self, _r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        Err(crate::snapshot::StateError::Unsupported("this PCI device cannot be restored".into()))
+    }
 }
 
 /// The host bridge at 00:00.0 (Intel 440FX, as QEMU's `pc` machine and SeaBIOS know it).
@@ -93,6 +105,15 @@ impl PciDevice for HostBridge {
         data.fill(0xFF);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+
+    fn save_state(&self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+        self.config.save(w);
+        Ok(())
+    }
+
+    fn restore_state(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        self.config.restore(r)
+    }
 }
 
 /// Why a device could not be put on the bus.
@@ -145,6 +166,47 @@ impl PciBus {
             }
             _ => Err(PciError::NoSlot),
         }
+    }
+
+    /// The state of every device, by slot (for a machine-state file); fails if one cannot be saved.
+    pub fn save_state(&self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+        let used: Vec<(usize, &SharedPciDevice)> =
+            self.slots.iter().enumerate().filter_map(|(i, d)| Some((i, d.as_ref()?))).collect();
+        w.u32(used.len() as u32);
+        for (slot, device) in used {
+            let mut one = crate::snapshot::Writer::new();
+            lock(device).save_state(&mut one)?;
+            w.u8(slot as u8);
+            w.bytes(&one.buf);
+        }
+        Ok(())
+    }
+
+    /// Loads what [`save_state`](Self::save_state) wrote: the same slots must be occupied.
+    pub fn restore_state(&self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let used: Vec<usize> = self.slots.iter().enumerate().filter(|(_, d)| d.is_some()).map(|(i, _)| i).collect();
+        let n = r.u32()? as usize;
+        if n != used.len() {
+            return Err(crate::snapshot::StateError::Damaged(format!(
+                "section pci: {n} devices, this VM has {}",
+                used.len()
+            )));
+        }
+        for slot in used {
+            let saved = usize::from(r.u8()?);
+            if saved != slot {
+                return Err(crate::snapshot::StateError::Damaged(format!(
+                    "section pci: a device in slot {saved}, this VM's is in slot {slot}"
+                )));
+            }
+            let data = r.bytes(crate::snapshot::MAX_SECTION as usize)?;
+            let mut one = crate::snapshot::Reader::new("pci", data);
+            if let Some(device) = self.device(slot) {
+                lock(device).restore_state(&mut one)?;
+            }
+            one.finish()?;
+        }
+        Ok(())
     }
 
     fn device(&self, slot: usize) -> Option<&SharedPciDevice> {
@@ -255,6 +317,17 @@ impl BusDevice for PciMmioWindow {
         if !self.bus.mmio(address, |device, bar, off| device.bar_write(bar, off, data)) {
             self.bus.unhandled.writes.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+impl crate::snapshot::DeviceState for PciConfigPorts {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u32(self.address);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        self.address = r.u32()? & 0x80FF_FFFC;
+        Ok(())
     }
 }
 
