@@ -86,8 +86,9 @@ impl MachineFacts {
     /// Whether a state made for `saved` may be loaded into a VM with these facts; the error says why not.
     pub fn check(&self, saved: &MachineFacts) -> Result<(), StateError> {
         if saved.vcpus != self.vcpus {
+            let plural = if saved.vcpus == 1 { "" } else { "s" };
             return Err(StateError::Mismatch(format!(
-                "the state is for a VM with {} vCPUs, this one has {}",
+                "the state is for a VM with {} vCPU{plural}, this one has {}",
                 saved.vcpus, self.vcpus
             )));
         }
@@ -337,7 +338,7 @@ impl<'a> MemoryImage<'a> {
             let pages = len.div_ceil(PAGE as u64) as usize;
             let bitmap = r.take(pages.div_ceil(8))?;
             let used: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
-            if pages % 8 != 0 && bitmap[bitmap.len() - 1] >> (pages % 8) != 0 {
+            if !pages.is_multiple_of(8) && bitmap[bitmap.len() - 1] >> (pages % 8) != 0 {
                 return Err(StateError::Damaged(format!("section {section}: bitmap bits past the area's end")));
             }
             let bytes =
@@ -478,37 +479,19 @@ impl<'a> StateFile<'a> {
     /// Parses and checks a whole file: magic, version, header checksum, then every section's name,
     /// length (at most `limit(name)`, which says how long a section may be, None for an unknown one) and
     /// checksum, up to the `end` section, which must be last.
-    pub fn parse(data: &'a [u8], limit: impl Fn(&str) -> Option<u64>) -> Result<Self, StateError> {
+    /// `expect`, when given, is checked against the header's facts before any section is looked at (a
+    /// state for another configuration is refused as such, not as damaged).
+    pub fn parse(
+        data: &'a [u8],
+        expect: Option<&MachineFacts>,
+        limit: impl Fn(&str) -> Option<u64>,
+    ) -> Result<Self, StateError> {
         let truncated = |what: &str| StateError::Damaged(format!("the file ends inside {what} (truncated)"));
-        if data.len() < 8 || data[..8] != MAGIC {
-            return Err(if data.len() < 8 && MAGIC.starts_with(data) {
-                truncated("the header")
-            } else {
-                StateError::NotAState
-            });
-        }
         let word = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?)) };
-        let version = word(8).ok_or_else(|| truncated("the header"))?;
-        let body_len = word(12).ok_or_else(|| truncated("the header"))?;
-        if body_len > MAX_HEADER {
-            if version != FORMAT_VERSION {
-                return Err(StateError::Version { found: version, engine: "unknown".into() });
-            }
-            return Err(StateError::Damaged(format!("a header of {body_len} bytes (at most {MAX_HEADER})")));
+        let (facts, engine, end) = parse_header(data)?;
+        if let Some(expect) = expect {
+            expect.check(&facts)?;
         }
-        let end = 16 + body_len as usize;
-        let crc = word(end).ok_or_else(|| truncated("the header"))?;
-        let mut r = Reader::new("header", &data[16..end]);
-        // The engine that wrote it, for the message, even when the version differs.
-        let engine = r.str().map(str::to_owned).unwrap_or_else(|_| "unknown".into());
-        if version != FORMAT_VERSION {
-            return Err(StateError::Version { found: version, engine });
-        }
-        if crc32fast::hash(&data[..end]) != crc {
-            return Err(StateError::Damaged("header checksum".into()));
-        }
-        let facts = MachineFacts { memory_bytes: r.u64()?, vcpus: r.u32()?, layout: r.str()?.to_owned() };
-        r.finish()?;
         let mut at = end + 4;
         let mut sections: Vec<(&str, &[u8])> = Vec::new();
         loop {
@@ -568,13 +551,59 @@ impl<'a> StateFile<'a> {
     }
 }
 
+/// Checks a state file's header (magic, version, checksum) from its first bytes; returns the facts, the
+/// engine that wrote it and where the sections begin.
+pub fn parse_header(data: &[u8]) -> Result<(MachineFacts, String, usize), StateError> {
+    let truncated = |what: &str| StateError::Damaged(format!("the file ends inside {what} (truncated)"));
+    if data.len() < 8 || data[..8] != MAGIC {
+        return Err(if data.len() < 8 && MAGIC.starts_with(data) {
+            truncated("the header")
+        } else {
+            StateError::NotAState
+        });
+    }
+    let word = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?)) };
+    let version = word(8).ok_or_else(|| truncated("the header"))?;
+    let body_len = word(12).ok_or_else(|| truncated("the header"))?;
+    if body_len > MAX_HEADER {
+        if version != FORMAT_VERSION {
+            return Err(StateError::Version { found: version, engine: "unknown".into() });
+        }
+        return Err(StateError::Damaged(format!("a header of {body_len} bytes (at most {MAX_HEADER})")));
+    }
+    let end = 16 + body_len as usize;
+    let crc = word(end).ok_or_else(|| truncated("the header"))?;
+    let mut r = Reader::new("header", &data[16..end]);
+    // The engine that wrote it, for the message, even when the version differs.
+    let engine = r.str().map(str::to_owned).unwrap_or_else(|_| "unknown".into());
+    if version != FORMAT_VERSION {
+        return Err(StateError::Version { found: version, engine });
+    }
+    if crc32fast::hash(&data[..end]) != crc {
+        return Err(StateError::Damaged("header checksum".into()));
+    }
+    let facts = MachineFacts { memory_bytes: r.u64()?, vcpus: r.u32()?, layout: r.str()?.to_owned() };
+    r.finish()?;
+    Ok((facts, engine, end))
+}
+
 /// Reads a whole state file, refusing one larger than `max_len` (what the VM's configuration allows)
 /// before reading it.
-pub fn read_file(path: &std::path::Path, max_len: u64) -> Result<Vec<u8>, StateError> {
+pub fn read_file(path: &std::path::Path, max_len: u64, expect: Option<&MachineFacts>) -> Result<Vec<u8>, StateError> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(StateError::io(format!("cannot open the state file {path:?}")))?;
     let len = file.metadata().map_err(StateError::io(format!("cannot read the state file {path:?}")))?.len();
     if len > max_len {
+        // A state for a larger machine is refused as such when its header says so.
+        let mut head = Vec::new();
+        (&file)
+            .take(u64::from(MAX_HEADER) + 20)
+            .read_to_end(&mut head)
+            .map_err(StateError::io(format!("cannot read the state file {path:?}")))?;
+        let (facts, _, _) = parse_header(&head)?;
+        if let Some(expect) = expect {
+            expect.check(&facts)?;
+        }
         return Err(StateError::Mismatch(format!(
             "the state file {path:?} has {len} bytes, more than a state of this VM can have ({max_len})"
         )));
@@ -621,7 +650,7 @@ mod tests {
     fn round_trip() {
         let (file, ram) = sample();
         assert!(file.len() < 4 * PAGE + 200, "only the written pages are stored ({} bytes)", file.len());
-        let state = StateFile::parse(&file, limit).unwrap();
+        let state = StateFile::parse(&file, None, limit).unwrap();
         assert_eq!(state.facts, facts());
         assert_eq!(state.engine, ENGINE_VERSION);
         assert_eq!(state.names().collect::<Vec<_>>(), ["a", "ram", "b", END]);
@@ -684,7 +713,7 @@ mod tests {
         let (file, _) = sample();
         for cut in boundaries(&file).into_iter().filter(|&c| c < file.len()) {
             for at in [cut, cut.saturating_sub(1), cut + 1] {
-                let err = StateFile::parse(&file[..at], limit).unwrap_err();
+                let err = StateFile::parse(&file[..at], None, limit).unwrap_err();
                 assert!(matches!(err, StateError::Damaged(_) | StateError::NotAState), "cut at {at}: {err}");
             }
         }
@@ -696,13 +725,13 @@ mod tests {
         for at in 0..file.len() {
             let mut bad = file.clone();
             bad[at] ^= 0x40;
-            assert!(StateFile::parse(&bad, limit).is_err(), "a flipped byte at {at} went unnoticed");
+            assert!(StateFile::parse(&bad, None, limit).is_err(), "a flipped byte at {at} went unnoticed");
         }
         // In a section body, the message names the section.
         let mut bad = file.clone();
         let at = file.windows(5).position(|w| w == b"hello").unwrap();
         bad[at] ^= 1;
-        assert_eq!(StateFile::parse(&bad, limit).unwrap_err().to_string(), "damaged: section a checksum");
+        assert_eq!(StateFile::parse(&bad, None, limit).unwrap_err().to_string(), "damaged: section a checksum");
     }
 
     #[test]
@@ -715,15 +744,15 @@ mod tests {
         for huge in [u64::MAX, MAX_SECTION + 1, file.len() as u64] {
             let mut bad = file.clone();
             bad[len_at..len_at + 8].copy_from_slice(&huge.to_le_bytes());
-            let err = StateFile::parse(&bad, limit).unwrap_err().to_string();
+            let err = StateFile::parse(&bad, None, limit).unwrap_err().to_string();
             assert!(err.starts_with("damaged: section a:") || err.contains("truncated"), "{huge}: {err}");
         }
         // A header body length beyond the limit.
         let mut bad = file.clone();
         bad[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(StateFile::parse(&bad, limit), Err(StateError::Damaged(_))));
+        assert!(matches!(StateFile::parse(&bad, None, limit), Err(StateError::Damaged(_))));
         // A memory section whose bitmap claims more pages than it holds.
-        let state = StateFile::parse(&file, limit).unwrap();
+        let state = StateFile::parse(&file, None, limit).unwrap();
         let mut ram = state.section("ram").unwrap().to_vec();
         ram[20] |= 0x80; // a bit in the bitmap (after count u32, start u64, size u64)
         assert!(MemoryImage::parse("ram", &ram, &[(0, 64 << 12)]).is_err());
@@ -735,12 +764,12 @@ mod tests {
         let (file, _) = sample();
         let mut bad = file.clone();
         bad[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let err = StateFile::parse(&bad, limit).unwrap_err().to_string();
+        let err = StateFile::parse(&bad, None, limit).unwrap_err().to_string();
         assert!(err.starts_with("made by another version: state format 2 (engine "), "{err}");
         let mut bad = file.clone();
         bad[0] = b'X';
-        assert!(matches!(StateFile::parse(&bad, limit), Err(StateError::NotAState)));
-        let state = StateFile::parse(&file, limit).unwrap();
+        assert!(matches!(StateFile::parse(&bad, None, limit), Err(StateError::NotAState)));
+        let state = StateFile::parse(&file, None, limit).unwrap();
         let one = MachineFacts { vcpus: 1, ..facts() };
         assert_eq!(
             one.check(&state.facts).unwrap_err().to_string(),

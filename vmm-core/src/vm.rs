@@ -942,6 +942,10 @@ impl Vm {
             }
         };
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        // Before the console sees this boot: it must never show a half-restored machine.
+        if let Some(restore) = &restore {
+            self.restore_devices(restore, &vram, &devices, &pci_bus)?;
+        }
         self.refresher.attach(BootView {
             vm: vm.clone(),
             ram: mem.clone(),
@@ -952,9 +956,6 @@ impl Vm {
         });
         if let Some(entry) = entry {
             cpu::write_boot_tables(&mem, entry)?;
-        }
-        if let Some(restore) = &restore {
-            self.restore_devices(restore, &vram, &devices, &pci_bus)?;
         }
 
         let mut vcpus = Vec::new();

@@ -267,9 +267,9 @@ impl Vm {
     /// Reads and checks the state file at `path`; the VM's first boot then starts from it instead of
     /// booting. Nothing is applied (and nothing runs) unless the whole file is sound and fits this VM.
     pub fn restore_from(&mut self, path: &Path) -> Result<(), StateError> {
-        let data = snapshot::read_file(path, self.max_state_len())?;
-        let state = StateFile::parse(&data, |name| self.section_limit(name))?;
-        self.state_facts().check(&state.facts)?;
+        let facts = self.state_facts();
+        let data = snapshot::read_file(path, self.max_state_len(), Some(&facts))?;
+        let state = StateFile::parse(&data, Some(&facts), |name| self.section_limit(name))?;
         for name in DEVICE_SECTIONS.iter().chain(["ram", "vram"].iter()) {
             state.section(name)?;
         }

@@ -1,6 +1,6 @@
 /* counter — counts forever, on COM1 and on the VGA text screen, for machine-state (save/restore) tests.
  *
- * At start: clears the text screen, writes `PORTHOLE COUNTER` on row 1 (white on blue; drawn once, never
+ * At start: clears the text screen, hides the cursor, writes `PORTHOLE COUNTER` on row 1 (white on blue; drawn once, never
  * again, so a restored VM shows it only if its screen memory came back), then, if the command line is
  * a decimal number N, writes one non-zero quadword into every 4 KiB page of N MiB from 16 MiB on (memory
  * a state file must carry), and prints `PORTHOLE-COUNTER-START` (after `PORTHOLE-TOUCHED <N>` when it
@@ -18,6 +18,9 @@
     .globl guest_main
 guest_main:
     call vga_text_clear
+    movl $0x0A, %edi                /* no cursor (it would cover the count's first digit) */
+    movl $0x20, %esi
+    call crtc_write
     movl $VGA_TEXT + 2 * 80, %edi   /* row 1: the banner */
     leaq msg_banner(%rip), %rsi
     movb $0x1F, %ah
