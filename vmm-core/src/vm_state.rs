@@ -222,11 +222,8 @@ impl Vm {
         if self.config.boot.is_none() {
             return Some("the VM boots firmware (SeaBIOS): its fw_cfg and firmware-ROM state are not saved yet".into());
         }
-        if let Some(d) = self.handle.drives.first() {
-            return Some(format!(
-                "the VM has the drive {:?} (virtio-blk/virtio-scsi): the state of virtio devices is not saved yet",
-                d.id
-            ));
+        if let Some(d) = self.handle.drives.iter().zip(&self.config.drives).find(|(_, c)| c.cdrom).map(|(d, _)| d) {
+            return Some(format!("the VM has the CD/DVD drive {:?} (virtio-scsi): its state is not saved yet", d.id));
         }
         if let Some(n) = self.handle.nics.iter().find(|n| n.attached()) {
             return Some(format!(
@@ -345,8 +342,14 @@ impl Vm {
         let _ = reply.send(result);
     }
 
-    /// Writes the paused VM's state to `file`; returns its size.
+    /// Writes the paused VM's state to `file`; returns its size. The devices work again afterwards.
     fn save_to(&self, boot: &Boot, file: File) -> Result<u64, StateError> {
+        let result = self.save_quiesced(boot, file);
+        boot.pci.resume_after_save();
+        result
+    }
+
+    fn save_quiesced(&self, boot: &Boot, file: File) -> Result<u64, StateError> {
         if let Some(why) = self.unsupported() {
             return Err(StateError::Unsupported(why));
         }
@@ -387,6 +390,7 @@ impl Vm {
         lock(&d.pm1_event).save(&mut w);
         lock(&d.pm1_control).save(&mut w);
         sections.push(("pm1".into(), w.buf));
+        // Quiesces the virtio devices (no request in flight, none taken) until the file is written.
         let mut w = Writer::new();
         boot.pci.save_state(&mut w)?;
         sections.push(("pci".into(), w.buf));
@@ -400,7 +404,8 @@ impl Vm {
         }
         let ram = layout::ram_regions(self.config.memory_bytes());
         // SAFETY: the RAM mappings live as long as the VM; every vCPU is parked (run_job checked it) and no
-        // device thread touches memory (VMs with virtio devices are refused above); the console only reads.
+        // device thread touches memory (the virtio devices are quiesced, those that cannot be are refused
+        // above); the console only reads.
         let areas: Vec<(u64, &[u8])> = ram
             .iter()
             .zip(&self.ram)

@@ -55,13 +55,15 @@ pub trait PciDevice: Send {
     /// A write at `offset` in memory BAR `bar`.
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
     /// Its state for a machine-state file; a device that cannot be saved says so (and nothing is saved).
-    fn save_state(&self, _w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+    fn save_state(&mut self, _w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
         Err(crate::snapshot::StateError::Unsupported(format!(
             "the PCI device {:04x}:{:04x} cannot be saved",
             self.config().read(0) & 0xFFFF,
             self.config().read(0) >> 16
         )))
     }
+    /// After [`save_state`](Self::save_state), once the state is written: the device may work again.
+    fn resume_after_save(&mut self) {}
     /// Loads what [`save_state`](Self::save_state) wrote.
     fn restore_state(&mut self, _r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
         Err(crate::snapshot::StateError::Unsupported("this PCI device cannot be restored".into()))
@@ -106,7 +108,7 @@ impl PciDevice for HostBridge {
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
 
-    fn save_state(&self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+    fn save_state(&mut self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
         self.config.save(w);
         Ok(())
     }
@@ -180,6 +182,13 @@ impl PciBus {
             w.bytes(&one.buf);
         }
         Ok(())
+    }
+
+    /// Lets every device work again after [`save_state`](Self::save_state) (also after a failed one).
+    pub fn resume_after_save(&self) {
+        for device in self.slots.iter().flatten() {
+            lock(device).resume_after_save();
+        }
     }
 
     /// Loads what [`save_state`](Self::save_state) wrote: the same slots must be occupied.

@@ -124,7 +124,7 @@ impl PciDevice for StdVga {
         }
     }
 
-    fn save_state(&self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+    fn save_state(&mut self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
         self.config.save(w);
         w.u64(self.vram_at);
         Ok(())

@@ -106,6 +106,8 @@ struct State {
     /// Taking requests stopped because a queue's worth was in flight; the next completion wakes the
     /// queue thread.
     throttled: bool,
+    /// Taking requests stopped while a machine state is saved.
+    quiesced: bool,
 }
 
 /// What the queue thread, the I/O threads and the transport share.
@@ -224,6 +226,7 @@ impl VirtioDevice for VirtioBlock {
         {
             let mut state = lock(&self.shared.state);
             state.epoch += 1;
+            state.quiesced = false;
             state.active = Some(Active { queue, mem: activation.mem });
         }
         self.shared.drive.set_listener(Some(self.shared.interrupt.clone()));
@@ -233,6 +236,29 @@ impl VirtioDevice for VirtioBlock {
     fn reset(&mut self) {
         self.shared.drive.set_listener(None);
         self.shared.stop_serving();
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<virtio_queue::QueueState>, String> {
+        let mut state = lock(&self.shared.state);
+        state.quiesced = true;
+        // Queued jobs still run (the I/O threads take them); nothing new is taken.
+        while state.in_flight > 0 {
+            state = self.shared.idle.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        let queues = state.active.as_ref().map(|a| vec![a.queue.state()]).unwrap_or_default();
+        drop(state);
+        // What the guest wrote reaches the image before the state that says so is saved.
+        if let Some(media) = self.shared.drive.media()
+            && let Err(e) = media.backend.flush()
+        {
+            log::warn!("{}: flushing before the machine state is saved: {e}", self.shared.drive.id);
+        }
+        Ok(queues)
+    }
+
+    fn resume_requests(&mut self) {
+        lock(&self.shared.state).quiesced = false;
+        let _ = self.shared.wake.write(1);
     }
 }
 
@@ -268,6 +294,7 @@ impl Shared {
         state.jobs.clear();
         state.in_flight -= dropped;
         state.throttled = false;
+        state.quiesced = false;
         while state.in_flight > 0 {
             state = self.idle.wait(state).unwrap_or_else(|p| p.into_inner());
         }
@@ -317,6 +344,9 @@ impl Shared {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
         let epoch = state.epoch;
+        if state.quiesced {
+            return;
+        }
         let Some(active) = state.active.as_mut() else { return };
         if self.interrupt.needs_reset() {
             return;
