@@ -532,6 +532,8 @@ struct BootDevices {
     pm1_event: Arc<Mutex<Pm1Event>>,
     pm1_control: Arc<Mutex<Pm1Control>>,
     pci_ports: Arc<Mutex<PciConfigPorts>>,
+    /// fw_cfg, on firmware boots.
+    fw_cfg: Option<Arc<Mutex<crate::devices::fw_cfg::FwCfg>>>,
 }
 
 /// One boot of the VM: the KVM VM and its vCPU threads.
@@ -856,7 +858,7 @@ impl Vm {
         }
         *lock(&h.pm1_event) = Some(pm1_event.clone());
         *lock(&h.i8042) = Some(i8042.clone());
-        Ok((pio, mmio, BootDevices { display, i8042, pm1_event, pm1_control, pci_ports }))
+        Ok((pio, mmio, BootDevices { display, i8042, pm1_event, pm1_control, pci_ports, fw_cfg: None }))
     }
 
     /// Video memory: its own memslot at the framebuffer address, with KVM's dirty-page log on.
@@ -903,8 +905,7 @@ impl Vm {
         let vram_slot = mem.num_regions() as u32;
         let (pci_bus, interrupts) = self.build_pci(&vm, &mem, &display, &vram, vram_slot)?;
         let pci_bus = Arc::new(pci_bus);
-        let (mut pio, mmio, devices) = self.build_buses(&machine, display, &pci_bus)?;
-        let display = &devices.display;
+        let (mut pio, mmio, mut devices) = self.build_buses(&machine, display, &pci_bus)?;
         let restore = self.restore.take();
         let mut rom = None;
         let entry = match &mut self.start {
@@ -921,16 +922,17 @@ impl Vm {
                 let entry = boot::load(&mem, files, self.config.memory_bytes(), rsdp, Some(fb))?;
                 if let boot::Entry::Linux64 { .. } | boot::Entry::Linux32 { .. } = entry {
                     // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
-                    lock(&display.dispi).set_mode(fb.width, fb.height, 32);
+                    lock(&devices.display.dispi).set_mode(fb.width, fb.height, 32);
                 }
                 Some(entry)
             }
             Start::Firmware(fw) => {
                 fw.copy_low(&mem)?;
                 rom = Some(map_rom(&vm, vram_slot + 1, fw.rom_address(), &fw.bios)?);
-                let fw_cfg = fw.fw_cfg(&mem, self.config.memory_bytes(), self.config.vcpus)?;
+                let fw_cfg = Arc::new(Mutex::new(fw.fw_cfg(&mem, self.config.memory_bytes(), self.config.vcpus)?));
+                devices.fw_cfg = Some(fw_cfg.clone());
                 pio.insert(
-                    Arc::new(Mutex::new(fw_cfg)),
+                    fw_cfg,
                     u64::from(crate::devices::fw_cfg::FW_CFG_PORT),
                     crate::devices::fw_cfg::FW_CFG_PORT_LEN,
                 )?;
@@ -946,6 +948,7 @@ impl Vm {
         if let Some(restore) = &restore {
             self.restore_devices(restore, &vram, &devices, &pci_bus)?;
         }
+        let display = &devices.display;
         self.refresher.attach(BootView {
             vm: vm.clone(),
             ram: mem.clone(),

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -60,7 +61,11 @@ pub(super) struct SaveRequest {
 }
 
 /// The device sections (the vCPUs' are `vcpu0`, `vcpu1`, …).
-const DEVICE_SECTIONS: [&str; 9] = ["kvm", "serial", "rtc", "i8042", "pm1", "dispi", "vga", "pci", "pci-ports"];
+const DEVICE_SECTIONS: [&str; 12] =
+    ["kvm", "serial", "rtc", "i8042", "pm1", "dispi", "vga", "pci", "pci-ports", "fw-cfg", "drives", "nics"];
+
+/// Longest media path a state may name.
+const MAX_PATH: usize = 4096;
 
 /// How long the vCPU threads get to read their state.
 const VCPU_JOB_TIMEOUT: Duration = Duration::from_secs(10);
@@ -209,7 +214,8 @@ impl Vm {
                 format!("{}:{}{}", d.id, if c.cdrom { "cd" } else { "disk" }, if d.read_only { ":ro" } else { "" })
             })
             .collect();
-        let nics: Vec<String> = self.handle.nics.iter().filter(|n| n.attached()).map(|n| n.id.clone()).collect();
+        let nics: Vec<String> =
+            self.handle.nics.iter().filter(|n| n.attached()).map(|n| format!("{}:{}", n.id, n.mac)).collect();
         MachineFacts {
             memory_bytes: self.config.memory_bytes(),
             vcpus: self.config.vcpus,
@@ -219,18 +225,6 @@ impl Vm {
 
     /// Why this VM's state cannot be saved, if it cannot: devices whose state is not saved yet.
     fn unsupported(&self) -> Option<String> {
-        if self.config.boot.is_none() {
-            return Some("the VM boots firmware (SeaBIOS): its fw_cfg and firmware-ROM state are not saved yet".into());
-        }
-        if let Some(d) = self.handle.drives.iter().zip(&self.config.drives).find(|(_, c)| c.cdrom).map(|(d, _)| d) {
-            return Some(format!("the VM has the CD/DVD drive {:?} (virtio-scsi): its state is not saved yet", d.id));
-        }
-        if let Some(n) = self.handle.nics.iter().find(|n| n.attached()) {
-            return Some(format!(
-                "the VM has the network card {:?} (virtio-net): the state of virtio devices is not saved yet",
-                n.id
-            ));
-        }
         None
     }
 
@@ -283,6 +277,8 @@ impl Vm {
         let mut r = Reader::new("kvm", state.section("kvm")?);
         let kvm = VmKvmState::load(&mut r)?;
         r.finish()?;
+        let media = self.saved_media(state.section("drives")?)?;
+        let links = self.saved_links(state.section("nics")?)?;
         let base = data.as_ptr() as usize;
         let sections = state
             .names()
@@ -293,8 +289,73 @@ impl Vm {
             })
             .collect();
         drop(state);
+        // The removable drives get the media they had when the state was saved (opened now: once the VM
+        // runs, seccomp forbids it). A fixed disk is the configuration's (a snapshot's overlay may be new).
+        for (drive, path) in self.handle.drives.iter().zip(media) {
+            let now = drive.media().map(|m| m.path);
+            if drive.removable && now != path {
+                let media = match &path {
+                    Some(p) => Some(crate::disk::Drive::open_media(p, true).map_err(|e| {
+                        StateError::Mismatch(format!("the saved media of drive {:?} cannot be opened: {e}", drive.id))
+                    })?),
+                    None => None,
+                };
+                drive.change_media(media).map_err(|e| StateError::Mismatch(format!("drive {:?}: {e}", drive.id)))?;
+            }
+        }
+        // Each card's cable as it was (no guest is there yet to be told).
+        for (nic, up) in links {
+            nic.set_link(up);
+        }
         self.restore = Some(Restore { data, sections, vcpus, kvm });
         Ok(())
+    }
+
+    /// The link state of each attached card in the `nics` section (ids checked).
+    fn saved_links(&self, data: &[u8]) -> Result<Vec<(Arc<crate::net::Nic>, bool)>, StateError> {
+        let mut r = Reader::new("nics", data);
+        let nics: Vec<_> = self.handle.nics.iter().filter(|n| n.attached()).collect();
+        let n = r.u32()? as usize;
+        if n != nics.len() {
+            return Err(StateError::Damaged(format!("section nics: {n} cards, this VM has {}", nics.len())));
+        }
+        let mut links = Vec::with_capacity(n);
+        for nic in nics {
+            let id = r.str()?;
+            if id != nic.id {
+                return Err(StateError::Damaged(format!("section nics: card {id:?} where {:?} is", nic.id)));
+            }
+            links.push((nic.clone(), r.bool()?));
+        }
+        r.finish()?;
+        Ok(links)
+    }
+
+    /// The media paths of the `drives` section, one per drive of this VM (in order, ids checked).
+    fn saved_media(&self, data: &[u8]) -> Result<Vec<Option<PathBuf>>, StateError> {
+        let mut r = Reader::new("drives", data);
+        let n = r.u32()? as usize;
+        if n != self.handle.drives.len() {
+            return Err(StateError::Damaged(format!(
+                "section drives: {n} drives, this VM has {}",
+                self.handle.drives.len()
+            )));
+        }
+        let mut media = Vec::with_capacity(n);
+        for drive in &self.handle.drives {
+            let id = r.str()?;
+            if id != drive.id {
+                return Err(StateError::Damaged(format!("section drives: drive {id:?} where {:?} is", drive.id)));
+            }
+            let present = r.bool()?;
+            let path = r.str()?;
+            if path.len() > MAX_PATH {
+                return Err(StateError::Damaged("section drives: a path too long".into()));
+            }
+            media.push(present.then(|| PathBuf::from(path)));
+        }
+        r.finish()?;
+        Ok(media)
     }
 
     /// Loads memory, video memory and every device from the state (the vCPUs are set later).
@@ -324,6 +385,18 @@ impl Vm {
         let mut r = Reader::new("pm1", restore.section("pm1")?);
         lock(&devices.pm1_event).restore(&mut r)?;
         lock(&devices.pm1_control).restore(&mut r)?;
+        r.finish()?;
+        let mut r = Reader::new("fw-cfg", restore.section("fw-cfg")?);
+        let present = r.bool()?;
+        match (&devices.fw_cfg, present) {
+            (Some(fw_cfg), true) => lock(fw_cfg).restore(&mut r)?,
+            (None, false) => {}
+            _ => {
+                return Err(StateError::Damaged(
+                    "section fw-cfg: firmware state for a VM without, or none for one with".into(),
+                ));
+            }
+        }
         r.finish()?;
         let mut r = Reader::new("pci", restore.section("pci")?);
         pci.restore_state(&mut r)?;
@@ -386,6 +459,31 @@ impl Vm {
         sections.push(("dispi".into(), one(&*lock(&d.display.dispi))));
         sections.push(("vga".into(), one(&*lock(&d.display.vga))));
         sections.push(("pci-ports".into(), one(&*lock(&d.pci_ports))));
+        let mut w = Writer::new();
+        w.bool(d.fw_cfg.is_some());
+        if let Some(fw_cfg) = &d.fw_cfg {
+            lock(fw_cfg).save(&mut w);
+        }
+        sections.push(("fw-cfg".into(), w.buf));
+        // The media of each drive (a removable drive's may have changed since the VM started).
+        let mut w = Writer::new();
+        w.u32(self.handle.drives.len() as u32);
+        for drive in &self.handle.drives {
+            w.str(&drive.id);
+            let media = drive.media().map(|m| m.path.to_string_lossy().into_owned());
+            w.bool(media.is_some());
+            w.str(media.as_deref().unwrap_or(""));
+        }
+        sections.push(("drives".into(), w.buf));
+        // Whether each attached card's cable is plugged in.
+        let mut w = Writer::new();
+        let nics: Vec<_> = self.handle.nics.iter().filter(|n| n.attached()).collect();
+        w.u32(nics.len() as u32);
+        for nic in nics {
+            w.str(&nic.id);
+            w.bool(nic.link_up());
+        }
+        sections.push(("nics".into(), w.buf));
         let mut w = Writer::new();
         lock(&d.pm1_event).save(&mut w);
         lock(&d.pm1_control).save(&mut w);

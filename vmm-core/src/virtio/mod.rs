@@ -303,4 +303,14 @@ pub trait VirtioDevice: Send {
 
     /// Takes requests again after [`quiesce`](Self::quiesce).
     fn resume_requests(&mut self) {}
+
+    /// Device state beyond the queues (configuration the driver wrote, what the device model keeps), for
+    /// a machine-state file; called after `quiesce` when the device is active.
+    fn save_device(&self, _w: &mut crate::snapshot::Writer) {}
+
+    /// Loads what [`save_device`](Self::save_device) wrote (after the device was activated again when it
+    /// was active).
+    fn restore_device(&mut self, _r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        Ok(())
+    }
 }

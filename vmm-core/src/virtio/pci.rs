@@ -376,6 +376,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
                 crate::virtio::save_queue(w, q);
             }
         }
+        let mut device = crate::snapshot::Writer::new();
+        self.device.save_device(&mut device);
+        w.bytes(&device.buf);
         Ok(())
     }
 
@@ -417,6 +420,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         } else {
             None
         };
+        let device = r.bytes(crate::snapshot::MAX_SECTION as usize)?;
         self.config = config;
         self.update_io_events();
         self.status = status;
@@ -432,7 +436,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             self.device.activate(Activation { mem: self.mem.clone(), queues: live, driver_features });
             self.active = true;
         }
-        Ok(())
+        let mut r = crate::snapshot::Reader::new("pci", device);
+        self.device.restore_device(&mut r)?;
+        r.finish()
     }
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
