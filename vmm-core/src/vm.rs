@@ -559,7 +559,13 @@ impl Vm {
         config.validate(kvm.get_max_vcpus() as u32)?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
-        let msr_indices = kvm.get_msr_index_list().map_err(kvm_err("list the MSRs it saves"))?.as_slice().to_vec();
+        let mut msr_indices = kvm.get_msr_index_list().map_err(kvm_err("list the MSRs it saves"))?.as_slice().to_vec();
+        // The MTRRs, which KVM emulates but does not list (those it cannot read are left out at save time).
+        for msr in crate::cpu_state::MTRR_MSRS {
+            if !msr_indices.contains(&msr) {
+                msr_indices.push(msr);
+            }
+        }
         let open = |what, path: &std::path::Path| {
             File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
         };
