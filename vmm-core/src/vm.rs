@@ -1156,6 +1156,7 @@ impl Vm {
             })
             .map_err(io_err("start the display thread"))?;
         let result = self.run_boots();
+        lock(&self.handle.save_request).take();
         self.refresher.detach();
         self.refresher.stop();
         let _ = display_thread.join();
@@ -1169,6 +1170,8 @@ impl Vm {
         loop {
             let mut boot = self.boot()?;
             let mut outcome = self.event_loop(&boot);
+            // A save asked for as the boot ended is answered (its sender dropped: "the VM ended").
+            lock(&self.handle.save_request).take();
             self.handle.run.stop_boot();
             for t in std::mem::take(&mut boot.threads) {
                 let _ = t.join();
