@@ -509,14 +509,18 @@ fn a_firmware_boot_waiting_for_a_cd_is_saved_and_restored() {
         CounterVm { child: Some(child), serial: dir.path("none"), control, vnc, exit_file: dir.path("none") };
     let log_text = || text(&std::fs::read(&log).unwrap_or_default());
     wait_until(LIMIT, || log_text().contains("No bootable device"), || format!("firmware log:\n{}", log_text()));
+    // Paused, so the screen is the one saved: once two captures 200 ms apart agree, the console is up to date.
+    first.request(&Request::Pause).unwrap();
     let start = Instant::now();
+    let mut last = Vec::new();
     let before = loop {
         let screen = console_text(&first.vnc);
-        if screen.iter().any(|l| l.contains("No bootable device")) {
+        if screen == last && screen.iter().any(|l| l.contains("No bootable device")) {
             break screen;
         }
         assert!(start.elapsed() < LIMIT, "the console never said so:\n{}", screen.join("\n"));
-        std::thread::sleep(Duration::from_millis(100));
+        last = screen;
+        std::thread::sleep(Duration::from_millis(200));
     };
     let state = dir.path("fw.state");
     first.save(&state, Then::Stop).unwrap();
@@ -540,7 +544,12 @@ fn a_firmware_boot_waiting_for_a_cd_is_saved_and_restored() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(after, before, "the restored console shows the saved screen");
+    // The guest runs on at once (SeaBIOS may finish the line it was printing): every saved row (less the
+    // cursor, shown as an unknown glyph) begins the restored one.
+    for (saved, now) in before.iter().zip(&after) {
+        let saved = saved.trim_end_matches('?');
+        assert!(now.starts_with(saved), "the restored console continues the saved screen:\n{before:#?}\n{after:#?}");
+    }
     std::thread::sleep(Duration::from_secs(1));
     assert!(restored.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the firmware runs on");
     assert!(!text(&std::fs::read(&log2).unwrap_or_default()).contains("SeaBIOS (version"), "it did not boot again");

@@ -350,14 +350,15 @@ impl<'a> MemoryImage<'a> {
     }
 
     /// Copies the pages into the areas' memory (each the full length given to `parse`) and zeroes the
-    /// others.
-    pub fn apply(&self, targets: &mut [&mut [u8]]) {
+    /// others (unless `zeroed`: the memory is known to be all zero, e.g. freshly mapped, and the pages
+    /// not stored are left untouched, so they cost nothing).
+    pub fn apply(&self, targets: &mut [&mut [u8]], zeroed: bool) {
         for ((bitmap, mut pages), target) in self.areas.iter().copied().zip(targets.iter_mut()) {
             for (i, page) in target.chunks_mut(PAGE).enumerate() {
                 if bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0) && pages.len() >= PAGE {
                     page.copy_from_slice(&pages[..page.len()]);
                     pages = &pages[PAGE..];
-                } else if !page_is_zero(page) {
+                } else if !zeroed && !page_is_zero(page) {
                     page.fill(0);
                 }
             }
@@ -657,7 +658,7 @@ mod tests {
         assert_eq!(state.section("a").unwrap(), b"hello");
         let image = MemoryImage::parse("ram", state.section("ram").unwrap(), &[(0, 64 << 12)]).unwrap();
         let mut target = vec![0xAAu8; 64 << 12];
-        image.apply(&mut [&mut target]);
+        image.apply(&mut [&mut target], false);
         assert!(target == ram, "the memory came back as it was, every other page zeroed");
     }
 

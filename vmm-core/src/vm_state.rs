@@ -371,11 +371,13 @@ impl Vm {
         // SAFETY: the VM's RAM mappings live as long as the VM; no vCPU of this boot has started and no
         // device thread uses memory before the guest runs.
         let mut targets: Vec<&mut [u8]> = self.ram.iter().map(|r| unsafe { mapping(r.addr(), r.len()) }).collect();
-        image.apply(&mut targets);
+        // A restore is the first boot: the RAM was just mapped, all zero.
+        image.apply(&mut targets, self.handle.counters.boots.load(Ordering::Relaxed) == 0);
         let image = MemoryImage::parse("vram", restore.section("vram")?, &[(display::LFB_BASE, display::VRAM_BYTES)])?;
         // SAFETY: the video memory region lives in the boot being built; nothing else writes it yet.
         let vram = unsafe { mapping(vram_bytes(vram)?, display::VRAM_BYTES as usize) };
-        image.apply(&mut [vram]);
+        // Video memory is mapped anew for each boot.
+        image.apply(&mut [vram], true);
         restore.device("serial", &mut *lock(&self.serial))?;
         restore.device("rtc", &mut *lock(&self.rtc))?;
         restore.device("i8042", &mut *lock(&devices.i8042))?;
