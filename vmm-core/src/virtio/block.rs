@@ -723,6 +723,38 @@ mod tests {
         (d.request_status(slot), done[0].1)
     }
 
+    /// Saving a machine state quiesces the device: a request posted meanwhile is not taken. What it saved,
+    /// loaded into a new device on the same memory, lets the driver go on where it was.
+    #[test]
+    fn a_saved_device_goes_on_in_a_new_one() {
+        use crate::pci::PciDevice;
+        let image = Image::new("state", 64);
+        let mut d = driver(&image, false);
+        assert_eq!(one(&mut d, 0, T_IN, 3, 512), (0, 513));
+        let mut w = crate::snapshot::Writer::new();
+        d.device.save_state(&mut w).unwrap();
+        d.post(1, T_IN, 5, 512);
+        d.kick();
+        assert!(d.completions(SHORT).is_empty(), "nothing is taken while the state is saved");
+
+        // (The same drive: its image is locked by whoever holds it.)
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        let block = VirtioBlock::new(d.drive().clone(), interrupt.clone()).unwrap();
+        let mut fresh =
+            crate::virtio::pci::VirtioPci::new(block, 0xC000_0000, 16, interrupt, d.mem.clone(), None, None).unwrap();
+        let mut r = crate::snapshot::Reader::new("pci", &w.buf);
+        fresh.restore_state(&mut r).unwrap();
+        r.finish().unwrap();
+        d.device = fresh;
+        d.kick();
+        assert_eq!(d.completions(WAIT), vec![(3, 513)], "the new device took the waiting request, and only it");
+        assert_eq!(d.request_status(1), 0);
+        let mut got = vec![0u8; 512];
+        d.mem.read_slice(&mut got, d.data_address(1)).unwrap();
+        assert_eq!(got, image.bytes()[5 * 512..6 * 512]);
+        assert_eq!(one(&mut d, 2, T_IN, 7, 512), (0, 513), "and goes on");
+    }
+
     #[test]
     fn reads_writes_flushes_and_identifies() {
         let image = Image::new("rw", 64);
