@@ -593,13 +593,14 @@ fn a_guest_booted_from_a_cd_by_firmware_continues_after_a_restore() {
     assert_consecutive(&counts(&format!("{first_log}{}", restored.output())), "across the restore");
 }
 
-/// Not a timing assertion: prints the save and restore times and file sizes for 256 MiB and 1 GiB guests,
-/// idle and with 200 MiB written (see the final report of the snapshot work). The sizes are checked: an
-/// idle guest's state holds only the pages it wrote.
+/// Not a timing assertion: prints the save and restore times and file sizes for 256 MiB and 1 GiB idle
+/// guests and a 256 MiB one with 200 MiB written. The sizes are checked: a state holds only the pages the
+/// guest wrote.
 #[test]
 fn state_sizes_and_times() {
     let dir = Scratch::new("state-measure");
-    for (mib, touch) in [(256, 0), (256, 200), (1024, 0), (1024, 200)] {
+    // (porthole-bench snapshot measures 1 GiB with 200 MiB written too, against QEMU, in a release build.)
+    for (mib, touch) in [(256, 0), (256, 200), (1024, 0)] {
         let mut extra = vec!["--memory".to_owned(), mib.to_string()];
         if touch > 0 {
             extra.extend(["--cmdline".to_owned(), touch.to_string()]);

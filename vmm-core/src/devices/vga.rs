@@ -279,6 +279,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_state_round_trips() {
+        use crate::snapshot::{DeviceState, Reader, Writer};
+        let mut a = Vga::new(Arc::default());
+        let base = u64::from(VGA_PORT);
+        for (port, value) in [(0x3D4 - base, 0x0E), (0x3D5 - base, 0x12), (0x3C8 - base, 5)] {
+            a.write(port, &[value]);
+        }
+        for v in [10, 20, 30, 40] {
+            a.write(0x3C9 - base, &[v]);
+        }
+        let mut w = Writer::new();
+        a.save(&mut w);
+        let mut b = Vga::new(Arc::default());
+        let mut r = Reader::new("vga", &w.buf);
+        b.restore(&mut r).unwrap();
+        r.finish().unwrap();
+        assert_eq!(b.cursor().position, a.cursor().position);
+        let mut again = Writer::new();
+        b.save(&mut again);
+        assert_eq!(again.buf, w.buf);
+        assert!(b.restore(&mut Reader::new("vga", &w.buf[..w.buf.len() - 1])).is_err());
+    }
+
+    #[test]
     fn cursor_position_and_shape() {
         let mut vga = Vga::new(Arc::default());
         vga.write(CRTC_INDEX, &[0x0E]);
