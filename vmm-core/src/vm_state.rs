@@ -204,7 +204,11 @@ fn vram_bytes(vram: &GuestRegionMmap) -> Result<*mut u8, StateError> {
 impl Vm {
     /// The configuration facts a state must match.
     pub fn state_facts(&self) -> MachineFacts {
-        let boot = if self.config.boot.is_some() { "kernel" } else { "firmware" };
+        // A firmware boot's ROM is mapped from the BIOS file again: it must be the same image.
+        let boot = match &self.start {
+            super::Start::Kernel(_) => "kernel".to_owned(),
+            super::Start::Firmware(fw) => format!("firmware:{:08x}", crc32fast::hash(&fw.bios)),
+        };
         let drives: Vec<String> = self
             .handle
             .drives
