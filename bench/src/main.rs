@@ -7,6 +7,7 @@
 //! - `concurrent`: N VMs of 64 MiB started at once; time until every one printed its marker.
 //! - `disk-backend`, `disk-guest`: see `disk.rs`.
 //! - `net-backend`: see `net.rs`.
+//! - `snapshot`: saving a running VM's state to a file and starting from it; see `snapshot.rs`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ mod disk;
 mod firmware;
 mod gui;
 mod net;
+mod snapshot;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -103,6 +105,9 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Machine state of a running 256 MiB / 1 GiB guest (idle, and with 200 MiB written): file size, save and
+    /// restore time, against QEMU's migration to a file.
+    Snapshot,
     /// Every benchmark with its defaults.
     All,
 }
@@ -346,6 +351,7 @@ fn main() -> anyhow::Result<()> {
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::Gui { runs } => gui::run(runs),
         Bench::Firmware { runs } => firmware::run(runs),
+        Bench::Snapshot => snapshot::run(),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -360,6 +366,7 @@ fn main() -> anyhow::Result<()> {
             daemon::api(10)?;
             daemon::console_proxy(5.0)?;
             gui::run(5)?;
+            snapshot::run()?;
             firmware::run(3)
         }
     }

@@ -2,7 +2,10 @@
 //!
 //! Requests: `{"cmd":"status"}`, `pause`, `resume`, `reset`, `stop` (ACPI power button, then forced off
 //! after the stop timeout), `poweroff` (forced), `counters`, `{"cmd":"attach-media","path":P}` and
-//! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`), and
+//! `{"cmd":"eject-media"}` (on the first removable drive, or the one named by `"drive"`),
+//! `{"cmd":"save-state","path":P,"then":"resume"|"stop"}` (the machine state to P; reply `state_bytes`,
+//! `paused_ms`; with `stop` the process then exits with status 5, "suspended"; other changing commands
+//! are refused while a save runs), and
 //! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits), `nics`
 //! (the network cards' state and counters) and `{"cmd":"set-link","nic":ID,"up":BOOL}` (plug or unplug a
 //! card's cable; the guest is told). Every reply has
@@ -78,6 +81,13 @@ pub enum Request {
         nic: String,
         up: bool,
     },
+    /// Saves the machine state (RAM, vCPUs, devices) to `path` at one pause point, then resumes the guest
+    /// or ends the VM (exit status 5, "suspended"). `porthole-vmm --restore PATH` starts from it.
+    #[serde(rename = "save-state")]
+    SaveState {
+        path: std::path::PathBuf,
+        then: crate::vm::Then,
+    },
 }
 
 /// The reply to a request.
@@ -103,6 +113,12 @@ pub struct Response {
     /// For `nics` (every card) and `set-link` (that card).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicStatus>>,
+    /// For `save-state`: the state file's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_bytes: Option<u64>,
+    /// For `save-state`: how long the guest was paused, in milliseconds (pause, save, file in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
 }
 
 /// What `status` reports.
@@ -135,24 +151,43 @@ fn failure(error: String) -> Response {
 /// Carries out one request.
 pub fn handle(vm: &VmHandle, request: &Request) -> Response {
     match request {
-        Request::Status => {
-            let counters = vm.counters();
-            Response {
-                status: Some(Status {
-                    name: vm.name.clone(),
-                    state: vm.state(),
-                    vcpus: vm.vcpus,
-                    memory_mib: vm.memory_mib,
-                    uptime_ms: counters.uptime_ms,
-                    boots: counters.boots,
-                    pid: std::process::id(),
-                    drives: vm.drives(),
-                    nics: vm.nics(),
-                    crash: vm.crash_report(),
-                }),
-                ..ok()
+        Request::Status => status(vm),
+        Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
+        Request::Nics => Response { nics: Some(vm.nics()), ..ok() },
+        _ if vm.is_saving() => failure("the VM's state is being saved; try again when the save ends".into()),
+        _ => handle_changing(vm, request),
+    }
+}
+
+fn status(vm: &VmHandle) -> Response {
+    let counters = vm.counters();
+    Response {
+        status: Some(Status {
+            name: vm.name.clone(),
+            state: vm.state(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            uptime_ms: counters.uptime_ms,
+            boots: counters.boots,
+            pid: std::process::id(),
+            drives: vm.drives(),
+            nics: vm.nics(),
+            crash: vm.crash_report(),
+        }),
+        ..ok()
+    }
+}
+
+/// Requests that change the VM (refused while a save is in progress).
+fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
+    match request {
+        Request::Status | Request::Counters | Request::Nics => handle(vm, request),
+        Request::SaveState { path, then } => match vm.save_state(path, *then) {
+            Ok(report) => {
+                Response { state_bytes: Some(report.bytes), paused_ms: Some(report.paused.as_millis() as u64), ..ok() }
             }
-        }
+            Err(e) => failure(e.to_string()),
+        },
         Request::Pause | Request::Resume | Request::SerialInput { .. } if vm.crash_report().is_some() => {
             failure("the guest has crashed: its vCPUs are stopped; reset the VM or power it off".into())
         }
@@ -173,7 +208,6 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
             vm.power_off();
             ok()
         }
-        Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
         Request::AttachMedia { path, drive } => match vm.attach_media(drive.as_deref(), path) {
             Ok(status) => Response { drive: Some(status), ..ok() },
             Err(e) => failure(e.to_string()),
@@ -194,7 +228,6 @@ pub fn handle(vm: &VmHandle, request: &Request) -> Response {
             Ok(()) => ok(),
             Err(e) => failure(e.to_string()),
         },
-        Request::Nics => Response { nics: Some(vm.nics()), ..ok() },
         Request::SetLink { nic, up } => match vm.set_link(nic, *up) {
             Ok(status) => Response { nics: Some(vec![status]), ..ok() },
             Err(e) => failure(e),

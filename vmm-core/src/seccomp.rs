@@ -12,7 +12,10 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs, kvm_translation, kvm_userspace_memory_region};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs,
+    kvm_sregs, kvm_translation, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
@@ -28,6 +31,15 @@ vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 vmm_sys_util::ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
 // A guest that programs a device's MSI-X table makes its vCPU thread re-route that vector's GSI.
 vmm_sys_util::ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+// Saving the machine state: each vCPU thread reads its own vCPU's state while parked.
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 
 /// Why a filter could not be built or applied.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +103,14 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
             ioctl_is(KVM_IOEVENTFD())?,
             ioctl_is(KVM_SET_USER_MEMORY_REGION())?,
             ioctl_is(KVM_SET_GSI_ROUTING())?,
+            ioctl_is(KVM_GET_FPU())?,
+            ioctl_is(KVM_GET_MSRS())?,
+            ioctl_is(KVM_GET_LAPIC())?,
+            ioctl_is(KVM_GET_MP_STATE())?,
+            ioctl_is(KVM_GET_VCPU_EVENTS())?,
+            ioctl_is(KVM_GET_DEBUGREGS())?,
+            ioctl_is(KVM_GET_XSAVE())?,
+            ioctl_is(KVM_GET_XCRS())?,
         ],
     );
     compile(rules)
@@ -118,6 +138,13 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
         libc::SYS_ftruncate, // imago, when a qcow2 write allocates clusters past the end of the file
         libc::SYS_fdatasync,
         libc::SYS_fsync,
+        // Saving the machine state (control threads only: the other threads' `no_open_filter` refuses
+        // these): the temporary file renamed over the target, or removed when the save fails.
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
         // Opening media (control threads; see `control_open_filter`).
         libc::SYS_flock,
         libc::SYS_open,
@@ -153,25 +180,45 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
 
 /// A second filter that makes `open`/`openat` fail with EACCES instead of killing the process: glibc
 /// opens /sys files internally (e.g. to size malloc arenas when many threads start), and it copes with
-/// the failure. Nothing of ours opens files after set-up.
+/// the failure. Nothing of ours opens files after set-up. Renaming and removing files fail the same way
+/// (only the control threads, which save machine states, may).
 pub fn no_open_filter() -> Result<BpfProgram, SeccompError> {
-    let rules = allow(&[libc::SYS_open, libc::SYS_openat]);
+    let rules = allow(&[
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+    ]);
     let filter =
         SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32), TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }
 
 /// The control threads' variant of [`no_open_filter`]: they may open files read-only (media for
-/// `attach-media`), nothing that writes, creates or truncates.
+/// `attach-media`) and create new files exclusively (`O_CREAT|O_EXCL`: a machine state's temporary file);
+/// an open that would write, truncate or append to an existing file fails.
 pub fn read_only_open_filter() -> Result<BpfProgram, SeccompError> {
-    // One rule per flag that writes; any of them set makes the open fail.
+    // One rule per forbidden combination: (flags & mask) == value makes the open fail.
+    let (wr, rdwr, creat, excl) =
+        (libc::O_WRONLY as u64, libc::O_RDWR as u64, libc::O_CREAT as u64, libc::O_EXCL as u64);
+    let forbidden = [
+        (wr | creat, wr),     // writing without creating
+        (wr | excl, wr),      // writing without O_EXCL
+        (rdwr | creat, rdwr), // the same, read-write
+        (rdwr | excl, rdwr),
+        (creat | excl, creat), // creating without O_EXCL (could open an existing file)
+        (libc::O_TRUNC as u64, libc::O_TRUNC as u64),
+        (libc::O_APPEND as u64, libc::O_APPEND as u64),
+    ];
     let writing = |flags_arg: u8| -> Result<Vec<SeccompRule>, SeccompError> {
-        [libc::O_WRONLY, libc::O_RDWR, libc::O_CREAT, libc::O_TRUNC, libc::O_APPEND]
-            .into_iter()
-            .map(|flag| {
-                let flag = flag as u64;
+        forbidden
+            .iter()
+            .map(|&(mask, value)| {
                 let cond =
-                    SeccompCondition::new(flags_arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(flag), flag)?;
+                    SeccompCondition::new(flags_arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(mask), value)?;
                 Ok(SeccompRule::new(vec![cond])?)
             })
             .collect()
@@ -216,5 +263,9 @@ mod tests {
         assert_eq!(KVM_IOEVENTFD(), 0x4040_AE79);
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_AE46);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_AE6A);
+        assert_eq!(KVM_GET_MSRS(), 0xC008_AE88);
+        assert_eq!(KVM_GET_LAPIC(), 0x8400_AE8E);
+        assert_eq!(KVM_GET_XSAVE(), 0x9000_AEA4);
+        assert_eq!(KVM_GET_FPU(), 0x81A0_AE8C);
     }
 }

@@ -58,7 +58,33 @@ struct RunState {
     live: usize,
     /// The threads of those that have started (only they can be in KVM_RUN, so only they are kicked).
     threads: Vec<libc::pthread_t>,
+    /// Work every parked vCPU thread does on its own vCPU (reading its state for a machine-state file).
+    job: Option<Arc<VcpuJob>>,
 }
+
+/// What a [`VcpuJob`] does on one vCPU: its index and file descriptor in, bytes or an error out.
+pub type VcpuWork = dyn Fn(u32, &VcpuFd) -> Result<Vec<u8>, String> + Send + Sync;
+
+/// Work for every vCPU of a paused boot, done by each vCPU thread on its own vCPU.
+pub struct VcpuJob {
+    work: Box<VcpuWork>,
+    results: Mutex<std::collections::BTreeMap<u32, Result<Vec<u8>, String>>>,
+}
+
+impl std::fmt::Debug for VcpuJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VcpuJob")
+    }
+}
+
+impl VcpuJob {
+    pub fn new(work: Box<VcpuWork>) -> Arc<Self> {
+        Arc::new(VcpuJob { work, results: Mutex::default() })
+    }
+}
+
+/// A vCPU thread's own vCPU, for jobs.
+type Own<'a> = Option<(u32, &'a VcpuFd)>;
 
 /// Pauses, resumes and stops the vCPU threads of the current boot. Outlives reboots.
 #[derive(Debug, Default)]
@@ -101,13 +127,74 @@ impl RunControl {
 
     /// Called by a vCPU thread before its first KVM_RUN: registers it for kicks, then parks while paused.
     /// Returns whether to exit at once (the boot is already being stopped).
+    #[cfg(test)]
     fn enter(&self) -> bool {
+        self.enter_with(None)
+    }
+
+    fn enter_with(&self, own: Own) -> bool {
         {
             let mut s = lock(&self.state);
             // SAFETY: pthread_self has no preconditions.
             s.threads.push(unsafe { libc::pthread_self() });
         }
-        self.attention.load(Ordering::Acquire) && self.checkpoint()
+        self.attention.load(Ordering::Acquire) && self.checkpoint_with(own)
+    }
+
+    /// Whether the current job still waits for this vCPU.
+    fn job_for(s: &RunState, own: Own) -> bool {
+        match (&s.job, own) {
+            (Some(job), Some((index, _))) => !lock(&job.results).contains_key(&index),
+            _ => false,
+        }
+    }
+
+    /// Does the current job on this vCPU if it waits for it (the state lock is released meanwhile).
+    fn serve_job<'a>(
+        &'a self,
+        s: std::sync::MutexGuard<'a, RunState>,
+        own: Own,
+    ) -> std::sync::MutexGuard<'a, RunState> {
+        if !Self::job_for(&s, own) {
+            return s;
+        }
+        let (Some(job), Some((index, fd))) = (s.job.clone(), own) else { return s };
+        drop(s);
+        let result = (job.work)(index, fd);
+        lock(&job.results).insert(index, result);
+        let s = lock(&self.state);
+        self.changed.notify_all();
+        s
+    }
+
+    /// Runs `job` on every vCPU of the paused boot (each on its own thread) and returns the results by vCPU
+    /// index. Fails if the boot is not paused, ends meanwhile, or a vCPU does not answer within `timeout`.
+    pub fn run_job(
+        &self,
+        job: Arc<VcpuJob>,
+        timeout: Duration,
+    ) -> Result<std::collections::BTreeMap<u32, Result<Vec<u8>, String>>, String> {
+        let start = Instant::now();
+        let mut s = lock(&self.state);
+        if !s.paused || s.parked < s.live || s.exiting {
+            return Err(format!("{} of {} vCPUs are stopped", s.parked, s.live));
+        }
+        s.job = Some(job.clone());
+        self.changed.notify_all();
+        loop {
+            let done = lock(&job.results).len();
+            if done >= s.live {
+                break;
+            }
+            if s.exiting || start.elapsed() >= timeout {
+                s.job = None;
+                return Err(format!("{done} of {} vCPUs answered within {timeout:?}", s.live));
+            }
+            s = self.changed.wait_timeout(s, Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        s.job = None;
+        drop(s);
+        Ok(std::mem::take(&mut *lock(&job.results)))
     }
 
     /// Stops every vCPU and waits until all are parked; returns how long that took.
@@ -149,12 +236,21 @@ impl RunControl {
     }
 
     /// Called by a vCPU thread when `attention` is set: parks while paused; returns whether to exit.
+    #[cfg(test)]
     fn checkpoint(&self) -> bool {
+        self.checkpoint_with(None)
+    }
+
+    /// [`checkpoint`](Self::checkpoint) for a vCPU thread that serves jobs on its vCPU while parked.
+    fn checkpoint_with(&self, own: Own) -> bool {
         let mut s = lock(&self.state);
         while s.paused && !s.exiting {
             s.parked += 1;
             self.changed.notify_all();
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = self.serve_job(s, own);
+            if s.paused && !s.exiting && !Self::job_for(&s, own) {
+                s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
             s.parked -= 1;
         }
         s.exiting
@@ -246,22 +342,55 @@ impl Vcpu {
     /// Runs the vCPU until the machine stops, resets or crashes.
     pub fn run_loop(mut self) {
         IMMEDIATE_EXIT.with(|p| p.set(&mut self.fd.get_kvm_run().immediate_exit));
-        if !self.run.enter() {
+        if !self.run.enter_with(Some((self.index, &self.fd))) {
             self.guest_loop();
         }
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         self.run.thread_done();
     }
 
+    /// Finishes the port or MMIO access of the last exit before the vCPU parks: KVM completes it (an IN's
+    /// data into the register, the instruction pointer past the instruction) only on the next KVM_RUN, and
+    /// the registers read meanwhile would still point at the instruction (a saved state would repeat it).
+    /// KVM_RUN with `immediate_exit` set completes it and returns at once, running no guest instruction.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        // Completing a string I/O instruction may need more of its accesses served first (bounded).
+        for _ in 0..64 {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => self.port_io(),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.mmio.read(addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio.write(addr, data);
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+                Err(e) => {
+                    log::debug!("vCPU {}: completing its last exit before parking: {e}", self.index);
+                    break;
+                }
+                Ok(other) => {
+                    log::debug!("vCPU {}: completing its last exit before parking: {other:?}", self.index);
+                    break;
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     /// Enters the guest again and again until the boot is stopped.
     fn guest_loop(&mut self) {
         loop {
-            if self.run.attention.load(Ordering::Acquire) && self.run.checkpoint() {
-                break;
+            if self.run.attention.load(Ordering::Acquire) {
+                self.complete_pending_io();
+                if self.run.checkpoint_with(Some((self.index, &self.fd))) {
+                    break;
+                }
             }
             if self.machine.is_pending() {
                 // A reset, power-off or crash is being handled: wait to be told to exit.
-                if self.run.checkpoint_until_exit() {
+                if self.run.checkpoint_until_exit(Some((self.index, &self.fd))) {
                     break;
                 }
             }
@@ -334,12 +463,15 @@ impl Vcpu {
 
 impl RunControl {
     /// Waits (parked) until the boot is stopped; returns true then.
-    fn checkpoint_until_exit(&self) -> bool {
+    fn checkpoint_until_exit(&self, own: Own) -> bool {
         let mut s = lock(&self.state);
         while !s.exiting {
             s.parked += 1;
             self.changed.notify_all();
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = self.serve_job(s, own);
+            if !s.exiting && !Self::job_for(&s, own) {
+                s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
             s.parked -= 1;
         }
         true

@@ -49,6 +49,10 @@ use crate::virtio::net::VirtioNet;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::scsi::VirtioScsi;
 
+#[path = "vm_state.rs"]
+mod state;
+pub use state::{SaveReport, Then};
+
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -82,6 +86,8 @@ pub enum VmError {
     SerialInputFull { waiting: usize },
     #[error("firmware: {0}")]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error("{0}")]
+    State(#[from] crate::snapshot::StateError),
 }
 
 /// What a boot starts: a kernel loaded directly, or firmware at the reset vector.
@@ -109,6 +115,8 @@ pub enum ExitReason {
     ForcedStop,
     /// The guest reset the machine and the VM was configured not to reboot.
     Reset,
+    /// The VM's state was saved (control `save-state` with `"then": "stop"`) and the process ended.
+    Suspended,
 }
 
 impl ExitReason {
@@ -119,6 +127,7 @@ impl ExitReason {
             ExitReason::GuestCrash(_) => 2,
             ExitReason::ForcedStop => 3,
             ExitReason::Reset => 4,
+            ExitReason::Suspended => 5,
         }
     }
 }
@@ -171,6 +180,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestCrash(why) => write!(f, "the guest crashed: {why}"),
             ExitReason::ForcedStop => write!(f, "the VM was powered off by the host"),
             ExitReason::Reset => write!(f, "the guest reset the machine (rebooting is off)"),
+            ExitReason::Suspended => write!(f, "suspended: the VM's state was saved and the VM stopped"),
         }
     }
 }
@@ -235,6 +245,12 @@ pub struct VmHandle {
     serial_input: Mutex<Vec<u8>>,
     /// The crash report while the VM is kept in its crashed state (vCPUs stopped, screen still served).
     crashed: Mutex<Option<String>>,
+    /// A machine-state save for the event loop to carry out (see [`VmHandle::save_state`]).
+    save_request: Mutex<Option<state::SaveRequest>>,
+    /// Set while a save is in progress: the VM stays paused, other commands that change it are refused.
+    saving: std::sync::atomic::AtomicBool,
+    /// Set when a save ends the VM (`then: stop`): the VM's end is reported as suspended.
+    suspended: std::sync::atomic::AtomicBool,
 }
 
 /// Most bytes of serial input from the control socket that may wait for the guest to read them.
@@ -498,6 +514,10 @@ pub struct Vm {
     pending_input: Vec<u8>,
     /// Keeps the console screen up to date.
     refresher: Arc<Refresher>,
+    /// A machine state to start the first boot from instead of booting (`--restore`).
+    restore: Option<state::Restore>,
+    /// The MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
     /// Guest RAM, mapped once and zeroed for each boot after the first. Last, so that it is unmapped after
     /// everything else here is gone (every boot's users of the memory end with the boot).
     ram: Vec<AlignedRam>,
@@ -534,16 +554,29 @@ struct DisplayDevices {
 /// A device as the buses hold it.
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// The devices of one boot that keep state (besides the serial port and the RTC, which outlive boots).
+struct BootDevices {
+    display: DisplayDevices,
+    i8042: Arc<Mutex<I8042>>,
+    pm1_event: Arc<Mutex<Pm1Event>>,
+    pm1_control: Arc<Mutex<Pm1Control>>,
+    pci_ports: Arc<Mutex<PciConfigPorts>>,
+    /// fw_cfg, on firmware boots.
+    fw_cfg: Option<Arc<Mutex<crate::devices::fw_cfg::FwCfg>>>,
+}
+
 /// One boot of the VM: the KVM VM and its vCPU threads.
 struct Boot {
-    _vm: Arc<VmFd>,
+    vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
-    _vram: Arc<GuestRegionMmap>,
+    vram: Arc<GuestRegionMmap>,
+    /// The devices whose state a machine-state file holds.
+    devices: BootDevices,
     /// The BIOS image's read-only slot below 4 GiB (firmware boots).
     _rom: Option<GuestRegionMmap>,
     threads: Vec<JoinHandle<()>>,
     /// The PCI devices; dropping them stops their I/O threads.
-    _pci: Arc<PciBus>,
+    pci: Arc<PciBus>,
     /// Their interrupts, whose resample fds the event loop serves.
     interrupts: Vec<Arc<VirtioInterrupt>>,
 }
@@ -555,6 +588,13 @@ impl Vm {
         config.validate(kvm.get_max_vcpus() as u32)?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report its supported CPUID"))?;
+        let mut msr_indices = kvm.get_msr_index_list().map_err(kvm_err("list the MSRs it saves"))?.as_slice().to_vec();
+        // The MTRRs, which KVM emulates but does not list (those it cannot read are left out at save time).
+        for msr in crate::cpu_state::MTRR_MSRS {
+            if !msr_indices.contains(&msr) {
+                msr_indices.push(msr);
+            }
+        }
         let open = |what, path: &std::path::Path| {
             File::open(path).map_err(|source| VmError::Open { what, path: path.to_owned(), source })
         };
@@ -622,6 +662,9 @@ impl Vm {
             nics,
             serial_input: Mutex::new(Vec::new()),
             crashed: Mutex::new(None),
+            save_request: Mutex::new(None),
+            saving: Default::default(),
+            suspended: Default::default(),
         });
         Ok(Vm {
             config,
@@ -636,6 +679,8 @@ impl Vm {
             seccomp: true,
             pending_input: Vec::new(),
             refresher: Refresher::new(Screen::new()),
+            restore: None,
+            msr_indices: Arc::new(msr_indices),
             ram: Vec::new(),
         })
     }
@@ -816,9 +861,9 @@ impl Vm {
     fn build_buses(
         &self,
         machine: &MachineControl,
-        display: &DisplayDevices,
+        display: DisplayDevices,
         pci: &Arc<PciBus>,
-    ) -> Result<(Bus, Bus), VmError> {
+    ) -> Result<(Bus, Bus, BootDevices), VmError> {
         let h = &self.handle;
         let mut pio = Bus::with_counts(h.pio_unhandled.clone());
         let mut mmio = Bus::with_counts(h.mmio_unhandled.clone());
@@ -830,6 +875,8 @@ impl Vm {
         let i8042 =
             Arc::new(Mutex::new(I8042::new(self.irqs.keyboard.clone(), self.irqs.mouse.clone(), machine.clone())));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
+        let pm1_control = Arc::new(Mutex::new(Pm1Control::new(machine.clone())));
+        let pci_ports = Arc::new(Mutex::new(PciConfigPorts::new(pci.clone(), machine.clone())));
         let devices: [(SharedDevice, u16, u64); 9] = [
             (display.dispi.clone(), DISPI_INDEX_PORT, DISPI_PORT_LEN),
             (display.vga.clone(), VGA_PORT, VGA_PORT_LEN),
@@ -837,20 +884,16 @@ impl Vm {
             (self.rtc.clone(), RTC_PORT, 2),
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),
             (pm1_event.clone(), acpi_pm::PM1A_EVT_PORT, acpi_pm::PM1A_EVT_LEN),
-            (Arc::new(Mutex::new(Pm1Control::new(machine.clone()))), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
-            (
-                Arc::new(Mutex::new(PciConfigPorts::new(pci.clone(), machine.clone()))),
-                pci::CONFIG_ADDRESS_PORT,
-                pci::CONFIG_PORTS_LEN,
-            ),
+            (pm1_control.clone(), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
+            (pci_ports.clone(), pci::CONFIG_ADDRESS_PORT, pci::CONFIG_PORTS_LEN),
             (Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))), POST_CODE_PORT, 1),
         ];
         for (device, port, len) in devices {
             pio.insert(device, u64::from(port), len)?;
         }
-        *lock(&h.pm1_event) = Some(pm1_event);
-        *lock(&h.i8042) = Some(i8042);
-        Ok((pio, mmio))
+        *lock(&h.pm1_event) = Some(pm1_event.clone());
+        *lock(&h.i8042) = Some(i8042.clone());
+        Ok((pio, mmio, BootDevices { display, i8042, pm1_event, pm1_control, pci_ports, fw_cfg: None }))
     }
 
     /// Video memory: its own memslot at the framebuffer address, with KVM's dirty-page log on.
@@ -897,9 +940,12 @@ impl Vm {
         let vram_slot = mem.num_regions() as u32;
         let (pci_bus, interrupts) = self.build_pci(&vm, &mem, &display, &vram, vram_slot)?;
         let pci_bus = Arc::new(pci_bus);
-        let (mut pio, mmio) = self.build_buses(&machine, &display, &pci_bus)?;
+        let (mut pio, mmio, mut devices) = self.build_buses(&machine, display, &pci_bus)?;
+        let restore = self.restore.take();
         let mut rom = None;
         let entry = match &mut self.start {
+            // Restoring: memory and registers come from the state, nothing is loaded.
+            Start::Kernel(_) if restore.is_some() => None,
             Start::Kernel(files) => {
                 let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
                 let fb = boot::LinearFramebuffer {
@@ -911,16 +957,17 @@ impl Vm {
                 let entry = boot::load(&mem, files, self.config.memory_bytes(), rsdp, Some(fb))?;
                 if let boot::Entry::Linux64 { .. } | boot::Entry::Linux32 { .. } = entry {
                     // Linux is told about the framebuffer, so the mode is set as firmware would have set it.
-                    lock(&display.dispi).set_mode(fb.width, fb.height, 32);
+                    lock(&devices.display.dispi).set_mode(fb.width, fb.height, 32);
                 }
                 Some(entry)
             }
             Start::Firmware(fw) => {
                 fw.copy_low(&mem)?;
                 rom = Some(map_rom(&vm, vram_slot + 1, fw.rom_address(), &fw.bios)?);
-                let fw_cfg = fw.fw_cfg(&mem, self.config.memory_bytes(), self.config.vcpus)?;
+                let fw_cfg = Arc::new(Mutex::new(fw.fw_cfg(&mem, self.config.memory_bytes(), self.config.vcpus)?));
+                devices.fw_cfg = Some(fw_cfg.clone());
                 pio.insert(
-                    Arc::new(Mutex::new(fw_cfg)),
+                    fw_cfg,
                     u64::from(crate::devices::fw_cfg::FW_CFG_PORT),
                     crate::devices::fw_cfg::FW_CFG_PORT_LEN,
                 )?;
@@ -932,6 +979,11 @@ impl Vm {
             }
         };
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        // Before the console sees this boot: it must never show a half-restored machine.
+        if let Some(restore) = &restore {
+            self.restore_devices(restore, &vram, &devices, &pci_bus)?;
+        }
+        let display = &devices.display;
         self.refresher.attach(BootView {
             vm: vm.clone(),
             ram: mem.clone(),
@@ -966,6 +1018,10 @@ impl Vm {
                 crash: self.crash.clone(),
             });
         }
+        if let Some(restore) = &restore {
+            restore.apply_kvm(&vm, &vcpus)?;
+            log::info!("{}: restored from its saved state", self.config.name);
+        }
         vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
         let filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
         // Before any thread starts: the previous boot's stop must not reach this boot's vCPUs.
@@ -990,7 +1046,7 @@ impl Vm {
             threads.push(thread);
         }
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
-        Ok(Boot { _vm: vm, _mem: mem, _vram: vram, _rom: rom, threads, _pci: pci_bus, interrupts })
+        Ok(Boot { vm, _mem: mem, vram, devices, _rom: rom, threads, pci: pci_bus, interrupts })
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
@@ -1013,7 +1069,8 @@ impl Vm {
     }
 
     /// Waits for the current boot to end; returns what ended it.
-    fn event_loop(&mut self, interrupts: &[Arc<VirtioInterrupt>]) -> Result<MachineRequest, VmError> {
+    fn event_loop(&mut self, boot: &Boot) -> Result<MachineRequest, VmError> {
+        let interrupts = &boot.interrupts;
         const MACHINE: u64 = 1;
         const LOOP_WAKE: u64 = 2;
         const STDIN: u64 = 3;
@@ -1063,6 +1120,9 @@ impl Vm {
                     }
                     LOOP_WAKE => {
                         let _ = self.handle.loop_wake.read();
+                        if let Some(request) = lock(&self.handle.save_request).take() {
+                            self.serve_save(boot, request);
+                        }
                         if !self.feed_serial() && stdin_watched {
                             // The FIFO is full: stdin waits until the guest drains it.
                             let _ = epoll.ctl(ControlOperation::Delete, stdin.as_raw_fd(), EpollEvent::default());
@@ -1125,6 +1185,7 @@ impl Vm {
             })
             .map_err(io_err("start the display thread"))?;
         let result = self.run_boots();
+        lock(&self.handle.save_request).take();
         self.refresher.detach();
         self.refresher.stop();
         let _ = display_thread.join();
@@ -1136,10 +1197,12 @@ impl Vm {
             seccomp::apply_vmm_filter()?;
         }
         loop {
-            let boot = self.boot()?;
-            let mut outcome = self.event_loop(&boot.interrupts);
+            let mut boot = self.boot()?;
+            let mut outcome = self.event_loop(&boot);
+            // A save asked for as the boot ended is answered (its sender dropped: "the VM ended").
+            lock(&self.handle.save_request).take();
             self.handle.run.stop_boot();
-            for t in boot.threads {
+            for t in std::mem::take(&mut boot.threads) {
                 let _ = t.join();
             }
             *lock(&self.handle.pm1_event) = None;
@@ -1148,7 +1211,7 @@ impl Vm {
             if let Ok(MachineRequest::Crash) = outcome {
                 let report = lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into());
                 if !self.config.exit_on_crash {
-                    outcome = self.stay_crashed(&report, &boot.interrupts);
+                    outcome = self.stay_crashed(&report, &boot);
                 }
                 crash = Some(report);
             }
@@ -1165,6 +1228,9 @@ impl Vm {
                 (MachineRequest::Reset, _) => ExitReason::Reset,
                 (_, Some(report)) => ExitReason::GuestCrash(report),
                 (MachineRequest::PowerOff, None) => ExitReason::PowerOff,
+                (MachineRequest::ForceOff, None) if self.handle.suspended.load(Ordering::Acquire) => {
+                    ExitReason::Suspended
+                }
                 (MachineRequest::ForceOff | MachineRequest::Crash | MachineRequest::None, None) => {
                     ExitReason::ForcedStop
                 }
@@ -1177,7 +1243,7 @@ impl Vm {
     /// display stay, so the console keeps serving the last frame, and the control socket reports the crash,
     /// until the VM is powered off, stopped, sent SIGTERM (all end it; the crash is its exit reason) or
     /// reset (which reboots it). Returns the request that ended the wait.
-    fn stay_crashed(&mut self, report: &str, interrupts: &[Arc<VirtioInterrupt>]) -> Result<MachineRequest, VmError> {
+    fn stay_crashed(&mut self, report: &str, boot: &Boot) -> Result<MachineRequest, VmError> {
         // Drop what other vCPUs asked for between the crash and their end (a reset must not reboot a crashed
         // guest behind the user's back); a forced power-off can only come from the host, and stands.
         let _ = self.handle.machine.wake_fd().read();
@@ -1193,6 +1259,6 @@ impl Vm {
             // A stop was in progress: the guest will never finish it.
             return Ok(MachineRequest::ForceOff);
         }
-        self.event_loop(interrupts)
+        self.event_loop(boot)
     }
 }

@@ -3,7 +3,7 @@
 //! Exit status: 0 the guest powered off; 1 the VMM failed (bad arguments or configuration, KVM
 //! unavailable, set-up error); 2 the guest crashed (triple fault, emulation failure); 3 powered off by
 //! the host (forced stop, a graceful stop that timed out, or SIGTERM); 4 the guest reset the machine with
-//! `--no-reboot`.
+//! `--no-reboot`; 5 suspended (control `save-state` with `"then":"stop"` saved the machine state).
 //!
 //! A guest that crashes is kept, as QEMU keeps it: its vCPUs stop, the console keeps its last screen and the
 //! control socket reports `crashed` with the reason, until the VM is powered off (control `stop` or
@@ -26,7 +26,7 @@ use vmm_core::{SerialSink, Vm, VmConfig};
     about,
     after_help = "Exit status: 0 guest powered off, 1 VMM error, \
 2 guest crashed (once powered off: a crashed guest is kept until then, unless --exit-on-crash), \
-3 powered off by the host or SIGTERM, 4 guest reset with --no-reboot."
+3 powered off by the host or SIGTERM, 4 guest reset with --no-reboot, 5 suspended (state saved)."
 )]
 struct Cli {
     /// Kernel to boot: a Linux bzImage (boot protocol 2.10+; 64- or 32-bit entry), a PVH ELF kernel (32- or 64-bit, with a Xen PHYS32_ENTRY note), or a Multiboot 1 or Multiboot2 kernel
@@ -118,6 +118,11 @@ struct Cli {
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
+    /// Start from a machine-state file (written by the control socket's `save-state`) instead of booting:
+    /// memory, vCPUs and devices as they were. Give the same configuration as when it was saved; a state
+    /// from another version, a damaged one or one for another configuration is refused (exit status 1).
+    #[arg(long, value_name = "PATH")]
+    restore: Option<PathBuf>,
     /// Do not install seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -244,6 +249,9 @@ fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     let mut vm = Vm::new(config)?;
     if cli.no_seccomp {
         vm.disable_seccomp();
+    }
+    if let Some(path) = &cli.restore {
+        vm.restore_from(path).with_context(|| format!("cannot restore the machine state from {path:?}"))?;
     }
     let handle = vm.handle();
     vmm_core::vm::end_on_sigterm().context("cannot install the SIGTERM handler")?;

@@ -112,6 +112,29 @@ impl BusDevice for Pm1Control {
     }
 }
 
+impl crate::snapshot::DeviceState for Pm1Event {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u16(self.status);
+        w.u16(self.enable);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        (self.status, self.enable) = (r.u16()?, r.u16()?);
+        Ok(())
+    }
+}
+
+impl crate::snapshot::DeviceState for Pm1Control {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u16(self.value);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        self.value = r.u16()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

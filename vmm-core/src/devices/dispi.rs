@@ -167,6 +167,29 @@ impl BusDevice for Dispi {
     }
 }
 
+impl crate::snapshot::DeviceState for Dispi {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u16(self.index);
+        for reg in self.regs {
+            w.u16(reg);
+        }
+        w.bool(self.caps);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let index = r.u16()?;
+        let mut regs = [0u16; 11];
+        for reg in &mut regs {
+            *reg = r.u16()?;
+        }
+        let caps = r.bool()?;
+        (self.index, self.regs, self.caps) = (index, regs, caps);
+        // The console redraws with the restored mode.
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -215,6 +215,22 @@ pub fn e820_file(entries: &[(u64, u64, u32)]) -> Vec<u8> {
     out
 }
 
+impl crate::snapshot::DeviceState for FwCfg {
+    /// Where the firmware is in reading items (the items are the configuration's, made again on restore).
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u16(self.selected);
+        w.u64(self.offset as u64);
+        w.u32(self.dma_high);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let (selected, offset, dma_high) = (r.u16()?, r.u64()?, r.u32()?);
+        // An offset past the item reads as the end of it, as on the device.
+        (self.selected, self.offset, self.dma_high) = (selected, offset.min(u64::from(u32::MAX)) as usize, dma_high);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,6 +248,22 @@ impl BusDevice for Rtc {
     }
 }
 
+impl crate::snapshot::DeviceState for Rtc {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u8(self.index as u8);
+        w.bytes(&self.nvram);
+        w.i64(self.offset);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let index = usize::from(r.u8()?) % 128;
+        let nvram = r.fixed::<128>()?;
+        let offset = r.i64()?;
+        (self.index, self.nvram, self.offset) = (index, nvram, offset);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -131,6 +131,69 @@ impl BusDevice for Serial {
     }
 }
 
+impl crate::snapshot::DeviceState for Serial {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        let s = self.uart.state();
+        for v in [
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ] {
+            w.u8(v);
+        }
+        w.bytes(&s.in_buffer);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let mut regs = [0u8; 9];
+        for v in &mut regs {
+            *v = r.u8()?;
+        }
+        // The FIFO holds at most 64 bytes (vm-superio's FIFO_SIZE).
+        let in_buffer = r.bytes(64)?.to_vec();
+        let [
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+        ] = regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer,
+        };
+        let irq = self.uart.interrupt_evt().clone();
+        let placeholder =
+            vm_superio::Serial::with_events(irq.clone(), Events(self.stats.clone()), SerialOutput::Discard);
+        let output = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        match vm_superio::Serial::from_state(&state, irq.clone(), Events(self.stats.clone()), output) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(crate::snapshot::StateError::Damaged(format!("section serial: {e:?}"))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,9 +212,95 @@ impl BusDevice for Vga {
     }
 }
 
+impl crate::snapshot::DeviceState for Vga {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u8(self.crtc_index);
+        w.bytes(&self.crtc);
+        w.u8(self.retrace);
+        w.u8(self.attr_index);
+        w.bytes(&self.attr);
+        w.bool(self.attr_expect_index);
+        w.u8(self.misc_output);
+        w.u8(self.seq_index);
+        w.bytes(&self.seq);
+        w.u8(self.gc_index);
+        w.bytes(&self.gc);
+        w.bytes(&self.dac[..]);
+        w.u32(self.dac_read as u32);
+        w.u32(self.dac_write as u32);
+        w.u8(self.dac_state);
+        w.u8(self.dac_mask);
+        w.u8(self.feature);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let crtc_index = r.u8()?;
+        let crtc = r.fixed::<0x19>()?;
+        let retrace = r.u8()?;
+        let attr_index = r.u8()?;
+        let attr = r.fixed::<0x15>()?;
+        let attr_expect_index = r.bool()?;
+        let misc_output = r.u8()?;
+        let seq_index = r.u8()?;
+        let seq = r.fixed::<0x05>()?;
+        let gc_index = r.u8()?;
+        let gc = r.fixed::<0x09>()?;
+        let dac = Box::new(r.fixed::<768>()?);
+        // Positions count colour components (0..768); anything else is clamped as the device would wrap it.
+        let dac_read = r.u32()? as usize % 768;
+        let dac_write = r.u32()? as usize % 768;
+        let dac_state = r.u8()?;
+        let dac_mask = r.u8()?;
+        let feature = r.u8()?;
+        self.crtc_index = crtc_index;
+        self.crtc = crtc;
+        self.retrace = retrace;
+        self.attr_index = attr_index;
+        self.attr = attr;
+        self.attr_expect_index = attr_expect_index;
+        self.misc_output = misc_output;
+        self.seq_index = seq_index;
+        self.seq = seq;
+        self.gc_index = gc_index;
+        self.gc = gc;
+        self.dac = dac;
+        self.dac_read = dac_read;
+        self.dac_write = dac_write;
+        self.dac_state = dac_state;
+        self.dac_mask = dac_mask;
+        self.feature = feature;
+        self.version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_round_trips() {
+        use crate::snapshot::{DeviceState, Reader, Writer};
+        let mut a = Vga::new(Arc::default());
+        let base = u64::from(VGA_PORT);
+        for (port, value) in [(0x3D4 - base, 0x0E), (0x3D5 - base, 0x12), (0x3C8 - base, 5)] {
+            a.write(port, &[value]);
+        }
+        for v in [10, 20, 30, 40] {
+            a.write(0x3C9 - base, &[v]);
+        }
+        let mut w = Writer::new();
+        a.save(&mut w);
+        let mut b = Vga::new(Arc::default());
+        let mut r = Reader::new("vga", &w.buf);
+        b.restore(&mut r).unwrap();
+        r.finish().unwrap();
+        assert_eq!(b.cursor().position, a.cursor().position);
+        let mut again = Writer::new();
+        b.save(&mut again);
+        assert_eq!(again.buf, w.buf);
+        assert!(b.restore(&mut Reader::new("vga", &w.buf[..w.buf.len() - 1])).is_err());
+    }
 
     #[test]
     fn cursor_position_and_shape() {

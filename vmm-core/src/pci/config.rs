@@ -166,6 +166,28 @@ impl PciConfig {
     }
 }
 
+impl PciConfig {
+    /// The registers, for a machine-state file.
+    pub fn save(&self, w: &mut crate::snapshot::Writer) {
+        for reg in self.regs {
+            w.u32(reg);
+        }
+    }
+
+    /// Registers saved by [`save`](Self::save): only the bits the guest may change are taken (the identity
+    /// and the BAR sizes stay this device's).
+    pub fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let mut regs = [0u32; 64];
+        for reg in &mut regs {
+            *reg = r.u32()?;
+        }
+        for (i, saved) in regs.into_iter().enumerate() {
+            self.regs[i] = (saved & self.writable[i]) | (self.regs[i] & !self.writable[i]);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

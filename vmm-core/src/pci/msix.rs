@@ -265,6 +265,48 @@ impl Msix {
         }
     }
 
+    /// The vectors' state for a machine-state file: enable and function mask, the table, the pending bits.
+    pub fn save(&self, w: &mut crate::snapshot::Writer) {
+        let state = lock(&self.state);
+        w.bool(state.enabled);
+        w.bool(state.function_masked);
+        w.u32(state.entries.len() as u32);
+        for e in &state.entries {
+            w.u64(e.address);
+            w.u32(e.data);
+            w.u32(e.control);
+        }
+        w.u64(state.pending);
+    }
+
+    /// Loads what [`save`](Self::save) wrote and routes every vector's GSI to its message again.
+    pub fn restore(&self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let (enabled, function_masked) = (r.bool()?, r.bool()?);
+        let n = r.u32()? as usize;
+        if n != self.vectors.len() {
+            return Err(crate::snapshot::StateError::Damaged(format!(
+                "{n} MSI-X vectors, this device has {}",
+                self.vectors.len()
+            )));
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push(Entry { address: r.u64()?, data: r.u32()?, control: r.u32()? & ENTRY_MASKED });
+        }
+        let mask = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let pending = r.u64()? & mask;
+        let mut state = lock(&self.state);
+        for (v, e) in entries.iter().enumerate() {
+            if let (Some(router), Some(gsi)) = (&self.router, self.vectors[v].gsi)
+                && (e.address, e.data) != (0, 0)
+            {
+                router.set_msi(gsi, Some((e.address, e.data)));
+            }
+        }
+        *state = State { enabled, function_masked, entries, pending };
+        Ok(())
+    }
+
     /// Device reset: disabled, every vector masked, nothing pending (routes stay until rewritten).
     pub fn reset(&self) {
         let mut state = lock(&self.state);

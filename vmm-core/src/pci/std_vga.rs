@@ -123,6 +123,20 @@ impl PciDevice for StdVga {
             _ => {}
         }
     }
+
+    fn save_state(&mut self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+        self.config.save(w);
+        w.u64(self.vram_at);
+        Ok(())
+    }
+
+    /// The configuration space, and the video memory slot moved where BAR 0 was.
+    fn restore_state(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        self.config.restore(r)?;
+        let _saved_at = r.u64()?;
+        self.follow_bar();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

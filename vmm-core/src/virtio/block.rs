@@ -106,6 +106,8 @@ struct State {
     /// Taking requests stopped because a queue's worth was in flight; the next completion wakes the
     /// queue thread.
     throttled: bool,
+    /// Taking requests stopped while a machine state is saved.
+    quiesced: bool,
 }
 
 /// What the queue thread, the I/O threads and the transport share.
@@ -224,6 +226,7 @@ impl VirtioDevice for VirtioBlock {
         {
             let mut state = lock(&self.shared.state);
             state.epoch += 1;
+            state.quiesced = false;
             state.active = Some(Active { queue, mem: activation.mem });
         }
         self.shared.drive.set_listener(Some(self.shared.interrupt.clone()));
@@ -233,6 +236,29 @@ impl VirtioDevice for VirtioBlock {
     fn reset(&mut self) {
         self.shared.drive.set_listener(None);
         self.shared.stop_serving();
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<virtio_queue::QueueState>, String> {
+        let mut state = lock(&self.shared.state);
+        state.quiesced = true;
+        // Queued jobs still run (the I/O threads take them); nothing new is taken.
+        while state.in_flight > 0 {
+            state = self.shared.idle.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        let queues = state.active.as_ref().map(|a| vec![a.queue.state()]).unwrap_or_default();
+        drop(state);
+        // What the guest wrote reaches the image before the state that says so is saved.
+        if let Some(media) = self.shared.drive.media()
+            && let Err(e) = media.backend.flush()
+        {
+            log::warn!("{}: flushing before the machine state is saved: {e}", self.shared.drive.id);
+        }
+        Ok(queues)
+    }
+
+    fn resume_requests(&mut self) {
+        lock(&self.shared.state).quiesced = false;
+        let _ = self.shared.wake.write(1);
     }
 }
 
@@ -268,6 +294,7 @@ impl Shared {
         state.jobs.clear();
         state.in_flight -= dropped;
         state.throttled = false;
+        state.quiesced = false;
         while state.in_flight > 0 {
             state = self.idle.wait(state).unwrap_or_else(|p| p.into_inner());
         }
@@ -317,6 +344,9 @@ impl Shared {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
         let epoch = state.epoch;
+        if state.quiesced {
+            return;
+        }
         let Some(active) = state.active.as_mut() else { return };
         if self.interrupt.needs_reset() {
             return;
@@ -693,6 +723,38 @@ mod tests {
         assert_eq!(done.len(), 1, "one completion");
         assert_eq!(done[0].0, slot * 3, "the head of the chain");
         (d.request_status(slot), done[0].1)
+    }
+
+    /// Saving a machine state quiesces the device: a request posted meanwhile is not taken. What it saved,
+    /// loaded into a new device on the same memory, lets the driver go on where it was.
+    #[test]
+    fn a_saved_device_goes_on_in_a_new_one() {
+        use crate::pci::PciDevice;
+        let image = Image::new("state", 64);
+        let mut d = driver(&image, false);
+        assert_eq!(one(&mut d, 0, T_IN, 3, 512), (0, 513));
+        let mut w = crate::snapshot::Writer::new();
+        d.device.save_state(&mut w).unwrap();
+        d.post(1, T_IN, 5, 512);
+        d.kick();
+        assert!(d.completions(SHORT).is_empty(), "nothing is taken while the state is saved");
+
+        // (The same drive: its image is locked by whoever holds it.)
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        let block = VirtioBlock::new(d.drive().clone(), interrupt.clone()).unwrap();
+        let mut fresh =
+            crate::virtio::pci::VirtioPci::new(block, 0xC000_0000, 16, interrupt, d.mem.clone(), None, None).unwrap();
+        let mut r = crate::snapshot::Reader::new("pci", &w.buf);
+        fresh.restore_state(&mut r).unwrap();
+        r.finish().unwrap();
+        d.device = fresh;
+        d.kick();
+        assert_eq!(d.completions(WAIT), vec![(3, 513)], "the new device took the waiting request, and only it");
+        assert_eq!(d.request_status(1), 0);
+        let mut got = vec![0u8; 512];
+        d.mem.read_slice(&mut got, d.data_address(1)).unwrap();
+        assert_eq!(got, image.bytes()[5 * 512..6 * 512]);
+        assert_eq!(one(&mut d, 2, T_IN, 7, 512), (0, 513), "and goes on");
     }
 
     #[test]

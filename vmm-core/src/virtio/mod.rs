@@ -180,6 +180,35 @@ impl VirtioInterrupt {
         }
     }
 
+    /// The interrupt state for a machine-state file: ISR bits, NEEDS_RESET, the vectors.
+    pub fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u8(self.isr.load(Ordering::Acquire));
+        w.bool(self.needs_reset());
+        w.u16(self.config_vector());
+        for v in &self.queue_vectors {
+            w.u16(v.load(Ordering::Acquire));
+        }
+    }
+
+    /// Loads what [`save`](Self::save) wrote; a pending ISR raises the line again.
+    pub fn restore(&self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        let (isr, needs_reset, config_vector) = (r.u8()?, r.bool()?, r.u16()?);
+        let mut vectors = [NO_VECTOR; MAX_QUEUES];
+        for v in &mut vectors {
+            *v = r.u16()?;
+        }
+        self.isr.store(isr & (ISR_QUEUE | ISR_CONFIG), Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+        self.set_config_vector(config_vector);
+        for (slot, v) in self.queue_vectors.iter().zip(vectors) {
+            slot.store(v, Ordering::Release);
+        }
+        if isr != 0 {
+            let _ = self.line.write(1);
+        }
+        Ok(())
+    }
+
     /// Device reset: nothing pending, no longer broken, no vectors assigned (the MSI-X table and its
     /// enable bit are the PCI function's, which a virtio reset leaves alone).
     pub fn reset(&self) {
@@ -199,6 +228,42 @@ pub struct Activation {
     pub queues: Vec<Queue>,
     /// The features the driver accepted.
     pub driver_features: u64,
+}
+
+/// A queue's state in a machine-state file.
+pub fn save_queue(w: &mut crate::snapshot::Writer, q: &virtio_queue::QueueState) {
+    w.u16(q.max_size);
+    w.u16(q.next_avail);
+    w.u16(q.next_used);
+    w.bool(q.event_idx_enabled);
+    w.u16(q.size);
+    w.bool(q.ready);
+    w.u64(q.desc_table);
+    w.u64(q.avail_ring);
+    w.u64(q.used_ring);
+}
+
+/// Loads what [`save_queue`] wrote into a queue of at most `max_size` entries (checked by virtio-queue).
+pub fn restore_queue(r: &mut crate::snapshot::Reader, max_size: u16) -> Result<Queue, crate::snapshot::StateError> {
+    let saved_max = r.u16()?;
+    let state = virtio_queue::QueueState {
+        max_size,
+        next_avail: r.u16()?,
+        next_used: r.u16()?,
+        event_idx_enabled: r.bool()?,
+        size: r.u16()?,
+        ready: r.bool()?,
+        desc_table: r.u64()?,
+        avail_ring: r.u64()?,
+        used_ring: r.u64()?,
+    };
+    if saved_max != max_size {
+        return Err(crate::snapshot::StateError::Damaged(format!(
+            "a virtio queue of at most {saved_max} entries, this device's has {max_size}"
+        )));
+    }
+    Queue::try_from(state)
+        .map_err(|e| crate::snapshot::StateError::Damaged(format!("a virtio queue cannot be set up: {e:?}")))
 }
 
 /// A virtio device behind a transport.
@@ -223,4 +288,29 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation);
     /// Stops serving (waiting for requests in flight) and forgets the queues.
     fn reset(&mut self);
+
+    /// For a machine-state file, while the device is active: stops taking requests and waits until none
+    /// is in flight (so it no longer touches guest memory or its queues), then returns each queue's live
+    /// state. [`resume_requests`](Self::resume_requests) undoes it. A device whose state cannot be saved
+    /// says what it is.
+    fn quiesce(&mut self) -> Result<Vec<virtio_queue::QueueState>, String> {
+        Err(match self.device_type() {
+            1 => "a virtio-net network card: its state is not saved yet".into(),
+            8 => "a virtio-scsi controller (CD/DVD drive): its state is not saved yet".into(),
+            t => format!("a virtio device of type {t}: its state is not saved yet"),
+        })
+    }
+
+    /// Takes requests again after [`quiesce`](Self::quiesce).
+    fn resume_requests(&mut self) {}
+
+    /// Device state beyond the queues (configuration the driver wrote, what the device model keeps), for
+    /// a machine-state file; called after `quiesce` when the device is active.
+    fn save_device(&self, _w: &mut crate::snapshot::Writer) {}
+
+    /// Loads what [`save_device`](Self::save_device) wrote (after the device was activated again when it
+    /// was active).
+    fn restore_device(&mut self, _r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        Ok(())
+    }
 }

@@ -85,6 +85,8 @@ struct State {
     active: Option<Active>,
     /// Bumps on every activation and reset.
     epoch: u64,
+    /// Serving stopped while a machine state is saved (frames from the back end are dropped meanwhile).
+    quiesced: bool,
 }
 
 /// What the I/O thread and the transport share.
@@ -200,6 +202,7 @@ impl VirtioDevice for VirtioNet {
         {
             let mut state = lock(&self.shared.state);
             state.epoch += 1;
+            state.quiesced = false;
             state.active = Some(Active {
                 rx,
                 tx,
@@ -222,6 +225,23 @@ impl VirtioDevice for VirtioNet {
 
     fn reset(&mut self) {
         self.shared.stop_serving();
+    }
+
+    /// The I/O thread serves holding the state lock, so taking it waits for a batch in progress. Receive
+    /// chains taken and not yet used go back to the avail ring (next_avail rewound over them: they were
+    /// the last taken), so a restored device takes them again.
+    fn quiesce(&mut self) -> Result<Vec<virtio_queue::QueueState>, String> {
+        let mut state = lock(&self.shared.state);
+        state.quiesced = true;
+        let Some(active) = state.active.as_ref() else { return Ok(Vec::new()) };
+        let mut rx = active.rx.state();
+        rx.next_avail = rx.next_avail.wrapping_sub(active.rx_held.len() as u16);
+        Ok(vec![rx, active.tx.state()])
+    }
+
+    fn resume_requests(&mut self) {
+        lock(&self.shared.state).quiesced = false;
+        let _ = self.shared.wake.write(1);
     }
 }
 
@@ -257,6 +277,7 @@ impl Shared {
         let mut state = lock(&self.state);
         state.active = None;
         state.epoch += 1;
+        state.quiesced = false;
         self.nic.driver_ready.store(false, Ordering::Release);
         drop(state);
         let _ = self.wake.write(1);
@@ -389,7 +410,8 @@ impl Shared {
         let epoch = state.epoch;
         let link_up = self.nic.link_up();
         let broken = self.interrupt.needs_reset();
-        let active = state.active.as_mut().filter(|_| !broken);
+        let quiesced = state.quiesced;
+        let active = state.active.as_mut().filter(|_| !broken && !quiesced);
         if let (Some(a), Some(b)) = (active.as_ref(), io.backend.as_mut())
             && io.offloads_epoch != epoch
         {

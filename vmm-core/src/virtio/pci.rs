@@ -348,6 +348,99 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         &self.config
     }
 
+    /// The transport (configuration space, common configuration, queues as the driver set them up),
+    /// the interrupt and MSI-X state, and, while the device serves, its queues' live state: the device is
+    /// quiesced first and stays so until [`resume_after_save`](PciDevice::resume_after_save).
+    fn save_state(&mut self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
+        let live = if self.active {
+            Some(self.device.quiesce().map_err(crate::snapshot::StateError::Unsupported)?)
+        } else {
+            None
+        };
+        self.config.save(w);
+        w.u8(self.status);
+        w.u32(self.device_feature_select);
+        w.u32(self.driver_feature_select);
+        w.u64(self.driver_features);
+        w.u16(self.queue_select);
+        w.u32(self.queues.len() as u32);
+        for q in &self.queues {
+            crate::virtio::save_queue(w, &q.state());
+        }
+        self.interrupt.save(w);
+        self.msix.save(w);
+        w.bool(live.is_some());
+        if let Some(live) = live {
+            w.u32(live.len() as u32);
+            for q in &live {
+                crate::virtio::save_queue(w, q);
+            }
+        }
+        let mut device = crate::snapshot::Writer::new();
+        self.device.save_device(&mut device);
+        w.bytes(&device.buf);
+        Ok(())
+    }
+
+    fn resume_after_save(&mut self) {
+        if self.active {
+            self.device.resume_requests();
+        }
+    }
+
+    fn restore_state(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        use crate::snapshot::StateError;
+        let mut config = self.config.clone();
+        config.restore(r)?;
+        let status = r.u8()?;
+        let (device_feature_select, driver_feature_select) = (r.u32()?, r.u32()?);
+        let driver_features = r.u64()?;
+        let queue_select = r.u16()?;
+        let max_sizes = self.device.queue_max_sizes().to_vec();
+        let count = r.u32()? as usize;
+        if count != max_sizes.len() {
+            return Err(StateError::Damaged(format!("{count} virtio queues, this device has {}", max_sizes.len())));
+        }
+        let mut queues = Vec::with_capacity(count);
+        for &max in &max_sizes {
+            queues.push(crate::virtio::restore_queue(r, max)?);
+        }
+        self.interrupt.restore(r)?;
+        self.msix.restore(r)?;
+        let live = if r.bool()? {
+            let n = r.u32()? as usize;
+            if n > max_sizes.len() {
+                return Err(StateError::Damaged(format!("{n} live virtio queues")));
+            }
+            let mut live = Vec::with_capacity(n);
+            for &max in &max_sizes[..n] {
+                live.push(crate::virtio::restore_queue(r, max)?);
+            }
+            Some(live)
+        } else {
+            None
+        };
+        let device = r.bytes(crate::snapshot::MAX_SECTION as usize)?;
+        self.config = config;
+        self.update_io_events();
+        self.status = status;
+        self.device_feature_select = device_feature_select;
+        self.driver_feature_select = driver_feature_select;
+        self.driver_features = driver_features;
+        self.queue_select = queue_select;
+        self.queues = queues;
+        if let Some(live) = live {
+            if live.iter().any(|q| q.ready() && !q.is_valid(&self.mem)) {
+                return Err(StateError::Damaged("a virtio queue lies outside guest memory".into()));
+            }
+            self.device.activate(Activation { mem: self.mem.clone(), queues: live, driver_features });
+            self.active = true;
+        }
+        let mut r = crate::snapshot::Reader::new("pci", device);
+        self.device.restore_device(&mut r)?;
+        r.finish()
+    }
+
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
         self.config.write(reg, offset, data);
         if reg == self.msix_reg {
