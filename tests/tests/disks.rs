@@ -2,12 +2,8 @@
 //! the middle of a chain) keeping every snapshot's content byte-identical, full and linked clones, templates,
 //! cloud images with their NoCloud seed, library imports refused with the reason, a full disk while an
 //! overlay is written. `qemu-img` is the outside judge of every image (check, compare). Guests are the
-//! virtio-blk micro-guest, driven by its command line.
-//!
-//! The tests of snapshots *with machine state* and of suspend need the engine's `save-state` control
-//! command and `--restore` option (built in parallel with this): they are `#[ignore]`d with that reason and
-//! fail loudly (not skip) when run before the engine has them: `cargo test -p porthole-tests --test disks --
-//! --ignored`.
+//! virtio-blk micro-guest, driven by its command line; snapshots with machine state and suspend use the
+//! ticker guest (the engine's `save-state` and `--restore`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -521,10 +517,9 @@ async fn a_full_disk_while_writing_an_overlay_changes_nothing() {
     drop(d);
 }
 
-/// Needs the engine's `save-state` and `--restore`: the ticker guest, snapshotted while it runs, keeps
-/// running; reverted, it continues from the saved count; suspended, it resumes on start.
+/// The ticker guest, snapshotted with its machine state while it runs, keeps running; reverted, it
+/// continues from the saved count; suspended, it resumes on start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the engine's save-state control command and --restore (issue 16, engine part): enable once merged"]
 async fn snapshots_with_state_and_suspend_resume_the_guest() {
     let dir = Scratch::new("disks-state");
     let d = Daemon::start(&dir, false, &[]);
