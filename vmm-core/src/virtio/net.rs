@@ -13,6 +13,7 @@
 //! frame waits for receive buffers at most (the back end's socket buffers hold the rest); after
 //! [`RX_STALL`] without buffers, frames for the guest are dropped and counted.
 
+use smallvec::SmallVec;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering, fence};
@@ -61,7 +62,8 @@ enum Malformed {
 /// A receive chain the device took from the avail ring and holds until a frame fills it.
 struct RxChain {
     head: u16,
-    segments: Vec<(GuestAddress, u32)>,
+    /// Linux posts one buffer per chain (MRG_RXBUF) or a header and a body: no allocation for those.
+    segments: SmallVec<[(GuestAddress, u32); 2]>,
     capacity: usize,
 }
 
@@ -653,7 +655,7 @@ impl Shared {
         }
         frame[10..12].copy_from_slice(&(count as u16).to_le_bytes());
         let payload_len = need - VNET_HEADER_LEN;
-        let mut used = Vec::with_capacity(count);
+        let mut used: SmallVec<[(u16, u32); 4]> = SmallVec::with_capacity(count);
         let mut offset = 0;
         for chain in active.rx_held.drain(..count) {
             let mut written = 0u32;
@@ -696,8 +698,8 @@ fn descriptors(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     write_only: bool,
-) -> Result<Vec<(GuestAddress, u32)>, Malformed> {
-    let mut segments = Vec::new();
+) -> Result<SmallVec<[(GuestAddress, u32); 2]>, Malformed> {
+    let mut segments = SmallVec::new();
     let mut last_has_next = false;
     for d in chain {
         if segments.len() == usize::from(QUEUE_SIZE) {
@@ -729,27 +731,36 @@ fn rx_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> 
     Ok(RxChain { head, segments, capacity })
 }
 
-/// Copies a transmit chain (header and frame) into `staging`; returns its length.
+/// Copies a transmit chain (header and frame) into `staging` as it walks it (no list of its descriptors
+/// is made); returns its length. What a broken chain left in `staging` is never sent.
 fn gather(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     staging: &mut [u8],
 ) -> Result<usize, Malformed> {
-    let segments = descriptors(chain, mem, false)?;
-    let total: usize = segments.iter().map(|&(_, len)| len as usize).sum();
-    if total > staging.len() {
-        return Err(Malformed::TooLong);
+    let (mut offset, mut count, mut last_has_next) = (0usize, 0usize, false);
+    for d in chain {
+        count += 1;
+        if count > usize::from(QUEUE_SIZE) {
+            return Err(Malformed::TooLong);
+        }
+        if d.is_write_only() {
+            return Err(Malformed::WrongDirection);
+        }
+        let len = d.len() as usize;
+        let Some(to) = staging.get_mut(offset..offset + len) else { return Err(Malformed::TooLong) };
+        mem.read_slice(to, d.addr()).map_err(|_| Malformed::OutsideMemory)?;
+        offset += len;
+        last_has_next = d.has_next();
     }
-    if total < VNET_HEADER_LEN + 14 {
+    if last_has_next || count == 0 {
+        // The iterator stopped early: a loop, a `next` beyond the table, or a bad indirect table.
+        return Err(Malformed::Unterminated);
+    }
+    if offset < VNET_HEADER_LEN + 14 {
         return Err(Malformed::TooShort);
     }
-    let mut offset = 0;
-    for (address, len) in segments {
-        let len = len as usize;
-        mem.read_slice(&mut staging[offset..offset + len], address).map_err(|_| Malformed::OutsideMemory)?;
-        offset += len;
-    }
-    Ok(total)
+    Ok(offset)
 }
 
 /// Puts `entries` in the used ring and then publishes them with one index store, so that a driver never
