@@ -15,7 +15,7 @@ mod cloud_image;
 mod machines;
 mod network;
 mod snapshots;
-pub use cloud_image::{CloudForm, find_ssh_key};
+pub use cloud_image::{CloudForm, find_ssh_key, image_text};
 pub use machines::GroupBy;
 pub use network::{WizardNetwork, ssh_command};
 pub use snapshots::{TreeRow, tree_rows};
@@ -137,7 +137,8 @@ impl Wizard {
         }
         if self.kernel.trim().is_empty() && self.iso.trim().is_empty() && self.disk_image.is_none() {
             p.push(
-                "Choose what the VM boots: an ISO, a copy of a disk image, or a Linux kernel (or PVH image)."
+                "Choose what the VM boots: an ISO, a disk image (a copy, or a cloud image), or a Linux kernel (or PVH \
+                 image)."
                     .to_owned(),
             );
         }
