@@ -278,9 +278,14 @@ impl PortholeApp {
                     TreeRow::Snapshot { depth, .. } | TreeRow::Now { depth } => depth,
                 };
                 let indent = |ui: &mut egui::Ui| {
-                    ui.add_space(depth as f32 * 16.0);
                     if depth > 0 {
-                        ui.weak("└");
+                        // A branch line from the parent: "└" drawn, as the default fonts lack box characters.
+                        ui.add_space((depth - 1) as f32 * 16.0 + 4.0);
+                        let (rect, _) = ui.allocate_exact_size(egui::vec2(12.0, 14.0), egui::Sense::hover());
+                        let stroke = egui::Stroke::new(1.0, ui.visuals().weak_text_color());
+                        let corner = egui::pos2(rect.left() + 2.0, rect.center().y);
+                        ui.painter().line_segment([egui::pos2(corner.x, rect.top()), corner], stroke);
+                        ui.painter().line_segment([corner, egui::pos2(rect.right(), corner.y)], stroke);
                     }
                 };
                 let TreeRow::Snapshot { index, .. } = row else {
