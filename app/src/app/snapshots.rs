@@ -195,7 +195,8 @@ impl PortholeApp {
                 let tasks: Vec<VmTask> = m.tasks.iter().filter(|t| t.host == host && t.vm == vm.id).cloned().collect();
                 (tree, tasks)
             };
-            let busy = self.task_lines(ui, &tasks);
+            // In a scope of their own: lines coming and going do not change the identity of the widgets after.
+            let busy = ui.push_id("tasks", |ui| self.task_lines(ui, &tasks)).inner;
             let existing = match &tree {
                 Some(Ok(t)) => t.snapshots.clone(),
                 _ => Vec::new(),
