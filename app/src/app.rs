@@ -4,16 +4,21 @@
 use std::path::PathBuf;
 
 use porthole_api::client::Action;
-use porthole_api::{BootSpec, Client, CreateVm, VmState};
+use porthole_api::{BootSpec, Client, CreateVm, DiskFormat, VmState};
 
 use crate::backend::{Backend, image_name};
 use crate::console::Console;
 use crate::settings::{RemoteHost, Settings};
 
+mod clones;
+mod cloud_image;
 mod machines;
 mod network;
+mod snapshots;
+pub use cloud_image::{CloudForm, find_ssh_key, image_text};
 pub use machines::GroupBy;
 pub use network::{WizardNetwork, ssh_command};
+pub use snapshots::{TreeRow, tree_rows};
 
 /// The create wizard's fields.
 #[derive(Debug, Clone)]
@@ -34,6 +39,28 @@ pub struct Wizard {
     pub network: WizardNetwork,
     /// The host's bridge, for `WizardNetwork::Bridge`.
     pub bridge: String,
+    /// The format of the new disk (or of the copy).
+    pub disk_format: DiskFormat,
+    /// *From a cloud image*: the seed's fields (`disk_image` names the image). None: another kind of disk.
+    pub cloud: Option<CloudForm>,
+    /// The seed's defaults, read when the wizard opened (the local user, the first key of `~/.ssh`).
+    pub cloud_defaults: CloudForm,
+}
+
+/// Why the daemon would refuse `name` for a new VM on a host whose VMs are named `taken`.
+pub fn vm_name_problem(name: &str, taken: &[String]) -> Option<String> {
+    let ok = (1..=63).contains(&name.len())
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if name.is_empty() {
+        Some("Give the VM a name.".to_owned())
+    } else if !ok {
+        Some("A name is 1-63 letters, digits, '-', '_' or '.', not starting with '.'.".to_owned())
+    } else if taken.iter().any(|t| t == name) {
+        Some(format!("There is a VM named {name:?} already."))
+    } else {
+        None
+    }
 }
 
 /// Tags typed as "web, prod" → ["web", "prod"].
@@ -64,22 +91,42 @@ impl Wizard {
             tags: String::new(),
             network: WizardNetwork::Nat,
             bridge: String::new(),
+            disk_format: DiskFormat::Qcow2,
+            cloud: None,
+            cloud_defaults: CloudForm::discover(std::env::var_os("HOME").map(PathBuf::from).as_deref()),
         }
+    }
+
+    /// The request the wizard sends (the ISO, if any, is added once uploaded).
+    pub fn request(&self) -> CreateVm {
+        let has_disk = self.disk_image.is_some() || self.disk_gib > 0;
+        let mut request = CreateVm {
+            disk_gib: self.disk_gib,
+            disk_image: self.disk_image.clone(),
+            tags: parse_tags(&self.tags),
+            nics: network::wizard_nics(self),
+            disk_format: has_disk.then_some(self.disk_format),
+            ..CreateVm::new(self.name.clone(), self.vcpus, self.memory_mib)
+        };
+        if let Some(spec) = self.cloud_init() {
+            // The disk is a qcow2 overlay on the image.
+            request.cloud_init = Some(spec);
+            request.disk_format = Some(DiskFormat::Qcow2);
+        }
+        if !self.kernel.trim().is_empty() {
+            request.boot = Some(BootSpec {
+                kernel: self.kernel.trim().to_owned(),
+                initrd: Some(self.initrd.trim().to_owned()).filter(|s| !s.is_empty()),
+                cmdline: self.cmdline.clone(),
+            });
+        }
+        request
     }
 
     /// What is wrong with the fields (shown next to them, before Create is allowed).
     pub fn problems(&self, host_memory_mib: Option<u64>, taken: &[String]) -> Vec<String> {
         let mut p = Vec::new();
-        let name_ok = (1..=63).contains(&self.name.len())
-            && !self.name.starts_with('.')
-            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if self.name.is_empty() {
-            p.push("Give the VM a name.".to_owned());
-        } else if !name_ok {
-            p.push("A name is 1-63 letters, digits, '-', '_' or '.', not starting with '.'.".to_owned());
-        } else if taken.contains(&self.name) {
-            p.push(format!("There is a VM named {:?} already.", self.name));
-        }
+        p.extend(vm_name_problem(&self.name, taken));
         if let Some(host) = host_memory_mib
             && self.memory_mib > host
         {
@@ -90,7 +137,8 @@ impl Wizard {
         }
         if self.kernel.trim().is_empty() && self.iso.trim().is_empty() && self.disk_image.is_none() {
             p.push(
-                "Choose what the VM boots: an ISO, a copy of a disk image, or a Linux kernel (or PVH image)."
+                "Choose what the VM boots: an ISO, a disk image (a copy, or a cloud image), or a Linux kernel (or PVH \
+                 image)."
                     .to_owned(),
             );
         }
@@ -100,7 +148,7 @@ impl Wizard {
         if !self.iso.trim().is_empty() && !std::path::Path::new(self.iso.trim()).is_file() {
             p.push(format!("No ISO file at {}.", self.iso.trim()));
         }
-        if self.disk_image.as_deref() == Some("") {
+        if self.disk_image.as_deref() == Some("") && self.cloud.is_none() {
             p.push("Choose the library image to copy as the disk.".to_owned());
         }
         let tags = parse_tags(&self.tags);
@@ -250,6 +298,31 @@ pub struct PortholeApp {
     forward_form: network::ForwardForm,
     /// Where VMs were drawn last frame (list rows and the details), for dropped ISOs: (area, host, VM id).
     drop_zones: Vec<(egui::Rect, usize, String)>,
+    /// The snapshot section's dialogs and refresh.
+    snapshot_ui: snapshots::SnapshotUi,
+    /// The *Clone…* dialog.
+    clone_form: Option<clones::CloneForm>,
+}
+
+/// The colour a state is shown in (None: the usual text colour, for stopped and passing states).
+fn state_color(s: VmState, crashed: bool, visuals: &egui::Visuals) -> Option<egui::Color32> {
+    match s {
+        _ if crashed => Some(visuals.error_fg_color),
+        VmState::Running => Some(egui::Color32::from_rgb(0x3c, 0xa0, 0x4a)),
+        VmState::Paused => Some(visuals.warn_fg_color),
+        VmState::Suspended => Some(egui::Color32::from_rgb(0x4a, 0x8c, 0xd8)),
+        VmState::Crashed => Some(visuals.error_fg_color),
+        VmState::Stopped | VmState::Starting | VmState::Stopping => None,
+    }
+}
+
+/// A VM's state as a label in its colour.
+fn state_label(ui: &mut egui::Ui, vm: &porthole_api::Vm) -> egui::Response {
+    let text = egui::RichText::new(state_text(vm.state));
+    match state_color(vm.state, vm.crash.is_some(), ui.visuals()) {
+        Some(c) => ui.label(text.color(c)),
+        None => ui.label(text),
+    }
 }
 
 fn state_text(s: VmState) -> &'static str {
@@ -307,6 +380,8 @@ impl PortholeApp {
             details_fetched: None,
             forward_form: Default::default(),
             drop_zones: Vec::new(),
+            snapshot_ui: Default::default(),
+            clone_form: None,
         }
     }
 
@@ -398,6 +473,8 @@ impl PortholeApp {
         self.wizard_window(ui.ctx());
         self.add_host_window(ui.ctx());
         self.delete_window(ui.ctx());
+        self.snapshot_windows(ui.ctx());
+        self.clone_window(ui.ctx());
         self.vnc_window(ui.ctx());
     }
 
@@ -511,10 +588,20 @@ impl PortholeApp {
     }
 
     fn details(&mut self, ui: &mut egui::Ui, host: usize, vm: &porthole_api::Vm) {
-        ui.heading(&vm.name);
+        ui.horizontal(|ui| {
+            ui.heading(&vm.name);
+            if vm.template {
+                ui.label(egui::RichText::new("template").strong()).on_hover_text(clones::TEMPLATE_START);
+            }
+        });
+        let linked = {
+            let m = self.backend.model();
+            let vms = m.hosts.get(host).map(|h| h.vms.as_slice()).unwrap_or_default();
+            clones::linked_text(vm, vms)
+        };
         egui::Grid::new("details").num_columns(2).show(ui, |ui| {
             ui.label("State");
-            ui.label(state_text(vm.state));
+            state_label(ui, vm);
             ui.end_row();
             ui.label("vCPUs");
             ui.label(vm.vcpus.to_string());
@@ -523,8 +610,19 @@ impl PortholeApp {
             ui.label(format!("{} MiB", vm.memory_mib));
             ui.end_row();
             ui.label("Disk");
-            ui.label(if vm.disk_bytes == 0 { "none".into() } else { format!("{} GiB", vm.disk_bytes >> 30) });
+            ui.label(clones::disk_text(vm));
             ui.end_row();
+            if let Some(text) = &linked {
+                ui.label("Linked clone");
+                ui.label(text)
+                    .on_hover_text("Its disk records its own changes over that VM's disk, which stays read-only");
+                ui.end_row();
+            }
+            if let Some(c) = &vm.cloud_init {
+                ui.label("Cloud-init");
+                ui.label(format!("user {}, hostname {}", c.user, c.hostname));
+                ui.end_row();
+            }
             ui.label("Boots");
             ui.label(
                 vm.boot
@@ -594,8 +692,12 @@ impl PortholeApp {
                     c.action(&id, action).await
                 });
             };
-            if ui.add_enabled(!running, egui::Button::new("Start")).clicked() {
-                act(self, "Start", Action::Start);
+            let (start, what) =
+                if vm.state == VmState::Suspended { ("Resume from disk", "Resume") } else { ("Start", "Start") };
+            let r = ui.add_enabled(!running && !vm.template, egui::Button::new(start));
+            let r = if vm.template { r.on_disabled_hover_text(clones::TEMPLATE_START) } else { r };
+            if r.clicked() {
+                act(self, what, Action::Start);
             }
             if ui.add_enabled(running, egui::Button::new("Shut down")).clicked() {
                 let id = id.clone();
@@ -616,6 +718,14 @@ impl PortholeApp {
             } else if ui.add_enabled(vm.state == VmState::Running, egui::Button::new("Pause")).clicked() {
                 act(self, "Pause", Action::Pause);
             }
+            let live = matches!(vm.state, VmState::Running | VmState::Paused) && vm.crash.is_none();
+            if ui
+                .add_enabled(live, egui::Button::new("Suspend"))
+                .on_hover_text("Save the running VM to disk and end it: Start resumes it where it was")
+                .clicked()
+            {
+                act(self, "Suspend", Action::Suspend);
+            }
             if ui.add_enabled(running, egui::Button::new("Open console")).clicked() {
                 self.open_console(host, vm);
             }
@@ -633,8 +743,10 @@ impl PortholeApp {
             if ui.add_enabled(!running, egui::Button::new("Delete…")).clicked() {
                 self.confirm_delete = Some((host, id.clone(), vm.name.clone()));
             }
+            self.clone_buttons(ui, host, vm);
         });
         self.network_section(ui, host, vm);
+        self.snapshots_section(ui, host, vm);
         egui::CollapsingHeader::new("Performance").default_open(false).show(ui, |ui| {
             if self.stats_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
                 self.backend.load_stats(host, id.clone());
@@ -927,6 +1039,7 @@ impl PortholeApp {
                     let text = match &w.disk_image {
                         None if w.disk_gib == 0 => "no disk".to_owned(),
                         None => "new empty disk".to_owned(),
+                        Some(_) if w.cloud.is_some() => "from a cloud image".to_owned(),
                         Some(_) => "copy of a library image".to_owned(),
                     };
                     egui::ComboBox::from_id_salt("disk-kind")
@@ -935,19 +1048,36 @@ impl PortholeApp {
                             if ui.selectable_label(w.disk_image.is_none() && w.disk_gib > 0, "new empty disk").clicked()
                             {
                                 w.disk_image = None;
+                                w.cloud = None;
                                 w.disk_gib = w.disk_gib.max(1);
                             }
                             if ui.selectable_label(w.disk_image.is_none() && w.disk_gib == 0, "no disk").clicked() {
                                 w.disk_image = None;
+                                w.cloud = None;
                                 w.disk_gib = 0;
                             }
-                            if ui.selectable_label(w.disk_image.is_some(), "copy of a library image").clicked() {
+                            let copy = w.disk_image.is_some() && w.cloud.is_none();
+                            if ui.selectable_label(copy, "copy of a library image").clicked() {
                                 w.disk_image.get_or_insert_default();
+                                w.cloud = None;
+                            }
+                            if ui.selectable_label(w.cloud.is_some(), "from a cloud image").clicked()
+                                && w.cloud.is_none()
+                            {
+                                w.cloud = Some(w.cloud_defaults.clone());
+                                // Only qcow2 and raw images are offered: an ISO picked before goes.
+                                let keep = w.disk_image.as_ref().is_some_and(|n| {
+                                    images.iter().any(|i| i.name == *n && cloud_image::is_disk_image(i))
+                                });
+                                if !keep {
+                                    w.disk_image = Some(String::new());
+                                }
+                                w.disk_gib = w.disk_gib.max(1);
                             }
                         })
                         .response
                         .labelled_by(l.id);
-                    match &mut w.disk_image {
+                    match &w.disk_image {
                         None if w.disk_gib > 0 => {
                             let l = ui.label("Size (GiB)");
                             ui.add(egui::DragValue::new(&mut w.disk_gib).range(1..=65536)).labelled_by(l.id);
@@ -956,25 +1086,44 @@ impl PortholeApp {
                             }
                         }
                         None => {}
-                        Some(image) => {
-                            let l = ui.label("Image");
-                            egui::ComboBox::from_id_salt("disk-image")
-                                .selected_text(if image.is_empty() { "choose…" } else { image.as_str() })
-                                .show_ui(ui, |ui| {
-                                    for i in &images {
-                                        let text = format!("{} ({} MiB)", i.name, i.size_bytes >> 20);
-                                        ui.selectable_value(image, i.name.clone(), text);
-                                    }
-                                    if images.is_empty() {
-                                        ui.label("The library is empty: upload an image first (drop it on a VM).");
-                                    }
-                                })
-                                .response
-                                .labelled_by(l.id);
+                        Some(_) => {
+                            cloud_image::image_picker(ui, w, &images);
+                            if w.cloud.is_some() {
+                                let l = ui.label("Size (GiB)");
+                                ui.add(egui::DragValue::new(&mut w.disk_gib).range(1..=65536)).labelled_by(l.id);
+                            }
                         }
                     }
                 });
                 ui.end_row();
+                if w.cloud.is_some() {
+                    ui.label("Disk format");
+                    ui.label("qcow2: an overlay on the image, which stays unchanged");
+                    ui.end_row();
+                } else if w.disk_image.is_some() || w.disk_gib > 0 {
+                    let l = ui.label("Disk format");
+                    ui.horizontal(|ui| {
+                        let text = |f: DiskFormat| match f {
+                            DiskFormat::Qcow2 => "qcow2",
+                            DiskFormat::Raw => "raw",
+                        };
+                        egui::ComboBox::from_id_salt("disk-format")
+                            .selected_text(text(w.disk_format))
+                            .show_ui(ui, |ui| {
+                                for f in [DiskFormat::Qcow2, DiskFormat::Raw] {
+                                    ui.selectable_value(&mut w.disk_format, f, text(f));
+                                }
+                            })
+                            .response
+                            .labelled_by(l.id);
+                        ui.weak(match w.disk_format {
+                            DiskFormat::Qcow2 => "grows as written; snapshots and linked clones",
+                            DiskFormat::Raw => "a plain byte-for-byte file",
+                        });
+                    });
+                    ui.end_row();
+                }
+                cloud_image::wizard_rows(ui, w);
                 let l = ui.label("ISO");
                 ui.horizontal(|ui| {
                     ui.text_edit_singleline(&mut w.iso).labelled_by(l.id);
@@ -1006,7 +1155,8 @@ impl PortholeApp {
                 ui.end_row();
                 network::wizard_row(ui, w);
             });
-            let problems = w.problems(host_mem, &taken);
+            let mut problems = w.problems(host_mem, &taken);
+            problems.extend(w.cloud_problems(&images));
             for p in &problems {
                 ui.colored_label(ui.visuals().warn_fg_color, p);
             }
@@ -1016,13 +1166,27 @@ impl PortholeApp {
                 if w.name.is_empty() { "a VM" } else { &w.name },
                 w.vcpus,
                 w.memory_mib,
-                match &w.disk_image {
-                    Some(i) => format!("a copy of {i} as its disk"),
-                    None if w.disk_gib == 0 => "no disk".to_owned(),
-                    None => format!("a new {} GiB disk", w.disk_gib),
+                match (&w.disk_image, w.cloud_init()) {
+                    (Some(i), Some(c)) => format!(
+                        "a {} GiB qcow2 disk over cloud image {i} (user {}, hostname {})",
+                        w.disk_gib, c.user, c.hostname
+                    ),
+                    (Some(i), None) => format!("a copy of {i} as its disk"),
+                    (None, _) if w.disk_gib == 0 => "no disk".to_owned(),
+                    (None, _) => format!(
+                        "a new {} GiB {} disk",
+                        w.disk_gib,
+                        if w.disk_format == DiskFormat::Raw { "raw" } else { "qcow2" }
+                    ),
                 },
                 network::wizard_summary(w),
-                if !w.kernel.trim().is_empty() { "the kernel" } else { "the ISO" }
+                if !w.kernel.trim().is_empty() {
+                    "the kernel"
+                } else if w.iso.trim().is_empty() && w.disk_image.is_some() {
+                    "its disk"
+                } else {
+                    "the ISO"
+                }
             ));
             ui.horizontal(|ui| {
                 create = ui.add_enabled(problems.is_empty(), egui::Button::new("Create")).clicked();
@@ -1055,20 +1219,7 @@ impl PortholeApp {
     }
 
     fn create(&mut self, w: Wizard) {
-        let mut request = CreateVm {
-            disk_gib: w.disk_gib,
-            disk_image: w.disk_image.clone(),
-            tags: parse_tags(&w.tags),
-            nics: network::wizard_nics(&w),
-            ..CreateVm::new(w.name.clone(), w.vcpus, w.memory_mib)
-        };
-        if !w.kernel.trim().is_empty() {
-            request.boot = Some(BootSpec {
-                kernel: w.kernel.trim().to_owned(),
-                initrd: Some(w.initrd.trim().to_owned()).filter(|s| !s.is_empty()),
-                cmdline: w.cmdline.clone(),
-            });
-        }
+        let mut request = w.request();
         let done = format!("Created {}", w.name);
         if w.iso.trim().is_empty() {
             self.backend.act(w.host, format!("Create {}", w.name), Some(done), move |c| async move {
@@ -1296,6 +1447,47 @@ mod tests {
         for bad in ["vnc://", "vnc://lab:x", "http://lab", "vnc+unix://relative"] {
             assert!(bad.parse::<VncTarget>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_wizard_sends_the_disk_format_and_the_cloud_seed() {
+        let mut w = Wizard::new(0);
+        w.name = "db_1".into();
+        let r = w.request();
+        assert_eq!(
+            (r.disk_format, r.cloud_init.as_ref(), r.disk_image.as_ref()),
+            (Some(DiskFormat::Qcow2), None, None)
+        );
+        w.disk_format = DiskFormat::Raw;
+        assert_eq!(w.request().disk_format, Some(DiskFormat::Raw));
+        w.disk_gib = 0;
+        assert_eq!(w.request().disk_format, None, "no disk, no format");
+        // From a cloud image: a qcow2 overlay, whatever the format chosen before, and the seed.
+        w.disk_image = Some("debian.qcow2".into());
+        w.disk_gib = 10;
+        w.cloud = Some(CloudForm {
+            user: "me".into(),
+            ssh_key: "ssh-ed25519 AAAA1 a\n\n  ssh-rsa AAAA2 b \n".into(),
+            key_source: None,
+            hostname: String::new(),
+        });
+        let r = w.request();
+        assert_eq!(r.disk_image.as_deref(), Some("debian.qcow2"));
+        assert_eq!((r.disk_gib, r.disk_format), (10, Some(DiskFormat::Qcow2)));
+        assert_eq!(
+            r.cloud_init,
+            Some(porthole_api::CloudInitSpec {
+                hostname: "db-1".into(),
+                user: "me".into(),
+                ssh_authorized_keys: vec!["ssh-ed25519 AAAA1 a".into(), "ssh-rsa AAAA2 b".into()],
+            })
+        );
+        assert_eq!(r.boot, None, "it boots its disk");
+        w.cloud.as_mut().unwrap().hostname = " box ".into();
+        assert_eq!(w.request().cloud_init.unwrap().hostname, "box");
+        // Back to a copy of an image: no seed.
+        w.cloud = None;
+        assert_eq!(w.request().cloud_init, None);
     }
 
     #[test]

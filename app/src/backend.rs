@@ -60,6 +60,22 @@ pub struct Model {
     pub images: std::collections::HashMap<usize, Vec<porthole_api::Image>>,
     /// Uploads in progress, by their progress text, to cancel them.
     pub uploads: std::collections::HashMap<String, tokio::task::AbortHandle>,
+    /// The snapshot tree of the VM whose details are open, or why it could not be read: (host, VM id, tree).
+    pub snapshots: Option<(usize, String, Result<porthole_api::SnapshotTree, String>)>,
+    /// Long operations on VMs (snapshots, clones): running ones, and failed ones until the next operation on
+    /// the same VM.
+    pub tasks: Vec<VmTask>,
+}
+
+/// A long operation on a VM, as the daemon last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTask {
+    pub host: usize,
+    pub vm: String,
+    /// What the user asked for ("Take snapshot before-upgrade of web1").
+    pub what: String,
+    /// The daemon's task (a call refused before it became a task is a failed task with the refusal as error).
+    pub task: porthole_api::Task,
 }
 
 impl Model {
@@ -237,6 +253,98 @@ impl Backend {
                 h.vms = vms;
             }
             backend.repaint();
+        });
+    }
+
+    /// Starts a long operation on VM `vm` of host `index` (`start` returns the daemon's task), follows its
+    /// progress in [`Model::tasks`] until it ends, then runs `then` with the finished task (also when it failed)
+    /// and fetches the VM list and the VM's snapshot tree again. A failure becomes a notice and stays in the
+    /// tasks list (for the VM's details to show) until the next operation on that VM.
+    pub fn run_task<F, Fut>(
+        &self,
+        index: usize,
+        vm: String,
+        what: String,
+        start: F,
+        then: impl FnOnce(&Backend, &porthole_api::Task) + Send + 'static,
+    ) where
+        F: FnOnce(Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<porthole_api::Task, porthole_api::ClientError>> + Send,
+    {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+            self.model().notify(format!("{what}: the host is not connected"), true);
+            return;
+        };
+        self.model().tasks.retain(|t| !(t.host == index && t.vm == vm));
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let set = |task: porthole_api::Task| {
+                let mut m = backend.model();
+                m.tasks.retain(|t| !(t.host == index && t.vm == vm));
+                m.tasks.push(VmTask { host: index, vm: vm.clone(), what: what.clone(), task });
+                drop(m);
+                backend.repaint();
+            };
+            let mut task = match start(client.clone()).await {
+                Ok(t) => t,
+                Err(e) => porthole_api::Task {
+                    id: String::new(),
+                    what: what.clone(),
+                    state: porthole_api::TaskState::Failed,
+                    done: 0,
+                    total: 0,
+                    error: Some(e.to_string()),
+                    result: None,
+                },
+            };
+            // Followed until it ends: the daemon ends every task (done or failed); a daemon that stops answering
+            // ends the following with its error.
+            while task.state == porthole_api::TaskState::Running {
+                set(task.clone());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                match client.task(&task.id).await {
+                    Ok(t) => task = t,
+                    Err(e) => {
+                        task.state = porthole_api::TaskState::Failed;
+                        task.error = Some(format!("cannot follow the task: {e}"));
+                    }
+                }
+            }
+            if task.state == porthole_api::TaskState::Failed {
+                let why = task.error.clone().unwrap_or_else(|| "the host gave no reason".to_owned());
+                backend.model().notify(format!("{what} failed: {why}"), true);
+                set(task.clone());
+            } else {
+                backend.model().tasks.retain(|t| !(t.host == index && t.vm == vm));
+                backend.model().notify(format!("{what}: done"), false);
+            }
+            then(&backend, &task);
+            if let Ok(vms) = client.list_vms().await
+                && let Some(h) = backend.model().hosts.get_mut(index)
+            {
+                h.vms = vms;
+            }
+            backend.load_snapshots(index, vm.clone());
+            backend.repaint();
+        });
+    }
+
+    /// Fetches the snapshot tree of a VM into the model.
+    pub fn load_snapshots(&self, index: usize, id: String) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let tree = client.snapshots(&id).await.map_err(|e| e.to_string());
+            let changed = {
+                let mut m = backend.model();
+                let new = Some((index, id, tree));
+                let changed = m.snapshots != new;
+                m.snapshots = new;
+                changed
+            };
+            if changed {
+                backend.repaint();
+            }
         });
     }
 

@@ -483,7 +483,11 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     type_into(&mut h, "Kernel", &porthole_guests::path("hello").display().to_string());
     combo(&mut h, "Disk", "copy of a library image");
     assert!(disabled(&h, "Create"), "no image chosen yet");
-    combo(&mut h, "Image", "base.img (1 MiB)");
+    // The picker shows each image's format and sizes.
+    let base = rt.block_on(c.images()).unwrap().into_iter().find(|i| i.name == "base.img").unwrap();
+    let entry = porthole::app::image_text(&base);
+    assert!(entry.starts_with("base.img — raw, 1.0 MiB virtual, "), "{entry}");
+    combo(&mut h, "Image", &entry);
     wait(&mut h, "a valid wizard", |h| !disabled(h, "Create"));
     click(&mut h, "Create");
     wait(&mut h, "the cloned VM", |h| {

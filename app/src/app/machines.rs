@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use porthole_api::client::Action;
 use porthole_api::{Vm, VmState};
 
-use super::{PortholeApp, Wizard, sparkline, state_text};
+use super::{PortholeApp, Wizard, clones, sparkline, state_label, state_text};
 
 /// How the list is grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -247,10 +247,26 @@ impl PortholeApp {
                                 self.thumbnail_cell(ui, &key, v, &mut thumbs_wanted);
                                 let selected =
                                     self.selected_host == *h && self.selected_vm.as_deref() == Some(v.id.as_str());
-                                if ui.selectable_label(selected, &v.name).clicked() {
-                                    clicked = Some(key.clone());
-                                }
-                                ui.label(state_text(v.state));
+                                ui.horizontal(|ui| {
+                                    if ui.selectable_label(selected, &v.name).clicked() {
+                                        clicked = Some(key.clone());
+                                    }
+                                    if v.template {
+                                        ui.label(egui::RichText::new("template").small().strong())
+                                            .on_hover_text(clones::TEMPLATE_START);
+                                    }
+                                    let linked = if v.linked_to.is_some() {
+                                        let all: Vec<Vm> =
+                                            rows.iter().filter(|r| r.0 == *h).map(|r| r.2.clone()).collect();
+                                        clones::linked_text(v, &all)
+                                    } else {
+                                        None
+                                    };
+                                    if let Some(text) = linked {
+                                        ui.weak(egui::RichText::new(text).small());
+                                    }
+                                });
+                                state_label(ui, v);
                                 ui.label(v.vcpus.to_string());
                                 ui.label(format!("{} MiB", v.memory_mib));
                                 match cpu.get(&key) {
@@ -344,7 +360,7 @@ impl PortholeApp {
             .filter(|(h, _, v)| self.checked.contains(&(*h, v.id.clone())))
             .map(|(h, _, v)| (*h, v.clone()))
             .collect();
-        let startable: Vec<_> = picked.iter().filter(|(_, v)| !is_running(v)).cloned().collect();
+        let startable: Vec<_> = picked.iter().filter(|(_, v)| !is_running(v) && !v.template).cloned().collect();
         let running: Vec<_> = picked.iter().filter(|(_, v)| is_running(v)).cloned().collect();
         ui.horizontal(|ui| {
             ui.label(format!("{} selected:", picked.len()));

@@ -4,6 +4,7 @@
 
 use porthole_api::{NicBackend, NicDefinition, NicSpec, NicStatus, PortForward, Protocol, UpdateVm, Vm, VmState};
 
+use super::clones::human_bytes;
 use super::{PortholeApp, Wizard};
 
 /// The wizard's network choice.
@@ -90,6 +91,11 @@ fn host_of(address: &str) -> &str {
 /// The command that reaches the guest's SSH server through `forward` (a TCP forward to guest port 22), from
 /// this computer: on the local host `localhost`, on a remote one (`remote`: its address) the host's name.
 pub fn ssh_command(forward: &PortForward, remote: Option<&str>) -> Option<String> {
+    ssh_command_as(forward, remote, "user")
+}
+
+/// [`ssh_command`] logging in as `user` (a cloud-init VM's user).
+pub fn ssh_command_as(forward: &PortForward, remote: Option<&str>, user: &str) -> Option<String> {
     if forward.protocol != Protocol::Tcp || forward.guest_port != 22 {
         return None;
     }
@@ -100,7 +106,7 @@ pub fn ssh_command(forward: &PortForward, remote: Option<&str>) -> Option<String
         remote.map(|r| host_of(r).to_owned()).unwrap_or_else(|| "localhost".to_owned())
     };
     let port = if forward.host_port == 22 { String::new() } else { format!("-p {} ", forward.host_port) };
-    Some(format!("ssh {port}user@{host}"))
+    Some(format!("ssh {port}{user}@{host}"))
 }
 
 /// A card's back end in words.
@@ -137,15 +143,6 @@ pub fn nic_state(vm: &Vm, nic: &NicDefinition, details: Option<&Vm>) -> (String,
             let driver = if s.driver_ready { "guest driver ready" } else { "the guest has not set the card up yet" };
             (format!("attached{tap}, {link}, {driver}"), false)
         }
-    }
-}
-
-fn bytes_text(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
     }
 }
 
@@ -199,8 +196,13 @@ impl PortholeApp {
     /// that copies it.
     pub(super) fn ssh_row(&self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
         let remote = if host > 0 { self.backend.model().hosts.get(host).map(|h| h.address.clone()) } else { None };
-        let Some((f, cmd)) =
-            vm.nics.iter().flat_map(|n| &n.forwards).find_map(|f| Some((f, ssh_command(f, remote.as_deref())?)))
+        // A cloud-init VM: the user its seed created.
+        let user = vm.cloud_init.as_ref().map_or("user", |c| c.user.as_str());
+        let Some((f, cmd)) = vm
+            .nics
+            .iter()
+            .flat_map(|n| &n.forwards)
+            .find_map(|f| Some((f, ssh_command_as(f, remote.as_deref(), user)?)))
         else {
             return;
         };
@@ -274,9 +276,9 @@ impl PortholeApp {
                         ui.label("Traffic");
                         ui.label(format!(
                             "in {} ({} frames), out {} ({} frames)",
-                            bytes_text(s.rx_bytes),
+                            human_bytes(s.rx_bytes),
                             s.rx_frames,
-                            bytes_text(s.tx_bytes),
+                            human_bytes(s.tx_bytes),
                             s.tx_frames
                         ));
                         ui.end_row();
@@ -406,6 +408,7 @@ mod tests {
         let on = PortForward { host_address: "192.0.2.7".parse().unwrap(), ..PortForward::tcp(22, 22) };
         assert_eq!(ssh_command(&on, Some("lab:7443")).as_deref(), Some("ssh user@192.0.2.7"));
         assert_eq!(ssh_command(&PortForward::tcp(8080, 80), None), None, "not SSH");
+        assert_eq!(ssh_command_as(&f, None, "ana").as_deref(), Some("ssh -p 2222 ana@localhost"));
     }
 
     #[test]

@@ -42,3 +42,13 @@ pub fn combo(h: &mut Harness<'static, PortholeApp>, label: &str, choice: &str) {
     h.step();
     h.step();
 }
+
+/// Replaces the text of the text field labelled `label` (select all, then type).
+pub fn replace_text(h: &mut Harness<'static, PortholeApp>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::TextInput, label).focus();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.step();
+    h.get_by_role_and_label(Role::TextInput, label).type_text(text);
+    h.step();
+}
