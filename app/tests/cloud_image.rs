@@ -127,6 +127,7 @@ fn a_vm_from_a_cloud_image_gets_the_users_key_and_name() {
     assert_eq!(vm.disk_format, Some(DiskFormat::Qcow2));
     assert_eq!(vm.disk_bytes, 10 << 30);
     // Its details: the seed's user and hostname, and the SSH line logs in as that user.
+    wait(&mut h, "the new VM's row", |h| h.get_all_by_label("cloudy").next().is_some());
     h.get_all_by_label("cloudy").next().unwrap().click();
     h.step();
     h.step();
