@@ -602,6 +602,14 @@ fn cloud(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     if host != "porthole-cloud" || user != "tester" {
         return Err(format!("the guest should be porthole-cloud, logged in as tester: {:?}", guest.text));
     }
+    // cloud-id: the datasource cloud-init took the instance from (the daemon's seed).
+    if Machine::field(&guest, "cloud") != Some("nocloud") {
+        return Err(format!("cloud-init's datasource should be NoCloud: {:?}", guest.text));
+    }
+    let other = m.expect("HW-CLOUD-OTHER-KEY ", 3 * MIN)?;
+    if Machine::field(&other, "rc") != Some("255") || !other.text.contains("Permission denied") {
+        return Err(format!("a key the seed does not name should be refused: {:?}", other.text));
+    }
     if !os.contains("Debian_GNU/Linux_12") {
         return Err(format!("the guest's /etc/os-release: {os}"));
     }
@@ -618,8 +626,9 @@ fn cloud(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     let port = Machine::field(&login, "port").unwrap_or("?").to_owned();
     let in_l1 = Machine::field(&login, "boot_to_ssh_s").unwrap_or("?").to_owned();
     Ok(format!(
-        "ssh tester@127.0.0.1:{port} in L1 -> hostname {host}, user {user}, {os}; start to SSH login {to_ssh:.0} s \
-         ({in_l1} s by L1's clock); qcow2 overlay on the library image, whose md5 {md5} is unchanged"
+        "ssh tester@127.0.0.1:{port} in L1 -> hostname {host}, user {user}, datasource nocloud, {os}; another key \
+         refused; start to SSH login {to_ssh:.0} s ({in_l1} s by L1's clock); qcow2 overlay on the library image, \
+         whose md5 {md5} is unchanged"
     ))
 }
 

@@ -93,14 +93,14 @@ else
     echo "HW-CLOUD-NOTE no serial.log under $T/run for $ID"
 fi
 
-SSH="ssh -F /dev/null -i $T/id_ed25519 -p $PORT -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
+SSH="ssh -F /dev/null -i $T/id_ed25519 -p $PORT -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new \
     -o UserKnownHostsFile=$T/known_hosts -o ConnectTimeout=20 -o LogLevel=ERROR tester@127.0.0.1"
 # SSH answers when the guest's sshd does; a refusal or reset before that is the forward with no listener.
 deadline=$(($(date +%s) + ${HW_CLOUD_LIMIT_S:-2700}))
 n=0
 while :; do
     n=$((n + 1))
-    OUT=$($SSH 'echo "HW-GUEST hostname=$(hostname) user=$(id -un) os=$(head -n1 /etc/os-release | tr " " _)"; echo "HW-GUEST-SEED $(ls /var/lib/cloud/instance 2>&1 | tr "\n" " ")"' 2>"$T/ssh.err")
+    OUT=$($SSH 'echo "HW-GUEST hostname=$(hostname) user=$(id -un) cloud=$(cloud-id 2>&1 | tr " " _) os=$(head -n1 /etc/os-release | tr " " _)"; echo "HW-GUEST-SEED $(ls /var/lib/cloud/instance 2>&1 | tr "\n" " ")"' 2>"$T/ssh.err")
     rc=$?
     [ $rc -eq 0 ] && break
     api GET "/vms/$ID" >"$T/vm.json"
@@ -112,6 +112,11 @@ done
 T1=$(now)
 echo "$OUT"
 echo "HW-CLOUD-SSH port=$PORT tries=$n boot_to_ssh_s=$(awk -v a="$T0" -v b="$T1" 'BEGIN {printf "%.1f", b - a}') host_key=$(awk '{print $2; exit}' "$T/known_hosts" 2>/dev/null)"
+# The key is what lets tester in: another key is refused (no password can stand in: BatchMode).
+ssh-keygen -q -t ed25519 -N '' -C other -f "$T/other_ed25519" || fail "ssh-keygen failed"
+OTHER=$(ssh -F /dev/null -i "$T/other_ed25519" -p "$PORT" -o BatchMode=yes -o IdentitiesOnly=yes \
+    -o UserKnownHostsFile="$T/known_hosts" -o ConnectTimeout=20 tester@127.0.0.1 'echo let-in' 2>&1)
+echo "HW-CLOUD-OTHER-KEY rc=$? $(echo "$OTHER" | tr '\n' ' ' | head -c 200)"
 api GET "/vms/$ID" >"$T/vm.json"
 echo "HW-CLOUD-VM disk_format=$(sed -n 's/.*"disk_format":"\([a-z0-9]*\)".*/\1/p' "$T/vm.json") cloud_init=$(sed -n 's/.*"cloud_init":\({[^}]*}\).*/\1/p' "$T/vm.json")"
 
