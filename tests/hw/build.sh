@@ -6,6 +6,7 @@
 #     l1-base.cpio      L1 root: busybox, /init, the L1 modules (kvm, kvm-amd, virtio-net, ...),
 #                       porthole-vmm and portholed (release), socat, passt (the user-mode network back
 #                       end) and dnsmasq (the net scenario's DNS server), their shared libraries (ldd),
+#                       ssh and ssh-keygen (the cloud scenario logs in to its guest),
 #                       the scenario scripts (tests/hw/scenarios) and the L2 guests under /hw/guests
 #     l1-qemu.cpio      QEMU (the peer) with its libraries and firmware, appended for the scenarios
 #                       that time it
@@ -55,14 +56,14 @@ BB=$CACHE/root/busybox-static/bin/busybox
 for f in "$BB" "$CACHE/vmlinuz" "$CACHE/vmlinux" "$RELEASE/porthole-vmm" "$RELEASE/portholed"; do
     [[ -e $f ]] || die "missing input $f"
 done
-for tool in socat passt dnsmasq qemu-system-x86_64 qemu-img gcc cpio grub-mkrescue xorriso depmod; do
+for tool in socat passt dnsmasq qemu-system-x86_64 qemu-img gcc cpio grub-mkrescue xorriso depmod ssh ssh-keygen; do
     command -v "$tool" >/dev/null ||
-        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 qemu-utils gcc cpio grub-pc-bin xorriso mtools kmod)"
+        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 qemu-utils gcc cpio grub-pc-bin xorriso mtools kmod openssh-client)"
 done
 
 # Rebuild only when an input changed.
 INPUTS=("$SCRIPT_DIR" "$CACHE/manifest.txt" "$RELEASE/porthole-vmm" "$RELEASE/portholed" "$(command -v qemu-system-x86_64)"
-    "$(command -v passt)" "$(command -v dnsmasq)")
+    "$(command -v passt)" "$(command -v dnsmasq)" "$(command -v ssh)")
 [[ -n $MICRO ]] && INPUTS+=("$MICRO")
 STAMP=$OUT/.stamp
 if [[ -f $STAMP ]] && [[ -z $(find "${INPUTS[@]}" -newer "$STAMP" -print -quit) ]]; then
@@ -223,6 +224,8 @@ carry "$L1" "$RELEASE/portholed" hw/bin/portholed
 carry "$L1" "$(command -v socat)" hw/bin/socat
 carry "$L1" "$(command -v passt)" hw/bin/passt
 carry "$L1" "$(command -v dnsmasq)" hw/bin/dnsmasq
+carry "$L1" "$(command -v ssh)" hw/bin/ssh
+carry "$L1" "$(command -v ssh-keygen)" hw/bin/ssh-keygen
 mkdir -p "$L1/hw/scenarios" "$L1/hw/guests" "$L1/hw/share/seabios"
 cp "$SCRIPT_DIR"/scenarios/*.sh "$L1/hw/scenarios/"
 cp "$CACHE"/bios.bin "$CACHE"/vgabios-stdvga.bin "$L1/hw/share/seabios/"

@@ -110,6 +110,10 @@ pub enum Piece {
     /// The installed Debian disk (tests/hw/make-debian-disk.sh) as L1's virtio-blk drive `/dev/vda`, with
     /// QEMU's `snapshot=on` so the cached image stays clean (direct mode: a sparse copy, `HW_DISK`).
     DebianDisk,
+    /// The cloud image (tests/hw/make-cloud-image.sh, a qcow2 file) as L1's read-only virtio-blk drive
+    /// `/dev/vda`, whose bytes are the file's (QEMU rounds the size up to whole sectors with zeros, which a
+    /// qcow2 reader ignores); direct mode: the file itself, `HW_CLOUD_IMAGE`.
+    CloudImage,
 }
 
 /// Where tests/hw/make-debian-disk.sh leaves the installed Debian disk.
@@ -118,6 +122,14 @@ pub fn debian_disk() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/hw-disk"))
         .join("debian.img")
+}
+
+/// Where tests/hw/make-cloud-image.sh leaves the cloud image.
+pub fn cloud_image() -> PathBuf {
+    std::env::var_os("PORTHOLE_HW_CLOUD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/hw-cloud"))
+        .join("debian-cloud.qcow2")
 }
 
 /// The pieces that are drives of L1 rather than archives appended to its initrd: their QEMU `-drive` values.
@@ -132,6 +144,15 @@ fn l1_drives(pieces: &[Piece]) -> Result<Vec<String>, String> {
             // QEMU's option syntax doubles a comma inside a value.
             let file = img.display().to_string().replace(',', ",,");
             drives.push(format!("file={file},format=raw,if=virtio,snapshot=on"));
+        }
+        if *piece == Piece::CloudImage {
+            let img = cloud_image();
+            if !img.is_file() {
+                return Err(format!("{}: missing (run tests/hw/make-cloud-image.sh as root)", img.display()));
+            }
+            // Raw, so L1 reads the qcow2 file's own bytes; read-only, so nothing in L1 can change it.
+            let file = img.display().to_string().replace(',', ",,");
+            drives.push(format!("file={file},format=raw,if=virtio,readonly=on"));
         }
     }
     Ok(drives)
@@ -184,7 +205,7 @@ impl Machine {
                 parts.extend(pieces.iter().filter_map(|p| match p {
                     Piece::Qemu => Some(hw.join("l1-qemu.cpio")),
                     Piece::Isos => Some(hw.join("l1-isos.cpio")),
-                    Piece::DebianDisk => None,
+                    Piece::DebianDisk | Piece::CloudImage => None,
                 }));
                 let drives = l1_drives(pieces)?;
                 for part in &parts {
@@ -244,6 +265,11 @@ impl Machine {
                         return Err(format!("could not copy {} to {}", debian_disk().display(), copy.display()));
                     }
                     cmd.env("HW_DISK", &copy);
+                }
+                if pieces.contains(&Piece::CloudImage) {
+                    l1_drives(pieces)?;
+                    // The scenario only reads it (a copy goes into the daemon's library).
+                    cmd.env("HW_CLOUD_IMAGE", cloud_image());
                 }
                 cmd
             }

@@ -122,6 +122,15 @@ const SCENARIOS: &[Scenario] = &[
         ends_itself: false,
         run: disk,
     },
+    Scenario {
+        name: "cloud",
+        what: "a Debian 12 cloud image (qcow2, compressed clusters) made into a VM by portholed with a cloud-init \
+               seed: it takes the hostname and the user, and SSH logs in with the key through the port forward",
+        pieces: &[Piece::CloudImage],
+        all_only: true,
+        ends_itself: true,
+        run: cloud,
+    },
 ];
 
 /// Timings collected across scenarios: (engine run label, seconds from its start to the guest's marker).
@@ -626,6 +635,66 @@ fn disk_io(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     }
     m.expect("HW-DISKIO-DONE", MIN)?;
     Ok(format!("64 MiB sequential and 2048 random 4 KiB each way, verified (round 1): {}", out.join("; ")))
+}
+
+/// Issue 16 on a real guest (tests/hw/scenarios/cloud.sh): tests/hw/make-cloud-image.sh's image in portholed's
+/// library inside L1, a VM made from it through the API with a cloud-init seed (hostname porthole-cloud,
+/// user tester, a key L1 just made), started; L1 logs in with ssh through the VM's automatic SSH forward.
+/// Checked here: the guest's hostname and user as the login shell reports them, the VM's qcow2 overlay on the
+/// library image, and the library image's md5 unchanged by the run.
+fn cloud(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let image = m.expect("HW-CLOUD-IMAGE ", 5 * MIN)?;
+    let md5 = net_field(&image, "md5")?;
+    if Machine::field(&image, "magic") != Some("QFI373") {
+        return Err(format!("the library image is not qcow2: {:?}", image.text));
+    }
+    let key = m.expect("HW-CLOUD-KEY ", MIN)?;
+    if !key.text.contains("ssh-ed25519 ") {
+        return Err(format!("L1's key: {:?}", key.text));
+    }
+    m.expect("HW-CLOUD-CREATED ", 5 * MIN)?;
+    let overlay = m.expect("HW-CLOUD-OVERLAY ", MIN)?;
+    let backing = Machine::field(&overlay, "backing").unwrap_or_default();
+    if Machine::field(&overlay, "magic") != Some("QFI373") || !backing.ends_with("debian-cloud.qcow2") {
+        return Err(format!("the VM's disk is not a qcow2 overlay on the library image: {:?}", overlay.text));
+    }
+    let start = m.expect("HW-START porthole-cloud", 2 * MIN)?;
+    let guest = m.expect("HW-GUEST ", 60 * MIN)?;
+    let (host, user) = (net_field(&guest, "hostname")?, net_field(&guest, "user")?);
+    let os = Machine::field(&guest, "os").unwrap_or("?").to_owned();
+    let login = m.expect("HW-CLOUD-SSH ", MIN)?;
+    if host != "porthole-cloud" || user != "tester" {
+        return Err(format!("the guest should be porthole-cloud, logged in as tester: {:?}", guest.text));
+    }
+    // cloud-id: the datasource cloud-init took the instance from (the daemon's seed).
+    if Machine::field(&guest, "cloud") != Some("nocloud") {
+        return Err(format!("cloud-init's datasource should be NoCloud: {:?}", guest.text));
+    }
+    let other = m.expect("HW-CLOUD-OTHER-KEY ", 3 * MIN)?;
+    if Machine::field(&other, "rc") != Some("255") || !other.text.contains("Permission denied") {
+        return Err(format!("a key the seed does not name should be refused: {:?}", other.text));
+    }
+    if !os.contains("Debian_GNU/Linux_12") {
+        return Err(format!("the guest's /etc/os-release: {os}"));
+    }
+    let vm = m.expect("HW-CLOUD-VM ", MIN)?;
+    if Machine::field(&vm, "disk_format") != Some("qcow2") || !vm.text.contains("\"hostname\":\"porthole-cloud\"") {
+        return Err(format!("the VM's API record: {:?}", vm.text));
+    }
+    let after = m.expect("HW-CLOUD-IMAGE-AFTER ", 3 * MIN)?;
+    if Machine::field(&after, "md5") != Some(md5.as_str()) {
+        return Err(format!("the library image changed: {:?}", after.text));
+    }
+    let to_ssh = login.at.duration_since(start.at).as_secs_f64();
+    r.times.push(("porthole-cloud".into(), to_ssh));
+    let port = Machine::field(&login, "port").unwrap_or("?").to_owned();
+    let in_l1 = Machine::field(&login, "boot_to_ssh_s").unwrap_or("?").to_owned();
+    Ok(format!(
+        "ssh tester@127.0.0.1:{port} in L1 -> hostname {host}, user {user}, datasource nocloud, {os}; another key \
+         refused; start to SSH login {to_ssh:.0} s ({in_l1} s by L1's clock); qcow2 overlay on the library image, \
+         whose md5 {md5} is unchanged"
+    ))
 }
 
 /// The MTUs and engines of tests/hw/scenarios/net.sh, in its order (each engine run is labelled ENGINE-MTU).
