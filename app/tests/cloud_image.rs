@@ -3,15 +3,12 @@
 //! images only (with their format and sizes), the request the daemon gets, and the details of the VM made.
 //! (One test in this file: it sets HOME and USER for the whole process.)
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use porthole::PortholeApp;
-use porthole::backend::Backend;
 use porthole_api::{DiskFormat, Vm};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
@@ -20,25 +17,6 @@ mod common;
 use common::*;
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHd0ZXN0LWtleS1mb3ItcG9ydGhvbGU tester@porthole";
-
-fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
-    let backend = Backend::new(|| {}).unwrap();
-    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
-    Harness::builder().with_size(egui::vec2(1400.0, 1200.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
-}
-
-fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        h.step();
-        if cond(h) {
-            return;
-        }
-        let notice = h.state().backend.model().notices.last().cloned();
-        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}");
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
 
 fn vm_named(h: &Harness<'static, PortholeApp>, name: &str) -> Option<Vm> {
     h.state().backend.model().hosts.first().and_then(|host| host.vms.iter().find(|v| v.name == name).cloned())
@@ -76,7 +54,7 @@ fn a_vm_from_a_cloud_image_gets_the_users_key_and_name() {
     let cloud = images.iter().find(|i| i.name == "cloud.qcow2").unwrap().clone();
     assert_eq!((cloud.format, cloud.virtual_bytes), (porthole_api::ImageFormat::Qcow2, 9728 << 20));
 
-    let mut h = app(&d.socket(), dir.path("settings.json"));
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 1200.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
 
     // Without a key in ~/.ssh (read when the wizard opens): the wizard says so and waits for one.

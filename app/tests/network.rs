@@ -2,40 +2,16 @@
 //! the wizard's network choice, and a VM's network section (its card, the SSH command, port forwards added
 //! and removed, and — once the VM runs — the card's state and what cannot change while it runs).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
-use porthole::backend::Backend;
 use porthole_api::{NicBackend, Vm};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
 mod common;
 use common::*;
-
-fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
-    let backend = Backend::new(|| {}).unwrap();
-    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
-    Harness::builder().with_size(egui::vec2(1200.0, 1000.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
-}
-
-/// Steps the UI until `cond` holds.
-fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        h.step();
-        if cond(h) {
-            return;
-        }
-        let notice = h.state().backend.model().notices.last().cloned();
-        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}");
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
 
 /// Clicks the first of the buttons labelled `name` (a VM has one in the sidebar and one in the list).
 fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
@@ -70,7 +46,7 @@ fn vm_named(h: &Harness<'static, PortholeApp>, name: &str) -> Option<Vm> {
 fn the_wizard_offers_nat_bridge_or_no_network_and_the_details_show_the_card() {
     let dir = Scratch::new("gui-net");
     let d = Daemon::start(&dir, false, &[]);
-    let mut h = app(&d.socket(), dir.path("settings.json"));
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1200.0, 1000.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
 
     // NAT, the default: one card with an SSH forward.
@@ -135,7 +111,7 @@ fn the_wizard_offers_nat_bridge_or_no_network_and_the_details_show_the_card() {
 fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
     let dir = Scratch::new("gui-net-run");
     let d = Daemon::start(&dir, false, &[]);
-    let mut h = app(&d.socket(), dir.path("settings.json"));
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1200.0, 1000.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 0 VMs"));
     create(&mut h, "runner", None, None);
     wait(&mut h, "the new VM", |h| vm_named(h, "runner").is_some());

@@ -3,14 +3,12 @@
 //! to disk and resume, clones (full and linked) and templates. Each step is checked in the window and in what
 //! the daemon reports.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
-use porthole::backend::Backend;
 use porthole_api::{BootSpec, CreateVm, SnapshotTree, TaskState, Vm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
@@ -18,28 +16,9 @@ use porthole_tests::daemon::Daemon;
 mod common;
 use common::*;
 
-fn app(socket: &Path, settings: PathBuf) -> Harness<'static, PortholeApp> {
-    let backend = Backend::new(|| {}).unwrap();
-    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
-    Harness::builder().with_size(egui::vec2(1400.0, 1200.0)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
-}
-
 /// Steps the UI until `cond` holds (snapshots of a running VM save its memory: slow on emulated hardware).
 fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        h.step();
-        if cond(h) {
-            return;
-        }
-        let notice = h.state().backend.model().notices.last().cloned();
-        let tasks = h.state().backend.model().tasks.clone();
-        // A task that failed will not make `cond` true: no need to wait for the deadline.
-        let failed = tasks.iter().find(|t| t.task.state == TaskState::Failed);
-        assert!(failed.is_none(), "waiting for {what}: {failed:?}");
-        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}; tasks: {tasks:?}");
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    wait_within(h, what, Duration::from_secs(180), cond)
 }
 
 /// Clicks the first of the buttons labelled `name` (a VM has one in the list and its heading in the details).
@@ -130,7 +109,7 @@ fn snapshots_are_taken_reverted_and_deleted_in_the_window() {
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let vm = create_vm(&d, &rt, "snappy");
-    let mut h = app(&d.socket(), dir.path("settings.json"));
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 1200.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
     select(&mut h, "snappy");
     press(&mut h, "Snapshots");
@@ -192,7 +171,7 @@ fn bare_vm(name: &str, tag: &str) -> (Scratch, Daemon, tokio::runtime::Runtime, 
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let vm = create_bare_vm(&d, &rt, name);
-    let mut h = app(&d.socket(), dir.path("settings.json"));
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 1200.0);
     select(&mut h, name);
     press(&mut h, "Snapshots");
     wait(&mut h, "the tree", |h| has(h, "Now"));
@@ -275,7 +254,7 @@ fn clones_and_templates_in_the_window() {
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let base = create_vm(&d, &rt, "base");
-    let mut h = app(&d.socket(), dir.path("settings.json"));
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 1200.0);
     select(&mut h, "base");
 
     // A template: badge in the list and the details, cannot start.

@@ -2,10 +2,50 @@
 //! accessibility label.
 #![allow(dead_code)] // each test file uses its own part
 
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
+use porthole::backend::Backend;
+use porthole_api::TaskState;
+
+/// The window of `width` x `height` points on the local daemon at `socket`, with its settings at `settings`.
+pub fn window(socket: &Path, settings: PathBuf, width: f32, height: f32) -> Harness<'static, PortholeApp> {
+    let backend = Backend::new(|| {}).unwrap();
+    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
+    Harness::builder().with_size(egui::vec2(width, height)).build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+}
+
+/// Steps the UI until `cond` holds, for at most `limit`; fails at once when a task the window follows has
+/// failed (then `cond` will not come true), and says the last notice and the tasks when it gives up.
+pub fn wait_within(
+    h: &mut Harness<'static, PortholeApp>,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&Harness<'static, PortholeApp>) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        h.step();
+        if cond(h) {
+            return;
+        }
+        let notice = h.state().backend.model().notices.last().cloned();
+        let tasks = h.state().backend.model().tasks.clone();
+        let failed = tasks.iter().find(|t| t.task.state == TaskState::Failed);
+        assert!(failed.is_none(), "waiting for {what}: {failed:?}");
+        assert!(Instant::now() < deadline, "waiting for {what}; last notice: {notice:?}; tasks: {tasks:?}");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// [`wait_within`] a minute.
+pub fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
+    wait_within(h, what, Duration::from_secs(60), cond)
+}
 
 pub fn disabled(h: &Harness<'static, PortholeApp>, label: &str) -> bool {
     use egui_kittest::kittest::NodeT;
