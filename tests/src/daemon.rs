@@ -128,3 +128,16 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Polls VM `id` through `c` until it is in `state` (at most `limit`), and returns it.
+pub async fn wait_state(c: &Client, id: &str, state: porthole_api::VmState, limit: Duration) -> porthole_api::Vm {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let vm = c.vm(id).await.unwrap();
+        if vm.state == state {
+            return vm;
+        }
+        assert!(std::time::Instant::now() < deadline, "VM never reached {state:?}: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -39,15 +39,7 @@ async fn wait_serial(c: &Client, id: &str, marker: &str) -> Vec<String> {
 }
 
 async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let vm = c.vm(id).await.unwrap();
-        if vm.state == state {
-            return vm;
-        }
-        assert!(Instant::now() < deadline, "VM never reached {state:?}: {vm:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    porthole_tests::daemon::wait_state(c, id, state, LIMIT).await
 }
 
 /// RFB over the console stream: version, security None, init, then one full framebuffer update (Raw).

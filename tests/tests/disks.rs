@@ -88,15 +88,7 @@ async fn take(c: &Client, id: &str, name: &str) -> String {
 }
 
 async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let vm = c.vm(id).await.unwrap();
-        if vm.state == state {
-            return vm;
-        }
-        assert!(Instant::now() < deadline, "VM never reached {state:?}: {vm:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    porthole_tests::daemon::wait_state(c, id, state, LIMIT).await
 }
 
 /// Boots the virtio-blk micro-guest of VM `id` with `words` on its command line and waits for its end;

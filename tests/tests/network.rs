@@ -185,15 +185,7 @@ async fn definitions_from_before_networking_get_a_nat_card() {
 }
 
 async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let vm = c.vm(id).await.unwrap();
-        if vm.state == state {
-            return vm;
-        }
-        assert!(Instant::now() < deadline, "VM never reached {state:?}: {vm:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    porthole_tests::daemon::wait_state(c, id, state, LIMIT).await
 }
 
 /// Needs passt (as the engine's network tests do).
