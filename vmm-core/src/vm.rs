@@ -300,6 +300,13 @@ impl VmHandle {
         self.run.pause(Duration::from_secs(1))
     }
 
+    /// [`VmHandle::pause`] for work that needs the whole machine still (saving its state, moving a disk):
+    /// allowed longer, as a vCPU thread of a VM that is just starting (or a loaded host) may take more than a
+    /// second to reach a point where it stops.
+    pub fn pause_for_work(&self) -> Result<Duration, vcpu::PauseTimeout> {
+        self.run.pause(Duration::from_secs(10))
+    }
+
     pub fn resume(&self) {
         self.run.resume();
     }
@@ -444,7 +451,7 @@ impl VmHandle {
             .ok_or_else(|| DiskError::NoSuchDrive(drive.to_owned()).to_string())?;
         let started = std::time::Instant::now();
         let was_running = self.state() == RunState::Running;
-        if was_running && let Err(e) = self.pause() {
+        if was_running && let Err(e) = self.pause_for_work() {
             self.resume();
             return Err(format!("cannot pause the VM for the switch: {e}"));
         }

@@ -107,7 +107,7 @@ impl VmHandle {
             .map_err(StateError::io(format!("cannot create {temp:?}")))?;
         let was_paused = self.run.is_paused();
         let start = Instant::now();
-        if let Err(e) = self.pause() {
+        if let Err(e) = self.pause_for_work() {
             let _ = std::fs::remove_file(&temp);
             if !was_paused {
                 self.resume();
