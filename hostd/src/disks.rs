@@ -424,6 +424,46 @@ impl Host {
         .inspect_err(|e| log::warn!("VM {}: suspended, but its definition could not be saved: {e}", r.name))
     }
 
+    /// `--suspend-on-shutdown`: every running VM is suspended to disk (all at once), marked to be resumed
+    /// when the daemon starts again. A VM that cannot be saved is said in the log and left running.
+    pub async fn suspend_all_for_shutdown(self: &Arc<Self>) {
+        let running: Vec<String> = self.running().into_iter().map(|(id, _)| id).collect();
+        let saves = running.iter().map(|id| async move {
+            match self.suspend(id).await {
+                Ok(()) => {
+                    let marked = self.update(id, |r, _| {
+                        r.resume_on_start = true;
+                        Ok(())
+                    });
+                    match marked {
+                        Ok(_) => {
+                            log::info!("VM {id}: suspended as the daemon stops; it resumes when the daemon starts")
+                        }
+                        Err(e) => log::warn!("VM {id}: suspended as the daemon stops, but not marked to resume: {e}"),
+                    }
+                }
+                Err(e) => log::error!("VM {id}: could not be suspended as the daemon stops ({e}); it keeps running"),
+            }
+        });
+        futures_util::future::join_all(saves).await;
+    }
+
+    /// Resumes the VMs that `suspend_all_for_shutdown` suspended (when the daemon starts).
+    pub async fn resume_after_shutdown(self: &Arc<Self>) {
+        let marked: Vec<String> =
+            self.all_records().into_iter().filter(|(_, r)| r.resume_on_start).map(|(id, _)| id).collect();
+        for id in marked {
+            let _ = self.update(&id, |r, _| {
+                r.resume_on_start = false;
+                Ok(())
+            });
+            match self.start(&id).await {
+                Ok(_) => log::info!("VM {id}: resumed (suspended when the daemon last stopped)"),
+                Err(e) => log::error!("VM {id}: suspended when the daemon last stopped, cannot resume: {e}"),
+            }
+        }
+    }
+
     /// Checks a snapshot may be taken and returns the job that takes it.
     pub fn take_snapshot(
         self: &Arc<Self>,
@@ -798,6 +838,7 @@ impl Host {
                     linked_to: linked.then(|| src_id.clone()),
                     cloud_init,
                     suspended: None,
+                    resume_on_start: false,
                     ..src.clone()
                 };
                 host.insert(record)
@@ -837,6 +878,7 @@ mod tests {
             linked_to: None,
             cloud_init: None,
             suspended: None,
+            resume_on_start: false,
         }
     }
 

@@ -53,6 +53,11 @@ struct Cli {
     /// How long a console ticket stays valid, in seconds (1-30).
     #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
     console_ticket_s: u64,
+    /// When stopped (SIGTERM, as at host shutdown, or SIGINT), save every running VM's state to disk first
+    /// (suspend), and resume those VMs when portholed starts again. Without it, VMs keep running when
+    /// portholed stops, and are adopted again when it starts.
+    #[arg(long)]
+    suspend_on_shutdown: bool,
     /// Largest image upload, in bytes [default: 16 GiB].
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 30)]
     upload_limit: u64,
@@ -168,6 +173,28 @@ async fn serve(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
     let host = host::Host::open(&dirs.data, &dirs.runtime, vmm_path(&cli)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let stats = Arc::new(stats::Stats::default());
     stats.spawn(host.clone());
+    if cli.suspend_on_shutdown {
+        let host = host.clone();
+        tokio::spawn(async move { host.resume_after_shutdown().await });
+    }
+    let stopping = {
+        let host = host.clone();
+        let suspend = cli.suspend_on_shutdown;
+        async move {
+            if !suspend {
+                return std::future::pending::<anyhow::Result<()>>().await;
+            }
+            use tokio::signal::unix::{SignalKind, signal};
+            let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("portholed: stopping; suspending the running VMs first");
+            host.suspend_all_for_shutdown().await;
+            Ok(())
+        }
+    };
     let tokens = Arc::new(auth::Tokens::new(&dirs.data));
     let app = server::App::new(
         host,
@@ -206,8 +233,12 @@ async fn serve(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
         Some(remote) => tokio::select! {
             r = local => r.context("local API")?,
             r = remote => r.context("remote API")?,
+            r = stopping => r?,
         },
-        None => local.await.context("local API")?,
+        None => tokio::select! {
+            r = local => r.context("local API")?,
+            r = stopping => r?,
+        },
     }
     Ok(())
 }

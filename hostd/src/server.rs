@@ -466,6 +466,7 @@ async fn create_vm(
         linked_to: None,
         cloud_init: None,
         suspended: None,
+        resume_on_start: false,
     };
     let dir = app.host.store.vm_dir(&id);
     let host = app.host.clone();

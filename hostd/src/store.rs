@@ -55,6 +55,9 @@ pub struct VmRecord {
     /// Suspended to disk: the machine-state file (in the VM's folder) that the next start resumes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended: Option<String>,
+    /// Suspended by the daemon as it stopped (`--suspend-on-shutdown`): resumed when the daemon starts again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_on_start: bool,
 }
 
 /// A VM's disk: its present layer and what its bottom layer stands on.
@@ -335,6 +338,7 @@ mod tests {
             linked_to: None,
             cloud_init: None,
             suspended: None,
+            resume_on_start: false,
         }
     }
 

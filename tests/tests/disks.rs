@@ -600,3 +600,73 @@ async fn a_vm_from_before_qcow2_keeps_its_raw_disk() {
     assert!(same(&top(&d, &clone), &vm_dir.join("disk0.img")));
     power_off_all(&c).await;
 }
+
+/// `portholed --suspend-on-shutdown`: stopped with SIGTERM (as at host shutdown), the daemon suspends the
+/// running ticker first and ends; started again, it resumes the VM, which goes on ticking from where it was
+/// (no new `PORTHOLE-TICKER-START`, tick numbers beyond those seen before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_stops_suspends_its_vms_and_resumes_them_when_it_starts() {
+    let dir = Scratch::new("disks-shutdown");
+    let mut d = Daemon::start(&dir, false, &["--suspend-on-shutdown"]);
+    let c = d.local();
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(BootSpec {
+                kernel: porthole_guests::path("ticker").display().to_string(),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            disk_gib: 1,
+            ..CreateVm::new("ticker", 1, 64)
+        })
+        .await
+        .unwrap();
+    let id = vm.id.clone();
+    c.action(&id, Action::Start).await.unwrap();
+    let last_tick = |lines: &[String]| {
+        lines.iter().filter_map(|l| l.trim().strip_prefix("PORTHOLE-TICK ")?.parse::<u64>().ok()).max().unwrap_or(0)
+    };
+    let deadline = Instant::now() + LIMIT;
+    while last_tick(&c.serial(&id, 1000).await.unwrap().lines) < 5 {
+        assert!(Instant::now() < deadline, "the ticker never ticked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_state(&c, &id, VmState::Running).await;
+    let before = last_tick(&c.serial(&id, 1000).await.unwrap().lines);
+    let daemon = d.child.take().unwrap();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) }, 0);
+    let status = porthole_tests::wait(daemon, LIMIT);
+    assert!(status.status.success(), "the daemon ends cleanly: {}", d.log_text());
+    assert!(d.log_text().contains("suspending the running VMs"), "{}", d.log_text());
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm_dir(&d, &id).join("vm.json")).unwrap()).unwrap();
+    assert_eq!(record["resume_on_start"], true, "{record}");
+    assert!(vm_dir(&d, &id).join("suspend.state").exists());
+    drop(c);
+    drop(d);
+
+    let d = Daemon::start(&dir, false, &["--suspend-on-shutdown"]);
+    let c = d.local();
+    wait_state(&c, &id, VmState::Running).await;
+    // Ticks go on beyond those seen before the shutdown, and none of those comes again (a guest booted anew
+    // would count from 1 again; the log may or may not keep the lines of before).
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let lines = c.serial(&id, 1000).await.unwrap().lines;
+        let ticks: Vec<u64> =
+            lines.iter().filter_map(|l| l.trim().strip_prefix("PORTHOLE-TICK ")?.parse().ok()).collect();
+        let old = ticks.iter().filter(|&&t| t <= before).count();
+        assert!(old as u64 <= before, "the guest booted again instead of resuming: {lines:?}");
+        if last_tick(&lines) > before + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no tick after the resume: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!vm_dir(&d, &id).join("suspend.state").exists(), "a spent suspend state is deleted");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm_dir(&d, &id).join("vm.json")).unwrap()).unwrap();
+    assert!(record.get("resume_on_start").is_none(), "the mark is cleared: {record}");
+    power_off_all(&c).await;
+}
