@@ -20,7 +20,8 @@
 #   hw.mode=snapshot  issue 16 on a real guest (tests/hw/scenarios/snapshot.sh, portholed in L1): formats its
 #                   disk (ext2), writes file A, starts a counter printing `PORTHOLE-COUNT n` every second,
 #                   then obeys commands typed on its serial console: `write-b` (writes file B, appends
-#                   to A), `check` (md5s of A and B, whether the counter lives, its value, the uptime).
+#                   to A), `check` (md5s of A and B read from the disk after dropping the caches, whether
+#                   the counter lives, its value, the uptime).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -127,6 +128,9 @@ if [ "$MODE" = snapshot ]; then
                 say "PORTHOLE-SNAP-WROTE a=$(md5 /mnt/a.bin) b=$(md5 /mnt/b.bin)"
                 ;;
             *check*)
+                # Read from the disk, not from the page cache the saved RAM brought back.
+                sync
+                echo 3 >/proc/sys/vm/drop_caches
                 alive=dead
                 kill -0 $COUNTER 2>/dev/null && alive=alive
                 say "PORTHOLE-SNAP-CHECK a=$(md5 /mnt/a.bin) b=$(md5 /mnt/b.bin) counter=$alive count=$(cat /run/count) uptime=$(cut -d' ' -f1 /proc/uptime)"

@@ -714,6 +714,11 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         let pre = snap_command(c, &id, "check", "PORTHOLE-SNAP-CHECK", 5 * MIN).await?;
         let pre_count = field_in(&pre, "PORTHOLE-SNAP-CHECK", "count").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let pre_uptime = field_in(&pre, "PORTHOLE-SNAP-CHECK", "uptime").unwrap_or_default();
+        // The check reads the disk: it sees what write-b wrote (so that "no B" after the revert means something).
+        let (pre_a, pre_b) = (field_in(&pre, "PORTHOLE-SNAP-CHECK", "a"), field_in(&pre, "PORTHOLE-SNAP-CHECK", "b"));
+        if pre_a != a2 || pre_b != b2 {
+            return Err(format!("check after write-b should read back A {a2:?} and B {b2:?}: {pre:?}"));
+        }
 
         // 3. Revert (confirmed, the VM runs): A as it was, no B, the counter from the saved count.
         let t0 = Instant::now();
@@ -786,8 +791,13 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         }
         snap_count_reaches(c, &id, count_live + 2, 5 * MIN).await?;
         let wrote = snap_command(c, &id, "write-b", "PORTHOLE-SNAP-WROTE", 5 * MIN).await?;
-        if field_in(&wrote, "PORTHOLE-SNAP-WROTE", "b").is_none_or(|b| b == "none") {
+        let b3 = field_in(&wrote, "PORTHOLE-SNAP-WROTE", "b");
+        if b3.as_deref().is_none_or(|b| b == "none") {
             return Err(format!("write-b on the new overlay: {wrote:?}"));
+        }
+        let read = snap_command(c, &id, "check", "PORTHOLE-SNAP-CHECK", 5 * MIN).await?;
+        if field_in(&read, "PORTHOLE-SNAP-CHECK", "b") != b3 {
+            return Err(format!("B written onto the new overlay should read back from the disk as {b3:?}: {read:?}"));
         }
         let state = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?.state;
         if state != VmState::Running {
