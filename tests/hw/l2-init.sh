@@ -17,6 +17,11 @@
 #                   the gateway address; then it serves the 64 MiB file back on port 80 (busybox httpd),
 #                   tells L1 so (a connection to its port 8083) and waits for L1's "bye" on port 81 (80 and
 #                   81 are forwarded from L1 ports) before powering off.
+#   hw.mode=snapshot  issue 16 on a real guest (tests/hw/scenarios/snapshot.sh, portholed in L1): formats its
+#                   disk (ext2), writes file A, starts a counter printing `PORTHOLE-COUNT n` every second,
+#                   then obeys commands typed on its serial console: `write-b` (writes file B, appends
+#                   to A), `check` (md5s of A and B read from the disk after dropping the caches, whether
+#                   the counter lives, its value, the uptime).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -90,6 +95,48 @@ if [ "$MODE" = net ]; then
     nc -l -p 81 >/run/bye
     say "PORTHOLE-NET-BYE got=$(head -c 16 /run/bye)"
     off
+fi
+
+if [ "$MODE" = snapshot ]; then
+    wait_for /dev/vda || { say "PORTHOLE-FAIL no /dev/vda"; off; }
+    # ext2 on the first 64 MiB (mounted by ext4.ko); no journal: what `sync` wrote is all there is.
+    mke2fs -F /dev/vda 65536 >/run/mke2fs.log 2>&1 || { say "PORTHOLE-FAIL mke2fs: $(tr '\n' '|' </run/mke2fs.log)"; off; }
+    mkdir -p /mnt
+    mount -t ext4 /dev/vda /mnt || { say "PORTHOLE-FAIL mount: $(dmesg | tail -n 3 | tr '\n' '|')"; off; }
+    md5() { if [ -f "$1" ]; then md5sum <"$1" | cut -d' ' -f1; else echo none; fi; }
+    head -c 262144 /dev/urandom >/mnt/a.bin && sync
+    say "PORTHOLE-SNAP-A md5=$(md5 /mnt/a.bin)"
+    # The counter: one line a second on the console, its latest value in /run/count (RAM).
+    (
+        n=0
+        while :; do
+            n=$((n + 1))
+            echo $n >/run/count
+            echo "PORTHOLE-COUNT $n"
+            sleep 1
+        done
+    ) &
+    COUNTER=$!
+    say "PORTHOLE-SNAP-READY counter=$COUNTER"
+    while :; do
+        read -r cmd || { sleep 1; continue; }
+        case $cmd in
+            *write-b*)
+                head -c 131072 /dev/urandom >/mnt/b.bin
+                echo appended >>/mnt/a.bin
+                sync
+                say "PORTHOLE-SNAP-WROTE a=$(md5 /mnt/a.bin) b=$(md5 /mnt/b.bin)"
+                ;;
+            *check*)
+                # Read from the disk, not from the page cache the saved RAM brought back.
+                sync
+                echo 3 >/proc/sys/vm/drop_caches
+                alive=dead
+                kill -0 $COUNTER 2>/dev/null && alive=alive
+                say "PORTHOLE-SNAP-CHECK a=$(md5 /mnt/a.bin) b=$(md5 /mnt/b.bin) counter=$alive count=$(cat /run/count) uptime=$(cut -d' ' -f1 /proc/uptime)"
+                ;;
+        esac
+    done
 fi
 
 wait_for /dev/vda || say "PORTHOLE-FAIL no /dev/vda"

@@ -83,6 +83,15 @@ const SCENARIOS: &[Scenario] = &[
         run: daemon,
     },
     Scenario {
+        name: "snapshot",
+        what: "portholed in L1, a Linux VM on qcow2: snapshot with RAM while a counter runs, a write, revert (file \
+               and process as they were), suspend and resume, a live disk-only snapshot",
+        pieces: &[],
+        all_only: false,
+        ends_itself: false,
+        run: snapshot,
+    },
+    Scenario {
         name: "serial-file",
         what: "an L2 serial log file (--serial file:) read live by a shell loop in L1 while L2 runs",
         pieces: &[],
@@ -695,6 +704,299 @@ fn cloud(m: &mut Machine, r: &mut Report) -> Result<String, String> {
          refused; start to SSH login {to_ssh:.0} s ({in_l1} s by L1's clock); qcow2 overlay on the library image, \
          whose md5 {md5} is unchanged"
     ))
+}
+
+/// Issue 16 on a real Linux guest (tests/hw/scenarios/snapshot.sh, l2-init.sh `hw.mode=snapshot`): a VM made
+/// through portholed's API (qcow2 disk, the library's kernel and initramfs) writes file A on its ext2 disk and
+/// runs a counter (`PORTHOLE-COUNT n` a second on its serial console). A snapshot with its RAM keeps it
+/// running; `write-b` writes B and changes A; the revert brings back A as it was, no B and the counter from
+/// the saved count (no reboot). Suspend ends its process, start resumes it where it was. A live disk-only
+/// snapshot keeps it running on a new overlay it still writes to.
+fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
+    use porthole_api::client::Action;
+    use porthole_api::{BootSpec, Client, CreateVm, DiskFormat, TakeSnapshot, VmState};
+    l1_up(m)?;
+    m.expect("HW-START portholed", MIN)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let client = Client::unix(&m.api.path).map_err(|e| e.to_string())?;
+    let c = &client;
+    let out = rt.block_on(async {
+        let deadline = Instant::now() + 3 * MIN;
+        while let Err(e) = c.host().await {
+            if Instant::now() > deadline {
+                return Err(format!("the daemon's API never answered: {e}"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let spec = CreateVm {
+            boot: Some(BootSpec {
+                kernel: "vmlinuz".into(),
+                initrd: Some("l2-initramfs.cpio.gz".into()),
+                cmdline: "console=ttyS0 quiet hw.mode=snapshot".into(),
+            }),
+            disk_gib: 1,
+            nics: Some(Vec::new()),
+            ..CreateVm::new("snap-linux", 1, 256)
+        };
+        let vm = c.create_vm(&spec).await.map_err(|e| format!("create: {e}"))?;
+        if vm.disk_format != Some(DiskFormat::Qcow2) {
+            return Err(format!("a new VM's disk should be qcow2: {:?}", vm.disk_format));
+        }
+        let id = vm.id.clone();
+        c.action(&id, Action::Start).await.map_err(|e| format!("start: {e}"))?;
+        let ready = snap_serial(c, &id, "PORTHOLE-SNAP-READY", 10 * MIN).await?;
+        let a = field_in(&ready, "PORTHOLE-SNAP-A", "md5").ok_or(format!("no PORTHOLE-SNAP-A md5: {ready:?}"))?;
+        // Counting: a few ticks before the snapshot.
+        let before = snap_count_reaches(c, &id, 3, 5 * MIN).await?;
+
+        // 1. Snapshot with the machine state while the counter runs: the VM runs on (a new process, from the
+        //    saved state), counting on from where it was.
+        let t0 = Instant::now();
+        let task = c
+            .take_snapshot(&id, &TakeSnapshot { name: "counting".into(), description: String::new(), with_state: None })
+            .await
+            .map_err(|e| format!("take a snapshot with state: {e}"))?;
+        let sid = snap_task(c, task, 10 * MIN).await.map_err(|e| format!("snapshot with state: {e}"))?;
+        let take_s = t0.elapsed().as_secs_f64();
+        let tree = c.snapshots(&id).await.map_err(|e| format!("GET snapshots: {e}"))?;
+        if !tree.snapshots.iter().any(|s| s.id == sid && s.with_state) || tree.current.as_deref() != Some(&sid) {
+            return Err(format!("the snapshot with state is not in the tree as current: {tree:?}"));
+        }
+        let state = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?.state;
+        if state != VmState::Running {
+            return Err(format!("after a snapshot with state the VM should run: {state:?}"));
+        }
+        let after_take = snap_first_count(c, &id, 5 * MIN).await?;
+        if after_take <= before.saturating_sub(1) || after_take == 1 {
+            return Err(format!(
+                "after the snapshot the counter should go on from about {before}: it starts at {after_take}"
+            ));
+        }
+        snap_count_reaches(c, &id, after_take + 2, 5 * MIN).await?;
+
+        // 2. Write B and change A.
+        let wrote = snap_command(c, &id, "write-b", "PORTHOLE-SNAP-WROTE", 5 * MIN).await?;
+        let (a2, b2) = (field_in(&wrote, "PORTHOLE-SNAP-WROTE", "a"), field_in(&wrote, "PORTHOLE-SNAP-WROTE", "b"));
+        if a2.as_deref() == Some(a.as_str()) || b2.as_deref().is_none_or(|b| b == "none") {
+            return Err(format!("write-b should change A and write B: {wrote:?} (A was {a})"));
+        }
+        let pre = snap_command(c, &id, "check", "PORTHOLE-SNAP-CHECK", 5 * MIN).await?;
+        let pre_count = field_in(&pre, "PORTHOLE-SNAP-CHECK", "count").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let pre_uptime = field_in(&pre, "PORTHOLE-SNAP-CHECK", "uptime").unwrap_or_default();
+        // The check reads the disk: it sees what write-b wrote (so that "no B" after the revert means something).
+        let (pre_a, pre_b) = (field_in(&pre, "PORTHOLE-SNAP-CHECK", "a"), field_in(&pre, "PORTHOLE-SNAP-CHECK", "b"));
+        if pre_a != a2 || pre_b != b2 {
+            return Err(format!("check after write-b should read back A {a2:?} and B {b2:?}: {pre:?}"));
+        }
+
+        // 3. Revert (confirmed, the VM runs): A as it was, no B, the counter from the saved count.
+        let t0 = Instant::now();
+        let task = c.revert_snapshot(&id, &sid, true).await.map_err(|e| format!("revert: {e}"))?;
+        snap_task(c, task, 10 * MIN).await.map_err(|e| format!("revert: {e}"))?;
+        let revert_s = t0.elapsed().as_secs_f64();
+        let state = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?.state;
+        if state != VmState::Running {
+            return Err(format!("a snapshot with state reverts to a running VM: {state:?}"));
+        }
+        let after_revert = snap_first_count(c, &id, 5 * MIN).await?;
+        if after_revert < before || after_revert > after_take + 1 {
+            return Err(format!(
+                "after the revert the counter should go on from the saved count ({before}..{after_take}): it \
+                 starts at {after_revert}"
+            ));
+        }
+        let post = snap_command(c, &id, "check", "PORTHOLE-SNAP-CHECK", 5 * MIN).await?;
+        let got = |k: &str| field_in(&post, "PORTHOLE-SNAP-CHECK", k).unwrap_or_default();
+        let post_count = got("count").parse::<u64>().unwrap_or(0);
+        if got("a") != a || got("b") != "none" || got("counter") != "alive" || post_count < after_revert {
+            return Err(format!("after the revert: want A {a}, no B, the counter alive from {after_revert}: {post:?}"));
+        }
+        let post_uptime = got("uptime");
+
+        // 4. Suspend: the VM's process ends, its state kept; start resumes the same counter.
+        let last = snap_last_count(c, &id).await?;
+        let t0 = Instant::now();
+        c.action(&id, Action::Suspend).await.map_err(|e| format!("suspend: {e}"))?;
+        let suspend_s = t0.elapsed().as_secs_f64();
+        let vm = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?;
+        if vm.state != VmState::Suspended || vm.uptime_s.is_some() {
+            return Err(format!(
+                "suspended: want state Suspended and no process: {:?}, uptime {:?}",
+                vm.state, vm.uptime_s
+            ));
+        }
+        let t0 = Instant::now();
+        let vm = c.action(&id, Action::Start).await.map_err(|e| format!("start (resume): {e}"))?;
+        let resume_s = t0.elapsed().as_secs_f64();
+        if vm.state != VmState::Running {
+            return Err(format!("start after suspend: {:?}", vm.state));
+        }
+        let after_resume = snap_first_count(c, &id, 5 * MIN).await?;
+        if after_resume < last || after_resume == 1 {
+            return Err(format!("after resume the counter should go on from {last}: it starts at {after_resume}"));
+        }
+        let resumed = snap_command(c, &id, "check", "PORTHOLE-SNAP-CHECK", 5 * MIN).await?;
+        let got = |k: &str| field_in(&resumed, "PORTHOLE-SNAP-CHECK", k).unwrap_or_default();
+        if got("a") != a || got("b") != "none" || got("counter") != "alive" {
+            return Err(format!("after resume: want A {a}, no B, the counter alive: {resumed:?}"));
+        }
+
+        // 5. A live disk-only snapshot: the same process runs on, on a new overlay it writes to.
+        let count_live = snap_last_count(c, &id).await?;
+        let t0 = Instant::now();
+        let live = TakeSnapshot { name: "disk only".into(), description: String::new(), with_state: Some(false) };
+        let task = c.take_snapshot(&id, &live).await.map_err(|e| format!("take a disk-only snapshot: {e}"))?;
+        let live_sid = snap_task(c, task, 10 * MIN).await.map_err(|e| format!("disk-only snapshot: {e}"))?;
+        let live_s = t0.elapsed().as_secs_f64();
+        let tree = c.snapshots(&id).await.map_err(|e| format!("GET snapshots: {e}"))?;
+        let info = tree.snapshots.iter().find(|s| s.id == live_sid);
+        if !info.is_some_and(|s| !s.with_state && s.parent.as_deref() == Some(sid.as_str())) {
+            return Err(format!("the disk-only snapshot should hang under the first one: {tree:?}"));
+        }
+        // Same process: its serial log was not restarted, and the count goes on past what it was.
+        let first = snap_first_count(c, &id, MIN).await?;
+        if first != after_resume {
+            return Err(format!("a disk-only snapshot should not restart the VM: its log starts at {first} now"));
+        }
+        snap_count_reaches(c, &id, count_live + 2, 5 * MIN).await?;
+        let wrote = snap_command(c, &id, "write-b", "PORTHOLE-SNAP-WROTE", 5 * MIN).await?;
+        let b3 = field_in(&wrote, "PORTHOLE-SNAP-WROTE", "b");
+        if b3.as_deref().is_none_or(|b| b == "none") {
+            return Err(format!("write-b on the new overlay: {wrote:?}"));
+        }
+        let read = snap_command(c, &id, "check", "PORTHOLE-SNAP-CHECK", 5 * MIN).await?;
+        if field_in(&read, "PORTHOLE-SNAP-CHECK", "b") != b3 {
+            return Err(format!("B written onto the new overlay should read back from the disk as {b3:?}: {read:?}"));
+        }
+        let state = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?.state;
+        if state != VmState::Running {
+            return Err(format!("after a live disk-only snapshot the VM should run: {state:?}"));
+        }
+        let times = format!(
+            "take {take_s:.1} s, revert {revert_s:.1} s, suspend {suspend_s:.1} s, resume {resume_s:.1} s, \
+             disk-only {live_s:.1} s"
+        );
+        println!("HW-SNAPSHOT-TIMES {times} (256 MiB guest, nested)");
+        for (k, v) in [("take", take_s), ("revert", revert_s), ("suspend", suspend_s), ("resume", resume_s)] {
+            r.times.push((format!("snapshot-{k}"), v));
+        }
+        Ok(format!(
+            "counter {before} at the snapshot, {after_take} after it; {pre_count} before the revert (uptime \
+             {pre_uptime} s), {after_revert} after it (uptime {post_uptime} s), A as it was, B gone; \
+             {after_resume} after suspend+resume; disk-only snapshot live; {times}"
+        ))
+    });
+    drop(client);
+    out
+}
+
+/// The value of `key=` in the last serial line containing `tag`.
+fn field_in(lines: &[String], tag: &str, key: &str) -> Option<String> {
+    let line = lines.iter().rev().find(|l| l.contains(tag))?;
+    let rest = &line[line.find(tag)?..];
+    rest.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')).map(str::to_owned)
+}
+
+/// The counts `PORTHOLE-COUNT n` in the VM's serial log (which starts afresh with each process), in order.
+fn counts(lines: &[String]) -> Vec<u64> {
+    lines.iter().filter_map(|l| l[l.find("PORTHOLE-COUNT ")? + 15..].split_whitespace().next()?.parse().ok()).collect()
+}
+
+/// The VM's serial log once a line contains `needle` (polled through the API).
+async fn snap_serial(c: &porthole_api::Client, id: &str, needle: &str, limit: Duration) -> Result<Vec<String>, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let lines = c.serial(id, 2000).await.map_err(|e| format!("serial: {e}"))?.lines;
+        if let Some(fail) = lines.iter().find(|l| l.contains("PORTHOLE-FAIL")) {
+            return Err(format!("the guest says {fail:?}"));
+        }
+        if lines.iter().any(|l| l.contains(needle)) {
+            return Ok(lines);
+        }
+        if Instant::now() > deadline {
+            let tail: Vec<&String> = lines.iter().rev().take(15).rev().collect();
+            return Err(format!("no {needle:?} on the VM's serial within {} s: {tail:?}", limit.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Waits until the serial log shows a count of at least `n`; returns the latest.
+async fn snap_count_reaches(c: &porthole_api::Client, id: &str, n: u64, limit: Duration) -> Result<u64, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let lines = c.serial(id, 2000).await.map_err(|e| format!("serial: {e}"))?.lines;
+        let last = counts(&lines).last().copied().unwrap_or(0);
+        if last >= n {
+            return Ok(last);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the counter did not reach {n} within {} s (at {last})", limit.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The first count in the serial log of the VM's present process.
+async fn snap_first_count(c: &porthole_api::Client, id: &str, limit: Duration) -> Result<u64, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let lines = c.serial(id, 2000).await.map_err(|e| format!("serial: {e}"))?.lines;
+        if let Some(first) = counts(&lines).first() {
+            return Ok(*first);
+        }
+        if Instant::now() > deadline {
+            let tail: Vec<&String> = lines.iter().rev().take(15).rev().collect();
+            return Err(format!("the counter printed nothing within {} s: {tail:?}", limit.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn snap_last_count(c: &porthole_api::Client, id: &str) -> Result<u64, String> {
+    let lines = c.serial(id, 2000).await.map_err(|e| format!("serial: {e}"))?.lines;
+    counts(&lines).last().copied().ok_or_else(|| "no count on the serial log".to_owned())
+}
+
+/// Types `cmd` on the VM's serial console and waits for the answer line `tag` that follows.
+async fn snap_command(
+    c: &porthole_api::Client,
+    id: &str,
+    cmd: &str,
+    tag: &str,
+    limit: Duration,
+) -> Result<Vec<String>, String> {
+    let lines = c.serial(id, 2000).await.map_err(|e| format!("serial: {e}"))?.lines;
+    let seen = lines.iter().filter(|l| l.contains(tag)).count();
+    c.serial_input(id, &format!("{cmd}\n")).await.map_err(|e| format!("serial input {cmd:?}: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let lines = c.serial(id, 2000).await.map_err(|e| format!("serial: {e}"))?.lines;
+        if lines.iter().filter(|l| l.contains(tag)).count() > seen {
+            return Ok(lines);
+        }
+        if Instant::now() > deadline {
+            let tail: Vec<&String> = lines.iter().rev().take(15).rev().collect();
+            return Err(format!("no {tag:?} after {cmd:?} within {} s: {tail:?}", limit.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Waits for a task; its result (what it made) when done.
+async fn snap_task(c: &porthole_api::Client, task: porthole_api::Task, limit: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let t = c.task(&task.id).await.map_err(|e| format!("GET task: {e}"))?;
+        match t.state {
+            porthole_api::TaskState::Done => return Ok(t.result.unwrap_or_default()),
+            porthole_api::TaskState::Failed => return Err(format!("the task failed: {:?}", t.error)),
+            porthole_api::TaskState::Running if Instant::now() > deadline => {
+                return Err(format!("the task did not end within {} s: {t:?}", limit.as_secs()));
+            }
+            porthole_api::TaskState::Running => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// The MTUs and engines of tests/hw/scenarios/net.sh, in its order (each engine run is labelled ENGINE-MTU).
