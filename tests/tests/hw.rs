@@ -119,7 +119,9 @@ const SCENARIOS: &[Scenario] = &[
         name: "disk-io",
         what: "guest-driven virtio-blk I/O (sequential, random; O_DIRECT) on raw and qcow2, porthole-vmm and QEMU",
         pieces: &[Piece::Qemu],
-        all_only: false,
+        // A benchmark (12 engine runs, ~4 min), and the QEMU peer in L1 took L1 down or hung in 2 of ~15
+        // runs: `./x test-hw disk-io` or `--all`.
+        all_only: true,
         ends_itself: true,
         run: disk_io,
     },
