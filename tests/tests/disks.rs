@@ -509,13 +509,9 @@ async fn a_full_disk_while_writing_an_overlay_changes_nothing() {
     drop(d);
 }
 
-/// The ticker guest, snapshotted with its machine state while it runs, keeps running; reverted, it
-/// continues from the saved count; suspended, it resumes on start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshots_with_state_and_suspend_resume_the_guest() {
-    let dir = Scratch::new("disks-state");
-    let d = Daemon::start(&dir, false, &[]);
-    let c = d.local();
+/// Creates and starts a VM running the ticker guest (1 GiB qcow2 disk), and waits until its serial output
+/// satisfies `ready`; returns its id.
+async fn start_ticker(c: &Client, ready: impl Fn(&[String]) -> bool) -> String {
     let vm = c
         .create_vm(&CreateVm {
             boot: Some(BootSpec {
@@ -530,12 +526,22 @@ async fn snapshots_with_state_and_suspend_resume_the_guest() {
         .unwrap();
     let id = vm.id.clone();
     c.action(&id, Action::Start).await.unwrap();
-    let ticks = |lines: &[String]| lines.iter().filter(|l| !l.trim().is_empty()).count();
     let deadline = Instant::now() + LIMIT;
-    while ticks(&c.serial(&id, 1000).await.unwrap().lines) < 3 {
+    while !ready(&c.serial(&id, 1000).await.unwrap().lines) {
         assert!(Instant::now() < deadline, "the ticker never ticked");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    id
+}
+
+/// The ticker guest, snapshotted with its machine state while it runs, keeps running; reverted, it
+/// continues from the saved count; suspended, it resumes on start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_with_state_and_suspend_resume_the_guest() {
+    let dir = Scratch::new("disks-state");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let id = start_ticker(&c, |lines| lines.iter().filter(|l| !l.trim().is_empty()).count() >= 3).await;
     // Snapshot with state: the guest keeps running (its process was restarted from the saved state).
     let task = c
         .take_snapshot(&id, &TakeSnapshot { name: "running".into(), description: String::new(), with_state: None })
@@ -609,28 +615,10 @@ async fn a_daemon_that_stops_suspends_its_vms_and_resumes_them_when_it_starts() 
     let dir = Scratch::new("disks-shutdown");
     let mut d = Daemon::start(&dir, false, &["--suspend-on-shutdown"]);
     let c = d.local();
-    let vm = c
-        .create_vm(&CreateVm {
-            boot: Some(BootSpec {
-                kernel: porthole_guests::path("ticker").display().to_string(),
-                initrd: None,
-                cmdline: String::new(),
-            }),
-            disk_gib: 1,
-            ..CreateVm::new("ticker", 1, 64)
-        })
-        .await
-        .unwrap();
-    let id = vm.id.clone();
-    c.action(&id, Action::Start).await.unwrap();
     let last_tick = |lines: &[String]| {
         lines.iter().filter_map(|l| l.trim().strip_prefix("PORTHOLE-TICK ")?.parse::<u64>().ok()).max().unwrap_or(0)
     };
-    let deadline = Instant::now() + LIMIT;
-    while last_tick(&c.serial(&id, 1000).await.unwrap().lines) < 5 {
-        assert!(Instant::now() < deadline, "the ticker never ticked");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = start_ticker(&c, |lines| last_tick(lines) >= 5).await;
     wait_state(&c, &id, VmState::Running).await;
     let before = last_tick(&c.serial(&id, 1000).await.unwrap().lines);
     let daemon = d.child.take().unwrap();
