@@ -1011,6 +1011,7 @@ async fn snap_task(c: &porthole_api::Client, task: porthole_api::Task, limit: Du
         match t.state {
             porthole_api::TaskState::Done => return Ok(t.result.unwrap_or_default()),
             porthole_api::TaskState::Failed => return Err(format!("the task failed: {:?}", t.error)),
+            porthole_api::TaskState::Cancelled => return Err("the task was cancelled".into()),
             porthole_api::TaskState::Running if Instant::now() > deadline => {
                 return Err(format!("the task did not end within {} s: {t:?}", limit.as_secs()));
             }
