@@ -12,9 +12,11 @@ use crate::settings::{RemoteHost, Settings};
 
 mod clones;
 mod cloud_image;
+mod help;
 mod host_page;
 mod machines;
 mod network;
+mod preferences;
 mod snapshots;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
 pub use machines::GroupBy;
@@ -189,6 +191,16 @@ pub enum VncTarget {
     Unix(PathBuf),
 }
 
+/// The address as `porthole` takes it: `vnc://HOST:PORT` or `vnc+unix:///PATH`.
+impl std::fmt::Display for VncTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VncTarget::Tcp(a) => write!(f, "vnc://{a}"),
+            VncTarget::Unix(p) => write!(f, "vnc+unix://{}", p.display()),
+        }
+    }
+}
+
 impl std::str::FromStr for VncTarget {
     type Err = String;
 
@@ -307,6 +319,10 @@ pub struct PortholeApp {
     clone_form: Option<clones::CloneForm>,
     /// The *Host* tab.
     host_page: host_page::HostPage,
+    /// Keyboard shortcuts and the help dialogs.
+    help: help::Help,
+    /// The *Preferences* dialog and what the window remembers between runs.
+    preferences: preferences::Preferences,
 }
 
 /// The colour a state is shown in (None: the usual text colour, for stopped and passing states).
@@ -360,7 +376,7 @@ impl PortholeApp {
         for r in &settings.remotes {
             connect_remote(&backend, r);
         }
-        PortholeApp {
+        let mut app = PortholeApp {
             backend,
             settings_path,
             settings,
@@ -388,13 +404,33 @@ impl PortholeApp {
             snapshot_ui: Default::default(),
             clone_form: None,
             host_page: Default::default(),
-        }
+            help: Default::default(),
+            preferences: Default::default(),
+        };
+        app.restore_from_settings();
+        app
+    }
+
+    /// Opens the create wizard for the selected host (*New VM…*, Ctrl+N).
+    pub fn open_wizard(&mut self) {
+        self.wizard = Some(Wizard::new(self.selected_host));
+        self.backend.load_images(self.selected_host);
+    }
+
+    /// The window size and position to open with (from the last run), if any.
+    pub fn saved_window(settings_path: Option<&std::path::Path>) -> Option<crate::settings::WindowGeometry> {
+        settings_path.and_then(|p| crate::settings::load(p).0.window)
     }
 
     /// Opens the console of the local VM named `name` as soon as the local host's list has it (`porthole
     /// --console NAME`, like `virt-viewer NAME`).
     pub fn open_console_by_name(&mut self, name: String) {
         self.console_by_name = Some(name);
+    }
+
+    /// The titles of the open console tabs, in order.
+    pub fn console_titles(&self) -> Vec<String> {
+        self.consoles.iter().map(|t| t.console.title.clone()).collect()
     }
 
     /// Console screen changes shown so far, over every console (for the frame statistics).
@@ -414,6 +450,8 @@ impl PortholeApp {
             let _ = std::fs::write(path, format!("{}\n", crate::started().elapsed().as_secs_f64() * 1000.0));
         }
         self.handle_drops(ui);
+        self.apply_preferences(ui.ctx());
+        self.handle_shortcuts(ui.ctx());
         if let Some(name) = self.console_by_name.take() {
             let mut m = self.backend.model();
             let local =
@@ -471,7 +509,21 @@ impl PortholeApp {
                 if let Some(i) = close {
                     self.consoles.remove(i);
                     self.tab = Tab::Machines;
+                    self.remember_consoles();
                 }
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    ui.menu_button("Menu", |ui| {
+                        if ui.button("Preferences…").clicked() {
+                            self.open_preferences();
+                        }
+                        if ui.button("Keyboard shortcuts").clicked() {
+                            self.help.shortcuts_open = true;
+                        }
+                        if ui.button("About Porthole").clicked() {
+                            self.help.about_open = true;
+                        }
+                    });
+                });
             });
             ui.separator();
             match self.tab {
@@ -487,6 +539,8 @@ impl PortholeApp {
         self.snapshot_windows(ui.ctx());
         self.clone_window(ui.ctx());
         self.vnc_window(ui.ctx());
+        self.help_windows(ui.ctx());
+        self.preferences_window(ui.ctx());
     }
 
     fn vnc_window(&mut self, ctx: &egui::Context) {
@@ -856,17 +910,16 @@ impl PortholeApp {
             porthole_api::rfb::RfbClient::over(stream, None).map_err(|e| e.to_string())
         };
         let backend = self.backend.clone();
-        let console = Console::open(vm.name.clone(), connect, move || backend.repaint());
+        let mut console = Console::open(vm.name.clone(), connect, move || backend.repaint());
+        console.scaling = preferences::scaling(self.settings.console_scaling);
         self.consoles.push(ConsoleTab { vm: this, target: None, console, password: String::new(), detached: false });
         self.tab = Tab::Console(self.consoles.len() - 1);
+        self.remember_consoles();
     }
 
     /// Opens a console on any VNC server (and remembers the address, never the password).
     pub fn open_vnc(&mut self, target: VncTarget, password: Option<String>) {
-        let address = match &target {
-            VncTarget::Tcp(a) => format!("vnc://{a}"),
-            VncTarget::Unix(p) => format!("vnc+unix://{}", p.display()),
-        };
+        let address = target.to_string();
         if self.settings.recent_vnc.first() != Some(&address) {
             self.settings.recent_vnc.retain(|a| *a != address);
             self.settings.recent_vnc.insert(0, address);
@@ -879,7 +932,8 @@ impl PortholeApp {
             let stream = t.connect()?;
             porthole_api::rfb::RfbClient::over(stream, password.as_deref()).map_err(|e| e.to_string())
         };
-        let console = Console::open(target.title(), connect, move || backend.repaint());
+        let mut console = Console::open(target.title(), connect, move || backend.repaint());
+        console.scaling = preferences::scaling(self.settings.console_scaling);
         let tab = ConsoleTab { vm: None, target: Some(target), console, password: String::new(), detached: false };
         match self.tab {
             Tab::Console(i) if self.consoles.get(i).is_some_and(|c| c.target == tab.target) => self.consoles[i] = tab,
@@ -888,6 +942,7 @@ impl PortholeApp {
                 self.tab = Tab::Console(self.consoles.len() - 1);
             }
         }
+        self.remember_consoles();
     }
 
     fn console_tab(&mut self, ui: &mut egui::Ui, i: usize) {
