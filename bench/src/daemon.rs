@@ -16,16 +16,21 @@ use porthole_api::client::Action;
 use porthole_api::{BootSpec, Client, CreateVm};
 use porthole_tests::rfb::RfbClient;
 
-struct Daemon {
+pub(crate) struct Daemon {
     dir: PathBuf,
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     authority: Option<String>,
 }
 
 impl Daemon {
     fn start(listen: bool) -> anyhow::Result<Daemon> {
-        let dir = std::env::temp_dir().join(format!("porthole-bench-daemon-{}", std::process::id()));
+        Self::start_named(listen, "daemon")
+    }
+
+    /// A daemon in a fresh directory of its own (`tag` tells several apart).
+    pub(crate) fn start_named(listen: bool, tag: &str) -> anyhow::Result<Daemon> {
+        let dir = std::env::temp_dir().join(format!("porthole-bench-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let log = dir.join("portholed.log");
@@ -73,7 +78,7 @@ impl Drop for Daemon {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 

@@ -100,6 +100,15 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// The machine grid with many VMs over several hosts, scrolled: the UI's CPU time per frame.
+    GuiGrid {
+        #[arg(long, default_value_t = 5)]
+        hosts: usize,
+        #[arg(long, default_value_t = 100)]
+        per_host: usize,
+        #[arg(long, default_value_t = 600)]
+        frames: usize,
+    },
     /// Firmware boot: start → SeaBIOS boots the CD, → GRUB's guest runs; Porthole vs QEMU -M pc.
     Firmware {
         #[arg(long, default_value_t = 3)]
@@ -350,6 +359,7 @@ fn main() -> anyhow::Result<()> {
         Bench::DaemonApi { seconds } => daemon::api(seconds),
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::Gui { runs } => gui::run(runs),
+        Bench::GuiGrid { hosts, per_host, frames } => gui::grid(hosts, per_host, frames),
         Bench::Firmware { runs } => firmware::run(runs),
         Bench::Snapshot => snapshot::run(),
         Bench::All => {
@@ -366,6 +376,7 @@ fn main() -> anyhow::Result<()> {
             daemon::api(10)?;
             daemon::console_proxy(5.0)?;
             gui::run(5)?;
+            gui::grid(5, 100, 600)?;
             snapshot::run()?;
             firmware::run(3)
         }

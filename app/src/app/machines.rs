@@ -239,7 +239,12 @@ impl PortholeApp {
         let groups = groups(self.group_by, shown);
         let mut clicked: Option<(usize, String)> = None;
         let mut thumbs_wanted = Vec::new();
-        let list_height = (ui.available_height() * 0.45).max(120.0);
+        // The list shares the height with the selected VM's details; without a selection it has it all.
+        let has_details = self
+            .selected_vm
+            .as_ref()
+            .is_some_and(|id| rows.iter().any(|(h, _, v)| *h == self.selected_host && &v.id == id));
+        let list_height = if has_details { (ui.available_height() * 0.45).max(120.0) } else { ui.available_height() };
         if self.view == MachineView::Grid {
             self.grid(ui, &groups, list_height, &mut clicked, &mut thumbs_wanted);
         } else {

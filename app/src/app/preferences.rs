@@ -5,7 +5,7 @@
 use crate::console::Scaling;
 use crate::settings::{ConsoleScaling, SavedConsole, Theme, WindowGeometry};
 
-use super::{PortholeApp, Tab, VncTarget};
+use super::{PortholeApp, VncTarget};
 
 /// The preferences dialog's and the remembered window's state.
 #[derive(Default)]
@@ -99,6 +99,9 @@ impl PortholeApp {
 
     /// Opens the saved consoles whose hosts have connected (VMs that are not running are skipped).
     fn open_pending_consoles(&mut self) {
+        if self.preferences.pending_consoles.is_empty() {
+            return;
+        }
         let pending = std::mem::take(&mut self.preferences.pending_consoles);
         let mut waiting = Vec::new();
         for saved in pending {
@@ -130,9 +133,6 @@ impl PortholeApp {
             }
         }
         self.preferences.pending_consoles = waiting;
-        if self.consoles.is_empty() {
-            self.tab = Tab::Machines;
-        }
     }
 
     /// Records the open consoles in the settings (when one opens or closes).
