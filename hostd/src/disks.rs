@@ -293,6 +293,22 @@ pub fn disk_arg(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord) -> 
     Ok(Some(arg))
 }
 
+/// Grows VM `r`'s disk to `size` bytes: its present layer ("Now": the only one a guest writes; layers below
+/// keep their size, a qcow2 overlay may be larger than its backing). Never shrinks. The VM must be stopped.
+pub fn grow(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord, size: u64) -> Result<(), HostError> {
+    let Some(d) = r.disk.clone().or_else(|| legacy_disk(r)) else {
+        return Err(HostError::BadRequest("the VM has no disk".into()));
+    };
+    let mut own = vec![d.top.clone()];
+    own.extend(layers_from(r, r.current_snapshot.as_deref()));
+    let paths = chain(host, all, r, &own)?;
+    let (top, backing) = paths.split_first().ok_or_else(|| HostError::Internal("the disk has no layer".into()))?;
+    vmm_core::disk::grow_image(top, backing, size).map_err(|e| match e {
+        vmm_core::disk::DiskError::Locked { .. } => HostError::Conflict(format!("cannot grow the disk: {e}")),
+        other => HostError::Internal(format!("cannot grow the disk: {other}")),
+    })
+}
+
 fn blocking_err(e: tokio::task::JoinError) -> HostError {
     HostError::Internal(e.to_string())
 }
@@ -460,6 +476,26 @@ impl Host {
             match self.start(&id).await {
                 Ok(_) => log::info!("VM {id}: resumed (suspended when the daemon last stopped)"),
                 Err(e) => log::error!("VM {id}: suspended when the daemon last stopped, cannot resume: {e}"),
+            }
+        }
+    }
+
+    /// Starts the VMs marked to start with the host (`autostart`) that are not running yet (when the daemon
+    /// starts, after the VMs suspended by its last stop are resumed).
+    pub async fn autostart(self: &Arc<Self>) {
+        let marked: Vec<(String, String)> = self
+            .all_records()
+            .into_iter()
+            .filter(|(_, r)| r.autostart && !r.template)
+            .map(|(id, r)| (id, r.name))
+            .collect();
+        for (id, name) in marked {
+            if self.pid(&id).is_some() {
+                continue;
+            }
+            match self.start(&id).await {
+                Ok(_) => log::info!("VM {name}: started with the host (autostart)"),
+                Err(e) => log::error!("VM {name}: marked to start with the host, cannot start: {e}"),
             }
         }
     }
@@ -839,6 +875,7 @@ impl Host {
                     cloud_init,
                     suspended: None,
                     resume_on_start: false,
+                    autostart: false,
                     ..src.clone()
                 };
                 host.insert(record)
@@ -879,6 +916,12 @@ mod tests {
             cloud_init: None,
             suspended: None,
             resume_on_start: false,
+            description: String::new(),
+            autostart: false,
+            boot_order: None,
+            boot_menu: false,
+            display: None,
+            pending: None,
         }
     }
 

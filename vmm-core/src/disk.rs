@@ -747,6 +747,40 @@ pub fn overlay_on(
     }
 }
 
+/// Grows the image at `path` (raw, or qcow2 on its backing chain `backing`, nearest first) to `size` bytes,
+/// rounded up to whole sectors: a raw file gets longer (sparse), a qcow2 image's virtual size grows (the new
+/// range reads as zeros). Never shrinks: a size below the image's present one is refused.
+pub fn grow_image(path: &Path, backing: &[PathBuf], size: u64) -> Result<(), DiskError> {
+    let size = size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+    let format = probe_format(path)?;
+    let refuse = |now: u64| DiskError::Image {
+        path: path.to_owned(),
+        format,
+        reason: format!("it is {now} bytes: a disk only grows (asked for {size})"),
+    };
+    match format {
+        ImageFormat::Raw if !backing.is_empty() => Err(DiskError::BackingOnRaw { path: path.to_owned() }),
+        ImageFormat::Raw => {
+            let (file, now) = open_locked(path, false)?;
+            if size < now {
+                return Err(refuse(now));
+            }
+            let err = |source| DiskError::Open { path: path.to_owned(), source };
+            file.set_len(size).map_err(err)?;
+            file.sync_all().map_err(err)
+        }
+        ImageFormat::Qcow2 => {
+            let access = open_imago(path, true, backing)?;
+            let now = access.size();
+            if size < now {
+                return Err(refuse(now));
+            }
+            access.resize_grow(size, imago::format::PreallocateMode::Zero).map_err(|e| image_err(path, format, &e))?;
+            access.flush().map_err(|e| image_err(path, format, &e))
+        }
+    }
+}
+
 /// An image opened through imago for copying and merging (see [`copy_image`] and [`commit_image`]): its
 /// files stay locked as [`open_image`] locks them while it lives.
 fn open_imago(path: &Path, writable: bool, backing: &[PathBuf]) -> Result<ImagoAccess, DiskError> {
