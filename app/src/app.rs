@@ -15,10 +15,12 @@ mod cloud_image;
 mod machines;
 mod network;
 mod snapshots;
+mod vm_settings;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
 pub use machines::GroupBy;
 pub use network::{WizardNetwork, ssh_command};
 pub use snapshots::{TreeRow, tree_rows};
+pub use vm_settings::SettingsForm;
 
 /// The create wizard's fields.
 #[derive(Debug, Clone)]
@@ -302,6 +304,8 @@ pub struct PortholeApp {
     snapshot_ui: snapshots::SnapshotUi,
     /// The *Clone…* dialog.
     clone_form: Option<clones::CloneForm>,
+    /// The Settings view of a VM, shown in place of its details.
+    vm_settings: Option<vm_settings::SettingsForm>,
 }
 
 /// The colour a state is shown in (None: the usual text colour, for stopped and passing states).
@@ -382,6 +386,7 @@ impl PortholeApp {
             drop_zones: Vec::new(),
             snapshot_ui: Default::default(),
             clone_form: None,
+            vm_settings: None,
         }
     }
 
@@ -588,6 +593,9 @@ impl PortholeApp {
     }
 
     fn details(&mut self, ui: &mut egui::Ui, host: usize, vm: &porthole_api::Vm) {
+        if self.settings_open(host, &vm.id) {
+            return self.settings_view(ui, host, vm);
+        }
         ui.horizontal(|ui| {
             ui.heading(&vm.name);
             if vm.template {
@@ -739,6 +747,9 @@ impl PortholeApp {
                 self.backend.act(host, format!("Eject from {}", vm.name), None, move |c| async move {
                     c.change_media(&id, None).await
                 });
+            }
+            if ui.button("Settings…").on_hover_text("Name, hardware, disks, CD/DVD, boot, network").clicked() {
+                self.open_settings(host, vm);
             }
             if ui.add_enabled(!running, egui::Button::new("Delete…")).clicked() {
                 self.confirm_delete = Some((host, id.clone(), vm.name.clone()));
