@@ -632,12 +632,17 @@ impl PortholeApp {
                 ui.end_row();
             }
             ui.label("Boots");
-            ui.label(
-                vm.boot
-                    .as_ref()
-                    .map(|b| b.kernel.clone())
-                    .unwrap_or_else(|| "firmware (SeaBIOS): CD/DVD, then disk".into()),
-            );
+            ui.label(vm.boot.as_ref().map(|b| b.kernel.clone()).unwrap_or_else(|| {
+                let order: Vec<&str> = vm
+                    .boot_order
+                    .iter()
+                    .map(|d| match d {
+                        porthole_api::BootDevice::Cdrom => "CD/DVD",
+                        porthole_api::BootDevice::Disk => "disk",
+                    })
+                    .collect();
+                format!("firmware (SeaBIOS): {}", order.join(", then "))
+            }));
             ui.end_row();
             ui.label("CD/DVD");
             ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));

@@ -662,9 +662,9 @@ impl Host {
             let new = new_layer_name(&dir);
             let new_path = dir.join(&new);
             let (layer, format) = (s.layer.clone(), layer_format(&d, &s));
-            tokio::task::spawn_blocking(move || {
+            let size = tokio::task::spawn_blocking(move || {
                 let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
-                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&layer), format)))
+                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&layer), format))).map(|()| size)
             })
             .await
             .map_err(blocking_err)?
@@ -675,6 +675,9 @@ impl Host {
                 if let Some(disk) = r.disk.as_mut() {
                     disk.top = new.clone();
                 }
+                // The disk is as big as it was when the snapshot was taken (a later grow is undone too).
+                r.disk_bytes = size;
+                crate::host::add_pending(r, porthole_api::UpdateVm::default());
                 r.current_snapshot = Some(sid.clone());
                 r.suspended = None;
                 Ok(())

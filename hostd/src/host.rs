@@ -699,7 +699,12 @@ impl Host {
     pub async fn apply_pending(self: &Arc<Self>, id: &str) -> Result<(), HostError> {
         let r = self.record(id)?;
         let Some(pending) = r.pending.clone() else { return Ok(()) };
-        if r.suspended.is_some() || self.pid(id).is_some() {
+        // A machine state resumes on the old hardware; a linked clones' base does not start (and its disk
+        // must not change): the changes stay pending.
+        if r.suspended.is_some()
+            || self.pid(id).is_some()
+            || !crate::disks::clones_of(&self.all_records(), id).is_empty()
+        {
             return Ok(());
         }
         if let Some(size) = pending.disk_bytes

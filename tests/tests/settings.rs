@@ -286,3 +286,40 @@ async fn a_vm_marked_autostart_starts_with_the_daemon() {
     c.action(&auto.id, Action::Poweroff).await.unwrap();
     wait_state(&c, &auto.id, VmState::Stopped).await;
 }
+
+/// Waits for a task to end and returns what it made.
+async fn done(c: &Client, task: porthole_api::Task) -> String {
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut t = task;
+    while t.state == porthole_api::TaskState::Running {
+        assert!(std::time::Instant::now() < deadline, "task never ended: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t = c.task(&t.id).await.unwrap();
+    }
+    assert_eq!(t.state, porthole_api::TaskState::Done, "{t:?}");
+    t.result.expect("a finished task says what it made")
+}
+
+/// A disk with snapshots grows in its present layer; reverting to a snapshot taken before brings back the
+/// size it had then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_disk_with_snapshots_grows_its_present_layer_and_a_revert_brings_the_old_size_back() {
+    let dir = Scratch::new("settings-grow-snap");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&idle_vm("layers", DiskFormat::Qcow2)).await.unwrap();
+    let take = porthole_api::TakeSnapshot { name: "small".into(), description: String::new(), with_state: None };
+    let sid = done(&c, c.take_snapshot(&vm.id, &take).await.unwrap()).await;
+    let got = c.update_vm(&vm.id, &UpdateVm { disk_bytes: Some(2 * GIB), ..Default::default() }).await.unwrap();
+    assert_eq!(got.disk_bytes, 2 * GIB);
+    // The present layer, an overlay on the snapshot's layer, grew; the snapshot's layer keeps its size.
+    let present = top(&d, &vm.id);
+    assert!(!present.ends_with("disk0.qcow2"), "an overlay: {present:?}");
+    assert_eq!(qemu_img_info(&present), ("qcow2".to_owned(), 2 * GIB));
+    assert_eq!(qemu_img_info(&d.data.join("vms").join(&vm.id).join("disk0.qcow2")).1, GIB);
+    qemu_img_check(&top(&d, &vm.id));
+    done(&c, c.revert_snapshot(&vm.id, &sid, false).await.unwrap()).await;
+    let back = c.vm(&vm.id).await.unwrap();
+    assert_eq!(back.disk_bytes, GIB, "{back:?}");
+    assert_eq!(qemu_img_info(&top(&d, &vm.id)).1, GIB);
+}
