@@ -242,7 +242,8 @@ impl CreateVm {
     }
 }
 
-/// `PATCH /vms/{id}`: the fields to change (only while the VM is stopped, except `name`).
+/// `PATCH /vms/{id}`: the fields to change. `name`, `tags`, `description` and `autostart` change at once; the
+/// others change a running (or suspended) VM at its next start from power-on (`Vm::pending_changes`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVm {
@@ -258,8 +259,8 @@ pub struct UpdateVm {
     /// Replaces the tags (any time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
-    /// Replaces the network cards (only while the VM is stopped: port forwards take effect when it starts).
-    /// A card keeps its MAC address when the spec names its `id` and gives no `mac`.
+    /// Replaces the network cards (a running VM's at its next start: port forwards take effect when it
+    /// starts). A card keeps its MAC address when the spec names its `id` and gives no `mac`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,
     /// Marks the VM as a template (only while it is stopped) or back as a VM (refused while linked clones

@@ -1017,7 +1017,7 @@ fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
 }
 
 /// The fields of `req` that change only while the VM is stopped: a running (or suspended) VM keeps them as
-/// pending until its next start from power-on.
+/// pending until its next start from power-on (network cards too, once built: see `server.rs`).
 pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
     UpdateVm {
         vcpus: req.vcpus,
@@ -1059,6 +1059,10 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(size) = u.disk_bytes {
         r.disk_bytes = r.disk_bytes.max(size);
     }
+    if let Some(nics) = &u.nics {
+        // Pending cards were built (ids and MACs chosen) when the change was made.
+        r.nics = Some(nics.iter().enumerate().map(|(i, s)| net::definition_of(i, s)).collect());
+    }
 }
 
 /// Adds the hardware changes `new` to `r`'s pending ones (a later value of a field replaces an earlier one);
@@ -1080,6 +1084,8 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     p.boot_menu = new.boot_menu.or(p.boot_menu).filter(|m| *m != r.boot_menu);
     p.display = new.display.or(p.display).filter(|d| r.display != Some(*d));
     p.disk_bytes = new.disk_bytes.or(p.disk_bytes).filter(|s| *s > r.disk_bytes);
+    let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
+    p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
     r.pending = (p != UpdateVm::default()).then_some(p);
 }
 
@@ -1094,6 +1100,7 @@ pub fn pending_names(p: &UpdateVm) -> Vec<String> {
         ("boot_menu", p.boot_menu.is_some()),
         ("display", p.display.is_some()),
         ("disk_bytes", p.disk_bytes.is_some()),
+        ("nics", p.nics.is_some()),
     ];
     set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()
 }

@@ -19,9 +19,8 @@ pub const ROUTES: &[Route] = &[
         "/vms/{id}",
         "Change a VM's settings. Every field is checked first; refused fields answer 400 `invalid` with \
          `fields` (each field's reason) and change nothing. Name, tags, description and autostart change at \
-         once; on a running or suspended VM the hardware, boot settings, display and disk size are kept as \
-         `pending` (`pending_changes` names them) and apply at its next start; network cards change only \
-         while it is stopped (409)",
+         once; on a running or suspended VM the hardware, boot settings, display, disk size and network \
+         cards are kept as `pending` (`pending_changes` names them) and apply at its next start",
         "admin",
         Some("UpdateVm"),
         200,

@@ -661,30 +661,22 @@ async fn update_vm(
     let running = app.host.pid(&id).is_some();
     let nics = match &req.nics {
         None => None,
-        // A running VM's cards cannot change: say so before checking the new ones against the host.
-        Some(specs) if running => match crate::net::build_nics(specs, record.nics(), &app.host.others(&id), None) {
-            Ok(new) if new != record.nics() => {
-                let why = crate::net::running_change_reason(record.nics(), &new);
-                let conflict = vec![FieldError { field: "nics".into(), message: why }];
-                if errors.is_empty() {
-                    return Err(ApiError::fields(StatusCode::CONFLICT, "conflict", conflict));
+        Some(specs) => {
+            // The VM's own forwards are bound while it runs: only new ones must open now.
+            let current: Vec<porthole_api::PortForward> =
+                record.nics().iter().flat_map(|n| n.forwards.iter().cloned()).collect();
+            let probe = |f: &porthole_api::PortForward| {
+                if running && current.contains(f) { Ok(()) } else { crate::net::probe_port(f) }
+            };
+            let check = crate::net::HostCheck { sysfs: std::path::Path::new(SYSFS_NET), probe: &probe };
+            match crate::net::build_nics(specs, record.nics(), &app.host.others(&id), Some(check)) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    errors.push(FieldError { field: "nics".into(), message: e });
+                    None
                 }
-                errors.extend(conflict);
-                None
             }
-            Ok(new) => Some(new),
-            Err(e) => {
-                errors.push(FieldError { field: "nics".into(), message: e });
-                None
-            }
-        },
-        Some(specs) => match build_nics(&app, &id, Some(specs), record.nics()) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                errors.push(FieldError { field: "nics".into(), message: e.message });
-                None
-            }
-        },
+        }
     };
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
@@ -723,12 +715,7 @@ async fn update_vm(
             }
             r.template = t;
         }
-        if let Some(new) = nics {
-            if running && new != r.nics() {
-                return Err(HostError::Conflict(crate::net::running_change_reason(r.nics(), &new)));
-            }
-            r.nics = Some(new);
-        }
+        let nics_change = UpdateVm { nics: nics.map(|n| n.iter().map(NicSpec::from).collect()), ..UpdateVm::default() };
         if let Some(n) = req.name {
             r.name = n;
         }
@@ -743,7 +730,10 @@ async fn update_vm(
         }
         if running || r.suspended.is_some() {
             crate::host::add_pending(r, hardware);
+            crate::host::add_pending(r, nics_change);
         } else {
+            crate::host::add_pending(r, nics_change.clone());
+            crate::host::apply_hardware(r, &nics_change);
             // What was pending for these fields is superseded by the new values, which apply now.
             crate::host::add_pending(r, hardware.clone());
             crate::host::apply_hardware(r, &hardware);

@@ -227,15 +227,17 @@ async fn a_running_vm_keeps_hardware_changes_pending_until_its_next_start() {
         display: Some(DisplaySpec { width: 800, height: 600 }),
         description: Some("now".into()),
         tags: Some(vec!["live".into()]),
+        nics: Some(vec![porthole_api::NicSpec::new(porthole_api::NicBackend::User)]),
         ..Default::default()
     };
     let got = c.update_vm(&vm.id, &change).await.unwrap();
+    assert!(got.nics.is_empty(), "the card comes at the next start");
     assert_eq!(got.state, VmState::Running);
     assert_eq!((got.vcpus, got.memory_mib, got.disk_bytes), (1, 64, GIB), "the running VM keeps its hardware");
     assert_eq!((got.description.as_str(), got.tags.as_slice()), ("now", ["live".to_owned()].as_slice()));
     let mut pending = got.pending_changes.clone();
     pending.sort();
-    assert_eq!(pending, ["boot_menu", "disk_bytes", "display", "memory_mib", "vcpus"]);
+    assert_eq!(pending, ["boot_menu", "disk_bytes", "display", "memory_mib", "nics", "vcpus"]);
     let p = got.pending.clone().expect("the pending values");
     assert_eq!((p.vcpus, p.memory_mib, p.disk_bytes), (Some(2), Some(80), Some(2 * GIB)));
     assert_eq!(qemu_img_info(&top(&d, &vm.id)).1, GIB, "the disk grows at the next start");
@@ -258,6 +260,9 @@ async fn a_running_vm_keeps_hardware_changes_pending_until_its_next_start() {
     assert_eq!(arg_after(&args, "--cpus").as_deref(), Some("2"), "{args:?}");
     assert_eq!(arg_after(&args, "--memory").as_deref(), Some("80"), "{args:?}");
     assert_eq!(arg_after(&args, "--display").as_deref(), Some("800x600"), "{args:?}");
+    assert_eq!(started.nics.len(), 1, "{started:?}");
+    let net = arg_after(&args, "--net").expect("the card on the command line");
+    assert!(net.starts_with("user,id=net0,mac=") && net.contains(&started.nics[0].mac), "{net}");
     assert_eq!(qemu_img_info(&top(&d, &vm.id)), ("qcow2".to_owned(), 2 * GIB));
     c.action(&vm.id, Action::Poweroff).await.unwrap();
     wait_state(&c, &vm.id, VmState::Stopped).await;

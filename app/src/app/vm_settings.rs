@@ -161,6 +161,7 @@ pub fn pending_text(names: &[String]) -> String {
             "boot_menu" => "boot menu",
             "display" => "resolution",
             "disk_bytes" => "disk size",
+            "nics" => "network cards",
             other => other,
         })
         .collect();
@@ -331,7 +332,7 @@ impl PortholeApp {
         if running {
             ui.label(
                 "The VM is running: name, description, tags, autostart and the CD/DVD change at once; hardware, \
-                 disk size, boot and display changes apply at next start.",
+                 disk size, boot, display and network card changes apply at next start.",
             );
         }
         if !vm.pending_changes.is_empty() {
