@@ -12,8 +12,11 @@ use crate::settings::{RemoteHost, Settings};
 
 mod clones;
 mod cloud_image;
+mod help;
+mod host_page;
 mod machines;
 mod network;
+mod preferences;
 mod snapshots;
 mod vm_settings;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
@@ -178,6 +181,8 @@ pub struct AddHost {
 
 enum Tab {
     Machines,
+    /// The selected host's page.
+    Host,
     Console(usize),
 }
 
@@ -186,6 +191,16 @@ enum Tab {
 pub enum VncTarget {
     Tcp(String),
     Unix(PathBuf),
+}
+
+/// The address as `porthole` takes it: `vnc://HOST:PORT` or `vnc+unix:///PATH`.
+impl std::fmt::Display for VncTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VncTarget::Tcp(a) => write!(f, "vnc://{a}"),
+            VncTarget::Unix(p) => write!(f, "vnc+unix://{}", p.display()),
+        }
+    }
 }
 
 impl std::str::FromStr for VncTarget {
@@ -306,6 +321,12 @@ pub struct PortholeApp {
     clone_form: Option<clones::CloneForm>,
     /// The Settings view of a VM, shown in place of its details.
     vm_settings: Option<vm_settings::SettingsForm>,
+    /// The *Host* tab.
+    host_page: host_page::HostPage,
+    /// Keyboard shortcuts and the help dialogs.
+    help: help::Help,
+    /// The *Preferences* dialog and what the window remembers between runs.
+    preferences: preferences::Preferences,
 }
 
 /// The colour a state is shown in (None: the usual text colour, for stopped and passing states).
@@ -359,7 +380,7 @@ impl PortholeApp {
         for r in &settings.remotes {
             connect_remote(&backend, r);
         }
-        PortholeApp {
+        let mut app = PortholeApp {
             backend,
             settings_path,
             settings,
@@ -387,13 +408,34 @@ impl PortholeApp {
             snapshot_ui: Default::default(),
             clone_form: None,
             vm_settings: None,
-        }
+            host_page: Default::default(),
+            help: Default::default(),
+            preferences: Default::default(),
+        };
+        app.restore_from_settings();
+        app
+    }
+
+    /// Opens the create wizard for the selected host (*New VM…*, Ctrl+N).
+    pub fn open_wizard(&mut self) {
+        self.wizard = Some(Wizard::new(self.selected_host));
+        self.backend.load_images(self.selected_host);
+    }
+
+    /// The window size and position to open with (from the last run), if any.
+    pub fn saved_window(settings_path: Option<&std::path::Path>) -> Option<crate::settings::WindowGeometry> {
+        settings_path.and_then(|p| crate::settings::load(p).0.window)
     }
 
     /// Opens the console of the local VM named `name` as soon as the local host's list has it (`porthole
     /// --console NAME`, like `virt-viewer NAME`).
     pub fn open_console_by_name(&mut self, name: String) {
         self.console_by_name = Some(name);
+    }
+
+    /// The titles of the open console tabs, in order.
+    pub fn console_titles(&self) -> Vec<String> {
+        self.consoles.iter().map(|t| t.console.title.clone()).collect()
     }
 
     /// Console screen changes shown so far, over every console (for the frame statistics).
@@ -413,6 +455,8 @@ impl PortholeApp {
             let _ = std::fs::write(path, format!("{}\n", crate::started().elapsed().as_secs_f64() * 1000.0));
         }
         self.handle_drops(ui);
+        self.apply_preferences(ui.ctx());
+        self.handle_shortcuts(ui.ctx());
         if let Some(name) = self.console_by_name.take() {
             let mut m = self.backend.model();
             let local =
@@ -453,6 +497,10 @@ impl PortholeApp {
                 if ui.selectable_label(matches!(self.tab, Tab::Machines), "Machines").clicked() {
                     self.tab = Tab::Machines;
                 }
+                let host = ui.selectable_label(matches!(self.tab, Tab::Host), "Host");
+                if host.on_hover_text("The selected host: capacity, image library, tasks").clicked() {
+                    self.tab = Tab::Host;
+                }
                 let mut close = None;
                 for (i, tab) in self.consoles.iter().enumerate() {
                     let c = &tab.console;
@@ -466,11 +514,26 @@ impl PortholeApp {
                 if let Some(i) = close {
                     self.consoles.remove(i);
                     self.tab = Tab::Machines;
+                    self.remember_consoles();
                 }
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    ui.menu_button("Menu", |ui| {
+                        if ui.button("Preferences…").clicked() {
+                            self.open_preferences();
+                        }
+                        if ui.button("Keyboard shortcuts").clicked() {
+                            self.help.shortcuts_open = true;
+                        }
+                        if ui.button("About Porthole").clicked() {
+                            self.help.about_open = true;
+                        }
+                    });
+                });
             });
             ui.separator();
             match self.tab {
                 Tab::Console(i) if i < self.consoles.len() => self.console_tab(ui, i),
+                Tab::Host => self.host_page(ui),
                 _ => self.machines(ui),
             }
         });
@@ -481,6 +544,8 @@ impl PortholeApp {
         self.snapshot_windows(ui.ctx());
         self.clone_window(ui.ctx());
         self.vnc_window(ui.ctx());
+        self.help_windows(ui.ctx());
+        self.preferences_window(ui.ctx());
     }
 
     fn vnc_window(&mut self, ctx: &egui::Context) {
@@ -773,7 +838,7 @@ impl PortholeApp {
                 Some((h, v, s)) if *h == host && *v == id => s.clone(),
                 _ => Vec::new(),
             };
-            performance(ui, &samples);
+            performance(ui, "vm", "No samples yet (the VM is not running, or it just started).", &samples);
         });
         egui::CollapsingHeader::new("Serial console").default_open(false).show(ui, |ui| {
             // While open, the output is fetched once a second.
@@ -861,17 +926,16 @@ impl PortholeApp {
             porthole_api::rfb::RfbClient::over(stream, None).map_err(|e| e.to_string())
         };
         let backend = self.backend.clone();
-        let console = Console::open(vm.name.clone(), connect, move || backend.repaint());
+        let mut console = Console::open(vm.name.clone(), connect, move || backend.repaint());
+        console.scaling = preferences::scaling(self.settings.console_scaling);
         self.consoles.push(ConsoleTab { vm: this, target: None, console, password: String::new(), detached: false });
         self.tab = Tab::Console(self.consoles.len() - 1);
+        self.remember_consoles();
     }
 
     /// Opens a console on any VNC server (and remembers the address, never the password).
     pub fn open_vnc(&mut self, target: VncTarget, password: Option<String>) {
-        let address = match &target {
-            VncTarget::Tcp(a) => format!("vnc://{a}"),
-            VncTarget::Unix(p) => format!("vnc+unix://{}", p.display()),
-        };
+        let address = target.to_string();
         if self.settings.recent_vnc.first() != Some(&address) {
             self.settings.recent_vnc.retain(|a| *a != address);
             self.settings.recent_vnc.insert(0, address);
@@ -884,7 +948,8 @@ impl PortholeApp {
             let stream = t.connect()?;
             porthole_api::rfb::RfbClient::over(stream, password.as_deref()).map_err(|e| e.to_string())
         };
-        let console = Console::open(target.title(), connect, move || backend.repaint());
+        let mut console = Console::open(target.title(), connect, move || backend.repaint());
+        console.scaling = preferences::scaling(self.settings.console_scaling);
         let tab = ConsoleTab { vm: None, target: Some(target), console, password: String::new(), detached: false };
         match self.tab {
             Tab::Console(i) if self.consoles.get(i).is_some_and(|c| c.target == tab.target) => self.consoles[i] = tab,
@@ -893,6 +958,7 @@ impl PortholeApp {
                 self.tab = Tab::Console(self.consoles.len() - 1);
             }
         }
+        self.remember_consoles();
     }
 
     fn console_tab(&mut self, ui: &mut egui::Ui, i: usize) {
@@ -980,6 +1046,11 @@ impl PortholeApp {
         let dropped = ui.ctx().input(|i| i.raw.dropped_files.clone());
         for file in dropped {
             let path = file.path().to_owned();
+            // Onto the host page: any file, into that host's library.
+            if matches!(self.tab, Tab::Host) {
+                self.upload_to_library(self.selected_host, path);
+                continue;
+            }
             let is_image =
                 path.extension().is_some_and(|e| e.eq_ignore_ascii_case("iso") || e.eq_ignore_ascii_case("img"));
             if !is_image {
@@ -989,7 +1060,7 @@ impl PortholeApp {
             // Onto a VM's console: into that VM's drive.
             let console_vm = match self.tab {
                 Tab::Console(i) => self.consoles.get(i).and_then(|t| t.vm.clone()),
-                Tab::Machines => None,
+                Tab::Machines | Tab::Host => None,
             };
             // Onto a VM's row or details: into that VM's drive; elsewhere: a new VM. Without a pointer position
             // (some drop sources give none) the selected VM takes it.
@@ -1398,10 +1469,11 @@ fn sparkline(ui: &mut egui::Ui, history: &std::collections::VecDeque<f32>, name:
 }
 
 /// CPU, memory, disk and network graphs of the last hour (seconds before now on the x axis).
-fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
+/// `id` keeps the plots of different pages apart; `empty` is said when there are no samples yet.
+fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole_api::StatSample]) {
     use egui_plot::{Legend, Line, Plot, PlotPoints};
     let Some(last) = samples.last() else {
-        ui.label("No samples yet (the VM is not running, or it just started).");
+        ui.label(empty);
         return;
     };
     let t = |s: &porthole_api::StatSample| (s.t_ms as f64 - last.t_ms as f64) / 1000.0;
@@ -1418,7 +1490,7 @@ fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
         last.net_rx_bps / 1024.0,
         last.net_tx_bps / 1024.0
     ));
-    for (id, title, lines) in [
+    for (plot, title, lines) in [
         ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))]),
         ("mem", "Memory (MiB)", vec![("memory", series(|s| s.memory_bytes as f64 / 1048576.0))]),
         (
@@ -1433,7 +1505,7 @@ fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
         ),
     ] {
         ui.label(title);
-        Plot::new(id).height(90.0).legend(Legend::default()).allow_scroll(false).show(ui, |plot| {
+        Plot::new((id, plot)).height(90.0).legend(Legend::default()).allow_scroll(false).show(ui, |plot| {
             for (name, points) in lines {
                 plot.line(Line::new(name, points));
             }

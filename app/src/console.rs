@@ -76,6 +76,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Console {
     /// Starts a session: `connect` (run in the session thread) returns the handshaken client.
+    /// Whether the console has the keyboard (clicked into; Ctrl+Alt releases it): keys go to the guest.
+    pub fn keyboard_captured(&self) -> bool {
+        self.grabbed
+    }
+
     pub fn open(
         title: String,
         connect: impl FnOnce() -> Result<RfbClient, String> + Send + 'static,

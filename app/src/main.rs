@@ -43,14 +43,18 @@ fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other:?}; see porthole --help"),
         }
     }
-    let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
-            .with_title("Porthole")
-            .with_app_id("porthole")
-            .with_inner_size([1100.0, 700.0])
-            .with_min_inner_size([640.0, 400.0]),
-        ..Default::default()
-    };
+    // The size and place of the last run's window.
+    let mut viewport = egui::ViewportBuilder::default()
+        .with_title("Porthole")
+        .with_app_id("porthole")
+        .with_inner_size([1100.0, 700.0])
+        .with_min_inner_size([640.0, 400.0]);
+    if let Some(w) = PortholeApp::saved_window(porthole::settings::path().as_deref()) {
+        viewport = viewport
+            .with_inner_size([w.width.max(640) as f32, w.height.max(400) as f32])
+            .with_position([w.x as f32, w.y as f32]);
+    }
+    let options = eframe::NativeOptions { viewport, ..Default::default() };
     eframe::run_native(
         "Porthole",
         options,

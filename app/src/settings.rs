@@ -17,7 +17,7 @@ pub struct RemoteHost {
     pub fingerprint: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     #[serde(default)]
@@ -25,6 +25,89 @@ pub struct Settings {
     /// VNC servers opened directly, newest first (addresses only; passwords are never stored).
     #[serde(default)]
     pub recent_vnc: Vec<String>,
+    /// Light, dark, or as the desktop says.
+    #[serde(default)]
+    pub theme: Theme,
+    /// How a new console fits its screen.
+    #[serde(default)]
+    pub console_scaling: ConsoleScaling,
+    /// The host selected when the window opens (by name; the local host when absent or gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_host: Option<String>,
+    /// Where the window was and how big, to open it the same way next time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowGeometry>,
+    /// Whether the consoles open when the window closed open again next time.
+    #[serde(default = "yes")]
+    pub restore_consoles: bool,
+    /// The consoles open when the window closed (VMs by host and VM name; VNC servers by address).
+    #[serde(default)]
+    pub open_consoles: Vec<SavedConsole>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            remotes: Vec::new(),
+            recent_vnc: Vec::new(),
+            theme: Theme::default(),
+            console_scaling: ConsoleScaling::default(),
+            default_host: None,
+            window: None,
+            restore_consoles: true,
+            open_consoles: Vec::new(),
+        }
+    }
+}
+
+/// The window's colours.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Theme {
+    /// As the desktop says (dark or light).
+    #[default]
+    System,
+    Light,
+    Dark,
+}
+
+/// How a new console fits its screen (the console's *Scaling* menu changes it for that console).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleScaling {
+    /// Scaled to fit, smoothed.
+    #[default]
+    Fit,
+    /// Whole multiples, sharp pixels.
+    Sharp,
+    /// One screen pixel per window pixel.
+    Actual,
+    /// The guest's screen follows the console's size (where the server can).
+    Resize,
+}
+
+/// The window's position and inner size, in points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowGeometry {
+    pub x: i32,
+    pub y: i32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A console tab to open again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SavedConsole {
+    /// A VM's console: its host's name ("Local" for this computer) and the VM's name.
+    Vm { host: String, vm: String },
+    /// A VNC server opened directly (`vnc://…`, `vnc+unix://…`).
+    Vnc { address: String },
 }
 
 /// Where the settings live.
@@ -92,6 +175,13 @@ mod tests {
                 fingerprint: "ab".into(),
             }],
             recent_vnc: vec!["vnc://lab:5901".into()],
+            theme: Theme::Dark,
+            window: Some(WindowGeometry { x: -10, y: 20, width: 1300, height: 800 }),
+            open_consoles: vec![
+                SavedConsole::Vm { host: "Local".into(), vm: "web".into() },
+                SavedConsole::Vnc { address: "vnc://lab:5901".into() },
+            ],
+            ..Settings::default()
         };
         save(&path, &s).unwrap();
         assert_eq!(load(&path), (s, None));
@@ -107,5 +197,12 @@ mod tests {
                 .starts_with("settings.json.bad-"))
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_older_file_gets_the_new_defaults() {
+        let s: Settings = serde_json::from_str(r#"{"remotes":[],"recent_vnc":[]}"#).unwrap();
+        assert_eq!(s, Settings::default());
+        assert!(s.restore_consoles && s.theme == Theme::System && s.console_scaling == ConsoleScaling::Fit);
     }
 }

@@ -299,6 +299,7 @@ mod tests {
             format,
             virtual_bytes,
             allocated_bytes: 280 << 20,
+            ..Image::default()
         }
     }
 

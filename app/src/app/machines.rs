@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use porthole_api::client::Action;
 use porthole_api::{Vm, VmState};
 
-use super::{PortholeApp, Wizard, clones, sparkline, state_label, state_text};
+use super::{PortholeApp, clones, sparkline, state_label, state_text};
 
 /// How the list is grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,7 +157,12 @@ impl PortholeApp {
         let total = rows.len();
         ui.horizontal(|ui| {
             let label = ui.label("Search");
-            ui.add(egui::TextEdit::singleline(&mut self.search).hint_text("name, state or tag")).labelled_by(label.id);
+            let search =
+                egui::TextEdit::singleline(&mut self.search).id_salt("machine search").hint_text("name, state or tag");
+            let search = ui.add(search).labelled_by(label.id);
+            if std::mem::take(&mut self.help.focus_search) {
+                search.request_focus();
+            }
             let label = ui.label("Group by");
             egui::ComboBox::from_id_salt("group-by")
                 .selected_text(self.group_by.text())
@@ -168,9 +173,8 @@ impl PortholeApp {
                 })
                 .response
                 .labelled_by(label.id);
-            if ui.button("New VM…").clicked() {
-                self.wizard = Some(Wizard::new(host));
-                self.backend.load_images(host);
+            if ui.button("New VM…").on_hover_text("Ctrl+N").clicked() {
+                self.open_wizard();
             }
         });
         for (name, e) in &errors {
