@@ -20,7 +20,7 @@ mod preferences;
 mod snapshots;
 mod vm_settings;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
-pub use machines::GroupBy;
+pub use machines::{GroupBy, MachineView};
 pub use network::{WizardNetwork, ssh_command};
 pub use snapshots::{TreeRow, tree_rows};
 pub use vm_settings::SettingsForm;
@@ -298,6 +298,8 @@ pub struct PortholeApp {
     /// `PORTHOLE_FIRST_FRAME_FILE`: where to note when the first frame was drawn (benchmarks).
     first_frame_report: Option<PathBuf>,
     pub group_by: GroupBy,
+    /// The machine list as rows or as a grid of screens.
+    pub view: MachineView,
     /// VMs ticked in the list, (host, VM id), for actions on several at once.
     pub checked: std::collections::BTreeSet<(usize, String)>,
     thumbnails: machines::Thumbnails,
@@ -396,6 +398,7 @@ impl PortholeApp {
             stats_fetched: None,
             first_frame_report: std::env::var_os("PORTHOLE_FIRST_FRAME_FILE").map(PathBuf::from),
             group_by: GroupBy::default(),
+            view: MachineView::default(),
             checked: Default::default(),
             thumbnails: Default::default(),
             serial_line: String::new(),

@@ -1,5 +1,6 @@
-//! The VM list: search, grouping by host or tag, live thumbnails of the visible rows, multi-select with
-//! start/stop for the selection, and the selected VM's details below.
+//! The VM list: search, grouping by host or tag, as a list with live thumbnails of the visible rows or as a
+//! grid of large live screens (only the cells on screen are drawn and fetched), multi-select with start/stop
+//! for the selection, and the selected VM's details below.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -31,8 +32,24 @@ impl GroupBy {
     }
 }
 
+/// How the machines are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MachineView {
+    /// Rows with small thumbnails, vCPUs, memory, CPU use and tags.
+    #[default]
+    List,
+    /// Cards with large live screens (GNOME Boxes-style).
+    Grid,
+}
+
 /// Thumbnails are this wide on screen (fetched at twice that for sharp HiDPI rendering).
 const THUMB_WIDTH: f32 = 64.0;
+/// A grid card's screen is this wide (fetched at twice that).
+const CARD_WIDTH: f32 = 192.0;
+/// A grid card: its screen and two lines of text below, with spacing.
+const CARD_SIZE: egui::Vec2 = egui::vec2(CARD_WIDTH + 16.0, CARD_WIDTH * 0.75 + 56.0);
+/// A group's heading in the grid.
+const GRID_HEADING: f32 = 26.0;
 /// How often a visible running VM's thumbnail is refreshed.
 const THUMB_EVERY: Duration = Duration::from_secs(3);
 
@@ -57,9 +74,12 @@ impl Thumbnails {
         }
     }
 
-    /// Whether a row's thumbnail is due (and notes that it is being fetched).
-    fn due(&mut self, key: &(usize, String)) -> bool {
-        let due = self.requested.get(key).is_none_or(|t| t.elapsed() >= THUMB_EVERY);
+    /// Whether a row's thumbnail is due (and notes that it is being fetched); one of `width` pixels is, at
+    /// once, when the last is narrower (the view changed from the list to the grid).
+    fn due(&mut self, key: &(usize, String), width: usize) -> bool {
+        let narrower = self.textures.get(key).is_some_and(|t| t.size()[0] < width);
+        let every = if narrower { THUMB_EVERY / 10 } else { THUMB_EVERY };
+        let due = self.requested.get(key).is_none_or(|t| t.elapsed() >= every);
         if due {
             self.requested.insert(key.clone(), Instant::now());
         }
@@ -173,6 +193,13 @@ impl PortholeApp {
                 })
                 .response
                 .labelled_by(label.id);
+            let label = ui.label("View");
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut self.view, MachineView::List, "List");
+                ui.selectable_value(&mut self.view, MachineView::Grid, "Grid");
+            })
+            .response
+            .labelled_by(label.id);
             if ui.button("New VM…").on_hover_text("Ctrl+N").clicked() {
                 self.open_wizard();
             }
@@ -213,92 +240,97 @@ impl PortholeApp {
         let mut clicked: Option<(usize, String)> = None;
         let mut thumbs_wanted = Vec::new();
         let list_height = (ui.available_height() * 0.45).max(120.0);
-        egui::ScrollArea::vertical().id_salt("vm-list").max_height(list_height).auto_shrink([false, true]).show(
-            ui,
-            |ui| {
-                let group_by = self.group_by.text();
-                for (gi, (heading, members)) in groups.iter().enumerate() {
-                    let mut grid = |ui: &mut egui::Ui| {
-                        egui::Grid::new(("vms", gi)).striped(true).num_columns(8).show(ui, |ui| {
-                            ui.label("");
-                            ui.label("");
-                            ui.strong("Name");
-                            ui.strong("State");
-                            ui.strong("vCPUs");
-                            ui.strong("Memory");
-                            ui.strong("CPU");
-                            ui.strong("Tags");
-                            ui.end_row();
-                            for (h, v) in members {
-                                let key = (*h, v.id.clone());
-                                let mut on = self.checked.contains(&key);
-                                let r = ui.checkbox(&mut on, "");
-                                r.widget_info(|| {
-                                    egui::WidgetInfo::selected(
-                                        egui::Role::CheckBox,
-                                        true,
-                                        on,
-                                        format!("Select {}", v.name),
-                                    )
-                                });
-                                if r.changed() {
-                                    if on {
-                                        self.checked.insert(key.clone());
-                                    } else {
-                                        self.checked.remove(&key);
-                                    }
-                                }
-                                self.thumbnail_cell(ui, &key, v, &mut thumbs_wanted);
-                                let selected =
-                                    self.selected_host == *h && self.selected_vm.as_deref() == Some(v.id.as_str());
-                                ui.horizontal(|ui| {
-                                    if ui.selectable_label(selected, &v.name).clicked() {
-                                        clicked = Some(key.clone());
-                                    }
-                                    if v.template {
-                                        ui.label(egui::RichText::new("template").small().strong())
-                                            .on_hover_text(clones::TEMPLATE_START);
-                                    }
-                                    let linked = if v.linked_to.is_some() {
-                                        let all: Vec<Vm> =
-                                            rows.iter().filter(|r| r.0 == *h).map(|r| r.2.clone()).collect();
-                                        clones::linked_text(v, &all)
-                                    } else {
-                                        None
-                                    };
-                                    if let Some(text) = linked {
-                                        ui.weak(egui::RichText::new(text).small());
-                                    }
-                                });
-                                state_label(ui, v);
-                                ui.label(v.vcpus.to_string());
-                                ui.label(format!("{} MiB", v.memory_mib));
-                                match cpu.get(&key) {
-                                    Some(history) if !history.is_empty() => sparkline(ui, history, &v.name),
-                                    _ => {
-                                        ui.label("");
-                                    }
-                                }
-                                let last = ui.label(v.tags.join(", "));
-                                // The whole row takes dropped ISOs for this VM.
-                                self.drop_zones.push((r.rect.union(last.rect), *h, v.id.clone()));
+        if self.view == MachineView::Grid {
+            self.grid(ui, &groups, list_height, &mut clicked, &mut thumbs_wanted);
+        } else {
+            egui::ScrollArea::vertical().id_salt("vm-list").max_height(list_height).auto_shrink([false, true]).show(
+                ui,
+                |ui| {
+                    let group_by = self.group_by.text();
+                    for (gi, (heading, members)) in groups.iter().enumerate() {
+                        let mut grid = |ui: &mut egui::Ui| {
+                            egui::Grid::new(("vms", gi)).striped(true).num_columns(8).show(ui, |ui| {
+                                ui.label("");
+                                ui.label("");
+                                ui.strong("Name");
+                                ui.strong("State");
+                                ui.strong("vCPUs");
+                                ui.strong("Memory");
+                                ui.strong("CPU");
+                                ui.strong("Tags");
                                 ui.end_row();
-                            }
-                        });
-                    };
-                    if heading.is_empty() {
-                        grid(ui);
-                    } else {
-                        egui::CollapsingHeader::new(format!("{heading} ({})", members.len()))
-                            .id_salt(("group", group_by, heading))
-                            .default_open(true)
-                            .show(ui, grid);
+                                for (h, v) in members {
+                                    let key = (*h, v.id.clone());
+                                    let mut on = self.checked.contains(&key);
+                                    let r = ui.checkbox(&mut on, "");
+                                    r.widget_info(|| {
+                                        egui::WidgetInfo::selected(
+                                            egui::Role::CheckBox,
+                                            true,
+                                            on,
+                                            format!("Select {}", v.name),
+                                        )
+                                    });
+                                    if r.changed() {
+                                        if on {
+                                            self.checked.insert(key.clone());
+                                        } else {
+                                            self.checked.remove(&key);
+                                        }
+                                    }
+                                    self.thumbnail_cell(ui, &key, v, &mut thumbs_wanted);
+                                    let selected =
+                                        self.selected_host == *h && self.selected_vm.as_deref() == Some(v.id.as_str());
+                                    ui.horizontal(|ui| {
+                                        if ui.selectable_label(selected, &v.name).clicked() {
+                                            clicked = Some(key.clone());
+                                        }
+                                        if v.template {
+                                            ui.label(egui::RichText::new("template").small().strong())
+                                                .on_hover_text(clones::TEMPLATE_START);
+                                        }
+                                        let linked = if v.linked_to.is_some() {
+                                            let all: Vec<Vm> =
+                                                rows.iter().filter(|r| r.0 == *h).map(|r| r.2.clone()).collect();
+                                            clones::linked_text(v, &all)
+                                        } else {
+                                            None
+                                        };
+                                        if let Some(text) = linked {
+                                            ui.weak(egui::RichText::new(text).small());
+                                        }
+                                    });
+                                    state_label(ui, v);
+                                    ui.label(v.vcpus.to_string());
+                                    ui.label(format!("{} MiB", v.memory_mib));
+                                    match cpu.get(&key) {
+                                        Some(history) if !history.is_empty() => sparkline(ui, history, &v.name),
+                                        _ => {
+                                            ui.label("");
+                                        }
+                                    }
+                                    let last = ui.label(v.tags.join(", "));
+                                    // The whole row takes dropped ISOs for this VM.
+                                    self.drop_zones.push((r.rect.union(last.rect), *h, v.id.clone()));
+                                    ui.end_row();
+                                }
+                            });
+                        };
+                        if heading.is_empty() {
+                            grid(ui);
+                        } else {
+                            egui::CollapsingHeader::new(format!("{heading} ({})", members.len()))
+                                .id_salt(("group", group_by, heading))
+                                .default_open(true)
+                                .show(ui, grid);
+                        }
                     }
-                }
-            },
-        );
+                },
+            );
+        }
+        let width = if self.view == MachineView::Grid { CARD_WIDTH } else { THUMB_WIDTH };
         for (h, id) in thumbs_wanted {
-            self.backend.fetch_thumbnail(h, id, (THUMB_WIDTH * 2.0) as u32);
+            self.backend.fetch_thumbnail(h, id, (width * 2.0) as u32);
         }
         if let Some((h, id)) = clicked {
             self.selected_host = h;
@@ -320,6 +352,18 @@ impl PortholeApp {
     /// seconds while the row is on screen.
     fn thumbnail_cell(&mut self, ui: &mut egui::Ui, key: &(usize, String), vm: &Vm, wanted: &mut Vec<(usize, String)>) {
         let size = egui::vec2(THUMB_WIDTH, THUMB_WIDTH * 0.75);
+        self.screen(ui, key, vm, size, wanted);
+    }
+
+    /// A VM's last screen in `size`; a new one is asked for every few seconds while it is on screen.
+    fn screen(
+        &mut self,
+        ui: &mut egui::Ui,
+        key: &(usize, String),
+        vm: &Vm,
+        size: egui::Vec2,
+        wanted: &mut Vec<(usize, String)>,
+    ) -> egui::Response {
         // A crashed VM that is kept shows its last screen.
         let running = matches!(vm.state, VmState::Running | VmState::Paused) || vm.crash.is_some();
         let (rect, response) = ui.allocate_exact_size(size, egui::Sense::hover());
@@ -327,7 +371,7 @@ impl PortholeApp {
         if !running {
             self.thumbnails.textures.remove(key);
             ui.painter().rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
-            return;
+            return response;
         }
         match self.thumbnails.textures.get(key) {
             Some(t) => {
@@ -346,12 +390,108 @@ impl PortholeApp {
             }
         }
         if ui.is_rect_visible(rect) {
-            if self.thumbnails.due(key) {
+            if self.thumbnails.due(key, (size.x * 2.0) as usize) {
                 wanted.push(key.clone());
             }
             // Come back when the next picture is due (only while thumbnails are on screen).
             ui.ctx().request_repaint_after(THUMB_EVERY);
         }
+        response
+    }
+
+    /// The grid view: a heading per group and cards with large screens; only the rows of cards in view are
+    /// laid out (and their screens fetched), so thousands of VMs scroll as fast as a screenful.
+    fn grid(
+        &mut self,
+        ui: &mut egui::Ui,
+        groups: &[(String, Vec<(usize, Vm)>)],
+        height: f32,
+        clicked: &mut Option<(usize, String)>,
+        wanted: &mut Vec<(usize, String)>,
+    ) {
+        let per_row = ((ui.available_width() / CARD_SIZE.x).floor() as usize).max(1);
+        // Each line of the grid: a heading, or a row of cards; with its top (y from the start).
+        enum Line<'a> {
+            Heading(&'a str, usize),
+            Cards(&'a [(usize, Vm)]),
+        }
+        let mut lines = Vec::new();
+        let mut total = 0.0;
+        for (heading, members) in groups {
+            if !heading.is_empty() {
+                lines.push((total, Line::Heading(heading, members.len())));
+                total += GRID_HEADING;
+            }
+            for chunk in members.chunks(per_row) {
+                lines.push((total, Line::Cards(chunk)));
+                total += CARD_SIZE.y;
+            }
+        }
+        let scroll = egui::ScrollArea::vertical().id_salt("vm-grid").max_height(height).auto_shrink([false, true]);
+        scroll.show_viewport(ui, |ui, viewport| {
+            ui.set_height(total);
+            let top = ui.min_rect().top();
+            let first = lines.partition_point(|(y, _)| *y + CARD_SIZE.y < viewport.min.y);
+            for (y, line) in &lines[first..] {
+                if *y > viewport.max.y {
+                    break;
+                }
+                let at = egui::pos2(ui.min_rect().left(), top + y);
+                match line {
+                    Line::Heading(text, n) => {
+                        let rect = egui::Rect::from_min_size(at, egui::vec2(ui.available_width(), GRID_HEADING));
+                        ui.put(rect, egui::Label::new(egui::RichText::new(format!("{text} ({n})")).strong()));
+                    }
+                    Line::Cards(cards) => {
+                        for (i, (h, vm)) in cards.iter().enumerate() {
+                            let rect =
+                                egui::Rect::from_min_size(at + egui::vec2(i as f32 * CARD_SIZE.x, 0.0), CARD_SIZE);
+                            let mut card = ui.new_child(egui::UiBuilder::new().max_rect(rect.shrink(4.0)));
+                            self.card(&mut card, *h, vm, clicked, wanted);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// One card of the grid: the VM's screen, its name and its state; a click on the name selects the VM, a
+    /// click on the screen of a running VM opens its console (as in GNOME Boxes).
+    fn card(
+        &mut self,
+        ui: &mut egui::Ui,
+        host: usize,
+        vm: &Vm,
+        clicked: &mut Option<(usize, String)>,
+        wanted: &mut Vec<(usize, String)>,
+    ) {
+        let key = (host, vm.id.clone());
+        let selected = self.selected_host == host && self.selected_vm.as_deref() == Some(vm.id.as_str());
+        let frame = egui::Frame::group(ui.style()).fill(if selected {
+            ui.visuals().selection.bg_fill.gamma_multiply(0.4)
+        } else {
+            ui.visuals().faint_bg_color
+        });
+        frame.show(ui, |ui| {
+            ui.vertical_centered(|ui| {
+                let screen = self.screen(ui, &key, vm, egui::vec2(CARD_WIDTH, CARD_WIDTH * 0.75), wanted);
+                let running = is_running(vm);
+                let screen = screen.interact(egui::Sense::click());
+                let screen = if running { screen.on_hover_text("Open the console") } else { screen };
+                let name = ui.selectable_label(selected, &vm.name);
+                ui.horizontal(|ui| {
+                    state_label(ui, vm);
+                    ui.weak(format!("{} vCPU · {} MiB", vm.vcpus, vm.memory_mib));
+                });
+                if name.clicked() || screen.clicked() {
+                    *clicked = Some(key.clone());
+                }
+                if screen.clicked() && running {
+                    self.backend.model().open_console = Some(key.clone());
+                }
+                self.drop_zones.push((name.rect.union(screen.rect), host, vm.id.clone()));
+            });
+        });
     }
 
     /// "Start selected", "Shut down selected", … for the ticked VMs.
