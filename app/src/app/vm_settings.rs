@@ -371,26 +371,28 @@ impl PortholeApp {
 
         section(ui, "Disks");
         let disks: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Disk).collect();
-        egui::Grid::new("settings-disks").num_columns(2).show(ui, |ui| {
-            for d in &disks {
-                ui.label(&d.id);
-                let format = match d.format {
-                    Some(porthole_api::DiskFormat::Qcow2) => "qcow2",
-                    Some(porthole_api::DiskFormat::Raw) => "raw",
-                    None => "",
-                };
-                let ro = if d.read_only { ", read-only" } else { "" };
-                ui.label(format!("{}, {format}, {}{ro}", d.bus, human_bytes(d.size_bytes)));
-                ui.end_row();
-            }
-            if vm.disk_bytes > 0 {
-                row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
-                    ui.add(egui::TextEdit::singleline(&mut f.disk_gib).desired_width(80.0))
-                        .on_hover_text("A disk only grows: the guest then grows its partition and file system")
-                });
-            }
-        });
-        if disks.is_empty() {
+        let disk_rows = !disks.is_empty() || vm.disk_bytes > 0;
+        if disk_rows {
+            egui::Grid::new("settings-disks").num_columns(2).show(ui, |ui| {
+                for d in &disks {
+                    ui.label(&d.id);
+                    let format = match d.format {
+                        Some(porthole_api::DiskFormat::Qcow2) => "qcow2",
+                        Some(porthole_api::DiskFormat::Raw) => "raw",
+                        None => "",
+                    };
+                    let ro = if d.read_only { ", read-only" } else { "" };
+                    ui.label(format!("{}, {format}, {}{ro}", d.bus, human_bytes(d.size_bytes)));
+                    ui.end_row();
+                }
+                if vm.disk_bytes > 0 {
+                    row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
+                        ui.add(egui::TextEdit::singleline(&mut f.disk_gib).desired_width(80.0))
+                            .on_hover_text("A disk only grows: the guest then grows its partition and file system")
+                    });
+                }
+            });
+        } else {
             ui.label("No disk.");
         }
         ui.weak("Adding or removing disks and CD/DVD drives is not supported yet.");
