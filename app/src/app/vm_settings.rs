@@ -108,7 +108,8 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     }
     if new.disk_gib.trim() != base.disk_gib {
         match new.disk_gib.trim().parse::<f64>() {
-            Ok(g) if g.is_finite() && g > 0.0 && g < (1u64 << 40) as f64 => {
+            // At most 1 Pi (the host refuses more than 64 TiB with its reason); the bytes then fit easily.
+            Ok(g) if g.is_finite() && g > 0.0 && g <= (1u64 << 20) as f64 => {
                 u.disk_bytes = Some(((g * GIB as f64) as u64).div_ceil(512) * 512);
             }
             _ => refuse("disk_bytes", "Give the size in GiB, e.g. 20."),
@@ -554,7 +555,7 @@ mod tests {
         let mut f = base.clone();
         f.vcpus = "two".into();
         f.memory_mib = "".into();
-        f.disk_gib = "-1".into();
+        f.disk_gib = "1e300".into();
         f.resolution = "big".into();
         f.tags = "has/slash".into();
         f.kernel = " ".into();
@@ -563,6 +564,21 @@ mod tests {
             e.keys().map(String::as_str).collect::<Vec<_>>(),
             ["boot", "disk_bytes", "display", "memory_mib", "tags", "vcpus"]
         );
+    }
+
+    #[test]
+    fn a_disk_size_is_whole_sectors_and_never_overflows() {
+        let base = Fields::of(&vm());
+        for (text, bytes) in
+            [("8.5", Some((8 << 30) + (1 << 29))), ("0.0000001", Some(512)), ("1048576", Some(1 << 50))]
+        {
+            let f = Fields { disk_gib: text.into(), ..base.clone() };
+            assert_eq!(request(&base, &f).map(|u| u.disk_bytes).ok().flatten(), bytes, "{text}");
+        }
+        for text in ["-1", "0", "1048577", "inf", "NaN"] {
+            let f = Fields { disk_gib: text.into(), ..base.clone() };
+            assert!(request(&base, &f).unwrap_err().contains_key("disk_bytes"), "{text}");
+        }
     }
 
     #[test]
