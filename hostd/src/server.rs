@@ -798,7 +798,7 @@ async fn update_vm(
     // The disk of a stopped VM grows now (the VM cannot start meanwhile); a running VM's at its next start.
     let hardware = crate::host::hardware_change(&req);
     let defer = running || record.suspended.is_some();
-    let _busy = match req.disk_bytes {
+    let busy = match req.disk_bytes {
         Some(size) if !defer && size > record.disk_bytes => {
             let busy = app.host.begin(&id, "growing its disk")?;
             if app.host.pid(&id).is_some() {
@@ -812,6 +812,7 @@ async fn update_vm(
         }
         _ => None,
     };
+    let grown = busy.is_some();
     let vm = app.host.update(&id, |r, running| {
         if let Some(t) = req.template
             && t != r.template
@@ -848,10 +849,15 @@ async fn update_vm(
         } else {
             crate::host::add_pending(r, nics_change.clone());
             crate::host::apply_hardware(r, &nics_change);
-            // What was pending for these fields is superseded by the new values, which apply now.
-            crate::host::add_pending(r, hardware.clone());
-            crate::host::apply_hardware(r, &hardware);
-            crate::host::add_pending(r, UpdateVm::default());
+            // What was pending for these fields is superseded by the new values, which apply now; a disk that
+            // was not grown above (the VM was running then) grows at the next start.
+            let (mut now, mut later) = (hardware.clone(), UpdateVm::default());
+            if !grown {
+                later.disk_bytes = now.disk_bytes.take();
+            }
+            crate::host::add_pending(r, now.clone());
+            crate::host::apply_hardware(r, &now);
+            crate::host::add_pending(r, later);
         }
         Ok(())
     })?;
