@@ -23,7 +23,7 @@ use crate::{
 pub enum ClientError {
     /// The daemon answered with an error.
     #[error("{message} (HTTP {status}, {code})")]
-    Api { status: u16, code: String, message: String },
+    Api { status: u16, code: String, message: String, fields: Vec<crate::FieldError> },
     #[error("cannot talk to {target}: {source}")]
     Http { target: String, source: reqwest::Error },
     #[error("{0}")]
@@ -39,6 +39,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// An API error's refused fields (field name, why).
+    pub fn fields(&self) -> &[crate::FieldError] {
+        match self {
+            ClientError::Api { fields, .. } => fields,
+            _ => &[],
+        }
+    }
+
     /// The HTTP status of an API error.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -277,8 +285,10 @@ impl Client {
         }
         let text = response.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => ClientError::Api { status: status.as_u16(), code: b.error, message: b.message },
-            Err(_) => ClientError::Api { status: status.as_u16(), code: "unknown".into(), message: text },
+            Ok(b) => ClientError::Api { status: status.as_u16(), code: b.error, message: b.message, fields: b.fields },
+            Err(_) => {
+                ClientError::Api { status: status.as_u16(), code: "unknown".into(), message: text, fields: Vec::new() }
+            }
         })
     }
 
@@ -535,8 +545,18 @@ impl Client {
             tokio_tungstenite::tungstenite::Error::Http(r) => {
                 let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
                 match serde_json::from_str::<ErrorBody>(&body) {
-                    Ok(b) => ClientError::Api { status: r.status().as_u16(), code: b.error, message: b.message },
-                    Err(_) => ClientError::Api { status: r.status().as_u16(), code: "unknown".into(), message: body },
+                    Ok(b) => ClientError::Api {
+                        status: r.status().as_u16(),
+                        code: b.error,
+                        message: b.message,
+                        fields: b.fields,
+                    },
+                    Err(_) => ClientError::Api {
+                        status: r.status().as_u16(),
+                        code: "unknown".into(),
+                        message: body,
+                        fields: Vec::new(),
+                    },
                 }
             }
             other => ws_err(other),

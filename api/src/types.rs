@@ -122,6 +122,30 @@ pub struct Vm {
     /// A VM made from a cloud image: what its NoCloud seed says (the seed drive is read-only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInitInfo>,
+    /// Free text about the VM (at most [`MAX_DESCRIPTION`] bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// The daemon starts the VM when it starts (with the host).
+    #[serde(default)]
+    pub autostart: bool,
+    /// Firmware boot (no `boot` kernel): the kinds of drives tried, in order.
+    #[serde(default = "default_boot_order")]
+    pub boot_order: Vec<BootDevice>,
+    /// Firmware boot: the firmware offers its boot menu (ESC at "Press ESC for boot menu").
+    #[serde(default)]
+    pub boot_menu: bool,
+    /// The display's start-up resolution (absent: the engine's default, 1280x800).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<DisplaySpec>,
+    /// The VM's drives as the engine shows them to the guest (its disk, its CD/DVD drive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveInfo>,
+    /// Changes accepted while the VM ran that apply at its next start (from power-on): their field names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_changes: Vec<String>,
+    /// Those changes' values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<UpdateVm>,
 }
 
 /// The format of a disk image.
@@ -218,7 +242,8 @@ impl CreateVm {
     }
 }
 
-/// `PATCH /vms/{id}`: the fields to change (only while the VM is stopped, except `name`).
+/// `PATCH /vms/{id}`: the fields to change. `name`, `tags`, `description` and `autostart` change at once; the
+/// others change a running (or suspended) VM at its next start from power-on (`Vm::pending_changes`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVm {
@@ -234,15 +259,115 @@ pub struct UpdateVm {
     /// Replaces the tags (any time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
-    /// Replaces the network cards (only while the VM is stopped: port forwards take effect when it starts).
-    /// A card keeps its MAC address when the spec names its `id` and gives no `mac`.
+    /// Replaces the network cards (a running VM's at its next start: port forwards take effect when it
+    /// starts). A card keeps its MAC address when the spec names its `id` and gives no `mac`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,
     /// Marks the VM as a template (only while it is stopped) or back as a VM (refused while linked clones
     /// use it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<bool>,
+    /// Replaces the description (any time; at most [`MAX_DESCRIPTION`] bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Start the VM when the daemon starts (any time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// `true`: drop the kernel (`boot`) and boot the firmware (SeaBIOS) from the drives again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_boot: Option<bool>,
+    /// Firmware boot order: `cdrom`, `disk` or both, each at most once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_order: Option<Vec<BootDevice>>,
+    /// Offer the firmware's boot menu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_menu: Option<bool>,
+    /// The display's start-up resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<DisplaySpec>,
+    /// Grows the VM's disk to this many bytes (a multiple of 512; never smaller than it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
+
+// ---- VM settings (`PATCH /vms/{id}`): boot, display, drives, per-field errors ----
+
+/// Longest VM description, in bytes.
+pub const MAX_DESCRIPTION: usize = 4096;
+/// The display resolutions the engine takes: widths 320-1920 in steps of 8, heights 200-1080.
+pub const DISPLAY_WIDTHS: std::ops::RangeInclusive<u32> = 320..=1920;
+pub const DISPLAY_HEIGHTS: std::ops::RangeInclusive<u32> = 200..=1080;
+
+/// A kind of drive the firmware boots from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    Cdrom,
+    Disk,
+}
+
+impl BootDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootDevice::Cdrom => "cdrom",
+            BootDevice::Disk => "disk",
+        }
+    }
+}
+
+/// The firmware's boot order when none is set: the CD/DVD drive, then the disk.
+pub fn default_boot_order() -> Vec<BootDevice> {
+    vec![BootDevice::Cdrom, BootDevice::Disk]
+}
+
+/// The display's start-up resolution (the engine has one display model, a standard VGA with Bochs VBE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisplaySpec {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What kind of drive a [`DriveInfo`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveKind {
+    Disk,
+    Cdrom,
+}
+
+/// One of a VM's drives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DriveInfo {
+    /// The engine's name of the drive (`disk0`, `cdrom0`).
+    pub id: String,
+    pub kind: DriveKind,
+    /// How the guest sees it ("virtio-blk", "SCSI CD-ROM (virtio-scsi)").
+    pub bus: String,
+    /// Disks: the image's format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// Disks: the size the guest sees.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// CD/DVD drives: the image in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Why one field of a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldError {
+    /// The field's name in the request (`memory_mib`, `display`, `boot_order`).
+    pub field: String,
+    pub message: String,
+}
+
+// ---- end of VM settings ----
 
 /// A snapshot of a VM: its disks at one moment, and with `with_state` its running machine too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -666,9 +791,13 @@ pub enum TaskState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorBody {
-    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `too_large`, `internal`, …
+    /// `bad_request`, `invalid`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `too_large`,
+    /// `internal`, …
     pub error: String,
     pub message: String,
+    /// `invalid` (a request with fields that were refused): why each one was (nothing was changed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldError>,
 }
 
 /// Roles of API tokens.

@@ -18,10 +18,12 @@ mod machines;
 mod network;
 mod preferences;
 mod snapshots;
+mod vm_settings;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
 pub use machines::{GroupBy, MachineView};
 pub use network::{WizardNetwork, ssh_command};
 pub use snapshots::{TreeRow, tree_rows};
+pub use vm_settings::SettingsForm;
 
 /// The create wizard's fields.
 #[derive(Debug, Clone)]
@@ -319,6 +321,8 @@ pub struct PortholeApp {
     snapshot_ui: snapshots::SnapshotUi,
     /// The *Clone…* dialog.
     clone_form: Option<clones::CloneForm>,
+    /// The Settings view of a VM, shown in place of its details.
+    vm_settings: Option<vm_settings::SettingsForm>,
     /// The *Host* tab.
     host_page: host_page::HostPage,
     /// Keyboard shortcuts and the help dialogs.
@@ -406,6 +410,7 @@ impl PortholeApp {
             drop_zones: Vec::new(),
             snapshot_ui: Default::default(),
             clone_form: None,
+            vm_settings: None,
             host_page: Default::default(),
             help: Default::default(),
             preferences: Default::default(),
@@ -656,6 +661,9 @@ impl PortholeApp {
     }
 
     fn details(&mut self, ui: &mut egui::Ui, host: usize, vm: &porthole_api::Vm) {
+        if self.settings_open(host, &vm.id) {
+            return self.settings_view(ui, host, vm);
+        }
         ui.horizontal(|ui| {
             ui.heading(&vm.name);
             if vm.template {
@@ -692,12 +700,17 @@ impl PortholeApp {
                 ui.end_row();
             }
             ui.label("Boots");
-            ui.label(
-                vm.boot
-                    .as_ref()
-                    .map(|b| b.kernel.clone())
-                    .unwrap_or_else(|| "firmware (SeaBIOS): CD/DVD, then disk".into()),
-            );
+            ui.label(vm.boot.as_ref().map(|b| b.kernel.clone()).unwrap_or_else(|| {
+                let order: Vec<&str> = vm
+                    .boot_order
+                    .iter()
+                    .map(|d| match d {
+                        porthole_api::BootDevice::Cdrom => "CD/DVD",
+                        porthole_api::BootDevice::Disk => "disk",
+                    })
+                    .collect();
+                format!("firmware (SeaBIOS): {}", order.join(", then "))
+            }));
             ui.end_row();
             ui.label("CD/DVD");
             ui.label(vm.media.clone().unwrap_or_else(|| "empty".into()));
@@ -807,6 +820,9 @@ impl PortholeApp {
                 self.backend.act(host, format!("Eject from {}", vm.name), None, move |c| async move {
                     c.change_media(&id, None).await
                 });
+            }
+            if ui.button("Settings…").on_hover_text("Name, hardware, disks, CD/DVD, boot, network").clicked() {
+                self.open_settings(host, vm);
             }
             if ui.add_enabled(!running, egui::Button::new("Delete…")).clicked() {
                 self.confirm_delete = Some((host, id.clone(), vm.name.clone()));

@@ -65,8 +65,17 @@ pub struct Model {
     /// Long operations on VMs (snapshots, clones): running ones, and failed ones until the next operation on
     /// the same VM.
     pub tasks: Vec<VmTask>,
+    /// The answer to the Settings view's last *Apply*: (host, VM id, the VM as changed or why not).
+    pub settings_outcome: Option<(usize, String, Result<Vm, SettingsRefusal>)>,
     /// What the open host page shows besides the host's info: (host, its samples, its tasks).
     pub host_page: Option<(usize, HostPageData)>,
+}
+
+/// Why a host refused a settings change: its sentence, and its reason for each refused field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsRefusal {
+    pub message: String,
+    pub fields: Vec<porthole_api::FieldError>,
 }
 
 /// The host page's data, fetched together.
@@ -485,6 +494,39 @@ impl Backend {
                 backend.model().stats = Some((index, id, stats.samples));
                 backend.repaint();
             }
+        });
+    }
+
+    /// Sends the Settings view's change of VM `id` (`name`); the answer lands in [`Model::settings_outcome`] (a
+    /// refusal keeps each field's reason for the view to show under its widget) and as a notice.
+    pub fn apply_settings(&self, index: usize, id: String, name: String, change: porthole_api::UpdateVm) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+            self.model().notify(format!("Settings of {name}: the host is not connected"), true);
+            return;
+        };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let result = client.update_vm(&id, &change).await;
+            {
+                let mut m = backend.model();
+                match &result {
+                    Ok(vm) if vm.pending_changes.is_empty() => m.notify(format!("Settings of {name} applied"), false),
+                    Ok(vm) => m.notify(
+                        format!("Settings of {name} saved; {} apply at next start", vm.pending_changes.join(", ")),
+                        false,
+                    ),
+                    Err(e) => m.notify(format!("Settings of {name} refused: {e}"), true),
+                }
+                let outcome =
+                    result.map_err(|e| SettingsRefusal { message: e.to_string(), fields: e.fields().to_vec() });
+                m.settings_outcome = Some((index, id, outcome));
+            }
+            if let Ok(vms) = client.list_vms().await
+                && let Some(h) = backend.model().hosts.get_mut(index)
+            {
+                h.vms = vms;
+            }
+            backend.repaint();
         });
     }
 

@@ -95,6 +95,10 @@ fn snapshots_of_the_host_screens() {
     h.get_by_label("Network").click();
     wait(&mut h, "the network section", |h| has(h, "Port forwards"));
     snapshot(&mut h, "network_section");
+    // Its Settings view.
+    h.get_by_label("Settings…").click();
+    wait(&mut h, "the settings", |h| has(h, "Settings of web-1"));
+    snapshot(&mut h, "vm_settings");
 }
 
 #[test]

@@ -243,6 +243,8 @@ fn a_running_vm_is_snapshotted_with_its_memory_and_suspended() {
     assert!(disabled(&h, "Suspend"), "only a running VM suspends");
     press(&mut h, "Resume from disk");
     wait(&mut h, "running after the resume", |h| vm_named(h, "live").is_some_and(|v| v.state == VmState::Running));
+    // A frame drawn from the model as it is now (the wait may have seen the change after its last frame).
+    h.step();
     assert!(has(&h, "Start"), "the button is Start again");
     press(&mut h, "Force off");
     wait(&mut h, "stopped", |h| vm_named(h, "live").is_some_and(|v| v.state == VmState::Stopped));

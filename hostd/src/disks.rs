@@ -293,6 +293,22 @@ pub fn disk_arg(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord) -> 
     Ok(Some(arg))
 }
 
+/// Grows VM `r`'s disk to `size` bytes: its present layer ("Now": the only one a guest writes; layers below
+/// keep their size, a qcow2 overlay may be larger than its backing). Never shrinks. The VM must be stopped.
+pub fn grow(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord, size: u64) -> Result<(), HostError> {
+    let Some(d) = r.disk.clone().or_else(|| legacy_disk(r)) else {
+        return Err(HostError::BadRequest("the VM has no disk".into()));
+    };
+    let mut own = vec![d.top.clone()];
+    own.extend(layers_from(r, r.current_snapshot.as_deref()));
+    let paths = chain(host, all, r, &own)?;
+    let (top, backing) = paths.split_first().ok_or_else(|| HostError::Internal("the disk has no layer".into()))?;
+    vmm_core::disk::grow_image(top, backing, size).map_err(|e| match e {
+        vmm_core::disk::DiskError::Locked { .. } => HostError::Conflict(format!("cannot grow the disk: {e}")),
+        other => HostError::Internal(format!("cannot grow the disk: {other}")),
+    })
+}
+
 fn blocking_err(e: tokio::task::JoinError) -> HostError {
     HostError::Internal(e.to_string())
 }
@@ -464,6 +480,26 @@ impl Host {
         }
     }
 
+    /// Starts the VMs marked to start with the host (`autostart`) that are not running yet (when the daemon
+    /// starts, after the VMs suspended by its last stop are resumed).
+    pub async fn autostart(self: &Arc<Self>) {
+        let marked: Vec<(String, String)> = self
+            .all_records()
+            .into_iter()
+            .filter(|(_, r)| r.autostart && !r.template)
+            .map(|(id, r)| (id, r.name))
+            .collect();
+        for (id, name) in marked {
+            if self.pid(&id).is_some() {
+                continue;
+            }
+            match self.start(&id).await {
+                Ok(_) => log::info!("VM {name}: started with the host (autostart)"),
+                Err(e) => log::error!("VM {name}: marked to start with the host, cannot start: {e}"),
+            }
+        }
+    }
+
     /// Checks a snapshot may be taken and returns the job that takes it.
     pub fn take_snapshot(
         self: &Arc<Self>,
@@ -626,9 +662,9 @@ impl Host {
             let new = new_layer_name(&dir);
             let new_path = dir.join(&new);
             let (layer, format) = (s.layer.clone(), layer_format(&d, &s));
-            tokio::task::spawn_blocking(move || {
+            let size = tokio::task::spawn_blocking(move || {
                 let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
-                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&layer), format)))
+                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&layer), format))).map(|()| size)
             })
             .await
             .map_err(blocking_err)?
@@ -639,6 +675,9 @@ impl Host {
                 if let Some(disk) = r.disk.as_mut() {
                     disk.top = new.clone();
                 }
+                // The disk is as big as it was when the snapshot was taken (a later grow is undone too).
+                r.disk_bytes = size;
+                crate::host::add_pending(r, porthole_api::UpdateVm::default());
                 r.current_snapshot = Some(sid.clone());
                 r.suspended = None;
                 Ok(())
@@ -839,6 +878,7 @@ impl Host {
                     cloud_init,
                     suspended: None,
                     resume_on_start: false,
+                    autostart: false,
                     ..src.clone()
                 };
                 host.insert(record)
@@ -879,6 +919,12 @@ mod tests {
             cloud_init: None,
             suspended: None,
             resume_on_start: false,
+            description: String::new(),
+            autostart: false,
+            boot_order: None,
+            boot_menu: false,
+            display: None,
+            pending: None,
         }
     }
 

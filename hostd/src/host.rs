@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_api::{CloudInitInfo, CrashReport, ExitInfo, NicSpec, NicStatus, Vm, VmState};
+use porthole_api::{
+    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, NicSpec, NicStatus, UpdateVm, Vm, VmState,
+};
 use vmm_core::control::{ControlClient, Request, Response};
 
 use crate::net::{self, Others};
@@ -504,6 +506,9 @@ impl Host {
     }
 
     async fn start_once(self: &Arc<Self>, id: &str, restore: Option<PathBuf>) -> Result<Vm, HostError> {
+        if restore.is_none() {
+            self.apply_pending(id).await?;
+        }
         let record = self.ready_forwards(id)?;
         if record.template {
             return Err(HostError::Conflict(format!(
@@ -573,9 +578,17 @@ impl Host {
                     cmd.args(["--cmdline", cmdline]);
                 }
                 None => {
-                    cmd.args(["--firmware", "bios", "--boot", "cdrom,disk", "--firmware-log"])
+                    let order = record.boot_order.clone().unwrap_or_else(porthole_api::default_boot_order);
+                    let order: Vec<&str> = order.iter().map(|d| d.as_str()).collect();
+                    cmd.args(["--firmware", "bios", "--boot", &order.join(","), "--firmware-log"])
                         .arg(files.firmware_log());
+                    if record.boot_menu {
+                        cmd.arg("--boot-menu");
+                    }
                 }
+            }
+            if let Some(d) = record.display {
+                cmd.arg("--display").arg(format!("{}x{}", d.width, d.height));
             }
             cmd.args(["--memory", &record.memory_mib.to_string(), "--cpus", &record.vcpus.to_string()]);
             cmd.arg("--serial").arg(format!("file:{}", files.serial().display()));
@@ -674,6 +687,37 @@ impl Host {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Applies the changes VM `id` took while it ran (see [`add_pending`]) before it starts from power-on:
+    /// grows its disk, then saves the new definition. A VM that resumes a saved state keeps them pending
+    /// (its saved machine has the old hardware).
+    pub async fn apply_pending(self: &Arc<Self>, id: &str) -> Result<(), HostError> {
+        let r = self.record(id)?;
+        let Some(pending) = r.pending.clone() else { return Ok(()) };
+        // A machine state resumes on the old hardware; a linked clones' base does not start (and its disk
+        // must not change): the changes stay pending.
+        if r.suspended.is_some()
+            || self.pid(id).is_some()
+            || !crate::disks::clones_of(&self.all_records(), id).is_empty()
+        {
+            return Ok(());
+        }
+        if let Some(size) = pending.disk_bytes
+            && size > r.disk_bytes
+        {
+            let (host, all, record) = (self.clone(), self.all_records(), r.clone());
+            tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &record, size))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))??;
+        }
+        self.update(id, |r, _| {
+            apply_hardware(r, &pending);
+            r.pending = None;
+            Ok(())
+        })?;
+        log::info!("VM {}: applied the changes made while it ran ({})", r.name, pending_names(&pending).join(", "));
+        Ok(())
     }
 
     /// Waits (in a task) for process `pid` of VM `id` to end, then records how it ended.
@@ -919,7 +963,142 @@ fn view(e: &Entry, store: &Store) -> Vm {
             user: c.user.clone(),
             instance_id: c.instance_id.clone(),
         }),
+        description: r.description.clone(),
+        autostart: r.autostart,
+        boot_order: r.boot_order.clone().unwrap_or_else(porthole_api::default_boot_order),
+        boot_menu: r.boot_menu,
+        display: r.display,
+        drives: drives(r, store),
+        pending_changes: r.pending.as_ref().map(pending_names).unwrap_or_default(),
+        pending: r.pending.clone(),
     }
+}
+
+/// The drives the engine gives VM `r` (in its order: disks, then the CD/DVD drive).
+fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
+    let mut out = Vec::new();
+    if let Some(d) = r.disk.clone().or_else(|| crate::disks::legacy_disk(r)) {
+        out.push(DriveInfo {
+            id: "disk0".into(),
+            kind: DriveKind::Disk,
+            bus: "virtio-blk".into(),
+            format: Some(d.format),
+            size_bytes: r.disk_bytes,
+            media: None,
+            read_only: false,
+        });
+    }
+    if r.cloud_init.is_some() {
+        let seed = store.vm_dir(&r.id).join(crate::disks::SEED);
+        out.push(DriveInfo {
+            id: format!("disk{}", out.len()),
+            kind: DriveKind::Disk,
+            bus: "virtio-blk (cloud-init seed)".into(),
+            format: Some(DiskFormat::Raw),
+            size_bytes: std::fs::metadata(seed).map(|m| m.len()).unwrap_or(0),
+            media: None,
+            read_only: true,
+        });
+    }
+    out.push(DriveInfo {
+        id: "cdrom0".into(),
+        kind: DriveKind::Cdrom,
+        bus: "SCSI CD-ROM (virtio-scsi)".into(),
+        format: None,
+        size_bytes: 0,
+        media: r.media.clone(),
+        read_only: true,
+    });
+    out
+}
+
+/// The fields of `req` that change only while the VM is stopped: a running (or suspended) VM keeps them as
+/// pending until its next start from power-on (network cards too, once built: see `server.rs`).
+pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
+    UpdateVm {
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        boot: req.boot.clone(),
+        firmware_boot: req.firmware_boot,
+        boot_order: req.boot_order.clone(),
+        boot_menu: req.boot_menu,
+        display: req.display,
+        disk_bytes: req.disk_bytes,
+        ..UpdateVm::default()
+    }
+}
+
+/// Sets the hardware fields of `u` (see [`hardware_change`]) in definition `r` (the disk file must have
+/// grown already).
+pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
+    if let Some(v) = u.vcpus {
+        r.vcpus = v;
+    }
+    if let Some(m) = u.memory_mib {
+        r.memory_mib = m;
+    }
+    if let Some(b) = &u.boot {
+        r.boot = Some(b.clone());
+    }
+    if u.firmware_boot == Some(true) {
+        r.boot = None;
+    }
+    if let Some(o) = &u.boot_order {
+        r.boot_order = (*o != porthole_api::default_boot_order()).then(|| o.clone());
+    }
+    if let Some(m) = u.boot_menu {
+        r.boot_menu = m;
+    }
+    if let Some(d) = u.display {
+        r.display = Some(d);
+    }
+    if let Some(size) = u.disk_bytes {
+        r.disk_bytes = r.disk_bytes.max(size);
+    }
+    if let Some(nics) = &u.nics {
+        // Pending cards were built (ids and MACs chosen) when the change was made.
+        r.nics = Some(nics.iter().enumerate().map(|(i, s)| net::definition_of(i, s)).collect());
+    }
+}
+
+/// Adds the hardware changes `new` to `r`'s pending ones (a later value of a field replaces an earlier one);
+/// what would change nothing any more (it equals the definition) is dropped.
+pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
+    let mut p = r.pending.take().unwrap_or_default();
+    p.vcpus = new.vcpus.or(p.vcpus).filter(|v| *v != r.vcpus);
+    p.memory_mib = new.memory_mib.or(p.memory_mib).filter(|m| *m != r.memory_mib);
+    if new.boot.is_some() {
+        p.firmware_boot = None;
+    }
+    if new.firmware_boot == Some(true) {
+        p.boot = None;
+    }
+    p.boot = new.boot.or(p.boot).filter(|b| r.boot.as_ref() != Some(b));
+    p.firmware_boot = new.firmware_boot.or(p.firmware_boot).filter(|f| *f && r.boot.is_some());
+    let order = r.boot_order.clone().unwrap_or_else(porthole_api::default_boot_order);
+    p.boot_order = new.boot_order.or(p.boot_order).filter(|o| *o != order);
+    p.boot_menu = new.boot_menu.or(p.boot_menu).filter(|m| *m != r.boot_menu);
+    p.display = new.display.or(p.display).filter(|d| r.display != Some(*d));
+    p.disk_bytes = new.disk_bytes.or(p.disk_bytes).filter(|s| *s > r.disk_bytes);
+    let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
+    p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
+    r.pending = (p != UpdateVm::default()).then_some(p);
+}
+
+/// The names of the fields a pending change sets.
+pub fn pending_names(p: &UpdateVm) -> Vec<String> {
+    let set = [
+        ("vcpus", p.vcpus.is_some()),
+        ("memory_mib", p.memory_mib.is_some()),
+        ("boot", p.boot.is_some()),
+        ("firmware_boot", p.firmware_boot.is_some()),
+        ("boot_order", p.boot_order.is_some()),
+        ("boot_menu", p.boot_menu.is_some()),
+        ("display", p.display.is_some()),
+        ("disk_bytes", p.disk_bytes.is_some()),
+        ("nics", p.nics.is_some()),
+    ];
+    set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()
 }
 
 /// What the VMs other than `id` of `vms` hold.

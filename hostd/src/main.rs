@@ -173,9 +173,15 @@ async fn serve(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
     let host = host::Host::open(&dirs.data, &dirs.runtime, vmm_path(&cli)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let stats = Arc::new(stats::Stats::default());
     stats.spawn(host.clone());
-    if cli.suspend_on_shutdown {
-        let host = host.clone();
-        tokio::spawn(async move { host.resume_after_shutdown().await });
+    {
+        // The VMs the daemon's last stop suspended resume, then the VMs marked to start with the host start.
+        let (host, resume) = (host.clone(), cli.suspend_on_shutdown);
+        tokio::spawn(async move {
+            if resume {
+                host.resume_after_shutdown().await;
+            }
+            host.autostart().await;
+        });
     }
     let stopping = {
         let host = host.clone();

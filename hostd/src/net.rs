@@ -236,17 +236,15 @@ pub fn build_nics(
     Ok(out)
 }
 
-/// Why a change of the cards cannot be made while the VM runs.
-pub fn running_change_reason(old: &[NicDefinition], new: &[NicDefinition]) -> String {
-    let strip = |v: &[NicDefinition]| -> Vec<NicDefinition> {
-        v.iter().map(|n| NicDefinition { forwards: Vec::new(), ..n.clone() }).collect()
-    };
-    if strip(old) == strip(new) {
-        "port forwards change only while the VM is stopped: passt opens them when the VM starts (shut it down, \
-         change them, and they apply at its next start)"
-            .into()
-    } else {
-        "network cards change only while the VM is stopped".into()
+/// The definition a built card's spec (see [`NicSpec::from`]) stands for: its id and MAC were chosen when
+/// it was built; a spec without them (never the case for built cards) gets `netN` and no MAC.
+pub fn definition_of(index: usize, spec: &NicSpec) -> NicDefinition {
+    NicDefinition {
+        id: spec.id.clone().unwrap_or_else(|| format!("net{index}")),
+        backend: spec.backend.clone(),
+        mac: spec.mac.clone().unwrap_or_default(),
+        mtu: spec.mtu.unwrap_or(porthole_api::DEFAULT_MTU),
+        forwards: spec.forwards.clone(),
     }
 }
 
@@ -465,11 +463,9 @@ mod tests {
             ]
         );
         assert!(net_args(&[]).is_empty());
-        assert!(
-            running_change_reason(&nics, &[NicDefinition { forwards: vec![], ..nics[0].clone() }, nics[1].clone()])
-                .contains("passt")
-        );
-        assert!(running_change_reason(&nics, &nics[..1]).contains("network cards change"));
+        for (i, n) in nics.iter().enumerate() {
+            assert_eq!(definition_of(i, &NicSpec::from(n)), *n, "a built card's spec stands for it");
+        }
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub const ROUTES: &[Route] = &[
     (
         "patch",
         "/vms/{id}",
-        "Change a VM (hardware and network cards only while stopped)",
+        "Change a VM's settings. Every field is checked first; refused fields answer 400 `invalid` with \
+         `fields` (each field's reason) and change nothing. Name, tags, description and autostart change at \
+         once; on a running or suspended VM the hardware, boot settings, display, disk size and network \
+         cards are kept as `pending` (`pending_changes` names them) and apply at its next start",
         "admin",
         Some("UpdateVm"),
         200,
@@ -279,6 +282,10 @@ pub fn document() -> Value {
         Image,
         Task,
         ErrorBody,
+        FieldError,
+        BootDevice,
+        DisplaySpec,
+        DriveInfo,
         SnapshotTree,
         TakeSnapshot,
         RevertSnapshot,
@@ -296,7 +303,7 @@ pub fn document() -> Value {
             "x-porthole-role": role,
             "responses": {
                 "default": {
-                    "description": "An error: 400 bad input, 401 no or bad token, 403 role or VM not allowed, 404, 409 state conflict, 413 too large, 422 an unusable image",
+                    "description": "An error: 400 bad input (`invalid`: `fields` says why for each refused field), 401 no or bad token, 403 role or VM not allowed, 404, 409 state conflict, 413 too large, 422 an unusable image",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
                 }
             }
@@ -375,6 +382,11 @@ mod tests {
             "CloneVm",
             "DiskFormat",
             "CloudInitSpec",
+            "FieldError",
+            "BootDevice",
+            "DisplaySpec",
+            "DriveInfo",
+            "DriveKind",
         ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
         }

@@ -16,9 +16,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
-    CloneVm, ConsoleTicket, CreateVm, DiskFormat, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicDefinition,
-    NicSpec, NicStatus, RevertSnapshot, Role, SerialInput, SerialOutput, SnapshotTree, Stats as StatsBody,
-    TakeSnapshot, Task, TaskState, UpdateVm, Vm, VmState,
+    CloneVm, ConsoleTicket, CreateVm, DiskFormat, ErrorBody, FieldError, HostInfo, Image, LinkChange, MediaChange,
+    NicDefinition, NicSpec, NicStatus, RevertSnapshot, Role, SerialInput, SerialOutput, SnapshotTree,
+    Stats as StatsBody, TakeSnapshot, Task, TaskState, UpdateVm, Vm, VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -106,11 +106,17 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    fields: Vec<FieldError>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), fields: Vec::new() }
+    }
+    /// A request whose fields were refused, each with its reason (400, `invalid`).
+    fn fields(status: StatusCode, code: &'static str, fields: Vec<FieldError>) -> Self {
+        let message = fields.iter().map(|f| format!("{}: {}", f.field, f.message)).collect::<Vec<_>>().join("; ");
+        ApiError { status, code, message, fields }
     }
     fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -131,7 +137,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: self.code.to_owned(), message: self.message };
+        let body = ErrorBody { error: self.code.to_owned(), message: self.message, fields: self.fields };
         (self.status, Json(body)).into_response()
     }
 }
@@ -474,16 +480,24 @@ async fn set_nic_link(
 }
 
 fn check_shape(vcpus: u32, memory_mib: u64) -> ApiResult<()> {
+    check_vcpus(vcpus).and_then(|()| check_memory(memory_mib)).map_err(ApiError::bad)
+}
+
+fn check_vcpus(vcpus: u32) -> Result<(), String> {
     if vcpus == 0 || vcpus > vmm_core::config::MAX_VCPUS {
-        return Err(ApiError::bad(format!("vcpus must be 1-{}", vmm_core::config::MAX_VCPUS)));
+        return Err(format!("vcpus must be 1-{}", vmm_core::config::MAX_VCPUS));
     }
+    Ok(())
+}
+
+fn check_memory(memory_mib: u64) -> Result<(), String> {
     if memory_mib < vmm_core::config::MIN_MEMORY_MIB {
-        return Err(ApiError::bad(format!("memory_mib must be at least {}", vmm_core::config::MIN_MEMORY_MIB)));
+        return Err(format!("memory_mib must be at least {}", vmm_core::config::MIN_MEMORY_MIB));
     }
     if let Some(host) = vmm_core::config::host_memory_mib()
         && memory_mib > host
     {
-        return Err(ApiError::bad(format!("memory_mib {memory_mib} is more than this host has ({host} MiB)")));
+        return Err(format!("memory_mib {memory_mib} is more than this host has ({host} MiB)"));
     }
     Ok(())
 }
@@ -581,6 +595,12 @@ async fn create_vm(
         cloud_init: None,
         suspended: None,
         resume_on_start: false,
+        description: String::new(),
+        autostart: false,
+        boot_order: None,
+        boot_menu: false,
+        display: None,
+        pending: None,
     };
     let dir = app.host.store.vm_dir(&id);
     let host = app.host.clone();
@@ -659,6 +679,11 @@ async fn create_vm(
     }
 }
 
+/// A VM's settings change (`PATCH /vms/{id}`). Every field is checked first, and when any is refused nothing
+/// changes (400 `invalid`, with each refused field's reason). What can change while the VM runs (name, tags,
+/// description, autostart) changes at once; the hardware, the boot settings and the disk's size of a running
+/// (or suspended) VM are kept as pending and applied at its next start from power-on (see
+/// [`crate::host::apply_pending`]).
 async fn update_vm(
     State(app): State<AppState>,
     p: Principal,
@@ -667,29 +692,127 @@ async fn update_vm(
 ) -> ApiResult<Json<Vm>> {
     require_vm(&p, Role::Admin, &id)?;
     let Json(req) = body?;
-    if let Some(name) = &req.name {
-        check_name(name)?;
-    }
     let record = app.host.record(&id)?;
-    check_shape(req.vcpus.unwrap_or(record.vcpus), req.memory_mib.unwrap_or(record.memory_mib))?;
-    if let Some(boot) = &req.boot {
-        app.host.resolve_image(&boot.kernel, true)?;
+    let mut errors: Vec<FieldError> = Vec::new();
+    let mut refuse = |field: &str, message: String| errors.push(FieldError { field: field.into(), message });
+    if let Some(name) = &req.name {
+        if let Err(e) = check_name(name) {
+            refuse("name", e.message);
+        } else if app.host.list().iter().any(|v| v.id != id && v.name == *name) {
+            refuse("name", format!("a VM named {name:?} exists already"));
+        }
     }
-    let tags = req.tags.as_deref().map(check_tags).transpose()?;
+    if let Some(Err(e)) = req.vcpus.map(check_vcpus) {
+        refuse("vcpus", e);
+    }
+    if let Some(Err(e)) = req.memory_mib.map(check_memory) {
+        refuse("memory_mib", e);
+    }
+    if let Some(boot) = &req.boot {
+        if req.firmware_boot == Some(true) {
+            refuse("boot", "give a kernel (boot) or firmware_boot, not both".into());
+        } else if let Err(e) = app.host.resolve_image(&boot.kernel, true) {
+            refuse("boot", format!("kernel: {}", e));
+        } else if let Some(Err(e)) = boot.initrd.as_deref().map(|i| app.host.resolve_image(i, true)) {
+            refuse("boot", format!("initrd: {}", e));
+        }
+    }
+    let tags = match req.tags.as_deref().map(check_tags).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            refuse("tags", e.message);
+            None
+        }
+    };
+    if let Some(d) = &req.description
+        && d.len() > porthole_api::MAX_DESCRIPTION
+    {
+        refuse("description", format!("at most {} bytes (it is {})", porthole_api::MAX_DESCRIPTION, d.len()));
+    }
+    if let Some(order) = &req.boot_order {
+        let dup = order.iter().enumerate().any(|(i, d)| order[..i].contains(d));
+        if order.is_empty() || dup {
+            refuse("boot_order", "name cdrom, disk or both, each once".into());
+        }
+    }
+    if let Some(d) = req.display
+        && (!porthole_api::DISPLAY_WIDTHS.contains(&d.width)
+            || !porthole_api::DISPLAY_HEIGHTS.contains(&d.height)
+            || d.width % 8 != 0)
+    {
+        refuse(
+            "display",
+            format!(
+                "{}x{} is not supported: widths {}-{} in steps of 8, heights {}-{}",
+                d.width,
+                d.height,
+                porthole_api::DISPLAY_WIDTHS.start(),
+                porthole_api::DISPLAY_WIDTHS.end(),
+                porthole_api::DISPLAY_HEIGHTS.start(),
+                porthole_api::DISPLAY_HEIGHTS.end()
+            ),
+        );
+    }
+    let clones = crate::disks::clones_of(&app.host.records(), &id);
+    if let Some(size) = req.disk_bytes
+        && size != record.disk_bytes
+    {
+        if record.disk.is_none() && crate::disks::legacy_disk(&record).is_none() {
+            refuse("disk_bytes", "the VM has no disk".into());
+        } else if size < record.disk_bytes {
+            refuse("disk_bytes", format!("a disk only grows: it is {} bytes", record.disk_bytes));
+        } else if size % vmm_core::disk::SECTOR_SIZE != 0 {
+            refuse("disk_bytes", "give a multiple of 512 bytes".into());
+        } else if size > MAX_DISK_GIB << 30 {
+            refuse("disk_bytes", format!("at most {MAX_DISK_GIB} GiB"));
+        } else if !clones.is_empty() {
+            refuse(
+                "disk_bytes",
+                format!("the disk is the read-only base of linked clones (used by: {})", clones.join(", ")),
+            );
+        }
+    }
+    let running = app.host.pid(&id).is_some();
     let nics = match &req.nics {
         None => None,
-        // A running VM's cards cannot change: say so before checking the new ones against the host.
-        Some(specs) if app.host.pid(&id).is_some() => {
-            let new =
-                crate::net::build_nics(specs, record.nics(), &app.host.others(&id), None).map_err(ApiError::bad)?;
-            if new != record.nics() {
-                return Err(ApiError::conflict(crate::net::running_change_reason(record.nics(), &new)));
+        Some(specs) => {
+            // The VM's own forwards are bound while it runs: only new ones must open now.
+            let current: Vec<porthole_api::PortForward> =
+                record.nics().iter().flat_map(|n| n.forwards.iter().cloned()).collect();
+            let probe = |f: &porthole_api::PortForward| {
+                if running && current.contains(f) { Ok(()) } else { crate::net::probe_port(f) }
+            };
+            let check = crate::net::HostCheck { sysfs: std::path::Path::new(SYSFS_NET), probe: &probe };
+            match crate::net::build_nics(specs, record.nics(), &app.host.others(&id), Some(check)) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    errors.push(FieldError { field: "nics".into(), message: e });
+                    None
+                }
             }
-            Some(new)
         }
-        Some(specs) => Some(build_nics(&app, &id, Some(specs), record.nics())?),
     };
-    let clones = crate::disks::clones_of(&app.host.records(), &id);
+    if !errors.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
+    }
+    // The disk of a stopped VM grows now (the VM cannot start meanwhile); a running VM's at its next start.
+    let hardware = crate::host::hardware_change(&req);
+    let defer = running || record.suspended.is_some();
+    let busy = match req.disk_bytes {
+        Some(size) if !defer && size > record.disk_bytes => {
+            let busy = app.host.begin(&id, "growing its disk")?;
+            if app.host.pid(&id).is_some() {
+                return Err(ApiError::conflict("the VM started meanwhile: try again"));
+            }
+            let (host, all, r) = (app.host.clone(), app.host.records(), record.clone());
+            tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &r, size))
+                .await
+                .map_err(|e| HostError::Internal(e.to_string()))??;
+            Some(busy)
+        }
+        _ => None,
+    };
+    let grown = busy.is_some();
     let vm = app.host.update(&id, |r, running| {
         if let Some(t) = req.template
             && t != r.template
@@ -707,29 +830,34 @@ async fn update_vm(
             }
             r.template = t;
         }
-        if running && (req.vcpus.is_some() || req.memory_mib.is_some() || req.boot.is_some()) {
-            return Err(HostError::Conflict("vcpus, memory and boot change only while the VM is stopped".into()));
-        }
-        if let Some(new) = nics {
-            if running && new != r.nics() {
-                return Err(HostError::Conflict(crate::net::running_change_reason(r.nics(), &new)));
-            }
-            r.nics = Some(new);
-        }
+        let nics_change = UpdateVm { nics: nics.map(|n| n.iter().map(NicSpec::from).collect()), ..UpdateVm::default() };
         if let Some(n) = req.name {
             r.name = n;
         }
-        if let Some(v) = req.vcpus {
-            r.vcpus = v;
-        }
-        if let Some(m) = req.memory_mib {
-            r.memory_mib = m;
-        }
-        if let Some(b) = req.boot {
-            r.boot = Some(b);
-        }
         if let Some(t) = tags {
             r.tags = t;
+        }
+        if let Some(d) = req.description {
+            r.description = d;
+        }
+        if let Some(a) = req.autostart {
+            r.autostart = a;
+        }
+        if running || r.suspended.is_some() {
+            crate::host::add_pending(r, hardware);
+            crate::host::add_pending(r, nics_change);
+        } else {
+            crate::host::add_pending(r, nics_change.clone());
+            crate::host::apply_hardware(r, &nics_change);
+            // What was pending for these fields is superseded by the new values, which apply now; a disk that
+            // was not grown above (the VM was running then) grows at the next start.
+            let (mut now, mut later) = (hardware.clone(), UpdateVm::default());
+            if !grown {
+                later.disk_bytes = now.disk_bytes.take();
+            }
+            crate::host::add_pending(r, now.clone());
+            crate::host::apply_hardware(r, &now);
+            crate::host::add_pending(r, later);
         }
         Ok(())
     })?;

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use porthole_api::{BootSpec, DiskFormat, NicDefinition};
+use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, NicDefinition, UpdateVm};
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
@@ -58,6 +58,24 @@ pub struct VmRecord {
     /// Suspended by the daemon as it stopped (`--suspend-on-shutdown`): resumed when the daemon starts again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume_on_start: bool,
+    /// Free text about the VM.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Started when the daemon starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autostart: bool,
+    /// Firmware boot order (absent: CD/DVD, then disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_order: Option<Vec<BootDevice>>,
+    /// Firmware boot: offer the boot menu.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_menu: bool,
+    /// The display's start-up resolution (absent: the engine's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<DisplaySpec>,
+    /// Changes made while the VM ran, applied at its next start from power-on (see `Host::start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<UpdateVm>,
 }
 
 /// A VM's disk: its present layer and what its bottom layer stands on.
@@ -339,6 +357,12 @@ mod tests {
             cloud_init: None,
             suspended: None,
             resume_on_start: false,
+            description: String::new(),
+            autostart: false,
+            boot_order: None,
+            boot_menu: false,
+            display: None,
+            pending: None,
         }
     }
 

@@ -747,6 +747,44 @@ pub fn overlay_on(
     }
 }
 
+/// Grows the image at `path` (raw, or qcow2 on its backing chain `backing`, nearest first) to `size` bytes,
+/// rounded up to whole sectors: a raw file gets longer (sparse), a qcow2 image's virtual size grows (the new
+/// range reads as zeros). Never shrinks: a size below the image's present one is refused.
+pub fn grow_image(path: &Path, backing: &[PathBuf], size: u64) -> Result<(), DiskError> {
+    let format = probe_format(path)?;
+    let size = size.div_ceil(SECTOR_SIZE).checked_mul(SECTOR_SIZE).ok_or_else(|| DiskError::Image {
+        path: path.to_owned(),
+        format,
+        reason: format!("{size} bytes is too large"),
+    })?;
+    let refuse = |now: u64| DiskError::Image {
+        path: path.to_owned(),
+        format,
+        reason: format!("it is {now} bytes: a disk only grows (asked for {size})"),
+    };
+    match format {
+        ImageFormat::Raw if !backing.is_empty() => Err(DiskError::BackingOnRaw { path: path.to_owned() }),
+        ImageFormat::Raw => {
+            let (file, now) = open_locked(path, false)?;
+            if size < now {
+                return Err(refuse(now));
+            }
+            let err = |source| DiskError::Open { path: path.to_owned(), source };
+            file.set_len(size).map_err(err)?;
+            file.sync_all().map_err(err)
+        }
+        ImageFormat::Qcow2 => {
+            let access = open_imago(path, true, backing)?;
+            let now = access.size();
+            if size < now {
+                return Err(refuse(now));
+            }
+            access.resize_grow(size, imago::format::PreallocateMode::Zero).map_err(|e| image_err(path, format, &e))?;
+            access.flush().map_err(|e| image_err(path, format, &e))
+        }
+    }
+}
+
 /// An image opened through imago for copying and merging (see [`copy_image`] and [`commit_image`]): its
 /// files stay locked as [`open_image`] locks them while it lives.
 fn open_imago(path: &Path, writable: bool, backing: &[PathBuf]) -> Result<ImagoAccess, DiskError> {
@@ -1155,6 +1193,47 @@ mod tests {
         let odd = dir.join("odd.img");
         create_raw_image(&odd, 1000).unwrap();
         assert_eq!(std::fs::metadata(&odd).unwrap().len(), 1024);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Raw and qcow2 images grow (whole sectors; the old bytes kept, the new range reading as zeros) and
+    /// never shrink.
+    #[test]
+    fn images_grow_and_never_shrink() {
+        let dir = scratch("grow");
+        let raw = dir.join("a.img");
+        create_raw_image(&raw, 1 << 20).unwrap();
+        std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+        grow_image(&raw, &[], (2 << 20) + 100).unwrap();
+        let bytes = std::fs::read(&raw).unwrap();
+        assert_eq!(bytes.len(), (2 << 20) + 512);
+        assert!(bytes[..1 << 20].iter().all(|&b| b == 7) && bytes[1 << 20..].iter().all(|&b| b == 0));
+        assert!(matches!(grow_image(&raw, &[], 1 << 20), Err(DiskError::Image { .. })), "no shrink");
+        assert!(grow_image(&raw, &[], u64::MAX).is_err(), "no overflow");
+        assert_eq!(std::fs::metadata(&raw).unwrap().len(), (2 << 20) + 512);
+
+        let q = dir.join("a.qcow2");
+        create_qcow2(&q, 1 << 20, None).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8192)]).unwrap();
+        {
+            let img = Qcow2Image::open(&q, false, &[]).unwrap();
+            mem.write_slice(&[9u8; 4096], GuestAddress(0)).unwrap();
+            img.write_at(&mem.get_slice(GuestAddress(0), 4096).unwrap(), 4096).unwrap();
+            img.flush().unwrap();
+        }
+        grow_image(&q, &[], 3 << 20).unwrap();
+        assert_eq!(image_size(&q, &[]).unwrap(), 3 << 20);
+        let img = Qcow2Image::open(&q, true, &[]).unwrap();
+        let mut buf = vec![1u8; 8192];
+        img.read_at(&mem.get_slice(GuestAddress(0), 8192).unwrap(), 0).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 9));
+        img.read_at(&mem.get_slice(GuestAddress(0), 8192).unwrap(), (3 << 20) - 8192).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "the new range reads as zeros");
+        drop(img);
+        assert!(matches!(grow_image(&q, &[], 1 << 20), Err(DiskError::Image { .. })), "no shrink");
+        assert_eq!(image_size(&q, &[]).unwrap(), 3 << 20);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

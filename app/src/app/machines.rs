@@ -580,6 +580,14 @@ mod tests {
             template: false,
             linked_to: None,
             cloud_init: None,
+            description: String::new(),
+            autostart: false,
+            boot_order: porthole_api::default_boot_order(),
+            boot_menu: false,
+            display: None,
+            drives: Vec::new(),
+            pending_changes: Vec::new(),
+            pending: None,
         }
     }
 

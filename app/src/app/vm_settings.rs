@@ -1,0 +1,593 @@
+//! The *Settings* view of a VM (opened from its details): General (name, description, tags, autostart),
+//! Hardware (vCPUs, memory), Disks (size, grown only; format and bus shown), CD/DVD (insert, eject),
+//! Boot (firmware with its boot order and menu, or a kernel; the display's resolution) and Network (the
+//! details' network cards section). *Apply* sends one `PATCH /vms/{id}` with what changed; the host checks
+//! every field and a refusal puts each field's reason under its widget. On a running VM the hardware, boot,
+//! display and disk-size changes wait for its next start, and the view says which do.
+
+use std::collections::BTreeMap;
+
+use porthole_api::{BootDevice, BootSpec, DisplaySpec, DriveKind, ImageFormat, UpdateVm, Vm, VmState};
+
+use super::clones::human_bytes;
+use super::{PortholeApp, parse_tags, tag_problem};
+
+const GIB: u64 = 1 << 30;
+
+/// The form's values (text where the user types).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fields {
+    pub name: String,
+    pub description: String,
+    /// Comma-separated.
+    pub tags: String,
+    pub autostart: bool,
+    pub vcpus: String,
+    pub memory_mib: String,
+    /// The disk's size in GiB (empty: no disk).
+    pub disk_gib: String,
+    /// Boots its firmware (SeaBIOS) rather than a kernel.
+    pub firmware: bool,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub boot_order: Vec<BootDevice>,
+    pub boot_menu: bool,
+    /// `WIDTHxHEIGHT` (empty: the engine's default).
+    pub resolution: String,
+}
+
+fn gib_text(bytes: u64) -> String {
+    if bytes == 0 {
+        String::new()
+    } else if bytes.is_multiple_of(GIB) {
+        (bytes / GIB).to_string()
+    } else {
+        format!("{:.2}", bytes as f64 / GIB as f64)
+    }
+}
+
+impl Fields {
+    /// The form of `vm` with its pending changes (what it will have at its next start).
+    pub fn of(vm: &Vm) -> Fields {
+        let p = vm.pending.clone().unwrap_or_default();
+        let boot = if p.firmware_boot == Some(true) { None } else { p.boot.clone().or_else(|| vm.boot.clone()) };
+        Fields {
+            name: vm.name.clone(),
+            description: vm.description.clone(),
+            tags: vm.tags.join(", "),
+            autostart: vm.autostart,
+            vcpus: p.vcpus.unwrap_or(vm.vcpus).to_string(),
+            memory_mib: p.memory_mib.unwrap_or(vm.memory_mib).to_string(),
+            disk_gib: gib_text(p.disk_bytes.unwrap_or(vm.disk_bytes)),
+            firmware: boot.is_none(),
+            kernel: boot.as_ref().map(|b| b.kernel.clone()).unwrap_or_default(),
+            initrd: boot.as_ref().and_then(|b| b.initrd.clone()).unwrap_or_default(),
+            cmdline: boot.as_ref().map(|b| b.cmdline.clone()).unwrap_or_default(),
+            boot_order: p.boot_order.unwrap_or_else(|| vm.boot_order.clone()),
+            boot_menu: p.boot_menu.unwrap_or(vm.boot_menu),
+            resolution: p.display.or(vm.display).map(|d| format!("{}x{}", d.width, d.height)).unwrap_or_default(),
+        }
+    }
+}
+
+/// The request that turns `base` into `new` (only what changed), or the form's own objections by field.
+pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String, String>> {
+    let mut u = UpdateVm::default();
+    let mut errors = BTreeMap::new();
+    let mut refuse = |field: &str, why: &str| {
+        errors.insert(field.to_owned(), why.to_owned());
+    };
+    if new.name.trim() != base.name {
+        u.name = Some(new.name.trim().to_owned());
+    }
+    if new.description != base.description {
+        u.description = Some(new.description.clone());
+    }
+    let tags = parse_tags(&new.tags);
+    if tags != parse_tags(&base.tags) {
+        match tags.iter().find_map(|t| tag_problem(t)) {
+            Some(p) => refuse("tags", &p),
+            None => u.tags = Some(tags),
+        }
+    }
+    if new.autostart != base.autostart {
+        u.autostart = Some(new.autostart);
+    }
+    if new.vcpus.trim() != base.vcpus {
+        match new.vcpus.trim().parse() {
+            Ok(v) => u.vcpus = Some(v),
+            Err(_) => refuse("vcpus", "Give a whole number of vCPUs."),
+        }
+    }
+    if new.memory_mib.trim() != base.memory_mib {
+        match new.memory_mib.trim().parse() {
+            Ok(m) => u.memory_mib = Some(m),
+            Err(_) => refuse("memory_mib", "Give the memory in MiB, a whole number."),
+        }
+    }
+    if new.disk_gib.trim() != base.disk_gib {
+        match new.disk_gib.trim().parse::<f64>() {
+            // At most 1 Pi (the host refuses more than 64 TiB with its reason); the bytes then fit easily.
+            Ok(g) if g.is_finite() && g > 0.0 && g <= (1u64 << 20) as f64 => {
+                u.disk_bytes = Some(((g * GIB as f64) as u64).div_ceil(512) * 512);
+            }
+            _ => refuse("disk_bytes", "Give the size in GiB, e.g. 20."),
+        }
+    }
+    let kernel_changed = new.kernel != base.kernel || new.initrd != base.initrd || new.cmdline != base.cmdline;
+    if new.firmware && !base.firmware {
+        u.firmware_boot = Some(true);
+    } else if !new.firmware && (base.firmware || kernel_changed) {
+        if new.kernel.trim().is_empty() {
+            refuse("boot", "Name the kernel: an image of the host's library.");
+        } else {
+            u.boot = Some(BootSpec {
+                kernel: new.kernel.trim().to_owned(),
+                initrd: Some(new.initrd.trim().to_owned()).filter(|i| !i.is_empty()),
+                cmdline: new.cmdline.clone(),
+            });
+        }
+    }
+    if new.boot_order != base.boot_order {
+        u.boot_order = Some(new.boot_order.clone());
+    }
+    if new.boot_menu != base.boot_menu {
+        u.boot_menu = Some(new.boot_menu);
+    }
+    if new.resolution.trim() != base.resolution {
+        let parsed = new
+            .resolution
+            .trim()
+            .split_once(['x', 'X'])
+            .and_then(|(w, h)| Some(DisplaySpec { width: w.trim().parse().ok()?, height: h.trim().parse().ok()? }));
+        match parsed {
+            Some(d) => u.display = Some(d),
+            None => refuse("display", "Give WIDTHxHEIGHT, e.g. 1280x800."),
+        }
+    }
+    if errors.is_empty() { Ok(u) } else { Err(errors) }
+}
+
+/// The words for the host's names of pending changes.
+pub fn pending_text(names: &[String]) -> String {
+    let words: Vec<&str> = names
+        .iter()
+        .map(|n| match n.as_str() {
+            "vcpus" => "vCPUs",
+            "memory_mib" => "memory",
+            "boot" => "kernel boot",
+            "firmware_boot" => "firmware boot",
+            "boot_order" => "boot order",
+            "boot_menu" => "boot menu",
+            "display" => "resolution",
+            "disk_bytes" => "disk size",
+            "nics" => "network cards",
+            other => other,
+        })
+        .collect();
+    words.join(", ")
+}
+
+fn order_text(order: &[BootDevice]) -> &'static str {
+    match order {
+        [BootDevice::Cdrom, BootDevice::Disk] => "CD/DVD, then disk",
+        [BootDevice::Disk, BootDevice::Cdrom] => "Disk, then CD/DVD",
+        [BootDevice::Cdrom] => "CD/DVD only",
+        [BootDevice::Disk] => "Disk only",
+        _ => "other",
+    }
+}
+
+/// The Settings view's state: the VM it edits, the values it started from and the edited ones, and the
+/// reasons the form or the host gave for refusing fields.
+#[derive(Debug, Clone)]
+pub struct SettingsForm {
+    pub host: usize,
+    pub vm: String,
+    base: Fields,
+    pub fields: Fields,
+    /// Why each refused field was refused (by the form, or by the host on *Apply*).
+    pub errors: BTreeMap<String, String>,
+    /// A refusal that names no field.
+    error: Option<String>,
+    /// *Apply* was sent; the answer has not come yet.
+    waiting: bool,
+    /// The library image picked for the CD/DVD drive.
+    iso: String,
+}
+
+impl SettingsForm {
+    pub fn new(host: usize, vm: &Vm) -> Self {
+        let fields = Fields::of(vm);
+        SettingsForm {
+            host,
+            vm: vm.id.clone(),
+            base: fields.clone(),
+            fields,
+            errors: BTreeMap::new(),
+            error: None,
+            waiting: false,
+            iso: String::new(),
+        }
+    }
+
+    /// Whether the user changed anything.
+    pub fn edited(&self) -> bool {
+        self.fields != self.base
+    }
+
+    /// Follows `vm` as the host reports it: unedited fields take its new values.
+    fn follow(&mut self, vm: &Vm) {
+        let now = Fields::of(vm);
+        if now != self.base && !self.edited() && !self.waiting {
+            self.base = now.clone();
+            self.fields = now;
+        }
+    }
+}
+
+/// Adds a grid row: `label`, then the widget `add` makes (labelled by it) with `field`'s error under it.
+fn row(
+    ui: &mut egui::Ui,
+    label: &str,
+    errors: &BTreeMap<String, String>,
+    field: &str,
+    add: impl FnOnce(&mut egui::Ui) -> egui::Response,
+) {
+    let l = ui.label(label);
+    ui.vertical(|ui| {
+        add(ui).labelled_by(l.id);
+        if let Some(e) = errors.get(field) {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+    });
+    ui.end_row();
+}
+
+/// A grid row of a check box: `label`, then the box (named by its own text) with `field`'s error under it.
+fn check_row(
+    ui: &mut egui::Ui,
+    label: &str,
+    errors: &BTreeMap<String, String>,
+    field: &str,
+    value: &mut bool,
+    text: &str,
+) {
+    ui.label(label);
+    ui.vertical(|ui| {
+        ui.checkbox(value, text);
+        if let Some(e) = errors.get(field) {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+    });
+    ui.end_row();
+}
+
+fn section(ui: &mut egui::Ui, title: &str) {
+    ui.add_space(8.0);
+    ui.strong(title);
+    ui.separator();
+}
+
+impl PortholeApp {
+    /// Opens the Settings view of `vm` (in place of its details).
+    pub(super) fn open_settings(&mut self, host: usize, vm: &Vm) {
+        self.vm_settings = Some(SettingsForm::new(host, vm));
+        self.backend.load_images(host);
+    }
+
+    /// Whether the Settings view of VM `id` of host `host` is open.
+    pub(super) fn settings_open(&self, host: usize, id: &str) -> bool {
+        self.vm_settings.as_ref().is_some_and(|f| f.host == host && f.vm == id)
+    }
+
+    /// The Settings view of `vm`.
+    pub(super) fn settings_view(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
+        let outcome = {
+            let mut m = self.backend.model();
+            match &m.settings_outcome {
+                Some((h, id, _)) if *h == host && *id == vm.id => m.settings_outcome.take().map(|o| o.2),
+                _ => None,
+            }
+        };
+        let images: Vec<String> = self
+            .backend
+            .model()
+            .images
+            .get(&host)
+            .map(|list| list.iter().filter(|i| i.format == ImageFormat::Iso).map(|i| i.name.clone()).collect())
+            .unwrap_or_default();
+        let Some(form) = self.vm_settings.as_mut() else { return };
+        match outcome {
+            Some(Ok(changed)) => {
+                let fields = Fields::of(&changed);
+                form.base = fields.clone();
+                form.fields = fields;
+                form.errors.clear();
+                form.error = None;
+                form.waiting = false;
+            }
+            Some(Err(refusal)) => {
+                form.errors = refusal.fields.iter().map(|f| (f.field.clone(), f.message.clone())).collect();
+                form.error = refusal.fields.is_empty().then_some(refusal.message);
+                form.waiting = false;
+            }
+            None => form.follow(vm),
+        }
+        let running = !matches!(vm.state, VmState::Stopped) || vm.crash.is_some();
+        let (mut close, mut apply, mut revert) = (false, false, false);
+        let mut media: Option<Option<String>> = None;
+        let mut upload = false;
+        ui.horizontal(|ui| {
+            ui.heading(format!("Settings of {}", vm.name));
+        });
+        ui.horizontal(|ui| {
+            close = ui.button("Back to details").clicked();
+            apply = ui.add_enabled(form.edited() && !form.waiting, egui::Button::new("Apply")).clicked();
+            revert = ui.add_enabled(form.edited(), egui::Button::new("Revert")).clicked();
+            if form.waiting {
+                ui.spinner();
+            }
+        });
+        if running {
+            ui.label(
+                "The VM is running: name, description, tags, autostart and the CD/DVD change at once; hardware, \
+                 disk size, boot, display and network card changes apply at next start.",
+            );
+        }
+        if !vm.pending_changes.is_empty() {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("Pending, applies at next start: {}", pending_text(&vm.pending_changes)),
+            );
+        }
+        if let Some(e) = &form.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        let errors = form.errors.clone();
+        let f = &mut form.fields;
+
+        section(ui, "General");
+        egui::Grid::new("settings-general").num_columns(2).show(ui, |ui| {
+            row(ui, "Name", &errors, "name", |ui| ui.text_edit_singleline(&mut f.name));
+            row(ui, "Description", &errors, "description", |ui| {
+                ui.add(egui::TextEdit::multiline(&mut f.description).desired_rows(3).hint_text("what the VM is for"))
+            });
+            row(ui, "Tags", &errors, "tags", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.tags).hint_text("web, prod"))
+            });
+            check_row(ui, "Autostart", &errors, "autostart", &mut f.autostart, "Start with the host");
+        });
+
+        section(ui, "Hardware");
+        egui::Grid::new("settings-hardware").num_columns(2).show(ui, |ui| {
+            row(ui, "vCPUs", &errors, "vcpus", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.vcpus).desired_width(80.0))
+            });
+            row(ui, "Memory (MiB)", &errors, "memory_mib", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.memory_mib).desired_width(80.0))
+            });
+        });
+
+        section(ui, "Disks");
+        let disks: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Disk).collect();
+        let disk_rows = !disks.is_empty() || vm.disk_bytes > 0;
+        if disk_rows {
+            egui::Grid::new("settings-disks").num_columns(2).show(ui, |ui| {
+                for d in &disks {
+                    ui.label(&d.id);
+                    let format = match d.format {
+                        Some(porthole_api::DiskFormat::Qcow2) => "qcow2",
+                        Some(porthole_api::DiskFormat::Raw) => "raw",
+                        None => "",
+                    };
+                    let ro = if d.read_only { ", read-only" } else { "" };
+                    ui.label(format!("{}, {format}, {}{ro}", d.bus, human_bytes(d.size_bytes)));
+                    ui.end_row();
+                }
+                if vm.disk_bytes > 0 {
+                    row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
+                        ui.add(egui::TextEdit::singleline(&mut f.disk_gib).desired_width(80.0))
+                            .on_hover_text("A disk only grows: the guest then grows its partition and file system")
+                    });
+                }
+            });
+        } else {
+            ui.label("No disk.");
+        }
+        ui.weak("Adding or removing disks and CD/DVD drives is not supported yet.");
+
+        section(ui, "CD/DVD");
+        ui.label(format!("cdrom0, SCSI CD-ROM (virtio-scsi): {}", vm.media.as_deref().unwrap_or("empty")));
+        ui.horizontal(|ui| {
+            let l = ui.label("Library image");
+            egui::ComboBox::from_id_salt("settings-iso")
+                .selected_text(if form.iso.is_empty() { "choose…" } else { form.iso.as_str() })
+                .show_ui(ui, |ui| {
+                    for i in &images {
+                        ui.selectable_value(&mut form.iso, i.clone(), i);
+                    }
+                    if images.is_empty() {
+                        ui.label("No ISO in the host's library");
+                    }
+                })
+                .response
+                .labelled_by(l.id);
+            if ui.add_enabled(!form.iso.is_empty(), egui::Button::new("Insert")).clicked() {
+                media = Some(Some(form.iso.clone()));
+            }
+            if ui.add_enabled(vm.media.is_some(), egui::Button::new("Eject")).clicked() {
+                media = Some(None);
+            }
+            upload = ui.button("Insert ISO from this computer…").clicked();
+        });
+        let f = &mut form.fields;
+
+        section(ui, "Boot");
+        egui::Grid::new("settings-boot").num_columns(2).show(ui, |ui| {
+            ui.label("Boots");
+            ui.vertical(|ui| {
+                ui.radio_value(&mut f.firmware, true, "Firmware (SeaBIOS)");
+                ui.radio_value(&mut f.firmware, false, "Direct kernel boot");
+                if let Some(e) = errors.get("firmware_boot") {
+                    ui.colored_label(ui.visuals().error_fg_color, e);
+                }
+            });
+            ui.end_row();
+            if f.firmware {
+                let l = ui.label("Boot order");
+                ui.vertical(|ui| {
+                    egui::ComboBox::from_id_salt("settings-boot-order")
+                        .selected_text(order_text(&f.boot_order))
+                        .show_ui(ui, |ui| {
+                            use BootDevice::{Cdrom, Disk};
+                            for o in [vec![Cdrom, Disk], vec![Disk, Cdrom], vec![Cdrom], vec![Disk]] {
+                                let text = order_text(&o);
+                                ui.selectable_value(&mut f.boot_order, o, text);
+                            }
+                        })
+                        .response
+                        .labelled_by(l.id);
+                    if let Some(e) = errors.get("boot_order") {
+                        ui.colored_label(ui.visuals().error_fg_color, e);
+                    }
+                });
+                ui.end_row();
+                check_row(
+                    ui,
+                    "Boot menu",
+                    &errors,
+                    "boot_menu",
+                    &mut f.boot_menu,
+                    "Offer the boot menu (ESC at start)",
+                );
+            } else {
+                row(ui, "Kernel", &errors, "boot", |ui| {
+                    ui.add(egui::TextEdit::singleline(&mut f.kernel).hint_text("an image of the library"))
+                });
+                row(ui, "Initrd", &errors, "initrd", |ui| {
+                    ui.add(egui::TextEdit::singleline(&mut f.initrd).hint_text("none"))
+                });
+                row(ui, "Kernel command line", &errors, "cmdline", |ui| ui.text_edit_singleline(&mut f.cmdline));
+            }
+            row(ui, "Resolution", &errors, "display", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.resolution).hint_text("1280x800 (default)"))
+                    .on_hover_text("The display's start-up resolution (standard VGA)")
+            });
+        });
+        if let Some(e) = errors.get("nics") {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+
+        if apply {
+            match request(&form.base, &form.fields) {
+                Ok(change) => {
+                    form.errors.clear();
+                    form.error = None;
+                    form.waiting = true;
+                    self.backend.apply_settings(host, vm.id.clone(), vm.name.clone(), change);
+                }
+                Err(errors) => form.errors = errors,
+            }
+        }
+        if revert {
+            form.fields = form.base.clone();
+            form.errors.clear();
+            form.error = None;
+        }
+        if let Some(image) = media {
+            let id = vm.id.clone();
+            let what = match &image {
+                Some(i) => format!("Insert {i} into {}", vm.name),
+                None => format!("Eject from {}", vm.name),
+            };
+            self.backend.act(host, what, None, move |c| async move { c.change_media(&id, image.as_deref()).await });
+        }
+        if upload && let Some(path) = rfd::FileDialog::new().add_filter("Disc images", &["iso", "img"]).pick_file() {
+            self.attach(host, &vm.id, path);
+        }
+        section(ui, "Network");
+        self.network_section(ui, host, vm);
+        if close {
+            self.vm_settings = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> Vm {
+        serde_json::from_value(serde_json::json!({
+            "id": "a", "name": "web", "vcpus": 1, "memory_mib": 64, "disk_bytes": 8u64 << 30, "state": "stopped",
+            "boot": {"kernel": "vmlinuz", "cmdline": "console=ttyS0"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_what_changed_is_sent() {
+        let base = Fields::of(&vm());
+        assert_eq!(request(&base, &base), Ok(UpdateVm::default()));
+        let mut f = base.clone();
+        f.vcpus = "2".into();
+        f.disk_gib = "10".into();
+        f.firmware = true;
+        f.boot_order = vec![BootDevice::Disk];
+        f.resolution = "1024x768".into();
+        f.description = "about".into();
+        let u = request(&base, &f).unwrap();
+        assert_eq!(u.vcpus, Some(2));
+        assert_eq!(u.disk_bytes, Some(10 << 30));
+        assert_eq!(u.firmware_boot, Some(true));
+        assert_eq!(u.boot, None);
+        assert_eq!(u.boot_order, Some(vec![BootDevice::Disk]));
+        assert_eq!(u.display, Some(DisplaySpec { width: 1024, height: 768 }));
+        assert_eq!(u.description.as_deref(), Some("about"));
+        assert_eq!((u.name, u.memory_mib, u.tags, u.autostart), (None, None, None, None));
+    }
+
+    #[test]
+    fn the_form_objects_to_what_is_not_a_value() {
+        let base = Fields::of(&vm());
+        let mut f = base.clone();
+        f.vcpus = "two".into();
+        f.memory_mib = "".into();
+        f.disk_gib = "1e300".into();
+        f.resolution = "big".into();
+        f.tags = "has/slash".into();
+        f.kernel = " ".into();
+        let e = request(&base, &f).unwrap_err();
+        assert_eq!(
+            e.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["boot", "disk_bytes", "display", "memory_mib", "tags", "vcpus"]
+        );
+    }
+
+    #[test]
+    fn a_disk_size_is_whole_sectors_and_never_overflows() {
+        let base = Fields::of(&vm());
+        for (text, bytes) in
+            [("8.5", Some((8 << 30) + (1 << 29))), ("0.0000001", Some(512)), ("1048576", Some(1 << 50))]
+        {
+            let f = Fields { disk_gib: text.into(), ..base.clone() };
+            assert_eq!(request(&base, &f).map(|u| u.disk_bytes).ok().flatten(), bytes, "{text}");
+        }
+        for text in ["-1", "0", "1048577", "inf", "NaN"] {
+            let f = Fields { disk_gib: text.into(), ..base.clone() };
+            assert!(request(&base, &f).unwrap_err().contains_key("disk_bytes"), "{text}");
+        }
+    }
+
+    #[test]
+    fn pending_changes_show_in_the_form_and_in_words() {
+        let mut v = vm();
+        v.pending = Some(UpdateVm { vcpus: Some(4), firmware_boot: Some(true), ..Default::default() });
+        let f = Fields::of(&v);
+        assert_eq!(f.vcpus, "4");
+        assert!(f.firmware);
+        assert_eq!(pending_text(&["vcpus".into(), "disk_bytes".into()]), "vCPUs, disk size");
+    }
+}

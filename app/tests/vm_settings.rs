@@ -1,0 +1,218 @@
+//! A VM's *Settings* view, driven through its accessibility tree (egui_kittest) against a real `portholed`:
+//! every setting of a stopped VM edited in the window and seen in the API (and the disk grown on the host); a
+//! setting that needs a stop, changed on a running VM, said to apply at next start and applied after a stop
+//! and start; values the host refuses shown under their own fields, with nothing changed.
+
+use std::time::Duration;
+
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+use porthole::PortholeApp;
+use porthole_api::client::Action;
+use porthole_api::{BootDevice, BootSpec, CreateVm, DisplaySpec, Vm, VmState};
+use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
+
+mod common;
+use common::*;
+
+const GIB: u64 = 1 << 30;
+
+/// Clicks the widget labelled `label` through AccessKit (one event in one frame; see storage.rs).
+fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
+    h.step();
+    h.get_by_label(label).click_accesskit();
+    h.step();
+    h.step();
+}
+
+/// Selects the VM named `name` and opens its Settings view.
+fn open_settings(h: &mut Harness<'static, PortholeApp>, name: &str) {
+    wait(h, "the VM in the list", |h| has(h, name));
+    h.get_all_by_label(name).next().expect("the VM's button").click();
+    h.step();
+    h.step();
+    wait(h, "the details", |h| has(h, "Settings…"));
+    press(h, "Settings…");
+    wait(h, "the Settings view", |h| has(h, &format!("Settings of {name}")));
+}
+
+/// The idle micro-guest with a 1 GiB qcow2 disk and no network card.
+fn create_vm(d: &Daemon, rt: &tokio::runtime::Runtime, name: &str) -> Vm {
+    let req = CreateVm {
+        boot: Some(BootSpec {
+            kernel: porthole_guests::path("idle").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        disk_gib: 1,
+        nics: Some(Vec::new()),
+        ..CreateVm::new(name, 1, 64)
+    };
+    rt.block_on(d.local().create_vm(&req)).unwrap()
+}
+
+fn api_vm(d: &Daemon, rt: &tokio::runtime::Runtime, id: &str) -> Vm {
+    rt.block_on(d.local().vm(id)).unwrap()
+}
+
+/// A small file the library takes as an ISO (the primary volume descriptor's `CD001` at byte 32 769).
+fn library_iso(dir: &Scratch, d: &Daemon, rt: &tokio::runtime::Runtime, name: &str) {
+    let mut bytes = vec![0u8; 36 << 10];
+    bytes[32_768] = 1;
+    bytes[32_769..32_774].copy_from_slice(b"CD001");
+    let path = dir.path(name);
+    std::fs::write(&path, bytes).unwrap();
+    rt.block_on(d.local().upload_image(name, &path, |_, _| {})).unwrap();
+}
+
+#[test]
+fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
+    let dir = Scratch::new("gui-settings-all");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm = create_vm(&d, &rt, "editme");
+    library_iso(&dir, &d, &rt, "install.iso");
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2200.0);
+    wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
+    open_settings(&mut h, "editme");
+    assert!(has_contains(&h, "virtio-blk, qcow2, 1.0 GiB"), "the disk, its bus and format");
+    assert!(has_contains(&h, "SCSI CD-ROM (virtio-scsi): empty"));
+    assert!(disabled(&h, "Apply") && disabled(&h, "Revert"), "nothing edited yet");
+
+    replace_text(&mut h, "Name", "edited");
+    h.get_by_role_and_label(Role::MultilineTextInput, "Description").focus();
+    h.step();
+    h.get_by_role_and_label(Role::MultilineTextInput, "Description").type_text("The test VM");
+    h.step();
+    replace_text(&mut h, "Tags", "web, db");
+    press(&mut h, "Start with the host");
+    replace_text(&mut h, "vCPUs", "2");
+    replace_text(&mut h, "Memory (MiB)", "96");
+    replace_text(&mut h, "Disk size (GiB)", "2");
+    press(&mut h, "Firmware (SeaBIOS)");
+    combo(&mut h, "Boot order", "Disk, then CD/DVD");
+    press(&mut h, "Offer the boot menu (ESC at start)");
+    replace_text(&mut h, "Resolution", "1024x768");
+    assert!(!disabled(&h, "Apply"));
+    press(&mut h, "Apply");
+    wait(&mut h, "the change applied", |h| has_contains(h, "Settings of editme applied"));
+
+    let got = api_vm(&d, &rt, &vm.id);
+    assert_eq!(got.name, "edited");
+    assert_eq!(got.description, "The test VM");
+    assert_eq!(got.tags, ["db", "web"]);
+    assert!(got.autostart);
+    assert_eq!((got.vcpus, got.memory_mib, got.disk_bytes), (2, 96, 2 * GIB));
+    assert!(got.boot.is_none(), "firmware boot");
+    assert_eq!(got.boot_order, [BootDevice::Disk, BootDevice::Cdrom]);
+    assert!(got.boot_menu);
+    assert_eq!(got.display, Some(DisplaySpec { width: 1024, height: 768 }));
+    assert!(got.pending_changes.is_empty());
+    wait(&mut h, "the view follows the host", |h| has(h, "Settings of edited") && disabled(h, "Apply"));
+
+    // CD/DVD: a library ISO in, then out.
+    combo(&mut h, "Library image", "install.iso");
+    press(&mut h, "Insert");
+    wait(&mut h, "the ISO in the drive", |h| has_contains(h, "SCSI CD-ROM (virtio-scsi): install.iso"));
+    assert_eq!(api_vm(&d, &rt, &vm.id).media.as_deref(), Some("install.iso"));
+    press(&mut h, "Eject");
+    wait(&mut h, "the drive empty", |h| has_contains(h, "SCSI CD-ROM (virtio-scsi): empty"));
+    assert_eq!(api_vm(&d, &rt, &vm.id).media, None);
+
+    // Back to a kernel; Revert drops an edit.
+    press(&mut h, "Direct kernel boot");
+    replace_text(&mut h, "Kernel", &porthole_guests::path("idle").display().to_string());
+    replace_text(&mut h, "vCPUs", "3");
+    press(&mut h, "Revert");
+    assert!(disabled(&h, "Apply"), "reverted");
+    assert!(has(&h, "Boot order"), "firmware boot again in the form");
+    press(&mut h, "Direct kernel boot");
+    replace_text(&mut h, "Kernel", &porthole_guests::path("idle").display().to_string());
+    press(&mut h, "Apply");
+    wait(&mut h, "the kernel back", |h| {
+        h.state().backend.model().notices.iter().filter(|n| n.text.contains("applied")).count() >= 2
+    });
+    let got = api_vm(&d, &rt, &vm.id);
+    let notices = h.state().backend.model().notices.clone();
+    assert!(
+        got.boot.as_ref().is_some_and(|b| b.kernel == porthole_guests::path("idle").display().to_string()),
+        "a kernel again: {got:?} {notices:?}"
+    );
+    assert_eq!(got.vcpus, 2, "the reverted edit was not sent");
+    press(&mut h, "Back to details");
+    wait(&mut h, "the details again", |h| has(h, "Settings…"));
+}
+
+#[test]
+fn a_setting_that_needs_a_stop_waits_for_the_next_start() {
+    let dir = Scratch::new("gui-settings-pending");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm = create_vm(&d, &rt, "runner");
+    rt.block_on(d.local().action(&vm.id, Action::Start)).unwrap();
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2200.0);
+    wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
+    open_settings(&mut h, "runner");
+    wait(&mut h, "the running note", |h| has_contains(h, "The VM is running"));
+    replace_text(&mut h, "vCPUs", "2");
+    h.get_by_role_and_label(Role::MultilineTextInput, "Description").focus();
+    h.step();
+    h.get_by_role_and_label(Role::MultilineTextInput, "Description").type_text("changed live");
+    h.step();
+    press(&mut h, "Apply");
+    wait(&mut h, "the pending line", |h| has(h, "Pending, applies at next start: vCPUs"));
+    let got = api_vm(&d, &rt, &vm.id);
+    assert_eq!((got.vcpus, got.pending_changes.as_slice()), (1, ["vcpus".to_owned()].as_slice()));
+    assert_eq!(got.description, "changed live", "what can change live changed at once");
+    let shown = h.get_by_role_and_label(Role::TextInput, "vCPUs").accesskit_node().value();
+    assert_eq!(shown.as_deref(), Some("2"), "the form shows what the VM will have");
+
+    rt.block_on(d.local().action(&vm.id, Action::Poweroff)).unwrap();
+    rt.block_on(porthole_tests::daemon::wait_state(&d.local(), &vm.id, VmState::Stopped, Duration::from_secs(60)));
+    let started = rt.block_on(d.local().action(&vm.id, Action::Start)).unwrap();
+    assert_eq!((started.vcpus, started.pending_changes.len()), (2, 0));
+    wait(&mut h, "the pending line gone", |h| !has_contains(h, "applies at next start"));
+    rt.block_on(d.local().action(&vm.id, Action::Poweroff)).unwrap();
+}
+
+#[test]
+fn a_value_the_host_refuses_shows_under_its_field() {
+    let dir = Scratch::new("gui-settings-refused");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm = create_vm(&d, &rt, "strict");
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2200.0);
+    wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
+    open_settings(&mut h, "strict");
+    replace_text(&mut h, "Resolution", "333x100");
+    replace_text(&mut h, "Memory (MiB)", "1");
+    replace_text(&mut h, "Disk size (GiB)", "0.5");
+    press(&mut h, "Apply");
+    wait(&mut h, "the refusal", |h| has_contains(h, "333x100 is not supported"));
+    for (field, part) in [
+        ("Resolution", "333x100 is not supported"),
+        ("Memory (MiB)", "must be at least"),
+        ("Disk size (GiB)", "only grows"),
+    ] {
+        let input = h.get_by_role_and_label(Role::TextInput, field).rect();
+        // The reason nearest below the field (the notice at the bottom of the window says it too).
+        let below: Vec<egui::Rect> =
+            h.get_all_by_label_contains(part).map(|n| n.rect()).filter(|r| r.top() >= input.bottom() - 1.0).collect();
+        let error = *below.iter().min_by(|a, b| a.top().total_cmp(&b.top())).expect("the reason below the field");
+        assert!(
+            error.top() >= input.bottom() - 1.0
+                && error.top() < input.bottom() + 30.0
+                && error.left() >= input.left() - 1.0,
+            "{field}: the error ({error:?}) is right under its field ({input:?})"
+        );
+    }
+    assert!(!has_contains(&h, "Give WIDTHxHEIGHT"), "only the host's reasons");
+    assert_eq!(api_vm(&d, &rt, &vm.id).memory_mib, 64, "nothing changed");
+    assert_eq!(api_vm(&d, &rt, &vm.id).display, None);
+    // The form's own check: not a resolution at all.
+    replace_text(&mut h, "Resolution", "wide");
+    press(&mut h, "Apply");
+    assert!(has_contains(&h, "Give WIDTHxHEIGHT"));
+}

@@ -1,0 +1,330 @@
+//! VM settings through `PATCH /vms/{id}`, end to end with a real portholed: every setting applied and shown
+//! by `GET`, passed to the engine's command line (firmware boot order, boot menu, display) and to the disk
+//! files (a raw and a qcow2 disk grown, judged by `qemu-img info`); refused fields named one by one with
+//! nothing changed; a running VM's hardware changes kept as pending and applied at its next start; a VM marked
+//! to start with the host started by a new daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use porthole_api::client::Action;
+use porthole_api::{BootDevice, BootSpec, Client, CreateVm, DiskFormat, DisplaySpec, DriveKind, UpdateVm, Vm, VmState};
+use porthole_tests::daemon::Daemon;
+use porthole_tests::{Scratch, text};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const GIB: u64 = 1 << 30;
+
+fn idle_boot() -> BootSpec {
+    BootSpec { kernel: porthole_guests::path("idle").display().to_string(), initrd: None, cmdline: String::new() }
+}
+
+/// The idle micro-guest with a 1 GiB disk of `format` and no network card.
+fn idle_vm(name: &str, format: DiskFormat) -> CreateVm {
+    CreateVm {
+        boot: Some(idle_boot()),
+        disk_gib: 1,
+        disk_format: Some(format),
+        nics: Some(Vec::new()),
+        ..CreateVm::new(name, 1, 64)
+    }
+}
+
+/// The present disk layer of VM `id` (from its definition).
+fn top(d: &Daemon, id: &str) -> PathBuf {
+    let dir = d.data.join("vms").join(id);
+    let def: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("vm.json")).unwrap()).unwrap();
+    dir.join(def["disk"]["top"].as_str().unwrap())
+}
+
+/// `qemu-img info`: (format, virtual size).
+fn qemu_img_info(path: &Path) -> (String, u64) {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", path.to_str().unwrap()])
+        .output()
+        .expect("qemu-img runs: apt-get install qemu-utils (./x does)");
+    assert!(out.status.success(), "qemu-img info: {}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (v["format"].as_str().unwrap().to_owned(), v["virtual-size"].as_u64().unwrap())
+}
+
+fn qemu_img_check(path: &Path) {
+    let out = Command::new("qemu-img").args(["check", "-U", path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "qemu-img check: {}{}", text(&out.stdout), text(&out.stderr));
+}
+
+/// The command line of VM `id`'s engine process, one argument a string.
+fn vmm_args(d: &Daemon, id: &str) -> Vec<String> {
+    let pid = std::fs::read_to_string(d.run.join("vms").join(id).join("pid")).unwrap();
+    let raw = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+    raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(text).collect()
+}
+
+/// The argument after `flag` (None: the flag is absent).
+fn arg_after(args: &[String], flag: &str) -> Option<String> {
+    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1).cloned())
+}
+
+async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
+    porthole_tests::daemon::wait_state(c, id, state, LIMIT).await
+}
+
+/// The field names of a refused request.
+fn refused_fields(e: &porthole_api::ClientError) -> Vec<String> {
+    let mut f: Vec<String> = e.fields().iter().map(|f| f.field.clone()).collect();
+    f.sort();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_setting_of_a_stopped_vm_applies_and_reaches_the_engine_and_the_disk() {
+    let dir = Scratch::new("settings-stopped");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&idle_vm("plain", DiskFormat::Qcow2)).await.unwrap();
+    assert_eq!(vm.boot_order, [BootDevice::Cdrom, BootDevice::Disk], "the default order");
+    assert!(!vm.autostart && !vm.boot_menu && vm.description.is_empty() && vm.display.is_none());
+    let disk = vm.drives.iter().find(|d| d.kind == DriveKind::Disk).expect("the disk is listed");
+    assert_eq!((disk.id.as_str(), disk.bus.as_str(), disk.size_bytes), ("disk0", "virtio-blk", GIB));
+    assert!(vm.drives.iter().any(|d| d.kind == DriveKind::Cdrom && d.id == "cdrom0" && d.media.is_none()));
+
+    let change = UpdateVm {
+        name: Some("renamed".into()),
+        vcpus: Some(2),
+        memory_mib: Some(96),
+        tags: Some(vec!["web".into(), "test".into()]),
+        description: Some("Serves the test site.\nSecond line.".into()),
+        autostart: Some(true),
+        firmware_boot: Some(true),
+        boot_order: Some(vec![BootDevice::Disk, BootDevice::Cdrom]),
+        boot_menu: Some(true),
+        display: Some(DisplaySpec { width: 1024, height: 768 }),
+        disk_bytes: Some(2 * GIB),
+        ..Default::default()
+    };
+    let changed = c.update_vm(&vm.id, &change).await.unwrap();
+    assert!(changed.pending_changes.is_empty(), "a stopped VM takes every change at once: {changed:?}");
+    let got = c.vm(&vm.id).await.unwrap();
+    assert_eq!(got.name, "renamed");
+    assert_eq!((got.vcpus, got.memory_mib), (2, 96));
+    assert_eq!(got.tags, ["test", "web"]);
+    assert_eq!(got.description, "Serves the test site.\nSecond line.");
+    assert!(got.autostart);
+    assert!(got.boot.is_none(), "back to firmware boot");
+    assert_eq!(got.boot_order, [BootDevice::Disk, BootDevice::Cdrom]);
+    assert!(got.boot_menu);
+    assert_eq!(got.display, Some(DisplaySpec { width: 1024, height: 768 }));
+    assert_eq!(got.disk_bytes, 2 * GIB);
+    assert_eq!(got.drives[0].size_bytes, 2 * GIB);
+    assert_eq!(qemu_img_info(&top(&d, &vm.id)), ("qcow2".to_owned(), 2 * GIB), "qemu-img sees the grown disk");
+    qemu_img_check(&top(&d, &vm.id));
+
+    // The engine gets them: firmware boot from the disk first, the boot menu, the resolution (the empty disk
+    // does not boot; the firmware keeps trying, so the process runs).
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let args = vmm_args(&d, &vm.id);
+    assert_eq!(arg_after(&args, "--boot").as_deref(), Some("disk,cdrom"), "{args:?}");
+    assert!(args.iter().any(|a| a == "--boot-menu"), "{args:?}");
+    assert_eq!(arg_after(&args, "--display").as_deref(), Some("1024x768"), "{args:?}");
+    assert_eq!(arg_after(&args, "--cpus").as_deref(), Some("2"), "{args:?}");
+    assert_eq!(arg_after(&args, "--memory").as_deref(), Some("96"), "{args:?}");
+    assert!(!args.iter().any(|a| a == "--kernel"), "{args:?}");
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Stopped).await;
+
+    // Back to a kernel, the default order, no menu.
+    let back = UpdateVm {
+        boot: Some(idle_boot()),
+        boot_order: Some(vec![BootDevice::Cdrom, BootDevice::Disk]),
+        boot_menu: Some(false),
+        autostart: Some(false),
+        ..Default::default()
+    };
+    let got = c.update_vm(&vm.id, &back).await.unwrap();
+    assert_eq!(got.boot, Some(idle_boot()));
+    assert_eq!(got.boot_order, [BootDevice::Cdrom, BootDevice::Disk]);
+    assert!(!got.boot_menu && !got.autostart);
+
+    // A raw disk grows too (a longer sparse file); a disk never shrinks.
+    let raw = c.create_vm(&idle_vm("rawdisk", DiskFormat::Raw)).await.unwrap();
+    assert_eq!(raw.drives[0].format, Some(DiskFormat::Raw));
+    let got = c.update_vm(&raw.id, &UpdateVm { disk_bytes: Some(3 * GIB), ..Default::default() }).await.unwrap();
+    assert_eq!(got.disk_bytes, 3 * GIB);
+    assert_eq!(qemu_img_info(&top(&d, &raw.id)), ("raw".to_owned(), 3 * GIB));
+    assert_eq!(std::fs::metadata(top(&d, &raw.id)).unwrap().len(), 3 * GIB);
+    let e = c.update_vm(&raw.id, &UpdateVm { disk_bytes: Some(GIB), ..Default::default() }).await.unwrap_err();
+    assert_eq!((e.status(), refused_fields(&e)), (Some(400), vec!["disk_bytes".to_owned()]), "{e}");
+    assert!(e.to_string().contains("only grows"), "{e}");
+    assert_eq!(qemu_img_info(&top(&d, &raw.id)).1, 3 * GIB, "unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_fields_are_each_named_and_nothing_changes() {
+    let dir = Scratch::new("settings-refused");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&idle_vm("keep", DiskFormat::Qcow2)).await.unwrap();
+    c.create_vm(&idle_vm("other", DiskFormat::Qcow2)).await.unwrap();
+    let bad = UpdateVm {
+        name: Some("other".into()),
+        vcpus: Some(0),
+        memory_mib: Some(1),
+        tags: Some(vec!["has space".into()]),
+        description: Some("x".repeat(porthole_api::MAX_DESCRIPTION + 1)),
+        autostart: Some(true),
+        boot_order: Some(vec![BootDevice::Disk, BootDevice::Disk]),
+        display: Some(DisplaySpec { width: 333, height: 100 }),
+        disk_bytes: Some(GIB / 2),
+        ..Default::default()
+    };
+    let e = c.update_vm(&vm.id, &bad).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(matches!(&e, porthole_api::ClientError::Api { code, .. } if code == "invalid"), "{e}");
+    assert_eq!(
+        refused_fields(&e),
+        ["boot_order", "description", "disk_bytes", "display", "memory_mib", "name", "tags", "vcpus"],
+        "{e}"
+    );
+    for f in e.fields() {
+        assert!(!f.message.is_empty(), "{f:?}");
+    }
+    assert!(e.fields().iter().any(|f| f.field == "name" && f.message.contains("exists already")), "{e}");
+    // Nothing changed, the valid `autostart` neither.
+    let after = c.vm(&vm.id).await.unwrap();
+    assert_eq!(after, vm);
+    assert_eq!(qemu_img_info(&top(&d, &vm.id)).1, GIB);
+    // An empty order, a kernel and firmware boot at once.
+    let e = c
+        .update_vm(
+            &vm.id,
+            &UpdateVm {
+                boot_order: Some(Vec::new()),
+                boot: Some(idle_boot()),
+                firmware_boot: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused_fields(&e), ["boot", "boot_order"], "{e}");
+    // The raw body names the fields too (old clients still get one message).
+    assert!(e.to_string().contains("boot_order:"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_keeps_hardware_changes_pending_until_its_next_start() {
+    let dir = Scratch::new("settings-pending");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&idle_vm("busy", DiskFormat::Qcow2)).await.unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let change = UpdateVm {
+        vcpus: Some(2),
+        memory_mib: Some(80),
+        disk_bytes: Some(2 * GIB),
+        boot_menu: Some(true),
+        display: Some(DisplaySpec { width: 800, height: 600 }),
+        description: Some("now".into()),
+        tags: Some(vec!["live".into()]),
+        nics: Some(vec![porthole_api::NicSpec::new(porthole_api::NicBackend::User)]),
+        ..Default::default()
+    };
+    let got = c.update_vm(&vm.id, &change).await.unwrap();
+    assert!(got.nics.is_empty(), "the card comes at the next start");
+    assert_eq!(got.state, VmState::Running);
+    assert_eq!((got.vcpus, got.memory_mib, got.disk_bytes), (1, 64, GIB), "the running VM keeps its hardware");
+    assert_eq!((got.description.as_str(), got.tags.as_slice()), ("now", ["live".to_owned()].as_slice()));
+    let mut pending = got.pending_changes.clone();
+    pending.sort();
+    assert_eq!(pending, ["boot_menu", "disk_bytes", "display", "memory_mib", "nics", "vcpus"]);
+    let p = got.pending.clone().expect("the pending values");
+    assert_eq!((p.vcpus, p.memory_mib, p.disk_bytes), (Some(2), Some(80), Some(2 * GIB)));
+    assert_eq!(qemu_img_info(&top(&d, &vm.id)).1, GIB, "the disk grows at the next start");
+    // A value equal to the present one drops out of the pending changes.
+    let got = c.update_vm(&vm.id, &UpdateVm { boot_menu: Some(false), ..Default::default() }).await.unwrap();
+    assert!(!got.pending_changes.contains(&"boot_menu".to_owned()), "{:?}", got.pending_changes);
+    // Refused fields of a running VM are refused as for a stopped one.
+    let e = c.update_vm(&vm.id, &UpdateVm { vcpus: Some(0), ..Default::default() }).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["vcpus"]);
+
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    let stopped = wait_state(&c, &vm.id, VmState::Stopped).await;
+    assert_eq!(stopped.vcpus, 1, "applied at the next start, not at the stop");
+    assert!(!stopped.pending_changes.is_empty());
+    let started = c.action(&vm.id, Action::Start).await.unwrap();
+    assert_eq!((started.vcpus, started.memory_mib, started.disk_bytes), (2, 80, 2 * GIB));
+    assert_eq!(started.display, Some(DisplaySpec { width: 800, height: 600 }));
+    assert!(started.pending_changes.is_empty() && started.pending.is_none(), "{started:?}");
+    let args = vmm_args(&d, &vm.id);
+    assert_eq!(arg_after(&args, "--cpus").as_deref(), Some("2"), "{args:?}");
+    assert_eq!(arg_after(&args, "--memory").as_deref(), Some("80"), "{args:?}");
+    assert_eq!(arg_after(&args, "--display").as_deref(), Some("800x600"), "{args:?}");
+    assert_eq!(started.nics.len(), 1, "{started:?}");
+    let net = arg_after(&args, "--net").expect("the card on the command line");
+    assert!(net.starts_with("user,id=net0,mac=") && net.contains(&started.nics[0].mac), "{net}");
+    assert_eq!(qemu_img_info(&top(&d, &vm.id)), ("qcow2".to_owned(), 2 * GIB));
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Stopped).await;
+    qemu_img_check(&top(&d, &vm.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_marked_autostart_starts_with_the_daemon() {
+    let dir = Scratch::new("settings-autostart");
+    let mut d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let auto = c.create_vm(&idle_vm("auto", DiskFormat::Qcow2)).await.unwrap();
+    let manual = c.create_vm(&idle_vm("manual", DiskFormat::Qcow2)).await.unwrap();
+    c.update_vm(&auto.id, &UpdateVm { autostart: Some(true), ..Default::default() }).await.unwrap();
+    assert_eq!(c.vm(&auto.id).await.unwrap().state, VmState::Stopped, "marking does not start it");
+    drop(c);
+    d.kill9();
+    drop(d);
+
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let up = wait_state(&c, &auto.id, VmState::Running).await;
+    assert!(up.autostart);
+    assert_eq!(c.vm(&manual.id).await.unwrap().state, VmState::Stopped);
+    assert!(d.log_text().contains("started with the host (autostart)"), "{}", d.log_text());
+    c.action(&auto.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &auto.id, VmState::Stopped).await;
+}
+
+/// Waits for a task to end and returns what it made.
+async fn done(c: &Client, task: porthole_api::Task) -> String {
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut t = task;
+    while t.state == porthole_api::TaskState::Running {
+        assert!(std::time::Instant::now() < deadline, "task never ended: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t = c.task(&t.id).await.unwrap();
+    }
+    assert_eq!(t.state, porthole_api::TaskState::Done, "{t:?}");
+    t.result.expect("a finished task says what it made")
+}
+
+/// A disk with snapshots grows in its present layer; reverting to a snapshot taken before brings back the
+/// size it had then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_disk_with_snapshots_grows_its_present_layer_and_a_revert_brings_the_old_size_back() {
+    let dir = Scratch::new("settings-grow-snap");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&idle_vm("layers", DiskFormat::Qcow2)).await.unwrap();
+    let take = porthole_api::TakeSnapshot { name: "small".into(), description: String::new(), with_state: None };
+    let sid = done(&c, c.take_snapshot(&vm.id, &take).await.unwrap()).await;
+    let got = c.update_vm(&vm.id, &UpdateVm { disk_bytes: Some(2 * GIB), ..Default::default() }).await.unwrap();
+    assert_eq!(got.disk_bytes, 2 * GIB);
+    // The present layer, an overlay on the snapshot's layer, grew; the snapshot's layer keeps its size.
+    let present = top(&d, &vm.id);
+    assert!(!present.ends_with("disk0.qcow2"), "an overlay: {present:?}");
+    assert_eq!(qemu_img_info(&present), ("qcow2".to_owned(), 2 * GIB));
+    assert_eq!(qemu_img_info(&d.data.join("vms").join(&vm.id).join("disk0.qcow2")).1, GIB);
+    qemu_img_check(&top(&d, &vm.id));
+    done(&c, c.revert_snapshot(&vm.id, &sid, false).await.unwrap()).await;
+    let back = c.vm(&vm.id).await.unwrap();
+    assert_eq!(back.disk_bytes, GIB, "{back:?}");
+    assert_eq!(qemu_img_info(&top(&d, &vm.id)).1, GIB);
+}
