@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod iso;
 pub mod rfb;
 mod types;
 pub use client::{Client, ClientError};
@@ -42,6 +43,9 @@ pub struct HostInfo {
     /// Largest image upload the daemon takes, in bytes.
     #[serde(default)]
     pub upload_limit_bytes: u64,
+    /// The version of the host's osinfo-db (libosinfo's database, used to identify ISOs); None without one.
+    #[serde(default)]
+    pub osinfo_db: Option<String>,
 }
 
 #[cfg(test)]
@@ -59,6 +63,7 @@ mod tests {
             vms: 0,
             problems: vec![],
             upload_limit_bytes: 1,
+            osinfo_db: Some("20221203".into()),
         };
         let text = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<HostInfo>(&text).unwrap(), info);

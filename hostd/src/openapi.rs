@@ -176,6 +176,15 @@ pub const ROUTES: &[Route] = &[
         Some("Image"),
     ),
     ("delete", "/images/{name}", "Delete an image no VM uses", "admin", None, 204, None),
+    (
+        "post",
+        "/osinfo/identify",
+        "The OS the host's osinfo-db finds for an ISO's facts (an ISO not uploaded yet)",
+        "viewer",
+        Some("IsoFacts"),
+        200,
+        Some("Identified"),
+    ),
     ("get", "/tasks", "Long operations (uploads, shutdowns) and their progress", "viewer", None, 200, Some("TaskList")),
     ("get", "/tasks/{id}", "One task", "viewer", None, 200, Some("Task")),
 ];
@@ -256,7 +265,9 @@ pub fn document() -> Value {
         SnapshotTree,
         TakeSnapshot,
         RevertSnapshot,
-        CloneVm
+        CloneVm,
+        IsoFacts,
+        Identified
     );
     let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
     schemas.insert("VmList".into(), list("Vm"));
