@@ -30,7 +30,10 @@ pub enum OsGuess {
 pub struct WizardOs {
     /// What the guess is for: a local path, or `library:NAME`.
     source: String,
-    guess: Arc<Mutex<OsGuess>>,
+    /// Where the answer for `source` lands (off the UI thread).
+    incoming: Arc<Mutex<OsGuess>>,
+    /// What the wizard shows: `incoming` as it was at the start of the frame, with the fields filled in.
+    current: OsGuess,
     /// Whether the current guess's resources were put in the fields yet.
     applied: bool,
     /// The (vCPUs, memory, disk) the wizard itself last put in the fields: a field that differs was edited by
@@ -41,11 +44,12 @@ pub struct WizardOs {
 impl WizardOs {
     /// The current guess.
     pub fn guess(&self) -> OsGuess {
-        self.guess.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current.clone()
     }
 
-    fn set(&self, guess: OsGuess) {
-        *self.guess.lock().unwrap_or_else(|p| p.into_inner()) = guess;
+    fn set(&mut self, guess: OsGuess) {
+        *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = guess.clone();
+        self.current = guess;
     }
 
     /// The OS detected, if any.
@@ -88,8 +92,9 @@ pub(super) fn update(w: &mut Wizard, backend: &Backend, images: &[Image], host_m
     if source != w.os.source {
         w.os.source = source.clone();
         w.os.applied = false;
-        // A new guess object: an answer still coming for the previous ISO lands in the old one.
-        w.os.guess = Arc::default();
+        // A new slot: an answer still coming for the previous ISO lands in the old one.
+        w.os.incoming = Arc::default();
+        w.os.current = OsGuess::Nothing;
         if let Some(image) = library {
             let db_version = backend.model().hosts.get(w.host).and_then(|h| h.info.as_ref()?.osinfo_db.clone());
             let note = (image.iso.is_some() && db_version.is_none()).then(|| "no osinfo-db on the host".to_owned());
@@ -99,9 +104,10 @@ pub(super) fn update(w: &mut Wizard, backend: &Backend, images: &[Image], host_m
             });
         } else if !source.is_empty() {
             w.os.set(OsGuess::Reading);
-            identify(backend, w.host, std::path::PathBuf::from(&source), w.os.guess.clone());
+            identify(backend, w.host, std::path::PathBuf::from(&source), w.os.incoming.clone());
         }
     }
+    w.os.current = w.os.incoming.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if !w.os.applied
         && let OsGuess::Known { identified, .. } = w.os.guess()
     {
