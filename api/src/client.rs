@@ -407,6 +407,17 @@ impl Client {
         self.call(self.request(Method::POST, &format!("/vms/{id}/console"))).await
     }
 
+    /// The host's own samples (CPU of every core, memory in use, its VMs' disk and network rates).
+    pub async fn host_stats(&self, since_ms: u64, minutes: bool) -> Result<Stats, ClientError> {
+        let resolution = if minutes { "min" } else { "s" };
+        self.call(self.request(Method::GET, &format!("/host/stats?since={since_ms}&resolution={resolution}"))).await
+    }
+
+    /// Cancels a running upload or a shutdown's wait; returns the task as it is now (it ends `cancelled`).
+    pub async fn cancel_task(&self, id: &str) -> Result<Task, ClientError> {
+        self.call(self.request(Method::POST, &format!("/tasks/{id}/cancel"))).await
+    }
+
     pub async fn images(&self) -> Result<Vec<Image>, ClientError> {
         self.call(self.request(Method::GET, "/images")).await
     }

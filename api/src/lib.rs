@@ -20,7 +20,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const API_PREFIX: &str = "/api/v1";
 
 /// `GET /api/v1/host`: what a host is and what it can hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostInfo {
     /// Host name as the host reports it.
@@ -46,6 +46,34 @@ pub struct HostInfo {
     /// The version of the host's osinfo-db (libosinfo's database, used to identify ISOs); None without one.
     #[serde(default)]
     pub osinfo_db: Option<String>,
+    /// Memory the host could still give out without swapping (MemAvailable), in MiB.
+    #[serde(default)]
+    pub memory_available_mib: u64,
+    /// Size of the file system holding VM disks and images, in bytes.
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    /// Bytes the image library takes on the host.
+    #[serde(default)]
+    pub images_bytes: u64,
+    /// Bytes the VMs' disks take on the host.
+    #[serde(default)]
+    pub vm_disks_bytes: u64,
+    /// VMs running now (or paused), and the vCPUs and memory they were given.
+    #[serde(default)]
+    pub running_vms: u64,
+    #[serde(default)]
+    pub vcpus_allocated: u64,
+    #[serde(default)]
+    pub memory_allocated_mib: u64,
+    /// The host's CPU model ("AMD EPYC 7B13"), empty when unknown.
+    #[serde(default)]
+    pub cpu_model: String,
+    /// The host's kernel release (`uname -r`).
+    #[serde(default)]
+    pub kernel: String,
+    /// Seconds since the host booted.
+    #[serde(default)]
+    pub uptime_s: u64,
 }
 
 #[cfg(test)]
@@ -64,6 +92,8 @@ mod tests {
             problems: vec![],
             upload_limit_bytes: 1,
             osinfo_db: Some("20221203".into()),
+            cpu_model: "CPU".into(),
+            ..HostInfo::default()
         };
         let text = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<HostInfo>(&text).unwrap(), info);

@@ -593,7 +593,7 @@ pub struct Stats {
 }
 
 /// An image in the host's library (ISOs, kernels, initrds).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Image {
     pub name: String,
@@ -614,6 +614,10 @@ pub struct Image {
     /// The OS on an ISO, as the host's osinfo-db identifies it (None: unknown, or no db).
     #[serde(default)]
     pub os: Option<DetectedOs>,
+    /// The VMs that use the image (as a CD, a kernel or initrd, or the base of a disk), by name: an image in
+    /// use cannot be deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_by: Vec<String>,
 }
 
 /// The kind of a library image.
@@ -629,7 +633,7 @@ pub enum ImageFormat {
 }
 
 /// A long operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Task {
     pub id: String,
@@ -644,14 +648,24 @@ pub struct Task {
     /// What a finished task made: the new snapshot's id, the clone's VM id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// Whether `POST /tasks/{id}/cancel` can stop it while it runs (uploads; a shutdown's wait before the
+    /// forced power-off).
+    #[serde(default)]
+    pub cancellable: bool,
+    /// When it started, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
+    #[default]
     Running,
     Done,
     Failed,
+    /// Stopped by `POST /tasks/{id}/cancel`.
+    Cancelled,
 }
 
 /// Every error reply: a stable code and a sentence for people.

@@ -12,6 +12,7 @@ use crate::settings::{RemoteHost, Settings};
 
 mod clones;
 mod cloud_image;
+mod host_page;
 mod machines;
 mod network;
 mod osinfo;
@@ -181,6 +182,8 @@ pub struct AddHost {
 
 enum Tab {
     Machines,
+    /// The selected host's page.
+    Host,
     Console(usize),
 }
 
@@ -307,6 +310,8 @@ pub struct PortholeApp {
     snapshot_ui: snapshots::SnapshotUi,
     /// The *Clone…* dialog.
     clone_form: Option<clones::CloneForm>,
+    /// The *Host* tab.
+    host_page: host_page::HostPage,
 }
 
 /// The colour a state is shown in (None: the usual text colour, for stopped and passing states).
@@ -387,6 +392,7 @@ impl PortholeApp {
             drop_zones: Vec::new(),
             snapshot_ui: Default::default(),
             clone_form: None,
+            host_page: Default::default(),
         }
     }
 
@@ -453,6 +459,10 @@ impl PortholeApp {
                 if ui.selectable_label(matches!(self.tab, Tab::Machines), "Machines").clicked() {
                     self.tab = Tab::Machines;
                 }
+                let host = ui.selectable_label(matches!(self.tab, Tab::Host), "Host");
+                if host.on_hover_text("The selected host: capacity, image library, tasks").clicked() {
+                    self.tab = Tab::Host;
+                }
                 let mut close = None;
                 for (i, tab) in self.consoles.iter().enumerate() {
                     let c = &tab.console;
@@ -471,6 +481,7 @@ impl PortholeApp {
             ui.separator();
             match self.tab {
                 Tab::Console(i) if i < self.consoles.len() => self.console_tab(ui, i),
+                Tab::Host => self.host_page(ui),
                 _ => self.machines(ui),
             }
         });
@@ -762,7 +773,7 @@ impl PortholeApp {
                 Some((h, v, s)) if *h == host && *v == id => s.clone(),
                 _ => Vec::new(),
             };
-            performance(ui, &samples);
+            performance(ui, "vm", "No samples yet (the VM is not running, or it just started).", &samples);
         });
         egui::CollapsingHeader::new("Serial console").default_open(false).show(ui, |ui| {
             // While open, the output is fetched once a second.
@@ -969,6 +980,11 @@ impl PortholeApp {
         let dropped = ui.ctx().input(|i| i.raw.dropped_files.clone());
         for file in dropped {
             let path = file.path().to_owned();
+            // Onto the host page: any file, into that host's library.
+            if matches!(self.tab, Tab::Host) {
+                self.upload_to_library(self.selected_host, path);
+                continue;
+            }
             let is_image =
                 path.extension().is_some_and(|e| e.eq_ignore_ascii_case("iso") || e.eq_ignore_ascii_case("img"));
             if !is_image {
@@ -978,7 +994,7 @@ impl PortholeApp {
             // Onto a VM's console: into that VM's drive.
             let console_vm = match self.tab {
                 Tab::Console(i) => self.consoles.get(i).and_then(|t| t.vm.clone()),
-                Tab::Machines => None,
+                Tab::Machines | Tab::Host => None,
             };
             // Onto a VM's row or details: into that VM's drive; elsewhere: a new VM. Without a pointer position
             // (some drop sources give none) the selected VM takes it.
@@ -1392,10 +1408,11 @@ fn sparkline(ui: &mut egui::Ui, history: &std::collections::VecDeque<f32>, name:
 }
 
 /// CPU, memory, disk and network graphs of the last hour (seconds before now on the x axis).
-fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
+/// `id` keeps the plots of different pages apart; `empty` is said when there are no samples yet.
+fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole_api::StatSample]) {
     use egui_plot::{Legend, Line, Plot, PlotPoints};
     let Some(last) = samples.last() else {
-        ui.label("No samples yet (the VM is not running, or it just started).");
+        ui.label(empty);
         return;
     };
     let t = |s: &porthole_api::StatSample| (s.t_ms as f64 - last.t_ms as f64) / 1000.0;
@@ -1412,7 +1429,7 @@ fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
         last.net_rx_bps / 1024.0,
         last.net_tx_bps / 1024.0
     ));
-    for (id, title, lines) in [
+    for (plot, title, lines) in [
         ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))]),
         ("mem", "Memory (MiB)", vec![("memory", series(|s| s.memory_bytes as f64 / 1048576.0))]),
         (
@@ -1427,7 +1444,7 @@ fn performance(ui: &mut egui::Ui, samples: &[porthole_api::StatSample]) {
         ),
     ] {
         ui.label(title);
-        Plot::new(id).height(90.0).legend(Legend::default()).allow_scroll(false).show(ui, |plot| {
+        Plot::new((id, plot)).height(90.0).legend(Legend::default()).allow_scroll(false).show(ui, |plot| {
             for (name, points) in lines {
                 plot.line(Line::new(name, points));
             }

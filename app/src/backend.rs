@@ -65,6 +65,17 @@ pub struct Model {
     /// Long operations on VMs (snapshots, clones): running ones, and failed ones until the next operation on
     /// the same VM.
     pub tasks: Vec<VmTask>,
+    /// What the open host page shows besides the host's info: (host, its samples, its tasks).
+    pub host_page: Option<(usize, HostPageData)>,
+}
+
+/// The host page's data, fetched together.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostPageData {
+    /// The host's samples of the last hour (1 s).
+    pub stats: Vec<porthole_api::StatSample>,
+    /// Every task the host keeps, newest first.
+    pub tasks: Vec<porthole_api::Task>,
 }
 
 /// A long operation on a VM, as the daemon last reported it.
@@ -288,13 +299,10 @@ impl Backend {
             let mut task = match start(client.clone()).await {
                 Ok(t) => t,
                 Err(e) => porthole_api::Task {
-                    id: String::new(),
                     what: what.clone(),
                     state: porthole_api::TaskState::Failed,
-                    done: 0,
-                    total: 0,
                     error: Some(e.to_string()),
-                    result: None,
+                    ..Default::default()
                 },
             };
             // Followed until it ends: the daemon ends every task (done or failed); a daemon that stops answering
@@ -374,6 +382,50 @@ impl Backend {
                 Err(e) => backend.model().notify(format!("cannot list the host's images: {e}"), true),
             }
             backend.repaint();
+        });
+    }
+
+    /// Fetches what host `index`'s page shows: its samples, tasks and image library.
+    pub fn load_host_page(&self, index: usize) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let (stats, tasks, images) = tokio::join!(client.host_stats(0, false), client.tasks(), client.images());
+            let mut m = backend.model();
+            let mut tasks = tasks.unwrap_or_default();
+            tasks.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.id.cmp(&b.id)));
+            let data = HostPageData { stats: stats.map(|s| s.samples).unwrap_or_default(), tasks };
+            m.host_page = Some((index, data));
+            if let Ok(images) = images {
+                m.images.insert(index, images);
+            }
+            drop(m);
+            backend.repaint();
+        });
+    }
+
+    /// Cancels task `id` of host `index` (an upload, a shutdown's wait), then refreshes the host page.
+    pub fn cancel_task(&self, index: usize, id: String) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = client.cancel_task(&id).await {
+                backend.model().notify(format!("cannot cancel the task: {e}"), true);
+            }
+            backend.load_host_page(index);
+        });
+    }
+
+    /// Deletes image `name` from host `index`'s library, then refreshes the host page.
+    pub fn delete_image(&self, index: usize, name: String) {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            match client.delete_image(&name).await {
+                Ok(()) => backend.model().notify(format!("Deleted {name} from the library"), false),
+                Err(e) => backend.model().notify(format!("cannot delete {name}: {e}"), true),
+            }
+            backend.load_host_page(index);
         });
     }
 

@@ -62,19 +62,6 @@ fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harnes
     }
 }
 
-/// A file dropped on the window, as a desktop would hand it over.
-#[derive(Debug)]
-struct Dropped(PathBuf);
-
-impl egui::DroppedFile for Dropped {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
-}
-
 fn serial_of(d: &Daemon) -> String {
     let mut out = String::new();
     for e in std::fs::read_dir(d.run.join("vms")).into_iter().flatten().flatten() {

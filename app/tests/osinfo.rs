@@ -1,7 +1,7 @@
 //! OS detection in the create wizard, driven through the window's accessibility tree against a real
 //! `portholed` and the host's osinfo-db (Debian's `osinfo-db` package; `./x test` installs it): ISOs built
 //! with xorriso carrying real distributions' volume ids are dropped on the window, typed into the ISO field
-//! or picked from the library; the wizard names the OS, pre-fills its recommended memory and disk where the
+//! or picked from the library (whose host page lists it too); the wizard names the OS, pre-fills its recommended memory and disk where the
 //! user has not changed them, warns below the minimum and for a UEFI-only ISO, and says "Unknown OS" for an
 //! ISO the db does not know. (Not Debian 12: bookworm's osinfo-db predates it, so it would be unknown.)
 
@@ -89,4 +89,10 @@ fn the_wizard_names_the_os_and_suggests_its_resources() {
     combo(&mut h, "Image", &entry);
     wait(&mut h, "Fedora detected", |h| has(h, "Fedora Linux 37 (fedora37)"));
     assert_eq!(shape(&h).1, 2048, "osinfo-db's recommended 2 GiB");
+
+    // The host page's library says it too.
+    click(&mut h, "Cancel");
+    click(&mut h, "Host");
+    wait(&mut h, "the library on the host page", |h| has(h, "Delete fedora.iso"));
+    assert!(has(&h, "Fedora Linux 37 (fedora37)"));
 }

@@ -314,10 +314,6 @@ impl Host {
         lock(&self.vms).iter().filter_map(|(id, e)| Some((id.clone(), e.rt.pid?))).collect()
     }
 
-    pub fn count(&self) -> usize {
-        lock(&self.vms).len()
-    }
-
     /// What the VMs other than `id` hold (forwards, MACs).
     pub fn others(&self, id: &str) -> Others {
         others_of(&lock(&self.vms), id)

@@ -10,6 +10,15 @@ pub type Route =
 
 pub const ROUTES: &[Route] = &[
     ("get", "/host", "What the host is and holds", "viewer", None, 200, Some("HostInfo")),
+    (
+        "get",
+        "/host/stats",
+        "The host's samples (CPU of every core, memory in use, its VMs' I/O) newer than ?since; ?resolution=s|min",
+        "viewer",
+        None,
+        200,
+        Some("Stats"),
+    ),
     ("get", "/openapi.json", "This document", "none", None, 200, None),
     ("get", "/vms", "The VMs the caller may see", "viewer", None, 200, Some("VmList")),
     ("post", "/vms", "Create a VM (and its disk)", "admin", Some("CreateVm"), 201, Some("Vm")),
@@ -175,7 +184,15 @@ pub const ROUTES: &[Route] = &[
         201,
         Some("Image"),
     ),
-    ("delete", "/images/{name}", "Delete an image no VM uses", "admin", None, 204, None),
+    (
+        "delete",
+        "/images/{name}",
+        "Delete an image no VM uses (409 names the VMs that use it)",
+        "admin",
+        None,
+        204,
+        None,
+    ),
     (
         "post",
         "/osinfo/identify",
@@ -187,6 +204,15 @@ pub const ROUTES: &[Route] = &[
     ),
     ("get", "/tasks", "Long operations (uploads, shutdowns) and their progress", "viewer", None, 200, Some("TaskList")),
     ("get", "/tasks/{id}", "One task", "viewer", None, 200, Some("Task")),
+    (
+        "post",
+        "/tasks/{id}/cancel",
+        "Cancel a running upload or a shutdown's wait (409 for others); the task ends cancelled",
+        "operator",
+        None,
+        200,
+        Some("Task"),
+    ),
 ];
 
 fn schema<T: schemars::JsonSchema>() -> Value {

@@ -74,6 +74,28 @@ pub struct App {
     ticket_lifetime: Duration,
     tickets: Mutex<HashMap<String, Ticket>>,
     tasks: Mutex<BTreeMap<String, Task>>,
+    /// The cancel switches of the running tasks that can be cancelled.
+    cancels: Mutex<HashMap<String, Arc<Cancel>>>,
+}
+
+/// A running task's cancel switch: `POST /tasks/{id}/cancel` sets it and wakes the task.
+#[derive(Default)]
+struct Cancel {
+    set: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Cancel {
+    fn is_set(&self) -> bool {
+        self.set.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Returns once the task is cancelled.
+    async fn cancelled(&self) {
+        while !self.is_set() {
+            self.wake.notified().await;
+        }
+    }
 }
 
 type AppState = Arc<App>;
@@ -207,6 +229,7 @@ impl App {
             ticket_lifetime,
             tickets: Mutex::new(HashMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
+            cancels: Mutex::new(HashMap::new()),
         })
     }
 
@@ -224,11 +247,27 @@ impl App {
                 tasks.remove(&k);
             }
         }
-        tasks.insert(
-            id.clone(),
-            Task { id: id.clone(), what, state: TaskState::Running, done: 0, total, error: None, result: None },
-        );
+        tasks.insert(id.clone(), Task { id: id.clone(), what, total, started_ms: now_ms(), ..Task::default() });
         id
+    }
+
+    /// [`App::new_task`] for a task that `POST /tasks/{id}/cancel` can stop: returns its cancel switch too.
+    /// The task calls [`App::end_task`] when it ends.
+    fn new_cancellable_task(&self, what: String, total: u64) -> (String, Arc<Cancel>) {
+        let id = self.new_task(what, total);
+        self.update_task(&id, |t| t.cancellable = true);
+        let cancel = Arc::new(Cancel::default());
+        lock(&self.cancels).insert(id.clone(), cancel.clone());
+        (id, cancel)
+    }
+
+    /// Ends task `id` as `f` leaves it: its cancel switch goes; it cannot be cancelled any more.
+    fn end_task(&self, id: &str, f: impl FnOnce(&mut Task)) {
+        lock(&self.cancels).remove(id);
+        self.update_task(id, |t| {
+            t.cancellable = false;
+            f(t)
+        });
     }
 
     fn update_task(&self, id: &str, f: impl FnOnce(&mut Task)) {
@@ -246,6 +285,7 @@ impl App {
 pub fn router(app: AppState) -> Router {
     let api = Router::new()
         .route("/host", get(host_info))
+        .route("/host/stats", get(host_stats))
         .route("/openapi.json", get(openapi))
         .route("/vms", get(list_vms).post(create_vm))
         .route("/vms/{id}", get(get_vm).patch(update_vm).delete(delete_vm))
@@ -267,7 +307,8 @@ pub fn router(app: AppState) -> Router {
         .route("/images/{name}", put(upload_image).delete(delete_image))
         .route("/osinfo/identify", post(identify_os))
         .route("/tasks", get(list_tasks))
-        .route("/tasks/{id}", get(get_task));
+        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/cancel", post(cancel_task));
     Router::new()
         .nest(porthole_api::API_PREFIX, api)
         .fallback(|| async {
@@ -278,23 +319,96 @@ pub fn router(app: AppState) -> Router {
 
 async fn host_info(State(app): State<AppState>, p: Principal) -> ApiResult<Json<HostInfo>> {
     require(&p, Role::Viewer)?;
-    let free = {
+    let (free, total) = {
         let path = std::ffi::CString::new(app.data_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } == 0 { s.f_bavail * s.f_frsize } else { 0 }
+        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } == 0 {
+            (s.f_bavail * s.f_frsize, s.f_blocks * s.f_frsize)
+        } else {
+            (0, 0)
+        }
     };
+    let host = app.host.clone();
+    let images_bytes = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::MetadataExt;
+        let dir = host.store.images_dir();
+        host.store
+            .images()
+            .iter()
+            .filter_map(|(name, _)| std::fs::metadata(dir.join(name)).ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    })
+    .await
+    .unwrap_or(0);
+    let vms = app.host.list();
+    let running: Vec<&Vm> =
+        vms.iter().filter(|v| !matches!(v.state, VmState::Stopped | VmState::Suspended | VmState::Crashed)).collect();
+    let facts = crate::stats::host_facts();
     Ok(Json(HostInfo {
         hostname: crate::tls::hostname().unwrap_or_else(|| "localhost".into()),
         version: porthole_api::VERSION.into(),
         cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
         memory_mib: vmm_core::config::host_memory_mib().unwrap_or(0),
         free_disk_bytes: free,
-        vms: app.host.count() as u64,
+        vms: vms.len() as u64,
         problems: app.host.problems.clone(),
         upload_limit_bytes: app.upload_limit,
         osinfo_db: app.osinfo.version(),
+        memory_available_mib: facts.memory_available_mib,
+        disk_total_bytes: total,
+        images_bytes,
+        vm_disks_bytes: vms.iter().map(|v| v.disk_allocated_bytes).sum(),
+        running_vms: running.len() as u64,
+        vcpus_allocated: running.iter().map(|v| u64::from(v.vcpus)).sum(),
+        memory_allocated_mib: running.iter().map(|v| v.memory_mib).sum(),
+        cpu_model: facts.cpu_model,
+        kernel: facts.kernel,
+        uptime_s: facts.uptime_s,
     }))
+}
+
+/// `GET /host/stats?since=T_MS&resolution=s|min`: the host's own samples (CPU of every core, memory in
+/// use, and the disk and network rates of its VMs together).
+async fn host_stats(
+    State(app): State<AppState>,
+    p: Principal,
+    Query(q): Query<StatsQuery>,
+) -> ApiResult<Json<StatsBody>> {
+    require(&p, Role::Viewer)?;
+    stats_reply(&app, crate::stats::HOST, &q)
+}
+
+fn stats_reply(app: &App, key: &str, q: &StatsQuery) -> ApiResult<Json<StatsBody>> {
+    let minutes = match q.resolution.as_deref() {
+        None | Some("s") => false,
+        Some("min") => true,
+        Some(other) => return Err(ApiError::bad(format!("resolution {other:?} is not s or min"))),
+    };
+    Ok(Json(StatsBody {
+        interval_s: if minutes { 60 } else { 1 },
+        samples: app.stats.samples(key, q.since.unwrap_or(0), minutes),
+    }))
+}
+
+/// The names of the VMs that use library image `name`: as their CD, kernel or initrd, or as their disk's
+/// read-only base.
+fn image_users(app: &App, name: &str) -> Vec<String> {
+    let mut users: Vec<String> = app
+        .host
+        .list()
+        .into_iter()
+        .filter(|v| {
+            v.media.as_deref() == Some(name)
+                || v.boot.as_ref().is_some_and(|b| b.kernel == name || b.initrd.as_deref() == Some(name))
+        })
+        .map(|v| v.name)
+        .chain(crate::disks::users_of_image(&app.host.records(), name))
+        .collect();
+    users.sort();
+    users.dedup();
+    users
 }
 
 async fn openapi() -> Json<serde_json::Value> {
@@ -691,20 +805,33 @@ async fn vm_action(
             let timeout = Duration::from_secs(q.timeout_s.unwrap_or(30).clamp(1, 300));
             host.set_state(&id, VmState::Stopping, true);
             host.control(&id, Request::Stop).await?;
-            let task = app.new_task(format!("shut down {id}"), 1);
+            let (task, cancel) = app.new_cancellable_task(format!("shut down {id}"), 1);
             let (app2, task2, id2) = (app.clone(), task.clone(), id.clone());
             tokio::spawn(async move {
-                let stopped = app2.host.wait_stopped(&id2, timeout).await;
-                if !stopped {
+                // Cancelling stops the wait: the guest keeps its request to shut down but is not forced off.
+                let stopped = tokio::select! {
+                    stopped = app2.host.wait_stopped(&id2, timeout) => Some(stopped),
+                    () = cancel.cancelled() => None,
+                };
+                if stopped == Some(false) {
                     // The guest ignored the power button: force it off.
                     let _ = app2.host.control(&id2, Request::Poweroff).await;
                     app2.host.wait_stopped(&id2, Duration::from_secs(10)).await;
                 }
-                app2.update_task(&task2, |t| {
-                    t.done = 1;
-                    t.state = TaskState::Done;
-                    if !stopped {
-                        t.error = Some(format!("the guest did not shut down within {timeout:?}; it was powered off"));
+                if stopped.is_none() {
+                    // Still running: no longer "stopping" (the guest may still act on the power button).
+                    app2.host.set_state(&id2, VmState::Running, false);
+                    app2.host.clear_stop_request(&id2);
+                }
+                app2.end_task(&task2, |t| match stopped {
+                    None => t.state = TaskState::Cancelled,
+                    Some(stopped) => {
+                        t.done = 1;
+                        t.state = TaskState::Done;
+                        if !stopped {
+                            t.error =
+                                Some(format!("the guest did not shut down within {timeout:?}; it was powered off"));
+                        }
                     }
                 });
             });
@@ -952,15 +1079,7 @@ async fn stats(
 ) -> ApiResult<Json<StatsBody>> {
     require_vm(&p, Role::Viewer, &id)?;
     app.host.get(&id)?;
-    let minutes = match q.resolution.as_deref() {
-        None | Some("s") => false,
-        Some("min") => true,
-        Some(other) => return Err(ApiError::bad(format!("resolution {other:?} is not s or min"))),
-    };
-    Ok(Json(StatsBody {
-        interval_s: if minutes { 60 } else { 1 },
-        samples: app.stats.samples(&id, q.since.unwrap_or(0), minutes),
-    }))
+    stats_reply(&app, &id, &q)
 }
 
 fn image_sha256(path: &std::path::Path) -> String {
@@ -990,7 +1109,7 @@ fn library_image(
 ) -> Image {
     let (format, virtual_bytes, allocated_bytes) = crate::store::image_facts(path);
     let (iso, os) = if format == porthole_api::ImageFormat::Iso { osinfo.image(path) } else { (None, None) };
-    Image { name, size_bytes: size, sha256, format, virtual_bytes, allocated_bytes, iso, os }
+    Image { name, size_bytes: size, sha256, format, virtual_bytes, allocated_bytes, iso, os, used_by: Vec::new() }
 }
 
 /// `POST /osinfo/identify`: the OS the host's osinfo-db finds for an ISO's facts (an ISO the client has
@@ -1023,16 +1142,17 @@ async fn identify_os(
 
 async fn list_images(State(app): State<AppState>, p: Principal) -> ApiResult<Json<Vec<Image>>> {
     require(&p, Role::Viewer)?;
-    let host = app.host.clone();
-    let osinfo = app.osinfo.clone();
+    let app2 = app.clone();
     let images = tokio::task::spawn_blocking(move || {
+        let host = &app2.host;
         host.store
             .images()
             .into_iter()
             .map(|(name, size)| {
                 let path = host.store.images_dir().join(&name);
                 let sha256 = image_sha256(&path);
-                library_image(&osinfo, name, size, sha256, &path)
+                let used_by = image_users(&app2, &name);
+                Image { used_by, ..library_image(&app2.osinfo, name, size, sha256, &path) }
             })
             .collect()
     })
@@ -1076,12 +1196,12 @@ async fn upload_image(
     if path.exists() {
         return Err(ApiError::conflict(format!("an image named {name:?} exists already")));
     }
-    let task = app.new_task(format!("upload {name}"), length);
+    let (task, cancel) = app.new_cancellable_task(format!("upload {name}"), length);
     let tmp = app.host.store.images_dir().join(format!(".{name}.upload-{}", random_hex(4)));
     // If the client goes away mid-upload the server drops this handler: the guard still removes the partial
     // file and fails the task.
     let guard = AbandonedUpload { app: app.clone(), task: task.clone(), tmp: Some(tmp.clone()) };
-    let result = receive(&app, &task, body, &tmp, length, &expected).await;
+    let result = receive(&app, &task, &cancel, body, &tmp, length, &expected).await;
     guard.disarm();
     let result = match result {
         Ok(()) => check_upload(tmp.clone()).await,
@@ -1096,20 +1216,24 @@ async fn upload_image(
         Ok(()) => {
             let sidecar = app.host.store.images_dir().join(format!(".{name}.sha256"));
             let _ = crate::store::write_atomic(&sidecar, expected.as_bytes());
+            app.end_task(&task, |t| t.state = TaskState::Done);
             let osinfo = app.osinfo.clone();
             let image_path = app.host.store.images_dir().join(&name);
             let image =
                 tokio::task::spawn_blocking(move || library_image(&osinfo, name, length, expected, &image_path))
                     .await
                     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-            app.update_task(&task, |t| t.state = TaskState::Done);
             Ok((StatusCode::CREATED, Json(image)))
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            app.update_task(&task, |t| {
-                t.state = TaskState::Failed;
-                t.error = Some(e.message.clone());
+            app.end_task(&task, |t| {
+                if cancel.is_set() {
+                    t.state = TaskState::Cancelled;
+                } else {
+                    t.state = TaskState::Failed;
+                    t.error = Some(e.message.clone());
+                }
             });
             Err(e)
         }
@@ -1147,7 +1271,7 @@ async fn check_upload(tmp: PathBuf) -> ApiResult<()> {
 /// Starts `job` as task `task` (`what`): 202 with the task; it ends `done` with the job's result, or
 /// `failed` with its error.
 fn spawn_job(app: &AppState, task: String, what: String, job: crate::disks::Job) -> (StatusCode, Json<Task>) {
-    let t = Task { id: task.clone(), what, state: TaskState::Running, done: 0, total: 0, error: None, result: None };
+    let t = Task { id: task.clone(), what, started_ms: now_ms(), ..Task::default() };
     lock(&app.tasks).insert(task.clone(), t);
     let app2 = app.clone();
     let task2 = task.clone();
@@ -1165,18 +1289,7 @@ fn spawn_job(app: &AppState, task: String, what: String, job: crate::disks::Job)
             }
         });
     });
-    (
-        StatusCode::ACCEPTED,
-        Json(app.task(&task).unwrap_or_else(|| Task {
-            id: task,
-            what: String::new(),
-            state: TaskState::Running,
-            done: 0,
-            total: 0,
-            error: None,
-            result: None,
-        })),
-    )
+    (StatusCode::ACCEPTED, Json(app.task(&task).unwrap_or_else(|| Task { id: task, ..Task::default() })))
 }
 
 fn progress_of(app: &AppState, task: &str) -> crate::disks::Progress {
@@ -1276,7 +1389,7 @@ impl Drop for AbandonedUpload {
     fn drop(&mut self) {
         if let Some(tmp) = self.tmp.take() {
             let _ = std::fs::remove_file(&tmp);
-            self.app.update_task(&self.task, |t| {
+            self.app.end_task(&self.task, |t| {
                 t.state = TaskState::Failed;
                 t.error = Some("the client went away before the upload was complete".into());
             });
@@ -1287,6 +1400,7 @@ impl Drop for AbandonedUpload {
 async fn receive(
     app: &App,
     task: &str,
+    cancel: &Cancel,
     body: axum::body::Body,
     tmp: &std::path::Path,
     length: u64,
@@ -1297,7 +1411,13 @@ async fn receive(
     let mut hasher = Sha256::new();
     let mut received = 0u64;
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    let cancelled = || ApiError::new(StatusCode::CONFLICT, "cancelled", "the upload was cancelled");
+    loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::bad(format!("the upload broke off: {e}")))?;
         received += chunk.len() as u64;
         if received > length {
@@ -1322,16 +1442,10 @@ async fn delete_image(State(app): State<AppState>, p: Principal, Path(name): Pat
     require(&p, Role::Admin)?;
     let path =
         app.host.store.image_path(&name).ok_or_else(|| ApiError::bad(format!("image name {name:?} is invalid")))?;
-    if app.host.list().iter().any(|v| {
-        v.media.as_deref() == Some(name.as_str())
-            || v.boot.as_ref().is_some_and(|b| b.kernel == name || b.initrd.as_deref() == Some(name.as_str()))
-    }) {
-        return Err(ApiError::conflict(format!("image {name:?} is used by a VM")));
-    }
-    let users = crate::disks::users_of_image(&app.host.records(), &name);
+    let users = image_users(&app, &name);
     if !users.is_empty() {
         return Err(ApiError::conflict(format!(
-            "image {name:?} is the read-only base of VM disks (used by: {})",
+            "image {name:?} is in use (used by: {}): a VM's CD, kernel, initrd or disk base",
             users.join(", ")
         )));
     }
@@ -1349,4 +1463,21 @@ async fn list_tasks(State(app): State<AppState>, p: Principal) -> ApiResult<Json
 async fn get_task(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Task>> {
     require(&p, Role::Viewer)?;
     app.task(&id).map(Json).ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))
+}
+
+/// `POST /tasks/{id}/cancel`: stops a running upload (its partial file is removed) or a shutdown's wait
+/// (the guest is not forced off). The task ends `cancelled` as soon as it notices; the reply is the task as
+/// it is now. Other tasks, and tasks that have ended, are refused (409).
+async fn cancel_task(State(app): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Task>> {
+    require(&p, Role::Operator)?;
+    let task = app.task(&id).ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))?;
+    let Some(cancel) = lock(&app.cancels).get(&id).cloned() else {
+        return Err(ApiError::conflict(match task.state {
+            TaskState::Running => format!("task {id:?} ({}) cannot be cancelled", task.what),
+            _ => format!("task {id:?} ({}) has ended", task.what),
+        }));
+    };
+    cancel.set.store(true, std::sync::atomic::Ordering::Release);
+    cancel.wake.notify_waiters();
+    Ok(Json(app.task(&id).unwrap_or(task)))
 }

@@ -1,4 +1,4 @@
-//! Resource samples of running VMs: once a second, CPU time and resident memory of each VM process (from
+//! Resource samples of running VMs and of the host: once a second, CPU time and resident memory of each VM process (from
 //! /proc) and its disk and network counters (from its control socket), kept for an hour at 1 s and for a day at 1 min;
 //! its state too, so a guest that crashed shows as `crashed` within a second (see `Host::observe`).
 //! The sampler also keeps serial logs bounded: past 1 MiB a log is truncated (the VMM appends, so it just
@@ -15,6 +15,8 @@ use vmm_core::control::{ControlClient, Request};
 use crate::host::Host;
 use crate::store::now_ms;
 
+/// The key of the host's own samples (VM ids are hex, so never this).
+pub const HOST: &str = "@host";
 const SECONDS_KEPT: usize = 3600;
 const MINUTES_KEPT: usize = 1440;
 /// A serial log longer than this is truncated.
@@ -56,6 +58,47 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The host's CPU time from /proc/stat's `cpu` line: (busy, total) in ticks of every CPU together.
+fn host_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// A field of /proc/meminfo in KiB.
+fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+}
+
+/// What the host page shows besides the samples.
+#[derive(Debug, Default)]
+pub struct HostFacts {
+    pub memory_available_mib: u64,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub uptime_s: u64,
+}
+
+/// Reads [`HostFacts`] from /proc; what cannot be read stays empty.
+pub fn host_facts() -> HostFacts {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    HostFacts {
+        memory_available_mib: meminfo_kib(&read("/proc/meminfo"), "MemAvailable").unwrap_or(0) / 1024,
+        cpu_model: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+            .unwrap_or_default(),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        uptime_s: read("/proc/uptime").split_whitespace().next().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
+            as u64,
+    }
 }
 
 fn average(samples: &[StatSample]) -> StatSample {
@@ -114,8 +157,12 @@ impl Stats {
             };
             let mut last: HashMap<String, Last> = HashMap::new();
             let mut clients: HashMap<String, (u32, ControlClient)> = HashMap::new();
+            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+            let mut host_last: Option<(u64, (u64, u64))> = None;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
+                // The VMs' disk and network rates of this round, for the host's sample.
+                let mut io = [0.0f64; 4];
                 let running = host.running();
                 last.retain(|id, _| running.iter().any(|(r, _)| r == id));
                 clients.retain(|id, (pid, _)| running.iter().any(|(r, p)| r == id && p == pid));
@@ -149,22 +196,53 @@ impl Stats {
                     let t_ms = now_ms();
                     if let Some(prev) = last.get(&id).filter(|p| p.pid == pid && t_ms > p.t_ms) {
                         let dt = (t_ms - prev.t_ms) as f64 / 1000.0;
-                        stats.push(
-                            &id,
-                            StatSample {
-                                t_ms,
-                                cpu_percent: ticks.saturating_sub(prev.cpu_ticks) as f64 / ticks_per_s / dt * 100.0,
-                                memory_bytes: rss,
-                                disk_read_bps: read.saturating_sub(prev.disk_read) as f64 / dt,
-                                disk_write_bps: written.saturating_sub(prev.disk_written) as f64 / dt,
-                                net_rx_bps: net_rx.saturating_sub(prev.net_rx) as f64 / dt,
-                                net_tx_bps: net_tx.saturating_sub(prev.net_tx) as f64 / dt,
-                            },
-                        );
+                        let sample = StatSample {
+                            t_ms,
+                            cpu_percent: ticks.saturating_sub(prev.cpu_ticks) as f64 / ticks_per_s / dt * 100.0,
+                            memory_bytes: rss,
+                            disk_read_bps: read.saturating_sub(prev.disk_read) as f64 / dt,
+                            disk_write_bps: written.saturating_sub(prev.disk_written) as f64 / dt,
+                            net_rx_bps: net_rx.saturating_sub(prev.net_rx) as f64 / dt,
+                            net_tx_bps: net_tx.saturating_sub(prev.net_tx) as f64 / dt,
+                        };
+                        for (sum, rate) in io.iter_mut().zip([
+                            sample.disk_read_bps,
+                            sample.disk_write_bps,
+                            sample.net_rx_bps,
+                            sample.net_tx_bps,
+                        ]) {
+                            *sum += rate;
+                        }
+                        stats.push(&id, sample);
                     }
                     let now =
                         Last { pid, t_ms, cpu_ticks: ticks, disk_read: read, disk_written: written, net_rx, net_tx };
                     last.insert(id, now);
+                }
+                let (t_ms, cpu) = (now_ms(), host_cpu_ticks());
+                if let (Some((busy, total)), Some((_, (prev_busy, prev_total)))) = (cpu, host_last)
+                    && total > prev_total
+                {
+                    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+                    let used_kib = meminfo_kib(&meminfo, "MemTotal")
+                        .unwrap_or(0)
+                        .saturating_sub(meminfo_kib(&meminfo, "MemAvailable").unwrap_or(0));
+                    let busy_share = busy.saturating_sub(prev_busy) as f64 / (total - prev_total) as f64;
+                    stats.push(
+                        HOST,
+                        StatSample {
+                            t_ms,
+                            cpu_percent: busy_share * cpus * 100.0,
+                            memory_bytes: used_kib * 1024,
+                            disk_read_bps: io[0],
+                            disk_write_bps: io[1],
+                            net_rx_bps: io[2],
+                            net_tx_bps: io[3],
+                        },
+                    );
+                }
+                if let Some(cpu) = cpu {
+                    host_last = Some((t_ms, cpu));
                 }
             }
         });
@@ -204,5 +282,15 @@ mod tests {
         assert_eq!(minutes[0].cpu_percent, 50.0);
         assert_eq!(minutes[0].disk_read_bps, 29.5, "the mean of 0..60");
         assert_eq!(stats.samples("vm", 3_700_000, false).len(), 20);
+    }
+
+    #[test]
+    fn host_facts_and_cpu_ticks_come_from_proc() {
+        let (busy, total) = host_cpu_ticks().expect("/proc/stat has a cpu line");
+        assert!(busy <= total && total > 0);
+        let facts = host_facts();
+        assert!(facts.memory_available_mib > 0 && facts.uptime_s > 0 && !facts.kernel.is_empty(), "{facts:?}");
+        assert_eq!(meminfo_kib("MemTotal:       16 kB\nMemAvailable:   8 kB\n", "MemAvailable"), Some(8));
+        assert_eq!(meminfo_kib("MemTotalX: 1 kB\n", "MemTotal"), None);
     }
 }

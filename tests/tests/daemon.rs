@@ -740,3 +740,112 @@ async fn a_crashed_vm_keeps_its_screen_until_powered_off() {
     assert!(exit.reason.starts_with("the guest crashed: triple fault"), "{off:?}");
     assert!(off.crash.is_none(), "{off:?}");
 }
+
+/// What the GUI's host page shows: the host's capacity and what is in use, its own samples, the library
+/// with the VMs that use each image (deletion refused, naming them), and tasks that can be cancelled: an
+/// upload held half-way (its partial file goes, the uploader gets the reason) and a shutdown's wait (the
+/// guest, which ignores the power button, keeps running and is not forced off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_page_api_reports_capacity_use_and_cancels_tasks() {
+    let dir = Scratch::new("daemon-host-page");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let iso = dir.path("cd.iso");
+    std::fs::write(&iso, vec![7u8; 64 << 10]).unwrap();
+    c.upload_image("cd.iso", &iso, |_, _| {}).await.unwrap();
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: guest("ticker"), initrd: None, cmdline: String::new() }),
+            media: Some("cd.iso".into()),
+            disk_gib: 0,
+            ..CreateVm::new("ticking", 2, 96)
+        })
+        .await
+        .unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_serial(&c, &vm.id, "PORTHOLE-TICK").await;
+
+    let info = c.host().await.unwrap();
+    assert_eq!((info.vms, info.running_vms, info.vcpus_allocated, info.memory_allocated_mib), (1, 1, 2, 96));
+    assert!(info.memory_available_mib > 0 && info.memory_available_mib <= info.memory_mib, "{info:?}");
+    assert!(info.disk_total_bytes >= info.free_disk_bytes && info.disk_total_bytes > 0, "{info:?}");
+    assert!(info.images_bytes >= 64 << 10, "the library's ISO is counted: {info:?}");
+    assert!(!info.kernel.is_empty() && info.uptime_s > 0, "{info:?}");
+    // The sampler adds one host sample a second; memory in use is MemTotal - MemAvailable.
+    let deadline = Instant::now() + LIMIT;
+    let samples = loop {
+        let s = c.host_stats(0, false).await.unwrap();
+        if s.samples.len() >= 2 {
+            break s.samples;
+        }
+        assert!(Instant::now() < deadline, "no host samples");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let last = samples.last().unwrap();
+    assert!(last.memory_bytes > 0 && last.memory_bytes <= info.memory_mib << 20, "{last:?}");
+    assert!(last.cpu_percent >= 0.0 && last.cpu_percent <= 100.0 * f64::from(info.cpus) + 1.0, "{last:?}");
+    assert_eq!(c.host_stats(0, true).await.unwrap().interval_s, 60);
+
+    // The library says who uses what; deleting an image in use names the VM.
+    let images = c.images().await.unwrap();
+    assert_eq!(images.iter().find(|i| i.name == "cd.iso").unwrap().used_by, ["ticking"]);
+    let e = c.delete_image("cd.iso").await.unwrap_err();
+    assert_eq!(e.status(), Some(409));
+    assert!(e.to_string().contains("used by: ticking"), "{e}");
+
+    // An upload held half-way, cancelled: 409 to the uploader, the partial file gone, the task cancelled.
+    let socket = d.socket().display().to_string();
+    let uploader = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({socket:?})\ns.sendall(b'PUT /api/v1/images/slow.iso HTTP/1.1\\r\\nHost: x\\r\\nX-Porthole-Sha256: {}\\r\\nContent-Length: 3000\\r\\n\\r\\n'+bytes([7])*1000)\nprint(s.recv(4096).decode())",
+            "ab".repeat(32)
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + LIMIT;
+    let task = loop {
+        let t = c.tasks().await.unwrap().into_iter().find(|t| t.what == "upload slow.iso" && t.done == 1000);
+        if let Some(t) = t {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "the upload's task never showed its first 1000 bytes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(task.cancellable && task.state == TaskState::Running && task.started_ms > 0, "{task:?}");
+    c.cancel_task(&task.id).await.unwrap();
+    let reply = text(&porthole_tests::wait(uploader, LIMIT).stdout);
+    assert!(reply.contains("409") && reply.contains("cancelled"), "{reply}");
+    let ended = c.task(&task.id).await.unwrap();
+    assert_eq!((ended.state, ended.cancellable), (TaskState::Cancelled, false), "{ended:?}");
+    let leftovers: Vec<_> =
+        walk(&d.data.join("images")).into_iter().filter(|p| p.to_string_lossy().contains("slow")).collect();
+    assert!(leftovers.is_empty(), "the partial upload stayed: {leftovers:?}");
+    assert_eq!(c.cancel_task(&task.id).await.unwrap_err().status(), Some(409), "an ended task");
+
+    // A shutdown the guest ignores, its wait cancelled: the VM runs on (never forced off).
+    let shutdown = c.shutdown(&vm.id, 60).await.unwrap();
+    assert!(shutdown.cancellable, "{shutdown:?}");
+    let cancelled = c.cancel_task(&shutdown.id).await.unwrap();
+    assert_eq!(cancelled.id, shutdown.id);
+    let deadline = Instant::now() + LIMIT;
+    while c.task(&shutdown.id).await.unwrap().state == TaskState::Running {
+        assert!(Instant::now() < deadline, "the shutdown task did not end when cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.task(&shutdown.id).await.unwrap().state, TaskState::Cancelled);
+    let after = c.vm(&vm.id).await.unwrap();
+    assert_eq!(after.state, VmState::Running, "{after:?}");
+    // Its ticks go on.
+    let last_tick = |lines: Vec<String>| -> u64 {
+        lines.iter().rev().find_map(|l| l.strip_prefix("PORTHOLE-TICK ")?.trim().parse().ok()).unwrap_or(0)
+    };
+    let before = last_tick(wait_serial(&c, &vm.id, "PORTHOLE-TICK").await);
+    let deadline = Instant::now() + LIMIT;
+    while last_tick(wait_serial(&c, &vm.id, "PORTHOLE-TICK").await) <= before {
+        assert!(Instant::now() < deadline, "the guest stopped ticking after tick {before}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    power_off_all(&c).await;
+}

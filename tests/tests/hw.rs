@@ -619,7 +619,7 @@ const DISK_IO_RUNS: [&str; 4] = ["porthole-raw", "qemu-raw", "porthole-qcow2", "
 /// its read-back verified), recorded as `blk-OP-RUN` for the ratios.
 fn disk_io(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     l1_up(m)?;
-    let mut out = Vec::new();
+    let (mut out, mut engines) = (Vec::new(), Vec::new());
     for round in 1..=3 {
         for label in DISK_IO_RUNS {
             m.expect(&format!("HW-START {label}"), 10 * MIN)?;
@@ -642,10 +642,28 @@ fn disk_io(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             if round == 1 {
                 out.push(format!("{label}: {}", times.join(", ")));
             }
+            if label.starts_with("porthole-") {
+                // The engine's slowest image transfer and wait for an I/O thread, against the guest's slowest
+                // sequential write: where a stalled request spent its time.
+                let engine = m.expect(&format!("HW-DISKIO-ENGINE {label} "), MIN)?;
+                let ms =
+                    |key: &str| Machine::field(&engine, key).and_then(|v| v.parse::<f64>().ok()).map(|us| us / 1000.0);
+                engines.push(format!(
+                    "{label} round {round}: guest's slowest seq-write {} s, engine's slowest transfer {:.1} ms, \
+                     longest wait for an I/O thread {:.1} ms",
+                    Machine::field(&line, "seq-write-slowest-s").unwrap_or("?"),
+                    ms("disk_slowest_transfer_us").unwrap_or(f64::NAN),
+                    ms("disk_slowest_wait_us").unwrap_or(f64::NAN),
+                ));
+            }
         }
     }
     m.expect("HW-DISKIO-DONE", MIN)?;
-    Ok(format!("64 MiB sequential and 2048 random 4 KiB each way, verified (round 1): {}", out.join("; ")))
+    Ok(format!(
+        "64 MiB sequential and 2048 random 4 KiB each way, verified (round 1): {}; {}",
+        out.join("; "),
+        engines.join("; ")
+    ))
 }
 
 /// Issue 16 on a real guest (tests/hw/scenarios/cloud.sh): tests/hw/make-cloud-image.sh's image in portholed's
@@ -993,6 +1011,7 @@ async fn snap_task(c: &porthole_api::Client, task: porthole_api::Task, limit: Du
         match t.state {
             porthole_api::TaskState::Done => return Ok(t.result.unwrap_or_default()),
             porthole_api::TaskState::Failed => return Err(format!("the task failed: {:?}", t.error)),
+            porthole_api::TaskState::Cancelled => return Err("the task was cancelled".into()),
             porthole_api::TaskState::Running if Instant::now() > deadline => {
                 return Err(format!("the task did not end within {} s: {t:?}", limit.as_secs()));
             }

@@ -58,6 +58,10 @@ pub struct CountersSnapshot {
     pub disk_errors: u64,
     /// Malformed descriptor chains (each put its device into NEEDS_RESET).
     pub disk_malformed: u64,
+    /// The slowest transfer of a read or write request to or from an image, over every drive (µs).
+    pub disk_slowest_transfer_us: u64,
+    /// The longest a read or write request waited for an I/O thread, over every drive (µs).
+    pub disk_slowest_wait_us: u64,
     /// Network frames and bytes over every card: rx towards the guest, tx from it.
     pub net_rx_frames: u64,
     pub net_rx_bytes: u64,

@@ -491,6 +491,8 @@ impl VmHandle {
             s.disk_bytes_written += l(&st.bytes_written);
             s.disk_errors += l(&st.errors);
             s.disk_malformed += l(&st.malformed);
+            s.disk_slowest_transfer_us = s.disk_slowest_transfer_us.max(l(&st.slowest_transfer_us));
+            s.disk_slowest_wait_us = s.disk_slowest_wait_us.max(l(&st.slowest_wait_us));
         }
         for n in &self.nics {
             let st = &n.stats;

@@ -303,8 +303,7 @@ mod tests {
             format,
             virtual_bytes,
             allocated_bytes: 280 << 20,
-            iso: None,
-            os: None,
+            ..Image::default()
         }
     }
 

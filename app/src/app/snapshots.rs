@@ -258,7 +258,7 @@ impl PortholeApp {
                         }
                     });
                 }
-                TaskState::Done => {}
+                TaskState::Done | TaskState::Cancelled => {}
             }
         }
         busy

@@ -92,3 +92,16 @@ pub fn replace_text(h: &mut Harness<'static, PortholeApp>, label: &str, text: &s
     h.get_by_role_and_label(Role::TextInput, label).type_text(text);
     h.step();
 }
+
+/// A file dropped on the window, as a desktop would hand it over.
+#[derive(Debug)]
+pub struct Dropped(pub PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}

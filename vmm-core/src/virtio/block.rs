@@ -20,6 +20,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -63,6 +64,8 @@ struct Job {
     mem: GuestMemoryMmap,
     status: GuestAddress,
     kind: Kind,
+    /// When the queue thread took it.
+    taken: Instant,
 }
 
 enum Kind {
@@ -373,7 +376,14 @@ impl Shared {
                 let Some(chain) = active.queue.pop_descriptor_chain(&mem) else { break };
                 match parse(chain, &mem) {
                     Ok((head, status, kind)) => {
-                        state.jobs.push_back(Job { epoch, head, mem: mem.clone(), status, kind });
+                        state.jobs.push_back(Job {
+                            epoch,
+                            head,
+                            mem: mem.clone(),
+                            status,
+                            kind,
+                            taken: Instant::now(),
+                        });
                         queued += 1;
                     }
                     Err(why) => {
@@ -445,8 +455,14 @@ impl Shared {
 
     /// Executes a job and puts it in the used ring (unless the device was reset meanwhile).
     fn complete(&self, job: Job) {
+        let started = Instant::now();
         let (status, written) = self.execute(&job);
         let stats = &self.drive.stats;
+        if matches!(job.kind, Kind::Read { .. } | Kind::Write { .. }) {
+            let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+            stats.slowest_transfer_us.fetch_max(us(started.elapsed()), Ordering::Relaxed);
+            stats.slowest_wait_us.fetch_max(us(started.duration_since(job.taken)), Ordering::Relaxed);
+        }
         let count = |c: &std::sync::atomic::AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
         match (&job.kind, status) {
             (_, s) if s != VIRTIO_BLK_S_OK => count(&stats.errors, 1),
@@ -672,7 +688,6 @@ fn parse(
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::time::Duration;
 
     use super::*;
     use crate::disk::Media;
