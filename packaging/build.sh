@@ -162,7 +162,8 @@ DEPENDS="$SHLIBS, adduser, $DLOPEN_DEBS"
 # ca-certificates: only for remote hosts added without a pinned fingerprint (their certificate is then
 # checked against the system's CA roots); the local daemon and pinned hosts work without it.
 # seabios: firmware boot (VMs booting an ISO or a disk rather than a kernel; porthole-vmm --firmware bios).
-RECOMMENDS="seabios, passt, ca-certificates, libgl1-mesa-dri, libdbus-1-3"
+# osinfo-db: libosinfo's database, which portholed reads to name the OS on an ISO (without it: "Unknown OS").
+RECOMMENDS="seabios, passt, ca-certificates, libgl1-mesa-dri, libdbus-1-3, osinfo-db"
 
 (cd "$DEB" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$WORK/md5sums"
 install -d -m 0755 "$DEB/DEBIAN"
@@ -205,7 +206,7 @@ install -D -m 0644 "$PKG/systemd/portholed-remote.service" "$RPMSTAGE/usr/lib/sy
 install -D -m 0644 "$WORK/copyright" "$RPMSTAGE/usr/share/licenses/porthole/copyright"
 install -D -m 0644 /usr/share/common-licenses/Apache-2.0 "$RPMSTAGE/usr/share/licenses/porthole/Apache-2.0"
 # The same libraries as the .deb's by hand, by soname (what Fedora, openSUSE and RHEL packages provide).
-REQUIRES="Recommends:     ca-certificates"$'\n'"Recommends:     seabios"$'\n'"Recommends:     passt"$'\n'
+REQUIRES="Recommends:     ca-certificates"$'\n'"Recommends:     seabios"$'\n'"Recommends:     passt"$'\n'"Recommends:     osinfo-db"$'\n'
 for so in libEGL.so.1 libGL.so.1 libwayland-client.so.0 libwayland-egl.so.1 libxkbcommon.so.0 \
     libxkbcommon-x11.so.0 libX11.so.6 libX11-xcb.so.1 libXcursor.so.1 libXi.so.6 libXrender.so.1; do
     REQUIRES+="Requires:       $so()(64bit)"$'\n'

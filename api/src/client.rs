@@ -14,8 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    API_PREFIX, CloneVm, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Image, LinkChange, MediaChange, NicStatus,
-    RevertSnapshot, SerialInput, SerialOutput, SnapshotTree, Stats, TakeSnapshot, Task, UpdateVm, Vm,
+    API_PREFIX, CloneVm, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Identified, Image, IsoFacts, LinkChange,
+    MediaChange, NicStatus, RevertSnapshot, SerialInput, SerialOutput, SnapshotTree, Stats, TakeSnapshot, Task,
+    UpdateVm, Vm,
 };
 
 /// Why a call failed.
@@ -429,6 +430,12 @@ impl Client {
 
     pub async fn images(&self) -> Result<Vec<Image>, ClientError> {
         self.call(self.request(Method::GET, "/images")).await
+    }
+
+    /// `POST /osinfo/identify`: the OS the host's osinfo-db finds for an ISO's facts (read with
+    /// [`crate::iso::read_file`]), for an ISO not in the library yet.
+    pub async fn identify_os(&self, facts: &IsoFacts) -> Result<Identified, ClientError> {
+        self.call_json(Method::POST, "/osinfo/identify", facts).await
     }
 
     pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {

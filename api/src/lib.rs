@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod iso;
 pub mod rfb;
 mod types;
 pub use client::{Client, ClientError};
@@ -42,6 +43,9 @@ pub struct HostInfo {
     /// Largest image upload the daemon takes, in bytes.
     #[serde(default)]
     pub upload_limit_bytes: u64,
+    /// The version of the host's osinfo-db (libosinfo's database, used to identify ISOs); None without one.
+    #[serde(default)]
+    pub osinfo_db: Option<String>,
     /// Memory the host could still give out without swapping (MemAvailable), in MiB.
     #[serde(default)]
     pub memory_available_mib: u64,
@@ -87,6 +91,7 @@ mod tests {
             vms: 0,
             problems: vec![],
             upload_limit_bytes: 1,
+            osinfo_db: Some("20221203".into()),
             cpu_model: "CPU".into(),
             ..HostInfo::default()
         };

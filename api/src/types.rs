@@ -733,6 +733,12 @@ pub struct Image {
     /// Bytes the file takes on the host (sparse files take less than their size).
     #[serde(default)]
     pub allocated_bytes: u64,
+    /// An ISO's volume identifiers and bootability (None for other formats).
+    #[serde(default)]
+    pub iso: Option<IsoFacts>,
+    /// The OS on an ISO, as the host's osinfo-db identifies it (None: unknown, or no db).
+    #[serde(default)]
+    pub os: Option<DetectedOs>,
     /// The VMs that use the image (as a CD, a kernel or initrd, or the base of a disk), by name: an image in
     /// use cannot be deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -822,4 +828,90 @@ impl std::str::FromStr for Role {
             _ => Err(format!("role {s:?} is not admin, operator or viewer")),
         }
     }
+}
+
+/// What an ISO 9660 image says about itself: its primary volume descriptor's identifiers (trailing blanks
+/// removed; blank ones absent) and whether its El Torito boot catalog boots on BIOS, UEFI or neither.
+/// Read by [`crate::iso::read_facts`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IsoFacts {
+    /// The volume id ("Debian 11.5.0 amd64 n"), the field OS detection mostly goes by.
+    #[serde(default)]
+    pub volume_id: Option<String>,
+    #[serde(default)]
+    pub system_id: Option<String>,
+    #[serde(default)]
+    pub publisher_id: Option<String>,
+    #[serde(default)]
+    pub application_id: Option<String>,
+    /// The volume's size: its block count times its block size.
+    #[serde(default)]
+    pub volume_bytes: u64,
+    /// The boot catalog has a bootable entry for PC BIOS (what Porthole's SeaBIOS firmware boots).
+    #[serde(default)]
+    pub bios_bootable: bool,
+    /// The boot catalog has a bootable entry for UEFI.
+    #[serde(default)]
+    pub uefi_bootable: bool,
+}
+
+impl IsoFacts {
+    /// Boots with UEFI but not with a PC BIOS: Porthole's firmware (SeaBIOS) cannot start it.
+    pub fn uefi_only(&self) -> bool {
+        self.uefi_bootable && !self.bios_bootable
+    }
+}
+
+/// What an operating system needs or suggests (from osinfo-db's `<resources>`); absent where the db says
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OsResources {
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+}
+
+/// The operating system an ISO holds, as libosinfo's database (osinfo-db) on the host identifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetectedOs {
+    /// osinfo's entity id, a URI ("http://debian.org/debian/11").
+    pub id: String,
+    /// The canonical short id ("debian11").
+    pub short_id: String,
+    /// "Debian 11".
+    pub name: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub vendor: Option<String>,
+    /// "linux", "winnt", "freebsd", …
+    #[serde(default)]
+    pub family: Option<String>,
+    /// Below these the OS does not install or run well (a warning threshold).
+    #[serde(default)]
+    pub minimum: OsResources,
+    /// What a new VM for this OS should get.
+    #[serde(default)]
+    pub recommended: OsResources,
+}
+
+/// `POST /osinfo/identify`'s reply: the OS the host's osinfo-db finds for the ISO facts sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Identified {
+    /// None: no entry of the db matches ("Unknown OS"), or there is no db.
+    #[serde(default)]
+    pub os: Option<DetectedOs>,
+    /// The db's version (its `VERSION` file), None when the host has no osinfo-db.
+    #[serde(default)]
+    pub db_version: Option<String>,
+    /// Why nothing could be detected, when that is not just an unknown ISO ("no osinfo-db on this host").
+    #[serde(default)]
+    pub note: Option<String>,
 }

@@ -16,12 +16,14 @@ mod help;
 mod host_page;
 mod machines;
 mod network;
+mod osinfo;
 mod preferences;
 mod snapshots;
 mod vm_settings;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
 pub use machines::{GroupBy, MachineView};
 pub use network::{WizardNetwork, ssh_command};
+pub use osinfo::{OsGuess, WizardOs};
 pub use snapshots::{TreeRow, tree_rows};
 pub use vm_settings::SettingsForm;
 
@@ -50,6 +52,8 @@ pub struct Wizard {
     pub cloud: Option<CloudForm>,
     /// The seed's defaults, read when the wizard opened (the local user, the first key of `~/.ssh`).
     pub cloud_defaults: CloudForm,
+    /// The OS on the ISO, as the host's osinfo-db identifies it.
+    pub os: WizardOs,
 }
 
 /// Why the daemon would refuse `name` for a new VM on a host whose VMs are named `taken`.
@@ -99,6 +103,7 @@ impl Wizard {
             disk_format: DiskFormat::Qcow2,
             cloud: None,
             cloud_defaults: CloudForm::discover(std::env::var_os("HOME").map(PathBuf::from).as_deref()),
+            os: WizardOs::default(),
         }
     }
 
@@ -1104,6 +1109,7 @@ impl PortholeApp {
                 m.images.get(&w.host).cloned().unwrap_or_default(),
             )
         };
+        osinfo::update(w, &self.backend, &images, host_mem);
         let mut open = true;
         let mut create = false;
         let mut cancel = false;
@@ -1224,6 +1230,7 @@ impl PortholeApp {
                     }
                 });
                 ui.end_row();
+                osinfo::wizard_row(ui, w);
                 let l = ui.label("Kernel");
                 ui.horizontal(|ui| {
                     ui.text_edit_singleline(&mut w.kernel).labelled_by(l.id);
@@ -1249,6 +1256,9 @@ impl PortholeApp {
             problems.extend(w.cloud_problems(&images));
             for p in &problems {
                 ui.colored_label(ui.visuals().warn_fg_color, p);
+            }
+            for warning in osinfo::warnings(w) {
+                ui.colored_label(ui.visuals().warn_fg_color, warning);
             }
             ui.separator();
             ui.label(format!(

@@ -188,9 +188,27 @@ fn thread_cpu() -> Duration {
 
 pub fn grid(hosts: usize, per_host: usize, frames: usize) -> anyhow::Result<()> {
     use porthole_api::client::Action;
-    use porthole_api::{BootSpec, Client, CreateVm};
     let rt = crate::daemon::runtime()?;
-    let mut daemons = Vec::new();
+    // VM processes outlive their daemon: the running ones are powered off however the run ends.
+    let (mut daemons, mut running) = (Vec::new(), Vec::new());
+    let result = grid_run(&rt, hosts, per_host, frames, &mut daemons, &mut running);
+    for (c, id) in running {
+        let _ = rt.block_on(c.action(&id, Action::Poweroff));
+    }
+    drop(daemons);
+    result
+}
+
+fn grid_run(
+    rt: &tokio::runtime::Runtime,
+    hosts: usize,
+    per_host: usize,
+    frames: usize,
+    daemons: &mut Vec<crate::daemon::Daemon>,
+    running: &mut Vec<(porthole_api::Client, String)>,
+) -> anyhow::Result<()> {
+    use porthole_api::client::Action;
+    use porthole_api::{BootSpec, Client, CreateVm};
     for h in 0..hosts {
         let d = crate::daemon::Daemon::start_named(false, &format!("grid-{h}"))?;
         let c = Client::unix(&d.socket)?;
@@ -206,6 +224,7 @@ pub fn grid(hosts: usize, per_host: usize, frames: usize) -> anyhow::Result<()> 
             let vm = rt.block_on(c.create_vm(&req))?;
             if i == 0 {
                 rt.block_on(c.action(&vm.id, Action::Start))?;
+                running.push((c.clone(), vm.id));
             }
         }
         daemons.push(d);

@@ -8,6 +8,7 @@ mod disks;
 mod host;
 mod net;
 mod openapi;
+mod osinfo;
 mod screenshot;
 mod server;
 mod stats;

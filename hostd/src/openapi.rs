@@ -196,6 +196,15 @@ pub const ROUTES: &[Route] = &[
         204,
         None,
     ),
+    (
+        "post",
+        "/osinfo/identify",
+        "The OS the host's osinfo-db finds for an ISO's facts (an ISO not uploaded yet)",
+        "viewer",
+        Some("IsoFacts"),
+        200,
+        Some("Identified"),
+    ),
     ("get", "/tasks", "Long operations (uploads, shutdowns) and their progress", "viewer", None, 200, Some("TaskList")),
     ("get", "/tasks/{id}", "One task", "viewer", None, 200, Some("Task")),
     (
@@ -289,7 +298,9 @@ pub fn document() -> Value {
         SnapshotTree,
         TakeSnapshot,
         RevertSnapshot,
-        CloneVm
+        CloneVm,
+        IsoFacts,
+        Identified
     );
     let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
     schemas.insert("VmList".into(), list("Vm"));

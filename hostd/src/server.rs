@@ -16,9 +16,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
-    CloneVm, ConsoleTicket, CreateVm, DiskFormat, ErrorBody, FieldError, HostInfo, Image, LinkChange, MediaChange,
-    NicDefinition, NicSpec, NicStatus, RevertSnapshot, Role, SerialInput, SerialOutput, SnapshotTree,
-    Stats as StatsBody, TakeSnapshot, Task, TaskState, UpdateVm, Vm, VmState,
+    CloneVm, ConsoleTicket, CreateVm, DiskFormat, ErrorBody, FieldError, HostInfo, Identified, Image, IsoFacts,
+    LinkChange, MediaChange, NicDefinition, NicSpec, NicStatus, RevertSnapshot, Role, SerialInput, SerialOutput,
+    SnapshotTree, Stats as StatsBody, TakeSnapshot, Task, TaskState, UpdateVm, Vm, VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -68,6 +68,8 @@ pub struct App {
     pub stats: Arc<Stats>,
     pub data_dir: PathBuf,
     pub upload_limit: u64,
+    /// libosinfo's database, for OS detection on ISOs.
+    pub osinfo: Arc<crate::osinfo::Osinfo>,
     /// How long a console ticket stays valid (at most 30 s).
     ticket_lifetime: Duration,
     tickets: Mutex<HashMap<String, Ticket>>,
@@ -229,6 +231,7 @@ impl App {
             stats,
             data_dir,
             upload_limit,
+            osinfo: Arc::new(crate::osinfo::Osinfo::from_env()),
             ticket_lifetime,
             tickets: Mutex::new(HashMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
@@ -308,6 +311,7 @@ pub fn router(app: AppState) -> Router {
         .route("/console", get(console))
         .route("/images", get(list_images))
         .route("/images/{name}", put(upload_image).delete(delete_image))
+        .route("/osinfo/identify", post(identify_os))
         .route("/tasks", get(list_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/tasks/{id}/cancel", post(cancel_task));
@@ -357,6 +361,7 @@ async fn host_info(State(app): State<AppState>, p: Principal) -> ApiResult<Json<
         vms: vms.len() as u64,
         problems: app.host.problems.clone(),
         upload_limit_bytes: app.upload_limit,
+        osinfo_db: app.osinfo.version(),
         memory_available_mib: facts.memory_available_mib,
         disk_total_bytes: total,
         images_bytes,
@@ -1222,6 +1227,47 @@ fn image_sha256(path: &std::path::Path) -> String {
     sum
 }
 
+/// A library image's entry: its format and sizes, and for an ISO its facts and the OS detected.
+fn library_image(
+    osinfo: &crate::osinfo::Osinfo,
+    name: String,
+    size: u64,
+    sha256: String,
+    path: &std::path::Path,
+) -> Image {
+    let (format, virtual_bytes, allocated_bytes) = crate::store::image_facts(path);
+    let (iso, os) = if format == porthole_api::ImageFormat::Iso { osinfo.image(path) } else { (None, None) };
+    Image { name, size_bytes: size, sha256, format, virtual_bytes, allocated_bytes, iso, os, used_by: Vec::new() }
+}
+
+/// `POST /osinfo/identify`: the OS the host's osinfo-db finds for an ISO's facts (an ISO the client has
+/// not uploaded yet).
+async fn identify_os(
+    State(app): State<AppState>,
+    p: Principal,
+    body: Result<Json<IsoFacts>, JsonRejection>,
+) -> ApiResult<Json<Identified>> {
+    require(&p, Role::Viewer)?;
+    let Json(facts) = body?;
+    // ISO 9660 identifiers are at most 128 bytes.
+    for (what, id) in [
+        ("volume_id", &facts.volume_id),
+        ("system_id", &facts.system_id),
+        ("publisher_id", &facts.publisher_id),
+        ("application_id", &facts.application_id),
+    ] {
+        if id.as_ref().is_some_and(|v| v.len() > 128) {
+            return Err(ApiError::bad(format!("{what} is longer than an ISO 9660 identifier (128 bytes)")));
+        }
+    }
+    let osinfo = app.osinfo.clone();
+    let (os, db_version) = tokio::task::spawn_blocking(move || osinfo.identify(&facts))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let note = db_version.is_none().then(|| crate::osinfo::NO_DB.to_owned());
+    Ok(Json(Identified { os, db_version, note }))
+}
+
 async fn list_images(State(app): State<AppState>, p: Principal) -> ApiResult<Json<Vec<Image>>> {
     require(&p, Role::Viewer)?;
     let app2 = app.clone();
@@ -1233,9 +1279,8 @@ async fn list_images(State(app): State<AppState>, p: Principal) -> ApiResult<Jso
             .map(|(name, size)| {
                 let path = host.store.images_dir().join(&name);
                 let sha256 = image_sha256(&path);
-                let (format, virtual_bytes, allocated_bytes) = crate::store::image_facts(&path);
                 let used_by = image_users(&app2, &name);
-                Image { name, size_bytes: size, sha256, format, virtual_bytes, allocated_bytes, used_by }
+                Image { used_by, ..library_image(&app2.osinfo, name, size, sha256, &path) }
             })
             .collect()
     })
@@ -1300,17 +1345,12 @@ async fn upload_image(
             let sidecar = app.host.store.images_dir().join(format!(".{name}.sha256"));
             let _ = crate::store::write_atomic(&sidecar, expected.as_bytes());
             app.end_task(&task, |t| t.state = TaskState::Done);
-            let (format, virtual_bytes, allocated_bytes) =
-                crate::store::image_facts(&app.host.store.images_dir().join(&name));
-            let image = Image {
-                name,
-                size_bytes: length,
-                sha256: expected,
-                format,
-                virtual_bytes,
-                allocated_bytes,
-                used_by: Vec::new(),
-            };
+            let osinfo = app.osinfo.clone();
+            let image_path = app.host.store.images_dir().join(&name);
+            let image =
+                tokio::task::spawn_blocking(move || library_image(&osinfo, name, length, expected, &image_path))
+                    .await
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
             Ok((StatusCode::CREATED, Json(image)))
         }
         Err(e) => {
@@ -1539,6 +1579,7 @@ async fn delete_image(State(app): State<AppState>, p: Principal, Path(name): Pat
     }
     std::fs::remove_file(&path).map_err(|_| ApiError::not_found(format!("no image {name:?}")))?;
     let _ = std::fs::remove_file(app.host.store.images_dir().join(format!(".{name}.sha256")));
+    let _ = std::fs::remove_file(crate::osinfo::sidecar_path(&app.host.store.images_dir().join(&name)));
     Ok(StatusCode::NO_CONTENT)
 }
 

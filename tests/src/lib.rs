@@ -114,6 +114,42 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Output {
     wait(child, limit)
 }
 
+/// Boot images for [`xorriso_iso`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsoBoot {
+    None,
+    /// An El Torito entry for PC BIOS.
+    Bios,
+    /// Only an entry for UEFI.
+    UefiOnly,
+}
+
+/// An ISO built with `xorriso -as mkisofs -V VOLUME_ID` from a scratch folder holding a small text file
+/// (and the boot image for `boot`): a few hundred KB that OS detection reads like a distribution's ISO with
+/// that volume id.
+pub fn xorriso_iso(dir: &Scratch, file: &str, volume_id: &str, boot: IsoBoot) -> PathBuf {
+    let content = dir.path(&format!("{file}.d"));
+    let _ = std::fs::remove_dir_all(&content);
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("README.txt"), format!("{volume_id}\n")).unwrap();
+    std::fs::write(content.join("boot.img"), [0xF4u8; 2048]).unwrap();
+    let iso = dir.path(file);
+    let mut cmd = Command::new("xorriso");
+    cmd.args(["-as", "mkisofs", "-V", volume_id, "-r"]);
+    match boot {
+        IsoBoot::None => {}
+        IsoBoot::Bios => {
+            cmd.args(["-b", "boot.img", "-no-emul-boot"]);
+        }
+        IsoBoot::UefiOnly => {
+            cmd.args(["-e", "boot.img", "-no-emul-boot"]);
+        }
+    }
+    let out = cmd.arg("-o").arg(&iso).arg(&content).output().expect("xorriso (the xorriso package)");
+    assert!(out.status.success(), "xorriso: {}", text(&out.stderr));
+    iso
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

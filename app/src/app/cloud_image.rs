@@ -131,7 +131,11 @@ pub fn image_text(i: &Image) -> String {
     };
     let virt = if i.virtual_bytes > 0 { i.virtual_bytes } else { i.size_bytes };
     let on_disk = if i.allocated_bytes > 0 { i.allocated_bytes } else { i.size_bytes };
-    format!("{} — {format}, {} virtual, {} on disk", i.name, human_bytes(virt), human_bytes(on_disk))
+    let text = format!("{} — {format}, {} virtual, {} on disk", i.name, human_bytes(virt), human_bytes(on_disk));
+    match &i.os {
+        Some(os) => format!("{text}, {}", os.name),
+        None => text,
+    }
 }
 
 /// The smallest disk (GiB) that holds `image`.

@@ -124,8 +124,8 @@ impl PortholeApp {
             ui.weak("The library is empty: upload an ISO, a disk image or a kernel, or drop one on this page.");
             return;
         }
-        egui::Grid::new("library").num_columns(6).striped(true).spacing([12.0, 4.0]).show(ui, |ui| {
-            for title in ["Name", "Format", "Size", "On the host", "Used by", ""] {
+        egui::Grid::new("library").num_columns(7).striped(true).spacing([12.0, 4.0]).show(ui, |ui| {
+            for title in ["Name", "Format", "OS", "Size", "On the host", "Used by", ""] {
                 ui.strong(title);
             }
             ui.end_row();
@@ -137,6 +137,18 @@ impl PortholeApp {
                     porthole_api::ImageFormat::Raw => "raw",
                 };
                 ui.label(format);
+                // What the host's osinfo-db found on an ISO.
+                match (&image.os, image.format) {
+                    (Some(os), _) => {
+                        ui.label(format!("{} ({})", os.name, os.short_id));
+                    }
+                    (None, porthole_api::ImageFormat::Iso) => {
+                        ui.weak("Unknown OS");
+                    }
+                    (None, _) => {
+                        ui.weak("—");
+                    }
+                }
                 ui.label(human_bytes(image.virtual_bytes.max(image.size_bytes)));
                 ui.label(human_bytes(image.allocated_bytes));
                 if image.used_by.is_empty() {
