@@ -222,7 +222,12 @@ impl Backend {
                         }
                         (Err(e), _) | (_, Err(e)) => h.error = Some(e.to_string()),
                     }
-                    before != (h.info.clone(), h.vms.clone(), h.error.clone(), h.cpu.clone())
+                    // What changes every second whatever happens (uptime, memory in use) repaints only the host
+                    // page, which asks for its own frames.
+                    let steady = |i: &Option<HostInfo>| {
+                        i.clone().map(|i| HostInfo { uptime_s: 0, memory_available_mib: 0, free_disk_bytes: 0, ..i })
+                    };
+                    (steady(&before.0), &before.1, &before.2, &before.3) != (steady(&h.info), &h.vms, &h.error, &h.cpu)
                 };
                 // An idle window stays idle: repaint only when the host's picture changed.
                 if changed {

@@ -66,6 +66,9 @@ fn main() -> anyhow::Result<()> {
             }
             let mut app =
                 PortholeApp::new(backend, porthole::local_host(daemon::socket_path()), porthole::settings::path());
+            if vnc.is_some() || iso.is_some() || console.is_some() {
+                app.skip_restoring_consoles();
+            }
             if let Some(target) = vnc {
                 app.open_vnc(target, None);
             }

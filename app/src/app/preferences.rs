@@ -17,6 +17,8 @@ pub struct Preferences {
     pending_consoles: Vec<SavedConsole>,
     /// Whether the default host has been selected (once, when it connects).
     default_host_done: bool,
+    /// The theme last given to egui (set again only when the preference changes: setting it asks for a frame).
+    applied_theme: Option<Theme>,
 }
 
 pub fn scaling(s: ConsoleScaling) -> Scaling {
@@ -48,12 +50,18 @@ impl PortholeApp {
         }
     }
 
+    /// Opens none of the last run's consoles (Porthole was started for one thing: `porthole vnc://…`,
+    /// `--console NAME`, an ISO to make a VM from).
+    pub fn skip_restoring_consoles(&mut self) {
+        self.preferences.pending_consoles.clear();
+    }
+
     /// Each frame: the theme, the default host once it is there, consoles waiting for their hosts, and the
     /// window's geometry (saved when it changes).
     pub(super) fn apply_preferences(&mut self, ctx: &egui::Context) {
-        let wanted = theme_preference(self.settings.theme);
-        if ctx.options(|o| o.theme_preference) != wanted {
-            ctx.set_theme(wanted);
+        if self.preferences.applied_theme != Some(self.settings.theme) {
+            ctx.set_theme(theme_preference(self.settings.theme));
+            self.preferences.applied_theme = Some(self.settings.theme);
         }
         if !self.preferences.default_host_done {
             let hosts: Vec<(String, bool)> =
