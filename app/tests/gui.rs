@@ -324,13 +324,7 @@ fn the_list_groups_selects_and_shows_thumbnails() {
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = d.local();
-    let boot = |guest: &str| {
-        Some(porthole_api::BootSpec {
-            kernel: porthole_guests::path(guest).display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        })
-    };
+    let boot = guest_boot;
     let make = |name: &str, guest: &str, tags: &[&str]| {
         let req = porthole_api::CreateVm {
             boot: boot(guest),

@@ -3,7 +3,7 @@
 //! confirmation; a file dropped on the page is uploaded into the library) and its tasks (a shutdown the
 //! guest ignores, cancelled from the page: the VM keeps running).
 
-use porthole_api::{BootSpec, CreateVm, TaskState, VmState};
+use porthole_api::{CreateVm, TaskState, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -22,16 +22,7 @@ fn the_host_page_shows_capacity_library_and_tasks() {
         rt.block_on(c.upload_image(name, &file, |_, _| {})).unwrap();
     }
     let vm = rt
-        .block_on(c.create_vm(&CreateVm {
-            boot: Some(BootSpec {
-                kernel: porthole_guests::path("ticker").display().to_string(),
-                initrd: None,
-                cmdline: String::new(),
-            }),
-            media: Some("cd.iso".into()),
-            disk_gib: 0,
-            ..CreateVm::new("ticking", 1, 64)
-        }))
+        .block_on(c.create_vm(&CreateVm { media: Some("cd.iso".into()), disk_gib: 0, ..booting("ticking", "ticker") }))
         .unwrap();
     rt.block_on(c.action(&vm.id, porthole_api::client::Action::Start)).unwrap();
 

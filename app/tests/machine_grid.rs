@@ -3,7 +3,7 @@
 //! with more VMs than fit, only the cards on screen are laid out.
 
 use porthole_api::client::Action;
-use porthole_api::{BootSpec, CreateVm, VmState};
+use porthole_api::{CreateVm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -16,18 +16,11 @@ fn the_grid_shows_screens_selects_and_opens_consoles() {
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = d.local();
-    let boot = |guest: &str| BootSpec {
-        kernel: porthole_guests::path(guest).display().to_string(),
-        initrd: None,
-        cmdline: String::new(),
-    };
-    let demo = rt
-        .block_on(c.create_vm(&CreateVm { boot: Some(boot("demo")), disk_gib: 0, ..CreateVm::new("a-demo", 1, 64) }))
-        .unwrap();
+    let demo = rt.block_on(c.create_vm(&CreateVm { disk_gib: 0, ..booting("a-demo", "demo") })).unwrap();
     rt.block_on(c.action(&demo.id, Action::Start)).unwrap();
     // Forty stopped VMs after it: more than a screenful of cards.
     for i in 0..40 {
-        let req = CreateVm { boot: Some(boot("idle")), disk_gib: 0, ..CreateVm::new(format!("vm-{i:02}"), 1, 64) };
+        let req = CreateVm { disk_gib: 0, ..booting(&format!("vm-{i:02}"), "idle") };
         rt.block_on(c.create_vm(&req)).unwrap();
     }
     let mut h = window(&d.socket(), dir.path("settings.json"), 1000.0, 800.0);

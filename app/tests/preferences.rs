@@ -4,7 +4,7 @@
 
 use egui::{Key, Modifiers};
 use porthole_api::client::Action;
-use porthole_api::{BootSpec, CreateVm, VmState};
+use porthole_api::{CreateVm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -12,15 +12,7 @@ mod common;
 use common::*;
 
 fn vm_request(name: &str, guest: &str) -> CreateVm {
-    CreateVm {
-        boot: Some(BootSpec {
-            kernel: porthole_guests::path(guest).display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        disk_gib: 0,
-        ..CreateVm::new(name, 1, 64)
-    }
+    CreateVm { disk_gib: 0, ..booting(name, guest) }
 }
 
 /// Clicks VM `name` in the list (through AccessKit: a dialog may lie over the list) and waits until it is

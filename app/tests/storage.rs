@@ -9,7 +9,7 @@ use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use porthole::PortholeApp;
-use porthole_api::{BootSpec, CreateVm, SnapshotTree, TaskState, Vm, VmState};
+use porthole_api::{SnapshotTree, TaskState, Vm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -48,31 +48,7 @@ fn vm_named(h: &Harness<'static, PortholeApp>, name: &str) -> Option<Vm> {
 /// A VM running the idle micro-guest, with the default disk (made through the API: the wizard has tests of its
 /// own).
 fn create_vm(d: &Daemon, rt: &tokio::runtime::Runtime, name: &str) -> Vm {
-    let req = CreateVm {
-        boot: Some(BootSpec {
-            kernel: porthole_guests::path("idle").display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        ..CreateVm::new(name, 1, 64)
-    };
-    rt.block_on(d.local().create_vm(&req)).unwrap()
-}
-
-/// The idle micro-guest with a small disk and no network card (what the window does with a snapshot does not
-/// depend on the devices; fewer devices, less state to save).
-fn create_bare_vm(d: &Daemon, rt: &tokio::runtime::Runtime, name: &str) -> Vm {
-    let req = CreateVm {
-        boot: Some(BootSpec {
-            kernel: porthole_guests::path("idle").display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        disk_gib: 1,
-        nics: Some(Vec::new()),
-        ..CreateVm::new(name, 1, 64)
-    };
-    rt.block_on(d.local().create_vm(&req)).unwrap()
+    rt.block_on(d.local().create_vm(&booting(name, "idle"))).unwrap()
 }
 
 fn tree(d: &Daemon, rt: &tokio::runtime::Runtime, id: &str) -> SnapshotTree {

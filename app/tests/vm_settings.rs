@@ -10,7 +10,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use porthole::PortholeApp;
 use porthole_api::client::Action;
-use porthole_api::{BootDevice, BootSpec, CreateVm, DisplaySpec, Vm, VmState};
+use porthole_api::{BootDevice, DisplaySpec, Vm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -38,21 +38,6 @@ fn open_settings(h: &mut Harness<'static, PortholeApp>, name: &str) {
     wait(h, "the Settings view", |h| has(h, &format!("Settings of {name}")));
 }
 
-/// The idle micro-guest with a 1 GiB qcow2 disk and no network card.
-fn create_vm(d: &Daemon, rt: &tokio::runtime::Runtime, name: &str) -> Vm {
-    let req = CreateVm {
-        boot: Some(BootSpec {
-            kernel: porthole_guests::path("idle").display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        disk_gib: 1,
-        nics: Some(Vec::new()),
-        ..CreateVm::new(name, 1, 64)
-    };
-    rt.block_on(d.local().create_vm(&req)).unwrap()
-}
-
 fn api_vm(d: &Daemon, rt: &tokio::runtime::Runtime, id: &str) -> Vm {
     rt.block_on(d.local().vm(id)).unwrap()
 }
@@ -72,7 +57,7 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     let dir = Scratch::new("gui-settings-all");
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let vm = create_vm(&d, &rt, "editme");
+    let vm = create_bare_vm(&d, &rt, "editme");
     library_iso(&dir, &d, &rt, "install.iso");
     let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2200.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
@@ -150,7 +135,7 @@ fn a_setting_that_needs_a_stop_waits_for_the_next_start() {
     let dir = Scratch::new("gui-settings-pending");
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let vm = create_vm(&d, &rt, "runner");
+    let vm = create_bare_vm(&d, &rt, "runner");
     rt.block_on(d.local().action(&vm.id, Action::Start)).unwrap();
     let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2200.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
@@ -182,7 +167,7 @@ fn a_value_the_host_refuses_shows_under_its_field() {
     let dir = Scratch::new("gui-settings-refused");
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let vm = create_vm(&d, &rt, "strict");
+    let vm = create_bare_vm(&d, &rt, "strict");
     let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2200.0);
     wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
     open_settings(&mut h, "strict");

@@ -906,25 +906,10 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             disk_bytes: 1 << 20,
-            boot: None,
-            media: None,
             created_ms: 1,
-            tags: Vec::new(),
             nics: Some(Vec::new()),
             disk: Some(DiskRecord { format: DiskFormat::Qcow2, top: QCOW2_DISK.into(), below: None }),
-            snapshots: Vec::new(),
-            current_snapshot: None,
-            template: false,
-            linked_to: None,
-            cloud_init: None,
-            suspended: None,
-            resume_on_start: false,
-            description: String::new(),
-            autostart: false,
-            boot_order: None,
-            boot_menu: false,
-            display: None,
-            pending: None,
+            ..VmRecord::default()
         }
     }
 

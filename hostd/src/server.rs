@@ -592,20 +592,7 @@ async fn create_vm(
         created_ms: now_ms(),
         tags,
         nics: Some(nics),
-        disk: None,
-        snapshots: Vec::new(),
-        current_snapshot: None,
-        template: false,
-        linked_to: None,
-        cloud_init: None,
-        suspended: None,
-        resume_on_start: false,
-        description: String::new(),
-        autostart: false,
-        boot_order: None,
-        boot_menu: false,
-        display: None,
-        pending: None,
+        ..VmRecord::default()
     };
     let dir = app.host.store.vm_dir(&id);
     let host = app.host.clone();

@@ -12,7 +12,7 @@ use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, NicDefinition,
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmRecord {
     pub id: String,
@@ -343,26 +343,9 @@ mod tests {
             name: name.into(),
             vcpus: 1,
             memory_mib: 64,
-            disk_bytes: 0,
-            boot: None,
-            media: None,
             created_ms: 1,
-            tags: Vec::new(),
             nics: Some(Vec::new()),
-            disk: None,
-            snapshots: Vec::new(),
-            current_snapshot: None,
-            template: false,
-            linked_to: None,
-            cloud_init: None,
-            suspended: None,
-            resume_on_start: false,
-            description: String::new(),
-            autostart: false,
-            boot_order: None,
-            boot_menu: false,
-            display: None,
-            pending: None,
+            ..VmRecord::default()
         }
     }
 

@@ -105,3 +105,28 @@ impl egui::DroppedFile for Dropped {
         std::fs::read(&self.0).map_err(|e| e.to_string())
     }
 }
+
+/// Booting micro-guest `guest` (tests/guests).
+pub fn guest_boot(guest: &str) -> Option<porthole_api::BootSpec> {
+    Some(porthole_api::BootSpec {
+        kernel: porthole_guests::path(guest).display().to_string(),
+        initrd: None,
+        cmdline: String::new(),
+    })
+}
+
+/// A VM named `name` of 1 vCPU and 64 MiB booting micro-guest `guest`, otherwise the defaults.
+pub fn booting(name: &str, guest: &str) -> porthole_api::CreateVm {
+    porthole_api::CreateVm { boot: guest_boot(guest), ..porthole_api::CreateVm::new(name, 1, 64) }
+}
+
+/// The idle micro-guest with a small disk and no network card, made through the API (what the window does
+/// with it does not depend on the devices; fewer devices, less state to save).
+pub fn create_bare_vm(
+    d: &porthole_tests::daemon::Daemon,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+) -> porthole_api::Vm {
+    let req = porthole_api::CreateVm { disk_gib: 1, nics: Some(Vec::new()), ..booting(name, "idle") };
+    rt.block_on(d.local().create_vm(&req)).unwrap()
+}
