@@ -356,7 +356,7 @@ async fn host_info(State(app): State<AppState>, p: Principal) -> ApiResult<Json<
         hostname: crate::tls::hostname().unwrap_or_else(|| "localhost".into()),
         version: porthole_api::VERSION.into(),
         cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
-        memory_mib: vmm_core::config::host_memory_mib().unwrap_or(0),
+        memory_mib: facts.memory_mib,
         free_disk_bytes: free,
         vms: vms.len() as u64,
         problems: app.host.problems.clone(),

@@ -79,23 +79,31 @@ fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
 /// What the host page shows besides the samples.
 #[derive(Debug, Default)]
 pub struct HostFacts {
+    pub memory_mib: u64,
     pub memory_available_mib: u64,
     pub cpu_model: String,
     pub kernel: String,
     pub uptime_s: u64,
 }
 
-/// Reads [`HostFacts`] from /proc; what cannot be read stays empty.
+/// Reads [`HostFacts`] from /proc (the CPU model and kernel once: they do not change while the daemon runs);
+/// what cannot be read stays empty.
 pub fn host_facts() -> HostFacts {
+    static FIXED: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpuinfo = read("/proc/cpuinfo");
-    HostFacts {
-        memory_available_mib: meminfo_kib(&read("/proc/meminfo"), "MemAvailable").unwrap_or(0) / 1024,
-        cpu_model: cpuinfo
+    let (cpu_model, kernel) = FIXED.get_or_init(|| {
+        let model = read("/proc/cpuinfo")
             .lines()
             .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned()))
-            .unwrap_or_default(),
-        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            .unwrap_or_default();
+        (model, read("/proc/sys/kernel/osrelease").trim().to_owned())
+    });
+    let meminfo = read("/proc/meminfo");
+    HostFacts {
+        memory_mib: meminfo_kib(&meminfo, "MemTotal").unwrap_or(0) / 1024,
+        memory_available_mib: meminfo_kib(&meminfo, "MemAvailable").unwrap_or(0) / 1024,
+        cpu_model: cpu_model.clone(),
+        kernel: kernel.clone(),
         uptime_s: read("/proc/uptime").split_whitespace().next().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
             as u64,
     }
@@ -290,6 +298,7 @@ mod tests {
         assert!(busy <= total && total > 0);
         let facts = host_facts();
         assert!(facts.memory_available_mib > 0 && facts.uptime_s > 0 && !facts.kernel.is_empty(), "{facts:?}");
+        assert!(facts.memory_available_mib <= facts.memory_mib, "{facts:?}");
         assert_eq!(meminfo_kib("MemTotal:       16 kB\nMemAvailable:   8 kB\n", "MemAvailable"), Some(8));
         assert_eq!(meminfo_kib("MemTotalX: 1 kB\n", "MemTotal"), None);
     }

@@ -167,7 +167,10 @@ impl PortholeApp {
 
     /// The *Preferences* dialog.
     pub(super) fn preferences_window(&mut self, ctx: &egui::Context) {
-        let mut open = self.preferences.open;
+        if !self.preferences.open {
+            return;
+        }
+        let mut open = true;
         let before = self.settings.clone();
         let hosts: Vec<String> = self.backend.model().hosts.iter().map(|h| h.name.clone()).collect();
         egui::Window::new("Preferences").open(&mut open).collapsible(false).resizable(false).show(ctx, |ui| {
