@@ -93,7 +93,7 @@ impl PortholeApp {
                     Command::OpenConsole if matches!(vm.state, VmState::Running | VmState::Paused) => {
                         self.open_console(host, &vm);
                     }
-                    _ => self.backend.model().notify(format!("{name} is {}", super::state_text(vm.state)), true),
+                    _ => self.backend.model().notify(format!("{name} is {}", super::theme::state_text(vm.state)), true),
                 }
             }
         }

@@ -65,7 +65,7 @@ impl PortholeApp {
             Self::host_summary(ui, &info);
             ui.add_space(6.0);
             egui::CollapsingHeader::new("Use over the last hour").default_open(true).show(ui, |ui| {
-                super::performance(ui, "host", "No samples yet (the host just started).", &data.stats);
+                super::graphs::performance(ui, "host", "No samples yet (the host just started).", &data.stats);
             });
             ui.add_space(6.0);
             self.library(ui, host, images.as_deref());

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use porthole_api::client::Action;
 use porthole_api::{Vm, VmState};
 
-use super::{PortholeApp, clones, sparkline, state_label, state_text};
+use super::graphs::sparkline;
+use super::theme::{state_label, state_text};
+use super::{PortholeApp, clones};
 
 /// How the list is grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
