@@ -25,7 +25,7 @@ mod notifications;
 mod osinfo;
 mod preferences;
 mod snapshots;
-mod theme;
+pub(crate) mod theme;
 mod vm_settings;
 mod wizard;
 pub use cloud_image::{CloudForm, find_ssh_key, image_text};
@@ -99,6 +99,10 @@ pub struct PortholeApp {
     help: help::Help,
     /// The *Preferences* dialog and what the window remembers between runs.
     preferences: preferences::Preferences,
+    /// Toasts of new notices.
+    pub notifications: notifications::Notifications,
+    /// The icon font was added to the window's context.
+    fonts_installed: bool,
 }
 
 impl PortholeApp {
@@ -151,6 +155,8 @@ impl PortholeApp {
             host_page: Default::default(),
             help: Default::default(),
             preferences: Default::default(),
+            notifications: Default::default(),
+            fonts_installed: false,
         };
         app.restore_from_settings();
         app
@@ -182,8 +188,18 @@ impl PortholeApp {
         (self.selected_host, self.selected_vm.clone())
     }
 
+    /// Adds the icon font to the window's context (before its first frame; `ui` does it otherwise).
+    pub fn install_fonts(&mut self, ctx: &egui::Context) {
+        if !self.fonts_installed {
+            theme::install_fonts(ctx);
+            self.fonts_installed = true;
+            ctx.request_repaint();
+        }
+    }
+
     /// Draws the whole window.
     pub fn ui(&mut self, ui: &mut egui::Ui) {
+        self.install_fonts(ui.ctx());
         if let Some(path) = self.first_frame_report.take() {
             // For `porthole-bench gui`: when the first frame was laid out, in ms since the process started.
             let _ = std::fs::write(path, format!("{}\n", crate::started().elapsed().as_secs_f64() * 1000.0));
@@ -196,20 +212,21 @@ impl PortholeApp {
         egui::Panel::bottom("notices").show(ui, |ui| self.notices(ui));
         egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal(|ui| {
-                if ui.selectable_label(matches!(self.tab, Tab::Machines), "Machines").clicked() {
+                if theme::selectable(ui, matches!(self.tab, Tab::Machines), theme::MACHINES, "Machines").clicked() {
                     self.tab = Tab::Machines;
                 }
-                let host = ui.selectable_label(matches!(self.tab, Tab::Host), "Host");
+                let host = theme::selectable(ui, matches!(self.tab, Tab::Host), theme::HOST, "Host");
                 if host.on_hover_text("The selected host: capacity, image library, tasks").clicked() {
                     self.tab = Tab::Host;
                 }
                 let mut close = None;
                 for (i, tab) in self.consoles.iter().enumerate() {
                     let c = &tab.console;
-                    if ui.selectable_label(matches!(self.tab, Tab::Console(j) if j == i), &c.title).clicked() {
+                    let selected = matches!(self.tab, Tab::Console(j) if j == i);
+                    if theme::selectable(ui, selected, theme::CONSOLE, &c.title).clicked() {
                         self.tab = Tab::Console(i);
                     }
-                    if ui.small_button("×").on_hover_text(format!("Close {}", c.title)).clicked() {
+                    if theme::icon_button(ui, theme::CLOSE, &format!("Close {}", c.title)).clicked() {
                         close = Some(i);
                     }
                 }
@@ -219,17 +236,18 @@ impl PortholeApp {
                     self.remember_consoles();
                 }
                 ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                    ui.menu_button("Menu", |ui| {
-                        if ui.button("Preferences…").clicked() {
+                    let menu = ui.menu_button((theme::MENU.rich_text(), "Menu"), |ui| {
+                        if theme::menu_item(ui, theme::PREFERENCES, "Preferences…").clicked() {
                             self.open_preferences();
                         }
-                        if ui.button("Keyboard shortcuts").clicked() {
+                        if theme::menu_item(ui, theme::KEYBOARD, "Keyboard shortcuts").clicked() {
                             self.help.shortcuts_open = true;
                         }
-                        if ui.button("About Porthole").clicked() {
+                        if theme::menu_item(ui, theme::ABOUT, "About Porthole").clicked() {
                             self.help.about_open = true;
                         }
                     });
+                    menu.response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, true, "Menu"));
                 });
             });
             ui.separator();
@@ -248,6 +266,7 @@ impl PortholeApp {
         self.vnc_window(ui.ctx());
         self.help_windows(ui.ctx());
         self.preferences_window(ui.ctx());
+        self.toasts(ui.ctx());
     }
 
     fn save_settings(&self) {

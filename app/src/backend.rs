@@ -41,6 +41,8 @@ pub struct Progress {
 pub struct Model {
     pub hosts: Vec<HostView>,
     pub notices: Vec<Notice>,
+    /// Notices given since the start (the list keeps the last 20): the window toasts the new ones.
+    pub notices_total: u64,
     pub progress: Vec<Progress>,
     /// Serial lines of the VM whose details are open: (host, vm id, lines).
     pub serial: Option<(usize, String, Vec<String>)>,
@@ -101,6 +103,7 @@ pub struct VmTask {
 impl Model {
     pub fn notify(&mut self, text: impl Into<String>, error: bool) {
         self.notices.push(Notice { text: text.into(), error });
+        self.notices_total += 1;
         if self.notices.len() > 20 {
             self.notices.remove(0);
         }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use porthole_api::VmState;
 
+use super::theme;
 use super::{PortholeApp, Tab, preferences};
 use crate::console::Console;
 
@@ -154,7 +155,7 @@ impl PortholeApp {
             {
                 ui.colored_label(ui.visuals().warn_fg_color, e);
             }
-            if ui.add_enabled(parsed.is_ok(), egui::Button::new("Open console")).clicked() {
+            if theme::button(ui, parsed.is_ok(), theme::CONSOLE, "Open console").clicked() {
                 go = parsed.ok();
             }
             if !self.settings.recent_vnc.is_empty() {
@@ -210,6 +211,7 @@ impl PortholeApp {
         let backend = self.backend.clone();
         let mut console = Console::open(vm.name.clone(), connect, move || backend.repaint());
         console.scaling = preferences::scaling(self.settings.console_scaling);
+        console.release_keys = self.settings.release_keys;
         self.consoles.push(ConsoleTab { vm: this, target: None, console, password: String::new(), detached: false });
         self.tab = Tab::Console(self.consoles.len() - 1);
         self.remember_consoles();
@@ -232,6 +234,7 @@ impl PortholeApp {
         };
         let mut console = Console::open(target.title(), connect, move || backend.repaint());
         console.scaling = preferences::scaling(self.settings.console_scaling);
+        console.release_keys = self.settings.release_keys;
         let tab = ConsoleTab { vm: None, target: Some(target), console, password: String::new(), detached: false };
         match self.tab {
             Tab::Console(i) if self.consoles.get(i).is_some_and(|c| c.target == tab.target) => self.consoles[i] = tab,
@@ -255,7 +258,9 @@ impl PortholeApp {
             ui.horizontal(|ui| {
                 let l = ui.label("Password");
                 let r = ui.add(egui::TextEdit::singleline(&mut tab.password).password(true)).labelled_by(l.id);
-                if ui.button("Connect").clicked() || (r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter))) {
+                if theme::button(ui, true, theme::CONFIRM, "Connect").clicked()
+                    || (r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)))
+                {
                     connect = Some((tab.target.clone().expect("a VNC target"), tab.password.clone()));
                 }
             });
@@ -269,7 +274,7 @@ impl PortholeApp {
             let mut again = false;
             ui.horizontal(|ui| {
                 ui.label(tab.console.status());
-                again = ui.button("Reconnect").clicked();
+                again = theme::button(ui, true, theme::RECONNECT, "Reconnect").clicked();
             });
             if again {
                 let (vm, target) = (tab.vm.clone(), tab.target.clone());
@@ -293,12 +298,12 @@ impl PortholeApp {
         }
         if tab.detached {
             ui.label(format!("{} is shown in its own window.", tab.console.title));
-            if ui.button("Bring back into this tab").clicked() {
+            if theme::button(ui, true, theme::ATTACH, "Bring back into this tab").clicked() {
                 tab.detached = false;
             }
             return;
         }
-        if ui.button("Open in a window").clicked() {
+        if theme::button(ui, true, theme::DETACH, "Open in a window").clicked() {
             tab.detached = true;
         }
         tab.console.show(ui);
@@ -313,7 +318,7 @@ impl PortholeApp {
             let close = ctx.show_viewport_immediate(id, builder, |ui, _class| {
                 let mut back = false;
                 egui::CentralPanel::default().show(ui, |ui| {
-                    back = ui.button("Back to the tab").clicked();
+                    back = theme::button(ui, true, theme::ATTACH, "Back to the tab").clicked();
                     tab.console.show(ui);
                 });
                 back || ui.ctx().input(|i| i.viewport().close_requested())

@@ -8,8 +8,9 @@ use porthole_api::VmState;
 use porthole_api::client::Action;
 
 use super::graphs::performance;
-use super::theme::state_label;
+use super::theme;
 use super::{PortholeApp, clones, parse_tags, tag_problem};
+use theme::state_label;
 
 impl PortholeApp {
     pub(super) fn details(&mut self, ui: &mut egui::Ui, host: usize, vm: &porthole_api::Vm) {
@@ -78,7 +79,7 @@ impl PortholeApp {
                 ui.add(egui::TextEdit::singleline(edit).hint_text("web, prod").desired_width(160.0)).labelled_by(l.id);
                 let tags = parse_tags(edit);
                 let problem = tags.iter().find_map(|t| tag_problem(t));
-                if *edit != current && ui.add_enabled(problem.is_none(), egui::Button::new("Save tags")).clicked() {
+                if *edit != current && theme::button(ui, problem.is_none(), theme::SAVE, "Save tags").clicked() {
                     let id = vm.id.clone();
                     let change = porthole_api::UpdateVm { tags: Some(tags), ..Default::default() };
                     self.backend.act(host, format!("Tag {}", vm.name), None, move |c| async move {
@@ -127,56 +128,58 @@ impl PortholeApp {
             };
             let (start, what) =
                 if vm.state == VmState::Suspended { ("Resume from disk", "Resume") } else { ("Start", "Start") };
-            let r = ui.add_enabled(!running && !vm.template, egui::Button::new(start));
+            let r = theme::button(ui, !running && !vm.template, theme::START, start);
             let r = if vm.template { r.on_disabled_hover_text(clones::TEMPLATE_START) } else { r };
             if r.clicked() {
                 act(self, what, Action::Start);
             }
-            if ui.add_enabled(running, egui::Button::new("Shut down")).clicked() {
+            if theme::button(ui, running, theme::SHUT_DOWN, "Shut down").clicked() {
                 let id = id.clone();
                 self.backend.act(host, format!("Shut down {}", vm.name), None, move |c| async move {
                     c.shutdown(&id, 60).await
                 });
             }
-            if ui.add_enabled(running, egui::Button::new("Force off")).clicked() {
+            if theme::button(ui, running, theme::FORCE_OFF, "Force off").clicked() {
                 act(self, "Force off", Action::Poweroff);
             }
-            if ui.add_enabled(running, egui::Button::new("Reset")).clicked() {
+            if theme::button(ui, running, theme::RESET, "Reset").clicked() {
                 act(self, "Reset", Action::Reset);
             }
             if vm.state == VmState::Paused {
-                if ui.button("Resume").clicked() {
+                if theme::button(ui, true, theme::START, "Resume").clicked() {
                     act(self, "Resume", Action::Resume);
                 }
-            } else if ui.add_enabled(vm.state == VmState::Running, egui::Button::new("Pause")).clicked() {
+            } else if theme::button(ui, vm.state == VmState::Running, theme::PAUSE, "Pause").clicked() {
                 act(self, "Pause", Action::Pause);
             }
             let live = matches!(vm.state, VmState::Running | VmState::Paused) && vm.crash.is_none();
-            if ui
-                .add_enabled(live, egui::Button::new("Suspend"))
+            if theme::button(ui, live, theme::SUSPEND, "Suspend")
                 .on_hover_text("Save the running VM to disk and end it: Start resumes it where it was")
                 .clicked()
             {
                 act(self, "Suspend", Action::Suspend);
             }
-            if ui.add_enabled(running, egui::Button::new("Open console")).clicked() {
+            if theme::button(ui, running, theme::CONSOLE, "Open console").clicked() {
                 self.open_console(host, vm);
             }
-            if ui.button("Insert ISO…").clicked()
+            if theme::button(ui, true, theme::INSERT, "Insert ISO…").clicked()
                 && let Some(path) = rfd::FileDialog::new().add_filter("Disc images", &["iso", "img"]).pick_file()
             {
                 self.attach(host, &id, path);
             }
-            if ui.add_enabled(vm.media.is_some(), egui::Button::new("Eject")).clicked() {
+            if theme::button(ui, vm.media.is_some(), theme::EJECT, "Eject").clicked() {
                 let id = id.clone();
                 self.backend.act(host, format!("Eject from {}", vm.name), None, move |c| async move {
                     c.change_media(&id, None).await
                 });
             }
-            if ui.button("Settings…").on_hover_text("Name, hardware, disks, CD/DVD, boot, network").clicked() {
+            if theme::button(ui, true, theme::VM_SETTINGS, "Settings…")
+                .on_hover_text("Name, hardware, disks, CD/DVD, boot, network")
+                .clicked()
+            {
                 self.open_settings(host, vm);
             }
-            if ui.add_enabled(!running, egui::Button::new("Delete…")).clicked() {
+            if theme::button(ui, !running, theme::DELETE, "Delete…").clicked() {
                 self.confirm_delete = Some((host, id.clone(), vm.name.clone()));
             }
             self.clone_buttons(ui, host, vm);
@@ -219,7 +222,7 @@ impl PortholeApp {
                 );
                 let r = r.labelled_by(l.id);
                 let enter = r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-                if (ui.add_enabled(vm.state == VmState::Running, egui::Button::new("Send line")).clicked() || enter)
+                if (theme::button(ui, vm.state == VmState::Running, theme::SEND, "Send line").clicked() || enter)
                     && vm.state == VmState::Running
                 {
                     let text = format!("{}\r", std::mem::take(&mut self.serial_line));
@@ -254,10 +257,10 @@ impl PortholeApp {
         egui::Window::new("Delete virtual machine").collapsible(false).show(ctx, |ui| {
             ui.label(format!("Delete {name} and its disk? This cannot be undone."));
             ui.horizontal(|ui| {
-                if ui.button("Delete VM and disk").clicked() {
+                if theme::button(ui, true, theme::DELETE, "Delete VM and disk").clicked() {
                     answer = Some(true);
                 }
-                if ui.button("Keep it").clicked() {
+                if theme::button(ui, true, theme::CLOSE, "Keep it").clicked() {
                     answer = Some(false);
                 }
             });

@@ -4,6 +4,7 @@
 use porthole_api::Client;
 
 use super::PortholeApp;
+use super::theme;
 use crate::backend::Backend;
 use crate::settings::RemoteHost;
 
@@ -40,19 +41,20 @@ impl PortholeApp {
         };
         for (i, name, state) in hosts {
             let label = format!("{name} — {state}");
-            if ui.selectable_label(self.selected_host == i, label).clicked() {
+            let icon = if i == 0 { theme::MACHINES } else { theme::HOST };
+            if theme::selectable(ui, self.selected_host == i, icon, &label).clicked() {
                 self.selected_host = i;
                 self.selected_vm = None;
             }
         }
         ui.separator();
-        if ui.button("Add host…").clicked() {
+        if theme::button(ui, true, theme::ADD, "Add host…").clicked() {
             self.add_host = Some(AddHost::default());
         }
-        if ui.button("Connect to VNC server…").clicked() {
+        if theme::button(ui, true, theme::VNC, "Connect to VNC server…").clicked() {
             self.vnc_dialog = Some(String::new());
         }
-        if self.selected_host > 0 && ui.button("Edit host…").clicked() {
+        if self.selected_host > 0 && theme::button(ui, true, theme::EDIT, "Edit host…").clicked() {
             let name = self.backend.model().hosts.get(self.selected_host).map(|h| h.name.clone()).unwrap_or_default();
             if let Some(r) = self.settings.remotes.iter().find(|r| r.name == name) {
                 self.add_host = Some(AddHost {
@@ -64,7 +66,7 @@ impl PortholeApp {
                 });
             }
         }
-        if self.selected_host > 0 && ui.button("Remove host").clicked() {
+        if self.selected_host > 0 && theme::button(ui, true, theme::REMOVE, "Remove host").clicked() {
             let name = self.backend.model().hosts.get(self.selected_host).map(|h| h.name.clone()).unwrap_or_default();
             self.settings.remotes.retain(|r| r.name != name);
             self.save_settings();
@@ -93,7 +95,7 @@ impl PortholeApp {
             });
             ui.horizontal(|ui| {
                 let can = a.address.contains(':');
-                if ui.add_enabled(can, egui::Button::new("Fetch fingerprint")).clicked() {
+                if theme::button(ui, can, theme::DOWNLOAD, "Fetch fingerprint").clicked() {
                     let address = a.address.trim().to_owned();
                     let backend = self.backend.clone();
                     self.backend.runtime().spawn(async move {
@@ -127,7 +129,7 @@ impl PortholeApp {
             if !fingerprint_ok && !a.fingerprint.is_empty() {
                 ui.colored_label(ui.visuals().warn_fg_color, "A fingerprint is 64 hex digits (colons allowed).");
             }
-            connect = ui.add_enabled(ok, egui::Button::new("Connect")).clicked();
+            connect = theme::button(ui, ok, theme::CONFIRM, "Connect").clicked();
         });
         if connect {
             let a = self.add_host.take().expect("open");

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use porthole_api::client::Action;
 use porthole_api::{BootSpec, CreateVm, DiskFormat};
 
+use super::theme;
 use super::{CloudForm, PortholeApp, WizardNetwork, WizardOs, cloud_image, network, osinfo};
 use crate::backend::image_name;
 
@@ -298,7 +299,7 @@ impl PortholeApp {
                 let l = ui.label("ISO");
                 ui.horizontal(|ui| {
                     ui.text_edit_singleline(&mut w.iso).labelled_by(l.id);
-                    if ui.button("Browse ISO…").clicked()
+                    if theme::button(ui, true, theme::BROWSE, "Browse ISO…").clicked()
                         && let Some(p) = rfd::FileDialog::new().add_filter("Disc images", &["iso", "img"]).pick_file()
                     {
                         w.iso = p.display().to_string();
@@ -309,7 +310,7 @@ impl PortholeApp {
                 let l = ui.label("Kernel");
                 ui.horizontal(|ui| {
                     ui.text_edit_singleline(&mut w.kernel).labelled_by(l.id);
-                    if ui.button("Browse kernel…").clicked()
+                    if theme::button(ui, true, theme::BROWSE, "Browse kernel…").clicked()
                         && let Some(p) = rfd::FileDialog::new().pick_file()
                     {
                         w.kernel = p.display().to_string();
@@ -364,8 +365,8 @@ impl PortholeApp {
                 }
             ));
             ui.horizontal(|ui| {
-                create = ui.add_enabled(problems.is_empty(), egui::Button::new("Create")).clicked();
-                cancel = ui.button("Cancel").clicked();
+                create = theme::button(ui, problems.is_empty(), theme::CONFIRM, "Create").clicked();
+                cancel = theme::button(ui, true, theme::CLOSE, "Cancel").clicked();
             });
         });
         if create {
