@@ -64,6 +64,10 @@ pub struct VmConfig {
     /// Network cards (virtio-net on PCI), in the order the guest finds them.
     #[serde(default)]
     pub nics: Vec<crate::net::NicConfig>,
+    /// A virtio-input tablet next to the PS/2 mouse: once the guest's driver is up, the console's pointer
+    /// goes to it as absolute positions (the guest's cursor sits under the console's, no grab needed).
+    #[serde(default)]
+    pub tablet: bool,
 }
 
 /// Most drives a VM can have (each is a PCI device with its own interrupt line).
@@ -410,6 +414,7 @@ impl VmConfig {
             vnc_password_file: None,
             drives: Vec::new(),
             nics: Vec::new(),
+            tablet: false,
         }
     }
 

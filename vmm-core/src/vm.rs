@@ -45,6 +45,7 @@ use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
 use crate::virtio::block::VirtioBlock;
+use crate::virtio::input::VirtioTablet;
 use crate::virtio::net::VirtioNet;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::scsi::VirtioScsi;
@@ -233,6 +234,8 @@ pub struct VmHandle {
     i8042: Mutex<Option<Arc<Mutex<I8042>>>>,
     /// The last pointer position and buttons an RFB client sent.
     pointer: Mutex<Option<(u16, u16, u8)>>,
+    /// The virtio-input tablet of the current boot (absolute pointer), when the VM has one.
+    tablet: Mutex<Option<Arc<crate::virtio::input::TabletInput>>>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -261,8 +264,8 @@ impl crate::rfb::Input for VmHandle {
         VmHandle::key(self, key, down);
     }
 
-    fn pointer(&self, x: u16, y: u16, buttons: u8) {
-        VmHandle::pointer(self, x, y, buttons);
+    fn pointer(&self, x: u16, y: u16, buttons: u8, screen: (u32, u32)) {
+        VmHandle::pointer(self, x, y, buttons, screen);
     }
 }
 
@@ -371,9 +374,23 @@ impl VmHandle {
         }
     }
 
-    /// Moves the PS/2 mouse to an absolute console position (sent as the movement since the last one)
-    /// with RFB's button mask (1 left, 2 middle, 4 right, 8/16 wheel up/down).
-    pub fn pointer(&self, x: u16, y: u16, mask: u8) {
+    /// Whether the console's pointer goes to the tablet (its guest driver is up) rather than the PS/2
+    /// mouse.
+    pub fn absolute_pointer(&self) -> bool {
+        lock(&self.tablet).as_ref().is_some_and(|t| t.driver_ready())
+    }
+
+    /// Moves the pointer to a console position on a screen of `screen` pixels with RFB's button mask (1
+    /// left, 2 middle, 4 right, 8/16 wheel up/down): the tablet's, once its guest driver is up, else the
+    /// PS/2 mouse (sent as the movement since the last position).
+    pub fn pointer(&self, x: u16, y: u16, mask: u8, screen: (u32, u32)) {
+        let tablet = lock(&self.tablet).clone();
+        if let Some(t) = tablet
+            && t.pointer(x, y, mask, screen)
+        {
+            *lock(&self.pointer) = Some((x, y, mask));
+            return;
+        }
         let mut last = lock(&self.pointer);
         let (lx, ly, lmask) = last.unwrap_or((x, y, 0));
         *last = Some((x, y, mask));
@@ -665,6 +682,7 @@ impl Vm {
             pm1_event: Mutex::new(None),
             i8042: Mutex::new(None),
             pointer: Mutex::new(None),
+            tablet: Mutex::new(None),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -829,6 +847,21 @@ impl Vm {
                 VirtioNet::new(nic.clone(), interrupt.clone()).map_err(io_err("start a network card's thread"))?;
             let device = VirtioPci::new(net, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
                 .map_err(io_err("give a network card its MSI-X vectors"))?;
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
+        }
+        if self.config.tablet {
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create the tablet's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let tablet = VirtioTablet::new(interrupt.clone()).map_err(io_err("start the tablet's thread"))?;
+            *lock(&self.handle.tablet) = Some(tablet.input().clone());
+            let device =
+                VirtioPci::new(tablet, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                    .map_err(io_err("give the tablet its MSI-X vectors"))?;
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }
@@ -1216,6 +1249,7 @@ impl Vm {
             }
             *lock(&self.handle.pm1_event) = None;
             *lock(&self.handle.i8042) = None;
+            *lock(&self.handle.tablet) = None;
             let mut crash = None;
             if let Ok(MachineRequest::Crash) = outcome {
                 let report = lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into());

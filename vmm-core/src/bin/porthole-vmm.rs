@@ -115,6 +115,10 @@ struct Cli {
     /// Offer the firmware's boot menu (ESC at "Press ESC for boot menu").
     #[arg(long, requires = "firmware")]
     boot_menu: bool,
+    /// A virtio-input tablet next to the PS/2 mouse: once the guest's driver (Linux: virtio_input) is up,
+    /// the console's pointer goes to it as absolute positions.
+    #[arg(long)]
+    tablet: bool,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -233,6 +237,7 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
         let media = (!path.is_empty()).then(|| PathBuf::from(path));
         config.drives.push(vmm_core::config::DriveConfig::cdrom(media));
     }
+    config.tablet |= cli.tablet;
     for spec in &cli.net {
         if let Some(nic) = vmm_core::net::parse_net(spec).with_context(|| format!("--net {spec:?}"))? {
             config.nics.push(nic);

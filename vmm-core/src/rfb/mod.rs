@@ -89,7 +89,8 @@ fn put_cursor(pf: &PixelFormat, out: &mut Vec<u8>) {
 /// Where key and pointer events go.
 pub trait Input: Send + Sync {
     fn key(&self, key: Key, down: bool);
-    fn pointer(&self, x: u16, y: u16, buttons: u8);
+    /// A pointer event at (`x`, `y`) on the screen as it is now (`screen`: its width and height).
+    fn pointer(&self, x: u16, y: u16, buttons: u8, screen: (u32, u32));
 }
 
 /// The input of a view-only console: everything is dropped.
@@ -97,7 +98,7 @@ pub struct NoInput;
 
 impl Input for NoInput {
     fn key(&self, _key: Key, _down: bool) {}
-    fn pointer(&self, _x: u16, _y: u16, _buttons: u8) {}
+    fn pointer(&self, _x: u16, _y: u16, _buttons: u8, _screen: (u32, u32)) {}
 }
 
 /// Server settings.
@@ -516,14 +517,14 @@ fn serve(
         writer_shared.update(|s| s.closed = true);
         w.stream.shutdown();
     })?;
-    let result = read_messages(&mut stream, &shared, input.as_ref());
+    let result = read_messages(&mut stream, &shared, input.as_ref(), screen);
     shared.update(|s| s.closed = true);
     stream.shutdown();
     let _ = writer.join();
     result
 }
 
-fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io::Result<()> {
+fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input, screen: &Screen) -> io::Result<()> {
     loop {
         let kind = match read_u8(stream) {
             Ok(k) => k,
@@ -595,7 +596,8 @@ fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input) -> io:
             5 => {
                 let mask = read_u8(stream)?;
                 let (x, y) = (read_u16(stream)?, read_u16(stream)?);
-                input.pointer(x, y, mask);
+                let bounds = screen.read().bounds();
+                input.pointer(x, y, mask, (bounds.w, bounds.h));
             }
             6 => {
                 skip(stream, 3)?;

@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod host_driver;
+pub mod input;
 pub mod net;
 pub mod pci;
 pub mod scsi;
