@@ -278,11 +278,11 @@ pub fn repair(dir: &Path, r: &mut VmRecord) -> bool {
         log::warn!("VM {}: finishing the deletion of snapshot {:?} (its layers were merged already)", r.name, s.name);
         for slot in 0..=s.extra_layers.len() {
             let (Some(parent), Some(child)) = (slot_layer(&s, slot), child_layer(r, &kids[0], slot)) else { continue };
-            if dir.join(parent).exists() {
-                if let Err(e) = std::fs::rename(dir.join(parent), dir.join(&child)) {
-                    log::error!("VM {}: cannot rename the merged layer {parent} to {child}: {e}", r.name);
-                    return changed;
-                }
+            if dir.join(parent).exists()
+                && let Err(e) = std::fs::rename(dir.join(parent), dir.join(&child))
+            {
+                log::error!("VM {}: cannot rename the merged layer {parent} to {child}: {e}", r.name);
+                return changed;
             }
         }
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
