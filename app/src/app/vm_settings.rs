@@ -481,44 +481,49 @@ impl PortholeApp {
                 "Stop the VM to add or remove drives or grow a disk other than disk0 (the engine has no hot-plug).",
             );
         }
-        if disks.is_empty() && vm.disk_bytes == 0 {
+        let no_disk = disks.is_empty() && vm.disk_bytes == 0;
+        if no_disk {
             ui.label("No disk.");
         }
-        egui::Grid::new("settings-disks").num_columns(3).show(ui, |ui| {
-            for d in &disks {
-                ui.label(&d.id);
-                let ro = if d.read_only { ", read-only" } else { "" };
-                ui.label(format!("{}, {}, {}{ro}", d.bus, format_text(d.format), human_bytes(d.size_bytes)));
-                ui.horizontal(|ui| {
-                    // The boot disk grows in the form (at the next start on a running VM); the cloud-init seed
-                    // does not change.
-                    if d.id == "disk0" || d.read_only {
-                        return;
-                    }
-                    let l = ui.label(format!("Size of {} (GiB)", d.id));
-                    let text = dr.grow.entry(d.id.clone()).or_insert_with(|| gib_text(d.size_bytes));
-                    ui.add_enabled(!running, egui::TextEdit::singleline(text).desired_width(60.0)).labelled_by(l.id);
-                    let grow = egui::Button::new(format!("Grow {}", d.id));
-                    if ui.add_enabled(!running && !dr.waiting, grow).on_hover_text("A disk only grows").clicked() {
-                        match parse_gib(text) {
-                            Some(bytes) => action = Some(DriveAction::Grow(d.id.clone(), bytes)),
-                            None => dr.message = Some(Err(format!("Give the size of {} in GiB, e.g. 20.", d.id))),
+        let grid = (!no_disk).then(|| egui::Grid::new("settings-disks").num_columns(3));
+        grid.map(|g| {
+            g.show(ui, |ui| {
+                for d in &disks {
+                    ui.label(&d.id);
+                    let ro = if d.read_only { ", read-only" } else { "" };
+                    ui.label(format!("{}, {}, {}{ro}", d.bus, format_text(d.format), human_bytes(d.size_bytes)));
+                    ui.horizontal(|ui| {
+                        // The boot disk grows in the form (at the next start on a running VM); the cloud-init seed
+                        // does not change.
+                        if d.id == "disk0" || d.read_only {
+                            return;
                         }
-                    }
-                    let remove = egui::Button::new(format!("Remove {}", d.id));
-                    if ui.add_enabled(!running && !dr.waiting, remove).clicked() {
-                        dr.confirm = Some(d.id.clone());
-                    }
-                });
-                ui.end_row();
-            }
-            if vm.disk_bytes > 0 {
-                row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
-                    ui.add(egui::TextEdit::singleline(&mut form.fields.disk_gib).desired_width(80.0))
-                        .on_hover_text("A disk only grows: the guest then grows its partition and file system")
-                });
-                ui.end_row();
-            }
+                        let l = ui.label(format!("Size of {} (GiB)", d.id));
+                        let text = dr.grow.entry(d.id.clone()).or_insert_with(|| gib_text(d.size_bytes));
+                        ui.add_enabled(!running, egui::TextEdit::singleline(text).desired_width(60.0))
+                            .labelled_by(l.id);
+                        let grow = egui::Button::new(format!("Grow {}", d.id));
+                        if ui.add_enabled(!running && !dr.waiting, grow).on_hover_text("A disk only grows").clicked() {
+                            match parse_gib(text) {
+                                Some(bytes) => action = Some(DriveAction::Grow(d.id.clone(), bytes)),
+                                None => dr.message = Some(Err(format!("Give the size of {} in GiB, e.g. 20.", d.id))),
+                            }
+                        }
+                        let remove = egui::Button::new(format!("Remove {}", d.id));
+                        if ui.add_enabled(!running && !dr.waiting, remove).clicked() {
+                            dr.confirm = Some(d.id.clone());
+                        }
+                    });
+                    ui.end_row();
+                }
+                if vm.disk_bytes > 0 {
+                    row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
+                        ui.add(egui::TextEdit::singleline(&mut form.fields.disk_gib).desired_width(80.0))
+                            .on_hover_text("A disk only grows: the guest then grows its partition and file system")
+                    });
+                    ui.end_row();
+                }
+            })
         });
         ui.horizontal(|ui| {
             ui.radio_value(&mut dr.from_image, false, "New empty disk");
