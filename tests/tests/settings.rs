@@ -592,8 +592,42 @@ async fn snapshots_and_clones_of_a_vm_with_two_disks_cover_both_disks() {
     let live = porthole_api::TakeSnapshot { name: "live".into(), description: String::new(), with_state: Some(false) };
     let e = c.take_snapshot(&id, &live).await.unwrap_err();
     assert!(e.to_string().contains("2 disks"), "{e}");
+    // With its machine state: both disks frozen, the VM runs on with the same drives.
+    let with = porthole_api::TakeSnapshot { name: "running".into(), description: String::new(), with_state: None };
+    let rid = done(&c, c.take_snapshot(&id, &with).await.unwrap()).await;
+    // The engine's drives: both disks on their present layers (from the definition), the CD/DVD drive.
+    let running_drives = || {
+        let name = |p: PathBuf| Some(p.file_name().unwrap().to_string_lossy().into_owned());
+        vec![
+            ("disk0".to_owned(), name(top(&d, &id))),
+            ("disk1".to_owned(), name(extra_top(&d, &id, 1))),
+            ("cdrom0".to_owned(), None),
+        ]
+    };
+    wait_state(&c, &id, VmState::Running).await;
+    assert_eq!(engine_drives(&d, &id), running_drives());
+    let def: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data.join("vms").join(&id).join("vm.json")).unwrap()).unwrap();
+    assert_eq!(def["snapshots"][1]["extra_layers"].as_array().unwrap().len(), 1, "{def}");
+    // Suspended: the drive set stays as the saved state has it; the resumed VM has both disks.
+    c.action(&id, Action::Suspend).await.unwrap();
+    wait_state(&c, &id, VmState::Suspended).await;
+    let e = c.add_cdrom(&id, None).await.unwrap_err();
+    assert!(e.to_string().contains("suspended"), "{e}");
+    c.action(&id, Action::Start).await.unwrap();
+    assert_eq!(engine_drives(&d, &id), running_drives());
     c.action(&id, Action::Poweroff).await.unwrap();
     wait_state(&c, &id, VmState::Stopped).await;
+    // A snapshot holding a machine state freezes the CD/DVD drives too.
+    let e = c.add_cdrom(&id, None).await.unwrap_err();
+    assert!(e.to_string().contains("holds a running machine"), "{e}");
+    // Reverting to it resumes the machine on both disks.
+    done(&c, c.revert_snapshot(&id, &rid, false).await.unwrap()).await;
+    wait_state(&c, &id, VmState::Running).await;
+    assert_eq!(engine_drives(&d, &id), running_drives());
+    c.action(&id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &id, VmState::Stopped).await;
+    done(&c, c.delete_snapshot(&id, &rid).await.unwrap()).await;
 
     // Full and linked clones get both disks with the same contents.
     for linked in [false, true] {
@@ -625,4 +659,64 @@ async fn snapshots_and_clones_of_a_vm_with_two_disks_cover_both_disks() {
     assert_eq!(files.len(), 2, "one file per disk left: {files:?}");
     // Without snapshots the second disk can go again.
     c.remove_disk(&id, "disk1").await.unwrap();
+}
+
+/// Waits for a task to end and returns it.
+async fn ended(c: &Client, task: porthole_api::Task) -> porthole_api::Task {
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut t = task;
+    while t.state == porthole_api::TaskState::Running {
+        assert!(std::time::Instant::now() < deadline, "task never ended: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t = c.task(&t.id).await.unwrap();
+    }
+    t
+}
+
+/// The names of the files in VM `id`'s folder, and its definition's bytes.
+fn folder(d: &Daemon, id: &str) -> (Vec<String>, Vec<u8>) {
+    let dir = d.data.join("vms").join(id);
+    let mut files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    (files, std::fs::read(dir.join("vm.json")).unwrap())
+}
+
+/// A snapshot take or revert that fails on the second disk (its image made unreadable) leaves the VM as it
+/// was: no new layer of the first disk is kept, the definition is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_fails_on_the_second_disk_changes_nothing() {
+    let dir = Scratch::new("settings-drives-atomic");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let id = c.create_vm(&blk_vm("halfway")).await.unwrap().id;
+    c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap();
+    let second = extra_top(&d, &id, 1);
+    let good = std::fs::read(&second).unwrap();
+    // A qcow2 header of version 0: no image can be read from it.
+    let mut bad = b"QFI\xfb".to_vec();
+    bad.resize(512, 0);
+    std::fs::write(&second, &bad).unwrap();
+    let before = folder(&d, &id);
+    let take = porthole_api::TakeSnapshot { name: "s".into(), description: String::new(), with_state: None };
+    let t = ended(&c, c.take_snapshot(&id, &take).await.unwrap()).await;
+    assert_eq!(t.state, porthole_api::TaskState::Failed, "{t:?}");
+    assert_eq!(folder(&d, &id), before, "no layer kept, the definition unchanged");
+    assert!(c.snapshots(&id).await.unwrap().snapshots.is_empty());
+
+    // The same for a revert: the second disk's frozen layer unreadable.
+    std::fs::write(&second, &good).unwrap();
+    let sid = done(&c, c.take_snapshot(&id, &take).await.unwrap()).await;
+    let def: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data.join("vms").join(&id).join("vm.json")).unwrap()).unwrap();
+    let frozen = d.data.join("vms").join(&id).join(def["snapshots"][0]["extra_layers"][0].as_str().unwrap());
+    assert_eq!(frozen, second, "the disk's former present layer is the snapshot's");
+    std::fs::write(&frozen, &bad).unwrap();
+    let before = folder(&d, &id);
+    let t = ended(&c, c.revert_snapshot(&id, &sid, false).await.unwrap()).await;
+    assert_eq!(t.state, porthole_api::TaskState::Failed, "{t:?}");
+    assert_eq!(folder(&d, &id), before, "no layer kept, the definition unchanged");
+    std::fs::write(&frozen, &good).unwrap();
+    done(&c, c.revert_snapshot(&id, &sid, false).await.unwrap()).await;
+    qemu_img_check(&extra_top(&d, &id, 1));
 }
