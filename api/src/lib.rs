@@ -74,6 +74,9 @@ pub struct HostInfo {
     /// Seconds since the host booted.
     #[serde(default)]
     pub uptime_s: u64,
+    /// The folder where the host keeps its VMs and image library (the daemon's data directory).
+    #[serde(default)]
+    pub data_dir: String,
 }
 
 #[cfg(test)]

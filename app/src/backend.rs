@@ -41,6 +41,8 @@ pub struct Progress {
 pub struct Model {
     pub hosts: Vec<HostView>,
     pub notices: Vec<Notice>,
+    /// Notices given since the start (the list keeps the last 20): the window toasts the new ones.
+    pub notices_total: u64,
     pub progress: Vec<Progress>,
     /// Serial lines of the VM whose details are open: (host, vm id, lines).
     pub serial: Option<(usize, String, Vec<String>)>,
@@ -101,9 +103,23 @@ pub struct VmTask {
     pub task: porthole_api::Task,
 }
 
+/// The window of samples the graphs show (the daemon keeps an hour at one per second).
+const SAMPLES_KEPT_MS: u64 = 3600 * 1000;
+
+/// Appends the `new` samples (those later than the last of `samples`, as `since` asked) and drops those
+/// older than an hour before the newest.
+pub fn merge_samples(samples: &mut Vec<porthole_api::StatSample>, new: Vec<porthole_api::StatSample>) {
+    let last = samples.last().map_or(0, |s| s.t_ms);
+    samples.extend(new.into_iter().filter(|s| s.t_ms > last));
+    let newest = samples.last().map_or(0, |s| s.t_ms);
+    let keep_from = samples.partition_point(|s| s.t_ms + SAMPLES_KEPT_MS < newest);
+    samples.drain(..keep_from);
+}
+
 impl Model {
     pub fn notify(&mut self, text: impl Into<String>, error: bool) {
         self.notices.push(Notice { text: text.into(), error });
+        self.notices_total += 1;
         if self.notices.len() > 20 {
             self.notices.remove(0);
         }
@@ -407,11 +423,18 @@ impl Backend {
         let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
-            let (stats, tasks, images) = tokio::join!(client.host_stats(0, false), client.tasks(), client.images());
+            // Only the samples newer than those the page has: the first fetch brings the hour, later ones
+            // a second or two.
+            let (mut samples, since) = match &backend.model().host_page {
+                Some((i, data)) if *i == index => (data.stats.clone(), data.stats.last().map_or(0, |s| s.t_ms)),
+                _ => (Vec::new(), 0),
+            };
+            let (stats, tasks, images) = tokio::join!(client.host_stats(since, false), client.tasks(), client.images());
             let mut m = backend.model();
             let mut tasks = tasks.unwrap_or_default();
             tasks.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.id.cmp(&b.id)));
-            let data = HostPageData { stats: stats.map(|s| s.samples).unwrap_or_default(), tasks };
+            merge_samples(&mut samples, stats.map(|s| s.samples).unwrap_or_default());
+            let data = HostPageData { stats: samples, tasks };
             m.host_page = Some((index, data));
             if let Ok(images) = images {
                 m.images.insert(index, images);
@@ -493,13 +516,19 @@ impl Backend {
         });
     }
 
-    /// Fetches the last hour of resource samples of a VM into the model.
+    /// Fetches the last hour of resource samples of a VM into the model: all of it for a VM not shown yet,
+    /// then only the samples newer than those the model has.
     pub fn load_stats(&self, index: usize, id: String) {
         let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
-            if let Ok(stats) = client.stats(&id, 0, false).await {
-                backend.model().stats = Some((index, id, stats.samples));
+            let (mut samples, since) = match &backend.model().stats {
+                Some((i, v, s)) if *i == index && *v == id => (s.clone(), s.last().map_or(0, |s| s.t_ms)),
+                _ => (Vec::new(), 0),
+            };
+            if let Ok(stats) = client.stats(&id, since, false).await {
+                merge_samples(&mut samples, stats.samples);
+                backend.model().stats = Some((index, id, samples));
                 backend.repaint();
             }
         });
@@ -658,4 +687,35 @@ pub fn image_name(path: &std::path::Path) -> String {
         name.remove(0);
     }
     if name.is_empty() { "image.iso".into() } else { name }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t_ms: u64) -> porthole_api::StatSample {
+        porthole_api::StatSample {
+            t_ms,
+            cpu_percent: t_ms as f64,
+            memory_bytes: 0,
+            disk_read_bps: 0.0,
+            disk_write_bps: 0.0,
+            net_rx_bps: 0.0,
+            net_tx_bps: 0.0,
+        }
+    }
+
+    #[test]
+    fn samples_are_appended_once_and_an_hour_is_kept() {
+        let mut samples = Vec::new();
+        merge_samples(&mut samples, (1..=3).map(|s| at(s * 1000)).collect());
+        // The next fetch brings what is newer; a sample seen already is not added twice.
+        merge_samples(&mut samples, vec![at(3000), at(4000)]);
+        assert_eq!(samples.iter().map(|s| s.t_ms).collect::<Vec<_>>(), [1000, 2000, 3000, 4000]);
+        // An hour later, the samples older than the hour before the newest go.
+        merge_samples(&mut samples, vec![at(3000 + SAMPLES_KEPT_MS)]);
+        assert_eq!(samples.iter().map(|s| s.t_ms).collect::<Vec<_>>(), [3000, 4000, 3000 + SAMPLES_KEPT_MS]);
+        merge_samples(&mut samples, Vec::new());
+        assert_eq!(samples.len(), 3);
+    }
 }

@@ -2,6 +2,8 @@
 //! of which only changed rectangles are uploaded, and keyboard and pointer input sent back. Keys go as QEMU
 //! extended key events (scancodes: layout-independent) when the server acknowledges them, else as keysyms.
 
+use crate::app::theme;
+use crate::settings::ReleaseKeys;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +60,8 @@ pub struct Console {
     texture: Option<egui::TextureHandle>,
     /// Keyboard and pointer go to the guest.
     grabbed: bool,
+    /// The keys that let go of the keyboard.
+    pub release_keys: ReleaseKeys,
     last_modifiers: egui::Modifiers,
     last_pointer: Option<(u16, u16, u8)>,
     /// A paste into the guest was asked for: the next Paste event goes to the server's clipboard.
@@ -76,7 +80,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Console {
     /// Starts a session: `connect` (run in the session thread) returns the handshaken client.
-    /// Whether the console has the keyboard (clicked into; Ctrl+Alt releases it): keys go to the guest.
+    /// Whether the console has the keyboard (clicked into; the release keys let go of it): keys go to the guest.
     pub fn keyboard_captured(&self) -> bool {
         self.grabbed
     }
@@ -113,6 +117,7 @@ impl Console {
             shared,
             texture: None,
             grabbed: false,
+            release_keys: ReleaseKeys::default(),
             last_modifiers: egui::Modifiers::NONE,
             last_pointer: None,
             pasting: false,
@@ -164,23 +169,26 @@ impl Console {
     /// Draws the console into `ui`, filling it (scaled to fit, aspect kept), and forwards input.
     pub fn show(&mut self, ui: &mut egui::Ui) {
         ui.horizontal(|ui| {
-            if ui.button("Send Ctrl+Alt+Del").clicked() {
+            if theme::button(ui, true, theme::KEYBOARD, "Send Ctrl+Alt+Del").clicked() {
                 self.send_combo(&[CTRL, ALT, (0xFFFF, 0xE053)]);
             }
-            ui.menu_button("Send key", |ui| {
+            ui.menu_button((theme::KEYBOARD.rich_text(), "Send key"), |ui| {
                 for n in 1..=12u32 {
-                    if ui.button(format!("Ctrl+Alt+F{n}")).clicked() {
+                    if theme::button(ui, true, theme::KEYBOARD, &format!("Ctrl+Alt+F{n}")).clicked() {
                         self.send_combo(&[CTRL, ALT, (0xFFBE + n - 1, function_scancode(n))]);
                     }
                 }
-                if ui.button("Ctrl+Alt+Backspace").clicked() {
+                if theme::button(ui, true, theme::KEYBOARD, "Ctrl+Alt+Backspace").clicked() {
                     self.send_combo(&[CTRL, ALT, (0xFF08, 0x0E)]);
                 }
-                if ui.button("PrintScreen").clicked() {
+                if theme::button(ui, true, theme::KEYBOARD, "PrintScreen").clicked() {
                     self.send_combo(&[(0xFF61, 0xE037)]);
                 }
             });
-            if ui.button("Paste into guest").on_hover_text("Put this computer's clipboard on the guest's").clicked() {
+            if theme::button(ui, true, theme::PASTE, "Paste into guest")
+                .on_hover_text("Put this computer's clipboard on the guest's")
+                .clicked()
+            {
                 self.pasting = true;
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::RequestPaste);
             }
@@ -210,20 +218,23 @@ impl Console {
                 self.texture = None;
                 lock(&self.shared.frame).resized = true;
             }
-            if ui.button("Screenshot…").clicked() {
+            if theme::button(ui, true, theme::SCREENSHOT, "Screenshot…").clicked() {
                 self.screenshot();
             }
             let fullscreen = ui.ctx().input(|i| i.viewport().fullscreen.unwrap_or(false));
-            if ui.button(if fullscreen { "Leave full screen" } else { "Full screen" }).clicked()
-                || ui.input(|i| i.key_pressed(egui::Key::F11))
-            {
+            let (icon, text) = if fullscreen {
+                (theme::LEAVE_FULL_SCREEN, "Leave full screen")
+            } else {
+                (theme::FULL_SCREEN, "Full screen")
+            };
+            if theme::button(ui, true, icon, text).clicked() || ui.input(|i| i.key_pressed(egui::Key::F11)) {
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::Fullscreen(!fullscreen));
             }
             let f = lock(&self.shared.frame);
             let status = if f.closed {
                 f.state.clone()
             } else if self.grabbed {
-                format!("{}x{} — keyboard captured (Ctrl+Alt releases)", f.width, f.height)
+                format!("{}x{} — keyboard captured ({} releases)", f.width, f.height, self.release_keys.text())
             } else if f.width > 0 {
                 format!("{}x{} — click the screen to type", f.width, f.height)
             } else {
@@ -424,11 +435,16 @@ impl Console {
     fn forward_keys(&mut self, ui: &mut egui::Ui) {
         let events = ui.input(|i| i.events.clone());
         let modifiers = ui.input(|i| i.modifiers);
-        if modifiers.ctrl && modifiers.alt {
+        if self.release_keys.held(modifiers, |k| ui.input(|i| i.key_pressed(k))) {
             // The release combination: let go of the keyboard (and of the modifiers in the guest).
             self.grabbed = false;
-            self.key(CTRL.0, CTRL.1, false);
-            self.key(ALT.0, ALT.1, false);
+            for (held, key) in
+                [(self.last_modifiers.ctrl, CTRL), (self.last_modifiers.alt, ALT), (self.last_modifiers.shift, SHIFT)]
+            {
+                if held {
+                    self.key(key.0, key.1, false);
+                }
+            }
             self.last_modifiers = egui::Modifiers::NONE;
             return;
         }

@@ -32,18 +32,33 @@ pub fn kvm_problem() -> Option<String> {
 }
 
 /// Makes sure a daemon answers on `socket`: starts `portholed` (next to this program, else on PATH) in
-/// the background if nothing listens there, and waits up to 10 s for it.
-pub fn ensure_running(socket: &std::path::Path) -> Result<(), String> {
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        return Ok(());
-    }
+/// the background if nothing listens there, keeping its VMs in `data_dir` when given, and waits up to 10 s
+/// for it.
+pub fn ensure_running(socket: &std::path::Path, data_dir: Option<&std::path::Path>) -> Result<(), String> {
     let exe = std::env::current_exe().ok().map(|e| e.with_file_name("portholed")).filter(|p| p.exists());
     let program = exe.unwrap_or_else(|| PathBuf::from("portholed"));
-    let mut cmd = std::process::Command::new(&program);
-    if std::env::var_os("PORTHOLE_SOCKET").is_some()
-        && let Some(dir) = socket.parent()
-    {
+    let custom_socket = std::env::var_os("PORTHOLE_SOCKET").is_some();
+    ensure_running_with(&program, socket, custom_socket, data_dir).map(|_| ())
+}
+
+/// `ensure_running` with the daemon's program given; `custom_socket`: the socket is not the default one, so
+/// the daemon is told its folder. Returns the process id of the daemon it started (None: one was running).
+pub fn ensure_running_with(
+    program: &std::path::Path,
+    socket: &std::path::Path,
+    custom_socket: bool,
+    data_dir: Option<&std::path::Path>,
+) -> Result<Option<u32>, String> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Ok(None);
+    }
+    let mut cmd = std::process::Command::new(program);
+    if custom_socket && let Some(dir) = socket.parent() {
         cmd.arg("--runtime-dir").arg(dir);
+    }
+    if let Some(dir) = data_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        cmd.arg("--data-dir").arg(dir);
     }
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
@@ -54,7 +69,7 @@ pub fn ensure_running(socket: &std::path::Path) -> Result<(), String> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Ok(());
+            return Ok(Some(child.id()));
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("portholed exited at once ({status}); run it in a terminal to see why"));

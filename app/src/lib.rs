@@ -92,8 +92,17 @@ impl FrameStats {
 pub fn local_host(
     socket: std::path::PathBuf,
 ) -> impl FnOnce() -> Result<porthole_api::Client, String> + Send + 'static {
+    local_host_in(socket, None)
+}
+
+/// The local host as `local_host` connects it; a daemon started for it keeps its VMs in `data_dir` (the
+/// *Where local VMs live* preference) when given.
+pub fn local_host_in(
+    socket: std::path::PathBuf,
+    data_dir: Option<std::path::PathBuf>,
+) -> impl FnOnce() -> Result<porthole_api::Client, String> + Send + 'static {
     move || {
-        daemon::ensure_running(&socket)?;
+        daemon::ensure_running(&socket, data_dir.as_deref())?;
         porthole_api::Client::unix(&socket).map_err(|e| e.to_string())
     }
 }

@@ -54,6 +54,8 @@ fn main() -> anyhow::Result<()> {
             .with_inner_size([w.width.max(640) as f32, w.height.max(400) as f32])
             .with_position([w.x as f32, w.y as f32]);
     }
+    let settings_path = porthole::settings::path();
+    let vm_dir = settings_path.as_deref().and_then(|p| porthole::settings::load(p).0.vm_dir);
     let options = eframe::NativeOptions { viewport, ..Default::default() };
     eframe::run_native(
         "Porthole",
@@ -65,7 +67,8 @@ fn main() -> anyhow::Result<()> {
                 backend.model().notify(format!("VMs cannot run here: {problem}"), true);
             }
             let mut app =
-                PortholeApp::new(backend, porthole::local_host(daemon::socket_path()), porthole::settings::path());
+                PortholeApp::new(backend, porthole::local_host_in(daemon::socket_path(), vm_dir), settings_path);
+            app.install_fonts(&cc.egui_ctx);
             if vnc.is_some() || iso.is_some() || console.is_some() {
                 app.skip_restoring_consoles();
             }

@@ -43,6 +43,13 @@ pub struct Settings {
     /// The consoles open when the window closed (VMs by host and VM name; VNC servers by address).
     #[serde(default)]
     pub open_consoles: Vec<SavedConsole>,
+    /// The keys that take the keyboard back from a console.
+    #[serde(default)]
+    pub release_keys: ReleaseKeys,
+    /// Where this computer's VMs and images live (the local daemon's `--data-dir`, used when Porthole starts
+    /// it); absent: `~/.local/share/porthole`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_dir: Option<std::path::PathBuf>,
 }
 
 fn yes() -> bool {
@@ -60,6 +67,8 @@ impl Default for Settings {
             window: None,
             restore_consoles: true,
             open_consoles: Vec::new(),
+            release_keys: ReleaseKeys::default(),
+            vm_dir: None,
         }
     }
 }
@@ -88,6 +97,40 @@ pub enum ConsoleScaling {
     Actual,
     /// The guest's screen follows the console's size (where the server can).
     Resize,
+}
+
+/// The keys that take the keyboard back from a console (it has it once its screen is clicked).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleaseKeys {
+    /// Both held (virt-manager's default).
+    #[default]
+    CtrlAlt,
+    /// For guests that need Ctrl+Alt combinations themselves (QEMU's window uses it).
+    CtrlAltG,
+    /// virt-viewer's and remote-viewer's default.
+    ShiftF12,
+}
+
+impl ReleaseKeys {
+    pub const ALL: [ReleaseKeys; 3] = [ReleaseKeys::CtrlAlt, ReleaseKeys::CtrlAltG, ReleaseKeys::ShiftF12];
+
+    pub fn text(self) -> &'static str {
+        match self {
+            ReleaseKeys::CtrlAlt => "Ctrl+Alt",
+            ReleaseKeys::CtrlAltG => "Ctrl+Alt+G",
+            ReleaseKeys::ShiftF12 => "Shift+F12",
+        }
+    }
+
+    /// Whether the keys are held this frame (`pressed`: keys pressed this frame).
+    pub fn held(self, modifiers: egui::Modifiers, pressed: impl Fn(egui::Key) -> bool) -> bool {
+        match self {
+            ReleaseKeys::CtrlAlt => modifiers.ctrl && modifiers.alt,
+            ReleaseKeys::CtrlAltG => modifiers.ctrl && modifiers.alt && pressed(egui::Key::G),
+            ReleaseKeys::ShiftF12 => modifiers.shift && pressed(egui::Key::F12),
+        }
+    }
 }
 
 /// The window's position and inner size, in points.
@@ -204,5 +247,23 @@ mod tests {
         let s: Settings = serde_json::from_str(r#"{"remotes":[],"recent_vnc":[]}"#).unwrap();
         assert_eq!(s, Settings::default());
         assert!(s.restore_consoles && s.theme == Theme::System && s.console_scaling == ConsoleScaling::Fit);
+    }
+
+    #[test]
+    fn each_release_combination_needs_all_its_keys() {
+        use egui::{Key, Modifiers};
+        let none = |_: Key| false;
+        let g = |k: Key| k == Key::G;
+        let f12 = |k: Key| k == Key::F12;
+        let ctrl_alt = Modifiers::CTRL | Modifiers::ALT;
+        assert!(ReleaseKeys::CtrlAlt.held(ctrl_alt, none));
+        assert!(!ReleaseKeys::CtrlAlt.held(Modifiers::CTRL, none));
+        assert!(!ReleaseKeys::CtrlAltG.held(ctrl_alt, none), "Ctrl+Alt alone goes to the guest");
+        assert!(ReleaseKeys::CtrlAltG.held(ctrl_alt, g));
+        assert!(!ReleaseKeys::ShiftF12.held(Modifiers::NONE, f12));
+        assert!(ReleaseKeys::ShiftF12.held(Modifiers::SHIFT, f12));
+        assert!(!ReleaseKeys::ShiftF12.held(ctrl_alt, none));
+        let saved = serde_json::to_string(&ReleaseKeys::ShiftF12).unwrap();
+        assert_eq!(saved, "\"shift-f12\"");
     }
 }

@@ -378,6 +378,7 @@ async fn host_info(State(app): State<AppState>, p: Principal) -> ApiResult<Json<
         cpu_model: facts.cpu_model,
         kernel: facts.kernel,
         uptime_s: facts.uptime_s,
+        data_dir: app.host.store.images_dir().parent().map(|d| d.display().to_string()).unwrap_or_default(),
     }))
 }
 

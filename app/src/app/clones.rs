@@ -4,6 +4,7 @@
 
 use porthole_api::{CloneVm, UpdateVm, Vm, VmState};
 
+use super::theme;
 use super::{PortholeApp, vm_name_problem};
 
 /// Bytes in human units (binary prefixes, one decimal).
@@ -70,7 +71,7 @@ impl PortholeApp {
     /// *Clone…* and *Convert to template* / *Convert to VM* in a VM's action row.
     pub(super) fn clone_buttons(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
         let stopped = vm.state == VmState::Stopped && vm.crash.is_none();
-        let r = ui.add_enabled(stopped, egui::Button::new("Clone…"));
+        let r = theme::button(ui, stopped, theme::CLONE, "Clone…");
         if r.on_disabled_hover_text("Shut the VM down to clone it").clicked() {
             self.clone_form = Some(CloneForm {
                 host,
@@ -85,7 +86,8 @@ impl PortholeApp {
         } else {
             ("Convert to template", true, "A template does not start; it is cloned into new VMs")
         };
-        let r = ui.add_enabled(stopped, egui::Button::new(text)).on_hover_text(hover);
+        let icon = if to { theme::TEMPLATE } else { theme::START };
+        let r = theme::button(ui, stopped, icon, text).on_hover_text(hover);
         if r.on_disabled_hover_text("Shut the VM down first").clicked() {
             let id = vm.id.clone();
             let change = UpdateVm { template: Some(to), ..Default::default() };
@@ -127,8 +129,8 @@ impl PortholeApp {
                 ui.colored_label(ui.visuals().warn_fg_color, p);
             }
             ui.horizontal(|ui| {
-                go = ui.add_enabled(problem.is_none(), egui::Button::new("Clone")).clicked();
-                cancel = ui.button("Cancel").clicked();
+                go = theme::button(ui, problem.is_none(), theme::CLONE, "Clone").clicked();
+                cancel = theme::button(ui, true, theme::CLOSE, "Cancel").clicked();
             });
         });
         if go {

@@ -5,6 +5,7 @@ use egui::{Key, KeyboardShortcut, Modifiers};
 use porthole_api::VmState;
 use porthole_api::client::Action;
 
+use super::theme;
 use super::{PortholeApp, Tab};
 
 /// What a shortcut does.
@@ -41,8 +42,7 @@ pub const SHORTCUTS: [(Command, KeyboardShortcut, &str); 8] = [
 ];
 
 /// Keys the console handles itself, listed in the dialog too.
-const CONSOLE_KEYS: [(&str, &str); 2] =
-    [("F11", "Full screen on or off (console)"), ("Ctrl+Alt", "Release the keyboard and pointer (console)")];
+const CONSOLE_KEYS: [(&str, &str); 1] = [("F11", "Full screen on or off (console)")];
 
 /// The help dialogs' state.
 #[derive(Default)]
@@ -93,7 +93,7 @@ impl PortholeApp {
                     Command::OpenConsole if matches!(vm.state, VmState::Running | VmState::Paused) => {
                         self.open_console(host, &vm);
                     }
-                    _ => self.backend.model().notify(format!("{name} is {}", super::state_text(vm.state)), true),
+                    _ => self.backend.model().notify(format!("{name} is {}", theme::state_text(vm.state)), true),
                 }
             }
         }
@@ -109,7 +109,8 @@ impl PortholeApp {
                     ui.label(what);
                     ui.end_row();
                 }
-                for (keys, what) in CONSOLE_KEYS {
+                let release = (self.settings.release_keys.text(), "Release the keyboard and pointer (console)");
+                for (keys, what) in CONSOLE_KEYS.into_iter().chain([release]) {
                     ui.monospace(keys);
                     ui.label(what);
                     ui.end_row();

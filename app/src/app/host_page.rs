@@ -9,6 +9,7 @@ use porthole_api::{HostInfo, Image, Task, TaskState};
 
 use super::PortholeApp;
 use super::clones::human_bytes;
+use super::theme;
 
 /// The host page's own state.
 #[derive(Default)]
@@ -65,7 +66,7 @@ impl PortholeApp {
             Self::host_summary(ui, &info);
             ui.add_space(6.0);
             egui::CollapsingHeader::new("Use over the last hour").default_open(true).show(ui, |ui| {
-                super::performance(ui, "host", "No samples yet (the host just started).", &data.stats);
+                super::graphs::performance(ui, "host", "No samples yet (the host just started).", &data.stats);
             });
             ui.add_space(6.0);
             self.library(ui, host, images.as_deref());
@@ -110,7 +111,9 @@ impl PortholeApp {
     fn library(&mut self, ui: &mut egui::Ui, host: usize, images: Option<&[Image]>) {
         ui.horizontal(|ui| {
             ui.heading("Image library");
-            if ui.button("Upload…").on_hover_text("Add a file to the library (or drop it on this page)").clicked()
+            if theme::button(ui, true, theme::UPLOAD, "Upload…")
+                .on_hover_text("Add a file to the library (or drop it on this page)")
+                .clicked()
                 && let Some(path) = rfd::FileDialog::new().pick_file()
             {
                 self.upload_to_library(host, path);
@@ -160,13 +163,13 @@ impl PortholeApp {
                 let confirming = self.host_page.confirm_delete.as_ref() == Some(&(host, image.name.clone()));
                 if confirming {
                     ui.horizontal(|ui| {
-                        let yes = ui.button("Delete");
+                        let yes = theme::button(ui, true, theme::DELETE, "Delete");
                         labelled(&yes, true, format!("Confirm deleting {}", image.name));
                         if yes.clicked() {
                             self.backend.delete_image(host, image.name.clone());
                             self.host_page.confirm_delete = None;
                         }
-                        let no = ui.button("Keep");
+                        let no = theme::button(ui, true, theme::CLOSE, "Keep");
                         labelled(&no, true, format!("Keep {}", image.name));
                         if no.clicked() {
                             self.host_page.confirm_delete = None;
@@ -178,7 +181,7 @@ impl PortholeApp {
                     } else {
                         format!("In use by {}: remove it from those VMs first", image.used_by.join(", "))
                     };
-                    let delete = ui.add_enabled(free, egui::Button::new("Delete…")).on_hover_text(hover);
+                    let delete = theme::button(ui, free, theme::DELETE, "Delete…").on_hover_text(hover);
                     labelled(&delete, free, format!("Delete {}", image.name));
                     if delete.clicked() {
                         self.host_page.confirm_delete = Some((host, image.name.clone()));
@@ -212,7 +215,7 @@ impl PortholeApp {
                         };
                         ui.add(egui::ProgressBar::new(fraction).desired_width(320.0).text(text));
                         if t.cancellable {
-                            let cancel = ui.button("Cancel");
+                            let cancel = theme::button(ui, true, theme::CLOSE, "Cancel");
                             labelled(&cancel, true, format!("Cancel {}", t.what));
                             if cancel.clicked() {
                                 self.backend.cancel_task(host, t.id.clone());

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use porthole_api::client::Action;
 use porthole_api::{Vm, VmState};
 
-use super::{PortholeApp, clones, sparkline, state_label, state_text};
+use super::graphs::sparkline;
+use super::theme;
+use super::{PortholeApp, clones};
+use theme::{state_label, state_text};
 
 /// How the list is grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,6 +179,7 @@ impl PortholeApp {
         };
         let total = rows.len();
         ui.horizontal(|ui| {
+            theme::paint_icon(ui, theme::SEARCH, ui.visuals().weak_text_color());
             let label = ui.label("Search");
             let search =
                 egui::TextEdit::singleline(&mut self.search).id_salt("machine search").hint_text("name, state or tag");
@@ -195,12 +199,17 @@ impl PortholeApp {
                 .labelled_by(label.id);
             let label = ui.label("View");
             ui.horizontal(|ui| {
-                ui.selectable_value(&mut self.view, MachineView::List, "List");
-                ui.selectable_value(&mut self.view, MachineView::Grid, "Grid");
+                for (view, icon, text) in
+                    [(MachineView::List, theme::LIST, "List"), (MachineView::Grid, theme::GRID, "Grid")]
+                {
+                    if theme::selectable(ui, self.view == view, icon, text).clicked() {
+                        self.view = view;
+                    }
+                }
             })
             .response
             .labelled_by(label.id);
-            if ui.button("New VM…").on_hover_text("Ctrl+N").clicked() {
+            if theme::button(ui, true, theme::ADD, "New VM…").on_hover_text("Ctrl+N").clicked() {
                 self.open_wizard();
             }
         });
@@ -217,8 +226,7 @@ impl PortholeApp {
                 ui.label("Create one with “New VM…”, or drop an ISO onto this window.");
                 if host == 0
                     && let Some(demo) = crate::demo_guest()
-                    && ui
-                        .button("Create a demo VM")
+                    && theme::button(ui, true, theme::START, "Create a demo VM")
                         .on_hover_text("A tiny VM with an animated screen that echoes your keys")
                         .clicked()
                 {
@@ -513,8 +521,7 @@ impl PortholeApp {
         let running: Vec<_> = picked.iter().filter(|(_, v)| is_running(v)).cloned().collect();
         ui.horizontal(|ui| {
             ui.label(format!("{} selected:", picked.len()));
-            if ui
-                .add_enabled(!startable.is_empty(), egui::Button::new(format!("Start selected ({})", startable.len())))
+            if theme::button(ui, !startable.is_empty(), theme::START, &format!("Start selected ({})", startable.len()))
                 .clicked()
             {
                 for (h, v) in &startable {
@@ -524,9 +531,13 @@ impl PortholeApp {
                     });
                 }
             }
-            if ui
-                .add_enabled(!running.is_empty(), egui::Button::new(format!("Shut down selected ({})", running.len())))
-                .clicked()
+            if theme::button(
+                ui,
+                !running.is_empty(),
+                theme::SHUT_DOWN,
+                &format!("Shut down selected ({})", running.len()),
+            )
+            .clicked()
             {
                 for (h, v) in &running {
                     let id = v.id.clone();
@@ -535,9 +546,13 @@ impl PortholeApp {
                     });
                 }
             }
-            if ui
-                .add_enabled(!running.is_empty(), egui::Button::new(format!("Force off selected ({})", running.len())))
-                .clicked()
+            if theme::button(
+                ui,
+                !running.is_empty(),
+                theme::FORCE_OFF,
+                &format!("Force off selected ({})", running.len()),
+            )
+            .clicked()
             {
                 for (h, v) in &running {
                     let id = v.id.clone();
@@ -546,7 +561,7 @@ impl PortholeApp {
                     });
                 }
             }
-            if ui.button("Clear selection").clicked() {
+            if theme::button(ui, true, theme::CLOSE, "Clear selection").clicked() {
                 self.checked.clear();
             }
         });

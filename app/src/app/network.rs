@@ -5,6 +5,7 @@
 use porthole_api::{NicBackend, NicDefinition, NicSpec, NicStatus, PortForward, Protocol, UpdateVm, Vm, VmState};
 
 use super::clones::human_bytes;
+use super::theme;
 use super::{PortholeApp, Wizard};
 
 /// The wizard's network choice.
@@ -209,7 +210,7 @@ impl PortholeApp {
         ui.label("SSH");
         ui.horizontal(|ui| {
             ui.monospace(&cmd);
-            if ui.button("Copy SSH command").clicked() {
+            if theme::button(ui, true, theme::COPY, "Copy SSH command").clicked() {
                 ui.ctx().copy_text(cmd.clone());
                 self.backend.model().notify(format!("Copied: {cmd}"), false);
             }
@@ -237,7 +238,7 @@ impl PortholeApp {
             if vm.nics.is_empty() {
                 ui.horizontal(|ui| {
                     ui.label("No network card.");
-                    if ui.add_enabled(!running, egui::Button::new("Add a NAT card")).clicked() {
+                    if theme::button(ui, !running, theme::ADD, "Add a NAT card").clicked() {
                         self.change_nics(host, vm, vec![NicSpec::new(NicBackend::User)]);
                     }
                     if running {
@@ -321,7 +322,7 @@ impl PortholeApp {
                 ui.label(f.host_address.to_string());
                 ui.label(if f.automatic { format!("{} (automatic)", f.host_port) } else { f.host_port.to_string() });
                 ui.label(f.guest_port.to_string());
-                let r = ui.add_enabled(!running, egui::Button::new("Remove"));
+                let r = theme::button(ui, !running, theme::DELETE, "Remove");
                 let label = format!("Remove forward {} {}", f.protocol, f.host_port);
                 r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, !running, &label));
                 if r.on_disabled_hover_text(RUNNING_REASON).clicked() {
@@ -362,7 +363,7 @@ impl PortholeApp {
                     .labelled_by(l.id);
                 let parsed = form.forward();
                 let filled = !form.host_port.trim().is_empty() || !form.guest_port.trim().is_empty();
-                if ui.add_enabled(parsed.is_ok(), egui::Button::new("Add forward")).clicked() {
+                if theme::button(ui, parsed.is_ok(), theme::ADD, "Add forward").clicked() {
                     add = parsed.as_ref().ok().cloned();
                 }
                 if let (Err(e), true) = (&parsed, filled) {

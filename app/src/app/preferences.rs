@@ -1,11 +1,11 @@
 //! The *Preferences* dialog (theme, how new consoles fit their screen, the host selected at start, whether
-//! console tabs open again), and what the window remembers between runs: its size and position and the open
+//! console tabs open again, the keys that release a console's keyboard, where local VMs live), and what the window remembers between runs: its size and position and the open
 //! consoles. Changes apply at once and are saved in the settings file.
 
 use crate::console::Scaling;
-use crate::settings::{ConsoleScaling, SavedConsole, Theme, WindowGeometry};
+use crate::settings::{ConsoleScaling, ReleaseKeys, SavedConsole, Theme, WindowGeometry};
 
-use super::{PortholeApp, VncTarget};
+use super::{PortholeApp, VncTarget, theme};
 
 /// The preferences dialog's and the remembered window's state.
 #[derive(Default)]
@@ -17,6 +17,8 @@ pub struct Preferences {
     pending_consoles: Vec<SavedConsole>,
     /// Whether the default host has been selected (once, when it connects).
     default_host_done: bool,
+    /// The *Local VMs live in* field while the dialog is open.
+    vm_dir: Option<String>,
     /// The theme last given to egui (set again only when the preference changes: setting it asks for a frame).
     applied_theme: Option<Theme>,
 }
@@ -27,6 +29,30 @@ pub fn scaling(s: ConsoleScaling) -> Scaling {
         ConsoleScaling::Sharp => Scaling::Sharp,
         ConsoleScaling::Actual => Scaling::Actual,
         ConsoleScaling::Resize => Scaling::Resize,
+    }
+}
+
+/// Where the local daemon keeps its VMs unless told otherwise (as `portholed` picks it).
+pub fn default_vm_dir() -> Option<std::path::PathBuf> {
+    directories::ProjectDirs::from("", "", "porthole").map(|p| p.data_dir().to_owned())
+}
+
+/// The *Local VMs live in* field's folder (None: the default), or why it cannot be used.
+pub fn vm_dir_choice(text: &str) -> Result<Option<std::path::PathBuf>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let dir = std::path::PathBuf::from(text);
+    if !dir.is_absolute() {
+        return Err("Give a full path (starting with /).".into());
+    }
+    match std::fs::metadata(&dir) {
+        Ok(m) if !m.is_dir() => Err(format!("{text} is a file, not a folder.")),
+        Ok(_) => Ok(Some(dir)),
+        // Created when the daemon starts, if its parent exists.
+        Err(_) if dir.parent().is_some_and(|p| p.is_dir()) => Ok(Some(dir)),
+        Err(e) => Err(format!("{text}: {e}")),
     }
 }
 
@@ -172,7 +198,13 @@ impl PortholeApp {
         }
         let mut open = true;
         let before = self.settings.clone();
-        let hosts: Vec<String> = self.backend.model().hosts.iter().map(|h| h.name.clone()).collect();
+        let (hosts, local_data_dir) = {
+            let m = self.backend.model();
+            let hosts: Vec<String> = m.hosts.iter().map(|h| h.name.clone()).collect();
+            let dir =
+                m.hosts.first().and_then(|h| h.info.as_ref()).map(|i| i.data_dir.clone()).filter(|d| !d.is_empty());
+            (hosts, dir)
+        };
         egui::Window::new("Preferences").open(&mut open).collapsible(false).resizable(false).show(ctx, |ui| {
             egui::Grid::new("preferences").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
                 ui.label("Theme");
@@ -219,11 +251,86 @@ impl PortholeApp {
                 ui.label("Consoles");
                 ui.checkbox(&mut self.settings.restore_consoles, "Open the consoles again when Porthole starts");
                 ui.end_row();
+                let l = ui.label("Release the keyboard with");
+                let keys = &mut self.settings.release_keys;
+                egui::ComboBox::from_id_salt("release keys")
+                    .selected_text(keys.text())
+                    .show_ui(ui, |ui| {
+                        for choice in ReleaseKeys::ALL {
+                            ui.selectable_value(keys, choice, choice.text());
+                        }
+                    })
+                    .response
+                    .labelled_by(l.id);
+                ui.end_row();
+                let l = ui.label("Local VMs live in");
+                ui.vertical(|ui| {
+                    ui.horizontal(|ui| {
+                        let edit = self.preferences.vm_dir.get_or_insert_with(|| {
+                            self.settings.vm_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
+                        });
+                        let hint = default_vm_dir().map(|d| d.display().to_string()).unwrap_or_default();
+                        ui.add(egui::TextEdit::singleline(edit).hint_text(hint).desired_width(260.0)).labelled_by(l.id);
+                        if theme::button(ui, true, theme::BROWSE, "Choose folder…").clicked()
+                            && let Some(dir) = rfd::FileDialog::new().pick_folder()
+                        {
+                            *edit = dir.display().to_string();
+                        }
+                    });
+                    let text = self.preferences.vm_dir.clone().unwrap_or_default();
+                    match vm_dir_choice(&text) {
+                        Ok(dir) => self.settings.vm_dir = dir,
+                        Err(why) => {
+                            ui.colored_label(ui.visuals().warn_fg_color, why);
+                        }
+                    }
+                    let wanted = self.settings.vm_dir.clone().or_else(default_vm_dir);
+                    if let Some(now) = &local_data_dir
+                        && wanted.as_deref() != Some(std::path::Path::new(now))
+                    {
+                        ui.colored_label(
+                            ui.visuals().warn_fg_color,
+                            format!(
+                                "The local daemon running now keeps its VMs in {now}: the new folder is used when \
+                                 Porthole next starts it (after you log out, or once it is stopped)."
+                            ),
+                        );
+                    }
+                });
+                ui.end_row();
             });
         });
         self.preferences.open = open;
+        if !open {
+            self.preferences.vm_dir = None;
+        }
+        if self.settings.release_keys != before.release_keys {
+            for tab in &mut self.consoles {
+                tab.console.release_keys = self.settings.release_keys;
+            }
+        }
         if self.settings != before {
             self.save_settings();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vm_folder_must_be_a_full_path_to_a_folder_or_a_new_one() {
+        let dir = std::env::temp_dir().join(format!("porthole-vm-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(vm_dir_choice("  "), Ok(None), "empty: the default");
+        assert_eq!(vm_dir_choice(&dir.display().to_string()), Ok(Some(dir.clone())));
+        assert_eq!(vm_dir_choice(&dir.join("new").display().to_string()), Ok(Some(dir.join("new"))));
+        assert!(vm_dir_choice("vms").unwrap_err().contains("full path"));
+        assert!(vm_dir_choice(&file.display().to_string()).unwrap_err().contains("not a folder"));
+        assert!(vm_dir_choice(&dir.join("no/such").display().to_string()).is_err(), "its parent must exist");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,7 @@ use porthole_api::{Snapshot, SnapshotTree, TakeSnapshot, TaskState, Vm, VmState}
 
 use super::PortholeApp;
 use super::clones::human_bytes;
+use super::theme;
 use crate::backend::VmTask;
 
 /// One row of the drawn tree.
@@ -209,7 +210,7 @@ impl PortholeApp {
                 } else {
                     None
                 };
-                let r = ui.add_enabled(why.is_none(), egui::Button::new("Take snapshot…"));
+                let r = theme::button(ui, why.is_none(), theme::SNAPSHOT, "Take snapshot…");
                 if r.on_disabled_hover_text(why.unwrap_or_default()).clicked() {
                     let n = existing.len() + 1;
                     self.snapshot_ui.take = Some(TakeForm {
@@ -253,7 +254,7 @@ impl PortholeApp {
                     ui.horizontal(|ui| {
                         let why = t.task.error.as_deref().unwrap_or("the host gave no reason");
                         ui.colored_label(ui.visuals().error_fg_color, format!("{} failed: {why}", t.what));
-                        if ui.small_button("Dismiss").clicked() {
+                        if theme::button(ui, true, theme::CLOSE, "Dismiss").clicked() {
                             self.backend.model().tasks.retain(|x| x != t);
                         }
                     });
@@ -320,7 +321,7 @@ impl PortholeApp {
                 ui.label(human_bytes(s.size_bytes));
                 ui.horizontal(|ui| {
                     let label = format!("Revert to {}", s.name);
-                    let r = ui.add_enabled(can, egui::Button::new("Revert"));
+                    let r = theme::button(ui, can, theme::REVERT, "Revert");
                     r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, can, &label));
                     if r.clicked() {
                         self.snapshot_ui.confirm = Some(Confirmation {
@@ -333,7 +334,7 @@ impl PortholeApp {
                         });
                     }
                     let label = format!("Delete snapshot {}", s.name);
-                    let r = ui.add_enabled(!busy, egui::Button::new("Delete"));
+                    let r = theme::button(ui, !busy, theme::DELETE, "Delete");
                     r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, !busy, &label));
                     if r.clicked() {
                         self.snapshot_ui.confirm = Some(Confirmation {
@@ -387,8 +388,8 @@ impl PortholeApp {
                 ui.colored_label(ui.visuals().warn_fg_color, p);
             }
             ui.horizontal(|ui| {
-                take = ui.add_enabled(problem.is_none(), egui::Button::new("Take snapshot")).clicked();
-                cancel = ui.button("Cancel").clicked();
+                take = theme::button(ui, problem.is_none(), theme::SNAPSHOT, "Take snapshot").clicked();
+                cancel = theme::button(ui, true, theme::CLOSE, "Cancel").clicked();
             });
         });
         if take {
@@ -448,10 +449,10 @@ impl PortholeApp {
             ui.set_max_width(420.0);
             ui.label(text);
             ui.horizontal(|ui| {
-                if ui.button(yes).clicked() {
+                if theme::button(ui, true, theme::CONFIRM, yes).clicked() {
                     answer = Some(true);
                 }
-                if ui.button("Cancel").clicked() {
+                if theme::button(ui, true, theme::CLOSE, "Cancel").clicked() {
                     answer = Some(false);
                 }
             });

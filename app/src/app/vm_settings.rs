@@ -15,6 +15,7 @@ use porthole_api::{
 };
 
 use super::clones::human_bytes;
+use super::theme;
 use super::{PortholeApp, parse_tags, tag_problem};
 
 const GIB: u64 = 1 << 30;
@@ -213,6 +214,9 @@ impl DriveForm {
         }
     }
 }
+
+/// The icon of growing a disk.
+const GROW: egui_material_icons::MaterialIcon = egui_material_icons::icons::ICON_OPEN_IN_FULL;
 
 /// A change of the VM's drives asked for in the view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -426,9 +430,9 @@ impl PortholeApp {
             ui.heading(format!("Settings of {}", vm.name));
         });
         ui.horizontal(|ui| {
-            close = ui.button("Back to details").clicked();
-            apply = ui.add_enabled(form.edited() && !form.waiting, egui::Button::new("Apply")).clicked();
-            revert = ui.add_enabled(form.edited(), egui::Button::new("Revert")).clicked();
+            close = theme::button(ui, true, theme::CLOSE, "Back to details").clicked();
+            apply = theme::button(ui, form.edited() && !form.waiting, theme::SAVE, "Apply").clicked();
+            revert = theme::button(ui, form.edited(), theme::REVERT, "Revert").clicked();
             if form.waiting {
                 ui.spinner();
             }
@@ -502,15 +506,15 @@ impl PortholeApp {
                         let text = dr.grow.entry(d.id.clone()).or_insert_with(|| gib_text(d.size_bytes));
                         ui.add_enabled(!running, egui::TextEdit::singleline(text).desired_width(60.0))
                             .labelled_by(l.id);
-                        let grow = egui::Button::new(format!("Grow {}", d.id));
-                        if ui.add_enabled(!running && !dr.waiting, grow).on_hover_text("A disk only grows").clicked() {
+                        let grow = theme::button(ui, !running && !dr.waiting, GROW, &format!("Grow {}", d.id));
+                        if grow.on_hover_text("A disk only grows").clicked() {
                             match parse_gib(text) {
                                 Some(bytes) => action = Some(DriveAction::Grow(d.id.clone(), bytes)),
                                 None => dr.message = Some(Err(format!("Give the size of {} in GiB, e.g. 20.", d.id))),
                             }
                         }
-                        let remove = egui::Button::new(format!("Remove {}", d.id));
-                        if ui.add_enabled(!running && !dr.waiting, remove).clicked() {
+                        let remove = format!("Remove {}", d.id);
+                        if theme::button(ui, !running && !dr.waiting, theme::DELETE, &remove).clicked() {
                             dr.confirm = Some(d.id.clone());
                         }
                     });
@@ -557,7 +561,7 @@ impl PortholeApp {
                 })
                 .response
                 .labelled_by(l.id);
-            if ui.add_enabled(!running && !dr.waiting, egui::Button::new("Add disk")).clicked() {
+            if theme::button(ui, !running && !dr.waiting, theme::ADD, "Add disk").clicked() {
                 match dr.add_request() {
                     Ok(req) => action = Some(DriveAction::AddDisk(req)),
                     Err(why) => dr.message = Some(Err(why)),
@@ -581,27 +585,29 @@ impl PortholeApp {
                 })
                 .response
                 .labelled_by(l.id);
-            upload = ui.button("Insert ISO from this computer…").on_hover_text("Into the first drive").clicked();
+            upload = theme::button(ui, true, theme::UPLOAD, "Insert ISO from this computer…")
+                .on_hover_text("Into the first drive")
+                .clicked();
         });
         for d in &cds {
             ui.horizontal(|ui| {
                 ui.label(format!("{}, {}: {}", d.id, d.bus, d.media.as_deref().unwrap_or("empty")));
-                let insert = egui::Button::new(format!("Insert into {}", d.id));
-                if ui.add_enabled(!form.iso.is_empty(), insert).clicked() {
+                let insert = format!("Insert into {}", d.id);
+                if theme::button(ui, !form.iso.is_empty(), theme::INSERT, &insert).clicked() {
                     action = Some(DriveAction::Media(d.id.clone(), Some(form.iso.clone())));
                 }
-                if ui.add_enabled(d.media.is_some(), egui::Button::new(format!("Eject {}", d.id))).clicked() {
+                if theme::button(ui, d.media.is_some(), theme::EJECT, &format!("Eject {}", d.id)).clicked() {
                     action = Some(DriveAction::Media(d.id.clone(), None));
                 }
-                let remove = egui::Button::new(format!("Remove {}", d.id));
                 let can = !running && !dr.waiting && cds.len() > 1;
                 let hint = if cds.len() > 1 { "Remove the drive" } else { "A VM keeps one CD/DVD drive" };
-                if ui.add_enabled(can, remove).on_hover_text(hint).clicked() {
+                let remove = theme::button(ui, can, theme::DELETE, &format!("Remove {}", d.id));
+                if remove.on_hover_text(hint).clicked() {
                     dr.confirm = Some(d.id.clone());
                 }
             });
         }
-        if ui.add_enabled(!running && !dr.waiting, egui::Button::new("Add CD/DVD drive")).clicked() {
+        if theme::button(ui, !running && !dr.waiting, theme::ADD, "Add CD/DVD drive").clicked() {
             action = Some(DriveAction::AddCdrom);
         }
         if let Some(drive) = dr.confirm.clone() {
@@ -612,7 +618,7 @@ impl PortholeApp {
                     format!("Remove {drive}?")
                 };
                 ui.colored_label(ui.visuals().warn_fg_color, what);
-                if ui.button(format!("Yes, remove {drive}")).clicked() {
+                if theme::button(ui, true, theme::CONFIRM, &format!("Yes, remove {drive}")).clicked() {
                     action = Some(if drive.starts_with("disk") {
                         DriveAction::RemoveDisk(drive.clone())
                     } else {
@@ -620,7 +626,7 @@ impl PortholeApp {
                     });
                     dr.confirm = None;
                 }
-                if ui.button("Cancel").clicked() {
+                if theme::button(ui, true, theme::CLOSE, "Cancel").clicked() {
                     dr.confirm = None;
                 }
             });
