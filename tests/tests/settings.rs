@@ -586,12 +586,18 @@ async fn snapshots_and_clones_of_a_vm_with_two_disks_cover_both_disks() {
     qemu_img_check(&extra_top(&d, &id, 1));
 
     // A running VM with two disks: a disk-only snapshot is refused (one disk moves at a time).
-    let boot = BootSpec { cmdline: "hang".into(), ..blk_vm("x").boot.unwrap() };
+    // The ticker micro-guest, saved once it ticks (a machine is saved once its vCPUs run).
+    let boot = BootSpec { kernel: porthole_guests::path("ticker").display().to_string(), ..idle_boot() };
     c.update_vm(&id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
     c.action(&id, Action::Start).await.unwrap();
     let live = porthole_api::TakeSnapshot { name: "live".into(), description: String::new(), with_state: Some(false) };
     let e = c.take_snapshot(&id, &live).await.unwrap_err();
     assert!(e.to_string().contains("2 disks"), "{e}");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !c.serial(&id, 100).await.unwrap().lines.iter().any(|l| !l.trim().is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "the ticker never ticked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // With its machine state: both disks frozen, the VM runs on with the same drives.
     let with = porthole_api::TakeSnapshot { name: "running".into(), description: String::new(), with_state: None };
     let rid = done(&c, c.take_snapshot(&id, &with).await.unwrap()).await;
