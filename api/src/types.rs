@@ -137,7 +137,9 @@ pub struct Vm {
     /// The display's start-up resolution (absent: the engine's default, 1280x800).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<DisplaySpec>,
-    /// The VM's drives as the engine shows them to the guest (its disk, its CD/DVD drive).
+    /// The VM's drives as the engine shows them to the guest, in its order: the boot disk `disk0`, the
+    /// cloud-init seed, the other disks, then the CD/DVD drives `cdrom0`, `cdrom1`, … (see `POST
+    /// /vms/{id}/disks` and `/cdroms`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveInfo>,
     /// Changes accepted while the VM ran that apply at its next start (from power-on): their field names.
