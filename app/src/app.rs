@@ -85,6 +85,8 @@ pub struct PortholeApp {
     details_fetched: Option<std::time::Instant>,
     /// The port-forward form of the network section.
     forward_form: network::ForwardForm,
+    /// The network section's card editor.
+    cards_form: network::CardsForm,
     /// Where VMs were drawn last frame (list rows and the details), for dropped ISOs: (area, host, VM id).
     drop_zones: Vec<(egui::Rect, usize, String)>,
     /// The snapshot section's dialogs and refresh.
@@ -148,6 +150,7 @@ impl PortholeApp {
             console_by_name: None,
             details_fetched: None,
             forward_form: Default::default(),
+            cards_form: Default::default(),
             drop_zones: Vec::new(),
             snapshot_ui: Default::default(),
             clone_form: None,

@@ -1,6 +1,7 @@
 //! The window's networking, driven through its accessibility tree (egui_kittest) against a real `portholed`:
 //! the wizard's network choice, and a VM's network section (its card, the SSH command, port forwards added
-//! and removed, and — once the VM runs — the card's state and what cannot change while it runs).
+//! and removed, cards added, edited and removed in the editor, and — once the VM runs — the card's state,
+//! what cannot change while it runs and what waits for its next start).
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
@@ -66,7 +67,35 @@ fn the_wizard_offers_nat_bridge_or_no_network_and_the_details_show_the_card() {
     select(&mut h, "offline");
     click(&mut h, "Network");
     wait(&mut h, "its empty network section", |h| has(h, "No network card."));
-    assert!(!disabled(&h, "Add a NAT card"));
+    // A card added in the editor: NAT, a new MAC from the host.
+    assert!(disabled(&h, "Apply network changes"), "nothing changed yet");
+    click(&mut h, "Add a card");
+    click(&mut h, "Apply network changes");
+    wait(&mut h, "the new card", |h| vm_named(h, "offline").is_some_and(|v| v.nics.len() == 1));
+    let card = vm_named(&h, "offline").unwrap().nics[0].clone();
+    assert_eq!((card.id.as_str(), &card.backend), ("net0", &NicBackend::User));
+    // Its MAC and MTU edited: a bad MAC is explained before anything is sent.
+    wait(&mut h, "the card in the editor", |h| h.query_by_label("MAC of net0").is_some());
+    replace_text(&mut h, "MAC of net0", "03:00:00:00:00:01");
+    assert!(has_contains(&h, "six hex bytes") && disabled(&h, "Apply network changes"), "multicast is refused");
+    replace_text(&mut h, "MAC of net0", "02:AA:BB:CC:DD:EE");
+    replace_text(&mut h, "MTU of net0", "9000");
+    click(&mut h, "Apply network changes");
+    wait(&mut h, "the edited card", |h| {
+        vm_named(h, "offline").is_some_and(|v| v.nics[0].mac == "02:aa:bb:cc:dd:ee" && v.nics[0].mtu == 9000)
+    });
+    // A bridge the host does not have: the host's refusal is shown, the card stays as it was.
+    combo(&mut h, "Back end of net0", "Bridge on the host");
+    assert!(disabled(&h, "Apply network changes"), "the bridge needs its name");
+    type_into(&mut h, "Bridge of net0", "nobr0");
+    click(&mut h, "Apply network changes");
+    wait(&mut h, "the refusal", |h| has_contains(h, "no bridge \"nobr0\""));
+    assert_eq!(vm_named(&h, "offline").unwrap().nics[0].backend, NicBackend::User);
+    click(&mut h, "Undo network changes");
+    // Removed again.
+    click(&mut h, "Remove card net0");
+    click(&mut h, "Apply network changes");
+    wait(&mut h, "no card", |h| vm_named(h, "offline").is_some_and(|v| v.nics.is_empty()));
 
     // The NAT VM's network section: MAC, back end, state, the SSH command.
     select(&mut h, "natvm");
@@ -130,6 +159,14 @@ fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
     h.get_by_role_and_label(Role::CheckBox, "Cable plugged in").click();
     h.step();
     wait(&mut h, "the link down", |h| has_contains(h, "link down (cable pulled)"));
+    // A card edited while the VM runs waits for its next start, and the editor says so.
+    replace_text(&mut h, "MTU of net0", "9000");
+    click(&mut h, "Apply network changes");
+    wait(&mut h, "the pending change", |h| {
+        vm_named(h, "runner").is_some_and(|v| v.pending_changes.iter().any(|c| c == "nics"))
+    });
+    wait(&mut h, "the note", |h| has_contains(h, "wait for the VM's next start"));
+    assert_eq!(vm_named(&h, "runner").unwrap().nics[0].mtu, 1500, "the running VM keeps its card");
     click(&mut h, "Force off");
     wait(&mut h, "stopped", |h| has(h, "stopped"));
     wait(&mut h, "the form enabled again", |h| !disabled(h, &format!("Remove forward tcp {port}")));

@@ -1,6 +1,7 @@
 //! Networking in the window: the create wizard's network choice, and the network section of a VM's details
-//! (each card's MAC, back end and state — or why it is not attached —, the guest's address, the link switch,
-//! the SSH command with a copy button, and the port forwards with add and remove).
+//! and settings (the cards' editor — back end, MAC, MTU, cards added and removed —, each card's state — or
+//! why it is not attached —, the guest's address, the link switch, the SSH command with a copy button, and
+//! the port forwards with add and remove).
 
 use porthole_api::{NicBackend, NicDefinition, NicSpec, NicStatus, PortForward, Protocol, UpdateVm, Vm, VmState};
 
@@ -188,6 +189,118 @@ impl ForwardForm {
     }
 }
 
+/// A card's back end as the editor offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    Nat,
+    Bridge,
+    Tap,
+}
+
+impl BackendChoice {
+    fn text(self) -> &'static str {
+        match self {
+            BackendChoice::Nat => "NAT (passt)",
+            BackendChoice::Bridge => "Bridge on the host",
+            BackendChoice::Tap => "TAP device",
+        }
+    }
+}
+
+/// One card in the network editor (text where the user types).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardFields {
+    pub id: String,
+    pub backend: BackendChoice,
+    /// The bridge or TAP device's name.
+    pub device: String,
+    pub mac: String,
+    pub mtu: String,
+    /// Kept as they are (the forwards table edits them).
+    forwards: Vec<PortForward>,
+}
+
+impl CardFields {
+    fn of(spec: &NicSpec) -> CardFields {
+        let (backend, device) = match &spec.backend {
+            NicBackend::User => (BackendChoice::Nat, String::new()),
+            NicBackend::Bridge { bridge } => (BackendChoice::Bridge, bridge.clone()),
+            NicBackend::Tap { name } => (BackendChoice::Tap, name.clone()),
+        };
+        CardFields {
+            id: spec.id.clone().unwrap_or_default(),
+            backend,
+            device,
+            mac: spec.mac.clone().unwrap_or_default(),
+            mtu: spec.mtu.map(|m| m.to_string()).unwrap_or_default(),
+            forwards: spec.forwards.clone(),
+        }
+    }
+
+    /// The card's spec, or what is wrong with the form (the host checks the rest: MACs in use, bridges).
+    pub fn spec(&self) -> Result<NicSpec, String> {
+        let id = &self.id;
+        let device = self.device.trim();
+        let backend = match self.backend {
+            BackendChoice::Nat => NicBackend::User,
+            _ if device.is_empty() || device.len() > 15 || device.contains(['/', ' ']) => {
+                return Err(format!("{id}: give the device's name (at most 15 characters, no spaces or /)."));
+            }
+            BackendChoice::Bridge => NicBackend::Bridge { bridge: device.to_owned() },
+            BackendChoice::Tap => NicBackend::Tap { name: device.to_owned() },
+        };
+        let mac = self.mac.trim();
+        let mac = if mac.is_empty() {
+            None
+        } else {
+            let bytes: Vec<Option<u8>> = mac.split(':').map(|b| u8::from_str_radix(b, 16).ok()).collect();
+            let ok = bytes.len() == 6
+                && mac.split(':').all(|b| b.len() == 2)
+                && bytes.iter().all(Option::is_some)
+                && bytes[0].is_some_and(|b| b & 1 == 0);
+            if !ok {
+                return Err(format!("{id}: a MAC address is six hex bytes like 02:12:34:56:78:9a, unicast."));
+            }
+            Some(mac.to_ascii_lowercase())
+        };
+        let mtu = match self.mtu.trim() {
+            "" => None,
+            t => Some(
+                t.parse::<u32>()
+                    .ok()
+                    .filter(|m| (68..=65520).contains(m))
+                    .ok_or(format!("{id}: the MTU is 68-65520."))?,
+            ),
+        };
+        // Forwards need NAT: another back end drops them.
+        let forwards = if backend == NicBackend::User { self.forwards.clone() } else { Vec::new() };
+        Ok(NicSpec { id: Some(id.clone()), backend, mac, mtu, forwards })
+    }
+}
+
+/// The network editor of a VM: its cards as it will have them (its pending change on a running VM).
+#[derive(Debug, Clone, Default)]
+pub struct CardsForm {
+    /// (host, VM id) the form is for, and the cards it was made from.
+    key: (usize, String),
+    base: Vec<NicSpec>,
+    pub cards: Vec<CardFields>,
+}
+
+/// The cards VM `vm` will have at its next start (its pending change, else what it has).
+fn cards_of(vm: &Vm) -> Vec<NicSpec> {
+    match vm.pending.as_ref().and_then(|p| p.nics.clone()) {
+        Some(pending) => pending,
+        None => vm.nics.iter().map(NicSpec::from).collect(),
+    }
+}
+
+/// Gives widget `r` the accessible name `name` (the grid's visible label is shorter: "MAC", where the tree
+/// needs to say which card's).
+fn name_for_screen_readers(ui: &egui::Ui, r: &egui::Response, name: &str) {
+    ui.ctx().accesskit_node_builder(r.id, |node| node.set_label(name));
+}
+
 /// Why forwards cannot change now.
 const RUNNING_REASON: &str =
     "Port forwards change while the VM is stopped: passt opens them when the VM starts. Shut it down first.";
@@ -235,16 +348,9 @@ impl PortholeApp {
             _ => None,
         };
         egui::CollapsingHeader::new("Network").default_open(false).show(ui, |ui| {
+            self.cards_editor(ui, host, vm, running);
             if vm.nics.is_empty() {
-                ui.horizontal(|ui| {
-                    ui.label("No network card.");
-                    if theme::button(ui, !running, theme::ADD, "Add a NAT card").clicked() {
-                        self.change_nics(host, vm, vec![NicSpec::new(NicBackend::User)]);
-                    }
-                    if running {
-                        ui.weak("Cards change while the VM is stopped.");
-                    }
-                });
+                ui.label("No network card.");
                 return;
             }
             for (i, nic) in vm.nics.iter().enumerate() {
@@ -386,6 +492,89 @@ impl PortholeApp {
         }
     }
 
+    /// The cards' settings (back end, MAC, MTU), cards added and removed: sent together with *Apply network
+    /// changes*. On a running VM they wait for its next start, and the editor shows them.
+    fn cards_editor(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm, running: bool) {
+        let base = cards_of(vm);
+        let key = (host, vm.id.clone());
+        if self.cards_form.key != key || self.cards_form.base != base {
+            self.cards_form = CardsForm { key, cards: base.iter().map(CardFields::of).collect(), base: base.clone() };
+        }
+        let form = &mut self.cards_form;
+        let mut remove = None;
+        for (i, card) in form.cards.iter_mut().enumerate() {
+            let id = card.id.clone();
+            egui::Grid::new(("card-editor", i)).num_columns(2).show(ui, |ui| {
+                ui.strong(format!("Card {id}"));
+                if theme::button(ui, true, theme::DELETE, &format!("Remove card {id}")).clicked() {
+                    remove = Some(i);
+                }
+                ui.end_row();
+                ui.label("Back end");
+                ui.horizontal(|ui| {
+                    let combo = egui::ComboBox::from_id_salt(("card-backend", i))
+                        .selected_text(card.backend.text())
+                        .show_ui(ui, |ui| {
+                            for b in [BackendChoice::Nat, BackendChoice::Bridge, BackendChoice::Tap] {
+                                ui.selectable_value(&mut card.backend, b, b.text());
+                            }
+                        })
+                        .response;
+                    name_for_screen_readers(ui, &combo, &format!("Back end of {id}"));
+                    if card.backend != BackendChoice::Nat {
+                        let what = if card.backend == BackendChoice::Bridge { "Bridge" } else { "TAP device" };
+                        let r =
+                            ui.add(egui::TextEdit::singleline(&mut card.device).hint_text("br0").desired_width(80.0));
+                        name_for_screen_readers(ui, &r, &format!("{what} of {id}"));
+                    }
+                });
+                ui.end_row();
+                ui.label("MAC");
+                let r = ui.add(egui::TextEdit::singleline(&mut card.mac).hint_text("new random").desired_width(140.0));
+                name_for_screen_readers(ui, &r, &format!("MAC of {id}"));
+                ui.end_row();
+                ui.label("MTU");
+                let r = ui.add(egui::TextEdit::singleline(&mut card.mtu).hint_text("1500").desired_width(60.0));
+                name_for_screen_readers(ui, &r, &format!("MTU of {id}"));
+                ui.end_row();
+            });
+        }
+        if let Some(i) = remove {
+            form.cards.remove(i);
+        }
+        let specs: Result<Vec<NicSpec>, String> = form.cards.iter().map(CardFields::spec).collect();
+        let changed = specs.as_ref().map_or(true, |s| *s != form.base);
+        let mut apply = None;
+        ui.horizontal(|ui| {
+            if theme::button(ui, form.cards.len() < 8, theme::ADD, "Add a card").clicked() {
+                let taken: Vec<&str> = form.cards.iter().map(|c| c.id.as_str()).collect();
+                let id = (0..).map(|n| format!("net{n}")).find(|id| !taken.contains(&id.as_str())).unwrap_or_default();
+                form.cards.push(CardFields::of(&NicSpec { id: Some(id), ..NicSpec::new(NicBackend::User) }));
+            }
+            if theme::button(ui, changed && specs.is_ok(), theme::CONFIRM, "Apply network changes").clicked() {
+                apply = specs.as_ref().ok().cloned();
+            }
+            if theme::button(ui, changed, theme::REVERT, "Undo network changes").clicked() {
+                form.cards = form.base.iter().map(CardFields::of).collect();
+            }
+        });
+        if let Err(e) = &specs {
+            ui.colored_label(ui.visuals().warn_fg_color, e);
+        }
+        if running {
+            let pending = vm.pending_changes.iter().any(|c| c == "nics");
+            ui.weak(if pending {
+                "The cards above wait for the VM's next start (it runs with its old ones until then)."
+            } else {
+                "The VM runs: changes to its cards apply at its next start."
+            });
+        }
+        if let Some(specs) = apply {
+            self.change_nics(host, vm, specs);
+        }
+        ui.separator();
+    }
+
     /// Asks the host to replace VM `vm`'s cards; its refusal (a port in use, …) becomes a notice.
     fn change_nics(&self, host: usize, vm: &Vm, nics: Vec<NicSpec>) {
         let id = vm.id.clone();
@@ -410,6 +599,36 @@ mod tests {
         assert_eq!(ssh_command(&on, Some("lab:7443")).as_deref(), Some("ssh user@192.0.2.7"));
         assert_eq!(ssh_command(&PortForward::tcp(8080, 80), None), None, "not SSH");
         assert_eq!(ssh_command_as(&f, None, "ana").as_deref(), Some("ssh -p 2222 ana@localhost"));
+    }
+
+    #[test]
+    fn the_card_editor_checks_macs_mtus_and_device_names() {
+        let spec = NicSpec {
+            id: Some("net1".into()),
+            mac: Some("02:00:00:00:00:09".into()),
+            ..NicSpec::new(NicBackend::User)
+        };
+        let mut card = CardFields::of(&spec);
+        assert_eq!(card.spec(), Ok(spec.clone()), "an unchanged card is the same spec");
+        card.mac = " 02:0A:0b:00:00:01 ".into();
+        assert_eq!(card.spec().unwrap().mac.as_deref(), Some("02:0a:0b:00:00:01"));
+        for bad in ["01:00:00:00:00:01", "02:00:00:00:00", "02:00:00:00:00:0g", "2:0:0:0:0:1"] {
+            card.mac = bad.into();
+            assert!(card.spec().unwrap_err().contains("six hex bytes"), "{bad}");
+        }
+        card.mac.clear();
+        assert_eq!(card.spec().unwrap().mac, None, "empty: the host picks one");
+        card.mtu = "67".into();
+        assert!(card.spec().unwrap_err().contains("MTU"));
+        card.mtu = "65520".into();
+        assert_eq!(card.spec().unwrap().mtu, Some(65520));
+        card.backend = BackendChoice::Bridge;
+        assert!(card.spec().unwrap_err().contains("device's name"));
+        card.device = "br0".into();
+        card.forwards = vec![PortForward::tcp(2222, 22)];
+        let bridged = card.spec().unwrap();
+        assert_eq!(bridged.backend, NicBackend::Bridge { bridge: "br0".into() });
+        assert!(bridged.forwards.is_empty(), "forwards need NAT");
     }
 
     #[test]
