@@ -14,9 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    API_PREFIX, CloneVm, ConsoleTicket, CreateVm, ErrorBody, HostInfo, Identified, Image, IsoFacts, LinkChange,
-    MediaChange, NicStatus, RevertSnapshot, SerialInput, SerialOutput, SnapshotTree, Stats, TakeSnapshot, Task,
-    UpdateVm, Vm,
+    API_PREFIX, AddCdrom, AddDisk, CloneVm, ConsoleTicket, CreateVm, DriveInfo, ErrorBody, GrowDisk, HostInfo,
+    Identified, Image, IsoFacts, LinkChange, MediaChange, NicStatus, RevertSnapshot, SerialInput, SerialOutput,
+    SnapshotTree, Stats, TakeSnapshot, Task, UpdateVm, Vm,
 };
 
 /// Why a call failed.
@@ -379,10 +379,45 @@ impl Client {
         self.call(self.request(Method::GET, "/tasks")).await
     }
 
-    /// Puts a library image in the VM's CD/DVD drive (`None` ejects).
+    /// Puts a library image in the VM's first CD/DVD drive (`None` ejects).
     pub async fn change_media(&self, id: &str, image: Option<&str>) -> Result<Vm, ClientError> {
-        self.call_json(Method::POST, &format!("/vms/{id}/media"), &MediaChange { image: image.map(str::to_owned) })
-            .await
+        self.change_drive_media(id, None, image).await
+    }
+
+    /// Puts a library image in the VM's CD/DVD drive `drive` (`cdrom1`; `None`: the first), or ejects.
+    pub async fn change_drive_media(
+        &self,
+        id: &str,
+        drive: Option<&str>,
+        image: Option<&str>,
+    ) -> Result<Vm, ClientError> {
+        let body = MediaChange { image: image.map(str::to_owned), drive: drive.map(str::to_owned) };
+        self.call_json(Method::POST, &format!("/vms/{id}/media"), &body).await
+    }
+
+    /// Adds a disk to a stopped VM: the new drive.
+    pub async fn add_disk(&self, id: &str, disk: &AddDisk) -> Result<DriveInfo, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/disks"), disk).await
+    }
+
+    /// Removes disk `drive` (not the boot disk) of a stopped VM, and its files.
+    pub async fn remove_disk(&self, id: &str, drive: &str) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/vms/{id}/disks/{drive}"))).await.map(|_| ())
+    }
+
+    /// Grows disk `drive` to `size_bytes`: the drive as it is now.
+    pub async fn grow_disk(&self, id: &str, drive: &str, size_bytes: u64) -> Result<DriveInfo, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/disks/{drive}/size"), &GrowDisk { size_bytes }).await
+    }
+
+    /// Adds a CD/DVD drive to a stopped VM (with `image` in it, or empty): the new drive.
+    pub async fn add_cdrom(&self, id: &str, image: Option<&str>) -> Result<DriveInfo, ClientError> {
+        self.call_json(Method::POST, &format!("/vms/{id}/cdroms"), &AddCdrom { image: image.map(str::to_owned) }).await
+    }
+
+    /// Removes CD/DVD drive `drive` of a stopped VM (the later drives move up one place).
+    pub async fn remove_cdrom(&self, id: &str, drive: &str) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/vms/{id}/cdroms/{drive}"))).await.map(|_| ())
     }
 
     /// Plugs a running VM's network card `nic` in (`up`) or pulls its virtual cable; returns the card's state.

@@ -137,7 +137,9 @@ pub struct Vm {
     /// The display's start-up resolution (absent: the engine's default, 1280x800).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<DisplaySpec>,
-    /// The VM's drives as the engine shows them to the guest (its disk, its CD/DVD drive).
+    /// The VM's drives as the engine shows them to the guest, in its order: the boot disk `disk0`, the
+    /// cloud-init seed, the other disks, then the CD/DVD drives `cdrom0`, `cdrom1`, … (see `POST
+    /// /vms/{id}/disks` and `/cdroms`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveInfo>,
     /// Changes accepted while the VM ran that apply at its next start (from power-on): their field names.
@@ -659,10 +661,58 @@ pub const SERIAL_INPUT_MAX: usize = 4000;
 pub const MAX_TAGS: usize = 16;
 pub const MAX_TAG_LEN: usize = 32;
 
-/// `POST /vms/{id}/media`: put an image of the library in the CD/DVD drive, or eject (`image: null`).
+/// `POST /vms/{id}/media`: put an image of the library in a CD/DVD drive, or eject (`image: null`); live on a
+/// running VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MediaChange {
+    pub image: Option<String>,
+    /// The drive (`cdrom0`, `cdrom1`, …; absent: the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drive: Option<String>,
+}
+
+/// Most disks a VM may have (the cloud-init seed of a cloud image VM counts).
+pub const MAX_DISKS: usize = 6;
+/// Most CD/DVD drives a VM may have.
+pub const MAX_CDROMS: usize = 4;
+/// Most drives of every kind together (the engine's limit: each is a PCI device).
+pub const MAX_DRIVES: usize = 8;
+/// Largest disk, in GiB (64 TiB).
+pub const MAX_DISK_GIB: u64 = 64 * 1024;
+
+/// `POST /vms/{id}/disks` (a stopped VM without snapshots): a new empty disk of `size_gib` GiB, or a copy of
+/// library image `image` (raw or qcow2; then `size_gib`, when given, grows the copy). The disk goes after
+/// the VM's others (the first disk of a VM without one becomes its boot disk `disk0`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddDisk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_gib: Option<u64>,
+    /// The new disk's format (default qcow2; snapshots need qcow2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// A library image to copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// `POST /vms/{id}/disks/{drive}/size`: grows a disk (never shrinks it). A stopped VM's disk grows at once; a
+/// running VM's boot disk at its next start (as `PATCH` `disk_bytes`); another disk of a running VM is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrowDisk {
+    /// The new size in bytes (a multiple of 512).
+    pub size_bytes: u64,
+}
+
+/// `POST /vms/{id}/cdroms` (a stopped VM): a new CD/DVD drive after the others, empty or with a library
+/// image in it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddCdrom {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }
 

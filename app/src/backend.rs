@@ -71,6 +71,9 @@ pub struct Model {
     pub settings_outcome: Option<(usize, String, Result<Vm, SettingsRefusal>)>,
     /// What the open host page shows besides the host's info: (host, its samples, its tasks).
     pub host_page: Option<(usize, HostPageData)>,
+    /// The answer to the Settings view's last change of drives (add, remove, grow a disk or CD/DVD drive):
+    /// (host, VM id, what was done or why the host refused).
+    pub drive_outcome: Option<(usize, String, Result<String, String>)>,
 }
 
 /// Why a host refused a settings change: its sentence, and its reason for each refused field.
@@ -554,6 +557,50 @@ impl Backend {
                 let outcome =
                     result.map_err(|e| SettingsRefusal { message: e.to_string(), fields: e.fields().to_vec() });
                 m.settings_outcome = Some((index, id, outcome));
+            }
+            if let Ok(vms) = client.list_vms().await
+                && let Some(h) = backend.model().hosts.get_mut(index)
+            {
+                h.vms = vms;
+            }
+            backend.repaint();
+        });
+    }
+
+    /// Runs a change of VM `id`'s drives (`what`: "Add a disk to web1"); its answer lands in
+    /// [`Model::drive_outcome`] (for the Settings view to show) and as a notice, and the VM list is fetched
+    /// again.
+    pub fn change_drives<F, Fut, T>(&self, index: usize, id: String, what: String, action: F)
+    where
+        F: FnOnce(Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, porthole_api::ClientError>> + Send,
+        T: Send + 'static,
+    {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+            self.model().drive_outcome = Some((index, id, Err(format!("{what}: the host is not connected"))));
+            return;
+        };
+        let backend = self.clone();
+        self.runtime.spawn(async move {
+            let result = action(client.clone()).await;
+            {
+                let mut m = backend.model();
+                let outcome = match result {
+                    Ok(_) => {
+                        m.notify(format!("{what}: done"), false);
+                        Ok(format!("{what}: done"))
+                    }
+                    Err(e) => {
+                        m.notify(format!("{what} failed: {e}"), true);
+                        let why = if e.fields().is_empty() {
+                            e.to_string()
+                        } else {
+                            e.fields().iter().map(|f| f.message.clone()).collect::<Vec<_>>().join("; ")
+                        };
+                        Err(format!("{what} failed: {why}"))
+                    }
+                };
+                m.drive_outcome = Some((index, id, outcome));
             }
             if let Ok(vms) = client.list_vms().await
                 && let Some(h) = backend.model().hosts.get_mut(index)

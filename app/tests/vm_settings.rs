@@ -10,7 +10,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use porthole::PortholeApp;
 use porthole_api::client::Action;
-use porthole_api::{BootDevice, DisplaySpec, Vm, VmState};
+use porthole_api::{BootDevice, DiskFormat, DisplaySpec, DriveKind, Vm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -99,10 +99,10 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
 
     // CD/DVD: a library ISO in, then out.
     combo(&mut h, "Library image", "install.iso");
-    press(&mut h, "Insert");
+    press(&mut h, "Insert into cdrom0");
     wait(&mut h, "the ISO in the drive", |h| has_contains(h, "SCSI CD-ROM (virtio-scsi): install.iso"));
     assert_eq!(api_vm(&d, &rt, &vm.id).media.as_deref(), Some("install.iso"));
-    press(&mut h, "Eject");
+    press(&mut h, "Eject cdrom0");
     wait(&mut h, "the drive empty", |h| has_contains(h, "SCSI CD-ROM (virtio-scsi): empty"));
     assert_eq!(api_vm(&d, &rt, &vm.id).media, None);
 
@@ -200,4 +200,80 @@ fn a_value_the_host_refuses_shows_under_its_field() {
     replace_text(&mut h, "Resolution", "wide");
     press(&mut h, "Apply");
     assert!(has_contains(&h, "Give WIDTHxHEIGHT"));
+}
+
+/// The drives of `vm`: (id, format, size, media).
+fn drives_of(vm: &Vm) -> Vec<(String, Option<DiskFormat>, u64, Option<String>)> {
+    vm.drives.iter().map(|d| (d.id.clone(), d.format, d.size_bytes, d.media.clone())).collect()
+}
+
+#[test]
+fn disks_and_cd_drives_are_added_grown_and_removed_in_the_window() {
+    let dir = Scratch::new("gui-settings-drives");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let vm = create_bare_vm(&d, &rt, "drives");
+    library_iso(&dir, &d, &rt, "tools.iso");
+    // A small raw disk image in the library, to copy.
+    let raw = dir.path("data.img");
+    std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+    rt.block_on(d.local().upload_image("data.img", &raw, |_, _| {})).unwrap();
+    let mut h = window(&d.socket(), dir.path("settings.json"), 1400.0, 2400.0);
+    wait(&mut h, "the local host", |h| has(h, "Local — 1 VMs"));
+    open_settings(&mut h, "drives");
+
+    // A new raw disk of 2 GiB.
+    replace_text(&mut h, "New disk size (GiB)", "2");
+    combo(&mut h, "New disk format", "raw");
+    press(&mut h, "Add disk");
+    wait(&mut h, "the new disk's row", |h| has(h, "Remove disk1"));
+    assert!(has_contains(&h, "virtio-blk, raw, 2.0 GiB"));
+    let got = api_vm(&d, &rt, &vm.id);
+    assert_eq!(drives_of(&got)[1], ("disk1".into(), Some(DiskFormat::Raw), 2 * GIB, None));
+    // A qcow2 copy of the library's raw image.
+    press(&mut h, "Copy of a library image");
+    combo(&mut h, "New disk format", "qcow2");
+    combo(&mut h, "Library disk image", "data.img");
+    press(&mut h, "Add disk");
+    wait(&mut h, "the copy's row", |h| has(h, "Remove disk2"));
+    let got = api_vm(&d, &rt, &vm.id);
+    assert_eq!(drives_of(&got)[2], ("disk2".into(), Some(DiskFormat::Qcow2), 1 << 20, None));
+    // disk1 grows to 3 GiB.
+    replace_text(&mut h, "Size of disk1 (GiB)", "3");
+    press(&mut h, "Grow disk1");
+    wait(&mut h, "the grown disk", |h| has_contains(h, "virtio-blk, raw, 3.0 GiB"));
+    assert_eq!(api_vm(&d, &rt, &vm.id).drives[1].size_bytes, 3 * GIB);
+
+    // A second CD/DVD drive, an ISO inserted into it.
+    press(&mut h, "Add CD/DVD drive");
+    wait(&mut h, "the new drive's row", |h| has(h, "Insert into cdrom1"));
+    combo(&mut h, "Library image", "tools.iso");
+    press(&mut h, "Insert into cdrom1");
+    wait(&mut h, "the ISO in cdrom1", |h| has_contains(h, "cdrom1, SCSI CD-ROM (virtio-scsi): tools.iso"));
+    let got = api_vm(&d, &rt, &vm.id);
+    let cds: Vec<_> = got.drives.iter().filter(|d| d.kind == DriveKind::Cdrom).map(|d| d.media.clone()).collect();
+    assert_eq!(cds, [None, Some("tools.iso".to_owned())]);
+
+    // Removing asks first; Cancel keeps the disk.
+    press(&mut h, "Remove disk2");
+    wait(&mut h, "the question", |h| has(h, "Remove disk2 and delete its data?"));
+    press(&mut h, "Cancel");
+    assert!(!has(&h, "Remove disk2 and delete its data?"));
+    assert_eq!(api_vm(&d, &rt, &vm.id).drives.len(), 5);
+    press(&mut h, "Remove disk2");
+    press(&mut h, "Yes, remove disk2");
+    wait(&mut h, "disk2 gone", |h| !has(h, "Remove disk2"));
+    press(&mut h, "Remove cdrom1");
+    press(&mut h, "Yes, remove cdrom1");
+    wait(&mut h, "cdrom1 gone", |h| !has(h, "Insert into cdrom1"));
+    let ids: Vec<String> = api_vm(&d, &rt, &vm.id).drives.iter().map(|d| d.id.clone()).collect();
+    assert_eq!(ids, ["disk0", "disk1", "cdrom0"]);
+    assert!(disabled(&h, "Remove cdrom0"), "a VM keeps one CD/DVD drive");
+
+    // Running: adding and removing say the VM must stop, and are not offered.
+    rt.block_on(d.local().action(&vm.id, Action::Start)).unwrap();
+    wait(&mut h, "the stop note", |h| has_contains(h, "Stop the VM to add or remove drives"));
+    wait(&mut h, "the buttons off", |h| disabled(h, "Add disk") && disabled(h, "Remove disk1"));
+    assert!(disabled(&h, "Add CD/DVD drive") && disabled(&h, "Grow disk1"));
+    rt.block_on(d.local().action(&vm.id, Action::Poweroff)).unwrap();
 }

@@ -27,7 +27,7 @@ use porthole_api::{DiskFormat, Snapshot, SnapshotTree, VmState};
 use vmm_core::disk::ImageFormat;
 
 use crate::host::{Host, HostError};
-use crate::store::{Below, DiskRecord, SnapshotRecord, VmRecord, now_ms, random_hex};
+use crate::store::{Below, DiskRecord, ExtraDisk, SnapshotRecord, VmRecord, now_ms, random_hex};
 
 /// The bottom layer of a new qcow2 disk.
 pub const QCOW2_DISK: &str = "disk0.qcow2";
@@ -59,6 +59,50 @@ pub fn legacy_disk(r: &VmRecord) -> Option<DiskRecord> {
         top: RAW_DISK.into(),
         below: None,
     })
+}
+
+/// A VM's disks in the engine's order of its own disks (the cloud-init seed aside): slot 0 the boot disk
+/// (`disk`), slot n `extra_disks[n-1]`. Empty when the VM has no boot disk.
+pub fn disk_slots(r: &VmRecord) -> Vec<DiskRecord> {
+    let Some(d0) = r.disk.clone().or_else(|| legacy_disk(r)) else { return Vec::new() };
+    let mut out = vec![d0];
+    out.extend(r.extra_disks.iter().map(ExtraDisk::record));
+    out
+}
+
+/// Snapshot `s`'s frozen layer of disk slot `slot`.
+pub fn slot_layer(s: &SnapshotRecord, slot: usize) -> Option<&str> {
+    if slot == 0 { Some(&s.layer) } else { s.extra_layers.get(slot - 1).map(String::as_str) }
+}
+
+/// Sets the present layer of disk slot `slot` (`d0`: the boot disk's record, for a legacy definition).
+fn set_top(r: &mut VmRecord, slot: usize, d0: &DiskRecord, top: String) {
+    if slot == 0 {
+        r.disk.get_or_insert_with(|| d0.clone()).top = top;
+    } else if let Some(e) = r.extra_disks.get_mut(slot - 1) {
+        e.top = top;
+    }
+}
+
+/// The size the guest sees of disk slot `slot`.
+pub fn slot_size(r: &VmRecord, slot: usize) -> u64 {
+    if slot == 0 { r.disk_bytes } else { r.extra_disks.get(slot - 1).map_or(0, |e| e.size_bytes) }
+}
+
+fn set_slot_size(r: &mut VmRecord, slot: usize, size: u64) {
+    if slot == 0 {
+        r.disk_bytes = size;
+    } else if let Some(e) = r.extra_disks.get_mut(slot - 1) {
+        e.size_bytes = size;
+    }
+}
+
+/// The VM's own layers of disk slot `slot` that the present disk reads: Now, then its snapshots' layers.
+pub fn own_layers(r: &VmRecord, slot: usize) -> Vec<String> {
+    let Some(d) = disk_slots(r).into_iter().nth(slot) else { return Vec::new() };
+    let mut own = vec![d.top];
+    own.extend(layers_from(r, r.current_snapshot.as_deref(), slot));
+    own
 }
 
 /// Whether `name` can name a snapshot: 1–63 letters, digits, spaces, `-`, `_`, `.`, not blank, not
@@ -102,16 +146,18 @@ pub fn children(r: &VmRecord, sid: &str) -> Vec<Child> {
     out
 }
 
-/// The VM's own layers from snapshot `sid`'s down to the bottom (file names), nearest first.
-pub fn layers_from(r: &VmRecord, sid: Option<&str>) -> Vec<String> {
+/// The VM's own layers of disk slot `slot` from snapshot `sid`'s down to the bottom (file names), nearest
+/// first.
+pub fn layers_from(r: &VmRecord, sid: Option<&str>, slot: usize) -> Vec<String> {
     let mut out = Vec::new();
     let mut at = sid.map(str::to_owned);
     while let Some(id) = at {
         let Some(s) = snapshot(r, &id) else { break };
-        if out.contains(&s.layer) || out.len() > r.snapshots.len() {
+        let Some(layer) = slot_layer(s, slot) else { break };
+        if out.iter().any(|l| l == layer) || out.len() > r.snapshots.len() {
             break; // a broken record: never loop
         }
-        out.push(s.layer.clone());
+        out.push(layer.to_owned());
         at = s.parent.clone();
     }
     out
@@ -163,10 +209,14 @@ pub fn allocated(path: &Path) -> u64 {
 /// Bytes the VM's own disk files take: every layer, saved state and seed (a linked clone's or cloud image's
 /// base not counted).
 pub fn disk_allocated(dir: &Path, r: &VmRecord) -> u64 {
-    let Some(d) = r.disk.as_ref().or(legacy_disk(r).as_ref()).cloned() else { return 0 };
-    let mut files = vec![d.top.clone()];
+    let slots = disk_slots(r);
+    if slots.is_empty() {
+        return 0;
+    }
+    let mut files: Vec<String> = slots.iter().map(|d| d.top.clone()).collect();
     for s in &r.snapshots {
         files.push(s.layer.clone());
+        files.extend(s.extra_layers.iter().cloned());
         files.extend(s.state.clone());
     }
     files.extend(r.suspended.clone());
@@ -189,26 +239,53 @@ pub fn tree(dir: &Path, r: &VmRecord) -> SnapshotTree {
                 created_ms: s.created_ms,
                 parent: s.parent.clone(),
                 with_state: s.state.is_some(),
-                size_bytes: allocated(&dir.join(&s.layer)) + s.state.as_ref().map_or(0, |f| allocated(&dir.join(f))),
+                size_bytes: std::iter::once(&s.layer)
+                    .chain(&s.extra_layers)
+                    .chain(&s.state)
+                    .map(|f| allocated(&dir.join(f)))
+                    .sum(),
             })
             .collect(),
         current: r.current_snapshot.clone(),
     }
 }
 
-/// Finishes what a daemon that died in the middle of a snapshot deletion left: a snapshot whose layer file
-/// is gone while its single child layer is there was merged and renamed already; only the definition was
-/// not yet saved. Returns whether the record changed.
+/// The file of disk slot `slot`'s layer that `child` names.
+fn child_layer(r: &VmRecord, child: &Child, slot: usize) -> Option<String> {
+    match child {
+        Child::Now => disk_slots(r).into_iter().nth(slot).map(|d| d.top),
+        Child::Snapshot(c) => snapshot(r, c).and_then(|x| slot_layer(x, slot)).map(str::to_owned),
+    }
+}
+
+/// Finishes what a daemon that died in the middle of a snapshot deletion left: a snapshot with a layer file
+/// gone (of any of its disks) while its single child's layers are there was merged already (every disk's
+/// merge ends before the first rename); the renames of its other disks' merged layers and the definition
+/// were not yet done. Returns whether the record changed.
 pub fn repair(dir: &Path, r: &mut VmRecord) -> bool {
     let mut changed = false;
     loop {
-        let gone = r.snapshots.iter().find(|s| !dir.join(&s.layer).exists()).cloned();
+        let gone = r
+            .snapshots
+            .iter()
+            .find(|s| std::iter::once(&s.layer).chain(&s.extra_layers).any(|l| !dir.join(l).exists()))
+            .cloned();
         let Some(s) = gone else { return changed };
         let kids = children(r, &s.id);
         if kids.len() != 1 {
             return changed; // not a merge we can finish: reported when the VM starts
         }
-        log::warn!("VM {}: finishing the deletion of snapshot {:?} (its layer was merged already)", r.name, s.name);
+        log::warn!("VM {}: finishing the deletion of snapshot {:?} (its layers were merged already)", r.name, s.name);
+        for slot in 0..=s.extra_layers.len() {
+            let (Some(parent), Some(child)) = (slot_layer(&s, slot), child_layer(r, &kids[0], slot)) else { continue };
+            if dir.join(parent).exists()
+                && let Err(e) = std::fs::rename(dir.join(parent), dir.join(&child))
+            {
+                log::error!("VM {}: cannot rename the merged layer {parent} to {child}: {e}", r.name);
+                return changed;
+            }
+        }
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         drop_merged(r, &s, &kids[0]);
         if let Some(state) = &s.state {
             let _ = std::fs::remove_file(dir.join(state));
@@ -230,16 +307,17 @@ fn drop_merged(r: &mut VmRecord, s: &SnapshotRecord, child: &Child) {
     r.snapshots.retain(|x| x.id != s.id);
 }
 
-/// The full backing chain below the VM's own layers `own` (file names in its folder, nearest first), as
-/// absolute paths: the own layers, then what the bottom layer stands on.
+/// The full backing chain of disk slot `slot` below the VM's own layers `own` (file names in its folder,
+/// nearest first), as absolute paths: the own layers, then what the bottom layer stands on.
 pub fn chain(
     host: &Host,
     all: &BTreeMap<String, VmRecord>,
     r: &VmRecord,
+    slot: usize,
     own: &[String],
 ) -> Result<Vec<PathBuf>, HostError> {
     let mut out: Vec<PathBuf> = own.iter().map(|f| host.store.vm_dir(&r.id).join(f)).collect();
-    let mut below = r.disk.as_ref().and_then(|d| d.below.clone());
+    let mut below = disk_slots(r).into_iter().nth(slot).and_then(|d| d.below);
     let mut depth = 0;
     while let Some(b) = below {
         depth += 1;
@@ -257,11 +335,10 @@ pub fn chain(
                 let base = all.get(&id).ok_or_else(|| {
                     HostError::Conflict(format!("VM {}: the VM its disk is a linked clone of ({id}) is gone", r.name))
                 })?;
-                let d = base.disk.clone().or_else(|| legacy_disk(base)).ok_or_else(|| {
-                    HostError::Internal(format!("VM {}: the VM it is a linked clone of has no disk", r.name))
+                let d = disk_slots(base).into_iter().nth(slot).ok_or_else(|| {
+                    HostError::Internal(format!("VM {}: the VM it is a linked clone of lacks disk {slot}", r.name))
                 })?;
-                let mut layers = vec![d.top.clone()];
-                layers.extend(layers_from(base, base.current_snapshot.as_deref()));
+                let layers = own_layers(base, slot);
                 out.extend(layers.iter().map(|f| host.store.vm_dir(&id).join(f)));
                 below = d.below.clone();
             }
@@ -270,12 +347,25 @@ pub fn chain(
     Ok(out)
 }
 
-/// The `--disk` argument that serves the VM's present disk (its whole chain given explicitly).
-pub fn disk_arg(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord) -> Result<Option<String>, HostError> {
-    let Some(d) = r.disk.clone().or_else(|| legacy_disk(r)) else { return Ok(None) };
-    let mut own = vec![d.top.clone()];
-    own.extend(layers_from(r, r.current_snapshot.as_deref()));
-    let paths = chain(host, all, r, &own)?;
+/// The `--disk` arguments that serve the VM's present disks, one per slot (each one's whole chain given
+/// explicitly).
+pub fn disk_args(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord) -> Result<Vec<String>, HostError> {
+    let slots = disk_slots(r);
+    let mut out = Vec::new();
+    for (slot, d) in slots.iter().enumerate() {
+        out.push(disk_arg(host, all, r, slot, d)?);
+    }
+    Ok(out)
+}
+
+fn disk_arg(
+    host: &Host,
+    all: &BTreeMap<String, VmRecord>,
+    r: &VmRecord,
+    slot: usize,
+    d: &DiskRecord,
+) -> Result<String, HostError> {
+    let paths = chain(host, all, r, slot, &own_layers(r, slot))?;
     let mut arg = String::new();
     for (i, p) in paths.iter().enumerate() {
         let s = p.to_str().filter(|s| !s.contains(',')).ok_or_else(|| {
@@ -285,23 +375,28 @@ pub fn disk_arg(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord) -> 
             ))
         })?;
         if i == 0 {
-            arg = format!("{s},format={}", top_format(&d, r));
+            arg = format!("{s},format={}", top_format(d, r));
         } else {
             arg.push_str(&format!(",backing={s}"));
         }
     }
-    Ok(Some(arg))
+    Ok(arg)
 }
 
-/// Grows VM `r`'s disk to `size` bytes: its present layer ("Now": the only one a guest writes; layers below
-/// keep their size, a qcow2 overlay may be larger than its backing). Never shrinks. The VM must be stopped.
-pub fn grow(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord, size: u64) -> Result<(), HostError> {
-    let Some(d) = r.disk.clone().or_else(|| legacy_disk(r)) else {
-        return Err(HostError::BadRequest("the VM has no disk".into()));
-    };
-    let mut own = vec![d.top.clone()];
-    own.extend(layers_from(r, r.current_snapshot.as_deref()));
-    let paths = chain(host, all, r, &own)?;
+/// Grows disk slot `slot` of VM `r` to `size` bytes: its present layer ("Now": the only one a guest writes;
+/// layers below keep their size, a qcow2 overlay may be larger than its backing). Never shrinks. The VM
+/// must be stopped.
+pub fn grow(
+    host: &Host,
+    all: &BTreeMap<String, VmRecord>,
+    r: &VmRecord,
+    slot: usize,
+    size: u64,
+) -> Result<(), HostError> {
+    if disk_slots(r).len() <= slot {
+        return Err(HostError::BadRequest("the VM has no such disk".into()));
+    }
+    let paths = chain(host, all, r, slot, &own_layers(r, slot))?;
     let (top, backing) = paths.split_first().ok_or_else(|| HostError::Internal("the disk has no layer".into()))?;
     vmm_core::disk::grow_image(top, backing, size).map_err(|e| match e {
         vmm_core::disk::DiskError::Locked { .. } => HostError::Conflict(format!("cannot grow the disk: {e}")),
@@ -349,15 +444,23 @@ fn no_clones(all: &BTreeMap<String, VmRecord>, r: &VmRecord) -> Result<(), HostE
     }
 }
 
-fn needs_qcow2(r: &VmRecord) -> Result<DiskRecord, HostError> {
-    match r.disk.clone().or_else(|| legacy_disk(r)) {
-        None => Err(HostError::Conflict(format!("VM {} has no disk", r.name))),
-        Some(d) if d.format == DiskFormat::Raw => Err(HostError::Conflict(format!(
-            "VM {}'s disk is raw: snapshots need a qcow2 disk (a full clone of the VM makes one)",
-            r.name
-        ))),
-        Some(d) => Ok(d),
+/// Every disk of the VM (see [`disk_slots`]), refused when it has none or one is raw.
+fn needs_qcow2(r: &VmRecord) -> Result<Vec<DiskRecord>, HostError> {
+    let slots = disk_slots(r);
+    if slots.is_empty() {
+        return Err(HostError::Conflict(format!("VM {} has no disk", r.name)));
     }
+    if let Some(slot) = slots.iter().position(|d| d.format == DiskFormat::Raw) {
+        let which = if slot == 0 { "disk".to_owned() } else { format!("disk {slot} (after the boot disk)") };
+        return Err(HostError::Conflict(format!(
+            "VM {}'s {which} is raw: snapshots need qcow2 disks (a full clone of the VM makes them qcow2)",
+            r.name
+        )));
+    }
+    if r.snapshots.iter().any(|s| s.extra_layers.len() != slots.len() - 1) {
+        return Err(HostError::Internal(format!("VM {}: a snapshot does not hold a layer of every disk", r.name)));
+    }
+    Ok(slots)
 }
 
 /// What a `save-state` request to the engine answers.
@@ -514,12 +617,20 @@ impl Host {
         }
         let all = self.records();
         let r = all.get(id).cloned().ok_or_else(|| HostError::NotFound(id.to_owned()))?;
-        needs_qcow2(&r)?;
+        let slots = needs_qcow2(&r)?;
         no_clones(&all, &r)?;
         if r.snapshots.iter().any(|s| s.name == name) {
             return Err(HostError::Conflict(format!("VM {} has a snapshot named {name:?} already", r.name)));
         }
         let running = self.pid(id).is_some();
+        if running && with_state == Some(false) && slots.len() > 1 {
+            // The engine moves one disk at a time: a failure half way would leave disks from different moments.
+            return Err(HostError::Conflict(format!(
+                "VM {} has {} disks: a running VM with several disks takes snapshots with its machine state                  (with_state: true) or while stopped",
+                r.name,
+                slots.len()
+            )));
+        }
         let busy = self.begin(id, "taking a snapshot")?;
         let host = self.clone();
         let id = id.to_owned();
@@ -554,9 +665,10 @@ impl Host {
         }))
     }
 
-    /// The VM's present layer becomes snapshot `sid`'s; a new empty overlay on it becomes Now. A stopped
-    /// VM's overlay is made here; with `live`, the running VM's engine makes it and moves the disk onto it
-    /// (`switch-drive`, the vCPUs paused meanwhile).
+    /// The present layer of every disk of the VM becomes snapshot `sid`'s; a new empty overlay on each
+    /// becomes Now. A stopped VM's overlays are made here (all of them before the definition changes; any
+    /// failure removes the ones made); with `live` (a VM with one disk), the running VM's engine makes the
+    /// overlay and moves the disk onto it (`switch-drive`, the vCPUs paused meanwhile).
     async fn freeze_top(
         &self,
         id: &str,
@@ -568,44 +680,64 @@ impl Host {
     ) -> Result<(), HostError> {
         let all = self.records();
         let r = all.get(id).cloned().ok_or_else(|| HostError::NotFound(id.to_owned()))?;
-        let d = needs_qcow2(&r)?;
-        let dir = self.store.vm_dir(id);
-        let mut own = vec![d.top.clone()];
-        own.extend(layers_from(&r, r.current_snapshot.as_deref()));
-        let paths = chain(self, &all, &r, &own)?;
-        let new = new_layer_name(&dir);
-        let (new_path, top, format) = (dir.join(&new), d.top.clone(), top_format(&d, &r));
-        if live {
-            let request = vmm_core::control::Request::SwitchDrive {
-                drive: "disk0".into(),
-                path: new_path,
-                backing_name: Some(top.into()),
-                backing: paths,
-            };
-            self.control(id, request).await.map_err(|e| match e {
-                HostError::BadRequest(why) => HostError::Conflict(format!("the running VM's disk: {why}")),
-                other => other,
-            })?;
-        } else {
-            tokio::task::spawn_blocking(move || {
-                let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
-                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&top), format)))
-            })
-            .await
-            .map_err(blocking_err)?
-            .map_err(disk_err)?;
+        let slots = needs_qcow2(&r)?;
+        if live && slots.len() != 1 {
+            return Err(HostError::Conflict("a live disk-only snapshot needs a VM with one disk".into()));
         }
+        let dir = self.store.vm_dir(id);
+        let mut news: Vec<String> = Vec::new();
+        let made: Result<(), HostError> = async {
+            for (slot, d) in slots.iter().enumerate() {
+                let paths = chain(self, &all, &r, slot, &own_layers(&r, slot))?;
+                let new = new_layer_name(&dir);
+                news.push(new.clone());
+                let (new_path, top, format) = (dir.join(&new), d.top.clone(), top_format(d, &r));
+                if live {
+                    let request = vmm_core::control::Request::SwitchDrive {
+                        drive: "disk0".into(),
+                        path: new_path,
+                        backing_name: Some(top.into()),
+                        backing: paths,
+                    };
+                    self.control(id, request).await.map_err(|e| match e {
+                        HostError::BadRequest(why) => HostError::Conflict(format!("the running VM's disk: {why}")),
+                        other => other,
+                    })?;
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
+                        vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&top), format)))
+                    })
+                    .await
+                    .map_err(blocking_err)?
+                    .map_err(disk_err)?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = made {
+            if !live {
+                for f in &news {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+            }
+            return Err(e);
+        }
+        let frozen: Vec<String> = slots.iter().map(|d| d.top.clone()).collect();
         let saved = self.update(id, |r, _| {
-            let disk = r.disk.get_or_insert_with(|| d.clone());
-            disk.top = new.clone();
+            for (slot, new) in news.iter().enumerate() {
+                set_top(r, slot, &slots[0], new.clone());
+            }
             r.snapshots.push(SnapshotRecord {
                 id: sid.to_owned(),
                 name,
                 description,
                 created_ms: now_ms(),
                 parent: r.current_snapshot.clone(),
-                layer: d.top.clone(),
+                layer: frozen[0].clone(),
                 state,
+                extra_layers: frozen[1..].to_vec(),
             });
             r.current_snapshot = Some(sid.to_owned());
             Ok(())
@@ -613,13 +745,16 @@ impl Host {
         if let Err(e) = saved {
             if live {
                 // The running VM writes into the new overlay already: it must stay.
+                let new = &news[0];
                 log::error!("VM {id}: its disk moved onto {new}, but its definition could not be saved: {e}");
                 return Err(HostError::Internal(format!(
                     "the running VM's disk moved onto a new layer ({new}) but its definition could not be saved \
                      ({e}); stop the VM and free space before starting it again"
                 )));
             }
-            let _ = std::fs::remove_file(dir.join(&new));
+            for f in &news {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
             return Err(e);
         }
         Ok(())
@@ -656,37 +791,61 @@ impl Host {
             }
             let all = host.records();
             let r = all.get(&id).cloned().ok_or_else(|| HostError::NotFound(id.clone()))?;
-            let d = needs_qcow2(&r)?;
+            let slots = needs_qcow2(&r)?;
             let dir = host.store.vm_dir(&id);
-            let paths = chain(&host, &all, &r, &layers_from(&r, Some(&sid)))?;
-            let new = new_layer_name(&dir);
-            let new_path = dir.join(&new);
-            let (layer, format) = (s.layer.clone(), layer_format(&d, &s));
-            let size = tokio::task::spawn_blocking(move || {
-                let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
-                vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&layer), format))).map(|()| size)
-            })
-            .await
-            .map_err(blocking_err)?
-            .map_err(disk_err)?;
-            let old_top = d.top.clone();
+            // A new overlay on the snapshot's layer of every disk, all made before the definition changes.
+            let mut news: Vec<(String, u64)> = Vec::new();
+            let made: Result<(), HostError> = async {
+                for (slot, d) in slots.iter().enumerate() {
+                    let paths = chain(&host, &all, &r, slot, &layers_from(&r, Some(&sid), slot))?;
+                    let new = new_layer_name(&dir);
+                    news.push((new.clone(), 0));
+                    let new_path = dir.join(&new);
+                    let layer = slot_layer(&s, slot)
+                        .ok_or_else(|| HostError::Internal(format!("snapshot {:?} lacks disk {slot}", s.name)))?
+                        .to_owned();
+                    let format = layer_format(d, &s);
+                    let size = tokio::task::spawn_blocking(move || {
+                        let size = vmm_core::disk::image_size(&paths[0], &paths[1..])?;
+                        vmm_core::disk::create_qcow2(&new_path, size, Some((Path::new(&layer), format))).map(|()| size)
+                    })
+                    .await
+                    .map_err(blocking_err)?
+                    .map_err(disk_err)?;
+                    if let Some(last) = news.last_mut() {
+                        last.1 = size;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = made {
+                for (f, _) in &news {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+                return Err(e);
+            }
             let old_suspend = r.suspended.clone();
             let saved = host.update(&id, |r, _| {
-                if let Some(disk) = r.disk.as_mut() {
-                    disk.top = new.clone();
+                for (slot, (new, size)) in news.iter().enumerate() {
+                    set_top(r, slot, &slots[0], new.clone());
+                    // The disk is as big as it was when the snapshot was taken (a later grow is undone too).
+                    set_slot_size(r, slot, *size);
                 }
-                // The disk is as big as it was when the snapshot was taken (a later grow is undone too).
-                r.disk_bytes = size;
                 crate::host::add_pending(r, porthole_api::UpdateVm::default());
                 r.current_snapshot = Some(sid.clone());
                 r.suspended = None;
                 Ok(())
             });
             if let Err(e) = saved {
-                let _ = std::fs::remove_file(dir.join(&new));
+                for (f, _) in &news {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
                 return Err(e);
             }
-            let _ = std::fs::remove_file(dir.join(old_top));
+            for d in &slots {
+                let _ = std::fs::remove_file(dir.join(&d.top));
+            }
             if let Some(f) = old_suspend {
                 let _ = std::fs::remove_file(dir.join(f));
             }
@@ -735,23 +894,33 @@ impl Host {
             let r = all.get(&id).cloned().ok_or_else(|| HostError::NotFound(id.clone()))?;
             let dir = host.store.vm_dir(&id);
             if let Some(child) = kids.first() {
-                let child_file = match child {
-                    Child::Now => r.disk.as_ref().map(|d| d.top.clone()).unwrap_or_default(),
-                    Child::Snapshot(c) => snapshot(&r, c).map(|x| x.layer.clone()).unwrap_or_default(),
-                };
-                let below = chain(&host, &all, &r, &layers_from(&r, s.parent.as_deref()))?;
-                let (top, parent) = (dir.join(&child_file), dir.join(&s.layer));
+                // Every disk's child layer is merged into the snapshot's layer first; only then are the merged
+                // files renamed to the children's names (see `repair` for a daemon that dies meanwhile).
+                let mut merges = Vec::new();
+                for slot in 0..disk_slots(&r).len() {
+                    let lacks = || HostError::Internal(format!("snapshot {:?}: no layer of disk {slot}", s.name));
+                    let child_file = child_layer(&r, child, slot).ok_or_else(lacks)?;
+                    let parent_file = slot_layer(&s, slot).ok_or_else(lacks)?;
+                    let below = chain(&host, &all, &r, slot, &layers_from(&r, s.parent.as_deref(), slot))?;
+                    merges.push((dir.join(child_file), dir.join(parent_file), below));
+                }
                 let dir2 = dir.clone();
                 tokio::task::spawn_blocking(move || -> Result<(), HostError> {
-                    vmm_core::disk::commit_image(&top, &parent, &below, &mut |d, t| progress(d, t)).map_err(|e| {
-                        HostError::Internal(format!(
-                            "{e} (the merge can be run again: delete the snapshot once more; the other snapshots \
-                             and the present disk are unchanged)"
-                        ))
-                    })?;
-                    std::fs::rename(&parent, &top)
-                        .and_then(|()| std::fs::File::open(&dir2)?.sync_all())
-                        .map_err(|e| HostError::Internal(format!("cannot rename the merged layer: {e}")))
+                    for (top, parent, below) in &merges {
+                        vmm_core::disk::commit_image(top, parent, below, &mut |d, t| progress(d, t)).map_err(|e| {
+                            HostError::Internal(format!(
+                                "{e} (the merge can be run again: delete the snapshot once more; the other \
+                                 snapshots and the present disks are unchanged)"
+                            ))
+                        })?;
+                    }
+                    for (top, parent, _) in &merges {
+                        std::fs::rename(parent, top)
+                            .map_err(|e| HostError::Internal(format!("cannot rename the merged layer: {e}")))?;
+                    }
+                    std::fs::File::open(&dir2)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| HostError::Internal(format!("cannot sync the VM's folder: {e}")))
                 })
                 .await
                 .map_err(blocking_err)??;
@@ -765,7 +934,9 @@ impl Host {
                     r.snapshots.retain(|x| x.id != s.id);
                     Ok(())
                 })?;
-                let _ = std::fs::remove_file(dir.join(&s.layer));
+                for layer in std::iter::once(&s.layer).chain(&s.extra_layers) {
+                    let _ = std::fs::remove_file(dir.join(layer));
+                }
             }
             if let Some(state) = &s.state {
                 let _ = std::fs::remove_file(dir.join(state));
@@ -790,7 +961,7 @@ impl Host {
         if all.values().any(|r| r.name == name) {
             return Err(HostError::Conflict(format!("a VM named {name:?} exists already")));
         }
-        let d = src.disk.clone().or_else(|| legacy_disk(&src));
+        let slots = disk_slots(&src);
         let busy = self.begin(id, "cloning")?;
         let host = self.clone();
         let src_id = id.to_owned();
@@ -801,12 +972,12 @@ impl Host {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| HostError::Internal(format!("cannot create {}: {e}", dir.display())))?;
             let made = async {
-                let mut disk = None;
-                if let Some(d) = &d {
-                    let mut own = vec![d.top.clone()];
-                    own.extend(layers_from(&src, src.current_snapshot.as_deref()));
-                    let paths = chain(&host, &all, &src, &own)?;
-                    let target = dir.join(QCOW2_DISK);
+                // Every disk: a sparse flattened copy, or an overlay on the source's present layer.
+                let mut made: Vec<DiskRecord> = Vec::new();
+                for (slot, d) in slots.iter().enumerate() {
+                    let paths = chain(&host, &all, &src, slot, &own_layers(&src, slot))?;
+                    let file = format!("disk{slot}.qcow2");
+                    let target = dir.join(&file);
                     let below = if linked {
                         let relative = format!("../{src_id}/{}", d.top);
                         let format = top_format(d, &src);
@@ -834,8 +1005,20 @@ impl Host {
                         .map_err(disk_err)?;
                         None
                     };
-                    disk = Some(DiskRecord { format: DiskFormat::Qcow2, top: QCOW2_DISK.into(), below });
+                    made.push(DiskRecord { format: DiskFormat::Qcow2, top: file, below });
                 }
+                let disk = made.first().cloned();
+                let extra_disks: Vec<ExtraDisk> = made
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .map(|(slot, d)| ExtraDisk {
+                        format: d.format,
+                        top: d.top.clone(),
+                        below: d.below.clone(),
+                        size_bytes: slot_size(&src, slot),
+                    })
+                    .collect();
                 let others = host.others(&new_id);
                 let mut nics = Vec::new();
                 let mut taken = others.macs.clone();
@@ -871,6 +1054,7 @@ impl Host {
                     nics: Some(nics),
                     created_ms: now_ms(),
                     disk,
+                    extra_disks,
                     snapshots: Vec::new(),
                     current_snapshot: None,
                     template: false,
@@ -922,6 +1106,7 @@ mod tests {
             parent: parent.map(Into::into),
             layer: layer.into(),
             state: None,
+            extra_layers: Vec::new(),
         }
     }
 
@@ -947,8 +1132,8 @@ mod tests {
         ];
         r.current_snapshot = Some("d".into());
         r.disk.as_mut().unwrap().top = "top".into();
-        assert_eq!(layers_from(&r, Some("c")), ["l2", "l1", "disk0.qcow2"]);
-        assert_eq!(layers_from(&r, r.current_snapshot.as_deref()), ["l3", "disk0.qcow2"]);
+        assert_eq!(layers_from(&r, Some("c"), 0), ["l2", "l1", "disk0.qcow2"]);
+        assert_eq!(layers_from(&r, r.current_snapshot.as_deref(), 0), ["l3", "disk0.qcow2"]);
         assert_eq!(children(&r, "a"), [Child::Snapshot("b".into()), Child::Snapshot("d".into())]);
         assert_eq!(children(&r, "d"), [Child::Now]);
         assert!(children(&r, "c").is_empty());
@@ -958,7 +1143,7 @@ mod tests {
         assert_eq!(top_format(&d, &r), ImageFormat::Qcow2);
         // A record that loops never hangs.
         r.snapshots[0].parent = Some("c".into());
-        assert!(layers_from(&r, Some("c")).len() <= 4);
+        assert!(layers_from(&r, Some("c"), 0).len() <= 4);
         assert!(!is_ancestor_of_now(&r, "zzz"));
     }
 
@@ -983,6 +1168,43 @@ mod tests {
         std::fs::remove_file(dir.join("l1")).unwrap();
         assert!(repair(&dir, &mut r));
         assert!(r.snapshots.is_empty() && r.current_snapshot.is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_disk_has_its_own_chain_and_an_interrupted_merge_of_several_disks_is_finished() {
+        let dir = std::env::temp_dir().join(format!("portholed-disks-multi-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Two disks; a (disk0.qcow2, d1-0) <- b (l1, d1-1) <- Now (top, d1-top).
+        let mut r = record();
+        r.extra_disks =
+            vec![ExtraDisk { format: DiskFormat::Qcow2, top: "d1-top".into(), below: None, size_bytes: 4096 }];
+        r.snapshots = vec![snap("a", None, "disk0.qcow2"), snap("b", Some("a"), "l1")];
+        r.snapshots[0].extra_layers = vec!["d1-0".into()];
+        r.snapshots[1].extra_layers = vec!["d1-1".into()];
+        r.current_snapshot = Some("b".into());
+        r.disk.as_mut().unwrap().top = "top".into();
+        assert_eq!(disk_slots(&r).len(), 2);
+        assert_eq!(own_layers(&r, 0), ["top", "l1", "disk0.qcow2"]);
+        assert_eq!(own_layers(&r, 1), ["d1-top", "d1-1", "d1-0"]);
+        assert!(own_layers(&r, 2).is_empty(), "no third disk");
+        assert_eq!(slot_size(&r, 1), 4096);
+        assert!(needs_qcow2(&r).is_ok());
+        r.extra_disks[0].format = DiskFormat::Raw;
+        assert!(needs_qcow2(&r).unwrap_err().to_string().contains("disk 1"));
+        r.extra_disks[0].format = DiskFormat::Qcow2;
+        // Deleting b: both disks' merges ended; disk0's merged layer was renamed over "top", disk 1's not yet.
+        for f in ["disk0.qcow2", "d1-0", "top", "d1-1", "d1-top"] {
+            std::fs::write(dir.join(f), f.as_bytes()).unwrap();
+        }
+        assert!(repair(&dir, &mut r));
+        assert_eq!(r.snapshots.len(), 1);
+        assert_eq!(r.current_snapshot.as_deref(), Some("a"));
+        assert!(!dir.join("d1-1").exists(), "disk 1's merged layer took its child's name");
+        assert_eq!(std::fs::read(dir.join("d1-top")).unwrap(), b"d1-1");
+        assert_eq!(own_layers(&r, 1), ["d1-top", "d1-0"]);
+        assert!(!repair(&dir, &mut r), "nothing more to do");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1032,6 +1254,10 @@ mod tests {
         let old = r#"{"id":"ab","name":"x","vcpus":1,"memory_mib":64,"disk_bytes":1048576,"created_ms":1,"nics":[]}"#;
         let r: VmRecord = serde_json::from_str(old).unwrap();
         assert!(r.disk.is_none() && r.snapshots.is_empty() && !r.template && r.suspended.is_none());
+        assert!(r.extra_disks.is_empty() && r.extra_cdroms.is_empty());
+        // A definition without extra drives is written as before (no new keys).
+        let written = serde_json::to_string(&r).unwrap();
+        assert!(!written.contains("extra_"), "{written}");
         assert_eq!(legacy_disk(&r).unwrap().top, RAW_DISK);
     }
 }

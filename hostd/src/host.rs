@@ -526,7 +526,7 @@ impl Host {
                 clones.join(", ")
             )));
         }
-        let disk_arg = crate::disks::disk_arg(self, &all, &record)?;
+        let disk_args = crate::disks::disk_args(self, &all, &record)?;
         let suspended = record.suspended.as_ref().map(|f| self.store.vm_dir(id).join(f));
         let restore = restore.or(suspended.clone());
         // A kernel boots directly; without one the VM boots its firmware (SeaBIOS), from the CD/DVD first.
@@ -550,7 +550,11 @@ impl Host {
                 None
             }
         };
-        let media = record.media.as_deref().map(|m| self.resolve_image(m, false)).transpose()?;
+        // Every CD/DVD drive in order: the first one's image, then the others'.
+        let media = std::iter::once(&record.media)
+            .chain(record.extra_cdroms.iter().map(|c| &c.media))
+            .map(|m| m.as_deref().map(|m| self.resolve_image(m, false)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
         let files = self.run_files(id);
         {
             let mut vms = self.vms_mut();
@@ -597,21 +601,29 @@ impl Host {
             cmd.arg("--vnc-view-only").arg(format!("unix:{}", files.vnc_view_only().display()));
             cmd.arg("--exit-file").arg(files.exit());
             cmd.args(["--stop-timeout-ms", "30000"]);
-            if let Some(disk) = &disk_arg {
+            // The boot disk, the cloud-init seed, then the other disks (the seed keeps the place it had
+            // before VMs had several disks, so saved machine states still fit).
+            let mut disks = disk_args.iter();
+            if let Some(disk) = disks.next() {
                 cmd.arg("--disk").arg(disk);
             }
             if record.cloud_init.is_some() {
                 let seed = self.store.vm_dir(id).join(crate::disks::SEED);
                 cmd.arg("--disk").arg(format!("{},readonly,format=raw", seed.display()));
             }
+            for disk in disks {
+                cmd.arg("--disk").arg(disk);
+            }
             if let Some(state) = &restore {
                 cmd.arg("--restore").arg(state);
             }
             cmd.args(net::net_args(record.nics()));
-            match &media {
-                Some(m) => cmd.arg("--cdrom").arg(m),
-                None => cmd.arg("--cdrom"),
-            };
+            for m in &media {
+                match m {
+                    Some(m) => cmd.arg("--cdrom").arg(m),
+                    None => cmd.arg("--cdrom"),
+                };
+            }
             cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
             // Its own process group: signals to the daemon's group (Ctrl-C, systemd stop) do not reach it.
             cmd.process_group(0);
@@ -707,7 +719,7 @@ impl Host {
             && size > r.disk_bytes
         {
             let (host, all, record) = (self.clone(), self.all_records(), r.clone());
-            tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &record, size))
+            tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &record, 0, size))
                 .await
                 .map_err(|e| HostError::Internal(e.to_string()))??;
         }
@@ -974,42 +986,79 @@ fn view(e: &Entry, store: &Store) -> Vm {
     }
 }
 
-/// The drives the engine gives VM `r` (in its order: disks, then the CD/DVD drive).
-fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
+/// Where a drive of the API (`disk1`, `cdrom2`) is in a VM's definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveSlot {
+    /// Disk slot n (see `disks::disk_slots`): 0 the boot disk, n `extra_disks[n-1]`.
+    Disk(usize),
+    /// The cloud-init seed.
+    Seed,
+    /// CD/DVD drive n: 0 the first (`media`), n `extra_cdroms[n-1]`.
+    Cdrom(usize),
+}
+
+/// The drives the engine gives VM `r`, in its order (the boot disk, the cloud-init seed, the other disks,
+/// then the CD/DVD drives), with their ids and where they are in the definition.
+pub fn drive_slots(r: &VmRecord) -> Vec<(String, DriveSlot)> {
     let mut out = Vec::new();
-    if let Some(d) = r.disk.clone().or_else(|| crate::disks::legacy_disk(r)) {
-        out.push(DriveInfo {
-            id: "disk0".into(),
-            kind: DriveKind::Disk,
-            bus: "virtio-blk".into(),
-            format: Some(d.format),
-            size_bytes: r.disk_bytes,
-            media: None,
-            read_only: false,
-        });
+    let disks = crate::disks::disk_slots(r).len();
+    let mut n = 0;
+    let mut disk = |slot: DriveSlot, out: &mut Vec<(String, DriveSlot)>| {
+        out.push((format!("disk{n}"), slot));
+        n += 1;
+    };
+    if disks > 0 {
+        disk(DriveSlot::Disk(0), &mut out);
     }
     if r.cloud_init.is_some() {
-        let seed = store.vm_dir(&r.id).join(crate::disks::SEED);
-        out.push(DriveInfo {
-            id: format!("disk{}", out.len()),
-            kind: DriveKind::Disk,
-            bus: "virtio-blk (cloud-init seed)".into(),
-            format: Some(DiskFormat::Raw),
-            size_bytes: std::fs::metadata(seed).map(|m| m.len()).unwrap_or(0),
-            media: None,
-            read_only: true,
-        });
+        disk(DriveSlot::Seed, &mut out);
     }
-    out.push(DriveInfo {
-        id: "cdrom0".into(),
-        kind: DriveKind::Cdrom,
-        bus: "SCSI CD-ROM (virtio-scsi)".into(),
-        format: None,
-        size_bytes: 0,
-        media: r.media.clone(),
-        read_only: true,
-    });
+    for slot in 1..disks {
+        disk(DriveSlot::Disk(slot), &mut out);
+    }
+    for c in 0..=r.extra_cdroms.len() {
+        out.push((format!("cdrom{c}"), DriveSlot::Cdrom(c)));
+    }
     out
+}
+
+/// The drives the engine gives VM `r` (in its order: see [`drive_slots`]).
+pub fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
+    let disks = crate::disks::disk_slots(r);
+    drive_slots(r)
+        .into_iter()
+        .map(|(id, slot)| match slot {
+            DriveSlot::Disk(n) => DriveInfo {
+                id,
+                kind: DriveKind::Disk,
+                bus: "virtio-blk".into(),
+                format: disks.get(n).map(|d| d.format),
+                size_bytes: crate::disks::slot_size(r, n),
+                media: None,
+                read_only: false,
+            },
+            DriveSlot::Seed => DriveInfo {
+                id,
+                kind: DriveKind::Disk,
+                bus: "virtio-blk (cloud-init seed)".into(),
+                format: Some(DiskFormat::Raw),
+                size_bytes: std::fs::metadata(store.vm_dir(&r.id).join(crate::disks::SEED))
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                media: None,
+                read_only: true,
+            },
+            DriveSlot::Cdrom(c) => DriveInfo {
+                id,
+                kind: DriveKind::Cdrom,
+                bus: "SCSI CD-ROM (virtio-scsi)".into(),
+                format: None,
+                size_bytes: 0,
+                media: if c == 0 { r.media.clone() } else { r.extra_cdroms.get(c - 1).and_then(|x| x.media.clone()) },
+                read_only: true,
+            },
+        })
+        .collect()
 }
 
 /// The fields of `req` that change only while the VM is stopped: a running (or suspended) VM keeps them as
@@ -1110,4 +1159,57 @@ fn others_of(vms: &BTreeMap<String, Entry>, id: &str) -> Others {
 fn recheck_nics(record: &VmRecord, others: &Others) -> Result<(), HostError> {
     let specs: Vec<NicSpec> = record.nics().iter().map(NicSpec::from).collect();
     net::build_nics(&specs, record.nics(), others, None).map(drop).map_err(HostError::Conflict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CdromRecord, CloudInitRecord, DiskRecord, ExtraDisk};
+
+    #[test]
+    fn drives_are_listed_in_the_engines_order() {
+        let disk = |top: &str| ExtraDisk { format: DiskFormat::Raw, top: top.into(), below: None, size_bytes: 512 };
+        let mut r = VmRecord {
+            id: "v".into(),
+            disk_bytes: 1024,
+            disk: Some(DiskRecord { format: DiskFormat::Qcow2, top: "disk0.qcow2".into(), below: None }),
+            extra_disks: vec![disk("a.img"), disk("b.img")],
+            media: Some("x.iso".into()),
+            extra_cdroms: vec![CdromRecord::default(), CdromRecord { media: Some("y.iso".into()) }],
+            ..VmRecord::default()
+        };
+        let ids = |r: &VmRecord| drive_slots(r).into_iter().map(|(id, s)| format!("{id}={s:?}")).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&r),
+            [
+                "disk0=Disk(0)",
+                "disk1=Disk(1)",
+                "disk2=Disk(2)",
+                "cdrom0=Cdrom(0)",
+                "cdrom1=Cdrom(1)",
+                "cdrom2=Cdrom(2)"
+            ]
+        );
+        // The cloud-init seed keeps its place right after the boot disk.
+        r.cloud_init = Some(CloudInitRecord {
+            hostname: "h".into(),
+            user: "u".into(),
+            ssh_authorized_keys: vec![],
+            instance_id: "i".into(),
+        });
+        assert_eq!(ids(&r)[..4], ["disk0=Disk(0)", "disk1=Seed", "disk2=Disk(1)", "disk3=Disk(2)"]);
+        let store =
+            Store::open(&std::env::temp_dir().join(format!("portholed-drives-{}", std::process::id()))).unwrap();
+        let d = drives(&r, &store);
+        assert_eq!((d[2].size_bytes, d[2].format), (512, Some(DiskFormat::Raw)));
+        assert_eq!(d[0].size_bytes, 1024);
+        assert_eq!(d[4].media.as_deref(), Some("x.iso"));
+        assert_eq!(d[5].media, None);
+        assert_eq!(d[6].media.as_deref(), Some("y.iso"));
+        // No disk at all: the CD/DVD drives only.
+        r.disk = None;
+        r.disk_bytes = 0;
+        r.cloud_init = None;
+        assert_eq!(ids(&r)[0], "cdrom0=Cdrom(0)");
+    }
 }

@@ -107,11 +107,59 @@ pub const ROUTES: &[Route] = &[
     (
         "post",
         "/vms/{id}/media",
-        "Insert a library image into the CD/DVD drive, or eject (image: null)",
+        "Insert a library image into a CD/DVD drive (drive: cdrom0, cdrom1, …; absent: the first), or eject \
+         (image: null); live on a running VM",
         "operator",
         Some("MediaChange"),
         200,
         Some("Vm"),
+    ),
+    (
+        "post",
+        "/vms/{id}/disks",
+        "Add a disk to a stopped VM without snapshots: new and empty (size_gib, format) or a copy of a library \
+         image (image); refused fields answer 400 `invalid` with `fields`; a running VM, one with snapshots or \
+         one with the most drives answers 409 with `fields`. Returns the new drive",
+        "admin",
+        Some("AddDisk"),
+        201,
+        Some("DriveInfo"),
+    ),
+    (
+        "delete",
+        "/vms/{id}/disks/{drive}",
+        "Remove a disk (not the boot disk disk0) of a stopped VM without snapshots, and its files",
+        "admin",
+        None,
+        204,
+        None,
+    ),
+    (
+        "post",
+        "/vms/{id}/disks/{drive}/size",
+        "Grow a disk (never shrinks): at once on a stopped VM; a running VM's boot disk at its next start",
+        "admin",
+        Some("GrowDisk"),
+        200,
+        Some("DriveInfo"),
+    ),
+    (
+        "post",
+        "/vms/{id}/cdroms",
+        "Add a CD/DVD drive (empty, or with a library image) to a stopped VM; returns the new drive",
+        "admin",
+        Some("AddCdrom"),
+        201,
+        Some("DriveInfo"),
+    ),
+    (
+        "delete",
+        "/vms/{id}/cdroms/{drive}",
+        "Remove a CD/DVD drive of a stopped VM (not its last one; the later drives move up one place)",
+        "admin",
+        None,
+        204,
+        None,
     ),
     (
         "post",
@@ -280,6 +328,9 @@ pub fn document() -> Value {
         CreateVm,
         UpdateVm,
         MediaChange,
+        AddDisk,
+        GrowDisk,
+        AddCdrom,
         NicDefinition,
         NicSpec,
         NicStatus,
@@ -398,6 +449,9 @@ mod tests {
             "DisplaySpec",
             "DriveInfo",
             "DriveKind",
+            "AddDisk",
+            "GrowDisk",
+            "AddCdrom",
         ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
         }

@@ -16,9 +16,10 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
-    CloneVm, ConsoleTicket, CreateVm, DiskFormat, ErrorBody, FieldError, HostInfo, Identified, Image, IsoFacts,
-    LinkChange, MediaChange, NicDefinition, NicSpec, NicStatus, RevertSnapshot, Role, SerialInput, SerialOutput,
-    SnapshotTree, Stats as StatsBody, TakeSnapshot, Task, TaskState, UpdateVm, Vm, VmState,
+    AddCdrom, AddDisk, CloneVm, ConsoleTicket, CreateVm, DiskFormat, DriveInfo, ErrorBody, FieldError, GrowDisk,
+    HostInfo, Identified, Image, IsoFacts, LinkChange, MediaChange, NicDefinition, NicSpec, NicStatus, RevertSnapshot,
+    Role, SerialInput, SerialOutput, SnapshotTree, Stats as StatsBody, TakeSnapshot, Task, TaskState, UpdateVm, Vm,
+    VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -26,9 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmm_core::control::Request;
 
 use crate::auth::{Principal, Tokens};
-use crate::host::{Host, HostError, tail_lines};
+use crate::host::{DriveSlot, Host, HostError, tail_lines};
 use crate::stats::Stats;
-use crate::store::{Below, DiskRecord, VmRecord, is_valid_name, now_ms, random_hex};
+use crate::store::{Below, CdromRecord, DiskRecord, ExtraDisk, VmRecord, is_valid_name, now_ms, random_hex};
 
 /// Finished tasks kept for polling.
 const TASKS_KEPT: usize = 200;
@@ -297,6 +298,11 @@ pub fn router(app: AppState) -> Router {
         .route("/vms/{id}", get(get_vm).patch(update_vm).delete(delete_vm))
         .route("/vms/{id}/{action}", post(vm_action))
         .route("/vms/{id}/media", post(change_media))
+        .route("/vms/{id}/disks", post(add_disk))
+        .route("/vms/{id}/disks/{drive}", axum::routing::delete(remove_disk))
+        .route("/vms/{id}/disks/{drive}/size", post(grow_disk))
+        .route("/vms/{id}/cdroms", post(add_cdrom))
+        .route("/vms/{id}/cdroms/{drive}", axum::routing::delete(remove_cdrom))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(take_snapshot))
         .route("/vms/{id}/snapshots/{sid}", axum::routing::delete(delete_snapshot))
         .route("/vms/{id}/snapshots/{sid}/revert", post(revert_snapshot))
@@ -411,6 +417,13 @@ fn image_users(app: &App, name: &str) -> Vec<String> {
                 || v.boot.as_ref().is_some_and(|b| b.kernel == name || b.initrd.as_deref() == Some(name))
         })
         .map(|v| v.name)
+        .chain(
+            app.host
+                .records()
+                .into_values()
+                .filter(|r| r.extra_cdroms.iter().any(|c| c.media.as_deref() == Some(name)))
+                .map(|r| r.name),
+        )
         .chain(crate::disks::users_of_image(&app.host.records(), name))
         .collect();
     users.sort();
@@ -540,7 +553,7 @@ fn check_tags(tags: &[String]) -> ApiResult<Vec<String>> {
 }
 
 /// Most a new disk may be (64 TiB).
-const MAX_DISK_GIB: u64 = 64 * 1024;
+const MAX_DISK_GIB: u64 = porthole_api::MAX_DISK_GIB;
 
 async fn create_vm(
     State(app): State<AppState>,
@@ -798,7 +811,7 @@ async fn update_vm(
                 return Err(ApiError::conflict("the VM started meanwhile: try again"));
             }
             let (host, all, r) = (app.host.clone(), app.host.records(), record.clone());
-            tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &r, size))
+            tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &r, 0, size))
                 .await
                 .map_err(|e| HostError::Internal(e.to_string()))??;
             Some(busy)
@@ -967,18 +980,396 @@ async fn change_media(
 ) -> ApiResult<Json<Vm>> {
     require_vm(&p, Role::Operator, &id)?;
     let Json(req) = body?;
+    let record = app.host.record(&id)?;
+    let drive = req.drive.clone().unwrap_or_else(|| "cdrom0".into());
+    let Some(DriveSlot::Cdrom(n)) = drive_slot(&record, &drive) else {
+        return Err(ApiError::not_found(format!("VM {} has no CD/DVD drive {drive:?}", record.name)));
+    };
     let path = req.image.as_deref().map(|i| app.host.resolve_image(i, false)).transpose()?;
     if app.host.pid(&id).is_some() {
+        let drive = Some(drive.clone());
         let request = match path {
-            Some(path) => Request::AttachMedia { path, drive: None },
-            None => Request::EjectMedia { drive: None },
+            Some(path) => Request::AttachMedia { path, drive },
+            None => Request::EjectMedia { drive },
         };
         app.host.control(&id, request).await?;
     }
     Ok(Json(app.host.update(&id, |r, _| {
-        r.media = req.image;
+        match n {
+            0 => r.media = req.image,
+            n => {
+                let c = r.extra_cdroms.get_mut(n - 1).ok_or_else(|| HostError::Conflict("the drive is gone".into()))?;
+                c.media = req.image;
+            }
+        }
         Ok(())
     })?))
+}
+
+/// Where drive `drive` (`disk1`, `cdrom0`) of VM `r` is in its definition.
+fn drive_slot(r: &VmRecord, drive: &str) -> Option<DriveSlot> {
+    crate::host::drive_slots(r).into_iter().find(|(id, _)| id == drive).map(|(_, s)| s)
+}
+
+/// The drive of VM `id` at `slot`, as the API shows it.
+fn drive_info(app: &App, id: &str, slot: DriveSlot) -> ApiResult<DriveInfo> {
+    let r = app.host.record(id)?;
+    let index = crate::host::drive_slots(&r).iter().position(|(_, s)| *s == slot);
+    index
+        .and_then(|i| crate::host::drives(&r, &app.host.store).into_iter().nth(i))
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the drive is not listed"))
+}
+
+fn field(field: &str, message: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), message: message.into() }
+}
+
+/// Why the drives of VM `r` cannot be added or removed now (409 `conflict`, the reasons under `state`):
+/// hot-plug is not supported by the engine, a saved machine state (suspended, or a snapshot's) expects the
+/// drives it was saved with, and with `disks` a snapshot freezes every disk and a linked clone's base never
+/// changes.
+fn drive_set_frozen(app: &App, r: &VmRecord, disks: bool) -> Option<ApiError> {
+    let why = if app.host.pid(&r.id).is_some() {
+        "the VM is running: drives are added and removed while it is stopped (the engine has no hot-plug); power \
+         it off first"
+            .to_owned()
+    } else if r.suspended.is_some() {
+        "the VM is suspended: its saved state expects the drives it has; start it and shut it down (or power it \
+         off) first"
+            .to_owned()
+    } else if disks && !r.snapshots.is_empty() {
+        format!(
+            "the VM has snapshots ({}): each one holds a layer of every disk it had; delete the VM's snapshots \
+             first",
+            r.snapshots.len()
+        )
+    } else if let Some(s) = r.snapshots.iter().find(|s| s.state.is_some()) {
+        format!("snapshot {:?} holds a running machine with the drives the VM has now: delete it first", s.name)
+    } else {
+        return None;
+    };
+    Some(ApiError::fields(StatusCode::CONFLICT, "conflict", vec![field("state", why)]))
+}
+
+/// How many disks (the cloud-init seed counted) and CD/DVD drives VM `r` has.
+fn drive_counts(r: &VmRecord) -> (usize, usize) {
+    let slots = crate::host::drive_slots(r);
+    let cds = slots.iter().filter(|(_, s)| matches!(s, DriveSlot::Cdrom(_))).count();
+    (slots.len() - cds, cds)
+}
+
+/// `POST /vms/{id}/disks`: a new disk (empty, or a copy of a library image) after the VM's others.
+async fn add_disk(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<DriveInfo>)> {
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(mut value) = body?;
+    let record = app.host.record(&id)?;
+    let mut errors = Vec::new();
+    // An unknown format is the `format` field's fault, said like the other fields' reasons.
+    if let Some(f) = value.get("format").filter(|f| !f.is_null())
+        && serde_json::from_value::<DiskFormat>(f.clone()).is_err()
+    {
+        errors.push(field("format", format!("{f} is not a disk format: use qcow2 (the default) or raw")));
+        if let Some(o) = value.as_object_mut() {
+            o.remove("format");
+        }
+    }
+    let req: AddDisk = serde_json::from_value(value).map_err(|e| ApiError::bad(format!("the request: {e}")))?;
+    let format = req.format.unwrap_or_default();
+    match (req.size_gib, &req.image) {
+        (None, None) => errors.push(field("size_gib", "give the new disk's size (or an image to copy)")),
+        (Some(0), _) => errors.push(field("size_gib", "at least 1 GiB")),
+        (Some(g), _) if g > MAX_DISK_GIB => errors.push(field("size_gib", format!("at most {MAX_DISK_GIB} GiB"))),
+        _ => {}
+    }
+    let source = match req.image.as_deref().map(|i| app.host.resolve_image(i, false)).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            errors.push(field("image", e.to_string()));
+            None
+        }
+    };
+    if let Some(path) = &source
+        && crate::store::image_facts(path).0 == porthole_api::ImageFormat::Iso
+    {
+        errors.push(field("image", "it is an ISO: put it in a CD/DVD drive (POST /vms/{id}/media)"));
+    }
+    let (disks, cds) = drive_counts(&record);
+    if disks >= porthole_api::MAX_DISKS {
+        errors.push(field("drives", format!("the VM has {disks} disks, the most it may have")));
+    } else if disks + cds >= porthole_api::MAX_DRIVES {
+        errors.push(field("drives", format!("the VM has {} drives, the most the engine takes", disks + cds)));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
+    }
+    if let Some(e) = drive_set_frozen(&app, &record, true) {
+        return Err(e);
+    }
+    let busy = app.host.begin(&id, "adding a disk")?;
+    if app.host.pid(&id).is_some() {
+        return Err(ApiError::conflict("the VM started meanwhile: try again"));
+    }
+    let slot = crate::disks::disk_slots(&record).len();
+    let dir = app.host.store.vm_dir(&id);
+    let ext = if format == DiskFormat::Raw { "img" } else { "qcow2" };
+    let file = match (slot, format) {
+        (0, DiskFormat::Qcow2) => crate::disks::QCOW2_DISK.to_owned(),
+        (0, DiskFormat::Raw) => crate::disks::RAW_DISK.to_owned(),
+        _ => loop {
+            let f = format!("disk-{}.{ext}", random_hex(4));
+            if !dir.join(&f).exists() {
+                break f;
+            }
+        },
+    };
+    let target = dir.join(&file);
+    if target.exists() {
+        return Err(ApiError::conflict(format!("{} exists already in the VM's folder", target.display())));
+    }
+    let size_gib = req.size_gib;
+    let made = tokio::task::spawn_blocking(move || -> Result<u64, HostError> {
+        use vmm_core::disk;
+        let internal = |e: disk::DiskError| HostError::Internal(e.to_string());
+        let wanted = size_gib.unwrap_or(0) << 30;
+        match source {
+            Some(source) => {
+                disk::copy_image(&source, &[], &target, crate::disks::to_image_format(format), &mut |_, _| {})
+                    .map_err(|e| match e {
+                        disk::DiskError::Create { .. } => internal(e),
+                        other => HostError::BadRequest(format!("the image cannot be used as a disk: {other}")),
+                    })?;
+                let size = disk::image_size(&target, &[]).map_err(internal)?;
+                if wanted > size {
+                    disk::grow_image(&target, &[], wanted).map_err(internal)?;
+                }
+                Ok(size.max(wanted))
+            }
+            None => {
+                match format {
+                    DiskFormat::Qcow2 => disk::create_qcow2(&target, wanted, None),
+                    DiskFormat::Raw => disk::create_raw_image(&target, wanted),
+                }
+                .map_err(internal)?;
+                Ok(wanted)
+            }
+        }
+    })
+    .await
+    .map_err(|e| HostError::Internal(e.to_string()))
+    .and_then(|r| r);
+    let saved = made.and_then(|size| {
+        app.host.update(&id, |r, running| {
+            if running || !r.snapshots.is_empty() || crate::disks::disk_slots(r).len() != slot {
+                return Err(HostError::Conflict("the VM changed meanwhile: try again".into()));
+            }
+            if slot == 0 {
+                r.disk = Some(DiskRecord { format, top: file.clone(), below: None });
+                r.disk_bytes = size;
+            } else {
+                r.extra_disks.push(ExtraDisk { format, top: file.clone(), below: None, size_bytes: size });
+            }
+            Ok(())
+        })
+    });
+    drop(busy);
+    if let Err(e) = saved {
+        let _ = std::fs::remove_file(dir.join(&file));
+        return Err(e.into());
+    }
+    Ok((StatusCode::CREATED, Json(drive_info(&app, &id, DriveSlot::Disk(slot))?)))
+}
+
+/// `DELETE /vms/{id}/disks/{drive}`: a disk other than the boot disk goes, with its file.
+async fn remove_disk(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, drive)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    require_vm(&p, Role::Admin, &id)?;
+    let record = app.host.record(&id)?;
+    let slot = match drive_slot(&record, &drive) {
+        Some(DriveSlot::Disk(0)) => {
+            return Err(ApiError::conflict(
+                "disk0 is the VM's boot disk (its snapshots, clones and cloud-init stand on it): it cannot be \
+                 removed; delete the VM instead",
+            ));
+        }
+        Some(DriveSlot::Seed) => {
+            return Err(ApiError::conflict("the cloud-init seed belongs to the cloud image VM: it cannot be removed"));
+        }
+        Some(DriveSlot::Disk(n)) => n,
+        _ => return Err(ApiError::not_found(format!("VM {} has no disk {drive:?}", record.name))),
+    };
+    if let Some(e) = drive_set_frozen(&app, &record, true) {
+        return Err(e);
+    }
+    let clones = crate::disks::clones_of(&app.host.records(), &id);
+    if !clones.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "the VM's disks are the read-only base of linked clones (used by: {}): delete them first",
+            clones.join(", ")
+        )));
+    }
+    let _busy = app.host.begin(&id, "removing a disk")?;
+    let top = record.extra_disks.get(slot - 1).map(|e| e.top.clone());
+    app.host.update(&id, |r, running| {
+        if running || !r.snapshots.is_empty() || r.extra_disks.get(slot - 1).map(|e| &e.top) != top.as_ref() {
+            return Err(HostError::Conflict("the VM changed meanwhile: try again".into()));
+        }
+        r.extra_disks.remove(slot - 1);
+        Ok(())
+    })?;
+    if let Some(top) = top {
+        let _ = std::fs::remove_file(app.host.store.vm_dir(&id).join(top));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /vms/{id}/disks/{drive}/size`: grows a disk.
+async fn grow_disk(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, drive)): Path<(String, String)>,
+    body: Result<Json<GrowDisk>, JsonRejection>,
+) -> ApiResult<Json<DriveInfo>> {
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(req) = body?;
+    let record = app.host.record(&id)?;
+    let Some(DriveSlot::Disk(slot)) = drive_slot(&record, &drive) else {
+        return Err(ApiError::not_found(format!("VM {} has no disk {drive:?} that can grow", record.name)));
+    };
+    let now = crate::disks::slot_size(&record, slot);
+    let size = req.size_bytes;
+    let clones = crate::disks::clones_of(&app.host.records(), &id);
+    let refused = if size < now {
+        Some(format!("a disk only grows: it is {now} bytes"))
+    } else if size % vmm_core::disk::SECTOR_SIZE != 0 {
+        Some("give a multiple of 512 bytes".into())
+    } else if size > MAX_DISK_GIB << 30 {
+        Some(format!("at most {MAX_DISK_GIB} GiB"))
+    } else if !clones.is_empty() {
+        Some(format!("the disk is the read-only base of linked clones (used by: {})", clones.join(", ")))
+    } else {
+        None
+    };
+    if let Some(why) = refused {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", vec![field("size_bytes", why)]));
+    }
+    if size == now {
+        return drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json);
+    }
+    let running = app.host.pid(&id).is_some() || record.suspended.is_some();
+    if running {
+        if slot != 0 {
+            return Err(ApiError::fields(
+                StatusCode::CONFLICT,
+                "conflict",
+                vec![field("state", "the VM is running or suspended: its other disks grow while it is stopped")],
+            ));
+        }
+        // The boot disk grows at the next start, as PATCH disk_bytes does.
+        app.host.update(&id, |r, _| {
+            crate::host::add_pending(r, UpdateVm { disk_bytes: Some(size), ..UpdateVm::default() });
+            Ok(())
+        })?;
+        return drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json);
+    }
+    let _busy = app.host.begin(&id, "growing a disk")?;
+    if app.host.pid(&id).is_some() {
+        return Err(ApiError::conflict("the VM started meanwhile: try again"));
+    }
+    let (host, all, r) = (app.host.clone(), app.host.records(), record.clone());
+    tokio::task::spawn_blocking(move || crate::disks::grow(&host, &all, &r, slot, size))
+        .await
+        .map_err(|e| HostError::Internal(e.to_string()))??;
+    app.host.update(&id, |r, _| {
+        if slot == 0 {
+            r.disk_bytes = r.disk_bytes.max(size);
+            crate::host::add_pending(r, UpdateVm::default());
+        } else if let Some(e) = r.extra_disks.get_mut(slot - 1) {
+            e.size_bytes = e.size_bytes.max(size);
+        }
+        Ok(())
+    })?;
+    drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json)
+}
+
+/// `POST /vms/{id}/cdroms`: a CD/DVD drive after the others.
+async fn add_cdrom(
+    State(app): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    body: Result<Json<AddCdrom>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<DriveInfo>)> {
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(req) = body?;
+    let record = app.host.record(&id)?;
+    let mut errors = Vec::new();
+    if let Some(Err(e)) = req.image.as_deref().map(|i| app.host.resolve_image(i, false)) {
+        errors.push(field("image", e.to_string()));
+    }
+    let (disks, cds) = drive_counts(&record);
+    if cds >= porthole_api::MAX_CDROMS {
+        errors.push(field("drives", format!("the VM has {cds} CD/DVD drives, the most it may have")));
+    } else if disks + cds >= porthole_api::MAX_DRIVES {
+        errors.push(field("drives", format!("the VM has {} drives, the most the engine takes", disks + cds)));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
+    }
+    if let Some(e) = drive_set_frozen(&app, &record, false) {
+        return Err(e);
+    }
+    let _busy = app.host.begin(&id, "adding a CD/DVD drive")?;
+    let n = record.extra_cdroms.len() + 1;
+    app.host.update(&id, |r, running| {
+        if running || r.extra_cdroms.len() + 1 != n {
+            return Err(HostError::Conflict("the VM changed meanwhile: try again".into()));
+        }
+        r.extra_cdroms.push(CdromRecord { media: req.image });
+        Ok(())
+    })?;
+    Ok((StatusCode::CREATED, Json(drive_info(&app, &id, DriveSlot::Cdrom(n))?)))
+}
+
+/// `DELETE /vms/{id}/cdroms/{drive}`: a CD/DVD drive goes (not the last one); the later ones move up.
+async fn remove_cdrom(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, drive)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    require_vm(&p, Role::Admin, &id)?;
+    let record = app.host.record(&id)?;
+    let Some(DriveSlot::Cdrom(n)) = drive_slot(&record, &drive) else {
+        return Err(ApiError::not_found(format!("VM {} has no CD/DVD drive {drive:?}", record.name)));
+    };
+    if record.extra_cdroms.is_empty() {
+        return Err(ApiError::conflict(
+            "it is the VM's only CD/DVD drive: a VM keeps one (the boot order names it); eject its image instead",
+        ));
+    }
+    if let Some(e) = drive_set_frozen(&app, &record, false) {
+        return Err(e);
+    }
+    let _busy = app.host.begin(&id, "removing a CD/DVD drive")?;
+    let count = record.extra_cdroms.len();
+    app.host.update(&id, |r, running| {
+        if running || r.extra_cdroms.len() != count {
+            return Err(HostError::Conflict("the VM changed meanwhile: try again".into()));
+        }
+        if n == 0 {
+            r.media = r.extra_cdroms.remove(0).media;
+        } else {
+            r.extra_cdroms.remove(n - 1);
+        }
+        Ok(())
+    })?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn console_ticket(

@@ -76,6 +76,42 @@ pub struct VmRecord {
     /// Changes made while the VM ran, applied at its next start from power-on (see `Host::start`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<UpdateVm>,
+    /// The disks after the boot disk (`disk`), in the engine's order (after the cloud-init seed, if any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<ExtraDisk>,
+    /// The CD/DVD drives after the first one (whose image is `media`), in the engine's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_cdroms: Vec<CdromRecord>,
+}
+
+/// A disk after the boot disk: its files like the boot disk's (see `DiskRecord`) and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraDisk {
+    /// The format of its bottom layer (every layer above it is qcow2).
+    pub format: DiskFormat,
+    /// Its present layer (a file of the VM's folder).
+    pub top: String,
+    /// What its bottom layer is an overlay of (a linked clone's: the same disk of the VM it was cloned from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<Below>,
+    /// The size the guest sees.
+    pub size_bytes: u64,
+}
+
+impl ExtraDisk {
+    pub fn record(&self) -> DiskRecord {
+        DiskRecord { format: self.format, top: self.top.clone(), below: self.below.clone() }
+    }
+}
+
+/// A CD/DVD drive after the first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdromRecord {
+    /// The library image in it (none: empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<String>,
 }
 
 /// A VM's disk: its present layer and what its bottom layer stands on.
@@ -118,6 +154,10 @@ pub struct SnapshotRecord {
     /// The machine-state file (a file of the VM's folder) of a snapshot taken while the VM ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// The frozen layers of the VM's other disks (`VmRecord::extra_disks`, in their order): a snapshot
+    /// freezes every disk, and a VM's set of disks cannot change while it has snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_layers: Vec<String>,
 }
 
 /// What a cloud image VM's seed says.

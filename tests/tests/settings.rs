@@ -328,3 +328,401 @@ async fn a_grown_disk_with_snapshots_grows_its_present_layer_and_a_revert_brings
     assert_eq!(back.disk_bytes, GIB, "{back:?}");
     assert_eq!(qemu_img_info(&top(&d, &vm.id)).1, GIB);
 }
+
+// ---- several disks and CD/DVD drives ----
+
+/// A VM of the virtio-blk micro-guest (it finds up to 4 virtio-blk disks) with a 1 GiB qcow2 disk.
+fn blk_vm(name: &str) -> CreateVm {
+    CreateVm {
+        boot: Some(BootSpec {
+            kernel: porthole_guests::path("virtio-blk").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        disk_gib: 1,
+        nics: Some(Vec::new()),
+        ..CreateVm::new(name, 1, 64)
+    }
+}
+
+/// Boots VM `id`'s virtio-blk micro-guest with `words` on its command line and waits for its end; returns
+/// its serial lines.
+async fn run_blk(c: &Client, id: &str, words: &str) -> Vec<String> {
+    let boot = BootSpec {
+        kernel: porthole_guests::path("virtio-blk").display().to_string(),
+        initrd: None,
+        cmdline: words.into(),
+    };
+    c.update_vm(id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
+    c.action(id, Action::Start).await.unwrap();
+    let vm = wait_state(c, id, VmState::Stopped).await;
+    let lines = c.serial(id, 200).await.unwrap().lines;
+    assert!(lines.iter().any(|l| l.contains("BLK done")), "{vm:?}\n{lines:#?}");
+    lines
+}
+
+fn blk_line<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
+}
+
+/// The FNV sums the guest printed for its reads of `read=0,1` on disks 0 and 1.
+fn sums(lines: &[String]) -> (String, String) {
+    let sum =
+        |disk: u32| blk_line(lines, &format!("BLK read disk={disk} sector=0")).split("sum=").nth(1).unwrap().to_owned();
+    (sum(0), sum(1))
+}
+
+/// The file of VM `id`'s disk after the boot disk number `n` (1: the first), from its definition.
+fn extra_top(d: &Daemon, id: &str, n: usize) -> PathBuf {
+    let dir = d.data.join("vms").join(id);
+    let def: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("vm.json")).unwrap()).unwrap();
+    dir.join(def["extra_disks"][n - 1]["top"].as_str().unwrap())
+}
+
+/// What the running VM's engine says about its drives (id, media file name).
+fn engine_drives(d: &Daemon, id: &str) -> Vec<(String, Option<String>)> {
+    let control = d.run.join("vms").join(id).join("control.sock");
+    let mut client = vmm_core::control::ControlClient::connect(&control).unwrap();
+    let status = client.request(&vmm_core::control::Request::Status).unwrap().status.unwrap();
+    status
+        .drives
+        .iter()
+        .map(|dr| {
+            let media = dr.media.as_ref().and_then(|m| m.file_name()).map(|n| n.to_string_lossy().into_owned());
+            (dr.id.clone(), media)
+        })
+        .collect()
+}
+
+fn drive_ids(vm: &Vm) -> Vec<String> {
+    vm.drives.iter().map(|d| d.id.clone()).collect()
+}
+
+/// `curl` against the daemon's Unix socket: (HTTP status, body).
+fn curl(d: &Daemon, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(d.socket())
+        .args(["-X", method, "-H", "content-type: application/json", "-d", body])
+        .arg(format!("http://localhost/api/v1{path}"))
+        .output()
+        .expect("curl runs");
+    let out = text(&out.stdout);
+    let (body, status) = out.trim_end().rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_and_cd_drives_are_added_seen_by_the_guest_grown_and_removed() {
+    let dir = Scratch::new("settings-drives");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    // A raw library image whose first sector the guest reads back, and an ISO-sized file for the CD drive.
+    let images = d.data.join("images");
+    let mut base = vec![0u8; 4 << 20];
+    base[..512].iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+    std::fs::write(images.join("base.img"), &base).unwrap();
+    let mut iso = vec![0u8; 64 * 2048];
+    iso[32_769..32_774].copy_from_slice(b"CD001"); // an ISO 9660 volume descriptor's mark
+    std::fs::write(images.join("cd.iso"), iso).unwrap();
+    let vm = c.create_vm(&blk_vm("drives")).await.unwrap();
+    let id = vm.id.clone();
+    assert_eq!(drive_ids(&vm), ["disk0", "cdrom0"]);
+
+    // A new empty disk (qcow2 by default) and a raw copy of the library image.
+    let d1 = c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(2), ..Default::default() }).await.unwrap();
+    assert_eq!((d1.id.as_str(), d1.format, d1.size_bytes), ("disk1", Some(DiskFormat::Qcow2), 2 * GIB));
+    let copy = porthole_api::AddDisk { image: Some("base.img".into()), format: Some(DiskFormat::Raw), size_gib: None };
+    let d2 = c.add_disk(&id, &copy).await.unwrap();
+    assert_eq!((d2.id.as_str(), d2.format, d2.size_bytes), ("disk2", Some(DiskFormat::Raw), 4 << 20));
+    assert_eq!(qemu_img_info(&extra_top(&d, &id, 1)), ("qcow2".to_owned(), 2 * GIB));
+    assert_eq!(qemu_img_info(&extra_top(&d, &id, 2)), ("raw".to_owned(), 4 << 20));
+    assert_eq!(std::fs::read(extra_top(&d, &id, 2)).unwrap(), base, "a copy of the image");
+    // A second CD/DVD drive with the ISO in it.
+    let cd1 = c.add_cdrom(&id, Some("cd.iso")).await.unwrap();
+    assert_eq!((cd1.id.as_str(), cd1.kind, cd1.media.as_deref()), ("cdrom1", DriveKind::Cdrom, Some("cd.iso")));
+    let got = c.vm(&id).await.unwrap();
+    assert_eq!(drive_ids(&got), ["disk0", "disk1", "disk2", "cdrom0", "cdrom1"]);
+    assert!(
+        got.drives
+            .iter()
+            .all(|dr| dr.bus == if dr.kind == DriveKind::Disk { "virtio-blk" } else { "SCSI CD-ROM (virtio-scsi)" })
+    );
+    let used: Vec<_> = c.images().await.unwrap().into_iter().filter(|i| i.name == "cd.iso").collect();
+    assert_eq!(used[0].used_by, ["drives"], "the second drive's ISO is in use");
+
+    // Disk 1 grows (never shrinks).
+    let grown = c.grow_disk(&id, "disk1", 3 * GIB).await.unwrap();
+    assert_eq!(grown.size_bytes, 3 * GIB);
+    assert_eq!(qemu_img_info(&extra_top(&d, &id, 1)).1, 3 * GIB);
+    let e = c.grow_disk(&id, "disk1", GIB).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["size_bytes"], "{e}");
+
+    // The guest finds the three disks with their sizes; it writes disk 1 and reads the copied image on disk 2.
+    let lines = run_blk(&c, &id, "disk=1 write=0,1,5 flush disk=2 read=0,1").await;
+    assert_eq!(blk_line(&lines, "BLK found="), "BLK found=3", "{lines:#?}");
+    assert!(blk_line(&lines, "BLK disk=1 ").contains(&format!("capacity={}", 3 * GIB / 512)), "{lines:#?}");
+    assert!(blk_line(&lines, "BLK disk=2 ").contains(&format!("capacity={}", (4 << 20) / 512)), "{lines:#?}");
+    assert!(blk_line(&lines, "BLK write disk=1").ends_with("status=0"), "{lines:#?}");
+    assert!(blk_line(&lines, "BLK read disk=2").contains("status=0"), "{lines:#?}");
+    let out = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", "-c", "read -P 5 0 1", extra_top(&d, &id, 1).to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!text(&out.stdout).contains("Pattern verification failed"), "{}", text(&out.stdout));
+
+    // Running: the engine has every drive in order, the ISO in the second CD drive; the drive set is frozen.
+    let boot = BootSpec { cmdline: "hang".into(), ..blk_vm("x").boot.unwrap() };
+    c.update_vm(&id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
+    c.action(&id, Action::Start).await.unwrap();
+    let args = vmm_args(&d, &id);
+    assert_eq!(args.iter().filter(|a| *a == "--disk").count(), 3, "{args:?}");
+    assert_eq!(args.iter().filter(|a| *a == "--cdrom").count(), 2, "{args:?}");
+    let engine = engine_drives(&d, &id);
+    let ids: Vec<&str> = engine.iter().map(|(i, _)| i.as_str()).collect();
+    assert_eq!(ids, ["disk0", "disk1", "disk2", "cdrom0", "cdrom1"]);
+    assert_eq!(engine[4].1.as_deref(), Some("cd.iso"));
+    let e = c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["state"], "{e}");
+    assert!(e.to_string().contains("running"), "{e}");
+    assert_eq!(refused_fields(&c.add_cdrom(&id, None).await.unwrap_err()), ["state"]);
+    assert!(c.remove_disk(&id, "disk2").await.is_err());
+    let e = c.grow_disk(&id, "disk1", 4 * GIB).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["state"], "{e}");
+    // Media changes live, per drive.
+    c.change_drive_media(&id, Some("cdrom1"), None).await.unwrap();
+    c.change_drive_media(&id, Some("cdrom0"), Some("cd.iso")).await.unwrap();
+    let engine = engine_drives(&d, &id);
+    assert_eq!((engine[3].1.as_deref(), engine[4].1.as_deref()), (Some("cd.iso"), None));
+    let got = c.vm(&id).await.unwrap();
+    assert_eq!((got.drives[3].media.as_deref(), got.drives[4].media.as_deref()), (Some("cd.iso"), None));
+    let e = c.change_drive_media(&id, Some("cdrom7"), None).await.unwrap_err();
+    assert!(e.to_string().contains("cdrom7"), "{e}");
+    c.action(&id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &id, VmState::Stopped).await;
+
+    // Refused requests name their fields.
+    let e = c
+        .add_disk(
+            &id,
+            &porthole_api::AddDisk { size_gib: Some(0), image: Some("nope.img".into()), ..Default::default() },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused_fields(&e), ["image", "size_gib"], "{e}");
+    let e = c.add_disk(&id, &porthole_api::AddDisk { image: Some("cd.iso".into()), ..Default::default() }).await;
+    assert!(e.unwrap_err().to_string().contains("ISO"));
+    let (status, body) = curl(&d, "POST", &format!("/vms/{id}/disks"), r#"{"size_gib":1,"format":"vmdk"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["fields"][0]["field"], "format", "{body}");
+    // Up to 6 disks and 8 drives in all: three more disks fit, a fourth does not.
+    for n in 3..6 {
+        let dr = c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap();
+        assert_eq!(dr.id, format!("disk{n}"));
+    }
+    let e = c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["drives"], "{e}");
+    assert_eq!(refused_fields(&c.add_cdrom(&id, None).await.unwrap_err()), ["drives"]);
+
+    // Removing: the boot disk stays; another disk goes with its file; the later disks move up.
+    let e = c.remove_disk(&id, "disk0").await.unwrap_err();
+    assert!(e.to_string().contains("boot disk"), "{e}");
+    let file = extra_top(&d, &id, 2);
+    c.remove_disk(&id, "disk2").await.unwrap();
+    assert!(!file.exists(), "its file is deleted");
+    for n in (2..5).rev() {
+        c.remove_disk(&id, &format!("disk{n}")).await.unwrap();
+    }
+    let got = c.vm(&id).await.unwrap();
+    assert_eq!(drive_ids(&got), ["disk0", "disk1", "cdrom0", "cdrom1"]);
+    assert_eq!(got.drives[1].size_bytes, 3 * GIB, "disk1 is the grown one");
+    // The first CD drive goes: the second one (empty) moves up; the last one stays.
+    c.remove_cdrom(&id, "cdrom0").await.unwrap();
+    let got = c.vm(&id).await.unwrap();
+    assert_eq!(drive_ids(&got), ["disk0", "disk1", "cdrom0"]);
+    assert_eq!(got.drives[2].media, None);
+    let e = c.remove_cdrom(&id, "cdrom0").await.unwrap_err();
+    assert!(e.to_string().contains("only CD/DVD drive"), "{e}");
+    // A new daemon reads the same drives from vm.json.
+    drop(c);
+    drop(d);
+    let d = Daemon::start(&dir, false, &[]);
+    assert_eq!(drive_ids(&d.local().vm(&id).await.unwrap()), ["disk0", "disk1", "cdrom0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_clones_of_a_vm_with_two_disks_cover_both_disks() {
+    let dir = Scratch::new("settings-drives-snap");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&blk_vm("two")).await.unwrap();
+    let id = vm.id.clone();
+    c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap();
+    let before =
+        sums(&run_blk(&c, &id, "write=0,1,1 flush disk=1 write=0,1,2 flush disk=0 read=0,1 disk=1 read=0,1").await);
+    assert_ne!(before.0, before.1, "different bytes on each disk");
+
+    let take = porthole_api::TakeSnapshot { name: "both".into(), description: String::new(), with_state: None };
+    let sid = done(&c, c.take_snapshot(&id, &take).await.unwrap()).await;
+    let tree = c.snapshots(&id).await.unwrap();
+    assert_eq!(tree.snapshots.len(), 1);
+    // Both disks moved onto new layers; the frozen ones are in the definition.
+    let def: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data.join("vms").join(&id).join("vm.json")).unwrap()).unwrap();
+    assert_eq!(def["snapshots"][0]["extra_layers"].as_array().unwrap().len(), 1, "{def}");
+    assert!(extra_top(&d, &id, 1).file_name().unwrap().to_str().unwrap().starts_with("layer-"));
+    // The drive set cannot change while the VM has snapshots.
+    let e = c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap_err();
+    assert!(e.to_string().contains("delete the VM's snapshots first"), "{e}");
+    assert_eq!(refused_fields(&e), ["state"]);
+    assert!(c.remove_disk(&id, "disk1").await.unwrap_err().to_string().contains("snapshots"));
+
+    // Both disks change, then the revert brings both back.
+    let changed =
+        sums(&run_blk(&c, &id, "write=0,1,3 flush disk=1 write=0,1,4 flush disk=0 read=0,1 disk=1 read=0,1").await);
+    assert!(changed.0 != before.0 && changed.1 != before.1);
+    done(&c, c.revert_snapshot(&id, &sid, false).await.unwrap()).await;
+    assert_eq!(sums(&run_blk(&c, &id, "read=0,1 disk=1 read=0,1").await), before, "both disks as they were");
+    qemu_img_check(&extra_top(&d, &id, 1));
+
+    // A running VM with two disks: a disk-only snapshot is refused (one disk moves at a time).
+    // The ticker micro-guest, saved once it ticks (a machine is saved once its vCPUs run).
+    let boot = BootSpec { kernel: porthole_guests::path("ticker").display().to_string(), ..idle_boot() };
+    c.update_vm(&id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
+    c.action(&id, Action::Start).await.unwrap();
+    let live = porthole_api::TakeSnapshot { name: "live".into(), description: String::new(), with_state: Some(false) };
+    let e = c.take_snapshot(&id, &live).await.unwrap_err();
+    assert!(e.to_string().contains("2 disks"), "{e}");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !c.serial(&id, 100).await.unwrap().lines.iter().any(|l| !l.trim().is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "the ticker never ticked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // With its machine state: both disks frozen, the VM runs on with the same drives.
+    let with = porthole_api::TakeSnapshot { name: "running".into(), description: String::new(), with_state: None };
+    let rid = done(&c, c.take_snapshot(&id, &with).await.unwrap()).await;
+    // The engine's drives: both disks on their present layers (from the definition), the CD/DVD drive.
+    let running_drives = || {
+        let name = |p: PathBuf| Some(p.file_name().unwrap().to_string_lossy().into_owned());
+        vec![
+            ("disk0".to_owned(), name(top(&d, &id))),
+            ("disk1".to_owned(), name(extra_top(&d, &id, 1))),
+            ("cdrom0".to_owned(), None),
+        ]
+    };
+    wait_state(&c, &id, VmState::Running).await;
+    assert_eq!(engine_drives(&d, &id), running_drives());
+    let def: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data.join("vms").join(&id).join("vm.json")).unwrap()).unwrap();
+    assert_eq!(def["snapshots"][1]["extra_layers"].as_array().unwrap().len(), 1, "{def}");
+    // Suspended: the drive set stays as the saved state has it; the resumed VM has both disks.
+    c.action(&id, Action::Suspend).await.unwrap();
+    wait_state(&c, &id, VmState::Suspended).await;
+    let e = c.add_cdrom(&id, None).await.unwrap_err();
+    assert!(e.to_string().contains("suspended"), "{e}");
+    c.action(&id, Action::Start).await.unwrap();
+    assert_eq!(engine_drives(&d, &id), running_drives());
+    c.action(&id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &id, VmState::Stopped).await;
+    // A snapshot holding a machine state freezes the CD/DVD drives too.
+    let e = c.add_cdrom(&id, None).await.unwrap_err();
+    assert!(e.to_string().contains("holds a running machine"), "{e}");
+    // Reverting to it resumes the machine on both disks.
+    done(&c, c.revert_snapshot(&id, &rid, false).await.unwrap()).await;
+    wait_state(&c, &id, VmState::Running).await;
+    assert_eq!(engine_drives(&d, &id), running_drives());
+    c.action(&id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &id, VmState::Stopped).await;
+    done(&c, c.delete_snapshot(&id, &rid).await.unwrap()).await;
+
+    // Full and linked clones get both disks with the same contents.
+    for linked in [false, true] {
+        let name = if linked { "linked" } else { "full" };
+        let clone = porthole_api::CloneVm { name: name.into(), linked };
+        let cid = done(&c, c.clone_vm(&id, &clone).await.unwrap()).await;
+        let cvm = c.vm(&cid).await.unwrap();
+        assert_eq!(drive_ids(&cvm), ["disk0", "disk1", "cdrom0"], "{name}");
+        if !linked {
+            let def: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(d.data.join("vms").join(&cid).join("vm.json")).unwrap()).unwrap();
+            assert_eq!(def["extra_disks"][0]["top"], "disk1.qcow2", "{def}");
+        }
+        assert_eq!(sums(&run_blk(&c, &cid, "read=0,1 disk=1 read=0,1").await), before, "{name}");
+        c.delete_vm(&cid).await.unwrap();
+    }
+
+    // Deleting the snapshot merges both disks' layers; the contents stay.
+    let present = sums(&run_blk(&c, &id, "disk=1 write=0,1,9 flush disk=0 read=0,1 disk=1 read=0,1").await);
+    let task = c.delete_snapshot(&id, &sid).await.unwrap();
+    done(&c, task).await;
+    assert!(c.snapshots(&id).await.unwrap().snapshots.is_empty());
+    assert_eq!(sums(&run_blk(&c, &id, "read=0,1 disk=1 read=0,1").await), present);
+    let files: Vec<String> = std::fs::read_dir(d.data.join("vms").join(&id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("qcow2"))
+        .collect();
+    assert_eq!(files.len(), 2, "one file per disk left: {files:?}");
+    // Without snapshots the second disk can go again.
+    c.remove_disk(&id, "disk1").await.unwrap();
+}
+
+/// Waits for a task to end and returns it.
+async fn ended(c: &Client, task: porthole_api::Task) -> porthole_api::Task {
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut t = task;
+    while t.state == porthole_api::TaskState::Running {
+        assert!(std::time::Instant::now() < deadline, "task never ended: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t = c.task(&t.id).await.unwrap();
+    }
+    t
+}
+
+/// The names of the files in VM `id`'s folder, and its definition's bytes.
+fn folder(d: &Daemon, id: &str) -> (Vec<String>, Vec<u8>) {
+    let dir = d.data.join("vms").join(id);
+    let mut files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    (files, std::fs::read(dir.join("vm.json")).unwrap())
+}
+
+/// A snapshot take or revert that fails on the second disk (its image made unreadable) leaves the VM as it
+/// was: no new layer of the first disk is kept, the definition is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_fails_on_the_second_disk_changes_nothing() {
+    let dir = Scratch::new("settings-drives-atomic");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let id = c.create_vm(&blk_vm("halfway")).await.unwrap().id;
+    c.add_disk(&id, &porthole_api::AddDisk { size_gib: Some(1), ..Default::default() }).await.unwrap();
+    let second = extra_top(&d, &id, 1);
+    let good = std::fs::read(&second).unwrap();
+    // A qcow2 header of version 0: no image can be read from it.
+    let mut bad = b"QFI\xfb".to_vec();
+    bad.resize(512, 0);
+    std::fs::write(&second, &bad).unwrap();
+    let before = folder(&d, &id);
+    let take = porthole_api::TakeSnapshot { name: "s".into(), description: String::new(), with_state: None };
+    let t = ended(&c, c.take_snapshot(&id, &take).await.unwrap()).await;
+    assert_eq!(t.state, porthole_api::TaskState::Failed, "{t:?}");
+    assert_eq!(folder(&d, &id), before, "no layer kept, the definition unchanged");
+    assert!(c.snapshots(&id).await.unwrap().snapshots.is_empty());
+
+    // The same for a revert: the second disk's frozen layer unreadable.
+    std::fs::write(&second, &good).unwrap();
+    let sid = done(&c, c.take_snapshot(&id, &take).await.unwrap()).await;
+    let def: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.data.join("vms").join(&id).join("vm.json")).unwrap()).unwrap();
+    let frozen = d.data.join("vms").join(&id).join(def["snapshots"][0]["extra_layers"][0].as_str().unwrap());
+    assert_eq!(frozen, second, "the disk's former present layer is the snapshot's");
+    std::fs::write(&frozen, &bad).unwrap();
+    let before = folder(&d, &id);
+    let t = ended(&c, c.revert_snapshot(&id, &sid, false).await.unwrap()).await;
+    assert_eq!(t.state, porthole_api::TaskState::Failed, "{t:?}");
+    assert_eq!(folder(&d, &id), before, "no layer kept, the definition unchanged");
+    std::fs::write(&frozen, &good).unwrap();
+    done(&c, c.revert_snapshot(&id, &sid, false).await.unwrap()).await;
+    qemu_img_check(&extra_top(&d, &id, 1));
+}

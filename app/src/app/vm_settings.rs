@@ -1,15 +1,21 @@
 //! The *Settings* view of a VM (opened from its details): General (name, description, tags, autostart),
-//! Hardware (vCPUs, memory), Disks (size, grown only; format and bus shown), CD/DVD (insert, eject),
-//! Boot (firmware with its boot order and menu, or a kernel; the display's resolution) and Network (the
-//! details' network cards section). *Apply* sends one `PATCH /vms/{id}` with what changed; the host checks
-//! every field and a refusal puts each field's reason under its widget. On a running VM the hardware, boot,
-//! display and disk-size changes wait for its next start, and the view says which do.
+//! Hardware (vCPUs, memory), Disks (a row per disk with its bus, format and size; the boot disk's size in the
+//! form, the others grown and removed on their row; a new empty disk or a copy of a library image added), CD/DVD
+//! (a row per drive: insert, eject, remove; a drive added), Boot (firmware with its boot order and menu, or a
+//! kernel; the display's resolution) and Network (the details' network cards section). *Apply* sends one
+//! `PATCH /vms/{id}` with what changed; the host checks every field and a refusal puts each field's reason
+//! under its widget. On a running VM the hardware, boot, display and disk-size changes wait for its next
+//! start, and the view says which do. Drives are added, removed and grown (but disk0) at once through their
+//! own calls, on a stopped VM only (the engine has no hot-plug); media change at once, running or not.
 
 use std::collections::BTreeMap;
 
-use porthole_api::{BootDevice, BootSpec, DisplaySpec, DriveKind, ImageFormat, UpdateVm, Vm, VmState};
+use porthole_api::{
+    AddDisk, BootDevice, BootSpec, DiskFormat, DisplaySpec, DriveKind, ImageFormat, UpdateVm, Vm, VmState,
+};
 
 use super::clones::human_bytes;
+use super::theme;
 use super::{PortholeApp, parse_tags, tag_problem};
 
 const GIB: u64 = 1 << 30;
@@ -107,12 +113,9 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
         }
     }
     if new.disk_gib.trim() != base.disk_gib {
-        match new.disk_gib.trim().parse::<f64>() {
-            // At most 1 Pi (the host refuses more than 64 TiB with its reason); the bytes then fit easily.
-            Ok(g) if g.is_finite() && g > 0.0 && g <= (1u64 << 20) as f64 => {
-                u.disk_bytes = Some(((g * GIB as f64) as u64).div_ceil(512) * 512);
-            }
-            _ => refuse("disk_bytes", "Give the size in GiB, e.g. 20."),
+        match parse_gib(&new.disk_gib) {
+            Some(bytes) => u.disk_bytes = Some(bytes),
+            None => refuse("disk_bytes", "Give the size in GiB, e.g. 20."),
         }
     }
     let kernel_changed = new.kernel != base.kernel || new.initrd != base.initrd || new.cmdline != base.cmdline;
@@ -147,6 +150,91 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
         }
     }
     if errors.is_empty() { Ok(u) } else { Err(errors) }
+}
+
+/// Parses a disk size in GiB as the form takes it (a positive number up to 1 PiB) into whole sectors.
+fn parse_gib(text: &str) -> Option<u64> {
+    match text.trim().parse::<f64>() {
+        // At most 1 Pi (the host refuses more than 64 TiB with its reason); the bytes then fit easily.
+        Ok(g) if g.is_finite() && g > 0.0 && g <= (1u64 << 20) as f64 => {
+            Some(((g * GIB as f64) as u64).div_ceil(512) * 512)
+        }
+        _ => None,
+    }
+}
+
+/// The Disks and CD/DVD sections' own state: the new disk's values, the sizes typed for growing, the drive
+/// whose removal waits for a confirmation, and the answer to the last change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveForm {
+    /// The new disk is a copy of a library image (else new and empty).
+    pub from_image: bool,
+    /// The new empty disk's size in GiB.
+    pub new_gib: String,
+    pub new_format: DiskFormat,
+    /// The library image to copy.
+    pub image: String,
+    /// The sizes typed for growing, by drive id.
+    pub grow: BTreeMap<String, String>,
+    /// The drive whose *Remove* waits for a confirmation.
+    pub confirm: Option<String>,
+    /// The last change's outcome (what was done, or why the host refused).
+    pub message: Option<Result<String, String>>,
+    /// A change was sent; its answer has not come yet.
+    pub waiting: bool,
+}
+
+impl Default for DriveForm {
+    fn default() -> Self {
+        DriveForm {
+            from_image: false,
+            new_gib: "10".into(),
+            new_format: DiskFormat::Qcow2,
+            image: String::new(),
+            grow: BTreeMap::new(),
+            confirm: None,
+            message: None,
+            waiting: false,
+        }
+    }
+}
+
+impl DriveForm {
+    /// The request that adds the disk the form describes, or the form's objection.
+    pub fn add_request(&self) -> Result<AddDisk, String> {
+        if self.from_image {
+            if self.image.is_empty() {
+                return Err("Choose a library image to copy.".into());
+            }
+            return Ok(AddDisk { size_gib: None, format: Some(self.new_format), image: Some(self.image.clone()) });
+        }
+        match self.new_gib.trim().parse::<u64>() {
+            Ok(g) if g > 0 => Ok(AddDisk { size_gib: Some(g), format: Some(self.new_format), image: None }),
+            _ => Err("Give the new disk's size in whole GiB, e.g. 10.".into()),
+        }
+    }
+}
+
+/// The icon of growing a disk.
+const GROW: egui_material_icons::MaterialIcon = egui_material_icons::icons::ICON_OPEN_IN_FULL;
+
+/// A change of the VM's drives asked for in the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DriveAction {
+    AddDisk(AddDisk),
+    RemoveDisk(String),
+    Grow(String, u64),
+    AddCdrom,
+    RemoveCdrom(String),
+    Media(String, Option<String>),
+}
+
+fn format_text(f: Option<DiskFormat>) -> &'static str {
+    match f {
+        Some(DiskFormat::Qcow2) => "qcow2",
+        Some(DiskFormat::Raw) => "raw",
+        None => "",
+    }
 }
 
 /// The words for the host's names of pending changes.
@@ -193,8 +281,10 @@ pub struct SettingsForm {
     error: Option<String>,
     /// *Apply* was sent; the answer has not come yet.
     waiting: bool,
-    /// The library image picked for the CD/DVD drive.
+    /// The library image picked for the CD/DVD drives.
     iso: String,
+    /// The Disks and CD/DVD sections' state.
+    pub drives: DriveForm,
 }
 
 impl SettingsForm {
@@ -209,6 +299,7 @@ impl SettingsForm {
             error: None,
             waiting: false,
             iso: String::new(),
+            drives: DriveForm::default(),
         }
     }
 
@@ -291,14 +382,30 @@ impl PortholeApp {
                 _ => None,
             }
         };
-        let images: Vec<String> = self
-            .backend
-            .model()
-            .images
-            .get(&host)
-            .map(|list| list.iter().filter(|i| i.format == ImageFormat::Iso).map(|i| i.name.clone()).collect())
-            .unwrap_or_default();
+        let drive_outcome = {
+            let mut m = self.backend.model();
+            match &m.drive_outcome {
+                Some((h, id, _)) if *h == host && *id == vm.id => m.drive_outcome.take().map(|o| o.2),
+                _ => None,
+            }
+        };
+        let (images, disk_images): (Vec<String>, Vec<String>) = {
+            let m = self.backend.model();
+            let list = m.images.get(&host).map(Vec::as_slice).unwrap_or_default();
+            let of = |f: &dyn Fn(ImageFormat) -> bool| {
+                list.iter().filter(|i| f(i.format)).map(|i| i.name.clone()).collect::<Vec<_>>()
+            };
+            (of(&|f| f == ImageFormat::Iso), of(&|f| matches!(f, ImageFormat::Raw | ImageFormat::Qcow2)))
+        };
         let Some(form) = self.vm_settings.as_mut() else { return };
+        if let Some(outcome) = drive_outcome {
+            if outcome.is_ok() {
+                form.drives.grow.clear();
+                form.drives.confirm = None;
+            }
+            form.drives.message = Some(outcome);
+            form.drives.waiting = false;
+        }
         match outcome {
             Some(Ok(changed)) => {
                 let fields = Fields::of(&changed);
@@ -317,15 +424,15 @@ impl PortholeApp {
         }
         let running = !matches!(vm.state, VmState::Stopped) || vm.crash.is_some();
         let (mut close, mut apply, mut revert) = (false, false, false);
-        let mut media: Option<Option<String>> = None;
+        let mut action: Option<DriveAction> = None;
         let mut upload = false;
         ui.horizontal(|ui| {
             ui.heading(format!("Settings of {}", vm.name));
         });
         ui.horizontal(|ui| {
-            close = ui.button("Back to details").clicked();
-            apply = ui.add_enabled(form.edited() && !form.waiting, egui::Button::new("Apply")).clicked();
-            revert = ui.add_enabled(form.edited(), egui::Button::new("Revert")).clicked();
+            close = theme::button(ui, true, theme::CLOSE, "Back to details").clicked();
+            apply = theme::button(ui, form.edited() && !form.waiting, theme::SAVE, "Apply").clicked();
+            revert = theme::button(ui, form.edited(), theme::REVERT, "Revert").clicked();
             if form.waiting {
                 ui.spinner();
             }
@@ -372,34 +479,98 @@ impl PortholeApp {
 
         section(ui, "Disks");
         let disks: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Disk).collect();
-        let disk_rows = !disks.is_empty() || vm.disk_bytes > 0;
-        if disk_rows {
-            egui::Grid::new("settings-disks").num_columns(2).show(ui, |ui| {
+        let dr = &mut form.drives;
+        if running {
+            ui.label(
+                "Stop the VM to add or remove drives or grow a disk other than disk0 (the engine has no hot-plug).",
+            );
+        }
+        let no_disk = disks.is_empty() && vm.disk_bytes == 0;
+        if no_disk {
+            ui.label("No disk.");
+        }
+        let grid = (!no_disk).then(|| egui::Grid::new("settings-disks").num_columns(3));
+        grid.map(|g| {
+            g.show(ui, |ui| {
                 for d in &disks {
                     ui.label(&d.id);
-                    let format = match d.format {
-                        Some(porthole_api::DiskFormat::Qcow2) => "qcow2",
-                        Some(porthole_api::DiskFormat::Raw) => "raw",
-                        None => "",
-                    };
                     let ro = if d.read_only { ", read-only" } else { "" };
-                    ui.label(format!("{}, {format}, {}{ro}", d.bus, human_bytes(d.size_bytes)));
+                    ui.label(format!("{}, {}, {}{ro}", d.bus, format_text(d.format), human_bytes(d.size_bytes)));
+                    ui.horizontal(|ui| {
+                        // The boot disk grows in the form (at the next start on a running VM); the cloud-init seed
+                        // does not change.
+                        if d.id == "disk0" || d.read_only {
+                            return;
+                        }
+                        let l = ui.label(format!("Size of {} (GiB)", d.id));
+                        let text = dr.grow.entry(d.id.clone()).or_insert_with(|| gib_text(d.size_bytes));
+                        ui.add_enabled(!running, egui::TextEdit::singleline(text).desired_width(60.0))
+                            .labelled_by(l.id);
+                        let grow = theme::button(ui, !running && !dr.waiting, GROW, &format!("Grow {}", d.id));
+                        if grow.on_hover_text("A disk only grows").clicked() {
+                            match parse_gib(text) {
+                                Some(bytes) => action = Some(DriveAction::Grow(d.id.clone(), bytes)),
+                                None => dr.message = Some(Err(format!("Give the size of {} in GiB, e.g. 20.", d.id))),
+                            }
+                        }
+                        let remove = format!("Remove {}", d.id);
+                        if theme::button(ui, !running && !dr.waiting, theme::DELETE, &remove).clicked() {
+                            dr.confirm = Some(d.id.clone());
+                        }
+                    });
                     ui.end_row();
                 }
                 if vm.disk_bytes > 0 {
                     row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
-                        ui.add(egui::TextEdit::singleline(&mut f.disk_gib).desired_width(80.0))
+                        ui.add(egui::TextEdit::singleline(&mut form.fields.disk_gib).desired_width(80.0))
                             .on_hover_text("A disk only grows: the guest then grows its partition and file system")
                     });
+                    ui.end_row();
                 }
-            });
-        } else {
-            ui.label("No disk.");
-        }
-        ui.weak("Adding or removing disks and CD/DVD drives is not supported yet.");
+            })
+        });
+        ui.horizontal(|ui| {
+            ui.radio_value(&mut dr.from_image, false, "New empty disk");
+            ui.radio_value(&mut dr.from_image, true, "Copy of a library image");
+        });
+        ui.horizontal(|ui| {
+            if dr.from_image {
+                let l = ui.label("Library disk image");
+                egui::ComboBox::from_id_salt("settings-disk-image")
+                    .selected_text(if dr.image.is_empty() { "choose…" } else { dr.image.as_str() })
+                    .show_ui(ui, |ui| {
+                        for i in &disk_images {
+                            ui.selectable_value(&mut dr.image, i.clone(), i);
+                        }
+                        if disk_images.is_empty() {
+                            ui.label("No raw or qcow2 image in the host's library");
+                        }
+                    })
+                    .response
+                    .labelled_by(l.id);
+            } else {
+                let l = ui.label("New disk size (GiB)");
+                ui.add(egui::TextEdit::singleline(&mut dr.new_gib).desired_width(60.0)).labelled_by(l.id);
+            }
+            let l = ui.label("New disk format");
+            egui::ComboBox::from_id_salt("settings-disk-format")
+                .selected_text(format_text(Some(dr.new_format)))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut dr.new_format, DiskFormat::Qcow2, "qcow2");
+                    ui.selectable_value(&mut dr.new_format, DiskFormat::Raw, "raw");
+                })
+                .response
+                .labelled_by(l.id);
+            if theme::button(ui, !running && !dr.waiting, theme::ADD, "Add disk").clicked() {
+                match dr.add_request() {
+                    Ok(req) => action = Some(DriveAction::AddDisk(req)),
+                    Err(why) => dr.message = Some(Err(why)),
+                }
+            }
+        });
 
         section(ui, "CD/DVD");
-        ui.label(format!("cdrom0, SCSI CD-ROM (virtio-scsi): {}", vm.media.as_deref().unwrap_or("empty")));
+        let cds: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Cdrom).collect();
         ui.horizontal(|ui| {
             let l = ui.label("Library image");
             egui::ComboBox::from_id_salt("settings-iso")
@@ -414,14 +585,64 @@ impl PortholeApp {
                 })
                 .response
                 .labelled_by(l.id);
-            if ui.add_enabled(!form.iso.is_empty(), egui::Button::new("Insert")).clicked() {
-                media = Some(Some(form.iso.clone()));
-            }
-            if ui.add_enabled(vm.media.is_some(), egui::Button::new("Eject")).clicked() {
-                media = Some(None);
-            }
-            upload = ui.button("Insert ISO from this computer…").clicked();
+            upload = theme::button(ui, true, theme::UPLOAD, "Insert ISO from this computer…")
+                .on_hover_text("Into the first drive")
+                .clicked();
         });
+        for d in &cds {
+            ui.horizontal(|ui| {
+                ui.label(format!("{}, {}: {}", d.id, d.bus, d.media.as_deref().unwrap_or("empty")));
+                let insert = format!("Insert into {}", d.id);
+                if theme::button(ui, !form.iso.is_empty(), theme::INSERT, &insert).clicked() {
+                    action = Some(DriveAction::Media(d.id.clone(), Some(form.iso.clone())));
+                }
+                if theme::button(ui, d.media.is_some(), theme::EJECT, &format!("Eject {}", d.id)).clicked() {
+                    action = Some(DriveAction::Media(d.id.clone(), None));
+                }
+                let can = !running && !dr.waiting && cds.len() > 1;
+                let hint = if cds.len() > 1 { "Remove the drive" } else { "A VM keeps one CD/DVD drive" };
+                let remove = theme::button(ui, can, theme::DELETE, &format!("Remove {}", d.id));
+                if remove.on_hover_text(hint).clicked() {
+                    dr.confirm = Some(d.id.clone());
+                }
+            });
+        }
+        if theme::button(ui, !running && !dr.waiting, theme::ADD, "Add CD/DVD drive").clicked() {
+            action = Some(DriveAction::AddCdrom);
+        }
+        if let Some(drive) = dr.confirm.clone() {
+            ui.horizontal(|ui| {
+                let what = if drive.starts_with("disk") {
+                    format!("Remove {drive} and delete its data?")
+                } else {
+                    format!("Remove {drive}?")
+                };
+                ui.colored_label(ui.visuals().warn_fg_color, what);
+                if theme::button(ui, true, theme::CONFIRM, &format!("Yes, remove {drive}")).clicked() {
+                    action = Some(if drive.starts_with("disk") {
+                        DriveAction::RemoveDisk(drive.clone())
+                    } else {
+                        DriveAction::RemoveCdrom(drive.clone())
+                    });
+                    dr.confirm = None;
+                }
+                if theme::button(ui, true, theme::CLOSE, "Cancel").clicked() {
+                    dr.confirm = None;
+                }
+            });
+        }
+        if dr.waiting {
+            ui.spinner();
+        }
+        match &dr.message {
+            Some(Ok(done)) => {
+                ui.label(done);
+            }
+            Some(Err(why)) => {
+                ui.colored_label(ui.visuals().error_fg_color, why);
+            }
+            None => {}
+        }
         let f = &mut form.fields;
 
         section(ui, "Boot");
@@ -496,13 +717,50 @@ impl PortholeApp {
             form.errors.clear();
             form.error = None;
         }
-        if let Some(image) = media {
+        if let Some(action) = action {
             let id = vm.id.clone();
-            let what = match &image {
-                Some(i) => format!("Insert {i} into {}", vm.name),
-                None => format!("Eject from {}", vm.name),
-            };
-            self.backend.act(host, what, None, move |c| async move { c.change_media(&id, image.as_deref()).await });
+            let name = &vm.name;
+            if !matches!(action, DriveAction::Media(..)) {
+                form.drives.waiting = true;
+                form.drives.message = None;
+            }
+            let b = &self.backend;
+            match action {
+                DriveAction::Media(drive, image) => {
+                    let what = match &image {
+                        Some(i) => format!("Insert {i} into {drive} of {name}"),
+                        None => format!("Eject {drive} of {name}"),
+                    };
+                    b.act(host, what, None, move |c| async move {
+                        c.change_drive_media(&id, Some(&drive), image.as_deref()).await
+                    });
+                }
+                DriveAction::AddDisk(req) => {
+                    let what = format!("Add a disk to {name}");
+                    b.change_drives(host, id.clone(), what, move |c| async move { c.add_disk(&id, &req).await });
+                }
+                DriveAction::RemoveDisk(drive) => {
+                    let what = format!("Remove {drive} of {name}");
+                    b.change_drives(host, id.clone(), what, move |c| async move { c.remove_disk(&id, &drive).await });
+                }
+                DriveAction::Grow(drive, bytes) => {
+                    let what = format!("Grow {drive} of {name} to {}", human_bytes(bytes));
+                    b.change_drives(
+                        host,
+                        id.clone(),
+                        what,
+                        move |c| async move { c.grow_disk(&id, &drive, bytes).await },
+                    );
+                }
+                DriveAction::AddCdrom => {
+                    let what = format!("Add a CD/DVD drive to {name}");
+                    b.change_drives(host, id.clone(), what, move |c| async move { c.add_cdrom(&id, None).await });
+                }
+                DriveAction::RemoveCdrom(drive) => {
+                    let what = format!("Remove {drive} of {name}");
+                    b.change_drives(host, id.clone(), what, move |c| async move { c.remove_cdrom(&id, &drive).await });
+                }
+            }
         }
         if upload && let Some(path) = rfd::FileDialog::new().add_filter("Disc images", &["iso", "img"]).pick_file() {
             self.attach(host, &vm.id, path);
@@ -579,6 +837,28 @@ mod tests {
             let f = Fields { disk_gib: text.into(), ..base.clone() };
             assert!(request(&base, &f).unwrap_err().contains_key("disk_bytes"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_new_disk_is_a_size_and_format_or_a_library_image() {
+        let mut d = DriveForm::default();
+        assert_eq!(d.add_request(), Ok(AddDisk { size_gib: Some(10), format: Some(DiskFormat::Qcow2), image: None }));
+        d.new_format = DiskFormat::Raw;
+        d.new_gib = " 3 ".into();
+        assert_eq!(d.add_request().unwrap().size_gib, Some(3));
+        for bad in ["0", "-1", "1.5", "", "ten"] {
+            d.new_gib = bad.into();
+            assert!(d.add_request().is_err(), "{bad:?}");
+        }
+        d.from_image = true;
+        assert!(d.add_request().unwrap_err().contains("library image"));
+        d.image = "base.qcow2".into();
+        assert_eq!(
+            d.add_request(),
+            Ok(AddDisk { size_gib: None, format: Some(DiskFormat::Raw), image: Some("base.qcow2".into()) })
+        );
+        assert_eq!(parse_gib("2"), Some(2 << 30));
+        assert_eq!(parse_gib("0"), None);
     }
 
     #[test]
