@@ -96,6 +96,14 @@ pub struct Vm {
     /// `GET /vms/{id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_status: Option<String>,
+    /// A virtio-input tablet next to the PS/2 mouse: once the guest's driver is up, the console's pointer
+    /// is absolute (the guest's cursor sits under the console's).
+    #[serde(default)]
+    pub tablet: bool,
+    /// A running VM with a tablet (`GET /vms/{id}`): whether the guest's tablet driver is up (the pointer
+    /// is absolute) or not yet (the PS/2 mouse moves by deltas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absolute_pointer: Option<bool>,
     /// The VM's network cards as defined (empty: no network).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicDefinition>,
@@ -216,6 +224,9 @@ pub struct CreateVm {
     /// in 2222-2299 (on 127.0.0.1) to the guest's port 22. `[]`: no network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,
+    /// A virtio-input tablet for an absolute pointer (default: yes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablet: Option<bool>,
 }
 
 /// Default disk size of a new VM.
@@ -240,6 +251,7 @@ impl CreateVm {
             cloud_init: None,
             tags: Vec::new(),
             nics: None,
+            tablet: None,
         }
     }
 }
@@ -290,6 +302,9 @@ pub struct UpdateVm {
     /// Grows the VM's disk to this many bytes (a multiple of 512; never smaller than it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// Adds or removes the virtio-input tablet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablet: Option<bool>,
 }
 
 // ---- VM settings (`PATCH /vms/{id}`): boot, display, drives, per-field errors ----

@@ -75,6 +75,8 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     press(&mut h, "Start with the host");
     replace_text(&mut h, "vCPUs", "2");
     replace_text(&mut h, "Memory (MiB)", "96");
+    assert!(vm.tablet, "new VMs have a tablet");
+    press(&mut h, "Tablet (absolute pointer: the guest's cursor follows the console's)");
     replace_text(&mut h, "Disk size (GiB)", "2");
     press(&mut h, "Firmware (SeaBIOS)");
     combo(&mut h, "Boot order", "Disk, then CD/DVD");
@@ -94,6 +96,7 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     assert_eq!(got.boot_order, [BootDevice::Disk, BootDevice::Cdrom]);
     assert!(got.boot_menu);
     assert_eq!(got.display, Some(DisplaySpec { width: 1024, height: 768 }));
+    assert!(!got.tablet, "the tablet switched off");
     assert!(got.pending_changes.is_empty());
     wait(&mut h, "the view follows the host", |h| has(h, "Settings of edited") && disabled(h, "Apply"));
 

@@ -454,6 +454,20 @@ impl Host {
         )
     }
 
+    /// A running VM's pointer: whether its guest's tablet driver is up (None: not running, or its process
+    /// did not say).
+    pub async fn absolute_pointer(&self, id: &str) -> Option<bool> {
+        self.pid(id)?;
+        let control = self.run_files(id).control();
+        tokio::task::spawn_blocking(move || {
+            let mut c = vmm_core::control::ControlClient::connect(&control).ok()?;
+            c.request(&vmm_core::control::Request::Status).ok()?.status.map(|s| s.absolute_pointer)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Plugs in or pulls the virtual cable of a running VM's card `nic`.
     pub async fn set_link(&self, id: &str, nic: &str, up: bool) -> Result<NicStatus, HostError> {
         let record = self.record(id)?;
@@ -618,6 +632,9 @@ impl Host {
                 cmd.arg("--restore").arg(state);
             }
             cmd.args(net::net_args(record.nics()));
+            if record.tablet {
+                cmd.arg("--tablet");
+            }
             for m in &media {
                 match m {
                     Some(m) => cmd.arg("--cdrom").arg(m),
@@ -980,6 +997,8 @@ fn view(e: &Entry, store: &Store) -> Vm {
         boot_order: r.boot_order.clone().unwrap_or_else(porthole_api::default_boot_order),
         boot_menu: r.boot_menu,
         display: r.display,
+        tablet: r.tablet,
+        absolute_pointer: None,
         drives: drives(r, store),
         pending_changes: r.pending.as_ref().map(pending_names).unwrap_or_default(),
         pending: r.pending.clone(),
@@ -1073,6 +1092,7 @@ pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
         boot_menu: req.boot_menu,
         display: req.display,
         disk_bytes: req.disk_bytes,
+        tablet: req.tablet,
         ..UpdateVm::default()
     }
 }
@@ -1104,6 +1124,9 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(size) = u.disk_bytes {
         r.disk_bytes = r.disk_bytes.max(size);
     }
+    if let Some(t) = u.tablet {
+        r.tablet = t;
+    }
     if let Some(nics) = &u.nics {
         // Pending cards were built (ids and MACs chosen) when the change was made.
         r.nics = Some(nics.iter().enumerate().map(|(i, s)| net::definition_of(i, s)).collect());
@@ -1129,6 +1152,7 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     p.boot_menu = new.boot_menu.or(p.boot_menu).filter(|m| *m != r.boot_menu);
     p.display = new.display.or(p.display).filter(|d| r.display != Some(*d));
     p.disk_bytes = new.disk_bytes.or(p.disk_bytes).filter(|s| *s > r.disk_bytes);
+    p.tablet = new.tablet.or(p.tablet).filter(|t| *t != r.tablet);
     let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
     p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
     r.pending = (p != UpdateVm::default()).then_some(p);
@@ -1145,6 +1169,7 @@ pub fn pending_names(p: &UpdateVm) -> Vec<String> {
         ("boot_menu", p.boot_menu.is_some()),
         ("display", p.display.is_some()),
         ("disk_bytes", p.disk_bytes.is_some()),
+        ("tablet", p.tablet.is_some()),
         ("nics", p.nics.is_some()),
     ];
     set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()

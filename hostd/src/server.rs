@@ -455,6 +455,9 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
         Some(Err(why)) => vm.nic_status_error = Some(why),
         None => {}
     }
+    if vm.tablet {
+        vm.absolute_pointer = app.host.absolute_pointer(&id).await;
+    }
     Ok(Json(vm))
 }
 
@@ -606,6 +609,7 @@ async fn create_vm(
         created_ms: now_ms(),
         tags,
         nics: Some(nics),
+        tablet: req.tablet.unwrap_or(true),
         ..VmRecord::default()
     };
     let dir = app.host.store.vm_dir(&id);

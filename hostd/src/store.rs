@@ -70,6 +70,10 @@ pub struct VmRecord {
     /// Firmware boot: offer the boot menu.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub boot_menu: bool,
+    /// A virtio-input tablet (`porthole-vmm --tablet`). Absent in definitions written before it: those VMs
+    /// keep their PS/2 mouse alone (their saved machine states have no tablet).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tablet: bool,
     /// The display's start-up resolution (absent: the engine's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<DisplaySpec>,

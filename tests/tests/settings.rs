@@ -726,3 +726,61 @@ async fn a_snapshot_that_fails_on_the_second_disk_changes_nothing() {
     done(&c, c.revert_snapshot(&id, &sid, false).await.unwrap()).await;
     qemu_img_check(&extra_top(&d, &id, 1));
 }
+
+/// The tablet: new VMs have one (the guest finds the virtio-input device on its PCI bus), `tablet: false`
+/// leaves it out; a running VM says whether its pointer is absolute yet (the micro-guest has no tablet
+/// driver: no); switching it off on a running VM waits for its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_vms_have_a_tablet_that_the_guest_sees_and_it_can_be_switched_off() {
+    let dir = Scratch::new("settings-tablet");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let scan = BootSpec {
+        kernel: porthole_guests::path("pci-scan").display().to_string(),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let request = |name: &str, tablet: Option<bool>| CreateVm {
+        boot: Some(scan.clone()),
+        disk_gib: 0,
+        nics: Some(Vec::new()),
+        tablet,
+        ..CreateVm::new(name, 1, 64)
+    };
+    let devices = |id: String| {
+        let c = c.clone();
+        async move {
+            c.action(&id, Action::Start).await.unwrap();
+            wait_state(&c, &id, VmState::Stopped).await;
+            let lines = c.serial(&id, 100).await.unwrap().lines;
+            assert!(lines.iter().any(|l| l.contains("PCI-SCAN-DONE")), "{lines:#?}");
+            lines.into_iter().filter(|l| l.starts_with("PCI slot=")).collect::<Vec<_>>()
+        }
+    };
+    let with = c.create_vm(&request("pointer", None)).await.unwrap();
+    assert!(with.tablet, "new VMs get a tablet");
+    let seen = devices(with.id.clone()).await;
+    assert_eq!(seen.iter().filter(|l| l.contains("id=1af4:1052")).count(), 1, "{seen:#?}");
+    let without = c.create_vm(&request("mouse-only", Some(false))).await.unwrap();
+    assert!(!without.tablet);
+    let seen = devices(without.id.clone()).await;
+    assert!(!seen.iter().any(|l| l.contains("id=1af4:1052")), "{seen:#?}");
+
+    // A running VM: its pointer is not absolute until the guest loads a tablet driver (the idle guest never
+    // does); switching the tablet off waits for the next start.
+    c.update_vm(&with.id, &UpdateVm { boot: Some(idle_boot()), ..Default::default() }).await.unwrap();
+    c.action(&with.id, Action::Start).await.unwrap();
+    wait_state(&c, &with.id, VmState::Running).await;
+    assert_eq!(c.vm(&with.id).await.unwrap().absolute_pointer, Some(false));
+    assert!(vmm_args(&d, &with.id).iter().any(|a| a == "--tablet"));
+    let vm = c.update_vm(&with.id, &UpdateVm { tablet: Some(false), ..Default::default() }).await.unwrap();
+    assert!(vm.tablet && vm.pending_changes == ["tablet"], "{vm:?}");
+    c.action(&with.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &with.id, VmState::Stopped).await;
+    c.action(&with.id, Action::Start).await.unwrap();
+    wait_state(&c, &with.id, VmState::Running).await;
+    assert!(!vmm_args(&d, &with.id).iter().any(|a| a == "--tablet"), "applied at the next start");
+    let vm = c.vm(&with.id).await.unwrap();
+    assert!(!vm.tablet && vm.absolute_pointer.is_none(), "{vm:?}");
+    c.action(&with.id, Action::Poweroff).await.unwrap();
+}

@@ -138,6 +138,9 @@ pub struct Status {
     /// While the state is `crashed`: why (triple fault, emulation failure, … with RIP and instruction bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash: Option<String>,
+    /// The console's pointer goes to the tablet (its guest driver is up), not the PS/2 mouse.
+    #[serde(default)]
+    pub absolute_pointer: bool,
 }
 
 fn ok() -> Response {
@@ -173,6 +176,7 @@ fn status(vm: &VmHandle) -> Response {
             drives: vm.drives(),
             nics: vm.nics(),
             crash: vm.crash_report(),
+            absolute_pointer: vm.absolute_pointer(),
         }),
         ..ok()
     }

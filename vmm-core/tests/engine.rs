@@ -53,6 +53,26 @@ fn hello_prints_its_marker_and_powers_off() {
 /// The kernel formats beyond 64-bit PVH: an ELF32 PVH kernel, Multiboot 1 and Multiboot2 ELF32 kernels
 /// (they check the magic in %eax and the memory map at %ebx), and a kernel whose first instruction is a
 /// `call` (it needs the stack porthole-vmm starts PVH and Multiboot kernels with).
+/// The tablet is a virtio-input device on the PCI bus (1af4:1052, class 09 80: input, other) only with
+/// `--tablet`; the guest sees the same devices otherwise.
+#[test]
+fn the_tablet_is_a_virtio_input_device_on_the_pci_bus() {
+    let devices = |extra: &[&str]| {
+        let out = run_guest("pci-scan", extra);
+        assert_exit(&out, 0);
+        let serial = text(&out.stdout);
+        assert!(serial.contains("PCI-SCAN-DONE"), "{serial}");
+        serial.lines().filter(|l| l.starts_with("PCI slot=")).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let without = devices(&[]);
+    let with = devices(&["--tablet"]);
+    assert!(without.iter().all(|l| !l.contains("id=1af4:1052")), "{without:?}");
+    let tablet: Vec<_> = with.iter().filter(|l| l.contains("id=1af4:1052")).collect();
+    assert_eq!(tablet.len(), 1, "{with:?}");
+    assert!(tablet[0].ends_with("class=0980"), "{tablet:?}");
+    assert_eq!(with.len(), without.len() + 1, "the tablet is the only new device: {without:?} / {with:?}");
+}
+
 #[test]
 fn elf32_pvh_multiboot_and_stackless_kernels_boot() {
     for (name, marker) in [

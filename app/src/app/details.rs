@@ -38,6 +38,9 @@ impl PortholeApp {
             ui.label("Memory");
             ui.label(format!("{} MiB", vm.memory_mib));
             ui.end_row();
+            ui.label("Pointer");
+            ui.label(pointer_text(vm, self.backend.model().details.as_ref()));
+            ui.end_row();
             ui.label("Disk");
             ui.label(clones::disk_text(vm));
             ui.end_row();
@@ -279,5 +282,18 @@ impl PortholeApp {
             Some(false) => self.confirm_delete = None,
             None => {}
         }
+    }
+}
+
+/// How the console's pointer reaches the guest: the tablet (absolute) once its driver is up, else the PS/2
+/// mouse; `details` is the running VM's `GET /vms/{id}` (host, id, VM), which says which.
+fn pointer_text(vm: &porthole_api::Vm, details: Option<&(usize, String, porthole_api::Vm)>) -> &'static str {
+    let running = matches!(vm.state, VmState::Running | VmState::Paused);
+    let live = details.filter(|(_, id, _)| *id == vm.id).and_then(|(_, _, d)| d.absolute_pointer);
+    match (vm.tablet, running, live) {
+        (false, _, _) => "PS/2 mouse (relative)",
+        (true, true, Some(true)) => "tablet: absolute, the guest's cursor follows the console's",
+        (true, true, Some(false)) => "PS/2 mouse for now: the guest has not loaded its tablet driver",
+        (true, _, _) => "tablet (absolute once the guest's driver is up; PS/2 mouse before)",
     }
 }

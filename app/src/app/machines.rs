@@ -586,6 +586,8 @@ mod tests {
             uptime_s: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             boot_status: None,
+            tablet: false,
+            absolute_pointer: None,
             crash: None,
             nics: Vec::new(),
             nic_status: Vec::new(),

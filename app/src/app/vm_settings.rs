@@ -41,6 +41,8 @@ pub struct Fields {
     pub boot_menu: bool,
     /// `WIDTHxHEIGHT` (empty: the engine's default).
     pub resolution: String,
+    /// A virtio-input tablet (absolute pointer) next to the PS/2 mouse.
+    pub tablet: bool,
 }
 
 fn gib_text(bytes: u64) -> String {
@@ -73,6 +75,7 @@ impl Fields {
             boot_order: p.boot_order.unwrap_or_else(|| vm.boot_order.clone()),
             boot_menu: p.boot_menu.unwrap_or(vm.boot_menu),
             resolution: p.display.or(vm.display).map(|d| format!("{}x{}", d.width, d.height)).unwrap_or_default(),
+            tablet: p.tablet.unwrap_or(vm.tablet),
         }
     }
 }
@@ -137,6 +140,9 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     }
     if new.boot_menu != base.boot_menu {
         u.boot_menu = Some(new.boot_menu);
+    }
+    if new.tablet != base.tablet {
+        u.tablet = Some(new.tablet);
     }
     if new.resolution.trim() != base.resolution {
         let parsed = new
@@ -251,6 +257,7 @@ pub fn pending_text(names: &[String]) -> String {
             "display" => "resolution",
             "disk_bytes" => "disk size",
             "nics" => "network cards",
+            "tablet" => "tablet",
             other => other,
         })
         .collect();
@@ -475,6 +482,14 @@ impl PortholeApp {
             row(ui, "Memory (MiB)", &errors, "memory_mib", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.memory_mib).desired_width(80.0))
             });
+            check_row(
+                ui,
+                "Pointer",
+                &errors,
+                "tablet",
+                &mut f.tablet,
+                "Tablet (absolute pointer: the guest's cursor follows the console's)",
+            );
         });
 
         section(ui, "Disks");
@@ -692,6 +707,9 @@ impl PortholeApp {
                 });
                 row(ui, "Kernel command line", &errors, "cmdline", |ui| ui.text_edit_singleline(&mut f.cmdline));
             }
+            ui.label("Display");
+            ui.label("Standard VGA (Bochs VBE; virtio-gpu is not built yet)");
+            ui.end_row();
             row(ui, "Resolution", &errors, "display", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.resolution).hint_text("1280x800 (default)"))
                     .on_hover_text("The display's start-up resolution (standard VGA)")

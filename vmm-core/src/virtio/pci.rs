@@ -92,8 +92,12 @@ impl<D: VirtioDevice> VirtioPci<D> {
             vendor: 0x1AF4,
             device: 0x1040 + device_type,
             revision: 1,
-            // Mass storage, SCSI (as QEMU classes both virtio-blk and virtio-scsi).
-            class: if device_type == 2 || device_type == 8 { 0x01_00_00 } else { 0xFF_00_00 },
+            // Mass storage, SCSI (as QEMU classes both virtio-blk and virtio-scsi); input, other (virtio-input).
+            class: match device_type {
+                2 | 8 => 0x01_00_00,
+                crate::virtio::input::DEVICE_TYPE => 0x09_80_00,
+                _ => 0xFF_00_00,
+            },
             subsystem_vendor: 0x1AF4,
             subsystem: 0x1100,
         });
