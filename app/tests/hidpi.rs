@@ -1,0 +1,366 @@
+//! HiDPI layout check: every main screen (the machine list, the grid, a VM's details, its settings, the
+//! wizard, the host page, the shortcuts and preferences dialogs, a console tab) is laid out at 1.0, 1.5 and
+//! 2.0 pixels per point in a window of the app's default size (1100 × 700 points), against a real
+//! `portholed`, and its accessibility tree (egui_kittest) is checked with these rules:
+//!
+//! - A *named* node is one with an accessibility label, or a `Label` whose text runs carry text; only those
+//!   are checked (text runs, title bars and unnamed containers are parts of a named node or hold one).
+//! - **Window**: a named node's bounds (physical pixels) lie wholly inside the window.
+//! - **Container**: they lie inside the bounds of the nearest container around it that has bounds: an egui
+//!   window or dialog (its accessibility bounds) or a panel (the rect egui recorded for the panel's `Ui`,
+//!   cut to its clip rect).
+//! - **Not clipped**: egui records for every widget its rect and its rect cut to the clip rect of the `Ui`
+//!   that holds it (panel, window, scroll area, ...); the two must agree, i.e. nothing of it is cut off.
+//! - **Scroll areas**: content below (or beside) the visible part of a scroll area is clipped by design. So
+//!   a node that breaks one of the rules above is asked to scroll into view (AccessKit `ScrollIntoView`, as
+//!   a screen reader does); it passes if, after that, it satisfies every rule. A node in no scroll area
+//!   does not move and fails. A node the list no longer lays out after another one was scrolled to (only
+//!   visible rows and cards are laid out) is not checked further.
+//! - **No overlap**: no two controls or labels of the same window, dialog, menu or panel (the nearest one
+//!   around each in the tree; neither inside the other) overlap in their visible parts by more than a pixel
+//!   in both directions. (Siblings in the strict sense are too few: egui puts a widget placed at a given
+//!   rect, `Ui::put`, in a `Ui` of its own.)
+//!
+//! One physical pixel is tolerated everywhere, for rounding at fractional scales. Every problem of every
+//! screen at every scale is collected and reported together.
+
+use std::collections::HashMap;
+
+use egui::accesskit::Role;
+use egui::{Key, Modifiers, Rect};
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+use porthole::PortholeApp;
+use porthole_api::VmState;
+use porthole_api::client::Action;
+use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
+
+mod common;
+use common::*;
+
+/// The window's size in points (the app's default inner size, app/src/main.rs).
+const WINDOW: egui::Vec2 = egui::vec2(1100.0, 700.0);
+
+/// A named node as the checks see it.
+#[derive(Debug, Clone)]
+struct Named {
+    id: u64,
+    /// Its ancestors' ids, nearest first.
+    ancestors: Vec<u64>,
+    role: Role,
+    name: String,
+    /// Bounds in physical pixels.
+    bounds: Rect,
+    /// The nearest container around it that has bounds (physical pixels), and what it is.
+    container: Option<(Rect, String)>,
+    /// The id of the nearest window, dialog, menu, tooltip or panel around it.
+    area: u64,
+}
+
+/// What egui recorded for the last frame's widgets: (rect, rect cut to the clip rect), in points, by id.
+fn widget_rects(h: &Harness<'static, PortholeApp>) -> HashMap<u64, (Rect, Rect)> {
+    h.ctx.viewport(|v| {
+        v.prev_pass
+            .widgets
+            .layers()
+            .flat_map(|(_, rects)| rects.iter())
+            .map(|w| (w.id.value(), (w.rect, w.interact_rect)))
+            .collect()
+    })
+}
+
+fn rect_of(r: egui::accesskit::Rect) -> Rect {
+    Rect::from_min_max(egui::pos2(r.x0 as f32, r.y0 as f32), egui::pos2(r.x1 as f32, r.y1 as f32))
+}
+
+/// The text a node shows: its label, or for a `Label` the text of its runs.
+fn name_of(n: &egui_kittest::Node<'_>) -> Option<String> {
+    let a = n.accesskit_node();
+    if matches!(a.role(), Role::TextRun | Role::Unknown | Role::GenericContainer | Role::Pane) {
+        return None;
+    }
+    let name = match a.label() {
+        Some(l) => l,
+        None if a.role() == Role::Label => n.children().filter_map(|c| c.accesskit_node().value()).collect::<String>(),
+        None => String::new(),
+    };
+    let name = name.trim().to_owned();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Every named node with bounds, with its nearest container.
+fn named_nodes(h: &Harness<'static, PortholeApp>, rects: &HashMap<u64, (Rect, Rect)>, ppp: f32) -> Vec<Named> {
+    struct Around {
+        ancestors: Vec<u64>,
+        container: Option<(Rect, String)>,
+        area: u64,
+    }
+    fn walk(
+        n: egui_kittest::Node<'_>,
+        around: &Around,
+        rects: &HashMap<u64, (Rect, Rect)>,
+        ppp: f32,
+        out: &mut Vec<Named>,
+    ) {
+        let a = n.accesskit_node();
+        let id = a.locate().0.0;
+        let own_bounds = a.bounding_box().map(rect_of);
+        if let (Some(name), Some(bounds)) = (name_of(&n), own_bounds) {
+            out.push(Named {
+                id,
+                ancestors: around.ancestors.clone(),
+                role: a.role(),
+                name,
+                bounds,
+                container: around.container.clone(),
+                area: around.area,
+            });
+        }
+        // What the children are inside.
+        let here = match a.role() {
+            Role::Window | Role::Dialog | Role::Menu | Role::Tooltip if !a.is_root() => {
+                own_bounds.map(|b| (b, format!("{:?} {:?}", a.role(), a.label().unwrap_or_default())))
+            }
+            Role::Pane => rects.get(&id).map(|(_, visible)| (*visible * ppp, "panel".to_owned())),
+            _ => None,
+        };
+        let is_area = matches!(a.role(), Role::Window | Role::Dialog | Role::Menu | Role::Tooltip | Role::Pane);
+        let inner = Around {
+            ancestors: std::iter::once(id).chain(around.ancestors.iter().copied()).collect(),
+            area: if is_area { id } else { around.area },
+            container: here.or(around.container.clone()),
+        };
+        for c in n.children() {
+            walk(c, &inner, rects, ppp, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(h.root(), &Around { ancestors: Vec::new(), container: None, area: 0 }, rects, ppp, &mut out);
+    out
+}
+
+/// Whether `inner` lies inside `outer`, give or take `slack`.
+fn inside(inner: Rect, outer: Rect, slack: f32) -> bool {
+    outer.expand(slack).contains_rect(inner)
+}
+
+/// What is wrong with one node: outside the window, outside its container, clipped.
+fn placement_problems(n: &Named, rects: &HashMap<u64, (Rect, Rect)>, ppp: f32) -> Vec<String> {
+    let mut problems = Vec::new();
+    let window = Rect::from_min_size(egui::Pos2::ZERO, WINDOW * ppp);
+    if !inside(n.bounds, window, 1.0) {
+        problems.push(format!("outside the window {window:?}"));
+    }
+    // (A window's resize handles straddle its edge by design.)
+    if let Some((container, what)) = &n.container
+        && n.role != Role::Splitter
+        && !inside(n.bounds, *container, 1.0)
+    {
+        problems.push(format!("outside its container ({what} at {container:?})"));
+    }
+    if let Some((rect, visible)) = rects.get(&n.id)
+        && rect.is_positive()
+        && !inside(*rect, *visible, 1.0 / ppp)
+    {
+        problems.push(format!("clipped: only {visible:?} of {rect:?} (points) shows"));
+    }
+    problems
+}
+
+/// Roles of the things that must not overlap their siblings.
+fn is_control_or_text(role: Role) -> bool {
+    matches!(
+        role,
+        Role::Button
+            | Role::CheckBox
+            | Role::RadioButton
+            | Role::ComboBox
+            | Role::TextInput
+            | Role::MultilineTextInput
+            | Role::Link
+            | Role::Slider
+            | Role::SpinButton
+            | Role::Tab
+            | Role::MenuItem
+            | Role::Label
+            | Role::Image
+            | Role::ProgressIndicator
+    )
+}
+
+fn describe(n: &Named) -> String {
+    format!("{:?} {:?} at {:?}", n.role, n.name, n.bounds)
+}
+
+/// Checks the screen now shown; returns its problems, each prefixed with `screen` and the scale.
+fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -> Vec<String> {
+    // Let animations (fades, collapsing headers, scrolling) settle.
+    for _ in 0..10 {
+        h.step();
+    }
+    let rects = widget_rects(h);
+    let nodes = named_nodes(h, &rects, ppp);
+    assert!(nodes.len() > 5, "{screen} at {ppp}: only {} named nodes", nodes.len());
+    let mut problems = Vec::new();
+
+    // Overlaps, among the controls and texts of one window or panel (neither inside the other), in what each
+    // shows (its rect cut to its clip rect).
+    let visible = |n: &Named| rects.get(&n.id).map_or(n.bounds, |(_, v)| *v * ppp);
+    let controls: Vec<&Named> = nodes.iter().filter(|n| is_control_or_text(n.role)).collect();
+    for (i, a) in controls.iter().enumerate() {
+        for b in &controls[i + 1..] {
+            if a.area != b.area || a.ancestors.contains(&b.id) || b.ancestors.contains(&a.id) {
+                continue;
+            }
+            let overlap = visible(a).intersect(visible(b));
+            if overlap.width() > 1.0 && overlap.height() > 1.0 {
+                problems.push(format!("{} overlaps {} by {:?}", describe(a), describe(b), overlap.size()));
+            }
+        }
+    }
+
+    // Placement; what fails is scrolled into view and looked at again.
+    let failing: Vec<(Named, Vec<String>)> =
+        nodes.iter().map(|n| (n.clone(), placement_problems(n, &rects, ppp))).filter(|(_, p)| !p.is_empty()).collect();
+    let (mut scrolled, mut gone) = (0, 0);
+    for (n, first) in &failing {
+        let Some(node) = find(h, n.id) else {
+            gone += 1; // no longer laid out (a virtual list scrolled)
+            continue;
+        };
+        node.scroll_to_me();
+        for _ in 0..10 {
+            h.step();
+        }
+        let rects = widget_rects(h);
+        let now = named_nodes(h, &rects, ppp).into_iter().find(|m| m.id == n.id);
+        let Some(now) = now else {
+            gone += 1;
+            continue;
+        };
+        let after = placement_problems(&now, &rects, ppp);
+        if after.is_empty() {
+            scrolled += 1;
+        } else {
+            let (n, first, after) = (describe(n), first.join("; "), after.join("; "));
+            problems.push(format!("{n}: {first} (after scrolling it into view: {after})"));
+        }
+    }
+    eprintln!(
+        "{screen} @ {ppp}: {} named nodes; {} fine after scrolling into view, {gone} no longer laid out; {} problems",
+        nodes.len(),
+        scrolled,
+        problems.len()
+    );
+    problems.into_iter().map(|p| format!("[{screen} @ {ppp}] {p}")).collect()
+}
+
+/// The node with accessibility id `id`, if it is in the tree.
+fn find<'h>(h: &'h Harness<'static, PortholeApp>, id: u64) -> Option<egui_kittest::Node<'h>> {
+    fn walk<'t>(n: egui_kittest::Node<'t>, id: u64) -> Option<egui_kittest::Node<'t>> {
+        if n.accesskit_node().locate().0.0 == id {
+            return Some(n);
+        }
+        n.children().find_map(|c| walk(c, id))
+    }
+    walk(h.root(), id)
+}
+
+fn state_of(h: &Harness<'static, PortholeApp>, name: &str) -> Option<VmState> {
+    h.state().backend.model().hosts.first()?.vms.iter().find(|v| v.name == name).map(|v| v.state)
+}
+
+/// Clicks the widget labelled `label` through AccessKit (as a screen reader does: a misplaced widget is what
+/// the test looks for, not a reason to miss it).
+fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
+    h.get_by_label(label).click_accesskit();
+    h.step();
+    h.step();
+}
+
+/// The window at `ppp` pixels per point on the daemon at `socket`.
+fn window_at(socket: &std::path::Path, settings: std::path::PathBuf, ppp: f32) -> Harness<'static, PortholeApp> {
+    let backend = porthole::backend::Backend::new(|| {}).unwrap();
+    let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
+    Harness::builder()
+        .with_size(WINDOW)
+        .with_pixels_per_point(ppp)
+        .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
+}
+
+/// Every main screen at 1.0, 1.5 and 2.0: see the module's rules.
+#[test]
+fn every_screen_fits_at_each_scale() {
+    let dir = Scratch::new("gui-hidpi");
+    let d = Daemon::start(&dir, false, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = d.local();
+    for (name, tags) in [("build-server", vec!["ci"]), ("web-1", vec!["prod", "web"])] {
+        let req = porthole_api::CreateVm {
+            disk_gib: 0,
+            tags: tags.into_iter().map(str::to_owned).collect(),
+            ..booting(name, "idle")
+        };
+        rt.block_on(c.create_vm(&req)).unwrap();
+    }
+    let pattern = rt.block_on(c.create_vm(&porthole_api::CreateVm { disk_gib: 0, ..booting("pattern", "fb-pattern") }));
+    let pattern = pattern.unwrap();
+    rt.block_on(c.action(&pattern.id, Action::Start)).unwrap();
+
+    let mut problems = Vec::new();
+    for ppp in [1.0, 1.5, 2.0] {
+        let mut h = window_at(&d.socket(), dir.path(&format!("settings-{ppp}.json")), ppp);
+        wait(&mut h, "the list", |h| has(h, "Local — 3 VMs") && state_of(h, "pattern") == Some(VmState::Running));
+        problems.extend(check_screen(&mut h, ppp, "machine list"));
+
+        h.get_by_label("web-1").click_accesskit();
+        wait(&mut h, "the details", |h| has(h, "Insert ISO…"));
+        problems.extend(check_screen(&mut h, ppp, "VM details"));
+
+        press(&mut h, "Settings…");
+        wait(&mut h, "the settings", |h| has(h, "Settings of web-1"));
+        problems.extend(check_screen(&mut h, ppp, "VM settings"));
+        h.get_by_label("Back to details").click_accesskit();
+        wait(&mut h, "the details again", |h| has(h, "Insert ISO…"));
+
+        press(&mut h, "Grid");
+        wait(&mut h, "the grid", |h| has(h, "pattern screen"));
+        problems.extend(check_screen(&mut h, ppp, "machine grid"));
+        press(&mut h, "List");
+
+        press(&mut h, "Host");
+        wait(&mut h, "the host page", |h| has(h, "Host Local") && has_contains(h, "CPU %"));
+        problems.extend(check_screen(&mut h, ppp, "host page"));
+        press(&mut h, "Machines");
+
+        press(&mut h, "New VM…");
+        wait(&mut h, "the wizard", |h| has(h, "New virtual machine"));
+        problems.extend(check_screen(&mut h, ppp, "wizard"));
+        h.state_mut().wizard = None;
+        h.step();
+
+        h.key_press(Key::F1);
+        wait(&mut h, "the shortcuts", |h| has(h, "Keyboard shortcuts") && has(h, "Shut down the selected VM"));
+        problems.extend(check_screen(&mut h, ppp, "keyboard shortcuts"));
+        h.get_by_label("Close window").click_accesskit();
+        wait(&mut h, "the shortcuts closed", |h| !has(h, "Shut down the selected VM"));
+
+        press(&mut h, "Menu");
+        press(&mut h, "Preferences…");
+        wait(&mut h, "the preferences", |h| has(h, "Preferences") && has(h, "Dark"));
+        problems.extend(check_screen(&mut h, ppp, "preferences"));
+        h.get_by_label("Close window").click_accesskit();
+        wait(&mut h, "the preferences closed", |h| !has(h, "Dark"));
+
+        h.get_by_label("pattern").click_accesskit();
+        wait(&mut h, "the selection", |h| h.state().selection().1.as_deref() == Some(pattern.id.as_str()));
+        h.key_press_modifiers(Modifiers::COMMAND, Key::O);
+        wait(&mut h, "the console", |h| {
+            h.state().console_titles() == ["pattern"] && has_contains(h, "click the screen to type")
+        });
+        problems.extend(check_screen(&mut h, ppp, "console tab"));
+    }
+    rt.block_on(c.action(&pattern.id, Action::Poweroff)).unwrap();
+    assert!(problems.is_empty(), "{} layout problems:\n{}", problems.len(), problems.join("\n"));
+}
