@@ -11,11 +11,14 @@
 //!   cut to its clip rect).
 //! - **Not clipped**: egui records for every widget its rect and its rect cut to the clip rect of the `Ui`
 //!   that holds it (panel, window, scroll area, ...); the two must agree, i.e. nothing of it is cut off.
-//! - **Scroll areas**: content below (or beside) the visible part of a scroll area is clipped by design. So
-//!   a node that breaks one of the rules above is asked to scroll into view (AccessKit `ScrollIntoView`, as
-//!   a screen reader does); it passes if, after that, it satisfies every rule. A node in no scroll area
-//!   does not move and fails. A node the list no longer lays out after another one was scrolled to (only
-//!   visible rows and cards are laid out) is not checked further.
+//! - **Scroll areas**: content below (or beside) the visible part of a scroll area is clipped by design, and
+//!   egui leaves text that is wholly out of view out of the tree. So each screen is looked at in several
+//!   scroll positions: as first shown; then page by page down (mouse wheel over the main panel) until
+//!   nothing moves; then each node that has not yet satisfied every rule is asked to scroll into view
+//!   (AccessKit `ScrollIntoView`, as a screen reader does). A node passes if it satisfies every rule in
+//!   one of those positions; a node in no scroll area never moves and fails. A node the list no longer
+//!   lays out after another one was scrolled to (only visible rows and cards are laid out) is not checked
+//!   further.
 //! - **No overlap**: no two controls or labels of the same window, dialog, menu or panel (the nearest one
 //!   around each in the tree; neither inside the other) overlap in their visible parts by more than a pixel
 //!   in both directions. (Siblings in the strict sense are too few: egui puts a widget placed at a given
@@ -24,7 +27,7 @@
 //! One physical pixel is tolerated everywhere, for rounding at fractional scales. Every problem of every
 //! screen at every scale is collected and reported together.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use egui::accesskit::Role;
 use egui::{Key, Modifiers, Rect};
@@ -193,17 +196,35 @@ fn describe(n: &Named) -> String {
     format!("{:?} {:?} at {:?}", n.role, n.name, n.bounds)
 }
 
-/// Checks the screen now shown; returns its problems, each prefixed with `screen` and the scale.
-fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -> Vec<String> {
-    // Let animations (fades, collapsing headers, scrolling) settle.
+/// What the checks of one screen found so far, over the scroll positions looked at.
+#[derive(Default)]
+struct Findings {
+    /// Nodes seen satisfying every placement rule (in some scroll position).
+    fine: HashSet<u64>,
+    /// Nodes seen breaking one: what and how, the first time.
+    failing: HashMap<u64, String>,
+    /// Overlapping pairs.
+    overlaps: BTreeSet<String>,
+    /// Named nodes seen.
+    seen: HashSet<u64>,
+}
+
+/// Lets animations (fades, collapsing headers, scrolling) settle.
+fn settle(h: &mut Harness<'static, PortholeApp>) {
     for _ in 0..10 {
         h.step();
     }
+}
+
+/// Checks the nodes laid out now; returns their ids and bounds.
+fn examine(h: &Harness<'static, PortholeApp>, ppp: f32, found: &mut Findings) -> Vec<(u64, [i32; 4])> {
     let rects = widget_rects(h);
     let nodes = named_nodes(h, &rects, ppp);
-    assert!(nodes.len() > 5, "{screen} at {ppp}: only {} named nodes", nodes.len());
-    let mut problems = Vec::new();
-
+    if std::env::var_os("PORTHOLE_HIDPI_DUMP").is_some() {
+        for n in &nodes {
+            eprintln!("  @ {ppp}: {}", describe(n));
+        }
+    }
     // Overlaps, among the controls and texts of one window or panel (neither inside the other), in what each
     // shows (its rect cut to its clip rect).
     let visible = |n: &Named| rects.get(&n.id).map_or(n.bounds, |(_, v)| *v * ppp);
@@ -215,42 +236,73 @@ fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -
             }
             let overlap = visible(a).intersect(visible(b));
             if overlap.width() > 1.0 && overlap.height() > 1.0 {
-                problems.push(format!("{} overlaps {} by {:?}", describe(a), describe(b), overlap.size()));
+                found.overlaps.insert(format!("{} overlaps {} by {:?}", describe(a), describe(b), overlap.size()));
             }
         }
     }
+    for n in &nodes {
+        found.seen.insert(n.id);
+        let problems = placement_problems(n, &rects, ppp);
+        if problems.is_empty() {
+            found.fine.insert(n.id);
+        } else {
+            found.failing.entry(n.id).or_insert_with(|| format!("{}: {}", describe(n), problems.join("; ")));
+        }
+    }
+    nodes
+        .iter()
+        .map(|n| (n.id, [n.bounds.min.x, n.bounds.min.y, n.bounds.max.x, n.bounds.max.y].map(|v| v as i32)))
+        .collect()
+}
 
-    // Placement; what fails is scrolled into view and looked at again.
-    let failing: Vec<(Named, Vec<String>)> =
-        nodes.iter().map(|n| (n.clone(), placement_problems(n, &rects, ppp))).filter(|(_, p)| !p.is_empty()).collect();
-    let (mut scrolled, mut gone) = (0, 0);
-    for (n, first) in &failing {
-        let Some(node) = find(h, n.id) else {
+/// Checks the screen now shown, at its scroll positions (see the module's rules); returns its problems, each
+/// prefixed with `screen` and the scale.
+fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -> Vec<String> {
+    settle(h);
+    let mut found = Findings::default();
+    let mut layout = examine(h, ppp, &mut found);
+    assert!(layout.len() > 5, "{screen} at {ppp}: only {} named nodes", layout.len());
+    // Page down through what scrolls under the pointer (the main panel), until nothing moves.
+    let at = egui::pos2(WINDOW.x * 0.6, WINDOW.y * 0.6);
+    h.event(egui::Event::PointerMoved(at));
+    let mut pages = 0;
+    for _ in 0..20 {
+        h.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -WINDOW.y * 0.4),
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+            modifiers: Modifiers::NONE,
+        });
+        settle(h);
+        let now = examine(h, ppp, &mut found);
+        if now == layout {
+            break;
+        }
+        layout = now;
+        pages += 1;
+    }
+    // Each node not yet seen fine is scrolled into view (an inner scroll area, a dialog's) and looked at again.
+    let (mut tried, mut gone) = (HashSet::new(), 0);
+    while let Some(id) = found.failing.keys().copied().find(|id| !found.fine.contains(id) && !tried.contains(id)) {
+        tried.insert(id);
+        let Some(node) = find(h, id) else {
             gone += 1; // no longer laid out (a virtual list scrolled)
             continue;
         };
         node.scroll_to_me();
-        for _ in 0..10 {
-            h.step();
-        }
-        let rects = widget_rects(h);
-        let now = named_nodes(h, &rects, ppp).into_iter().find(|m| m.id == n.id);
-        let Some(now) = now else {
-            gone += 1;
-            continue;
-        };
-        let after = placement_problems(&now, &rects, ppp);
-        if after.is_empty() {
-            scrolled += 1;
-        } else {
-            let (n, first, after) = (describe(n), first.join("; "), after.join("; "));
-            problems.push(format!("{n}: {first} (after scrolling it into view: {after})"));
-        }
+        settle(h);
+        examine(h, ppp, &mut found);
     }
+    let scrolled = found.failing.keys().filter(|id| found.fine.contains(id)).count();
+    let mut problems: Vec<String> =
+        found.failing.iter().filter(|(id, _)| !found.fine.contains(id)).map(|(_, p)| p.clone()).collect();
+    problems.sort();
+    problems.extend(found.overlaps);
     eprintln!(
-        "{screen} @ {ppp}: {} named nodes; {} fine after scrolling into view, {gone} no longer laid out; {} problems",
-        nodes.len(),
-        scrolled,
+        "{screen} @ {ppp}: {} named nodes; {pages} pages scrolled; {scrolled} fine only once scrolled into view; \
+         {gone} no longer laid out; {} problems",
+        found.seen.len(),
         problems.len()
     );
     problems.into_iter().map(|p| format!("[{screen} @ {ppp}] {p}")).collect()
@@ -296,10 +348,17 @@ fn every_screen_fits_at_each_scale() {
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = d.local();
+    // A library with long names, one image in use (the host page's table).
+    for name in ["debian-12.8.0-amd64-netinst.iso", "Fedora-Workstation-Live-x86_64-41-1.4.iso"] {
+        let file = dir.path(name);
+        std::fs::write(&file, vec![1u8; 32 << 10]).unwrap();
+        rt.block_on(c.upload_image(name, &file, |_, _| {})).unwrap();
+    }
     for (name, tags) in [("build-server", vec!["ci"]), ("web-1", vec!["prod", "web"])] {
         let req = porthole_api::CreateVm {
             disk_gib: 0,
             tags: tags.into_iter().map(str::to_owned).collect(),
+            media: (name == "web-1").then(|| "debian-12.8.0-amd64-netinst.iso".into()),
             ..booting(name, "idle")
         };
         rt.block_on(c.create_vm(&req)).unwrap();
@@ -330,7 +389,9 @@ fn every_screen_fits_at_each_scale() {
         press(&mut h, "List");
 
         press(&mut h, "Host");
-        wait(&mut h, "the host page", |h| has(h, "Host Local") && has_contains(h, "CPU %"));
+        wait(&mut h, "the host page", |h| {
+            has(h, "Host Local") && has_contains(h, "CPU %") && has(h, "Delete debian-12.8.0-amd64-netinst.iso")
+        });
         problems.extend(check_screen(&mut h, ppp, "host page"));
         press(&mut h, "Machines");
 
