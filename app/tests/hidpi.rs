@@ -45,6 +45,9 @@ use common::*;
 /// The window's size in points (the app's default inner size, app/src/main.rs).
 const WINDOW: egui::Vec2 = egui::vec2(1100.0, 700.0);
 
+/// A 1920 × 1080 screen at 200%: 960 × 540 points for the whole screen (less than the default window).
+const SMALL_HIDPI_SCREEN: egui::Vec2 = egui::vec2(960.0, 540.0);
+
 /// A named node as the checks see it.
 #[derive(Debug, Clone)]
 struct Named {
@@ -149,13 +152,13 @@ fn inside(inner: Rect, outer: Rect, slack: f32) -> bool {
 }
 
 /// What is wrong with one node: outside the window, outside its container, clipped.
-fn placement_problems(n: &Named, rects: &HashMap<u64, (Rect, Rect)>, ppp: f32) -> Vec<String> {
+fn placement_problems(n: &Named, rects: &HashMap<u64, (Rect, Rect)>, ppp: f32, size: egui::Vec2) -> Vec<String> {
     let mut problems = Vec::new();
-    let window = Rect::from_min_size(egui::Pos2::ZERO, WINDOW * ppp);
-    if !inside(n.bounds, window, 1.0) {
+    let window = Rect::from_min_size(egui::Pos2::ZERO, size * ppp);
+    // (A window's resize handles straddle its edge by design.)
+    if n.role != Role::Splitter && !inside(n.bounds, window, 1.0) {
         problems.push(format!("outside the window {window:?}"));
     }
-    // (A window's resize handles straddle its edge by design.)
     if let Some((container, what)) = &n.container
         && n.role != Role::Splitter
         && !inside(n.bounds, *container, 1.0)
@@ -217,7 +220,12 @@ fn settle(h: &mut Harness<'static, PortholeApp>) {
 }
 
 /// Checks the nodes laid out now; returns their ids and bounds.
-fn examine(h: &Harness<'static, PortholeApp>, ppp: f32, found: &mut Findings) -> Vec<(u64, [i32; 4])> {
+fn examine(
+    h: &Harness<'static, PortholeApp>,
+    ppp: f32,
+    size: egui::Vec2,
+    found: &mut Findings,
+) -> Vec<(u64, [i32; 4])> {
     let rects = widget_rects(h);
     let nodes = named_nodes(h, &rects, ppp);
     if std::env::var_os("PORTHOLE_HIDPI_DUMP").is_some() {
@@ -242,7 +250,7 @@ fn examine(h: &Harness<'static, PortholeApp>, ppp: f32, found: &mut Findings) ->
     }
     for n in &nodes {
         found.seen.insert(n.id);
-        let problems = placement_problems(n, &rects, ppp);
+        let problems = placement_problems(n, &rects, ppp, size);
         if problems.is_empty() {
             found.fine.insert(n.id);
         } else {
@@ -258,24 +266,25 @@ fn examine(h: &Harness<'static, PortholeApp>, ppp: f32, found: &mut Findings) ->
 /// Checks the screen now shown, at its scroll positions (see the module's rules); returns its problems, each
 /// prefixed with `screen` and the scale.
 fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -> Vec<String> {
+    let size = h.ctx.content_rect().size();
     settle(h);
     let mut found = Findings::default();
-    let mut layout = examine(h, ppp, &mut found);
+    let mut layout = examine(h, ppp, size, &mut found);
     assert!(layout.len() > 5, "{screen} at {ppp}: only {} named nodes", layout.len());
     // Page down through what scrolls under the pointer (the main panel), until nothing moves.
-    let at = egui::pos2(WINDOW.x * 0.6, WINDOW.y * 0.6);
+    let at = egui::pos2(size.x * 0.6, size.y * 0.6);
     h.event(egui::Event::PointerMoved(at));
     let mut pages = 0;
     for _ in 0..20 {
         h.event(egui::Event::MouseWheel {
             unit: egui::MouseWheelUnit::Point,
-            delta: egui::vec2(0.0, -WINDOW.y * 0.4),
+            delta: egui::vec2(0.0, -size.y * 0.4),
             phase: egui::TouchPhase::Move,
             source: egui::MouseWheelSource::Wheel,
             modifiers: Modifiers::NONE,
         });
         settle(h);
-        let now = examine(h, ppp, &mut found);
+        let now = examine(h, ppp, size, &mut found);
         if now == layout {
             break;
         }
@@ -292,7 +301,7 @@ fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -
         };
         node.scroll_to_me();
         settle(h);
-        examine(h, ppp, &mut found);
+        examine(h, ppp, size, &mut found);
     }
     let scrolled = found.failing.keys().filter(|id| found.fine.contains(id)).count();
     let mut problems: Vec<String> =
@@ -332,22 +341,37 @@ fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
 }
 
 /// The window at `ppp` pixels per point on the daemon at `socket`.
-fn window_at(socket: &std::path::Path, settings: std::path::PathBuf, ppp: f32) -> Harness<'static, PortholeApp> {
+fn window_at(
+    socket: &std::path::Path,
+    settings: std::path::PathBuf,
+    size: egui::Vec2,
+    ppp: f32,
+) -> Harness<'static, PortholeApp> {
     let backend = porthole::backend::Backend::new(|| {}).unwrap();
     let app = PortholeApp::new(backend, porthole::local_host(socket.to_owned()), Some(settings));
     Harness::builder()
-        .with_size(WINDOW)
+        .with_size(size)
         .with_pixels_per_point(ppp)
         .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
 }
 
-/// Every main screen at 1.0, 1.5 and 2.0: see the module's rules.
-#[test]
-fn every_screen_fits_at_each_scale() {
-    let dir = Scratch::new("gui-hidpi");
+/// A VM named `name` booting micro-guest `guest` from the library (a host path would be as long as the
+/// checkout's path, and the details show it).
+fn library_boot(name: &str, guest: &str) -> porthole_api::CreateVm {
+    let boot = porthole_api::BootSpec { kernel: format!("{guest}.elf"), initrd: None, cmdline: String::new() };
+    porthole_api::CreateVm { disk_gib: 0, boot: Some(boot), ..porthole_api::CreateVm::new(name, 1, 64) }
+}
+
+/// Checks every main screen in a window of `size` points at each of `scales` (see the module's rules);
+/// returns the problems.
+fn check_every_screen(tag: &str, size: egui::Vec2, scales: &[f32]) -> Vec<String> {
+    let dir = Scratch::new(tag);
     let d = Daemon::start(&dir, false, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = d.local();
+    for guest in ["idle", "fb-pattern"] {
+        rt.block_on(c.upload_image(&format!("{guest}.elf"), &porthole_guests::path(guest), |_, _| {})).unwrap();
+    }
     // A library with long names, one image in use (the host page's table).
     for name in ["debian-12.8.0-amd64-netinst.iso", "Fedora-Workstation-Live-x86_64-41-1.4.iso"] {
         let file = dir.path(name);
@@ -356,20 +380,18 @@ fn every_screen_fits_at_each_scale() {
     }
     for (name, tags) in [("build-server", vec!["ci"]), ("web-1", vec!["prod", "web"])] {
         let req = porthole_api::CreateVm {
-            disk_gib: 0,
             tags: tags.into_iter().map(str::to_owned).collect(),
             media: (name == "web-1").then(|| "debian-12.8.0-amd64-netinst.iso".into()),
-            ..booting(name, "idle")
+            ..library_boot(name, "idle")
         };
         rt.block_on(c.create_vm(&req)).unwrap();
     }
-    let pattern = rt.block_on(c.create_vm(&porthole_api::CreateVm { disk_gib: 0, ..booting("pattern", "fb-pattern") }));
-    let pattern = pattern.unwrap();
+    let pattern = rt.block_on(c.create_vm(&library_boot("pattern", "fb-pattern"))).unwrap();
     rt.block_on(c.action(&pattern.id, Action::Start)).unwrap();
 
     let mut problems = Vec::new();
-    for ppp in [1.0, 1.5, 2.0] {
-        let mut h = window_at(&d.socket(), dir.path(&format!("settings-{ppp}.json")), ppp);
+    for &ppp in scales {
+        let mut h = window_at(&d.socket(), dir.path(&format!("settings-{ppp}.json")), size, ppp);
         wait(&mut h, "the list", |h| has(h, "Local — 3 VMs") && state_of(h, "pattern") == Some(VmState::Running));
         problems.extend(check_screen(&mut h, ppp, "machine list"));
 
@@ -423,5 +445,22 @@ fn every_screen_fits_at_each_scale() {
         problems.extend(check_screen(&mut h, ppp, "console tab"));
     }
     rt.block_on(c.action(&pattern.id, Action::Poweroff)).unwrap();
+    problems
+}
+
+/// Every main screen in the default window (1100 × 700 points) at 1.0, 1.5 and 2.0.
+#[test]
+fn every_screen_fits_at_each_scale() {
+    let problems = check_every_screen("gui-hidpi", WINDOW, &[1.0, 1.5, 2.0]);
+    assert!(problems.is_empty(), "{} layout problems:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// Every main screen filling a 1920 × 1080 screen at 200% (960 × 540 points). Known to fail on one thing:
+/// the console tab's toolbar (app/src/console.rs) is one row that does not wrap, and its status text
+/// ("1280x800 — click the screen to type") runs out of the window; run it with `--ignored` once fixed.
+#[test]
+#[ignore = "the console toolbar's status text is cut off at 960 points wide (app/src/console.rs)"]
+fn every_screen_fits_a_small_hidpi_screen() {
+    let problems = check_every_screen("gui-hidpi-small", SMALL_HIDPI_SCREEN, &[2.0]);
     assert!(problems.is_empty(), "{} layout problems:\n{}", problems.len(), problems.join("\n"));
 }
