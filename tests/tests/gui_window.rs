@@ -235,9 +235,22 @@ fn window_geometry(x: &Xvfb) -> Option<[i64; 4]> {
 /// settled with `expect` on it, saves a screenshot under Cargo's target/tmp (and prints its path), returns
 /// what was seen.
 fn show_at(x: &Xvfb, socket: &Path, scale: &str, expect: &str, screen: (usize, usize)) -> Shown {
-    let dir = Scratch::new(&format!("gui-scale-{scale}"));
+    show_with(x, socket, &format!("scale-{scale}"), ("PORTHOLE_SCALE", scale), expect, screen)
+}
+
+/// [`show_at`] with the scale given by `scale_var` (`PORTHOLE_SCALE`, or the desktop's, as winit reads it
+/// on X11: `WINIT_X11_SCALE_FACTOR`); `tag` names the run and its screenshot.
+fn show_with(
+    x: &Xvfb,
+    socket: &Path,
+    tag: &str,
+    scale_var: (&str, &str),
+    expect: &str,
+    screen: (usize, usize),
+) -> Shown {
+    let dir = Scratch::new(&format!("gui-{tag}"));
     let report = dir.path("layout.json");
-    let env = [("PORTHOLE_SCALE", std::ffi::OsStr::new(scale)), ("PORTHOLE_LAYOUT_REPORT", report.as_os_str())];
+    let env = [(scale_var.0, std::ffi::OsStr::new(scale_var.1)), ("PORTHOLE_LAYOUT_REPORT", report.as_os_str())];
     let mut app = porthole_with(x, &dir, socket, &[], &env);
     wait_for_window(x, &mut app, &dir);
     // Settled: the report names `expect` and is the same twice in a row, 300 ms apart.
@@ -261,13 +274,13 @@ fn show_at(x: &Xvfb, socket: &Path, scale: &str, expect: &str, screen: (usize, u
     let (ppp, size, nodes) = parse_report(&last).unwrap();
     let geometry = window_geometry(x).expect("the window's geometry");
     // (Kept after the test, unlike its scratch dir: target/tmp/.)
-    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("gui-window-scale-{scale}.png"));
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("gui-window-{tag}.png"));
     let out = run(
         Command::new("import").args(["-display", &x.display, "-window", "root"]).arg(&shot),
         Duration::from_secs(30),
     );
     assert!(shot.is_file(), "import said: {}", text(&out.stderr));
-    println!("the window at scale {scale}: {}", shot.display());
+    println!("the window ({tag}): {}", shot.display());
     let pixels = pixels_of(Command::new("convert").arg(&shot), screen.0, screen.1);
     finish(app);
     Shown { ppp, size, nodes, geometry, pixels, screen_width: screen.0 }
@@ -324,7 +337,8 @@ fn problems_at(s: &Shown, scale: f64) -> Vec<String> {
     problems.into_iter().map(|p| format!("[scale {scale}] {p}")).collect()
 }
 
-/// The real window at scale 1 and 2 (`PORTHOLE_SCALE`) on a large Xvfb screen: the app's layout report
+/// The real window at scale 1 and 2 (`PORTHOLE_SCALE`, and the desktop's 2 as winit reads it on X11) on a
+/// large Xvfb screen: the app's layout report
 /// (its accessibility tree, in pixels) puts every named widget inside the window, the window and its
 /// widgets at 2 are twice their size at 1, and every text button shows its text in a screenshot (saved in
 /// target/tmp, its path printed).
@@ -341,8 +355,11 @@ fn the_window_at_scale_1_and_2_under_xvfb() {
 
     let one = show_at(&x, &d.socket(), "1", "Local — 1 VMs", screen);
     let two = show_at(&x, &d.socket(), "2", "Local — 1 VMs", screen);
+    // The desktop's scale (winit's on X11) instead of Porthole's own: the same window.
+    let desktop = show_with(&x, &d.socket(), "desktop-2", ("WINIT_X11_SCALE_FACTOR", "2"), "Local — 1 VMs", screen);
     let mut problems = problems_at(&one, 1.0);
     problems.extend(problems_at(&two, 2.0));
+    problems.extend(problems_at(&desktop, 2.0).into_iter().map(|p| format!("(desktop) {p}")));
     assert!(one.nodes.iter().filter(|n| n.role == "Button").count() >= 5, "too few buttons: {:?}", one.nodes);
 
     // Every widget found once at each scale: twice as large, twice as far from the window's corner.
