@@ -18,13 +18,6 @@ fn main() -> anyhow::Result<()> {
         }
         None => std::env::var("PORTHOLE_SCALE").ok().filter(|v| !v.is_empty()),
     };
-    let scale = match scale {
-        Some(v) => match v.parse::<f32>() {
-            Ok(f) if (0.5..=4.0).contains(&f) => f,
-            _ => anyhow::bail!("the scale {v:?} is not a number from 0.5 to 4"),
-        },
-        None => 1.0,
-    };
     if let Some(arg) = args.first() {
         match arg.as_str() {
             "--console" => {
@@ -61,6 +54,13 @@ fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other:?}; see porthole --help"),
         }
     }
+    let scale = match scale {
+        Some(v) => match v.parse::<f32>() {
+            Ok(f) if (0.5..=4.0).contains(&f) => f,
+            _ => anyhow::bail!("the scale {v:?} is not a number from 0.5 to 4"),
+        },
+        None => 1.0,
+    };
     // The size and place of the last run's window.
     let mut viewport = egui::ViewportBuilder::default()
         .with_title("Porthole")
