@@ -153,6 +153,8 @@ fn themed_app(socket: &Path, dir: &Scratch, theme: &str, ppp: f32) -> Harness<'s
     Harness::builder()
         .with_size(egui::vec2(1100.0, 700.0))
         .with_pixels_per_point(ppp)
+        // (No pointer in the picture: it would lie over whatever was clicked last.)
+        .with_render_cursor(false)
         .wgpu()
         .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app)
 }
