@@ -106,3 +106,61 @@ pub fn local_host_in(
         porthole_api::Client::unix(&socket).map_err(|e| e.to_string())
     }
 }
+
+/// `PORTHOLE_LAYOUT_REPORT=FILE` (for the window tests): FILE holds, as JSON, what the last frame laid out:
+/// `{"pixels_per_point", "window": [w, h], "nodes": [{"role", "name", "rect": [x0, y0, x1, y1]}]}`, each node
+/// a named accessibility node (a label, or a text's runs) with its bounds, all in physical pixels of the
+/// window. Rewritten (whole, by renaming a new file over it) when the layout changes. Turns on egui's
+/// accessibility tree, which it reads.
+pub fn report_layout(ctx: &egui::Context, path: std::path::PathBuf) {
+    ctx.enable_accesskit();
+    ctx.add_plugin(LayoutReport { path, last: String::new() });
+}
+
+struct LayoutReport {
+    path: std::path::PathBuf,
+    last: String,
+}
+
+impl egui::Plugin for LayoutReport {
+    fn debug_name(&self) -> &'static str {
+        "porthole layout report"
+    }
+
+    fn output_hook(&mut self, ctx: &egui::Context, output: &mut egui::FullOutput) {
+        let Some(update) = &output.platform_output.accesskit_update else { return };
+        let ppp = output.pixels_per_point;
+        let nodes: std::collections::HashMap<_, _> = update.nodes.iter().map(|(id, n)| (*id, n)).collect();
+        let scaled = |r: egui::accesskit::Rect| {
+            [r.x0 * f64::from(ppp), r.y0 * f64::from(ppp), r.x1 * f64::from(ppp), r.y1 * f64::from(ppp)]
+        };
+        let mut named = Vec::new();
+        for (_, node) in &update.nodes {
+            use egui::accesskit::Role;
+            let Some(bounds) = node.bounds() else { continue };
+            let name = match (node.role(), node.label()) {
+                (Role::TextRun, _) => continue,
+                (_, Some(label)) => label.to_owned(),
+                (Role::Label, None) => node.children().iter().filter_map(|c| nodes.get(c)?.value()).collect::<String>(),
+                _ => continue,
+            };
+            if name.trim().is_empty() {
+                continue;
+            }
+            named.push(serde_json::json!({
+                "role": format!("{:?}", node.role()),
+                "name": name.trim(),
+                "rect": scaled(bounds),
+            }));
+        }
+        let window = ctx.content_rect().size() * ppp;
+        let report = serde_json::json!({"pixels_per_point": ppp, "window": [window.x, window.y], "nodes": named});
+        let text = report.to_string();
+        if text != self.last {
+            let new = self.path.with_extension("new");
+            if std::fs::write(&new, &text).and_then(|()| std::fs::rename(&new, &self.path)).is_ok() {
+                self.last = text;
+            }
+        }
+    }
+}

@@ -8,7 +8,16 @@ fn main() -> anyhow::Result<()> {
     let mut vnc = None;
     let mut iso = None;
     let mut console = None;
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // The window's scale (HiDPI): `--scale FACTOR` anywhere, else `PORTHOLE_SCALE`, else the desktop's.
+    let scale = match args.iter().position(|a| a == "--scale") {
+        Some(i) => {
+            let value = args.get(i + 1).cloned().ok_or_else(|| anyhow!("--scale needs a factor, e.g. 2"))?;
+            args.drain(i..i + 2);
+            Some(value)
+        }
+        None => std::env::var("PORTHOLE_SCALE").ok().filter(|v| !v.is_empty()),
+    };
     if let Some(arg) = args.first() {
         match arg.as_str() {
             "--console" => {
@@ -31,11 +40,13 @@ fn main() -> anyhow::Result<()> {
             }
             "--help" | "-h" => {
                 println!(
-                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH | FILE.iso | --console NAME] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
+                    "porthole {}\nUsage: porthole [vnc://HOST[:PORT] | vnc+unix:///PATH | FILE.iso | --console NAME] [--scale FACTOR] [--version] [--help]\n\nOpens the Porthole window. The local host's daemon (portholed) is started \
                      for this user if it is not running; remote hosts come from ~/.config/porthole/settings.json.\n\
                      vnc://HOST[:PORT], vnc+unix:///PATH  open a console on that VNC server\n\
                      FILE.iso                           open the New VM wizard with this ISO as its boot media\n\
-                     --console NAME                     open the console of this computer's VM NAME",
+                     --console NAME                     open the console of this computer's VM NAME\n\
+                     --scale FACTOR                     draw everything FACTOR times larger (0.5 to 4; also\n\
+                     \x20                                  PORTHOLE_SCALE), on top of the desktop's own scale",
                     porthole_api::VERSION
                 );
                 return Ok(());
@@ -43,15 +54,23 @@ fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other:?}; see porthole --help"),
         }
     }
+    let scale = match scale {
+        Some(v) => match v.parse::<f32>() {
+            Ok(f) if (0.5..=4.0).contains(&f) => f,
+            _ => anyhow::bail!("the scale {v:?} is not a number from 0.5 to 4"),
+        },
+        None => 1.0,
+    };
     // The size and place of the last run's window.
     let mut viewport = egui::ViewportBuilder::default()
         .with_title("Porthole")
         .with_app_id("porthole")
-        .with_inner_size([1100.0, 700.0])
-        .with_min_inner_size([640.0, 400.0]);
+        .with_inner_size([1100.0 * scale, 700.0 * scale])
+        .with_min_inner_size([640.0 * scale, 400.0 * scale]);
+    // (Sizes in points: the window's size in pixels grows with the scale.)
     if let Some(w) = PortholeApp::saved_window(porthole::settings::path().as_deref()) {
         viewport = viewport
-            .with_inner_size([w.width.max(640) as f32, w.height.max(400) as f32])
+            .with_inner_size([w.width.max(640) as f32 * scale, w.height.max(400) as f32 * scale])
             .with_position([w.x as f32, w.y as f32]);
     }
     let settings_path = porthole::settings::path();
@@ -60,7 +79,13 @@ fn main() -> anyhow::Result<()> {
     eframe::run_native(
         "Porthole",
         options,
-        Box::new(|cc| {
+        Box::new(move |cc| {
+            if scale != 1.0 {
+                cc.egui_ctx.set_zoom_factor(scale);
+            }
+            if let Some(path) = std::env::var_os("PORTHOLE_LAYOUT_REPORT") {
+                porthole::report_layout(&cc.egui_ctx, path.into());
+            }
             let ctx = cc.egui_ctx.clone();
             let backend = Backend::new(move || ctx.request_repaint())?;
             if let Some(problem) = daemon::kvm_problem() {
