@@ -6,7 +6,8 @@
 #   hw.mode=quick   PORTHOLE-L2-INIT, then power off (boot timing; ISO and PVH boots)
 #   hw.mode=full    first boot: virtio-blk read (md5) and write + flush, the virtio-scsi CD (md5 of
 #                   /dev/sr0), a square drawn into /dev/fb0 through bochs-drm, a line typed on the PS/2
-#                   keyboard, PS/2 mouse packets, then `reboot -f`; second boot (seen on the disk): waits
+#                   keyboard, PS/2 mouse packets, then the virtio-input tablet's events once its driver is
+#                   loaded (the pointer leaves the PS/2 mouse), then `reboot -f`; second boot (seen on the disk): waits
 #                   for the ACPI power button and powers off.
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
@@ -38,7 +39,9 @@ if [ "$MODE" = quick ]; then
     off
 fi
 
+# virtio_input waits: the full mode loads it after the PS/2 mouse test (the pointer moves to the tablet then).
 while read -r m; do
+    case $m in virtio_input.ko*) continue ;; esac
     out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
 done </lib/modules/load-order
 
@@ -151,7 +154,7 @@ if [ $BOOT = 2 ]; then
     while [ -z "$ev" ] && [ $i -lt 300 ]; do
         for d in /sys/class/input/input*; do
             [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
-            for e in "$d"/event*; do [ -e "$e" ] && ev=/dev/$(basename "$e"); done
+            for e in "$d"/event*; do [ -e "$e" ] && ev=/dev/input/$(basename "$e"); done
         done
         [ -n "$ev" ] || { sleep 0.2; i=$((i + 1)); }
     done
@@ -204,6 +207,27 @@ if read -r -t 300 line </dev/tty1; then say "PORTHOLE-KEYS got=$line"; else say 
 wait_for /dev/input/mice
 say "PORTHOLE-MOUSE-READY $(cat /sys/bus/serio/devices/serio1/description 2>/dev/null | tr ' ' _)"
 say "PORTHOLE-MOUSE packets=$(dd if=/dev/input/mice bs=3 count=4 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+
+# The virtio-input tablet (porthole-vmm --tablet): its driver loaded only now, the console's pointer leaves
+# the PS/2 mouse for it. Eight evdev events (24 bytes each: time, type, code, value) of pointer moves.
+for m in $(grep virtio_input /lib/modules/load-order); do
+    out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
+done
+ev=""
+i=0
+while [ -z "$ev" ] && [ $i -lt 300 ]; do
+    for d in /sys/class/input/input*; do
+        [ "$(cat "$d/name" 2>/dev/null)" = "Porthole tablet" ] || continue
+        for e in "$d"/event*; do [ -e "$e" ] && ev=/dev/input/$(basename "$e"); done
+    done
+    [ -n "$ev" ] || { sleep 0.2; i=$((i + 1)); }
+done
+if [ -n "$ev" ] && wait_for "$ev"; then
+    say "PORTHOLE-TABLET-READY $ev"
+    say "PORTHOLE-TABLET events=$(dd if="$ev" bs=24 count=8 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+else
+    say "PORTHOLE-TABLET-NONE $(cat /sys/class/input/input*/name 2>/dev/null | tr ' \n' '_,')"
+fi
 
 # Second boot next: mark it on the disk, then reboot without the init system.
 printf BOOT1 | dd of=/dev/vda bs=512 seek=16 conv=sync,fsync 2>/dev/null

@@ -41,7 +41,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "linux",
-        what: "Debian kernel (bzImage): virtio-blk, virtio-scsi CD, bochs-drm on RFB, PS/2 keys and mouse, reboot, ACPI off",
+        what: "Debian kernel (bzImage): virtio-blk, virtio-scsi CD, bochs-drm on RFB, PS/2 keys and mouse, virtio-input tablet, reboot, ACPI off",
         pieces: &[],
         all_only: false,
         ends_itself: true,
@@ -428,6 +428,7 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     }
     let ready = m.expect("PORTHOLE-MOUSE-READY", 2 * MIN)?.text;
     let packets = move_mouse_until(m, "PORTHOLE-MOUSE packets=", 3 * MIN)?;
+    let tablet = tablet_events(m, 3 * MIN)?;
     m.expect("PORTHOLE-REBOOTING", 2 * MIN)?;
     m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
     m.expect("PORTHOLE-POWER-BUTTON-READY", 5 * MIN)?;
@@ -444,7 +445,8 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let mouse_desc = ready.split_whitespace().nth(1).unwrap_or("?").to_owned();
     Ok(format!(
         "disk md5 {disk} read, write flushed and found; CD md5 {cd}; fb {mode} pixel {pixel:06x} on RFB; \
-         keys 'porthole42'; mouse ({mouse_desc}) {}; reboot -f -> second boot; power button -> off (exit 0)",
+         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; reboot -f -> second boot; power button -> off \
+         (exit 0)",
         packets.trim()
     ))
 }
@@ -1266,6 +1268,49 @@ fn move_mouse_until(m: &mut Machine, needle: &str, limit: Duration) -> Result<St
             Err(e) => return Err(format!("PS/2 mouse: {e}")),
         }
     }
+}
+
+/// Once the guest has loaded virtio_input: moves the RFB pointer between two points until the guest
+/// reports the tablet's evdev events, and checks they are the absolute positions of those points (scaled
+/// to 0-32767 over the screen) and not PS/2 deltas.
+fn tablet_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
+    let ready = m.expect("PORTHOLE-TABLET", 3 * MIN)?;
+    if !ready.text.contains("PORTHOLE-TABLET-READY") {
+        return Err(format!("no tablet in the guest: {}", ready.text));
+    }
+    let mut c = rfb(m)?;
+    let (w, h) = (c.width, c.height);
+    let points = [(w / 4, h / 4), (w * 3 / 4, h * 3 / 4)];
+    let scaled = |v: u32, size: u32| v * 32767 / size.saturating_sub(1).max(1);
+    let deadline = Instant::now() + limit;
+    let from = m.seen.len();
+    let needle = "PORTHOLE-TABLET events=";
+    let mut step = 0usize;
+    let hex = loop {
+        let (x, y) = points[step % 2];
+        step += 1;
+        c.pointer(x as u16, y as u16, 0).map_err(|e| format!("RFB pointer: {e}"))?;
+        match m.expect_from(from, needle, Duration::from_millis(700)) {
+            Ok(line) => break line.text.split_once(needle).map(|(_, p)| p.to_owned()).unwrap_or_default(),
+            Err(e) if e.starts_with("no ") && Instant::now() < deadline => {}
+            Err(e) => return Err(format!("tablet: {e}")),
+        }
+    };
+    let bytes: Vec<u8> = hex.split_whitespace().filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+    // struct input_event on x86-64: 16 bytes of time, then type (u16), code (u16), value (i32).
+    let events: Vec<(u16, u16, i32)> = bytes
+        .chunks_exact(24)
+        .map(|e| {
+            let u16_at = |i: usize| u16::from_le_bytes([e[i], e[i + 1]]);
+            (u16_at(16), u16_at(18), i32::from_le_bytes([e[20], e[21], e[22], e[23]]))
+        })
+        .collect();
+    let xs: Vec<i32> = events.iter().filter(|e| e.0 == 3 && e.1 == 0).map(|e| e.2).collect();
+    let want: Vec<i32> = points.iter().map(|&(x, _)| scaled(x, w) as i32).collect();
+    if xs.is_empty() || !xs.iter().all(|x| want.contains(x)) {
+        return Err(format!("tablet events {events:?}: ABS_X {xs:?}, expected values among {want:?} ({w}x{h})"));
+    }
+    Ok(format!("tablet ABS_X {xs:?} for x {:?} on {w}x{h}", points.map(|p| p.0)))
 }
 
 fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {
