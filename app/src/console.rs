@@ -168,7 +168,7 @@ impl Console {
 
     /// Draws the console into `ui`, filling it (scaled to fit, aspect kept), and forwards input.
     pub fn show(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             if theme::button(ui, true, theme::KEYBOARD, "Send Ctrl+Alt+Del").clicked() {
                 self.send_combo(&[CTRL, ALT, (0xFFFF, 0xE053)]);
             }

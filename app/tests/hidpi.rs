@@ -314,6 +314,10 @@ fn check_screen(h: &mut Harness<'static, PortholeApp>, ppp: f32, screen: &str) -
         found.seen.len(),
         problems.len()
     );
+    // Said now too: a later screen may not come (a wait that fails) and the report at the end with it.
+    for p in &problems {
+        eprintln!("  {p}");
+    }
     problems.into_iter().map(|p| format!("[{screen} @ {ppp}] {p}")).collect()
 }
 
@@ -406,7 +410,11 @@ fn check_every_screen(tag: &str, size: egui::Vec2, scales: &[f32]) -> Vec<String
         wait(&mut h, "the details again", |h| has(h, "Insert ISO…"));
 
         press(&mut h, "Grid");
-        wait(&mut h, "the grid", |h| has(h, "pattern screen"));
+        // (In a small window only the first line of cards is laid out: a card, whichever VM it shows.)
+        wait(&mut h, "the grid", |h| {
+            h.state().view == porthole::app::MachineView::Grid
+                && h.query_all_by_label_contains(" screen").next().is_some()
+        });
         problems.extend(check_screen(&mut h, ppp, "machine grid"));
         press(&mut h, "List");
 
@@ -455,12 +463,17 @@ fn every_screen_fits_at_each_scale() {
     assert!(problems.is_empty(), "{} layout problems:\n{}", problems.len(), problems.join("\n"));
 }
 
-/// Every main screen filling a 1920 × 1080 screen at 200% (960 × 540 points). Known to fail on one thing:
-/// the console tab's toolbar (app/src/console.rs) is one row that does not wrap, and its status text
-/// ("1280x800 — click the screen to type") runs out of the window; run it with `--ignored` once fixed.
+/// Every main screen filling a 1920 × 1080 screen at 200% (960 × 540 points): toolbars and button rows
+/// wrap.
 #[test]
-#[ignore = "the console toolbar's status text is cut off at 960 points wide (app/src/console.rs)"]
 fn every_screen_fits_a_small_hidpi_screen() {
     let problems = check_every_screen("gui-hidpi-small", SMALL_HIDPI_SCREEN, &[2.0]);
+    assert!(problems.is_empty(), "{} layout problems:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// Every main screen in the smallest window Porthole allows (640 × 400 points; a 1280 × 800 screen at 200%).
+#[test]
+fn every_screen_fits_the_smallest_window() {
+    let problems = check_every_screen("gui-hidpi-smallest", egui::vec2(640.0, 400.0), &[1.0]);
     assert!(problems.is_empty(), "{} layout problems:\n{}", problems.len(), problems.join("\n"));
 }

@@ -76,7 +76,7 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     replace_text(&mut h, "vCPUs", "2");
     replace_text(&mut h, "Memory (MiB)", "96");
     assert!(vm.tablet, "new VMs have a tablet");
-    press(&mut h, "Tablet (absolute pointer: the guest's cursor follows the console's)");
+    press(&mut h, "Tablet (absolute pointer)");
     replace_text(&mut h, "Disk size (GiB)", "2");
     press(&mut h, "Firmware (SeaBIOS)");
     combo(&mut h, "Boot order", "Disk, then CD/DVD");

@@ -110,7 +110,7 @@ impl PortholeApp {
             .unwrap_or_default();
         let mut open = true;
         let (mut go, mut cancel) = (false, false);
-        egui::Window::new(format!("Clone {}", f.vm_name)).open(&mut open).collapsible(false).show(ctx, |ui| {
+        theme::dialog(ctx, format!("Clone {}", f.vm_name)).open(&mut open).show(ctx, |ui| {
             ui.set_max_width(460.0);
             ui.horizontal(|ui| {
                 let l = ui.label("Clone name");

@@ -145,7 +145,7 @@ impl PortholeApp {
         let Some(address) = self.vnc_dialog.as_mut() else { return };
         let mut open = true;
         let mut go = None;
-        egui::Window::new("Connect to a VNC server").open(&mut open).collapsible(false).show(ctx, |ui| {
+        theme::dialog(ctx, "Connect to a VNC server").open(&mut open).show(ctx, |ui| {
             let l = ui.label("Server");
             ui.add(egui::TextEdit::singleline(address).hint_text("vnc://host:5901 or vnc+unix:///path/to/socket"))
                 .labelled_by(l.id);

@@ -39,7 +39,8 @@ impl PortholeApp {
             ui.label(format!("{} MiB", vm.memory_mib));
             ui.end_row();
             ui.label("Pointer");
-            ui.label(pointer_text(vm, self.backend.model().details.as_ref()));
+            let (text, more) = pointer_text(vm, self.backend.model().details.as_ref());
+            ui.label(text).on_hover_text(more);
             ui.end_row();
             ui.label("Disk");
             ui.label(clones::disk_text(vm));
@@ -257,7 +258,7 @@ impl PortholeApp {
     pub(super) fn delete_window(&mut self, ctx: &egui::Context) {
         let Some((host, id, name)) = self.confirm_delete.clone() else { return };
         let mut answer = None;
-        egui::Window::new("Delete virtual machine").collapsible(false).show(ctx, |ui| {
+        theme::dialog(ctx, "Delete virtual machine").show(ctx, |ui| {
             ui.label(format!("Delete {name} and its disk? This cannot be undone."));
             ui.horizontal(|ui| {
                 if theme::button(ui, true, theme::DELETE, "Delete VM and disk").clicked() {
@@ -285,15 +286,21 @@ impl PortholeApp {
     }
 }
 
-/// How the console's pointer reaches the guest: the tablet (absolute) once its driver is up, else the PS/2
-/// mouse; `details` is the running VM's `GET /vms/{id}` (host, id, VM), which says which.
-fn pointer_text(vm: &porthole_api::Vm, details: Option<&(usize, String, porthole_api::Vm)>) -> &'static str {
+/// How the console's pointer reaches the guest, in a few words and then in full: the tablet (absolute)
+/// once its driver is up, else the PS/2 mouse; `details` is the running VM's `GET /vms/{id}` (host, id,
+/// VM), which says which.
+fn pointer_text(
+    vm: &porthole_api::Vm,
+    details: Option<&(usize, String, porthole_api::Vm)>,
+) -> (&'static str, &'static str) {
     let running = matches!(vm.state, VmState::Running | VmState::Paused);
     let live = details.filter(|(_, id, _)| *id == vm.id).and_then(|(_, _, d)| d.absolute_pointer);
     match (vm.tablet, running, live) {
-        (false, _, _) => "PS/2 mouse (relative)",
-        (true, true, Some(true)) => "tablet: absolute, the guest's cursor follows the console's",
-        (true, true, Some(false)) => "PS/2 mouse for now: the guest has not loaded its tablet driver",
-        (true, _, _) => "tablet (absolute once the guest's driver is up; PS/2 mouse before)",
+        (false, _, _) => ("PS/2 mouse", "A relative pointer: the guest moves its cursor by the steps it is sent"),
+        (true, true, Some(true)) => ("tablet (absolute)", "The guest's cursor sits under the console's"),
+        (true, true, Some(false)) => {
+            ("PS/2 mouse for now", "The guest has not loaded its tablet driver (virtio_input) yet")
+        }
+        (true, _, _) => ("tablet", "Absolute once the guest's driver (virtio_input) is up; the PS/2 mouse before"),
     }
 }

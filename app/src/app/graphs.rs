@@ -32,16 +32,23 @@ pub fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole
     let series = |f: fn(&porthole_api::StatSample) -> f64| -> PlotPoints<'static> {
         samples.iter().map(|s| [t(s), f(s)]).collect::<Vec<_>>().into()
     };
-    ui.label(format!(
-        "CPU {:.1}%   memory {:.1} MiB   disk read {:.1} KiB/s, write {:.1} KiB/s   network in {:.1} KiB/s, out {:.1} \
-         KiB/s",
-        last.cpu_percent,
-        last.memory_bytes as f64 / 1048576.0,
-        last.disk_read_bps / 1024.0,
-        last.disk_write_bps / 1024.0,
-        last.net_rx_bps / 1024.0,
-        last.net_tx_bps / 1024.0
-    ));
+    // The latest figures, each its own label so that a narrow window wraps between them.
+    ui.horizontal_wrapped(|ui| {
+        let parts = [
+            format!("CPU {:.1}%", last.cpu_percent),
+            format!("memory {:.1} MiB", last.memory_bytes as f64 / 1048576.0),
+            format!(
+                "disk read {:.1} KiB/s, write {:.1} KiB/s",
+                last.disk_read_bps / 1024.0,
+                last.disk_write_bps / 1024.0
+            ),
+            format!("network in {:.1} KiB/s, out {:.1} KiB/s", last.net_rx_bps / 1024.0, last.net_tx_bps / 1024.0),
+        ];
+        for text in parts {
+            // Whole: a part that does not fit starts the next line.
+            ui.add(egui::Label::new(text).extend());
+        }
+    });
     for (plot, title, lines) in [
         ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))]),
         ("mem", "Memory (MiB)", vec![("memory", series(|s| s.memory_bytes as f64 / 1048576.0))]),

@@ -102,7 +102,7 @@ impl PortholeApp {
     /// The *Keyboard shortcuts* and *About* dialogs.
     pub(super) fn help_windows(&mut self, ctx: &egui::Context) {
         let mut open = self.help.shortcuts_open;
-        egui::Window::new("Keyboard shortcuts").open(&mut open).collapsible(false).resizable(false).show(ctx, |ui| {
+        theme::dialog(ctx, "Keyboard shortcuts").open(&mut open).resizable(false).show(ctx, |ui| {
             egui::Grid::new("shortcuts").num_columns(2).spacing([16.0, 4.0]).striped(true).show(ui, |ui| {
                 for (_, shortcut, what) in SHORTCUTS {
                     ui.monospace(ctx.format_shortcut(&shortcut));
@@ -120,7 +120,7 @@ impl PortholeApp {
         });
         self.help.shortcuts_open = open;
         let mut open = self.help.about_open;
-        egui::Window::new("About Porthole").open(&mut open).collapsible(false).resizable(false).show(ctx, |ui| {
+        theme::dialog(ctx, "About Porthole").open(&mut open).resizable(false).show(ctx, |ui| {
             ui.heading(format!("Porthole {}", porthole_api::VERSION));
             ui.label("Virtual machines of this computer and of remote hosts in one window: create them, see their");
             ui.label("screens, attach ISOs, take snapshots. Local VMs run on Porthole's own KVM engine.");

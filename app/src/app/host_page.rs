@@ -57,7 +57,7 @@ impl PortholeApp {
             let data = m.host_page.as_ref().filter(|(i, _)| *i == host).map(|(_, d)| d.clone()).unwrap_or_default();
             (h.name.clone(), h.info.clone(), data, m.images.get(&host).cloned())
         };
-        egui::ScrollArea::vertical().id_salt("host page").show(ui, |ui| {
+        egui::ScrollArea::both().id_salt("host page").show(ui, |ui| {
             ui.heading(format!("Host {name}"));
             let Some(info) = info else {
                 ui.label("Waiting for the host to answer…");

@@ -80,7 +80,7 @@ impl PortholeApp {
         let mut open = true;
         let mut connect = false;
         let title = if a.editing.is_some() { "Edit host" } else { "Add a host" };
-        egui::Window::new(title).open(&mut open).collapsible(false).show(ctx, |ui| {
+        theme::dialog(ctx, title).open(&mut open).show(ctx, |ui| {
             egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
                 for (label, value, hint) in [
                     ("Host name", &mut a.name, "lab"),

@@ -178,7 +178,7 @@ impl PortholeApp {
             (errors, rows, cpu)
         };
         let total = rows.len();
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             theme::paint_icon(ui, theme::SEARCH, ui.visuals().weak_text_color());
             let label = ui.label("Search");
             let search =
@@ -252,11 +252,13 @@ impl PortholeApp {
             .selected_vm
             .as_ref()
             .is_some_and(|id| rows.iter().any(|(h, _, v)| *h == self.selected_host && &v.id == id));
-        let list_height = if has_details { (ui.available_height() * 0.45).max(120.0) } else { ui.available_height() };
+        // (The grid shows at least one whole line of cards.)
+        let least = if self.view == MachineView::Grid { CARD_SIZE.y } else { 120.0 };
+        let list_height = if has_details { (ui.available_height() * 0.45).max(least) } else { ui.available_height() };
         if self.view == MachineView::Grid {
             self.grid(ui, &groups, list_height, &mut clicked, &mut thumbs_wanted);
         } else {
-            egui::ScrollArea::vertical().id_salt("vm-list").max_height(list_height).auto_shrink([false, true]).show(
+            egui::ScrollArea::both().id_salt("vm-list").max_height(list_height).auto_shrink([false, true]).show(
                 ui,
                 |ui| {
                     let group_by = self.group_by.text();

@@ -205,7 +205,7 @@ impl PortholeApp {
                 m.hosts.first().and_then(|h| h.info.as_ref()).map(|i| i.data_dir.clone()).filter(|d| !d.is_empty());
             (hosts, dir)
         };
-        egui::Window::new("Preferences").open(&mut open).collapsible(false).resizable(false).show(ctx, |ui| {
+        theme::dialog(ctx, "Preferences").open(&mut open).resizable(false).show(ctx, |ui| {
             egui::Grid::new("preferences").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
                 ui.label("Theme");
                 ui.horizontal(|ui| {

@@ -362,7 +362,7 @@ impl PortholeApp {
         let Some(f) = self.snapshot_ui.take.as_mut() else { return };
         let mut open = true;
         let (mut take, mut cancel) = (false, false);
-        egui::Window::new("Take a snapshot").open(&mut open).collapsible(false).show(ctx, |ui| {
+        theme::dialog(ctx, "Take a snapshot").open(&mut open).show(ctx, |ui| {
             ui.label(format!("Of {}", f.vm_name));
             egui::Grid::new("take-snapshot").num_columns(2).show(ui, |ui| {
                 let l = ui.label("Snapshot name");
@@ -445,7 +445,7 @@ impl PortholeApp {
                 "Delete snapshot",
             ),
         };
-        egui::Window::new(title).collapsible(false).show(ctx, |ui| {
+        theme::dialog(ctx, title).show(ctx, |ui| {
             ui.set_max_width(420.0);
             ui.label(text);
             ui.horizontal(|ui| {

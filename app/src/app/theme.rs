@@ -55,6 +55,14 @@ pub const ERROR: MaterialIcon = m::ICON_ERROR;
 pub const DONE: MaterialIcon = m::ICON_CHECK_CIRCLE;
 pub const DOWNLOAD: MaterialIcon = m::ICON_DOWNLOAD;
 
+/// A dialog: a window that opens in the middle of the main window, and does not fold up.
+pub fn dialog<'a>(ctx: &egui::Context, title: impl Into<egui::WidgetText>) -> egui::Window<'a> {
+    egui::Window::new(title)
+        .collapsible(false)
+        .pivot(egui::Align2::CENTER_CENTER)
+        .default_pos(ctx.content_rect().center())
+}
+
 /// Adds the icon font to `ctx` (once per context; it takes effect from the next frame).
 pub fn install_fonts(ctx: &egui::Context) {
     egui_material_icons::initialize(ctx);

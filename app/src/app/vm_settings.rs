@@ -482,14 +482,7 @@ impl PortholeApp {
             row(ui, "Memory (MiB)", &errors, "memory_mib", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.memory_mib).desired_width(80.0))
             });
-            check_row(
-                ui,
-                "Pointer",
-                &errors,
-                "tablet",
-                &mut f.tablet,
-                "Tablet (absolute pointer: the guest's cursor follows the console's)",
-            );
+            check_row(ui, "Pointer", &errors, "tablet", &mut f.tablet, "Tablet (absolute pointer)");
         });
 
         section(ui, "Disks");
@@ -548,7 +541,7 @@ impl PortholeApp {
             ui.radio_value(&mut dr.from_image, false, "New empty disk");
             ui.radio_value(&mut dr.from_image, true, "Copy of a library image");
         });
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             if dr.from_image {
                 let l = ui.label("Library disk image");
                 egui::ComboBox::from_id_salt("settings-disk-image")
@@ -586,7 +579,7 @@ impl PortholeApp {
 
         section(ui, "CD/DVD");
         let cds: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Cdrom).collect();
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let l = ui.label("Library image");
             egui::ComboBox::from_id_salt("settings-iso")
                 .selected_text(if form.iso.is_empty() { "choose…" } else { form.iso.as_str() })
@@ -605,7 +598,7 @@ impl PortholeApp {
                 .clicked();
         });
         for d in &cds {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 ui.label(format!("{}, {}: {}", d.id, d.bus, d.media.as_deref().unwrap_or("empty")));
                 let insert = format!("Insert into {}", d.id);
                 if theme::button(ui, !form.iso.is_empty(), theme::INSERT, &insert).clicked() {
@@ -708,7 +701,7 @@ impl PortholeApp {
                 row(ui, "Kernel command line", &errors, "cmdline", |ui| ui.text_edit_singleline(&mut f.cmdline));
             }
             ui.label("Display");
-            ui.label("Standard VGA (Bochs VBE; virtio-gpu is not built yet)");
+            ui.label("Standard VGA").on_hover_text("Bochs VBE on PCI (stdvga); the only model the engine has");
             ui.end_row();
             row(ui, "Resolution", &errors, "display", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.resolution).hint_text("1280x800 (default)"))

@@ -189,7 +189,9 @@ impl PortholeApp {
         let mut open = true;
         let mut create = false;
         let mut cancel = false;
-        egui::Window::new("New virtual machine").open(&mut open).collapsible(false).show(ctx, |ui| {
+        // Scrolls when the window is too small for it (the wizard is taller than 400 points).
+        let window = theme::dialog(ctx, "New virtual machine").open(&mut open).vscroll(true);
+        window.show(ctx, |ui| {
             egui::Grid::new("wizard").num_columns(2).show(ui, |ui| {
                 let l = ui.label("Name");
                 ui.text_edit_singleline(&mut w.name).labelled_by(l.id);
@@ -254,7 +256,8 @@ impl PortholeApp {
                             let l = ui.label("Size (GiB)");
                             ui.add(egui::DragValue::new(&mut w.disk_gib).range(1..=65536)).labelled_by(l.id);
                             if let Some(free) = free_disk {
-                                ui.weak(format!("{} GiB free on this host (the file grows as written)", free >> 30));
+                                ui.weak(format!("{} GiB free", free >> 30))
+                                    .on_hover_text("on this host (the file grows as it is written)");
                             }
                         }
                         None => {}
