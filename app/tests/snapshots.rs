@@ -2,7 +2,8 @@
 //! compared with the images checked in under `tests/snapshots/` (a few differing pixels are tolerated, for
 //! renderer rounding). After an intended change of the look: `UPDATE_SNAPSHOTS=1 cargo test -p porthole
 //! --test snapshots`, then look at the new images before committing them (kittest writes them with fast
-//! compression: recompressing their IDAT data at zlib level 9 halves them, pixels unchanged).
+//! compression: `python3 app/tests/recompress_snapshots.py app/tests/snapshots/*.png` recompresses them
+//! at zlib level 9, which halves them, pixels unchanged).
 
 use std::path::Path;
 use std::time::{Duration, Instant};

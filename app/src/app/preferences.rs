@@ -284,9 +284,9 @@ impl PortholeApp {
                             ui.colored_label(ui.visuals().warn_fg_color, why);
                         }
                     }
-                    let wanted = self.settings.vm_dir.clone().or_else(default_vm_dir);
-                    if let Some(now) = &local_data_dir
-                        && wanted.as_deref() != Some(std::path::Path::new(now))
+                    // Said only of a folder the user chose (a daemon started otherwise keeps its own).
+                    if let (Some(wanted), Some(now)) = (&self.settings.vm_dir, &local_data_dir)
+                        && wanted.as_path() != std::path::Path::new(now)
                     {
                         ui.colored_label(
                             ui.visuals().warn_fg_color,
