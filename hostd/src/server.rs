@@ -1055,6 +1055,22 @@ fn drive_set_frozen(app: &App, r: &VmRecord, disks: bool) -> Option<ApiError> {
     Some(ApiError::fields(StatusCode::CONFLICT, "conflict", vec![field("state", why)]))
 }
 
+/// Why VM `record` cannot take one more drive of `kind` (it has the most of that kind, or of all drives).
+fn no_room_for(record: &VmRecord, kind: porthole_api::DriveKind) -> Option<FieldError> {
+    let (disks, cds) = drive_counts(record);
+    let (have, most, what) = match kind {
+        porthole_api::DriveKind::Disk => (disks, porthole_api::MAX_DISKS, "disks"),
+        porthole_api::DriveKind::Cdrom => (cds, porthole_api::MAX_CDROMS, "CD/DVD drives"),
+    };
+    if have >= most {
+        Some(field("drives", format!("the VM has {have} {what}, the most it may have")))
+    } else if disks + cds >= porthole_api::MAX_DRIVES {
+        Some(field("drives", format!("the VM has {} drives, the most the engine takes", disks + cds)))
+    } else {
+        None
+    }
+}
+
 /// How many disks (the cloud-init seed counted) and CD/DVD drives VM `r` has.
 fn drive_counts(r: &VmRecord) -> (usize, usize) {
     let slots = crate::host::drive_slots(r);
@@ -1102,12 +1118,7 @@ async fn add_disk(
     {
         errors.push(field("image", "it is an ISO: put it in a CD/DVD drive (POST /vms/{id}/media)"));
     }
-    let (disks, cds) = drive_counts(&record);
-    if disks >= porthole_api::MAX_DISKS {
-        errors.push(field("drives", format!("the VM has {disks} disks, the most it may have")));
-    } else if disks + cds >= porthole_api::MAX_DRIVES {
-        errors.push(field("drives", format!("the VM has {} drives, the most the engine takes", disks + cds)));
-    }
+    errors.extend(no_room_for(&record, porthole_api::DriveKind::Disk));
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
     }
@@ -1317,12 +1328,7 @@ async fn add_cdrom(
     if let Some(Err(e)) = req.image.as_deref().map(|i| app.host.resolve_image(i, false)) {
         errors.push(field("image", e.to_string()));
     }
-    let (disks, cds) = drive_counts(&record);
-    if cds >= porthole_api::MAX_CDROMS {
-        errors.push(field("drives", format!("the VM has {cds} CD/DVD drives, the most it may have")));
-    } else if disks + cds >= porthole_api::MAX_DRIVES {
-        errors.push(field("drives", format!("the VM has {} drives, the most the engine takes", disks + cds)));
-    }
+    errors.extend(no_room_for(&record, porthole_api::DriveKind::Cdrom));
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
     }

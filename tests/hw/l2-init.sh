@@ -52,6 +52,20 @@ wait_for() {
     [ -e "$1" ]
 }
 
+# event_device NAME: the evdev node (/dev/input/eventN) of the input device named NAME, once it is there
+# (at most ~60 s); empty if it never comes.
+event_device() {
+    i=0
+    while [ $i -lt 300 ]; do
+        for d in /sys/class/input/input*; do
+            [ "$(cat "$d/name" 2>/dev/null)" = "$1" ] || continue
+            for e in "$d"/event*; do [ -e "$e" ] && { echo "/dev/input/$(basename "$e")"; return; }; done
+        done
+        sleep 0.2
+        i=$((i + 1))
+    done
+}
+
 if [ "$MODE" = blkbench ]; then
     wait_for /dev/vda || { say "PORTHOLE-FAIL no /dev/vda"; off; }
     say "PORTHOLE-BLKBENCH-BEGIN sectors=$(cat /sys/block/vda/size)"
@@ -149,15 +163,7 @@ say "PORTHOLE-L2-INIT boot=$BOOT kernel=$(uname -r)"
 
 if [ $BOOT = 2 ]; then
     # The ACPI power button (button.ko) is an input device: wait for its key, then power off.
-    ev=""
-    i=0
-    while [ -z "$ev" ] && [ $i -lt 300 ]; do
-        for d in /sys/class/input/input*; do
-            [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
-            for e in "$d"/event*; do [ -e "$e" ] && ev=/dev/input/$(basename "$e"); done
-        done
-        [ -n "$ev" ] || { sleep 0.2; i=$((i + 1)); }
-    done
+    ev=$(event_device "Power Button")
     wait_for "$ev" || say "PORTHOLE-FAIL no power button input device"
     say "PORTHOLE-POWER-BUTTON-READY $ev"
     dd if="$ev" bs=24 count=1 of=/dev/null 2>/dev/null
@@ -213,15 +219,7 @@ say "PORTHOLE-MOUSE packets=$(dd if=/dev/input/mice bs=3 count=4 2>/dev/null | o
 for m in $(grep virtio_input /lib/modules/load-order); do
     out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
 done
-ev=""
-i=0
-while [ -z "$ev" ] && [ $i -lt 300 ]; do
-    for d in /sys/class/input/input*; do
-        [ "$(cat "$d/name" 2>/dev/null)" = "Porthole tablet" ] || continue
-        for e in "$d"/event*; do [ -e "$e" ] && ev=/dev/input/$(basename "$e"); done
-    done
-    [ -n "$ev" ] || { sleep 0.2; i=$((i + 1)); }
-done
+ev=$(event_device "Porthole tablet")
 if [ -n "$ev" ] && wait_for "$ev"; then
     say "PORTHOLE-TABLET-READY $ev"
     say "PORTHOLE-TABLET events=$(dd if="$ev" bs=24 count=8 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"

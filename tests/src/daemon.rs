@@ -141,3 +141,25 @@ pub async fn wait_state(c: &Client, id: &str, state: porthole_api::VmState, limi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Boots VM `id` (through `c`) on the virtio-blk micro-guest with `words` on its command line and waits
+/// (at most `limit`) for it to power off; returns its serial lines (the guest's `BLK …` results).
+pub async fn run_blk_guest(c: &Client, id: &str, words: &str, limit: Duration) -> Vec<String> {
+    use porthole_api::{BootSpec, UpdateVm, VmState, client::Action};
+    let boot = BootSpec {
+        kernel: porthole_guests::path("virtio-blk").display().to_string(),
+        initrd: None,
+        cmdline: words.into(),
+    };
+    c.update_vm(id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
+    c.action(id, Action::Start).await.unwrap();
+    let vm = wait_state(c, id, VmState::Stopped, limit).await;
+    let lines = c.serial(id, 200).await.unwrap().lines;
+    assert!(lines.iter().any(|l| l.contains("BLK done")), "{vm:?}\n{lines:#?}");
+    lines
+}
+
+/// The first of `lines` that starts with `prefix` (the test fails without one).
+pub fn line_starting<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
+}

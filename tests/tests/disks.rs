@@ -91,25 +91,11 @@ async fn wait_state(c: &Client, id: &str, state: VmState) -> Vm {
     porthole_tests::daemon::wait_state(c, id, state, LIMIT).await
 }
 
-/// Boots the virtio-blk micro-guest of VM `id` with `words` on its command line and waits for its end;
-/// returns its serial lines.
 async fn run(c: &Client, id: &str, words: &str) -> Vec<String> {
-    let boot = BootSpec {
-        kernel: porthole_guests::path("virtio-blk").display().to_string(),
-        initrd: None,
-        cmdline: words.into(),
-    };
-    c.update_vm(id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
-    c.action(id, Action::Start).await.unwrap();
-    let vm = wait_state(c, id, VmState::Stopped).await;
-    let lines = c.serial(id, 200).await.unwrap().lines;
-    assert!(lines.iter().any(|l| l.contains("BLK done")), "{vm:?}\n{lines:#?}");
-    lines
+    porthole_tests::daemon::run_blk_guest(c, id, words, LIMIT).await
 }
 
-fn line<'a>(lines: &'a [String], prefix: &str) -> &'a str {
-    lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
-}
+use porthole_tests::daemon::line_starting as line;
 
 fn blk_vm(name: &str) -> CreateVm {
     CreateVm {

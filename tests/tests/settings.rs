@@ -294,13 +294,7 @@ async fn a_vm_marked_autostart_starts_with_the_daemon() {
 
 /// Waits for a task to end and returns what it made.
 async fn done(c: &Client, task: porthole_api::Task) -> String {
-    let deadline = std::time::Instant::now() + LIMIT;
-    let mut t = task;
-    while t.state == porthole_api::TaskState::Running {
-        assert!(std::time::Instant::now() < deadline, "task never ended: {t:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        t = c.task(&t.id).await.unwrap();
-    }
+    let t = ended(c, task).await;
     assert_eq!(t.state, porthole_api::TaskState::Done, "{t:?}");
     t.result.expect("a finished task says what it made")
 }
@@ -348,22 +342,10 @@ fn blk_vm(name: &str) -> CreateVm {
 /// Boots VM `id`'s virtio-blk micro-guest with `words` on its command line and waits for its end; returns
 /// its serial lines.
 async fn run_blk(c: &Client, id: &str, words: &str) -> Vec<String> {
-    let boot = BootSpec {
-        kernel: porthole_guests::path("virtio-blk").display().to_string(),
-        initrd: None,
-        cmdline: words.into(),
-    };
-    c.update_vm(id, &UpdateVm { boot: Some(boot), ..Default::default() }).await.unwrap();
-    c.action(id, Action::Start).await.unwrap();
-    let vm = wait_state(c, id, VmState::Stopped).await;
-    let lines = c.serial(id, 200).await.unwrap().lines;
-    assert!(lines.iter().any(|l| l.contains("BLK done")), "{vm:?}\n{lines:#?}");
-    lines
+    porthole_tests::daemon::run_blk_guest(c, id, words, LIMIT).await
 }
 
-fn blk_line<'a>(lines: &'a [String], prefix: &str) -> &'a str {
-    lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
-}
+use porthole_tests::daemon::line_starting as blk_line;
 
 /// The FNV sums the guest printed for its reads of `read=0,1` on disks 0 and 1.
 fn sums(lines: &[String]) -> (String, String) {
