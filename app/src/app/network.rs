@@ -301,9 +301,9 @@ fn name_for_screen_readers(ui: &egui::Ui, r: &egui::Response, name: &str) {
     ui.ctx().accesskit_node_builder(r.id, |node| node.set_label(name));
 }
 
-/// Why forwards cannot change now.
-const RUNNING_REASON: &str =
-    "Port forwards change while the VM is stopped: passt opens them when the VM starts. Shut it down first.";
+/// What happens to forwards changed while the VM runs.
+const RUNNING_REASON: &str = "The VM runs: forwards added or removed now open at its next start (passt opens them when \
+                              the VM starts; Debian 12's passt cannot add one to a running VM).";
 
 impl PortholeApp {
     /// The "SSH" row of a VM's details grid (a VM with a forward to its port 22): the command, and a button
@@ -416,27 +416,39 @@ impl PortholeApp {
     /// The port forwards of card `i` (a `user` card): a table with remove buttons and a form to add one.
     fn forwards(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm, i: usize, running: bool) {
         let nic = &vm.nics[i];
-        ui.label("Port forwards (a host port to a guest port)");
+        // The forwards the card will have (a running VM's changes wait for its next start).
+        let mut specs = cards_of(vm);
+        let Some(at) = specs.iter().position(|s| s.id.as_deref() == Some(nic.id.as_str())) else {
+            ui.weak("This card goes at the VM's next start.");
+            return;
+        };
+        let forwards = specs[at].forwards.clone();
+        let waiting = running && forwards != nic.forwards;
+        ui.label(if waiting {
+            "Port forwards (a host port to a guest port), as they will be at the next start"
+        } else {
+            "Port forwards (a host port to a guest port)"
+        });
         let mut remove = None;
         egui::Grid::new(("forwards", i)).striped(true).num_columns(5).show(ui, |ui| {
             for title in ["Protocol", "Host address", "Host port", "Guest port", ""] {
                 ui.strong(title);
             }
             ui.end_row();
-            for (k, f) in nic.forwards.iter().enumerate() {
+            for (k, f) in forwards.iter().enumerate() {
                 ui.label(f.protocol.to_string());
                 ui.label(f.host_address.to_string());
                 ui.label(if f.automatic { format!("{} (automatic)", f.host_port) } else { f.host_port.to_string() });
                 ui.label(f.guest_port.to_string());
-                let r = theme::button(ui, !running, theme::DELETE, "Remove");
+                let r = theme::button(ui, true, theme::DELETE, "Remove");
                 let label = format!("Remove forward {} {}", f.protocol, f.host_port);
-                r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, !running, &label));
-                if r.on_disabled_hover_text(RUNNING_REASON).clicked() {
+                r.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, true, &label));
+                if r.clicked() {
                     remove = Some(k);
                 }
                 ui.end_row();
             }
-            if nic.forwards.is_empty() {
+            if forwards.is_empty() {
                 ui.weak("none");
                 ui.end_row();
             }
@@ -447,8 +459,8 @@ impl PortholeApp {
         }
         let form = &mut self.forward_form;
         let mut add = None;
-        ui.add_enabled_ui(!running, |ui| {
-            ui.horizontal(|ui| {
+        {
+            ui.horizontal_wrapped(|ui| {
                 let l = ui.label("Protocol");
                 egui::ComboBox::from_id_salt(("forward-protocol", i))
                     .selected_text(form.protocol.to_string())
@@ -476,16 +488,15 @@ impl PortholeApp {
                     ui.colored_label(ui.visuals().warn_fg_color, e);
                 }
             });
-        });
+        }
         if running {
             ui.weak(RUNNING_REASON);
         }
-        let mut specs: Vec<NicSpec> = vm.nics.iter().map(NicSpec::from).collect();
         if let Some(k) = remove {
-            specs[i].forwards.remove(k);
+            specs[at].forwards.remove(k);
             self.change_nics(host, vm, specs);
         } else if let Some(f) = add {
-            specs[i].forwards.push(f);
+            specs[at].forwards.push(f);
             self.forward_form.host_port.clear();
             self.forward_form.guest_port.clear();
             self.change_nics(host, vm, specs);
