@@ -102,13 +102,17 @@ pub struct DriveConfig {
     /// inside an image are never opened on the image's word.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backing: Vec<PathBuf>,
+    /// Rate limits (operations and bytes a second, in total or per direction); none by default.
+    #[serde(default, skip_serializing_if = "crate::rate_limiter::DiskLimits::is_none")]
+    pub limits: crate::rate_limiter::DiskLimits,
 }
 
 impl std::str::FromStr for DriveConfig {
     type Err = ConfigError;
 
     /// Parses the `--disk` form: `PATH[,readonly][,removable][,serial=S][,format=raw|qcow2][,backing=P]…`
-    /// (a removable disk may start empty: `,removable`; `backing=` once per layer, nearest first).
+    /// `[,iops=N][,riops=N][,wiops=N][,bps=N][,rbps=N][,wbps=N]` (a removable disk may start empty:
+    /// `,removable`; `backing=` once per layer, nearest first; limits per second).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let path = parts.next().unwrap_or_default();
@@ -122,6 +126,11 @@ impl std::str::FromStr for DriveConfig {
                     drive.format = Some(f.parse().map_err(|()| ConfigError::DriveSpec(s.to_owned()))?)
                 }
                 Some(("backing", b)) if !b.is_empty() => drive.backing.push(PathBuf::from(b)),
+                Some((name, value)) => match drive.limits.set_named(name, value) {
+                    Ok(true) => {}
+                    Ok(false) => return Err(ConfigError::DriveSpec(s.to_owned())),
+                    Err(why) => return Err(ConfigError::DriveLimit { spec: s.to_owned(), why }),
+                },
                 _ => return Err(ConfigError::DriveSpec(s.to_owned())),
             }
         }
@@ -343,8 +352,13 @@ pub enum ConfigError {
     PasswordWithoutVnc,
     #[error("configuration file {path:?}: {reason}")]
     ConfigFile { path: PathBuf, reason: String },
-    #[error("drive {0:?} is not PATH[,readonly][,removable][,serial=S][,format=raw|qcow2][,backing=PATH]...")]
+    #[error(
+        "drive {0:?} is not PATH[,readonly][,removable][,serial=S][,format=raw|qcow2][,backing=PATH]...\
+         [,iops=N][,riops=N][,wiops=N][,bps=N][,rbps=N][,wbps=N]"
+    )]
     DriveSpec(String),
+    #[error("drive {spec:?}: {why}")]
+    DriveLimit { spec: String, why: String },
     #[error("network: {0}")]
     Net(#[from] crate::net::NetError),
     #[error("{0} drives asked for; at most {MAX_DRIVES} are supported")]
@@ -439,6 +453,13 @@ impl VmConfig {
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        // (A configuration file's limits come without the `--disk` parser's checks.)
+        for d in &self.drives {
+            d.limits.check().map_err(|why| ConfigError::DriveLimit {
+                spec: d.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                why,
+            })?;
         }
         if let Some(host) = host_memory_mib()
             && self.memory_mib > host
@@ -613,6 +634,14 @@ mod tests {
         let empty: DriveConfig = ",removable".parse().unwrap();
         assert_eq!((empty.path, empty.removable, empty.read_only, empty.cdrom), (None, true, true, false));
         assert!("/a.img,rw=1".parse::<DriveConfig>().is_err());
+        let limited: DriveConfig = "/a.img,iops=100,wbps=1048576".parse().unwrap();
+        assert_eq!(
+            limited.limits,
+            crate::rate_limiter::DiskLimits { iops: Some(100), wbps: Some(1 << 20), ..Default::default() }
+        );
+        let e = "/a.img,riops=0".parse::<DriveConfig>().unwrap_err().to_string();
+        assert!(e.contains("riops=0 would stop the disk"), "{e}");
+        assert!("/a.img,bps=fast".parse::<DriveConfig>().unwrap_err().to_string().contains("whole number"));
         let mut c = base.clone();
         let image = f.path().to_owned();
         c.drives = vec![DriveConfig { path: Some(image.clone()), ..Default::default() }, DriveConfig::cdrom(None)];

@@ -8,7 +8,8 @@
 //! are refused while a save runs), and
 //! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits), `nics`
 //! (the network cards' state and counters) and `{"cmd":"set-link","nic":ID,"up":BOOL}` (plug or unplug a
-//! card's cable; the guest is told). Every reply has
+//! card's cable; the guest is told), `{"cmd":"set-disk-limits","drive":ID,"limits":{"iops":N,"bps":N,…}}` (a
+//! drive's rate limits, live; `{}` lifts them). Every reply has
 //! `"ok"`; failures carry `"error"`. A crashed VM (state `crashed`, its report in `status.crash`) refuses
 //! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
@@ -81,6 +82,13 @@ pub enum Request {
         nic: String,
         up: bool,
     },
+    /// Replaces a drive's rate limits (absent fields: no limit); they apply from its next request.
+    #[serde(rename = "set-disk-limits")]
+    SetDiskLimits {
+        drive: String,
+        #[serde(default)]
+        limits: crate::rate_limiter::DiskLimits,
+    },
     /// Saves the machine state (RAM, vCPUs, devices) to `path` at one pause point, then resumes the guest
     /// or ends the VM (exit status 5, "suspended"). `porthole-vmm --restore PATH` starts from it.
     #[serde(rename = "save-state")]
@@ -107,7 +115,7 @@ pub struct Response {
     /// For `stop`: whether the guest had enabled the ACPI power-button event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acpi_power_button_enabled: Option<bool>,
-    /// For `attach-media` and `eject-media`: the drive afterwards.
+    /// For `attach-media`, `eject-media` and `set-disk-limits`: the drive afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drive: Option<DriveStatus>,
     /// For `nics` (every card) and `set-link` (that card).
@@ -234,6 +242,10 @@ fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
         },
         Request::SetLink { nic, up } => match vm.set_link(nic, *up) {
             Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+            Err(e) => failure(e),
+        },
+        Request::SetDiskLimits { drive, limits } => match vm.set_disk_limits(drive, *limits) {
+            Ok(status) => Response { drive: Some(status), ..ok() },
             Err(e) => failure(e),
         },
     }

@@ -62,6 +62,9 @@ pub struct CountersSnapshot {
     pub disk_slowest_transfer_us: u64,
     /// The longest a read or write request waited for an I/O thread, over every drive (µs).
     pub disk_slowest_wait_us: u64,
+    /// Time requests waited for their drive's rate limits, over every drive (µs).
+    #[serde(default)]
+    pub disk_throttled_us: u64,
     /// Network frames and bytes over every card: rx towards the guest, tx from it.
     pub net_rx_frames: u64,
     pub net_rx_bytes: u64,

@@ -971,6 +971,8 @@ pub struct DiskStats {
     /// The longest a request waited between being taken from the queue and its transfer starting, in
     /// microseconds (for an I/O thread to pick it up).
     pub slowest_wait_us: AtomicU64,
+    /// Time requests waited for the drive's rate limits, in microseconds.
+    pub throttled_us: AtomicU64,
 }
 
 /// Media in a drive.
@@ -994,6 +996,8 @@ pub struct Drive {
     /// The interrupt of the device serving the drive in the current boot, once its driver is up.
     listener: Mutex<Option<Arc<VirtioInterrupt>>>,
     pub stats: DiskStats,
+    /// The drive's rate limits and their buckets (taken by the device's queue thread before each request).
+    pub limiter: Mutex<crate::rate_limiter::DiskLimiter>,
 }
 
 /// What the control socket reports about a drive.
@@ -1005,6 +1009,9 @@ pub struct DriveStatus {
     /// The image or ISO in the drive; none for an empty removable drive.
     pub media: Option<PathBuf>,
     pub size_bytes: u64,
+    /// Its rate limits (none: unlimited).
+    #[serde(default, skip_serializing_if = "crate::rate_limiter::DiskLimits::is_none")]
+    pub limits: crate::rate_limiter::DiskLimits,
 }
 
 impl Drive {
@@ -1019,7 +1026,18 @@ impl Drive {
             generation: AtomicU32::new(0),
             listener: Mutex::new(None),
             stats: DiskStats::default(),
+            limiter: Mutex::new(crate::rate_limiter::DiskLimiter::default()),
         }
+    }
+
+    /// Replaces the drive's rate limits (the new buckets start full); they apply from the next request.
+    pub fn set_limits(&self, limits: crate::rate_limiter::DiskLimits) {
+        lock_limiter(self).set(limits, std::time::Instant::now());
+    }
+
+    /// The drive's rate limits.
+    pub fn limits(&self) -> crate::rate_limiter::DiskLimits {
+        lock_limiter(self).limits()
     }
 
     /// Opens the image at `path` for a drive (read-only for a removable one).
@@ -1119,6 +1137,7 @@ impl Drive {
             removable: self.removable,
             size_bytes: media.as_ref().map(|m| m.backend.size()).unwrap_or(0),
             media: media.map(|m| m.path),
+            limits: self.limits(),
         }
     }
 }
@@ -1829,4 +1848,8 @@ mod tests {
         assert!(commit_image(&flat, &mid, std::slice::from_ref(&base), &mut |_, _| {}).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
+}
+
+fn lock_limiter(d: &Drive) -> std::sync::MutexGuard<'_, crate::rate_limiter::DiskLimiter> {
+    d.limiter.lock().unwrap_or_else(|p| p.into_inner())
 }

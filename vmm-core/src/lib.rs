@@ -19,6 +19,7 @@ pub mod layout;
 pub mod net;
 pub mod pci;
 pub mod ram;
+pub mod rate_limiter;
 pub mod rfb;
 pub mod seccomp;
 pub mod snapshot;

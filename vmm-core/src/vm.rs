@@ -428,6 +428,14 @@ impl VmHandle {
         Ok(nic.status())
     }
 
+    /// Replaces the rate limits of drive `id`.
+    pub fn set_disk_limits(&self, id: &str, limits: crate::rate_limiter::DiskLimits) -> Result<DriveStatus, String> {
+        limits.check()?;
+        let drive = self.drives.iter().find(|d| d.id == id).ok_or_else(|| format!("no drive {id:?}"))?;
+        drive.set_limits(limits);
+        Ok(drive.status())
+    }
+
     /// The drives and their media.
     pub fn drives(&self) -> Vec<DriveStatus> {
         self.drives.iter().map(|d| d.status()).collect()
@@ -510,6 +518,7 @@ impl VmHandle {
             s.disk_malformed += l(&st.malformed);
             s.disk_slowest_transfer_us = s.disk_slowest_transfer_us.max(l(&st.slowest_transfer_us));
             s.disk_slowest_wait_us = s.disk_slowest_wait_us.max(l(&st.slowest_wait_us));
+            s.disk_throttled_us += l(&st.throttled_us);
         }
         for n in &self.nics {
             let st = &n.stats;
@@ -652,7 +661,9 @@ impl Vm {
                 .map(|p| Drive::open_media_on(p, d.read_only || d.removable, d.format, &d.backing))
                 .transpose()?;
             let serial = d.serial.clone().unwrap_or_else(|| id.clone());
-            drives.push(Arc::new(Drive::new(id, d.read_only, d.removable, serial, media)));
+            let drive = Drive::new(id, d.read_only, d.removable, serial, media);
+            drive.set_limits(d.limits);
+            drives.push(Arc::new(drive));
         }
         // Back ends start now: spawning passt and opening TAP devices is impossible under the seccomp filters.
         let mut nics = Vec::new();

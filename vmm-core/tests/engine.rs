@@ -303,6 +303,33 @@ fn counters_and_status_reflect_the_running_guest() {
     assert_exit(&t.finish(), 3);
 }
 
+/// A disk's rate limits from `--disk`, shown by `status` and changed live (bad ones refused, nothing
+/// changed).
+#[test]
+fn disk_limits_are_given_shown_and_changed_live() {
+    use vmm_core::rate_limiter::DiskLimits;
+    let dir = Scratch::new("disk-limits");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let spec = format!("{},iops=50,rbps=1048576", image.display());
+    let t = Ticker::start(&["--disk", &spec]);
+    let mut c = t.client();
+    let limits = |c: &mut ControlClient| c.request(&Request::Status).unwrap().status.unwrap().drives[0].limits;
+    assert_eq!(limits(&mut c), DiskLimits { iops: Some(50), rbps: Some(1 << 20), ..Default::default() });
+    let new = DiskLimits { wiops: Some(10), ..Default::default() };
+    let reply = c.request(&Request::SetDiskLimits { drive: "disk0".into(), limits: new }).unwrap();
+    assert!(reply.ok && reply.drive.unwrap().limits == new);
+    assert_eq!(limits(&mut c), new);
+    let bad = DiskLimits { bps: Some(0), ..Default::default() };
+    let e = c.request(&Request::SetDiskLimits { drive: "disk0".into(), limits: bad }).unwrap_err().to_string();
+    assert!(e.contains("stop the disk"), "{e}");
+    let e = c.request(&Request::SetDiskLimits { drive: "disk9".into(), limits: new }).unwrap_err().to_string();
+    assert!(e.contains("no drive"), "{e}");
+    assert_eq!(limits(&mut c), new, "refused changes change nothing");
+    c.request(&Request::Poweroff).unwrap();
+    assert_exit(&t.finish(), 3);
+}
+
 #[test]
 fn reset_over_the_control_socket_reboots() {
     let t = Ticker::start(&[]);

@@ -29,7 +29,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,6 +37,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Activation, VirtioDevice, VirtioInterrupt};
 use crate::devices::bus::lock;
 use crate::disk::{Drive, SECTOR_SIZE};
+use crate::rate_limiter::Direction;
 
 /// Virtio device ID of a block device.
 pub const DEVICE_TYPE: u16 = 2;
@@ -54,6 +55,9 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// What a DISCARD should be aligned to, in sectors (discard_sector_alignment): 64 KiB, qcow2's usual
 /// cluster and more than a file system's block.
 pub const DISCARD_ALIGNMENT: u32 = 128;
+/// The longest the queue thread sleeps while requests wait for the rate limits.
+const RATE_RECHECK: Duration = Duration::from_millis(100);
+
 /// Bytes of one range (struct virtio_blk_discard_write_zeroes).
 const RANGE_BYTES: u32 = 16;
 
@@ -92,6 +96,18 @@ enum Kind {
     Unsupported(u32),
 }
 
+impl Kind {
+    /// What the request costs under the drive's rate limits: its direction and the bytes it moves.
+    fn cost(&self) -> (Direction, u64) {
+        let bytes = |segments: &[(GuestAddress, u32)]| segments.iter().map(|&(_, len)| u64::from(len)).sum();
+        match self {
+            Kind::Read { segments, .. } => (Direction::Read, bytes(segments)),
+            Kind::Write { segments, .. } => (Direction::Write, bytes(segments)),
+            _ => (Direction::Other, 0),
+        }
+    }
+}
+
 /// The queue while the driver is up.
 struct Active {
     queue: Queue,
@@ -111,6 +127,10 @@ struct State {
     throttled: bool,
     /// Taking requests stopped while a machine state is saved.
     quiesced: bool,
+    /// The next request waits for the drive's rate limits until then (the queue thread wakes to take it).
+    rate_wait: Option<Instant>,
+    /// Since when the request at the head of the queue waits for the rate limits.
+    throttled_since: Option<Instant>,
 }
 
 /// What the queue thread, the I/O threads and the transport share.
@@ -318,7 +338,13 @@ impl Shared {
         }
         let mut events = [EpollEvent::default(); 2];
         while !self.shutdown.load(Ordering::Acquire) {
-            match epoll.wait(-1, &mut events) {
+            // Waiting for the rate limits' tokens: wake when they are there, and at least every 100 ms (limits
+            // changed meanwhile apply within that).
+            let timeout = match lock(&self.state).rate_wait {
+                Some(at) => at.saturating_duration_since(Instant::now()).min(RATE_RECHECK).as_millis() as i32,
+                None => -1,
+            };
+            match epoll.wait(timeout, &mut events) {
                 Ok(n) => {
                     for e in &events[..n] {
                         let _ = if e.data() == NOTIFY { self.notify.read() } else { self.wake.read() };
@@ -350,6 +376,7 @@ impl Shared {
         if state.quiesced {
             return;
         }
+        state.rate_wait = None;
         let Some(active) = state.active.as_mut() else { return };
         if self.interrupt.needs_reset() {
             return;
@@ -376,6 +403,20 @@ impl Shared {
                 let Some(chain) = active.queue.pop_descriptor_chain(&mem) else { break };
                 match parse(chain, &mem) {
                     Ok((head, status, kind)) => {
+                        // The drive's rate limits: a request they do not let through yet goes back to the
+                        // avail ring (it is the last taken) and everything behind it waits with it.
+                        let now = Instant::now();
+                        let (direction, bytes) = kind.cost();
+                        if let Some(wait) = lock(&self.drive.limiter).try_take(direction, bytes, now) {
+                            active.queue.go_to_previous_position();
+                            state.rate_wait = Some(now + wait);
+                            state.throttled_since.get_or_insert(now);
+                            break 'serve false;
+                        }
+                        if let Some(since) = state.throttled_since.take() {
+                            let waited = now.saturating_duration_since(since).as_micros() as u64;
+                            self.drive.stats.throttled_us.fetch_add(waited, Ordering::Relaxed);
+                        }
                         state.jobs.push_back(Job {
                             epoch,
                             head,
@@ -738,6 +779,86 @@ mod tests {
         assert_eq!(done.len(), 1, "one completion");
         assert_eq!(done[0].0, slot * 3, "the head of the chain");
         (d.request_status(slot), done[0].1)
+    }
+
+    /// Keeps `depth` requests of `kind` and `len` bytes in flight on a drive limited by `limits` for
+    /// `seconds`; returns the operations and bytes completed after the first second (the buckets start full:
+    /// the first second carries their burst) per second.
+    fn rate_under(limits: crate::rate_limiter::DiskLimits, kind: u32, len: u32, seconds: f64) -> (f64, f64) {
+        let image = Image::new(&format!("rate-{kind}-{len}"), 4096);
+        let media = Drive::open_media(&image.path, false).unwrap();
+        let drive = Arc::new(Drive::new("disk0".into(), false, false, String::new(), Some(media)));
+        drive.set_limits(limits);
+        let mut d = HostBlockDriver::new(drive, 64, u64::from(len)).unwrap();
+        let depth = 16u16;
+        for slot in 0..depth {
+            d.post(slot, kind, u64::from(slot) * 8, len);
+        }
+        d.kick();
+        let start = Instant::now();
+        let (mut ops, mut bytes) = (0u64, 0u64);
+        while start.elapsed().as_secs_f64() < seconds {
+            let done = d.completions(Duration::from_millis(50));
+            let counted = start.elapsed().as_secs_f64() >= 1.0;
+            for (head, _) in &done {
+                let slot = head / 3;
+                assert_eq!(d.request_status(slot), 0);
+                if counted {
+                    ops += 1;
+                    bytes += u64::from(len);
+                }
+                d.post(slot, kind, u64::from(slot) * 8, len);
+            }
+            if !done.is_empty() {
+                d.kick();
+            }
+        }
+        let counted_for = seconds - 1.0;
+        (ops as f64 / counted_for, bytes as f64 / counted_for)
+    }
+
+    /// The drive's limits hold the rate the device completes requests at (host side at full speed: the
+    /// driver always has requests waiting), within 10 %.
+    #[test]
+    fn rate_limits_hold_operations_and_bytes_per_second() {
+        use crate::rate_limiter::DiskLimits;
+        let (iops, _) = rate_under(DiskLimits { iops: Some(200), ..Default::default() }, T_IN, 512, 3.0);
+        assert!((180.0..=220.0).contains(&iops), "{iops:.0} reads/s under iops=200");
+        let mib = 1 << 20;
+        let (_, bps) = rate_under(DiskLimits { wbps: Some(mib), ..Default::default() }, T_OUT, 64 * 1024, 3.0);
+        assert!((0.9 * mib as f64..=1.1 * mib as f64).contains(&bps), "{bps:.0} B/s written under wbps=1 MiB/s");
+        // A read limit leaves writes alone (and the other way round): 200 writes/s is far below what the
+        // device does unlimited.
+        let (free, _) = rate_under(DiskLimits { riops: Some(20), ..Default::default() }, T_OUT, 512, 1.5);
+        assert!(free > 400.0, "{free:.0} writes/s under a read limit of 20/s");
+    }
+
+    /// Requests over the limit wait (none fails, none is dropped); lifting the limit lets them all through at
+    /// once; the time they waited is counted.
+    #[test]
+    fn limited_requests_wait_and_go_when_the_limit_is_lifted() {
+        use crate::rate_limiter::DiskLimits;
+        let image = Image::new("limit-live", 64);
+        let mut d = driver(&image, false);
+        d.drive().set_limits(DiskLimits { iops: Some(2), ..Default::default() });
+        for slot in 0..10 {
+            d.post(slot, T_IN, u64::from(slot), 512);
+        }
+        d.kick();
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_millis(400);
+        while Instant::now() < deadline {
+            done.extend(d.completions(Duration::from_millis(50)));
+        }
+        assert!((2..=3).contains(&done.len()), "{} of 10 passed a limit of 2/s in 0.4 s", done.len());
+        d.drive().set_limits(DiskLimits::default());
+        let deadline = Instant::now() + WAIT;
+        while done.len() < 10 && Instant::now() < deadline {
+            done.extend(d.completions(WAIT));
+        }
+        assert_eq!(done.len(), 10, "every request completes once the limit is lifted");
+        assert!((0..10).all(|slot| d.request_status(slot) == 0));
+        assert!(d.drive().stats.throttled_us.load(Ordering::Relaxed) > 0);
     }
 
     /// Saving a machine state quiesces the device: a request posted meanwhile is not taken. What it saved,
