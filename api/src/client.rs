@@ -410,6 +410,16 @@ impl Client {
         self.call_json(Method::POST, &format!("/vms/{id}/disks/{drive}/size"), &GrowDisk { size_bytes }).await
     }
 
+    /// Sets a disk's rate limits (all of them; a running VM takes them at once): the drive afterwards.
+    pub async fn set_disk_limits(
+        &self,
+        id: &str,
+        drive: &str,
+        limits: &crate::DiskLimits,
+    ) -> Result<DriveInfo, ClientError> {
+        self.call_json(Method::PUT, &format!("/vms/{id}/disks/{drive}/limits"), limits).await
+    }
+
     /// Adds a CD/DVD drive to a stopped VM (with `image` in it, or empty): the new drive.
     pub async fn add_cdrom(&self, id: &str, image: Option<&str>) -> Result<DriveInfo, ClientError> {
         self.call_json(Method::POST, &format!("/vms/{id}/cdroms"), &AddCdrom { image: image.map(str::to_owned) }).await

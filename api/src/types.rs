@@ -373,6 +373,72 @@ pub struct DriveInfo {
     pub media: Option<String>,
     #[serde(default)]
     pub read_only: bool,
+    /// Disks: the rate limits (`PUT /vms/{id}/disks/{drive}/limits`); the engine enforces them itself, in
+    /// the device, so they always hold.
+    #[serde(default, skip_serializing_if = "DiskLimits::is_none")]
+    pub limits: DiskLimits,
+}
+
+/// A disk's rate limits, per second (absent: none): operations and bytes, in total and per direction.
+/// Requests over a limit wait in the device's queue, in order; nothing fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub riops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wiops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wbps: Option<u64>,
+}
+
+/// The most a disk limit may be.
+pub const MAX_DISK_LIMIT: u64 = 1 << 40;
+
+impl DiskLimits {
+    pub fn is_none(&self) -> bool {
+        *self == DiskLimits::default()
+    }
+
+    /// Each limit by its field name.
+    pub fn named(&self) -> [(&'static str, Option<u64>); 6] {
+        [
+            ("iops", self.iops),
+            ("riops", self.riops),
+            ("wiops", self.wiops),
+            ("bps", self.bps),
+            ("rbps", self.rbps),
+            ("wbps", self.wbps),
+        ]
+    }
+
+    /// Why each field that cannot be is refused (0 stops the disk; above [`MAX_DISK_LIMIT`] is absurd).
+    pub fn problems(&self) -> Vec<FieldError> {
+        self.named()
+            .into_iter()
+            .filter_map(|(name, v)| match v {
+                Some(0) => Some(FieldError {
+                    field: name.into(),
+                    message: "0 would stop the disk: give at least 1, or no limit".into(),
+                }),
+                Some(v) if v > MAX_DISK_LIMIT => {
+                    Some(FieldError { field: name.into(), message: format!("at most {MAX_DISK_LIMIT}") })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The engine's `--disk` options for these limits (`,iops=N,…`).
+    pub fn engine_options(&self) -> String {
+        self.named().into_iter().filter_map(|(n, v)| v.map(|v| format!(",{n}={v}"))).collect()
+    }
 }
 
 /// Why one field of a request was refused.

@@ -100,6 +100,14 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     assert!(got.pending_changes.is_empty());
     wait(&mut h, "the view follows the host", |h| has(h, "Settings of edited") && disabled(h, "Apply"));
 
+    // Rate limits of the disk: at most 100 operations and 2 MiB written a second.
+    type_into(&mut h, "IOPS limit of disk0", "100");
+    type_into(&mut h, "write MiB/s limit of disk0", "2");
+    press(&mut h, "Limit disk0");
+    wait(&mut h, "the limits applied", |h| has_contains(h, "at most 100 IOPS, 2.0 MiB written/s"));
+    let limits = api_vm(&d, &rt, &vm.id).drives[0].limits;
+    assert_eq!(limits, porthole_api::DiskLimits { iops: Some(100), wbps: Some(2 << 20), ..Default::default() });
+
     // CD/DVD: a library ISO in, then out.
     combo(&mut h, "Library image", "install.iso");
     press(&mut h, "Insert into cdrom0");

@@ -353,7 +353,8 @@ pub fn disk_args(host: &Host, all: &BTreeMap<String, VmRecord>, r: &VmRecord) ->
     let slots = disk_slots(r);
     let mut out = Vec::new();
     for (slot, d) in slots.iter().enumerate() {
-        out.push(disk_arg(host, all, r, slot, d)?);
+        let limits = r.disk_limits.get(slot).map(|l| l.engine_options()).unwrap_or_default();
+        out.push(disk_arg(host, all, r, slot, d)? + &limits);
     }
     Ok(out)
 }

@@ -468,6 +468,29 @@ impl Host {
         .flatten()
     }
 
+    /// Gives a running VM's engine new rate limits for its drive `drive` (the engine's drive ids are the
+    /// API's).
+    pub async fn set_live_disk_limits(&self, id: &str, drive: &str, l: porthole_api::DiskLimits) -> Result<(), String> {
+        let control = self.run_files(id).control();
+        let limits = vmm_core::rate_limiter::DiskLimits {
+            iops: l.iops,
+            riops: l.riops,
+            wiops: l.wiops,
+            bps: l.bps,
+            rbps: l.rbps,
+            wbps: l.wbps,
+        };
+        let request = vmm_core::control::Request::SetDiskLimits { drive: drive.to_owned(), limits };
+        tokio::task::spawn_blocking(move || {
+            vmm_core::control::ControlClient::connect(&control)
+                .and_then(|mut c| c.request(&request))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Plugs in or pulls the virtual cable of a running VM's card `nic`.
     pub async fn set_link(&self, id: &str, nic: &str, up: bool) -> Result<NicStatus, HostError> {
         let record = self.record(id)?;
@@ -1055,6 +1078,7 @@ pub fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
                 size_bytes: crate::disks::slot_size(r, n),
                 media: None,
                 read_only: false,
+                limits: r.disk_limits.get(n).copied().unwrap_or_default(),
             },
             DriveSlot::Seed => DriveInfo {
                 id,
@@ -1066,6 +1090,7 @@ pub fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
                     .unwrap_or(0),
                 media: None,
                 read_only: true,
+                limits: Default::default(),
             },
             DriveSlot::Cdrom(c) => DriveInfo {
                 id,
@@ -1075,6 +1100,7 @@ pub fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
                 size_bytes: 0,
                 media: if c == 0 { r.media.clone() } else { r.extra_cdroms.get(c - 1).and_then(|x| x.media.clone()) },
                 read_only: true,
+                limits: Default::default(),
             },
         })
         .collect()

@@ -135,6 +135,16 @@ pub const ROUTES: &[Route] = &[
         None,
     ),
     (
+        "put",
+        "/vms/{id}/disks/{drive}/limits",
+        "Set a disk's rate limits (IOPS and bytes/s, in total or per direction; absent: none): a running VM's \
+         engine takes them at once",
+        "admin",
+        Some("DiskLimits"),
+        200,
+        Some("DriveInfo"),
+    ),
+    (
         "post",
         "/vms/{id}/disks/{drive}/size",
         "Grow a disk (never shrinks): at once on a stopped VM; a running VM's boot disk at its next start",
@@ -330,6 +340,7 @@ pub fn document() -> Value {
         MediaChange,
         AddDisk,
         GrowDisk,
+        DiskLimits,
         AddCdrom,
         NicDefinition,
         NicSpec,
@@ -451,6 +462,7 @@ mod tests {
             "DriveKind",
             "AddDisk",
             "GrowDisk",
+            "DiskLimits",
             "AddCdrom",
         ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");

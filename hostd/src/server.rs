@@ -301,6 +301,7 @@ pub fn router(app: AppState) -> Router {
         .route("/vms/{id}/disks", post(add_disk))
         .route("/vms/{id}/disks/{drive}", axum::routing::delete(remove_disk))
         .route("/vms/{id}/disks/{drive}/size", post(grow_disk))
+        .route("/vms/{id}/disks/{drive}/limits", put(set_disk_limits))
         .route("/vms/{id}/cdroms", post(add_cdrom))
         .route("/vms/{id}/cdroms/{drive}", axum::routing::delete(remove_cdrom))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(take_snapshot))
@@ -1237,6 +1238,9 @@ async fn remove_disk(
             return Err(HostError::Conflict("the VM changed meanwhile: try again".into()));
         }
         r.extra_disks.remove(slot - 1);
+        if slot < r.disk_limits.len() {
+            r.disk_limits.remove(slot);
+        }
         Ok(())
     })?;
     if let Some(top) = top {
@@ -1311,6 +1315,46 @@ async fn grow_disk(
         }
         Ok(())
     })?;
+    drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json)
+}
+
+/// `PUT /vms/{id}/disks/{drive}/limits`: a disk's rate limits (all of them: an absent field is no limit).
+/// A running VM's engine takes them at once; they stay in the definition for the next starts.
+async fn set_disk_limits(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, drive)): Path<(String, String)>,
+    body: Result<Json<porthole_api::DiskLimits>, JsonRejection>,
+) -> ApiResult<Json<DriveInfo>> {
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(limits) = body?;
+    let record = app.host.record(&id)?;
+    let Some(DriveSlot::Disk(slot)) = drive_slot(&record, &drive) else {
+        return Err(ApiError::not_found(format!("VM {} has no disk {drive:?}", record.name)));
+    };
+    let problems = limits.problems();
+    if !problems.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", problems));
+    }
+    app.host.update(&id, |r, _| {
+        if r.disk_limits.len() <= slot {
+            r.disk_limits.resize(slot + 1, porthole_api::DiskLimits::default());
+        }
+        r.disk_limits[slot] = limits;
+        while r.disk_limits.last().is_some_and(porthole_api::DiskLimits::is_none) {
+            r.disk_limits.pop();
+        }
+        Ok(())
+    })?;
+    if app.host.pid(&id).is_some() {
+        app.host.set_live_disk_limits(&id, &drive, limits).await.map_err(|why| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "engine",
+                format!("saved for the next start, but the running VM did not take them: {why}"),
+            )
+        })?;
+    }
     drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json)
 }
 

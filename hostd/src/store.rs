@@ -83,6 +83,9 @@ pub struct VmRecord {
     /// The disks after the boot disk (`disk`), in the engine's order (after the cloud-init seed, if any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_disks: Vec<ExtraDisk>,
+    /// Each disk slot's rate limits, in slot order (missing at the end: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_limits: Vec<porthole_api::DiskLimits>,
     /// The CD/DVD drives after the first one (whose image is `media`), in the engine's order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_cdroms: Vec<CdromRecord>,

@@ -766,3 +766,52 @@ async fn new_vms_have_a_tablet_that_the_guest_sees_and_it_can_be_switched_off() 
     assert!(!vm.tablet && vm.absolute_pointer.is_none(), "{vm:?}");
     c.action(&with.id, Action::Poweroff).await.unwrap();
 }
+
+/// A disk's rate limits: set on a stopped VM (kept in its definition, given to the engine at start), changed
+/// on a running one (the engine takes them at once), refused when absurd (each field named, nothing
+/// changed); the guest's requests still all complete under a tight limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_rate_limits_reach_the_engine_at_start_and_live() {
+    use porthole_api::DiskLimits;
+    let dir = Scratch::new("settings-disk-limits");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&idle_vm("limited", DiskFormat::Qcow2)).await.unwrap();
+    let limits = DiskLimits { riops: Some(20), wbps: Some(1 << 20), ..Default::default() };
+    let drive = c.set_disk_limits(&vm.id, "disk0", &limits).await.unwrap();
+    assert_eq!(drive.limits, limits);
+    assert_eq!(c.vm(&vm.id).await.unwrap().drives[0].limits, limits, "kept in the definition");
+
+    let bad = DiskLimits { iops: Some(0), bps: Some(u64::MAX), ..Default::default() };
+    let e = c.set_disk_limits(&vm.id, "disk0", &bad).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["bps", "iops"]);
+    assert!(c.set_disk_limits(&vm.id, "disk7", &limits).await.is_err(), "no such disk");
+    assert_eq!(c.vm(&vm.id).await.unwrap().drives[0].limits, limits, "nothing changed");
+
+    // The guest reads its disk 40 times under 20 reads/s: every read completes.
+    let words = vec!["read=0,1"; 40].join(" ");
+    let lines = run_blk(&c, &vm.id, &words).await;
+    let reads = lines.iter().filter(|l| l.starts_with("BLK read disk=0") && l.contains("status=0")).count();
+    assert_eq!(reads, 40, "{lines:#?}");
+
+    // Running: the engine was given the limits, and takes new ones at once.
+    c.update_vm(&vm.id, &UpdateVm { boot: Some(idle_boot()), ..Default::default() }).await.unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Running).await;
+    let disk = vmm_args(&d, &vm.id).into_iter().find(|a| a.contains("format=qcow2")).unwrap();
+    assert!(disk.ends_with(",riops=20,wbps=1048576"), "{disk}");
+    let engine_limits = || {
+        let control = d.run.join("vms").join(&vm.id).join("control.sock");
+        let mut client = vmm_core::control::ControlClient::connect(&control).unwrap();
+        let status = client.request(&vmm_core::control::Request::Status).unwrap().status.unwrap();
+        status.drives[0].limits
+    };
+    assert_eq!(engine_limits().riops, Some(20));
+    let live = DiskLimits { iops: Some(500), ..Default::default() };
+    c.set_disk_limits(&vm.id, "disk0", &live).await.unwrap();
+    let now = engine_limits();
+    assert_eq!((now.iops, now.riops, now.wbps), (Some(500), None, None), "{now:?}");
+    c.set_disk_limits(&vm.id, "disk0", &DiskLimits::default()).await.unwrap();
+    assert!(engine_limits().is_none() && c.vm(&vm.id).await.unwrap().drives[0].limits.is_none());
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+}

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use porthole_api::{
-    AddDisk, BootDevice, BootSpec, DiskFormat, DisplaySpec, DriveKind, ImageFormat, UpdateVm, Vm, VmState,
+    AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, UpdateVm, Vm, VmState,
 };
 
 use super::clones::human_bytes;
@@ -182,6 +182,8 @@ pub struct DriveForm {
     pub image: String,
     /// The sizes typed for growing, by drive id.
     pub grow: BTreeMap<String, String>,
+    /// The rate limits typed, by drive id: (IOPS, read MiB/s, write MiB/s), and the limits they were made from.
+    pub limits: BTreeMap<String, (LimitFields, DiskLimits)>,
     /// The drive whose *Remove* waits for a confirmation.
     pub confirm: Option<String>,
     /// The last change's outcome (what was done, or why the host refused).
@@ -198,6 +200,7 @@ impl Default for DriveForm {
             new_format: DiskFormat::Qcow2,
             image: String::new(),
             grow: BTreeMap::new(),
+            limits: BTreeMap::new(),
             confirm: None,
             message: None,
             waiting: false,
@@ -230,9 +233,82 @@ enum DriveAction {
     AddDisk(AddDisk),
     RemoveDisk(String),
     Grow(String, u64),
+    Limits(String, DiskLimits),
     AddCdrom,
     RemoveCdrom(String),
     Media(String, Option<String>),
+}
+
+/// The icon of *Limit diskN*.
+const LIMIT: egui_material_icons::MaterialIcon = egui_material_icons::icons::ICON_SPEED;
+
+/// A disk's limits as the Settings view edits them: operations a second, and MiB a second each way (the
+/// API's other limits are kept as they are).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitFields {
+    pub iops: String,
+    pub read_mib: String,
+    pub write_mib: String,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl LimitFields {
+    pub fn of(l: &DiskLimits) -> LimitFields {
+        let mib = |v: Option<u64>| {
+            v.map(|b| if b % MIB == 0 { (b / MIB).to_string() } else { format!("{:.2}", b as f64 / MIB as f64) })
+        };
+        LimitFields {
+            iops: l.iops.map(|v| v.to_string()).unwrap_or_default(),
+            read_mib: mib(l.rbps).unwrap_or_default(),
+            write_mib: mib(l.wbps).unwrap_or_default(),
+        }
+    }
+
+    /// The limits these fields make of `old` (its other limits kept), or what is wrong.
+    pub fn limits(&self, old: &DiskLimits) -> Result<DiskLimits, String> {
+        let iops = match self.iops.trim() {
+            "" => None,
+            t => {
+                Some(t.parse::<u64>().ok().filter(|&v| v > 0).ok_or("IOPS: give a whole number above 0, or nothing.")?)
+            }
+        };
+        let mib = |t: &str, what: &str| -> Result<Option<u64>, String> {
+            match t.trim() {
+                "" => Ok(None),
+                t => match t.parse::<f64>() {
+                    Ok(v) if v.is_finite() && v > 0.0 && v <= 1048576.0 => Ok(Some(((v * MIB as f64) as u64).max(1))),
+                    _ => Err(format!("{what}: give MiB a second above 0, or nothing.")),
+                },
+            }
+        };
+        Ok(DiskLimits {
+            iops,
+            rbps: mib(&self.read_mib, "Read MiB/s")?,
+            wbps: mib(&self.write_mib, "Write MiB/s")?,
+            ..*old
+        })
+    }
+}
+
+/// A disk's limits in words ("at most 200 IOPS, 1.0 MiB/s written").
+pub fn limits_text(l: &DiskLimits) -> String {
+    let parts: Vec<String> = l
+        .named()
+        .into_iter()
+        .filter_map(|(name, v)| {
+            let v = v?;
+            Some(match name {
+                "iops" => format!("{v} IOPS"),
+                "riops" => format!("{v} reads/s"),
+                "wiops" => format!("{v} writes/s"),
+                "bps" => format!("{} /s", human_bytes(v)),
+                "rbps" => format!("{} read/s", human_bytes(v)),
+                _ => format!("{} written/s", human_bytes(v)),
+            })
+        })
+        .collect();
+    format!("at most {}", parts.join(", "))
 }
 
 fn format_text(f: Option<DiskFormat>) -> &'static str {
@@ -527,6 +603,47 @@ impl PortholeApp {
                         }
                     });
                     ui.end_row();
+                    if d.read_only {
+                        continue;
+                    }
+                    // Rate limits: any time (a running VM takes them at once).
+                    ui.label("");
+                    let (fields, base) =
+                        dr.limits.entry(d.id.clone()).or_insert_with(|| (LimitFields::of(&d.limits), d.limits));
+                    if *base != d.limits {
+                        // The host's limits changed (this form's or another's): start again from them.
+                        (*fields, *base) = (LimitFields::of(&d.limits), d.limits);
+                    }
+                    ui.horizontal_wrapped(|ui| {
+                        for (text, value, what) in [
+                            (&mut fields.iops, "IOPS", "operations a second"),
+                            (&mut fields.read_mib, "read MiB/s", "MiB read a second"),
+                            (&mut fields.write_mib, "write MiB/s", "MiB written a second"),
+                        ] {
+                            let r = ui.add(egui::TextEdit::singleline(text).hint_text(value).desired_width(70.0));
+                            let name = format!("{} limit of {}", value, d.id);
+                            ui.ctx().accesskit_node_builder(r.id, |n| n.set_label(name.as_str()));
+                            r.on_hover_text(format!("At most this many {what} (empty: no limit)"));
+                        }
+                        let parsed = fields.limits(&d.limits);
+                        let changed = parsed.as_ref().is_ok_and(|l| *l != d.limits);
+                        let set = theme::button(ui, changed && !dr.waiting, LIMIT, &format!("Limit {}", d.id));
+                        if set.clicked()
+                            && let Ok(l) = parsed.clone()
+                        {
+                            action = Some(DriveAction::Limits(d.id.clone(), l));
+                        }
+                        match parsed {
+                            Err(why) => {
+                                ui.colored_label(ui.visuals().warn_fg_color, why);
+                            }
+                            Ok(_) if !d.limits.is_none() => {
+                                ui.weak(limits_text(&d.limits));
+                            }
+                            Ok(_) => {}
+                        }
+                    });
+                    ui.end_row();
                 }
                 if vm.disk_bytes > 0 {
                     row(ui, "Disk size (GiB)", &errors, "disk_bytes", |ui| {
@@ -762,6 +879,12 @@ impl PortholeApp {
                         what,
                         move |c| async move { c.grow_disk(&id, &drive, bytes).await },
                     );
+                }
+                DriveAction::Limits(drive, limits) => {
+                    let what = format!("Limit {drive} of {name}");
+                    b.change_drives(host, id.clone(), what, move |c| async move {
+                        c.set_disk_limits(&id, &drive, &limits).await
+                    });
                 }
                 DriveAction::AddCdrom => {
                     let what = format!("Add a CD/DVD drive to {name}");
