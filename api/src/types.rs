@@ -104,6 +104,16 @@ pub struct Vm {
     /// is absolute) or not yet (the PS/2 mouse moves by deltas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub absolute_pointer: Option<bool>,
+    /// The most CPU the VM may use, in percent of one CPU (150: one and a half CPUs); none: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cap_percent: Option<u32>,
+    /// The VM's share of CPU under contention, 1-10000 (100: the default share); none: the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// With a cap or a weight: whether the host enforces them, and how ("enforced in …"), or why not ("not
+    /// enforced: …").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limits: Option<String>,
     /// The VM's network cards as defined (empty: no network).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicDefinition>,
@@ -227,6 +237,12 @@ pub struct CreateVm {
     /// A virtio-input tablet for an absolute pointer (default: yes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tablet: Option<bool>,
+    /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cap_percent: Option<u32>,
+    /// CPU weight 1-10000 (see `Vm::cpu_weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
 }
 
 /// Default disk size of a new VM.
@@ -252,6 +268,8 @@ impl CreateVm {
             tags: Vec::new(),
             nics: None,
             tablet: None,
+            cpu_cap_percent: None,
+            cpu_weight: None,
         }
     }
 }
@@ -305,6 +323,12 @@ pub struct UpdateVm {
     /// Adds or removes the virtio-input tablet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tablet: Option<bool>,
+    /// The CPU cap in percent of one CPU, 1 to 100 × vCPUs; 0 removes it. Applies at once to a running VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cap_percent: Option<u32>,
+    /// The CPU weight, 1-10000; 0 goes back to the default. Applies at once to a running VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
 }
 
 // ---- VM settings (`PATCH /vms/{id}`): boot, display, drives, per-field errors ----

@@ -77,6 +77,8 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     replace_text(&mut h, "Memory (MiB)", "96");
     assert!(vm.tablet, "new VMs have a tablet");
     press(&mut h, "Tablet (absolute pointer)");
+    type_into(&mut h, "CPU cap (% of one CPU)", "50");
+    type_into(&mut h, "CPU weight", "200");
     replace_text(&mut h, "Disk size (GiB)", "2");
     press(&mut h, "Firmware (SeaBIOS)");
     combo(&mut h, "Boot order", "Disk, then CD/DVD");
@@ -97,6 +99,7 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     assert!(got.boot_menu);
     assert_eq!(got.display, Some(DisplaySpec { width: 1024, height: 768 }));
     assert!(!got.tablet, "the tablet switched off");
+    assert_eq!((got.cpu_cap_percent, got.cpu_weight), (Some(50), Some(200)));
     assert!(got.pending_changes.is_empty());
     wait(&mut h, "the view follows the host", |h| has(h, "Settings of edited") && disabled(h, "Apply"));
 

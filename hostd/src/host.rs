@@ -47,6 +47,8 @@ struct Runtime {
     own_child: bool,
     /// The guest crashed and its process keeps it (see `Host::observe`).
     crash: Option<CrashReport>,
+    /// Where its CPU limits are enforced, or why they are not (set when it starts).
+    cpu_limits: Option<Result<String, String>>,
 }
 
 struct Entry {
@@ -101,6 +103,8 @@ pub struct Host {
     pub problems: Vec<String>,
     /// VMs with a disk operation under way (snapshot, clone, suspend), and what it is.
     busy: Mutex<BTreeMap<String, &'static str>>,
+    /// The host's CPU controller (cgroups) for the VMs' CPU caps and weights.
+    pub cpu: crate::cpu_limits::CpuLimits,
 }
 
 /// A VM's disk operation under way: others wait for its end (see `Host::begin`).
@@ -210,7 +214,11 @@ impl Host {
             started: Instant::now(),
             problems,
             busy: Mutex::new(BTreeMap::new()),
+            cpu: crate::cpu_limits::CpuLimits::detect(),
         });
+        if let Err(why) = host.cpu.describe() {
+            log::info!("VM CPU caps and weights are not enforced: {why}");
+        }
         host.adopt();
         Ok(host)
     }
@@ -287,7 +295,7 @@ impl Host {
         {
             return bytes.clone();
         }
-        let list: Vec<Vm> = vms.values().map(|e| view(e, &self.store)).collect();
+        let list: Vec<Vm> = vms.values().map(|e| view(e, &self.store, &self.cpu)).collect();
         let bytes = bytes::Bytes::from(serde_json::to_vec(&list).unwrap_or_default());
         *cache = Some((generation, second, bytes.clone()));
         bytes
@@ -295,11 +303,14 @@ impl Host {
 
     /// Every VM, in id order.
     pub fn list(&self) -> Vec<Vm> {
-        lock(&self.vms).values().map(|e| view(e, &self.store)).collect()
+        lock(&self.vms).values().map(|e| view(e, &self.store, &self.cpu)).collect()
     }
 
     pub fn get(&self, id: &str) -> Result<Vm, HostError> {
-        lock(&self.vms).get(id).map(|e| view(e, &self.store)).ok_or_else(|| HostError::NotFound(id.to_owned()))
+        lock(&self.vms)
+            .get(id)
+            .map(|e| view(e, &self.store, &self.cpu))
+            .ok_or_else(|| HostError::NotFound(id.to_owned()))
     }
 
     pub fn record(&self, id: &str) -> Result<VmRecord, HostError> {
@@ -331,7 +342,7 @@ impl Host {
         recheck_nics(&record, &others_of(&vms, &record.id))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         let entry = Entry { record, rt: Runtime::default() };
-        let vm = view(&entry, &self.store);
+        let vm = view(&entry, &self.store, &self.cpu);
         vms.insert(entry.record.id.clone(), entry);
         Ok(vm)
     }
@@ -356,7 +367,7 @@ impl Host {
         let entry = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
         self.store.save(&record).map_err(|e| HostError::Internal(e.to_string()))?;
         entry.record = record;
-        Ok(view(entry, &self.store))
+        Ok(view(entry, &self.store, &self.cpu))
     }
 
     pub fn delete(&self, id: &str) -> Result<(), HostError> {
@@ -489,6 +500,17 @@ impl Host {
         })
         .await
         .map_err(|e| e.to_string())?
+    }
+
+    /// Applies a running VM's CPU limits at once (into its cgroup), and records whether they hold.
+    pub fn set_cpu_limits(&self, id: &str, limits: crate::cpu_limits::Limits) {
+        let held = self.cpu.set(id, limits).map(|()| match self.cpu.describe() {
+            Ok(how) => format!("enforced through the {how}"),
+            Err(why) => why,
+        });
+        if let Some(e) = self.vms_mut().get_mut(id) {
+            e.rt.cpu_limits = Some(held);
+        }
     }
 
     /// Plugs in or pulls the virtual cable of a running VM's card `nic`.
@@ -688,12 +710,19 @@ impl Host {
                 return Err(HostError::Internal(format!("cannot start porthole-vmm: {e}")));
             }
         };
+        // Every VM goes into a cgroup of its own (when the host has one to give), so that a cap or a weight
+        // set while it runs applies at once.
+        let cpu = self.cpu.attach(id, pid, cpu_limits_of(&record));
+        if let Err(why) = &cpu {
+            log::debug!("VM {id}: CPU limits not enforced: {why}");
+        }
         {
             let mut vms = self.vms_mut();
             if let Some(e) = vms.get_mut(id) {
                 e.rt.pid = Some(pid);
                 e.rt.own_child = true;
                 e.rt.started = Some(Instant::now());
+                e.rt.cpu_limits = Some(cpu);
             }
         }
         self.watch(id.to_owned(), pid);
@@ -721,7 +750,7 @@ impl Host {
                     if e.rt.state == Some(VmState::Starting) {
                         e.rt.state = Some(VmState::Running);
                     }
-                    let vm = view(e, &self.store);
+                    let vm = view(e, &self.store, &self.cpu);
                     drop(vms);
                     if let Some(file) = &suspended {
                         // Resumed: the suspend state is spent.
@@ -817,6 +846,7 @@ impl Host {
         let clean =
             exit.exit_code.is_some_and(|c| c == 0 || c == 3) || (e.rt.stop_requested && exit.exit_code.is_some());
         log::info!("VM {id} ended: {}", exit.reason);
+        self.cpu.remove(id);
         e.rt = Runtime {
             state: Some(if clean { VmState::Stopped } else { VmState::Crashed }),
             last_exit: Some(exit),
@@ -982,7 +1012,7 @@ pub fn control(path: &Path, request: &Request) -> Result<Response, vmm_core::con
     ControlClient::connect(path)?.request(request)
 }
 
-fn view(e: &Entry, store: &Store) -> Vm {
+fn view(e: &Entry, store: &Store, cpu: &crate::cpu_limits::CpuLimits) -> Vm {
     let r = &e.record;
     let state = match e.rt.state {
         _ if e.rt.pid.is_none() && r.suspended.is_some() => VmState::Suspended,
@@ -1022,6 +1052,9 @@ fn view(e: &Entry, store: &Store) -> Vm {
         display: r.display,
         tablet: r.tablet,
         absolute_pointer: None,
+        cpu_cap_percent: r.cpu_cap_percent,
+        cpu_weight: r.cpu_weight,
+        cpu_limits: cpu_limits_text(r, e, cpu),
         drives: drives(r, store),
         pending_changes: r.pending.as_ref().map(pending_names).unwrap_or_default(),
         pending: r.pending.clone(),
@@ -1210,6 +1243,27 @@ fn others_of(vms: &BTreeMap<String, Entry>, id: &str) -> Others {
 fn recheck_nics(record: &VmRecord, others: &Others) -> Result<(), HostError> {
     let specs: Vec<NicSpec> = record.nics().iter().map(NicSpec::from).collect();
     net::build_nics(&specs, record.nics(), others, None).map(drop).map_err(HostError::Conflict)
+}
+
+/// A VM's CPU cap and weight as the cgroup code takes them.
+pub fn cpu_limits_of(r: &VmRecord) -> crate::cpu_limits::Limits {
+    crate::cpu_limits::Limits { cap_percent: r.cpu_cap_percent, weight: r.cpu_weight }
+}
+
+/// Whether VM `r`'s CPU limits hold (none set: nothing to say): a running VM's as its start found them,
+/// a stopped one's as they would be.
+fn cpu_limits_text(r: &VmRecord, e: &Entry, cpu: &crate::cpu_limits::CpuLimits) -> Option<String> {
+    if r.cpu_cap_percent.is_none() && r.cpu_weight.is_none() {
+        return None;
+    }
+    let state = match (&e.rt.cpu_limits, e.rt.pid) {
+        (Some(running), Some(_)) => running.clone(),
+        _ => cpu.describe().map(|how| format!("enforced through the {how} when it runs")),
+    };
+    Some(match state {
+        Ok(how) => how,
+        Err(why) => format!("not enforced: {why}"),
+    })
 }
 
 #[cfg(test)]

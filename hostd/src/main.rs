@@ -4,6 +4,7 @@
 
 mod auth;
 mod cloud_init;
+mod cpu_limits;
 mod disks;
 mod host;
 mod net;

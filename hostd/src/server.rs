@@ -568,6 +568,16 @@ async fn create_vm(
     let Json(req) = body?;
     check_name(&req.name)?;
     check_shape(req.vcpus, req.memory_mib)?;
+    let mut cpu_errors = Vec::new();
+    if let Some(Err(e)) = req.cpu_cap_percent.filter(|&c| c != 0).map(|c| check_cpu_cap(c, req.vcpus)) {
+        cpu_errors.push(field("cpu_cap_percent", e));
+    }
+    if let Some(Err(e)) = req.cpu_weight.filter(|&w| w != 0).map(check_cpu_weight) {
+        cpu_errors.push(field("cpu_weight", e));
+    }
+    if !cpu_errors.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", cpu_errors));
+    }
     if req.disk_gib > MAX_DISK_GIB {
         return Err(ApiError::bad(format!("disk_gib must be at most {MAX_DISK_GIB}")));
     }
@@ -611,6 +621,8 @@ async fn create_vm(
         tags,
         nics: Some(nics),
         tablet: req.tablet.unwrap_or(true),
+        cpu_cap_percent: req.cpu_cap_percent.filter(|&c| c != 0),
+        cpu_weight: req.cpu_weight.filter(|&w| w != 0),
         ..VmRecord::default()
     };
     let dir = app.host.store.vm_dir(&id);
@@ -718,6 +730,13 @@ async fn update_vm(
     }
     if let Some(Err(e)) = req.memory_mib.map(check_memory) {
         refuse("memory_mib", e);
+    }
+    let vcpus = req.vcpus.unwrap_or(record.vcpus);
+    if let Some(Err(e)) = req.cpu_cap_percent.filter(|&c| c != 0).map(|c| check_cpu_cap(c, vcpus)) {
+        refuse("cpu_cap_percent", e);
+    }
+    if let Some(Err(e)) = req.cpu_weight.filter(|&w| w != 0).map(check_cpu_weight) {
+        refuse("cpu_weight", e);
     }
     if let Some(boot) = &req.boot {
         if req.firmware_boot == Some(true) {
@@ -854,6 +873,13 @@ async fn update_vm(
         if let Some(a) = req.autostart {
             r.autostart = a;
         }
+        // CPU limits change at once, running or not (the cgroup's files below).
+        if let Some(c) = req.cpu_cap_percent {
+            r.cpu_cap_percent = (c != 0).then_some(c);
+        }
+        if let Some(w) = req.cpu_weight {
+            r.cpu_weight = (w != 0).then_some(w);
+        }
         if running || r.suspended.is_some() {
             crate::host::add_pending(r, hardware);
             crate::host::add_pending(r, nics_change);
@@ -872,6 +898,11 @@ async fn update_vm(
         }
         Ok(())
     })?;
+    if (req.cpu_cap_percent.is_some() || req.cpu_weight.is_some()) && app.host.pid(&id).is_some() {
+        let record = app.host.record(&id)?;
+        app.host.set_cpu_limits(&id, crate::host::cpu_limits_of(&record));
+        return Ok(Json(app.host.get(&id)?));
+    }
     Ok(Json(vm))
 }
 
@@ -1023,6 +1054,24 @@ fn drive_info(app: &App, id: &str, slot: DriveSlot) -> ApiResult<DriveInfo> {
     index
         .and_then(|i| crate::host::drives(&r, &app.host.store).into_iter().nth(i))
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the drive is not listed"))
+}
+
+/// A CPU cap in percent of one CPU: at least 1, at most all of the VM's vCPUs.
+fn check_cpu_cap(percent: u32, vcpus: u32) -> Result<(), String> {
+    if percent > 100 * vcpus {
+        Err(format!("at most {} (all {vcpus} vCPUs); 0 removes the cap", 100 * vcpus))
+    } else {
+        Ok(())
+    }
+}
+
+/// A CPU weight: 1-10000 (100 is the default share).
+fn check_cpu_weight(weight: u32) -> Result<(), String> {
+    if weight > 10000 {
+        Err("1 to 10000 (100 is the default share); 0 goes back to the default".into())
+    } else {
+        Ok(())
+    }
 }
 
 fn field(field: &str, message: impl Into<String>) -> FieldError {

@@ -74,6 +74,11 @@ pub struct VmRecord {
     /// keep their PS/2 mouse alone (their saved machine states have no tablet).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tablet: bool,
+    /// CPU cap in percent of one CPU, and weight (cgroups; see `cpu_limits.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cap_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
     /// The display's start-up resolution (absent: the engine's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<DisplaySpec>,

@@ -43,6 +43,9 @@ pub struct Fields {
     pub resolution: String,
     /// A virtio-input tablet (absolute pointer) next to the PS/2 mouse.
     pub tablet: bool,
+    /// CPU cap in percent of one CPU (empty: none) and weight (empty: the default).
+    pub cpu_cap: String,
+    pub cpu_weight: String,
 }
 
 fn gib_text(bytes: u64) -> String {
@@ -76,6 +79,8 @@ impl Fields {
             boot_menu: p.boot_menu.unwrap_or(vm.boot_menu),
             resolution: p.display.or(vm.display).map(|d| format!("{}x{}", d.width, d.height)).unwrap_or_default(),
             tablet: p.tablet.unwrap_or(vm.tablet),
+            cpu_cap: vm.cpu_cap_percent.map(|c| c.to_string()).unwrap_or_default(),
+            cpu_weight: vm.cpu_weight.map(|w| w.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -143,6 +148,22 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     }
     if new.tablet != base.tablet {
         u.tablet = Some(new.tablet);
+    }
+    // CPU limits: empty removes (0 in the request).
+    for (text, old, field, slot) in [
+        (&new.cpu_cap, &base.cpu_cap, "cpu_cap_percent", &mut u.cpu_cap_percent),
+        (&new.cpu_weight, &base.cpu_weight, "cpu_weight", &mut u.cpu_weight),
+    ] {
+        if text.trim() == old.trim() {
+            continue;
+        }
+        match text.trim() {
+            "" => *slot = Some(0),
+            t => match t.parse::<u32>() {
+                Ok(v) if v > 0 => *slot = Some(v),
+                _ => refuse(field, "Give a whole number above 0, or nothing."),
+            },
+        }
     }
     if new.resolution.trim() != base.resolution {
         let parsed = new
@@ -334,6 +355,8 @@ pub fn pending_text(names: &[String]) -> String {
             "disk_bytes" => "disk size",
             "nics" => "network cards",
             "tablet" => "tablet",
+            "cpu_cap_percent" => "CPU cap",
+            "cpu_weight" => "CPU weight",
             other => other,
         })
         .collect();
@@ -558,6 +581,19 @@ impl PortholeApp {
             row(ui, "Memory (MiB)", &errors, "memory_mib", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.memory_mib).desired_width(80.0))
             });
+            row(ui, "CPU cap (% of one CPU)", &errors, "cpu_cap_percent", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.cpu_cap).hint_text("none").desired_width(80.0))
+                    .on_hover_text("At most this share of one CPU (150: one and a half); applies at once")
+            });
+            row(ui, "CPU weight", &errors, "cpu_weight", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.cpu_weight).hint_text("100").desired_width(80.0))
+                    .on_hover_text("Its share under contention, 1-10000 (100: as any other VM); applies at once")
+            });
+            if let Some(text) = &vm.cpu_limits {
+                ui.label("");
+                ui.weak(text);
+                ui.end_row();
+            }
             check_row(ui, "Pointer", &errors, "tablet", &mut f.tablet, "Tablet (absolute pointer)");
         });
 
