@@ -167,17 +167,28 @@ fn open_locked(path: &Path, read_only: bool) -> Result<(File, u64), DiskError> {
         return Err(DiskError::Empty { path: path.to_owned() });
     }
     let how = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } != 0 {
+    // A lock just released may still be held for a moment by a process this one is starting (between its
+    // fork and its exec it shares the descriptor): try a few times over ~100 ms before calling it taken.
+    let mut tries = 0;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+            return Ok((file, size));
+        }
         let e = io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            DiskError::Locked { path: path.to_owned() }
-        } else {
-            open_err(e)
-        });
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(open_err(e));
+        }
+        tries += 1;
+        if tries == LOCK_TRIES {
+            return Err(DiskError::Locked { path: path.to_owned() });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok((file, size))
 }
+
+/// How many times a lock is tried (10 ms apart) before the image counts as in use.
+const LOCK_TRIES: u32 = 10;
 
 /// The format of an open image, from its first bytes: qcow2 when they are qcow2's magic, raw otherwise.
 fn detect_format(file: &File) -> io::Result<ImageFormat> {

@@ -189,8 +189,10 @@ impl PortholeApp {
         let mut open = true;
         let mut create = false;
         let mut cancel = false;
-        // Scrolls when the window is too small for it (the wizard is taller than 400 points).
-        let window = theme::dialog(ctx, "New virtual machine").open(&mut open).vscroll(true);
+        // In a small main window (the wizard is about 700 points tall with every row) it scrolls; otherwise it
+        // grows with its rows (a scrolling window keeps the size it opened with).
+        let small = ctx.content_rect().height() < 760.0;
+        let window = egui::Window::new("New virtual machine").collapsible(false).open(&mut open).vscroll(small);
         window.show(ctx, |ui| {
             egui::Grid::new("wizard").num_columns(2).show(ui, |ui| {
                 let l = ui.label("Name");
