@@ -831,6 +831,9 @@ mod tests {
         // device does unlimited.
         let (free, _) = rate_under(DiskLimits { riops: Some(20), ..Default::default() }, T_OUT, 512, 1.5);
         assert!(free > 400.0, "{free:.0} writes/s under a read limit of 20/s");
+        println!(
+            "rate limits: {iops:.1} reads/s under iops=200, {bps:.0} B/s under wbps=1048576, {free:.0} writes/s under riops=20"
+        );
     }
 
     /// Requests over the limit wait (none fails, none is dropped); lifting the limit lets them all through at
