@@ -452,31 +452,24 @@ impl Host {
         Ok(e.record.clone())
     }
 
-    /// The network cards of a running VM as its process reports them (None: the VM does not run), or why they
-    /// cannot be had.
-    pub async fn nic_status(&self, id: &str) -> Option<Result<Vec<NicStatus>, String>> {
+    /// What a running VM's process reports (None: the VM does not run) — its network cards and whether its
+    /// pointer is absolute (the guest's tablet driver is up) — in one `status` request, or why it cannot be had.
+    pub async fn live_status(&self, id: &str) -> Option<Result<(Vec<NicStatus>, bool), String>> {
         self.pid(id)?;
         let control = self.run_files(id).control();
-        Some(
-            tokio::task::spawn_blocking(move || net::nics(&control))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| format!("the VM process did not report its network cards: {e}"))),
-        )
-    }
-
-    /// A running VM's pointer: whether its guest's tablet driver is up (None: not running, or its process
-    /// did not say).
-    pub async fn absolute_pointer(&self, id: &str) -> Option<bool> {
-        self.pid(id)?;
-        let control = self.run_files(id).control();
-        tokio::task::spawn_blocking(move || {
-            let mut c = vmm_core::control::ControlClient::connect(&control).ok()?;
-            c.request(&vmm_core::control::Request::Status).ok()?.status.map(|s| s.absolute_pointer)
+        let asked = tokio::task::spawn_blocking(move || {
+            let mut c = vmm_core::control::ControlClient::connect(&control).map_err(|e| e.to_string())?;
+            let status = c.request(&vmm_core::control::Request::Status).map_err(|e| e.to_string())?.status;
+            status.ok_or_else(|| "its reply has no status".to_owned())
         })
         .await
-        .ok()
-        .flatten()
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        Some(
+            asked
+                .map(|s| (s.nics.into_iter().map(net::api_status).collect(), s.absolute_pointer))
+                .map_err(|e| format!("the VM process did not report its network cards: {e}")),
+        )
     }
 
     /// Gives a running VM's engine new rate limits for its drive `drive` (the engine's drive ids are the

@@ -332,12 +332,6 @@ pub fn api_status(s: vmm_core::net::NicStatus) -> NicStatus {
     }
 }
 
-/// Every card of a running VM, as its process reports it.
-pub fn nics(control: &Path) -> Result<Vec<NicStatus>, EngineError> {
-    let reply = ControlClient::connect(control)?.request(&Request::Nics)?;
-    Ok(reply.nics.unwrap_or_default().into_iter().map(api_status).collect())
-}
-
 /// Plugs card `nic` in or pulls its cable; returns the card's state.
 pub fn set_link(control: &Path, nic: &str, up: bool) -> Result<NicStatus, EngineError> {
     let reply = ControlClient::connect(control)?.request(&Request::SetLink { nic: nic.to_owned(), up })?;

@@ -451,13 +451,13 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
     if vm.boot.is_none() && app.host.pid(&id).is_some() {
         vm.boot_status = crate::host::firmware_boot_status(&app.host.run_files(&id).firmware_log());
     }
-    match app.host.nic_status(&id).await {
-        Some(Ok(nics)) => vm.nic_status = nics,
+    match app.host.live_status(&id).await {
+        Some(Ok((nics, absolute))) => {
+            vm.nic_status = nics;
+            vm.absolute_pointer = vm.tablet.then_some(absolute);
+        }
         Some(Err(why)) => vm.nic_status_error = Some(why),
         None => {}
-    }
-    if vm.tablet {
-        vm.absolute_pointer = app.host.absolute_pointer(&id).await;
     }
     Ok(Json(vm))
 }
