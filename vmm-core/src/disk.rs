@@ -1009,6 +1009,8 @@ pub struct Drive {
     pub stats: DiskStats,
     /// The drive's rate limits and their buckets (taken by the device's queue thread before each request).
     pub limiter: Mutex<crate::rate_limiter::DiskLimiter>,
+    /// Whether it has any limit (the queue thread skips the limiter otherwise).
+    limited: std::sync::atomic::AtomicBool,
 }
 
 /// What the control socket reports about a drive.
@@ -1038,12 +1040,20 @@ impl Drive {
             listener: Mutex::new(None),
             stats: DiskStats::default(),
             limiter: Mutex::new(crate::rate_limiter::DiskLimiter::default()),
+            limited: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Replaces the drive's rate limits (the new buckets start full); they apply from the next request.
     pub fn set_limits(&self, limits: crate::rate_limiter::DiskLimits) {
-        lock_limiter(self).set(limits, std::time::Instant::now());
+        let mut limiter = lock_limiter(self);
+        limiter.set(limits, std::time::Instant::now());
+        self.limited.store(!limits.is_none(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the drive has any rate limit.
+    pub fn is_limited(&self) -> bool {
+        self.limited.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The drive's rate limits.

@@ -405,16 +405,19 @@ impl Shared {
                     Ok((head, status, kind)) => {
                         // The drive's rate limits: a request they do not let through yet goes back to the
                         // avail ring (it is the last taken) and everything behind it waits with it.
-                        let now = Instant::now();
-                        let (direction, bytes) = kind.cost();
-                        if let Some(wait) = lock(&self.drive.limiter).try_take(direction, bytes, now) {
-                            active.queue.go_to_previous_position();
-                            state.rate_wait = Some(now + wait);
-                            state.throttled_since.get_or_insert(now);
-                            break 'serve false;
+                        // (An unlimited drive, the usual one, skips all of it.)
+                        if self.drive.is_limited() {
+                            let now = Instant::now();
+                            let (direction, bytes) = kind.cost();
+                            if let Some(wait) = lock(&self.drive.limiter).try_take(direction, bytes, now) {
+                                active.queue.go_to_previous_position();
+                                state.rate_wait = Some(now + wait);
+                                state.throttled_since.get_or_insert(now);
+                                break 'serve false;
+                            }
                         }
                         if let Some(since) = state.throttled_since.take() {
-                            let waited = now.saturating_duration_since(since).as_micros() as u64;
+                            let waited = Instant::now().saturating_duration_since(since).as_micros() as u64;
                             self.drive.stats.throttled_us.fetch_add(waited, Ordering::Relaxed);
                         }
                         state.jobs.push_back(Job {
