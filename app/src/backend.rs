@@ -425,17 +425,27 @@ impl Backend {
         self.runtime.spawn(async move {
             // Only the samples newer than those the page has: the first fetch brings the hour, later ones
             // a second or two.
-            let (mut samples, since) = match &backend.model().host_page {
-                Some((i, data)) if *i == index => (data.stats.clone(), data.stats.last().map_or(0, |s| s.t_ms)),
-                _ => (Vec::new(), 0),
+            let since = match &backend.model().host_page {
+                Some((i, data)) if *i == index => data.stats.last().map_or(0, |s| s.t_ms),
+                _ => 0,
             };
             let (stats, tasks, images) = tokio::join!(client.host_stats(since, false), client.tasks(), client.images());
             let mut m = backend.model();
             let mut tasks = tasks.unwrap_or_default();
             tasks.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.id.cmp(&b.id)));
-            merge_samples(&mut samples, stats.map(|s| s.samples).unwrap_or_default());
-            let data = HostPageData { stats: samples, tasks };
-            m.host_page = Some((index, data));
+            let new = stats.map(|s| s.samples).unwrap_or_default();
+            // The new samples go onto the page's own (another host's page, or none: they start afresh).
+            match &mut m.host_page {
+                Some((i, data)) if *i == index => {
+                    merge_samples(&mut data.stats, new);
+                    data.tasks = tasks;
+                }
+                page => {
+                    let mut stats = Vec::new();
+                    merge_samples(&mut stats, new);
+                    *page = Some((index, HostPageData { stats, tasks }));
+                }
+            }
             if let Ok(images) = images {
                 m.images.insert(index, images);
             }
@@ -522,13 +532,22 @@ impl Backend {
         let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
-            let (mut samples, since) = match &backend.model().stats {
-                Some((i, v, s)) if *i == index && *v == id => (s.clone(), s.last().map_or(0, |s| s.t_ms)),
-                _ => (Vec::new(), 0),
+            let since = match &backend.model().stats {
+                Some((i, v, s)) if *i == index && *v == id => s.last().map_or(0, |s| s.t_ms),
+                _ => 0,
             };
             if let Ok(stats) = client.stats(&id, since, false).await {
-                merge_samples(&mut samples, stats.samples);
-                backend.model().stats = Some((index, id, samples));
+                // The new samples go onto the VM's own (another VM's, or none: they start afresh).
+                let mut m = backend.model();
+                match &mut m.stats {
+                    Some((i, v, s)) if *i == index && *v == id => merge_samples(s, stats.samples),
+                    other => {
+                        let mut s = Vec::new();
+                        merge_samples(&mut s, stats.samples);
+                        *other = Some((index, id, s));
+                    }
+                }
+                drop(m);
                 backend.repaint();
             }
         });
