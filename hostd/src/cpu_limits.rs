@@ -54,18 +54,19 @@ impl CpuLimits {
         }
     }
 
-    fn vm_dir(&self, id: &str) -> Option<(PathBuf, bool)> {
+    /// VM `id`'s cgroup and whether it is v2, or why there is none.
+    fn vm_dir(&self, id: &str) -> Result<(PathBuf, bool), String> {
         match &self.hierarchy {
-            Ok(Hierarchy::V1(p)) => Some((p.join(format!("vm-{id}")), false)),
-            Ok(Hierarchy::V2(p)) => Some((p.join(format!("vm-{id}")), true)),
-            Err(_) => None,
+            Ok(Hierarchy::V1(p)) => Ok((p.join(format!("vm-{id}")), false)),
+            Ok(Hierarchy::V2(p)) => Ok((p.join(format!("vm-{id}")), true)),
+            Err(why) => Err(why.clone()),
         }
     }
 
     /// Puts process `pid` (a VM's engine, with every thread it has and will have) into VM `id`'s cgroup
     /// with `limits`. Returns where, or why the limits are not enforced.
     pub fn attach(&self, id: &str, pid: u32, limits: Limits) -> Result<String, String> {
-        let (dir, _) = self.vm_dir(id).ok_or_else(|| self.describe().unwrap_err())?;
+        let (dir, _) = self.vm_dir(id)?;
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         self.set(id, limits)?;
         write(&dir.join("cgroup.procs"), &pid.to_string())?;
@@ -74,7 +75,7 @@ impl CpuLimits {
 
     /// Sets VM `id`'s limits (its cgroup exists: the VM runs).
     pub fn set(&self, id: &str, limits: Limits) -> Result<(), String> {
-        let (dir, v2) = self.vm_dir(id).ok_or_else(|| self.describe().unwrap_err())?;
+        let (dir, v2) = self.vm_dir(id)?;
         let quota = limits.cap_percent.map(|p| u64::from(p) * PERIOD_US / 100);
         if v2 {
             let max = quota.map_or("max".to_owned(), |q| q.to_string());
@@ -92,7 +93,7 @@ impl CpuLimits {
 
     /// Removes VM `id`'s cgroup once its process is gone (an empty cgroup only).
     pub fn remove(&self, id: &str) {
-        if let Some((dir, _)) = self.vm_dir(id) {
+        if let Ok((dir, _)) = self.vm_dir(id) {
             let _ = std::fs::remove_dir(dir);
         }
     }
