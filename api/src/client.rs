@@ -420,6 +420,16 @@ impl Client {
         self.call_json(Method::PUT, &format!("/vms/{id}/disks/{drive}/limits"), limits).await
     }
 
+    /// Sets a network card's rate limits (applied at once to a running VM): the card's definition.
+    pub async fn set_nic_limits(
+        &self,
+        id: &str,
+        nic: &str,
+        limits: &crate::NicLimits,
+    ) -> Result<crate::NicDefinition, ClientError> {
+        self.call_json(Method::PUT, &format!("/vms/{id}/nics/{nic}/limits"), limits).await
+    }
+
     /// Adds a CD/DVD drive to a stopped VM (with `image` in it, or empty): the new drive.
     pub async fn add_cdrom(&self, id: &str, image: Option<&str>) -> Result<DriveInfo, ClientError> {
         self.call_json(Method::POST, &format!("/vms/{id}/cdroms"), &AddCdrom { image: image.map(str::to_owned) }).await

@@ -635,6 +635,45 @@ fn default_mtu() -> u32 {
     DEFAULT_MTU
 }
 
+/// A network card's rate limits in bits per second (absent: none): `rx_bps` towards the guest (what it
+/// downloads), `tx_bps` from it. Frames over a limit wait; TCP senders slow down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_bps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_bps: Option<u64>,
+}
+
+/// The least a card's limit may be: one full-size Ethernet frame (1514 bytes) a second.
+pub const MIN_NIC_LIMIT: u64 = 8 * 1514;
+/// The most a card's limit may be.
+pub const MAX_NIC_LIMIT: u64 = 1 << 40;
+
+impl NicLimits {
+    pub fn is_none(&self) -> bool {
+        *self == NicLimits::default()
+    }
+
+    /// Why each field that cannot be is refused.
+    pub fn problems(&self) -> Vec<FieldError> {
+        [("rx_bps", self.rx_bps), ("tx_bps", self.tx_bps)]
+            .into_iter()
+            .filter_map(|(name, v)| match v {
+                Some(v) if v < MIN_NIC_LIMIT => Some(FieldError {
+                    field: name.into(),
+                    message: format!("at least {MIN_NIC_LIMIT} bit/s (one full-size frame a second), or no limit"),
+                }),
+                Some(v) if v > MAX_NIC_LIMIT => {
+                    Some(FieldError { field: name.into(), message: format!("at most {MAX_NIC_LIMIT} bit/s") })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// A network card as stored in the VM's definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -648,6 +687,8 @@ pub struct NicDefinition {
     pub mtu: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forwards: Vec<PortForward>,
+    #[serde(default, skip_serializing_if = "NicLimits::is_none")]
+    pub limits: NicLimits,
 }
 
 /// A network card in a request (`POST /vms`, `PATCH /vms/{id}`): what is left out is chosen by the daemon.
@@ -668,12 +709,15 @@ pub struct NicSpec {
     /// `user` cards only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forwards: Vec<PortForward>,
+    /// Default: the card's current limits (same `id`), else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<NicLimits>,
 }
 
 impl NicSpec {
     /// A card of back end `backend`, everything else default.
     pub fn new(backend: NicBackend) -> Self {
-        NicSpec { id: None, backend, mac: None, mtu: None, forwards: Vec::new() }
+        NicSpec { id: None, backend, mac: None, mtu: None, forwards: Vec::new(), limits: None }
     }
 }
 
@@ -686,6 +730,7 @@ impl From<&NicDefinition> for NicSpec {
             mac: Some(d.mac.clone()),
             mtu: Some(d.mtu),
             forwards: d.forwards.clone(),
+            limits: Some(d.limits),
         }
     }
 }
@@ -733,6 +778,14 @@ pub struct NicStatus {
     pub tx_dropped: u64,
     #[serde(default)]
     pub malformed: u64,
+    /// The rate limits in effect.
+    #[serde(default, skip_serializing_if = "NicLimits::is_none")]
+    pub limits: NicLimits,
+    /// Time frames waited for the limits, each way, in microseconds.
+    #[serde(default)]
+    pub rx_throttled_us: u64,
+    #[serde(default)]
+    pub tx_throttled_us: u64,
 }
 
 /// `POST /vms/{id}/nics/{nic}/link`: plug the running VM's virtual cable in (`up: true`) or pull it.

@@ -87,6 +87,7 @@ pub struct PortholeApp {
     forward_form: network::ForwardForm,
     /// The network section's card editor.
     cards_form: network::CardsForm,
+    nic_limits_form: network::NicLimitsForm,
     /// Where VMs were drawn last frame (list rows and the details), for dropped ISOs: (area, host, VM id).
     drop_zones: Vec<(egui::Rect, usize, String)>,
     /// The snapshot section's dialogs and refresh.
@@ -151,6 +152,7 @@ impl PortholeApp {
             details_fetched: None,
             forward_form: Default::default(),
             cards_form: Default::default(),
+            nic_limits_form: Default::default(),
             drop_zones: Vec::new(),
             snapshot_ui: Default::default(),
             clone_form: None,

@@ -1,7 +1,7 @@
 //! The window's networking, driven through its accessibility tree (egui_kittest) against a real `portholed`:
 //! the wizard's network choice, and a VM's network section (its card, the SSH command, port forwards added
 //! and removed, cards added, edited and removed in the editor, and — once the VM runs — the card's state,
-//! what cannot change while it runs and what waits for its next start).
+//! what cannot change while it runs, what waits for its next start, and rate limits set live).
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
@@ -152,6 +152,15 @@ fn a_running_vm_shows_its_card_state_and_keeps_its_forwards() {
     wait(&mut h, "the card's state", |h| has_contains(h, "attached, link up") || has_contains(h, "not attached"));
     assert!(!has_contains(&h, "not attached"), "passt runs for the card");
     assert!(has(&h, "Guest address") && has_contains(&h, "frames), out "), "the card's report is shown");
+    // Rate limits apply to the running VM at once.
+    type_into(&mut h, "download Mbit/s limit of net0", "50");
+    click(&mut h, "Limit net0");
+    wait(&mut h, "the limit applied", |h| has_contains(h, "at most 50 Mbit/s down"));
+    let limits = porthole_api::NicLimits { rx_bps: Some(50_000_000), tx_bps: None };
+    assert_eq!(vm_named(&h, "runner").unwrap().nics[0].limits, limits);
+    wait(&mut h, "the engine's report", |h| {
+        h.state().backend.model().details.as_ref().is_some_and(|(_, _, d)| d.nic_status[0].limits == limits)
+    });
     // A forward added while the VM runs opens at its next start, and the section says so.
     assert!(has_contains(&h, "passt opens them when the VM starts"));
     let port = vm_named(&h, "runner").unwrap().nics[0].forwards[0].host_port;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use vmm_core::disk::Drive;
+use vmm_core::rate_limiter::DiskLimits;
 use vmm_core::virtio::host_driver::{HostBlockDriver, T_IN};
 
 /// The image both benchmarks read: 256 MiB of non-zero bytes (so that no layer can skip holes).
@@ -100,9 +101,15 @@ fn offsets(p: &Pattern, size: u64) -> impl FnMut() -> u64 {
 
 /// Requests per second through the device back end.
 fn device_rate(path: &Path, p: &Pattern, seconds: f64) -> anyhow::Result<f64> {
+    device_rate_under(path, p, seconds, DiskLimits::default())
+}
+
+/// Requests per second through the device back end under `limits`.
+fn device_rate_under(path: &Path, p: &Pattern, seconds: f64, limits: DiskLimits) -> anyhow::Result<f64> {
     let media = Drive::open_media(path, true)?;
     let size = media.backend.size();
     let drive = Arc::new(Drive::new("disk0".into(), true, false, String::new(), Some(media)));
+    drive.set_limits(limits);
     let mut d = HostBlockDriver::new(drive, 32, u64::from(p.block))?;
     let mut next = offsets(p, size);
     let start = Instant::now();
@@ -182,6 +189,13 @@ fn wakeup_round_trip() -> anyhow::Result<Duration> {
     let took = start.elapsed() / rounds;
     let _ = echo.join();
     Ok(took)
+}
+
+/// 4 KiB random reads, 8 in flight, per second, under `limits` (on a 256 MiB image in the page cache),
+/// for [`crate::limits`].
+pub fn random_read_rate(seconds: f64, limits: DiskLimits) -> anyhow::Result<f64> {
+    let path = image(&scratch_dir()?)?;
+    device_rate_under(&path, &PATTERNS[1], seconds, limits)
 }
 
 pub fn backend(seconds: f64) -> anyhow::Result<()> {

@@ -7,6 +7,8 @@
 //! - `concurrent`: N VMs of 64 MiB started at once; time until every one printed its marker.
 //! - `disk-backend`, `disk-guest`: see `disk.rs`.
 //! - `net-backend`: see `net.rs`.
+//! - `limit-cost`: what a rate limit that is never hit costs the disk and network devices (same run, no
+//!   peer: limited / unlimited); see `limits.rs`.
 //! - `snapshot`: saving a running VM's state to a file and starting from it; see `snapshot.rs`.
 
 use std::io::Read;
@@ -22,6 +24,7 @@ mod daemon;
 mod disk;
 mod firmware;
 mod gui;
+mod limits;
 mod net;
 mod snapshot;
 use clap::{Parser, Subcommand};
@@ -76,6 +79,14 @@ enum Bench {
     /// The virtio-net device and its passt back end fed from the host side, against a socket-pair pump.
     NetBackend {
         #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// The disk and network devices with rate limits far above what they reach, against none.
+    LimitCost {
+        /// Rounds of each (limited and unlimited alternate; medians are compared).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 1.0)]
         seconds: f64,
     },
     /// The virtio-blk micro-guest's reads on porthole-vmm and QEMU (same guest, image and run).
@@ -356,6 +367,7 @@ fn main() -> anyhow::Result<()> {
         Bench::DiskBackend { seconds } => disk::backend(seconds),
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
         Bench::NetBackend { seconds } => net::backend(seconds),
+        Bench::LimitCost { rounds, seconds } => limits::cost(rounds, seconds),
         Bench::DaemonApi { seconds } => daemon::api(seconds),
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::Gui { runs } => gui::run(runs),
@@ -373,6 +385,7 @@ fn main() -> anyhow::Result<()> {
             disk::backend(2.0)?;
             disk::guest(400, 4000)?;
             net::backend(2.0)?;
+            limits::cost(5, 1.0)?;
             daemon::api(10)?;
             daemon::console_proxy(5.0)?;
             gui::run(5)?;

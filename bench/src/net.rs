@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use vmm_core::net::{MacAddr, Nic, Passt};
+use vmm_core::rate_limiter::NicLimits;
 use vmm_core::virtio::host_driver::HostNetDriver;
 
 const MAC: MacAddr = MacAddr([0x02, 0, 0, 0xbe, 0x4c, 0x01]);
@@ -76,10 +77,11 @@ fn sink(mut socket: UnixStream, frames: Arc<AtomicU64>) -> std::thread::JoinHand
     })
 }
 
-/// Frames per second towards the guest through the device.
-fn device_rx(len: usize, seconds: f64) -> anyhow::Result<f64> {
+/// Frames per second towards the guest through the device (under `limits`).
+pub fn device_rx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<f64> {
     let (ours, peer) = UnixStream::pair()?;
     let nic = Arc::new(Nic::with_backend("net0", MAC, 1500, Box::new(Passt::connected(ours, "net0")?)));
+    nic.set_limits(limits);
     let mut d = HostNetDriver::new(nic.clone(), 256, 2048)?;
     d.post_rx(256);
     let stop = Arc::new(AtomicBool::new(false));
@@ -103,10 +105,11 @@ fn device_rx(len: usize, seconds: f64) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// Frames per second from the guest through the device.
-fn device_tx(len: usize, seconds: f64) -> anyhow::Result<f64> {
+/// Frames per second from the guest through the device (under `limits`).
+pub fn device_tx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<f64> {
     let (ours, peer) = UnixStream::pair()?;
     let nic = Arc::new(Nic::with_backend("net0", MAC, 1500, Box::new(Passt::connected(ours, "net0")?)));
+    nic.set_limits(limits);
     let mut d = HostNetDriver::new(nic.clone(), 256, 2048)?;
     let counted = Arc::new(AtomicU64::new(0));
     let peer_thread = sink(peer, counted.clone());
@@ -217,7 +220,10 @@ pub fn backend(seconds: f64) -> anyhow::Result<()> {
         let raw = pump(len, seconds)?;
         let ceiling = batched_copy(len, seconds)?;
         let gbit = |r: f64| r * len as f64 * 8.0 / 1e9;
-        for (way, dev) in [("to guest  ", device_rx(len, seconds)?), ("from guest", device_tx(len, seconds)?)] {
+        let none = NicLimits::default();
+        for (way, dev) in
+            [("to guest  ", device_rx(len, seconds, none)?), ("from guest", device_tx(len, seconds, none)?)]
+        {
             println!(
                 "  {len:>5} B frames {way}  device {:>9.0} frames/s {:>6.2} Gbit/s   pump {:>9.0} frames/s {:>6.2} Gbit/s   ratio device/pump {:.2}",
                 dev,

@@ -495,6 +495,21 @@ impl Host {
         .map_err(|e| e.to_string())?
     }
 
+    /// Gives a running VM's engine new rate limits for its card `nic`.
+    pub async fn set_live_nic_limits(&self, id: &str, nic: &str, l: porthole_api::NicLimits) -> Result<(), String> {
+        let control = self.run_files(id).control();
+        let limits = vmm_core::rate_limiter::NicLimits { rx_bps: l.rx_bps, tx_bps: l.tx_bps };
+        let request = vmm_core::control::Request::SetNicLimits { nic: nic.to_owned(), limits };
+        tokio::task::spawn_blocking(move || {
+            vmm_core::control::ControlClient::connect(&control)
+                .and_then(|mut c| c.request(&request))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Applies a running VM's CPU limits at once (into its cgroup), and records whether they hold.
     pub fn set_cpu_limits(&self, id: &str, limits: crate::cpu_limits::Limits) {
         let held = self.cpu.set(id, limits).map(|()| match self.cpu.describe() {

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use porthole_api::{
-    DEFAULT_MTU, MAX_FORWARDS, MAX_MTU, MAX_NICS, MIN_MTU, NicBackend, NicBackendKind, NicDefinition, NicSpec,
-    NicStatus, PortForward, Protocol, SSH_PORTS, is_valid_mac,
+    DEFAULT_MTU, MAX_FORWARDS, MAX_MTU, MAX_NICS, MIN_MTU, NicBackend, NicBackendKind, NicDefinition, NicLimits,
+    NicSpec, NicStatus, PortForward, Protocol, SSH_PORTS, is_valid_mac,
 };
 use vmm_core::control::{ControlClient, ControlError, Request};
 
@@ -113,6 +113,7 @@ pub fn default_nics(others: &Others, probe: Probe<'_>) -> Vec<NicDefinition> {
         mac: new_mac(&others.macs),
         mtu: DEFAULT_MTU,
         forwards,
+        limits: NicLimits::default(),
     }]
 }
 
@@ -231,7 +232,18 @@ pub fn build_nics(
                 (check.probe)(f).map_err(|e| format!("network card {id}: {e}"))?;
             }
         }
-        out.push(NicDefinition { id, backend: spec.backend.clone(), mac, mtu, forwards: spec.forwards.clone() });
+        let limits = spec.limits.or(kept.map(|k| k.limits)).unwrap_or_default();
+        if let Some(problem) = limits.problems().first() {
+            return Err(format!("network card {id}: {}: {}", problem.field, problem.message));
+        }
+        out.push(NicDefinition {
+            id,
+            backend: spec.backend.clone(),
+            mac,
+            mtu,
+            forwards: spec.forwards.clone(),
+            limits,
+        });
     }
     Ok(out)
 }
@@ -245,6 +257,7 @@ pub fn definition_of(index: usize, spec: &NicSpec) -> NicDefinition {
         mac: spec.mac.clone().unwrap_or_default(),
         mtu: spec.mtu.unwrap_or(porthole_api::DEFAULT_MTU),
         forwards: spec.forwards.clone(),
+        limits: spec.limits.unwrap_or_default(),
     }
 }
 
@@ -264,6 +277,12 @@ pub fn net_args(nics: &[NicDefinition]) -> Vec<String> {
                 a => a.to_string(),
             };
             spec.push_str(&format!(",fwd={}:{addr}:{}-{}", f.protocol, f.host_port, f.guest_port));
+        }
+        if let Some(rx) = n.limits.rx_bps {
+            spec.push_str(&format!(",rx={rx}"));
+        }
+        if let Some(tx) = n.limits.tx_bps {
+            spec.push_str(&format!(",tx={tx}"));
         }
         args.push("--net".to_owned());
         args.push(spec);
@@ -325,6 +344,9 @@ pub fn api_status(s: vmm_core::net::NicStatus) -> NicStatus {
         rx_frames: s.rx_frames,
         rx_bytes: s.rx_bytes,
         tx_frames: s.tx_frames,
+        limits: porthole_api::NicLimits { rx_bps: s.limits.rx_bps, tx_bps: s.limits.tx_bps },
+        rx_throttled_us: s.rx_throttled_us,
+        tx_throttled_us: s.tx_throttled_us,
         tx_bytes: s.tx_bytes,
         rx_dropped: s.rx_dropped,
         tx_dropped: s.tx_dropped,
@@ -395,6 +417,15 @@ mod tests {
         // The same card again (by id, no MAC): same MAC.
         let again = build_nics(&[NicSpec { id: Some("net0".into()), ..user(vec![]) }], &current, &others, host);
         assert_eq!(again.unwrap()[0].mac, current[0].mac);
+        // Limits: a card keeps its own unless the spec gives some; absurd ones are refused with the field.
+        let limited = NicLimits { rx_bps: Some(50_000_000), tx_bps: None };
+        let with = build_nics(&[NicSpec { limits: Some(limited), ..user(vec![]) }], &current, &others, host).unwrap();
+        assert_eq!(with[0].limits, limited);
+        let kept = build_nics(&[NicSpec { id: Some("net0".into()), ..user(vec![]) }], &with, &others, host).unwrap();
+        assert_eq!(kept[0].limits, limited, "a spec without limits keeps the card's");
+        let tiny = NicSpec { limits: Some(NicLimits { tx_bps: Some(100), rx_bps: None }), ..user(vec![]) };
+        let e = build_nics(&[tiny], &current, &others, host).unwrap_err();
+        assert!(e.contains("tx_bps") && e.contains("at least 12112"), "{e}");
         let bridge = |b: &str| NicSpec::new(NicBackend::Bridge { bridge: b.into() });
         assert_eq!(build_nics(&[bridge("br0")], &[], &others, host).unwrap()[0].backend.kind(), NicBackendKind::Bridge);
         let refused = |specs: &[NicSpec]| build_nics(specs, &current, &others, host).unwrap_err();
@@ -438,6 +469,7 @@ mod tests {
                         ..PortForward::tcp(5353, 53)
                     },
                 ],
+                limits: NicLimits::default(),
             },
             NicDefinition {
                 id: "lan".into(),
@@ -445,6 +477,7 @@ mod tests {
                 mac: "02:00:00:00:00:02".into(),
                 mtu: 9000,
                 forwards: vec![],
+                limits: NicLimits { rx_bps: Some(100_000_000), tx_bps: Some(8_000_000) },
             },
         ];
         assert_eq!(
@@ -453,7 +486,7 @@ mod tests {
                 "--net",
                 "user,id=net0,mac=02:00:00:00:00:01,mtu=1500,fwd=tcp:127.0.0.1:2222-22,fwd=udp:0.0.0.0:5353-53",
                 "--net",
-                "bridge:br0,id=lan,mac=02:00:00:00:00:02,mtu=9000"
+                "bridge:br0,id=lan,mac=02:00:00:00:00:02,mtu=9000,rx=100000000,tx=8000000"
             ]
         );
         assert!(net_args(&[]).is_empty());

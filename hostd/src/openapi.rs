@@ -181,6 +181,16 @@ pub const ROUTES: &[Route] = &[
         Some("NicStatus"),
     ),
     (
+        "put",
+        "/vms/{id}/nics/{nic}/limits",
+        "Set a network card's rate limits in bit/s each way (rx_bps towards the guest, tx_bps from it; absent: \
+         none; at least 12112): a running VM's engine takes them at once. Returns the card's definition",
+        "admin",
+        Some("NicLimits"),
+        200,
+        Some("NicDefinition"),
+    ),
+    (
         "post",
         "/vms/{id}/console",
         "A one-shot console ticket (30 s); viewers get view-only consoles",
@@ -341,6 +351,7 @@ pub fn document() -> Value {
         AddDisk,
         GrowDisk,
         DiskLimits,
+        NicLimits,
         AddCdrom,
         NicDefinition,
         NicSpec,
@@ -463,6 +474,7 @@ mod tests {
             "AddDisk",
             "GrowDisk",
             "DiskLimits",
+            "NicLimits",
             "AddCdrom",
         ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");

@@ -17,9 +17,9 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use porthole_api::{
     AddCdrom, AddDisk, CloneVm, ConsoleTicket, CreateVm, DiskFormat, DriveInfo, ErrorBody, FieldError, GrowDisk,
-    HostInfo, Identified, Image, IsoFacts, LinkChange, MediaChange, NicDefinition, NicSpec, NicStatus, RevertSnapshot,
-    Role, SerialInput, SerialOutput, SnapshotTree, Stats as StatsBody, TakeSnapshot, Task, TaskState, UpdateVm, Vm,
-    VmState,
+    HostInfo, Identified, Image, IsoFacts, LinkChange, MediaChange, NicDefinition, NicLimits, NicSpec, NicStatus,
+    RevertSnapshot, Role, SerialInput, SerialOutput, SnapshotTree, Stats as StatsBody, TakeSnapshot, Task, TaskState,
+    UpdateVm, Vm, VmState,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -309,6 +309,7 @@ pub fn router(app: AppState) -> Router {
         .route("/vms/{id}/snapshots/{sid}/revert", post(revert_snapshot))
         .route("/vms/{id}/clone", post(clone_vm))
         .route("/vms/{id}/nics/{nic}/link", post(set_nic_link))
+        .route("/vms/{id}/nics/{nic}/limits", put(set_nic_limits))
         .route("/vms/{id}/console", post(console_ticket))
         .route("/vms/{id}/serial", get(serial))
         .route("/vms/{id}/serial/stream", get(serial_stream))
@@ -500,6 +501,44 @@ async fn set_nic_link(
         }
         other => Ok(Json(other?)),
     }
+}
+
+/// `PUT /vms/{id}/nics/{nic}/limits`: a card's rate limits (both of them: an absent field is no limit). A
+/// running VM's engine takes them at once; they stay in the definition for the next starts.
+async fn set_nic_limits(
+    State(app): State<AppState>,
+    p: Principal,
+    Path((id, nic)): Path<(String, String)>,
+    body: Result<Json<NicLimits>, JsonRejection>,
+) -> ApiResult<Json<NicDefinition>> {
+    require_vm(&p, Role::Admin, &id)?;
+    let Json(limits) = body?;
+    let record = app.host.record(&id)?;
+    if !record.nics().iter().any(|n| n.id == nic) {
+        return Err(ApiError::not_found(format!("VM {} has no network card {nic:?}", record.name)));
+    }
+    let problems = limits.problems();
+    if !problems.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", problems));
+    }
+    app.host.update(&id, |r, _| {
+        for card in r.nics.iter_mut().flatten().filter(|n| n.id == nic) {
+            card.limits = limits;
+        }
+        Ok(())
+    })?;
+    if app.host.pid(&id).is_some() {
+        app.host.set_live_nic_limits(&id, &nic, limits).await.map_err(|why| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "engine",
+                format!("saved for the next start, but the running VM did not take them: {why}"),
+            )
+        })?;
+    }
+    let record = app.host.record(&id)?;
+    let card = record.nics().iter().find(|n| n.id == nic).cloned();
+    card.map(Json).ok_or_else(|| ApiError::not_found(format!("VM {} has no network card {nic:?}", record.name)))
 }
 
 fn check_shape(vcpus: u32, memory_mib: u64) -> ApiResult<()> {

@@ -81,6 +81,44 @@ impl Echo {
     }
 }
 
+/// A UDP echo server that also records when each datagram arrived and its size.
+struct TimedEcho {
+    echo: Echo,
+    arrivals: Arc<Mutex<Vec<(Instant, usize)>>>,
+}
+
+impl TimedEcho {
+    fn start() -> TimedEcho {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the UDP echo server");
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (flag, log) = (stop.clone(), arrivals.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    log.lock().unwrap().push((Instant::now(), n));
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        });
+        TimedEcho { echo: Echo { port, stop, thread: Some(thread) }, arrivals }
+    }
+
+    fn arrivals(&self) -> Vec<(Instant, usize)> {
+        self.arrivals.lock().unwrap().clone()
+    }
+}
+
+/// The rate (Ethernet bytes a second) at which datagrams `from..to` of `arrivals` came, each counted as its
+/// frame on the wire (payload + UDP, IPv4 and Ethernet headers), over the time from datagram `from - 1`.
+fn frame_rate(arrivals: &[(Instant, usize)], from: usize, to: usize) -> f64 {
+    let bytes: usize = arrivals[from..to].iter().map(|(_, n)| n + 8 + 20 + 14).sum();
+    bytes as f64 / arrivals[to - 1].0.duration_since(arrivals[from - 1].0).as_secs_f64()
+}
+
 impl Drop for Echo {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -587,6 +625,49 @@ fn porthole_vmm_drops_and_counts_a_flood_while_the_guest_posts_no_buffers() {
     // Requested after the card's status: what was still queued may have been dropped since.
     assert!(counters.net_dropped >= nic.rx_dropped + nic.tx_dropped, "{counters:?}");
     assert!(nic.rx_frames >= received, "{nic:?}");
+    drop(guest);
+}
+
+/// A card's rate limit from the guest (`--net user,tx=N`) holds the rate the guest's datagrams reach the
+/// host through passt within 10 % (counted after the full bucket's first second), a limit changed live
+/// holds the new rate, and the time frames waited is counted. The guest sends as fast as the echoes come
+/// back (one datagram at a time), which is faster than either limit.
+#[test]
+fn porthole_vmm_holds_a_cards_rate_limit_and_takes_a_new_one_live() {
+    let echo = TimedEcho::start();
+    let dir = Scratch::new("net-vmm-rate");
+    let sock = dir.path("control.sock");
+    const EACH: usize = 24;
+    let words = vec![format!("udp={},1400", echo.echo.port); 2 * EACH].join(" ");
+    let cmdline = format!("dhcp {words} hang");
+    // 6056 bytes a second: about 4.2 frames of 1442 bytes.
+    let first: u64 = 48_448;
+    let guest = vmm_guest(&format!("user,mac={MAC},tx={first}"), &cmdline, Some(&sock));
+    let mut c = control(&sock);
+    wait_until(LIMIT, || echo.arrivals().len() >= EACH || guest.closed.load(Ordering::Relaxed), || guest.context());
+    let second: u64 = 2 * first;
+    let limits = vmm_core::rate_limiter::NicLimits { rx_bps: None, tx_bps: Some(second) };
+    let reply = c.request(&Request::SetNicLimits { nic: "net0".into(), limits }).unwrap();
+    assert_eq!(reply.nics.unwrap()[0].limits, limits);
+    guest.wait_for("NET hang\n");
+    let arrivals = echo.arrivals();
+    assert_eq!(arrivals.len(), 2 * EACH, "{}", guest.context());
+    // Past the first bucket (a second's worth: 4 frames) and before the change; after the change (its fresh
+    // full bucket: 8 frames) to the end.
+    let before = frame_rate(&arrivals, 6, EACH);
+    let after = frame_rate(&arrivals, EACH + 9, 2 * EACH);
+    let (want_before, want_after) = (first as f64 / 8.0, second as f64 / 8.0);
+    eprintln!(
+        "nic tx limit through passt: {before:.0} B/s under {want_before:.0}, then {after:.0} B/s under {want_after:.0}"
+    );
+    assert!((0.9 * want_before..=1.1 * want_before).contains(&before), "{before:.0} B/s under {want_before:.0}");
+    assert!((0.9 * want_after..=1.1 * want_after).contains(&after), "{after:.0} B/s under {want_after:.0}");
+    let nic = c.request(&Request::Nics).unwrap().nics.unwrap().remove(0);
+    assert!(nic.tx_throttled_us > 1_000_000, "frames waited seconds in all: {nic:?}");
+    assert_eq!(nic.rx_throttled_us, 0, "nothing waited towards the guest: {nic:?}");
+    let bad = vmm_core::rate_limiter::NicLimits { rx_bps: Some(5), tx_bps: None };
+    let e = c.request(&Request::SetNicLimits { nic: "net0".into(), limits: bad }).unwrap_err().to_string();
+    assert!(e.contains("below"), "{e}");
     drop(guest);
 }
 

@@ -816,6 +816,50 @@ async fn disk_rate_limits_reach_the_engine_at_start_and_live() {
     c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
 
+/// A network card's rate limits: set on a stopped VM (kept in its definition, given to the engine at start),
+/// changed on a running one (the engine takes them at once), refused when absurd (each field named, nothing
+/// changed), and kept when the cards are edited without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nic_rate_limits_reach_the_engine_at_start_and_live() {
+    use porthole_api::{NicBackend, NicLimits, NicSpec};
+    let dir = Scratch::new("settings-nic-limits");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let create = CreateVm { nics: Some(vec![NicSpec::new(NicBackend::User)]), ..idle_vm("shaped", DiskFormat::Qcow2) };
+    let vm = c.create_vm(&create).await.unwrap();
+    let limits = NicLimits { rx_bps: Some(100_000_000), tx_bps: Some(8_000_000) };
+    let card = c.set_nic_limits(&vm.id, "net0", &limits).await.unwrap();
+    assert_eq!(card.limits, limits);
+    assert_eq!(c.vm(&vm.id).await.unwrap().nics[0].limits, limits, "kept in the definition");
+    let bad = NicLimits { rx_bps: Some(0), tx_bps: Some(u64::MAX) };
+    let e = c.set_nic_limits(&vm.id, "net0", &bad).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["rx_bps", "tx_bps"]);
+    assert!(c.set_nic_limits(&vm.id, "net7", &limits).await.is_err(), "no such card");
+    assert_eq!(c.vm(&vm.id).await.unwrap().nics[0].limits, limits, "nothing changed");
+    // Editing the cards without limits keeps them.
+    let mut spec = NicSpec::from(&c.vm(&vm.id).await.unwrap().nics[0]);
+    spec.limits = None;
+    spec.mtu = Some(9000);
+    let got = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
+    assert_eq!((got.nics[0].mtu, got.nics[0].limits), (9000, limits));
+
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Running).await;
+    let net = arg_after(&vmm_args(&d, &vm.id), "--net").unwrap();
+    assert!(net.ends_with(",rx=100000000,tx=8000000"), "{net}");
+    let status = |c: &Client| {
+        let (c, id) = (c.clone(), vm.id.clone());
+        async move { c.vm(&id).await.unwrap().nic_status.remove(0) }
+    };
+    assert_eq!(status(&c).await.limits, limits, "the engine has them");
+    let live = NicLimits { rx_bps: None, tx_bps: Some(20_000_000) };
+    c.set_nic_limits(&vm.id, "net0", &live).await.unwrap();
+    assert_eq!(status(&c).await.limits, live, "taken at once");
+    c.set_nic_limits(&vm.id, "net0", &NicLimits::default()).await.unwrap();
+    assert!(status(&c).await.limits.is_none() && c.vm(&vm.id).await.unwrap().nics[0].limits.is_none());
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+}
+
 /// CPU seconds the process `pid` has used (all its threads), from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

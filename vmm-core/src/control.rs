@@ -9,7 +9,8 @@
 //! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits), `nics`
 //! (the network cards' state and counters) and `{"cmd":"set-link","nic":ID,"up":BOOL}` (plug or unplug a
 //! card's cable; the guest is told), `{"cmd":"set-disk-limits","drive":ID,"limits":{"iops":N,"bps":N,…}}` (a
-//! drive's rate limits, live; `{}` lifts them). Every reply has
+//! drive's rate limits, live; `{}` lifts them), `{"cmd":"set-nic-limits","nic":ID,"limits":{"rx_bps":N,
+//! "tx_bps":N}}` (a card's, in bit/s). Every reply has
 //! `"ok"`; failures carry `"error"`. A crashed VM (state `crashed`, its report in `status.crash`) refuses
 //! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
@@ -88,6 +89,13 @@ pub enum Request {
         drive: String,
         #[serde(default)]
         limits: crate::rate_limiter::DiskLimits,
+    },
+    /// Replaces a network card's rate limits (absent fields: no limit); they apply from its next frame.
+    #[serde(rename = "set-nic-limits")]
+    SetNicLimits {
+        nic: String,
+        #[serde(default)]
+        limits: crate::rate_limiter::NicLimits,
     },
     /// Saves the machine state (RAM, vCPUs, devices) to `path` at one pause point, then resumes the guest
     /// or ends the VM (exit status 5, "suspended"). `porthole-vmm --restore PATH` starts from it.
@@ -246,6 +254,10 @@ fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
         },
         Request::SetDiskLimits { drive, limits } => match vm.set_disk_limits(drive, *limits) {
             Ok(status) => Response { drive: Some(status), ..ok() },
+            Err(e) => failure(e),
+        },
+        Request::SetNicLimits { nic, limits } => match vm.set_nic_limits(nic, *limits) {
+            Ok(status) => Response { nics: Some(vec![status]), ..ok() },
             Err(e) => failure(e),
         },
     }

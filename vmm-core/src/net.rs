@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::lock;
+use crate::rate_limiter::{NicLimiter, NicLimits, Way};
 use crate::virtio::VirtioInterrupt;
 
 /// The largest Ethernet frame a back end carries (without a virtio-net header): a 64 KiB IP packet (what
@@ -48,7 +49,7 @@ const PASST_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum NetError {
     #[error(
         "network card {0:?} is not BACKEND[,id=NAME][,mac=MAC][,mtu=N][,fwd=PROTO:[ADDR:]HOSTPORT-GUESTPORT]…[,link=down] \
-         with BACKEND user, tap:NAME, bridge:BR or none"
+         [,rate=BIT/S][,rx=BIT/S][,tx=BIT/S] with BACKEND user, tap:NAME, bridge:BR or none"
     )]
     Spec(String),
     #[error("network back end {0:?} is unknown: use user, tap:NAME, bridge:BR or none")]
@@ -69,6 +70,8 @@ pub enum NetError {
     DuplicateId(String),
     #[error("{0} network cards asked for; at most {MAX_NICS} are supported")]
     TooMany(usize),
+    #[error("rate limit: {0}")]
+    Limits(String),
 }
 
 /// A MAC address.
@@ -245,6 +248,9 @@ pub struct NicConfig {
     /// Start with the link down (the cable unplugged).
     #[serde(default)]
     pub link_down: bool,
+    /// Rate limits each way.
+    #[serde(default, skip_serializing_if = "NicLimits::is_none")]
+    pub limits: NicLimits,
 }
 
 fn default_mtu() -> u16 {
@@ -264,8 +270,15 @@ pub fn parse_net(spec: &str) -> Result<Option<NicConfig>, NetError> {
         Some(("bridge", bridge)) if valid_ifname(bridge) => BackendConfig::Bridge { bridge: bridge.to_owned() },
         _ => return Err(NetError::Backend(backend.to_owned())),
     };
-    let mut nic =
-        NicConfig { id: None, backend, mac: None, mtu: default_mtu(), forwards: Vec::new(), link_down: false };
+    let mut nic = NicConfig {
+        id: None,
+        backend,
+        mac: None,
+        mtu: default_mtu(),
+        forwards: Vec::new(),
+        link_down: false,
+        limits: NicLimits::default(),
+    };
     for option in parts {
         match option.split_once('=') {
             Some(("id", id)) if valid_ifname(id) => nic.id = Some(id.to_owned()),
@@ -277,6 +290,9 @@ pub fn parse_net(spec: &str) -> Result<Option<NicConfig>, NetError> {
             Some(("fwd", forward)) => nic.forwards.push(forward.parse()?),
             Some(("link", "down")) => nic.link_down = true,
             Some(("link", "up")) => nic.link_down = false,
+            Some((name @ ("rate" | "rx" | "tx"), value)) => {
+                nic.limits.set_named(name, value).map_err(NetError::Limits)?;
+            }
             _ => return Err(NetError::Spec(spec.to_owned())),
         }
     }
@@ -290,6 +306,7 @@ impl NicConfig {
         if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
             return Err(NetError::Mtu(u32::from(self.mtu)));
         }
+        self.limits.check().map_err(NetError::Limits)?;
         if !self.forwards.is_empty() && self.backend != BackendConfig::User {
             return Err(NetError::ForwardWithoutUser(self.backend.kind()));
         }
@@ -902,6 +919,9 @@ pub struct NicStats {
     pub tx_dropped: AtomicU64,
     /// Malformed descriptor chains (each put the device into NEEDS_RESET).
     pub malformed: AtomicU64,
+    /// Time frames waited for the rate limits, each way, in microseconds.
+    pub rx_throttled_us: AtomicU64,
+    pub tx_throttled_us: AtomicU64,
 }
 
 /// What the control socket reports about a card.
@@ -936,6 +956,12 @@ pub struct NicStatus {
     pub rx_dropped: u64,
     pub tx_dropped: u64,
     pub malformed: u64,
+    #[serde(default, skip_serializing_if = "NicLimits::is_none")]
+    pub limits: NicLimits,
+    #[serde(default)]
+    pub rx_throttled_us: u64,
+    #[serde(default)]
+    pub tx_throttled_us: u64,
 }
 
 /// Whom a card tells about a link change: the device serving it in this boot.
@@ -964,6 +990,11 @@ pub struct Nic {
     ipv6: Mutex<Option<Ipv6Addr>>,
     listener: Mutex<Option<NicListener>>,
     pub stats: NicStats,
+    limiter: Mutex<NicLimiter>,
+    /// Whether `limiter` has a limit (checked without its lock on every frame).
+    limited: AtomicBool,
+    /// Bumps on every change of the limits.
+    limits_generation: AtomicU64,
 }
 
 impl Nic {
@@ -1015,7 +1046,11 @@ impl Nic {
             ipv6: Mutex::new(None),
             listener: Mutex::new(None),
             stats: NicStats::default(),
-        })
+            limiter: Mutex::new(NicLimiter::default()),
+            limited: AtomicBool::new(false),
+            limits_generation: AtomicU64::new(0),
+        }
+        .with_limits(config.limits))
     }
 
     /// A card on a given back end (tests and benchmarks).
@@ -1031,6 +1066,7 @@ impl Nic {
                 mtu,
                 forwards: Vec::new(),
                 link_down: false,
+                limits: NicLimits::default(),
             },
             offloads: backend.offloads(),
             backend: Mutex::new(Some(backend)),
@@ -1043,7 +1079,44 @@ impl Nic {
             ipv6: Mutex::new(None),
             listener: Mutex::new(None),
             stats: NicStats::default(),
+            limiter: Mutex::new(NicLimiter::default()),
+            limited: AtomicBool::new(false),
+            limits_generation: AtomicU64::new(0),
         }
+    }
+
+    fn with_limits(self, limits: NicLimits) -> Self {
+        self.set_limits(limits);
+        self
+    }
+
+    /// Replaces the card's rate limits (the new buckets start full); a frame held back by the old ones is
+    /// looked at again at once.
+    pub fn set_limits(&self, limits: NicLimits) {
+        lock(&self.limiter).set(limits, Instant::now());
+        self.limited.store(!limits.is_none(), Ordering::Release);
+        self.limits_generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(l) = lock(&self.listener).as_ref() {
+            let _ = l.wake.write(1);
+        }
+    }
+
+    pub fn limits(&self) -> NicLimits {
+        lock(&self.limiter).limits()
+    }
+
+    pub(crate) fn limits_generation(&self) -> u64 {
+        self.limits_generation.load(Ordering::Acquire)
+    }
+
+    /// Whether the card has a rate limit (the I/O thread skips the limiter otherwise).
+    pub(crate) fn is_limited(&self) -> bool {
+        self.limited.load(Ordering::Acquire)
+    }
+
+    /// Takes a frame's bytes from the bucket of its way: None when it may go now, else how long to wait.
+    pub(crate) fn throttle(&self, way: Way, bytes: usize) -> Option<Duration> {
+        lock(&self.limiter).try_take(way, bytes as u64, Instant::now())
     }
 
     /// Whether the card is on the bus (its back end started).
@@ -1147,6 +1220,9 @@ impl Nic {
             rx_dropped: l(&s.rx_dropped),
             tx_dropped: l(&s.tx_dropped),
             malformed: l(&s.malformed),
+            limits: self.limits(),
+            rx_throttled_us: l(&s.rx_throttled_us),
+            tx_throttled_us: l(&s.tx_throttled_us),
         }
     }
 }

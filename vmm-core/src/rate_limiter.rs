@@ -1,10 +1,11 @@
-//! Token-bucket rate limits for a disk (the way Firecracker's rate limiter works): a bucket per limit holds
+//! Token-bucket rate limits for a disk and a network card (the way Firecracker's rate limiter works): a
+//! bucket per limit holds
 //! up to one second of its rate and refills continuously; a request takes its cost (one operation, its
 //! bytes) from every bucket that applies to it, and waits — in order, nothing dropped — while one of them
 //! is short. A request dearer than a whole bucket goes when that bucket is full and leaves it in debt, so
 //! the long-run rate stays the limit whatever the request sizes.
 //!
-//! Limits change at any time ([`DiskLimiter::set`]): the new buckets start full.
+//! Limits change at any time ([`DiskLimiter::set`], [`NicLimiter::set`]): the new buckets start full.
 
 use std::time::{Duration, Instant};
 
@@ -186,6 +187,106 @@ impl DiskLimiter {
     }
 }
 
+/// A network card's limits, in bits per second each way (absent: none). `rx` is towards the guest (what it
+/// downloads), `tx` from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_bps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_bps: Option<u64>,
+}
+
+/// The least a card's limit may be: a bucket of less than one full-size Ethernet frame a second would hold
+/// a frame back for longer than a peer waits.
+pub const MIN_NIC_RATE: u64 = 8 * 1514;
+
+impl NicLimits {
+    pub fn is_none(&self) -> bool {
+        *self == NicLimits::default()
+    }
+
+    /// Refuses a rate below [`MIN_NIC_RATE`] or above [`MAX_RATE`], naming it.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value) in [("rx", self.rx_bps), ("tx", self.tx_bps)] {
+            match value {
+                Some(v) if v < MIN_NIC_RATE => {
+                    return Err(format!(
+                        "{name}={v} bit/s is below {MIN_NIC_RATE} bit/s (one full-size frame a second)"
+                    ));
+                }
+                Some(v) if v > MAX_RATE => return Err(format!("{name}={v} bit/s is more than {MAX_RATE}")),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `rate` (both ways), `rx` or `tx` from its text (bits per second); false for another name.
+    pub fn set_named(&mut self, name: &str, value: &str) -> Result<bool, String> {
+        let parse = || value.parse::<u64>().map_err(|_| format!("{name}={value:?} is not a whole number of bit/s"));
+        match name {
+            "rate" => {
+                let v = parse()?;
+                (self.rx_bps, self.tx_bps) = (Some(v), Some(v));
+            }
+            "rx" => self.rx_bps = Some(parse()?),
+            "tx" => self.tx_bps = Some(parse()?),
+            _ => return Ok(false),
+        }
+        self.check()?;
+        Ok(true)
+    }
+}
+
+/// Which way a frame goes, for [`NicLimiter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Towards the guest.
+    Rx,
+    /// From the guest.
+    Tx,
+}
+
+/// The buckets of a card's limits (in bytes).
+#[derive(Debug, Clone, Default)]
+pub struct NicLimiter {
+    limits: NicLimits,
+    rx: Option<Bucket>,
+    tx: Option<Bucket>,
+}
+
+impl NicLimiter {
+    pub fn limits(&self) -> NicLimits {
+        self.limits
+    }
+
+    /// New limits; their buckets start full.
+    pub fn set(&mut self, limits: NicLimits, now: Instant) {
+        self.limits = limits;
+        let bucket = |bits: Option<u64>| bits.map(|b| Bucket::new((b / 8).max(1), now));
+        (self.rx, self.tx) = (bucket(limits.rx_bps), bucket(limits.tx_bps));
+    }
+
+    /// Takes a frame of `bytes` going `way` and returns None if its bucket had them at `now`; else takes
+    /// nothing and returns how long to wait before asking again.
+    pub fn try_take(&mut self, way: Way, bytes: u64, now: Instant) -> Option<Duration> {
+        let bucket = match way {
+            Way::Rx => self.rx.as_mut(),
+            Way::Tx => self.tx.as_mut(),
+        }?;
+        bucket.refill(now);
+        let wait = bucket.wait_for(bytes);
+        if wait.is_zero() {
+            bucket.take(bytes);
+            None
+        } else {
+            Some(wait)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +357,37 @@ mod tests {
         assert!(limits.set_named("bps", "0").unwrap_err().contains("stop the disk"));
         assert!(limits.set_named("bps", "-1").unwrap_err().contains("whole number"));
         assert!(DiskLimits { iops: Some(MAX_RATE + 1), ..Default::default() }.check().is_err());
+    }
+
+    #[test]
+    fn a_card_has_a_bucket_each_way_in_bytes_from_bits() {
+        let t0 = Instant::now();
+        let mut l = NicLimiter::default();
+        l.set(NicLimits { rx_bps: Some(8_000_000), tx_bps: None }, t0);
+        // A second of 1 MB/s at once, then 1.5 ms per 1500-byte frame.
+        let mut taken = 0u64;
+        while l.try_take(Way::Rx, 1500, t0).is_none() {
+            taken += 1500;
+        }
+        assert_eq!(taken, 999_000, "a full bucket: a second's worth");
+        let wait = l.try_take(Way::Rx, 1500, t0).unwrap();
+        assert!((wait.as_secs_f64() - 0.0005).abs() < 1e-6, "{wait:?}");
+        assert_eq!(l.try_take(Way::Rx, 1500, t0 + ms(1)), None);
+        for _ in 0..10_000 {
+            assert_eq!(l.try_take(Way::Tx, 65_000, t0), None, "no limit from the guest");
+        }
+    }
+
+    #[test]
+    fn a_cards_limits_are_named_and_checked() {
+        let mut limits = NicLimits::default();
+        assert_eq!(limits.set_named("rate", "10000000"), Ok(true));
+        assert_eq!(limits, NicLimits { rx_bps: Some(10_000_000), tx_bps: Some(10_000_000) });
+        assert_eq!(limits.set_named("tx", "64000"), Ok(true));
+        assert_eq!(limits.tx_bps, Some(64_000));
+        assert_eq!(limits.set_named("mtu", "1500"), Ok(false));
+        assert!(limits.set_named("rx", "100").unwrap_err().contains("below"));
+        assert!(limits.set_named("rx", "-5").unwrap_err().contains("whole number"));
+        assert!(NicLimits { tx_bps: Some(MAX_RATE + 1), rx_bps: None }.check().is_err());
     }
 }

@@ -428,6 +428,18 @@ impl VmHandle {
         Ok(nic.status())
     }
 
+    /// Replaces the rate limits of network card `id`.
+    pub fn set_nic_limits(
+        &self,
+        id: &str,
+        limits: crate::rate_limiter::NicLimits,
+    ) -> Result<crate::net::NicStatus, String> {
+        limits.check()?;
+        let nic = self.nics.iter().find(|n| n.id == id).ok_or_else(|| format!("no network card {id:?}"))?;
+        nic.set_limits(limits);
+        Ok(nic.status())
+    }
+
     /// Replaces the rate limits of drive `id`.
     pub fn set_disk_limits(&self, id: &str, limits: crate::rate_limiter::DiskLimits) -> Result<DriveStatus, String> {
         limits.check()?;

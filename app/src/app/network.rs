@@ -3,7 +3,12 @@
 //! why it is not attached —, the guest's address, the link switch, the SSH command with a copy button, and
 //! the port forwards with add and remove).
 
-use porthole_api::{NicBackend, NicDefinition, NicSpec, NicStatus, PortForward, Protocol, UpdateVm, Vm, VmState};
+use std::collections::BTreeMap;
+
+use porthole_api::{
+    MIN_NIC_LIMIT, NicBackend, NicDefinition, NicLimits, NicSpec, NicStatus, PortForward, Protocol, UpdateVm, Vm,
+    VmState,
+};
 
 use super::clones::human_bytes;
 use super::theme;
@@ -274,8 +279,47 @@ impl CardFields {
         };
         // Forwards need NAT: another back end drops them.
         let forwards = if backend == NicBackend::User { self.forwards.clone() } else { Vec::new() };
-        Ok(NicSpec { id: Some(id.clone()), backend, mac, mtu, forwards })
+        // Limits are set on their own (live); a card keeps its own.
+        Ok(NicSpec { id: Some(id.clone()), backend, mac, mtu, forwards, limits: None })
     }
+}
+
+/// The rate limits typed for a VM's cards, by card id: (download, upload) in Mbit/s, and the limits they were
+/// made from.
+#[derive(Debug, Clone, Default)]
+pub struct NicLimitsForm {
+    key: (usize, String),
+    cards: BTreeMap<String, ((String, String), NicLimits)>,
+}
+
+const MBIT: f64 = 1_000_000.0;
+
+/// A limit in Mbit/s as the form shows it.
+fn mbit_text(bits: Option<u64>) -> String {
+    bits.map(|b| if b % 1_000_000 == 0 { (b / 1_000_000).to_string() } else { format!("{:.3}", b as f64 / MBIT) })
+        .unwrap_or_default()
+}
+
+/// The limits typed (Mbit/s, empty: none), or what is wrong.
+pub fn nic_limits_of(download: &str, upload: &str) -> Result<NicLimits, String> {
+    let least = MIN_NIC_LIMIT as f64 / MBIT;
+    let parse = |t: &str, what: &str| -> Result<Option<u64>, String> {
+        match t.trim() {
+            "" => Ok(None),
+            t => match t.parse::<f64>() {
+                Ok(v) if v.is_finite() && v >= least && v <= 1_000_000.0 => Ok(Some((v * MBIT).round() as u64)),
+                _ => Err(format!("{what}: give Mbit/s from {least} to 1000000, or nothing.")),
+            },
+        }
+    };
+    Ok(NicLimits { rx_bps: parse(download, "Download")?, tx_bps: parse(upload, "Upload")? })
+}
+
+/// A card's limits in words.
+pub fn nic_limits_text(l: &NicLimits) -> String {
+    let way = |v: Option<u64>, what: &str| v.map(|b| format!("{} Mbit/s {what}", mbit_text(Some(b))));
+    let parts: Vec<String> = [way(l.rx_bps, "down"), way(l.tx_bps, "up")].into_iter().flatten().collect();
+    if parts.is_empty() { "no limit".to_owned() } else { format!("at most {}", parts.join(", ")) }
 }
 
 /// The network editor of a VM: its cards as it will have them (its pending change on a running VM).
@@ -404,6 +448,7 @@ impl PortholeApp {
                         }
                         ui.end_row();
                     }
+                    self.nic_limits_row(ui, host, vm, nic, status.as_ref());
                 });
                 if nic.backend == NicBackend::User {
                     self.forwards(ui, host, vm, i, running);
@@ -411,6 +456,63 @@ impl PortholeApp {
                 ui.add_space(4.0);
             }
         });
+    }
+
+    /// The "Rate limits" row of card `nic`: download and upload in Mbit/s, set at once (a running VM takes
+    /// them live), with the time frames waited for them.
+    fn nic_limits_row(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm, nic: &NicDefinition, s: Option<&NicStatus>) {
+        let key = (host, vm.id.clone());
+        if self.nic_limits_form.key != key {
+            self.nic_limits_form = NicLimitsForm { key, cards: BTreeMap::new() };
+        }
+        let of = |l: &NicLimits| (mbit_text(l.rx_bps), mbit_text(l.tx_bps));
+        let (fields, base) =
+            self.nic_limits_form.cards.entry(nic.id.clone()).or_insert_with(|| (of(&nic.limits), nic.limits));
+        if *base != nic.limits {
+            // The host's limits changed (this form's or another's): start again from them.
+            (*fields, *base) = (of(&nic.limits), nic.limits);
+        }
+        ui.label("Rate limits");
+        let mut set = None;
+        ui.horizontal_wrapped(|ui| {
+            for (text, hint, what) in
+                [(&mut fields.0, "download Mbit/s", "towards the VM"), (&mut fields.1, "upload Mbit/s", "from the VM")]
+            {
+                let r = ui.add(egui::TextEdit::singleline(text).hint_text(hint).desired_width(110.0));
+                name_for_screen_readers(ui, &r, &format!("{hint} limit of {}", nic.id));
+                r.on_hover_text(format!("At most this many megabits a second {what} (empty: no limit)"));
+            }
+            let parsed = nic_limits_of(&fields.0, &fields.1);
+            let changed = parsed.as_ref().is_ok_and(|l| *l != nic.limits);
+            if theme::button(ui, changed, theme::LIMIT, &format!("Limit {}", nic.id)).clicked() {
+                set = parsed.clone().ok();
+            }
+            match parsed {
+                Err(why) => {
+                    ui.colored_label(ui.visuals().warn_fg_color, why);
+                }
+                Ok(_) => {
+                    let waited = s.map_or(0, |s| s.rx_throttled_us + s.tx_throttled_us);
+                    let waited = if waited > 0 {
+                        format!(" (frames waited {:.1} s)", waited as f64 / 1e6)
+                    } else {
+                        String::new()
+                    };
+                    ui.weak(format!("{}{waited}", nic_limits_text(&nic.limits)));
+                }
+            }
+        });
+        ui.end_row();
+        if let Some(limits) = set {
+            let (id, nic_id, backend) = (vm.id.clone(), nic.id.clone(), self.backend.clone());
+            let what = format!("Limit {} of {}", nic.id, vm.name);
+            let done = format!("{what}: {}", nic_limits_text(&limits));
+            self.backend.act(host, what, Some(done), move |c| async move {
+                let r = c.set_nic_limits(&id, &nic_id, &limits).await;
+                backend.load_details(host, id);
+                r
+            });
+        }
     }
 
     /// The port forwards of card `i` (a `user` card): a table with remove buttons and a form to add one.
@@ -654,6 +756,18 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_typed_in_mbit_per_second() {
+        assert_eq!(nic_limits_of("", "").unwrap(), NicLimits::default());
+        let l = nic_limits_of("100", " 2.5 ").unwrap();
+        assert_eq!(l, NicLimits { rx_bps: Some(100_000_000), tx_bps: Some(2_500_000) });
+        assert_eq!(nic_limits_text(&l), "at most 100 Mbit/s down, 2.500 Mbit/s up");
+        assert_eq!((mbit_text(l.rx_bps), mbit_text(l.tx_bps)), ("100".to_owned(), "2.500".to_owned()));
+        assert!(nic_limits_of("0.001", "").unwrap_err().starts_with("Download"), "below one frame a second");
+        assert!(nic_limits_of("", "fast").unwrap_err().starts_with("Upload"));
+        assert_eq!(nic_limits_text(&NicLimits::default()), "no limit");
+    }
+
+    #[test]
     fn a_card_that_is_missing_or_detached_says_why() {
         let nic = NicDefinition {
             id: "net0".into(),
@@ -661,6 +775,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             mtu: 1500,
             forwards: vec![],
+            limits: NicLimits::default(),
         };
         let vm: Vm = serde_json::from_value(serde_json::json!({
             "id": "a", "name": "a", "vcpus": 1, "memory_mib": 64, "disk_bytes": 0, "state": "running"

@@ -54,6 +54,8 @@ pub const SAVE: MaterialIcon = m::ICON_SAVE;
 pub const ERROR: MaterialIcon = m::ICON_ERROR;
 pub const DONE: MaterialIcon = m::ICON_CHECK_CIRCLE;
 pub const DOWNLOAD: MaterialIcon = m::ICON_DOWNLOAD;
+/// Rate limits (a disk's, a network card's).
+pub const LIMIT: MaterialIcon = m::ICON_SPEED;
 
 /// A dialog: a window that opens in the middle of the main window, and does not fold up.
 pub fn dialog<'a>(ctx: &egui::Context, title: impl Into<egui::WidgetText>) -> egui::Window<'a> {

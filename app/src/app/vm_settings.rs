@@ -260,9 +260,6 @@ enum DriveAction {
     Media(String, Option<String>),
 }
 
-/// The icon of *Limit diskN*.
-const LIMIT: egui_material_icons::MaterialIcon = egui_material_icons::icons::ICON_SPEED;
-
 /// A disk's limits as the Settings view edits them: operations a second, and MiB a second each way (the
 /// API's other limits are kept as they are).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -663,7 +660,7 @@ impl PortholeApp {
                         }
                         let parsed = fields.limits(&d.limits);
                         let changed = parsed.as_ref().is_ok_and(|l| *l != d.limits);
-                        let set = theme::button(ui, changed && !dr.waiting, LIMIT, &format!("Limit {}", d.id));
+                        let set = theme::button(ui, changed && !dr.waiting, theme::LIMIT, &format!("Limit {}", d.id));
                         if set.clicked()
                             && let Ok(l) = parsed.clone()
                         {

@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Activation, VirtioDevice, VirtioInterrupt};
 use crate::devices::bus::lock;
 use crate::net::{Backend, MAX_FRAME, Nic, NicListener, VNET_HEADER_LEN};
+use crate::rate_limiter::Way;
 
 /// Virtio device ID of a network card.
 pub const DEVICE_TYPE: u16 = 1;
@@ -272,6 +273,38 @@ struct Io<'a> {
     offloads_epoch: u64,
     /// Frame staging for transmit (header included).
     staging: Vec<u8>,
+    /// The pending frame has been let through by the receive rate limit (it is charged once).
+    pending_paid: bool,
+    rx_throttle: Throttle,
+    tx_throttle: Throttle,
+    /// The card's limits generation these throttles were computed under.
+    limits_seen: u64,
+}
+
+/// A direction held back by the card's rate limit: until when, and since when (for the counters).
+#[derive(Default)]
+struct Throttle {
+    until: Option<Instant>,
+    since: Option<Instant>,
+}
+
+impl Throttle {
+    fn holds(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    fn hold(&mut self, now: Instant, wait: Duration) {
+        self.until = Some(now + wait);
+        self.since.get_or_insert(now);
+    }
+
+    /// A frame went: the time it waited is counted.
+    fn release(&mut self, waited_us: &std::sync::atomic::AtomicU64) {
+        self.until = None;
+        if let Some(since) = self.since.take() {
+            waited_us.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Shared {
@@ -344,6 +377,10 @@ impl Shared {
             tx_blocked: false,
             offloads_epoch: 0,
             staging: vec![0; VNET_HEADER_LEN + MAX_FRAME],
+            pending_paid: false,
+            rx_throttle: Throttle::default(),
+            tx_throttle: Throttle::default(),
+            limits_seen: 0,
         };
         let mut events = [EpollEvent::default(); 8];
         while !self.shutdown.load(Ordering::Acquire) {
@@ -363,12 +400,14 @@ impl Shared {
                     interest = want;
                 }
             }
-            let timeout = match io.stalled_since {
-                Some(since) if io.has_pending => {
-                    RX_STALL.saturating_sub(since.elapsed()).as_millis().clamp(1, i32::MAX as u128) as i32
-                }
-                _ => -1,
-            };
+            // Wake for the first of: the receive stall's end, a rate limit's refill.
+            let stall_end = io.stalled_since.filter(|_| io.has_pending).map(|since| since + RX_STALL);
+            let timeout =
+                [stall_end, io.rx_throttle.until, io.tx_throttle.until].into_iter().flatten().min().map_or(-1, |at| {
+                    let left = at.saturating_duration_since(Instant::now());
+                    // Round up: waking a little early only finds the bucket still short.
+                    left.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128) as i32
+                });
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -420,6 +459,13 @@ impl Shared {
             let (csum, tso4, tso6, ecn) = a.guest_offloads;
             b.set_guest_offloads(csum, tso4, tso6, ecn);
             io.offloads_epoch = epoch;
+        }
+        let generation = self.nic.limits_generation();
+        if io.limits_seen != generation {
+            // New limits: whatever waited for the old ones is looked at again.
+            io.limits_seen = generation;
+            io.rx_throttle.until = None;
+            io.tx_throttle.until = None;
         }
         let Some(active) = active else {
             // No driver (or a broken one): frames for the guest have nowhere to go.
@@ -474,7 +520,7 @@ impl Shared {
     /// Sends up to [`BATCH`] frames from the transmit queue. Returns whether chains were used and whether
     /// more may be waiting.
     fn transmit(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
-        if io.tx_blocked {
+        if io.tx_blocked || io.tx_throttle.holds(Instant::now()) {
             return (false, false);
         }
         let result = self.transmit_batch(io, active, link_up);
@@ -524,6 +570,16 @@ impl Shared {
             let stats = &self.nic.stats;
             match io.backend.as_mut() {
                 Some(b) if link_up => {
+                    // The rate limit from the guest: a frame it does not let through yet goes back to the
+                    // avail ring (the last taken) and the queue waits for the refill.
+                    if self.nic.is_limited()
+                        && let Some(wait) = self.nic.throttle(Way::Tx, len - VNET_HEADER_LEN)
+                    {
+                        active.tx.go_to_previous_position();
+                        io.tx_throttle.hold(Instant::now(), wait);
+                        return (used, false);
+                    }
+                    io.tx_throttle.release(&stats.tx_throttled_us);
                     let skip = VNET_HEADER_LEN - b.header_len();
                     match b.send(&frame[skip..]) {
                         Ok(true) => {
@@ -559,6 +615,9 @@ impl Shared {
     /// Delivers up to [`BATCH`] frames from the back end. Returns whether chains were used and whether
     /// more may be waiting.
     fn receive(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
+        if io.rx_throttle.holds(Instant::now()) {
+            return (false, false);
+        }
         let mut used = false;
         for _ in 0..BATCH {
             if !io.has_pending {
@@ -582,6 +641,18 @@ impl Shared {
                 }
                 io.pending.extend_from_slice(frame);
                 io.has_pending = true;
+                io.pending_paid = false;
+            }
+            // The rate limit towards the guest: the frame waits (the back end's socket holds the rest).
+            if !io.pending_paid {
+                if self.nic.is_limited()
+                    && let Some(wait) = self.nic.throttle(Way::Rx, io.pending.len() - VNET_HEADER_LEN)
+                {
+                    io.rx_throttle.hold(Instant::now(), wait);
+                    return (used, false);
+                }
+                io.rx_throttle.release(&self.nic.stats.rx_throttled_us);
+                io.pending_paid = true;
             }
             match self.deliver(active, &mut io.pending) {
                 Err(why) => {
@@ -812,6 +883,7 @@ mod tests {
 
     use super::*;
     use crate::net::{MAX_MTU, MacAddr, Passt};
+    use crate::rate_limiter::NicLimits;
     use crate::virtio::VIRTIO_CONFIG_S_NEEDS_RESET;
     use crate::virtio::host_driver::{DESC_F_NEXT, DESC_F_WRITE, Desc, HostNetDriver};
 
@@ -1038,6 +1110,106 @@ mod tests {
         drop(nic);
         let _ = flood.join();
         let _ = drain.join();
+    }
+
+    /// Bytes a second the card lets through each way under `limits`, host side at full speed (the driver
+    /// always has frames queued, the peer always has frames waiting), counted after the first second (the
+    /// full bucket's burst) for `seconds` more. Returns (towards the guest, from the guest).
+    fn rates_under(limits: NicLimits, seconds: f64) -> (f64, f64) {
+        let (nic, peer) = card(1500);
+        nic.set_limits(limits);
+        let mut d = HostNetDriver::new(nic.clone(), 64, 2048).unwrap();
+        d.post_rx(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let out = frame(1514, 7);
+        let mut writer = peer.try_clone().unwrap();
+        let mut reader = peer;
+        let start = Instant::now();
+        let counted = move |at: Instant| at.duration_since(start).as_secs_f64() >= 1.0;
+        let feeder = {
+            let stop = stop.clone();
+            let f = frame(1514, 8);
+            std::thread::spawn(move || {
+                writer.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+                let mut framed = (f.len() as u32).to_be_bytes().to_vec();
+                framed.extend_from_slice(&f);
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = writer.write_all(&framed);
+                }
+            })
+        };
+        let sink = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                reader.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                let mut bytes = 0u64;
+                let mut len = [0u8; 4];
+                let mut f = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if reader.read_exact(&mut len).is_err() {
+                        continue;
+                    }
+                    let n = u32::from_be_bytes(len) as usize;
+                    reader.read_exact(&mut f[..n]).unwrap();
+                    if counted(Instant::now()) {
+                        bytes += n as u64;
+                    }
+                }
+                bytes
+            })
+        };
+        let mut rx_bytes = 0u64;
+        while start.elapsed().as_secs_f64() < 1.0 + seconds {
+            d.send_burst(&out, 64);
+            let (_, bytes) = d.recv_count(Duration::from_millis(5));
+            if counted(Instant::now()) {
+                rx_bytes += bytes;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let tx_bytes = sink.join().unwrap();
+        feeder.join().unwrap();
+        (rx_bytes as f64 / seconds, tx_bytes as f64 / seconds)
+    }
+
+    /// The card's limits hold the rate each way within 10 % (8 Mbit/s towards the guest, 4 Mbit/s from
+    /// it), host side at full speed; the time held back is counted.
+    #[test]
+    fn rate_limits_hold_bits_per_second_each_way() {
+        let limits = NicLimits { rx_bps: Some(8_000_000), tx_bps: Some(4_000_000) };
+        let (rx, tx) = rates_under(limits, 2.0);
+        println!("nic rate limits: {rx:.0} B/s towards the guest under 1 MB/s, {tx:.0} B/s from it under 500 kB/s");
+        assert!((900_000.0..=1_100_000.0).contains(&rx), "{rx:.0} B/s towards the guest under rx=8 Mbit/s");
+        assert!((450_000.0..=550_000.0).contains(&tx), "{tx:.0} B/s from the guest under tx=4 Mbit/s");
+        // One way limited leaves the other alone: far more than 1 MB/s crosses it.
+        let (rx, tx) = rates_under(NicLimits { rx_bps: Some(8_000_000), tx_bps: None }, 1.0);
+        assert!(rx < 1_100_000.0 && tx > 4_000_000.0, "{rx:.0} B/s in, {tx:.0} B/s out with only rx limited");
+    }
+
+    /// A limit changed while frames wait for the old one applies at once: lifting it lets the held frame
+    /// and the ones behind it through.
+    #[test]
+    fn a_limit_changed_live_applies_at_once() {
+        let (nic, mut peer) = card(1500);
+        // The least rate there is: one 1514-byte frame a second, so the second frame waits ~1 s.
+        nic.set_limits(NicLimits { rx_bps: None, tx_bps: Some(crate::rate_limiter::MIN_NIC_RATE) });
+        let mut d = HostNetDriver::new(nic.clone(), 16, 2048).unwrap();
+        let f = frame(1514, 9);
+        d.send(&f);
+        assert_eq!(peer_recv(&mut peer), f, "a full bucket lets the first frame through");
+        d.send(&f);
+        d.send(&f);
+        peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut len = [0u8; 4];
+        assert!(peer.read_exact(&mut len).is_err(), "the second frame waits for the refill");
+        peer.set_read_timeout(Some(WAIT)).unwrap();
+        let lifted = Instant::now();
+        nic.set_limits(NicLimits::default());
+        assert_eq!(peer_recv(&mut peer), f);
+        assert_eq!(peer_recv(&mut peer), f);
+        println!("held frames went {:?} after the limit was lifted", lifted.elapsed());
+        assert!(nic.status().tx_throttled_us > 0, "the wait is counted");
+        assert_eq!(nic.status().limits, NicLimits::default());
     }
 
     #[test]
