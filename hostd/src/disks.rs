@@ -89,7 +89,7 @@ pub fn slot_size(r: &VmRecord, slot: usize) -> u64 {
     if slot == 0 { r.disk_bytes } else { r.extra_disks.get(slot - 1).map_or(0, |e| e.size_bytes) }
 }
 
-fn set_slot_size(r: &mut VmRecord, slot: usize, size: u64) {
+pub fn set_slot_size(r: &mut VmRecord, slot: usize, size: u64) {
     if slot == 0 {
         r.disk_bytes = size;
     } else if let Some(e) = r.extra_disks.get_mut(slot - 1) {

@@ -495,6 +495,20 @@ impl Host {
         .map_err(|e| e.to_string())?
     }
 
+    /// Has a running VM's engine grow its disk `drive` to `size` bytes (the guest is told).
+    pub async fn grow_live_disk(&self, id: &str, drive: &str, size: u64) -> Result<(), String> {
+        let control = self.run_files(id).control();
+        let request = vmm_core::control::Request::GrowDrive { drive: drive.to_owned(), size };
+        tokio::task::spawn_blocking(move || {
+            vmm_core::control::ControlClient::connect(&control)
+                .and_then(|mut c| c.request(&request))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Gives a running VM's engine new rate limits for its card `nic`.
     pub async fn set_live_nic_limits(&self, id: &str, nic: &str, l: porthole_api::NicLimits) -> Result<(), String> {
         let control = self.run_files(id).control();

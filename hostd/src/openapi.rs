@@ -147,7 +147,8 @@ pub const ROUTES: &[Route] = &[
     (
         "post",
         "/vms/{id}/disks/{drive}/size",
-        "Grow a disk (never shrinks): at once on a stopped VM; a running VM's boot disk at its next start",
+        "Grow a disk (never shrinks): at once on a stopped or running VM (a running guest is told and sees the \
+         new size without a restart); a suspended VM's boot disk at its next start",
         "admin",
         Some("GrowDisk"),
         200,

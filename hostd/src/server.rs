@@ -864,9 +864,20 @@ async fn update_vm(
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
     }
-    // The disk of a stopped VM grows now (the VM cannot start meanwhile); a running VM's at its next start.
-    let hardware = crate::host::hardware_change(&req);
+    // The disk of a stopped VM grows now (the VM cannot start meanwhile); a running VM's engine grows it
+    // live (the guest is told); a suspended VM's at its next start.
+    let mut hardware = crate::host::hardware_change(&req);
     let defer = running || record.suspended.is_some();
+    let live_grown = match req.disk_bytes {
+        Some(size) if running && record.suspended.is_none() && size > record.disk_bytes => {
+            app.host.grow_live_disk(&id, "disk0", size).await.map_err(|why| {
+                ApiError::new(StatusCode::BAD_GATEWAY, "engine", format!("the running VM did not grow its disk: {why}"))
+            })?;
+            hardware.disk_bytes = None;
+            Some(size)
+        }
+        _ => None,
+    };
     let busy = match req.disk_bytes {
         Some(size) if !defer && size > record.disk_bytes => {
             let busy = app.host.begin(&id, "growing its disk")?;
@@ -918,6 +929,9 @@ async fn update_vm(
         }
         if let Some(w) = req.cpu_weight {
             r.cpu_weight = (w != 0).then_some(w);
+        }
+        if let Some(size) = live_grown {
+            r.disk_bytes = r.disk_bytes.max(size);
         }
         if running || r.suspended.is_some() {
             crate::host::add_pending(r, hardware);
@@ -1370,16 +1384,28 @@ async fn grow_disk(
     if size == now {
         return drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json);
     }
-    let running = app.host.pid(&id).is_some() || record.suspended.is_some();
-    if running {
+    if app.host.pid(&id).is_some() && record.suspended.is_none() {
+        // A running VM's engine grows the disk's present layer itself (it holds the image) and tells the
+        // guest, which sees the new size at once.
+        app.host.grow_live_disk(&id, &drive, size).await.map_err(|why| {
+            ApiError::new(StatusCode::BAD_GATEWAY, "engine", format!("the running VM did not grow the disk: {why}"))
+        })?;
+        app.host.update(&id, |r, _| {
+            crate::disks::set_slot_size(r, slot, crate::disks::slot_size(r, slot).max(size));
+            crate::host::add_pending(r, UpdateVm::default());
+            Ok(())
+        })?;
+        return drive_info(&app, &id, DriveSlot::Disk(slot)).map(Json);
+    }
+    if record.suspended.is_some() {
         if slot != 0 {
             return Err(ApiError::fields(
                 StatusCode::CONFLICT,
                 "conflict",
-                vec![field("state", "the VM is running or suspended: its other disks grow while it is stopped")],
+                vec![field("state", "the VM is suspended: its other disks grow while it is stopped or running")],
             ));
         }
-        // The boot disk grows at the next start, as PATCH disk_bytes does.
+        // A suspended VM's boot disk grows at the next start, as PATCH disk_bytes does.
         app.host.update(&id, |r, _| {
             crate::host::add_pending(r, UpdateVm { disk_bytes: Some(size), ..UpdateVm::default() });
             Ok(())

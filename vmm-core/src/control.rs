@@ -10,7 +10,8 @@
 //! (the network cards' state and counters) and `{"cmd":"set-link","nic":ID,"up":BOOL}` (plug or unplug a
 //! card's cable; the guest is told), `{"cmd":"set-disk-limits","drive":ID,"limits":{"iops":N,"bps":N,…}}` (a
 //! drive's rate limits, live; `{}` lifts them), `{"cmd":"set-nic-limits","nic":ID,"limits":{"rx_bps":N,
-//! "tx_bps":N}}` (a card's, in bit/s). Every reply has
+//! "tx_bps":N}}` (a card's, in bit/s), `{"cmd":"grow-drive","drive":ID,"size":BYTES}` (a fixed disk grows
+//! while the VM runs; the guest is told). Every reply has
 //! `"ok"`; failures carry `"error"`. A crashed VM (state `crashed`, its report in `status.crash`) refuses
 //! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
@@ -89,6 +90,13 @@ pub enum Request {
         drive: String,
         #[serde(default)]
         limits: crate::rate_limiter::DiskLimits,
+    },
+    /// Grows a fixed disk to `size` bytes (whole sectors, larger than now) while the VM runs; the guest is
+    /// told through a configuration change.
+    #[serde(rename = "grow-drive")]
+    GrowDrive {
+        drive: String,
+        size: u64,
     },
     /// Replaces a network card's rate limits (absent fields: no limit); they apply from its next frame.
     #[serde(rename = "set-nic-limits")]
@@ -255,6 +263,10 @@ fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
         Request::SetDiskLimits { drive, limits } => match vm.set_disk_limits(drive, *limits) {
             Ok(status) => Response { drive: Some(status), ..ok() },
             Err(e) => failure(e),
+        },
+        Request::GrowDrive { drive, size } => match vm.grow_drive(drive, *size) {
+            Ok(status) => Response { drive: Some(status), ..ok() },
+            Err(e) => failure(e.to_string()),
         },
         Request::SetNicLimits { nic, limits } => match vm.set_nic_limits(nic, *limits) {
             Ok(status) => Response { nics: Some(vec![status]), ..ok() },

@@ -51,6 +51,12 @@ pub trait DiskBackend: Send + Sync {
     }
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Grows the image to `size` bytes (whole sectors, above the present size) while it serves requests:
+    /// the new range reads as zeros.
+    fn grow(&self, size: u64) -> io::Result<()> {
+        let _ = size;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this image cannot grow"))
+    }
     /// Tells the image that `len` bytes at `offset` are no longer needed: their space may be freed, and
     /// they read back as zeros afterwards (on a qcow2 overlay too: the backing image does not show through).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
@@ -100,7 +106,8 @@ pub const MAX_BACKING_DEPTH: usize = 16;
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
-    size: u64,
+    /// Grows while the VM runs ([`DiskBackend::grow`]).
+    size: AtomicU64,
 }
 
 /// Why a drive or image could not be used.
@@ -116,6 +123,8 @@ pub enum DiskError {
     Empty { path: PathBuf },
     #[error("cannot create disk image {path:?}: {source}")]
     Create { path: PathBuf, source: io::Error },
+    #[error("cannot grow drive {drive}: {source}")]
+    Grow { drive: String, source: io::Error },
     #[error("drive {drive} is not removable")]
     NotRemovable { drive: String },
     #[error("no drive named {0:?}")]
@@ -229,7 +238,7 @@ pub fn open_image(
     };
     Ok(match format {
         ImageFormat::Raw if !backing.is_empty() => return Err(DiskError::BackingOnRaw { path: path.to_owned() }),
-        ImageFormat::Raw => Arc::new(RawImage { file, size: size - size % SECTOR_SIZE }),
+        ImageFormat::Raw => Arc::new(RawImage { file, size: AtomicU64::new(size - size % SECTOR_SIZE) }),
         ImageFormat::Qcow2 => Arc::new(Qcow2Image::from_file(path, file, read_only, backing)?),
     })
 }
@@ -239,7 +248,7 @@ impl RawImage {
     /// exclusive otherwise) so that two VMs cannot write one image.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
         let (file, size) = open_locked(path, read_only)?;
-        Ok(RawImage { file, size: size - size % SECTOR_SIZE })
+        Ok(RawImage { file, size: AtomicU64::new(size - size % SECTOR_SIZE) })
     }
 }
 
@@ -287,7 +296,19 @@ impl RawImage {
 
 impl DiskBackend for RawImage {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn grow(&self, size: u64) -> io::Result<()> {
+        let now = self.size();
+        check_growth(now, size)?;
+        if !self.file.metadata()?.is_file() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "a block device cannot grow from here"));
+        }
+        self.file.set_len(size)?;
+        self.file.sync_all()?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
@@ -367,7 +388,8 @@ type ImagoAccess = imago::FormatAccess<ImagoFile>;
 /// that a concurrent request could still be using is imago's documented hazard).
 pub struct Qcow2Image {
     access: RwLock<ImagoAccess>,
-    size: u64,
+    /// The virtual size in whole sectors; grows while the VM runs ([`DiskBackend::grow`]).
+    size: AtomicU64,
     /// The image file again (writable images), to punch holes where discarded clusters were: imago frees
     /// them for reuse but leaves the file's blocks allocated.
     punch: Option<File>,
@@ -451,7 +473,7 @@ impl Qcow2Image {
         let storage = imago_storage(path, file, !read_only, ImageFormat::Qcow2)?;
         let access = open_qcow2(path, storage, !read_only, below)?;
         let size = access.size() - access.size() % SECTOR_SIZE;
-        Ok(Qcow2Image { access: RwLock::new(access), size, punch, cluster_size })
+        Ok(Qcow2Image { access: RwLock::new(access), size: AtomicU64::new(size), punch, cluster_size })
     }
 
     /// Discards `len` bytes at `offset` (they read as zeros afterwards) and gives the host the space of
@@ -614,7 +636,17 @@ fn open_qcow2(
 
 impl DiskBackend for Qcow2Image {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn grow(&self, size: u64) -> io::Result<()> {
+        // Requests wait meanwhile (the header and L1 table may move).
+        let access = self.access_mut();
+        check_growth(self.size(), size)?;
+        access.resize_grow(size, imago::format::PreallocateMode::Zero)?;
+        access.flush()?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
@@ -757,6 +789,24 @@ pub fn overlay_on(
         }
     }
 }
+
+/// Refuses a live growth to `size` bytes from `now`: not whole sectors, not larger, or absurd.
+fn check_growth(now: u64, size: u64) -> io::Result<()> {
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    if size % SECTOR_SIZE != 0 {
+        return refuse(format!("{size} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"));
+    }
+    if size <= now {
+        return refuse(format!("the disk is {now} bytes: it only grows (asked for {size})"));
+    }
+    if size > MAX_GROWN_SIZE {
+        return refuse(format!("{size} bytes is more than {MAX_GROWN_SIZE}"));
+    }
+    Ok(())
+}
+
+/// The largest size a disk may grow to (64 TiB).
+pub const MAX_GROWN_SIZE: u64 = 64 << 40;
 
 /// Grows the image at `path` (raw, or qcow2 on its backing chain `backing`, nearest first) to `size` bytes,
 /// rounded up to whole sectors: a raw file gets longer (sparse), a qcow2 image's virtual size grows (the new
@@ -1138,6 +1188,23 @@ impl Drive {
             return Err(DiskError::NotRemovable { drive: self.id.clone() });
         }
         *self.media.write().unwrap_or_else(|p| p.into_inner()) = media;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(interrupt) = lock(&self.listener).as_ref() {
+            interrupt.signal_config();
+        }
+        Ok(())
+    }
+
+    /// Grows the disk in this fixed, writable drive to `size` bytes while the VM runs: the guest gets a
+    /// configuration-change interrupt and reads the new capacity (Linux's virtio_blk resizes the disk).
+    pub fn grow(&self, size: u64) -> Result<(), DiskError> {
+        let drive = self.id.clone();
+        if self.removable || self.read_only {
+            let why = "only a fixed, writable disk grows";
+            return Err(DiskError::Grow { drive, source: io::Error::new(io::ErrorKind::InvalidInput, why) });
+        }
+        let media = self.media().ok_or_else(|| DiskError::NoSuchDrive(drive.clone()))?;
+        media.backend.grow(size).map_err(|source| DiskError::Grow { drive: self.id.clone(), source })?;
         self.generation.fetch_add(1, Ordering::AcqRel);
         if let Some(interrupt) = lock(&self.listener).as_ref() {
             interrupt.signal_config();

@@ -440,6 +440,13 @@ impl VmHandle {
         Ok(nic.status())
     }
 
+    /// Grows fixed disk `id` to `size` bytes while the VM runs.
+    pub fn grow_drive(&self, id: &str, size: u64) -> Result<DriveStatus, DiskError> {
+        let drive = self.drives.iter().find(|d| d.id == id).ok_or_else(|| DiskError::NoSuchDrive(id.to_owned()))?;
+        drive.grow(size)?;
+        Ok(drive.status())
+    }
+
     /// Replaces the rate limits of drive `id`.
     pub fn set_disk_limits(&self, id: &str, limits: crate::rate_limiter::DiskLimits) -> Result<DriveStatus, String> {
         limits.check()?;

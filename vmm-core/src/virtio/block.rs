@@ -1114,6 +1114,48 @@ mod tests {
         assert_eq!(one(&mut d, 4, T_OUT, 0, 512).0, VIRTIO_BLK_S_IOERR as u8, "media is read-only");
     }
 
+    /// A fixed disk grows while the driver is up, raw and qcow2: a configuration-change interrupt, the new
+    /// capacity, the new range reading as zeros (and writable), the old data kept; shrinking, a size that
+    /// is not whole sectors and a removable drive are refused with the drive unchanged.
+    #[test]
+    fn a_disk_grows_while_the_driver_is_up() {
+        let raw = Image::new("grow-raw", 8);
+        let qcow2 = raw.dir.join("disk.qcow2");
+        crate::disk::create_qcow2(&qcow2, 8 * 512, None).unwrap();
+        for path in [&raw.path, &qcow2] {
+            let media = Drive::open_media(path, false).unwrap();
+            let drive = Arc::new(Drive::new("disk0".into(), false, false, String::new(), Some(media)));
+            let mut d = HostBlockDriver::new(drive.clone(), 16, 4096).unwrap();
+            assert_eq!(d.capacity(), 8);
+            assert_eq!(one(&mut d, 0, T_IN, 8, 512).0, VIRTIO_BLK_S_IOERR as u8, "past the end");
+            let _ = d.read_isr();
+            drive.grow(64 * 512).unwrap();
+            assert_eq!(d.read_isr() & 2, 2, "config change interrupt");
+            assert_eq!(d.capacity(), 64, "{path:?}");
+            assert_eq!(one(&mut d, 1, T_IN, 63, 512), (0, 513), "the new last sector reads");
+            let mut got = vec![1u8; 512];
+            d.mem.read_slice(&mut got, d.data_address(1)).unwrap();
+            assert!(got.iter().all(|&b| b == 0), "as zeros");
+            d.mem.write_slice(&[0x5a; 512], d.data_address(2)).unwrap();
+            assert_eq!(one(&mut d, 2, T_OUT, 40, 512).0, 0, "and takes writes");
+            assert_eq!(one(&mut d, 3, T_IN, 40, 512), (0, 513));
+            d.mem.read_slice(&mut got, d.data_address(3)).unwrap();
+            assert!(got.iter().all(|&b| b == 0x5a));
+            if path == &raw.path {
+                assert_eq!(one(&mut d, 4, T_IN, 7, 512), (0, 513));
+                d.mem.read_slice(&mut got, d.data_address(4)).unwrap();
+                assert_eq!(got, raw.bytes()[7 * 512..8 * 512], "the old data stays");
+            }
+            for (size, why) in [(32 * 512, "only grows"), (100 * 512 + 1, "whole number")] {
+                let e = drive.grow(size).unwrap_err().to_string();
+                assert!(e.contains(why), "{e}");
+            }
+            assert_eq!(d.capacity(), 64, "refusals change nothing");
+        }
+        let cdrom = Arc::new(Drive::new("cdrom0".into(), true, true, String::new(), None));
+        assert!(cdrom.grow(1 << 20).unwrap_err().to_string().contains("only a fixed, writable disk grows"));
+    }
+
     /// A scratch directory, removed when dropped.
     struct Scratch(PathBuf);
 
