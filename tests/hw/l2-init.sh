@@ -22,7 +22,8 @@
 #                   disk (ext2), writes file A, starts a counter printing `PORTHOLE-COUNT n` every second,
 #                   then obeys commands typed on its serial console: `write-b` (writes file B, appends
 #                   to A), `check` (md5s of A and B read from the disk after dropping the caches, whether
-#                   the counter lives, its value, the uptime).
+#                   the counter lives, its value, the uptime), `size` (the disk's size in sectors as the
+#                   kernel has it now, /sys/block/vda/size: a disk grown live shows without a reboot).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -143,6 +144,9 @@ if [ "$MODE" = snapshot ]; then
                 echo appended >>/mnt/a.bin
                 sync
                 say "PORTHOLE-SNAP-WROTE a=$(md5 /mnt/a.bin) b=$(md5 /mnt/b.bin)"
+                ;;
+            *size*)
+                say "PORTHOLE-SNAP-SIZE sectors=$(cat /sys/block/vda/size)"
                 ;;
             *check*)
                 # Read from the disk, not from the page cache the saved RAM brought back.

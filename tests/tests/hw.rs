@@ -894,6 +894,19 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         if state != VmState::Running {
             return Err(format!("after a live disk-only snapshot the VM should run: {state:?}"));
         }
+
+        // 6. The disk grows while the VM runs (its present layer, the overlay above): the guest's kernel
+        //    sees the new size at once.
+        let sectors = |line: &[String]| field_in(line, "PORTHOLE-SNAP-SIZE", "sectors").unwrap_or_default();
+        let was = sectors(&snap_command(c, &id, "size", "PORTHOLE-SNAP-SIZE", 5 * MIN).await?);
+        let grown = c.grow_disk(&id, "disk0", 2 << 30).await.map_err(|e| format!("grow the running VM's disk: {e}"))?;
+        let now = sectors(&snap_command(c, &id, "size", "PORTHOLE-SNAP-SIZE", 5 * MIN).await?);
+        if was != (1u64 << 21).to_string() || now != (1u64 << 22).to_string() || grown.size_bytes != 2 << 30 {
+            return Err(format!(
+                "a disk grown live from 1 to 2 GiB: the guest saw {was} then {now} sectors, the API says {} bytes",
+                grown.size_bytes
+            ));
+        }
         let times = format!(
             "take {take_s:.1} s, revert {revert_s:.1} s, suspend {suspend_s:.1} s, resume {resume_s:.1} s, \
              disk-only {live_s:.1} s"
@@ -905,7 +918,8 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         Ok(format!(
             "counter {before} at the snapshot, {after_take} after it; {pre_count} before the revert (uptime \
              {pre_uptime} s), {after_revert} after it (uptime {post_uptime} s), A as it was, B gone; \
-             {after_resume} after suspend+resume; disk-only snapshot live; {times}"
+             {after_resume} after suspend+resume; disk-only snapshot live; disk grown live {was} -> {now} \
+             sectors in the guest; {times}"
         ))
     });
     drop(client);

@@ -793,7 +793,7 @@ pub fn overlay_on(
 /// Refuses a live growth to `size` bytes from `now`: not whole sectors, not larger, or absurd.
 fn check_growth(now: u64, size: u64) -> io::Result<()> {
     let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidInput, why));
-    if size % SECTOR_SIZE != 0 {
+    if !size.is_multiple_of(SECTOR_SIZE) {
         return refuse(format!("{size} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"));
     }
     if size <= now {

@@ -200,7 +200,8 @@ impl PortholeApp {
                 Some((h, v, s)) if *h == host && *v == id => s.clone(),
                 _ => Vec::new(),
             };
-            performance(ui, "vm", "No samples yet (the VM is not running, or it just started).", &samples);
+            let caps = super::graphs::Caps::of(vm);
+            performance(ui, "vm", "No samples yet (the VM is not running, or it just started).", &samples, caps);
         });
         egui::CollapsingHeader::new("Serial console").default_open(false).show(ui, |ui| {
             // While open, the output is fetched once a second.

@@ -20,10 +20,46 @@ pub fn sparkline(ui: &mut egui::Ui, history: &std::collections::VecDeque<f32>, n
     });
 }
 
-/// CPU, memory, disk and network graphs of the last hour (seconds before now on the x axis).
-/// `id` keeps the plots of different pages apart; `empty` is said when there are no samples yet.
-pub fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole_api::StatSample]) {
-    use egui_plot::{Legend, Line, Plot, PlotPoints};
+/// The limits a VM's graphs draw as lines: its CPU cap (percent of one CPU) and its disks' and network
+/// cards' rates (KiB/s each way), where every drive or card has one (else the VM as a whole has none).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Caps {
+    pub cpu_percent: Option<f64>,
+    pub disk_read: Option<f64>,
+    pub disk_write: Option<f64>,
+    pub net_in: Option<f64>,
+    pub net_out: Option<f64>,
+}
+
+impl Caps {
+    pub fn of(vm: &porthole_api::Vm) -> Caps {
+        /// The sum of every item's limit, or None when one has none.
+        fn total<T>(items: &[T], limit: impl Fn(&T) -> Option<u64>) -> Option<f64> {
+            if items.is_empty() {
+                return None;
+            }
+            items.iter().map(|i| limit(i).map(|v| v as f64 / 1024.0)).sum()
+        }
+        let disks: Vec<_> = vm.drives.iter().filter(|d| d.kind == porthole_api::DriveKind::Disk).collect();
+        let either = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Caps {
+            cpu_percent: vm.cpu_cap_percent.map(f64::from),
+            disk_read: total(&disks, |d| either(d.limits.rbps, d.limits.bps)),
+            disk_write: total(&disks, |d| either(d.limits.wbps, d.limits.bps)),
+            net_in: total(&vm.nics, |n| n.limits.rx_bps.map(|b| b / 8)),
+            net_out: total(&vm.nics, |n| n.limits.tx_bps.map(|b| b / 8)),
+        }
+    }
+}
+
+/// CPU, memory, disk and network graphs of the last hour (seconds before now on the x axis), with the
+/// limits in `caps` as dashed lines. `id` keeps the plots of different pages apart; `empty` is said when
+/// there are no samples yet.
+pub fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole_api::StatSample], caps: Caps) {
+    use egui_plot::{HLine, Legend, Line, LineStyle, Plot, PlotPoints};
     let Some(last) = samples.last() else {
         ui.label(empty);
         return;
@@ -49,18 +85,20 @@ pub fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole
             ui.add(egui::Label::new(text).extend());
         }
     });
-    for (plot, title, lines) in [
-        ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))]),
-        ("mem", "Memory (MiB)", vec![("memory", series(|s| s.memory_bytes as f64 / 1048576.0))]),
+    for (plot, title, lines, limits) in [
+        ("cpu", "CPU %", vec![("CPU %", series(|s| s.cpu_percent))], vec![("CPU cap", caps.cpu_percent)]),
+        ("mem", "Memory (MiB)", vec![("memory", series(|s| s.memory_bytes as f64 / 1048576.0))], vec![]),
         (
             "disk",
             "Disk (KiB/s)",
             vec![("read", series(|s| s.disk_read_bps / 1024.0)), ("write", series(|s| s.disk_write_bps / 1024.0))],
+            vec![("read limit", caps.disk_read), ("write limit", caps.disk_write)],
         ),
         (
             "net",
             "Network (KiB/s)",
             vec![("in", series(|s| s.net_rx_bps / 1024.0)), ("out", series(|s| s.net_tx_bps / 1024.0))],
+            vec![("in limit", caps.net_in), ("out limit", caps.net_out)],
         ),
     ] {
         ui.label(title);
@@ -68,6 +106,39 @@ pub fn performance(ui: &mut egui::Ui, id: &str, empty: &str, samples: &[porthole
             for (name, points) in lines {
                 plot.line(Line::new(name, points));
             }
+            for (name, value) in limits {
+                if let Some(v) = value {
+                    plot.hline(HLine::new(name, v).style(LineStyle::dashed_loose()));
+                }
+            }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_are_the_vms_limits_in_the_graphs_units() {
+        let vm: porthole_api::Vm = serde_json::from_value(serde_json::json!({
+            "id": "a", "name": "a", "vcpus": 2, "memory_mib": 64, "disk_bytes": 0, "state": "running",
+            "cpu_cap_percent": 150,
+            "drives": [
+                {"id": "disk0", "kind": "disk", "bus": "virtio-blk", "size_bytes": 1024, "read_only": false,
+                 "limits": {"rbps": 1048576, "bps": 524288}},
+                {"id": "disk1", "kind": "disk", "bus": "virtio-blk", "size_bytes": 1024, "read_only": false,
+                 "limits": {"rbps": 2097152}},
+                {"id": "cdrom0", "kind": "cdrom", "bus": "virtio-scsi", "size_bytes": 0, "read_only": true}
+            ],
+            "nics": [{"id": "net0", "backend": {"type": "user"}, "mac": "02:00:00:00:00:01",
+                      "limits": {"rx_bps": 8192000}}]
+        }))
+        .unwrap();
+        let caps = Caps::of(&vm);
+        assert_eq!(caps.cpu_percent, Some(150.0));
+        assert_eq!(caps.disk_read, Some(512.0 + 2048.0), "the lower of a disk's read and total limits, summed");
+        assert_eq!(caps.disk_write, None, "disk1 has no write limit: the VM has none as a whole");
+        assert_eq!((caps.net_in, caps.net_out), (Some(1000.0), None));
     }
 }

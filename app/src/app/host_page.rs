@@ -66,7 +66,13 @@ impl PortholeApp {
             Self::host_summary(ui, &info);
             ui.add_space(6.0);
             egui::CollapsingHeader::new("Use over the last hour").default_open(true).show(ui, |ui| {
-                super::graphs::performance(ui, "host", "No samples yet (the host just started).", &data.stats);
+                super::graphs::performance(
+                    ui,
+                    "host",
+                    "No samples yet (the host just started).",
+                    &data.stats,
+                    Default::default(),
+                );
             });
             ui.add_space(6.0);
             self.library(ui, host, images.as_deref());

@@ -4,9 +4,9 @@
 //! (a row per drive: insert, eject, remove; a drive added), Boot (firmware with its boot order and menu, or a
 //! kernel; the display's resolution) and Network (the details' network cards section). *Apply* sends one
 //! `PATCH /vms/{id}` with what changed; the host checks every field and a refusal puts each field's reason
-//! under its widget. On a running VM the hardware, boot, display and disk-size changes wait for its next
-//! start, and the view says which do. Drives are added, removed and grown (but disk0) at once through their
-//! own calls, on a stopped VM only (the engine has no hot-plug); media change at once, running or not.
+//! under its widget. On a running VM the hardware, boot and display changes wait for its next start, and the
+//! view says which do; disks grow at once, running or not (the guest is told). Drives are added and removed
+//! through their own calls, on a stopped VM only (the engine has no hot-plug); media change at once.
 
 use std::collections::BTreeMap;
 
@@ -542,8 +542,8 @@ impl PortholeApp {
         });
         if running {
             ui.label(
-                "The VM is running: name, description, tags, autostart and the CD/DVD change at once; hardware, \
-                 disk size, boot, display and network card changes apply at next start.",
+                "The VM is running: name, description, tags, autostart, disk sizes and the CD/DVD change at once; \
+                 hardware, boot, display and network card changes apply at next start.",
             );
         }
         if !vm.pending_changes.is_empty() {
@@ -597,10 +597,10 @@ impl PortholeApp {
         section(ui, "Disks");
         let disks: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Disk).collect();
         let dr = &mut form.drives;
+        // A running (or paused) VM's engine grows its disks itself; a suspended one's wait.
+        let grows = !running || (matches!(vm.state, VmState::Running | VmState::Paused) && vm.crash.is_none());
         if running {
-            ui.label(
-                "Stop the VM to add or remove drives or grow a disk other than disk0 (the engine has no hot-plug).",
-            );
+            ui.label("Stop the VM to add or remove drives (the engine has no hot-plug); disks grow while it runs.");
         }
         let no_disk = disks.is_empty() && vm.disk_bytes == 0;
         if no_disk {
@@ -614,16 +614,14 @@ impl PortholeApp {
                     let ro = if d.read_only { ", read-only" } else { "" };
                     ui.label(format!("{}, {}, {}{ro}", d.bus, format_text(d.format), human_bytes(d.size_bytes)));
                     ui.horizontal(|ui| {
-                        // The boot disk grows in the form (at the next start on a running VM); the cloud-init seed
-                        // does not change.
+                        // The boot disk grows in the form; the cloud-init seed does not change.
                         if d.id == "disk0" || d.read_only {
                             return;
                         }
                         let l = ui.label(format!("Size of {} (GiB)", d.id));
                         let text = dr.grow.entry(d.id.clone()).or_insert_with(|| gib_text(d.size_bytes));
-                        ui.add_enabled(!running, egui::TextEdit::singleline(text).desired_width(60.0))
-                            .labelled_by(l.id);
-                        let grow = theme::button(ui, !running && !dr.waiting, GROW, &format!("Grow {}", d.id));
+                        ui.add_enabled(grows, egui::TextEdit::singleline(text).desired_width(60.0)).labelled_by(l.id);
+                        let grow = theme::button(ui, grows && !dr.waiting, GROW, &format!("Grow {}", d.id));
                         if grow.on_hover_text("A disk only grows").clicked() {
                             match parse_gib(text) {
                                 Some(bytes) => action = Some(DriveAction::Grow(d.id.clone(), bytes)),
