@@ -104,7 +104,7 @@ pub struct Host {
     /// VMs with a disk operation under way (snapshot, clone, suspend), and what it is.
     busy: Mutex<BTreeMap<String, &'static str>>,
     /// The host's CPU controller (cgroups) for the VMs' CPU caps and weights.
-    pub cpu: crate::cpu_limits::CpuLimits,
+    pub cpu: vmm_core::cpu_limits::CpuLimits,
 }
 
 /// A VM's disk operation under way: others wait for its end (see `Host::begin`).
@@ -214,7 +214,7 @@ impl Host {
             started: Instant::now(),
             problems,
             busy: Mutex::new(BTreeMap::new()),
-            cpu: crate::cpu_limits::CpuLimits::detect(),
+            cpu: vmm_core::cpu_limits::CpuLimits::detect(),
         });
         if let Err(why) = host.cpu.describe() {
             log::info!("VM CPU caps and weights are not enforced: {why}");
@@ -525,7 +525,7 @@ impl Host {
     }
 
     /// Applies a running VM's CPU limits at once (into its cgroup), and records whether they hold.
-    pub fn set_cpu_limits(&self, id: &str, limits: crate::cpu_limits::Limits) {
+    pub fn set_cpu_limits(&self, id: &str, limits: vmm_core::cpu_limits::Limits) {
         let held = self.cpu.set(id, limits).map(|()| match self.cpu.describe() {
             Ok(how) => format!("enforced through the {how}"),
             Err(why) => why,
@@ -1034,7 +1034,7 @@ pub fn control(path: &Path, request: &Request) -> Result<Response, vmm_core::con
     ControlClient::connect(path)?.request(request)
 }
 
-fn view(e: &Entry, store: &Store, cpu: &crate::cpu_limits::CpuLimits) -> Vm {
+fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
     let r = &e.record;
     let state = match e.rt.state {
         _ if e.rt.pid.is_none() && r.suspended.is_some() => VmState::Suspended,
@@ -1268,13 +1268,13 @@ fn recheck_nics(record: &VmRecord, others: &Others) -> Result<(), HostError> {
 }
 
 /// A VM's CPU cap and weight as the cgroup code takes them.
-pub fn cpu_limits_of(r: &VmRecord) -> crate::cpu_limits::Limits {
-    crate::cpu_limits::Limits { cap_percent: r.cpu_cap_percent, weight: r.cpu_weight }
+pub fn cpu_limits_of(r: &VmRecord) -> vmm_core::cpu_limits::Limits {
+    vmm_core::cpu_limits::Limits { cap_percent: r.cpu_cap_percent, weight: r.cpu_weight }
 }
 
 /// Whether VM `r`'s CPU limits hold (none set: nothing to say): a running VM's as its start found them,
 /// a stopped one's as they would be.
-fn cpu_limits_text(r: &VmRecord, e: &Entry, cpu: &crate::cpu_limits::CpuLimits) -> Option<String> {
+fn cpu_limits_text(r: &VmRecord, e: &Entry, cpu: &vmm_core::cpu_limits::CpuLimits) -> Option<String> {
     if r.cpu_cap_percent.is_none() && r.cpu_weight.is_none() {
         return None;
     }

@@ -4,7 +4,6 @@
 
 mod auth;
 mod cloud_init;
-mod cpu_limits;
 mod disks;
 mod host;
 mod net;

@@ -891,6 +891,67 @@ fn cpu_share(pid: u32, seconds: f64) -> f64 {
     (cpu_seconds(pid) - before) / start.elapsed().as_secs_f64()
 }
 
+/// `porthole-vmm --cpu-cap 0.5` started by hand: the VMM puts itself into a cgroup of its own under the
+/// caller's and its CPU-bound guest uses 0.45-0.55 of a CPU; the next such VMM removes the cgroup of one that
+/// ended. Absurd values are refused. Where the host has no writable CPU controller, the VMM warns why.
+#[test]
+fn a_vmm_started_by_hand_caps_itself() {
+    let vmm = porthole_tests::workspace_bin("porthole-vmm");
+    let spin = porthole_guests::path("spin");
+    let start = |cap: &str| {
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--kernel").arg(&spin).args(["--memory", "64", "--cpu-cap", cap, "--cpu-weight", "50"]);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let group = |pid: u32| {
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        own.lines().find(|l| l.contains("porthole/vm-hand-")).map(str::to_owned)
+    };
+    let mut first = start("0.5");
+    let pid = first.id();
+    std::thread::sleep(Duration::from_millis(500));
+    match group(pid) {
+        None => {
+            first.kill().unwrap();
+            let out = first.wait_with_output().unwrap();
+            let err = text(&out.stderr);
+            assert!(err.contains("the CPU limits are not enforced"), "no cgroup and no warning: {err}");
+            println!("SKIP the CPU measurement: {err}");
+        }
+        Some(line) => {
+            assert!(line.ends_with(&format!("porthole/vm-hand-{pid}")), "{line}");
+            let share = cpu_share(pid, 5.0);
+            println!("CPU of a hand-started VMM under --cpu-cap 0.5: {share:.3} ({line})");
+            assert!((0.45..=0.55).contains(&share), "{share:.3} of a CPU under --cpu-cap 0.5");
+            first.kill().unwrap();
+            first.wait().unwrap();
+            let mut second = start("1");
+            std::thread::sleep(Duration::from_millis(500));
+            let second_line = group(second.id()).expect("the second VMM's cgroup");
+            let dir = |l: &str| {
+                let rel = l.splitn(3, ':').nth(2).unwrap().trim_start_matches('/').to_owned();
+                ["cpu", "cpu,cpuacct", ""]
+                    .iter()
+                    .map(|m| Path::new("/sys/fs/cgroup").join(m).join(&rel))
+                    .find(|p| p.exists())
+            };
+            let left = dir(&line);
+            second.kill().unwrap();
+            second.wait().unwrap();
+            assert!(left.is_none(), "the ended VMM's cgroup {left:?} is removed by the next ({second_line})");
+        }
+    }
+    for (cap, weight) in [("0", "100"), ("-1", "100"), ("1", "0"), ("1", "20000")] {
+        let out = Command::new(&vmm)
+            .arg("--kernel")
+            .arg(&spin)
+            .args([format!("--cpu-cap={cap}"), format!("--cpu-weight={weight}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success() && text(&out.stderr).contains("--cpu-"), "{cap} {weight}: {out:?}");
+    }
+}
+
 /// A CPU-bound guest capped at half a CPU uses 0.45-0.55 of one (the host's accounting in /proc over 5 s);
 /// the cap removed while it runs, it takes a whole CPU again; absurd caps and weights are refused by field.
 /// Where the host gives the daemon no cgroup CPU controller the VM says why and the measurement is skipped.

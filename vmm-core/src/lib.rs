@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod counters;
 pub mod cpu;
+pub mod cpu_limits;
 pub mod cpu_state;
 pub mod devices;
 pub mod disk;

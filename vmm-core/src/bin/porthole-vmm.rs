@@ -119,6 +119,14 @@ struct Cli {
     /// the console's pointer goes to it as absolute positions.
     #[arg(long)]
     tablet: bool,
+    /// At most this many CPUs' worth of time for the whole VM (e.g. 1.5), through a cgroup of its own under
+    /// the caller's (cgroup v2 cpu.max or the v1 cpu controller); where none can be written, the VM runs
+    /// unlimited and a warning says why.
+    #[arg(long, value_name = "CPUS")]
+    cpu_cap: Option<f64>,
+    /// The VM's share of CPU under contention, 1-10000 (100: the default share), in the same cgroup.
+    #[arg(long, value_name = "N")]
+    cpu_weight: Option<u32>,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -246,8 +254,36 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
+/// Puts this process (every thread it has and will have) into a cgroup of its own with `--cpu-cap` and
+/// `--cpu-weight`, or warns why they are not enforced.
+fn apply_cpu_limits(cap: Option<f64>, weight: Option<u32>) -> anyhow::Result<()> {
+    if cap.is_none() && weight.is_none() {
+        return Ok(());
+    }
+    let cap_percent = match cap {
+        Some(c) if c.is_finite() && c > 0.0 && c <= 4096.0 => Some(((c * 100.0).round() as u32).max(1)),
+        Some(c) => bail!("--cpu-cap {c}: give the CPUs' worth of time, more than 0 (e.g. 0.5 or 1.5)"),
+        None => None,
+    };
+    if let Some(w) = weight
+        && !(1..=10000).contains(&w)
+    {
+        bail!("--cpu-weight {w}: give 1 to 10000 (100 is the default share)");
+    }
+    let cpu = vmm_core::cpu_limits::CpuLimits::detect();
+    cpu.remove_unused("hand-");
+    let pid = std::process::id();
+    let limits = vmm_core::cpu_limits::Limits { cap_percent, weight };
+    match cpu.attach(&format!("hand-{pid}"), pid, limits) {
+        Ok(how) => log::info!("CPU limits {how}"),
+        Err(why) => log::warn!("the CPU limits are not enforced: {why}"),
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<vmm_core::ExitReason> {
     let config = config_from(&cli)?;
+    apply_cpu_limits(cli.cpu_cap, cli.cpu_weight)?;
     let control = config.control_socket.clone();
     let (vnc, vnc_view_only, vnc_password) =
         (config.vnc.clone(), config.vnc_view_only.clone(), config.vnc_password_file.clone());

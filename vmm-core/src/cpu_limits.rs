@@ -1,6 +1,7 @@
-//! CPU cap and weight of each VM, through the host's cgroups: every VM process goes into a cgroup of its
-//! own, `porthole/vm-<id>`, under the daemon's own cgroup, whose CPU controller files say how much CPU it
-//! may use (cap: CFS quota per period) and its share under contention (weight).
+//! CPU cap and weight of a VM, through the host's cgroups: its process goes into a cgroup of its own —
+//! `porthole/vm-<id>` under the daemon's own cgroup for the daemon's VMs, `porthole/vm-hand-<pid>` under the
+//! caller's for a `porthole-vmm --cpu-cap` started by hand — whose CPU controller files say how much CPU
+//! it may use (cap: CFS quota per period) and its share under contention (weight).
 //!
 //! cgroup v2 (`cpu.max`, `cpu.weight`) where the host has a unified hierarchy with the CPU controller, else
 //! the v1 `cpu` hierarchy (`cpu.cfs_quota_us`/`cpu.cfs_period_us`, `cpu.shares`). Where neither can be
@@ -95,6 +96,19 @@ impl CpuLimits {
     pub fn remove(&self, id: &str) {
         if let Ok((dir, _)) = self.vm_dir(id) {
             let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Removes the cgroups of VMs whose id starts with `prefix` and whose processes are gone (the kernel
+    /// refuses to remove a cgroup that still holds a process, so only the empty ones go): a VMM started
+    /// by hand cannot remove its own cgroup when it ends, so the next one cleans up.
+    pub fn remove_unused(&self, prefix: &str) {
+        let Ok(Hierarchy::V1(parent) | Hierarchy::V2(parent)) = &self.hierarchy else { return };
+        let Ok(entries) = std::fs::read_dir(parent) else { return };
+        for e in entries.flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(&format!("vm-{prefix}"))) {
+                let _ = std::fs::remove_dir(e.path());
+            }
         }
     }
 }
