@@ -267,7 +267,7 @@ pub fn run(seconds: f64) -> anyhow::Result<()> {
 }
 
 /// Sends `presses` keys to a kbd-echo console and returns the delay until the echo arrived, each.
-fn key_latencies(socket: &Path, presses: usize) -> anyhow::Result<Vec<Duration>> {
+pub(crate) fn key_latencies(socket: &Path, presses: usize) -> anyhow::Result<Vec<Duration>> {
     let mut client = RfbClient::connect(socket, None).map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
     client.set_encodings(&[0, -223])?;
     client.full_frame()?;
@@ -313,7 +313,13 @@ const CONSOLE_ENGINES: [&str; 2] = ["porthole-vmm", "qemu-system-x86_64 -M pc -v
 
 /// Starts `guest` on engine `index` of [`CONSOLE_ENGINES`] with its console on `socket` and its serial in
 /// `serial`, and waits until the guest printed `marker`.
-fn start_console_vm(index: usize, guest: &Path, socket: &Path, serial: &Path, marker: &str) -> anyhow::Result<Child> {
+pub(crate) fn start_console_vm(
+    index: usize,
+    guest: &Path,
+    socket: &Path,
+    serial: &Path,
+    marker: &str,
+) -> anyhow::Result<Child> {
     let engine = CONSOLE_ENGINES[index];
     let mut cmd = if index == 0 {
         let mut c = Command::new(std::env::current_exe()?.with_file_name("porthole-vmm"));
@@ -345,7 +351,7 @@ fn start_console_vm(index: usize, guest: &Path, socket: &Path, serial: &Path, ma
     Ok(child)
 }
 
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 

@@ -9,6 +9,7 @@
 //! - `net-backend`: see `net.rs`.
 //! - `limit-cost`: what a rate limit that is never hit costs the disk and network devices (same run, no
 //!   peer: limited / unlimited); see `limits.rs`.
+//! - `noisy`: a VM's key-echo latency alone, beside noisy VMs, and with limits on them; see `limits.rs`.
 //! - `snapshot`: saving a running VM's state to a file and starting from it; see `snapshot.rs`.
 
 use std::io::Read;
@@ -80,6 +81,14 @@ enum Bench {
     NetBackend {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+    },
+    /// A VM's key-echo latency alone, beside CPU- and disk-hungry VMs, and with those limited.
+    Noisy {
+        #[arg(long, default_value_t = 40)]
+        presses: usize,
+        /// The noisy VMs' CPU cap when limited (CPUs each).
+        #[arg(long, default_value_t = 0.25)]
+        cap: f64,
     },
     /// The disk and network devices with rate limits far above what they reach, against none.
     LimitCost {
@@ -368,6 +377,7 @@ fn main() -> anyhow::Result<()> {
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
         Bench::NetBackend { seconds } => net::backend(seconds),
         Bench::LimitCost { rounds, seconds } => limits::cost(rounds, seconds),
+        Bench::Noisy { presses, cap } => limits::noisy(presses, cap),
         Bench::DaemonApi { seconds } => daemon::api(seconds),
         Bench::ConsoleProxy { seconds } => daemon::console_proxy(seconds),
         Bench::Gui { runs } => gui::run(runs),
@@ -386,6 +396,7 @@ fn main() -> anyhow::Result<()> {
             disk::guest(400, 4000)?;
             net::backend(2.0)?;
             limits::cost(5, 1.0)?;
+            limits::noisy(40, 0.25)?;
             daemon::api(10)?;
             daemon::console_proxy(5.0)?;
             gui::run(5)?;
