@@ -1114,9 +1114,9 @@ impl Nic {
         self.limited.load(Ordering::Acquire)
     }
 
-    /// Takes a frame's bytes from the bucket of its way: None when it may go now, else how long to wait.
-    pub(crate) fn throttle(&self, way: Way, bytes: usize) -> Option<Duration> {
-        lock(&self.limiter).try_take(way, bytes as u64, Instant::now())
+    /// Takes a frame's bytes from the bucket of its way at `now`: None when it may go, else how long to wait.
+    pub(crate) fn throttle(&self, way: Way, bytes: usize, now: Instant) -> Option<Duration> {
+        lock(&self.limiter).try_take(way, bytes as u64, now)
     }
 
     /// Whether the card is on the bus (its back end started).

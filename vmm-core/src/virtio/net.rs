@@ -289,8 +289,9 @@ struct Throttle {
 }
 
 impl Throttle {
-    fn holds(&self, now: Instant) -> bool {
-        self.until.is_some_and(|u| now < u)
+    /// Whether the direction still waits (the clock is read only when it waited at all).
+    fn holds(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() < u)
     }
 
     fn hold(&mut self, now: Instant, wait: Duration) {
@@ -520,7 +521,7 @@ impl Shared {
     /// Sends up to [`BATCH`] frames from the transmit queue. Returns whether chains were used and whether
     /// more may be waiting.
     fn transmit(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
-        if io.tx_blocked || io.tx_throttle.holds(Instant::now()) {
+        if io.tx_blocked || io.tx_throttle.holds() {
             return (false, false);
         }
         let result = self.transmit_batch(io, active, link_up);
@@ -545,6 +546,8 @@ impl Shared {
             }
         }
         let mem = active.mem.clone();
+        // A limited card reads the clock once a batch, not once a frame.
+        let mut now = None;
         let mut used = false;
         for _ in 0..BATCH {
             let _ = active.tx.disable_notification(&mem);
@@ -573,10 +576,11 @@ impl Shared {
                     // The rate limit from the guest: a frame it does not let through yet goes back to the
                     // avail ring (the last taken) and the queue waits for the refill.
                     if self.nic.is_limited()
-                        && let Some(wait) = self.nic.throttle(Way::Tx, len - VNET_HEADER_LEN)
+                        && let t = *now.get_or_insert_with(Instant::now)
+                        && let Some(wait) = self.nic.throttle(Way::Tx, len - VNET_HEADER_LEN, t)
                     {
                         active.tx.go_to_previous_position();
-                        io.tx_throttle.hold(Instant::now(), wait);
+                        io.tx_throttle.hold(t, wait);
                         return (used, false);
                     }
                     io.tx_throttle.release(&stats.tx_throttled_us);
@@ -615,9 +619,11 @@ impl Shared {
     /// Delivers up to [`BATCH`] frames from the back end. Returns whether chains were used and whether
     /// more may be waiting.
     fn receive(&self, io: &mut Io, active: &mut Active, link_up: bool) -> (bool, bool) {
-        if io.rx_throttle.holds(Instant::now()) {
+        if io.rx_throttle.holds() {
             return (false, false);
         }
+        // A limited card reads the clock once a batch, not once a frame.
+        let mut now = None;
         let mut used = false;
         for _ in 0..BATCH {
             if !io.has_pending {
@@ -646,9 +652,10 @@ impl Shared {
             // The rate limit towards the guest: the frame waits (the back end's socket holds the rest).
             if !io.pending_paid {
                 if self.nic.is_limited()
-                    && let Some(wait) = self.nic.throttle(Way::Rx, io.pending.len() - VNET_HEADER_LEN)
+                    && let t = *now.get_or_insert_with(Instant::now)
+                    && let Some(wait) = self.nic.throttle(Way::Rx, io.pending.len() - VNET_HEADER_LEN, t)
                 {
-                    io.rx_throttle.hold(Instant::now(), wait);
+                    io.rx_throttle.hold(t, wait);
                     return (used, false);
                 }
                 io.rx_throttle.release(&self.nic.stats.rx_throttled_us);
