@@ -1356,22 +1356,30 @@ fn keyboard_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
     if !led.text.contains("caps=on") {
         return Err(format!("the guest could not set the Caps Lock LED: {}", led.text));
     }
+    // The guest waits for a typed line meanwhile: the VMM is asked while this boot's keyboard is up.
     let deadline = Instant::now() + MIN;
     let leds = loop {
         let status = control_reply(m, &vmm_core::control::Request::Status)?.status;
-        let (virtio, leds) = status.map(|s| (s.virtio_keyboard, s.keyboard_leds)).unwrap_or_default();
-        if !virtio {
-            return Err("the VMM's status says the virtio keyboard is not in use".into());
-        }
+        let (virtio, leds) = status.as_ref().map(|s| (s.virtio_keyboard, s.keyboard_leds)).unwrap_or_default();
         match leds {
-            Some(l) if l.caps_lock => break l,
+            Some(l) if virtio && l.caps_lock => break l,
             _ if Instant::now() > deadline => {
-                return Err(format!("the Caps Lock LED the guest set never reached the VMM: {leds:?}"));
+                return Err(format!(
+                    "the VMM's status: virtio keyboard in use {virtio}, LEDs {leds:?} (the guest set Caps Lock): \
+                     {status:?}"
+                ));
             }
             _ => std::thread::sleep(Duration::from_millis(500)),
         }
     };
-    Ok(format!("virtio keyboard events {events:?} for RFB 'a'; LEDs {leds:?} in the VMM's status"))
+    type_line(m, "vkbd7")?;
+    let tty = m.expect("PORTHOLE-VKBD-TTY", MIN)?;
+    // Earlier presses of 'a' went to the VT too: they start the line.
+    let got = Machine::field(&tty, "got").unwrap_or_default().to_owned();
+    if !got.ends_with("vkbd7") || !got.trim_end_matches("vkbd7").chars().all(|c| c == 'a') {
+        return Err(format!("a line typed through the virtio keyboard: the VT read {:?}", tty.text));
+    }
+    Ok(format!("virtio keyboard events {events:?} for RFB 'a'; LEDs {leds:?} in the VMM's status; VT read {got:?}"))
 }
 
 fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {
