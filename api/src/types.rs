@@ -96,14 +96,19 @@ pub struct Vm {
     /// `GET /vms/{id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_status: Option<String>,
-    /// A virtio-input tablet next to the PS/2 mouse: once the guest's driver is up, the console's pointer
-    /// is absolute (the guest's cursor sits under the console's).
+    /// How the console's keyboard and pointer reach the guest: PS/2 only, or a virtio-input tablet and
+    /// keyboard beside PS/2 (once the guest's driver is up, the pointer is absolute — the guest's cursor
+    /// sits under the console's — and keys go to the virtio keyboard).
     #[serde(default)]
-    pub tablet: bool,
-    /// A running VM with a tablet (`GET /vms/{id}`): whether the guest's tablet driver is up (the pointer
-    /// is absolute) or not yet (the PS/2 mouse moves by deltas).
+    pub input: InputMode,
+    /// A running VM with virtio input (`GET /vms/{id}`): whether the guest's tablet driver is up (the
+    /// pointer is absolute) or not yet (the PS/2 mouse moves by deltas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub absolute_pointer: Option<bool>,
+    /// A running VM with virtio input (`GET /vms/{id}`): whether the console's keys go to the virtio
+    /// keyboard (the guest's driver is up) or to the PS/2 keyboard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtio_keyboard: Option<bool>,
     /// The most CPU the VM may use, in percent of one CPU (150: one and a half CPUs); none: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -166,6 +171,28 @@ pub struct Vm {
     /// Those changes' values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<UpdateVm>,
+}
+
+/// How the console's keyboard and pointer reach a VM's guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InputMode {
+    /// The PS/2 keyboard and mouse only (what firmware and boot loaders use).
+    #[default]
+    Ps2,
+    /// A virtio-input tablet and keyboard beside PS/2, used once the guest's driver is up (the default for
+    /// new VMs).
+    Virtio,
+}
+
+impl InputMode {
+    /// The word of `porthole-vmm --input`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputMode::Ps2 => "ps2",
+            InputMode::Virtio => "virtio",
+        }
+    }
 }
 
 /// The format of a disk image.
@@ -234,9 +261,10 @@ pub struct CreateVm {
     /// in 2222-2299 (on 127.0.0.1) to the guest's port 22. `[]`: no network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,
-    /// A virtio-input tablet for an absolute pointer (default: yes).
+    /// PS/2 input only, or a virtio-input tablet (an absolute pointer) and keyboard beside PS/2 (default:
+    /// `virtio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tablet: Option<bool>,
+    pub input: Option<InputMode>,
     /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -267,7 +295,7 @@ impl CreateVm {
             cloud_init: None,
             tags: Vec::new(),
             nics: None,
-            tablet: None,
+            input: None,
             cpu_cap_percent: None,
             cpu_weight: None,
         }
@@ -320,9 +348,10 @@ pub struct UpdateVm {
     /// Grows the VM's disk to this many bytes (a multiple of 512; never smaller than it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
-    /// Adds or removes the virtio-input tablet.
+    /// Switches between PS/2 input only and the virtio-input tablet and keyboard beside PS/2 (applies at
+    /// the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tablet: Option<bool>,
+    pub input: Option<InputMode>,
     /// The CPU cap in percent of one CPU, 1 to 100 × vCPUs; 0 removes it. Applies at once to a running VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,

@@ -10,7 +10,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use porthole::PortholeApp;
 use porthole_api::client::Action;
-use porthole_api::{BootDevice, DiskFormat, DisplaySpec, DriveKind, Vm, VmState};
+use porthole_api::{BootDevice, DiskFormat, DisplaySpec, DriveKind, InputMode, Vm, VmState};
 use porthole_tests::Scratch;
 use porthole_tests::daemon::Daemon;
 
@@ -75,8 +75,8 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     press(&mut h, "Start with the host");
     replace_text(&mut h, "vCPUs", "2");
     replace_text(&mut h, "Memory (MiB)", "96");
-    assert!(vm.tablet, "new VMs have a tablet");
-    press(&mut h, "Tablet (absolute pointer)");
+    assert_eq!(vm.input, InputMode::Virtio, "new VMs have virtio input");
+    press(&mut h, "PS/2 only");
     type_into(&mut h, "CPU cap (% of one CPU)", "50");
     type_into(&mut h, "CPU weight", "200");
     replace_text(&mut h, "Disk size (GiB)", "2");
@@ -98,7 +98,7 @@ fn every_setting_of_a_stopped_vm_is_edited_in_the_window_and_seen_in_the_api() {
     assert_eq!(got.boot_order, [BootDevice::Disk, BootDevice::Cdrom]);
     assert!(got.boot_menu);
     assert_eq!(got.display, Some(DisplaySpec { width: 1024, height: 768 }));
-    assert!(!got.tablet, "the tablet switched off");
+    assert_eq!(got.input, InputMode::Ps2, "virtio input switched off");
     assert_eq!((got.cpu_cap_percent, got.cpu_weight), (Some(50), Some(200)));
     assert!(got.pending_changes.is_empty());
     wait(&mut h, "the view follows the host", |h| has(h, "Settings of edited") && disabled(h, "Apply"));

@@ -90,6 +90,16 @@ impl RunFiles {
     }
 }
 
+/// What a running VM's engine reports (`Host::live_status`).
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    pub nics: Vec<NicStatus>,
+    /// The pointer goes to the tablet (its guest driver is up).
+    pub absolute_pointer: bool,
+    /// The keys go to the virtio keyboard (its guest driver is up).
+    pub virtio_keyboard: bool,
+}
+
 pub struct Host {
     pub store: Store,
     vmm: PathBuf,
@@ -452,9 +462,10 @@ impl Host {
         Ok(e.record.clone())
     }
 
-    /// What a running VM's process reports (None: the VM does not run) — its network cards and whether its
-    /// pointer is absolute (the guest's tablet driver is up) — in one `status` request, or why it cannot be had.
-    pub async fn live_status(&self, id: &str) -> Option<Result<(Vec<NicStatus>, bool), String>> {
+    /// What a running VM's process reports (None: the VM does not run) — its network cards, whether its
+    /// pointer is absolute (the guest's tablet driver is up) and whether its keys go to the virtio keyboard
+    /// — in one `status` request, or why it cannot be had.
+    pub async fn live_status(&self, id: &str) -> Option<Result<LiveStatus, String>> {
         self.pid(id)?;
         let control = self.run_files(id).control();
         let asked = tokio::task::spawn_blocking(move || {
@@ -467,7 +478,11 @@ impl Host {
         .and_then(|r| r);
         Some(
             asked
-                .map(|s| (s.nics.into_iter().map(net::api_status).collect(), s.absolute_pointer))
+                .map(|s| LiveStatus {
+                    nics: s.nics.into_iter().map(net::api_status).collect(),
+                    absolute_pointer: s.absolute_pointer,
+                    virtio_keyboard: s.virtio_keyboard,
+                })
                 .map_err(|e| format!("the VM process did not report its network cards: {e}")),
         )
     }
@@ -699,9 +714,7 @@ impl Host {
                 cmd.arg("--restore").arg(state);
             }
             cmd.args(net::net_args(record.nics()));
-            if record.tablet {
-                cmd.arg("--tablet");
-            }
+            cmd.arg("--input").arg(record.input.as_str());
             for m in &media {
                 match m {
                     Some(m) => cmd.arg("--cdrom").arg(m),
@@ -1072,8 +1085,9 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         boot_order: r.boot_order.clone().unwrap_or_else(porthole_api::default_boot_order),
         boot_menu: r.boot_menu,
         display: r.display,
-        tablet: r.tablet,
+        input: r.input,
         absolute_pointer: None,
+        virtio_keyboard: None,
         cpu_cap_percent: r.cpu_cap_percent,
         cpu_weight: r.cpu_weight,
         cpu_limits: cpu_limits_text(r, e, cpu),
@@ -1173,7 +1187,7 @@ pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
         boot_menu: req.boot_menu,
         display: req.display,
         disk_bytes: req.disk_bytes,
-        tablet: req.tablet,
+        input: req.input,
         ..UpdateVm::default()
     }
 }
@@ -1205,8 +1219,8 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(size) = u.disk_bytes {
         r.disk_bytes = r.disk_bytes.max(size);
     }
-    if let Some(t) = u.tablet {
-        r.tablet = t;
+    if let Some(i) = u.input {
+        r.input = i;
     }
     if let Some(nics) = &u.nics {
         // Pending cards were built (ids and MACs chosen) when the change was made.
@@ -1233,7 +1247,7 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     p.boot_menu = new.boot_menu.or(p.boot_menu).filter(|m| *m != r.boot_menu);
     p.display = new.display.or(p.display).filter(|d| r.display != Some(*d));
     p.disk_bytes = new.disk_bytes.or(p.disk_bytes).filter(|s| *s > r.disk_bytes);
-    p.tablet = new.tablet.or(p.tablet).filter(|t| *t != r.tablet);
+    p.input = new.input.or(p.input).filter(|i| *i != r.input);
     let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
     p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
     r.pending = (p != UpdateVm::default()).then_some(p);
@@ -1250,7 +1264,7 @@ pub fn pending_names(p: &UpdateVm) -> Vec<String> {
         ("boot_menu", p.boot_menu.is_some()),
         ("display", p.display.is_some()),
         ("disk_bytes", p.disk_bytes.is_some()),
-        ("tablet", p.tablet.is_some()),
+        ("input", p.input.is_some()),
         ("nics", p.nics.is_some()),
     ];
     set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()

@@ -453,9 +453,11 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
         vm.boot_status = crate::host::firmware_boot_status(&app.host.run_files(&id).firmware_log());
     }
     match app.host.live_status(&id).await {
-        Some(Ok((nics, absolute))) => {
-            vm.nic_status = nics;
-            vm.absolute_pointer = vm.tablet.then_some(absolute);
+        Some(Ok(live)) => {
+            vm.nic_status = live.nics;
+            let virtio = vm.input == porthole_api::InputMode::Virtio;
+            vm.absolute_pointer = virtio.then_some(live.absolute_pointer);
+            vm.virtio_keyboard = virtio.then_some(live.virtio_keyboard);
         }
         Some(Err(why)) => vm.nic_status_error = Some(why),
         None => {}
@@ -659,7 +661,7 @@ async fn create_vm(
         created_ms: now_ms(),
         tags,
         nics: Some(nics),
-        tablet: req.tablet.unwrap_or(true),
+        input: req.input.unwrap_or(porthole_api::InputMode::Virtio),
         cpu_cap_percent: req.cpu_cap_percent.filter(|&c| c != 0),
         cpu_weight: req.cpu_weight.filter(|&w| w != 0),
         ..VmRecord::default()

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, NicDefinition, UpdateVm};
+use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, UpdateVm};
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
@@ -70,10 +70,11 @@ pub struct VmRecord {
     /// Firmware boot: offer the boot menu.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub boot_menu: bool,
-    /// A virtio-input tablet (`porthole-vmm --tablet`). Absent in definitions written before it: those VMs
-    /// keep their PS/2 mouse alone (their saved machine states have no tablet).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub tablet: bool,
+    /// The console's input (`porthole-vmm --input`): PS/2 only, or a virtio-input tablet and keyboard.
+    /// Absent in definitions written before it: PS/2. Definitions of the tablet's time say `tablet: true`
+    /// (read as `virtio`; their machine states, saved with a tablet and no keyboard, no longer load).
+    #[serde(default, alias = "tablet", deserialize_with = "input_or_tablet", skip_serializing_if = "is_ps2")]
+    pub input: InputMode,
     /// CPU cap in percent of one CPU, and weight (cgroups; see `cpu_limits.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -83,7 +84,7 @@ pub struct VmRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<DisplaySpec>,
     /// Changes made while the VM ran, applied at its next start from power-on (see `Host::start`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "pending_with_tablet")]
     pub pending: Option<UpdateVm>,
     /// The disks after the boot disk (`disk`), in the engine's order (after the cloud-init seed, if any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -378,6 +379,37 @@ pub fn image_facts(path: &Path) -> (porthole_api::ImageFormat, u64, u64) {
     (format, len, allocated)
 }
 
+fn is_ps2(mode: &InputMode) -> bool {
+    *mode == InputMode::Ps2
+}
+
+/// `"ps2"`/`"virtio"`, or the boolean of the older `tablet` field (true: the tablet, now virtio input).
+fn input_or_tablet<'de, D: serde::Deserializer<'de>>(d: D) -> Result<InputMode, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Mode(InputMode),
+        Tablet(bool),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Mode(m) => m,
+        Either::Tablet(true) => InputMode::Virtio,
+        Either::Tablet(false) => InputMode::Ps2,
+    })
+}
+
+/// Pending changes, where a change of the older `tablet` field (true/false) becomes one of `input`.
+fn pending_with_tablet<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<UpdateVm>, D::Error> {
+    let Some(mut v) = Option::<serde_json::Value>::deserialize(d)? else { return Ok(None) };
+    if let Some(map) = v.as_object_mut()
+        && let Some(tablet) = map.remove("tablet")
+    {
+        let mode = if tablet.as_bool().unwrap_or(false) { InputMode::Virtio } else { InputMode::Ps2 };
+        map.entry("input").or_insert_with(|| serde_json::Value::from(mode.as_str()));
+    }
+    serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,6 +431,32 @@ mod tests {
             nics: Some(Vec::new()),
             ..VmRecord::default()
         }
+    }
+
+    /// Definitions written in the tablet's time (`tablet: true|false`, also as a pending change) read as
+    /// virtio or PS/2 input; PS/2 is written as nothing, virtio as `"input": "virtio"`.
+    #[test]
+    fn the_older_tablet_field_reads_as_the_input_mode() {
+        let mut v = serde_json::to_value(record("a", "old")).unwrap();
+        assert!(v.get("input").is_none(), "PS/2 is the default, not written");
+        v["tablet"] = true.into();
+        v["pending"] = serde_json::json!({"tablet": false, "vcpus": 2});
+        let r: VmRecord = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(r.input, InputMode::Virtio);
+        let pending = r.pending.clone().unwrap();
+        assert_eq!((pending.input, pending.vcpus), (Some(InputMode::Ps2), Some(2)));
+        v["tablet"] = false.into();
+        v["pending"] = serde_json::json!({"tablet": true});
+        let r2: VmRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(r2.input, InputMode::Ps2);
+        assert_eq!(r2.pending.unwrap().input, Some(InputMode::Virtio));
+        let written = serde_json::to_value(&r).unwrap();
+        assert_eq!(written["input"], "virtio");
+        assert!(written.get("tablet").is_none());
+        assert_eq!(serde_json::from_value::<VmRecord>(written).unwrap(), r);
+        let mut bad = serde_json::to_value(record("b", "bad")).unwrap();
+        bad["input"] = "usb".into();
+        assert!(serde_json::from_value::<VmRecord>(bad).is_err());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 #   hw.mode=full    first boot: virtio-blk read (md5) and write + flush, the virtio-scsi CD (md5 of
 #                   /dev/sr0), a square drawn into /dev/fb0 through bochs-drm, a line typed on the PS/2
 #                   keyboard, PS/2 mouse packets, then the virtio-input tablet's events once its driver is
-#                   loaded (the pointer leaves the PS/2 mouse), then `reboot -f`; second boot (seen on the disk): waits
+#                   loaded (the pointer leaves the PS/2 mouse), the virtio-input keyboard's key events (the
+#                   keys leave the PS/2 keyboard) and its Caps Lock LED set, then `reboot -f`; second boot (seen on the disk): waits
 #                   for the ACPI power button and powers off.
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
@@ -229,6 +230,27 @@ if [ -n "$ev" ] && wait_for "$ev"; then
     say "PORTHOLE-TABLET events=$(dd if="$ev" bs=24 count=8 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
 else
     say "PORTHOLE-TABLET-NONE $(cat /sys/class/input/input*/name 2>/dev/null | tr ' \n' '_,')"
+fi
+
+# The virtio-input keyboard (--input virtio), loaded with the tablet: the console's keys reach it now (the
+# PS/2 keyboard had them before). Four evdev events of a key typed on the console (KEY_A down and up, each
+# with its report); then the Caps Lock LED switched on through evdev, which the driver sends on the status
+# queue (the harness reads the LED state from the VMM's control socket); then a line typed on the console
+# reaches the VT through the virtio keyboard.
+ev=$(event_device "Porthole keyboard")
+if [ -n "$ev" ] && wait_for "$ev"; then
+    say "PORTHOLE-VKBD-READY $ev"
+    say "PORTHOLE-VKBD events=$(dd if="$ev" bs=24 count=4 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+    # struct input_event: 16 bytes of time (ignored on write), EV_LED (0x11), LED_CAPSL (1), value 1.
+    { head -c 16 /dev/zero; printf '\021\000\001\000\001\000\000\000'; } >/tmp/caps-led
+    # The VT is open before the LED line: the harness checks the LED, then types a line that goes through the
+    # virtio keyboard to the VT (this boot waits for it, so the VMM is asked while the keyboard is still up).
+    exec 4</dev/tty1
+    if dd if=/tmp/caps-led of="$ev" bs=24 count=1 2>/dev/null; then say "PORTHOLE-VKBD-LED caps=on"; else say "PORTHOLE-VKBD-LED failed"; fi
+    if read -r -t 300 line <&4; then say "PORTHOLE-VKBD-TTY got=$line"; else say "PORTHOLE-VKBD-TTY none"; fi
+    exec 4<&-
+else
+    say "PORTHOLE-VKBD-NONE $(cat /sys/class/input/input*/name 2>/dev/null | tr ' \n' '_,')"
 fi
 
 # Second boot next: mark it on the disk, then reboot without the init system.

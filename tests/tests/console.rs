@@ -310,6 +310,23 @@ fn keys_and_mouse_reach_the_guest() {
     assert_eq!(mouse, ["PORTHOLE-MOUSE b=0 dx=10 dy=-5", "PORTHOLE-MOUSE b=1 dx=0 dy=0"]);
 }
 
+/// With `--input virtio` the guest has a virtio tablet and keyboard, but this one never loads their driver
+/// (as firmware and boot loaders): keys and the pointer still reach its PS/2 keyboard and mouse.
+#[test]
+fn with_virtio_input_keys_and_the_pointer_stay_on_ps2_until_the_guest_takes_them() {
+    let vm = ConsoleVm::start("kbd-echo", &["--input", "virtio"], "PORTHOLE-KBD-READY");
+    let mut c = vm.client();
+    c.key(u32::from(b'a'), true).unwrap();
+    c.key(u32::from(b'a'), false).unwrap();
+    vm.wait_for("PORTHOLE-KEY 9e");
+    let keys: Vec<String> =
+        vm.output().lines().filter_map(|l| l.strip_prefix("PORTHOLE-KEY ").map(str::to_owned)).collect();
+    assert_eq!(keys, ["1e", "9e"]);
+    c.pointer(100, 100, 0).unwrap();
+    c.pointer(110, 105, 1).unwrap();
+    vm.wait_for("PORTHOLE-MOUSE b=1");
+}
+
 #[test]
 fn vnc_auth_accepts_the_password_and_refuses_others() {
     let dir = Scratch::new("vncauth");

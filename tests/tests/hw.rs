@@ -41,7 +41,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "linux",
-        what: "Debian kernel (bzImage): virtio-blk, virtio-scsi CD, bochs-drm on RFB, PS/2 keys and mouse, virtio-input tablet, reboot, ACPI off",
+        what: "Debian kernel (bzImage): virtio-blk, virtio-scsi CD, bochs-drm on RFB, PS/2 keys and mouse, virtio-input tablet and keyboard, reboot, ACPI off",
         pieces: &[],
         all_only: false,
         ends_itself: true,
@@ -429,6 +429,7 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let ready = m.expect("PORTHOLE-MOUSE-READY", 2 * MIN)?.text;
     let packets = move_mouse_until(m, "PORTHOLE-MOUSE packets=", 3 * MIN)?;
     let tablet = tablet_events(m, 3 * MIN)?;
+    let keyboard = keyboard_events(m, 3 * MIN)?;
     m.expect("PORTHOLE-REBOOTING", 2 * MIN)?;
     m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
     m.expect("PORTHOLE-POWER-BUTTON-READY", 5 * MIN)?;
@@ -445,7 +446,7 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let mouse_desc = ready.split_whitespace().nth(1).unwrap_or("?").to_owned();
     Ok(format!(
         "disk md5 {disk} read, write flushed and found; CD md5 {cd}; fb {mode} pixel {pixel:06x} on RFB; \
-         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; reboot -f -> second boot; power button -> off \
+         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {keyboard}; reboot -f -> second boot; power button -> off \
          (exit 0)",
         packets.trim()
     ))
@@ -1327,11 +1328,84 @@ fn tablet_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
     Ok(format!("tablet ABS_X {xs:?} for x {:?} on {w}x{h}", points.map(|p| p.0)))
 }
 
+/// Once the guest has loaded virtio_input: types 'a' on the RFB console until the guest reports the
+/// virtio keyboard's evdev events, and checks they are KEY_A's press and release (the VMM sends the keys to
+/// the virtio keyboard now, not to PS/2); then waits for the Caps Lock LED the guest sets to show in the
+/// VMM's status (the driver's status queue).
+fn keyboard_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
+    const EV_SYN: u16 = 0;
+    const EV_KEY: u16 = 1;
+    const KEY_A: u16 = 30;
+    let ready = m.expect("PORTHOLE-VKBD", 3 * MIN)?;
+    if !ready.text.contains("PORTHOLE-VKBD-READY") {
+        return Err(format!("no virtio keyboard in the guest: {}", ready.text));
+    }
+    let mut c = rfb(m)?;
+    let deadline = Instant::now() + limit;
+    let from = m.seen.len();
+    let needle = "PORTHOLE-VKBD events=";
+    let hex = loop {
+        let a = u32::from(b'a');
+        c.key(a, true).and_then(|()| c.key(a, false)).map_err(|e| format!("RFB key: {e}"))?;
+        match m.expect_from(from, needle, Duration::from_millis(700)) {
+            Ok(line) => break line.text.split_once(needle).map(|(_, p)| p.to_owned()).unwrap_or_default(),
+            Err(e) if e.starts_with("no ") && Instant::now() < deadline => {}
+            Err(e) => return Err(format!("virtio keyboard: {e}")),
+        }
+    };
+    let bytes: Vec<u8> = hex.split_whitespace().filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+    // struct input_event on x86-64: 16 bytes of time, then type (u16), code (u16), value (i32).
+    let events: Vec<(u16, u16, i32)> = bytes
+        .chunks_exact(24)
+        .map(|e| {
+            let u16_at = |i: usize| u16::from_le_bytes([e[i], e[i + 1]]);
+            (u16_at(16), u16_at(18), i32::from_le_bytes([e[20], e[21], e[22], e[23]]))
+        })
+        .collect();
+    let only_a = events.iter().all(|&(t, code, _)| (t == EV_KEY && code == KEY_A) || (t == EV_SYN && code == 0));
+    if events.len() != 4 || !only_a || !events.contains(&(EV_KEY, KEY_A, 1)) || !events.contains(&(EV_KEY, KEY_A, 0)) {
+        return Err(format!("virtio keyboard events {events:?}: expected KEY_A (30) down and up with reports"));
+    }
+    let led = m.expect("PORTHOLE-VKBD-LED", MIN)?;
+    if !led.text.contains("caps=on") {
+        return Err(format!("the guest could not set the Caps Lock LED: {}", led.text));
+    }
+    // The guest waits for a typed line meanwhile: the VMM is asked while this boot's keyboard is up.
+    let deadline = Instant::now() + MIN;
+    let leds = loop {
+        let status = control_reply(m, &vmm_core::control::Request::Status)?.status;
+        let (virtio, leds) = status.as_ref().map(|s| (s.virtio_keyboard, s.keyboard_leds)).unwrap_or_default();
+        match leds {
+            Some(l) if virtio && l.caps_lock => break l,
+            _ if Instant::now() > deadline => {
+                return Err(format!(
+                    "the VMM's status: virtio keyboard in use {virtio}, LEDs {leds:?} (the guest set Caps Lock): \
+                     {status:?}"
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    type_line(m, "vkbd7")?;
+    let tty = m.expect("PORTHOLE-VKBD-TTY", MIN)?;
+    // Earlier presses of 'a' went to the VT too: they start the line.
+    let got = Machine::field(&tty, "got").unwrap_or_default().to_owned();
+    if !got.ends_with("vkbd7") || !got.trim_end_matches("vkbd7").chars().all(|c| c == 'a') {
+        return Err(format!("a line typed through the virtio keyboard: the VT read {:?}", tty.text));
+    }
+    Ok(format!("virtio keyboard events {events:?} for RFB 'a'; LEDs {leds:?} in the VMM's status; VT read {got:?}"))
+}
+
 fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {
+    control_reply(m, request).map(|_| ())
+}
+
+/// A control request's reply, which must be `ok`.
+fn control_reply(m: &Machine, request: &vmm_core::control::Request) -> Result<vmm_core::control::Response, String> {
     let deadline = Instant::now() + MIN;
     loop {
         match vmm_core::control::ControlClient::connect(&m.control.path).and_then(|mut c| c.request(request)) {
-            Ok(reply) if reply.ok => return Ok(()),
+            Ok(reply) if reply.ok => return Ok(reply),
             Ok(reply) => return Err(format!("control {request:?}: {reply:?}")),
             Err(e) if Instant::now() > deadline => return Err(format!("control socket through L1: {e}")),
             Err(_) => std::thread::sleep(Duration::from_millis(500)),

@@ -721,12 +721,14 @@ async fn a_snapshot_that_fails_on_the_second_disk_changes_nothing() {
     qemu_img_check(&extra_top(&d, &id, 1));
 }
 
-/// The tablet: new VMs have one (the guest finds the virtio-input device on its PCI bus), `tablet: false`
-/// leaves it out; a running VM says whether its pointer is absolute yet (the micro-guest has no tablet
-/// driver: no); switching it off on a running VM waits for its next start.
+/// Virtio input: new VMs get it (the guest finds two virtio-input devices, the tablet and the keyboard, on
+/// its PCI bus), `input: ps2` leaves them out; a running VM says whether its pointer is absolute and its
+/// keys go to the virtio keyboard yet (the micro-guest has no virtio-input driver: no); switching to PS/2 on
+/// a running VM waits for its next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_vms_have_a_tablet_that_the_guest_sees_and_it_can_be_switched_off() {
-    let dir = Scratch::new("settings-tablet");
+async fn new_vms_have_virtio_input_that_the_guest_sees_and_it_can_be_switched_off() {
+    use porthole_api::InputMode;
+    let dir = Scratch::new("settings-input");
     let d = Daemon::start(&dir, false, &[]);
     let c = d.local();
     let scan = BootSpec {
@@ -734,11 +736,11 @@ async fn new_vms_have_a_tablet_that_the_guest_sees_and_it_can_be_switched_off() 
         initrd: None,
         cmdline: String::new(),
     };
-    let request = |name: &str, tablet: Option<bool>| CreateVm {
+    let request = |name: &str, input: Option<InputMode>| CreateVm {
         boot: Some(scan.clone()),
         disk_gib: 0,
         nics: Some(Vec::new()),
-        tablet,
+        input,
         ..CreateVm::new(name, 1, 64)
     };
     let devices = |id: String| {
@@ -751,31 +753,36 @@ async fn new_vms_have_a_tablet_that_the_guest_sees_and_it_can_be_switched_off() 
             lines.into_iter().filter(|l| l.starts_with("PCI slot=")).collect::<Vec<_>>()
         }
     };
-    let with = c.create_vm(&request("pointer", None)).await.unwrap();
-    assert!(with.tablet, "new VMs get a tablet");
+    let with = c.create_vm(&request("virtio-input", None)).await.unwrap();
+    assert_eq!(with.input, InputMode::Virtio, "new VMs get virtio input");
     let seen = devices(with.id.clone()).await;
-    assert_eq!(seen.iter().filter(|l| l.contains("id=1af4:1052")).count(), 1, "{seen:#?}");
-    let without = c.create_vm(&request("mouse-only", Some(false))).await.unwrap();
-    assert!(!without.tablet);
+    assert_eq!(seen.iter().filter(|l| l.contains("id=1af4:1052")).count(), 2, "tablet and keyboard: {seen:#?}");
+    let without = c.create_vm(&request("ps2-only", Some(InputMode::Ps2))).await.unwrap();
+    assert_eq!(without.input, InputMode::Ps2);
     let seen = devices(without.id.clone()).await;
     assert!(!seen.iter().any(|l| l.contains("id=1af4:1052")), "{seen:#?}");
 
-    // A running VM: its pointer is not absolute until the guest loads a tablet driver (the idle guest never
-    // does); switching the tablet off waits for the next start.
+    // A running VM: its pointer is not absolute nor its keys on the virtio keyboard until the guest loads a
+    // virtio-input driver (the idle guest never does); switching to PS/2 waits for the next start.
     c.update_vm(&with.id, &UpdateVm { boot: Some(idle_boot()), ..Default::default() }).await.unwrap();
     c.action(&with.id, Action::Start).await.unwrap();
     wait_state(&c, &with.id, VmState::Running).await;
-    assert_eq!(c.vm(&with.id).await.unwrap().absolute_pointer, Some(false));
-    assert!(vmm_args(&d, &with.id).iter().any(|a| a == "--tablet"));
-    let vm = c.update_vm(&with.id, &UpdateVm { tablet: Some(false), ..Default::default() }).await.unwrap();
-    assert!(vm.tablet && vm.pending_changes == ["tablet"], "{vm:?}");
+    let vm = c.vm(&with.id).await.unwrap();
+    assert_eq!((vm.absolute_pointer, vm.virtio_keyboard), (Some(false), Some(false)), "{vm:?}");
+    let input_arg = |id: &str| {
+        let args = vmm_args(&d, id);
+        args.iter().position(|a| a == "--input").and_then(|i| args.get(i + 1).cloned())
+    };
+    assert_eq!(input_arg(&with.id).as_deref(), Some("virtio"));
+    let vm = c.update_vm(&with.id, &UpdateVm { input: Some(InputMode::Ps2), ..Default::default() }).await.unwrap();
+    assert!(vm.input == InputMode::Virtio && vm.pending_changes == ["input"], "{vm:?}");
     c.action(&with.id, Action::Poweroff).await.unwrap();
     wait_state(&c, &with.id, VmState::Stopped).await;
     c.action(&with.id, Action::Start).await.unwrap();
     wait_state(&c, &with.id, VmState::Running).await;
-    assert!(!vmm_args(&d, &with.id).iter().any(|a| a == "--tablet"), "applied at the next start");
+    assert_eq!(input_arg(&with.id).as_deref(), Some("ps2"), "applied at the next start");
     let vm = c.vm(&with.id).await.unwrap();
-    assert!(!vm.tablet && vm.absolute_pointer.is_none(), "{vm:?}");
+    assert!(vm.input == InputMode::Ps2 && vm.absolute_pointer.is_none() && vm.virtio_keyboard.is_none(), "{vm:?}");
     c.action(&with.id, Action::Poweroff).await.unwrap();
 }
 

@@ -64,10 +64,64 @@ pub struct VmConfig {
     /// Network cards (virtio-net on PCI), in the order the guest finds them.
     #[serde(default)]
     pub nics: Vec<crate::net::NicConfig>,
-    /// A virtio-input tablet next to the PS/2 mouse: once the guest's driver is up, the console's pointer
-    /// goes to it as absolute positions (the guest's cursor sits under the console's, no grab needed).
-    #[serde(default)]
-    pub tablet: bool,
+    /// The console's keyboard and pointer: PS/2 only, or virtio-input devices (a tablet and a keyboard)
+    /// beside PS/2. `tablet: true|false`, from before, is read as `virtio`|`ps2`.
+    #[serde(default, alias = "tablet", deserialize_with = "input_mode_or_tablet")]
+    pub input: InputMode,
+}
+
+/// How the console's keyboard and pointer reach the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputMode {
+    /// The PS/2 keyboard and mouse (i8042) only.
+    #[default]
+    Ps2,
+    /// A virtio-input tablet and keyboard beside PS/2: once the guest's driver is up (Linux: virtio_input)
+    /// the pointer is absolute (the guest's cursor sits under the console's, no grab needed) and keys go to
+    /// the virtio keyboard; firmware and boot loaders keep PS/2.
+    Virtio,
+}
+
+impl InputMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputMode::Ps2 => "ps2",
+            InputMode::Virtio => "virtio",
+        }
+    }
+}
+
+impl std::fmt::Display for InputMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for InputMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ps2" => Ok(InputMode::Ps2),
+            "virtio" => Ok(InputMode::Virtio),
+            _ => Err(format!("input {s:?}: ps2 or virtio")),
+        }
+    }
+}
+
+/// `"ps2"`/`"virtio"`, or the boolean of the older `tablet` field.
+fn input_mode_or_tablet<'de, D: serde::Deserializer<'de>>(d: D) -> Result<InputMode, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Mode(InputMode),
+        Tablet(bool),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Mode(m) => m,
+        Either::Tablet(true) => InputMode::Virtio,
+        Either::Tablet(false) => InputMode::Ps2,
+    })
 }
 
 /// Most drives a VM can have (each is a PCI device with its own interrupt line).
@@ -428,7 +482,7 @@ impl VmConfig {
             vnc_password_file: None,
             drives: Vec::new(),
             nics: Vec::new(),
-            tablet: false,
+            input: InputMode::Ps2,
         }
     }
 
@@ -684,5 +738,22 @@ mod tests {
         let minimal: VmConfig = serde_json::from_str(r#"{"boot":{"kernel":"/k"}}"#).unwrap();
         assert_eq!(minimal.vcpus, 1);
         assert!(serde_json::from_str::<VmConfig>(r#"{"boot":{"kernel":"/k"},"bogus":1}"#).is_err());
+    }
+
+    /// `input` is `ps2` (the default) or `virtio`; the older `tablet` boolean still reads.
+    #[test]
+    fn the_input_mode_and_the_older_tablet_field() {
+        let parse = |extra: &str| serde_json::from_str::<VmConfig>(&format!(r#"{{"boot":{{"kernel":"/k"}}{extra}}}"#));
+        assert_eq!(parse("").unwrap().input, InputMode::Ps2);
+        assert_eq!(parse(r#","input":"virtio""#).unwrap().input, InputMode::Virtio);
+        assert_eq!(parse(r#","input":"ps2""#).unwrap().input, InputMode::Ps2);
+        assert_eq!(parse(r#","tablet":true"#).unwrap().input, InputMode::Virtio);
+        assert_eq!(parse(r#","tablet":false"#).unwrap().input, InputMode::Ps2);
+        assert!(parse(r#","input":"usb""#).is_err());
+        let mut c = parse("").unwrap();
+        c.input = InputMode::Virtio;
+        assert!(serde_json::to_string(&c).unwrap().contains(r#""input":"virtio""#));
+        assert_eq!("virtio".parse::<InputMode>(), Ok(InputMode::Virtio));
+        assert!("PS2".parse::<InputMode>().is_err());
     }
 }

@@ -165,6 +165,12 @@ pub struct Status {
     /// The console's pointer goes to the tablet (its guest driver is up), not the PS/2 mouse.
     #[serde(default)]
     pub absolute_pointer: bool,
+    /// The console's keys go to the virtio keyboard (its guest driver is up), not the PS/2 keyboard.
+    #[serde(default)]
+    pub virtio_keyboard: bool,
+    /// The virtio keyboard's lock LEDs as the guest last set them (a VM with virtio input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyboard_leds: Option<crate::virtio::input::Leds>,
 }
 
 fn ok() -> Response {
@@ -201,6 +207,8 @@ fn status(vm: &VmHandle) -> Response {
             nics: vm.nics(),
             crash: vm.crash_report(),
             absolute_pointer: vm.absolute_pointer(),
+            virtio_keyboard: vm.virtio_keyboard(),
+            keyboard_leds: vm.keyboard_leds(),
         }),
         ..ok()
     }

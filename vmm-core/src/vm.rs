@@ -45,7 +45,7 @@ use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
 use crate::virtio::block::VirtioBlock;
-use crate::virtio::input::VirtioTablet;
+use crate::virtio::input::{self as virtio_input, VirtioInput};
 use crate::virtio::net::VirtioNet;
 use crate::virtio::pci::VirtioPci;
 use crate::virtio::scsi::VirtioScsi;
@@ -235,7 +235,11 @@ pub struct VmHandle {
     /// The last pointer position and buttons an RFB client sent.
     pointer: Mutex<Option<(u16, u16, u8)>>,
     /// The virtio-input tablet of the current boot (absolute pointer), when the VM has one.
-    tablet: Mutex<Option<Arc<crate::virtio::input::TabletInput>>>,
+    tablet: Mutex<Option<Arc<virtio_input::InputHandle>>>,
+    /// The virtio-input keyboard of the current boot, when the VM has one.
+    keyboard: Mutex<Option<Arc<virtio_input::InputHandle>>>,
+    /// Which keyboard (virtio or PS/2) each held key went to, this boot.
+    key_route: Mutex<virtio_input::KeyRoute>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -367,11 +371,27 @@ impl VmHandle {
         }
     }
 
-    /// Presses or releases a key of the PS/2 keyboard.
+    /// Presses or releases a key: on the virtio keyboard once its guest driver is up, else on the PS/2
+    /// keyboard; a key's release (and the console's autorepeat of it) goes where its press went.
     pub fn key(&self, key: crate::rfb::keymap::Key, down: bool) {
+        let keyboard = lock(&self.keyboard).clone();
+        let virtio = lock(&self.key_route).route(key, down, || keyboard.as_ref().is_some_and(|k| k.key(key, down)));
+        if virtio {
+            return;
+        }
         if let Some(dev) = lock(&self.i8042).as_ref() {
             lock(dev).key(key, down);
         }
+    }
+
+    /// Whether the console's keys go to the virtio keyboard (its guest driver is up) rather than PS/2.
+    pub fn virtio_keyboard(&self) -> bool {
+        lock(&self.keyboard).as_ref().is_some_and(|k| k.driver_ready())
+    }
+
+    /// The virtio keyboard's lock LEDs as its guest driver last set them (None without the keyboard).
+    pub fn keyboard_leds(&self) -> Option<virtio_input::Leds> {
+        lock(&self.keyboard).as_ref().map(|k| k.leds())
     }
 
     /// Whether the console's pointer goes to the tablet (its guest driver is up) rather than the PS/2
@@ -713,6 +733,8 @@ impl Vm {
             i8042: Mutex::new(None),
             pointer: Mutex::new(None),
             tablet: Mutex::new(None),
+            keyboard: Mutex::new(None),
+            key_route: Mutex::new(virtio_input::KeyRoute::default()),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -880,20 +902,29 @@ impl Vm {
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }
-        if self.config.tablet {
-            let slot = bus.free_slot()?;
-            let gsi = pci::slot_gsi(slot);
-            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create the tablet's interrupt eventfd"))?);
-            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
-                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
-            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
-            let tablet = VirtioTablet::new(interrupt.clone()).map_err(io_err("start the tablet's thread"))?;
-            *lock(&self.handle.tablet) = Some(tablet.input().clone());
-            let device =
-                VirtioPci::new(tablet, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
-                    .map_err(io_err("give the tablet its MSI-X vectors"))?;
-            bus.insert(slot, Arc::new(Mutex::new(device)))?;
-            interrupts.push(interrupt);
+        if self.config.input == crate::config::InputMode::Virtio {
+            // A tablet, then a keyboard, each a function of its own slot.
+            for profile in [virtio_input::Profile::Tablet, virtio_input::Profile::Keyboard] {
+                let slot = bus.free_slot()?;
+                let gsi = pci::slot_gsi(slot);
+                let interrupt =
+                    Arc::new(VirtioInterrupt::new().map_err(io_err("create an input device's interrupt eventfd"))?);
+                vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                    .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+                let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+                let device =
+                    VirtioInput::new(profile, interrupt.clone()).map_err(io_err("start an input device's thread"))?;
+                let handle = Some(device.input().clone());
+                match profile {
+                    virtio_input::Profile::Tablet => *lock(&self.handle.tablet) = handle,
+                    virtio_input::Profile::Keyboard => *lock(&self.handle.keyboard) = handle,
+                }
+                let device =
+                    VirtioPci::new(device, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                        .map_err(io_err("give an input device its MSI-X vectors"))?;
+                bus.insert(slot, Arc::new(Mutex::new(device)))?;
+                interrupts.push(interrupt);
+            }
         }
         let host = vram
             .get_host_address(MemoryRegionAddress(0))
@@ -1280,6 +1311,8 @@ impl Vm {
             *lock(&self.handle.pm1_event) = None;
             *lock(&self.handle.i8042) = None;
             *lock(&self.handle.tablet) = None;
+            *lock(&self.handle.keyboard) = None;
+            *lock(&self.handle.key_route) = virtio_input::KeyRoute::default();
             let mut crash = None;
             if let Ok(MachineRequest::Crash) = outcome {
                 let report = lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into());

@@ -220,10 +220,15 @@ impl Vm {
             .collect();
         let nics: Vec<String> =
             self.handle.nics.iter().filter(|n| n.attached()).map(|n| format!("{}:{}", n.id, n.mac)).collect();
+        // Virtio input adds devices (a tablet and a keyboard); PS/2 alone adds nothing to the words.
+        let input = match self.config.input {
+            crate::config::InputMode::Ps2 => "",
+            crate::config::InputMode::Virtio => " input=virtio",
+        };
         MachineFacts {
             memory_bytes: self.config.memory_bytes(),
             vcpus: self.config.vcpus,
-            layout: format!("boot={boot} drives=[{}] nics=[{}]", drives.join(","), nics.join(",")),
+            layout: format!("boot={boot} drives=[{}] nics=[{}]{input}", drives.join(","), nics.join(",")),
         }
     }
 

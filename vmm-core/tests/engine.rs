@@ -53,10 +53,11 @@ fn hello_prints_its_marker_and_powers_off() {
 /// The kernel formats beyond 64-bit PVH: an ELF32 PVH kernel, Multiboot 1 and Multiboot2 ELF32 kernels
 /// (they check the magic in %eax and the memory map at %ebx), and a kernel whose first instruction is a
 /// `call` (it needs the stack porthole-vmm starts PVH and Multiboot kernels with).
-/// The tablet is a virtio-input device on the PCI bus (1af4:1052, class 09 80: input, other) only with
-/// `--tablet`; the guest sees the same devices otherwise.
+/// `--input virtio` adds two virtio-input devices to the PCI bus (1af4:1052, class 09 80: input, other),
+/// the tablet and the keyboard, each in a slot of its own; `--tablet` (deprecated) means the same;
+/// with `--input ps2` (the default) the guest sees the same devices as without them.
 #[test]
-fn the_tablet_is_a_virtio_input_device_on_the_pci_bus() {
+fn the_tablet_and_the_keyboard_are_virtio_input_devices_on_the_pci_bus() {
     let devices = |extra: &[&str]| {
         let out = run_guest("pci-scan", extra);
         assert_exit(&out, 0);
@@ -65,12 +66,19 @@ fn the_tablet_is_a_virtio_input_device_on_the_pci_bus() {
         serial.lines().filter(|l| l.starts_with("PCI slot=")).map(str::to_owned).collect::<Vec<_>>()
     };
     let without = devices(&[]);
-    let with = devices(&["--tablet"]);
+    assert_eq!(devices(&["--input", "ps2"]), without);
+    let with = devices(&["--input", "virtio"]);
     assert!(without.iter().all(|l| !l.contains("id=1af4:1052")), "{without:?}");
-    let tablet: Vec<_> = with.iter().filter(|l| l.contains("id=1af4:1052")).collect();
-    assert_eq!(tablet.len(), 1, "{with:?}");
-    assert!(tablet[0].ends_with("class=0980"), "{tablet:?}");
-    assert_eq!(with.len(), without.len() + 1, "the tablet is the only new device: {without:?} / {with:?}");
+    let input: Vec<_> = with.iter().filter(|l| l.contains("id=1af4:1052")).collect();
+    assert_eq!(input.len(), 2, "a tablet and a keyboard: {with:?}");
+    assert!(input.iter().all(|l| l.ends_with("class=0980")), "{input:?}");
+    let slot = |l: &str| l.split_whitespace().nth(1).map(str::to_owned);
+    assert_ne!(slot(input[0]), slot(input[1]), "each in its own slot: {input:?}");
+    assert_eq!(with.len(), without.len() + 2, "they are the only new devices: {without:?} / {with:?}");
+    assert_eq!(devices(&["--tablet"]), with, "--tablet is --input virtio");
+    let bad = run_guest("pci-scan", &["--input", "usb"]);
+    assert_exit(&bad, 1);
+    assert!(text(&bad.stderr).contains("ps2 or virtio"), "{}", text(&bad.stderr));
 }
 
 #[test]

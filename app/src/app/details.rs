@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use porthole_api::VmState;
 use porthole_api::client::Action;
+use porthole_api::{InputMode, VmState};
 
 use super::graphs::performance;
 use super::theme;
@@ -40,6 +40,10 @@ impl PortholeApp {
             ui.end_row();
             ui.label("Pointer");
             let (text, more) = pointer_text(vm, self.backend.model().details.as_ref());
+            ui.label(text).on_hover_text(more);
+            ui.end_row();
+            ui.label("Keyboard");
+            let (text, more) = keyboard_text(vm, self.backend.model().details.as_ref());
             ui.label(text).on_hover_text(more);
             ui.end_row();
             ui.label("Disk");
@@ -294,14 +298,38 @@ fn pointer_text(
     vm: &porthole_api::Vm,
     details: Option<&(usize, String, porthole_api::Vm)>,
 ) -> (&'static str, &'static str) {
-    let running = matches!(vm.state, VmState::Running | VmState::Paused);
     let live = details.filter(|(_, id, _)| *id == vm.id).and_then(|(_, _, d)| d.absolute_pointer);
-    match (vm.tablet, running, live) {
-        (false, _, _) => ("PS/2 mouse", "A relative pointer: the guest moves its cursor by the steps it is sent"),
-        (true, true, Some(true)) => ("tablet (absolute)", "The guest's cursor sits under the console's"),
-        (true, true, Some(false)) => {
+    match (vm.input, vm_running(vm), live) {
+        (InputMode::Ps2, _, _) => {
+            ("PS/2 mouse", "A relative pointer: the guest moves its cursor by the steps it is sent")
+        }
+        (InputMode::Virtio, true, Some(true)) => ("tablet (absolute)", "The guest's cursor sits under the console's"),
+        (InputMode::Virtio, true, Some(false)) => {
             ("PS/2 mouse for now", "The guest has not loaded its tablet driver (virtio_input) yet")
         }
-        (true, _, _) => ("tablet", "Absolute once the guest's driver (virtio_input) is up; the PS/2 mouse before"),
+        (InputMode::Virtio, _, _) => {
+            ("tablet", "Absolute once the guest's driver (virtio_input) is up; the PS/2 mouse before")
+        }
     }
+}
+
+/// Which keyboard the console's keys reach, in a few words and then in full: the virtio keyboard once its
+/// driver is up, else the PS/2 keyboard (as `pointer_text`).
+fn keyboard_text(
+    vm: &porthole_api::Vm,
+    details: Option<&(usize, String, porthole_api::Vm)>,
+) -> (&'static str, &'static str) {
+    let live = details.filter(|(_, id, _)| *id == vm.id).and_then(|(_, _, d)| d.virtio_keyboard);
+    match (vm.input, vm_running(vm), live) {
+        (InputMode::Ps2, _, _) => ("PS/2", "The PS/2 keyboard"),
+        (InputMode::Virtio, true, Some(true)) => ("virtio", "Keys go to the guest's virtio keyboard"),
+        (InputMode::Virtio, true, Some(false)) => {
+            ("PS/2 for now", "The guest has not loaded its virtio keyboard driver (virtio_input) yet")
+        }
+        (InputMode::Virtio, _, _) => ("virtio", "Once the guest's driver (virtio_input) is up; PS/2 before"),
+    }
+}
+
+fn vm_running(vm: &porthole_api::Vm) -> bool {
+    matches!(vm.state, VmState::Running | VmState::Paused)
 }

@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 
 use porthole_api::{
-    AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, UpdateVm, Vm, VmState,
+    AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode, UpdateVm,
+    Vm, VmState,
 };
 
 use super::clones::human_bytes;
@@ -41,8 +42,8 @@ pub struct Fields {
     pub boot_menu: bool,
     /// `WIDTHxHEIGHT` (empty: the engine's default).
     pub resolution: String,
-    /// A virtio-input tablet (absolute pointer) next to the PS/2 mouse.
-    pub tablet: bool,
+    /// PS/2 input only, or a virtio-input tablet (absolute pointer) and keyboard beside PS/2.
+    pub input: InputMode,
     /// CPU cap in percent of one CPU (empty: none) and weight (empty: the default).
     pub cpu_cap: String,
     pub cpu_weight: String,
@@ -78,7 +79,7 @@ impl Fields {
             boot_order: p.boot_order.unwrap_or_else(|| vm.boot_order.clone()),
             boot_menu: p.boot_menu.unwrap_or(vm.boot_menu),
             resolution: p.display.or(vm.display).map(|d| format!("{}x{}", d.width, d.height)).unwrap_or_default(),
-            tablet: p.tablet.unwrap_or(vm.tablet),
+            input: p.input.unwrap_or(vm.input),
             cpu_cap: vm.cpu_cap_percent.map(|c| c.to_string()).unwrap_or_default(),
             cpu_weight: vm.cpu_weight.map(|w| w.to_string()).unwrap_or_default(),
         }
@@ -146,8 +147,8 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     if new.boot_menu != base.boot_menu {
         u.boot_menu = Some(new.boot_menu);
     }
-    if new.tablet != base.tablet {
-        u.tablet = Some(new.tablet);
+    if new.input != base.input {
+        u.input = Some(new.input);
     }
     // CPU limits: empty removes (0 in the request).
     for (text, old, field, slot) in [
@@ -351,7 +352,7 @@ pub fn pending_text(names: &[String]) -> String {
             "display" => "resolution",
             "disk_bytes" => "disk size",
             "nics" => "network cards",
-            "tablet" => "tablet",
+            "input" => "input devices",
             "cpu_cap_percent" => "CPU cap",
             "cpu_weight" => "CPU weight",
             other => other,
@@ -591,7 +592,18 @@ impl PortholeApp {
                 ui.weak(text);
                 ui.end_row();
             }
-            check_row(ui, "Pointer", &errors, "tablet", &mut f.tablet, "Tablet (absolute pointer)");
+            row(ui, "Input", &errors, "input", |ui| {
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut f.input, InputMode::Ps2, "PS/2 only").on_hover_text(
+                        "The PS/2 keyboard and mouse: a relative pointer the guest moves by the steps it is sent",
+                    );
+                    ui.radio_value(&mut f.input, InputMode::Virtio, "Virtio tablet and keyboard").on_hover_text(
+                        "A virtio-input tablet (absolute pointer) and keyboard beside PS/2, used once the guest's \
+                         driver is up (firmware and boot loaders keep PS/2); applies at the next start",
+                    )
+                })
+                .response
+            });
         });
 
         section(ui, "Disks");

@@ -1,5 +1,5 @@
 /* pci-scan — lists the devices on PCI bus 0 (function 0 of each slot) on COM1 and powers off, so that tests
- * can see which devices a VM has (e.g. the virtio-input tablet, 1af4:1052).
+ * can see which devices a VM has (e.g. the virtio-input tablet and keyboard, 1af4:1052).
  *
  * Serial (COM1), one line per device, then a last line:
  *   PCI slot=<decimal> id=<vendor hex4>:<device hex4> class=<class hex2><subclass hex2>

@@ -115,9 +115,14 @@ struct Cli {
     /// Offer the firmware's boot menu (ESC at "Press ESC for boot menu").
     #[arg(long, requires = "firmware")]
     boot_menu: bool,
-    /// A virtio-input tablet next to the PS/2 mouse: once the guest's driver (Linux: virtio_input) is up,
-    /// the console's pointer goes to it as absolute positions.
-    #[arg(long)]
+    /// The console's keyboard and pointer: `ps2` (the PS/2 keyboard and mouse only) or `virtio` (a
+    /// virtio-input tablet and keyboard beside PS/2: once the guest's driver, Linux: virtio_input, is up,
+    /// the pointer is absolute and keys go to the virtio keyboard; firmware and boot loaders keep PS/2)
+    /// [default: ps2, or the configuration file's].
+    #[arg(long, value_name = "ps2|virtio")]
+    input: Option<vmm_core::config::InputMode>,
+    /// The same as --input virtio (deprecated).
+    #[arg(long, conflicts_with = "input")]
     tablet: bool,
     /// At most this many CPUs' worth of time for the whole VM (e.g. 1.5), through a cgroup of its own under
     /// the caller's (cgroup v2 cpu.max or the v1 cpu controller); where none can be written, the VM runs
@@ -245,7 +250,13 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
         let media = (!path.is_empty()).then(|| PathBuf::from(path));
         config.drives.push(vmm_core::config::DriveConfig::cdrom(media));
     }
-    config.tablet |= cli.tablet;
+    if cli.tablet {
+        log::warn!("--tablet is deprecated: it means --input virtio (a tablet and a keyboard)");
+        config.input = vmm_core::config::InputMode::Virtio;
+    }
+    if let Some(input) = cli.input {
+        config.input = input;
+    }
     for spec in &cli.net {
         if let Some(nic) = vmm_core::net::parse_net(spec).with_context(|| format!("--net {spec:?}"))? {
             config.nics.push(nic);
