@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use porthole_api::{
-    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, NicSpec, NicStatus, UpdateVm, Vm, VmState,
+    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, MemoryBalloon, NicSpec, NicStatus,
+    UpdateVm, Vm, VmState,
 };
 use vmm_core::control::{ControlClient, Request, Response};
 
@@ -454,7 +455,7 @@ impl Host {
 
     /// What a running VM's process reports (None: the VM does not run) — its network cards and whether its
     /// pointer is absolute (the guest's tablet driver is up) — in one `status` request, or why it cannot be had.
-    pub async fn live_status(&self, id: &str) -> Option<Result<(Vec<NicStatus>, bool), String>> {
+    pub async fn live_status(&self, id: &str) -> Option<Result<(Vec<NicStatus>, bool, Option<MemoryBalloon>), String>> {
         self.pid(id)?;
         let control = self.run_files(id).control();
         let asked = tokio::task::spawn_blocking(move || {
@@ -467,7 +468,10 @@ impl Host {
         .and_then(|r| r);
         Some(
             asked
-                .map(|s| (s.nics.into_iter().map(net::api_status).collect(), s.absolute_pointer))
+                .map(|s| {
+                    let balloon = s.balloon.map(memory_balloon);
+                    (s.nics.into_iter().map(net::api_status).collect(), s.absolute_pointer, balloon)
+                })
                 .map_err(|e| format!("the VM process did not report its network cards: {e}")),
         )
     }
@@ -490,6 +494,23 @@ impl Host {
                 .and_then(|mut c| c.request(&request))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Asks a running VM's balloon to leave the guest `target_mib` of memory; the engine's refusal as is.
+    pub async fn set_live_balloon(&self, id: &str, target_mib: u64) -> Result<MemoryBalloon, String> {
+        let control = self.run_files(id).control();
+        let request = vmm_core::control::Request::SetBalloon { target_mib };
+        tokio::task::spawn_blocking(move || {
+            let reply = vmm_core::control::ControlClient::connect(&control)
+                .and_then(|mut c| c.request(&request))
+                .map_err(|e| format!("the VM process did not answer: {e}"))?;
+            match (reply.ok, reply.balloon) {
+                (true, Some(b)) => Ok(memory_balloon(b)),
+                _ => Err(reply.error.unwrap_or_else(|| "the VM process refused".into())),
+            }
         })
         .await
         .map_err(|e| e.to_string())?
@@ -672,6 +693,9 @@ impl Host {
             cmd.args(net::net_args(record.nics()));
             if record.tablet {
                 cmd.arg("--tablet");
+            }
+            if record.balloon {
+                cmd.arg("--balloon");
             }
             for m in &media {
                 match m {
@@ -1045,12 +1069,29 @@ fn view(e: &Entry, store: &Store, cpu: &crate::cpu_limits::CpuLimits) -> Vm {
         display: r.display,
         tablet: r.tablet,
         absolute_pointer: None,
+        balloon: r.balloon,
+        memory_balloon: None,
         cpu_cap_percent: r.cpu_cap_percent,
         cpu_weight: r.cpu_weight,
         cpu_limits: cpu_limits_text(r, e, cpu),
         drives: drives(r, store),
         pending_changes: r.pending.as_ref().map(pending_names).unwrap_or_default(),
         pending: r.pending.clone(),
+    }
+}
+
+/// The API's view of an engine's balloon.
+pub fn memory_balloon(b: vmm_core::virtio::balloon::BalloonStatus) -> MemoryBalloon {
+    let mib = |bytes: Option<u64>| bytes.map(|b| b >> 20);
+    let stats = b.stats.unwrap_or_default();
+    MemoryBalloon {
+        target_mib: b.target_mib,
+        actual_mib: b.actual_mib,
+        floor_mib: b.floor_mib,
+        driver: b.driver,
+        guest_total_mib: mib(stats.total_bytes),
+        guest_available_mib: mib(stats.available_bytes),
+        guest_free_mib: mib(stats.free_bytes),
     }
 }
 

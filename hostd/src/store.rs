@@ -74,6 +74,10 @@ pub struct VmRecord {
     /// keep their PS/2 mouse alone (their saved machine states have no tablet).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tablet: bool,
+    /// A virtio memory balloon (`porthole-vmm --balloon`). Absent in definitions written before it: those
+    /// VMs keep their devices (their saved machine states have no balloon).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub balloon: bool,
     /// CPU cap in percent of one CPU, and weight (cgroups; see `cpu_limits.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,

@@ -68,6 +68,11 @@ pub struct VmConfig {
     /// goes to it as absolute positions (the guest's cursor sits under the console's, no grab needed).
     #[serde(default)]
     pub tablet: bool,
+    /// A virtio memory balloon: the host can shrink and grow the guest's memory live (control socket
+    /// `set-balloon`), down to [`crate::virtio::balloon::floor_mib`]; free pages the guest reports go back
+    /// to the host.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// Most drives a VM can have (each is a PCI device with its own interrupt line).
@@ -429,6 +434,7 @@ impl VmConfig {
             drives: Vec::new(),
             nics: Vec::new(),
             tablet: false,
+            balloon: false,
         }
     }
 

@@ -44,6 +44,7 @@ use crate::ram::AlignedRam;
 use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
+use crate::virtio::balloon::{BalloonShared, BalloonStatus, VirtioBalloon};
 use crate::virtio::block::VirtioBlock;
 use crate::virtio::input::VirtioTablet;
 use crate::virtio::net::VirtioNet;
@@ -236,6 +237,8 @@ pub struct VmHandle {
     pointer: Mutex<Option<(u16, u16, u8)>>,
     /// The virtio-input tablet of the current boot (absolute pointer), when the VM has one.
     tablet: Mutex<Option<Arc<crate::virtio::input::TabletInput>>>,
+    /// The memory balloon (its target outlives reboots), when the VM has one.
+    balloon: Option<Arc<BalloonShared>>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -414,6 +417,18 @@ impl VmHandle {
     }
 
     /// The network cards and their state.
+    /// The balloon's target, what the guest has given and its memory statistics, when the VM has one.
+    pub fn balloon(&self) -> Option<BalloonStatus> {
+        self.balloon.as_ref().map(|b| b.status())
+    }
+
+    /// Asks the guest to keep `target_mib` of its memory (the balloon takes the rest); refused, changing
+    /// nothing, below the floor, above the VM's memory or without a balloon.
+    pub fn set_balloon_target(&self, target_mib: u64) -> Result<BalloonStatus, String> {
+        let balloon = self.balloon.as_ref().ok_or("this VM has no memory balloon (porthole-vmm --balloon)")?;
+        balloon.set_target_mib(target_mib).map_err(|e| e.to_string())
+    }
+
     pub fn nics(&self) -> Vec<crate::net::NicStatus> {
         self.nics.iter().map(|n| n.status()).collect()
     }
@@ -519,6 +534,14 @@ impl VmHandle {
             s.disk_slowest_transfer_us = s.disk_slowest_transfer_us.max(l(&st.slowest_transfer_us));
             s.disk_slowest_wait_us = s.disk_slowest_wait_us.max(l(&st.slowest_wait_us));
             s.disk_throttled_us += l(&st.throttled_us);
+        }
+        if let Some(b) = &self.balloon {
+            let c = &b.counters;
+            s.balloon_inflated_pages = l(&c.inflated_pages);
+            s.balloon_deflated_pages = l(&c.deflated_pages);
+            s.balloon_reported_pages = l(&c.reported_pages);
+            s.balloon_invalid_pages = l(&c.invalid_pages);
+            s.balloon_malformed = l(&c.malformed);
         }
         for n in &self.nics {
             let st = &n.stats;
@@ -694,6 +717,7 @@ impl Vm {
             i8042: Mutex::new(None),
             pointer: Mutex::new(None),
             tablet: Mutex::new(None),
+            balloon: config.balloon.then(|| BalloonShared::new(config.memory_mib)),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -873,6 +897,21 @@ impl Vm {
             let device =
                 VirtioPci::new(tablet, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
                     .map_err(io_err("give the tablet its MSI-X vectors"))?;
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
+        }
+        if let Some(shared) = &self.handle.balloon {
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create the balloon's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let balloon =
+                VirtioBalloon::new(shared.clone(), interrupt.clone()).map_err(io_err("start the balloon's thread"))?;
+            let device =
+                VirtioPci::new(balloon, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                    .map_err(io_err("give the balloon its MSI-X vectors"))?;
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }

@@ -590,6 +590,8 @@ mod tests {
             boot_status: None,
             tablet: false,
             absolute_pointer: None,
+            balloon: false,
+            memory_balloon: None,
             cpu_cap_percent: None,
             cpu_weight: None,
             cpu_limits: None,

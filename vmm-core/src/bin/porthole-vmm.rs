@@ -119,6 +119,11 @@ struct Cli {
     /// the console's pointer goes to it as absolute positions.
     #[arg(long)]
     tablet: bool,
+    /// A virtio memory balloon (Linux: virtio_balloon): the control socket's `set-balloon` shrinks and
+    /// grows the guest's memory live, down to max(128 MiB, 10% of --memory); free pages the guest reports
+    /// go back to the host.
+    #[arg(long)]
+    balloon: bool,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -238,6 +243,7 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
         config.drives.push(vmm_core::config::DriveConfig::cdrom(media));
     }
     config.tablet |= cli.tablet;
+    config.balloon |= cli.balloon;
     for spec in &cli.net {
         if let Some(nic) = vmm_core::net::parse_net(spec).with_context(|| format!("--net {spec:?}"))? {
             config.nics.push(nic);
