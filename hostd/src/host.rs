@@ -504,12 +504,12 @@ impl Host {
         let control = self.run_files(id).control();
         let request = vmm_core::control::Request::SetBalloon { target_mib };
         tokio::task::spawn_blocking(move || {
-            let reply = vmm_core::control::ControlClient::connect(&control)
-                .and_then(|mut c| c.request(&request))
-                .map_err(|e| format!("the VM process did not answer: {e}"))?;
-            match (reply.ok, reply.balloon) {
-                (true, Some(b)) => Ok(memory_balloon(b)),
-                _ => Err(reply.error.unwrap_or_else(|| "the VM process refused".into())),
+            let reply = vmm_core::control::ControlClient::connect(&control).and_then(|mut c| c.request(&request));
+            match reply {
+                Ok(vmm_core::control::Response { balloon: Some(b), .. }) => Ok(memory_balloon(b)),
+                Ok(_) => Err("the VM process did not report its balloon".into()),
+                Err(vmm_core::control::ControlError::Refused(why)) => Err(why),
+                Err(e) => Err(format!("the VM process did not answer: {e}")),
             }
         })
         .await

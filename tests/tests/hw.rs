@@ -429,6 +429,7 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let ready = m.expect("PORTHOLE-MOUSE-READY", 2 * MIN)?.text;
     let packets = move_mouse_until(m, "PORTHOLE-MOUSE packets=", 3 * MIN)?;
     let tablet = tablet_events(m, 3 * MIN)?;
+    let balloon = balloon(m)?;
     m.expect("PORTHOLE-REBOOTING", 2 * MIN)?;
     m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
     m.expect("PORTHOLE-POWER-BUTTON-READY", 5 * MIN)?;
@@ -445,8 +446,8 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let mouse_desc = ready.split_whitespace().nth(1).unwrap_or("?").to_owned();
     Ok(format!(
         "disk md5 {disk} read, write flushed and found; CD md5 {cd}; fb {mode} pixel {pixel:06x} on RFB; \
-         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; reboot -f -> second boot; power button -> off \
-         (exit 0)",
+         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {balloon}; reboot -f -> second boot; power button \
+         -> off (exit 0)",
         packets.trim()
     ))
 }
@@ -1311,6 +1312,102 @@ fn tablet_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
         return Err(format!("tablet events {events:?}: ABS_X {xs:?}, expected values among {want:?} ({w}x{h})"));
     }
     Ok(format!("tablet ABS_X {xs:?} for x {:?} on {w}x{h}", points.map(|p| p.0)))
+}
+
+/// The guest's virtio_balloon: a target below the floor is refused and changes nothing; a lower target
+/// makes the guest give 128 MiB (the engine's `actual` and the guest's own MemTotal both say so), and
+/// the whole memory back again restores its MemTotal.
+fn balloon(m: &mut Machine) -> Result<String, String> {
+    use vmm_core::control::Request;
+    let ready = m.expect_from(0, "PORTHOLE-BALLOON-", 3 * MIN)?;
+    if !ready.text.contains("PORTHOLE-BALLOON-READY") {
+        return Err(format!("no balloon driver in the guest: {}", ready.text));
+    }
+    let kib = |line: &hw::Line, key: &str| -> Result<u64, String> {
+        Machine::field(line, key).and_then(|v| v.parse().ok()).ok_or_else(|| format!("no {key} in {:?}", line.text))
+    };
+    let total0 = kib(&ready, "memtotal-kib")?;
+    let status = |m: &Machine| -> Result<vmm_core::control::Status, String> {
+        control_reply(m, &Request::Status)?.status.ok_or_else(|| "a status reply without a status".to_owned())
+    };
+    // The engine's view: the driver up, the balloon empty.
+    let before = status(m)?;
+    let b = before.balloon.clone().ok_or("status has no balloon")?;
+    if !b.driver || b.actual_mib != 512 || b.target_mib != 512 {
+        return Err(format!("the balloon before any target: {b:?}"));
+    }
+    // Below the floor: a clear refusal, nothing changes.
+    let refused = control_reply(m, &Request::SetBalloon { target_mib: 64 })?;
+    let why = refused.error.unwrap_or_default();
+    if refused.ok || !why.contains("floor of 128 MiB") {
+        return Err(format!("a target of 64 MiB (floor 128): ok={} error {why:?}", refused.ok));
+    }
+    if status(m)?.balloon.map(|b| b.target_mib) != Some(512) {
+        return Err("the refused target changed the balloon".into());
+    }
+    // To 384 MiB and back, each time until the driver says it got there, then the guest's MemTotal.
+    let step = |m: &mut Machine, target: u64| -> Result<(u64, u64, Option<u64>), String> {
+        let reply = control_reply(m, &Request::SetBalloon { target_mib: target })?;
+        if !reply.ok {
+            return Err(format!("set-balloon {target}: {:?}", reply.error));
+        }
+        let deadline = Instant::now() + 5 * MIN;
+        let reached = loop {
+            let s = status(m)?;
+            let b = s.balloon.clone().ok_or("status has no balloon")?;
+            if b.actual_mib == target {
+                break s;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the guest's balloon stayed at {} MiB of a {target} MiB target", b.actual_mib));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        let from = m.seen.len();
+        control_reply(m, &Request::SerialInput { data: "meminfo\n".into() })?;
+        let line = m.expect_from(from, "PORTHOLE-BALLOON-MEMINFO", 2 * MIN)?;
+        Ok((kib(&line, "memtotal-kib")?, kib(&line, "available-kib")?, reached.host_rss_kib))
+    };
+    let (total1, avail1, rss1) = step(m, 384)?;
+    if total0 - total1 != 128 << 10 {
+        return Err(format!("MemTotal {total0} kB before, {total1} kB with a 128 MiB balloon"));
+    }
+    let (total2, avail2, rss2) = step(m, 512)?;
+    if total2 != total0 {
+        return Err(format!("MemTotal {total0} kB before, {total2} kB with the balloon empty again"));
+    }
+    let stats = status(m)?.balloon.and_then(|b| b.stats);
+    let counters = control_reply(m, &Request::Counters)?.counters.unwrap_or_default();
+    control_reply(m, &Request::SerialInput { data: "balloon-done\n".into() })?;
+    let mib = |v: Option<u64>| v.map_or("?".to_owned(), |v| (v >> 10).to_string());
+    Ok(format!(
+        "balloon: 64 MiB refused ({why}); MemTotal {total0} -> {total1} -> {total2} kB, MemAvailable {avail1} -> \
+         {avail2} kB; engine RSS {} MiB at 384, {} MiB at 512 (before: {} MiB); {} pages inflated, {} deflated, {} \
+         reported free; guest stats total {} MiB available {} MiB",
+        mib(rss1),
+        mib(rss2),
+        mib(before.host_rss_kib),
+        counters.balloon_inflated_pages,
+        counters.balloon_deflated_pages,
+        counters.balloon_reported_pages,
+        stats.as_ref().and_then(|s| s.total_bytes).map_or(0, |b| b >> 20),
+        stats.as_ref().and_then(|s| s.available_bytes).map_or(0, |b| b >> 20),
+    ))
+}
+
+/// A control request's reply, a refusal included (retried while the socket through L1 is not there yet).
+fn control_reply(m: &Machine, request: &vmm_core::control::Request) -> Result<vmm_core::control::Response, String> {
+    let deadline = Instant::now() + MIN;
+    loop {
+        match vmm_core::control::ControlClient::connect(&m.control.path).and_then(|mut c| c.request(request)) {
+            Ok(reply) => return Ok(reply),
+            Err(vmm_core::control::ControlError::Refused(why)) => {
+                return Ok(vmm_core::control::Response { ok: false, error: Some(why), ..Default::default() });
+            }
+            Err(e) if Instant::now() > deadline => return Err(format!("control socket through L1: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
 }
 
 fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {

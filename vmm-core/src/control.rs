@@ -404,6 +404,10 @@ mod tests {
     #[test]
     fn requests_use_the_documented_wire_form() {
         assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"cmd":"pause"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::SetBalloon { target_mib: 384 }).unwrap(),
+            r#"{"cmd":"set-balloon","target_mib":384}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"counters"}"#).unwrap(), Request::Counters);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
         assert_eq!(

@@ -41,9 +41,13 @@ pub const DEVICE_TYPE: u16 = 5;
 pub const QUEUE_SIZE: u16 = 128;
 const INFLATEQ: usize = 0;
 const DEFLATEQ: usize = 1;
+/// The stats and reporting queues' numbers when the driver takes both features (an absent queue takes no
+/// number: with reporting alone, it is queue 2).
 const STATSQ: usize = 2;
 const REPORTQ: usize = 3;
 const QUEUES: usize = 4;
+/// Most page-number bytes one chain may carry (Linux sends 256 page numbers, 1 KiB, at a time).
+pub const MAX_PFN_BYTES: u64 = 64 << 10;
 /// Feature bits (virtio 1.2 §5.5.3).
 pub const F_STATS_VQ: u64 = 1 << 1;
 pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
@@ -261,6 +265,9 @@ fn pages_to_mib_up(pages: u32) -> u64 {
 struct Active {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
+    /// Which queue the driver uses for statistics and for free page reporting (by the features it took).
+    statsq: Option<usize>,
+    reportq: Option<usize>,
     /// The stats buffer the device holds (its head); given back to ask for fresh statistics.
     stats_held: Option<u16>,
     /// When the statistics were last asked for.
@@ -290,7 +297,8 @@ struct Inner {
 enum Malformed {
     /// The avail index ran more than a queue's worth ahead.
     AvailJump,
-    /// A page-number buffer the device may write, or not a whole number of page numbers.
+    /// A page-number buffer the device may write, not a whole number of page numbers, or longer than
+    /// [`MAX_PFN_BYTES`].
     BadPfnBuffer,
     /// A statistics buffer the device may write, or not a whole number of entries.
     BadStatsBuffer,
@@ -307,7 +315,7 @@ impl Inner {
         let Some(a) = state.active.as_mut() else { return false };
         let mut more = false;
         let mut result = Ok(());
-        for q in [INFLATEQ, DEFLATEQ, REPORTQ] {
+        for q in [Some(INFLATEQ), Some(DEFLATEQ), a.reportq].into_iter().flatten() {
             match self.serve_pages(a, q) {
                 Ok(m) => more |= m,
                 Err(e) => {
@@ -328,6 +336,7 @@ impl Inner {
 
     /// Inflate, deflate or free page reporting chains of queue `q`; true if more wait.
     fn serve_pages(&self, a: &mut Active, q: usize) -> Result<bool, Malformed> {
+        let report = a.reportq == Some(q);
         let Active { mem, queues, .. } = a;
         let Some(queue) = queues.get_mut(q).filter(|q| q.ready()) else { return Ok(false) };
         let mut used = false;
@@ -339,15 +348,17 @@ impl Inner {
                 }
                 let Some(chain) = queue.pop_descriptor_chain(&*mem) else { return Ok(false) };
                 let head = chain.head_index();
+                let mut pfn_bytes = 0u64;
                 for d in chain.into_iter().take(usize::from(QUEUE_SIZE)) {
                     if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
                         return Err(Malformed::OutsideMemory);
                     }
-                    if q == REPORTQ {
+                    if report {
                         // Linux posts the ranges as device-writable buffers; either way is fine.
                         self.report_free(mem, d.addr().0, u64::from(d.len()));
                     } else {
-                        if d.is_write_only() || d.len() % 4 != 0 {
+                        pfn_bytes += u64::from(d.len());
+                        if d.is_write_only() || d.len() % 4 != 0 || pfn_bytes > MAX_PFN_BYTES {
                             return Err(Malformed::BadPfnBuffer);
                         }
                         self.pfns(mem, d.addr(), d.len(), q == INFLATEQ)?;
@@ -430,8 +441,9 @@ impl Inner {
     /// Takes a statistics buffer the driver posted: reads it and holds it until fresh statistics are
     /// wanted.
     fn take_stats(&self, a: &mut Active) -> Result<(), Malformed> {
+        let Some(statsq) = a.statsq else { return Ok(()) };
         let Active { mem, queues, stats_held, .. } = a;
-        let Some(queue) = queues.get_mut(STATSQ).filter(|q| q.ready()) else { return Ok(()) };
+        let Some(queue) = queues.get_mut(statsq).filter(|q| q.ready()) else { return Ok(()) };
         let mut served = 0;
         while served < CHAINS_PER_ROUND {
             if !avail_within_queue(queue, mem) {
@@ -442,7 +454,7 @@ impl Inner {
             // A second buffer while one is held: the older one goes back.
             if let Some(old) = stats_held.take() {
                 queue.add_used(&*mem, old, 0).map_err(|_| Malformed::OutsideMemory)?;
-                self.interrupt.signal_queue(STATSQ);
+                self.interrupt.signal_queue(statsq);
             }
             let head = chain.head_index();
             let mut tags = [None; STAT_TAGS];
@@ -486,14 +498,15 @@ impl Inner {
         if !left.is_zero() {
             return Some(left);
         }
-        let queue = a.queues.get_mut(STATSQ)?;
+        let statsq = a.statsq?;
+        let queue = a.queues.get_mut(statsq)?;
         a.stats_held = None;
         a.stats_asked = Instant::now();
         if queue.add_used(&a.mem, head, 0).is_err() {
             self.malformed(state, Malformed::OutsideMemory);
             return None;
         }
-        self.interrupt.signal_queue(STATSQ);
+        self.interrupt.signal_queue(statsq);
         None
     }
 
@@ -660,10 +673,15 @@ impl VirtioDevice for VirtioBalloon {
             r.driver = true;
             r.reporting = activation.driver_features & F_PAGE_REPORTING != 0;
         }
+        let features = activation.driver_features;
+        let statsq = (features & F_STATS_VQ != 0).then_some(STATSQ);
+        let reportq = (features & F_PAGE_REPORTING != 0).then_some(if statsq.is_some() { REPORTQ } else { STATSQ });
         let mut state = lock(&self.inner.state);
         state.active = Some(Active {
             mem: activation.mem,
             queues: activation.queues,
+            statsq,
+            reportq,
             stats_held: None,
             stats_asked: Instant::now(),
         });
@@ -924,9 +942,11 @@ mod tests {
     #[test]
     fn malformed_chains_need_a_reset_and_a_reset_brings_the_balloon_back() {
         let (mut d, shared) = balloon(512);
-        let cases: [(usize, Desc); 5] = [
+        let cases: [(usize, Desc); 6] = [
             // A page-number buffer the device may write.
             (INFLATEQ, Desc { addr: BUFFERS, len: 8, flags: DESC_F_WRITE, next: 0 }),
+            // More page numbers in one chain than the bound of work per chain.
+            (INFLATEQ, Desc { addr: 0x10_0000, len: MAX_PFN_BYTES as u32 + 4, flags: 0, next: 0 }),
             // Not a whole number of page numbers.
             (DEFLATEQ, Desc { addr: BUFFERS, len: 6, flags: 0, next: 0 }),
             // Outside guest memory.
