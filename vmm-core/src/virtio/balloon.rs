@@ -762,6 +762,10 @@ impl VirtioDevice for VirtioBalloon {
         if let Some(a) = state.active.as_mut() {
             a.stats_held = has_held.then_some(held);
         }
+        drop(state);
+        // The thread may have looked (at activation) before the held buffer was known: it looks again and
+        // sets its timer for the next statistics request.
+        let _ = self.inner.wake.write(1);
         Ok(())
     }
 }
