@@ -771,6 +771,8 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         let a = field_in(&ready, "PORTHOLE-SNAP-A", "md5").ok_or(format!("no PORTHOLE-SNAP-A md5: {ready:?}"))?;
         // Counting: a few ticks before the snapshot.
         let before = snap_count_reaches(c, &id, 3, 5 * MIN).await?;
+        // The guest gives 64 MiB to its balloon before the snapshot (the state carries it across).
+        snap_balloon(c, &id, 192).await?;
 
         // 1. Snapshot with the machine state while the counter runs: the VM runs on (a new process, from the
         //    saved state), counting on from where it was.
@@ -796,6 +798,13 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             ));
         }
         snap_count_reaches(c, &id, after_take + 2, 5 * MIN).await?;
+        // The new process, from the saved state, has the balloon as it was, and the guest's driver (restored
+        // with it) gives the memory back on request.
+        let restored = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?.memory_balloon;
+        if restored.as_ref().is_none_or(|b| (b.target_mib, b.actual_mib, b.driver) != (192, 192, true)) {
+            return Err(format!("the balloon after the snapshot with state: {restored:?} (192 MiB before)"));
+        }
+        snap_balloon(c, &id, 256).await?;
 
         // 2. Write B and change A.
         let wrote = snap_command(c, &id, "write-b", "PORTHOLE-SNAP-WROTE", 5 * MIN).await?;
@@ -914,6 +923,23 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
 }
 
 /// The value of `key=` in the last serial line containing `tag`.
+/// Sets a running VM's memory target through the API and waits until the guest's driver has got there.
+async fn snap_balloon(c: &porthole_api::Client, id: &str, target: u64) -> Result<(), String> {
+    let change = porthole_api::UpdateVm { memory_target_mib: Some(target), ..Default::default() };
+    c.update_vm(id, &change).await.map_err(|e| format!("memory target {target} MiB: {e}"))?;
+    let deadline = Instant::now() + 5 * MIN;
+    loop {
+        let b = c.vm(id).await.map_err(|e| format!("GET vm: {e}"))?.memory_balloon;
+        if b.as_ref().is_some_and(|b| b.actual_mib == target && b.target_mib == target) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the guest's balloon never reached {target} MiB: {b:?}"));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 fn field_in(lines: &[String], tag: &str, key: &str) -> Option<String> {
     let line = lines.iter().rev().find(|l| l.contains(tag))?;
     let rest = &line[line.find(tag)?..];

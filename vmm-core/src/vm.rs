@@ -416,7 +416,6 @@ impl VmHandle {
         }
     }
 
-    /// The network cards and their state.
     /// The balloon's target, what the guest has given and its memory statistics, when the VM has one.
     pub fn balloon(&self) -> Option<BalloonStatus> {
         self.balloon.as_ref().map(|b| b.status())
@@ -429,6 +428,7 @@ impl VmHandle {
         balloon.set_target_mib(target_mib).map_err(|e| e.to_string())
     }
 
+    /// The network cards and their state.
     pub fn nics(&self) -> Vec<crate::net::NicStatus> {
         self.nics.iter().map(|n| n.status()).collect()
     }
