@@ -109,6 +109,14 @@ pub struct Vm {
     /// keyboard (the guest's driver is up) or to the PS/2 keyboard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtio_keyboard: Option<bool>,
+    /// A virtio memory balloon (new VMs have one): the memory in use by the guest can shrink and grow while
+    /// it runs (`UpdateVm::memory_target_mib`).
+    #[serde(default)]
+    pub balloon: bool,
+    /// Only in `GET /vms/{id}` of a running VM with a balloon (and the reply to a `memory_target_mib`
+    /// change): its target, what the guest has given, the guest's own view of its memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_balloon: Option<MemoryBalloon>,
     /// The most CPU the VM may use, in percent of one CPU (150: one and a half CPUs); none: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -302,6 +310,27 @@ impl CreateVm {
     }
 }
 
+/// A running VM's memory balloon. Sizes in MiB.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MemoryBalloon {
+    /// The memory the host asks the guest to keep (the VM's memory less the balloon's target).
+    pub target_mib: u64,
+    /// The memory the guest keeps now (the VM's memory less what it has put in the balloon).
+    pub actual_mib: u64,
+    /// The least target accepted: 10% of the VM's memory, at least 128 MiB (at most all of it).
+    pub floor_mib: u64,
+    /// Whether the guest's balloon driver is up (until it is, a target waits).
+    pub driver: bool,
+    /// The guest's statistics, once its driver sent some: its total memory, what it could give to new work
+    /// (Linux's MemAvailable) and what it does not use at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_total_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_available_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_free_mib: Option<u64>,
+}
+
 /// `PATCH /vms/{id}`: the fields to change. `name`, `tags`, `description` and `autostart` change at once; the
 /// others change a running (or suspended) VM at its next start from power-on (`Vm::pending_changes`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -352,6 +381,11 @@ pub struct UpdateVm {
     /// the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<InputMode>,
+    /// The memory in use by the guest, in MiB, through its balloon: from the floor (10% of its memory, at
+    /// least 128 MiB) to all of its memory. Only for a running VM with a balloon; applies at once and is not
+    /// kept (a VM starts with all of its memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_target_mib: Option<u64>,
     /// The CPU cap in percent of one CPU, 1 to 100 × vCPUs; 0 removes it. Applies at once to a running VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,

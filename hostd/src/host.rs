@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use porthole_api::{
-    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, NicSpec, NicStatus, UpdateVm, Vm, VmState,
+    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, MemoryBalloon, NicSpec, NicStatus,
+    UpdateVm, Vm, VmState,
 };
 use vmm_core::control::{ControlClient, Request, Response};
 
@@ -98,6 +99,8 @@ pub struct LiveStatus {
     pub absolute_pointer: bool,
     /// The keys go to the virtio keyboard (its guest driver is up).
     pub virtio_keyboard: bool,
+    /// The memory balloon, when the VM has one.
+    pub balloon: Option<MemoryBalloon>,
 }
 
 pub struct Host {
@@ -482,6 +485,7 @@ impl Host {
                     nics: s.nics.into_iter().map(net::api_status).collect(),
                     absolute_pointer: s.absolute_pointer,
                     virtio_keyboard: s.virtio_keyboard,
+                    balloon: s.balloon.map(memory_balloon),
                 })
                 .map_err(|e| format!("the VM process did not report its network cards: {e}")),
         )
@@ -534,6 +538,23 @@ impl Host {
                 .and_then(|mut c| c.request(&request))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Asks a running VM's balloon to leave the guest `target_mib` of memory; the engine's refusal as is.
+    pub async fn set_live_balloon(&self, id: &str, target_mib: u64) -> Result<MemoryBalloon, String> {
+        let control = self.run_files(id).control();
+        let request = vmm_core::control::Request::SetBalloon { target_mib };
+        tokio::task::spawn_blocking(move || {
+            let reply = vmm_core::control::ControlClient::connect(&control).and_then(|mut c| c.request(&request));
+            match reply {
+                Ok(vmm_core::control::Response { balloon: Some(b), .. }) => Ok(memory_balloon(b)),
+                Ok(_) => Err("the VM process did not report its balloon".into()),
+                Err(vmm_core::control::ControlError::Refused(why)) => Err(why),
+                Err(e) => Err(format!("the VM process did not answer: {e}")),
+            }
         })
         .await
         .map_err(|e| e.to_string())?
@@ -715,6 +736,9 @@ impl Host {
             }
             cmd.args(net::net_args(record.nics()));
             cmd.arg("--input").arg(record.input.as_str());
+            if record.balloon {
+                cmd.arg("--balloon");
+            }
             for m in &media {
                 match m {
                     Some(m) => cmd.arg("--cdrom").arg(m),
@@ -1088,12 +1112,29 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         input: r.input,
         absolute_pointer: None,
         virtio_keyboard: None,
+        balloon: r.balloon,
+        memory_balloon: None,
         cpu_cap_percent: r.cpu_cap_percent,
         cpu_weight: r.cpu_weight,
         cpu_limits: cpu_limits_text(r, e, cpu),
         drives: drives(r, store),
         pending_changes: r.pending.as_ref().map(pending_names).unwrap_or_default(),
         pending: r.pending.clone(),
+    }
+}
+
+/// The API's view of an engine's balloon.
+pub fn memory_balloon(b: vmm_core::virtio::balloon::BalloonStatus) -> MemoryBalloon {
+    let mib = |bytes: Option<u64>| bytes.map(|b| b >> 20);
+    let stats = b.stats.unwrap_or_default();
+    MemoryBalloon {
+        target_mib: b.target_mib,
+        actual_mib: b.actual_mib,
+        floor_mib: b.floor_mib,
+        driver: b.driver,
+        guest_total_mib: mib(stats.total_bytes),
+        guest_available_mib: mib(stats.available_bytes),
+        guest_free_mib: mib(stats.free_bytes),
     }
 }
 

@@ -28,7 +28,8 @@ pub const ROUTES: &[Route] = &[
         "/vms/{id}",
         "Change a VM's settings. Every field is checked first; refused fields answer 400 `invalid` with \
          `fields` (each field's reason) and change nothing. Name, tags, description and autostart change at \
-         once; on a running or suspended VM the hardware, boot settings, display, disk size and network \
+         once, and so does a running VM's memory in use by the guest (`memory_target_mib`, through its \
+         balloon); on a running or suspended VM the hardware, boot settings, display, disk size and network \
          cards are kept as `pending` (`pending_changes` names them) and apply at its next start",
         "admin",
         Some("UpdateVm"),
@@ -477,6 +478,7 @@ mod tests {
             "DiskLimits",
             "NicLimits",
             "AddCdrom",
+            "MemoryBalloon",
         ] {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name}");
         }

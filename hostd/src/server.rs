@@ -458,6 +458,7 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
             let virtio = vm.input == porthole_api::InputMode::Virtio;
             vm.absolute_pointer = virtio.then_some(live.absolute_pointer);
             vm.virtio_keyboard = virtio.then_some(live.virtio_keyboard);
+            vm.memory_balloon = live.balloon;
         }
         Some(Err(why)) => vm.nic_status_error = Some(why),
         None => {}
@@ -662,6 +663,7 @@ async fn create_vm(
         tags,
         nics: Some(nics),
         input: req.input.unwrap_or(porthole_api::InputMode::Virtio),
+        balloon: true,
         cpu_cap_percent: req.cpu_cap_percent.filter(|&c| c != 0),
         cpu_weight: req.cpu_weight.filter(|&w| w != 0),
         ..VmRecord::default()
@@ -863,9 +865,32 @@ async fn update_vm(
             }
         }
     };
+    if let Some(target) = req.memory_target_mib {
+        let floor = vmm_core::virtio::balloon::floor_mib(record.memory_mib);
+        if !running {
+            errors.push(field("memory_target_mib", "applies to a running VM (a VM starts with all of its memory)"));
+        } else if !record.balloon {
+            errors.push(field("memory_target_mib", "the VM has no memory balloon"));
+        } else if target < floor || target > record.memory_mib {
+            let why = format!(
+                "{target} MiB is out of range: from {floor} MiB (10% of the VM's {} MiB, at least {} MiB) to {} MiB",
+                record.memory_mib,
+                vmm_core::virtio::balloon::FLOOR_MIN_MIB,
+                record.memory_mib
+            );
+            errors.push(field("memory_target_mib", why));
+        }
+    }
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, "invalid", errors));
     }
+    // The balloon first: when the engine refuses, nothing else has changed.
+    let balloon = match req.memory_target_mib {
+        Some(target) => Some(app.host.set_live_balloon(&id, target).await.map_err(|why| {
+            ApiError::fields(StatusCode::BAD_REQUEST, "invalid", vec![field("memory_target_mib", why)])
+        })?),
+        None => None,
+    };
     // The disk of a stopped VM grows now (the VM cannot start meanwhile); a running VM's engine grows it
     // live (the guest is told); a suspended VM's at its next start.
     let mut hardware = crate::host::hardware_change(&req);
@@ -956,8 +981,12 @@ async fn update_vm(
     if (req.cpu_cap_percent.is_some() || req.cpu_weight.is_some()) && app.host.pid(&id).is_some() {
         let record = app.host.record(&id)?;
         app.host.set_cpu_limits(&id, crate::host::cpu_limits_of(&record));
-        return Ok(Json(app.host.get(&id)?));
+        let mut vm = app.host.get(&id)?;
+        vm.memory_balloon = balloon;
+        return Ok(Json(vm));
     }
+    let mut vm = vm;
+    vm.memory_balloon = balloon;
     Ok(Json(vm))
 }
 

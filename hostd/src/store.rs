@@ -75,6 +75,10 @@ pub struct VmRecord {
     /// (read as `virtio`; their machine states, saved with a tablet and no keyboard, no longer load).
     #[serde(default, alias = "tablet", deserialize_with = "input_or_tablet", skip_serializing_if = "is_ps2")]
     pub input: InputMode,
+    /// A virtio memory balloon (`porthole-vmm --balloon`). Absent in definitions written before it: those
+    /// VMs keep their devices (their saved machine states have no balloon).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub balloon: bool,
     /// CPU cap in percent of one CPU, and weight (cgroups; see `cpu_limits.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,

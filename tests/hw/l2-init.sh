@@ -8,7 +8,8 @@
 #                   /dev/sr0), a square drawn into /dev/fb0 through bochs-drm, a line typed on the PS/2
 #                   keyboard, PS/2 mouse packets, then the virtio-input tablet's events once its driver is
 #                   loaded (the pointer leaves the PS/2 mouse), the virtio-input keyboard's key events (the
-#                   keys leave the PS/2 keyboard) and its Caps Lock LED set, then `reboot -f`; second boot (seen on the disk): waits
+#                   keys leave the PS/2 keyboard) and its Caps Lock LED set, the virtio-balloon (its MemTotal on
+#                   request while the harness moves the target), then `reboot -f`; second boot (seen on the disk): waits
 #                   for the ACPI power button and powers off.
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
@@ -251,6 +252,21 @@ if [ -n "$ev" ] && wait_for "$ev"; then
     exec 4<&-
 else
     say "PORTHOLE-VKBD-NONE $(cat /sys/class/input/input*/name 2>/dev/null | tr ' \n' '_,')"
+fi
+
+# The memory balloon (porthole-vmm --balloon; virtio_balloon loaded at boot): the harness moves the target
+# through the control socket and asks, on the serial console, for the guest's own view of its memory.
+meminfo() { awk '/^MemTotal:/ {t = $2} /^MemAvailable:/ {a = $2} END {print "memtotal-kib=" t " available-kib=" a}' /proc/meminfo; }
+if ls /sys/bus/virtio/drivers/virtio_balloon 2>/dev/null | grep -q '^virtio'; then
+    say "PORTHOLE-BALLOON-READY $(meminfo)"
+    while read -r -t 900 cmd; do
+        case $cmd in
+            *meminfo*) say "PORTHOLE-BALLOON-MEMINFO $(meminfo)" ;;
+            *balloon-done*) break ;;
+        esac
+    done
+else
+    say "PORTHOLE-BALLOON-NONE $(ls /sys/bus/virtio/drivers 2>/dev/null | tr '\n' ,)"
 fi
 
 # Second boot next: mark it on the disk, then reboot without the init system.

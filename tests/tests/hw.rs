@@ -430,6 +430,7 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let packets = move_mouse_until(m, "PORTHOLE-MOUSE packets=", 3 * MIN)?;
     let tablet = tablet_events(m, 3 * MIN)?;
     let keyboard = keyboard_events(m, 3 * MIN)?;
+    let balloon = balloon(m)?;
     m.expect("PORTHOLE-REBOOTING", 2 * MIN)?;
     m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
     m.expect("PORTHOLE-POWER-BUTTON-READY", 5 * MIN)?;
@@ -446,7 +447,7 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let mouse_desc = ready.split_whitespace().nth(1).unwrap_or("?").to_owned();
     Ok(format!(
         "disk md5 {disk} read, write flushed and found; CD md5 {cd}; fb {mode} pixel {pixel:06x} on RFB; \
-         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {keyboard}; reboot -f -> second boot; power button -> off \
+         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {keyboard}; {balloon}; reboot -f -> second boot; power button -> off \
          (exit 0)",
         packets.trim()
     ))
@@ -771,6 +772,8 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
         let a = field_in(&ready, "PORTHOLE-SNAP-A", "md5").ok_or(format!("no PORTHOLE-SNAP-A md5: {ready:?}"))?;
         // Counting: a few ticks before the snapshot.
         let before = snap_count_reaches(c, &id, 3, 5 * MIN).await?;
+        // The guest gives 64 MiB to its balloon before the snapshot (the state carries it across).
+        snap_balloon(c, &id, 192).await?;
 
         // 1. Snapshot with the machine state while the counter runs: the VM runs on (a new process, from the
         //    saved state), counting on from where it was.
@@ -796,6 +799,13 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
             ));
         }
         snap_count_reaches(c, &id, after_take + 2, 5 * MIN).await?;
+        // The new process, from the saved state, has the balloon as it was, and the guest's driver (restored
+        // with it) gives the memory back on request.
+        let restored = c.vm(&id).await.map_err(|e| format!("GET vm: {e}"))?.memory_balloon;
+        if restored.as_ref().is_none_or(|b| (b.target_mib, b.actual_mib, b.driver) != (192, 192, true)) {
+            return Err(format!("the balloon after the snapshot with state: {restored:?} (192 MiB before)"));
+        }
+        snap_balloon(c, &id, 256).await?;
 
         // 2. Write B and change A.
         let wrote = snap_command(c, &id, "write-b", "PORTHOLE-SNAP-WROTE", 5 * MIN).await?;
@@ -928,6 +938,23 @@ fn snapshot(m: &mut Machine, r: &mut Report) -> Result<String, String> {
 }
 
 /// The value of `key=` in the last serial line containing `tag`.
+/// Sets a running VM's memory target through the API and waits until the guest's driver has got there.
+async fn snap_balloon(c: &porthole_api::Client, id: &str, target: u64) -> Result<(), String> {
+    let change = porthole_api::UpdateVm { memory_target_mib: Some(target), ..Default::default() };
+    c.update_vm(id, &change).await.map_err(|e| format!("memory target {target} MiB: {e}"))?;
+    let deadline = Instant::now() + 5 * MIN;
+    loop {
+        let b = c.vm(id).await.map_err(|e| format!("GET vm: {e}"))?.memory_balloon;
+        if b.as_ref().is_some_and(|b| b.actual_mib == target && b.target_mib == target) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the guest's balloon never reached {target} MiB: {b:?}"));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 fn field_in(lines: &[String], tag: &str, key: &str) -> Option<String> {
     let line = lines.iter().rev().find(|l| l.contains(tag))?;
     let rest = &line[line.find(tag)?..];
@@ -1396,21 +1423,106 @@ fn keyboard_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
     Ok(format!("virtio keyboard events {events:?} for RFB 'a'; LEDs {leds:?} in the VMM's status; VT read {got:?}"))
 }
 
-fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {
-    control_reply(m, request).map(|_| ())
+/// The guest's virtio_balloon: a target below the floor is refused and changes nothing; a lower target
+/// makes the guest give 128 MiB (the engine's `actual` and the guest's own MemTotal both say so), and
+/// the whole memory back again restores its MemTotal.
+fn balloon(m: &mut Machine) -> Result<String, String> {
+    use vmm_core::control::Request;
+    let ready = m.expect_from(0, "PORTHOLE-BALLOON-", 3 * MIN)?;
+    if !ready.text.contains("PORTHOLE-BALLOON-READY") {
+        return Err(format!("no balloon driver in the guest: {}", ready.text));
+    }
+    let kib = |line: &hw::Line, key: &str| -> Result<u64, String> {
+        Machine::field(line, key).and_then(|v| v.parse().ok()).ok_or_else(|| format!("no {key} in {:?}", line.text))
+    };
+    let total0 = kib(&ready, "memtotal-kib")?;
+    let status = |m: &Machine| -> Result<vmm_core::control::Status, String> {
+        control_reply(m, &Request::Status)?.status.ok_or_else(|| "a status reply without a status".to_owned())
+    };
+    // The engine's view: the driver up, the balloon empty.
+    let before = status(m)?;
+    let b = before.balloon.clone().ok_or("status has no balloon")?;
+    if !b.driver || b.actual_mib != 512 || b.target_mib != 512 {
+        return Err(format!("the balloon before any target: {b:?}"));
+    }
+    // Below the floor: a clear refusal, nothing changes.
+    let refused = control_reply(m, &Request::SetBalloon { target_mib: 64 })?;
+    let why = refused.error.unwrap_or_default();
+    if refused.ok || !why.contains("floor of 128 MiB") {
+        return Err(format!("a target of 64 MiB (floor 128): ok={} error {why:?}", refused.ok));
+    }
+    if status(m)?.balloon.map(|b| b.target_mib) != Some(512) {
+        return Err("the refused target changed the balloon".into());
+    }
+    // To 384 MiB and back, each time until the driver says it got there, then the guest's MemTotal.
+    let step = |m: &mut Machine, target: u64| -> Result<(u64, u64, Option<u64>), String> {
+        let reply = control_reply(m, &Request::SetBalloon { target_mib: target })?;
+        if !reply.ok {
+            return Err(format!("set-balloon {target}: {:?}", reply.error));
+        }
+        let deadline = Instant::now() + 5 * MIN;
+        let reached = loop {
+            let s = status(m)?;
+            let b = s.balloon.clone().ok_or("status has no balloon")?;
+            if b.actual_mib == target {
+                break s;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the guest's balloon stayed at {} MiB of a {target} MiB target", b.actual_mib));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        let from = m.seen.len();
+        control_reply(m, &Request::SerialInput { data: "meminfo\n".into() })?;
+        let line = m.expect_from(from, "PORTHOLE-BALLOON-MEMINFO", 2 * MIN)?;
+        Ok((kib(&line, "memtotal-kib")?, kib(&line, "available-kib")?, reached.host_rss_kib))
+    };
+    let (total1, avail1, rss1) = step(m, 384)?;
+    if total0 - total1 != 128 << 10 {
+        return Err(format!("MemTotal {total0} kB before, {total1} kB with a 128 MiB balloon"));
+    }
+    let (total2, avail2, rss2) = step(m, 512)?;
+    if total2 != total0 {
+        return Err(format!("MemTotal {total0} kB before, {total2} kB with the balloon empty again"));
+    }
+    let stats = status(m)?.balloon.and_then(|b| b.stats);
+    let counters = control_reply(m, &Request::Counters)?.counters.unwrap_or_default();
+    control_reply(m, &Request::SerialInput { data: "balloon-done\n".into() })?;
+    let mib = |v: Option<u64>| v.map_or("?".to_owned(), |v| (v >> 10).to_string());
+    Ok(format!(
+        "balloon: 64 MiB refused ({why}); MemTotal {total0} -> {total1} -> {total2} kB, MemAvailable {avail1} -> \
+         {avail2} kB; engine RSS {} MiB at 384, {} MiB at 512 (before: {} MiB); {} pages inflated, {} deflated, {} \
+         reported free; guest stats total {} MiB available {} MiB",
+        mib(rss1),
+        mib(rss2),
+        mib(before.host_rss_kib),
+        counters.balloon_inflated_pages,
+        counters.balloon_deflated_pages,
+        counters.balloon_reported_pages,
+        stats.as_ref().and_then(|s| s.total_bytes).map_or(0, |b| b >> 20),
+        stats.as_ref().and_then(|s| s.available_bytes).map_or(0, |b| b >> 20),
+    ))
 }
 
-/// A control request's reply, which must be `ok`.
+/// A control request's reply, a refusal included (retried while the socket through L1 is not there yet).
 fn control_reply(m: &Machine, request: &vmm_core::control::Request) -> Result<vmm_core::control::Response, String> {
     let deadline = Instant::now() + MIN;
     loop {
         match vmm_core::control::ControlClient::connect(&m.control.path).and_then(|mut c| c.request(request)) {
-            Ok(reply) if reply.ok => return Ok(reply),
-            Ok(reply) => return Err(format!("control {request:?}: {reply:?}")),
+            Ok(reply) => return Ok(reply),
+            Err(vmm_core::control::ControlError::Refused(why)) => {
+                return Ok(vmm_core::control::Response { ok: false, error: Some(why), ..Default::default() });
+            }
             Err(e) if Instant::now() > deadline => return Err(format!("control socket through L1: {e}")),
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
         }
     }
+}
+
+/// A control request that must succeed.
+fn control(m: &Machine, request: &vmm_core::control::Request) -> Result<(), String> {
+    let reply = control_reply(m, request)?;
+    if reply.ok { Ok(()) } else { Err(format!("control {request:?}: {:?}", reply.error)) }
 }
 
 /// A PNG's size and how many of its pixels are not black.

@@ -1009,3 +1009,47 @@ async fn a_cpu_cap_holds_a_spinning_guest_and_changes_live() {
     assert_eq!(refused_fields(&e), ["cpu_weight"]);
     c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
+
+/// The memory balloon: new VMs have one (the engine gets `--balloon`); `memory_target_mib` reaches a running
+/// VM's engine at once; a target out of range (either bound) or for a stopped VM is refused on its field
+/// with nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_target_reaches_a_running_vms_balloon_and_bad_targets_are_refused() {
+    let dir = Scratch::new("settings-balloon");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&CreateVm { memory_mib: 512, ..idle_vm("ballooned", DiskFormat::Qcow2) }).await.unwrap();
+    assert!(vm.balloon && vm.memory_balloon.is_none(), "{vm:?}");
+    let target = |mib: u64| UpdateVm { memory_target_mib: Some(mib), ..Default::default() };
+    let e = c.update_vm(&vm.id, &target(256)).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["memory_target_mib"], "{e}");
+    assert!(e.fields()[0].message.contains("running VM"), "{e}");
+
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Running).await;
+    assert!(vmm_args(&d, &vm.id).iter().any(|a| a == "--balloon"));
+    let b = c.vm(&vm.id).await.unwrap().memory_balloon.expect("a running VM shows its balloon");
+    // The idle micro-guest has no balloon driver: the target waits for one.
+    assert_eq!((b.target_mib, b.actual_mib, b.floor_mib, b.driver), (512, 512, 128, false), "{b:?}");
+    for (mib, why) in [(127, "from 128 MiB"), (0, "out of range"), (513, "to 512 MiB")] {
+        let bad = UpdateVm { memory_target_mib: Some(mib), description: Some("changed".into()), ..Default::default() };
+        let e = c.update_vm(&vm.id, &bad).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{e}");
+        assert_eq!(refused_fields(&e), ["memory_target_mib"], "{mib}: {e}");
+        assert!(e.fields()[0].message.contains(why), "{mib}: {e}");
+    }
+    let after = c.vm(&vm.id).await.unwrap();
+    assert_eq!(after.description, vm.description, "nothing changed");
+    assert_eq!(after.memory_balloon.unwrap().target_mib, 512);
+
+    let changed = c.update_vm(&vm.id, &target(300)).await.unwrap();
+    assert_eq!(changed.memory_balloon.map(|b| b.target_mib), Some(300));
+    let control = d.run.join("vms").join(&vm.id).join("control.sock");
+    let mut client = vmm_core::control::ControlClient::connect(&control).unwrap();
+    let status = client.request(&vmm_core::control::Request::Status).unwrap().status.unwrap();
+    let engine = status.balloon.unwrap();
+    assert_eq!((engine.target_mib, engine.actual_mib), (300, 512), "{engine:?}");
+    assert!(status.host_rss_kib.is_some_and(|k| k > 0));
+    assert_eq!(c.vm(&vm.id).await.unwrap().memory_balloon.unwrap().target_mib, 300);
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+}

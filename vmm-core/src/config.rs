@@ -68,6 +68,11 @@ pub struct VmConfig {
     /// beside PS/2. `tablet: true|false`, from before, is read as `virtio`|`ps2`.
     #[serde(default, alias = "tablet", deserialize_with = "input_mode_or_tablet")]
     pub input: InputMode,
+    /// A virtio memory balloon: the host can shrink and grow the guest's memory live (control socket
+    /// `set-balloon`), down to [`crate::virtio::balloon::floor_mib`]; free pages the guest reports go back
+    /// to the host.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// How the console's keyboard and pointer reach the guest.
@@ -483,6 +488,7 @@ impl VmConfig {
             drives: Vec::new(),
             nics: Vec::new(),
             input: InputMode::Ps2,
+            balloon: false,
         }
     }
 

@@ -11,7 +11,9 @@
 //! card's cable; the guest is told), `{"cmd":"set-disk-limits","drive":ID,"limits":{"iops":N,"bps":N,…}}` (a
 //! drive's rate limits, live; `{}` lifts them), `{"cmd":"set-nic-limits","nic":ID,"limits":{"rx_bps":N,
 //! "tx_bps":N}}` (a card's, in bit/s), `{"cmd":"grow-drive","drive":ID,"size":BYTES}` (a fixed disk grows
-//! while the VM runs; the guest is told). Every reply has
+//! while the VM runs; the guest is told), `{"cmd":"set-balloon","target_mib":N}` (the guest memory
+//! the balloon leaves the guest, live; refused below max(128 MiB, 10% of the memory), above the memory or
+//! without `--balloon`; `status` reports the balloon and the guest's memory statistics). Every reply has
 //! `"ok"`; failures carry `"error"`. A crashed VM (state `crashed`, its report in `status.crash`) refuses
 //! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::counters::CountersSnapshot;
 use crate::disk::DriveStatus;
 use crate::net::NicStatus;
+use crate::virtio::balloon::BalloonStatus;
 use crate::vm::{RunState, VmHandle};
 
 /// Longest request line accepted.
@@ -105,6 +108,12 @@ pub enum Request {
         #[serde(default)]
         limits: crate::rate_limiter::NicLimits,
     },
+    /// Asks the guest to keep `target_mib` of its memory, the memory balloon taking the rest (the VM needs
+    /// `--balloon`); refused below the floor (max(128 MiB, 10% of the memory)) or above the memory.
+    #[serde(rename = "set-balloon")]
+    SetBalloon {
+        target_mib: u64,
+    },
     /// Saves the machine state (RAM, vCPUs, devices) to `path` at one pause point, then resumes the guest
     /// or ends the VM (exit status 5, "suspended"). `porthole-vmm --restore PATH` starts from it.
     #[serde(rename = "save-state")]
@@ -137,6 +146,9 @@ pub struct Response {
     /// For `nics` (every card) and `set-link` (that card).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicStatus>>,
+    /// For `set-balloon`: the balloon afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonStatus>,
     /// For `save-state`: the state file's size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
@@ -171,6 +183,12 @@ pub struct Status {
     /// The virtio keyboard's lock LEDs as the guest last set them (a VM with virtio input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_leds: Option<crate::virtio::input::Leds>,
+    /// The memory balloon (target, what the guest gave, its memory statistics), when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonStatus>,
+    /// The engine's resident memory in KiB (guest RAM the host backs now, plus the engine's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_rss_kib: Option<u64>,
 }
 
 fn ok() -> Response {
@@ -209,9 +227,20 @@ fn status(vm: &VmHandle) -> Response {
             absolute_pointer: vm.absolute_pointer(),
             virtio_keyboard: vm.virtio_keyboard(),
             keyboard_leds: vm.keyboard_leds(),
+            balloon: vm.balloon(),
+            host_rss_kib: host_rss_kib(),
         }),
         ..ok()
     }
+}
+
+/// This process's resident memory (`/proc/self/statm`), in KiB.
+fn host_rss_kib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()? / 1024)
 }
 
 /// Requests that change the VM (refused while a save is in progress).
@@ -266,6 +295,10 @@ fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
         },
         Request::SetLink { nic, up } => match vm.set_link(nic, *up) {
             Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+            Err(e) => failure(e),
+        },
+        Request::SetBalloon { target_mib } => match vm.set_balloon_target(*target_mib) {
+            Ok(status) => Response { balloon: Some(status), ..ok() },
             Err(e) => failure(e),
         },
         Request::SetDiskLimits { drive, limits } => match vm.set_disk_limits(drive, *limits) {
@@ -403,6 +436,10 @@ mod tests {
     #[test]
     fn requests_use_the_documented_wire_form() {
         assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"cmd":"pause"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::SetBalloon { target_mib: 384 }).unwrap(),
+            r#"{"cmd":"set-balloon","target_mib":384}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"counters"}"#).unwrap(), Request::Counters);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
         assert_eq!(

@@ -58,6 +58,13 @@ pub struct CountersSnapshot {
     pub disk_errors: u64,
     /// Malformed descriptor chains (each put its device into NEEDS_RESET).
     pub disk_malformed: u64,
+    /// Memory balloon: 4 KiB pages the guest put in it, took back, reported free (inflated and reported
+    /// pages go back to the host), page numbers or ranges outside guest RAM (skipped), malformed chains.
+    pub balloon_inflated_pages: u64,
+    pub balloon_deflated_pages: u64,
+    pub balloon_reported_pages: u64,
+    pub balloon_invalid_pages: u64,
+    pub balloon_malformed: u64,
     /// The slowest transfer of a read or write request to or from an image, over every drive (µs).
     pub disk_slowest_transfer_us: u64,
     /// The longest a read or write request waited for an I/O thread, over every drive (µs).

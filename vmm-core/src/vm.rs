@@ -44,6 +44,7 @@ use crate::ram::AlignedRam;
 use crate::seccomp;
 use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
+use crate::virtio::balloon::{BalloonShared, BalloonStatus, VirtioBalloon};
 use crate::virtio::block::VirtioBlock;
 use crate::virtio::input::{self as virtio_input, VirtioInput};
 use crate::virtio::net::VirtioNet;
@@ -240,6 +241,8 @@ pub struct VmHandle {
     keyboard: Mutex<Option<Arc<virtio_input::InputHandle>>>,
     /// Which keyboard (virtio or PS/2) each held key went to, this boot.
     key_route: Mutex<virtio_input::KeyRoute>,
+    /// The memory balloon (its target outlives reboots), when the VM has one.
+    balloon: Option<Arc<BalloonShared>>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -433,6 +436,18 @@ impl VmHandle {
         }
     }
 
+    /// The balloon's target, what the guest has given and its memory statistics, when the VM has one.
+    pub fn balloon(&self) -> Option<BalloonStatus> {
+        self.balloon.as_ref().map(|b| b.status())
+    }
+
+    /// Asks the guest to keep `target_mib` of its memory (the balloon takes the rest); refused, changing
+    /// nothing, below the floor, above the VM's memory or without a balloon.
+    pub fn set_balloon_target(&self, target_mib: u64) -> Result<BalloonStatus, String> {
+        let balloon = self.balloon.as_ref().ok_or("this VM has no memory balloon (porthole-vmm --balloon)")?;
+        balloon.set_target_mib(target_mib).map_err(|e| e.to_string())
+    }
+
     /// The network cards and their state.
     pub fn nics(&self) -> Vec<crate::net::NicStatus> {
         self.nics.iter().map(|n| n.status()).collect()
@@ -558,6 +573,14 @@ impl VmHandle {
             s.disk_slowest_transfer_us = s.disk_slowest_transfer_us.max(l(&st.slowest_transfer_us));
             s.disk_slowest_wait_us = s.disk_slowest_wait_us.max(l(&st.slowest_wait_us));
             s.disk_throttled_us += l(&st.throttled_us);
+        }
+        if let Some(b) = &self.balloon {
+            let c = &b.counters;
+            s.balloon_inflated_pages = l(&c.inflated_pages);
+            s.balloon_deflated_pages = l(&c.deflated_pages);
+            s.balloon_reported_pages = l(&c.reported_pages);
+            s.balloon_invalid_pages = l(&c.invalid_pages);
+            s.balloon_malformed = l(&c.malformed);
         }
         for n in &self.nics {
             let st = &n.stats;
@@ -735,6 +758,7 @@ impl Vm {
             tablet: Mutex::new(None),
             keyboard: Mutex::new(None),
             key_route: Mutex::new(virtio_input::KeyRoute::default()),
+            balloon: config.balloon.then(|| BalloonShared::new(config.memory_mib)),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -925,6 +949,21 @@ impl Vm {
                 bus.insert(slot, Arc::new(Mutex::new(device)))?;
                 interrupts.push(interrupt);
             }
+        }
+        if let Some(shared) = &self.handle.balloon {
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create the balloon's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let balloon =
+                VirtioBalloon::new(shared.clone(), interrupt.clone()).map_err(io_err("start the balloon's thread"))?;
+            let device =
+                VirtioPci::new(balloon, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                    .map_err(io_err("give the balloon its MSI-X vectors"))?;
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
         }
         let host = vram
             .get_host_address(MemoryRegionAddress(0))

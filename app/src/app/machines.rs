@@ -591,6 +591,8 @@ mod tests {
             input: porthole_api::InputMode::Ps2,
             absolute_pointer: None,
             virtio_keyboard: None,
+            balloon: false,
+            memory_balloon: None,
             cpu_cap_percent: None,
             cpu_weight: None,
             cpu_limits: None,

@@ -1,5 +1,5 @@
 //! The *Settings* view of a VM (opened from its details): General (name, description, tags, autostart),
-//! Hardware (vCPUs, memory), Disks (a row per disk with its bus, format and size; the boot disk's size in the
+//! Hardware (vCPUs, memory; a running VM's memory in use by the guest, set at once through its balloon), Disks (a row per disk with its bus, format and size; the boot disk's size in the
 //! form, the others grown and removed on their row; a new empty disk or a copy of a library image added), CD/DVD
 //! (a row per drive: insert, eject, remove; a drive added), Boot (firmware with its boot order and menu, or a
 //! kernel; the display's resolution) and Network (the details' network cards section). *Apply* sends one
@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use porthole_api::{
-    AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode, UpdateVm,
-    Vm, VmState,
+    AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode,
+    MemoryBalloon, UpdateVm, Vm, VmState,
 };
 
 use super::clones::human_bytes;
@@ -178,6 +178,30 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
         }
     }
     if errors.is_empty() { Ok(u) } else { Err(errors) }
+}
+
+/// The memory a running VM's guest should keep, as typed (MiB): from the balloon's floor to the VM's memory.
+pub fn balloon_target(text: &str, b: &MemoryBalloon, memory_mib: u64) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(t) if (b.floor_mib..=memory_mib).contains(&t) => Ok(t),
+        _ => Err(format!("Give MiB from {} (the floor) to {memory_mib}.", b.floor_mib)),
+    }
+}
+
+/// What the balloon row says of a running VM's memory: what the guest keeps now (and the target while it is
+/// not there), then the guest's own view once its driver sends statistics.
+pub fn balloon_text(b: &MemoryBalloon) -> String {
+    let mut text = if !b.driver {
+        format!("{} MiB; the guest has no balloon driver (virtio_balloon) up", b.actual_mib)
+    } else if b.actual_mib == b.target_mib {
+        format!("{} MiB in use by the guest", b.actual_mib)
+    } else {
+        format!("{} MiB in use by the guest, going to {} MiB", b.actual_mib, b.target_mib)
+    };
+    if let (Some(avail), Some(total)) = (b.guest_available_mib, b.guest_total_mib) {
+        text.push_str(&format!("; the guest has {avail} MiB available of {total} MiB"));
+    }
+    text
 }
 
 /// Parses a disk size in GiB as the form takes it (a positive number up to 1 PiB) into whole sectors.
@@ -389,6 +413,9 @@ pub struct SettingsForm {
     iso: String,
     /// The Disks and CD/DVD sections' state.
     pub drives: DriveForm,
+    /// A running VM's memory target as typed (empty: unchanged), and why the form refuses it.
+    pub balloon_target: String,
+    balloon_error: Option<String>,
 }
 
 impl SettingsForm {
@@ -404,6 +431,8 @@ impl SettingsForm {
             waiting: false,
             iso: String::new(),
             drives: DriveForm::default(),
+            balloon_target: String::new(),
+            balloon_error: None,
         }
     }
 
@@ -501,6 +530,22 @@ impl PortholeApp {
             };
             (of(&|f| f == ImageFormat::Iso), of(&|f| matches!(f, ImageFormat::Raw | ImageFormat::Qcow2)))
         };
+        let running_now = matches!(vm.state, VmState::Running | VmState::Paused);
+        // A running VM's balloon, from its `GET /vms/{id}`, refreshed every 2 s while the view is open.
+        let balloon = running_now
+            .then(|| {
+                let m = self.backend.model();
+                let d = m.details.as_ref().filter(|(h, id, _)| *h == host && *id == vm.id);
+                d.and_then(|(_, _, d)| d.memory_balloon.clone())
+            })
+            .flatten();
+        if running_now && vm.balloon {
+            if self.details_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2)) {
+                self.backend.load_details(host, vm.id.clone());
+                self.details_fetched = Some(std::time::Instant::now());
+            }
+            ui.ctx().request_repaint_after(std::time::Duration::from_secs(2));
+        }
         let Some(form) = self.vm_settings.as_mut() else { return };
         if let Some(outcome) = drive_outcome {
             if outcome.is_ok() {
@@ -557,6 +602,8 @@ impl PortholeApp {
             ui.colored_label(ui.visuals().error_fg_color, e);
         }
         let errors = form.errors.clone();
+        let (target_text, target_error) = (&mut form.balloon_target, &mut form.balloon_error);
+        let mut set_target = None;
         let f = &mut form.fields;
 
         section(ui, "General");
@@ -579,6 +626,40 @@ impl PortholeApp {
             row(ui, "Memory (MiB)", &errors, "memory_mib", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.memory_mib).desired_width(80.0))
             });
+            if let Some(b) = &balloon {
+                let l = ui.label("Memory in use by the guest (balloon)");
+                ui.vertical(|ui| {
+                    ui.horizontal(|ui| {
+                        ui.add(
+                            egui::TextEdit::singleline(target_text)
+                                .hint_text(b.target_mib.to_string())
+                                .desired_width(80.0),
+                        )
+                        .labelled_by(l.id)
+                        .on_hover_text(format!(
+                            "The memory the guest keeps, from {} MiB to {} MiB; the balloon takes the rest. Applies \
+                             at once; the VM starts with all of its memory again.",
+                            b.floor_mib, vm.memory_mib
+                        ));
+                        ui.label("MiB");
+                        if theme::button(ui, !target_text.trim().is_empty(), theme::SAVE, "Set").clicked() {
+                            match balloon_target(target_text, b, vm.memory_mib) {
+                                Ok(t) => {
+                                    set_target = Some(t);
+                                    target_text.clear();
+                                    *target_error = None;
+                                }
+                                Err(e) => *target_error = Some(e),
+                            }
+                        }
+                    });
+                    ui.weak(balloon_text(b));
+                    if let Some(e) = target_error.as_ref().or(errors.get("memory_target_mib")) {
+                        ui.colored_label(ui.visuals().error_fg_color, e);
+                    }
+                });
+                ui.end_row();
+            }
             row(ui, "CPU cap (% of one CPU)", &errors, "cpu_cap_percent", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.cpu_cap).hint_text("none").desired_width(80.0))
                     .on_hover_text("At most this share of one CPU (150: one and a half); applies at once")
@@ -605,6 +686,14 @@ impl PortholeApp {
                 .response
             });
         });
+
+        if let Some(t) = set_target {
+            let (id, change) = (vm.id.clone(), UpdateVm { memory_target_mib: Some(t), ..Default::default() });
+            let done = format!("{}: the guest keeps {t} MiB", vm.name);
+            self.backend.act(host, format!("Memory of {}", vm.name), Some(done), move |c| async move {
+                c.update_vm(&id, &change).await
+            });
+        }
 
         section(ui, "Disks");
         let disks: Vec<_> = vm.drives.iter().filter(|d| d.kind == DriveKind::Disk).collect();
@@ -960,6 +1049,30 @@ mod tests {
             "boot": {"kernel": "vmlinuz", "cmdline": "console=ttyS0"}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_memory_target_is_whole_mib_from_the_floor_to_the_memory_and_the_row_says_where_the_guest_is() {
+        let b = MemoryBalloon { target_mib: 512, actual_mib: 512, floor_mib: 128, driver: true, ..Default::default() };
+        assert_eq!(balloon_target(" 384 ", &b, 512), Ok(384));
+        assert_eq!(balloon_target("128", &b, 512), Ok(128));
+        for bad in ["127", "513", "", "3.5", "-1"] {
+            assert_eq!(balloon_target(bad, &b, 512), Err("Give MiB from 128 (the floor) to 512.".into()), "{bad:?}");
+        }
+        assert_eq!(balloon_text(&b), "512 MiB in use by the guest");
+        let going = MemoryBalloon {
+            target_mib: 384,
+            actual_mib: 450,
+            guest_available_mib: Some(300),
+            guest_total_mib: Some(440),
+            ..b.clone()
+        };
+        assert_eq!(
+            balloon_text(&going),
+            "450 MiB in use by the guest, going to 384 MiB; the guest has 300 MiB available of 440 MiB"
+        );
+        let no_driver = MemoryBalloon { driver: false, ..b };
+        assert!(balloon_text(&no_driver).contains("no balloon driver"));
     }
 
     #[test]

@@ -132,6 +132,11 @@ struct Cli {
     /// The VM's share of CPU under contention, 1-10000 (100: the default share), in the same cgroup.
     #[arg(long, value_name = "N")]
     cpu_weight: Option<u32>,
+    /// A virtio memory balloon (Linux: virtio_balloon): the control socket's `set-balloon` shrinks and
+    /// grows the guest's memory live, down to max(128 MiB, 10% of --memory); free pages the guest reports
+    /// go back to the host.
+    #[arg(long)]
+    balloon: bool,
     /// When the VM ends, write its final counters (JSON) to this file.
     #[arg(long, value_name = "PATH")]
     counters_file: Option<PathBuf>,
@@ -257,6 +262,7 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     if let Some(input) = cli.input {
         config.input = input;
     }
+    config.balloon |= cli.balloon;
     for spec in &cli.net {
         if let Some(nic) = vmm_core::net::parse_net(spec).with_context(|| format!("--net {spec:?}"))? {
             config.nics.push(nic);

@@ -3,6 +3,7 @@
 //! A device implements [`VirtioDevice`]: its features, configuration space and queues. The transport owns
 //! the negotiation (status, features, queue set-up) and hands the device its queues at `DRIVER_OK`.
 
+pub mod balloon;
 pub mod block;
 pub mod host_driver;
 pub mod input;
