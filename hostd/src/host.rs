@@ -470,15 +470,10 @@ impl Host {
     /// — in one `status` request, or why it cannot be had.
     pub async fn live_status(&self, id: &str) -> Option<Result<LiveStatus, String>> {
         self.pid(id)?;
-        let control = self.run_files(id).control();
-        let asked = tokio::task::spawn_blocking(move || {
-            let mut c = vmm_core::control::ControlClient::connect(&control).map_err(|e| e.to_string())?;
-            let status = c.request(&vmm_core::control::Request::Status).map_err(|e| e.to_string())?.status;
-            status.ok_or_else(|| "its reply has no status".to_owned())
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        let asked = self
+            .engine_request(id, vmm_core::control::Request::Status)
+            .await
+            .and_then(|r| r.status.ok_or_else(|| "its reply has no status".to_owned()));
         Some(
             asked
                 .map(|s| LiveStatus {
@@ -491,10 +486,27 @@ impl Host {
         )
     }
 
+    /// Sends `request` to a running VM's engine (off the async threads): its reply, or its refusal as is.
+    async fn engine_request(
+        &self,
+        id: &str,
+        request: vmm_core::control::Request,
+    ) -> Result<vmm_core::control::Response, String> {
+        let control = self.run_files(id).control();
+        tokio::task::spawn_blocking(move || {
+            match vmm_core::control::ControlClient::connect(&control).and_then(|mut c| c.request(&request)) {
+                Ok(reply) => Ok(reply),
+                Err(vmm_core::control::ControlError::Refused(why)) => Err(why),
+                Err(e) => Err(format!("the VM process did not answer: {e}")),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Gives a running VM's engine new rate limits for its drive `drive` (the engine's drive ids are the
     /// API's).
     pub async fn set_live_disk_limits(&self, id: &str, drive: &str, l: porthole_api::DiskLimits) -> Result<(), String> {
-        let control = self.run_files(id).control();
         let limits = vmm_core::rate_limiter::DiskLimits {
             iops: l.iops,
             riops: l.riops,
@@ -503,61 +515,28 @@ impl Host {
             rbps: l.rbps,
             wbps: l.wbps,
         };
-        let request = vmm_core::control::Request::SetDiskLimits { drive: drive.to_owned(), limits };
-        tokio::task::spawn_blocking(move || {
-            vmm_core::control::ControlClient::connect(&control)
-                .and_then(|mut c| c.request(&request))
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        self.engine_request(id, vmm_core::control::Request::SetDiskLimits { drive: drive.to_owned(), limits })
+            .await
+            .map(drop)
     }
 
     /// Has a running VM's engine grow its disk `drive` to `size` bytes (the guest is told).
     pub async fn grow_live_disk(&self, id: &str, drive: &str, size: u64) -> Result<(), String> {
-        let control = self.run_files(id).control();
-        let request = vmm_core::control::Request::GrowDrive { drive: drive.to_owned(), size };
-        tokio::task::spawn_blocking(move || {
-            vmm_core::control::ControlClient::connect(&control)
-                .and_then(|mut c| c.request(&request))
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        self.engine_request(id, vmm_core::control::Request::GrowDrive { drive: drive.to_owned(), size }).await.map(drop)
     }
 
     /// Gives a running VM's engine new rate limits for its card `nic`.
     pub async fn set_live_nic_limits(&self, id: &str, nic: &str, l: porthole_api::NicLimits) -> Result<(), String> {
-        let control = self.run_files(id).control();
         let limits = vmm_core::rate_limiter::NicLimits { rx_bps: l.rx_bps, tx_bps: l.tx_bps };
-        let request = vmm_core::control::Request::SetNicLimits { nic: nic.to_owned(), limits };
-        tokio::task::spawn_blocking(move || {
-            vmm_core::control::ControlClient::connect(&control)
-                .and_then(|mut c| c.request(&request))
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        self.engine_request(id, vmm_core::control::Request::SetNicLimits { nic: nic.to_owned(), limits })
+            .await
+            .map(drop)
     }
 
     /// Asks a running VM's balloon to leave the guest `target_mib` of memory; the engine's refusal as is.
     pub async fn set_live_balloon(&self, id: &str, target_mib: u64) -> Result<MemoryBalloon, String> {
-        let control = self.run_files(id).control();
-        let request = vmm_core::control::Request::SetBalloon { target_mib };
-        tokio::task::spawn_blocking(move || {
-            let reply = vmm_core::control::ControlClient::connect(&control).and_then(|mut c| c.request(&request));
-            match reply {
-                Ok(vmm_core::control::Response { balloon: Some(b), .. }) => Ok(memory_balloon(b)),
-                Ok(_) => Err("the VM process did not report its balloon".into()),
-                Err(vmm_core::control::ControlError::Refused(why)) => Err(why),
-                Err(e) => Err(format!("the VM process did not answer: {e}")),
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        let reply = self.engine_request(id, vmm_core::control::Request::SetBalloon { target_mib }).await?;
+        reply.balloon.map(memory_balloon).ok_or_else(|| "the VM process did not report its balloon".into())
     }
 
     /// Applies a running VM's CPU limits at once (into its cgroup), and records whether they hold.

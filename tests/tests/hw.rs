@@ -1294,22 +1294,50 @@ fn type_line(m: &Machine, text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Moves the RFB pointer back and forth until the guest reports `needle`.
-fn move_mouse_until(m: &mut Machine, needle: &str, limit: Duration) -> Result<String, String> {
-    let mut c = rfb(m)?;
+/// Sends input on the RFB console (`send`, given the attempt's number) until the guest prints `needle`
+/// (within `limit`); returns the rest of that line. `what` names the device in errors.
+fn input_until(
+    m: &mut Machine,
+    c: &mut RfbClient,
+    needle: &str,
+    limit: Duration,
+    what: &str,
+    mut send: impl FnMut(&mut RfbClient, usize) -> Result<(), String>,
+) -> Result<String, String> {
     let deadline = Instant::now() + limit;
     let from = m.seen.len();
-    let mut step = 0u16;
+    let mut step = 0usize;
     loop {
-        step = step.wrapping_add(1);
-        let x = 100 + (step % 2) * 40;
-        c.pointer(x, 100 + (step % 3) * 30, 0).map_err(|e| format!("RFB pointer: {e}"))?;
+        step += 1;
+        send(c, step)?;
         match m.expect_from(from, needle, Duration::from_millis(700)) {
             Ok(line) => return Ok(line.text.split_once(needle).map(|(_, p)| p.to_owned()).unwrap_or_default()),
             Err(e) if e.starts_with("no ") && Instant::now() < deadline => {}
-            Err(e) => return Err(format!("PS/2 mouse: {e}")),
+            Err(e) => return Err(format!("{what}: {e}")),
         }
     }
+}
+
+/// The evdev events (type, code, value) in a hex dump of `struct input_event`s (x86-64: 16 bytes of time,
+/// then type u16, code u16, value i32).
+fn evdev_events(hex: &str) -> Vec<(u16, u16, i32)> {
+    let bytes: Vec<u8> = hex.split_whitespace().filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+    bytes
+        .chunks_exact(24)
+        .map(|e| {
+            let u16_at = |i: usize| u16::from_le_bytes([e[i], e[i + 1]]);
+            (u16_at(16), u16_at(18), i32::from_le_bytes([e[20], e[21], e[22], e[23]]))
+        })
+        .collect()
+}
+
+/// Moves the RFB pointer back and forth until the guest reports `needle`.
+fn move_mouse_until(m: &mut Machine, needle: &str, limit: Duration) -> Result<String, String> {
+    let mut c = rfb(m)?;
+    input_until(m, &mut c, needle, limit, "PS/2 mouse", |c, step| {
+        let step = step as u16;
+        c.pointer(100 + (step % 2) * 40, 100 + (step % 3) * 30, 0).map_err(|e| format!("RFB pointer: {e}"))
+    })
 }
 
 /// Once the guest has loaded virtio_input: moves the RFB pointer between two points until the guest
@@ -1324,29 +1352,11 @@ fn tablet_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
     let (w, h) = (c.width, c.height);
     let points = [(w / 4, h / 4), (w * 3 / 4, h * 3 / 4)];
     let scaled = |v: u32, size: u32| v * 32767 / size.saturating_sub(1).max(1);
-    let deadline = Instant::now() + limit;
-    let from = m.seen.len();
-    let needle = "PORTHOLE-TABLET events=";
-    let mut step = 0usize;
-    let hex = loop {
+    let hex = input_until(m, &mut c, "PORTHOLE-TABLET events=", limit, "tablet", |c, step| {
         let (x, y) = points[step % 2];
-        step += 1;
-        c.pointer(x as u16, y as u16, 0).map_err(|e| format!("RFB pointer: {e}"))?;
-        match m.expect_from(from, needle, Duration::from_millis(700)) {
-            Ok(line) => break line.text.split_once(needle).map(|(_, p)| p.to_owned()).unwrap_or_default(),
-            Err(e) if e.starts_with("no ") && Instant::now() < deadline => {}
-            Err(e) => return Err(format!("tablet: {e}")),
-        }
-    };
-    let bytes: Vec<u8> = hex.split_whitespace().filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
-    // struct input_event on x86-64: 16 bytes of time, then type (u16), code (u16), value (i32).
-    let events: Vec<(u16, u16, i32)> = bytes
-        .chunks_exact(24)
-        .map(|e| {
-            let u16_at = |i: usize| u16::from_le_bytes([e[i], e[i + 1]]);
-            (u16_at(16), u16_at(18), i32::from_le_bytes([e[20], e[21], e[22], e[23]]))
-        })
-        .collect();
+        c.pointer(x as u16, y as u16, 0).map_err(|e| format!("RFB pointer: {e}"))
+    })?;
+    let events = evdev_events(&hex);
     let xs: Vec<i32> = events.iter().filter(|e| e.0 == 3 && e.1 == 0).map(|e| e.2).collect();
     let want: Vec<i32> = points.iter().map(|&(x, _)| scaled(x, w) as i32).collect();
     if xs.is_empty() || !xs.iter().all(|x| want.contains(x)) {
@@ -1368,27 +1378,11 @@ fn keyboard_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
         return Err(format!("no virtio keyboard in the guest: {}", ready.text));
     }
     let mut c = rfb(m)?;
-    let deadline = Instant::now() + limit;
-    let from = m.seen.len();
-    let needle = "PORTHOLE-VKBD events=";
-    let hex = loop {
-        let a = u32::from(b'a');
-        c.key(a, true).and_then(|()| c.key(a, false)).map_err(|e| format!("RFB key: {e}"))?;
-        match m.expect_from(from, needle, Duration::from_millis(700)) {
-            Ok(line) => break line.text.split_once(needle).map(|(_, p)| p.to_owned()).unwrap_or_default(),
-            Err(e) if e.starts_with("no ") && Instant::now() < deadline => {}
-            Err(e) => return Err(format!("virtio keyboard: {e}")),
-        }
-    };
-    let bytes: Vec<u8> = hex.split_whitespace().filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
-    // struct input_event on x86-64: 16 bytes of time, then type (u16), code (u16), value (i32).
-    let events: Vec<(u16, u16, i32)> = bytes
-        .chunks_exact(24)
-        .map(|e| {
-            let u16_at = |i: usize| u16::from_le_bytes([e[i], e[i + 1]]);
-            (u16_at(16), u16_at(18), i32::from_le_bytes([e[20], e[21], e[22], e[23]]))
-        })
-        .collect();
+    let a = u32::from(b'a');
+    let hex = input_until(m, &mut c, "PORTHOLE-VKBD events=", limit, "virtio keyboard", |c, _| {
+        c.key(a, true).and_then(|()| c.key(a, false)).map_err(|e| format!("RFB key: {e}"))
+    })?;
+    let events = evdev_events(&hex);
     let only_a = events.iter().all(|&(t, code, _)| (t == EV_KEY && code == KEY_A) || (t == EV_SYN && code == 0));
     if events.len() != 4 || !only_a || !events.contains(&(EV_KEY, KEY_A, 1)) || !events.contains(&(EV_KEY, KEY_A, 0)) {
         return Err(format!("virtio keyboard events {events:?}: expected KEY_A (30) down and up with reports"));

@@ -367,7 +367,8 @@ impl PortholeApp {
         ui.label("SSH");
         ui.horizontal(|ui| {
             ui.monospace(&cmd);
-            if theme::button(ui, true, theme::COPY, "Copy SSH command").clicked() {
+            // An icon (its name on hover and for screen readers): the row stays narrow.
+            if theme::icon_button(ui, theme::COPY, "Copy SSH command").clicked() {
                 ui.ctx().copy_text(cmd.clone());
                 self.backend.model().notify(format!("Copied: {cmd}"), false);
             }
