@@ -284,10 +284,16 @@ fn disks_and_cd_drives_are_added_grown_and_removed_in_the_window() {
     assert_eq!(ids, ["disk0", "disk1", "cdrom0"]);
     assert!(disabled(&h, "Remove cdrom0"), "a VM keeps one CD/DVD drive");
 
-    // Running: adding and removing say the VM must stop, and are not offered.
+    // Running: adding and removing say the VM must stop, and are not offered; a disk grows at once.
     rt.block_on(d.local().action(&vm.id, Action::Start)).unwrap();
     wait(&mut h, "the stop note", |h| has_contains(h, "Stop the VM to add or remove drives"));
     wait(&mut h, "the buttons off", |h| disabled(h, "Add disk") && disabled(h, "Remove disk1"));
-    assert!(disabled(&h, "Add CD/DVD drive") && disabled(&h, "Grow disk1"));
+    assert!(disabled(&h, "Add CD/DVD drive"));
+    assert!(!disabled(&h, "Grow disk1"), "a running VM's disk grows");
+    replace_text(&mut h, "Size of disk1 (GiB)", "4");
+    press(&mut h, "Grow disk1");
+    wait(&mut h, "disk1 grown live", |h| has_contains(h, "Grow disk1 of") && has_contains(h, ": done"));
+    let engine = rt.block_on(d.local().vm(&vm.id)).unwrap();
+    assert_eq!(drives_of(&engine)[1].2, 4 * GIB, "the running VM's disk1 grew");
     rt.block_on(d.local().action(&vm.id, Action::Poweroff)).unwrap();
 }
