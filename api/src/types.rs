@@ -109,6 +109,9 @@ pub struct Vm {
     /// keyboard (the guest's driver is up) or to the PS/2 keyboard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtio_keyboard: Option<bool>,
+    /// A running VM with virtio input: the lock lights as its guest last set them on the virtio keyboard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyboard_leds: Option<KeyboardLeds>,
     /// A virtio memory balloon (new VMs have one): the memory in use by the guest can shrink and grow while
     /// it runs (`UpdateVm::memory_target_mib`).
     #[serde(default)]
@@ -698,6 +701,26 @@ fn default_mtu() -> u32 {
     DEFAULT_MTU
 }
 
+/// The lock lights of a VM's virtio keyboard, as its guest set them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeyboardLeds {
+    pub num_lock: bool,
+    pub caps_lock: bool,
+    pub scroll_lock: bool,
+}
+
+impl KeyboardLeds {
+    /// The lights that are on, in words ("Caps Lock, Num Lock"), or "none".
+    pub fn text(&self) -> String {
+        let on: Vec<&str> =
+            [(self.caps_lock, "Caps Lock"), (self.num_lock, "Num Lock"), (self.scroll_lock, "Scroll Lock")]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+        if on.is_empty() { "none".to_owned() } else { on.join(", ") }
+    }
+}
+
 /// A network card's rate limits in bits per second (absent: none): `rx_bps` towards the guest (what it
 /// downloads), `tx_bps` from it. Frames over a limit wait; TCP senders slow down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -1185,4 +1208,16 @@ pub struct Identified {
     /// Why nothing could be detected, when that is not just an unknown ISO ("no osinfo-db on this host").
     #[serde(default)]
     pub note: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_lights_in_words() {
+        assert_eq!(KeyboardLeds::default().text(), "none");
+        let l = KeyboardLeds { num_lock: true, caps_lock: true, scroll_lock: false };
+        assert_eq!(l.text(), "Caps Lock, Num Lock");
+    }
 }

@@ -99,6 +99,8 @@ pub struct LiveStatus {
     pub absolute_pointer: bool,
     /// The keys go to the virtio keyboard (its guest driver is up).
     pub virtio_keyboard: bool,
+    /// Its lock lights, as the guest set them.
+    pub keyboard_leds: Option<porthole_api::KeyboardLeds>,
     /// The memory balloon, when the VM has one.
     pub balloon: Option<MemoryBalloon>,
 }
@@ -480,6 +482,11 @@ impl Host {
                     nics: s.nics.into_iter().map(net::api_status).collect(),
                     absolute_pointer: s.absolute_pointer,
                     virtio_keyboard: s.virtio_keyboard,
+                    keyboard_leds: s.keyboard_leds.map(|l| porthole_api::KeyboardLeds {
+                        num_lock: l.num_lock,
+                        caps_lock: l.caps_lock,
+                        scroll_lock: l.scroll_lock,
+                    }),
                     balloon: s.balloon.map(memory_balloon),
                 })
                 .map_err(|e| format!("the VM process did not report its network cards: {e}")),
@@ -1091,6 +1098,7 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         input: r.input,
         absolute_pointer: None,
         virtio_keyboard: None,
+        keyboard_leds: None,
         balloon: r.balloon,
         memory_balloon: None,
         cpu_cap_percent: r.cpu_cap_percent,

@@ -354,6 +354,7 @@ pub fn document() -> Value {
         GrowDisk,
         DiskLimits,
         NicLimits,
+        KeyboardLeds,
         AddCdrom,
         NicDefinition,
         NicSpec,

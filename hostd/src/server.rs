@@ -458,6 +458,7 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
             let virtio = vm.input == porthole_api::InputMode::Virtio;
             vm.absolute_pointer = virtio.then_some(live.absolute_pointer);
             vm.virtio_keyboard = virtio.then_some(live.virtio_keyboard);
+            vm.keyboard_leds = live.keyboard_leds.filter(|_| virtio);
             vm.memory_balloon = live.balloon;
         }
         Some(Err(why)) => vm.nic_status_error = Some(why),

@@ -44,7 +44,17 @@ impl PortholeApp {
             ui.end_row();
             ui.label("Keyboard");
             let (text, more) = keyboard_text(vm, self.backend.model().details.as_ref());
-            ui.label(text).on_hover_text(more);
+            let leds = self
+                .backend
+                .model()
+                .details
+                .as_ref()
+                .filter(|(h, id, _)| *h == host && *id == vm.id && vm_running(vm))
+                .and_then(|(_, _, d)| d.keyboard_leds);
+            match leds {
+                Some(l) => ui.label(format!("{text} (lock lights: {})", l.text())).on_hover_text(more),
+                None => ui.label(text).on_hover_text(more),
+            };
             ui.end_row();
             ui.label("Disk");
             ui.label(clones::disk_text(vm));

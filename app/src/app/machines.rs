@@ -591,6 +591,7 @@ mod tests {
             input: porthole_api::InputMode::Ps2,
             absolute_pointer: None,
             virtio_keyboard: None,
+            keyboard_leds: None,
             balloon: false,
             memory_balloon: None,
             cpu_cap_percent: None,
