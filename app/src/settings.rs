@@ -184,16 +184,20 @@ pub fn load(path: &Path) -> (Settings, Option<String>) {
     }
 }
 
-/// Saves the settings atomically (temp file, fsync, rename).
+/// Saves the settings atomically (temp file, fsync, rename). The file holds the remote hosts' API tokens:
+/// it is readable by the user only (0600), its folder created 0700.
 pub fn save(path: &Path, settings: &Settings) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(settings).map_err(std::io::Error::other)?;
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        // A temp file left by an older version keeps its mode when reopened: narrow it.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
     }
@@ -240,6 +244,35 @@ mod tests {
                 .starts_with("settings.json.bad-"))
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_file_with_the_tokens_is_the_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("porthole-settings-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("config").join("settings.json");
+        // A temp file an older version left world-readable.
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, b"old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let remote = RemoteHost {
+            name: "lab".into(),
+            address: "lab:7443".into(),
+            token: "pht_x".into(),
+            fingerprint: "ab".into(),
+        };
+        save(&path, &Settings { remotes: vec![remote], ..Settings::default() }).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "settings.json is {mode:o}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let fresh = dir.join("new").join("settings.json");
+        save(&fresh, &Settings::default()).unwrap();
+        let dir_mode = std::fs::metadata(fresh.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700, "a new config folder is {dir_mode:o}");
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

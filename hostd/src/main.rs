@@ -251,6 +251,10 @@ async fn serve(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything the daemon and the engines it starts create (disk images, logs, sockets, the lock) is the
+    // user's alone, whatever umask the daemon was started with (SECURITY.md).
+    // SAFETY: umask only changes this process's file creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let mut cli = Cli::parse();
     let dirs = dirs(&cli)?;
