@@ -101,11 +101,12 @@ fn offsets(p: &Pattern, size: u64) -> impl FnMut() -> u64 {
 
 /// Requests per second through the device back end.
 fn device_rate(path: &Path, p: &Pattern, seconds: f64) -> anyhow::Result<f64> {
-    device_rate_under(path, p, seconds, DiskLimits::default())
+    Ok(device_rate_under(path, p, seconds, DiskLimits::default())?.0)
 }
 
-/// Requests per second through the device back end under `limits`.
-fn device_rate_under(path: &Path, p: &Pattern, seconds: f64, limits: DiskLimits) -> anyhow::Result<f64> {
+/// Requests per second through the device back end under `limits`, and the device's threads' CPU time per
+/// request (ns).
+fn device_rate_under(path: &Path, p: &Pattern, seconds: f64, limits: DiskLimits) -> anyhow::Result<(f64, f64)> {
     let media = Drive::open_media(path, true)?;
     let size = media.backend.size();
     let drive = Arc::new(Drive::new("disk0".into(), true, false, String::new(), Some(media)));
@@ -113,6 +114,7 @@ fn device_rate_under(path: &Path, p: &Pattern, seconds: f64, limits: DiskLimits)
     let mut d = HostBlockDriver::new(drive, 32, u64::from(p.block))?;
     let mut next = offsets(p, size);
     let start = Instant::now();
+    let cpu0 = crate::threads_cpu_ns(&["blk-"]);
     let mut done = 0u64;
     for slot in 0..p.depth {
         d.post(slot, T_IN, next() / 512, p.block);
@@ -142,7 +144,8 @@ fn device_rate_under(path: &Path, p: &Pattern, seconds: f64, limits: DiskLimits)
         }
         left = left.saturating_sub(c.len() as u64);
     }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
+    let cpu = crate::threads_cpu_ns(&["blk-"]).saturating_sub(cpu0) as f64 / done.max(1) as f64;
+    Ok((done as f64 / start.elapsed().as_secs_f64(), cpu))
 }
 
 /// Requests per second of plain pread on one thread (the same offsets, into one buffer).
@@ -193,7 +196,7 @@ fn wakeup_round_trip() -> anyhow::Result<Duration> {
 
 /// 4 KiB random reads, 8 in flight, per second, under `limits` (on a 256 MiB image in the page cache),
 /// for [`crate::limits`].
-pub fn random_read_rate(seconds: f64, limits: DiskLimits) -> anyhow::Result<f64> {
+pub fn random_read_rate(seconds: f64, limits: DiskLimits) -> anyhow::Result<(f64, f64)> {
     let path = image(&scratch_dir()?)?;
     device_rate_under(&path, &PATTERNS[1], seconds, limits)
 }

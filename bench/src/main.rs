@@ -30,6 +30,21 @@ mod net;
 mod snapshot;
 use clap::{Parser, Subcommand};
 
+/// CPU time (ns) this process's threads whose names start with one of `prefixes` have run, from
+/// /proc/self/task/*/schedstat: what a device's own threads cost, whatever else the machine does.
+pub fn threads_cpu_ns(prefixes: &[&str]) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            prefixes.iter().any(|p| comm.starts_with(p))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "porthole-bench", about = "Porthole benchmarks against QEMU, as ratios")]
 struct Cli {

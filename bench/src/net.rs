@@ -77,8 +77,9 @@ fn sink(mut socket: UnixStream, frames: Arc<AtomicU64>) -> std::thread::JoinHand
     })
 }
 
-/// Frames per second towards the guest through the device (under `limits`).
-pub fn device_rx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<f64> {
+/// Frames per second towards the guest through the device (under `limits`), and the device's I/O thread's
+/// CPU time per frame (ns).
+pub fn device_rx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<(f64, f64)> {
     let (ours, peer) = UnixStream::pair()?;
     let nic = Arc::new(Nic::with_backend("net0", MAC, 1500, Box::new(Passt::connected(ours, "net0")?)));
     nic.set_limits(limits);
@@ -89,6 +90,7 @@ pub fn device_rx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<
     // Warm up, then measure.
     let _ = d.recv_count(Duration::from_secs(1));
     let start = Instant::now();
+    let cpu0 = crate::threads_cpu_ns(&["net-io"]);
     let mut frames = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
         let (n, _) = d.recv_count(Duration::from_secs(5));
@@ -98,15 +100,17 @@ pub fn device_rx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<
         frames += n;
     }
     let rate = frames as f64 / start.elapsed().as_secs_f64();
+    let cpu = crate::threads_cpu_ns(&["net-io"]).saturating_sub(cpu0) as f64 / frames.max(1) as f64;
     stop.store(true, Ordering::Relaxed);
     drop(d);
     drop(nic);
     let _ = peer_thread.join();
-    Ok(rate)
+    Ok((rate, cpu))
 }
 
-/// Frames per second from the guest through the device (under `limits`).
-pub fn device_tx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<f64> {
+/// Frames per second from the guest through the device (under `limits`), and the device's I/O thread's CPU
+/// time per frame (ns).
+pub fn device_tx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<(f64, f64)> {
     let (ours, peer) = UnixStream::pair()?;
     let nic = Arc::new(Nic::with_backend("net0", MAC, 1500, Box::new(Passt::connected(ours, "net0")?)));
     nic.set_limits(limits);
@@ -115,6 +119,7 @@ pub fn device_tx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<
     let peer_thread = sink(peer, counted.clone());
     let f = frame(len);
     let start = Instant::now();
+    let cpu0 = crate::threads_cpu_ns(&["net-io"]);
     while start.elapsed().as_secs_f64() < seconds {
         if d.send_burst(&f, 128) == 0 && !d.tx_room(Duration::from_secs(5)) {
             bail!("the device stopped taking frames");
@@ -123,11 +128,13 @@ pub fn device_tx(len: usize, seconds: f64, limits: NicLimits) -> anyhow::Result<
     while d.tx_room(Duration::ZERO) && nic.stats.tx_frames.load(Ordering::Relaxed) < counted.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let rate = nic.stats.tx_frames.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let frames = nic.stats.tx_frames.load(Ordering::Relaxed);
+    let rate = frames as f64 / start.elapsed().as_secs_f64();
+    let cpu = crate::threads_cpu_ns(&["net-io"]).saturating_sub(cpu0) as f64 / frames.max(1) as f64;
     drop(d);
     drop(nic);
     let _ = peer_thread.join();
-    Ok(rate)
+    Ok((rate, cpu))
 }
 
 /// Frames per second of a plain socket-pair pump: a writer thread sends each frame with one system call on
@@ -222,7 +229,7 @@ pub fn backend(seconds: f64) -> anyhow::Result<()> {
         let gbit = |r: f64| r * len as f64 * 8.0 / 1e9;
         let none = NicLimits::default();
         for (way, dev) in
-            [("to guest  ", device_rx(len, seconds, none)?), ("from guest", device_tx(len, seconds, none)?)]
+            [("to guest  ", device_rx(len, seconds, none)?.0), ("from guest", device_tx(len, seconds, none)?.0)]
         {
             println!(
                 "  {len:>5} B frames {way}  device {:>9.0} frames/s {:>6.2} Gbit/s   pump {:>9.0} frames/s {:>6.2} Gbit/s   ratio device/pump {:.2}",

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::lock;
-use crate::rate_limiter::{NicLimiter, NicLimits, Way};
+use crate::rate_limiter::NicLimits;
 use crate::virtio::VirtioInterrupt;
 
 /// The largest Ethernet frame a back end carries (without a virtio-net header): a 64 KiB IP packet (what
@@ -990,9 +990,9 @@ pub struct Nic {
     ipv6: Mutex<Option<Ipv6Addr>>,
     listener: Mutex<Option<NicListener>>,
     pub stats: NicStats,
-    limiter: Mutex<NicLimiter>,
-    /// Whether `limiter` has a limit (checked without its lock on every frame).
-    limited: AtomicBool,
+    /// The rate limits; the serving device's I/O thread keeps the buckets (it alone takes from them) and
+    /// reloads these when `limits_generation` moves.
+    limits: Mutex<NicLimits>,
     /// Bumps on every change of the limits.
     limits_generation: AtomicU64,
 }
@@ -1046,8 +1046,7 @@ impl Nic {
             ipv6: Mutex::new(None),
             listener: Mutex::new(None),
             stats: NicStats::default(),
-            limiter: Mutex::new(NicLimiter::default()),
-            limited: AtomicBool::new(false),
+            limits: Mutex::new(NicLimits::default()),
             limits_generation: AtomicU64::new(0),
         }
         .with_limits(config.limits))
@@ -1079,8 +1078,7 @@ impl Nic {
             ipv6: Mutex::new(None),
             listener: Mutex::new(None),
             stats: NicStats::default(),
-            limiter: Mutex::new(NicLimiter::default()),
-            limited: AtomicBool::new(false),
+            limits: Mutex::new(NicLimits::default()),
             limits_generation: AtomicU64::new(0),
         }
     }
@@ -1093,8 +1091,7 @@ impl Nic {
     /// Replaces the card's rate limits (the new buckets start full); a frame held back by the old ones is
     /// looked at again at once.
     pub fn set_limits(&self, limits: NicLimits) {
-        lock(&self.limiter).set(limits, Instant::now());
-        self.limited.store(!limits.is_none(), Ordering::Release);
+        *lock(&self.limits) = limits;
         self.limits_generation.fetch_add(1, Ordering::AcqRel);
         if let Some(l) = lock(&self.listener).as_ref() {
             let _ = l.wake.write(1);
@@ -1102,21 +1099,11 @@ impl Nic {
     }
 
     pub fn limits(&self) -> NicLimits {
-        lock(&self.limiter).limits()
+        *lock(&self.limits)
     }
 
     pub(crate) fn limits_generation(&self) -> u64 {
         self.limits_generation.load(Ordering::Acquire)
-    }
-
-    /// Whether the card has a rate limit (the I/O thread skips the limiter otherwise).
-    pub(crate) fn is_limited(&self) -> bool {
-        self.limited.load(Ordering::Acquire)
-    }
-
-    /// Takes a frame's bytes from the bucket of its way at `now`: None when it may go, else how long to wait.
-    pub(crate) fn throttle(&self, way: Way, bytes: usize, now: Instant) -> Option<Duration> {
-        lock(&self.limiter).try_take(way, bytes as u64, now)
     }
 
     /// Whether the card is on the bus (its back end started).

@@ -96,6 +96,10 @@ impl Bucket {
     }
 
     fn refill(&mut self, now: Instant) {
+        // Several requests of one batch share one `now`: the bucket refills once.
+        if now <= self.refilled {
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.rate as f64);
         self.refilled = now;

@@ -35,7 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Activation, VirtioDevice, VirtioInterrupt};
 use crate::devices::bus::lock;
 use crate::net::{Backend, MAX_FRAME, Nic, NicListener, VNET_HEADER_LEN};
-use crate::rate_limiter::Way;
+use crate::rate_limiter::{NicLimiter, Way};
 
 /// Virtio device ID of a network card.
 pub const DEVICE_TYPE: u16 = 1;
@@ -277,7 +277,10 @@ struct Io<'a> {
     pending_paid: bool,
     rx_throttle: Throttle,
     tx_throttle: Throttle,
-    /// The card's limits generation these throttles were computed under.
+    /// The card's rate limits' buckets (this thread alone takes from them: no lock per frame), and the
+    /// generation of the card's limits they were made from.
+    limiter: NicLimiter,
+    limited: bool,
     limits_seen: u64,
 }
 
@@ -381,6 +384,8 @@ impl Shared {
             pending_paid: false,
             rx_throttle: Throttle::default(),
             tx_throttle: Throttle::default(),
+            limiter: NicLimiter::default(),
+            limited: false,
             limits_seen: 0,
         };
         let mut events = [EpollEvent::default(); 8];
@@ -463,8 +468,11 @@ impl Shared {
         }
         let generation = self.nic.limits_generation();
         if io.limits_seen != generation {
-            // New limits: whatever waited for the old ones is looked at again.
+            // New limits (their buckets start full): whatever waited for the old ones is looked at again.
             io.limits_seen = generation;
+            let limits = self.nic.limits();
+            io.limiter.set(limits, Instant::now());
+            io.limited = !limits.is_none();
             io.rx_throttle.until = None;
             io.tx_throttle.until = None;
         }
@@ -575,9 +583,9 @@ impl Shared {
                 Some(b) if link_up => {
                     // The rate limit from the guest: a frame it does not let through yet goes back to the
                     // avail ring (the last taken) and the queue waits for the refill.
-                    if self.nic.is_limited()
+                    if io.limited
                         && let t = *now.get_or_insert_with(Instant::now)
-                        && let Some(wait) = self.nic.throttle(Way::Tx, len - VNET_HEADER_LEN, t)
+                        && let Some(wait) = io.limiter.try_take(Way::Tx, (len - VNET_HEADER_LEN) as u64, t)
                     {
                         active.tx.go_to_previous_position();
                         io.tx_throttle.hold(t, wait);
@@ -651,9 +659,9 @@ impl Shared {
             }
             // The rate limit towards the guest: the frame waits (the back end's socket holds the rest).
             if !io.pending_paid {
-                if self.nic.is_limited()
+                if io.limited
                     && let t = *now.get_or_insert_with(Instant::now)
-                    && let Some(wait) = self.nic.throttle(Way::Rx, io.pending.len() - VNET_HEADER_LEN, t)
+                    && let Some(wait) = io.limiter.try_take(Way::Rx, (io.pending.len() - VNET_HEADER_LEN) as u64, t)
                 {
                     io.rx_throttle.hold(t, wait);
                     return (used, false);
