@@ -578,10 +578,22 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     let entries = |buf: &[u8], stride: usize| -> Vec<u64> {
         buf.chunks_exact(stride).map(|e| u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])).collect()
     };
+    // Every cluster the header and tables use has a refcount, so the first refcount block exists in any
+    // image QEMU or imago wrote. Without it, imago 0.2's allocator recursed until the stack overflowed on
+    // the first write (found by fuzzing).
+    let first_refblock = if be32(56) == 0 { 0 } else { entries(&read(be64(48), 8)?, 8)[0] & !0x1ff };
+    if first_refblock == 0 || first_refblock.checked_add(cluster_size).is_none_or(|end| end > len) {
+        return Err(broken(format!(
+            "its refcount table has no refcount block for the header (entry 0 is {first_refblock}): corrupt"
+        )));
+    }
     let compressed_bits = 62 - (cluster_bits - 8);
+    // Each L2 table once: an L1 whose entries all name one table must not make the check read it millions of
+    // times.
+    let mut checked = std::collections::HashSet::new();
     for (i, l1) in entries(&read(be64(40), be32(36) * 8)?, 8).into_iter().enumerate() {
         let l2 = l1 & OFFSET_MASK;
-        if l2 == 0 {
+        if l2 == 0 || !checked.insert(l2) {
             continue;
         }
         if l2.checked_add(cluster_size).is_none_or(|end| end > len) {
@@ -1760,6 +1772,26 @@ mod tests {
             assert!(matches!(err, DiskError::Image { format: ImageFormat::Qcow2, .. }), "{err}");
             assert!(err.to_string().contains("past the end of the file"), "{err}");
             eprintln!("{len} bytes: {err}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_qcow2_without_a_refcount_block_for_its_header_is_refused() {
+        let dir = scratch("refblock");
+        // Found by fuzzing: imago's allocator recursed until the stack overflowed on the first write.
+        let found = dir.join("found.qcow2");
+        std::fs::write(&found, include_bytes!("../../fuzz/corpus/qcow2/regression-no-refblock-recursion")).unwrap();
+        // A real image with its refcount table's first entry cleared.
+        let q = qcow2_of(&dir, "q", &qemu::pattern(1 << 20), &[]);
+        let mut bytes = std::fs::read(&q).unwrap();
+        let table = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
+        assert!(open_image(&q, false, None, &[]).is_ok(), "the image as QEMU wrote it opens");
+        bytes[table..table + 8].fill(0);
+        std::fs::write(&q, &bytes).unwrap();
+        for (path, read_only) in [(&found, true), (&found, false), (&q, true), (&q, false)] {
+            let err = open_image(path, read_only, None, &[]).err().expect("refused");
+            assert!(err.to_string().contains("no refcount block for the header"), "{err}");
         }
         std::fs::remove_dir_all(dir).unwrap();
     }
