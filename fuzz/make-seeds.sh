@@ -80,3 +80,33 @@ for index, value in regs:
     ops += [op(W2, 0, index), op(W2, 1, value), op(R2, 1)]
 seed("dispi", 3, ops)
 PY
+
+# virtio-blk requests as a driver posts them: n, n descriptors, the 16-byte header, k, k heads, the avail
+# index advance (see fuzz_targets/virtio_blk.rs).
+mkdir -p corpus/virtio_blk
+python3 - <<'PY'
+import struct
+NEXT, WRITE, INDIRECT = 1, 2, 4
+HDR, STATUS, DATA = 0x1_0000, 0x2_0000, 0x10_0000
+def desc(addr, length, flags, nxt=0):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+def seed(name, descs, kind, sector, heads, advance=1, flags=0):
+    hdr = struct.pack("<IIQ", kind, 0, sector)
+    d = bytes([(len(descs) - 1) | flags]) + b"".join(descs) + hdr
+    d += bytes([len(heads) - 1]) + b"".join(struct.pack("<H", h) for h in heads) + struct.pack("<H", advance)
+    open("corpus/virtio_blk/" + name, "wb").write(d)
+three = lambda data_flags, length=512: [desc(HDR, 16, NEXT, 1), desc(DATA, length, data_flags | NEXT, 2), desc(STATUS, 1, WRITE)]
+seed("read", three(WRITE), 0, 0, [0])
+seed("read-last-sector", three(WRITE, 1024), 0, 126, [0])
+seed("write", three(0), 1, 8, [0])
+seed("write-read-only", three(0), 1, 8, [0], flags=0x80)
+seed("flush", [desc(HDR, 16, NEXT, 1), desc(STATUS, 1, WRITE)], 4, 0, [0])
+seed("get-id", three(WRITE, 20), 8, 0, [0])
+seed("discard", three(0, 16), 11, 0, [0])
+seed("write-zeroes", three(0, 16), 13, 0, [0])
+seed("two-requests", three(WRITE) + [desc(HDR, 16, NEXT, 4), desc(STATUS + 1, 1, WRITE)], 0, 2, [0, 3], 2)
+seed("segments", [desc(HDR, 16, NEXT, 1), desc(DATA, 512, WRITE | NEXT, 2), desc(DATA + 0x1000, 1536, WRITE | NEXT, 3), desc(STATUS, 1, WRITE)], 0, 4, [0])
+seed("indirect", [desc(0x5000, 48, INDIRECT)], 0, 0, [0])
+seed("loop", [desc(HDR, 16, NEXT, 1), desc(DATA, 512, WRITE | NEXT, 0)], 0, 0, [0])
+seed("avail-jump", three(WRITE), 0, 0, [0], 1000)
+PY
