@@ -11,12 +11,26 @@ use vm_memory::VolatileSlice;
 use vmm_core::disk::open_image;
 
 /// One scratch file per process, on tmpfs where there is one.
+static PATH: OnceLock<PathBuf> = OnceLock::new();
+
 fn scratch() -> &'static PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
-        dir.join(format!("porthole-fuzz-qcow2-{}.img", std::process::id()))
+        let path = dir.join(format!("porthole-fuzz-qcow2-{}.img", std::process::id()));
+        remove_at_exit();
+        path
     })
+}
+
+/// libFuzzer ends the process with exit(): remove the scratch file then.
+fn remove_at_exit() {
+    extern "C" fn remove() {
+        if let Some(path) = PATH.get() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    // SAFETY: registers a function that takes nothing and only removes a file.
+    unsafe { libc::atexit(remove) };
 }
 
 fuzz_target!(|data: &[u8]| {

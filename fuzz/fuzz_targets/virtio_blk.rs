@@ -17,14 +17,28 @@ use vmm_core::disk::Drive;
 use vmm_core::virtio::host_driver::{Desc, HostBlockDriver};
 
 /// A 64 KiB raw image per process, on tmpfs where there is one.
+static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
+
 fn image() -> Option<&'static PathBuf> {
-    static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
         let path = dir.join(format!("porthole-fuzz-blk-{}.img", std::process::id()));
-        std::fs::write(&path, vec![0x5a; 64 * 1024]).ok().map(|_| path)
+        std::fs::write(&path, vec![0x5a; 64 * 1024]).ok()?;
+        remove_at_exit();
+        Some(path)
     })
     .as_ref()
+}
+
+/// libFuzzer ends the process with exit(): remove the image then.
+fn remove_at_exit() {
+    extern "C" fn remove() {
+        if let Some(Some(path)) = PATH.get() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    // SAFETY: registers a function that takes nothing and only removes a file.
+    unsafe { libc::atexit(remove) };
 }
 
 fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
