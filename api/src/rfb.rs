@@ -861,6 +861,14 @@ impl RfbClient {
                 let data = read_block(&mut self.reader, len)?;
                 self.bytes_received += len as u64 + 4;
                 let mut decoder = jpeg_decoder::Decoder::new(&data[..]);
+                // The JPEG's own header decides what the decoder allocates: it must be the rectangle's
+                // size (a 65535x65535 JPEG in a small rectangle asked for 4 GiB; found by fuzzing).
+                decoder.set_max_decoding_buffer_size((w * h * 3) as usize);
+                decoder.read_info().map_err(io::Error::other)?;
+                let (jw, jh) = decoder.info().map_or((0, 0), |i| (u32::from(i.width), u32::from(i.height)));
+                if (jw, jh) != (w, h) {
+                    return Err(io::Error::other(format!("a Tight JPEG of {jw}x{jh} in a {w}x{h} rectangle")));
+                }
                 let decoded = decoder.decode().map_err(io::Error::other)?;
                 if decoded.len() != (w * h * 3) as usize {
                     return Err(io::Error::other("a Tight JPEG does not match its rectangle"));
@@ -945,5 +953,35 @@ impl RfbClient {
 
     pub fn pixel(&self, x: u32, y: u32) -> u32 {
         self.pixels[(y * self.width + x) as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::RfbClient;
+
+    /// Everything `server` sends, then the end of the stream: the client's last error.
+    fn last_error(server: &[u8]) -> String {
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        server_end.write_all(server).unwrap();
+        server_end.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut client = RfbClient::over(client_end, Some("fuzz")).unwrap();
+        loop {
+            if let Err(e) = client.read_update() {
+                return e.to_string();
+            }
+        }
+    }
+
+    #[test]
+    fn a_tight_jpeg_larger_than_its_rectangle_is_refused_before_decoding() {
+        // Found by fuzzing (fuzz/corpus/rfb_client; the first byte is the fuzz target's options): a JPEG
+        // whose header claims far more pixels than its rectangle made the decoder allocate 4 GiB.
+        let input = include_bytes!("../../fuzz/corpus/rfb_client/regression-jpeg-larger-than-its-rectangle");
+        let err = last_error(&input[1..]);
+        assert!(err.starts_with("a Tight JPEG of "), "{err}");
     }
 }

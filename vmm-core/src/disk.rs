@@ -578,10 +578,22 @@ fn check_qcow2_tables(path: &Path, file: &File) -> Result<u64, DiskError> {
     let entries = |buf: &[u8], stride: usize| -> Vec<u64> {
         buf.chunks_exact(stride).map(|e| u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])).collect()
     };
+    // Every cluster the header and tables use has a refcount, so the first refcount block exists in any
+    // image QEMU or imago wrote. Without it, imago 0.2's allocator recursed until the stack overflowed on
+    // the first write (found by fuzzing).
+    let first_refblock = if be32(56) == 0 { 0 } else { entries(&read(be64(48), 8)?, 8)[0] & !0x1ff };
+    if first_refblock == 0 || first_refblock.checked_add(cluster_size).is_none_or(|end| end > len) {
+        return Err(broken(format!(
+            "its refcount table has no refcount block for the header (entry 0 is {first_refblock}): corrupt"
+        )));
+    }
     let compressed_bits = 62 - (cluster_bits - 8);
+    // Each L2 table once: an L1 whose entries all name one table must not make the check read it millions of
+    // times.
+    let mut checked = std::collections::HashSet::new();
     for (i, l1) in entries(&read(be64(40), be32(36) * 8)?, 8).into_iter().enumerate() {
         let l2 = l1 & OFFSET_MASK;
-        if l2 == 0 {
+        if l2 == 0 || !checked.insert(l2) {
             continue;
         }
         if l2.checked_add(cluster_size).is_none_or(|end| end > len) {
@@ -649,22 +661,36 @@ impl DiskBackend for Qcow2Image {
         Ok(())
     }
 
+    // imago asserts that a vector of buffers holds bytes (a guest's zero-length request reached it; found by
+    // fuzzing): nothing to move is done here.
     fn read_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let (iov, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice_one(buf);
         self.access().readv(iov, offset)
     }
 
     fn write_at(&self, buf: &VolatileSlice<'_>, offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let (iov, _guard) = imago::io_buffers::IoVector::from_volatile_slice_one(buf);
         self.access().writev(iov, offset)
     }
 
     fn readv_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Ok(());
+        }
         let (iov, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice(bufs);
         self.access().readv(iov, offset)
     }
 
     fn writev_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Ok(());
+        }
         let (iov, _guard) = imago::io_buffers::IoVector::from_volatile_slice(bufs);
         self.access().writev(iov, offset)
     }
@@ -1761,6 +1787,43 @@ mod tests {
             assert!(err.to_string().contains("past the end of the file"), "{err}");
             eprintln!("{len} bytes: {err}");
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_qcow2_without_a_refcount_block_for_its_header_is_refused() {
+        let dir = scratch("refblock");
+        // Found by fuzzing: imago's allocator recursed until the stack overflowed on the first write.
+        let found = dir.join("found.qcow2");
+        std::fs::write(&found, include_bytes!("../../fuzz/corpus/qcow2/regression-no-refblock-recursion")).unwrap();
+        // A real image with its refcount table's first entry cleared.
+        let q = qcow2_of(&dir, "q", &qemu::pattern(1 << 20), &[]);
+        let mut bytes = std::fs::read(&q).unwrap();
+        let table = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
+        assert!(open_image(&q, false, None, &[]).is_ok(), "the image as QEMU wrote it opens");
+        bytes[table..table + 8].fill(0);
+        std::fs::write(&q, &bytes).unwrap();
+        for (path, read_only) in [(&found, true), (&found, false), (&q, true), (&q, false)] {
+            let err = open_image(path, read_only, None, &[]).err().expect("refused");
+            assert!(err.to_string().contains("no refcount block for the header"), "{err}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn zero_length_requests_on_qcow2_move_nothing_and_succeed() {
+        let dir = scratch("zero-length");
+        let q = qcow2_of(&dir, "q", &qemu::pattern(1 << 20), &[]);
+        let image = open_image(&q, false, None, &[]).unwrap();
+        let mut none = [0u8; 0];
+        let empty = VolatileSlice::from(&mut none[..]);
+        for offset in [0, 4096, 1 << 20] {
+            image.read_at(&empty, offset).unwrap();
+            image.write_at(&empty, offset).unwrap();
+            image.readv_at(std::slice::from_ref(&empty), offset).unwrap();
+            image.writev_at(&[empty, empty], offset).unwrap();
+        }
+        assert_eq!(read_all(image.as_ref()).unwrap(), qemu::pattern(1 << 20));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

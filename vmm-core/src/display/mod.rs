@@ -220,7 +220,7 @@ impl Screen {
         self.frame.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Frame> {
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, Frame> {
         self.frame.write().unwrap_or_else(|p| p.into_inner())
     }
 

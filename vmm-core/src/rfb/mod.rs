@@ -354,7 +354,21 @@ enum Version {
     V8,
 }
 
+/// How long a client that failed VncAuth waits for the answer (slows down guessing).
+const AUTH_FAIL_DELAY: Duration = Duration::from_millis(300);
+
 fn handshake(stream: &mut Stream, config: &ServerConfig, refuse: bool) -> io::Result<()> {
+    handshake_with(stream, config, refuse, auth::challenge(), AUTH_FAIL_DELAY)
+}
+
+/// The handshake with a given VncAuth challenge and failure delay (the fuzz target fixes both).
+fn handshake_with<S: Read + Write>(
+    stream: &mut S,
+    config: &ServerConfig,
+    refuse: bool,
+    challenge: [u8; 16],
+    fail_delay: Duration,
+) -> io::Result<()> {
     stream.write_all(b"RFB 003.008\n")?;
     let mut v = [0u8; 12];
     stream.read_exact(&mut v)?;
@@ -389,7 +403,7 @@ fn handshake(stream: &mut Stream, config: &ServerConfig, refuse: bool) -> io::Re
         stream.write_all(&[1, offered])?;
         read_u8(stream)?
     };
-    let fail = |stream: &mut Stream, reason: &str| -> io::Result<()> {
+    let fail = |stream: &mut S, reason: &str| -> io::Result<()> {
         let mut out = 1u32.to_be_bytes().to_vec();
         if version == Version::V8 {
             write_reason(&mut out, reason);
@@ -401,12 +415,11 @@ fn handshake(stream: &mut Stream, config: &ServerConfig, refuse: bool) -> io::Re
         return fail(stream, "security type not offered");
     }
     if let Some(key) = &config.password {
-        let challenge = auth::challenge();
         stream.write_all(&challenge)?;
         let mut answer = [0u8; 16];
         stream.read_exact(&mut answer)?;
         if !auth::matches(&answer, &auth::response(key, &challenge)) {
-            std::thread::sleep(Duration::from_millis(300)); // slow down guessing
+            std::thread::sleep(fail_delay);
             return fail(stream, "authentication failed");
         }
         stream.write_all(&0u32.to_be_bytes())?;
@@ -436,6 +449,23 @@ struct ClientState {
 }
 
 impl ClientState {
+    fn new() -> Self {
+        ClientState {
+            pf: PixelFormat::SERVER,
+            encodings: Vec::new(),
+            jpeg_quality: None,
+            compress_level: DEFAULT_COMPRESS_LEVEL,
+            request: None,
+            continuous: None,
+            send_end_of_continuous: false,
+            send_server_fence: false,
+            fence_replies: Vec::new(),
+            ext_key_ack: false,
+            desktop_size_reply: None,
+            closed: false,
+        }
+    }
+
     fn supports(&self, encoding: i32) -> bool {
         self.encodings.contains(&encoding)
     }
@@ -479,33 +509,11 @@ fn serve(
         damage.add(bounds);
         (bounds.w, bounds.h)
     };
-    let mut init = Vec::new();
-    init.extend_from_slice(&(width as u16).to_be_bytes());
-    init.extend_from_slice(&(height as u16).to_be_bytes());
-    init.extend_from_slice(&PixelFormat::SERVER.to_bytes());
-    write_reason(&mut init, &config.name);
-    stream.write_all(&init)?;
+    stream.write_all(&server_init(width, height, &config.name))?;
     // After the handshake, a client may stay silent for as long as it likes.
     stream.set_timeouts(None, Some(Duration::from_secs(30)))?;
 
-    let shared = Arc::new(Shared {
-        state: Mutex::new(ClientState {
-            pf: PixelFormat::SERVER,
-            encodings: Vec::new(),
-            jpeg_quality: None,
-            compress_level: DEFAULT_COMPRESS_LEVEL,
-            request: None,
-            continuous: None,
-            send_end_of_continuous: false,
-            send_server_fence: false,
-            fence_replies: Vec::new(),
-            ext_key_ack: false,
-            desktop_size_reply: None,
-            closed: false,
-        }),
-        changed: Condvar::new(),
-        viewer,
-    });
+    let shared = Arc::new(Shared { state: Mutex::new(ClientState::new()), changed: Condvar::new(), viewer });
     let writer_stream = stream.try_clone()?;
     let writer_shared = shared.clone();
     let writer_screen = screen.clone();
@@ -524,143 +532,158 @@ fn serve(
     result
 }
 
+/// ServerInit: the screen size, the server's pixel format and the desktop name.
+fn server_init(width: u32, height: u32, name: &str) -> Vec<u8> {
+    let mut init = Vec::new();
+    init.extend_from_slice(&(width as u16).to_be_bytes());
+    init.extend_from_slice(&(height as u16).to_be_bytes());
+    init.extend_from_slice(&PixelFormat::SERVER.to_bytes());
+    write_reason(&mut init, name);
+    init
+}
+
 fn read_messages(stream: &mut Stream, shared: &Shared, input: &dyn Input, screen: &Screen) -> io::Result<()> {
-    loop {
-        let kind = match read_u8(stream) {
-            Ok(k) => k,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if lock(&shared.state).closed {
-            return Ok(());
+    while read_message(stream, shared, input, screen)? {}
+    Ok(())
+}
+
+/// Reads and handles one client message; false at the end of the stream or once the writer closed.
+fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, screen: &Screen) -> io::Result<bool> {
+    let kind = match read_u8(stream) {
+        Ok(k) => k,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if lock(&shared.state).closed {
+        return Ok(false);
+    }
+    match kind {
+        0 => {
+            skip(stream, 3)?;
+            let mut b = [0u8; 16];
+            stream.read_exact(&mut b)?;
+            let pf = PixelFormat::from_bytes(&b).ok_or_else(|| protocol_error("unsupported pixel format"))?;
+            shared.update(|s| s.pf = pf);
         }
-        match kind {
-            0 => {
-                skip(stream, 3)?;
-                let mut b = [0u8; 16];
-                stream.read_exact(&mut b)?;
-                let pf = PixelFormat::from_bytes(&b).ok_or_else(|| protocol_error("unsupported pixel format"))?;
-                shared.update(|s| s.pf = pf);
+        2 => {
+            skip(stream, 1)?;
+            let n = usize::from(read_u16(stream)?);
+            if n > MAX_ENCODINGS {
+                return Err(protocol_error("too many encodings"));
             }
-            2 => {
-                skip(stream, 1)?;
-                let n = usize::from(read_u16(stream)?);
-                if n > MAX_ENCODINGS {
-                    return Err(protocol_error("too many encodings"));
+            let mut list = Vec::with_capacity(n);
+            for _ in 0..n {
+                list.push(read_u32(stream)? as i32);
+            }
+            shared.update(|s| {
+                let had = |e: i32| s.encodings.contains(&e);
+                if list.contains(&encoding::FENCE) && !had(encoding::FENCE) {
+                    s.send_server_fence = true;
                 }
-                let mut list = Vec::with_capacity(n);
-                for _ in 0..n {
-                    list.push(read_u32(stream)? as i32);
+                if list.contains(&encoding::CONTINUOUS_UPDATES) && !had(encoding::CONTINUOUS_UPDATES) {
+                    s.send_end_of_continuous = true;
                 }
-                shared.update(|s| {
-                    let had = |e: i32| s.encodings.contains(&e);
-                    if list.contains(&encoding::FENCE) && !had(encoding::FENCE) {
-                        s.send_server_fence = true;
-                    }
-                    if list.contains(&encoding::CONTINUOUS_UPDATES) && !had(encoding::CONTINUOUS_UPDATES) {
-                        s.send_end_of_continuous = true;
-                    }
-                    if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT) && !had(encoding::QEMU_EXTENDED_KEY_EVENT) {
-                        s.ext_key_ack = true;
-                    }
-                    s.jpeg_quality = list
-                        .iter()
-                        .find(|e| (encoding::TIGHT_QUALITY_0..=encoding::TIGHT_QUALITY_9).contains(e))
-                        .map(|e| tight::jpeg_quality((e - encoding::TIGHT_QUALITY_0) as u8));
-                    if let Some(level) =
-                        list.iter().find(|e| (encoding::COMPRESS_LEVEL_0..=encoding::COMPRESS_LEVEL_9).contains(e))
-                    {
-                        s.compress_level = (level - encoding::COMPRESS_LEVEL_0) as u32;
-                    }
-                    s.encodings = list;
+                if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT) && !had(encoding::QEMU_EXTENDED_KEY_EVENT) {
+                    s.ext_key_ack = true;
+                }
+                s.jpeg_quality = list
+                    .iter()
+                    .find(|e| (encoding::TIGHT_QUALITY_0..=encoding::TIGHT_QUALITY_9).contains(e))
+                    .map(|e| tight::jpeg_quality((e - encoding::TIGHT_QUALITY_0) as u8));
+                if let Some(level) =
+                    list.iter().find(|e| (encoding::COMPRESS_LEVEL_0..=encoding::COMPRESS_LEVEL_9).contains(e))
+                {
+                    s.compress_level = (level - encoding::COMPRESS_LEVEL_0) as u32;
+                }
+                s.encodings = list;
+            });
+        }
+        3 => {
+            let incremental = read_u8(stream)? != 0;
+            let r = read_rect(stream)?;
+            shared.update(|s| {
+                s.request = Some(match s.request {
+                    Some((inc, old)) => (inc && incremental, old.union(&r)),
+                    None => (incremental, r),
                 });
+            });
+        }
+        4 => {
+            let down = read_u8(stream)? != 0;
+            skip(stream, 2)?;
+            let keysym = read_u32(stream)?;
+            if let Some(key) = keymap::keysym_to_key(keysym) {
+                input.key(key, down);
             }
-            3 => {
-                let incremental = read_u8(stream)? != 0;
-                let r = read_rect(stream)?;
-                shared.update(|s| {
-                    s.request = Some(match s.request {
-                        Some((inc, old)) => (inc && incremental, old.union(&r)),
-                        None => (incremental, r),
-                    });
-                });
+        }
+        5 => {
+            let mask = read_u8(stream)?;
+            let (x, y) = (read_u16(stream)?, read_u16(stream)?);
+            let bounds = screen.read().bounds();
+            input.pointer(x, y, mask, (bounds.w, bounds.h));
+        }
+        6 => {
+            skip(stream, 3)?;
+            let len = (read_u32(stream)? as i32).unsigned_abs() as usize;
+            if len > MAX_CUT_TEXT {
+                return Err(protocol_error("cut text too long"));
             }
-            4 => {
-                let down = read_u8(stream)? != 0;
-                skip(stream, 2)?;
-                let keysym = read_u32(stream)?;
-                if let Some(key) = keymap::keysym_to_key(keysym) {
-                    input.key(key, down);
+            skip(stream, len)?;
+        }
+        150 => {
+            let enable = read_u8(stream)? != 0;
+            let r = read_rect(stream)?;
+            shared.update(|s| {
+                if enable {
+                    s.continuous = Some(r);
+                } else {
+                    s.continuous = None;
+                    s.send_end_of_continuous = true;
                 }
+            });
+        }
+        248 => {
+            skip(stream, 3)?;
+            let flags = read_u32(stream)?;
+            let len = usize::from(read_u8(stream)?);
+            if len > 64 {
+                return Err(protocol_error("fence payload too long"));
             }
-            5 => {
-                let mask = read_u8(stream)?;
-                let (x, y) = (read_u16(stream)?, read_u16(stream)?);
-                let bounds = screen.read().bounds();
-                input.pointer(x, y, mask, (bounds.w, bounds.h));
+            let mut payload = vec![0u8; len];
+            stream.read_exact(&mut payload)?;
+            if flags & FENCE_REQUEST != 0 {
+                shared.update(|s| s.fence_replies.push((flags & FENCE_FLAGS_SUPPORTED, payload)));
             }
-            6 => {
-                skip(stream, 3)?;
-                let len = (read_u32(stream)? as i32).unsigned_abs() as usize;
-                if len > MAX_CUT_TEXT {
-                    return Err(protocol_error("cut text too long"));
-                }
-                skip(stream, len)?;
+        }
+        251 => {
+            skip(stream, 5)?; // padding, width, height
+            let screens = usize::from(read_u8(stream)?);
+            skip(stream, 1 + screens * 16)?;
+            // The guest decides its resolution; tell the client its request was refused.
+            shared.update(|s| s.desktop_size_reply = Some(1));
+        }
+        255 => {
+            let sub = read_u8(stream)?;
+            if sub != 0 {
+                return Err(protocol_error(format!("unknown QEMU client message {sub}")));
             }
-            150 => {
-                let enable = read_u8(stream)? != 0;
-                let r = read_rect(stream)?;
-                shared.update(|s| {
-                    if enable {
-                        s.continuous = Some(r);
-                    } else {
-                        s.continuous = None;
-                        s.send_end_of_continuous = true;
-                    }
-                });
+            let down = read_u16(stream)? != 0;
+            let keysym = read_u32(stream)?;
+            let keycode = read_u32(stream)?;
+            if let Some(key) = keymap::qemu_keycode_to_key(keycode).or_else(|| keymap::keysym_to_key(keysym)) {
+                input.key(key, down);
             }
-            248 => {
-                skip(stream, 3)?;
-                let flags = read_u32(stream)?;
-                let len = usize::from(read_u8(stream)?);
-                if len > 64 {
-                    return Err(protocol_error("fence payload too long"));
-                }
-                let mut payload = vec![0u8; len];
-                stream.read_exact(&mut payload)?;
-                if flags & FENCE_REQUEST != 0 {
-                    shared.update(|s| s.fence_replies.push((flags & FENCE_FLAGS_SUPPORTED, payload)));
-                }
-            }
-            251 => {
-                skip(stream, 5)?; // padding, width, height
-                let screens = usize::from(read_u8(stream)?);
-                skip(stream, 1 + screens * 16)?;
-                // The guest decides its resolution; tell the client its request was refused.
-                shared.update(|s| s.desktop_size_reply = Some(1));
-            }
-            255 => {
-                let sub = read_u8(stream)?;
-                if sub != 0 {
-                    return Err(protocol_error(format!("unknown QEMU client message {sub}")));
-                }
-                let down = read_u16(stream)? != 0;
-                let keysym = read_u32(stream)?;
-                let keycode = read_u32(stream)?;
-                if let Some(key) = keymap::qemu_keycode_to_key(keycode).or_else(|| keymap::keysym_to_key(keysym)) {
-                    input.key(key, down);
-                }
-            }
-            other => {
-                return Err(protocol_error(format!("unknown client message type {other}")));
-            }
+        }
+        other => {
+            return Err(protocol_error(format!("unknown client message type {other}")));
         }
     }
+    Ok(true)
 }
 
 /// Per-connection encoder state and the update loop.
-struct Writer {
-    stream: Stream,
+struct Writer<W = Stream> {
+    stream: W,
     shared: Arc<Shared>,
     screen: Arc<Screen>,
     /// The size the client believes the screen has.
@@ -689,8 +712,15 @@ struct UpdatePlan {
     desktop_size_reply: Option<u16>,
 }
 
-impl Writer {
-    fn new(stream: Stream, shared: Arc<Shared>, screen: Arc<Screen>, client_size: (u32, u32)) -> Self {
+impl UpdatePlan {
+    /// The area of a pending non-incremental request (sent whether it changed or not).
+    fn full_request(&self) -> Option<Rect> {
+        self.request.filter(|(incremental, _)| !incremental).map(|(_, r)| r)
+    }
+}
+
+impl<W: Write> Writer<W> {
+    fn new(stream: W, shared: Arc<Shared>, screen: Arc<Screen>, client_size: (u32, u32)) -> Self {
         Writer {
             stream,
             shared,
@@ -787,30 +817,41 @@ impl Writer {
                 }
                 continue;
             };
-            let full_request = plan.request.filter(|(incremental, _)| !incremental).map(|(_, r)| r);
-            let cursor_due = plan.cursor && !self.cursor_sent;
-            let pseudo = plan.ext_key_ack || plan.desktop_size_reply.is_some() || cursor_due;
+            let waits = plan.full_request().is_none() && !self.pseudo_due(&plan);
             let damage = {
-                let mut d = if full_request.is_some() || pseudo {
-                    lock(&self.shared.viewer.damage)
-                } else {
+                let mut d = if waits {
                     self.shared.viewer.wait(Duration::from_millis(200))
+                } else {
+                    lock(&self.shared.viewer.damage)
                 };
                 d.take()
             };
             if damage.closed {
                 return Ok(());
             }
-            let mut merged = crate::display::Damage { rects: damage.rects, ..Default::default() };
-            if let Some(r) = full_request {
-                merged.add(r);
-            }
-            let rects = merged.rects;
-            if rects.is_empty() && damage.scroll.is_none() && !damage.resized && !pseudo {
-                continue;
-            }
-            self.send_update(&plan, damage.scroll, rects, damage.resized)?;
+            self.answer(&plan, damage)?;
         }
+    }
+
+    /// Pseudo-rectangles that must go out even with no damage.
+    fn pseudo_due(&self, plan: &UpdatePlan) -> bool {
+        plan.ext_key_ack || plan.desktop_size_reply.is_some() || (plan.cursor && !self.cursor_sent)
+    }
+
+    /// Sends the update `plan` calls for with `damage` (the viewer's, already taken), if there is anything
+    /// to send.
+    fn answer(&mut self, plan: &UpdatePlan, damage: crate::display::Damage) -> io::Result<()> {
+        let full_request = plan.full_request();
+        let pseudo = self.pseudo_due(plan);
+        let mut merged = crate::display::Damage { rects: damage.rects, ..Default::default() };
+        if let Some(r) = full_request {
+            merged.add(r);
+        }
+        let rects = merged.rects;
+        if rects.is_empty() && damage.scroll.is_none() && !damage.resized && !pseudo {
+            return Ok(());
+        }
+        self.send_update(plan, damage.scroll, rects, damage.resized)
     }
 
     fn send_update(
@@ -947,6 +988,150 @@ impl Writer {
                 out.extend_from_slice(&(v as u16).to_be_bytes());
             }
             out.extend_from_slice(&encoding.to_be_bytes());
+        }
+    }
+}
+
+/// Entry points for the coverage-guided fuzz targets (`fuzz/`): one client connection driven by bytes.
+#[cfg(feature = "fuzzing")]
+pub mod fuzz {
+    use super::*;
+
+    /// The VncAuth challenge the fuzzed server sends (a real server draws a random one).
+    pub const CHALLENGE: [u8; 16] = *b"porthole-fuzzing";
+    /// The password of a fuzzed server that asks for one.
+    pub const PASSWORD: &[u8] = b"fuzz";
+
+    /// The answer to [`CHALLENGE`] that [`PASSWORD`] gives.
+    pub fn response() -> [u8; 16] {
+        auth::response(&auth::key_from_password(PASSWORD), &CHALLENGE)
+    }
+
+    /// The client's bytes in; the server's answers go to `output`.
+    struct Client<'a, W> {
+        input: &'a [u8],
+        output: W,
+    }
+
+    impl<W> Read for Client<'_, W> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl<W: Write> Write for Client<'_, W> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// One connection: `data[0]` holds options (bit 0: VncAuth with [`PASSWORD`]; bit 1: the screen
+    /// changes size after every 8th message; bit 2: it scrolls after every 4th), `data[1..3]` the screen
+    /// size, the rest is what the client sends from its first byte (ProtocolVersion) on. The reader and
+    /// the writer of a real connection run in two threads; here the writer sends what is due after each
+    /// message, so a run is deterministic. Returns how many messages the server read after the handshake.
+    pub fn server_session(data: &[u8]) -> u32 {
+        session(data, io::sink(), io::sink()).0
+    }
+
+    /// Everything the server sends for `data` (see [`server_session`]): seeds for the client's target.
+    pub fn server_transcript(data: &[u8]) -> Vec<u8> {
+        let (_, mut handshake, updates) = session(data, Vec::new(), Vec::new());
+        handshake.extend_from_slice(&updates);
+        handshake
+    }
+
+    fn session<H: Write, U: Write>(data: &[u8], handshake: H, updates: U) -> (u32, H, U) {
+        let [options, w, h, ref client @ ..] = *data else { return (0, handshake, updates) };
+        let (width, height) = (1 + u32::from(w) % 160, 1 + u32::from(h) % 100);
+        let screen = Screen::new();
+        screen.resize(width, height);
+        paint(&screen, options);
+        let password = (options & 1 != 0).then(|| auth::key_from_password(PASSWORD));
+        let config = ServerConfig { password, name: "fuzz".into() };
+        let mut stream = Client { input: client, output: handshake };
+        if handshake_with(&mut stream, &config, false, CHALLENGE, Duration::ZERO).is_err()
+            || stream.write_all(&server_init(width, height, &config.name)).is_err()
+        {
+            return (0, stream.output, updates);
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ClientState::new()),
+            changed: Condvar::new(),
+            viewer: screen.subscribe(),
+        });
+        let mut writer = Writer::new(updates, shared.clone(), screen.clone(), (width, height));
+        let mut messages = 0u32;
+        while let Ok(true) = read_message(&mut stream, &shared, &NoInput, &screen) {
+            messages += 1;
+            if options & 2 != 0 && messages.is_multiple_of(8) {
+                let now = screen.read().bounds();
+                screen.resize(now.h, now.w);
+                paint(&screen, options);
+            }
+            if options & 4 != 0 && messages.is_multiple_of(4) {
+                screen.scroll(if messages.is_multiple_of(8) { 3 } else { -5 });
+            }
+            let Ok(Some(plan)) = writer.next_plan() else { continue };
+            let damage = lock(&shared.viewer.damage).take();
+            if damage.closed || writer.answer(&plan, damage).is_err() {
+                break;
+            }
+        }
+        (messages, stream.output, writer.stream)
+    }
+
+    /// A picture with flat areas, gradients and noise, so every encoder takes its several paths.
+    fn paint(screen: &Screen, seed: u8) {
+        let mut frame = screen.write();
+        let width = frame.width;
+        let mut noise = u32::from(seed) | 1;
+        for (i, p) in frame.pixels.iter_mut().enumerate() {
+            let (x, y) = (i as u32 % width, i as u32 / width);
+            noise ^= noise << 13;
+            noise ^= noise >> 17;
+            noise ^= noise << 5;
+            *p = match (x / 16 + y / 16) % 4 {
+                0 => 0x0020_4080,
+                1 => (x * 4) << 16 | (y * 4) << 8 | 0x40,
+                2 => noise & 0x00ff_ffff,
+                _ if (x + y) % 3 == 0 => 0x00ff_ffff,
+                _ => 0,
+            };
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn connection(version: &[u8], security: u8, answer: Option<[u8; 16]>) -> Vec<u8> {
+            let mut d = vec![u8::from(answer.is_some()), 63, 47];
+            d.extend_from_slice(version);
+            if version != b"RFB 003.003\n" {
+                d.push(security);
+            }
+            d.extend(answer.iter().flatten());
+            d.push(1); // shared
+            d.extend_from_slice(&[2, 0, 0, 2, 0, 0, 0, 16, 0, 0, 0, 0]); // SetEncodings ZRLE, Raw
+            d.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 48]); // a full update request
+            d
+        }
+
+        #[test]
+        fn every_handshake_reaches_the_messages() {
+            for v in [&b"RFB 003.003\n"[..], b"RFB 003.007\n", b"RFB 003.008\n"] {
+                assert_eq!(server_session(&connection(v, 1, None)), 2);
+                assert_eq!(server_session(&connection(v, 2, Some(response()))), 2);
+                assert_eq!(server_session(&connection(v, 2, Some([0; 16]))), 0, "a wrong answer");
+            }
+            // The update comes after the ServerInit: a 64x48 ZRLE rectangle.
+            let out = server_transcript(&connection(b"RFB 003.008\n", 1, None));
+            let update = [0, 0, 0, 1, 0, 0, 0, 0, 0, 64, 0, 48, 0, 0, 0, 16];
+            assert!(out.windows(update.len()).any(|w| w == update));
         }
     }
 }

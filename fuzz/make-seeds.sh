@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Writes the seed corpora of the iso and qcow2 targets (small real images made by xorriso and qemu-img).
+# The RFB seeds come from `cargo run -p vmm-core --features fuzzing --example fuzz_corpus -- fuzz/corpus`.
+set -euo pipefail
+cd "$(dirname "$0")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+mkdir -p corpus/iso corpus/qcow2 "$tmp/root/boot"
+# ISOs: plain, BIOS El Torito, BIOS + UEFI El Torito. The target's input starts at sector 16; everything
+# after the boot catalog is cut off (the reader never looks there).
+echo hello > "$tmp/root/readme.txt"
+head -c 2048 /dev/zero > "$tmp/root/boot/bios.img"
+head -c 2048 /dev/zero > "$tmp/root/boot/efi.img"
+iso() {
+    local name=$1
+    shift
+    xorriso -as mkisofs -quiet -sysid LINUX -V "PORTHOLE_$name" -publisher porthole -A fuzz -o "$tmp/$name.iso" "$@" "$tmp/root"
+    python3 - "$tmp/$name.iso" "corpus/iso/$name" <<'PY'
+import sys
+data = open(sys.argv[1], "rb").read()
+end = 19 * 2048
+for n in range(16, 32):
+    d = data[n * 2048:(n + 1) * 2048]
+    if d[0] == 0 and d[7:30] == b"EL TORITO SPECIFICATION":
+        end = max(end, (int.from_bytes(d[71:75], "little") + 1) * 2048)
+    if d[0] == 255:
+        end = max(end, (n + 1) * 2048)
+        break
+open(sys.argv[2], "wb").write(data[16 * 2048:end])
+PY
+}
+iso plain
+iso bios -b boot/bios.img -no-emul-boot -boot-load-size 4
+iso bios-uefi -b boot/bios.img -no-emul-boot -eltorito-alt-boot -e boot/efi.img -no-emul-boot
+
+# Disk images: qcow2 v2 and v3 with 512-byte clusters (small files), data, compressed clusters, zero
+# clusters, extended L2 entries, a raw image.
+python3 -c "import sys; sys.stdout.buffer.write(bytes(range(256)) * 32 + b'\0' * 8192 + b'porthole' * 512)" > "$tmp/data.raw"
+qemu-img create -q -f qcow2 -o cluster_size=512 corpus/qcow2/empty-v3 1M
+qemu-img create -q -f qcow2 -o cluster_size=512,compat=0.10 corpus/qcow2/empty-v2 64M
+qemu-img convert -q -f raw -O qcow2 -o cluster_size=512 "$tmp/data.raw" corpus/qcow2/data
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=512 "$tmp/data.raw" corpus/qcow2/compressed
+qemu-img convert -q -f raw -O qcow2 -o cluster_size=16384,extended_l2=on "$tmp/data.raw" "$tmp/ext.qcow2"
+[ "$(stat -c %s "$tmp/ext.qcow2")" -le 65536 ] && cp "$tmp/ext.qcow2" corpus/qcow2/extended-l2
+head -c 4096 "$tmp/data.raw" > corpus/qcow2/raw
+ls -l corpus/iso corpus/qcow2
+
+# Device register sequences: device, 64 bytes of guest memory at 0x1000, 6-byte operations (kind: bit 0
+# write, bits 1-2 log2 of the size, bit 3 host input into the i8042; offset; value, little-endian).
+mkdir -p corpus/devices
+python3 - <<'PY'
+import struct
+def op(kind, offset, value=0):
+    return bytes([kind, offset]) + struct.pack("<I", value & 0xffffffff)
+W1, R1, W2, R2, W4, R4, HOST = 1, 0, 3, 2, 5, 4, 8
+def seed(name, device, ops, memory=b""):
+    open("corpus/devices/" + name, "wb").write(bytes([device]) + memory.ljust(64, b"\0") + b"".join(ops))
+# i8042: read and write the configuration byte, self-test, enable both ports, keyboard LEDs and scancode
+# set, mouse reset / sample rate / enable, host keys and motion read back, reset through the controller.
+seed("i8042", 0, [op(W1, 4, 0x20), op(R1, 0), op(W1, 4, 0x60), op(W1, 0, 0x47), op(W1, 4, 0xAA), op(R1, 0),
+    op(W1, 4, 0xAE), op(W1, 4, 0xA8), op(W1, 0, 0xED), op(R1, 0), op(W1, 0, 0x07), op(R1, 0), op(W1, 0, 0xF0),
+    op(W1, 0, 0x02), op(W1, 4, 0xD4), op(W1, 0, 0xFF), op(R1, 0), op(R1, 0), op(W1, 4, 0xD4), op(W1, 0, 0xF3),
+    op(W1, 4, 0xD4), op(W1, 0, 200), op(W1, 4, 0xD4), op(W1, 0, 0xF4), op(HOST, 0, 0x01_05_fb_1c), op(R1, 4),
+    op(R1, 0), op(R1, 0), op(R1, 0), op(R1, 0), op(W1, 4, 0xD0), op(R1, 0), op(W1, 4, 0xFE)])
+# fw_cfg: the signature and the file directory through the data port, then a DMA read of the directory
+# (descriptor at 0x1000: control, length, address, big-endian).
+dma = struct.pack(">IIQ", 0x19 << 16 | 0x08 | 0x02, 64, 0x2000)
+seed("fw_cfg", 1, [op(W2, 0, 0x0000), op(R1, 1), op(R1, 1), op(R1, 1), op(R1, 1), op(W2, 0, 0x0019),
+    op(R4, 1), op(R1, 1), op(R1, 1), op(R4, 4), op(R4, 8), op(W4, 4, 0), op(W4, 8, 0x00100000)], dma)
+# VGA: CRTC start address and cursor (0x3D4/0x3D5), the attribute controller's flip-flop (0x3DA, 0x3C0),
+# the DAC (0x3C8/0x3C9), the miscellaneous output register.
+seed("vga", 2, [op(W1, 0x14, 0x0C), op(W1, 0x15, 0x01), op(W1, 0x14, 0x0E), op(W1, 0x15, 0x02), op(R1, 0x15),
+    op(R1, 0x1A), op(W1, 0x00, 0x10), op(W1, 0x00, 0x01), op(R1, 0x01), op(W1, 0x08, 0x05), op(W1, 0x09, 0x3F),
+    op(W1, 0x09, 0x00), op(W1, 0x09, 0x20), op(W1, 0x07, 0x05), op(R1, 0x09), op(W1, 0x02, 0x67), op(R1, 0x0C)])
+# DISPI: id, a 1024x768x32 mode with a virtual width and offsets, enable with LFB, capabilities.
+regs = [(0, 0xB0C5), (4, 0), (1, 1024), (2, 768), (3, 32), (6, 1280), (8, 16), (9, 8), (4, 0x41), (4, 0x02)]
+ops = []
+for index, value in regs:
+    ops += [op(W2, 0, index), op(W2, 1, value), op(R2, 1)]
+seed("dispi", 3, ops)
+PY
+
+# virtio-blk requests as a driver posts them: n, n descriptors, the 16-byte header, k, k heads, the avail
+# index advance (see fuzz_targets/virtio_blk.rs).
+mkdir -p corpus/virtio_blk
+python3 - <<'PY'
+import struct
+NEXT, WRITE, INDIRECT = 1, 2, 4
+HDR, STATUS, DATA = 0x1_0000, 0x2_0000, 0x10_0000
+def desc(addr, length, flags, nxt=0):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+def seed(name, descs, kind, sector, heads, advance=1, flags=0):
+    hdr = struct.pack("<IIQ", kind, 0, sector)
+    d = bytes([(len(descs) - 1) | flags]) + b"".join(descs) + hdr
+    d += bytes([len(heads) - 1]) + b"".join(struct.pack("<H", h) for h in heads) + struct.pack("<H", advance)
+    open("corpus/virtio_blk/" + name, "wb").write(d)
+three = lambda data_flags, length=512: [desc(HDR, 16, NEXT, 1), desc(DATA, length, data_flags | NEXT, 2), desc(STATUS, 1, WRITE)]
+seed("read", three(WRITE), 0, 0, [0])
+seed("read-last-sector", three(WRITE, 1024), 0, 126, [0])
+seed("write", three(0), 1, 8, [0])
+seed("write-read-only", three(0), 1, 8, [0], flags=0x80)
+seed("flush", [desc(HDR, 16, NEXT, 1), desc(STATUS, 1, WRITE)], 4, 0, [0])
+seed("get-id", three(WRITE, 20), 8, 0, [0])
+seed("discard", three(0, 16), 11, 0, [0])
+seed("write-zeroes", three(0, 16), 13, 0, [0])
+seed("two-requests", three(WRITE) + [desc(HDR, 16, NEXT, 4), desc(STATUS + 1, 1, WRITE)], 0, 2, [0, 3], 2)
+seed("segments", [desc(HDR, 16, NEXT, 1), desc(DATA, 512, WRITE | NEXT, 2), desc(DATA + 0x1000, 1536, WRITE | NEXT, 3), desc(STATUS, 1, WRITE)], 0, 4, [0])
+seed("indirect", [desc(0x5000, 48, INDIRECT)], 0, 0, [0])
+seed("loop", [desc(HDR, 16, NEXT, 1), desc(DATA, 512, WRITE | NEXT, 0)], 0, 0, [0])
+seed("avail-jump", three(WRITE), 0, 0, [0], 1000)
+PY
