@@ -176,7 +176,12 @@ impl RunControl {
     ) -> Result<std::collections::BTreeMap<u32, Result<Vec<u8>, String>>, String> {
         let start = Instant::now();
         let mut s = lock(&self.state);
-        if !s.paused || s.parked < s.live || s.exiting {
+        // A pause that came before the boot opened (a restored VM asked to save at once) held with no vCPU
+        // yet: the boot's threads park on their way in. Wait for them.
+        while s.paused && !s.exiting && (s.live == 0 || s.parked < s.live) && start.elapsed() < timeout {
+            s = self.changed.wait_timeout(s, Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        if !s.paused || s.live == 0 || s.parked < s.live || s.exiting {
             return Err(format!("{} of {} vCPUs are stopped", s.parked, s.live));
         }
         s.job = Some(job.clone());
@@ -500,6 +505,27 @@ mod tests {
             }
             run.thread_done();
         })
+    }
+
+    #[test]
+    fn a_job_asked_before_the_boot_opens_waits_for_its_vcpus_to_park() {
+        // A restored VM: the pause holds before the boot opens (no vCPU yet), then its thread parks on its
+        // way in; the job waits for it instead of finding "0 of 1 vCPUs stopped".
+        let run = Arc::new(RunControl::default());
+        run.pause(Duration::from_secs(1)).unwrap();
+        run.begin_boot(1);
+        let r = run.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            r.enter()
+        });
+        let job = VcpuJob::new(Box::new(|_, _| Ok(Vec::new())));
+        // The test's vCPU thread has no vCPU to do the job on: it parks, and the job times out waiting for
+        // its answer — past the "stopped" check.
+        let e = run.run_job(job, Duration::from_millis(500)).unwrap_err();
+        assert!(e.contains("answered within"), "{e}");
+        run.stop_boot();
+        assert!(late.join().unwrap(), "the parked thread leaves when the boot stops");
     }
 
     /// Regression: after a reset the previous boot's stop stayed in force until the new boot's threads were
