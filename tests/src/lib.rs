@@ -150,6 +150,23 @@ pub fn xorriso_iso(dir: &Scratch, file: &str, volume_id: &str, boot: IsoBoot) ->
     iso
 }
 
+/// (name, `Seccomp:` mode) of every thread of process `pid`; a thread that ends between the listing and
+/// the reads is left out.
+pub fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let (Ok(name), Ok(status)) =
+            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("status")))
+        else {
+            continue;
+        };
+        let mode = status.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1));
+        threads.push((name.trim().to_owned(), mode.unwrap_or("missing").to_owned()));
+    }
+    threads
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

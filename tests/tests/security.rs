@@ -9,7 +9,7 @@ use std::time::Duration;
 use porthole_api::client::Action;
 use porthole_api::{BootSpec, CreateVm, DiskFormat, VmState};
 use porthole_tests::daemon::Daemon;
-use porthole_tests::{Scratch, text};
+use porthole_tests::{Scratch, seccomp_modes, text};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -89,23 +89,6 @@ fn check_tree(root: &Path, problems: &mut Vec<String>) -> Vec<String> {
         }
     }
     seen
-}
-
-/// (thread name, Seccomp mode from /proc) of every thread of process `pid`.
-fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        // A thread that ended between the listing and the reads is left out.
-        let (Ok(name), Ok(status)) =
-            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("status")))
-        else {
-            continue;
-        };
-        let mode = status.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1));
-        threads.push((name.trim().to_owned(), mode.unwrap_or("missing").to_owned()));
-    }
-    threads
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

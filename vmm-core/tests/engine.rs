@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use porthole_tests::{Scratch, text, wait, wait_until};
+use porthole_tests::{Scratch, seccomp_modes, text, wait, wait_until};
 
 use vmm_core::control::{ControlClient, Request};
 use vmm_core::vm::RunState;
@@ -382,22 +382,6 @@ fn vcpu_and_control_threads_run_under_seccomp() {
     }
     assert!(threads.iter().filter(|(n, _)| n.starts_with("vcpu")).count() == 2, "{threads:?}");
     assert!(threads.iter().any(|(n, _)| n == "control"), "{threads:?}");
-}
-
-/// (name, `Seccomp:` mode) of every thread of process `pid` (a thread that ends meanwhile is left out).
-fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let (Ok(name), Ok(status)) =
-            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("status")))
-        else {
-            continue;
-        };
-        let mode = status.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1));
-        threads.push((name.trim().to_owned(), mode.unwrap_or("missing").to_owned()));
-    }
-    threads
 }
 
 /// The threads SECURITY.md's seccomp table lists (a new thread must be added there, with its filter).
