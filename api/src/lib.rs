@@ -7,10 +7,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod host;
 pub mod iso;
 pub mod rfb;
 mod types;
-pub use client::{Client, ClientError};
+pub use client::{Action, Client, ClientError};
+pub use host::{Feature, Host, HostError, HostHandle, HostKind};
 pub use types::*;
 
 /// The version of Porthole that built this crate; every binary reports the same one.
