@@ -1,0 +1,265 @@
+//! Connection URIs, SSH host keys (what the user is asked to accept) and SSH-tunnelled console streams.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A libvirt connection URI taken apart: `driver[+transport]://[user@]host[:port]/path[?k=v&…]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnUri {
+    pub driver: String,
+    /// `ssh`, `libssh`, `libssh2`, `tls`, `tcp`, `unix`, `ext`, or empty (local).
+    pub transport: String,
+    pub user: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl ConnUri {
+    pub fn parse(uri: &str) -> Result<ConnUri, String> {
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| format!("{uri:?} is not a libvirt URI"))?;
+        let (driver, transport) = match scheme.split_once('+') {
+            Some((d, t)) => (d.to_string(), t.to_string()),
+            None => (scheme.to_string(), String::new()),
+        };
+        if driver.is_empty() {
+            return Err(format!("{uri:?} names no hypervisor driver"));
+        }
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, String::new()),
+        };
+        let (user, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(percent_decode(u)), h),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            // [v6]:port
+            let (h, tail) = h.split_once(']').ok_or_else(|| format!("{uri:?}: unclosed '['"))?;
+            (h.to_string(), tail.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        let port = match port {
+            Some(p) if !p.is_empty() => Some(p.parse::<u16>().map_err(|_| format!("{uri:?}: bad port {p:?}"))?),
+            _ => None,
+        };
+        let params = query
+            .map(|q| {
+                q.split('&')
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, v)) => (percent_decode(k), percent_decode(v)),
+                        None => (percent_decode(kv), String::new()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(ConnUri {
+            driver,
+            transport,
+            user,
+            host: (!host.is_empty()).then_some(host),
+            port,
+            path,
+            params,
+        })
+    }
+
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Whether libvirt reaches the daemon over SSH (the `ssh` binary or libssh/libssh2).
+    pub fn is_ssh(&self) -> bool {
+        matches!(self.transport.as_str(), "ssh" | "libssh" | "libssh2")
+    }
+
+    /// Whether the daemon is on this machine's Unix socket (file descriptors can be passed to us).
+    pub fn is_local(&self) -> bool {
+        (self.transport.is_empty() || self.transport == "unix") && self.host.is_none()
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One of a host's SSH keys as `ssh-keyscan` sees it: what to show the user before trusting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKey {
+    /// `ssh-ed25519`, `ecdsa-sha2-nistp256`, `ssh-rsa`.
+    pub key_type: String,
+    /// `SHA256:…`, as `ssh-keygen -l` prints it (what `ssh` shows when it asks).
+    pub fingerprint: String,
+    /// The line to add to a known_hosts file to trust it.
+    pub known_hosts_line: String,
+}
+
+/// The SSH host keys `host:port` offers, with their fingerprints, for the user to compare before the host is
+/// added to known_hosts ([`trust_host_key`]). Runs `ssh-keyscan` and `ssh-keygen -lf -`.
+pub fn ssh_host_key_fingerprint(host: &str, port: u16) -> Result<Vec<HostKey>, String> {
+    if host.starts_with('-') || host.is_empty() {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    let scan = Command::new("ssh-keyscan")
+        .args(["-T", "10", "-p", &port.to_string(), host])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ssh-keyscan (is openssh-client installed?): {e}"))?;
+    let text = String::from_utf8_lossy(&scan.stdout);
+    let mut keys = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let mut child = Command::new("ssh-keygen")
+            .args(["-l", "-E", "sha256", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run ssh-keygen: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = writeln!(stdin, "{line}");
+        }
+        let out = child.wait_with_output().map_err(|e| format!("ssh-keygen: {e}"))?;
+        let fp = String::from_utf8_lossy(&out.stdout);
+        let fingerprint = fp.split_whitespace().nth(1).unwrap_or_default().to_string();
+        let key_type = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+        if fingerprint.starts_with("SHA256:") {
+            keys.push(HostKey { key_type, fingerprint, known_hosts_line: line.to_string() });
+        }
+    }
+    if keys.is_empty() {
+        let err = String::from_utf8_lossy(&scan.stderr);
+        return Err(format!("no SSH host key from {host} port {port}: {}", err.trim()));
+    }
+    Ok(keys)
+}
+
+/// Adds `key` to the known_hosts file at `path` (created if missing).
+pub fn trust_host_key(path: &std::path::Path, key: &HostKey) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{}", key.known_hosts_line)
+}
+
+/// The `ssh` command line that reaches the same host, as the same user, with the same key and known_hosts
+/// as the libvirt connection `uri`, forwarding stdin/stdout to `target` (`host:port` on the remote side).
+pub fn tunnel_command(uri: &ConnUri, target: &str) -> Result<Command, String> {
+    let host = uri.host.as_deref().ok_or("the connection has no host to tunnel through")?;
+    // libvirt's `ssh` transport runs `command` (default ssh); the others use libvirt's own SSH code, so we
+    // run the ssh binary with their key and known_hosts.
+    let program = if uri.transport == "ssh" { uri.param("command").unwrap_or("ssh") } else { "ssh" };
+    let mut cmd = Command::new(program);
+    cmd.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-T", "-e", "none"]);
+    if let Some(kh) = uri.param("known_hosts") {
+        cmd.arg("-o").arg(format!("UserKnownHostsFile={kh}"));
+    }
+    if let Some(key) = uri.param("keyfile") {
+        cmd.args(["-o", "IdentitiesOnly=yes", "-i", key]);
+    }
+    if let Some(port) = uri.port {
+        cmd.args(["-p", &port.to_string()]);
+    }
+    if let Some(user) = &uri.user {
+        cmd.args(["-l", user]);
+    }
+    cmd.arg("-W").arg(target).arg("--").arg(host);
+    Ok(cmd)
+}
+
+/// Opens `target` on the remote host through an `ssh -W` child whose stdin/stdout is one end of a socket
+/// pair; returns the other end once the remote side has sent its first bytes (RFB servers speak first), so a
+/// refused host key or key shows here as ssh's own message.
+pub fn tunnel(uri: &ConnUri, target: &str, wait: Duration) -> Result<UnixStream, String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let theirs_out: OwnedFd = theirs.try_clone().map_err(|e| format!("socketpair: {e}"))?.into();
+    let theirs_in: OwnedFd = theirs.into();
+    let mut cmd = tunnel_command(uri, target)?;
+    cmd.stdin(Stdio::from(theirs_in)).stdout(Stdio::from(theirs_out)).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run ssh for the console tunnel: {e}"))?;
+    let mut stderr = child.stderr.take();
+    drop(cmd); // our copies of the child's ends
+    ours.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    let mut byte = [0u8; 1];
+    // SAFETY: a valid socket and a one-byte buffer; MSG_PEEK leaves the byte for the RFB client.
+    let n = unsafe { libc::recv(ours.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };
+    if n == 1 {
+        ours.set_read_timeout(None).map_err(|e| e.to_string())?;
+        // Reap ssh when the stream ends; drain its stderr so it never blocks on it.
+        std::thread::spawn(move || {
+            if let Some(mut e) = stderr.take() {
+                let mut sink = Vec::new();
+                let _ = e.read_to_end(&mut sink);
+            }
+            let _ = child.wait();
+        });
+        return Ok(ours);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut msg = String::new();
+    if let Some(mut e) = stderr.take() {
+        let _ = e.read_to_string(&mut msg);
+    }
+    let why = if n == 0 { "the tunnel closed".to_string() } else { "no data within the wait".to_string() };
+    Err(format!("console tunnel to {target} through ssh failed ({why}): {}", msg.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_uris_apart() {
+        let u = ConnUri::parse("qemu+ssh://root@host.example:2222/system?keyfile=/k%20f&no_tty=1").unwrap();
+        assert_eq!((u.driver.as_str(), u.transport.as_str()), ("qemu", "ssh"));
+        assert_eq!((u.user.as_deref(), u.host.as_deref(), u.port), (Some("root"), Some("host.example"), Some(2222)));
+        assert_eq!(u.path, "/system");
+        assert_eq!(u.param("keyfile"), Some("/k f"));
+        assert!(u.is_ssh() && !u.is_local());
+        let l = ConnUri::parse("qemu:///session?socket=/tmp/s").unwrap();
+        assert!(l.is_local() && !l.is_ssh());
+        assert_eq!(l.param("socket"), Some("/tmp/s"));
+        let v6 = ConnUri::parse("qemu+tls://[::1]:16514/system").unwrap();
+        assert_eq!((v6.host.as_deref(), v6.port), (Some("::1"), Some(16514)));
+        assert!(ConnUri::parse("nonsense").is_err());
+        assert!(ConnUri::parse("qemu+ssh://h:99999/system").is_err());
+    }
+
+    #[test]
+    fn the_tunnel_uses_the_connections_key_user_and_known_hosts() {
+        let u = ConnUri::parse("qemu+libssh://u@h:22/system?keyfile=/k&known_hosts=/kh").unwrap();
+        let cmd = tunnel_command(&u, "127.0.0.1:5900").unwrap();
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert_eq!(cmd.get_program(), "ssh");
+        for want in ["UserKnownHostsFile=/kh", "-i /k", "-p 22", "-l u", "-W 127.0.0.1:5900 -- h", "BatchMode=yes"] {
+            assert!(joined.contains(want), "{want} missing from {joined}");
+        }
+    }
+}
