@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use porthole_api::Client;
+use porthole_api::HostHandle;
 
 use crate::backend::Backend;
 use crate::settings::Settings;
@@ -112,7 +112,7 @@ impl PortholeApp {
     /// The app with the local host (connected through `local`) and the remote hosts of the settings.
     pub fn new(
         backend: Backend,
-        local: impl FnOnce() -> Result<Client, String> + Send + 'static,
+        local: impl FnOnce() -> Result<HostHandle, String> + Send + 'static,
         settings_path: Option<PathBuf>,
     ) -> Self {
         let (settings, problem) = match &settings_path {
@@ -272,6 +272,13 @@ impl PortholeApp {
         self.help_windows(ui.ctx());
         self.preferences_window(ui.ctx());
         self.toasts(ui.ctx());
+    }
+
+    /// Why host `host` lacks `feature` (the greyed control's tooltip), or `None` when it has it (or is not
+    /// connected yet: its controls then fail with the host's own message).
+    pub(super) fn lacks(&self, host: usize, feature: porthole_api::Feature) -> Option<String> {
+        let connection = self.backend.model().hosts.get(host).and_then(|h| h.connection.clone());
+        connection.and_then(|c| c.lacks(feature))
     }
 
     fn save_settings(&self) {

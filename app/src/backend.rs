@@ -5,14 +5,15 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use porthole_api::{Client, HostInfo, Vm};
+use porthole_api::{HostError, HostHandle, HostInfo, Vm};
 
 /// A host in the sidebar.
 pub struct HostView {
     pub name: String,
     /// "local" or the remote address.
     pub address: String,
-    pub client: Option<Client>,
+    /// The host's interface once connected (a Porthole daemon, a libvirt connection, …).
+    pub connection: Option<HostHandle>,
     pub info: Option<HostInfo>,
     pub vms: Vec<Vm>,
     /// Why the host cannot be reached (shown instead of its VMs).
@@ -56,6 +57,8 @@ pub struct Model {
     pub open_console: Option<(usize, String)>,
     /// The certificate fingerprint the add-host dialog fetched, for the user to check.
     pub fetched_fingerprint: Option<String>,
+    /// The SSH host keys the add-host dialog fetched for a libvirt host, or why it could not.
+    pub fetched_host_keys: Option<Result<crate::ssh_keys::HostKeys, String>>,
     /// Screenshots fetched for the VM list, waiting to become textures: ((host, VM id), picture).
     pub thumbnails: Vec<((usize, String), egui::ColorImage)>,
     /// Each host's image library (fetched for the create wizard).
@@ -162,14 +165,14 @@ impl Backend {
         &self,
         name: String,
         address: String,
-        connect: impl FnOnce() -> Result<Client, String> + Send + 'static,
+        connect: impl FnOnce() -> Result<HostHandle, String> + Send + 'static,
     ) -> usize {
         let index = {
             let mut m = self.model();
             m.hosts.push(HostView {
                 name,
                 address,
-                client: None,
+                connection: None,
                 info: None,
                 vms: Vec::new(),
                 error: None,
@@ -191,7 +194,7 @@ impl Backend {
                 }
             };
             if let Some(h) = backend.model().hosts.get_mut(index) {
-                h.client = Some(client.clone());
+                h.connection = Some(client.clone());
             }
             // The newest sample seen per VM, so each poll asks only for what is new.
             let mut seen: std::collections::HashMap<String, u64> = Default::default();
@@ -220,7 +223,7 @@ impl Backend {
                 let changed = {
                     let mut m = backend.model();
                     let Some(h) = m.hosts.get_mut(index) else { return };
-                    if h.client.is_none() {
+                    if h.connection.is_none() {
                         return; // removed
                     }
                     let before = (h.info.clone(), h.vms.clone(), h.error.clone(), h.cpu.clone());
@@ -261,7 +264,7 @@ impl Backend {
     /// Stops polling host `index` and forgets it (its slot stays, empty, so indexes do not move).
     pub fn remove_host(&self, index: usize) {
         if let Some(h) = self.model().hosts.get_mut(index) {
-            h.client = None;
+            h.connection = None;
             h.vms.clear();
             h.info = None;
             h.name.clear();
@@ -272,11 +275,11 @@ impl Backend {
     /// is polled again at once.
     pub fn act<F, Fut, T>(&self, index: usize, what: String, done: Option<String>, action: F)
     where
-        F: FnOnce(Client) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<T, porthole_api::ClientError>> + Send,
+        F: FnOnce(HostHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, HostError>> + Send,
         T: Send + 'static,
     {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else {
             self.model().notify(format!("{what}: the host is not connected"), true);
             return;
         };
@@ -312,10 +315,10 @@ impl Backend {
         start: F,
         then: impl FnOnce(&Backend, &porthole_api::Task) + Send + 'static,
     ) where
-        F: FnOnce(Client) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<porthole_api::Task, porthole_api::ClientError>> + Send,
+        F: FnOnce(HostHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<porthole_api::Task, HostError>> + Send,
     {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else {
             self.model().notify(format!("{what}: the host is not connected"), true);
             return;
         };
@@ -372,7 +375,7 @@ impl Backend {
 
     /// Fetches the snapshot tree of a VM into the model.
     pub fn load_snapshots(&self, index: usize, id: String) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             let tree = client.snapshots(&id).await.map_err(|e| e.to_string());
@@ -391,7 +394,7 @@ impl Backend {
 
     /// Fetches a small screenshot of a running VM for its row in the list (`width` pixels wide).
     pub fn fetch_thumbnail(&self, index: usize, id: String, width: u32) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             // A VM that stopped meanwhile, or an older daemon: no thumbnail, and no message either.
@@ -405,7 +408,7 @@ impl Backend {
 
     /// Fetches host `index`'s image library into the model.
     pub fn load_images(&self, index: usize) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             match client.images().await {
@@ -420,7 +423,7 @@ impl Backend {
 
     /// Fetches what host `index`'s page shows: its samples, tasks and image library.
     pub fn load_host_page(&self, index: usize) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             // Only the samples newer than those the page has: the first fetch brings the hour, later ones
@@ -456,7 +459,7 @@ impl Backend {
 
     /// Cancels task `id` of host `index` (an upload, a shutdown's wait), then refreshes the host page.
     pub fn cancel_task(&self, index: usize, id: String) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             if let Err(e) = client.cancel_task(&id).await {
@@ -468,7 +471,7 @@ impl Backend {
 
     /// Deletes image `name` from host `index`'s library, then refreshes the host page.
     pub fn delete_image(&self, index: usize, name: String) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             match client.delete_image(&name).await {
@@ -493,7 +496,7 @@ impl Backend {
 
     /// Fetches the serial lines of a VM into the model.
     pub fn load_serial(&self, index: usize, id: String) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             if let Ok(out) = client.serial(&id, 200).await {
@@ -506,7 +509,7 @@ impl Backend {
     /// Fetches `GET /vms/{id}` of a running VM: how far a firmware-booting VM's firmware got (`boot_status`)
     /// and the state of its network cards.
     pub fn load_details(&self, index: usize, id: String) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             if let Ok(vm) = client.vm(&id).await {
@@ -529,7 +532,7 @@ impl Backend {
     /// Fetches the last hour of resource samples of a VM into the model: all of it for a VM not shown yet,
     /// then only the samples newer than those the model has.
     pub fn load_stats(&self, index: usize, id: String) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let backend = self.clone();
         self.runtime.spawn(async move {
             let since = match &backend.model().stats {
@@ -556,7 +559,7 @@ impl Backend {
     /// Sends the Settings view's change of VM `id` (`name`); the answer lands in [`Model::settings_outcome`] (a
     /// refusal keeps each field's reason for the view to show under its widget) and as a notice.
     pub fn apply_settings(&self, index: usize, id: String, name: String, change: porthole_api::UpdateVm) {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else {
             self.model().notify(format!("Settings of {name}: the host is not connected"), true);
             return;
         };
@@ -591,11 +594,11 @@ impl Backend {
     /// again.
     pub fn change_drives<F, Fut, T>(&self, index: usize, id: String, what: String, action: F)
     where
-        F: FnOnce(Client) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<T, porthole_api::ClientError>> + Send,
+        F: FnOnce(HostHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, HostError>> + Send,
         T: Send + 'static,
     {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else {
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else {
             self.model().drive_outcome = Some((index, id, Err(format!("{what}: the host is not connected"))));
             return;
         };
@@ -633,10 +636,10 @@ impl Backend {
     /// Uploads `path` to host `index`'s library (with a progress bar), then runs `then` with the image name.
     pub fn upload_then<F, Fut>(&self, index: usize, path: std::path::PathBuf, then: F)
     where
-        F: FnOnce(Client, String) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<(), porthole_api::ClientError>> + Send,
+        F: FnOnce(HostHandle, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), HostError>> + Send,
     {
-        let Some(client) = self.model().hosts.get(index).and_then(|h| h.client.clone()) else { return };
+        let Some(client) = self.model().hosts.get(index).and_then(|h| h.connection.clone()) else { return };
         let name = image_name(&path);
         let backend = self.clone();
         let what = format!("Uploading {name}");
@@ -650,12 +653,16 @@ impl Backend {
             let uploaded = match client.images().await {
                 Ok(images) if images.iter().any(|i| i.name == name) => Ok(()),
                 _ => client
-                    .upload_image(&name, &path, move |sent, total| {
-                        if let Some(p) = b.model().progress.iter_mut().find(|p| p.what == w) {
-                            p.fraction = sent as f32 / total.max(1) as f32;
-                        }
-                        b.repaint();
-                    })
+                    .upload_image(
+                        &name,
+                        &path,
+                        Box::new(move |sent, total| {
+                            if let Some(p) = b.model().progress.iter_mut().find(|p| p.what == w) {
+                                p.fraction = sent as f32 / total.max(1) as f32;
+                            }
+                            b.repaint();
+                        }),
+                    )
                     .await
                     .map(|_| ()),
             };

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod console;
 pub mod daemon;
 pub mod settings;
+pub mod ssh_keys;
 
 pub use app::PortholeApp;
 
@@ -91,7 +92,7 @@ impl FrameStats {
 /// The local host's connection: start the daemon if needed, then its Unix socket.
 pub fn local_host(
     socket: std::path::PathBuf,
-) -> impl FnOnce() -> Result<porthole_api::Client, String> + Send + 'static {
+) -> impl FnOnce() -> Result<porthole_api::HostHandle, String> + Send + 'static {
     local_host_in(socket, None)
 }
 
@@ -100,10 +101,11 @@ pub fn local_host(
 pub fn local_host_in(
     socket: std::path::PathBuf,
     data_dir: Option<std::path::PathBuf>,
-) -> impl FnOnce() -> Result<porthole_api::Client, String> + Send + 'static {
+) -> impl FnOnce() -> Result<porthole_api::HostHandle, String> + Send + 'static {
     move || {
         daemon::ensure_running(&socket, data_dir.as_deref())?;
-        porthole_api::Client::unix(&socket).map_err(|e| e.to_string())
+        let client = porthole_api::Client::unix(&socket).map_err(|e| e.to_string())?;
+        Ok(std::sync::Arc::new(client) as porthole_api::HostHandle)
     }
 }
 

@@ -10,11 +10,34 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct RemoteHost {
     pub name: String,
-    /// `host:port` of its `portholed --listen`.
+    /// A Porthole daemon (the default) or a libvirt connection.
+    #[serde(default, skip_serializing_if = "RemoteKind::is_porthole")]
+    pub kind: RemoteKind,
+    /// Porthole: `host:port` of its `portholed --listen`. libvirt: the connection URI (`qemu:///system`,
+    /// `qemu+ssh://user@host/system`).
     pub address: String,
+    /// Porthole: the API token. libvirt: unused.
+    #[serde(default)]
     pub token: String,
-    /// SHA-256 of its certificate, pinned at the first connection.
+    /// Porthole: SHA-256 of its certificate, pinned at the first connection. libvirt over SSH: the host key's
+    /// fingerprint the user accepted (the key itself is in `~/.ssh/known_hosts`, where `ssh` checks it).
+    #[serde(default)]
     pub fingerprint: String,
+}
+
+/// The kinds of remote host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteKind {
+    #[default]
+    Porthole,
+    Libvirt,
+}
+
+impl RemoteKind {
+    fn is_porthole(&self) -> bool {
+        *self == RemoteKind::Porthole
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,12 +238,22 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("settings.json");
         let s = Settings {
-            remotes: vec![RemoteHost {
-                name: "lab".into(),
-                address: "lab:7443".into(),
-                token: "t".into(),
-                fingerprint: "ab".into(),
-            }],
+            remotes: vec![
+                RemoteHost {
+                    name: "lab".into(),
+                    kind: RemoteKind::Porthole,
+                    address: "lab:7443".into(),
+                    token: "t".into(),
+                    fingerprint: "ab".into(),
+                },
+                RemoteHost {
+                    name: "virt".into(),
+                    kind: RemoteKind::Libvirt,
+                    address: "qemu+ssh://me@virt/system".into(),
+                    token: String::new(),
+                    fingerprint: "SHA256:abc".into(),
+                },
+            ],
             recent_vnc: vec!["vnc://lab:5901".into()],
             theme: Theme::Dark,
             window: Some(WindowGeometry { x: -10, y: 20, width: 1300, height: 800 }),
@@ -259,6 +292,7 @@ mod tests {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
         let remote = RemoteHost {
             name: "lab".into(),
+            kind: RemoteKind::Porthole,
             address: "lab:7443".into(),
             token: "pht_x".into(),
             fingerprint: "ab".into(),

@@ -158,8 +158,11 @@ fn errors_name_their_cause() {
         let app = PortholeApp::new(
             backend,
             move || {
-                porthole::daemon::ensure_running(&socket, None)
-                    .and_then(|_| porthole_api::Client::unix(&socket).map_err(|e| e.to_string()))
+                porthole::daemon::ensure_running(&socket, None).and_then(|_| {
+                    porthole_api::Client::unix(&socket)
+                        .map(|c| std::sync::Arc::new(c) as porthole_api::HostHandle)
+                        .map_err(|e| e.to_string())
+                })
             },
             Some(dir.path("settings.json")),
         );

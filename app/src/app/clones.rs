@@ -70,6 +70,11 @@ impl CloneForm {
 impl PortholeApp {
     /// *Clone…* and *Convert to template* / *Convert to VM* in a VM's action row.
     pub(super) fn clone_buttons(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
+        if let Some(why) = self.lacks(host, porthole_api::Feature::Clones) {
+            let r = theme::button(ui, false, theme::CLONE, "Clone…");
+            r.on_disabled_hover_text(why);
+            return;
+        }
         let stopped = vm.state == VmState::Stopped && vm.crash.is_none();
         let r = theme::button(ui, stopped, theme::CLONE, "Clone…");
         if r.on_disabled_hover_text("Shut the VM down to clone it").clicked() {

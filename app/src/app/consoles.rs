@@ -183,29 +183,13 @@ impl PortholeApp {
             return;
         }
         self.consoles.retain(|t| t.vm != this);
-        let Some(client) = self.backend.model().hosts.get(host).and_then(|h| h.client.clone()) else { return };
+        let Some(connection) = self.backend.model().hosts.get(host).and_then(|h| h.connection.clone()) else {
+            return;
+        };
         let id = vm.id.clone();
         let runtime = self.backend.clone();
         let connect = move || -> Result<porthole_api::rfb::RfbClient, String> {
-            let rt = runtime.runtime();
-            let ticket = rt.block_on(client.console_ticket(&id)).map_err(|e| e.to_string())?;
-            let stream = match ticket.rfb_socket {
-                // The local host hands out the VM's RFB socket: connect directly.
-                Some(socket) => std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?,
-                None => {
-                    // A remote console: the WebSocket, bridged to a socket pair for the RFB client.
-                    let ws = rt.block_on(client.console_with_ticket(&ticket.path)).map_err(|e| e.to_string())?;
-                    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-                    theirs.set_nonblocking(true).map_err(|e| e.to_string())?;
-                    rt.spawn(async move {
-                        let mut ws = ws;
-                        if let Ok(mut theirs) = tokio::net::UnixStream::from_std(theirs) {
-                            let _ = tokio::io::copy_bidirectional(&mut ws, &mut theirs).await;
-                        }
-                    });
-                    ours
-                }
-            };
+            let stream = runtime.runtime().block_on(connection.open_console(&id)).map_err(|e| e.to_string())?;
             porthole_api::rfb::RfbClient::over(stream, None).map_err(|e| e.to_string())
         };
         let backend = self.backend.clone();

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use porthole_api::client::Action;
-use porthole_api::{InputMode, VmState};
+use porthole_api::{Feature, InputMode, VmState};
 
 use super::graphs::performance;
 use super::theme;
@@ -171,8 +171,10 @@ impl PortholeApp {
                 act(self, "Pause", Action::Pause);
             }
             let live = matches!(vm.state, VmState::Running | VmState::Paused) && vm.crash.is_none();
-            if theme::button(ui, live, theme::SUSPEND, "Suspend")
+            let lacks = self.lacks(host, Feature::Suspend);
+            if theme::button(ui, live && lacks.is_none(), theme::SUSPEND, "Suspend")
                 .on_hover_text("Save the running VM to disk and end it: Start resumes it where it was")
+                .on_disabled_hover_text(lacks.unwrap_or_default())
                 .clicked()
             {
                 act(self, "Suspend", Action::Suspend);
@@ -191,8 +193,10 @@ impl PortholeApp {
                     c.change_media(&id, None).await
                 });
             }
-            if theme::button(ui, true, theme::VM_SETTINGS, "Settings…")
+            let lacks = self.lacks(host, Feature::Settings);
+            if theme::button(ui, lacks.is_none(), theme::VM_SETTINGS, "Settings…")
                 .on_hover_text("Name, hardware, disks, CD/DVD, boot, network")
+                .on_disabled_hover_text(lacks.unwrap_or_default())
                 .clicked()
             {
                 self.open_settings(host, vm);
@@ -218,6 +222,10 @@ impl PortholeApp {
             performance(ui, "vm", "No samples yet (the VM is not running, or it just started).", &samples, caps);
         });
         egui::CollapsingHeader::new("Serial console").default_open(false).show(ui, |ui| {
+            if let Some(why) = self.lacks(host, Feature::Serial) {
+                ui.weak(format!("Not available on this host: {why}"));
+                return;
+            }
             // While open, the output is fetched once a second.
             if running && self.serial_fetched.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
                 self.backend.load_serial(host, id.clone());

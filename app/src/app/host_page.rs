@@ -65,7 +65,12 @@ impl PortholeApp {
             };
             Self::host_summary(ui, &info);
             ui.add_space(6.0);
+            let no_samples = self.lacks(host, porthole_api::Feature::HostStats);
             egui::CollapsingHeader::new("Use over the last hour").default_open(true).show(ui, |ui| {
+                if let Some(why) = no_samples {
+                    ui.weak(format!("Not available on this host: {why}"));
+                    return;
+                }
                 super::graphs::performance(
                     ui,
                     "host",
@@ -200,6 +205,10 @@ impl PortholeApp {
 
     fn host_tasks(&mut self, ui: &mut egui::Ui, host: usize, tasks: &[Task]) {
         ui.heading("Tasks");
+        if let Some(why) = self.lacks(host, porthole_api::Feature::Tasks) {
+            ui.weak(format!("Not available on this host: {why}"));
+            return;
+        }
         if tasks.is_empty() {
             ui.weak("No tasks: uploads, shutdowns, snapshots and clones show here while they run.");
             return;

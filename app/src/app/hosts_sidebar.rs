@@ -6,7 +6,7 @@ use porthole_api::Client;
 use super::PortholeApp;
 use super::theme;
 use crate::backend::Backend;
-use crate::settings::RemoteHost;
+use crate::settings::{RemoteHost, RemoteKind};
 
 /// The add-host dialog's fields.
 #[derive(Debug, Clone, Default)]
@@ -17,6 +17,11 @@ pub struct AddHost {
     pub address: String,
     pub token: String,
     pub fingerprint: String,
+    /// A Porthole daemon or a libvirt connection (`address` is then the URI).
+    pub kind: RemoteKind,
+    /// A libvirt host over SSH: its keys as fetched, and whether the user trusts them.
+    pub ssh_keys: Option<crate::ssh_keys::HostKeys>,
+    pub trust_key: bool,
 }
 
 impl PortholeApp {
@@ -63,6 +68,8 @@ impl PortholeApp {
                     address: r.address.clone(),
                     token: r.token.clone(),
                     fingerprint: r.fingerprint.clone(),
+                    kind: r.kind,
+                    ..Default::default()
                 });
             }
         }
@@ -81,63 +88,46 @@ impl PortholeApp {
         let mut connect = false;
         let title = if a.editing.is_some() { "Edit host" } else { "Add a host" };
         theme::dialog(ctx, title).open(&mut open).show(ctx, |ui| {
-            egui::Grid::new("add-host").num_columns(2).show(ui, |ui| {
-                for (label, value, hint) in [
-                    ("Host name", &mut a.name, "lab"),
-                    ("Address", &mut a.address, "lab.example.org:7443"),
-                    ("Token", &mut a.token, "from portholed token create"),
-                    ("Certificate fingerprint", &mut a.fingerprint, "SHA-256 printed by portholed --listen"),
-                ] {
-                    let l = ui.label(label);
-                    ui.add(egui::TextEdit::singleline(value).hint_text(hint)).labelled_by(l.id);
-                    ui.end_row();
-                }
-            });
             ui.horizontal(|ui| {
-                let can = a.address.contains(':');
-                if theme::button(ui, can, theme::DOWNLOAD, "Fetch fingerprint").clicked() {
-                    let address = a.address.trim().to_owned();
-                    let backend = self.backend.clone();
-                    self.backend.runtime().spawn(async move {
-                        let result = porthole_api::client::fetch_fingerprint(&address).await;
-                        let mut m = backend.model();
-                        match result {
-                            Ok(fp) => m.fetched_fingerprint = Some(fp),
-                            Err(e) => m.notify(format!("cannot reach {address}: {e}"), true),
-                        }
-                        drop(m);
-                        backend.repaint();
-                    });
-                }
-                ui.weak("compare it with what portholed --listen printed before connecting");
+                ui.label("Kind");
+                ui.selectable_value(&mut a.kind, RemoteKind::Porthole, "Porthole host");
+                ui.selectable_value(&mut a.kind, RemoteKind::Libvirt, "libvirt (local or SSH)");
             });
-            if let Some(fp) = self.backend.model().fetched_fingerprint.take() {
-                a.fingerprint = fp;
-            }
-            let fingerprint_ok = porthole_api::client::parse_fingerprint(&a.fingerprint).is_some();
             let name_taken = self.settings.remotes.iter().any(|r| r.name == a.name.trim())
                 && a.editing.as_deref() != Some(a.name.trim())
                 || a.name.trim() == "Local";
+            let ok = match a.kind {
+                RemoteKind::Porthole => porthole_fields(ui, &self.backend, a),
+                RemoteKind::Libvirt => libvirt_fields(ui, &self.backend, a),
+            };
             if name_taken {
                 ui.colored_label(ui.visuals().warn_fg_color, "There is a host with this name already.");
             }
-            let ok = !a.name.trim().is_empty()
-                && !name_taken
-                && a.address.contains(':')
-                && !a.token.trim().is_empty()
-                && fingerprint_ok;
-            if !fingerprint_ok && !a.fingerprint.is_empty() {
-                ui.colored_label(ui.visuals().warn_fg_color, "A fingerprint is 64 hex digits (colons allowed).");
-            }
-            connect = theme::button(ui, ok, theme::CONFIRM, "Connect").clicked();
+            connect =
+                theme::button(ui, ok && !name_taken && !a.name.trim().is_empty(), theme::CONFIRM, "Connect").clicked();
         });
         if connect {
             let a = self.add_host.take().expect("open");
+            if a.kind == RemoteKind::Libvirt
+                && let Some(keys) = a.ssh_keys.as_ref().filter(|k| !k.known && a.trust_key)
+                && let Err(e) = crate::ssh_keys::trust(keys)
+            {
+                self.backend.model().notify(format!("cannot trust the host key: {e}"), true);
+                return;
+            }
+            let fingerprint = match a.kind {
+                RemoteKind::Porthole => a.fingerprint.trim().to_owned(),
+                RemoteKind::Libvirt => a
+                    .ssh_keys
+                    .map(|k| k.keys.iter().map(|k| k.fingerprint.clone()).collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default(),
+            };
             let remote = RemoteHost {
                 name: a.name.trim().to_owned(),
+                kind: a.kind,
                 address: a.address.trim().to_owned(),
-                token: a.token.trim().to_owned(),
-                fingerprint: a.fingerprint.trim().to_owned(),
+                token: if a.kind == RemoteKind::Porthole { a.token.trim().to_owned() } else { String::new() },
+                fingerprint,
             };
             if let Some(old) = &a.editing {
                 // Editing: the old connection goes, the new one comes in its place in the settings.
@@ -162,10 +152,138 @@ impl PortholeApp {
     }
 }
 
+/// Labelled single-line fields in a grid.
+fn fields(ui: &mut egui::Ui, id: &str, rows: Vec<(&str, &mut String, &str)>) {
+    egui::Grid::new(id).num_columns(2).show(ui, |ui| {
+        for (label, value, hint) in rows {
+            let l = ui.label(label);
+            ui.add(egui::TextEdit::singleline(value).hint_text(hint).desired_width(320.0)).labelled_by(l.id);
+            ui.end_row();
+        }
+    });
+}
+
+/// A Porthole host's fields (address, token, certificate fingerprint); whether they are complete.
+fn porthole_fields(ui: &mut egui::Ui, backend: &Backend, a: &mut AddHost) -> bool {
+    fields(
+        ui,
+        "add-host",
+        vec![
+            ("Host name", &mut a.name, "lab"),
+            ("Address", &mut a.address, "lab.example.org:7443"),
+            ("Token", &mut a.token, "from portholed token create"),
+            ("Certificate fingerprint", &mut a.fingerprint, "SHA-256 printed by portholed --listen"),
+        ],
+    );
+    ui.horizontal(|ui| {
+        let can = a.address.contains(':');
+        if theme::button(ui, can, theme::DOWNLOAD, "Fetch fingerprint").clicked() {
+            let address = a.address.trim().to_owned();
+            let b = backend.clone();
+            backend.runtime().spawn(async move {
+                let result = porthole_api::client::fetch_fingerprint(&address).await;
+                let mut m = b.model();
+                match result {
+                    Ok(fp) => m.fetched_fingerprint = Some(fp),
+                    Err(e) => m.notify(format!("cannot reach {address}: {e}"), true),
+                }
+                drop(m);
+                b.repaint();
+            });
+        }
+        ui.weak("compare it with what portholed --listen printed before connecting");
+    });
+    if let Some(fp) = backend.model().fetched_fingerprint.take() {
+        a.fingerprint = fp;
+    }
+    let fingerprint_ok = porthole_api::client::parse_fingerprint(&a.fingerprint).is_some();
+    if !fingerprint_ok && !a.fingerprint.is_empty() {
+        ui.colored_label(ui.visuals().warn_fg_color, "A fingerprint is 64 hex digits (colons allowed).");
+    }
+    a.address.contains(':') && !a.token.trim().is_empty() && fingerprint_ok
+}
+
+/// A libvirt host's fields (the connection URI, and for SSH the host key to accept); whether they are
+/// complete.
+fn libvirt_fields(ui: &mut egui::Ui, backend: &Backend, a: &mut AddHost) -> bool {
+    fields(
+        ui,
+        "add-libvirt",
+        vec![("Host name", &mut a.name, "server"), ("Connection URI", &mut a.address, "qemu+ssh://user@server/system")],
+    );
+    ui.horizontal(|ui| {
+        ui.weak("This computer:");
+        for uri in ["qemu:///system", "qemu:///session"] {
+            if ui.small_button(uri).clicked() {
+                a.address = uri.to_owned();
+            }
+        }
+    });
+    let uri = a.address.trim();
+    if !uri.contains("://") {
+        if !uri.is_empty() {
+            ui.colored_label(ui.visuals().warn_fg_color, "A libvirt URI looks like qemu:///system.");
+        }
+        return false;
+    }
+    if crate::ssh_keys::ssh_target(uri).is_none() {
+        // Local sockets and TLS (certificates checked by libvirt) need nothing more.
+        return true;
+    }
+    // The keys fetched are for this URI only: a changed URI asks again.
+    if a.ssh_keys.as_ref().is_some_and(|k| k.uri != uri) {
+        a.ssh_keys = None;
+        a.trust_key = false;
+    }
+    if let Some(result) = backend.model().fetched_host_keys.take() {
+        match result {
+            Ok(keys) if keys.uri == uri => a.ssh_keys = Some(keys),
+            Ok(_) => {}
+            Err(e) => backend.model().notify(e, true),
+        }
+    }
+    if theme::button(ui, true, theme::DOWNLOAD, "Fetch host key").clicked() {
+        let (b, uri) = (backend.clone(), uri.to_owned());
+        backend.runtime().spawn_blocking(move || {
+            b.model().fetched_host_keys = Some(crate::ssh_keys::fetch(&uri));
+            b.repaint();
+        });
+    }
+    match &a.ssh_keys {
+        None => {
+            ui.weak("SSH checks the server's key: fetch it to compare with the server's own before connecting.");
+            false
+        }
+        Some(keys) => {
+            ui.label(format!("Host keys of {}:", keys.name));
+            for k in &keys.keys {
+                ui.monospace(format!("{} {}", k.key_type, k.fingerprint));
+            }
+            if keys.known {
+                ui.weak(format!("{} has a key for this host already; SSH checks it.", keys.file.display()));
+                true
+            } else {
+                ui.checkbox(
+                    &mut a.trust_key,
+                    "I compared these with the server's (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and trust them",
+                );
+                a.trust_key
+            }
+        }
+    }
+}
+
 /// Adds remote host `r` to the backend; returns its index.
 pub(super) fn connect_remote(backend: &Backend, r: &RemoteHost) -> usize {
     let (address, token, fingerprint) = (r.address.clone(), r.token.clone(), r.fingerprint.clone());
+    if r.kind == RemoteKind::Libvirt {
+        return backend.add_host(r.name.clone(), r.address.clone(), move || {
+            let host = porthole_libvirt::LibvirtHost::connect(&address).map_err(|e| e.to_string())?;
+            Ok(std::sync::Arc::new(host) as porthole_api::HostHandle)
+        });
+    }
     backend.add_host(r.name.clone(), r.address.clone(), move || {
-        Client::https(&address, &token, Some(&fingerprint)).map_err(|e| e.to_string())
+        let client = Client::https(&address, &token, Some(&fingerprint)).map_err(|e| e.to_string())?;
+        Ok(std::sync::Arc::new(client) as porthole_api::HostHandle)
     })
 }

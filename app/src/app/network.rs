@@ -393,6 +393,10 @@ impl PortholeApp {
             _ => None,
         };
         egui::CollapsingHeader::new("Network").default_open(false).show(ui, |ui| {
+            if let Some(why) = self.lacks(host, porthole_api::Feature::Networking) {
+                ui.weak(format!("Not managed from Porthole on this host: {why}"));
+                return;
+            }
             self.cards_editor(ui, host, vm, running);
             if vm.nics.is_empty() {
                 ui.label("No network card.");

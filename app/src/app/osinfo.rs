@@ -120,7 +120,7 @@ pub(super) fn update(w: &mut Wizard, backend: &Backend, images: &[Image], host_m
 
 /// Reads the ISO at `path` and asks host `host` what it is, off the UI thread; the answer lands in `into`.
 fn identify(backend: &Backend, host: usize, path: std::path::PathBuf, into: Arc<Mutex<OsGuess>>) {
-    let client = backend.model().hosts.get(host).and_then(|h| h.client.clone());
+    let client = backend.model().hosts.get(host).and_then(|h| h.connection.clone());
     let b = backend.clone();
     backend.runtime().spawn(async move {
         let read = tokio::task::spawn_blocking(move || porthole_api::iso::read_file(&path)).await;

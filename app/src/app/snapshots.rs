@@ -178,6 +178,10 @@ impl PortholeApp {
     /// The "Snapshots" section of a VM's details.
     pub(super) fn snapshots_section(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm) {
         egui::CollapsingHeader::new("Snapshots").default_open(false).show(ui, |ui| {
+            if let Some(why) = self.lacks(host, porthole_api::Feature::Snapshots) {
+                ui.weak(format!("Not available on this host: {why}"));
+                return;
+            }
             let due = match &self.snapshot_ui.fetched {
                 Some((h, id, t)) => *h != host || *id != vm.id || t.elapsed() >= REFRESH,
                 None => true,
