@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod hw;
+pub mod libvirt;
 pub mod rfb;
 
 use std::path::{Path, PathBuf};

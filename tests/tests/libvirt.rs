@@ -1,0 +1,313 @@
+//! libvirt hosts through the host interface (`Arc<dyn Host>`, as the window holds them), against a private
+//! libvirtd (session mode, its own user and directories) and sshd (tests/src/libvirt.rs): domains defined
+//! behind Porthole's back and made by Porthole, the console (the keyboard-echo micro-guest's screen and
+//! serial), uploads into the storage pool, the CD/DVD, libvirt's snapshots, shutdown with a time-out, suspend,
+//! deletion, SSH (libssh and the ssh binary; console through the SSH tunnel), refused host keys and keys, and
+//! a daemon killed mid-session. Domains run QEMU's TCG. Without root or the packages each test says why and
+//! skips.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use porthole_api::{Action, CreateVm, DiskFormat, HostHandle, HostKind, ImageFormat, TakeSnapshot, TaskState, VmState};
+use porthole_libvirt::{LibvirtHost, ssh_host_key_fingerprint, trust_host_key};
+use porthole_tests::libvirt::Libvirt;
+use porthole_tests::rfb::{self, RfbClient};
+use porthole_tests::{text, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+async fn connect(uri: &str) -> HostHandle {
+    Arc::new(LibvirtHost::connect_async(uri).await.unwrap_or_else(|e| panic!("connect {uri}: {e}")))
+}
+
+async fn connect_err(uri: &str) -> String {
+    match tokio::time::timeout(LIMIT, LibvirtHost::connect_async(uri)).await.expect("connecting hung") {
+        Ok(_) => panic!("{uri} connected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn serial_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn wait_serial(path: &Path, marker: &str) {
+    wait_until(LIMIT, || serial_text(path).contains(marker), || format!("no {marker:?} in: {}", serial_text(path)));
+}
+
+/// Polls an async condition every 200 ms for at most [`LIMIT`].
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < LIMIT, "gave up after {LIMIT:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Distinct colours in the top-left `w`×`h` pixels.
+fn colours(c: &RfbClient, w: u32, h: u32) -> usize {
+    let mut seen = Vec::new();
+    for y in 0..h.min(c.height) {
+        for x in 0..w.min(c.width) {
+            let p = c.pixel(x, y);
+            if !seen.contains(&p) {
+                seen.push(p);
+            }
+        }
+    }
+    seen.len()
+}
+
+/// Opens the console of the running kbd-echo domain `id`, checks its text screen is blank at the top left,
+/// types `a`, and waits for the guest's echo on its serial port and on the screen (`1e 9e` in the first
+/// cells).
+async fn console_echoes_keys(host: &HostHandle, id: &str, serial: &Path) {
+    let stream = host.open_console(id).await.unwrap();
+    let serial = serial.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut c = RfbClient::over(stream, None).expect("RFB handshake with the domain's VNC server");
+        assert!(c.width >= 640 && c.height >= 400, "{}x{}", c.width, c.height);
+        c.set_encodings(&[rfb::RAW, rfb::DESKTOP_SIZE]).unwrap();
+        c.full_frame().unwrap();
+        assert_eq!(colours(&c, 64, 16), 1, "the guest's first text row should be blank before typing");
+        c.key(u32::from(b'a'), true).unwrap();
+        c.key(u32::from(b'a'), false).unwrap();
+        wait_serial(&serial, "PORTHOLE-KEY 9e");
+        assert!(serial_text(&serial).contains("PORTHOLE-KEY 1e"), "{}", serial_text(&serial));
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = std::time::Instant::now();
+        while colours(&c, 64, 16) < 2 {
+            assert!(start.elapsed() < LIMIT, "the echo never reached the screen");
+            c.request(true).unwrap();
+            let _ = c.read_update();
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_defined_behind_our_back_run_show_their_screen_take_keys_and_report_samples() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt domains") else { return };
+    let host = connect(&lv.local_uri()).await;
+    assert_eq!(host.kind(), HostKind::Libvirt);
+    let info = host.host().await.unwrap();
+    assert!(info.cpus > 0 && info.memory_mib > 0, "{info:?}");
+    assert!(info.version.starts_with("libvirt ") && info.version.contains("QEMU"), "{}", info.version);
+    assert_eq!(Path::new(&info.data_dir), lv.images);
+    assert!(host.list_vms().await.unwrap().is_empty());
+
+    let serial = lv.define_guest("echo", "kbd-echo");
+    let vms = host.list_vms().await.unwrap();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let vm = &vms[0];
+    assert_eq!((vm.name.as_str(), vm.state, vm.vcpus, vm.memory_mib), ("echo", VmState::Stopped, 1, 64));
+    assert!(vm.boot.as_ref().is_some_and(|b| b.kernel.ends_with("kbd-echo.elf")), "{:?}", vm.boot);
+    let id = vm.id.clone();
+    assert_eq!(id.len(), 36, "the id is the domain's UUID: {id}");
+    assert_eq!(host.vm("echo").await.unwrap().id, id, "a name finds the domain too");
+
+    assert_eq!(host.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+    wait_serial(&serial, "PORTHOLE-KBD-READY");
+    console_echoes_keys(&host, &id, &serial).await;
+
+    let png = host.screenshot(&id, 360).await.unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(frame.width, 360);
+
+    let samples = eventually("two samples of the running domain", async || {
+        let s = host.stats(&id, 0, false).await.unwrap();
+        (s.samples.len() >= 2).then_some(s)
+    })
+    .await;
+    assert_eq!(samples.interval_s, 1);
+    assert!(samples.samples.windows(2).all(|w| w[0].t_ms < w[1].t_ms));
+    assert!(samples.samples.iter().all(|s| s.memory_bytes > 0 && s.cpu_percent >= 0.0), "{:?}", samples.samples);
+    let last = samples.samples.last().unwrap().t_ms;
+    assert!(host.stats(&id, last, false).await.unwrap().samples.iter().all(|s| s.t_ms > last));
+
+    assert_eq!(host.action(&id, Action::Pause).await.unwrap().state, VmState::Paused);
+    assert_eq!(host.action(&id, Action::Resume).await.unwrap().state, VmState::Running);
+
+    // Destroyed behind Porthole's back: the next read says so.
+    let out = lv.virsh(&["destroy", "echo"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(host.vm(&id).await.unwrap().state, VmState::Stopped);
+    let e = host.open_console(&id).await.unwrap_err().to_string();
+    assert!(e.contains("not running"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_made_by_porthole_take_uploaded_isos_snapshots_shutdowns_and_go_away_with_their_disks() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt create") else { return };
+    let host = connect(&lv.local_uri()).await;
+    let mut spec = CreateVm::new("made", 1, 64);
+    spec.disk_gib = 1;
+    spec.tags = vec!["libvirt".into()];
+    let vm = host.create_vm(&spec).await.unwrap();
+    assert_eq!((vm.state, vm.disk_bytes, vm.disk_format), (VmState::Stopped, 1 << 30, Some(DiskFormat::Qcow2)));
+    assert_eq!(vm.media, None);
+    assert_eq!(vm.tags, ["libvirt"]);
+    assert!(vm.drives.iter().any(|d| d.id == "cdrom0"), "{:?}", vm.drives);
+    let id = vm.id.clone();
+    let xml = text(&lv.virsh(&["dumpxml", "made"]).stdout);
+    assert!(xml.contains("<graphics type='vnc'") && xml.contains("listen='127.0.0.1'"), "{xml}");
+    assert!(xml.contains("<interface type='user'>"), "a session host gets user networking: {xml}");
+    assert!(host.create_vm(&spec).await.unwrap_err().to_string().contains("exists already"));
+
+    // An upload into the pool, byte for byte, with progress.
+    let iso = lv.dir.path("tiny.iso");
+    let data: Vec<u8> = (0..(3 << 20) + 123).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::File::create(&iso).unwrap().write_all(&data).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let image = host
+        .upload_image("tiny.iso", &iso, Box::new(move |done, total| seen2.lock().unwrap().push((done, total))))
+        .await
+        .unwrap();
+    let len = data.len() as u64;
+    assert_eq!((image.name.as_str(), image.size_bytes, image.format), ("tiny.iso", len, ImageFormat::Iso));
+    {
+        use sha2::Digest;
+        assert_eq!(image.sha256, hex::encode(sha2::Sha256::digest(&data)));
+    }
+    let progress = seen.lock().unwrap().clone();
+    assert!(progress.len() >= 3 && progress.last() == Some(&(len, len)), "{progress:?}");
+    let images = host.images().await.unwrap();
+    assert_eq!(images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["tiny.iso"], "VM disks are not images");
+    let back = lv.dir.path("back.iso");
+    let out = lv.virsh(&["vol-download", "--pool", "default", "tiny.iso", &back.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read(&back).unwrap() == data, "the volume holds other bytes than the file uploaded");
+    assert!(host.upload_image("tiny.iso", &iso, Box::new(|_, _| {})).await.is_err(), "names are unique");
+
+    // The CD/DVD: in the config while stopped, live while running, in both.
+    assert_eq!(host.change_media(&id, Some("tiny.iso")).await.unwrap().media.as_deref(), Some("tiny.iso"));
+    let e = host.delete_image("tiny.iso").await.unwrap_err().to_string();
+    assert!(e.contains("made"), "an image in a drive stays: {e}");
+    assert!(host.change_media(&id, Some("nope.iso")).await.is_err());
+    assert_eq!(host.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+    assert_eq!(host.change_media(&id, None).await.unwrap().media, None);
+    assert!(!text(&lv.virsh(&["dumpxml", "--inactive", "made"]).stdout).contains("tiny.iso"));
+    assert_eq!(host.change_media(&id, Some("tiny.iso")).await.unwrap().media.as_deref(), Some("tiny.iso"));
+
+    // libvirt's own snapshots: taken running (with its state), reverted after a change.
+    let take = TakeSnapshot { name: "s1".into(), description: "with the ISO".into(), with_state: None };
+    let task = host.take_snapshot(&id, &take).await.unwrap();
+    assert_eq!((task.state, task.result.as_deref()), (TaskState::Done, Some("s1")));
+    assert_eq!(host.task(&task.id).await.unwrap(), task);
+    let tree = host.snapshots(&id).await.unwrap();
+    assert_eq!(tree.snapshots.len(), 1);
+    let s = &tree.snapshots[0];
+    assert!(s.name == "s1" && s.with_state && s.description == "with the ISO" && s.created_ms > 0, "{s:?}");
+    assert_eq!(tree.current.as_deref(), Some("s1"));
+    assert_eq!(host.change_media(&id, None).await.unwrap().media, None);
+    let e = host.revert_snapshot(&id, "s1", false).await.unwrap_err().to_string();
+    assert!(e.contains("confirm"), "{e}");
+    assert_eq!(host.revert_snapshot(&id, "s1", true).await.unwrap().state, TaskState::Done);
+    let vm = host.vm(&id).await.unwrap();
+    assert_eq!((vm.state, vm.media.as_deref()), (VmState::Running, Some("tiny.iso")), "reverted");
+    assert_eq!(host.delete_snapshot(&id, "s1").await.unwrap().state, TaskState::Done);
+    assert!(host.snapshots(&id).await.unwrap().snapshots.is_empty());
+
+    // Suspend to disk (managed save) and back.
+    assert_eq!(host.action(&id, Action::Suspend).await.unwrap().state, VmState::Suspended);
+    assert_eq!(host.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+
+    // Firmware with nothing to boot ignores ACPI: the shutdown task forces it off after its time-out.
+    let task = host.shutdown(&id, 2).await.unwrap();
+    assert!(task.state == TaskState::Running && task.cancellable, "{task:?}");
+    let done = eventually("the shutdown task to end", async || {
+        let t = host.task(&task.id).await.unwrap();
+        (t.state != TaskState::Running).then_some(t)
+    })
+    .await;
+    assert_eq!(done.state, TaskState::Done, "{done:?}");
+    assert!(done.result.as_deref().is_some_and(|r| r.contains("forced off")), "{done:?}");
+    assert_eq!(host.vm(&id).await.unwrap().state, VmState::Stopped);
+    assert!(host.tasks().await.unwrap().iter().any(|t| t.id == task.id));
+
+    host.delete_vm(&id).await.unwrap();
+    assert!(host.list_vms().await.unwrap().is_empty());
+    let vols = text(&lv.virsh(&["vol-list", "default"]).stdout);
+    assert!(!vols.contains("made-disk0") && vols.contains("tiny.iso"), "{vols}");
+    host.delete_image("tiny.iso").await.unwrap();
+    assert!(host.images().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_ssh_host_keys_and_keys_are_checked_and_the_console_tunnels() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt over SSH") else { return };
+
+    // What the user is shown before trusting the host: the fingerprint ssh-keygen gives for its key.
+    let fp = text(&std::process::Command::new("ssh-keygen").arg("-lf").arg(&lv.host_key_pub).output().unwrap().stdout);
+    let fp = fp.split_whitespace().nth(1).unwrap().to_string();
+    let keys = ssh_host_key_fingerprint("127.0.0.1", lv.ssh_port).unwrap();
+    assert!(keys.iter().any(|k| k.fingerprint == fp && k.key_type == "ssh-ed25519"), "{keys:?} vs {fp}");
+
+    // An unknown host key, a wrong key: refused, with what was tried and why.
+    let e = connect_err(&lv.libssh_uri(&lv.client_key, &lv.no_known_hosts)).await;
+    assert!(e.contains("cannot connect to qemu+libssh://") && e.to_lowercase().contains("host key"), "{e}");
+    let e = connect_err(&lv.libssh_uri(&lv.wrong_key, &lv.known_hosts)).await;
+    assert!(e.contains("cannot connect to") && e.contains("authenticate"), "{e}");
+    let e = connect_err(&lv.ssh_uri(&lv.wrong_key, Some(&lv.ssh_wrapper))).await;
+    assert!(e.contains("cannot connect to qemu+ssh://") && e.contains("Permission denied"), "{e}");
+    let e = connect_err(&lv.ssh_uri(&lv.client_key, Some(Path::new("/bin/false")))).await;
+    assert!(e.contains("cannot connect to qemu+ssh://"), "{e}");
+
+    // The user accepts the key shown: recorded, then the connection goes through.
+    let accepted = lv.dir.path("ssh/accepted");
+    trust_host_key(&accepted, &keys[0]).unwrap();
+    let remote = connect(&lv.libssh_uri(&lv.client_key, &accepted)).await;
+    let serial = lv.define_guest("far", "kbd-echo");
+    let vms = remote.list_vms().await.unwrap();
+    assert_eq!(vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["far"]);
+    let id = vms[0].id.clone();
+    assert_eq!(remote.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+    wait_serial(&serial, "PORTHOLE-KBD-READY");
+    // No file descriptor passing over SSH: the console comes through an `ssh -W` tunnel.
+    console_echoes_keys(&remote, &id, &serial).await;
+
+    // libvirt's ssh transport (the ssh binary; its known_hosts through the wrapper): same host, same console.
+    let plain = connect(&lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))).await;
+    assert_eq!(plain.vm(&id).await.unwrap().state, VmState::Running);
+    let stream = plain.open_console(&id).await.unwrap();
+    let c = tokio::task::spawn_blocking(move || RfbClient::over(stream, None)).await.unwrap().unwrap();
+    assert!(c.width >= 640, "{}", c.width);
+
+    // An upload over SSH lands in the same pool.
+    let small = lv.dir.path("small.img");
+    std::fs::write(&small, vec![7u8; 70_000]).unwrap();
+    let image = remote.upload_image("small.img", &small, Box::new(|_, _| {})).await.unwrap();
+    assert_eq!((image.size_bytes, image.format), (70_000, ImageFormat::Raw));
+    let local = connect(&lv.local_uri()).await;
+    assert!(local.images().await.unwrap().iter().any(|i| i.name == "small.img"));
+    assert_eq!(remote.action(&id, Action::Poweroff).await.unwrap().state, VmState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_gives_errors_without_hanging_and_the_host_reconnects_when_it_is_back() {
+    let Some(mut lv) = Libvirt::start_or_skip("libvirt daemon killed") else { return };
+    let host = connect(&lv.local_uri()).await;
+    lv.define_guest("k", "kbd-echo");
+    let id = host.list_vms().await.unwrap()[0].id.clone();
+    lv.kill_daemon();
+    for attempt in 0..2 {
+        let r = tokio::time::timeout(LIMIT, host.list_vms()).await.expect("list_vms hung on a dead daemon");
+        let e = r.expect_err("a dead daemon listed VMs").to_string();
+        assert!(e.contains("cannot connect to qemu:///session") || e.contains("listing"), "attempt {attempt}: {e}");
+        let r = tokio::time::timeout(LIMIT, host.vm(&id)).await.expect("vm hung on a dead daemon");
+        assert!(r.is_err());
+    }
+    lv.start_daemon().unwrap();
+    let vms = tokio::time::timeout(LIMIT, host.list_vms()).await.expect("list_vms hung").unwrap();
+    assert_eq!(vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), [id.as_str()], "reconnected");
+}
