@@ -39,9 +39,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use porthole_api::host::Progress;
 use porthole_api::{
-    Action, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host,
-    HostError, HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot,
-    Task, TaskState, Vm, VmState,
+    Action, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host, HostError,
+    HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot, Task, TaskState,
+    Vm, VmState,
 };
 use sha2::Digest;
 use virt::connect::Connect;
@@ -443,9 +443,8 @@ fn vm_of(conn: &Connect, dom: &Domain) -> Result<Vm, HostError> {
                 .collect()
         })
         .unwrap_or_default();
-    let tags = porthole_meta(&doc)
-        .map(|m| m.all("tag").map(|t| t.text.trim().to_string()).collect())
-        .unwrap_or_default();
+    let tags =
+        porthole_meta(&doc).map(|m| m.all("tag").map(|t| t.text.trim().to_string()).collect()).unwrap_or_default();
     Ok(Vm {
         id,
         name,
@@ -496,11 +495,9 @@ fn pool(conn: &Connect, parsed: &ConnUri) -> Result<StoragePool, HostError> {
         Ok(p) => p,
         Err(_) => {
             let dir = default_images_dir(parsed)?;
-            let xml = format!(
-                "<pool type='dir'><name>{POOL}</name><target><path>{}</path></target></pool>",
-                esc(&dir)
-            );
-            let p = conn.define_storage_pool_xml(&xml, 0)
+            let xml = format!("<pool type='dir'><name>{POOL}</name><target><path>{}</path></target></pool>", esc(&dir));
+            let p = conn
+                .define_storage_pool_xml(&xml, 0)
                 .map_err(failed(format!("defining storage pool {POOL:?} at {dir}")))?;
             p.build(0).map_err(failed(format!("creating the directory of storage pool {POOL:?} ({dir})")))?;
             let _ = p.set_autostart(true);
@@ -579,10 +576,7 @@ fn image_of(vol: &StorageVol, docs: &[Node]) -> Option<Image> {
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), HostError> {
-    if name.is_empty()
-        || name.len() > 200
-        || name.starts_with('.')
-        || name.chars().any(|c| c == '/' || c.is_control())
+    if name.is_empty() || name.len() > 200 || name.starts_with('.') || name.chars().any(|c| c == '/' || c.is_control())
     {
         return Err(HostError::Failed(format!("{what} {name:?}: not a valid name (1-200 characters, no '/')")));
     }
@@ -602,8 +596,12 @@ fn caps(conn: &Connect) -> Result<Caps, HostError> {
     let doc = Node::parse(&text).map_err(xml_failed("reading the host's capabilities"))?;
     let guest = doc
         .all("guest")
-        .find(|g| g.text_at(&["os_type"]) == Some("hvm") && g.at(&["arch"]).and_then(|a| a.attr("name")) == Some("x86_64"))
-        .ok_or_else(|| HostError::Failed("this libvirt host cannot run x86_64 guests (no qemu-system-x86_64)".into()))?;
+        .find(|g| {
+            g.text_at(&["os_type"]) == Some("hvm") && g.at(&["arch"]).and_then(|a| a.attr("name")) == Some("x86_64")
+        })
+        .ok_or_else(|| {
+            HostError::Failed("this libvirt host cannot run x86_64 guests (no qemu-system-x86_64)".into())
+        })?;
     let arch = guest.child("arch");
     let kvm = arch.is_some_and(|a| a.all("domain").any(|d| d.attr("type") == Some("kvm")));
     let q35 = arch.is_some_and(|a| {
@@ -673,7 +671,10 @@ fn domain_xml(
     match nic {
         Some("user") => x += "    <interface type='user'><model type='virtio'/></interface>\n",
         Some(net) => {
-            x += &format!("    <interface type='network'><source network='{}'/><model type='virtio'/></interface>\n", esc(net))
+            x += &format!(
+                "    <interface type='network'><source network='{}'/><model type='virtio'/></interface>\n",
+                esc(net)
+            )
         }
         None => {}
     }
@@ -731,7 +732,10 @@ fn create_blocking(conn: &Connect, parsed: &ConnUri, vm: &CreateVm) -> Result<Vm
             DiskFormat::Qcow2 => "qcow2",
             DiskFormat::Raw => "img",
         };
-        let name = format!("{}-disk0.{ext}", vm.name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_"));
+        let name = format!(
+            "{}-disk0.{ext}",
+            vm.name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_")
+        );
         let xml = format!(
             "<volume><name>{}</name><capacity unit='bytes'>{}</capacity><allocation>0</allocation>\
              <target><format type='{ext_fmt}'/></target></volume>",
@@ -925,8 +929,36 @@ fn parse_ppm(bytes: &[u8]) -> Option<(u32, u32, &[u8])> {
 }
 
 /// The PPM scaled (nearest pixel) to `width`, as a PNG.
-fn ppm_to_png(ppm: &[u8], width: u32) -> Result<Vec<u8>, String> {
-    let (w, h, rgb) = parse_ppm(ppm).ok_or("the screenshot is not a PPM image")?;
+/// The RGB pixels of a PNG screenshot (QEMU's `screendump` gives PNG when libvirt asks for it, PPM before):
+/// 8-bit RGB or RGBA, at most 16384 pixels a side.
+fn parse_png(data: &[u8]) -> Option<(u32, u32, Vec<u8>)> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(data)).read_info().ok()?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    if w == 0 || h == 0 || w > 16384 || h > 16384 {
+        return None;
+    }
+    let mut buf = vec![0; reader.output_buffer_size()?];
+    let frame = reader.next_frame(&mut buf).ok()?;
+    if frame.bit_depth != png::BitDepth::Eight {
+        return None;
+    }
+    let data = &buf[..frame.buffer_size()];
+    let rgb = match frame.color_type {
+        png::ColorType::Rgb => data.to_vec(),
+        png::ColorType::Rgba => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        _ => return None,
+    };
+    Some((w, h, rgb))
+}
+
+/// A screenshot (`mime` as libvirt names its format: PPM or PNG) as a PNG `width` pixels wide.
+fn screenshot_to_png(mime: &str, data: &[u8], width: u32) -> Result<Vec<u8>, String> {
+    let (w, h, rgb) = if mime.contains("png") {
+        parse_png(data).ok_or("the screenshot is not a readable PNG image")?
+    } else {
+        let (w, h, rgb) = parse_ppm(data).ok_or("the screenshot is not a PPM image")?;
+        (w, h, rgb.to_vec())
+    };
     let tw = width.clamp(1, w);
     let th = ((u64::from(h) * u64::from(tw) / u64::from(w)) as u32).max(1);
     let mut out = Vec::with_capacity(tw as usize * th as usize * 3);
@@ -954,7 +986,7 @@ const MAX_SCREENSHOT: usize = 64 << 20;
 fn screenshot_blocking(conn: &Connect, id: &str, width: u32) -> Result<Vec<u8>, HostError> {
     let dom = find_domain(conn, id)?;
     let stream = Stream::new(conn, 0).map_err(failed("opening a stream"))?;
-    dom.screenshot(&stream, 0, 0).map_err(failed("taking a screenshot"))?;
+    let mime = dom.screenshot(&stream, 0, 0).map_err(failed("taking a screenshot"))?;
     let mut data = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -969,7 +1001,7 @@ fn screenshot_blocking(conn: &Connect, id: &str, width: u32) -> Result<Vec<u8>, 
         }
     }
     let _ = stream.finish();
-    ppm_to_png(&data, width).map_err(HostError::Failed)
+    screenshot_to_png(&mime, &data, width).map_err(HostError::Failed)
 }
 
 // ---- uploads ----
@@ -1415,7 +1447,8 @@ impl Host for LibvirtHost {
                         "the VM is running: reverting loses its present state (confirm to go on)".into(),
                     ));
                 }
-                let s = Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
+                let s =
+                    Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
                 s.revert(0).map_err(failed(format!("reverting to snapshot {snap:?}")))?;
                 Ok(dom.name().unwrap_or_default())
             })
@@ -1428,7 +1461,8 @@ impl Host for LibvirtHost {
         let name = self
             .call_for("deleting a snapshot", None, move |c| {
                 let dom = find_domain(c, &id)?;
-                let s = Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
+                let s =
+                    Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
                 s.delete(0).map_err(failed(format!("deleting snapshot {snap:?}")))?;
                 Ok(dom.name().unwrap_or_default())
             })
@@ -1483,20 +1517,29 @@ mod tests {
         assert_eq!(doc.attr("type"), Some("kvm"));
         assert!(doc.at(&["devices", "interface"]).is_none());
         assert_eq!(doc.text_at(&["description"]), Some("No network"));
-        assert_eq!(disks(&doc, "cdrom").next().and_then(|d| d.child("target")).and_then(|t| t.attr("bus")), Some("ide"));
+        assert_eq!(
+            disks(&doc, "cdrom").next().and_then(|d| d.child("target")).and_then(|t| t.attr("bus")),
+            Some("ide")
+        );
     }
 
     #[test]
-    fn ppm_screens_become_scaled_pngs() {
+    fn ppm_and_png_screens_become_scaled_pngs() {
         let mut ppm = b"P6\n# c\n4 2\n255\n".to_vec();
         ppm.extend(std::iter::repeat_n([255u8, 0, 0], 8).flatten());
-        let png = ppm_to_png(&ppm, 2).unwrap();
-        let dec = png::Decoder::new(std::io::Cursor::new(png));
-        let mut r = dec.read_info().unwrap();
-        let mut buf = vec![0; r.output_buffer_size().unwrap()];
-        let info = r.next_frame(&mut buf).unwrap();
-        assert_eq!((info.width, info.height), (2, 1));
-        assert_eq!(&buf[..3], &[255, 0, 0]);
+        let png = screenshot_to_png("image/x-portable-pixmap", &ppm, 2).unwrap();
+        assert_eq!(parse_png(&png), Some((2, 1, vec![255, 0, 0, 255, 0, 0])));
+        // QEMU's PNG screendump (RGBA here) is scaled the same way.
+        let mut rgba = Vec::new();
+        let mut enc = png::Encoder::new(&mut rgba, 4, 2);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[0u8, 0, 255, 255].repeat(8)).unwrap();
+        w.finish().unwrap();
+        let png = screenshot_to_png("image/png", &rgba, 2).unwrap();
+        assert_eq!(parse_png(&png), Some((2, 1, vec![0, 0, 255, 0, 0, 255])));
+        assert!(screenshot_to_png("image/png", b"\x89PNG broken", 2).is_err());
         assert!(parse_ppm(b"P6 4 2 255\nshort").is_none());
         assert!(parse_ppm(b"P5 1 1 255\n\0").is_none());
     }

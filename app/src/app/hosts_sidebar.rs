@@ -28,7 +28,7 @@ impl PortholeApp {
     pub(super) fn hosts_panel(&mut self, ui: &mut egui::Ui) {
         ui.heading("Hosts");
         ui.separator();
-        let hosts: Vec<(usize, String, String)> = {
+        let hosts: Vec<(usize, String, String, String)> = {
             let m = self.backend.model();
             m.hosts
                 .iter()
@@ -40,14 +40,16 @@ impl PortholeApp {
                         (None, true) => format!("{} VMs", h.vms.len()),
                         (None, false) => "connecting…".to_owned(),
                     };
-                    (i, h.name.clone(), state)
+                    let kind = h.connection.as_ref().map_or("", |c| c.kind().name());
+                    (i, h.name.clone(), state, format!("{kind} host {}", h.address))
                 })
                 .collect()
         };
-        for (i, name, state) in hosts {
+        for (i, name, state, about) in hosts {
             let label = format!("{name} — {state}");
             let icon = if i == 0 { theme::MACHINES } else { theme::HOST };
-            if theme::selectable(ui, self.selected_host == i, icon, &label).clicked() {
+            if theme::selectable(ui, self.selected_host == i, icon, &label).on_hover_text(about.trim_start()).clicked()
+            {
                 self.selected_host = i;
                 self.selected_vm = None;
             }

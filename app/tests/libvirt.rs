@@ -1,0 +1,213 @@
+//! The window with a Porthole host and a libvirt host at once (a private `libvirtd` and `portholed`, see
+//! tests/src/libvirt.rs): the same flow, driven through the accessibility tree, passes on both — the wizard
+//! creates a VM booting the keyboard-echo micro-guest, it starts, its console opens and takes keys (the
+//! guest's screen changes), a snapshot is taken and reverted to, an ISO dropped on its row is uploaded into
+//! the host's library and inserted, then ejected, and the VM is forced off and deleted. On the libvirt host
+//! the features it lacks are greyed, a domain destroyed behind the window's back shows as stopped, and a
+//! libvirtd killed mid-session makes the host unreachable without stopping the window, which reconnects when
+//! the daemon is back.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use porthole::PortholeApp;
+use porthole_api::{HostHandle, TaskState};
+use porthole_tests::Scratch;
+use porthole_tests::daemon::Daemon;
+use porthole_tests::libvirt::Libvirt;
+
+mod common;
+use common::*;
+
+/// TCG guests and libvirt's internal snapshots are slow here.
+fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harness<'static, PortholeApp>) -> bool) {
+    wait_within(h, what, Duration::from_secs(180), cond)
+}
+
+/// Clicks through AccessKit (one event in one frame, on the widget drawn from the model as it is now).
+fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
+    h.step();
+    h.get_by_label(label).click_accesskit();
+    h.step();
+    h.step();
+}
+
+fn press_contains(h: &mut Harness<'static, PortholeApp>, part: &str) {
+    h.step();
+    h.get_by_label_contains(part).click_accesskit();
+    h.step();
+    h.step();
+}
+
+/// Selects VM `name` (its row; its name is also the details' heading).
+fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
+    h.step();
+    h.get_all_by_label(name).next().expect("the VM's row").click_accesskit();
+    h.step();
+    h.step();
+}
+
+fn connection(h: &Harness<'static, PortholeApp>, host: usize) -> HostHandle {
+    h.state().backend.model().hosts[host].connection.clone().expect("the host is connected")
+}
+
+fn vm_id(h: &Harness<'static, PortholeApp>, host: usize, name: &str) -> Option<String> {
+    h.state().backend.model().hosts[host].vms.iter().find(|v| v.name == name).map(|v| v.id.clone())
+}
+
+/// A PNG of the VM's screen as its host gives it.
+fn screen(h: &Harness<'static, PortholeApp>, host: usize, id: &str) -> Vec<u8> {
+    let c = connection(h, host);
+    let rt = h.state().backend.runtime();
+    rt.block_on(c.screenshot(id, 320)).unwrap_or_else(|e| panic!("a screenshot of the running VM: {e}"))
+}
+
+/// Whether a task of the selected VM runs.
+fn busy(h: &Harness<'static, PortholeApp>) -> bool {
+    let vm = h.state().selection().1;
+    h.state().backend.model().tasks.iter().any(|t| Some(&t.vm) == vm.as_ref() && t.task.state == TaskState::Running)
+}
+
+/// The flow every kind of host passes: host `host` (sidebar label starting with `host_name — `) gets VM
+/// `name` booting `kernel` from the wizard, runs it, types into it, snapshots and reverts it, takes an ISO,
+/// and deletes it. `behind_our_back` runs while the VM runs (a libvirt host's domain destroyed with virsh).
+fn flow(
+    h: &mut Harness<'static, PortholeApp>,
+    dir: &Scratch,
+    host: usize,
+    host_name: &str,
+    kernel: &Path,
+    name: &str,
+    behind_our_back: Option<&dyn Fn()>,
+) {
+    press_contains(h, &format!("{host_name} — "));
+    press(h, "New VM…");
+    type_into(h, "Name", name);
+    type_into(h, "Kernel", &kernel.display().to_string());
+    wait(h, "a valid wizard", |h| !disabled(h, "Create"));
+    press(h, "Create");
+    wait(h, "the new VM in the list", |h| vm_id(h, host, name).is_some() && has(h, name));
+    let id = vm_id(h, host, name).unwrap();
+
+    select(h, name);
+    press(h, "Start");
+    wait(h, "running", |h| has(h, "running"));
+    if let Some(destroy) = behind_our_back {
+        destroy();
+        wait(h, "the VM stopped behind the window's back", |h| has(h, "stopped"));
+        press(h, "Start");
+        wait(h, "running again", |h| has(h, "running"));
+    }
+
+    // The console: the guest echoes each key byte on its text screen.
+    press(h, "Open console");
+    let start = Instant::now();
+    while !has_contains(h, "click the screen to type") {
+        h.step();
+        if start.elapsed() > Duration::from_secs(120) {
+            use egui_kittest::kittest::NodeT;
+            let labels: Vec<String> = h
+                .query_all(egui_kittest::kittest::by().predicate(|_| true))
+                .filter_map(|n| n.accesskit_node().label())
+                .collect();
+            panic!("no console screen; the window shows: {labels:?}");
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let before = screen(h, host, &id);
+    press(h, "Send Ctrl+Alt+Del");
+    let start = Instant::now();
+    loop {
+        h.step();
+        let now = screen(h, host, &id);
+        if !now.is_empty() && now != before {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the keys never reached the guest's screen");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // A snapshot, and back to it.
+    // Back to the list: the VM is still selected (its name is also the console tab's now).
+    press(h, "Machines");
+    wait(h, "the details", |h| has(h, "Snapshots"));
+    press(h, "Snapshots");
+    press(h, "Take snapshot…");
+    wait(h, "the take dialog", |h| has(h, "Take a snapshot"));
+    replace_text(h, "Snapshot name", "before");
+    press(h, "Take snapshot");
+    wait(h, "the snapshot in the tree", |h| has(h, "Revert to before") && !busy(h));
+    press(h, "Revert to before");
+    wait(h, "the revert confirmation", |h| has(h, "Revert to a snapshot"));
+    press(h, "Revert now");
+    wait(h, "the revert done", |h| has_contains(h, &format!("Revert {name} to before: done")));
+
+    // An ISO dropped on the VM's row: into the host's library, then into the VM's drive.
+    press(h, "Machines");
+    let iso = dir.path(&format!("{name}-tools.iso"));
+    std::fs::write(&iso, vec![0x42u8; 64 * 1024]).unwrap();
+    let row = format!("{name} screen");
+    wait(h, "the VM's thumbnail", |h| has(h, &row));
+    h.get_by_label(&row).hover();
+    h.step();
+    h.input_mut().dropped_files.push(std::sync::Arc::new(Dropped(iso.clone())));
+    let iso_name = format!("{name}-tools.iso");
+    wait(h, "the ISO in the drive", |h| has(h, &iso_name));
+    press(h, "Eject");
+    wait(h, "an empty drive", |h| has(h, "empty"));
+
+    press(h, "Force off");
+    wait(h, "stopped", |h| has(h, "stopped"));
+    press(h, "Delete…");
+    press(h, "Delete VM and disk");
+    wait(h, "the VM gone", |h| vm_id(h, host, name).is_none());
+}
+
+#[test]
+fn a_porthole_host_and_a_libvirt_host_in_one_window_pass_the_same_flow() {
+    let Some(mut lv) = Libvirt::start_or_skip("the window with a libvirt host") else { return };
+    let dir = Scratch::new("gui-libvirt");
+    let d = Daemon::start(&dir, false, &[]);
+    let settings = dir.path("settings.json");
+    let remotes = serde_json::json!({"remotes": [{"name": "virt", "kind": "libvirt", "address": lv.local_uri()}]});
+    std::fs::write(&settings, remotes.to_string()).unwrap();
+    let mut h = window(&d.socket(), settings, 1400.0, 1200.0);
+    wait(&mut h, "both hosts", |h| has(h, "Local — 0 VMs") && has(h, "virt — 0 VMs"));
+    assert_eq!(connection(&h, 1).kind(), porthole_api::HostKind::Libvirt);
+
+    // The same flow on each host.
+    let local_kernel = porthole_guests::path("kbd-echo");
+    flow(&mut h, &dir, 0, "Local", &local_kernel, "echo-local", None);
+    let lv_kernel = lv.guest_kernel("kbd-echo");
+    let destroy = || {
+        let out = lv.virsh(&["destroy", "echo-virt"]);
+        assert!(out.status.success(), "virsh destroy: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    flow(&mut h, &dir, 1, "virt", &lv_kernel, "echo-virt", Some(&destroy));
+
+    // What libvirt hosts lack is greyed, with the reason (a VM is needed for its details).
+    press_contains(&mut h, "virt — ");
+    press(&mut h, "New VM…");
+    type_into(&mut h, "Name", "grey");
+    type_into(&mut h, "Kernel", &lv_kernel.display().to_string());
+    wait(&mut h, "a valid wizard", |h| !disabled(h, "Create"));
+    press(&mut h, "Create");
+    wait(&mut h, "the VM", |h| vm_id(h, 1, "grey").is_some() && has(h, "grey"));
+    select(&mut h, "grey");
+    for label in ["Settings…", "Clone…"] {
+        wait(&mut h, label, |h| has(h, label));
+        assert!(disabled(&h, label), "{label} is greyed on a libvirt host");
+    }
+
+    // libvirtd killed: the host is unreachable, the window goes on (the local host still answers), and the
+    // host comes back with the daemon.
+    lv.kill_daemon();
+    wait(&mut h, "the libvirt host unreachable", |h| has(h, "virt — unreachable"));
+    assert!(has(&h, "Local — 0 VMs"), "the local host is untouched");
+    let problem = h.state().backend.model().hosts[1].error.clone().unwrap_or_default();
+    assert!(!problem.is_empty(), "the host says why it is unreachable");
+    lv.start_daemon().unwrap();
+    wait(&mut h, "the libvirt host back", |h| has(h, "virt — 1 VMs"));
+}
