@@ -924,9 +924,33 @@ fn parse_ppm(bytes: &[u8]) -> Option<(u32, u32, &[u8])> {
     (data.len() >= need).then(|| (w, h, &data[..need]))
 }
 
-/// The PPM scaled (nearest pixel) to `width`, as a PNG.
+/// A PNG (8-bit RGB or RGBA) as width, height and RGB bytes.
+fn decode_png(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>), String> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().map_err(|e| e.to_string())?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    if w == 0 || h == 0 || w > 16384 || h > 16384 {
+        return Err(format!("a {w}x{h} screenshot"));
+    }
+    let mut buf = vec![0; reader.output_buffer_size().ok_or("the screenshot is too large")?];
+    let frame = reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
+    let data = &buf[..frame.buffer_size()];
+    let rgb = match (frame.color_type, frame.bit_depth) {
+        (png::ColorType::Rgb, png::BitDepth::Eight) => data.to_vec(),
+        (png::ColorType::Rgba, png::BitDepth::Eight) => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        other => return Err(format!("a screenshot PNG of {other:?}")),
+    };
+    Ok((w, h, rgb))
+}
+
+/// The screenshot (PPM or PNG, as QEMU gives it) scaled (nearest pixel) to `width`, as a PNG.
 fn ppm_to_png(ppm: &[u8], width: u32) -> Result<Vec<u8>, String> {
-    let (w, h, rgb) = parse_ppm(ppm).ok_or("the screenshot is not a PPM image")?;
+    let decoded;
+    let (w, h, rgb) = if ppm.starts_with(b"\x89PNG") {
+        decoded = decode_png(ppm)?;
+        (decoded.0, decoded.1, decoded.2.as_slice())
+    } else {
+        parse_ppm(ppm).ok_or("the screenshot is neither a PPM nor a PNG image")?
+    };
     let tw = width.clamp(1, w);
     let th = ((u64::from(h) * u64::from(tw) / u64::from(w)) as u32).max(1);
     let mut out = Vec::with_capacity(tw as usize * th as usize * 3);
