@@ -39,9 +39,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use porthole_api::host::Progress;
 use porthole_api::{
-    Action, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host,
-    HostError, HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot,
-    Task, TaskState, Vm, VmState,
+    Action, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host, HostError,
+    HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot, Task, TaskState,
+    Vm, VmState,
 };
 use sha2::Digest;
 use virt::connect::Connect;
@@ -443,9 +443,8 @@ fn vm_of(conn: &Connect, dom: &Domain) -> Result<Vm, HostError> {
                 .collect()
         })
         .unwrap_or_default();
-    let tags = porthole_meta(&doc)
-        .map(|m| m.all("tag").map(|t| t.text.trim().to_string()).collect())
-        .unwrap_or_default();
+    let tags =
+        porthole_meta(&doc).map(|m| m.all("tag").map(|t| t.text.trim().to_string()).collect()).unwrap_or_default();
     Ok(Vm {
         id,
         name,
@@ -496,11 +495,9 @@ fn pool(conn: &Connect, parsed: &ConnUri) -> Result<StoragePool, HostError> {
         Ok(p) => p,
         Err(_) => {
             let dir = default_images_dir(parsed)?;
-            let xml = format!(
-                "<pool type='dir'><name>{POOL}</name><target><path>{}</path></target></pool>",
-                esc(&dir)
-            );
-            let p = conn.define_storage_pool_xml(&xml, 0)
+            let xml = format!("<pool type='dir'><name>{POOL}</name><target><path>{}</path></target></pool>", esc(&dir));
+            let p = conn
+                .define_storage_pool_xml(&xml, 0)
                 .map_err(failed(format!("defining storage pool {POOL:?} at {dir}")))?;
             p.build(0).map_err(failed(format!("creating the directory of storage pool {POOL:?} ({dir})")))?;
             let _ = p.set_autostart(true);
@@ -579,10 +576,7 @@ fn image_of(vol: &StorageVol, docs: &[Node]) -> Option<Image> {
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), HostError> {
-    if name.is_empty()
-        || name.len() > 200
-        || name.starts_with('.')
-        || name.chars().any(|c| c == '/' || c.is_control())
+    if name.is_empty() || name.len() > 200 || name.starts_with('.') || name.chars().any(|c| c == '/' || c.is_control())
     {
         return Err(HostError::Failed(format!("{what} {name:?}: not a valid name (1-200 characters, no '/')")));
     }
@@ -602,8 +596,12 @@ fn caps(conn: &Connect) -> Result<Caps, HostError> {
     let doc = Node::parse(&text).map_err(xml_failed("reading the host's capabilities"))?;
     let guest = doc
         .all("guest")
-        .find(|g| g.text_at(&["os_type"]) == Some("hvm") && g.at(&["arch"]).and_then(|a| a.attr("name")) == Some("x86_64"))
-        .ok_or_else(|| HostError::Failed("this libvirt host cannot run x86_64 guests (no qemu-system-x86_64)".into()))?;
+        .find(|g| {
+            g.text_at(&["os_type"]) == Some("hvm") && g.at(&["arch"]).and_then(|a| a.attr("name")) == Some("x86_64")
+        })
+        .ok_or_else(|| {
+            HostError::Failed("this libvirt host cannot run x86_64 guests (no qemu-system-x86_64)".into())
+        })?;
     let arch = guest.child("arch");
     let kvm = arch.is_some_and(|a| a.all("domain").any(|d| d.attr("type") == Some("kvm")));
     let q35 = arch.is_some_and(|a| {
@@ -673,7 +671,10 @@ fn domain_xml(
     match nic {
         Some("user") => x += "    <interface type='user'><model type='virtio'/></interface>\n",
         Some(net) => {
-            x += &format!("    <interface type='network'><source network='{}'/><model type='virtio'/></interface>\n", esc(net))
+            x += &format!(
+                "    <interface type='network'><source network='{}'/><model type='virtio'/></interface>\n",
+                esc(net)
+            )
         }
         None => {}
     }
@@ -731,7 +732,10 @@ fn create_blocking(conn: &Connect, parsed: &ConnUri, vm: &CreateVm) -> Result<Vm
             DiskFormat::Qcow2 => "qcow2",
             DiskFormat::Raw => "img",
         };
-        let name = format!("{}-disk0.{ext}", vm.name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_"));
+        let name = format!(
+            "{}-disk0.{ext}",
+            vm.name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_")
+        );
         let xml = format!(
             "<volume><name>{}</name><capacity unit='bytes'>{}</capacity><allocation>0</allocation>\
              <target><format type='{ext_fmt}'/></target></volume>",
@@ -1439,7 +1443,8 @@ impl Host for LibvirtHost {
                         "the VM is running: reverting loses its present state (confirm to go on)".into(),
                     ));
                 }
-                let s = Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
+                let s =
+                    Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
                 s.revert(0).map_err(failed(format!("reverting to snapshot {snap:?}")))?;
                 Ok(dom.name().unwrap_or_default())
             })
@@ -1452,7 +1457,8 @@ impl Host for LibvirtHost {
         let name = self
             .call_for("deleting a snapshot", None, move |c| {
                 let dom = find_domain(c, &id)?;
-                let s = Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
+                let s =
+                    Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
                 s.delete(0).map_err(failed(format!("deleting snapshot {snap:?}")))?;
                 Ok(dom.name().unwrap_or_default())
             })
@@ -1507,7 +1513,10 @@ mod tests {
         assert_eq!(doc.attr("type"), Some("kvm"));
         assert!(doc.at(&["devices", "interface"]).is_none());
         assert_eq!(doc.text_at(&["description"]), Some("No network"));
-        assert_eq!(disks(&doc, "cdrom").next().and_then(|d| d.child("target")).and_then(|t| t.attr("bus")), Some("ide"));
+        assert_eq!(
+            disks(&doc, "cdrom").next().and_then(|d| d.child("target")).and_then(|t| t.attr("bus")),
+            Some("ide")
+        );
     }
 
     #[test]

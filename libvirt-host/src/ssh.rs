@@ -66,15 +66,7 @@ impl ConnUri {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(ConnUri {
-            driver,
-            transport,
-            user,
-            host: (!host.is_empty()).then_some(host),
-            port,
-            path,
-            params,
-        })
+        Ok(ConnUri { driver, transport, user, host: (!host.is_empty()).then_some(host), port, path, params })
     }
 
     pub fn param(&self, key: &str) -> Option<&str> {

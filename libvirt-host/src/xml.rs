@@ -98,7 +98,10 @@ fn element(e: &quick_xml::events::BytesStart<'_>) -> Result<Node, String> {
     for a in e.attributes() {
         let a = a.map_err(|e| format!("bad XML attribute from libvirt: {e}"))?;
         let key = String::from_utf8_lossy(a.key.local_name().as_ref()).into_owned();
-        let value = a.normalized_value(quick_xml::XmlVersion::Implicit1_0).map_err(|e| format!("bad XML attribute from libvirt: {e}"))?.into_owned();
+        let value = a
+            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+            .map_err(|e| format!("bad XML attribute from libvirt: {e}"))?
+            .into_owned();
         attrs.push((key, value));
     }
     Ok(Node { name, attrs, ..Node::default() })

@@ -191,11 +191,8 @@ impl Libvirt {
     /// (Re)starts libvirtd on the same directories; returns once its socket answers.
     pub fn start_daemon(&mut self) -> Result<(), String> {
         let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.daemon_log)
-            .map_err(|e| e.to_string())?;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let d = self.dir.dir();
         let child = Command::new("/usr/sbin/libvirtd")
@@ -250,7 +247,9 @@ impl Libvirt {
         let ssh = self.dir.path("ssh");
         std::fs::create_dir_all(&ssh).map_err(|e| e.to_string())?;
         for key in ["host_key", "client_key", "wrong_key"] {
-            let out = run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"]).arg(ssh.join(key)));
+            let out = run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"])
+                .arg(ssh.join(key)));
             if !out.status.success() {
                 return Err(format!("ssh-keygen: {}", text(&out.stderr)));
             }
@@ -363,7 +362,7 @@ impl Libvirt {
         serial
     }
 
-    /// PIDs in the daemon's pid files that still run as the test user (its QEMUs and virtlogd).
+    /// PIDs in the daemon's pid files that still run as the test user (its QEMUs, probing QEMUs, virtlogd).
     fn daemon_children(&self) -> Vec<i32> {
         let mut files = Vec::new();
         let qemu_run = self.run_dir.join("libvirt/qemu/run");
@@ -373,13 +372,18 @@ impl Libvirt {
             }));
         }
         files.push(self.run_dir.join("libvirt/virtlogd.pid"));
+        // QEMUs the daemon runs to probe QEMU's capabilities (left behind when it is killed while probing).
+        if let Ok(entries) = std::fs::read_dir(self.dir.path("config/libvirt/qemu/lib")) {
+            files.extend(entries.flatten().map(|e| e.path().join("qmp.pid")));
+        }
         files
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok())
             .filter_map(|t| t.trim().parse::<i32>().ok())
             .filter(|pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-                    s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&self.uid.to_string()))
+                    s.lines()
+                        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&self.uid.to_string()))
                 })
             })
             .collect()

@@ -176,7 +176,10 @@ async fn vms_made_by_porthole_take_uploaded_isos_snapshots_shutdowns_and_go_away
         .unwrap();
     let len = data.len() as u64;
     // libvirt rounds a volume's capacity up to whole KiB.
-    assert_eq!((image.name.as_str(), image.size_bytes, image.format), ("tiny.iso", len.div_ceil(1024) * 1024, ImageFormat::Iso));
+    assert_eq!(
+        (image.name.as_str(), image.size_bytes, image.format),
+        ("tiny.iso", len.div_ceil(1024) * 1024, ImageFormat::Iso)
+    );
     {
         use sha2::Digest;
         assert_eq!(image.sha256, hex::encode(sha2::Sha256::digest(&data)));
