@@ -199,12 +199,17 @@ impl LibvirtHost {
         Ok(LibvirtHost { inner })
     }
 
-    /// [`LibvirtHost::connect`] off the async runtime's threads.
+    /// [`LibvirtHost::connect`] off the async runtime's threads, bounded by [`CALL_LIMIT`].
     pub async fn connect_async(uri: &str) -> Result<LibvirtHost, HostError> {
-        let uri = uri.to_string();
-        tokio::task::spawn_blocking(move || LibvirtHost::connect(&uri))
-            .await
-            .map_err(|e| HostError::Failed(format!("connecting failed: {e}")))?
+        let owned = uri.to_string();
+        let job = tokio::task::spawn_blocking(move || LibvirtHost::connect(&owned));
+        match tokio::time::timeout(CALL_LIMIT, job).await {
+            Ok(joined) => joined.map_err(|e| HostError::Failed(format!("cannot connect to {uri}: {e}")))?,
+            Err(_) => Err(HostError::Failed(format!(
+                "cannot connect to {uri}: no answer within {} s",
+                CALL_LIMIT.as_secs()
+            ))),
+        }
     }
 
     /// The URI as the user gave it.

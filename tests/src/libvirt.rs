@@ -243,6 +243,15 @@ impl Libvirt {
         }
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) libvirtd: a daemon that no longer answers, as behind a dead
+    /// network.
+    pub fn signal_daemon(&self, signal: libc::c_int) {
+        if let Some(c) = &self.daemon {
+            // SAFETY: the PID of our own child, not yet reaped.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     fn start_sshd(&mut self) -> Result<(), String> {
         let ssh = self.dir.path("ssh");
         std::fs::create_dir_all(&ssh).map_err(|e| e.to_string())?;

@@ -318,3 +318,17 @@ async fn a_killed_daemon_gives_errors_without_hanging_and_the_host_reconnects_wh
     let vms = tokio::time::timeout(LIMIT, host.list_vms()).await.expect("list_vms hung").unwrap();
     assert_eq!(vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), [id.as_str()], "reconnected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_stops_answering_is_dropped_by_keepalive_and_reopened_when_it_answers_again() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt daemon frozen") else { return };
+    let host = connect(&lv.local_uri()).await;
+    assert!(host.list_vms().await.unwrap().is_empty());
+    lv.signal_daemon(libc::SIGSTOP);
+    let r = tokio::time::timeout(LIMIT, host.list_vms()).await.expect("list_vms hung on a frozen daemon");
+    lv.signal_daemon(libc::SIGCONT);
+    let e = r.expect_err("a frozen daemon listed VMs").to_string();
+    assert!(e.contains("keepalive"), "libvirt's keepalive should have closed the connection: {e}");
+    let vms = tokio::time::timeout(LIMIT, host.list_vms()).await.expect("list_vms hung").unwrap();
+    assert!(vms.is_empty(), "{vms:?}");
+}
