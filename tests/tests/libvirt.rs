@@ -332,3 +332,40 @@ async fn a_daemon_that_stops_answering_is_dropped_by_keepalive_and_reopened_when
     let vms = tokio::time::timeout(LIMIT, host.list_vms()).await.expect("list_vms hung").unwrap();
     assert!(vms.is_empty(), "{vms:?}");
 }
+
+/// Not a pass/fail test: how long one refresh of 200 domains takes (the list, then every domain's samples),
+/// over the local socket and over SSH. `cargo test -p porthole-tests --test libvirt -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn refreshing_200_domains_costs() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt 200 domains") else { return };
+    let kernel = lv.guest_kernel("idle");
+    for i in 0..200 {
+        let xml = format!(
+            "<domain type='qemu'><name>d{i:03}</name><memory unit='MiB'>16</memory><vcpu>1</vcpu><os><type \
+             arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel></os><devices><graphics type='vnc' \
+             autoport='yes' listen='127.0.0.1'/></devices></domain>",
+            kernel.display()
+        );
+        let file = lv.dir.path("d.xml");
+        std::fs::write(&file, xml).unwrap();
+        assert!(lv.virsh(&["define", &file.display().to_string()]).status.success());
+    }
+    for (what, uri) in [
+        ("local", lv.local_uri()),
+        ("ssh", lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))),
+        // Not libssh: libvirt 9.0's libssh transport crashes on a reply this large (see porthole-libvirt).
+    ] {
+        let host = connect(&uri).await;
+        for round in 0..3 {
+            let start = std::time::Instant::now();
+            let vms = host.list_vms().await.unwrap();
+            let listed = start.elapsed();
+            for vm in &vms {
+                host.stats(&vm.id, 0, false).await.unwrap();
+            }
+            assert_eq!(vms.len(), 200);
+            eprintln!("{what} round {round}: list {listed:?}, list + 200 stats {:?}", start.elapsed());
+        }
+    }
+}
