@@ -55,7 +55,9 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 use virt::sys;
 
-pub use ssh::{ConnUri, HostKey, ssh_host_key_fingerprint, trust_host_key};
+pub use ssh::{
+    ConnUri, HostKey, HostKeyCheck, check_host_key, default_known_hosts, ssh_host_key_fingerprint, trust_host_key,
+};
 use xml::{Node, esc};
 
 /// The longest a libvirt call may take before the caller gets an error (the call itself is left to finish

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use porthole_api::{Action, CreateVm, DiskFormat, HostHandle, HostKind, ImageFormat, TakeSnapshot, TaskState, VmState};
-use porthole_libvirt::{LibvirtHost, ssh_host_key_fingerprint, trust_host_key};
+use porthole_libvirt::{HostKeyCheck, LibvirtHost, check_host_key, ssh_host_key_fingerprint, trust_host_key};
 use porthole_tests::libvirt::Libvirt;
 use porthole_tests::rfb::{self, RfbClient};
 use porthole_tests::{text, wait_until};
@@ -259,6 +259,19 @@ async fn over_ssh_host_keys_and_keys_are_checked_and_the_console_tunnels() {
     let fp = fp.split_whitespace().nth(1).unwrap().to_string();
     let keys = ssh_host_key_fingerprint("127.0.0.1", lv.ssh_port).unwrap();
     assert!(keys.iter().any(|k| k.fingerprint == fp && k.key_type == "ssh-ed25519"), "{keys:?} vs {fp}");
+
+    // What the window checks before connecting: unknown, trusted, or changed (another key on record).
+    match check_host_key("127.0.0.1", lv.ssh_port, &lv.no_known_hosts).unwrap() {
+        HostKeyCheck::Unknown(k) => assert!(k.iter().any(|k| k.fingerprint == fp), "{k:?}"),
+        other => panic!("an empty known_hosts: {other:?}"),
+    }
+    assert_eq!(check_host_key("127.0.0.1", lv.ssh_port, &lv.known_hosts).unwrap(), HostKeyCheck::Trusted);
+    let impostor = lv.dir.path("ssh/impostor");
+    let other_key = std::fs::read_to_string(lv.wrong_key.with_extension("pub")).unwrap();
+    let mut fields = other_key.split_whitespace();
+    let (kind, blob) = (fields.next().unwrap(), fields.next().unwrap());
+    std::fs::write(&impostor, format!("[127.0.0.1]:{} {kind} {blob}\n", lv.ssh_port)).unwrap();
+    assert!(matches!(check_host_key("127.0.0.1", lv.ssh_port, &impostor).unwrap(), HostKeyCheck::Changed(_)));
 
     // An unknown host key, a wrong key: refused, with what was tried and why.
     let e = connect_err(&lv.libssh_uri(&lv.client_key, &lv.no_known_hosts)).await;
