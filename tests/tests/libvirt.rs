@@ -149,7 +149,18 @@ async fn domains_defined_behind_our_back_run_show_their_screen_take_keys_and_rep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_made_by_porthole_take_uploaded_isos_snapshots_shutdowns_and_go_away_with_their_disks() {
     let Some(lv) = Libvirt::start_or_skip("libvirt create") else { return };
-    let host = connect(&lv.local_uri()).await;
+    made_vm_scenario(&lv, &connect(&lv.local_uri()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_qemu_ssh_vms_are_made_fed_isos_snapshotted_shut_down_and_deleted_the_same_way() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt create over SSH") else { return };
+    made_vm_scenario(&lv, &connect(&lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))).await).await;
+}
+
+/// Create, upload, media, snapshots, suspend, shutdown with its time-out, delete: through `host`, checked
+/// with virsh on the daemon's socket.
+async fn made_vm_scenario(lv: &Libvirt, host: &HostHandle) {
     let mut spec = CreateVm::new("made", 1, 64);
     spec.disk_gib = 1;
     spec.tags = vec!["libvirt".into()];
