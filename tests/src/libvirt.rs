@@ -17,7 +17,8 @@
 //!   `-o UserKnownHostsFile=KH`, because the `ssh` transport has no known_hosts parameter.
 //!
 //! Everything started here (the daemon, the QEMU processes and virtlogd it started, sshd) is killed by PID
-//! when the harness drops, and the scratch folder removed.
+//! when the harness drops, and the scratch folder removed; libvirtd and sshd also die with the test's thread
+//! (PR_SET_PDEATHSIG) should the test process crash.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -92,6 +93,19 @@ fn ensure_user() -> Result<(u32, u32), String> {
 fn home_of_user() -> String {
     let out = Command::new("getent").args(["passwd", USER]).output().map(|o| text(&o.stdout)).unwrap_or_default();
     out.trim().split(':').nth(5).unwrap_or("/").to_string()
+}
+
+/// Makes the child get SIGKILL when the thread that started it ends (a test that crashed leaves no daemon).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; run in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 fn free_port() -> u16 {
@@ -195,7 +209,7 @@ impl Libvirt {
             std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let d = self.dir.dir();
-        let child = Command::new("/usr/sbin/libvirtd")
+        let child = die_with_parent(&mut Command::new("/usr/sbin/libvirtd"))
             .env_clear()
             .env("HOME", home_of_user())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -280,7 +294,7 @@ impl Libvirt {
         );
         std::fs::write(ssh.join("sshd_config"), config).map_err(|e| e.to_string())?;
         let log = std::fs::File::create(ssh.join("sshd.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("/usr/sbin/sshd")
+        let child = die_with_parent(&mut Command::new("/usr/sbin/sshd"))
             .args(["-D", "-e", "-f"])
             .arg(ssh.join("sshd_config"))
             .stdin(Stdio::null())
