@@ -15,6 +15,8 @@
 //! - Consoles: `virDomainOpenGraphicsFD` on local connections (the daemon hands us a socket already
 //!   connected to QEMU's VNC server); over SSH an `ssh -W 127.0.0.1:PORT` child with the connection's key and
 //!   known_hosts, whose stdin/stdout is one end of a socket pair.
+//! - Domain lifecycle events (`virConnectDomainEventRegisterAny`) bump [`LibvirtHost::changes`], so the
+//!   window refreshes when something happened rather than on a timer.
 //! - Samples: one thread per host calls `virConnectGetAllDomainStats` every second and keeps an hour.
 //! - Waits libvirt does not track (a shutdown with its time-out) are tasks kept in this process.
 //! - Every libvirt call runs on tokio's blocking pool and is bounded in time; the connection has libvirt's
@@ -28,6 +30,7 @@
 //! `libssh` transport honours `known_hosts=` and `keyfile=`. Either way an unknown host key is refused:
 //! [`ssh_host_key_fingerprint`] gives what to show the user and [`trust_host_key`] records their yes.
 
+mod events;
 pub mod ssh;
 mod stats;
 mod xml;
@@ -139,6 +142,8 @@ struct Inner {
     uri: String,
     parsed: ConnUri,
     conn: Mutex<Option<Connect>>,
+    /// Bumped on every domain lifecycle event and on reconnection.
+    changes: events::Changes,
     history: Mutex<stats::History>,
     tasks: Mutex<Vec<TaskEntry>>,
     next_task: AtomicU64,
@@ -156,8 +161,18 @@ impl Inner {
         }
         *slot = None;
         let c = open(&self.uri, &self.parsed)?;
+        self.watch(&c);
+        // Anything may have changed while the connection was down.
+        events::bump(&self.changes);
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// Registers for `conn`'s domain events (without them the window polls, as before).
+    fn watch(&self, conn: &Connect) {
+        if let Err(e) = events::register(conn, &self.changes) {
+            log::info!("{}: no domain events: {}", self.uri, e.message());
+        }
     }
 
     /// The open connection if it is alive (the sampler never reconnects).
@@ -192,11 +207,14 @@ impl LibvirtHost {
         let inner = Arc::new(Inner {
             uri: uri.to_string(),
             parsed,
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(None),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
             history: Mutex::new(stats::History::default()),
             tasks: Mutex::new(Vec::new()),
             next_task: AtomicU64::new(1),
         });
+        inner.watch(&conn);
+        *lock(&inner.conn) = Some(conn);
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("libvirt-stats".into())
@@ -215,6 +233,13 @@ impl LibvirtHost {
                 Err(HostError::Failed(format!("cannot connect to {uri}: no answer within {} s", CALL_LIMIT.as_secs())))
             }
         }
+    }
+
+    /// A counter bumped whenever libvirt reports a domain's lifecycle event (defined, undefined, started,
+    /// stopped, paused, resumed, crashed, saved) and when the connection was reopened: the window refreshes
+    /// on a change instead of polling.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// The URI as the user gave it.

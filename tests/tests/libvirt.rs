@@ -96,7 +96,9 @@ async fn console_echoes_keys(host: &HostHandle, id: &str, serial: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domains_defined_behind_our_back_run_show_their_screen_take_keys_and_report_samples() {
     let Some(lv) = Libvirt::start_or_skip("libvirt domains") else { return };
-    let host = connect(&lv.local_uri()).await;
+    let libvirt = LibvirtHost::connect_async(&lv.local_uri()).await.unwrap();
+    let mut changes = libvirt.changes();
+    let host: HostHandle = Arc::new(libvirt);
     assert_eq!(host.kind(), HostKind::Libvirt);
     let info = host.host().await.unwrap();
     assert!(info.cpus > 0 && info.memory_mib > 0, "{info:?}");
@@ -104,7 +106,10 @@ async fn domains_defined_behind_our_back_run_show_their_screen_take_keys_and_rep
     assert_eq!(Path::new(&info.data_dir), lv.images);
     assert!(host.list_vms().await.unwrap().is_empty());
 
+    changes.borrow_and_update();
     let serial = lv.define_guest("echo", "kbd-echo");
+    // libvirt's event for the definition reaches the host: the window refreshes on it.
+    tokio::time::timeout(LIMIT, changes.changed()).await.expect("no event for a domain defined").unwrap();
     let vms = host.list_vms().await.unwrap();
     assert_eq!(vms.len(), 1, "{vms:?}");
     let vm = &vms[0];
@@ -138,9 +143,11 @@ async fn domains_defined_behind_our_back_run_show_their_screen_take_keys_and_rep
     assert_eq!(host.action(&id, Action::Pause).await.unwrap().state, VmState::Paused);
     assert_eq!(host.action(&id, Action::Resume).await.unwrap().state, VmState::Running);
 
-    // Destroyed behind Porthole's back: the next read says so.
+    // Destroyed behind Porthole's back: an event says something changed, and the next read says what.
+    changes.borrow_and_update();
     let out = lv.virsh(&["destroy", "echo"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    tokio::time::timeout(LIMIT, changes.changed()).await.expect("no event for a domain destroyed").unwrap();
     assert_eq!(host.vm(&id).await.unwrap().state, VmState::Stopped);
     let e = host.open_console(&id).await.unwrap_err().to_string();
     assert!(e.contains("not running"), "{e}");
