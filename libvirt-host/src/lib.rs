@@ -15,15 +15,22 @@
 //! - Consoles: `virDomainOpenGraphicsFD` on local connections (the daemon hands us a socket already
 //!   connected to QEMU's VNC server); over SSH an `ssh -W 127.0.0.1:PORT` child with the connection's key and
 //!   known_hosts, whose stdin/stdout is one end of a socket pair.
+//! - Domain lifecycle events (`virConnectDomainEventRegisterAny`) bump [`LibvirtHost::changes`], so the
+//!   window refreshes when something happened rather than on a timer.
 //! - Samples: one thread per host calls `virConnectGetAllDomainStats` every second and keeps an hour.
 //! - Waits libvirt does not track (a shutdown with its time-out) are tasks kept in this process.
 //! - Every libvirt call runs on tokio's blocking pool and is bounded in time; the connection has libvirt's
 //!   keepalive, and a dead connection (the daemon stopped, the network gone) is reopened on the next call.
 //!
+//! Prefer `qemu+ssh://`: libvirt 9.0's `libssh` transport crashes (SIGSEGV in g_main_loop_quit under
+//! virNetClientSendWithReply) or, without an event loop, hangs on large replies such as the states of 200
+//! domains; small replies work.
+//!
 //! libvirt's `ssh` transport runs the `ssh` binary, which checks the user's `~/.ssh/known_hosts`; the
 //! `libssh` transport honours `known_hosts=` and `keyfile=`. Either way an unknown host key is refused:
 //! [`ssh_host_key_fingerprint`] gives what to show the user and [`trust_host_key`] records their yes.
 
+mod events;
 pub mod ssh;
 mod stats;
 mod xml;
@@ -51,7 +58,9 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 use virt::sys;
 
-pub use ssh::{ConnUri, HostKey, ssh_host_key_fingerprint, trust_host_key};
+pub use ssh::{
+    ConnUri, HostKey, HostKeyCheck, check_host_key, default_known_hosts, ssh_host_key_fingerprint, trust_host_key,
+};
 use xml::{Node, esc};
 
 /// The longest a libvirt call may take before the caller gets an error (the call itself is left to finish
@@ -133,6 +142,8 @@ struct Inner {
     uri: String,
     parsed: ConnUri,
     conn: Mutex<Option<Connect>>,
+    /// Bumped on every domain lifecycle event and on reconnection.
+    changes: events::Changes,
     history: Mutex<stats::History>,
     tasks: Mutex<Vec<TaskEntry>>,
     next_task: AtomicU64,
@@ -150,8 +161,18 @@ impl Inner {
         }
         *slot = None;
         let c = open(&self.uri, &self.parsed)?;
+        self.watch(&c);
+        // Anything may have changed while the connection was down.
+        events::bump(&self.changes);
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// Registers for `conn`'s domain events (without them the window polls, as before).
+    fn watch(&self, conn: &Connect) {
+        if let Err(e) = events::register(conn, &self.changes) {
+            log::info!("{}: no domain events: {}", self.uri, e.message());
+        }
     }
 
     /// The open connection if it is alive (the sampler never reconnects).
@@ -186,11 +207,14 @@ impl LibvirtHost {
         let inner = Arc::new(Inner {
             uri: uri.to_string(),
             parsed,
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(None),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
             history: Mutex::new(stats::History::default()),
             tasks: Mutex::new(Vec::new()),
             next_task: AtomicU64::new(1),
         });
+        inner.watch(&conn);
+        *lock(&inner.conn) = Some(conn);
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("libvirt-stats".into())
@@ -199,12 +223,23 @@ impl LibvirtHost {
         Ok(LibvirtHost { inner })
     }
 
-    /// [`LibvirtHost::connect`] off the async runtime's threads.
+    /// [`LibvirtHost::connect`] off the async runtime's threads, bounded by [`CALL_LIMIT`].
     pub async fn connect_async(uri: &str) -> Result<LibvirtHost, HostError> {
-        let uri = uri.to_string();
-        tokio::task::spawn_blocking(move || LibvirtHost::connect(&uri))
-            .await
-            .map_err(|e| HostError::Failed(format!("connecting failed: {e}")))?
+        let owned = uri.to_string();
+        let job = tokio::task::spawn_blocking(move || LibvirtHost::connect(&owned));
+        match tokio::time::timeout(CALL_LIMIT, job).await {
+            Ok(joined) => joined.map_err(|e| HostError::Failed(format!("cannot connect to {uri}: {e}")))?,
+            Err(_) => {
+                Err(HostError::Failed(format!("cannot connect to {uri}: no answer within {} s", CALL_LIMIT.as_secs())))
+            }
+        }
+    }
+
+    /// A counter bumped whenever libvirt reports a domain's lifecycle event (defined, undefined, started,
+    /// stopped, paused, resumed, crashed, saved) and when the connection was reopened: the window refreshes
+    /// on a change instead of polling.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// The URI as the user gave it.
@@ -302,7 +337,8 @@ fn sampler(inner: Weak<Inner>) {
         std::thread::sleep(Duration::from_secs(1));
         let Some(inner) = inner.upgrade() else { return };
         let Some(conn) = inner.live_conn() else { continue };
-        match stats::read_all(&conn, now_ms()) {
+        let read = { stats::read_all(&conn, now_ms()) };
+        match read {
             Ok(readings) => lock(&inner.history).record(readings),
             Err(e) => log::debug!("{}: stats: {}", inner.uri, e.message()),
         }
@@ -367,10 +403,17 @@ fn kib_to_mib(node: Option<&Node>) -> u64 {
 }
 
 fn vm_of(conn: &Connect, dom: &Domain) -> Result<Vm, HostError> {
+    vm_with_state(conn, dom, None)
+}
+
+/// The VM of `dom`; `known_state` when the caller read it already (a list reads every state in one call).
+fn vm_with_state(conn: &Connect, dom: &Domain, known_state: Option<u32>) -> Result<Vm, HostError> {
     let text = dom.xml_desc(0).map_err(failed("reading a domain's XML"))?;
     let doc = Node::parse(&text).map_err(xml_failed("reading a domain's XML"))?;
-    let (state, _) = dom.state().map_err(failed("reading a domain's state"))?;
-    let state = raw_state(state);
+    let state = match known_state {
+        Some(s) => s,
+        None => raw_state(dom.state().map_err(failed("reading a domain's state"))?.0),
+    };
     let managed = state == sys::VIR_DOMAIN_SHUTOFF && dom.has_managed_save(0).unwrap_or(false);
     let name = doc.text_at(&["name"]).unwrap_or_default().to_string();
     let id = doc.text_at(&["uuid"]).map(str::to_string).unwrap_or_else(|| dom.uuid_string().unwrap_or_default());
@@ -928,7 +971,6 @@ fn parse_ppm(bytes: &[u8]) -> Option<(u32, u32, &[u8])> {
     (data.len() >= need).then(|| (w, h, &data[..need]))
 }
 
-/// The PPM scaled (nearest pixel) to `width`, as a PNG.
 /// The RGB pixels of a PNG screenshot (QEMU's `screendump` gives PNG when libvirt asks for it, PPM before):
 /// 8-bit RGB or RGBA, at most 16384 pixels a side.
 fn parse_png(data: &[u8]) -> Option<(u32, u32, Vec<u8>)> {
@@ -1159,9 +1201,11 @@ impl Host for LibvirtHost {
     async fn list_vms(&self) -> Result<Vec<Vm>, HostError> {
         self.call("listing VMs", |c| {
             let doms = c.list_all_domains(0).map_err(failed("listing domains"))?;
+            let states = stats::states(c).unwrap_or_default();
             let mut vms = Vec::with_capacity(doms.len());
             for d in &doms {
-                match vm_of(c, d) {
+                let known = d.uuid_string().ok().and_then(|u| states.get(&u).copied());
+                match vm_with_state(c, d, known) {
                     Ok(vm) => vms.push(vm),
                     // A domain undefined between the list and the read is gone: skip it.
                     Err(e) if c.lookup_domain_by_uuid_string(&d.uuid_string().unwrap_or_default()).is_err() => {
@@ -1324,7 +1368,14 @@ impl Host for LibvirtHost {
     }
 
     async fn stats(&self, id: &str, since_ms: u64, minutes: bool) -> Result<Stats, HostError> {
-        let uuid = self.vm(id).await?.id;
+        let sampled = lock(&self.inner.history).knows(id);
+        let uuid = if sampled {
+            id.to_string()
+        } else {
+            let id = id.to_string();
+            self.call("reading a VM", move |c| find_domain(c, &id)?.uuid_string().map_err(failed("reading its UUID")))
+                .await?
+        };
         let samples = lock(&self.inner.history).since(&uuid, since_ms);
         Ok(if minutes {
             Stats { interval_s: 60, samples: stats::per_minute(&samples) }
@@ -1348,8 +1399,15 @@ impl Host for LibvirtHost {
     }
 
     async fn upload_image(&self, name: &str, path: &Path, progress: Progress) -> Result<Image, HostError> {
-        let (name, path, parsed) = (name.to_string(), path.to_path_buf(), self.inner.parsed.clone());
-        self.call_for("uploading an image", None, move |c| upload_blocking(c, &parsed, &name, &path, &progress)).await
+        // On a connection of its own, so the host's other calls go on during a long upload.
+        let (name, path, parsed, uri) =
+            (name.to_string(), path.to_path_buf(), self.inner.parsed.clone(), self.inner.uri.clone());
+        tokio::task::spawn_blocking(move || {
+            let c = open(&uri, &parsed)?;
+            upload_blocking(&c, &parsed, &name, &path, &progress)
+        })
+        .await
+        .map_err(|e| HostError::Failed(format!("uploading an image: {e}")))?
     }
 
     async fn delete_image(&self, name: &str) -> Result<(), HostError> {

@@ -153,8 +153,69 @@ pub fn ssh_host_key_fingerprint(host: &str, port: u16) -> Result<Vec<HostKey>, S
     Ok(keys)
 }
 
+/// What a known_hosts file says of the keys a host offers now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyCheck {
+    /// One of the host's keys is in the file: connections go through.
+    Trusted,
+    /// The file knows nothing of the host: show these keys' fingerprints and ask.
+    Unknown(Vec<HostKey>),
+    /// The file has other keys for this host: the host was reinstalled, or someone is in between. Warn;
+    /// never trust silently.
+    Changed(Vec<HostKey>),
+}
+
+/// The name known_hosts files use for `host:port` (`[host]:port` unless the port is 22).
+pub fn known_hosts_name(host: &str, port: u16) -> String {
+    if port == 22 { host.to_string() } else { format!("[{host}]:{port}") }
+}
+
+/// The known_hosts file the `ssh` binary (libvirt's `ssh` transport) reads: `~/.ssh/known_hosts` of this
+/// process's user.
+pub fn default_known_hosts() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".ssh/known_hosts"))
+}
+
+/// Compares the keys `host:port` offers (`ssh-keyscan`) with what `known_hosts` holds for it
+/// (`ssh-keygen -F`, which also finds hashed entries).
+pub fn check_host_key(host: &str, port: u16, known_hosts: &std::path::Path) -> Result<HostKeyCheck, String> {
+    let offered = ssh_host_key_fingerprint(host, port)?;
+    let out = Command::new("ssh-keygen")
+        .arg("-F")
+        .arg(known_hosts_name(host, port))
+        .arg("-f")
+        .arg(known_hosts)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ssh-keygen: {e}"))?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let known: Vec<(&str, &str)> = listed
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('@'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            Some((f.next()?, f.next()?))
+        })
+        .collect();
+    let key_of = |k: &HostKey| {
+        let mut f = k.known_hosts_line.split_whitespace().skip(1);
+        (f.next().unwrap_or_default().to_string(), f.next().unwrap_or_default().to_string())
+    };
+    if offered.iter().map(key_of).any(|(t, b)| known.iter().any(|&(kt, kb)| kt == t && kb == b)) {
+        Ok(HostKeyCheck::Trusted)
+    } else if known.is_empty() {
+        Ok(HostKeyCheck::Unknown(offered))
+    } else {
+        Ok(HostKeyCheck::Changed(offered))
+    }
+}
+
 /// Adds `key` to the known_hosts file at `path` (created if missing).
 pub fn trust_host_key(path: &std::path::Path, key: &HostKey) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     writeln!(f, "{}", key.known_hosts_line)
 }

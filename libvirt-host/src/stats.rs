@@ -23,22 +23,12 @@ pub struct Counters {
     pub tx_bytes: u64,
 }
 
-/// Reads every active domain's counters in one call: (domain UUID, counters).
-pub fn read_all(conn: &Connect, t_ms: u64) -> Result<Vec<(String, Counters)>, virt::error::Error> {
-    let what = sys::VIR_DOMAIN_STATS_CPU_TOTAL
-        | sys::VIR_DOMAIN_STATS_BALLOON
-        | sys::VIR_DOMAIN_STATS_BLOCK
-        | sys::VIR_DOMAIN_STATS_INTERFACE;
+/// One `virConnectGetAllDomainStats` call: per domain, its UUID and its numeric fields.
+#[allow(clippy::type_complexity)]
+fn records(conn: &Connect, what: u32, flags: u32) -> Result<Vec<(String, Vec<(String, u64)>)>, virt::error::Error> {
     let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: a live connection; libvirt fills `records` with a NULL-terminated array we free below.
-    let n = unsafe {
-        sys::virConnectGetAllDomainStats(
-            conn.as_ptr(),
-            what,
-            &mut records,
-            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
-        )
-    };
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), what, &mut records, flags) };
     if n < 0 || records.is_null() {
         return Err(virt::error::Error::last_error());
     }
@@ -53,22 +43,49 @@ pub fn read_all(conn: &Connect, t_ms: u64) -> Result<Vec<(String, Counters)>, vi
         }
         // SAFETY: libvirt wrote a NUL-terminated string into `uuid`.
         let uuid = unsafe { CStr::from_ptr(uuid.as_ptr()) }.to_string_lossy().into_owned();
-        let mut c = Counters { t_ms, ..Counters::default() };
-        let mut rss = None;
-        let mut current = None;
+        let mut fields = Vec::with_capacity(rec.nparams.max(0) as usize);
         for p in 0..rec.nparams.max(0) as usize {
             // SAFETY: `p` < nparams entries of the record's parameter array.
             let param = unsafe { &*rec.params.add(p) };
             // SAFETY: field is a NUL-terminated name of at most 80 bytes.
-            let name = unsafe { CStr::from_ptr(param.field.as_ptr()) }.to_string_lossy();
+            let name = unsafe { CStr::from_ptr(param.field.as_ptr()) }.to_string_lossy().into_owned();
+            // SAFETY (each arm): the union member the parameter's type names.
             let value = match param.type_ as u32 {
-                // SAFETY: the union member the type names.
                 sys::VIR_TYPED_PARAM_ULLONG => unsafe { param.value.ul },
                 sys::VIR_TYPED_PARAM_LLONG => unsafe { param.value.l }.max(0) as u64,
                 sys::VIR_TYPED_PARAM_UINT => u64::from(unsafe { param.value.ui }),
+                sys::VIR_TYPED_PARAM_INT => unsafe { param.value.i }.max(0) as u64,
                 _ => continue,
             };
-            let name: &str = &name;
+            fields.push((name, value));
+        }
+        out.push((uuid, fields));
+    }
+    // SAFETY: the array libvirt allocated, freed once, records and all.
+    unsafe { sys::virDomainStatsRecordListFree(records) };
+    Ok(out)
+}
+
+/// Every domain's state (`virDomainState`) in one call, by UUID.
+pub fn states(conn: &Connect) -> Result<HashMap<String, u32>, virt::error::Error> {
+    Ok(records(conn, sys::VIR_DOMAIN_STATS_STATE, 0)?
+        .into_iter()
+        .filter_map(|(uuid, fields)| fields.iter().find(|(n, _)| n == "state.state").map(|&(_, v)| (uuid, v as u32)))
+        .collect())
+}
+
+/// Reads every active domain's counters in one call: (domain UUID, counters).
+pub fn read_all(conn: &Connect, t_ms: u64) -> Result<Vec<(String, Counters)>, virt::error::Error> {
+    let what = sys::VIR_DOMAIN_STATS_CPU_TOTAL
+        | sys::VIR_DOMAIN_STATS_BALLOON
+        | sys::VIR_DOMAIN_STATS_BLOCK
+        | sys::VIR_DOMAIN_STATS_INTERFACE;
+    let mut out = Vec::new();
+    for (uuid, fields) in records(conn, what, sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)? {
+        let mut c = Counters { t_ms, ..Counters::default() };
+        let (mut rss, mut current) = (None, None);
+        for (name, value) in fields {
+            let name = name.as_str();
             match name {
                 "cpu.time" => c.cpu_ns = value,
                 "balloon.rss" => rss = Some(value * 1024),
@@ -83,8 +100,6 @@ pub fn read_all(conn: &Connect, t_ms: u64) -> Result<Vec<(String, Counters)>, vi
         c.memory_bytes = rss.or(current).unwrap_or(0);
         out.push((uuid, c));
     }
-    // SAFETY: the array libvirt allocated, freed once, records and all.
-    unsafe { sys::virDomainStatsRecordListFree(records) };
     Ok(out)
 }
 
@@ -132,6 +147,11 @@ impl History {
     }
 
     /// Samples of `uuid` newer than `since_ms`.
+    /// Whether `uuid` was ever sampled (and not forgotten).
+    pub fn knows(&self, uuid: &str) -> bool {
+        self.samples.contains_key(uuid) || self.last.contains_key(uuid)
+    }
+
     pub fn since(&self, uuid: &str, since_ms: u64) -> Vec<StatSample> {
         self.samples.get(uuid).map(|q| q.iter().filter(|s| s.t_ms > since_ms).copied().collect()).unwrap_or_default()
     }

@@ -17,7 +17,8 @@
 //!   `-o UserKnownHostsFile=KH`, because the `ssh` transport has no known_hosts parameter.
 //!
 //! Everything started here (the daemon, the QEMU processes and virtlogd it started, sshd) is killed by PID
-//! when the harness drops, and the scratch folder removed.
+//! when the harness drops, and the scratch folder removed; libvirtd and sshd also die with the test's thread
+//! (PR_SET_PDEATHSIG) should the test process crash.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -92,6 +93,19 @@ fn ensure_user() -> Result<(u32, u32), String> {
 fn home_of_user() -> String {
     let out = Command::new("getent").args(["passwd", USER]).output().map(|o| text(&o.stdout)).unwrap_or_default();
     out.trim().split(':').nth(5).unwrap_or("/").to_string()
+}
+
+/// Makes the child get SIGKILL when the thread that started it ends (a test that crashed leaves no daemon).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; run in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 fn free_port() -> u16 {
@@ -191,14 +205,11 @@ impl Libvirt {
     /// (Re)starts libvirtd on the same directories; returns once its socket answers.
     pub fn start_daemon(&mut self) -> Result<(), String> {
         let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.daemon_log)
-            .map_err(|e| e.to_string())?;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let d = self.dir.dir();
-        let child = Command::new("/usr/sbin/libvirtd")
+        let child = die_with_parent(&mut Command::new("/usr/sbin/libvirtd"))
             .env_clear()
             .env("HOME", home_of_user())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -246,11 +257,22 @@ impl Libvirt {
         }
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) libvirtd: a daemon that no longer answers, as behind a dead
+    /// network.
+    pub fn signal_daemon(&self, signal: libc::c_int) {
+        if let Some(c) = &self.daemon {
+            // SAFETY: the PID of our own child, not yet reaped.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     fn start_sshd(&mut self) -> Result<(), String> {
         let ssh = self.dir.path("ssh");
         std::fs::create_dir_all(&ssh).map_err(|e| e.to_string())?;
         for key in ["host_key", "client_key", "wrong_key"] {
-            let out = run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"]).arg(ssh.join(key)));
+            let out = run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"])
+                .arg(ssh.join(key)));
             if !out.status.success() {
                 return Err(format!("ssh-keygen: {}", text(&out.stderr)));
             }
@@ -272,7 +294,7 @@ impl Libvirt {
         );
         std::fs::write(ssh.join("sshd_config"), config).map_err(|e| e.to_string())?;
         let log = std::fs::File::create(ssh.join("sshd.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("/usr/sbin/sshd")
+        let child = die_with_parent(&mut Command::new("/usr/sbin/sshd"))
             .args(["-D", "-e", "-f"])
             .arg(ssh.join("sshd_config"))
             .stdin(Stdio::null())
@@ -363,7 +385,7 @@ impl Libvirt {
         serial
     }
 
-    /// PIDs in the daemon's pid files that still run as the test user (its QEMUs and virtlogd).
+    /// PIDs in the daemon's pid files that still run as the test user (its QEMUs, probing QEMUs, virtlogd).
     fn daemon_children(&self) -> Vec<i32> {
         let mut files = Vec::new();
         let qemu_run = self.run_dir.join("libvirt/qemu/run");
@@ -373,13 +395,18 @@ impl Libvirt {
             }));
         }
         files.push(self.run_dir.join("libvirt/virtlogd.pid"));
+        // QEMUs the daemon runs to probe QEMU's capabilities (left behind when it is killed while probing).
+        if let Ok(entries) = std::fs::read_dir(self.dir.path("config/libvirt/qemu/lib")) {
+            files.extend(entries.flatten().map(|e| e.path().join("qmp.pid")));
+        }
         files
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok())
             .filter_map(|t| t.trim().parse::<i32>().ok())
             .filter(|pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-                    s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&self.uid.to_string()))
+                    s.lines()
+                        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&self.uid.to_string()))
                 })
             })
             .collect()
