@@ -68,8 +68,10 @@ pub enum Feature {
     OsDetection,
     /// Changing a VM's settings after it was created.
     Settings,
-    /// Network cards' link state and forwards.
+    /// Network cards' link state and forwards, and choosing a new VM's network.
     Networking,
+    /// New VMs whose disk is a copy of a library image or grows from a cloud image.
+    DiskImages,
 }
 
 /// Why a call to a host failed.

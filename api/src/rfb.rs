@@ -934,8 +934,10 @@ impl RfbClient {
     pub fn full_frame(&mut self) -> io::Result<()> {
         self.request(false)?;
         let mut covered = 0u64;
-        let total = u64::from(self.width) * u64::from(self.height);
-        while covered < total {
+        // The screen's area as it is now: a resize on the way (a guest setting its first mode while the
+        // console connects) changes what a whole frame is.
+        let total = |c: &Self| u64::from(c.width) * u64::from(c.height);
+        while covered < total(self) {
             for (encoding, _, _, w, h) in self.read_update()? {
                 if encoding == DESKTOP_SIZE || encoding == EXTENDED_DESKTOP_SIZE {
                     covered = 0;
@@ -944,7 +946,7 @@ impl RfbClient {
                     covered += u64::from(w) * u64::from(h);
                 }
             }
-            if covered < total {
+            if covered < total(self) {
                 self.request(true)?;
             }
         }
@@ -974,6 +976,31 @@ mod tests {
                 return e.to_string();
             }
         }
+    }
+
+    #[test]
+    fn a_full_frame_is_the_screen_as_resized_on_the_way() {
+        // QEMU's screen is 640x480 until the guest sets its first mode (text mode: 720x400, smaller): a
+        // console connecting meanwhile gets a desktop-size change, then the new, smaller screen whole.
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut b = b"RFB 003.008\n\x01\x01\0\0\0\0".to_vec();
+            b.extend([0, 64, 0, 48, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+            b.extend([0, 0, 0, 1, b'q']);
+            // An update with a desktop-size rectangle: the screen is 32x16 now.
+            b.extend([0, 0, 0, 1, 0, 0, 0, 0, 0, 32, 0, 16]);
+            b.extend((-223i32).to_be_bytes());
+            // Then the whole new screen, raw.
+            b.extend([0, 0, 0, 1, 0, 0, 0, 0, 0, 32, 0, 16, 0, 0, 0, 0]);
+            b.extend(std::iter::repeat_n(0x7fu8, 32 * 16 * 4));
+            server_end.write_all(&b).unwrap();
+            server_end
+        });
+        let mut client = RfbClient::over(client_end, None).unwrap();
+        client.set_encodings(&[super::RAW, super::DESKTOP_SIZE]).unwrap();
+        client.full_frame().unwrap();
+        assert_eq!((client.width, client.height), (32, 16));
+        drop(server.join().unwrap());
     }
 
     #[test]

@@ -183,6 +183,11 @@ impl PortholeApp {
         self.consoles.iter().map(|t| t.console.title.clone()).collect()
     }
 
+    /// What each open console tab is doing ("Connecting…", or why it closed), in order.
+    pub fn console_states(&self) -> Vec<String> {
+        self.consoles.iter().map(|t| t.console.status()).collect()
+    }
+
     /// Console screen changes shown so far, over every console (for the frame statistics).
     pub fn console_frames_shown(&self) -> u64 {
         self.consoles.iter().map(|t| t.console.frames_shown).sum()

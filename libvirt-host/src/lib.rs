@@ -1140,6 +1140,7 @@ impl Host for LibvirtHost {
             Feature::Serial => "libvirt hosts: the serial console is not offered here yet (virsh console)",
             Feature::HostStats => "libvirt hosts: host samples are not offered here yet",
             Feature::OsDetection => "libvirt hosts: no osinfo database is consulted",
+            Feature::DiskImages => "libvirt hosts: new VMs get an empty disk here (virt-install --import for images)",
             Feature::Settings => "libvirt hosts: change settings with virsh edit or virt-manager for now",
             Feature::Networking => "libvirt hosts: network cards are libvirt's (virsh domiflist); not shown here yet",
         };

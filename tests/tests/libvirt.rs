@@ -400,3 +400,41 @@ async fn refreshing_200_domains_costs() {
         }
     }
 }
+
+/// A VM the wizard would make (a kernel to boot, the default disk and machine) runs its guest, and its
+/// console shows the guest's screen and takes keys, as on domains defined by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_made_by_porthole_boots_its_kernel_and_its_console_takes_keys() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt console of a made VM") else { return };
+    let host = connect(&lv.local_uri()).await;
+    let kernel = lv.guest_kernel("kbd-echo");
+    let spec = CreateVm {
+        boot: Some(porthole_api::BootSpec {
+            kernel: kernel.display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        ..CreateVm::new("made-echo", 1, 64)
+    };
+    let vm = host.create_vm(&spec).await.unwrap();
+    host.action(&vm.id, Action::Start).await.unwrap();
+    let stream = tokio::time::timeout(LIMIT, host.open_console(&vm.id)).await.expect("opening hung").unwrap();
+    tokio::task::spawn_blocking(move || {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut c = RfbClient::over(stream, None).expect("RFB handshake with the made VM's VNC server");
+        c.set_encodings(&[rfb::RAW, rfb::DESKTOP_SIZE]).unwrap();
+        c.full_frame().unwrap();
+        c.key(u32::from(b'a'), true).unwrap();
+        c.key(u32::from(b'a'), false).unwrap();
+        let start = std::time::Instant::now();
+        while colours(&c, 64, 16) < 2 {
+            assert!(start.elapsed() < LIMIT, "the echo never reached the screen");
+            c.request(true).unwrap();
+            let _ = c.read_update();
+        }
+    })
+    .await
+    .unwrap();
+    host.action(&vm.id, Action::Poweroff).await.unwrap();
+    host.delete_vm(&vm.id).await.unwrap();
+}

@@ -7,6 +7,7 @@ use super::PortholeApp;
 use super::theme;
 use crate::backend::Backend;
 use crate::settings::{RemoteHost, RemoteKind};
+use porthole_libvirt::ssh::HostKeyCheck;
 
 /// The add-host dialog's fields.
 #[derive(Debug, Clone, Default)]
@@ -111,7 +112,8 @@ impl PortholeApp {
         if connect {
             let a = self.add_host.take().expect("open");
             if a.kind == RemoteKind::Libvirt
-                && let Some(keys) = a.ssh_keys.as_ref().filter(|k| !k.known && a.trust_key)
+                && let Some(keys) =
+                    a.ssh_keys.as_ref().filter(|k| matches!(k.check, HostKeyCheck::Unknown(_)) && a.trust_key)
                 && let Err(e) = crate::ssh_keys::trust(keys)
             {
                 self.backend.model().notify(format!("cannot trust the host key: {e}"), true);
@@ -119,10 +121,12 @@ impl PortholeApp {
             }
             let fingerprint = match a.kind {
                 RemoteKind::Porthole => a.fingerprint.trim().to_owned(),
-                RemoteKind::Libvirt => a
-                    .ssh_keys
-                    .map(|k| k.keys.iter().map(|k| k.fingerprint.clone()).collect::<Vec<_>>().join(" "))
-                    .unwrap_or_default(),
+                RemoteKind::Libvirt => match a.ssh_keys.map(|k| k.check) {
+                    Some(HostKeyCheck::Unknown(keys)) => {
+                        keys.iter().map(|k| k.fingerprint.clone()).collect::<Vec<_>>().join(" ")
+                    }
+                    _ => String::new(),
+                },
             };
             let remote = RemoteHost {
                 name: a.name.trim().to_owned(),
@@ -256,22 +260,40 @@ fn libvirt_fields(ui: &mut egui::Ui, backend: &Backend, a: &mut AddHost) -> bool
             ui.weak("SSH checks the server's key: fetch it to compare with the server's own before connecting.");
             false
         }
-        Some(keys) => {
-            ui.label(format!("Host keys of {}:", keys.name));
-            for k in &keys.keys {
-                ui.monospace(format!("{} {}", k.key_type, k.fingerprint));
-            }
-            if keys.known {
-                ui.weak(format!("{} has a key for this host already; SSH checks it.", keys.file.display()));
+        Some(keys) => match &keys.check {
+            HostKeyCheck::Trusted => {
+                ui.weak(format!("{} has this host's key; SSH checks it.", keys.file.display()));
                 true
-            } else {
+            }
+            HostKeyCheck::Unknown(offered) => {
+                ui.label(format!("Host keys of {}:", keys.name));
+                for k in offered {
+                    ui.monospace(format!("{} {}", k.key_type, k.fingerprint));
+                }
                 ui.checkbox(
                     &mut a.trust_key,
                     "I compared these with the server's (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and trust them",
                 );
                 a.trust_key
             }
-        }
+            HostKeyCheck::Changed(offered) => {
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    format!(
+                        "The key of {} is not the one {} holds: the server was reinstalled, or someone is in \
+                         between. Check with its administrator; if the new key is right, remove the old one \
+                         (ssh-keygen -R '{}') and fetch again.",
+                        keys.name,
+                        keys.file.display(),
+                        keys.name
+                    ),
+                );
+                for k in offered {
+                    ui.monospace(format!("{} {}", k.key_type, k.fingerprint));
+                }
+                false
+            }
+        },
     }
 }
 

@@ -36,8 +36,14 @@ impl WizardNetwork {
 }
 
 /// The wizard's "Network" row (in its grid).
-pub(super) fn wizard_row(ui: &mut egui::Ui, w: &mut Wizard) {
+pub(super) fn wizard_row(ui: &mut egui::Ui, w: &mut Wizard, host_decides: Option<&str>) {
     let l = ui.label("Network");
+    if let Some(why) = host_decides {
+        // The host gives new VMs the network it has (libvirt: its `default` network); nothing to choose.
+        ui.weak("as the host offers it").labelled_by(l.id).on_hover_text(why);
+        ui.end_row();
+        return;
+    }
     ui.horizontal(|ui| {
         egui::ComboBox::from_id_salt("network")
             .selected_text(w.network.text())

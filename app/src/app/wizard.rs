@@ -186,6 +186,15 @@ impl PortholeApp {
             )
         };
         osinfo::update(w, &self.backend, &images, host_mem);
+        let (no_images, no_network) = {
+            let connection = self.backend.model().hosts.get(w.host).and_then(|h| h.connection.clone());
+            let lacks = |f| connection.as_ref().and_then(|c| c.lacks(f));
+            (lacks(porthole_api::Feature::DiskImages), lacks(porthole_api::Feature::Networking))
+        };
+        if no_images.is_some() {
+            w.disk_image = None;
+            w.cloud = None;
+        }
         let mut open = true;
         let mut create = false;
         let mut cancel = false;
@@ -233,13 +242,20 @@ impl PortholeApp {
                                 w.disk_gib = 0;
                             }
                             let copy = w.disk_image.is_some() && w.cloud.is_none();
-                            if ui.selectable_label(copy, "copy of a library image").clicked() {
+                            let why = no_images.clone().unwrap_or_default();
+                            let r = ui.add_enabled(
+                                no_images.is_none(),
+                                egui::Button::selectable(copy, "copy of a library image"),
+                            );
+                            if r.on_disabled_hover_text(&why).clicked() {
                                 w.disk_image.get_or_insert_default();
                                 w.cloud = None;
                             }
-                            if ui.selectable_label(w.cloud.is_some(), "from a cloud image").clicked()
-                                && w.cloud.is_none()
-                            {
+                            let r = ui.add_enabled(
+                                no_images.is_none(),
+                                egui::Button::selectable(w.cloud.is_some(), "from a cloud image"),
+                            );
+                            if r.on_disabled_hover_text(&why).clicked() && w.cloud.is_none() {
                                 w.cloud = Some(w.cloud_defaults.clone());
                                 // Only qcow2 and raw images are offered: an ISO picked before goes.
                                 let keep = w.disk_image.as_ref().is_some_and(|n| {
@@ -331,7 +347,7 @@ impl PortholeApp {
                 let l = ui.label("Tags");
                 ui.add(egui::TextEdit::singleline(&mut w.tags).hint_text("web, prod")).labelled_by(l.id);
                 ui.end_row();
-                network::wizard_row(ui, w);
+                network::wizard_row(ui, w, no_network.as_deref());
             });
             let mut problems = w.problems(host_mem, &taken);
             problems.extend(w.cloud_problems(&images));
