@@ -263,3 +263,27 @@ fn adding_a_libvirt_host_over_ssh_asks_about_its_host_key() {
     wait(&mut h, "the warning", |h| has_contains(h, "is not the one"));
     assert!(disabled(&h, "Connect"), "a changed key cannot be accepted from the dialog");
 }
+
+/// The same flow on a libvirt host over `qemu+ssh://` (the console through the SSH tunnel, the ISO uploaded
+/// through it); a host whose key the server refuses says so and holds up nothing.
+#[test]
+fn over_qemu_ssh_the_flow_passes_and_a_refused_key_says_why() {
+    let Some(lv) = Libvirt::start_or_skip("the window with a libvirt host over SSH") else { return };
+    let dir = Scratch::new("gui-libvirt-over-ssh");
+    let settings = dir.path("settings.json");
+    let remotes = serde_json::json!({"remotes": [
+        {"name": "far", "kind": "libvirt", "address": lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))},
+        {"name": "refused", "kind": "libvirt", "address": lv.ssh_uri(&lv.wrong_key, Some(&lv.ssh_wrapper))},
+    ]});
+    std::fs::write(&settings, remotes.to_string()).unwrap();
+    let backend = porthole::backend::Backend::new(|| {}).unwrap();
+    let app = PortholeApp::new(backend, || Err("no local host in this test".to_owned()), Some(settings));
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1400.0, 1200.0))
+        .build_ui_state(|ui, app: &mut PortholeApp| app.ui(ui), app);
+    wait(&mut h, "the hosts", |h| has(h, "far — 0 VMs") && has(h, "refused — unreachable"));
+    let why = h.state().backend.model().hosts[2].error.clone().unwrap_or_default();
+    assert!(why.contains("Permission denied") || why.contains("authenticat"), "{why}");
+    let kernel = lv.guest_kernel("kbd-echo");
+    flow(&mut h, &dir, 1, "far", &kernel, "echo-ssh", None);
+}

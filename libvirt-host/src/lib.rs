@@ -1048,12 +1048,22 @@ fn screenshot_blocking(conn: &Connect, id: &str, width: u32) -> Result<Vec<u8>, 
 
 // ---- uploads ----
 
+/// Sets its flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn upload_blocking(
     conn: &Connect,
     parsed: &ConnUri,
     name: &str,
     path: &Path,
     progress: &Progress,
+    cancelled: &AtomicBool,
 ) -> Result<Image, HostError> {
     check_name("image", name)?;
     let mut file = std::fs::File::open(path).map_err(|e| HostError::Failed(format!("{}: {e}", path.display())))?;
@@ -1077,6 +1087,10 @@ fn upload_blocking(
         let mut done = 0u64;
         progress(0, len);
         while done < len {
+            if cancelled.load(Ordering::Relaxed) {
+                let _ = stream.abort();
+                return Err(HostError::Failed(format!("uploading {name:?}: cancelled")));
+            }
             let n = file.read(&mut buf).map_err(|e| HostError::Failed(format!("{}: {e}", path.display())))?;
             if n == 0 {
                 let _ = stream.abort();
@@ -1403,9 +1417,13 @@ impl Host for LibvirtHost {
         // On a connection of its own, so the host's other calls go on during a long upload.
         let (name, path, parsed, uri) =
             (name.to_string(), path.to_path_buf(), self.inner.parsed.clone(), self.inner.uri.clone());
+        // A caller that stops waiting (the window's *Cancel upload* aborts its task) drops this future, and
+        // with it the guard: the upload stops at its next chunk and its volume goes.
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancelled.clone());
         tokio::task::spawn_blocking(move || {
             let c = open(&uri, &parsed)?;
-            upload_blocking(&c, &parsed, &name, &path, &progress)
+            upload_blocking(&c, &parsed, &name, &path, &progress, &cancelled)
         })
         .await
         .map_err(|e| HostError::Failed(format!("uploading an image: {e}")))?

@@ -438,3 +438,41 @@ async fn a_vm_made_by_porthole_boots_its_kernel_and_its_console_takes_keys() {
     host.action(&vm.id, Action::Poweroff).await.unwrap();
     host.delete_vm(&vm.id).await.unwrap();
 }
+
+/// An upload whose caller stops waiting (the window's *Cancel upload* aborts its task) stops, and its
+/// half-written volume leaves the storage pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_upload_leaves_nothing_in_the_pool() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt upload cancel") else { return };
+    let host = connect(&lv.local_uri()).await;
+    let iso = lv.dir.path("big.iso");
+    // 256 MiB of data (written, not sparse: the upload reads every byte).
+    let mut f = std::fs::File::create(&iso).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..256 {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Mutex::new(Some(started_tx));
+    let progress = Box::new(move |done: u64, _total: u64| {
+        if done > 0
+            && let Some(tx) = started.lock().unwrap().take()
+        {
+            let _ = tx.send(());
+        }
+    });
+    let uploading = {
+        let host = host.clone();
+        tokio::spawn(async move { host.upload_image("big.iso", &iso, progress).await })
+    };
+    tokio::time::timeout(LIMIT, started_rx).await.expect("the upload never started").unwrap();
+    uploading.abort();
+    assert!(uploading.await.unwrap_err().is_cancelled());
+    eventually("the cancelled volume gone from the pool", async || {
+        let listed = text(&lv.virsh(&["vol-list", "default"]).stdout);
+        (!listed.contains("big.iso")).then_some(())
+    })
+    .await;
+    assert!(host.images().await.unwrap().iter().all(|i| i.name != "big.iso"));
+}
