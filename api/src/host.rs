@@ -120,6 +120,12 @@ pub trait Host: Send + Sync {
     /// Why this host lacks `feature` (shown as the greyed control's tooltip); `None` when it has it.
     fn lacks(&self, feature: Feature) -> Option<String>;
 
+    /// A value that changes whenever the host reports a change of its VMs (libvirt's domain events), so the
+    /// window refreshes at once instead of at its next poll; `None` for hosts that only answer polls.
+    fn events(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     async fn host(&self) -> Result<HostInfo, HostError>;
     async fn list_vms(&self) -> Result<Vec<Vm>, HostError>;
     async fn vm(&self, id: &str) -> Result<Vm, HostError>;

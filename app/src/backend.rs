@@ -198,6 +198,8 @@ impl Backend {
             }
             // The newest sample seen per VM, so each poll asks only for what is new.
             let mut seen: std::collections::HashMap<String, u64> = Default::default();
+            // A host that reports its changes (libvirt's events) is asked again at once after one.
+            let mut events = client.events();
             loop {
                 let (info, vms) = tokio::join!(client.host(), client.list_vms());
                 let running: Vec<String> = match &vms {
@@ -255,7 +257,18 @@ impl Backend {
                 if changed {
                     backend.repaint();
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                match events.as_mut() {
+                    Some(events) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            changed = events.changed() => if changed.is_err() {
+                                // The host dropped its sender: back to polling alone.
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            },
+                        }
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
             }
         });
         index

@@ -31,6 +31,7 @@
 //! [`ssh_host_key_fingerprint`] gives what to show the user and [`trust_host_key`] records their yes.
 
 mod events;
+mod serial;
 pub mod ssh;
 mod stats;
 mod xml;
@@ -147,6 +148,8 @@ struct Inner {
     history: Mutex<stats::History>,
     tasks: Mutex<Vec<TaskEntry>>,
     next_task: AtomicU64,
+    /// The serial consoles opened so far.
+    serials: serial::SerialTaps,
 }
 
 impl Inner {
@@ -212,6 +215,7 @@ impl LibvirtHost {
             history: Mutex::new(stats::History::default()),
             tasks: Mutex::new(Vec::new()),
             next_task: AtomicU64::new(1),
+            serials: serial::SerialTaps::default(),
         });
         inner.watch(&conn);
         *lock(&inner.conn) = Some(conn);
@@ -721,6 +725,8 @@ fn domain_xml(
         }
         None => {}
     }
+    // The serial port on a pty, which libvirt's console streams (the Serial console) reach.
+    x += "    <serial type='pty'><target port='0'/></serial>\n    <console type='pty'><target type='serial' port='0'/></console>\n";
     x += "    <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>\n";
     x += "    <video><model type='vga'/></video>\n";
     x += "    <memballoon model='virtio'/>\n  </devices>\n</domain>\n";
@@ -1144,6 +1150,10 @@ impl Host for LibvirtHost {
         HostKind::Libvirt
     }
 
+    fn events(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes())
+    }
+
     fn lacks(&self, feature: Feature) -> Option<String> {
         let why = match feature {
             Feature::Snapshots | Feature::MemorySnapshots | Feature::Suspend | Feature::Tasks => return None,
@@ -1151,7 +1161,7 @@ impl Host for LibvirtHost {
             Feature::Clones => "libvirt hosts: cloning is not offered here (use virt-clone on the host)",
             Feature::Drives => "libvirt hosts: adding and removing drives is not offered here yet (virsh attach-disk)",
             Feature::Limits => "libvirt hosts: rate limits, CPU caps and the balloon are not offered here yet",
-            Feature::Serial => "libvirt hosts: the serial console is not offered here yet (virsh console)",
+            Feature::Serial => return None,
             Feature::HostStats => "libvirt hosts: host samples are not offered here yet",
             Feature::OsDetection => "libvirt hosts: no osinfo database is consulted",
             Feature::DiskImages => "libvirt hosts: new VMs get an empty disk here (virt-install --import for images)",
@@ -1545,6 +1555,27 @@ impl Host for LibvirtHost {
             })
             .await?;
         Ok(self.done_task(format!("delete snapshot {snapshot} of {name}"), None))
+    }
+
+    async fn serial(&self, id: &str, lines: usize) -> Result<porthole_api::SerialOutput, HostError> {
+        let (id, inner) = (id.to_string(), self.inner.clone());
+        self.call("reading the serial console", move |c| {
+            let dom = find_domain(c, &id)?;
+            let uuid = dom.uuid_string().map_err(failed("reading the domain's UUID"))?;
+            let lines = inner.serials.lines(c, &dom, &uuid, lines.min(1000))?;
+            Ok(porthole_api::SerialOutput { lines })
+        })
+        .await
+    }
+
+    async fn serial_input(&self, id: &str, text: &str) -> Result<(), HostError> {
+        let (id, text, inner) = (id.to_string(), text.to_string(), self.inner.clone());
+        self.call("typing into the serial console", move |c| {
+            let dom = find_domain(c, &id)?;
+            let uuid = dom.uuid_string().map_err(failed("reading the domain's UUID"))?;
+            inner.serials.send(c, &dom, &uuid, &text)
+        })
+        .await
     }
 
     async fn screenshot(&self, id: &str, width: u32) -> Result<Vec<u8>, HostError> {

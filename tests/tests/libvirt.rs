@@ -418,23 +418,72 @@ async fn a_vm_made_by_porthole_boots_its_kernel_and_its_console_takes_keys() {
     };
     let vm = host.create_vm(&spec).await.unwrap();
     host.action(&vm.id, Action::Start).await.unwrap();
+    // The serial console keeps what the guest prints from its first reading on (a pty has no history, and
+    // QEMU notices a reader on its pty within a second: the key is typed until it shows there).
+    host.serial(&vm.id, 10).await.unwrap();
     let stream = tokio::time::timeout(LIMIT, host.open_console(&vm.id)).await.expect("opening hung").unwrap();
-    tokio::task::spawn_blocking(move || {
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut c = RfbClient::over(stream, None).expect("RFB handshake with the made VM's VNC server");
-        c.set_encodings(&[rfb::RAW, rfb::DESKTOP_SIZE]).unwrap();
-        c.full_frame().unwrap();
-        c.key(u32::from(b'a'), true).unwrap();
-        c.key(u32::from(b'a'), false).unwrap();
-        let start = std::time::Instant::now();
-        while colours(&c, 64, 16) < 2 {
-            assert!(start.elapsed() < LIMIT, "the echo never reached the screen");
-            c.request(true).unwrap();
-            let _ = c.read_update();
-        }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let typing = {
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut c = RfbClient::over(stream, None).expect("RFB handshake with the made VM's VNC server");
+            c.set_encodings(&[rfb::RAW, rfb::DESKTOP_SIZE]).unwrap();
+            c.full_frame().unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let start = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(start.elapsed() < LIMIT, "the keys never reached the serial console");
+                c.key(u32::from(b'a'), true).unwrap();
+                c.key(u32::from(b'a'), false).unwrap();
+                c.request(true).unwrap();
+                let _ = c.read_update();
+            }
+            // The guest's screen echoes the keys too.
+            assert!(colours(&c, 64, 16) >= 2, "the echo never reached the screen");
+        })
+    };
+    let id = vm.id.clone();
+    eventually("the key on the serial console", async || {
+        let out = host.serial(&id, 100).await.ok()?;
+        out.lines.iter().any(|l| l.contains("PORTHOLE-KEY 9e")).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    typing.await.unwrap();
+    let out = host.serial(&id, 100).await.unwrap();
+    assert!(out.lines.iter().any(|l| l == "PORTHOLE-KEY 1e"), "{:?}", out.lines);
+    host.action(&vm.id, Action::Poweroff).await.unwrap();
+    let e = host.serial(&vm.id, 10).await.unwrap_err().to_string();
+    assert!(e.contains("not running"), "{e}");
+    host.delete_vm(&vm.id).await.unwrap();
+}
+
+/// Typing into a made VM's serial console: the demo guest echoes it back like a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serial_console_of_a_made_vm_shows_output_and_takes_input() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt serial console") else { return };
+    let host = connect(&lv.local_uri()).await;
+    let kernel = lv.guest_kernel("demo");
+    let spec = CreateVm {
+        boot: Some(porthole_api::BootSpec {
+            kernel: kernel.display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        ..CreateVm::new("serial-demo", 1, 64)
+    };
+    let vm = host.create_vm(&spec).await.unwrap();
+    host.action(&vm.id, Action::Start).await.unwrap();
+    let id = vm.id.clone();
+    // Typed until the guest is up and echoes it (what is typed before its driver is up may be lost).
+    eventually("the typed line echoed", async || {
+        host.serial_input(&id, "hello libvirt\r").await.ok()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let out = host.serial(&id, 200).await.ok()?;
+        out.lines.iter().any(|l| l.contains("hello libvirt")).then_some(())
+    })
+    .await;
     host.action(&vm.id, Action::Poweroff).await.unwrap();
     host.delete_vm(&vm.id).await.unwrap();
 }
