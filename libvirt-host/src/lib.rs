@@ -126,8 +126,17 @@ fn effective_uri(uri: &str, parsed: &ConnUri) -> String {
 
 fn open(uri: &str, parsed: &ConnUri) -> Result<Connect, HostError> {
     event_loop();
-    let conn = Connect::open(Some(&effective_uri(uri, parsed)))
-        .map_err(|e| HostError::Failed(format!("cannot connect to {uri}: {}", e.message())))?;
+    let conn = Connect::open(Some(&effective_uri(uri, parsed))).map_err(|e| {
+        let why = e.message();
+        // libvirt not installed or not running here: say what to do, not only which socket was missing.
+        let hint = if parsed.is_local() && why.contains("Failed to connect socket") {
+            " — libvirt is not running on this computer (Debian: apt install libvirt-daemon-system; Fedora: \
+             dnf install libvirt-daemon; then start libvirtd or virtqemud)"
+        } else {
+            ""
+        };
+        HostError::Failed(format!("cannot connect to {uri}: {why}{hint}"))
+    })?;
     if let Err(e) = conn.set_keep_alive(KEEPALIVE.0, KEEPALIVE.1) {
         log::debug!("{uri}: no keepalive: {}", e.message());
     }

@@ -525,3 +525,13 @@ async fn a_cancelled_upload_leaves_nothing_in_the_pool() {
     .await;
     assert!(host.images().await.unwrap().iter().all(|i| i.name != "big.iso"));
 }
+
+/// Without a libvirt daemon on this computer a local URI says so and what to install; no harness needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_uri_without_a_daemon_says_libvirt_is_not_running() {
+    let dir = porthole_tests::Scratch::new("libvirt-none");
+    let uri = format!("qemu:///session?socket={}", dir.path("no-such-sock").display());
+    let e = connect_err(&uri).await;
+    assert!(e.contains("libvirt is not running on this computer"), "{e}");
+    assert!(e.contains("libvirt-daemon-system"), "{e}");
+}
