@@ -15,8 +15,11 @@
 //! - Consoles: `virDomainOpenGraphicsFD` on local connections (the daemon hands us a socket already
 //!   connected to QEMU's VNC server); over SSH an `ssh -W 127.0.0.1:PORT` child with the connection's key and
 //!   known_hosts, whose stdin/stdout is one end of a socket pair.
-//! - Domain lifecycle events (`virConnectDomainEventRegisterAny`) bump [`LibvirtHost::changes`], so the
-//!   window refreshes when something happened rather than on a timer.
+//! - Domain events (`virConnectDomainEventRegisterAny`: lifecycle and definition changes) bump
+//!   [`LibvirtHost::changes`], so the window refreshes when something happened, and mark the domain dirty:
+//!   a refresh reads every domain's state in one `virConnectGetAllDomainStats` call and re-reads the XML of
+//!   new, dirty or changed-state domains only (of every domain without events or after a reconnection).
+//!   [`LibvirtHost::calls`] counts the libvirt calls made.
 //! - Samples: one thread per host calls `virConnectGetAllDomainStats` every second and keeps an hour.
 //! - Waits libvirt does not track (a shutdown with its time-out) are tasks kept in this process.
 //! - Every libvirt call runs on tokio's blocking pool and is bounded in time; the connection has libvirt's

@@ -422,7 +422,8 @@ async fn definitions_are_read_once_and_again_when_an_event_says_they_changed() {
 }
 
 /// Not a pass/fail test: how long one refresh of 200 domains takes (the list, then every domain's samples),
-/// over the local socket and over SSH. `cargo test -p porthole-tests --test libvirt -- --ignored --nocapture`.
+/// over the local socket and over SSH, and how many libvirt calls it makes (`porthole-bench libvirt` is the
+/// full benchmark). `cargo test -p porthole-tests --test libvirt -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run by hand"]
 async fn refreshing_200_domains_costs() {
@@ -444,16 +445,21 @@ async fn refreshing_200_domains_costs() {
         ("ssh", lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))),
         // Not libssh: libvirt 9.0's libssh transport crashes on a reply this large (see porthole-libvirt).
     ] {
-        let host = connect(&uri).await;
+        let libvirt = LibvirtHost::connect_async(&uri).await.unwrap();
+        let host: HostHandle = Arc::new(libvirt.clone());
         for round in 0..3 {
-            let start = std::time::Instant::now();
+            let (start, calls) = (std::time::Instant::now(), libvirt.calls());
             let vms = host.list_vms().await.unwrap();
             let listed = start.elapsed();
             for vm in &vms {
                 host.stats(&vm.id, 0, false).await.unwrap();
             }
             assert_eq!(vms.len(), 200);
-            eprintln!("{what} round {round}: list {listed:?}, list + 200 stats {:?}", start.elapsed());
+            eprintln!(
+                "{what} round {round}: list {listed:?}, list + 200 stats {:?}, {} libvirt calls",
+                start.elapsed(),
+                libvirt.calls() - calls
+            );
         }
     }
 }
