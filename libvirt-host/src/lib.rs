@@ -1696,8 +1696,10 @@ impl Host for LibvirtHost {
     }
 
     async fn stats(&self, id: &str, since_ms: u64, minutes: bool) -> Result<Stats, HostError> {
+        // A UUID the host knows (sampled, or listed) needs no call; a name is looked up.
         let sampled = lock(&self.inner.history).knows(id);
-        let uuid = if sampled {
+        let known = sampled || lock(&self.inner.defs).contains_key(id);
+        let uuid = if known {
             id.to_string()
         } else {
             let id = id.to_string();
