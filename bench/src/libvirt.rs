@@ -153,7 +153,14 @@ pub fn run(domains: usize, running: usize, refresh_count: usize, seconds: f64) -
     if domains < running + 1 || running == 0 {
         bail!("need at least one running domain besides the console's, and more domains than running ones");
     }
-    let lv = Libvirt::start().map_err(|e| anyhow::anyhow!("a private libvirtd: {e}"))?;
+    let lv = match Libvirt::start() {
+        Ok(lv) => lv,
+        Err(why) => {
+            // As the libvirt tests do: say why, and let `all` go on.
+            println!("libvirt: skipped (a private libvirtd cannot run here: {why})");
+            return Ok(());
+        }
+    };
     define_domains(&lv, domains - 1)?;
     lv.define_guest("console", "kbd-echo");
     for name in (0..running - 1).map(|i| format!("d{i:03}")).chain(["console".to_string()]) {
