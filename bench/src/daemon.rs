@@ -196,7 +196,7 @@ fn follow(client: &mut RfbClient, seconds: f64) -> anyhow::Result<(f64, f64, Dur
 }
 
 /// Whole frames for `seconds` (non-incremental requests, answered at once): frames/s and per-frame latency.
-fn frames(client: &mut RfbClient, seconds: f64) -> anyhow::Result<(f64, Duration, Duration)> {
+pub(crate) fn frames(client: &mut RfbClient, seconds: f64) -> anyhow::Result<(f64, Duration, Duration)> {
     client.set_encodings(&[0])?;
     client.full_frame()?;
     let start = Instant::now();

@@ -233,8 +233,9 @@ fn grid_run(
     let mut app = porthole::PortholeApp::new(backend, porthole::local_host(daemons[0].socket.clone()), None);
     for (h, d) in daemons.iter().enumerate().skip(1) {
         let socket = d.socket.clone();
-        app.backend
-            .add_host(format!("host-{h}"), "bench".into(), move || Client::unix(&socket).map_err(|e| e.to_string()));
+        app.backend.add_host(format!("host-{h}"), "bench".into(), move || {
+            Client::unix(&socket).map(|c| std::sync::Arc::new(c) as porthole_api::HostHandle).map_err(|e| e.to_string())
+        });
     }
     app.group_by = porthole::app::GroupBy::Host;
     app.view = porthole::app::MachineView::Grid;

@@ -11,6 +11,8 @@
 //!   peer: limited / unlimited); see `limits.rs`.
 //! - `noisy`: a VM's key-echo latency alone, beside noisy VMs, and with limits on them; see `limits.rs`.
 //! - `snapshot`: saving a running VM's state to a file and starting from it; see `snapshot.rs`.
+//! - `libvirt`: a libvirt host with 200 domains: the window's refresh against virt-manager's tick, and the
+//!   console through SSH against direct; see `libvirt.rs`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ mod daemon;
 mod disk;
 mod firmware;
 mod gui;
+mod libvirt;
 mod limits;
 mod net;
 mod snapshot;
@@ -152,6 +155,19 @@ enum Bench {
     /// Machine state of a running 256 MiB / 1 GiB guest (idle, and with 200 MiB written): file size, save and
     /// restore time, against QEMU's migration to a file.
     Snapshot,
+    /// A libvirt host with DOMAINS domains (RUNNING of them running): the window's refresh (time, libvirt
+    /// calls) against virt-manager 4.1's tick, and the console over qemu+ssh against direct (frames/s).
+    Libvirt {
+        #[arg(long, default_value_t = 200)]
+        domains: usize,
+        #[arg(long, default_value_t = 4)]
+        running: usize,
+        #[arg(long, default_value_t = 20)]
+        refreshes: usize,
+        /// Seconds of console frames per path.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Every benchmark with its defaults.
     All,
 }
@@ -399,6 +415,7 @@ fn main() -> anyhow::Result<()> {
         Bench::GuiGrid { hosts, per_host, frames } => gui::grid(hosts, per_host, frames),
         Bench::Firmware { runs } => firmware::run(runs),
         Bench::Snapshot => snapshot::run(),
+        Bench::Libvirt { domains, running, refreshes, seconds } => libvirt::run(domains, running, refreshes, seconds),
         Bench::All => {
             bench_boot(20)?;
             bench_memory()?;
@@ -417,6 +434,7 @@ fn main() -> anyhow::Result<()> {
             gui::run(5)?;
             gui::grid(5, 100, 600)?;
             snapshot::run()?;
+            libvirt::run(200, 4, 20, 5.0)?;
             firmware::run(3)
         }
     }

@@ -15,8 +15,11 @@
 //! - Consoles: `virDomainOpenGraphicsFD` on local connections (the daemon hands us a socket already
 //!   connected to QEMU's VNC server); over SSH an `ssh -W 127.0.0.1:PORT` child with the connection's key and
 //!   known_hosts, whose stdin/stdout is one end of a socket pair.
-//! - Domain lifecycle events (`virConnectDomainEventRegisterAny`) bump [`LibvirtHost::changes`], so the
-//!   window refreshes when something happened rather than on a timer.
+//! - Domain events (`virConnectDomainEventRegisterAny`: lifecycle and definition changes) bump
+//!   [`LibvirtHost::changes`], so the window refreshes when something happened, and mark the domain dirty:
+//!   a refresh reads every domain's state in one `virConnectGetAllDomainStats` call and re-reads the XML of
+//!   new, dirty or changed-state domains only (of every domain without events or after a reconnection).
+//!   [`LibvirtHost::calls`] counts the libvirt calls made.
 //! - Samples: one thread per host calls `virConnectGetAllDomainStats` every second and keeps an hour.
 //! - Waits libvirt does not track (a shutdown with its time-out) are tasks kept in this process.
 //! - Every libvirt call runs on tokio's blocking pool and is bounded in time; the connection has libvirt's
@@ -29,6 +32,14 @@
 //! libvirt's `ssh` transport runs the `ssh` binary, which checks the user's `~/.ssh/known_hosts`; the
 //! `libssh` transport honours `known_hosts=` and `keyfile=`. Either way an unknown host key is refused:
 //! [`ssh_host_key_fingerprint`] gives what to show the user and [`trust_host_key`] records their yes.
+
+/// Counts one call to the daemon on the host whose work this thread does, then makes it.
+macro_rules! rpc {
+    ($e:expr) => {{
+        $crate::count();
+        $e
+    }};
+}
 
 mod events;
 mod serial;
@@ -96,6 +107,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+thread_local! {
+    /// The call counter of the host this thread works for (set by [`Counting`]).
+    static COUNTER: std::cell::RefCell<Option<Arc<AtomicU64>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Counts one libvirt call that may go to the daemon (everything but reading a handle's name or UUID).
+pub(crate) fn count() {
+    COUNTER.with(|c| {
+        if let Some(c) = c.borrow().as_ref() {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+}
+
+/// While alive, this thread's libvirt calls count on `calls`.
+struct Counting(Option<Arc<AtomicU64>>);
+
+impl Counting {
+    fn on(calls: &Arc<AtomicU64>) -> Counting {
+        Counting(COUNTER.with(|c| c.replace(Some(calls.clone()))))
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        let before = self.0.take();
+        COUNTER.with(|c| *c.borrow_mut() = before);
+    }
+}
+
 /// libvirt's default event loop, which keepalive needs: registered once, run on its own thread.
 fn event_loop() {
     static ONCE: Once = Once::new();
@@ -126,7 +167,7 @@ fn effective_uri(uri: &str, parsed: &ConnUri) -> String {
 
 fn open(uri: &str, parsed: &ConnUri) -> Result<Connect, HostError> {
     event_loop();
-    let conn = Connect::open(Some(&effective_uri(uri, parsed))).map_err(|e| {
+    let conn = rpc!(Connect::open(Some(&effective_uri(uri, parsed)))).map_err(|e| {
         let why = e.message();
         // libvirt not installed or not running here: say what to do, not only which socket was missing.
         let hint = if parsed.is_local() && why.contains("Failed to connect socket") {
@@ -137,7 +178,7 @@ fn open(uri: &str, parsed: &ConnUri) -> Result<Connect, HostError> {
         };
         HostError::Failed(format!("cannot connect to {uri}: {why}{hint}"))
     })?;
-    if let Err(e) = conn.set_keep_alive(KEEPALIVE.0, KEEPALIVE.1) {
+    if let Err(e) = rpc!(conn.set_keep_alive(KEEPALIVE.0, KEEPALIVE.1)) {
         log::debug!("{uri}: no keepalive: {}", e.message());
     }
     Ok(conn)
@@ -148,13 +189,56 @@ struct TaskEntry {
     cancel: Arc<AtomicBool>,
 }
 
+/// What `host()` reads once per connection.
+#[derive(Clone)]
+struct HostStatic {
+    hostname: String,
+    version: String,
+    cpus: u32,
+    memory_mib: u64,
+    cpu_model: String,
+}
+
+/// What `host()` re-reads at most every [`HOST_TTL`]: free memory and the pool's space.
+#[derive(Clone, Default)]
+struct HostDynamic {
+    memory_available_mib: u64,
+    free_disk_bytes: u64,
+    disk_total_bytes: u64,
+    data_dir: String,
+    problems: Vec<String>,
+}
+
+/// How long `host()` keeps the host's free memory and the pool's free space before reading them again (an
+/// event, or a change Porthole made, has them read at once).
+const HOST_TTL: Duration = Duration::from_secs(30);
+/// The sampler's period.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
 struct Inner {
     uri: String,
     parsed: ConnUri,
     conn: Mutex<Option<Connect>>,
-    /// Bumped on every domain lifecycle event and on reconnection.
-    changes: events::Changes,
+    /// Events: the window's change counter, dirty definitions, the state readings' generation.
+    watch: Arc<events::Watch>,
+    /// libvirt calls made for this host (every call that may reach the daemon).
+    calls: Arc<AtomicU64>,
     history: Mutex<stats::History>,
+    /// The latest reading of every domain's state and counters, with the event generation before it.
+    reading: Mutex<Option<(u64, Arc<stats::Reading>)>>,
+    /// Held while a reading is taken, so concurrent callers share one.
+    reading_call: Mutex<()>,
+    /// The sampler's latest reading of the running domains (their disks' sizes, memory).
+    sample: Mutex<Option<Arc<stats::Reading>>>,
+    /// Parsed definitions by domain UUID (held while `list_vms` refreshes them).
+    defs: Mutex<std::collections::HashMap<String, Def>>,
+    /// Off: every `list_vms` re-reads every domain's definition (as without events).
+    cache_off: AtomicBool,
+    host_static: Mutex<Option<HostStatic>>,
+    /// When it was read, at which event generation, what.
+    host_dynamic: Mutex<Option<(std::time::Instant, u64, HostDynamic)>>,
+    /// The library pool's handle, once found.
+    pool: Mutex<Option<StoragePool>>,
     tasks: Mutex<Vec<TaskEntry>>,
     next_task: AtomicU64,
     /// The serial consoles opened so far.
@@ -173,16 +257,28 @@ impl Inner {
         }
         *slot = None;
         let c = open(&self.uri, &self.parsed)?;
+        self.forget_cached();
         self.watch(&c);
         // Anything may have changed while the connection was down.
-        events::bump(&self.changes);
+        self.watch.bump();
         *slot = Some(c.clone());
         Ok(c)
     }
 
-    /// Registers for `conn`'s domain events (without them the window polls, as before).
+    /// Drops everything read on an earlier connection.
+    fn forget_cached(&self) {
+        self.watch.touch(None);
+        *lock(&self.reading) = None;
+        *lock(&self.sample) = None;
+        *lock(&self.host_static) = None;
+        *lock(&self.host_dynamic) = None;
+        *lock(&self.pool) = None;
+    }
+
+    /// Registers for `conn`'s domain events (without them the window polls and every refresh re-reads
+    /// every domain, as before).
     fn watch(&self, conn: &Connect) {
-        if let Err(e) = events::register(conn, &self.changes) {
+        if let Err(e) = events::register(conn, &self.watch) {
             log::info!("{}: no domain events: {}", self.uri, e.message());
         }
     }
@@ -190,6 +286,24 @@ impl Inner {
     /// The open connection if it is alive (the sampler never reconnects).
     fn live_conn(&self) -> Option<Connect> {
         lock(&self.conn).as_ref().filter(|c| c.is_alive().unwrap_or(false)).cloned()
+    }
+
+    /// A reading of every domain's state answered after `asked` (one `virConnectGetAllDomainStats`): the one
+    /// a concurrent caller had under way when this one asked (the window asks for `host()` and `list_vms()`
+    /// at once: they share it), unless an event came meanwhile, or a new one.
+    fn reading(&self, conn: &Connect, asked: std::time::Instant) -> Result<Arc<stats::Reading>, HostError> {
+        let _one = lock(&self.reading_call);
+        if let Some((generation, r)) = lock(&self.reading).as_ref()
+            && r.finished >= asked
+            && *generation == self.watch.generation()
+        {
+            return Ok(r.clone());
+        }
+        let generation = self.watch.generation();
+        let r =
+            Arc::new(stats::read(conn, stats::Kind::States, now_ms()).map_err(failed("reading the domains' states"))?);
+        *lock(&self.reading) = Some((generation, r.clone()));
+        Ok(r)
     }
 }
 
@@ -215,18 +329,34 @@ impl LibvirtHost {
                 "cannot connect to {uri}: Porthole speaks to libvirt's QEMU driver only (qemu://, qemu+ssh://, …)"
             )));
         }
-        let conn = open(uri, &parsed)?;
+        let calls = Arc::new(AtomicU64::new(0));
+        let conn = {
+            let _counting = Counting::on(&calls);
+            open(uri, &parsed)?
+        };
         let inner = Arc::new(Inner {
             uri: uri.to_string(),
             parsed,
             conn: Mutex::new(None),
-            changes: Arc::new(tokio::sync::watch::channel(0).0),
+            watch: Arc::new(events::Watch::new()),
+            calls,
             history: Mutex::new(stats::History::default()),
+            reading: Mutex::new(None),
+            reading_call: Mutex::new(()),
+            sample: Mutex::new(None),
+            defs: Mutex::new(std::collections::HashMap::new()),
+            cache_off: AtomicBool::new(false),
+            host_static: Mutex::new(None),
+            host_dynamic: Mutex::new(None),
+            pool: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             next_task: AtomicU64::new(1),
             serials: serial::SerialTaps::default(),
         });
-        inner.watch(&conn);
+        {
+            let _counting = Counting::on(&inner.calls);
+            inner.watch(&conn);
+        }
         *lock(&inner.conn) = Some(conn);
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -249,10 +379,36 @@ impl LibvirtHost {
     }
 
     /// A counter bumped whenever libvirt reports a domain's lifecycle event (defined, undefined, started,
-    /// stopped, paused, resumed, crashed, saved) and when the connection was reopened: the window refreshes
-    /// on a change instead of polling.
+    /// stopped, paused, resumed, crashed, saved) or a change of its definition (a device added or removed,
+    /// media changed, a tray opened, metadata or tunables changed), and when the connection was reopened: the
+    /// window refreshes on a change instead of polling.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.changes.subscribe()
+        self.inner.watch.changes.subscribe()
+    }
+
+    /// How many libvirt calls that may reach the daemon this host has made so far (every call of its own
+    /// and of its sampler thread; reading a handle's name or UUID is not one). A benchmark's calls per
+    /// refresh are the difference over a refresh.
+    pub fn calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::Relaxed)
+    }
+
+    /// Whether this connection delivers the domain events the definition cache relies on (else every
+    /// refresh re-reads every domain's XML).
+    pub fn events_live(&self) -> bool {
+        self.inner.watch.live()
+    }
+
+    /// Turns the definition cache off (every refresh re-reads every domain's XML, as when the connection has
+    /// no events) or on again: for benchmarks that compare the two.
+    pub fn set_definition_cache(&self, on: bool) {
+        self.inner.cache_off.store(!on, Ordering::SeqCst);
+    }
+
+    /// Porthole itself changed `uuid` (its definition or state): the cache re-reads it, and no earlier
+    /// state reading is used again.
+    fn touched(&self, uuid: &str) {
+        self.inner.watch.touch(Some(uuid));
     }
 
     /// The URI as the user gave it.
@@ -277,6 +433,7 @@ impl LibvirtHost {
     ) -> Result<T, HostError> {
         let inner = self.inner.clone();
         let job = tokio::task::spawn_blocking(move || {
+            let _counting = Counting::on(&inner.calls);
             let c = inner.conn()?;
             f(&c)
         });
@@ -345,14 +502,20 @@ impl LibvirtHost {
     }
 }
 
+/// Reads every running domain's counters once a second (one `virConnectGetAllDomainStats`) into the
+/// history. Apart from the refreshes' state readings: asking QEMU for block and balloon figures takes
+/// milliseconds per running guest, which a refresh should not wait for.
 fn sampler(inner: Weak<Inner>) {
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(SAMPLE_EVERY);
         let Some(inner) = inner.upgrade() else { return };
+        let _counting = Counting::on(&inner.calls);
         let Some(conn) = inner.live_conn() else { continue };
-        let read = { stats::read_all(&conn, now_ms()) };
-        match read {
-            Ok(readings) => lock(&inner.history).record(readings),
+        match stats::read(&conn, stats::Kind::Samples, now_ms()) {
+            Ok(r) => {
+                lock(&inner.history).record(r.counters());
+                *lock(&inner.sample) = Some(Arc::new(r));
+            }
             Err(e) => log::debug!("{}: stats: {}", inner.uri, e.message()),
         }
     }
@@ -361,8 +524,8 @@ fn sampler(inner: Weak<Inner>) {
 // ---- domains ----
 
 fn find_domain(conn: &Connect, id: &str) -> Result<Domain, HostError> {
-    conn.lookup_domain_by_uuid_string(id)
-        .or_else(|_| conn.lookup_domain_by_name(id))
+    rpc!(conn.lookup_domain_by_uuid_string(id))
+        .or_else(|_| rpc!(conn.lookup_domain_by_name(id)))
         .map_err(|e| HostError::Failed(format!("no VM {id:?} on this libvirt host: {}", e.message())))
 }
 
@@ -416,34 +579,73 @@ fn kib_to_mib(node: Option<&Node>) -> u64 {
 }
 
 fn vm_of(conn: &Connect, dom: &Domain) -> Result<Vm, HostError> {
-    vm_with_state(conn, dom, None)
+    let state = raw_state(rpc!(dom.state()).map_err(failed("reading a domain's state"))?.0);
+    Ok(read_def(conn, dom, state)?.vm(state, &[]))
 }
 
-/// The VM of `dom`; `known_state` when the caller read it already (a list reads every state in one call).
-fn vm_with_state(conn: &Connect, dom: &Domain, known_state: Option<u32>) -> Result<Vm, HostError> {
-    let text = dom.xml_desc(0).map_err(failed("reading a domain's XML"))?;
+/// What the cache keeps of a domain: the VM as its XML describes it (with its disks' sizes, whether it has
+/// a managed save and starts with the host), re-read only when an event says it changed.
+#[derive(Clone)]
+struct Def {
+    vm: Vm,
+    /// The target device of each disk (`drives[i]` for `i` < this length) and its allocation when read.
+    disk_targets: Vec<String>,
+    disk_alloc: Vec<u64>,
+    managed_save: bool,
+    /// The state the definition was read in (the live XML of a running domain, the inactive one of a
+    /// stopped one).
+    active: bool,
+}
+
+impl Def {
+    /// The VM in `state`, its disks' sizes from `blocks` where the daemon reported them.
+    fn vm(&self, state: u32, blocks: &[stats::Block]) -> Vm {
+        let mut vm = self.vm.clone();
+        vm.state = vm_state(state, self.managed_save && state == sys::VIR_DOMAIN_SHUTOFF);
+        let mut allocated = 0;
+        for (i, (target, def_alloc)) in self.disk_targets.iter().zip(&self.disk_alloc).enumerate() {
+            let drive = &mut vm.drives[i];
+            match blocks.iter().find(|b| &b.name == target && b.capacity > 0) {
+                Some(b) => {
+                    drive.size_bytes = b.capacity;
+                    allocated += b.allocation;
+                }
+                None => allocated += def_alloc,
+            }
+            if i == 0 {
+                vm.disk_bytes = drive.size_bytes;
+            }
+        }
+        vm.disk_allocated_bytes = allocated;
+        vm
+    }
+}
+
+/// Reads `dom`'s definition (its XML, its disks' sizes, managed save, autostart); `state` is its present
+/// state.
+fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> {
+    let text = rpc!(dom.xml_desc(0)).map_err(failed("reading a domain's XML"))?;
     let doc = Node::parse(&text).map_err(xml_failed("reading a domain's XML"))?;
-    let state = match known_state {
-        Some(s) => s,
-        None => raw_state(dom.state().map_err(failed("reading a domain's state"))?.0),
-    };
-    let managed = state == sys::VIR_DOMAIN_SHUTOFF && dom.has_managed_save(0).unwrap_or(false);
+    let managed = state == sys::VIR_DOMAIN_SHUTOFF && rpc!(dom.has_managed_save(0)).unwrap_or(false);
     let name = doc.text_at(&["name"]).unwrap_or_default().to_string();
     let id = doc.text_at(&["uuid"]).map(str::to_string).unwrap_or_else(|| dom.uuid_string().unwrap_or_default());
+    let (mut disk_targets, mut disk_alloc) = (Vec::new(), Vec::new());
     let mut drives = Vec::new();
     let mut disk_bytes = 0;
     let mut disk_format = None;
     let mut disk_allocated_bytes = 0;
     for (i, d) in disks(&doc, "disk").enumerate() {
         let target = d.child("target").and_then(|t| t.attr("dev")).unwrap_or_default();
+        disk_targets.push(target.to_string());
         let (mut size, mut alloc) = (0, 0);
-        if let Ok(b) = dom.block_info(target, 0) {
+        if let Ok(b) = rpc!(dom.block_info(target, 0)) {
             (size, alloc) = (b.capacity, b.allocation);
-        } else if let Some(vol) = disk_source(d).and_then(|p| conn.lookup_storage_vol_by_path(p).ok())
-            && let Ok(info) = vol.info()
+        } else if let Some(vol) = disk_source(d).and_then(|p| rpc!(conn.lookup_storage_vol_by_path(p)).ok())
+            && let Ok(info) = rpc!(vol.info())
         {
             (size, alloc) = (info.capacity, info.allocation);
         }
+        disk_alloc.push(alloc);
         let format = match d.child("driver").and_then(|x| x.attr("type")) {
             Some("qcow2") => Some(DiskFormat::Qcow2),
             Some("raw") => Some(DiskFormat::Raw),
@@ -501,7 +703,7 @@ fn vm_with_state(conn: &Connect, dom: &Domain, known_state: Option<u32>) -> Resu
         .unwrap_or_default();
     let tags =
         porthole_meta(&doc).map(|m| m.all("tag").map(|t| t.text.trim().to_string()).collect()).unwrap_or_default();
-    Ok(Vm {
+    let vm = Vm {
         id,
         name,
         vcpus: doc.text_at(&["vcpu"]).and_then(|v| v.parse().ok()).unwrap_or(1),
@@ -533,21 +735,22 @@ fn vm_with_state(conn: &Connect, dom: &Domain, known_state: Option<u32>) -> Resu
         linked_to: None,
         cloud_init: None,
         description: doc.text_at(&["description"]).unwrap_or_default().to_string(),
-        autostart: dom.autostart().unwrap_or(false),
+        autostart: rpc!(dom.autostart()).unwrap_or(false),
         boot_order: if boot_order.is_empty() { porthole_api::default_boot_order() } else { boot_order },
         boot_menu: os.and_then(|o| o.child("bootmenu")).is_some_and(|b| b.attr("enable") == Some("yes")),
         display: None,
         drives,
         pending_changes: Vec::new(),
         pending: None,
-    })
+    };
+    Ok(Def { vm, disk_targets, disk_alloc, managed_save: managed, active: state != sys::VIR_DOMAIN_SHUTOFF })
 }
 
 // ---- storage ----
 
 /// The library pool, defined (a directory pool under the daemon's images directory) and started if needed.
 fn pool(conn: &Connect, parsed: &ConnUri) -> Result<StoragePool, HostError> {
-    let pool = match conn.lookup_storage_pool_by_name(POOL) {
+    let pool = match rpc!(conn.lookup_storage_pool_by_name(POOL)) {
         Ok(p) => p,
         Err(_) => {
             let dir = default_images_dir(parsed)?;
@@ -555,13 +758,13 @@ fn pool(conn: &Connect, parsed: &ConnUri) -> Result<StoragePool, HostError> {
             let p = conn
                 .define_storage_pool_xml(&xml, 0)
                 .map_err(failed(format!("defining storage pool {POOL:?} at {dir}")))?;
-            p.build(0).map_err(failed(format!("creating the directory of storage pool {POOL:?} ({dir})")))?;
-            let _ = p.set_autostart(true);
+            rpc!(p.build(0)).map_err(failed(format!("creating the directory of storage pool {POOL:?} ({dir})")))?;
+            let _ = rpc!(p.set_autostart(true));
             p
         }
     };
-    if !pool.is_active().unwrap_or(false) {
-        pool.create(0).map_err(failed(format!("starting storage pool {POOL:?}")))?;
+    if !rpc!(pool.is_active()).unwrap_or(false) {
+        rpc!(pool.create(0)).map_err(failed(format!("starting storage pool {POOL:?}")))?;
     }
     Ok(pool)
 }
@@ -588,24 +791,24 @@ fn default_images_dir(parsed: &ConnUri) -> Result<String, HostError> {
 }
 
 fn vol_format(vol: &StorageVol) -> Option<String> {
-    let text = vol.xml_desc(0).ok()?;
+    let text = rpc!(vol.xml_desc(0)).ok()?;
     let doc = Node::parse(&text).ok()?;
     doc.at(&["target", "format"]).and_then(|f| f.attr("type")).map(str::to_string)
 }
 
 /// Every domain's XML document.
 fn all_domain_docs(conn: &Connect) -> Result<Vec<Node>, HostError> {
-    let doms = conn.list_all_domains(0).map_err(failed("listing domains"))?;
-    Ok(doms.iter().filter_map(|d| d.xml_desc(0).ok()).filter_map(|t| Node::parse(&t).ok()).collect())
+    let doms = rpc!(conn.list_all_domains(0)).map_err(failed("listing domains"))?;
+    Ok(doms.iter().filter_map(|d| rpc!(d.xml_desc(0)).ok()).filter_map(|t| Node::parse(&t).ok()).collect())
 }
 
 fn image_of(vol: &StorageVol, docs: &[Node]) -> Option<Image> {
     let name = vol.name().ok()?;
-    let path = vol.path().ok()?;
+    let path = rpc!(vol.path()).ok()?;
     if docs.iter().any(|d| disks(d, "disk").any(|k| disk_source(k) == Some(path.as_str()))) {
         return None; // a VM's disk, not a library image
     }
-    let info = vol.info().ok()?;
+    let info = rpc!(vol.info()).ok()?;
     let fmt = vol_format(vol);
     let format = match fmt.as_deref() {
         Some("iso") => ImageFormat::Iso,
@@ -648,7 +851,7 @@ struct Caps {
 }
 
 fn caps(conn: &Connect) -> Result<Caps, HostError> {
-    let text = conn.capabilities().map_err(failed("reading the host's capabilities"))?;
+    let text = rpc!(conn.capabilities()).map_err(failed("reading the host's capabilities"))?;
     let doc = Node::parse(&text).map_err(xml_failed("reading the host's capabilities"))?;
     let guest = doc
         .all("guest")
@@ -745,8 +948,8 @@ fn domain_xml(
 /// The network a new VM gets: `default` when active; user-mode networking on a session connection; none
 /// otherwise (with the reason).
 fn pick_network(conn: &Connect, parsed: &ConnUri) -> (Option<String>, String) {
-    if let Ok(net) = conn.lookup_network_by_name("default")
-        && net.is_active().unwrap_or(false)
+    if let Ok(net) = rpc!(conn.lookup_network_by_name("default"))
+        && rpc!(net.is_active()).unwrap_or(false)
     {
         return (Some("default".into()), String::new());
     }
@@ -761,14 +964,14 @@ fn create_blocking(conn: &Connect, parsed: &ConnUri, vm: &CreateVm) -> Result<Vm
     if vm.vcpus == 0 || vm.memory_mib == 0 {
         return Err(HostError::Failed("a VM needs at least one vCPU and some memory".into()));
     }
-    if conn.lookup_domain_by_name(&vm.name).is_ok() {
+    if rpc!(conn.lookup_domain_by_name(&vm.name)).is_ok() {
         return Err(HostError::Failed(format!("a VM named {:?} exists already on this host", vm.name)));
     }
     let caps = caps(conn)?;
     let pool = pool(conn, parsed)?;
     let vol_path = |name: &str, what: &str| -> Result<String, HostError> {
-        pool.lookup_storage_vol_by_name(name)
-            .and_then(|v| v.path())
+        rpc!(pool.lookup_storage_vol_by_name(name))
+            .and_then(|v| rpc!(v.path()))
             .map_err(failed(format!("{what} {name:?} is not in storage pool {POOL:?}")))
     };
     let media = vm.media.as_deref().map(|m| vol_path(m, "image")).transpose()?;
@@ -801,8 +1004,9 @@ fn create_blocking(conn: &Connect, parsed: &ConnUri, vm: &CreateVm) -> Result<Vm
             vm.disk_gib << 30,
             ext_fmt = if ext == "img" { "raw" } else { ext },
         );
-        let vol = StorageVol::create_xml(&pool, &xml, 0).map_err(failed(format!("creating disk volume {name:?}")))?;
-        let path = vol.path().map_err(failed("reading the new disk's path"))?;
+        let vol =
+            rpc!(StorageVol::create_xml(&pool, &xml, 0)).map_err(failed(format!("creating disk volume {name:?}")))?;
+        let path = rpc!(vol.path()).map_err(failed("reading the new disk's path"))?;
         created = Some(vol);
         Some((path, format))
     } else {
@@ -817,11 +1021,11 @@ fn create_blocking(conn: &Connect, parsed: &ConnUri, vm: &CreateVm) -> Result<Vm
         nic.as_deref(),
         &note,
     );
-    match conn.define_domain_xml(&xml) {
+    match rpc!(conn.define_domain_xml(&xml)) {
         Ok(dom) => vm_of(conn, &dom),
         Err(e) => {
             if let Some(v) = created {
-                let _ = v.delete(0);
+                let _ = rpc!(v.delete(0));
             }
             Err(HostError::Failed(format!("defining VM {:?}: {}", vm.name, e.message())))
         }
@@ -838,7 +1042,7 @@ fn change_media_blocking(
     image: Option<&str>,
 ) -> Result<Vm, HostError> {
     let dom = find_domain(conn, id)?;
-    let text = dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(failed("reading the domain's XML"))?;
+    let text = rpc!(dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)).map_err(failed("reading the domain's XML"))?;
     let doc = Node::parse(&text).map_err(xml_failed("reading the domain's XML"))?;
     let index = match drive {
         None => 0,
@@ -855,9 +1059,8 @@ fn change_media_blocking(
     let source = match image {
         Some(name) => {
             let pool = pool(conn, parsed)?;
-            let path = pool
-                .lookup_storage_vol_by_name(name)
-                .and_then(|v| v.path())
+            let path = rpc!(pool.lookup_storage_vol_by_name(name))
+                .and_then(|v| rpc!(v.path()))
                 .map_err(failed(format!("image {name:?} is not in storage pool {POOL:?}")))?;
             format!("<source file='{}'/>", esc(&path))
         }
@@ -870,13 +1073,13 @@ fn change_media_blocking(
         esc(bus)
     );
     let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
-    if dom.is_active().unwrap_or(false) {
+    if rpc!(dom.is_active()).unwrap_or(false) {
         flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
     }
-    if !dom.is_persistent().unwrap_or(true) {
+    if !rpc!(dom.is_persistent()).unwrap_or(true) {
         flags &= !sys::VIR_DOMAIN_AFFECT_CONFIG;
     }
-    dom.update_device_flags(&xml, flags).map_err(failed(if image.is_some() {
+    rpc!(dom.update_device_flags(&xml, flags)).map_err(failed(if image.is_some() {
         "inserting the image"
     } else {
         "ejecting the CD/DVD"
@@ -888,17 +1091,17 @@ fn change_media_blocking(
 
 fn console_blocking(conn: &Connect, parsed: &ConnUri, id: &str) -> Result<UnixStream, HostError> {
     let dom = find_domain(conn, id)?;
-    if !dom.is_active().unwrap_or(false) {
+    if !rpc!(dom.is_active()).unwrap_or(false) {
         return Err(HostError::Failed("the VM is not running: its console opens once it runs".into()));
     }
-    let text = dom.xml_desc(0).map_err(failed("reading the domain's XML"))?;
+    let text = rpc!(dom.xml_desc(0)).map_err(failed("reading the domain's XML"))?;
     let doc = Node::parse(&text).map_err(xml_failed("reading the domain's XML"))?;
     let graphics = doc
         .child("devices")
         .and_then(|d| d.all("graphics").find(|g| g.attr("type") == Some("vnc")))
         .ok_or_else(|| HostError::Failed("the VM has no VNC display".into()))?;
     if parsed.is_local() {
-        match dom.open_graphics_fd(0, 0) {
+        match rpc!(dom.open_graphics_fd(0, 0)) {
             // SAFETY: libvirt hands us a new socket descriptor that nothing else owns.
             Ok(fd) => return Ok(unsafe { UnixStream::from_raw_fd(fd as i32) }),
             Err(e) => {
@@ -929,7 +1132,7 @@ fn console_blocking(conn: &Connect, parsed: &ConnUri, id: &str) -> Result<UnixSt
 // ---- snapshots ----
 
 fn snapshot_of(snap: &virt::domain_snapshot::DomainSnapshot) -> Option<Snapshot> {
-    let doc = Node::parse(&snap.xml_desc(0).ok()?).ok()?;
+    let doc = Node::parse(&rpc!(snap.xml_desc(0)).ok()?).ok()?;
     let name = doc.text_at(&["name"])?.to_string();
     let state = doc.text_at(&["state"]).unwrap_or_default();
     let memory = doc.child("memory").and_then(|m| m.attr("snapshot")).unwrap_or("no");
@@ -1043,7 +1246,7 @@ const MAX_SCREENSHOT: usize = 64 << 20;
 fn screenshot_blocking(conn: &Connect, id: &str, width: u32) -> Result<Vec<u8>, HostError> {
     let dom = find_domain(conn, id)?;
     let stream = Stream::new(conn, 0).map_err(failed("opening a stream"))?;
-    let mime = dom.screenshot(&stream, 0, 0).map_err(failed("taking a screenshot"))?;
+    let mime = rpc!(dom.screenshot(&stream, 0, 0)).map_err(failed("taking a screenshot"))?;
     let mut data = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -1084,7 +1287,7 @@ fn upload_blocking(
     let mut file = std::fs::File::open(path).map_err(|e| HostError::Failed(format!("{}: {e}", path.display())))?;
     let len = file.metadata().map_err(|e| HostError::Failed(format!("{}: {e}", path.display())))?.len();
     let pool = pool(conn, parsed)?;
-    if pool.lookup_storage_vol_by_name(name).is_ok() {
+    if rpc!(pool.lookup_storage_vol_by_name(name)).is_ok() {
         return Err(HostError::Failed(format!("the library has an image named {name:?} already")));
     }
     let format = if name.to_ascii_lowercase().ends_with(".iso") { "iso" } else { "raw" };
@@ -1093,10 +1296,10 @@ fn upload_blocking(
          <target><format type='{format}'/></target></volume>",
         esc(name)
     );
-    let vol = StorageVol::create_xml(&pool, &xml, 0).map_err(failed(format!("creating volume {name:?}")))?;
+    let vol = rpc!(StorageVol::create_xml(&pool, &xml, 0)).map_err(failed(format!("creating volume {name:?}")))?;
     let sent = (|| -> Result<String, HostError> {
         let stream = Stream::new(conn, 0).map_err(failed("opening an upload stream"))?;
-        vol.upload(&stream, 0, len, 0).map_err(failed(format!("uploading {name:?}")))?;
+        rpc!(vol.upload(&stream, 0, len, 0)).map_err(failed(format!("uploading {name:?}")))?;
         let mut hash = sha2::Sha256::new();
         let mut buf = vec![0u8; CHUNK];
         let mut done = 0u64;
@@ -1134,16 +1337,17 @@ fn upload_blocking(
     })();
     match sent {
         Ok(sha) => {
-            let _ = pool.refresh(0);
+            let _ = rpc!(pool.refresh(0));
             let docs = all_domain_docs(conn)?;
-            let vol = pool.lookup_storage_vol_by_name(name).map_err(failed(format!("reading volume {name:?}")))?;
+            let vol =
+                rpc!(pool.lookup_storage_vol_by_name(name)).map_err(failed(format!("reading volume {name:?}")))?;
             let mut image = image_of(&vol, &docs)
                 .ok_or_else(|| HostError::Failed(format!("the uploaded volume {name:?} cannot be read")))?;
             image.sha256 = sha;
             Ok(image)
         }
         Err(e) => {
-            let _ = vol.delete(0);
+            let _ = rpc!(vol.delete(0));
             Err(e)
         }
     }
@@ -1151,6 +1355,125 @@ fn upload_blocking(
 
 fn format_version(v: u32) -> String {
     format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+/// Whether a domain in `state` runs (has a QEMU process).
+fn is_active_state(state: u32) -> bool {
+    !matches!(state, sys::VIR_DOMAIN_SHUTOFF | sys::VIR_DOMAIN_CRASHED | sys::VIR_DOMAIN_NOSTATE)
+}
+
+/// The host's name, versions and hardware, read once per connection.
+fn host_static(inner: &Inner, c: &Connect) -> Result<HostStatic, HostError> {
+    if let Some(h) = lock(&inner.host_static).clone() {
+        return Ok(h);
+    }
+    let ni = rpc!(c.node_info()).map_err(failed("reading the host's node info"))?;
+    let h = HostStatic {
+        hostname: rpc!(c.hostname()).map_err(failed("reading the host name"))?,
+        version: format!(
+            "libvirt {}, {} {}",
+            format_version(rpc!(c.lib_version()).unwrap_or(0)),
+            rpc!(c.driver_type()).unwrap_or_default(),
+            format_version(rpc!(c.hyp_version()).unwrap_or(0))
+        ),
+        cpus: ni.cpus,
+        memory_mib: ni.memory >> 10,
+        cpu_model: ni.model,
+    };
+    *lock(&inner.host_static) = Some(h.clone());
+    Ok(h)
+}
+
+/// The host's free memory and the library pool's space and folder, read again after [`HOST_TTL`] or after
+/// any event (a domain started or stopped, Porthole made or deleted one).
+fn host_dynamic(inner: &Inner, c: &Connect) -> HostDynamic {
+    let generation = inner.watch.generation();
+    if let Some((t, g, d)) = lock(&inner.host_dynamic).as_ref()
+        && t.elapsed() < HOST_TTL
+        && *g == generation
+    {
+        return d.clone();
+    }
+    let before = lock(&inner.host_dynamic).as_ref().map(|(_, _, d)| d.clone()).unwrap_or_default();
+    let mut d = HostDynamic {
+        memory_available_mib: rpc!(c.free_memory()).unwrap_or(0) >> 20,
+        data_dir: before.data_dir,
+        ..HostDynamic::default()
+    };
+    let known = lock(&inner.pool).clone();
+    let info = match known.as_ref().map(|p| rpc!(p.info())) {
+        Some(Ok(i)) if i.state == sys::VIR_STORAGE_POOL_RUNNING => Ok(i),
+        // Not found yet, gone, or stopped: found (defined, started) again.
+        _ => pool(c, &inner.parsed).and_then(|p| {
+            let i = rpc!(p.info()).map_err(failed(format!("reading storage pool {POOL:?}")))?;
+            if let Some(dir) = rpc!(p.xml_desc(0))
+                .ok()
+                .and_then(|t| Node::parse(&t).ok())
+                .and_then(|d| d.text_at(&["target", "path"]).map(str::to_string))
+            {
+                d.data_dir = dir;
+            }
+            *lock(&inner.pool) = Some(p);
+            Ok(i)
+        }),
+    };
+    match info {
+        Ok(i) => {
+            d.free_disk_bytes = i.available;
+            d.disk_total_bytes = i.capacity;
+        }
+        Err(e) => {
+            *lock(&inner.pool) = None;
+            d.problems.push(e.to_string());
+        }
+    }
+    *lock(&inner.host_dynamic) = Some((std::time::Instant::now(), generation, d.clone()));
+    d
+}
+
+/// The VMs from one reading of every domain's state and the cached definitions, re-reading those that are
+/// new, `dirty`, read in another state (stopped then, running now), or all of them when `all`.
+fn list_blocking(
+    inner: &Inner,
+    c: &Connect,
+    defs: &mut std::collections::HashMap<String, Def>,
+    asked: std::time::Instant,
+    all: bool,
+    dirty: &std::collections::HashSet<String>,
+) -> Result<Vec<Vm>, HostError> {
+    let reading = inner.reading(c, asked)?;
+    let sample = lock(&inner.sample).clone();
+    let blocks = |uuid: &str| -> &[stats::Block] {
+        sample.as_ref().and_then(|s| s.domains.iter().find(|d| d.uuid == uuid)).map_or(&[], |d| &d.blocks[..])
+    };
+    let mut vms = Vec::with_capacity(reading.domains.len());
+    for d in &reading.domains {
+        let stale = match defs.get(&d.uuid) {
+            Some(def) => all || dirty.contains(&d.uuid) || def.active != (d.state != sys::VIR_DOMAIN_SHUTOFF),
+            None => true,
+        };
+        if stale {
+            match read_def(c, &d.dom, d.state) {
+                Ok(def) => {
+                    defs.insert(d.uuid.clone(), def);
+                }
+                // A domain undefined between the reading and the read is gone: skip it.
+                Err(e) if rpc!(c.lookup_domain_by_uuid_string(&d.uuid)).is_err() => {
+                    log::debug!("a domain vanished while listed: {e}");
+                    defs.remove(&d.uuid);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(def) = defs.get(&d.uuid) {
+            vms.push(def.vm(d.state, if is_active_state(d.state) { blocks(&d.uuid) } else { &[] }));
+        }
+    }
+    let present: std::collections::HashSet<&str> = reading.domains.iter().map(|d| d.uuid.as_str()).collect();
+    defs.retain(|uuid, _| present.contains(uuid.as_str()));
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(vms)
 }
 
 #[async_trait]
@@ -1181,51 +1504,48 @@ impl Host for LibvirtHost {
     }
 
     async fn host(&self) -> Result<HostInfo, HostError> {
-        let parsed = self.inner.parsed.clone();
+        let (inner, asked) = (self.inner.clone(), std::time::Instant::now());
         self.call("reading the host", move |c| {
-            let ni = c.node_info().map_err(failed("reading the host's node info"))?;
-            let doms = c.list_all_domains(0).map_err(failed("listing domains"))?;
+            let fixed = host_static(&inner, c)?;
+            let dynamic = host_dynamic(&inner, c);
+            let reading = inner.reading(c, asked)?;
             let mut info = HostInfo {
-                hostname: c.hostname().map_err(failed("reading the host name"))?,
-                version: format!(
-                    "libvirt {}, {} {}",
-                    format_version(c.lib_version().unwrap_or(0)),
-                    c.driver_type().unwrap_or_default(),
-                    format_version(c.hyp_version().unwrap_or(0))
-                ),
-                cpus: ni.cpus,
-                memory_mib: ni.memory >> 10,
-                memory_available_mib: c.free_memory().unwrap_or(0) >> 20,
-                cpu_model: ni.model,
-                vms: doms.len() as u64,
+                hostname: fixed.hostname,
+                version: fixed.version,
+                cpus: fixed.cpus,
+                memory_mib: fixed.memory_mib,
+                memory_available_mib: dynamic.memory_available_mib,
+                cpu_model: fixed.cpu_model,
+                vms: reading.domains.len() as u64,
+                free_disk_bytes: dynamic.free_disk_bytes,
+                disk_total_bytes: dynamic.disk_total_bytes,
+                upload_limit_bytes: dynamic.free_disk_bytes,
+                data_dir: dynamic.data_dir,
+                problems: dynamic.problems,
                 ..HostInfo::default()
             };
-            for d in &doms {
-                if d.is_active().unwrap_or(false)
-                    && let Ok(i) = d.info()
-                {
-                    info.running_vms += 1;
-                    info.vcpus_allocated += u64::from(i.nr_virt_cpu);
-                    info.memory_allocated_mib += i.memory >> 10;
-                }
-            }
-            match pool(c, &parsed) {
-                Ok(p) => {
-                    if let Ok(pi) = p.info() {
-                        info.free_disk_bytes = pi.available;
-                        info.disk_total_bytes = pi.capacity;
-                        info.upload_limit_bytes = pi.available;
+            let sample = lock(&inner.sample).clone();
+            let defs = lock(&inner.defs);
+            for d in reading.domains.iter().filter(|d| is_active_state(d.state)) {
+                info.running_vms += 1;
+                let sampled = sample.as_ref().and_then(|s| s.domains.iter().find(|s| s.uuid == d.uuid));
+                match (defs.get(&d.uuid), sampled) {
+                    (Some(def), Some(s)) if s.memory_kib > 0 => {
+                        info.vcpus_allocated += u64::from(def.vm.vcpus);
+                        info.memory_allocated_mib += s.memory_kib >> 10;
                     }
-                    if let Some(dir) = p
-                        .xml_desc(0)
-                        .ok()
-                        .and_then(|t| Node::parse(&t).ok())
-                        .and_then(|d| d.text_at(&["target", "path"]).map(str::to_string))
-                    {
-                        info.data_dir = dir;
+                    (Some(def), _) => {
+                        info.vcpus_allocated += u64::from(def.vm.vcpus);
+                        info.memory_allocated_mib += def.vm.memory_mib;
+                    }
+                    // Not listed yet: asked.
+                    (None, _) => {
+                        if let Ok(i) = rpc!(d.dom.info()) {
+                            info.vcpus_allocated += u64::from(i.nr_virt_cpu);
+                            info.memory_allocated_mib += i.memory >> 10;
+                        }
                     }
                 }
-                Err(e) => info.problems.push(e.to_string()),
             }
             Ok(info)
         })
@@ -1233,23 +1553,23 @@ impl Host for LibvirtHost {
     }
 
     async fn list_vms(&self) -> Result<Vec<Vm>, HostError> {
-        self.call("listing VMs", |c| {
-            let doms = c.list_all_domains(0).map_err(failed("listing domains"))?;
-            let states = stats::states(c).unwrap_or_default();
-            let mut vms = Vec::with_capacity(doms.len());
-            for d in &doms {
-                let known = d.uuid_string().ok().and_then(|u| states.get(&u).copied());
-                match vm_with_state(c, d, known) {
-                    Ok(vm) => vms.push(vm),
-                    // A domain undefined between the list and the read is gone: skip it.
-                    Err(e) if c.lookup_domain_by_uuid_string(&d.uuid_string().unwrap_or_default()).is_err() => {
-                        log::debug!("a domain vanished while listed: {e}")
-                    }
-                    Err(e) => return Err(e),
-                }
+        let (inner, asked) = (self.inner.clone(), std::time::Instant::now());
+        self.call("listing VMs", move |c| {
+            let mut defs = lock(&inner.defs);
+            let (all, dirty) = inner.watch.take_dirty();
+            let listed = list_blocking(
+                &inner,
+                c,
+                &mut defs,
+                asked,
+                all || !inner.watch.live() || inner.cache_off.load(Ordering::SeqCst),
+                &dirty,
+            );
+            if listed.is_err() {
+                // What was taken as dirty is read again next time.
+                inner.watch.touch(None);
             }
-            vms.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(vms)
+            listed
         })
         .await
     }
@@ -1273,7 +1593,9 @@ impl Host for LibvirtHost {
             });
         }
         let (vm, parsed) = (vm.clone(), self.inner.parsed.clone());
-        self.call("creating a VM", move |c| create_blocking(c, &parsed, &vm)).await
+        let made = self.call("creating a VM", move |c| create_blocking(c, &parsed, &vm)).await?;
+        self.touched(&made.id);
+        Ok(made)
     }
 
     async fn delete_vm(&self, id: &str) -> Result<(), HostError> {
@@ -1282,26 +1604,28 @@ impl Host for LibvirtHost {
             .call("deleting a VM", move |c| {
                 let dom = find_domain(c, &id)?;
                 let uuid = dom.uuid_string().unwrap_or_default();
-                let text = dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(failed("reading the domain's XML"))?;
+                let text =
+                    rpc!(dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)).map_err(failed("reading the domain's XML"))?;
                 let doc = Node::parse(&text).map_err(xml_failed("reading the domain's XML"))?;
                 let ours: Vec<String> = porthole_meta(&doc)
                     .map(|m| m.all("disk").map(|d| d.text.trim().to_string()).collect())
                     .unwrap_or_default();
-                if dom.is_active().unwrap_or(false) {
-                    dom.destroy().map_err(failed("forcing the VM off"))?;
+                if rpc!(dom.is_active()).unwrap_or(false) {
+                    rpc!(dom.destroy()).map_err(failed("forcing the VM off"))?;
                 }
                 let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                     | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                     | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
-                dom.undefine_flags(flags).map_err(failed("undefining the VM"))?;
+                rpc!(dom.undefine_flags(flags)).map_err(failed("undefining the VM"))?;
                 for path in ours {
-                    if let Ok(vol) = c.lookup_storage_vol_by_path(&path) {
-                        vol.delete(0).map_err(failed(format!("deleting the VM's disk {path}")))?;
+                    if let Ok(vol) = rpc!(c.lookup_storage_vol_by_path(&path)) {
+                        rpc!(vol.delete(0)).map_err(failed(format!("deleting the VM's disk {path}")))?;
                     }
                 }
                 Ok(uuid)
             })
             .await?;
+        self.touched(&uuid);
         lock(&self.inner.history).forget(&uuid);
         Ok(())
     }
@@ -1311,27 +1635,29 @@ impl Host for LibvirtHost {
         self.call("changing a VM's state", move |c| {
             let dom = find_domain(c, &id)?;
             match action {
-                Action::Start => dom.create().map(|_| ()).map_err(failed("starting the VM"))?,
-                Action::Poweroff => dom.destroy().map_err(failed("forcing the VM off"))?,
-                Action::Reset => dom.reset().map_err(failed("resetting the VM"))?,
-                Action::Pause => dom.suspend().map_err(failed("pausing the VM"))?,
-                Action::Resume => dom.resume().map_err(failed("resuming the VM"))?,
-                Action::Suspend => dom.managed_save(0).map_err(failed("saving the VM's state"))?,
+                Action::Start => rpc!(dom.create()).map(|_| ()).map_err(failed("starting the VM"))?,
+                Action::Poweroff => rpc!(dom.destroy()).map_err(failed("forcing the VM off"))?,
+                Action::Reset => rpc!(dom.reset()).map_err(failed("resetting the VM"))?,
+                Action::Pause => rpc!(dom.suspend()).map_err(failed("pausing the VM"))?,
+                Action::Resume => rpc!(dom.resume()).map_err(failed("resuming the VM"))?,
+                Action::Suspend => rpc!(dom.managed_save(0)).map_err(failed("saving the VM's state"))?,
             }
             vm_of(c, &dom)
         })
         .await
+        .inspect(|vm| self.touched(&vm.id))
     }
 
     async fn shutdown(&self, id: &str, timeout_s: u64) -> Result<Task, HostError> {
         let id_owned = id.to_string();
-        let name = self
+        let (name, uuid) = self
             .call("shutting a VM down", move |c| {
                 let dom = find_domain(c, &id_owned)?;
-                dom.shutdown().map_err(failed("asking the guest to shut down"))?;
-                Ok(dom.name().unwrap_or_default())
+                rpc!(dom.shutdown()).map_err(failed("asking the guest to shut down"))?;
+                Ok((dom.name().unwrap_or_default(), dom.uuid_string().unwrap_or_default()))
             })
             .await?;
+        self.touched(&uuid);
         let (task_id, cancel) = self.new_task(format!("shutdown {name}"), true);
         let host = self.clone();
         let (id, tid) = (id.to_string(), task_id.clone());
@@ -1344,7 +1670,7 @@ impl Host for LibvirtHost {
                 let idc = id.clone();
                 let off = host
                     .call("reading a VM's state", move |c| {
-                        Ok(!find_domain(c, &idc)?.is_active().map_err(failed("reading the VM's state"))?)
+                        Ok(!rpc!(find_domain(c, &idc)?.is_active()).map_err(failed("reading the VM's state"))?)
                     })
                     .await;
                 match off {
@@ -1357,14 +1683,15 @@ impl Host for LibvirtHost {
                     let forced = host
                         .call("forcing a VM off", move |c| {
                             let dom = find_domain(c, &idc)?;
-                            match dom.destroy() {
+                            match rpc!(dom.destroy()) {
                                 Ok(()) => Ok(()),
                                 // It went off by itself meanwhile.
-                                Err(_) if !dom.is_active().unwrap_or(true) => Ok(()),
+                                Err(_) if !rpc!(dom.is_active()).unwrap_or(true) => Ok(()),
                                 Err(e) => Err(failed("forcing the VM off")(e)),
                             }
                         })
                         .await;
+                    host.touched(&uuid);
                     break forced
                         .map(|_| Some(format!("the guest did not shut down within {timeout_s} s: forced off")))
                         .map_err(|e| e.to_string());
@@ -1394,6 +1721,7 @@ impl Host for LibvirtHost {
             change_media_blocking(c, &parsed, &id, drive.as_deref(), image.as_deref())
         })
         .await
+        .inspect(|vm| self.touched(&vm.id))
     }
 
     async fn open_console(&self, id: &str) -> Result<UnixStream, HostError> {
@@ -1402,8 +1730,10 @@ impl Host for LibvirtHost {
     }
 
     async fn stats(&self, id: &str, since_ms: u64, minutes: bool) -> Result<Stats, HostError> {
+        // A UUID the host knows (sampled, or listed) needs no call; a name is looked up.
         let sampled = lock(&self.inner.history).knows(id);
-        let uuid = if sampled {
+        let known = sampled || lock(&self.inner.defs).contains_key(id);
+        let uuid = if known {
             id.to_string()
         } else {
             let id = id.to_string();
@@ -1422,9 +1752,9 @@ impl Host for LibvirtHost {
         let parsed = self.inner.parsed.clone();
         self.call("listing images", move |c| {
             let pool = pool(c, &parsed)?;
-            let _ = pool.refresh(0);
+            let _ = rpc!(pool.refresh(0));
             let docs = all_domain_docs(c)?;
-            let vols = pool.list_all_volumes(0).map_err(failed("listing the pool's volumes"))?;
+            let vols = rpc!(pool.list_all_volumes(0)).map_err(failed("listing the pool's volumes"))?;
             let mut images: Vec<Image> = vols.iter().filter_map(|v| image_of(v, &docs)).collect();
             images.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(images)
@@ -1440,20 +1770,24 @@ impl Host for LibvirtHost {
         // with it the guard: the upload stops at its next chunk and its volume goes.
         let cancelled = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancelled.clone());
-        tokio::task::spawn_blocking(move || {
+        let calls = self.inner.calls.clone();
+        let uploaded = tokio::task::spawn_blocking(move || {
+            let _counting = Counting::on(&calls);
             let c = open(&uri, &parsed)?;
             upload_blocking(&c, &parsed, &name, &path, &progress, &cancelled)
         })
         .await
-        .map_err(|e| HostError::Failed(format!("uploading an image: {e}")))?
+        .map_err(|e| HostError::Failed(format!("uploading an image: {e}")))?;
+        // The pool has less room now.
+        *lock(&self.inner.host_dynamic) = None;
+        uploaded
     }
 
     async fn delete_image(&self, name: &str) -> Result<(), HostError> {
         let (name, parsed) = (name.to_string(), self.inner.parsed.clone());
         self.call("deleting an image", move |c| {
             let pool = pool(c, &parsed)?;
-            let vol = pool
-                .lookup_storage_vol_by_name(&name)
+            let vol = rpc!(pool.lookup_storage_vol_by_name(&name))
                 .map_err(failed(format!("image {name:?} is not in storage pool {POOL:?}")))?;
             let docs = all_domain_docs(c)?;
             let image = image_of(&vol, &docs)
@@ -1464,9 +1798,12 @@ impl Host for LibvirtHost {
                     image.used_by.join(", ")
                 )));
             }
-            vol.delete(0).map_err(failed(format!("deleting image {name:?}")))
+            rpc!(vol.delete(0)).map_err(failed(format!("deleting image {name:?}")))
         })
-        .await
+        .await?;
+        // The pool has more room now.
+        *lock(&self.inner.host_dynamic) = None;
+        Ok(())
     }
 
     async fn task(&self, id: &str) -> Result<Task, HostError> {
@@ -1494,10 +1831,10 @@ impl Host for LibvirtHost {
         let id = id.to_string();
         self.call("listing snapshots", move |c| {
             let dom = find_domain(c, &id)?;
-            let snaps = dom.list_all_snapshots(0).map_err(failed("listing snapshots"))?;
+            let snaps = rpc!(dom.list_all_snapshots(0)).map_err(failed("listing snapshots"))?;
             let mut snapshots: Vec<Snapshot> = snaps.iter().filter_map(snapshot_of).collect();
             snapshots.sort_by_key(|s| (s.created_ms, s.name.clone()));
-            let current = dom.current_snapshot(0).ok().and_then(|s| s.name().ok());
+            let current = rpc!(dom.current_snapshot(0)).ok().and_then(|s| s.name().ok());
             Ok(SnapshotTree { snapshots, current })
         })
         .await
@@ -1514,7 +1851,7 @@ impl Host for LibvirtHost {
         let name = self
             .call_for("taking a snapshot", None, move |c| {
                 let dom = find_domain(c, &id)?;
-                let active = dom.is_active().unwrap_or(false);
+                let active = rpc!(dom.is_active()).unwrap_or(false);
                 if active && take2.with_state == Some(false) {
                     return Err(HostError::Unsupported {
                         what: "Disk-only snapshots of a running VM",
@@ -1526,7 +1863,7 @@ impl Host for LibvirtHost {
                     esc(&take2.name),
                     esc(&take2.description)
                 );
-                dom.create_snapshot_xml(&xml, 0).map_err(failed(format!("taking snapshot {:?}", take2.name)))?;
+                rpc!(dom.create_snapshot_xml(&xml, 0)).map_err(failed(format!("taking snapshot {:?}", take2.name)))?;
                 Ok(dom.name().unwrap_or_default())
             })
             .await?;
@@ -1535,20 +1872,21 @@ impl Host for LibvirtHost {
 
     async fn revert_snapshot(&self, id: &str, snapshot: &str, confirm: bool) -> Result<Task, HostError> {
         let (id, snap) = (id.to_string(), snapshot.to_string());
-        let name = self
+        let (name, uuid) = self
             .call_for("reverting to a snapshot", None, move |c| {
                 let dom = find_domain(c, &id)?;
-                if dom.is_active().unwrap_or(false) && !confirm {
+                if rpc!(dom.is_active()).unwrap_or(false) && !confirm {
                     return Err(HostError::Failed(
                         "the VM is running: reverting loses its present state (confirm to go on)".into(),
                     ));
                 }
-                let s =
-                    Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
-                s.revert(0).map_err(failed(format!("reverting to snapshot {snap:?}")))?;
-                Ok(dom.name().unwrap_or_default())
+                let s = rpc!(Domain::lookup_snapshot_by_name(&dom, &snap, 0))
+                    .map_err(failed(format!("no snapshot {snap:?}")))?;
+                rpc!(s.revert(0)).map_err(failed(format!("reverting to snapshot {snap:?}")))?;
+                Ok((dom.name().unwrap_or_default(), dom.uuid_string().unwrap_or_default()))
             })
             .await?;
+        self.touched(&uuid);
         Ok(self.done_task(format!("revert {name} to {snapshot}"), None))
     }
 
@@ -1557,9 +1895,9 @@ impl Host for LibvirtHost {
         let name = self
             .call_for("deleting a snapshot", None, move |c| {
                 let dom = find_domain(c, &id)?;
-                let s =
-                    Domain::lookup_snapshot_by_name(&dom, &snap, 0).map_err(failed(format!("no snapshot {snap:?}")))?;
-                s.delete(0).map_err(failed(format!("deleting snapshot {snap:?}")))?;
+                let s = rpc!(Domain::lookup_snapshot_by_name(&dom, &snap, 0))
+                    .map_err(failed(format!("no snapshot {snap:?}")))?;
+                rpc!(s.delete(0)).map_err(failed(format!("deleting snapshot {snap:?}")))?;
                 Ok(dom.name().unwrap_or_default())
             })
             .await?;

@@ -87,11 +87,11 @@ impl SerialTaps {
         if let Some(t) = taps.get(uuid).filter(|t| !t.ended.load(Ordering::Relaxed)) {
             return Ok(t.clone());
         }
-        if !dom.is_active().unwrap_or(false) {
+        if !rpc!(dom.is_active()).unwrap_or(false) {
             return Err(HostError::Failed("the VM is not running: its serial console opens once it runs".into()));
         }
-        let stream = Stream::new(conn, sys::VIR_STREAM_NONBLOCK).map_err(|e| failed("opening a stream", e))?;
-        dom.open_console(None, &stream, 0).map_err(|e| {
+        let stream = rpc!(Stream::new(conn, sys::VIR_STREAM_NONBLOCK)).map_err(|e| failed("opening a stream", e))?;
+        rpc!(dom.open_console(None, &stream, 0)).map_err(|e| {
             failed(
                 "opening the serial console (the domain needs a serial port of type pty, and no other console on it)",
                 e,

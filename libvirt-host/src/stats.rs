@@ -6,6 +6,7 @@ use std::ffi::CStr;
 
 use porthole_api::StatSample;
 use virt::connect::Connect;
+use virt::domain::Domain;
 use virt::sys;
 
 /// Samples kept per domain (an hour at one a second).
@@ -23,10 +24,18 @@ pub struct Counters {
     pub tx_bytes: u64,
 }
 
-/// One `virConnectGetAllDomainStats` call: per domain, its UUID and its numeric fields.
-#[allow(clippy::type_complexity)]
-fn records(conn: &Connect, what: u32, flags: u32) -> Result<Vec<(String, Vec<(String, u64)>)>, virt::error::Error> {
+/// One domain's record of a `virConnectGetAllDomainStats` call.
+struct Record {
+    dom: Domain,
+    uuid: String,
+    nums: Vec<(String, u64)>,
+    strs: Vec<(String, String)>,
+}
+
+/// One `virConnectGetAllDomainStats` call: per domain, its handle, UUID and fields.
+fn records(conn: &Connect, what: u32, flags: u32) -> Result<Vec<Record>, virt::error::Error> {
     let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    crate::count();
     // SAFETY: a live connection; libvirt fills `records` with a NULL-terminated array we free below.
     let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), what, &mut records, flags) };
     if n < 0 || records.is_null() {
@@ -37,13 +46,20 @@ fn records(conn: &Connect, what: u32, flags: u32) -> Result<Vec<(String, Vec<(St
         // SAFETY: `i` < n entries of the array libvirt returned; each record is valid until freed.
         let rec = unsafe { &**records.add(i) };
         let mut uuid = [0 as libc::c_char; 40];
-        // SAFETY: the record's domain is valid; the buffer holds VIR_UUID_STRING_BUFLEN (37) bytes.
+        // SAFETY: the record's domain is valid; the buffer holds VIR_UUID_STRING_BUFLEN (37) bytes. This does
+        // not call the daemon: it reads the domain object.
         if unsafe { sys::virDomainGetUUIDString(rec.dom, uuid.as_mut_ptr()) } < 0 {
             continue;
         }
         // SAFETY: libvirt wrote a NUL-terminated string into `uuid`.
         let uuid = unsafe { CStr::from_ptr(uuid.as_ptr()) }.to_string_lossy().into_owned();
-        let mut fields = Vec::with_capacity(rec.nparams.max(0) as usize);
+        // SAFETY: a reference of our own to the record's domain, released when the `Domain` drops.
+        let dom = unsafe {
+            sys::virDomainRef(rec.dom);
+            Domain::from_ptr(rec.dom)
+        };
+        let mut nums = Vec::with_capacity(rec.nparams.max(0) as usize);
+        let mut strs = Vec::new();
         for p in 0..rec.nparams.max(0) as usize {
             // SAFETY: `p` < nparams entries of the record's parameter array.
             let param = unsafe { &*rec.params.add(p) };
@@ -55,52 +71,157 @@ fn records(conn: &Connect, what: u32, flags: u32) -> Result<Vec<(String, Vec<(St
                 sys::VIR_TYPED_PARAM_LLONG => unsafe { param.value.l }.max(0) as u64,
                 sys::VIR_TYPED_PARAM_UINT => u64::from(unsafe { param.value.ui }),
                 sys::VIR_TYPED_PARAM_INT => unsafe { param.value.i }.max(0) as u64,
+                sys::VIR_TYPED_PARAM_STRING => {
+                    // SAFETY: a string parameter's value is a NUL-terminated string (or null).
+                    let p = unsafe { param.value.s };
+                    if !p.is_null() {
+                        // SAFETY: non-null and NUL-terminated, alive until the list is freed.
+                        strs.push((name, unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()));
+                    }
+                    continue;
+                }
                 _ => continue,
             };
-            fields.push((name, value));
+            nums.push((name, value));
         }
-        out.push((uuid, fields));
+        out.push(Record { dom, uuid, nums, strs });
     }
-    // SAFETY: the array libvirt allocated, freed once, records and all.
+    // SAFETY: the array libvirt allocated, freed once, records and all (our domain references stay).
     unsafe { sys::virDomainStatsRecordListFree(records) };
     Ok(out)
 }
 
-/// Every domain's state (`virDomainState`) in one call, by UUID.
-pub fn states(conn: &Connect) -> Result<HashMap<String, u32>, virt::error::Error> {
-    Ok(records(conn, sys::VIR_DOMAIN_STATS_STATE, 0)?
-        .into_iter()
-        .filter_map(|(uuid, fields)| fields.iter().find(|(n, _)| n == "state.state").map(|&(_, v)| (uuid, v as u32)))
-        .collect())
+/// A disk's size as the daemon reports it (`block.N.*`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Block {
+    /// The target device (`vda`, `sda`).
+    pub name: String,
+    pub capacity: u64,
+    pub allocation: u64,
 }
 
-/// Reads every active domain's counters in one call: (domain UUID, counters).
-pub fn read_all(conn: &Connect, t_ms: u64) -> Result<Vec<(String, Counters)>, virt::error::Error> {
-    let what = sys::VIR_DOMAIN_STATS_CPU_TOTAL
-        | sys::VIR_DOMAIN_STATS_BALLOON
-        | sys::VIR_DOMAIN_STATS_BLOCK
-        | sys::VIR_DOMAIN_STATS_INTERFACE;
-    let mut out = Vec::new();
-    for (uuid, fields) in records(conn, what, sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)? {
+/// One domain in a [`Reading`].
+#[derive(Clone)]
+pub struct DomainReading {
+    pub dom: Domain,
+    pub uuid: String,
+    /// `virDomainState`.
+    pub state: u32,
+    /// Cumulative counters, for an active domain.
+    pub counters: Option<Counters>,
+    /// Current memory in KiB (the balloon's size; samples only).
+    pub memory_kib: u64,
+    pub blocks: Vec<Block>,
+}
+
+/// Every domain's state and counters from one call.
+pub struct Reading {
+    /// When the call's answer came.
+    pub finished: std::time::Instant,
+    pub domains: Vec<DomainReading>,
+}
+
+/// What a reading asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// Every domain's state (defined or running): no question to any QEMU, about a millisecond for 200
+    /// domains. What a refresh needs.
+    States,
+    /// The running domains' counters and disk sizes (QEMU is asked for its block and balloon figures): the
+    /// sampler's.
+    Samples,
+}
+
+/// Reads every domain's state, or every running domain's counters, in one call.
+pub fn read(conn: &Connect, kind: Kind, t_ms: u64) -> Result<Reading, virt::error::Error> {
+    let (what, flags) = match kind {
+        Kind::States => (sys::VIR_DOMAIN_STATS_STATE, 0),
+        Kind::Samples => (
+            sys::VIR_DOMAIN_STATS_STATE
+                | sys::VIR_DOMAIN_STATS_CPU_TOTAL
+                | sys::VIR_DOMAIN_STATS_BALLOON
+                | sys::VIR_DOMAIN_STATS_BLOCK
+                | sys::VIR_DOMAIN_STATS_INTERFACE,
+            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
+        ),
+    };
+    let mut domains = Vec::new();
+    for rec in records(conn, what, flags)? {
         let mut c = Counters { t_ms, ..Counters::default() };
-        let (mut rss, mut current) = (None, None);
-        for (name, value) in fields {
-            let name = name.as_str();
+        let (mut rss, mut current, mut cpu, mut state) = (None, None, false, 0);
+        let mut blocks: Vec<Block> = Vec::new();
+        let block = |blocks: &mut Vec<Block>, i: usize| -> Option<usize> {
+            if i >= 4096 {
+                return None;
+            }
+            if blocks.len() <= i {
+                blocks.resize(i + 1, Block::default());
+            }
+            Some(i)
+        };
+        for (name, value) in &rec.nums {
+            let (name, value) = (name.as_str(), *value);
             match name {
-                "cpu.time" => c.cpu_ns = value,
+                "state.state" => state = value as u32,
+                "cpu.time" => {
+                    c.cpu_ns = value;
+                    cpu = true;
+                }
                 "balloon.rss" => rss = Some(value * 1024),
-                "balloon.current" => current = Some(value * 1024),
-                _ if name.starts_with("block.") && name.ends_with(".rd.bytes") => c.rd_bytes += value,
-                _ if name.starts_with("block.") && name.ends_with(".wr.bytes") => c.wr_bytes += value,
+                "balloon.current" => current = Some(value),
+                _ if name.starts_with("block.") => {
+                    let mut parts = name.splitn(3, '.').skip(1);
+                    let (Some(n), Some(field)) = (parts.next().and_then(|n| n.parse::<usize>().ok()), parts.next())
+                    else {
+                        continue;
+                    };
+                    match field {
+                        "rd.bytes" => c.rd_bytes += value,
+                        "wr.bytes" => c.wr_bytes += value,
+                        "capacity" => {
+                            if let Some(i) = block(&mut blocks, n) {
+                                blocks[i].capacity = value;
+                            }
+                        }
+                        "allocation" => {
+                            if let Some(i) = block(&mut blocks, n) {
+                                blocks[i].allocation = value;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 _ if name.starts_with("net.") && name.ends_with(".rx.bytes") => c.rx_bytes += value,
                 _ if name.starts_with("net.") && name.ends_with(".tx.bytes") => c.tx_bytes += value,
                 _ => {}
             }
         }
-        c.memory_bytes = rss.or(current).unwrap_or(0);
-        out.push((uuid, c));
+        for (name, value) in &rec.strs {
+            if let Some(n) = name.strip_prefix("block.").and_then(|r| r.strip_suffix(".name"))
+                && let Ok(n) = n.parse::<usize>()
+                && let Some(i) = block(&mut blocks, n)
+            {
+                blocks[i].name = value.clone();
+            }
+        }
+        c.memory_bytes = rss.or(current.map(|k| k * 1024)).unwrap_or(0);
+        domains.push(DomainReading {
+            dom: rec.dom,
+            uuid: rec.uuid,
+            state,
+            counters: cpu.then_some(c),
+            memory_kib: current.unwrap_or(0),
+            blocks,
+        });
     }
-    Ok(out)
+    Ok(Reading { finished: std::time::Instant::now(), domains })
+}
+
+impl Reading {
+    /// The active domains' counters, for [`History::record`].
+    pub fn counters(&self) -> Vec<(String, Counters)> {
+        self.domains.iter().filter_map(|d| Some((d.uuid.clone(), d.counters?))).collect()
+    }
 }
 
 /// The rates between two readings of the same domain.

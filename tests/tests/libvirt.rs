@@ -364,8 +364,66 @@ async fn a_daemon_that_stops_answering_is_dropped_by_keepalive_and_reopened_when
     assert!(vms.is_empty(), "{vms:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_are_read_once_and_again_when_an_event_says_they_changed() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt definition cache") else { return };
+    let libvirt = LibvirtHost::connect_async(&lv.local_uri()).await.unwrap();
+    assert!(libvirt.events_live(), "a local connection delivers domain events");
+    let mut changes = libvirt.changes();
+    let host: HostHandle = Arc::new(libvirt.clone());
+    for i in 0..20 {
+        lv.define_guest(&format!("c{i:02}"), "kbd-echo");
+    }
+    assert_eq!(host.list_vms().await.unwrap().len(), 20);
+    // Warm: the states in one call, no domain's XML again (the sampler may add its one call meanwhile).
+    let before = libvirt.calls();
+    let vms = host.list_vms().await.unwrap();
+    let calls = libvirt.calls() - before;
+    assert!(calls <= 3, "a warm list of 20 domains made {calls} libvirt calls");
+    let id = vms.iter().find(|v| v.name == "c07").unwrap().id.clone();
+    // Without the cache every definition is read again.
+    libvirt.set_definition_cache(false);
+    let before = libvirt.calls();
+    host.list_vms().await.unwrap();
+    assert!(libvirt.calls() - before >= 20, "uncached: {} calls", libvirt.calls() - before);
+    libvirt.set_definition_cache(true);
+
+    // Changed behind Porthole's back: the metadata (METADATA_CHANGE), the definition (lifecycle DEFINED).
+    changes.borrow_and_update();
+    let out = lv.virsh(&["desc", "c07", "--config", "--new-desc", "changed words"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tokio::time::timeout(LIMIT, changes.changed()).await.expect("no event for a metadata change").unwrap();
+    let vm = host.list_vms().await.unwrap().into_iter().find(|v| v.id == id).unwrap();
+    assert_eq!(vm.description, "changed words");
+    changes.borrow_and_update();
+    let xml =
+        text(&lv.virsh(&["dumpxml", "--inactive", "c07"]).stdout).replace("'static'>1</vcpu>", "'static'>2</vcpu>");
+    assert!(xml.contains(">2</vcpu>"), "{xml}");
+    let file = lv.dir.path("c07.xml");
+    std::fs::write(&file, xml).unwrap();
+    let out = lv.virsh(&["define", &file.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tokio::time::timeout(LIMIT, changes.changed()).await.expect("no event for a redefinition").unwrap();
+    let vm = host.list_vms().await.unwrap().into_iter().find(|v| v.id == id).unwrap();
+    assert_eq!(vm.vcpus, 2);
+
+    // State changes behind Porthole's back show at once (the states are read on every list); started, the
+    // domain's live definition is read.
+    assert!(lv.virsh(&["start", "c03"]).status.success());
+    let vms = host.list_vms().await.unwrap();
+    assert_eq!(vms.iter().find(|v| v.name == "c03").unwrap().state, VmState::Running);
+    let info = host.host().await.unwrap();
+    assert_eq!((info.vms, info.running_vms, info.vcpus_allocated), (20, 1, 1), "{info:?}");
+    assert!(lv.virsh(&["destroy", "c03"]).status.success());
+    assert_eq!(host.list_vms().await.unwrap().iter().find(|v| v.name == "c03").unwrap().state, VmState::Stopped);
+    assert!(lv.virsh(&["undefine", "c05"]).status.success());
+    let vms = host.list_vms().await.unwrap();
+    assert!(vms.len() == 19 && vms.iter().all(|v| v.name != "c05"), "{vms:?}");
+}
+
 /// Not a pass/fail test: how long one refresh of 200 domains takes (the list, then every domain's samples),
-/// over the local socket and over SSH. `cargo test -p porthole-tests --test libvirt -- --ignored --nocapture`.
+/// over the local socket and over SSH, and how many libvirt calls it makes (`porthole-bench libvirt` is the
+/// full benchmark). `cargo test -p porthole-tests --test libvirt -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run by hand"]
 async fn refreshing_200_domains_costs() {
@@ -387,16 +445,21 @@ async fn refreshing_200_domains_costs() {
         ("ssh", lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))),
         // Not libssh: libvirt 9.0's libssh transport crashes on a reply this large (see porthole-libvirt).
     ] {
-        let host = connect(&uri).await;
+        let libvirt = LibvirtHost::connect_async(&uri).await.unwrap();
+        let host: HostHandle = Arc::new(libvirt.clone());
         for round in 0..3 {
-            let start = std::time::Instant::now();
+            let (start, calls) = (std::time::Instant::now(), libvirt.calls());
             let vms = host.list_vms().await.unwrap();
             let listed = start.elapsed();
             for vm in &vms {
                 host.stats(&vm.id, 0, false).await.unwrap();
             }
             assert_eq!(vms.len(), 200);
-            eprintln!("{what} round {round}: list {listed:?}, list + 200 stats {:?}", start.elapsed());
+            eprintln!(
+                "{what} round {round}: list {listed:?}, list + 200 stats {:?}, {} libvirt calls",
+                start.elapsed(),
+                libvirt.calls() - calls
+            );
         }
     }
 }
