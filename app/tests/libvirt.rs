@@ -26,21 +26,6 @@ fn wait(h: &mut Harness<'static, PortholeApp>, what: &str, cond: impl Fn(&Harnes
     wait_within(h, what, Duration::from_secs(180), cond)
 }
 
-/// Clicks through AccessKit (one event in one frame, on the widget drawn from the model as it is now).
-fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
-    h.step();
-    h.get_by_label(label).click_accesskit();
-    h.step();
-    h.step();
-}
-
-fn press_contains(h: &mut Harness<'static, PortholeApp>, part: &str) {
-    h.step();
-    h.get_by_label_contains(part).click_accesskit();
-    h.step();
-    h.step();
-}
-
 /// Selects VM `name` (its row; its name is also the details' heading).
 fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
     h.step();

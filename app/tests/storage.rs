@@ -29,18 +29,6 @@ fn select(h: &mut Harness<'static, PortholeApp>, name: &str) {
     h.step();
 }
 
-/// Clicks the widget labelled `label` through AccessKit, as a screen reader would: one event in one frame.
-/// A frame is drawn first, so that the widget clicked is the one drawn from what the model holds now (a
-/// `wait` on the model returns before the window has drawn the change, and a task's progress line, coming or
-/// going, changes the identity of the buttons after it). A pointer click is three events in three frames here:
-/// when the tree or the VM list refreshes in between, the widgets may move and the click is lost.
-fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
-    h.step();
-    h.get_by_label(label).click_accesskit();
-    h.step();
-    h.step();
-}
-
 fn vm_named(h: &Harness<'static, PortholeApp>, name: &str) -> Option<Vm> {
     h.state().backend.model().hosts.first().and_then(|host| host.vms.iter().find(|v| v.name == name).cloned())
 }

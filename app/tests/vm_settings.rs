@@ -19,14 +19,6 @@ use common::*;
 
 const GIB: u64 = 1 << 30;
 
-/// Clicks the widget labelled `label` through AccessKit (one event in one frame; see storage.rs).
-fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
-    h.step();
-    h.get_by_label(label).click_accesskit();
-    h.step();
-    h.step();
-}
-
 /// Selects the VM named `name` and opens its Settings view.
 fn open_settings(h: &mut Harness<'static, PortholeApp>, name: &str) {
     wait(h, "the VM in the list", |h| has(h, name));

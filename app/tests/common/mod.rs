@@ -67,6 +67,26 @@ pub fn type_into(h: &mut Harness<'static, PortholeApp>, label: &str, text: &str)
     h.step();
 }
 
+/// Clicks the widget labelled `label` through AccessKit, as a screen reader would: one event in one frame.
+/// A frame is drawn first, so that the widget clicked is the one drawn from what the model holds now (a
+/// `wait` on the model returns before the window has drawn the change, and a task's progress line, coming or
+/// going, changes the identity of the buttons after it). A pointer click is three events in three frames:
+/// when the tree or the VM list refreshes in between, the widgets may move and the click is lost.
+pub fn press(h: &mut Harness<'static, PortholeApp>, label: &str) {
+    h.step();
+    h.get_by_label(label).click_accesskit();
+    h.step();
+    h.step();
+}
+
+/// [`press`] on the widget whose label contains `part`.
+pub fn press_contains(h: &mut Harness<'static, PortholeApp>, part: &str) {
+    h.step();
+    h.get_by_label_contains(part).click_accesskit();
+    h.step();
+    h.step();
+}
+
 pub fn click(h: &mut Harness<'static, PortholeApp>, label: &str) {
     h.get_by_label(label).click();
     h.step();
