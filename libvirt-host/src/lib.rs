@@ -14,7 +14,10 @@
 //!   none otherwise, said in the description). KVM when the host offers it, else QEMU's TCG.
 //! - Consoles: `virDomainOpenGraphicsFD` on local connections (the daemon hands us a socket already
 //!   connected to QEMU's VNC server); over SSH an `ssh -W 127.0.0.1:PORT` child with the connection's key and
-//!   known_hosts, whose stdin/stdout is one end of a socket pair.
+//!   known_hosts, whose stdin/stdout is one end of a socket pair. Over `qemu+tls://` (or `tcp`) there is
+//!   neither: libvirt 9.0 passes no descriptors over TCP ("Receiving file descriptors is not supported on
+//!   this socket", and the daemon drops the connection after trying), and the VNC port listens on the
+//!   host's 127.0.0.1, so the console says to use `qemu+ssh://` without trying.
 //! - Domain events (`virConnectDomainEventRegisterAny`: lifecycle and definition changes) bump
 //!   [`LibvirtHost::changes`], so the window refreshes when something happened, and mark the domain dirty:
 //!   a refresh reads every domain's state in one `virConnectGetAllDomainStats` call and re-reads the XML of
@@ -165,6 +168,22 @@ fn effective_uri(uri: &str, parsed: &ConnUri) -> String {
     }
 }
 
+/// What to do about a failed `qemu+tls://` connection, from libvirt 9.0's message.
+fn tls_hint(why: &str) -> &'static str {
+    if why.contains("Cannot read CA certificate") || why.contains("Cannot read certificate") {
+        " — a TLS connection needs cacert.pem, clientcert.pem and clientkey.pem in the folder named by \
+         pkipath= (without it: ~/.pki/libvirt, or /etc/pki for root)"
+    } else if why.contains("Our own certificate") {
+        " — this client's certificate is not signed by the CA in cacert.pem"
+    } else if why.contains("verify peer's certificate") {
+        " — the host's certificate is not signed by the CA in cacert.pem"
+    } else if why.contains("TLS confirmation") {
+        " — the host refused this client's certificate (not signed by its CA, or not on its tls_allowed_dn_list)"
+    } else {
+        ""
+    }
+}
+
 fn open(uri: &str, parsed: &ConnUri) -> Result<Connect, HostError> {
     event_loop();
     let conn = rpc!(Connect::open(Some(&effective_uri(uri, parsed)))).map_err(|e| {
@@ -173,6 +192,8 @@ fn open(uri: &str, parsed: &ConnUri) -> Result<Connect, HostError> {
         let hint = if parsed.is_local() && why.contains("Failed to connect socket") {
             " — libvirt is not running on this computer (Debian: apt install libvirt-daemon-system; Fedora: \
              dnf install libvirt-daemon; then start libvirtd or virtqemud)"
+        } else if parsed.transport == "tls" {
+            tls_hint(why)
         } else {
             ""
         };

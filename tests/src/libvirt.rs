@@ -16,6 +16,17 @@
 //!   code honours both files); `qemu+ssh://…?keyfile=K&command=WRAPPER&no_tty=1`, where WRAPPER runs `ssh` with
 //!   `-o UserKnownHostsFile=KH`, because the `ssh` transport has no known_hosts parameter.
 //!
+//! - TLS (`qemu+tls://`, [`Libvirt::enable_tls`]): `openssl` makes a CA, a server certificate for
+//!   127.0.0.1/localhost (SAN `IP:127.0.0.1, DNS:localhost`, serverAuth) and client certificates (clientAuth),
+//!   RSA keys with digitalSignature and keyEncipherment (libvirt checks its own and the peer's usages). The
+//!   daemon is restarted with `--listen` (libvirtd 9.0 opens no TCP socket without it, unless socket-activated)
+//!   and `-f CONFIG` (a session daemon otherwise reads `$XDG_CONFIG_HOME/libvirt/libvirtd.conf`) holding
+//!   `listen_tls = 1`, `listen_tcp = 0`, `listen_addr = "127.0.0.1"`, `tls_port`, `key_file`, `cert_file`,
+//!   `ca_file`, `auth_tls = "none"` and `tls_allowed_dn_list` naming the one accepted client. Clients name a
+//!   folder with `pkipath=DIR` holding `cacert.pem`, `clientcert.pem` and `clientkey.pem` (libvirt 9.0's
+//!   names). Over TLS `virDomainOpenGraphicsFD` fails ("Receiving file descriptors is not supported on this
+//!   socket") and the daemon drops the connection after it.
+//!
 //! Everything started here (the daemon, the QEMU processes and virtlogd it started, sshd) is killed by PID
 //! when the harness drops, and the scratch folder removed; libvirtd and sshd also die with the test's thread
 //! (PR_SET_PDEATHSIG) should the test process crash.
@@ -112,6 +123,73 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
+/// The certificates [`Libvirt::enable_tls`] made: `pkipath` folders (each with `cacert.pem`, `clientcert.pem`,
+/// `clientkey.pem`, as libvirt expects them).
+pub struct Tls {
+    /// The daemon's TLS port on 127.0.0.1.
+    pub port: u16,
+    /// The accepted client: the daemon's CA, a client certificate it signed with the allowed name.
+    pub client: PathBuf,
+    /// The daemon's CA, a client certificate it signed, but a name not on the daemon's `tls_allowed_dn_list`.
+    pub stranger: PathBuf,
+    /// The daemon's CA, and a client certificate (with the allowed name) from another CA.
+    pub foreign_client: PathBuf,
+    /// Another CA throughout: the daemon's certificate is not trusted.
+    pub foreign_ca: PathBuf,
+    /// No certificates at all.
+    pub empty: PathBuf,
+    config: PathBuf,
+}
+
+/// The accepted client certificate's subject, as libvirt's `tls_allowed_dn_list` matches it.
+const CLIENT_DN: &str = "O=Porthole tests,CN=porthole-client";
+const OPENSSL: &str = "/usr/bin/openssl";
+
+/// A self-signed CA: `{base}.key.pem`, `{base}.cert.pem`.
+fn make_ca(base: &Path, cn: &str) -> Result<(), String> {
+    let out = run(Command::new(OPENSSL)
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &format!("/CN={cn}")])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(base.with_extension("key.pem"))
+        .arg("-out")
+        .arg(base.with_extension("cert.pem")));
+    if !out.status.success() {
+        return Err(format!("openssl req -x509 ({cn}): {}", text(&out.stderr)));
+    }
+    Ok(())
+}
+
+/// A key and a certificate signed by the CA at `ca` (see [`make_ca`]) with the extensions `ext` (openssl's
+/// config syntax, one per line): `{base}.key.pem`, `{base}.cert.pem`.
+fn make_leaf(base: &Path, ca: &Path, subject: &str, ext: &str, serial: u32) -> Result<(), String> {
+    let (csr, ext_file) = (base.with_extension("csr"), base.with_extension("ext"));
+    let out = run(Command::new(OPENSSL)
+        .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout"])
+        .arg(base.with_extension("key.pem"))
+        .arg("-out")
+        .arg(&csr));
+    if !out.status.success() {
+        return Err(format!("openssl req ({subject}): {}", text(&out.stderr)));
+    }
+    std::fs::write(&ext_file, ext).map_err(|e| e.to_string())?;
+    let out = run(Command::new(OPENSSL)
+        .args(["x509", "-req", "-days", "2", "-set_serial", &serial.to_string(), "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca.with_extension("cert.pem"))
+        .arg("-CAkey")
+        .arg(ca.with_extension("key.pem"))
+        .arg("-extfile")
+        .arg(&ext_file)
+        .arg("-out")
+        .arg(base.with_extension("cert.pem")));
+    if !out.status.success() {
+        return Err(format!("openssl x509 -req ({subject}): {}", text(&out.stderr)));
+    }
+    Ok(())
+}
+
 /// A private libvirt daemon and sshd.
 pub struct Libvirt {
     pub dir: Scratch,
@@ -137,6 +215,7 @@ pub struct Libvirt {
     pub ssh_wrapper: PathBuf,
     uid: u32,
     gid: u32,
+    tls: Option<Tls>,
 }
 
 impl Libvirt {
@@ -173,6 +252,7 @@ impl Libvirt {
             ssh_wrapper: dir.path("ssh/ssh-wrapper"),
             uid,
             gid,
+            tls: None,
             dir,
         };
         lv.start_daemon()?;
@@ -202,6 +282,138 @@ impl Libvirt {
         }
     }
 
+    /// [`Libvirt::start`] then [`Libvirt::enable_tls`], or `None` after printing why the test skips.
+    pub fn start_with_tls_or_skip(test: &str) -> Option<Libvirt> {
+        let mut lv = Libvirt::start_or_skip(test)?;
+        match lv.enable_tls() {
+            Ok(()) => Some(lv),
+            Err(why) => {
+                eprintln!("SKIPPED {test}: {why}");
+                None
+            }
+        }
+    }
+
+    /// Makes the certificates (see [`Tls`]) and restarts the daemon listening for TLS on 127.0.0.1 (and on
+    /// its Unix socket as before); later [`Libvirt::start_daemon`]s keep TLS on.
+    pub fn enable_tls(&mut self) -> Result<(), String> {
+        if !Path::new(OPENSSL).exists() {
+            return Err(format!("missing: {OPENSSL} (Debian: openssl)"));
+        }
+        let pki = self.dir.path("pki");
+        std::fs::create_dir_all(&pki).map_err(|e| format!("{}: {e}", pki.display()))?;
+        let p = |name: &str| pki.join(name);
+        make_ca(&p("ca"), "Porthole tests CA")?;
+        make_ca(&p("other-ca"), "Another CA")?;
+        let server = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+                      extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n";
+        let client = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+                      extendedKeyUsage=clientAuth\n";
+        make_leaf(&p("server"), &p("ca"), "/O=Porthole tests/CN=localhost", server, 2)?;
+        make_leaf(&p("client"), &p("ca"), "/O=Porthole tests/CN=porthole-client", client, 3)?;
+        make_leaf(&p("stranger"), &p("ca"), "/O=Porthole tests/CN=stranger", client, 4)?;
+        make_leaf(&p("foreign"), &p("other-ca"), "/O=Porthole tests/CN=porthole-client", client, 5)?;
+        // The daemon's user reads its key (only it), the certificates (everyone).
+        std::fs::set_permissions(&pki, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        for f in ["ca.cert.pem", "server.cert.pem"] {
+            std::fs::set_permissions(p(f), std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
+        }
+        std::os::unix::fs::chown(p("server.key.pem"), Some(self.uid), Some(self.gid)).map_err(|e| e.to_string())?;
+        let folder = |name: &str, ca: &str, leaf: Option<&str>| -> Result<PathBuf, String> {
+            let d = p(name);
+            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+            let copy = |from: String, to: &str| {
+                std::fs::copy(p(&from), d.join(to)).map(drop).map_err(|e| format!("{from}: {e}"))
+            };
+            if let Some(leaf) = leaf {
+                copy(format!("{ca}.cert.pem"), "cacert.pem")?;
+                copy(format!("{leaf}.cert.pem"), "clientcert.pem")?;
+                copy(format!("{leaf}.key.pem"), "clientkey.pem")?;
+            }
+            Ok(d)
+        };
+        let port = free_port();
+        let tls = Tls {
+            port,
+            client: folder("pki-client", "ca", Some("client"))?,
+            stranger: folder("pki-stranger", "ca", Some("stranger"))?,
+            foreign_client: folder("pki-foreign-client", "ca", Some("foreign"))?,
+            foreign_ca: folder("pki-foreign-ca", "other-ca", Some("foreign"))?,
+            empty: folder("pki-empty", "", None)?,
+            config: self.dir.path("libvirtd-tls.conf"),
+        };
+        let config = format!(
+            "listen_tls = 1\nlisten_tcp = 0\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\nauth_tls = \"none\"\n\
+             key_file = \"{key}\"\ncert_file = \"{cert}\"\nca_file = \"{ca}\"\ntls_no_verify_certificate = 0\n\
+             tls_allowed_dn_list = [\"{CLIENT_DN}\"]\n",
+            key = p("server.key.pem").display(),
+            cert = p("server.cert.pem").display(),
+            ca = p("ca.cert.pem").display(),
+        );
+        std::fs::write(&tls.config, config).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&tls.config, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
+        self.kill_daemon();
+        self.tls = Some(tls);
+        self.start_daemon()?;
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > LIMIT {
+                return Err(format!(
+                    "libvirtd did not listen on 127.0.0.1:{port} within {LIMIT:?}: {}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The certificates and port, once [`Libvirt::enable_tls`] ran.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// What the daemon sends right after the TLS handshake (`openssl s_client` with the certificates in
+    /// `pkipath`): libvirt's confirmation byte, 1, when it accepts the client's certificate; nothing (it hangs
+    /// up) when not. This checks the daemon's side alone, which libvirt's client does not reach with a
+    /// certificate its own CA file does not vouch for.
+    pub fn tls_confirmation(&self, pkipath: &Path) -> Result<Option<u8>, String> {
+        use std::io::Read;
+        let port = self.tls.as_ref().ok_or("TLS is not enabled")?.port;
+        let mut child = Command::new(OPENSSL)
+            .args(["s_client", "-quiet", "-connect", &format!("127.0.0.1:{port}"), "-CAfile"])
+            .arg(pkipath.join("cacert.pem"))
+            .arg("-cert")
+            .arg(pkipath.join("clientcert.pem"))
+            .arg("-key")
+            .arg(pkipath.join("clientkey.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("openssl s_client: {e}"))?;
+        let mut stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = tx.send(stdout.read(&mut byte).map(|n| (n == 1).then_some(byte[0])));
+        });
+        // Its stdin stays open (held by `child`) until it is killed: only the daemon ends the exchange.
+        let got = rx.recv_timeout(LIMIT);
+        let _ = child.kill();
+        let _ = child.wait();
+        match got {
+            Ok(r) => r.map_err(|e| format!("reading from openssl s_client: {e}")),
+            Err(_) => Err(format!("the daemon neither answered nor hung up within {LIMIT:?}")),
+        }
+    }
+
+    /// The daemon over TLS on `host` (`127.0.0.1` or `localhost`), with the certificates in `pkipath`.
+    pub fn tls_uri(&self, host: &str, pkipath: &Path) -> String {
+        let port = self.tls.as_ref().map_or(0, |t| t.port);
+        format!("qemu+tls://{host}:{port}/session?pkipath={}", pkipath.display())
+    }
+
     /// (Re)starts libvirtd on the same directories; returns once its socket answers.
     pub fn start_daemon(&mut self) -> Result<(), String> {
         let _ = std::fs::remove_file(&self.socket);
@@ -209,7 +421,11 @@ impl Libvirt {
             std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let d = self.dir.dir();
-        let child = die_with_parent(&mut Command::new("/usr/sbin/libvirtd"))
+        let mut cmd = Command::new("/usr/sbin/libvirtd");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--listen").arg("-f").arg(&tls.config);
+        }
+        let child = die_with_parent(&mut cmd)
             .env_clear()
             .env("HOME", home_of_user())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

@@ -3,8 +3,8 @@
 //! behind Porthole's back and made by Porthole, the console (the keyboard-echo micro-guest's screen and
 //! serial), uploads into the storage pool, the CD/DVD, libvirt's snapshots, shutdown with a time-out, suspend,
 //! deletion, SSH (libssh and the ssh binary; console through the SSH tunnel), refused host keys and keys, and
-//! a daemon killed mid-session. Domains run QEMU's TCG. Without root or the packages each test says why and
-//! skips.
+//! a daemon killed mid-session, `qemu+tls://` with certificates made per run (accepted and refused ones).
+//! Domains run QEMU's TCG. Without root or the packages each test says why and skips.
 
 use std::io::Write;
 use std::path::Path;
@@ -520,6 +520,91 @@ async fn a_vm_made_by_porthole_boots_its_kernel_and_its_console_takes_keys() {
     let e = host.serial(&vm.id, 10).await.unwrap_err().to_string();
     assert!(e.contains("not running"), "{e}");
     host.delete_vm(&vm.id).await.unwrap();
+}
+
+/// `qemu+tls://` (virt-manager's TLS URIs), with the certificates in `pkipath=`: the host answers, a VM made
+/// through it boots its kernel and its serial console (a libvirt stream) shows the keys typed; the graphical
+/// console says it needs SSH, since libvirt passes no file descriptor over TCP and nothing tunnels to the
+/// host's 127.0.0.1 VNC port, and the connection stays usable after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_qemu_tls_a_made_vm_boots_its_serial_console_works_and_its_screen_needs_ssh() {
+    let Some(lv) = Libvirt::start_with_tls_or_skip("libvirt over TLS") else { return };
+    let tls = lv.tls().unwrap();
+    let uri = lv.tls_uri("127.0.0.1", &tls.client);
+    let host = connect(&uri).await;
+    let info = host.host().await.unwrap();
+    assert!(info.cpus > 0 && info.version.starts_with("libvirt "), "{info:?}");
+    assert_eq!(Path::new(&info.data_dir), lv.images);
+    // The server certificate names localhost too.
+    let by_name = connect(&lv.tls_uri("localhost", &tls.client)).await;
+    assert!(by_name.list_vms().await.unwrap().is_empty());
+
+    let kernel = lv.guest_kernel("kbd-echo");
+    let spec = CreateVm {
+        boot: Some(porthole_api::BootSpec {
+            kernel: kernel.display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        ..CreateVm::new("tls-vm", 1, 64)
+    };
+    let vm = host.create_vm(&spec).await.unwrap();
+    let id = vm.id.clone();
+    assert_eq!(host.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+    host.serial(&id, 10).await.unwrap();
+    // Keys pressed behind Porthole's back (virsh send-key on the local socket) reach the guest, whose echo
+    // comes back through the serial console over TLS.
+    eventually("the key echoed on the serial console over TLS", async || {
+        let out = lv.virsh(&["send-key", "tls-vm", "KEY_A"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = host.serial(&id, 100).await.ok()?;
+        out.lines.iter().any(|l| l.contains("PORTHOLE-KEY 9e")).then_some(())
+    })
+    .await;
+
+    let e = tokio::time::timeout(LIMIT, host.open_console(&id)).await.expect("opening hung").unwrap_err().to_string();
+    assert!(e.contains("over tls") && e.contains("qemu+ssh://"), "{e}");
+    // Nothing was tried that would have cost the connection: the host still answers.
+    assert_eq!(host.vm(&id).await.unwrap().state, VmState::Running);
+    let png = host.screenshot(&id, 320).await.unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+    assert_eq!(reader.info().width, 320);
+
+    assert_eq!(host.action(&id, Action::Poweroff).await.unwrap().state, VmState::Stopped);
+    host.delete_vm(&id).await.unwrap();
+    assert!(host.list_vms().await.unwrap().is_empty());
+    assert!(!text(&lv.virsh(&["list", "--all", "--name"]).stdout).contains("tls-vm"));
+}
+
+/// `qemu+tls://` with certificates the host or the client does not accept: refused at once with what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_qemu_tls_missing_and_foreign_certificates_are_refused_with_a_reason() {
+    let Some(lv) = Libvirt::start_with_tls_or_skip("libvirt TLS refusals") else { return };
+    let tls = lv.tls().unwrap();
+    let e = connect_err(&lv.tls_uri("127.0.0.1", &tls.empty)).await;
+    assert!(e.contains("cannot connect to qemu+tls://") && e.contains("cacert.pem") && e.contains("pkipath="), "{e}");
+    // Another CA throughout: the host's certificate is not trusted.
+    let e = connect_err(&lv.tls_uri("127.0.0.1", &tls.foreign_ca)).await;
+    assert!(e.contains("Failed to verify peer's certificate") && e.contains("host's certificate"), "{e}");
+    // A client certificate from another CA: libvirt checks it against cacert.pem before sending it.
+    let e = connect_err(&lv.tls_uri("127.0.0.1", &tls.foreign_client)).await;
+    assert!(e.contains("failed validation") && e.contains("not signed by the CA"), "{e}");
+    // Signed by the host's CA, but not a client the host allows: the host hangs up after the handshake.
+    let e = connect_err(&lv.tls_uri("127.0.0.1", &tls.stranger)).await;
+    assert!(e.contains("TLS confirmation") && e.contains("refused this client's certificate"), "{e}");
+    let log = std::fs::read_to_string(&lv.daemon_log).unwrap();
+    assert!(log.contains("not on the list of allowed clients"), "{log}");
+    // The daemon's own checks, without libvirt's client: a certificate from another CA, one not on its list,
+    // get no confirmation; the accepted one gets libvirt's byte 1.
+    let logged = std::fs::read_to_string(&lv.daemon_log).unwrap().len();
+    assert_eq!(lv.tls_confirmation(&tls.foreign_client).unwrap(), None);
+    let log = std::fs::read_to_string(&lv.daemon_log).unwrap();
+    assert!(log[logged..].contains("hasn't got a known issuer"), "{}", &log[logged..]);
+    assert_eq!(lv.tls_confirmation(&tls.stranger).unwrap(), None);
+    assert_eq!(lv.tls_confirmation(&tls.client).unwrap(), Some(1));
+    // The accepted client still gets in.
+    let host = connect(&lv.tls_uri("127.0.0.1", &tls.client)).await;
+    assert!(host.list_vms().await.unwrap().is_empty());
 }
 
 /// Typing into a made VM's serial console: the demo guest echoes it back like a terminal.
