@@ -332,13 +332,24 @@ fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
             writer.write_all(b"\n")?;
             return Ok(());
         }
-        let reply = match serde_json::from_slice::<Request>(&line) {
-            Ok(request) => handle(vm, &request),
-            Err(e) => failure(format!("bad request: {e}")),
+        let (reply, then_end) = match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => {
+                let reply = handle(vm, &request);
+                let ends = reply.ok && matches!(request, Request::SaveState { then: crate::vm::Then::Stop, .. });
+                (reply, ends)
+            }
+            Err(e) => (failure(format!("bad request: {e}")), false),
         };
         let mut bytes = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
         bytes.push(b'\n');
-        writer.write_all(&bytes)?;
+        let written = writer.write_all(&bytes).and_then(|()| writer.flush());
+        if then_end {
+            // A VM suspended to disk ends only now that its answer is on its way (whether or not the caller is
+            // still there to read it).
+            vm.end_suspended();
+            return written;
+        }
+        written?;
     }
 }
 

@@ -328,6 +328,14 @@ impl VmHandle {
         self.machine.request(MachineRequest::Reset);
     }
 
+    /// Ends a VM whose state a `save-state` with `then: stop` saved (it waits paused, marked suspended): the
+    /// process exits as suspended. Called once the caller has the save's answer.
+    pub fn end_suspended(&self) {
+        if self.suspended.load(std::sync::atomic::Ordering::Acquire) {
+            self.machine.request(MachineRequest::ForceOff);
+        }
+    }
+
     /// Pulls the plug.
     pub fn power_off(&self) {
         self.machine.request(MachineRequest::ForceOff);

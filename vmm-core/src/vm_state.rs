@@ -134,10 +134,10 @@ impl VmHandle {
                 match then {
                     Then::Resume if !was_paused => self.resume(),
                     Then::Resume => {}
-                    Then::Stop => {
-                        self.suspended.store(true, Ordering::Release);
-                        self.machine.request(crate::devices::MachineRequest::ForceOff);
-                    }
+                    // The guest stays paused; the process ends once the caller has its answer
+                    // ([`VmHandle::end_suspended`]): ending it here raced the reply, which a loaded host
+                    // lost (the daemon read an empty answer).
+                    Then::Stop => self.suspended.store(true, Ordering::Release),
                 }
                 log::info!("{}: state saved to {path:?} ({bytes} bytes, paused {paused:?})", self.name);
                 Ok(SaveReport { bytes, paused })
