@@ -190,6 +190,15 @@ fn make_leaf(base: &Path, ca: &Path, subject: &str, ext: &str, serial: u32) -> R
     Ok(())
 }
 
+/// The first of 100 VNC ports for a new harness's QEMUs: apart for every harness of this process, and
+/// moved by the process id between runs.
+fn vnc_port_base() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let slot = (std::process::id() * 16 + N.fetch_add(1, Ordering::Relaxed)) % 400;
+    (20000 + slot * 100) as u16
+}
+
 /// A private libvirt daemon and sshd.
 pub struct Libvirt {
     pub dir: Scratch,
@@ -234,6 +243,18 @@ impl Libvirt {
             std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
             chmod(&p, if sub == "run" { 0o700 } else { 0o755 }).map_err(|e| e.to_string())?;
         }
+        // Each harness's QEMUs get VNC ports of their own: two private daemons (tests run in parallel) would
+        // otherwise both hand out 5900 and up, and a QEMU started by one (a snapshot's revert) may find its
+        // port taken by the other's.
+        let conf_dir = dir.path("config/libvirt");
+        std::fs::create_dir_all(&conf_dir).map_err(|e| e.to_string())?;
+        std::os::unix::fs::chown(&conf_dir, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+        let base = vnc_port_base();
+        std::fs::write(
+            conf_dir.join("qemu.conf"),
+            format!("remote_display_port_min = {base}\nremote_display_port_max = {}\n", base + 99),
+        )
+        .map_err(|e| format!("writing qemu.conf: {e}"))?;
         let run_dir = dir.path("run");
         let mut lv = Libvirt {
             socket: run_dir.join("libvirt/libvirt-sock"),
