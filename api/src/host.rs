@@ -72,6 +72,8 @@ pub enum Feature {
     Networking,
     /// New VMs whose disk is a copy of a library image or grows from a cloud image.
     DiskImages,
+    /// The VMs' graphical consoles.
+    Console,
 }
 
 /// Why a call to a host failed.

@@ -1508,7 +1508,13 @@ impl Host for LibvirtHost {
     }
 
     fn lacks(&self, feature: Feature) -> Option<String> {
+        let parsed = &self.inner.parsed;
         let why = match feature {
+            Feature::Console if parsed.is_local() || parsed.is_ssh() => return None,
+            Feature::Console => {
+                "libvirt hosts reached over TLS or TCP: the console listens on the host's loopback only; connect \
+                 with qemu+ssh:// to open it through SSH"
+            }
             Feature::Snapshots | Feature::MemorySnapshots | Feature::Suspend | Feature::Tasks => return None,
             Feature::Screenshots => return None,
             Feature::Clones => "libvirt hosts: cloning is not offered here (use virt-clone on the host)",

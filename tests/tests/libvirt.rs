@@ -538,6 +538,10 @@ async fn over_qemu_tls_a_made_vm_boots_its_serial_console_works_and_its_screen_n
     // The server certificate names localhost too.
     let by_name = connect(&lv.tls_uri("localhost", &tls.client)).await;
     assert!(by_name.list_vms().await.unwrap().is_empty());
+    // The window greys *Open console* with the reason before anyone tries.
+    let why = host.lacks(porthole_api::Feature::Console).expect("no console over TLS");
+    assert!(why.contains("qemu+ssh://"), "{why}");
+    assert_eq!(connect(&lv.local_uri()).await.lacks(porthole_api::Feature::Console), None);
 
     let kernel = lv.guest_kernel("kbd-echo");
     let spec = CreateVm {

@@ -179,7 +179,11 @@ impl PortholeApp {
             {
                 act(self, "Suspend", Action::Suspend);
             }
-            if theme::button(ui, running, theme::CONSOLE, "Open console").clicked() {
+            let lacks = self.lacks(host, Feature::Console);
+            if theme::button(ui, running && lacks.is_none(), theme::CONSOLE, "Open console")
+                .on_disabled_hover_text(lacks.unwrap_or_default())
+                .clicked()
+            {
                 self.open_console(host, vm);
             }
             if theme::button(ui, true, theme::INSERT, "Insert ISO…").clicked()
