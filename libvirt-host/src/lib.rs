@@ -974,10 +974,19 @@ fn pick_network(conn: &Connect, parsed: &ConnUri) -> (Option<String>, String) {
     {
         return (Some("default".into()), String::new());
     }
+    // No `default`: another network the host runs (a bridge to its LAN, a routed or NAT network), the first
+    // by name.
+    let mut others: Vec<String> = rpc!(conn.list_all_networks(sys::VIR_CONNECT_LIST_NETWORKS_ACTIVE))
+        .map(|nets| nets.iter().filter_map(|n| n.name().ok()).collect())
+        .unwrap_or_default();
+    others.sort();
+    if let Some(name) = others.into_iter().next() {
+        return (Some(name.clone()), format!("Network: the host's {name:?} network (it has no \"default\")."));
+    }
     if parsed.path == "/session" {
         return (Some("user".into()), String::new());
     }
-    (None, "No network: this libvirt host has no active network named \"default\".".into())
+    (None, "No network: this libvirt host has no active network.".into())
 }
 
 fn create_blocking(conn: &Connect, parsed: &ConnUri, vm: &CreateVm) -> Result<Vm, HostError> {
@@ -2024,6 +2033,38 @@ mod tests {
         assert!(screenshot_to_png("image/png", b"\x89PNG broken", 2).is_err());
         assert!(parse_ppm(b"P6 4 2 255\nshort").is_none());
         assert!(parse_ppm(b"P5 1 1 255\n\0").is_none());
+    }
+
+    #[test]
+    fn new_vms_join_default_else_another_running_network() {
+        // libvirt's test driver: its default node runs a network named "default"; a node of our own has only a
+        // bridge to the LAN.
+        let parsed = ConnUri::parse("qemu:///system").unwrap();
+        let conn = Connect::open(Some("test:///default")).unwrap();
+        assert_eq!(pick_network(&conn, &parsed), (Some("default".to_string()), String::new()));
+        let dir = std::env::temp_dir().join(format!("porthole-libvirt-net-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = dir.join("node.xml");
+        std::fs::write(
+            &node,
+            "<node><network><name>lan</name><forward mode='bridge'/><bridge name='br0'/></network></node>",
+        )
+        .unwrap();
+        let conn = Connect::open(Some(&format!("test://{}", node.display()))).unwrap();
+        let (net, why) = pick_network(&conn, &parsed);
+        assert_eq!(net.as_deref(), Some("lan"));
+        assert!(why.contains("no \"default\""), "{why}");
+        let x = domain_xml(
+            &CreateVm::new("v", 1, 64),
+            &Caps { kvm: false, q35: true },
+            None,
+            None,
+            None,
+            net.as_deref(),
+            "",
+        );
+        assert!(x.contains("<source network='lan'/>"), "{x}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
