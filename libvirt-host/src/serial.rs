@@ -76,10 +76,6 @@ impl Output {
     }
 }
 
-fn failed(what: &str, e: virt::error::Error) -> HostError {
-    HostError::Failed(format!("{what}: {}", e.message()))
-}
-
 impl SerialTaps {
     /// The tap of `dom` (UUID `uuid`), opened when there is none or its stream ended.
     fn tap(&self, conn: &Connect, dom: &Domain, uuid: &str) -> Result<Arc<Tap>, HostError> {
@@ -90,13 +86,10 @@ impl SerialTaps {
         if !rpc!(dom.is_active()).unwrap_or(false) {
             return Err(HostError::Failed("the VM is not running: its serial console opens once it runs".into()));
         }
-        let stream = rpc!(Stream::new(conn, sys::VIR_STREAM_NONBLOCK)).map_err(|e| failed("opening a stream", e))?;
-        rpc!(dom.open_console(None, &stream, 0)).map_err(|e| {
-            failed(
-                "opening the serial console (the domain needs a serial port of type pty, and no other console on it)",
-                e,
-            )
-        })?;
+        let stream = rpc!(Stream::new(conn, sys::VIR_STREAM_NONBLOCK)).map_err(crate::failed("opening a stream"))?;
+        rpc!(dom.open_console(None, &stream, 0)).map_err(crate::failed(
+            "opening the serial console (the domain needs a serial port of type pty, and no other console on it)",
+        ))?;
         let tap = Arc::new(Tap::default());
         let (tx, rx) = channel();
         *tap.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);

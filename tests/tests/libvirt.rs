@@ -50,6 +50,16 @@ async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     }
 }
 
+/// A VM of 1 vCPU and 64 MiB booting micro-guest `guest` (copied where the daemon's user reads it), the
+/// wizard's defaults otherwise.
+fn booting(lv: &Libvirt, name: &str, guest: &str) -> CreateVm {
+    let kernel = lv.guest_kernel(guest).display().to_string();
+    CreateVm {
+        boot: Some(porthole_api::BootSpec { kernel, initrd: None, cmdline: String::new() }),
+        ..CreateVm::new(name, 1, 64)
+    }
+}
+
 /// Distinct colours in the top-left `w`×`h` pixels. (The first text row's glyphs sit in its scan lines 0-12;
 /// the blinking cursor in lines 13-14.)
 fn colours(c: &RfbClient, w: u32, h: u32) -> usize {
@@ -470,15 +480,7 @@ async fn refreshing_200_domains_costs() {
 async fn a_vm_made_by_porthole_boots_its_kernel_and_its_console_takes_keys() {
     let Some(lv) = Libvirt::start_or_skip("libvirt console of a made VM") else { return };
     let host = connect(&lv.local_uri()).await;
-    let kernel = lv.guest_kernel("kbd-echo");
-    let spec = CreateVm {
-        boot: Some(porthole_api::BootSpec {
-            kernel: kernel.display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        ..CreateVm::new("made-echo", 1, 64)
-    };
+    let spec = booting(&lv, "made-echo", "kbd-echo");
     let vm = host.create_vm(&spec).await.unwrap();
     host.action(&vm.id, Action::Start).await.unwrap();
     // The serial console keeps what the guest prints from its first reading on (a pty has no history, and
@@ -543,15 +545,7 @@ async fn over_qemu_tls_a_made_vm_boots_its_serial_console_works_and_its_screen_n
     assert!(why.contains("qemu+ssh://"), "{why}");
     assert_eq!(connect(&lv.local_uri()).await.lacks(porthole_api::Feature::Console), None);
 
-    let kernel = lv.guest_kernel("kbd-echo");
-    let spec = CreateVm {
-        boot: Some(porthole_api::BootSpec {
-            kernel: kernel.display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        ..CreateVm::new("tls-vm", 1, 64)
-    };
+    let spec = booting(&lv, "tls-vm", "kbd-echo");
     let vm = host.create_vm(&spec).await.unwrap();
     let id = vm.id.clone();
     assert_eq!(host.action(&id, Action::Start).await.unwrap().state, VmState::Running);
@@ -616,15 +610,7 @@ async fn over_qemu_tls_missing_and_foreign_certificates_are_refused_with_a_reaso
 async fn the_serial_console_of_a_made_vm_shows_output_and_takes_input() {
     let Some(lv) = Libvirt::start_or_skip("libvirt serial console") else { return };
     let host = connect(&lv.local_uri()).await;
-    let kernel = lv.guest_kernel("demo");
-    let spec = CreateVm {
-        boot: Some(porthole_api::BootSpec {
-            kernel: kernel.display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        ..CreateVm::new("serial-demo", 1, 64)
-    };
+    let spec = booting(&lv, "serial-demo", "demo");
     let vm = host.create_vm(&spec).await.unwrap();
     host.action(&vm.id, Action::Start).await.unwrap();
     let id = vm.id.clone();
