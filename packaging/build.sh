@@ -63,11 +63,11 @@ if [ -n "${PORTHOLE_BIN_DIR:-}" ]; then
     BIN=$(cd "$PORTHOLE_BIN_DIR" && pwd)
     say "binaries from $BIN"
 else
-    say "cargo build --release -p porthole -p portholed -p vmm-core"
-    (cd "$ROOT" && cargo build --release -p porthole -p portholed -p vmm-core)
+    say "cargo build --release -p porthole -p portholed -p vmm-core -p porthole-libvirt"
+    (cd "$ROOT" && cargo build --release -p porthole -p portholed -p vmm-core -p porthole-libvirt)
     BIN=$ROOT/target/release
 fi
-for b in porthole portholed porthole-vmm; do
+for b in porthole portholed porthole-vmm porthole-libvirt; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing"
     got=$("$BIN/$b" --version)
     [ "$got" = "$b $VERSION" ] || die "$b --version says '$got', the workspace is $VERSION"
@@ -89,6 +89,11 @@ for b in porthole portholed porthole-vmm; do
     strip --strip-unneeded --remove-section=.comment --remove-section=.note -o "$COMMON/usr/bin/$b" "$BIN/$b"
     chmod 0755 "$COMMON/usr/bin/$b"
 done
+# The window's helper for libvirt hosts: the one program that links libvirt's client library, so the window
+# starts without it. Not a command of its own: the window finds it in ../lib/porthole.
+strip --strip-unneeded --remove-section=.comment --remove-section=.note \
+    -o "$COMMON/usr/lib/porthole/porthole-libvirt" "$BIN/porthole-libvirt"
+chmod 0755 "$COMMON/usr/lib/porthole/porthole-libvirt"
 # The demo guest is a guest kernel (a PVH ELF), not a program of this system: read, never run, by the
 # engine. Stripped of its symbols (its PVH note stays).
 strip --strip-all -o "$COMMON/usr/lib/porthole/demo.elf" "$DEMO"
@@ -118,9 +123,9 @@ install -D -m 0644 "$PKG/systemd/portholed-remote.default" "$COMMON/etc/default/
 # The Rust crates inside the programs, with their licenses (from Cargo.lock, without building).
 if command -v cargo >/dev/null; then
     {
-        echo "Rust crates statically linked into porthole, portholed and porthole-vmm $VERSION, with their licenses."
+        echo "Rust crates statically linked into porthole, portholed, porthole-vmm and porthole-libvirt $VERSION, with their licenses."
         echo
-        (cd "$ROOT" && cargo tree --offline --locked -e normal -p porthole -p portholed -p vmm-core \
+        (cd "$ROOT" && cargo tree --offline --locked -e normal -p porthole -p portholed -p vmm-core -p porthole-libvirt \
             --prefix none -f '{p}  {l}') | sed -e 's/ (\*)$//' -e 's/ ([^)]*\/[^)]*)//' | sort -u | grep -v '^$'
     } >"$COMMON/usr/share/doc/porthole/crates.txt" || die "cargo tree failed"
 else
@@ -157,13 +162,18 @@ printf 'Source: porthole\n\nPackage: porthole\nArchitecture: amd64\n' >"$WORK/sh
 SHLIBS=$(cd "$WORK/shlibs" && dpkg-shlibdeps -O "$DEB/usr/bin/porthole" "$DEB/usr/bin/portholed" "$DEB/usr/bin/porthole-vmm" 2>/dev/null |
     sed -n 's/^shlibs:Depends=//p')
 [ -n "$SHLIBS" ] || die "dpkg-shlibdeps found no dependencies"
+# libvirt's client library serves libvirt hosts only (through the helper): recommended, not required.
+LIBVIRT_DEB=$(cd "$WORK/shlibs" && dpkg-shlibdeps -O "$DEB/usr/lib/porthole/porthole-libvirt" 2>/dev/null |
+    sed -n 's/^shlibs:Depends=//p' | tr ',' '\n' | sed 's/^ *//' | grep '^libvirt0' || true)
+[ -n "$LIBVIRT_DEB" ] || die "dpkg-shlibdeps found no libvirt0 for porthole-libvirt"
 DLOPEN_DEBS="libegl1, libgl1, libwayland-client0, libwayland-egl1, libxkbcommon0, libxkbcommon-x11-0, libx11-6, libx11-xcb1, libxcursor1, libxi6, libxrender1"
 DEPENDS="$SHLIBS, adduser, $DLOPEN_DEBS"
 # ca-certificates: only for remote hosts added without a pinned fingerprint (their certificate is then
 # checked against the system's CA roots); the local daemon and pinned hosts work without it.
 # seabios: firmware boot (VMs booting an ISO or a disk rather than a kernel; porthole-vmm --firmware bios).
 # osinfo-db: libosinfo's database, which portholed reads to name the OS on an ISO (without it: "Unknown OS").
-RECOMMENDS="seabios, passt, ca-certificates, libgl1-mesa-dri, libdbus-1-3, osinfo-db"
+# libvirt0: libvirt hosts (the window starts and serves every other host without it).
+RECOMMENDS="seabios, passt, ca-certificates, libgl1-mesa-dri, libdbus-1-3, osinfo-db, $LIBVIRT_DEB"
 
 (cd "$DEB" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$WORK/md5sums"
 install -d -m 0755 "$DEB/DEBIAN"
@@ -206,7 +216,7 @@ install -D -m 0644 "$PKG/systemd/portholed-remote.service" "$RPMSTAGE/usr/lib/sy
 install -D -m 0644 "$WORK/copyright" "$RPMSTAGE/usr/share/licenses/porthole/copyright"
 install -D -m 0644 /usr/share/common-licenses/Apache-2.0 "$RPMSTAGE/usr/share/licenses/porthole/Apache-2.0"
 # The same libraries as the .deb's by hand, by soname (what Fedora, openSUSE and RHEL packages provide).
-REQUIRES="Recommends:     ca-certificates"$'\n'"Recommends:     seabios"$'\n'"Recommends:     passt"$'\n'"Recommends:     osinfo-db"$'\n'
+REQUIRES="Recommends:     ca-certificates"$'\n'"Recommends:     seabios"$'\n'"Recommends:     passt"$'\n'"Recommends:     osinfo-db"$'\n'"Recommends:     libvirt-libs"$'\n'
 for so in libEGL.so.1 libGL.so.1 libwayland-client.so.0 libwayland-egl.so.1 libxkbcommon.so.0 \
     libxkbcommon-x11.so.0 libX11.so.6 libX11-xcb.so.1 libXcursor.so.1 libXi.so.6 libXrender.so.1; do
     REQUIRES+="Requires:       $so()(64bit)"$'\n'
@@ -234,6 +244,7 @@ cp -a "$COMMON" "$APPDIR"
 rm -rf "$APPDIR/usr/share/doc"
 # The window looks for the demo guest next to itself.
 mv "$APPDIR/usr/lib/porthole/demo.elf" "$APPDIR/usr/bin/porthole-demo.elf"
+mv "$APPDIR/usr/lib/porthole/porthole-libvirt" "$APPDIR/usr/bin/porthole-libvirt"
 rmdir "$APPDIR/usr/lib/porthole"
 install -D -m 0644 "$PKG/systemd/portholed-remote.service" "$APPDIR/usr/lib/systemd/system/portholed-remote.service"
 install -m 0755 "$PKG/tarball/AppRun" "$PKG/tarball/install.sh" "$PKG/tarball/uninstall.sh" "$APPDIR/"
@@ -252,7 +263,8 @@ Uninstall:            PREFIX/lib/porthole/uninstall.sh
 
 VMs need access to /dev/kvm: sudo usermod -aG kvm \$USER, then log in again.
 The window needs X11 or Wayland with EGL/OpenGL (Debian: libegl1 libgl1-mesa-dri libxkbcommon-x11-0
-libwayland-egl1) and libvirt's client library (Debian: libvirt0; Fedora: libvirt-libs). Licence: Apache-2.0 OR MIT (COPYRIGHT; bundled Rust crates in CRATES.txt).
+libwayland-egl1). libvirt hosts need libvirt's client library (Debian: libvirt0; Fedora: libvirt-libs);
+everything else works without it. Licence: Apache-2.0 OR MIT (COPYRIGHT; bundled Rust crates in CRATES.txt).
 EOF
 find "$APPDIR" -type d -exec chmod 0755 {} +
 TAR_FILE=$OUT/$NAME.tar.gz

@@ -166,6 +166,7 @@ EXPECTED_RPM_FILES="/etc/default/portholed-remote
 /usr/bin/portholed
 /usr/lib/porthole
 /usr/lib/porthole/demo.elf
+/usr/lib/porthole/porthole-libvirt
 /usr/lib/systemd/system/portholed-remote.service
 /usr/lib/systemd/user/portholed.service
 /usr/lib/sysusers.d/porthole.conf
@@ -302,6 +303,10 @@ for b in porthole portholed porthole-vmm; do
     got=$(in_root "/usr/bin/$b" --version 2>&1)
     if [ "$got" = "$b $VERSION" ]; then pass "in the root: $b --version says $VERSION"; else fail "in the root: $b --version: $got"; fi
 done
+libvirt_absent() { ! in_root dpkg -s libvirt0 >/dev/null 2>&1; }
+check "in the root: libvirt0 is only recommended, so not installed, and the window starts without it" libvirt_absent
+helper_says_library() { in_root /usr/lib/porthole/porthole-libvirt --version 2>&1 | grep -q 'libvirt.so.0'; }
+check "in the root: the libvirt helper names the library it lacks" helper_says_library
 check "in the root: system user porthole (home /var/lib/porthole) in the group kvm" \
     bash -c "chroot '$R' getent passwd porthole | grep -q ':/var/lib/porthole:' && chroot '$R' id -nG porthole | tr ' ' '\n' | grep -qx kvm"
 check "in the root: the system service is not enabled" [ ! -e "$R/etc/systemd/system/multi-user.target.wants/portholed-remote.service" ]

@@ -73,7 +73,8 @@ pub struct Client {
 }
 
 /// A lifecycle action (`POST /vms/{id}/{action}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Action {
     Start,
     Poweroff,

@@ -24,7 +24,8 @@ pub type HostHandle = Arc<dyn Host>;
 pub type Progress = Box<dyn Fn(u64, u64) + Send + Sync>;
 
 /// The kinds of host the window knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HostKind {
     /// `portholed`, local or remote.
     Porthole,
@@ -42,7 +43,8 @@ impl HostKind {
 }
 
 /// Features some hosts lack; [`Host::lacks`] tells why for a given host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Feature {
     /// Snapshot trees (take, revert, delete).
     Snapshots,
@@ -76,6 +78,27 @@ pub enum Feature {
     Console,
 }
 
+impl Feature {
+    /// Every feature, for asking a host about each.
+    pub const ALL: [Feature; 15] = [
+        Feature::Snapshots,
+        Feature::MemorySnapshots,
+        Feature::Clones,
+        Feature::Suspend,
+        Feature::Drives,
+        Feature::Limits,
+        Feature::Serial,
+        Feature::Screenshots,
+        Feature::Tasks,
+        Feature::HostStats,
+        Feature::OsDetection,
+        Feature::Settings,
+        Feature::Networking,
+        Feature::DiskImages,
+        Feature::Console,
+    ];
+}
+
 /// Why a call to a host failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -87,7 +110,7 @@ pub enum HostError {
     Failed(String),
     /// This kind of host does not do that.
     #[error("{what}: not available on this host ({why})")]
-    Unsupported { what: &'static str, why: String },
+    Unsupported { what: std::borrow::Cow<'static, str>, why: String },
 }
 
 impl HostError {
@@ -110,7 +133,7 @@ impl HostError {
 
 fn unsupported<T>(host: &(impl Host + ?Sized), what: &'static str, feature: Feature) -> Result<T, HostError> {
     let why = host.lacks(feature).unwrap_or_else(|| format!("{} hosts do not offer it", host.kind().name()));
-    Err(HostError::Unsupported { what, why })
+    Err(HostError::Unsupported { what: what.into(), why })
 }
 
 /// What the window can ask of a host. Methods a kind of host cannot serve keep their default, which refuses

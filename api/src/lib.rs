@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub mod host;
+pub mod host_process;
 pub mod iso;
 pub mod rfb;
+pub mod ssh;
 mod types;
 pub use client::{Action, Client, ClientError};
 pub use host::{Feature, Host, HostError, HostHandle, HostKind};

@@ -35,8 +35,7 @@ pub fn kvm_problem() -> Option<String> {
 /// the background if nothing listens there, keeping its VMs in `data_dir` when given, and waits up to 10 s
 /// for it.
 pub fn ensure_running(socket: &std::path::Path, data_dir: Option<&std::path::Path>) -> Result<(), String> {
-    let exe = std::env::current_exe().ok().map(|e| e.with_file_name("portholed")).filter(|p| p.exists());
-    let program = exe.unwrap_or_else(|| PathBuf::from("portholed"));
+    let program = crate::sibling_program("portholed");
     let custom_socket = std::env::var_os("PORTHOLE_SOCKET").is_some();
     ensure_running_with(&program, socket, custom_socket, data_dir).map(|_| ())
 }

@@ -23,6 +23,43 @@ pub fn demo_guest() -> Option<std::path::PathBuf> {
     candidates.into_iter().flatten().find(|p| p.is_file())
 }
 
+/// A program installed with this one (`portholed`, `porthole-libvirt`): next to it, else in `../lib/porthole`
+/// (the .deb's and .rpm's helpers), else the name alone (found on PATH). Under `cargo test` this program runs
+/// from the profile's `deps/` folder, and its siblings are one folder up.
+pub fn sibling_program(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().ok();
+    let dir = exe.as_deref().and_then(std::path::Path::parent);
+    let lib = dir.and_then(std::path::Path::parent).map(|p| p.join("lib/porthole"));
+    let up = dir.filter(|d| d.ends_with("deps")).and_then(std::path::Path::parent).map(std::path::Path::to_owned);
+    [dir.map(std::path::Path::to_owned), lib, up]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}
+
+/// Starts the helper that serves the libvirt host `uri` (`porthole-libvirt`, which links libvirt's client
+/// library so this program does not). Errors say what to install when the library or the helper is missing.
+pub fn libvirt_host(uri: &str) -> Result<porthole_api::HostHandle, String> {
+    libvirt_host_with(&sibling_program("porthole-libvirt"), &[uri.to_string()])
+}
+
+/// [`libvirt_host`] with the helper's command line given.
+pub fn libvirt_host_with(program: &std::path::Path, args: &[String]) -> Result<porthole_api::HostHandle, String> {
+    match porthole_api::host_process::HostProcess::start(program, args) {
+        Ok(host) => Ok(std::sync::Arc::new(host)),
+        Err(e) if e.contains("libvirt.so") => Err(format!(
+            "libvirt hosts need libvirt's client library, which is not installed here (Debian and Ubuntu: sudo \
+             apt install libvirt0; Fedora: sudo dnf install libvirt-libs). Everything else works without it. ({e})"
+        )),
+        Err(e) if e.starts_with("cannot start") => Err(format!(
+            "libvirt hosts need porthole-libvirt, installed with Porthole next to this program or on PATH ({e})"
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// When the process started (as early as `main` can note it).
 pub fn started() -> std::time::Instant {
     static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

@@ -7,8 +7,7 @@
 
 use std::path::PathBuf;
 
-use porthole_libvirt::ssh::{HostKeyCheck, check_host_key, default_known_hosts, known_hosts_name};
-use porthole_libvirt::{ConnUri, trust_host_key};
+use porthole_api::ssh::{ConnUri, HostKeyCheck, check_host_key, default_known_hosts, known_hosts_name, trust_host_key};
 
 /// A host's SSH keys as checked for the dialog.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -199,6 +199,83 @@ fn a_porthole_host_and_a_libvirt_host_in_one_window_pass_the_same_flow() {
     assert!(!problem.is_empty(), "the host says why it is unreachable");
     lv.start_daemon().unwrap();
     wait(&mut h, "the libvirt host back", |h| has(h, "virt — 1 VMs"));
+
+    // libvirt runs in the window's helper process; that process dying (a crash in libvirt's library) costs
+    // the window nothing: the next call starts another.
+    let first = helpers_of(&lv.local_uri());
+    assert_eq!(first.len(), 1, "one helper per libvirt host: {first:?}");
+    let killed = std::process::Command::new("kill").args(["-9", &first[0].to_string()]).status().unwrap();
+    assert!(killed.success());
+    wait(&mut h, "a new helper", |_| {
+        let now = helpers_of(&lv.local_uri());
+        now.len() == 1 && now != first
+    });
+    wait(&mut h, "the libvirt host listed again", |h| has(h, "virt — 1 VMs"));
+    assert!(has(&h, "Local — 0 VMs"));
+}
+
+/// The process ids of `porthole-libvirt` helpers serving `uri`.
+fn helpers_of(uri: &str) -> Vec<u32> {
+    let want = format!("porthole-libvirt\0{uri}\0");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let zombie = std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|s| s.contains(") Z "));
+        if cmdline.contains(&want) && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The window links no libvirt: it starts where libvirt's client library is missing, and a libvirt host
+/// there says what to install (its helper cannot start), while everything else works.
+#[test]
+fn without_libvirts_client_library_the_window_starts_and_a_libvirt_host_says_what_to_install() {
+    let window = porthole_tests::workspace_bin("porthole");
+    let helper = porthole_tests::workspace_bin("porthole-libvirt");
+    let needed = |bin: &Path| {
+        let out = std::process::Command::new("readelf").arg("-d").arg(bin).output().expect("readelf (binutils)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("(NEEDED)"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert!(needed(&window).iter().all(|l| !l.contains("libvirt")), "the window links libvirt: {:?}", needed(&window));
+    assert!(needed(&helper).iter().any(|l| l.contains("libvirt.so.0")), "{:?}", needed(&helper));
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the run without libvirt's library: hiding it needs root (a private mount namespace)");
+        return;
+    }
+    // Where the dynamic loader finds the library, from the helper's own view.
+    let ldd = std::process::Command::new("ldd").arg(&helper).output().unwrap();
+    let ldd = String::from_utf8_lossy(&ldd.stdout).into_owned();
+    let library = ldd
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("libvirt.so.0 => ").and_then(|r| r.split_whitespace().next()))
+        .unwrap_or_else(|| panic!("libvirt.so.0 not in: {ldd}"))
+        .to_string();
+    // In a private mount namespace the library's file is empty: the loader refuses it, as if it were absent.
+    let hide = format!("mount --bind /dev/null '{library}' && exec \"$@\"");
+    let hidden = |program: &Path, args: &[&str]| -> Vec<String> {
+        let mut all = vec!["-m".to_string(), "sh".into(), "-c".into(), hide.clone(), "sh".into()];
+        all.push(program.display().to_string());
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    };
+    let out = std::process::Command::new("unshare").args(hidden(&helper, &["--version"])).output().unwrap();
+    assert!(!out.status.success(), "the helper should not start without the library");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("libvirt.so.0"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("unshare").args(hidden(&window, &["--version"])).output().unwrap();
+    assert!(out.status.success(), "the window starts: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("porthole "), "{}", String::from_utf8_lossy(&out.stdout));
+    let e = porthole::libvirt_host_with(Path::new("unshare"), &hidden(&helper, &["qemu:///session"]))
+        .err()
+        .expect("no libvirt host without libvirt's library");
+    assert!(e.contains("apt install libvirt0") && e.contains("Everything else works"), "{e}");
 }
 
 /// *Add host…* → libvirt over SSH: the dialog shows the server's key fingerprints, connects only once the

@@ -1618,13 +1618,13 @@ impl Host for LibvirtHost {
     async fn create_vm(&self, vm: &CreateVm) -> Result<Vm, HostError> {
         if vm.disk_image.is_some() || vm.cloud_init.is_some() {
             return Err(HostError::Unsupported {
-                what: "VMs from disk or cloud images",
+                what: "VMs from disk or cloud images".into(),
                 why: "libvirt hosts: new VMs get an empty disk here".into(),
             });
         }
         if vm.cpu_cap_percent.is_some() || vm.cpu_weight.is_some() {
             return Err(HostError::Unsupported {
-                what: "CPU caps and weights",
+                what: "CPU caps and weights".into(),
                 why: self.lacks(Feature::Limits).unwrap_or_default(),
             });
         }
@@ -1890,7 +1890,7 @@ impl Host for LibvirtHost {
                 let active = rpc!(dom.is_active()).unwrap_or(false);
                 if active && take2.with_state == Some(false) {
                     return Err(HostError::Unsupported {
-                        what: "Disk-only snapshots of a running VM",
+                        what: "Disk-only snapshots of a running VM".into(),
                         why: "libvirt's internal snapshots of a running domain always keep its memory".into(),
                     });
                 }

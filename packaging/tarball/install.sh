@@ -52,6 +52,7 @@ for b in porthole portholed porthole-vmm; do
     echo "$PREFIX/bin/$b" >>"$MANIFEST.new"
 done
 put "$HERE/usr/bin/porthole-demo.elf" "$LIB/porthole-demo.elf" 0644
+put "$HERE/usr/bin/porthole-libvirt" "$LIB/porthole-libvirt" 0755
 put "$HERE/uninstall.sh" "$LIB/uninstall.sh" 0755
 
 # Desktop integration: the launcher (with this prefix's path), icons, AppStream metadata, man pages.

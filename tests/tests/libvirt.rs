@@ -11,16 +11,23 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use porthole_api::host_process::HostProcess;
 use porthole_api::{Action, CreateVm, DiskFormat, HostHandle, HostKind, ImageFormat, TakeSnapshot, TaskState, VmState};
 use porthole_libvirt::{HostKeyCheck, LibvirtHost, check_host_key, ssh_host_key_fingerprint, trust_host_key};
 use porthole_tests::libvirt::Libvirt;
 use porthole_tests::rfb::{self, RfbClient};
-use porthole_tests::{text, wait_until};
+use porthole_tests::{text, wait_until, workspace_bin};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
 async fn connect(uri: &str) -> HostHandle {
     Arc::new(LibvirtHost::connect_async(uri).await.unwrap_or_else(|e| panic!("connect {uri}: {e}")))
+}
+
+/// The host as the window has it: libvirt in its helper process (`porthole-libvirt`).
+fn through_helper(uri: &str) -> HostProcess {
+    HostProcess::start(&workspace_bin("porthole-libvirt"), &[uri.to_string()])
+        .unwrap_or_else(|e| panic!("helper for {uri}: {e}"))
 }
 
 async fn connect_err(uri: &str) -> String {
@@ -163,10 +170,11 @@ async fn domains_defined_behind_our_back_run_show_their_screen_take_keys_and_rep
     assert!(e.contains("not running"), "{e}");
 }
 
+/// Through the helper process, as the window does: uploads with progress, tasks and snapshots cross it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_made_by_porthole_take_uploaded_isos_snapshots_shutdowns_and_go_away_with_their_disks() {
     let Some(lv) = Libvirt::start_or_skip("libvirt create") else { return };
-    made_vm_scenario(&lv, &connect(&lv.local_uri()).await).await;
+    made_vm_scenario(&lv, &(Arc::new(through_helper(&lv.local_uri())) as HostHandle)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,11 +635,11 @@ async fn the_serial_console_of_a_made_vm_shows_output_and_takes_input() {
 }
 
 /// An upload whose caller stops waiting (the window's *Cancel upload* aborts its task) stops, and its
-/// half-written volume leaves the storage pool.
+/// half-written volume leaves the storage pool: the window's giving up crosses the helper process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_upload_leaves_nothing_in_the_pool() {
     let Some(lv) = Libvirt::start_or_skip("libvirt upload cancel") else { return };
-    let host = connect(&lv.local_uri()).await;
+    let host: HostHandle = Arc::new(through_helper(&lv.local_uri()));
     let iso = lv.dir.path("big.iso");
     // 256 MiB of data (written, not sparse: the upload reads every byte).
     let mut f = std::fs::File::create(&iso).unwrap();
@@ -672,4 +680,56 @@ async fn a_local_uri_without_a_daemon_says_libvirt_is_not_running() {
     let e = connect_err(&uri).await;
     assert!(e.contains("libvirt is not running on this computer"), "{e}");
     assert!(e.contains("libvirt-daemon-system"), "{e}");
+}
+
+/// The window's libvirt host lives in a helper process: its events and consoles (a passed descriptor) cross
+/// it, a helper killed mid-session costs no call after it (the next one starts another), and a refused
+/// connection says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_helper_process_events_and_consoles_arrive_and_a_killed_helper_is_replaced() {
+    let Some(lv) = Libvirt::start_or_skip("libvirt helper process") else { return };
+    let process = Arc::new(through_helper(&lv.local_uri()));
+    let first = process.pid().expect("the helper runs");
+    let mut changes = porthole_api::Host::events(&*process).expect("libvirt hosts report events through the helper");
+    let host: HostHandle = process.clone();
+    assert_eq!(host.kind(), HostKind::Libvirt);
+    assert!(host.lacks(porthole_api::Feature::Console).is_none());
+    assert!(host.lacks(porthole_api::Feature::Clones).is_some_and(|why| why.contains("virt-clone")));
+
+    changes.borrow_and_update();
+    let serial = lv.define_guest("echo", "kbd-echo");
+    tokio::time::timeout(LIMIT, changes.changed()).await.expect("no event for a domain defined").unwrap();
+    let id = host.vm("echo").await.unwrap().id;
+    assert_eq!(host.action(&id, Action::Start).await.unwrap().state, VmState::Running);
+    wait_serial(&serial, "PORTHOLE-KBD-READY");
+    console_echoes_keys(&host, &id, &serial).await;
+    let png = host.screenshot(&id, 200).await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG crosses the helper");
+    let e = host.cancel_task("no-such-task").await.unwrap_err();
+    assert!(matches!(e, porthole_api::HostError::Failed(_)), "{e:?}");
+    let e = host.host_stats(0, false).await.unwrap_err();
+    assert!(matches!(&e, porthole_api::HostError::Unsupported { why, .. } if why.contains("host samples")), "{e:?}");
+
+    // Killed (a crash in libvirt's library): the next call starts a new helper and answers.
+    let status = std::process::Command::new("kill").args(["-9", &first.to_string()]).status().unwrap();
+    assert!(status.success());
+    let vms = eventually("the host answering after its helper was killed", async || host.list_vms().await.ok()).await;
+    assert_eq!(vms.len(), 1);
+    let second = process.pid().expect("a new helper runs");
+    assert_ne!(second, first);
+    // Events follow the new helper.
+    changes.borrow_and_update();
+    let out = lv.virsh(&["destroy", "echo"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tokio::time::timeout(LIMIT, changes.changed()).await.expect("no event through the new helper").unwrap();
+    eventually("the destroyed domain stopped", async || {
+        (host.vm(&id).await.ok()?.state == VmState::Stopped).then_some(())
+    })
+    .await;
+
+    // A connection the helper cannot open is refused with libvirt's reason, and the helper ends.
+    let dir = porthole_tests::Scratch::new("libvirt-helper-none");
+    let uri = format!("qemu:///session?socket={}", dir.path("no-such-sock").display());
+    let e = HostProcess::start(&workspace_bin("porthole-libvirt"), &[uri]).err().expect("no daemon there");
+    assert!(e.contains("libvirt is not running on this computer"), "{e}");
 }

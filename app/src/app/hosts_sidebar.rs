@@ -7,7 +7,7 @@ use super::PortholeApp;
 use super::theme;
 use crate::backend::Backend;
 use crate::settings::{RemoteHost, RemoteKind};
-use porthole_libvirt::ssh::HostKeyCheck;
+use porthole_api::ssh::HostKeyCheck;
 
 /// The add-host dialog's fields.
 #[derive(Debug, Clone, Default)]
@@ -301,10 +301,7 @@ fn libvirt_fields(ui: &mut egui::Ui, backend: &Backend, a: &mut AddHost) -> bool
 pub(super) fn connect_remote(backend: &Backend, r: &RemoteHost) -> usize {
     let (address, token, fingerprint) = (r.address.clone(), r.token.clone(), r.fingerprint.clone());
     if r.kind == RemoteKind::Libvirt {
-        return backend.add_host(r.name.clone(), r.address.clone(), move || {
-            let host = porthole_libvirt::LibvirtHost::connect(&address).map_err(|e| e.to_string())?;
-            Ok(std::sync::Arc::new(host) as porthole_api::HostHandle)
-        });
+        return backend.add_host(r.name.clone(), r.address.clone(), move || crate::libvirt_host(&address));
     }
     backend.add_host(r.name.clone(), r.address.clone(), move || {
         let client = Client::https(&address, &token, Some(&fingerprint)).map_err(|e| e.to_string())?;
