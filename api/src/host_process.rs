@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::client::{Action, ClientError};
 use crate::host::{Feature, Host, HostError, HostHandle, HostKind, Progress};
@@ -196,7 +196,7 @@ pub enum Call {
 pub enum Message {
     Progress { sent: u64, total: u64 },
     Changed { generation: u64 },
-    Answer { result: Result<Value, WireError> },
+    Answer { result: Result<Box<RawValue>, WireError> },
 }
 
 /// A [`HostError`] on the wire.
@@ -364,7 +364,11 @@ impl HostProcess {
         helper.child.as_ref().map(Child::id)
     }
 
-    async fn exchange(&self, call: Call, progress: Option<Progress>) -> Result<(Value, Option<OwnedFd>), HostError> {
+    async fn exchange(
+        &self,
+        call: Call,
+        progress: Option<Progress>,
+    ) -> Result<(Box<RawValue>, Option<OwnedFd>), HostError> {
         let (ours, theirs) = UnixStream::pair().map_err(|e| HostError::Failed(format!("socketpair: {e}")))?;
         // Dropping this future (the window gave up on the call) closes the socket: the helper cancels.
         let _cancel = ours.try_clone().ok().map(ShutdownOnDrop);
@@ -376,7 +380,7 @@ impl HostProcess {
 
     async fn call<T: DeserializeOwned>(&self, call: Call) -> Result<T, HostError> {
         let (value, _) = self.exchange(call, None).await?;
-        serde_json::from_value(value)
+        serde_json::from_str(value.get())
             .map_err(|e| HostError::Failed(format!("the helper's answer is not understood: {e}")))
     }
 }
@@ -421,7 +425,7 @@ impl Shared {
         ours: UnixStream,
         theirs: UnixStream,
         progress: Option<&Progress>,
-    ) -> Result<(Value, Option<OwnedFd>), HostError> {
+    ) -> Result<(Box<RawValue>, Option<OwnedFd>), HostError> {
         let stderr = self.hand_over(&theirs)?;
         drop(theirs);
         let ended = |what: String| {
@@ -614,7 +618,7 @@ impl Host for HostProcess {
     async fn upload_image(&self, name: &str, path: &Path, progress: Progress) -> Result<Image, HostError> {
         let path = std::path::absolute(path).map_err(|e| HostError::Failed(format!("{}: {e}", path.display())))?;
         let (value, _) = self.exchange(Call::UploadImage { name: name.into(), path }, Some(progress)).await?;
-        serde_json::from_value(value)
+        serde_json::from_str(value.get())
             .map_err(|e| HostError::Failed(format!("the helper's answer is not understood: {e}")))
     }
     async fn delete_image(&self, name: &str) -> Result<(), HostError> {
@@ -755,7 +759,7 @@ pub fn serve(runtime: &tokio::runtime::Runtime, host: HostHandle, broker: UnixSt
 
 /// What a call produced: a value, or a stream to pass as a descriptor.
 enum Produced {
-    Value(Value),
+    Value(Box<RawValue>),
     Stream(UnixStream),
 }
 
@@ -815,7 +819,8 @@ async fn answer(host: HostHandle, stream: UnixStream) -> std::io::Result<()> {
     match result {
         Ok(Produced::Value(v)) => write_message(&mut write, &Message::Answer { result: Ok(v) }).await,
         Ok(Produced::Stream(s)) => {
-            let mut line = serde_json::to_vec(&Message::Answer { result: Ok(Value::Null) })?;
+            let null = RawValue::from_string("null".into())?;
+            let mut line = serde_json::to_vec(&Message::Answer { result: Ok(null) })?;
             line.push(b'\n');
             let socket = write.as_ref();
             loop {
@@ -848,7 +853,7 @@ async fn run(
 ) -> Result<Produced, HostError> {
     fn value<T: Serialize>(r: Result<T, HostError>) -> Result<Produced, HostError> {
         let v = r?;
-        serde_json::to_value(v)
+        serde_json::value::to_raw_value(&v)
             .map(Produced::Value)
             .map_err(|e| HostError::Failed(format!("cannot write the answer: {e}")))
     }
@@ -911,14 +916,18 @@ mod tests {
             message: "no".into(),
             fields: vec![crate::FieldError { field: "memory_mib".into(), message: "too small".into() }],
         });
-        let back = HostError::from(serde_json::from_str::<WireError>(&serde_json::to_string(&WireError::from(&api)).unwrap()).unwrap());
+        let back = HostError::from(
+            serde_json::from_str::<WireError>(&serde_json::to_string(&WireError::from(&api)).unwrap()).unwrap(),
+        );
         assert_eq!((back.status(), back.fields().len()), (Some(422), 1));
         let unsupported = HostError::Unsupported { what: "Cloning".into(), why: "not here".into() };
         match HostError::from(WireError::from(&unsupported)) {
             HostError::Unsupported { what, why } => assert_eq!((what.as_ref(), why.as_str()), ("Cloning", "not here")),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(HostError::from(WireError::from(&HostError::Failed("x".into()))), HostError::Failed(m) if m == "x"));
+        assert!(
+            matches!(HostError::from(WireError::from(&HostError::Failed("x".into()))), HostError::Failed(m) if m == "x")
+        );
     }
 
     /// A line with a descriptor: the reader gets both, the descriptor close-on-exec and working; lines split
@@ -927,7 +936,8 @@ mod tests {
     fn lines_carry_passed_descriptors() {
         let (a, b) = UnixStream::pair().unwrap();
         let (console, mut far) = UnixStream::pair().unwrap();
-        let answer = serde_json::to_vec(&Message::Answer { result: Ok(Value::Null) }).unwrap();
+        let null = RawValue::from_string("null".into()).unwrap();
+        let answer = serde_json::to_vec(&Message::Answer { result: Ok(null) }).unwrap();
         (&a).write_all(b"{\"progress\":{\"sent\":1,\"total\":2}}\n{\"changed\":{\"gen").unwrap();
         (&a).write_all(b"eration\":7}}\n").unwrap();
         send_with_fd(a.as_raw_fd(), &[answer.as_slice(), b"\n"].concat(), console.as_raw_fd()).unwrap();
@@ -935,7 +945,7 @@ mod tests {
         let mut lines = Lines::new(b);
         assert!(matches!(lines.next().unwrap(), Message::Progress { sent: 1, total: 2 }));
         assert!(matches!(lines.next().unwrap(), Message::Changed { generation: 7 }));
-        assert!(matches!(lines.next().unwrap(), Message::Answer { result: Ok(Value::Null) }));
+        assert!(matches!(lines.next().unwrap(), Message::Answer { result: Ok(v) } if v.get() == "null"));
         let fd = lines.fds.pop().expect("the descriptor");
         // SAFETY: F_GETFD reads a flag of a descriptor we own.
         let flags = unsafe { nix::libc::fcntl(fd.as_raw_fd(), nix::libc::F_GETFD) };
