@@ -5,7 +5,9 @@
 //!   then `stats(id, since)` for each running VM; its time (median) and libvirt calls
 //!   ([`LibvirtHost::calls`]): those made during the refresh, and all made over the run divided by the
 //!   refreshes (the host's sampler thread included). Over the local socket (definition cache on, and off
-//!   for comparison: every domain's XML re-read, as without events) and over `qemu+ssh://`.
+//!   for comparison: every domain's XML re-read, as without events), over `qemu+ssh://`, and locally
+//!   through the window's helper process (`porthole-libvirt`, the window's way: time only, its calls are
+//!   the helper's).
 //! - virt-manager 4.1's periodic tick against the same daemon, replayed from Python with python3-libvirt
 //!   (`bench/virt_manager_tick.py` says what it replays and why): its time and calls per tick. Ratios
 //!   window / virt-manager, per refresh (goal <= 1.0).
@@ -18,6 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use porthole_api::host_process::HostProcess;
 use porthole_api::{Host, VmState};
 use porthole_libvirt::LibvirtHost;
 use porthole_tests::libvirt::Libvirt;
@@ -46,14 +49,16 @@ struct Refreshes {
     first_calls: u64,
 }
 
-/// `n` refreshes of `host` one `PERIOD` apart, as the window makes them.
-async fn refreshes(host: &LibvirtHost, n: usize) -> anyhow::Result<Refreshes> {
+/// `n` refreshes of `host` one `PERIOD` apart, as the window makes them; `counter` counts the libvirt calls
+/// (none for a host in the helper process, whose calls are counted in that process).
+async fn refreshes(host: &dyn Host, counter: Option<&LibvirtHost>, n: usize) -> anyhow::Result<Refreshes> {
+    let calls = || counter.map_or(0, LibvirtHost::calls);
     let mut seen: std::collections::HashMap<String, u64> = Default::default();
     let mut times = Vec::new();
     let (mut calls_in, mut first, mut first_calls) = (0, Duration::ZERO, 0);
-    let mut run_start = host.calls();
+    let mut run_start = calls();
     for i in 0..n + WARM_UP {
-        let (start, before) = (Instant::now(), host.calls());
+        let (start, before) = (Instant::now(), calls());
         let (info, vms) = tokio::join!(host.host(), host.list_vms());
         let (info, vms) = (info?, vms?);
         if info.vms as usize != vms.len() {
@@ -68,20 +73,20 @@ async fn refreshes(host: &LibvirtHost, n: usize) -> anyhow::Result<Refreshes> {
         let took = start.elapsed();
         if i == 0 {
             // The first refresh of a connection reads every definition.
-            (first, first_calls) = (took, host.calls() - before);
+            (first, first_calls) = (took, calls() - before);
         }
         if i < WARM_UP {
-            run_start = host.calls();
+            run_start = calls();
         } else {
             times.push(took);
-            calls_in += host.calls() - before;
+            calls_in += calls() - before;
         }
         tokio::time::sleep(PERIOD.saturating_sub(start.elapsed())).await;
     }
     Ok(Refreshes {
         median: median(times),
         calls_in: calls_in as f64 / n as f64,
-        calls_all: (host.calls() - run_start) as f64 / n as f64,
+        calls_all: (calls() - run_start) as f64 / n as f64,
         first,
         first_calls,
     })
@@ -170,6 +175,7 @@ pub fn run(domains: usize, running: usize, refresh_count: usize, seconds: f64) -
         }
     }
     let local = lv.local_uri();
+    let local_uri_for_helper = local.clone();
     let ssh = lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper));
     println!(
         "libvirt: {domains} domains ({running} running, QEMU TCG) on a private libvirtd; the window's refresh \
@@ -177,23 +183,37 @@ pub fn run(domains: usize, running: usize, refresh_count: usize, seconds: f64) -
         PERIOD.as_secs()
     );
     let rt = runtime()?;
-    let (cached, uncached, over_ssh, console_id) = rt.block_on(async {
+    let (cached, uncached, over_ssh, helper, console_id) = rt.block_on(async {
         let host = LibvirtHost::connect_async(&local).await?;
         if !host.events_live() {
             bail!("the local connection has no domain events");
         }
-        let cached = refreshes(&host, refresh_count).await?;
+        let cached = refreshes(&host, Some(&host), refresh_count).await?;
         host.set_definition_cache(false);
-        let uncached = refreshes(&host, refresh_count.min(5)).await?;
+        let uncached = refreshes(&host, Some(&host), refresh_count.min(5)).await?;
         host.set_definition_cache(true);
         let id = host.vm("console").await?.id;
         let remote = LibvirtHost::connect_async(&ssh).await?;
-        let over_ssh = refreshes(&remote, refresh_count).await?;
-        anyhow::Ok((cached, uncached, over_ssh, id))
+        let over_ssh = refreshes(&remote, Some(&remote), refresh_count).await?;
+        // The window's way: the same host in its helper process (porthole-libvirt).
+        let program = std::env::current_exe()?.with_file_name("porthole-libvirt");
+        let process = tokio::task::spawn_blocking(move || HostProcess::start(&program, &[local_uri_for_helper]))
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let helper = refreshes(&process, None, refresh_count).await?;
+        anyhow::Ok((cached, uncached, over_ssh, helper, id))
     })?;
     print_refreshes("local, definitions cached", &cached);
     print_refreshes("local, every XML re-read", &uncached);
     print_refreshes("qemu+ssh, definitions cached", &over_ssh);
+    println!(
+        "  {:<30} median {:7.2} ms   (calls: as the local row, made in the helper)   first refresh {:8.2} ms; \
+         cost of the process hop {:.2} ms a refresh",
+        "local, through porthole-libvirt",
+        ms(helper.median),
+        ms(helper.first),
+        ms(helper.median) - ms(cached.median)
+    );
     match virt_manager(&lv, &local, refresh_count) {
         Ok(vm) => {
             let vm_ssh = virt_manager(&lv, &ssh, refresh_count)?;
@@ -214,8 +234,10 @@ pub fn run(domains: usize, running: usize, refresh_count: usize, seconds: f64) -
                 over_ssh.calls_all / vm_ssh.calls
             );
             println!(
-                "  (virt-manager's default tick is every 3 s, the window's refresh every 1 s: per second the \
-                 window makes {:.2}x virt-manager's calls)",
+                "  per second: the window (a refresh a second) {:.2} calls, virt-manager (its default tick of 3 s) \
+                 {:.2}: {:.2}x",
+                cached.calls_all,
+                vm.calls / 3.0,
                 cached.calls_all * 3.0 / vm.calls
             );
         }

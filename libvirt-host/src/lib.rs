@@ -235,6 +235,9 @@ struct HostDynamic {
 const HOST_TTL: Duration = Duration::from_secs(30);
 /// The sampler's period.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How long a reading of the domains' states is used again while events say nothing changed: a bound on
+/// what a lost event could hide.
+const STATES_TRUSTED: Duration = Duration::from_secs(10);
 
 struct Inner {
     uri: String,
@@ -304,19 +307,32 @@ impl Inner {
         }
     }
 
+    /// Whether the last state reading, still current by events, has no domain running: then the sampler has
+    /// nothing to ask.
+    fn none_running(&self) -> bool {
+        let trusted = self.watch.live() && !self.cache_off.load(Ordering::SeqCst);
+        lock(&self.reading).as_ref().is_some_and(|(generation, r)| {
+            trusted
+                && *generation == self.watch.generation()
+                && r.domains.iter().all(|d| matches!(d.state, sys::VIR_DOMAIN_SHUTOFF | sys::VIR_DOMAIN_NOSTATE))
+        })
+    }
+
     /// The open connection if it is alive (the sampler never reconnects).
     fn live_conn(&self) -> Option<Connect> {
         lock(&self.conn).as_ref().filter(|c| c.is_alive().unwrap_or(false)).cloned()
     }
 
-    /// A reading of every domain's state answered after `asked` (one `virConnectGetAllDomainStats`): the one
-    /// a concurrent caller had under way when this one asked (the window asks for `host()` and `list_vms()`
-    /// at once: they share it), unless an event came meanwhile, or a new one.
+    /// A reading of every domain's state (one `virConnectGetAllDomainStats`). The last one serves while no
+    /// event and no change of Porthole's came since (every state change is a lifecycle event), when the
+    /// connection delivers events, for up to [`STATES_TRUSTED`]; without events, only a concurrent caller's
+    /// (the window asks for `host()` and `list_vms()` at once: they share it) answered after `asked`.
     fn reading(&self, conn: &Connect, asked: std::time::Instant) -> Result<Arc<stats::Reading>, HostError> {
         let _one = lock(&self.reading_call);
+        let trusted = self.watch.live() && !self.cache_off.load(Ordering::SeqCst);
         if let Some((generation, r)) = lock(&self.reading).as_ref()
-            && r.finished >= asked
             && *generation == self.watch.generation()
+            && (r.finished >= asked || (trusted && r.finished.elapsed() < STATES_TRUSTED))
         {
             return Ok(r.clone());
         }
@@ -532,6 +548,9 @@ fn sampler(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let _counting = Counting::on(&inner.calls);
         let Some(conn) = inner.live_conn() else { continue };
+        if inner.none_running() {
+            continue;
+        }
         match stats::read(&conn, stats::Kind::Samples, now_ms()) {
             Ok(r) => {
                 lock(&inner.history).record(r.counters());
