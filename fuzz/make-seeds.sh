@@ -110,3 +110,32 @@ seed("indirect", [desc(0x5000, 48, INDIRECT)], 0, 0, [0])
 seed("loop", [desc(HDR, 16, NEXT, 1), desc(DATA, 512, WRITE | NEXT, 0)], 0, 0, [0])
 seed("avail-jump", three(WRITE), 0, 0, [0], 1000)
 PY
+
+# Kernels for the loaders target: byte 0 picks RAM and initrd (see the target), then the file. The
+# micro-guests (PVH ELF64, ELF32 PVH, Multiboot 1 and 2) as cargo built them, and two bzImages made here
+# (one setup sector; the 64-bit entry flag on and off).
+mkdir -p corpus/loaders
+out=$(ls -td ../target/*/build/porthole-guests-*/out 2>/dev/null | head -n 1)
+[ -n "$out" ] || { echo "build the workspace first (cargo build): no micro-guests in ../target" >&2; exit 1; }
+pick=0
+for g in hello pvh32 multiboot1 multiboot2; do
+    { printf "\\x$(printf %02x $pick)"; cat "$out/$g.elf"; } > "corpus/loaders/$g"
+    pick=$(( (pick + 5) % 16 ))
+done
+python3 - corpus/loaders <<'PY'
+import struct, sys
+def bzimage(xloadflags):
+    v = bytearray(0x800)
+    v[0x1F1] = 1                                   # setup_sects
+    v[0x1FE:0x200] = b"\x55\xaa"
+    v[0x202:0x206] = b"HdrS"
+    v[0x206:0x208] = struct.pack("<H", 0x020C)     # boot protocol 2.12
+    v[0x211] = 1                                   # loadflags: LOADED_HIGH
+    v[0x214:0x218] = struct.pack("<I", 0x100000)   # code32_start
+    v[0x22C:0x230] = struct.pack("<I", 0x37FFFFFF) # initrd_addr_max
+    v[0x236:0x238] = struct.pack("<H", xloadflags)
+    v[0x400:0x800] = b"\xf4" * 0x400               # hlt
+    return bytes(v)
+open(sys.argv[1] + "/bzimage64", "wb").write(b"\x05" + bzimage(1))
+open(sys.argv[1] + "/bzimage32", "wb").write(b"\x0a" + bzimage(0))
+PY
