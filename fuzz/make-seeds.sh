@@ -139,3 +139,47 @@ def bzimage(xloadflags):
 open(sys.argv[1] + "/bzimage64", "wb").write(b"\x05" + bzimage(1))
 open(sys.argv[1] + "/bzimage32", "wb").write(b"\x0a" + bzimage(0))
 PY
+
+# The virtio_devices target: a working exchange per device, in the target's operations (see its header).
+mkdir -p corpus/virtio_devices
+python3 - corpus/virtio_devices <<'PY'
+import struct, sys
+out = sys.argv[1]
+W, N = 2, 1  # VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT
+def desc(q, i, addr, ln, flags, nxt=0): return bytes([0, q, i]) + struct.pack("<IIHH", addr, ln, flags, nxt)
+def mem(off, b): return bytes([1]) + struct.pack("<H", off) + b.ljust(16, b"\0")[:16]
+def publish(q, head): return bytes([2, q]) + struct.pack("<HH", head, 1)
+def cfg_read(off, ln): return bytes([4, off, {1: 0, 2: 1, 4: 2}[ln]])
+def cfg_write(off, val): return bytes([3, off, 2]) + struct.pack("<I", val)
+def wait(q): return bytes([6, q])
+def frame(b): return bytes([5]) + struct.pack("<H", len(b)) + b
+seeds = {}
+# scsi: INQUIRY to LUN 0 on the request queue (2): header at 0x10000 -> response at 0x10100 -> data 0x10200.
+cdb = bytes([0x12, 0, 0, 0, 36, 0]).ljust(32, b"\0")
+req = bytes([1, 0, 0x40, 0, 0, 0, 0, 0]) + struct.pack("<Q", 7) + bytes([0, 0, 0]) + cdb
+ops = b"".join(mem(i, req[16 * i:16 * i + 16]) for i in range(4))
+ops += desc(2, 0, 0x10000, 51, N, 1) + desc(2, 1, 0x10100, 108, W | N, 2) + desc(2, 2, 0x10200, 36, W)
+ops += publish(2, 0) + wait(2) + cfg_read(0, 4) + cfg_write(32, 96)
+seeds["scsi-inquiry"] = b"\x00" + ops
+# input (tablet, keyboard): event buffers on queue 0, the configuration's name and bitmaps (select/subsel).
+for which, name in ((1, "tablet"), (2, "keyboard")):
+    ops = b"".join(desc(0, i, 0x10000 + 8 * i, 8, W) + publish(0, i) for i in range(4))
+    ops += cfg_write(0, 1) + cfg_read(2, 1) + cfg_read(8, 4) + cfg_write(0, 0x11) + cfg_read(8, 4)
+    ops += desc(1, 0, 0x11000, 8, 0) + mem(0x100, struct.pack("<HHI", 0x11, 1, 1)) + publish(1, 0) + wait(1)
+    seeds["input-" + name] = bytes([which]) + ops
+# balloon: inflate 4 pages (u32 page numbers at 0x10000), deflate them, the configuration.
+pfns = struct.pack("<4I", 0x20, 0x21, 0x22, 0x23)
+ops = mem(0, pfns) + desc(0, 0, 0x10000, 16, 0) + publish(0, 0) + wait(0)
+ops += desc(1, 0, 0x10000, 16, 0) + publish(1, 0) + wait(1) + cfg_read(0, 4) + cfg_write(4, 1)
+seeds["balloon-inflate-deflate"] = b"\x03" + ops
+# net: receive buffers on queue 0, an ARP frame from the network, a frame sent on queue 1 (12-byte header).
+arp = b"\xff" * 6 + b"\x02\0\0\0\0\x01" + b"\x08\x06" + bytes(28)
+ops = b"".join(desc(0, i, 0x10000 + 0x800 * i, 0x800, W) + publish(0, i) for i in range(2))
+ops += frame(arp) + wait(0)
+hdr_and_frame = bytes(12) + arp
+ops += b"".join(mem(0x200 + i, hdr_and_frame[16 * i:16 * i + 16]) for i in range(4))
+ops += desc(1, 0, 0x12000, len(hdr_and_frame), 0) + publish(1, 0) + wait(1) + cfg_read(0, 4) + cfg_read(6, 2)
+seeds["net-arp"] = b"\x04" + ops
+for name, data in seeds.items():
+    open(f"{out}/{name}", "wb").write(data)
+PY

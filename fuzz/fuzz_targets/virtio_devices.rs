@@ -1,0 +1,168 @@
+//! The virtio devices other than the disk (virtio_blk has its own target) as a hostile guest driver sees
+//! them, through `vmm_core::virtio::host_driver`: virtio-scsi (on a CD image: CDBs, chains, task
+//! management and event queues), virtio-input (tablet and keyboard: event and status queues), the balloon
+//! (inflate, deflate, statistics and free-page reporting queues, its configuration) and virtio-net (on a
+//! socket speaking passt's protocol, whose far end the input also writes frames into). Each device is
+//! brought up with every queue of 16 entries; then operations from the input, and after a publish a short
+//! wait (3 ms) for what the device completes or a NEEDS_RESET.
+//!
+//! Input: byte 0 picks the device (mod 5: scsi, tablet, keyboard, balloon, net), then operations, each a kind
+//! byte and its bytes:
+//! - 0: a descriptor: queue, index, addr (u32), len (u32), flags (u16), next (u16)
+//! - 1: 16 bytes of guest memory at 0x1_0000 + 16 × offset (offset: u16)
+//! - 2: publish: queue, head (u16), advance (u16)
+//! - 3: a configuration write: offset, length (1, 2, 4), 4 value bytes; 4: a configuration read: offset,
+//!   length
+//! - 5: a frame from the network (net): length (u16, at most 2048), then that many bytes
+//! - 6: wait up to 1 ms for completions on a queue; 7: reset and bring the device up again
+//!
+//! Memory: the rings below 0x1_0000 (the driver's), data 0x1_0000-0x4_0000 (descriptors may point anywhere).
+#![no_main]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_core::disk::Drive;
+use vmm_core::net::{MacAddr, Nic, Passt};
+use vmm_core::virtio::{VirtioDevice, VirtioInterrupt};
+use vmm_core::virtio::balloon::{BalloonShared, VirtioBalloon};
+use vmm_core::virtio::host_driver::{Desc, HostDriver};
+use vmm_core::virtio::input::{Profile, VirtioInput};
+use vmm_core::virtio::scsi::VirtioScsi;
+
+const MEM: usize = 0x4_0000;
+const QUEUE: u16 = 16;
+
+/// A 64 KiB CD image per process, on tmpfs where there is one.
+static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+fn image() -> Option<&'static PathBuf> {
+    PATH.get_or_init(|| {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        let path = dir.join(format!("porthole-fuzz-scsi-{}.iso", std::process::id()));
+        std::fs::write(&path, vec![0x5a; 64 * 1024]).ok()?;
+        remove_at_exit();
+        Some(path)
+    })
+    .as_ref()
+}
+
+/// libFuzzer ends the process with exit(): remove the image then.
+fn remove_at_exit() {
+    extern "C" fn remove() {
+        if let Some(Some(path)) = PATH.get() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    // SAFETY: registers a function that takes nothing and only removes a file.
+    unsafe { libc::atexit(remove) };
+}
+
+fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, rest) = data.split_at_checked(n)?;
+    *data = rest;
+    Some(head)
+}
+
+fn le(b: &[u8]) -> u64 {
+    b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x))
+}
+
+/// Runs the operations in `data` against `d`; `peer` is the network's end of a net card.
+fn exercise<D: VirtioDevice>(mut d: HostDriver<D>, queues: usize, mut data: &[u8], mut peer: Option<UnixStream>) {
+    let mut sink = vec![0u8; 64 * 1024];
+    let mut published = false;
+    while let Some(&[kind]) = take(&mut data, 1) {
+        published |= kind % 8 == 2;
+        let ok = match kind % 8 {
+            0 => take(&mut data, 14).map(|b| {
+                let desc = Desc { addr: le(&b[2..6]), len: le(&b[6..10]) as u32, flags: le(&b[10..12]) as u16, next: le(&b[12..14]) as u16 };
+                d.write_desc(usize::from(b[0]) % queues, u16::from(b[1]) % QUEUE, desc);
+            }),
+            1 => take(&mut data, 18).map(|b| {
+                let _ = d.mem.write_slice(&b[2..], GuestAddress(0x1_0000 + 16 * (le(&b[..2]) % 0x3000)));
+            }),
+            2 => take(&mut data, 5).map(|b| d.publish(usize::from(b[0]) % queues, le(&b[1..3]) as u16, le(&b[3..5]) as u16)),
+            3 => take(&mut data, 6).map(|b| {
+                let len = [1, 2, 4, 4][usize::from(b[1] & 3)];
+                d.write_config(u64::from(b[0]), &b[2..2 + len]);
+            }),
+            4 => take(&mut data, 2).map(|b| {
+                let mut v = [0u8; 4];
+                d.read_config(u64::from(b[0]), &mut v[..[1, 2, 4, 4][usize::from(b[1] & 3)]]);
+            }),
+            5 => take(&mut data, 2).and_then(|b| {
+                let len = (le(b) as usize).min(2048);
+                let frame = take(&mut data, len)?;
+                if let Some(p) = peer.as_mut() {
+                    let _ = p.write_all(&(len as u32).to_be_bytes());
+                    let _ = p.write_all(frame);
+                }
+                Some(())
+            }),
+            6 => take(&mut data, 1).map(|b| {
+                let _ = d.completions(usize::from(b[0]) % queues, Duration::from_millis(1));
+            }),
+            _ => {
+                d.init();
+                Some(())
+            }
+        };
+        if ok.is_none() {
+            break;
+        }
+        // What the card sent to the network is read and dropped, so it never waits on a full socket.
+        if let Some(p) = peer.as_mut() {
+            while let Ok(n) = p.read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    // After a publish, a short wait for what the device completes, unless it marked itself broken.
+    let start = Instant::now();
+    while published && d.status() & 0x40 == 0 && start.elapsed() < Duration::from_millis(3) {
+        for q in 0..queues {
+            let _ = d.completions(q, Duration::from_micros(500));
+        }
+    }
+}
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&which, ops)) = input.split_first() else { return };
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
+    let Ok(interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
+    match which % 5 {
+        0 => {
+            let Some(path) = image() else { return };
+            let Ok(media) = Drive::open_media(path, true) else { return };
+            let drive = Arc::new(Drive::new("cd0".into(), true, true, "FUZZ".into(), Some(media)));
+            let Ok(scsi) = VirtioScsi::new(drive, interrupt.clone()) else { return };
+            exercise(HostDriver::new(scsi, interrupt, mem, &[QUEUE; 3]), 3, ops, None);
+        }
+        1 | 2 => {
+            let profile = if which % 5 == 1 { Profile::Tablet } else { Profile::Keyboard };
+            let Ok(input) = VirtioInput::new(profile, interrupt.clone()) else { return };
+            exercise(HostDriver::new(input, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
+        }
+        3 => {
+            let Ok(balloon) = VirtioBalloon::new(BalloonShared::new(4), interrupt.clone()) else { return };
+            // Inflate, deflate, statistics, free-page reporting.
+            exercise(HostDriver::new(balloon, interrupt, mem, &[QUEUE; 4]), 4, ops, None);
+        }
+        _ => {
+            let Ok((ours, peer)) = UnixStream::pair() else { return };
+            let Ok(backend) = Passt::connected(ours, "net0") else { return };
+            let _ = peer.set_nonblocking(true);
+            let nic = Arc::new(Nic::with_backend("net0", MacAddr([2, 0, 0, 0x12, 0x34, 0x56]), 1500, Box::new(backend)));
+            let Ok(net) = vmm_core::virtio::net::VirtioNet::new(nic, interrupt.clone()) else { return };
+            exercise(HostDriver::new(net, interrupt, mem, &[QUEUE; 2]), 2, ops, Some(peer));
+        }
+    }
+});
