@@ -183,3 +183,32 @@ seeds["net-arp"] = b"\x04" + ops
 for name, data in seeds.items():
     open(f"{out}/{name}", "wb").write(data)
 PY
+
+# The pci target: what firmware does (every slot's IDs, BAR sizing and placement, decoding on), then
+# accesses to the BARs through the window (offsets in the window: VRAM at 0, the VGA registers at 16 MiB,
+# the virtio BAR at 16 MiB + 32 KiB), a BAR moved over another, and a reset control write.
+mkdir -p corpus/pci
+python3 - corpus/pci <<'PY'
+import struct, sys
+out = sys.argv[1]
+def latch(slot, reg): return b"\x00" + struct.pack("<I", 0x80000000 | slot << 11 | reg << 2)
+def wr(val, size=4, off=0): return b"\x01" + bytes([off, {1: 0, 2: 1, 4: 2}[size]]) + struct.pack("<I", val)
+def rd(size=4, off=0): return b"\x02" + bytes([off, {1: 0, 2: 1, 4: 2}[size]])
+def wwin(off, val, size=4): return b"\x03" + struct.pack("<I", off) + bytes([{1: 0, 2: 1, 4: 2, 8: 3}[size]]) + struct.pack("<Q", val)
+def rwin(off, size=4): return b"\x04" + struct.pack("<I", off) + bytes([{1: 0, 2: 1, 4: 2, 8: 3}[size]])
+enum = b""
+for slot in range(4):
+    enum += latch(slot, 0) + rd()
+    for bar in range(6):
+        enum += latch(slot, 4 + bar) + rd() + wr(0xFFFFFFFF) + rd() + wr(0)
+    enum += latch(slot, 1) + rd(2) + wr(0x7, 2)
+place = latch(1, 4) + wr(0xC0000000) + latch(1, 6) + wr(0xC1000000) + latch(2, 4) + wr(0xC1008000)
+place += latch(2, 1) + wr(0x7, 2)
+virtio = rwin(0x1008000) + wwin(0x1008014, 0x3, 1) + wwin(0x1008000, 0) + rwin(0x1008004) + rwin(0x1008000 + 0x1000, 1)
+vga = wwin(0x1000500, 0x4, 2) + rwin(0x1000500, 2) + wwin(0x0, 0x00FF00FF) + rwin(0x10, 8)
+overlap = latch(2, 4) + wr(0xC1000000) + rwin(0x1000000) + latch(1, 1) + wr(0, 2) + rwin(0x1000000)
+seeds = {"enumerate": enum, "enumerate-place-access": enum + place + virtio + vga,
+         "bars-overlap": place + overlap + b"\x05\x02", "config-reads": latch(2, 0x10) + rd(1, 3) + rd(2, 2)}
+for name, data in seeds.items():
+    open(f"{out}/{name}", "wb").write(data)
+PY
