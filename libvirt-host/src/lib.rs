@@ -632,6 +632,10 @@ struct Def {
     disk_targets: Vec<String>,
     disk_alloc: Vec<u64>,
     managed_save: bool,
+    /// The files (or volumes' paths) of its disks and of its CD/DVD drives' media, for the library's
+    /// "used by" without reading every domain's XML again.
+    disk_paths: Vec<String>,
+    cdrom_paths: Vec<String>,
     /// The state the definition was read in (the live XML of a running domain, the inactive one of a
     /// stopped one).
     active: bool,
@@ -783,7 +787,17 @@ fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> 
         pending_changes: Vec::new(),
         pending: None,
     };
-    Ok(Def { vm, disk_targets, disk_alloc, managed_save: managed, active: state != sys::VIR_DOMAIN_SHUTOFF })
+    let disk_paths = disks(&doc, "disk").filter_map(disk_source).map(str::to_string).collect();
+    let cdrom_paths = disks(&doc, "cdrom").filter_map(disk_source).map(str::to_string).collect();
+    Ok(Def {
+        vm,
+        disk_targets,
+        disk_alloc,
+        managed_save: managed,
+        disk_paths,
+        cdrom_paths,
+        active: state != sys::VIR_DOMAIN_SHUTOFF,
+    })
 }
 
 // ---- storage ----
@@ -837,15 +851,50 @@ fn vol_format(vol: &StorageVol) -> Option<String> {
 }
 
 /// Every domain's XML document.
-fn all_domain_docs(conn: &Connect) -> Result<Vec<Node>, HostError> {
-    let doms = rpc!(conn.list_all_domains(0)).map_err(failed("listing domains"))?;
-    Ok(doms.iter().filter_map(|d| rpc!(d.xml_desc(0)).ok()).filter_map(|t| Node::parse(&t).ok()).collect())
+/// What the domains use of the pool: their disks' files, and which domains hold which media.
+#[derive(Default)]
+struct Uses {
+    disks: std::collections::HashSet<String>,
+    /// (media file, domain name).
+    cdroms: Vec<(String, String)>,
 }
 
-fn image_of(vol: &StorageVol, docs: &[Node]) -> Option<Image> {
+impl Uses {
+    /// From every domain's XML (a connection without the definition cache).
+    fn read(conn: &Connect) -> Result<Uses, HostError> {
+        let doms = rpc!(conn.list_all_domains(0)).map_err(failed("listing domains"))?;
+        let mut uses = Uses::default();
+        for doc in doms.iter().filter_map(|d| rpc!(d.xml_desc(0)).ok()).filter_map(|t| Node::parse(&t).ok()) {
+            let name = doc.text_at(&["name"]).unwrap_or_default().to_string();
+            uses.disks.extend(disks(&doc, "disk").filter_map(disk_source).map(str::to_string));
+            uses.cdroms.extend(disks(&doc, "cdrom").filter_map(disk_source).map(|p| (p.to_string(), name.clone())));
+        }
+        Ok(uses)
+    }
+
+    /// From the definition cache, brought up to date the way a refresh does it (no XML read again unless an
+    /// event or a change of Porthole's says so).
+    fn cached(inner: &Inner, conn: &Connect) -> Result<Uses, HostError> {
+        let mut defs = lock(&inner.defs);
+        let (all, dirty) = inner.watch.take_dirty();
+        let fresh = all || !inner.watch.live() || inner.cache_off.load(Ordering::SeqCst);
+        if let Err(e) = list_blocking(inner, conn, &mut defs, std::time::Instant::now(), fresh, &dirty) {
+            inner.watch.touch(None);
+            return Err(e);
+        }
+        let mut uses = Uses::default();
+        for def in defs.values() {
+            uses.disks.extend(def.disk_paths.iter().cloned());
+            uses.cdroms.extend(def.cdrom_paths.iter().map(|p| (p.clone(), def.vm.name.clone())));
+        }
+        Ok(uses)
+    }
+}
+
+fn image_of(vol: &StorageVol, uses: &Uses) -> Option<Image> {
     let name = vol.name().ok()?;
     let path = rpc!(vol.path()).ok()?;
-    if docs.iter().any(|d| disks(d, "disk").any(|k| disk_source(k) == Some(path.as_str()))) {
+    if uses.disks.contains(&path) {
         return None; // a VM's disk, not a library image
     }
     let info = rpc!(vol.info()).ok()?;
@@ -856,11 +905,7 @@ fn image_of(vol: &StorageVol, docs: &[Node]) -> Option<Image> {
         _ if name.to_ascii_lowercase().ends_with(".iso") => ImageFormat::Iso,
         _ => ImageFormat::Raw,
     };
-    let used_by = docs
-        .iter()
-        .filter(|d| disks(d, "cdrom").any(|k| disk_source(k) == Some(path.as_str())))
-        .filter_map(|d| d.text_at(&["name"]).map(str::to_string))
-        .collect();
+    let used_by = uses.cdroms.iter().filter(|(p, _)| *p == path).map(|(_, name)| name.clone()).collect();
     Some(Image {
         name,
         size_bytes: info.capacity,
@@ -1387,10 +1432,10 @@ fn upload_blocking(
     match sent {
         Ok(sha) => {
             let _ = rpc!(pool.refresh(0));
-            let docs = all_domain_docs(conn)?;
+            let uses = Uses::read(conn)?;
             let vol =
                 rpc!(pool.lookup_storage_vol_by_name(name)).map_err(failed(format!("reading volume {name:?}")))?;
-            let mut image = image_of(&vol, &docs)
+            let mut image = image_of(&vol, &uses)
                 .ok_or_else(|| HostError::Failed(format!("the uploaded volume {name:?} cannot be read")))?;
             image.sha256 = sha;
             Ok(image)
@@ -1804,13 +1849,13 @@ impl Host for LibvirtHost {
     }
 
     async fn images(&self) -> Result<Vec<Image>, HostError> {
-        let parsed = self.inner.parsed.clone();
+        let (parsed, inner) = (self.inner.parsed.clone(), self.inner.clone());
         self.call("listing images", move |c| {
             let pool = pool(c, &parsed)?;
             let _ = rpc!(pool.refresh(0));
-            let docs = all_domain_docs(c)?;
+            let uses = Uses::cached(&inner, c)?;
             let vols = rpc!(pool.list_all_volumes(0)).map_err(failed("listing the pool's volumes"))?;
-            let mut images: Vec<Image> = vols.iter().filter_map(|v| image_of(v, &docs)).collect();
+            let mut images: Vec<Image> = vols.iter().filter_map(|v| image_of(v, &uses)).collect();
             images.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(images)
         })
@@ -1839,13 +1884,13 @@ impl Host for LibvirtHost {
     }
 
     async fn delete_image(&self, name: &str) -> Result<(), HostError> {
-        let (name, parsed) = (name.to_string(), self.inner.parsed.clone());
+        let (name, parsed, inner) = (name.to_string(), self.inner.parsed.clone(), self.inner.clone());
         self.call("deleting an image", move |c| {
             let pool = pool(c, &parsed)?;
             let vol = rpc!(pool.lookup_storage_vol_by_name(&name))
                 .map_err(failed(format!("image {name:?} is not in storage pool {POOL:?}")))?;
-            let docs = all_domain_docs(c)?;
-            let image = image_of(&vol, &docs)
+            let uses = Uses::cached(&inner, c)?;
+            let image = image_of(&vol, &uses)
                 .ok_or_else(|| HostError::Failed(format!("{name:?} is a VM's disk, not a library image")))?;
             if !image.used_by.is_empty() {
                 return Err(HostError::Failed(format!(

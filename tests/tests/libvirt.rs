@@ -417,6 +417,11 @@ async fn definitions_are_read_once_and_again_when_an_event_says_they_changed() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let calls = libvirt.calls() - before;
     assert_eq!(calls, 0, "a warm list of 20 domains and 2.5 s of an idle host made {calls} libvirt calls");
+    // The library's "used by" comes from the same cache: no domain's XML is read for it.
+    let before = libvirt.calls();
+    host.images().await.unwrap();
+    let calls = libvirt.calls() - before;
+    assert!(calls < 20, "listing the library beside 20 domains made {calls} libvirt calls");
     let id = vms.iter().find(|v| v.name == "c07").unwrap().id.clone();
     // Without the cache every definition is read again.
     libvirt.set_definition_cache(false);
