@@ -383,6 +383,10 @@ impl Shared {
         }
         let mem = active.mem.clone();
         let mut queued = 0;
+        // One clock reading and, for a drive with limits, one lock of its limiter for the whole pass (a pass
+        // takes microseconds); an unlimited drive, the usual one, never touches the limiter.
+        let now = Instant::now();
+        let mut limiter = self.drive.is_limited().then(|| lock(&self.drive.limiter));
         let broken = 'serve: loop {
             let _ = active.queue.disable_notification(&mem);
             loop {
@@ -405,11 +409,9 @@ impl Shared {
                     Ok((head, status, kind)) => {
                         // The drive's rate limits: a request they do not let through yet goes back to the
                         // avail ring (it is the last taken) and everything behind it waits with it.
-                        // (An unlimited drive, the usual one, skips all of it.)
-                        if self.drive.is_limited() {
-                            let now = Instant::now();
+                        if let Some(limiter) = limiter.as_mut() {
                             let (direction, bytes) = kind.cost();
-                            if let Some(wait) = lock(&self.drive.limiter).try_take(direction, bytes, now) {
+                            if let Some(wait) = limiter.try_take(direction, bytes, now) {
                                 active.queue.go_to_previous_position();
                                 state.rate_wait = Some(now + wait);
                                 state.throttled_since.get_or_insert(now);
@@ -417,17 +419,10 @@ impl Shared {
                             }
                         }
                         if let Some(since) = state.throttled_since.take() {
-                            let waited = Instant::now().saturating_duration_since(since).as_micros() as u64;
+                            let waited = now.saturating_duration_since(since).as_micros() as u64;
                             self.drive.stats.throttled_us.fetch_add(waited, Ordering::Relaxed);
                         }
-                        state.jobs.push_back(Job {
-                            epoch,
-                            head,
-                            mem: mem.clone(),
-                            status,
-                            kind,
-                            taken: Instant::now(),
-                        });
+                        state.jobs.push_back(Job { epoch, head, mem: mem.clone(), status, kind, taken: now });
                         queued += 1;
                     }
                     Err(why) => {
@@ -443,6 +438,7 @@ impl Shared {
             }
         };
         state.in_flight += queued;
+        drop(limiter);
         drop(guard);
         // The queue thread runs one job itself; the I/O threads take the others.
         for _ in 1..queued {
