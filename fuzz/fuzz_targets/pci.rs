@@ -26,15 +26,9 @@ use vmm_core::virtio::VirtioInterrupt;
 use vmm_core::virtio::input::{Profile, VirtioInput};
 use vmm_core::virtio::pci::{BAR_SIZE, VirtioPci};
 
-fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    let (head, rest) = data.split_at_checked(n)?;
-    *data = rest;
-    Some(head)
-}
-
-fn le(b: &[u8]) -> u64 {
-    b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x))
-}
+#[path = "common.rs"]
+mod common;
+use common::{le, take};
 
 fuzz_target!(|input: &[u8]| {
     let mut data = input;

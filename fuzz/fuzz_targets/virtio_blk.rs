@@ -7,8 +7,7 @@
 //! 0x1_0000, status bytes 0x2_0000, data 0x10_0000-0x10_5000.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -16,40 +15,13 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_core::disk::Drive;
 use vmm_core::virtio::host_driver::{Desc, HostBlockDriver};
 
-/// A 64 KiB raw image per process, on tmpfs where there is one.
-static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
-
-fn image() -> Option<&'static PathBuf> {
-    PATH.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
-        let path = dir.join(format!("porthole-fuzz-blk-{}.img", std::process::id()));
-        std::fs::write(&path, vec![0x5a; 64 * 1024]).ok()?;
-        remove_at_exit();
-        Some(path)
-    })
-    .as_ref()
-}
-
-/// libFuzzer ends the process with exit(): remove the image then.
-fn remove_at_exit() {
-    extern "C" fn remove() {
-        if let Some(Some(path)) = PATH.get() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    // SAFETY: registers a function that takes nothing and only removes a file.
-    unsafe { libc::atexit(remove) };
-}
-
-fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    let (head, rest) = data.split_at_checked(n)?;
-    *data = rest;
-    Some(head)
-}
+#[path = "common.rs"]
+mod common;
+use common::{le, scratch_image, take};
 
 fuzz_target!(|input: &[u8]| {
     let mut data = input;
-    let Some(path) = image() else { return };
+    let Some(path) = scratch_image("blk") else { return };
     let Some(&[n]) = take(&mut data, 1) else { return };
     let n = usize::from(n % 16) + 1;
     let Some(descs) = take(&mut data, n * 16) else { return };
@@ -62,8 +34,7 @@ fuzz_target!(|input: &[u8]| {
     let drive = Arc::new(Drive::new("disk0".into(), read_only, false, "FUZZ".into(), Some(media)));
     let Ok(mut d) = HostBlockDriver::new(drive, 16, 4096) else { return };
     for (i, b) in descs.chunks_exact(16).enumerate() {
-        let le = |r: std::ops::Range<usize>| b[r].iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x));
-        let desc = Desc { addr: le(0..8), len: le(8..12) as u32, flags: le(12..14) as u16, next: le(14..16) as u16 };
+        let desc = Desc { addr: le(&b[0..8]), len: le(&b[8..12]) as u32, flags: le(&b[12..14]) as u16, next: le(&b[14..16]) as u16 };
         d.write_desc(i as u16, desc);
     }
     let _ = d.mem.write_slice(header, GuestAddress(0x1_0000));

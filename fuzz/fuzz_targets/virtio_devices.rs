@@ -21,8 +21,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -38,40 +37,9 @@ use vmm_core::virtio::scsi::VirtioScsi;
 const MEM: usize = 0x4_0000;
 const QUEUE: u16 = 16;
 
-/// A 64 KiB CD image per process, on tmpfs where there is one.
-static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
-
-fn image() -> Option<&'static PathBuf> {
-    PATH.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
-        let path = dir.join(format!("porthole-fuzz-scsi-{}.iso", std::process::id()));
-        std::fs::write(&path, vec![0x5a; 64 * 1024]).ok()?;
-        remove_at_exit();
-        Some(path)
-    })
-    .as_ref()
-}
-
-/// libFuzzer ends the process with exit(): remove the image then.
-fn remove_at_exit() {
-    extern "C" fn remove() {
-        if let Some(Some(path)) = PATH.get() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    // SAFETY: registers a function that takes nothing and only removes a file.
-    unsafe { libc::atexit(remove) };
-}
-
-fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    let (head, rest) = data.split_at_checked(n)?;
-    *data = rest;
-    Some(head)
-}
-
-fn le(b: &[u8]) -> u64 {
-    b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x))
-}
+#[path = "common.rs"]
+mod common;
+use common::{le, scratch_image, take};
 
 /// Runs the operations in `data` against `d`; `peer` is the network's end of a net card.
 fn exercise<D: VirtioDevice>(mut d: HostDriver<D>, queues: usize, mut data: &[u8], mut peer: Option<UnixStream>) {
@@ -140,7 +108,7 @@ fuzz_target!(|input: &[u8]| {
     let Ok(interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
     match which % 5 {
         0 => {
-            let Some(path) = image() else { return };
+            let Some(path) = scratch_image("scsi") else { return };
             let Ok(media) = Drive::open_media(path, true) else { return };
             let drive = Arc::new(Drive::new("cd0".into(), true, true, "FUZZ".into(), Some(media)));
             let Ok(scsi) = VirtioScsi::new(drive, interrupt.clone()) else { return };
