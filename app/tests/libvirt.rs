@@ -250,6 +250,11 @@ fn without_libvirts_client_library_the_window_starts_and_a_libvirt_host_says_wha
         eprintln!("skipped the run without libvirt's library: hiding it needs root (a private mount namespace)");
         return;
     }
+    let namespaces = std::process::Command::new("unshare").args(["-m", "true"]).status();
+    if !namespaces.is_ok_and(|s| s.success()) {
+        eprintln!("skipped the run without libvirt's library: this machine refuses a private mount namespace");
+        return;
+    }
     // Where the dynamic loader finds the library, from the helper's own view.
     let ldd = std::process::Command::new("ldd").arg(&helper).output().unwrap();
     let ldd = String::from_utf8_lossy(&ldd.stdout).into_owned();
