@@ -440,9 +440,7 @@ impl Shared {
                 self.program.file_name().unwrap_or_default().to_string_lossy()
             ))
         };
-        let mut line = serde_json::to_vec(call).map_err(|e| HostError::Failed(e.to_string()))?;
-        line.push(b'\n');
-        (&ours).write_all(&line).map_err(|e| ended(format!("cannot send the call: {e}")))?;
+        send_call(&ours, call).map_err(|e| ended(format!("cannot send the call: {e}")))?;
         ours.set_read_timeout(Some(ANSWER_LIMIT)).map_err(|e| ended(e.to_string()))?;
         let mut lines = Lines::new(ours);
         loop {
@@ -459,6 +457,13 @@ impl Shared {
     }
 }
 
+/// Writes `call` as one JSON line.
+fn send_call(stream: &UnixStream, call: &Call) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(call)?;
+    line.push(b'\n');
+    (&*stream).write_all(&line)
+}
+
 /// Keeps a watch bumped while the helper reports its host's changes; reconnects (starting a new helper)
 /// when it ends, and stops when the [`HostProcess`] is gone.
 fn follow_events(weak: Weak<Shared>, tx: tokio::sync::watch::Sender<u64>) {
@@ -468,7 +473,7 @@ fn follow_events(weak: Weak<Shared>, tx: tokio::sync::watch::Sender<u64>) {
         let opened = (|| {
             let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
             shared.hand_over(&theirs).map_err(|e| e.to_string())?;
-            (&ours).write_all(b"\"events\"\n").map_err(|e| e.to_string())?;
+            send_call(&ours, &Call::Events).map_err(|e| e.to_string())?;
             Ok::<_, String>(ours)
         })();
         drop(shared); // never keep the host alive from here
