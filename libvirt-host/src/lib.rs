@@ -235,9 +235,6 @@ struct HostDynamic {
 const HOST_TTL: Duration = Duration::from_secs(30);
 /// The sampler's period.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// How long a reading of the domains' states is used again while events say nothing changed: a bound on
-/// what a lost event could hide.
-const STATES_TRUSTED: Duration = Duration::from_secs(10);
 
 struct Inner {
     uri: String,
@@ -255,7 +252,7 @@ struct Inner {
     /// The sampler's latest reading of the running domains (their disks' sizes, memory).
     sample: Mutex<Option<Arc<stats::Reading>>>,
     /// Parsed definitions by domain UUID (held while `list_vms` refreshes them).
-    defs: Mutex<std::collections::HashMap<String, Def>>,
+    defs: Mutex<Defs>,
     /// Off: every `list_vms` re-reads every domain's definition (as without events).
     cache_off: AtomicBool,
     host_static: Mutex<Option<HostStatic>>,
@@ -307,8 +304,8 @@ impl Inner {
         }
     }
 
-    /// Whether the last state reading, still current by events, has no domain running: then the sampler has
-    /// nothing to ask.
+    /// Whether the last state reading (a refresh's), still current by events, has no domain running: then
+    /// the sampler has nothing to ask.
     fn none_running(&self) -> bool {
         let trusted = self.watch.live() && !self.cache_off.load(Ordering::SeqCst);
         lock(&self.reading).as_ref().is_some_and(|(generation, r)| {
@@ -323,16 +320,16 @@ impl Inner {
         lock(&self.conn).as_ref().filter(|c| c.is_alive().unwrap_or(false)).cloned()
     }
 
-    /// A reading of every domain's state (one `virConnectGetAllDomainStats`). The last one serves while no
-    /// event and no change of Porthole's came since (every state change is a lifecycle event), when the
-    /// connection delivers events, for up to [`STATES_TRUSTED`]; without events, only a concurrent caller's
-    /// (the window asks for `host()` and `list_vms()` at once: they share it) answered after `asked`.
+    /// A reading of every domain's state answered after `asked` (one `virConnectGetAllDomainStats`): the one
+    /// a concurrent caller had under way when this one asked (the window asks for `host()` and `list_vms()`
+    /// at once: they share it), unless an event came meanwhile, or a new one. An older reading is never
+    /// served: every refresh asks the daemon, so a daemon that went away is an error at once, not a stale
+    /// list.
     fn reading(&self, conn: &Connect, asked: std::time::Instant) -> Result<Arc<stats::Reading>, HostError> {
         let _one = lock(&self.reading_call);
-        let trusted = self.watch.live() && !self.cache_off.load(Ordering::SeqCst);
         if let Some((generation, r)) = lock(&self.reading).as_ref()
             && *generation == self.watch.generation()
-            && (r.finished >= asked || (trusted && r.finished.elapsed() < STATES_TRUSTED))
+            && r.finished >= asked
         {
             return Ok(r.clone());
         }
@@ -623,6 +620,9 @@ fn vm_of(conn: &Connect, dom: &Domain) -> Result<Vm, HostError> {
     Ok(read_def(conn, dom, state)?.vm(state, &[]))
 }
 
+/// The definition cache: domain UUID → what was read of its XML.
+type Defs = std::collections::HashMap<String, Def>;
+
 /// What the cache keeps of a domain: the VM as its XML describes it (with its disks' sizes, whether it has
 /// a managed save and starts with the host), re-read only when an event says it changed.
 #[derive(Clone)]
@@ -875,13 +875,7 @@ impl Uses {
     /// From the definition cache, brought up to date the way a refresh does it (no XML read again unless an
     /// event or a change of Porthole's says so).
     fn cached(inner: &Inner, conn: &Connect) -> Result<Uses, HostError> {
-        let mut defs = lock(&inner.defs);
-        let (all, dirty) = inner.watch.take_dirty();
-        let fresh = all || !inner.watch.live() || inner.cache_off.load(Ordering::SeqCst);
-        if let Err(e) = list_blocking(inner, conn, &mut defs, std::time::Instant::now(), fresh, &dirty) {
-            inner.watch.touch(None);
-            return Err(e);
-        }
+        let (_, defs) = refreshed(inner, conn, std::time::Instant::now())?;
         let mut uses = Uses::default();
         for def in defs.values() {
             uses.disks.extend(def.disk_paths.iter().cloned());
@@ -1527,6 +1521,26 @@ fn host_dynamic(inner: &Inner, c: &Connect) -> HostDynamic {
 
 /// The VMs from one reading of every domain's state and the cached definitions, re-reading those that are
 /// new, `dirty`, read in another state (stopped then, running now), or all of them when `all`.
+/// The VMs, and the definition cache brought up to date for them (XML re-read only where events, Porthole's
+/// own changes or a missing event stream say so).
+fn refreshed<'a>(
+    inner: &'a Inner,
+    c: &Connect,
+    asked: std::time::Instant,
+) -> Result<(Vec<Vm>, MutexGuard<'a, Defs>), HostError> {
+    let mut defs = lock(&inner.defs);
+    let (all, dirty) = inner.watch.take_dirty();
+    let fresh = all || !inner.watch.live() || inner.cache_off.load(Ordering::SeqCst);
+    match list_blocking(inner, c, &mut defs, asked, fresh, &dirty) {
+        Ok(vms) => Ok((vms, defs)),
+        Err(e) => {
+            // What was taken as dirty is read again next time.
+            inner.watch.touch(None);
+            Err(e)
+        }
+    }
+}
+
 fn list_blocking(
     inner: &Inner,
     c: &Connect,
@@ -1654,24 +1668,7 @@ impl Host for LibvirtHost {
 
     async fn list_vms(&self) -> Result<Vec<Vm>, HostError> {
         let (inner, asked) = (self.inner.clone(), std::time::Instant::now());
-        self.call("listing VMs", move |c| {
-            let mut defs = lock(&inner.defs);
-            let (all, dirty) = inner.watch.take_dirty();
-            let listed = list_blocking(
-                &inner,
-                c,
-                &mut defs,
-                asked,
-                all || !inner.watch.live() || inner.cache_off.load(Ordering::SeqCst),
-                &dirty,
-            );
-            if listed.is_err() {
-                // What was taken as dirty is read again next time.
-                inner.watch.touch(None);
-            }
-            listed
-        })
-        .await
+        self.call("listing VMs", move |c| refreshed(&inner, c, asked).map(|(vms, _)| vms)).await
     }
 
     async fn vm(&self, id: &str) -> Result<Vm, HostError> {
