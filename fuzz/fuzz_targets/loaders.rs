@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let mem_bytes = [4u64, 8, 16, 32][usize::from(pick & 3)] << 20;
     let initrd_len = [0usize, 1, 4096, (1 << 20) + 1][usize::from((pick >> 2) & 3)];
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]) else { return };
-    let Ok(rsdp) = vmm_core::acpi::write_tables(&mem, 1) else { return };
+    let Ok(rsdp) = vmm_core::acpi::write_tables(&mem, vmm_core::acpi::Cpus::new(1, 1)) else { return };
     let Some(kernel) = memfd(kernel) else { return };
     let initrd = if initrd_len > 0 { memfd(&vec![0xa5; initrd_len]) } else { None };
     let fb = LinearFramebuffer {

@@ -21,6 +21,10 @@ pub struct VmConfig {
     /// Number of vCPUs.
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    /// Most vCPUs the VM can have: above `vcpus`, the rest can be added while it runs (ACPI CPU hotplug,
+    /// control socket `set-vcpus`). None: `vcpus`, nothing to add.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     /// Guest memory in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
@@ -389,6 +393,8 @@ pub enum ConfigError {
     NoVcpus,
     #[error("{asked} vCPUs asked for, but at most {max} are supported here")]
     TooManyVcpus { asked: u32, max: u32 },
+    #[error("a maximum of {max} vCPUs is fewer than the {vcpus} the VM starts with")]
+    MaxBelowVcpus { vcpus: u32, max: u32 },
     #[error("{0} MiB of memory is too little: a VM needs at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall(u64),
     #[error("{asked} MiB of memory asked for, but this host has only {host} MiB")]
@@ -473,6 +479,7 @@ impl VmConfig {
         VmConfig {
             name: default_name(),
             vcpus: default_vcpus(),
+            max_vcpus: None,
             memory_mib: default_memory_mib(),
             boot: Some(BootSource { kernel: kernel.into(), initrd: None, cmdline: String::new() }),
             firmware: None,
@@ -499,6 +506,11 @@ impl VmConfig {
         serde_json::from_str(&text).map_err(|e| err(e.to_string()))
     }
 
+    /// How many vCPUs the VM can have (`max_vcpus`, else `vcpus`).
+    pub fn possible_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or(self.vcpus).max(self.vcpus)
+    }
+
     /// Checks everything that can be checked before touching KVM. `max_vcpus` is what KVM allows here.
     pub fn validate(&self, max_vcpus: u32) -> Result<(), ConfigError> {
         if !is_valid_name(&self.name) {
@@ -510,6 +522,14 @@ impl VmConfig {
         let max = max_vcpus.min(MAX_VCPUS);
         if self.vcpus > max {
             return Err(ConfigError::TooManyVcpus { asked: self.vcpus, max });
+        }
+        if let Some(most) = self.max_vcpus {
+            if most < self.vcpus {
+                return Err(ConfigError::MaxBelowVcpus { vcpus: self.vcpus, max: most });
+            }
+            if most > max {
+                return Err(ConfigError::TooManyVcpus { asked: most, max });
+            }
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
@@ -645,6 +665,16 @@ mod tests {
         assert_eq!(c.validate(8), Err(ConfigError::NoVcpus));
         c.vcpus = 9;
         assert_eq!(c.validate(8), Err(ConfigError::TooManyVcpus { asked: 9, max: 8 }));
+        c.vcpus = 2;
+        c.max_vcpus = Some(1);
+        assert_eq!(c.validate(8), Err(ConfigError::MaxBelowVcpus { vcpus: 2, max: 1 }));
+        c.max_vcpus = Some(9);
+        assert_eq!(c.validate(8), Err(ConfigError::TooManyVcpus { asked: 9, max: 8 }));
+        c.max_vcpus = Some(8);
+        assert_eq!(c.validate(8), Ok(()));
+        assert_eq!(c.possible_vcpus(), 8);
+        c.max_vcpus = None;
+        assert_eq!(c.possible_vcpus(), 2);
         let mut c = base.clone();
         c.memory_mib = 0;
         assert_eq!(c.validate(8), Err(ConfigError::MemoryTooSmall(0)));

@@ -114,6 +114,12 @@ pub enum Request {
     SetBalloon {
         target_mib: u64,
     },
+    /// Gives the running VM `count` vCPUs, up to the maximum it was started with (`--max-cpus`): the new ones
+    /// are hot-added (ACPI CPU hotplug) and the guest brings them online. Fewer than now is refused.
+    #[serde(rename = "set-vcpus")]
+    SetVcpus {
+        count: u32,
+    },
     /// Saves the machine state (RAM, vCPUs, devices) to `path` at one pause point, then resumes the guest
     /// or ends the VM (exit status 5, "suspended"). `porthole-vmm --restore PATH` starts from it.
     #[serde(rename = "save-state")]
@@ -149,6 +155,9 @@ pub struct Response {
     /// For `set-balloon`: the balloon afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonStatus>,
+    /// For `set-vcpus`: the vCPUs the VM has now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
     /// For `save-state`: the state file's size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
@@ -163,6 +172,9 @@ pub struct Status {
     pub name: String,
     pub state: RunState,
     pub vcpus: u32,
+    /// The most vCPUs the VM can have (`set-vcpus` adds up to it while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     pub memory_mib: u64,
     pub uptime_ms: u64,
     pub boots: u64,
@@ -216,7 +228,8 @@ fn status(vm: &VmHandle) -> Response {
         status: Some(Status {
             name: vm.name.clone(),
             state: vm.state(),
-            vcpus: vm.vcpus,
+            vcpus: vm.vcpus(),
+            max_vcpus: Some(vm.max_vcpus),
             memory_mib: vm.memory_mib,
             uptime_ms: counters.uptime_ms,
             boots: counters.boots,
@@ -311,6 +324,10 @@ fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
         },
         Request::SetNicLimits { nic, limits } => match vm.set_nic_limits(nic, *limits) {
             Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+            Err(e) => failure(e),
+        },
+        Request::SetVcpus { count } => match vm.set_vcpus(*count) {
+            Ok(now) => Response { vcpus: Some(now), ..ok() },
             Err(e) => failure(e),
         },
     }

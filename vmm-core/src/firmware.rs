@@ -94,12 +94,16 @@ impl FirmwareImages {
         mem.write_slice(low, GuestAddress(0x10_0000 - LOW_BIOS_BYTES)).map_err(|_| FirmwareError::Memory)
     }
 
-    /// The fw_cfg device for a machine with `mem_bytes` of RAM and `vcpus` CPUs.
-    pub fn fw_cfg(&self, mem: &GuestMemoryMmap, mem_bytes: u64, vcpus: u32) -> Result<FwCfg, FirmwareError> {
+    /// The fw_cfg device for a machine with `mem_bytes` of RAM and `cpus` (present and possible) CPUs.
+    pub fn fw_cfg(
+        &self,
+        mem: &GuestMemoryMmap,
+        mem_bytes: u64,
+        cpus: crate::acpi::Cpus,
+    ) -> Result<FwCfg, FirmwareError> {
         let mut c = FwCfg::new(Some(mem.clone()));
-        let cpus = (vcpus.min(u32::from(u16::MAX)) as u16).to_le_bytes().to_vec();
-        c.add_item(fw_cfg::NB_CPUS, cpus.clone());
-        c.add_item(fw_cfg::MAX_CPUS, cpus);
+        c.add_item(fw_cfg::NB_CPUS, u16::from(cpus.present).to_le_bytes().to_vec());
+        c.add_item(fw_cfg::MAX_CPUS, u16::from(cpus.max).to_le_bytes().to_vec());
         c.add_item(fw_cfg::NOGRAPHIC, 0u16.to_le_bytes().to_vec());
         c.add_item(fw_cfg::BOOT_MENU, u16::from(self.boot_menu).to_le_bytes().to_vec());
         // IRQ0 arrives on IOAPIC pin 2 (KVM's PIT), as on every PC.
@@ -108,7 +112,7 @@ impl FirmwareImages {
         c.add_file("etc/boot-menu-wait", BOOT_MENU_WAIT_MS.to_le_bytes().to_vec())?;
         // The machine's ACPI tables, which SeaBIOS places and links (so the OS it boots can power off,
         // reboot and find every CPU and the PCI interrupts, as after a direct boot).
-        let acpi = crate::acpi::firmware_tables(vcpus.min(255) as u8);
+        let acpi = crate::acpi::firmware_tables(cpus);
         c.add_file(crate::acpi::RSDP_FILE, acpi.rsdp)?;
         c.add_file(crate::acpi::TABLES_FILE, acpi.tables)?;
         c.add_file(crate::acpi::LOADER_FILE, acpi.loader)?;

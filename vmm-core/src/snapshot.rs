@@ -242,6 +242,11 @@ impl<'a> Reader<'a> {
         })
     }
     /// Fails unless everything was read.
+    /// Whether everything has been read.
+    pub fn is_at_end(&self) -> bool {
+        self.data.is_empty()
+    }
+
     pub fn finish(self) -> Result<(), StateError> {
         if self.data.is_empty() { Ok(()) } else { Err(self.damaged(&format!("{} bytes too many", self.data.len()))) }
     }

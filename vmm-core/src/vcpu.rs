@@ -125,6 +125,20 @@ impl RunControl {
         self.attention.store(s.paused, Ordering::Release);
     }
 
+    /// Counts one more vCPU thread into the running boot (a vCPU added while the VM runs). Called before the
+    /// thread is spawned, like [`begin_boot`](Self::begin_boot): a pause meanwhile waits for it, and it parks on
+    /// its way in.
+    pub fn add_vcpu(&self) {
+        lock(&self.state).live += 1;
+    }
+
+    /// Takes back [`add_vcpu`](Self::add_vcpu) when its thread could not be spawned.
+    pub fn thread_done_unstarted(&self) {
+        let mut s = lock(&self.state);
+        s.live = s.live.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
     /// Called by a vCPU thread before its first KVM_RUN: registers it for kicks, then parks while paused.
     /// Returns whether to exit at once (the boot is already being stopped).
     #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,8 +25,9 @@ use crate::boot::{self, BootError, BootFiles};
 use crate::config::{ConfigError, SerialSink, VmConfig};
 use crate::counters::{Counters, CountersSnapshot};
 use crate::cpu::{self, CpuError};
-use crate::devices::acpi_pm::{self, Pm1Control, Pm1Event};
+use crate::devices::acpi_pm::{self, Gpe0, Pm1Control, Pm1Event};
 use crate::devices::bus::{UnhandledCounts, lock};
+use crate::devices::cpu_hotplug::{self, CpuHotplug};
 use crate::devices::debug_port::{POST_CODE_PORT, PostCode};
 use crate::devices::dispi::{DISPI_INDEX_PORT, DISPI_PORT_LEN, Dispi};
 use crate::devices::i8042::{self, I8042};
@@ -218,7 +219,10 @@ impl Irqs {
 /// What the control socket and the event loop share with a running VM. Outlives reboots.
 pub struct VmHandle {
     pub name: String,
-    pub vcpus: u32,
+    /// The vCPUs the VM has now (more once some are added while it runs).
+    vcpus: AtomicU32,
+    /// The most it can have.
+    pub max_vcpus: u32,
     pub memory_mib: u64,
     started: Instant,
     stop_timeout: Duration,
@@ -255,6 +259,8 @@ pub struct VmHandle {
     serial_input: Mutex<Vec<u8>>,
     /// The crash report while the VM is kept in its crashed state (vCPUs stopped, screen still served).
     crashed: Mutex<Option<String>>,
+    /// vCPUs to add, for the event loop to carry out (see [`VmHandle::set_vcpus`]).
+    vcpu_request: Mutex<Option<VcpuRequest>>,
     /// A machine-state save for the event loop to carry out (see [`VmHandle::save_state`]).
     save_request: Mutex<Option<state::SaveRequest>>,
     /// Set while a save is in progress: the VM stays paused, other commands that change it are refused.
@@ -262,6 +268,16 @@ pub struct VmHandle {
     /// Set when a save ends the VM (`then: stop`): the VM's end is reported as suspended.
     suspended: std::sync::atomic::AtomicBool,
 }
+
+/// vCPUs to add, handed from the control thread to the event loop: the count wanted and where the answer
+/// (the count now, or why not) goes.
+struct VcpuRequest {
+    count: u32,
+    reply: std::sync::mpsc::Sender<Result<u32, String>>,
+}
+
+/// How long adding vCPUs may take before the control socket gives up waiting.
+const ADD_VCPUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most bytes of serial input from the control socket that may wait for the guest to read them.
 pub const SERIAL_INPUT_MAX: usize = 16 * 1024;
@@ -299,6 +315,42 @@ impl VmHandle {
         } else {
             RunState::Running
         }
+    }
+
+    /// The vCPUs the VM has now.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus.load(Ordering::Acquire)
+    }
+
+    /// Gives the running VM `count` vCPUs, up to its maximum: the new ones are created and started (waiting
+    /// for the guest's INIT/SIPI), then announced to the guest (ACPI CPU hotplug), which brings them online.
+    /// vCPUs cannot be removed. Returns the count now.
+    pub fn set_vcpus(&self, count: u32) -> Result<u32, String> {
+        let now = self.vcpus();
+        if count == now {
+            return Ok(now);
+        }
+        if count < now {
+            return Err(format!(
+                "vCPUs cannot be removed from a running VM (it has {now}); fewer apply when it starts again"
+            ));
+        }
+        if count > self.max_vcpus {
+            return Err(format!(
+                "{count} vCPUs asked for, but this VM was started with room for at most {} (its maximum, \
+                 --max-cpus); more apply when it starts again",
+                self.max_vcpus
+            ));
+        }
+        if self.crash_report().is_some() {
+            return Err("the guest has crashed: its vCPUs are stopped; reset the VM or power it off".into());
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        *lock(&self.vcpu_request) = Some(VcpuRequest { count, reply });
+        let _ = self.loop_wake.write(1);
+        answer
+            .recv_timeout(ADD_VCPUS_TIMEOUT)
+            .unwrap_or_else(|_| Err("the VM ended (or rebooted) before the vCPUs were added".into()))
     }
 
     pub fn uptime(&self) -> Duration {
@@ -629,6 +681,25 @@ pub struct Vm {
 }
 
 /// The BIOS image as a read-only memory slot at `address` (guest writes to it exit and are dropped).
+/// Starts a vCPU's thread: it applies the vCPU seccomp filter (if any), then runs the vCPU until its boot
+/// ends.
+fn spawn_vcpu(v: Vcpu, filter: Option<seccompiler::BpfProgram>) -> Result<JoinHandle<()>, VmError> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{}", v.index))
+        .spawn(move || {
+            if let Some(filter) = filter
+                && let Err(e) = seccompiler::apply_filter(&filter)
+            {
+                v.machine.request(MachineRequest::Crash);
+                log::error!("vCPU {}: cannot apply its seccomp filter: {e}", v.index);
+                v.run.thread_done();
+                return;
+            }
+            v.run_loop();
+        })
+        .map_err(io_err("start a vCPU thread"))
+}
+
 fn map_rom(vm: &VmFd, slot: u32, address: u64, image: &[u8]) -> Result<GuestRegionMmap, VmError> {
     let kib = image.len() as u64 >> 10;
     let err = |reason: String| VmError::Memory { mib: kib.div_ceil(1024), reason: format!("BIOS image: {reason}") };
@@ -665,6 +736,8 @@ struct BootDevices {
     i8042: Arc<Mutex<I8042>>,
     pm1_event: Arc<Mutex<Pm1Event>>,
     pm1_control: Arc<Mutex<Pm1Control>>,
+    gpe0: Arc<Mutex<Gpe0>>,
+    cpu_hotplug: Arc<Mutex<CpuHotplug>>,
     pci_ports: Arc<Mutex<PciConfigPorts>>,
     /// fw_cfg, on firmware boots.
     fw_cfg: Option<Arc<Mutex<crate::devices::fw_cfg::FwCfg>>>,
@@ -673,7 +746,11 @@ struct BootDevices {
 /// One boot of the VM: the KVM VM and its vCPU threads.
 struct Boot {
     vm: Arc<VmFd>,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
+    /// The buses, and the seccomp filter of vCPU threads, for vCPUs added while the VM runs.
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    vcpu_filter: Option<seccompiler::BpfProgram>,
     vram: Arc<GuestRegionMmap>,
     /// The devices whose state a machine-state file holds.
     devices: BootDevices,
@@ -749,7 +826,8 @@ impl Vm {
         }
         let handle = Arc::new(VmHandle {
             name: config.name.clone(),
-            vcpus: config.vcpus,
+            vcpus: AtomicU32::new(config.vcpus),
+            max_vcpus: config.possible_vcpus(),
             memory_mib: config.memory_mib,
             started: Instant::now(),
             stop_timeout: Duration::from_millis(config.stop_timeout_ms),
@@ -773,6 +851,7 @@ impl Vm {
             nics,
             serial_input: Mutex::new(Vec::new()),
             crashed: Mutex::new(None),
+            vcpu_request: Mutex::new(None),
             save_request: Mutex::new(None),
             saving: Default::default(),
             suspended: Default::default(),
@@ -1026,8 +1105,10 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(self.irqs.keyboard.clone(), self.irqs.mouse.clone(), machine.clone())));
         let pm1_event = Arc::new(Mutex::new(Pm1Event::new(self.irqs.sci.clone())));
         let pm1_control = Arc::new(Mutex::new(Pm1Control::new(machine.clone())));
+        let gpe0 = Arc::new(Mutex::new(Gpe0::new(self.irqs.sci.clone())));
+        let cpu_hotplug = Arc::new(Mutex::new(CpuHotplug::new(self.config.vcpus, self.config.possible_vcpus())));
         let pci_ports = Arc::new(Mutex::new(PciConfigPorts::new(pci.clone(), machine.clone())));
-        let devices: [(SharedDevice, u16, u64); 9] = [
+        let devices: [(SharedDevice, u16, u64); 11] = [
             (display.dispi.clone(), DISPI_INDEX_PORT, DISPI_PORT_LEN),
             (display.vga.clone(), VGA_PORT, VGA_PORT_LEN),
             (self.serial.clone(), COM1_PORT, 8),
@@ -1035,6 +1116,8 @@ impl Vm {
             (i8042.clone(), i8042::I8042_DATA_PORT, 5),
             (pm1_event.clone(), acpi_pm::PM1A_EVT_PORT, acpi_pm::PM1A_EVT_LEN),
             (pm1_control.clone(), acpi_pm::PM1A_CNT_PORT, acpi_pm::PM1A_CNT_LEN),
+            (gpe0.clone(), acpi_pm::GPE0_PORT, acpi_pm::GPE0_LEN),
+            (cpu_hotplug.clone(), cpu_hotplug::CPU_HOTPLUG_PORT, cpu_hotplug::CPU_HOTPLUG_LEN),
             (pci_ports.clone(), pci::CONFIG_ADDRESS_PORT, pci::CONFIG_PORTS_LEN),
             (Arc::new(Mutex::new(PostCode::new(h.post_code.clone()))), POST_CODE_PORT, 1),
         ];
@@ -1043,7 +1126,9 @@ impl Vm {
         }
         *lock(&h.pm1_event) = Some(pm1_event.clone());
         *lock(&h.i8042) = Some(i8042.clone());
-        Ok((pio, mmio, BootDevices { display, i8042, pm1_event, pm1_control, pci_ports, fw_cfg: None }))
+        let devices =
+            BootDevices { display, i8042, pm1_event, pm1_control, gpe0, cpu_hotplug, pci_ports, fw_cfg: None };
+        Ok((pio, mmio, devices))
     }
 
     /// Video memory: its own memslot at the framebuffer address, with KVM's dirty-page log on.
@@ -1093,11 +1178,12 @@ impl Vm {
         let (mut pio, mmio, mut devices) = self.build_buses(&machine, display, &pci_bus)?;
         let restore = self.restore.take();
         let mut rom = None;
+        let cpus = self.cpus();
         let entry = match &mut self.start {
             // Restoring: memory and registers come from the state, nothing is loaded.
             Start::Kernel(_) if restore.is_some() => None,
             Start::Kernel(files) => {
-                let rsdp = crate::acpi::write_tables(&mem, self.config.vcpus as u8)?;
+                let rsdp = crate::acpi::write_tables(&mem, cpus)?;
                 let fb = boot::LinearFramebuffer {
                     base: display::LFB_BASE,
                     size: display::VRAM_BYTES,
@@ -1114,7 +1200,7 @@ impl Vm {
             Start::Firmware(fw) => {
                 fw.copy_low(&mem)?;
                 rom = Some(map_rom(&vm, vram_slot + 1, fw.rom_address(), &fw.bios)?);
-                let fw_cfg = Arc::new(Mutex::new(fw.fw_cfg(&mem, self.config.memory_bytes(), self.config.vcpus)?));
+                let fw_cfg = Arc::new(Mutex::new(fw.fw_cfg(&mem, self.config.memory_bytes(), cpus)?));
                 devices.fw_cfg = Some(fw_cfg.clone());
                 pio.insert(
                     fw_cfg,
@@ -1148,55 +1234,97 @@ impl Vm {
 
         let mut vcpus = Vec::new();
         for index in 0..self.config.vcpus {
-            let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
-            cpu::setup_common(&fd, &self.supported_cpuid, index, self.config.vcpus)?;
+            let v = self.create_vcpu(&vm, index, (&pio, &mmio, &mem))?;
             // Firmware starts from the reset state KVM gives a new vCPU (CS:IP F000:FFF0, the reset vector).
             if index == 0
                 && let Some(entry) = entry
             {
-                cpu::setup_boot_registers(&fd, entry)?;
+                cpu::setup_boot_registers(&v.fd, entry)?;
             }
-            vcpus.push(Vcpu {
-                index,
-                fd,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                mem: mem.clone(),
-                machine: machine.clone(),
-                counters: self.handle.counters.clone(),
-                run: self.handle.run.clone(),
-                crash: self.crash.clone(),
-            });
+            vcpus.push(v);
         }
         if let Some(restore) = &restore {
             restore.apply_kvm(&vm, &vcpus)?;
             log::info!("{}: restored from its saved state", self.config.name);
         }
         vcpu::install_kick_handler().map_err(io_err("install the vCPU kick signal handler"))?;
-        let filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
+        let vcpu_filter = if self.seccomp { Some(seccomp::vcpu_filter()?) } else { None };
         // Before any thread starts: the previous boot's stop must not reach this boot's vCPUs.
         self.handle.run.begin_boot(vcpus.len());
         let mut threads = Vec::new();
         for v in vcpus {
-            let filter = filter.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{}", v.index))
-                .spawn(move || {
-                    if let Some(filter) = filter
-                        && let Err(e) = seccompiler::apply_filter(&filter)
-                    {
-                        v.machine.request(MachineRequest::Crash);
-                        log::error!("vCPU {}: cannot apply its seccomp filter: {e}", v.index);
-                        v.run.thread_done();
-                        return;
-                    }
-                    v.run_loop();
-                })
-                .map_err(io_err("start a vCPU thread"))?;
-            threads.push(thread);
+            threads.push(spawn_vcpu(v, vcpu_filter.clone())?);
         }
         self.handle.counters.boots.fetch_add(1, Ordering::Relaxed);
-        Ok(Boot { vm, _mem: mem, vram, devices, _rom: rom, threads, pci: pci_bus, interrupts })
+        Ok(Boot { vm, mem, pio, mmio, vcpu_filter, vram, devices, _rom: rom, threads, pci: pci_bus, interrupts })
+    }
+
+    /// The vCPUs present now and possible, as the ACPI tables and the firmware describe them.
+    fn cpus(&self) -> crate::acpi::Cpus {
+        crate::acpi::Cpus::new(self.config.vcpus, self.config.possible_vcpus())
+    }
+
+    /// Creates vCPU `index` of the KVM VM, set up as every vCPU starts (CPUID for the possible count).
+    fn create_vcpu(
+        &self,
+        vm: &VmFd,
+        index: u32,
+        (pio, mmio, mem): (&Arc<Bus>, &Arc<Bus>, &GuestMemoryMmap),
+    ) -> Result<Vcpu, VmError> {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("create a vCPU"))?;
+        cpu::setup_common(&fd, &self.supported_cpuid, index, self.config.possible_vcpus())?;
+        Ok(Vcpu {
+            index,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: mem.clone(),
+            machine: self.handle.machine.clone(),
+            counters: self.handle.counters.clone(),
+            run: self.handle.run.clone(),
+            crash: self.crash.clone(),
+        })
+    }
+
+    /// Adds vCPUs up to `count` to the running boot: each is created and its thread started (it waits in
+    /// KVM for the guest's INIT/SIPI), then the guest is told through the CPU hotplug device and its GPE.
+    /// From now on the VM has `count` vCPUs, across reboots too. Returns the count now.
+    fn add_vcpus(&mut self, boot: &mut Boot, count: u32) -> Result<u32, String> {
+        if lock(&self.handle.crashed).is_some() {
+            return Err("the guest has crashed: its vCPUs are stopped; reset the VM or power it off".into());
+        }
+        let max = self.config.possible_vcpus();
+        if count > max {
+            return Err(format!("at most {max} vCPUs"));
+        }
+        while self.config.vcpus < count {
+            let index = self.config.vcpus;
+            let v = self
+                .create_vcpu(&boot.vm, index, (&boot.pio, &boot.mmio, &boot.mem))
+                .map_err(|e| format!("vCPU {index}: {e}"))?;
+            // Counted before it starts, so that a pause meanwhile waits for it.
+            self.handle.run.add_vcpu();
+            match spawn_vcpu(v, boot.vcpu_filter.clone()) {
+                Ok(thread) => boot.threads.push(thread),
+                Err(e) => {
+                    self.handle.run.thread_done_unstarted();
+                    return Err(format!("vCPU {index}: {e}"));
+                }
+            }
+            self.config.vcpus = index + 1;
+            self.handle.vcpus.store(self.config.vcpus, Ordering::Release);
+            lock(&self.rtc).set_cpus(self.config.vcpus);
+            log::info!("{}: vCPU {index} added", self.config.name);
+        }
+        if lock(&boot.devices.cpu_hotplug).plug_up_to(count) > 0
+            && !lock(&boot.devices.gpe0).raise(cpu_hotplug::GPE_CPU_HOTPLUG)
+        {
+            log::info!(
+                "{}: the guest has not enabled the CPU hotplug event yet; it sees the new vCPUs when it does",
+                self.config.name
+            );
+        }
+        Ok(self.config.vcpus)
     }
 
     /// Feeds buffered standard input to the UART; returns whether everything pending was taken.
@@ -1219,8 +1347,8 @@ impl Vm {
     }
 
     /// Waits for the current boot to end; returns what ended it.
-    fn event_loop(&mut self, boot: &Boot) -> Result<MachineRequest, VmError> {
-        let interrupts = &boot.interrupts;
+    fn event_loop(&mut self, boot: &mut Boot) -> Result<MachineRequest, VmError> {
+        let interrupts = boot.interrupts.clone();
         const MACHINE: u64 = 1;
         const LOOP_WAKE: u64 = 2;
         const STDIN: u64 = 3;
@@ -1270,6 +1398,10 @@ impl Vm {
                     }
                     LOOP_WAKE => {
                         let _ = self.handle.loop_wake.read();
+                        let vcpu_request = lock(&self.handle.vcpu_request).take();
+                        if let Some(VcpuRequest { count, reply }) = vcpu_request {
+                            let _ = reply.send(self.add_vcpus(boot, count));
+                        }
                         if let Some(request) = lock(&self.handle.save_request).take() {
                             self.serve_save(boot, request);
                         }
@@ -1336,6 +1468,7 @@ impl Vm {
             .map_err(io_err("start the display thread"))?;
         let result = self.run_boots();
         lock(&self.handle.save_request).take();
+        lock(&self.handle.vcpu_request).take();
         self.refresher.detach();
         self.refresher.stop();
         let _ = display_thread.join();
@@ -1348,7 +1481,7 @@ impl Vm {
         }
         loop {
             let mut boot = self.boot()?;
-            let mut outcome = self.event_loop(&boot);
+            let mut outcome = self.event_loop(&mut boot);
             // A save asked for as the boot ended is answered (its sender dropped: "the VM ended").
             lock(&self.handle.save_request).take();
             self.handle.run.stop_boot();
@@ -1364,7 +1497,7 @@ impl Vm {
             if let Ok(MachineRequest::Crash) = outcome {
                 let report = lock(&self.crash).take().unwrap_or_else(|| "unknown reason".into());
                 if !self.config.exit_on_crash {
-                    outcome = self.stay_crashed(&report, &boot);
+                    outcome = self.stay_crashed(&report, &mut boot);
                 }
                 crash = Some(report);
             }
@@ -1396,7 +1529,7 @@ impl Vm {
     /// display stay, so the console keeps serving the last frame, and the control socket reports the crash,
     /// until the VM is powered off, stopped, sent SIGTERM (all end it; the crash is its exit reason) or
     /// reset (which reboots it). Returns the request that ended the wait.
-    fn stay_crashed(&mut self, report: &str, boot: &Boot) -> Result<MachineRequest, VmError> {
+    fn stay_crashed(&mut self, report: &str, boot: &mut Boot) -> Result<MachineRequest, VmError> {
         // Drop what other vCPUs asked for between the crash and their end (a reset must not reboot a crashed
         // guest behind the user's back); a forced power-off can only come from the host, and stands.
         let _ = self.handle.machine.wake_fd().read();

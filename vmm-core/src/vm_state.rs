@@ -225,10 +225,15 @@ impl Vm {
             crate::config::InputMode::Ps2 => "",
             crate::config::InputMode::Virtio => " input=virtio",
         };
+        // Room for more vCPUs shows in the ACPI tables; a VM at its maximum is one started with that many.
+        let max_vcpus = match self.config.possible_vcpus() {
+            max if max > self.config.vcpus => format!(" max-vcpus={max}"),
+            _ => String::new(),
+        };
         MachineFacts {
             memory_bytes: self.config.memory_bytes(),
             vcpus: self.config.vcpus,
-            layout: format!("boot={boot} drives=[{}] nics=[{}]{input}", drives.join(","), nics.join(",")),
+            layout: format!("boot={boot} drives=[{}] nics=[{}]{input}{max_vcpus}", drives.join(","), nics.join(",")),
         }
     }
 
@@ -396,6 +401,10 @@ impl Vm {
         let mut r = Reader::new("pm1", restore.section("pm1")?);
         lock(&devices.pm1_event).restore(&mut r)?;
         lock(&devices.pm1_control).restore(&mut r)?;
+        // The GPE0 block follows (states saved before it existed end here: its events stay disabled).
+        if !r.is_at_end() {
+            lock(&devices.gpe0).restore(&mut r)?;
+        }
         r.finish()?;
         let mut r = Reader::new("fw-cfg", restore.section("fw-cfg")?);
         let present = r.bool()?;
@@ -498,6 +507,7 @@ impl Vm {
         let mut w = Writer::new();
         lock(&d.pm1_event).save(&mut w);
         lock(&d.pm1_control).save(&mut w);
+        lock(&d.gpe0).save(&mut w);
         sections.push(("pm1".into(), w.buf));
         // Quiesces the virtio devices (no request in flight, none taken) until the file is written.
         let mut w = Writer::new();

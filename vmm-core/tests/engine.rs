@@ -237,6 +237,12 @@ impl Ticker {
         ControlClient::connect(&self.control).unwrap()
     }
 
+    /// A control connection, once the socket is up (a restored VM's output may not show it).
+    fn client_when_up(&self) -> ControlClient {
+        wait_until(LIMIT, || ControlClient::connect(&self.control).is_ok(), || "no control socket".into());
+        self.client()
+    }
+
     fn finish(self) -> Output {
         self.finish_with_log().0
     }
@@ -382,6 +388,72 @@ fn vcpu_and_control_threads_run_under_seccomp() {
     }
     assert!(threads.iter().filter(|(n, _)| n.starts_with("vcpu")).count() == 2, "{threads:?}");
     assert!(threads.iter().any(|(n, _)| n == "control"), "{threads:?}");
+}
+
+/// vCPUs added to a running VM (ACPI CPU hotplug; the guest's side is proven with Linux in the hardware
+/// tier): up to the maximum only, never fewer, each a seccomp-filtered thread that pauses, saves and reboots
+/// with the rest.
+#[test]
+fn vcpus_are_added_live_up_to_the_maximum_and_stay_across_a_reboot() {
+    let t = Ticker::start(&["--cpus", "1", "--max-cpus", "3"]);
+    let mut c = t.client();
+    let pid = t.child.as_ref().unwrap().id();
+    let status = |c: &mut ControlClient| c.request(&Request::Status).unwrap().status.unwrap();
+    let s = status(&mut c);
+    assert_eq!((s.vcpus, s.max_vcpus), (1, Some(3)));
+    let vcpu_threads = || seccomp_modes(pid).into_iter().filter(|(n, _)| n.starts_with("vcpu")).collect::<Vec<_>>();
+    assert_eq!(vcpu_threads().len(), 1);
+    // Past the maximum, and fewer than now: refused with the reason, nothing changes.
+    let refused = c.request(&Request::SetVcpus { count: 4 }).unwrap_err().to_string();
+    assert!(refused.contains("at most 3"), "{refused}");
+    let refused = c.request(&Request::SetVcpus { count: 0 }).unwrap_err().to_string();
+    assert!(refused.contains("cannot be removed"), "{refused}");
+    assert_eq!(status(&mut c).vcpus, 1);
+    // One added while running: its thread runs under the vCPU filter, and the guest goes on.
+    let added = c.request(&Request::SetVcpus { count: 2 }).unwrap();
+    assert_eq!((added.ok, added.vcpus), (true, Some(2)), "{added:?}");
+    assert_eq!(status(&mut c).vcpus, 2);
+    // (A new thread names itself and applies its filter as it starts.)
+    let filtered = || {
+        let threads = vcpu_threads();
+        threads.len() == 2 && threads.iter().all(|(_, mode)| mode == "2")
+    };
+    wait_until(LIMIT, filtered, || format!("two vCPU threads, each under its seccomp filter: {:?}", vcpu_threads()));
+    // A pause waits for the new vCPU too, and one added while paused parks until the resume.
+    let paused = c.request(&Request::Pause).unwrap();
+    assert!(paused.ok, "{paused:?}");
+    let added = c.request(&Request::SetVcpus { count: 3 }).unwrap();
+    assert_eq!((added.ok, added.vcpus), (true, Some(3)), "{added:?}");
+    assert_eq!(status(&mut c).state, RunState::Paused);
+    assert!(c.request(&Request::Resume).unwrap().ok);
+    let before = ticks(&t.output());
+    t.wait_for(|s| ticks(s) >= before + 2);
+    // A machine-state save reads all three (each thread reads its own vCPU).
+    let dir = Scratch::new("hotplug-state");
+    let state = dir.path("state");
+    let saved = c.request(&Request::SaveState { path: state.clone(), then: vmm_core::vm::Then::Resume }).unwrap();
+    assert!(saved.ok, "{saved:?}");
+    // A reset reboots with the three: they are the machine's now.
+    assert!(c.request(&Request::Reset).unwrap().ok);
+    wait_until(LIMIT, || status(&mut c).boots == 2, || "no second boot".into());
+    let s = status(&mut c);
+    assert_eq!((s.vcpus, s.max_vcpus), (3, Some(3)));
+    wait_until(LIMIT, || vcpu_threads().len() == 3, || format!("vCPU threads after the reboot: {:?}", vcpu_threads()));
+    c.request(&Request::Poweroff).unwrap();
+    assert_exit(&t.finish(), 3);
+    // The state names the three vCPUs: it restores into a VM of three, not into the one started with one.
+    let state_arg = state.to_str().unwrap();
+    let out = run_guest("ticker", &["--cpus", "1", "--max-cpus", "3", "--restore", state_arg]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("the state is for a VM with 3 vCPUs, this one has 1"), "{err}");
+    let restored = Ticker::start_guest("ticker", &["--cpus", "3", "--restore", state_arg]);
+    let mut c = restored.client_when_up();
+    assert_eq!(status(&mut c).vcpus, 3);
+    let before = ticks(&restored.output());
+    restored.wait_for(|s| ticks(s) >= before + 2);
+    c.request(&Request::Poweroff).unwrap();
+    assert_exit(&restored.finish(), 3);
 }
 
 /// The threads SECURITY.md's seccomp table lists (a new thread must be added there, with its filter).

@@ -46,6 +46,10 @@ struct Cli {
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     cpus: Option<u32>,
+    /// Most vCPUs the VM can have: those above --cpus can be added while it runs (control socket
+    /// `set-vcpus`; the guest brings them online) [default: --cpus].
+    #[arg(long, value_name = "N")]
+    max_cpus: Option<u32>,
     /// Where COM1 goes: stdio, file:PATH or none [default: stdio].
     #[arg(long, value_name = "SINK")]
     serial: Option<String>,
@@ -209,6 +213,9 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     }
     if let Some(cpus) = cli.cpus {
         config.vcpus = cpus;
+    }
+    if let Some(max) = cli.max_cpus {
+        config.max_vcpus = Some(max);
     }
     if let Some(serial) = &cli.serial {
         config.serial = serial.parse()?;

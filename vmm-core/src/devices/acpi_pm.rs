@@ -1,7 +1,8 @@
 //! ACPI fixed-hardware power management: the PM1a event block (status + enable) at 0x600 and the PM1a
 //! control block at 0x604, where QEMU's PIIX4 has them. The guest powers off by writing SLP_EN with the
 //! sleep type the DSDT's `\_S5` names; the host asks for a graceful stop by "pressing" the power button
-//! (PWRBTN_STS, raising the SCI if the guest enabled the event).
+//! (PWRBTN_STS, raising the SCI if the guest enabled the event). The GPE0 block at 0x620 (as on QEMU's Q35)
+//! carries the general-purpose events the DSDT's `\_GPE` methods serve (CPU hotplug).
 
 use super::{BusDevice, IrqLine, MachineControl, MachineRequest};
 
@@ -9,6 +10,9 @@ pub const PM1A_EVT_PORT: u16 = 0x600;
 pub const PM1A_EVT_LEN: u64 = 4;
 pub const PM1A_CNT_PORT: u16 = 0x604;
 pub const PM1A_CNT_LEN: u64 = 2;
+pub const GPE0_PORT: u16 = 0x620;
+/// Two bytes of status, then two of enable: GPEs 0-15.
+pub const GPE0_LEN: u64 = 4;
 /// The SCI's ISA IRQ (and GSI).
 pub const SCI_IRQ: u32 = 9;
 /// The sleep type of S5 (soft-off) in the DSDT.
@@ -73,6 +77,73 @@ impl BusDevice for Pm1Event {
         if self.enable & !was & self.status != 0 {
             self.sci.trigger();
         }
+    }
+}
+
+/// The GPE0 block: status (write one to clear) and enable bits of general-purpose events 0-15.
+pub struct Gpe0 {
+    status: u16,
+    enable: u16,
+    sci: IrqLine,
+}
+
+impl Gpe0 {
+    pub fn new(sci: IrqLine) -> Self {
+        Gpe0 { status: 0, enable: 0, sci }
+    }
+
+    /// Signals general-purpose event `gpe` (0-15): its status bit is set and, if the guest enabled it, the
+    /// SCI raised. Returns whether the guest had enabled it.
+    pub fn raise(&mut self, gpe: u16) -> bool {
+        let bit = 1u16.checked_shl(u32::from(gpe)).unwrap_or(0);
+        self.status |= bit;
+        let noticed = self.enable & bit != 0;
+        if noticed {
+            self.sci.trigger();
+        }
+        noticed
+    }
+}
+
+impl BusDevice for Gpe0 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let mut regs = [0u8; 4];
+        regs[0..2].copy_from_slice(&self.status.to_le_bytes());
+        regs[2..4].copy_from_slice(&self.enable.to_le_bytes());
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = regs.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut clear = [0u8; 2];
+        let mut enable = self.enable.to_le_bytes();
+        for (i, &byte) in data.iter().enumerate() {
+            match offset as usize + i {
+                at @ 0..=1 => clear[at] = byte,
+                at @ 2..=3 => enable[at - 2] = byte,
+                _ => {}
+            }
+        }
+        self.status &= !u16::from_le_bytes(clear);
+        let was = self.enable;
+        self.enable = u16::from_le_bytes(enable);
+        // An event that came while it was disabled is delivered once the guest enables it.
+        if self.enable & !was & self.status != 0 {
+            self.sci.trigger();
+        }
+    }
+}
+
+impl crate::snapshot::DeviceState for Gpe0 {
+    fn save(&self, w: &mut crate::snapshot::Writer) {
+        w.u16(self.status);
+        w.u16(self.enable);
+    }
+
+    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
+        (self.status, self.enable) = (r.u16()?, r.u16()?);
+        Ok(())
     }
 }
 
@@ -175,5 +246,25 @@ mod tests {
         let mut all = [0; 4];
         evt.read(0, &mut all);
         assert_eq!(all, [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_gpe_raises_the_sci_only_once_enabled_and_clears_by_writing_one() {
+        let sci = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut gpe = Gpe0::new(sci.clone());
+        assert!(!gpe.raise(2), "not enabled yet");
+        assert!(sci.eventfd().read().is_err(), "no SCI while disabled");
+        gpe.write(2, &[0b100, 0]); // enable GPE 2: the pending event is delivered
+        assert_eq!(sci.eventfd().read().unwrap(), 1);
+        let mut regs = [0; 4];
+        gpe.read(0, &mut regs);
+        assert_eq!(regs, [0b100, 0, 0b100, 0]);
+        gpe.write(0, &[0b100]);
+        gpe.read(0, &mut regs);
+        assert_eq!(regs, [0, 0, 0b100, 0]);
+        assert!(gpe.raise(2));
+        assert_eq!(sci.eventfd().read().unwrap(), 1);
+        assert!(!gpe.raise(40), "no such GPE: nothing raised");
+        assert!(sci.eventfd().read().is_err());
     }
 }

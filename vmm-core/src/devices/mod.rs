@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod cpu_hotplug;
 pub mod debug_port;
 pub mod debugcon;
 pub mod dispi;

@@ -120,6 +120,11 @@ impl Rtc {
         Self::with_clock(mem_bytes, vcpus, host_now)
     }
 
+    /// Records the machine's CPU count in CMOS (0x5F, as QEMU keeps it for SeaBIOS), after vCPUs are added.
+    pub fn set_cpus(&mut self, vcpus: u32) {
+        self.nvram[0x5F] = vcpus.saturating_sub(1).min(255) as u8;
+    }
+
     fn with_clock(mem_bytes: u64, vcpus: u32, now: fn() -> i64) -> Self {
         let mut nvram = [0u8; 128];
         nvram[STATUS_A] = 0x26; // 32.768 kHz time base, 1024 Hz rate
