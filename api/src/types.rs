@@ -71,6 +71,10 @@ pub struct Vm {
     pub id: String,
     pub name: String,
     pub vcpus: u32,
+    /// The most vCPUs the VM can have: while it runs, `vcpus` can grow up to it (`UpdateVm::vcpus`; the
+    /// guest is told through ACPI CPU hotplug). None: only the `vcpus` it started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     pub memory_mib: u64,
     /// Size of the VM's disk in bytes (0: none).
     pub disk_bytes: u64,
@@ -246,6 +250,9 @@ pub struct CreateVm {
     pub name: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Room for more vCPUs, added while the VM runs (see `Vm::max_vcpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     /// Size of the disk created with the VM (sparse raw image), in GiB; 0 for none. Default 8.
     #[serde(default = "default_disk_gib")]
     pub disk_gib: u64,
@@ -298,6 +305,7 @@ impl CreateVm {
             name: name.into(),
             vcpus,
             memory_mib,
+            max_vcpus: None,
             disk_gib: DEFAULT_DISK_GIB,
             boot: None,
             media: None,
@@ -335,14 +343,20 @@ pub struct MemoryBalloon {
 }
 
 /// `PATCH /vms/{id}`: the fields to change. `name`, `tags`, `description` and `autostart` change at once; the
-/// others change a running (or suspended) VM at its next start from power-on (`Vm::pending_changes`).
+/// others change a running (or suspended) VM at its next start from power-on (`Vm::pending_changes`), except
+/// the live ones: more `vcpus` up to `max_vcpus`, `disk_bytes`, `memory_target_mib` and the CPU limits.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The vCPUs. A running VM gets more at once when they fit under its `max_vcpus` (hot-added: the guest
+    /// brings them online); fewer, or more than that, apply at its next start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// The most vCPUs the VM can have while it runs (0: no room beyond `vcpus`); applies at its next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
     /// Replaces the boot source.

@@ -1,7 +1,7 @@
 //! A VM's *Settings* view, driven through its accessibility tree (egui_kittest) against a real `portholed`:
 //! every setting of a stopped VM edited in the window and seen in the API (and the disk grown on the host); a
 //! setting that needs a stop, changed on a running VM, said to apply at next start and applied after a stop
-//! and start; values the host refuses shown under their own fields, with nothing changed.
+//! and start, then a vCPU added to the running VM at once; values the host refuses shown under their own fields, with nothing changed.
 
 use std::time::Duration;
 
@@ -148,14 +148,18 @@ fn a_setting_that_needs_a_stop_waits_for_the_next_start() {
     open_settings(&mut h, "runner");
     wait(&mut h, "the running note", |h| has_contains(h, "The VM is running"));
     replace_text(&mut h, "vCPUs", "2");
+    type_into(&mut h, "Most vCPUs", "3");
     h.get_by_role_and_label(Role::MultilineTextInput, "Description").focus();
     h.step();
     h.get_by_role_and_label(Role::MultilineTextInput, "Description").type_text("changed live");
     h.step();
     press(&mut h, "Apply");
-    wait(&mut h, "the pending line", |h| has(h, "Pending, applies at next start: vCPUs"));
+    wait(&mut h, "the pending line", |h| has(h, "Pending, applies at next start: vCPUs, most vCPUs"));
     let got = api_vm(&d, &rt, &vm.id);
-    assert_eq!((got.vcpus, got.pending_changes.as_slice()), (1, ["vcpus".to_owned()].as_slice()));
+    assert_eq!(
+        (got.vcpus, got.pending_changes.as_slice()),
+        (1, ["vcpus".to_owned(), "max_vcpus".to_owned()].as_slice())
+    );
     assert_eq!(got.description, "changed live", "what can change live changed at once");
     let shown = h.get_by_role_and_label(Role::TextInput, "vCPUs").accesskit_node().value();
     assert_eq!(shown.as_deref(), Some("2"), "the form shows what the VM will have");
@@ -163,8 +167,16 @@ fn a_setting_that_needs_a_stop_waits_for_the_next_start() {
     rt.block_on(d.local().action(&vm.id, Action::Poweroff)).unwrap();
     rt.block_on(porthole_tests::daemon::wait_state(&d.local(), &vm.id, VmState::Stopped, Duration::from_secs(60)));
     let started = rt.block_on(d.local().action(&vm.id, Action::Start)).unwrap();
-    assert_eq!((started.vcpus, started.pending_changes.len()), (2, 0));
+    assert_eq!((started.vcpus, started.max_vcpus, started.pending_changes.len()), (2, Some(3), 0));
     wait(&mut h, "the pending line gone", |h| !has_contains(h, "applies at next start"));
+
+    // With room for one more, a third vCPU is added to the running VM at once (hot-added).
+    wait(&mut h, "the live note", |h| has(h, "More, up to 3, are added to the running VM at once"));
+    replace_text(&mut h, "vCPUs", "3");
+    press(&mut h, "Apply");
+    wait(&mut h, "the change applied", |h| !has_contains(h, "applies at next start") && disabled(h, "Apply"));
+    let got = api_vm(&d, &rt, &vm.id);
+    assert_eq!((got.vcpus, got.pending_changes.len()), (3, 0), "added now, not at the next start: {got:?}");
     rt.block_on(d.local().action(&vm.id, Action::Poweroff)).unwrap();
 }
 

@@ -541,6 +541,13 @@ impl Host {
     }
 
     /// Asks a running VM's balloon to leave the guest `target_mib` of memory; the engine's refusal as is.
+    /// Gives a running VM `count` vCPUs (more than it has, up to the maximum it started with): the engine
+    /// hot-adds them; returns the count it has now.
+    pub async fn set_live_vcpus(&self, id: &str, count: u32) -> Result<u32, String> {
+        let reply = self.engine_request(id, vmm_core::control::Request::SetVcpus { count }).await?;
+        reply.vcpus.ok_or_else(|| "the VM process did not report its vCPUs".into())
+    }
+
     pub async fn set_live_balloon(&self, id: &str, target_mib: u64) -> Result<MemoryBalloon, String> {
         let reply = self.engine_request(id, vmm_core::control::Request::SetBalloon { target_mib }).await?;
         reply.balloon.map(memory_balloon).ok_or_else(|| "the VM process did not report its balloon".into())
@@ -698,6 +705,9 @@ impl Host {
                 cmd.arg("--display").arg(format!("{}x{}", d.width, d.height));
             }
             cmd.args(["--memory", &record.memory_mib.to_string(), "--cpus", &record.vcpus.to_string()]);
+            if let Some(max) = record.max_vcpus.filter(|&m| m > record.vcpus) {
+                cmd.args(["--max-cpus", &max.to_string()]);
+            }
             cmd.arg("--serial").arg(format!("file:{}", files.serial().display()));
             cmd.arg("--control").arg(format!("unix:{}", files.control().display()));
             cmd.arg("--vnc").arg(format!("unix:{}", files.vnc().display()));
@@ -1068,6 +1078,7 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         id: r.id.clone(),
         name: r.name.clone(),
         vcpus: r.vcpus,
+        max_vcpus: r.max_vcpus,
         memory_mib: r.memory_mib,
         disk_bytes: r.disk_bytes,
         boot: r.boot.clone(),
@@ -1208,6 +1219,7 @@ pub fn drives(r: &VmRecord, store: &Store) -> Vec<DriveInfo> {
 pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
     UpdateVm {
         vcpus: req.vcpus,
+        max_vcpus: req.max_vcpus,
         memory_mib: req.memory_mib,
         boot: req.boot.clone(),
         firmware_boot: req.firmware_boot,
@@ -1225,6 +1237,9 @@ pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
 pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(v) = u.vcpus {
         r.vcpus = v;
+    }
+    if let Some(m) = u.max_vcpus {
+        r.max_vcpus = (m != 0).then_some(m);
     }
     if let Some(m) = u.memory_mib {
         r.memory_mib = m;
@@ -1261,6 +1276,7 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
 pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     let mut p = r.pending.take().unwrap_or_default();
     p.vcpus = new.vcpus.or(p.vcpus).filter(|v| *v != r.vcpus);
+    p.max_vcpus = new.max_vcpus.or(p.max_vcpus).filter(|m| *m != r.max_vcpus.unwrap_or(0));
     p.memory_mib = new.memory_mib.or(p.memory_mib).filter(|m| *m != r.memory_mib);
     if new.boot.is_some() {
         p.firmware_boot = None;
@@ -1285,6 +1301,7 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
 pub fn pending_names(p: &UpdateVm) -> Vec<String> {
     let set = [
         ("vcpus", p.vcpus.is_some()),
+        ("max_vcpus", p.max_vcpus.is_some()),
         ("memory_mib", p.memory_mib.is_some()),
         ("boot", p.boot.is_some()),
         ("firmware_boot", p.firmware_boot.is_some()),

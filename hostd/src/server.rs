@@ -612,6 +612,9 @@ async fn create_vm(
     check_name(&req.name)?;
     check_shape(req.vcpus, req.memory_mib)?;
     let mut cpu_errors = Vec::new();
+    if let Some(Err(e)) = req.max_vcpus.filter(|&m| m != 0).map(|m| check_max_vcpus(m, req.vcpus)) {
+        cpu_errors.push(field("max_vcpus", e));
+    }
     if let Some(Err(e)) = req.cpu_cap_percent.filter(|&c| c != 0).map(|c| check_cpu_cap(c, req.vcpus)) {
         cpu_errors.push(field("cpu_cap_percent", e));
     }
@@ -656,6 +659,7 @@ async fn create_vm(
         id: id.clone(),
         name: req.name,
         vcpus: req.vcpus,
+        max_vcpus: req.max_vcpus.filter(|&m| m > req.vcpus),
         memory_mib: req.memory_mib,
         disk_bytes: if disk_image.is_some() { 0 } else { req.disk_gib << 30 },
         boot: req.boot,
@@ -771,6 +775,9 @@ async fn update_vm(
     }
     if let Some(Err(e)) = req.vcpus.map(check_vcpus) {
         refuse("vcpus", e);
+    }
+    if let Some(Err(e)) = req.max_vcpus.filter(|&m| m != 0).map(|m| check_max_vcpus(m, 1)) {
+        refuse("max_vcpus", e);
     }
     if let Some(Err(e)) = req.memory_mib.map(check_memory) {
         refuse("memory_mib", e);
@@ -896,6 +903,19 @@ async fn update_vm(
     // live (the guest is told); a suspended VM's at its next start.
     let mut hardware = crate::host::hardware_change(&req);
     let defer = running || record.suspended.is_some();
+    // More vCPUs for a running VM, up to the maximum it started with, are hot-added now.
+    let live_vcpus = match req.vcpus {
+        Some(n) if running && record.suspended.is_none() && n > record.vcpus && n <= record.max_vcpus.unwrap_or(0) => {
+            let now = app
+                .host
+                .set_live_vcpus(&id, n)
+                .await
+                .map_err(|why| ApiError::fields(StatusCode::BAD_REQUEST, "invalid", vec![field("vcpus", why)]))?;
+            hardware.vcpus = None;
+            Some(now)
+        }
+        _ => None,
+    };
     let live_grown = match req.disk_bytes {
         Some(size) if running && record.suspended.is_none() && size > record.disk_bytes => {
             app.host.grow_live_disk(&id, "disk0", size).await.map_err(|why| {
@@ -960,6 +980,11 @@ async fn update_vm(
         }
         if let Some(size) = live_grown {
             r.disk_bytes = r.disk_bytes.max(size);
+        }
+        if let Some(n) = live_vcpus {
+            // The VM has them now, and keeps them: an earlier pending count is superseded.
+            r.vcpus = r.vcpus.max(n);
+            crate::host::add_pending(r, UpdateVm { vcpus: Some(r.vcpus), ..UpdateVm::default() });
         }
         if running || r.suspended.is_some() {
             crate::host::add_pending(r, hardware);
@@ -1142,6 +1167,14 @@ fn drive_info(app: &App, id: &str, slot: DriveSlot) -> ApiResult<DriveInfo> {
 }
 
 /// A CPU cap in percent of one CPU: at least 1, at most all of the VM's vCPUs.
+/// A maximum of vCPUs for a VM of `vcpus`: no fewer, and what the engine supports.
+fn check_max_vcpus(max: u32, vcpus: u32) -> Result<(), String> {
+    if max < vcpus {
+        return Err(format!("at least the VM's {vcpus} vCPUs (0: no room for more)"));
+    }
+    check_vcpus(max).map_err(|_| format!("at most {}", vmm_core::config::MAX_VCPUS))
+}
+
 fn check_cpu_cap(percent: u32, vcpus: u32) -> Result<(), String> {
     if percent > 100 * vcpus {
         Err(format!("at most {} (all {vcpus} vCPUs); 0 removes the cap", 100 * vcpus))

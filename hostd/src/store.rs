@@ -18,6 +18,9 @@ pub struct VmRecord {
     pub id: String,
     pub name: String,
     pub vcpus: u32,
+    /// The most vCPUs the VM can have while it runs (hot-added up to it); none: `vcpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     pub memory_mib: u64,
     /// Size of `disk0.img` (0: the VM has no disk).
     pub disk_bytes: u64,

@@ -599,6 +599,15 @@ fn disks<'a>(doc: &'a Node, device: &'a str) -> impl Iterator<Item = &'a Node> +
 }
 
 /// Porthole's metadata in a domain it created: its disk volumes' paths and tags.
+/// A domain's vCPUs now and, when it has room for more, its maximum: `<vcpu current="N">MAX</vcpu>` (libvirt
+/// hot-adds within it).
+fn vcpu_counts(doc: &Node) -> (u32, Option<u32>) {
+    let vcpu = doc.child("vcpu");
+    let max: Option<u32> = vcpu.and_then(|v| v.text.trim().parse().ok());
+    let now = vcpu.and_then(|v| v.attr("current")).and_then(|c| c.parse().ok()).or(max).unwrap_or(1);
+    (now, max.filter(|&m| m > now))
+}
+
 fn porthole_meta(doc: &Node) -> Option<&Node> {
     doc.child("metadata")?.children.iter().find(|n| n.name == "vm" && n.attrs.iter().any(|(_, v)| v == METADATA_NS))
 }
@@ -747,10 +756,12 @@ fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> 
         .unwrap_or_default();
     let tags =
         porthole_meta(&doc).map(|m| m.all("tag").map(|t| t.text.trim().to_string()).collect()).unwrap_or_default();
+    let (vcpus, max_vcpus) = vcpu_counts(&doc);
     let vm = Vm {
         id,
         name,
-        vcpus: doc.text_at(&["vcpu"]).and_then(|v| v.parse().ok()).unwrap_or(1),
+        vcpus,
+        max_vcpus,
         memory_mib: kib_to_mib(doc.child("memory")),
         disk_bytes,
         boot,
@@ -972,7 +983,12 @@ fn domain_xml(
         x += &format!("<porthole:tag>{}</porthole:tag>", esc(t));
     }
     x += "</porthole:vm></metadata>\n";
-    x += &format!("  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n", vm.memory_mib, vm.vcpus);
+    x += &format!("  <memory unit='MiB'>{}</memory>\n", vm.memory_mib);
+    // Room for more vCPUs: libvirt's `current` below the maximum (`virsh setvcpus --live` adds them).
+    x += &match vm.max_vcpus.filter(|&m| m > vm.vcpus) {
+        Some(max) => format!("  <vcpu current='{}'>{max}</vcpu>\n", vm.vcpus),
+        None => format!("  <vcpu>{}</vcpu>\n", vm.vcpus),
+    };
     x += &format!("  <os>\n    <type arch='x86_64' machine='{machine}'>hvm</type>\n");
     if let Some((k, initrd, cmdline)) = &kernel {
         x += &format!("    <kernel>{}</kernel>\n", esc(k));
@@ -2069,6 +2085,13 @@ mod tests {
         assert_eq!(doc.attr("type"), Some("kvm"));
         assert!(doc.at(&["devices", "interface"]).is_none());
         assert_eq!(doc.text_at(&["description"]), Some("No network"));
+        assert_eq!(vcpu_counts(&doc), (2, None));
+        // Room for more vCPUs is libvirt's `current` below the maximum, read back the same way.
+        let roomy = CreateVm { max_vcpus: Some(4), ..vm.clone() };
+        let x = domain_xml(&roomy, &Caps { kvm: true, q35: false }, None, None, None, None, "");
+        let doc = Node::parse(&x).unwrap();
+        assert_eq!(doc.child("vcpu").and_then(|v| v.attr("current")), Some("2"));
+        assert_eq!(vcpu_counts(&doc), (2, Some(4)));
         assert_eq!(
             disks(&doc, "cdrom").next().and_then(|d| d.child("target")).and_then(|t| t.attr("bus")),
             Some("ide")

@@ -1053,3 +1053,53 @@ async fn the_memory_target_reaches_a_running_vms_balloon_and_bad_targets_are_ref
     assert_eq!(c.vm(&vm.id).await.unwrap().memory_balloon.unwrap().target_mib, 300);
     c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
+
+/// vCPUs added to a running VM (issue 19): a VM made with room for more (`max_vcpus`) starts its engine with
+/// `--max-cpus`; more `vcpus` within it reach the engine at once (hot-added, kept in the definition, so the
+/// next start has them); more than that, or fewer, wait for the next start; a maximum below the vCPUs is
+/// refused on its field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_vcpus_within_the_maximum_are_hot_added_to_a_running_vm() {
+    let dir = Scratch::new("settings-vcpus");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let bad = CreateVm { vcpus: 2, max_vcpus: Some(1), ..idle_vm("too-few", DiskFormat::Qcow2) };
+    let e = c.create_vm(&bad).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["max_vcpus"], "{e}");
+    let vm = c.create_vm(&CreateVm { max_vcpus: Some(3), ..idle_vm("growing", DiskFormat::Qcow2) }).await.unwrap();
+    assert_eq!((vm.vcpus, vm.max_vcpus), (1, Some(3)));
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Running).await;
+    let args = vmm_args(&d, &vm.id);
+    assert_eq!((arg_after(&args, "--cpus"), arg_after(&args, "--max-cpus")), (Some("1".into()), Some("3".into())));
+    let engine_vcpus = || {
+        let control = d.run.join("vms").join(&vm.id).join("control.sock");
+        let mut client = vmm_core::control::ControlClient::connect(&control).unwrap();
+        client.request(&vmm_core::control::Request::Status).unwrap().status.unwrap().vcpus
+    };
+
+    let vcpus = |n: u32| UpdateVm { vcpus: Some(n), ..Default::default() };
+    let added = c.update_vm(&vm.id, &vcpus(2)).await.unwrap();
+    assert_eq!((added.vcpus, added.pending_changes.clone()), (2, Vec::<String>::new()), "{added:?}");
+    assert_eq!(engine_vcpus(), 2, "hot-added in the running engine");
+    // Past the maximum: kept for the next start, the engine unchanged.
+    let later = c.update_vm(&vm.id, &vcpus(4)).await.unwrap();
+    assert_eq!((later.vcpus, later.pending_changes.clone()), (2, vec!["vcpus".to_owned()]), "{later:?}");
+    assert_eq!(engine_vcpus(), 2);
+    // Within it again: added now, and the pending 4 is superseded.
+    let added = c.update_vm(&vm.id, &vcpus(3)).await.unwrap();
+    assert_eq!((added.vcpus, added.pending_changes.clone()), (3, Vec::<String>::new()), "{added:?}");
+    assert_eq!(engine_vcpus(), 3);
+    let e = c.update_vm(&vm.id, &UpdateVm { max_vcpus: Some(100_000), ..Default::default() }).await.unwrap_err();
+    assert_eq!(refused_fields(&e), ["max_vcpus"], "{e}");
+    // Fewer waits for the next start, which has them.
+    let fewer = c.update_vm(&vm.id, &vcpus(1)).await.unwrap();
+    assert_eq!((fewer.vcpus, fewer.pending_changes.clone()), (3, vec!["vcpus".to_owned()]));
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Stopped).await;
+    c.action(&vm.id, Action::Start).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Running).await;
+    assert_eq!(arg_after(&vmm_args(&d, &vm.id), "--cpus"), Some("1".into()));
+    assert_eq!(engine_vcpus(), 1);
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+}

@@ -579,6 +579,7 @@ mod tests {
             id: name.into(),
             name: name.into(),
             vcpus: 1,
+            max_vcpus: None,
             memory_mib: 64,
             disk_bytes: 0,
             boot: None,

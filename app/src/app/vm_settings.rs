@@ -30,6 +30,8 @@ pub struct Fields {
     pub tags: String,
     pub autostart: bool,
     pub vcpus: String,
+    /// The most vCPUs the VM can have while it runs (empty: no room beyond `vcpus`).
+    pub max_vcpus: String,
     pub memory_mib: String,
     /// The disk's size in GiB (empty: no disk).
     pub disk_gib: String,
@@ -70,6 +72,7 @@ impl Fields {
             tags: vm.tags.join(", "),
             autostart: vm.autostart,
             vcpus: p.vcpus.unwrap_or(vm.vcpus).to_string(),
+            max_vcpus: p.max_vcpus.or(vm.max_vcpus).filter(|&m| m != 0).map(|m| m.to_string()).unwrap_or_default(),
             memory_mib: p.memory_mib.unwrap_or(vm.memory_mib).to_string(),
             disk_gib: gib_text(p.disk_bytes.unwrap_or(vm.disk_bytes)),
             firmware: boot.is_none(),
@@ -113,6 +116,15 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
         match new.vcpus.trim().parse() {
             Ok(v) => u.vcpus = Some(v),
             Err(_) => refuse("vcpus", "Give a whole number of vCPUs."),
+        }
+    }
+    if new.max_vcpus.trim() != base.max_vcpus {
+        match new.max_vcpus.trim() {
+            "" => u.max_vcpus = Some(0),
+            text => match text.parse() {
+                Ok(m) => u.max_vcpus = Some(m),
+                Err(_) => refuse("max_vcpus", "Give a whole number of vCPUs, or nothing for no room to add more."),
+            },
         }
     }
     if new.memory_mib.trim() != base.memory_mib {
@@ -368,6 +380,7 @@ pub fn pending_text(names: &[String]) -> String {
         .iter()
         .map(|n| match n.as_str() {
             "vcpus" => "vCPUs",
+            "max_vcpus" => "most vCPUs",
             "memory_mib" => "memory",
             "boot" => "kernel boot",
             "firmware_boot" => "firmware boot",
@@ -620,8 +633,26 @@ impl PortholeApp {
 
         section(ui, "Hardware");
         egui::Grid::new("settings-hardware").num_columns(2).show(ui, |ui| {
+            let live_room =
+                vm.max_vcpus.filter(|&m| m > vm.vcpus && matches!(vm.state, VmState::Running | VmState::Paused));
             row(ui, "vCPUs", &errors, "vcpus", |ui| {
-                ui.add(egui::TextEdit::singleline(&mut f.vcpus).desired_width(80.0))
+                let field = ui.add(egui::TextEdit::singleline(&mut f.vcpus).desired_width(80.0));
+                match live_room {
+                    Some(max) => {
+                        ui.weak(format!("More, up to {max}, are added to the running VM at once"));
+                        field.on_hover_text(format!(
+                            "The guest brings added vCPUs online; fewer, or more than {max}, apply at the next start."
+                        ))
+                    }
+                    None => field,
+                }
+            });
+            row(ui, "Most vCPUs", &errors, "max_vcpus", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut f.max_vcpus).hint_text("no more").desired_width(80.0))
+                    .on_hover_text(
+                        "Room for vCPUs added while the VM runs (ACPI CPU hotplug): up to this many. Applies at the \
+                         next start.",
+                    )
             });
             row(ui, "Memory (MiB)", &errors, "memory_mib", |ui| {
                 ui.add(egui::TextEdit::singleline(&mut f.memory_mib).desired_width(80.0))
@@ -1075,20 +1106,29 @@ mod tests {
         assert!(balloon_text(&no_driver).contains("no balloon driver"));
     }
 
+    fn request_base_with_max(base: &Fields) -> Fields {
+        Fields { max_vcpus: "4".into(), ..base.clone() }
+    }
+
     #[test]
     fn only_what_changed_is_sent() {
         let base = Fields::of(&vm());
         assert_eq!(request(&base, &base), Ok(UpdateVm::default()));
         let mut f = base.clone();
         f.vcpus = "2".into();
+        f.max_vcpus = "4".into();
         f.disk_gib = "10".into();
         f.firmware = true;
         f.boot_order = vec![BootDevice::Disk];
         f.resolution = "1024x768".into();
         f.description = "about".into();
         let u = request(&base, &f).unwrap();
-        assert_eq!(u.vcpus, Some(2));
+        assert_eq!((u.vcpus, u.max_vcpus), (Some(2), Some(4)));
         assert_eq!(u.disk_bytes, Some(10 << 30));
+        // Emptied: no room for more.
+        let mut g = request_base_with_max(&base);
+        g.max_vcpus.clear();
+        assert_eq!(request(&request_base_with_max(&base), &g).unwrap().max_vcpus, Some(0));
         assert_eq!(u.firmware_boot, Some(true));
         assert_eq!(u.boot, None);
         assert_eq!(u.boot_order, Some(vec![BootDevice::Disk]));
@@ -1102,6 +1142,7 @@ mod tests {
         let base = Fields::of(&vm());
         let mut f = base.clone();
         f.vcpus = "two".into();
+        f.max_vcpus = "many".into();
         f.memory_mib = "".into();
         f.disk_gib = "1e300".into();
         f.resolution = "big".into();
@@ -1110,7 +1151,7 @@ mod tests {
         let e = request(&base, &f).unwrap_err();
         assert_eq!(
             e.keys().map(String::as_str).collect::<Vec<_>>(),
-            ["boot", "disk_bytes", "display", "memory_mib", "tags", "vcpus"]
+            ["boot", "disk_bytes", "display", "max_vcpus", "memory_mib", "tags", "vcpus"]
         );
     }
 
