@@ -893,6 +893,15 @@ impl Host {
         let files = self.run_files(id);
         let exit = self.exit_info(&files, status, own);
         let _ = std::fs::remove_file(files.pid());
+        // A machine-state save the process did not finish leaves its temporary file (`.NAME.tmp-PID`).
+        let unfinished = format!(".tmp-{pid}");
+        for f in std::fs::read_dir(self.store.vm_dir(id)).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(&unfinished) {
+                log::info!("VM {id}: removing {name}, a state save its process did not finish");
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
         let mut vms = self.vms_mut();
         let Some(e) = vms.get_mut(id) else { return };
         if e.rt.pid != Some(pid) {

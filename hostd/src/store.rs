@@ -285,9 +285,18 @@ impl Store {
     }
 
     /// Reads every VM definition; unreadable ones are reported and skipped. Temp files that a crash left
-    /// behind (never the real definition) are removed.
+    /// behind (never the real definition, never a library image), unfinished uploads and the folders of VMs
+    /// whose creation did not finish are removed.
     pub fn load(&self) -> Loaded {
         let mut loaded = Loaded { vms: BTreeMap::new(), problems: Vec::new() };
+        // Uploads and sidecar writes a crash cut short (only this daemon writes them, and none runs yet).
+        for f in std::fs::read_dir(&self.images_dir).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && (name.contains(".upload-") || name.contains(".tmp-")) {
+                log::info!("removing {} (an unfinished upload or write)", f.path().display());
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
         let entries = match std::fs::read_dir(&self.vms_dir) {
             Ok(e) => e,
             Err(e) => {
@@ -310,6 +319,15 @@ impl Store {
                 }
             }
             let file = dir.join("vm.json");
+            // A folder without a definition is a VM whose creation (or clone) did not finish: its definition is
+            // written last, after its disks, so what is there is half made.
+            if !file.exists() && std::fs::symlink_metadata(&file).is_err() {
+                log::info!("removing {} (a VM whose creation did not finish)", dir.display());
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    loaded.problems.push(format!("cannot remove the unfinished VM {}: {e}", dir.display()));
+                }
+                continue;
+            }
             let record = std::fs::read(&file)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<VmRecord>(&b).map_err(|e| e.to_string()));
@@ -475,7 +493,16 @@ mod tests {
         std::fs::create_dir_all(store.vm_dir("cccc")).unwrap();
         std::fs::write(store.vm_dir("cccc").join("vm.json"), b"{ not json").unwrap();
         std::fs::write(store.vm_dir("aaaa").join(".vm.json.tmp-123"), b"half a wri").unwrap();
+        // A creation cut short: its disk, no definition yet. An upload cut short.
+        std::fs::create_dir_all(store.vm_dir("dddd")).unwrap();
+        std::fs::write(store.vm_dir("dddd").join("disk0.qcow2"), b"QFI").unwrap();
+        std::fs::create_dir_all(store.images_dir()).unwrap();
+        std::fs::write(store.images_dir().join(".x.iso.upload-ab12"), b"half").unwrap();
+        std::fs::write(store.images_dir().join("kept.iso"), b"whole").unwrap();
         let loaded = store.load();
+        assert!(!store.vm_dir("dddd").exists(), "the unfinished VM's folder goes");
+        assert!(!store.images_dir().join(".x.iso.upload-ab12").exists(), "the partial upload goes");
+        assert!(store.images_dir().join("kept.iso").exists());
         assert_eq!(loaded.vms.keys().collect::<Vec<_>>(), ["aaaa", "bbbb"]);
         assert_eq!(loaded.problems.len(), 1, "{:?}", loaded.problems);
         assert!(loaded.problems[0].contains("cccc"));
