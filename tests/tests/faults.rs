@@ -1,0 +1,916 @@
+//! The fault matrix (issue 20): each cell injects one fault at a random point of an operation, many times,
+//! and checks what must hold afterwards — every VM definition and image the old one or the new one, whole
+//! (`qemu-img check` clean), every write the guest had flushed present, the daemon restarting and
+//! re-adopting its VMs, and nothing leaked (processes, temp files, sockets, mounts).
+//!
+//! `PORTHOLE_FAULT_ITERATIONS` sets the iterations per cell (default 2, what `cargo test` runs);
+//! `./x faults [N]` runs every cell N times (200 by default) and prints one `FAULT` line per cell, which
+//! README's table records. `PORTHOLE_FAULT_SEED` replays a run (each cell prints the seed it used).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use porthole_api::client::Action;
+use porthole_api::{CreateVm, DiskFormat, VmState};
+use porthole_tests::daemon::{Daemon, wait_state};
+use porthole_tests::{Scratch, text, wait_until, workspace_bin};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn iterations() -> usize {
+    std::env::var("PORTHOLE_FAULT_ITERATIONS").ok().and_then(|n| n.parse().ok()).unwrap_or(2)
+}
+
+/// A small xorshift generator: fault points are random, and a seed replays them.
+struct Rng(u64);
+
+impl Rng {
+    fn for_cell(cell: &str) -> Rng {
+        let seed = std::env::var("PORTHOLE_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        }) | 1;
+        println!("FAULT-SEED {cell} {seed}");
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A point in `0..=limit`.
+    fn upto(&mut self, limit: Duration) -> Duration {
+        let ms = limit.as_millis().max(1) as u64;
+        Duration::from_millis(self.next() % (ms + 1))
+    }
+}
+
+/// One cell's outcome: how many iterations, and how many hit the fault before, during or after the
+/// operation (so a table can say the fault landed everywhere, not only before the start).
+#[derive(Default)]
+struct Tally {
+    runs: usize,
+    before: usize,
+    during: usize,
+    after: usize,
+}
+
+impl Tally {
+    fn report(&self, cell: &str, checks: &str) {
+        println!(
+            "FAULT {cell}: {} iterations, all passed (fault before the operation {}, during {}, after {}); {checks}",
+            self.runs, self.before, self.during, self.after
+        );
+    }
+}
+
+/// Files under `dir` whose names say they are half-done (temporary files of atomic writes and uploads).
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(path);
+            } else if name.contains(".tmp-") || name.contains(".upload-") || name.contains(".partial") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Processes (other than this one) whose command line names `dir`: VMMs, passt, daemons left behind.
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let cmdline = text(&std::fs::read(entry.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        // A zombie's command line is empty: it has ended, only its parent has not reaped it yet.
+        if cmdline.contains(&needle) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Mounts at or below `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4).is_some_and(|m| m.starts_with(&needle)))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn assert_nothing_leaked(dir: &Path, what: &str) {
+    wait_until(
+        Duration::from_secs(10),
+        || processes_under(dir).is_empty(),
+        || format!("{what}: processes left: {:?}", processes_under(dir)),
+    );
+    let temps = temp_files(dir);
+    assert!(temps.is_empty(), "{what}: temporary files left: {temps:?}");
+    let mounts = mounts_under(dir);
+    assert!(mounts.is_empty(), "{what}: mounts left: {mounts:?}");
+}
+
+/// `qemu-img check` of an image: Ok, or what it said.
+fn qemu_img_check(path: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img").arg("check").arg(path).output().map_err(|e| format!("qemu-img: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("qemu-img check {path:?}: {}{}", text(&out.stdout), text(&out.stderr)))
+    }
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) of a process this test started (directly or through its daemon).
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+// ---- kill -9 of a VMM while its guest writes and flushes ----
+
+/// The virtio-blk micro-guest's commands: 24 writes of 8 sectors, each followed by a flush, each with its
+/// own seed (byte j of sector s holds (s*7 + j + seed) & 0xFF).
+fn write_commands() -> (String, Vec<(u64, u64, u64)>) {
+    let writes: Vec<(u64, u64, u64)> = (0..24).map(|i| (i * 8, 8, 1 + i)).collect();
+    let words: Vec<String> = writes.iter().map(|(s, n, seed)| format!("write={s},{n},{seed} flush")).collect();
+    (words.join(" "), writes)
+}
+
+/// The writes whose flush the guest saw complete (a write line, then its flush line, both status 0).
+fn flushed_writes(serial: &str, writes: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
+    let mut flushed = Vec::new();
+    let mut pending: Option<u64> = None;
+    for line in serial.lines() {
+        if let Some(rest) = line.strip_prefix("BLK write disk=0 sector=") {
+            let sector = rest.split_whitespace().next().and_then(|s| s.parse().ok());
+            pending = sector.filter(|_| line.ends_with("status=0"));
+        } else if line.starts_with("BLK flush disk=0") && line.ends_with("status=0") {
+            if let Some(w) = pending.take().and_then(|s| writes.iter().find(|w| w.0 == s)) {
+                flushed.push(*w);
+            }
+        }
+    }
+    flushed
+}
+
+/// The image's first `bytes` as raw data (qcow2 through `qemu-img convert`).
+fn image_bytes(path: &Path, format: DiskFormat, scratch: &Path) -> Vec<u8> {
+    match format {
+        DiskFormat::Raw => std::fs::read(path).unwrap(),
+        DiskFormat::Qcow2 => {
+            let raw = scratch.join("converted.raw");
+            let out = Command::new("qemu-img")
+                .args(["convert", "-f", "qcow2", "-O", "raw"])
+                .arg(path)
+                .arg(&raw)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "qemu-img convert: {}", text(&out.stderr));
+            let bytes = std::fs::read(&raw).unwrap();
+            let _ = std::fs::remove_file(&raw);
+            bytes
+        }
+    }
+}
+
+#[test]
+fn a_vmm_killed_while_its_guest_writes_keeps_every_flushed_write_and_a_sound_image() {
+    let dir = Scratch::new("fault-vmm-writes");
+    let mut rng = Rng::for_cell("vmm-kill-writes");
+    let (commands, writes) = write_commands();
+    let guest = porthole_guests::path("virtio-blk");
+    let start = |image: &Path, format: DiskFormat, serial: &Path| {
+        let disk = format!("{},format={}", image.display(), if format == DiskFormat::Qcow2 { "qcow2" } else { "raw" });
+        Command::new(workspace_bin("porthole-vmm"))
+            .arg("--kernel")
+            .arg(&guest)
+            .args(["--memory", "64", "--cmdline", &commands, "--disk", &disk])
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let fresh = |format: DiskFormat| -> PathBuf {
+        let image = dir.path(if format == DiskFormat::Qcow2 { "disk.qcow2" } else { "disk.raw" });
+        let _ = std::fs::remove_file(&image);
+        let fmt = if format == DiskFormat::Qcow2 { "qcow2" } else { "raw" };
+        let out = Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(&image).arg("1M").output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        image
+    };
+    // How long the whole run takes without a fault: the fault lands anywhere in 0..1.2 of it.
+    let serial = dir.path("serial.log");
+    let image = fresh(DiskFormat::Qcow2);
+    let began = Instant::now();
+    let out = porthole_tests::wait(start(&image, DiskFormat::Qcow2, &serial), LIMIT);
+    let whole = began.elapsed();
+    assert!(out.status.success(), "the unfaulted run");
+    assert_eq!(flushed_writes(&std::fs::read_to_string(&serial).unwrap(), &writes).len(), writes.len());
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        let format = if i % 2 == 0 { DiskFormat::Qcow2 } else { DiskFormat::Raw };
+        let image = fresh(format);
+        let _ = std::fs::remove_file(&serial);
+        let mut child = start(&image, format, &serial);
+        std::thread::sleep(rng.upto(whole.mul_f32(1.2)));
+        kill9(child.id());
+        let _ = child.wait();
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        let flushed = flushed_writes(&log, &writes);
+        match flushed.len() {
+            0 => tally.before += 1,
+            n if n == writes.len() => tally.after += 1,
+            _ => tally.during += 1,
+        }
+        if format == DiskFormat::Qcow2 {
+            qemu_img_check(&image).unwrap_or_else(|e| panic!("iteration {i}: {e}"));
+        }
+        let bytes = image_bytes(&image, format, dir.dir());
+        for (sector, count, seed) in &flushed {
+            for s in *sector..sector + count {
+                let at = (s * 512) as usize;
+                let want: Vec<u8> = (0..512u64).map(|j| ((s * 7 + j + seed) & 0xFF) as u8).collect();
+                assert!(
+                    bytes.get(at..at + 512) == Some(&want[..]),
+                    "iteration {i} ({format:?}): sector {s}, flushed by the guest, does not hold its data\n{log}"
+                );
+            }
+        }
+        tally.runs += 1;
+    }
+    assert_nothing_leaked(dir.dir(), "vmm-kill-writes");
+    tally.report(
+        "kill -9 of a VMM during guest writes + flushes (raw, qcow2)",
+        "flushed writes present, qemu-img check clean",
+    );
+}
+
+// ---- kill -9 of the daemon during an operation, then a restart ----
+
+fn idle_kernel() -> porthole_api::BootSpec {
+    porthole_api::BootSpec {
+        kernel: porthole_guests::path("idle").display().to_string(),
+        initrd: None,
+        cmdline: String::new(),
+    }
+}
+
+/// After a restart: every VM answers, its definition is whole, its disk passes `qemu-img check`.
+async fn every_vm_is_whole(d: &Daemon) -> usize {
+    let c = d.local();
+    let vms = c.list_vms().await.unwrap();
+    for vm in &vms {
+        let got = c.vm(&vm.id).await.unwrap();
+        assert_eq!(got.name, vm.name);
+        for entry in std::fs::read_dir(d.data.join("vms").join(&vm.id)).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "qcow2") {
+                qemu_img_check(&path).unwrap();
+            }
+        }
+    }
+    assert!(c.host().await.unwrap().problems.is_empty(), "{:?}", c.host().await.unwrap().problems);
+    vms.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_while_creating_a_vm_restarts_with_it_whole_or_absent() {
+    let dir = Scratch::new("fault-daemon-create");
+    let mut rng = Rng::for_cell("daemon-kill-create");
+    let request = |i: usize| CreateVm {
+        boot: Some(idle_kernel()),
+        disk_gib: 2,
+        disk_format: Some(if i % 2 == 0 { DiskFormat::Qcow2 } else { DiskFormat::Raw }),
+        nics: Some(Vec::new()),
+        ..CreateVm::new(format!("vm{i:03}"), 1, 64)
+    };
+    let d = Daemon::start(&dir, false, &[]);
+    let began = Instant::now();
+    d.local().create_vm(&request(0)).await.unwrap();
+    let whole = began.elapsed();
+    drop(d);
+    let mut tally = Tally::default();
+    let mut expected = 1;
+    for i in 1..=iterations() {
+        let mut d = Daemon::start(&dir, false, &[]);
+        let c = d.local();
+        let req = request(i);
+        let call = tokio::spawn(async move { c.create_vm(&req).await });
+        tokio::time::sleep(rng.upto(whole.mul_f32(1.5))).await;
+        d.kill9();
+        let answered = call.await.unwrap().is_ok();
+        let d = Daemon::start(&dir, false, &[]);
+        let n = every_vm_is_whole(&d).await;
+        let created = n == expected + 1;
+        assert!(n == expected || created, "iteration {i}: {n} VMs, expected {expected} or one more");
+        assert!(!answered || created, "iteration {i}: the create was answered but the VM is gone");
+        match (answered, created) {
+            (true, _) => tally.after += 1,
+            (false, true) => tally.during += 1,
+            (false, false) => tally.before += 1,
+        }
+        expected = n;
+        drop(d);
+        assert_nothing_leaked(dir.dir(), &format!("daemon-kill-create iteration {i}"));
+        tally.runs += 1;
+    }
+    tally.report(
+        "kill -9 of the daemon during VM create (qcow2, raw)",
+        "each VM whole or absent, disks check clean, nothing left",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_during_an_upload_restarts_with_the_image_whole_or_absent() {
+    let dir = Scratch::new("fault-daemon-upload");
+    let mut rng = Rng::for_cell("daemon-kill-upload");
+    let iso = dir.path("big.iso");
+    {
+        // 24 MiB: long enough to be cut in the middle, an ISO by its volume descriptor.
+        let mut bytes = vec![0u8; 24 << 20];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i as u64).wrapping_mul(2654435761).to_le_bytes()[1];
+        }
+        bytes[32_768] = 1;
+        bytes[32_769..32_774].copy_from_slice(b"CD001");
+        std::fs::write(&iso, bytes).unwrap();
+    }
+    let d = Daemon::start(&dir, false, &[]);
+    let began = Instant::now();
+    let first = d.local().upload_image("first.iso", &iso, |_, _| {}).await.unwrap();
+    let whole = began.elapsed();
+    drop(d);
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        let mut d = Daemon::start(&dir, false, &[]);
+        let c = d.local();
+        let name = format!("up{i:03}.iso");
+        let (path, n) = (iso.clone(), name.clone());
+        let call = tokio::spawn(async move { c.upload_image(&n, &path, |_, _| {}).await });
+        tokio::time::sleep(rng.upto(whole.mul_f32(1.3))).await;
+        d.kill9();
+        let answered = call.await.unwrap().is_ok();
+        let d = Daemon::start(&dir, false, &[]);
+        let images = d.local().images().await.unwrap();
+        let got = images.iter().find(|im| im.name == name);
+        if let Some(im) = got {
+            assert_eq!((im.size_bytes, &im.sha256), (first.size_bytes, &first.sha256), "iteration {i}: half an image");
+        }
+        assert!(!answered || got.is_some(), "iteration {i}: the upload was answered but the image is gone");
+        match (answered, got.is_some()) {
+            (true, _) => tally.after += 1,
+            (false, true) => tally.during += 1,
+            (false, false) => tally.before += 1,
+        }
+        drop(d);
+        assert_nothing_leaked(dir.dir(), &format!("daemon-kill-upload iteration {i}"));
+        tally.runs += 1;
+    }
+    tally.report(
+        "kill -9 of the daemon during an ISO upload (24 MiB)",
+        "each image whole (size, SHA-256) or absent, no partial files",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_while_vms_run_re_adopts_them_once() {
+    let dir = Scratch::new("fault-daemon-adopt");
+    let mut rng = Rng::for_cell("daemon-kill-running");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let req = CreateVm {
+            boot: Some(idle_kernel()),
+            disk_gib: 0,
+            nics: Some(Vec::new()),
+            ..CreateVm::new(format!("run{i}"), 1, 64)
+        };
+        let vm = c.create_vm(&req).await.unwrap();
+        c.action(&vm.id, Action::Start).await.unwrap();
+        ids.push(vm.id);
+    }
+    let pids = |d: &Daemon| -> Vec<String> {
+        ids.iter()
+            .map(|id| {
+                let file = d.run.join("vms").join(id).join("pid");
+                std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file:?}: {e}\n{}", d.log_text()))
+            })
+            .collect()
+    };
+    let before = pids(&d);
+    drop(c);
+    let mut d = d;
+    let mut graveyard = Vec::new();
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        // The daemon dies at a random point of its life: at once, mid-start-up, or while serving reads.
+        tokio::time::sleep(rng.upto(Duration::from_millis(300))).await;
+        d.kill9();
+        for pid in &before {
+            assert!(Path::new(&format!("/proc/{}", pid.trim())).exists(), "iteration {i}: a VM died with its daemon");
+        }
+        // (A test daemon's drop ends the VMs it started: the killed one is kept until the end.)
+        graveyard.push(std::mem::replace(&mut d, Daemon::start(&dir, false, &[])));
+        let c = d.local();
+        for id in &ids {
+            let vm = c.vm(id).await.unwrap();
+            assert_eq!(vm.state, VmState::Running, "iteration {i}: not re-adopted: {vm:?}\n{}", d.log_text());
+        }
+        assert_eq!(pids(&d), before, "iteration {i}: re-adopted the same processes, none started twice");
+        let is_engine = |p: &&String| p.split_whitespace().nth(1).is_some_and(|exe| exe.ends_with("/porthole-vmm"));
+        let vmms = processes_under(dir.dir()).iter().filter(is_engine).count();
+        assert_eq!(vmms, ids.len(), "iteration {i}: one engine per VM");
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    let c = d.local();
+    for id in &ids {
+        c.action(id, Action::Poweroff).await.unwrap();
+        wait_state(&c, id, VmState::Stopped, LIMIT).await;
+    }
+    drop(c);
+    drop(d);
+    drop(graveyard);
+    assert_nothing_leaked(dir.dir(), "daemon-kill-running");
+    tally.report("kill -9 of the daemon while 3 VMs run", "each VM re-adopted once, running, same process");
+}
+
+// ---- a full disk under the daemon's data ----
+
+/// A tmpfs of `mib` MiB mounted at `path` (root only), unmounted when dropped.
+struct SmallFilesystem(PathBuf);
+
+impl SmallFilesystem {
+    fn mount(path: &Path, mib: u64) -> Result<SmallFilesystem, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "porthole-fault"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if out.status.success() { Ok(SmallFilesystem(path.to_owned())) } else { Err(text(&out.stderr)) }
+    }
+
+    /// Leaves about `free` bytes free, with a filler file.
+    fn leave_free(&self, free: u64) {
+        let filler = self.0.join("filler");
+        let _ = std::fs::remove_file(&filler);
+        // SAFETY: statvfs fills the struct; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        let available = st.f_bavail * st.f_frsize;
+        let fill = available.saturating_sub(free);
+        let f = std::fs::File::create(&filler).unwrap();
+        // A tmpfs allocates what is written, not what a length promises.
+        let chunk = vec![0x5Au8; 1 << 20];
+        let mut left = fill;
+        let mut w = std::io::BufWriter::new(f);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if std::io::Write::write_all(&mut w, &chunk[..n]).is_err() {
+                break;
+            }
+            left -= n as u64;
+        }
+        let _ = std::io::Write::flush(&mut w);
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// A raw disk image of `mib` MiB with a pattern, for the library.
+fn pattern_image(path: &Path, mib: usize) {
+    let bytes: Vec<u8> = (0..mib << 20).map(|i| (i as u64).wrapping_mul(0x9E37_79B9).to_le_bytes()[2]).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_uploads_creates_snapshots_and_saves_cleanly() {
+    let dir = Scratch::new("fault-disk-full");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: a full filesystem needs a tmpfs mount, which needs root here");
+        return;
+    }
+    let fs = match SmallFilesystem::mount(&dir.path("data"), 96) {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("SKIPPED: cannot mount a tmpfs for the full-disk cell: {e}");
+            return;
+        }
+    };
+    let mut rng = Rng::for_cell("disk-full");
+    let image = dir.path("base.img");
+    pattern_image(&image, 8);
+    let iso = dir.path("cd.iso");
+    pattern_image(&iso, 8);
+    {
+        let mut bytes = std::fs::read(&iso).unwrap();
+        bytes[32_768] = 1;
+        bytes[32_769..32_774].copy_from_slice(b"CD001");
+        std::fs::write(&iso, bytes).unwrap();
+    }
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    c.upload_image("base.img", &image, |_, _| {}).await.unwrap();
+    // A running VM whose state the cell saves (64 MiB of RAM, mostly zeros: its state is a few MiB).
+    let runner = CreateVm {
+        boot: Some(porthole_api::BootSpec {
+            kernel: porthole_guests::path("ticker").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        disk_gib: 1,
+        nics: Some(Vec::new()),
+        ..CreateVm::new("runner", 1, 64)
+    };
+    let runner = c.create_vm(&runner).await.unwrap();
+    let mut tally = Tally::default();
+    let (mut refused, mut done) = (0, 0);
+    for i in 0..iterations() {
+        // Free space anywhere from none to more than an operation needs.
+        let free = rng.next() % (12 << 20);
+        if c.vm(&runner.id).await.unwrap().state != VmState::Running {
+            fs.leave_free(u64::MAX); // room to start (and resume a suspended VM)
+            c.action(&runner.id, Action::Start).await.unwrap();
+        }
+        fs.leave_free(free);
+        let step = i % 4;
+        let outcome: Result<(), String> = match step {
+            0 => c.upload_image(&format!("cd{i}.iso"), &iso, |_, _| {}).await.map(|_| ()).map_err(|e| e.to_string()),
+            1 => {
+                let req = CreateVm {
+                    disk_image: Some("base.img".into()),
+                    disk_format: Some(DiskFormat::Raw),
+                    nics: Some(Vec::new()),
+                    ..CreateVm::new(format!("copy{i}"), 1, 64)
+                };
+                c.create_vm(&req).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            2 => {
+                let take = porthole_api::TakeSnapshot {
+                    name: format!("s{i}"),
+                    description: String::new(),
+                    with_state: Some(true),
+                };
+                match c.take_snapshot(&runner.id, &take).await {
+                    Ok(task) => {
+                        let deadline = Instant::now() + LIMIT;
+                        loop {
+                            let t = c.task(&task.id).await.unwrap();
+                            if t.state != porthole_api::TaskState::Running {
+                                break if t.state == porthole_api::TaskState::Done {
+                                    Ok(())
+                                } else {
+                                    Err(t.error.unwrap_or_default())
+                                };
+                            }
+                            assert!(Instant::now() < deadline, "the snapshot never ended");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            _ => c.action(&runner.id, Action::Suspend).await.map(|_| ()).map_err(|e| e.to_string()),
+        };
+        match &outcome {
+            Ok(()) => done += 1,
+            Err(why) => {
+                refused += 1;
+                assert!(!why.trim().is_empty(), "iteration {i}: a failure without a reason");
+            }
+        }
+        // Whatever happened: the runner is running, or suspended after a save that succeeded.
+        let state = c.vm(&runner.id).await.unwrap().state;
+        let want = if step == 3 && outcome.is_ok() { VmState::Suspended } else { VmState::Running };
+        assert_eq!(state, want, "iteration {i} (step {step}, {free} bytes free): {outcome:?}");
+        fs.leave_free(u64::MAX);
+        every_vm_is_whole(&d).await;
+        for im in c.images().await.unwrap().iter().filter(|im| im.name.starts_with("cd")) {
+            assert_eq!(im.size_bytes, 8 << 20, "iteration {i}: half an image in the library");
+        }
+        let temps = temp_files(&d.data);
+        assert!(temps.is_empty(), "iteration {i} (step {step}, {free} bytes free): {outcome:?} left {temps:?}");
+        match (step, outcome.is_ok()) {
+            (_, true) => tally.after += 1,
+            _ => tally.during += 1,
+        }
+        tally.runs += 1;
+    }
+    let _ = c.action(&runner.id, Action::Poweroff).await;
+    drop(c);
+    drop(d);
+    drop(fs);
+    assert_nothing_leaked(dir.dir(), "disk-full");
+    println!("FAULT-DISK-FULL done={done} refused={refused}");
+    tally.report(
+        "disk full (tmpfs) during upload, create from an image, snapshot with state, suspend",
+        "refused with a reason or done, the VM running (or suspended when saved), nothing half-written",
+    );
+}
+
+// ---- a console client that vanishes in the middle of an update ----
+
+#[test]
+fn console_clients_that_vanish_mid_update_leave_the_console_serving() {
+    use std::io::{Read, Write};
+    let dir = Scratch::new("fault-console");
+    let mut rng = Rng::for_cell("console-vanish");
+    let socket = dir.path("vnc.sock");
+    let serial = dir.path("serial.log");
+    // An animation: every update request is answered with fresh, changing pixels.
+    let vm = porthole_tests::vnc_vm("fb-anim", &socket, &serial, &[], "PORTHOLE-FB-ANIM-START");
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        let mut client = porthole_tests::rfb::RfbClient::connect(&socket, None).expect("handshake");
+        // Raw only: the biggest updates, so the client goes away with most of one unread.
+        client.set_encodings(&[0]).unwrap();
+        client.request(false).unwrap();
+        let mut raw = client.input().unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Read a random part of the update (its header, a few rows, most of it), then vanish: sometimes
+        // having asked for more, sometimes with the socket shut down in both directions at once.
+        let want = rng.next() % (800 * 600 * 4);
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        while got < want {
+            match raw.read(&mut buf[..(want - got).min(64 << 10) as usize]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+        match rng.next() % 3 {
+            0 => {
+                let _ = raw.write_all(&[3, 1, 0, 0, 0, 0, 0x03, 0x20, 0x02, 0x58]); // another request
+            }
+            1 => {
+                let _ = raw.shutdown(std::net::Shutdown::Both);
+            }
+            _ => {}
+        }
+        drop(raw);
+        drop(client);
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    // The console still serves a whole frame, the guest still runs, the VMM is alive.
+    let mut client = porthole_tests::rfb::RfbClient::connect(&socket, None).expect("a client after the others");
+    client.full_frame().expect("a whole frame");
+    let frames = |s: &str| s.lines().filter(|l| l.starts_with("PORTHOLE-FB-FRAME")).count();
+    let before = frames(&std::fs::read_to_string(&serial).unwrap_or_default());
+    wait_until(
+        LIMIT,
+        || frames(&std::fs::read_to_string(&serial).unwrap_or_default()) > before,
+        || "the guest stopped drawing".into(),
+    );
+    drop(client);
+    drop(vm);
+    assert_nothing_leaked(dir.dir(), "console-vanish");
+    tally.report(
+        "console clients vanishing mid-update (raw encoding)",
+        "the console serves the next client a whole frame, the guest runs on",
+    );
+}
+
+// ---- the user-mode network's passt dying ----
+
+/// The child processes of `pid` (every thread's).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        found.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    found
+}
+
+fn exe_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_passt_dies_runs_on_and_says_its_card_lost_the_network() {
+    if Command::new("passt").arg("--version").output().is_err() {
+        println!("SKIPPED: passt is not installed");
+        return;
+    }
+    let dir = Scratch::new("fault-passt");
+    let mut rng = Rng::for_cell("passt-dies");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let req = CreateVm { boot: Some(idle_kernel()), disk_gib: 0, ..CreateVm::new("netted", 1, 64) };
+    let vm = c.create_vm(&req).await.unwrap();
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        c.action(&vm.id, Action::Start).await.unwrap();
+        let pid: u32 =
+            std::fs::read_to_string(d.run.join("vms").join(&vm.id).join("pid")).unwrap().trim().parse().unwrap();
+        let passt: Vec<u32> = children_of(pid).into_iter().filter(|p| exe_name(*p).starts_with("passt")).collect();
+        assert_eq!(passt.len(), 1, "iteration {i}: the engine's passt: {:?}", children_of(pid));
+        tokio::time::sleep(rng.upto(Duration::from_millis(1500))).await;
+        kill9(passt[0]);
+        // The engine notices (its card's back end ends), says so, and the guest runs on.
+        let deadline = Instant::now() + LIMIT;
+        let status = loop {
+            let got = c.vm(&vm.id).await.unwrap();
+            if let Some(s) = got.nic_status.first().filter(|s| s.error.is_some()) {
+                break s.clone();
+            }
+            assert_eq!(got.state, VmState::Running, "iteration {i}: {got:?}");
+            assert!(Instant::now() < deadline, "iteration {i}: the card never said it lost passt: {got:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.error.as_deref().unwrap_or("").contains("back end"), "iteration {i}: {status:?}");
+        assert_eq!(c.vm(&vm.id).await.unwrap().state, VmState::Running);
+        c.action(&vm.id, Action::Poweroff).await.unwrap();
+        wait_state(&c, &vm.id, VmState::Stopped, LIMIT).await;
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    drop(c);
+    drop(d);
+    assert_nothing_leaked(dir.dir(), "passt-dies");
+    tally.report(
+        "kill -9 of a VM's passt (user-mode network)",
+        "the VM runs on, its card reports the failed back end, power-off clean",
+    );
+}
+
+// ---- kill -9 of a VMM while it saves its state (suspend to disk) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_killed_while_saving_its_state_is_suspended_whole_or_crashed_without_a_state() {
+    let dir = Scratch::new("fault-vmm-save");
+    let mut rng = Rng::for_cell("vmm-kill-save");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let req = CreateVm {
+        boot: Some(porthole_api::BootSpec {
+            kernel: porthole_guests::path("ticker").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        disk_gib: 1,
+        nics: Some(Vec::new()),
+        ..CreateVm::new("saver", 1, 64)
+    };
+    let vm = c.create_vm(&req).await.unwrap();
+    let state_file = d.data.join("vms").join(&vm.id).join("suspend.state");
+    let pid_of = || -> u32 {
+        std::fs::read_to_string(d.run.join("vms").join(&vm.id).join("pid")).unwrap().trim().parse().unwrap()
+    };
+    // How long a suspend takes, unfaulted.
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let began = Instant::now();
+    c.action(&vm.id, Action::Suspend).await.unwrap();
+    let whole = began.elapsed();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        if c.vm(&vm.id).await.unwrap().state != VmState::Running {
+            c.action(&vm.id, Action::Start).await.unwrap();
+        }
+        let pid = pid_of();
+        let c2 = d.local();
+        let id = vm.id.clone();
+        let call = tokio::spawn(async move { c2.action(&id, Action::Suspend).await });
+        tokio::time::sleep(rng.upto(whole.mul_f32(1.3))).await;
+        kill9(pid);
+        let answered = call.await.unwrap().is_ok();
+        let settled = {
+            let deadline = Instant::now() + LIMIT;
+            loop {
+                let s = c.vm(&vm.id).await.unwrap().state;
+                if matches!(s, VmState::Suspended | VmState::Crashed | VmState::Stopped) {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "iteration {i}: the VM stays {s:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        assert!(
+            !answered || settled == VmState::Suspended,
+            "iteration {i}: the suspend was answered, the VM is {settled:?}"
+        );
+        match settled {
+            VmState::Suspended => {
+                assert!(state_file.exists(), "iteration {i}: suspended without its state");
+                // The saved state is whole: the guest goes on counting from it.
+                c.action(&vm.id, Action::Start).await.unwrap();
+                assert_eq!(c.vm(&vm.id).await.unwrap().state, VmState::Running);
+                tally.after += 1;
+            }
+            _ => {
+                assert!(!state_file.exists(), "iteration {i}: {settled:?} with a state file left");
+                tally.during += 1;
+            }
+        }
+        let temps = temp_files(&d.data);
+        assert!(temps.is_empty(), "iteration {i}: {temps:?}");
+        tally.runs += 1;
+    }
+    let _ = c.action(&vm.id, Action::Poweroff).await;
+    drop(c);
+    drop(d);
+    assert_nothing_leaked(dir.dir(), "vmm-kill-save");
+    tally.report(
+        "kill -9 of a VMM while it saves its state (suspend)",
+        "suspended with a whole state that resumes, or crashed with no state file and no temp file",
+    );
+}
+
+// ---- a client (the window) that vanishes in the middle of an upload ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_mid_upload_leaves_no_partial_image() {
+    use std::io::Write;
+    let dir = Scratch::new("fault-client-upload");
+    let mut rng = Rng::for_cell("client-vanish-upload");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let total: u64 = 4 << 20;
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        // What a window killed mid-upload leaves: a request whose body stops anywhere, then a closed socket.
+        let name = format!("gone{i:03}.iso");
+        let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+        let head = format!(
+            "PUT /api/v1/images/{name} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {total}\r\nx-porthole-sha256: {}\r\n\r\n",
+            "0".repeat(64)
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let send = rng.next() % total;
+        let chunk = vec![0x42u8; 64 << 10];
+        let mut sent = 0;
+        while sent < send {
+            let n = (send - sent).min(chunk.len() as u64) as usize;
+            if s.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+        drop(s);
+        // The daemon notices, fails the upload's task and removes the partial file.
+        wait_until(
+            LIMIT,
+            || temp_files(&d.data).is_empty(),
+            || format!("iteration {i}: partial files left: {:?}", temp_files(&d.data)),
+        );
+        // Its task (when the request got that far) ends failed, saying why.
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let tasks = c.tasks().await.unwrap();
+            match tasks.iter().find(|t| t.what.contains(&name)) {
+                Some(t) if t.state == porthole_api::TaskState::Running => {
+                    assert!(Instant::now() < deadline, "iteration {i}: the upload's task never ended: {t:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(t) => {
+                    assert_eq!(t.state, porthole_api::TaskState::Failed, "iteration {i}: {t:?}");
+                    assert!(t.error.as_deref().is_some_and(|e| !e.is_empty()), "iteration {i}: {t:?}");
+                    break;
+                }
+                None => break,
+            }
+        }
+        assert!(
+            c.images().await.unwrap().iter().all(|im| im.name != name),
+            "iteration {i}: a partial image in the library"
+        );
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    assert!(c.host().await.unwrap().problems.is_empty());
+    let failed = c.tasks().await.unwrap().iter().filter(|t| t.what.contains("gone")).count();
+    println!("FAULT-UPLOAD-TASKS {failed} of {} uploads got as far as a task (failed, each)", tally.runs);
+    drop(c);
+    drop(d);
+    assert_nothing_leaked(dir.dir(), "client-vanish-upload");
+    tally.report("a client (the window) vanishing mid-upload", "no partial file, no image, the daemon serves on");
+}
