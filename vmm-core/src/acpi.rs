@@ -266,15 +266,19 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
 }
 
 /// The MADT: PC-AT compatible 8259s, one IOAPIC, one local APIC per possible vCPU (APIC id = processor
-/// UID = index; enabled for those present, disabled for those that can be hot-added, as QEMU lists them), the
-/// SCI as a level-triggered, active-high interrupt (as QEMU declares it) and LINT1 as NMI on every CPU.
+/// UID = index; enabled for those present, "online capable" for those that can be hot-added), the SCI as a
+/// level-triggered, active-high interrupt (as QEMU declares it) and LINT1 as NMI on every CPU.
+///
+/// Revision 5 (ACPI 6.3) for the online-capable flag: Linux since 5.17 counts a disabled local APIC as a
+/// possible (hot-pluggable) CPU only when the table says it is online capable (Debian 12's 6.1 ignored the
+/// disabled entries of a revision 3 table: "Allowing 1 CPUs, 0 hotplug CPUs").
 fn madt(cpus: Cpus) -> Vec<u8> {
-    let mut table = Sdt::new(*b"APIC", 44, 3, OEM_ID, OEM_TABLE, OEM_REVISION);
+    let mut table = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE, OEM_REVISION);
     table.write_u32(36, LAPIC_BASE as u32);
     table.write_u32(40, 1); // PCAT_COMPAT: dual 8259s present
     for id in 0..cpus.max {
-        let enabled = u8::from(id < cpus.present);
-        table.append_slice(&[0, 8, id, id, enabled, 0, 0, 0]); // Processor Local APIC
+        let flags = if id < cpus.present { MADT_ENABLED } else { MADT_ONLINE_CAPABLE };
+        table.append_slice(&[0, 8, id, id, flags, 0, 0, 0]); // Processor Local APIC
     }
     let mut ioapic = vec![1, 12, 0, 0];
     ioapic.extend_from_slice(&(IOAPIC_BASE as u32).to_le_bytes());
@@ -288,6 +292,10 @@ fn madt(cpus: Cpus) -> Vec<u8> {
     table.update_checksum();
     table.as_slice().to_vec()
 }
+
+/// Local APIC flags: usable now, or can be enabled at run time (hot-added).
+const MADT_ENABLED: u8 = 1 << 0;
+const MADT_ONLINE_CAPABLE: u8 = 1 << 1;
 
 /// Writes every table into guest memory and returns the RSDP's guest address.
 pub fn write_tables(mem: &GuestMemoryMmap, cpus: Cpus) -> Result<u64, AcpiError> {
@@ -504,7 +512,8 @@ mod tests {
             at += len;
         }
         assert_eq!(at, madt.len());
-        assert_eq!(cpus, vec![(0, 0, 1), (1, 1, 1), (2, 2, 1), (3, 3, 0), (4, 4, 0)]);
+        assert_eq!(cpus, vec![(0, 0, 1), (1, 1, 1), (2, 2, 1), (3, 3, 2), (4, 4, 2)]);
+        assert_eq!(madt[8], 5, "revision 5: the online-capable flag counts");
         assert_eq!(Cpus::new(4, 2), Cpus { present: 4, max: 4 }, "never fewer possible than present");
         assert_eq!(Cpus::new(300, 999), Cpus { present: 255, max: 255 });
     }
