@@ -9,7 +9,8 @@
 #                   keyboard, PS/2 mouse packets, then the virtio-input tablet's events once its driver is
 #                   loaded (the pointer leaves the PS/2 mouse), the virtio-input keyboard's key events (the
 #                   keys leave the PS/2 keyboard) and its Caps Lock LED set, the virtio-balloon (its MemTotal on
-#                   request while the harness moves the target), then `reboot -f`; second boot (seen on the disk): waits
+#                   request while the harness moves the target), a vCPU hot-added by the harness brought online,
+#                   then `reboot -f`; second boot (seen on the disk, both vCPUs online from the start): waits
 #                   for the ACPI power button and powers off.
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
@@ -165,14 +166,18 @@ fi
 wait_for /dev/vda || say "PORTHOLE-FAIL no /dev/vda"
 BOOT=1
 [ "$(dd if=/dev/vda bs=512 skip=16 count=1 2>/dev/null | head -c 5)" = BOOT1 ] && BOOT=2
-say "PORTHOLE-L2-INIT boot=$BOOT kernel=$(uname -r)"
+say "PORTHOLE-L2-INIT boot=$BOOT kernel=$(uname -r) cpus-online=$(cat /sys/devices/system/cpu/online)"
 
 if [ $BOOT = 2 ]; then
-    # The ACPI power button (button.ko) is an input device: wait for its key, then power off.
+    # The ACPI power button (button.ko) is an input device: wait for its key, then power off. The device is
+    # opened before READY is said: evdev gives events only to readers that have it open, so a press between
+    # READY and the open would be lost (the harness presses as soon as it reads READY).
     ev=$(event_device "Power Button")
     wait_for "$ev" || say "PORTHOLE-FAIL no power button input device"
+    exec 3<"$ev"
     say "PORTHOLE-POWER-BUTTON-READY $ev"
-    dd if="$ev" bs=24 count=1 of=/dev/null 2>/dev/null
+    dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
+    exec 3<&-
     say "PORTHOLE-POWER-BUTTON-PRESSED"
     off
 fi
@@ -227,8 +232,10 @@ for m in $(grep virtio_input /lib/modules/load-order); do
 done
 ev=$(event_device "Porthole tablet")
 if [ -n "$ev" ] && wait_for "$ev"; then
+    exec 5<"$ev" # open before READY: evdev keeps events only for readers that have the device open
     say "PORTHOLE-TABLET-READY $ev"
-    say "PORTHOLE-TABLET events=$(dd if="$ev" bs=24 count=8 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+    say "PORTHOLE-TABLET events=$(dd bs=24 count=8 <&5 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+    exec 5<&-
 else
     say "PORTHOLE-TABLET-NONE $(cat /sys/class/input/input*/name 2>/dev/null | tr ' \n' '_,')"
 fi
@@ -240,8 +247,10 @@ fi
 # reaches the VT through the virtio keyboard.
 ev=$(event_device "Porthole keyboard")
 if [ -n "$ev" ] && wait_for "$ev"; then
+    exec 5<"$ev" # open before READY, as the tablet's
     say "PORTHOLE-VKBD-READY $ev"
-    say "PORTHOLE-VKBD events=$(dd if="$ev" bs=24 count=4 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+    say "PORTHOLE-VKBD events=$(dd bs=24 count=4 <&5 2>/dev/null | od -An -v -tx1 | tr -s ' \n' ' ')"
+    exec 5<&-
     # struct input_event: 16 bytes of time (ignored on write), EV_LED (0x11), LED_CAPSL (1), value 1.
     { head -c 16 /dev/zero; printf '\021\000\001\000\001\000\000\000'; } >/tmp/caps-led
     # The VT is open before the LED line: the harness checks the LED, then types a line that goes through the
@@ -267,6 +276,25 @@ if ls /sys/bus/virtio/drivers/virtio_balloon 2>/dev/null | grep -q '^virtio'; th
     done
 else
     say "PORTHOLE-BALLOON-NONE $(ls /sys/bus/virtio/drivers 2>/dev/null | tr '\n' ,)"
+fi
+
+# vCPU hot-add (porthole-vmm --cpus 1 --max-cpus 2): the harness adds one through the control socket; the
+# kernel's ACPI processor driver sees it (the GPE runs \_SB.CPUS.CSCN, which notifies its device) and it appears
+# in sysfs, offline; this brings it online (INIT/SIPI, as at boot) and counts its timer interrupts.
+CPUS=/sys/devices/system/cpu
+if [ "$(cat $CPUS/possible)" = 0-1 ]; then
+    say "PORTHOLE-CPU-HOTPLUG-READY online=$(cat $CPUS/online) possible=$(cat $CPUS/possible)"
+    i=0
+    while [ ! -e $CPUS/cpu1/online ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done
+    if [ -e $CPUS/cpu1/online ] && echo 1 >$CPUS/cpu1/online; then
+        sleep 2
+        ticks=$(awk '/LOC:/ {print $3}' /proc/interrupts)
+        say "PORTHOLE-CPU-HOTPLUG online=$(cat $CPUS/online) processors=$(grep -c ^processor /proc/cpuinfo) cpu1-timer-irqs=$ticks after=${i}s"
+    else
+        say "PORTHOLE-CPU-HOTPLUG failed: online=$(cat $CPUS/online) cpus=$(ls $CPUS | tr '\n' ,)"
+    fi
+else
+    say "PORTHOLE-CPU-HOTPLUG-NONE possible=$(cat $CPUS/possible) $(dmesg | grep -iE 'smpboot|LAPIC|CPU hotplug|possible|ACPI: .*APIC|nr_cpu' | tr '\n' '|')"
 fi
 
 # Second boot next: mark it on the disk, then reboot without the init system.

@@ -431,8 +431,12 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let tablet = tablet_events(m, 3 * MIN)?;
     let keyboard = keyboard_events(m, 3 * MIN)?;
     let balloon = balloon(m)?;
+    let hotplug = cpu_hotplug(m)?;
     m.expect("PORTHOLE-REBOOTING", 2 * MIN)?;
-    m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
+    let second = m.expect("PORTHOLE-L2-INIT boot=2", 10 * MIN)?;
+    if Machine::field(&second, "cpus-online") != Some("0-1") {
+        return Err(format!("the hot-added vCPU after the reboot: {:?}", second.text));
+    }
     m.expect("PORTHOLE-POWER-BUTTON-READY", 5 * MIN)?;
     control(m, &vmm_core::control::Request::Stop)?;
     m.expect("PORTHOLE-POWER-BUTTON-PRESSED", 3 * MIN)?;
@@ -447,8 +451,8 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
     let mouse_desc = ready.split_whitespace().nth(1).unwrap_or("?").to_owned();
     Ok(format!(
         "disk md5 {disk} read, write flushed and found; CD md5 {cd}; fb {mode} pixel {pixel:06x} on RFB; \
-         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {keyboard}; {balloon}; reboot -f -> second boot; power button -> off \
-         (exit 0)",
+         keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {keyboard}; {balloon}; {hotplug}; reboot -f -> second \
+         boot (cpus 0-1); power button -> off (exit 0)",
         packets.trim()
     ))
 }
@@ -1420,6 +1424,30 @@ fn keyboard_events(m: &mut Machine, limit: Duration) -> Result<String, String> {
 /// The guest's virtio_balloon: a target below the floor is refused and changes nothing; a lower target
 /// makes the guest give 128 MiB (the engine's `actual` and the guest's own MemTotal both say so), and
 /// the whole memory back again restores its MemTotal.
+/// vCPU hot-add on a real Linux guest (issue 19): past the maximum is refused; one added through the control
+/// socket comes online in the guest (l2-init.sh brings it up and counts its timer interrupts).
+fn cpu_hotplug(m: &mut Machine) -> Result<String, String> {
+    use vmm_core::control::Request;
+    let ready = m.expect_from(0, "PORTHOLE-CPU-HOTPLUG-", 3 * MIN)?;
+    if !ready.text.contains("PORTHOLE-CPU-HOTPLUG-READY online=0 ") {
+        return Err(format!("before the vCPU hot-add: {}", ready.text));
+    }
+    let refused = control_reply(m, &Request::SetVcpus { count: 3 })?;
+    if refused.ok || !refused.error.as_deref().unwrap_or("").contains("at most 2") {
+        return Err(format!("3 vCPUs on a VM with a maximum of 2: {refused:?}"));
+    }
+    let added = control_reply(m, &Request::SetVcpus { count: 2 })?;
+    if !added.ok || added.vcpus != Some(2) {
+        return Err(format!("adding a vCPU: {added:?}"));
+    }
+    let line = m.expect_from(0, "PORTHOLE-CPU-HOTPLUG ", 6 * MIN)?;
+    let ticks: u64 = Machine::field(&line, "cpu1-timer-irqs").and_then(|t| t.parse().ok()).unwrap_or(0);
+    if Machine::field(&line, "online") != Some("0-1") || ticks == 0 {
+        return Err(format!("the hot-added vCPU in the guest: {}", line.text));
+    }
+    Ok(format!("vCPU 1 hot-added: online 0-1, {ticks} timer interrupts on it"))
+}
+
 fn balloon(m: &mut Machine) -> Result<String, String> {
     use vmm_core::control::Request;
     let ready = m.expect_from(0, "PORTHOLE-BALLOON-", 3 * MIN)?;
