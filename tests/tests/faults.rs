@@ -160,10 +160,11 @@ fn flushed_writes(serial: &str, writes: &[(u64, u64, u64)]) -> Vec<(u64, u64, u6
         if let Some(rest) = line.strip_prefix("BLK write disk=0 sector=") {
             let sector = rest.split_whitespace().next().and_then(|s| s.parse().ok());
             pending = sector.filter(|_| line.ends_with("status=0"));
-        } else if line.starts_with("BLK flush disk=0") && line.ends_with("status=0") {
-            if let Some(w) = pending.take().and_then(|s| writes.iter().find(|w| w.0 == s)) {
-                flushed.push(*w);
-            }
+        } else if line.starts_with("BLK flush disk=0")
+            && line.ends_with("status=0")
+            && let Some(w) = pending.take().and_then(|s| writes.iter().find(|w| w.0 == s))
+        {
+            flushed.push(*w);
         }
     }
     flushed
@@ -227,7 +228,7 @@ fn a_vmm_killed_while_its_guest_writes_keeps_every_flushed_write_and_a_sound_ima
     assert_eq!(flushed_writes(&std::fs::read_to_string(&serial).unwrap(), &writes).len(), writes.len());
     let mut tally = Tally::default();
     for i in 0..iterations() {
-        let format = if i % 2 == 0 { DiskFormat::Qcow2 } else { DiskFormat::Raw };
+        let format = if i.is_multiple_of(2) { DiskFormat::Qcow2 } else { DiskFormat::Raw };
         let image = fresh(format);
         let _ = std::fs::remove_file(&serial);
         let mut child = start(&image, format, &serial);
@@ -299,7 +300,7 @@ async fn a_daemon_killed_while_creating_a_vm_restarts_with_it_whole_or_absent() 
     let request = |i: usize| CreateVm {
         boot: Some(idle_kernel()),
         disk_gib: 2,
-        disk_format: Some(if i % 2 == 0 { DiskFormat::Qcow2 } else { DiskFormat::Raw }),
+        disk_format: Some(if i.is_multiple_of(2) { DiskFormat::Qcow2 } else { DiskFormat::Raw }),
         nics: Some(Vec::new()),
         ..CreateVm::new(format!("vm{i:03}"), 1, 64)
     };
@@ -648,7 +649,8 @@ fn console_clients_that_vanish_mid_update_leave_the_console_serving() {
     let vm = porthole_tests::vnc_vm("fb-anim", &socket, &serial, &[], "PORTHOLE-FB-ANIM-START");
     let mut tally = Tally::default();
     for i in 0..iterations() {
-        let mut client = porthole_tests::rfb::RfbClient::connect(&socket, None).expect("handshake");
+        let mut client = porthole_tests::rfb::RfbClient::connect(&socket, None)
+            .unwrap_or_else(|e| panic!("iteration {i}: the handshake: {e}"));
         // Raw only: the biggest updates, so the client goes away with most of one unread.
         client.set_encodings(&[0]).unwrap();
         client.request(false).unwrap();
@@ -913,4 +915,77 @@ async fn a_client_vanishing_mid_upload_leaves_no_partial_image() {
     drop(d);
     assert_nothing_leaked(dir.dir(), "client-vanish-upload");
     tally.report("a client (the window) vanishing mid-upload", "no partial file, no image, the daemon serves on");
+}
+
+#[test]
+fn guest_writes_to_a_full_disk_fail_with_an_error_and_keep_what_was_flushed() {
+    let dir = Scratch::new("fault-full-writes");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: a full filesystem needs a tmpfs mount, which needs root here");
+        return;
+    }
+    let fs = match SmallFilesystem::mount(&dir.path("small"), 4) {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("SKIPPED: cannot mount a tmpfs: {e}");
+            return;
+        }
+    };
+    let mut rng = Rng::for_cell("disk-full-writes");
+    let (commands, writes) = write_commands();
+    let guest = porthole_guests::path("virtio-blk");
+    let mut tally = Tally::default();
+    let (mut failed_writes, mut ok_writes) = (0, 0);
+    for i in 0..iterations() {
+        let image = dir.path("small/disk.raw");
+        let _ = std::fs::remove_file(&image);
+        std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap(); // sparse: blocks come with writes
+        // Room for none, some or all of the 24 writes (4 KiB each).
+        fs.leave_free(rng.next() % (120 << 10));
+        let serial = dir.path("serial.log");
+        let _ = std::fs::remove_file(&serial); // (a serial file is appended to)
+        let out = porthole_tests::run(
+            Command::new(workspace_bin("porthole-vmm"))
+                .arg("--kernel")
+                .arg(&guest)
+                .args(["--memory", "64", "--cmdline", &commands, "--disk", &format!("{},format=raw", image.display())])
+                .arg("--serial")
+                .arg(format!("file:{}", serial.display())),
+            LIMIT,
+        );
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "iteration {i}: the VMM did not survive a full disk: {}\n{log}",
+            text(&out.stderr)
+        );
+        assert!(log.contains("BLK done"), "iteration {i}: the guest did not finish\n{log}");
+        let statuses: Vec<&str> =
+            log.lines().filter(|l| l.starts_with("BLK write ")).filter_map(|l| l.rsplit("status=").next()).collect();
+        assert!(statuses.iter().all(|s| *s == "0" || *s == "1"), "iteration {i}: writes ok or IOERR: {statuses:?}");
+        failed_writes += statuses.iter().filter(|s| **s == "1").count();
+        ok_writes += statuses.iter().filter(|s| **s == "0").count();
+        let bytes = std::fs::read(&image).unwrap();
+        for (sector, count, seed) in flushed_writes(&log, &writes) {
+            for s in sector..sector + count {
+                let at = (s * 512) as usize;
+                let want: Vec<u8> = (0..512u64).map(|j| ((s * 7 + j + seed) & 0xFF) as u8).collect();
+                assert!(bytes.get(at..at + 512) == Some(&want[..]), "iteration {i}: flushed sector {s} lost\n{log}");
+            }
+        }
+        if statuses.contains(&"1") {
+            tally.during += 1
+        } else {
+            tally.after += 1
+        }
+        tally.runs += 1;
+    }
+    drop(fs);
+    assert_nothing_leaked(dir.dir(), "disk-full-writes");
+    println!("FAULT-FULL-WRITES ok={ok_writes} ioerr={failed_writes}");
+    tally.report(
+        "disk full (tmpfs) under a raw disk the guest writes and flushes",
+        "failed writes reach the guest as IOERR, the VMM runs on, flushed writes present",
+    );
 }
