@@ -36,7 +36,7 @@ pub fn kvm_problem() -> Option<String> {
 /// for it.
 pub fn ensure_running(socket: &std::path::Path, data_dir: Option<&std::path::Path>) -> Result<(), String> {
     let program = crate::sibling_program("portholed");
-    let custom_socket = std::env::var_os("PORTHOLE_SOCKET").is_some();
+    let custom_socket = socket != socket_path() || std::env::var_os("PORTHOLE_SOCKET").is_some();
     ensure_running_with(&program, socket, custom_socket, data_dir).map(|_| ())
 }
 
@@ -75,5 +75,8 @@ pub fn ensure_running_with(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A daemon that never answered is not left behind, serving nobody.
+    let _ = child.kill();
+    let _ = child.wait();
     Err(format!("portholed did not open {} within 10 s", socket.display()))
 }

@@ -151,14 +151,15 @@ fn create_start_console_media_and_delete_through_the_window() {
 #[test]
 fn errors_name_their_cause() {
     let dir = Scratch::new("gui-errors");
-    // No daemon, and none can be started (the test binary has no portholed beside it and none is on PATH).
+    // No daemon, and none can be started (its program is missing).
     let mut h = {
         let backend = Backend::new(|| {}).unwrap();
         let socket = dir.path("nowhere/portholed.sock");
+        let missing = dir.path("no-such/portholed");
         let app = PortholeApp::new(
             backend,
             move || {
-                porthole::daemon::ensure_running(&socket, None).and_then(|_| {
+                porthole::daemon::ensure_running_with(&missing, &socket, true, None).and_then(|_| {
                     porthole_api::Client::unix(&socket)
                         .map(|c| std::sync::Arc::new(c) as porthole_api::HostHandle)
                         .map_err(|e| e.to_string())
