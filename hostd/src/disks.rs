@@ -623,6 +623,19 @@ impl Host {
         if r.snapshots.iter().any(|s| s.name == name) {
             return Err(HostError::Conflict(format!("VM {} has a snapshot named {name:?} already", r.name)));
         }
+        // A snapshot puts a new layer on every disk: the engine opens at most MAX_DEPTH images below a disk's
+        // top one (a VM that could not start on its disks again would be lost to its snapshot).
+        for slot in 0..slots.len() {
+            let below_new_top = chain(self, &all, &r, slot, &own_layers(&r, slot))?.len();
+            if below_new_top > MAX_DEPTH {
+                return Err(HostError::Conflict(format!(
+                    "VM {}'s disk has {below_new_top} layers (its snapshots and what they stand on); a VM runs on at \
+                     most {} (each snapshot adds one): delete a snapshot first, which merges its layer",
+                    r.name,
+                    MAX_DEPTH + 1
+                )));
+            }
+        }
         let running = self.pid(id).is_some();
         if running && with_state == Some(false) && slots.len() > 1 {
             // The engine moves one disk at a time: a failure half way would leave disks from different moments.

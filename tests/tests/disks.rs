@@ -644,3 +644,30 @@ async fn a_daemon_that_stops_suspends_its_vms_and_resumes_them_when_it_starts() 
     assert!(record.get("resume_on_start").is_none(), "the mark is cleared: {record}");
     power_off_all(&c).await;
 }
+
+/// Snapshots stop where the engine would: a disk of 17 layers (16 snapshots on a new VM) takes no more,
+/// with the reason and nothing changed, and the VM still starts on its disk. (The fault matrix's full-disk
+/// cell found the 17th snapshot of a running VM accepted, and the VM lost: it could not start again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_takes_no_snapshot_past_the_deepest_chain_the_engine_opens() {
+    let dir = Scratch::new("disks-depth");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&blk_vm("deep")).await.unwrap();
+    for i in 0..16 {
+        take(&c, &vm.id, &format!("s{i:02}")).await;
+    }
+    let refused = c
+        .take_snapshot(&vm.id, &TakeSnapshot { name: "one-more".into(), description: String::new(), with_state: None })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(409), "{refused}");
+    assert!(
+        refused.to_string().contains("at most 17") && refused.to_string().contains("delete a snapshot"),
+        "{refused}"
+    );
+    assert_eq!(c.snapshots(&vm.id).await.unwrap().snapshots.len(), 16, "nothing taken");
+    let lines = run(&c, &vm.id, "read=0,1").await;
+    assert!(line(&lines, "BLK read").contains("status=0"), "{lines:?}");
+    power_off_all(&c).await;
+}
