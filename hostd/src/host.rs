@@ -893,6 +893,10 @@ impl Host {
         let files = self.run_files(id);
         let exit = self.exit_info(&files, status, own);
         let _ = std::fs::remove_file(files.pid());
+        // Its sockets go with it (an engine killed, or ended under its seccomp filter, cannot unlink them).
+        for socket in [files.control(), files.vnc(), files.vnc_view_only()] {
+            let _ = std::fs::remove_file(socket);
+        }
         // A machine-state save the process did not finish leaves its temporary file (`.NAME.tmp-PID`).
         let unfinished = format!(".tmp-{pid}");
         for f in std::fs::read_dir(self.store.vm_dir(id)).into_iter().flatten().flatten() {
