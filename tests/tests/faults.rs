@@ -59,6 +59,17 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts an iteration of a call that a fault may cut: answered (the fault came after it), not answered
+    /// but done (after the work, before the reply), or neither (before or in the middle of the work).
+    fn count(&mut self, answered: bool, done: bool) {
+        match (answered, done) {
+            (true, _) => self.after += 1,
+            (false, true) => self.during += 1,
+            (false, false) => self.before += 1,
+        }
+        self.runs += 1;
+    }
+
     fn report(&self, cell: &str, checks: &str) {
         println!(
             "FAULT {cell}: {} iterations, all passed (fault before the operation {}, during {}, after {}); {checks}",
@@ -288,12 +299,21 @@ fn a_vmm_killed_while_its_guest_writes_keeps_every_flushed_write_and_a_sound_ima
 
 // ---- kill -9 of the daemon during an operation, then a restart ----
 
-fn idle_kernel() -> porthole_api::BootSpec {
+fn kernel(guest: &str) -> porthole_api::BootSpec {
     porthole_api::BootSpec {
-        kernel: porthole_guests::path("idle").display().to_string(),
+        kernel: porthole_guests::path(guest).display().to_string(),
         initrd: None,
         cmdline: String::new(),
     }
+}
+
+fn idle_kernel() -> porthole_api::BootSpec {
+    kernel("idle")
+}
+
+/// A VM counting on its serial port, with a 1 GiB qcow2 disk and no network: its state is worth saving.
+fn ticker_vm(name: &str) -> CreateVm {
+    CreateVm { boot: Some(kernel("ticker")), disk_gib: 1, nics: Some(Vec::new()), ..CreateVm::new(name, 1, 64) }
 }
 
 /// After a restart: every VM answers, its definition is whole, its disk passes `qemu-img check`.
@@ -345,15 +365,10 @@ async fn a_daemon_killed_while_creating_a_vm_restarts_with_it_whole_or_absent() 
         let created = n == expected + 1;
         assert!(n == expected || created, "iteration {i}: {n} VMs, expected {expected} or one more");
         assert!(!answered || created, "iteration {i}: the create was answered but the VM is gone");
-        match (answered, created) {
-            (true, _) => tally.after += 1,
-            (false, true) => tally.during += 1,
-            (false, false) => tally.before += 1,
-        }
+        tally.count(answered, created);
         expected = n;
         drop(d);
         assert_nothing_leaked(dir.dir(), &format!("daemon-kill-create iteration {i}"));
-        tally.runs += 1;
     }
     tally.report(
         "kill -9 of the daemon during VM create (qcow2, raw)",
@@ -365,17 +380,9 @@ async fn a_daemon_killed_while_creating_a_vm_restarts_with_it_whole_or_absent() 
 async fn a_daemon_killed_during_an_upload_restarts_with_the_image_whole_or_absent() {
     let dir = Scratch::new("fault-daemon-upload");
     let mut rng = Rng::for_cell("daemon-kill-upload");
+    // 24 MiB: long enough to be cut in the middle.
     let iso = dir.path("big.iso");
-    {
-        // 24 MiB: long enough to be cut in the middle, an ISO by its volume descriptor.
-        let mut bytes = vec![0u8; 24 << 20];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = (i as u64).wrapping_mul(2654435761).to_le_bytes()[1];
-        }
-        bytes[32_768] = 1;
-        bytes[32_769..32_774].copy_from_slice(b"CD001");
-        std::fs::write(&iso, bytes).unwrap();
-    }
+    pattern_image(&iso, 24, true);
     let d = Daemon::start(&dir, false, &[]);
     let began = Instant::now();
     let first = d.local().upload_image("first.iso", &iso, |_, _| {}).await.unwrap();
@@ -398,14 +405,9 @@ async fn a_daemon_killed_during_an_upload_restarts_with_the_image_whole_or_absen
             assert_eq!((im.size_bytes, &im.sha256), (first.size_bytes, &first.sha256), "iteration {i}: half an image");
         }
         assert!(!answered || got.is_some(), "iteration {i}: the upload was answered but the image is gone");
-        match (answered, got.is_some()) {
-            (true, _) => tally.after += 1,
-            (false, true) => tally.during += 1,
-            (false, false) => tally.before += 1,
-        }
+        tally.count(answered, got.is_some());
         drop(d);
         assert_nothing_leaked(dir.dir(), &format!("daemon-kill-upload iteration {i}"));
-        tally.runs += 1;
     }
     tally.report(
         "kill -9 of the daemon during an ISO upload (24 MiB)",
@@ -483,6 +485,16 @@ async fn a_daemon_killed_while_vms_run_re_adopts_them_once() {
 struct SmallFilesystem(PathBuf);
 
 impl SmallFilesystem {
+    /// The tmpfs, or None after saying why the cell is skipped (not root, or the mount refused).
+    fn mount_or_skip(path: &Path, mib: u64) -> Option<SmallFilesystem> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: a full filesystem needs a tmpfs mount, which needs root here");
+            return None;
+        }
+        Self::mount(path, mib).inspect_err(|e| println!("SKIPPED: cannot mount a tmpfs: {e}")).ok()
+    }
+
     fn mount(path: &Path, mib: u64) -> Result<SmallFilesystem, String> {
         std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
         let out = Command::new("mount")
@@ -525,53 +537,31 @@ impl Drop for SmallFilesystem {
     }
 }
 
-/// A raw disk image of `mib` MiB with a pattern, for the library.
-fn pattern_image(path: &Path, mib: usize) {
-    let bytes: Vec<u8> = (0..mib << 20).map(|i| (i as u64).wrapping_mul(0x9E37_79B9).to_le_bytes()[2]).collect();
+/// A file of `mib` MiB with a pattern, for the library: a raw disk image, or with `iso` an ISO by its
+/// primary volume descriptor (`CD001` at byte 32 769).
+fn pattern_image(path: &Path, mib: usize, iso: bool) {
+    let mut bytes: Vec<u8> = (0..mib << 20).map(|i| (i as u64).wrapping_mul(0x9E37_79B9).to_le_bytes()[2]).collect();
+    if iso {
+        bytes[32_768] = 1;
+        bytes[32_769..32_774].copy_from_slice(b"CD001");
+    }
     std::fs::write(path, bytes).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_uploads_creates_snapshots_and_saves_cleanly() {
     let dir = Scratch::new("fault-disk-full");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: a full filesystem needs a tmpfs mount, which needs root here");
-        return;
-    }
-    let fs = match SmallFilesystem::mount(&dir.path("data"), 96) {
-        Ok(fs) => fs,
-        Err(e) => {
-            println!("SKIPPED: cannot mount a tmpfs for the full-disk cell: {e}");
-            return;
-        }
-    };
+    let Some(fs) = SmallFilesystem::mount_or_skip(&dir.path("data"), 96) else { return };
     let mut rng = Rng::for_cell("disk-full");
     let image = dir.path("base.img");
-    pattern_image(&image, 8);
+    pattern_image(&image, 8, false);
     let iso = dir.path("cd.iso");
-    pattern_image(&iso, 8);
-    {
-        let mut bytes = std::fs::read(&iso).unwrap();
-        bytes[32_768] = 1;
-        bytes[32_769..32_774].copy_from_slice(b"CD001");
-        std::fs::write(&iso, bytes).unwrap();
-    }
+    pattern_image(&iso, 8, true);
     let d = Daemon::start(&dir, false, &[]);
     let c = d.local();
     c.upload_image("base.img", &image, |_, _| {}).await.unwrap();
     // A running VM whose state the cell saves (64 MiB of RAM, mostly zeros: its state is a few MiB).
-    let runner = CreateVm {
-        boot: Some(porthole_api::BootSpec {
-            kernel: porthole_guests::path("ticker").display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        disk_gib: 1,
-        nics: Some(Vec::new()),
-        ..CreateVm::new("runner", 1, 64)
-    };
-    let runner = c.create_vm(&runner).await.unwrap();
+    let runner = c.create_vm(&ticker_vm("runner")).await.unwrap();
     let mut tally = Tally::default();
     let (mut refused, mut done) = (0, 0);
     for i in 0..iterations() {
@@ -795,17 +785,7 @@ async fn a_vmm_killed_while_saving_its_state_is_suspended_whole_or_crashed_witho
     let mut rng = Rng::for_cell("vmm-kill-save");
     let d = Daemon::start(&dir, false, &[]);
     let c = d.local();
-    let req = CreateVm {
-        boot: Some(porthole_api::BootSpec {
-            kernel: porthole_guests::path("ticker").display().to_string(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        disk_gib: 1,
-        nics: Some(Vec::new()),
-        ..CreateVm::new("saver", 1, 64)
-    };
-    let vm = c.create_vm(&req).await.unwrap();
+    let vm = c.create_vm(&ticker_vm("saver")).await.unwrap();
     let state_file = d.data.join("vms").join(&vm.id).join("suspend.state");
     let pid_of = || -> u32 {
         std::fs::read_to_string(d.run.join("vms").join(&vm.id).join("pid")).unwrap().trim().parse().unwrap()
@@ -943,18 +923,7 @@ async fn a_client_vanishing_mid_upload_leaves_no_partial_image() {
 #[test]
 fn guest_writes_to_a_full_disk_fail_with_an_error_and_keep_what_was_flushed() {
     let dir = Scratch::new("fault-full-writes");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: a full filesystem needs a tmpfs mount, which needs root here");
-        return;
-    }
-    let fs = match SmallFilesystem::mount(&dir.path("small"), 4) {
-        Ok(fs) => fs,
-        Err(e) => {
-            println!("SKIPPED: cannot mount a tmpfs: {e}");
-            return;
-        }
-    };
+    let Some(fs) = SmallFilesystem::mount_or_skip(&dir.path("small"), 4) else { return };
     let mut rng = Rng::for_cell("disk-full-writes");
     let (commands, writes) = write_commands();
     let guest = porthole_guests::path("virtio-blk");

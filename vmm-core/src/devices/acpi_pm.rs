@@ -22,82 +22,25 @@ const PWRBTN: u16 = 1 << 8;
 const SCI_EN: u16 = 1 << 0;
 const SLP_EN: u16 = 1 << 13;
 
-/// PM1a status and enable registers.
-pub struct Pm1Event {
+/// A 16-bit status register (write one to clear) beside its 16-bit enable register: the layout of the PM1a
+/// event block and of a 16-event GPE block. An event sets its status bit; the SCI is raised when an enabled
+/// event happens, and when the guest enables an event whose status is already set (an event that came while
+/// it was disabled is delivered then).
+pub struct EventBlock {
     status: u16,
     enable: u16,
     sci: IrqLine,
 }
 
-impl Pm1Event {
+impl EventBlock {
     pub fn new(sci: IrqLine) -> Self {
-        Pm1Event { status: 0, enable: 0, sci }
+        EventBlock { status: 0, enable: 0, sci }
     }
 
-    /// Presses the power button. Returns whether the guest has enabled the power-button event, i.e.
-    /// whether anyone will notice.
-    pub fn press_power_button(&mut self) -> bool {
-        self.status |= PWRBTN;
-        let noticed = self.enable & PWRBTN != 0;
-        if noticed {
-            self.sci.trigger();
-        }
-        noticed
-    }
-
-    fn registers(&self) -> [u8; 4] {
-        let mut r = [0; 4];
-        r[0..2].copy_from_slice(&self.status.to_le_bytes());
-        r[2..4].copy_from_slice(&self.enable.to_le_bytes());
-        r
-    }
-}
-
-impl BusDevice for Pm1Event {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let regs = self.registers();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = regs.get(offset as usize + i).copied().unwrap_or(0);
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut clear = [0u8; 2];
-        let mut enable = self.enable.to_le_bytes();
-        for (i, &byte) in data.iter().enumerate() {
-            match offset as usize + i {
-                at @ 0..=1 => clear[at] = byte,
-                at @ 2..=3 => enable[at - 2] = byte,
-                _ => {}
-            }
-        }
-        self.status &= !u16::from_le_bytes(clear); // write one to clear
-        let was = self.enable;
-        self.enable = u16::from_le_bytes(enable);
-        if self.enable & !was & self.status != 0 {
-            self.sci.trigger();
-        }
-    }
-}
-
-/// The GPE0 block: status (write one to clear) and enable bits of general-purpose events 0-15.
-pub struct Gpe0 {
-    status: u16,
-    enable: u16,
-    sci: IrqLine,
-}
-
-impl Gpe0 {
-    pub fn new(sci: IrqLine) -> Self {
-        Gpe0 { status: 0, enable: 0, sci }
-    }
-
-    /// Signals general-purpose event `gpe` (0-15): its status bit is set and, if the guest enabled it, the
-    /// SCI raised. Returns whether the guest had enabled it.
-    pub fn raise(&mut self, gpe: u16) -> bool {
-        let bit = 1u16.checked_shl(u32::from(gpe)).unwrap_or(0);
-        self.status |= bit;
-        let noticed = self.enable & bit != 0;
+    /// Signals the events in `bits`; returns whether the guest had enabled them (whether anyone notices).
+    fn signal(&mut self, bits: u16) -> bool {
+        self.status |= bits;
+        let noticed = bits != 0 && self.enable & bits == bits;
         if noticed {
             self.sci.trigger();
         }
@@ -105,7 +48,7 @@ impl Gpe0 {
     }
 }
 
-impl BusDevice for Gpe0 {
+impl BusDevice for EventBlock {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut regs = [0u8; 4];
         regs[0..2].copy_from_slice(&self.status.to_le_bytes());
@@ -128,14 +71,13 @@ impl BusDevice for Gpe0 {
         self.status &= !u16::from_le_bytes(clear);
         let was = self.enable;
         self.enable = u16::from_le_bytes(enable);
-        // An event that came while it was disabled is delivered once the guest enables it.
         if self.enable & !was & self.status != 0 {
             self.sci.trigger();
         }
     }
 }
 
-impl crate::snapshot::DeviceState for Gpe0 {
+impl crate::snapshot::DeviceState for EventBlock {
     fn save(&self, w: &mut crate::snapshot::Writer) {
         w.u16(self.status);
         w.u16(self.enable);
@@ -146,6 +88,25 @@ impl crate::snapshot::DeviceState for Gpe0 {
         Ok(())
     }
 }
+
+/// The PM1a event block (at [`PM1A_EVT_PORT`]): fixed events, of which the VM has the power button.
+pub type Pm1Event = EventBlock;
+
+impl EventBlock {
+    /// Presses the power button (PM1a). Returns whether the guest has enabled the power-button event, i.e.
+    /// whether anyone will notice.
+    pub fn press_power_button(&mut self) -> bool {
+        self.signal(PWRBTN)
+    }
+
+    /// Signals general-purpose event `gpe` (0-15, a GPE0 block). Returns whether the guest had enabled it.
+    pub fn raise(&mut self, gpe: u16) -> bool {
+        self.signal(1u16.checked_shl(u32::from(gpe)).unwrap_or(0))
+    }
+}
+
+/// The GPE0 block (at [`GPE0_PORT`]): general-purpose events 0-15, which the DSDT's `\_GPE._Exx` methods serve.
+pub type Gpe0 = EventBlock;
 
 /// PM1a control register.
 pub struct Pm1Control {
@@ -180,18 +141,6 @@ impl BusDevice for Pm1Control {
         if value & SLP_EN != 0 && (value >> 10) & 7 == SLP_TYP_S5 {
             self.machine.request(MachineRequest::PowerOff);
         }
-    }
-}
-
-impl crate::snapshot::DeviceState for Pm1Event {
-    fn save(&self, w: &mut crate::snapshot::Writer) {
-        w.u16(self.status);
-        w.u16(self.enable);
-    }
-
-    fn restore(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
-        (self.status, self.enable) = (r.u16()?, r.u16()?);
-        Ok(())
     }
 }
 
