@@ -346,7 +346,15 @@ impl VmHandle {
             return Err("the guest has crashed: its vCPUs are stopped; reset the VM or power it off".into());
         }
         let (reply, answer) = std::sync::mpsc::channel();
-        *lock(&self.vcpu_request) = Some(VcpuRequest { count, reply });
+        {
+            // One change at a time: a second request must not replace the first's (whose caller would then
+            // be told the VM ended).
+            let mut pending = lock(&self.vcpu_request);
+            if pending.is_some() {
+                return Err("another vCPU change is in progress; try again when it ends".into());
+            }
+            *pending = Some(VcpuRequest { count, reply });
+        }
         let _ = self.loop_wake.write(1);
         answer
             .recv_timeout(ADD_VCPUS_TIMEOUT)
