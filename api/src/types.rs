@@ -365,7 +365,8 @@ pub struct UpdateVm {
     /// Replaces the tags (any time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
-    /// Replaces the network cards (a running VM's at its next start: port forwards take effect when it
+    /// Replaces the network cards (a running VM's at its next start, but new port forwards of its user cards
+    /// alone at once: each such card moves to a new passt; otherwise port forwards take effect when it
     /// starts). A card keeps its MAC address when the spec names its `id` and gives no `mac`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,

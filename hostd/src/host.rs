@@ -120,7 +120,24 @@ pub struct Host {
     busy: Mutex<BTreeMap<String, &'static str>>,
     /// The host's CPU controller (cgroups) for the VMs' CPU caps and weights.
     pub cpu: vmm_core::cpu_limits::CpuLimits,
+    /// User cards whose passt died, by (VM, card): see [`Host::repair_networks`].
+    net_repairs: Mutex<BTreeMap<(String, String), NetRepair>>,
 }
+
+/// The new passts given to one card whose passt died.
+#[derive(Debug, Default)]
+struct NetRepair {
+    /// The engine the repairs were for (a new one starts the count again).
+    pid: u32,
+    /// One is being started now.
+    running: bool,
+    last: Option<Instant>,
+    /// Repairs in a row (each waits twice as long as the one before, up to a minute).
+    count: u32,
+}
+
+/// The longest wait between two new passts for a card whose passt keeps dying.
+const NET_REPAIR_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// A VM's disk operation under way: others wait for its end (see `Host::begin`).
 pub struct Busy {
@@ -230,6 +247,7 @@ impl Host {
             problems,
             busy: Mutex::new(BTreeMap::new()),
             cpu: vmm_core::cpu_limits::CpuLimits::detect(),
+            net_repairs: Mutex::new(BTreeMap::new()),
         });
         if let Err(why) = host.cpu.describe() {
             log::info!("VM CPU caps and weights are not enforced: {why}");
@@ -530,6 +548,24 @@ impl Host {
     /// Has a running VM's engine grow its disk `drive` to `size` bytes (the guest is told).
     pub async fn grow_live_disk(&self, id: &str, drive: &str, size: u64) -> Result<(), String> {
         self.engine_request(id, vmm_core::control::Request::GrowDrive { drive: drive.to_owned(), size }).await.map(drop)
+    }
+
+    /// Gives running VM `id`'s user card `card` (its new definition) its forwards at once, replacing `old`
+    /// (see [`net::replace_forwards`]); the new passt is reaped when it ends with the VM.
+    pub async fn replace_live_forwards(
+        &self,
+        id: &str,
+        card: porthole_api::NicDefinition,
+        old: Vec<porthole_api::PortForward>,
+    ) -> Result<(), String> {
+        let control = self.run_files(id).control();
+        let name = card.id.clone();
+        let passt = tokio::task::spawn_blocking(move || net::replace_forwards(&control, &card, &old))
+            .await
+            .map_err(|e| e.to_string())??;
+        log::info!("VM {id}: card {name} has new port forwards (passt pid {})", passt.id());
+        net::reap(passt);
+        Ok(())
     }
 
     /// Gives a running VM's engine new rate limits for its card `nic`.
@@ -980,6 +1016,62 @@ impl Host {
             RunState::Running => VmState::Running,
         });
         e.rt.crash = crash;
+    }
+
+    /// Gives each user card of running VM `id` whose passt died (its engine's `status`: the card's back end
+    /// failed) a new passt with the definition's forwards, in a thread of its own. The first comes at once;
+    /// a card whose passt keeps dying waits 2 s for the next, then twice as long each time, up to a minute; a minute
+    /// without a repair, or a new engine (`pid`), starts the count again.
+    pub fn repair_networks(self: &Arc<Self>, id: &str, pid: u32, status: &vmm_core::control::Status) {
+        let failed = |n: &&vmm_core::net::NicStatus| {
+            n.backend == "user"
+                && n.attached
+                && n.error.as_deref().is_some_and(|e| e.starts_with(vmm_core::net::BACKEND_FAILED))
+        };
+        for nic in status.nics.iter().filter(failed) {
+            let Some(card) = self.record(id).ok().and_then(|r| r.nics().iter().find(|c| c.id == nic.id).cloned())
+            else {
+                continue;
+            };
+            {
+                let mut repairs = lock(&self.net_repairs);
+                let r = repairs.entry((id.to_owned(), nic.id.clone())).or_default();
+                if r.pid != pid {
+                    *r = NetRepair { pid, ..NetRepair::default() };
+                }
+                let since = r.last.map(|at| at.elapsed());
+                if since.is_some_and(|s| s > NET_REPAIR_MAX_WAIT) {
+                    r.count = 0;
+                }
+                let wait = Duration::from_secs(1 << r.count.min(6)).min(NET_REPAIR_MAX_WAIT);
+                if r.running || since.is_some_and(|s| s < wait) {
+                    continue;
+                }
+                r.running = true;
+            }
+            log::warn!(
+                "VM {id}: card {}'s passt ended ({}); starting a new one",
+                card.id,
+                nic.error.as_deref().unwrap_or("")
+            );
+            let (host, vm, control) = (self.clone(), id.to_owned(), self.run_files(id).control());
+            let spawned = std::thread::Builder::new().name("net-repair".into()).spawn(move || {
+                match net::replace_forwards(&control, &card, &card.forwards) {
+                    Ok(passt) => {
+                        log::info!("VM {vm}: card {} has a new passt (pid {})", card.id, passt.id());
+                        net::reap(passt);
+                    }
+                    Err(why) => log::warn!("VM {vm}: card {} got no new passt: {why}", card.id),
+                }
+                let mut repairs = lock(&host.net_repairs);
+                let r = repairs.entry((vm, card.id)).or_default();
+                (r.running, r.last, r.count) = (false, Some(Instant::now()), r.count + 1);
+            });
+            if let Err(e) = spawned {
+                log::warn!("VM {id}: cannot start a thread for a new passt: {e}");
+                lock(&self.net_repairs).entry((id.to_owned(), nic.id.clone())).or_default().running = false;
+            }
+        }
     }
 
     /// After a `reset`: a crashed VM reboots, so it runs again.

@@ -366,6 +366,100 @@ pub fn set_link(control: &Path, nic: &str, up: bool) -> Result<NicStatus, Engine
         .ok_or_else(|| EngineError::Io(format!("the VM process's reply has no card {nic:?}")))
 }
 
+/// The engine's form of a forward.
+fn engine_forward(f: &PortForward) -> vmm_core::net::PortForward {
+    vmm_core::net::PortForward {
+        protocol: match f.protocol {
+            Protocol::Tcp => vmm_core::net::Protocol::Tcp,
+            Protocol::Udp => vmm_core::net::Protocol::Udp,
+        },
+        host_address: f.host_address,
+        host_port: f.host_port,
+        guest_port: f.guest_port,
+    }
+}
+
+/// Whether `new` differs from `old` in the forwards of user cards alone (same cards in the same order,
+/// every other field equal), and in at least one: what a running VM takes at once ([`replace_forwards`]).
+pub fn only_forwards_differ(old: &[NicDefinition], new: &[NicDefinition]) -> bool {
+    let without = |n: &NicDefinition| NicDefinition { forwards: Vec::new(), ..n.clone() };
+    old.len() == new.len()
+        && old
+            .iter()
+            .zip(new)
+            .all(|(a, b)| without(a) == without(b) && (a.forwards == b.forwards || a.backend == NicBackend::User))
+        && old.iter().zip(new).any(|(a, b)| a.forwards != b.forwards)
+}
+
+/// How long the ports of a passt that was told to end may take to come free.
+const PORTS_FREE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Gives the running user card `card` (its new definition) of the VM whose control socket is `control` the
+/// card's forwards, replacing `old`: passt opens forwards only when it starts, so the card is disconnected
+/// from its passt (which ends, freeing its ports), a new passt is started here with the new forwards, and
+/// the card is connected to it (the socket passed over the control socket). Connections through the old
+/// passt end; the guest keeps its address. When the new passt cannot start, one with the old forwards takes
+/// its place and the error says why. Returns the passt running now, for the caller to reap.
+pub fn replace_forwards(
+    control: &Path,
+    card: &NicDefinition,
+    old: &[PortForward],
+) -> Result<std::process::Child, String> {
+    let engine = |e: ControlError| format!("the VM process: {e}");
+    let mac: vmm_core::net::MacAddr = card.mac.parse().map_err(|e| format!("card {}: {e}", card.id))?;
+    let mtu = u16::try_from(card.mtu).map_err(|_| format!("card {}: MTU {} is too large", card.id, card.mtu))?;
+    ControlClient::connect(control)
+        .and_then(|mut c| c.request(&Request::DisconnectNic { nic: card.id.clone() }))
+        .map_err(engine)?;
+    let deadline = std::time::Instant::now() + PORTS_FREE_LIMIT;
+    while old.iter().any(|f| probe_port(f).is_err()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let connect = |forwards: &[PortForward]| -> Result<std::process::Child, String> {
+        let engine_forwards: Vec<_> = forwards.iter().map(engine_forward).collect();
+        let (passt, offered) = vmm_core::net::Passt::spawn(&card.id, mac, mtu, &engine_forwards)?;
+        let (socket, log, child) = passt.into_parts().map_err(|e| format!("cannot hand passt over: {e}"))?;
+        let mut child = child.ok_or("passt has no process")?;
+        use std::os::fd::AsFd;
+        let fds: Vec<_> = [Some(&socket), log.as_ref()].into_iter().flatten().map(|f| f.as_fd()).collect();
+        let request =
+            Request::ConnectNic { nic: card.id.clone(), forwards: engine_forwards.clone(), address: Some(offered) };
+        match ControlClient::connect(control).and_then(|mut c| c.request_passing(&request, &fds)) {
+            Ok(_) => Ok(child),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(engine(e))
+            }
+        }
+    };
+    match connect(&card.forwards) {
+        Ok(child) => Ok(child),
+        Err(why) => match connect(old) {
+            Ok(child) => {
+                reap(child);
+                Err(format!("card {}: the new forwards could not open ({why}); it keeps its old ones", card.id))
+            }
+            Err(again) => Err(format!(
+                "card {}: the new forwards could not open ({why}), nor the old ones again ({again}): the card has \
+                 no network until the VM starts again",
+                card.id
+            )),
+        },
+    }
+}
+
+/// Waits for a passt this daemon started (it ends with its VM) in a thread of its own, so it leaves no
+/// zombie.
+pub fn reap(mut child: std::process::Child) {
+    let spawned = std::thread::Builder::new().name("passt-reaper".into()).spawn(move || {
+        let _ = child.wait();
+    });
+    if let Err(e) = spawned {
+        log::warn!("cannot start a thread to reap passt: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +470,29 @@ mod tests {
 
     fn user(forwards: Vec<PortForward>) -> NicSpec {
         NicSpec { forwards, ..NicSpec::new(NicBackend::User) }
+    }
+
+    #[test]
+    fn only_new_forwards_of_user_cards_apply_to_a_running_vm() {
+        let card = |backend: NicBackend, forwards: Vec<PortForward>| NicDefinition {
+            forwards,
+            ..definition_of(0, &NicSpec { mac: Some("02:00:00:00:00:01".into()), ..NicSpec::new(backend) })
+        };
+        let ssh = PortForward::tcp(2222, 22);
+        let web = PortForward::tcp(8080, 80);
+        let old = [card(NicBackend::User, vec![ssh.clone()])];
+        assert!(only_forwards_differ(&old, &[card(NicBackend::User, vec![ssh.clone(), web.clone()])]));
+        assert!(only_forwards_differ(&old, &[card(NicBackend::User, vec![])]));
+        // Nothing changed, another MTU, a card more or less, another back end: not (they wait).
+        assert!(!only_forwards_differ(&old, &old));
+        assert!(!only_forwards_differ(
+            &old,
+            &[NicDefinition { mtu: 9000, ..card(NicBackend::User, vec![web.clone()]) }]
+        ));
+        assert!(!only_forwards_differ(&old, &[]));
+        assert!(!only_forwards_differ(&old, &[old[0].clone(), old[0].clone()]));
+        let bridge = NicBackend::Bridge { bridge: "br0".into() };
+        assert!(!only_forwards_differ(&[card(bridge.clone(), vec![])], &[card(bridge, vec![web])]));
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub const ROUTES: &[Route] = &[
         "Change a VM's settings. Every field is checked first; refused fields answer 400 `invalid` with \
          `fields` (each field's reason) and change nothing. Name, tags, description and autostart change at \
          once, and so does a running VM's memory in use by the guest (`memory_target_mib`, through its \
-         balloon) and its vCPUs when more are asked for within its `max_vcpus` (hot-added); on a running or suspended VM the hardware, boot settings, display, disk size and network \
+         balloon), its vCPUs when more are asked for within its `max_vcpus` (hot-added) and its user cards' port \
+         forwards when nothing else of its cards changes (a new passt; 409 `engine` when it cannot open them); \
+         on a running or suspended VM the hardware, boot settings, display, disk size and network \
          cards are kept as `pending` (`pending_changes` names them) and apply at its next start",
         "admin",
         Some("UpdateVm"),

@@ -941,6 +941,19 @@ async fn update_vm(
         _ => None,
     };
     let grown = busy.is_some();
+    // New forwards of a running VM's user cards (nothing else of its cards changed) apply at once: each such
+    // card moves to a new passt. Other card changes wait for the next start.
+    let live_forwards = match &nics {
+        Some(new) if running && record.suspended.is_none() && crate::net::only_forwards_differ(record.nics(), new) => {
+            for (old, card) in record.nics().iter().zip(new).filter(|(o, n)| o.forwards != n.forwards) {
+                app.host.replace_live_forwards(&id, card.clone(), old.forwards.clone()).await.map_err(|why| {
+                    ApiError::new(StatusCode::CONFLICT, "engine", format!("the running VM's forwards: {why}"))
+                })?;
+            }
+            true
+        }
+        _ => false,
+    };
     let vm = app.host.update(&id, |r, running| {
         if let Some(t) = req.template
             && t != r.template
@@ -986,7 +999,12 @@ async fn update_vm(
             r.vcpus = r.vcpus.max(n);
             crate::host::add_pending(r, UpdateVm { vcpus: Some(r.vcpus), ..UpdateVm::default() });
         }
-        if running || r.suspended.is_some() {
+        if live_forwards {
+            // In effect already; a pending change of the cards is superseded.
+            crate::host::add_pending(r, nics_change.clone());
+            crate::host::apply_hardware(r, &nics_change);
+            crate::host::add_pending(r, hardware);
+        } else if running || r.suspended.is_some() {
             crate::host::add_pending(r, hardware);
             crate::host::add_pending(r, nics_change);
         } else {

@@ -197,6 +197,7 @@ impl Stats {
                         && let Ok(Some(status)) = c.request(&Request::Status).map(|r| r.status)
                     {
                         host.observe(&id, pid, &status);
+                        host.repair_networks(&id, pid, &status);
                     }
                     let c = counters.unwrap_or_default();
                     let (read, written, net_rx, net_tx) =

@@ -730,7 +730,7 @@ fn exe_name(pid: u32) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_whose_passt_dies_runs_on_and_says_its_card_lost_the_network() {
+async fn a_vm_whose_passt_dies_runs_on_and_its_card_gets_a_new_one() {
     if Command::new("passt").arg("--version").output().is_err() {
         println!("SKIPPED: passt is not installed");
         return;
@@ -742,6 +742,8 @@ async fn a_vm_whose_passt_dies_runs_on_and_says_its_card_lost_the_network() {
     let req = CreateVm { boot: Some(idle_kernel()), disk_gib: 0, ..CreateVm::new("netted", 1, 64) };
     let vm = c.create_vm(&req).await.unwrap();
     let mut tally = Tally::default();
+    // From the kill to the card working on its new passt.
+    let mut repaired = Vec::new();
     for i in 0..iterations() {
         c.action(&vm.id, Action::Start).await.unwrap();
         let pid: u32 =
@@ -750,19 +752,29 @@ async fn a_vm_whose_passt_dies_runs_on_and_says_its_card_lost_the_network() {
         assert_eq!(passt.len(), 1, "iteration {i}: the engine's passt: {:?}", children_of(pid));
         tokio::time::sleep(rng.upto(Duration::from_millis(1500))).await;
         kill9(passt[0]);
-        // The engine notices (its card's back end ends), says so, and the guest runs on.
+        // The engine notices (its card's back end ends) and the guest runs on; the daemon gives the card a
+        // new passt, which opens the VM's forward again.
+        let port = vm.nics[0].forwards[0].host_port;
+        let t0 = Instant::now();
         let deadline = Instant::now() + LIMIT;
         let status = loop {
             let got = c.vm(&vm.id).await.unwrap();
-            if let Some(s) = got.nic_status.first().filter(|s| s.error.is_some()) {
+            assert_eq!(got.state, VmState::Running, "iteration {i}: {got:?}");
+            let fresh = children_of(d.pid()).into_iter().any(|p| exe_name(p).starts_with("passt"));
+            if let Some(s) = got.nic_status.first().filter(|s| s.attached && s.error.is_none() && fresh)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+            {
                 break s.clone();
             }
-            assert_eq!(got.state, VmState::Running, "iteration {i}: {got:?}");
-            assert!(Instant::now() < deadline, "iteration {i}: the card never said it lost passt: {got:?}");
+            assert!(Instant::now() < deadline, "iteration {i}: the card got no new passt: {got:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert!(status.error.as_deref().unwrap_or("").contains("back end"), "iteration {i}: {status:?}");
-        assert_eq!(c.vm(&vm.id).await.unwrap().state, VmState::Running);
+        repaired.push(t0.elapsed());
+        assert_eq!(status.forwards.iter().map(|f| f.host_port).collect::<Vec<_>>(), [port], "iteration {i}");
+        // (The engine cannot reap it under its seccomp filters: a zombie until the VM ends.)
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", passt[0])).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map_or("", |(_, rest)| &rest[..1]);
+        assert!(matches!(state, "" | "Z"), "iteration {i}: the old passt is gone: {stat}");
         c.action(&vm.id, Action::Poweroff).await.unwrap();
         wait_state(&c, &vm.id, VmState::Stopped, LIMIT).await;
         tally.during += 1;
@@ -771,9 +783,15 @@ async fn a_vm_whose_passt_dies_runs_on_and_says_its_card_lost_the_network() {
     drop(c);
     drop(d);
     assert_nothing_leaked(dir.dir(), "passt-dies");
+    repaired.sort();
+    println!(
+        "FAULT-TIMES passt-dies: the card worked again {:?} (median), {:?} (slowest) after the kill",
+        repaired[repaired.len() / 2],
+        repaired[repaired.len() - 1]
+    );
     tally.report(
         "kill -9 of a VM's passt (user-mode network)",
-        "the VM runs on, its card reports the failed back end, power-off clean",
+        "the VM runs on, the daemon gives its card a new passt (its forward open again), power-off clean",
     );
 }
 

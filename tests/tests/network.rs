@@ -241,16 +241,34 @@ async fn a_running_vm_reports_its_cards_and_keeps_its_forwards() {
     assert!(!c.vm(&vm.id).await.unwrap().nic_status[0].link_up);
     assert!(c.set_nic_link(&vm.id, "net0", true).await.unwrap().link_up);
     assert_eq!(c.set_nic_link(&vm.id, "nope", true).await.unwrap_err().status(), Some(404));
-    // Forwards and cards of a running VM change at its next start (passt opens forwards when the VM starts):
-    // kept as pending; its own bound port is no obstacle. The same cards again drop the pending change.
+    // New forwards of a running VM apply at once (the card moves to a new passt): the added port opens, and
+    // the VM's own bound ports are no obstacle.
     let mut spec = NicSpec::from(&running.nics[0]);
     spec.forwards.push(PortForward::tcp(40124, 80));
-    let pending = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
-    assert_eq!(
-        (pending.nics.as_slice(), pending.pending_changes.as_slice()),
-        (running.nics.as_slice(), ["nics".to_owned()].as_slice())
-    );
-    assert_eq!(pending.pending.and_then(|p| p.nics).map(|n| n[0].forwards.len()), Some(2));
+    let live = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
+    assert!(live.pending_changes.is_empty(), "{live:?}");
+    assert_eq!(live.nics[0].forwards.len(), 2, "{live:?}");
+    let nic = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
+    let ports: Vec<u16> = nic.forwards.iter().map(|f| f.host_port).collect();
+    assert_eq!(ports, [moved, 40124], "{nic:?}");
+    assert!(nic.attached && nic.error.is_none(), "{nic:?}");
+    for port in [moved, 40124] {
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "the new passt listens on {port}");
+    }
+    // And taken away again: the port is free at once.
+    let back = UpdateVm { nics: Some(vec![NicSpec::from(&running.nics[0])]), ..Default::default() };
+    let live = c.update_vm(&vm.id, &back).await.unwrap();
+    assert_eq!((live.nics.as_slice(), live.pending_changes.len()), (running.nics.as_slice(), 0));
+    assert!(std::net::TcpListener::bind("127.0.0.1:40124").is_ok(), "nothing listens on 40124 any more");
+    assert!(std::net::TcpListener::bind(("127.0.0.1", moved)).is_err(), "passt still listens on {moved}");
+    // A forward to a port another program holds is refused before anything changes.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut spec = NicSpec::from(&running.nics[0]);
+    spec.forwards.push(PortForward::tcp(squatter.local_addr().unwrap().port(), 80));
+    let e = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert_eq!(c.vm(&vm.id).await.unwrap().nic_status[0].forwards.len(), 1);
+    // Other changes of a running VM's cards wait for its next start; the same cards again drop them.
     let pending = c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![]), ..Default::default() }).await.unwrap();
     assert_eq!(pending.pending.and_then(|p| p.nics), Some(vec![]), "no card at the next start");
     let same = UpdateVm { nics: Some(vec![NicSpec::from(&running.nics[0])]), ..Default::default() };
@@ -381,6 +399,27 @@ async fn a_guest_on_the_nat_card_shows_its_address_and_traffic() {
     }
     let after = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
     assert!(after.rx_bytes > nic.rx_bytes, "{nic:?} then {after:?}");
+    // The forward moves to another host port while the guest runs: datagrams sent there reach the card
+    // through the new passt (received, or dropped once the halted guest's buffers are full: counted either
+    // way), and the guest keeps its address.
+    let moved = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut spec = NicSpec::from(&vm.nics[0]);
+    spec.forwards = vec![PortForward { protocol: Protocol::Udp, ..PortForward::tcp(moved, 9) }];
+    c.update_vm(&vm.id, &UpdateVm { nics: Some(vec![spec]), ..Default::default() }).await.unwrap();
+    let before = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
+    assert_eq!(before.forwards.iter().map(|f| f.host_port).collect::<Vec<_>>(), [moved], "{before:?}");
+    assert_eq!(before.ipv4.as_deref(), Some(lease.as_str()), "{before:?}");
+    let arrived = |n: &porthole_api::NicStatus| n.rx_bytes + n.rx_dropped;
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        sender.send_to(&[0x42; 200], ("127.0.0.1", moved)).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = c.vm(&vm.id).await.unwrap().nic_status.remove(0);
+        if arrived(&now) > arrived(&before) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing arrived through the new forward: {before:?} then {now:?}");
+    }
     c.action(&vm.id, Action::Poweroff).await.unwrap();
 }
 

@@ -8,7 +8,10 @@
 //! are refused while a save runs), and
 //! `{"cmd":"serial-input","data":TEXT}` (typed into COM1; refused while earlier input still waits), `nics`
 //! (the network cards' state and counters) and `{"cmd":"set-link","nic":ID,"up":BOOL}` (plug or unplug a
-//! card's cable; the guest is told), `{"cmd":"set-disk-limits","drive":ID,"limits":{"iops":N,"bps":N,…}}` (a
+//! card's cable; the guest is told), `{"cmd":"disconnect-nic","nic":ID}` and `{"cmd":"connect-nic","nic":ID,
+//! "forwards":[…],"address":A}` (a user card leaves its passt, then takes one started by the caller, whose
+//! socket and standard error come with the request by `SCM_RIGHTS`: new port forwards while the VM runs),
+//! `{"cmd":"set-disk-limits","drive":ID,"limits":{"iops":N,"bps":N,…}}` (a
 //! drive's rate limits, live; `{}` lifts them), `{"cmd":"set-nic-limits","nic":ID,"limits":{"rx_bps":N,
 //! "tx_bps":N}}` (a card's, in bit/s), `{"cmd":"grow-drive","drive":ID,"size":BYTES}` (a fixed disk grows
 //! while the VM runs; the guest is told), `{"cmd":"set-balloon","target_mib":N}` (the guest memory
@@ -18,7 +21,9 @@
 //! `pause`, `resume` and `serial-input`; `stop` and `poweroff` end it, `reset` reboots it. A line longer than [`MAX_LINE`] closes the connection; at most [`MAX_CONNECTIONS`] clients
 //! are served at once.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -33,8 +38,10 @@ use crate::net::NicStatus;
 use crate::virtio::balloon::BalloonStatus;
 use crate::vm::{RunState, VmHandle};
 
-/// Longest request line accepted.
-pub const MAX_LINE: usize = 4096;
+/// Longest request line accepted (a `connect-nic` with the most forwards fits).
+pub const MAX_LINE: usize = 16 << 10;
+/// Most descriptors a connection holds for its requests (more are closed at once).
+const MAX_PASSED_FDS: usize = 4;
 /// Most simultaneous control connections.
 pub const MAX_CONNECTIONS: usize = 16;
 
@@ -100,6 +107,23 @@ pub enum Request {
     GrowDrive {
         drive: String,
         size: u64,
+    },
+    /// Disconnects a user (passt) card from its passt, which ends and frees its ports (the first step of
+    /// new port forwards for a running VM: the next passt binds the ports the old one held).
+    #[serde(rename = "disconnect-nic")]
+    DisconnectNic {
+        nic: String,
+    },
+    /// Connects a user card to a passt started by the caller: the request carries (`SCM_RIGHTS`) its connected
+    /// socket and, optionally, the read end of its standard error, which the VMM logs. `forwards` are those
+    /// that passt opened, `address` the one it offers the guest (for `nics`).
+    #[serde(rename = "connect-nic")]
+    ConnectNic {
+        nic: String,
+        #[serde(default)]
+        forwards: Vec<crate::net::PortForward>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<std::net::Ipv4Addr>,
     },
     /// Replaces a network card's rate limits (absent fields: no limit); they apply from its next frame.
     #[serde(rename = "set-nic-limits")]
@@ -211,13 +235,23 @@ fn failure(error: String) -> Response {
     Response { ok: false, error: Some(error), ..Response::default() }
 }
 
-/// Carries out one request.
-pub fn handle(vm: &VmHandle, request: &Request) -> Response {
+/// Carries out one request; `passed` holds the descriptors that came with it (`connect-nic` takes them).
+pub fn handle(vm: &VmHandle, request: &Request, passed: &mut VecDeque<OwnedFd>) -> Response {
     match request {
         Request::Status => status(vm),
         Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
         Request::Nics => Response { nics: Some(vm.nics()), ..ok() },
         _ if vm.is_saving() => failure("the VM's state is being saved; try again when the save ends".into()),
+        Request::ConnectNic { nic, forwards, address } => {
+            let Some(socket) = passed.pop_front() else {
+                return failure("connect-nic needs passt's socket passed with the request (SCM_RIGHTS)".into());
+            };
+            let log = passed.pop_front();
+            match vm.connect_nic(nic, socket, log, forwards.clone(), *address) {
+                Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+                Err(e) => failure(e),
+            }
+        }
         _ => handle_changing(vm, request),
     }
 }
@@ -259,7 +293,13 @@ fn host_rss_kib() -> Option<u64> {
 /// Requests that change the VM (refused while a save is in progress).
 fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
     match request {
-        Request::Status | Request::Counters | Request::Nics => handle(vm, request),
+        Request::Status | Request::Counters | Request::Nics | Request::ConnectNic { .. } => {
+            handle(vm, request, &mut VecDeque::new())
+        }
+        Request::DisconnectNic { nic } => match vm.disconnect_nic(nic) {
+            Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+            Err(e) => failure(e),
+        },
         Request::SaveState { path, then } => match vm.save_state(path, *then) {
             Ok(report) => {
                 Response { state_bytes: Some(report.bytes), paused_ms: Some(report.paused.as_millis() as u64), ..ok() }
@@ -333,9 +373,61 @@ fn handle_changing(vm: &VmHandle, request: &Request) -> Response {
     }
 }
 
+/// A control connection's reading side: `recvmsg`, keeping the descriptors passed with the bytes (at most
+/// [`MAX_PASSED_FDS`]; more, and those no request takes once its line is read, are closed).
+struct PassingReader {
+    stream: UnixStream,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Read for PassingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // Room for MAX_PASSED_FDS descriptors in one control message (u64s: cmsghdr alignment).
+        let mut space = [0u64; 8];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: an all-zero msghdr is valid; its pointers are set to live buffers below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&space);
+        let n = loop {
+            // SAFETY: `msg` points at `iov` (into `buf`) and `space`, both alive for the call.
+            let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        // SAFETY: the CMSG_* walk stays inside `space` as the kernel filled it (msg_controllen).
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                    let count =
+                        ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<libc::c_int>();
+                    for i in 0..count {
+                        // Each passed descriptor is new in this process and owned here alone.
+                        let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                        if self.fds.len() < MAX_PASSED_FDS {
+                            self.fds.push_back(fd);
+                        }
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        Ok(n)
+    }
+}
+
 fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream.take(u64::MAX));
+    let mut reader = BufReader::new(PassingReader { stream, fds: VecDeque::new() });
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -351,7 +443,9 @@ fn serve_connection(vm: &VmHandle, stream: UnixStream) -> std::io::Result<()> {
         }
         let (reply, then_end) = match serde_json::from_slice::<Request>(&line) {
             Ok(request) => {
-                let reply = handle(vm, &request);
+                let reply = handle(vm, &request, &mut reader.get_mut().fds);
+                // Descriptors belong to the request they came with.
+                reader.get_mut().fds.clear();
                 let ends = reply.ok && matches!(request, Request::SaveState { then: crate::vm::Then::Stop, .. });
                 (reply, ends)
             }
@@ -445,9 +539,18 @@ impl ControlClient {
 
     /// Sends a request and waits for its reply; a reply with `ok: false` becomes an error.
     pub fn request(&mut self, request: &Request) -> Result<Response, ControlError> {
+        self.request_passing(request, &[])
+    }
+
+    /// Sends a request with descriptors (`SCM_RIGHTS`, with its first bytes) and waits for its reply.
+    pub fn request_passing(&mut self, request: &Request, fds: &[BorrowedFd<'_>]) -> Result<Response, ControlError> {
         let mut bytes = serde_json::to_vec(request)?;
         bytes.push(b'\n');
-        self.writer.write_all(&bytes)?;
+        let mut sent = 0;
+        if !fds.is_empty() {
+            sent = send_with_fds(&self.writer, &bytes, fds)?;
+        }
+        self.writer.write_all(&bytes[sent..])?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(ControlError::Closed);
@@ -455,6 +558,32 @@ impl ControlClient {
         let reply: Response = serde_json::from_str(&line)?;
         if reply.ok { Ok(reply) } else { Err(ControlError::Refused(reply.error.unwrap_or_default())) }
     }
+}
+
+/// Writes (some of) `bytes` with `fds` attached; returns how many bytes went.
+fn send_with_fds(socket: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<usize> {
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many descriptors for one request"));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut space = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+    // SAFETY: an all-zero msghdr is valid; its pointers are set to live buffers below, and the one control
+    // message written fits `space` (CMSG_SPACE of at most MAX_PASSED_FDS ints is 32 bytes of its 64).
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of_val(raw.as_slice()) as u32) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(raw.as_slice()) as u32) as usize;
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast::<libc::c_int>(), raw.len());
+        libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ pub const MAX_NICS: usize = 8;
 /// MTUs accepted (IPv4's minimum up to passt's largest).
 pub const MIN_MTU: u16 = 68;
 pub const MAX_MTU: u16 = 65_520;
+/// How a card's `error` starts when its back end failed while the VM ran (a passt that ended, a TAP device
+/// removed): what portholed looks for to start a new passt.
+pub const BACKEND_FAILED: &str = "the back end failed";
 /// How long passt may take to answer the start-up DHCP probe.
 const PASST_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -418,8 +421,11 @@ const PASST_OUT_MAX: usize = 256 << 10;
 pub struct Passt {
     socket: UnixStream,
     child: Option<Child>,
-    stderr: Option<std::process::ChildStderr>,
+    /// passt's standard error, logged as it comes.
+    stderr: Option<std::fs::File>,
     nic: String,
+    /// Whether dropping the back end shuts the socket down (not once [`Passt::into_parts`] handed it over).
+    owns_socket: bool,
     /// Received bytes: frames start at `start`, `end` is where the next read goes.
     inbuf: Box<[u8]>,
     start: usize,
@@ -475,12 +481,13 @@ impl Passt {
             _ => format!("cannot start passt ({}): {e}", binary.display()),
         })?;
         drop(theirs);
-        let stderr = child.stderr.take();
+        let stderr = child.stderr.take().map(|e| std::fs::File::from(OwnedFd::from(e)));
         let mut passt = Passt {
             socket: ours,
             child: Some(child),
             stderr,
             nic: nic.to_owned(),
+            owns_socket: true,
             inbuf: vec![0; 2 * (MAX_FRAME + 4)].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -550,12 +557,23 @@ impl Passt {
     /// A back end on a socket already connected to a peer that speaks passt's protocol (a passt started by
     /// someone else, or a test's or benchmark's own peer).
     pub fn connected(socket: UnixStream, nic: &str) -> io::Result<Passt> {
+        Passt::connected_with_log(socket, None, nic)
+    }
+
+    /// A back end on a connected socket whose passt writes its messages to `log` (the other end of its
+    /// standard error): a passt another process started and handed over ([`Passt::into_parts`]).
+    pub fn connected_with_log(socket: UnixStream, log: Option<OwnedFd>, nic: &str) -> io::Result<Passt> {
         socket.set_nonblocking(true)?;
+        let stderr = log.map(std::fs::File::from);
+        if let Some(e) = &stderr {
+            set_nonblocking(e.as_raw_fd());
+        }
         Ok(Passt {
             socket,
             child: None,
-            stderr: None,
+            stderr,
             nic: nic.to_owned(),
+            owns_socket: true,
             inbuf: vec![0; 2 * (MAX_FRAME + 4)].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -566,6 +584,15 @@ impl Passt {
     /// The child's process id (0 when passt is not our child).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Hands a passt that answered over to another process: its socket, its standard error and the child
+    /// (which the caller reaps). passt keeps running, and ends when the last copy of the socket closes.
+    pub fn into_parts(mut self) -> io::Result<(OwnedFd, Option<OwnedFd>, Option<Child>)> {
+        let socket = OwnedFd::from(self.socket.try_clone()?);
+        self.owns_socket = false;
+        let stderr = self.stderr.take().map(OwnedFd::from);
+        Ok((socket, stderr, self.child.take()))
     }
 }
 
@@ -710,7 +737,9 @@ impl Drop for Passt {
     fn drop(&mut self) {
         // passt (--one-off) ends when its socket closes. (No kill or wait here: this runs under the VMM's
         // seccomp filter, and the process reaping the child ends with the VM anyway.)
-        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        if self.owns_socket {
+            let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -995,7 +1024,16 @@ pub struct Nic {
     limits: Mutex<NicLimits>,
     /// Bumps on every change of the limits.
     limits_generation: AtomicU64,
+    /// The forwards in effect (the configuration's, until a new passt brings others: [`Nic::replace_backend`]).
+    forwards: Mutex<Vec<PortForward>>,
+    /// A back end for the serving device's I/O thread to take (`Some(None)`: none, the card disconnected).
+    replacement: Mutex<Option<Option<Box<dyn Backend>>>>,
+    /// Whether `replacement` holds one not taken yet.
+    replacing: AtomicBool,
 }
+
+/// How long a back end replacement waits for the card's I/O thread to take it.
+const REPLACE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Nic {
     /// Opens card `index` of the VM `vm_name`. A forward whose port is taken is an error; a back end that
@@ -1048,6 +1086,9 @@ impl Nic {
             stats: NicStats::default(),
             limits: Mutex::new(NicLimits::default()),
             limits_generation: AtomicU64::new(0),
+            forwards: Mutex::new(config.forwards.clone()),
+            replacement: Mutex::new(None),
+            replacing: AtomicBool::new(false),
         }
         .with_limits(config.limits))
     }
@@ -1080,6 +1121,9 @@ impl Nic {
             stats: NicStats::default(),
             limits: Mutex::new(NicLimits::default()),
             limits_generation: AtomicU64::new(0),
+            forwards: Mutex::new(Vec::new()),
+            replacement: Mutex::new(None),
+            replacing: AtomicBool::new(false),
         }
     }
 
@@ -1123,6 +1167,69 @@ impl Nic {
     /// The back end, for the device's I/O thread (one boot at a time).
     pub(crate) fn backend(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Backend>>> {
         lock(&self.backend)
+    }
+
+    /// Replaces the card's back end while the VM runs: `Some` connects it to a passt started elsewhere (with
+    /// the `forwards` that passt opened and the address it offers), `None` disconnects it (the old back end
+    /// closes: a passt ends and frees its ports). Frames meanwhile are dropped and counted. Only a card on
+    /// the bus with the user (passt) back end can be replaced. Returns once the card's I/O thread took it.
+    pub fn replace_backend(
+        &self,
+        backend: Option<Box<dyn Backend>>,
+        forwards: Vec<PortForward>,
+        address: Option<Ipv4Addr>,
+    ) -> Result<(), String> {
+        if !self.attached {
+            return Err(format!("network card {:?} is not attached to the VM (its back end never started)", self.id));
+        }
+        if self.config.backend != BackendConfig::User {
+            return Err(format!(
+                "network card {:?} is on its {} back end: only a user (passt) back end is replaced",
+                self.id,
+                self.config.backend.kind()
+            ));
+        }
+        let connecting = backend.is_some();
+        *lock(&self.replacement) = Some(backend);
+        self.replacing.store(true, Ordering::Release);
+        // Between boots no thread serves the card: take it here.
+        if let Ok(mut slot) = self.backend.try_lock() {
+            self.take_replacement(&mut slot);
+        } else if let Some(l) = lock(&self.listener).as_ref() {
+            let _ = l.wake.write(1);
+        }
+        let deadline = Instant::now() + REPLACE_TIMEOUT;
+        while self.replacing.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                return Err(format!("network card {:?}: its I/O thread did not take the new back end", self.id));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if connecting {
+            *lock(&self.forwards) = forwards;
+            *lock(&self.error) = None;
+            if address.is_some() {
+                *lock(&self.ipv4) = address;
+            }
+        } else {
+            lock(&self.forwards).clear();
+            *lock(&self.error) = Some("its back end is being replaced (new port forwards)".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a replacement of the back end waits to be taken (one atomic load: the I/O thread's check).
+    pub(crate) fn replacement_waits(&self) -> bool {
+        self.replacing.load(Ordering::Acquire)
+    }
+
+    /// Puts a waiting replacement into `slot` (the card's back end, locked by the caller); the old back end
+    /// is dropped. Returns whether there was one.
+    pub(crate) fn take_replacement(&self, slot: &mut Option<Box<dyn Backend>>) -> bool {
+        let Some(new) = lock(&self.replacement).take() else { return false };
+        *slot = new;
+        self.replacing.store(false, Ordering::Release);
+        true
     }
 
     pub fn link_up(&self) -> bool {
@@ -1197,7 +1304,7 @@ impl Nic {
             link_up: self.link_up(),
             driver_ready: self.driver_ready.load(Ordering::Acquire),
             tap: self.tap.clone(),
-            forwards: if self.attached() { self.config.forwards.clone() } else { Vec::new() },
+            forwards: if self.attached() { lock(&self.forwards).clone() } else { Vec::new() },
             ipv4: lock(&self.ipv4).map(|a| a.to_string()),
             ipv6: lock(&self.ipv6).map(|a| a.to_string()),
             rx_frames: l(&s.rx_frames),

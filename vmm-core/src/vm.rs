@@ -531,6 +531,32 @@ impl VmHandle {
         Ok(nic.status())
     }
 
+    /// Connects user card `id` to a passt started by another process (its connected `socket`, and `log`, the
+    /// read end of its standard error): see [`crate::net::Nic::replace_backend`].
+    pub fn connect_nic(
+        &self,
+        id: &str,
+        socket: std::os::fd::OwnedFd,
+        log: Option<std::os::fd::OwnedFd>,
+        forwards: Vec<crate::net::PortForward>,
+        address: Option<std::net::Ipv4Addr>,
+    ) -> Result<crate::net::NicStatus, String> {
+        let nic = self.nics.iter().find(|n| n.id == id).ok_or_else(|| format!("no network card {id:?}"))?;
+        let passt = crate::net::Passt::connected_with_log(std::os::unix::net::UnixStream::from(socket), log, id)
+            .map_err(|e| format!("network card {id:?}: the passed socket is unusable: {e}"))?;
+        nic.replace_backend(Some(Box::new(passt)), forwards, address)?;
+        log::info!("{id}: connected to a new passt (forwards now: {})", nic.status().forwards.len());
+        Ok(nic.status())
+    }
+
+    /// Disconnects user card `id` from its passt, which ends and frees its ports.
+    pub fn disconnect_nic(&self, id: &str) -> Result<crate::net::NicStatus, String> {
+        let nic = self.nics.iter().find(|n| n.id == id).ok_or_else(|| format!("no network card {id:?}"))?;
+        nic.replace_backend(None, Vec::new(), None)?;
+        log::info!("{id}: disconnected from its passt");
+        Ok(nic.status())
+    }
+
     /// Replaces the rate limits of network card `id`.
     pub fn set_nic_limits(
         &self,

@@ -1,8 +1,9 @@
 //! The engine on the real KVM: each test runs `porthole-vmm` in a child process with a micro-guest.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use porthole_tests::{Scratch, seccomp_modes, text, wait, wait_until};
 
@@ -818,4 +819,57 @@ fn a_card_passt_serves_is_reported_and_its_link_can_be_pulled() {
     assert!(refused.to_string().contains("no network card \"net9\""), "{refused}");
     let status = t.client().request(&Request::Status).unwrap().status.unwrap();
     assert_eq!(status.nics.len(), 1);
+}
+
+/// New port forwards for a running VM: its card disconnects from its passt (which ends and frees its ports),
+/// then connects to a passt started elsewhere (here by the test, as portholed does), passed over the control
+/// socket with its standard error.
+#[test]
+fn a_running_card_moves_to_a_new_passt_with_other_forwards() {
+    if Command::new("passt").arg("--version").output().is_err() {
+        eprintln!("SKIP: passt is not installed (apt-get install passt)");
+        return;
+    }
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (old, new) = (free_port(), free_port());
+    let t = Ticker::start(&["--net", &format!("user,mac=02:00:00:00:00:07,fwd=tcp:{old}-22")]);
+    let before = nics(&t).remove(0);
+    assert!(before.attached && before.forwards[0].host_port == old, "{before:?}");
+    // Without a socket, connect-nic is refused and changes nothing.
+    let request = Request::ConnectNic { nic: "net0".into(), forwards: Vec::new(), address: None };
+    let refused = t.client().request(&request).unwrap_err().to_string();
+    assert!(refused.contains("needs passt's socket"), "{refused}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", old)).is_ok(), "the old passt still listens");
+
+    let gone = t.client().request(&Request::DisconnectNic { nic: "net0".into() }).unwrap().nics.unwrap().remove(0);
+    assert!(
+        gone.forwards.is_empty() && gone.error.as_deref().is_some_and(|e| e.contains("being replaced")),
+        "{gone:?}"
+    );
+    wait_until(
+        LIMIT,
+        || std::net::TcpListener::bind(("127.0.0.1", old)).is_ok(),
+        || "the old passt still holds its port".into(),
+    );
+    let forward: vmm_core::net::PortForward = format!("tcp:{new}-22").parse().unwrap();
+    let mac = "02:00:00:00:00:07".parse().unwrap();
+    let (passt, offered) = vmm_core::net::Passt::spawn("net0", mac, 1500, &[forward]).unwrap();
+    let (socket, log, child) = passt.into_parts().unwrap();
+    let fds: Vec<_> = [Some(&socket), log.as_ref()].into_iter().flatten().map(|f| f.as_fd()).collect();
+    let request = Request::ConnectNic { nic: "net0".into(), forwards: vec![forward], address: Some(offered) };
+    let now = t.client().request_passing(&request, &fds).unwrap().nics.unwrap().remove(0);
+    drop((socket, log));
+    assert!(now.attached && now.error.is_none(), "{now:?}");
+    assert_eq!(now.forwards, [forward]);
+    assert_eq!(now.ipv4, Some(offered.to_string()));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", new)).is_ok(), "the new passt listens on {new}");
+    assert!(std::net::TcpListener::bind(("127.0.0.1", old)).is_ok(), "nothing holds the old port");
+    // passt ends with the VM (its socket closes), and the test reaps it.
+    drop(t);
+    let mut child = child.unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "passt outlived its VM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -352,8 +352,8 @@ fn name_for_screen_readers(ui: &egui::Ui, r: &egui::Response, name: &str) {
 }
 
 /// What happens to forwards changed while the VM runs.
-const RUNNING_REASON: &str = "The VM runs: forwards added or removed now open at its next start (passt opens them when \
-                              the VM starts; Debian 12's passt cannot add one to a running VM).";
+const RUNNING_REASON: &str = "The VM runs: forwards added or removed apply at once (the card moves to a new passt \
+                              with them: connections through the card end, the guest keeps its address).";
 
 impl PortholeApp {
     /// The "SSH" row of a VM's details grid (a VM with a forward to its port 22): the command, and a button
@@ -529,7 +529,8 @@ impl PortholeApp {
     /// The port forwards of card `i` (a `user` card): a table with remove buttons and a form to add one.
     fn forwards(&mut self, ui: &mut egui::Ui, host: usize, vm: &Vm, i: usize, running: bool) {
         let nic = &vm.nics[i];
-        // The forwards the card will have (a running VM's changes wait for its next start).
+        // The forwards the card will have (a running VM takes new forwards at once, unless other changes to its
+        // cards wait for its next start).
         let mut specs = cards_of(vm);
         let Some(at) = specs.iter().position(|s| s.id.as_deref() == Some(nic.id.as_str())) else {
             ui.weak("This card goes at the VM's next start.");
@@ -690,7 +691,7 @@ impl PortholeApp {
             ui.weak(if pending {
                 "The cards above wait for the VM's next start (it runs with its old ones until then)."
             } else {
-                "The VM runs: changes to its cards apply at its next start."
+                "The VM runs: new port forwards apply at once, other changes to its cards at its next start."
             });
         }
         if let Some(specs) = apply {

@@ -262,7 +262,8 @@ impl Drop for VirtioNet {
 
 /// The I/O thread's view of the back end: which directions wait on it.
 struct Io<'a> {
-    backend: Option<&'a mut Box<dyn Backend>>,
+    /// The card's back end (locked for the thread's life; replaced in place, see [`Nic::replace_backend`]).
+    backend: &'a mut Option<Box<dyn Backend>>,
     /// A frame for the guest that found no receive buffer (with its header), and since when.
     pending: Vec<u8>,
     has_pending: bool,
@@ -360,7 +361,8 @@ impl Shared {
                 return;
             }
         }
-        let (backend_fd, log_fd) = match guard.as_ref() {
+        self.nic.take_replacement(&mut guard);
+        let (mut backend_fd, mut log_fd) = match guard.as_ref() {
             Some(b) => (Some(b.fd()), b.log_fd()),
             None => (None, None),
         };
@@ -374,7 +376,7 @@ impl Shared {
             let _ = add(fd, EventSet::IN, LOG);
         }
         let mut io = Io {
-            backend: guard.as_mut(),
+            backend: &mut guard,
             pending: Vec::with_capacity(VNET_HEADER_LEN + MAX_FRAME),
             has_pending: false,
             stalled_since: None,
@@ -390,6 +392,31 @@ impl Shared {
         };
         let mut events = [EpollEvent::default(); 8];
         while !self.shutdown.load(Ordering::Acquire) {
+            if self.nic.replacement_waits() {
+                // A new back end (or none): the old one's descriptors leave the epoll set before it closes.
+                for fd in [backend_fd, log_fd].into_iter().flatten() {
+                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+                self.nic.take_replacement(io.backend);
+                (backend_fd, log_fd) = match io.backend.as_ref() {
+                    Some(b) => (Some(b.fd()), b.log_fd()),
+                    None => (None, None),
+                };
+                io.has_pending = false;
+                io.stalled_since = None;
+                io.tx_blocked = false;
+                io.offloads_epoch = 0;
+                interest = EventSet::IN;
+                if let Some(fd) = backend_fd
+                    && add(fd, interest, BACKEND).is_err()
+                {
+                    *io.backend = None;
+                    backend_fd = None;
+                }
+                if let Some(fd) = log_fd {
+                    let _ = add(fd, EventSet::IN, LOG);
+                }
+            }
             self.serve(&mut io);
             // What to wait for on the back end: frames unless one already waits; room when a send was cut
             // short or transmit is blocked.
@@ -520,8 +547,8 @@ impl Shared {
 
     fn backend_gone(&self, io: &mut Io, e: std::io::Error) {
         log::error!("{}: the network back end failed ({e}); the card has no network from now on", self.nic.id);
-        self.nic.set_failed(format!("the back end failed: {e}"));
-        io.backend = None;
+        self.nic.set_failed(format!("{}: {e}", crate::net::BACKEND_FAILED));
+        *io.backend = None;
         io.has_pending = false;
         io.tx_blocked = false;
     }
