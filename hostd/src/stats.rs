@@ -13,7 +13,15 @@ use porthole_api::StatSample;
 use vmm_core::control::{ControlClient, Request};
 
 use crate::host::Host;
-use crate::store::now_ms;
+
+/// A sample's time: the wall clock when the daemon started plus the monotonic time since, so samples stay in
+/// order and one period apart when the wall clock jumps (NTP, an administrator): clients ask for the samples
+/// after the last one they have, which a clock set back would otherwise hold back for as long as it went back.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = START.get_or_init(|| (crate::store::now_ms(), std::time::Instant::now()));
+    wall + at.elapsed().as_millis() as u64
+}
 
 /// The key of the host's own samples (VM ids are hex, so never this).
 pub const HOST: &str = "@host";

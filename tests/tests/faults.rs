@@ -999,3 +999,85 @@ fn guest_writes_to_a_full_disk_fail_with_an_error_and_keep_what_was_flushed() {
         "failed writes reach the guest as IOERR, the VMM runs on, flushed writes present",
     );
 }
+
+// ---- the host's clock jumping ----
+
+/// libfaketime (Debian's `faketime`): the daemon's wall clock offset at run time through a file, as NTP or an
+/// administrator setting the clock would move it. Its monotonic clock is left alone (a real jump leaves it).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_stops_no_sample_request_or_vm() {
+    if !Path::new(FAKETIME_LIB).exists() {
+        println!("SKIPPED: libfaketime is not installed (apt-get install faketime)");
+        return;
+    }
+    let dir = Scratch::new("fault-clock");
+    let mut rng = Rng::for_cell("clock-jumps");
+    let offset = dir.path("clock-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let env = [
+        ("LD_PRELOAD", FAKETIME_LIB),
+        ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+        ("FAKETIME_CACHE_DURATION", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("DONT_FAKE_MONOTONIC", "1"),
+        // The daemon alone: its engines and passts keep the real clock.
+        ("FAKETIME_ONLY_CMDS", "portholed"),
+    ];
+    let d = Daemon::start_with_env(&dir, false, &[], &env);
+    let c = d.local();
+    let vm = c.create_vm(&ticker_vm("clocked")).await.unwrap();
+    // The daemon's wall clock is the faked one: a task started a year ahead says so.
+    std::fs::write(&offset, "+365d\n").unwrap();
+    // (libfaketime reads the file again once its cache, counted in whole seconds, is a second old.)
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let take = porthole_api::TakeSnapshot { name: "ahead".into(), description: String::new(), with_state: None };
+    let task = c.take_snapshot(&vm.id, &take).await.unwrap();
+    let real_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(task.started_ms > real_ms + 300 * 86_400_000, "libfaketime moved the daemon's clock: {task:?}");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while c.task(&task.id).await.unwrap().state == porthole_api::TaskState::Running {
+        assert!(Instant::now() < deadline, "the snapshot never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    c.action(&vm.id, Action::Start).await.unwrap();
+    let mut since = 0;
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        tokio::time::sleep(rng.upto(Duration::from_millis(1500))).await;
+        // Up to a day either way from the real time (so the jump from the last offset is up to two days).
+        let seconds = 60 + rng.next() % 86_400;
+        let jump = if rng.next().is_multiple_of(2) { format!("-{seconds}") } else { format!("+{seconds}") };
+        std::fs::write(&offset, format!("{jump}\n")).unwrap();
+        // Afterwards: the VM runs, requests answer, and samples keep coming, each later than the one before.
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let samples = c.stats(&vm.id, since, false).await.unwrap().samples;
+            assert!(samples.iter().all(|s| s.t_ms > since), "iteration {i}: a sample not after {since}: {samples:?}");
+            assert!(samples.windows(2).all(|w| w[0].t_ms < w[1].t_ms), "iteration {i}: samples out of order");
+            if samples.len() >= 3 {
+                since = samples[samples.len() - 1].t_ms;
+                break;
+            }
+            assert!(Instant::now() < deadline, "iteration {i}: no new samples since the clock moved {jump} s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(c.action(&vm.id, Action::Pause).await.unwrap().state, VmState::Paused, "iteration {i}");
+        assert_eq!(c.action(&vm.id, Action::Resume).await.unwrap().state, VmState::Running, "iteration {i}");
+        assert_eq!(c.list_vms().await.unwrap().len(), 1, "iteration {i}");
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Stopped, LIMIT).await;
+    drop(c);
+    drop(d);
+    assert_nothing_leaked(dir.dir(), "clock-jumps");
+    tally.report(
+        "the daemon's wall clock jumping up to a day either way (libfaketime)",
+        "the VM runs on, pause/resume and the list answer, new samples within seconds, each later than the last",
+    );
+}
