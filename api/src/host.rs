@@ -151,6 +151,11 @@ pub trait Host: Send + Sync {
         None
     }
 
+    /// How often the window asks for the VM list and new samples (events still wake it at once).
+    fn refresh_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+
     async fn host(&self) -> Result<HostInfo, HostError>;
     async fn list_vms(&self) -> Result<Vec<Vm>, HostError>;
     async fn vm(&self, id: &str) -> Result<Vm, HostError>;

@@ -47,12 +47,25 @@ const MAX_LINE: usize = 64 << 20;
 /// The helper's last lines of standard error kept for error messages.
 const STDERR_LINES: usize = 20;
 
+fn default_refresh_ms() -> u64 {
+    1000
+}
+
 /// The helper's first line on its standard output.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Hello {
-    Ready { kind: HostKind, lacks: Vec<(Feature, String)>, events: bool },
-    Refused { message: String },
+    Ready {
+        kind: HostKind,
+        lacks: Vec<(Feature, String)>,
+        events: bool,
+        /// [`Host::refresh_interval`], in milliseconds.
+        #[serde(default = "default_refresh_ms")]
+        refresh_ms: u64,
+    },
+    Refused {
+        message: String,
+    },
 }
 
 /// One call of the [`Host`] interface.
@@ -240,6 +253,7 @@ pub struct HostProcess {
     kind: HostKind,
     lacks: Vec<(Feature, String)>,
     events: Option<tokio::sync::watch::Receiver<u64>>,
+    refresh: Duration,
 }
 
 struct Shared {
@@ -339,8 +353,8 @@ impl HostProcess {
     /// Starts `program args…` and waits until it connected to its host (or said why it could not).
     pub fn start(program: &Path, args: &[String]) -> Result<HostProcess, String> {
         let (helper, hello) = Helper::start(program, args)?;
-        let (kind, lacks, events) = match hello {
-            Hello::Ready { kind, lacks, events } => (kind, lacks, events),
+        let (kind, lacks, events, refresh_ms) = match hello {
+            Hello::Ready { kind, lacks, events, refresh_ms } => (kind, lacks, events, refresh_ms),
             Hello::Refused { message } => return Err(message),
         };
         let shared =
@@ -351,7 +365,8 @@ impl HostProcess {
             std::thread::spawn(move || follow_events(weak, tx));
             rx
         });
-        Ok(HostProcess { shared, kind, lacks, events })
+        let refresh = std::time::Duration::from_millis(refresh_ms.clamp(100, 60_000));
+        Ok(HostProcess { shared, kind, lacks, events, refresh })
     }
 
     /// The helper's process id (`None` between a helper's end and the next call).
@@ -585,6 +600,9 @@ impl Host for HostProcess {
     fn events(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.events.clone()
     }
+    fn refresh_interval(&self) -> Duration {
+        self.refresh
+    }
     async fn host(&self) -> Result<HostInfo, HostError> {
         self.call(Call::Host).await
     }
@@ -720,6 +738,7 @@ pub fn serve_stdio(
             kind: h.kind(),
             lacks: Feature::ALL.iter().filter_map(|f| h.lacks(*f).map(|why| (*f, why))).collect(),
             events: h.events().is_some(),
+            refresh_ms: h.refresh_interval().as_millis() as u64,
         },
         Err(message) => Hello::Refused { message: message.clone() },
     };

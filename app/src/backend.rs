@@ -200,6 +200,7 @@ impl Backend {
             let mut seen: std::collections::HashMap<String, u64> = Default::default();
             // A host that reports its changes (libvirt's events) is asked again at once after one.
             let mut events = client.events();
+            let period = client.refresh_interval();
             loop {
                 let (info, vms) = tokio::join!(client.host(), client.list_vms());
                 let running: Vec<String> = match &vms {
@@ -260,14 +261,14 @@ impl Backend {
                 match events.as_mut() {
                     Some(events) => {
                         tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = tokio::time::sleep(period) => {}
                             changed = events.changed() => if changed.is_err() {
                                 // The host dropped its sender: back to polling alone.
-                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                tokio::time::sleep(period).await;
                             },
                         }
                     }
-                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                    None => tokio::time::sleep(period).await,
                 }
             }
         });

@@ -1,7 +1,7 @@
 //! `libvirt`: a libvirt host with 200 domains (a few of them running micro-guests under QEMU's TCG) on a
 //! private `libvirtd` (the test harness's: session mode as its own user, and an sshd on 127.0.0.1).
 //!
-//! - The window's refresh as `Backend::add_host` does it once a second: `host()` and `list_vms()` at once,
+//! - The window's refresh as `Backend::add_host` does it (every `REFRESH_EVERY`, 3 s, for libvirt hosts): `host()` and `list_vms()` at once,
 //!   then `stats(id, since)` for each running VM; its time (median) and libvirt calls
 //!   ([`LibvirtHost::calls`]): those made during the refresh, and all made over the run divided by the
 //!   refreshes (the host's sampler thread included). Over the local socket (definition cache on, and off
@@ -37,7 +37,8 @@ const VIRT_MANAGER_TICK: &str = include_str!("../virt_manager_tick.py");
 const WARM_UP: usize = 2;
 
 /// The window's poll period (app/src/backend.rs).
-const PERIOD: Duration = Duration::from_secs(1);
+/// The window's refresh period of a libvirt host (virt-manager's default tick is the same 3 s).
+const PERIOD: Duration = porthole_libvirt::REFRESH_EVERY;
 
 struct Refreshes {
     median: Duration,
@@ -234,11 +235,12 @@ pub fn run(domains: usize, running: usize, refresh_count: usize, seconds: f64) -
                 over_ssh.calls_all / vm_ssh.calls
             );
             println!(
-                "  per second: the window (a refresh a second) {:.2} calls, virt-manager (its default tick of 3 s) \
+                "  per second: the window (a refresh every {} s) {:.2} calls, virt-manager (its default tick of 3 s) \
                  {:.2}: {:.2}x",
-                cached.calls_all,
+                PERIOD.as_secs(),
+                cached.calls_all / PERIOD.as_secs_f64(),
                 vm.calls / 3.0,
-                cached.calls_all * 3.0 / vm.calls
+                cached.calls_all / PERIOD.as_secs_f64() * 3.0 / vm.calls
             );
         }
         Err(e) => println!("  virt-manager's tick not replayed: {e:#}"),

@@ -230,11 +230,15 @@ struct HostDynamic {
     problems: Vec<String>,
 }
 
-/// How long `host()` keeps the host's free memory and the pool's free space before reading them again (an
-/// event, or a change Porthole made, has them read at once).
+/// How long `host()` keeps the host's free memory and the pool's free space before reading one of them again
+/// (an event, or a change Porthole made, has both read at once).
 const HOST_TTL: Duration = Duration::from_secs(30);
+/// How often the window refreshes a libvirt host and its sampler reads the running domains' statistics:
+/// virt-manager's default (its `stats.update-interval`, 3 s), so the window asks a libvirt daemon no more
+/// than virt-manager does. Domain events still show changes at once.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(3);
 /// The sampler's period.
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+const SAMPLE_EVERY: Duration = REFRESH_EVERY;
 
 struct Inner {
     uri: String,
@@ -258,6 +262,8 @@ struct Inner {
     host_static: Mutex<Option<HostStatic>>,
     /// When it was read, at which event generation, what.
     host_dynamic: Mutex<Option<(std::time::Instant, u64, HostDynamic)>>,
+    /// Which of the host's free memory and the pool's space the next [`HOST_TTL`] re-read takes (true: the pool).
+    pool_turn: AtomicBool,
     /// The library pool's handle, once found.
     pool: Mutex<Option<StoragePool>>,
     tasks: Mutex<Vec<TaskEntry>>,
@@ -382,6 +388,7 @@ impl LibvirtHost {
             cache_off: AtomicBool::new(false),
             host_static: Mutex::new(None),
             host_dynamic: Mutex::new(None),
+            pool_turn: AtomicBool::new(false),
             pool: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             next_task: AtomicU64::new(1),
@@ -536,8 +543,8 @@ impl LibvirtHost {
     }
 }
 
-/// Reads every running domain's counters once a second (one `virConnectGetAllDomainStats`) into the
-/// history. Apart from the refreshes' state readings: asking QEMU for block and balloon figures takes
+/// Reads every running domain's counters every [`SAMPLE_EVERY`] (one `virConnectGetAllDomainStats`) into
+/// the history. Apart from the refreshes' state readings: asking QEMU for block and balloon figures takes
 /// milliseconds per running guest, which a refresh should not wait for.
 fn sampler(inner: Weak<Inner>) {
     loop {
@@ -546,6 +553,12 @@ fn sampler(inner: Weak<Inner>) {
         let _counting = Counting::on(&inner.calls);
         let Some(conn) = inner.live_conn() else { continue };
         if inner.none_running() {
+            continue;
+        }
+        // Two calls a period, as virt-manager's tick: in a period whose refresh re-read the host's memory or
+        // pool (one of them every HOST_TTL), the sample is skipped (the graphs then have one point 2 periods
+        // apart).
+        if lock(&inner.host_dynamic).as_ref().is_some_and(|(t, _, _)| t.elapsed() < SAMPLE_EVERY) {
             continue;
         }
         match stats::read(&conn, stats::Kind::Samples, now_ms()) {
@@ -1488,47 +1501,55 @@ fn host_static(inner: &Inner, c: &Connect) -> Result<HostStatic, HostError> {
     Ok(h)
 }
 
-/// The host's free memory and the library pool's space and folder, read again after [`HOST_TTL`] or after
-/// any event (a domain started or stopped, Porthole made or deleted one).
+/// The host's free memory and the library pool's space and folder: both read after any event (a domain
+/// started or stopped, Porthole made or deleted one), else one of them in turn after each [`HOST_TTL`] (one
+/// call, which the sampler makes up for by skipping its round: see [`sampler`]).
 fn host_dynamic(inner: &Inner, c: &Connect) -> HostDynamic {
     let generation = inner.watch.generation();
-    if let Some((t, g, d)) = lock(&inner.host_dynamic).as_ref()
-        && t.elapsed() < HOST_TTL
-        && *g == generation
-    {
-        return d.clone();
-    }
-    let before = lock(&inner.host_dynamic).as_ref().map(|(_, _, d)| d.clone()).unwrap_or_default();
+    let before = lock(&inner.host_dynamic).clone();
+    let full = match &before {
+        Some((t, g, d)) if t.elapsed() < HOST_TTL && *g == generation => return d.clone(),
+        Some((_, g, _)) => *g != generation,
+        None => true,
+    };
+    let before = before.map(|(_, _, d)| d).unwrap_or_default();
+    let memory_turn = full || !inner.pool_turn.fetch_xor(true, Ordering::SeqCst);
     let mut d = HostDynamic {
-        memory_available_mib: rpc!(c.free_memory()).unwrap_or(0) >> 20,
-        data_dir: before.data_dir,
-        ..HostDynamic::default()
+        memory_available_mib: if memory_turn {
+            rpc!(c.free_memory()).unwrap_or(0) >> 20
+        } else {
+            before.memory_available_mib
+        },
+        ..before.clone()
     };
-    let known = lock(&inner.pool).clone();
-    let info = match known.as_ref().map(|p| rpc!(p.info())) {
-        Some(Ok(i)) if i.state == sys::VIR_STORAGE_POOL_RUNNING => Ok(i),
-        // Not found yet, gone, or stopped: found (defined, started) again.
-        _ => pool(c, &inner.parsed).and_then(|p| {
-            let i = rpc!(p.info()).map_err(failed(format!("reading storage pool {POOL:?}")))?;
-            if let Some(dir) = rpc!(p.xml_desc(0))
-                .ok()
-                .and_then(|t| Node::parse(&t).ok())
-                .and_then(|d| d.text_at(&["target", "path"]).map(str::to_string))
-            {
-                d.data_dir = dir;
+    if full || !memory_turn {
+        d.problems.clear();
+        let known = lock(&inner.pool).clone();
+        let info = match known.as_ref().map(|p| rpc!(p.info())) {
+            Some(Ok(i)) if i.state == sys::VIR_STORAGE_POOL_RUNNING => Ok(i),
+            // Not found yet, gone, or stopped: found (defined, started) again.
+            _ => pool(c, &inner.parsed).and_then(|p| {
+                let i = rpc!(p.info()).map_err(failed(format!("reading storage pool {POOL:?}")))?;
+                if let Some(dir) = rpc!(p.xml_desc(0))
+                    .ok()
+                    .and_then(|t| Node::parse(&t).ok())
+                    .and_then(|d| d.text_at(&["target", "path"]).map(str::to_string))
+                {
+                    d.data_dir = dir;
+                }
+                *lock(&inner.pool) = Some(p);
+                Ok(i)
+            }),
+        };
+        match info {
+            Ok(i) => {
+                d.free_disk_bytes = i.available;
+                d.disk_total_bytes = i.capacity;
             }
-            *lock(&inner.pool) = Some(p);
-            Ok(i)
-        }),
-    };
-    match info {
-        Ok(i) => {
-            d.free_disk_bytes = i.available;
-            d.disk_total_bytes = i.capacity;
-        }
-        Err(e) => {
-            *lock(&inner.pool) = None;
-            d.problems.push(e.to_string());
+            Err(e) => {
+                *lock(&inner.pool) = None;
+                d.problems.push(e.to_string());
+            }
         }
     }
     *lock(&inner.host_dynamic) = Some((std::time::Instant::now(), generation, d.clone()));
@@ -1608,6 +1629,10 @@ impl Host for LibvirtHost {
 
     fn events(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.changes())
+    }
+
+    fn refresh_interval(&self) -> Duration {
+        REFRESH_EVERY
     }
 
     fn lacks(&self, feature: Feature) -> Option<String> {
@@ -1857,7 +1882,7 @@ impl Host for LibvirtHost {
         Ok(if minutes {
             Stats { interval_s: 60, samples: stats::per_minute(&samples) }
         } else {
-            Stats { interval_s: 1, samples }
+            Stats { interval_s: REFRESH_EVERY.as_secs(), samples }
         })
     }
 
