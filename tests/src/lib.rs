@@ -416,6 +416,22 @@ pub fn screen_text(pixels: &[u32], width: u32, height: u32) -> Vec<String> {
     out
 }
 
+/// The window (`porthole`) on the X display of `x`, its XDG folders (`config`, `gui-data`, runtime) in `dir`,
+/// showing the daemon on `socket` as its local host.
+pub fn start_window(x: &Xvfb, dir: &Scratch, socket: &Path) -> Child {
+    Command::new(workspace_bin("porthole"))
+        .env("DISPLAY", &x.display)
+        .env_remove("WAYLAND_DISPLAY")
+        .env("XDG_RUNTIME_DIR", dir.dir())
+        .env("XDG_CONFIG_HOME", dir.path("config"))
+        .env("XDG_DATA_HOME", dir.path("gui-data"))
+        .env("PORTHOLE_SOCKET", socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start porthole")
+}
+
 /// A child process, killed and reaped when dropped.
 pub struct Killed(pub Child);
 

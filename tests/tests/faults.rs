@@ -772,9 +772,7 @@ async fn a_vm_whose_passt_dies_runs_on_and_its_card_gets_a_new_one() {
         repaired.push(t0.elapsed());
         assert_eq!(status.forwards.iter().map(|f| f.host_port).collect::<Vec<_>>(), [port], "iteration {i}");
         // (The engine cannot reap it under its seccomp filters: a zombie until the VM ends.)
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", passt[0])).unwrap_or_default();
-        let state = stat.rsplit_once(") ").map_or("", |(_, rest)| &rest[..1]);
-        assert!(matches!(state, "" | "Z"), "iteration {i}: the old passt is gone: {stat}");
+        assert!(ended(passt[0]), "iteration {i}: the old passt is gone");
         c.action(&vm.id, Action::Poweroff).await.unwrap();
         wait_state(&c, &vm.id, VmState::Stopped, LIMIT).await;
         tally.during += 1;
@@ -1079,5 +1077,88 @@ async fn a_clock_jump_stops_no_sample_request_or_vm() {
     tally.report(
         "the daemon's wall clock jumping up to a day either way (libfaketime)",
         "the VM runs on, pause/resume and the list answer, new samples within seconds, each later than the last",
+    );
+}
+
+// ---- kill -9 of the window ----
+
+/// Every process below `pid` (children, theirs, …).
+fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        for child in children_of(p) {
+            found.push(child);
+            stack.push(child);
+        }
+    }
+    found
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet: it holds nothing).
+fn ended(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z'))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_window_leaves_no_helper_or_tunnel_and_its_settings_whole() {
+    let Some(lv) = porthole_tests::libvirt::Libvirt::start_or_skip("fault: kill -9 of the window") else { return };
+    let dir = Scratch::new("fault-window");
+    let mut rng = Rng::for_cell("window-kill");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c.create_vm(&ticker_vm("beside")).await.unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    // The window's settings: two libvirt hosts, one local (a helper) and one over SSH (a helper and its ssh).
+    let settings = dir.path("config/porthole/settings.json");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    let remotes = serde_json::json!({"remotes": [
+        {"name": "near", "kind": "libvirt", "address": lv.local_uri()},
+        {"name": "far", "kind": "libvirt", "address": lv.ssh_uri(&lv.client_key, Some(&lv.ssh_wrapper))},
+    ]});
+    std::fs::write(&settings, remotes.to_string()).unwrap();
+    let x = porthole_tests::Xvfb::start(1024, 768);
+    let mut tally = Tally::default();
+    for i in 0..iterations() {
+        let mut window = porthole_tests::start_window(&x, &dir, &d.socket());
+        // Both helpers up, the SSH one with its ssh below it.
+        let deadline = Instant::now() + LIMIT;
+        let below = loop {
+            let below = descendants_of(window.id());
+            let helpers = below.iter().filter(|p| exe_name(**p).starts_with("porthole-libvir")).count();
+            if helpers == 2 && below.iter().any(|p| exe_name(*p) == "ssh") {
+                break below;
+            }
+            assert!(Instant::now() < deadline, "iteration {i}: the window's helpers never started: {below:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(rng.upto(Duration::from_millis(1500))).await;
+        let below: Vec<u32> = below.into_iter().chain(descendants_of(window.id())).collect();
+        kill9(window.id());
+        let _ = window.wait();
+        // What the window started ends with it: its helpers see their broker socket close, ssh its pipes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !below.iter().all(|p| ended(*p)) {
+            let left: Vec<_> = below.iter().filter(|p| !ended(**p)).map(|p| (*p, exe_name(*p))).collect();
+            assert!(Instant::now() < deadline, "iteration {i}: outlived the window: {left:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Its settings are whole, the daemon and its VM untouched.
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap())
+            .unwrap_or_else(|e| panic!("iteration {i}: settings.json is not whole: {e}"));
+        assert_eq!(saved["remotes"].as_array().map(Vec::len), Some(2), "iteration {i}: {saved}");
+        assert_eq!(c.vm(&vm.id).await.unwrap().state, VmState::Running, "iteration {i}");
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &vm.id, VmState::Stopped, LIMIT).await;
+    drop(c);
+    drop(d);
+    assert_nothing_leaked(dir.dir(), "window-kill");
+    tally.report(
+        "kill -9 of the window (two libvirt hosts: a local helper, and one over SSH with its ssh)",
+        "its helpers and ssh end with it, settings.json whole, the daemon and its VM untouched",
     );
 }

@@ -5,7 +5,6 @@
 //! no request, console update or VM may fail. Ignored by `cargo test` (it runs for minutes): `./x soak`.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use porthole_api::client::Action;
 use porthole_api::{CreateVm, VmState};
 use porthole_tests::daemon::Daemon;
-use porthole_tests::{Scratch, Xvfb, workspace_bin};
+use porthole_tests::{Scratch, Xvfb};
 
 /// Resident memory (KiB) and open descriptors of process `pid`, if it runs. Sockets are not counted: the
 /// clients' connections in flight at the moment of a sample come and go (the daemon's moved between 173 and
@@ -146,18 +145,7 @@ async fn sixteen_vms_with_viewers_clients_and_the_window_stay_flat() {
 
     // The window, on a virtual X display, showing this daemon's VMs.
     let x = Xvfb::start(1280, 800);
-    let window: Child = Command::new(workspace_bin("porthole"))
-        .env("DISPLAY", &x.display)
-        .env_remove("WAYLAND_DISPLAY")
-        .env("XDG_RUNTIME_DIR", dir.dir())
-        .env("XDG_CONFIG_HOME", dir.path("config"))
-        .env("XDG_DATA_HOME", dir.path("gui-data"))
-        .env("PORTHOLE_SOCKET", d.socket())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start porthole");
-    let window = porthole_tests::Killed(window);
+    let window = porthole_tests::Killed(porthole_tests::start_window(&x, &dir, &d.socket()));
 
     let processes = || -> Vec<(String, u32)> {
         let mut all = vec![("daemon".to_owned(), d.pid()), ("window".to_owned(), window.0.id())];
