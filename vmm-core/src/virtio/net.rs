@@ -546,7 +546,10 @@ impl Shared {
     }
 
     fn backend_gone(&self, io: &mut Io, e: std::io::Error) {
-        log::error!("{}: the network back end failed ({e}); the card has no network from now on", self.nic.id);
+        log::error!(
+            "{}: the network back end failed ({e}); the card has no network until it gets another",
+            self.nic.id
+        );
         self.nic.set_failed(format!("{}: {e}", crate::net::BACKEND_FAILED));
         *io.backend = None;
         io.has_pending = false;
