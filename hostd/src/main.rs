@@ -261,6 +261,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Token { command }) = cli.command.take() {
         return token_command(&dirs, command);
     }
+    // Two malloc arenas, not glibc's eight per core: the blocking pool (control-socket and file requests)
+    // starts and ends threads by the dozen under load, and memory an arena once held stays in it.
+    // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     runtime.block_on(serve(cli, dirs))
 }
