@@ -416,10 +416,11 @@ pub fn screen_text(pixels: &[u32], width: u32, height: u32) -> Vec<String> {
     out
 }
 
-/// The window (`porthole`) on the X display of `x`, its XDG folders (`config`, `gui-data`, runtime) in `dir`,
-/// showing the daemon on `socket` as its local host.
-pub fn start_window(x: &Xvfb, dir: &Scratch, socket: &Path) -> Child {
-    Command::new(workspace_bin("porthole"))
+/// The window (`porthole`) to start on the X display of `x`, its XDG folders (`config`, `gui-data`, runtime)
+/// in `dir`, showing the daemon on `socket` as its local host; its output discarded.
+pub fn window_command(x: &Xvfb, dir: &Scratch, socket: &Path) -> Command {
+    let mut command = Command::new(workspace_bin("porthole"));
+    command
         .env("DISPLAY", &x.display)
         .env_remove("WAYLAND_DISPLAY")
         .env("XDG_RUNTIME_DIR", dir.dir())
@@ -427,9 +428,13 @@ pub fn start_window(x: &Xvfb, dir: &Scratch, socket: &Path) -> Child {
         .env("XDG_DATA_HOME", dir.path("gui-data"))
         .env("PORTHOLE_SOCKET", socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start porthole")
+        .stderr(Stdio::null());
+    command
+}
+
+/// The window of [`window_command`], started.
+pub fn start_window(x: &Xvfb, dir: &Scratch, socket: &Path) -> Child {
+    window_command(x, dir, socket).spawn().expect("start porthole")
 }
 
 /// A child process, killed and reaped when dropped.

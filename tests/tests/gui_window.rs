@@ -3,11 +3,11 @@
 //! types into it (xdotool keys reach the `kbd-echo` guest).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use porthole_tests::daemon::Daemon;
-use porthole_tests::{Scratch, Xvfb, run, text, wait_until, workspace_bin};
+use porthole_tests::{Scratch, Xvfb, run, text, wait_until};
 
 /// `porthole` on display `x` talking to the daemon on `socket`, with its settings and data inside `dir`.
 fn porthole(x: &Xvfb, dir: &Scratch, socket: &Path, args: &[&str]) -> Child {
@@ -17,17 +17,10 @@ fn porthole(x: &Xvfb, dir: &Scratch, socket: &Path, args: &[&str]) -> Child {
 /// [`porthole`] with more environment variables.
 fn porthole_with(x: &Xvfb, dir: &Scratch, socket: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Child {
     let log = std::fs::File::create(dir.path("porthole.log")).unwrap();
-    Command::new(workspace_bin("porthole"))
+    porthole_tests::window_command(x, dir, socket)
         .args(args)
         .envs(env.iter().copied())
-        .env("DISPLAY", &x.display)
-        .env_remove("WAYLAND_DISPLAY")
-        .env("XDG_RUNTIME_DIR", dir.dir())
-        .env("XDG_CONFIG_HOME", dir.path("config"))
-        .env("XDG_DATA_HOME", dir.path("data"))
-        .env("PORTHOLE_SOCKET", socket)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("start porthole")
