@@ -57,7 +57,7 @@ fn the_virtio_blk_guest_drives_qemus_virtio_blk_pci() {
         format!("BLK read disk=0 sector=0 count=1 status=0 sum={sum}"),
         "BLK write disk=0 sector=1 count=2 status=0".into(),
         "BLK flush disk=0 status=0".into(),
-        format!("status=0 interrupts=1 sum={sum}"),
+        format!("status=0 interrupts=1 spurious=0 sum={sum}"),
         "BLK done".into(),
     ] {
         assert!(stdout.contains(&line), "{line} missing:\n{stdout}\nstderr:\n{}", text(&out.stderr));

@@ -110,7 +110,12 @@ fn requests_past_the_end_fail_and_never_grow_the_image() {
     assert_eq!(after[7 * 512..], pattern(7, 3)[..]);
 }
 
-/// The interrupt path: INTA# through the IOAPIC (irqfd with resample) rather than polling.
+/// The interrupt path: INTA# through the IOAPIC (irqfd with resample) rather than polling. Each completion
+/// brings exactly one interrupt that finds the queue bit in the ISR. At most one more may find the ISR empty:
+/// this machine's KVM (PVM) acknowledges a level-triggered vector when it injects it, before the guest's
+/// handler has read the ISR (kvm:kvm_eoi traces the vector there, and the handler's own EOI write then finds
+/// nothing in service), so a resample served in between sees the bit still set and raises the line once
+/// more. A line that never falls would bring many.
 #[test]
 fn completions_raise_the_pci_interrupt() {
     let dir = Scratch::new("blk-irq");
@@ -118,8 +123,11 @@ fn completions_raise_the_pci_interrupt() {
     let out = run(&["--disk", s(&path), "--cmdline", "irq-read=3 irq-read=4"]);
     let stdout = assert_ok(&out);
     for sector in [3, 4] {
-        let line = format!("status=0 interrupts=1 sum={}\n", fnv(&before[sector * 512..(sector + 1) * 512]));
-        assert!(stdout.contains(&line), "{stdout}\nexpected {line}");
+        let sum = fnv(&before[sector * 512..(sector + 1) * 512]);
+        let found = ["0", "1"]
+            .iter()
+            .any(|spurious| stdout.contains(&format!("status=0 interrupts=1 spurious={spurious} sum={sum}\n")));
+        assert!(found, "{stdout}\nexpected status=0 interrupts=1 spurious=0|1 sum={sum}");
     }
 }
 

@@ -14,7 +14,7 @@
  * put_case, put_devstatus, driver_start, hang, wait_idx (a used ring's idx, timed), fnv1a, ioapic_write,
  * PCI configuration access (pci_read, pci_write, pci_find), the virtio 1.x modern PCI transport
  * (virtio_pci_caps, virtio_reset, virtio_features, virtio_queue_setup) and one interrupt-driven completion
- * (virtio_irq_arm, irq_wait_idx, virtio_irq_disarm; the handler virtio_irq counts irq_count).
+ * (virtio_irq_arm, irq_wait_idx, virtio_irq_disarm; the handler virtio_irq counts irq_count and irq_spurious).
  * Exceptions either crash the guest on purpose after printing PORTHOLE-GUEST-EXCEPTION, or, once a guest
  * points exception_fail_prefix at its FAIL marker, print that marker with the vector and power off.
  */
@@ -1271,14 +1271,15 @@ virtio_features:
 /* ---- One interrupt-driven completion (INTx through the IOAPIC, vector VIRTIO_IRQ_VECTOR) ---- */
 
 /* virtio_irq_arm(%edi = IOAPIC pin (the device's INTERRUPT_LINE, <= 23), %rsi = its ISR register): irq_count
-   <- 0, the gate for virtio_irq, the local APIC enabled, the pin -> the vector, fixed, physical destination
-   APIC 0, active high, level, unmasked. Interrupts stay disabled (see irq_wait_idx). */
+   and irq_spurious <- 0, the gate for virtio_irq, the local APIC enabled, the pin -> the vector, fixed,
+   physical destination APIC 0, active high, level, unmasked. Interrupts stay disabled (see irq_wait_idx). */
     .globl virtio_irq_arm
 virtio_irq_arm:
     pushq %rbx
     movl %edi, %ebx
     movq %rsi, irq_isr(%rip)
     movl $0, irq_count(%rip)
+    movl $0, irq_spurious(%rip)
     movl $VIRTIO_IRQ_VECTOR, %edi
     leaq virtio_irq(%rip), %rsi
     call idt_set_gate
@@ -1330,13 +1331,19 @@ irq_wait_idx:
     popq %r12
     ret
 
-/* virtio_irq, vector VIRTIO_IRQ_VECTOR: reads the ISR (which deasserts the INTx line), counts, EOI. */
+/* virtio_irq, vector VIRTIO_IRQ_VECTOR: reads the ISR (which deasserts the INTx line), counts it in irq_count
+   when it had bits set, else in irq_spurious (a level-triggered line may bring an interrupt whose work an
+   earlier one already took), EOI. */
 virtio_irq:
     pushq %rax
     movq irq_isr(%rip), %rax
     movzbl (%rax), %eax
+    testl %eax, %eax
+    jz 1f
     incl irq_count(%rip)
-    movl $0xFEE00000, %eax          /* local APIC EOI */
+    jmp 2f
+1:  incl irq_spurious(%rip)
+2:  movl $0xFEE00000, %eax          /* local APIC EOI */
     movl $0, 0xB0(%rax)
     popq %rax
     iretq
@@ -1392,10 +1399,12 @@ exception_fail_prefix:              /* see exception_common; 0: crash on purpose
     .skip 8
 pit_total:
     .skip 8
-    .globl irq_isr, irq_count
+    .globl irq_isr, irq_count, irq_spurious
 irq_isr:                            /* virtio_irq: the ISR register read */
     .skip 8
-irq_count:                          /* virtio_irq: interrupts since virtio_irq_arm */
+irq_count:                          /* virtio_irq: interrupts since virtio_irq_arm whose ISR had bits set */
+    .skip 4
+irq_spurious:                       /* virtio_irq: those whose ISR read 0 */
     .skip 4
     .p2align 3
 pit_last:

@@ -57,7 +57,8 @@
  *                   stops and every request not completed counts as an error.
  *   irq-read=S      one-sector read completed by interrupt: IOAPIC pin INTERRUPT_LINE -> vector 0x40, level,
  *                   active high, physical destination 0; handler reads the ISR (deasserting the line),
- *                   counts, EOIs. `BLK irq disk=<i> status=<s> interrupts=<count> sum=<8 hex digits>`;
+ *                   counts, EOIs. `BLK irq disk=<i> status=<s> interrupts=<count> spurious=<count>
+ *                   sum=<8 hex digits>` (interrupts: those whose ISR read had bits set; spurious: read 0);
  *                   `BLK irq disk=<i> error=bad-irq-line` when INTERRUPT_LINE > 23
  *   anything else   `BLK bad-word <word>` (also for malformed numbers or out-of-range arguments)
  * A command on a disk that does not exist or failed initialisation prints `BLK no-disk disk=<i>`.
@@ -821,6 +822,9 @@ cmd_irq_read:
     leaq msg_interrupts(%rip), %rdi
     movl irq_count(%rip), %esi
     call put_kv
+    leaq msg_spurious(%rip), %rdi
+    movl irq_spurious(%rip), %esi
+    call put_kv
     movl %r14d, %esi
     call put_sum
     call newline
@@ -1033,6 +1037,7 @@ msg_errors:         .asciz " errors="
 msg_irq_line:       .asciz "BLK irq disk="
 msg_badline:        .asciz " error=bad-irq-line\n"
 msg_interrupts:     .asciz " interrupts="
+msg_spurious:       .asciz " spurious="
 msg_hostile:        .asciz "BLK hostile case="
 msg_hostile_done:   .asciz "BLK hostile-done\n"
 err_reset:          .asciz "reset-timeout"
