@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use porthole_api::{
-    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, MemoryBalloon, NicSpec, NicStatus,
-    UpdateVm, Vm, VmState,
+    CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, MemoryBalloon, NicBackend, NicSpec,
+    NicStatus, UpdateVm, Vm, VmState,
 };
 use vmm_core::control::{ControlClient, Request, Response};
 
@@ -1024,9 +1024,7 @@ impl Host {
     /// without a repair, or a new engine (`pid`), starts the count again.
     pub fn repair_networks(self: &Arc<Self>, id: &str, pid: u32, status: &vmm_core::control::Status) {
         let failed = |n: &&vmm_core::net::NicStatus| {
-            n.backend == "user"
-                && n.attached
-                && n.error.as_deref().is_some_and(|e| e.starts_with(vmm_core::net::BACKEND_FAILED))
+            n.attached && n.error.as_deref().is_some_and(|e| e.starts_with(vmm_core::net::BACKEND_FAILED))
         };
         for nic in status.nics.iter().filter(failed) {
             let Some(card) = self.record(id).ok().and_then(|r| r.nics().iter().find(|c| c.id == nic.id).cloned())
@@ -1049,26 +1047,37 @@ impl Host {
                 }
                 r.running = true;
             }
+            let what = match card.backend {
+                NicBackend::User => "passt",
+                NicBackend::Bridge { .. } | NicBackend::Tap { .. } => "TAP device",
+            };
             log::warn!(
-                "VM {id}: card {}'s passt ended ({}); starting a new one",
+                "VM {id}: card {}'s {what} failed ({}); giving it a new one",
                 card.id,
                 nic.error.as_deref().unwrap_or("")
             );
             let (host, vm, control) = (self.clone(), id.to_owned(), self.run_files(id).control());
             let spawned = std::thread::Builder::new().name("net-repair".into()).spawn(move || {
-                match net::replace_forwards(&control, &card, &card.forwards) {
-                    Ok(passt) => {
-                        log::info!("VM {vm}: card {} has a new passt (pid {})", card.id, passt.id());
+                let repaired = match card.backend {
+                    NicBackend::User => net::replace_forwards(&control, &card, &card.forwards).map(|passt| {
+                        let pid = passt.id();
                         net::reap(passt);
+                        format!("passt (pid {pid})")
+                    }),
+                    NicBackend::Bridge { .. } | NicBackend::Tap { .. } => {
+                        net::replace_tap(&control, &card).map(|name| format!("TAP device {name}"))
                     }
-                    Err(why) => log::warn!("VM {vm}: card {} got no new passt: {why}", card.id),
+                };
+                match repaired {
+                    Ok(new) => log::info!("VM {vm}: card {} has a new {new}", card.id),
+                    Err(why) => log::warn!("VM {vm}: card {} got no new {what}: {why}", card.id),
                 }
                 let mut repairs = lock(&host.net_repairs);
                 let r = repairs.entry((vm, card.id)).or_default();
                 (r.running, r.last, r.count) = (false, Some(Instant::now()), r.count + 1);
             });
             if let Err(e) = spawned {
-                log::warn!("VM {id}: cannot start a thread for a new passt: {e}");
+                log::warn!("VM {id}: cannot start a thread for a new {what}: {e}");
                 lock(&self.net_repairs).entry((id.to_owned(), nic.id.clone())).or_default().running = false;
             }
         }

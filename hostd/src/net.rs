@@ -422,8 +422,12 @@ pub fn replace_forwards(
         let mut child = child.ok_or("passt has no process")?;
         use std::os::fd::AsFd;
         let fds: Vec<_> = [Some(&socket), log.as_ref()].into_iter().flatten().map(|f| f.as_fd()).collect();
-        let request =
-            Request::ConnectNic { nic: card.id.clone(), forwards: engine_forwards.clone(), address: Some(offered) };
+        let request = Request::ConnectNic {
+            nic: card.id.clone(),
+            forwards: engine_forwards.clone(),
+            address: Some(offered),
+            tap: None,
+        };
         match ControlClient::connect(control).and_then(|mut c| c.request_passing(&request, &fds)) {
             Ok(_) => Ok(child),
             Err(e) => {
@@ -447,6 +451,26 @@ pub fn replace_forwards(
             )),
         },
     }
+}
+
+/// Gives a running TAP or bridge card a new TAP device (its own was deleted, say): opened here, where the
+/// daemon may create devices (root or CAP_NET_ADMIN), set up as the VMM's own start-up would (on the card's
+/// bridge, or under the card's device name), and passed to the VMM. Returns the device's name.
+pub fn replace_tap(control: &Path, card: &NicDefinition) -> Result<String, String> {
+    let tap = match &card.backend {
+        NicBackend::Bridge { bridge } => vmm_core::net::Tap::open_on_bridge(bridge)?,
+        NicBackend::Tap { name } => vmm_core::net::Tap::open(name)?,
+        NicBackend::User => return Err(format!("card {} is a user (NAT) card, not a TAP card", card.id)),
+    };
+    let name = tap.name().to_owned();
+    let file = tap.into_fd();
+    let request =
+        Request::ConnectNic { nic: card.id.clone(), forwards: Vec::new(), address: None, tap: Some(name.clone()) };
+    use std::os::fd::AsFd;
+    ControlClient::connect(control)
+        .and_then(|mut c| c.request_passing(&request, &[file.as_fd()]))
+        .map_err(|e| format!("the VM process: {e}"))?;
+    Ok(name)
 }
 
 /// Waits for a passt this daemon started (it ends with its VM) in a thread of its own, so it leaves no

@@ -116,7 +116,9 @@ pub enum Request {
     },
     /// Connects a user card to a passt started by the caller: the request carries (`SCM_RIGHTS`) its connected
     /// socket and, optionally, the read end of its standard error, which the VMM logs. `forwards` are those
-    /// that passt opened, `address` the one it offers the guest (for `nics`).
+    /// that passt opened, `address` the one it offers the guest (for `nics`). With `tap`, a TAP or bridge
+    /// card moves to the TAP device of that name instead, whose file the request carries (opened by
+    /// `net::Tap::open` or `open_on_bridge`: the VMM may not create devices after start-up).
     #[serde(rename = "connect-nic")]
     ConnectNic {
         nic: String,
@@ -124,6 +126,8 @@ pub enum Request {
         forwards: Vec<crate::net::PortForward>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<std::net::Ipv4Addr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tap: Option<String>,
     },
     /// Replaces a network card's rate limits (absent fields: no limit); they apply from its next frame.
     #[serde(rename = "set-nic-limits")]
@@ -242,7 +246,16 @@ pub fn handle(vm: &VmHandle, request: &Request, passed: &mut VecDeque<OwnedFd>) 
         Request::Counters => Response { counters: Some(vm.counters()), ..ok() },
         Request::Nics => Response { nics: Some(vm.nics()), ..ok() },
         _ if vm.is_saving() => failure("the VM's state is being saved; try again when the save ends".into()),
-        Request::ConnectNic { nic, forwards, address } => {
+        Request::ConnectNic { nic, tap: Some(name), .. } => {
+            let Some(file) = passed.pop_front() else {
+                return failure("connect-nic needs the TAP device's file passed with the request (SCM_RIGHTS)".into());
+            };
+            match vm.connect_tap(nic, file, name) {
+                Ok(status) => Response { nics: Some(vec![status]), ..ok() },
+                Err(e) => failure(e),
+            }
+        }
+        Request::ConnectNic { nic, forwards, address, tap: None } => {
             let Some(socket) = passed.pop_front() else {
                 return failure("connect-nic needs passt's socket passed with the request (SCM_RIGHTS)".into());
             };

@@ -224,7 +224,7 @@ impl BackendConfig {
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
-fn valid_ifname(name: &str) -> bool {
+pub(crate) fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= IFNAME_MAX
         && name != "."
@@ -881,6 +881,22 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The device's file, for handing it to a running VMM ([`Tap::from_handed`] there).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.file)
+    }
+
+    /// A TAP device that [`Tap::open`] or [`Tap::open_on_bridge`] opened in another process (non-blocking,
+    /// virtio-net headers, up), named `name`, its file passed here.
+    pub fn from_handed(fd: OwnedFd, name: &str) -> Tap {
+        set_nonblocking(fd.as_raw_fd());
+        Tap {
+            file: std::fs::File::from(fd),
+            name: name.to_owned(),
+            buf: vec![0; MAX_FRAME + VNET_HEADER_LEN].into_boxed_slice(),
+        }
+    }
 }
 
 impl Backend for Tap {
@@ -1012,7 +1028,8 @@ pub struct Nic {
     attached: bool,
     /// Why the card has no network: its back end did not start, or failed later.
     error: Mutex<Option<String>>,
-    tap: Option<String>,
+    /// The TAP device's name (a TAP card's replacement device may get another one).
+    tap: Mutex<Option<String>>,
     link_up: AtomicBool,
     pub(crate) driver_ready: AtomicBool,
     ipv4: Mutex<Option<Ipv4Addr>>,
@@ -1077,7 +1094,7 @@ impl Nic {
             attached: backend.is_some(),
             backend: Mutex::new(backend),
             error: Mutex::new(error),
-            tap: tap_name,
+            tap: Mutex::new(tap_name),
             link_up: AtomicBool::new(!config.link_down),
             driver_ready: AtomicBool::new(false),
             ipv4: Mutex::new(ipv4),
@@ -1112,7 +1129,7 @@ impl Nic {
             backend: Mutex::new(Some(backend)),
             attached: true,
             error: Mutex::new(None),
-            tap: None,
+            tap: Mutex::new(None),
             link_up: AtomicBool::new(true),
             driver_ready: AtomicBool::new(false),
             ipv4: Mutex::new(None),
@@ -1172,16 +1189,14 @@ impl Nic {
     /// Replaces the card's back end while the VM runs: `Some` connects it to a passt started elsewhere (with
     /// the `forwards` that passt opened and the address it offers), `None` disconnects it (the old back end
     /// closes: a passt ends and frees its ports). Frames meanwhile are dropped and counted. Only a card on
-    /// the bus with the user (passt) back end can be replaced. Returns once the card's I/O thread took it.
+    /// the bus with the user (passt) back end can be replaced this way (a TAP card: [`Nic::replace_tap`]).
+    /// Returns once the card's I/O thread took it.
     pub fn replace_backend(
         &self,
         backend: Option<Box<dyn Backend>>,
         forwards: Vec<PortForward>,
         address: Option<Ipv4Addr>,
     ) -> Result<(), String> {
-        if !self.attached {
-            return Err(format!("network card {:?} is not attached to the VM (its back end never started)", self.id));
-        }
         if self.config.backend != BackendConfig::User {
             return Err(format!(
                 "network card {:?} is on its {} back end: only a user (passt) back end is replaced",
@@ -1190,6 +1205,43 @@ impl Nic {
             ));
         }
         let connecting = backend.is_some();
+        self.hand_over(backend)?;
+        if connecting {
+            *lock(&self.forwards) = forwards;
+            *lock(&self.error) = None;
+            if address.is_some() {
+                *lock(&self.ipv4) = address;
+            }
+        } else {
+            lock(&self.forwards).clear();
+            *lock(&self.error) = Some("its back end is being replaced (new port forwards)".into());
+        }
+        Ok(())
+    }
+
+    /// Puts a TAP or bridge card on a new TAP device (opened by the caller, who may: creating one needs
+    /// CAP_NET_ADMIN, which the VMM's filters keep it from using after start-up), e.g. after its device was
+    /// deleted. Returns once the card's I/O thread took it.
+    pub fn replace_tap(&self, tap: Tap) -> Result<(), String> {
+        if !matches!(self.config.backend, BackendConfig::Tap { .. } | BackendConfig::Bridge { .. }) {
+            return Err(format!(
+                "network card {:?} is on its {} back end: only a TAP or bridge card takes a TAP device",
+                self.id,
+                self.config.backend.kind()
+            ));
+        }
+        let name = tap.name().to_owned();
+        self.hand_over(Some(Box::new(tap)))?;
+        *lock(&self.tap) = Some(name);
+        *lock(&self.error) = None;
+        Ok(())
+    }
+
+    /// Gives the card's I/O thread a new back end (or none) and waits until it took it.
+    fn hand_over(&self, backend: Option<Box<dyn Backend>>) -> Result<(), String> {
+        if !self.attached {
+            return Err(format!("network card {:?} is not attached to the VM (its back end never started)", self.id));
+        }
         *lock(&self.replacement) = Some(backend);
         self.replacing.store(true, Ordering::Release);
         // Between boots no thread serves the card: take it here.
@@ -1204,16 +1256,6 @@ impl Nic {
                 return Err(format!("network card {:?}: its I/O thread did not take the new back end", self.id));
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
-        if connecting {
-            *lock(&self.forwards) = forwards;
-            *lock(&self.error) = None;
-            if address.is_some() {
-                *lock(&self.ipv4) = address;
-            }
-        } else {
-            lock(&self.forwards).clear();
-            *lock(&self.error) = Some("its back end is being replaced (new port forwards)".into());
         }
         Ok(())
     }
@@ -1303,7 +1345,7 @@ impl Nic {
             error: lock(&self.error).clone(),
             link_up: self.link_up(),
             driver_ready: self.driver_ready.load(Ordering::Acquire),
-            tap: self.tap.clone(),
+            tap: lock(&self.tap).clone(),
             forwards: if self.attached() { lock(&self.forwards).clone() } else { Vec::new() },
             ipv4: lock(&self.ipv4).map(|a| a.to_string()),
             ipv6: lock(&self.ipv6).map(|a| a.to_string()),

@@ -549,6 +549,22 @@ impl VmHandle {
         Ok(nic.status())
     }
 
+    /// Moves TAP or bridge card `id` to the TAP device `name`, whose file another process opened.
+    pub fn connect_tap(
+        &self,
+        id: &str,
+        file: std::os::fd::OwnedFd,
+        name: &str,
+    ) -> Result<crate::net::NicStatus, String> {
+        let nic = self.nics.iter().find(|n| n.id == id).ok_or_else(|| format!("no network card {id:?}"))?;
+        if !crate::net::valid_ifname(name) {
+            return Err(format!("network card {id:?}: {name:?} is not an interface name"));
+        }
+        nic.replace_tap(crate::net::Tap::from_handed(file, name))?;
+        log::info!("{id}: moved to TAP device {name}");
+        Ok(nic.status())
+    }
+
     /// Disconnects user card `id` from its passt, which ends and frees its ports.
     pub fn disconnect_nic(&self, id: &str) -> Result<crate::net::NicStatus, String> {
         let nic = self.nics.iter().find(|n| n.id == id).ok_or_else(|| format!("no network card {id:?}"))?;

@@ -836,7 +836,7 @@ fn a_running_card_moves_to_a_new_passt_with_other_forwards() {
     let before = nics(&t).remove(0);
     assert!(before.attached && before.forwards[0].host_port == old, "{before:?}");
     // Without a socket, connect-nic is refused and changes nothing.
-    let request = Request::ConnectNic { nic: "net0".into(), forwards: Vec::new(), address: None };
+    let request = Request::ConnectNic { nic: "net0".into(), forwards: Vec::new(), address: None, tap: None };
     let refused = t.client().request(&request).unwrap_err().to_string();
     assert!(refused.contains("needs passt's socket"), "{refused}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", old)).is_ok(), "the old passt still listens");
@@ -856,7 +856,8 @@ fn a_running_card_moves_to_a_new_passt_with_other_forwards() {
     let (passt, offered) = vmm_core::net::Passt::spawn("net0", mac, 1500, &[forward]).unwrap();
     let (socket, log, child) = passt.into_parts().unwrap();
     let fds: Vec<_> = [Some(&socket), log.as_ref()].into_iter().flatten().map(|f| f.as_fd()).collect();
-    let request = Request::ConnectNic { nic: "net0".into(), forwards: vec![forward], address: Some(offered) };
+    let request =
+        Request::ConnectNic { nic: "net0".into(), forwards: vec![forward], address: Some(offered), tap: None };
     let now = t.client().request_passing(&request, &fds).unwrap().nics.unwrap().remove(0);
     drop((socket, log));
     assert!(now.attached && now.error.is_none(), "{now:?}");
