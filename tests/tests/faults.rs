@@ -548,6 +548,22 @@ fn pattern_image(path: &Path, mib: usize, iso: bool) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Takes a snapshot of VM `id` and waits for its task: Ok, or the task's (or the request's) error.
+async fn take_snapshot(c: &porthole_api::Client, id: &str, name: &str, with_state: bool) -> Result<(), String> {
+    let take =
+        porthole_api::TakeSnapshot { name: name.to_owned(), description: String::new(), with_state: Some(with_state) };
+    let task = c.take_snapshot(id, &take).await.map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let t = c.task(&task.id).await.unwrap();
+        if t.state != porthole_api::TaskState::Running {
+            return if t.state == porthole_api::TaskState::Done { Ok(()) } else { Err(t.error.unwrap_or_default()) };
+        }
+        assert!(Instant::now() < deadline, "the snapshot never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_uploads_creates_snapshots_and_saves_cleanly() {
     let dir = Scratch::new("fault-disk-full");
@@ -572,7 +588,7 @@ async fn a_full_disk_fails_uploads_creates_snapshots_and_saves_cleanly() {
             c.action(&runner.id, Action::Start).await.unwrap();
         }
         fs.leave_free(free);
-        let step = i % 4;
+        let step = i % 5;
         let outcome: Result<(), String> = match step {
             0 => c.upload_image(&format!("cd{i}.iso"), &iso, |_, _| {}).await.map(|_| ()).map_err(|e| e.to_string()),
             1 => {
@@ -584,31 +600,8 @@ async fn a_full_disk_fails_uploads_creates_snapshots_and_saves_cleanly() {
                 };
                 c.create_vm(&req).await.map(|_| ()).map_err(|e| e.to_string())
             }
-            2 => {
-                let take = porthole_api::TakeSnapshot {
-                    name: format!("s{i}"),
-                    description: String::new(),
-                    with_state: Some(true),
-                };
-                match c.take_snapshot(&runner.id, &take).await {
-                    Ok(task) => {
-                        let deadline = Instant::now() + LIMIT;
-                        loop {
-                            let t = c.task(&task.id).await.unwrap();
-                            if t.state != porthole_api::TaskState::Running {
-                                break if t.state == porthole_api::TaskState::Done {
-                                    Ok(())
-                                } else {
-                                    Err(t.error.unwrap_or_default())
-                                };
-                            }
-                            assert!(Instant::now() < deadline, "the snapshot never ended");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
-            }
+            // With its state, and of its disks only (the running disk moves onto a new overlay).
+            2 | 4 => take_snapshot(&c, &runner.id, &format!("s{i}"), step == 2).await,
             _ => c.action(&runner.id, Action::Suspend).await.map(|_| ()).map_err(|e| e.to_string()),
         };
         match &outcome {
@@ -642,7 +635,8 @@ async fn a_full_disk_fails_uploads_creates_snapshots_and_saves_cleanly() {
     assert_nothing_leaked(dir.dir(), "disk-full");
     println!("FAULT-DISK-FULL done={done} refused={refused}");
     tally.report(
-        "disk full (tmpfs) during upload, create from an image, snapshot with state, suspend",
+        "disk full (tmpfs) during upload, create from an image, snapshot of a running VM with state and of its \
+         disk only, suspend",
         "refused with a reason or done, the VM running (or suspended when saved), nothing half-written",
     );
 }
@@ -790,6 +784,111 @@ async fn a_vm_whose_passt_dies_runs_on_and_its_card_gets_a_new_one() {
     tally.report(
         "kill -9 of a VM's passt (user-mode network)",
         "the VM runs on, the daemon gives its card a new passt (its forward open again), power-off clean",
+    );
+}
+
+// ---- a VM's TAP device deleted under it ----
+
+/// A bridged VM whose TAP device is deleted (`ip link del`) at a random moment while the host sends it
+/// broadcasts: the VM runs on, its card says its back end failed, and the daemon gives the card a new TAP
+/// device on the same bridge, through which the broadcasts reach the card again; the device goes with the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_tap_device_is_deleted_runs_on_and_its_card_gets_a_new_one() {
+    let Some(bridge) = porthole_tests::TestBridge::create_or_skip("10.213.79.1/24") else { return };
+    let dir = Scratch::new("fault-tap");
+    let mut rng = Rng::for_cell("tap-deleted");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let nics = vec![porthole_api::NicSpec::new(porthole_api::NicBackend::Bridge { bridge: bridge.name().into() })];
+    let mut boot = kernel("virtio-net");
+    boot.cmdline = "ip=10.213.79.2,10.213.79.1 arp hang".into();
+    let req = CreateVm { boot: Some(boot), disk_gib: 0, nics: Some(nics), ..CreateVm::new("bridged", 1, 64) };
+    let vm = c.create_vm(&req).await.unwrap();
+    // Broadcasts on the bridge every 5 ms, for the whole cell.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        let socket = std::net::UdpSocket::bind("10.213.79.1:0").unwrap();
+        socket.set_broadcast(true).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = socket.send_to(&[0x5a; 200], "10.213.79.255:9");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let received = |s: &porthole_api::NicStatus| s.rx_frames + s.rx_dropped;
+    let brif = |tap: &str| Path::new("/sys/class/net").join(bridge.name()).join("brif").join(tap);
+    let mut tally = Tally::default();
+    let mut repaired = Vec::new();
+    for i in 0..iterations() {
+        c.action(&vm.id, Action::Start).await.unwrap();
+        let deadline = Instant::now() + LIMIT;
+        let tap = loop {
+            let got = c.vm(&vm.id).await.unwrap();
+            if let Some(tap) =
+                got.nic_status.first().filter(|s| s.attached && s.error.is_none()).and_then(|s| s.tap.clone())
+            {
+                break tap;
+            }
+            assert!(Instant::now() < deadline, "iteration {i}: the card never came up: {got:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let ifindex = |tap: &str| std::fs::read_to_string(format!("/sys/class/net/{tap}/ifindex")).unwrap_or_default();
+        let old_index = ifindex(&tap);
+        tokio::time::sleep(rng.upto(Duration::from_millis(1500))).await;
+        let out = Command::new("ip").args(["link", "del", &tap]).output().unwrap();
+        assert!(out.status.success(), "iteration {i}: ip link del {tap}: {}", text(&out.stderr));
+        let t0 = Instant::now();
+        let deadline = Instant::now() + LIMIT;
+        // Repaired: a new device (another interface index; the kernel may reuse the name) on the bridge, and
+        // broadcasts arriving through it.
+        let mut since_repair: Option<u64> = None;
+        let status = loop {
+            let got = c.vm(&vm.id).await.unwrap();
+            assert_eq!(got.state, VmState::Running, "iteration {i}: {got:?}");
+            let s = got.nic_status.first().cloned().expect("the card");
+            let new_device = s.tap.as_deref().is_some_and(|t| brif(t).exists() && ifindex(t) != old_index);
+            if s.error.is_none() && new_device {
+                match since_repair {
+                    Some(n) if received(&s) > n => break s,
+                    Some(_) => {}
+                    None => since_repair = Some(received(&s)),
+                }
+            } else {
+                since_repair = None;
+            }
+            assert!(Instant::now() < deadline, "iteration {i}: the card got no new TAP device: {got:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        repaired.push(t0.elapsed());
+        assert!(status.attached, "iteration {i}: {status:?}");
+        c.action(&vm.id, Action::Poweroff).await.unwrap();
+        wait_state(&c, &vm.id, VmState::Stopped, LIMIT).await;
+        let new_tap = status.tap.unwrap();
+        let gone = Instant::now() + LIMIT;
+        while Path::new("/sys/class/net").join(&new_tap).exists() {
+            assert!(Instant::now() < gone, "iteration {i}: TAP device {new_tap} stayed after the VM stopped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tally.during += 1;
+        tally.runs += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sender.join();
+    drop(c);
+    drop(d);
+    assert_nothing_leaked(dir.dir(), "tap-deleted");
+    repaired.sort();
+    println!(
+        "FAULT-TIMES tap-deleted: the card received again {:?} (median), {:?} (slowest) after the deletion",
+        repaired[repaired.len() / 2],
+        repaired[repaired.len() - 1]
+    );
+    tally.report(
+        "deletion of a bridged VM's TAP device (ip link del) under broadcast traffic",
+        "the VM runs on, the daemon gives its card a new TAP device on the bridge (broadcasts arrive again), \
+         the device goes with the VM",
     );
 }
 
