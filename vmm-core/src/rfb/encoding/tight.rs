@@ -13,15 +13,61 @@ const MIN_TO_COMPRESS: usize = 12;
 pub const MAX_WIDTH: u32 = 2048;
 pub const MAX_AREA: u32 = 65536;
 
-/// The per-connection state: four zlib streams (we use stream 0) and the JPEG quality, if any.
+/// The per-connection state: four zlib streams (we use stream 0), the JPEG quality, if any, and
+/// libjpeg-turbo's compressor (made at the first JPEG rectangle).
 pub struct TightState {
     pub stream: ZStream,
     pub jpeg_quality: Option<u8>,
+    jpeg: Option<turbojpeg::Compressor>,
 }
 
 impl TightState {
     pub fn new(compress_level: u32) -> Self {
-        TightState { stream: ZStream::new(compress_level), jpeg_quality: None }
+        TightState { stream: ZStream::new(compress_level), jpeg_quality: None, jpeg: None }
+    }
+}
+
+/// How our pixels (`0x00RRGGBB` in a native-endian u32) lie in memory, for libjpeg-turbo.
+#[cfg(target_endian = "little")]
+const PIXEL_BYTES: turbojpeg::PixelFormat = turbojpeg::PixelFormat::BGRX;
+#[cfg(target_endian = "big")]
+const PIXEL_BYTES: turbojpeg::PixelFormat = turbojpeg::PixelFormat::XRGB;
+
+/// `pixels` (`width` × `height`) as a JPEG of `quality` appended to `out` (libjpeg-turbo, straight from our
+/// pixels: no conversion pass); false, `out` untouched, when libjpeg-turbo fails.
+fn put_jpeg(st: &mut TightState, pixels: &[u32], width: usize, height: usize, quality: u8, out: &mut Vec<u8>) -> bool {
+    let compressor = match &mut st.jpeg {
+        Some(c) => c,
+        None => match turbojpeg::Compressor::new() {
+            Ok(c) => st.jpeg.insert(c),
+            Err(e) => {
+                log::warn!("RFB: libjpeg-turbo cannot start ({e}); Tight without JPEG");
+                st.jpeg_quality = None;
+                return false;
+            }
+        },
+    };
+    compressor.set_quality(i32::from(quality));
+    // Chroma at half resolution both ways below quality 90, as the JPEG encoders of VNC servers do.
+    compressor.set_subsamp(if quality < 90 { turbojpeg::Subsamp::Sub2x2 } else { turbojpeg::Subsamp::None });
+    let image = turbojpeg::Image {
+        pixels: zerocopy::IntoBytes::as_bytes(pixels),
+        width,
+        pitch: width * 4,
+        height,
+        format: PIXEL_BYTES,
+    };
+    match compressor.compress_to_vec(image) {
+        Ok(jpeg) => {
+            out.push(JPEG);
+            put_compact_len(jpeg.len(), out);
+            out.extend_from_slice(&jpeg);
+            true
+        }
+        Err(e) => {
+            log::debug!("RFB: a {width}x{height} JPEG failed ({e}); sent lossless");
+            false
+        }
     }
 }
 
@@ -91,20 +137,9 @@ pub fn encode(
         && tpixel_rgb(pf)
         && width >= 16
         && height >= 16
+        && put_jpeg(st, pixels, width, height, quality, out)
     {
-        scratch.clear();
-        scratch.reserve(pixels.len() * 3);
-        for p in pixels {
-            scratch.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, *p as u8]);
-        }
-        let mut jpeg = Vec::new();
-        let encoder = jpeg_encoder::Encoder::new(&mut jpeg, quality);
-        if encoder.encode(scratch, width as u16, height as u16, jpeg_encoder::ColorType::Rgb).is_ok() {
-            out.push(JPEG);
-            put_compact_len(jpeg.len(), out);
-            out.extend_from_slice(&jpeg);
-            return;
-        }
+        return;
     }
     // Basic compression, stream 0, no filter.
     out.push(0x00);
@@ -154,5 +189,38 @@ mod tests {
         let pieces = split(Rect::new(0, 0, 3000, 100));
         assert!(pieces.iter().all(|p| p.w <= MAX_WIDTH && p.w * p.h <= MAX_AREA));
         assert_eq!(pieces.iter().map(|p| p.w * p.h).sum::<u32>(), 300_000);
+    }
+
+    /// A JPEG rectangle: the control byte, its length, and a JPEG of the rectangle's size whose colours are
+    /// those of the pixels (four flat quadrants: JPEG keeps them within a few levels).
+    #[test]
+    fn jpeg_rectangles_decode_to_their_pixels() {
+        let (w, h) = (64usize, 48usize);
+        let colour =
+            |x: usize, y: usize| [0x00c0_2040u32, 0x0020_c040, 0x0040_20c0, 0x00f0_f0f0][(x / 32) + 2 * (y / 24)];
+        let pixels: Vec<u32> = (0..w * h).map(|i| colour(i % w, i / w)).collect();
+        for level in [0u8, 5, 9] {
+            let mut st = TightState::new(6);
+            st.jpeg_quality = Some(jpeg_quality(level));
+            let mut out = Vec::new();
+            encode(&pixels, w, h, &PixelFormat::SERVER, &mut st, &mut Vec::new(), &mut out);
+            assert_eq!(out[0], JPEG, "level {level}");
+            let (len, at) = match (out[1], out[2]) {
+                (a, _) if a < 0x80 => (usize::from(a), 2),
+                (a, b) if b < 0x80 => (usize::from(a & 0x7F) | usize::from(b) << 7, 3),
+                (a, b) => (usize::from(a & 0x7F) | usize::from(b & 0x7F) << 7 | usize::from(out[3]) << 14, 4),
+            };
+            assert_eq!(out.len(), at + len, "level {level}");
+            let image = turbojpeg::decompress(&out[at..], turbojpeg::PixelFormat::RGB).unwrap();
+            assert_eq!((image.width, image.height), (w, h), "level {level}");
+            for (x, y) in [(8, 6), (56, 6), (8, 42), (56, 42)] {
+                let want = colour(x, y).to_be_bytes();
+                let got = &image.pixels[(y * w + x) * 3..][..3];
+                for c in 0..3 {
+                    let diff = (i32::from(got[c]) - i32::from(want[c + 1])).abs();
+                    assert!(diff <= 24, "level {level} at ({x},{y}): {got:?} vs {want:?}");
+                }
+            }
+        }
     }
 }
