@@ -262,9 +262,15 @@ fn main() -> anyhow::Result<()> {
         return token_command(&dirs, command);
     }
     // Two malloc arenas, not glibc's eight per core: the blocking pool (control-socket and file requests)
-    // starts and ends threads by the dozen under load, and memory an arena once held stays in it.
+    // starts and ends threads by the dozen under load, and memory an arena once held stays in it. And a
+    // fixed mmap threshold: glibc's own rises to the largest block freed, after which large response
+    // bodies and upload buffers come from the arenas and their holes stay (the soak's daemon swung between
+    // 140 and 203 MiB with 100 clients).
     // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     runtime.block_on(serve(cli, dirs))
 }
