@@ -417,7 +417,7 @@ pub fn screen_text(pixels: &[u32], width: u32, height: u32) -> Vec<String> {
 }
 
 /// The window (`porthole`) to start on the X display of `x`, its XDG folders (`config`, `gui-data`, runtime)
-/// in `dir`, showing the daemon on `socket` as its local host; its output discarded.
+/// in `dir`, showing the daemon on `socket` as its local host; its standard error appended to `window.log` there.
 pub fn window_command(x: &Xvfb, dir: &Scratch, socket: &Path) -> Command {
     let mut command = Command::new(workspace_bin("porthole"));
     command
@@ -427,8 +427,12 @@ pub fn window_command(x: &Xvfb, dir: &Scratch, socket: &Path) -> Command {
         .env("XDG_CONFIG_HOME", dir.path("config"))
         .env("XDG_DATA_HOME", dir.path("gui-data"))
         .env("PORTHOLE_SOCKET", socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdout(Stdio::null());
+    // Its log (warnings, and a panic's message and backtrace) goes to window.log in the scratch folder.
+    match std::fs::OpenOptions::new().create(true).append(true).open(dir.path("window.log")) {
+        Ok(log) => command.stderr(log),
+        Err(_) => command.stderr(Stdio::null()),
+    };
     command
 }
 

@@ -28,6 +28,16 @@ fn footprint(pid: u32) -> Option<(u64, u64)> {
     Some((rss, fds))
 }
 
+/// Process `pid`'s resident memory split: (anonymous, file-backed) KiB (0s if it is gone): growth in the
+/// second is code and data of its binary and libraries paged in, not memory it holds.
+fn rss_parts(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    (field("RssAnon:").unwrap_or(0), field("RssFile:").unwrap_or(0))
+}
+
 fn pid_in(file: &Path) -> u32 {
     std::fs::read_to_string(file).unwrap().trim().parse().unwrap()
 }
@@ -170,8 +180,10 @@ async fn sixteen_vms_with_viewers_clients_and_the_window_stay_flat() {
         let total_rss: u64 = sample.iter().map(|s| s.1).sum();
         let get = |label: &str| sample.iter().find(|s| s.0 == label).map(|s| (s.1, s.2)).unwrap_or_default();
         println!(
-            "SOAK minute {minute}: daemon {:?} window {:?} (RSS KiB, fds); all {} KiB; {} requests, {} console updates, {} errors",
+            "SOAK minute {minute}: daemon {:?} (anon, file {:?}) window {:?} (RSS KiB, fds); all {} KiB; {} requests, \
+             {} console updates, {} errors",
             get("daemon"),
+            rss_parts(d.pid()),
             get("window"),
             total_rss,
             requests.load(Ordering::Relaxed),
@@ -199,6 +211,16 @@ async fn sixteen_vms_with_viewers_clients_and_the_window_stay_flat() {
     }
     drop(window);
 
+    // What the window said (a warning or a panic would explain a jump in its memory).
+    let window_log = std::fs::read_to_string(dir.path("window.log")).unwrap_or_default();
+    if !window_log.trim().is_empty() {
+        let lines: Vec<&str> = window_log.lines().collect();
+        println!(
+            "SOAK window log (last lines of {}):\n{}",
+            lines.len(),
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        );
+    }
     // Growth after the warm-up, per process: RSS and descriptors at the end against the warm-up's sample.
     let base = &samples[warm_up as usize];
     let end = samples.last().unwrap();
