@@ -22,6 +22,14 @@ fn iterations() -> usize {
     std::env::var("PORTHOLE_FAULT_ITERATIONS").ok().and_then(|n| n.parse().ok()).unwrap_or(2)
 }
 
+/// Prints a `FAULT-TIMES` line: the median and slowest of `times` (what README's tables quote).
+fn print_times(what: &str, after: &str, times: &mut [Duration]) {
+    times.sort();
+    if let (Some(median), Some(slowest)) = (times.get(times.len() / 2), times.last()) {
+        println!("FAULT-TIMES {what} {median:?} (median), {slowest:?} (slowest) {after}");
+    }
+}
+
 /// A small xorshift generator: fault points are random, and a seed replays them.
 struct Rng(u64);
 
@@ -775,12 +783,7 @@ async fn a_vm_whose_passt_dies_runs_on_and_its_card_gets_a_new_one() {
     drop(c);
     drop(d);
     assert_nothing_leaked(dir.dir(), "passt-dies");
-    repaired.sort();
-    println!(
-        "FAULT-TIMES passt-dies: the card worked again {:?} (median), {:?} (slowest) after the kill",
-        repaired[repaired.len() / 2],
-        repaired[repaired.len() - 1]
-    );
+    print_times("passt-dies: the card worked again", "after the kill", &mut repaired);
     tally.report(
         "kill -9 of a VM's passt (user-mode network)",
         "the VM runs on, the daemon gives its card a new passt (its forward open again), power-off clean",
@@ -879,12 +882,7 @@ async fn a_vm_whose_tap_device_is_deleted_runs_on_and_its_card_gets_a_new_one() 
     drop(c);
     drop(d);
     assert_nothing_leaked(dir.dir(), "tap-deleted");
-    repaired.sort();
-    println!(
-        "FAULT-TIMES tap-deleted: the card received again {:?} (median), {:?} (slowest) after the deletion",
-        repaired[repaired.len() / 2],
-        repaired[repaired.len() - 1]
-    );
+    print_times("tap-deleted: the card received again", "after the deletion", &mut repaired);
     tally.report(
         "deletion of a bridged VM's TAP device (ip link del) under broadcast traffic",
         "the VM runs on, the daemon gives its card a new TAP device on the bridge (broadcasts arrive again), \
