@@ -292,7 +292,18 @@ fn x11vnc_frames_match_the_display_and_vnc_auth_works() {
         || socket.exists(),
         || format!("no x11vnc socket: {}", std::fs::read_to_string(&log).unwrap_or_default()),
     );
-    assert!(matches!(RfbClient::connect(&socket, None), Err(HandshakeError::PasswordNeeded)));
+    // x11vnc binds its socket before it listens on it: a connection refused in that gap is not an answer.
+    let deadline = std::time::Instant::now() + LIMIT;
+    let first = loop {
+        match RfbClient::connect(&socket, None) {
+            Err(HandshakeError::Io(e)) if std::time::Instant::now() < deadline => {
+                eprintln!("x11vnc not listening yet ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => break other.map(|_| ()),
+        }
+    };
+    assert!(matches!(first, Err(HandshakeError::PasswordNeeded)), "without a password: {first:?}");
     match RfbClient::connect(&socket, Some("wrong")) {
         Err(HandshakeError::Refused(why)) => assert!(!why.is_empty()),
         other => panic!("a wrong password must be refused, got {:?}", other.map(|_| ())),
