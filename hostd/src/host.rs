@@ -517,16 +517,11 @@ impl Host {
         id: &str,
         request: vmm_core::control::Request,
     ) -> Result<vmm_core::control::Response, String> {
-        let control = self.run_files(id).control();
-        tokio::task::spawn_blocking(move || {
-            match vmm_core::control::ControlClient::connect(&control).and_then(|mut c| c.request(&request)) {
-                Ok(reply) => Ok(reply),
-                Err(vmm_core::control::ControlError::Refused(why)) => Err(why),
-                Err(e) => Err(format!("the VM process did not answer: {e}")),
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        match ask_engine(&self.run_files(id).control(), &request).await {
+            Ok(reply) => Ok(reply),
+            Err(vmm_core::control::ControlError::Refused(why)) => Err(why),
+            Err(e) => Err(format!("the VM process did not answer: {e}")),
+        }
     }
 
     /// Gives a running VM's engine new rate limits for its drive `drive` (the engine's drive ids are the
@@ -820,10 +815,7 @@ impl Host {
         // Running once the control socket answers (or ended, which the watcher records).
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let control_path = files.control();
-            let up = tokio::task::spawn_blocking(move || control(&control_path, &Request::Status).is_ok())
-                .await
-                .unwrap_or(false);
+            let up = ask_engine(&files.control(), &Request::Status).await.is_ok();
             {
                 let mut vms = self.vms_mut();
                 let e = vms.get_mut(id).ok_or_else(|| HostError::NotFound(id.to_owned()))?;
@@ -1100,14 +1092,10 @@ impl Host {
             self.record(id)?;
             return Err(HostError::Conflict("the VM is not running".into()));
         }
-        let path = self.run_files(id).control();
-        tokio::task::spawn_blocking(move || control(&path, &request))
-            .await
-            .map_err(|e| HostError::Internal(e.to_string()))?
-            .map_err(|e| match e {
-                vmm_core::control::ControlError::Refused(why) => HostError::BadRequest(why),
-                other => HostError::Internal(format!("the VM's control socket: {other}")),
-            })
+        ask_engine(&self.run_files(id).control(), &request).await.map_err(|e| match e {
+            vmm_core::control::ControlError::Refused(why) => HostError::BadRequest(why),
+            other => HostError::Internal(format!("the VM's control socket: {other}")),
+        })
     }
 
     /// Records the state a lifecycle request leads to.
@@ -1175,6 +1163,28 @@ fn is_zombie(pid: u32) -> bool {
         .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
         .unwrap_or(false)
 }
+
+/// One control request on a fresh connection, from async code: no blocking thread per request (the API's
+/// `GET /vms/{id}` asks each running VM for its status, and the soak's 100 clients had tokio start and end
+/// dozens of blocking threads whose cached stacks made the daemon's memory wander).
+pub async fn ask_engine(path: &Path, request: &Request) -> Result<Response, vmm_core::control::ControlError> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let asked = async {
+        let mut stream = tokio::net::UnixStream::connect(path).await?;
+        let mut bytes = serde_json::to_vec(request)?;
+        bytes.push(b'\n');
+        stream.write_all(&bytes).await?;
+        let mut line = Vec::new();
+        tokio::io::BufReader::new(stream).take(vmm_core::control::MAX_REPLY_BYTES).read_until(b'\n', &mut line).await?;
+        Response::from_line(&line)
+    };
+    tokio::time::timeout(CONTROL_TIMEOUT, asked).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the VM process did not answer in 10 s").into())
+    })
+}
+
+/// How long a control request may take (as the blocking client's read timeout).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One control request on a fresh connection.
 pub fn control(path: &Path, request: &Request) -> Result<Response, vmm_core::control::ControlError> {

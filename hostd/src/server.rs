@@ -77,7 +77,14 @@ pub struct App {
     tasks: Mutex<BTreeMap<String, Task>>,
     /// The cancel switches of the running tasks that can be cancelled.
     cancels: Mutex<HashMap<String, Arc<Cancel>>>,
+    /// Screenshots taken at once (each a viewer connection, a whole frame and a blocking thread).
+    screenshots: tokio::sync::Semaphore,
 }
+
+/// How many screenshots the daemon takes at once; more requests wait their turn. A window showing 16
+/// thumbnails asked for 16 at a time: 16 blocking threads and ~20 MiB of frames, and a resident size that
+/// moved with them (the soak, issue 20).
+const SCREENSHOTS_AT_ONCE: usize = 4;
 
 /// A running task's cancel switch: `POST /tasks/{id}/cancel` sets it and wakes the task.
 #[derive(Default)]
@@ -237,6 +244,7 @@ impl App {
             tickets: Mutex::new(HashMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            screenshots: tokio::sync::Semaphore::new(SCREENSHOTS_AT_ONCE),
         })
     }
 
@@ -1802,6 +1810,11 @@ async fn screenshot(
     }
     let socket = app.host.run_files(&id).vnc_view_only();
     let width = q.width.unwrap_or(320);
+    let _turn = app
+        .screenshots
+        .acquire()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let png = tokio::task::spawn_blocking(move || crate::screenshot::capture(&socket, width))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?

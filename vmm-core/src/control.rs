@@ -564,11 +564,29 @@ impl ControlClient {
             sent = send_with_fds(&self.writer, &bytes, fds)?;
         }
         self.writer.write_all(&bytes[sent..])?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
+        let mut line = Vec::new();
+        (&mut self.reader).take(MAX_REPLY_BYTES).read_until(b'\n', &mut line)?;
+        Response::from_line(&line)
+    }
+}
+
+/// The longest reply line a client reads: an engine that sends more (it runs a guest) is not believed.
+pub const MAX_REPLY_BYTES: u64 = 1 << 20;
+
+impl Response {
+    /// The reply read as one line (with its newline, at most [`MAX_REPLY_BYTES`]); a reply with `ok: false`
+    /// becomes [`ControlError::Refused`].
+    pub fn from_line(line: &[u8]) -> Result<Response, ControlError> {
+        if line.is_empty() {
             return Err(ControlError::Closed);
         }
-        let reply: Response = serde_json::from_str(&line)?;
+        if line.last() != Some(&b'\n') {
+            return Err(ControlError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the reply ends without a newline within {MAX_REPLY_BYTES} bytes"),
+            )));
+        }
+        let reply: Response = serde_json::from_slice(line)?;
         if reply.ok { Ok(reply) } else { Err(ControlError::Refused(reply.error.unwrap_or_default())) }
     }
 }
