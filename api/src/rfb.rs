@@ -27,6 +27,8 @@ pub const CURSOR: i32 = -239;
 pub const DESKTOP_SIZE: i32 = -223;
 pub const LAST_RECT: i32 = -224;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
+/// QEMU's LED state pseudo-encoding: the guest keyboard's lock lights, one byte (see [`crate::KeyboardLeds::from_led_state`]).
+pub const LED_STATE: i32 = -261;
 /// The client may ask for another screen size (SetDesktopSize); the server reports sizes and screens.
 pub const EXTENDED_DESKTOP_SIZE: i32 = -308;
 /// Clipboard in any format, UTF-8 text, compressed, fetched on demand (0xC0A1E5CE).
@@ -128,6 +130,8 @@ pub struct RfbClient {
     pub bytes_received: u64,
     /// The last cursor shape received: (width, height, pixels then mask).
     pub cursor: Option<(u32, u32, Vec<u8>)>,
+    /// The guest keyboard's lock lights, once the server sent them (LED state pseudo-encoding).
+    pub lock_lights: Option<crate::KeyboardLeds>,
     zlib: Decompress,
     zrle: Decompress,
     tight: [Decompress; 4],
@@ -358,6 +362,7 @@ impl RfbClient {
             clipboard: ClipboardState::default(),
             bytes_received: 0,
             cursor: None,
+            lock_lights: None,
             zlib: Decompress::new(true),
             zrle: Decompress::new(true),
             tight: [Decompress::new(true), Decompress::new(true), Decompress::new(true), Decompress::new(true)],
@@ -649,6 +654,11 @@ impl RfbClient {
                     break;
                 }
                 QEMU_EXTENDED_KEY_EVENT => self.acknowledged.push(encoding),
+                LED_STATE => {
+                    let mut state = [0u8; 1];
+                    self.reader.read_exact(&mut state)?;
+                    self.lock_lights = Some(crate::KeyboardLeds::from_led_state(state[0]));
+                }
                 CURSOR => {
                     if w > 256 || h > 256 {
                         return Err(io::Error::other(format!("a {w}x{h} cursor is too large")));

@@ -716,7 +716,7 @@ fn default_mtu() -> u32 {
     DEFAULT_MTU
 }
 
-/// The lock lights of a VM's virtio keyboard, as its guest set them.
+/// The lock lights of a VM's keyboard, as its guest set them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KeyboardLeds {
     pub num_lock: bool,
@@ -725,6 +725,12 @@ pub struct KeyboardLeds {
 }
 
 impl KeyboardLeds {
+    /// From the PS/2 set-LEDs byte, which QEMU's RFB LED state pseudo-encoding carries as is: bit 0 Scroll
+    /// Lock, bit 1 Num Lock, bit 2 Caps Lock (other bits ignored).
+    pub fn from_led_state(bits: u8) -> Self {
+        KeyboardLeds { scroll_lock: bits & 1 != 0, num_lock: bits & 2 != 0, caps_lock: bits & 4 != 0 }
+    }
+
     /// The lights that are on, in words ("Caps Lock, Num Lock"), or "none".
     pub fn text(&self) -> String {
         let on: Vec<&str> =

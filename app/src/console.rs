@@ -37,6 +37,8 @@ struct Shared {
     extended_clipboard: AtomicBool,
     /// Text this side put on the guest's clipboard, handed over when the server asks for it.
     clipboard_out: Mutex<Option<String>>,
+    /// The guest keyboard's lock lights, once the server sent them (LED state pseudo-encoding).
+    lock_lights: Mutex<Option<porthole_api::KeyboardLeds>>,
 }
 
 /// How the screen fits the space it has.
@@ -98,6 +100,7 @@ impl Console {
             screen_id: Default::default(),
             extended_clipboard: AtomicBool::new(false),
             clipboard_out: Mutex::new(None),
+            lock_lights: Mutex::new(None),
         });
         let s = shared.clone();
         let _ = std::thread::Builder::new().name("console".into()).spawn(move || {
@@ -241,6 +244,9 @@ impl Console {
                 f.state.clone()
             };
             ui.label(status);
+            if let Some(lights) = *lock(&self.shared.lock_lights) {
+                lock_lights(ui, lights);
+            }
         });
         self.upload(ui.ctx());
         // The guest's clipboard goes to this computer's; a requested paste goes to the guest's.
@@ -569,6 +575,21 @@ pub fn keymap(key: egui::Key, shift: bool) -> Option<(u32, u32)> {
     })
 }
 
+/// The guest keyboard's lock lights as three small lamps (lit: on), each named for screen readers.
+fn lock_lights(ui: &mut egui::Ui, lights: porthole_api::KeyboardLeds) {
+    for (on, short, name) in [
+        (lights.caps_lock, "Caps", "Caps Lock"),
+        (lights.num_lock, "Num", "Num Lock"),
+        (lights.scroll_lock, "Scroll", "Scroll Lock"),
+    ] {
+        let text = egui::RichText::new(short).small();
+        let text = if on { text.strong().color(ui.visuals().selection.bg_fill) } else { text.weak() };
+        let state = if on { "on" } else { "off" };
+        let label = ui.label(text).on_hover_text(format!("{name} is {state} in the guest"));
+        label.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, format!("{name} {state}")));
+    }
+}
+
 /// The session thread: handshake, then follow the screen until it closes.
 fn session(
     shared: &Shared,
@@ -592,6 +613,7 @@ fn session(
             rfb::QEMU_EXTENDED_KEY_EVENT,
             rfb::EXTENDED_DESKTOP_SIZE,
             rfb::EXTENDED_CLIPBOARD,
+            rfb::LED_STATE,
         ])
         .map_err(io)?;
     client.full_frame().map_err(io)?;
@@ -616,6 +638,9 @@ fn session(
         }
         if client.clipboard.extended {
             shared.extended_clipboard.store(true, Ordering::Relaxed);
+        }
+        if client.lock_lights.is_some() {
+            *lock(&shared.lock_lights) = client.lock_lights;
         }
         // Clipboard answers go out under the input lock, so they never interleave with a key event.
         if client.clipboard_owed() {

@@ -123,6 +123,15 @@ fn create_start_console_media_and_delete_through_the_window() {
         .iter()
         .all(|k| s.contains(k))
     });
+    // The guest's lock lights show in the console's toolbar: all off, then Caps Lock on once it is pressed
+    // (here by a second VNC client on the VM's console socket; kbd-echo sets the LED like an OS).
+    wait(&mut h, "the lock lights", |h| has(h, "Caps Lock off") && has(h, "Num Lock off"));
+    let vm_dir = std::fs::read_dir(d.run.join("vms")).unwrap().flatten().next().unwrap().path();
+    let mut other = porthole_api::rfb::RfbClient::connect(&vm_dir.join("vnc.sock"), None).unwrap();
+    other.key(0xFFE5, true).unwrap();
+    other.key(0xFFE5, false).unwrap();
+    wait(&mut h, "Caps Lock lit in the toolbar", |h| has(h, "Caps Lock on") && has(h, "Scroll Lock off"));
+    drop(other);
 
     // Back to the list; drop an ISO on the VM's row: uploaded to the library and put in its drive.
     click(&mut h, "Machines");

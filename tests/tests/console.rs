@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use porthole_tests::rfb::{HandshakeError, RfbClient};
+use porthole_tests::rfb::{self, HandshakeError, RfbClient};
 use porthole_tests::{Scratch, run, text, wait_until, workspace_bin};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -308,6 +308,44 @@ fn keys_and_mouse_reach_the_guest() {
     let mouse: Vec<String> =
         vm.output().lines().filter(|l| l.starts_with("PORTHOLE-MOUSE")).map(str::to_owned).collect();
     assert_eq!(mouse, ["PORTHOLE-MOUSE b=0 dx=10 dy=-5", "PORTHOLE-MOUSE b=1 dx=0 dy=0"]);
+}
+
+/// The guest's lock lights reach clients that take QEMU's LED state pseudo-encoding: all off at first,
+/// then Caps Lock on and off again as the guest (kbd-echo, like an OS) sets its PS/2 keyboard's LEDs when
+/// Caps Lock is pressed on the console. A client that did not ask for them never gets them.
+#[test]
+fn the_guests_lock_lights_reach_clients_that_take_led_state() {
+    const CAPS_LOCK: u32 = 0xFFE5;
+    let vm = ConsoleVm::start("kbd-echo", &[], "PORTHOLE-KBD-READY");
+    let mut c = vm.client();
+    c.set_encodings(&[rfb::RAW, rfb::LED_STATE]).unwrap();
+    c.full_frame().unwrap();
+    let off = porthole_api::KeyboardLeds::default();
+    assert_eq!(c.lock_lights, Some(off), "the lights as they are, with the first update");
+    let mut plain = vm.client();
+    plain.set_encodings(&[rfb::RAW]).unwrap();
+    plain.full_frame().unwrap();
+    let caps = porthole_api::KeyboardLeds { caps_lock: true, ..off };
+    for (press, want, line) in [(1, caps, "PORTHOLE-LEDS 4"), (2, off, "PORTHOLE-LEDS 0")] {
+        c.key(CAPS_LOCK, true).unwrap();
+        c.key(CAPS_LOCK, false).unwrap();
+        wait_until(
+            LIMIT,
+            || vm.output().matches("PORTHOLE-LEDS").count() == press,
+            || format!("press {press} of Caps Lock; serial:\n{}", vm.output()),
+        );
+        assert!(vm.output().contains(line), "{}", vm.output());
+        // An update with nothing new on the screen but the lights.
+        let mut updates = 0;
+        while c.lock_lights != Some(want) {
+            updates += 1;
+            assert!(updates < 50, "the client's lights {:?}, the guest's {want:?}", c.lock_lights);
+            c.request(true).unwrap();
+            c.read_update().unwrap();
+        }
+    }
+    plain.full_frame().unwrap();
+    assert_eq!(plain.lock_lights, None, "sent to a client that did not ask");
 }
 
 /// With `--input virtio` the guest has a virtio tablet and keyboard, but this one never loads their driver

@@ -137,6 +137,21 @@ fn qemus_vnc_server_frames_match_its_screendump_and_keys_arrive() {
     c.key(u32::from(b'b'), false).unwrap();
     wait_until(LIMIT, || text().contains("PORTHOLE-KEY b0"), text);
     assert!(text().contains("PORTHOLE-KEY 1e") && text().contains("PORTHOLE-KEY 9e"), "{}", text());
+
+    // Lock lights: Caps Lock pressed on the console, the guest sets its keyboard's Caps Lock LED, QEMU
+    // sends the LED state pseudo-encoding (the reference for what Porthole's server sends, see console.rs).
+    c.set_encodings(&[rfb::RAW, rfb::QEMU_EXTENDED_KEY_EVENT, rfb::LED_STATE]).unwrap();
+    c.qemu_key(0xFFE5, 0x3A, true).unwrap();
+    c.qemu_key(0xFFE5, 0x3A, false).unwrap();
+    wait_until(LIMIT, || text().contains("PORTHOLE-LEDS 4"), text);
+    let caps = porthole_api::KeyboardLeds { caps_lock: true, ..Default::default() };
+    let mut updates = 0;
+    while c.lock_lights != Some(caps) {
+        updates += 1;
+        assert!(updates < 50, "QEMU's lights {:?}; the guest set Caps Lock", c.lock_lights);
+        c.request(true).unwrap();
+        c.read_update().unwrap();
+    }
 }
 
 /// Puts a test picture on display `display`'s root window and returns what ImageMagick captures of it.

@@ -130,7 +130,7 @@ fn main() -> std::io::Result<()> {
     let root = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
     let (server_dir, client_dir) = (root.join("rfb_server"), root.join("rfb_client"));
     let full = |w: u16, h: u16| request(false, 0, 0, w, h);
-    let all_pseudo = [CURSOR, DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, LAST_RECT, QEMU_EXTENDED_KEY_EVENT];
+    let all_pseudo = [CURSOR, DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, LAST_RECT, QEMU_EXTENDED_KEY_EVENT, LED_STATE];
     let mut seeds: Vec<(String, Vec<u8>)> = Vec::new();
 
     // Every handshake variant with one update.

@@ -290,6 +290,10 @@ impl crate::rfb::Input for VmHandle {
     fn pointer(&self, x: u16, y: u16, buttons: u8, screen: (u32, u32)) {
         VmHandle::pointer(self, x, y, buttons, screen);
     }
+
+    fn lock_lights(&self) -> Option<u8> {
+        Some(self.lock_lights())
+    }
 }
 
 /// The state the control socket reports.
@@ -463,6 +467,17 @@ impl VmHandle {
     /// The virtio keyboard's lock LEDs as its guest driver last set them (None without the keyboard).
     pub fn keyboard_leds(&self) -> Option<virtio_input::Leds> {
         lock(&self.keyboard).as_ref().map(|k| k.leds())
+    }
+
+    /// The lock lights of the keyboard the console's keys go to — the virtio keyboard's once its guest
+    /// driver is up, else the PS/2 keyboard's — as bits: 0 Scroll Lock, 1 Num Lock, 2 Caps Lock (the PS/2
+    /// set-LEDs byte, and QEMU's LED state pseudo-encoding).
+    pub fn lock_lights(&self) -> u8 {
+        if let Some(k) = lock(&self.keyboard).as_ref().filter(|k| k.driver_ready()) {
+            let l = k.leds();
+            return u8::from(l.scroll_lock) | u8::from(l.num_lock) << 1 | u8::from(l.caps_lock) << 2;
+        }
+        lock(&self.i8042).as_ref().map(|dev| lock(dev).keyboard_leds() & 7).unwrap_or(0)
     }
 
     /// Whether the console's pointer goes to the tablet (its guest driver is up) rather than the PS/2

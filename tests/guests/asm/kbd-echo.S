@@ -26,6 +26,10 @@
  * Screen: each keyboard byte is also written at the text cursor as two lower-case hex digits and a space,
  * attribute 0x0F, 3 cells per byte from cell 0 on (`1e 9e ...`); after 666 bytes (cell 1998) it wraps to
  * cell 0 and overwrites. The CRTC cursor follows (cell after the last byte).
+ * Caps Lock (scan code 3a, its press in set 1) toggles the guest's Caps Lock light as an OS does: with
+ * interrupts off, 0xED then the LED byte (bit 0 Scroll, bit 1 Num, bit 2 Caps) written to the keyboard,
+ * each answer (fa) read by polling and not reported as a key; then
+ *   `PORTHOLE-LEDS x`             the LED byte sent, one hex digit (4: Caps Lock on, 0: off)
  * It never powers off by itself: it runs until the host stops it.
  */
     .set KBC_DATA, 0x60
@@ -150,7 +154,31 @@ guest_main:
     xorl %r15d, %r15d
 8:  movl %r15d, %edi
     call vga_set_cursor
+    cmpb $0x3A, %bl                 /* Caps Lock pressed: toggle its light */
+    jne 6b
+    call toggle_caps_light
     jmp 6b
+
+/* toggle_caps_light(): flips bit 2 of the LED byte and sends it to the keyboard (0xED, byte), reading
+   both answers by polling with interrupts off; reports the byte on serial. */
+toggle_caps_light:
+    xorb $4, leds(%rip)
+    cli
+    movb $0xED, %dil
+    call kbc_write_data
+    call kbc_read
+    movzbl leds(%rip), %edi
+    call kbc_write_data
+    call kbc_read
+    sti
+    leaq msg_leds(%rip), %rdi
+    call serial_puts
+    movzbl leds(%rip), %edi
+    movl $1, %esi
+    call serial_puthex
+    movl $'\n', %edi
+    call serial_putc
+    ret
 
 mouse_byte:
     movzbl %bl, %ebx
@@ -275,6 +303,8 @@ msg_dx:
     .asciz " dx="
 msg_dy:
     .asciz " dy="
+msg_leds:
+    .asciz "PORTHOLE-LEDS "
 
     .section .data
     .p2align 2
@@ -282,6 +312,8 @@ ring_head:
     .long 0
 ring_tail:
     .long 0
+leds:
+    .byte 0
 
     .section .bss
     .p2align 4

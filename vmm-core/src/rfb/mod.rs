@@ -91,6 +91,11 @@ pub trait Input: Send + Sync {
     fn key(&self, key: Key, down: bool);
     /// A pointer event at (`x`, `y`) on the screen as it is now (`screen`: its width and height).
     fn pointer(&self, x: u16, y: u16, buttons: u8, screen: (u32, u32));
+    /// The guest keyboard's lock lights as QEMU's LED state pseudo-encoding carries them (bit 0 Scroll
+    /// Lock, bit 1 Num Lock, bit 2 Caps Lock), if this input has a keyboard.
+    fn lock_lights(&self) -> Option<u8> {
+        None
+    }
 }
 
 /// The input of a view-only console: everything is dropped.
@@ -516,9 +521,9 @@ fn serve(
     let shared = Arc::new(Shared { state: Mutex::new(ClientState::new()), changed: Condvar::new(), viewer });
     let writer_stream = stream.try_clone()?;
     let writer_shared = shared.clone();
-    let writer_screen = screen.clone();
+    let (writer_screen, writer_input) = (screen.clone(), input.clone());
     let writer = std::thread::Builder::new().name("rfb-writer".into()).spawn(move || {
-        let mut w = Writer::new(writer_stream, writer_shared.clone(), writer_screen, (width, height));
+        let mut w = Writer::new(writer_stream, writer_shared.clone(), writer_screen, writer_input, (width, height));
         if let Err(e) = w.run() {
             log::debug!("RFB writer ended: {e}");
         }
@@ -696,6 +701,9 @@ struct Writer<W = Stream> {
     /// Once compressed data went out, the zlib streams (and their level) must continue as they are.
     streams_started: bool,
     cursor_sent: bool,
+    /// Where the lock lights come from, and the state last sent (LED state pseudo-encoding).
+    input: Arc<dyn Input>,
+    lights_sent: Option<u8>,
 }
 
 /// Settings copied out of the shared state for one update.
@@ -707,6 +715,8 @@ struct UpdatePlan {
     resize_encoding: Option<i32>,
     copy_rect: bool,
     cursor: bool,
+    /// The lock lights now, for a client that takes the LED state pseudo-encoding.
+    lights: Option<u8>,
     last_rect: bool,
     ext_key_ack: bool,
     desktop_size_reply: Option<u16>,
@@ -720,8 +730,16 @@ impl UpdatePlan {
 }
 
 impl<W: Write> Writer<W> {
-    fn new(stream: W, shared: Arc<Shared>, screen: Arc<Screen>, client_size: (u32, u32)) -> Self {
+    fn new(
+        stream: W,
+        shared: Arc<Shared>,
+        screen: Arc<Screen>,
+        input: Arc<dyn Input>,
+        client_size: (u32, u32),
+    ) -> Self {
         Writer {
+            input,
+            lights_sent: None,
             stream,
             shared,
             screen,
@@ -790,6 +808,7 @@ impl<W: Write> Writer<W> {
                     resize_encoding,
                     copy_rect: s.supports(encoding::COPY_RECT),
                     cursor: s.supports(encoding::CURSOR),
+                    lights: if s.supports(encoding::LED_STATE) { self.input.lock_lights() } else { None },
                     last_rect: s.supports(encoding::LAST_RECT),
                     ext_key_ack: std::mem::take(&mut s.ext_key_ack),
                     desktop_size_reply: s.desktop_size_reply.take(),
@@ -835,7 +854,10 @@ impl<W: Write> Writer<W> {
 
     /// Pseudo-rectangles that must go out even with no damage.
     fn pseudo_due(&self, plan: &UpdatePlan) -> bool {
-        plan.ext_key_ack || plan.desktop_size_reply.is_some() || (plan.cursor && !self.cursor_sent)
+        plan.ext_key_ack
+            || plan.desktop_size_reply.is_some()
+            || (plan.cursor && !self.cursor_sent)
+            || (plan.lights.is_some() && plan.lights != self.lights_sent)
     }
 
     /// Sends the update `plan` calls for with `damage` (the viewer's, already taken), if there is anything
@@ -894,6 +916,12 @@ impl<W: Write> Writer<W> {
         if plan.cursor && !self.cursor_sent {
             put_cursor(&plan.pf, &mut out);
             self.cursor_sent = true;
+            count += 1;
+        }
+        if let Some(lights) = plan.lights.filter(|l| Some(*l) != self.lights_sent) {
+            header(&mut out, &Rect::new(0, 0, 0, 0), encoding::LED_STATE);
+            out.push(lights);
+            self.lights_sent = Some(lights);
             count += 1;
         }
         // Only what the client can see, and only inside what it asked for (or its continuous region).
@@ -1063,10 +1091,13 @@ pub mod fuzz {
             changed: Condvar::new(),
             viewer: screen.subscribe(),
         });
-        let mut writer = Writer::new(updates, shared.clone(), screen.clone(), (width, height));
+        // The guest's lock lights change with every 3rd message (LED state for clients that take it).
+        let input = Arc::new(Lights(AtomicUsize::new(0)));
+        let mut writer = Writer::new(updates, shared.clone(), screen.clone(), input.clone(), (width, height));
         let mut messages = 0u32;
         while let Ok(true) = read_message(&mut stream, &shared, &NoInput, &screen) {
             messages += 1;
+            input.0.store(messages as usize / 3, Ordering::Relaxed);
             if options & 2 != 0 && messages.is_multiple_of(8) {
                 let now = screen.read().bounds();
                 screen.resize(now.h, now.w);
@@ -1082,6 +1113,17 @@ pub mod fuzz {
             }
         }
         (messages, stream.output, writer.stream)
+    }
+
+    /// Input whose keyboard's lock lights are the low 3 bits of a counter.
+    struct Lights(AtomicUsize);
+
+    impl Input for Lights {
+        fn key(&self, _key: Key, _down: bool) {}
+        fn pointer(&self, _x: u16, _y: u16, _buttons: u8, _screen: (u32, u32)) {}
+        fn lock_lights(&self) -> Option<u8> {
+            Some(self.0.load(Ordering::Relaxed) as u8 & 7)
+        }
     }
 
     /// A picture with flat areas, gradients and noise, so every encoder takes its several paths.

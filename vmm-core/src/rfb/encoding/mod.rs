@@ -20,6 +20,8 @@ pub const DESKTOP_SIZE: i32 = -223;
 pub const LAST_RECT: i32 = -224;
 pub const CURSOR: i32 = -239;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
+/// QEMU's LED state pseudo-encoding: one byte, bit 0 Scroll Lock, bit 1 Num Lock, bit 2 Caps Lock.
+pub const LED_STATE: i32 = -261;
 pub const EXTENDED_DESKTOP_SIZE: i32 = -308;
 pub const FENCE: i32 = -312;
 pub const CONTINUOUS_UPDATES: i32 = -313;
