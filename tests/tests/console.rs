@@ -270,6 +270,15 @@ fn text_mode_shows_glyphs_in_their_cells() {
     for (i, ch) in b"bottom line".iter().enumerate() {
         check_cell(&c, i as u32, 24, *ch, 0x4E);
     }
+    // Text in Tight goes through its palette filter (two colours: one bit per pixel; more: one byte),
+    // lossless even when the client allows JPEG: the same screen as in Raw.
+    for encodings in [vec![rfb::TIGHT, -223], vec![rfb::TIGHT, -23 /* JPEG quality 9 */, -223]] {
+        let mut t = vm.client();
+        t.set_encodings(&encodings).unwrap();
+        t.full_frame().unwrap();
+        let differing = t.pixels.iter().zip(&c.pixels).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 0, "{encodings:?}: pixels differ from Raw's");
+    }
 }
 
 #[test]
