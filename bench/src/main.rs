@@ -85,6 +85,11 @@ enum Bench {
         #[arg(long, default_value_t = 40)]
         presses: usize,
     },
+    /// RFB pointer motion -> virtio tablet events (host-side driver): latency p50/p99.
+    Pointer {
+        #[arg(long, default_value_t = 2000)]
+        moves: usize,
+    },
     /// The guest-driven animation (fb-anim) on porthole-vmm and QEMU: guest frames/s and client updates/s.
     Anim {
         #[arg(long, default_value_t = 20.0)]
@@ -403,6 +408,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Pause { rounds } => bench_pause(rounds),
         Bench::Console { seconds } => console::run(seconds),
         Bench::Keys { presses } => console::keys(presses),
+        Bench::Pointer { moves } => console::pointer(moves),
         Bench::Anim { seconds } => console::anim(seconds),
         Bench::DiskBackend { seconds } => disk::backend(seconds),
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),

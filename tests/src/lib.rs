@@ -331,6 +331,13 @@ pub fn x_setup(s: &mut std::os::unix::net::UnixStream) -> bool {
 /// out (a killed one leaves them for the next start to clear).
 pub struct XServer(Child);
 
+impl XServer {
+    /// The X server's process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for XServer {
     fn drop(&mut self) {
         // SAFETY: kill(2) of our own child.
@@ -455,6 +462,12 @@ impl Drop for Killed {
 /// socket `socket` with the security arguments `security` (e.g. `["-SecurityTypes", "None"]`); returns once
 /// the socket exists and the X server serves clients, with the server and its display.
 pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (XServer, String) {
+    xvnc_sized(socket, from, (640, 480), security)
+}
+
+/// [`xvnc`] with a screen of `size` (width, height).
+pub fn xvnc_sized(socket: &Path, from: u32, size: (u32, u32), security: &[&str]) -> (XServer, String) {
+    let geometry = format!("{}x{}", size.0, size.1);
     let (child, display) = start_x_server(
         from..from + 100,
         |display| {
@@ -462,7 +475,7 @@ pub fn xvnc(socket: &Path, from: u32, security: &[&str]) -> (XServer, String) {
             let _ = std::fs::remove_file(socket);
             let mut c = Command::new("Xvnc");
             c.arg(display)
-                .args(["-geometry", "640x480", "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp", "-noreset"])
+                .args(["-geometry", &geometry, "-depth", "24", "-rfbport", "-1", "-nolisten", "tcp", "-noreset"])
                 .arg("-rfbunixpath")
                 .arg(socket)
                 .args(security);

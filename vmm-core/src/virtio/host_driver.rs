@@ -521,3 +521,87 @@ impl HostNetDriver {
         (mac, u16::from_le_bytes([b[6], b[7]]), u16::from_le_bytes([b[10], b[11]]))
     }
 }
+
+/// Where [`HostInputDriver`] keeps its event buffers: buffer i at INPUT_EVENTS + 8 * i.
+pub const INPUT_EVENTS: u64 = 0x2_0000;
+
+/// The host-side driver of one virtio-input device: 8-byte event buffers on its event queue (queue 0),
+/// events read back as (type, code, value). The device's unit tests and `porthole-bench pointer` use it.
+pub struct HostInputDriver {
+    driver: HostDriver<super::input::VirtioInput>,
+    input: Arc<super::input::InputHandle>,
+    /// The next buffer to post (buffer and descriptor i % queue size).
+    next: u16,
+    /// Completions whose length was not one event's 8 bytes (not returned by [`Self::events`]).
+    pub malformed: u64,
+}
+
+impl Deref for HostInputDriver {
+    type Target = HostDriver<super::input::VirtioInput>;
+    fn deref(&self) -> &Self::Target {
+        &self.driver
+    }
+}
+
+impl DerefMut for HostInputDriver {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.driver
+    }
+}
+
+impl HostInputDriver {
+    /// A device of `profile`, brought up with both queues at full size and no buffer posted.
+    pub fn new(profile: super::input::Profile) -> std::io::Result<Self> {
+        let size = super::input::QUEUE_SIZE;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x3_0000)]).map_err(std::io::Error::other)?;
+        let interrupt = Arc::new(VirtioInterrupt::new()?);
+        let device = super::input::VirtioInput::new(profile, interrupt.clone())?;
+        let input = device.input().clone();
+        Ok(HostInputDriver {
+            driver: HostDriver::new(device, interrupt, mem, &[size, size]),
+            input,
+            next: 0,
+            malformed: 0,
+        })
+    }
+
+    /// The side an input path (the RFB server, a test) sends events to.
+    pub fn input(&self) -> &Arc<super::input::InputHandle> {
+        &self.input
+    }
+
+    /// Posts `count` more event buffers (at most a queue's worth may be outstanding) and notifies.
+    pub fn post(&mut self, count: u16) {
+        let size = super::input::QUEUE_SIZE;
+        for _ in 0..count {
+            let i = self.next % size;
+            let desc = Desc { addr: INPUT_EVENTS + 8 * u64::from(i), len: 8, flags: DESC_F_WRITE, next: 0 };
+            self.driver.write_desc(0, i, desc);
+            self.driver.push_avail(0, i);
+            self.next = self.next.wrapping_add(1);
+        }
+        self.driver.kick(0);
+    }
+
+    /// The events completed within `timeout` (waiting for the first), in order, as (type, code, value);
+    /// their buffers are free to post again.
+    pub fn events(&mut self, timeout: Duration) -> Vec<(u16, u16, i32)> {
+        let done = self.driver.completions(0, timeout);
+        let before = done.len();
+        let events: Vec<_> = done
+            .into_iter()
+            .filter(|&(_, len)| len == 8)
+            .map(|(head, _)| {
+                let e: [u8; 8] =
+                    self.driver.mem.read_obj(GuestAddress(INPUT_EVENTS + 8 * u64::from(head))).unwrap_or_default();
+                (
+                    u16::from_le_bytes([e[0], e[1]]),
+                    u16::from_le_bytes([e[2], e[3]]),
+                    i32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+                )
+            })
+            .collect();
+        self.malformed += (before - events.len()) as u64;
+        events
+    }
+}

@@ -747,22 +747,20 @@ impl Drop for VirtioInput {
 mod tests {
     use std::time::Duration;
 
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::virtio::VIRTIO_CONFIG_S_NEEDS_RESET;
-    use crate::virtio::host_driver::{DESC_F_WRITE, Desc, HostDriver};
+    use crate::virtio::host_driver::{DESC_F_WRITE, Desc, HostDriver, HostInputDriver, INPUT_EVENTS};
 
     /// Event buffers: buffer i at BUFFERS + 8 * i.
-    const BUFFERS: u64 = 0x2_0000;
+    const BUFFERS: u64 = INPUT_EVENTS;
     const WAIT: Duration = Duration::from_secs(5);
 
-    fn device(profile: Profile) -> (HostDriver<VirtioInput>, Arc<InputHandle>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x3_0000)]).unwrap();
-        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
-        let device = VirtioInput::new(profile, interrupt.clone()).unwrap();
-        let input = device.input().clone();
-        (HostDriver::new(device, interrupt, mem, &[QUEUE_SIZE, QUEUE_SIZE]), input)
+    fn device(profile: Profile) -> (HostInputDriver, Arc<InputHandle>) {
+        let d = HostInputDriver::new(profile).unwrap();
+        let input = d.input().clone();
+        (d, input)
     }
 
     /// Posts event buffers `first..first + count` (descriptor i is buffer i).
@@ -776,18 +774,13 @@ mod tests {
     }
 
     /// The events the driver got, as (type, code, value).
-    fn received(d: &mut HostDriver<VirtioInput>, want: usize) -> Vec<(u16, u16, i32)> {
+    fn received(d: &mut HostInputDriver, want: usize) -> Vec<(u16, u16, i32)> {
         let mut out = Vec::new();
         while out.len() < want {
-            let done = d.completions(EVENTQ, WAIT);
-            assert!(!done.is_empty(), "only {} of {want} events came: {out:?}", out.len());
-            for (head, len) in done {
-                assert_eq!(len, 8);
-                let e: [u8; 8] = d.mem.read_obj(GuestAddress(BUFFERS + 8 * u64::from(head))).unwrap();
-                let kind = u16::from_le_bytes([e[0], e[1]]);
-                let code = u16::from_le_bytes([e[2], e[3]]);
-                out.push((kind, code, i32::from_le_bytes([e[4], e[5], e[6], e[7]])));
-            }
+            let got = d.events(WAIT);
+            assert!(!got.is_empty(), "only {} of {want} events came: {out:?}", out.len());
+            assert_eq!(d.malformed, 0, "a completion of another length than 8");
+            out.extend(got);
         }
         out
     }
