@@ -175,8 +175,16 @@ impl Stats {
             let mut clients: HashMap<String, (u32, ControlClient)> = HashMap::new();
             let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
             let mut host_last: Option<(u64, (u64, u64))> = None;
+            let mut rounds = 0u64;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
+                rounds += 1;
+                if rounds.is_multiple_of(60) {
+                    // Once a minute, hand the allocator's free pages back to the system: requests of many
+                    // sizes from many threads leave free holes inside glibc's arenas that it keeps resident.
+                    // SAFETY: malloc_trim has no memory arguments and is thread-safe.
+                    unsafe { libc::malloc_trim(0) };
+                }
                 // The VMs' disk and network rates of this round, for the host's sample.
                 let mut io = [0.0f64; 4];
                 let running = host.running();
