@@ -26,22 +26,24 @@ const HEIGHT: u32 = 1080;
 
 /// CPU time (user + system) of this process's threads whose names start with one of `prefixes`.
 fn threads_cpu(prefixes: &[&str]) -> Duration {
-    let mut ticks = 0u64;
+    let mut total = Duration::ZERO;
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for task in tasks.flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if !prefixes.iter().any(|p| comm.trim().starts_with(p)) {
-                continue;
-            }
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            // Fields after the parenthesised name: state is 3rd; utime 14th, stime 15th.
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if prefixes.iter().any(|p| comm.trim().starts_with(p)) {
+                total += stat_cpu(&task.path().join("stat"));
             }
         }
     }
+    total
+}
+
+/// CPU time (user + system) in a `/proc/.../stat` file (a process's or a thread's; zero if unreadable).
+fn stat_cpu(path: &Path) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised name: state is 3rd; utime 14th, stime 15th.
+    let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok())).sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros(ticks * 1_000_000 / hz)
@@ -348,16 +350,6 @@ fn measure(
     })
 }
 
-/// CPU time (user + system) of process `pid`.
-fn process_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = [11, 12].iter().filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok())).sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
-
 /// TigerVNC's Xvnc at the same size serving the same frames, put on its root window with PutImage (in bands
 /// under the core protocol's request size) and synchronised before each request; its server column is the
 /// whole Xvnc process (X and VNC). Zlib is not among Xvnc's encodings.
@@ -393,7 +385,9 @@ fn xvnc_peer(
     println!("  the peer: TigerVNC's Xvnc, same frames (PutImage on its root window), same client:");
     for content in [Content::Desktop, Content::ScrollingText, Content::Video] {
         for (name, encoding) in encodings.iter().filter(|(n, _)| *n != "zlib") {
-            let row = measure(&socket, source, content, name, encoding, seconds, &mut write, &|| process_cpu(pid))?;
+            let row = measure(&socket, source, content, name, encoding, seconds, &mut write, &|| {
+                stat_cpu(Path::new(&format!("/proc/{pid}/stat")))
+            })?;
             let mine = ours.iter().find(|((c, n), _)| *c == format!("{content:?}") && n == name).map(|(_, r)| r);
             row.print(content, &format!("{name} (Xvnc)"), mine);
         }
