@@ -2,19 +2,6 @@
 //! dir, their `porthole-vmm` processes — and serves them over the host API: HTTP on a Unix socket for the
 //! local user, HTTPS with API tokens for remote users (`--listen`).
 
-mod auth;
-mod cloud_init;
-mod disks;
-mod host;
-mod net;
-mod openapi;
-mod osinfo;
-mod screenshot;
-mod server;
-mod stats;
-mod store;
-mod tls;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use porthole_api::Role;
+use portholed::{auth, host, server, stats, tls};
 
 /// Porthole host daemon: owns this host's VMs and serves them over the host API.
 #[derive(Debug, Parser)]
