@@ -12,7 +12,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flate2::{Decompress, FlushDecompress};
 
@@ -99,6 +99,107 @@ pub fn clipboard_provide_message(text: &str) -> Vec<u8> {
 }
 /// Tight JPEG quality levels -32 (lowest) .. -23 (highest).
 pub const JPEG_QUALITY_6: i32 = -26;
+pub const JPEG_QUALITY_8: i32 = -24;
+
+/// How the console asks for pixels, chosen by the throughput the server's updates arrive at, as TigerVNC's
+/// viewer chooses ("automatic selection"): lossless on a fast link (a local socket, a LAN), Tight with JPEG
+/// for the parts of the screen with many colours on a slower one — quality 8 below 50 Mbit/s, quality 6
+/// below 16 Mbit/s (TigerVNC's threshold between the two) — and back up once the link measures twice the
+/// threshold it went down at (so a link near one does not flip at every update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PictureQuality {
+    /// ZRLE first: every pixel exact.
+    Lossless,
+    /// Tight, JPEG at quality 8 for tiles of many colours (few-colour tiles stay exact).
+    Jpeg8,
+    /// Tight, JPEG at quality 6.
+    Jpeg6,
+}
+
+impl PictureQuality {
+    /// The encodings to announce, best first, followed by `pseudo` (the client's pseudo-encodings).
+    pub fn encodings(self, pseudo: &[i32]) -> Vec<i32> {
+        let mut list = match self {
+            PictureQuality::Lossless => vec![ZRLE, HEXTILE, ZLIB, TIGHT, RAW, COPY_RECT],
+            PictureQuality::Jpeg8 => vec![TIGHT, ZRLE, HEXTILE, ZLIB, RAW, COPY_RECT, JPEG_QUALITY_8],
+            PictureQuality::Jpeg6 => vec![TIGHT, ZRLE, HEXTILE, ZLIB, RAW, COPY_RECT, JPEG_QUALITY_6],
+        };
+        list.extend_from_slice(pseudo);
+        list
+    }
+}
+
+/// The link's throughput, estimated from updates' transfers, and the [`PictureQuality`] it calls for.
+#[derive(Debug, Clone)]
+pub struct QualityChooser {
+    /// Bytes and seconds of recent transfers, each halved at every new one (recent ones weigh more).
+    bytes: f64,
+    seconds: f64,
+    quality: PictureQuality,
+}
+
+impl Default for QualityChooser {
+    fn default() -> Self {
+        QualityChooser { bytes: 0.0, seconds: 0.0, quality: PictureQuality::Lossless }
+    }
+}
+
+impl QualityChooser {
+    /// Transfers smaller than this say more about latency than throughput and are not counted.
+    pub const MIN_TRANSFER: u64 = 64 * 1024;
+    /// Going down below these (bits per second); coming back up above twice them.
+    pub const JPEG8_BELOW: f64 = 50e6;
+    pub const JPEG6_BELOW: f64 = 16e6;
+
+    pub fn quality(&self) -> PictureQuality {
+        self.quality
+    }
+
+    /// The estimate in bits per second, once a transfer counted.
+    pub fn bits_per_second(&self) -> Option<f64> {
+        (self.seconds > 0.0).then(|| self.bytes * 8.0 / self.seconds)
+    }
+
+    /// Counts one update's transfer (see [`RfbClient::last_transfer`]); returns the new quality when it changes.
+    pub fn observe(&mut self, bytes: u64, took: Duration) -> Option<PictureQuality> {
+        if bytes < Self::MIN_TRANSFER {
+            return None;
+        }
+        self.bytes = self.bytes / 2.0 + bytes as f64;
+        self.seconds = self.seconds / 2.0 + took.as_secs_f64().max(1e-6);
+        let bps = self.bits_per_second()?;
+        let next = match self.quality {
+            PictureQuality::Lossless if bps < Self::JPEG6_BELOW => PictureQuality::Jpeg6,
+            PictureQuality::Lossless if bps < Self::JPEG8_BELOW => PictureQuality::Jpeg8,
+            PictureQuality::Jpeg8 if bps < Self::JPEG6_BELOW => PictureQuality::Jpeg6,
+            PictureQuality::Jpeg8 | PictureQuality::Jpeg6 if bps > 2.0 * Self::JPEG8_BELOW => PictureQuality::Lossless,
+            PictureQuality::Jpeg6 if bps > 2.0 * Self::JPEG6_BELOW => PictureQuality::Jpeg8,
+            same => same,
+        };
+        (next != self.quality).then(|| {
+            self.quality = next;
+            next
+        })
+    }
+}
+
+/// The client's side of the stream, counting the bytes read and the time spent in those reads (waiting for
+/// the network included, decoding not): what an update's transfer took.
+struct TimedReads {
+    stream: UnixStream,
+    bytes: u64,
+    busy: Duration,
+}
+
+impl Read for TimedReads {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        let n = self.stream.read(buf)?;
+        self.busy += started.elapsed();
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
 
 /// Largest screen accepted from a server.
 pub const MAX_SIDE: u32 = 8192;
@@ -114,7 +215,9 @@ pub struct RfbClient {
     /// The last text the server put on the clipboard.
     pub cut_text: Option<String>,
     pub stream: UnixStream,
-    reader: io::BufReader<UnixStream>,
+    reader: io::BufReader<TimedReads>,
+    /// The last update's transfer: bytes and time read after its first byte (see [`RfbClient::last_transfer`]).
+    transfer: Option<(u64, Duration)>,
     pub width: u32,
     pub height: u32,
     pub pixels: Vec<u32>,
@@ -349,7 +452,11 @@ impl RfbClient {
         // 32 bpp, depth 24, little-endian, true colour, 8 bits per channel at 16/8/0: 0x00RRGGBB words.
         s.write_all(&[0, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])?;
         Ok(RfbClient {
-            reader: io::BufReader::with_capacity(1 << 20, s.try_clone()?),
+            reader: io::BufReader::with_capacity(
+                1 << 20,
+                TimedReads { stream: s.try_clone()?, bytes: 0, busy: Duration::ZERO },
+            ),
+            transfer: None,
             stream: s,
             width,
             height,
@@ -555,6 +662,9 @@ impl RfbClient {
                 }
             }
         }
+        // The read that brought the update's first byte waited for the screen to change as well: the
+        // transfer is what the reads after it moved, and how long they took.
+        let (bytes_before, busy_before) = (self.reader.get_ref().bytes, self.reader.get_ref().busy);
         let mut pad = [0u8; 1];
         self.reader.read_exact(&mut pad)?;
         let n = read_u16(&mut self.reader)?;
@@ -671,7 +781,16 @@ impl RfbClient {
             }
             rects.push((encoding, x, y, w, h));
         }
+        let timed = self.reader.get_ref();
+        self.transfer = Some((timed.bytes - bytes_before, timed.busy.saturating_sub(busy_before)));
         Ok(rects)
+    }
+
+    /// The last update's transfer, once: the bytes read from the socket after the one that brought its first
+    /// byte, and the time those reads took (waiting for the network included, decoding not). For
+    /// [`QualityChooser::observe`].
+    pub fn last_transfer(&mut self) -> Option<(u64, Duration)> {
+        self.transfer.take()
     }
 
     /// Puts a rectangle `w` pixels wide (rows of `pixels`, already checked to lie on the screen) at (x, y),
@@ -1049,6 +1168,83 @@ mod tests {
         client.full_frame().unwrap();
         assert_eq!((client.width, client.height), (32, 16));
         drop(server.join().unwrap());
+    }
+
+    #[test]
+    fn an_update_on_a_slow_link_measures_the_link_and_lowers_the_picture_quality() {
+        use super::{PictureQuality, QualityChooser};
+        use std::time::Duration;
+        // A 256x256 raw update (256 KiB) sent in 16 KiB pieces 20 ms apart: about 6.5 Mbit/s.
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut b = b"RFB 003.008\n\x01\x01\0\0\0\0".to_vec();
+            b.extend([1, 0, 1, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+            b.extend([0, 0, 0, 1, b'q']);
+            server_end.write_all(&b).unwrap();
+            // The screen changes a while after the request: that wait is not the link's.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut update = vec![0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0];
+            update.extend(std::iter::repeat_n(0x5au8, 256 * 256 * 4));
+            for piece in update.chunks(16 * 1024) {
+                server_end.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            server_end
+        });
+        let mut client = RfbClient::over(client_end, None).unwrap();
+        client.request(false).unwrap();
+        client.read_update().unwrap();
+        let (bytes, took) = client.last_transfer().expect("an update's transfer");
+        assert!(client.last_transfer().is_none(), "taken once");
+        let bps = bytes as f64 * 8.0 / took.as_secs_f64();
+        // Everything after the first piece, at the pace of the pieces (not the 300 ms before the first).
+        assert!((200 * 1024..=256 * 1024 + 16).contains(&bytes), "{bytes} bytes");
+        assert!((2e6..12e6).contains(&bps), "{bps} bit/s in {took:?}");
+        let mut chooser = QualityChooser::default();
+        assert_eq!(chooser.observe(bytes, took), Some(PictureQuality::Jpeg6));
+        drop(server.join().unwrap());
+    }
+
+    #[test]
+    fn the_picture_quality_follows_the_link_with_a_margin() {
+        use super::{JPEG_QUALITY_8, PictureQuality, QualityChooser, TIGHT, ZRLE};
+        use std::time::Duration;
+        let mb = 1 << 20;
+        let mut c = QualityChooser::default();
+        // A local socket: gigabits; lossless stays.
+        assert_eq!(c.observe(4 * mb, Duration::from_millis(4)), None);
+        assert_eq!(c.quality(), PictureQuality::Lossless);
+        // Small transfers say nothing about the link.
+        assert_eq!(c.observe(1000, Duration::from_secs(1)), None);
+        // 1 MiB in 0.3 s (28 Mbit/s) again and again: JPEG at quality 8 once the estimate is below 50.
+        let mut changes = Vec::new();
+        for _ in 0..6 {
+            changes.extend(c.observe(mb, Duration::from_millis(300)));
+        }
+        assert_eq!(changes, [PictureQuality::Jpeg8]);
+        // 8 Mbit/s: quality 6.
+        let mut changes = Vec::new();
+        for _ in 0..6 {
+            changes.extend(c.observe(mb, Duration::from_secs(1)));
+        }
+        assert_eq!(changes, [PictureQuality::Jpeg6]);
+        // 24 Mbit/s is above 16 but not twice it: quality 6 stays.
+        for _ in 0..8 {
+            assert_eq!(c.observe(3 * mb, Duration::from_secs(1)), None);
+        }
+        // 40 Mbit/s: back to 8; a gigabit link: lossless.
+        let mut changes = Vec::new();
+        for _ in 0..8 {
+            changes.extend(c.observe(5 * mb, Duration::from_secs(1)));
+        }
+        for _ in 0..8 {
+            changes.extend(c.observe(4 * mb, Duration::from_millis(30)));
+        }
+        assert_eq!(changes, [PictureQuality::Jpeg8, PictureQuality::Lossless]);
+        let jpeg = PictureQuality::Jpeg8.encodings(&[-223]);
+        assert_eq!((jpeg[0], jpeg.contains(&JPEG_QUALITY_8), jpeg.last()), (TIGHT, true, Some(&-223)));
+        assert_eq!(PictureQuality::Lossless.encodings(&[])[0], ZRLE);
+        assert!(!PictureQuality::Lossless.encodings(&[]).iter().any(|e| (-32..=-23).contains(e)));
     }
 
     #[test]

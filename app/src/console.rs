@@ -39,6 +39,8 @@ struct Shared {
     clipboard_out: Mutex<Option<String>>,
     /// The guest keyboard's lock lights, once the server sent them (LED state pseudo-encoding).
     lock_lights: Mutex<Option<porthole_api::KeyboardLeds>>,
+    /// How the pixels come (lossless, or JPEG for a slow link) and why, for the status's tooltip.
+    picture: Mutex<String>,
 }
 
 /// How the screen fits the space it has.
@@ -101,6 +103,7 @@ impl Console {
             extended_clipboard: AtomicBool::new(false),
             clipboard_out: Mutex::new(None),
             lock_lights: Mutex::new(None),
+            picture: Mutex::new(picture_text(rfb::PictureQuality::Lossless, None)),
         });
         let s = shared.clone();
         let _ = std::thread::Builder::new().name("console".into()).spawn(move || {
@@ -162,6 +165,11 @@ impl Console {
 
     pub fn closed(&self) -> bool {
         lock(&self.shared.frame).closed
+    }
+
+    /// How the pixels come (lossless, or JPEG on a slow link) and the link's measured speed.
+    pub fn picture(&self) -> String {
+        lock(&self.shared.picture).clone()
     }
 
     /// What the session is doing (or why it ended).
@@ -243,7 +251,7 @@ impl Console {
             } else {
                 f.state.clone()
             };
-            ui.label(status);
+            ui.label(status).on_hover_text(lock(&self.shared.picture).clone());
             if let Some(lights) = *lock(&self.shared.lock_lights) {
                 lock_lights(ui, lights);
             }
@@ -590,6 +598,44 @@ fn lock_lights(ui: &mut egui::Ui, lights: porthole_api::KeyboardLeds) {
     }
 }
 
+/// The pseudo-encodings the console asks for, after the picture's encodings.
+const PSEUDO_ENCODINGS: &[i32] = &[
+    rfb::DESKTOP_SIZE,
+    rfb::LAST_RECT,
+    rfb::QEMU_EXTENDED_KEY_EVENT,
+    rfb::EXTENDED_DESKTOP_SIZE,
+    rfb::EXTENDED_CLIPBOARD,
+    rfb::LED_STATE,
+];
+
+/// The status tooltip's line about the picture.
+fn picture_text(quality: rfb::PictureQuality, bits_per_second: Option<f64>) -> String {
+    let what = match quality {
+        rfb::PictureQuality::Lossless => "Picture: lossless",
+        rfb::PictureQuality::Jpeg8 => "Picture: JPEG (quality 8) where the screen has many colours",
+        rfb::PictureQuality::Jpeg6 => "Picture: JPEG (quality 6) where the screen has many colours",
+    };
+    match bits_per_second {
+        Some(bps) => format!("{what}, chosen for the {:.1} Mbit/s the link measured", bps / 1e6),
+        None => format!("{what} until the link is measured"),
+    }
+}
+
+/// Counts the last update's transfer into `chooser`; asks the server for other encodings when the link calls
+/// for another picture quality.
+fn follow_the_link(client: &mut RfbClient, chooser: &mut rfb::QualityChooser, shared: &Shared) -> std::io::Result<()> {
+    let Some((bytes, took)) = client.last_transfer() else { return Ok(()) };
+    if let Some(quality) = chooser.observe(bytes, took) {
+        // Under the input lock, like every message this thread sends: never inside a key event.
+        let _input = lock(&shared.input);
+        client.set_encodings(&quality.encodings(PSEUDO_ENCODINGS))?;
+    }
+    if chooser.bits_per_second().is_some() {
+        *lock(&shared.picture) = picture_text(chooser.quality(), chooser.bits_per_second());
+    }
+    Ok(())
+}
+
 /// The session thread: handshake, then follow the screen until it closes.
 fn session(
     shared: &Shared,
@@ -601,22 +647,10 @@ fn session(
     // A still screen sends nothing for as long as it stays still: wait for updates without a deadline.
     client.set_read_timeout(None).map_err(io)?;
     *lock(&shared.input) = Some(client.input().map_err(io)?);
-    client
-        .set_encodings(&[
-            rfb::ZRLE,
-            rfb::HEXTILE,
-            rfb::ZLIB,
-            rfb::RAW,
-            rfb::COPY_RECT,
-            rfb::DESKTOP_SIZE,
-            rfb::LAST_RECT,
-            rfb::QEMU_EXTENDED_KEY_EVENT,
-            rfb::EXTENDED_DESKTOP_SIZE,
-            rfb::EXTENDED_CLIPBOARD,
-            rfb::LED_STATE,
-        ])
-        .map_err(io)?;
+    let mut chooser = rfb::QualityChooser::default();
+    client.set_encodings(&chooser.quality().encodings(PSEUDO_ENCODINGS)).map_err(io)?;
     client.full_frame().map_err(io)?;
+    follow_the_link(&mut client, &mut chooser, shared).map_err(io)?;
     {
         let mut f = lock(&shared.frame);
         f.width = client.width;
@@ -629,6 +663,7 @@ fn session(
     loop {
         client.request(true).map_err(io)?;
         let rects = client.read_update().map_err(io)?;
+        follow_the_link(&mut client, &mut chooser, shared).map_err(io)?;
         if client.acknowledged.contains(&rfb::QEMU_EXTENDED_KEY_EVENT) {
             shared.scancodes.store(true, Ordering::Relaxed);
         }

@@ -223,6 +223,61 @@ fn errors_name_their_cause() {
     assert!(notice.error && notice.text.contains("damaged"), "{notice:?}");
 }
 
+/// On a slow link the console asks for JPEG: a many-coloured screen through a link of about 4 Mbit/s (a
+/// relay passing the server's bytes 16 KiB every 32 ms) measures the link at its first frame, the console
+/// switches to Tight with JPEG at quality 6 and goes on; on the local socket it stays lossless.
+#[test]
+fn a_console_on_a_slow_link_switches_to_jpeg() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = Scratch::new("gui-slow-link");
+    let socket = dir.path("vnc.sock");
+    let serial = dir.path("serial.log");
+    let _vm = porthole_tests::vnc_vm("fb-pattern", &socket, &serial, &[], "PORTHOLE-FB-PATTERN-READY");
+    let wait_for = |console: &porthole::console::Console, what: &str| {
+        porthole_tests::wait_until(
+            Duration::from_secs(60),
+            || console.picture().contains(what),
+            || format!("picture {:?}; status {:?}", console.picture(), console.status()),
+        );
+    };
+
+    let local_socket = socket.clone();
+    let local = porthole::console::Console::open(
+        "local".into(),
+        move || porthole_api::rfb::RfbClient::connect(&local_socket, None).map_err(|e| e.to_string()),
+        || {},
+    );
+    wait_for(&local, "Picture: lossless, chosen for the ");
+
+    let (near, far) = UnixStream::pair().unwrap();
+    let server = UnixStream::connect(&socket).unwrap();
+    let (mut server_in, mut far_out) = (server.try_clone().unwrap(), far.try_clone().unwrap());
+    std::thread::spawn(move || std::io::copy(&mut far_out, &mut server_in));
+    let (mut server_out, mut far_in) = (server, far);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match server_out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) if far_in.write_all(&buf[..n]).is_err() => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(32)),
+            }
+        }
+    });
+    let slow = porthole::console::Console::open(
+        "slow".into(),
+        move || porthole_api::rfb::RfbClient::over(near, None).map_err(|e| e.to_string()),
+        || {},
+    );
+    wait_for(&slow, "Picture: JPEG (quality 6)");
+    // The server took the new encodings (a SetEncodings mid-session) and the session goes on.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!slow.closed(), "the session ended: {}", slow.status());
+    assert!(slow.status().starts_with("Connected to"), "{}", slow.status());
+    assert!(local.picture().contains("lossless"), "{}", local.picture());
+}
+
 /// Porthole as a plain VNC client: a server with VncAuth; a wrong password is reported, the right one opens
 /// the console, and keys typed through it reach the guest.
 #[test]
