@@ -626,7 +626,7 @@ fn picture_text(quality: rfb::PictureQuality, bits_per_second: Option<f64>) -> S
 fn follow_the_link(client: &mut RfbClient, chooser: &mut rfb::QualityChooser, shared: &Shared) -> std::io::Result<()> {
     let Some((bytes, took)) = client.last_transfer() else { return Ok(()) };
     if let Some(quality) = chooser.observe(bytes, took) {
-        // Under the input lock, like every message this thread sends: never inside a key event.
+        // Under the input lock, as the clipboard's answers: never between a key event's bytes.
         let _input = lock(&shared.input);
         client.set_encodings(&quality.encodings(PSEUDO_ENCODINGS))?;
     }
