@@ -630,7 +630,8 @@ fn follow_the_link(client: &mut RfbClient, chooser: &mut rfb::QualityChooser, sh
         let _input = lock(&shared.input);
         client.set_encodings(&quality.encodings(PSEUDO_ENCODINGS))?;
     }
-    if chooser.bits_per_second().is_some() {
+    // Only a transfer the chooser counted changes what the tooltip says (most updates are small).
+    if bytes >= rfb::QualityChooser::MIN_TRANSFER {
         *lock(&shared.picture) = picture_text(chooser.quality(), chooser.bits_per_second());
     }
     Ok(())
