@@ -8,6 +8,7 @@
 //! is a [`Viewer`] that collects damage rectangles; a slow viewer only accumulates a larger region, so it
 //! never slows the guest or other viewers.
 
+pub mod edid;
 pub mod font;
 pub mod refresh;
 pub mod text;
@@ -28,6 +29,9 @@ pub const MAX_WIDTH: u32 = 1920;
 pub const MAX_HEIGHT: u32 = 1080;
 /// Most rectangles a viewer keeps before merging them into their bounding box.
 pub const MAX_RECTS: usize = 64;
+/// Damage is found in tiles this wide, in bands this high.
+pub const TILE_WIDTH: u32 = 64;
+pub const BAND_HEIGHT: u32 = 16;
 
 /// A rectangle in frame coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,6 +100,52 @@ impl Frame {
         for y in r.y..r.bottom() {
             let start = (y * self.width + r.x) as usize;
             out.extend_from_slice(&self.pixels[start..start + r.w as usize]);
+        }
+    }
+}
+
+/// Which tiles of one band of rows changed, turned into rectangles (runs of changed tiles) when the band
+/// is done: the damage the refresher and the virtio-gpu scanout report.
+#[derive(Debug)]
+pub struct TileDamage {
+    width: u32,
+    tiles: Vec<bool>,
+}
+
+impl TileDamage {
+    /// For a frame `width` pixels wide.
+    pub fn new(width: u32) -> Self {
+        TileDamage { width, tiles: vec![false; width.div_ceil(TILE_WIDTH) as usize] }
+    }
+
+    /// Pixel column `x` of the band changed.
+    pub fn mark(&mut self, x: usize) {
+        if let Some(t) = self.tiles.get_mut(x / TILE_WIDTH as usize) {
+            *t = true;
+        }
+    }
+
+    /// Appends the changed tiles of band `band` (rows `band × BAND_HEIGHT` up to `height`) to `out` and
+    /// starts the next band clean.
+    pub fn take_band(&mut self, band: u32, height: u32, out: &mut Vec<Rect>) {
+        let top = band * BAND_HEIGHT;
+        let h = (top + BAND_HEIGHT).min(height).saturating_sub(top);
+        let mut t = 0;
+        while t < self.tiles.len() {
+            if !self.tiles[t] {
+                t += 1;
+                continue;
+            }
+            let first = t;
+            while t < self.tiles.len() && self.tiles[t] {
+                self.tiles[t] = false;
+                t += 1;
+            }
+            let x = first as u32 * TILE_WIDTH;
+            let right = (t as u32 * TILE_WIDTH).min(self.width);
+            if h > 0 {
+                out.push(Rect::new(x, top, right - x, h));
+            }
         }
     }
 }
@@ -184,6 +234,9 @@ pub struct Screen {
     refreshes: Mutex<u64>,
     refreshed: Condvar,
     viewer_joined: Condvar,
+    /// Set while a virtio-gpu scanout draws the picture (the refresher stands aside); changed only with
+    /// the frame locked, so whoever holds the frame sees it steady.
+    scanout_owner: std::sync::atomic::AtomicBool,
 }
 
 impl Screen {
@@ -255,11 +308,38 @@ impl Screen {
         });
     }
 
+    /// Gives the picture to a virtio-gpu scanout (`true`) or back to the VGA refresher, which then redraws
+    /// everything.
+    pub fn set_scanout_owner(&self, owned: bool) {
+        let _frame = self.write();
+        self.scanout_owner.store(owned, std::sync::atomic::Ordering::Release);
+        if !owned {
+            self.full_refresh.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether a virtio-gpu scanout draws the picture (read it with the frame locked to rely on it).
+    pub fn scanout_owned(&self) -> bool {
+        self.scanout_owner.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Replaces the frame with one of another size (all black) and tells every viewer; at the same size it
     /// only marks everything damaged (the picture will be redrawn).
     pub fn resize(&self, width: u32, height: u32) {
+        self.resize_unless(width, height, false);
+    }
+
+    /// [`resize`](Self::resize), for the VGA refresher: nothing happens while a scanout owns the picture.
+    pub fn resize_for_vga(&self, width: u32, height: u32) {
+        self.resize_unless(width, height, true);
+    }
+
+    fn resize_unless(&self, width: u32, height: u32, unless_scanout: bool) {
         let same = {
             let mut frame = self.write();
+            if unless_scanout && self.scanout_owned() {
+                return;
+            }
             let same = (frame.width, frame.height) == (width, height);
             if !same {
                 *frame = Frame::new(width, height);

@@ -13,17 +13,18 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MemoryRegionAddress};
 
 use super::text::{self, TextState};
-use super::{Rect, Screen, VRAM_BYTES};
+use super::{BAND_HEIGHT, Screen, TileDamage, VRAM_BYTES};
 use crate::devices::bus::lock;
 use crate::devices::dispi::{Dispi, GraphicsMode};
 use crate::devices::vga::Vga;
 
 const PAGE: u64 = 4096;
-const TILE_WIDTH: u32 = 64;
-const BAND_HEIGHT: u32 = 16;
 /// How often the screen is refreshed while watched (125 Hz: an unchanged screen costs one dirty-log ioctl or
 /// one 4000-byte compare per refresh).
 pub const REFRESH_INTERVAL: Duration = Duration::from_millis(8);
+
+/// How often the refresher looks whether a virtio-gpu scanout has let go of the picture.
+const SCANOUT_POLL: Duration = Duration::from_millis(50);
 
 /// What the refresher needs of one boot of the VM.
 pub struct BootView {
@@ -122,6 +123,14 @@ impl Refresher {
                 self.screen.wait_for_viewer(Duration::from_millis(200));
                 continue;
             }
+            if self.screen.scanout_owned() {
+                // A virtio-gpu scanout draws the picture (and damages it) itself; once it lets go,
+                // everything is drawn afresh.
+                shown = Shown::Nothing;
+                self.screen.refreshed();
+                std::thread::sleep(SCANOUT_POLL);
+                continue;
+            }
             if self.screen.take_full_refresh() {
                 shown = Shown::Nothing;
             }
@@ -142,7 +151,7 @@ impl Refresher {
         match mode {
             None => {
                 if shown != Shown::Text {
-                    self.screen.resize(text::WIDTH, text::HEIGHT);
+                    self.screen.resize_for_vga(text::WIDTH, text::HEIGHT);
                     text_state.invalidate();
                 }
                 self.refresh_text(view, text_state);
@@ -151,7 +160,7 @@ impl Refresher {
             Some(mode) => {
                 let full = shown != Shown::Graphics(mode);
                 if full && !matches!(shown, Shown::Graphics(m) if (m.width, m.height) == (mode.width, mode.height)) {
-                    self.screen.resize(mode.width, mode.height);
+                    self.screen.resize_for_vga(mode.width, mode.height);
                 }
                 self.refresh_graphics(view, mode, full, row_buf);
                 Shown::Graphics(mode)
@@ -169,7 +178,7 @@ impl Refresher {
         let cells: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         let rects = {
             let mut frame = self.screen.write();
-            if (frame.width, frame.height) != (text::WIDTH, text::HEIGHT) {
+            if (frame.width, frame.height) != (text::WIDTH, text::HEIGHT) || self.screen.scanout_owned() {
                 return;
             }
             state.update(&cells, cursor, &mut frame)
@@ -257,8 +266,9 @@ impl Refresher {
         let bytes_pp = (mode.bpp / 8) as usize;
         let width = mode.width as usize;
         let mut rects = Vec::new();
+        let mut tiles = TileDamage::new(mode.width);
         let mut frame = self.screen.write();
-        if (frame.width, frame.height) != (mode.width, mode.height) {
+        if (frame.width, frame.height) != (mode.width, mode.height) || self.screen.scanout_owned() {
             return;
         }
         // A scroll (text consoles, terminals, web pages) moves most rows: find it and send it as a copy.
@@ -283,7 +293,6 @@ impl Refresher {
             if !band_rows.clone().any(|y| rows[y as usize]) {
                 continue;
             }
-            let mut tiles = vec![false; width.div_ceil(TILE_WIDTH as usize)];
             for y in band_rows.clone().filter(|y| rows[*y as usize]) {
                 row_buf.resize(width * bytes_pp, 0);
                 let at = mode.offset + u64::from(y) * u64::from(mode.stride);
@@ -296,25 +305,11 @@ impl Refresher {
                     let value = u32::from(b[0]) | u32::from(b[1]) << 8 | u32::from(b[2]) << 16;
                     if *px != value {
                         *px = value;
-                        tiles[x / TILE_WIDTH as usize] = true;
+                        tiles.mark(x);
                     }
                 }
             }
-            let h = band_rows.end - band;
-            let mut t = 0;
-            while t < tiles.len() {
-                if !tiles[t] {
-                    t += 1;
-                    continue;
-                }
-                let first = t;
-                while t < tiles.len() && tiles[t] {
-                    t += 1;
-                }
-                let x = first as u32 * TILE_WIDTH;
-                let right = (t as u32 * TILE_WIDTH).min(mode.width);
-                rects.push(Rect::new(x, band, right - x, h));
-            }
+            tiles.take_band(band / BAND_HEIGHT, mode.height, &mut rects);
         }
         drop(frame);
         self.screen.damage(&rects);

@@ -20,7 +20,6 @@
 //! The target outlives the boots of a VM (a rebooted guest's driver inflates to it again): it lives in
 //! [`BalloonShared`], which the VM keeps; each boot builds a [`VirtioBalloon`] on it.
 
-use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +32,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, VirtioDevice, VirtioInterrupt};
+use super::{Activation, VirtioDevice, VirtioInterrupt, avail_within_queue};
 use crate::devices::bus::lock;
 
 /// virtio-balloon's device ID.
@@ -578,12 +577,6 @@ fn discard(mem: &GuestMemoryMmap, gpa: u64, len: u64) {
     if rc != 0 {
         log::debug!("balloon: madvise of {len} bytes at {gpa:#x}: {}", std::io::Error::last_os_error());
     }
-}
-
-/// An avail index more than a queue's worth ahead is a driver bug (or an attack).
-fn avail_within_queue(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    matches!(queue.avail_idx(mem, Ordering::Acquire),
-        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// The balloon on the PCI transport (one per boot).

@@ -14,7 +14,6 @@
 //! ([`KeyRoute`] keeps a key's release on the device that got its press).
 
 use std::collections::{HashSet, VecDeque};
-use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +24,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, VirtioDevice, VirtioInterrupt};
+use super::{Activation, VirtioDevice, VirtioInterrupt, avail_within_queue};
 use crate::devices::bus::lock;
 use crate::rfb::keymap::{EXTENDED, Key};
 
@@ -474,12 +473,6 @@ impl InputHandle {
             }
         }
     }
-}
-
-/// An avail index more than a queue's worth ahead is a driver bug (or an attack).
-fn avail_within_queue(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    matches!(queue.avail_idx(mem, Ordering::Acquire),
-        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// Which device each held key went to (the virtio keyboard or the PS/2 one), so that its release, and the

@@ -5,6 +5,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod gpu;
 pub mod host_driver;
 pub mod input;
 pub mod net;
@@ -266,6 +267,14 @@ pub fn restore_queue(r: &mut crate::snapshot::Reader, max_size: u16) -> Result<Q
     }
     Queue::try_from(state)
         .map_err(|e| crate::snapshot::StateError::Damaged(format!("a virtio queue cannot be set up: {e:?}")))
+}
+
+/// Whether the driver's avail index is at most a queue's worth ahead of the device (further is a driver
+/// bug, or an attack).
+pub(crate) fn avail_within_queue(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    matches!(queue.avail_idx(mem, Ordering::Acquire),
+        Ok(avail) if (avail - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// A virtio device behind a transport.

@@ -32,7 +32,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, VirtioDevice, VirtioInterrupt};
+use super::{Activation, VirtioDevice, VirtioInterrupt, avail_within_queue};
 use crate::devices::bus::lock;
 use crate::net::{Backend, MAX_FRAME, Nic, NicListener, VNET_HEADER_LEN};
 use crate::rate_limiter::{NicLimiter, Way};
@@ -801,12 +801,6 @@ enum Delivery {
     Dropped,
     /// Not enough buffers posted yet.
     NoBuffers,
-}
-
-/// An avail index more than a queue's worth ahead is a driver bug (or an attack).
-fn avail_within_queue(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    matches!(queue.avail_idx(mem, Ordering::Acquire),
-        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 /// Collects a chain's descriptors, checking each with `check`; at most a queue's worth.
