@@ -72,6 +72,11 @@ pub struct VmConfig {
     /// beside PS/2. `tablet: true|false`, from before, is read as `virtio`|`ps2`.
     #[serde(default, alias = "tablet", deserialize_with = "input_mode_or_tablet")]
     pub input: InputMode,
+    /// The display adapter: the Bochs "std" VGA (resolution set by the guest), or virtio-vga (the same
+    /// VGA and VBE for firmware and boot loaders, then virtio-gpu, whose monitor follows the console's
+    /// size once the guest's driver is up).
+    #[serde(default)]
+    pub vga: VgaMode,
     /// A virtio memory balloon: the host can shrink and grow the guest's memory live (control socket
     /// `set-balloon`), down to [`crate::virtio::balloon::floor_mib`]; free pages the guest reports go back
     /// to the host.
@@ -114,6 +119,60 @@ impl std::str::FromStr for InputMode {
             "ps2" => Ok(InputMode::Ps2),
             "virtio" => Ok(InputMode::Virtio),
             _ => Err(format!("input {s:?}: ps2 or virtio")),
+        }
+    }
+}
+
+/// Which display adapter the VM has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VgaMode {
+    /// QEMU's "stdvga" (Bochs VBE, PCI 1234:1111): the guest picks its resolution.
+    #[default]
+    Std,
+    /// virtio-vga (PCI 1af4:1050): VGA and Bochs VBE until the guest's virtio-gpu driver takes over; its
+    /// monitor prefers the console's size and follows it (RFB SetDesktopSize).
+    Virtio,
+}
+
+impl VgaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VgaMode::Std => "std",
+            VgaMode::Virtio => "virtio",
+        }
+    }
+
+    /// SeaBIOS's VGA BIOS for this adapter.
+    pub fn vga_bios_name(self) -> &'static str {
+        match self {
+            VgaMode::Std => "vgabios-stdvga.bin",
+            VgaMode::Virtio => "vgabios-virtio.bin",
+        }
+    }
+
+    /// The fw_cfg file SeaBIOS finds the adapter's option ROM in (`pciVVVV,DDDD.rom`).
+    pub fn rom_file(self) -> &'static str {
+        match self {
+            VgaMode::Std => "pci1234,1111.rom",
+            VgaMode::Virtio => "pci1af4,1050.rom",
+        }
+    }
+}
+
+impl std::fmt::Display for VgaMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VgaMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "std" => Ok(VgaMode::Std),
+            "virtio" => Ok(VgaMode::Virtio),
+            _ => Err(format!("vga {s:?}: std or virtio")),
         }
     }
 }
@@ -245,7 +304,8 @@ pub struct FirmwareConfig {
     /// The BIOS image (SeaBIOS's `bios.bin`: 128 or 256 KiB), mapped below 4 GiB with its last 128 KiB
     /// also below 1 MiB.
     pub bios: PathBuf,
-    /// The VGA BIOS for the display (SeaBIOS's `vgabios-stdvga.bin`); by default the one next to `bios`.
+    /// The VGA BIOS for the display (SeaBIOS's `vgabios-stdvga.bin`, or `vgabios-virtio.bin` for
+    /// virtio-vga); by default the one next to `bios`.
     #[serde(default)]
     pub vga_bios: Option<PathBuf>,
     /// Where the firmware's debug console (port 0x402) is written.
@@ -314,9 +374,9 @@ impl FirmwareConfig {
         }
     }
 
-    /// The VGA BIOS to use.
-    pub fn vga_bios_path(&self) -> PathBuf {
-        self.vga_bios.clone().unwrap_or_else(|| self.bios.with_file_name("vgabios-stdvga.bin"))
+    /// The VGA BIOS to use for the adapter `vga`.
+    pub fn vga_bios_path(&self, vga: VgaMode) -> PathBuf {
+        self.vga_bios.clone().unwrap_or_else(|| self.bios.with_file_name(vga.vga_bios_name()))
     }
 }
 
@@ -495,6 +555,7 @@ impl VmConfig {
             drives: Vec::new(),
             nics: Vec::new(),
             input: InputMode::Ps2,
+            vga: VgaMode::Std,
             balloon: false,
         }
     }
@@ -565,7 +626,7 @@ impl VmConfig {
                 if !(size == 128 << 10 || size == 256 << 10) {
                     return Err(ConfigError::BiosSize { path: fw.bios.clone(), size });
                 }
-                check_file("VGA BIOS", &fw.vga_bios_path())?;
+                check_file("VGA BIOS", &fw.vga_bios_path(self.vga))?;
                 if fw.boot_order.is_empty() {
                     return Err(ConfigError::BootDevice(String::new()));
                 }

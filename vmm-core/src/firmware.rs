@@ -4,7 +4,7 @@
 //!   last 128 KiB also in RAM at 0xE_0000 (the "shadowed" copy real-mode code runs from; SeaBIOS enables
 //!   writes to it through the host bridge's PAM registers, which cost nothing here because it is RAM).
 //! - fw_cfg: the CPU counts, the boot menu switch, `etc/e820` (the RAM map), the VGA BIOS as
-//!   `pci1234,1111.rom` (the display's option ROM).
+//!   `pci1234,1111.rom` or `pci1af4,1050.rom` (the display adapter's option ROM).
 //! - The boot order, in the CMOS bytes QEMU's SeaBIOS reads (0x3D and the high nibble of 0x38: 2 hard disk,
 //!   3 CD-ROM).
 //!
@@ -49,6 +49,8 @@ pub enum FirmwareError {
 pub struct FirmwareImages {
     pub bios: Vec<u8>,
     pub vga_bios: Vec<u8>,
+    /// The fw_cfg file the VGA BIOS goes in (by the adapter's PCI ids).
+    pub vga_rom_file: &'static str,
     pub log: Option<File>,
     pub boot_menu: bool,
     pub boot_order: Vec<BootDevice>,
@@ -62,12 +64,13 @@ fn read(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, Firmware
 }
 
 impl FirmwareImages {
-    pub fn load(config: &FirmwareConfig) -> Result<Self, FirmwareError> {
+    /// The images of `config` for a VM whose display adapter is `vga`.
+    pub fn load(config: &FirmwareConfig, vga: crate::config::VgaMode) -> Result<Self, FirmwareError> {
         let bios = read("the BIOS", &config.bios, 256 << 10)?;
         if !(bios.len() == 128 << 10 || bios.len() == 256 << 10) {
             return Err(FirmwareError::BiosSize(bios.len()));
         }
-        let vga_bios = read("the VGA BIOS", &config.vga_bios_path(), 256 << 10)?;
+        let vga_bios = read("the VGA BIOS", &config.vga_bios_path(vga), 256 << 10)?;
         if vga_bios.len() > 256 << 10 {
             return Err(FirmwareError::VgaBiosSize(vga_bios.len()));
         }
@@ -80,7 +83,14 @@ impl FirmwareImages {
                 }
                 None => None,
             };
-        Ok(FirmwareImages { bios, vga_bios, log, boot_menu: config.boot_menu, boot_order: config.boot_order.clone() })
+        Ok(FirmwareImages {
+            bios,
+            vga_bios,
+            vga_rom_file: vga.rom_file(),
+            log,
+            boot_menu: config.boot_menu,
+            boot_order: config.boot_order.clone(),
+        })
     }
 
     /// Where the image sits below 4 GiB.
@@ -118,7 +128,7 @@ impl FirmwareImages {
         c.add_file(crate::acpi::LOADER_FILE, acpi.loader)?;
         // Named for the display's PCI id, so SeaBIOS runs it as that device's ROM and the VGA BIOS finds the
         // video memory where BAR 0 is.
-        c.add_file("pci1234,1111.rom", self.vga_bios.clone())?;
+        c.add_file(self.vga_rom_file, self.vga_bios.clone())?;
         Ok(c)
     }
 
@@ -155,6 +165,7 @@ mod tests {
         let images = FirmwareImages {
             bios: vec![0; 128 << 10],
             vga_bios: vec![],
+            vga_rom_file: "pci1234,1111.rom",
             log: None,
             boot_menu: false,
             boot_order: vec![BootDevice::Cdrom, BootDevice::Disk],

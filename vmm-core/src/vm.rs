@@ -47,6 +47,7 @@ use crate::vcpu::{self, RunControl, Vcpu};
 use crate::virtio::VirtioInterrupt;
 use crate::virtio::balloon::{BalloonShared, BalloonStatus, VirtioBalloon};
 use crate::virtio::block::VirtioBlock;
+use crate::virtio::gpu::{GpuShared, VirtioGpu};
 use crate::virtio::input::{self as virtio_input, VirtioInput};
 use crate::virtio::net::VirtioNet;
 use crate::virtio::pci::VirtioPci;
@@ -247,6 +248,8 @@ pub struct VmHandle {
     key_route: Mutex<virtio_input::KeyRoute>,
     /// The memory balloon (its target outlives reboots), when the VM has one.
     balloon: Option<Arc<BalloonShared>>,
+    /// The virtio-gpu display (its monitor's size and the cursor outlive reboots), with `--vga virtio`.
+    gpu: Option<Arc<GpuShared>>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -293,6 +296,10 @@ impl crate::rfb::Input for VmHandle {
 
     fn lock_lights(&self) -> Option<u8> {
         Some(self.lock_lights())
+    }
+
+    fn resize_screen(&self, width: u32, height: u32) -> Option<(u32, u32)> {
+        self.request_display_size(width, height)
     }
 }
 
@@ -517,6 +524,17 @@ impl VmHandle {
         if let Some(dev) = lock(&self.i8042).as_ref() {
             lock(dev).mouse_input(dx, dy, dz, buttons);
         }
+    }
+
+    /// Asks the guest's monitor for `width × height` (clamped to what a monitor may prefer); the guest's
+    /// virtio-gpu driver then switches to it. None without a virtio-gpu display.
+    pub fn request_display_size(&self, width: u32, height: u32) -> Option<(u32, u32)> {
+        self.gpu.as_ref().map(|g| g.request_size(width, height))
+    }
+
+    /// The virtio-gpu display, with `--vga virtio`.
+    pub fn gpu(&self) -> Option<&Arc<GpuShared>> {
+        self.gpu.as_ref()
     }
 
     /// The balloon's target, what the guest has given and its memory statistics, when the VM has one.
@@ -851,7 +869,7 @@ impl Vm {
                 initrd: boot.initrd.as_deref().map(|p| open("the initrd", p)).transpose()?,
                 cmdline: boot.cmdline.clone(),
             }),
-            (None, Some(fw)) => Start::Firmware(crate::firmware::FirmwareImages::load(fw)?),
+            (None, Some(fw)) => Start::Firmware(crate::firmware::FirmwareImages::load(fw, config.vga)?),
             (None, None) => return Err(ConfigError::NothingToBoot.into()),
         };
         let output = match &config.serial {
@@ -889,6 +907,9 @@ impl Vm {
         if let Start::Firmware(fw) = &start {
             fw.set_boot_order(&mut lock(&rtc));
         }
+        let screen = Screen::new();
+        let gpu = (config.vga == crate::config::VgaMode::Virtio)
+            .then(|| GpuShared::new(screen.clone(), config.display.width, config.display.height));
         let handle = Arc::new(VmHandle {
             name: config.name.clone(),
             vcpus: AtomicU32::new(config.vcpus),
@@ -910,6 +931,7 @@ impl Vm {
             keyboard: Mutex::new(None),
             key_route: Mutex::new(virtio_input::KeyRoute::default()),
             balloon: config.balloon.then(|| BalloonShared::new(config.memory_mib)),
+            gpu,
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -933,7 +955,7 @@ impl Vm {
             irqs,
             seccomp: true,
             pending_input: Vec::new(),
-            refresher: Refresher::new(Screen::new()),
+            refresher: Refresher::new(screen),
             restore: None,
             msr_indices: Arc::new(msr_indices),
             ram: Vec::new(),
@@ -1139,16 +1161,34 @@ impl Vm {
             version.fetch_add(1, Ordering::Release);
         });
         let slot = bus.free_slot()?;
-        let mmio = bus.allocate_bar(pci::std_vga::MMIO_BAR_SIZE)?;
-        let vga = pci::std_vga::StdVga::new(
-            display.dispi.clone(),
-            display.vga.clone(),
-            display::LFB_BASE,
-            display::VRAM_BYTES,
-            mmio,
-            move_vram,
-        );
-        bus.insert(slot, Arc::new(Mutex::new(vga)))?;
+        if let Some(shared) = &self.handle.gpu {
+            // virtio-vga: the VGA ports and Bochs VBE registers stay on the I/O bus for firmware and boot
+            // loaders; the video memory is BAR 0, virtio-gpu's registers BAR 2.
+            let gsi = pci::slot_gsi(slot);
+            let interrupt = Arc::new(VirtioInterrupt::new().map_err(io_err("create the display's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let gpu =
+                VirtioGpu::new(shared.clone(), interrupt.clone()).map_err(io_err("start the display's thread"))?;
+            let vram = pci::std_vga::VramBar::new(display::LFB_BASE, display::VRAM_BYTES, move_vram);
+            let device =
+                VirtioPci::new_vga(gpu, vram, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                    .map_err(io_err("give the display its MSI-X vectors"))?;
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
+        } else {
+            let mmio = bus.allocate_bar(pci::std_vga::MMIO_BAR_SIZE)?;
+            let vga = pci::std_vga::StdVga::new(
+                display.dispi.clone(),
+                display.vga.clone(),
+                display::LFB_BASE,
+                display::VRAM_BYTES,
+                mmio,
+                move_vram,
+            );
+            bus.insert(slot, Arc::new(Mutex::new(vga)))?;
+        }
         Ok((bus, interrupts))
     }
 

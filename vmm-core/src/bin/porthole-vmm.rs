@@ -128,6 +128,11 @@ struct Cli {
     /// The same as --input virtio (deprecated).
     #[arg(long, conflicts_with = "input")]
     tablet: bool,
+    /// The display adapter: `std` (the Bochs VGA; the guest picks its resolution) or `virtio`
+    /// (virtio-vga: VGA for firmware and boot loaders, then virtio-gpu, whose monitor prefers the console's
+    /// size and follows SetDesktopSize) [default: std, or the configuration file's].
+    #[arg(long, value_name = "std|virtio")]
+    vga: Option<vmm_core::config::VgaMode>,
     /// At most this many CPUs' worth of time for the whole VM (e.g. 1.5), through a cgroup of its own under
     /// the caller's (cgroup v2 cpu.max or the v1 cpu controller); where none can be written, the VM runs
     /// unlimited and a warning says why.
@@ -265,6 +270,9 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     if cli.tablet {
         log::warn!("--tablet is deprecated: it means --input virtio (a tablet and a keyboard)");
         config.input = vmm_core::config::InputMode::Virtio;
+    }
+    if let Some(vga) = cli.vga {
+        config.vga = vga;
     }
     if let Some(input) = cli.input {
         config.input = input;

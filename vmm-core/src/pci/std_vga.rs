@@ -21,14 +21,44 @@ const DISPI_REGISTERS: u64 = 11;
 /// Moves the video memory's KVM slot to a new guest address.
 pub type MoveVram = Box<dyn FnMut(u64) + Send>;
 
+/// Video memory behind a prefetchable memory BAR: a KVM memory slot that follows the BAR.
+pub struct VramBar {
+    /// Where the video memory slot is now.
+    at: u64,
+    bytes: u64,
+    move_vram: MoveVram,
+}
+
+impl VramBar {
+    /// Video memory of `bytes` mapped at `at`, moved by `move_vram`.
+    pub fn new(at: u64, bytes: u64, move_vram: MoveVram) -> Self {
+        VramBar { at, bytes, move_vram }
+    }
+
+    /// Declares the BAR as memory BAR `index` of `config`.
+    pub fn declare(&self, config: &mut PciConfig, index: usize) {
+        config.add_prefetchable_memory_bar(index, self.bytes, self.at);
+    }
+
+    /// After a configuration write: if BAR `index` now decodes somewhere new (and somewhere sane: the
+    /// 32-bit hole below the IOAPIC), move the video memory there. While the BAR is being sized or
+    /// decoding is off, the slot stays where it was.
+    pub fn follow(&mut self, config: &PciConfig, index: usize) {
+        let Some((address, _)) = config.memory_bar(index) else { return };
+        let sane = address >= crate::layout::MMIO_HOLE_START
+            && address.saturating_add(self.bytes) <= crate::layout::IOAPIC_BASE;
+        if sane && address != self.at {
+            (self.move_vram)(address);
+            self.at = address;
+        }
+    }
+}
+
 pub struct StdVga {
     config: PciConfig,
     dispi: Arc<Mutex<Dispi>>,
     vga: Arc<Mutex<Vga>>,
-    /// Where the video memory slot is now.
-    vram_at: u64,
-    vram_bytes: u64,
-    move_vram: MoveVram,
+    vram: VramBar,
 }
 
 impl StdVga {
@@ -49,24 +79,12 @@ impl StdVga {
             subsystem_vendor: 0x1AF4,
             subsystem: 0x1100,
         });
-        config.add_prefetchable_memory_bar(0, vram_bytes, vram_at);
+        let vram = VramBar::new(vram_at, vram_bytes, move_vram);
+        vram.declare(&mut config, 0);
         config.add_memory_bar(2, MMIO_BAR_SIZE, mmio_at);
         // Firmware-style: decoding on, as a VMM that placed the BARs leaves it.
         config.write(1, 0, &[0x03]);
-        StdVga { config, dispi, vga, vram_at, vram_bytes, move_vram }
-    }
-
-    /// After a configuration write: if BAR 0 now decodes somewhere new (and somewhere sane: the 32-bit hole
-    /// below the IOAPIC), move the video memory there. While the BAR is being sized or decoding is off, the
-    /// slot stays where it was.
-    fn follow_bar(&mut self) {
-        let Some((address, _)) = self.config.memory_bar(0) else { return };
-        let sane = address >= crate::layout::MMIO_HOLE_START
-            && address.saturating_add(self.vram_bytes) <= crate::layout::IOAPIC_BASE;
-        if sane && address != self.vram_at {
-            (self.move_vram)(address);
-            self.vram_at = address;
-        }
+        StdVga { config, dispi, vga, vram }
     }
 }
 
@@ -78,7 +96,7 @@ impl PciDevice for StdVga {
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
         self.config.write(reg, offset, data);
         if reg == 1 || reg == 4 {
-            self.follow_bar();
+            self.vram.follow(&self.config, 0);
         }
     }
 
@@ -126,7 +144,7 @@ impl PciDevice for StdVga {
 
     fn save_state(&mut self, w: &mut crate::snapshot::Writer) -> Result<(), crate::snapshot::StateError> {
         self.config.save(w);
-        w.u64(self.vram_at);
+        w.u64(self.vram.at);
         Ok(())
     }
 
@@ -134,7 +152,7 @@ impl PciDevice for StdVga {
     fn restore_state(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
         self.config.restore(r)?;
         let _saved_at = r.u64()?;
-        self.follow_bar();
+        self.vram.follow(&self.config, 0);
         Ok(())
     }
 }

@@ -96,6 +96,11 @@ pub trait Input: Send + Sync {
     fn lock_lights(&self) -> Option<u8> {
         None
     }
+    /// A client's SetDesktopSize: asks the guest's monitor for `width × height`; returns the size asked
+    /// of the guest (clamped to what its monitor may prefer), or None when the display cannot follow.
+    fn resize_screen(&self, _width: u32, _height: u32) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// The input of a view-only console: everything is dropped.
@@ -661,11 +666,18 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
             }
         }
         251 => {
-            skip(stream, 5)?; // padding, width, height
+            skip(stream, 1)?;
+            let (width, height) = (read_u16(stream)?, read_u16(stream)?);
             let screens = usize::from(read_u8(stream)?);
             skip(stream, 1 + screens * 16)?;
-            // The guest decides its resolution; tell the client its request was refused.
-            shared.update(|s| s.desktop_size_reply = Some(1));
+            // A display that follows the console (virtio-gpu) takes the size to its guest, which switches
+            // when its driver sees the new monitor: success now, the new size in a later update. Otherwise
+            // the guest decides its resolution: refused ("administratively prohibited").
+            let status = match input.resize_screen(u32::from(width), u32::from(height)) {
+                Some(_) => 0,
+                None => 1,
+            };
+            shared.update(|s| s.desktop_size_reply = Some(status));
         }
         255 => {
             let sub = read_u8(stream)?;

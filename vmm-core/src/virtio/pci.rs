@@ -18,6 +18,7 @@ use super::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFI
 use crate::pci::PciDevice;
 use crate::pci::config::{PciConfig, PciId};
 use crate::pci::msix::{GsiRouter, Msix};
+use crate::pci::std_vga::VramBar;
 
 /// BAR 0 layout.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -65,10 +66,17 @@ pub struct VirtioPci<D: VirtioDevice> {
     msix: Arc<Msix>,
     /// The configuration register holding MSI-X's message control (upper half).
     msix_reg: usize,
+    /// The memory BAR holding the transport's registers: 0, or 2 on a VGA device.
+    bar: usize,
+    /// virtio-vga: the video memory, BAR 0.
+    vram: Option<VramBar>,
 }
 
-fn vendor_capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
-    let mut cap = vec![VENDOR_CAPABILITY, 0, (16 + extra.len()) as u8, cfg_type, 0, 0, 0, 0];
+/// The PCI configuration register of BAR 0.
+const REG_BAR0: usize = 4;
+
+fn vendor_capability(cfg_type: u8, bar: usize, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+    let mut cap = vec![VENDOR_CAPABILITY, 0, (16 + extra.len()) as u8, cfg_type, bar as u8, 0, 0, 0];
     cap.extend_from_slice(&(offset as u32).to_le_bytes());
     cap.extend_from_slice(&(length as u32).to_le_bytes());
     cap.extend_from_slice(extra);
@@ -87,36 +95,75 @@ impl<D: VirtioDevice> VirtioPci<D> {
         vm: Option<Arc<VmFd>>,
         router: Option<Arc<GsiRouter>>,
     ) -> std::io::Result<Self> {
+        Self::build(device, None, bar_address, gsi, interrupt, mem, vm, router)
+    }
+
+    /// A VGA-compatible function (virtio-vga): class VGA, `vram` as BAR 0 (where the VGA BIOS and boot
+    /// loaders draw through the Bochs VBE ports), the transport's registers in BAR 2 at `bar_address`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_vga(
+        device: D,
+        vram: VramBar,
+        bar_address: u64,
+        gsi: u8,
+        interrupt: Arc<VirtioInterrupt>,
+        mem: GuestMemoryMmap,
+        vm: Option<Arc<VmFd>>,
+        router: Option<Arc<GsiRouter>>,
+    ) -> std::io::Result<Self> {
+        Self::build(device, Some(vram), bar_address, gsi, interrupt, mem, vm, router)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        device: D,
+        vram: Option<VramBar>,
+        bar_address: u64,
+        gsi: u8,
+        interrupt: Arc<VirtioInterrupt>,
+        mem: GuestMemoryMmap,
+        vm: Option<Arc<VmFd>>,
+        router: Option<Arc<GsiRouter>>,
+    ) -> std::io::Result<Self> {
         let device_type = device.device_type();
         let mut config = PciConfig::new(PciId {
             vendor: 0x1AF4,
             device: 0x1040 + device_type,
             revision: 1,
-            // Mass storage, SCSI (as QEMU classes both virtio-blk and virtio-scsi); input, other (virtio-input).
+            // Mass storage, SCSI (as QEMU classes both virtio-blk and virtio-scsi); input, other (virtio-input);
+            // display: VGA-compatible or other.
             class: match device_type {
+                _ if vram.is_some() => 0x03_00_00,
                 2 | 8 => 0x01_00_00,
                 crate::virtio::input::DEVICE_TYPE => 0x09_80_00,
+                crate::virtio::gpu::DEVICE_TYPE => 0x03_80_00,
                 _ => 0xFF_00_00,
             },
             subsystem_vendor: 0x1AF4,
             subsystem: 0x1100,
         });
-        config.add_memory_bar(0, BAR_SIZE, bar_address);
+        let bar = if vram.is_some() { 2 } else { 0 };
+        if let Some(vram) = &vram {
+            vram.declare(&mut config, 0);
+        }
+        config.add_memory_bar(bar, BAR_SIZE, bar_address);
         // Memory decoding on, as firmware leaves a device whose BARs it placed.
         config.write(1, 0, &[crate::pci::config::COMMAND_MEMORY as u8]);
         config.set_interrupt(gsi);
-        config.add_capability(&vendor_capability(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, &[]));
-        config.add_capability(&vendor_capability(CAP_ISR, ISR_OFFSET, 4, &[]));
-        config.add_capability(&vendor_capability(CAP_DEVICE, DEVICE_OFFSET, DEVICE_LEN, &[]));
+        config.add_capability(&vendor_capability(CAP_COMMON, bar, COMMON_OFFSET, COMMON_LEN, &[]));
+        config.add_capability(&vendor_capability(CAP_ISR, bar, ISR_OFFSET, 4, &[]));
+        config.add_capability(&vendor_capability(CAP_DEVICE, bar, DEVICE_OFFSET, DEVICE_LEN, &[]));
         let queues_len = device.queue_max_sizes().len() as u64;
         config.add_capability(&vendor_capability(
             CAP_NOTIFY,
+            bar,
             NOTIFY_OFFSET,
             queues_len * u64::from(NOTIFY_MULTIPLIER),
             &NOTIFY_MULTIPLIER.to_le_bytes(),
         ));
         let msix = Arc::new(Msix::new(queues_len as usize + 1, router)?);
-        let msix_reg = config.add_capability(&msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32)) / 4;
+        let msix_reg =
+            config.add_capability(&msix.capability(bar as u8, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32)) / 4;
         // Enable and function mask (message control bits 15 and 14).
         config.set_writable(msix_reg, 0xC000_0000);
         interrupt.set_msix(msix.clone());
@@ -140,6 +187,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
             active: false,
             msix,
             msix_reg,
+            bar,
+            vram,
         };
         transport.update_io_events();
         Ok(transport)
@@ -161,7 +210,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// Registers (or moves) the notify ioeventfds to where BAR 0 decodes now.
     fn update_io_events(&mut self) {
         let Some(io) = &mut self.io_events else { return };
-        let now = self.config.memory_bar(0).map(|(base, _)| base);
+        let now = self.config.memory_bar(self.bar).map(|(base, _)| base);
         if now == io.registered {
             return;
         }
@@ -427,6 +476,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         let device = r.bytes(crate::snapshot::MAX_SECTION as usize)?;
         self.config = config;
         self.update_io_events();
+        if let Some(vram) = self.vram.as_mut() {
+            vram.follow(&self.config, 0);
+        }
         self.status = status;
         self.device_feature_select = device_feature_select;
         self.driver_feature_select = driver_feature_select;
@@ -451,11 +503,14 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             self.msix.write_control((self.config.read(reg) >> 16) as u16);
         }
         self.update_io_events();
+        if let Some(vram) = self.vram.as_mut().filter(|_| reg == 1 || reg == REG_BAR0) {
+            vram.follow(&self.config, 0);
+        }
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if bar != 0 {
+        if bar != self.bar {
             return;
         }
         let len = data.len() as u64;
@@ -475,7 +530,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if bar != 0 || data.len() > 8 {
+        if bar != self.bar || data.len() > 8 {
             return;
         }
         let len = data.len() as u64;
@@ -505,5 +560,56 @@ impl<D: VirtioDevice> Drop for VirtioPci<D> {
         if self.active {
             self.device.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// virtio-vga: a VGA-class function whose BAR 0 is the video memory (following the BAR like the std
+    /// VGA's) and whose capabilities and registers live in BAR 2.
+    #[test]
+    fn virtio_vga_is_a_vga_function_with_video_memory_in_bar0_and_the_transport_in_bar2() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        let shared = crate::virtio::gpu::GpuShared::new(crate::display::Screen::new(), 1280, 800);
+        let gpu = crate::virtio::gpu::VirtioGpu::new(shared, interrupt.clone()).unwrap();
+        let moved = Arc::new(Mutex::new(Vec::new()));
+        let m = moved.clone();
+        let vram = VramBar::new(0xE000_0000, 16 << 20, Box::new(move |a| m.lock().unwrap().push(a)));
+        let mut d = VirtioPci::new_vga(gpu, vram, 0xC000_0000, 16, interrupt, mem, None, None).unwrap();
+        assert_eq!(d.config().read(0), 0x1050_1AF4, "virtio-gpu, modern");
+        assert_eq!(d.config().read(2) >> 8, 0x03_00_00, "VGA-compatible");
+        assert_eq!(d.config().read(4), 0xE000_0008, "BAR 0: prefetchable video memory");
+        assert_eq!(d.config().read(6), 0xC000_0000, "BAR 2: the transport");
+        // Every virtio capability and the MSI-X table name BAR 2.
+        let mut at = (d.config().read(13) & 0xFF) as usize;
+        let mut seen = 0;
+        while at != 0 {
+            let word = d.config().read(at / 4);
+            match word & 0xFF {
+                0x09 => assert_eq!(d.config().read(at / 4 + 1) & 0xFF, 2, "cap at {at:#x}"),
+                0x11 => assert_eq!(d.config().read(at / 4 + 1) & 7, 2, "MSI-X table BIR"),
+                other => panic!("capability {other:#x}"),
+            }
+            seen += 1;
+            at = ((word >> 8) & 0xFF) as usize;
+        }
+        assert_eq!(seen, 5);
+        // The registers answer in BAR 2 only: num_queues (2) at 0x12.
+        let mut b = [0u8; 2];
+        d.bar_read(2, 0x12, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 2);
+        d.bar_read(0, 0x12, &mut b);
+        assert_eq!(b, [0, 0]);
+        // BAR 0 moves the video memory: sized first, then placed.
+        d.config_write(4, 0, &0xFFFF_FFFFu32.to_le_bytes());
+        d.config_write(4, 0, &0xFD00_0000u32.to_le_bytes());
+        assert_eq!(*moved.lock().unwrap(), [0xFD00_0000]);
     }
 }
