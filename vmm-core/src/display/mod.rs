@@ -150,6 +150,23 @@ impl TileDamage {
     }
 }
 
+/// A pointer image: `width × height` pixels 0xAARRGGBB (alpha ≥ 0x80 shows), with its hotspot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorImage {
+    pub width: u32,
+    pub height: u32,
+    pub hot_x: u32,
+    pub hot_y: u32,
+    pub pixels: Vec<u32>,
+}
+
+impl CursorImage {
+    /// A pointer that shows nothing.
+    pub fn hidden() -> Self {
+        CursorImage { width: 1, height: 1, hot_x: 0, hot_y: 0, pixels: vec![0] }
+    }
+}
+
 /// What a viewer has not seen yet.
 #[derive(Debug, Default)]
 pub struct Damage {
@@ -237,6 +254,8 @@ pub struct Screen {
     /// Set while a virtio-gpu scanout draws the picture (the refresher stands aside); changed only with
     /// the frame locked, so whoever holds the frame sees it steady.
     scanout_owner: std::sync::atomic::AtomicBool,
+    /// The pointer shape the guest set (None: the server's own arrow), and a count of its changes.
+    cursor: Mutex<(u64, Option<Arc<CursorImage>>)>,
 }
 
 impl Screen {
@@ -316,6 +335,26 @@ impl Screen {
         if !owned {
             self.full_refresh.store(true, std::sync::atomic::Ordering::Release);
         }
+    }
+
+    /// Sets the pointer shape viewers show (None: the server's own arrow) and wakes them.
+    pub fn set_cursor(&self, image: Option<Arc<CursorImage>>) {
+        {
+            let mut cursor = lock(&self.cursor);
+            if cursor.1 == image {
+                return;
+            }
+            *cursor = (cursor.0 + 1, image);
+        }
+        let viewers = lock(&self.viewers);
+        for viewer in viewers.iter().filter_map(Weak::upgrade) {
+            viewer.poke();
+        }
+    }
+
+    /// The pointer shape and how many times it changed.
+    pub fn cursor(&self) -> (u64, Option<Arc<CursorImage>>) {
+        lock(&self.cursor).clone()
     }
 
     /// Whether a virtio-gpu scanout draws the picture (read it with the frame locked to rely on it).

@@ -63,22 +63,39 @@ const ARROW: [&str; 19] = [
     "       ##  ",
 ];
 
-/// Appends the Cursor pseudo-rectangle of the arrow in the client's pixel format.
-fn put_cursor(pf: &PixelFormat, out: &mut Vec<u8>) {
-    let (w, h) = (ARROW[0].len(), ARROW.len());
-    for v in [0u16, 0, w as u16, h as u16] {
-        out.extend_from_slice(&v.to_be_bytes());
+/// Appends the Cursor pseudo-rectangle of `image` (the guest's pointer), or of the arrow, in the client's
+/// pixel format: the pixels, then a bitmask row by row (alpha ≥ 0x80 shows).
+fn put_cursor(pf: &PixelFormat, image: Option<&crate::display::CursorImage>, out: &mut Vec<u8>) {
+    let arrow;
+    let image = match image {
+        Some(image) => image,
+        None => {
+            let (w, h) = (ARROW[0].len() as u32, ARROW.len() as u32);
+            let pixels = ARROW
+                .iter()
+                .flat_map(|row| row.bytes())
+                .map(|c| match c {
+                    b'o' => 0xFFFF_FFFF,
+                    b'#' => 0xFF00_0000,
+                    _ => 0,
+                })
+                .collect();
+            arrow = crate::display::CursorImage { width: w, height: h, hot_x: 0, hot_y: 0, pixels };
+            &arrow
+        }
+    };
+    let (w, h) = (image.width as usize, image.height as usize);
+    for v in [image.hot_x, image.hot_y, image.width, image.height] {
+        out.extend_from_slice(&(v.min(u32::from(u16::MAX)) as u16).to_be_bytes());
     }
     out.extend_from_slice(&encoding::CURSOR.to_be_bytes());
-    for row in ARROW {
-        for c in row.bytes() {
-            pf.put(if c == b'o' { 0xFFFFFF } else { 0 }, out);
-        }
+    for &p in &image.pixels[..w * h] {
+        pf.put(p & 0xFF_FFFF, out);
     }
-    for row in ARROW {
+    for row in image.pixels[..w * h].chunks_exact(w.max(1)) {
         let mut mask = vec![0u8; w.div_ceil(8)];
-        for (x, c) in row.bytes().enumerate() {
-            if c != b' ' {
+        for (x, p) in row.iter().enumerate() {
+            if p >> 24 >= 0x80 {
                 mask[x / 8] |= 0x80 >> (x % 8);
             }
         }
@@ -712,7 +729,8 @@ struct Writer<W = Stream> {
     scratch: Vec<u8>,
     /// Once compressed data went out, the zlib streams (and their level) must continue as they are.
     streams_started: bool,
-    cursor_sent: bool,
+    /// The screen's cursor version the client last got (None: none sent yet).
+    cursor_sent: Option<u64>,
     /// Where the lock lights come from, and the state last sent (LED state pseudo-encoding).
     input: Arc<dyn Input>,
     lights_sent: Option<u8>,
@@ -760,7 +778,7 @@ impl<W: Write> Writer<W> {
             zrle: ZStream::new(DEFAULT_COMPRESS_LEVEL),
             tight: TightState::new(DEFAULT_COMPRESS_LEVEL),
             streams_started: false,
-            cursor_sent: false,
+            cursor_sent: None,
             pixels: Vec::new(),
             scratch: Vec::new(),
         }
@@ -868,7 +886,7 @@ impl<W: Write> Writer<W> {
     fn pseudo_due(&self, plan: &UpdatePlan) -> bool {
         plan.ext_key_ack
             || plan.desktop_size_reply.is_some()
-            || (plan.cursor && !self.cursor_sent)
+            || (plan.cursor && self.cursor_sent != Some(self.screen.cursor().0))
             || (plan.lights.is_some() && plan.lights != self.lights_sent)
     }
 
@@ -925,9 +943,10 @@ impl<W: Write> Writer<W> {
             header(&mut out, &Rect::new(0, 0, 0, 0), encoding::QEMU_EXTENDED_KEY_EVENT);
             count += 1;
         }
-        if plan.cursor && !self.cursor_sent {
-            put_cursor(&plan.pf, &mut out);
-            self.cursor_sent = true;
+        let (cursor_version, cursor) = self.screen.cursor();
+        if plan.cursor && self.cursor_sent != Some(cursor_version) {
+            put_cursor(&plan.pf, cursor.as_deref(), &mut out);
+            self.cursor_sent = Some(cursor_version);
             count += 1;
         }
         if let Some(lights) = plan.lights.filter(|l| Some(*l) != self.lights_sent) {
@@ -1187,5 +1206,145 @@ pub mod fuzz {
             let update = [0, 0, 0, 1, 0, 0, 0, 0, 0, 64, 0, 48, 0, 0, 0, 16];
             assert!(out.windows(update.len()).any(|w| w == update));
         }
+    }
+}
+
+#[cfg(test)]
+mod update_tests {
+    use super::*;
+    use crate::display::CursorImage;
+
+    /// An input whose display follows SetDesktopSize (as a VM with virtio-gpu).
+    struct Follows(Mutex<Option<(u32, u32)>>);
+
+    impl Input for Follows {
+        fn key(&self, _key: Key, _down: bool) {}
+        fn pointer(&self, _x: u16, _y: u16, _buttons: u8, _screen: (u32, u32)) {}
+        fn resize_screen(&self, width: u32, height: u32) -> Option<(u32, u32)> {
+            *lock(&self.0) = Some((width, height));
+            Some((width, height))
+        }
+    }
+
+    /// A server side of one client over `screen`: feeds it `messages`, returns what the writer sends.
+    struct Session {
+        shared: Arc<Shared>,
+        screen: Arc<Screen>,
+        writer: Writer<Vec<u8>>,
+    }
+
+    impl Session {
+        fn new(screen: &Arc<Screen>, input: Arc<dyn Input>) -> Session {
+            let shared = Arc::new(Shared {
+                state: Mutex::new(ClientState::new()),
+                changed: Condvar::new(),
+                viewer: screen.subscribe(),
+            });
+            let size = (screen.read().width, screen.read().height);
+            let writer = Writer::new(Vec::new(), shared.clone(), screen.clone(), input, size);
+            Session { shared, screen: screen.clone(), writer }
+        }
+
+        /// Reads `bytes` as client messages with `input`, then lets the writer answer; returns its bytes.
+        fn exchange(&mut self, bytes: &[u8], input: &dyn Input) -> Vec<u8> {
+            let mut stream = bytes;
+            while !stream.is_empty() {
+                assert!(read_message(&mut stream, &self.shared, input, &self.screen).unwrap());
+            }
+            if let Some(plan) = self.writer.next_plan().unwrap() {
+                let damage = lock(&self.shared.viewer.damage).take();
+                self.writer.answer(&plan, damage).unwrap();
+            }
+            std::mem::take(&mut self.writer.stream)
+        }
+    }
+
+    fn set_encodings(list: &[i32]) -> Vec<u8> {
+        let mut m = vec![2, 0];
+        m.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        m.extend(list.iter().flat_map(|e| e.to_be_bytes()));
+        m
+    }
+
+    const INCREMENTAL_REQUEST: [u8; 10] = [3, 1, 0, 0, 0, 0, 0, 64, 0, 48];
+
+    /// Where the Cursor pseudo-rectangle with hotspot `hot` and size `size` starts in `out`, if it is there.
+    fn cursor_rect(out: &[u8], hot: (u16, u16), size: (u16, u16)) -> Option<usize> {
+        let mut header = Vec::new();
+        for v in [hot.0, hot.1, size.0, size.1] {
+            header.extend_from_slice(&v.to_be_bytes());
+        }
+        header.extend_from_slice(&encoding::CURSOR.to_be_bytes());
+        out.windows(header.len()).position(|w| w == header).map(|at| at + header.len())
+    }
+
+    #[test]
+    fn the_guests_pointer_shape_reaches_clients_that_take_the_cursor_encoding() {
+        let screen = Screen::new();
+        screen.resize(64, 48);
+        let input: Arc<dyn Input> = Arc::new(NoInput);
+        let mut s = Session::new(&screen, input.clone());
+        let mut first = set_encodings(&[0, encoding::CURSOR]);
+        first.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 48]);
+        let out = s.exchange(&first, &NoInput);
+        assert!(cursor_rect(&out, (0, 0), (11, 19)).is_some(), "the server's arrow first");
+        // The guest sets a 2x2 pointer, hotspot (1, 1): opaque red, transparent, transparent, opaque blue.
+        let image =
+            CursorImage { width: 2, height: 2, hot_x: 1, hot_y: 1, pixels: vec![0xFFFF_0000, 0, 0, 0xFF00_00FF] };
+        screen.set_cursor(Some(Arc::new(image)));
+        let out = s.exchange(&INCREMENTAL_REQUEST, &NoInput);
+        let at = cursor_rect(&out, (1, 1), (2, 2)).expect("the guest's pointer");
+        // Raw 32-bit pixels (little-endian 0x00RRGGBB), then one mask byte per row.
+        assert_eq!(&out[at..at + 16], [0, 0, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0, 0, 0]);
+        assert_eq!(&out[at + 16..at + 18], [0x80, 0x40]);
+        // Nothing new: not sent again.
+        let out = s.exchange(&INCREMENTAL_REQUEST, &NoInput);
+        assert!(cursor_rect(&out, (1, 1), (2, 2)).is_none());
+        // Back to the arrow (the guest's driver let go).
+        screen.set_cursor(None);
+        let out = s.exchange(&INCREMENTAL_REQUEST, &NoInput);
+        assert!(cursor_rect(&out, (0, 0), (11, 19)).is_some());
+        // A client that did not take the encoding never gets a shape.
+        let mut plain = Session::new(&screen, input);
+        let mut first = set_encodings(&[0]);
+        first.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 48]);
+        let out = plain.exchange(&first, &NoInput);
+        assert!(!out.windows(4).any(|w| w == encoding::CURSOR.to_be_bytes()));
+    }
+
+    #[test]
+    fn set_desktop_size_goes_to_a_display_that_follows_and_is_refused_otherwise() {
+        let screen = Screen::new();
+        screen.resize(64, 48);
+        let mut message = vec![251, 0];
+        message.extend_from_slice(&1024u16.to_be_bytes());
+        message.extend_from_slice(&768u16.to_be_bytes());
+        message.extend_from_slice(&[1, 0]);
+        message.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0, 0]);
+        // The reply: an ExtendedDesktopSize rectangle at x = 1 (the client asked), y = the status.
+        let reply = |status: u16| {
+            let mut r = 1u16.to_be_bytes().to_vec();
+            r.extend_from_slice(&status.to_be_bytes());
+            r.extend_from_slice(&64u16.to_be_bytes());
+            r.extend_from_slice(&48u16.to_be_bytes());
+            r.extend_from_slice(&encoding::EXTENDED_DESKTOP_SIZE.to_be_bytes());
+            r
+        };
+        let contains = |out: &[u8], r: &[u8]| out.windows(r.len()).any(|w| w == r);
+        for (follows, status) in [(true, 0), (false, 1)] {
+            let input: Arc<dyn Input> = if follows { Arc::new(Follows(Mutex::new(None))) } else { Arc::new(NoInput) };
+            let mut s = Session::new(&screen, input.clone());
+            let mut first = set_encodings(&[0, encoding::EXTENDED_DESKTOP_SIZE]);
+            first.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 48]);
+            s.exchange(&first, &*input);
+            // The reply goes out with the next update (the client keeps one requested).
+            let out = s.exchange(&[&message[..], &INCREMENTAL_REQUEST].concat(), &*input);
+            assert!(contains(&out, &reply(status)), "follows={follows}: {out:?}");
+        }
+        let follows = Follows(Mutex::new(None));
+        let mut s = Session::new(&screen, Arc::new(NoInput));
+        s.exchange(&set_encodings(&[0, encoding::EXTENDED_DESKTOP_SIZE]), &follows);
+        s.exchange(&message, &follows);
+        assert_eq!(*lock(&follows.0), Some((1024, 768)), "the size the client asked for");
     }
 }

@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, VirtioDevice, VirtioInterrupt, avail_within_queue};
 use crate::devices::bus::lock;
-use crate::display::{Rect, Screen, TileDamage, edid};
+use crate::display::{CursorImage, Rect, Screen, TileDamage, edid};
 
 /// virtio-gpu's device ID.
 pub const DEVICE_TYPE: u16 = 16;
@@ -118,20 +118,10 @@ fn rgb(p: &[u8], [r, g, b]: [usize; 3]) -> u32 {
     u32::from(p[r]) << 16 | u32::from(p[g]) << 8 | u32::from(p[b])
 }
 
-/// The pointer image the guest set, as 0xAARRGGBB pixels (alpha: the guest's, or opaque for X formats).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CursorImage {
-    pub width: u32,
-    pub height: u32,
-    pub hot_x: u32,
-    pub hot_y: u32,
-    pub pixels: Vec<u32>,
-}
-
-/// The pointer as the guest's driver last set it.
+/// The pointer as the guest's driver last set it (its shape also goes to the screen's viewers).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cursor {
-    /// None: hidden.
+    /// None: hidden, or never set.
     pub image: Option<Arc<CursorImage>>,
     pub x: u32,
     pub y: u32,
@@ -602,6 +592,9 @@ impl Inner {
             Arc::new(CursorImage { width: r.width, height: r.height, hot_x, hot_y, pixels })
         });
         if cursor.image != image {
+            // A hidden pointer (resource 0, or one the device cannot show) hides the viewers' too.
+            let shown = image.clone().unwrap_or_else(|| Arc::new(CursorImage::hidden()));
+            self.shared.screen.set_cursor(Some(shown));
             cursor.image = image;
             cursor.version += 1;
         }
@@ -629,6 +622,7 @@ impl Inner {
         let mut cursor = lock(&self.shared.cursor);
         let version = cursor.version + 1;
         *cursor = Cursor { version, ..Cursor::default() };
+        self.shared.screen.set_cursor(None);
     }
 
     fn thread(&self) {
