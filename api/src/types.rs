@@ -105,6 +105,14 @@ pub struct Vm {
     /// sits under the console's — and keys go to the virtio keyboard).
     #[serde(default)]
     pub input: InputMode,
+    /// The display adapter: the Bochs std VGA (the guest picks its resolution) or virtio-vga (VGA for
+    /// firmware and boot loaders, then virtio-gpu, whose monitor follows the console's size).
+    #[serde(default)]
+    pub vga: VgaMode,
+    /// A running VM with a virtio-gpu display (`GET /vms/{id}`): whether the guest's driver is up (the
+    /// screen follows the console window: "Resize guest to window").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_follows: Option<bool>,
     /// A running VM with virtio input (`GET /vms/{id}`): whether the guest's tablet driver is up (the
     /// pointer is absolute) or not yet (the PS/2 mouse moves by deltas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,6 +218,28 @@ impl InputMode {
     }
 }
 
+/// A VM's display adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VgaMode {
+    /// QEMU's "stdvga" (Bochs VBE): the guest picks its resolution.
+    #[default]
+    Std,
+    /// virtio-vga: VGA and VBE for firmware and boot loaders, then virtio-gpu, whose monitor prefers the
+    /// console's size and follows it (the default for new VMs).
+    Virtio,
+}
+
+impl VgaMode {
+    /// The word of `porthole-vmm --vga`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VgaMode::Std => "std",
+            VgaMode::Virtio => "virtio",
+        }
+    }
+}
+
 /// The format of a disk image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -283,6 +313,9 @@ pub struct CreateVm {
     /// `virtio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<InputMode>,
+    /// The display adapter (default: `virtio`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vga: Option<VgaMode>,
     /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -315,6 +348,7 @@ impl CreateVm {
             tags: Vec::new(),
             nics: None,
             input: None,
+            vga: None,
             cpu_cap_percent: None,
             cpu_weight: None,
         }
@@ -399,6 +433,9 @@ pub struct UpdateVm {
     /// the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<InputMode>,
+    /// Switches the display adapter between the std VGA and virtio-vga (applies at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vga: Option<VgaMode>,
     /// The memory in use by the guest, in MiB, through its balloon: from the floor (10% of its memory, at
     /// least 128 MiB) to all of its memory. Only for a running VM with a balloon; applies at once and is not
     /// kept (a VM starts with all of its memory).

@@ -1,12 +1,14 @@
 //! The virtio devices other than the disk (virtio_blk has its own target) as a hostile guest driver sees
 //! them, through `vmm_core::virtio::host_driver`: virtio-scsi (on a CD image: CDBs, chains, task
 //! management and event queues), virtio-input (tablet and keyboard: event and status queues), the balloon
-//! (inflate, deflate, statistics and free-page reporting queues, its configuration) and virtio-net (on a
-//! socket speaking passt's protocol, whose far end the input also writes frames into). Each device is
+//! (inflate, deflate, statistics and free-page reporting queues, its configuration), virtio-net (on a
+//! socket speaking passt's protocol, whose far end the input also writes frames into) and virtio-gpu
+//! (control and cursor queues: resources, backing lists, transfers, scanouts and flushes onto a screen,
+//! EDID, display events from the configuration). Each device is
 //! brought up with every queue of 16 entries; then operations from the input, and after a publish a short
 //! wait (3 ms) for what the device completes or a NEEDS_RESET.
 //!
-//! Input: byte 0 picks the device (mod 5: scsi, tablet, keyboard, balloon, net), then operations, each a kind
+//! Input: byte 0 picks the device (mod 6: scsi, tablet, keyboard, balloon, net, gpu), then operations, each a kind
 //! byte and its bytes:
 //! - 0: a descriptor: queue, index, addr (u32), len (u32), flags (u16), next (u16)
 //! - 1: 16 bytes of guest memory at 0x1_0000 + 16 × offset (offset: u16)
@@ -27,12 +29,14 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_core::disk::Drive;
+use vmm_core::display::Screen;
 use vmm_core::net::{MacAddr, Nic, Passt};
-use vmm_core::virtio::{VirtioDevice, VirtioInterrupt};
 use vmm_core::virtio::balloon::{BalloonShared, VirtioBalloon};
+use vmm_core::virtio::gpu::{GpuShared, VirtioGpu};
 use vmm_core::virtio::host_driver::{Desc, HostDriver};
 use vmm_core::virtio::input::{Profile, VirtioInput};
 use vmm_core::virtio::scsi::VirtioScsi;
+use vmm_core::virtio::{VirtioDevice, VirtioInterrupt};
 
 const MEM: usize = 0x4_0000;
 const QUEUE: u16 = 16;
@@ -49,13 +53,19 @@ fn exercise<D: VirtioDevice>(mut d: HostDriver<D>, queues: usize, mut data: &[u8
         published |= kind % 8 == 2;
         let ok = match kind % 8 {
             0 => take(&mut data, 14).map(|b| {
-                let desc = Desc { addr: le(&b[2..6]), len: le(&b[6..10]) as u32, flags: le(&b[10..12]) as u16, next: le(&b[12..14]) as u16 };
+                let desc = Desc {
+                    addr: le(&b[2..6]),
+                    len: le(&b[6..10]) as u32,
+                    flags: le(&b[10..12]) as u16,
+                    next: le(&b[12..14]) as u16,
+                };
                 d.write_desc(usize::from(b[0]) % queues, u16::from(b[1]) % QUEUE, desc);
             }),
             1 => take(&mut data, 18).map(|b| {
                 let _ = d.mem.write_slice(&b[2..], GuestAddress(0x1_0000 + 16 * (le(&b[..2]) % 0x3000)));
             }),
-            2 => take(&mut data, 5).map(|b| d.publish(usize::from(b[0]) % queues, le(&b[1..3]) as u16, le(&b[3..5]) as u16)),
+            2 => take(&mut data, 5)
+                .map(|b| d.publish(usize::from(b[0]) % queues, le(&b[1..3]) as u16, le(&b[3..5]) as u16)),
             3 => take(&mut data, 6).map(|b| {
                 let len = [1, 2, 4, 4][usize::from(b[1] & 3)];
                 d.write_config(u64::from(b[0]), &b[2..2 + len]);
@@ -106,7 +116,7 @@ fuzz_target!(|input: &[u8]| {
     let Some((&which, ops)) = input.split_first() else { return };
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
     let Ok(interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
-    match which % 5 {
+    match which % 6 {
         0 => {
             let Some(path) = scratch_image("scsi") else { return };
             let Ok(media) = Drive::open_media(path, true) else { return };
@@ -115,7 +125,7 @@ fuzz_target!(|input: &[u8]| {
             exercise(HostDriver::new(scsi, interrupt, mem, &[QUEUE; 3]), 3, ops, None);
         }
         1 | 2 => {
-            let profile = if which % 5 == 1 { Profile::Tablet } else { Profile::Keyboard };
+            let profile = if which % 6 == 1 { Profile::Tablet } else { Profile::Keyboard };
             let Ok(input) = VirtioInput::new(profile, interrupt.clone()) else { return };
             exercise(HostDriver::new(input, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
         }
@@ -124,11 +134,17 @@ fuzz_target!(|input: &[u8]| {
             // Inflate, deflate, statistics, free-page reporting.
             exercise(HostDriver::new(balloon, interrupt, mem, &[QUEUE; 4]), 4, ops, None);
         }
+        5 => {
+            let Ok(gpu) = VirtioGpu::new(GpuShared::new(Screen::new(), 640, 480), interrupt.clone()) else { return };
+            // Control, cursor.
+            exercise(HostDriver::new(gpu, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
+        }
         _ => {
             let Ok((ours, peer)) = UnixStream::pair() else { return };
             let Ok(backend) = Passt::connected(ours, "net0") else { return };
             let _ = peer.set_nonblocking(true);
-            let nic = Arc::new(Nic::with_backend("net0", MacAddr([2, 0, 0, 0x12, 0x34, 0x56]), 1500, Box::new(backend)));
+            let nic =
+                Arc::new(Nic::with_backend("net0", MacAddr([2, 0, 0, 0x12, 0x34, 0x56]), 1500, Box::new(backend)));
             let Ok(net) = vmm_core::virtio::net::VirtioNet::new(nic, interrupt.clone()) else { return };
             exercise(HostDriver::new(net, interrupt, mem, &[QUEUE; 2]), 2, ops, Some(peer));
         }

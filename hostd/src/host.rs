@@ -99,6 +99,8 @@ pub struct LiveStatus {
     pub absolute_pointer: bool,
     /// The keys go to the virtio keyboard (its guest driver is up).
     pub virtio_keyboard: bool,
+    /// With a virtio-gpu display: its guest driver is up (the monitor follows the console's size).
+    pub display_follows: Option<bool>,
     /// Its lock lights, as the guest set them.
     pub keyboard_leds: Option<porthole_api::KeyboardLeds>,
     /// The memory balloon, when the VM has one.
@@ -500,6 +502,7 @@ impl Host {
                     nics: s.nics.into_iter().map(net::api_status).collect(),
                     absolute_pointer: s.absolute_pointer,
                     virtio_keyboard: s.virtio_keyboard,
+                    display_follows: s.display_follows,
                     keyboard_leds: s.keyboard_leds.map(|l| porthole_api::KeyboardLeds {
                         num_lock: l.num_lock,
                         caps_lock: l.caps_lock,
@@ -763,6 +766,7 @@ impl Host {
             }
             cmd.args(net::net_args(record.nics()));
             cmd.arg("--input").arg(record.input.as_str());
+            cmd.arg("--vga").arg(record.vga.as_str());
             if record.balloon {
                 cmd.arg("--balloon");
             }
@@ -1231,6 +1235,8 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         boot_menu: r.boot_menu,
         display: r.display,
         input: r.input,
+        vga: r.vga,
+        display_follows: None,
         absolute_pointer: None,
         virtio_keyboard: None,
         keyboard_leds: None,
@@ -1352,6 +1358,7 @@ pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
         display: req.display,
         disk_bytes: req.disk_bytes,
         input: req.input,
+        vga: req.vga,
         ..UpdateVm::default()
     }
 }
@@ -1389,6 +1396,9 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(i) = u.input {
         r.input = i;
     }
+    if let Some(v) = u.vga {
+        r.vga = v;
+    }
     if let Some(nics) = &u.nics {
         // Pending cards were built (ids and MACs chosen) when the change was made.
         r.nics = Some(nics.iter().enumerate().map(|(i, s)| net::definition_of(i, s)).collect());
@@ -1416,6 +1426,7 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     p.display = new.display.or(p.display).filter(|d| r.display != Some(*d));
     p.disk_bytes = new.disk_bytes.or(p.disk_bytes).filter(|s| *s > r.disk_bytes);
     p.input = new.input.or(p.input).filter(|i| *i != r.input);
+    p.vga = new.vga.or(p.vga).filter(|v| *v != r.vga);
     let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
     p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
     r.pending = (p != UpdateVm::default()).then_some(p);
@@ -1434,6 +1445,7 @@ pub fn pending_names(p: &UpdateVm) -> Vec<String> {
         ("display", p.display.is_some()),
         ("disk_bytes", p.disk_bytes.is_some()),
         ("input", p.input.is_some()),
+        ("vga", p.vga.is_some()),
         ("nics", p.nics.is_some()),
     ];
     set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()

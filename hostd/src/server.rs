@@ -467,6 +467,7 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
             vm.absolute_pointer = virtio.then_some(live.absolute_pointer);
             vm.virtio_keyboard = virtio.then_some(live.virtio_keyboard);
             vm.keyboard_leds = live.keyboard_leds.filter(|_| virtio);
+            vm.display_follows = live.display_follows;
             vm.memory_balloon = live.balloon;
         }
         Some(Err(why)) => vm.nic_status_error = Some(why),
@@ -676,6 +677,7 @@ async fn create_vm(
         tags,
         nics: Some(nics),
         input: req.input.unwrap_or(porthole_api::InputMode::Virtio),
+        vga: req.vga.unwrap_or(porthole_api::VgaMode::Virtio),
         balloon: true,
         cpu_cap_percent: req.cpu_cap_percent.filter(|&c| c != 0),
         cpu_weight: req.cpu_weight.filter(|&w| w != 0),

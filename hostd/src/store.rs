@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, UpdateVm};
+use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, UpdateVm, VgaMode};
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
@@ -78,6 +78,10 @@ pub struct VmRecord {
     /// (read as `virtio`; their machine states, saved with a tablet and no keyboard, no longer load).
     #[serde(default, alias = "tablet", deserialize_with = "input_or_tablet", skip_serializing_if = "is_ps2")]
     pub input: InputMode,
+    /// The display adapter (`porthole-vmm --vga`): the Bochs std VGA, or virtio-vga. Absent in
+    /// definitions written before it: std (their saved machine states hold a std VGA).
+    #[serde(default, skip_serializing_if = "is_std_vga")]
+    pub vga: VgaMode,
     /// A virtio memory balloon (`porthole-vmm --balloon`). Absent in definitions written before it: those
     /// VMs keep their devices (their saved machine states have no balloon).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -408,6 +412,10 @@ fn is_ps2(mode: &InputMode) -> bool {
     *mode == InputMode::Ps2
 }
 
+fn is_std_vga(mode: &VgaMode) -> bool {
+    *mode == VgaMode::Std
+}
+
 /// `"ps2"`/`"virtio"`, or the boolean of the older `tablet` field (true: the tablet, now virtio input).
 fn input_or_tablet<'de, D: serde::Deserializer<'de>>(d: D) -> Result<InputMode, D::Error> {
     #[derive(Deserialize)]
@@ -456,6 +464,25 @@ mod tests {
             nics: Some(Vec::new()),
             ..VmRecord::default()
         }
+    }
+
+    /// Definitions written before the display adapter was chosen read as the std VGA (their saved machine
+    /// states hold one); std is written as nothing, virtio as `"vga": "virtio"`, also as a pending change.
+    #[test]
+    fn definitions_without_a_display_adapter_keep_the_std_vga() {
+        let v = serde_json::to_value(record("a", "old")).unwrap();
+        assert!(v.get("vga").is_none(), "std is the default, not written");
+        let r: VmRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(r.vga, VgaMode::Std);
+        let mut r2 = r.clone();
+        r2.vga = VgaMode::Virtio;
+        r2.pending = Some(UpdateVm { vga: Some(VgaMode::Std), ..UpdateVm::default() });
+        let written = serde_json::to_value(&r2).unwrap();
+        assert_eq!((&written["vga"], &written["pending"]["vga"]), (&"virtio".into(), &"std".into()));
+        assert_eq!(serde_json::from_value::<VmRecord>(written).unwrap(), r2);
+        let mut bad = serde_json::to_value(record("b", "bad")).unwrap();
+        bad["vga"] = "cirrus".into();
+        assert!(serde_json::from_value::<VmRecord>(bad).is_err());
     }
 
     /// Definitions written in the tablet's time (`tablet: true|false`, also as a pending change) read as

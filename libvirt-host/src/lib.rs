@@ -63,7 +63,7 @@ use porthole_api::host::Progress;
 use porthole_api::{
     Action, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host, HostError,
     HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot, Task, TaskState,
-    Vm, VmState,
+    VgaMode, Vm, VmState,
 };
 use sha2::Digest;
 use virt::connect::Connect;
@@ -786,6 +786,12 @@ fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> 
         tags,
         boot_status: None,
         input: InputMode::Ps2,
+        // libvirt's virtio video model is virtio-vga (with a VGA) or virtio-gpu-pci.
+        vga: match doc.at(&["devices", "video", "model"]).and_then(|m| m.attr("type")) {
+            Some("virtio") => VgaMode::Virtio,
+            _ => VgaMode::Std,
+        },
+        display_follows: None,
         absolute_pointer: None,
         virtio_keyboard: None,
         keyboard_leds: None,
@@ -1048,7 +1054,11 @@ fn domain_xml(
     // The serial port on a pty, which libvirt's console streams (the Serial console) reach.
     x += "    <serial type='pty'><target port='0'/></serial>\n    <console type='pty'><target type='serial' port='0'/></console>\n";
     x += "    <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>\n";
-    x += "    <video><model type='vga'/></video>\n";
+    // As virt-manager gives modern guests: virtio (virtio-vga: VGA for the firmware, then virtio-gpu).
+    x += match vm.vga.unwrap_or(VgaMode::Virtio) {
+        VgaMode::Virtio => "    <video><model type='virtio'/></video>\n",
+        VgaMode::Std => "    <video><model type='vga'/></video>\n",
+    };
     x += "    <memballoon model='virtio'/>\n  </devices>\n</domain>\n";
     x
 }

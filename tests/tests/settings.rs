@@ -786,6 +786,66 @@ async fn new_vms_have_virtio_input_that_the_guest_sees_and_it_can_be_switched_of
     c.action(&with.id, Action::Poweroff).await.unwrap();
 }
 
+/// The display adapter: new VMs get virtio-vga (the guest finds 1af4:1050 where the std VGA, 1234:1111,
+/// was), `vga: std` keeps the std VGA; a running VM says whether its screen follows the window yet (the
+/// micro-guest has no virtio-gpu driver: no); switching on a running VM waits for its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_vms_have_a_virtio_display_that_the_guest_sees_and_it_can_be_switched() {
+    use porthole_api::VgaMode;
+    let dir = Scratch::new("settings-vga");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let scan = BootSpec {
+        kernel: porthole_guests::path("pci-scan").display().to_string(),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let request = |name: &str, vga: Option<VgaMode>| CreateVm {
+        boot: Some(scan.clone()),
+        disk_gib: 0,
+        nics: Some(Vec::new()),
+        vga,
+        ..CreateVm::new(name, 1, 64)
+    };
+    let devices = |id: String| {
+        let c = c.clone();
+        async move {
+            c.action(&id, Action::Start).await.unwrap();
+            wait_state(&c, &id, VmState::Stopped).await;
+            let lines = c.serial(&id, 100).await.unwrap().lines;
+            assert!(lines.iter().any(|l| l.contains("PCI-SCAN-DONE")), "{lines:#?}");
+            lines.into_iter().filter(|l| l.starts_with("PCI slot=")).collect::<Vec<_>>()
+        }
+    };
+    let with = c.create_vm(&request("virtio-vga", None)).await.unwrap();
+    assert_eq!(with.vga, VgaMode::Virtio, "new VMs get virtio-vga");
+    let seen = devices(with.id.clone()).await;
+    assert_eq!(seen.iter().filter(|l| l.contains("id=1af4:1050")).count(), 1, "{seen:#?}");
+    assert!(!seen.iter().any(|l| l.contains("id=1234:1111")), "{seen:#?}");
+    let std = c.create_vm(&request("std-vga", Some(VgaMode::Std))).await.unwrap();
+    assert_eq!(std.vga, VgaMode::Std);
+    let seen = devices(std.id.clone()).await;
+    assert!(seen.iter().any(|l| l.contains("id=1234:1111")) && !seen.iter().any(|l| l.contains("id=1af4:1050")));
+
+    c.update_vm(&with.id, &UpdateVm { boot: Some(idle_boot()), ..Default::default() }).await.unwrap();
+    c.action(&with.id, Action::Start).await.unwrap();
+    wait_state(&c, &with.id, VmState::Running).await;
+    let vm = c.vm(&with.id).await.unwrap();
+    assert_eq!(vm.display_follows, Some(false), "no virtio-gpu driver in the guest: {vm:?}");
+    let vga_arg = |id: &str| arg_after(&vmm_args(&d, id), "--vga");
+    assert_eq!(vga_arg(&with.id).as_deref(), Some("virtio"));
+    let vm = c.update_vm(&with.id, &UpdateVm { vga: Some(VgaMode::Std), ..Default::default() }).await.unwrap();
+    assert!(vm.vga == VgaMode::Virtio && vm.pending_changes == ["vga"], "{vm:?}");
+    c.action(&with.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &with.id, VmState::Stopped).await;
+    c.action(&with.id, Action::Start).await.unwrap();
+    wait_state(&c, &with.id, VmState::Running).await;
+    assert_eq!(vga_arg(&with.id).as_deref(), Some("std"), "applied at the next start");
+    let vm = c.vm(&with.id).await.unwrap();
+    assert!(vm.vga == VgaMode::Std && vm.display_follows.is_none(), "{vm:?}");
+    c.action(&with.id, Action::Poweroff).await.unwrap();
+}
+
 /// A disk's rate limits: set on a stopped VM (kept in its definition, given to the engine at start), changed
 /// on a running one (the engine takes them at once), refused when absurd (each field named, nothing
 /// changed); the guest's requests still all complete under a tight limit.

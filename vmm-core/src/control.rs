@@ -220,6 +220,10 @@ pub struct Status {
     /// The console's keys go to the virtio keyboard (its guest driver is up), not the PS/2 keyboard.
     #[serde(default)]
     pub virtio_keyboard: bool,
+    /// With a virtio-gpu display: its guest driver is up, so the monitor follows the console's size
+    /// (SetDesktopSize); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_follows: Option<bool>,
     /// The virtio keyboard's lock LEDs as the guest last set them (a VM with virtio input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_leds: Option<crate::virtio::input::Leds>,
@@ -286,6 +290,7 @@ fn status(vm: &VmHandle) -> Response {
             crash: vm.crash_report(),
             absolute_pointer: vm.absolute_pointer(),
             virtio_keyboard: vm.virtio_keyboard(),
+            display_follows: vm.gpu().map(|g| g.driver_ready()),
             keyboard_leds: vm.keyboard_leds(),
             balloon: vm.balloon(),
             host_rss_kib: host_rss_kib(),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use porthole_api::client::Action;
-use porthole_api::{Feature, InputMode, VmState};
+use porthole_api::{Feature, InputMode, VgaMode, VmState};
 
 use super::graphs::performance;
 use super::theme;
@@ -40,6 +40,10 @@ impl PortholeApp {
             ui.end_row();
             ui.label("Pointer");
             let (text, more) = pointer_text(vm, self.backend.model().details.as_ref());
+            ui.label(text).on_hover_text(more);
+            ui.end_row();
+            ui.label("Display");
+            let (text, more) = display_text(vm, self.backend.model().details.as_ref());
             ui.label(text).on_hover_text(more);
             ui.end_row();
             ui.label("Keyboard");
@@ -331,6 +335,27 @@ fn pointer_text(
         }
         (InputMode::Virtio, _, _) => {
             ("tablet", "Absolute once the guest's driver (virtio_input) is up; the PS/2 mouse before")
+        }
+    }
+}
+
+/// The display adapter in a few words and then in full: with virtio, whether the guest's driver is up
+/// (the screen follows the console window) — as `pointer_text`.
+fn display_text(
+    vm: &porthole_api::Vm,
+    details: Option<&(usize, String, porthole_api::Vm)>,
+) -> (&'static str, &'static str) {
+    let live = details.filter(|(_, id, _)| *id == vm.id).and_then(|(_, _, d)| d.display_follows);
+    match (vm.vga, vm_running(vm), live) {
+        (VgaMode::Std, _, _) => ("standard VGA", "The guest picks its resolution"),
+        (VgaMode::Virtio, true, Some(true)) => {
+            ("virtio, follows the window", "The guest's virtio-gpu driver takes the console's size")
+        }
+        (VgaMode::Virtio, true, Some(false)) => {
+            ("virtio (VGA for now)", "The guest has not loaded its virtio-gpu driver yet: the VGA shows")
+        }
+        (VgaMode::Virtio, _, _) => {
+            ("virtio", "VGA for firmware and boot loaders, then virtio-gpu, which follows the console's size")
         }
     }
 }

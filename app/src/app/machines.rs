@@ -590,6 +590,8 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             boot_status: None,
             input: porthole_api::InputMode::Ps2,
+            vga: porthole_api::VgaMode::Std,
+            display_follows: None,
             absolute_pointer: None,
             virtio_keyboard: None,
             keyboard_leds: None,

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use porthole_api::{
     AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode,
-    MemoryBalloon, UpdateVm, Vm, VmState,
+    MemoryBalloon, UpdateVm, VgaMode, Vm, VmState,
 };
 
 use super::clones::human_bytes;
@@ -46,6 +46,8 @@ pub struct Fields {
     pub resolution: String,
     /// PS/2 input only, or a virtio-input tablet (absolute pointer) and keyboard beside PS/2.
     pub input: InputMode,
+    /// The display adapter: the std VGA or virtio-vga.
+    pub vga: VgaMode,
     /// CPU cap in percent of one CPU (empty: none) and weight (empty: the default).
     pub cpu_cap: String,
     pub cpu_weight: String,
@@ -83,6 +85,7 @@ impl Fields {
             boot_menu: p.boot_menu.unwrap_or(vm.boot_menu),
             resolution: p.display.or(vm.display).map(|d| format!("{}x{}", d.width, d.height)).unwrap_or_default(),
             input: p.input.unwrap_or(vm.input),
+            vga: p.vga.unwrap_or(vm.vga),
             cpu_cap: vm.cpu_cap_percent.map(|c| c.to_string()).unwrap_or_default(),
             cpu_weight: vm.cpu_weight.map(|w| w.to_string()).unwrap_or_default(),
         }
@@ -161,6 +164,9 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     }
     if new.input != base.input {
         u.input = Some(new.input);
+    }
+    if new.vga != base.vga {
+        u.vga = Some(new.vga);
     }
     // CPU limits: empty removes (0 in the request).
     for (text, old, field, slot) in [
@@ -390,6 +396,7 @@ pub fn pending_text(names: &[String]) -> String {
             "disk_bytes" => "disk size",
             "nics" => "network cards",
             "input" => "input devices",
+            "vga" => "display adapter",
             "cpu_cap_percent" => "CPU cap",
             "cpu_weight" => "CPU weight",
             other => other,
@@ -712,6 +719,18 @@ impl PortholeApp {
                     ui.radio_value(&mut f.input, InputMode::Virtio, "Virtio tablet and keyboard").on_hover_text(
                         "A virtio-input tablet (absolute pointer) and keyboard beside PS/2, used once the guest's \
                          driver is up (firmware and boot loaders keep PS/2); applies at the next start",
+                    )
+                })
+                .response
+            });
+            row(ui, "Display", &errors, "vga", |ui| {
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut f.vga, VgaMode::Std, "Standard VGA").on_hover_text(
+                        "The Bochs VGA every OS drives: the guest picks its resolution; applies at the next start",
+                    );
+                    ui.radio_value(&mut f.vga, VgaMode::Virtio, "Virtio (follows the window)").on_hover_text(
+                        "virtio-vga: VGA for firmware and boot loaders, then the guest's virtio-gpu driver, whose \
+                         screen takes the console's size (Resize guest to window); applies at the next start",
                     )
                 })
                 .response

@@ -1088,7 +1088,8 @@ pub mod fuzz {
     }
 
     /// One connection: `data[0]` holds options (bit 0: VncAuth with [`PASSWORD`]; bit 1: the screen
-    /// changes size after every 8th message; bit 2: it scrolls after every 4th), `data[1..3]` the screen
+    /// changes size after every 8th message; bit 2: it scrolls after every 4th; bit 3: the guest's pointer
+    /// shape changes after every 5th, its size from the message count), `data[1..3]` the screen
     /// size, the rest is what the client sends from its first byte (ProtocolVersion) on. The reader and
     /// the writer of a real connection run in two threads; here the writer sends what is due after each
     /// message, so a run is deterministic. Returns how many messages the server read after the handshake.
@@ -1136,6 +1137,13 @@ pub mod fuzz {
             }
             if options & 4 != 0 && messages.is_multiple_of(4) {
                 screen.scroll(if messages.is_multiple_of(8) { 3 } else { -5 });
+            }
+            if options & 8 != 0 && messages.is_multiple_of(5) {
+                let side = messages % 70;
+                let pixels = (0..side * side).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+                let image =
+                    crate::display::CursorImage { width: side, height: side, hot_x: side / 2, hot_y: 0, pixels };
+                screen.set_cursor((side > 0).then(|| Arc::new(image)));
             }
             let Ok(Some(plan)) = writer.next_plan() else { continue };
             let damage = lock(&shared.viewer.damage).take();
