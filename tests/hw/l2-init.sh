@@ -12,6 +12,11 @@
 #                   request while the harness moves the target), a vCPU hot-added by the harness brought online,
 #                   then `reboot -f`; second boot (seen on the disk, both vCPUs online from the start): waits
 #                   for the ACPI power button and powers off.
+#   hw.mode=gpu     virtio-gpu (porthole-vmm --vga virtio): loads virtio-gpu, says which driver bound the
+#                   display and the connector's preferred mode (PORTHOLE-GPU), draws the square of
+#                   hw.mode=full into /dev/fb0 (virtio-gpu's fbdev emulation flushes it to the host), then
+#                   waits for the monitor to change (an RFB SetDesktopSize from the harness) and says the
+#                   connector's new preferred mode (PORTHOLE-GPU-RESIZED), then powers off.
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
 #                   (tests/hw/scenarios/disk-io.sh runs it on raw and qcow2, porthole-vmm and QEMU).
@@ -45,7 +50,7 @@ fi
 
 # virtio_input waits: the full mode loads it after the PS/2 mouse test (the pointer moves to the tablet then).
 while read -r m; do
-    case $m in virtio_input.ko*) continue ;; esac
+    case $m in virtio_input.ko* | virtio-gpu.ko*) continue ;; esac
     out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
 done </lib/modules/load-order
 
@@ -69,6 +74,49 @@ event_device() {
         i=$((i + 1))
     done
 }
+
+# The square of hw.mode=full: orange (ff8040) 64x64 at (64,64) in /dev/fb0, fbcon unbound so that text
+# cannot cover it.
+draw_square() {
+    for v in /sys/class/vtconsole/vtcon*; do
+        grep -q 'frame buffer' "$v/name" 2>/dev/null && echo 0 >"$v/bind"
+    done
+    FB=/sys/class/graphics/fb0
+    STRIDE=$(cat $FB/stride)
+    BPP=$(cat $FB/bits_per_pixel)
+    # XRGB8888 little endian: B=0x40 G=0x80 R=0xff X=0xff (no NUL byte for printf to trip on).
+    PIXEL='\100\200\377\377'
+    ROW=""
+    i=0
+    while [ $i -lt 64 ]; do ROW="$ROW$PIXEL"; i=$((i + 1)); done
+    y=64
+    while [ $y -lt 128 ]; do
+        printf "$ROW" | dd of=/dev/fb0 bs=256 seek=$(((y * STRIDE + 256) / 256)) count=1 conv=notrunc 2>/dev/null
+        y=$((y + 1))
+    done
+    say "PORTHOLE-FB-DRAWN name=$(cat $FB/name | tr ' ' _) mode=$(cat $FB/virtual_size) bpp=$BPP stride=$STRIDE x=64 y=64 w=64 h=64 rgb=ff8040"
+}
+
+if [ "$MODE" = gpu ]; then
+    say "PORTHOLE-L2-INIT mode=gpu kernel=$(uname -r)"
+    gpu=$(grep -m1 '^virtio-gpu.ko' /lib/modules/load-order)
+    out=$(insmod "/lib/modules/$gpu" 2>&1) || say "PORTHOLE-INSMOD-FAILED $gpu: $out"
+    CONN=/sys/class/drm/card0-Virtual-1
+    if wait_for $CONN/modes && wait_for /dev/fb0; then
+        driver=$(basename "$(readlink /sys/class/drm/card0/device/driver)")
+        first=$(head -n1 $CONN/modes)
+        say "PORTHOLE-GPU driver=$driver status=$(cat $CONN/status) modes=$first count=$(wc -l <$CONN/modes)"
+        draw_square
+        # The harness asks for another size; the driver hears of it (a display-change event), asks again and
+        # lists the new preferred mode first.
+        i=0
+        while [ "$(head -n1 $CONN/modes)" = "$first" ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done
+        say "PORTHOLE-GPU-RESIZED modes=$(head -n1 $CONN/modes) after=$((i / 5))s"
+    else
+        say "PORTHOLE-FAIL no virtio-gpu connector or /dev/fb0 ($(ls /sys/class/drm 2>&1 | tr '\n' ' '))"
+    fi
+    off
+fi
 
 if [ "$MODE" = blkbench ]; then
     wait_for /dev/vda || { say "PORTHOLE-FAIL no /dev/vda"; off; }
@@ -193,25 +241,9 @@ else
     say "PORTHOLE-FAIL no /dev/sr0"
 fi
 
-# bochs-drm's framebuffer: an orange (ff8040) 64x64 square at (64,64), fbcon unbound so that text cannot cover it.
+# bochs-drm's framebuffer: the square.
 if wait_for /dev/fb0; then
-    for v in /sys/class/vtconsole/vtcon*; do
-        grep -q 'frame buffer' "$v/name" 2>/dev/null && echo 0 >"$v/bind"
-    done
-    FB=/sys/class/graphics/fb0
-    STRIDE=$(cat $FB/stride)
-    BPP=$(cat $FB/bits_per_pixel)
-    # XRGB8888 little endian: B=0x40 G=0x80 R=0xff X=0xff (no NUL byte for printf to trip on).
-    PIXEL='\100\200\377\377'
-    ROW=""
-    i=0
-    while [ $i -lt 64 ]; do ROW="$ROW$PIXEL"; i=$((i + 1)); done
-    y=64
-    while [ $y -lt 128 ]; do
-        printf "$ROW" | dd of=/dev/fb0 bs=256 seek=$(((y * STRIDE + 256) / 256)) count=1 conv=notrunc 2>/dev/null
-        y=$((y + 1))
-    done
-    say "PORTHOLE-FB-DRAWN name=$(cat $FB/name | tr ' ' _) mode=$(cat $FB/virtual_size) bpp=$BPP stride=$STRIDE x=64 y=64 w=64 h=64 rgb=ff8040"
+    draw_square
 else
     say "PORTHOLE-FAIL no /dev/fb0"
 fi

@@ -48,6 +48,14 @@ const SCENARIOS: &[Scenario] = &[
         run: linux,
     },
     Scenario {
+        name: "gpu",
+        what: "Debian kernel with --vga virtio: virtio-gpu binds, its mode is the console's, fbdev on RFB, SetDesktopSize -> new mode",
+        pieces: &[],
+        all_only: false,
+        ends_itself: true,
+        run: gpu,
+    },
+    Scenario {
         name: "boot-times",
         what: "Debian kernel to /init: PVH and bzImage on porthole-vmm and QEMU (microvm, pc)",
         pieces: &[Piece::Qemu],
@@ -454,6 +462,49 @@ fn linux(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
          keys 'porthole42'; mouse ({mouse_desc}) {}; {tablet}; {keyboard}; {balloon}; {hotplug}; reboot -f -> second \
          boot (cpus 0-1); power button -> off (exit 0)",
         packets.trim()
+    ))
+}
+
+/// The virtio display on a real guest: Linux's virtio-gpu binds to the virtio-vga function and its connector
+/// prefers the console's size (1280x800, from the display info and the EDID); what its fbdev draws reaches
+/// the RFB console; an RFB client's SetDesktopSize (1024x768) is accepted (status 0) and becomes the
+/// connector's preferred mode in the guest.
+fn gpu(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    m.expect("HW-START porthole-gpu", MIN)?;
+    m.expect("PORTHOLE-L2-INIT mode=gpu", 10 * MIN)?;
+    let line = m.expect("PORTHOLE-GPU ", 3 * MIN)?;
+    let (driver, modes) = (Machine::field(&line, "driver"), Machine::field(&line, "modes"));
+    if driver != Some("virtio_gpu") || modes != Some("1280x800") {
+        return Err(format!("virtio-gpu should bind and prefer the console's 1280x800: {:?}", line.text));
+    }
+    let fb = m.expect("PORTHOLE-FB-DRAWN", 3 * MIN)?;
+    let fb_mode = Machine::field(&fb, "mode").unwrap_or("?").to_owned();
+    let pixel = rfb_pixel_becomes(m, 96, 96, 0xFF8040, 2 * MIN)?;
+    let mut c = rfb(m)?;
+    c.set_encodings(&[RAW, porthole_tests::rfb::EXTENDED_DESKTOP_SIZE]).map_err(|e| e.to_string())?;
+    c.full_frame().map_err(|e| format!("RFB frame: {e}"))?;
+    c.set_desktop_size(1024, 768).map_err(|e| format!("SetDesktopSize: {e}"))?;
+    let deadline = Instant::now() + MIN;
+    while c.resize_status.is_none() && Instant::now() < deadline {
+        c.full_frame().map_err(|e| format!("RFB frame: {e}"))?;
+    }
+    if c.resize_status != Some(0) {
+        return Err(format!("SetDesktopSize answered {:?}, not 0", c.resize_status));
+    }
+    let resized = m.expect("PORTHOLE-GPU-RESIZED", 6 * MIN)?;
+    if Machine::field(&resized, "modes") != Some("1024x768") {
+        return Err(format!("after SetDesktopSize 1024x768 the guest's preferred mode: {:?}", resized.text));
+    }
+    let exit = m.expect("HW-EXIT porthole-gpu", 3 * MIN)?;
+    if Machine::field(&exit, "rc") != Some("0") {
+        return Err(format!("porthole-vmm after the guest's power-off: {}", exit.text));
+    }
+    Ok(format!(
+        "virtio_gpu bound, preferred 1280x800 ({} modes); fbdev {fb_mode} pixel {pixel:06x} on RFB; SetDesktopSize \
+         1024x768 -> status 0, the guest's preferred mode 1024x768 ({})",
+        Machine::field(&line, "count").unwrap_or("?"),
+        Machine::field(&resized, "after").unwrap_or("?")
     ))
 }
 
