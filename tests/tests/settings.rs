@@ -721,6 +721,31 @@ async fn a_snapshot_that_fails_on_the_second_disk_changes_nothing() {
     qemu_img_check(&extra_top(&d, &id, 1));
 }
 
+/// A VM booting the pci-scan micro-guest (no disk, no network), its other settings from `set`.
+fn pci_scan_vm(name: &str, set: impl FnOnce(&mut CreateVm)) -> CreateVm {
+    let mut req = CreateVm {
+        boot: Some(BootSpec {
+            kernel: porthole_guests::path("pci-scan").display().to_string(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        disk_gib: 0,
+        nics: Some(Vec::new()),
+        ..CreateVm::new(name, 1, 64)
+    };
+    set(&mut req);
+    req
+}
+
+/// Starts VM `id` (booting pci-scan), waits for it to stop and returns the `PCI slot=` lines it printed.
+async fn pci_devices(c: &Client, id: &str) -> Vec<String> {
+    c.action(id, Action::Start).await.unwrap();
+    wait_state(c, id, VmState::Stopped).await;
+    let lines = c.serial(id, 100).await.unwrap().lines;
+    assert!(lines.iter().any(|l| l.contains("PCI-SCAN-DONE")), "{lines:#?}");
+    lines.into_iter().filter(|l| l.starts_with("PCI slot=")).collect()
+}
+
 /// Virtio input: new VMs get it (the guest finds two virtio-input devices, the tablet and the keyboard, on
 /// its PCI bus), `input: ps2` leaves them out; a running VM says whether its pointer is absolute and its
 /// keys go to the virtio keyboard yet (the micro-guest has no virtio-input driver: no); switching to PS/2 on
@@ -731,27 +756,10 @@ async fn new_vms_have_virtio_input_that_the_guest_sees_and_it_can_be_switched_of
     let dir = Scratch::new("settings-input");
     let d = Daemon::start(&dir, false, &[]);
     let c = d.local();
-    let scan = BootSpec {
-        kernel: porthole_guests::path("pci-scan").display().to_string(),
-        initrd: None,
-        cmdline: String::new(),
-    };
-    let request = |name: &str, input: Option<InputMode>| CreateVm {
-        boot: Some(scan.clone()),
-        disk_gib: 0,
-        nics: Some(Vec::new()),
-        input,
-        ..CreateVm::new(name, 1, 64)
-    };
+    let request = |name: &str, input: Option<InputMode>| pci_scan_vm(name, |r| r.input = input);
     let devices = |id: String| {
         let c = c.clone();
-        async move {
-            c.action(&id, Action::Start).await.unwrap();
-            wait_state(&c, &id, VmState::Stopped).await;
-            let lines = c.serial(&id, 100).await.unwrap().lines;
-            assert!(lines.iter().any(|l| l.contains("PCI-SCAN-DONE")), "{lines:#?}");
-            lines.into_iter().filter(|l| l.starts_with("PCI slot=")).collect::<Vec<_>>()
-        }
+        async move { pci_devices(&c, &id).await }
     };
     let with = c.create_vm(&request("virtio-input", None)).await.unwrap();
     assert_eq!(with.input, InputMode::Virtio, "new VMs get virtio input");
@@ -795,27 +803,10 @@ async fn new_vms_have_a_virtio_display_that_the_guest_sees_and_it_can_be_switche
     let dir = Scratch::new("settings-vga");
     let d = Daemon::start(&dir, false, &[]);
     let c = d.local();
-    let scan = BootSpec {
-        kernel: porthole_guests::path("pci-scan").display().to_string(),
-        initrd: None,
-        cmdline: String::new(),
-    };
-    let request = |name: &str, vga: Option<VgaMode>| CreateVm {
-        boot: Some(scan.clone()),
-        disk_gib: 0,
-        nics: Some(Vec::new()),
-        vga,
-        ..CreateVm::new(name, 1, 64)
-    };
+    let request = |name: &str, vga: Option<VgaMode>| pci_scan_vm(name, |r| r.vga = vga);
     let devices = |id: String| {
         let c = c.clone();
-        async move {
-            c.action(&id, Action::Start).await.unwrap();
-            wait_state(&c, &id, VmState::Stopped).await;
-            let lines = c.serial(&id, 100).await.unwrap().lines;
-            assert!(lines.iter().any(|l| l.contains("PCI-SCAN-DONE")), "{lines:#?}");
-            lines.into_iter().filter(|l| l.starts_with("PCI slot=")).collect::<Vec<_>>()
-        }
+        async move { pci_devices(&c, &id).await }
     };
     let with = c.create_vm(&request("virtio-vga", None)).await.unwrap();
     assert_eq!(with.vga, VgaMode::Virtio, "new VMs get virtio-vga");
