@@ -147,7 +147,7 @@ fn frames_until(c: &mut RfbClient, what: &str, mut done: impl FnMut(&RfbClient) 
 /// What the guest prints on either engine for `info edid draw=W,H wait-display info edid wait-display`, the
 /// client asking for [`RESIZE`], then for [`DISPLAY`] again. `edid_size`: the EDID length the device reports.
 fn expected_lines(edid_size: u32) -> Vec<String> {
-    let (w, h) = DISPLAY;
+    let ((w, h), (rw, rh)) = (DISPLAY, RESIZE);
     vec![
         "GPU pci slot=".into(),
         " class=030000\n".into(),
@@ -155,10 +155,10 @@ fn expected_lines(edid_size: u32) -> Vec<String> {
         format!("GPU info enabled=1 width={w} height={h}\n"),
         format!("GPU edid size={edid_size} width={w} height={h} sum=1\n"),
         "GPU draw create=0x1100 attach=0x1100 transfer=0x1100 scanout=0x1100 flush=0x1100\n".into(),
-        format!("GPU display-changed width={} height={} enabled=1 events-after-clear=0\n", RESIZE.0, RESIZE.1),
-        format!("GPU info enabled=1 width={} height={}\n", RESIZE.0, RESIZE.1),
-        format!("GPU edid size={edid_size} width={} height={} sum=1\n", RESIZE.0, RESIZE.1),
-        format!("GPU display-changed width={w} height={h} enabled=1 events-after-clear=0\n"),
+        format!("GPU display-changed width={rw} height={rh} enabled=1 events-after-clear=0 config-irq=1\n"),
+        format!("GPU info enabled=1 width={rw} height={rh}\n"),
+        format!("GPU edid size={edid_size} width={rw} height={rh} sum=1\n"),
+        format!("GPU display-changed width={w} height={h} enabled=1 events-after-clear=0 config-irq=1\n"),
         "GPU done\n".into(),
     ]
 }
@@ -273,7 +273,7 @@ fn hostile_requests_get_errors_and_leave_porthole_vmms_display_working() {
         "GPU hostile-done unref=0x1100 info=0x1101 devstatus=0f\n".into(),
         "GPU draw create=0x1100 attach=0x1100 transfer=0x1100 scanout=0x1100 flush=0x1100\n".into(),
         format!("GPU info enabled=1 width={} height={}\n", DISPLAY.0, DISPLAY.1),
-        "GPU display-changed width=800 height=600 enabled=1 events-after-clear=0\n".into(),
+        "GPU display-changed width=800 height=600 enabled=1 events-after-clear=0 config-irq=1\n".into(),
         "GPU done\n".into(),
     ])
     .collect();

@@ -48,8 +48,11 @@
  *                   (QEMU refuses scanouts smaller than 16 x 16 with ERR_INVALID_PARAMETER.)
  *   wait-display    polls device config events_read (64 polls between PIT reads) until bit 0
  *                   (VIRTIO_GPU_EVENT_DISPLAY) is set, at most 20 s; writes the bits seen to events_clear,
- *                   reads events_read again, then GET_DISPLAY_INFO: `GPU display-changed width=<w>
- *                   height=<h> enabled=<e> events-after-clear=<events_read>`; or `GPU wait-display timeout`
+ *                   reads events_read again, polls the ISR (INTx; reading clears it) for at most 1 s until
+ *                   bit 1 (configuration change) has been seen (the device may set it just after
+ *                   events_read), then GET_DISPLAY_INFO: `GPU display-changed width=<w> height=<h>
+ *                   enabled=<e> events-after-clear=<events_read> config-irq=<ISR bit 1 seen, 0|1>`; or
+ *                   `GPU wait-display timeout`
  *   hostile         requests a device must refuse with an error response, on resource 2 (32 x 32, format 2,
  *                   created first, backing 2048 bytes: half of what it needs; resource 2 is unreferenced
  *                   first if it exists): `GPU hostile case=<name> resp=<type>` for
@@ -76,6 +79,7 @@
     .set QMAX, 16                   /* queue entries used at most */
     .set TICKS_5S, 5 * 1193182      /* PIT input-clock ticks */
     .set TICKS_20S, 20 * 1193182
+    .set TICKS_1S, 1193182
     .set F_EDID, 2                  /* VIRTIO_GPU_F_EDID */
     .set FB_BYTES, 0x40000          /* each of the two pixel buffers: 256 KiB, W*H <= 65536 */
     .set MAX_PIXELS, FB_BYTES / 4
@@ -555,7 +559,7 @@ put_whole_rect:
     movl %r13d, req_buf + HDR + 12(%rip)
     ret
 
-/* wait-display: %r12 device config, %r13 start tick, %r14 events seen */
+/* wait-display: %r12 device config, %r13 start tick, %r14 events seen, %rbx polls left, then ISR bits seen */
 cmd_wait_display:
     SAVE
     cmpb $0, gpu_ready(%rip)
@@ -580,6 +584,21 @@ cmd_wait_display:
 3:  movl %eax, %r14d
     movl %r14d, 4(%r12)             /* events_clear */
     movl (%r12), %r14d              /* events_read again: 0 now */
+    movq caps + CAP_ISR(%rip), %r15 /* the configuration interrupt: ISR bit 1, within 1 s */
+    xorl %ebx, %ebx                 /* ISR bits seen (each read clears them) */
+    call pit_ticks
+    movq %rax, %r13
+5:  movzbl (%r15), %eax
+    orl %eax, %ebx
+    testl $2, %ebx
+    jnz 6f
+    pause
+    call pit_ticks
+    subq %r13, %rax
+    cmpq $TICKS_1S, %rax
+    jb 5b
+6:  shrl $1, %ebx
+    andl $1, %ebx
     call display_info
     cmpl $OK_DISPLAY_INFO, %eax
     je 4f
@@ -596,6 +615,9 @@ cmd_wait_display:
     call put_kv
     leaq msg_after_clear(%rip), %rdi
     movl %r14d, %esi
+    call put_kv
+    leaq msg_config_irq(%rip), %rdi
+    movl %ebx, %esi
     call put_kv
     call newline
     jmp cmd_ok
@@ -754,6 +776,7 @@ msg_flush:          .asciz " flush="
 msg_changed:        .asciz "GPU display-changed"
 msg_enabled:        .asciz " enabled="
 msg_after_clear:    .asciz " events-after-clear="
+msg_config_irq:     .asciz " config-irq="
 msg_wait_timeout:   .asciz "GPU wait-display timeout\n"
 msg_hostile:        .asciz "GPU hostile case="
 msg_resp:           .asciz " resp="
