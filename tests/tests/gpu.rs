@@ -194,6 +194,7 @@ fn draw_and_resize(engine: Engine) -> (String, Option<u32>) {
     // The client asks for another size: the guest, waiting in wait-display, sees its monitor change. The
     // server's answer comes with an update (ours: the next one it sends); the guest then waits for the
     // second change, so the VM is still there to answer.
+    //
     // QEMU announces ExtendedDesktopSize at once (its answer to SetEncodings); porthole-vmm's server sends
     // the rectangle only when the screen's size changes, and the draw changed it before this client came
     // (the RFB specification wants one in answer to every non-incremental request), so this client sends
@@ -224,8 +225,7 @@ fn the_virtio_gpu_guest_gets_the_same_answers_from_qemu_and_porthole_vmm() {
 
     let (on_qemu, qemu_status) = draw_and_resize(Engine::Qemu);
     eprintln!("QEMU:\n{on_qemu}");
-    // QEMU 7.2 reports its whole 1024-byte EDID buffer as the size (a base block, a CEA extension and
-    // zeros, every 128-byte block summing to 0).
+    // QEMU 7.2 reports its whole 1024-byte EDID buffer as the size (each 128-byte block sums to 0).
     assert_in_order(Engine::Qemu, &on_qemu, &expected_lines(1024));
     // QEMU forwards SetDesktopSize to the display (virtio-gpu's ui_info) and answers 4, "request forwarded".
     assert_eq!(qemu_status, Some(4), "QEMU's answer to SetDesktopSize");
