@@ -8,10 +8,10 @@
  * base: pit_ticks_start/pit_ticks/delay_us), the local APIC (lapic_id, lapic_enable, lapic_eoi) and ACPI
  * table look-up (acpi_find_rsdp, acpi_find_table), the display (fb_base, vbe_read/vbe_write, vbe_set_mode)
  * and the VGA text screen (vga_text_clear, vga_set_cursor, crtc_write); serial_putsdec for signed values.
- * For the device drivers (virtio-blk, virtio-net; their shared definitions are in virtio.inc): command-line
- * words (run_words, the command-handler epilogue cmd_ok/cmd_bad, table_find, match, parse_args), put_kv,
- * newline,
- * put_case, put_devstatus, driver_start, hang, wait_idx (a used ring's idx, timed), fnv1a, ioapic_write,
+ * For the device drivers (virtio-blk, virtio-net, virtio-gpu; their shared definitions are in virtio.inc):
+ * command-line words (run_words, the command-handler epilogue cmd_ok/cmd_bad, table_find, match,
+ * parse_args), put_kv, newline, put_case, put_devstatus, driver_start, hang, wait_idx (a used ring's idx,
+ * timed), fnv1a, ioapic_write,
  * PCI configuration access (pci_read, pci_write, pci_find), the virtio 1.x modern PCI transport
  * (virtio_pci_caps, virtio_reset, virtio_features, virtio_queue_setup) and one interrupt-driven completion
  * (virtio_irq_arm, irq_wait_idx, virtio_irq_disarm; the handler virtio_irq counts irq_count and irq_spurious).
@@ -722,7 +722,7 @@ vga_set_cursor:
     popq %rbx
     ret
 
-/* ---- Command-line words and output helpers shared by the device drivers (virtio-blk, virtio-net) ---- */
+/* ---- Command-line words and output helpers shared by the device drivers (virtio-blk, -net, -gpu) ---- */
 
 /* match(%rdi = word, %rsi = word end, %rdx = command name) -> %rax = its arguments (after a name ending in
    '=': prefix match) or the word end (other names: whole-word match), or 0 */
