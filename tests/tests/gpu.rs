@@ -194,14 +194,9 @@ fn draw_and_resize(engine: Engine) -> (String, Option<u32>) {
     // The client asks for another size: the guest, waiting in wait-display, sees its monitor change. The
     // server's answer comes with an update (ours: the next one it sends); the guest then waits for the
     // second change, so the VM is still there to answer.
-    //
-    // QEMU announces ExtendedDesktopSize at once (its answer to SetEncodings); porthole-vmm's server sends
-    // the rectangle only when the screen's size changes, and the draw changed it before this client came
-    // (the RFB specification wants one in answer to every non-incremental request), so this client sends
-    // SetDesktopSize unannounced, for screen 0, which porthole-vmm answers all the same.
-    if engine == Engine::Qemu {
-        assert!(c.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE), "{engine:?}: {:?}", c.acknowledged);
-    }
+    // Both servers announce ExtendedDesktopSize with the client's first update, the size unchanged, so the
+    // client knows it may ask.
+    assert!(c.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE), "{engine:?}: {:?}", c.acknowledged);
     c.set_desktop_size(RESIZE.0, RESIZE.1).unwrap();
     frames_until(&mut c, "the answer to SetDesktopSize", |c| c.resize_status.is_some());
     let status = c.resize_status;

@@ -731,6 +731,9 @@ struct Writer<W = Stream> {
     streams_started: bool,
     /// The screen's cursor version the client last got (None: none sent yet).
     cursor_sent: Option<u64>,
+    /// Whether the client, since it took ExtendedDesktopSize, got a rectangle of it: the first update after
+    /// it asks carries the screen's layout (so it knows it may send SetDesktopSize), changed or not.
+    layout_announced: bool,
     /// Where the lock lights come from, and the state last sent (LED state pseudo-encoding).
     input: Arc<dyn Input>,
     lights_sent: Option<u8>,
@@ -779,6 +782,7 @@ impl<W: Write> Writer<W> {
             tight: TightState::new(DEFAULT_COMPRESS_LEVEL),
             streams_started: false,
             cursor_sent: None,
+            layout_announced: false,
             pixels: Vec::new(),
             scratch: Vec::new(),
         }
@@ -887,6 +891,7 @@ impl<W: Write> Writer<W> {
         plan.ext_key_ack
             || plan.desktop_size_reply.is_some()
             || (plan.cursor && self.cursor_sent != Some(self.screen.cursor().0))
+            || (plan.resize_encoding == Some(encoding::EXTENDED_DESKTOP_SIZE) && !self.layout_announced)
             || (plan.lights.is_some() && plan.lights != self.lights_sent)
     }
 
@@ -924,9 +929,11 @@ impl<W: Write> Writer<W> {
             out.extend_from_slice(&encoding.to_be_bytes());
         };
         let size_now = (frame.width, frame.height);
-        if (resized || size_now != self.client_size)
+        let announce = plan.resize_encoding == Some(encoding::EXTENDED_DESKTOP_SIZE) && !self.layout_announced;
+        if (resized || size_now != self.client_size || announce)
             && let Some(enc) = plan.resize_encoding
         {
+            self.layout_announced |= enc == encoding::EXTENDED_DESKTOP_SIZE;
             self.client_size = size_now;
             let r = Rect::new(0, 0, size_now.0, size_now.1);
             Self::resize_rect(&mut out, &r, enc, 0, 0);
@@ -1318,6 +1325,34 @@ mod update_tests {
         first.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 48]);
         let out = plain.exchange(&first, &NoInput);
         assert!(!out.windows(4).any(|w| w == encoding::CURSOR.to_be_bytes()));
+    }
+
+    /// A client that takes ExtendedDesktopSize gets the screen's layout with its first update, the size
+    /// unchanged (so it knows it may send SetDesktopSize), and once only.
+    #[test]
+    fn the_layout_is_announced_once_to_clients_that_take_extended_desktop_size() {
+        let screen = Screen::new();
+        screen.resize(64, 48);
+        let mut s = Session::new(&screen, Arc::new(NoInput));
+        let layout = {
+            let mut r = Vec::new();
+            for v in [0u16, 0, 64, 48] {
+                r.extend_from_slice(&v.to_be_bytes());
+            }
+            r.extend_from_slice(&encoding::EXTENDED_DESKTOP_SIZE.to_be_bytes());
+            r
+        };
+        let count = |out: &[u8]| out.windows(layout.len()).filter(|w| *w == &layout[..]).count();
+        let mut first = set_encodings(&[0, encoding::EXTENDED_DESKTOP_SIZE]);
+        first.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 64, 0, 48]);
+        assert_eq!(count(&s.exchange(&first, &NoInput)), 1, "announced with the first update");
+        let again = [3, 0, 0, 0, 0, 0, 0, 64, 0, 48];
+        assert_eq!(count(&s.exchange(&again, &NoInput)), 0, "once");
+        // Without the encoding, nothing.
+        let mut plain = Session::new(&screen, Arc::new(NoInput));
+        let mut first = set_encodings(&[0]);
+        first.extend_from_slice(&again);
+        assert_eq!(count(&plain.exchange(&first, &NoInput)), 0);
     }
 
     #[test]
