@@ -205,6 +205,10 @@ impl Console {
             }
             let before = self.scaling;
             let resizable = self.shared.resizable.load(Ordering::Relaxed);
+            if self.scaling == Scaling::Resize && !resizable && self.resize_sent.is_some() {
+                // The server refused the size it was asked for: fit the screen instead.
+                self.scaling = Scaling::Fit;
+            }
             egui::ComboBox::from_label("Scale")
                 .selected_text(match self.scaling {
                     Scaling::Fit => "Fit (smooth)",
@@ -661,6 +665,7 @@ fn session(
         f.state = format!("Connected to {}", client.name);
     }
     repaint();
+    let mut resize_refused = false;
     loop {
         client.request(true).map_err(io)?;
         let rects = client.read_update().map_err(io)?;
@@ -668,10 +673,17 @@ fn session(
         if client.acknowledged.contains(&rfb::QEMU_EXTENDED_KEY_EVENT) {
             shared.scancodes.store(true, Ordering::Relaxed);
         }
+        // A server with ExtendedDesktopSize may still refuse sizes (status 1-3: a guest that picks its own
+        // resolution); after a refusal the console stops asking. 4: forwarded to the guest (QEMU).
+        if matches!(client.resize_status, Some(s) if s != 0 && s != 4) {
+            resize_refused = true;
+        }
         if client.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE) {
             shared.screen_id.store(client.screen_id, Ordering::Relaxed);
-            shared.resizable.store(true, Ordering::Relaxed);
         }
+        shared
+            .resizable
+            .store(client.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE) && !resize_refused, Ordering::Relaxed);
         if client.clipboard.extended {
             shared.extended_clipboard.store(true, Ordering::Relaxed);
         }
