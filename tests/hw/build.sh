@@ -229,7 +229,7 @@ carry "$L1" "$(command -v ssh)" hw/bin/ssh
 carry "$L1" "$(command -v ssh-keygen)" hw/bin/ssh-keygen
 mkdir -p "$L1/hw/scenarios" "$L1/hw/guests" "$L1/hw/share/seabios"
 cp "$SCRIPT_DIR"/scenarios/*.sh "$L1/hw/scenarios/"
-cp "$CACHE"/bios.bin "$CACHE"/vgabios-stdvga.bin "$L1/hw/share/seabios/"
+cp "$CACHE"/bios.bin "$CACHE"/vgabios-stdvga.bin "$CACHE"/vgabios-virtio.bin "$L1/hw/share/seabios/"
 cp "$OUT"/guests/{vmlinuz,vmlinux,l2-initramfs.cpio.gz,data.iso,linux.iso,bench.qcow2} "$L1/hw/guests/"
 [[ -d $OUT/guests/micro ]] && cp -r "$OUT/guests/micro" "$L1/hw/guests/"
 pack "$L1" "$OUT/l1-base.cpio"

@@ -103,7 +103,8 @@ if [ "$MODE" = gpu ]; then
     out=$(insmod "/lib/modules/$gpu" 2>&1) || say "PORTHOLE-INSMOD-FAILED $gpu: $out"
     CONN=/sys/class/drm/card0-Virtual-1
     if wait_for $CONN/modes && wait_for /dev/fb0; then
-        driver=$(basename "$(readlink /sys/class/drm/card0/device/driver)")
+        # card0's device is the PCI function (bound to virtio-pci); the DRM driver sits on its virtio device.
+        driver=$(basename "$(readlink /sys/class/drm/card0/device/virtio*/driver)")
         first=$(head -n1 $CONN/modes)
         say "PORTHOLE-GPU driver=$driver status=$(cat $CONN/status) modes=$first count=$(wc -l <$CONN/modes)"
         draw_square

@@ -52,7 +52,7 @@ for arg in "$@"; do
 done
 
 # Files that must exist for the cache to count as complete (vgabios-*.bin etc. come on top).
-REQUIRED_FILES=(bios.bin vgabios-stdvga.bin memtest86+x64.bin memtest86+x64.iso vmlinuz vmlinux initramfs.cpio.gz
+REQUIRED_FILES=(bios.bin vgabios-stdvga.bin vgabios-virtio.bin memtest86+x64.bin memtest86+x64.iso vmlinuz vmlinux initramfs.cpio.gz
     debian-installer.iso)
 # Modules for the initramfs; /init loads them in dependency order (worked out from their depends=).
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
