@@ -113,6 +113,8 @@ if [ "$MODE" = gpu ]; then
         i=0
         while [ "$(head -n1 $CONN/modes)" = "$first" ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i + 1)); done
         say "PORTHOLE-GPU-RESIZED modes=$(head -n1 $CONN/modes) after=$((i / 5))s"
+        # The harness reads the server's answer to its SetDesktopSize: the VM stays a moment.
+        sleep 10
     else
         say "PORTHOLE-FAIL no virtio-gpu connector or /dev/fb0 ($(ls /sys/class/drm 2>&1 | tr '\n' ' '))"
     fi
