@@ -1,4 +1,5 @@
-//! Firmware boot on porthole-vmm: Debian's SeaBIOS at the reset vector with the stdvga display, fw_cfg,
+//! Firmware boot on porthole-vmm: Debian's SeaBIOS at the reset vector with the stdvga display (and the
+//! virtio one), fw_cfg,
 //! the debug console and virtio-scsi CD/DVD drives. Checked on the RFB console (glyph by glyph) and in the
 //! firmware's debug log.
 
@@ -107,6 +108,23 @@ fn seabios_shows_its_banner_on_the_console_and_logs_its_boot() {
     ] {
         assert!(log.contains(line), "{line:?} missing from the firmware log:\n{log}");
     }
+    let screen = vm.wait_screen("the banner", |s| s.iter().any(|l| l.contains("No bootable device")));
+    assert!(screen[0].starts_with("SeaBIOS (version 1."), "the banner on the first row:\n{}", screen.join("\n"));
+}
+
+/// The virtio display (`--vga virtio`): SeaBIOS finds the virtio-vga function (1af4:1050), runs its VGA BIOS
+/// (`vgabios-virtio.bin`, from fw_cfg's `pci1af4,1050.rom`), which drives the Bochs VBE registers, and the
+/// banner shows on the console as with the std VGA.
+#[test]
+fn seabios_shows_its_banner_on_the_virtio_display() {
+    let dir = Scratch::new("fw-virtio-vga");
+    let mut vm = FirmwareVm::start(&dir, "empty", &["--vga", "virtio"]);
+    vm.wait_log("No bootable device");
+    let log = vm.log_text();
+    for line in ["id=1af4:1050", "VBE DISPI: bdf"] {
+        assert!(log.contains(line), "{line:?} missing from the firmware log:\n{log}");
+    }
+    assert!(!log.contains("id=1234:1111"), "no std VGA beside it:\n{log}");
     let screen = vm.wait_screen("the banner", |s| s.iter().any(|l| l.contains("No bootable device")));
     assert!(screen[0].starts_with("SeaBIOS (version 1."), "the banner on the first row:\n{}", screen.join("\n"));
 }

@@ -728,7 +728,7 @@ impl PortholeApp {
                     ui.radio_value(&mut f.vga, VgaMode::Std, "Standard VGA").on_hover_text(
                         "The Bochs VGA every OS drives: the guest picks its resolution; applies at the next start",
                     );
-                    ui.radio_value(&mut f.vga, VgaMode::Virtio, "Virtio (follows the window)").on_hover_text(
+                    ui.radio_value(&mut f.vga, VgaMode::Virtio, "Virtio").on_hover_text(
                         "virtio-vga: VGA for firmware and boot loaders, then the guest's virtio-gpu driver, whose \
                          screen takes the console's size (Resize guest to window); applies at the next start",
                     )
