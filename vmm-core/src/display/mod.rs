@@ -357,6 +357,11 @@ impl Screen {
         lock(&self.cursor).clone()
     }
 
+    /// How many times the pointer shape changed (what viewers compare on every update).
+    pub fn cursor_version(&self) -> u64 {
+        lock(&self.cursor).0
+    }
+
     /// Whether a virtio-gpu scanout draws the picture (read it with the frame locked to rely on it).
     pub fn scanout_owned(&self) -> bool {
         self.scanout_owner.load(std::sync::atomic::Ordering::Acquire)

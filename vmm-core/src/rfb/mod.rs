@@ -890,7 +890,7 @@ impl<W: Write> Writer<W> {
     fn pseudo_due(&self, plan: &UpdatePlan) -> bool {
         plan.ext_key_ack
             || plan.desktop_size_reply.is_some()
-            || (plan.cursor && self.cursor_sent != Some(self.screen.cursor().0))
+            || (plan.cursor && self.cursor_sent != Some(self.screen.cursor_version()))
             || (plan.resize_encoding == Some(encoding::EXTENDED_DESKTOP_SIZE) && !self.layout_announced)
             || (plan.lights.is_some() && plan.lights != self.lights_sent)
     }
@@ -950,8 +950,9 @@ impl<W: Write> Writer<W> {
             header(&mut out, &Rect::new(0, 0, 0, 0), encoding::QEMU_EXTENDED_KEY_EVENT);
             count += 1;
         }
-        let (cursor_version, cursor) = self.screen.cursor();
-        if plan.cursor && self.cursor_sent != Some(cursor_version) {
+        if plan.cursor && self.cursor_sent != Some(self.screen.cursor_version()) {
+            // The image is taken (an Arc) only when it is sent, not on every update.
+            let (cursor_version, cursor) = self.screen.cursor();
             put_cursor(&plan.pf, cursor.as_deref(), &mut out);
             self.cursor_sent = Some(cursor_version);
             count += 1;
