@@ -77,6 +77,11 @@ pub struct VmConfig {
     /// size once the guest's driver is up).
     #[serde(default)]
     pub vga: VgaMode,
+    /// A guest agent channel: none, or the SPICE agent's virtio-serial port (`com.redhat.spice.0`), which
+    /// shares the clipboard with the console and follows the console's size on desktops whose display
+    /// driver does not.
+    #[serde(default)]
+    pub agent: AgentMode,
     /// A virtio memory balloon: the host can shrink and grow the guest's memory live (control socket
     /// `set-balloon`), down to [`crate::virtio::balloon::floor_mib`]; free pages the guest reports go back
     /// to the host.
@@ -119,6 +124,44 @@ impl std::str::FromStr for InputMode {
             "ps2" => Ok(InputMode::Ps2),
             "virtio" => Ok(InputMode::Virtio),
             _ => Err(format!("input {s:?}: ps2 or virtio")),
+        }
+    }
+}
+
+/// Which guest agent channel the VM has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    /// No agent channel.
+    #[default]
+    None,
+    /// A virtio-serial port named `com.redhat.spice.0` for the guest's `spice-vdagent`: the clipboard
+    /// (UTF-8 text) both ways with the console, and monitor sizes for its desktop.
+    Spice,
+}
+
+impl AgentMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentMode::None => "none",
+            AgentMode::Spice => "spice",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AgentMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(AgentMode::None),
+            "spice" => Ok(AgentMode::Spice),
+            _ => Err(format!("agent {s:?}: none or spice")),
         }
     }
 }
@@ -556,6 +599,7 @@ impl VmConfig {
             nics: Vec::new(),
             input: InputMode::Ps2,
             vga: VgaMode::Std,
+            agent: AgentMode::None,
             balloon: false,
         }
     }

@@ -224,6 +224,10 @@ pub struct Status {
     /// (SetDesktopSize); absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_follows: Option<bool>,
+    /// With a SPICE agent port: whether the guest's agent (spice-vdagent) is connected, so the clipboard
+    /// is shared and the desktop follows the console's size; absent without the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_connected: Option<bool>,
     /// The virtio keyboard's lock LEDs as the guest last set them (a VM with virtio input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_leds: Option<crate::virtio::input::Leds>,
@@ -291,6 +295,7 @@ fn status(vm: &VmHandle) -> Response {
             absolute_pointer: vm.absolute_pointer(),
             virtio_keyboard: vm.virtio_keyboard(),
             display_follows: vm.gpu().map(|g| g.driver_ready()),
+            agent_connected: vm.agent().map(|a| a.connected()),
             keyboard_leds: vm.keyboard_leds(),
             balloon: vm.balloon(),
             host_rss_kib: host_rss_kib(),

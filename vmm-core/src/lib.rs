@@ -25,6 +25,7 @@ pub mod rfb;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
+pub mod vdagent;
 pub mod virtio;
 pub mod vm;
 

@@ -250,6 +250,8 @@ pub struct VmHandle {
     balloon: Option<Arc<BalloonShared>>,
     /// The virtio-gpu display (its monitor's size and the cursor outlive reboots), with `--vga virtio`.
     gpu: Option<Arc<GpuShared>>,
+    /// The SPICE agent channel (the clipboard, monitor sizes), with `--agent spice`.
+    agent: Option<Arc<crate::vdagent::Agent>>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -300,6 +302,16 @@ impl crate::rfb::Input for VmHandle {
 
     fn resize_screen(&self, width: u32, height: u32) -> Option<(u32, u32)> {
         self.request_display_size(width, height)
+    }
+
+    fn has_clipboard(&self) -> bool {
+        self.agent.is_some()
+    }
+
+    fn set_clipboard(&self, text: String) {
+        if let Some(agent) = &self.agent {
+            agent.set_clipboard(text);
+        }
     }
 }
 
@@ -527,9 +539,19 @@ impl VmHandle {
     }
 
     /// Asks the guest's monitor for `width × height` (clamped to what a monitor may prefer); the guest's
-    /// virtio-gpu driver then switches to it. None without a virtio-gpu display.
+    /// virtio-gpu driver then switches to it. A guest agent is asked too (its desktop sets the size where
+    /// the display driver does not follow). None when neither can: no virtio-gpu display, and no agent
+    /// connected.
     pub fn request_display_size(&self, width: u32, height: u32) -> Option<(u32, u32)> {
-        self.gpu.as_ref().map(|g| g.request_size(width, height))
+        let size = self.gpu.as_ref().map(|g| g.request_size(width, height));
+        let (w, h) = size.unwrap_or((width, height));
+        let agent = self.agent.as_ref().is_some_and(|a| a.request_monitor(w, h));
+        size.or(agent.then_some((w, h)))
+    }
+
+    /// The SPICE agent channel, with `--agent spice`.
+    pub fn agent(&self) -> Option<&Arc<crate::vdagent::Agent>> {
+        self.agent.as_ref()
     }
 
     /// The virtio-gpu display, with `--vga virtio`.
@@ -910,6 +932,15 @@ impl Vm {
         let screen = Screen::new();
         let gpu = (config.vga == crate::config::VgaMode::Virtio)
             .then(|| GpuShared::new(screen.clone(), config.display.width, config.display.height));
+        let agent = match config.agent {
+            crate::config::AgentMode::None => None,
+            crate::config::AgentMode::Spice => {
+                let screen = screen.clone();
+                let agent = crate::vdagent::Agent::new(Box::new(move |text: String| screen.set_clipboard(&text)))
+                    .map_err(io_err("create the agent channel's eventfd"))?;
+                Some(Arc::new(agent))
+            }
+        };
         let handle = Arc::new(VmHandle {
             name: config.name.clone(),
             vcpus: AtomicU32::new(config.vcpus),
@@ -932,6 +963,7 @@ impl Vm {
             key_route: Mutex::new(virtio_input::KeyRoute::default()),
             balloon: config.balloon.then(|| BalloonShared::new(config.memory_mib)),
             gpu,
+            agent,
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -1123,6 +1155,22 @@ impl Vm {
                 bus.insert(slot, Arc::new(Mutex::new(device)))?;
                 interrupts.push(interrupt);
             }
+        }
+        if let Some(agent) = &self.handle.agent {
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt =
+                Arc::new(VirtioInterrupt::new().map_err(io_err("create the agent port's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let console = crate::virtio::console::VirtioConsole::new(agent.clone(), interrupt.clone())
+                .map_err(io_err("start the agent port's thread"))?;
+            let device =
+                VirtioPci::new(console, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                    .map_err(io_err("give the agent port its MSI-X vectors"))?;
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
         }
         if let Some(shared) = &self.handle.balloon {
             let slot = bus.free_slot()?;

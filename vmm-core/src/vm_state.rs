@@ -225,6 +225,11 @@ impl Vm {
             crate::config::InputMode::Ps2 => "",
             crate::config::InputMode::Virtio => " input=virtio",
         };
+        // The agent's port is a device of its own.
+        let input = match self.config.agent {
+            crate::config::AgentMode::None => input.to_string(),
+            crate::config::AgentMode::Spice => format!("{input} agent=spice"),
+        };
         // Room for more vCPUs shows in the ACPI tables; a VM at its maximum is one started with that many.
         let max_vcpus = match self.config.possible_vcpus() {
             max if max > self.config.vcpus => format!(" max-vcpus={max}"),

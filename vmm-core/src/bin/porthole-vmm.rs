@@ -133,6 +133,11 @@ struct Cli {
     /// size and follows SetDesktopSize) [default: std, or the configuration file's].
     #[arg(long, value_name = "std|virtio")]
     vga: Option<vmm_core::config::VgaMode>,
+    /// A guest agent channel: `none`, or `spice` (a virtio-serial port named com.redhat.spice.0 for the
+    /// guest's spice-vdagent: the clipboard shared with the console, the desktop following its size)
+    /// [default: none, or the configuration file's].
+    #[arg(long, value_name = "none|spice")]
+    agent: Option<vmm_core::config::AgentMode>,
     /// At most this many CPUs' worth of time for the whole VM (e.g. 1.5), through a cgroup of its own under
     /// the caller's (cgroup v2 cpu.max or the v1 cpu controller); where none can be written, the VM runs
     /// unlimited and a warning says why.
@@ -273,6 +278,9 @@ fn config_from(cli: &Cli) -> anyhow::Result<VmConfig> {
     }
     if let Some(vga) = cli.vga {
         config.vga = vga;
+    }
+    if let Some(agent) = cli.agent {
+        config.agent = agent;
     }
     if let Some(input) = cli.input {
         config.input = input;

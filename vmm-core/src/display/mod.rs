@@ -256,6 +256,8 @@ pub struct Screen {
     scanout_owner: std::sync::atomic::AtomicBool,
     /// The pointer shape the guest set (None: the server's own arrow), and a count of its changes.
     cursor: Mutex<(u64, Option<Arc<CursorImage>>)>,
+    /// The text the guest's clipboard last got (through its clipboard agent), and a count of its changes.
+    clipboard: Mutex<(u64, Option<Arc<str>>)>,
 }
 
 impl Screen {
@@ -355,6 +357,23 @@ impl Screen {
     /// The pointer shape and how many times it changed.
     pub fn cursor(&self) -> (u64, Option<Arc<CursorImage>>) {
         lock(&self.cursor).clone()
+    }
+
+    /// Puts text the guest copied on the viewers' clipboard and wakes them.
+    pub fn set_clipboard(&self, text: &str) {
+        {
+            let mut clipboard = lock(&self.clipboard);
+            *clipboard = (clipboard.0 + 1, Some(Arc::from(text)));
+        }
+        let viewers = lock(&self.viewers);
+        for viewer in viewers.iter().filter_map(Weak::upgrade) {
+            viewer.poke();
+        }
+    }
+
+    /// The guest's clipboard text and how many times it changed.
+    pub fn clipboard(&self) -> (u64, Option<Arc<str>>) {
+        lock(&self.clipboard).clone()
     }
 
     /// How many times the pointer shape changed (what viewers compare on every update).

@@ -5,6 +5,7 @@
 //! client only delays itself: its damage merges while it is busy, nothing queues up.
 
 pub mod auth;
+pub mod clipboard;
 pub mod encoding;
 pub mod keymap;
 pub mod pixel;
@@ -31,8 +32,8 @@ pub const MAX_HANDSHAKES: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most encodings a SetEncodings message may list.
 const MAX_ENCODINGS: usize = 1024;
-/// Most bytes of cut text accepted (and discarded: the guest has no clipboard agent).
-const MAX_CUT_TEXT: usize = 1 << 20;
+/// Most bytes of cut text accepted (discarded when the guest has no clipboard agent).
+const MAX_CUT_TEXT: usize = clipboard::MAX_TEXT;
 const FENCE_REQUEST: u32 = 1 << 31;
 /// zlib level when the client names none: level 1 deflates several times faster than 6 for a few percent
 /// more bytes, which keeps full-screen changes at 1080p within a frame's time.
@@ -118,6 +119,13 @@ pub trait Input: Send + Sync {
     fn resize_screen(&self, _width: u32, _height: u32) -> Option<(u32, u32)> {
         None
     }
+    /// Whether the guest shares a clipboard (a clipboard agent is set up): clients' cut text goes to it,
+    /// and the guest's reaches them through [`Screen::set_clipboard`].
+    fn has_clipboard(&self) -> bool {
+        false
+    }
+    /// Text a client put on its clipboard, for the guest's.
+    fn set_clipboard(&self, _text: String) {}
 }
 
 /// The input of a view-only console: everything is dropped.
@@ -472,6 +480,16 @@ struct ClientState {
     fence_replies: Vec<(u32, Vec<u8>)>,
     ext_key_ack: bool,
     desktop_size_reply: Option<u16>,
+    /// The client has asked for an update (so it has told its encodings): clipboard text may go out.
+    asked: bool,
+    /// The client takes the extended clipboard (and the guest has one).
+    extended_clipboard: bool,
+    /// Extended clipboard messages owed: our capabilities, a request for the text the client offered,
+    /// our text (the client asked), a notify (the client peeked).
+    clipboard_caps_due: bool,
+    clipboard_request_due: bool,
+    clipboard_provide_due: bool,
+    clipboard_notify_due: bool,
     closed: bool,
 }
 
@@ -489,12 +507,23 @@ impl ClientState {
             fence_replies: Vec::new(),
             ext_key_ack: false,
             desktop_size_reply: None,
+            asked: false,
+            extended_clipboard: false,
+            clipboard_caps_due: false,
+            clipboard_request_due: false,
+            clipboard_provide_due: false,
+            clipboard_notify_due: false,
             closed: false,
         }
     }
 
     fn supports(&self, encoding: i32) -> bool {
         self.encodings.contains(&encoding)
+    }
+
+    /// Whether an extended clipboard message is owed.
+    fn clipboard_due(&self) -> bool {
+        self.clipboard_caps_due || self.clipboard_request_due || self.clipboard_provide_due || self.clipboard_notify_due
     }
 }
 
@@ -613,6 +642,11 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
                 if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT) && !had(encoding::QEMU_EXTENDED_KEY_EVENT) {
                     s.ext_key_ack = true;
                 }
+                let extended_clipboard = list.contains(&clipboard::EXTENDED_CLIPBOARD) && input.has_clipboard();
+                if extended_clipboard && !s.extended_clipboard {
+                    s.clipboard_caps_due = true;
+                }
+                s.extended_clipboard = extended_clipboard;
                 s.jpeg_quality = list
                     .iter()
                     .find(|e| (encoding::TIGHT_QUALITY_0..=encoding::TIGHT_QUALITY_9).contains(e))
@@ -629,6 +663,7 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
             let incremental = read_u8(stream)? != 0;
             let r = read_rect(stream)?;
             shared.update(|s| {
+                s.asked = true;
                 s.request = Some(match s.request {
                     Some((inc, old)) => (inc && incremental, old.union(&r)),
                     None => (incremental, r),
@@ -651,11 +686,40 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
         }
         6 => {
             skip(stream, 3)?;
-            let len = (read_u32(stream)? as i32).unsigned_abs() as usize;
-            if len > MAX_CUT_TEXT {
+            let raw_len = read_u32(stream)? as i32;
+            let len = raw_len.unsigned_abs() as usize;
+            if len > MAX_CUT_TEXT + 4 {
                 return Err(protocol_error("cut text too long"));
             }
-            skip(stream, len)?;
+            if !input.has_clipboard() {
+                skip(stream, len)?;
+                return Ok(true);
+            }
+            let mut data = vec![0u8; len];
+            stream.read_exact(&mut data)?;
+            if raw_len >= 0 {
+                input.set_clipboard(clipboard::latin1_text(&data));
+                return Ok(true);
+            }
+            // The extended clipboard: flags, then what the action carries.
+            if len < 4 {
+                return Err(protocol_error("an extended clipboard message without flags"));
+            }
+            let flags = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+            if flags & clipboard::CAPS != 0 {
+                // The client's capabilities: it takes what we announced.
+            } else if flags & clipboard::PROVIDE != 0 {
+                if let Some(text) = clipboard::provided_text(flags, &data[4..]) {
+                    input.set_clipboard(text);
+                }
+            } else if flags & clipboard::REQUEST != 0 && flags & clipboard::TEXT != 0 {
+                shared.update(|s| s.clipboard_provide_due = true);
+            } else if flags & clipboard::PEEK != 0 {
+                shared.update(|s| s.clipboard_notify_due = true);
+            } else if flags & clipboard::NOTIFY != 0 && flags & clipboard::TEXT != 0 {
+                // The client copied text: fetch it now, so the guest can paste it whenever it likes.
+                shared.update(|s| s.clipboard_request_due = true);
+            }
         }
         150 => {
             let enable = read_u8(stream)? != 0;
@@ -737,6 +801,8 @@ struct Writer<W = Stream> {
     /// Where the lock lights come from, and the state last sent (LED state pseudo-encoding).
     input: Arc<dyn Input>,
     lights_sent: Option<u8>,
+    /// The screen's clipboard version the client last got (0: none yet).
+    clipboard_sent: u64,
 }
 
 /// Settings copied out of the shared state for one update.
@@ -782,6 +848,7 @@ impl<W: Write> Writer<W> {
             tight: TightState::new(DEFAULT_COMPRESS_LEVEL),
             streams_started: false,
             cursor_sent: None,
+            clipboard_sent: 0,
             layout_announced: false,
             pixels: Vec::new(),
             scratch: Vec::new(),
@@ -791,8 +858,9 @@ impl<W: Write> Writer<W> {
     /// Sends control messages; returns the plan for an update if one may be sent now.
     fn next_plan(&mut self) -> io::Result<Option<UpdatePlan>> {
         let mut out = Vec::new();
+        let shared = self.shared.clone();
         let plan = {
-            let mut s = lock(&self.shared.state);
+            let mut s = lock(&shared.state);
             if s.closed {
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed"));
             }
@@ -810,6 +878,7 @@ impl<W: Write> Writer<W> {
             if std::mem::take(&mut s.send_end_of_continuous) {
                 out.push(150);
             }
+            self.clipboard_messages(&mut s, &mut out);
             if s.request.is_none() && s.continuous.is_none() {
                 None
             } else {
@@ -865,6 +934,7 @@ impl<W: Write> Writer<W> {
                     && !s.send_server_fence
                     && s.fence_replies.is_empty()
                     && !s.send_end_of_continuous
+                    && !s.clipboard_due()
                 {
                     let _ = self.shared.changed.wait_timeout(s, Duration::from_millis(500));
                 }
@@ -883,6 +953,37 @@ impl<W: Write> Writer<W> {
                 return Ok(());
             }
             self.answer(&plan, damage)?;
+        }
+    }
+
+    /// Appends the clipboard messages owed: the extended clipboard's, then the guest's new text (offered
+    /// with a notify to extended clients, sent whole as plain cut text to the others).
+    fn clipboard_messages(&mut self, s: &mut ClientState, out: &mut Vec<u8>) {
+        if std::mem::take(&mut s.clipboard_caps_due) {
+            out.extend_from_slice(&clipboard::caps_message());
+        }
+        if std::mem::take(&mut s.clipboard_request_due) {
+            out.extend_from_slice(&clipboard::server_message(clipboard::REQUEST | clipboard::TEXT, &[]));
+        }
+        let provide = std::mem::take(&mut s.clipboard_provide_due);
+        let notify = std::mem::take(&mut s.clipboard_notify_due);
+        if !s.asked || !self.input.has_clipboard() {
+            return;
+        }
+        let (version, text) = self.screen.clipboard();
+        if provide && let Some(text) = &text {
+            out.extend_from_slice(&clipboard::provide_message(text));
+        }
+        if notify || version != self.clipboard_sent {
+            self.clipboard_sent = version;
+            match (&text, s.extended_clipboard) {
+                (Some(_), true) => {
+                    out.extend_from_slice(&clipboard::server_message(clipboard::NOTIFY | clipboard::TEXT, &[]))
+                }
+                (None, true) => out.extend_from_slice(&clipboard::server_message(clipboard::NOTIFY, &[])),
+                (Some(text), false) => out.extend_from_slice(&clipboard::plain_message(text)),
+                (None, false) => {}
+            }
         }
     }
 
@@ -1292,6 +1393,99 @@ mod update_tests {
         }
         header.extend_from_slice(&encoding::CURSOR.to_be_bytes());
         out.windows(header.len()).position(|w| w == header).map(|at| at + header.len())
+    }
+
+    /// An input with a clipboard agent: keeps the text clients put on the clipboard.
+    #[derive(Default)]
+    struct Shares(Mutex<Vec<String>>);
+
+    impl Input for Shares {
+        fn key(&self, _key: Key, _down: bool) {}
+        fn pointer(&self, _x: u16, _y: u16, _buttons: u8, _screen: (u32, u32)) {}
+        fn has_clipboard(&self) -> bool {
+            true
+        }
+        fn set_clipboard(&self, text: String) {
+            lock(&self.0).push(text);
+        }
+    }
+
+    fn contains(out: &[u8], part: &[u8]) -> bool {
+        out.windows(part.len()).any(|w| w == part)
+    }
+
+    /// A client's extended clipboard message (a server's with the client's message type).
+    fn client_clipboard(server_message: Vec<u8>) -> Vec<u8> {
+        let mut m = server_message;
+        m[0] = 6;
+        m
+    }
+
+    const FULL_REQUEST: [u8; 10] = [3, 0, 0, 0, 0, 0, 0, 64, 0, 48];
+
+    #[test]
+    fn plain_cut_text_goes_both_ways_when_the_guest_shares_its_clipboard() {
+        let screen = Screen::new();
+        screen.resize(64, 48);
+        let shares = Arc::new(Shares::default());
+        let mut s = Session::new(&screen, shares.clone());
+        screen.set_clipboard("früh ✓");
+        // Not before the client asked for an update (it has said what it takes by then).
+        let out = s.exchange(&set_encodings(&[0]), shares.as_ref());
+        assert!(!contains(&out, &clipboard::plain_message("früh ✓")));
+        let out = s.exchange(&FULL_REQUEST, shares.as_ref());
+        assert!(contains(&out, &clipboard::plain_message("früh ✓")), "the guest's text, in Latin-1");
+        assert!(contains(&out, b"fr\xfch ?"));
+        let out = s.exchange(&INCREMENTAL_REQUEST, shares.as_ref());
+        assert!(!contains(&out, b"fr\xfch ?"), "sent once");
+        // The client's cut text reaches the guest.
+        let out = s.exchange(&[6, 0, 0, 0, 0, 0, 0, 6, b'c', b'a', b'f', 0xE9, b'\r', b'\n'], shares.as_ref());
+        assert!(out.is_empty() || out[0] == 0);
+        assert_eq!(*lock(&shares.0), ["café\n"]);
+
+        // Without an agent: cut text is read and dropped, the guest's never announced.
+        let mut plain = Session::new(&screen, Arc::new(NoInput));
+        let out = plain
+            .exchange(&[set_encodings(&[0, clipboard::EXTENDED_CLIPBOARD]), FULL_REQUEST.to_vec()].concat(), &NoInput);
+        assert!(!contains(&out, b"fr\xfch ?"));
+        assert!(!contains(&out, &clipboard::caps_message()));
+        plain.exchange(&[6, 0, 0, 0, 0, 0, 0, 2, b'h', b'i'], &NoInput);
+    }
+
+    #[test]
+    fn the_extended_clipboard_offers_fetches_and_provides_utf8() {
+        let screen = Screen::new();
+        screen.resize(64, 48);
+        let shares = Arc::new(Shares::default());
+        let mut s = Session::new(&screen, shares.clone());
+        screen.set_clipboard("ünï\ncode");
+        let hello = [set_encodings(&[0, clipboard::EXTENDED_CLIPBOARD]), FULL_REQUEST.to_vec()].concat();
+        let out = s.exchange(&hello, shares.as_ref());
+        assert!(out.starts_with(&clipboard::caps_message()), "the server's capabilities first");
+        let notify = clipboard::server_message(clipboard::NOTIFY | clipboard::TEXT, &[]);
+        assert!(contains(&out, &notify), "then an offer of the guest's text, not the text");
+        assert!(!contains(&out, b"code"));
+        // The client pastes: it asks, the text comes compressed, in UTF-8.
+        let ask = client_clipboard(clipboard::server_message(clipboard::REQUEST | clipboard::TEXT, &[]));
+        let out = s.exchange(&ask, shares.as_ref());
+        let provide = clipboard::provide_message("ünï\ncode");
+        assert!(out.starts_with(&provide));
+        assert_eq!(
+            clipboard::provided_text(clipboard::PROVIDE | clipboard::TEXT, &provide[12..]).unwrap(),
+            "ünï\ncode"
+        );
+        // The client copies: the server fetches the text at once and hands it to the guest.
+        let offer = client_clipboard(clipboard::server_message(clipboard::NOTIFY | clipboard::TEXT, &[]));
+        let out = s.exchange(&offer, shares.as_ref());
+        assert!(out.starts_with(&clipboard::server_message(clipboard::REQUEST | clipboard::TEXT, &[])));
+        s.exchange(&client_clipboard(clipboard::provide_message("ça\r\nva ✓")), shares.as_ref());
+        assert_eq!(*lock(&shares.0), ["ça\nva ✓"]);
+        // A peek is answered with a notify.
+        let peek = client_clipboard(clipboard::server_message(clipboard::PEEK, &[]));
+        assert!(s.exchange(&peek, shares.as_ref()).starts_with(&notify));
+        // An extended message without its flags is a protocol error.
+        let mut stream = &[6u8, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFE, 0, 0][..];
+        assert!(read_message(&mut stream, &s.shared, shares.as_ref(), &screen).is_err());
     }
 
     #[test]

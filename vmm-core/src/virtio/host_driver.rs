@@ -23,14 +23,14 @@ use crate::pci::PciDevice;
 
 /// Guest-memory layout of the drivers: queue q's rings at RINGS + q * RING_STRIDE (descriptor table, then
 /// the avail ring a page on, then the used ring another page on), room for [`MAX_QUEUES`] queues of up to
-/// 256 entries below 0x1_0000.
+/// 256 entries below 0x2_0000.
 const RINGS: u64 = 0x1000;
 const RING_STRIDE: u64 = 0x3000;
 /// The most queues [`HostDriver`] sets up.
-pub const MAX_QUEUES: usize = 5;
+pub const MAX_QUEUES: usize = 6;
 /// virtio-blk request headers and status bytes.
-const HEADERS: u64 = 0x1_0000;
-const STATUS: u64 = 0x2_0000;
+const HEADERS: u64 = 0x2_0000;
+const STATUS: u64 = 0x3_0000;
 /// Data buffers: request slot i uses DATA + i * max_data.
 const DATA: u64 = 0x10_0000;
 /// Where the BAR sits (any address; nothing decodes it but us).
@@ -91,7 +91,7 @@ pub struct HostDriver<D: VirtioDevice> {
 impl<D: VirtioDevice> HostDriver<D> {
     /// Puts `device` (raising `interrupt`) on the transport over `mem` and brings it up with queue i of
     /// `queue_sizes[i]` entries (a power of two, at most 256; 0 leaves the queue disabled). `mem` must
-    /// hold the rings (below 0x1_0000).
+    /// hold the rings (below 0x2_0000).
     pub fn new(device: D, interrupt: Arc<VirtioInterrupt>, mem: GuestMemoryMmap, queue_sizes: &[u16]) -> Self {
         assert!(queue_sizes.len() <= MAX_QUEUES);
         assert!(queue_sizes.iter().all(|&s| s == 0 || (s.is_power_of_two() && s <= 256)));

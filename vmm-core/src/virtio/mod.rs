@@ -5,6 +5,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod console;
 pub mod gpu;
 pub mod host_driver;
 pub mod input;
