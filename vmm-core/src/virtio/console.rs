@@ -188,6 +188,11 @@ impl Shared {
         let result = (|| -> Result<(), Malformed> {
             loop {
                 let q = &mut a.queues[CONTROL_TX];
+                // A queue the driver left disabled has no rings to read (Linux enables them all; a
+                // driver may leave port 0's alone).
+                if !q.ready() {
+                    return Ok(());
+                }
                 if !avail_within_queue(q, &a.mem) {
                     return Err(Malformed::AvailJump);
                 }
@@ -255,6 +260,11 @@ impl Shared {
         let result = (|| -> Result<(), Malformed> {
             while let Some(message) = control.front() {
                 let q = &mut a.queues[CONTROL_RX];
+                // A queue the driver left disabled has no rings to read (Linux enables them all; a
+                // driver may leave port 0's alone).
+                if !q.ready() {
+                    return Ok(());
+                }
                 if !avail_within_queue(q, &a.mem) {
                     return Err(Malformed::AvailJump);
                 }
@@ -285,6 +295,11 @@ impl Shared {
         let result = (|| -> Result<(), Malformed> {
             loop {
                 let q = &mut a.queues[queue];
+                // A queue the driver left disabled has no rings to read (Linux enables them all; a
+                // driver may leave port 0's alone).
+                if !q.ready() {
+                    return Ok(());
+                }
                 if !avail_within_queue(q, &a.mem) {
                     return Err(Malformed::AvailJump);
                 }
@@ -330,6 +345,11 @@ impl Shared {
         let result = (|| -> Result<(), Malformed> {
             while self.backend.has_output() {
                 let q = &mut a.queues[PORT_RX];
+                // A queue the driver left disabled has no rings to read (Linux enables them all; a
+                // driver may leave port 0's alone).
+                if !q.ready() {
+                    return Ok(());
+                }
                 if !avail_within_queue(q, &a.mem) {
                     return Err(Malformed::AvailJump);
                 }
@@ -644,6 +664,11 @@ mod tests {
 
     impl Guest {
         fn new() -> Guest {
+            Guest::with_queues(&[QUEUE_SIZE; QUEUES])
+        }
+
+        /// A driver that sets up queue i with `sizes[i]` entries (0: left disabled).
+        fn with_queues(sizes: &[u16]) -> Guest {
             let clipboard = Arc::new(Mutex::new(Vec::new()));
             let sink = clipboard.clone();
             let agent = Arc::new(Agent::new(Box::new(move |t| lock(&sink).push(t))).unwrap());
@@ -651,7 +676,9 @@ mod tests {
             let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
             let device = VirtioConsole::new(agent.clone(), interrupt.clone()).unwrap();
             let stats = device.stats();
-            let d = HostDriver::new(device, interrupt, mem, &[QUEUE_SIZE; QUEUES]);
+            // What sits where a disabled queue's rings would be (address 0) is no avail index to follow.
+            mem.write_slice(&[0x34, 0x12, 0x34, 0x12], GuestAddress(0)).unwrap();
+            let d = HostDriver::new(device, interrupt, mem, sizes);
             Guest { d, agent, clipboard, stats, next: [0; QUEUES], sent: 0 }
         }
 
@@ -790,6 +817,19 @@ mod tests {
         // The program closes the port: the agent is gone until it opens again.
         g.control(PORT, PORT_OPEN, 0);
         wait_for("the agent to go", || !g.agent.connected());
+        assert_eq!(g.stats.malformed.load(Ordering::Relaxed), 0);
+        assert_eq!(g.d.status() & 0x40, 0);
+    }
+
+    /// A driver may leave port 0's queues disabled (the port is never added): the device does not read
+    /// rings at their zero addresses.
+    #[test]
+    fn queues_left_disabled_are_not_served() {
+        let mut g = Guest::with_queues(&[0, 0, QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]);
+        g.open_port();
+        assert_eq!(g.agent_messages(1)[0].0, agent::TYPE_CAPS);
+        g.send(PORT_TX, &agent::agent_announce());
+        wait_for("the agent", || g.agent.connected());
         assert_eq!(g.stats.malformed.load(Ordering::Relaxed), 0);
         assert_eq!(g.d.status() & 0x40, 0);
     }
