@@ -109,6 +109,13 @@ pub struct Vm {
     /// firmware and boot loaders, then virtio-gpu, whose monitor follows the console's size).
     #[serde(default)]
     pub vga: VgaMode,
+    /// The guest agent channel: none, or the SPICE agent's port (the clipboard shared with the guest's
+    /// `spice-vdagent`, and its desktop following the console's size).
+    #[serde(default)]
+    pub agent: AgentMode,
+    /// A running VM with an agent port (`GET /vms/{id}`): whether the guest's agent is connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_connected: Option<bool>,
     /// A running VM with a virtio-gpu display (`GET /vms/{id}`): whether the guest's driver is up (the
     /// screen follows the console window: "Resize guest to window").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -218,6 +225,31 @@ impl InputMode {
     }
 }
 
+/// The virtio-serial port name of the SPICE guest agent (`spice-vdagent`).
+pub const SPICE_AGENT_PORT: &str = "com.redhat.spice.0";
+
+/// A VM's guest agent channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    /// No agent channel.
+    #[default]
+    None,
+    /// A virtio-serial port named `com.redhat.spice.0` for the guest's `spice-vdagent` (the default for
+    /// new VMs): the clipboard (text) both ways with the console, monitor sizes for its desktop.
+    Spice,
+}
+
+impl AgentMode {
+    /// The word of `porthole-vmm --agent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentMode::None => "none",
+            AgentMode::Spice => "spice",
+        }
+    }
+}
+
 /// A VM's display adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -316,6 +348,9 @@ pub struct CreateVm {
     /// The display adapter (default: `virtio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vga: Option<VgaMode>,
+    /// The guest agent channel (default: `spice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentMode>,
     /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -349,6 +384,7 @@ impl CreateVm {
             nics: None,
             input: None,
             vga: None,
+            agent: None,
             cpu_cap_percent: None,
             cpu_weight: None,
         }
@@ -436,6 +472,9 @@ pub struct UpdateVm {
     /// Switches the display adapter between the std VGA and virtio-vga (applies at the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vga: Option<VgaMode>,
+    /// Adds or removes the guest agent's port (applies at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentMode>,
     /// The memory in use by the guest, in MiB, through its balloon: from the floor (10% of its memory, at
     /// least 128 MiB) to all of its memory. Only for a running VM with a balloon; applies at once and is not
     /// kept (a VM starts with all of its memory).

@@ -101,6 +101,8 @@ pub struct LiveStatus {
     pub virtio_keyboard: bool,
     /// With a virtio-gpu display: its guest driver is up (the monitor follows the console's size).
     pub display_follows: Option<bool>,
+    /// With an agent port: the guest's agent is connected.
+    pub agent_connected: Option<bool>,
     /// Its lock lights, as the guest set them.
     pub keyboard_leds: Option<porthole_api::KeyboardLeds>,
     /// The memory balloon, when the VM has one.
@@ -503,6 +505,7 @@ impl Host {
                     absolute_pointer: s.absolute_pointer,
                     virtio_keyboard: s.virtio_keyboard,
                     display_follows: s.display_follows,
+                    agent_connected: s.agent_connected,
                     keyboard_leds: s.keyboard_leds.map(|l| porthole_api::KeyboardLeds {
                         num_lock: l.num_lock,
                         caps_lock: l.caps_lock,
@@ -767,6 +770,7 @@ impl Host {
             cmd.args(net::net_args(record.nics()));
             cmd.arg("--input").arg(record.input.as_str());
             cmd.arg("--vga").arg(record.vga.as_str());
+            cmd.arg("--agent").arg(record.agent.as_str());
             if record.balloon {
                 cmd.arg("--balloon");
             }
@@ -1236,6 +1240,8 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         display: r.display,
         input: r.input,
         vga: r.vga,
+        agent: r.agent,
+        agent_connected: None,
         display_follows: None,
         absolute_pointer: None,
         virtio_keyboard: None,
@@ -1359,6 +1365,7 @@ pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
         disk_bytes: req.disk_bytes,
         input: req.input,
         vga: req.vga,
+        agent: req.agent,
         ..UpdateVm::default()
     }
 }
@@ -1399,6 +1406,9 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(v) = u.vga {
         r.vga = v;
     }
+    if let Some(a) = u.agent {
+        r.agent = a;
+    }
     if let Some(nics) = &u.nics {
         // Pending cards were built (ids and MACs chosen) when the change was made.
         r.nics = Some(nics.iter().enumerate().map(|(i, s)| net::definition_of(i, s)).collect());
@@ -1427,6 +1437,7 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     p.disk_bytes = new.disk_bytes.or(p.disk_bytes).filter(|s| *s > r.disk_bytes);
     p.input = new.input.or(p.input).filter(|i| *i != r.input);
     p.vga = new.vga.or(p.vga).filter(|v| *v != r.vga);
+    p.agent = new.agent.or(p.agent).filter(|a| *a != r.agent);
     let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
     p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
     r.pending = (p != UpdateVm::default()).then_some(p);
@@ -1446,6 +1457,7 @@ pub fn pending_names(p: &UpdateVm) -> Vec<String> {
         ("disk_bytes", p.disk_bytes.is_some()),
         ("input", p.input.is_some()),
         ("vga", p.vga.is_some()),
+        ("agent", p.agent.is_some()),
         ("nics", p.nics.is_some()),
     ];
     set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()

@@ -468,6 +468,7 @@ async fn get_vm(State(app): State<AppState>, p: Principal, Path(id): Path<String
             vm.virtio_keyboard = virtio.then_some(live.virtio_keyboard);
             vm.keyboard_leds = live.keyboard_leds.filter(|_| virtio);
             vm.display_follows = live.display_follows;
+            vm.agent_connected = live.agent_connected;
             vm.memory_balloon = live.balloon;
         }
         Some(Err(why)) => vm.nic_status_error = Some(why),
@@ -678,6 +679,7 @@ async fn create_vm(
         nics: Some(nics),
         input: req.input.unwrap_or(porthole_api::InputMode::Virtio),
         vga: req.vga.unwrap_or(porthole_api::VgaMode::Virtio),
+        agent: req.agent.unwrap_or(porthole_api::AgentMode::Spice),
         balloon: true,
         cpu_cap_percent: req.cpu_cap_percent.filter(|&c| c != 0),
         cpu_weight: req.cpu_weight.filter(|&w| w != 0),

@@ -8,7 +8,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use porthole_api::{BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, UpdateVm, VgaMode};
+use porthole_api::{
+    AgentMode, BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, UpdateVm, VgaMode,
+};
 use serde::{Deserialize, Serialize};
 
 /// A VM's definition as stored in `vm.json`.
@@ -82,6 +84,10 @@ pub struct VmRecord {
     /// definitions written before it: std (their saved machine states hold a std VGA).
     #[serde(default, skip_serializing_if = "is_std_vga")]
     pub vga: VgaMode,
+    /// The guest agent channel (`porthole-vmm --agent`): none, or the SPICE agent's port. Absent in
+    /// definitions written before it: none (their saved machine states have no such port).
+    #[serde(default, skip_serializing_if = "is_no_agent")]
+    pub agent: AgentMode,
     /// A virtio memory balloon (`porthole-vmm --balloon`). Absent in definitions written before it: those
     /// VMs keep their devices (their saved machine states have no balloon).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -414,6 +420,10 @@ fn is_ps2(mode: &InputMode) -> bool {
 
 fn is_std_vga(mode: &VgaMode) -> bool {
     *mode == VgaMode::Std
+}
+
+fn is_no_agent(mode: &AgentMode) -> bool {
+    *mode == AgentMode::None
 }
 
 /// `"ps2"`/`"virtio"`, or the boolean of the older `tablet` field (true: the tablet, now virtio input).

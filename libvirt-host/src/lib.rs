@@ -61,9 +61,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use porthole_api::host::Progress;
 use porthole_api::{
-    Action, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host, HostError,
-    HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot, Task, TaskState,
-    VgaMode, Vm, VmState,
+    Action, AgentMode, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host,
+    HostError, HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot, Task,
+    TaskState, VgaMode, Vm, VmState,
 };
 use sha2::Digest;
 use virt::connect::Connect;
@@ -791,6 +791,15 @@ fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> 
             Some("virtio") => VgaMode::Virtio,
             _ => VgaMode::Std,
         },
+        // The SPICE agent's port: a spicevmc or qemu-vdagent channel (or any chardev) by its name.
+        agent: match doc.child("devices").is_some_and(|d| {
+            d.all("channel")
+                .any(|c| c.child("target").and_then(|t| t.attr("name")) == Some(porthole_api::SPICE_AGENT_PORT))
+        }) {
+            true => AgentMode::Spice,
+            false => AgentMode::None,
+        },
+        agent_connected: None,
         display_follows: None,
         absolute_pointer: None,
         virtio_keyboard: None,
@@ -1059,6 +1068,12 @@ fn domain_xml(
         VgaMode::Virtio => "    <video><model type='virtio'/></video>\n",
         VgaMode::Std => "    <video><model type='vga'/></video>\n",
     };
+    // The SPICE agent's port, served by QEMU's own agent (qemu-vdagent), which shares the guest's clipboard
+    // with VNC clients.
+    if vm.agent.unwrap_or(AgentMode::Spice) == AgentMode::Spice {
+        x += "    <channel type='qemu-vdagent'><source><clipboard copypaste='yes'/></source>";
+        x += &format!("<target type='virtio' name='{}'/></channel>\n", porthole_api::SPICE_AGENT_PORT);
+    }
     x += "    <memballoon model='virtio'/>\n  </devices>\n</domain>\n";
     x
 }

@@ -837,6 +837,44 @@ async fn new_vms_have_a_virtio_display_that_the_guest_sees_and_it_can_be_switche
     c.action(&with.id, Action::Poweroff).await.unwrap();
 }
 
+/// The guest agent's port: new VMs get one (the guest finds a virtio-console, 1af4:1043), `agent: none`
+/// has none; a running VM says whether the guest's agent is connected (the micro-guest runs none: no);
+/// removing it from a running VM waits for its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_vms_have_an_agent_port_that_the_guest_sees_and_it_can_be_removed() {
+    use porthole_api::AgentMode;
+    let dir = Scratch::new("settings-agent");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let request = |name: &str, agent: Option<AgentMode>| pci_scan_vm(name, |r| r.agent = agent);
+    let with = c.create_vm(&request("with-agent", None)).await.unwrap();
+    assert_eq!(with.agent, AgentMode::Spice, "new VMs get the agent's port");
+    let seen = pci_devices(&c, &with.id).await;
+    assert_eq!(seen.iter().filter(|l| l.contains("id=1af4:1043")).count(), 1, "{seen:#?}");
+    let without = c.create_vm(&request("no-agent", Some(AgentMode::None))).await.unwrap();
+    assert_eq!(without.agent, AgentMode::None);
+    let seen = pci_devices(&c, &without.id).await;
+    assert!(!seen.iter().any(|l| l.contains("id=1af4:1043")), "{seen:#?}");
+
+    c.update_vm(&with.id, &UpdateVm { boot: Some(idle_boot()), ..Default::default() }).await.unwrap();
+    c.action(&with.id, Action::Start).await.unwrap();
+    wait_state(&c, &with.id, VmState::Running).await;
+    let vm = c.vm(&with.id).await.unwrap();
+    assert_eq!(vm.agent_connected, Some(false), "no agent in the guest: {vm:?}");
+    let agent_arg = |id: &str| arg_after(&vmm_args(&d, id), "--agent");
+    assert_eq!(agent_arg(&with.id).as_deref(), Some("spice"));
+    let vm = c.update_vm(&with.id, &UpdateVm { agent: Some(AgentMode::None), ..Default::default() }).await.unwrap();
+    assert!(vm.agent == AgentMode::Spice && vm.pending_changes == ["agent"], "{vm:?}");
+    c.action(&with.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &with.id, VmState::Stopped).await;
+    c.action(&with.id, Action::Start).await.unwrap();
+    wait_state(&c, &with.id, VmState::Running).await;
+    assert_eq!(agent_arg(&with.id).as_deref(), Some("none"), "applied at the next start");
+    let vm = c.vm(&with.id).await.unwrap();
+    assert!(vm.agent == AgentMode::None && vm.agent_connected.is_none(), "{vm:?}");
+    c.action(&with.id, Action::Poweroff).await.unwrap();
+}
+
 /// A disk's rate limits: set on a stopped VM (kept in its definition, given to the engine at start), changed
 /// on a running one (the engine takes them at once), refused when absurd (each field named, nothing
 /// changed); the guest's requests still all complete under a tight limit.

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use porthole_api::client::Action;
-use porthole_api::{Feature, InputMode, VgaMode, VmState};
+use porthole_api::{AgentMode, Feature, InputMode, VgaMode, VmState};
 
 use super::graphs::performance;
 use super::theme;
@@ -44,6 +44,10 @@ impl PortholeApp {
             ui.end_row();
             ui.label("Display");
             let (text, more) = display_text(vm, self.backend.model().details.as_ref());
+            ui.label(text).on_hover_text(more);
+            ui.end_row();
+            ui.label("Clipboard");
+            let (text, more) = clipboard_text(vm, self.backend.model().details.as_ref());
             ui.label(text).on_hover_text(more);
             ui.end_row();
             ui.label("Keyboard");
@@ -357,6 +361,29 @@ fn display_text(
         (VgaMode::Virtio, _, _) => {
             ("virtio", "VGA for firmware and boot loaders, then virtio-gpu, which follows the console's size")
         }
+    }
+}
+
+/// Whether the clipboard is shared with the guest, in a few words and then in full: with an agent port,
+/// whether the guest's agent is connected — as `pointer_text`.
+fn clipboard_text(
+    vm: &porthole_api::Vm,
+    details: Option<&(usize, String, porthole_api::Vm)>,
+) -> (&'static str, &'static str) {
+    let live = details.filter(|(_, id, _)| *id == vm.id).and_then(|(_, _, d)| d.agent_connected);
+    match (vm.agent, vm_running(vm), live) {
+        (AgentMode::None, _, _) => (
+            "not shared",
+            "No agent port (Settings: Clipboard): copy and paste cross only with VNC servers that have a clipboard",
+        ),
+        (AgentMode::Spice, true, Some(true)) => {
+            ("shared", "The guest's agent (spice-vdagent) is connected: copy and paste cross both ways")
+        }
+        (AgentMode::Spice, true, Some(false)) => (
+            "waiting for the guest's agent",
+            "The guest has not started spice-vdagent (Debian, Fedora, Ubuntu: the spice-vdagent package)",
+        ),
+        (AgentMode::Spice, _, _) => ("with the guest's agent", "Shared once the guest runs spice-vdagent"),
     }
 }
 

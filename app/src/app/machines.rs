@@ -591,6 +591,8 @@ mod tests {
             boot_status: None,
             input: porthole_api::InputMode::Ps2,
             vga: porthole_api::VgaMode::Std,
+            agent: porthole_api::AgentMode::None,
+            agent_connected: None,
             display_follows: None,
             absolute_pointer: None,
             virtio_keyboard: None,

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use porthole_api::{
-    AddDisk, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode,
+    AddDisk, AgentMode, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode,
     MemoryBalloon, UpdateVm, VgaMode, Vm, VmState,
 };
 
@@ -48,6 +48,8 @@ pub struct Fields {
     pub input: InputMode,
     /// The display adapter: the std VGA or virtio-vga.
     pub vga: VgaMode,
+    /// The guest agent's port (the clipboard shared with spice-vdagent).
+    pub agent: AgentMode,
     /// CPU cap in percent of one CPU (empty: none) and weight (empty: the default).
     pub cpu_cap: String,
     pub cpu_weight: String,
@@ -86,6 +88,7 @@ impl Fields {
             resolution: p.display.or(vm.display).map(|d| format!("{}x{}", d.width, d.height)).unwrap_or_default(),
             input: p.input.unwrap_or(vm.input),
             vga: p.vga.unwrap_or(vm.vga),
+            agent: p.agent.unwrap_or(vm.agent),
             cpu_cap: vm.cpu_cap_percent.map(|c| c.to_string()).unwrap_or_default(),
             cpu_weight: vm.cpu_weight.map(|w| w.to_string()).unwrap_or_default(),
         }
@@ -167,6 +170,9 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     }
     if new.vga != base.vga {
         u.vga = Some(new.vga);
+    }
+    if new.agent != base.agent {
+        u.agent = Some(new.agent);
     }
     // CPU limits: empty removes (0 in the request).
     for (text, old, field, slot) in [
@@ -397,6 +403,7 @@ pub fn pending_text(names: &[String]) -> String {
             "nics" => "network cards",
             "input" => "input devices",
             "vga" => "display adapter",
+            "agent" => "guest agent",
             "cpu_cap_percent" => "CPU cap",
             "cpu_weight" => "CPU weight",
             other => other,
@@ -735,6 +742,16 @@ impl PortholeApp {
                 })
                 .response
             });
+            row(ui, "Clipboard", &errors, "agent", |ui| {
+                let mut shared = f.agent == AgentMode::Spice;
+                let r = ui.checkbox(&mut shared, "Share with the guest").on_hover_text(
+                    "A port for the guest's agent (spice-vdagent, in most desktop distributions): copy and paste \
+                     cross between the console and the guest, and the desktop follows the window's size; \
+                     applies at the next start",
+                );
+                f.agent = if shared { AgentMode::Spice } else { AgentMode::None };
+                r
+            });
         });
 
         if let Some(t) = set_target {
@@ -999,12 +1016,11 @@ impl PortholeApp {
                 });
                 row(ui, "Kernel command line", &errors, "cmdline", |ui| ui.text_edit_singleline(&mut f.cmdline));
             }
-            ui.label("Display");
-            ui.label("Standard VGA").on_hover_text("Bochs VBE on PCI (stdvga); the only model the engine has");
-            ui.end_row();
             row(ui, "Resolution", &errors, "display", |ui| {
-                ui.add(egui::TextEdit::singleline(&mut f.resolution).hint_text("1280x800 (default)"))
-                    .on_hover_text("The display's start-up resolution (standard VGA)")
+                ui.add(egui::TextEdit::singleline(&mut f.resolution).hint_text("1280x800 (default)")).on_hover_text(
+                    "The display's start-up resolution (a virtio display then takes the console's size once \
+                         the guest's driver is up)",
+                )
             });
         });
         if let Some(e) = errors.get("nics") {
