@@ -348,7 +348,8 @@ pub struct CreateVm {
     /// The display adapter (default: `virtio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vga: Option<VgaMode>,
-    /// The guest agent channel (default: `spice`).
+    /// The guest agent channel (default: `spice` on Porthole hosts; none on libvirt hosts, whose QEMU cannot
+    /// migrate its agent, so a running VM with one could not be snapshotted or saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentMode>,
     /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).

@@ -1069,8 +1069,9 @@ fn domain_xml(
         VgaMode::Std => "    <video><model type='vga'/></video>\n",
     };
     // The SPICE agent's port, served by QEMU's own agent (qemu-vdagent), which shares the guest's clipboard
-    // with VNC clients.
-    if vm.agent.unwrap_or(AgentMode::Spice) == AgentMode::Spice {
+    // with VNC clients: only when asked for, since QEMU 7.2 cannot migrate it, so libvirt then refuses
+    // snapshots and saves of the running VM.
+    if vm.agent == Some(AgentMode::Spice) {
         x += "    <channel type='qemu-vdagent'><source><clipboard copypaste='yes'/></source>";
         x += &format!("<target type='virtio' name='{}'/></channel>\n", porthole_api::SPICE_AGENT_PORT);
     }
@@ -2146,6 +2147,14 @@ mod tests {
             disks(&doc, "cdrom").next().and_then(|d| d.child("target")).and_then(|t| t.attr("bus")),
             Some("ide")
         );
+        // The agent's port only when asked for (QEMU cannot migrate qemu-vdagent: no running snapshots).
+        assert!(doc.at(&["devices", "channel"]).is_none());
+        let agent = CreateVm { agent: Some(AgentMode::Spice), ..vm.clone() };
+        let doc =
+            Node::parse(&domain_xml(&agent, &Caps { kvm: true, q35: false }, None, None, None, None, "")).unwrap();
+        let channel = doc.at(&["devices", "channel"]).unwrap();
+        assert_eq!(channel.attr("type"), Some("qemu-vdagent"));
+        assert_eq!(channel.child("target").and_then(|t| t.attr("name")), Some("com.redhat.spice.0"));
     }
 
     #[test]
