@@ -604,6 +604,45 @@ fn a_vnc_console_resizes_the_server_and_shares_the_clipboard() {
     assert_eq!(reader.join().unwrap(), ours);
 }
 
+/// The console of one of Porthole's own VMs shares the clipboard through the guest's agent (`--agent spice`;
+/// the `virtio-console` micro-guest plays spice-vdagent): what the guest copies lands on this computer's
+/// clipboard, and "Paste into guest" gives the guest this computer's text, Unicode included.
+#[test]
+fn a_vm_console_shares_the_clipboard_with_the_guests_agent() {
+    let dir = Scratch::new("gui-agent");
+    let socket = dir.path("vnc.sock");
+    let serial = dir.path("serial.log");
+    let from_guest = "copied-in-the-guest";
+    let args = [
+        std::ffi::OsStr::new("--agent"),
+        std::ffi::OsStr::new("spice"),
+        std::ffi::OsStr::new("--cmdline"),
+        std::ffi::OsStr::new("copy=copied-in-the-guest paste"),
+    ];
+    let _vm = porthole_tests::vnc_vm("virtio-console", &socket, &serial, &args, "AGENT paste waiting");
+    let mut h = app_without_local_host();
+    let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
+    h.state_mut().open_vnc(target, None);
+    wait(&mut h, "the guest's text on this computer's clipboard", |h| {
+        h.output()
+            .platform_output
+            .commands
+            .iter()
+            .any(|c| matches!(c, egui::OutputCommand::CopyText(t) if t == from_guest))
+    });
+    let ours = "from the window ✓ ünïcode";
+    click(&mut h, "Paste into guest");
+    h.event(egui::Event::Paste(ours.to_owned()));
+    h.step();
+    let serial_text = || String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
+    wait(&mut h, "the guest to paste", |_| serial_text().contains("AGENT paste text="));
+    // The whole UTF-8 text arrived; the guest prints its bytes beyond ASCII as '?'.
+    let printed: String = ours.bytes().map(|b| if b.is_ascii() { char::from(b) } else { '?' }).collect();
+    let out = serial_text();
+    assert!(out.contains(&format!("AGENT paste-data type=1 bytes={}", ours.len())), "{out}");
+    assert!(out.contains(&format!("AGENT paste text={printed}")), "{out}");
+}
+
 /// A crashed VM that its process keeps: the list and the details say "crashed", the details give the
 /// report, its thumbnail and console still show its last screen, and Force off ends it.
 #[test]
