@@ -3,7 +3,8 @@
 //! `virtio-console` micro-guest (tests/guests/asm/virtio-console.S) playing spice-vdagent, side by side with
 //! QEMU's own `-chardev qemu-vdagent,clipboard=on` behind a virtserialport of the same name: the same driver
 //! gets the same port handshake, and the clipboard crosses both ways between the guest and an RFB client
-//! speaking the extended clipboard, as Porthole's console does (notify, request, provide).
+//! speaking the extended clipboard, as Porthole's console does (notify, request, provide). A client's
+//! SetDesktopSize reaches porthole-vmm's guest agent as a monitors configuration.
 //!
 //! Differences seen with QEMU 7.2 (the reference), asserted below:
 //! - its virtio-serial-pci is a transitional device (1AF4:1003) unless `disable-legacy=on` (then 1AF4:1043,
@@ -18,7 +19,13 @@
 //! - a client without the extended clipboard: its plain cut text reaches the guest on both; the guest's text
 //!   reaches it as plain ServerCutText from porthole-vmm only (QEMU 7.2 shares the clipboard with extended
 //!   clients only; checked by hand: the guest's GRAB is never asked for, `AGENT timeout copy-request`);
-//! - porthole-vmm sends clipboard messages to a client only once it asked for an update; QEMU at once.
+//! - porthole-vmm sends clipboard messages to a client only once it asked for an update; QEMU at once;
+//! - a client's SetDesktopSize with a std VGA: porthole-vmm takes the size to a connected agent that
+//!   announced MONITORS_CONFIG (a monitors-config message: one monitor, depth 32) and answers 0, without an
+//!   agent it answers 1 (refused); QEMU 7.2 answers 3 (invalid screen layout) and its qemu-vdagent sends the
+//!   guest no MONITORS_CONFIG, with `clipboard=on` as with `mouse=off,clipboard=on` (checked by hand: the
+//!   guest's `monitor` ends in `AGENT timeout monitor`; `mouse=off` only drops MOUSE_STATE from its
+//!   capabilities, 0x20060), so only porthole-vmm is tested for it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -63,7 +70,7 @@ impl Guest {
                 let mut c = Command::new(workspace_bin("porthole-vmm"));
                 c.arg("--kernel")
                     .arg(&guest)
-                    .args(["--memory", "64", "--agent", "spice", "--cmdline", cmdline])
+                    .args(["--memory", "64", "--vga", "std", "--agent", "spice", "--cmdline", cmdline])
                     .arg("--serial")
                     .arg(format!("file:{}", serial.display()))
                     .arg("--vnc")
@@ -319,4 +326,88 @@ fn without_the_agent_option_there_is_no_agent_port() {
     let serial = text(&std::fs::read(&serial).unwrap_or_default());
     assert!(out.status.success(), "{out:?}\n{serial}");
     assert_eq!(serial, "AGENT none\nAGENT done\n");
+}
+
+/// The sizes the RFB client asks for with SetDesktopSize, one after the other.
+const MONITOR: (u16, u16) = (1024, 768);
+const MONITOR_AGAIN: (u16, u16) = (800, 600);
+
+/// Asks the server for `size` (SetDesktopSize) and returns its answer's status, reading whole frames until
+/// it comes (the server answers with an update).
+fn ask_for_size(c: &mut RfbClient, engine: Engine, size: (u16, u16), serial: impl Fn() -> String) -> u32 {
+    assert!(c.acknowledged.contains(&rfb::EXTENDED_DESKTOP_SIZE), "{engine:?}: {:?}", c.acknowledged);
+    c.resize_status = None;
+    c.set_desktop_size(size.0, size.1).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        c.full_frame().unwrap_or_else(|e| {
+            panic!("{engine:?}: waiting for the answer to SetDesktopSize: {e}; serial:\n{}", serial())
+        });
+        if let Some(status) = c.resize_status {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{engine:?}: no answer to SetDesktopSize; serial:\n{}", serial());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A std VGA cannot follow SetDesktopSize, but with `--agent spice` the size goes to the guest's agent as
+/// MONITORS_CONFIG (one monitor, depth 32) and porthole-vmm accepts it (status 0). The guest waits twice,
+/// so that it is still there while the server answers the first request.
+#[test]
+fn set_desktop_size_reaches_the_agent_as_a_monitors_config() {
+    let guest = Guest::start(Engine::Porthole, "monitor monitor");
+    let mut c = guest.client(&[rfb::RAW, rfb::DESKTOP_SIZE, rfb::EXTENDED_DESKTOP_SIZE]);
+    let serial = || guest.output();
+    wait_until(LIMIT, || guest.count("AGENT monitor waiting") == 1, || format!("the agent; serial:\n{}", serial()));
+    let status = ask_for_size(&mut c, Engine::Porthole, MONITOR, serial);
+    assert_eq!(status, 0, "porthole-vmm takes the size to the agent; serial:\n{}", serial());
+    wait_until(
+        LIMIT,
+        || guest.count("AGENT monitor waiting") == 2,
+        || format!("the second wait; serial:\n{}", serial()),
+    );
+    c.set_desktop_size(MONITOR_AGAIN.0, MONITOR_AGAIN.1).unwrap();
+    let out = guest.finish();
+    drop(c);
+    eprintln!("porthole-vmm:\n{out}");
+    let line = |(w, h): (u16, u16)| format!("AGENT monitor count=1 width={w} height={h} depth=32\n");
+    let lines = [
+        "AGENT connected by-demand=1 host-caps=0x00000026\n".to_owned(),
+        "AGENT monitor waiting\n".into(),
+        line(MONITOR),
+        "AGENT monitor waiting\n".into(),
+        line(MONITOR_AGAIN),
+        "AGENT done\n".into(),
+    ];
+    assert_in_order(Engine::Porthole, &out, &lines);
+}
+
+/// Without an agent a std VGA cannot follow SetDesktopSize: porthole-vmm refuses it (status 1). The
+/// virtio-console guest finds no port there (`AGENT none`) and powers off at once (in about 0.2 s, before a
+/// client could ask), so the VM that answers runs the `idle` micro-guest, which stays until it is stopped.
+#[test]
+fn without_an_agent_a_std_vga_refuses_set_desktop_size() {
+    let dir = Scratch::new("agent-no-monitor");
+    let (serial, vnc) = (dir.path("serial.log"), dir.path("vnc.sock"));
+    let child = Command::new(workspace_bin("porthole-vmm"))
+        .arg("--kernel")
+        .arg(porthole_guests::path("idle"))
+        .args(["--memory", "64", "--vga", "std"])
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("--vnc")
+        .arg(format!("unix:{}", vnc.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _vm = Killed(child);
+    wait_until(LIMIT, || vnc.exists(), || "no VNC socket".into());
+    let mut c = RfbClient::connect(&vnc, None).unwrap();
+    c.set_encodings(&[rfb::RAW, rfb::DESKTOP_SIZE, rfb::EXTENDED_DESKTOP_SIZE]).unwrap();
+    c.full_frame().unwrap();
+    let output = || text(&std::fs::read(&serial).unwrap_or_default());
+    assert_eq!(ask_for_size(&mut c, Engine::Porthole, MONITOR, output), 1, "porthole-vmm refuses the size");
 }

@@ -1,8 +1,9 @@
 /* virtio-console — a minimal virtio 1.x modern-PCI console driver with MULTIPORT (spec 1.2 §4.1 PCI
  * transport, §5.3 console device, split virtqueues), polled, and on its one named port a minimal SPICE guest
- * agent (spice-protocol's vd_agent.h) that shares the clipboard as UTF-8 text, driven by words on the kernel
- * command line. It plays spice-vdagent's part for `porthole-vmm --agent spice` and for QEMU's
- * `-chardev qemu-vdagent,clipboard=on` behind `-device virtserialport,name=com.redhat.spice.0`.
+ * agent (spice-protocol's vd_agent.h) that shares the clipboard as UTF-8 text and reports the host's
+ * monitors configuration, driven by words on the kernel command line. It plays spice-vdagent's part for
+ * `porthole-vmm --agent spice` and for QEMU's `-chardev qemu-vdagent,clipboard=on` behind
+ * `-device virtserialport,name=com.redhat.spice.0`.
  *
  * Start-up: PIT started as the time base (pit_ticks), 8259s remapped and fully masked, spurious gates set.
  * PCI bus 0, devices 0-31, function 0 are scanned for the first 1AF4:1043 (modern virtio-console; QEMU's
@@ -40,6 +41,10 @@
  *   CLIPBOARD_REQUEST (8)      {type}: answered at once with CLIPBOARD {type, the copied text} while the
  *                              guest owns the clipboard and type is UTF8_TEXT, else CLIPBOARD {type} empty
  *   CLIPBOARD (4)              {type, data}: kept for `paste`
+ *   MONITORS_CONFIG (2)        {u32 count, u32 flags, then per monitor u32 height, width, depth, i32 x, y}:
+ *                              the count and the first monitor's height, width and depth kept for
+ *                              `monitor` (0 for a monitor the message does not hold whole; a message
+ *                              shorter than 8 bytes is dropped)
  *   CLIPBOARD_RELEASE (9) and anything else: dropped
  * After the handshake the guest announces itself (request 1) and waits 5 s for the host's announcement.
  *
@@ -62,10 +67,15 @@
  *                   `AGENT paste-data type=<its type> bytes=<its data bytes>` and `AGENT paste text=<the
  *                   text up to a NUL; bytes outside 0x20-0x7E shown as ?>` (QEMU's text from a VNC client's
  *                   extended clipboard keeps that message's NUL: one byte more than porthole-vmm's)
+ *   monitor         `AGENT monitor waiting`, then waits up to 20 s for the host's MONITORS_CONFIG (one
+ *                   that came since the start or the last `monitor` counts; porthole-vmm sends one when a
+ *                   VNC client's SetDesktopSize reaches the agent): `AGENT monitor count=<its count>
+ *                   width=<the first monitor's width> height=<its height> depth=<its depth>`
  *   anything else   `AGENT bad-word <word>`
  * Timeouts print `AGENT timeout <what>` (device-add, port-name, announce, copy-request, paste-grab,
- * paste-data) or `AGENT timeout send queue=<index>` (a transmit buffer the device never completed); after a
- * set-up timeout the words are skipped. Finally `AGENT done`, and guest_main returns (power-off).
+ * paste-data, monitor) or `AGENT timeout send queue=<index>` (a transmit buffer the device never
+ * completed); after a set-up timeout the words are skipped. Finally `AGENT done`, and guest_main returns
+ * (power-off).
  */
     .include "virtio.inc"
     .set CONSOLE_ID, 0x10431AF4     /* device 0x1043 << 16 | vendor 0x1AF4 */
@@ -82,6 +92,7 @@
     .set EV_PORT_NAME, 7
 
     /* Agent messages, clipboard type, our capabilities */
+    .set MSG_MONITORS, 2
     .set MSG_CLIPBOARD, 4
     .set MSG_ANNOUNCE, 6
     .set MSG_GRAB, 7
@@ -529,7 +540,7 @@ msg_done:
     movb $1, request_due(%rip)
     ret
 3:  cmpl $MSG_CLIPBOARD, %eax
-    jne 9f
+    jne 4f
     cmpl $4, %edx
     jb 9f
     movl body(%rip), %eax
@@ -543,6 +554,25 @@ msg_done:
     leaq clip_text(%rip), %rdi
     rep movsb
     movb $1, got_clip(%rip)
+    ret
+4:  cmpl $MSG_MONITORS, %eax
+    jne 9f
+    cmpl $8, %edx                   /* {count, flags}, then the first monitor's {height, width, depth} */
+    jb 9f
+    movl body(%rip), %eax
+    movl %eax, mon_count(%rip)
+    xorl %eax, %eax
+    xorl %ecx, %ecx
+    xorl %esi, %esi
+    cmpl $20, %edx
+    jb 41f
+    movl body + 8(%rip), %eax
+    movl body + 12(%rip), %ecx
+    movl body + 16(%rip), %esi
+41: movl %eax, mon_height(%rip)
+    movl %ecx, mon_width(%rip)
+    movl %esi, mon_depth(%rip)
+    movb $1, got_monitor(%rip)
 9:  ret
 
 /* agent_send(%edi = type, %rsi = data, %edx = length <= TEXT_MAX + 4) -> %eax as tx_send: one chunk, one
@@ -840,15 +870,45 @@ cmd_paste:
     call newline
     jmp cmd_ok
 
+cmd_monitor:
+    SAVE
+    leaq msg_monitor_wait(%rip), %rdi
+    call serial_puts
+    leaq got_monitor(%rip), %rdi
+    movl $TICKS_20S, %esi
+    call pump_wait
+    testl %eax, %eax
+    jnz 1f
+    leaq tmo_monitor(%rip), %rdi
+    call serial_puts
+    jmp cmd_ok
+1:  movb $0, got_monitor(%rip)
+    leaq msg_monitor(%rip), %rdi
+    movl mon_count(%rip), %esi
+    call put_kv
+    leaq msg_width(%rip), %rdi
+    movl mon_width(%rip), %esi
+    call put_kv
+    leaq msg_height(%rip), %rdi
+    movl mon_height(%rip), %esi
+    call put_kv
+    leaq msg_depth(%rip), %rdi
+    movl mon_depth(%rip), %esi
+    call put_kv
+    call newline
+    jmp cmd_ok
+
     .section .rodata
     .p2align 3
 cmd_table:
     .quad cmdn_copy, cmd_copy
     .quad cmdn_paste, cmd_paste
+    .quad cmdn_monitor, cmd_monitor
     .quad 0, 0
 
 cmdn_copy:          .asciz "copy="
 cmdn_paste:         .asciz "paste"
+cmdn_monitor:       .asciz "monitor"
 
 msg_none:           .asciz "AGENT none\n"
 msg_error:          .asciz "AGENT error="
@@ -865,6 +925,11 @@ msg_paste_wait:     .asciz "AGENT paste waiting\n"
 msg_paste_data:     .asciz "AGENT paste-data type="
 msg_bytes:          .asciz " bytes="
 msg_paste:          .asciz "AGENT paste text="
+msg_monitor_wait:   .asciz "AGENT monitor waiting\n"
+msg_monitor:        .asciz "AGENT monitor count="
+msg_width:          .asciz " width="
+msg_height:         .asciz " height="
+msg_depth:          .asciz " depth="
 msg_badword:        .asciz "AGENT bad-word "
 msg_agent_done:     .asciz "AGENT done\n"
 tmo_send:           .asciz "AGENT timeout send queue="
@@ -874,6 +939,7 @@ tmo_announce:       .asciz "AGENT timeout announce\n"
 tmo_copy:           .asciz "AGENT timeout copy-request\n"
 tmo_grab:           .asciz "AGENT timeout paste-grab\n"
 tmo_data:           .asciz "AGENT timeout paste-data\n"
+tmo_monitor:        .asciz "AGENT timeout monitor\n"
 err_reset:          .asciz "reset-timeout"
 err_multiport:      .asciz "no-multiport"
 err_noqueue:        .asciz "no-queue"
@@ -899,6 +965,14 @@ clip_kept:
 own_len:                            /* copy=TEXT's length (the text is at clip_out + 4) */
     .skip 4
 sent_len:                           /* text bytes in the last CLIPBOARD answer */
+    .skip 4
+mon_count:                          /* the host's last MONITORS_CONFIG: count, the first monitor's size */
+    .skip 4
+mon_width:
+    .skip 4
+mon_height:
+    .skip 4
+mon_depth:
     .skip 4
 msgs_in:                            /* whole messages from the host */
     .skip 4
@@ -943,6 +1017,8 @@ got_request:
 request_due:
     .skip 1
 got_clip:
+    .skip 1
+got_monitor:
     .skip 1
     .p2align 3
 caps:                               /* common, notify, ISR, device config; notify_off_multiplier */
