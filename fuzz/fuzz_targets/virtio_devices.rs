@@ -4,11 +4,12 @@
 //! (inflate, deflate, statistics and free-page reporting queues, its configuration), virtio-net (on a
 //! socket speaking passt's protocol, whose far end the input also writes frames into) and virtio-gpu
 //! (control and cursor queues: resources, backing lists, transfers, scanouts and flushes onto a screen,
-//! EDID, display events from the configuration). Each device is
+//! EDID, display events from the configuration) and virtio-console with the SPICE agent's port (the
+//! multiport control handshake, port data carrying agent messages both ways). Each device is
 //! brought up with every queue of 16 entries; then operations from the input, and after a publish a short
 //! wait (3 ms) for what the device completes or a NEEDS_RESET.
 //!
-//! Input: byte 0 picks the device (mod 6: scsi, tablet, keyboard, balloon, net, gpu), then operations, each a kind
+//! Input: byte 0 picks the device (mod 7: scsi, tablet, keyboard, balloon, net, gpu, console), then operations, each a kind
 //! byte and its bytes:
 //! - 0: a descriptor: queue, index, addr (u32), len (u32), flags (u16), next (u16)
 //! - 1: 16 bytes of guest memory at 0x1_0000 + 16 × offset (offset: u16)
@@ -18,7 +19,8 @@
 //! - 5: a frame from the network (net): length (u16, at most 2048), then that many bytes
 //! - 6: wait up to 1 ms for completions on a queue; 7: reset and bring the device up again
 //!
-//! Memory: the rings below 0x1_0000 (the driver's), data 0x1_0000-0x4_0000 (descriptors may point anywhere).
+//! Memory: the rings below 0x1_0000 (the driver's; the console's six queues reach 0x1_3000, into the data),
+//! data 0x1_0000-0x4_0000 (descriptors may point anywhere).
 #![no_main]
 
 use std::io::{Read, Write};
@@ -32,6 +34,7 @@ use vmm_core::disk::Drive;
 use vmm_core::display::Screen;
 use vmm_core::net::{MacAddr, Nic, Passt};
 use vmm_core::virtio::balloon::{BalloonShared, VirtioBalloon};
+use vmm_core::virtio::console::VirtioConsole;
 use vmm_core::virtio::gpu::{GpuShared, VirtioGpu};
 use vmm_core::virtio::host_driver::{Desc, HostDriver};
 use vmm_core::virtio::input::{Profile, VirtioInput};
@@ -116,7 +119,7 @@ fuzz_target!(|input: &[u8]| {
     let Some((&which, ops)) = input.split_first() else { return };
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
     let Ok(interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
-    match which % 6 {
+    match which % 7 {
         0 => {
             let Some(path) = scratch_image("scsi") else { return };
             let Ok(media) = Drive::open_media(path, true) else { return };
@@ -125,7 +128,7 @@ fuzz_target!(|input: &[u8]| {
             exercise(HostDriver::new(scsi, interrupt, mem, &[QUEUE; 3]), 3, ops, None);
         }
         1 | 2 => {
-            let profile = if which % 6 == 1 { Profile::Tablet } else { Profile::Keyboard };
+            let profile = if which % 7 == 1 { Profile::Tablet } else { Profile::Keyboard };
             let Ok(input) = VirtioInput::new(profile, interrupt.clone()) else { return };
             exercise(HostDriver::new(input, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
         }
@@ -138,6 +141,15 @@ fuzz_target!(|input: &[u8]| {
             let Ok(gpu) = VirtioGpu::new(GpuShared::new(Screen::new(), 640, 480), interrupt.clone()) else { return };
             // Control, cursor.
             exercise(HostDriver::new(gpu, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
+        }
+        6 => {
+            // The agent hands the guest's clipboard text on (dropped here); the console sets it too.
+            let Ok(agent) = vmm_core::vdagent::Agent::new(Box::new(|_| {})).map(Arc::new) else { return };
+            agent.set_clipboard("fuzz".into());
+            let Ok(console) = VirtioConsole::new(agent.clone(), interrupt.clone()) else { return };
+            // Port 0's receive and transmit, control receive and transmit, the agent port's.
+            exercise(HostDriver::new(console, interrupt, mem, &[QUEUE; 6]), 6, ops, None);
+            agent.request_monitor(1024, 768);
         }
         _ => {
             let Ok((ours, peer)) = UnixStream::pair() else { return };

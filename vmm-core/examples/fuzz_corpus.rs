@@ -181,6 +181,20 @@ fn main() -> std::io::Result<()> {
         full(32, 32),
     ];
     seeds.push(("messages".into(), session(1, (31, 31), V8, &messages)));
+    // A guest that shares its clipboard (options bit 4): both kinds of cut text, every extended action,
+    // and updates while the guest's text changes.
+    let mut clipboard = vec![
+        set_encodings(&[RAW, vmm_core::rfb::clipboard::EXTENDED_CLIPBOARD]),
+        full(32, 24),
+        cut_text(6, 5, b"caf\xe9!"),
+        extended_clipboard(6, 1 << 24 | 1, &[0, 0, 0x10, 0]),
+        extended_clipboard(6, 1 << 27 | 1, &[]),
+        extended_clipboard(6, 1 << 28 | 1, &zlib(b"\0\0\0\x0ahi\r\nthere\0")),
+        extended_clipboard(6, 1 << 25 | 1, &[]),
+        extended_clipboard(6, 1 << 26, &[]),
+    ];
+    clipboard.extend((0..12).map(|i| request(true, 0, 0, 32, 24 - i)));
+    seeds.push(("clipboard-agent".into(), session(16, (31, 23), V8, &clipboard)));
     for (i, m) in messages.iter().enumerate() {
         seeds.push((format!("message-{i:02}"), session(0, (15, 15), V8, std::slice::from_ref(m))));
     }

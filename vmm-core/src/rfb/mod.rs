@@ -1198,7 +1198,8 @@ pub mod fuzz {
 
     /// One connection: `data[0]` holds options (bit 0: VncAuth with [`PASSWORD`]; bit 1: the screen
     /// changes size after every 8th message; bit 2: it scrolls after every 4th; bit 3: the guest's pointer
-    /// shape changes after every 5th, its size from the message count), `data[1..3]` the screen
+    /// shape changes after every 5th, its size from the message count; bit 4: the guest shares its
+    /// clipboard, whose text changes after every 6th), `data[1..3]` the screen
     /// size, the rest is what the client sends from its first byte (ProtocolVersion) on. The reader and
     /// the writer of a real connection run in two threads; here the writer sends what is due after each
     /// message, so a run is deterministic. Returns how many messages the server read after the handshake.
@@ -1233,10 +1234,10 @@ pub mod fuzz {
             viewer: screen.subscribe(),
         });
         // The guest's lock lights change with every 3rd message (LED state for clients that take it).
-        let input = Arc::new(Lights(AtomicUsize::new(0)));
+        let input = Arc::new(Lights(AtomicUsize::new(0), options & 16 != 0));
         let mut writer = Writer::new(updates, shared.clone(), screen.clone(), input.clone(), (width, height));
         let mut messages = 0u32;
-        while let Ok(true) = read_message(&mut stream, &shared, &NoInput, &screen) {
+        while let Ok(true) = read_message(&mut stream, &shared, input.as_ref(), &screen) {
             messages += 1;
             input.0.store(messages as usize / 3, Ordering::Relaxed);
             if options & 2 != 0 && messages.is_multiple_of(8) {
@@ -1254,6 +1255,9 @@ pub mod fuzz {
                     crate::display::CursorImage { width: side, height: side, hot_x: side / 2, hot_y: 0, pixels };
                 screen.set_cursor((side > 0).then(|| Arc::new(image)));
             }
+            if options & 16 != 0 && messages.is_multiple_of(6) {
+                screen.set_clipboard(&"guest text ✓\n".repeat(messages as usize % 50));
+            }
             let Ok(Some(plan)) = writer.next_plan() else { continue };
             let damage = lock(&shared.viewer.damage).take();
             if damage.closed || writer.answer(&plan, damage).is_err() {
@@ -1263,14 +1267,20 @@ pub mod fuzz {
         (messages, stream.output, writer.stream)
     }
 
-    /// Input whose keyboard's lock lights are the low 3 bits of a counter.
-    struct Lights(AtomicUsize);
+    /// Input whose keyboard's lock lights are the low 3 bits of a counter, with a guest clipboard or not.
+    struct Lights(AtomicUsize, bool);
 
     impl Input for Lights {
         fn key(&self, _key: Key, _down: bool) {}
         fn pointer(&self, _x: u16, _y: u16, _buttons: u8, _screen: (u32, u32)) {}
         fn lock_lights(&self) -> Option<u8> {
             Some(self.0.load(Ordering::Relaxed) as u8 & 7)
+        }
+        fn has_clipboard(&self) -> bool {
+            self.1
+        }
+        fn set_clipboard(&self, text: String) {
+            std::hint::black_box(text);
         }
     }
 
