@@ -524,7 +524,9 @@ mod tests {
     #[test]
     fn a_job_asked_before_the_boot_opens_waits_for_its_vcpus_to_park() {
         // A restored VM: the pause holds before the boot opens (no vCPU yet), then its thread parks on its
-        // way in; the job waits for it instead of finding "0 of 1 vCPUs stopped".
+        // way in; the job waits for it instead of finding "0 of 1 vCPUs stopped". The parked thread is
+        // kicked as a vCPU is: without the handler the kick signal would end the test process.
+        install_kick_handler().unwrap();
         let run = Arc::new(RunControl::default());
         run.pause(Duration::from_secs(1)).unwrap();
         run.begin_boot(1);
