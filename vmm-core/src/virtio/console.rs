@@ -166,7 +166,23 @@ fn control_message(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Completes chains of `queue` and interrupts when the driver asks for it.
+/// The next chain the driver made available on `queue`, if any. A queue the driver left disabled has no
+/// rings to read (Linux enables them all; a driver may leave port 0's alone): None. An avail index run
+/// more than a queue ahead is malformed.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>, Malformed> {
+    if !queue.ready() {
+        return Ok(None);
+    }
+    if !avail_within_queue(queue, mem) {
+        return Err(Malformed::AvailJump);
+    }
+    Ok(queue.pop_descriptor_chain(mem))
+}
+
+/// Interrupts for `queue` unless the driver asked not to be (event index, flags).
 fn notify(interrupt: &VirtioInterrupt, a: &mut Active, queue: usize) {
     if a.queues[queue].needs_notification(&a.mem).unwrap_or(true) {
         interrupt.signal_queue(queue);
@@ -187,16 +203,7 @@ impl Shared {
         let mut used = false;
         let result = (|| -> Result<(), Malformed> {
             loop {
-                let q = &mut a.queues[CONTROL_TX];
-                // A queue the driver left disabled has no rings to read (Linux enables them all; a
-                // driver may leave port 0's alone).
-                if !q.ready() {
-                    return Ok(());
-                }
-                if !avail_within_queue(q, &a.mem) {
-                    return Err(Malformed::AvailJump);
-                }
-                let Some(chain) = q.pop_descriptor_chain(&a.mem) else { return Ok(()) };
+                let Some(chain) = next_chain(&mut a.queues[CONTROL_TX], &a.mem)? else { return Ok(()) };
                 let head = chain.head_index();
                 let mut header = [0u8; CONTROL_HEADER];
                 let mut got = 0;
@@ -259,16 +266,7 @@ impl Shared {
         let mut used = false;
         let result = (|| -> Result<(), Malformed> {
             while let Some(message) = control.front() {
-                let q = &mut a.queues[CONTROL_RX];
-                // A queue the driver left disabled has no rings to read (Linux enables them all; a
-                // driver may leave port 0's alone).
-                if !q.ready() {
-                    return Ok(());
-                }
-                if !avail_within_queue(q, &a.mem) {
-                    return Err(Malformed::AvailJump);
-                }
-                let Some(chain) = q.pop_descriptor_chain(&a.mem) else { return Ok(()) };
+                let Some(chain) = next_chain(&mut a.queues[CONTROL_RX], &a.mem)? else { return Ok(()) };
                 let head = chain.head_index();
                 let written = write_chain(&a.mem, chain, message)?;
                 if written < message.len() {
@@ -294,16 +292,7 @@ impl Shared {
         let mut bytes = Vec::new();
         let result = (|| -> Result<(), Malformed> {
             loop {
-                let q = &mut a.queues[queue];
-                // A queue the driver left disabled has no rings to read (Linux enables them all; a
-                // driver may leave port 0's alone).
-                if !q.ready() {
-                    return Ok(());
-                }
-                if !avail_within_queue(q, &a.mem) {
-                    return Err(Malformed::AvailJump);
-                }
-                let Some(chain) = q.pop_descriptor_chain(&a.mem) else { return Ok(()) };
+                let Some(chain) = next_chain(&mut a.queues[queue], &a.mem)? else { return Ok(()) };
                 let head = chain.head_index();
                 let mut total = 0u32;
                 for d in chain {
@@ -344,16 +333,7 @@ impl Shared {
         let mut used = false;
         let result = (|| -> Result<(), Malformed> {
             while self.backend.has_output() {
-                let q = &mut a.queues[PORT_RX];
-                // A queue the driver left disabled has no rings to read (Linux enables them all; a
-                // driver may leave port 0's alone).
-                if !q.ready() {
-                    return Ok(());
-                }
-                if !avail_within_queue(q, &a.mem) {
-                    return Err(Malformed::AvailJump);
-                }
-                let Some(chain) = q.pop_descriptor_chain(&a.mem) else { return Ok(()) };
+                let Some(chain) = next_chain(&mut a.queues[PORT_RX], &a.mem)? else { return Ok(()) };
                 let head = chain.head_index();
                 let descriptors: Vec<_> = chain.collect();
                 let mut room = 0usize;
