@@ -163,7 +163,7 @@ log "L2 initramfs"
 L2=$W/l2
 busybox_root "$L2"
 install_modules "$L2" virtio_pci virtio_blk virtio_scsi virtio_net sr_mod bochs psmouse evdev button crc32c_generic ext4 \
-    virtio_input virtio_balloon virtio-gpu
+    virtio_input virtio_balloon virtio-gpu virtio_console
 cp "$SCRIPT_DIR/l2-init.sh" "$L2/init"
 gcc -O2 -static -Wall -Werror -o "$L2/bin/blkbench" "$SCRIPT_DIR/blkbench.c"
 mkdir -p "$L2/etc/udhcpc"

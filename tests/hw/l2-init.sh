@@ -17,6 +17,12 @@
 #                   hw.mode=full into /dev/fb0 (virtio-gpu's fbdev emulation flushes it to the host), then
 #                   waits for the monitor to change (an RFB SetDesktopSize from the harness) and says the
 #                   connector's new preferred mode (PORTHOLE-GPU-RESIZED), then powers off.
+#   hw.mode=agent   the guest agent's port (porthole-vmm --agent spice): finds the virtio-serial port named
+#                   com.redhat.spice.0 (Linux's virtio_console; no udev here, so by its sysfs name) and says
+#                   which driver bound it (PORTHOLE-AGENT), then plays spice-vdagent on it with printf and dd:
+#                   reads the host's capabilities, announces its own, grabs the clipboard, answers the host's
+#                   request with "hello-from-linux" (PORTHOLE-AGENT-COPIED), then waits for the host's grab
+#                   (text an RFB client sent), requests the text and says it (PORTHOLE-AGENT-PASTED).
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
 #                   (tests/hw/scenarios/disk-io.sh runs it on raw and qcow2, porthole-vmm and QEMU).
@@ -118,6 +124,48 @@ if [ "$MODE" = gpu ]; then
     else
         say "PORTHOLE-FAIL no virtio-gpu connector or /dev/fb0 ($(ls /sys/class/drm 2>&1 | tr '\n' ' '))"
     fi
+    off
+fi
+
+if [ "$MODE" = agent ]; then
+    say "PORTHOLE-L2-INIT mode=agent kernel=$(uname -r)"
+    port=""
+    i=0
+    while [ -z "$port" ] && [ $i -lt 300 ]; do
+        for p in /sys/class/virtio-ports/vport*; do
+            [ "$(cat "$p/name" 2>/dev/null)" = com.redhat.spice.0 ] && port=/dev/$(basename "$p")
+        done
+        [ -n "$port" ] || { sleep 0.2; i=$((i + 1)); }
+    done
+    if [ -z "$port" ] || ! wait_for "$port"; then
+        say "PORTHOLE-FAIL no com.redhat.spice.0 port ($(ls /sys/class/virtio-ports 2>&1 | tr '\n' ' '))"
+        off
+    fi
+    driver=$(basename "$(readlink "/sys/class/virtio-ports/$(basename "$port")/device/driver")")
+    say "PORTHOLE-AGENT port=$port name=com.redhat.spice.0 driver=$driver"
+    # The agent protocol: a chunk (port 1, size) holding a message (protocol 1, type, opaque 0, size, data).
+    # send TYPE LEN DATA: one message whose LEN (< 236) bytes of data are DATA (printf escapes).
+    send() {
+        printf "\001\000\000\000\\$(printf %03o $((20 + $2)))\000\000\000\001\000\000\000\\$(printf %03o "$1")\000\000\000\000\000\000\000\000\000\000\000\\$(printf %03o "$2")\000\000\000$3" >&3
+    }
+    # recv N: the next N bytes from the host, as decimal bytes on one line.
+    recv() { dd bs=1 count="$1" <&3 2>/dev/null | od -An -tu1 -v | tr -s ' \n' ' '; }
+    # type_of BYTES: a message's type (byte 12 of its chunk).
+    type_of() { set -- $1; echo "${13}"; }
+    UTF8='\001\000\000\000'
+    exec 3<>"$port"
+    hello=$(recv 36)
+    send 6 8 '\000\000\000\000\042\000\000\000'
+    send 7 4 "$UTF8"
+    asked=$(recv 32)
+    send 4 20 "${UTF8}hello-from-linux"
+    say "PORTHOLE-AGENT-COPIED host-hello=$(type_of "$hello") host-asked=$(type_of "$asked")"
+    grab=$(recv 32)
+    send 8 4 "$UTF8"
+    # The harness sends "from-the-harness": the chunk (8), the message header (20), the type (4), 16 bytes.
+    text=$(dd bs=1 count=48 <&3 2>/dev/null | dd bs=1 skip=32 2>/dev/null)
+    say "PORTHOLE-AGENT-PASTED host-grab=$(type_of "$grab") text=$text"
+    exec 3>&-
     off
 fi
 

@@ -56,6 +56,14 @@ const SCENARIOS: &[Scenario] = &[
         run: gpu,
     },
     Scenario {
+        name: "agent",
+        what: "Debian kernel with --agent spice: virtio_console adds com.redhat.spice.0; agent messages carry the clipboard to and from RFB",
+        pieces: &[],
+        all_only: false,
+        ends_itself: true,
+        run: agent,
+    },
+    Scenario {
         name: "boot-times",
         what: "Debian kernel to /init: PVH and bzImage on porthole-vmm and QEMU (microvm, pc)",
         pieces: &[Piece::Qemu],
@@ -509,6 +517,47 @@ fn gpu(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
          1024x768 -> status 0, the guest's preferred mode 1024x768 ({})",
         Machine::field(&line, "count").unwrap_or("?"),
         Machine::field(&resized, "after").unwrap_or("?")
+    ))
+}
+
+/// The guest agent's port on a real guest: Linux's virtio_console adds the port named com.redhat.spice.0; the
+/// guest plays spice-vdagent on it from its shell: the host announces itself (type 6), asks for the text the
+/// guest grabbed (8), which reaches an RFB client as cut text; the client's cut text reaches the guest as
+/// the host's grab (7) and, asked for, its text.
+fn agent(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    m.expect("HW-START porthole-agent", MIN)?;
+    m.expect("PORTHOLE-L2-INIT mode=agent", 10 * MIN)?;
+    let line = m.expect("PORTHOLE-AGENT ", 3 * MIN)?;
+    if Machine::field(&line, "driver") != Some("virtio_console") {
+        return Err(format!("virtio_console should bind the agent's port: {:?}", line.text));
+    }
+    let copied = m.expect("PORTHOLE-AGENT-COPIED", 3 * MIN)?;
+    if (Machine::field(&copied, "host-hello"), Machine::field(&copied, "host-asked")) != (Some("6"), Some("8")) {
+        return Err(format!("the host should announce itself (6) and ask for the grabbed text (8): {:?}", copied.text));
+    }
+    let mut c = rfb(m)?;
+    let deadline = Instant::now() + MIN;
+    while c.cut_text.as_deref() != Some("hello-from-linux") {
+        if Instant::now() > deadline {
+            return Err(format!("the guest's text never reached the RFB client (cut text {:?})", c.cut_text));
+        }
+        c.full_frame().map_err(|e| format!("RFB frame: {e}"))?;
+    }
+    c.cut_text("from-the-harness").map_err(|e| format!("RFB cut text: {e}"))?;
+    let pasted = m.expect("PORTHOLE-AGENT-PASTED", 3 * MIN)?;
+    if (Machine::field(&pasted, "host-grab"), Machine::field(&pasted, "text")) != (Some("7"), Some("from-the-harness"))
+    {
+        return Err(format!("the client's text should reach the guest (grab 7, then the text): {:?}", pasted.text));
+    }
+    let exit = m.expect("HW-EXIT porthole-agent", 3 * MIN)?;
+    if Machine::field(&exit, "rc") != Some("0") {
+        return Err(format!("porthole-vmm after the guest's power-off: {}", exit.text));
+    }
+    Ok(format!(
+        "{} bound {}; guest copy -> RFB cut text \"hello-from-linux\"; RFB cut text -> guest paste \"from-the-harness\"",
+        Machine::field(&line, "driver").unwrap_or("?"),
+        Machine::field(&line, "port").unwrap_or("?")
     ))
 }
 
