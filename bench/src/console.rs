@@ -571,6 +571,76 @@ impl vmm_core::rfb::Input for TabletInput {
 }
 
 /// Pointer motion -> tablet events latency over `moves` moves: p50, p99 and the slowest.
+/// The same frames through the two display paths of a VM, one after the other in the same run, each served
+/// by the production RFB server to the same lock-step client: the std VGA (frames written into the video
+/// memory, found by dirty tracking and tile comparison; the display and RFB threads serve) and a virtio-gpu
+/// scanout (frames written into the resource's backing in guest memory, then TRANSFER_TO_HOST_2D and
+/// RESOURCE_FLUSH of the rows that changed, as a guest's driver presents them, by the host-side driver; the
+/// virtio-gpu and RFB threads serve). The ratio is scanout / std VGA: goal >= 1.0 for frames/s.
+pub fn scanout(seconds: f64) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("porthole-bench-scanout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let encodings: [(&str, Vec<i32>); 3] = [("raw", vec![0]), ("zrle", vec![16]), ("tight", vec![TIGHT])];
+    let contents = [Content::Desktop, Content::ScrollingText];
+    println!(
+        "scanout: {WIDTH}x{HEIGHT}, the same frames through the std VGA (dirty tracking) and a virtio-gpu scanout \
+         (transfer + flush), same RFB server and client"
+    );
+    println!(
+        "  {:<15} {:<10} {:>8} {:>12} {:>14} {:>14}",
+        "content", "encoding", "frames/s", "KiB/frame", "server ms/frm", "client ms/frm"
+    );
+    let mut source = Source::new();
+    let mut vga_rows = Vec::new();
+    {
+        let socket = dir.join("vga.sock");
+        let (refresher, handle) = fed_vm(&socket)?;
+        for content in contents {
+            for (name, encoding) in &encodings {
+                let mut write = |bytes: &[u8], rows: std::ops::Range<u32>| -> anyhow::Result<()> {
+                    if !refresher.host_write(u64::from(rows.start) * u64::from(WIDTH) * 4, bytes) {
+                        bail!("the VM went away");
+                    }
+                    Ok(())
+                };
+                let row = measure(&socket, &mut source, content, name, encoding, seconds, &mut write, &|| {
+                    threads_cpu(&["display", "rfb-"])
+                })?;
+                println!("  std VGA");
+                row.print(content, name, None);
+                vga_rows.push(row);
+            }
+        }
+        handle.power_off();
+    }
+    let socket = dir.join("gpu.sock");
+    let screen = vmm_core::display::Screen::new();
+    let mut gpu = vmm_core::virtio::host_driver::HostGpuDriver::new(screen.clone(), WIDTH, HEIGHT)?;
+    let listener = vmm_core::rfb::ListenAddress::Unix(socket.clone()).bind()?;
+    let config = vmm_core::rfb::ServerConfig { password: None, name: "bench".into() };
+    vmm_core::rfb::spawn(listener, screen, std::sync::Arc::new(vmm_core::rfb::NoInput), config, false)?;
+    let mut vga = vga_rows.iter();
+    for content in contents {
+        for (name, encoding) in &encodings {
+            let mut write =
+                |bytes: &[u8], rows: std::ops::Range<u32>| -> anyhow::Result<()> { Ok(gpu.present(bytes, rows)?) };
+            let row = measure(&socket, &mut source, content, name, encoding, seconds, &mut write, &|| {
+                threads_cpu(&["virtio-gpu", "rfb-"])
+            })?;
+            let base = vga.next().expect("a std VGA row for each");
+            println!("  virtio-gpu scanout");
+            row.print(content, name, None);
+            println!(
+                "    scanout / std VGA: frames/s {:.2}, server CPU per frame {:.2}",
+                row.frames_per_s / base.frames_per_s,
+                row.server_ms / base.server_ms
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 pub fn pointer(moves: usize) -> anyhow::Result<()> {
     use vmm_core::virtio::host_driver::HostInputDriver;
     use vmm_core::virtio::input::{Profile, QUEUE_SIZE};

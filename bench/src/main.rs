@@ -85,6 +85,12 @@ enum Bench {
         #[arg(long, default_value_t = 40)]
         presses: usize,
     },
+    /// The console pipeline fed through a virtio-gpu scanout (transfer + flush) against the std VGA's
+    /// video memory (dirty tracking), same frames, same client: frames/s and server CPU per frame.
+    Scanout {
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// RFB pointer motion -> virtio tablet events (host-side driver): latency p50/p99.
     Pointer {
         #[arg(long, default_value_t = 2000)]
@@ -409,6 +415,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Console { seconds } => console::run(seconds),
         Bench::Keys { presses } => console::keys(presses),
         Bench::Pointer { moves } => console::pointer(moves),
+        Bench::Scanout { seconds } => console::scanout(seconds),
         Bench::Anim { seconds } => console::anim(seconds),
         Bench::DiskBackend { seconds } => disk::backend(seconds),
         Bench::DiskGuest { seq, rand } => disk::guest(seq, rand),
@@ -429,6 +436,7 @@ fn main() -> anyhow::Result<()> {
             bench_pause(50)?;
             console::run(2.0)?;
             console::keys(40)?;
+            console::scanout(2.0)?;
             console::anim(20.0)?;
             disk::backend(2.0)?;
             disk::guest(400, 4000)?;
