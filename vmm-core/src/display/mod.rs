@@ -77,6 +77,9 @@ impl Rect {
     }
 }
 
+/// The most rows a scroll is looked for at (a text console's line is 16, a web page's wheel step ~50).
+pub const MAX_SCROLL: i32 = 64;
+
 /// The picture: `width × height` pixels, 0x00RRGGBB.
 #[derive(Debug, Clone, Default)]
 pub struct Frame {
@@ -88,6 +91,47 @@ pub struct Frame {
 impl Frame {
     pub fn new(width: u32, height: u32) -> Self {
         Frame { width, height, pixels: vec![0; (width * height) as usize] }
+    }
+
+    /// Whether a new picture is this frame moved up (positive) or down by some rows, at most
+    /// [`MAX_SCROLL`]: compares sample rows of the new picture (`new_row(y, out)` fills `out` with its row
+    /// `y`, false when it cannot) against the frame at every shift. None when nothing moved, or when there
+    /// is too little texture to tell a scroll from a coincidence.
+    pub fn detect_scroll(&self, mut new_row: impl FnMut(u32, &mut Vec<u32>) -> bool) -> Option<i32> {
+        const SAMPLES: u32 = 24;
+        let (w, h) = (self.width as usize, self.height as i32);
+        let mut samples = Vec::new();
+        let mut row = Vec::new();
+        for i in 0..SAMPLES {
+            let y = (MAX_SCROLL + (h - 2 * MAX_SCROLL) * i as i32 / SAMPLES as i32).clamp(0, (h - 1).max(0));
+            if new_row(y as u32, &mut row) && row.len() == w && row.iter().any(|p| *p != row[0]) {
+                samples.push((y, row.clone()));
+            }
+        }
+        if samples.len() < 4 {
+            return None;
+        }
+        let old = |y: i32| &self.pixels[y as usize * w..(y as usize + 1) * w];
+        if samples.iter().all(|(y, new)| old(*y) == &new[..]) {
+            return None;
+        }
+        (1..=MAX_SCROLL)
+            .flat_map(|d| [d, -d])
+            .find(|dy| samples.iter().all(|(y, new)| (0..h).contains(&(y + dy)) && old(y + dy) == &new[..]))
+    }
+
+    /// Moves the picture up (`dy` > 0) or down by `dy` rows (what [`detect_scroll`](Self::detect_scroll)
+    /// found); the rows uncovered keep their old pixels until redrawn.
+    pub fn shift_rows(&mut self, dy: i32) {
+        let width = self.width as usize;
+        let rows = (dy.unsigned_abs() as usize).min(self.height as usize);
+        let moved = (self.height as usize - rows) * width;
+        let shift = rows * width;
+        if dy > 0 {
+            self.pixels.copy_within(shift..shift + moved, 0);
+        } else {
+            self.pixels.copy_within(0..moved, shift);
+        }
     }
 
     pub fn bounds(&self) -> Rect {

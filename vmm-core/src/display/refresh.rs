@@ -235,32 +235,6 @@ impl Refresher {
         true
     }
 
-    /// Whether the new picture is the old one moved up (positive) or down by some rows: compares sample
-    /// rows of video memory against the frame at every shift up to [`MAX_SCROLL`] rows.
-    fn detect_scroll(view: &BootView, mode: GraphicsMode, frame: &super::Frame, row_buf: &mut Vec<u8>) -> Option<i32> {
-        const SAMPLES: u32 = 24;
-        const MAX_SCROLL: i32 = 64;
-        let (w, h) = (mode.width as usize, mode.height as i32);
-        let mut samples = Vec::new();
-        let mut row = Vec::new();
-        for i in 0..SAMPLES {
-            let y = (MAX_SCROLL + (h - 2 * MAX_SCROLL) * i as i32 / SAMPLES as i32).clamp(0, h - 1);
-            if Self::read_row(view, mode, y as u32, row_buf, &mut row) && row.iter().any(|p| *p != row[0]) {
-                samples.push((y, row.clone()));
-            }
-        }
-        if samples.len() < 4 {
-            return None; // too little texture to tell a scroll from a coincidence
-        }
-        let old = |y: i32| &frame.pixels[y as usize * w..(y as usize + 1) * w];
-        if samples.iter().all(|(y, new)| old(*y) == &new[..]) {
-            return None;
-        }
-        (1..=MAX_SCROLL)
-            .flat_map(|d| [d, -d])
-            .find(|dy| samples.iter().all(|(y, new)| (0..h).contains(&(y + dy)) && old(y + dy) == &new[..]))
-    }
-
     fn refresh_graphics(&self, view: &BootView, mode: GraphicsMode, full: bool, row_buf: &mut Vec<u8>) {
         let rows = self.dirty_rows(view, mode, full);
         let bytes_pp = (mode.bpp / 8) as usize;
@@ -275,15 +249,9 @@ impl Refresher {
         let dirty = rows.iter().filter(|r| **r).count();
         if !full
             && dirty * 2 >= rows.len()
-            && let Some(dy) = Self::detect_scroll(view, mode, &frame, row_buf)
+            && let Some(dy) = frame.detect_scroll(|y, out| Self::read_row(view, mode, y, row_buf, out))
         {
-            let moved = (mode.height as usize - dy.unsigned_abs() as usize) * width;
-            let shift = dy.unsigned_abs() as usize * width;
-            if dy > 0 {
-                frame.pixels.copy_within(shift..shift + moved, 0);
-            } else {
-                frame.pixels.copy_within(0..moved, shift);
-            }
+            frame.shift_rows(dy);
             drop(frame);
             self.screen.scroll(dy);
             frame = self.screen.write();

@@ -530,6 +530,26 @@ impl Inner {
         if (frame.width, frame.height) != (scanout.rect.w, scanout.rect.h) {
             return;
         }
+        // A flush of most of the picture may be a scroll (terminals, web pages): found as the VGA
+        // refresher finds it, it goes to viewers as a copy and only the rows it uncovered are compared in.
+        if visible.w == scanout.rect.w && visible.h * 2 >= scanout.rect.h {
+            let row_of = |y: u32, out: &mut Vec<u32>| {
+                let start = ((scanout.rect.y + y) as usize * resource.width as usize + scanout.rect.x as usize) * 4;
+                let Some(src) = resource.pixels.get(start..start + scanout.rect.w as usize * 4) else { return false };
+                out.clear();
+                out.extend(src.chunks_exact(4).map(|p| rgb(p, channels)));
+                true
+            };
+            if let Some(dy) = frame.detect_scroll(row_of) {
+                frame.shift_rows(dy);
+                drop(frame);
+                screen.scroll(dy);
+                frame = screen.write();
+                if (frame.width, frame.height) != (scanout.rect.w, scanout.rect.h) {
+                    return;
+                }
+            }
+        }
         let mut damage = TileDamage::new(frame.width);
         let mut rects = Vec::new();
         let band_of = |y: u32| (y - scanout.rect.y) / crate::display::BAND_HEIGHT;

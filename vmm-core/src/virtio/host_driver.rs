@@ -700,6 +700,39 @@ impl HostGpuDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::bus::lock;
+
+    /// A flushed picture that is the previous one scrolled goes to viewers as a scroll plus the rows it
+    /// uncovered, as the VGA refresher sends it; the screen holds the new picture exactly.
+    #[test]
+    fn a_scrolled_scanout_is_sent_as_a_scroll() {
+        let (w, h) = (320u32, 240u32);
+        let screen = crate::display::Screen::new();
+        let mut gpu = HostGpuDriver::new(screen.clone(), w, h).unwrap();
+        // Text-like texture: every row differs from its neighbours.
+        let texture = |x: u32, line: u32| (x.wrapping_mul(2_654_435_761) ^ line.wrapping_mul(40_503)) & 0xFF_FFFF;
+        let frame = |first: u32| -> Vec<u8> {
+            (0..h).flat_map(|y| (0..w).flat_map(move |x| texture(x, y + first).to_le_bytes())).collect()
+        };
+        gpu.present(&frame(0), 0..h).unwrap();
+        let viewer = screen.subscribe();
+        lock(&viewer.damage).take();
+        for (first, dy) in [(16, 16), (4, -12)] {
+            gpu.present(&frame(first), 0..h).unwrap();
+            let damage = lock(&viewer.damage).take();
+            assert_eq!(damage.scroll, Some(dy), "moved by {dy} rows");
+            let uncovered = if dy > 0 { h - dy as u32..h } else { 0..dy.unsigned_abs() };
+            assert!(
+                damage.rects.iter().all(|r| r.y + r.h > uncovered.start && r.y < uncovered.end),
+                "only the uncovered rows {uncovered:?} are damaged: {:?}",
+                damage.rects
+            );
+            assert!(!damage.rects.is_empty());
+            let shown = screen.read();
+            let expected: Vec<u32> = (0..h).flat_map(|y| (0..w).map(move |x| texture(x, y + first))).collect();
+            assert!(shown.pixels == expected, "the screen holds the new picture");
+        }
+    }
 
     /// What the host-side virtio-gpu driver presents is what the screen shows, row band by row band.
     #[test]
