@@ -182,6 +182,18 @@ pub fn fed_vm(
     Ok((refresher, handle))
 }
 
+/// Puts a frame's rows into the std VGA's video memory from the host (the refresher's host-write path).
+fn vga_writer(
+    refresher: &vmm_core::display::refresh::Refresher,
+) -> impl FnMut(&[u8], std::ops::Range<u32>) -> anyhow::Result<()> + '_ {
+    move |bytes, rows| {
+        if !refresher.host_write(u64::from(rows.start) * u64::from(WIDTH) * 4, bytes) {
+            bail!("the VM went away");
+        }
+        Ok(())
+    }
+}
+
 pub fn run(seconds: f64) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("porthole-bench-console-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -221,12 +233,7 @@ pub fn run(seconds: f64) -> anyhow::Result<()> {
     let mut ours = Vec::new();
     for content in [Content::Desktop, Content::ScrollingText, Content::Video] {
         for (name, encoding) in &encodings {
-            let mut write = |bytes: &[u8], rows: std::ops::Range<u32>| -> anyhow::Result<()> {
-                if !refresher.host_write(u64::from(rows.start) * u64::from(WIDTH) * 4, bytes) {
-                    bail!("the VM went away");
-                }
-                Ok(())
-            };
+            let mut write = vga_writer(&refresher);
             let row = measure(&socket, &mut source, content, name, encoding, seconds, &mut write, &|| {
                 threads_cpu(&["display", "rfb-"])
             })?;
@@ -597,12 +604,7 @@ pub fn scanout(seconds: f64) -> anyhow::Result<()> {
         let (refresher, handle) = fed_vm(&socket)?;
         for content in contents {
             for (name, encoding) in &encodings {
-                let mut write = |bytes: &[u8], rows: std::ops::Range<u32>| -> anyhow::Result<()> {
-                    if !refresher.host_write(u64::from(rows.start) * u64::from(WIDTH) * 4, bytes) {
-                        bail!("the VM went away");
-                    }
-                    Ok(())
-                };
+                let mut write = vga_writer(&refresher);
                 let row = measure(&socket, &mut source, content, name, encoding, seconds, &mut write, &|| {
                     threads_cpu(&["display", "rfb-"])
                 })?;
