@@ -415,6 +415,11 @@ impl Screen {
         }
     }
 
+    /// How many times the guest's clipboard text changed (what viewers compare on every update).
+    pub fn clipboard_version(&self) -> u64 {
+        lock(&self.clipboard).0
+    }
+
     /// The guest's clipboard text and how many times it changed.
     pub fn clipboard(&self) -> (u64, Option<Arc<str>>) {
         lock(&self.clipboard).clone()

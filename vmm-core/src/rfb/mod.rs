@@ -779,6 +779,39 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
     Ok(true)
 }
 
+/// Appends the clipboard messages a client is owed: the extended clipboard's, then the guest's new text
+/// (offered with a notify to extended clients, sent whole as plain cut text to the others); `sent` is the
+/// screen's clipboard version the client last got. Called for every update: only a version is compared
+/// unless something is due.
+fn clipboard_messages(screen: &Screen, input: &dyn Input, sent: &mut u64, s: &mut ClientState, out: &mut Vec<u8>) {
+    if std::mem::take(&mut s.clipboard_caps_due) {
+        out.extend_from_slice(&clipboard::caps_message());
+    }
+    if std::mem::take(&mut s.clipboard_request_due) {
+        out.extend_from_slice(&clipboard::server_message(clipboard::REQUEST | clipboard::TEXT, &[]));
+    }
+    let provide = std::mem::take(&mut s.clipboard_provide_due);
+    let notify = std::mem::take(&mut s.clipboard_notify_due);
+    if !s.asked || !(provide || notify || screen.clipboard_version() != *sent) || !input.has_clipboard() {
+        return;
+    }
+    let (version, text) = screen.clipboard();
+    if provide && let Some(text) = &text {
+        out.extend_from_slice(&clipboard::provide_message(text));
+    }
+    if notify || version != *sent {
+        *sent = version;
+        match (&text, s.extended_clipboard) {
+            (Some(_), true) => {
+                out.extend_from_slice(&clipboard::server_message(clipboard::NOTIFY | clipboard::TEXT, &[]))
+            }
+            (None, true) => out.extend_from_slice(&clipboard::server_message(clipboard::NOTIFY, &[])),
+            (Some(text), false) => out.extend_from_slice(&clipboard::plain_message(text)),
+            (None, false) => {}
+        }
+    }
+}
+
 /// Per-connection encoder state and the update loop.
 struct Writer<W = Stream> {
     stream: W,
@@ -858,9 +891,8 @@ impl<W: Write> Writer<W> {
     /// Sends control messages; returns the plan for an update if one may be sent now.
     fn next_plan(&mut self) -> io::Result<Option<UpdatePlan>> {
         let mut out = Vec::new();
-        let shared = self.shared.clone();
         let plan = {
-            let mut s = lock(&shared.state);
+            let mut s = lock(&self.shared.state);
             if s.closed {
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed"));
             }
@@ -878,7 +910,7 @@ impl<W: Write> Writer<W> {
             if std::mem::take(&mut s.send_end_of_continuous) {
                 out.push(150);
             }
-            self.clipboard_messages(&mut s, &mut out);
+            clipboard_messages(&self.screen, self.input.as_ref(), &mut self.clipboard_sent, &mut s, &mut out);
             if s.request.is_none() && s.continuous.is_none() {
                 None
             } else {
@@ -953,37 +985,6 @@ impl<W: Write> Writer<W> {
                 return Ok(());
             }
             self.answer(&plan, damage)?;
-        }
-    }
-
-    /// Appends the clipboard messages owed: the extended clipboard's, then the guest's new text (offered
-    /// with a notify to extended clients, sent whole as plain cut text to the others).
-    fn clipboard_messages(&mut self, s: &mut ClientState, out: &mut Vec<u8>) {
-        if std::mem::take(&mut s.clipboard_caps_due) {
-            out.extend_from_slice(&clipboard::caps_message());
-        }
-        if std::mem::take(&mut s.clipboard_request_due) {
-            out.extend_from_slice(&clipboard::server_message(clipboard::REQUEST | clipboard::TEXT, &[]));
-        }
-        let provide = std::mem::take(&mut s.clipboard_provide_due);
-        let notify = std::mem::take(&mut s.clipboard_notify_due);
-        if !s.asked || !self.input.has_clipboard() {
-            return;
-        }
-        let (version, text) = self.screen.clipboard();
-        if provide && let Some(text) = &text {
-            out.extend_from_slice(&clipboard::provide_message(text));
-        }
-        if notify || version != self.clipboard_sent {
-            self.clipboard_sent = version;
-            match (&text, s.extended_clipboard) {
-                (Some(_), true) => {
-                    out.extend_from_slice(&clipboard::server_message(clipboard::NOTIFY | clipboard::TEXT, &[]))
-                }
-                (None, true) => out.extend_from_slice(&clipboard::server_message(clipboard::NOTIFY, &[])),
-                (Some(text), false) => out.extend_from_slice(&clipboard::plain_message(text)),
-                (None, false) => {}
-            }
         }
     }
 
