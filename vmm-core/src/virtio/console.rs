@@ -412,6 +412,8 @@ impl Shared {
             }
         }
         let mut events = [EpollEvent::default(); QUEUES + 2];
+        // Whether the backend's descriptor is in the epoll set.
+        let mut watching = true;
         while !self.shutdown.load(Ordering::Acquire) {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -437,10 +439,14 @@ impl Shared {
             self.service(&mut state);
             // Output the guest cannot take now (no buffer, port closed) must not spin the thread: the
             // backend's descriptor stays readable, so stop watching it until the guest posts or opens.
-            let waiting = backend_ready && self.backend.has_output();
-            let op = if waiting { ControlOperation::Delete } else { ControlOperation::Add };
-            let token = EpollEvent::new(EventSet::IN, BACKEND);
-            let _ = epoll.ctl(op, self.backend.wake_fd().as_raw_fd(), token);
+            let watch = !(backend_ready && self.backend.has_output());
+            if watch != watching {
+                let op = if watch { ControlOperation::Add } else { ControlOperation::Delete };
+                let token = EpollEvent::new(EventSet::IN, BACKEND);
+                if epoll.ctl(op, self.backend.wake_fd().as_raw_fd(), token).is_ok() {
+                    watching = watch;
+                }
+            }
         }
     }
 }
