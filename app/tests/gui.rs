@@ -635,7 +635,8 @@ fn a_vm_console_shares_the_clipboard_with_the_guests_agent() {
     h.event(egui::Event::Paste(ours.to_owned()));
     h.step();
     let serial_text = || String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
-    wait(&mut h, "the guest to paste", |_| serial_text().contains("AGENT paste text="));
+    // The whole line: the guest prints slowly (its code is emulated), so wait for the line after it.
+    wait(&mut h, "the guest to paste", |_| serial_text().contains("AGENT done"));
     // The whole UTF-8 text arrived; the guest prints its bytes beyond ASCII as '?'.
     let printed: String = ours.bytes().map(|b| if b.is_ascii() { char::from(b) } else { '?' }).collect();
     let out = serial_text();
