@@ -32,6 +32,9 @@ ip link set lo up
 ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 
 SCENARIO=$(arg hw.scenario)
+# Rounds of the benchmark scenarios (boot-times, firmware): PORTHOLE_HW_ROUNDS on the harness side.
+HW_ROUNDS=$(arg hw.rounds)
+export HW_ROUNDS
 echo "HW-L1-UP scenario=$SCENARIO cpus=$(grep -c ^processor /proc/cpuinfo) mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo)kB"
 # The scenario runs in a bind mount of this root moved on top of it (as switch_root does): passt (the
 # engine's user-mode network) isolates itself with pivot_root(2), which refuses a caller whose root is

@@ -38,6 +38,12 @@ pub fn l0_qemu() -> PathBuf {
     if fetched.is_file() { fetched } else { PathBuf::from("qemu-system-x86_64") }
 }
 
+/// Rounds of the benchmark scenarios' engine runs (boot-times, firmware): `PORTHOLE_HW_ROUNDS`, 1 to 10,
+/// 3 when unset (`./x test` runs one, to keep CI short; `./x test-hw` three, for the README's figures).
+pub fn rounds() -> usize {
+    std::env::var("PORTHOLE_HW_ROUNDS").ok().and_then(|v| v.parse().ok()).filter(|n| (1..=10).contains(n)).unwrap_or(3)
+}
+
 /// How the scenarios run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -222,7 +228,7 @@ impl Machine {
                 cmd.arg("-kernel").arg(hw.join("l1-vmlinuz")).arg("-initrd").arg(&initrd);
                 cmd.args([
                     "-append",
-                    &format!("console=ttyS0 quiet loglevel=3 panic=-1 hw.scenario={scenario}"),
+                    &format!("console=ttyS0 quiet loglevel=3 panic=-1 hw.scenario={scenario} hw.rounds={}", rounds()),
                     "-nic",
                     &format!(
                         "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{vnc_port}-:5900,\
@@ -245,6 +251,7 @@ impl Machine {
                     script.display()
                 ));
                 cmd.env("HW", &stage).env("HW_TMP", scratch.dir()).current_dir(scratch.dir());
+                cmd.env("HW_ROUNDS", rounds().to_string());
                 cmd.env(
                     "PATH",
                     format!("{}:{}", stage.join("bin").display(), std::env::var("PATH").unwrap_or_default()),

@@ -569,12 +569,12 @@ fn firmware(m: &mut Machine, r: &mut Report) -> Result<String, String> {
     quick_boots(m, r, &["porthole-firmware", "qemu-pc-firmware"])
 }
 
-/// Three rounds of the scenario's engine runs (`labels`, in the script's order), each timed from its start to
+/// `hw::rounds()` rounds of the scenario's engine runs (`labels`, in the script's order), each timed from its start to
 /// the quick-mode guest's `/init` marker and required to end with exit status 0 after the guest's power-off.
 fn quick_boots(m: &mut Machine, r: &mut Report, labels: &[&str]) -> Result<String, String> {
     l1_up(m)?;
     let mut out = Vec::new();
-    for _round in 0..3 {
+    for _round in 0..hw::rounds() {
         for label in labels {
             let (secs, rc) = timed_run(m, r, label, "PORTHOLE-L2-INIT mode=quick", 10 * MIN)?;
             if rc != "0" {

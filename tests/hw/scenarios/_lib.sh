@@ -10,6 +10,8 @@ VNC_LISTEN=${HW_VNC_LISTEN:-tcp:0.0.0.0:5900}
 CTL_PORT=${HW_CTL_PORT:-5901}
 API_PORT=${HW_API_PORT:-5902}
 L2_CMDLINE="console=ttyS0 quiet"
+# Rounds of a benchmark scenario's engine runs (PORTHOLE_HW_ROUNDS on the harness side; ./x test runs one).
+ROUNDS=${HW_ROUNDS:-3}
 
 # forward PORT SOCKET: TCP PORT (forwarded by QEMU's user network to the host) -> the Unix socket.
 forward() {

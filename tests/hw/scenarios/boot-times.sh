@@ -3,7 +3,7 @@
 . "${HW:=/hw}/scenarios/_lib.sh"
 Q="$L2_CMDLINE hw.mode=quick"
 I=$G/l2-initramfs.cpio.gz
-for round in 1 2 3; do
+for round in $(seq "$ROUNDS"); do
     run porthole-pvh porthole-vmm --name pvh --memory 512 --kernel "$G/vmlinux" --initrd "$I" --cmdline "$Q"
     run qemu-microvm qemu_peer -M microvm -m 512 -kernel "$G/vmlinux" -initrd "$I" -append "$Q"
     run porthole-bzimage porthole-vmm --name bzimage --memory 512 --kernel "$G/vmlinuz" --initrd "$I" --cmdline "$Q"
