@@ -5,6 +5,7 @@
 //! It knows nothing of HTTP, users or the GUI. See ARCHITECTURE.md.
 
 pub mod acpi;
+pub mod audio;
 pub mod boot;
 pub mod config;
 pub mod control;

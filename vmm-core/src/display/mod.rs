@@ -260,6 +260,8 @@ impl Damage {
 pub struct Viewer {
     pub damage: Mutex<Damage>,
     pub wake: Condvar,
+    /// Counts the pokes (changed with `damage` locked), so a waiter for them misses none.
+    pokes: std::sync::atomic::AtomicU64,
 }
 
 impl Viewer {
@@ -271,7 +273,24 @@ impl Viewer {
     /// Wakes whoever waits on this viewer (for reasons other than damage).
     pub fn poke(&self) {
         let _guard = lock(&self.damage);
+        self.pokes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.wake.notify_all();
+    }
+
+    /// How many times the viewer was poked: what [`Viewer::wait_for_poke`] compares with.
+    pub fn pokes(&self) -> u64 {
+        self.pokes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until the viewer is poked after `seen` was read from [`Viewer::pokes`], or `timeout` passes
+    /// (damage alone does not end the wait).
+    pub fn wait_for_poke(&self, seen: u64, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut guard = lock(&self.damage);
+        while self.pokes() == seen {
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else { return };
+            guard = self.wake.wait_timeout(guard, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
 
     /// Waits until there is damage or `timeout` passes; returns the damage guard.
@@ -302,6 +321,8 @@ pub struct Screen {
     cursor: Mutex<(u64, Option<Arc<CursorImage>>)>,
     /// The text the guest's clipboard last got (through its clipboard agent), and a count of its changes.
     clipboard: Mutex<(u64, Option<Arc<str>>)>,
+    /// The sound the guest plays, for viewers that listen.
+    audio: crate::audio::AudioOutput,
 }
 
 impl Screen {
@@ -409,10 +430,38 @@ impl Screen {
             let mut clipboard = lock(&self.clipboard);
             *clipboard = (clipboard.0 + 1, Some(Arc::from(text)));
         }
+        self.poke_viewers();
+    }
+
+    fn poke_viewers(&self) {
         let viewers = lock(&self.viewers);
         for viewer in viewers.iter().filter_map(Weak::upgrade) {
             viewer.poke();
         }
+    }
+
+    /// The guest's sound, for viewers to read.
+    pub fn audio(&self) -> &crate::audio::AudioOutput {
+        &self.audio
+    }
+
+    /// The guest started playing sound in `format` (false: a format no listener can take; nothing plays).
+    pub fn audio_start(&self, format: crate::audio::AudioFormat) -> bool {
+        let ok = self.audio.start(format);
+        self.poke_viewers();
+        ok
+    }
+
+    /// Sound the guest played (interleaved frames of the started format); wakes the viewers.
+    pub fn audio_push(&self, samples: &[i16]) {
+        self.audio.push(samples);
+        self.poke_viewers();
+    }
+
+    /// The guest stopped playing.
+    pub fn audio_stop(&self) {
+        self.audio.stop();
+        self.poke_viewers();
     }
 
     /// How many times the guest's clipboard text changed (what viewers compare on every update).

@@ -4,6 +4,7 @@
 //! clients at once, each with a reader thread (input, requests) and a writer thread (updates), so a slow
 //! client only delays itself: its damage merges while it is busy, nothing queues up.
 
+pub mod audio;
 pub mod auth;
 pub mod clipboard;
 pub mod encoding;
@@ -14,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::devices::bus::lock;
@@ -126,6 +127,11 @@ pub trait Input: Send + Sync {
     }
     /// Text a client put on its clipboard, for the guest's.
     fn set_clipboard(&self, _text: String) {}
+    /// Whether the guest has a sound card: clients that take QEMU's audio extension hear what it plays
+    /// (through [`Screen::audio`]).
+    fn has_audio(&self) -> bool {
+        false
+    }
 }
 
 /// The input of a view-only console: everything is dropped.
@@ -490,6 +496,11 @@ struct ClientState {
     clipboard_request_due: bool,
     clipboard_provide_due: bool,
     clipboard_notify_due: bool,
+    /// The audio pseudo-encoding is owed its acknowledgement (a rectangle of it in an update).
+    audio_ack: bool,
+    /// The client enabled the sound, and the format it asked for.
+    audio_enabled: bool,
+    audio_format: crate::audio::ListenerFormat,
     closed: bool,
 }
 
@@ -513,6 +524,9 @@ impl ClientState {
             clipboard_request_due: false,
             clipboard_provide_due: false,
             clipboard_notify_due: false,
+            audio_ack: false,
+            audio_enabled: false,
+            audio_format: crate::audio::ListenerFormat::default(),
             closed: false,
         }
     }
@@ -520,23 +534,16 @@ impl ClientState {
     fn supports(&self, encoding: i32) -> bool {
         self.encodings.contains(&encoding)
     }
-
-    /// Whether an extended clipboard message is owed.
-    fn clipboard_due(&self) -> bool {
-        self.clipboard_caps_due || self.clipboard_request_due || self.clipboard_provide_due || self.clipboard_notify_due
-    }
 }
 
 struct Shared {
     state: Mutex<ClientState>,
-    changed: Condvar,
     viewer: Arc<Viewer>,
 }
 
 impl Shared {
     fn update(&self, f: impl FnOnce(&mut ClientState)) {
         f(&mut lock(&self.state));
-        self.changed.notify_all();
         self.viewer.poke();
     }
 }
@@ -569,7 +576,7 @@ fn serve(
     // After the handshake, a client may stay silent for as long as it likes.
     stream.set_timeouts(None, Some(Duration::from_secs(30)))?;
 
-    let shared = Arc::new(Shared { state: Mutex::new(ClientState::new()), changed: Condvar::new(), viewer });
+    let shared = Arc::new(Shared { state: Mutex::new(ClientState::new()), viewer });
     let writer_stream = stream.try_clone()?;
     let writer_shared = shared.clone();
     let (writer_screen, writer_input) = (screen.clone(), input.clone());
@@ -641,6 +648,9 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
                 }
                 if list.contains(&encoding::QEMU_EXTENDED_KEY_EVENT) && !had(encoding::QEMU_EXTENDED_KEY_EVENT) {
                     s.ext_key_ack = true;
+                }
+                if list.contains(&audio::AUDIO) && !had(audio::AUDIO) && input.has_audio() {
+                    s.audio_ack = true;
                 }
                 let extended_clipboard = list.contains(&clipboard::EXTENDED_CLIPBOARD) && input.has_clipboard();
                 if extended_clipboard && !s.extended_clipboard {
@@ -762,6 +772,23 @@ fn read_message(stream: &mut impl Read, shared: &Shared, input: &dyn Input, scre
         }
         255 => {
             let sub = read_u8(stream)?;
+            if sub == audio::SUBTYPE {
+                match read_u16(stream)? {
+                    audio::ENABLE => shared.update(|s| s.audio_enabled = input.has_audio()),
+                    audio::DISABLE => shared.update(|s| s.audio_enabled = false),
+                    audio::SET_FORMAT => {
+                        let (code, channels, rate) = (read_u8(stream)?, read_u8(stream)?, read_u32(stream)?);
+                        let Some(format) = audio::listener_format(code, channels, rate) else {
+                            return Err(protocol_error(format!(
+                                "an audio format QEMU's extension does not have ({code}, {channels} channels, {rate} Hz)"
+                            )));
+                        };
+                        shared.update(|s| s.audio_format = format);
+                    }
+                    op => return Err(protocol_error(format!("unknown audio operation {op}"))),
+                }
+                return Ok(true);
+            }
             if sub != 0 {
                 return Err(protocol_error(format!("unknown QEMU client message {sub}")));
             }
@@ -836,6 +863,8 @@ struct Writer<W = Stream> {
     lights_sent: Option<u8>,
     /// The screen's clipboard version the client last got (0: none yet).
     clipboard_sent: u64,
+    /// Where the client is in the guest's sound.
+    audio: audio::Listener,
 }
 
 /// Settings copied out of the shared state for one update.
@@ -851,6 +880,7 @@ struct UpdatePlan {
     lights: Option<u8>,
     last_rect: bool,
     ext_key_ack: bool,
+    audio_ack: bool,
     desktop_size_reply: Option<u16>,
 }
 
@@ -882,6 +912,7 @@ impl<W: Write> Writer<W> {
             streams_started: false,
             cursor_sent: None,
             clipboard_sent: 0,
+            audio: audio::Listener::default(),
             layout_announced: false,
             pixels: Vec::new(),
             scratch: Vec::new(),
@@ -911,6 +942,7 @@ impl<W: Write> Writer<W> {
                 out.push(150);
             }
             clipboard_messages(&self.screen, self.input.as_ref(), &mut self.clipboard_sent, &mut s, &mut out);
+            self.audio.messages(self.screen.audio(), s.audio_enabled, s.audio_format, &mut out);
             if s.request.is_none() && s.continuous.is_none() {
                 None
             } else {
@@ -946,6 +978,7 @@ impl<W: Write> Writer<W> {
                     lights: if s.supports(encoding::LED_STATE) { self.input.lock_lights() } else { None },
                     last_rect: s.supports(encoding::LAST_RECT),
                     ext_key_ack: std::mem::take(&mut s.ext_key_ack),
+                    audio_ack: std::mem::take(&mut s.audio_ack),
                     desktop_size_reply: s.desktop_size_reply.take(),
                 })
             }
@@ -958,18 +991,11 @@ impl<W: Write> Writer<W> {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
+            // Every change a writer answers pokes its viewer (the client's messages, the guest's clipboard
+            // and sound): read before looking, so none is missed between the look and the wait.
+            let pokes = self.shared.viewer.pokes();
             let Some(plan) = self.next_plan()? else {
-                let s = lock(&self.shared.state);
-                if !s.closed
-                    && s.request.is_none()
-                    && s.continuous.is_none()
-                    && !s.send_server_fence
-                    && s.fence_replies.is_empty()
-                    && !s.send_end_of_continuous
-                    && !s.clipboard_due()
-                {
-                    let _ = self.shared.changed.wait_timeout(s, Duration::from_millis(500));
-                }
+                self.shared.viewer.wait_for_poke(pokes, Duration::from_millis(500));
                 continue;
             };
             let waits = plan.full_request().is_none() && !self.pseudo_due(&plan);
@@ -991,6 +1017,7 @@ impl<W: Write> Writer<W> {
     /// Pseudo-rectangles that must go out even with no damage.
     fn pseudo_due(&self, plan: &UpdatePlan) -> bool {
         plan.ext_key_ack
+            || plan.audio_ack
             || plan.desktop_size_reply.is_some()
             || (plan.cursor && self.cursor_sent != Some(self.screen.cursor_version()))
             || (plan.resize_encoding == Some(encoding::EXTENDED_DESKTOP_SIZE) && !self.layout_announced)
@@ -1050,6 +1077,10 @@ impl<W: Write> Writer<W> {
         }
         if plan.ext_key_ack {
             header(&mut out, &Rect::new(0, 0, 0, 0), encoding::QEMU_EXTENDED_KEY_EVENT);
+            count += 1;
+        }
+        if plan.audio_ack {
+            header(&mut out, &Rect::new(0, 0, 0, 0), audio::AUDIO);
             count += 1;
         }
         if plan.cursor && self.cursor_sent != Some(self.screen.cursor_version()) {
@@ -1229,11 +1260,7 @@ pub mod fuzz {
         {
             return (0, stream.output, updates);
         }
-        let shared = Arc::new(Shared {
-            state: Mutex::new(ClientState::new()),
-            changed: Condvar::new(),
-            viewer: screen.subscribe(),
-        });
+        let shared = Arc::new(Shared { state: Mutex::new(ClientState::new()), viewer: screen.subscribe() });
         // The guest's lock lights change with every 3rd message (LED state for clients that take it).
         let input = Arc::new(Lights(AtomicUsize::new(0), options & 16 != 0));
         let mut writer = Writer::new(updates, shared.clone(), screen.clone(), input.clone(), (width, height));
@@ -1363,11 +1390,7 @@ mod update_tests {
 
     impl Session {
         fn new(screen: &Arc<Screen>, input: Arc<dyn Input>) -> Session {
-            let shared = Arc::new(Shared {
-                state: Mutex::new(ClientState::new()),
-                changed: Condvar::new(),
-                viewer: screen.subscribe(),
-            });
+            let shared = Arc::new(Shared { state: Mutex::new(ClientState::new()), viewer: screen.subscribe() });
             let size = (screen.read().width, screen.read().height);
             let writer = Writer::new(Vec::new(), shared.clone(), screen.clone(), input, size);
             Session { shared, screen: screen.clone(), writer }
@@ -1433,6 +1456,56 @@ mod update_tests {
     }
 
     const FULL_REQUEST: [u8; 10] = [3, 0, 0, 0, 0, 0, 0, 64, 0, 48];
+
+    /// An input of a VM with a sound card.
+    struct Sounds;
+
+    impl Input for Sounds {
+        fn key(&self, _key: Key, _down: bool) {}
+        fn pointer(&self, _x: u16, _y: u16, _buttons: u8, _screen: (u32, u32)) {}
+        fn has_audio(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn clients_that_take_qemu_audio_hear_the_guest_in_their_format() {
+        use crate::audio::AudioFormat;
+        let screen = Screen::new();
+        screen.resize(64, 48);
+        let mut s = Session::new(&screen, Arc::new(Sounds));
+        let ack = [0u8, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xfe, 0xfd]; // a 0×0 rectangle of -259
+        let out = s.exchange(&[set_encodings(&[0, audio::AUDIO]), INCREMENTAL_REQUEST.to_vec()].concat(), &Sounds);
+        assert!(contains(&out, &ack), "the extension is acknowledged in an update");
+        // Mono unsigned 8-bit at the guest's rate, then enable.
+        let format = [255, 1, 0, 2, 0, 1, 0, 0, 0x1f, 0x40];
+        let out = s.exchange(&[format.to_vec(), vec![255, 1, 0, 0]].concat(), &Sounds);
+        assert!(!contains(&out, &[255, 1, 0, 1]), "nothing plays yet");
+        screen.audio_start(AudioFormat { rate: 8000, channels: 2 });
+        screen.audio_push(&[0, 0, 0x4000, 0x4000, -0x4000, -0x4000, 0, 0]);
+        let out = s.exchange(&[], &Sounds);
+        assert!(contains(&out, &[255, 1, 0, 1]), "begin: {out:?}");
+        // Three frames out (the converter holds the last back), in the client's format.
+        assert!(contains(&out, &[255, 1, 0, 2, 0, 0, 0, 3, 0x80, 0xc0, 0x40]), "data: {out:?}");
+        screen.audio_stop();
+        let out = s.exchange(&[], &Sounds);
+        assert!(contains(&out, &[255, 1, 0, 0]), "end: {out:?}");
+        // A format the extension does not have closes the connection.
+        let mut stream: &[u8] = &[255, 1, 0, 2, 9, 2, 0, 0, 0x1f, 0x40];
+        assert!(read_message(&mut stream, &s.shared, &Sounds, &screen).is_err());
+
+        // A VM without a sound card acknowledges nothing and ignores an enable.
+        let mut quiet = Session::new(&screen, Arc::new(NoInput));
+        let out = quiet.exchange(
+            &[set_encodings(&[0, audio::AUDIO]), FULL_REQUEST.to_vec(), vec![255, 1, 0, 0]].concat(),
+            &NoInput,
+        );
+        assert!(!contains(&out, &ack));
+        screen.audio_start(AudioFormat { rate: 8000, channels: 2 });
+        screen.audio_push(&[1, 1, 2, 2]);
+        let out = quiet.exchange(&[], &NoInput);
+        assert!(!contains(&out, &[255, 1, 0, 1]));
+    }
 
     #[test]
     fn plain_cut_text_goes_both_ways_when_the_guest_shares_its_clipboard() {
