@@ -113,6 +113,9 @@ pub struct Vm {
     /// `spice-vdagent`, and its desktop following the console's size).
     #[serde(default)]
     pub agent: AgentMode,
+    /// The sound card: none, or virtio-sound (what the guest plays reaches the console).
+    #[serde(default)]
+    pub sound: SoundMode,
     /// A running VM with an agent port (`GET /vms/{id}`): whether the guest's agent is connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_connected: Option<bool>,
@@ -250,6 +253,28 @@ impl AgentMode {
     }
 }
 
+/// A VM's sound card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SoundMode {
+    /// No sound card.
+    #[default]
+    None,
+    /// virtio-sound (Linux: snd_virtio, from 6.2; the default for new VMs): what the guest plays reaches
+    /// the console (QEMU's RFB audio extension).
+    Virtio,
+}
+
+impl SoundMode {
+    /// The word of `porthole-vmm --sound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SoundMode::None => "none",
+            SoundMode::Virtio => "virtio",
+        }
+    }
+}
+
 /// A VM's display adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -352,6 +377,9 @@ pub struct CreateVm {
     /// migrate its agent, so a running VM with one could not be snapshotted or saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentMode>,
+    /// The sound card (default: `virtio` on Porthole hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<SoundMode>,
     /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_cap_percent: Option<u32>,
@@ -386,6 +414,7 @@ impl CreateVm {
             input: None,
             vga: None,
             agent: None,
+            sound: None,
             cpu_cap_percent: None,
             cpu_weight: None,
         }
@@ -476,6 +505,9 @@ pub struct UpdateVm {
     /// Adds or removes the guest agent's port (applies at the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentMode>,
+    /// Adds or removes the sound card (applies at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<SoundMode>,
     /// The memory in use by the guest, in MiB, through its balloon: from the floor (10% of its memory, at
     /// least 128 MiB) to all of its memory. Only for a running VM with a balloon; applies at once and is not
     /// kept (a VM starts with all of its memory).

@@ -771,6 +771,7 @@ impl Host {
             cmd.arg("--input").arg(record.input.as_str());
             cmd.arg("--vga").arg(record.vga.as_str());
             cmd.arg("--agent").arg(record.agent.as_str());
+            cmd.arg("--sound").arg(record.sound.as_str());
             if record.balloon {
                 cmd.arg("--balloon");
             }
@@ -1241,6 +1242,7 @@ fn view(e: &Entry, store: &Store, cpu: &vmm_core::cpu_limits::CpuLimits) -> Vm {
         input: r.input,
         vga: r.vga,
         agent: r.agent,
+        sound: r.sound,
         agent_connected: None,
         display_follows: None,
         absolute_pointer: None,
@@ -1366,6 +1368,7 @@ pub fn hardware_change(req: &UpdateVm) -> UpdateVm {
         input: req.input,
         vga: req.vga,
         agent: req.agent,
+        sound: req.sound,
         ..UpdateVm::default()
     }
 }
@@ -1409,6 +1412,9 @@ pub fn apply_hardware(r: &mut VmRecord, u: &UpdateVm) {
     if let Some(a) = u.agent {
         r.agent = a;
     }
+    if let Some(s) = u.sound {
+        r.sound = s;
+    }
     if let Some(nics) = &u.nics {
         // Pending cards were built (ids and MACs chosen) when the change was made.
         r.nics = Some(nics.iter().enumerate().map(|(i, s)| net::definition_of(i, s)).collect());
@@ -1438,6 +1444,7 @@ pub fn add_pending(r: &mut VmRecord, new: UpdateVm) {
     p.input = new.input.or(p.input).filter(|i| *i != r.input);
     p.vga = new.vga.or(p.vga).filter(|v| *v != r.vga);
     p.agent = new.agent.or(p.agent).filter(|a| *a != r.agent);
+    p.sound = new.sound.or(p.sound).filter(|s| *s != r.sound);
     let cards: Vec<NicSpec> = r.nics().iter().map(NicSpec::from).collect();
     p.nics = new.nics.or(p.nics).filter(|n| *n != cards);
     r.pending = (p != UpdateVm::default()).then_some(p);
@@ -1458,6 +1465,7 @@ pub fn pending_names(p: &UpdateVm) -> Vec<String> {
         ("input", p.input.is_some()),
         ("vga", p.vga.is_some()),
         ("agent", p.agent.is_some()),
+        ("sound", p.sound.is_some()),
         ("nics", p.nics.is_some()),
     ];
     set.iter().filter(|(_, s)| *s).map(|(n, _)| (*n).to_owned()).collect()

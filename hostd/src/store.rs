@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use porthole_api::{
-    AgentMode, BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, UpdateVm, VgaMode,
+    AgentMode, BootDevice, BootSpec, DiskFormat, DisplaySpec, InputMode, NicDefinition, SoundMode, UpdateVm, VgaMode,
 };
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +88,10 @@ pub struct VmRecord {
     /// definitions written before it: none (their saved machine states have no such port).
     #[serde(default, skip_serializing_if = "is_no_agent")]
     pub agent: AgentMode,
+    /// The sound card (`porthole-vmm --sound`): none, or virtio-sound. Absent in definitions written
+    /// before it: none (their saved machine states have no sound card).
+    #[serde(default, skip_serializing_if = "is_no_sound")]
+    pub sound: SoundMode,
     /// A virtio memory balloon (`porthole-vmm --balloon`). Absent in definitions written before it: those
     /// VMs keep their devices (their saved machine states have no balloon).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -424,6 +428,10 @@ fn is_std_vga(mode: &VgaMode) -> bool {
 
 fn is_no_agent(mode: &AgentMode) -> bool {
     *mode == AgentMode::None
+}
+
+fn is_no_sound(mode: &SoundMode) -> bool {
+    *mode == SoundMode::None
 }
 
 /// `"ps2"`/`"virtio"`, or the boolean of the older `tablet` field (true: the tablet, now virtio input).

@@ -62,8 +62,8 @@ use async_trait::async_trait;
 use porthole_api::host::Progress;
 use porthole_api::{
     Action, AgentMode, BootDevice, BootSpec, CreateVm, DiskFormat, DiskLimits, DriveInfo, DriveKind, Feature, Host,
-    HostError, HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, Stats, TakeSnapshot, Task,
-    TaskState, VgaMode, Vm, VmState,
+    HostError, HostInfo, HostKind, Image, ImageFormat, InputMode, Snapshot, SnapshotTree, SoundMode, Stats,
+    TakeSnapshot, Task, TaskState, VgaMode, Vm, VmState,
 };
 use sha2::Digest;
 use virt::connect::Connect;
@@ -799,6 +799,11 @@ fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> 
             true => AgentMode::Spice,
             false => AgentMode::None,
         },
+        // A virtio sound card; the domain's other models (ich6, ich9, ac97...) have no Porthole name yet.
+        sound: match doc.child("devices").is_some_and(|d| d.all("sound").any(|c| c.attr("model") == Some("virtio"))) {
+            true => SoundMode::Virtio,
+            false => SoundMode::None,
+        },
         agent_connected: None,
         display_follows: None,
         absolute_pointer: None,
@@ -1074,6 +1079,11 @@ fn domain_xml(
     if vm.agent == Some(AgentMode::Spice) {
         x += "    <channel type='qemu-vdagent'><source><clipboard copypaste='yes'/></source>";
         x += &format!("<target type='virtio' name='{}'/></channel>\n", porthole_api::SPICE_AGENT_PORT);
+    }
+    // A virtio sound card only when asked for (libvirt 9.4 and QEMU 8.2 have it; older ones refuse the
+    // definition, and their message reaches the user).
+    if vm.sound == Some(SoundMode::Virtio) {
+        x += "    <sound model='virtio'/>\n";
     }
     x += "    <memballoon model='virtio'/>\n  </devices>\n</domain>\n";
     x

@@ -294,9 +294,8 @@ impl AudioConverter {
             // Output frames between `previous` (position 0) and `current` (position 1).
             while self.position < 1.0 {
                 let t = self.position;
-                for c in 0..out_ch {
-                    let v = f64::from(self.previous[c]) * (1.0 - t) + f64::from(current[c]) * t;
-                    self.frame[c] = v.round() as i32;
+                for ((slot, &a), &b) in self.frame.iter_mut().zip(&self.previous).zip(&current) {
+                    *slot = (f64::from(a) * (1.0 - t) + f64::from(b) * t).round() as i32;
                 }
                 for &v in &self.frame {
                     self.to.sample.put(v.clamp(i16::MIN.into(), i16::MAX.into()) as i16, out);

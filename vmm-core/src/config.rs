@@ -82,6 +82,10 @@ pub struct VmConfig {
     /// driver does not.
     #[serde(default)]
     pub agent: AgentMode,
+    /// A sound card: none, or virtio-sound (one output and one input stream; Linux: snd_virtio, from
+    /// 6.2), whose output the console's listeners hear (QEMU's RFB audio extension).
+    #[serde(default)]
+    pub sound: SoundMode,
     /// A virtio memory balloon: the host can shrink and grow the guest's memory live (control socket
     /// `set-balloon`), down to [`crate::virtio::balloon::floor_mib`]; free pages the guest reports go back
     /// to the host.
@@ -162,6 +166,43 @@ impl std::str::FromStr for AgentMode {
             "none" => Ok(AgentMode::None),
             "spice" => Ok(AgentMode::Spice),
             _ => Err(format!("agent {s:?}: none or spice")),
+        }
+    }
+}
+
+/// Which sound card the VM has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SoundMode {
+    /// No sound card.
+    #[default]
+    None,
+    /// virtio-sound: one output stream (heard on the console) and one input stream (silence).
+    Virtio,
+}
+
+impl SoundMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SoundMode::None => "none",
+            SoundMode::Virtio => "virtio",
+        }
+    }
+}
+
+impl std::fmt::Display for SoundMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SoundMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(SoundMode::None),
+            "virtio" => Ok(SoundMode::Virtio),
+            _ => Err(format!("sound {s:?}: none or virtio")),
         }
     }
 }
@@ -600,6 +641,7 @@ impl VmConfig {
             input: InputMode::Ps2,
             vga: VgaMode::Std,
             agent: AgentMode::None,
+            sound: SoundMode::None,
             balloon: false,
         }
     }

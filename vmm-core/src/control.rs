@@ -228,6 +228,10 @@ pub struct Status {
     /// is shared and the desktop follows the console's size; absent without the port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_connected: Option<bool>,
+    /// With a sound card: whether the guest plays, in what format, and how many frames it played and the
+    /// console's listeners skipped (late); absent without a sound card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<SoundStatus>,
     /// The virtio keyboard's lock LEDs as the guest last set them (a VM with virtio input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyboard_leds: Option<crate::virtio::input::Leds>,
@@ -277,6 +281,20 @@ pub fn handle(vm: &VmHandle, request: &Request, passed: &mut VecDeque<OwnedFd>) 
     }
 }
 
+/// A sound card's output in the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoundStatus {
+    pub playing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u8>,
+    /// Frames the guest played since the VM started.
+    pub played_frames: u64,
+    /// Frames the console's listeners skipped because they fell behind (late sound is dropped).
+    pub late_frames: u64,
+}
+
 fn status(vm: &VmHandle) -> Response {
     let counters = vm.counters();
     Response {
@@ -296,6 +314,7 @@ fn status(vm: &VmHandle) -> Response {
             virtio_keyboard: vm.virtio_keyboard(),
             display_follows: vm.gpu().map(|g| g.driver_ready()),
             agent_connected: vm.agent().map(|a| a.connected()),
+            sound: vm.sound(),
             keyboard_leds: vm.keyboard_leds(),
             balloon: vm.balloon(),
             host_rss_kib: host_rss_kib(),

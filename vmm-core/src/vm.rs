@@ -252,6 +252,10 @@ pub struct VmHandle {
     gpu: Option<Arc<GpuShared>>,
     /// The SPICE agent channel (the clipboard, monitor sizes), with `--agent spice`.
     agent: Option<Arc<crate::vdagent::Agent>>,
+    /// The sound card, with `--sound virtio` (what it plays goes to the console's listeners).
+    sound: crate::config::SoundMode,
+    /// The console screen (its sound output's figures for the status).
+    screen: Arc<Screen>,
     /// When a graceful stop turns into a forced one.
     stop_deadline: Mutex<Option<Instant>>,
     /// Wakes the event loop when `stop_deadline` changes.
@@ -312,6 +316,10 @@ impl crate::rfb::Input for VmHandle {
         if let Some(agent) = &self.agent {
             agent.set_clipboard(text);
         }
+    }
+
+    fn has_audio(&self) -> bool {
+        self.sound != crate::config::SoundMode::None
     }
 }
 
@@ -547,6 +555,22 @@ impl VmHandle {
         let (w, h) = size.unwrap_or((width, height));
         let agent = self.agent.as_ref().is_some_and(|a| a.request_monitor(w, h));
         size.or(agent.then_some((w, h)))
+    }
+
+    /// The sound card's output, with `--sound virtio`: what plays and how much.
+    pub fn sound(&self) -> Option<crate::control::SoundStatus> {
+        if self.sound == crate::config::SoundMode::None {
+            return None;
+        }
+        let audio = self.screen.audio();
+        let format = audio.format();
+        Some(crate::control::SoundStatus {
+            playing: format.is_some(),
+            rate: format.map(|f| f.rate),
+            channels: format.map(|f| f.channels),
+            played_frames: audio.played_frames(),
+            late_frames: audio.late_frames(),
+        })
     }
 
     /// The SPICE agent channel, with `--agent spice`.
@@ -964,6 +988,8 @@ impl Vm {
             balloon: config.balloon.then(|| BalloonShared::new(config.memory_mib)),
             gpu,
             agent,
+            sound: config.sound,
+            screen: screen.clone(),
             stop_deadline: Mutex::new(None),
             loop_wake: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the loop eventfd"))?,
             drives,
@@ -1169,6 +1195,24 @@ impl Vm {
             let device =
                 VirtioPci::new(console, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
                     .map_err(io_err("give the agent port its MSI-X vectors"))?;
+            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            interrupts.push(interrupt);
+        }
+        if self.handle.sound == crate::config::SoundMode::Virtio {
+            let screen = self.refresher.screen.clone();
+            // A new boot plays nothing yet (listeners get the end of what the last boot played).
+            screen.audio_stop();
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt =
+                Arc::new(VirtioInterrupt::new().map_err(io_err("create the sound card's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+            let sound = crate::virtio::sound::VirtioSound::new(screen, interrupt.clone())
+                .map_err(io_err("start the sound card's thread"))?;
+            let device = VirtioPci::new(sound, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                .map_err(io_err("give the sound card its MSI-X vectors"))?;
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }

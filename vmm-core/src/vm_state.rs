@@ -230,6 +230,11 @@ impl Vm {
             crate::config::AgentMode::None => input.to_string(),
             crate::config::AgentMode::Spice => format!("{input} agent=spice"),
         };
+        // So is the sound card.
+        let input = match self.config.sound {
+            crate::config::SoundMode::None => input,
+            crate::config::SoundMode::Virtio => format!("{input} sound=virtio"),
+        };
         // Room for more vCPUs shows in the ACPI tables; a VM at its maximum is one started with that many.
         let max_vcpus = match self.config.possible_vcpus() {
             max if max > self.config.vcpus => format!(" max-vcpus={max}"),

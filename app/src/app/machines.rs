@@ -592,6 +592,7 @@ mod tests {
             input: porthole_api::InputMode::Ps2,
             vga: porthole_api::VgaMode::Std,
             agent: porthole_api::AgentMode::None,
+            sound: porthole_api::SoundMode::None,
             agent_connected: None,
             display_follows: None,
             absolute_pointer: None,

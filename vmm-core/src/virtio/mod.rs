@@ -12,6 +12,7 @@ pub mod input;
 pub mod net;
 pub mod pci;
 pub mod scsi;
+pub mod sound;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
