@@ -5,11 +5,12 @@
 //! socket speaking passt's protocol, whose far end the input also writes frames into) and virtio-gpu
 //! (control and cursor queues: resources, backing lists, transfers, scanouts and flushes onto a screen,
 //! EDID, display events from the configuration) and virtio-console with the SPICE agent's port (the
-//! multiport control handshake, port data carrying agent messages both ways). Each device is
+//! multiport control handshake, port data carrying agent messages both ways) and virtio-sound (control
+//! requests, played and recorded buffers on a stream clock, onto a screen's sound output). Each device is
 //! brought up with every queue of 16 entries; then operations from the input, and after a publish a short
 //! wait (3 ms) for what the device completes or a NEEDS_RESET.
 //!
-//! Input: byte 0 picks the device (mod 7: scsi, tablet, keyboard, balloon, net, gpu, console), then operations, each a kind
+//! Input: byte 0 picks the device (mod 8: scsi, tablet, keyboard, balloon, net, gpu, console, sound), then operations, each a kind
 //! byte and its bytes:
 //! - 0: a descriptor: queue, index, addr (u32), len (u32), flags (u16), next (u16)
 //! - 1: 16 bytes of guest memory at 0x1_0000 + 16 × offset (offset: u16)
@@ -119,7 +120,7 @@ fuzz_target!(|input: &[u8]| {
     let Some((&which, ops)) = input.split_first() else { return };
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
     let Ok(interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
-    match which % 7 {
+    match which % 8 {
         0 => {
             let Some(path) = scratch_image("scsi") else { return };
             let Ok(media) = Drive::open_media(path, true) else { return };
@@ -128,7 +129,7 @@ fuzz_target!(|input: &[u8]| {
             exercise(HostDriver::new(scsi, interrupt, mem, &[QUEUE; 3]), 3, ops, None);
         }
         1 | 2 => {
-            let profile = if which % 7 == 1 { Profile::Tablet } else { Profile::Keyboard };
+            let profile = if which % 8 == 1 { Profile::Tablet } else { Profile::Keyboard };
             let Ok(input) = VirtioInput::new(profile, interrupt.clone()) else { return };
             exercise(HostDriver::new(input, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
         }
@@ -150,6 +151,11 @@ fuzz_target!(|input: &[u8]| {
             // Port 0's receive and transmit, control receive and transmit, the agent port's.
             exercise(HostDriver::new(console, interrupt, mem, &[QUEUE; 6]), 6, ops, None);
             agent.request_monitor(1024, 768);
+        }
+        7 => {
+            let Ok(sound) = vmm_core::virtio::sound::VirtioSound::new(Screen::new(), interrupt.clone()) else { return };
+            // Control, event, tx, rx.
+            exercise(HostDriver::new(sound, interrupt, mem, &[QUEUE; 4]), 4, ops, None);
         }
         _ => {
             let Ok((ours, peer)) = UnixStream::pair() else { return };
