@@ -45,7 +45,7 @@ ensure_debs() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-ensure_debs dpkg-dev rpm help2man squashfs-tools binutils gzip file libvirt-dev pkg-config libturbojpeg0-dev
+ensure_debs dpkg-dev rpm help2man squashfs-tools binutils gzip file libvirt-dev pkg-config libturbojpeg0-dev libasound2-dev
 
 # --- version, binaries --------------------------------------------------------------------------------
 

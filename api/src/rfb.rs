@@ -29,6 +29,36 @@ pub const LAST_RECT: i32 = -224;
 pub const QEMU_EXTENDED_KEY_EVENT: i32 = -258;
 /// QEMU's LED state pseudo-encoding: the guest keyboard's lock lights, one byte (see [`crate::KeyboardLeds::from_led_state`]).
 pub const LED_STATE: i32 = -261;
+/// QEMU's audio pseudo-encoding: a server with sound acknowledges it, then sends the guest's sound in QEMU
+/// server messages once the client enables it ([`audio_enable_message`]).
+pub const QEMU_AUDIO: i32 = -259;
+/// QEMU audio sample formats a client may ask for (SetFormat): signed 16-bit is the one Porthole plays.
+pub const QEMU_AUDIO_S16: u8 = 3;
+/// The largest audio data message accepted from a server (QEMU sends a few KiB at a time).
+const MAX_AUDIO_DATA: usize = 1 << 20;
+
+/// What a server's QEMU audio messages say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudioMessage {
+    /// The guest started playing.
+    Begin,
+    /// Samples in the format asked for (interleaved, little-endian).
+    Data(Vec<u8>),
+    /// The guest stopped playing.
+    End,
+}
+
+/// QEMU client message: the audio format (`format` e.g. [`QEMU_AUDIO_S16`], `channels` 1 or 2, `rate` Hz).
+pub fn audio_format_message(format: u8, channels: u8, rate: u32) -> Vec<u8> {
+    let mut m = vec![255, 1, 0, 2, format, channels];
+    m.extend_from_slice(&rate.to_be_bytes());
+    m
+}
+
+/// QEMU client message: send the guest's sound (`true`) or stop sending it.
+pub fn audio_enable_message(enable: bool) -> Vec<u8> {
+    vec![255, 1, 0, if enable { 0 } else { 1 }]
+}
 /// The client may ask for another screen size (SetDesktopSize); the server reports sizes and screens.
 pub const EXTENDED_DESKTOP_SIZE: i32 = -308;
 /// Clipboard in any format, UTF-8 text, compressed, fetched on demand (0xC0A1E5CE).
@@ -235,6 +265,8 @@ pub struct RfbClient {
     pub cursor: Option<(u32, u32, Vec<u8>)>,
     /// The guest keyboard's lock lights, once the server sent them (LED state pseudo-encoding).
     pub lock_lights: Option<crate::KeyboardLeds>,
+    /// Where the server's audio messages go as they are read (QEMU audio; dropped without a sink).
+    pub audio_sink: Option<Box<dyn FnMut(AudioMessage) + Send>>,
     zlib: Decompress,
     zrle: Decompress,
     tight: [Decompress; 4],
@@ -470,6 +502,7 @@ impl RfbClient {
             bytes_received: 0,
             cursor: None,
             lock_lights: None,
+            audio_sink: None,
             zlib: Decompress::new(true),
             zrle: Decompress::new(true),
             tight: [Decompress::new(true), Decompress::new(true), Decompress::new(true), Decompress::new(true)],
@@ -652,6 +685,7 @@ impl RfbClient {
                     return Ok(Vec::new());
                 }
                 150 => {}
+                255 => self.qemu_server_message()?,
                 248 => {
                     let mut head = [0u8; 8];
                     self.reader.read_exact(&mut head)?;
@@ -763,7 +797,11 @@ impl RfbClient {
                     rects.push((encoding, x, y, w, h));
                     break;
                 }
-                QEMU_EXTENDED_KEY_EVENT => self.acknowledged.push(encoding),
+                QEMU_EXTENDED_KEY_EVENT | QEMU_AUDIO => {
+                    if !self.acknowledged.contains(&encoding) {
+                        self.acknowledged.push(encoding);
+                    }
+                }
                 LED_STATE => {
                     let mut state = [0u8; 1];
                     self.reader.read_exact(&mut state)?;
@@ -784,6 +822,33 @@ impl RfbClient {
         let timed = self.reader.get_ref();
         self.transfer = Some((timed.bytes - bytes_before, timed.busy.saturating_sub(busy_before)));
         Ok(rects)
+    }
+
+    /// A QEMU server message (type 255, read): its audio ones go to [`RfbClient::audio_sink`].
+    fn qemu_server_message(&mut self) -> io::Result<()> {
+        let mut sub = [0u8; 1];
+        self.reader.read_exact(&mut sub)?;
+        if sub[0] != 1 {
+            return Err(io::Error::other(format!("unexpected QEMU server message {}", sub[0])));
+        }
+        let message = match read_u16(&mut self.reader)? {
+            0 => AudioMessage::End,
+            1 => AudioMessage::Begin,
+            2 => {
+                let len = read_u32(&mut self.reader)? as usize;
+                if len > MAX_AUDIO_DATA {
+                    return Err(io::Error::other(format!("a {len}-byte audio message from the server is too large")));
+                }
+                let mut data = vec![0u8; len];
+                self.reader.read_exact(&mut data)?;
+                AudioMessage::Data(data)
+            }
+            op => return Err(io::Error::other(format!("unexpected QEMU audio operation {op}"))),
+        };
+        if let Some(sink) = self.audio_sink.as_mut() {
+            sink(message);
+        }
+        Ok(())
     }
 
     /// The last update's transfer, once: the bytes read from the socket after the one that brought its first

@@ -41,6 +41,20 @@ struct Shared {
     lock_lights: Mutex<Option<porthole_api::KeyboardLeds>>,
     /// How the pixels come (lossless, or JPEG for a slow link) and why, for the status's tooltip.
     picture: Mutex<String>,
+    /// The guest's sound, once the server offered it (QEMU's audio extension).
+    sound: Mutex<Sound>,
+}
+
+/// The console's sound.
+#[derive(Default)]
+enum Sound {
+    /// The server has not offered sound (no sound card, or a server without the extension).
+    #[default]
+    NotOffered,
+    /// Playing on this computer's output.
+    Playing(Arc<crate::audio::Player>),
+    /// Offered, but this computer cannot play it: why.
+    Unavailable(String),
 }
 
 /// How the screen fits the space it has.
@@ -104,6 +118,7 @@ impl Console {
             clipboard_out: Mutex::new(None),
             lock_lights: Mutex::new(None),
             picture: Mutex::new(picture_text(rfb::PictureQuality::Lossless, None)),
+            sound: Mutex::new(Sound::NotOffered),
         });
         let s = shared.clone();
         let _ = std::thread::Builder::new().name("console".into()).spawn(move || {
@@ -259,6 +274,7 @@ impl Console {
             if let Some(lights) = *lock(&self.shared.lock_lights) {
                 lock_lights(ui, lights);
             }
+            self.sound_controls(ui);
         });
         self.upload(ui.ctx());
         // The guest's clipboard goes to this computer's; a requested paste goes to the guest's.
@@ -379,6 +395,37 @@ impl Console {
 
     /// Puts `text` on the guest's clipboard: announced on the extended clipboard (the server fetches it when
     /// someone pastes; any Unicode), else sent as Latin-1 cut text.
+    /// Mute and volume while the guest's sound plays; why not, when it cannot.
+    fn sound_controls(&self, ui: &mut egui::Ui) {
+        match &*lock(&self.shared.sound) {
+            Sound::NotOffered => {}
+            Sound::Unavailable(why) => {
+                ui.add_enabled(false, egui::Label::new(theme::VOLUME_OFF.rich_text()))
+                    .on_disabled_hover_text(format!("No sound: {why}"));
+            }
+            Sound::Playing(player) => {
+                let muted = player.muted();
+                let (icon, text) = if muted { (theme::VOLUME_OFF, "Unmute") } else { (theme::VOLUME, "Mute") };
+                let (played, late, _) = player.counts();
+                if theme::button(ui, true, icon, text)
+                    .on_hover_text(format!(
+                        "The guest's sound on this computer: {} s played, {} s dropped as late",
+                        played / u64::from(player.format().rate.max(1)),
+                        late / u64::from(player.format().rate.max(1))
+                    ))
+                    .clicked()
+                {
+                    player.set_muted(!muted);
+                }
+                let mut volume = player.volume() * 100.0;
+                let slider = egui::Slider::new(&mut volume, 0.0..=100.0).show_value(false).text("Volume");
+                if ui.add_enabled(!muted, slider).changed() {
+                    player.set_volume(volume / 100.0);
+                }
+            }
+        }
+    }
+
     fn send_cut_text(&self, text: &str) {
         if self.shared.extended_clipboard.load(Ordering::Relaxed) {
             *lock(&self.shared.clipboard_out) = Some(text.to_owned());
@@ -610,6 +657,7 @@ const PSEUDO_ENCODINGS: &[i32] = &[
     rfb::EXTENDED_DESKTOP_SIZE,
     rfb::EXTENDED_CLIPBOARD,
     rfb::LED_STATE,
+    rfb::QEMU_AUDIO,
 ];
 
 /// The status tooltip's line about the picture.
@@ -637,6 +685,28 @@ fn follow_the_link(client: &mut RfbClient, chooser: &mut rfb::QualityChooser, sh
     // Only a transfer the chooser counted changes what the tooltip says (most updates are small).
     if bytes >= rfb::QualityChooser::MIN_TRANSFER {
         *lock(&shared.picture) = picture_text(chooser.quality(), chooser.bits_per_second());
+    }
+    Ok(())
+}
+
+/// The server offers the guest's sound: open this computer's output, ask for its format, listen.
+fn start_sound(client: &mut RfbClient, shared: &Shared) -> std::io::Result<()> {
+    let player = match crate::audio::Player::open() {
+        Ok(p) => Arc::new(p),
+        Err(why) => {
+            *lock(&shared.sound) = Sound::Unavailable(why);
+            // Nothing asked for: the server sends nothing. A sink that drops keeps this from running again.
+            client.audio_sink = Some(Box::new(|_| {}));
+            return Ok(());
+        }
+    };
+    let format = player.format();
+    let sink = player.clone();
+    client.audio_sink = Some(Box::new(move |m| sink.take(m)));
+    *lock(&shared.sound) = Sound::Playing(player);
+    if let Some(s) = lock(&shared.input).as_mut() {
+        s.write_all(&rfb::audio_format_message(rfb::QEMU_AUDIO_S16, format.wire_channels(), format.rate))?;
+        s.write_all(&rfb::audio_enable_message(true))?;
     }
     Ok(())
 }
@@ -689,6 +759,9 @@ fn session(
         }
         if client.lock_lights.is_some() {
             *lock(&shared.lock_lights) = client.lock_lights;
+        }
+        if client.acknowledged.contains(&rfb::QEMU_AUDIO) && client.audio_sink.is_none() {
+            start_sound(&mut client, shared).map_err(io)?;
         }
         // Clipboard answers go out under the input lock, so they never interleave with a key event.
         if client.clipboard_owed() {

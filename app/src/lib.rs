@@ -2,6 +2,7 @@
 //! point-and-click creation and drag-and-drop ISOs. It reaches every host only through `porthole_api`.
 
 pub mod app;
+pub mod audio;
 pub mod backend;
 pub mod console;
 pub mod daemon;
