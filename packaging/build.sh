@@ -263,7 +263,7 @@ Uninstall:            PREFIX/lib/porthole/uninstall.sh
 
 VMs need access to /dev/kvm: sudo usermod -aG kvm \$USER, then log in again.
 The window needs X11 or Wayland with EGL/OpenGL (Debian: libegl1 libgl1-mesa-dri libxkbcommon-x11-0
-libwayland-egl1). libvirt hosts need libvirt's client library (Debian: libvirt0; Fedora: libvirt-libs);
+libwayland-egl1) and ALSA's library for the guests' sound (Debian: libasound2; Fedora: alsa-lib). libvirt hosts need libvirt's client library (Debian: libvirt0; Fedora: libvirt-libs);
 everything else works without it. Licence: Apache-2.0 OR MIT (COPYRIGHT; bundled Rust crates in CRATES.txt).
 EOF
 find "$APPDIR" -type d -exec chmod 0755 {} +
