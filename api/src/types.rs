@@ -113,7 +113,7 @@ pub struct Vm {
     /// `spice-vdagent`, and its desktop following the console's size).
     #[serde(default)]
     pub agent: AgentMode,
-    /// The sound card: none, or virtio-sound (what the guest plays reaches the console).
+    /// The sound card: none, Intel HD Audio or virtio-sound (what the guest plays reaches the console).
     #[serde(default)]
     pub sound: SoundMode,
     /// A running VM with an agent port (`GET /vms/{id}`): whether the guest's agent is connected.
@@ -260,8 +260,10 @@ pub enum SoundMode {
     /// No sound card.
     #[default]
     None,
-    /// virtio-sound (Linux: snd_virtio, from 6.2; the default for new VMs): what the guest plays reaches
-    /// the console (QEMU's RFB audio extension).
+    /// Intel HD Audio with a line-out and line-in codec (the default for new VMs: every OS has a driver;
+    /// Linux: snd_hda_intel).
+    Hda,
+    /// virtio-sound (Linux: snd_virtio, from 6.2): lighter, for guests that have its driver.
     Virtio,
 }
 
@@ -270,6 +272,7 @@ impl SoundMode {
     pub fn as_str(self) -> &'static str {
         match self {
             SoundMode::None => "none",
+            SoundMode::Hda => "hda",
             SoundMode::Virtio => "virtio",
         }
     }
@@ -377,7 +380,7 @@ pub struct CreateVm {
     /// migrate its agent, so a running VM with one could not be snapshotted or saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentMode>,
-    /// The sound card (default: `virtio` on Porthole hosts).
+    /// The sound card (default: `hda` on Porthole hosts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sound: Option<SoundMode>,
     /// CPU cap in percent of one CPU (see `Vm::cpu_cap_percent`).

@@ -1,8 +1,9 @@
 //! The PCI configuration space and the MMIO window as a guest reaches them: configuration mechanism #1 on
 //! ports 0xCF8-0xCFF (the address latch, the data port at every offset and size, the reset control at
 //! 0xCF9) and BAR accesses routed by address through the window, on a bus holding the host bridge, the
-//! standard VGA (video memory and register BARs) and a virtio-pci device (virtio-input: common, notify,
-//! ISR and device configuration, MSI-X table). A guest that moves BARs anywhere (over each other, over
+//! standard VGA (video memory and register BARs), a virtio-pci device (virtio-input: common, notify,
+//! ISR and device configuration, MSI-X table) and the Intel HD Audio controller (its registers, CORB and
+//! RIRB rings, stream descriptors and their DMA in the guest memory, codec verbs). A guest that moves BARs anywhere (over each other, over
 //! the window's edges, sizes them with all ones) or turns decoding off and on is what this feeds.
 //!
 //! Input: operations of a kind byte and its bytes:
@@ -16,9 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_core::devices::bus::UnhandledCounts;
 use vmm_core::devices::dispi::Dispi;
 use vmm_core::devices::vga::Vga;
-use vmm_core::devices::bus::UnhandledCounts;
 use vmm_core::devices::{BusDevice, MachineControl};
 use vmm_core::pci::std_vga::StdVga;
 use vmm_core::pci::{MMIO_WINDOW_END, MMIO_WINDOW_START, PciBus, PciConfigPorts, PciMmioWindow};
@@ -43,12 +44,20 @@ fuzz_target!(|input: &[u8]| {
         bus.allocate_bar(0x1000).expect("room for the VGA registers"),
         bus.allocate_bar(BAR_SIZE).expect("room for the virtio BAR"),
     );
+    let hda_at = bus.allocate_bar(vmm_core::pci::hda::BAR_SIZE).expect("room for the HD Audio BAR");
     let std_vga = StdVga::new(dispi, vga, vram_at, 16 << 20, vga_mmio_at, Box::new(|_| {}));
     let Ok(tablet) = VirtioInput::new(Profile::Tablet, interrupt.clone()) else { return };
-    let Ok(virtio) = VirtioPci::new(tablet, virtio_at, 11, interrupt, mem, None, None) else { return };
+    let Ok(virtio) = VirtioPci::new(tablet, virtio_at, 11, interrupt, mem.clone(), None, None) else { return };
+    let Ok(sound_interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
+    let screen = vmm_core::display::Screen::new();
+    let Ok(hda) = vmm_core::pci::hda::Hda::new(screen, mem, hda_at, 10, sound_interrupt) else { return };
     // The host bridge is the bus's own, in slot 0.
-    let inserted = [bus.insert(1, Arc::new(Mutex::new(std_vga))), bus.insert(2, Arc::new(Mutex::new(virtio)))];
-    assert!(inserted.iter().all(Result::is_ok), "slots 1 and 2 are free on a new bus");
+    let inserted = [
+        bus.insert(1, Arc::new(Mutex::new(std_vga))),
+        bus.insert(2, Arc::new(Mutex::new(virtio))),
+        bus.insert(3, Arc::new(Mutex::new(hda))),
+    ];
+    assert!(inserted.iter().all(Result::is_ok), "slots 1 to 3 are free on a new bus");
     let bus = Arc::new(bus);
     let mut ports = PciConfigPorts::new(bus.clone(), machine);
     let mut window = PciMmioWindow::new(bus);

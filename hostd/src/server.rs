@@ -680,7 +680,7 @@ async fn create_vm(
         input: req.input.unwrap_or(porthole_api::InputMode::Virtio),
         vga: req.vga.unwrap_or(porthole_api::VgaMode::Virtio),
         agent: req.agent.unwrap_or(porthole_api::AgentMode::Spice),
-        sound: req.sound.unwrap_or(porthole_api::SoundMode::Virtio),
+        sound: req.sound.unwrap_or(porthole_api::SoundMode::Hda),
         balloon: true,
         cpu_cap_percent: req.cpu_cap_percent.filter(|&c| c != 0),
         cpu_weight: req.cpu_weight.filter(|&w| w != 0),

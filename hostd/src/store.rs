@@ -88,7 +88,7 @@ pub struct VmRecord {
     /// definitions written before it: none (their saved machine states have no such port).
     #[serde(default, skip_serializing_if = "is_no_agent")]
     pub agent: AgentMode,
-    /// The sound card (`porthole-vmm --sound`): none, or virtio-sound. Absent in definitions written
+    /// The sound card (`porthole-vmm --sound`): none, Intel HD Audio or virtio-sound. Absent in definitions written
     /// before it: none (their saved machine states have no sound card).
     #[serde(default, skip_serializing_if = "is_no_sound")]
     pub sound: SoundMode,

@@ -799,10 +799,12 @@ fn read_def(conn: &Connect, dom: &Domain, state: u32) -> Result<Def, HostError> 
             true => AgentMode::Spice,
             false => AgentMode::None,
         },
-        // A virtio sound card; the domain's other models (ich6, ich9, ac97...) have no Porthole name yet.
-        sound: match doc.child("devices").is_some_and(|d| d.all("sound").any(|c| c.attr("model") == Some("virtio"))) {
-            true => SoundMode::Virtio,
-            false => SoundMode::None,
+        // The domain's first sound card: Intel HD Audio (ich6, ich7, ich9) or virtio; older models (ac97,
+        // es1370, sb16...) have no Porthole name and read as none.
+        sound: match doc.child("devices").and_then(|d| d.all("sound").next()).and_then(|s| s.attr("model")) {
+            Some("ich6" | "ich7" | "ich9") => SoundMode::Hda,
+            Some("virtio") => SoundMode::Virtio,
+            _ => SoundMode::None,
         },
         agent_connected: None,
         display_follows: None,
@@ -1080,10 +1082,13 @@ fn domain_xml(
         x += "    <channel type='qemu-vdagent'><source><clipboard copypaste='yes'/></source>";
         x += &format!("<target type='virtio' name='{}'/></channel>\n", porthole_api::SPICE_AGENT_PORT);
     }
-    // A virtio sound card only when asked for (libvirt 9.4 and QEMU 8.2 have it; older ones refuse the
-    // definition, and their message reaches the user).
-    if vm.sound == Some(SoundMode::Virtio) {
-        x += "    <sound model='virtio'/>\n";
+    // A sound card only when asked for: Intel HD Audio (ICH9, as virt-manager gives q35 guests), or virtio
+    // (libvirt 9.4 and QEMU 8.2 have it; older ones refuse the definition, and their message reaches the
+    // user).
+    match vm.sound {
+        Some(SoundMode::Hda) => x += "    <sound model='ich9'/>\n",
+        Some(SoundMode::Virtio) => x += "    <sound model='virtio'/>\n",
+        Some(SoundMode::None) | None => {}
     }
     x += "    <memballoon model='virtio'/>\n  </devices>\n</domain>\n";
     x

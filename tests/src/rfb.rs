@@ -169,3 +169,73 @@ fn skip(r: &mut impl Read, n: usize) -> io::Result<()> {
     let copied = io::copy(&mut r.take(n as u64), &mut io::sink())?;
     if copied as usize == n { Ok(()) } else { Err(io::ErrorKind::UnexpectedEof.into()) }
 }
+
+/// One audio message an RFB client heard, with when it came (from the client's enable, see [`start_audio`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeardAudio {
+    Begin(std::time::Duration),
+    Data(std::time::Duration, Vec<u8>),
+    End(std::time::Duration),
+}
+
+impl HeardAudio {
+    /// "begin", "data" or "end".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HeardAudio::Begin(_) => "begin",
+            HeardAudio::Data(..) => "data",
+            HeardAudio::End(_) => "end",
+        }
+    }
+
+    /// When it came.
+    pub fn at(&self) -> std::time::Duration {
+        match self {
+            HeardAudio::Begin(t) | HeardAudio::Data(t, _) | HeardAudio::End(t) => *t,
+        }
+    }
+
+    /// The samples of the data messages among `heard`, in order, one buffer.
+    pub fn data_of(heard: &[HeardAudio]) -> Vec<u8> {
+        heard
+            .iter()
+            .filter_map(|h| if let HeardAudio::Data(_, d) = h { Some(d.as_slice()) } else { None })
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// The client side of QEMU's audio extension after the client listed [`QEMU_AUDIO`] among its encodings and
+/// asked for an update: waits until `deadline` for the acknowledgement (a rectangle of [`QEMU_AUDIO`] in an
+/// update; updates without it, bells and skipped messages are passed over), then sends SetFormat (`format`,
+/// `channels`, `freq`) and enable. Returns when the enable was sent (the time base of [`HeardAudio`]).
+/// Any other message before the acknowledgement, or none by the deadline, is an error.
+pub fn start_audio(
+    client: &mut RfbClient,
+    messages: &mut ServerMessages,
+    (format, channels, freq): (u8, u8, u32),
+    deadline: std::time::Instant,
+) -> io::Result<std::time::Instant> {
+    use std::io::Write;
+    loop {
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement of the audio pseudo-encoding"));
+        }
+        match messages.read_message()? {
+            ServerMessage::Update(rects) if rects.iter().any(|r| r.0 == QEMU_AUDIO) => break,
+            ServerMessage::Update(_) | ServerMessage::Skipped(_) | ServerMessage::Bell => {}
+            other => return Err(io::Error::other(format!("before the audio acknowledgement: {other:?}"))),
+        }
+    }
+    client.stream.write_all(&qemu_audio_set_format_message(format, channels, freq))?;
+    client.stream.write_all(&qemu_audio_enable_message())?;
+    Ok(std::time::Instant::now())
+}
+
+/// Interleaved little-endian S16 stereo frames (QEMU audio data in [`QEMU_AUDIO_S16`] with 2 channels, or a
+/// WAV file's data): the left channel and the right channel. A trailing partial frame is left out.
+pub fn s16le_stereo(bytes: &[u8]) -> (Vec<i16>, Vec<i16>) {
+    let frames = bytes.chunks_exact(4);
+    frames.map(|f| (i16::from_le_bytes([f[0], f[1]]), i16::from_le_bytes([f[2], f[3]]))).unzip()
+}

@@ -875,6 +875,49 @@ async fn new_vms_have_an_agent_port_that_the_guest_sees_and_it_can_be_removed() 
     c.action(&with.id, Action::Poweroff).await.unwrap();
 }
 
+/// The sound card: new VMs get Intel HD Audio (the guest finds 8086:293e), `sound: virtio` gives
+/// virtio-sound (1af4:1059), `none` neither; changing it on a running VM waits for its next start, and the
+/// engine's status reports the card (not playing: the micro-guest plays nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_vms_have_a_sound_card_that_the_guest_sees_and_it_can_be_changed() {
+    use porthole_api::SoundMode;
+    let dir = Scratch::new("settings-sound");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let request = |name: &str, sound: Option<SoundMode>| pci_scan_vm(name, |r| r.sound = sound);
+    let hda = c.create_vm(&request("with-hda", None)).await.unwrap();
+    assert_eq!(hda.sound, SoundMode::Hda, "new VMs get HD Audio");
+    let seen = pci_devices(&c, &hda.id).await;
+    assert_eq!(seen.iter().filter(|l| l.contains("id=8086:293e")).count(), 1, "{seen:#?}");
+    let virtio = c.create_vm(&request("with-virtio-sound", Some(SoundMode::Virtio))).await.unwrap();
+    let seen = pci_devices(&c, &virtio.id).await;
+    assert!(seen.iter().any(|l| l.contains("id=1af4:1059")), "{seen:#?}");
+    assert!(!seen.iter().any(|l| l.contains("id=8086:293e")), "{seen:#?}");
+    let none = c.create_vm(&request("silent", Some(SoundMode::None))).await.unwrap();
+    let seen = pci_devices(&c, &none.id).await;
+    assert!(!seen.iter().any(|l| l.contains("id=8086:293e") || l.contains("id=1af4:1059")), "{seen:#?}");
+
+    c.update_vm(&hda.id, &UpdateVm { boot: Some(idle_boot()), ..Default::default() }).await.unwrap();
+    c.action(&hda.id, Action::Start).await.unwrap();
+    wait_state(&c, &hda.id, VmState::Running).await;
+    let sound_arg = |id: &str| arg_after(&vmm_args(&d, id), "--sound");
+    assert_eq!(sound_arg(&hda.id).as_deref(), Some("hda"));
+    let control = d.run.join("vms").join(&hda.id).join("control.sock");
+    let mut client = vmm_core::control::ControlClient::connect(&control).unwrap();
+    let status = client.request(&vmm_core::control::Request::Status).unwrap().status.unwrap();
+    let sound = status.sound.expect("the engine reports its sound card");
+    assert!(!sound.playing && sound.played_frames == 0, "{sound:?}");
+    let vm = c.update_vm(&hda.id, &UpdateVm { sound: Some(SoundMode::Virtio), ..Default::default() }).await.unwrap();
+    assert!(vm.sound == SoundMode::Hda && vm.pending_changes == ["sound"], "{vm:?}");
+    c.action(&hda.id, Action::Poweroff).await.unwrap();
+    wait_state(&c, &hda.id, VmState::Stopped).await;
+    c.action(&hda.id, Action::Start).await.unwrap();
+    wait_state(&c, &hda.id, VmState::Running).await;
+    assert_eq!(sound_arg(&hda.id).as_deref(), Some("virtio"), "applied at the next start");
+    assert_eq!(c.vm(&hda.id).await.unwrap().sound, SoundMode::Virtio);
+    c.action(&hda.id, Action::Poweroff).await.unwrap();
+}
+
 /// A disk's rate limits: set on a stopped VM (kept in its definition, given to the engine at start), changed
 /// on a running one (the engine takes them at once), refused when absurd (each field named, nothing
 /// changed); the guest's requests still all complete under a tight limit.

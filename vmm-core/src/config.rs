@@ -82,8 +82,9 @@ pub struct VmConfig {
     /// driver does not.
     #[serde(default)]
     pub agent: AgentMode,
-    /// A sound card: none, or virtio-sound (one output and one input stream; Linux: snd_virtio, from
-    /// 6.2), whose output the console's listeners hear (QEMU's RFB audio extension).
+    /// A sound card: none, an Intel HD Audio controller with a line-out/line-in codec (every OS has a
+    /// driver; Linux: snd_hda_intel), or virtio-sound (one output and one input stream; Linux: snd_virtio,
+    /// from 6.2); its output is what the console's listeners hear (QEMU's RFB audio extension).
     #[serde(default)]
     pub sound: SoundMode,
     /// A virtio memory balloon: the host can shrink and grow the guest's memory live (control socket
@@ -177,6 +178,8 @@ pub enum SoundMode {
     /// No sound card.
     #[default]
     None,
+    /// Intel HD Audio (ICH9, PCI 8086:293e) with a line-out and line-in codec: what every OS drives.
+    Hda,
     /// virtio-sound: one output stream (heard on the console) and one input stream (silence).
     Virtio,
 }
@@ -185,6 +188,7 @@ impl SoundMode {
     pub fn as_str(self) -> &'static str {
         match self {
             SoundMode::None => "none",
+            SoundMode::Hda => "hda",
             SoundMode::Virtio => "virtio",
         }
     }
@@ -201,8 +205,9 @@ impl std::str::FromStr for SoundMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "none" => Ok(SoundMode::None),
+            "hda" => Ok(SoundMode::Hda),
             "virtio" => Ok(SoundMode::Virtio),
-            _ => Err(format!("sound {s:?}: none or virtio")),
+            _ => Err(format!("sound {s:?}: none, hda or virtio")),
         }
     }
 }

@@ -1198,6 +1198,22 @@ impl Vm {
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }
+        if self.handle.sound == crate::config::SoundMode::Hda {
+            let screen = self.refresher.screen.clone();
+            // A new boot plays nothing yet (listeners get the end of what the last boot played).
+            screen.audio_stop();
+            let slot = bus.free_slot()?;
+            let gsi = pci::slot_gsi(slot);
+            let interrupt =
+                Arc::new(VirtioInterrupt::new().map_err(io_err("create the sound card's interrupt eventfd"))?);
+            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
+                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
+            let bar = bus.allocate_bar(pci::hda::BAR_SIZE)?;
+            let hda = pci::hda::Hda::new(screen, mem.clone(), bar, gsi as u8, interrupt.clone())
+                .map_err(io_err("start the sound card's thread"))?;
+            bus.insert(slot, Arc::new(Mutex::new(hda)))?;
+            interrupts.push(interrupt);
+        }
         if self.handle.sound == crate::config::SoundMode::Virtio {
             let screen = self.refresher.screen.clone();
             // A new boot plays nothing yet (listeners get the end of what the last boot played).

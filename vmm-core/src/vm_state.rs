@@ -233,6 +233,7 @@ impl Vm {
         // So is the sound card.
         let input = match self.config.sound {
             crate::config::SoundMode::None => input,
+            crate::config::SoundMode::Hda => format!("{input} sound=hda"),
             crate::config::SoundMode::Virtio => format!("{input} sound=virtio"),
         };
         // Room for more vCPUs shows in the ACPI tables; a VM at its maximum is one started with that many.

@@ -50,6 +50,10 @@ impl PortholeApp {
             let (text, more) = clipboard_text(vm, self.backend.model().details.as_ref());
             ui.label(text).on_hover_text(more);
             ui.end_row();
+            ui.label("Sound");
+            let (text, more) = sound_text(vm.sound);
+            ui.label(text).on_hover_text(more);
+            ui.end_row();
             ui.label("Keyboard");
             let (text, more) = keyboard_text(vm, self.backend.model().details.as_ref());
             let leds = self
@@ -384,6 +388,20 @@ fn clipboard_text(
             "The guest has not started spice-vdagent (Debian, Fedora, Ubuntu: the spice-vdagent package)",
         ),
         (AgentMode::Spice, _, _) => ("with the guest's agent", "Shared once the guest runs spice-vdagent"),
+    }
+}
+
+/// The sound card, in a few words and then in full.
+fn sound_text(sound: porthole_api::SoundMode) -> (&'static str, &'static str) {
+    match sound {
+        porthole_api::SoundMode::None => ("none", "No sound card (Settings: Sound)"),
+        porthole_api::SoundMode::Hda => {
+            ("HD Audio", "Intel HD Audio: the guest's sound plays in the console (Mute and Volume in its toolbar)")
+        }
+        porthole_api::SoundMode::Virtio => (
+            "virtio",
+            "virtio-sound (Linux 6.2 and newer): the guest's sound plays in the console (Mute and Volume in its toolbar)",
+        ),
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use porthole_api::{
     AddDisk, AgentMode, BootDevice, BootSpec, DiskFormat, DiskLimits, DisplaySpec, DriveKind, ImageFormat, InputMode,
-    MemoryBalloon, UpdateVm, VgaMode, Vm, VmState,
+    MemoryBalloon, SoundMode, UpdateVm, VgaMode, Vm, VmState,
 };
 
 use super::clones::human_bytes;
@@ -50,6 +50,8 @@ pub struct Fields {
     pub vga: VgaMode,
     /// The guest agent's port (the clipboard shared with spice-vdagent).
     pub agent: AgentMode,
+    /// The sound card.
+    pub sound: SoundMode,
     /// CPU cap in percent of one CPU (empty: none) and weight (empty: the default).
     pub cpu_cap: String,
     pub cpu_weight: String,
@@ -89,6 +91,7 @@ impl Fields {
             input: p.input.unwrap_or(vm.input),
             vga: p.vga.unwrap_or(vm.vga),
             agent: p.agent.unwrap_or(vm.agent),
+            sound: p.sound.unwrap_or(vm.sound),
             cpu_cap: vm.cpu_cap_percent.map(|c| c.to_string()).unwrap_or_default(),
             cpu_weight: vm.cpu_weight.map(|w| w.to_string()).unwrap_or_default(),
         }
@@ -173,6 +176,9 @@ pub fn request(base: &Fields, new: &Fields) -> Result<UpdateVm, BTreeMap<String,
     }
     if new.agent != base.agent {
         u.agent = Some(new.agent);
+    }
+    if new.sound != base.sound {
+        u.sound = Some(new.sound);
     }
     // CPU limits: empty removes (0 in the request).
     for (text, old, field, slot) in [
@@ -751,6 +757,20 @@ impl PortholeApp {
                 );
                 f.agent = if shared { AgentMode::Spice } else { AgentMode::None };
                 r
+            });
+            row(ui, "Sound", &errors, "sound", |ui| {
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut f.sound, SoundMode::None, "None").on_hover_text("No sound card");
+                    ui.radio_value(&mut f.sound, SoundMode::Hda, "HD Audio").on_hover_text(
+                        "Intel HD Audio: every OS has its driver; the guest's sound plays in the console; \
+                         applies at the next start",
+                    );
+                    ui.radio_value(&mut f.sound, SoundMode::Virtio, "Virtio").on_hover_text(
+                        "virtio-sound: lighter, for guests with its driver (Linux 6.2 and newer); applies at \
+                         the next start",
+                    )
+                })
+                .response
             });
         });
 

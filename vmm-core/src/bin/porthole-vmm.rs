@@ -138,10 +138,11 @@ struct Cli {
     /// [default: none, or the configuration file's].
     #[arg(long, value_name = "none|spice")]
     agent: Option<vmm_core::config::AgentMode>,
-    /// A sound card: `none`, or `virtio` (virtio-sound, Linux's snd_virtio from 6.2: what the guest plays
-    /// reaches VNC clients that take QEMU's audio extension, Porthole's console, virt-viewer, gvncviewer)
+    /// A sound card: `none`, `hda` (Intel HD Audio with a line-out/line-in codec: every OS has a driver;
+    /// Linux: snd_hda_intel) or `virtio` (virtio-sound, Linux's snd_virtio from 6.2); what the guest plays
+    /// reaches VNC clients that take QEMU's audio extension (Porthole's console, virt-viewer, gvncviewer)
     /// [default: none, or the configuration file's].
-    #[arg(long, value_name = "none|virtio")]
+    #[arg(long, value_name = "none|hda|virtio")]
     sound: Option<vmm_core::config::SoundMode>,
     /// At most this many CPUs' worth of time for the whole VM (e.g. 1.5), through a cgroup of its own under
     /// the caller's (cgroup v2 cpu.max or the v1 cpu controller); where none can be written, the VM runs

@@ -7,6 +7,8 @@
 //! values.
 
 pub mod config;
+pub mod hda;
+pub mod hda_codec;
 pub mod msix;
 pub mod std_vga;
 
