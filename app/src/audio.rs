@@ -200,46 +200,43 @@ fn start_output() -> Result<(cpal::Stream, Arc<Shared>), String> {
     });
     let errors = shared.clone();
     let on_error = move |e: cpal::StreamError| *lock(&errors.error) = Some(e.to_string());
-    let s = shared.clone();
     let stream = match sample_format {
         cpal::SampleFormat::F32 => {
+            let s = shared.clone();
             device.build_output_stream(&config, move |out: &mut [f32], _: &_| s.fill(out), on_error, None)
         }
-        cpal::SampleFormat::I16 => {
-            let mut buf = Vec::new();
-            device.build_output_stream(
-                &config,
-                move |out: &mut [i16], _: &_| {
-                    buf.resize(out.len(), 0.0);
-                    s.fill(&mut buf);
-                    for (o, v) in out.iter_mut().zip(&buf) {
-                        *o = (v * 32767.0) as i16;
-                    }
-                },
-                on_error,
-                None,
-            )
-        }
+        cpal::SampleFormat::I16 => converting_stream(&device, &config, &shared, on_error, |v| (v * 32767.0) as i16),
         cpal::SampleFormat::I32 => {
-            let mut buf = Vec::new();
-            device.build_output_stream(
-                &config,
-                move |out: &mut [i32], _: &_| {
-                    buf.resize(out.len(), 0.0);
-                    s.fill(&mut buf);
-                    for (o, v) in out.iter_mut().zip(&buf) {
-                        *o = (f64::from(*v) * f64::from(i32::MAX)) as i32;
-                    }
-                },
-                on_error,
-                None,
-            )
+            converting_stream(&device, &config, &shared, on_error, |v| (f64::from(v) * f64::from(i32::MAX)) as i32)
         }
         other => return Err(format!("the sound output's sample format {other} is not supported")),
     }
     .map_err(|e| format!("the sound output refused a stream: {e}"))?;
     stream.play().map_err(|e| format!("the sound output does not play: {e}"))?;
     Ok((stream, shared))
+}
+
+/// A stream of an integer sample format: filled as f32, then converted with `to`.
+fn converting_stream<T: cpal::SizedSample + Send + 'static>(
+    device: &cpal::Device,
+    config: &cpal::StreamConfig,
+    shared: &Arc<Shared>,
+    on_error: impl FnMut(cpal::StreamError) + Send + 'static,
+    to: fn(f32) -> T,
+) -> Result<cpal::Stream, cpal::BuildStreamError> {
+    let (s, mut buf) = (shared.clone(), Vec::new());
+    device.build_output_stream(
+        config,
+        move |out: &mut [T], _: &_| {
+            buf.resize(out.len(), 0.0);
+            s.fill(&mut buf);
+            for (o, &v) in out.iter_mut().zip(&buf) {
+                *o = to(v);
+            }
+        },
+        on_error,
+        None,
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1198,7 +1198,7 @@ impl Vm {
             bus.insert(slot, Arc::new(Mutex::new(device)))?;
             interrupts.push(interrupt);
         }
-        if self.handle.sound == crate::config::SoundMode::Hda {
+        if self.handle.sound != crate::config::SoundMode::None {
             let screen = self.refresher.screen.clone();
             // A new boot plays nothing yet (listeners get the end of what the last boot played).
             screen.audio_stop();
@@ -1208,28 +1208,21 @@ impl Vm {
                 Arc::new(VirtioInterrupt::new().map_err(io_err("create the sound card's interrupt eventfd"))?);
             vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
                 .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
-            let bar = bus.allocate_bar(pci::hda::BAR_SIZE)?;
-            let hda = pci::hda::Hda::new(screen, mem.clone(), bar, gsi as u8, interrupt.clone())
-                .map_err(io_err("start the sound card's thread"))?;
-            bus.insert(slot, Arc::new(Mutex::new(hda)))?;
-            interrupts.push(interrupt);
-        }
-        if self.handle.sound == crate::config::SoundMode::Virtio {
-            let screen = self.refresher.screen.clone();
-            // A new boot plays nothing yet (listeners get the end of what the last boot played).
-            screen.audio_stop();
-            let slot = bus.free_slot()?;
-            let gsi = pci::slot_gsi(slot);
-            let interrupt =
-                Arc::new(VirtioInterrupt::new().map_err(io_err("create the sound card's interrupt eventfd"))?);
-            vm.register_irqfd_with_resample(interrupt.line(), interrupt.resample_fd(), gsi)
-                .map_err(kvm_err("route a PCI interrupt (irqfd)"))?;
-            let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
-            let sound = crate::virtio::sound::VirtioSound::new(screen, interrupt.clone())
-                .map_err(io_err("start the sound card's thread"))?;
-            let device = VirtioPci::new(sound, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
-                .map_err(io_err("give the sound card its MSI-X vectors"))?;
-            bus.insert(slot, Arc::new(Mutex::new(device)))?;
+            let device: pci::SharedPciDevice = if self.handle.sound == crate::config::SoundMode::Hda {
+                let bar = bus.allocate_bar(pci::hda::BAR_SIZE)?;
+                let hda = pci::hda::Hda::new(screen, mem.clone(), bar, gsi as u8, interrupt.clone())
+                    .map_err(io_err("start the sound card's thread"))?;
+                Arc::new(Mutex::new(hda))
+            } else {
+                let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
+                let sound = crate::virtio::sound::VirtioSound::new(screen, interrupt.clone())
+                    .map_err(io_err("start the sound card's thread"))?;
+                let device =
+                    VirtioPci::new(sound, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
+                        .map_err(io_err("give the sound card its MSI-X vectors"))?;
+                Arc::new(Mutex::new(device))
+            };
+            bus.insert(slot, device)?;
             interrupts.push(interrupt);
         }
         if let Some(shared) = &self.handle.balloon {

@@ -129,7 +129,7 @@ pub enum PciError {
     NoBarSpace(u64),
 }
 
-type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
 /// Bus 0: its devices by slot, and the allocator that places their BARs.
 pub struct PciBus {
