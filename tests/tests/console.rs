@@ -48,10 +48,15 @@ impl ConsoleVm {
         text(&std::fs::read(&self.serial).unwrap_or_default())
     }
 
+    /// Waits for the whole line that holds `what` (the guest prints slowly: a line read as it is being
+    /// written would be cut short).
     fn wait_for(&self, what: &str) {
         wait_until(
             LIMIT,
-            || self.output().contains(what),
+            || {
+                let out = self.output();
+                out.find(what).is_some_and(|at| out[at..].contains('\n'))
+            },
             || format!("waiting for {what:?}; serial:\n{}", self.output()),
         );
     }
