@@ -475,6 +475,10 @@ const DOCUMENTED_THREADS: &[&str] = &[
     "tablet",
     "keyboard",
     "balloon",
+    "virtio-gpu",
+    "serial-port",
+    "sound",
+    "hda",
     "kvm-nx-lpage-re",
 ];
 
@@ -489,7 +493,7 @@ fn every_thread_of_a_vmm_with_every_device_runs_under_seccomp() {
     let vnc = dir.path("vnc.sock");
     let (vnc_arg, disk_arg) = (format!("unix:{}", vnc.display()), image.display().to_string());
     let mut args = vec!["--cpus", "2", "--disk", &disk_arg, "--cdrom", "--vnc", &vnc_arg, "--input", "virtio"];
-    args.push("--balloon");
+    args.extend_from_slice(&["--balloon", "--vga", "virtio", "--agent", "spice", "--sound", "hda"]);
     let passt = Command::new("passt").arg("--version").output().is_ok();
     if passt {
         args.extend_from_slice(&["--net", "user"]);
@@ -533,6 +537,9 @@ fn every_thread_of_a_vmm_with_every_device_runs_under_seccomp() {
         "tablet",
         "keyboard",
         "balloon",
+        "virtio-gpu",
+        "serial-port",
+        "hda",
     ];
     if passt {
         expected.push("net-io");
@@ -555,6 +562,22 @@ fn every_thread_of_a_vmm_with_every_device_runs_under_seccomp() {
         );
     }
     eprintln!("{} threads, all filtered: {threads:?}", threads.len());
+}
+
+/// The other sound card's thread (one VM has one card) is filtered and documented too.
+#[test]
+fn the_virtio_sound_thread_runs_under_seccomp() {
+    let t = Ticker::start(&["--sound", "virtio"]);
+    let pid = t.child.as_ref().unwrap().id();
+    wait_until(
+        LIMIT,
+        || seccomp_modes(pid).iter().any(|(n, _)| n == "sound"),
+        || format!("no sound thread: {:?}", seccomp_modes(pid)),
+    );
+    let threads = seccomp_modes(pid);
+    let (_, mode) = threads.iter().find(|(n, _)| n == "sound").unwrap();
+    assert_eq!(mode, "2", "the sound thread is not under a seccomp filter: {threads:?}");
+    assert!(DOCUMENTED_THREADS.contains(&"sound"));
 }
 
 #[test]
