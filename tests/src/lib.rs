@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod hw;
 pub mod libvirt;
 pub mod rfb;
+pub mod sound;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
