@@ -11,7 +11,8 @@
 #     l1-qemu.cpio      QEMU (the peer) with its libraries and firmware, appended for the scenarios
 #                       that time it
 #     l1-isos.cpio      memtest86+'s ISO and the Debian installer ISO (the --all scenarios)
-#     guests/           what L2 boots: vmlinuz, vmlinux (PVH), l2-initramfs.cpio.gz, linux.iso
+#     guests/           what L2 boots: vmlinuz, vmlinux (PVH), l2-initramfs.cpio.gz (with blkbench and tone,
+#                       static C programs, and the sound modules: snd-hda-intel, the generic codec), linux.iso
 #                       (SeaBIOS -> GRUB -> the same Linux), data.iso (read as /dev/sr0), micro-guests
 #     busybox           the same busybox, for direct mode's scenarios (L1 has it as /bin/busybox)
 #
@@ -163,9 +164,11 @@ log "L2 initramfs"
 L2=$W/l2
 busybox_root "$L2"
 install_modules "$L2" virtio_pci virtio_blk virtio_scsi virtio_net sr_mod bochs psmouse evdev button crc32c_generic ext4 \
-    virtio_input virtio_balloon virtio-gpu virtio_console
+    virtio_input virtio_balloon virtio-gpu virtio_console \
+    snd-hda-codec-generic snd-hda-intel
 cp "$SCRIPT_DIR/l2-init.sh" "$L2/init"
 gcc -O2 -static -Wall -Werror -o "$L2/bin/blkbench" "$SCRIPT_DIR/blkbench.c"
+gcc -O2 -static -Wall -Werror -o "$L2/bin/tone" "$SCRIPT_DIR/tone.c"
 mkdir -p "$L2/etc/udhcpc"
 cp "$SCRIPT_DIR/l2-udhcpc.sh" "$L2/etc/udhcpc/default.script"
 chmod 755 "$L2/init" "$L2/etc/udhcpc/default.script"

@@ -23,6 +23,13 @@
 #                   reads the host's capabilities, announces its own, grabs the clipboard, answers the host's
 #                   request with "hello-from-linux" (PORTHOLE-AGENT-COPIED), then waits for the host's grab
 #                   (text an RFB client sent), requests the text and says it (PORTHOLE-AGENT-PASTED).
+#   hw.mode=sound   Intel HD Audio (porthole-vmm --sound hda): loads the sound modules (snd-hda-intel, the generic
+#                   codec driver), says which driver bound the controller and what the card and its codec are
+#                   (PORTHOLE-SOUND), says PORTHOLE-SOUND-READY and waits (at most 60 s) for a line typed on the
+#                   console (the harness's RFB client, its audio enabled, types "play"), then plays a 480 Hz tone
+#                   for 3 s through ALSA (tests/hw/tone.c: the mixer's Master to 0 dB and unmuted, then the PCM
+#                   device's ioctls, no alsa-lib) and says its `TONE ...` lines and the DAC's amp (PORTHOLE-SOUND-DONE),
+#                   then powers off.
 #   hw.mode=blkbench  guest-driven block I/O on /dev/vda (tests/hw/blkbench.c: sequential and random, O_DIRECT,
 #                   timed by the guest) over its first hw.mib MiB, one PORTHOLE-BLKBENCH line, then power off
 #                   (tests/hw/scenarios/disk-io.sh runs it on raw and qcow2, porthole-vmm and QEMU).
@@ -55,8 +62,11 @@ if [ "$MODE" = quick ]; then
 fi
 
 # virtio_input waits: the full mode loads it after the PS/2 mouse test (the pointer moves to the tablet then).
+# The sound modules are for hw.mode=sound only.
+is_sound() { case $1 in snd*.ko* | soundcore.ko* | ledtrig-audio.ko*) return 0 ;; esac; return 1; }
 while read -r m; do
     case $m in virtio_input.ko* | virtio-gpu.ko*) continue ;; esac
+    is_sound "$m" && continue
     out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
 done </lib/modules/load-order
 
@@ -166,6 +176,47 @@ if [ "$MODE" = agent ]; then
     text=$(dd bs=1 count=48 <&3 2>/dev/null | dd bs=1 skip=32 2>/dev/null)
     say "PORTHOLE-AGENT-PASTED host-grab=$(type_of "$grab") text=$text"
     exec 3>&-
+    off
+fi
+
+if [ "$MODE" = sound ]; then
+    say "PORTHOLE-L2-INIT mode=sound kernel=$(uname -r)"
+    while read -r m; do
+        is_sound "$m" || continue
+        out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
+    done </lib/modules/load-order
+    PCM=/dev/snd/pcmC0D0p
+    # devtmpfs makes the nodes; without it, from the sysfs major:minor.
+    i=0
+    while [ ! -e /sys/class/sound/pcmC0D0p/dev ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
+    if [ -e /sys/class/sound/pcmC0D0p/dev ] && [ ! -e $PCM ]; then
+        mkdir -p /dev/snd
+        for d in /sys/class/sound/*/dev; do
+            n=$(basename "$(dirname "$d")")
+            [ -e "/dev/snd/$n" ] || mknod "/dev/snd/$n" c "$(cut -d: -f1 "$d")" "$(cut -d: -f2 "$d")"
+        done
+    fi
+    if ! wait_for $PCM; then
+        say "PORTHOLE-FAIL no $PCM after $((i / 5)) s: $(ls /sys/class/sound 2>&1 | tr '\n' ' ') dmesg: $(dmesg | grep -iE 'snd|hda|sound' | tail -n 8 | tr '\n' '|')"
+        off
+    fi
+    # The codec driver binds a moment after the card appears; its proc file names the codec and its nodes.
+    CODEC=/proc/asound/card0/codec#0
+    wait_for $CODEC
+    ctl=$(ls -d /sys/bus/pci/drivers/snd_hda_intel/0000:* 2>/dev/null | head -n1)
+    codec_driver=$(basename "$(readlink /sys/bus/hdaudio/devices/hdaudioC0D0/driver 2>/dev/null)")
+    codec=$(sed -n 's/^Codec: //p' $CODEC | tr ' ' _)
+    nodes=$(sed -n 's/^Node \(0x[0-9a-f]*\) \[\([A-Za-z ]*\)\].*/\1:\2/p' $CODEC | tr ' ' _ | tr '\n' ,)
+    say "PORTHOLE-SOUND driver=$(basename "$(readlink "$ctl/driver" 2>/dev/null)") pci=$(basename "$ctl") id=$(cat "$ctl/vendor" 2>/dev/null):$(cat "$ctl/device" 2>/dev/null) codec-driver=$codec_driver codec=$codec nodes=$nodes card=$(head -n1 /proc/asound/cards | sed 's/^ *//' | tr -s ' ' _)"
+    # The whole codec dump (amps, pin controls, connections), for the log.
+    sed 's/^/codec| /' $CODEC
+    # The VT is open before READY: what the harness types after it is not lost.
+    exec 4</dev/tty1
+    say "PORTHOLE-SOUND-READY $PCM"
+    if read -r -t 60 line <&4; then say "PORTHOLE-SOUND-GO got=$line"; else say "PORTHOLE-SOUND-GO none"; fi
+    exec 4<&-
+    tone 3
+    say "PORTHOLE-SOUND-DONE dac-amp=$(sed -n 's/^ *Amp-Out vals: *\[\(.*\)\]/\1/p' $CODEC | head -n1 | tr ' ' ,) irqs=$(grep -i hda /proc/interrupts | awk '{print $2 "@" $NF}' | tr '\n' ' ')"
     off
 fi
 

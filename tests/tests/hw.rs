@@ -64,6 +64,15 @@ const SCENARIOS: &[Scenario] = &[
         run: agent,
     },
     Scenario {
+        name: "sound",
+        what: "Debian kernel with --sound hda: snd_hda_intel and the generic codec driver bind, a guest program plays \
+               a 480 Hz tone through ALSA, an RFB client of QEMU's audio extension hears it",
+        pieces: &[],
+        all_only: false,
+        ends_itself: true,
+        run: sound,
+    },
+    Scenario {
         name: "boot-times",
         what: "Debian kernel to /init: PVH and bzImage on porthole-vmm and QEMU (microvm, pc)",
         pieces: &[Piece::Qemu],
@@ -559,6 +568,186 @@ fn agent(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
         Machine::field(&line, "driver").unwrap_or("?"),
         Machine::field(&line, "port").unwrap_or("?")
     ))
+}
+
+/// The Intel HD Audio card on a real guest: Linux's snd_hda_intel binds the ICH9 controller (8086:293e), the
+/// generic codec driver its codec; an RFB client lists QEMU's audio pseudo-encoding, has it acknowledged and
+/// enables the audio (S16, stereo, 48000 Hz), then types "play" on the console, and the guest's tests/hw/tone.c
+/// plays a 480 Hz square wave (amplitude 8000) for 3 s through ALSA's PCM ioctls. What the client hears until
+/// the VM ends must be that tone: a nested guest may underrun (the driver stops the stream and tone.c starts it
+/// again; the controller plays stale buffer contents meanwhile), so the pitch is measured within runs of at
+/// least 100 ms of sound, from the periods between rising zero crossings, irregular periods (at the seams)
+/// left out and counted.
+fn sound(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
+    use porthole_tests::rfb::{self, HeardAudio, ServerMessage, ServerMessages};
+    l1_up(m)?;
+    m.expect("HW-START porthole-sound", MIN)?;
+    m.expect("PORTHOLE-L2-INIT mode=sound", 10 * MIN)?;
+    let card = m.expect("PORTHOLE-SOUND ", 3 * MIN)?;
+    let field = |key: &str| Machine::field(&card, key).unwrap_or("?").to_owned();
+    if field("driver") != "snd_hda_intel" || field("id") != "0x8086:0x293e" {
+        return Err(format!("snd_hda_intel should bind the ICH9 controller 8086:293e: {:?}", card.text));
+    }
+    if !field("codec-driver").contains("generic") {
+        return Err(format!("the generic codec driver should bind the codec: {:?}", card.text));
+    }
+    m.expect("PORTHOLE-SOUND-READY", 3 * MIN)?;
+
+    let mut c = rfb(m)?;
+    let mut messages = ServerMessages::of(&c).map_err(|e| e.to_string())?;
+    c.set_encodings(&[RAW, rfb::QEMU_AUDIO]).map_err(|e| e.to_string())?;
+    c.request(false).map_err(|e| e.to_string())?;
+    let enabled = rfb::start_audio(&mut c, &mut messages, (rfb::QEMU_AUDIO_S16, 2, RATE), Instant::now() + MIN)
+        .map_err(|e| format!("starting the RFB audio: {e}"))?;
+    for ch in "play".chars().map(|c| c as u32).chain([0xFF0D]) {
+        c.key(ch, true).and_then(|()| c.key(ch, false)).map_err(|e| format!("RFB key: {e}"))?;
+    }
+    // Listen until the VM ends (its RFB connection closes through L1) or nothing comes for a minute.
+    let mut heard = Vec::new();
+    let deadline = Instant::now() + 5 * MIN;
+    let ended = loop {
+        if Instant::now() > deadline {
+            break format!("gave up after {} s", (5 * MIN).as_secs());
+        }
+        match messages.read_message() {
+            Ok(ServerMessage::AudioBegin) => heard.push(HeardAudio::Begin(enabled.elapsed())),
+            Ok(ServerMessage::AudioData(d)) => heard.push(HeardAudio::Data(enabled.elapsed(), d)),
+            Ok(ServerMessage::AudioEnd) => heard.push(HeardAudio::End(enabled.elapsed())),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break "the connection closed".to_owned(),
+            Err(e) => break format!("reading: {e}"),
+        }
+    };
+    drop(c);
+    let go = m.expect_from(0, "PORTHOLE-SOUND-GO", MIN)?;
+    let done = m.expect_from(0, "PORTHOLE-SOUND-DONE", MIN)?;
+    let tone_line = m
+        .seen
+        .iter()
+        .find(|l| l.text.contains("TONE ok") || l.text.contains("TONE FAIL"))
+        .cloned()
+        .ok_or_else(|| format!("the guest's tone.c said neither TONE ok nor TONE FAIL ({:?})", go.text))?;
+    let kinds: Vec<&str> = heard.iter().map(HeardAudio::kind).collect();
+    let begins = kinds.iter().filter(|k| **k == "begin").count();
+    let ends = kinds.iter().filter(|k| **k == "end").count();
+    let data = HeardAudio::data_of(&heard);
+    // What the client heard, kept next to the log (S16LE stereo at 48000 Hz) for a look when this fails.
+    let raw = m.log_path.with_extension("s16le");
+    std::fs::write(&raw, &data).map_err(|e| format!("{}: {e}", raw.display()))?;
+    let heard_summary = format!(
+        "{} audio messages ({begins} begin, {ends} end, {} bytes; listening ended: {ended})",
+        heard.len(),
+        data.len()
+    );
+    if !tone_line.text.contains("TONE ok") {
+        return Err(format!(
+            "the guest's tone: {:?} ({:?}); the client heard {heard_summary}",
+            tone_line.text, go.text
+        ));
+    }
+    if kinds.first() != Some(&"begin") {
+        return Err(format!("the first audio message should be a begin: {heard_summary}"));
+    }
+    let (left, right) = rfb::s16le_stereo(&data);
+    if left != right {
+        return Err(format!("both channels should be the same: {heard_summary}"));
+    }
+    let tone = HeardTone::of(&left);
+    let exit = m.expect("HW-EXIT porthole-sound", 3 * MIN)?;
+    if Machine::field(&exit, "rc") != Some("0") {
+        return Err(format!("porthole-vmm after the guest's power-off: {}", exit.text));
+    }
+    let mixer: Vec<&str> = m.seen.iter().filter(|l| l.text.contains("TONE mixer")).map(|l| l.text.trim()).collect();
+    let what = format!(
+        "{heard_summary} (in {}); {tone}; the guest: {}; {}; {}",
+        raw.display(),
+        tone_line.text.trim(),
+        mixer.join("; "),
+        done.text.trim()
+    );
+    if (tone.hz - TONE_HZ).abs() > TONE_HZ * 0.02 {
+        return Err(format!("not {TONE_HZ} Hz: {what}"));
+    }
+    if (tone.amplitude - AMPLITUDE).abs() > AMPLITUDE * 0.05 {
+        return Err(format!("not amplitude {AMPLITUDE}: {what}"));
+    }
+    if tone.seconds < 0.5 {
+        return Err(format!("less than 0.5 s of the tone: {what}"));
+    }
+    if tone.irregular * 10 > tone.periods {
+        return Err(format!("more than a tenth of the periods irregular: {what}"));
+    }
+    Ok(format!(
+        "{} bound {}, codec {} by {} (nodes {}, DAC amp {} after Master to 0 dB); {}; the client heard ({begins} begin, \
+         {ends} end) {tone}",
+        field("driver"),
+        field("id"),
+        field("codec"),
+        field("codec-driver"),
+        field("nodes").trim_end_matches(','),
+        Machine::field(&done, "dac-amp").unwrap_or("?"),
+        tone_line.text.trim(),
+    ))
+}
+
+/// The sound scenario's format and tone (tests/hw/tone.c).
+const RATE: u32 = 48000;
+const TONE_HZ: f64 = 480.0;
+const AMPLITUDE: f64 = 8000.0;
+
+/// What a channel heard holds: runs of at least 100 ms of sound (every sample at least half the amplitude;
+/// silence ends a run: none came here, the controller replays stale buffer contents while the guest is late), the periods between rising zero crossings within them, the regular
+/// ones (within 10% of the median period) giving the pitch, and the mean magnitude of the runs' samples.
+#[derive(Debug)]
+struct HeardTone {
+    runs: usize,
+    seconds: f64,
+    periods: usize,
+    irregular: usize,
+    hz: f64,
+    amplitude: f64,
+}
+
+impl HeardTone {
+    fn of(samples: &[i16]) -> HeardTone {
+        let min_run = RATE as usize / 10;
+        let runs: Vec<&[i16]> = samples
+            .split(|s| f64::from(s.unsigned_abs()) < AMPLITUDE / 2.0)
+            .filter(|run| run.len() >= min_run)
+            .collect();
+        let frames: usize = runs.iter().map(|r| r.len()).sum();
+        let magnitude: f64 = runs.iter().flat_map(|r| r.iter()).map(|s| f64::from(s.unsigned_abs())).sum();
+        let mut periods: Vec<usize> = Vec::new();
+        for run in &runs {
+            let rising: Vec<usize> =
+                run.windows(2).enumerate().filter(|(_, w)| w[0] < 0 && w[1] >= 0).map(|(i, _)| i).collect();
+            periods.extend(rising.windows(2).map(|w| w[1] - w[0]));
+        }
+        let mut sorted = periods.clone();
+        sorted.sort_unstable();
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0) as f64;
+        let regular: Vec<usize> =
+            periods.iter().copied().filter(|p| (*p as f64 - median).abs() <= median * 0.1).collect();
+        let regular_frames: usize = regular.iter().sum();
+        HeardTone {
+            runs: runs.len(),
+            seconds: frames as f64 / f64::from(RATE),
+            periods: periods.len(),
+            irregular: periods.len() - regular.len(),
+            hz: if regular_frames == 0 { 0.0 } else { regular.len() as f64 * f64::from(RATE) / regular_frames as f64 },
+            amplitude: if frames == 0 { 0.0 } else { magnitude / frames as f64 },
+        }
+    }
+}
+
+impl std::fmt::Display for HeardTone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} s of tone in {} runs of >= 100 ms: {:.1} Hz over {} periods ({} irregular), amplitude {:.0}",
+            self.seconds, self.runs, self.hz, self.periods, self.irregular, self.amplitude
+        )
+    }
 }
 
 fn boot_times(m: &mut Machine, r: &mut Report) -> Result<String, String> {
