@@ -58,6 +58,8 @@ pub struct AudioOutput {
     late_frames: AtomicU64,
     /// Frames the card played.
     played_frames: AtomicU64,
+    /// Listeners that enabled the sound: with none, pushes wake no viewer.
+    listeners: std::sync::atomic::AtomicUsize,
 }
 
 /// What a listener reads next.
@@ -161,6 +163,20 @@ impl AudioOutput {
         out.extend(s.samples.range(start..start + n));
         cursor.next += n as u64;
         AudioEvent::Data
+    }
+
+    /// A listener starts (true) or stops (false) hearing the sound.
+    pub fn set_listening(&self, on: bool) {
+        if on {
+            self.listeners.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self.listeners.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Whether any listener hears the sound (viewers need waking for it).
+    pub fn has_listeners(&self) -> bool {
+        self.listeners.load(Ordering::Relaxed) > 0
     }
 
     /// A cursor at what plays now: it reads the current stream's begin, then only sound pushed after it.

@@ -57,13 +57,13 @@ impl Listener {
             if std::mem::take(&mut self.began) {
                 server_message(END, out);
             }
-            self.enabled = false;
-            self.converter = None;
+            self.stop(output);
             return;
         }
         if !self.enabled {
             // Enabled now: from what plays now on, not from the sound kept for late listeners.
             self.enabled = true;
+            output.set_listening(true);
             self.cursor = output.cursor_now();
         }
         if self.format != Some(format)
@@ -100,6 +100,16 @@ impl Listener {
                 AudioEvent::Idle => return,
             }
         }
+    }
+}
+
+impl Listener {
+    /// The client no longer listens (it disabled the sound, or it is gone).
+    pub fn stop(&mut self, output: &AudioOutput) {
+        if std::mem::take(&mut self.enabled) {
+            output.set_listening(false);
+        }
+        self.converter = None;
     }
 }
 
@@ -144,8 +154,10 @@ mod tests {
         assert!(out.is_empty(), "disabled before anything began: nothing");
         l.messages(&output, true, f, &mut out);
         assert_eq!(out, [255, 1, 0, 1]);
+        assert!(output.has_listeners());
         out.clear();
         l.messages(&output, false, f, &mut out);
         assert_eq!(out, [255, 1, 0, 0], "disabled while playing: an end");
+        assert!(!output.has_listeners());
     }
 }

@@ -585,6 +585,7 @@ fn serve(
         if let Err(e) = w.run() {
             log::debug!("RFB writer ended: {e}");
         }
+        w.audio.stop(w.screen.audio());
         writer_shared.update(|s| s.closed = true);
         w.stream.shutdown();
     })?;
