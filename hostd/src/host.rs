@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use porthole_api::{
     CloudInitInfo, CrashReport, DiskFormat, DriveInfo, DriveKind, ExitInfo, MemoryBalloon, NicBackend, NicSpec,
-    NicStatus, UpdateVm, Vm, VmState,
+    NicStatus, PortForward, UpdateVm, Vm, VmState,
 };
 use vmm_core::control::{ControlClient, Request, Response};
 
@@ -142,6 +142,9 @@ struct NetRepair {
 
 /// The longest wait between two new passts for a card whose passt keeps dying.
 const NET_REPAIR_MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// How long an ended VM's forwarded ports may stay open (its passts ending) before it counts as stopped.
+const FORWARDS_CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 /// A VM's disk operation under way: others wait for its end (see `Host::begin`).
 pub struct Busy {
@@ -913,8 +916,27 @@ impl Host {
                     }
                 }
             }
+            host.wait_for_forwards_to_close(&id).await;
             host.ended(&id, pid);
         });
+    }
+
+    /// After VM `id`'s process ended: its passts end when their sockets close, a few milliseconds later (more
+    /// on a loaded host), and free the forwarded ports. The VM counts as stopped once they have (or after
+    /// [`FORWARDS_CLOSE_WAIT`]), so that a start right after a stop finds its ports free and its automatic SSH
+    /// forward stays where it was.
+    async fn wait_for_forwards_to_close(&self, id: &str) {
+        let Ok(record) = self.record(id) else { return };
+        let forwards: Vec<PortForward> = record
+            .nics()
+            .iter()
+            .filter(|c| c.backend == NicBackend::User)
+            .flat_map(|c| c.forwards.iter().cloned())
+            .collect();
+        let deadline = Instant::now() + FORWARDS_CLOSE_WAIT;
+        while forwards.iter().any(|f| net::probe_port(f).is_err()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn ended(&self, id: &str, pid: u32) {

@@ -756,7 +756,9 @@ async fn a_vm_whose_passt_dies_runs_on_and_its_card_gets_a_new_one() {
         kill9(passt[0]);
         // The engine notices (its card's back end ends) and the guest runs on; the daemon gives the card a
         // new passt, which opens the VM's forward again.
-        let port = vm.nics[0].forwards[0].host_port;
+        // (The definition's: another program, such as a test beside this one, may have taken the port it had
+        // when the VM last started.)
+        let port = c.vm(&vm.id).await.unwrap().nics[0].forwards[0].host_port;
         let t0 = Instant::now();
         let deadline = Instant::now() + LIMIT;
         let status = loop {
@@ -768,7 +770,12 @@ async fn a_vm_whose_passt_dies_runs_on_and_its_card_gets_a_new_one() {
             {
                 break s.clone();
             }
-            assert!(Instant::now() < deadline, "iteration {i}: the card got no new passt: {got:?}");
+            assert!(
+                Instant::now() < deadline,
+                "iteration {i}: the card got no new passt (daemon has a passt child: {fresh}): {got:?}\n\
+                 daemon log:\n{}",
+                d.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         repaired.push(t0.elapsed());
