@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+mod audio;
 mod console;
 mod daemon;
 mod disk;
@@ -90,6 +91,14 @@ enum Bench {
     Scanout {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+    },
+    /// Sound latency: the console's leg (host-side pushes -> an RFB client) and guest -> client on
+    /// porthole-vmm and QEMU.
+    Audio {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// RFB pointer motion -> virtio tablet events (host-side driver): latency p50/p99.
     Pointer {
@@ -415,6 +424,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Console { seconds } => console::run(seconds),
         Bench::Keys { presses } => console::keys(presses),
         Bench::Pointer { moves } => console::pointer(moves),
+        Bench::Audio { seconds, runs } => audio::run(seconds, runs),
         Bench::Scanout { seconds } => console::scanout(seconds),
         Bench::Anim { seconds } => console::anim(seconds),
         Bench::DiskBackend { seconds } => disk::backend(seconds),
@@ -436,6 +446,7 @@ fn main() -> anyhow::Result<()> {
             bench_pause(50)?;
             console::run(2.0)?;
             console::keys(40)?;
+            audio::run(5.0, 5)?;
             console::scanout(2.0)?;
             console::anim(20.0)?;
             disk::backend(2.0)?;

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod hw;
 pub mod libvirt;
+pub mod pulse;
 pub mod rfb;
 pub mod sound;
 

@@ -64,13 +64,19 @@ pub struct Guest {
 impl Guest {
     /// `card`'s guest playing `periods` periods; `qemu`: the QEMU for [`Engine::Qemu`].
     pub fn start(card: &Card, engine: Engine, periods: u64, qemu: Option<&Path>) -> Guest {
+        let vmm = if engine == Engine::Porthole { workspace_bin("porthole-vmm") } else { PathBuf::new() };
+        Guest::start_with(card, engine, periods, qemu, &vmm)
+    }
+
+    /// As [`Guest::start`], with the porthole-vmm binary `vmm` (a benchmark's release build).
+    pub fn start_with(card: &Card, engine: Engine, periods: u64, qemu: Option<&Path>, vmm: &Path) -> Guest {
         let dir = Scratch::new(&format!("{}-{engine:?}", card.prefix).to_lowercase());
         let (serial, vnc, wav) = (dir.path("serial.log"), dir.path("vnc.sock"), dir.path("sound.wav"));
         let guest = porthole_guests::path(card.guest);
         let cmdline = format!("{}.periods={periods}", card.prefix);
         let mut cmd = match engine {
             Engine::Porthole => {
-                let mut c = Command::new(workspace_bin("porthole-vmm"));
+                let mut c = Command::new(vmm);
                 c.arg("--kernel")
                     .arg(&guest)
                     .args(["--memory", "64", "--vga", "std", "--sound", card.porthole, "--cmdline", &cmdline])

@@ -9,6 +9,7 @@
 //!   and skip (with a line saying why) when it cannot get one.
 //! - An RFB client that takes QEMU's audio extension hears the same tone from porthole-vmm's console,
 //!   bracketed by begin and end, and from QEMU's VNC server, the reference for the client's side.
+//! - gtk-vnc's `gvncviewer` plays porthole-vmm's console sound into a PulseAudio server of the test's own.
 //! - porthole-vmm's device plays in real time: the guest's periods take at least 0.8 of their length from
 //!   START to the last completion (a lower bound only).
 //!
@@ -24,9 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use porthole_tests::pulse::{PulseServer, heard};
 use porthole_tests::rfb::HeardAudio;
 use porthole_tests::sound::{self, Card, Engine, Guest, LIMIT, PERIOD_MS, Tone};
-use porthole_tests::{Scratch, repo_root, text, workspace_bin};
+use porthole_tests::{Killed, Scratch, repo_root, text, workspace_bin};
 
 /// The virtio-sound guest and device on each engine.
 const CARD: Card = Card {
@@ -220,6 +222,43 @@ fn both_engines_complete_every_period_and_porthole_vmm_plays_in_real_time() {
         out.lines().filter(|l| l.contains(" status=") || l.starts_with("SOUND playing ")).map(str::to_owned).collect()
     };
     assert_eq!(controls(&on_vmm), controls(&on_qemu), "porthole-vmm:\n{on_vmm}\nQEMU:\n{on_qemu}");
+}
+
+/// gtk-vnc (the widget of virt-viewer and GNOME Boxes) as the client: `gvncviewer` asks porthole-vmm's console
+/// for the sound as S32 stereo at 44.1 kHz and plays it into PulseAudio (a server of the test's own, under
+/// Xvfb); the null sink's monitor holds the guest's tone.
+#[test]
+fn gvncviewer_plays_the_guests_tone_from_porthole_vmms_console() {
+    if Command::new("gvncviewer").arg("--help").output().is_err() {
+        println!("SKIP: no gvncviewer (apt-get install gvncviewer; ./x test installs it)");
+        return;
+    }
+    let dir = Scratch::new("sound-gvncviewer");
+    let Some(pulse) = PulseServer::start_or_skip(&dir) else { return };
+    let x = porthole_tests::Xvfb::start(800, 600);
+    // 10 s of sound: the viewer connects and starts its stream while the guest plays.
+    let guest = Guest::start(&CARD, Engine::Porthole, 1000, None);
+    porthole_tests::wait_until(
+        LIMIT,
+        || guest.vnc.exists() && guest.output().contains("SOUND playing"),
+        || format!("the guest never played; serial:\n{}\n{}", guest.output(), guest.stderr()),
+    );
+    let log = dir.path("gvncviewer.log");
+    let _viewer = Killed(
+        Command::new("gvncviewer")
+            .arg(&guest.vnc)
+            .env("DISPLAY", &x.display)
+            .env("PULSE_SERVER", pulse.server())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path("gvncviewer.err")).unwrap())
+            .spawn()
+            .expect("start gvncviewer"),
+    );
+    // The first part may be the silence before the viewer connected.
+    let recorded = pulse.record(3.0, || {});
+    assert!(!guest.output().contains("SOUND FAIL"), "{}", guest.output());
+    heard(&recorded).assert_is_the_tone("gvncviewer, recorded from PulseAudio");
 }
 
 /// Without `--sound virtio` porthole-vmm has no sound card: the guest finds none.

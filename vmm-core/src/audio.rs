@@ -301,6 +301,17 @@ impl AudioConverter {
             }
         };
         let mut current = vec![0i32; out_ch];
+        if self.from.rate == self.to.rate {
+            // The same rate: each frame as it comes (interpolating would hold the last one back until the
+            // next call, a period later).
+            for frame in samples.chunks_exact(in_ch) {
+                mix(frame, &mut current);
+                for &v in &current {
+                    self.to.sample.put(v.clamp(i16::MIN.into(), i16::MAX.into()) as i16, out);
+                }
+            }
+            return;
+        }
         for i in 0..frames {
             mix(&samples[i * in_ch..(i + 1) * in_ch], &mut current);
             if self.previous.is_empty() {
@@ -444,25 +455,26 @@ mod tests {
         let mut bytes = Vec::new();
         let mono = AudioFormat { rate: 8000, channels: 1 };
         for (sample, want) in [
-            (SampleFormat::U8, vec![0x80u8, 0xff, 0x00]),
-            (SampleFormat::S8, vec![0x00, 0x7f, 0x80]),
-            (SampleFormat::U16, vec![0x00, 0x80, 0xff, 0xff, 0x00, 0x00]),
-            (SampleFormat::S32, vec![0, 0, 0, 0, 0, 0, 0xff, 0x7f, 0, 0, 0, 0x80]),
+            (SampleFormat::U8, vec![0x80u8, 0xff, 0x00, 0x80]),
+            (SampleFormat::S8, vec![0x00, 0x7f, 0x80, 0x00]),
+            (SampleFormat::U16, vec![0x00, 0x80, 0xff, 0xff, 0x00, 0x00, 0x00, 0x80]),
+            (SampleFormat::S32, vec![0, 0, 0, 0, 0, 0, 0xff, 0x7f, 0, 0, 0, 0x80, 0, 0, 0, 0]),
         ] {
             bytes.clear();
             let mut conv = AudioConverter::new(mono, ListenerFormat { sample, channels: 1, rate: 8000 });
             conv.convert(&[0, i16::MAX, i16::MIN, 0], &mut bytes);
             assert_eq!(bytes, want, "{sample:?}");
         }
-        // Mono to stereo copies; stereo to mono averages.
+        // Mono to stereo copies; stereo to mono averages. At the same rate every frame comes out at once (the
+        // last one is not held back for the next call).
         bytes.clear();
         let mut conv = AudioConverter::new(mono, ListenerFormat { channels: 2, rate: 8000, ..Default::default() });
         conv.convert(&[100, 200], &mut bytes);
-        assert_eq!(bytes, [100, 0, 100, 0]);
+        assert_eq!(bytes, [100, 0, 100, 0, 200, 0, 200, 0]);
         bytes.clear();
         let stereo = AudioFormat { rate: 8000, channels: 2 };
         let mut conv = AudioConverter::new(stereo, ListenerFormat { channels: 1, rate: 8000, ..Default::default() });
         conv.convert(&[100, 300, 0, 0], &mut bytes);
-        assert_eq!(bytes, [200, 0]);
+        assert_eq!(bytes, [200, 0, 0, 0]);
     }
 }

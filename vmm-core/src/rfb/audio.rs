@@ -142,8 +142,8 @@ mod tests {
         out.clear();
         output.push(&[3, 3, 4, 4, 5, 5]);
         l.messages(&output, true, f, &mut out);
-        // The converter holds back one frame (it interpolates towards the next).
-        assert_eq!(out, [255, 1, 0, 2, 0, 0, 0, 8, 3, 0, 3, 0, 4, 0, 4, 0]);
+        // At the guest's own rate every frame goes at once.
+        assert_eq!(out, [255, 1, 0, 2, 0, 0, 0, 12, 3, 0, 3, 0, 4, 0, 4, 0, 5, 0, 5, 0]);
         out.clear();
         output.stop();
         l.messages(&output, true, f, &mut out);

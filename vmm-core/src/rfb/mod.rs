@@ -1486,8 +1486,8 @@ mod update_tests {
         screen.audio_push(&[0, 0, 0x4000, 0x4000, -0x4000, -0x4000, 0, 0]);
         let out = s.exchange(&[], &Sounds);
         assert!(contains(&out, &[255, 1, 0, 1]), "begin: {out:?}");
-        // Three frames out (the converter holds the last back), in the client's format.
-        assert!(contains(&out, &[255, 1, 0, 2, 0, 0, 0, 3, 0x80, 0xc0, 0x40]), "data: {out:?}");
+        // All four frames at once, in the client's format.
+        assert!(contains(&out, &[255, 1, 0, 2, 0, 0, 0, 4, 0x80, 0xc0, 0x40, 0x80]), "data: {out:?}");
         screen.audio_stop();
         let out = s.exchange(&[], &Sounds);
         assert!(contains(&out, &[255, 1, 0, 0]), "end: {out:?}");

@@ -8,8 +8,9 @@
 //! `virtio_snd_pcm_status`. The device plays them as a real card would: a buffer is completed once its
 //! frames have had time to play at the stream's rate, by a clock started at START, so the guest's
 //! playback position advances at the real rate and a guest that submits faster is held back by the ring
-//! (at most its buffers are in flight). The frames themselves reach the listeners as their time comes
-//! (in [`PUSH_MS`] pieces, so a long buffer is not pushed at once).
+//! (at most its buffers are in flight). The frames themselves reach the listeners in [`PUSH_MS`] pieces,
+//! each as its first frame's time comes (so a long buffer is not pushed at once, and a piece waits for
+//! nothing: the console's listeners buffer against jitter themselves).
 //!
 //! Chains the driver had no right to make (no header, no room for the status, readable after writable
 //! parts, outside guest memory, more buffers in flight than the ring holds) set NEEDS_RESET of this
@@ -101,6 +102,17 @@ const XFER_HEADER: u64 = 4;
 const XFER_STATUS: u64 = 8;
 /// Sound reaches the listeners in pieces of this many milliseconds while a long buffer plays.
 pub const PUSH_MS: u64 = 20;
+
+/// The frames of a transfer (`frames` long, ending at clock frame `end`) handed to the listeners by clock
+/// position `position`: every piece whose first frame's time has come, whole.
+fn pushed_by(frames: u64, end: u64, position: u64, hz: u32) -> u64 {
+    let start = end.saturating_sub(frames);
+    if position < start {
+        return 0;
+    }
+    let piece = (u64::from(hz) * PUSH_MS / 1000).max(1);
+    ((position - start) / piece + 1).saturating_mul(piece).min(frames)
+}
 
 /// Counters of the device.
 #[derive(Debug, Default)]
@@ -417,18 +429,15 @@ impl Stream {
         }
     }
 
-    /// When something is next due: the front transfer's end, or its next piece for the listeners.
+    /// When something is next due: the front transfer's end, or its next piece for the listeners (when its
+    /// first frame's time comes).
     fn deadline(&self, output: bool) -> Option<Instant> {
         let (clock, params, p) = (self.clock.as_ref()?, self.params?, self.pending.front()?);
         let hz = params.hz();
         let end = p.end?;
         let mut due = clock.time_of(end, hz);
         if output && p.played < p.frames {
-            let piece = (u64::from(hz) * PUSH_MS / 1000).max(1);
-            let next = end - (p.frames - p.played) + piece;
-            if next < end {
-                due = due.min(clock.time_of(next, hz));
-            }
+            due = due.min(clock.time_of(end - (p.frames - p.played), hz));
         }
         Some(due)
     }
@@ -666,7 +675,7 @@ impl Shared {
             let position = clock.position(now, hz);
             while let Some(p) = s.pending.front_mut() {
                 let Some(end) = p.end else { break };
-                let due = p.frames.saturating_sub(end.saturating_sub(position));
+                let due = pushed_by(p.frames, end, position, hz);
                 if id == OUTPUT && due > p.played {
                     self.play(&a.mem, params, p, due)?;
                 }
