@@ -5,7 +5,8 @@
 //! so nothing is resampled here. Samples wait in a ring of at most [`MAX_BUFFERED_MS`]; the output takes
 //! them as it plays, starting once [`START_MS`] have gathered (after a begin or when it ran dry), so
 //! network jitter does not break the sound. What arrives while the ring is full is dropped and counted:
-//! sound that comes late is never kept to be played later.
+//! sound that comes late is never kept to be played later; and when more than [`HIGH_MS`] has waited for a
+//! whole second of playing (a burst after a network stall), the output skips ahead to [`START_MS`] behind.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -18,6 +19,11 @@ use porthole_api::rfb::AudioMessage;
 pub const MAX_BUFFERED_MS: u32 = 300;
 /// How much sound gathers before the output starts (again).
 pub const START_MS: u32 = 60;
+/// More than this waiting for a whole [`CATCH_UP_AFTER_MS`] of playing (sound that arrived in a burst after a
+/// network stall, or a server's clock running ahead of the output's) is skipped down to [`START_MS`], so that
+/// the sound does not stay that much behind the picture.
+pub const HIGH_MS: u32 = 150;
+pub const CATCH_UP_AFTER_MS: u32 = 1000;
 
 /// The output's format: what the server is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +46,8 @@ struct Ring {
     samples: VecDeque<f32>,
     /// The output waits until [`START_MS`] gathered.
     primed: bool,
+    /// Samples played in a row while more than [`HIGH_MS`] waited.
+    high_for: usize,
 }
 
 #[derive(Debug)]
@@ -69,6 +77,18 @@ impl Shared {
         let mut ring = lock(&self.ring);
         if !ring.primed && ring.samples.len() >= self.frames(START_MS) {
             ring.primed = true;
+        }
+        if ring.primed && ring.samples.len() > self.frames(HIGH_MS) {
+            ring.high_for += out.len();
+            if ring.high_for >= self.frames(CATCH_UP_AFTER_MS) {
+                let channels = usize::from(self.format.channels.max(1));
+                let excess = (ring.samples.len() - self.frames(START_MS)) / channels * channels;
+                ring.samples.drain(..excess);
+                ring.high_for = 0;
+                self.dropped.fetch_add((excess / channels) as u64, Ordering::Relaxed);
+            }
+        } else {
+            ring.high_for = 0;
         }
         let mut taken = 0;
         if ring.primed {
@@ -294,6 +314,30 @@ mod tests {
         p.take(AudioMessage::Data(s16(&[100; 1000])));
         assert_eq!(lock(&p.shared.ring).samples.len(), 300, "300 ms kept");
         assert_eq!(p.counts().1, 700);
+    }
+
+    #[test]
+    fn sound_that_stays_far_behind_is_skipped_down_to_the_start_level() {
+        let p = player(1000, 2); // frames(ms) = 2 * ms samples
+        p.take(AudioMessage::Data(s16(&[100; 2 * 280])));
+        let mut out = vec![0.0f32; 2 * 100];
+        // A steady stream with 280 ms waiting (a burst after a stall): played as is for a second...
+        for _ in 0..9 {
+            p.shared.fill(&mut out);
+            p.take(AudioMessage::Data(s16(&[100; 2 * 100])));
+            assert_eq!(lock(&p.shared.ring).samples.len(), 2 * 280);
+        }
+        assert_eq!(p.counts().1, 0);
+        // ...then what is beyond 60 ms goes.
+        p.shared.fill(&mut out);
+        assert_eq!(lock(&p.shared.ring).samples.len(), 2 * 60 - out.len().min(2 * 60));
+        assert_eq!(p.counts().1, 220, "frames skipped, counted as dropped");
+        // Below the high mark nothing more is skipped.
+        for _ in 0..20 {
+            p.take(AudioMessage::Data(s16(&[100; 2 * 100])));
+            p.shared.fill(&mut out);
+        }
+        assert_eq!(p.counts().1, 220);
     }
 
     #[test]
