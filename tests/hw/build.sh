@@ -11,6 +11,8 @@
 #     l1-qemu.cpio      QEMU (the peer) with its libraries and firmware, appended for the scenarios
 #                       that time it
 #     l1-isos.cpio      memtest86+'s ISO and the Debian installer ISO (the --all scenarios)
+#     l1-backports.cpio the backports kernel (tests/hw/fetch-backports-kernel.sh, when fetched) and its L2
+#                       initramfs, for the scenarios that need a driver Debian 12's 6.1 lacks (sound-virtio)
 #     guests/           what L2 boots: vmlinuz, vmlinux (PVH), l2-initramfs.cpio.gz (with blkbench and tone,
 #                       static C programs, and the sound modules: snd-hda-intel, the generic codec), linux.iso
 #                       (SeaBIOS -> GRUB -> the same Linux), data.iso (read as /dev/sr0), micro-guests
@@ -57,15 +59,18 @@ BB=$CACHE/root/busybox-static/bin/busybox
 for f in "$BB" "$CACHE/vmlinuz" "$CACHE/vmlinux" "$RELEASE/porthole-vmm" "$RELEASE/portholed"; do
     [[ -e $f ]] || die "missing input $f"
 done
-for tool in socat passt dnsmasq qemu-system-x86_64 qemu-img gcc cpio grub-mkrescue xorriso depmod ssh ssh-keygen; do
+for tool in socat passt dnsmasq qemu-system-x86_64 qemu-img gcc cpio grub-mkrescue xorriso depmod ssh ssh-keygen xz; do
     command -v "$tool" >/dev/null ||
-        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 qemu-utils gcc cpio grub-pc-bin xorriso mtools kmod openssh-client)"
+        die "$tool is missing (apt-get install socat passt dnsmasq-base qemu-system-x86 qemu-utils gcc cpio grub-pc-bin xorriso mtools kmod openssh-client xz-utils)"
 done
+
+BPO=${PORTHOLE_BACKPORTS_KERNEL_DIR:-$CACHE/backports-kernel}
 
 # Rebuild only when an input changed.
 INPUTS=("$SCRIPT_DIR" "$CACHE/manifest.txt" "$RELEASE/porthole-vmm" "$RELEASE/portholed" "$(command -v qemu-system-x86_64)"
     "$(command -v passt)" "$(command -v dnsmasq)" "$(command -v ssh)")
 [[ -n $MICRO ]] && INPUTS+=("$MICRO")
+[[ -f $BPO/version ]] && INPUTS+=("$BPO/version")
 STAMP=$OUT/.stamp
 if [[ -f $STAMP ]] && [[ -z $(find "${INPUTS[@]}" -newer "$STAMP" -print -quit) ]]; then
     log "images in $OUT are up to date"
@@ -175,6 +180,35 @@ chmod 755 "$L2/init" "$L2/etc/udhcpc/default.script"
 pack "$L2" "$OUT/guests/l2-initramfs.cpio.gz" gzip
 
 cp "$CACHE/vmlinuz" "$CACHE/vmlinux" "$OUT/guests/"
+
+# --- L2 on the backports kernel (tests/hw/fetch-backports-kernel.sh), for drivers 6.1 lacks --------------
+# vmlinuz-backports and l2-initramfs-backports.cpio.gz: the same init and tone, busybox, and that kernel's
+# virtio_snd with its dependencies, decompressed (Debian ships them xz-compressed; busybox's insmod takes
+# plain ones). Carried into L1 by l1-backports.cpio, for the scenarios that boot it.
+if [[ -f $BPO/vmlinuz ]]; then
+    log "L2 initramfs for the backports kernel ($(cat "$BPO/version"))"
+    (
+        MODDIR=$(find "$BPO/root/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n1)
+        KPKG=$(cut -d' ' -f1 "$BPO/version")
+        L2B=$W/l2-backports
+        busybox_root "$L2B"
+        install_modules "$L2B" virtio_snd
+        for m in "$L2B"/lib/modules/*.ko.xz; do
+            [[ -e $m ]] && xz -d "$m"
+        done
+        sed -i 's/\.ko\.xz$/.ko/' "$L2B/lib/modules/load-order"
+        cp "$L2/init" "$L2B/init"
+        cp "$L2/bin/tone" "$L2B/bin/tone"
+        pack "$L2B" "$OUT/guests/l2-initramfs-backports.cpio.gz" gzip
+    )
+    cp "$BPO/vmlinuz" "$OUT/guests/vmlinuz-backports"
+    K=$W/backports
+    mkdir -p "$K/hw/guests"
+    cp "$OUT"/guests/{vmlinuz-backports,l2-initramfs-backports.cpio.gz} "$K/hw/guests/"
+    pack "$K" "$OUT/l1-backports.cpio"
+else
+    log "no backports kernel in $BPO (tests/hw/fetch-backports-kernel.sh): its scenarios cannot run"
+fi
 
 # data.iso: what the guest reads back as /dev/sr0 (a plain ISO 9660 image with known content).
 log "data.iso"

@@ -23,9 +23,9 @@
 #                   reads the host's capabilities, announces its own, grabs the clipboard, answers the host's
 #                   request with "hello-from-linux" (PORTHOLE-AGENT-COPIED), then waits for the host's grab
 #                   (text an RFB client sent), requests the text and says it (PORTHOLE-AGENT-PASTED).
-#   hw.mode=sound   Intel HD Audio (porthole-vmm --sound hda): loads the sound modules (snd-hda-intel, the generic
-#                   codec driver), says which driver bound the controller and what the card and its codec are
-#                   (PORTHOLE-SOUND), says PORTHOLE-SOUND-READY and waits (at most 60 s) for a line typed on the
+#   hw.mode=sound   Intel HD Audio (porthole-vmm --sound hda) or virtio-sound (--sound virtio, on the backports
+#                   kernel): loads the sound modules (snd-hda-intel and the generic codec driver, or
+#                   virtio_snd), says which driver bound the card and what it is (PORTHOLE-SOUND), says PORTHOLE-SOUND-READY and waits (at most 60 s) for a line typed on the
 #                   console (the harness's RFB client, its audio enabled, types "play"), then plays a 480 Hz tone
 #                   for 3 s through ALSA (tests/hw/tone.c: the mixer's Master to 0 dB and unmuted, then the PCM
 #                   device's ioctls, no alsa-lib) and says its `TONE ...` lines and the DAC's amp (PORTHOLE-SOUND-DONE),
@@ -63,7 +63,7 @@ fi
 
 # virtio_input waits: the full mode loads it after the PS/2 mouse test (the pointer moves to the tablet then).
 # The sound modules are for hw.mode=sound only.
-is_sound() { case $1 in snd*.ko* | soundcore.ko* | ledtrig-audio.ko*) return 0 ;; esac; return 1; }
+is_sound() { case $1 in snd*.ko* | soundcore.ko* | ledtrig-audio.ko* | virtio_snd.ko*) return 0 ;; esac; return 1; }
 while read -r m; do
     case $m in virtio_input.ko* | virtio-gpu.ko*) continue ;; esac
     is_sound "$m" && continue
@@ -200,23 +200,32 @@ if [ "$MODE" = sound ]; then
         say "PORTHOLE-FAIL no $PCM after $((i / 5)) s: $(ls /sys/class/sound 2>&1 | tr '\n' ' ') dmesg: $(dmesg | grep -iE 'snd|hda|sound' | tail -n 8 | tr '\n' '|')"
         off
     fi
-    # The codec driver binds a moment after the card appears; its proc file names the codec and its nodes.
     CODEC=/proc/asound/card0/codec#0
-    wait_for $CODEC
     ctl=$(ls -d /sys/bus/pci/drivers/snd_hda_intel/0000:* 2>/dev/null | head -n1)
-    codec_driver=$(basename "$(readlink /sys/bus/hdaudio/devices/hdaudioC0D0/driver 2>/dev/null)")
-    codec=$(sed -n 's/^Codec: //p' $CODEC | tr ' ' _)
-    nodes=$(sed -n 's/^Node \(0x[0-9a-f]*\) \[\([A-Za-z ]*\)\].*/\1:\2/p' $CODEC | tr ' ' _ | tr '\n' ,)
-    say "PORTHOLE-SOUND driver=$(basename "$(readlink "$ctl/driver" 2>/dev/null)") pci=$(basename "$ctl") id=$(cat "$ctl/vendor" 2>/dev/null):$(cat "$ctl/device" 2>/dev/null) codec-driver=$codec_driver codec=$codec nodes=$nodes card=$(head -n1 /proc/asound/cards | sed 's/^ *//' | tr -s ' ' _)"
-    # The whole codec dump (amps, pin controls, connections), for the log.
-    sed 's/^/codec| /' $CODEC
+    if [ -n "$ctl" ]; then
+        # HD Audio: the codec driver binds a moment after the card appears; its proc file names the codec
+        # and its nodes.
+        wait_for $CODEC
+        codec_driver=$(basename "$(readlink /sys/bus/hdaudio/devices/hdaudioC0D0/driver 2>/dev/null)")
+        codec=$(sed -n 's/^Codec: //p' $CODEC | tr ' ' _)
+        nodes=$(sed -n 's/^Node \(0x[0-9a-f]*\) \[\([A-Za-z ]*\)\].*/\1:\2/p' $CODEC | tr ' ' _ | tr '\n' ,)
+        pci=$(basename "$ctl")
+    else
+        # virtio-sound: the virtio device (vendor 0x1af4, device 0x0019) under its PCI function.
+        ctl=$(ls -d /sys/bus/virtio/drivers/virtio_snd/virtio* 2>/dev/null | head -n1)
+        pci=$(basename "$(readlink -f "$ctl/..")")
+        codec_driver=none codec=none nodes=none
+    fi
+    say "PORTHOLE-SOUND driver=$(basename "$(readlink "$ctl/driver" 2>/dev/null)") pci=$pci id=$(cat "$ctl/vendor" 2>/dev/null):$(cat "$ctl/device" 2>/dev/null) codec-driver=$codec_driver codec=$codec nodes=$nodes card=$(head -n1 /proc/asound/cards | sed 's/^ *//' | tr -s ' ' _)"
+    # The whole codec dump (amps, pin controls, connections), or the virtio card's PCM streams, for the log.
+    if [ -e $CODEC ]; then sed 's/^/codec| /' $CODEC; else cat /proc/asound/pcm /proc/asound/card0/pcm0p/info 2>&1 | sed 's/^/pcm| /'; fi
     # The VT is open before READY: what the harness types after it is not lost.
     exec 4</dev/tty1
     say "PORTHOLE-SOUND-READY $PCM"
     if read -r -t 60 line <&4; then say "PORTHOLE-SOUND-GO got=$line"; else say "PORTHOLE-SOUND-GO none"; fi
     exec 4<&-
     tone 3
-    say "PORTHOLE-SOUND-DONE dac-amp=$(sed -n 's/^ *Amp-Out vals: *\[\(.*\)\]/\1/p' $CODEC | head -n1 | tr ' ' ,) irqs=$(grep -i hda /proc/interrupts | awk '{print $2 "@" $NF}' | tr '\n' ' ')"
+    say "PORTHOLE-SOUND-DONE dac-amp=$(sed -n 's/^ *Amp-Out vals: *\[\(.*\)\]/\1/p' $CODEC 2>/dev/null | head -n1 | tr ' ' ,) irqs=$(grep -iE 'hda|virtio' /proc/interrupts | awk '{print $2 "@" $NF}' | tr '\n' ' ')"
     off
 fi
 

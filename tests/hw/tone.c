@@ -162,7 +162,9 @@ int main(int argc, char **argv) {
     /* Whole buffers of the square wave: 100 frames a cycle at 48000 Hz, 50 high and 50 low. */
     int16_t *buf = malloc((size_t)buffer * CHANNELS * sizeof(int16_t));
     if (!buf) return fail("malloc");
-    uint64_t total = (uint64_t)(seconds * RATE), written = 0, phase = 0;
+    /* Whole periods: Linux's virtio_snd hands the card only whole periods, so the rest of a last partial
+     * one would never play and DRAIN would time out (EIO). */
+    uint64_t total = ((uint64_t)(seconds * RATE) + period - 1) / period * period, written = 0, phase = 0;
     unsigned underruns = 0;
     double start = now();
     while (written < total) {

@@ -113,6 +113,9 @@ pub enum Piece {
     Qemu,
     /// memtest86+'s ISO and the Debian installer ISO.
     Isos,
+    /// The backports kernel (tests/hw/fetch-backports-kernel.sh) and its L2 initramfs: guests/vmlinuz-backports
+    /// and guests/l2-initramfs-backports.cpio.gz.
+    Backports,
     /// The installed Debian disk (tests/hw/make-debian-disk.sh) as L1's virtio-blk drive `/dev/vda`, with
     /// QEMU's `snapshot=on` so the cached image stays clean (direct mode: a sparse copy, `HW_DISK`).
     DebianDisk,
@@ -211,6 +214,7 @@ impl Machine {
                 parts.extend(pieces.iter().filter_map(|p| match p {
                     Piece::Qemu => Some(hw.join("l1-qemu.cpio")),
                     Piece::Isos => Some(hw.join("l1-isos.cpio")),
+                    Piece::Backports => Some(hw.join("l1-backports.cpio")),
                     Piece::DebianDisk | Piece::CloudImage => None,
                 }));
                 let drives = l1_drives(pieces)?;
