@@ -13,8 +13,8 @@
 #     l1-isos.cpio      memtest86+'s ISO and the Debian installer ISO (the --all scenarios)
 #     l1-backports.cpio the backports kernel (tests/hw/fetch-backports-kernel.sh, when fetched) and its L2
 #                       initramfs, for the scenarios that need a driver Debian 12's 6.1 lacks (sound-virtio)
-#     guests/           what L2 boots: vmlinuz, vmlinux (PVH), l2-initramfs.cpio.gz (with blkbench and tone,
-#                       static C programs, and the sound modules: snd-hda-intel, the generic codec), linux.iso
+#     guests/           what L2 boots: vmlinuz, vmlinux (PVH), l2-initramfs.cpio.gz (with blkbench, tone and
+#                       evlat, static C programs, and the sound modules: snd-hda-intel, the generic codec), linux.iso
 #                       (SeaBIOS -> GRUB -> the same Linux), data.iso (read as /dev/sr0), micro-guests
 #     busybox           the same busybox, for direct mode's scenarios (L1 has it as /bin/busybox)
 #
@@ -174,6 +174,7 @@ install_modules "$L2" virtio_pci virtio_blk virtio_scsi virtio_net sr_mod bochs 
 cp "$SCRIPT_DIR/l2-init.sh" "$L2/init"
 gcc -O2 -static -Wall -Werror -o "$L2/bin/blkbench" "$SCRIPT_DIR/blkbench.c"
 gcc -O2 -static -Wall -Werror -o "$L2/bin/tone" "$SCRIPT_DIR/tone.c"
+gcc -O2 -static -Wall -Werror -o "$L2/bin/evlat" "$SCRIPT_DIR/evlat.c"
 mkdir -p "$L2/etc/udhcpc"
 cp "$SCRIPT_DIR/l2-udhcpc.sh" "$L2/etc/udhcpc/default.script"
 chmod 755 "$L2/init" "$L2/etc/udhcpc/default.script"

@@ -23,6 +23,8 @@
 #                   reads the host's capabilities, announces its own, grabs the clipboard, answers the host's
 #                   request with "hello-from-linux" (PORTHOLE-AGENT-COPIED), then waits for the host's grab
 #                   (text an RFB client sent), requests the text and says it (PORTHOLE-AGENT-PASTED).
+#   hw.mode=evlat   the pointer-latency probe: loads virtio_input and runs tests/hw/evlat.c, which says EVLAT-READY
+#                   and then one `EVLAT x= y=` line per pointer report of the tablet (hw.moves of them)
 #   hw.mode=sound   Intel HD Audio (porthole-vmm --sound hda) or virtio-sound (--sound virtio, on the backports
 #                   kernel): loads the sound modules (snd-hda-intel and the generic codec driver, or
 #                   virtio_snd), says which driver bound the card and what it is (PORTHOLE-SOUND), says PORTHOLE-SOUND-READY and waits (at most 60 s) for a line typed on the
@@ -226,6 +228,15 @@ if [ "$MODE" = sound ]; then
     exec 4<&-
     tone 3
     say "PORTHOLE-SOUND-DONE dac-amp=$(sed -n 's/^ *Amp-Out vals: *\[\(.*\)\]/\1/p' $CODEC 2>/dev/null | head -n1 | tr ' ' ,) irqs=$(grep -iE 'hda|virtio' /proc/interrupts | awk '{print $2 "@" $NF}' | tr '\n' ' ')"
+    off
+fi
+
+if [ "$MODE" = evlat ]; then
+    # The tablet's driver (left out of the loop above), then tests/hw/evlat.c reports each pointer move.
+    for m in $(grep -E '^virtio_input\.ko' /lib/modules/load-order); do
+        out=$(insmod "/lib/modules/$m" 2>&1) || say "PORTHOLE-INSMOD-FAILED $m: $out"
+    done
+    evlat "$(arg hw.moves)"
     off
 fi
 

@@ -84,6 +84,16 @@ const SCENARIOS: &[Scenario] = &[
         run: sound_virtio,
     },
     Scenario {
+        name: "pointer",
+        what: "pointer latency on Debian's kernel: RFB pointer moves to the virtio tablet's evdev events read by a \
+               guest program, porthole-vmm against QEMU's virtio-tablet-pci in the same L1 (p50, p99)",
+        pieces: &[Piece::Qemu],
+        // A benchmark (two engines, ~240 moves): `./x test-hw pointer` or `--all`.
+        all_only: true,
+        ends_itself: true,
+        run: pointer,
+    },
+    Scenario {
         name: "boot-times",
         what: "Debian kernel to /init: PVH and bzImage on porthole-vmm and QEMU (microvm, pc)",
         pieces: &[Piece::Qemu],
@@ -741,6 +751,70 @@ fn sound_on(m: &mut Machine, _r: &mut Report, want: &SoundCard) -> Result<String
         field("card"),
         tone_line.text.trim(),
     ))
+}
+
+/// Pointer moves timed per engine (tests/hw/evlat.c's reports; the first [`POINTER_WARMUP`] not counted).
+const POINTER_MOVES: usize = 120;
+const POINTER_WARMUP: usize = 20;
+
+/// Pointer latency on a real guest: for each engine (porthole-vmm's virtio-input tablet, then QEMU's
+/// virtio-tablet-pci, the same kernel and probe), an RFB client moves the pointer one step at a time and
+/// waits for the guest's `EVLAT x=` line, timing the move to the line's arrival on L1's console (through
+/// the L2 serial port, the engine and L1's console — the same way for both engines). Each move goes to a new
+/// place, so each is one report. Prints the medians and p99 of both, and their ratio (`HW-BENCH`).
+fn pointer(m: &mut Machine, _r: &mut Report) -> Result<String, String> {
+    l1_up(m)?;
+    let mut out = Vec::new();
+    let mut p99s = Vec::new();
+    for (label, engine) in [("porthole-pointer", "porthole-vmm"), ("qemu-pointer", "QEMU")] {
+        m.expect(&format!("HW-START {label}"), 3 * MIN)?;
+        let ready = m.expect("EVLAT-READY", 10 * MIN)?;
+        let mut c = rfb(m)?;
+        let (w, h) = (c.width.max(2), c.height.max(2));
+        let mut times = Vec::new();
+        for i in 0..POINTER_MOVES {
+            // Alternating halves of the screen, a pixel further each time: every move is a new place.
+            let x = (w / 4 + (i as u32 % 2) * (w / 2) + i as u32).min(w - 1);
+            let y = (h / 2 + i as u32 % 7).min(h - 1);
+            let from = m.seen.len();
+            let t0 = Instant::now();
+            c.pointer(x as u16, y as u16, 0).map_err(|e| format!("{engine}: RFB pointer: {e}"))?;
+            // The first moves may reach the guest before its tablet is in use (porthole-vmm routes the pointer
+            // to the tablet once its driver is up): move again until a report comes.
+            let line = loop {
+                match m.expect_from(from, "EVLAT x=", if i < POINTER_WARMUP { Duration::from_secs(5) } else { MIN }) {
+                    Ok(l) => break l,
+                    Err(e) if i >= POINTER_WARMUP => return Err(format!("{engine}: move {i}: {e}")),
+                    Err(_) => c.pointer(x as u16, y as u16, 0).map_err(|e| format!("{engine}: RFB pointer: {e}"))?,
+                }
+            };
+            if i >= POINTER_WARMUP {
+                times.push(line.at.saturating_duration_since(t0));
+            }
+        }
+        drop(c);
+        let exit = m.expect(&format!("HW-EXIT {label}"), 3 * MIN)?;
+        if Machine::field(&exit, "rc") != Some("0") {
+            return Err(format!("{engine} after the guest's power-off: {}", exit.text));
+        }
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)].as_secs_f64() * 1000.0;
+        p99s.push(at(0.99));
+        out.push(format!(
+            "{engine} ({}): p50 {:.1} ms, p99 {:.1} ms over {} moves",
+            Machine::field(&ready, "name").unwrap_or("?"),
+            at(0.5),
+            at(0.99),
+            times.len()
+        ));
+    }
+    let ratio = p99s[0] / p99s[1];
+    println!(
+        "HW-BENCH pointer move -> guest evdev report, p99: porthole-vmm {:.1} ms, QEMU {:.1} ms: ratio {ratio:.2} (goal \
+         <= 1.0; absolute times under nested TCG mean nothing)",
+        p99s[0], p99s[1]
+    );
+    Ok(format!("{}; p99 ratio {ratio:.2}", out.join("; ")))
 }
 
 /// The sound scenario's format and tone (tests/hw/tone.c).
