@@ -934,7 +934,7 @@ impl Host {
             .flat_map(|c| c.forwards.iter().cloned())
             .collect();
         let deadline = Instant::now() + FORWARDS_CLOSE_WAIT;
-        while forwards.iter().any(|f| net::probe_port(f).is_err()) && Instant::now() < deadline {
+        while forwards.iter().any(net::port_in_use) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -62,12 +62,7 @@ pub fn describe(f: &PortForward) -> String {
 
 /// Whether the forward's host port can be opened now (by binding it for a moment); the reason when not.
 pub fn probe_port(f: &PortForward) -> Result<(), String> {
-    let addr = std::net::SocketAddr::new(f.host_address, f.host_port);
-    let result = match f.protocol {
-        Protocol::Tcp => std::net::TcpListener::bind(addr).map(drop),
-        Protocol::Udp => std::net::UdpSocket::bind(addr).map(drop),
-    };
-    result.map_err(|e| match e.kind() {
+    bind_once(f).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => {
             format!("{} port {} on {} is in use by another program", f.protocol, f.host_port, f.host_address)
         }
@@ -77,6 +72,20 @@ pub fn probe_port(f: &PortForward) -> Result<(), String> {
         }
         _ => format!("{} port {} on {} cannot be opened: {e}", f.protocol, f.host_port, f.host_address),
     })
+}
+
+/// Binds the forward's host port and lets it go at once.
+fn bind_once(f: &PortForward) -> std::io::Result<()> {
+    let addr = std::net::SocketAddr::new(f.host_address, f.host_port);
+    match f.protocol {
+        Protocol::Tcp => std::net::TcpListener::bind(addr).map(drop),
+        Protocol::Udp => std::net::UdpSocket::bind(addr).map(drop),
+    }
+}
+
+/// Whether a program (a passt still ending, say) holds the forward's host port now.
+pub fn port_in_use(f: &PortForward) -> bool {
+    bind_once(f).is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
 }
 
 /// A new random MAC address: locally administered (`02:` first), unicast, not one in `taken`.
