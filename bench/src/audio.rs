@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use porthole_tests::rfb::{self, RfbClient, ServerMessage, ServerMessages};
+use porthole_tests::rfb::{self, ServerMessage};
 use porthole_tests::sound::{Card, Engine, Guest};
 
 const RATE: u32 = 48_000;
@@ -56,17 +56,7 @@ fn console_leg(seconds: f64) -> anyhow::Result<()> {
     let config = vmm_core::rfb::ServerConfig { password: None, name: "bench".into() };
     vmm_core::rfb::spawn(listener, screen.clone(), Arc::new(SoundOnly), config, false)?;
 
-    let mut client = RfbClient::connect(&socket, None).map_err(|e| anyhow::anyhow!("connect: {e:?}"))?;
-    let mut messages = ServerMessages::of(&client)?;
-    client.set_read_timeout(Some(Duration::from_secs(5)))?;
-    client.set_encodings(&[rfb::RAW, rfb::QEMU_AUDIO])?;
-    client.request(false)?;
-    rfb::start_audio(
-        &mut client,
-        &mut messages,
-        (rfb::QEMU_AUDIO_S16, 2, RATE),
-        Instant::now() + Duration::from_secs(5),
-    )?;
+    let (client, mut messages, _) = rfb::audio_client(&socket, RATE, Instant::now() + Duration::from_secs(5))?;
     // The server takes the enable before the first push: a moment for it to arrive.
     std::thread::sleep(Duration::from_millis(50));
 
@@ -96,17 +86,13 @@ fn console_leg(seconds: f64) -> anyhow::Result<()> {
     }
     let mut pushed = Vec::with_capacity(periods);
     let start = Instant::now();
-    let mut samples = vec![0i16; PERIOD_FRAMES * 2];
+    // A period of the micro-guests' square wave (480 Hz: 100 frames a wave, 4.8 waves a period).
+    let samples: Vec<i16> = (0..PERIOD_FRAMES * 2).map(|i| if (i / 2) % 100 < 50 { 8000 } else { -8000 }).collect();
     for k in 0..periods {
         let due = start + Duration::from_millis(10 * k as u64);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        // A square wave (the micro-guests' tone); the period's first sample carries its number.
-        for (i, s) in samples.iter_mut().enumerate() {
-            *s = if (i / 2) % 100 < 50 { 8000 } else { -8000 };
-        }
-        samples[0] = k as i16;
         pushed.push(Instant::now());
         screen.audio_push(&samples);
     }
@@ -236,13 +222,8 @@ fn first_sound(card: &Card, started: &str, engine: Engine, qemu: Option<&Path>, 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut client = RfbClient::connect(&guest.vnc, None).map_err(|e| anyhow::anyhow!("{engine:?}: connect: {e:?}"))?;
-    let mut messages = ServerMessages::of(&client)?;
-    client.set_read_timeout(Some(Duration::from_secs(30)))?;
-    client.set_encodings(&[rfb::RAW, rfb::QEMU_AUDIO])?;
-    client.request(false)?;
-    rfb::start_audio(&mut client, &mut messages, (rfb::QEMU_AUDIO_S16, 2, RATE), deadline)
-        .with_context(|| format!("{engine:?}: starting the audio"))?;
+    let (client, mut messages, _) =
+        rfb::audio_client(&guest.vnc, RATE, deadline).with_context(|| format!("{engine:?}: starting the audio"))?;
     // The first sound, on a thread of its own while this one watches the serial file.
     let heard = std::thread::spawn(move || -> anyhow::Result<Instant> {
         loop {

@@ -233,6 +233,23 @@ pub fn start_audio(
     Ok(std::time::Instant::now())
 }
 
+/// A client of the VNC server on Unix socket `path` that hears its sound: it lists raw and [`QEMU_AUDIO`],
+/// asks for a whole frame and starts the audio in S16 stereo at `rate` ([`start_audio`], until `deadline`);
+/// reads time out after 30 s. The client, the reader of its server messages, and when the enable was sent.
+pub fn audio_client(
+    path: &std::path::Path,
+    rate: u32,
+    deadline: std::time::Instant,
+) -> io::Result<(RfbClient, ServerMessages, std::time::Instant)> {
+    let mut c = RfbClient::connect(path, None).map_err(|e| io::Error::other(format!("connect: {e:?}")))?;
+    let mut messages = ServerMessages::of(&c)?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    c.set_encodings(&[RAW, QEMU_AUDIO])?;
+    c.request(false)?;
+    let enabled = start_audio(&mut c, &mut messages, (QEMU_AUDIO_S16, 2, rate), deadline)?;
+    Ok((c, messages, enabled))
+}
+
 /// Interleaved little-endian S16 stereo frames (QEMU audio data in [`QEMU_AUDIO_S16`] with 2 channels, or a
 /// WAV file's data): the left channel and the right channel. A trailing partial frame is left out.
 pub fn s16le_stereo(bytes: &[u8]) -> (Vec<i16>, Vec<i16>) {

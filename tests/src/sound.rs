@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::rfb::{self, HeardAudio, RfbClient, ServerMessage, ServerMessages};
+use crate::rfb::{self, HeardAudio, ServerMessage};
 use crate::{Killed, Scratch, repo_root, text, wait_until, workspace_bin};
 
 /// Generous: the guest's instructions are emulated here; a run takes seconds.
@@ -334,13 +334,8 @@ pub fn listen(
         std::thread::sleep(Duration::from_millis(10));
     }
     let serial = || guest.output();
-    let mut c = RfbClient::connect(&guest.vnc, None).unwrap_or_else(|e| panic!("{engine:?}: connect: {e:?}"));
-    let mut messages = ServerMessages::of(&c).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    c.set_encodings(&[rfb::RAW, rfb::QEMU_AUDIO]).unwrap();
-    c.request(false).unwrap();
     let deadline = Instant::now() + LIMIT;
-    let enabled = rfb::start_audio(&mut c, &mut messages, (rfb::QEMU_AUDIO_S16, 2, RATE), deadline)
+    let (c, mut messages, enabled) = rfb::audio_client(&guest.vnc, RATE, deadline)
         .unwrap_or_else(|e| panic!("{engine:?}: starting the audio: {e}; serial:\n{}", serial()));
 
     let mut heard = Vec::new();
