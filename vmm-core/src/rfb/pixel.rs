@@ -144,6 +144,20 @@ impl PixelFormat {
             (None, _) => self.put(rgb, out),
         }
     }
+
+    /// Appends many CPIXELs (see [`PixelFormat::put_compact`]).
+    pub fn put_all_compact(&self, pixels: &[u32], side: Option<CompactSide>, out: &mut Vec<u8>) {
+        if *self == PixelFormat::SERVER && side == Some(CompactSide::Low) {
+            out.reserve(pixels.len() * 3);
+            for p in pixels {
+                out.extend_from_slice(&p.to_le_bytes()[..3]);
+            }
+        } else {
+            for &p in pixels {
+                self.put_compact(p, side, out);
+            }
+        }
+    }
 }
 
 /// Which three bytes of a 32-bit pixel a compact pixel keeps.
@@ -168,6 +182,21 @@ mod tests {
         out.clear();
         pf.put_compact(0x112233, pf.compact_pixel(), &mut out);
         assert_eq!(out, [0x33, 0x22, 0x11]);
+    }
+
+    #[test]
+    fn put_all_compact_equals_one_pixel_at_a_time() {
+        let pixels = [0x112233, 0xFF00_FF80, 0x00FF_FFFF, 0];
+        let mut big_endian = PixelFormat::SERVER;
+        big_endian.big_endian = true;
+        for pf in [PixelFormat::SERVER, big_endian] {
+            for side in [pf.compact_pixel(), None] {
+                let (mut all, mut each) = (Vec::new(), Vec::new());
+                pf.put_all_compact(&pixels, side, &mut all);
+                pixels.iter().for_each(|&p| pf.put_compact(p, side, &mut each));
+                assert_eq!(all, each, "{pf:?} {side:?}");
+            }
+        }
     }
 
     #[test]

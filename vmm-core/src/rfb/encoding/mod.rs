@@ -7,6 +7,8 @@ pub mod tight;
 pub mod zlib;
 pub mod zrle;
 
+use std::time::{Duration, Instant};
+
 use flate2::{Compress, Compression, FlushCompress};
 
 pub const RAW: i32 = 0;
@@ -39,17 +41,48 @@ pub fn copy_tile(pixels: &[u32], width: usize, tx: usize, ty: usize, tw: usize, 
 }
 
 /// A persistent zlib stream, flushed with Z_SYNC_FLUSH after every rectangle as RFB requires.
+///
+/// Data that does not compress (video-like content, noise) is not worth zlib's time: at level 1 it costs
+/// ~12 ms per MiB and saves next to nothing. So a stream that finds a large rectangle saving less than
+/// 1/[`STORE_BELOW_SAVING`] of its bytes switches to stored blocks (level 0: zlib's framing around the
+/// bytes as they are, a copy and a checksum) and tries the client's level again [`STORED_FOR`] later. The
+/// stream stays one stream: a decoder sees ordinary deflate blocks and needs nothing new.
 pub struct ZStream {
     compress: Compress,
+    level: u32,
+    /// Since when it has been sending stored blocks, if it is.
+    storing_since: Option<Instant>,
+    /// Bytes sent as stored blocks since the stream began (for tests and statistics).
+    stored_bytes: u64,
 }
+
+/// A rectangle's bytes are judged only from this size on (small ones say little and cost little).
+pub const JUDGED_FROM: usize = 16 * 1024;
+/// A judged rectangle that saves less than 1/8 of its size switches the stream to stored blocks. Level 1
+/// costs ~12 ms per MiB here; 1/8 of a MiB takes about as long on a 100 Mbit/s link, so on any faster
+/// one sending the bytes as they are is quicker (a slower link is better served by JPEG, which a client
+/// asks for with Tight's quality level).
+pub const STORE_BELOW_SAVING: usize = 8;
+/// How long a stream stores before compressing at the client's level again (and judging afresh).
+pub const STORED_FOR: Duration = Duration::from_secs(1);
 
 impl ZStream {
     pub fn new(level: u32) -> Self {
-        ZStream { compress: Compress::new(Compression::new(level.min(9)), true) }
+        let level = level.min(9);
+        ZStream { compress: Compress::new(Compression::new(level), true), level, storing_since: None, stored_bytes: 0 }
     }
 
     /// Compresses `input` and appends the compressed bytes to `out`.
     pub fn deflate(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        self.deflate_at(input, out, Instant::now());
+    }
+
+    /// [`ZStream::deflate`] at the time `now`.
+    pub fn deflate_at(&mut self, input: &[u8], out: &mut Vec<u8>, now: Instant) {
+        if self.storing_since.is_some_and(|since| now.saturating_duration_since(since) >= STORED_FOR) {
+            self.set_storing(None);
+        }
+        let start = out.len();
         let mut consumed = 0usize;
         loop {
             out.reserve(input.len() - consumed + 64 + input.len() / 1000);
@@ -61,9 +94,36 @@ impl ZStream {
             consumed += (self.compress.total_in() - before_in) as usize;
             // A sync flush is complete once all input is in and zlib left output space unused.
             if consumed == input.len() && out.len() < out.capacity() {
-                return;
+                break;
             }
         }
+        if self.storing_since.is_some() {
+            self.stored_bytes += input.len() as u64;
+        } else if self.level > 0
+            && input.len() >= JUDGED_FROM
+            && (input.len() - (out.len() - start).min(input.len())) * STORE_BELOW_SAVING < input.len()
+        {
+            self.set_storing(Some(now));
+        }
+    }
+
+    /// Switches between stored blocks and the client's level. The stream was just flushed, so zlib
+    /// changes its parameters without emitting anything.
+    fn set_storing(&mut self, since: Option<Instant>) {
+        let level = if since.is_some() { Compression::none() } else { Compression::new(self.level) };
+        if self.compress.set_level(level).is_ok() {
+            self.storing_since = since;
+        }
+    }
+
+    /// Whether it is sending stored blocks now.
+    pub fn storing(&self) -> bool {
+        self.storing_since.is_some()
+    }
+
+    /// Bytes sent as stored blocks since the stream began.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
     }
 }
 
@@ -97,5 +157,53 @@ pub(crate) mod tests {
             z.deflate(&input, &mut out);
             assert_eq!(inflate(&mut d, &out), input);
         }
+    }
+
+    /// Bytes no compressor can shrink (a xorshift generator's).
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zstream_stores_what_does_not_compress_and_tries_again_later() {
+        let text: Vec<u8> = (0..64 * 1024).map(|i| b"the quick brown fox "[i % 20]).collect();
+        let mut z = ZStream::new(1);
+        let mut d = Decompress::new(true);
+        let t0 = Instant::now();
+        let mut send = |z: &mut ZStream, input: &[u8], at: Duration| {
+            let mut out = Vec::new();
+            z.deflate_at(input, &mut out, t0 + at);
+            assert_eq!(inflate(&mut d, &out), input, "the stream decodes across every switch");
+            out.len()
+        };
+        // Text compresses: the stream keeps compressing.
+        assert!(send(&mut z, &text, Duration::ZERO) < text.len() / 10);
+        assert!(!z.storing());
+        // A small incompressible rectangle is not judged.
+        send(&mut z, &noise(JUDGED_FROM - 1, 1), Duration::ZERO);
+        assert!(!z.storing());
+        // A large one switches to stored blocks; what follows is sent as it is, text too, for STORED_FOR.
+        send(&mut z, &noise(256 * 1024, 2), Duration::ZERO);
+        assert!(z.storing());
+        let stored = send(&mut z, &noise(256 * 1024, 3), Duration::from_millis(10));
+        assert!(stored >= 256 * 1024 && stored < 256 * 1024 + 256, "stored blocks: {stored} bytes");
+        assert!(send(&mut z, &text, STORED_FOR / 2) >= text.len());
+        assert_eq!(z.stored_bytes(), 256 * 1024 + text.len() as u64);
+        // Then it compresses again, and keeps doing so for what compresses.
+        assert!(send(&mut z, &text, STORED_FOR + Duration::from_millis(10)) < text.len() / 10);
+        assert!(!z.storing());
+        // A client that asked for level 0 gets stored blocks without any judging.
+        let mut z0 = ZStream::new(0);
+        let mut out = Vec::new();
+        z0.deflate_at(&text, &mut out, t0);
+        assert!(out.len() >= text.len() && !z0.storing());
     }
 }

@@ -51,9 +51,7 @@ fn encode_tile(tile: &[u32], tw: usize, pf: &PixelFormat, out: &mut Vec<u8>) {
         }
         _ => {
             out.push(0);
-            for &p in tile {
-                pf.put_compact(p, side, out);
-            }
+            pf.put_all_compact(tile, side, out);
         }
     }
 }
