@@ -194,7 +194,7 @@ pub(crate) mod tests {
         send(&mut z, &noise(256 * 1024, 2), Duration::ZERO);
         assert!(z.storing());
         let stored = send(&mut z, &noise(256 * 1024, 3), Duration::from_millis(10));
-        assert!(stored >= 256 * 1024 && stored < 256 * 1024 + 256, "stored blocks: {stored} bytes");
+        assert!((256 * 1024..256 * 1024 + 256).contains(&stored), "stored blocks: {stored} bytes");
         assert!(send(&mut z, &text, STORED_FOR / 2) >= text.len());
         assert_eq!(z.stored_bytes(), 256 * 1024 + text.len() as u64);
         // Then it compresses again, and keeps doing so for what compresses.
