@@ -604,7 +604,13 @@ impl Client {
                 .map_err(|_| ClientError::Tls("the token is not a valid header".into()))?;
             request.headers_mut().insert(reqwest::header::AUTHORIZATION, value);
         }
-        let (ws, response) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| match e {
+        // The daemon sends console frames of at most 256 KiB and serial text in pieces of at most 64 KiB: a
+        // message far past those is a hostile server's, refused before it is held.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(WEBSOCKET_MESSAGE_MAX))
+            .max_frame_size(Some(WEBSOCKET_MESSAGE_MAX));
+        let connected = tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await;
+        let (ws, response) = connected.map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(r) => {
                 let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
                 match serde_json::from_str::<ErrorBody>(&body) {
@@ -628,6 +634,9 @@ impl Client {
         Ok(ws)
     }
 }
+
+/// The largest WebSocket message the client takes from a daemon.
+const WEBSOCKET_MESSAGE_MAX: usize = 4 << 20;
 
 /// A byte stream a WebSocket can run over (Unix socket or TLS).
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -671,5 +680,55 @@ where
     tokio::select! {
         _ = inbound => {}
         _ = outbound => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A hostile "daemon" that accepts the upgrade, then announces an 8 MiB message: the client gives up at
+    /// the header (its limit is 4 MiB) and its console stream ends, instead of waiting to hold the 8 MiB.
+    #[tokio::test]
+    async fn a_console_message_past_the_limit_ends_the_stream() {
+        let dir = std::env::temp_dir().join(format!("porthole-ws-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                request.push(s.read_u8().await.unwrap());
+            }
+            let request = String::from_utf8_lossy(&request);
+            let key = request
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: ")))
+                .unwrap()
+                .trim()
+                .to_owned();
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            s.write_all(answer.as_bytes()).await.unwrap();
+            let mut frame = vec![0x82, 127];
+            frame.extend_from_slice(&(8u64 << 20).to_be_bytes());
+            s.write_all(&frame).await.unwrap();
+            // Hold the connection open: only the client's limit can end the stream.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = Client::unix(&socket).unwrap();
+        let mut console = client.console_with_ticket("/api/v1/console?ticket=x").await.unwrap();
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), console.read_to_end(&mut got)).await;
+        assert!(ended.is_ok(), "the client still waits for the 8 MiB message");
+        assert!(got.is_empty());
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1687,8 +1687,18 @@ async fn console(
     let rfb = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|e| ApiError::conflict(format!("cannot reach the VM's console: {e}")))?;
-    Ok(ws.on_upgrade(move |ws| proxy_rfb(ws, rfb)))
+    Ok(ws
+        .max_message_size(CONSOLE_MESSAGE_MAX)
+        .max_frame_size(CONSOLE_MESSAGE_MAX)
+        .on_upgrade(move |ws| proxy_rfb(ws, rfb)))
 }
+
+/// The largest WebSocket message (and frame) a console client may send: RFB's largest client message, cut text
+/// of the most clipboard text an engine takes (1 MiB), with room. (The WebSocket library's default, 64 MiB,
+/// would let each connection make the daemon hold that much.)
+pub const CONSOLE_MESSAGE_MAX: usize = 2 << 20;
+/// The largest a serial stream's reader may send (it is only listened to for its close).
+pub const SERIAL_STREAM_MESSAGE_MAX: usize = 64 << 10;
 
 /// Carries RFB between the WebSocket (binary frames) and the VM's console socket.
 async fn proxy_rfb(ws: WebSocket, rfb: tokio::net::UnixStream) {
@@ -1752,6 +1762,7 @@ async fn serial_stream(
     require_vm(&p, Role::Viewer, &id)?;
     app.host.get(&id)?;
     let path = app.host.run_files(&id).serial();
+    let ws = ws.max_message_size(SERIAL_STREAM_MESSAGE_MAX).max_frame_size(SERIAL_STREAM_MESSAGE_MAX);
     Ok(ws.on_upgrade(move |mut ws| async move {
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         loop {

@@ -850,3 +850,45 @@ async fn the_host_page_api_reports_capacity_use_and_cancels_tasks() {
     }
     power_off_all(&c).await;
 }
+
+/// A WebSocket client cannot make the daemon hold a large message: a frame whose header says it carries 8 MiB
+/// (over the console's 2 MiB and the serial stream's 64 KiB, under the WebSocket library's own 16 MiB) is
+/// refused at its header, and the daemon closes the connection instead of waiting for the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_messages_past_their_limit_close_the_connection() {
+    let dir = Scratch::new("daemon-websocket-limits");
+    let d = Daemon::start(&dir, false, &[]);
+    let c = d.local();
+    let vm = c
+        .create_vm(&CreateVm {
+            boot: Some(porthole_api::BootSpec { kernel: guest("idle"), initrd: None, cmdline: String::new() }),
+            disk_gib: 0,
+            nics: Some(Vec::new()),
+            ..CreateVm::new("ws", 1, 64)
+        })
+        .await
+        .unwrap();
+    c.action(&vm.id, Action::Start).await.unwrap();
+    for path in [c.console_ticket(&vm.id).await.unwrap().path, format!("/api/v1/vms/{}/serial/stream", vm.id)] {
+        let mut s = tokio::net::UnixStream::connect(d.socket()).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(s.read_u8().await.unwrap());
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{path}: {}", text(&head));
+        // A masked binary frame of 8 MiB (64-bit length), its mask, and no more.
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(8u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        s.write_all(&frame).await.unwrap();
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        assert!(closed.is_ok(), "{path}: the daemon still waits for the 8 MiB (answered {} bytes)", answer.len());
+    }
+    c.action(&vm.id, Action::Poweroff).await.unwrap();
+}
