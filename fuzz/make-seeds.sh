@@ -212,3 +212,46 @@ seeds = {"enumerate": enum, "enumerate-place-access": enum + place + virtio + vg
 for name, data in seeds.items():
     open(f"{out}/{name}", "wb").write(data)
 PY
+
+# The websocket target: byte 0 (bit 0 the serial stream, bits 1-2 the writes the rest is cut into), then the
+# client's frames after the upgrade: masked as a client must, RFB inside binary frames (the 3.8 handshake,
+# no security, shared ClientInit, SetEncodings, an update request, a key and a pointer event, cut text),
+# a ping, a text frame, a fragmented message, 16- and 64-bit lengths, an unmasked frame, a close.
+mkdir -p corpus/websocket
+python3 - corpus/websocket <<'PY'
+import struct, sys, os
+out = sys.argv[1]
+MASK = b"\x12\x34\x56\x78"
+def frame(opcode, payload, fin=True, masked=True, wide=None):
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    m = 0x80 if masked else 0
+    if wide == 64 or n > 0xFFFF:
+        head += bytes([m | 127]) + struct.pack(">Q", n)
+    elif wide == 16 or n > 125:
+        head += bytes([m | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([m | n])
+    if not masked:
+        return head + payload
+    return head + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
+close = frame(8, struct.pack(">H", 1000))
+rfb = [b"RFB 003.008\n", b"\x01", b"\x01",
+       struct.pack(">BBHiiii", 2, 0, 4, 16, 7, 1, -223),
+       struct.pack(">BBHHHH", 3, 0, 0, 0, 640, 480),
+       struct.pack(">BBHI", 4, 1, 0, 0x61), struct.pack(">BBHI", 4, 0, 0, 0x61),
+       struct.pack(">BBHH", 5, 1, 10, 20),
+       struct.pack(">BBBBI", 6, 0, 0, 0, 5) + b"hello"]
+seeds = {
+    "console-session": b"\x00" + b"".join(frame(2, m) for m in rfb) + close,
+    "console-one-frame-in-pieces": b"\x06" + frame(2, b"".join(rfb)) + close,
+    "console-fragmented": b"\x00" + frame(2, rfb[0][:4], fin=False) + frame(9, b"ping") + frame(0, rfb[0][4:]) + close,
+    "console-wide-lengths": b"\x00" + frame(2, rfb[0], wide=16) + frame(2, rfb[1], wide=64) + close,
+    "console-text-and-unmasked": b"\x00" + frame(1, b"RFB 003.008\n") + frame(2, rfb[0], masked=False),
+    "console-no-close": b"\x02" + b"".join(frame(2, m) for m in rfb[:4]),
+    "serial-text-ping-close": b"\x01" + frame(1, b"ls\n") + frame(9, b"") + frame(10, b"x") + close,
+    "serial-binary-pieces": b"\x07" + frame(2, bytes(range(200))) + close,
+}
+for name, data in seeds.items():
+    open(os.path.join(out, name), "wb").write(data)
+PY
