@@ -93,6 +93,21 @@ pub struct RunControl {
     changed: Condvar,
     /// Set whenever the vCPUs must look at `state` (paused or exiting), so the hot loop checks an atomic.
     attention: AtomicBool,
+    /// Devices that keep time of their own (a sound card's streams), told of every pause and resume.
+    pause_listeners: PauseListeners,
+}
+
+/// Told `true` when the VM pauses and `false` when it goes on (more than once alike: it must not mind);
+/// returns whether it still wants to be told (a device of an earlier boot no longer does).
+pub type PauseListener = Box<dyn Fn(bool) -> bool + Send + Sync>;
+
+#[derive(Default)]
+struct PauseListeners(Mutex<Vec<PauseListener>>);
+
+impl std::fmt::Debug for PauseListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} pause listeners", lock(&self.0).len())
+    }
 }
 
 /// Why a pause did not complete.
@@ -216,8 +231,20 @@ impl RunControl {
         Ok(std::mem::take(&mut *lock(&job.results)))
     }
 
+    /// Tells `listener` whether the VM is paused now, then of every pause and resume from now on.
+    pub fn on_pause_change(&self, listener: PauseListener) {
+        if listener(self.is_paused()) {
+            lock(&self.pause_listeners.0).push(listener);
+        }
+    }
+
+    fn tell_listeners(&self, paused: bool) {
+        lock(&self.pause_listeners.0).retain(|listener| listener(paused));
+    }
+
     /// Stops every vCPU and waits until all are parked; returns how long that took.
     pub fn pause(&self, timeout: Duration) -> Result<Duration, PauseTimeout> {
+        self.tell_listeners(true);
         let start = Instant::now();
         let mut s = lock(&self.state);
         s.paused = true;
@@ -235,9 +262,13 @@ impl RunControl {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
-        let mut s = lock(&self.state);
-        s.paused = false;
-        self.attention.store(s.exiting, Ordering::Release);
+        {
+            let mut s = lock(&self.state);
+            s.paused = false;
+            self.attention.store(s.exiting, Ordering::Release);
+        }
+        // Before the vCPUs run: the devices keep time again by then.
+        self.tell_listeners(false);
         self.changed.notify_all();
     }
 

@@ -1212,11 +1212,13 @@ impl Vm {
                 let bar = bus.allocate_bar(pci::hda::BAR_SIZE)?;
                 let hda = pci::hda::Hda::new(screen, mem.clone(), bar, gsi as u8, interrupt.clone())
                     .map_err(io_err("start the sound card's thread"))?;
+                hda.follow_pauses(&self.handle.run);
                 Arc::new(Mutex::new(hda))
             } else {
                 let bar = bus.allocate_bar(crate::virtio::pci::BAR_SIZE)?;
                 let sound = crate::virtio::sound::VirtioSound::new(screen, interrupt.clone())
                     .map_err(io_err("start the sound card's thread"))?;
+                sound.follow_pauses(&self.handle.run);
                 let device =
                     VirtioPci::new(sound, bar, gsi as u8, interrupt.clone(), mem.clone(), Some(vm.clone()), msi())
                         .map_err(io_err("give the sound card its MSI-X vectors"))?;

@@ -580,6 +580,9 @@ struct State {
     /// Between a machine-state save and the VM going on: the streams stand still (nothing touches guest
     /// memory or the console).
     quiesced: bool,
+    /// While the VM is paused the streams and the wall clock stand still, as the guest does (a cyclic
+    /// buffer played on would repeat its last second for as long as the pause lasts).
+    held: bool,
 }
 
 impl State {
@@ -588,6 +591,9 @@ impl State {
     }
 
     fn walclk(&self, now: Instant) -> u32 {
+        if self.held {
+            return self.wall_offset;
+        }
         let ticks = now.saturating_duration_since(self.wall_base).as_nanos() * 24 / 1000;
         self.wall_offset.wrapping_add(ticks as u32)
     }
@@ -682,7 +688,7 @@ impl State {
 
     /// Moves every running stream to `now`: positions, IOC, the console's samples, silence recorded.
     fn advance(&mut self, now: Instant) {
-        if !self.running() || self.quiesced {
+        if !self.running() || self.quiesced || self.held {
             return;
         }
         for i in 0..STREAMS {
@@ -737,9 +743,18 @@ impl State {
         }
     }
 
+    /// The running streams' clocks start over at `now`: they go on from where they stood.
+    fn restart_clocks(&mut self, now: Instant) {
+        for s in &mut self.streams {
+            if let Some(clock) = s.run.as_mut().and_then(|r| r.clock.as_mut()) {
+                *clock = Clock { base: now, frames: 0 };
+            }
+        }
+    }
+
     /// When the thread has something to do next.
     fn deadline(&self) -> Option<Instant> {
-        if !self.running() || self.quiesced {
+        if !self.running() || self.quiesced || self.held {
             return None;
         }
         self.streams.iter().filter_map(|s| s.run.as_ref()?.deadline()).min()
@@ -1043,6 +1058,27 @@ struct Shared {
 }
 
 impl Shared {
+    /// The VM paused (`true`) or went on: the streams and the wall clock stop where they are, or go on.
+    fn hold(&self, paused: bool) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        if state.held == paused {
+            return;
+        }
+        if paused {
+            state.advance(now);
+            state.finish();
+            state.wall_offset = state.walclk(now);
+            state.held = true;
+        } else {
+            state.held = false;
+            state.wall_base = now;
+            state.restart_clocks(now);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
     fn thread(&self) {
         let mut state = lock(&self.state);
         while !self.shutdown.load(Ordering::Acquire) {
@@ -1150,12 +1186,23 @@ impl Hda {
             irq_level: false,
             intx_disabled: false,
             quiesced: false,
+            held: false,
         };
         let shared =
             Arc::new(Shared { state: Mutex::new(state), wake: Condvar::new(), shutdown: AtomicBool::new(false) });
         let s = shared.clone();
         let thread = std::thread::Builder::new().name("hda".into()).spawn(move || s.thread())?;
         Ok(Hda { config, shared, thread: Some(thread) })
+    }
+
+    /// Holds the streams and the wall clock while `run`'s VM is paused.
+    pub fn follow_pauses(&self, run: &crate::vcpu::RunControl) {
+        let shared = Arc::downgrade(&self.shared);
+        run.on_pause_change(Box::new(move |paused| {
+            let Some(shared) = shared.upgrade() else { return false };
+            shared.hold(paused);
+            true
+        }));
     }
 }
 
@@ -1300,11 +1347,7 @@ impl PciDevice for Hda {
         if !std::mem::take(&mut state.quiesced) {
             return;
         }
-        for s in &mut state.streams {
-            if let Some(clock) = s.run.as_mut().and_then(|r| r.clock.as_mut()) {
-                *clock = Clock { base: now, frames: 0 };
-            }
-        }
+        state.restart_clocks(now);
         drop(state);
         self.shared.wake.notify_one();
     }
@@ -2029,6 +2072,45 @@ mod tests {
         g.bring_up();
         g.rings();
         assert_eq!(g.param(NID_ROOT, PARAM_VENDOR_ID), VENDOR_ID);
+    }
+
+    #[test]
+    fn a_paused_vm_holds_the_streams_and_the_wall_clock() {
+        let mut g = Guest::new();
+        let run = crate::vcpu::RunControl::default();
+        g.hda.follow_pauses(&run);
+        // A ramp, so each sample says which frame it is.
+        let ramp: Vec<i16> = (0..3600).flat_map(|i| [i as i16, -(i as i16)]).collect();
+        g.tone_stream(&ramp);
+        let mut cursor = AudioCursor::default();
+        g.run(OUT0, 0);
+        let (_, mut heard) = g.listen_for(&mut cursor, 600);
+        run.pause(Duration::from_secs(1)).unwrap();
+        let (lpib, walclk) = (g.r32(sd(OUT0) + SD_LPIB), g.r32(WALCLK));
+        heard.extend(g.listen(&mut cursor).1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(g.r32(sd(OUT0) + SD_LPIB), lpib, "the position stands still while paused");
+        assert_eq!(g.r32(WALCLK), walclk, "so does the wall clock");
+        assert!(g.listen(&mut cursor).1.is_empty(), "nothing is played while paused");
+        let resumed = Instant::now();
+        run.resume();
+        let (_, after) = g.listen_for(&mut cursor, 600);
+        let ticks = g.r32(WALCLK).wrapping_sub(walclk);
+        assert!(
+            u128::from(ticks) <= resumed.elapsed().as_nanos() * 24 / 1000 + 24_000,
+            "the wall clock went on from where it stood: {ticks} ticks"
+        );
+        assert_ne!(g.r32(sd(OUT0) + SD_LPIB), lpib, "going on after the pause");
+        // What was heard goes on frame after frame, across the pause: nothing repeated, nothing skipped.
+        heard.extend(after);
+        for (k, pair) in heard.chunks(2).enumerate() {
+            let frame = (k % 3600) as i16;
+            assert_eq!(pair, [frame, -frame], "frame {k}");
+        }
+        // A device gone (the VM rebooted) is no longer told.
+        drop(g);
+        run.pause(Duration::from_secs(1)).unwrap();
+        run.resume();
     }
 
     #[test]

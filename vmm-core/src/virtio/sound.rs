@@ -456,6 +456,9 @@ struct State {
     streams: [Stream; STREAMS],
     /// Serving stopped while a machine state is saved.
     quiesced: bool,
+    /// Since when the VM is paused, if it is: the streams' clocks stand still (the guest's transfers are
+    /// neither played nor completed) and go on from there when it resumes.
+    held_since: Option<Instant>,
     /// When the thread has something to do next without a notification.
     deadline: Option<Instant>,
 }
@@ -766,9 +769,35 @@ impl Shared {
         }
     }
 
+    /// The VM paused (`true`) or went on: what is due is done, then the streams' clocks stand still; on
+    /// resuming they are moved on by the pause, so every transfer keeps its place.
+    fn hold(&self, paused: bool) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        match (paused, state.held_since) {
+            (true, None) => {
+                self.service(&mut state);
+                state.held_since = Some(now);
+                state.deadline = None;
+            }
+            (false, Some(since)) => {
+                let pause = now.saturating_duration_since(since);
+                for s in &mut state.streams {
+                    if let Some(clock) = s.clock.as_mut() {
+                        clock.base += pause;
+                    }
+                }
+                state.held_since = None;
+            }
+            _ => return,
+        }
+        drop(state);
+        let _ = self.wake.write(1);
+    }
+
     /// Does everything there is to do; a malformed chain breaks the device until the driver resets it.
     fn service(&self, state: &mut State) {
-        if state.quiesced || state.active.is_none() {
+        if state.quiesced || state.held_since.is_some() || state.active.is_none() {
             state.deadline = None;
             return;
         }
@@ -898,6 +927,7 @@ impl VirtioSound {
                 active: None,
                 streams: [Stream::new(), Stream::new()],
                 quiesced: false,
+                held_since: None,
                 deadline: None,
             }),
             stats: Arc::new(SoundStats::default()),
@@ -908,6 +938,16 @@ impl VirtioSound {
         let s = shared.clone();
         let thread = std::thread::Builder::new().name("sound".into()).spawn(move || s.thread())?;
         Ok(VirtioSound { shared, max_sizes: [QUEUE_SIZE; QUEUES], thread: Some(thread) })
+    }
+
+    /// Holds the streams while `run`'s VM is paused.
+    pub fn follow_pauses(&self, run: &crate::vcpu::RunControl) {
+        let shared = Arc::downgrade(&self.shared);
+        run.on_pause_change(Box::new(move |paused| {
+            let Some(shared) = shared.upgrade() else { return false };
+            shared.hold(paused);
+            true
+        }));
     }
 
     /// The device's counters.
@@ -991,7 +1031,8 @@ impl VirtioDevice for VirtioSound {
     /// (counted from the moment of the save).
     fn save_device(&self, w: &mut crate::snapshot::Writer) {
         let state = lock(&self.shared.state);
-        let now = Instant::now();
+        // A paused VM's clocks stood still at its pause.
+        let now = state.held_since.unwrap_or_else(Instant::now);
         for s in &state.streams {
             w.bool(s.params.is_some());
             let p = s.params.unwrap_or(Params { buffer_bytes: 0, period_bytes: 0, channels: 0, format: 0, rate: 0 });
@@ -1030,7 +1071,7 @@ impl VirtioDevice for VirtioSound {
     fn restore_device(&mut self, r: &mut crate::snapshot::Reader) -> Result<(), crate::snapshot::StateError> {
         use crate::snapshot::StateError;
         let damaged = |what: &str| StateError::Damaged(format!("a sound card with {what}"));
-        let now = Instant::now();
+        let now = lock(&self.shared.state).held_since.unwrap_or_else(Instant::now);
         let mut streams = [Stream::new(), Stream::new()];
         for s in &mut streams {
             let has_params = r.bool()?;
@@ -1446,6 +1487,51 @@ mod tests {
         assert_eq!(g.pcm(R_PCM_PREPARE, 0), S_BAD_MSG);
         assert!(!g.needs_reset());
         assert_eq!(g.stats.malformed.load(Ordering::Relaxed), 0);
+    }
+
+    /// While the VM is paused nothing plays and no transfer comes back; afterwards the rest plays on, every
+    /// sample in its place, the last period its time after the pause.
+    #[test]
+    fn a_paused_vm_holds_its_streams() {
+        let mut g = Guest::new();
+        let run = crate::vcpu::RunControl::default();
+        g.d.device.device().follow_pauses(&run);
+        let mut cursor = AudioCursor::default();
+        g.open(0, PERIOD_48K, 2, FMT_S16, RATE_48000, false);
+        let started = Instant::now();
+        assert_eq!(g.pcm(R_PCM_START, 0), S_OK);
+        let xfers: Vec<Xfer> = (0..10).map(|i| g.post_tx(0, &s16_bytes(&tone(i * 480, 480)))).collect();
+        g.d.kick(TXQ);
+        let mut done = 0;
+        while done < 3 {
+            assert!(started.elapsed() < WAIT, "{done} of 3 periods back");
+            done += g.d.completions(TXQ, Duration::from_millis(50)).len();
+        }
+        run.pause(Duration::from_secs(1)).unwrap();
+        let paused = Instant::now();
+        let before = listen(&g.screen, &mut cursor).1;
+        done += g.d.completions(TXQ, Duration::from_millis(100)).len();
+        let held = done;
+        assert!(listen(&g.screen, &mut cursor).1.is_empty(), "nothing is played while paused");
+        assert_eq!(g.d.completions(TXQ, Duration::from_millis(50)).len(), 0, "nothing comes back while paused");
+        let pause = paused.elapsed();
+        run.resume();
+        while done < 10 {
+            assert!(started.elapsed() < WAIT, "{done} of 10 periods back");
+            done += g.d.completions(TXQ, Duration::from_millis(50)).len();
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= pause + Duration::from_millis(90),
+            "100 ms of sound and a pause of {pause:?} took {elapsed:?} ({held} periods back at the pause)"
+        );
+        for x in &xfers {
+            assert_eq!(g.status(*x).0, S_OK);
+        }
+        let mut samples = before;
+        samples.extend(listen(&g.screen, &mut cursor).1);
+        assert!(samples == tone(0, 4800), "the tone as the guest played it, across the pause");
+        assert!(!g.needs_reset());
     }
 
     /// A 440 Hz tone played in 10 ms periods reaches the listeners sample for sample, and the buffers
