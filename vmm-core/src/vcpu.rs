@@ -101,6 +101,12 @@ pub struct RunControl {
 /// returns whether it still wants to be told (a device of an earlier boot no longer does).
 pub type PauseListener = Box<dyn Fn(bool) -> bool + Send + Sync>;
 
+/// A device that keeps time of its own (a sound card's streams) and stands still while the VM is paused.
+pub trait HoldsWhilePaused: Send + Sync + 'static {
+    /// The VM paused (`true`) or went on; told the same more than once alike.
+    fn hold(&self, paused: bool);
+}
+
 #[derive(Default)]
 struct PauseListeners(Mutex<Vec<PauseListener>>);
 
@@ -236,6 +242,17 @@ impl RunControl {
         if listener(self.is_paused()) {
             lock(&self.pause_listeners.0).push(listener);
         }
+    }
+
+    /// Holds `device` while the VM is paused, for as long as the device exists (the VM keeps a weak
+    /// reference: a device of an earlier boot leaves the listeners).
+    pub fn hold_while_paused<D: HoldsWhilePaused>(&self, device: &Arc<D>) {
+        let device = Arc::downgrade(device);
+        self.on_pause_change(Box::new(move |paused| {
+            let Some(device) = device.upgrade() else { return false };
+            device.hold(paused);
+            true
+        }));
     }
 
     fn tell_listeners(&self, paused: bool) {

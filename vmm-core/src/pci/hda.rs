@@ -1057,7 +1057,7 @@ struct Shared {
     shutdown: AtomicBool,
 }
 
-impl Shared {
+impl crate::vcpu::HoldsWhilePaused for Shared {
     /// The VM paused (`true`) or went on: the streams and the wall clock stop where they are, or go on.
     fn hold(&self, paused: bool) {
         let now = Instant::now();
@@ -1078,7 +1078,9 @@ impl Shared {
         drop(state);
         self.wake.notify_one();
     }
+}
 
+impl Shared {
     fn thread(&self) {
         let mut state = lock(&self.state);
         while !self.shutdown.load(Ordering::Acquire) {
@@ -1197,12 +1199,7 @@ impl Hda {
 
     /// Holds the streams and the wall clock while `run`'s VM is paused.
     pub fn follow_pauses(&self, run: &crate::vcpu::RunControl) {
-        let shared = Arc::downgrade(&self.shared);
-        run.on_pause_change(Box::new(move |paused| {
-            let Some(shared) = shared.upgrade() else { return false };
-            shared.hold(paused);
-            true
-        }));
+        run.hold_while_paused(&self.shared);
     }
 }
 

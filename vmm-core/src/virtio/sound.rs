@@ -534,6 +534,34 @@ fn chmap_info(id: usize) -> Vec<u8> {
     b
 }
 
+impl crate::vcpu::HoldsWhilePaused for Shared {
+    /// The VM paused (`true`) or went on: what is due is done, then the streams' clocks stand still; on
+    /// resuming they are moved on by the pause, so every transfer keeps its place.
+    fn hold(&self, paused: bool) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        match (paused, state.held_since) {
+            (true, None) => {
+                self.service(&mut state);
+                state.held_since = Some(now);
+                state.deadline = None;
+            }
+            (false, Some(since)) => {
+                let pause = now.saturating_duration_since(since);
+                for s in &mut state.streams {
+                    if let Some(clock) = s.clock.as_mut() {
+                        clock.base += pause;
+                    }
+                }
+                state.held_since = None;
+            }
+            _ => return,
+        }
+        drop(state);
+        let _ = self.wake.write(1);
+    }
+}
+
 impl Shared {
     /// Answers the control requests.
     fn drain_control(&self, state: &mut State) -> Result<(), Malformed> {
@@ -769,32 +797,6 @@ impl Shared {
         }
     }
 
-    /// The VM paused (`true`) or went on: what is due is done, then the streams' clocks stand still; on
-    /// resuming they are moved on by the pause, so every transfer keeps its place.
-    fn hold(&self, paused: bool) {
-        let now = Instant::now();
-        let mut state = lock(&self.state);
-        match (paused, state.held_since) {
-            (true, None) => {
-                self.service(&mut state);
-                state.held_since = Some(now);
-                state.deadline = None;
-            }
-            (false, Some(since)) => {
-                let pause = now.saturating_duration_since(since);
-                for s in &mut state.streams {
-                    if let Some(clock) = s.clock.as_mut() {
-                        clock.base += pause;
-                    }
-                }
-                state.held_since = None;
-            }
-            _ => return,
-        }
-        drop(state);
-        let _ = self.wake.write(1);
-    }
-
     /// Does everything there is to do; a malformed chain breaks the device until the driver resets it.
     fn service(&self, state: &mut State) {
         if state.quiesced || state.held_since.is_some() || state.active.is_none() {
@@ -942,12 +944,7 @@ impl VirtioSound {
 
     /// Holds the streams while `run`'s VM is paused.
     pub fn follow_pauses(&self, run: &crate::vcpu::RunControl) {
-        let shared = Arc::downgrade(&self.shared);
-        run.on_pause_change(Box::new(move |paused| {
-            let Some(shared) = shared.upgrade() else { return false };
-            shared.hold(paused);
-            true
-        }));
+        run.hold_while_paused(&self.shared);
     }
 
     /// The device's counters.
