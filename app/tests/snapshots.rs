@@ -139,7 +139,8 @@ fn snapshot_of_a_console() {
     let mut h = offline_app();
     let target: porthole::app::VncTarget = format!("vnc+unix://{}", socket.display()).parse().unwrap();
     h.state_mut().open_vnc(target, None);
-    wait(&mut h, "the console", |h| has(h, "click the screen to type"));
+    // The lock lights come with the first update too, but reach the toolbar a moment after its size.
+    wait(&mut h, "the console and its lock lights", |h| has(h, "click the screen to type") && has(h, "Caps Lock"));
     snapshot(&mut h, "console");
     drop(vm);
 }

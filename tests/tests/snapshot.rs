@@ -87,12 +87,31 @@ impl CounterVm {
     }
 
     /// The text screen, as an RFB client sees it.
-    fn screen(&self) -> Vec<String> {
+    fn screen(&mut self) -> Vec<String> {
         wait_until(LIMIT, || self.vnc.exists(), || "no console socket".into());
-        let mut c = RfbClient::connect(&self.vnc, None).unwrap();
+        let mut c = match RfbClient::connect(&self.vnc, None) {
+            Ok(c) => c,
+            Err(e) => panic!("cannot connect to the console: {e:?}; {}", self.process_state()),
+        };
         c.set_encodings(&[RAW]).unwrap();
         c.full_frame().unwrap();
         screen_text(&c.pixels, c.width, c.height)
+    }
+
+    /// Whether the engine still runs, and how it ended (with its error output) if it did not.
+    fn process_state(&mut self) -> String {
+        let Some(child) = self.child.as_mut() else { return "the engine was ended by the test".into() };
+        match child.try_wait() {
+            Ok(None) => "the engine runs".into(),
+            Ok(Some(status)) => {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                format!("the engine ended ({status}); serial ends:\n{}\nstderr:\n{stderr}", tail(&self.output()))
+            }
+            Err(e) => format!("the engine's state is unknown: {e}"),
+        }
     }
 
     /// Waits for the process to end; returns its output.
