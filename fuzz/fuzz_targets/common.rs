@@ -11,8 +11,7 @@ static SCRATCH: OnceLock<Option<PathBuf>> = OnceLock::new();
 pub fn scratch_image(tag: &str) -> Option<&'static PathBuf> {
     SCRATCH
         .get_or_init(|| {
-            let dir =
-                if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+            let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
             let path = dir.join(format!("porthole-fuzz-{tag}-{}.img", std::process::id()));
             std::fs::write(&path, vec![0x5a; 64 * 1024]).ok()?;
             extern "C" fn remove() {

@@ -242,6 +242,13 @@ impl<D: VirtioDevice> HostDriver<D> {
         }
     }
 
+    /// Entries published on `queue` that the device has not returned yet, as far as
+    /// [`completions`](Self::completions) has read the used ring.
+    pub fn outstanding(&self, queue: usize) -> u16 {
+        let q = &self.queues[queue];
+        q.avail_idx.wrapping_sub(q.last_used)
+    }
+
     /// Reads the ISR register (clearing it).
     pub fn read_isr(&mut self) -> u8 {
         let mut b = [0u8];
