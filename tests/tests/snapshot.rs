@@ -88,29 +88,36 @@ impl CounterVm {
 
     /// The text screen, as an RFB client sees it.
     fn screen(&mut self) -> Vec<String> {
-        wait_until(LIMIT, || self.vnc.exists(), || "no console socket".into());
-        let mut c = match RfbClient::connect(&self.vnc, None) {
-            Ok(c) => c,
-            Err(e) => panic!("cannot connect to the console: {e:?}; {}", self.process_state()),
+        // The socket's file appears at bind(), a moment before the engine listens on it: until the engine
+        // accepts, a missing file or a refusal means "not yet" while it runs.
+        let start = Instant::now();
+        let mut c = loop {
+            match RfbClient::connect(&self.vnc, None) {
+                Ok(c) => break c,
+                Err(e) => match self.ended() {
+                    None if start.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(20)),
+                    ended => panic!("cannot connect to the console: {e:?}; {}", ended.unwrap_or_default()),
+                },
+            }
         };
         c.set_encodings(&[RAW]).unwrap();
         c.full_frame().unwrap();
         screen_text(&c.pixels, c.width, c.height)
     }
 
-    /// Whether the engine still runs, and how it ended (with its error output) if it did not.
-    fn process_state(&mut self) -> String {
-        let Some(child) = self.child.as_mut() else { return "the engine was ended by the test".into() };
+    /// How the engine ended (with its serial and error output), or None while it runs.
+    fn ended(&mut self) -> Option<String> {
+        let Some(child) = self.child.as_mut() else { return Some("the engine was ended by the test".into()) };
         match child.try_wait() {
-            Ok(None) => "the engine runs".into(),
+            Ok(None) => None,
             Ok(Some(status)) => {
                 let mut stderr = String::new();
                 if let Some(mut pipe) = child.stderr.take() {
                     let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
                 }
-                format!("the engine ended ({status}); serial ends:\n{}\nstderr:\n{stderr}", tail(&self.output()))
+                Some(format!("the engine ended ({status}); serial ends:\n{}\nstderr:\n{stderr}", tail(&self.output())))
             }
-            Err(e) => format!("the engine's state is unknown: {e}"),
+            Err(e) => Some(format!("the engine's state is unknown: {e}")),
         }
     }
 
