@@ -37,3 +37,17 @@ pub fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
 pub fn le(b: &[u8]) -> u64 {
     b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x))
 }
+
+/// Zeroes all of `mem` (a device kept across inputs then sees nothing an earlier input wrote: stale
+/// descriptors or buffers would make an input's outcome depend on the inputs before it).
+pub fn clear(mem: &vm_memory::GuestMemoryMmap) {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let end = mem.last_addr().0 + 1;
+    let mut at = 0;
+    while at < end {
+        let n = (end - at).min(ZEROS.len() as u64);
+        let _ = mem.write_slice(&ZEROS[..n as usize], GuestAddress(at));
+        at += n;
+    }
+}

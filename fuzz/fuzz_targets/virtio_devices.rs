@@ -6,12 +6,13 @@
 //! (control and cursor queues: resources, backing lists, transfers, scanouts and flushes onto a screen,
 //! EDID, display events from the configuration) and virtio-console with the SPICE agent's port (the
 //! multiport control handshake, port data carrying agent messages both ways) and virtio-sound (control
-//! requests, played and recorded buffers on a stream clock, onto a screen's sound output). Each device is
-//! brought up with every queue of 16 entries; then operations from the input, and after a publish a short
-//! wait (3 ms) for what the device completes or a NEEDS_RESET.
+//! requests, played and recorded buffers on a stream clock, onto a screen's sound output). A device of each
+//! kind serves 1000 inputs of that kind, reset at the start of each (memory zeroed), every queue of 16
+//! entries; then operations from the input, and after a publish a short wait (3 ms) for what the device
+//! completes or a NEEDS_RESET.
 //!
-//! Input: byte 0 picks the device (mod 8: scsi, tablet, keyboard, balloon, net, gpu, console, sound), then operations, each a kind
-//! byte and its bytes:
+//! Input: byte 0 picks the device (mod 8: scsi, tablet, keyboard, balloon, net, gpu, console, sound), then
+//! operations, each a kind byte and its bytes:
 //! - 0: a descriptor: queue, index, addr (u32), len (u32), flags (u16), next (u16)
 //! - 1: 16 bytes of guest memory at 0x1_0000 + 16 × offset (offset: u16)
 //! - 2: publish: queue, head (u16), advance (u16)
@@ -24,9 +25,11 @@
 //! data 0x1_0000-0x4_0000 (descriptors may point anywhere).
 #![no_main]
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -39,7 +42,9 @@ use vmm_core::virtio::console::VirtioConsole;
 use vmm_core::virtio::gpu::{GpuShared, VirtioGpu};
 use vmm_core::virtio::host_driver::{Desc, HostDriver};
 use vmm_core::virtio::input::{Profile, VirtioInput};
+use vmm_core::virtio::net::VirtioNet;
 use vmm_core::virtio::scsi::VirtioScsi;
+use vmm_core::virtio::sound::VirtioSound;
 use vmm_core::virtio::{VirtioDevice, VirtioInterrupt};
 
 const MEM: usize = 0x4_0000;
@@ -47,10 +52,10 @@ const QUEUE: u16 = 16;
 
 #[path = "common.rs"]
 mod common;
-use common::{le, scratch_image, take};
+use common::{clear, le, scratch_image, take};
 
 /// Runs the operations in `data` against `d`; `peer` is the network's end of a net card.
-fn exercise<D: VirtioDevice>(mut d: HostDriver<D>, queues: usize, mut data: &[u8], mut peer: Option<UnixStream>) {
+fn exercise<D: VirtioDevice>(d: &mut HostDriver<D>, queues: usize, mut data: &[u8], mut peer: Option<&mut UnixStream>) {
     let mut sink = vec![0u8; 64 * 1024];
     let mut published = false;
     while let Some(&[kind]) = take(&mut data, 1) {
@@ -123,55 +128,150 @@ fn exercise<D: VirtioDevice>(mut d: HostDriver<D>, queues: usize, mut data: &[u8
     }
 }
 
-fuzz_target!(|input: &[u8]| {
-    let Some((&which, ops)) = input.split_first() else { return };
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else { return };
-    let Ok(interrupt) = VirtioInterrupt::new().map(Arc::new) else { return };
-    match which % 8 {
-        0 => {
-            let Some(path) = scratch_image("scsi") else { return };
-            let Ok(media) = Drive::open_media(path, true) else { return };
-            let drive = Arc::new(Drive::new("cd0".into(), true, true, "FUZZ".into(), Some(media)));
-            let Ok(scsi) = VirtioScsi::new(drive, interrupt.clone()) else { return };
-            exercise(HostDriver::new(scsi, interrupt, mem, &[QUEUE; 3]), 3, ops, None);
+/// How many inputs one device serves before it is dropped and made anew (so its teardown is fuzzed too).
+const INPUTS_PER_DEVICE: u32 = 1000;
+
+/// A device kept for [`INPUTS_PER_DEVICE`] inputs of its kind: reset at the start of each, as a guest
+/// driver resets it, with its memory zeroed. (Made per input, the devices' threads alone grew a sanitized
+/// run without end: the runtime keeps memory for every thread started.)
+struct Kept<D: VirtioDevice> {
+    driver: HostDriver<D>,
+    queues: usize,
+    served: u32,
+    /// The network's end of a network card.
+    peer: Option<UnixStream>,
+    /// The SPICE agent behind a console.
+    agent: Option<Arc<vmm_core::vdagent::Agent>>,
+}
+
+impl<D: VirtioDevice> Kept<D> {
+    fn new(device: D, interrupt: Arc<VirtioInterrupt>, queues: usize) -> Option<Kept<D>> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).ok()?;
+        let driver = HostDriver::new(device, interrupt, mem, &[QUEUE; 8][..queues]);
+        Some(Kept { driver, queues, served: 0, peer: None, agent: None })
+    }
+}
+
+type Slot<D> = RefCell<Option<Kept<D>>>;
+
+thread_local! {
+    static SCSI: Slot<VirtioScsi> = const { RefCell::new(None) };
+    static TABLET: Slot<VirtioInput> = const { RefCell::new(None) };
+    static KEYBOARD: Slot<VirtioInput> = const { RefCell::new(None) };
+    static BALLOON: Slot<VirtioBalloon> = const { RefCell::new(None) };
+    static NET: Slot<VirtioNet> = const { RefCell::new(None) };
+    static GPU: Slot<VirtioGpu> = const { RefCell::new(None) };
+    static CONSOLE: Slot<VirtioConsole> = const { RefCell::new(None) };
+    static SOUND: Slot<VirtioSound> = const { RefCell::new(None) };
+}
+
+/// Runs `ops` on the device kept in `slot`, made by `make` the first time.
+fn run<D: VirtioDevice>(slot: &'static LocalKey<Slot<D>>, make: impl FnOnce() -> Option<Kept<D>>, ops: &[u8]) {
+    slot.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.as_ref().is_none_or(|k| k.served >= INPUTS_PER_DEVICE) {
+            *slot = None;
+            *slot = make();
         }
-        1 | 2 => {
-            let profile = if which % 8 == 1 { Profile::Tablet } else { Profile::Keyboard };
-            let Ok(input) = VirtioInput::new(profile, interrupt.clone()) else { return };
-            exercise(HostDriver::new(input, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
-        }
-        3 => {
-            let Ok(balloon) = VirtioBalloon::new(BalloonShared::new(4), interrupt.clone()) else { return };
-            // Inflate, deflate, statistics, free-page reporting.
-            exercise(HostDriver::new(balloon, interrupt, mem, &[QUEUE; 4]), 4, ops, None);
-        }
-        5 => {
-            let Ok(gpu) = VirtioGpu::new(GpuShared::new(Screen::new(), 640, 480), interrupt.clone()) else { return };
-            // Control, cursor.
-            exercise(HostDriver::new(gpu, interrupt, mem, &[QUEUE; 2]), 2, ops, None);
-        }
-        6 => {
-            // The agent hands the guest's clipboard text on (dropped here); the console sets it too.
-            let Ok(agent) = vmm_core::vdagent::Agent::new(Box::new(|_| {})).map(Arc::new) else { return };
-            agent.set_clipboard("fuzz".into());
-            let Ok(console) = VirtioConsole::new(agent.clone(), interrupt.clone()) else { return };
-            // Port 0's receive and transmit, control receive and transmit, the agent port's.
-            exercise(HostDriver::new(console, interrupt, mem, &[QUEUE; 6]), 6, ops, None);
+        let Some(k) = slot.as_mut() else { return };
+        k.served += 1;
+        clear(&k.driver.mem);
+        k.driver.init();
+        exercise(&mut k.driver, k.queues, ops, k.peer.as_mut());
+        if let Some(agent) = &k.agent {
             agent.request_monitor(1024, 768);
         }
-        7 => {
-            let Ok(sound) = vmm_core::virtio::sound::VirtioSound::new(Screen::new(), interrupt.clone()) else { return };
-            // Control, event, tx, rx.
-            exercise(HostDriver::new(sound, interrupt, mem, &[QUEUE; 4]), 4, ops, None);
-        }
-        _ => {
-            let Ok((ours, peer)) = UnixStream::pair() else { return };
-            let Ok(backend) = Passt::connected(ours, "net0") else { return };
-            let _ = peer.set_nonblocking(true);
-            let nic =
-                Arc::new(Nic::with_backend("net0", MacAddr([2, 0, 0, 0x12, 0x34, 0x56]), 1500, Box::new(backend)));
-            let Ok(net) = vmm_core::virtio::net::VirtioNet::new(nic, interrupt.clone()) else { return };
-            exercise(HostDriver::new(net, interrupt, mem, &[QUEUE; 2]), 2, ops, Some(peer));
-        }
+    });
+}
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&which, ops)) = input.split_first() else { return };
+    let interrupt = || VirtioInterrupt::new().map(Arc::new).ok();
+    match which % 8 {
+        0 => run(
+            &SCSI,
+            || {
+                let path = scratch_image("scsi")?;
+                let media = Drive::open_media(path, true).ok()?;
+                let drive = Arc::new(Drive::new("cd0".into(), true, true, "FUZZ".into(), Some(media)));
+                let irq = interrupt()?;
+                // Control, event, request.
+                Kept::new(VirtioScsi::new(drive, irq.clone()).ok()?, irq, 3)
+            },
+            ops,
+        ),
+        1 => run(
+            &TABLET,
+            || {
+                let irq = interrupt()?;
+                Kept::new(VirtioInput::new(Profile::Tablet, irq.clone()).ok()?, irq, 2)
+            },
+            ops,
+        ),
+        2 => run(
+            &KEYBOARD,
+            || {
+                let irq = interrupt()?;
+                Kept::new(VirtioInput::new(Profile::Keyboard, irq.clone()).ok()?, irq, 2)
+            },
+            ops,
+        ),
+        3 => run(
+            &BALLOON,
+            || {
+                let irq = interrupt()?;
+                // Inflate, deflate, statistics, free-page reporting.
+                Kept::new(VirtioBalloon::new(BalloonShared::new(4), irq.clone()).ok()?, irq, 4)
+            },
+            ops,
+        ),
+        5 => run(
+            &GPU,
+            || {
+                let irq = interrupt()?;
+                // Control, cursor.
+                Kept::new(VirtioGpu::new(GpuShared::new(Screen::new(), 640, 480), irq.clone()).ok()?, irq, 2)
+            },
+            ops,
+        ),
+        6 => run(
+            &CONSOLE,
+            || {
+                // The agent hands the guest's clipboard text on (dropped here); the console sets it too.
+                let agent = vmm_core::vdagent::Agent::new(Box::new(|_| {})).map(Arc::new).ok()?;
+                agent.set_clipboard("fuzz".into());
+                let irq = interrupt()?;
+                // Port 0's receive and transmit, control receive and transmit, the agent port's.
+                let mut k = Kept::new(VirtioConsole::new(agent.clone(), irq.clone()).ok()?, irq, 6)?;
+                k.agent = Some(agent);
+                Some(k)
+            },
+            ops,
+        ),
+        7 => run(
+            &SOUND,
+            || {
+                let irq = interrupt()?;
+                // Control, event, tx, rx.
+                Kept::new(VirtioSound::new(Screen::new(), irq.clone()).ok()?, irq, 4)
+            },
+            ops,
+        ),
+        _ => run(
+            &NET,
+            || {
+                let (ours, peer) = UnixStream::pair().ok()?;
+                let backend = Passt::connected(ours, "net0").ok()?;
+                peer.set_nonblocking(true).ok()?;
+                let nic =
+                    Arc::new(Nic::with_backend("net0", MacAddr([2, 0, 0, 0x12, 0x34, 0x56]), 1500, Box::new(backend)));
+                let irq = interrupt()?;
+                // Receive, transmit.
+                let mut k = Kept::new(VirtioNet::new(nic, irq.clone()).ok()?, irq, 2)?;
+                k.peer = Some(peer);
+                Some(k)
+            },
+            ops,
+        ),
     }
 });
