@@ -165,7 +165,7 @@ thread_local! {
     static SOUND: Slot<VirtioSound> = const { RefCell::new(None) };
 }
 
-/// Runs `ops` on the device kept in `slot`, made by `make` the first time.
+/// Runs `ops` on the device kept in `slot`, made by `make` at first and after every [`INPUTS_PER_DEVICE`].
 fn run<D: VirtioDevice>(slot: &'static LocalKey<Slot<D>>, make: impl FnOnce() -> Option<Kept<D>>, ops: &[u8]) {
     slot.with(|slot| {
         let mut slot = slot.borrow_mut();
