@@ -1197,6 +1197,14 @@ mod tests {
     }
 
     impl Guest {
+        /// Counts transfer completions into `done` until `n` came back (failing WAIT after `since`).
+        fn wait_tx(&mut self, done: &mut usize, n: usize, since: Instant) {
+            while *done < n {
+                assert!(since.elapsed() < WAIT, "{done} of {n} periods back");
+                *done += self.d.completions(TXQ, Duration::from_millis(50)).len();
+            }
+        }
+
         fn new() -> Guest {
             Guest::with_queues(&[QUEUE_SIZE; QUEUES])
         }
@@ -1500,10 +1508,7 @@ mod tests {
         let xfers: Vec<Xfer> = (0..10).map(|i| g.post_tx(0, &s16_bytes(&tone(i * 480, 480)))).collect();
         g.d.kick(TXQ);
         let mut done = 0;
-        while done < 3 {
-            assert!(started.elapsed() < WAIT, "{done} of 3 periods back");
-            done += g.d.completions(TXQ, Duration::from_millis(50)).len();
-        }
+        g.wait_tx(&mut done, 3, started);
         run.pause(Duration::from_secs(1)).unwrap();
         let paused = Instant::now();
         let before = listen(&g.screen, &mut cursor).1;
@@ -1513,10 +1518,7 @@ mod tests {
         assert_eq!(g.d.completions(TXQ, Duration::from_millis(50)).len(), 0, "nothing comes back while paused");
         let pause = paused.elapsed();
         run.resume();
-        while done < 10 {
-            assert!(started.elapsed() < WAIT, "{done} of 10 periods back");
-            done += g.d.completions(TXQ, Duration::from_millis(50)).len();
-        }
+        g.wait_tx(&mut done, 10, started);
         let elapsed = started.elapsed();
         assert!(
             elapsed >= pause + Duration::from_millis(90),
