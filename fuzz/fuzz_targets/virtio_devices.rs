@@ -145,7 +145,10 @@ struct Kept<D: VirtioDevice> {
 }
 
 impl<D: VirtioDevice> Kept<D> {
-    fn new(device: D, interrupt: Arc<VirtioInterrupt>, queues: usize) -> Option<Kept<D>> {
+    /// The device `make` builds on a new interrupt, brought up with `queues` queues.
+    fn new<E>(queues: usize, make: impl FnOnce(Arc<VirtioInterrupt>) -> Result<D, E>) -> Option<Kept<D>> {
+        let interrupt = VirtioInterrupt::new().map(Arc::new).ok()?;
+        let device = make(interrupt.clone()).ok()?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).ok()?;
         let driver = HostDriver::new(device, interrupt, mem, &[QUEUE; 8][..queues]);
         Some(Kept { driver, queues, served: 0, peer: None, agent: None })
@@ -186,7 +189,6 @@ fn run<D: VirtioDevice>(slot: &'static LocalKey<Slot<D>>, make: impl FnOnce() ->
 
 fuzz_target!(|input: &[u8]| {
     let Some((&which, ops)) = input.split_first() else { return };
-    let interrupt = || VirtioInterrupt::new().map(Arc::new).ok();
     match which % 8 {
         0 => run(
             &SCSI,
@@ -194,69 +196,32 @@ fuzz_target!(|input: &[u8]| {
                 let path = scratch_image("scsi")?;
                 let media = Drive::open_media(path, true).ok()?;
                 let drive = Arc::new(Drive::new("cd0".into(), true, true, "FUZZ".into(), Some(media)));
-                let irq = interrupt()?;
                 // Control, event, request.
-                Kept::new(VirtioScsi::new(drive, irq.clone()).ok()?, irq, 3)
+                Kept::new(3, |irq| VirtioScsi::new(drive, irq))
             },
             ops,
         ),
-        1 => run(
-            &TABLET,
-            || {
-                let irq = interrupt()?;
-                Kept::new(VirtioInput::new(Profile::Tablet, irq.clone()).ok()?, irq, 2)
-            },
-            ops,
-        ),
-        2 => run(
-            &KEYBOARD,
-            || {
-                let irq = interrupt()?;
-                Kept::new(VirtioInput::new(Profile::Keyboard, irq.clone()).ok()?, irq, 2)
-            },
-            ops,
-        ),
-        3 => run(
-            &BALLOON,
-            || {
-                let irq = interrupt()?;
-                // Inflate, deflate, statistics, free-page reporting.
-                Kept::new(VirtioBalloon::new(BalloonShared::new(4), irq.clone()).ok()?, irq, 4)
-            },
-            ops,
-        ),
-        5 => run(
-            &GPU,
-            || {
-                let irq = interrupt()?;
-                // Control, cursor.
-                Kept::new(VirtioGpu::new(GpuShared::new(Screen::new(), 640, 480), irq.clone()).ok()?, irq, 2)
-            },
-            ops,
-        ),
+        1 => run(&TABLET, || Kept::new(2, |irq| VirtioInput::new(Profile::Tablet, irq)), ops),
+        2 => run(&KEYBOARD, || Kept::new(2, |irq| VirtioInput::new(Profile::Keyboard, irq)), ops),
+        // Inflate, deflate, statistics, free-page reporting.
+        3 => run(&BALLOON, || Kept::new(4, |irq| VirtioBalloon::new(BalloonShared::new(4), irq)), ops),
+        // Control, cursor.
+        5 => run(&GPU, || Kept::new(2, |irq| VirtioGpu::new(GpuShared::new(Screen::new(), 640, 480), irq)), ops),
         6 => run(
             &CONSOLE,
             || {
                 // The agent hands the guest's clipboard text on (dropped here); the console sets it too.
                 let agent = vmm_core::vdagent::Agent::new(Box::new(|_| {})).map(Arc::new).ok()?;
                 agent.set_clipboard("fuzz".into());
-                let irq = interrupt()?;
                 // Port 0's receive and transmit, control receive and transmit, the agent port's.
-                let mut k = Kept::new(VirtioConsole::new(agent.clone(), irq.clone()).ok()?, irq, 6)?;
+                let mut k = Kept::new(6, |irq| VirtioConsole::new(agent.clone(), irq))?;
                 k.agent = Some(agent);
                 Some(k)
             },
             ops,
         ),
-        7 => run(
-            &SOUND,
-            || {
-                let irq = interrupt()?;
-                // Control, event, tx, rx.
-                Kept::new(VirtioSound::new(Screen::new(), irq.clone()).ok()?, irq, 4)
-            },
-            ops,
-        ),
+        // Control, event, tx, rx.
+        7 => run(&SOUND, || Kept::new(4, |irq| VirtioSound::new(Screen::new(), irq)), ops),
         _ => run(
             &NET,
             || {
@@ -265,9 +230,8 @@ fuzz_target!(|input: &[u8]| {
                 peer.set_nonblocking(true).ok()?;
                 let nic =
                     Arc::new(Nic::with_backend("net0", MacAddr([2, 0, 0, 0x12, 0x34, 0x56]), 1500, Box::new(backend)));
-                let irq = interrupt()?;
                 // Receive, transmit.
-                let mut k = Kept::new(VirtioNet::new(nic, irq.clone()).ok()?, irq, 2)?;
+                let mut k = Kept::new(2, |irq| VirtioNet::new(nic, irq))?;
                 k.peer = Some(peer);
                 Some(k)
             },
